@@ -1,0 +1,84 @@
+"""What every datamodule shares: dict samples, loaders, and the error for a dataset folder that is not as expected."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class DatasetLayoutError(FileNotFoundError):
+    """A dataset folder that is missing or not in the expected on-disk layout; the message shows the layout."""
+
+    def __init__(self, problem: str, expected_layout: str) -> None:
+        super().__init__(f"{problem}\nExpected layout:\n{expected_layout.rstrip()}")
+
+
+class TensorDictDataset(Dataset):
+    """Samples cut from a dict of equally long tensors; uint8 images are scaled to float [0, 1] on access."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        lengths = {k: len(v) for k, v in tensors.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"All fields need the same length; got {lengths}.")
+        self.tensors = tensors
+        self.length = next(iter(lengths.values()))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = {k: v[index] for k, v in self.tensors.items()}
+        if sample["image"].dtype == torch.uint8:
+            sample["image"] = sample["image"].float() / 255.0
+        sample["index"] = torch.tensor(index)
+        return sample
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, source: str) -> None:
+    """Labels must lie in [0, num_classes): caught here instead of as a device-side assert in the loss."""
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{source}: labels span [{labels.min()}, {labels.max()}], outside [0, {num_classes}).")
+
+
+class DictDataModule(pl.LightningDataModule):
+    """Base for datamodules whose datasets yield dicts; subclasses fill `self.splits` in `setup`.
+
+    Subclasses know `num_classes`, `num_channels` and `image_size` at construction, so the CLI can link them into
+    the model before any data is loaded.
+    """
+
+    num_classes: int
+    num_channels: int
+    image_size: int
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False) -> None:
+        super().__init__()
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.splits: dict[str, Dataset] = {}
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.splits:
+            self.setup("fit" if split in ("train", "val") else split)
+        return DataLoader(
+            self.splits[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def describe(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "num_channels": self.num_channels, "image_size": self.image_size,
+                **{f"num_{k}": len(v) for k, v in self.splits.items()}}

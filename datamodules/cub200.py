@@ -1,0 +1,170 @@
+"""CUB-200-2011 from its on-disk release layout, with bounding boxes and the 15 part landmarks in every batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from datamodules._base import DatasetLayoutError, DictDataModule, check_labels
+from datamodules.image_folder import image_transform, read_rgb
+
+CUB_LAYOUT = """\
+<root>/CUB_200_2011/ (or <root> itself)
+  images.txt               <image_id> <relative path under images/>
+  image_class_labels.txt   <image_id> <class_id 1..200>
+  train_test_split.txt     <image_id> <is_training_image 0|1>
+  bounding_boxes.txt       <image_id> <x> <y> <width> <height>
+  classes.txt              <class_id> <class name>           (optional)
+  parts/part_locs.txt      <image_id> <part_id 1..15> <x> <y> <visible 0|1>
+  images/<class folder>/<image>.jpg"""
+REQUIRED = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt",
+            "parts/part_locs.txt")
+
+
+def find_cub_root(root: str | Path) -> Path:
+    """`root` or `root`/CUB_200_2011, whichever holds the release's index files."""
+    root = Path(root)
+    for candidate in (root / "CUB_200_2011", root):
+        if (candidate / "images.txt").is_file():
+            return candidate
+    raise DatasetLayoutError(f"No CUB-200-2011 images.txt under {str(root)!r}.", CUB_LAYOUT)
+
+
+def read_table(path: Path, columns: int, dtype: type = float) -> np.ndarray:
+    """Whitespace table with ids in column 0; malformed lines raise with file and line number."""
+    if not path.is_file():
+        raise DatasetLayoutError(f"CUB file {str(path)!r} is missing.", CUB_LAYOUT)
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != columns:
+            raise DatasetLayoutError(f"{path}:{number}: expected {columns} fields, got {len(fields)}: {line!r}",
+                                     CUB_LAYOUT)
+        try:
+            rows.append([dtype(f) for f in fields])
+        except ValueError as err:
+            raise DatasetLayoutError(f"{path}:{number}: {err}", CUB_LAYOUT) from err
+    return np.asarray(rows, dtype=np.float64 if dtype is float else np.int64).reshape(-1, columns)
+
+
+class CUBIndex:
+    """The parsed index files: per image its path, label (0-based), split flag, box and landmarks."""
+
+    NUM_PARTS = 15
+
+    def __init__(self, root: Path) -> None:
+        lines = [ln.split(maxsplit=1) for ln in (root / "images.txt").read_text().splitlines() if ln.strip()]
+        if any(len(f) != 2 for f in lines):
+            raise DatasetLayoutError(f"{root / 'images.txt'}: every line must be '<image_id> <path>'.", CUB_LAYOUT)
+        ids = np.array([int(f[0]) for f in lines])
+        self.paths = [root / "images" / f[1].strip() for f in lines]
+        position = {image_id: i for i, image_id in enumerate(ids)}
+
+        def aligned(table: np.ndarray, name: str) -> np.ndarray:
+            if sorted(table[:, 0].astype(int)) != sorted(ids):
+                raise DatasetLayoutError(f"{name} does not list the same image ids as images.txt.", CUB_LAYOUT)
+            order = np.array([position[int(i)] for i in table[:, 0]])
+            out = np.empty_like(table[:, 1:])
+            out[order] = table[:, 1:]
+            return out
+
+        self.labels = aligned(read_table(root / "image_class_labels.txt", 2, int), "image_class_labels.txt")[:, 0] - 1
+        self.is_train = aligned(read_table(root / "train_test_split.txt", 2, int), "train_test_split.txt")[:, 0] == 1
+        self.boxes = aligned(read_table(root / "bounding_boxes.txt", 5), "bounding_boxes.txt")  # (N, 4) x y w h
+        locs = read_table(root / "parts" / "part_locs.txt", 5)  # image_id part_id x y visible
+        self.landmarks = np.zeros((len(ids), self.NUM_PARTS, 3))
+        rows = np.array([position.get(int(i), -1) for i in locs[:, 0]])
+        parts = locs[:, 1].astype(int) - 1
+        if (rows < 0).any() or (parts < 0).any() or (parts >= self.NUM_PARTS).any():
+            raise DatasetLayoutError("parts/part_locs.txt names unknown image ids or part ids outside 1..15.",
+                                     CUB_LAYOUT)
+        self.landmarks[rows, parts] = locs[:, 2:]
+        classes_file = root / "classes.txt"
+        self.class_names = [ln.split(maxsplit=1)[1] for ln in classes_file.read_text().splitlines() if ln.strip()] \
+            if classes_file.is_file() else [str(c) for c in range(int(self.labels.max()) + 1)]
+
+
+class CUBDataset(Dataset):
+    """Images (optionally cropped to the bird box) resized to a square; box and landmarks in output pixels."""
+
+    def __init__(self, index: CUBIndex, rows: np.ndarray, image_size: int, crop_to_box: bool) -> None:
+        self.index, self.rows, self.image_size, self.crop_to_box = index, rows, image_size, crop_to_box
+        self.transform = image_transform(image_size, augment=False)  # no flips: landmarks would need flipping too
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = int(self.rows[i])
+        image = read_rgb(self.index.paths[row])
+        x, y, w, h = self.index.boxes[row]
+        if self.crop_to_box:
+            image = image.crop((int(x), int(y), int(np.ceil(x + w)), int(np.ceil(y + h))))
+            origin, extent = np.array([int(x), int(y)]), np.array(image.size)
+        else:
+            origin, extent = np.zeros(2), np.array(image.size)
+        to_out = self.image_size / extent  # (2,) x and y scale
+        marks = self.index.landmarks[row]  # (15, 3): x, y, visible
+        visible = marks[:, 2] > 0
+        xy = np.where(visible[:, None], (marks[:, :2] - origin) * to_out, 0.0)
+        box = np.concatenate([(np.array([x, y]) - origin) * to_out, (np.array([x + w, y + h]) - origin) * to_out])
+        return {
+            "image": self.transform(image),
+            "label": torch.tensor(int(self.index.labels[row])),
+            "object_box": torch.as_tensor(box, dtype=torch.float32).clamp(0, self.image_size),
+            "landmarks": torch.as_tensor(xy, dtype=torch.float32),
+            "landmark_visible": torch.as_tensor(visible),
+            "index": torch.tensor(row),
+        }
+
+
+class CUB200DataModule(DictDataModule):
+    """CUB-200-2011: official train/test split; validation is the test split unless `val_fraction` > 0.
+
+    Args:
+        root: the folder holding CUB_200_2011/ (or that folder itself).
+        image_size: output side in pixels.
+        crop_to_box: crop each image to its bird box first (common for part-based models).
+        val_fraction: hold out this random fraction of the training images (drawn with `seed`) as validation.
+    """
+
+    num_channels = 3
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 224,
+        crop_to_box: bool = False,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        batch_size: int = 32,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        base = find_cub_root(root)
+        missing = [f for f in REQUIRED if not (base / f).is_file()]
+        if missing:
+            raise DatasetLayoutError(f"CUB folder {str(base)!r} lacks {missing}.", CUB_LAYOUT)
+        self.index = CUBIndex(base)
+        self.class_names = self.index.class_names
+        self.num_classes, self.image_size = len(self.class_names), image_size
+        check_labels(torch.as_tensor(self.index.labels), self.num_classes, "CUB image_class_labels.txt")
+        self.crop_to_box, self.val_fraction, self.seed = crop_to_box, val_fraction, seed
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        train = np.flatnonzero(self.index.is_train)
+        test = np.flatnonzero(~self.index.is_train)
+        val = test
+        if self.val_fraction > 0:
+            rng = np.random.default_rng(self.seed)
+            held = rng.random(len(train)) < self.val_fraction
+            train, val = train[~held], train[held]
+        for split, rows in (("train", train), ("val", val), ("test", test)):
+            self.splits[split] = CUBDataset(self.index, rows, self.image_size, self.crop_to_box)

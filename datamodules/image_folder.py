@@ -1,0 +1,104 @@
+"""Images in torchvision's ImageFolder layout (root/<split>/<class>/<image>), resized to a square."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+
+from datamodules._base import DatasetLayoutError, DictDataModule
+
+IMAGE_FOLDER_LAYOUT = """\
+<root>/
+  train/<class name>/<image>.jpg|.png|...   one folder per class
+  val/<class name>/<image>                  the same class folders
+  test/<class name>/<image>                 optional"""
+
+
+def read_rgb(path: str | Path) -> Image.Image:
+    """Open an image fully (so truncated files fail here) with an error naming the file."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"Cannot read image {str(path)!r}: {err}") from err
+
+
+def image_transform(image_size: int, augment: bool) -> transforms.Compose:
+    steps = [transforms.Resize((image_size, image_size))]
+    if augment:
+        steps.append(transforms.RandomHorizontalFlip())
+    return transforms.Compose([*steps, transforms.ToTensor()])
+
+
+class FolderDataset(Dataset):
+    """An ImageFolder yielding dict samples; unreadable images raise with their path."""
+
+    def __init__(self, folder: ImageFolder, transform: transforms.Compose) -> None:
+        self.folder, self.transform = folder, transform
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        path, label = self.folder.samples[index]
+        return {"image": self.transform(read_rgb(path)), "label": torch.tensor(label), "index": torch.tensor(index)}
+
+
+def scan_folder(root: Path, split: str) -> ImageFolder:
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise DatasetLayoutError(f"ImageFolder split folder {str(split_dir)!r} does not exist.", IMAGE_FOLDER_LAYOUT)
+    try:
+        return ImageFolder(str(split_dir), loader=read_rgb)
+    except FileNotFoundError as err:
+        raise DatasetLayoutError(f"{str(split_dir)!r} holds no class folders with images ({err}).",
+                                 IMAGE_FOLDER_LAYOUT) from err
+
+
+class ImageFolderDataModule(DictDataModule):
+    """Classification on an ImageFolder tree; classes come from the train split's folder names.
+
+    Args:
+        root: folder holding the split folders.
+        image_size: images are resized to image_size x image_size.
+        train_dir / val_dir / test_dir: split folder names; test_dir None reuses the val split for testing.
+        augment: random horizontal flips on the training split.
+    """
+
+    num_channels = 3
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 64,
+        train_dir: str = "train",
+        val_dir: str = "val",
+        test_dir: str | None = None,
+        augment: bool = False,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetLayoutError(f"ImageFolder root {root!r} does not exist.", IMAGE_FOLDER_LAYOUT)
+        self.split_dirs = {"train": train_dir, "val": val_dir, "test": test_dir or val_dir}
+        self.folders = {split: scan_folder(self.root, d) for split, d in self.split_dirs.items()}
+        self.classes = self.folders["train"].classes
+        for split, folder in self.folders.items():
+            if folder.classes != self.classes:
+                raise DatasetLayoutError(
+                    f"Split {split!r} has classes {folder.classes}, train has {self.classes}: they must match.",
+                    IMAGE_FOLDER_LAYOUT)
+        self.num_classes, self.image_size, self.augment = len(self.classes), image_size, augment
+
+    def setup(self, stage: str | None = None) -> None:
+        for split, folder in self.folders.items():
+            self.splits.setdefault(split, FolderDataset(folder, image_transform(self.image_size,
+                                                                                self.augment and split == "train")))
+

@@ -1,0 +1,27 @@
+"""interpretable-zoo models: plain nn.Modules behind a timm-style registry (no Lightning, no data code here).
+
+    >>> import zoo
+    >>> zoo.list_models("baseline_*")
+    >>> model = zoo.create_model("baseline_tinycnn", num_classes=6)
+
+Lightning systems live in `zoo.systems` and are imported on demand, so `import zoo` stays light.
+"""
+
+from zoo import baselines  # noqa: F401  (registers its models)
+from zoo._io import CheckpointError
+from zoo._registry import create_model, is_model, list_models, model_factory, register_model
+from zoo.backbones import Backbone, TinyCNN
+
+__all__ = [
+    "Backbone", "CheckpointError", "TinyCNN", "create_model", "is_model", "list_models", "model_factory",
+    "register_model", "model_table",
+]
+
+
+def model_table() -> str:
+    """Markdown table of every registered model and the first line of its factory docstring (README sync)."""
+    rows = ["| model | what it is |", "| --- | --- |"]
+    for name in list_models():
+        doc = (model_factory(name).__doc__ or "").strip().splitlines()
+        rows.append(f"| `{name}` | {doc[0] if doc else ''} |")
+    return "\n".join(rows)

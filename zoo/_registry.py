@@ -1,0 +1,45 @@
+"""timm-style model registry: small factory functions registered by name, created with keyword overrides."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Any, Callable
+
+import torch.nn as nn
+
+_model_factories: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register `factory` under its function name; a second registration of the same name raises."""
+    name = factory.__name__
+    if name in _model_factories:
+        raise ValueError(f"Model {name!r} is already registered (by {_model_factories[name].__module__}).")
+    _model_factories[name] = factory
+    return factory
+
+
+def is_model(name: str) -> bool:
+    return name in _model_factories
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Sorted registered names, optionally filtered by a shell wildcard such as ``"icnn_*"``."""
+    names = sorted(_model_factories)
+    return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+
+
+def model_factory(name: str) -> Callable[..., nn.Module]:
+    """The registered factory for `name`; unknown names raise with the closest registered names."""
+    if name not in _model_factories:
+        close = difflib.get_close_matches(name, list(_model_factories), n=5, cutoff=0.4)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(f"Unknown model {name!r}.{hint} See zoo.list_models() for all {len(_model_factories)}.")
+    return _model_factories[name]
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Create a registered model; keyword arguments set to None are dropped so factory defaults apply."""
+    factory = model_factory(name)
+    return factory(**{k: v for k, v in kwargs.items() if v is not None})

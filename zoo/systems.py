@@ -1,0 +1,106 @@
+"""Lightning systems: a registered model plus a loss module; the loss dict is summed, every term is logged.
+
+Imported on demand (``from zoo.systems import ClassificationSystem``) so that `import zoo` needs no Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics.classification import MulticlassAccuracy
+
+from losses import ClassificationLoss
+from zoo._registry import create_model
+
+STAGES = ("train", "val", "test")
+
+
+def batch_field(batch: dict[str, Any], key: str) -> Any:
+    """`batch[key]` with an error that lists what the batch does hold."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"Batches must be dicts of tensors; got {type(batch).__name__}.")
+    if key not in batch:
+        raise KeyError(f"The batch has no {key!r}; it holds {sorted(batch)}. Set input_key/target_key to match.")
+    return batch[key]
+
+
+class ClassificationSystem(pl.LightningModule):
+    """Train any registered classifier with a named-terms loss, accuracy per stage, optimiser from the config.
+
+    Args:
+        model_name: registry name, e.g. "baseline_tinycnn".
+        num_classes: linked from the datamodule by the CLI.
+        in_chans: image channels, linked from the datamodule by the CLI.
+        model_kwargs: extra keyword arguments for `zoo.create_model`.
+        loss: module returning named loss terms; default: cross-entropy as "loss_task".
+        optimizer / scheduler: callables injected by LightningCLI (``optimizer: {class_path: torch.optim.SGD}``).
+        input_key / target_key: batch fields fed to the model and to the accuracy.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "baseline_tinycnn",
+        num_classes: int = 10,
+        in_chans: int = 3,
+        model_kwargs: dict[str, Any] | None = None,
+        loss: nn.Module | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable | None = None,
+        input_key: str = "image",
+        target_key: str = "label",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
+        self.model = create_model(model_name, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
+        self.loss = loss if loss is not None else ClassificationLoss()
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.input_key, self.target_key = input_key, target_key
+        # Keyed "<stage>_acc": a ModuleDict key "train" would shadow nn.Module.train.
+        self.metrics = nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in STAGES})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(x)
+
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        images, labels = batch_field(batch, self.input_key), batch_field(batch, self.target_key)
+        out = self.model(images)
+        terms = self.loss(out, batch)
+        loss = torch.stack(list(terms.values())).sum()
+        on_step = stage == "train"
+        log_kw = dict(on_step=on_step, on_epoch=True, batch_size=len(labels), sync_dist=not on_step)
+        for name, value in terms.items():
+            self.log(f"{stage}/{name}", value, **log_kw)
+        self.log(f"{stage}/loss", loss, prog_bar=on_step, **log_kw)
+        accuracy = self.metrics[f"{stage}_acc"]
+        accuracy.update(out["logits"].detach(), labels)
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        out = self.model(batch_field(batch, self.input_key))
+        probs = out["logits"].softmax(-1)
+        return {"probs": probs, "pred": probs.argmax(-1), **({"index": batch["index"]} if "index" in batch else {})}
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        config = {"scheduler": scheduler, "interval": "epoch"}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = "val/loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
