@@ -20,8 +20,9 @@ __all__ = [
 
 def model_table() -> str:
     """Markdown table of every registered model and the first line of its factory docstring (README sync)."""
-    rows = ["| model | what it is |", "| --- | --- |"]
+    rows = ["| model | family | what it is |", "| --- | --- | --- |"]
     for name in list_models():
-        doc = (model_factory(name).__doc__ or "").strip().splitlines()
-        rows.append(f"| `{name}` | {doc[0] if doc else ''} |")
+        factory = model_factory(name)
+        doc = (factory.__doc__ or "").strip().splitlines()
+        rows.append(f"| `{name}` | {factory.__module__.rsplit('.', 1)[-1]} | {doc[0] if doc else ''} |")
     return "\n".join(rows)

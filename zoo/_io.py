@@ -42,6 +42,14 @@ def _canonical(key: str) -> str:
     return key.replace(".", "_")
 
 
+def _unwrapped_names(key: str) -> list[str]:
+    """`key`, then `key` with wrapper prefixes peeled off one at a time ("model.backbone.body.x" -> ... -> "x")."""
+    names = [key]
+    while prefix := next((p for p in _WRAPPER_PREFIXES if names[-1].startswith(p)), None):
+        names.append(names[-1][len(prefix) :])
+    return names
+
+
 def match_state_dict(
     source: dict[str, torch.Tensor], target_keys: list[str]
 ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
@@ -55,7 +63,7 @@ def match_state_dict(
     matched: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     for key, value in source.items():
-        candidates = [key] + [key[len(p) :] for p in _WRAPPER_PREFIXES if key.startswith(p)]
+        candidates = _unwrapped_names(key)
         target = next((by_canonical[_canonical(c)] for c in candidates if _canonical(c) in by_canonical), None)
         if target is None:
             unexpected.append(key)

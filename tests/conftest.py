@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny datasets written in the real on-disk formats, and a clean working directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_image(path: Path, size: tuple[int, int], seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+@pytest.fixture
+def image_folder_root(tmp_path: Path) -> Path:
+    """root/{train,val}/{cat,dog}/*.jpg and .png, 3 train and 2 val images per class."""
+    root = tmp_path / "imagefolder"
+    for split, count in (("train", 3), ("val", 2)):
+        for c, name in enumerate(("cat", "dog")):
+            for i in range(count):
+                write_image(root / split / name / f"{i}.{'jpg' if i % 2 else 'png'}", (40, 30), seed=100 * c + i)
+    return root
+
+
+# The 15 CUB part names, in part_id order, as in parts/parts.txt of the release.
+CUB_PARTS = ["back", "beak", "belly", "breast", "crown", "forehead", "left eye", "left leg", "left wing", "nape",
+             "right eye", "right leg", "right wing", "tail", "throat"]
+
+
+@pytest.fixture
+def cub_root(tmp_path: Path) -> Path:
+    """A 3-class, 8-image CUB_200_2011 folder in the release's format (images 60x40, odd ids shuffled)."""
+    base = tmp_path / "cub" / "CUB_200_2011"
+    classes = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
+    image_ids = [3, 1, 2, 4, 8, 5, 7, 6]  # files are keyed by id, not by line order
+    images, labels, split, boxes, locs = [], [], [], [], []
+    for n, image_id in enumerate(image_ids):
+        cls = n % 3
+        rel = f"{classes[cls]}/{classes[cls].split('.')[1]}_{image_id:04d}_{image_id}.jpg"
+        write_image(base / "images" / rel, (60, 40), seed=image_id)
+        images.append(f"{image_id} {rel}")
+        labels.append(f"{image_id} {cls + 1}")
+        split.append(f"{image_id} {int(n < 5)}")
+        boxes.append(f"{image_id} 10.0 5.0 40.0 30.0")
+        for part in range(1, 16):
+            visible = int((part + image_id) % 3 != 0)
+            x, y = (12.0 + part, 6.0 + part) if visible else (0.0, 0.0)
+            locs.append(f"{image_id} {part} {x} {y} {visible}")
+    (base / "parts").mkdir(parents=True)
+    for name, lines in (("images.txt", images), ("image_class_labels.txt", labels),
+                        ("train_test_split.txt", split), ("bounding_boxes.txt", boxes),
+                        ("classes.txt", [f"{i + 1} {c}" for i, c in enumerate(classes)]),
+                        ("parts/part_locs.txt", locs),
+                        ("parts/parts.txt", [f"{i + 1} {p}" for i, p in enumerate(CUB_PARTS)])):
+        (base / name).write_text("\n".join(lines) + "\n")
+    return base.parent
+
+
+@pytest.fixture
+def in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in a temporary directory so checkpoints/ and logs land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

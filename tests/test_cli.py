@@ -1,0 +1,76 @@
+"""The CLI: every config runs (fast_dev_run), --print_config round-trips, runs land in checkpoints/<run>/."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+import zoo
+from tests.conftest import REPO
+from train import main
+
+CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml"))
+SMALL_WORLD = ["--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.num_test=32"]
+
+
+def dataset_overrides(config: str, cub_root: Path, image_folder_root: Path) -> list[str]:
+    data = yaml.safe_load((REPO / config).read_text())["data"]
+    cls = data["class_path"].rsplit(".", 1)[-1]
+    return {
+        "CUB200DataModule": [f"--data.init_args.root={cub_root}", "--data.init_args.image_size=64"],
+        "ImageFolderDataModule": [f"--data.init_args.root={image_folder_root}"],
+        "PartsWorldDataModule": SMALL_WORLD,
+    }.get(cls, [])
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_runs_fast_dev_run(config: str, in_tmp_dir: Path, cub_root: Path,
+                                        image_folder_root: Path) -> None:
+    cli = main(["fit", "--config", str(REPO / config), "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu",
+                *dataset_overrides(config, cub_root, image_folder_root)])
+    assert cli.trainer.state.finished
+    assert {"train/loss", "val/acc"} <= set(cli.trainer.callback_metrics)
+
+
+def test_print_config_round_trip(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs/quickstart.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    (in_tmp_dir / "printed.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "printed.yaml", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out) == yaml.safe_load(printed)
+    cli = main(["fit", "--config", "printed.yaml", "--trainer.fast_dev_run=true", *SMALL_WORLD])
+    assert cli.trainer.state.finished
+
+
+def test_fit_writes_run_folder_and_resumes_from_last(in_tmp_dir: Path) -> None:
+    args = ["--config", str(REPO / "configs/quickstart.yaml"), *SMALL_WORLD, "--trainer.max_epochs=1",
+            "--trainer.logger.init_args.name=smoke", "--trainer.enable_model_summary=false"]
+    main(["fit", *args])
+    run = in_tmp_dir / "checkpoints" / "smoke"
+    assert (run / "config.yaml").is_file() and list(run.glob("events.out.tfevents.*"))
+    assert (run / "checkpoints" / "last.ckpt").is_file() and list((run / "checkpoints").glob("best-epoch0-*.ckpt"))
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]["model_name"] == "baseline_tinycnn"
+    assert yaml.safe_load((run / "hparams.yaml").read_text())["num_classes"] == 6  # linked from the datamodule
+    resumed = main(["fit", *args, "--trainer.max_epochs=2", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    assert resumed.trainer.current_epoch == 2 and resumed.trainer.global_step == 2 * 1  # 64 images / 64 per batch
+
+
+def test_readme_model_table_matches_the_registry() -> None:
+    readme = (REPO / "README.md").read_text()
+    table = re.search(r"<!-- models:start -->\n(.*?)\n<!-- models:end -->", readme, re.S)
+    assert table, "README.md lacks the <!-- models:start --> ... <!-- models:end --> block"
+    assert table.group(1).strip() == zoo.model_table(), "regenerate with: python -c 'import zoo; print(zoo.model_table())'"
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (REPO / "README.md").read_text()
+    commands = re.findall(r"^(python -m pytest.*)$", readme, re.M)
+    assert commands, "README.md names no test command"
+    ci = (REPO / ".ci" / "run").read_text()
+    assert commands[0] in ci.splitlines()

@@ -1,0 +1,151 @@
+"""Datamodules: the parts world's ground truth is consistent, loaders read the real layouts, bad folders say why."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules import (CUB200DataModule, DatasetLayoutError, DigitsDataModule, ImageFolderDataModule,
+                         PartsWorldDataModule)
+from datamodules.parts_world import COLOUR_VALUES, NUM_PART_TYPES, make_world
+
+
+@pytest.fixture(scope="module")
+def world_batch() -> dict[str, torch.Tensor]:
+    dm = PartsWorldDataModule(num_train=64, num_val=16, num_test=16, clutter=1.0, colour_jitter=0.0, noise=0.0)
+    dm.setup()
+    return next(iter(dm.train_dataloader()))
+
+
+def test_parts_world_is_deterministic_and_seeded() -> None:
+    def train_images(seed: int) -> torch.Tensor:
+        dm = PartsWorldDataModule(num_train=40, num_val=8, num_test=8, seed=seed)
+        dm.setup()
+        return dm.splits["train"].tensors["image"]
+
+    assert torch.equal(train_images(0), train_images(0))
+    assert not torch.equal(train_images(0), train_images(1))
+
+
+def test_parts_world_ground_truth_is_consistent(world_batch: dict[str, torch.Tensor]) -> None:
+    b = world_batch
+    n, parts = b["part_types"].shape
+    assert b["image"].shape == (n, 3, 64, 64) and b["image"].dtype == torch.float32
+    assert 0 <= b["image"].min() and b["image"].max() <= 1
+    boxes, marks, masks = b["part_boxes"], b["landmarks"], b["part_masks"]
+    # Landmarks are the part box centres; every mask pixel lies inside its part box; masks are not empty.
+    assert torch.allclose(marks, (boxes[..., :2] + boxes[..., 2:]) / 2, atol=1.0)
+    ys, xs = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")
+    inside = ((xs >= boxes[..., 0, None, None] - 0.5) & (xs <= boxes[..., 2, None, None] + 0.5)
+              & (ys >= boxes[..., 1, None, None] - 0.5) & (ys <= boxes[..., 3, None, None] + 0.5))
+    assert not (masks & ~inside).any()
+    assert masks.flatten(2).sum(-1).min() > 0
+    # The object box contains every part box.
+    assert (b["object_box"][:, None, :2] <= boxes[..., :2] + 1e-4).all()
+    assert (b["object_box"][:, None, 2:] >= boxes[..., 2:] - 1e-4).all()
+    # With no colour jitter or noise, mask pixels carry exactly their part type's colour.
+    expected = COLOUR_VALUES[b["part_types"] % len(COLOUR_VALUES)]  # (N, P, 3)
+    pixels = b["image"].permute(0, 2, 3, 1)[:, None].expand(-1, parts, -1, -1, -1)[masks]  # (M, 3)
+    colours = expected[:, :, None, None].expand(-1, -1, 64, 64, -1)[masks]
+    assert (pixels - colours).abs().max() <= 1 / 255 + 1e-6
+    # Attributes: exactly the part types of the object.
+    assert torch.equal(b["attributes"].nonzero()[:, 1].reshape(n, -1).sort(-1).values,
+                       b["part_types"].sort(-1).values)
+    assert b["attributes"].shape[1] == NUM_PART_TYPES
+
+
+def test_parts_world_labels_follow_the_class_definitions(world_batch: dict[str, torch.Tensor]) -> None:
+    world = make_world(6, 3, world_seed=0)
+    assert torch.equal(world.part_types[world_batch["label"]], world_batch["part_types"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"image_size": 16}, "image_size must be at least 32"),
+    ({"parts_per_class": 10}, r"parts_per_class must be in \[1, 9\]"),
+    ({"num_classes": 1}, r"num_classes must be in \[2, 200\]"),
+    ({"clutter": 1.5}, "clutter is a probability"),
+])
+def test_parts_world_rejects_bad_settings(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PartsWorldDataModule(**kwargs)
+
+
+def test_digits_subset_and_upsampling() -> None:
+    dm = DigitsDataModule(classes=[8, 3], image_size=16)
+    dm.setup()
+    batch = next(iter(dm.val_dataloader()))
+    assert dm.num_classes == 2 and dm.num_channels == 1
+    assert batch["image"].shape[1:] == (1, 16, 16) and 0 <= batch["image"].min() and batch["image"].max() <= 1
+    assert torch.equal(batch["label"], (batch["digit"] == 3).long())  # classes=[8, 3]: 8 -> 0, 3 -> 1
+    sizes = {s: len(d) for s, d in dm.splits.items()}
+    assert sum(sizes.values()) == 357 and sizes["test"] == pytest.approx(0.2 * 357, abs=1)  # 183 threes, 174 eights
+    with pytest.raises(ValueError, match="at least two distinct digits"):
+        DigitsDataModule(classes=[3, 3])
+
+
+def test_image_folder_reads_the_layout(image_folder_root: Path) -> None:
+    dm = ImageFolderDataModule(str(image_folder_root), image_size=24)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert dm.classes == ["cat", "dog"] and dm.num_classes == 2
+    assert batch["image"].shape == (6, 3, 24, 24) and sorted(batch["label"].tolist()) == [0, 0, 0, 1, 1, 1]
+    assert len(dm.splits["test"]) == 4  # test_dir=None reuses val
+
+
+def test_image_folder_errors_name_the_layout(image_folder_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetLayoutError, match=r"root '.*nowhere' does not exist(.|\n)*train/<class name>"):
+        ImageFolderDataModule(str(tmp_path / "nowhere"))
+    shutil.rmtree(image_folder_root / "val")
+    with pytest.raises(DatasetLayoutError, match=r"split folder '.*val' does not exist"):
+        ImageFolderDataModule(str(image_folder_root))
+    (image_folder_root / "val").mkdir()
+    with pytest.raises(DatasetLayoutError, match="holds no class folders with images"):
+        ImageFolderDataModule(str(image_folder_root))
+
+
+def test_truncated_image_names_the_file(image_folder_root: Path) -> None:
+    victim = image_folder_root / "train" / "cat" / "0.png"
+    victim.write_bytes(victim.read_bytes()[:60])
+    dm = ImageFolderDataModule(str(image_folder_root))
+    dm.setup()
+    with pytest.raises(ValueError, match=r"Cannot read image '.*cat/0.png'"):
+        next(iter(dm.train_dataloader()))
+
+
+def test_cub_reads_labels_boxes_and_landmarks(cub_root: Path) -> None:
+    dm = CUB200DataModule(str(cub_root), image_size=30)
+    dm.setup()
+    assert dm.num_classes == 3 and len(dm.splits["train"]) == 5 and len(dm.splits["test"]) == 3
+    sample = dm.splits["train"][0]  # images.txt line 1: id 3, class 1, 60x40 image, box (10, 5, 40, 30)
+    assert sample["image"].shape == (3, 30, 30) and sample["label"] == 0
+    sx, sy = 30 / 60, 30 / 40
+    assert torch.allclose(sample["object_box"], torch.tensor([10 * sx, 5 * sy, 50 * sx, 35 * sy]))
+    visible = torch.tensor([(p + 3) % 3 != 0 for p in range(1, 16)])
+    assert torch.equal(sample["landmark_visible"], visible)
+    part = torch.arange(1, 16, dtype=torch.float32)
+    expected = torch.stack([(12 + part) * sx, (6 + part) * sy], -1) * visible[:, None]
+    assert torch.allclose(sample["landmarks"], expected)
+
+
+def test_cub_crop_to_box_moves_landmarks_into_the_crop(cub_root: Path) -> None:
+    dm = CUB200DataModule(str(cub_root / "CUB_200_2011"), image_size=20, crop_to_box=True)
+    dm.setup()
+    sample = dm.splits["train"][0]
+    assert torch.allclose(sample["object_box"], torch.tensor([0.0, 0.0, 20.0, 20.0]))
+    assert torch.allclose(sample["landmarks"][0], torch.tensor([(13 - 10) * 20 / 40, (7 - 5) * 20 / 30]))
+
+
+def test_cub_errors_name_the_file_and_layout(cub_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetLayoutError, match=r"No CUB-200-2011 images.txt(.|\n)*part_locs.txt"):
+        CUB200DataModule(str(tmp_path / "empty"))
+    base = cub_root / "CUB_200_2011"
+    with open(base / "bounding_boxes.txt", "a") as f:
+        f.write("9 1.0 2.0\n")
+    with pytest.raises(DatasetLayoutError, match=r"bounding_boxes.txt:9: expected 5 fields, got 3"):
+        CUB200DataModule(str(cub_root))
+    (base / "parts" / "part_locs.txt").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"lacks \['parts/part_locs.txt'\]"):
+        CUB200DataModule(str(cub_root))

@@ -1,0 +1,82 @@
+"""The registry contract, checked for every registered model with tiny inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import zoo
+from zoo._registry import _model_factories
+
+NUM_CLASSES = 5
+
+
+def tiny_input(model: nn.Module) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.rand(2, model.backbone.in_chans, 64, 64)  # 64: stride-32 nets keep a 2x2 map for BN
+
+
+@pytest.fixture(scope="module", params=zoo.list_models())
+def model(request: pytest.FixtureRequest) -> nn.Module:
+    torch.manual_seed(0)
+    return zoo.create_model(request.param, num_classes=NUM_CLASSES)
+
+
+def test_forward_contract(model: nn.Module) -> None:
+    out = model(tiny_input(model))
+    assert isinstance(out, dict) and out["logits"].shape == (2, NUM_CLASSES)
+    assert all(torch.isfinite(v).all() for v in out.values() if isinstance(v, torch.Tensor))
+    features = model.forward_features(tiny_input(model))
+    assert features.ndim == 4 and features.shape[1] == model.backbone.num_features
+    assert torch.equal(model.forward_head(features), out["logits"])
+
+
+def test_every_parameter_gets_a_gradient(model: nn.Module) -> None:
+    # timm zero-initialises the last BN gamma of residual blocks, which blocks gradient into the branch at init.
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+            nn.init.ones_(module.weight)
+    model.zero_grad()
+    model(tiny_input(model))["logits"].square().sum().backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not no_grad
+
+
+def test_reset_classifier(model: nn.Module) -> None:
+    model.reset_classifier(3)
+    assert model(tiny_input(model))["logits"].shape == (2, 3)
+    model.reset_classifier(NUM_CLASSES)
+
+
+def test_wrong_channel_count_is_a_clear_error(model: nn.Module) -> None:
+    with pytest.raises(ValueError, match=r"expects images of shape \(B, 3, H, W\); got \(2, 1, 32, 32\)"):
+        model(torch.rand(2, 1, 32, 32))
+
+
+def test_unknown_name_suggests_close_names() -> None:
+    with pytest.raises(ValueError, match="Unknown model 'baseline_resnet19'.*baseline_resnet18"):
+        zoo.create_model("baseline_resnet19")
+
+
+def test_duplicate_registration_raises() -> None:
+    def baseline_tinycnn() -> nn.Module:  # same name as a registered factory
+        return nn.Identity()
+
+    with pytest.raises(ValueError, match="already registered"):
+        zoo.register_model(baseline_tinycnn)
+    assert _model_factories["baseline_tinycnn"] is not baseline_tinycnn
+
+
+def test_list_models_wildcards_and_create_drops_none() -> None:
+    assert zoo.list_models("baseline_*") == sorted(n for n in zoo.list_models() if n.startswith("baseline_"))
+    assert zoo.list_models("nothing_*") == []
+    model = zoo.create_model("baseline_tinycnn", num_classes=4, drop_rate=None)  # None -> factory default
+    assert model.head.drop.p == 0.0 and model.num_classes == 4
+
+
+def test_any_timm_backbone_and_in_chans() -> None:
+    model = zoo.create_model("baseline_timm", backbone="mobilenetv3_small_050", num_classes=3, in_chans=1)
+    assert model(torch.rand(2, 1, 32, 32))["logits"].shape == (2, 3)
+    with pytest.raises(ValueError, match="Unknown backbone 'resnet181'.*resnet18"):
+        zoo.create_model("baseline_timm", backbone="resnet181")
