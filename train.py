@@ -48,6 +48,7 @@ class ZooCLI(LightningCLI):
         })
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_channels", "model.init_args.in_chans", apply_on="instantiate")
+        parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
 
 
 def main(args: list[str] | None = None) -> ZooCLI:

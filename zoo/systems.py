@@ -14,6 +14,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 
 from losses import ClassificationLoss
+from metrics.part_location import LocationInstability, PartIoU
 from zoo._registry import create_model
 
 STAGES = ("train", "val", "test")
@@ -39,6 +40,10 @@ class ClassificationSystem(pl.LightningModule):
         loss: module returning named loss terms; default: cross-entropy as "loss_task".
         optimizer / scheduler: callables injected by LightningCLI (``optimizer: {class_path: torch.optim.SGD}``).
         input_key / target_key: batch fields fed to the model and to the accuracy.
+        part_maps_key: model output scored for part interpretability in validation/test ("filter_maps" for ICNN,
+            "features" for an opaque twin): location instability where the batch has landmarks, part IoU where it
+            has part masks. None skips them.
+        image_size: input side in pixels (linked from the datamodule), to place map units in the image.
     """
 
     def __init__(
@@ -52,6 +57,8 @@ class ClassificationSystem(pl.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         input_key: str = "image",
         target_key: str = "label",
+        part_maps_key: str | None = None,
+        image_size: int = 64,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
@@ -61,6 +68,11 @@ class ClassificationSystem(pl.LightningModule):
         self.input_key, self.target_key = input_key, target_key
         # Keyed "<stage>_acc": a ModuleDict key "train" would shadow nn.Module.train.
         self.metrics = nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in STAGES})
+        self.part_maps_key = part_maps_key
+        if part_maps_key is not None:
+            for stage in ("val", "test"):
+                self.metrics[f"{stage}_location_instability"] = LocationInstability(image_size)
+                self.metrics[f"{stage}_part_iou"] = PartIoU()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(x)
@@ -69,6 +81,8 @@ class ClassificationSystem(pl.LightningModule):
         images, labels = batch_field(batch, self.input_key), batch_field(batch, self.target_key)
         out = self.model(images)
         terms = self.loss(out, batch)
+        if stage == "train" and hasattr(self.model, "update_statistics"):
+            self.model.update_statistics(out, batch)  # online statistics (e.g. ICNN's Z_T), never during eval
         loss = torch.stack(list(terms.values())).sum()
         on_step = stage == "train"
         log_kw = dict(on_step=on_step, on_epoch=True, batch_size=len(labels), sync_dist=not on_step)
@@ -78,7 +92,25 @@ class ClassificationSystem(pl.LightningModule):
         accuracy = self.metrics[f"{stage}_acc"]
         accuracy.update(out["logits"].detach(), labels)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        if self.part_maps_key is not None and stage != "train":
+            self._update_part_metrics(out[self.part_maps_key], batch, stage)
         return loss
+
+    def _update_part_metrics(self, maps: torch.Tensor, batch: dict[str, Any], stage: str) -> None:
+        if "landmarks" in batch:
+            metric = self.metrics[f"{stage}_location_instability"]
+            metric.update(maps, batch["landmarks"], batch.get("landmark_visible"))
+            self.log(f"{stage}/location_instability", metric, on_step=False, on_epoch=True)
+        if "part_masks" in batch:
+            metric = self.metrics[f"{stage}_part_iou"]
+            metric.update(maps, batch["part_masks"], batch.get("part_types"))
+            self.log(f"{stage}/part_iou", metric, on_step=False, on_epoch=True)
+
+    def on_train_epoch_start(self) -> None:
+        """Loss schedules (e.g. ICNN's lambda / epoch) step here and are logged."""
+        if hasattr(self.loss, "set_epoch"):
+            for name, value in self.loss.set_epoch(self.current_epoch).items():
+                self.log(f"schedule/{name}", value, on_step=False, on_epoch=True)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

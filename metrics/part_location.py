@@ -1,0 +1,129 @@
+"""Does a filter fire on one part, at one place? Location instability and part IoU (torchmetrics, DDP-safe).
+
+- `LocationInstability` (Zhang et al. 2018, authors' computeStability/getDistSqrtVar): for each filter take the
+  top-N images by peak activation, map the peak unit to image coordinates (receptive-field centre of the unit),
+  and for each landmark k take the std over those images of the distance landmark -> peak; the score is the mean
+  over filters and landmarks divided by the image diagonal. Lower is better.
+- `PartIoU` (Network Dissection, Bau et al. 2017, as specified for ICNN): per filter, threshold T_f at the top
+  `quantile` of all its upsampled activations over the data set, binarise, and count the images whose IoU with a
+  ground-truth part mask exceeds `iou_threshold`; P_{f,k} is that fraction over the images containing part k.
+  The score is the mean over filters of max_k P_{f,k}. Higher is better. Parts are the ground-truth part types
+  when given (so "filter 17 = red triangle"), else mask slots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+
+def peak_positions(maps: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Peak value (B, F) and its receptive-field centre in image pixels, (B, F, 2) as (x, y)."""
+    height, width = maps.shape[-2:]
+    value, index = maps.flatten(2).max(-1)
+    x = (index % width + 0.5) * image_size[1] / width
+    y = torch.div(index, width, rounding_mode="floor").add(0.5) * image_size[0] / height
+    return value, torch.stack([x, y], -1)
+
+
+class LocationInstability(Metric):
+    """Mean over filters and landmarks of std(distance landmark -> filter peak) over each filter's top-N images,
+    divided by the image diagonal. update(maps (B, F, h, w), landmarks (B, K, 2) xy, visible (B, K) or None)."""
+
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, image_size: int | tuple[int, int], top_n: int = 100, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        self.top_n = top_n
+        self.add_state("peaks", default=[], dist_reduce_fx="cat")  # (n, F) peak values
+        self.add_state("distances", default=[], dist_reduce_fx="cat")  # (n, F, K)
+        self.add_state("visible", default=[], dist_reduce_fx="cat")  # (n, F, K)
+
+    def update(self, maps: torch.Tensor, landmarks: torch.Tensor, visible: torch.Tensor | None = None) -> None:
+        if maps.ndim != 4 or landmarks.ndim != 3 or landmarks.shape[:1] != maps.shape[:1]:
+            raise ValueError(f"Expected maps (B, F, h, w) and landmarks (B, K, 2); got {tuple(maps.shape)} and "
+                             f"{tuple(landmarks.shape)}.")
+        value, position = peak_positions(maps.detach().float(), self.image_size)
+        distance = (landmarks[:, None].float() - position[:, :, None]).norm(dim=-1)  # (B, F, K)
+        if visible is None:
+            visible = torch.ones(landmarks.shape[:2], dtype=torch.bool, device=maps.device)
+        keep = value.topk(min(self.top_n, len(value)), dim=0).indices  # (n, F): this batch's best candidates
+        filters = torch.arange(value.shape[1], device=value.device)
+        self.peaks.append(value[keep, filters])
+        self.distances.append(distance[keep, filters])
+        self.visible.append(visible[keep].expand_as(distance[keep, filters]))
+
+    def per_filter(self) -> torch.Tensor:
+        """Instability per filter and landmark (F, K), NaN where fewer than two visible images."""
+        peaks, distances = dim_zero_cat(self.peaks), dim_zero_cat(self.distances)
+        visible = dim_zero_cat(self.visible).float()
+        keep = peaks.topk(min(self.top_n, len(peaks)), dim=0).indices  # (N, F)
+        filters = torch.arange(peaks.shape[1], device=peaks.device)
+        d, v = distances[keep, filters], visible[keep, filters]  # (N, F, K)
+        count = v.sum(0)
+        mean = (d * v).sum(0) / count.clamp(min=1)
+        variance = (v * (d - mean) ** 2).sum(0) / (count - 1).clamp(min=1)  # unbiased, as Matlab's var
+        diagonal = math.hypot(*self.image_size)
+        return torch.where(count >= 2, variance.sqrt() / diagonal, torch.full_like(mean, math.nan))
+
+    def compute(self) -> torch.Tensor:
+        return self.per_filter().nanmean()
+
+
+class PartIoU(Metric):
+    """Network-Dissection part interpretability: mean over filters of the best part's hit rate.
+    update(maps (B, F, h, w), part_masks (B, P, H, W) bool, part_types (B, P) long or None)."""
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, num_parts: int | None = None, quantile: float = 0.005, iou_threshold: float = 0.2,
+                 filter_chunk: int = 16, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_parts, self.quantile, self.iou_threshold, self.filter_chunk = num_parts, quantile, iou_threshold, \
+            filter_chunk
+        self.add_state("maps", default=[], dist_reduce_fx="cat")
+        self.add_state("masks", default=[], dist_reduce_fx="cat")
+        self.add_state("types", default=[], dist_reduce_fx="cat")
+
+    def update(self, maps: torch.Tensor, part_masks: torch.Tensor, part_types: torch.Tensor | None = None) -> None:
+        if maps.ndim != 4 or part_masks.ndim != 4 or maps.shape[0] != part_masks.shape[0]:
+            raise ValueError(f"Expected maps (B, F, h, w) and part_masks (B, P, H, W); got {tuple(maps.shape)} and "
+                             f"{tuple(part_masks.shape)}.")
+        if part_types is None:
+            part_types = torch.arange(part_masks.shape[1], device=maps.device).expand(maps.shape[0], -1)
+        self.maps.append(maps.detach().float())
+        self.masks.append(part_masks.bool())
+        self.types.append(part_types.long())
+
+    def part_scores(self) -> torch.Tensor:
+        """P_{f,k}: fraction of the images containing part k where filter f's binarised map has IoU > threshold."""
+        maps, masks, types = dim_zero_cat(self.maps), dim_zero_cat(self.masks), dim_zero_cat(self.types)
+        num_parts = self.num_parts or int(types.max()) + 1
+        size = masks.shape[-2:]
+        mask_flat = masks.flatten(2).float()  # (N, P, HW)
+        mask_area = mask_flat.sum(-1)  # (N, P)
+        part_onehot = F.one_hot(types, num_parts).float()  # (N, P, K)
+        images_with_part = part_onehot.amax(1).sum(0)  # (K,)
+        scores = []
+        for start in range(0, maps.shape[1], self.filter_chunk):  # chunks of filters bound memory, no per-filter loop
+            up = F.interpolate(maps[:, start:start + self.filter_chunk], size=size, mode="bilinear",
+                               align_corners=False)  # (N, f, H, W)
+            flat = up.transpose(0, 1).flatten(1)  # (f, N*H*W)
+            k = min(max(1, int(self.quantile * flat.shape[1])), flat.shape[1] - 1)
+            threshold = flat.topk(k + 1, dim=1).values[:, -1]  # (f,): the top k values lie above, P(x > T_f) = q
+            active = (up > threshold[None, :, None, None]).flatten(2).float()  # (N, f, HW)
+            inter = torch.einsum("nfx,npx->nfp", active, mask_flat)
+            union = active.sum(-1)[..., None] + mask_area[:, None] - inter
+            hits = (inter / union.clamp(min=1) > self.iou_threshold).float()  # (N, f, P)
+            scores.append(torch.einsum("nfp,npk->fk", hits, part_onehot) / images_with_part.clamp(min=1))
+        return torch.cat(scores)  # (F, K)
+
+    def compute(self) -> torch.Tensor:
+        return self.part_scores().amax(1).mean()

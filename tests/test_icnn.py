@@ -1,0 +1,192 @@
+"""Interpretable CNN: templates, mask, filter loss and its statistics against slow float64 references."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import numpy as np
+import pytest
+import torch
+
+import zoo
+from losses import ClassificationLoss, FilterPartLoss, SumOfLosses
+from losses.filter_part import (filter_mutual_information, log_mean_exp_over_batch, log_template_prior, part_mask,
+                                template_bank, template_scores)
+from zoo.systems import ClassificationSystem
+
+
+def reference_templates(h: int, w: int, beta: float = 4.0) -> list[np.ndarray]:
+    n, tau = max(h, w), 0.5 / max(h, w) ** 2
+    templates = []
+    for a in range(h):
+        for b in range(w):
+            t = np.zeros((h, w))
+            for i in range(h):
+                for j in range(w):
+                    t[i, j] = tau * max(1 - beta * (abs(i - a) + abs(j - b)) / n, -1)
+            templates.append(t)
+    templates.append(np.full((h, w), -tau))
+    return templates
+
+
+def reference_mi(x: torch.Tensor, labels: torch.Tensor, category: torch.Tensor, running: torch.Tensor | None,
+                 m: float) -> torch.Tensor:
+    """Label-aware -MI terms of the FilterPartLoss docstring, written out with loops in float64."""
+    batch, filters, h, w = x.shape
+    templates = [torch.tensor(t) for t in reference_templates(h, w)]
+    alpha = h * w / (1 + h * w)
+    prior = [alpha / (h * w)] * (h * w) + [1 - alpha]
+    out = []
+    for f in range(filters):
+        tr = [[(x[b, f] * t).sum() for t in templates] for b in range(batch)]
+        z = []
+        for t in range(len(templates)):
+            batch_mean = sum(torch.exp(tr[b][t]) for b in range(batch)) / batch
+            mean = batch_mean if running is None else (1 - m) * math.exp(running[f, t]) + m * batch_mean
+            z.append(batch * mean)
+        total = 0.0
+        for b in range(batch):
+            p_given = [torch.exp(tr[b][t]) / z[t] for t in range(len(templates))]
+            p_x = sum(prior[t] * p_given[t] for t in range(len(templates)))
+            support = range(h * w) if labels[b] == category[f] else [h * w]
+            total = total + sum(prior[t] * p_given[t] * torch.log(p_given[t] / p_x) for t in support)
+        out.append(total)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("h, w", [(4, 4), (5, 5), (3, 5)])
+def test_templates_match_the_slow_loop(h: int, w: int) -> None:
+    bank = template_bank(h, w)
+    expected = torch.tensor(np.stack([t.ravel() for t in reference_templates(h, w)]), dtype=torch.float32)
+    assert bank.shape == (h * w + 1, h * w) and torch.allclose(bank, expected)
+    assert len({tuple(row.tolist()) for row in bank[:-1]}) == h * w  # n^2 distinct positives, none all-zero
+    assert (bank[:-1].abs().sum(1) > 0).all()
+
+
+@pytest.mark.parametrize("with_running", [False, True])
+def test_mutual_information_value_and_gradient_match_float64_reference(with_running: bool) -> None:
+    torch.manual_seed(0)
+    x = (torch.rand(6, 3, 4, 4, dtype=torch.float64) * 30).requires_grad_()
+    labels, category = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 2, 1])
+    running = torch.randn(3, 17, dtype=torch.float64) if with_running else None
+    m = 0.3
+    scores = template_scores(x, template_bank(4, 4).double())
+    batch_z = log_mean_exp_over_batch(scores)
+    log_mean_z = batch_z if running is None else torch.logaddexp(math.log(1 - m) + running, math.log(m) + batch_z)
+    mi = filter_mutual_information(scores, labels[:, None] == category, log_template_prior(16).double(), log_mean_z)
+    reference = reference_mi(x, labels, category, running, m)
+    assert torch.allclose(mi, reference, rtol=1e-6)
+    grad, = torch.autograd.grad(mi.sum(), x)
+    ref_grad, = torch.autograd.grad(reference.sum(), x)
+    assert torch.allclose(grad, ref_grad, rtol=1e-5, atol=1e-10)
+
+
+def test_gradient_direction_matches_paper_eq4() -> None:
+    """Eq. 4: (p(T^)/Z) t^ e^{tr(x.T^)} {tr - log Z - log p(x)}, T^ = T_mu^ for the filter's category, else T-.
+    That expression is dMI/dx (the direction descent on Loss_f = -MI moves x); the exact gradient agrees."""
+    torch.manual_seed(1)
+    batch, h, w = 64, 4, 4
+    labels = torch.arange(batch) % 2
+    x = torch.rand(batch, 1, h, w) * 20
+    x.view(batch, -1)[torch.arange(batch), torch.randint(h * w, (batch,))] += 100 * (labels == 0)
+    x.requires_grad_()
+    bank, prior = template_bank(h, w), log_template_prior(h * w)
+    scores = template_scores(x, bank)
+    log_mean_z = log_mean_exp_over_batch(scores).detach()  # Eq. 4 treats Z_T as a constant
+    mi = filter_mutual_information(scores, (labels == 0)[:, None], prior, log_mean_z)
+    grad, = torch.autograd.grad(mi.sum(), x)
+    with torch.no_grad():
+        log_p_given = scores - math.log(batch) - log_mean_z  # (B, 1, T)
+        log_p_x = torch.logsumexp(prior + log_p_given, -1)  # (B, 1)
+        t_hat = torch.where(labels[:, None] == 0, x.flatten(2).argmax(-1), torch.full((batch, 1), h * w))
+        log_p_hat = log_p_given.gather(-1, t_hat[..., None])[..., 0]
+        eq4 = (prior[t_hat] + log_p_hat).exp()[..., None] * bank[t_hat] * (log_p_hat - log_p_x)[..., None]
+    assert torch.nn.functional.cosine_similarity(grad.flatten(), eq4.flatten(), 0) > 0.95
+
+
+def test_part_mask_argmax_and_centroid() -> None:
+    x = torch.zeros(1, 2, 5, 5)
+    x[0, 0, 1, 3] = 2.0
+    x[0, 1, 2, 1] = x[0, 1, 2, 3] = 1.0  # centroid (2, 2), argmax the first maximum (2, 1)
+    mask = part_mask(x, beta=4.0)
+    expected = torch.tensor([[max(1 - 4 * (abs(i - 1) + abs(j - 3)) / 5, -1) for j in range(5)] for i in range(5)])
+    assert torch.allclose(mask[0, 0], expected)
+    centroid = part_mask(x, beta=4.0, mu="centroid")[0, 1]
+    assert centroid[2, 2] == 1 and centroid.argmax() == 12
+    with pytest.raises(ValueError, match="mu must be one of"):
+        part_mask(x, mu="median")
+
+
+def test_lambda_zero_gives_exactly_the_opaque_twin_gradients() -> None:
+    torch.manual_seed(0)
+    batch = {"image": torch.rand(8, 3, 64, 64), "label": torch.arange(8) % 6}
+
+    def gradients(loss: torch.nn.Module) -> list[torch.Tensor]:
+        torch.manual_seed(3)
+        system = ClassificationSystem("icnn_tinycnn", num_classes=6, loss=loss)
+        system.training_step = partial(ClassificationSystem.training_step, system)  # no trainer attached
+        system.log = lambda *a, **k: None  # type: ignore[method-assign]
+        system.training_step(batch, 0).backward()
+        return [p.grad.clone() for p in system.parameters() if p.grad is not None]
+
+    twin = gradients(SumOfLosses([ClassificationLoss(), FilterPartLoss(weight=0.0)]))
+    task_only = gradients(ClassificationLoss())
+    interpretable = gradients(SumOfLosses([ClassificationLoss(), FilterPartLoss(weight=1.0)]))
+    assert len(twin) == len(task_only) and all(torch.equal(a, b) for a, b in zip(twin, task_only))
+    assert not all(torch.equal(a, b) for a, b in zip(interpretable, task_only))
+
+
+def test_no_nan_with_large_activations_and_under_bf16() -> None:
+    torch.manual_seed(0)
+    model = zoo.create_model("icnn_tinycnn", num_classes=6)
+    loss = SumOfLosses([ClassificationLoss(), FilterPartLoss()])
+    batch = {"image": torch.rand(4, 3, 64, 64) * 1e4, "label": torch.tensor([0, 1, 2, 3])}
+    terms = loss(model(batch["image"]), batch)  # first step: the running Z_T is still unset (NaN)
+    sum(terms.values()).backward()
+    assert all(torch.isfinite(v) for v in terms.values())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    huge = (torch.rand(4, 2, 5, 5, dtype=torch.float32) * 1e6).requires_grad_()  # scores ~ 1e4: exp overflows
+    scores = template_scores(huge, template_bank(5, 5))
+    mi = filter_mutual_information(scores, torch.ones(4, 2, dtype=torch.bool), log_template_prior(25),
+                                   log_mean_exp_over_batch(scores))
+    mi.sum().backward()
+    assert torch.isfinite(mi).all() and torch.isfinite(huge.grad).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch["image"] / 1e4)
+        terms = loss(out, batch)
+    assert out["features"].dtype == torch.bfloat16 and all(torch.isfinite(v) for v in terms.values())
+
+
+def test_categories_follow_the_strongest_class_and_only_in_training() -> None:
+    model = zoo.create_model("icnn_tinycnn", num_classes=3)
+    layer = model.added_filters
+    raw = torch.zeros(6, layer.beta.numel(), 8, 8)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    raw[labels == 2, 0, 3, 3] = 5.0  # filter 0 fires on class 2
+    raw[labels == 1, 1, 4, 4] = 5.0  # filter 1 fires on class 1
+    layer.update_statistics(raw, torch.zeros(layer.log_mean_z.shape), labels)
+    assert layer.filter_category[:2].tolist() == [2, 1]
+    assert torch.isfinite(layer.log_mean_z).all()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    system = ClassificationSystem("icnn_tinycnn", num_classes=3)
+    system.model, system.log = model, (lambda *a, **k: None)
+    system.eval()
+    with torch.no_grad():
+        system.validation_step({"image": torch.rand(6, 3, 64, 64), "label": labels}, 0)
+    assert all(torch.allclose(before[k], v, equal_nan=True) for k, v in model.state_dict().items())
+
+
+def test_single_category_mode_and_wrong_image_size() -> None:
+    model = zoo.create_model("icnn_tinycnn", num_classes=4, single_category=2)
+    assert (model.added_filters.filter_category == 2).all()
+    with pytest.raises(ValueError, match=r"built for \(8, 8\) maps.*got \(4, 4\)"):
+        model(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="single_category must be a class id"):
+        zoo.create_model("icnn_tinycnn", num_classes=4, single_category=7)
+
+
+def test_learned_beta_gets_a_gradient() -> None:
+    model = zoo.create_model("icnn_tinycnn", num_classes=3, learn_beta=True)
+    model(torch.rand(2, 3, 64, 64))["logits"].sum().backward()
+    assert model.added_filters.beta.grad is not None and model.added_filters.beta.grad.abs().sum() > 0

@@ -1,0 +1,215 @@
+"""Interpretable CNN (Zhang, Wu & Zhu, CVPR 2018; TPAMI version arXiv 1901.02413) on any timm CNN backbone.
+
+Faithful: every filter of the backbone's top conv stage and of an added 3x3 conv layer (same width, zero padding)
+is interpretable: its ReLU map is multiplied by the part mask around its peak (argmax mu by default, the
+activation-weighted centroid and a learned per-filter beta as in the authors' code) and carries the -MI(X; T)
+filter loss (`losses.FilterPartLoss`, on the pre-mask map). Each filter is assigned the category with the highest
+exponential moving average of its per-class mean peak activation (authors' code, momentum 0.9), updated only in
+training steps; single-category mode (class vs rest) assigns every filter to one class.
+Departs: the classifier after the interpretable layers is a pooled linear head (as for residual nets in the TPAMI
+version), not VGG's fully connected stack. The template bank and the running log Z_T are sized for the top map of
+an `image_size` input; another size raises a clear error.
+
+Output dict:
+    logits (B, C); features (B, M, h, w) masked output of the added layer (what the head reads);
+    filter_maps / masked_filter_maps (B, M, h, w) pre-/post-mask maps of the added (top) layer;
+    interpretable_maps, template_scores (B, F_l, T), log_mean_z (F_l, T), filter_category (F_l,): one per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from losses.filter_part import (MU_MODES, log_mean_exp_over_batch, part_mask, template_bank, template_scores)
+from zoo._distributed import all_reduce_, global_log_mean_exp
+from zoo._registry import register_model
+from zoo.backbones import TINY_CNN, Backbone, PooledLinearHead
+
+
+class InterpretableFilters(nn.Module):
+    """Part mask for the filters of one ReLU map, plus the online statistics the filter loss needs.
+
+    Buffers: `class_activation` (F, C) EMA of per-class mean peak activation; `filter_category` (F,);
+    `log_mean_z` (F, T) running log mean of exp(tr(x . T)) over the data (NaN until the first training step).
+    """
+
+    def __init__(self, num_filters: int, num_classes: int, map_size: tuple[int, int], *, beta: float = 4.0,
+                 learn_beta: bool = False, mu: str = "argmax", single_category: int | None = None,
+                 category_momentum: float = 0.9, z_momentum: float = 0.1) -> None:
+        super().__init__()
+        if mu not in MU_MODES:
+            raise ValueError(f"mu must be one of {MU_MODES}; got {mu!r}.")
+        if single_category is not None and not 0 <= single_category < num_classes:
+            raise ValueError(f"single_category must be a class id in [0, {num_classes}); got {single_category}.")
+        self.map_size, self.mu, self.single_category = map_size, mu, single_category
+        self.category_momentum, self.z_momentum = category_momentum, z_momentum
+        self.beta = nn.Parameter(torch.full((num_filters,), beta), requires_grad=learn_beta)
+        bank = template_bank(*map_size)
+        self.register_buffer("bank", bank, persistent=False)
+        self.register_buffer("class_activation", torch.zeros(num_filters, num_classes))
+        self.register_buffer("class_seen", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("log_mean_z", torch.full((num_filters, bank.shape[0]), math.nan))
+        initial = torch.full((num_filters,), single_category if single_category is not None else 0)
+        self.register_buffer("filter_category", initial.long())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if tuple(x.shape[-2:]) != self.map_size:
+            raise ValueError(f"Interpretable filters were built for {self.map_size} maps (image_size at creation); "
+                             f"got {tuple(x.shape[-2:])}. Create the model with the image_size you feed it.")
+        raw = F.relu(x)
+        mask = part_mask(raw, self.beta if self.beta.requires_grad else float(self.beta[0]), self.mu)
+        masked = F.relu(raw * mask)
+        scores = template_scores(raw, self.bank)  # (B, F, T)
+        batch_z = log_mean_exp_over_batch(scores)  # (F, T)
+        unset = torch.isnan(self.log_mean_z)  # before the first training step
+        running = self.log_mean_z.nan_to_num(0.0)  # finite in both where() branches, or NaN leaks into gradients
+        if self.training:  # the current batch enters Z_T with its gradient, the running part without
+            log_mean_z = torch.where(unset, batch_z, self._blend(running, batch_z))
+        else:
+            log_mean_z = torch.where(unset, batch_z, running)
+        return masked, {"raw": raw, "masked": masked, "scores": scores, "log_mean_z": log_mean_z,
+                        "batch_z": batch_z.detach()}
+
+    def _blend(self, running: torch.Tensor, batch_z: torch.Tensor) -> torch.Tensor:
+        """log((1 - m) exp(running) + m exp(batch_z)): the exponential moving mean in log space."""
+        m = self.z_momentum
+        return torch.logaddexp(math.log(1 - m) + running, math.log(m) + batch_z) if m < 1 else batch_z
+
+    @torch.no_grad()
+    def update_statistics(self, raw: torch.Tensor, batch_z: torch.Tensor, labels: torch.Tensor) -> None:
+        """One training step's update of Z_T and the category statistics (synchronised across processes)."""
+        z = global_log_mean_exp(batch_z, len(raw))
+        unset = torch.isnan(self.log_mean_z)
+        self.log_mean_z.copy_(torch.where(unset, z, self._blend(self.log_mean_z.nan_to_num(0.0), z)))
+        if self.single_category is not None:
+            return
+        num_classes = self.class_activation.shape[1]
+        one_hot = F.one_hot(labels, num_classes).float()  # (B, C)
+        peak = raw.detach().flatten(2).amax(-1).float()  # (B, F)
+        sums = all_reduce_(one_hot.t() @ peak)  # (C, F)
+        counts = all_reduce_(one_hot.sum(0))  # (C,)
+        present = counts > 0
+        mean = (sums / counts.clamp(min=1)[:, None]).t()  # (F, C)
+        momentum = torch.where(self.class_seen, self.category_momentum, 0.0)  # first sighting: take the mean
+        updated = momentum * self.class_activation + (1 - momentum) * mean
+        self.class_activation.copy_(torch.where(present[None, :], updated, self.class_activation))
+        self.class_seen |= present
+        self.filter_category.copy_(self.class_activation.argmax(1))
+
+
+class InterpretableCNN(nn.Module):
+    """Backbone (top stage interpretable) -> added 3x3 conv + ReLU (interpretable) -> pooled linear head."""
+
+    def __init__(
+        self,
+        *,
+        backbone: str = TINY_CNN,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        image_size: int = 64,
+        added_filters: int | None = None,
+        beta: float = 4.0,
+        learn_beta: bool = False,
+        mu: str = "argmax",
+        single_category: int | None = None,
+        category_momentum: float = 0.9,
+        z_momentum: float = 0.1,
+        drop_rate: float = 0.0,
+        pretrained_path: str | Path | None = None,
+        freeze_backbone: bool = False,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.backbone = Backbone(backbone, in_chans=in_chans, pretrained_path=pretrained_path)
+        self.backbone.requires_grad_(not freeze_backbone)
+        top_filters = self.backbone.num_features
+        added = added_filters or top_filters
+        map_size = self._top_map_size(in_chans, image_size)
+        kw = dict(beta=beta, learn_beta=learn_beta, mu=mu, single_category=single_category,
+                  category_momentum=category_momentum, z_momentum=z_momentum)
+        self.top_filters = InterpretableFilters(top_filters, num_classes, map_size, **kw)
+        self.added_conv = nn.Conv2d(top_filters, added, 3, padding=1)
+        self.added_filters = InterpretableFilters(added, num_classes, map_size, **kw)
+        self.head = PooledLinearHead(added, num_classes, drop_rate)
+
+    @torch.no_grad()
+    def _top_map_size(self, in_chans: int, image_size: int) -> tuple[int, int]:
+        was_training = self.backbone.training
+        self.backbone.eval()
+        size = self.backbone(torch.zeros(1, in_chans, image_size, image_size))[-1].shape[-2:]
+        self.backbone.train(was_training)
+        return tuple(size)
+
+    def interpretable_layers(self) -> list[InterpretableFilters]:
+        return [self.top_filters, self.added_filters]
+
+    def forward_interpretable(self, x: torch.Tensor) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        top = self.backbone(x)[-1]
+        masked_top, top_out = self.top_filters(top)
+        features, added_out = self.added_filters(self.added_conv(masked_top))
+        return features, [top_out, added_out]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_interpretable(x)[0]
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(features, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        features, layers = self.forward_interpretable(x)
+        return {
+            "logits": self.forward_head(features),
+            "features": features,
+            "filter_maps": layers[-1]["raw"],
+            "masked_filter_maps": layers[-1]["masked"],
+            "interpretable_maps": [layer["raw"] for layer in layers],
+            "template_scores": [layer["scores"] for layer in layers],
+            "log_mean_z": [layer["log_mean_z"] for layer in layers],
+            "batch_z": [layer["batch_z"] for layer in layers],
+            "filter_category": [module.filter_category for module in self.interpretable_layers()],
+        }
+
+    def update_statistics(self, out: dict, batch: dict[str, torch.Tensor]) -> None:
+        """Called by the System after each training forward: Z_T and filter categories (never in eval)."""
+        for module, raw, batch_z in zip(self.interpretable_layers(), out["interpretable_maps"], out["batch_z"]):
+            module.update_statistics(raw, batch_z, batch["label"])
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes)
+
+
+def _create_icnn(backbone: str, **kwargs) -> InterpretableCNN:
+    return InterpretableCNN(backbone=backbone, **kwargs)
+
+
+@register_model
+def icnn_tinycnn(**kwargs) -> InterpretableCNN:
+    """Interpretable CNN on the tiny CNN (8x8 top maps at 64x64), the CPU default."""
+    return _create_icnn(TINY_CNN, **kwargs)
+
+
+@register_model
+def icnn_resnet18(**kwargs) -> InterpretableCNN:
+    """Interpretable CNN on timm resnet18's last stage (TPAMI placement for residual nets)."""
+    return _create_icnn("resnet18", **kwargs)
+
+
+@register_model
+def icnn_vgg11(**kwargs) -> InterpretableCNN:
+    """Interpretable CNN on timm vgg11's top conv layer."""
+    return _create_icnn("vgg11", **kwargs)
+
+
+@register_model
+def icnn_vgg16(**kwargs) -> InterpretableCNN:
+    """Interpretable CNN on timm vgg16's top conv layer (the paper's main network)."""
+    return _create_icnn("vgg16", **kwargs)
