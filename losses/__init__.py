@@ -1,7 +1,6 @@
 """Loss modules: ``forward(out, batch) -> dict[str, Tensor]`` of named terms that the System sums and logs."""
 
 from losses.classification import ClassificationLoss
-from losses.combine import SumOfLosses
 from losses.filter_part import FilterPartLoss
 
-__all__ = ["ClassificationLoss", "FilterPartLoss", "SumOfLosses"]
+__all__ = ["ClassificationLoss", "FilterPartLoss"]

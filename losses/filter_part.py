@@ -21,6 +21,8 @@ import math
 import torch
 import torch.nn as nn
 
+from losses.classification import ClassificationLoss
+
 MU_MODES = ("argmax", "centroid")
 
 
@@ -41,9 +43,14 @@ def template_shapes(height: int, width: int, beta: float | torch.Tensor = 4.0) -
     return (1 - beta * distance / n).clamp(min=-1)
 
 
-def template_bank(height: int, width: int, beta: float = 4.0) -> torch.Tensor:
-    """All n^2 + 1 templates scaled by tau = 0.5 / n^2, positives first then T-: (h*w + 1, h*w)."""
-    tau = 0.5 / max(height, width) ** 2
+def template_bank(height: int, width: int, beta: float = 4.0, tau_scale: float = 1.0) -> torch.Tensor:
+    """All n^2 + 1 templates scaled by tau = tau_scale * 0.5 / n^2, positives first then T-: (h*w + 1, h*w).
+
+    tau_scale = 1 is the paper. tau sets how sharply p(x|T) separates images; the paper's value suits VGG conv5
+    activations (tens to hundreds), while batch-normalised maps peak around 1-5 and need tau_scale ~ 10-100 for
+    the MI to be more than ~1e-4 nats.
+    """
+    tau = tau_scale * 0.5 / max(height, width) ** 2
     positives = tau * template_shapes(height, width, beta).flatten(1)  # (h*w, h*w)
     return torch.cat([positives, torch.full((1, height * width), -tau)])
 
@@ -125,23 +132,27 @@ def filter_mutual_information(
 
 
 class FilterPartLoss(nn.Module):
-    """lambda * mean over interpretable filters of -MI(X; T), on the maps *before* the part mask.
+    """The ICNN objective: the task term plus lambda * mean over interpretable filters of -MI(X; T).
 
-    Reads from the model output (see `zoo.icnn`), one entry per interpretable layer: "template_scores" (B, F, T),
-    "log_mean_z" (F, T, the online Z_T blended with this batch) and "filter_category" (F,).
+    The MI is taken on the maps *before* the part mask. Reads from the model output (see `zoo.icnn`), one entry per
+    interpretable layer: "template_scores" (B, F, T), "log_mean_z" (F, T, the online Z_T blended with this batch)
+    and "filter_category" (F,).
 
     Args:
-        weight: lambda at epoch 0; 0 turns the loss off (the opaque twin).
+        weight: lambda at epoch 0; 0 turns the filter term off, which is exactly the opaque twin's objective.
         schedule: "inverse_epoch" (paper: lambda / (epoch + 1)) or "constant".
         alpha: prior mass of the positive templates (default n^2 / (1 + n^2)).
+        task_loss: the task term (default cross-entropy, "loss_task").
     """
 
-    def __init__(self, weight: float = 1.0, schedule: str = "inverse_epoch", alpha: float | None = None) -> None:
+    def __init__(self, weight: float = 1.0, schedule: str = "inverse_epoch", alpha: float | None = None,
+                 task_loss: nn.Module | None = None) -> None:
         super().__init__()
         if schedule not in ("inverse_epoch", "constant"):
             raise ValueError(f"schedule must be 'inverse_epoch' or 'constant'; got {schedule!r}.")
         self.base_weight, self.schedule, self.alpha = weight, schedule, alpha
         self.weight = weight
+        self.task_loss = task_loss if task_loss is not None else ClassificationLoss()
 
     def set_epoch(self, epoch: int) -> dict[str, float]:
         """Apply the lambda schedule; returns what to log."""
@@ -158,6 +169,9 @@ class FilterPartLoss(nn.Module):
         return torch.cat(per_layer)
 
     def forward(self, out: dict, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.weight == 0:  # the opaque twin: no term, no graph
-            return {"loss_filter": out["logits"].new_zeros(())}
-        return {"loss_filter": -self.weight * self.mutual_information(out, batch["label"]).mean()}
+        terms = dict(self.task_loss(out, batch))
+        if self.weight == 0:  # the opaque twin: no filter term in the graph
+            terms["loss_filter"] = out["logits"].new_zeros(())
+        else:
+            terms["loss_filter"] = -self.weight * self.mutual_information(out, batch["label"]).mean()
+        return terms

@@ -1,7 +1,7 @@
 """Does a filter fire on one part, at one place? Location instability and part IoU (torchmetrics, DDP-safe).
 
 - `LocationInstability` (Zhang et al. 2018, authors' computeStability/getDistSqrtVar): for each filter take the
-  top-N images by peak activation, map the peak unit to image coordinates (receptive-field centre of the unit),
+  top-N images by peak activation (within the filter's category when labels are given), map the peak unit to image coordinates (receptive-field centre of the unit),
   and for each landmark k take the std over those images of the distance landmark -> peak; the score is the mean
   over filters and landmarks divided by the image diagonal. Lower is better.
 - `PartIoU` (Network Dissection, Bau et al. 2017, as specified for ICNN): per filter, threshold T_f at the top
@@ -32,7 +32,13 @@ def peak_positions(maps: torch.Tensor, image_size: tuple[int, int]) -> tuple[tor
 
 class LocationInstability(Metric):
     """Mean over filters and landmarks of std(distance landmark -> filter peak) over each filter's top-N images,
-    divided by the image diagonal. update(maps (B, F, h, w), landmarks (B, K, 2) xy, visible (B, K) or None)."""
+    divided by the image diagonal. update(maps (B, F, h, w), landmarks (B, K, 2) xy, visible (B, K) or None,
+    labels (B,) or None).
+
+    With labels, a filter's top-N images are drawn from its category only, as in the paper's per-category
+    evaluation (landmark k of another class is another part). The category is the class with the highest mean
+    peak activation on the evaluated data: one rule for interpretable and opaque models alike.
+    """
 
     higher_is_better = False
     full_state_update = False
@@ -43,29 +49,34 @@ class LocationInstability(Metric):
         self.top_n = top_n
         self.add_state("peaks", default=[], dist_reduce_fx="cat")  # (n, F) peak values
         self.add_state("distances", default=[], dist_reduce_fx="cat")  # (n, F, K)
-        self.add_state("visible", default=[], dist_reduce_fx="cat")  # (n, F, K)
+        self.add_state("visible", default=[], dist_reduce_fx="cat")  # (n, K)
+        self.add_state("labels", default=[], dist_reduce_fx="cat")  # (n,), -1 without labels
 
-    def update(self, maps: torch.Tensor, landmarks: torch.Tensor, visible: torch.Tensor | None = None) -> None:
+    def update(self, maps: torch.Tensor, landmarks: torch.Tensor, visible: torch.Tensor | None = None,
+               labels: torch.Tensor | None = None) -> None:
         if maps.ndim != 4 or landmarks.ndim != 3 or landmarks.shape[:1] != maps.shape[:1]:
             raise ValueError(f"Expected maps (B, F, h, w) and landmarks (B, K, 2); got {tuple(maps.shape)} and "
                              f"{tuple(landmarks.shape)}.")
         value, position = peak_positions(maps.detach().float(), self.image_size)
-        distance = (landmarks[:, None].float() - position[:, :, None]).norm(dim=-1)  # (B, F, K)
-        if visible is None:
-            visible = torch.ones(landmarks.shape[:2], dtype=torch.bool, device=maps.device)
-        keep = value.topk(min(self.top_n, len(value)), dim=0).indices  # (n, F): this batch's best candidates
-        filters = torch.arange(value.shape[1], device=value.device)
-        self.peaks.append(value[keep, filters])
-        self.distances.append(distance[keep, filters])
-        self.visible.append(visible[keep].expand_as(distance[keep, filters]))
+        self.peaks.append(value)
+        self.distances.append((landmarks[:, None].float() - position[:, :, None]).norm(dim=-1))  # (B, F, K)
+        self.visible.append(torch.ones(landmarks.shape[:2], dtype=torch.bool, device=maps.device)
+                            if visible is None else visible.bool())
+        self.labels.append(torch.full((len(maps),), -1, device=maps.device) if labels is None else labels.long())
 
     def per_filter(self) -> torch.Tensor:
         """Instability per filter and landmark (F, K), NaN where fewer than two visible images."""
         peaks, distances = dim_zero_cat(self.peaks), dim_zero_cat(self.distances)
-        visible = dim_zero_cat(self.visible).float()
-        keep = peaks.topk(min(self.top_n, len(peaks)), dim=0).indices  # (N, F)
+        visible, labels = dim_zero_cat(self.visible).float(), dim_zero_cat(self.labels)
+        if (labels >= 0).all():
+            one_hot = F.one_hot(labels).float()  # (N, C)
+            class_mean = (one_hot.t() @ peaks) / one_hot.sum(0).clamp(min=1)[:, None]  # (C, F)
+            own = labels[:, None] == class_mean.argmax(0)[None, :]  # (N, F): image of the filter's category
+            peaks = torch.where(own, peaks, torch.full_like(peaks, -math.inf))
+        keep = peaks.topk(min(self.top_n, len(peaks)), dim=0).indices  # (n, F)
         filters = torch.arange(peaks.shape[1], device=peaks.device)
-        d, v = distances[keep, filters], visible[keep, filters]  # (N, F, K)
+        d = distances[keep, filters]  # (n, F, K)
+        v = visible[keep] * torch.isfinite(peaks[keep, filters])[..., None]  # drop other-category fill-ins
         count = v.sum(0)
         mean = (d * v).sum(0) / count.clamp(min=1)
         variance = (v * (d - mean) ** 2).sum(0) / (count - 1).clamp(min=1)  # unbiased, as Matlab's var

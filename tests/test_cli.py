@@ -16,7 +16,13 @@ CONFIGS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglo
 SMALL_WORLD = ["--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.num_test=32"]
 
 
+def is_compare_spec(config: str) -> bool:
+    return "compare" in yaml.safe_load((REPO / config).read_text())
+
+
 def dataset_overrides(config: str, cub_root: Path, image_folder_root: Path) -> list[str]:
+    if is_compare_spec(config):
+        return SMALL_WORLD  # the compare specs here run on the parts world
     data = yaml.safe_load((REPO / config).read_text())["data"]
     cls = data["class_path"].rsplit(".", 1)[-1]
     return {
@@ -29,15 +35,41 @@ def dataset_overrides(config: str, cub_root: Path, image_folder_root: Path) -> l
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_runs_fast_dev_run(config: str, in_tmp_dir: Path, cub_root: Path,
                                         image_folder_root: Path) -> None:
-    cli = main(["fit", "--config", str(REPO / config), "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu",
-                *dataset_overrides(config, cub_root, image_folder_root)])
-    assert cli.trainer.state.finished
-    assert {"train/loss", "val/acc"} <= set(cli.trainer.callback_metrics)
+    command = "compare" if is_compare_spec(config) else "fit"
+    result = main([command, "--config", str(REPO / config), "--trainer.fast_dev_run=true",
+                   "--trainer.accelerator=cpu", *dataset_overrides(config, cub_root, image_folder_root)])
+    if command == "compare":
+        assert [row["run"] for row in result] == list(yaml.safe_load((REPO / config).read_text())["compare"]["runs"])
+        assert all("acc" in row and "train_samples_per_s" in row for row in result)
+    else:
+        assert result.trainer.state.finished
+        assert {"train/loss", "val/acc"} <= set(result.trainer.callback_metrics)
+
+
+def test_compare_writes_reports_with_part_metrics(in_tmp_dir: Path) -> None:
+    rows = main(["compare", "--config", str(REPO / "configs/quickstart.yaml"), "--trainer.fast_dev_run=true",
+                 *SMALL_WORLD])
+    report = in_tmp_dir / "checkpoints" / "quickstart"
+    assert (report / "report.csv").is_file() and "| run |" in (report / "report.md").read_text()
+    assert {row["run"] for row in rows} == {"icnn", "opaque_twin", "plain_cnn"}
+    assert all({"location_instability", "part_iou"} <= set(row) for row in rows)
+
+
+def test_compare_refuses_runs_with_different_settings(in_tmp_dir: Path) -> None:
+    spec = {"compare": {"name": "bad", "runs": {
+        "a": {"config": str(REPO / "configs/baselines/parts_world.yaml")},
+        "b": {"config": str(REPO / "configs/baselines/parts_world.yaml"), "args": ["--data.init_args.seed=3"]}}}}
+    (in_tmp_dir / "bad.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="'a' and 'b' differ in data"):
+        main(["compare", "--config", "bad.yaml"])
+    (in_tmp_dir / "not_a_spec.yaml").write_text("model: {}\n")
+    with pytest.raises(ValueError, match="is not a compare spec"):
+        main(["compare", "--config", "not_a_spec.yaml"])
 
 
 def test_print_config_round_trip(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(REPO / "configs/quickstart.yaml"), "--print_config"])
+        main(["fit", "--config", str(REPO / "configs/icnn/parts_world.yaml"), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     (in_tmp_dir / "printed.yaml").write_text(printed)
@@ -49,7 +81,7 @@ def test_print_config_round_trip(in_tmp_dir: Path, capsys: pytest.CaptureFixture
 
 
 def test_fit_writes_run_folder_and_resumes_from_last(in_tmp_dir: Path) -> None:
-    args = ["--config", str(REPO / "configs/quickstart.yaml"), *SMALL_WORLD, "--trainer.max_epochs=1",
+    args = ["--config", str(REPO / "configs/baselines/parts_world.yaml"), *SMALL_WORLD, "--trainer.max_epochs=1",
             "--trainer.logger.init_args.name=smoke", "--trainer.enable_model_summary=false"]
     main(["fit", *args])
     run = in_tmp_dir / "checkpoints" / "smoke"
@@ -65,7 +97,7 @@ def test_readme_model_table_matches_the_registry() -> None:
     readme = (REPO / "README.md").read_text()
     table = re.search(r"<!-- models:start -->\n(.*?)\n<!-- models:end -->", readme, re.S)
     assert table, "README.md lacks the <!-- models:start --> ... <!-- models:end --> block"
-    assert table.group(1).strip() == zoo.model_table(), "regenerate with: python -c 'import zoo; print(zoo.model_table())'"
+    assert table.group(1).strip() == zoo.model_table(), "regenerate: python -c 'import zoo; print(zoo.model_table())'"
 
 
 def test_ci_runs_the_readme_test_command() -> None:

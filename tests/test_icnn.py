@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import zoo
-from losses import ClassificationLoss, FilterPartLoss, SumOfLosses
+from losses import ClassificationLoss, FilterPartLoss
 from losses.filter_part import (filter_mutual_information, log_mean_exp_over_batch, log_template_prior, part_mask,
                                 template_bank, template_scores)
 from zoo.systems import ClassificationSystem
@@ -130,9 +130,9 @@ def test_lambda_zero_gives_exactly_the_opaque_twin_gradients() -> None:
         system.training_step(batch, 0).backward()
         return [p.grad.clone() for p in system.parameters() if p.grad is not None]
 
-    twin = gradients(SumOfLosses([ClassificationLoss(), FilterPartLoss(weight=0.0)]))
+    twin = gradients(FilterPartLoss(weight=0.0))
     task_only = gradients(ClassificationLoss())
-    interpretable = gradients(SumOfLosses([ClassificationLoss(), FilterPartLoss(weight=1.0)]))
+    interpretable = gradients(FilterPartLoss(weight=1.0))
     assert len(twin) == len(task_only) and all(torch.equal(a, b) for a, b in zip(twin, task_only))
     assert not all(torch.equal(a, b) for a, b in zip(interpretable, task_only))
 
@@ -140,7 +140,7 @@ def test_lambda_zero_gives_exactly_the_opaque_twin_gradients() -> None:
 def test_no_nan_with_large_activations_and_under_bf16() -> None:
     torch.manual_seed(0)
     model = zoo.create_model("icnn_tinycnn", num_classes=6)
-    loss = SumOfLosses([ClassificationLoss(), FilterPartLoss()])
+    loss = FilterPartLoss()
     batch = {"image": torch.rand(4, 3, 64, 64) * 1e4, "label": torch.tensor([0, 1, 2, 3])}
     terms = loss(model(batch["image"]), batch)  # first step: the running Z_T is still unset (NaN)
     sum(terms.values()).backward()
@@ -190,3 +190,43 @@ def test_learned_beta_gets_a_gradient() -> None:
     model = zoo.create_model("icnn_tinycnn", num_classes=3, learn_beta=True)
     model(torch.rand(2, 3, 64, 64))["logits"].sum().backward()
     assert model.added_filters.beta.grad is not None and model.added_filters.beta.grad.abs().sum() > 0
+
+
+def test_balanced_assignment_spreads_filters_over_classes() -> None:
+    model = zoo.create_model("icnn_tinycnn", num_classes=4, category_assignment="balanced")
+    layer = model.added_filters
+    filters = layer.beta.numel()
+    raw = torch.zeros(8, filters, 8, 8)
+    raw[:, :, 0, 0] = 1.0
+    labels = torch.tensor([0, 1, 2, 3] * 2)
+    raw[labels == 3, :, 2, 2] = 9.0  # every filter prefers class 3: argmax would give all filters to it
+    raw[labels == 1, 5, 3, 3] = 20.0  # filter 5 is by far the most class-1 filter
+    layer.update_statistics(raw, torch.zeros(layer.log_mean_z.shape), labels)
+    counts = torch.bincount(layer.filter_category, minlength=4)
+    assert counts.tolist() == [filters // 4] * 4 and layer.filter_category[5] == 1
+    with pytest.raises(ValueError, match="category_assignment must be one of"):
+        zoo.create_model("icnn_tinycnn", category_assignment="greedy")
+
+
+def test_filter_maps_callback_writes_tensorboard_and_run_folder(tmp_path) -> None:
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from datamodules import PartsWorldDataModule
+    from zoo.callbacks import FilterMapsCallback
+
+    pl.seed_everything(0)
+    data = PartsWorldDataModule(num_train=64, num_val=32, num_test=8, batch_size=32)
+    system = ClassificationSystem("icnn_tinycnn", num_classes=6, loss=FilterPartLoss(), part_maps_key="filter_maps")
+    logger = TensorBoardLogger(tmp_path, name="run", version="")
+    trainer = pl.Trainer(max_epochs=1, logger=logger, callbacks=[FilterMapsCallback(num_filters=3, num_images=4)],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0)
+    trainer.fit(system, datamodule=data)
+    folder = tmp_path / "run" / "filters"
+    table = (folder / "epoch0.md").read_text().splitlines()
+    assert (folder / "epoch0.png").is_file() and len(table) == 2 + 3
+    category, part = table[2].split("|")[3].strip(), table[2].split("|")[4].strip()
+    assert category.isdigit() and any(colour in part for colour in ("red", "green", "blue", "yellow", "magenta",
+                                                                    "cyan"))
+    assert list((tmp_path / "run").glob("events.out.tfevents.*"))

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from metrics.part_location import LocationInstability, PartIoU
 
 
-def reference_instability(maps: np.ndarray, landmarks: np.ndarray, visible: np.ndarray, image: int, top_n: int) -> float:
+def reference_instability(maps: np.ndarray, landmarks: np.ndarray, visible: np.ndarray, image: int,
+                          top_n: int) -> float:
     batch, filters, h, w = maps.shape
     values = []
     for f in range(filters):
@@ -96,3 +97,25 @@ def test_a_filter_that_is_the_part_mask_scores_one() -> None:
     assert metric.compute().item() == 1.0
     with pytest.raises(ValueError, match=r"Expected maps \(B, F, h, w\) and part_masks"):
         metric.update(maps[:, 0], masks)
+
+
+def test_with_labels_top_images_come_from_the_filters_category() -> None:
+    """Filter 0 fires at a fixed place relative to class-0 landmarks and strongly but erratically on class 1
+    images; per category only its class-0 images count (class 0 has the higher mean peak)."""
+    rng = np.random.default_rng(2)
+    maps = torch.zeros(8, 1, 4, 4)
+    landmarks = torch.zeros(8, 1, 2)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    for b in range(8):
+        i, j = rng.integers(0, 4, 2)
+        landmarks[b, 0] = torch.tensor([(j + 0.5) * 4, (i + 0.5) * 4])
+        if b < 4:
+            maps[b, 0, i, j] = 10.0  # on the landmark
+        else:
+            maps[b, 0, rng.integers(0, 4), rng.integers(0, 4)] = 3.0
+    metric = LocationInstability(image_size=16, top_n=4)
+    metric.update(maps, landmarks, labels=labels)
+    assert metric.compute().item() == 0.0
+    without_labels = LocationInstability(image_size=16, top_n=6)
+    without_labels.update(maps, landmarks)
+    assert without_labels.compute().item() > 0.0

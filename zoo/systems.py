@@ -80,9 +80,9 @@ class ClassificationSystem(pl.LightningModule):
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         images, labels = batch_field(batch, self.input_key), batch_field(batch, self.target_key)
         out = self.model(images)
-        terms = self.loss(out, batch)
         if stage == "train" and hasattr(self.model, "update_statistics"):
-            self.model.update_statistics(out, batch)  # online statistics (e.g. ICNN's Z_T), never during eval
+            self.model.update_statistics(out, batch)  # online statistics (e.g. ICNN's Z_T, categories), never in eval
+        terms = self.loss(out, batch)
         loss = torch.stack(list(terms.values())).sum()
         on_step = stage == "train"
         log_kw = dict(on_step=on_step, on_epoch=True, batch_size=len(labels), sync_dist=not on_step)
@@ -99,12 +99,21 @@ class ClassificationSystem(pl.LightningModule):
     def _update_part_metrics(self, maps: torch.Tensor, batch: dict[str, Any], stage: str) -> None:
         if "landmarks" in batch:
             metric = self.metrics[f"{stage}_location_instability"]
-            metric.update(maps, batch["landmarks"], batch.get("landmark_visible"))
+            metric.update(maps, batch["landmarks"], batch.get("landmark_visible"), batch.get(self.target_key))
             self.log(f"{stage}/location_instability", metric, on_step=False, on_epoch=True)
         if "part_masks" in batch:
             metric = self.metrics[f"{stage}_part_iou"]
             metric.update(maps, batch["part_masks"], batch.get("part_types"))
             self.log(f"{stage}/part_iou", metric, on_step=False, on_epoch=True)
+
+    def filter_part_scores(self) -> torch.Tensor | None:
+        """This validation epoch's per-filter part hit rates (F, K): which filter means what. A collective call
+        under DDP (every rank must make it); None without part metrics or before any validation batch."""
+        metric = self.metrics["val_part_iou"] if self.part_maps_key is not None else None
+        if metric is None or metric.update_count == 0:
+            return None
+        with metric.sync_context(should_sync=self.trainer.world_size > 1):
+            return metric.part_scores()
 
     def on_train_epoch_start(self) -> None:
         """Loss schedules (e.g. ICNN's lambda / epoch) step here and are logged."""

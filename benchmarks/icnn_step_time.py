@@ -1,0 +1,82 @@
+"""Train-step time of the Interpretable CNN vs its opaque twin (lambda = 0) and the plain CNN, measured in one run.
+
+    python benchmarks/icnn_step_time.py [--backbones tinycnn resnet18] [--rounds 7] [--steps 10]
+
+A step is forward + loss + backward + optimiser step (+ the ICNN's online statistics). Models are timed in
+interleaved rounds (A, B, C, A, B, C, ...) so drift hits all equally; the table gives the median step time per
+model and the ratios of medians. CPU figures are noisy: read the ratios, not the absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import zoo
+from losses import ClassificationLoss, FilterPartLoss
+
+
+def make_step(model_name: str, loss: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs):
+    torch.manual_seed(0)
+    model = zoo.create_model(model_name, num_classes=6, **kwargs)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+
+    def step() -> None:
+        out = model(batch["image"])
+        total = sum(loss(out, batch).values())
+        if hasattr(model, "update_statistics"):
+            model.update_statistics(out, batch)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+
+    return step
+
+
+def time_steps(step, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", nargs="+", default=["tinycnn", "resnet18"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--tau-scale", type=float, default=16.0)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    batch = {"image": torch.rand(args.batch_size, 3, args.image_size, args.image_size),
+             "label": torch.randint(0, 6, (args.batch_size,))}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+          f"{args.image_size}x{args.image_size}, {args.rounds} rounds x {args.steps} steps")
+    print("| backbone | icnn ms | twin (lambda=0) ms | plain ms | icnn/twin | icnn/plain |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for backbone in args.backbones:
+        icnn_kw = {"image_size": args.image_size, "tau_scale": args.tau_scale}
+        steps = {
+            "icnn": make_step(f"icnn_{backbone}", FilterPartLoss(weight=1.0), batch, **icnn_kw),
+            "twin": make_step(f"icnn_{backbone}", FilterPartLoss(weight=0.0), batch, **icnn_kw),
+            "plain": make_step(f"baseline_{backbone}", ClassificationLoss(), batch),
+        }
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        for step in steps.values():
+            time_steps(step, 3)  # warm-up
+        for _ in range(args.rounds):
+            for name, step in steps.items():
+                times[name].append(time_steps(step, args.steps))
+        median = {name: statistics.median(t) for name, t in times.items()}
+        print(f"| {backbone} | {1e3 * median['icnn']:.1f} | {1e3 * median['twin']:.1f} | {1e3 * median['plain']:.1f} "
+              f"| {median['icnn'] / median['twin']:.3f} | {median['icnn'] / median['plain']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

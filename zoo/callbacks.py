@@ -1,0 +1,91 @@
+"""Lightning callbacks that show what a model's interpretable units do (rank zero, eval mode, no grad)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import TensorBoardLogger
+from torchvision.utils import make_grid, save_image
+
+
+def heatmap_overlay(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Images (N, C, H, W) in [0, 1] with maps (F, N, h, w) overlaid in red: (F, N, 3, H, W)."""
+    rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[:, :3]
+    heat = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)  # (F, N, H, W)
+    heat = heat / heat.flatten(1).amax(1).clamp(min=1e-8)[:, None, None, None]  # per filter over the batch
+    red = torch.tensor([1.0, 0.1, 0.1], device=images.device)[None, None, :, None, None]
+    return (0.45 * rgb[None] + 0.55 * heat[:, :, None] * red).clamp(0, 1)
+
+
+class FilterMapsCallback(pl.Callback):
+    """After each validation epoch: the `num_filters` most active filters' maps over a fixed validation batch.
+
+    Writes a TensorBoard image per filter (tag ``filters/<rank>_f<id>``) and, in the run folder, ``filters/
+    epoch<e>.png`` (one row per filter) with ``filters/epoch<e>.md`` naming each row's filter, assigned category
+    and best-matching ground-truth part (from the System's part IoU).
+
+    Args:
+        num_filters: filters shown, ranked by mean peak activation on the fixed batch.
+        num_images: images in the fixed batch.
+        maps_key: model output to show; default the System's `part_maps_key`.
+    """
+
+    def __init__(self, num_filters: int = 8, num_images: int = 8, maps_key: str | None = None) -> None:
+        self.num_filters, self.num_images, self.maps_key = num_filters, num_images, maps_key
+        self.batch: dict[str, torch.Tensor] | None = None
+
+    def _fixed_batch(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
+        if self.batch is None:
+            loader = trainer.datamodule.val_dataloader()
+            self.batch = {k: v[: self.num_images] for k, v in next(iter(loader)).items()}
+        return self.batch
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        part_scores = pl_module.filter_part_scores() if hasattr(pl_module, "filter_part_scores") else None
+        if trainer.is_global_zero:  # the scores above are a collective call: every rank makes it
+            self._write(trainer, pl_module, part_scores)
+
+    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, part_scores: torch.Tensor | None) -> None:
+        key = self.maps_key or getattr(pl_module, "part_maps_key", None) or "features"
+        batch = self._fixed_batch(trainer)
+        images = batch[pl_module.input_key].to(pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            out = pl_module.model(images)
+        pl_module.train(was_training)
+        maps = out[key].float()  # (N, F, h, w)
+        top = maps.flatten(2).amax(-1).mean(0).topk(min(self.num_filters, maps.shape[1])).indices  # (k,)
+        panels = heatmap_overlay(images.float(), maps[:, top].transpose(0, 1))  # (k, N, 3, H, W)
+        rows = self._describe(trainer, out, top.tolist(), part_scores)
+        if isinstance(trainer.logger, TensorBoardLogger):
+            for panel, (filter_id, text) in zip(panels, rows):
+                tag = f"filters/{filter_id:04d}"
+                trainer.logger.experiment.add_image(tag, make_grid(panel, nrow=len(panel)), trainer.global_step)
+                trainer.logger.experiment.add_text(tag, text, trainer.global_step)
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "filters"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_image(panels.flatten(0, 1), folder / f"epoch{trainer.current_epoch}.png", nrow=panels.shape[1])
+        lines = ["| row | filter | category | best part (hit rate) |", "| --- | --- | --- | --- |"]
+        lines += [f"| {row} | {text} |" for row, (_, text) in enumerate(rows)]
+        (folder / f"epoch{trainer.current_epoch}.md").write_text("\n".join(lines) + "\n")
+
+    @staticmethod
+    def _describe(trainer: pl.Trainer, out: dict, filters: list[int],
+                  scores: torch.Tensor | None) -> list[tuple[int, str]]:
+        categories = out["filter_category"][-1].tolist() if "filter_category" in out else None
+        names = getattr(trainer.datamodule, "attribute_names", None)
+        rows = []
+        for f in filters:
+            category = str(categories[f]) if categories is not None else "-"
+            part = "-"
+            if scores is not None and f < len(scores):
+                best = int(scores[f].argmax())
+                part = f"{names[best] if names and best < len(names) else best} ({scores[f, best]:.2f})"
+            rows.append((f, f"{f} | {category} | {part}"))
+        return rows
