@@ -23,10 +23,13 @@ def is_compare_spec(config: str) -> bool:
 def dataset_overrides(config: str, cub_root: Path, image_folder_root: Path) -> list[str]:
     if is_compare_spec(config):
         return SMALL_WORLD  # the compare specs here run on the parts world
-    data = yaml.safe_load((REPO / config).read_text())["data"]
-    cls = data["class_path"].rsplit(".", 1)[-1]
+    parsed = yaml.safe_load((REPO / config).read_text())
+    cls = parsed["data"]["class_path"].rsplit(".", 1)[-1]
+    model_kwargs = parsed["model"]["init_args"].get("model_kwargs") or {}
+    small_model = [f"--model.init_args.model_kwargs={yaml.safe_dump({**model_kwargs, 'image_size': 64}).strip()}"] \
+        if "image_size" in model_kwargs else []  # ICNN's template bank follows the input size
     return {
-        "CUB200DataModule": [f"--data.init_args.root={cub_root}", "--data.init_args.image_size=64"],
+        "CUB200DataModule": [f"--data.init_args.root={cub_root}", "--data.init_args.image_size=64", *small_model],
         "ImageFolderDataModule": [f"--data.init_args.root={image_folder_root}"],
         "PartsWorldDataModule": SMALL_WORLD,
     }.get(cls, [])

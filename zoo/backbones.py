@@ -128,3 +128,20 @@ class PooledLinearHead(nn.Module):
 
     def reset(self, num_classes: int) -> None:
         self.fc = nn.Linear(self.in_features, num_classes)
+
+
+class PooledHeadMixin:
+    """timm's head API for models whose classifier is `self.head`, a `PooledLinearHead`."""
+
+    head: PooledLinearHead
+    num_classes: int
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(features, pre_logits=pre_logits)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes)

@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 
 from zoo._registry import register_model
-from zoo.backbones import TINY_CNN, Backbone, PooledLinearHead
+from zoo.backbones import TINY_CNN, Backbone, PooledHeadMixin, PooledLinearHead
 
 
-class OpaqueClassifier(nn.Module):
+class OpaqueClassifier(PooledHeadMixin, nn.Module):
     """Backbone -> global average pool -> linear."""
 
     def __init__(
@@ -37,19 +37,10 @@ class OpaqueClassifier(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)[-1]  # (B, C, h, w)
 
-    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(features, pre_logits=pre_logits)
-
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.forward_features(x)
         return {"logits": self.forward_head(features), "features": features}
 
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes)
 
 
 def _create_baseline(backbone: str, **kwargs) -> OpaqueClassifier:

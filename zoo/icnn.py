@@ -30,7 +30,7 @@ from scipy.optimize import linear_sum_assignment
 from losses.filter_part import (MU_MODES, log_mean_exp_over_batch, part_mask, template_bank, template_scores)
 from zoo._distributed import all_reduce_, global_log_mean_exp
 from zoo._registry import register_model
-from zoo.backbones import TINY_CNN, Backbone, PooledLinearHead
+from zoo.backbones import TINY_CNN, Backbone, PooledHeadMixin, PooledLinearHead
 
 
 CATEGORY_ASSIGNMENTS = ("argmax", "balanced")
@@ -127,7 +127,7 @@ class InterpretableFilters(nn.Module):
         return category.to(self.filter_category.device)
 
 
-class InterpretableCNN(nn.Module):
+class InterpretableCNN(PooledHeadMixin, nn.Module):
     """Backbone (top stage interpretable) -> added 3x3 conv + ReLU (interpretable) -> pooled linear head."""
 
     def __init__(
@@ -185,9 +185,6 @@ class InterpretableCNN(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_interpretable(x)[0]
 
-    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(features, pre_logits=pre_logits)
-
     def forward(self, x: torch.Tensor) -> dict:
         features, layers = self.forward_interpretable(x)
         return {
@@ -207,12 +204,6 @@ class InterpretableCNN(nn.Module):
         for module, raw, batch_z in zip(self.interpretable_layers(), out["interpretable_maps"], out["batch_z"]):
             module.update_statistics(raw, batch_z, batch["label"])
 
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes)
 
 
 def _create_icnn(backbone: str, **kwargs) -> InterpretableCNN:
@@ -241,3 +232,9 @@ def icnn_vgg11(**kwargs) -> InterpretableCNN:
 def icnn_vgg16(**kwargs) -> InterpretableCNN:
     """Interpretable CNN on timm vgg16's top conv layer (the paper's main network)."""
     return _create_icnn("vgg16", **kwargs)
+
+
+@register_model
+def icnn_timm(backbone: str = "resnet18", **kwargs) -> InterpretableCNN:
+    """Interpretable CNN on any timm CNN by name: ``create_model("icnn_timm", backbone="convnext_atto")``."""
+    return _create_icnn(backbone, **kwargs)
