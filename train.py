@@ -2,6 +2,7 @@
 
     python train.py fit --config configs/baselines/parts_world.yaml        # LightningCLI: fit/validate/test/predict
     python train.py compare --config configs/quickstart.yaml               # interpretable vs opaque twin, one table
+    python train.py ablate --config configs/icnn/parts_world.yaml --grid model.init_args.loss.init_args.weight=[0,1]
 
 Every run lives in checkpoints/<run>/ (the logger's name): TensorBoard events, config.yaml (the resolved
 config), and checkpoints/ with last.ckpt and the best checkpoint by validation accuracy.
@@ -11,12 +12,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
@@ -67,6 +72,10 @@ compare:
   runs:
     icnn: {config: configs/icnn/parts_world.yaml}
     opaque_twin: {config: configs/icnn/parts_world.yaml, args: ["--model.init_args.loss...weight=0"]}
+  explain:                              # optional: explainers scored on the first validation images
+    methods: [cam, saliency, integrated_gradients, layer_gradcam, occlusion]
+    num_images: 32
+    step: 128                           # pixels per deletion/insertion step
 """
 BUDGET_KEYS = ("max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches", "fast_dev_run")
 
@@ -107,9 +116,14 @@ def check_same_setting(configs: dict[str, Any]) -> None:
                                  f"{value}. Same data, seed and budget are required; set it in the shared args.")
 
 
-def compare(spec_path: str, extra: list[str]) -> list[dict[str, Any]]:
+def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
+            explain: bool = True) -> list[dict[str, Any]]:
     """Train every run of a compare spec with the same data, seed and budget; evaluate; write report.md/.csv."""
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # compare builds its own args
     spec = read_compare_spec(spec_path)
+    explain_settings = dict(spec.get("explain") or {})
+    if explain_images is not None:
+        explain_settings["num_images"] = explain_images
     name, common = spec.get("name", Path(spec_path).stem), list(spec.get("args", []))
     runs = spec["runs"]
     parsed = {}
@@ -117,7 +131,8 @@ def compare(spec_path: str, extra: list[str]) -> list[dict[str, Any]]:
         cli = ZooCLI(args=_fit_args(run_name, run, Path(spec_path), common, extra), run=False)
         parsed[run_name] = cli.config
     check_same_setting(parsed)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    explanation_rows: list[dict[str, Any]] = []
     for run_name, run in runs.items():
         logger_name = f"--trainer.logger.init_args.name={name}/{run_name}"
         cli = ZooCLI(args=_fit_args(run_name, run, Path(spec_path), common, [*extra, logger_name]), run=False)
@@ -128,37 +143,172 @@ def compare(spec_path: str, extra: list[str]) -> list[dict[str, Any]]:
         start = time.perf_counter()
         metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
         val_seconds = time.perf_counter() - start
+        if explain:
+            explained, maps = explain_run(cli, explain_settings)
+            explanation_rows += [{"run": run_name, **row} for row in explained]
+            save_explanation_figure(Path("checkpoints") / name / f"explanations_{run_name}.png", maps, cli)
         rows.append({
             "run": run_name,
             "model": cli.model.hparams.get("model_name", type(cli.model).__name__),
-            **{k.removeprefix("val/"): round(float(v), 4) for k, v in sorted(metrics.items())},
+            **{k.removeprefix("val/"): round(float(v), 4) for k, v in sorted(metrics.items())
+               if not k.startswith("val/loss")},
             "train_samples_per_s": round(train_samples / fit_seconds, 1),
             "infer_samples_per_s": round(len(cli.datamodule.splits["val"]) / val_seconds, 1),
         })
-    write_report(Path("checkpoints") / name, rows)
+    folder = Path("checkpoints") / name
+    tables = {"models": rows, **({"explanations": explanation_rows} if explanation_rows else {})}
+    write_report(folder, tables)
     return rows
 
 
-def write_report(folder: Path, rows: list[dict[str, Any]]) -> None:
-    """report.csv and report.md in `folder`, and the table printed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(folder / "report.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-    (folder / "report.md").write_text("\n".join(lines) + "\n")
+def explain_run(cli: LightningCLI, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], dict]:
+    """Score the run's explainers on the first `num_images` validation images (the same images for every run)."""
+    from metrics.explanations import DEFAULT_METHODS, score_explanations
+
+    dataset = cli.datamodule.splits["val"]
+    count = min(int(settings.get("num_images", 32)), len(dataset))
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(count)])
+    model = cli.model.model
+    images = batch[cli.model.input_key].to(cli.model.device)
+    rows, maps = score_explanations(model, images, batch[cli.model.target_key].to(cli.model.device),
+                                    batch.get("part_masks"), settings.get("methods", DEFAULT_METHODS),
+                                    int(settings.get("step", 128)))
+    maps["input"] = images
+    return rows, maps
+
+
+def save_explanation_figure(path: Path, maps: dict[str, torch.Tensor], cli: LightningCLI, count: int = 6) -> None:
+    """One row per explainer over the first `count` images (red = important)."""
+    from torchvision.utils import save_image
+
+    from zoo.callbacks import heatmap_overlay
+
+    images = maps.pop("input")[:count].float().cpu()
+    saliency = torch.stack([m[:count].float().cpu() for m in maps.values()])  # (M, N, H, W)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(heatmap_overlay(images, saliency).flatten(0, 1), path, nrow=len(images))
+    path.with_suffix(".md").write_text("rows, top to bottom: " + ", ".join(maps) + "\n")
+
+
+def write_report(folder: Path, tables: dict[str, list[dict[str, Any]]], stem: str = "report") -> None:
+    """<stem>.md (one section per table), <stem>.csv (the first table) and <table>.csv; tables printed."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"compare: {folder}")
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*(str(row.get(c, "")) for c in columns))
-    Console().print(table)
+    folder.mkdir(parents=True, exist_ok=True)
+    sections = []
+    for index, (title, rows) in enumerate(tables.items()):
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        for path in dict.fromkeys(([folder / f"{stem}.csv"] if index == 0 else []) + [folder / f"{title}.csv"]):
+            with open(path, "w", newline="") as f:
+                writer = csv.DictWriter(f, columns)
+                writer.writeheader()
+                writer.writerows(rows)
+        lines = [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+        lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+        sections.append("\n".join(lines))
+        table = Table(title=f"{folder}: {title}")
+        for column in columns:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(str(row.get(c, "")) for c in columns))
+        Console().print(table)
+    (folder / f"{stem}.md").write_text("\n\n".join(sections) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------------ ablate
+ABLATE_HELP = """\
+python train.py ablate --config configs/icnn/parts_world.yaml --name icnn_lambda \\
+    --grid model.init_args.loss.init_args.weight=[0,1,10] --grid seed_everything=[0,1] [fit overrides ...]
+
+Each grid point is one fit in checkpoints/<name>/<point>/; a finished point keeps result.json and is skipped when
+the same command runs again, an interrupted one resumes from its last.ckpt. The table averages every metric over
+seed_everything (mean +- std) and goes to checkpoints/<name>/ablation.{md,csv}, with TensorBoard hparams.
+"""
+SEED_KEY = "seed_everything"
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """["key=[v1,v2]", ...] -> {key: [v1, v2]} (values parsed as YAML)."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        parsed = yaml.safe_load(values) if sep else None
+        if not sep or not isinstance(parsed, list) or not parsed:
+            raise ValueError(f"--grid takes key=[v1,v2,...]; got {item!r}.\n{ABLATE_HELP}")
+        grid[key] = parsed
+    return grid
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    points: list[dict[str, Any]] = [{}]
+    for key, values in grid.items():
+        points = [{**point, key: value} for point in points for value in values]
+    return points
+
+
+def point_name(point: dict[str, Any]) -> str:
+    """A folder name for a grid point: the last part of each key with its value."""
+    return ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in point.items()).replace("/", "_")
+
+
+def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[str]) -> dict[str, float]:
+    """Fit one grid point (resuming from its last.ckpt), validate, and store result.json atomically."""
+    folder = Path("checkpoints") / name / point_name(point)
+    result_path = folder / "result.json"
+    if result_path.is_file():
+        return json.loads(result_path.read_text())["metrics"]
+    overrides = [f"--{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+                 for key, value in point.items()]
+    logger = f"--trainer.logger.init_args.name={name}/{point_name(point)}"
+    cli = ZooCLI(args=["--config", config, *overrides, *extra, logger], run=False)
+    last = folder / "checkpoints" / "last.ckpt"
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.is_file() else None)
+    metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    metrics = {k.removeprefix("val/"): float(v) for k, v in metrics.items() if not k.startswith("val/loss")}
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"point": point, "metrics": metrics}, indent=1))
+    os.replace(tmp, result_path)  # atomic: a killed run leaves no half-written result
+    return metrics
+
+
+def summarise(results: list[tuple[dict[str, Any], dict[str, float]]]) -> list[dict[str, Any]]:
+    """Group grid points that differ only in the seed; mean +- std of every metric."""
+    groups: dict[tuple, list[dict[str, float]]] = {}
+    settings: dict[tuple, dict[str, Any]] = {}
+    for point, metrics in results:
+        setting = {k: v for k, v in point.items() if k != SEED_KEY}
+        key = tuple(sorted((k, str(v)) for k, v in setting.items()))
+        groups.setdefault(key, []).append(metrics)
+        settings[key] = setting
+    rows = []
+    for key, runs in groups.items():
+        row: dict[str, Any] = {k.rsplit(".", 1)[-1]: v for k, v in settings[key].items()}
+        row["seeds"] = len(runs)
+        for metric in dict.fromkeys(m for run in runs for m in run):
+            values = torch.tensor([run[metric] for run in runs if metric in run])
+            std = values.std().item() if len(values) > 1 else 0.0
+            row[metric] = f"{values.mean().item():.4f} +- {std:.4f}"
+        rows.append(row)
+    return rows
+
+
+def ablate(config: str, grid_items: list[str], name: str, extra: list[str]) -> list[dict[str, Any]]:
+    """Run every grid point (skipping finished ones), write the table and TensorBoard hparams."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    grid = parse_grid(grid_items)
+    results = [(point, run_grid_point(config, name, point, extra)) for point in grid_points(grid)]
+    folder = Path("checkpoints") / name
+    with SummaryWriter(str(folder / "hparams")) as writer:
+        for point, metrics in results:
+            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in point.items()}
+            writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=point_name(point))
+    rows = summarise(results)
+    write_report(folder, {"ablation": rows}, stem="ablation")
+    return rows
 
 
 def main(args: list[str] | None = None) -> Any:
@@ -167,8 +317,18 @@ def main(args: list[str] | None = None) -> Any:
         parser = argparse.ArgumentParser(prog="train.py compare", epilog=COMPARE_HELP,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--config", required=True, help="compare spec YAML")
+        parser.add_argument("--explain_images", type=int, help="override explain.num_images of the spec")
+        parser.add_argument("--no_explain", action="store_true", help="skip the explainers")
         known, extra = parser.parse_known_args(argv[1:])
-        return compare(known.config, extra)
+        return compare(known.config, extra, explain_images=known.explain_images, explain=not known.no_explain)
+    if argv and argv[0] == "ablate":
+        parser = argparse.ArgumentParser(prog="train.py ablate", epilog=ABLATE_HELP,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("--config", required=True, help="a fit config")
+        parser.add_argument("--grid", action="append", required=True, help="key=[v1,v2,...]; repeat for axes")
+        parser.add_argument("--name", help="folder under checkpoints/ (default: <config stem>_ablation)")
+        known, extra = parser.parse_known_args(argv[1:])
+        return ablate(known.config, known.grid, known.name or f"{Path(known.config).stem}_ablation", extra)
     return ZooCLI(args=args)
 
 

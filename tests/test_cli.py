@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import re
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def dataset_overrides(config: str, cub_root: Path, image_folder_root: Path) -> l
 def test_every_config_runs_fast_dev_run(config: str, in_tmp_dir: Path, cub_root: Path,
                                         image_folder_root: Path) -> None:
     command = "compare" if is_compare_spec(config) else "fit"
-    result = main([command, "--config", str(REPO / config), "--trainer.fast_dev_run=true",
+    compare_args = ["--no_explain"] if command == "compare" else []  # explainers: see the compare report test
+    result = main([command, "--config", str(REPO / config), "--trainer.fast_dev_run=true", *compare_args,
                    "--trainer.accelerator=cpu", *dataset_overrides(config, cub_root, image_folder_root)])
     if command == "compare":
         assert [row["run"] for row in result] == list(yaml.safe_load((REPO / config).read_text())["compare"]["runs"])
@@ -51,11 +53,18 @@ def test_every_config_runs_fast_dev_run(config: str, in_tmp_dir: Path, cub_root:
 
 def test_compare_writes_reports_with_part_metrics(in_tmp_dir: Path) -> None:
     rows = main(["compare", "--config", str(REPO / "configs/quickstart.yaml"), "--trainer.fast_dev_run=true",
-                 *SMALL_WORLD])
+                 "--explain_images=2", *SMALL_WORLD])
     report = in_tmp_dir / "checkpoints" / "quickstart"
     assert (report / "report.csv").is_file() and "| run |" in (report / "report.md").read_text()
     assert {row["run"] for row in rows} == {"icnn", "opaque_twin", "plain_cnn"}
     assert all({"location_instability", "part_iou"} <= set(row) for row in rows)
+    with open(report / "explanations.csv") as f:
+        explained = list(csv.DictReader(f))
+    methods = {"cam", "saliency", "integrated_gradients", "layer_gradcam", "occlusion"}
+    assert {(r["run"], r["method"]) for r in explained} == {(run, m) for run in ("icnn", "opaque_twin", "plain_cnn")
+                                                            for m in methods}
+    assert all(0 <= float(r["deletion_auc"]) <= 1 and 0 <= float(r["mass_in_parts"]) <= 1 for r in explained)
+    assert (report / "explanations_icnn.png").is_file()
 
 
 def test_compare_refuses_runs_with_different_settings(in_tmp_dir: Path) -> None:
@@ -109,3 +118,23 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert commands, "README.md names no test command"
     ci = (REPO / ".ci" / "run").read_text()
     assert commands[0] in ci.splitlines()
+
+
+def test_ablate_averages_over_seeds_and_resumes_without_redoing_finished_points(in_tmp_dir: Path) -> None:
+    args = ["ablate", "--config", str(REPO / "configs/icnn/parts_world.yaml"), "--name", "lam",
+            "--grid", "model.init_args.loss.init_args.weight=[0,1]", "--grid", "seed_everything=[0,1]",
+            "--trainer.fast_dev_run=true", *SMALL_WORLD]
+    rows = main(args)
+    assert [(row["weight"], row["seeds"]) for row in rows] == [(0, 2), (1, 2)]
+    assert all(re.fullmatch(r"\d\.\d{4} \+- \d\.\d{4}", row["acc"]) for row in rows)
+    results = sorted((in_tmp_dir / "checkpoints" / "lam").glob("*/result.json"))
+    assert len(results) == 4 and (in_tmp_dir / "checkpoints" / "lam" / "ablation.md").is_file()
+    assert list((in_tmp_dir / "checkpoints" / "lam" / "hparams").rglob("events.out.tfevents.*"))
+    before = {p: p.stat().st_mtime_ns for p in results}
+    results[0].unlink()  # as if that run had been killed before finishing
+    main(args)
+    after = {p: p.stat().st_mtime_ns for p in results}
+    assert results[0].is_file()
+    assert all(after[p] == before[p] for p in results[1:])  # finished points were not redone
+    with pytest.raises(ValueError, match="--grid takes key="):
+        main(["ablate", "--config", str(REPO / "configs/icnn/parts_world.yaml"), "--grid", "seed_everything=0"])

@@ -230,3 +230,17 @@ def test_filter_maps_callback_writes_tensorboard_and_run_folder(tmp_path) -> Non
     assert category.isdigit() and any(colour in part for colour in ("red", "green", "blue", "yellow", "magenta",
                                                                     "cyan"))
     assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+
+
+def test_eval_scores_each_batch_with_its_own_z() -> None:
+    """Regression: eval used the training-time running Z_T; eval-mode BN shifts the scale and the loss blew up."""
+    torch.manual_seed(0)
+    model = zoo.create_model("icnn_tinycnn", num_classes=3, tau_scale=16.0)
+    layer = model.added_filters
+    layer.log_mean_z.fill_(-50.0)  # a running estimate far below what this batch scores
+    model.eval()
+    out = model(torch.rand(4, 3, 64, 64))
+    batch_z = log_mean_exp_over_batch(out["template_scores"][-1])
+    assert torch.allclose(out["log_mean_z"][-1], batch_z)
+    terms = FilterPartLoss()(out, {"label": torch.tensor([0, 1, 2, 0])})
+    assert terms["loss_filter"].abs() < 10

@@ -80,12 +80,12 @@ class InterpretableFilters(nn.Module):
         masked = F.relu(raw * mask)
         scores = template_scores(raw, self.bank)  # (B, F, T)
         batch_z = log_mean_exp_over_batch(scores)  # (F, T)
-        unset = torch.isnan(self.log_mean_z)  # before the first training step
-        running = self.log_mean_z.nan_to_num(0.0)  # finite in both where() branches, or NaN leaks into gradients
         if self.training:  # the current batch enters Z_T with its gradient, the running part without
+            unset = torch.isnan(self.log_mean_z)  # before the first training step
+            running = self.log_mean_z.nan_to_num(0.0)  # finite in both where() branches, or NaN leaks into grads
             log_mean_z = torch.where(unset, batch_z, self._blend(running, batch_z))
-        else:
-            log_mean_z = torch.where(unset, batch_z, running)
+        else:  # evaluation scores the batch on its own: eval-mode BN shifts the scale the running Z_T was taken at
+            log_mean_z = batch_z
         return masked, {"raw": raw, "masked": masked, "scores": scores, "log_mean_z": log_mean_z,
                         "batch_z": batch_z.detach()}
 

@@ -1,0 +1,63 @@
+"""Post-hoc explainers from Captum, and the self-explanation of pooled-head models, as (B, H, W) saliency maps.
+
+Every method returns `saliency_map` conventions (absolute attribution summed over channels), so that all maps
+are scored by the same faithfulness metrics. Models are zoo models returning dicts; Captum sees logits only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Occlusion, Saliency
+
+from metrics.faithfulness import saliency_map
+
+POSTHOC_METHODS = ("saliency", "integrated_gradients", "layer_gradcam", "occlusion")
+SELF_EXPLANATION = "cam"
+
+
+class LogitsOnly(nn.Module):
+    """A zoo model seen as images -> logits, as Captum expects."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)["logits"]
+
+
+def class_activation_map(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The model's own explanation when its head is global-average-pool + linear: sum_f w_{target,f} A_f, which
+    decomposes the target logit exactly over positions (Zhou et al. 2016). (B, H, W), negative parts clipped."""
+    with torch.no_grad():
+        features = model.forward_features(images)  # (B, F, h, w)
+        weights = model.get_classifier().weight[target]  # (B, F)
+        cam = torch.einsum("bf,bfhw->bhw", weights, features.float())
+        return F.interpolate(cam[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0].relu()
+
+
+def explain(model: nn.Module, images: torch.Tensor, target: torch.Tensor, method: str,
+            internal_batch_size: int = 64) -> torch.Tensor:
+    """Saliency (B, H, W) of `method` for the `target` class: one of POSTHOC_METHODS or "cam"."""
+    if method == SELF_EXPLANATION:
+        return class_activation_map(model, images, target)
+    forward = LogitsOnly(model)
+    images = images.detach().clone().requires_grad_(method in ("saliency", "integrated_gradients"))
+    if method == "saliency":
+        attribution = Saliency(forward).attribute(images, target=target)
+    elif method == "integrated_gradients":
+        attribution = IntegratedGradients(forward).attribute(images, target=target, n_steps=32,
+                                                             internal_batch_size=internal_batch_size)
+    elif method == "layer_gradcam":  # on the head's input: the top feature map every zoo classifier pools
+        cam = LayerGradCam(forward, model.head).attribute(images, target=target, attribute_to_layer_input=True,
+                                                          relu_attributions=True)
+        attribution = LayerAttribution.interpolate(cam, images.shape[-2:], interpolate_mode="bilinear")
+    elif method == "occlusion":
+        channels = images.shape[1]
+        attribution = Occlusion(forward).attribute(images, target=target, sliding_window_shapes=(channels, 8, 8),
+                                                   strides=(channels, 8, 8), perturbations_per_eval=64)
+    else:
+        raise ValueError(f"Unknown explainer {method!r}; choose from {(SELF_EXPLANATION, *POSTHOC_METHODS)}.")
+    return saliency_map(attribution.detach())

@@ -1,0 +1,46 @@
+"""Score every explainer of a model on one fixed batch: time, deletion/insertion AUC, pointing game, mass in parts."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+
+from metrics.captum_adapters import POSTHOC_METHODS, SELF_EXPLANATION, LogitsOnly, explain
+from metrics.faithfulness import AttributionInMask, DeletionAUC, InsertionAUC
+
+DEFAULT_METHODS = (SELF_EXPLANATION, *POSTHOC_METHODS)
+
+
+def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
+                       part_masks: torch.Tensor | None = None, methods: Sequence[str] = DEFAULT_METHODS,
+                       step: int = 128) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """One row per method with its explanation time and faithfulness/ground-truth scores, and the maps.
+
+    Methods a model cannot run (the class activation map needs a pooled linear head) are skipped.
+    """
+    was_training = model.training
+    model.eval()
+    logits_only = LogitsOnly(model)
+    rows, maps = [], {}
+    for method in methods:
+        if method == SELF_EXPLANATION and not hasattr(model, "get_classifier"):
+            continue
+        start = time.perf_counter()
+        saliency = explain(model, images, target, method)
+        seconds = time.perf_counter() - start
+        row: dict[str, Any] = {"method": method, "ms_per_sample": round(1e3 * seconds / len(images), 2)}
+        for name, metric in (("deletion_auc", DeletionAUC(step=step)), ("insertion_auc", InsertionAUC(step=step))):
+            metric.update(logits_only, images, saliency, target)
+            row[name] = round(metric.compute().item(), 4)
+        if part_masks is not None:
+            for kind in ("pointing", "mass"):
+                metric = AttributionInMask(kind)
+                metric.update(saliency, part_masks)
+                row[f"{kind}_in_parts"] = round(metric.compute().item(), 4)
+        rows.append(row)
+        maps[method] = saliency
+    model.train(was_training)
+    return rows, maps

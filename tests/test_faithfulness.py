@@ -1,0 +1,83 @@
+"""Deletion/insertion AUC, pointing game and attribution mass on hand-made models with known answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.transforms.functional import gaussian_blur
+
+import zoo
+from metrics.captum_adapters import POSTHOC_METHODS, class_activation_map, explain
+from metrics.faithfulness import AttributionInMask, DeletionAUC, InsertionAUC, auc
+
+KEY = torch.zeros(8, 8, dtype=torch.bool)
+KEY[0, :] = True  # the 8 pixels the toy model looks at
+
+
+def key_pixel_model(images: torch.Tensor) -> torch.Tensor:
+    """Logits whose softmax gives p(class 0) = mean value of the key pixels (channel 0), clipped to (0, 1)."""
+    p = images[:, 0][:, KEY].mean(1).clamp(1e-6, 1 - 1e-6)
+    return torch.stack([p.log(), (1 - p).log()], 1)
+
+
+def test_auc_is_the_normalised_trapezoid() -> None:
+    assert auc(torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0]])).item() == pytest.approx(0.125)
+    assert auc(torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])).item() == pytest.approx(0.875)
+
+
+def test_deletion_rewards_the_saliency_that_finds_the_key_pixels() -> None:
+    images = torch.ones(2, 1, 8, 8)
+    ramp = torch.linspace(0, 0.1, 64).view(8, 8)  # breaks ties so the order is known
+    good = KEY.float().expand(2, -1, -1) + ramp  # key pixels first
+    bad = (~KEY).float().expand(2, -1, -1) + ramp  # key pixels last
+    target = torch.zeros(2, dtype=torch.long)
+    scores = {}
+    for name, saliency in (("good", good), ("bad", bad)):
+        metric = DeletionAUC(step=8)
+        metric.update(key_pixel_model, images, saliency, target)
+        scores[name] = metric.compute().item()
+    # good: p = [1, 0 x 8] -> 0.5 / 8; bad: p = [1 x 8, 0] -> 7.5 / 8
+    assert scores == pytest.approx({"good": 0.5 / 8, "bad": 7.5 / 8}, abs=1e-5)
+    with pytest.raises(ValueError, match=r"saliency must be \(B, H, W\)"):
+        DeletionAUC().update(key_pixel_model, images, good[:, :4], target)
+
+
+def test_insertion_starts_from_the_blurred_image() -> None:
+    images = KEY.float().expand(1, 1, -1, -1).clone()
+    p0 = gaussian_blur(images, kernel_size=11, sigma=5.0)[0, 0][KEY].mean().item()
+    metric = InsertionAUC(step=8)
+    metric.update(key_pixel_model, images, KEY.float()[None] + 0.01 * torch.rand(1, 8, 8), torch.zeros(1).long())
+    # p = [p0, 1 x 8]
+    assert metric.compute().item() == pytest.approx((p0 + 8 - p0 / 2 - 0.5) / 8, abs=1e-5)
+    assert InsertionAUC.higher_is_better and not DeletionAUC.higher_is_better
+
+
+def test_pointing_game_and_mass() -> None:
+    masks = torch.zeros(2, 2, 8, 8, dtype=torch.bool)
+    masks[:, 0, :4, :4] = True
+    saliency = torch.zeros(2, 8, 8)
+    saliency[0, 1, 1], saliency[0, 6, 6] = 3.0, 1.0  # peak inside, 3/4 of the mass inside
+    saliency[1, 6, 6], saliency[1, 1, 1] = 3.0, 1.0  # peak outside, 1/4 inside
+    pointing, mass = AttributionInMask("pointing"), AttributionInMask("mass")
+    pointing.update(saliency, masks)
+    mass.update(saliency, masks)
+    assert pointing.compute().item() == 0.5 and mass.compute().item() == pytest.approx(0.5)
+
+
+def test_cam_decomposes_the_logit_and_every_explainer_gives_a_map() -> None:
+    torch.manual_seed(0)
+    model = zoo.create_model("baseline_tinycnn", num_classes=3).eval()
+    images, target = torch.rand(2, 3, 64, 64), torch.tensor([0, 2])
+    with torch.no_grad():
+        features = model.forward_features(images)
+        logits = model(images)["logits"]
+    weights = model.get_classifier().weight[target]
+    raw_cam = torch.einsum("bf,bfhw->bhw", weights, features).mean((1, 2))
+    bias = model.get_classifier().bias[target]
+    assert torch.allclose(raw_cam + bias, logits.gather(1, target[:, None])[:, 0], atol=1e-5)
+    assert class_activation_map(model, images, target).shape == (2, 64, 64)
+    for method in POSTHOC_METHODS:
+        saliency = explain(model, images, target, method)
+        assert saliency.shape == (2, 64, 64) and torch.isfinite(saliency).all() and (saliency >= 0).all()
+    with pytest.raises(ValueError, match="Unknown explainer 'lime'"):
+        explain(model, images, target, "lime")
