@@ -88,12 +88,12 @@ def read_compare_spec(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(path: str, spec_path: Path) -> Path:
-    """A run's config path: as given (from the working directory), else beside the spec or one folder up."""
-    for candidate in (Path(path), spec_path.parent / path, spec_path.parent.parent / path):
+    """A run's config path: as given (from the working directory), else relative to a folder above the spec."""
+    for candidate in (Path(path), *(folder / path for folder in spec_path.resolve().parents)):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"compare spec {spec_path} names config {path!r}, found neither in the working "
-                            f"directory nor beside the spec.")
+                            f"directory nor relative to a folder above the spec.")
 
 
 def _fit_args(run_name: str, run: dict[str, Any], spec_path: Path, common: list[str], extra: list[str]) -> list[str]:

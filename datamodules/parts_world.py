@@ -9,6 +9,7 @@ Deterministic: the class definitions depend on `world_seed`, the images of each 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,6 +193,15 @@ def generate_split(world: WorldDefinition, num_images: int, image_size: int, jit
     return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
 
 
+@functools.lru_cache(maxsize=6)
+def cached_split(num_classes: int, parts_per_class: int, world_seed: int, num_images: int, image_size: int,
+                 jitter: Jitter, seed: int, split: str) -> dict[str, torch.Tensor]:
+    """`generate_split` memoised per process: runs that share a world (compare, ablate) draw it once.
+    Callers must not modify the returned tensors."""
+    world = make_world(num_classes, parts_per_class, world_seed)
+    return generate_split(world, num_images, image_size, jitter, seed, split)
+
+
 class PartsWorldDataModule(DictDataModule):
     """parts_world classification: dict batches with image, label and the full ground truth.
 
@@ -245,5 +255,7 @@ class PartsWorldDataModule(DictDataModule):
     def setup(self, stage: str | None = None) -> None:
         for split, size in self.sizes.items():
             if split not in self.splits:  # generated once, then cached in memory
-                data = generate_split(self.world, size, self.image_size, self.jitter, self.seed, split)
+                world = self.hparams
+                data = cached_split(world.num_classes, world.parts_per_class, world.world_seed, size, self.image_size,
+                                    self.jitter, self.seed, split)
                 self.splits[split] = TensorDictDataset(data)

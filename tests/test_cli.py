@@ -21,16 +21,17 @@ def is_compare_spec(config: str) -> bool:
     return "compare" in yaml.safe_load((REPO / config).read_text())
 
 
+FIT_CONFIGS = [c for c in CONFIGS if not is_compare_spec(c)]
+
+
 def dataset_overrides(config: str, cub_root: Path, image_folder_root: Path) -> list[str]:
-    if is_compare_spec(config):
-        return SMALL_WORLD  # the compare specs here run on the parts world
     parsed = yaml.safe_load((REPO / config).read_text())
+    if "compare" in parsed:  # runs share their data: the first run's config says which
+        first_run = next(iter(parsed["compare"]["runs"].values()))["config"]
+        return dataset_overrides(first_run, cub_root, image_folder_root)
     cls = parsed["data"]["class_path"].rsplit(".", 1)[-1]
-    model_kwargs = parsed["model"]["init_args"].get("model_kwargs") or {}
-    small_model = [f"--model.init_args.model_kwargs={yaml.safe_dump({**model_kwargs, 'image_size': 64}).strip()}"] \
-        if "image_size" in model_kwargs else []  # ICNN's template bank follows the input size
     return {
-        "CUB200DataModule": [f"--data.init_args.root={cub_root}", "--data.init_args.image_size=64", *small_model],
+        "CUB200DataModule": [f"--data.init_args.root={cub_root}", "--data.init_args.image_size=64"],
         "ImageFolderDataModule": [f"--data.init_args.root={image_folder_root}"],
         "PartsWorldDataModule": SMALL_WORLD,
     }.get(cls, [])
@@ -138,3 +139,11 @@ def test_ablate_averages_over_seeds_and_resumes_without_redoing_finished_points(
     assert all(after[p] == before[p] for p in results[1:])  # finished points were not redone
     with pytest.raises(ValueError, match="--grid takes key="):
         main(["ablate", "--config", str(REPO / "configs/icnn/parts_world.yaml"), "--grid", "seed_everything=0"])
+
+
+@pytest.mark.parametrize("config", FIT_CONFIGS)
+def test_every_fit_config_works_with_ablate(config: str, in_tmp_dir: Path, cub_root: Path,
+                                            image_folder_root: Path) -> None:
+    rows = main(["ablate", "--config", str(REPO / config), "--name", "grid", "--grid", "seed_everything=[0]",
+                 "--trainer.fast_dev_run=true", *dataset_overrides(config, cub_root, image_folder_root)])
+    assert len(rows) == 1 and rows[0]["seeds"] == 1 and "acc" in rows[0]

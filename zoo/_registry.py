@@ -20,6 +20,16 @@ def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module
     return factory
 
 
+def input_size_aware(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Mark a factory whose model is built for one input size: the System passes the datamodule's image_size."""
+    factory.input_size_aware = True  # type: ignore[attr-defined]
+    return factory
+
+
+def needs_image_size(name: str) -> bool:
+    return getattr(model_factory(name), "input_size_aware", False)
+
+
 def is_model(name: str) -> bool:
     return name in _model_factories
 

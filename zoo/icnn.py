@@ -29,7 +29,7 @@ from scipy.optimize import linear_sum_assignment
 
 from losses.filter_part import (MU_MODES, log_mean_exp_over_batch, part_mask, template_bank, template_scores)
 from zoo._distributed import all_reduce_, global_log_mean_exp
-from zoo._registry import register_model
+from zoo._registry import input_size_aware, register_model
 from zoo.backbones import TINY_CNN, Backbone, PooledHeadMixin, PooledLinearHead
 
 
@@ -211,30 +211,35 @@ def _create_icnn(backbone: str, **kwargs) -> InterpretableCNN:
 
 
 @register_model
+@input_size_aware
 def icnn_tinycnn(**kwargs) -> InterpretableCNN:
     """Interpretable CNN on the tiny CNN (8x8 top maps at 64x64), the CPU default."""
     return _create_icnn(TINY_CNN, **kwargs)
 
 
 @register_model
+@input_size_aware
 def icnn_resnet18(**kwargs) -> InterpretableCNN:
     """Interpretable CNN on timm resnet18's last stage (TPAMI placement for residual nets)."""
     return _create_icnn("resnet18", **kwargs)
 
 
 @register_model
+@input_size_aware
 def icnn_vgg11(**kwargs) -> InterpretableCNN:
     """Interpretable CNN on timm vgg11's top conv layer."""
     return _create_icnn("vgg11", **kwargs)
 
 
 @register_model
+@input_size_aware
 def icnn_vgg16(**kwargs) -> InterpretableCNN:
     """Interpretable CNN on timm vgg16's top conv layer (the paper's main network)."""
     return _create_icnn("vgg16", **kwargs)
 
 
 @register_model
+@input_size_aware
 def icnn_timm(backbone: str = "resnet18", **kwargs) -> InterpretableCNN:
     """Interpretable CNN on any timm CNN by name: ``create_model("icnn_timm", backbone="convnext_atto")``."""
     return _create_icnn(backbone, **kwargs)

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from losses import ClassificationLoss
 from metrics.part_location import LocationInstability, PartIoU
-from zoo._registry import create_model
+from zoo._registry import create_model, needs_image_size
 
 STAGES = ("train", "val", "test")
 
@@ -43,7 +43,8 @@ class ClassificationSystem(pl.LightningModule):
         part_maps_key: model output scored for part interpretability in validation/test ("filter_maps" for ICNN,
             "features" for an opaque twin): location instability where the batch has landmarks, part IoU where it
             has part masks. None skips them.
-        image_size: input side in pixels (linked from the datamodule), to place map units in the image.
+        image_size: input side in pixels (linked from the datamodule): places map units in the image for the part
+            metrics, and sizes models marked `input_size_aware` (unless model_kwargs sets it).
     """
 
     def __init__(
@@ -62,7 +63,10 @@ class ClassificationSystem(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
-        self.model = create_model(model_name, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
+        model_kwargs = dict(model_kwargs or {})
+        if needs_image_size(model_name):  # e.g. ICNN's template bank is sized for the top map of this input
+            model_kwargs.setdefault("image_size", image_size)
+        self.model = create_model(model_name, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
         self.loss = loss if loss is not None else ClassificationLoss()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.input_key, self.target_key = input_key, target_key
