@@ -64,3 +64,43 @@ def test_a_few_epochs_learn_the_world() -> None:
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(system, datamodule=dm)
     assert trainer.callback_metrics["val/acc"] > 3 / 6  # three times chance after five short epochs
+
+
+class NaNAfter(nn.Module):
+    """Cross-entropy, then a NaN term from the second training step on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        bad = torch.tensor(float("nan") if self.calls >= 2 else 0.0)
+        return {"loss_task": nn.functional.cross_entropy(out["logits"], batch["label"]), "loss_bad": bad}
+
+
+def fit_with_nan(nonfinite_loss: str, tmp_path, batches: int = 4) -> ClassificationSystem:
+    pl.seed_everything(0)
+    dm = PartsWorldDataModule(num_train=64, num_val=16, num_test=16, batch_size=16)
+    system = ClassificationSystem("baseline_tinycnn", num_classes=6, loss=NaNAfter(), nonfinite_loss=nonfinite_loss,
+                                  optimizer=partial(torch.optim.SGD, lr=0.1))
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                         limit_train_batches=batches, default_root_dir=tmp_path)
+    trainer.fit(system, datamodule=dm)
+    return system
+
+
+def test_nonfinite_loss_stops_with_step_batch_and_terms(tmp_path) -> None:
+    with pytest.raises(FloatingPointError, match=r"global step 1, epoch 0, batch 1: loss_task=[\d.]+, loss_bad=nan"):
+        fit_with_nan("raise", tmp_path)
+
+
+def test_nonfinite_loss_can_skip_the_batch(tmp_path) -> None:
+    skipped = fit_with_nan("skip", tmp_path)  # batches 2-4 are NaN and skipped
+    first_only = fit_with_nan("skip", tmp_path, batches=1)
+    assert skipped.loss.calls == 4
+    for (name, a), b in zip(skipped.named_parameters(), first_only.parameters()):  # BN statistics do move
+        assert torch.isfinite(a).all() and torch.equal(a, b), name
+    with pytest.raises(ValueError, match="nonfinite_loss must be"):
+        ClassificationSystem("baseline_tinycnn", nonfinite_loss="ignore")

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
 from losses import ClassificationLoss
@@ -45,6 +46,8 @@ class ClassificationSystem(pl.LightningModule):
             has part masks. None skips them.
         image_size: input side in pixels (linked from the datamodule): places map units in the image for the part
             metrics, and sizes models marked `input_size_aware` (unless model_kwargs sets it).
+        nonfinite_loss: a NaN/inf training loss "raise"s `FloatingPointError` naming the step, the batch and every
+            term (the last good checkpoint stays), or "skip"s the batch with a warning.
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class ClassificationSystem(pl.LightningModule):
         target_key: str = "label",
         part_maps_key: str | None = None,
         image_size: int = 64,
+        nonfinite_loss: str = "raise",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
@@ -70,6 +74,9 @@ class ClassificationSystem(pl.LightningModule):
         self.loss = loss if loss is not None else ClassificationLoss()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.input_key, self.target_key = input_key, target_key
+        if nonfinite_loss not in ("raise", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'raise' or 'skip'; got {nonfinite_loss!r}.")
+        self.nonfinite_loss = nonfinite_loss
         # Keyed "<stage>_acc": a ModuleDict key "train" would shadow nn.Module.train.
         self.metrics = nn.ModuleDict({f"{s}_acc": MulticlassAccuracy(num_classes, average="micro") for s in STAGES})
         self.part_maps_key = part_maps_key
@@ -81,13 +88,20 @@ class ClassificationSystem(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(x)
 
-    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+    def _step(self, batch: dict[str, Any], stage: str, batch_idx: int = 0) -> torch.Tensor | None:
         images, labels = batch_field(batch, self.input_key), batch_field(batch, self.target_key)
         out = self.model(images)
         if stage == "train" and hasattr(self.model, "update_statistics"):
             self.model.update_statistics(out, batch)  # online statistics (e.g. ICNN's Z_T, categories), never in eval
         terms = self.loss(out, batch)
         loss = torch.stack(list(terms.values())).sum()
+        if stage == "train" and not torch.isfinite(loss):
+            message = (f"Non-finite training loss at global step {self.global_step}, epoch {self.current_epoch}, "
+                       f"batch {batch_idx}: " + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
+            if self.nonfinite_loss == "raise":
+                raise FloatingPointError(message + ". The last checkpoint is the last good state.")
+            rank_zero_warn(message + "; batch skipped (nonfinite_loss='skip').")
+            return None  # Lightning skips the optimiser step
         on_step = stage == "train"
         log_kw = dict(on_step=on_step, on_epoch=True, batch_size=len(labels), sync_dist=not on_step)
         for name, value in terms.items():
@@ -125,14 +139,14 @@ class ClassificationSystem(pl.LightningModule):
             for name, value in self.loss.set_epoch(self.current_epoch).items():
                 self.log(f"schedule/{name}", value, on_step=False, on_epoch=True)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        return self._step(batch, "train", batch_idx)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._step(batch, "val", batch_idx)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "test")
+        self._step(batch, "test", batch_idx)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         out = self.model(batch_field(batch, self.input_key))
