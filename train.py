@@ -72,6 +72,7 @@ compare:
   runs:
     icnn: {config: configs/icnn/parts_world.yaml}
     opaque_twin: {config: configs/icnn/parts_world.yaml, args: ["--model.init_args.loss...weight=0"]}
+    trained: {config: ..., checkpoint: checkpoints/x/checkpoints/last.ckpt}   # evaluate, do not train
   explain:                              # optional: explainers scored on the first validation images
     methods: [cam, saliency, integrated_gradients, layer_gradcam, occlusion]
     num_images: 32
@@ -100,6 +101,17 @@ def _fit_args(run_name: str, run: dict[str, Any], spec_path: Path, common: list[
     if "config" not in run:
         raise ValueError(f"compare run {run_name!r} names no config.\n{COMPARE_HELP}")
     return ["--config", str(resolve_config(run["config"], spec_path)), *common, *run.get("args", []), *extra]
+
+
+def load_system_weights(system: pl.LightningModule, path: str) -> None:
+    """Weights of a Lightning checkpoint into `system` (weights_only=True); any key mismatch is named."""
+    from zoo._io import CheckpointError, read_state_dict
+
+    state = read_state_dict(path)
+    missing, unexpected = system.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path!r} does not fit {type(system).__name__}({system.hparams.get('model_name')}): "
+                              f"missing {list(missing)[:8]}, unexpected {list(unexpected)[:8]}.")
 
 
 def check_same_setting(configs: dict[str, Any]) -> None:
@@ -137,22 +149,26 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
         logger_name = f"--trainer.logger.init_args.name={name}/{run_name}"
         cli = ZooCLI(args=_fit_args(run_name, run, Path(spec_path), common, [*extra, logger_name]), run=False)
         start = time.perf_counter()
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        if run.get("checkpoint"):  # evaluate trained weights instead of training
+            load_system_weights(cli.model, run["checkpoint"])
+            cli.datamodule.setup("validate")
+        else:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
         fit_seconds = time.perf_counter() - start
         train_samples = cli.trainer.global_step * cli.datamodule.batch_size
         start = time.perf_counter()
         metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
         val_seconds = time.perf_counter() - start
         if explain:
-            explained, maps = explain_run(cli, explain_settings)
+            explained, maps, images = explain_run(cli, explain_settings)
             explanation_rows += [{"run": run_name, **row} for row in explained]
-            save_explanation_figure(Path("checkpoints") / name / f"explanations_{run_name}.png", maps, cli)
+            save_explanation_figure(Path("checkpoints") / name / f"explanations_{run_name}.png", images, maps)
         rows.append({
             "run": run_name,
             "model": cli.model.hparams.get("model_name", type(cli.model).__name__),
             **{k.removeprefix("val/"): round(float(v), 4) for k, v in sorted(metrics.items())
                if not k.startswith("val/loss")},
-            "train_samples_per_s": round(train_samples / fit_seconds, 1),
+            "train_samples_per_s": round(train_samples / fit_seconds, 1) if train_samples else "",
             "infer_samples_per_s": round(len(cli.datamodule.splits["val"]) / val_seconds, 1),
         })
     folder = Path("checkpoints") / name
@@ -161,8 +177,9 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
     return rows
 
 
-def explain_run(cli: LightningCLI, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], dict]:
-    """Score the run's explainers on the first `num_images` validation images (the same images for every run)."""
+def explain_run(cli: LightningCLI, settings: dict[str, Any]) -> tuple[list[dict[str, Any]], dict, torch.Tensor]:
+    """Score the run's explainers on the first `num_images` validation images (the same images for every run);
+    returns the score rows, the saliency maps by method and the images."""
     from metrics.explanations import DEFAULT_METHODS, score_explanations
 
     dataset = cli.datamodule.splits["val"]
@@ -173,17 +190,16 @@ def explain_run(cli: LightningCLI, settings: dict[str, Any]) -> tuple[list[dict[
     rows, maps = score_explanations(model, images, batch[cli.model.target_key].to(cli.model.device),
                                     batch.get("part_masks"), settings.get("methods", DEFAULT_METHODS),
                                     int(settings.get("step", 128)))
-    maps["input"] = images
-    return rows, maps
+    return rows, maps, images
 
 
-def save_explanation_figure(path: Path, maps: dict[str, torch.Tensor], cli: LightningCLI, count: int = 6) -> None:
+def save_explanation_figure(path: Path, images: torch.Tensor, maps: dict[str, torch.Tensor], count: int = 6) -> None:
     """One row per explainer over the first `count` images (red = important)."""
     from torchvision.utils import save_image
 
     from zoo.callbacks import heatmap_overlay
 
-    images = maps.pop("input")[:count].float().cpu()
+    images = images[:count].float().cpu()
     saliency = torch.stack([m[:count].float().cpu() for m in maps.values()])  # (M, N, H, W)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(heatmap_overlay(images, saliency).flatten(0, 1), path, nrow=len(images))

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import zoo
@@ -147,3 +148,22 @@ def test_every_fit_config_works_with_ablate(config: str, in_tmp_dir: Path, cub_r
     rows = main(["ablate", "--config", str(REPO / config), "--name", "grid", "--grid", "seed_everything=[0]",
                  "--trainer.fast_dev_run=true", *dataset_overrides(config, cub_root, image_folder_root)])
     assert len(rows) == 1 and rows[0]["seeds"] == 1 and "acc" in rows[0]
+
+
+def test_compare_evaluates_a_checkpoint_without_training(in_tmp_dir: Path) -> None:
+    config = str(REPO / "configs/baselines/parts_world.yaml")
+    main(["fit", "--config", config, *SMALL_WORLD, "--trainer.max_epochs=1", "--trainer.logger.init_args.name=src"])
+    checkpoint = in_tmp_dir / "checkpoints" / "src" / "checkpoints" / "last.ckpt"
+    spec = {"compare": {"name": "from_ckpt", "args": SMALL_WORLD + ["--trainer.max_epochs=1"], "runs": {
+        "trained": {"config": config, "checkpoint": str(checkpoint)}}}}
+    (in_tmp_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    rows = main(["compare", "--config", "spec.yaml", "--no_explain"])
+    saved = torch.load(checkpoint, weights_only=True)
+    assert rows[0]["train_samples_per_s"] == "" and rows[0]["acc"] == pytest.approx(
+        float(saved["callbacks"][next(k for k in saved["callbacks"] if "ModelCheckpoint" in k)]["best_model_score"]),
+        abs=1e-4)
+    wrong = {"compare": {"name": "bad", "args": SMALL_WORLD, "runs": {"icnn": {
+        "config": str(REPO / "configs/icnn/parts_world.yaml"), "checkpoint": str(checkpoint)}}}}
+    (in_tmp_dir / "wrong.yaml").write_text(yaml.safe_dump(wrong))
+    with pytest.raises(ValueError, match="does not fit ClassificationSystem\\(icnn_tinycnn\\): missing"):
+        main(["compare", "--config", "wrong.yaml", "--no_explain"])
