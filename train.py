@@ -64,7 +64,8 @@ class ZooCLI(LightningCLI):
 
 # ----------------------------------------------------------------------------------------------------- compare
 COMPARE_HELP = """\
-A compare spec is a YAML file with one top-level key:
+--config takes a family config (it is compared with its opaque twin: its loss weight set to 0) or a compare spec,
+a YAML file with one top-level key:
 
 compare:
   name: quickstart                      # report folder: checkpoints/<name>/
@@ -81,8 +82,20 @@ compare:
 BUDGET_KEYS = ("max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches", "fast_dev_run")
 
 
+TWIN_OVERRIDE = "--model.init_args.loss.init_args.weight=0"
+
+
 def read_compare_spec(path: str | Path) -> dict[str, Any]:
+    """A compare spec, or for a fit config the implied one: the config against its opaque twin (the family loss's
+    `weight` set to 0, which family losses define as the twin's objective)."""
     spec = yaml.safe_load(Path(path).read_text()) or {}
+    if "compare" not in spec:
+        loss = (((spec.get("model") or {}).get("init_args") or {}).get("loss") or {})
+        if "weight" not in (loss.get("init_args") or {}):
+            raise ValueError(f"{path} is neither a compare spec nor a config whose loss has a family `weight` to "
+                             f"set to 0 for the opaque twin.\n{COMPARE_HELP}")
+        return {"name": f"{Path(path).stem}_compare", "runs": {
+            "interpretable": {"config": str(path)}, "opaque_twin": {"config": str(path), "args": [TWIN_OVERRIDE]}}}
     if not isinstance(spec.get("compare"), dict) or not spec["compare"].get("runs"):
         raise ValueError(f"{path} is not a compare spec.\n{COMPARE_HELP}")
     return spec["compare"]

@@ -76,9 +76,18 @@ def test_compare_refuses_runs_with_different_settings(in_tmp_dir: Path) -> None:
     (in_tmp_dir / "bad.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match="'a' and 'b' differ in data"):
         main(["compare", "--config", "bad.yaml"])
-    (in_tmp_dir / "not_a_spec.yaml").write_text("model: {}\n")
+    with pytest.raises(ValueError, match="neither a compare spec nor a config whose loss has a family `weight`"):
+        main(["compare", "--config", str(REPO / "configs/baselines/parts_world.yaml")])
+    (in_tmp_dir / "empty_runs.yaml").write_text("compare: {runs: {}}\n")
     with pytest.raises(ValueError, match="is not a compare spec"):
-        main(["compare", "--config", "not_a_spec.yaml"])
+        main(["compare", "--config", "empty_runs.yaml"])
+
+
+def test_compare_of_a_family_config_runs_it_against_its_twin(in_tmp_dir: Path) -> None:
+    rows = main(["compare", "--config", str(REPO / "configs/icnn/parts_world.yaml"), "--trainer.fast_dev_run=true",
+                 "--no_explain", *SMALL_WORLD])
+    assert [row["run"] for row in rows] == ["interpretable", "opaque_twin"]
+    assert (in_tmp_dir / "checkpoints" / "parts_world_compare" / "report.md").is_file()
 
 
 def test_print_config_round_trip(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
