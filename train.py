@@ -151,16 +151,14 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
         explain_settings["num_images"] = explain_images
     name, common = spec.get("name", Path(spec_path).stem), list(spec.get("args", []))
     runs = spec["runs"]
-    parsed = {}
-    for run_name, run in runs.items():
-        cli = ZooCLI(args=_fit_args(run_name, run, Path(spec_path), common, extra), run=False)
-        parsed[run_name] = cli.config
-    check_same_setting(parsed)
+    clis = {run_name: ZooCLI(args=_fit_args(run_name, run, Path(spec_path), common,
+                                            [*extra, f"--trainer.logger.init_args.name={name}/{run_name}"]), run=False)
+            for run_name, run in runs.items()}
+    check_same_setting({run_name: cli.config for run_name, cli in clis.items()})  # before any training starts
     rows: list[dict[str, Any]] = []
     explanation_rows: list[dict[str, Any]] = []
     for run_name, run in runs.items():
-        logger_name = f"--trainer.logger.init_args.name={name}/{run_name}"
-        cli = ZooCLI(args=_fit_args(run_name, run, Path(spec_path), common, [*extra, logger_name]), run=False)
+        cli = clis[run_name]
         start = time.perf_counter()
         if run.get("checkpoint"):  # evaluate trained weights instead of training
             load_system_weights(cli.model, run["checkpoint"])
