@@ -4,7 +4,9 @@ from datamodules._base import DatasetLayoutError, DictDataModule
 from datamodules.cub200 import CUB200DataModule
 from datamodules.digits import DigitsDataModule
 from datamodules.image_folder import ImageFolderDataModule
+from datamodules.l2x_synthetic import L2XSyntheticDataModule
 from datamodules.parts_world import PartsWorldDataModule
+from datamodules.text import IMDBDataModule, SyntheticSentimentDataModule
 
-__all__ = ["CUB200DataModule", "DatasetLayoutError", "DictDataModule", "DigitsDataModule", "ImageFolderDataModule",
-           "PartsWorldDataModule"]
+__all__ = ["CUB200DataModule", "DatasetLayoutError", "DictDataModule", "DigitsDataModule", "IMDBDataModule",
+           "ImageFolderDataModule", "L2XSyntheticDataModule", "PartsWorldDataModule", "SyntheticSentimentDataModule"]

@@ -31,7 +31,7 @@ class TensorDictDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         sample = {k: v[index] for k, v in self.tensors.items()}
-        if sample["image"].dtype == torch.uint8:
+        if "image" in sample and sample["image"].dtype == torch.uint8:
             sample["image"] = sample["image"].float() / 255.0
         sample["index"] = torch.tensor(index)
         return sample
@@ -51,13 +51,19 @@ class DictDataModule(pl.LightningDataModule):
     """
 
     num_classes: int
-    num_channels: int
-    image_size: int
+    num_channels: int | None  # None for data that is not images (vectors, token ids)
+    image_size: int | None
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False) -> None:
         super().__init__()
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.splits: dict[str, Dataset] = {}
+
+    @property
+    def model_inputs(self) -> dict[str, Any]:
+        """What the data fixes about a model's input beyond channels and size (e.g. num_features, vocab_size);
+        linked into the System's `data_inputs` by the CLI."""
+        return {}
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.splits:
@@ -81,4 +87,4 @@ class DictDataModule(pl.LightningDataModule):
 
     def describe(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "num_channels": self.num_channels, "image_size": self.image_size,
-                **{f"num_{k}": len(v) for k, v in self.splits.items()}}
+                **self.model_inputs, **{f"num_{k}": len(v) for k, v in self.splits.items()}}

@@ -67,3 +67,22 @@ def in_tmp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Run in a temporary directory so checkpoints/ and logs land there."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+IMDB_REVIEWS = {
+    "pos": ["A wonderful, moving film.<br />Great cast!", "Great story and great music.", "Loved it: superb acting."],
+    "neg": ["Boring and awful.<br /><br />Bad script.", "The plot was bad, the music worse.", "Awful, just awful."],
+}
+
+
+@pytest.fixture
+def imdb_root(tmp_path: Path) -> Path:
+    """An aclImdb folder in the release's layout: {train,test}/{pos,neg}/<id>_<rating>.txt, 3 reviews each."""
+    root = tmp_path / "aclImdb"
+    for split in ("train", "test"):
+        for polarity, reviews in IMDB_REVIEWS.items():
+            folder = root / split / polarity
+            folder.mkdir(parents=True)
+            for i, text in enumerate(reviews):
+                (folder / f"{i}_{9 if polarity == 'pos' else 2}.txt").write_text(text, encoding="utf-8")
+    return root

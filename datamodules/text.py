@@ -1,0 +1,165 @@
+"""Text classification data as fixed-length token ids (0 = padding, 1 = unknown): the aclImdb release (Maas et al.
+2011, the L2X paper's IMDB) read from its on-disk layout, and a small synthetic sentiment corpus whose label is
+carried by known cue words (ground truth for which tokens matter)."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from datamodules._base import DatasetLayoutError, DictDataModule, TensorDictDataset
+
+PAD, UNK = "<pad>", "<unk>"
+IMDB_LAYOUT = """\
+<root>/                      (the extracted aclImdb_v1.tar.gz)
+  train/pos/<id>_<rating>.txt
+  train/neg/<id>_<rating>.txt
+  test/pos/<id>_<rating>.txt
+  test/neg/<id>_<rating>.txt
+"""
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased words; IMDB's `<br />` line breaks are dropped."""
+    return _WORD.findall(text.lower().replace("<br />", " "))
+
+
+def encode(texts: Sequence[list[str]], vocabulary: dict[str, int], max_len: int) -> torch.Tensor:
+    """(N, max_len) ids: truncated or padded with 0; words outside the vocabulary map to 1."""
+    ids = torch.zeros(len(texts), max_len, dtype=torch.long)
+    for row, words in enumerate(texts):
+        coded = [vocabulary.get(w, 1) for w in words[:max_len]]
+        ids[row, : len(coded)] = torch.tensor(coded, dtype=torch.long)
+    return ids
+
+
+class TokenDataModule(DictDataModule):
+    """Base for token datasets: `vocabulary` (id -> word), `decode`, and the model inputs vocab_size / max_len."""
+
+    num_classes = 2
+    num_channels = None
+    image_size = None
+    vocabulary: list[str]
+
+    def __init__(self, max_len: int, batch_size: int, num_workers: int) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.max_len = max_len
+
+    @property
+    def model_inputs(self) -> dict[str, Any]:
+        return {"vocab_size": len(self.vocabulary), "max_len": self.max_len}
+
+    def decode(self, tokens: torch.Tensor) -> str:
+        return " ".join(self.vocabulary[int(t)] for t in tokens if int(t) != 0)
+
+
+class IMDBDataModule(TokenDataModule):
+    """aclImdb movie reviews, positive = 1. The vocabulary is the `max_vocab - 2` most frequent training words
+    (fixed size, so models can be built before reading); a validation split is drawn from train with `seed`.
+
+    Args:
+        root: the extracted aclImdb folder.
+        max_len: tokens kept per review (400 in the L2X paper).
+    """
+
+    def __init__(self, root: str | Path, max_len: int = 400, max_vocab: int = 20000, val_fraction: float = 0.1,
+                 seed: int = 0, batch_size: int = 64, num_workers: int = 0) -> None:
+        super().__init__(max_len, batch_size, num_workers)
+        self.root, self.max_vocab, self.val_fraction, self.seed = Path(root), max_vocab, val_fraction, seed
+        self.vocabulary = [PAD, UNK] + [""] * (max_vocab - 2)  # filled from the training reviews in setup
+
+    def _read(self, split: str) -> tuple[list[list[str]], torch.Tensor]:
+        texts, labels = [], []
+        for label, polarity in ((0, "neg"), (1, "pos")):
+            folder = self.root / split / polarity
+            if not folder.is_dir():
+                raise DatasetLayoutError(f"IMDB folder {str(folder)!r} does not exist.", IMDB_LAYOUT)
+            files = sorted(folder.glob("*.txt"))
+            if not files:
+                raise DatasetLayoutError(f"IMDB folder {str(folder)!r} holds no .txt reviews.", IMDB_LAYOUT)
+            for path in files:
+                try:
+                    texts.append(tokenize(path.read_text(encoding="utf-8")))
+                except UnicodeDecodeError as err:
+                    raise DatasetLayoutError(f"IMDB review {str(path)!r} is not UTF-8 text ({err}).", IMDB_LAYOUT)
+                labels.append(label)
+        return texts, torch.tensor(labels)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        if not self.root.is_dir():
+            raise DatasetLayoutError(f"IMDB root {str(self.root)!r} does not exist.", IMDB_LAYOUT)
+        train_texts, train_labels = self._read("train")
+        test_texts, test_labels = self._read("test")
+        counts = Counter(word for words in train_texts for word in words)
+        frequent = [word for word, _ in counts.most_common(self.max_vocab - 2)]
+        self.vocabulary = [PAD, UNK, *frequent] + [""] * (self.max_vocab - 2 - len(frequent))
+        lookup = {word: i for i, word in enumerate(self.vocabulary) if i >= 2 and word}
+        tokens = encode(train_texts, lookup, self.max_len)
+        order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(self.seed))
+        num_val = max(1, int(round(self.val_fraction * len(tokens))))
+        val, train = order[:num_val], order[num_val:]
+        self.splits["train"] = TensorDictDataset({"tokens": tokens[train], "label": train_labels[train]})
+        self.splits["val"] = TensorDictDataset({"tokens": tokens[val], "label": train_labels[val]})
+        self.splits["test"] = TensorDictDataset({"tokens": encode(test_texts, lookup, self.max_len),
+                                                 "label": test_labels})
+
+
+POSITIVE_CUES = ["good", "great", "excellent", "wonderful", "superb", "brilliant", "moving", "delightful"]
+NEGATIVE_CUES = ["bad", "awful", "boring", "terrible", "poor", "dull", "weak", "tedious"]
+FILLER = ("the a an this that film movie story plot actor actress scene scenes script director camera music score "
+          "ending start middle character characters cast role roles dialogue screen picture show series sequel it "
+          "was is were be been has had have with and but or of in on at to for from by about as than then very "
+          "quite rather really just also some many most more less every each one two three first last long short "
+          "old new young time year day night city house family friend friends world life people man woman child "
+          "watch watched saw see seen think thought felt feel made make makes shot shots lines end").split()
+
+
+def synthetic_sentiment(num_samples: int, max_len: int = 32, cues_per_text: tuple[int, int] = (1, 3),
+                        seed: int = 0) -> dict[str, torch.Tensor]:
+    """Texts of neutral filler words with 1-3 cue words of the label's polarity at random positions.
+
+    Returns tokens (N, max_len), label (N,), relevant (N, max_len) bool (the cue positions); ids index
+    `SYNTHETIC_VOCABULARY`. Texts are 60-100% of max_len long.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(int(0.6 * max_len), max_len + 1, (num_samples,), generator=generator)
+    label = torch.randint(0, 2, (num_samples,), generator=generator)
+    first_filler = 2 + len(POSITIVE_CUES) + len(NEGATIVE_CUES)
+    tokens = torch.randint(first_filler, first_filler + len(FILLER), (num_samples, max_len), generator=generator)
+    positions = torch.arange(max_len)
+    tokens = tokens.masked_fill(positions >= lengths[:, None], 0)  # (N, L) padded after each text's length
+    # Cue positions: the first n of a random permutation of each text's own positions.
+    num_cues = torch.randint(cues_per_text[0], cues_per_text[1] + 1, (num_samples,), generator=generator)
+    keys = torch.rand(num_samples, max_len, generator=generator).masked_fill(positions >= lengths[:, None], 2.0)
+    rank = keys.argsort(1).argsort(1)  # (N, L) rank of each position among the text's positions
+    relevant = rank < num_cues[:, None]
+    cue_base = torch.where(label == 1, 2, 2 + len(POSITIVE_CUES))  # (N,) first id of the label's cue words
+    cues = cue_base[:, None] + torch.randint(0, len(POSITIVE_CUES), (num_samples, max_len), generator=generator)
+    tokens = torch.where(relevant, cues, tokens)
+    return {"tokens": tokens, "label": label, "relevant": relevant}
+
+
+SYNTHETIC_VOCABULARY = [PAD, UNK, *POSITIVE_CUES, *NEGATIVE_CUES, *FILLER]
+
+
+class SyntheticSentimentDataModule(TokenDataModule):
+    """The synthetic sentiment corpus (`synthetic_sentiment`): CPU-sized text with known relevant tokens."""
+
+    def __init__(self, num_train: int = 4000, num_val: int = 1000, num_test: int = 1000, max_len: int = 32,
+                 seed: int = 0, batch_size: int = 128, num_workers: int = 0) -> None:
+        super().__init__(max_len, batch_size, num_workers)
+        self.sizes, self.seed = {"train": num_train, "val": num_val, "test": num_test}, seed
+        self.vocabulary = SYNTHETIC_VOCABULARY
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        for offset, (split, size) in enumerate(self.sizes.items()):
+            self.splits[split] = TensorDictDataset(synthetic_sentiment(size, self.max_len, seed=self.seed + offset))
