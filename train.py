@@ -60,6 +60,7 @@ class ZooCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.num_channels", "model.init_args.in_chans", apply_on="instantiate")
         parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
+        parser.link_arguments("data.model_inputs", "model.init_args.data_inputs", apply_on="instantiate")
 
 
 # ----------------------------------------------------------------------------------------------------- compare

@@ -2,5 +2,6 @@
 
 from losses.classification import ClassificationLoss
 from losses.filter_part import FilterPartLoss
+from losses.selection import INVASELoss, L2XLoss
 
-__all__ = ["ClassificationLoss", "FilterPartLoss"]
+__all__ = ["ClassificationLoss", "FilterPartLoss", "INVASELoss", "L2XLoss"]

@@ -25,26 +25,34 @@ def is_compare_spec(config: str) -> bool:
 FIT_CONFIGS = [c for c in CONFIGS if not is_compare_spec(c)]
 
 
-def dataset_overrides(config: str, cub_root: Path, image_folder_root: Path) -> list[str]:
+SMALL_SELECTOR = ["--model.init_args.black_box_epochs=1", "--model.init_args.evaluator_epochs=1"]
+
+
+def dataset_overrides(config: str, cub_root: Path, image_folder_root: Path, imdb_root: Path | None = None
+                      ) -> list[str]:
     parsed = yaml.safe_load((REPO / config).read_text())
     if "compare" in parsed:  # runs share their data: the first run's config says which
         first_run = next(iter(parsed["compare"]["runs"].values()))["config"]
-        return dataset_overrides(first_run, cub_root, image_folder_root)
+        return dataset_overrides(first_run, cub_root, image_folder_root, imdb_root)
     cls = parsed["data"]["class_path"].rsplit(".", 1)[-1]
-    return {
+    selector = SMALL_SELECTOR if parsed["model"]["class_path"].endswith("SelectorSystem") else []
+    return selector + {
         "CUB200DataModule": [f"--data.init_args.root={cub_root}", "--data.init_args.image_size=64"],
         "ImageFolderDataModule": [f"--data.init_args.root={image_folder_root}"],
         "PartsWorldDataModule": SMALL_WORLD,
+        "L2XSyntheticDataModule": ["--data.init_args.num_train=512", "--data.init_args.num_val=256"],
+        "SyntheticSentimentDataModule": ["--data.init_args.num_train=256", "--data.init_args.num_val=128"],
+        "IMDBDataModule": [f"--data.init_args.root={imdb_root}", "--data.init_args.max_len=16"],
     }.get(cls, [])
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_runs_fast_dev_run(config: str, in_tmp_dir: Path, cub_root: Path,
-                                        image_folder_root: Path) -> None:
+                                        image_folder_root: Path, imdb_root: Path) -> None:
     command = "compare" if is_compare_spec(config) else "fit"
     compare_args = ["--no_explain"] if command == "compare" else []  # explainers: see the compare report test
     result = main([command, "--config", str(REPO / config), "--trainer.fast_dev_run=true", *compare_args,
-                   "--trainer.accelerator=cpu", *dataset_overrides(config, cub_root, image_folder_root)])
+                   "--trainer.accelerator=cpu", *dataset_overrides(config, cub_root, image_folder_root, imdb_root)])
     if command == "compare":
         assert [row["run"] for row in result] == list(yaml.safe_load((REPO / config).read_text())["compare"]["runs"])
         assert all("acc" in row and "train_samples_per_s" in row for row in result)
@@ -153,9 +161,9 @@ def test_ablate_averages_over_seeds_and_resumes_without_redoing_finished_points(
 
 @pytest.mark.parametrize("config", FIT_CONFIGS)
 def test_every_fit_config_works_with_ablate(config: str, in_tmp_dir: Path, cub_root: Path,
-                                            image_folder_root: Path) -> None:
+                                            image_folder_root: Path, imdb_root: Path) -> None:
     rows = main(["ablate", "--config", str(REPO / config), "--name", "grid", "--grid", "seed_everything=[0]",
-                 "--trainer.fast_dev_run=true", *dataset_overrides(config, cub_root, image_folder_root)])
+                 "--trainer.fast_dev_run=true", *dataset_overrides(config, cub_root, image_folder_root, imdb_root)])
     assert len(rows) == 1 and rows[0]["seeds"] == 1 and "acc" in rows[0]
 
 

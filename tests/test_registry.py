@@ -10,6 +10,18 @@ import zoo
 from zoo._registry import _model_factories
 
 NUM_CLASSES = 5
+# Models without an image backbone, with an example input each: checked by `test_small_model_contract`.
+SMALL_MODEL_INPUTS = {
+    "baseline_mlp": lambda: torch.randn(4, 10),
+    "baseline_smallcnn": lambda: torch.rand(4, 1, 8, 8),
+    "baseline_textcnn": lambda: torch.randint(0, 2000, (4, 16)),
+    "l2x_vector": lambda: torch.randn(4, 10),
+    "l2x_patches": lambda: torch.rand(4, 1, 8, 8),
+    "l2x_tokens": lambda: torch.randint(1, 2000, (4, 64)),
+    "invase_vector": lambda: torch.randn(4, 10),
+    "invase_patches": lambda: torch.rand(4, 1, 8, 8),
+}
+BACKBONE_MODELS = [name for name in zoo.list_models() if name not in SMALL_MODEL_INPUTS]
 
 
 def tiny_input(model: nn.Module) -> torch.Tensor:
@@ -17,7 +29,7 @@ def tiny_input(model: nn.Module) -> torch.Tensor:
     return torch.rand(2, model.backbone.in_chans, 64, 64)  # 64: stride-32 nets keep a 2x2 map for BN
 
 
-@pytest.fixture(scope="module", params=zoo.list_models())
+@pytest.fixture(scope="module", params=BACKBONE_MODELS)
 def model(request: pytest.FixtureRequest) -> nn.Module:
     torch.manual_seed(0)
     return zoo.create_model(request.param, num_classes=NUM_CLASSES)
@@ -80,3 +92,29 @@ def test_any_timm_backbone_and_in_chans() -> None:
     assert model(torch.rand(2, 1, 32, 32))["logits"].shape == (2, 3)
     with pytest.raises(ValueError, match="Unknown backbone 'resnet181'.*resnet18"):
         zoo.create_model("baseline_timm", backbone="resnet181")
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_MODEL_INPUTS))
+def test_small_model_contract(name: str) -> None:
+    """Registered, dict out with (B, C) logits, finite, every trainable parameter reached by the gradient of the
+    outputs the model is trained with, and a clear error for a wrongly shaped input."""
+    torch.manual_seed(0)
+    model = zoo.create_model(name, num_classes=NUM_CLASSES).train()
+    x = SMALL_MODEL_INPUTS[name]()
+    out = model(x)
+    assert out["logits"].shape == (4, NUM_CLASSES)
+    assert all(torch.isfinite(v).all() for v in out.values() if isinstance(v, torch.Tensor))
+    trained = [out["logits"]] + [out[k] for k in ("baseline_logits", "selection_probs") if k in out]
+    if "scores" in out and name.startswith("l2x"):
+        trained = [out["logits"]]  # the Concrete sample carries the explainer's gradient through the approximator
+    sum(t.square().sum() for t in trained).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not no_grad
+    wrong = x.float() if x.dtype == torch.long else x[:, :3] if x.ndim == 2 else torch.cat([x, x], 1)  # 2 channels
+    with pytest.raises(ValueError, match="expects"):
+        model(wrong)
+
+
+def test_every_registered_model_has_a_contract() -> None:
+    assert set(BACKBONE_MODELS) | set(SMALL_MODEL_INPUTS) == set(zoo.list_models())
+    assert all(name.startswith(("baseline_", "icnn_")) for name in BACKBONE_MODELS)

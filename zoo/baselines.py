@@ -42,6 +42,75 @@ class OpaqueClassifier(PooledHeadMixin, nn.Module):
         return {"logits": self.forward_head(features), "features": features}
 
 
+class MLPClassifier(nn.Module):
+    """Dense-ReLU layers on (B, d) vectors; the black box explained by L2X and the post-hoc explainers on the
+    synthetic benchmarks. Each ReLU is its own module, so Captum's DeepLift hooks every nonlinearity."""
+
+    def __init__(self, *, num_features: int = 10, num_classes: int = 2, hidden: tuple[int, ...] = (200, 200)) -> None:
+        super().__init__()
+        self.num_features, self.num_classes = num_features, num_classes
+        sizes = [num_features, *hidden]
+        self.body = nn.Sequential(*[m for a, b in zip(sizes[:-1], sizes[1:]) for m in (nn.Linear(a, b), nn.ReLU())])
+        self.head = nn.Linear(sizes[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.ndim != 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"MLPClassifier expects vectors of shape (B, {self.num_features}); got {tuple(x.shape)}.")
+        features = self.body(x)
+        return {"logits": self.head(features), "features": features}
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes, self.head = num_classes, nn.Linear(self.head.in_features, num_classes)
+
+
+class SmallCNN(nn.Module):
+    """The L2X paper's MNIST black box: Conv8-ReLU-pool-Conv16-ReLU-pool-Dense, the last pool adaptive (2x2) so
+    any input size works; separate ReLU modules so Captum's DeepLift hooks each."""
+
+    def __init__(self, *, in_chans: int = 1, num_classes: int = 2, widths: tuple[int, int] = (8, 16)) -> None:
+        super().__init__()
+        self.in_chans, self.num_classes = in_chans, num_classes
+        self.body = nn.Sequential(
+            nn.Conv2d(in_chans, widths[0], 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(widths[0], widths[1], 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(2),
+        )
+        self.head = nn.Linear(4 * widths[1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.ndim != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"SmallCNN expects images of shape (B, {self.in_chans}, H, W); got {tuple(x.shape)}.")
+        features = self.body(x)  # (B, 16, 2, 2)
+        return {"logits": self.head(features.flatten(1)), "features": features}
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes, self.head = num_classes, nn.Linear(self.head.in_features, num_classes)
+
+
+class TokenCNN(nn.Module):
+    """Text classifier on (B, L) token ids (pad id 0): embedding, width-3 convolution, global max pool, linear
+    (the L2X paper's IMDB black box, smaller)."""
+
+    def __init__(self, *, vocab_size: int = 2000, num_classes: int = 2, max_len: int | None = None, embed_dim: int = 50,
+                 width: int = 100) -> None:
+        super().__init__()
+        self.vocab_size, self.num_classes, self.max_len = vocab_size, num_classes, max_len
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        self.conv = nn.Conv1d(embed_dim, width, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        length = "L" if self.max_len is None else self.max_len
+        if tokens.ndim != 2 or tokens.dtype != torch.long or self.max_len not in (None, tokens.shape[1]):
+            raise ValueError(f"TokenCNN expects token ids of shape (B, {length}) and dtype long; got "
+                             f"{tuple(tokens.shape)} {tokens.dtype}.")
+        features = self.relu(self.conv(self.embed(tokens).transpose(1, 2))).amax(-1)  # (B, width)
+        return {"logits": self.head(features), "features": features}
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes, self.head = num_classes, nn.Linear(self.head.in_features, num_classes)
+
+
 
 def _create_baseline(backbone: str, **kwargs) -> OpaqueClassifier:
     return OpaqueClassifier(backbone=backbone, **kwargs)
@@ -75,3 +144,21 @@ def baseline_vgg16(**kwargs) -> OpaqueClassifier:
 def baseline_timm(backbone: str = "resnet18", **kwargs) -> OpaqueClassifier:
     """Any timm CNN by name: ``create_model("baseline_timm", backbone="efficientnet_b0")``."""
     return _create_baseline(backbone, **kwargs)
+
+
+@register_model
+def baseline_mlp(**kwargs) -> MLPClassifier:
+    """Two-layer ReLU MLP on feature vectors (the synthetic L2X benchmarks' black box)."""
+    return MLPClassifier(**kwargs)
+
+
+@register_model
+def baseline_smallcnn(**kwargs) -> SmallCNN:
+    """Two-conv CNN for small images (the L2X paper's MNIST black box; digits 3 vs 8)."""
+    return SmallCNN(**kwargs)
+
+
+@register_model
+def baseline_textcnn(**kwargs) -> TokenCNN:
+    """Embedding + convolution + max-pool text classifier on token ids."""
+    return TokenCNN(**kwargs)

@@ -10,15 +10,27 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
 from losses import ClassificationLoss
 from metrics.part_location import LocationInstability, PartIoU
+from metrics.selection import AgreementAccuracy, MedianRank, SelectionRecovery
 from zoo._registry import create_model, needs_image_size
 
 STAGES = ("train", "val", "test")
+
+
+def build_model(name: str, num_classes: int, in_chans: int | None, image_size: int | None,
+                data_inputs: dict[str, Any] | None, model_kwargs: dict[str, Any] | None) -> nn.Module:
+    """`create_model` with what the data fixes (channels, size where the model is size-aware, `data_inputs` such as
+    num_features / vocab_size) under the user's `model_kwargs`, which win."""
+    kwargs = {"in_chans": in_chans, **(data_inputs or {})}
+    if image_size is not None and needs_image_size(name):  # e.g. ICNN's template bank is sized for its top map
+        kwargs["image_size"] = image_size
+    return create_model(name, num_classes=num_classes, **{**kwargs, **(model_kwargs or {})})
 
 
 def batch_field(batch: dict[str, Any], key: str) -> Any:
@@ -36,8 +48,9 @@ class ClassificationSystem(pl.LightningModule):
     Args:
         model_name: registry name, e.g. "baseline_tinycnn".
         num_classes: linked from the datamodule by the CLI.
-        in_chans: image channels, linked from the datamodule by the CLI.
-        model_kwargs: extra keyword arguments for `zoo.create_model`.
+        in_chans: image channels, linked from the datamodule by the CLI (None for data that is not images).
+        data_inputs: what else the data fixes about the model's input (num_features, vocab_size), linked by the CLI.
+        model_kwargs: extra keyword arguments for `zoo.create_model` (they win over the linked ones).
         loss: module returning named loss terms; default: cross-entropy as "loss_task".
         optimizer / scheduler: callables injected by LightningCLI (``optimizer: {class_path: torch.optim.SGD}``).
         input_key / target_key: batch fields fed to the model and to the accuracy.
@@ -54,7 +67,8 @@ class ClassificationSystem(pl.LightningModule):
         self,
         model_name: str = "baseline_tinycnn",
         num_classes: int = 10,
-        in_chans: int = 3,
+        in_chans: int | None = 3,
+        data_inputs: dict[str, Any] | None = None,
         model_kwargs: dict[str, Any] | None = None,
         loss: nn.Module | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -62,15 +76,12 @@ class ClassificationSystem(pl.LightningModule):
         input_key: str = "image",
         target_key: str = "label",
         part_maps_key: str | None = None,
-        image_size: int = 64,
+        image_size: int | None = 64,
         nonfinite_loss: str = "raise",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
-        model_kwargs = dict(model_kwargs or {})
-        if needs_image_size(model_name):  # e.g. ICNN's template bank is sized for the top map of this input
-            model_kwargs.setdefault("image_size", image_size)
-        self.model = create_model(model_name, num_classes=num_classes, in_chans=in_chans, **model_kwargs)
+        self.model = build_model(model_name, num_classes, in_chans, image_size, data_inputs, model_kwargs)
         self.loss = loss if loss is not None else ClassificationLoss()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.input_key, self.target_key = input_key, target_key
@@ -82,7 +93,7 @@ class ClassificationSystem(pl.LightningModule):
         self.part_maps_key = part_maps_key
         if part_maps_key is not None:
             for stage in ("val", "test"):
-                self.metrics[f"{stage}_location_instability"] = LocationInstability(image_size)
+                self.metrics[f"{stage}_location_instability"] = LocationInstability(image_size or 0)
                 self.metrics[f"{stage}_part_iou"] = PartIoU()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -163,3 +174,203 @@ class ClassificationSystem(pl.LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = "val/loss"
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+class SelectorSystem(pl.LightningModule):
+    """Train an amortised feature selector (L2X, INVASE) to explain a frozen black box.
+
+    Before the selector's first step the black box is loaded (`black_box_checkpoint`: a state dict, safetensors
+    file or Lightning checkpoint of a ClassificationSystem or SelectorSystem) or trained on the training split for
+    `black_box_epochs`, then frozen. An EVAL-X evaluator (same architecture, trained on inputs with features kept
+    at random with probability 0.5, Jethani et al. 2021) is prepared the same way; it scores explanations without
+    having co-adapted with the selector. Both live in the checkpoint, so a resumed run does not retrain them.
+
+    Logged in validation/test: `acc` = post-hoc accuracy (black box on the selected input agrees with the black
+    box on the full input; so checkpointing on val/acc keeps the most faithful selector), `evalx_acc`,
+    `approximator_fidelity` (the selector's own approximator agrees with the black box), `black_box_acc`, and where
+    the batch has ground truth (`relevant_key`): `median_rank`, `tpr`, `fdr`, `num_selected`.
+
+    Args:
+        model_name: a registered selector (`l2x_vector`, `l2x_patches`, `l2x_tokens`, `invase_*`).
+        black_box: registered classifier to explain; built with the same data inputs.
+        aux_lr: Adam learning rate for the black box and evaluator.
+        loss: default `L2XLoss` for L2X, `INVASELoss` for INVASE.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "l2x_vector",
+        num_classes: int = 2,
+        in_chans: int | None = None,
+        image_size: int | None = None,
+        data_inputs: dict[str, Any] | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        loss: nn.Module | None = None,
+        black_box: str = "baseline_mlp",
+        black_box_kwargs: dict[str, Any] | None = None,
+        black_box_checkpoint: str | None = None,
+        black_box_epochs: int = 10,
+        evaluator_checkpoint: str | None = None,
+        evaluator_epochs: int = 10,
+        aux_lr: float = 1e-3,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        input_key: str = "features",
+        target_key: str = "label",
+        relevant_key: str = "relevant",
+    ) -> None:
+        super().__init__()
+        from losses.selection import INVASELoss, L2XLoss
+        from zoo.l2x import L2X
+
+        self.save_hyperparameters(ignore=["loss", "optimizer"])
+        self.model = build_model(model_name, num_classes, in_chans, image_size, data_inputs, model_kwargs)
+        if not hasattr(self.model, "mask_input"):
+            raise ValueError(f"{model_name!r} is not a feature selector (no mask_input); use an l2x_* or invase_* "
+                             f"model, or ClassificationSystem for classifiers.")
+        self.black_box = build_model(black_box, num_classes, in_chans, image_size, data_inputs, black_box_kwargs)
+        self.evaluator = build_model(black_box, num_classes, in_chans, image_size, data_inputs, black_box_kwargs)
+        self.register_buffer("black_box_ready", torch.tensor(False))
+        self.register_buffer("evaluator_ready", torch.tensor(False))
+        for name, path in (("black_box", black_box_checkpoint), ("evaluator", evaluator_checkpoint)):
+            if path is not None:
+                self._load_frozen(name, path)
+        self.loss = loss if loss is not None else (L2XLoss() if isinstance(self.model, L2X) else INVASELoss())
+        self.optimizer_factory = optimizer
+        self.input_key, self.target_key, self.relevant_key = input_key, target_key, relevant_key
+        self.metrics = nn.ModuleDict()
+        for stage in ("val", "test"):
+            for name in ("acc", "evalx_acc", "approximator_fidelity", "black_box_acc"):
+                self.metrics[f"{stage}_{name}"] = AgreementAccuracy()
+            self.metrics[f"{stage}_median_rank"] = MedianRank()
+            self.metrics[f"{stage}_recovery"] = SelectionRecovery()
+
+    # -- the frozen black box and evaluator
+    def _load_frozen(self, name: str, path: str) -> None:
+        from zoo._io import CheckpointError, match_state_dict, read_state_dict
+
+        module: nn.Module = getattr(self, name)
+        state = read_state_dict(path)
+        own = {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
+        matched, missing, _ = match_state_dict(own or state, list(module.state_dict()))
+        if missing:
+            raise CheckpointError(f"{path!r} does not hold weights for the {name} ({type(module).__name__}): missing "
+                                  f"{missing[:8]}.")
+        try:
+            module.load_state_dict(matched)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path!r} does not fit the {name} ({type(module).__name__}): {err}") from err
+        getattr(self, f"{name}_ready").fill_(True)
+
+    def _fit_auxiliary(self, name: str, epochs: int, random_masks: bool) -> None:
+        """Train the black box (or, with random masks, the EVAL-X evaluator) on the training split, then freeze."""
+        module: nn.Module = getattr(self, name)
+        optimizer = torch.optim.Adam(module.parameters(), lr=self.hparams.aux_lr)
+        loader = self.trainer.datamodule.train_dataloader()
+        module.train()
+        with torch.enable_grad():
+            for _ in range(epochs):
+                for batch in loader:
+                    x, y = batch_field(batch, self.input_key).to(self.device), batch_field(batch, self.target_key)
+                    if random_masks:
+                        keep = torch.rand(len(x), self.model.num_features, device=self.device).round()  # (B, d)
+                        x = self.model.mask_input(x, keep)
+                    loss = F.cross_entropy(module(x)["logits"], y.to(self.device))
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+        getattr(self, f"{name}_ready").fill_(True)
+
+    def prepare_frozen_models(self) -> None:
+        """Train whatever is not loaded yet (black box first: the evaluator needs no black box, L2X does)."""
+        if not self.black_box_ready:
+            self._fit_auxiliary("black_box", self.hparams.black_box_epochs, random_masks=False)
+        if not self.evaluator_ready and self.hparams.evaluator_epochs > 0:
+            self._fit_auxiliary("evaluator", self.hparams.evaluator_epochs, random_masks=True)
+        for module in (self.black_box, self.evaluator):
+            module.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "SelectorSystem":
+        super().train(mode)
+        self.black_box.eval()  # frozen: BatchNorm/dropout stay in inference mode while the selector trains
+        self.evaluator.eval()
+        return self
+
+    def on_fit_start(self) -> None:
+        self.prepare_frozen_models()
+
+    def on_validation_start(self) -> None:
+        if not self.black_box_ready:
+            raise RuntimeError("The black box is neither trained nor loaded: run fit, pass black_box_checkpoint, or "
+                               "load a SelectorSystem checkpoint.")
+
+    on_test_start = on_predict_start = on_validation_start
+
+    # -- steps
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model(x)
+
+    def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.black_box(x)["logits"].float()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x = batch_field(batch, self.input_key)
+        teacher_probs = self._teacher_logits(x).softmax(-1)
+        terms = self.loss(self.model(x), {**batch, "teacher_probs": teacher_probs})
+        loss = torch.stack(list(terms.values())).sum()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"Non-finite selector loss at step {self.global_step}: "
+                                     + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=len(x))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x))
+        return loss
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        x, y = batch_field(batch, self.input_key), batch_field(batch, self.target_key)
+        teacher_logits = self._teacher_logits(x)
+        out = self.model(x)  # eval mode: hard selection (exact top-k for L2X)
+        terms = self.loss(out, {**batch, "teacher_probs": teacher_logits.softmax(-1)})
+        self.log(f"{stage}/loss", torch.stack(list(terms.values())).sum(), batch_size=len(x), sync_dist=True)
+        masked = self.model.mask_input(x, out["selection"])
+        updates = {
+            "acc": (self.black_box(masked)["logits"], teacher_logits),
+            "approximator_fidelity": (out["logits"], teacher_logits),
+            "black_box_acc": (teacher_logits, y),
+            **({"evalx_acc": (self.evaluator(masked)["logits"], y)} if self.evaluator_ready else {}),
+        }
+        for name, (logits, target) in updates.items():
+            metric = self.metrics[f"{stage}_{name}"]
+            metric.update(logits, target)
+            self.log(f"{stage}/{name}", metric, on_epoch=True, prog_bar=name == "acc")
+        if self.relevant_key in batch:
+            self.metrics[f"{stage}_median_rank"].update(out["scores"], batch[self.relevant_key])
+            self.metrics[f"{stage}_recovery"].update(out["selection"], batch[self.relevant_key])
+
+    def _log_ground_truth_metrics(self, stage: str) -> None:
+        median_rank, recovery = self.metrics[f"{stage}_median_rank"], self.metrics[f"{stage}_recovery"]
+        if median_rank.update_count:
+            self.log(f"{stage}/median_rank", median_rank.compute())
+            self.log_dict({f"{stage}/{k}": v for k, v in recovery.compute().items()})
+        median_rank.reset()
+        recovery.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_ground_truth_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_ground_truth_metrics("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
+        out = self.model(batch_field(batch, self.input_key))
+        return {"scores": out["scores"], "selection": out["selection"],
+                **({"index": batch["index"]} if "index" in batch else {})}
+
+    def configure_optimizers(self) -> Any:
+        return self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])

@@ -1,0 +1,87 @@
+"""Amortised feature selection: L2X's Concrete k-subset relaxation and exact top-k, and the losses of the
+L2X and INVASE selectors.
+
+L2X (Chen et al., ICML 2018) maximises a variational lower bound on I(X_S; Y): the approximator's cross-entropy
+against the *black box's* class probabilities on the relaxed-selected input. INVASE (Yoon et al., ICLR 2019)
+samples a Bernoulli selection per feature and trains the selector by REINFORCE with the critic-minus-baseline
+cross-entropy as reward, so the number of selected features varies per instance.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def concrete_k_subset(logits: torch.Tensor, k: int, tau: float, generator: torch.Generator | None = None
+                      ) -> torch.Tensor:
+    """Relaxed k-hot sample: V_i = max_j softmax((w + G_j) / tau)_i over k independent Gumbel draws G_j.
+
+    Noise is drawn afresh on every call (every training step). As tau -> 0 each softmax is one-hot, so V is the
+    indicator of up to k distinct features (k-hot when the draws pick distinct features), and each draw picks
+    feature i with probability softmax(w)_i.
+
+    Args:
+        logits: (B, d) explainer scores w.
+        k: number of draws (features to select).
+        tau: Concrete temperature (0.1 tabular / images, 0.5 text in the authors' code).
+    """
+    if not 1 <= k <= logits.shape[-1]:
+        raise ValueError(f"k must be in [1, {logits.shape[-1]}] (the number of features); got {k}.")
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0; got {tau}.")
+    uniform = torch.rand((logits.shape[0], k, logits.shape[-1]), generator=generator, device=logits.device,
+                         dtype=logits.dtype).clamp_min(_TINY)  # (B, k, d)
+    gumbel = -torch.log(-torch.log(uniform))
+    samples = torch.softmax((logits.unsqueeze(1) + gumbel) / tau, dim=-1)  # (B, k, d)
+    return samples.amax(dim=1)  # (B, d)
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Hard mask with exactly k ones per row at the k largest scores; ties go to the lower index."""
+    if not 1 <= k <= scores.shape[-1]:
+        raise ValueError(f"k must be in [1, {scores.shape[-1]}] (the number of features); got {k}.")
+    # A stable descending sort keeps tied scores in index order, so exactly k are taken and deterministically.
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.zeros_like(scores).scatter_(-1, order, 1.0)
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of -sum_y p(y) log softmax(logits)_y."""
+    return -(target_probs * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
+class L2XLoss(nn.Module):
+    """L2X's variational objective: cross-entropy of the approximator on the selected input against the frozen
+    black box's probabilities (batch key `teacher_probs`), not the labels. Returns {"loss_l2x"}."""
+
+    def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"loss_l2x": soft_target_cross_entropy(out["logits"], batch["teacher_probs"])}
+
+
+class INVASELoss(nn.Module):
+    """INVASE's three terms against the black box's probabilities (batch key `teacher_probs`).
+
+    critic: CE of the critic on x * s; baseline: CE of the baseline on x; actor: REINFORCE with reward
+    -(CE_critic - CE_baseline) per sample, plus `sparsity` * mean selection probability (lambda = 0.1 in the paper).
+    """
+
+    def __init__(self, sparsity: float = 0.1) -> None:
+        super().__init__()
+        self.sparsity = sparsity
+
+    def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        target = batch["teacher_probs"]
+        critic_ce = -(target * F.log_softmax(out["logits"], -1)).sum(-1)  # (B,)
+        baseline_ce = -(target * F.log_softmax(out["baseline_logits"], -1)).sum(-1)  # (B,)
+        reward = -(critic_ce - baseline_ce).detach()  # (B,) higher when the selection keeps the information
+        probs, selection = out["selection_probs"], out["selection"].detach()
+        log_likelihood = (selection * torch.log(probs + 1e-8) + (1 - selection) * torch.log(1 - probs + 1e-8)).sum(-1)
+        return {
+            "loss_critic": critic_ce.mean(),
+            "loss_baseline": baseline_ce.mean(),
+            "loss_actor": -(reward * log_likelihood).mean() + self.sparsity * probs.mean(),
+        }

@@ -1,0 +1,284 @@
+"""L2X / INVASE: the sampler, exact top-k, gradients, data generators against their formulas, selection metrics
+on hand-made cases, the selector system (black box frozen, loaded, refused), text data, and the race script."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+from datamodules import DatasetLayoutError, IMDBDataModule, L2XSyntheticDataModule, SyntheticSentimentDataModule
+from datamodules.l2x_synthetic import generate
+from datamodules.text import NEGATIVE_CUES, POSITIVE_CUES, SYNTHETIC_VOCABULARY, tokenize
+from losses.selection import INVASELoss, L2XLoss, concrete_k_subset, soft_target_cross_entropy, top_k_mask
+from metrics.captum_adapters import FEATURE_METHODS, attribute_features
+from metrics.selection import AgreementAccuracy, MedianRank, SelectionRecovery, feature_ranks, median_true_rank
+from tests.conftest import REPO
+
+
+# ------------------------------------------------------------------------------------------------ sampler
+def test_concrete_sample_is_k_hot_as_tau_goes_to_zero() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(500, 10)
+    sample = concrete_k_subset(logits, k=3, tau=1e-4)
+    assert ((sample < 1e-3) | (sample > 1 - 1e-3)).all()  # every entry 0 or 1
+    ones = (sample > 0.5).sum(-1)
+    assert (ones >= 1).all() and (ones <= 3).all()  # k draws: up to k distinct features
+    assert (ones == 3).float().mean() > 0.5  # most draws of 3 land on distinct features
+    warm = concrete_k_subset(logits, k=3, tau=10.0)
+    assert ((warm > 0.01) & (warm < 0.99)).float().mean() > 0.9  # a high temperature stays relaxed
+
+
+def test_concrete_marginals_follow_the_softmax() -> None:
+    torch.manual_seed(0)
+    weights = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
+    draws = concrete_k_subset(weights.expand(40000, 5), k=1, tau=1e-4).argmax(-1)
+    frequency = torch.bincount(draws, minlength=5).float() / len(draws)
+    expected = weights.softmax(0)
+    # binomial standard error at n = 40000 is < 0.0025: 4 sigma
+    assert torch.allclose(frequency, expected, atol=0.01), (frequency, expected)
+
+
+def test_concrete_noise_is_resampled_every_call_and_gradient_reaches_the_logits() -> None:
+    logits = torch.zeros(2, 6, requires_grad=True)
+    first, second = concrete_k_subset(logits, 2, 0.5), concrete_k_subset(logits, 2, 0.5)
+    assert not torch.equal(first, second)
+    (first * torch.arange(6.0)).sum().backward()
+    assert logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="k must be in"):
+        concrete_k_subset(logits, 7, 0.5)
+
+
+def test_top_k_takes_exactly_k_with_ties_to_the_lower_index() -> None:
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0], [0.0, 3.0, 3.0, 1.0, 3.0], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    mask = top_k_mask(scores, 2)
+    assert (mask.sum(-1) == 2).all()
+    assert mask.tolist() == [[1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
+
+
+def test_l2x_gradient_flows_to_the_explainer_and_eval_is_exact_top_k() -> None:
+    torch.manual_seed(0)
+    model = zoo.create_model("l2x_vector", num_features=10, k=3, num_classes=2)
+    x = torch.randn(8, 10)
+    out = model.train()(x)
+    L2XLoss()(out, {"teacher_probs": torch.full((8, 2), 0.5)})["loss_l2x"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.scorer.parameters())
+    evaluated = model.eval()(x)
+    assert torch.equal(evaluated["selection"], top_k_mask(evaluated["selection_logits"], 3))
+    assert torch.equal(evaluated["selection"], top_k_mask(evaluated["scores"], 3))  # scores rank as w does
+
+
+def test_l2x_loss_is_the_soft_target_cross_entropy() -> None:
+    logits, probs = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.7, 0.3], [0.2, 0.8]])
+    log_q = [[2 - math.log(math.exp(2) + 1), -math.log(math.exp(2) + 1)], [-math.log(1 + math.e), 1 - math.log(1 + math.e)]]
+    expected = -sum(probs[i, j].item() * log_q[i][j] for i in range(2) for j in range(2)) / 2
+    assert soft_target_cross_entropy(logits, probs).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_invase_actor_reward_prefers_informative_selections() -> None:
+    """A selection whose critic is as good as the baseline has reward 0; a worse critic gives a negative reward,
+    so the actor loss raises the log-likelihood of the better selection."""
+    probs = torch.full((2, 4), 0.5, requires_grad=True)
+    selection = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    teacher = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    out = {"logits": torch.tensor([[5.0, 0.0], [0.0, 5.0]]), "baseline_logits": torch.tensor([[5.0, 0.0], [5.0, 0.0]]),
+           "selection_probs": probs, "selection": selection}
+    terms = INVASELoss(sparsity=0.0)(out, {"teacher_probs": teacher})
+    assert set(terms) == {"loss_critic", "loss_baseline", "loss_actor"}
+    terms["loss_actor"].backward()
+    # Row 0: reward 0, no gradient. Row 1: negative reward pushes its selected probabilities down (gradient > 0).
+    assert probs.grad[0].abs().max() < 1e-6
+    assert (probs.grad[1, 2:] > 0).all() and (probs.grad[1, :2] < 0).all()
+
+
+# ------------------------------------------------------------------------------------------------ data
+def test_synthetic_generators_match_their_formulas() -> None:
+    x_rel = {}
+    for name in ("xor", "orange_skin", "nonlinear_additive", "nonlinear_additive_paper", "switch"):
+        data = generate(name, 4000, seed=3)
+        x, p1 = data["features"], data["probs"][:, 1]
+        x_rel[name] = data["relevant"]
+        if name == "xor":
+            expected = 1 / (1 + torch.exp(x[:, 0] * x[:, 1]))
+        elif name == "orange_skin":
+            expected = 1 / (1 + torch.exp((x[:, :4] ** 2).sum(1) - 4))
+        elif name == "nonlinear_additive":
+            expected = 1 / (1 + torch.exp(-100 * torch.sin(0.2 * x[:, 0]) + x[:, 1].abs() + x[:, 2]
+                                          + torch.exp(-x[:, 3]) - 2.4))
+        elif name == "nonlinear_additive_paper":
+            expected = 1 / (1 + torch.exp(-100 * torch.sin(2 * x[:, 0]) + 2 * x[:, 1].abs() + x[:, 2]
+                                          + torch.exp(-x[:, 3])))
+        else:
+            orange = data["relevant"][:, 0]  # the regime, as the ground truth states it
+            assert (data["relevant"][:, 9]).all()
+            assert torch.equal(data["relevant"][:, :4], orange[:, None].expand(-1, 4))
+            assert torch.equal(data["relevant"][:, 4:8], ~orange[:, None].expand(-1, 4))
+            assert 2.9 < x[orange, 9].mean() < 3.1 and -3.1 < x[~orange, 9].mean() < -2.9  # N(+-3, 1)
+            assert (orange == (x[:, 9] > 0)).float().mean() > 0.995  # draws crossing 0 are rare (p = 0.0013)
+            add = x[:, 4:8]
+            additive = 1 / (1 + torch.exp(-100 * torch.sin(0.2 * add[:, 0]) + add[:, 1].abs() + add[:, 2]
+                                          + torch.exp(-add[:, 3]) - 2.4))
+            expected = torch.where(orange, 1 / (1 + torch.exp((x[:, :4] ** 2).sum(1) - 4)), additive)
+        assert torch.allclose(p1, expected, atol=1e-5), name
+        assert abs(data["label"].float().mean() - p1.mean()) < 0.03  # labels are drawn from P(Y=1|X)
+        assert x.shape == (4000, 10) and torch.allclose(data["probs"].sum(1), torch.ones(4000))
+    assert x_rel["xor"][:, :2].all() and not x_rel["xor"][:, 2:].any()
+    assert torch.equal(generate("xor", 50, seed=1)["features"], generate("xor", 50, seed=1)["features"])
+    with pytest.raises(ValueError, match="Unknown L2X synthetic dataset 'xro'"):
+        L2XSyntheticDataModule(dataset="xro")
+
+
+def test_synthetic_sentiment_cues_carry_the_label() -> None:
+    module = SyntheticSentimentDataModule(num_train=200, num_val=10, num_test=10, max_len=20)
+    module.setup()
+    data = module.splits["train"].tensors
+    words = [[SYNTHETIC_VOCABULARY[t] for t in row] for row in data["tokens"].tolist()]
+    for row, label, relevant in zip(words, data["label"].tolist(), data["relevant"].tolist()):
+        cues = {w for w, r in zip(row, relevant) if r}
+        assert cues and cues <= set(POSITIVE_CUES if label else NEGATIVE_CUES)
+        assert not {w for w, r in zip(row, relevant) if not r} & set(POSITIVE_CUES + NEGATIVE_CUES)
+        assert 1 <= sum(relevant) <= 3
+    assert module.model_inputs == {"vocab_size": len(SYNTHETIC_VOCABULARY), "max_len": 20}
+
+
+def test_imdb_reads_the_release_layout(imdb_root: Path) -> None:
+    module = IMDBDataModule(imdb_root, max_len=8, max_vocab=50, val_fraction=0.34)
+    module.setup()
+    assert {k: len(v) for k, v in module.splits.items()} == {"train": 4, "val": 2, "test": 6}
+    test = module.splits["test"].tensors
+    assert test["label"].tolist() == [0, 0, 0, 1, 1, 1] and test["tokens"].shape == (6, 8)
+    assert module.decode(test["tokens"][3]).startswith("a wonderful moving film great cast")
+    assert tokenize("Great<br />cast, isn't it") == ["great", "cast", "isn't", "it"]
+    assert module.model_inputs == {"vocab_size": 50, "max_len": 8}
+
+
+def test_imdb_missing_or_empty_folders_are_clear_errors(imdb_root: Path) -> None:
+    with pytest.raises(DatasetLayoutError, match="does not exist.*\n.*Expected layout"):
+        IMDBDataModule(imdb_root / "nope").setup()
+    for review in (imdb_root / "test" / "neg").iterdir():
+        review.unlink()
+    with pytest.raises(DatasetLayoutError, match=r"test/neg' holds no \.txt reviews"):
+        IMDBDataModule(imdb_root).setup()
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_median_rank_on_hand_made_cases() -> None:
+    scores = torch.tensor([[0.9, -0.8, 0.1, 0.0], [0.0, 0.1, 0.9, 0.8], [0.5, 0.1, 0.9, 0.8]])
+    relevant = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0]]).bool()
+    assert median_true_rank(scores, relevant).tolist() == [1.5, 3.5, 2.0]  # |-0.8| counts; ranks {3,1} -> 2
+    metric = MedianRank()
+    metric.update(scores, relevant)
+    assert metric.compute().item() == pytest.approx(2.0)
+    assert metric.values().tolist() == [1.5, 3.5, 2.0]
+
+
+def test_ties_are_broken_at_random() -> None:
+    torch.manual_seed(0)
+    ranks = feature_ranks(torch.zeros(4000, 4))
+    assert sorted(ranks[0].tolist()) == [1, 2, 3, 4]
+    first_rank_share = torch.bincount(ranks[:, 0], minlength=5)[1:].float() / 4000
+    assert torch.allclose(first_rank_share, torch.full((4,), 0.25), atol=0.03)
+
+
+def test_selection_recovery_and_agreement_on_hand_made_cases() -> None:
+    recovery = SelectionRecovery()
+    selection = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 1.0]])
+    relevant = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0]]).bool()
+    recovery.update(selection, relevant)
+    result = recovery.compute()
+    assert result["tpr"].item() == pytest.approx((1 + 2 / 3) / 2)
+    assert result["fdr"].item() == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert result["num_selected"].item() == pytest.approx(2.5)
+    agreement = AgreementAccuracy()
+    agreement.update(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]]))
+    agreement.update(torch.tensor([[0.0, 1.0]]), torch.tensor([1]))
+    assert agreement.compute().item() == pytest.approx(3 / 4)
+
+
+@pytest.mark.parametrize("method", FEATURE_METHODS)
+def test_captum_feature_attributions_rank_vectors_and_patches(method: str) -> None:
+    torch.manual_seed(0)
+    mlp = zoo.create_model("baseline_mlp", num_features=10, num_classes=2).eval()
+    assert attribute_features(mlp, torch.randn(3, 10), torch.tensor([0, 1, 0]), method).shape == (3, 10)
+    cnn = zoo.create_model("baseline_smallcnn", num_classes=2).eval()
+    patches = zoo.create_model("l2x_patches", num_classes=2).space
+    scores = attribute_features(cnn, torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), method, patches.feature_ids(), 16)
+    assert scores.shape == (2, 16) and (scores >= 0).all()
+
+
+# ------------------------------------------------------------------------------------------------ system
+def fit_selector(tmp: Path, initial_black_box: dict | None = None) -> "object":
+    import pytorch_lightning as pl
+
+    from zoo.systems import SelectorSystem
+
+    pl.seed_everything(0, verbose=False)
+    data = L2XSyntheticDataModule(dataset="xor", num_train=512, num_val=256, num_test=256, batch_size=128)
+    system = SelectorSystem(data_inputs=data.model_inputs, model_kwargs={"k": 2}, black_box_epochs=3,
+                            evaluator_epochs=1)
+    if initial_black_box is not None:
+        initial_black_box.update({k: v.clone() for k, v in system.black_box.state_dict().items()})
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp)
+    trainer.fit(system, datamodule=data)
+    return system, trainer
+
+
+def test_selector_system_trains_the_black_box_first_then_keeps_it_frozen(tmp_path: Path) -> None:
+    from zoo.systems import SelectorSystem
+
+    initial: dict[str, torch.Tensor] = {}
+    system, trainer = fit_selector(tmp_path, initial)
+    assert bool(system.black_box_ready) and bool(system.evaluator_ready)
+    assert not torch.equal(initial["head.weight"], system.black_box.head.weight)  # trained before the selector
+    assert {"val/acc", "val/evalx_acc", "val/median_rank", "val/tpr", "val/fdr"} <= set(trainer.callback_metrics)
+    frozen = {k: v.clone() for k, v in system.black_box.state_dict().items()}
+    system.prepare_frozen_models()  # already trained: nothing is retrained
+    trainer.fit_loop.max_epochs = 3
+    trainer.fit(system, datamodule=trainer.datamodule)
+    assert all(torch.equal(frozen[k], v) for k, v in system.black_box.state_dict().items())
+    assert not any(p.requires_grad for p in system.black_box.parameters())
+
+    saved = tmp_path / "selector.pt"
+    torch.save(system.state_dict(), saved)
+    loaded = SelectorSystem(data_inputs={"num_features": 10}, model_kwargs={"k": 2}, black_box_checkpoint=str(saved))
+    assert bool(loaded.black_box_ready) and not bool(loaded.evaluator_ready)
+    assert all(torch.equal(frozen[k], v) for k, v in loaded.black_box.state_dict().items())
+
+
+def test_selector_system_refuses_mismatched_black_box_weights_and_non_selectors(tmp_path: Path) -> None:
+    from zoo import CheckpointError
+    from zoo.systems import SelectorSystem
+
+    wrong = tmp_path / "wrong.pt"
+    torch.save(zoo.create_model("baseline_mlp", num_features=12).state_dict(), wrong)
+    with pytest.raises(CheckpointError, match="does not fit the black_box"):
+        SelectorSystem(data_inputs={"num_features": 10}, black_box_checkpoint=str(wrong))
+    torch.save({"unrelated.weight": torch.zeros(2)}, wrong)
+    with pytest.raises(CheckpointError, match="missing"):
+        SelectorSystem(data_inputs={"num_features": 10}, black_box_checkpoint=str(wrong))
+    with pytest.raises(ValueError, match="is not a feature selector"):
+        SelectorSystem(model_name="baseline_mlp", data_inputs={"num_features": 10})
+
+
+def test_race_script_writes_table_speed_and_boxplot(in_tmp_dir: Path) -> None:
+    import yaml
+
+    from benchmarks.l2x_race import main
+
+    settings = yaml.safe_load((REPO / "benchmarks" / "l2x_race.yaml").read_text())
+    settings |= {"data": {"num_train": 256, "num_val": 64, "num_test": 64, "batch_size": 128}, "epochs": 1,
+                 "black_box_epochs": 1, "evaluator_epochs": 1, "num_explained": 16, "num_explained_perturbation": 2,
+                 "repeats": 1, "overrides": {"digits_3v8": {"black_box_epochs": 1, "evaluator_epochs": 1}}}
+    (in_tmp_dir / "race.yaml").write_text(yaml.safe_dump(settings))
+    rows = main(["--config", "race.yaml", "--name", "race", "--datasets", "switch", "digits_3v8"])
+    assert [(r["dataset"], r["method"]) for r in rows] == [(d, m) for d in ("switch", "digits_3v8")
+                                                           for m in settings["methods"]]
+    assert all(r["n"] == (2 if r["method"] in ("kernel_shap", "lime") else 16) for r in rows if r["dataset"] == "switch")
+    assert all(1 <= r["median_rank"] <= 10 for r in rows if r["dataset"] == "switch")
+    folder = in_tmp_dir / "checkpoints" / "race"
+    assert (folder / "race.md").is_file() and (folder / "speed.csv").is_file()
+    assert (folder / "median_rank_boxplot.png").stat().st_size > 1000

@@ -1,0 +1,311 @@
+"""L2X (Chen, Song, Wainwright & Jordan, ICML 2018) and INVASE (Yoon, Jordon & van der Schaar, ICLR 2019):
+amortised instance-wise feature selectors that explain a frozen black box.
+
+Faithful: the explainer maps x to scores w over d features; training selects with the Concrete k-subset
+relaxation (noise drawn every step, `losses.selection.concrete_k_subset`), evaluation with an exact top-k of w;
+the approximator sees only the selected features and is trained against the black box's probabilities. The
+authors' synthetic nets are kept (explainer Dense100-Dense100-Dense(d), approximator Dense200-BN-Dense200-BN).
+Images are explained on a grid of patches (the mask is upsampled by repetition to pixels), text on tokens (the
+approximator multiplies each token's embedding by its selection weight; the black box sees unselected tokens
+replaced by padding). INVASE selects each feature with its own Bernoulli probability, so the number of selected
+features varies per instance; its actor/critic/baseline losses live in `losses.selection.INVASELoss`.
+
+Departure: the image explainer/approximator are small CNNs sized for 8x8-64x64 inputs instead of the paper's
+28x28 MNIST nets; the text explainer is one convolution with a global max-pooled context instead of the paper's
+CNN with a fixed 400-word input.
+
+Output dict (all selectors): ``{"logits": (B, C) approximator/critic logits on the selected input,
+"scores": (B, d) non-negative feature importance used for ranking, "selection": (B, d) relaxed (train) or hard
+(eval)}``; L2X adds ``"selection_logits"`` (w; scores = softmax(w)), INVASE ``"selection_probs"`` (= scores) and
+``"baseline_logits"``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from losses.selection import concrete_k_subset, top_k_mask
+from zoo._registry import input_size_aware, register_model
+
+PAD_ID = 0  # token id of padding; a token the black box sees as "not selected"
+
+
+# ------------------------------------------------------------------------------------------ feature spaces
+class VectorFeatures(nn.Module):
+    """Features are the entries of a (B, d) vector; a selection multiplies them."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def check(self, x: torch.Tensor) -> None:
+        if x.ndim != 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"expects vectors of shape (B, {self.num_features}); got {tuple(x.shape)}.")
+
+    def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+        return x * selection
+
+
+class PatchFeatures(nn.Module):
+    """Features are the cells of a grid of `patch_size` x `patch_size` patches over (B, C, S, S) images; the
+    selection is upsampled by repetition to pixels and multiplies the image (unselected pixels become 0)."""
+
+    def __init__(self, in_chans: int, image_size: int, patch_size: int) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}.")
+        self.in_chans, self.image_size, self.patch_size = in_chans, image_size, patch_size
+        self.grid = image_size // patch_size
+        self.num_features = self.grid**2
+
+    def check(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1:] != (self.in_chans, self.image_size, self.image_size):
+            raise ValueError(f"expects images of shape (B, {self.in_chans}, {self.image_size}, {self.image_size}); "
+                             f"got {tuple(x.shape)}.")
+
+    def pixel_mask(self, selection: torch.Tensor) -> torch.Tensor:
+        grid = selection.view(-1, 1, self.grid, self.grid)  # (B, 1, g, g)
+        return grid.repeat_interleave(self.patch_size, 2).repeat_interleave(self.patch_size, 3)  # (B, 1, S, S)
+
+    def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+        return x * self.pixel_mask(selection)
+
+    def feature_ids(self) -> torch.Tensor:
+        """(1, 1, S, S) patch index of every pixel: Captum's `feature_mask` for KernelShap/Lime on patches."""
+        return self.pixel_mask(torch.arange(self.num_features, dtype=torch.float32)[None]).long()
+
+
+class TokenFeatures(nn.Module):
+    """Features are the positions of a (B, L) token-id sequence; unselected positions become padding."""
+
+    def __init__(self, max_len: int) -> None:
+        super().__init__()
+        self.num_features = max_len
+
+    def check(self, x: torch.Tensor) -> None:
+        if x.ndim != 2 or x.shape[1] != self.num_features or x.dtype != torch.long:
+            raise ValueError(f"expects token ids of shape (B, {self.num_features}) and dtype long; got "
+                             f"{tuple(x.shape)} {x.dtype}.")
+
+    def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+        return torch.where(selection > 0.5, x, torch.full_like(x, PAD_ID))
+
+
+# ------------------------------------------------------------------------------------------ networks
+def mlp(sizes: list[int], batch_norm: bool = False) -> nn.Sequential:
+    """Dense layers with ReLU between them (and BatchNorm before each ReLU if asked); the last layer is linear."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers += [nn.BatchNorm1d(n_out)] if batch_norm else []
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class VectorScorer(nn.Module):
+    """Explainer for vectors (authors' code): Dense100-Dense100-Dense(d)."""
+
+    def __init__(self, space: VectorFeatures, hidden: int = 100) -> None:
+        super().__init__()
+        self.net = mlp([space.num_features, hidden, hidden, space.num_features])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class VectorApproximator(nn.Module):
+    """Approximator for vectors (authors' code): Dense200-BN-Dense200-BN-Dense(C) on x * selection."""
+
+    def __init__(self, space: VectorFeatures, num_classes: int, hidden: int = 200) -> None:
+        super().__init__()
+        self.space = space
+        self.net = mlp([space.num_features, hidden, hidden, num_classes], batch_norm=True)
+
+    def forward(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+        return self.net(self.space.mask_input(x, selection))
+
+
+class PatchScorer(nn.Module):
+    """Explainer for images: three 3x3 convolutions, pooled to the patch grid, one score per patch."""
+
+    def __init__(self, space: PatchFeatures, width: int = 32) -> None:
+        super().__init__()
+        self.grid = space.grid
+        self.net = nn.Sequential(
+            nn.Conv2d(space.in_chans, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 1, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.net(x), self.grid).flatten(1)  # (B, g*g)
+
+
+class PatchApproximator(nn.Module):
+    """Approximator for images: two 3x3 convolutions on the masked image, global max pool, linear."""
+
+    def __init__(self, space: PatchFeatures, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+        self.space = space
+        self.net = nn.Sequential(
+            nn.Conv2d(space.in_chans, width, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(2 * width, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+        return self.net(self.space.mask_input(x, selection))
+
+
+class TokenScorer(nn.Module):
+    """Explainer for text: embedding, a width-3 convolution (local), its global max (context), a 1x1 score per
+    token from [local; context]; padding positions get a very low score so they are never selected."""
+
+    def __init__(self, space: TokenFeatures, vocab_size: int, embed_dim: int = 50, width: int = 100) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD_ID)
+        self.local = nn.Conv1d(embed_dim, width, 3, padding=1)
+        self.score = nn.Conv1d(2 * width, 1, 1)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        local = F.relu(self.local(self.embed(tokens).transpose(1, 2)))  # (B, width, L)
+        context = local.amax(-1, keepdim=True).expand_as(local)  # (B, width, L)
+        scores = self.score(torch.cat([local, context], 1)).squeeze(1)  # (B, L)
+        return scores.masked_fill(tokens == PAD_ID, -1e4)
+
+
+class TokenApproximator(nn.Module):
+    """Approximator for text (authors' IMDB net): embeddings scaled by the selection, mean over positions,
+    Dense250-Dense(C)."""
+
+    def __init__(self, space: TokenFeatures, vocab_size: int, num_classes: int, embed_dim: int = 50,
+                 hidden: int = 250) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=PAD_ID)
+        self.net = mlp([embed_dim, hidden, num_classes])
+
+    def forward(self, tokens: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+        embedded = self.embed(tokens) * selection.unsqueeze(-1)  # (B, L, E), unselected tokens are zero vectors
+        return self.net(embedded.mean(1))
+
+
+# ------------------------------------------------------------------------------------------ selectors
+class FeatureSelector(nn.Module):
+    """What L2X and INVASE share: a feature space, a scorer (explainer/actor) and an approximator (critic).
+
+    `mask_input(x, selection)` applies a hard selection in input space, the form in which the black box and the
+    EVAL-X evaluator see an explanation.
+    """
+
+    def __init__(self, space: nn.Module, scorer: nn.Module, approximator: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.space, self.scorer, self.approximator = space, scorer, approximator
+        self.num_classes, self.num_features = num_classes, space.num_features
+
+    def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+        return self.space.mask_input(x, selection)
+
+
+class L2X(FeatureSelector):
+    """Explainer + variational approximator; exactly `k` features per instance."""
+
+    def __init__(self, space: nn.Module, scorer: nn.Module, approximator: nn.Module, num_classes: int, *, k: int,
+                 tau: float) -> None:
+        super().__init__(space, scorer, approximator, num_classes)
+        if not 1 <= k <= space.num_features:
+            raise ValueError(f"k must be in [1, {space.num_features}] (the number of features); got {k}.")
+        self.k, self.tau = k, tau
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.space.check(x)
+        selection_logits = self.scorer(x)  # (B, d) w
+        if self.training:
+            selection = concrete_k_subset(selection_logits, self.k, self.tau)
+        else:
+            selection = top_k_mask(selection_logits, self.k)
+        # softmax(w) ranks features as w does and is >= 0, so |score| rankings agree with the top-k of w
+        return {"logits": self.approximator(x, selection), "scores": selection_logits.softmax(-1),
+                "selection_logits": selection_logits, "selection": selection}
+
+
+class INVASE(FeatureSelector):
+    """Actor (per-feature Bernoulli probabilities), critic on the selected input, baseline on the full input."""
+
+    def __init__(self, space: nn.Module, scorer: nn.Module, approximator: nn.Module, baseline: nn.Module,
+                 num_classes: int, *, threshold: float = 0.5) -> None:
+        super().__init__(space, scorer, approximator, num_classes)
+        self.baseline, self.threshold = baseline, threshold
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.space.check(x)
+        probs = torch.sigmoid(self.scorer(x))  # (B, d)
+        selection = torch.bernoulli(probs) if self.training else (probs > self.threshold).float()
+        return {
+            "logits": self.approximator(x, selection),
+            "baseline_logits": self.baseline(x, torch.ones_like(probs)),
+            "scores": probs, "selection_probs": probs, "selection": selection,
+        }
+
+
+# ------------------------------------------------------------------------------------------ factories
+def _parts(kind: str, num_classes: int, **kw) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """(space, scorer, approximator, second approximator) for one input kind."""
+    if kind == "vector":
+        space = VectorFeatures(kw["num_features"])
+        return space, VectorScorer(space), VectorApproximator(space, num_classes), VectorApproximator(space, num_classes)
+    if kind == "patches":
+        space = PatchFeatures(kw["in_chans"], kw["image_size"], kw["patch_size"])
+        return space, PatchScorer(space), PatchApproximator(space, num_classes), PatchApproximator(space, num_classes)
+    space = TokenFeatures(kw["max_len"])
+    vocab = kw["vocab_size"]
+    return (space, TokenScorer(space, vocab), TokenApproximator(space, vocab, num_classes),
+            TokenApproximator(space, vocab, num_classes))
+
+
+def _create_l2x(kind: str, num_classes: int, k: int, tau: float, **kw) -> L2X:
+    space, scorer, approximator, _ = _parts(kind, num_classes, **kw)
+    return L2X(space, scorer, approximator, num_classes, k=k, tau=tau)
+
+
+def _create_invase(kind: str, num_classes: int, threshold: float, **kw) -> INVASE:
+    space, scorer, critic, baseline = _parts(kind, num_classes, **kw)
+    return INVASE(space, scorer, critic, baseline, num_classes, threshold=threshold)
+
+
+@register_model
+def l2x_vector(num_features: int = 10, num_classes: int = 2, k: int = 4, tau: float = 0.1) -> L2X:
+    """L2X on feature vectors (the paper's synthetic nets), k features per instance."""
+    return _create_l2x("vector", num_classes, k, tau, num_features=num_features)
+
+
+@register_model
+@input_size_aware
+def l2x_patches(num_classes: int = 2, in_chans: int = 1, image_size: int = 8, patch_size: int = 2, k: int = 4,
+                tau: float = 0.1) -> L2X:
+    """L2X on a grid of image patches (mask upsampled to pixels), k patches per image."""
+    return _create_l2x("patches", num_classes, k, tau, in_chans=in_chans, image_size=image_size,
+                       patch_size=patch_size)
+
+
+@register_model
+def l2x_tokens(vocab_size: int = 2000, max_len: int = 64, num_classes: int = 2, k: int = 5, tau: float = 0.5) -> L2X:
+    """L2X on token sequences (embedding masking), k tokens per text."""
+    return _create_l2x("tokens", num_classes, k, tau, vocab_size=vocab_size, max_len=max_len)
+
+
+@register_model
+def invase_vector(num_features: int = 10, num_classes: int = 2, threshold: float = 0.5) -> INVASE:
+    """INVASE on feature vectors: instance-wise number of selected features."""
+    return _create_invase("vector", num_classes, threshold, num_features=num_features)
+
+
+@register_model
+@input_size_aware
+def invase_patches(num_classes: int = 2, in_chans: int = 1, image_size: int = 8, patch_size: int = 2,
+                   threshold: float = 0.5) -> INVASE:
+    """INVASE on a grid of image patches: instance-wise number of selected patches."""
+    return _create_invase("patches", num_classes, threshold, in_chans=in_chans, image_size=image_size,
+                          patch_size=patch_size)
