@@ -1,0 +1,235 @@
+"""L2X and INVASE against Captum's post-hoc explainers on the same frozen black box (the L2X paper's Figure 2/3
+experiment, plus digits 3 vs 8 on 2x2 patches), in one run.
+
+    python benchmarks/l2x_race.py --config benchmarks/l2x_race.yaml [--name l2x_race] [--datasets xor switch]
+
+Per dataset: a black box (MLP; tiny CNN for digits) and an EVAL-X evaluator (same architecture, random masks)
+are trained and frozen inside the L2X run; INVASE then loads the same two. Every method explains the same test
+samples for the black box's predicted class: L2X and INVASE by one forward pass, Captum's Saliency,
+InputXGradient, IntegratedGradients, DeepLift, KernelShap and Lime (default sample counts) by attribution.
+Attributions are turned into a top-k selection (k = the true set size; INVASE selects its own number), then
+scored the same way: median rank of the true features, TPR/FDR, post-hoc accuracy (black box on the selection
+agrees with the black box) and EVAL-X accuracy (evaluator on the selection vs the label).
+
+Timing: batched methods are timed `repeats` times over all samples (median); KernelShap and Lime explain one
+sample at a time (Captum fits one surrogate per sample), timed per sample (median). Writes
+checkpoints/<name>/race.{md,csv}, speed.csv and median_rank_boxplot.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from datamodules import DigitsDataModule, L2XSyntheticDataModule  # noqa: E402
+from datamodules.l2x_synthetic import DATASETS, NUM_SELECTED  # noqa: E402
+from losses.selection import top_k_mask  # noqa: E402
+from metrics.captum_adapters import FEATURE_METHODS, attribute_features  # noqa: E402
+from metrics.selection import AgreementAccuracy, SelectionRecovery, median_true_rank  # noqa: E402
+from train import write_report  # noqa: E402
+from zoo.systems import SelectorSystem  # noqa: E402
+
+SELECTORS = ("l2x", "invase")
+PERTURBATION_METHODS = ("kernel_shap", "lime")
+
+
+def task_setting(task: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Datamodule, selector models, black box and k of one task (a synthetic dataset or digits_3v8)."""
+    tau = settings.get("tau", 0.1)
+    if task in DATASETS:
+        k = NUM_SELECTED[task]
+        return {"data": L2XSyntheticDataModule(dataset=task, seed=settings.get("seed", 0), **settings["data"]),
+                "input_key": "features", "k": k, "black_box": "baseline_mlp",
+                "models": {"l2x": ("l2x_vector", {"k": k, "tau": tau}), "invase": ("invase_vector", {})}}
+    if task == "digits_3v8":
+        patch = {"patch_size": 2}
+        return {"data": DigitsDataModule(classes=[3, 8], image_size=8, seed=settings.get("seed", 0),
+                                         batch_size=settings.get("digits_batch_size", 64)),
+                "input_key": "image", "k": 4, "black_box": "baseline_smallcnn",
+                "models": {"l2x": ("l2x_patches", {"k": 4, "tau": tau, **patch}), "invase": ("invase_patches", patch)}}
+    raise ValueError(f"Unknown race task {task!r}; choose from {[*DATASETS, 'digits_3v8']}.")
+
+
+def train_selector(name: str, task: str, which: str, setting: dict[str, Any], settings: dict[str, Any],
+                   frozen: Path | None) -> tuple[SelectorSystem, float]:
+    """Fit one selector system; with `frozen`, its black box and evaluator are loaded from that file."""
+    data = setting["data"]
+    model_name, model_kwargs = setting["models"][which]
+    system = SelectorSystem(
+        model_name=model_name, num_classes=data.num_classes, in_chans=data.num_channels, image_size=data.image_size,
+        data_inputs=data.model_inputs, model_kwargs=model_kwargs, black_box=setting["black_box"],
+        black_box_epochs=settings["black_box_epochs"], evaluator_epochs=settings["evaluator_epochs"],
+        black_box_checkpoint=str(frozen) if frozen else None, evaluator_checkpoint=str(frozen) if frozen else None,
+        optimizer=functools.partial(torch.optim.Adam, lr=settings.get("lr", 1e-3),
+                                    weight_decay=settings.get("weight_decay", 1e-3)),
+        input_key=setting["input_key"],
+    )
+    trainer = pl.Trainer(
+        max_epochs=settings["epochs"], accelerator="cpu", devices=1, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+        logger=pl.loggers.TensorBoardLogger("checkpoints", name=f"{name}/{task}", version=which),
+        limit_train_batches=settings.get("limit_train_batches"),
+    )
+    start = time.perf_counter()
+    trainer.fit(system, datamodule=data)
+    return system.eval(), time.perf_counter() - start
+
+
+def timed(function: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float]:
+    """Result of `function` and the median wall time of `repeats` calls."""
+    seconds, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        seconds.append(time.perf_counter() - start)
+    return result, statistics.median(seconds)
+
+
+def explain_all(systems: dict[str, SelectorSystem], method: str, x: torch.Tensor, target: torch.Tensor, k: int,
+                feature_mask: torch.Tensor | None, repeats: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(scores (N, d), hard selection (N, d), seconds per sample) of one method on all of `x`."""
+    if method in SELECTORS:
+        model = systems[method].model
+
+        def forward() -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                return model(x)
+
+        out, seconds = timed(forward, repeats)
+        return out["scores"], out["selection"], seconds / len(x)
+    black_box = systems["l2x"].black_box
+    num_features = systems["l2x"].model.num_features
+    if method in PERTURBATION_METHODS:  # one surrogate per sample: timed per sample, median
+        scores, seconds = [], []
+        for i in range(len(x)):
+            start = time.perf_counter()
+            scores.append(attribute_features(black_box, x[i: i + 1], target[i: i + 1], method, feature_mask,
+                                             num_features))
+            seconds.append(time.perf_counter() - start)
+        scores_all, per_sample = torch.cat(scores), statistics.median(seconds)
+    else:
+        scores_all, total = timed(lambda: attribute_features(black_box, x, target, method, feature_mask,
+                                                             num_features), repeats)
+        per_sample = total / len(x)
+    return scores_all, top_k_mask(scores_all, k), per_sample
+
+
+def race_task(name: str, task: str, settings: dict[str, Any], methods: list[str]) -> tuple[list[dict], dict]:
+    """Train the selectors, explain the test samples with every method, score them; rows and per-sample ranks."""
+    pl.seed_everything(settings.get("seed", 0), verbose=False)
+    setting = task_setting(task, settings)
+    folder = Path("checkpoints") / name / task
+    systems, train_seconds = {}, {}
+    systems["l2x"], train_seconds["l2x"] = train_selector(name, task, "l2x", setting, settings, None)
+    folder.mkdir(parents=True, exist_ok=True)
+    frozen = folder / "black_box_and_evaluator.pt"
+    torch.save({k: v for k, v in systems["l2x"].state_dict().items() if k.startswith(("black_box.", "evaluator."))},
+               frozen)
+    if "invase" in methods:
+        systems["invase"], train_seconds["invase"] = train_selector(name, task, "invase", setting, settings, frozen)
+    test = setting["data"].splits["test"].tensors
+    count = min(settings["num_explained"], len(test[setting["input_key"]]))
+    x, y = test[setting["input_key"]][:count], test["label"][:count]
+    relevant = test.get("relevant")
+    black_box, evaluator = systems["l2x"].black_box, systems["l2x"].evaluator
+    with torch.no_grad():
+        target = black_box(x)["logits"].argmax(-1)  # explain the black box's decision
+    feature_mask = systems["l2x"].model.space.feature_ids() if setting["input_key"] == "image" else None
+    rows, ranks = [], {}
+    for method in methods:
+        n = min(count, settings["num_explained_perturbation"]) if method in PERTURBATION_METHODS else count
+        scores, selection, seconds = explain_all(systems, method, x[:n], target[:n], setting["k"], feature_mask,
+                                                 settings.get("repeats", 5))
+        masked = systems["l2x"].model.mask_input(x[:n], selection)
+        posthoc, evalx = AgreementAccuracy(), AgreementAccuracy()
+        with torch.no_grad():
+            posthoc.update(black_box(masked)["logits"], target[:n])
+            evalx.update(evaluator(masked)["logits"], y[:n])
+        row = {"dataset": task, "method": method, "n": n, "num_selected": round(selection.sum(-1).mean().item(), 2)}
+        if relevant is not None:
+            medians = median_true_rank(scores, relevant[:n])
+            recovery = SelectionRecovery()
+            recovery.update(selection, relevant[:n])
+            ranks[method] = medians
+            row |= {"median_rank": round(medians.quantile(0.5).item(), 2),
+                    "mean_rank": round(medians.mean().item(), 3),
+                    **{k: round(v.item(), 3) for k, v in recovery.compute().items() if k != "num_selected"}}
+        row |= {"posthoc_acc": round(posthoc.compute().item(), 3), "evalx_acc": round(evalx.compute().item(), 3),
+                "ms_per_sample": round(1000 * seconds, 5), "samples_per_s": round(1 / seconds, 1),
+                "train_s": round(train_seconds.get(method, 0.0), 1)}
+        rows.append(row)
+    return rows, ranks
+
+
+def speed_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """L2X's samples/s divided by every other method's, per dataset (the same run, the same machine)."""
+    out = []
+    for task in dict.fromkeys(r["dataset"] for r in rows):
+        by_method = {r["method"]: r["samples_per_s"] for r in rows if r["dataset"] == task}
+        if "l2x" in by_method:
+            out.append({"dataset": task, **{f"l2x_vs_{m}": round(by_method["l2x"] / v, 1)
+                                            for m, v in by_method.items() if m != "l2x"}})
+    return out
+
+
+def save_boxplot(path: Path, ranks: dict[str, dict[str, torch.Tensor]], optimum: dict[str, float]) -> None:
+    """One panel per dataset, one box per method: the distribution of per-sample median ranks (paper's Fig. 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in ranks if ranks[t]]
+    if not tasks:
+        return
+    figure, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False)
+    for axis, task in zip(axes[0], tasks):
+        methods = list(ranks[task])
+        axis.boxplot([ranks[task][m].numpy() for m in methods], showfliers=False)
+        axis.set_xticks(range(1, len(methods) + 1), methods, rotation=60, fontsize=8)
+        axis.axhline(optimum[task], color="grey", linestyle="--", linewidth=0.8)
+        axis.set_title(task, fontsize=9)
+        axis.set_ylabel("median rank of true features")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "benchmarks" / "l2x_race.yaml"))
+    parser.add_argument("--name", help="output folder under checkpoints/ (default: the config's name)")
+    parser.add_argument("--datasets", nargs="+", help="subset of the config's datasets")
+    args = parser.parse_args(argv)
+    settings = yaml.safe_load(Path(args.config).read_text())
+    name = args.name or settings.get("name", "l2x_race")
+    methods = settings.get("methods", [*SELECTORS, *FEATURE_METHODS])
+    unknown = sorted(set(methods) - {*SELECTORS, *FEATURE_METHODS})
+    if unknown or "l2x" not in methods:
+        raise ValueError(f"methods must include l2x and come from {[*SELECTORS, *FEATURE_METHODS]}; got {unknown}.")
+    rows, ranks = [], {}
+    for task in args.datasets or settings["datasets"]:
+        task_settings = {**settings, **(settings.get("overrides") or {}).get(task, {})}
+        task_rows, ranks[task] = race_task(name, task, task_settings, methods)
+        rows += task_rows
+    folder = Path("checkpoints") / name
+    write_report(folder, {"race": rows, "speed": speed_rows(rows)}, stem="race")
+    optimum = {t: (NUM_SELECTED[t] + 1) / 2 for t in ranks if t in NUM_SELECTED}
+    save_boxplot(folder / "median_rank_boxplot.png", ranks, optimum)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
