@@ -57,6 +57,12 @@ class TokenDataModule(DictDataModule):
     def decode(self, tokens: torch.Tensor) -> str:
         return " ".join(self.vocabulary[int(t)] for t in tokens if int(t) != 0)
 
+    def decode_selection(self, tokens: torch.Tensor, selection: torch.Tensor) -> str:
+        """The text with selected words in **bold** (markdown, as TensorBoard's text tab renders it)."""
+        words = [f"**{self.vocabulary[int(t)]}**" if s > 0.5 else self.vocabulary[int(t)]
+                 for t, s in zip(tokens, selection) if int(t) != 0]
+        return " ".join(words)
+
 
 class IMDBDataModule(TokenDataModule):
     """aclImdb movie reviews, positive = 1. The vocabulary is the `max_vocab - 2` most frequent training words

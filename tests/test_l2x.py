@@ -282,3 +282,20 @@ def test_race_script_writes_table_speed_and_boxplot(in_tmp_dir: Path) -> None:
     folder = in_tmp_dir / "checkpoints" / "race"
     assert (folder / "race.md").is_file() and (folder / "speed.csv").is_file()
     assert (folder / "median_rank_boxplot.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("config", ["configs/l2x/digits.yaml", "configs/l2x/sentiment.yaml"])
+def test_selection_callback_shows_selected_patches_and_words(config: str, in_tmp_dir: Path) -> None:
+    from train import main
+
+    small = ["--data.init_args.num_train=256", "--data.init_args.num_val=64"] if "sentiment" in config else []
+    cli = main(["fit", "--config", str(REPO / config), "--trainer.max_epochs=1", "--model.init_args.black_box_epochs=1",
+                "--model.init_args.evaluator_epochs=1", "--progress_bar.refresh_rate=0", *small])
+    folder = Path(cli.trainer.log_dir) / "selection"
+    if "digits" in config:
+        from PIL import Image
+
+        assert Image.open(folder / "epoch0.png").size[0] > 8 * 64  # 8 images enlarged to 64 px
+    else:
+        text = (folder / "epoch0.md").read_text()
+        assert text.count("**") >= 2 * 3 * 8 and "(true: [" in text  # k = 3 bold words in each of 8 texts

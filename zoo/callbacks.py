@@ -89,3 +89,54 @@ class FilterMapsCallback(pl.Callback):
                 part = f"{names[best] if names and best < len(names) else best} ({scores[f, best]:.2f})"
             rows.append((f, f"{f} | {category} | {part}"))
         return rows
+
+
+class SelectionCallback(pl.Callback):
+    """After each validation epoch: what a feature selector (L2X, INVASE) keeps for a fixed validation batch.
+
+    Images: the input with unselected patches dimmed (TensorBoard ``selection/images`` and, in the run folder,
+    ``selection/epoch<e>.png``); token ids: the text with selected words in **bold**, and vectors: the selected
+    feature indices next to the true ones (TensorBoard text ``selection/text``, ``selection/epoch<e>.md``).
+    """
+
+    def __init__(self, num_samples: int = 8) -> None:
+        self.num_samples = num_samples
+        self.batch: dict[str, torch.Tensor] | None = None
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if self.batch is None:
+            self.batch = {k: v[: self.num_samples] for k, v in next(iter(trainer.datamodule.val_dataloader())).items()}
+        x = self.batch[pl_module.input_key].to(pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            selection = pl_module.model(x)["selection"]  # (N, d) hard in eval mode
+        pl_module.train(was_training)
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "selection"
+        folder.mkdir(parents=True, exist_ok=True)
+        experiment = trainer.logger.experiment if isinstance(trainer.logger, TensorBoardLogger) else None
+        if x.ndim == 4:
+            kept = pl_module.model.space.pixel_mask(selection)  # (N, 1, H, W)
+            shown = x.float() * (0.25 + 0.75 * kept)  # unselected patches dimmed, not hidden
+            panels = torch.cat([x.float(), shown])  # originals above, selections below
+            scale = max(1, 64 // x.shape[-1])  # small images (digits are 8x8) are enlarged to be seen
+            grid = make_grid(F.interpolate(panels, scale_factor=scale, mode="nearest"), nrow=len(x))
+            save_image(grid, folder / f"epoch{trainer.current_epoch}.png")
+            if experiment is not None:
+                experiment.add_image("selection/images", grid, trainer.global_step)
+            return
+        decode = getattr(trainer.datamodule, "decode_selection", None) or self._describe
+        lines = [decode(x[i].cpu(), selection[i].cpu()) for i in range(len(x))]
+        if "relevant" in self.batch:
+            lines = [f"{line}  (true: {self.batch['relevant'][i].nonzero().flatten().tolist()})"
+                     for i, line in enumerate(lines)]
+        text = "\n\n".join(f"{i}. {line}" for i, line in enumerate(lines))
+        (folder / f"epoch{trainer.current_epoch}.md").write_text(text + "\n")
+        if experiment is not None:
+            experiment.add_text("selection/text", text, trainer.global_step)
+
+    @staticmethod
+    def _describe(x: torch.Tensor, selection: torch.Tensor) -> str:
+        return f"selected features {selection.nonzero().flatten().tolist()}"
