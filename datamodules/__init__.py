@@ -6,7 +6,9 @@ from datamodules.digits import DigitsDataModule
 from datamodules.image_folder import ImageFolderDataModule
 from datamodules.l2x_synthetic import L2XSyntheticDataModule
 from datamodules.parts_world import PartsWorldDataModule
+from datamodules.rule_series import RuleSeriesDataModule, SeriesFileDataModule
 from datamodules.text import IMDBDataModule, SyntheticSentimentDataModule
 
 __all__ = ["CUB200DataModule", "DatasetLayoutError", "DictDataModule", "DigitsDataModule", "IMDBDataModule",
-           "ImageFolderDataModule", "L2XSyntheticDataModule", "PartsWorldDataModule", "SyntheticSentimentDataModule"]
+           "ImageFolderDataModule", "L2XSyntheticDataModule", "PartsWorldDataModule", "RuleSeriesDataModule",
+           "SeriesFileDataModule", "SyntheticSentimentDataModule"]

@@ -42,6 +42,7 @@ def dataset_overrides(config: str, cub_root: Path, image_folder_root: Path, imdb
         "PartsWorldDataModule": SMALL_WORLD,
         "L2XSyntheticDataModule": ["--data.init_args.num_train=512", "--data.init_args.num_val=256"],
         "SyntheticSentimentDataModule": ["--data.init_args.num_train=256", "--data.init_args.num_val=128"],
+        "RuleSeriesDataModule": ["--data.init_args.num_train=64", "--data.init_args.num_val=32"],
         "IMDBDataModule": [f"--data.init_args.root={imdb_root}", "--data.init_args.max_len=16"],
     }.get(cls, [])
 

@@ -86,6 +86,53 @@ class SmallCNN(nn.Module):
         self.num_classes, self.head = num_classes, nn.Linear(self.head.in_features, num_classes)
 
 
+class SeriesCNN(nn.Module):
+    """Opaque 1-D CNN for series: four dilated width-7 convolutions (receptive field 91 steps), max + mean over
+    time, linear; ReNN's opaque twin on rule_series."""
+
+    def __init__(self, *, in_chans: int = 1, num_classes: int = 4, width: int = 24, length: int | None = None) -> None:
+        super().__init__()
+        self.in_chans, self.num_classes = in_chans, num_classes
+        layers: list[nn.Module] = []
+        for i, dilation in enumerate((1, 2, 4, 8)):
+            layers += [nn.Conv1d(in_chans if i == 0 else width, width, 7, padding=3 * dilation, dilation=dilation),
+                       nn.BatchNorm1d(width), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.ndim != 3 or x.shape[1] != self.in_chans:
+            raise ValueError(f"SeriesCNN expects series of shape (B, {self.in_chans}, T); got {tuple(x.shape)}.")
+        features = self.body(x)  # (B, width, T)
+        return {"logits": self.head(torch.cat([features.amax(-1), features.mean(-1)], 1)), "features": features}
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes, self.head = num_classes, nn.Linear(self.head.in_features, num_classes)
+
+
+class SeriesLSTM(nn.Module):
+    """Opaque LSTM for series: a width-5 convolution (local features, stride 2), one LSTM layer, max + last hidden
+    state, linear; the recurrent opaque baseline on rule_series."""
+
+    def __init__(self, *, in_chans: int = 1, num_classes: int = 4, hidden: int = 40, length: int | None = None
+                 ) -> None:
+        super().__init__()
+        self.in_chans, self.num_classes = in_chans, num_classes
+        self.stem = nn.Sequential(nn.Conv1d(in_chans, 16, 5, stride=2, padding=2), nn.ReLU())
+        self.lstm = nn.LSTM(16, hidden, batch_first=True)
+        self.head = nn.Linear(2 * hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.ndim != 3 or x.shape[1] != self.in_chans:
+            raise ValueError(f"SeriesLSTM expects series of shape (B, {self.in_chans}, T); got {tuple(x.shape)}.")
+        states, _ = self.lstm(self.stem(x).transpose(1, 2))  # (B, T / 2, hidden)
+        features = torch.cat([states.amax(1), states[:, -1]], 1)
+        return {"logits": self.head(features), "features": states.transpose(1, 2)}
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes, self.head = num_classes, nn.Linear(self.head.in_features, num_classes)
+
+
 class TokenCNN(nn.Module):
     """Text classifier on (B, L) token ids (pad id 0): embedding, width-3 convolution, global max pool, linear
     (the L2X paper's IMDB black box, smaller)."""
@@ -156,6 +203,18 @@ def baseline_mlp(**kwargs) -> MLPClassifier:
 def baseline_smallcnn(**kwargs) -> SmallCNN:
     """Two-conv CNN for small images (the L2X paper's MNIST black box; digits 3 vs 8)."""
     return SmallCNN(**kwargs)
+
+
+@register_model
+def baseline_cnn1d(**kwargs) -> SeriesCNN:
+    """Dilated 1-D CNN on series (receptive field 91 steps): ReNN's opaque convolutional baseline."""
+    return SeriesCNN(**kwargs)
+
+
+@register_model
+def baseline_lstm(**kwargs) -> SeriesLSTM:
+    """Convolutional stem + LSTM on series: ReNN's opaque recurrent baseline."""
+    return SeriesLSTM(**kwargs)
 
 
 @register_model

@@ -104,7 +104,7 @@ class ClassificationSystem(pl.LightningModule):
         out = self.model(images)
         if stage == "train" and hasattr(self.model, "update_statistics"):
             self.model.update_statistics(out, batch)  # online statistics (e.g. ICNN's Z_T, categories), never in eval
-        terms = self.loss(out, batch)
+        terms = self._select_terms(self.loss(out, batch), stage)
         loss = torch.stack(list(terms.values())).sum()
         if stage == "train" and not torch.isfinite(loss):
             message = (f"Non-finite training loss at global step {self.global_step}, epoch {self.current_epoch}, "
@@ -121,9 +121,17 @@ class ClassificationSystem(pl.LightningModule):
         accuracy = self.metrics[f"{stage}_acc"]
         accuracy.update(out["logits"].detach(), labels)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        if self.part_maps_key is not None and stage != "train":
-            self._update_part_metrics(out[self.part_maps_key], batch, stage)
+        if stage != "train":
+            self._update_eval_metrics(out, batch, stage)
         return loss
+
+    def _select_terms(self, terms: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+        """The loss terms summed in this step (all of them; staged training narrows this)."""
+        return terms
+
+    def _update_eval_metrics(self, out: dict[str, torch.Tensor], batch: dict[str, Any], stage: str) -> None:
+        if self.part_maps_key is not None:
+            self._update_part_metrics(out[self.part_maps_key], batch, stage)
 
     def _update_part_metrics(self, maps: torch.Tensor, batch: dict[str, Any], stage: str) -> None:
         if "landmarks" in batch:
@@ -374,3 +382,106 @@ class SelectorSystem(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+
+
+class StagedSystem(ClassificationSystem):
+    """A ClassificationSystem trained in stages, each naming the submodules it trains and the loss terms it uses
+    (ReNN: local detectors on the pattern loss; then global inference on the task loss with the detectors frozen;
+    optionally both at a lower learning rate). The stage is chosen from the epoch, logged as `schedule/stage`,
+    and its frozen submodules really get no update (requires_grad off, so the optimiser skips them).
+
+    Args:
+        stages: list of {name, epochs, train: [submodule names of the model], losses: [loss term names],
+            lr_scale (default 1)}; epochs past the last stage stay in the last stage.
+        rule_events_key: batch field with ground-truth rule events (B, R, T), scored against the model's
+            `rule_map` (precision / recall per rule) in validation and test.
+    """
+
+    def __init__(self, *args: Any, stages: list[dict[str, Any]] | None = None,
+                 rule_events_key: str = "rule_events", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        from metrics.rules import RuleFiring
+
+        self.stages = stages or [{"name": "all", "epochs": 1, "train": [n for n, _ in self.model.named_children()],
+                                  "losses": None}]
+        for stage in self.stages:
+            unknown = set(stage.get("train", [])) - {n for n, _ in self.model.named_children()}
+            if unknown:
+                raise ValueError(f"stage {stage.get('name')!r} trains {sorted(unknown)}, which "
+                                 f"{type(self.model).__name__} does not have; it has "
+                                 f"{[n for n, _ in self.model.named_children()]}.")
+        self.rule_events_key = rule_events_key
+        rules = getattr(getattr(self.model, "rule_layer", None), "rule_names", None)
+        self.rule_names = list(rules or [])
+        if self.rule_names:
+            for stage in ("val", "test"):
+                self.metrics[f"{stage}_rule_firing"] = RuleFiring(len(self.rule_names))
+        self.stage_index = 0
+        self.base_lrs: list[float] | None = None
+
+    def stage_at(self, epoch: int) -> int:
+        end = 0
+        for index, stage in enumerate(self.stages):
+            end += int(stage["epochs"])
+            if epoch < end:
+                return index
+        return len(self.stages) - 1
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self.stage_index = self.stage_at(self.current_epoch)
+        stage = self.stages[self.stage_index]
+        for name, module in self.model.named_children():
+            module.requires_grad_(name in stage.get("train", []))
+        self.train(self.training)  # frozen submodules to eval mode (BatchNorm statistics stay put too)
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        if self.base_lrs is None:
+            self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        for group, base in zip(optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * float(stage.get("lr_scale", 1.0))
+        self.log("schedule/stage", float(self.stage_index), on_step=False, on_epoch=True)
+
+    def train(self, mode: bool = True) -> "StagedSystem":
+        super().train(mode)
+        if mode and hasattr(self, "stages"):
+            trained = self.stages[self.stage_index].get("train", [])
+            for name, module in self.model.named_children():
+                if name not in trained:
+                    module.eval()
+        return self
+
+    def configure_optimizers(self) -> Any:
+        saved = [p.requires_grad for p in self.parameters()]
+        self.requires_grad_(True)  # the optimiser holds every parameter; stages switch them on and off
+        try:
+            return super().configure_optimizers()
+        finally:
+            for p, flag in zip(self.parameters(), saved):
+                p.requires_grad_(flag)
+
+    def _select_terms(self, terms: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+        wanted = self.stages[self.stage_index].get("losses") if stage == "train" else None
+        return terms if wanted is None else {k: v for k, v in terms.items() if k in wanted}
+
+    def _update_eval_metrics(self, out: dict[str, torch.Tensor], batch: dict[str, Any], stage: str) -> None:
+        super()._update_eval_metrics(out, batch, stage)
+        if self.rule_names and self.rule_events_key in batch:
+            self.metrics[f"{stage}_rule_firing"].update(out["rule_map"], batch[self.rule_events_key])
+
+    def _log_rule_firing(self, stage: str) -> None:
+        if not self.rule_names:
+            return
+        metric = self.metrics[f"{stage}_rule_firing"]
+        if metric.update_count:
+            result = metric.compute()
+            for key, values in result.items():
+                self.log(f"{stage}/rule_{key}", values.mean())
+                for name, value in zip(self.rule_names, values):
+                    self.log(f"{stage}/rule_{key}/{name}", value)
+        metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_rule_firing("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_rule_firing("test")

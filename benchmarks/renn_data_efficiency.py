@@ -1,0 +1,103 @@
+"""Data efficiency on rule_series: validation accuracy of ReNN, the opaque 1-D CNN and the LSTM trained on 5, 10,
+25 and 100 % of the training split, each point averaged over seeds; plus how well ReNN's rule map fires on the
+ground-truth rule events (precision / recall).
+
+    python benchmarks/renn_data_efficiency.py [--fractions 0.05 0.1 0.25 1.0] [--seeds 0 1] [--name renn_data]
+
+Every point is a `train.py ablate` grid point (checkpoints/<name>/<model>/<point>/, resumable: finished points are
+skipped when the command runs again). Every model gets the same number of optimiser steps at every fraction (the
+datamodule draws a full-size epoch from the kept subset), so the curve measures data, not budget. Writes
+checkpoints/<name>/data_efficiency.{md,csv} and data_efficiency.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from train import grid_points, run_grid_point, write_report  # noqa: E402
+
+MODELS = {
+    "renn": "configs/renn/rule_series.yaml",
+    "cnn": "configs/baselines/rule_series_cnn.yaml",
+    "lstm": "configs/baselines/rule_series_lstm.yaml",
+}
+FRACTION_KEY = "data.init_args.train_fraction"
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def measure(name: str, fractions: list[float], seeds: list[int], extra: list[str]) -> dict[str, dict[float, list]]:
+    """{model: {fraction: [metrics of each seed]}}"""
+    results: dict[str, dict[float, list]] = {}
+    for model, config in MODELS.items():
+        results[model] = {}
+        for point in grid_points({FRACTION_KEY: fractions, "seed_everything": seeds}):
+            metrics = run_grid_point(str(REPO / config), f"{name}/{model}", point, extra)
+            results[model].setdefault(point[FRACTION_KEY], []).append(metrics)
+    return results
+
+
+def table(results: dict[str, dict[float, list]], fractions: list[float]) -> list[dict[str, Any]]:
+    rows = []
+    for fraction in fractions:
+        row: dict[str, Any] = {"train_fraction": fraction}
+        for model, by_fraction in results.items():
+            mean, std = mean_std([m["acc"] for m in by_fraction[fraction]])
+            row[f"{model}_acc"] = f"{mean:.3f} +- {std:.3f}"
+        renn = results["renn"][fraction]
+        best_baseline = max(mean_std([m["acc"] for m in results[b][fraction]])[0] for b in results if b != "renn")
+        row["renn_minus_best_baseline"] = round(mean_std([m["acc"] for m in renn])[0] - best_baseline, 3)
+        for key in ("rule_precision", "rule_recall"):
+            if key in renn[0]:
+                row[f"renn_{key}"] = round(mean_std([m[key] for m in renn])[0], 3)
+        rows.append(row)
+    return rows
+
+
+def save_figure(path: Path, results: dict[str, dict[float, list]], fractions: list[float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.8, 3.4))
+    for model, by_fraction in results.items():
+        stats = [mean_std([m["acc"] for m in by_fraction[f]]) for f in fractions]
+        axis.errorbar([100 * f for f in fractions], [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o",
+                      capsize=3, label=model)
+    axis.set_xscale("log")
+    axis.set_xticks([100 * f for f in fractions], [f"{100 * f:g}%" for f in fractions])
+    axis.set_xlabel("training data used")
+    axis.set_ylabel("validation accuracy")
+    axis.set_title("rule_series: data efficiency", fontsize=10)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fractions", nargs="+", type=float, default=[0.05, 0.1, 0.25, 1.0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--name", default="renn_data_efficiency")
+    args, extra = parser.parse_known_args(argv)
+    results = measure(args.name, args.fractions, args.seeds, ["--progress_bar.refresh_rate=0", *extra])
+    rows = table(results, args.fractions)
+    folder = Path("checkpoints") / args.name
+    write_report(folder, {"data_efficiency": rows}, stem="data_efficiency")
+    save_figure(folder / "data_efficiency.png", results, args.fractions)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""rule_series: 1-D signals of beat-like local patterns whose class is decided by long-range rules over them, with
+per-step pattern annotations and the ground-truth rule events; and a loader for users' own series (.npz / .csv).
+
+A series has a regular rhythm (beat-to-beat interval P ~ U(20, 28) steps, 3 % jitter) of normal beats (narrow
+upward spike) and, depending on the class, premature beats (wide, inverted, early: 0.5-0.55 P after the previous
+beat). Classes:
+    0 normal               only normal beats
+    1 compensated          1-3 premature beats on every other beat, each followed by a compensatory pause
+                           (next beat 1.45 P later)
+    2 interpolated         1-2 premature beats squeezed between two normal beats (next beat 0.5 P later)
+    3 bigeminy             a run of 4-5 premature beats on every other beat, each with its pause
+So "premature" alone does not tell classes 1-3 apart: the timing after it, and how many there are, do; locally a
+bigeminy run and a short run look the same. Any class may drop a beat (a gap of two intervals) away from the
+premature ones. Signals carry amplitude jitter, white noise and a slow baseline wander. Batch fields: `series` (1, T),
+`label`, `patterns` (2, T): 1 at each normal / premature beat's peak step, `rule_events` (3, T): the steps where
+the three reference rules of `zoo.renn.RULE_SERIES_RULES` are true (premature-then-pause, interpolated premature,
+frequent premature; the last one is a property of the whole series, true at every step of a bigeminy series).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from datamodules._base import DatasetLayoutError, DictDataModule, TensorDictDataset, check_labels
+
+CLASS_NAMES = ["normal", "compensated", "interpolated", "bigeminy"]
+PATTERN_NAMES = ["normal_beat", "premature_beat"]
+MAX_BEATS = 16
+
+
+def _beat_schedule(label: torch.Tensor, period: torch.Tensor, drop_rate: float, generator: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Beat times, premature flags and dropped-beat flags (each (N, MAX_BEATS)) for each series' class."""
+    n = len(label)
+    interval = period[:, None] * (1 + 0.03 * torch.randn(n, MAX_BEATS, generator=generator))  # (N, M) RR before
+    premature = torch.zeros(n, MAX_BEATS, dtype=torch.bool)
+    beat = torch.arange(MAX_BEATS)
+    # interpolated premature beats (class 2): one at index a in [2, 5], a second one at a + 3 for half of them
+    first = torch.randint(2, 6, (n,), generator=generator)
+    second = torch.where(torch.rand(n, generator=generator) < 0.5, first + 3, torch.full_like(first, -1))
+    isolated = (beat == first[:, None]) | (beat == second[:, None])
+    # runs of premature beats on every other beat (classes 1 and 3): 1-3 of them, or 4-5 (bigeminy)
+    count = torch.where(label == 3, torch.randint(4, 6, (n,), generator=generator),
+                        torch.randint(1, 4, (n,), generator=generator))
+    start = torch.randint(1, 3, (n,), generator=generator)
+    alternate = (beat >= start[:, None]) & ((beat - start[:, None]) % 2 == 0) & (beat < (start + 2 * count)[:, None])
+    premature = torch.where((label == 2)[:, None], isolated, premature)
+    premature = torch.where((label == 1)[:, None] | (label == 3)[:, None], alternate, premature)
+    early = period[:, None] * torch.where((label == 2)[:, None], 0.5, 0.55)  # (N, 1) RR before a premature beat
+    after = period[:, None] * torch.where((label == 2)[:, None], 0.5, 1.45)  # RR after it: interpolated / pause
+    interval = torch.where(premature, early, interval)
+    follows = torch.cat([torch.zeros(n, 1, dtype=torch.bool), premature[:, :-1]], 1)  # beat after a premature one
+    interval = torch.where(follows, after, interval)
+    offset = 5 + 10 * torch.rand(n, 1, generator=generator)
+    times = offset + interval.cumsum(1) - interval[:, :1]  # (N, M) first beat at the offset
+    # dropped beats (a gap of two intervals) in any class, never next to a premature beat
+    precedes = torch.cat([premature[:, 1:], torch.zeros(n, 1, dtype=torch.bool)], 1)
+    dropped = (torch.rand(n, MAX_BEATS, generator=generator) < drop_rate) & ~(premature | follows | precedes)
+    dropped[:, 0] = False
+    return times, premature, dropped
+
+
+def generate(num_samples: int, length: int = 256, noise: float = 0.15, wander: float = 0.5, drop_rate: float = 0.1,
+             seed: int = 0) -> dict[str, torch.Tensor]:
+    """Balanced classes; see the module docstring. Vectorised over series and beats."""
+    generator = torch.Generator().manual_seed(seed)
+    label = torch.arange(num_samples) % len(CLASS_NAMES)
+    label = label[torch.randperm(num_samples, generator=generator)]
+    period = 20 + 8 * torch.rand(num_samples, generator=generator)
+    times, premature, dropped = _beat_schedule(label, period, drop_rate, generator)
+    inside = (times < length - 4) & ~dropped  # beats drawn: those that fit in the window and were not dropped
+    steps = torch.arange(length, dtype=torch.float32)
+    distance = steps[None, None, :] - times[:, :, None]  # (N, M, T)
+    amplitude = 1 + 0.2 * (torch.rand(times.shape, generator=generator) - 0.5)  # (N, M)
+    normal_shape = torch.exp(-0.5 * (distance / 1.5) ** 2) - 0.25 * torch.exp(-0.5 * ((distance - 4) / 2) ** 2)
+    premature_shape = 0.8 * torch.exp(-0.5 * (distance / 2.6) ** 2) - 0.3 * torch.exp(-0.5 * ((distance - 6) / 2.5) ** 2)
+    shape = torch.where(premature[:, :, None], premature_shape, normal_shape) * (amplitude * inside)[:, :, None]
+    signal = shape.sum(1)  # (N, T)
+    cycle = 80 + 120 * torch.rand(num_samples, 1, generator=generator)
+    phase = 2 * torch.pi * torch.rand(num_samples, 1, generator=generator)
+    signal = signal + wander * torch.sin(2 * torch.pi * steps / cycle + phase)
+    signal = signal + noise * torch.randn(signal.shape, generator=generator)
+    # annotations: the peak step of every beat that fits
+    peak = times.round().long().clamp(0, length - 1)
+    patterns = torch.zeros(num_samples, len(PATTERN_NAMES), length)
+    patterns.scatter_(2, torch.stack([peak, peak], 1), torch.stack([inside & ~premature, inside & premature], 1).float())
+    # rule events at premature peaks: followed by a pause (classes 1, 3) or interpolated (class 2)
+    premature_peaks = patterns[:, 1]
+    paused = premature_peaks * ((label == 1) | (label == 3)).float()[:, None]
+    interpolated = premature_peaks * (label == 2).float()[:, None]
+    frequent = (label == 3).float()[:, None].expand(-1, length)
+    return {"series": signal[:, None], "label": label, "patterns": patterns,
+            "rule_events": torch.stack([paused, interpolated, frequent], 1)}
+
+
+@lru_cache(maxsize=8)
+def cached_generate(num_samples: int, length: int, noise: float, wander: float, drop_rate: float, seed: int
+                    ) -> dict[str, torch.Tensor]:
+    return generate(num_samples, length, noise, wander, drop_rate, seed)
+
+
+class SeriesDataModule(DictDataModule):
+    """Base for 1-D series: `train_fraction` keeps a seeded subset of the training split while every epoch still
+    draws `len(full train split)` samples (with replacement), so runs on 5 % or 100 % of the data get the same
+    number of optimiser steps: a data-efficiency curve measures data, not budget."""
+
+    num_channels = None
+    image_size = None
+    series_length: int
+    train_fraction: float = 1.0
+    seed: int = 0
+
+    @property
+    def model_inputs(self) -> dict[str, Any]:
+        return {"in_chans": self.series_channels, "length": self.series_length}
+
+    def _subset_train(self) -> None:
+        full = self.splits["train"]
+        self.epoch_samples = len(full)
+        if self.train_fraction < 1.0:
+            keep = max(len(CLASS_NAMES), int(round(self.train_fraction * len(full))))
+            order = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed + 99))[:keep]
+            self.splits["train"] = TensorDictDataset({k: v[order] for k, v in full.tensors.items()})
+
+    def train_dataloader(self) -> DataLoader:
+        if "train" not in self.splits:
+            self.setup("fit")
+        dataset = self.splits["train"]
+        sampler = RandomSampler(dataset, replacement=len(dataset) < self.epoch_samples, num_samples=self.epoch_samples)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+
+
+class RuleSeriesDataModule(SeriesDataModule):
+    """The synthetic rule_series world (module docstring). Splits use seeds `seed`, `seed + 1`, `seed + 2`.
+
+    Args:
+        train_fraction: share of the training split kept (data-efficiency experiments); epochs keep their length.
+    """
+
+    num_classes = len(CLASS_NAMES)
+    series_channels = 1
+    class_names = CLASS_NAMES
+    pattern_names = PATTERN_NAMES
+
+    def __init__(self, num_train: int = 2000, num_val: int = 500, num_test: int = 500, length: int = 256,
+                 noise: float = 0.15, wander: float = 0.5, drop_rate: float = 0.1, train_fraction: float = 1.0,
+                 seed: int = 0, batch_size: int = 64, num_workers: int = 0) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        if not 0 < train_fraction <= 1:
+            raise ValueError(f"train_fraction must be in (0, 1]; got {train_fraction}.")
+        if length < 128:
+            raise ValueError(f"length must be >= 128 steps (several beats and a pause); got {length}.")
+        self.sizes = {"train": num_train, "val": num_val, "test": num_test}
+        self.series_length, self.noise, self.wander, self.drop_rate = length, noise, wander, drop_rate
+        self.train_fraction, self.seed = train_fraction, seed
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        for offset, (split, size) in enumerate(self.sizes.items()):
+            data = cached_generate(size, self.series_length, self.noise, self.wander, self.drop_rate,
+                                   self.seed + offset)
+            self.splits[split] = TensorDictDataset(dict(data))
+        self._subset_train()
+
+
+SERIES_LAYOUT = """\
+<path>.npz with arrays
+  series:   (N, T) or (N, C, T) float       the signals
+  label:    (N,) int in [0, num_classes)
+  patterns: (N, K, T) in [0, 1]              optional per-step pattern annotations (ReNN's local loss)
+or <path>.csv: one series per row, the label first, then T values (no header)
+"""
+
+
+class SeriesFileDataModule(SeriesDataModule):
+    """Users' own series from a .npz or .csv file (`SERIES_LAYOUT`); a seeded split into train/val/test."""
+
+    def __init__(self, path: str | Path, num_classes: int, val_fraction: float = 0.15, test_fraction: float = 0.15,
+                 train_fraction: float = 1.0, seed: int = 0, batch_size: int = 64, num_workers: int = 0) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.path, self.num_classes = Path(path), num_classes
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.train_fraction, self.seed = train_fraction, seed
+        fields = self._read()
+        self.series_channels, self.series_length = fields["series"].shape[1:]
+        self.fields = fields
+
+    def _read(self) -> dict[str, torch.Tensor]:
+        if not self.path.is_file():
+            raise DatasetLayoutError(f"Series file {str(self.path)!r} does not exist.", SERIES_LAYOUT)
+        try:
+            if self.path.suffix == ".npz":
+                with np.load(self.path, allow_pickle=False) as archive:
+                    arrays = {k: archive[k] for k in archive.files}
+            elif self.path.suffix == ".csv":
+                table = np.loadtxt(self.path, delimiter=",", ndmin=2)
+                arrays = {"label": table[:, 0], "series": table[:, 1:]}
+            else:
+                raise ValueError(f"unsupported suffix {self.path.suffix!r}")
+        except ValueError as err:
+            raise DatasetLayoutError(f"Could not read series from {str(self.path)!r} ({err}).", SERIES_LAYOUT) from err
+        missing = {"series", "label"} - set(arrays)
+        if missing:
+            raise DatasetLayoutError(f"{str(self.path)!r} lacks {sorted(missing)}.", SERIES_LAYOUT)
+        series = torch.as_tensor(arrays["series"], dtype=torch.float32)
+        series = series[:, None] if series.ndim == 2 else series
+        label = torch.as_tensor(arrays["label"])
+        if series.ndim != 3 or len(label) != len(series) or label.ndim != 1:
+            raise DatasetLayoutError(f"{str(self.path)!r}: series {tuple(series.shape)} and label "
+                                     f"{tuple(label.shape)} do not match.", SERIES_LAYOUT)
+        if label.is_floating_point() and not torch.equal(label, label.round()):
+            raise DatasetLayoutError(f"{str(self.path)!r}: labels must be integers.", SERIES_LAYOUT)
+        check_labels(label.long(), self.num_classes, str(self.path))
+        fields = {"series": series, "label": label.long()}
+        if "patterns" in arrays:
+            fields["patterns"] = torch.as_tensor(arrays["patterns"], dtype=torch.float32)
+        return fields
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        order = torch.randperm(len(self.fields["label"]), generator=torch.Generator().manual_seed(self.seed))
+        num_val = max(1, int(round(self.val_fraction * len(order))))
+        num_test = max(1, int(round(self.test_fraction * len(order))))
+        parts = {"val": order[:num_val], "test": order[num_val:num_val + num_test], "train": order[num_val + num_test:]}
+        for split, ids in parts.items():
+            self.splits[split] = TensorDictDataset({k: v[ids] for k, v in self.fields.items()})
+        self._subset_train()

@@ -1,0 +1,234 @@
+"""ReNN: soft-logic predicates against their truth tables, gradients through rules, the rule_series world against
+its own rules, staged training that really freezes, rule losses against their closed forms, series files."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import zoo
+from datamodules import DatasetLayoutError, RuleSeriesDataModule, SeriesFileDataModule
+from datamodules.rule_series import generate
+from losses.rules import LogicRuleDistillation, PartsWorldColourRule, SemanticLoss, rule_teacher, semantic_loss
+from metrics.rules import RuleFiring
+from tests.conftest import REPO
+from zoo.renn import (RULE_SERIES_RULES, And, CountAtLeast, FollowedBy, Implies, Not, NotFollowedBy, Or, Pattern,
+                      Within, get_rule, register_rule, window_sum)
+
+
+def constant(value: float) -> Pattern:
+    return Pattern(f"c{value}")
+
+
+# ------------------------------------------------------------------------------------------------ soft logic
+@pytest.mark.parametrize("a,b", list(itertools.product([0.0, 1.0], repeat=2)))
+def test_connectives_match_their_truth_tables(a: float, b: float) -> None:
+    patterns = {"a": torch.full((1, 4), a), "b": torch.full((1, 4), b)}
+    A, B = Pattern("a"), Pattern("b")
+    expected = {"and": a and b, "or": a or b, "not": not a, "implies": (not a) or b}
+    for name, rule in {"and": A & B, "or": A | B, "not": ~A, "implies": Implies(A, B)}.items():
+        assert torch.equal(rule(patterns), torch.full((1, 4), float(expected[name]))), name
+    assert torch.equal(And(A, B, A)(patterns), torch.full((1, 4), float(a and b)))
+    assert torch.equal(Or(A, B, Not(B))(patterns), torch.ones(1, 4))
+
+
+def test_temporal_predicates_on_binary_sequences() -> None:
+    a = torch.tensor([[0, 1, 0, 0, 0, 0, 1, 0, 0, 0]], dtype=torch.float32)
+    b = torch.tensor([[0, 0, 0, 1, 0, 0, 0, 0, 0, 0]], dtype=torch.float32)
+    patterns = {"a": a, "b": b}
+    # b two steps after the first a, none within 3 steps of the second
+    def is_binary(values: torch.Tensor, expected: list[int]) -> bool:  # exact up to the 1e-6 clamp of log(1 - p)
+        return torch.allclose(values, torch.tensor([expected], dtype=torch.float32), atol=1e-5)
+
+    assert is_binary(FollowedBy(Pattern("a"), Pattern("b"), within=(1, 3))(patterns), [0, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    assert is_binary(NotFollowedBy(Pattern("a"), Pattern("b"), within=(1, 3))(patterns),
+                     [0, 0, 0, 0, 0, 0, 1, 0, 0, 0])
+    # b in the 3 steps before t
+    assert is_binary(Within(Pattern("b"), within=(-3, -1))(patterns), [0, 0, 0, 0, 1, 1, 1, 0, 0, 0])
+    for n, truth in ((1, True), (2, True), (3, False)):
+        count = CountAtLeast(Pattern("a"), n, sharpness=50.0)(patterns)
+        assert torch.allclose(count, torch.full_like(count, float(truth)), atol=1e-6), n
+    windowed = CountAtLeast(Pattern("a"), 2, within=(-5, 0), sharpness=50.0)(patterns)
+    assert windowed.round().tolist() == [[0, 0, 0, 0, 0, 0, 1, 0, 0, 0]]  # only t = 6 sees both a's in [t-5, t]
+
+
+def test_window_sum_matches_a_loop() -> None:
+    torch.manual_seed(0)
+    values = torch.rand(3, 17)
+    for low, high in ((0, 0), (2, 5), (-4, -1), (-3, 6), (10, 30)):
+        expected = torch.stack([values[:, max(0, t + low): max(0, min(17, t + high + 1))].sum(1) for t in range(17)], 1)
+        assert torch.allclose(window_sum(values, low, high), expected, atol=1e-6), (low, high)
+
+
+def test_gradients_flow_through_rules() -> None:
+    p = torch.full((1, 2, 40), 0.3, requires_grad=True)
+    patterns = {"normal_beat": p[:, 0], "premature_beat": p[:, 1]}
+    total = sum(get_rule(name)(patterns).sum() for name in RULE_SERIES_RULES)
+    total.backward()
+    assert p.grad[:, 0].abs().sum() > 0 and p.grad[:, 1].abs().sum() > 0
+
+
+def test_named_rules_are_registered_once_and_suggest_close_names() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register_rule("premature_then_pause", Pattern("x"))
+    with pytest.raises(ValueError, match="Unknown rule 'premature_then_paus'.*premature_then_pause"):
+        get_rule("premature_then_paus")
+    with pytest.raises(KeyError, match="detects"):
+        Pattern("missing")({"a": torch.zeros(1, 3)})
+
+
+# ------------------------------------------------------------------------------------------------ the world
+def test_reference_rules_on_true_patterns_reproduce_the_rule_events() -> None:
+    data = generate(400, seed=5)
+    patterns = {"normal_beat": data["patterns"][:, 0], "premature_beat": data["patterns"][:, 1]}
+    rule_map = torch.stack([get_rule(name)(patterns) for name in RULE_SERIES_RULES], 1)
+    firing = RuleFiring(len(RULE_SERIES_RULES), tolerance=0)
+    firing.update(rule_map, data["rule_events"])
+    result = firing.compute()
+    assert torch.allclose(result["precision"], torch.ones(3)) and torch.allclose(result["recall"], torch.ones(3))
+    label = data["label"]
+    assert (data["patterns"][label == 0, 1] == 0).all()  # normal series have no premature beat
+    counts = data["patterns"][:, 1].sum(-1)
+    assert (counts[label == 3] >= 4).all() and (counts[(label == 1) | (label == 2)] <= 3).all()
+
+
+def test_train_fraction_keeps_a_subset_and_the_epoch_length() -> None:
+    module = RuleSeriesDataModule(num_train=200, num_val=20, num_test=20, train_fraction=0.1, batch_size=50)
+    module.setup()
+    assert len(module.splits["train"]) == 20
+    assert sum(len(b["label"]) for b in module.train_dataloader()) == 200
+    with pytest.raises(ValueError, match="train_fraction"):
+        RuleSeriesDataModule(train_fraction=0.0)
+
+
+def test_series_files_load_and_bad_files_are_clear_errors(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "s.npz", series=rng.normal(size=(20, 2, 64)), label=rng.integers(0, 3, 20),
+             patterns=rng.random((20, 2, 64)))
+    module = SeriesFileDataModule(tmp_path / "s.npz", num_classes=3)
+    module.setup()
+    assert module.model_inputs == {"in_chans": 2, "length": 64}
+    assert sum(len(s) for s in module.splits.values()) == 20 and "patterns" in module.splits["train"].tensors
+    table = np.concatenate([rng.integers(0, 2, (10, 1)), rng.normal(size=(10, 32))], 1)
+    np.savetxt(tmp_path / "s.csv", table, delimiter=",")
+    assert SeriesFileDataModule(tmp_path / "s.csv", num_classes=2).model_inputs == {"in_chans": 1, "length": 32}
+    with pytest.raises(DatasetLayoutError, match="does not exist"):
+        SeriesFileDataModule(tmp_path / "none.npz", num_classes=2)
+    np.savez(tmp_path / "bad.npz", series=rng.normal(size=(5, 8)), label=np.zeros(4))
+    with pytest.raises(DatasetLayoutError, match="do not match"):
+        SeriesFileDataModule(tmp_path / "bad.npz", num_classes=2)
+    np.savez(tmp_path / "labels.npz", series=rng.normal(size=(5, 8)), label=np.full(5, 7))
+    with pytest.raises(ValueError, match="outside"):
+        SeriesFileDataModule(tmp_path / "labels.npz", num_classes=2)
+
+
+def test_rule_firing_on_hand_made_maps() -> None:
+    rule_map = torch.tensor([[[0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 0.9, 0.0]]])
+    events = torch.tensor([[[0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]]])
+    metric = RuleFiring(1, tolerance=1)
+    metric.update(rule_map, events)
+    result = metric.compute()  # fired at 0 (event at 1: ok) and 6 (no event within 1); event at 4 missed
+    assert result["precision"].item() == pytest.approx(0.5) and result["recall"].item() == pytest.approx(0.5)
+
+
+def test_renn_explains_which_rules_fired_where() -> None:
+    model = zoo.create_model("renn_series").eval()
+    data = generate(4, seed=1)
+    out = model(data["series"])
+    assert out["rule_map"].shape == (4, 3, 256) and out["patterns"].shape == (4, 2, 256)
+    # feed the true patterns through the rule layer: explanations name the true events
+    out = {"rule_map": model.rule_layer(data["patterns"]), "patterns": data["patterns"]}
+    explained = model.explain(out)
+    for sample, events in zip(explained, data["rule_events"]):
+        assert sample["premature_then_pause"] == events[0].nonzero().flatten().tolist()
+        assert sample["premature_beat"] == [] or "premature_beat" in sample
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def test_stages_really_freeze(tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+
+    from losses import ReNNLoss
+    from zoo.systems import StagedSystem
+
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    class Snapshot(pl.Callback):
+        def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            snapshots.append({k: v.detach().clone() for k, v in module.model.state_dict().items()})
+
+    pl.seed_everything(0, verbose=False)
+    data = RuleSeriesDataModule(num_train=64, num_val=16, num_test=16, batch_size=32)
+    system = StagedSystem(model_name="renn_series", num_classes=4, in_chans=None, image_size=None,
+                          data_inputs=data.model_inputs, input_key="series", loss=ReNNLoss(), stages=[
+                              {"name": "local", "epochs": 1, "train": ["detector"], "losses": ["loss_local"]},
+                              {"name": "global", "epochs": 1, "train": ["head"], "losses": ["loss_task"]}])
+    start = {k: v.detach().clone() for k, v in system.model.state_dict().items()}
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Snapshot()],
+                         default_root_dir=tmp_path)
+    trainer.fit(system, datamodule=data)
+    changed = lambda a, b, prefix: [k for k in a if k.startswith(prefix) and not torch.equal(a[k], b[k])]  # noqa: E731
+    assert changed(start, snapshots[0], "detector.") and not changed(start, snapshots[0], "head.")
+    assert changed(snapshots[0], snapshots[1], "head.") and not changed(snapshots[0], snapshots[1], "detector.")
+    with pytest.raises(ValueError, match="trains \\['decoder'\\]"):
+        StagedSystem(model_name="renn_series", in_chans=None, data_inputs=data.model_inputs,
+                     stages=[{"name": "x", "epochs": 1, "train": ["decoder"]}])
+
+
+# ------------------------------------------------------------------------------------------------ rule losses
+def test_distillation_teacher_matches_its_closed_form() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.2]])
+    rules = [torch.tensor([[1.0, 0.0, 0.5]]), torch.tensor([[1.0, 1.0, 0.0]])]
+    teacher = rule_teacher(probs.log(), rules, [1.0, 0.5], strength=2.0)
+    unnormalised = [0.5 * math.exp(-2 * (0 + 0)), 0.3 * math.exp(-2 * (1 + 0)), 0.2 * math.exp(-2 * (0.5 + 0.5))]
+    expected = torch.tensor([u / sum(unnormalised) for u in unnormalised])
+    assert torch.allclose(teacher[0], expected, atol=1e-6)
+
+    loss = LogicRuleDistillation(rules=[lambda batch, out: rules[0]], strength=2.0, pi_max=0.9, decay=0.5)
+    assert loss.set_epoch(1) == {"distill_pi": 0.5} and loss.set_epoch(10) == {"distill_pi": 0.9}
+    terms = loss({"logits": probs.log()}, {"label": torch.tensor([1])})
+    q = rule_teacher(probs.log(), [rules[0]], [1.0], 2.0)
+    assert terms["loss_task"].item() == pytest.approx(0.1 * -math.log(0.3), rel=1e-5)
+    assert terms["loss_distill"].item() == pytest.approx(0.9 * -(q * probs.log()).sum().item(), rel=1e-5)
+
+
+def test_semantic_loss_exactly_one() -> None:
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.999, 0.001, 0.001]])
+    expected = [-math.log(sum(p[b, i].item() * math.prod(1 - p[b, j].item() for j in range(3) if j != i)
+                              for i in range(3))) for b in range(2)]
+    assert torch.allclose(semantic_loss(p, torch.eye(3)), torch.tensor(expected), atol=1e-5)
+    assert expected[1] < 0.01  # a confident single class satisfies the constraint
+    terms = SemanticLoss(weight=2.0)({"logits": torch.logit(p)}, {"label": torch.tensor([0, 0])})
+    assert terms["loss_semantic"].item() == pytest.approx(2.0 * sum(expected) / 2, rel=1e-4)
+    both = SemanticLoss(constraint=[[1, 1, 0], [0, 0, 1]])({"logits": torch.logit(p)}, {"label": torch.tensor([0, 0])})
+    manual = -math.log(0.7 * 0.2 * 0.9 + 0.3 * 0.8 * 0.1)
+    assert semantic_loss(p[:1], torch.tensor([[1, 1, 0], [0, 0, 1]]))[0].item() == pytest.approx(manual, rel=1e-5)
+    assert set(both) == {"loss_task", "loss_semantic"}
+
+
+def test_parts_world_colour_rule_favours_the_true_class() -> None:
+    from datamodules import PartsWorldDataModule
+
+    data = PartsWorldDataModule(num_train=64, num_val=8, num_test=8)
+    data.setup()
+    batch = {k: v[:64] for k, v in data.splits["train"].tensors.items()}
+    batch["image"] = batch["image"].float() / 255 if batch["image"].dtype == torch.uint8 else batch["image"]
+    truth = PartsWorldColourRule()(batch, {})  # (64, 6)
+    on_true = truth.gather(1, batch["label"][:, None]).squeeze(1)
+    assert on_true.mean() > 0.8 and on_true.mean() > truth.mean() + 0.3
+
+
+def test_data_efficiency_script_runs_a_tiny_grid(in_tmp_dir: Path) -> None:
+    from benchmarks.renn_data_efficiency import main
+
+    rows = main(["--fractions", "0.5", "1.0", "--seeds", "0", "--name", "de", "--trainer.fast_dev_run=true",
+                 "--data.init_args.num_train=64", "--data.init_args.num_val=32"])
+    assert [r["train_fraction"] for r in rows] == [0.5, 1.0]
+    assert {"renn_acc", "cnn_acc", "lstm_acc", "renn_minus_best_baseline"} <= set(rows[0])
+    assert (in_tmp_dir / "checkpoints" / "de" / "data_efficiency.png").is_file()

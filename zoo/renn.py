@@ -1,0 +1,309 @@
+"""ReNN: Rule-embedded Neural Network (Hu Wang, ICPR 2018, arXiv 1801.09856), and the soft-logic rules API.
+
+The paper states the architecture in outline only (no public code): local inference detects local patterns,
+domain-knowledge rules over those patterns produce a "rule-modulated map", and a global inference combines the
+patterns with the rule map; training is two-stage. This file is a faithful reading of that outline:
+
+    x (B, C, T) -> local detectors g (1-D CNN, small receptive field) -> patterns L (B, K, T) in [0, 1]
+                -> rule layer R (user rules in soft logic, no parameters) -> rule map M (B, R, T) in [0, 1]
+                -> global inference h([L; M]) (1x1 conv, max + mean over time, linear) -> logits
+Long-range dependencies (a pause 30-40 steps after a beat, how often a pattern occurs) are carried by the rules,
+not learnt by the network. Stages (local loss on pattern annotations; then h with g frozen; optionally joint) are
+run by `zoo.systems.StagedSystem`.
+
+Rules API: a rule maps {pattern name: (B, T) probabilities} to a (B, T) truth map, in soft logic (product
+t-norm: a AND b = ab, a OR b = a + b - ab, NOT a = 1 - a) with temporal predicates computed by prefix sums
+(no loop over time):
+
+    beat = Pattern("normal_beat") | Pattern("premature_beat")
+    pause_after_premature = NotFollowedBy(Pattern("premature_beat"), beat, within=(4, 26))
+    frequent = CountAtLeast(Pattern("premature_beat"), 4)          # over the whole series
+    register_rule("my_rule", pause_after_premature & ~frequent)    # then name it in YAML: rules: [my_rule]
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zoo._registry import register_model
+
+Patterns = dict[str, torch.Tensor]
+
+
+# ------------------------------------------------------------------------------------------ soft logic
+def window_sum(values: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """out[..., t] = sum of values[..., s] for s in [t + low, t + high], steps outside the series count as 0."""
+    if low > high:
+        raise ValueError(f"window (low={low}, high={high}) is empty.")
+    length = values.shape[-1]
+    prefix = F.pad(values.cumsum(-1), (1, 0))  # (..., T + 1): prefix[i] = sum of values[:i]
+    t = torch.arange(length, device=values.device)
+    start = (t + low).clamp(0, length)
+    stop = (t + high + 1).clamp(0, length)
+    return prefix[..., stop] - prefix[..., start]
+
+
+def exists_within(p: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """Soft "some step s in [t + low, t + high] has the pattern": 1 - prod_s (1 - p_s), via a sum of logs."""
+    log_absent = torch.log1p(-p.clamp(max=1 - 1e-6))
+    return 1 - torch.exp(window_sum(log_absent, low, high))
+
+
+def local_peaks(p: torch.Tensor, radius: int = 2) -> torch.Tensor:
+    """p where it is the maximum of its (2 radius + 1)-step neighbourhood, 0 elsewhere (gradient flows through p):
+    a detector's probability spread over neighbouring steps counts as one occurrence."""
+    flat = p.reshape(-1, 1, p.shape[-1])  # (N, 1, T) for any leading shape
+    neighbourhood = F.max_pool1d(flat, 2 * radius + 1, stride=1, padding=radius).reshape(p.shape)
+    return p * (p >= neighbourhood).to(p.dtype)
+
+
+class Rule:
+    """A soft-logic rule over pattern maps; compose with &, |, ~ and the temporal predicates below."""
+
+    name: str = ""
+
+    def __call__(self, patterns: Patterns) -> torch.Tensor:  # (B, T) in [0, 1]
+        raise NotImplementedError
+
+    def __and__(self, other: "Rule") -> "Rule":
+        return And(self, other)
+
+    def __or__(self, other: "Rule") -> "Rule":
+        return Or(self, other)
+
+    def __invert__(self) -> "Rule":
+        return Not(self)
+
+
+class Pattern(Rule):
+    """The detector's probability of pattern `name` at each step."""
+
+    def __init__(self, name: str) -> None:
+        self.pattern = name
+
+    def __call__(self, patterns: Patterns) -> torch.Tensor:
+        if self.pattern not in patterns:
+            raise KeyError(f"Rule uses pattern {self.pattern!r}; the model detects {sorted(patterns)}.")
+        return patterns[self.pattern]
+
+    def __repr__(self) -> str:
+        return f"Pattern({self.pattern!r})"
+
+
+class And(Rule):
+    """Product t-norm: a * b * ..."""
+
+    def __init__(self, *rules: Rule) -> None:
+        self.rules = rules
+
+    def __call__(self, patterns: Patterns) -> torch.Tensor:
+        out = self.rules[0](patterns)
+        for rule in self.rules[1:]:
+            out = out * rule(patterns)
+        return out
+
+
+class Or(Rule):
+    """Probabilistic sum: 1 - (1 - a)(1 - b)..."""
+
+    def __init__(self, *rules: Rule) -> None:
+        self.rules = rules
+
+    def __call__(self, patterns: Patterns) -> torch.Tensor:
+        absent = 1 - self.rules[0](patterns)
+        for rule in self.rules[1:]:
+            absent = absent * (1 - rule(patterns))
+        return 1 - absent
+
+
+class Not(Rule):
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+
+    def __call__(self, patterns: Patterns) -> torch.Tensor:
+        return 1 - self.rule(patterns)
+
+
+class Implies(Rule):
+    """Reichenbach implication: 1 - a + a b."""
+
+    def __init__(self, premise: Rule, conclusion: Rule) -> None:
+        self.premise, self.conclusion = premise, conclusion
+
+    def __call__(self, patterns: Patterns) -> torch.Tensor:
+        a = self.premise(patterns)
+        return 1 - a + a * self.conclusion(patterns)
+
+
+class Within(Rule):
+    """`rule` holds at some step in [t + low, t + high] (negative offsets look back)."""
+
+    def __init__(self, rule: Rule, within: Sequence[int]) -> None:
+        self.rule, self.low, self.high = rule, int(within[0]), int(within[1])
+
+    def __call__(self, patterns: Patterns) -> torch.Tensor:
+        return exists_within(self.rule(patterns), self.low, self.high)
+
+
+class FollowedBy(Rule):
+    """Ordering with an interval: `first` at t AND `then` at some step in [t + low, t + high]."""
+
+    def __init__(self, first: Rule, then: Rule, within: Sequence[int]) -> None:
+        self.first, self.then = first, Within(then, within)
+
+    def __call__(self, patterns: Patterns) -> torch.Tensor:
+        return self.first(patterns) * self.then(patterns)
+
+
+class NotFollowedBy(Rule):
+    """`first` at t AND NOT `then` anywhere in [t + low, t + high] (e.g. a pause after a beat)."""
+
+    def __init__(self, first: Rule, then: Rule, within: Sequence[int]) -> None:
+        self.first, self.then = first, Within(then, within)
+
+    def __call__(self, patterns: Patterns) -> torch.Tensor:
+        return self.first(patterns) * (1 - self.then(patterns))
+
+
+class CountAtLeast(Rule):
+    """At least `n` occurrences of `rule`, soft: sigmoid(sharpness (count - n + 0.5)), where an occurrence is a
+    local peak above `threshold` counted with its probability (weak noise peaks do not add up).
+
+    Counted over the whole series (the map is constant over time) or, with `within`, over [t + low, t + high].
+    """
+
+    def __init__(self, rule: Rule, n: int, within: Sequence[int] | None = None, sharpness: float = 4.0,
+                 threshold: float = 0.5) -> None:
+        self.rule, self.n, self.within, self.sharpness, self.threshold = rule, n, within, sharpness, threshold
+
+    def __call__(self, patterns: Patterns) -> torch.Tensor:
+        peaks = local_peaks(self.rule(patterns))
+        occurrences = peaks * (peaks > self.threshold).to(peaks.dtype)  # (B, T)
+        if self.within is None:
+            count = occurrences.sum(-1, keepdim=True).expand_as(occurrences)
+        else:
+            count = window_sum(occurrences, int(self.within[0]), int(self.within[1]))
+        return torch.sigmoid(self.sharpness * (count - self.n + 0.5))
+
+
+# ------------------------------------------------------------------------------------------ named rules
+_RULES: dict[str, Rule] = {}
+
+
+def register_rule(name: str, rule: Rule) -> Rule:
+    """Name a rule so configs can list it (`rules: [name, ...]`); a second registration of a name raises."""
+    if name in _RULES:
+        raise ValueError(f"Rule {name!r} is already registered.")
+    rule.name = name
+    _RULES[name] = rule
+    return rule
+
+
+def get_rule(name: str) -> Rule:
+    if name not in _RULES:
+        close = difflib.get_close_matches(name, list(_RULES), n=3, cutoff=0.4)
+        raise ValueError(f"Unknown rule {name!r}." + (f" Did you mean: {', '.join(close)}?" if close else "")
+                         + f" Registered: {sorted(_RULES)}.")
+    return _RULES[name]
+
+
+def list_rules() -> list[str]:
+    return sorted(_RULES)
+
+
+_NORMAL, _PREMATURE = Pattern("normal_beat"), Pattern("premature_beat")
+register_rule("premature_then_pause", NotFollowedBy(_PREMATURE, _NORMAL | _PREMATURE, within=(4, 26)))
+register_rule("premature_interpolated", FollowedBy(_PREMATURE, _NORMAL, within=(4, 16)))
+register_rule("frequent_premature", CountAtLeast(_PREMATURE, 4))
+RULE_SERIES_PATTERNS = ["normal_beat", "premature_beat"]
+RULE_SERIES_RULES = ["premature_then_pause", "premature_interpolated", "frequent_premature"]
+
+
+# ------------------------------------------------------------------------------------------ the network
+class LocalPatternDetector(nn.Module):
+    """Per-step pattern logits from a small 1-D CNN (receptive field 41 steps: a beat and its neighbours, local
+    against the series and the rules' windows)."""
+
+    def __init__(self, in_chans: int, num_patterns: int, width: int = 32) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv1d(in_chans, width, 9, padding=4), nn.BatchNorm1d(width), nn.ReLU(),
+            nn.Conv1d(width, width, 9, padding=8, dilation=2), nn.BatchNorm1d(width), nn.ReLU(),
+            nn.Conv1d(width, num_patterns, 9, padding=8, dilation=2),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, K, T)
+
+
+class RuleLayer(nn.Module):
+    """Evaluates the rules on the pattern probabilities: the rule-modulated map (B, R, T). No parameters."""
+
+    def __init__(self, pattern_names: Sequence[str], rules: Sequence[str | Rule]) -> None:
+        super().__init__()
+        self.pattern_names = list(pattern_names)
+        self.rules = [get_rule(r) if isinstance(r, str) else r for r in rules]
+        self.rule_names = [r.name or repr(r) for r in self.rules]
+
+    def forward(self, patterns: torch.Tensor) -> torch.Tensor:
+        named = {name: patterns[:, i] for i, name in enumerate(self.pattern_names)}
+        return torch.stack([rule(named) for rule in self.rules], 1)
+
+
+class GlobalInference(nn.Module):
+    """h([L; M]): a 1x1 convolution over the stacked maps, max and mean over time, a linear classifier."""
+
+    def __init__(self, in_maps: int, num_classes: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.mix = nn.Sequential(nn.Conv1d(in_maps, hidden, 1), nn.ReLU())
+        self.fc = nn.Linear(2 * hidden, num_classes)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        mixed = self.mix(maps)  # (B, hidden, T)
+        return self.fc(torch.cat([mixed.amax(-1), mixed.mean(-1)], 1))
+
+
+class ReNN(nn.Module):
+    """Local detectors -> rules -> global inference. Output dict:
+    {"logits": (B, C), "pattern_logits": (B, K, T), "patterns": (B, K, T), "rule_map": (B, R, T)}."""
+
+    def __init__(self, *, in_chans: int = 1, num_classes: int = 4, pattern_names: Sequence[str] = RULE_SERIES_PATTERNS,
+                 rules: Sequence[str | Rule] = RULE_SERIES_RULES, width: int = 32, hidden: int = 16,
+                 length: int | None = None) -> None:
+        super().__init__()
+        self.in_chans, self.num_classes, self.length = in_chans, num_classes, length
+        self.detector = LocalPatternDetector(in_chans, len(pattern_names), width)
+        self.rule_layer = RuleLayer(pattern_names, rules)
+        self.head = GlobalInference(len(pattern_names) + len(self.rule_layer.rules), num_classes, hidden)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if x.ndim != 3 or x.shape[1] != self.in_chans:
+            raise ValueError(f"ReNN expects series of shape (B, {self.in_chans}, T); got {tuple(x.shape)}.")
+        pattern_logits = self.detector(x)
+        patterns = torch.sigmoid(pattern_logits.float())
+        rule_map = self.rule_layer(patterns)
+        return {"logits": self.head(torch.cat([patterns, rule_map], 1)), "pattern_logits": pattern_logits,
+                "patterns": patterns, "rule_map": rule_map}
+
+    def explain(self, out: dict[str, torch.Tensor], threshold: float = 0.5) -> list[dict[str, list[int]]]:
+        """Per sample: {rule or pattern name: steps where it fired (rules) / was detected (pattern peaks)}."""
+        fired = out["rule_map"] > threshold  # (B, R, T)
+        detected = (local_peaks(out["patterns"]) > threshold)  # (B, K, T)
+        names = self.rule_layer.rule_names + self.rule_layer.pattern_names
+        flags = torch.cat([fired, detected], 1).cpu()
+        return [{name: row.nonzero().flatten().tolist() for name, row in zip(names, sample)} for sample in flags]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head.fc = nn.Linear(self.head.fc.in_features, num_classes)
+
+
+@register_model
+def renn_series(**kwargs) -> ReNN:
+    """ReNN for 1-D series: local pattern CNN, named soft-logic rules, global inference (rule_series defaults)."""
+    return ReNN(**kwargs)
