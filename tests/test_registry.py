@@ -20,6 +20,9 @@ SMALL_MODEL_INPUTS = {
     "l2x_tokens": lambda: torch.randint(1, 2000, (4, 64)),
     "invase_vector": lambda: torch.randn(4, 10),
     "invase_patches": lambda: torch.rand(4, 1, 8, 8),
+    "baseline_cnn1d": lambda: torch.randn(4, 1, 128),
+    "baseline_lstm": lambda: torch.randn(4, 1, 128),
+    "renn_series": lambda: torch.randn(4, 1, 128),
 }
 BACKBONE_MODELS = [name for name in zoo.list_models() if name not in SMALL_MODEL_INPUTS]
 
@@ -104,7 +107,7 @@ def test_small_model_contract(name: str) -> None:
     out = model(x)
     assert out["logits"].shape == (4, NUM_CLASSES)
     assert all(torch.isfinite(v).all() for v in out.values() if isinstance(v, torch.Tensor))
-    trained = [out["logits"]] + [out[k] for k in ("baseline_logits", "selection_probs") if k in out]
+    trained = [out["logits"]] + [out[k] for k in ("baseline_logits", "selection_probs", "pattern_logits") if k in out]
     if "scores" in out and name.startswith("l2x"):
         trained = [out["logits"]]  # the Concrete sample carries the explainer's gradient through the approximator
     sum(t.square().sum() for t in trained).backward()
