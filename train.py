@@ -26,6 +26,8 @@ import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from zoo.callbacks import LatestCheckpoint, RNGStateCallback
+
 TRAINER_DEFAULTS: dict[str, Any] = {
     "default_root_dir": "checkpoints",
     "logger": {
@@ -50,10 +52,12 @@ class ZooCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(RichProgressBar, "progress_bar")
+        parser.add_lightning_class_args(RNGStateCallback, "rng_state")  # resumed runs draw what the dead one would
+        parser.add_lightning_class_args(LatestCheckpoint, "last_checkpoint")  # last.ckpt after every validation
         parser.set_defaults({
             "checkpoint.monitor": "val/acc",
             "checkpoint.mode": "max",
-            "checkpoint.save_last": True,
+            "checkpoint.save_last": False,  # last.ckpt comes from LatestCheckpoint, refreshed every validation
             "checkpoint.filename": "best-epoch{epoch}-step{step}",
             "checkpoint.auto_insert_metric_name": False,
         })
@@ -120,7 +124,10 @@ def _fit_args(run_name: str, run: dict[str, Any], spec_path: Path, common: list[
 def load_system_weights(system: pl.LightningModule, path: str) -> None:
     """Weights of a Lightning checkpoint into `system` (weights_only=True); any key mismatch is named."""
     from zoo._io import CheckpointError, read_state_dict
+    from zoo.checkpointing import read_checkpoint
+    from zoo.systems import check_checkpoint_fits
 
+    check_checkpoint_fits(system, read_checkpoint(path), f"checkpoint {path!r}")
     state = read_state_dict(path)
     missing, unexpected = system.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -9,12 +9,13 @@ Lightning systems live in `zoo.systems` and are imported on demand, so `import z
 
 from zoo import baselines, icnn, l2x, renn  # noqa: F401  (register their models)
 from zoo._io import CheckpointError
+from zoo.checkpointing import export_checkpoint, load_checkpoint, load_exported
 from zoo._registry import create_model, is_model, list_models, model_factory, register_model
 from zoo.backbones import Backbone, TinyCNN
 
 __all__ = [
-    "Backbone", "CheckpointError", "TinyCNN", "create_model", "is_model", "list_models", "model_factory",
-    "register_model", "model_table",
+    "Backbone", "CheckpointError", "TinyCNN", "create_model", "export_checkpoint", "is_model", "list_models",
+    "load_checkpoint", "load_exported", "model_factory", "register_model", "model_table",
 ]
 
 

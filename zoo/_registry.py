@@ -53,3 +53,13 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Create a registered model; keyword arguments set to None are dropped so factory defaults apply."""
     factory = model_factory(name)
     return factory(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def create_model_for_data(name: str, num_classes: int, in_chans: int | None, image_size: int | None,
+                          data_inputs: dict[str, Any] | None, model_kwargs: dict[str, Any] | None) -> nn.Module:
+    """`create_model` with what the data fixes (channels, size where the model is size-aware, `data_inputs` such as
+    num_features / vocab_size) under the user's `model_kwargs`, which win. Systems and checkpoint loading use it."""
+    kwargs = {"in_chans": in_chans, **(data_inputs or {})}
+    if image_size is not None and needs_image_size(name):  # e.g. ICNN's template bank is sized for its top map
+        kwargs["image_size"] = image_size
+    return create_model(name, num_classes=num_classes, **{**kwargs, **(model_kwargs or {})})

@@ -2,13 +2,50 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
+
+
+class LatestCheckpoint(ModelCheckpoint):
+    """`last.ckpt` after every validation, whether or not the monitored metric improved (Lightning's `save_last`
+    only refreshes it when a top-k checkpoint is written, so a killed run could resume from a stale state)."""
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
+                         enable_version_counter=False)
+
+
+class RNGStateCallback(pl.Callback):
+    """Saves the torch, numpy and Python random states in every checkpoint and restores them on resume, so a run
+    killed mid-epoch and resumed from last.ckpt draws the same batches and noise as an uninterrupted one.
+    States are stored as tensors and plain lists: the checkpoint still loads with weights_only=True."""
+
+    def state_dict(self) -> dict[str, Any]:
+        numpy_state = np.random.get_state()
+        version, python_state, gauss = random.getstate()
+        return {
+            "torch": torch.get_rng_state(),
+            "numpy": {"key": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                      "has_gauss": int(numpy_state[3]), "gauss": float(numpy_state[4])},
+            "python": {"version": version, "state": list(python_state), "gauss": gauss},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        numpy_state = state["numpy"]
+        np.random.set_state(("MT19937", numpy_state["key"].numpy().astype(np.uint32), numpy_state["pos"],
+                             numpy_state["has_gauss"], numpy_state["gauss"]))
+        python_state = state["python"]
+        random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
 
 
 def heatmap_overlay(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:

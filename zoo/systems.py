@@ -18,19 +18,21 @@ from torchmetrics.classification import MulticlassAccuracy
 from losses import ClassificationLoss
 from metrics.part_location import LocationInstability, PartIoU
 from metrics.selection import AgreementAccuracy, MedianRank, SelectionRecovery
-from zoo._registry import create_model, needs_image_size
+from zoo._registry import create_model_for_data
 
 STAGES = ("train", "val", "test")
 
 
-def build_model(name: str, num_classes: int, in_chans: int | None, image_size: int | None,
-                data_inputs: dict[str, Any] | None, model_kwargs: dict[str, Any] | None) -> nn.Module:
-    """`create_model` with what the data fixes (channels, size where the model is size-aware, `data_inputs` such as
-    num_features / vocab_size) under the user's `model_kwargs`, which win."""
-    kwargs = {"in_chans": in_chans, **(data_inputs or {})}
-    if image_size is not None and needs_image_size(name):  # e.g. ICNN's template bank is sized for its top map
-        kwargs["image_size"] = image_size
-    return create_model(name, num_classes=num_classes, **{**kwargs, **(model_kwargs or {})})
+def check_checkpoint_fits(system: pl.LightningModule, checkpoint: dict[str, Any], source: str = "the checkpoint"
+                          ) -> None:
+    """Refuse, naming the difference, a checkpoint of another model / class count / channel count than `system`
+    (before Lightning's load_state_dict fails deep inside torch)."""
+    from zoo.checkpointing import check_same_model, model_spec
+
+    saved = checkpoint.get("hyper_parameters")
+    if isinstance(saved, dict) and "model_name" in saved:
+        check_same_model(model_spec(saved), {k: system.hparams.get(k) for k in ("model_name", "num_classes",
+                                                                                  "in_chans")}, source)
 
 
 def batch_field(batch: dict[str, Any], key: str) -> Any:
@@ -81,7 +83,7 @@ class ClassificationSystem(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
-        self.model = build_model(model_name, num_classes, in_chans, image_size, data_inputs, model_kwargs)
+        self.model = create_model_for_data(model_name, num_classes, in_chans, image_size, data_inputs, model_kwargs)
         self.loss = loss if loss is not None else ClassificationLoss()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.input_key, self.target_key = input_key, target_key
@@ -98,6 +100,9 @@ class ClassificationSystem(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(x)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_fits(self, checkpoint)
 
     def _step(self, batch: dict[str, Any], stage: str, batch_idx: int = 0) -> torch.Tensor | None:
         images, labels = batch_field(batch, self.input_key), batch_field(batch, self.target_key)
@@ -231,12 +236,12 @@ class SelectorSystem(pl.LightningModule):
         from zoo.l2x import L2X
 
         self.save_hyperparameters(ignore=["loss", "optimizer"])
-        self.model = build_model(model_name, num_classes, in_chans, image_size, data_inputs, model_kwargs)
+        self.model = create_model_for_data(model_name, num_classes, in_chans, image_size, data_inputs, model_kwargs)
         if not hasattr(self.model, "mask_input"):
             raise ValueError(f"{model_name!r} is not a feature selector (no mask_input); use an l2x_* or invase_* "
                              f"model, or ClassificationSystem for classifiers.")
-        self.black_box = build_model(black_box, num_classes, in_chans, image_size, data_inputs, black_box_kwargs)
-        self.evaluator = build_model(black_box, num_classes, in_chans, image_size, data_inputs, black_box_kwargs)
+        self.black_box = create_model_for_data(black_box, num_classes, in_chans, image_size, data_inputs, black_box_kwargs)
+        self.evaluator = create_model_for_data(black_box, num_classes, in_chans, image_size, data_inputs, black_box_kwargs)
         self.register_buffer("black_box_ready", torch.tensor(False))
         self.register_buffer("evaluator_ready", torch.tensor(False))
         for name, path in (("black_box", black_box_checkpoint), ("evaluator", evaluator_checkpoint)):
@@ -316,6 +321,9 @@ class SelectorSystem(pl.LightningModule):
     # -- steps
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.model(x)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_fits(self, checkpoint)
 
     def _teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -1,0 +1,115 @@
+"""Checkpoints for inference: load a trained model from a Lightning checkpoint, export it as safetensors +
+config.json, load the export back; mismatches between a checkpoint and the model asked for are named.
+
+Everything reads with `torch.load(weights_only=True)` or safetensors; nothing here imports Lightning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from zoo._io import CheckpointError
+from zoo._registry import create_model_for_data
+
+MODEL_KEYS = ("model_name", "num_classes", "in_chans", "image_size", "data_inputs", "model_kwargs")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning checkpoint as a dict (weights_only=True); a clear CheckpointError if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint {str(path)!r} does not exist.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every reader error means the same thing to the user
+        raise CheckpointError(f"Could not read checkpoint {str(path)!r} ({type(err).__name__}: {err}); pickled "
+                              f"objects are refused (weights_only=True).") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise CheckpointError(f"{str(path)!r} is not a Lightning checkpoint of a zoo System (no state_dict / "
+                              f"hyper_parameters).")
+    return checkpoint
+
+
+def model_spec(hparams: dict[str, Any]) -> dict[str, Any]:
+    """What builds the model of a System: its registry name and constructor inputs."""
+    if "model_name" not in hparams:
+        raise CheckpointError(f"The checkpoint's hyper_parameters name no model_name: {sorted(hparams)}.")
+    return {key: hparams.get(key) for key in MODEL_KEYS}
+
+
+def describe(spec: dict[str, Any]) -> str:
+    return f"{spec['model_name']} with {spec.get('num_classes')} classes"
+
+
+def check_same_model(checkpoint_spec: dict[str, Any], wanted: dict[str, Any], source: str) -> None:
+    """Raise naming the difference when a checkpoint holds another model or class count than the one asked for."""
+    for key in ("model_name", "num_classes", "in_chans"):
+        if key in wanted and wanted[key] is not None and checkpoint_spec.get(key) != wanted[key]:
+            raise CheckpointError(f"{source} holds {describe(checkpoint_spec)} ({key}={checkpoint_spec.get(key)!r}); "
+                                  f"this run builds {describe({**checkpoint_spec, **wanted})} ({key}={wanted[key]!r}).")
+
+
+def _build(spec: dict[str, Any]) -> nn.Module:
+    return create_model_for_data(spec["model_name"], spec["num_classes"], spec.get("in_chans"),
+                                 spec.get("image_size"), spec.get("data_inputs"), spec.get("model_kwargs"))
+
+
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}: {err}") from err
+    return model.eval()
+
+
+def load_checkpoint(path: str | Path, **expected: Any) -> nn.Module:
+    """The trained model of a System checkpoint, in eval mode: ``zoo.load_checkpoint("last.ckpt")``.
+
+    Keyword arguments (`model_name`, `num_classes`, `in_chans`) state what the caller expects; a checkpoint
+    holding something else raises `CheckpointError` naming the difference.
+    """
+    checkpoint = read_checkpoint(path)
+    spec = model_spec(checkpoint["hyper_parameters"])
+    check_same_model(spec, expected, f"checkpoint {str(path)!r}")
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    return _load_weights(_build(spec), state, f"checkpoint {str(path)!r}")
+
+
+def export_checkpoint(path: str | Path, folder: str | Path) -> Path:
+    """Write `model.safetensors` and `config.json` (registry name + constructor inputs) for inference."""
+    from safetensors.torch import save_file
+
+    checkpoint = read_checkpoint(path)
+    spec = model_spec(checkpoint["hyper_parameters"])
+    model = load_checkpoint(path)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    weights_tmp, config_tmp = folder / ".model.safetensors.tmp", folder / ".config.json.tmp"
+    save_file(state, str(weights_tmp))
+    config_tmp.write_text(json.dumps(spec, indent=1, default=str))
+    os.replace(weights_tmp, folder / "model.safetensors")  # atomic: a killed export leaves whole files only
+    os.replace(config_tmp, folder / "config.json")
+    return folder
+
+
+def load_exported(folder: str | Path) -> nn.Module:
+    """A model written by `export_checkpoint`, in eval mode."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config, weights = folder / "config.json", folder / "model.safetensors"
+    if not config.is_file() or not weights.is_file():
+        raise CheckpointError(f"{str(folder)!r} needs config.json and model.safetensors (see export_checkpoint).")
+    spec = json.loads(config.read_text())
+    return _load_weights(_build(spec), load_file(str(weights)), f"export {str(folder)!r}")
+
+
+__all__ = ["check_same_model", "export_checkpoint", "load_checkpoint", "load_exported", "model_spec",
+           "read_checkpoint"]
