@@ -185,3 +185,15 @@ def test_compare_evaluates_a_checkpoint_without_training(in_tmp_dir: Path) -> No
     (in_tmp_dir / "wrong.yaml").write_text(yaml.safe_dump(wrong))
     with pytest.raises(ValueError, match="holds baseline_tinycnn with 6 classes .*this run builds icnn_tinycnn"):
         main(["compare", "--config", "wrong.yaml", "--no_explain"])
+
+
+BF16_CONFIGS = ["configs/icnn/parts_world.yaml", "configs/l2x/xor.yaml", "configs/l2x/digits.yaml",
+                "configs/renn/rule_series.yaml"]
+
+
+@pytest.mark.parametrize("config", BF16_CONFIGS)
+def test_bf16_autocast_trains_every_family(config: str, in_tmp_dir: Path, cub_root: Path,
+                                           image_folder_root: Path) -> None:
+    cli = main(["fit", "--config", str(REPO / config), "--trainer.fast_dev_run=true", "--trainer.precision=bf16-mixed",
+                *dataset_overrides(config, cub_root, image_folder_root)])
+    assert cli.trainer.state.finished and torch.isfinite(cli.trainer.callback_metrics["train/loss"])

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import DDPStrategy
 
 from datamodules import PartsWorldDataModule
 from zoo.systems import ClassificationSystem
@@ -78,3 +79,60 @@ def test_icnn_online_statistics_stay_identical_across_ranks(tmp_path: Path) -> N
     assert torch.isfinite(ranks[0]["z"]).all()
     for key in ("z", "category", "act"):  # each rank saw different images, yet the statistics agree
         assert torch.allclose(ranks[0][key].float(), ranks[1][key].float(), atol=1e-6), key
+
+
+class SaveSelectorState(pl.Callback):
+    """Each rank writes its black box weights and the per-sample median ranks of its validation shard."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        medians = pl_module.metrics["val_median_rank"].medians  # this rank's, before the epoch-end sync
+        torch.save({"black_box": pl_module.black_box.state_dict(), "medians": torch.cat(medians)},
+                   self.folder / f"selector{trainer.global_rank}.pt")
+
+
+def test_l2x_explains_one_black_box_and_syncs_median_rank(tmp_path: Path) -> None:
+    from datamodules import L2XSyntheticDataModule
+    from metrics.selection import MedianRank
+    from zoo.systems import SelectorSystem
+
+    pl.seed_everything(0)
+    data = L2XSyntheticDataModule(dataset="orange_skin", num_train=256, num_val=64, num_test=16, batch_size=32)
+    system = SelectorSystem(data_inputs=data.model_inputs, model_kwargs={"k": 4}, black_box_epochs=1,
+                            evaluator_epochs=1)
+    trainer = pl.Trainer(
+        strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=1, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=[SaveSelectorState(tmp_path)],
+    )
+    trainer.fit(system, datamodule=data)
+    ranks = [torch.load(tmp_path / f"selector{r}.pt", weights_only=True) for r in (0, 1)]
+    assert all(torch.equal(ranks[0]["black_box"][k], ranks[1]["black_box"][k]) for k in ranks[0]["black_box"])
+    reference = MedianRank()
+    reference.medians = [torch.cat([ranks[0]["medians"], ranks[1]["medians"]])]
+    assert len(reference.medians[0]) == 64
+    assert trainer.callback_metrics["val/median_rank"].item() == reference.compute().item()
+
+
+def test_renn_stages_train_under_ddp(tmp_path: Path) -> None:
+    from datamodules import RuleSeriesDataModule
+    from losses import ReNNLoss
+    from zoo.systems import StagedSystem
+
+    pl.seed_everything(0)
+    data = RuleSeriesDataModule(num_train=64, num_val=32, num_test=16, batch_size=16)
+    system = StagedSystem(model_name="renn_series", num_classes=4, in_chans=None, data_inputs=data.model_inputs,
+                          input_key="series", loss=ReNNLoss(), stages=[
+                              {"name": "local", "epochs": 1, "train": ["detector"], "losses": ["loss_local"]},
+                              {"name": "global", "epochs": 1, "train": ["head"], "losses": ["loss_task"]}])
+    trainer = pl.Trainer(
+        # stages leave submodules without gradients: DDP must look for unused parameters
+        strategy=DDPStrategy(start_method="spawn", find_unused_parameters=True), accelerator="cpu", devices=2,
+        max_epochs=2,
+        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )
+    trainer.fit(system, datamodule=data)
+    assert {"val/acc", "val/rule_recall", "val/rule_precision"} <= set(trainer.callback_metrics)

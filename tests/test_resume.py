@@ -74,3 +74,4 @@ def test_load_checkpoint_export_and_named_mismatches(tmp_path: Path) -> None:
         zoo.load_checkpoint(tmp_path / "pickled.ckpt")
     with pytest.raises(CheckpointError, match="needs config.json and model.safetensors"):
         zoo.load_exported(tmp_path)
+

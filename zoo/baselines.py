@@ -54,8 +54,9 @@ class MLPClassifier(nn.Module):
         self.head = nn.Linear(sizes[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.ndim != 2 or x.shape[1] != self.num_features:
-            raise ValueError(f"MLPClassifier expects vectors of shape (B, {self.num_features}); got {tuple(x.shape)}.")
+        if x.ndim != 2 or x.shape[1] != self.num_features or not x.is_floating_point():
+            raise ValueError(f"MLPClassifier expects float vectors of shape (B, {self.num_features}); got "
+                             f"{tuple(x.shape)} {x.dtype}.")
         features = self.body(x)
         return {"logits": self.head(features), "features": features}
 
@@ -77,8 +78,8 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(4 * widths[1], num_classes)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"SmallCNN expects images of shape (B, {self.in_chans}, H, W); got {tuple(x.shape)}.")
+        if x.ndim != 4 or x.shape[1] != self.in_chans or not x.is_floating_point():
+            raise ValueError(f"SmallCNN expects float images of shape (B, {self.in_chans}, H, W); got {tuple(x.shape)} {x.dtype}.")
         features = self.body(x)  # (B, 16, 2, 2)
         return {"logits": self.head(features.flatten(1)), "features": features}
 
@@ -101,8 +102,8 @@ class SeriesCNN(nn.Module):
         self.head = nn.Linear(2 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.ndim != 3 or x.shape[1] != self.in_chans:
-            raise ValueError(f"SeriesCNN expects series of shape (B, {self.in_chans}, T); got {tuple(x.shape)}.")
+        if x.ndim != 3 or x.shape[1] != self.in_chans or not x.is_floating_point():
+            raise ValueError(f"SeriesCNN expects float series of shape (B, {self.in_chans}, T); got {tuple(x.shape)} {x.dtype}.")
         features = self.body(x)  # (B, width, T)
         return {"logits": self.head(torch.cat([features.amax(-1), features.mean(-1)], 1)), "features": features}
 
@@ -123,8 +124,8 @@ class SeriesLSTM(nn.Module):
         self.head = nn.Linear(2 * hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.ndim != 3 or x.shape[1] != self.in_chans:
-            raise ValueError(f"SeriesLSTM expects series of shape (B, {self.in_chans}, T); got {tuple(x.shape)}.")
+        if x.ndim != 3 or x.shape[1] != self.in_chans or not x.is_floating_point():
+            raise ValueError(f"SeriesLSTM expects float series of shape (B, {self.in_chans}, T); got {tuple(x.shape)} {x.dtype}.")
         states, _ = self.lstm(self.stem(x).transpose(1, 2))  # (B, T / 2, hidden)
         features = torch.cat([states.amax(1), states[:, -1]], 1)
         return {"logits": self.head(features), "features": states.transpose(1, 2)}

@@ -41,8 +41,9 @@ class VectorFeatures(nn.Module):
         self.num_features = num_features
 
     def check(self, x: torch.Tensor) -> None:
-        if x.ndim != 2 or x.shape[1] != self.num_features:
-            raise ValueError(f"expects vectors of shape (B, {self.num_features}); got {tuple(x.shape)}.")
+        if x.ndim != 2 or x.shape[1] != self.num_features or not x.is_floating_point():
+            raise ValueError(f"expects float vectors of shape (B, {self.num_features}); got {tuple(x.shape)} "
+                             f"{x.dtype}.")
 
     def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
         return x * selection
@@ -61,9 +62,9 @@ class PatchFeatures(nn.Module):
         self.num_features = self.grid**2
 
     def check(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1:] != (self.in_chans, self.image_size, self.image_size):
-            raise ValueError(f"expects images of shape (B, {self.in_chans}, {self.image_size}, {self.image_size}); "
-                             f"got {tuple(x.shape)}.")
+        if x.ndim != 4 or x.shape[1:] != (self.in_chans, self.image_size, self.image_size) or not x.is_floating_point():
+            raise ValueError(f"expects float images of shape (B, {self.in_chans}, {self.image_size}, "
+                             f"{self.image_size}); got {tuple(x.shape)} {x.dtype}.")
 
     def pixel_mask(self, selection: torch.Tensor) -> torch.Tensor:
         grid = selection.view(-1, 1, self.grid, self.grid)  # (B, 1, g, g)

@@ -282,8 +282,9 @@ class ReNN(nn.Module):
         self.head = GlobalInference(len(pattern_names) + len(self.rule_layer.rules), num_classes, hidden)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.ndim != 3 or x.shape[1] != self.in_chans:
-            raise ValueError(f"ReNN expects series of shape (B, {self.in_chans}, T); got {tuple(x.shape)}.")
+        if x.ndim != 3 or x.shape[1] != self.in_chans or not x.is_floating_point():
+            raise ValueError(f"ReNN expects float series of shape (B, {self.in_chans}, T); got {tuple(x.shape)} "
+                             f"{x.dtype}.")
         pattern_logits = self.detector(x)
         patterns = torch.sigmoid(pattern_logits.float())
         rule_map = self.rule_layer(patterns)

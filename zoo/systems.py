@@ -35,13 +35,30 @@ def check_checkpoint_fits(system: pl.LightningModule, checkpoint: dict[str, Any]
                                                                                   "in_chans")}, source)
 
 
+def check_class_ids(labels: torch.Tensor, num_classes: int) -> None:
+    """Labels must lie in [0, num_classes): a clear error instead of an index error inside the loss (CPU only,
+    where the check costs no device synchronisation)."""
+    if labels.device.type == "cpu" and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"The batch's labels span [{labels.min()}, {labels.max()}], outside [0, {num_classes}): "
+                         f"num_classes does not match the data.")
+
+
 def batch_field(batch: dict[str, Any], key: str) -> Any:
-    """`batch[key]` with an error that lists what the batch does hold."""
+    """`batch[key]` with an error that lists what the batch does hold; float fields must be finite."""
     if not isinstance(batch, dict):
         raise TypeError(f"Batches must be dicts of tensors; got {type(batch).__name__}.")
     if key not in batch:
         raise KeyError(f"The batch has no {key!r}; it holds {sorted(batch)}. Set input_key/target_key to match.")
-    return batch[key]
+    value = batch[key]
+    # Checked where it costs nothing (CPU); on an accelerator a NaN input surfaces as the non-finite-loss error.
+    if (isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type == "cpu"
+            and not torch.isfinite(value).all()):
+        bad = (~torch.isfinite(value.flatten(1) if value.ndim > 1 else value[:, None])).any(1).nonzero().flatten()
+        index = batch.get("index")
+        where = f"dataset indices {index[bad].tolist()[:8]}" if isinstance(index, torch.Tensor) else \
+            f"batch positions {bad.tolist()[:8]}"
+        raise ValueError(f"The batch's {key!r} holds NaN or inf values ({where}); fix or filter those samples.")
+    return value
 
 
 class ClassificationSystem(pl.LightningModule):
@@ -106,6 +123,7 @@ class ClassificationSystem(pl.LightningModule):
 
     def _step(self, batch: dict[str, Any], stage: str, batch_idx: int = 0) -> torch.Tensor | None:
         images, labels = batch_field(batch, self.input_key), batch_field(batch, self.target_key)
+        check_class_ids(labels, self.hparams.num_classes)
         out = self.model(images)
         if stage == "train" and hasattr(self.model, "update_statistics"):
             self.model.update_statistics(out, batch)  # online statistics (e.g. ICNN's Z_T, categories), never in eval
@@ -242,6 +260,8 @@ class SelectorSystem(pl.LightningModule):
                              f"model, or ClassificationSystem for classifiers.")
         self.black_box = create_model_for_data(black_box, num_classes, in_chans, image_size, data_inputs, black_box_kwargs)
         self.evaluator = create_model_for_data(black_box, num_classes, in_chans, image_size, data_inputs, black_box_kwargs)
+        for frozen in (self.black_box, self.evaluator):  # never trained by the Trainer (nor wrapped by DDP)
+            frozen.requires_grad_(False)
         self.register_buffer("black_box_ready", torch.tensor(False))
         self.register_buffer("evaluator_ready", torch.tensor(False))
         for name, path in (("black_box", black_box_checkpoint), ("evaluator", evaluator_checkpoint)):
@@ -277,6 +297,7 @@ class SelectorSystem(pl.LightningModule):
     def _fit_auxiliary(self, name: str, epochs: int, random_masks: bool) -> None:
         """Train the black box (or, with random masks, the EVAL-X evaluator) on the training split, then freeze."""
         module: nn.Module = getattr(self, name)
+        module.requires_grad_(True)  # trained here, outside the Trainer's optimiser, then frozen again
         optimizer = torch.optim.Adam(module.parameters(), lr=self.hparams.aux_lr)
         loader = self.trainer.datamodule.train_dataloader()
         module.train()
@@ -291,6 +312,10 @@ class SelectorSystem(pl.LightningModule):
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for tensor in module.state_dict().values():  # every rank explains the same black box: rank 0's
+                torch.distributed.broadcast(tensor, src=0)
+        module.requires_grad_(False)
         getattr(self, f"{name}_ready").fill_(True)
 
     def prepare_frozen_models(self) -> None:

@@ -1,0 +1,166 @@
+"""Cost of interpretability per family, measured in one run: train-step time and inference throughput of each
+interpretable model against its opaque twin / baselines, on the CPU or a GPU, fp32 or bf16 autocast.
+
+    python benchmarks/family_speed.py [--families icnn l2x renn] [--device cpu|cuda] [--bf16] [--rounds 5]
+
+A train step is forward + loss + backward + optimiser step (+ ICNN's online statistics; + the frozen black box's
+forward for L2X). Inference is one forward pass in eval mode (for L2X: explaining a batch). Models of a family
+are timed in interleaved rounds (A, B, C, A, B, C, ...) so drift hits all alike; the table gives medians over
+rounds and ratios of medians against the family's reference (the opaque twin, the black box, the 1-D CNN).
+AOG R-CNN is not in the zoo yet (issue 5). CPU figures are noisy: read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import zoo  # noqa: E402
+from datamodules.l2x_synthetic import generate as l2x_data  # noqa: E402
+from datamodules.rule_series import generate as series_data  # noqa: E402
+from losses import ClassificationLoss, FilterPartLoss, L2XLoss, ReNNLoss  # noqa: E402
+
+Step = Callable[[], None]
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(model: nn.Module, loss: nn.Module, batch: dict, input_key: str, device: torch.device, bf16: bool,
+               teacher: nn.Module | None = None) -> Step:
+    """One optimiser step of `model` on `batch` (the teacher, if any, gives L2X its soft targets)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        model.train()  # the inference step of the same model leaves it in eval mode
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            inputs = batch[input_key]
+            extra = {}
+            if teacher is not None:
+                with torch.no_grad():
+                    extra["teacher_probs"] = teacher(inputs)["logits"].float().softmax(-1)
+            out = model(inputs)
+            if hasattr(model, "update_statistics"):
+                model.update_statistics(out, batch)
+            total = sum(loss(out, {**batch, **extra}).values())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+
+    return step
+
+
+def infer_step(model: nn.Module, batch: dict, input_key: str, device: torch.device, bf16: bool) -> Step:
+    def step() -> None:
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            model(batch[input_key])
+
+    return step
+
+
+def to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def family_setups(family: str, device: torch.device) -> tuple[str, dict, str, dict[str, tuple[nn.Module, nn.Module]],
+                                                             nn.Module | None]:
+    """(reference name, batch, input key, {name: (model, loss)}, teacher)."""
+    torch.manual_seed(0)
+    if family == "icnn":
+        batch = {"image": torch.rand(32, 3, 64, 64), "label": torch.randint(0, 6, (32,))}
+        icnn = {"image_size": 64, "tau_scale": 16.0, "num_classes": 6}
+        models = {
+            "icnn_tinycnn": (zoo.create_model("icnn_tinycnn", **icnn), FilterPartLoss(weight=1.0)),
+            "twin (lambda 0)": (zoo.create_model("icnn_tinycnn", **icnn), FilterPartLoss(weight=0.0)),
+            "baseline_tinycnn": (zoo.create_model("baseline_tinycnn", num_classes=6), ClassificationLoss()),
+        }
+        return "twin (lambda 0)", to(batch, device), "image", models, None
+    if family == "l2x":
+        data = l2x_data("switch", 256, seed=0)
+        black_box = zoo.create_model("baseline_mlp", num_features=10, num_classes=2).to(device).eval()
+        models = {
+            "l2x_vector (k=5)": (zoo.create_model("l2x_vector", k=5), L2XLoss()),
+            "black box (baseline_mlp)": (zoo.create_model("baseline_mlp", num_features=10), ClassificationLoss()),
+        }
+        return "black box (baseline_mlp)", to(data, device), "features", models, black_box
+    if family == "renn":
+        data = series_data(64, seed=0)
+        models = {
+            "renn_series": (zoo.create_model("renn_series"), ReNNLoss()),
+            "baseline_cnn1d": (zoo.create_model("baseline_cnn1d"), ClassificationLoss()),
+            "baseline_lstm": (zoo.create_model("baseline_lstm"), ClassificationLoss()),
+        }
+        return "baseline_cnn1d", to(data, device), "series", models, None
+    raise ValueError(f"Unknown family {family!r}; choose from icnn, l2x, renn.")
+
+
+def timed(step: Step, steps: int, device: torch.device) -> float:
+    synchronise(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronise(device)
+    return (time.perf_counter() - start) / steps
+
+
+def measure(family: str, device: torch.device, bf16: bool, rounds: int, steps: int) -> list[dict]:
+    reference, batch, key, models, teacher = family_setups(family, device)
+    trains, infers = {}, {}
+    for name, (model, loss) in models.items():
+        model.to(device)
+        loss.to(device)
+        trains[name] = train_step(model, loss, batch, key, device, bf16, teacher if "l2x" in name else None)
+        infers[name] = infer_step(model, batch, key, device, bf16)
+    times: dict[str, dict[str, list[float]]] = {name: {"train": [], "infer": []} for name in models}
+    for name in models:  # warm-up
+        timed(trains[name], 2, device)
+        timed(infers[name], 2, device)
+    for _ in range(rounds):
+        for name in models:
+            times[name]["train"].append(timed(trains[name], steps, device))
+            times[name]["infer"].append(timed(infers[name], steps, device))
+    batch_size = len(batch[key])
+    median = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
+    return [{
+        "family": family, "model": name, "train_ms": round(1e3 * m["train"], 2),
+        "train_vs_ref": round(m["train"] / median[reference]["train"], 3),
+        "infer_samples_per_s": round(batch_size / m["infer"], 1),
+        "infer_vs_ref": round(median[reference]["infer"] / m["infer"], 3),
+    } for name, m in median.items()]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", nargs="+", default=["icnn", "l2x", "renn"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    rows = [row for family in args.families for row in measure(family, device, args.bf16, args.rounds, args.steps)]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {name}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
+          f"{args.rounds} rounds x {args.steps} steps (medians; ratios against each family's reference)")
+    print("| family | model | train ms | train / ref | infer samples/s | infer speed / ref |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['family']} | {r['model']} | {r['train_ms']} | {r['train_vs_ref']} | {r['infer_samples_per_s']} "
+              f"| {r['infer_vs_ref']} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Bad input gets a clear error naming what is wrong, raised before torch fails deep inside: wrong shapes and
+dtypes for every registered model, NaN inputs in every System, missing / empty / malformed dataset folders and
+files for every datamodule that reads disk, labels out of range, unknown names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import zoo
+from datamodules import (CUB200DataModule, DatasetLayoutError, IMDBDataModule, ImageFolderDataModule,
+                         SeriesFileDataModule)
+from tests.test_registry import SMALL_MODEL_INPUTS
+
+
+def example_input(name: str) -> torch.Tensor:
+    return SMALL_MODEL_INPUTS[name]() if name in SMALL_MODEL_INPUTS else torch.rand(2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("name", zoo.list_models())
+def test_every_model_names_a_wrong_dtype_or_rank(name: str) -> None:
+    model = zoo.create_model(name, num_classes=3)
+    x = example_input(name)
+    wrong_dtype = x.float() if x.dtype == torch.long else (x * 255).to(torch.uint8)
+    with pytest.raises(ValueError, match="expects"):
+        model(wrong_dtype)
+    with pytest.raises(ValueError, match="expects"):
+        model(x[0])  # the batch dimension forgotten
+
+
+@pytest.mark.parametrize("system", ["classification", "staged", "selector"])
+def test_nan_inputs_name_the_samples(system: str) -> None:
+    from zoo.systems import ClassificationSystem, SelectorSystem, StagedSystem
+
+    if system == "classification":
+        module, key, x = ClassificationSystem(num_classes=3), "image", torch.rand(4, 3, 32, 32)
+    elif system == "staged":
+        module, key = StagedSystem(model_name="renn_series", in_chans=None, input_key="series"), "series"
+        x = torch.randn(4, 1, 128)
+    else:
+        module, key, x = SelectorSystem(data_inputs={"num_features": 10}, model_kwargs={"k": 2}), "features", \
+            torch.randn(4, 10)
+    x[2].view(-1)[0] = float("nan")
+    batch = {key: x, "label": torch.zeros(4, dtype=torch.long), "index": torch.tensor([10, 11, 12, 13])}
+    with pytest.raises(ValueError, match=rf"{key}' holds NaN or inf values \(dataset indices \[12\]\)"):
+        module.training_step(batch, 0)
+
+
+def test_folder_datamodules_name_missing_and_empty_folders(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    for make in (lambda root: ImageFolderDataModule(root=root), lambda root: CUB200DataModule(root=root),
+                 lambda root: IMDBDataModule(root=root)):
+        for root in (tmp_path / "missing", tmp_path / "empty"):
+            with pytest.raises(DatasetLayoutError, match="Expected layout"):
+                module = make(root)
+                module.setup("fit")
+
+
+def test_series_files_with_bad_content(tmp_path: Path) -> None:
+    (tmp_path / "text.csv").write_text("1,0.5,0.2\nzero,0.1,0.3\n")
+    with pytest.raises(DatasetLayoutError, match="Could not read series"):
+        SeriesFileDataModule(tmp_path / "text.csv", num_classes=2)
+    np.savez(tmp_path / "frac.npz", series=np.zeros((3, 16)), label=np.array([0.0, 0.5, 1.0]))
+    with pytest.raises(DatasetLayoutError, match="labels must be integers"):
+        SeriesFileDataModule(tmp_path / "frac.npz", num_classes=2)
+    np.savez(tmp_path / "nolabel.npz", series=np.zeros((3, 16)))
+    with pytest.raises(DatasetLayoutError, match="lacks \\['label'\\]"):
+        SeriesFileDataModule(tmp_path / "nolabel.npz", num_classes=2)
+    (tmp_path / "s.txt").write_text("1,2")
+    with pytest.raises(DatasetLayoutError, match="unsupported suffix"):
+        SeriesFileDataModule(tmp_path / "s.txt", num_classes=2)
+
+
+def test_labels_out_of_range_are_caught_before_the_loss(image_folder_root: Path) -> None:
+    from zoo.systems import ClassificationSystem
+
+    module = ClassificationSystem(num_classes=2)
+    batch = {"image": torch.rand(2, 3, 32, 32), "label": torch.tensor([0, 5])}
+    with pytest.raises(ValueError, match="labels span \\[0, 5\\], outside \\[0, 2\\)"):
+        module.training_step(batch, 0)
+
+
+def test_unknown_names_suggest_close_ones() -> None:
+    from zoo.renn import get_rule
+
+    with pytest.raises(ValueError, match="Did you mean: l2x_vector"):
+        zoo.create_model("l2x_vectr")
+    with pytest.raises(ValueError, match="Did you mean: frequent_premature"):
+        get_rule("frequent_prematur")
