@@ -7,7 +7,10 @@ A train step is forward + loss + backward + optimiser step (+ ICNN's online stat
 forward for L2X). Inference is one forward pass in eval mode (for L2X: explaining a batch). Models of a family
 are timed in interleaved rounds (A, B, C, A, B, C, ...) so drift hits all alike; the table gives medians over
 rounds and ratios of medians against the family's reference (the opaque twin, the black box, the 1-D CNN).
-AOG R-CNN is not in the zoo yet (issue 5). CPU figures are noisy: read the ratios.
+A second table times explanations of the same switch samples: L2X's explainer (one batched forward) against
+Captum's IntegratedGradients, KernelShap and Lime on the black box (explanation time does not depend on how
+well either is trained; `benchmarks/l2x_race.py` scores their quality). AOG R-CNN is not in the zoo yet
+(issue 5). CPU figures are noisy: read the ratios.
 """
 
 from __future__ import annotations
@@ -141,6 +144,36 @@ def measure(family: str, device: torch.device, bf16: bool, rounds: int, steps: i
     } for name, m in median.items()]
 
 
+def explanation_speed(device: torch.device, rounds: int, samples: int = 256, per_sample: int = 8) -> list[dict]:
+    """Samples/s of explaining switch data: L2X batched vs Captum (IG batched; KernelShap/Lime one surrogate per
+    sample, timed on `per_sample` samples). Medians over rounds."""
+    from metrics.captum_adapters import attribute_features
+
+    torch.manual_seed(0)
+    data = to(l2x_data("switch", samples, seed=1), device)
+    x = data["features"]
+    black_box = zoo.create_model("baseline_mlp", num_features=10).to(device).eval()
+    explainer = zoo.create_model("l2x_vector", k=5).to(device).eval()
+    target = black_box(x)["logits"].argmax(-1)
+
+    def l2x() -> None:
+        with torch.no_grad():
+            explainer(x)
+
+    methods: dict[str, tuple[Step, int]] = {"l2x": (l2x, len(x))}
+    for method, count in (("integrated_gradients", len(x)), ("kernel_shap", per_sample), ("lime", per_sample)):
+        if method == "integrated_gradients":
+            methods[method] = (lambda: attribute_features(black_box, x, target, "integrated_gradients"), count)
+        else:
+            methods[method] = (lambda m=method: [attribute_features(black_box, x[i: i + 1], target[i: i + 1], m)
+                                                  for i in range(per_sample)], count)
+    seconds = {name: statistics.median(timed(step, 1, device) for _ in range(rounds))
+               for name, (step, _) in methods.items()}
+    rate = {name: methods[name][1] / seconds[name] for name in methods}
+    return [{"method": name, "samples_per_s": round(r, 1), "l2x_speedup": round(rate["l2x"] / r, 1)}
+            for name, r in rate.items()]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=["icnn", "l2x", "renn"])
@@ -159,6 +192,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         print(f"| {r['family']} | {r['model']} | {r['train_ms']} | {r['train_vs_ref']} | {r['infer_samples_per_s']} "
               f"| {r['infer_vs_ref']} |")
+    if "l2x" in args.families:
+        print("\n| explanation method (switch, d = 10) | samples/s | L2X speed-up |\n| --- | --- | --- |")
+        for r in explanation_speed(device, args.rounds):
+            print(f"| {r['method']} | {r['samples_per_s']} | {r['l2x_speedup']} |")
+            rows.append({"family": "l2x explanation", **r})
     return rows
 
 
