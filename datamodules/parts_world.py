@@ -3,7 +3,8 @@
 Each class is a fixed composition of parts (a shape, a colour and a slot on a 3x3 layout around the object
 centre). Images jitter the object's position, scale, part positions and colours, add distractor parts of any
 type away from the object, and noise. Every image carries its label, object box, part boxes, part landmarks,
-part masks and attribute vector, so every interpretability claim can be scored against the truth.
+part masks, attribute vector, visible distractor types and three reference sentences ("captions", token ids of
+CAPTION_VOCABULARY), so every interpretability claim can be scored against the truth.
 Deterministic: the class definitions depend on `world_seed`, the images of each split on (`seed`, split).
 """
 
@@ -171,6 +172,7 @@ def render(world: WorldDefinition, labels: torch.Tensor, image_size: int, jitter
     image = (image + 0.5 * jitter.noise * torch.randn(image.shape, generator=generator)).clamp(0, 1)
 
     attributes = torch.zeros(n, NUM_PART_TYPES).scatter_(1, part_types, 1.0)
+    visible_distractors = d_present & (masks[:, parts:].flatten(2).any(-1))  # not painted over entirely
     return {
         "image": (image * 255).round().to(torch.uint8),
         "label": labels.long(),
@@ -180,7 +182,68 @@ def render(world: WorldDefinition, labels: torch.Tensor, image_size: int, jitter
         "part_masks": masks[:, :parts],
         "part_types": part_types.long(),
         "attributes": attributes,
+        "distractor_types": torch.where(visible_distractors, d_types, -1).long(),  # (N, D), -1: none
     }
+
+
+# Reference sentences: what a person would write about the image, in a few phrasings, mentioning 1-3 of the
+# visible parts (object parts three times as likely as distractors), e.g. "this object has a red triangle and a
+# blue ring". Token ids index CAPTION_VOCABULARY; each caption is <bos> words <eos> <pad>...
+PAD, BOS, EOS = 0, 1, 2
+_OPENINGS = (("this", "object", "has"), ("there", "is"), ("it", "has"))
+CAPTION_VOCABULARY = ["<pad>", "<bos>", "<eos>", "<unk>", "this", "object", "has", "there", "is", "it", "a", "and",
+                      ",", *COLOUR_NAMES, *SHAPES]
+CAPTION_LENGTH = 18
+_WORD_ID = {word: i for i, word in enumerate(CAPTION_VOCABULARY)}
+
+
+def part_phrase(part_type: int) -> list[int]:
+    """Token ids of "a <colour> <shape>"."""
+    shape, colour = divmod(int(part_type), len(COLOURS))
+    return [_WORD_ID["a"], _WORD_ID[COLOUR_NAMES[colour]], _WORD_ID[SHAPES[shape]]]
+
+
+def make_captions(part_types: torch.Tensor, distractor_types: torch.Tensor, num_captions: int,
+                  generator: torch.Generator) -> torch.Tensor:
+    """(N, num_captions, CAPTION_LENGTH) token ids. Runs once per generated split (a loop over images that
+    assembles variable-length sentences; the random choices are drawn for all images at once)."""
+    n = len(part_types)
+    items = torch.cat([part_types, distractor_types], 1)  # (N, P + D)
+    weights = torch.cat([torch.full(part_types.shape, 3.0), (distractor_types >= 0).float()], 1)
+    keys = torch.rand(n, num_captions, items.shape[1], generator=generator) ** (1 / weights[:, None])  # (N, R, I)
+    order = keys.argsort(-1, descending=True)  # weighted sampling without replacement
+    counts = torch.randint(1, 4, (n, num_captions), generator=generator)
+    openings = torch.randint(0, len(_OPENINGS), (n, num_captions), generator=generator)
+    captions = torch.zeros(n, num_captions, CAPTION_LENGTH, dtype=torch.long)
+    for i in range(n):
+        for r in range(num_captions):
+            chosen = [int(items[i, j]) for j in order[i, r, : int(counts[i, r])] if weights[i, j] > 0]
+            words = [_WORD_ID[w] for w in _OPENINGS[int(openings[i, r])]]
+            for k, part_type in enumerate(chosen):
+                if k:
+                    words.append(_WORD_ID["and"] if k == len(chosen) - 1 else _WORD_ID[","])
+                words += part_phrase(part_type)
+            tokens = [BOS, *words, EOS]
+            captions[i, r, : len(tokens)] = torch.tensor(tokens)
+    return captions
+
+
+def decode_caption(tokens: torch.Tensor) -> str:
+    """Words of a caption up to <eos> (<bos> and padding dropped)."""
+    words = []
+    for token in tokens.tolist():
+        if token == EOS:
+            break
+        if token not in (PAD, BOS):
+            words.append(CAPTION_VOCABULARY[token] if 0 <= token < len(CAPTION_VOCABULARY) else "<unk>")
+    return " ".join(words)
+
+
+def mentioned_parts(tokens: torch.Tensor) -> set[int]:
+    """Part types named in a caption ("<colour> <shape>" bigrams)."""
+    words = decode_caption(tokens).split()
+    colours, shapes = {c: i for i, c in enumerate(COLOUR_NAMES)}, {s: i for i, s in enumerate(SHAPES)}
+    return {shapes[b] * len(COLOURS) + colours[a] for a, b in zip(words, words[1:]) if a in colours and b in shapes}
 
 
 def generate_split(world: WorldDefinition, num_images: int, image_size: int, jitter: Jitter, seed: int,
@@ -190,7 +253,11 @@ def generate_split(world: WorldDefinition, num_images: int, image_size: int, jit
     labels = torch.arange(num_images) % world.num_classes
     labels = labels[torch.randperm(num_images, generator=generator)]
     pieces = [render(world, labels[i:i + chunk], image_size, jitter, generator) for i in range(0, num_images, chunk)]
-    return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+    data = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+    # captions draw from their own generator, so adding them left every image as it was
+    caption_generator = torch.Generator().manual_seed(seed * 1000 + SPLIT_IDS[split] + 500)
+    data["captions"] = make_captions(data["part_types"], data["distractor_types"], 3, caption_generator)
+    return data
 
 
 @functools.lru_cache(maxsize=6)
@@ -247,6 +314,8 @@ class PartsWorldDataModule(DictDataModule):
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.seed = seed
         self.jitter = Jitter(scale_jitter, position_jitter, part_jitter, colour_jitter, clutter, max_distractors, noise)
+
+    vocabulary = CAPTION_VOCABULARY
 
     @property
     def attribute_names(self) -> list[str]:

@@ -1,0 +1,166 @@
+"""Sentence metrics for textual explanations: CIDEr-D (Vedantam et al. 2015, the coco-caption `CiderD` scorer),
+class similarity / class rank (Hendricks et al. 2016: CIDEr of a sentence against all reference sentences of a
+class), and, on parts_world, precision / recall of the parts a sentence names.
+
+CIDEr-D as in coco-caption: n = 1..4; each sentence's n-gram counts weighted by
+log(#reference sets / max(1, #reference sets containing the n-gram)) (document frequencies over the evaluated
+corpus's references); per n, sum over the candidate's n-grams of min(w_cand, w_ref) * w_ref divided by both norms,
+times the length penalty exp(-(len_cand - len_ref)^2 / (2 * 6^2)); mean over n, mean over references, x 10.
+Token sequences are compared as ids (0 = padding; everything from the end token on is dropped), so the metric
+states are tensors and reduce correctly under DDP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Sequence
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+Sentence = Sequence[int]
+SIGMA = 6.0
+
+
+def ngram_counts(sentence: Sentence, n_max: int = 4) -> list[Counter]:
+    return [Counter(tuple(sentence[i:i + n]) for i in range(len(sentence) - n + 1)) for n in range(1, n_max + 1)]
+
+
+def document_frequency(reference_sets: Sequence[Sequence[Sentence]], n_max: int = 4) -> Counter:
+    """For each n-gram, in how many reference sets (images) it occurs."""
+    frequency: Counter = Counter()
+    for references in reference_sets:
+        frequency.update({g for ref in references for counts in ngram_counts(ref, n_max) for g in counts})
+    return frequency
+
+
+def _tfidf(sentence: Sentence, frequency: Counter, log_num_sets: float, n_max: int) -> tuple[list[dict], list[float]]:
+    vectors, norms = [], []
+    for counts in ngram_counts(sentence, n_max):
+        vector = {g: c * (log_num_sets - math.log(max(1.0, frequency[g]))) for g, c in counts.items()}
+        vectors.append(vector)
+        norms.append(math.sqrt(sum(v * v for v in vector.values())))
+    return vectors, norms
+
+
+def cider_d(candidate: Sentence, references: Sequence[Sentence], frequency: Counter, num_sets: int,
+            n_max: int = 4) -> float:
+    """CIDEr-D of one candidate against its references, given corpus document frequencies."""
+    log_num_sets = math.log(max(1, num_sets))
+    cand_vec, cand_norm = _tfidf(candidate, frequency, log_num_sets, n_max)
+    total = 0.0
+    for reference in references:
+        ref_vec, ref_norm = _tfidf(reference, frequency, log_num_sets, n_max)
+        penalty = math.exp(-((len(candidate) - len(reference)) ** 2) / (2 * SIGMA**2))
+        per_n = []
+        for n in range(n_max):
+            value = sum(min(w, ref_vec[n][g]) * ref_vec[n][g] for g, w in cand_vec[n].items() if g in ref_vec[n])
+            if cand_norm[n] and ref_norm[n]:
+                value /= cand_norm[n] * ref_norm[n]
+            per_n.append(value * penalty)
+        total += sum(per_n) / n_max
+    return 10.0 * total / max(1, len(references))
+
+
+def strip(tokens: torch.Tensor, end_token: int, pad_token: int = 0, start_token: int | None = None) -> list[int]:
+    """A token row as a list: up to (not including) the end token, padding and the start token dropped."""
+    out = []
+    for token in tokens.tolist():
+        if token == end_token:
+            break
+        if token != pad_token and token != start_token:
+            out.append(token)
+    return out
+
+
+class _SentenceStore(Metric):
+    """Keeps candidates (N, L), references (N, R, L) and labels (N,) as tensors (cat across ranks)."""
+
+    full_state_update = False
+
+    def __init__(self, end_token: int, start_token: int | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.end_token, self.start_token = end_token, start_token
+        for name in ("candidates", "references", "labels"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+
+    def update(self, candidates: torch.Tensor, references: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        if candidates.ndim != 2 or references.ndim != 3 or len(candidates) != len(references):
+            raise ValueError(f"candidates (N, L) and references (N, R, L) expected; got {tuple(candidates.shape)} and "
+                             f"{tuple(references.shape)}.")
+        length = max(candidates.shape[1], references.shape[2])  # pad to one length so batches concatenate
+        self.candidates.append(torch.nn.functional.pad(candidates, (0, length - candidates.shape[1])))
+        self.references.append(torch.nn.functional.pad(references, (0, length - references.shape[2])))
+        self.labels.append(labels if labels is not None else torch.zeros(len(candidates), dtype=torch.long,
+                                                                         device=candidates.device))
+
+    def _sentences(self) -> tuple[list[list[int]], list[list[list[int]]], torch.Tensor]:
+        def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+            width = max(p.shape[-1] for p in parts)
+            return dim_zero_cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in parts])
+
+        cands, refs = joined(self.candidates), joined(self.references)
+        cut = lambda row: strip(row, self.end_token, start_token=self.start_token)  # noqa: E731
+        return [cut(c) for c in cands], [[cut(r) for r in rs] for rs in refs], dim_zero_cat(self.labels)
+
+
+class CIDErD(_SentenceStore):
+    """Corpus CIDEr-D of generated sentences against each image's reference sentences (mean over images)."""
+
+    higher_is_better = True
+
+    def compute(self) -> torch.Tensor:
+        candidates, references, _ = self._sentences()
+        frequency = document_frequency(references)
+        scores = [cider_d(c, r, frequency, len(references)) for c, r in zip(candidates, references)]
+        return torch.tensor(sum(scores) / max(1, len(scores)))
+
+
+class ClassRelevance(_SentenceStore):
+    """Class similarity (CIDEr-D of a sentence against all references of its true class) and class rank (rank,
+    1 = best, of the true class among all classes by that score), averaged over sentences. The class reference
+    pools are the evaluated references grouped by label."""
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        candidates, references, labels = self._sentences()
+        classes = sorted(set(labels.tolist()))
+        pools = {c: [r for refs, lab in zip(references, labels.tolist()) if lab == c for r in refs] for c in classes}
+        frequency = document_frequency(list(pools.values()))
+        scores = torch.tensor([[cider_d(cand, pools[c], frequency, len(pools)) for c in classes]
+                               for cand in candidates])  # (N, C)
+        true = torch.tensor([classes.index(lab) for lab in labels.tolist()])
+        own = scores.gather(1, true[:, None]).squeeze(1)
+        rank = 1 + (scores > own[:, None]).sum(1).float()
+        return {"class_similarity": own.mean(), "class_rank": rank.mean()}
+
+
+class AttributeMention(Metric):
+    """Parts named by sentences against the truth (parts_world): precision = named parts that are in the image
+    (object parts or visible distractors) / named; recall = object parts named / object parts (the class-
+    discriminative attributes); both averaged over sentences."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("precision_sum", "recall_sum", "count"):
+            self.add_state(name, default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, mentioned: torch.Tensor, object_parts: torch.Tensor, distractors: torch.Tensor) -> None:
+        """mentioned (B, A) multi-hot of named part types; object_parts (B, P) and distractors (B, D) type ids
+        (-1 = none)."""
+        num_types = mentioned.shape[1]
+        present = torch.zeros_like(mentioned, dtype=torch.bool)
+        present.scatter_(1, object_parts, True)
+        shown = torch.nn.functional.one_hot(distractors.clamp(min=0), num_types) * (distractors >= 0)[..., None]
+        visible = present | shown.any(1).bool()  # (B, A)
+        named = mentioned.bool()
+        self.precision_sum += ((named & visible).sum(1) / named.sum(1).clamp(min=1)).sum()
+        self.recall_sum += ((named & present).sum(1) / present.sum(1).clamp(min=1)).sum()
+        self.count += len(named)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        count = self.count.clamp(min=1)
+        return {"attribute_precision": self.precision_sum / count, "attribute_recall": self.recall_sum / count}
