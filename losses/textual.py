@@ -1,0 +1,50 @@
+"""Losses of the textual explanation heads (Hendricks et al. 2016).
+
+Relevance: per-word cross-entropy under teacher forcing, padding ignored. Discriminative: REINFORCE on sampled
+sentences, -(R - b) sum_t log p(w_t), with R the frozen sentence classifier's probability of the true class and b a
+moving-average baseline (without one the gradient's variance stalls training, as the public port's issues show);
+log-probabilities after the sampled end token are already 0 (`FactoredLSTMGenerator.decode`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RelevanceLoss(nn.Module):
+    """{"loss_relevance": weight x CE(logits (B, L-1, V), tokens[:, 1:])}, padding (`pad`) ignored."""
+
+    def __init__(self, weight: float = 1.0, pad: int = 0, tokens_key: str = "tokens") -> None:
+        super().__init__()
+        self.weight, self.pad, self.tokens_key = weight, pad, tokens_key
+
+    def forward(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        logits, targets = out["word_logits"], batch[self.tokens_key][:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=self.pad)
+        return {"loss_relevance": self.weight * loss}
+
+
+class DiscriminativeLoss(nn.Module):
+    """{"loss_discriminative": weight x mean over sentences of -(R - b) sum_t log p(w_t)}; b follows the batch mean
+    reward with `momentum` (updated in training mode only)."""
+
+    def __init__(self, weight: float = 0.2, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.weight, self.momentum = weight, momentum
+        self.register_buffer("baseline", torch.tensor(0.0))
+        self.register_buffer("seen", torch.tensor(False))
+
+    def forward(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        reward = out["reward"].detach().float()  # (B,)
+        if self.training:
+            mean = reward.mean()
+            self.baseline.copy_(torch.where(self.seen, self.momentum * self.baseline + (1 - self.momentum) * mean,
+                                            mean))
+            self.seen.fill_(True)
+        advantage = reward - self.baseline
+        sentence_log_prob = out["sample_log_probs"].sum(1)  # (B,), 0 after each sentence's end token
+        return {"loss_discriminative": self.weight * -(advantage * sentence_log_prob).mean()}

@@ -1,0 +1,129 @@
+"""Textual explanations (Hendricks et al., "Generating Visual Explanations", ECCV 2016): building blocks.
+
+Faithful: the generator is the paper's two-layer "factored" LSTM: LSTM1 reads the previous word's embedding,
+LSTM2 reads LSTM1's output concatenated with a static feature (image feature, class feature or both, chosen by the
+variant) at every step; a linear layer gives the next word. Decoding is batched: greedy, sampling (with the
+per-word log-probabilities REINFORCE needs, masked after the end token) and beam search. The sentence classifier
+(one LSTM over word embeddings, dropout, linear) supplies the discriminative reward.
+
+Not built yet (issue 6): the image+class explanation model over a registered backbone, its five variants and
+staged training. Departure so far: hidden sizes default to 256 (paper 1000) for CPU-sized worlds.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class FactoredLSTMGenerator(nn.Module):
+    """p(w_t | w_<t, feature) with the two-layer factored LSTM; token ids with `pad`, `bos` and `eos` ids."""
+
+    def __init__(self, vocab_size: int, feature_dim: int, *, embed_dim: int = 128, hidden: int = 256,
+                 max_len: int = 20, pad: int = 0, bos: int = 1, eos: int = 2) -> None:
+        super().__init__()
+        self.vocab_size, self.max_len, self.pad, self.bos, self.eos = vocab_size, max_len, pad, bos, eos
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad)
+        self.word_lstm = nn.LSTM(embed_dim, hidden, batch_first=True)
+        self.feature_lstm = nn.LSTM(hidden + feature_dim, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, vocab_size)
+        for p in self.parameters():  # the paper's uniform +-0.08 initialisation
+            nn.init.uniform_(p, -0.08, 0.08)
+
+    def forward(self, feature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: logits (B, L-1, V) for tokens[:, 1:] given tokens[:, :-1] and the feature (B, F)."""
+        words, _ = self.word_lstm(self.embed(tokens[:, :-1]))  # (B, L-1, H)
+        static = feature[:, None].expand(-1, words.shape[1], -1)  # (B, L-1, F)
+        hidden, _ = self.feature_lstm(torch.cat([words, static], -1))
+        return self.out(hidden)
+
+    def step(self, feature: torch.Tensor, token: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
+        """One decoding step: next-word log-probabilities (B, V) and the new state of both LSTMs."""
+        word_state, feature_state = state if state is not None else (None, None)
+        words, word_state = self.word_lstm(self.embed(token)[:, None], word_state)  # (B, 1, H)
+        hidden, feature_state = self.feature_lstm(torch.cat([words, feature[:, None]], -1), feature_state)
+        logits = self.out(hidden[:, 0]).float()
+        logits[:, [self.pad, self.bos]] = float("-inf")  # never generated: padding and the start token
+        return F.log_softmax(logits, -1), (word_state, feature_state)
+
+    def decode(self, feature: torch.Tensor, mode: str = "greedy", beam_size: int = 3
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sentences (B, max_len) without <bos>, padded after <eos>, and each word's log-probability (B, max_len),
+        0 after <eos>. `mode`: greedy | sample | beam (the log-probabilities of a beam are its words' too)."""
+        if mode == "beam":
+            return self._beam(feature, beam_size)
+        if mode not in ("greedy", "sample"):
+            raise ValueError(f"mode must be greedy, sample or beam; got {mode!r}.")
+        batch = len(feature)
+        token = torch.full((batch,), self.bos, dtype=torch.long, device=feature.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=feature.device)
+        tokens, log_probs, state = [], [], None
+        for _ in range(self.max_len):  # a loop over time steps, batched over sentences
+            step_log_probs, state = self.step(feature, token, state)
+            token = (torch.multinomial(step_log_probs.exp(), 1)[:, 0] if mode == "sample"
+                     else step_log_probs.argmax(-1))
+            token = token.masked_fill(done, self.pad)
+            log_probs.append(step_log_probs.gather(1, token[:, None])[:, 0].masked_fill(done, 0.0))
+            tokens.append(token)
+            done = done | (token == self.eos)
+            if done.all():
+                break
+        tokens_t, log_probs_t = torch.stack(tokens, 1), torch.stack(log_probs, 1)
+        width = self.max_len - tokens_t.shape[1]
+        return F.pad(tokens_t, (0, width), value=self.pad), F.pad(log_probs_t, (0, width))
+
+    def _beam(self, feature: torch.Tensor, beam_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batched beam search: B x K hypotheses advance together; finished ones only extend with padding."""
+        batch, k, device = len(feature), beam_size, feature.device
+        feature = feature.repeat_interleave(k, 0)  # (B*K, F)
+        token = torch.full((batch * k,), self.bos, dtype=torch.long, device=device)
+        score = torch.full((batch, k), float("-inf"), device=device)
+        score[:, 0] = 0.0  # all beams start identical: keep one
+        done = torch.zeros(batch * k, dtype=torch.bool, device=device)
+        tokens = torch.zeros(batch * k, 0, dtype=torch.long, device=device)
+        word_log_probs = torch.zeros(batch * k, 0, device=device)
+        state = None
+        for _ in range(self.max_len):
+            step_log_probs, state = self.step(feature, token, state)  # (B*K, V)
+            finished = torch.full_like(step_log_probs, float("-inf"))
+            finished[:, self.pad] = 0.0  # a finished hypothesis keeps its score and emits padding
+            step_log_probs = torch.where(done[:, None], finished, step_log_probs)
+            total = (score.reshape(-1, 1) + step_log_probs).reshape(batch, k * self.vocab_size)
+            score, flat = total.topk(k, -1)  # (B, K)
+            parent = (flat // self.vocab_size + torch.arange(batch, device=device)[:, None] * k).reshape(-1)
+            token = (flat % self.vocab_size).reshape(-1)
+            chosen = step_log_probs[parent, token]
+            tokens = torch.cat([tokens[parent], token[:, None]], 1)
+            word_log_probs = torch.cat([word_log_probs[parent], chosen[:, None]], 1)
+            state = tuple((h[:, parent], c[:, parent]) for h, c in state)
+            done = done[parent] | (token == self.eos) | (token == self.pad)
+            if done.all():
+                break
+        best = score.argmax(-1) + torch.arange(batch, device=device) * k  # (B,)
+        width = self.max_len - tokens.shape[1]
+        return (F.pad(tokens[best], (0, width), value=self.pad),
+                F.pad(word_log_probs[best].masked_fill(tokens[best] == self.pad, 0.0), (0, width)))
+
+
+class SentenceClassifier(nn.Module):
+    """Class of a sentence (B, L) of token ids: embedding, one LSTM, dropout, linear on the state at each
+    sentence's last word. The discriminative reward is its probability of the true class."""
+
+    def __init__(self, vocab_size: int, num_classes: int, *, embed_dim: int = 128, hidden: int = 256,
+                 dropout: float = 0.5, pad: int = 0) -> None:
+        super().__init__()
+        self.pad = pad
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad)
+        self.lstm = nn.LSTM(embed_dim, hidden, batch_first=True)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        if tokens.ndim != 2 or tokens.dtype != torch.long:
+            raise ValueError(f"SentenceClassifier expects token ids of shape (B, L) and dtype long; got "
+                             f"{tuple(tokens.shape)} {tokens.dtype}.")
+        states, _ = self.lstm(self.embed(tokens))  # (B, L, H)
+        last = ((tokens != self.pad).sum(1) - 1).clamp(min=0)  # (B,) position of each sentence's last word
+        features = states[torch.arange(len(tokens), device=tokens.device), last]
+        return {"logits": self.head(self.drop(features)), "features": features}
