@@ -239,6 +239,17 @@ def decode_caption(tokens: torch.Tensor) -> str:
     return " ".join(words)
 
 
+def mention_matrix(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, NUM_PART_TYPES) multi-hot of the part types that sentences (B, L) name as "<colour> <shape>" bigrams."""
+    first_colour, first_shape = _WORD_ID[COLOUR_NAMES[0]], _WORD_ID[SHAPES[0]]
+    colour = tokens[:, :-1] - first_colour  # (B, L-1)
+    shape = tokens[:, 1:] - first_shape
+    named = (colour >= 0) & (colour < len(COLOURS)) & (shape >= 0) & (shape < len(SHAPES))
+    part_type = (shape.clamp(0, len(SHAPES) - 1) * len(COLOURS) + colour.clamp(0, len(COLOURS) - 1))
+    out = torch.zeros(len(tokens), NUM_PART_TYPES, device=tokens.device)
+    return out.scatter_add_(1, part_type, named.float()).clamp(max=1)
+
+
 def mentioned_parts(tokens: torch.Tensor) -> set[int]:
     """Part types named in a caption ("<colour> <shape>" bigrams)."""
     words = decode_caption(tokens).split()
@@ -316,6 +327,11 @@ class PartsWorldDataModule(DictDataModule):
         self.jitter = Jitter(scale_jitter, position_jitter, part_jitter, colour_jitter, clutter, max_distractors, noise)
 
     vocabulary = CAPTION_VOCABULARY
+
+    @staticmethod
+    def mentioned(tokens: torch.Tensor) -> torch.Tensor:
+        """Part types named by generated sentences (B, L): what `metrics.captions.AttributeMention` scores."""
+        return mention_matrix(tokens)
 
     @property
     def attribute_names(self) -> list[str]:

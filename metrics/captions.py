@@ -46,13 +46,22 @@ def _tfidf(sentence: Sentence, frequency: Counter, log_num_sets: float, n_max: i
 
 
 def cider_d(candidate: Sentence, references: Sequence[Sentence], frequency: Counter, num_sets: int,
-            n_max: int = 4) -> float:
-    """CIDEr-D of one candidate against its references, given corpus document frequencies."""
+            n_max: int = 4, cache: dict | None = None) -> float:
+    """CIDEr-D of one candidate against its references, given corpus document frequencies. `cache` (a dict kept
+    across calls with the same frequencies) memoises tf-idf vectors of repeated sentences."""
     log_num_sets = math.log(max(1, num_sets))
-    cand_vec, cand_norm = _tfidf(candidate, frequency, log_num_sets, n_max)
+    cache = {} if cache is None else cache
+
+    def vectors(sentence: Sentence) -> tuple[list[dict], list[float]]:
+        key = tuple(sentence)
+        if key not in cache:
+            cache[key] = _tfidf(sentence, frequency, log_num_sets, n_max)
+        return cache[key]
+
+    cand_vec, cand_norm = vectors(candidate)
     total = 0.0
     for reference in references:
-        ref_vec, ref_norm = _tfidf(reference, frequency, log_num_sets, n_max)
+        ref_vec, ref_norm = vectors(reference)
         penalty = math.exp(-((len(candidate) - len(reference)) ** 2) / (2 * SIGMA**2))
         per_n = []
         for n in range(n_max):
@@ -113,22 +122,27 @@ class CIDErD(_SentenceStore):
 
     def compute(self) -> torch.Tensor:
         candidates, references, _ = self._sentences()
-        frequency = document_frequency(references)
-        scores = [cider_d(c, r, frequency, len(references)) for c, r in zip(candidates, references)]
+        frequency, cache = document_frequency(references), {}
+        scores = [cider_d(c, r, frequency, len(references), cache=cache) for c, r in zip(candidates, references)]
         return torch.tensor(sum(scores) / max(1, len(scores)))
 
 
 class ClassRelevance(_SentenceStore):
     """Class similarity (CIDEr-D of a sentence against all references of its true class) and class rank (rank,
     1 = best, of the true class among all classes by that score), averaged over sentences. The class reference
-    pools are the evaluated references grouped by label."""
+    pools are the evaluated references grouped by label, at most `pool_size` per class (the first ones)."""
+
+    def __init__(self, end_token: int, start_token: int | None = None, pool_size: int = 60, **kwargs) -> None:
+        super().__init__(end_token, start_token, **kwargs)
+        self.pool_size = pool_size
 
     def compute(self) -> dict[str, torch.Tensor]:
         candidates, references, labels = self._sentences()
         classes = sorted(set(labels.tolist()))
-        pools = {c: [r for refs, lab in zip(references, labels.tolist()) if lab == c for r in refs] for c in classes}
-        frequency = document_frequency(list(pools.values()))
-        scores = torch.tensor([[cider_d(cand, pools[c], frequency, len(pools)) for c in classes]
+        pools = {c: [r for refs, lab in zip(references, labels.tolist()) if lab == c for r in refs][: self.pool_size]
+                 for c in classes}
+        frequency, cache = document_frequency(list(pools.values())), {}
+        scores = torch.tensor([[cider_d(cand, pools[c], frequency, len(pools), cache=cache) for c in classes]
                                for cand in candidates])  # (N, C)
         true = torch.tensor([classes.index(lab) for lab in labels.tolist()])
         own = scores.gather(1, true[:, None]).squeeze(1)

@@ -26,6 +26,9 @@ FIT_CONFIGS = [c for c in CONFIGS if not is_compare_spec(c)]
 
 
 SMALL_SELECTOR = ["--model.init_args.black_box_epochs=1", "--model.init_args.evaluator_epochs=1"]
+# chained textual stages start from scratch here (their source checkpoints exist only after a real run)
+SMALL_EXPLANATION = ["--model.init_args.encoder_epochs=1", "--model.init_args.sentence_classifier_epochs=1",
+                     "--model.init_args.init_checkpoint=null"]
 
 
 def dataset_overrides(config: str, cub_root: Path, image_folder_root: Path, imdb_root: Path | None = None
@@ -35,7 +38,8 @@ def dataset_overrides(config: str, cub_root: Path, image_folder_root: Path, imdb
         first_run = next(iter(parsed["compare"]["runs"].values()))["config"]
         return dataset_overrides(first_run, cub_root, image_folder_root, imdb_root)
     cls = parsed["data"]["class_path"].rsplit(".", 1)[-1]
-    selector = SMALL_SELECTOR if parsed["model"]["class_path"].endswith("SelectorSystem") else []
+    system = parsed["model"]["class_path"].rsplit(".", 1)[-1]
+    selector = {"SelectorSystem": SMALL_SELECTOR, "ExplanationSystem": SMALL_EXPLANATION}.get(system, [])
     return selector + {
         "CUB200DataModule": [f"--data.init_args.root={cub_root}", "--data.init_args.image_size=64"],
         "ImageFolderDataModule": [f"--data.init_args.root={image_folder_root}"],

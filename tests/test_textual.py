@@ -80,3 +80,36 @@ def test_sentence_classifier_reads_each_sentence_to_its_last_word() -> None:
     model = SentenceClassifier(12, 3, embed_dim=8, hidden=16).eval()
     short = torch.tensor([[5, 6, PAD, PAD]])
     assert torch.allclose(model(short)["logits"], model(torch.tensor([[5, 6]]))["logits"], atol=1e-6)
+
+
+SMALL = ["--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.batch_size=32",
+         "--model.init_args.encoder_epochs=1", "--model.init_args.sentence_classifier_epochs=1",
+         "--trainer.max_epochs=1", "--progress_bar.refresh_rate=0"]
+
+
+def test_stages_chain_by_checkpoint_and_refuse_a_mismatched_variant(in_tmp_dir) -> None:
+    import pytest
+
+    from tests.conftest import REPO
+    from train import main
+
+    config = lambda stem: str(REPO / "configs" / "textual" / f"{stem}.yaml")  # noqa: E731
+    main(["fit", "--config", config("description"), *SMALL])
+    source = in_tmp_dir / "checkpoints" / "textual_description" / "checkpoints" / "last.ckpt"
+    cli = main(["fit", "--config", config("explanation_dis"), *SMALL, f"--model.init_args.init_checkpoint={source}"])
+    metrics = cli.trainer.callback_metrics
+    assert {"train/loss_discriminative", "train/reward", "val/cider_d", "val/class_rank", "val/attribute_recall",
+            "val/acc"} <= set(metrics)
+    assert bool(cli.model.encoder_ready) and bool(cli.model.sentence_classifier_ready)  # loaded, not retrained
+    with pytest.raises(ValueError, match="does not fit variant 'explanation'"):  # CheckpointError, as the CLI wraps it
+        main(["fit", "--config", config("explanation"), *SMALL, f"--model.init_args.init_checkpoint={source}"])
+
+
+def test_variant_chain_script_runs_end_to_end(in_tmp_dir) -> None:
+    from benchmarks.textual_variants import main
+
+    rows = main(["--name", "tv", *SMALL, "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"])
+    assert [r["variant"] for r in rows] == ["description", "definition", "explanation-label", "explanation-dis",
+                                            "explanation"]
+    assert all("cider_d" in r and "class_rank" in r for r in rows)
+    assert (in_tmp_dir / "checkpoints" / "tv" / "variants.md").is_file()

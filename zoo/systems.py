@@ -518,3 +518,221 @@ class StagedSystem(ClassificationSystem):
 
     def on_test_epoch_end(self) -> None:
         self._log_rule_firing("test")
+
+
+class ExplanationSystem(pl.LightningModule):
+    """Train one variant of Hendricks et al.'s textual explanation model (`zoo.textual.VARIANTS`).
+
+    Before the first step it prepares, unless loaded (`encoder_checkpoint`, `sentence_classifier_checkpoint`): the
+    image encoder (a registered classifier trained on the labels for `encoder_epochs`, then frozen) and the sentence
+    classifier (trained on the reference sentences for `sentence_classifier_epochs`, then frozen; its probability
+    of the true class is the discriminative reward).
+    `init_checkpoint` starts from an earlier stage's checkpoint (explanation-label -> explanation,
+    description -> explanation-dis), encoder and sentence classifier included.
+
+    Loss: `relevance_weight` x teacher-forced CE on one of each image's reference sentences, plus
+    `discriminative_weight` x REINFORCE on sampled sentences. Validation decodes greedily and logs `cider_d`,
+    `class_similarity`, `class_rank` (lower is better), `attribute_precision` / `attribute_recall` (when the
+    datamodule can parse named parts, as parts_world can) and `acc`: the sentence classifier's accuracy on the
+    generated sentences (how class-discriminative they are; the checkpoint monitor).
+    """
+
+    def __init__(
+        self,
+        variant: str = "explanation",
+        num_classes: int = 6,
+        in_chans: int | None = 3,
+        image_size: int | None = None,
+        data_inputs: dict[str, Any] | None = None,
+        vocab_size: int = 25,
+        encoder: str = "baseline_tinycnn",
+        encoder_checkpoint: str | None = None,
+        encoder_epochs: int = 4,
+        sentence_classifier_checkpoint: str | None = None,
+        sentence_classifier_epochs: int = 4,
+        init_checkpoint: str | None = None,
+        relevance_weight: float = 1.0,
+        discriminative_weight: float = 0.0,
+        hidden: int = 256,
+        max_len: int = 18,
+        aux_lr: float = 2e-3,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        image_key: str = "image",
+        target_key: str = "label",
+        captions_key: str = "captions",
+        start_token: int = 1,
+        end_token: int = 2,
+    ) -> None:
+        super().__init__()
+        from losses.textual import DiscriminativeLoss, RelevanceLoss
+        from metrics.captions import AttributeMention, CIDErD, ClassRelevance
+        from zoo.textual import ExplanationModel, SentenceClassifier
+
+        self.save_hyperparameters(ignore=["optimizer"])
+        image_encoder = create_model_for_data(encoder, num_classes, in_chans, image_size, None, None)
+        image_dim = getattr(getattr(image_encoder, "backbone", None), "num_features", None)
+        if image_dim is None:
+            raise ValueError(f"encoder {encoder!r} has no backbone.num_features; use a backbone classifier such as "
+                             f"baseline_tinycnn or baseline_resnet18.")
+        self.model = ExplanationModel(image_encoder, image_dim, num_classes, vocab_size, variant=variant,
+                                      hidden=hidden, max_len=max_len)
+        self.sentence_classifier = SentenceClassifier(vocab_size, num_classes).requires_grad_(False)
+        self.register_buffer("encoder_ready", torch.tensor(False))
+        self.register_buffer("sentence_classifier_ready", torch.tensor(False))
+        if encoder_checkpoint is not None:
+            self._load_part(self.model.image_encoder, "model.image_encoder.", encoder_checkpoint, "encoder_ready")
+        if sentence_classifier_checkpoint is not None:
+            self._load_part(self.sentence_classifier, "sentence_classifier.", sentence_classifier_checkpoint,
+                            "sentence_classifier_ready")
+        if init_checkpoint is not None:
+            self._load_stage(init_checkpoint)
+        self.relevance = RelevanceLoss(relevance_weight)
+        self.discriminative = DiscriminativeLoss(discriminative_weight)
+        self.optimizer_factory = optimizer
+        self.metrics = nn.ModuleDict()
+        for stage in ("val", "test"):
+            self.metrics[f"{stage}_cider"] = CIDErD(end_token=end_token, start_token=start_token)
+            self.metrics[f"{stage}_class"] = ClassRelevance(end_token=end_token, start_token=start_token)
+            self.metrics[f"{stage}_attributes"] = AttributeMention()
+            self.metrics[f"{stage}_acc"] = AgreementAccuracy()
+
+    # -- preparation
+    def _load_part(self, module: nn.Module, prefix: str, path: str, flag: str) -> None:
+        """Weights for `module` from a state dict / safetensors / Lightning checkpoint (keys with or without
+        `prefix`, e.g. an ExplanationSystem checkpoint or a ClassificationSystem checkpoint for the encoder)."""
+        from zoo._io import CheckpointError, match_state_dict, read_state_dict
+
+        state = read_state_dict(path)
+        own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        matched, missing, _ = match_state_dict(own or state, list(module.state_dict()))
+        if missing:
+            raise CheckpointError(f"{path!r} does not hold weights for {type(module).__name__}: missing {missing[:8]}.")
+        try:
+            module.load_state_dict(matched)
+        except RuntimeError as err:
+            raise CheckpointError(f"{path!r} does not fit {type(module).__name__}: {err}") from err
+        getattr(self, flag).fill_(True)
+
+    def _load_stage(self, path: str) -> None:
+        """An earlier stage's ExplanationSystem checkpoint: every model and sentence-classifier weight must fit."""
+        from zoo._io import CheckpointError
+        from zoo.checkpointing import read_checkpoint
+
+        state = read_checkpoint(path)["state_dict"]
+        own = self.state_dict()
+        wanted = [k for k in own if k.startswith(("model.", "sentence_classifier.", "encoder_ready",
+                                                  "sentence_classifier_ready"))]
+        missing = [k for k in wanted if k not in state or state[k].shape != own[k].shape]
+        if missing:
+            raise CheckpointError(f"{path!r} does not fit variant {self.hparams.variant!r}: missing or mis-shaped "
+                                  f"{missing[:8]} (a stage must keep the image/class inputs of the one it starts from).")
+        self.load_state_dict({k: state[k] for k in wanted}, strict=False)
+
+    def _fit_encoder(self, epochs: int) -> None:
+        encoder = self.model.image_encoder
+        encoder.requires_grad_(True).train()
+        optimizer = torch.optim.Adam(encoder.parameters(), lr=self.hparams.aux_lr)
+        with torch.enable_grad():
+            for _ in range(epochs):
+                for batch in self.trainer.datamodule.train_dataloader():
+                    images = batch[self.hparams.image_key].to(self.device)
+                    loss = F.cross_entropy(encoder(images)["logits"], batch[self.hparams.target_key].to(self.device))
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+        encoder.requires_grad_(self.model.train_encoder)
+        self.encoder_ready.fill_(True)
+
+    def _fit_sentence_classifier(self, epochs: int) -> None:
+        classifier = self.sentence_classifier.requires_grad_(True).train()
+        optimizer = torch.optim.Adam(classifier.parameters(), lr=self.hparams.aux_lr)
+        with torch.enable_grad():
+            for _ in range(epochs):
+                for batch in self.trainer.datamodule.train_dataloader():
+                    captions = batch[self.hparams.captions_key].to(self.device)  # (B, R, L)
+                    labels = batch[self.hparams.target_key].to(self.device)
+                    words = captions[..., 1:].flatten(0, 1)  # every reference, without <bos>
+                    loss = F.cross_entropy(classifier(words)["logits"], labels.repeat_interleave(captions.shape[1]))
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+        classifier.requires_grad_(False)
+        self.sentence_classifier_ready.fill_(True)
+
+    def on_fit_start(self) -> None:
+        if self.model.uses_image and not self.encoder_ready:
+            self._fit_encoder(self.hparams.encoder_epochs)
+        if not self.sentence_classifier_ready:
+            self._fit_sentence_classifier(self.hparams.sentence_classifier_epochs)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            for tensor in [*self.model.image_encoder.state_dict().values(), *self.sentence_classifier.state_dict().values()]:
+                torch.distributed.broadcast(tensor, src=0)  # every rank uses rank 0's encoder and reward
+
+    def train(self, mode: bool = True) -> "ExplanationSystem":
+        super().train(mode)
+        self.sentence_classifier.eval()
+        if not self.model.train_encoder:
+            self.model.image_encoder.eval()
+        return self
+
+    # -- steps
+    def _reward(self, words: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.sentence_classifier(words)["logits"].float().softmax(-1).gather(1, labels[:, None])[:, 0]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images, labels = batch_field(batch, self.hparams.image_key), batch_field(batch, self.hparams.target_key)
+        captions = batch_field(batch, self.hparams.captions_key)  # (B, R, L)
+        if captions.max() >= self.hparams.vocab_size:
+            raise ValueError(f"captions hold token id {int(captions.max())} >= vocab_size {self.hparams.vocab_size}.")
+        pick = torch.randint(captions.shape[1], (len(captions),), device=captions.device)
+        tokens = captions[torch.arange(len(captions), device=captions.device), pick]  # one reference per image
+        terms = self.relevance(self.model(images, labels, tokens), {"tokens": tokens})
+        if self.hparams.discriminative_weight > 0:
+            sampled, log_probs = self.model.explain(images, labels, mode="sample")
+            reward = self._reward(sampled, labels)
+            terms |= self.discriminative({"reward": reward, "sample_log_probs": log_probs}, batch)
+            self.log("train/reward", reward.mean(), on_step=True, on_epoch=True, batch_size=len(labels))
+        loss = torch.stack(list(terms.values())).sum()
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=len(labels))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        images, labels = batch_field(batch, self.hparams.image_key), batch_field(batch, self.hparams.target_key)
+        captions = batch_field(batch, self.hparams.captions_key)
+        generated, _ = self.model.explain(images, labels, mode="greedy")
+        self.metrics[f"{stage}_cider"].update(generated, captions)
+        self.metrics[f"{stage}_class"].update(generated, captions, labels)
+        self.metrics[f"{stage}_acc"].update(self.sentence_classifier(generated)["logits"], labels)
+        self.log(f"{stage}/acc", self.metrics[f"{stage}_acc"], on_epoch=True, prog_bar=True)
+        mentioned = getattr(self.trainer.datamodule, "mentioned", None) if self._trainer is not None else None
+        if mentioned is not None and "part_types" in batch and "distractor_types" in batch:
+            self.metrics[f"{stage}_attributes"].update(mentioned(generated), batch["part_types"],
+                                                       batch["distractor_types"])
+
+    def _log_corpus_metrics(self, stage: str) -> None:
+        cider, relevance, attributes = (self.metrics[f"{stage}_{k}"] for k in ("cider", "class", "attributes"))
+        if cider.update_count:
+            self.log(f"{stage}/cider_d", cider.compute())
+            self.log_dict({f"{stage}/{k}": v for k, v in relevance.compute().items()})
+        if attributes.update_count:
+            self.log_dict({f"{stage}/{k}": v for k, v in attributes.compute().items()})
+        for metric in (cider, relevance, attributes):
+            metric.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_corpus_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_corpus_metrics("test")
+
+    def configure_optimizers(self) -> Any:
+        return self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])

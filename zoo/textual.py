@@ -127,3 +127,55 @@ class SentenceClassifier(nn.Module):
         last = ((tokens != self.pad).sum(1) - 1).clamp(min=0)  # (B,) position of each sentence's last word
         features = states[torch.arange(len(tokens), device=tokens.device), last]
         return {"logits": self.head(self.drop(features)), "features": features}
+
+
+VARIANTS = {  # variant -> (uses the image, uses the class)
+    "definition": (False, True),
+    "description": (True, False),
+    "explanation-label": (True, True),
+    "explanation-dis": (True, False),
+    "explanation": (True, True),
+}
+
+
+class ExplanationModel(nn.Module):
+    """Image and/or class features -> FactoredLSTMGenerator, per the paper's five variants (`VARIANTS`).
+
+    The image feature is the pooled top map of a registered classifier (`image_encoder`, e.g. a trained
+    baseline_tinycnn; frozen unless `train_encoder`), projected to `feature_dim`; the class feature is a learnt
+    label embedding (the PyTorch port's choice; the paper used mean description-model states).
+    """
+
+    def __init__(self, image_encoder: nn.Module, image_dim: int, num_classes: int, vocab_size: int, *,
+                 variant: str = "explanation", feature_dim: int = 128, class_dim: int = 64, hidden: int = 256,
+                 max_len: int = 20, train_encoder: bool = False) -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {list(VARIANTS)}; got {variant!r}.")
+        self.variant = variant
+        self.uses_image, self.uses_class = VARIANTS[variant]
+        self.image_encoder = image_encoder.requires_grad_(train_encoder)
+        self.train_encoder = train_encoder
+        self.image_proj = nn.Linear(image_dim, feature_dim)
+        self.class_embed = nn.Embedding(num_classes, class_dim)
+        static = feature_dim * self.uses_image + class_dim * self.uses_class
+        self.generator = FactoredLSTMGenerator(vocab_size, static, hidden=hidden, max_len=max_len)
+
+    def features(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        parts = []
+        if self.uses_image:
+            with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
+                pooled = self.image_encoder.forward_features(images).mean((-2, -1))  # (B, C)
+            parts.append(torch.relu(self.image_proj(pooled)))
+        if self.uses_class:
+            parts.append(self.class_embed(labels))
+        return torch.cat(parts, -1)  # (B, static)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Teacher forcing: {"word_logits": (B, L-1, V)}."""
+        return {"word_logits": self.generator(self.features(images, labels), tokens)}
+
+    def explain(self, images: torch.Tensor, labels: torch.Tensor, mode: str = "greedy", beam_size: int = 3
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generated sentences (B, max_len) and their per-word log-probabilities."""
+        return self.generator.decode(self.features(images, labels), mode=mode, beam_size=beam_size)
