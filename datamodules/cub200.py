@@ -84,6 +84,7 @@ class CUBIndex:
             raise DatasetLayoutError("parts/part_locs.txt names unknown image ids or part ids outside 1..15.",
                                      CUB_LAYOUT)
         self.landmarks[rows, parts] = locs[:, 2:]
+        self.captions: torch.Tensor | None = None  # (N, R, L) sentence ids, filled when sentences are present
         classes_file = root / "classes.txt"
         self.class_names = [ln.split(maxsplit=1)[1] for ln in classes_file.read_text().splitlines() if ln.strip()] \
             if classes_file.is_file() else [str(c) for c in range(int(self.labels.max()) + 1)]
@@ -120,7 +121,39 @@ class CUBDataset(Dataset):
             "landmarks": torch.as_tensor(xy, dtype=torch.float32),
             "landmark_visible": torch.as_tensor(visible),
             "index": torch.tensor(row),
+            **({"captions": self.index.captions[row]} if self.index.captions is not None else {}),
         }
+
+
+SENTENCES_LAYOUT = """\
+<sentences_root>/                 (Reed et al. 2016, e.g. cvpr2016_cub/text_c10)
+  <class folder>/<image name>.txt   one sentence per line (10 per image), same paths as images/ with .txt
+"""
+CAPTION_PAD, CAPTION_BOS, CAPTION_EOS, CAPTION_UNK = 0, 1, 2, 3
+
+
+def read_sentences(text_root: Path, image_paths: list[Path], images_root: Path) -> list[list[list[str]]]:
+    """Per image, its sentences as word lists, from the .txt beside the image's path under `text_root`."""
+    from datamodules.text import tokenize
+
+    out = []
+    for path in image_paths:
+        text_file = text_root / path.relative_to(images_root).with_suffix(".txt")
+        if not text_file.is_file():
+            raise DatasetLayoutError(f"CUB sentence file {str(text_file)!r} does not exist.", SENTENCES_LAYOUT)
+        out.append([tokenize(line) for line in text_file.read_text(encoding="utf-8").splitlines() if line.strip()])
+    return out
+
+
+def encode_captions(sentences: list[list[list[str]]], vocabulary: dict[str, int], per_image: int,
+                    max_len: int) -> torch.Tensor:
+    """(N, per_image, max_len) ids: <bos> words <eos>, truncated; missing sentences are all padding."""
+    captions = torch.zeros(len(sentences), per_image, max_len, dtype=torch.long)
+    for i, image_sentences in enumerate(sentences):
+        for r, words in enumerate(image_sentences[:per_image]):
+            ids = [CAPTION_BOS, *[vocabulary.get(w, CAPTION_UNK) for w in words][: max_len - 2], CAPTION_EOS]
+            captions[i, r, : len(ids)] = torch.tensor(ids)
+    return captions
 
 
 class CUB200DataModule(DictDataModule):
@@ -131,6 +164,9 @@ class CUB200DataModule(DictDataModule):
         image_size: output side in pixels.
         crop_to_box: crop each image to its bird box first (common for part-based models).
         val_fraction: hold out this random fraction of the training images (drawn with `seed`) as validation.
+        sentences_root: Reed et al.'s text_c10 folder; by default `text_c10` beside or inside the CUB folder is
+            used when present. Then batches hold `captions` (10 sentences per image, ids of `vocabulary`, built
+            from the training sentences: <pad>, <bos>, <eos>, <unk>, then words by frequency).
     """
 
     num_channels = 3
@@ -142,6 +178,10 @@ class CUB200DataModule(DictDataModule):
         crop_to_box: bool = False,
         val_fraction: float = 0.0,
         seed: int = 0,
+        sentences_root: str | None = None,
+        sentences_per_image: int = 10,
+        max_sentence_len: int = 32,
+        max_vocab: int = 5000,
         batch_size: int = 32,
         num_workers: int = 0,
     ) -> None:
@@ -155,6 +195,24 @@ class CUB200DataModule(DictDataModule):
         self.num_classes, self.image_size = len(self.class_names), image_size
         check_labels(torch.as_tensor(self.index.labels), self.num_classes, "CUB image_class_labels.txt")
         self.crop_to_box, self.val_fraction, self.seed = crop_to_box, val_fraction, seed
+        candidates = [Path(sentences_root)] if sentences_root else [base / "text_c10", base.parent / "text_c10"]
+        if sentences_root and not Path(sentences_root).is_dir():
+            raise DatasetLayoutError(f"CUB sentences folder {sentences_root!r} does not exist.", SENTENCES_LAYOUT)
+        self.sentences_root = next((c for c in candidates if c.is_dir()), None)
+        self.sentence_shape, self.max_vocab = (sentences_per_image, max_sentence_len), max_vocab
+        self.vocabulary: list[str] = []
+        if self.sentences_root is not None:
+            self._load_captions(base / "images")
+
+    def _load_captions(self, images_root: Path) -> None:
+        """Read every image's sentences, build the vocabulary from the training ones, store `index.captions`."""
+        from collections import Counter
+
+        sentences = read_sentences(self.sentences_root, self.index.paths, images_root)
+        counts = Counter(w for i in np.flatnonzero(self.index.is_train) for s in sentences[i] for w in s)
+        self.vocabulary = ["<pad>", "<bos>", "<eos>", "<unk>", *[w for w, _ in counts.most_common(self.max_vocab - 4)]]
+        lookup = {w: i for i, w in enumerate(self.vocabulary)}
+        self.index.captions = encode_captions(sentences, lookup, *self.sentence_shape)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

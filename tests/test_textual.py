@@ -113,3 +113,37 @@ def test_variant_chain_script_runs_end_to_end(in_tmp_dir) -> None:
                                             "explanation"]
     assert all("cider_d" in r and "class_rank" in r for r in rows)
     assert (in_tmp_dir / "checkpoints" / "tv" / "variants.md").is_file()
+
+
+def test_cub_reads_the_sentence_folders_when_present(cub_root) -> None:
+    import pytest
+
+    from datamodules import CUB200DataModule, DatasetLayoutError
+
+    images = sorted((cub_root / "CUB_200_2011" / "images").rglob("*.jpg"))
+    text_root = cub_root / "text_c10"
+    for i, path in enumerate(images):
+        target = text_root / path.relative_to(cub_root / "CUB_200_2011" / "images").with_suffix(".txt")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(f"this bird has a red crown\nthe wings are grey and number {i}\n")
+    module = CUB200DataModule(cub_root, image_size=32)
+    module.setup()
+    sample = module.splits["train"][0]
+    assert sample["captions"].shape == (10, 32) and sample["captions"][0, 0] == 1
+    words = [module.vocabulary[t] for t in sample["captions"][0].tolist() if t > 2]
+    assert words == ["this", "bird", "has", "a", "red", "crown"]
+    assert (sample["captions"][2:] == 0).all()  # two sentences in the file, the rest padding
+    (text_root / images[0].relative_to(cub_root / "CUB_200_2011" / "images").with_suffix(".txt")).unlink()
+    with pytest.raises(DatasetLayoutError, match="sentence file .* does not exist"):
+        CUB200DataModule(cub_root, image_size=32)
+
+
+def test_explanation_text_callback_writes_sentences_beside_references(in_tmp_dir) -> None:
+    from tests.conftest import REPO
+    from train import main
+
+    cli = main(["fit", "--config", str(REPO / "configs" / "textual" / "explanation_label.yaml"), *SMALL])
+    text = (in_tmp_dir / "checkpoints" / "textual_explanation_label" / "explanations" / "epoch0.md").read_text()
+    assert text.count("\n") == 2 + 8 and "| 0 |" in text
+    assert any(word in text for word in ("this object has", "there is", "it has"))  # references decoded to words
+    assert cli.trainer.state.finished

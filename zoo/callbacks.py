@@ -177,3 +177,50 @@ class SelectionCallback(pl.Callback):
     @staticmethod
     def _describe(x: torch.Tensor, selection: torch.Tensor) -> str:
         return f"selected features {selection.nonzero().flatten().tolist()}"
+
+
+class ExplanationTextCallback(pl.Callback):
+    """After each validation epoch: the generated explanation of each image of a fixed validation batch, beside the
+    image and its first reference sentence (TensorBoard text `explanations/text` and image grid
+    `explanations/images`; `explanations/epoch<e>.md` in the run folder). Words come from the datamodule's
+    `vocabulary`."""
+
+    def __init__(self, num_images: int = 8) -> None:
+        self.num_images = num_images
+        self.batch: dict[str, torch.Tensor] | None = None
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        hp = pl_module.hparams
+        if self.batch is None:
+            self.batch = {k: v[: self.num_images] for k, v in next(iter(trainer.datamodule.val_dataloader())).items()}
+        images = self.batch[hp.image_key].to(pl_module.device)
+        labels = self.batch[hp.target_key].to(pl_module.device)
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            generated, _ = pl_module.model.explain(images, labels)
+        pl_module.train(was_training)
+        vocabulary = getattr(trainer.datamodule, "vocabulary", None)
+
+        def words(tokens: torch.Tensor) -> str:
+            out = []
+            for t in tokens.tolist():
+                if t == hp.end_token:
+                    break
+                if t not in (0, hp.start_token):
+                    out.append(vocabulary[t] if vocabulary is not None and t < len(vocabulary) else str(t))
+            return " ".join(out)
+
+        lines = ["| image | class | generated | a reference |", "| --- | --- | --- | --- |"]
+        lines += [f"| {i} | {int(labels[i])} | {words(generated[i])} | {words(self.batch[hp.captions_key][i, 0])} |"
+                  for i in range(len(images))]
+        text = "\n".join(lines)
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "explanations"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"epoch{trainer.current_epoch}.md").write_text(text + "\n")
+        if isinstance(trainer.logger, TensorBoardLogger):
+            trainer.logger.experiment.add_text("explanations/text", text, trainer.global_step)
+            trainer.logger.experiment.add_image("explanations/images", make_grid(images.float().cpu(), nrow=len(images)),
+                                                trainer.global_step)
