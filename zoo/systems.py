@@ -35,6 +35,26 @@ def check_checkpoint_fits(system: pl.LightningModule, checkpoint: dict[str, Any]
                                                                                   "in_chans")}, source)
 
 
+def fit_frozen_module(module: nn.Module, trainer: pl.Trainer, batch_loss: Any, epochs: int, lr: float) -> None:
+    """Train `module` outside the Trainer's optimiser (a black box, an evaluator, an encoder, a reward model) on
+    the datamodule's training split with Adam, then freeze it; under DDP every rank keeps rank 0's weights.
+
+    `batch_loss(batch) -> loss` computes the loss of one training batch."""
+    module.requires_grad_(True).train()
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for batch in trainer.datamodule.train_dataloader():
+                loss = batch_loss(batch)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for tensor in module.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+    module.requires_grad_(False)
+
+
 def check_class_ids(labels: torch.Tensor, num_classes: int) -> None:
     """Labels must lie in [0, num_classes): a clear error instead of an index error inside the loss (CPU only,
     where the check costs no device synchronisation)."""
@@ -297,25 +317,15 @@ class SelectorSystem(pl.LightningModule):
     def _fit_auxiliary(self, name: str, epochs: int, random_masks: bool) -> None:
         """Train the black box (or, with random masks, the EVAL-X evaluator) on the training split, then freeze."""
         module: nn.Module = getattr(self, name)
-        module.requires_grad_(True)  # trained here, outside the Trainer's optimiser, then frozen again
-        optimizer = torch.optim.Adam(module.parameters(), lr=self.hparams.aux_lr)
-        loader = self.trainer.datamodule.train_dataloader()
-        module.train()
-        with torch.enable_grad():
-            for _ in range(epochs):
-                for batch in loader:
-                    x, y = batch_field(batch, self.input_key).to(self.device), batch_field(batch, self.target_key)
-                    if random_masks:
-                        keep = torch.rand(len(x), self.model.num_features, device=self.device).round()  # (B, d)
-                        x = self.model.mask_input(x, keep)
-                    loss = F.cross_entropy(module(x)["logits"], y.to(self.device))
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for tensor in module.state_dict().values():  # every rank explains the same black box: rank 0's
-                torch.distributed.broadcast(tensor, src=0)
-        module.requires_grad_(False)
+
+        def batch_loss(batch: dict[str, Any]) -> torch.Tensor:
+            x, y = batch_field(batch, self.input_key).to(self.device), batch_field(batch, self.target_key)
+            if random_masks:
+                keep = torch.rand(len(x), self.model.num_features, device=self.device).round()  # (B, d)
+                x = self.model.mask_input(x, keep)
+            return F.cross_entropy(module(x)["logits"], y.to(self.device))
+
+        fit_frozen_module(module, self.trainer, batch_loss, epochs, self.hparams.aux_lr)
         getattr(self, f"{name}_ready").fill_(True)
 
     def prepare_frozen_models(self) -> None:
@@ -629,34 +639,26 @@ class ExplanationSystem(pl.LightningModule):
         self.load_state_dict({k: state[k] for k in wanted}, strict=False)
 
     def _fit_encoder(self, epochs: int) -> None:
-        encoder = self.model.image_encoder
-        encoder.requires_grad_(True).train()
-        optimizer = torch.optim.Adam(encoder.parameters(), lr=self.hparams.aux_lr)
-        with torch.enable_grad():
-            for _ in range(epochs):
-                for batch in self.trainer.datamodule.train_dataloader():
-                    images = batch[self.hparams.image_key].to(self.device)
-                    loss = F.cross_entropy(encoder(images)["logits"], batch[self.hparams.target_key].to(self.device))
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
+        encoder, hp = self.model.image_encoder, self.hparams
+
+        def batch_loss(batch: dict[str, Any]) -> torch.Tensor:
+            logits = encoder(batch[hp.image_key].to(self.device))["logits"]
+            return F.cross_entropy(logits, batch[hp.target_key].to(self.device))
+
+        fit_frozen_module(encoder, self.trainer, batch_loss, epochs, hp.aux_lr)
         encoder.requires_grad_(self.model.train_encoder)
         self.encoder_ready.fill_(True)
 
     def _fit_sentence_classifier(self, epochs: int) -> None:
-        classifier = self.sentence_classifier.requires_grad_(True).train()
-        optimizer = torch.optim.Adam(classifier.parameters(), lr=self.hparams.aux_lr)
-        with torch.enable_grad():
-            for _ in range(epochs):
-                for batch in self.trainer.datamodule.train_dataloader():
-                    captions = batch[self.hparams.captions_key].to(self.device)  # (B, R, L)
-                    labels = batch[self.hparams.target_key].to(self.device)
-                    words = captions[..., 1:].flatten(0, 1)  # every reference, without <bos>
-                    loss = F.cross_entropy(classifier(words)["logits"], labels.repeat_interleave(captions.shape[1]))
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-        classifier.requires_grad_(False)
+        classifier, hp = self.sentence_classifier, self.hparams
+
+        def batch_loss(batch: dict[str, Any]) -> torch.Tensor:
+            captions = batch[hp.captions_key].to(self.device)  # (B, R, L)
+            words = captions[..., 1:].flatten(0, 1)  # every reference, without <bos>
+            labels = batch[hp.target_key].to(self.device).repeat_interleave(captions.shape[1])
+            return F.cross_entropy(classifier(words)["logits"], labels)
+
+        fit_frozen_module(classifier, self.trainer, batch_loss, epochs, hp.aux_lr)
         self.sentence_classifier_ready.fill_(True)
 
     def on_fit_start(self) -> None:
@@ -664,9 +666,6 @@ class ExplanationSystem(pl.LightningModule):
             self._fit_encoder(self.hparams.encoder_epochs)
         if not self.sentence_classifier_ready:
             self._fit_sentence_classifier(self.hparams.sentence_classifier_epochs)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            for tensor in [*self.model.image_encoder.state_dict().values(), *self.sentence_classifier.state_dict().values()]:
-                torch.distributed.broadcast(tensor, src=0)  # every rank uses rank 0's encoder and reward
 
     def train(self, mode: bool = True) -> "ExplanationSystem":
         super().train(mode)
