@@ -103,6 +103,18 @@ def test_stages_chain_by_checkpoint_and_refuse_a_mismatched_variant(in_tmp_dir) 
     assert bool(cli.model.encoder_ready) and bool(cli.model.sentence_classifier_ready)  # loaded, not retrained
     with pytest.raises(ValueError, match="does not fit variant 'explanation'"):  # CheckpointError, as the CLI wraps it
         main(["fit", "--config", config("explanation"), *SMALL, f"--model.init_args.init_checkpoint={source}"])
+    # Resuming a different variant through the Python API is refused by name (LightningCLI's --ckpt_path instead
+    # rebuilds the model from the checkpoint's own hyperparameters).
+    import pytorch_lightning as pl
+
+    from datamodules import PartsWorldDataModule
+    from zoo.systems import ExplanationSystem
+
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir=in_tmp_dir)
+    with pytest.raises(ValueError, match="holds an explanation model with variant='description'"):
+        trainer.fit(ExplanationSystem(variant="explanation-label"), datamodule=PartsWorldDataModule(
+            num_train=32, num_val=16), ckpt_path=str(source))
 
 
 def test_variant_chain_script_runs_end_to_end(in_tmp_dir) -> None:

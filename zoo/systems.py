@@ -667,6 +667,16 @@ class ExplanationSystem(pl.LightningModule):
         if not self.sentence_classifier_ready:
             self._fit_sentence_classifier(self.hparams.sentence_classifier_epochs)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, by name, a checkpoint of another variant, class count, vocabulary or encoder."""
+        from zoo._io import CheckpointError
+
+        saved = checkpoint.get("hyper_parameters") or {}
+        for key in ("variant", "num_classes", "vocab_size", "encoder"):
+            if key in saved and saved[key] != self.hparams[key]:
+                raise CheckpointError(f"The checkpoint holds an explanation model with {key}={saved[key]!r}; this run "
+                                      f"builds {key}={self.hparams[key]!r}.")
+
     def train(self, mode: bool = True) -> "ExplanationSystem":
         super().train(mode)
         self.sentence_classifier.eval()
