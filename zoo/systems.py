@@ -55,6 +55,24 @@ def fit_frozen_module(module: nn.Module, trainer: pl.Trainer, batch_loss: Any, e
     module.requires_grad_(False)
 
 
+def load_module_weights(module: nn.Module, path: str, prefix: str, what: str) -> None:
+    """Weights for `module` from a state dict, safetensors file or Lightning checkpoint, whose keys carry `prefix`
+    (e.g. "black_box." in a SelectorSystem checkpoint) or not (a plain state dict, a ClassificationSystem's
+    "model."-prefixed one); missing or mis-shaped weights raise CheckpointError naming `what`."""
+    from zoo._io import CheckpointError, match_state_dict, read_state_dict
+
+    state = read_state_dict(path)
+    own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    matched, missing, _ = match_state_dict(own or state, list(module.state_dict()))
+    if missing:
+        raise CheckpointError(f"{path!r} does not hold weights for the {what} ({type(module).__name__}): missing "
+                              f"{missing[:8]}.")
+    try:
+        module.load_state_dict(matched)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path!r} does not fit the {what} ({type(module).__name__}): {err}") from err
+
+
 def check_class_ids(labels: torch.Tensor, num_classes: int) -> None:
     """Labels must lie in [0, num_classes): a clear error instead of an index error inside the loss (CPU only,
     where the check costs no device synchronisation)."""
@@ -286,7 +304,8 @@ class SelectorSystem(pl.LightningModule):
         self.register_buffer("evaluator_ready", torch.tensor(False))
         for name, path in (("black_box", black_box_checkpoint), ("evaluator", evaluator_checkpoint)):
             if path is not None:
-                self._load_frozen(name, path)
+                load_module_weights(getattr(self, name), path, f"{name}.", name)
+                getattr(self, f"{name}_ready").fill_(True)
         self.loss = loss if loss is not None else (L2XLoss() if isinstance(self.model, L2X) else INVASELoss())
         self.optimizer_factory = optimizer
         self.input_key, self.target_key, self.relevant_key = input_key, target_key, relevant_key
@@ -298,22 +317,6 @@ class SelectorSystem(pl.LightningModule):
             self.metrics[f"{stage}_recovery"] = SelectionRecovery()
 
     # -- the frozen black box and evaluator
-    def _load_frozen(self, name: str, path: str) -> None:
-        from zoo._io import CheckpointError, match_state_dict, read_state_dict
-
-        module: nn.Module = getattr(self, name)
-        state = read_state_dict(path)
-        own = {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
-        matched, missing, _ = match_state_dict(own or state, list(module.state_dict()))
-        if missing:
-            raise CheckpointError(f"{path!r} does not hold weights for the {name} ({type(module).__name__}): missing "
-                                  f"{missing[:8]}.")
-        try:
-            module.load_state_dict(matched)
-        except RuntimeError as err:
-            raise CheckpointError(f"{path!r} does not fit the {name} ({type(module).__name__}): {err}") from err
-        getattr(self, f"{name}_ready").fill_(True)
-
     def _fit_auxiliary(self, name: str, epochs: int, random_masks: bool) -> None:
         """Train the black box (or, with random masks, the EVAL-X evaluator) on the training split, then freeze."""
         module: nn.Module = getattr(self, name)
@@ -590,10 +593,12 @@ class ExplanationSystem(pl.LightningModule):
         self.register_buffer("encoder_ready", torch.tensor(False))
         self.register_buffer("sentence_classifier_ready", torch.tensor(False))
         if encoder_checkpoint is not None:
-            self._load_part(self.model.image_encoder, "model.image_encoder.", encoder_checkpoint, "encoder_ready")
+            load_module_weights(self.model.image_encoder, encoder_checkpoint, "model.image_encoder.", "image encoder")
+            self.encoder_ready.fill_(True)
         if sentence_classifier_checkpoint is not None:
-            self._load_part(self.sentence_classifier, "sentence_classifier.", sentence_classifier_checkpoint,
-                            "sentence_classifier_ready")
+            load_module_weights(self.sentence_classifier, sentence_classifier_checkpoint, "sentence_classifier.",
+                                "sentence classifier")
+            self.sentence_classifier_ready.fill_(True)
         if init_checkpoint is not None:
             self._load_stage(init_checkpoint)
         self.relevance = RelevanceLoss(relevance_weight)
@@ -607,22 +612,6 @@ class ExplanationSystem(pl.LightningModule):
             self.metrics[f"{stage}_acc"] = AgreementAccuracy()
 
     # -- preparation
-    def _load_part(self, module: nn.Module, prefix: str, path: str, flag: str) -> None:
-        """Weights for `module` from a state dict / safetensors / Lightning checkpoint (keys with or without
-        `prefix`, e.g. an ExplanationSystem checkpoint or a ClassificationSystem checkpoint for the encoder)."""
-        from zoo._io import CheckpointError, match_state_dict, read_state_dict
-
-        state = read_state_dict(path)
-        own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-        matched, missing, _ = match_state_dict(own or state, list(module.state_dict()))
-        if missing:
-            raise CheckpointError(f"{path!r} does not hold weights for {type(module).__name__}: missing {missing[:8]}.")
-        try:
-            module.load_state_dict(matched)
-        except RuntimeError as err:
-            raise CheckpointError(f"{path!r} does not fit {type(module).__name__}: {err}") from err
-        getattr(self, flag).fill_(True)
-
     def _load_stage(self, path: str) -> None:
         """An earlier stage's ExplanationSystem checkpoint: every model and sentence-classifier weight must fit."""
         from zoo._io import CheckpointError
