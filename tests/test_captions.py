@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from datamodules import PartsWorldDataModule
-from datamodules.parts_world import BOS, EOS, decode_caption, mentioned_parts
+from datamodules.parts_world import BOS, EOS, decode_caption, mention_matrix, mentioned_parts
 from metrics.captions import AttributeMention, ClassRelevance, CIDErD, cider_d, document_frequency
 
 
@@ -87,6 +87,10 @@ def test_parts_world_captions_name_visible_parts() -> None:
         for caption in t["captions"][i]:
             named = mentioned_parts(caption)
             assert 1 <= len(named) <= 3 and named <= visible, decode_caption(caption)
+    # the vectorised parser the metric uses agrees with the word-by-word one
+    matrix = mention_matrix(t["captions"].flatten(0, 1))
+    assert [set(row.nonzero().flatten().tolist()) for row in matrix] == [
+        mentioned_parts(c) for c in t["captions"].flatten(0, 1)]
     again = PartsWorldDataModule(num_train=64, num_val=8, num_test=8)
     again.setup()
     assert torch.equal(again.splits["train"].tensors["captions"], t["captions"])

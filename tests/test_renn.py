@@ -232,3 +232,19 @@ def test_data_efficiency_script_runs_a_tiny_grid(in_tmp_dir: Path) -> None:
     assert [r["train_fraction"] for r in rows] == [0.5, 1.0]
     assert {"renn_acc", "cnn_acc", "lstm_acc", "renn_minus_best_baseline"} <= set(rows[0])
     assert (in_tmp_dir / "checkpoints" / "de" / "data_efficiency.png").is_file()
+
+
+def test_renn_loss_matches_an_elementwise_reference() -> None:
+    from losses import ReNNLoss
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 4), torch.tensor([0, 3, 1])
+    pattern_logits, patterns = torch.randn(3, 2, 5), (torch.rand(3, 2, 5) > 0.7).float()
+    terms = ReNNLoss(local_weight=0.5, pos_weight=4.0)({"logits": logits, "pattern_logits": pattern_logits},
+                                                       {"label": labels, "patterns": patterns})
+    task = -sum(logits[i].log_softmax(0)[labels[i]] for i in range(3)) / 3
+    p = torch.sigmoid(pattern_logits)
+    local = -(4.0 * patterns * torch.log(p) + (1 - patterns) * torch.log(1 - p)).mean()
+    assert torch.allclose(terms["loss_task"], task, atol=1e-6)
+    assert torch.allclose(terms["loss_local"], 0.5 * local, atol=1e-6)
+    assert set(ReNNLoss()({"logits": logits}, {"label": labels})) == {"loss_task"}  # no annotations: no local term
