@@ -178,7 +178,7 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
         start = time.perf_counter()
         metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
         val_seconds = time.perf_counter() - start
-        if explain:
+        if explain and hasattr(cli.model, "input_key"):  # image classifiers; detectors report part IoU instead
             explained, maps, images = explain_run(cli, explain_settings)
             explanation_rows += [{"run": run_name, **row} for row in explained]
             save_explanation_figure(Path("checkpoints") / name / f"explanations_{run_name}.png", images, maps)

@@ -9,8 +9,10 @@ are timed in interleaved rounds (A, B, C, A, B, C, ...) so drift hits all alike;
 rounds and ratios of medians against the family's reference (the opaque twin, the black box, the 1-D CNN).
 A second table times explanations of the same switch samples: L2X's explainer (one batched forward) against
 Captum's IntegratedGradients, KernelShap and Lime on the black box (explanation time does not depend on how
-well either is trained; `benchmarks/l2x_race.py` scores their quality). AOG R-CNN is not in the zoo yet
-(issue 5). CPU figures are noisy: read the ratios.
+well either is trained; `benchmarks/l2x_race.py` scores their quality). For AOG R-CNN a train step is a detector
+step on 4 scenes (RPN + RoI losses), and a third table times the RoI heads alone (box_roi_pool + box_head +
+box_predictor, forward + backward, `--head_rois` RoIs, 21 classes) at 3x3 and 7x7. CPU figures are noisy: read
+the ratios.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def train_step(model: nn.Module, loss: nn.Module, batch: dict, input_key: str, d
             if teacher is not None:
                 with torch.no_grad():
                     extra["teacher_probs"] = teacher(inputs)["logits"].float().softmax(-1)
-            out = model(inputs)
+            out = model(inputs, batch["targets"]) if "targets" in batch else model(inputs)
             if hasattr(model, "update_statistics"):
                 model.update_statistics(out, batch)
             total = sum(loss(out, {**batch, **extra}).values())
@@ -74,6 +76,7 @@ def infer_step(model: nn.Module, batch: dict, input_key: str, device: torch.devi
 
 
 def to(batch: dict, device: torch.device) -> dict:
+    """Tensors of a dict batch on `device`."""
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -106,7 +109,78 @@ def family_setups(family: str, device: torch.device) -> tuple[str, dict, str, di
             "baseline_lstm": (zoo.create_model("baseline_lstm"), ClassificationLoss()),
         }
         return "baseline_cnn1d", to(data, device), "series", models, None
-    raise ValueError(f"Unknown family {family!r}; choose from icnn, l2x, renn.")
+    if family == "aog":
+        scenes = [torch.rand(3, 128, 128) for _ in range(4)]
+        targets = [{"boxes": torch.tensor([[10.0, 12, 50, 48], [70, 60, 110, 100]]), "labels": torch.tensor([1, 3])}
+                   for _ in scenes]
+        batch = {"images": [im.to(device) for im in scenes],
+                 "targets": [{k: v.to(device) for k, v in t.items()} for t in targets]}
+        models = {name: (zoo.create_model(name, num_classes=4, image_size=128), DetectorLoss())
+                  for name in ("aog_rcnn_tinycnn", "vote_rcnn_tinycnn", "faster_rcnn_tinycnn")}
+        return "vote_rcnn_tinycnn", batch, "images", models, None
+    raise ValueError(f"Unknown family {family!r}; choose from icnn, l2x, renn, aog.")
+
+
+class DetectorLoss(nn.Module):
+    """torchvision detectors return their loss terms themselves; the benchmark's step sums them."""
+
+    def forward(self, losses: dict, batch: dict) -> dict:
+        return losses
+
+
+def head_speed(device: torch.device, rounds: int, rois: int, classes: int = 21, channels: int = 256) -> list[dict]:
+    """Forward + backward of the RoI heads alone on the same features and proposals: AOGParsing (per-terminal maps,
+    and shared cell maps) and R-FCN's average vote at 3x3, torchvision's TwoMLPHead, and AOGParsing at 7x7."""
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from zoo.aog_rcnn import AOGParsingHead, AverageVoteHead, GridGrammar, PositionSensitivePool, VotePredictor
+
+    torch.manual_seed(0)
+    features = {"0": torch.randn(2, channels, 32, 32, device=device)}  # two 512 x 512 images at stride 16
+    corners = torch.rand(2, rois // 2, 2, 2, device=device).sort(2).values * 512
+    proposals = [c.flatten(1) for c in corners.unbind(0)]  # (rois/2, 4) xyxy each, random boxes
+    shapes = [(512, 512)] * 2
+
+    def ps_head(grid: int, head: str, maps: str = "terminals") -> tuple[nn.Module, ...]:
+        grammar = GridGrammar(grid, grid)
+        pool = PositionSensitivePool(channels, classes, grammar, maps if head == "aog" else "cells")
+        box_head = AOGParsingHead(grammar, "max", maps) if head == "aog" else AverageVoteHead()
+        return pool, box_head, VotePredictor()
+
+    heads = {
+        "average vote 3x3 (R-FCN)": ps_head(3, "vote"),
+        "AOGParsing 3x3, terminal maps": ps_head(3, "aog"),
+        "AOGParsing 3x3, shared cell maps": ps_head(3, "aog", "cells"),
+        "TwoMLPHead (RoIAlign 7x7)": (MultiScaleRoIAlign(["0"], 7, 2), TwoMLPHead(channels * 49, 1024),
+                                      FastRCNNPredictor(1024, classes)),
+        "average vote 7x7": ps_head(7, "vote"),
+        "AOGParsing 7x7, terminal maps": ps_head(7, "aog"),
+        "AOGParsing 7x7, shared cell maps": ps_head(7, "aog", "cells"),
+    }
+
+    def step_of(modules: tuple[nn.Module, ...]) -> Step:
+        pool, box_head, predictor = (m.to(device) for m in modules)
+
+        def step() -> None:
+            feats = {"0": features["0"].detach().requires_grad_()}
+            logits, boxes = predictor(box_head(pool(feats, proposals, shapes)))
+            (logits.sum() + boxes.sum()).backward()
+
+        return step
+
+    steps = {name: step_of(modules) for name, modules in heads.items()}
+    for step in steps.values():
+        timed(step, 1, device)
+    seconds = {name: [] for name in steps}
+    for _ in range(rounds):  # interleaved
+        for name, step in steps.items():
+            seconds[name].append(timed(step, 3, device))
+    median = {name: statistics.median(v) for name, v in seconds.items()}
+    reference = {name: median["average vote 7x7" if "7x7" in name and "MLP" not in name else
+                              "average vote 3x3 (R-FCN)"] for name in median}
+    return [{"head": name, "ms": round(1e3 * m, 2), "vs_vote": round(m / reference[name], 3)}
+            for name, m in median.items()]
 
 
 def timed(step: Step, steps: int, device: torch.device) -> float:
@@ -176,7 +250,8 @@ def explanation_speed(device: torch.device, rounds: int, samples: int = 256, per
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=["icnn", "l2x", "renn"])
+    parser.add_argument("--families", nargs="+", default=["icnn", "l2x", "renn", "aog"])
+    parser.add_argument("--head_rois", type=int, default=512, help="RoIs in the AOG head timing")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--rounds", type=int, default=5)
@@ -197,6 +272,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for r in explanation_speed(device, args.rounds):
             print(f"| {r['method']} | {r['samples_per_s']} | {r['l2x_speedup']} |")
             rows.append({"family": "l2x explanation", **r})
+    if "aog" in args.families:
+        print(f"\n| RoI head ({args.head_rois} RoIs, 21 classes, fwd + bwd) | ms | vs average vote (same grid) |\n"
+              "| --- | --- | --- |")
+        for r in head_speed(device, args.rounds, args.head_rois):
+            print(f"| {r['head']} | {r['ms']} | {r['vs_vote']} |")
+            rows.append({"family": "aog head", **r})
     return rows
 
 

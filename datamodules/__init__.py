@@ -5,10 +5,11 @@ from datamodules.cub200 import CUB200DataModule
 from datamodules.digits import DigitsDataModule
 from datamodules.image_folder import ImageFolderDataModule
 from datamodules.l2x_synthetic import L2XSyntheticDataModule
-from datamodules.parts_world import PartsWorldDataModule
+from datamodules.parts_world import PartsWorldDataModule, PartsWorldScenesDataModule
 from datamodules.rule_series import RuleSeriesDataModule, SeriesFileDataModule
 from datamodules.text import IMDBDataModule, SyntheticSentimentDataModule
+from datamodules.voc import VOCDataModule
 
 __all__ = ["CUB200DataModule", "DatasetLayoutError", "DictDataModule", "DigitsDataModule", "IMDBDataModule",
-           "ImageFolderDataModule", "L2XSyntheticDataModule", "PartsWorldDataModule", "RuleSeriesDataModule",
-           "SeriesFileDataModule", "SyntheticSentimentDataModule"]
+           "ImageFolderDataModule", "L2XSyntheticDataModule", "PartsWorldDataModule", "PartsWorldScenesDataModule",
+           "RuleSeriesDataModule", "SeriesFileDataModule", "SyntheticSentimentDataModule", "VOCDataModule"]

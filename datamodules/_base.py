@@ -65,12 +65,14 @@ class DictDataModule(pl.LightningDataModule):
         linked into the System's `data_inputs` by the CLI."""
         return {}
 
+    collate_fn: Any = None  # DataLoader's default; detection datamodules batch variable-size targets as lists
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.splits:
             self.setup("fit" if split in ("train", "val") else split)
         return DataLoader(
             self.splits[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, collate_fn=self.collate_fn,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -88,3 +90,18 @@ class DictDataModule(pl.LightningDataModule):
     def describe(self) -> dict[str, Any]:
         return {"num_classes": self.num_classes, "num_channels": self.num_channels, "image_size": self.image_size,
                 **self.model_inputs, **{f"num_{k}": len(v) for k, v in self.splits.items()}}
+
+
+def detection_collate(samples: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> dict[str, Any]:
+    """Detection batches: {"images": [(C, H, W)], "targets": [{"boxes": (n, 4) xyxy, "labels": (n,) in 1..C, ...}]}
+    (torchvision's detection input; objects per image vary)."""
+    return {"images": [image for image, _ in samples], "targets": [target for _, target in samples]}
+
+
+class DetectionDataModule(DictDataModule):
+    """Base for detection data: samples are (image, target) pairs, batched by `detection_collate`.
+
+    `num_classes` counts object classes; labels run 1..num_classes (0 is torchvision's background)."""
+
+    collate_fn = staticmethod(detection_collate)
+    class_names: list[str]

@@ -11,12 +11,12 @@ Deterministic: the class definitions depend on `world_seed`, the images of each 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from datamodules._base import DictDataModule, TensorDictDataset
+from datamodules._base import DetectionDataModule, DictDataModule, TensorDictDataset
 
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond")
 COLOURS = {
@@ -344,3 +344,128 @@ class PartsWorldDataModule(DictDataModule):
                 data = cached_split(world.num_classes, world.parts_per_class, world.world_seed, size, self.image_size,
                                     self.jitter, self.seed, split)
                 self.splits[split] = TensorDictDataset(data)
+
+
+# ----------------------------------------------------------------------------------------------------- scene mode
+def render_scenes(world: WorldDefinition, num_scenes: int, canvas_size: int, max_objects: int,
+                  object_sizes: tuple[int, int], jitter: Jitter, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Scenes of 1..max_objects non-overlapping objects for detection.
+
+    Objects are rendered with `render` on square patches (sizes from `object_sizes`, 4 distinct sizes, one batched
+    call each) and their part pixels pasted on a noisy background. Returns uint8 images (N, 3, S, S) and per object
+    (M rows): scene (M,), label (M,) 0-based, box (M, 4) and part_boxes (M, P, 4) xyxy in canvas pixels."""
+    counts = torch.randint(1, max_objects + 1, (num_scenes,), generator=generator)
+    total = int(counts.sum())
+    labels = torch.randint(world.num_classes, (total,), generator=generator)
+    size_choices = torch.linspace(object_sizes[0], object_sizes[1], 4).round().long()
+    sizes = size_choices[torch.randint(4, (total,), generator=generator)]
+    patch_jitter = replace(jitter, position=0.0, clutter=0.0)
+    patches: list[dict[str, torch.Tensor] | None] = [None] * total
+    for size in size_choices.unique().tolist():  # four batched render calls
+        rows = (sizes == size).nonzero().flatten()
+        if len(rows):
+            drawn = render(world, labels[rows], size, patch_jitter, generator)
+            for j, row in enumerate(rows.tolist()):
+                patches[row] = {k: drawn[k][j] for k in ("image", "part_masks", "object_box", "part_boxes")}
+    background = torch.rand(num_scenes, 3, 1, 1, generator=generator) * 0.3 + 0.25
+    images = background + jitter.noise * torch.randn(num_scenes, 3, canvas_size, canvas_size, generator=generator)
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    tries = torch.rand(total, 20, 2, generator=generator)  # candidate placements, drawn up front
+    scene_of, kept = [], []
+    first = 0
+    for scene, count in enumerate(counts.tolist()):  # generation time only: place objects without overlap
+        placed: list[torch.Tensor] = []
+        for row in range(first, first + count):
+            patch, size = patches[row], int(sizes[row])
+            for x0, y0 in (tries[row] * (canvas_size - size)).floor().tolist():
+                box = patch["object_box"] + torch.tensor([x0, y0, x0, y0])
+                if not any(bool(_boxes_overlap(box, other + torch.tensor([-3.0, -3, 3, 3]))) for other in placed):
+                    placed.append(box)
+                    region = images[scene, :, int(y0):int(y0) + size, int(x0):int(x0) + size]
+                    foreground = patch["part_masks"].any(0)  # (size, size)
+                    region[:] = torch.where(foreground, patch["image"], region)
+                    scene_of.append(scene)
+                    kept.append((row, x0, y0))
+                    break
+        first += count
+    rows = torch.tensor([r for r, _, _ in kept])
+    shift = torch.tensor([[x0, y0, x0, y0] for _, x0, y0 in kept])  # (M, 4)
+    return {
+        "image": images,
+        "scene": torch.tensor(scene_of),
+        "label": labels[rows],
+        "box": torch.stack([patches[r]["object_box"] for r in rows.tolist()]) + shift,
+        "part_boxes": torch.stack([patches[r]["part_boxes"] for r in rows.tolist()]) + shift[:, None],
+    }
+
+
+class SceneDataset(torch.utils.data.Dataset):
+    """(image, target) per scene: target {"boxes", "labels" (1-based), "part_boxes" (n, P, 4), "index"}."""
+
+    def __init__(self, data: dict[str, torch.Tensor]) -> None:
+        self.images = data["image"]
+        self.objects = {k: data[k] for k in ("box", "label", "part_boxes")}
+        order = data["scene"]
+        self.starts = torch.searchsorted(order, torch.arange(len(self.images) + 1))  # objects are sorted by scene
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        a, b = int(self.starts[index]), int(self.starts[index + 1])
+        target = {"boxes": self.objects["box"][a:b].float(), "labels": self.objects["label"][a:b] + 1,
+                  "part_boxes": self.objects["part_boxes"][a:b].float(), "index": torch.tensor(index)}
+        return self.images[index].float() / 255.0, target
+
+
+@functools.lru_cache(maxsize=6)
+def cached_scenes(num_classes: int, parts_per_class: int, world_seed: int, num_scenes: int, canvas_size: int,
+                  max_objects: int, object_sizes: tuple[int, int], jitter: Jitter, seed: int, split: str
+                  ) -> dict[str, torch.Tensor]:
+    """`render_scenes` for one split, memoised per process (compare/ablate runs draw it once)."""
+    generator = torch.Generator().manual_seed(seed * 1000 + SPLIT_IDS[split] + 700)
+    return render_scenes(make_world(num_classes, parts_per_class, world_seed), num_scenes, canvas_size, max_objects,
+                         object_sizes, jitter, generator)
+
+
+class PartsWorldScenesDataModule(DetectionDataModule):
+    """parts_world scene mode for detection: 1..max_objects objects per canvas with object and part boxes.
+
+    The classes are the classification world's (same `world_seed` = same compositions); batches are
+    {"images": [...], "targets": [{"boxes", "labels", "part_boxes", "index"}]}.
+
+    Args:
+        canvas_size: square canvas side in pixels; object_sizes: (min, max) side of the square an object is drawn
+            in (the object box is about 0.6x that).
+        max_objects: objects per scene are uniform in 1..max_objects (fewer when no free place is found).
+        Other arguments as `PartsWorldDataModule`.
+    """
+
+    num_channels = 3
+
+    def __init__(self, num_classes: int = 4, parts_per_class: int = 3, canvas_size: int = 128, max_objects: int = 4,
+                 object_sizes: tuple[int, int] = (40, 64), num_train: int = 600, num_val: int = 150,
+                 num_test: int = 150, seed: int = 0, world_seed: int = 0, scale_jitter: float = 0.15,
+                 part_jitter: float = 0.15, colour_jitter: float = 0.08, noise: float = 0.04, batch_size: int = 8,
+                 num_workers: int = 0) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        if not 1 <= max_objects <= 8:
+            raise ValueError(f"max_objects must be in [1, 8]; got {max_objects}.")
+        low, high = object_sizes
+        if not 24 <= low <= high <= canvas_size:
+            raise ValueError(f"object_sizes must satisfy 24 <= min <= max <= canvas_size ({canvas_size}); got "
+                             f"{tuple(object_sizes)}.")
+        self.save_hyperparameters()
+        self.world = make_world(num_classes, parts_per_class, world_seed)
+        self.num_classes, self.image_size = num_classes, canvas_size
+        self.class_names = [f"class {c}" for c in range(num_classes)]
+        self.sizes = {"train": num_train, "val": num_val, "test": num_test}
+        self.jitter = Jitter(scale_jitter, 0.0, part_jitter, colour_jitter, 0.0, 0, noise)
+
+    def setup(self, stage: str | None = None) -> None:
+        h = self.hparams
+        for split, size in self.sizes.items():
+            if split not in self.splits:
+                data = cached_scenes(h.num_classes, h.parts_per_class, h.world_seed, size, h.canvas_size,
+                                     h.max_objects, tuple(h.object_sizes), self.jitter, h.seed, split)
+                self.splits[split] = SceneDataset(data)

@@ -86,3 +86,35 @@ def imdb_root(tmp_path: Path) -> Path:
             for i, text in enumerate(reviews):
                 (folder / f"{i}_{9 if polarity == 'pos' else 2}.txt").write_text(text, encoding="utf-8")
     return root
+
+
+def voc_annotation(image_id: str, objects: list[tuple[str, tuple[int, int, int, int], int]]) -> str:
+    """An Annotations/<id>.xml in the VOC release's format (1-based pixel corners)."""
+    parts = [f"<annotation><folder>VOC2007</folder><filename>{image_id}.jpg</filename>"
+             "<size><width>64</width><height>48</height><depth>3</depth></size>"]
+    for name, (x1, y1, x2, y2), difficult in objects:
+        parts.append(f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
+                     f"<difficult>{difficult}</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
+                     f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>")
+    return "\n".join(parts) + "\n</annotation>\n"
+
+
+VOC_OBJECTS = {
+    "000005": [("chair", (10, 8, 40, 30), 0), ("person", (30, 5, 60, 45), 1)],
+    "000007": [("car", (2, 10, 50, 40), 0)],
+    "000009": [("dog", (5, 5, 30, 30), 0), ("cat", (33, 10, 62, 44), 0)],
+}
+
+
+@pytest.fixture
+def voc_root(tmp_path: Path) -> Path:
+    """VOCdevkit/VOC2007 with three 64x48 JPEGs, their XML annotations and ImageSets/Main/{train,val,test}.txt."""
+    base = tmp_path / "VOCdevkit" / "VOC2007"
+    (base / "Annotations").mkdir(parents=True)
+    (base / "ImageSets" / "Main").mkdir(parents=True)
+    for n, (image_id, objects) in enumerate(VOC_OBJECTS.items()):
+        write_image(base / "JPEGImages" / f"{image_id}.jpg", (64, 48), seed=n)
+        (base / "Annotations" / f"{image_id}.xml").write_text(voc_annotation(image_id, objects))
+    for split, ids in (("train", ["000005", "000007"]), ("val", ["000009"]), ("test", ["000009"])):
+        (base / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    return tmp_path / "VOCdevkit"

@@ -31,12 +31,12 @@ SMALL_EXPLANATION = ["--model.init_args.encoder_epochs=1", "--model.init_args.se
                      "--model.init_args.init_checkpoint=null"]
 
 
-def dataset_overrides(config: str, cub_root: Path, image_folder_root: Path, imdb_root: Path | None = None
-                      ) -> list[str]:
+def dataset_overrides(config: str, cub_root: Path, image_folder_root: Path, imdb_root: Path | None = None,
+                      voc_root: Path | None = None) -> list[str]:
     parsed = yaml.safe_load((REPO / config).read_text())
     if "compare" in parsed:  # runs share their data: the first run's config says which
         first_run = next(iter(parsed["compare"]["runs"].values()))["config"]
-        return dataset_overrides(first_run, cub_root, image_folder_root, imdb_root)
+        return dataset_overrides(first_run, cub_root, image_folder_root, imdb_root, voc_root)
     cls = parsed["data"]["class_path"].rsplit(".", 1)[-1]
     system = parsed["model"]["class_path"].rsplit(".", 1)[-1]
     selector = {"SelectorSystem": SMALL_SELECTOR, "ExplanationSystem": SMALL_EXPLANATION}.get(system, [])
@@ -48,22 +48,29 @@ def dataset_overrides(config: str, cub_root: Path, image_folder_root: Path, imdb
         "SyntheticSentimentDataModule": ["--data.init_args.num_train=256", "--data.init_args.num_val=128"],
         "RuleSeriesDataModule": ["--data.init_args.num_train=64", "--data.init_args.num_val=32"],
         "IMDBDataModule": [f"--data.init_args.root={imdb_root}", "--data.init_args.max_len=16"],
+        "PartsWorldScenesDataModule": ["--data.init_args.num_train=8", "--data.init_args.num_val=4",
+                                       "--data.init_args.num_test=4", "--data.init_args.batch_size=4"],
+        "VOCDataModule": [f"--data.init_args.root={voc_root}", "--data.init_args.train_split=train",
+                          "--data.init_args.val_split=val", "--data.init_args.image_size=96"],
     }.get(cls, [])
 
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_runs_fast_dev_run(config: str, in_tmp_dir: Path, cub_root: Path,
-                                        image_folder_root: Path, imdb_root: Path) -> None:
+                                        image_folder_root: Path, imdb_root: Path, voc_root: Path) -> None:
     command = "compare" if is_compare_spec(config) else "fit"
     compare_args = ["--no_explain"] if command == "compare" else []  # explainers: see the compare report test
     result = main([command, "--config", str(REPO / config), "--trainer.fast_dev_run=true", *compare_args,
-                   "--trainer.accelerator=cpu", *dataset_overrides(config, cub_root, image_folder_root, imdb_root)])
+                   "--trainer.accelerator=cpu",
+                   *dataset_overrides(config, cub_root, image_folder_root, imdb_root, voc_root)])
     if command == "compare":
         assert [row["run"] for row in result] == list(yaml.safe_load((REPO / config).read_text())["compare"]["runs"])
-        assert all("acc" in row and "train_samples_per_s" in row for row in result)
+        task_metric = "map_50" if "aog_rcnn" in config else "acc"
+        assert all(task_metric in row and "train_samples_per_s" in row for row in result)
     else:
         assert result.trainer.state.finished
-        assert {"train/loss", "val/acc"} <= set(result.trainer.callback_metrics)
+        task_metric = "val/map_50" if "aog_rcnn" in config else "val/acc"
+        assert {"train/loss", task_metric} <= set(result.trainer.callback_metrics)
 
 
 def test_compare_writes_reports_with_part_metrics(in_tmp_dir: Path) -> None:
@@ -166,10 +173,11 @@ def test_ablate_averages_over_seeds_and_resumes_without_redoing_finished_points(
 
 @pytest.mark.parametrize("config", FIT_CONFIGS)
 def test_every_fit_config_works_with_ablate(config: str, in_tmp_dir: Path, cub_root: Path,
-                                            image_folder_root: Path, imdb_root: Path) -> None:
+                                            image_folder_root: Path, imdb_root: Path, voc_root: Path) -> None:
     rows = main(["ablate", "--config", str(REPO / config), "--name", "grid", "--grid", "seed_everything=[0]",
-                 "--trainer.fast_dev_run=true", *dataset_overrides(config, cub_root, image_folder_root, imdb_root)])
-    assert len(rows) == 1 and rows[0]["seeds"] == 1 and "acc" in rows[0]
+                 "--trainer.fast_dev_run=true",
+                 *dataset_overrides(config, cub_root, image_folder_root, imdb_root, voc_root)])
+    assert len(rows) == 1 and rows[0]["seeds"] == 1 and ("map_50" if "aog_rcnn" in config else "acc") in rows[0]
 
 
 def test_compare_evaluates_a_checkpoint_without_training(in_tmp_dir: Path) -> None:
@@ -192,7 +200,7 @@ def test_compare_evaluates_a_checkpoint_without_training(in_tmp_dir: Path) -> No
 
 
 BF16_CONFIGS = ["configs/icnn/parts_world.yaml", "configs/l2x/xor.yaml", "configs/l2x/digits.yaml",
-                "configs/renn/rule_series.yaml"]
+                "configs/renn/rule_series.yaml", "configs/aog_rcnn/parts_world_scenes.yaml"]
 
 
 @pytest.mark.parametrize("config", BF16_CONFIGS)

@@ -7,7 +7,7 @@
 Lightning systems live in `zoo.systems` and are imported on demand, so `import zoo` stays light.
 """
 
-from zoo import baselines, icnn, l2x, renn  # noqa: F401  (register their models)
+from zoo import aog_rcnn, baselines, icnn, l2x, renn  # noqa: F401  (register their models)
 from zoo._io import CheckpointError
 from zoo.checkpointing import export_checkpoint, load_checkpoint, load_exported
 from zoo._registry import create_model, is_model, list_models, model_factory, register_model

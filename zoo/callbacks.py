@@ -224,3 +224,45 @@ class ExplanationTextCallback(pl.Callback):
             trainer.logger.experiment.add_text("explanations/text", text, trainer.global_step)
             trainer.logger.experiment.add_image("explanations/images", make_grid(images.float().cpu(), nrow=len(images)),
                                                 trainer.global_step)
+
+
+class ParseTreeCallback(pl.Callback):
+    """After each validation epoch: detections on a fixed set of validation images, each box with the leaves of its
+    parse tree drawn inside it (the AOG detector's extractive rationale; baselines: boxes only).
+
+    TensorBoard ``detections/parse_trees`` and, in the run folder, ``parse_trees/epoch<e>.png``."""
+
+    def __init__(self, num_images: int = 8, score_threshold: float = 0.5) -> None:
+        self.num_images, self.score_threshold = num_images, score_threshold
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        from torchvision.utils import draw_bounding_boxes
+
+        dataset = trainer.datamodule.splits["val"]
+        images = [dataset[i][0] for i in range(min(self.num_images, len(dataset)))]
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            detections = pl_module.model([im.to(pl_module.device) for im in images])
+        pl_module.train(was_training)
+        parser = getattr(pl_module, "leaf_parser", None)
+        panels = []
+        for image, found in zip(images, detections):
+            keep = found["scores"] >= self.score_threshold
+            boxes = found["boxes"][keep].cpu()
+            canvas = (image[:3].clamp(0, 1) * 255).to(torch.uint8)
+            if "parse_leaves" in found and parser is not None and len(boxes):
+                leaves = parser.leaf_boxes(boxes)[found["parse_leaves"][keep].cpu()]  # (n_leaves, 4)
+                canvas = draw_bounding_boxes(canvas, leaves, colors="yellow", width=1)
+            if len(boxes):
+                labels = [str(int(label)) for label in found["labels"][keep]]
+                canvas = draw_bounding_boxes(canvas, boxes, labels=labels, colors="white", width=1)
+            panels.append(canvas.float() / 255)
+        grid = make_grid(panels, nrow=min(4, len(panels)))
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "parse_trees"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_image(grid, folder / f"epoch{trainer.current_epoch}.png")
+        if isinstance(trainer.logger, TensorBoardLogger):
+            trainer.logger.experiment.add_image("detections/parse_trees", grid, trainer.global_step)

@@ -734,3 +734,144 @@ class ExplanationSystem(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         return self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+
+
+class DetectionSystem(pl.LightningModule):
+    """Train a torchvision-style detector from the registry (AOG-parsed R-CNN or its opaque baselines).
+
+    The loss is torchvision's dict (RPN objectness and boxes, RoI classification and boxes), summed and logged per
+    term. Validation/test log mAP@0.5 (`map_50`, the checkpoint monitor) and mAP@[.5:.95] (`map`) from torchmetrics'
+    MeanAveragePrecision; where the data has part boxes, the parse-part IoU of the detector's parse-tree leaves
+    (`parse_*`, AOG only) next to the same score for a fixed uniform grid of cells (`grid_*`) and for the whole box
+    (`box_*`), measured on the same detections.
+
+    Args:
+        model_name: registry name, e.g. "aog_rcnn_tinycnn"; num_classes: object classes (background added by the
+            model), linked from the datamodule; in_chans, image_size: linked from the datamodule.
+        unfold_epoch: the folding -> unfolding schedule: OR-nodes take the mean of their children before this epoch
+            and the max from it on (None keeps the model's `or_mode`). Logged as `schedule/or_max`.
+        nonfinite_loss: "raise" (FloatingPointError naming step, batch and terms) or "skip" the batch.
+    """
+
+    def __init__(self, model_name: str = "aog_rcnn_tinycnn", num_classes: int = 4, in_chans: int | None = 3,
+                 image_size: int | None = 128, data_inputs: dict[str, Any] | None = None,
+                 model_kwargs: dict[str, Any] | None = None, optimizer: OptimizerCallable = torch.optim.Adam,
+                 scheduler: LRSchedulerCallable | None = None, unfold_epoch: int | None = None,
+                 nonfinite_loss: str = "raise") -> None:
+        super().__init__()
+        from torchmetrics.detection import MeanAveragePrecision
+
+        from metrics.detection import ParsePartIoU
+
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.model = create_model_for_data(model_name, num_classes, in_chans, image_size, None, model_kwargs)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        if nonfinite_loss not in ("raise", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'raise' or 'skip'; got {nonfinite_loss!r}.")
+        from zoo.aog_rcnn import AOGParsing, GridGrammar
+
+        parser = getattr(self.model, "parser", None)
+        self.partitions = ("parse", "grid", "box") if parser is not None else ("grid", "box")
+        # leaf boxes of every partition come from the detector's grammar (baselines: the same 3x3 grid's)
+        self.leaf_parser = parser if parser is not None else AOGParsing(GridGrammar(*self.model.grammar_size()))
+        self.metrics = nn.ModuleDict()
+        for stage in ("val", "test"):
+            self.metrics[f"{stage}_map"] = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+            for partition in self.partitions:
+                self.metrics[f"{stage}_{partition}_parts"] = ParsePartIoU()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_fits(self, checkpoint)
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return self.model(images)
+
+    def on_train_epoch_start(self) -> None:
+        if self.hparams.unfold_epoch is not None:
+            unfolding = self.current_epoch >= self.hparams.unfold_epoch
+            self.model.set_or_mode("max" if unfolding else "mean")
+            self.log("schedule/or_max", float(unfolding), on_step=False, on_epoch=True)
+
+    @staticmethod
+    def _unpack(batch: Any) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+        if not isinstance(batch, dict) or "images" not in batch or "targets" not in batch:
+            raise TypeError("Detection batches are {'images': [...], 'targets': [...]} (datamodules built on "
+                            f"DetectionDataModule); got {type(batch).__name__} "
+                            f"{sorted(batch) if isinstance(batch, dict) else ''}.")
+        return batch["images"], batch["targets"]
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        images, targets = self._unpack(batch)
+        bad = [i for i, im in enumerate(images) if im.device.type == "cpu" and not torch.isfinite(im).all()]
+        if bad:
+            raise ValueError(f"Images at batch positions {bad[:8]} hold NaN or inf values; fix or filter them.")
+        terms = self.model(images, [{k: v for k, v in t.items() if k in ("boxes", "labels")} for t in targets])
+        loss = torch.stack(list(terms.values())).sum()
+        if not torch.isfinite(loss):
+            message = (f"Non-finite training loss at global step {self.global_step}, epoch {self.current_epoch}, "
+                       f"batch {batch_idx}: " + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
+            if self.hparams.nonfinite_loss == "raise":
+                raise FloatingPointError(message + ". The last checkpoint is the last good state.")
+            rank_zero_warn(message + "; batch skipped (nonfinite_loss='skip').")
+            return None
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True, batch_size=len(images))
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
+        return loss
+
+    def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
+        images, targets = self._unpack(batch)
+        detections = self.model(images)
+        self.metrics[f"{stage}_map"].update(
+            [{k: d[k] for k in ("boxes", "scores", "labels")} for d in detections],
+            [{"boxes": t["boxes"], "labels": t["labels"], **({"iscrowd": t["difficult"].long()}
+                                                             if "difficult" in t else {})} for t in targets])
+        if all("part_boxes" in t for t in targets):
+            for partition in self.partitions:
+                preds = [self._with_leaves(d, partition) for d in detections]
+                self.metrics[f"{stage}_{partition}_parts"].update(preds, targets)
+
+    def _with_leaves(self, detection: dict[str, torch.Tensor], partition: str) -> dict[str, torch.Tensor]:
+        """A detection with the leaf boxes of one partition: its parse tree, the uniform cells, or the box."""
+        parser = self.leaf_parser
+        boxes = detection["boxes"]
+        if partition == "parse":
+            mask = detection["parse_leaves"]
+        else:
+            fixed = parser.uniform_leaves() if partition == "grid" else parser.whole_box_leaves()
+            mask = fixed[None].expand(len(boxes), -1)
+        return {**detection, "leaf_boxes": parser.leaf_boxes(boxes), "leaf_mask": mask}
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        average_precision = self.metrics[f"{stage}_map"]
+        if average_precision.update_count == 0:
+            return
+        results = average_precision.compute()
+        self.log(f"{stage}/map_50", results["map_50"].float(), sync_dist=False, prog_bar=True)
+        self.log(f"{stage}/map", results["map"].float(), sync_dist=False)
+        average_precision.reset()
+        for partition in self.partitions:
+            metric = self.metrics[f"{stage}_{partition}_parts"]
+            if metric.update_count:
+                for name, value in metric.compute().items():
+                    self.log(f"{stage}/{partition}_{name}", value, sync_dist=False)
+                metric.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, torch.Tensor]]:
+        images, _ = self._unpack(batch)
+        return self.model(images)
+
+    def configure_optimizers(self) -> Any:
+        return ClassificationSystem.configure_optimizers(self)

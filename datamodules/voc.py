@@ -1,0 +1,139 @@
+"""PASCAL VOC detection in its release layout (VOCdevkit/VOC2007 or VOC2012), read without downloading anything.
+
+Boxes come from Annotations/<id>.xml (VOC's 1-based pixel corners, shifted to 0-based xyxy as torchvision's
+references do); objects marked difficult are left out of training targets by default and kept, flagged, for
+evaluation. Images are returned at their own size: the detector's transform resizes them.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms.functional import hflip, to_tensor
+
+from datamodules._base import DatasetLayoutError, DetectionDataModule
+from datamodules.image_folder import read_rgb
+
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+VOC_LAYOUT = """\
+<root>/                       VOCdevkit/VOC2007 (or a VOCdevkit folder holding VOC<year>/)
+  Annotations/<id>.xml        one per image: <object><name>, <difficult>, <bndbox> xmin ymin xmax ymax
+  JPEGImages/<id>.jpg
+  ImageSets/Main/<split>.txt  image ids, one per line (train, val, trainval, test)"""
+
+
+def find_voc_root(root: str | Path, year: str) -> Path:
+    """The folder holding Annotations/ (root itself, root/VOC<year> or root/VOCdevkit/VOC<year>)."""
+    base = Path(root)
+    for candidate in (base, base / f"VOC{year}", base / "VOCdevkit" / f"VOC{year}"):
+        if (candidate / "Annotations").is_dir():
+            missing = [d for d in ("JPEGImages", "ImageSets/Main") if not (candidate / d).is_dir()]
+            if missing:
+                raise DatasetLayoutError(f"VOC folder {str(candidate)!r} lacks {missing}.", VOC_LAYOUT)
+            return candidate
+    problem = "does not exist" if not base.exists() else f"holds no Annotations/ (nor VOC{year}/Annotations/)"
+    raise DatasetLayoutError(f"VOC root {str(base)!r} {problem}.", VOC_LAYOUT)
+
+
+def read_ids(root: Path, split: str) -> list[str]:
+    path = root / "ImageSets" / "Main" / f"{split}.txt"
+    if not path.is_file():
+        raise DatasetLayoutError(f"VOC split file {str(path)!r} does not exist.", VOC_LAYOUT)
+    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DatasetLayoutError(f"VOC split file {str(path)!r} lists no images.", VOC_LAYOUT)
+    return ids
+
+
+def read_annotation(path: Path) -> dict[str, torch.Tensor]:
+    """boxes (n, 4) 0-based xyxy, labels (n,) in 1..20, difficult (n,) bool; errors name the file and object."""
+    if not path.is_file():
+        raise DatasetLayoutError(f"VOC annotation {str(path)!r} does not exist.", VOC_LAYOUT)
+    try:
+        objects = ET.parse(path).getroot().findall("object")
+    except ET.ParseError as err:
+        raise ValueError(f"VOC annotation {str(path)!r} is not valid XML: {err}") from err
+    boxes, labels, difficult = [], [], []
+    for number, obj in enumerate(objects):  # a handful of objects per file, read once
+        name = (obj.findtext("name") or "").strip()
+        if name not in VOC_CLASSES:
+            raise ValueError(f"{path}: object {number} has class {name!r}, not one of the 20 VOC classes.")
+        try:
+            corners = [float(obj.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+        except (AttributeError, TypeError, ValueError) as err:
+            raise ValueError(f"{path}: object {number} ({name}) has no valid <bndbox> xmin/ymin/xmax/ymax.") from err
+        x1, y1, x2, y2 = corners[0] - 1, corners[1] - 1, corners[2], corners[3]
+        if not (x2 > x1 and y2 > y1):
+            raise ValueError(f"{path}: object {number} ({name}) has an empty box {corners}.")
+        boxes.append([x1, y1, x2, y2])
+        labels.append(VOC_CLASSES.index(name) + 1)
+        difficult.append((obj.findtext("difficult") or "0").strip() == "1")
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels).long(),
+            "difficult": torch.tensor(difficult, dtype=torch.bool)}
+
+
+class VOCDataset(Dataset):
+    """(image (3, H, W) float, target {"boxes", "labels", "difficult", "index"}) per listed image."""
+
+    def __init__(self, root: Path, ids: list[str], keep_difficult: bool, flip: bool) -> None:
+        self.root, self.ids, self.keep_difficult, self.flip = root, ids, keep_difficult, flip
+        self.targets = [read_annotation(root / "Annotations" / f"{i}.xml") for i in ids]  # fail early, not mid-epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        path = self.root / "JPEGImages" / f"{self.ids[index]}.jpg"
+        if not path.is_file():
+            raise DatasetLayoutError(f"VOC image {str(path)!r} (listed in the split file) does not exist.",
+                                     VOC_LAYOUT)
+        image = to_tensor(read_rgb(path))
+        target = dict(self.targets[index])
+        if not self.keep_difficult:
+            keep = ~target["difficult"]
+            target = {k: v[keep] for k, v in target.items()}
+        if self.flip and torch.rand(()) < 0.5:
+            image = hflip(image)
+            width = image.shape[-1]
+            target["boxes"] = target["boxes"][:, [2, 1, 0, 3]] * torch.tensor([-1, 1, -1, 1]) + torch.tensor(
+                [width, 0, width, 0])
+        target["index"] = torch.tensor(index)
+        return image, target
+
+
+class VOCDataModule(DetectionDataModule):
+    """PASCAL VOC detection from a local VOCdevkit (no download).
+
+    Args:
+        root: VOCdevkit/VOC<year>, or a folder holding it.
+        year: "2007" or "2012" (picks the sub-folder when `root` is above it).
+        train_split / val_split / test_split: ImageSets/Main list names.
+        image_size: the detector's input size (linked into the model; images are resized by the detector).
+        keep_difficult: keep "difficult" objects in training targets (VOC evaluation ignores them either way).
+        flip: random horizontal flips in training.
+    """
+
+    num_channels = 3
+    num_classes = len(VOC_CLASSES)
+    class_names = list(VOC_CLASSES)
+
+    def __init__(self, root: str = "data/VOCdevkit/VOC2007", year: str = "2007", train_split: str = "trainval",
+                 val_split: str = "test", test_split: str = "test", image_size: int = 480,
+                 keep_difficult: bool = False, flip: bool = True, batch_size: int = 4, num_workers: int = 0) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.save_hyperparameters()
+        self.image_size = image_size
+        self.root = find_voc_root(root, year)
+        self.split_names = {"train": train_split, "val": val_split, "test": test_split}
+
+    def setup(self, stage: str | None = None) -> None:
+        for split, name in self.split_names.items():
+            if split not in self.splits:
+                # evaluation keeps difficult objects flagged, training drops them unless asked
+                keep = self.hparams.keep_difficult or split != "train"
+                self.splits[split] = VOCDataset(self.root, read_ids(self.root, name), keep,
+                                                flip=self.hparams.flip and split == "train")

@@ -1,0 +1,78 @@
+"""Does a detection's parse tree find the object's parts? Parse-part IoU against true part boxes (DDP-safe).
+
+For every ground-truth object, the detection that explains it is the highest-scoring one of the same class with
+box IoU >= `match_iou`. Its partition (the parse tree's leaves, a uniform grid of cells, or the box itself) is
+compared with the object's true part boxes both ways, because a partition always covers the whole box:
+- part recall: for each true part, the best IoU with any leaf, averaged over parts (favours fine partitions);
+- leaf precision: for each leaf, the best IoU with any true part, averaged over leaves (favours leaves that are
+  parts, penalises empty cells);
+- part_iou: their mean, the headline number (logged as parse_part_iou, grid_part_iou, box_part_iou). Objects without a matching detection are counted as missed
+  (reported as `matched`), not scored.
+mAP itself comes from torchmetrics' MeanAveragePrecision.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+from torchvision.ops import box_iou
+
+
+def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of boxes a (N, P, 4) with b (N, L, 4), per row: (N, P, L)."""
+    top_left = torch.maximum(a[:, :, None, :2], b[:, None, :, :2])
+    bottom_right = torch.minimum(a[:, :, None, 2:], b[:, None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
+    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
+    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
+    return inter / (area_a[:, :, None] + area_b[:, None, :] - inter).clamp(min=1e-9)
+
+
+def match_detections(pred_boxes: torch.Tensor, pred_scores: torch.Tensor, pred_labels: torch.Tensor,
+                     true_boxes: torch.Tensor, true_labels: torch.Tensor, match_iou: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each true object the index of its best same-class detection with IoU >= match_iou: (G,), and (G,) bool
+    saying whether there is one."""
+    if len(pred_boxes) == 0 or len(true_boxes) == 0:
+        return torch.zeros(len(true_boxes), dtype=torch.long), torch.zeros(len(true_boxes), dtype=torch.bool)
+    valid = (box_iou(true_boxes, pred_boxes) >= match_iou) & (true_labels[:, None] == pred_labels[None])  # (G, D)
+    ranked = torch.where(valid, pred_scores[None].float(), torch.tensor(-1.0))
+    return ranked.argmax(1), valid.any(1)
+
+
+class ParsePartIoU(Metric):
+    """update(preds, targets): preds per image {"boxes", "scores", "labels", "leaf_boxes" (D, L, 4), "leaf_mask"
+    (D, L) bool}; targets per image {"boxes", "labels", "part_boxes" (G, P, 4)}. compute() -> dict of
+    part_iou, part_recall, leaf_precision, matched (fraction of objects with a matching detection)."""
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, match_iou: float = 0.5, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.match_iou = match_iou
+        for name in ("recall_sum", "precision_sum", "matched", "objects"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, preds: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]]) -> None:
+        for pred, target in zip(preds, targets):  # images hold different numbers of objects
+            parts = target["part_boxes"]
+            detection, found = match_detections(pred["boxes"], pred["scores"], pred["labels"], target["boxes"],
+                                                target["labels"], self.match_iou)
+            self.objects += len(parts)
+            if not found.any():
+                continue
+            leaves = pred["leaf_boxes"][detection[found]]  # (G', L, 4)
+            mask = pred["leaf_mask"][detection[found]]  # (G', L)
+            iou = pairwise_iou(parts[found].to(leaves.dtype), leaves)  # (G', P, L)
+            recall = iou.masked_fill(~mask[:, None], 0).amax(2).mean(1)  # (G',)
+            precision = (iou.amax(1) * mask).sum(1) / mask.sum(1)  # (G',)
+            self.recall_sum += recall.sum().double()
+            self.precision_sum += precision.sum().double()
+            self.matched += found.sum()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        count = self.matched.clamp(min=1)
+        recall, precision = self.recall_sum / count, self.precision_sum / count
+        return {"part_iou": ((recall + precision) / 2).float(), "part_recall": recall.float(),
+                "leaf_precision": precision.float(), "matched": (self.matched / self.objects.clamp(min=1)).float()}

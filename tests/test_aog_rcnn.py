@@ -1,0 +1,301 @@
+"""AOG-parsed R-CNN: the grammar, the AOGParsing DP against brute force, the heads, the detector, its data."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models.detection.roi_heads import RoIHeads
+
+import zoo
+from datamodules import DatasetLayoutError, PartsWorldScenesDataModule, VOCDataModule
+from metrics.detection import ParsePartIoU
+from zoo.aog_rcnn import (AOGParsing, AOGParsingHead, AverageVoteHead, GridGrammar, PositionSensitivePool,
+                          closed_form_counts, rois_with_batch_index)
+
+from tests.test_registry import DETECTOR_MODELS
+
+
+# ------------------------------------------------------------------------------------------------ the grammar
+@pytest.mark.parametrize("grid, expected", [((2, 2), (9, 6, 9)), ((3, 3), (36, 48, 36)), ((4, 4), (100, 200, 100)),
+                                            ((2, 3), None), ((3, 5), None), ((1, 4), None)])
+def test_node_counts_match_the_closed_form(grid: tuple[int, int], expected: tuple[int, int, int] | None) -> None:
+    grammar = GridGrammar(*grid)
+    counts = (grammar.num_terminals, grammar.num_and, grammar.num_or)
+    assert counts == closed_form_counts(*grid)
+    if expected is not None:  # the spec's table
+        assert counts == expected
+
+
+def count_trees(height: int, width: int) -> int:
+    """Parse trees of an h x w rectangle, counted by recursion over cuts (independent of GridGrammar)."""
+    @functools.lru_cache(maxsize=None)
+    def trees(h: int, w: int) -> int:
+        return 1 + sum(trees(k, w) * trees(h - k, w) for k in range(1, h)) + \
+            sum(trees(h, k) * trees(h, w - k) for k in range(1, w))
+    return trees(height, width)
+
+
+def test_parse_tree_counts() -> None:
+    assert GridGrammar(3, 3).num_parse_trees == 1241
+    assert GridGrammar(2, 2).num_parse_trees == 9
+    assert GridGrammar(4, 4).num_parse_trees == 2_590_351
+    assert GridGrammar(2, 5).num_parse_trees == count_trees(2, 5)
+
+
+def all_trees(top: int, left: int, h: int, w: int) -> list[list[tuple[int, int, int, int]]]:
+    """Every parse tree of a rectangle as its list of leaf rectangles (brute-force enumeration)."""
+    trees = [[(top, left, h, w)]]
+    for k in range(1, h):
+        trees += [a + b for a in all_trees(top, left, k, w) for b in all_trees(top + k, left, h - k, w)]
+    for k in range(1, w):
+        trees += [a + b for a in all_trees(top, left, h, k) for b in all_trees(top, left + k, h, w - k)]
+    return trees
+
+
+@pytest.mark.parametrize("grid", [(2, 2), (2, 3), (3, 3)])
+def test_max_parse_equals_the_best_of_all_enumerated_trees(grid: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    parser = AOGParsing(GridGrammar(*grid), "max")
+    terminals = torch.randn(6, parser.grammar.num_terminals, dtype=torch.float64)
+    trees = all_trees(0, 0, *grid)
+    assert len(trees) == parser.grammar.num_parse_trees
+    index = {r: i for i, r in enumerate(parser.grammar.rects)}
+    total = grid[0] * grid[1]
+    # a tree's score: its leaves' terminal scores weighted by leaf area (nested area-weighted ANDs)
+    scores = torch.stack([sum(terminals[:, index[r]] * (r[2] * r[3] / total) for r in tree) for tree in trees], 1)
+    root, choices = parser(terminals)
+    torch.testing.assert_close(root, scores.max(1).values)
+    leaves = parser.parse_leaves(choices)
+    best = [set(trees[int(i)]) for i in scores.argmax(1)]
+    assert [{parser.grammar.rects[t] for t in row.nonzero().flatten().tolist()} for row in leaves] == best
+
+
+def test_mean_parse_matches_a_recursive_reference() -> None:
+    torch.manual_seed(1)
+    parser = AOGParsing(GridGrammar(2, 3), "mean")
+    terminals = torch.randn(3, parser.grammar.num_terminals, dtype=torch.float64)
+    index = {r: i for i, r in enumerate(parser.grammar.rects)}
+
+    def or_score(t: int, l: int, h: int, w: int) -> torch.Tensor:
+        children = [terminals[:, index[(t, l, h, w)]]]
+        for k in range(1, h):
+            children.append((k * or_score(t, l, k, w) + (h - k) * or_score(t + k, l, h - k, w)) / h)
+        for k in range(1, w):
+            children.append((k * or_score(t, l, h, k) + (w - k) * or_score(t, l + k, h, w - k)) / w)
+        return torch.stack(children).mean(0)
+
+    torch.testing.assert_close(parser(terminals)[0], or_score(0, 0, 2, 3))
+
+
+@pytest.mark.parametrize("or_mode", ["max", "mean"])
+def test_the_dp_gradient_passes_gradcheck(or_mode: str) -> None:
+    parser = AOGParsing(GridGrammar(3, 2), or_mode).double()
+    x = torch.randn(4, parser.grammar.num_terminals, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: parser(t)[0], (x,))
+
+
+def test_forcing_the_all_cells_tree_reproduces_the_average_vote() -> None:
+    torch.manual_seed(2)
+    parser = AOGParsing(GridGrammar(3, 3), "max")
+    cells = torch.randn(5, 9)
+    terminals = parser.terminal_from_cells(cells)
+    forced = torch.where(parser.uniform_leaves(), terminals, torch.full_like(terminals, -1e4))
+    root, choices = parser(forced)
+    vote = AverageVoteHead()({"terminal_scores": cells[:, None], "box_regression": torch.zeros(5, 4)})
+    torch.testing.assert_close(root, vote["class_logits"][:, 0])
+    assert torch.equal(parser.parse_leaves(choices), parser.uniform_leaves().expand(5, -1))
+    # With shared cell maps every tree scores the average vote (why the detector defaults to terminal maps).
+    torch.testing.assert_close(parser(terminals)[0], cells.mean(1))
+
+
+def test_gradients_reach_the_score_maps_through_the_whole_head() -> None:
+    torch.manual_seed(3)
+    grammar = GridGrammar(3, 3)
+    pool, head = PositionSensitivePool(16, 5, grammar, "terminals"), AOGParsingHead(grammar, "max")
+    features = {"0": torch.randn(2, 16, 12, 12)}
+    proposals = [torch.tensor([[4.0, 4, 60, 40], [20, 30, 90, 90]]), torch.tensor([[0.0, 0, 95, 95]])]
+    out = head(pool(features, proposals, [(96, 96)] * 2))
+    (out["class_logits"].square().sum() + out["box_regression"].sum()).backward()
+    assert pool.score_maps.weight.grad.abs().sum() > 0 and pool.box_maps.weight.grad.abs().sum() > 0
+    assert out["or_choices"].shape == (3, 5, grammar.num_or)
+
+
+def test_terminal_pooling_against_a_loop_reference() -> None:
+    torch.manual_seed(4)
+    grammar = GridGrammar(2, 2)
+    pool = PositionSensitivePool(8, 3, grammar, "terminals")
+    maps = torch.randn(2, 3 * grammar.num_terminals, 10, 12)
+    rois = rois_with_batch_index([torch.tensor([[3.0, 5, 70, 60]]), torch.tensor([[10.0, 0, 40, 79]])])
+    scale = 1 / 8
+    pooled = pool._pool_terminals(maps, rois, scale)  # (K, C+1, T)
+    for k, roi in enumerate(rois):
+        x1, y1, x2, y2 = (roi[1:] * scale).tolist()
+        for t, (top, left, h, w) in enumerate(grammar.rects):
+            bw, bh = (x2 - x1) / 2, (y2 - y1) / 2
+            cx1 = min(max(math.floor(x1 + left * bw), 0), 11)
+            cy1 = min(max(math.floor(y1 + top * bh), 0), 9)
+            cx2 = max(min(math.ceil(x1 + (left + w) * bw), 12), cx1 + 1)
+            cy2 = max(min(math.ceil(y1 + (top + h) * bh), 10), cy1 + 1)
+            own = maps[int(roi[0]), 3 * t: 3 * t + 3, cy1:cy2, cx1:cx2].mean((1, 2))
+            torch.testing.assert_close(pooled[k, :, t], own, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- the detector
+def scenes(count: int = 2, size: int = 96) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    torch.manual_seed(5)
+    images = [torch.rand(3, size, size) for _ in range(count)]
+    targets = [{"boxes": torch.tensor([[8.0, 10, 40, 44], [50, 40, 90, 80]]), "labels": torch.tensor([1, 2])}
+               for _ in range(count)]
+    return images, targets
+
+
+@pytest.mark.parametrize("name", DETECTOR_MODELS)
+def test_detector_contract(name: str) -> None:
+    model = zoo.create_model(name, num_classes=3, image_size=96)
+    images, targets = scenes()
+    losses = model(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    sum(losses.values()).backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+    model.eval()
+    with torch.no_grad():
+        detections = model(images)
+    assert len(detections) == 2 and {"boxes", "scores", "labels"} <= set(detections[0])
+    if name.startswith("aog"):
+        leaves = detections[0]["parse_leaves"]  # (D, T): every parse tree partitions the grid exactly once
+        cover = leaves.float() @ (model.parser.cell_weights * model.parser.area[:, None].float())  # (D, H*W)
+        assert len(leaves) == len(detections[0]["boxes"]) and torch.equal(cover, torch.ones_like(cover))
+
+
+def test_detector_rejects_bad_input() -> None:
+    model = zoo.create_model("aog_rcnn_tinycnn", num_classes=3, image_size=96)
+    images, targets = scenes()
+    with pytest.raises(ValueError, match="expects a list of \\(3, H, W\\) float images"):
+        model([torch.rand(1, 96, 96)], targets[:1])
+    with pytest.raises(ValueError, match="float images"):
+        model([(images[0] * 255).byte()], targets[:1])
+    with pytest.raises(TypeError, match="list of"):
+        model(torch.stack(images), targets)
+    with pytest.raises(ValueError, match="outside \\[1, 3\\]"):
+        model(images, [{**t, "labels": torch.tensor([0, 4])} for t in targets])
+    with pytest.raises(ValueError, match="or_mode"):
+        model.set_or_mode("min")
+
+
+def test_post_processing_keeps_torchvisions_detections() -> None:
+    """ParsingRoIHeads tracks each detection's proposal; boxes, scores and labels stay torchvision's."""
+    torch.manual_seed(6)
+    model = zoo.create_model("aog_rcnn_tinycnn", num_classes=4, image_size=96).eval()
+    heads = model.roi_heads
+    proposals = [torch.rand(30, 2).mul(40).repeat(1, 2) + torch.tensor([0, 0, 30, 30.0]) for _ in range(2)]
+    logits, deltas = torch.randn(60, 5) * 3, torch.randn(60, 20) * 0.1
+    ours = heads._detections(logits, deltas, proposals, [(96, 96)] * 2, None)
+    boxes, scores, labels = RoIHeads.postprocess_detections(heads, logits, deltas, proposals, [(96, 96)] * 2)
+    for mine, b, s, l in zip(ours, boxes, scores, labels):
+        assert torch.equal(mine["boxes"], b) and torch.equal(mine["scores"], s) and torch.equal(mine["labels"], l)
+
+
+# ------------------------------------------------------------------------------------------------ the metric
+def test_parse_part_iou_on_hand_built_boxes() -> None:
+    metric = ParsePartIoU()
+    box = torch.tensor([[0.0, 0, 30, 30]])
+    leaves = torch.tensor([[[0.0, 0, 10, 10], [10, 0, 30, 30], [0, 10, 10, 30]]])  # a 3-leaf partition
+    pred = {"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([1]), "leaf_boxes": leaves,
+            "leaf_mask": torch.tensor([[True, True, False]])}  # the third leaf is not in the tree
+    target = {"boxes": torch.tensor([[0.0, 0, 30, 29]]), "labels": torch.tensor([1]),
+              "part_boxes": torch.tensor([[[0.0, 0, 10, 10], [10, 0, 30, 15]]])}
+    missed = {"boxes": torch.tensor([[50.0, 50, 60, 60]]), "labels": torch.tensor([2]),
+              "part_boxes": torch.tensor([[[50.0, 50, 55, 55], [55, 55, 60, 60]]])}
+    metric.update([pred, {**pred, "labels": torch.tensor([1])}], [target, missed])
+    result = metric.compute()
+    # part 1 = leaf 1 (IoU 1); part 2 (20x15) inside leaf 2 (20x30): IoU 0.5. Leaf 1 -> 1, leaf 2 -> 0.5.
+    assert result["part_recall"].item() == pytest.approx(0.75)
+    assert result["leaf_precision"].item() == pytest.approx(0.75)
+    assert result["part_iou"].item() == pytest.approx(0.75)
+    assert result["matched"].item() == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------------------------------- the data
+def test_scene_world_ground_truth() -> None:
+    dm = PartsWorldScenesDataModule(num_train=24, num_val=8, num_test=8, canvas_size=96, object_sizes=(32, 48))
+    dm.setup()
+    again = PartsWorldScenesDataModule(num_train=24, num_val=8, num_test=8, canvas_size=96, object_sizes=(32, 48),
+                                       seed=0)
+    again.setup()
+    for i in range(8):
+        image, target = dm.splits["train"][i]
+        assert image.shape == (3, 96, 96) and torch.equal(image, again.splits["train"][i][0])
+        boxes, parts = target["boxes"], target["part_boxes"]
+        assert 1 <= len(boxes) <= 4 and ((target["labels"] >= 1) & (target["labels"] <= 4)).all()
+        assert (parts[..., :2] >= boxes[:, None, :2] - 1e-4).all() and (parts[..., 2:] <= boxes[:, None, 2:] + 1e-4).all()
+        inter = torch.ops.torchvision.nms(boxes, torch.ones(len(boxes)), 0.0)  # disjoint boxes all survive NMS at 0
+        assert len(inter) == len(boxes)
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch["images"], list) and len(batch["images"]) == len(batch["targets"]) == 8
+    with pytest.raises(ValueError, match="object_sizes"):
+        PartsWorldScenesDataModule(canvas_size=64, object_sizes=(40, 80))
+
+
+def test_voc_loader_reads_the_release_layout(voc_root: Path) -> None:
+    dm = VOCDataModule(root=str(voc_root), train_split="train", val_split="val", flip=False)
+    dm.setup()
+    image, target = dm.splits["train"][0]
+    assert image.shape == (3, 48, 64)
+    # 000005: the difficult person is dropped in training, kept (flagged) for evaluation
+    assert target["labels"].tolist() == [9]  # chair
+    torch.testing.assert_close(target["boxes"], torch.tensor([[9.0, 7, 40, 30]]))
+    _, val = dm.splits["val"][0]
+    assert val["labels"].tolist() == [12, 8] and not val["difficult"].any()
+    assert len(dm.splits["test"]) == 1 and dm.num_classes == 20
+
+
+def test_voc_loader_errors_name_the_problem(voc_root: Path, tmp_path: Path) -> None:
+    with pytest.raises(DatasetLayoutError, match="does not exist"):
+        VOCDataModule(root=str(tmp_path / "nowhere"))
+    with pytest.raises(DatasetLayoutError, match="split file"):
+        VOCDataModule(root=str(voc_root), train_split="trainval").setup()
+    base = voc_root / "VOC2007"
+    (base / "Annotations" / "000007.xml").write_text("<annotation><object><name>car")
+    with pytest.raises(ValueError, match="000007.xml.*not valid XML"):
+        VOCDataModule(root=str(voc_root), train_split="train", val_split="val", test_split="val").setup()
+    (base / "Annotations" / "000007.xml").write_text(
+        "<annotation><object><name>unicorn</name><bndbox><xmin>1</xmin><ymin>1</ymin><xmax>5</xmax><ymax>5</ymax>"
+        "</bndbox></object></annotation>")
+    with pytest.raises(ValueError, match="unicorn.*20 VOC classes"):
+        VOCDataModule(root=str(voc_root), train_split="train", val_split="val", test_split="val").setup()
+    (base / "JPEGImages" / "000009.jpg").unlink()
+    dm = VOCDataModule(root=str(voc_root), train_split="val", val_split="val", test_split="val")
+    dm.setup()
+    with pytest.raises(DatasetLayoutError, match="000009.jpg"):
+        dm.splits["train"][0]
+
+
+# --------------------------------------------------------------------------------------------------- the system
+def test_detection_system_schedule_and_bad_batches(tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+
+    from zoo.callbacks import ParseTreeCallback
+    from zoo.systems import DetectionSystem
+
+    dm = PartsWorldScenesDataModule(num_train=8, num_val=4, num_test=4, canvas_size=96, object_sizes=(32, 48),
+                                    batch_size=4)
+    system = DetectionSystem(num_classes=dm.num_classes, image_size=96, unfold_epoch=1)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=pl.loggers.TensorBoardLogger(tmp_path),
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=[ParseTreeCallback(num_images=2, score_threshold=0.0)])
+    trainer.fit(system, datamodule=dm)
+    assert system.model.parser.or_mode == "max"  # epoch 0 folded, epoch 1 unfolded
+    assert trainer.callback_metrics["schedule/or_max"] == 1.0
+    assert {"val/map_50", "val/map", "val/parse_part_iou", "val/grid_part_iou", "val/box_part_iou"} <= set(
+        trainer.callback_metrics)
+    assert (Path(trainer.log_dir) / "parse_trees" / "epoch1.png").is_file()
+    images, targets = scenes(size=96)
+    images[1][0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="batch positions \\[1\\] hold NaN"):
+        system.training_step({"images": images, "targets": targets}, 0)
+    with pytest.raises(TypeError, match="Detection batches are"):
+        system.training_step({"image": images[0]}, 0)

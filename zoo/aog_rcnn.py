@@ -1,0 +1,573 @@
+"""AOG-parsed R-CNN: an AND-OR grammar over the RoI grid replaces RoI pooling (Wu et al., arXiv 1711.05226).
+
+Faithful: the grid grammar (one OR-node and one terminal per sub-rectangle, one AND-node per horizontal or vertical
+cut, nodes shared so the graph is a DAG); the AOGParsing operator on position-sensitive maps of an R-FCN-style
+head (terminal = area-weighted mean of the cells it covers, AND = area-weighted mean of its two children, OR = mean
+while folding, max while unfolding); the best parse tree of every detection, kept through post-processing, as its
+extractive rationale; torchvision's losses, no parse loss.
+
+Departs / chooses (the authors' detector code was never released):
+- `terminal_maps="terminals"` (default) gives every terminal node its own (C+1) position-sensitive maps pooled over
+  its sub-box of the RoI (the spec's "one map per terminal node" option). With `"cells"` the terminals share the
+  R-FCN cell maps and add no parameters, but then every parse tree scores exactly the average vote (an area-weighted
+  mean of cell means is the mean of all cells), so the OR choices are ties and the parse says nothing: kept as the
+  sanity check against R-FCN, not as a rationale.
+- Box regression is class-agnostic and position-sensitive (R-FCN): 4 x H x W maps voted by the mean.
+- The bottom-up pass loops over area levels (at most H*W of them), never over nodes, RoIs or classes.
+
+Baselines on the same backbone, RPN, proposals and budget: `vote_rcnn_*` (R-FCN average vote) and
+`faster_rcnn_*` (torchvision MultiScaleRoIAlign + TwoMLPHead + FastRCNNPredictor).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops, ps_roi_align
+
+from zoo._registry import input_size_aware, register_model
+from zoo.backbones import TINY_CNN, Backbone
+
+OR_MODES = ("mean", "max")
+TERMINAL_MAPS = ("terminals", "cells")
+
+
+# ----------------------------------------------------------------------------------------------------- grammar
+@dataclass(frozen=True)
+class GridGrammar:
+    """The AND-OR grammar over an H x W grid, compiled to index tensors.
+
+    Nodes are indexed by sub-rectangle: OR-node i and terminal i both cover `rects[i]` = (top, left, height, width),
+    sorted by area so that every area level is a contiguous range. AND-node j splits the rectangle of its parent OR
+    `and_parent[j]` into OR-children `and_left[j]` (top / left part) and `and_right[j]`.
+    """
+
+    height: int
+    width: int
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"The grid needs at least one cell per side; got {self.height} x {self.width}.")
+
+    @cached_property
+    def rects(self) -> list[tuple[int, int, int, int]]:
+        h, w = self.height, self.width
+        every = [(t, l, rh, rw) for rh in range(1, h + 1) for rw in range(1, w + 1)
+                 for t in range(h - rh + 1) for l in range(w - rw + 1)]
+        return sorted(every, key=lambda r: (r[2] * r[3], r[2], r[0], r[1]))
+
+    @cached_property
+    def _and_nodes(self) -> list[tuple[int, int, int]]:
+        """(parent, left, right) per AND-node, in the order of their parents (so per level contiguous)."""
+        index = {r: i for i, r in enumerate(self.rects)}
+        nodes = []
+        for parent, (t, l, h, w) in enumerate(self.rects):  # runs once when the grammar is built
+            nodes += [(parent, index[(t, l, k, w)], index[(t + k, l, h - k, w)]) for k in range(1, h)]
+            nodes += [(parent, index[(t, l, h, k)], index[(t, l + k, h, w - k)]) for k in range(1, w)]
+        return nodes
+
+    @property
+    def num_terminals(self) -> int:
+        return len(self.rects)
+
+    @property
+    def num_or(self) -> int:
+        return len(self.rects)
+
+    @property
+    def num_and(self) -> int:
+        return len(self._and_nodes)
+
+    @property
+    def root(self) -> int:
+        return self.num_or - 1  # the whole grid: the only rectangle of the largest area
+
+    @cached_property
+    def num_parse_trees(self) -> int:
+        """Number of distinct parse trees (derivations) from the root (Python integers: exact)."""
+        counts = [1] * self.num_or
+        for parent, left, right in self._and_nodes:  # parents come in increasing area, children before parents
+            counts[parent] += counts[left] * counts[right]
+        return counts[self.root]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Index tensors for AOGParsing: rect table, cell weights, AND children and weights, OR -> AND table."""
+        rects = torch.tensor(self.rects)  # (T, 4) top, left, height, width
+        area = rects[:, 2] * rects[:, 3]
+        rows, cols = torch.arange(self.height), torch.arange(self.width)
+        inside_rows = (rows >= rects[:, :1]) & (rows < rects[:, :1] + rects[:, 2:3])  # (T, H)
+        inside_cols = (cols >= rects[:, 1:2]) & (cols < rects[:, 1:2] + rects[:, 3:4])  # (T, W)
+        cover = (inside_rows[:, :, None] & inside_cols[:, None, :]).flatten(1).float()  # (T, H*W)
+        ands = torch.tensor(self._and_nodes, dtype=torch.long).reshape(-1, 3)  # (A, 3)
+        parent, left, right = ands.unbind(1)
+        left_weight = area[left].float() / area[parent].float()
+        # OR -> its AND children, padded with -1: (num_or, max_and_children)
+        per_or = torch.bincount(parent, minlength=self.num_or)
+        slot = torch.arange(len(parent)) - (torch.cumsum(per_or, 0) - per_or)[parent]
+        children = torch.full((self.num_or, max(int(per_or.max()) if len(parent) else 0, 1)), -1, dtype=torch.long)
+        children[parent, slot] = torch.arange(len(parent))
+        return {"rects": rects, "area": area, "cell_weights": cover / area[:, None].float(), "and_left": left,
+                "and_right": right, "and_left_weight": left_weight, "or_and_children": children,
+                "or_num_children": per_or + 1}
+
+    def levels(self) -> list[tuple[int, int, int, int]]:
+        """(or_start, or_end, and_start, and_end) per area level, in increasing area."""
+        areas = [h * w for _, _, h, w in self.rects]
+        parents = [p for p, _, _ in self._and_nodes]
+        out = []
+        for a in sorted(set(areas)):
+            o0, o1 = areas.index(a), len(areas) - areas[::-1].index(a)
+            in_level = [j for j, p in enumerate(parents) if o0 <= p < o1]
+            out.append((o0, o1, in_level[0] if in_level else 0, in_level[-1] + 1 if in_level else 0))
+        return out
+
+
+def closed_form_counts(height: int, width: int) -> tuple[int, int, int]:
+    """(#terminal, #AND, #OR) of the H x W grid grammar from the spec's closed form."""
+    terminals = math.comb(height + 1, 2) * math.comb(width + 1, 2)
+    ands = math.comb(width + 1, 2) * math.comb(height + 1, 3) + math.comb(height + 1, 2) * math.comb(width + 1, 3)
+    return terminals, ands, terminals
+
+
+# ------------------------------------------------------------------------------------------------- AOGParsing
+class AOGParsing(nn.Module):
+    """Bottom-up scores of the grid grammar and top-down best parse trees, batched over rows (RoI x class).
+
+    forward(terminal_scores (R, T)) -> (root scores (R,), OR choices (R, num_or) uint8: 0 = the terminal, j > 0 =
+    the j-th AND child). `or_mode` "mean" folds (integrates every configuration), "max" unfolds (best tree).
+    """
+
+    def __init__(self, grammar: GridGrammar, or_mode: str = "max") -> None:
+        super().__init__()
+        self.grammar = grammar
+        self.or_mode = or_mode
+        for name, tensor in grammar.tensors().items():
+            self.register_buffer(name, tensor, persistent=False)
+        self.level_ranges = grammar.levels()
+        self.level_width = [int(self.or_num_children[o0:o1].max()) - 1 for o0, o1, _, _ in self.level_ranges]
+
+    @property
+    def or_mode(self) -> str:
+        return self._or_mode
+
+    @or_mode.setter
+    def or_mode(self, mode: str) -> None:
+        if mode not in OR_MODES:
+            raise ValueError(f"or_mode must be one of {OR_MODES} (folding, unfolding); got {mode!r}.")
+        self._or_mode = mode
+
+    def terminal_from_cells(self, cell_scores: torch.Tensor) -> torch.Tensor:
+        """(R, H*W) cell scores -> (R, T) terminal scores, each the mean of the cells its rectangle covers."""
+        return cell_scores @ self.cell_weights.to(cell_scores.dtype).T
+
+    def forward(self, terminal_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if terminal_scores.ndim != 2 or terminal_scores.shape[1] != self.grammar.num_terminals:
+            raise ValueError(f"AOGParsing over a {self.grammar.height}x{self.grammar.width} grid needs (rows, "
+                             f"{self.grammar.num_terminals}) terminal scores; got {tuple(terminal_scores.shape)}.")
+        root, choices = _GrammarDP.apply(terminal_scores, self, self.or_mode == "max")
+        return root, choices
+
+    def bottom_up(self, terminal_scores: torch.Tensor, maximise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The DP without autograd: root scores (R,) and OR choices (R, num_or) uint8 (the best child, also when
+        folding). Buffers are written in place level by level: no graph, no copies of the whole node table."""
+        rows = len(terminal_scores)
+        or_scores = terminal_scores.new_empty(rows, self.grammar.num_or)
+        and_scores = terminal_scores.new_empty(rows, max(self.grammar.num_and, 1))
+        choices = torch.zeros(rows, self.grammar.num_or, dtype=torch.uint8, device=terminal_scores.device)
+        weight = self.and_left_weight.to(terminal_scores.dtype)
+        for (o0, o1, a0, a1), width in zip(self.level_ranges, self.level_width):  # area levels, not nodes
+            if a1 == a0:  # single cells: the terminal is the only child
+                or_scores[:, o0:o1] = terminal_scores[:, o0:o1]
+                continue
+            left = or_scores.index_select(1, self.and_left[a0:a1])  # (R, m)
+            right = or_scores.index_select(1, self.and_right[a0:a1])
+            and_scores[:, a0:a1] = weight[a0:a1] * left + (1 - weight[a0:a1]) * right
+            children = self.or_and_children[o0:o1, :width]  # (n, k), -1 = none
+            candidates = torch.cat([terminal_scores[:, o0:o1, None], and_scores[:, children.clamp(min=0)]], -1)
+            valid = torch.cat([children.new_ones(o1 - o0, 1, dtype=torch.bool), children >= 0], -1)  # (n, 1 + k)
+            best, choice = candidates.masked_fill(~valid, float("-inf")).max(-1)  # (R, n)
+            or_scores[:, o0:o1] = best if maximise else (candidates * valid).sum(-1) / valid.sum(-1)
+            choices[:, o0:o1] = choice.to(torch.uint8)
+        return or_scores[:, self.grammar.root].clone(), choices
+
+    def top_down_gradient(self, grad_root: torch.Tensor, choices: torch.Tensor, maximise: bool) -> torch.Tensor:
+        """d(root)/d(terminals) times grad_root: (R,) -> (R, T). OR passes its gradient to its chosen child (max) or
+        shares it equally (mean); AND passes it to its children in proportion to their areas."""
+        rows = len(grad_root)
+        grad_or = grad_root.new_zeros(rows, self.grammar.num_or)
+        grad_or[:, self.grammar.root] = grad_root
+        grad_and = grad_root.new_zeros(rows, max(self.grammar.num_and, 1))
+        grad_terminal = grad_root.new_zeros(rows, self.grammar.num_terminals)
+        weight = self.and_left_weight.to(grad_root.dtype)
+        for (o0, o1, a0, a1), width in zip(reversed(self.level_ranges), reversed(self.level_width)):
+            g = grad_or[:, o0:o1]  # (R, n): complete, every parent sits on a larger level
+            if a1 == a0:
+                grad_terminal[:, o0:o1] = g
+                continue
+            children = self.or_and_children[o0:o1, :width]  # (n, k)
+            valid = children >= 0
+            if maximise:
+                chosen = choices[:, o0:o1].long()  # (R, n)
+                grad_terminal[:, o0:o1] = g * (chosen == 0)
+                to_and = g * (chosen > 0)
+                and_ids = children[torch.arange(o1 - o0, device=g.device), (chosen - 1).clamp(min=0)]  # (R, n)
+                grad_and.scatter_add_(1, and_ids.clamp(min=0), to_and)  # each AND has one parent: no collisions
+            else:
+                share = g / (valid.sum(-1) + 1)  # (R, n)
+                grad_terminal[:, o0:o1] = share
+                contributions = (share[:, :, None] * valid).flatten(1)  # (R, n*k)
+                grad_and.scatter_add_(1, children.clamp(min=0).flatten()[None].expand(rows, -1), contributions)
+            g_and = grad_and[:, a0:a1]  # (R, m)
+            grad_or.index_add_(1, self.and_left[a0:a1], weight[a0:a1] * g_and)
+            grad_or.index_add_(1, self.and_right[a0:a1], (1 - weight[a0:a1]) * g_and)
+        return grad_terminal
+
+    def parse_leaves(self, choices: torch.Tensor) -> torch.Tensor:
+        """(R, num_or) OR choices -> (R, T) bool: the terminals of each row's parse tree (a partition of the grid).
+
+        Top-down from the root: an OR follows its chosen child; an AND activates both OR children. Loops over area
+        levels (largest first), vectorised over rows."""
+        rows = len(choices)
+        active = torch.zeros(rows, self.grammar.num_or, dtype=torch.bool, device=choices.device)
+        active[:, self.grammar.root] = True
+        leaves = torch.zeros_like(active)
+        choices = choices.long()
+        for o0, o1, _, _ in reversed(self.level_ranges):
+            chosen = choices[:, o0:o1]  # (R, n)
+            here = active[:, o0:o1]
+            leaves[:, o0:o1] = here & (chosen == 0)
+            row, col = (here & (chosen > 0)).nonzero(as_tuple=True)
+            and_ids = self.or_and_children[o0 + col, chosen[row, col] - 1]
+            active[row, self.and_left[and_ids]] = True
+            active[row, self.and_right[and_ids]] = True
+        return leaves
+
+    def leaf_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Every terminal's rectangle inside each box: boxes (D, 4) xyxy -> (D, T, 4) xyxy."""
+        rects = self.rects.to(boxes.dtype)
+        size = torch.tensor([self.grammar.width, self.grammar.height], dtype=boxes.dtype, device=boxes.device)
+        start = rects[:, [1, 0]] / size  # (T, 2) x, y fractions
+        end = (rects[:, [1, 0]] + rects[:, [3, 2]]) / size
+        origin, extent = boxes[:, None, :2], (boxes[:, 2:] - boxes[:, :2])[:, None]  # (D, 1, 2)
+        return torch.cat([origin + start * extent, origin + end * extent], -1)
+
+    def uniform_leaves(self) -> torch.Tensor:
+        """(T,) bool: the fixed partition into single cells (what R-FCN's vote looks at)."""
+        return self.area == 1
+
+    def whole_box_leaves(self) -> torch.Tensor:
+        """(T,) bool: the one-leaf partition (the box itself)."""
+        return self.area == self.grammar.height * self.grammar.width
+
+
+class _GrammarDP(torch.autograd.Function):
+    """AOGParsing as one autograd node: bottom-up DP forward, top-down gradient backward (both level by level on
+    preallocated buffers; autograd through per-level in-place writes would copy the whole node table per level)."""
+
+    @staticmethod
+    def forward(ctx: Any, terminal_scores: torch.Tensor, parser: AOGParsing, maximise: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        root, choices = parser.bottom_up(terminal_scores.detach(), maximise)
+        ctx.parser, ctx.maximise = parser, maximise
+        ctx.save_for_backward(choices)
+        ctx.mark_non_differentiable(choices)
+        return root, choices
+
+    @staticmethod
+    def backward(ctx: Any, grad_root: torch.Tensor, _grad_choices: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (choices,) = ctx.saved_tensors
+        return ctx.parser.top_down_gradient(grad_root, choices, ctx.maximise), None, None
+
+
+# ------------------------------------------------------------------------------------------- RoI heads (pluggable)
+def infer_scale(feature: torch.Tensor, image_shapes: list[tuple[int, int]]) -> float:
+    """Feature-to-image scale as a power of two (torchvision's MultiScaleRoIAlign convention)."""
+    largest = max(max(s) for s in image_shapes)
+    return 2.0 ** round(math.log2(feature.shape[-1] / largest)) if feature.shape[-1] < largest else 1.0
+
+
+def rois_with_batch_index(proposals: list[torch.Tensor]) -> torch.Tensor:
+    """(K, 5) rows (image index, x1, y1, x2, y2) for torchvision.ops pooling."""
+    index = torch.cat([torch.full((len(p), 1), i, dtype=p.dtype, device=p.device) for i, p in enumerate(proposals)])
+    return torch.cat([index, torch.cat(proposals)], 1)
+
+
+class PositionSensitivePool(nn.Module):
+    """The box_roi_pool replacement: 1x1 convs to position-sensitive maps, pooled per RoI.
+
+    Returns {"terminal_scores": (K, C+1, T) (or (K, C+1, H*W) cell scores for `terminal_maps="cells"`),
+    "box_regression": (K, 4)} (class-agnostic box deltas, voted over the H x W cells as in R-FCN).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, grammar: GridGrammar, terminal_maps: str = "terminals",
+                 feature_key: str = "0", sampling_ratio: int = 2) -> None:
+        super().__init__()
+        if terminal_maps not in TERMINAL_MAPS:
+            raise ValueError(f"terminal_maps must be one of {TERMINAL_MAPS}; got {terminal_maps!r}.")
+        self.grammar, self.terminal_maps, self.num_classes = grammar, terminal_maps, num_classes
+        self.feature_key, self.sampling_ratio = feature_key, sampling_ratio
+        groups = grammar.num_terminals if terminal_maps == "terminals" else grammar.height * grammar.width
+        self.score_maps = nn.Conv2d(in_channels, num_classes * groups, 1)
+        self.box_maps = nn.Conv2d(in_channels, 4 * grammar.height * grammar.width, 1)
+        self.register_buffer("rects", torch.tensor(grammar.rects, dtype=torch.float32), persistent=False)
+
+    def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        feature = features[self.feature_key]
+        scale = infer_scale(feature, image_shapes)
+        rois = rois_with_batch_index(proposals).float()  # (K, 5)
+        grid = (self.grammar.height, self.grammar.width)
+        # pooling in float32: ps_roi_align has no bf16 CPU kernel, and integral images need the precision
+        box = ps_roi_align(self.box_maps(feature).float(), rois, grid, scale, self.sampling_ratio).mean((2, 3))
+        maps = self.score_maps(feature).float()
+        if self.terminal_maps == "cells":
+            cells = ps_roi_align(maps, rois, grid, scale, self.sampling_ratio)  # (K, C+1, H, W)
+            return {"terminal_scores": cells.flatten(2), "box_regression": box}
+        return {"terminal_scores": self._pool_terminals(maps, rois, scale), "box_regression": box}
+
+    def _pool_terminals(self, maps: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
+        """Terminal t's own (C+1) maps averaged over its sub-box of each RoI: (K, C+1, T).
+
+        Box means come from an integral image of every terminal's maps (four row lookups per RoI and terminal,
+        whatever the box size): the sub-box is widened to the feature cells it touches, at least one."""
+        n, _, fh, fw = maps.shape
+        terminals, classes = self.grammar.num_terminals, self.num_classes
+        integral = maps.reshape(n, terminals, classes, fh, fw).cumsum(-1).cumsum(-2)
+        integral = F.pad(integral, (1, 0, 1, 0)).permute(0, 1, 3, 4, 2).reshape(-1, classes)  # (n*T*(fh+1)*(fw+1), C+1)
+        top, left, height, width = self.rects.to(rois.dtype).unbind(1)  # (T,)
+        x1, y1, x2, y2 = (rois[:, i:i + 1] * scale for i in range(1, 5))  # (K, 1) in feature cells
+        bw, bh = (x2 - x1) / self.grammar.width, (y2 - y1) / self.grammar.height
+        cx1 = (x1 + left * bw).floor().clamp(0, fw - 1)  # (K, T)
+        cy1 = (y1 + top * bh).floor().clamp(0, fh - 1)
+        cx2 = torch.maximum((x1 + (left + width) * bw).ceil().clamp(max=fw), cx1 + 1)
+        cy2 = torch.maximum((y1 + (top + height) * bh).ceil().clamp(max=fh), cy1 + 1)
+        base = (rois[:, :1].long() * terminals + torch.arange(terminals, device=rois.device)) * (fh + 1)  # (K, T)
+
+        def rows(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            return integral.index_select(0, ((base + y.long()) * (fw + 1) + x.long()).flatten())  # (K*T, C+1)
+
+        total = rows(cy2, cx2) - rows(cy1, cx2) - rows(cy2, cx1) + rows(cy1, cx1)
+        mean = total / ((cy2 - cy1) * (cx2 - cx1)).flatten()[:, None]
+        return mean.reshape(len(rois), terminals, classes).transpose(1, 2)
+
+
+class AOGParsingHead(nn.Module):
+    """box_head: root OR score per class from AOGParsing over the pooled terminal scores."""
+
+    def __init__(self, grammar: GridGrammar, or_mode: str = "mean", terminal_maps: str = "terminals") -> None:
+        super().__init__()
+        self.parser = AOGParsing(grammar, or_mode)
+        self.terminal_maps = terminal_maps
+
+    def forward(self, pooled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        scores = pooled["terminal_scores"]
+        k, classes = scores.shape[:2]
+        flat = scores.flatten(0, 1)  # (K*(C+1), T or H*W)
+        if self.terminal_maps == "cells":
+            flat = self.parser.terminal_from_cells(flat)
+        root, choices = self.parser(flat)
+        return {"class_logits": root.reshape(k, classes), "box_regression": pooled["box_regression"],
+                "or_choices": choices.reshape(k, classes, -1)}
+
+
+class AverageVoteHead(nn.Module):
+    """box_head of R-FCN: the class score is the mean of the H x W position-sensitive cell scores."""
+
+    def forward(self, pooled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"class_logits": pooled["terminal_scores"].mean(-1), "box_regression": pooled["box_regression"]}
+
+
+class VotePredictor(nn.Module):
+    """box_predictor of the position-sensitive heads: no parameters; class-agnostic deltas repeated per class."""
+
+    def forward(self, head_out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head_out["class_logits"]
+        return logits, head_out["box_regression"].repeat(1, logits.shape[1])  # (K, 4 (C+1))
+
+
+class ParsingRoIHeads(RoIHeads):
+    """torchvision's RoIHeads (boxes only) that keeps each detection's proposal, so its parse tree survives
+    post-processing: every result gets "parse_leaves" (D, T) bool when the head parses."""
+
+    def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]], targets: list[dict[str, torch.Tensor]] | None = None
+                ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        if self.training:
+            proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+        head_out = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(head_out)
+        if self.training:
+            loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+            return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+        choices = head_out.get("or_choices") if isinstance(head_out, dict) else None
+        return self._detections(class_logits, box_regression, proposals, image_shapes, choices), {}
+
+    def _detections(self, class_logits: torch.Tensor, box_regression: torch.Tensor, proposals: list[torch.Tensor],
+                    image_shapes: list[tuple[int, int]], choices: torch.Tensor | None) -> list[dict[str, torch.Tensor]]:
+        """torchvision's postprocess_detections with the (proposal, class) of each kept detection tracked."""
+        num_classes = class_logits.shape[-1]
+        counts = [len(p) for p in proposals]
+        pred_boxes = self.box_coder.decode(box_regression, proposals).split(counts)
+        pred_scores = F.softmax(class_logits, -1).split(counts)
+        offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
+        results = []
+        for i, (boxes, scores, shape) in enumerate(zip(pred_boxes, pred_scores, image_shapes)):  # per image
+            boxes = box_ops.clip_boxes_to_image(boxes, shape)[:, 1:].reshape(-1, 4)
+            labels = torch.arange(1, num_classes, device=boxes.device).repeat(len(scores))
+            proposal = torch.arange(len(scores), device=boxes.device).repeat_interleave(num_classes - 1)
+            scores = scores[:, 1:].reshape(-1)
+            keep = torch.where(scores > self.score_thresh)[0]
+            keep = keep[box_ops.remove_small_boxes(boxes[keep], min_size=1e-2)]
+            keep = keep[box_ops.batched_nms(boxes[keep], scores[keep], labels[keep], self.nms_thresh)]
+            keep = keep[: self.detections_per_img]
+            result = {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+            if choices is not None:
+                chosen = choices[offsets[i] + proposal[keep], labels[keep]]  # (D, num_or)
+                result["parse_leaves"] = self.box_head.parser.parse_leaves(chosen)
+            results.append(result)
+        return results
+
+
+# ----------------------------------------------------------------------------------------------------- detector
+class DetectionBackbone(nn.Module):
+    """A zoo Backbone's top map as torchvision's detection backbone (OrderedDict {"0": map}, `out_channels`)."""
+
+    def __init__(self, name: str, in_chans: int, out_index: int, pretrained_path: str | None) -> None:
+        super().__init__()
+        self.body = Backbone(name, in_chans=in_chans, out_indices=(out_index,), pretrained_path=pretrained_path)
+        self.out_channels = self.body.num_features
+        self.reduction = self.body.reductions[-1]
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return OrderedDict([("0", self.body(x)[-1])])
+
+
+class AOGRCNN(FasterRCNN):
+    """torchvision FasterRCNN whose RoI head is `head` ("aog", "vote" or "mlp"); forward as FasterRCNN's
+    (train: dict of losses; eval: per image {"boxes", "labels", "scores"} and, for "aog", "parse_leaves").
+
+    `num_classes` counts object classes; the background class is added here (labels 1..num_classes)."""
+
+    def __init__(self, *, num_classes: int, head: str = "aog", backbone: str = TINY_CNN, in_chans: int = 3,
+                 backbone_index: int = -1, pretrained_path: str | None = None, image_size: int = 128,
+                 grid: tuple[int, int] = (3, 3), or_mode: str = "mean", terminal_maps: str = "terminals",
+                 anchor_sizes: tuple[int, ...] = (16, 32, 64), aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
+                 rpn_pre_nms_top_n: int = 300, rpn_post_nms_top_n: int = 150, box_batch_size_per_image: int = 128,
+                 box_detections_per_img: int = 50, representation_size: int = 256) -> None:
+        if head not in ("aog", "vote", "mlp"):
+            raise ValueError(f"head must be 'aog', 'vote' or 'mlp'; got {head!r}.")
+        body = DetectionBackbone(backbone, in_chans, backbone_index, pretrained_path)
+        classes = num_classes + 1
+        grammar = GridGrammar(*grid)
+        if head == "mlp":
+            pool = MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2)
+            box_head = TwoMLPHead(body.out_channels * 49, representation_size)
+            predictor = FastRCNNPredictor(representation_size, classes)
+        else:
+            maps = terminal_maps if head == "aog" else "cells"
+            pool = PositionSensitivePool(body.out_channels, classes, grammar, maps)
+            box_head = AOGParsingHead(grammar, or_mode, maps) if head == "aog" else AverageVoteHead()
+            predictor = VotePredictor()
+        anchors = AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),))
+        super().__init__(body, num_classes=None, min_size=image_size, max_size=image_size,
+                         image_mean=[0.5] * in_chans, image_std=[0.25] * in_chans, rpn_anchor_generator=anchors,
+                         rpn_pre_nms_top_n_train=2 * rpn_pre_nms_top_n, rpn_pre_nms_top_n_test=rpn_pre_nms_top_n,
+                         rpn_post_nms_top_n_train=2 * rpn_post_nms_top_n, rpn_post_nms_top_n_test=rpn_post_nms_top_n,
+                         # placeholders: torchvision type-checks box_roi_pool; the real heads are set below
+                         box_roi_pool=MultiScaleRoIAlign(["0"], 1, 1), box_head=nn.Identity(),
+                         box_predictor=nn.Identity())
+        self.roi_heads = ParsingRoIHeads(pool, box_head, predictor, 0.5, 0.5, box_batch_size_per_image, 0.25, None,
+                                         0.05, 0.5, box_detections_per_img)
+        self.num_classes, self.head_type, self.in_chans = num_classes, head, in_chans
+        self.grammar = grammar
+
+    def grammar_size(self) -> tuple[int, int]:
+        return self.grammar.height, self.grammar.width
+
+    @property
+    def parser(self) -> AOGParsing | None:
+        """The AOGParsing operator (None for the baselines)."""
+        head = self.roi_heads.box_head
+        return head.parser if isinstance(head, AOGParsingHead) else None
+
+    def set_or_mode(self, mode: str) -> None:
+        """Folding ("mean") or unfolding ("max"); a no-op for the baselines."""
+        if self.parser is not None:
+            self.parser.or_mode = mode
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
+        if not isinstance(images, (list, tuple)):
+            raise TypeError(f"{type(self).__name__} expects a list of ({self.in_chans}, H, W) float images (torchvision "
+                            f"detection input); got {type(images).__name__}.")
+        bad = [f"{tuple(im.shape)} {im.dtype}" for im in images
+               if im.ndim != 3 or im.shape[0] != self.in_chans or not im.is_floating_point()]
+        if bad:
+            raise ValueError(f"{type(self).__name__} expects a list of ({self.in_chans}, H, W) float images; got "
+                             f"{bad[:4]}.")
+        if targets is not None:
+            for i, target in enumerate(targets):
+                labels = target.get("labels")
+                if labels is not None and len(labels) and (labels.min() < 1 or labels.max() > self.num_classes):
+                    raise ValueError(f"Target {i}: labels span [{labels.min()}, {labels.max()}], outside "
+                                     f"[1, {self.num_classes}] (0 is the background).")
+        return super().forward(images, targets)
+
+
+def _create_detector(head: str, backbone: str, **kwargs: Any) -> AOGRCNN:
+    if backbone != TINY_CNN:
+        kwargs.setdefault("backbone_index", 3)  # stride-16 stage, as R-FCN on conv4
+        kwargs.setdefault("anchor_sizes", (32, 64, 128))
+    return AOGRCNN(head=head, backbone=backbone, **kwargs)
+
+
+@register_model
+@input_size_aware
+def aog_rcnn_tinycnn(num_classes: int = 4, **kwargs: Any) -> AOGRCNN:
+    """AOG-parsed R-CNN (Wu et al. 2017): 3x3 grid grammar replacing RoI pooling, tiny CNN backbone."""
+    return _create_detector("aog", TINY_CNN, num_classes=num_classes, **kwargs)
+
+
+@register_model
+@input_size_aware
+def aog_rcnn_resnet18(num_classes: int = 20, **kwargs: Any) -> AOGRCNN:
+    """AOG-parsed R-CNN on timm resnet18 (stride-16 features)."""
+    return _create_detector("aog", "resnet18", num_classes=num_classes, **kwargs)
+
+
+@register_model
+@input_size_aware
+def vote_rcnn_tinycnn(num_classes: int = 4, **kwargs: Any) -> AOGRCNN:
+    """Opaque twin: R-FCN average vote over 3x3 position-sensitive cells, tiny CNN backbone."""
+    return _create_detector("vote", TINY_CNN, num_classes=num_classes, **kwargs)
+
+
+@register_model
+@input_size_aware
+def vote_rcnn_resnet18(num_classes: int = 20, **kwargs: Any) -> AOGRCNN:
+    """Opaque twin: R-FCN average vote on timm resnet18."""
+    return _create_detector("vote", "resnet18", num_classes=num_classes, **kwargs)
+
+
+@register_model
+@input_size_aware
+def faster_rcnn_tinycnn(num_classes: int = 4, **kwargs: Any) -> AOGRCNN:
+    """Opaque baseline: torchvision Faster R-CNN head (RoIAlign 7x7 + TwoMLPHead), tiny CNN backbone."""
+    return _create_detector("mlp", TINY_CNN, num_classes=num_classes, **kwargs)
+
+
+@register_model
+@input_size_aware
+def faster_rcnn_resnet18(num_classes: int = 20, **kwargs: Any) -> AOGRCNN:
+    """Opaque baseline: torchvision Faster R-CNN head on timm resnet18."""
+    return _create_detector("mlp", "resnet18", num_classes=num_classes, **kwargs)
