@@ -180,58 +180,60 @@ class AOGParsing(nn.Module):
 
     def bottom_up(self, terminal_scores: torch.Tensor, maximise: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The DP without autograd: root scores (R,) and OR choices (R, num_or) uint8 (the best child, also when
-        folding). Buffers are written in place level by level: no graph, no copies of the whole node table."""
-        rows = len(terminal_scores)
-        or_scores = terminal_scores.new_empty(rows, self.grammar.num_or)
-        and_scores = terminal_scores.new_empty(rows, max(self.grammar.num_and, 1))
-        choices = torch.zeros(rows, self.grammar.num_or, dtype=torch.uint8, device=terminal_scores.device)
-        weight = self.and_left_weight.to(terminal_scores.dtype)
+        folding). Node-major buffers (nodes, R) are written in place level by level: whole rows are gathered, and
+        no graph or copy of the node table is made per level."""
+        terminals = terminal_scores.T.contiguous()  # (T, R)
+        rows = terminals.shape[1]
+        or_scores = terminals.new_empty(self.grammar.num_or, rows)
+        and_scores = terminals.new_empty(max(self.grammar.num_and, 1), rows)
+        choices = torch.zeros(self.grammar.num_or, rows, dtype=torch.uint8, device=terminals.device)
+        weight = self.and_left_weight.to(terminals.dtype)[:, None]  # (A, 1)
         for (o0, o1, a0, a1), width in zip(self.level_ranges, self.level_width):  # area levels, not nodes
             if a1 == a0:  # single cells: the terminal is the only child
-                or_scores[:, o0:o1] = terminal_scores[:, o0:o1]
+                or_scores[o0:o1] = terminals[o0:o1]
                 continue
-            left = or_scores.index_select(1, self.and_left[a0:a1])  # (R, m)
-            right = or_scores.index_select(1, self.and_right[a0:a1])
-            and_scores[:, a0:a1] = weight[a0:a1] * left + (1 - weight[a0:a1]) * right
+            left = or_scores.index_select(0, self.and_left[a0:a1])  # (m, R)
+            right = or_scores.index_select(0, self.and_right[a0:a1])
+            torch.lerp(right, left, weight[a0:a1], out=and_scores[a0:a1])  # w * left + (1 - w) * right
             children = self.or_and_children[o0:o1, :width]  # (n, k), -1 = none
-            candidates = torch.cat([terminal_scores[:, o0:o1, None], and_scores[:, children.clamp(min=0)]], -1)
-            valid = torch.cat([children.new_ones(o1 - o0, 1, dtype=torch.bool), children >= 0], -1)  # (n, 1 + k)
-            best, choice = candidates.masked_fill(~valid, float("-inf")).max(-1)  # (R, n)
-            or_scores[:, o0:o1] = best if maximise else (candidates * valid).sum(-1) / valid.sum(-1)
-            choices[:, o0:o1] = choice.to(torch.uint8)
-        return or_scores[:, self.grammar.root].clone(), choices
+            candidates = torch.cat([terminals[o0:o1, None], and_scores[children.clamp(min=0)]], 1)  # (n, 1+k, R)
+            valid = torch.cat([children.new_ones(o1 - o0, 1, dtype=torch.bool), children >= 0], 1)[..., None]
+            best, choice = candidates.masked_fill(~valid, float("-inf")).max(1)  # (n, R)
+            or_scores[o0:o1] = best if maximise else (candidates * valid).sum(1) / valid.sum(1)
+            choices[o0:o1] = choice.to(torch.uint8)
+        return or_scores[self.grammar.root].clone(), choices.T
 
     def top_down_gradient(self, grad_root: torch.Tensor, choices: torch.Tensor, maximise: bool) -> torch.Tensor:
         """d(root)/d(terminals) times grad_root: (R,) -> (R, T). OR passes its gradient to its chosen child (max) or
         shares it equally (mean); AND passes it to its children in proportion to their areas."""
         rows = len(grad_root)
-        grad_or = grad_root.new_zeros(rows, self.grammar.num_or)
-        grad_or[:, self.grammar.root] = grad_root
-        grad_and = grad_root.new_zeros(rows, max(self.grammar.num_and, 1))
-        grad_terminal = grad_root.new_zeros(rows, self.grammar.num_terminals)
-        weight = self.and_left_weight.to(grad_root.dtype)
+        choices = choices.T  # (num_or, R)
+        grad_or = grad_root.new_zeros(self.grammar.num_or, rows)
+        grad_or[self.grammar.root] = grad_root
+        grad_and = grad_root.new_zeros(max(self.grammar.num_and, 1), rows)
+        grad_terminal = grad_root.new_zeros(self.grammar.num_terminals, rows)
+        weight = self.and_left_weight.to(grad_root.dtype)[:, None]
         for (o0, o1, a0, a1), width in zip(reversed(self.level_ranges), reversed(self.level_width)):
-            g = grad_or[:, o0:o1]  # (R, n): complete, every parent sits on a larger level
+            g = grad_or[o0:o1]  # (n, R): complete, every parent sits on a larger level
             if a1 == a0:
-                grad_terminal[:, o0:o1] = g
+                grad_terminal[o0:o1] = g
                 continue
             children = self.or_and_children[o0:o1, :width]  # (n, k)
             valid = children >= 0
             if maximise:
-                chosen = choices[:, o0:o1].long()  # (R, n)
-                grad_terminal[:, o0:o1] = g * (chosen == 0)
-                to_and = g * (chosen > 0)
-                and_ids = children[torch.arange(o1 - o0, device=g.device), (chosen - 1).clamp(min=0)]  # (R, n)
-                grad_and.scatter_add_(1, and_ids.clamp(min=0), to_and)  # each AND has one parent: no collisions
+                chosen = choices[o0:o1].long()  # (n, R)
+                grad_terminal[o0:o1] = g * (chosen == 0)
+                and_ids = children.gather(1, (chosen - 1).clamp(min=0))  # (n, R) the chosen AND of each OR
+                grad_and.scatter_add_(0, and_ids.clamp(min=0), g * (chosen > 0))  # each AND has one parent
             else:
-                share = g / (valid.sum(-1) + 1)  # (R, n)
-                grad_terminal[:, o0:o1] = share
-                contributions = (share[:, :, None] * valid).flatten(1)  # (R, n*k)
-                grad_and.scatter_add_(1, children.clamp(min=0).flatten()[None].expand(rows, -1), contributions)
-            g_and = grad_and[:, a0:a1]  # (R, m)
-            grad_or.index_add_(1, self.and_left[a0:a1], weight[a0:a1] * g_and)
-            grad_or.index_add_(1, self.and_right[a0:a1], (1 - weight[a0:a1]) * g_and)
-        return grad_terminal
+                share = g / (valid.sum(1, keepdim=True) + 1)  # (n, R)
+                grad_terminal[o0:o1] = share
+                index = children.clamp(min=0).flatten()  # (n*k,)
+                grad_and.index_add_(0, index, (share[:, None] * valid[..., None]).flatten(0, 1))
+            g_and = grad_and[a0:a1]  # (m, R)
+            grad_or.index_add_(0, self.and_left[a0:a1], weight[a0:a1] * g_and)
+            grad_or.index_add_(0, self.and_right[a0:a1], (1 - weight[a0:a1]) * g_and)
+        return grad_terminal.T
 
     def parse_leaves(self, choices: torch.Tensor) -> torch.Tensor:
         """(R, num_or) OR choices -> (R, T) bool: the terminals of each row's parse tree (a partition of the grid).
