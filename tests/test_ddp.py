@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import DDPStrategy
@@ -136,3 +138,62 @@ def test_renn_stages_train_under_ddp(tmp_path: Path) -> None:
     )
     trainer.fit(system, datamodule=data)
     assert {"val/acc", "val/rule_recall", "val/rule_precision"} <= set(trainer.callback_metrics)
+
+
+class SaveDetections(pl.Callback):
+    """Each rank writes its validation detections (with leaf boxes of every partition) and targets."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.rows: list[dict[str, Any]] = []
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.rows = []
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        detections = pl_module.model(batch["images"])
+        for found, target in zip(detections, batch["targets"]):
+            partitions = {p: pl_module._with_leaves(found, p) for p in pl_module.partitions}
+            self.rows.append({"target": target, "partitions": partitions})
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.save(self.rows, self.folder / f"detections{trainer.global_rank}.pt")
+
+
+def test_two_process_ddp_detection_metrics_equal_gathered(tmp_path: Path) -> None:
+    from torchmetrics.detection import MeanAveragePrecision
+
+    from datamodules import PartsWorldScenesDataModule
+    from metrics.detection import ParsePartIoU
+    from zoo.systems import DetectionSystem
+
+    pl.seed_everything(0)
+    data = PartsWorldScenesDataModule(num_train=8, num_val=8, num_test=4, canvas_size=96, object_sizes=(32, 48),
+                                      batch_size=4)
+    # The DDP training path runs (forward, backward, gradient all-reduce) at learning rate 0, so the weights stay at
+    # their initialisation, where keeping every (proposal, class) detection leaves some on the objects: every
+    # metric compared below is non-zero.
+    system = DetectionSystem("aog_rcnn_tinycnn", num_classes=data.num_classes, image_size=96,
+                             model_kwargs={"box_detections_per_img": 1000},
+                             optimizer=functools.partial(torch.optim.SGD, lr=0.0))
+    trainer = pl.Trainer(
+        strategy=DDPStrategy(start_method="spawn"), accelerator="cpu", devices=2, max_epochs=1,
+        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[SaveDetections(tmp_path)],
+    )
+    trainer.fit(system, datamodule=data)
+    rows = [row for r in (0, 1) for row in torch.load(tmp_path / f"detections{r}.pt", weights_only=False)]
+    assert sorted(int(row["target"]["index"]) for row in rows) == list(range(8))  # both halves, once each
+    average_precision = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+    average_precision.update([{k: row["partitions"]["parse"][k] for k in ("boxes", "scores", "labels")}
+                              for row in rows], [row["target"] for row in rows])
+    assert average_precision.compute()["map_50"] > 0
+    assert trainer.callback_metrics["val/map_50"].item() == pytest.approx(
+        average_precision.compute()["map_50"].item(), abs=1e-6)
+    for partition in system.partitions:
+        metric = ParsePartIoU()
+        metric.update([row["partitions"][partition] for row in rows], [row["target"] for row in rows])
+        assert metric.compute()["matched"] > 0
+        assert trainer.callback_metrics[f"val/{partition}_part_iou"].item() == pytest.approx(
+            metric.compute()["part_iou"].item(), abs=1e-6)
