@@ -43,7 +43,8 @@ def match_detections(pred_boxes: torch.Tensor, pred_scores: torch.Tensor, pred_l
 class ParsePartIoU(Metric):
     """update(preds, targets): preds per image {"boxes", "scores", "labels", "leaf_boxes" (D, L, 4), "leaf_mask"
     (D, L) bool}; targets per image {"boxes", "labels", "part_boxes" (G, P, 4)}. compute() -> dict of
-    part_iou, part_recall, leaf_precision, matched (fraction of objects with a matching detection)."""
+    part_iou, part_recall, leaf_precision, leaves (mean leaves per matched detection) and matched (fraction of
+    objects with a matching detection)."""
 
     higher_is_better = True
     full_state_update = False
@@ -51,7 +52,7 @@ class ParsePartIoU(Metric):
     def __init__(self, match_iou: float = 0.5, **kwargs) -> None:
         super().__init__(**kwargs)
         self.match_iou = match_iou
-        for name in ("recall_sum", "precision_sum", "matched", "objects"):
+        for name in ("recall_sum", "precision_sum", "leaves_sum", "matched", "objects"):
             self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, preds: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]]) -> None:
@@ -69,10 +70,12 @@ class ParsePartIoU(Metric):
             precision = (iou.amax(1) * mask).sum(1) / mask.sum(1)  # (G',)
             self.recall_sum += recall.sum().double()
             self.precision_sum += precision.sum().double()
+            self.leaves_sum += mask.sum().double()
             self.matched += found.sum()
 
     def compute(self) -> dict[str, torch.Tensor]:
         count = self.matched.clamp(min=1)
         recall, precision = self.recall_sum / count, self.precision_sum / count
         return {"part_iou": ((recall + precision) / 2).float(), "part_recall": recall.float(),
-                "leaf_precision": precision.float(), "matched": (self.matched / self.objects.clamp(min=1)).float()}
+                "leaf_precision": precision.float(), "leaves": (self.leaves_sum / count).float(),
+                "matched": (self.matched / self.objects.clamp(min=1)).float()}

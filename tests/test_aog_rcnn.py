@@ -216,7 +216,7 @@ def test_parse_part_iou_on_hand_built_boxes() -> None:
     assert result["part_recall"].item() == pytest.approx(0.75)
     assert result["leaf_precision"].item() == pytest.approx(0.75)
     assert result["part_iou"].item() == pytest.approx(0.75)
-    assert result["matched"].item() == pytest.approx(0.5)
+    assert result["matched"].item() == pytest.approx(0.5) and result["leaves"].item() == 2
 
 
 # ----------------------------------------------------------------------------------------------------- the data

@@ -99,6 +99,29 @@ def batch_field(batch: dict[str, Any], key: str) -> Any:
     return value
 
 
+class EvaluationHooks:
+    """Lightning's validation/test hooks for Systems that score a batch with `_evaluate(batch, stage)` and log
+    epoch-level metrics with `_log_epoch_metrics(stage)` (selectors, explanation models, detectors)."""
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        raise NotImplementedError
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        raise NotImplementedError
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+
 class ClassificationSystem(pl.LightningModule):
     """Train any registered classifier with a named-terms loss, accuracy per stage, optimiser from the config.
 
@@ -245,7 +268,7 @@ class ClassificationSystem(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": config}
 
 
-class SelectorSystem(pl.LightningModule):
+class SelectorSystem(EvaluationHooks, pl.LightningModule):
     """Train an amortised feature selector (L2X, INVASE) to explain a frozen black box.
 
     Before the selector's first step the black box is loaded (`black_box_checkpoint`: a state dict, safetensors
@@ -401,25 +424,13 @@ class SelectorSystem(pl.LightningModule):
             self.metrics[f"{stage}_median_rank"].update(out["scores"], batch[self.relevant_key])
             self.metrics[f"{stage}_recovery"].update(out["selection"], batch[self.relevant_key])
 
-    def _log_ground_truth_metrics(self, stage: str) -> None:
+    def _log_epoch_metrics(self, stage: str) -> None:
         median_rank, recovery = self.metrics[f"{stage}_median_rank"], self.metrics[f"{stage}_recovery"]
         if median_rank.update_count:
             self.log(f"{stage}/median_rank", median_rank.compute())
             self.log_dict({f"{stage}/{k}": v for k, v in recovery.compute().items()})
         median_rank.reset()
         recovery.reset()
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_ground_truth_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_ground_truth_metrics("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         out = self.model(batch_field(batch, self.input_key))
@@ -533,7 +544,7 @@ class StagedSystem(ClassificationSystem):
         self._log_rule_firing("test")
 
 
-class ExplanationSystem(pl.LightningModule):
+class ExplanationSystem(EvaluationHooks, pl.LightningModule):
     """Train one variant of Hendricks et al.'s textual explanation model (`zoo.textual.VARIANTS`).
 
     Before the first step it prepares, unless loaded (`encoder_checkpoint`, `sentence_classifier_checkpoint`): the
@@ -710,7 +721,7 @@ class ExplanationSystem(pl.LightningModule):
             self.metrics[f"{stage}_attributes"].update(mentioned(generated), batch["part_types"],
                                                        batch["distractor_types"])
 
-    def _log_corpus_metrics(self, stage: str) -> None:
+    def _log_epoch_metrics(self, stage: str) -> None:
         cider, relevance, attributes = (self.metrics[f"{stage}_{k}"] for k in ("cider", "class", "attributes"))
         if cider.update_count:
             self.log(f"{stage}/cider_d", cider.compute())
@@ -720,23 +731,11 @@ class ExplanationSystem(pl.LightningModule):
         for metric in (cider, relevance, attributes):
             metric.reset()
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_corpus_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_corpus_metrics("test")
-
     def configure_optimizers(self) -> Any:
         return self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
 
 
-class DetectionSystem(pl.LightningModule):
+class DetectionSystem(EvaluationHooks, pl.LightningModule):
     """Train a torchvision-style detector from the registry (AOG-parsed R-CNN or its opaque baselines).
 
     The loss is torchvision's dict (RPN objectness and boxes, RoI classification and boxes), summed and logged per
@@ -856,18 +855,6 @@ class DetectionSystem(pl.LightningModule):
                 for name, value in metric.compute().items():
                     self.log(f"{stage}/{partition}_{name}", value, sync_dist=False)
                 metric.reset()
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_epoch_metrics("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch_metrics("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, torch.Tensor]]:
         images, _ = self._unpack(batch)
