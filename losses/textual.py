@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo._distributed import all_reduce_
+
 
 class RelevanceLoss(nn.Module):
     """{"loss_relevance": weight x CE(logits (B, L-1, V), tokens[:, 1:])}, padding (`pad`) ignored."""
@@ -30,7 +32,8 @@ class RelevanceLoss(nn.Module):
 
 class DiscriminativeLoss(nn.Module):
     """{"loss_discriminative": weight x mean over sentences of -(R - b) sum_t log p(w_t)}; b follows the batch mean
-    reward with `momentum` (updated in training mode only)."""
+    reward with `momentum` (updated in training mode only; under DDP the mean over every rank's batch, so all ranks
+    keep one baseline)."""
 
     def __init__(self, weight: float = 0.2, momentum: float = 0.9) -> None:
         super().__init__()
@@ -41,7 +44,8 @@ class DiscriminativeLoss(nn.Module):
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         reward = out["reward"].detach().float()  # (B,)
         if self.training:
-            mean = reward.mean()
+            totals = all_reduce_(torch.stack([reward.sum(), reward.new_tensor(len(reward))]))  # (sum, count)
+            mean = totals[0] / totals[1]
             self.baseline.copy_(torch.where(self.seen, self.momentum * self.baseline + (1 - self.momentum) * mean,
                                             mean))
             self.seen.fill_(True)

@@ -85,15 +85,17 @@ def strip(tokens: torch.Tensor, end_token: int, pad_token: int = 0, start_token:
 
 
 class _SentenceStore(Metric):
-    """Keeps candidates (N, L), references (N, R, L) and labels (N,) as tensors (cat across ranks)."""
+    """Keeps candidates (N, L), references (N, R, L) and labels (N,) as tensors (gathered across ranks)."""
 
     full_state_update = False
 
     def __init__(self, end_token: int, start_token: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.end_token, self.start_token = end_token, start_token
+        # No "cat" reduction across ranks: each rank pads its rows to its own width, so the gathered per-rank
+        # tensors stay a list and `_sentences` pads them to one width.
         for name in ("candidates", "references", "labels"):
-            self.add_state(name, default=[], dist_reduce_fx="cat")
+            self.add_state(name, default=[], dist_reduce_fx=None)
 
     def update(self, candidates: torch.Tensor, references: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         if candidates.ndim != 2 or references.ndim != 3 or len(candidates) != len(references):
@@ -106,7 +108,8 @@ class _SentenceStore(Metric):
                                                                          device=candidates.device))
 
     def _sentences(self) -> tuple[list[list[int]], list[list[list[int]]], torch.Tensor]:
-        def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+        def joined(parts: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+            parts = [parts] if isinstance(parts, torch.Tensor) else parts
             width = max(p.shape[-1] for p in parts)
             return dim_zero_cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in parts])
 

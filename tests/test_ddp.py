@@ -197,3 +197,61 @@ def test_two_process_ddp_detection_metrics_equal_gathered(tmp_path: Path) -> Non
         assert metric.compute()["matched"] > 0
         assert trainer.callback_metrics[f"val/{partition}_part_iou"].item() == pytest.approx(
             metric.compute()["part_iou"].item(), abs=1e-6)
+
+
+class SaveExplanations(pl.Callback):
+    """Each rank writes its validation sentences and references, its frozen modules and its REINFORCE baseline."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        self.baselines: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: dict[str, Any], batch_idx: int) -> None:
+        # read right after the step: DDP re-broadcasts rank 0's buffers before the next forward, hiding any drift
+        self.baselines.append(pl_module.discriminative.baseline.item())
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.rows = []
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        generated, _ = pl_module.model.explain(batch["image"], batch["label"], mode="greedy")
+        self.rows.append((generated, batch["captions"]))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.save({"sentences": [g for g, _ in self.rows], "captions": [c for _, c in self.rows],
+                    "encoder": pl_module.model.image_encoder.state_dict(),
+                    "sentence_classifier": pl_module.sentence_classifier.state_dict(),
+                    "baselines": torch.tensor(self.baselines)},
+                   self.folder / f"explanations{trainer.global_rank}.pt")
+
+
+def test_textual_explanations_share_frozen_modules_baseline_and_cider(tmp_path: Path) -> None:
+    from metrics.captions import CIDErD
+    from zoo.systems import ExplanationSystem
+
+    pl.seed_everything(0)
+    data = PartsWorldDataModule(num_train=64, num_val=32, num_test=16, batch_size=16)
+    system = ExplanationSystem(variant="explanation", num_classes=data.num_classes, discriminative_weight=0.2,
+                               encoder_epochs=1, sentence_classifier_epochs=1, hidden=64)
+    trainer = pl.Trainer(
+        strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=1, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, callbacks=[SaveExplanations(tmp_path)],
+    )
+    trainer.fit(system, datamodule=data)
+    ranks = [torch.load(tmp_path / f"explanations{r}.pt", weights_only=True) for r in (0, 1)]
+    for module in ("encoder", "sentence_classifier"):  # trained before the first step, then broadcast from rank 0
+        assert all(torch.equal(ranks[0][module][k], ranks[1][module][k]) for k in ranks[0][module]), module
+    baselines = ranks[0]["baselines"]  # after each step: the mean reward over every rank's batch, so one value
+    assert len(baselines) == 2 and ((baselines > 0) & (baselines < 1)).all()
+    assert torch.equal(baselines, ranks[1]["baselines"])
+    reference = CIDErD(end_token=2, start_token=1)
+    for rank in ranks:
+        for sentences, captions in zip(rank["sentences"], rank["captions"]):
+            reference.update(sentences, captions)
+    assert sum(len(s) for rank in ranks for s in rank["sentences"]) == 32
+    assert trainer.callback_metrics["val/cider_d"].item() == pytest.approx(reference.compute().item(), rel=1e-6)
