@@ -1,7 +1,7 @@
 """Cost of interpretability per family, measured in one run: train-step time and inference throughput of each
 interpretable model against its opaque twin / baselines, on the CPU or a GPU, fp32 or bf16 autocast.
 
-    python benchmarks/family_speed.py [--families icnn l2x renn] [--device cpu|cuda] [--bf16] [--rounds 5]
+    python benchmarks/family_speed.py [--families icnn l2x renn aog textual] [--device cpu|cuda] [--bf16] [--rounds 5]
 
 A train step is forward + loss + backward + optimiser step (+ ICNN's online statistics; + the frozen black box's
 forward for L2X). Inference is one forward pass in eval mode (for L2X: explaining a batch). Models of a family
@@ -11,7 +11,10 @@ A second table times explanations of the same switch samples: L2X's explainer (o
 Captum's IntegratedGradients, KernelShap and Lime on the black box (explanation time does not depend on how
 well either is trained; `benchmarks/l2x_race.py` scores their quality). For AOG R-CNN a train step is a detector
 step on 4 scenes (RPN + RoI losses), and a third table times the RoI heads alone (box_roi_pool + box_head +
-box_predictor, forward + backward, `--head_rois` RoIs, 21 classes) at 3x3 and 7x7. CPU figures are noisy: read
+box_predictor, forward + backward, `--head_rois` RoIs, 21 classes) at 3x3 and 7x7. For textual explanations a
+train step is the System's loss on 32 images with 18-token references (the frozen encoder's forward included) and
+inference is greedy decoding of 32 explanations; the reference is the description model (same captioner, no class
+input), and the plain classifier's row shows what explaining costs over classifying. CPU figures are noisy: read
 the ratios.
 """
 
@@ -33,6 +36,8 @@ import zoo  # noqa: E402
 from datamodules.l2x_synthetic import generate as l2x_data  # noqa: E402
 from datamodules.rule_series import generate as series_data  # noqa: E402
 from losses import ClassificationLoss, FilterPartLoss, L2XLoss, ReNNLoss  # noqa: E402
+from losses.textual import DiscriminativeLoss, RelevanceLoss  # noqa: E402
+from zoo.textual import ExplanationModel, SentenceClassifier  # noqa: E402
 
 Step = Callable[[], None]
 
@@ -118,7 +123,67 @@ def family_setups(family: str, device: torch.device) -> tuple[str, dict, str, di
         models = {name: (zoo.create_model(name, num_classes=4, image_size=128), DetectorLoss())
                   for name in ("aog_rcnn_tinycnn", "vote_rcnn_tinycnn", "faster_rcnn_tinycnn")}
         return "vote_rcnn_tinycnn", batch, "images", models, None
-    raise ValueError(f"Unknown family {family!r}; choose from icnn, l2x, renn, aog.")
+    if family == "textual":
+        images, labels = torch.rand(32, 3, 64, 64), torch.randint(0, 6, (32,))
+        captions = torch.randint(3, 25, (32, 18))
+        captions[:, 0], captions[:, 12:] = 1, 0  # <bos> ... 11 words, then padding
+        captions[:, 11] = 2  # <eos>
+        encoder = zoo.create_model("baseline_tinycnn", num_classes=6).eval()  # frozen, shared, as in the System
+        classifier = SentenceClassifier(25, 6).requires_grad_(False).eval()
+        models: dict[str, tuple[nn.Module, nn.Module]] = {
+            name: (ExplanationStep(ExplanationModel(encoder, encoder.backbone.num_features, 6, 25, variant=variant,
+                                                    max_len=18), classifier, labels, captions, weight),
+                   ExplanationLoss(weight))
+            for name, variant, weight in (("explanation (relevance + REINFORCE)", "explanation", 0.2),
+                                          ("explanation-label (relevance)", "explanation-label", 0.0),
+                                          ("description (captioner, no class)", "description", 0.0))}
+        models["classifier alone (baseline_tinycnn)"] = (zoo.create_model("baseline_tinycnn", num_classes=6),
+                                                         ClassificationLoss())
+        return "description (captioner, no class)", to({"image": images, "label": labels}, device), "image", \
+            models, None
+    raise ValueError(f"Unknown family {family!r}; choose from icnn, l2x, renn, aog, textual.")
+
+
+class ExplanationStep(nn.Module):
+    """A textual explanation model on a fixed batch: in training, teacher forcing on the first reference (plus, when
+    the discriminative weight is on, a sampled sentence and its reward from the frozen sentence classifier); in
+    eval, greedy decoding of the batch's explanations."""
+
+    def __init__(self, model: nn.Module, classifier: nn.Module, labels: torch.Tensor, captions: torch.Tensor,
+                 discriminative_weight: float) -> None:
+        super().__init__()
+        self.model, self.classifier, self.discriminative = model, classifier, discriminative_weight > 0
+        self.register_buffer("labels", labels)
+        self.register_buffer("captions", captions)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.training:
+            return {"sentences": self.model.explain(images, self.labels)[0]}
+        out = {**self.model(images, self.labels, self.captions), "tokens": self.captions}
+        if self.discriminative:
+            sampled, out["sample_log_probs"] = self.model.explain(images, self.labels, mode="sample")
+            with torch.no_grad():
+                probs = self.classifier(sampled)["logits"].float().softmax(-1)
+            out["reward"] = probs.gather(1, self.labels[:, None])[:, 0]
+        return out
+
+    def train(self, mode: bool = True) -> "ExplanationStep":
+        super().train(mode)
+        self.classifier.eval()
+        self.model.image_encoder.eval()  # frozen encoder, as ExplanationSystem keeps it
+        return self
+
+
+class ExplanationLoss(nn.Module):
+    """Relevance (teacher-forced CE) plus, with a weight, REINFORCE: the ExplanationSystem's training loss."""
+
+    def __init__(self, discriminative_weight: float) -> None:
+        super().__init__()
+        self.relevance, self.discriminative = RelevanceLoss(), DiscriminativeLoss(discriminative_weight)
+
+    def forward(self, out: dict, batch: dict) -> dict:
+        terms = self.relevance(out, out)
+        return terms | self.discriminative(out, batch) if "reward" in out else terms
 
 
 class DetectorLoss(nn.Module):
@@ -250,7 +315,7 @@ def explanation_speed(device: torch.device, rounds: int, samples: int = 256, per
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=["icnn", "l2x", "renn", "aog"])
+    parser.add_argument("--families", nargs="+", default=["icnn", "l2x", "renn", "aog", "textual"])
     parser.add_argument("--head_rois", type=int, default=512, help="RoIs in the AOG head timing")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")

@@ -7,10 +7,10 @@ def test_family_speed_benchmark_prints_every_family() -> None:
     from benchmarks.family_speed import main
 
     rows = main(["--rounds", "1", "--steps", "1", "--head_rois", "32"])
-    assert {r["family"] for r in rows} == {"icnn", "l2x", "renn", "aog", "l2x explanation", "aog head"}
-    steps = [r for r in rows if r["family"] in ("icnn", "l2x", "renn", "aog")]
+    assert {r["family"] for r in rows} == {"icnn", "l2x", "renn", "aog", "textual", "l2x explanation", "aog head"}
+    steps = [r for r in rows if r["family"] in ("icnn", "l2x", "renn", "aog", "textual")]
     references = [r for r in steps if r["train_vs_ref"] == 1.0 and r["infer_vs_ref"] == 1.0]
-    assert len(references) >= 4 and all(r["train_ms"] > 0 and r["infer_samples_per_s"] > 0 for r in steps)
+    assert len(references) >= 5 and all(r["train_ms"] > 0 and r["infer_samples_per_s"] > 0 for r in steps)
     heads = {r["head"]: r for r in rows if r["family"] == "aog head"}
     assert heads["average vote 3x3 (R-FCN)"]["vs_vote"] == 1.0 and heads["AOGParsing 7x7, terminal maps"]["ms"] > 0
     explained = {r["method"]: r for r in rows if r["family"] == "l2x explanation"}

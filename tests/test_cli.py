@@ -200,12 +200,14 @@ def test_compare_evaluates_a_checkpoint_without_training(in_tmp_dir: Path) -> No
 
 
 BF16_CONFIGS = ["configs/icnn/parts_world.yaml", "configs/l2x/xor.yaml", "configs/l2x/digits.yaml",
-                "configs/renn/rule_series.yaml", "configs/aog_rcnn/parts_world_scenes.yaml"]
+                "configs/renn/rule_series.yaml", "configs/aog_rcnn/parts_world_scenes.yaml",
+                "configs/textual/explanation_label.yaml"]
 
 
 @pytest.mark.parametrize("config", BF16_CONFIGS)
 def test_bf16_autocast_trains_every_family(config: str, in_tmp_dir: Path, cub_root: Path,
                                            image_folder_root: Path) -> None:
     cli = main(["fit", "--config", str(REPO / config), "--trainer.fast_dev_run=true", "--trainer.precision=bf16-mixed",
-                *dataset_overrides(config, cub_root, image_folder_root)])
+                *dataset_overrides(config, cub_root, image_folder_root),
+                *(["--model.init_args.discriminative_weight=0.2"] if "textual" in config else [])])  # + REINFORCE
     assert cli.trainer.state.finished and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
