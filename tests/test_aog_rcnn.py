@@ -128,10 +128,11 @@ def test_terminal_pooling_against_a_loop_reference() -> None:
     torch.manual_seed(4)
     grammar = GridGrammar(2, 2)
     pool = PositionSensitivePool(8, 3, grammar, "terminals")
-    maps = torch.randn(2, 3 * grammar.num_terminals, 10, 12)
+    features = torch.randn(2, 8, 10, 12)
+    maps = pool.score_maps(features).detach()  # every terminal's own 3 maps, computed as they are defined
     rois = rois_with_batch_index([torch.tensor([[3.0, 5, 70, 60]]), torch.tensor([[10.0, 0, 40, 79]])])
     scale = 1 / 8
-    pooled = pool._pool_terminals(maps, rois, scale)  # (K, C+1, T)
+    pooled = pool._pool_terminals(features, rois, scale)  # (K, C+1, T), via the features' integral image
     for k, roi in enumerate(rois):
         x1, y1, x2, y2 = (roi[1:] * scale).tolist()
         for t, (top, left, h, w) in enumerate(grammar.rects):

@@ -332,21 +332,27 @@ class PositionSensitivePool(nn.Module):
         grid = (self.grammar.height, self.grammar.width)
         # pooling in float32: ps_roi_align has no bf16 CPU kernel, and integral images need the precision
         box = ps_roi_align(self.box_maps(feature).float(), rois, grid, scale, self.sampling_ratio).mean((2, 3))
-        maps = self.score_maps(feature).float()
         if self.terminal_maps == "cells":
-            cells = ps_roi_align(maps, rois, grid, scale, self.sampling_ratio)  # (K, C+1, H, W)
-            return {"terminal_scores": cells.flatten(2), "box_regression": box}
-        return {"terminal_scores": self._pool_terminals(maps, rois, scale), "box_regression": box}
+            cells = ps_roi_align(self.score_maps(feature).float(), rois, grid, scale, self.sampling_ratio)
+            return {"terminal_scores": cells.flatten(2), "box_regression": box}  # (K, C+1, H*W)
+        return {"terminal_scores": self._pool_terminals(feature, rois, scale), "box_regression": box}
 
-    def _pool_terminals(self, maps: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
-        """Terminal t's own (C+1) maps averaged over its sub-box of each RoI: (K, C+1, T).
+    def _pool_terminals(self, feature: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
+        """Terminal t's own (C+1) score maps averaged over its sub-box of each RoI: (K, C+1, T).
 
         Box means come from an integral image of every terminal's maps (four row lookups per RoI and terminal,
-        whatever the box size): the sub-box is widened to the feature cells it touches, at least one."""
-        n, _, fh, fw = maps.shape
+        whatever the box size); the sub-box is widened to the feature cells it touches, at least one. The 1x1 conv
+        is linear, so the integral image of its output is the conv (without bias) of the features' integral image:
+        two small matmuls on the input channels instead of cumsums over T x (C+1) maps, and the bias adds back to
+        each mean. In float32 with autocast off: box sums are differences of large running sums."""
+        n, _, fh, fw = feature.shape
         terminals, classes = self.grammar.num_terminals, self.num_classes
-        integral = maps.reshape(n, terminals, classes, fh, fw).cumsum(-1).cumsum(-2)
-        integral = F.pad(integral, (1, 0, 1, 0)).permute(0, 1, 3, 4, 2).reshape(-1, classes)  # (n*T*(fh+1)*(fw+1), C+1)
+        with torch.autocast(feature.device.type, enabled=False):
+            rows_before = torch.ones(fh + 1, fh, device=feature.device).tril(-1)  # (fh+1, fh): y sums rows < y
+            cols_before = torch.ones(fw, fw + 1, device=feature.device).triu(1)  # (fw, fw+1)
+            integral = (rows_before @ feature.float() @ cols_before).contiguous(memory_format=torch.channels_last)
+            sums = F.conv2d(integral, self.score_maps.weight.float())  # (n, T*(C+1), fh+1, fw+1), channels last
+        table = sums.permute(0, 2, 3, 1).reshape(-1, classes)  # row ((b*(fh+1) + y)*(fw+1) + x)*T + t
         top, left, height, width = self.rects.to(rois.dtype).unbind(1)  # (T,)
         x1, y1, x2, y2 = (rois[:, i:i + 1] * scale for i in range(1, 5))  # (K, 1) in feature cells
         bw, bh = (x2 - x1) / self.grammar.width, (y2 - y1) / self.grammar.height
@@ -354,14 +360,16 @@ class PositionSensitivePool(nn.Module):
         cy1 = (y1 + top * bh).floor().clamp(0, fh - 1)
         cx2 = torch.maximum((x1 + (left + width) * bw).ceil().clamp(max=fw), cx1 + 1)
         cy2 = torch.maximum((y1 + (top + height) * bh).ceil().clamp(max=fh), cy1 + 1)
-        base = (rois[:, :1].long() * terminals + torch.arange(terminals, device=rois.device)) * (fh + 1)  # (K, T)
+        image = rois[:, :1].long() * (fh + 1)  # (K, 1)
+        terminal = torch.arange(terminals, device=rois.device)
 
         def rows(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            return integral.index_select(0, ((base + y.long()) * (fw + 1) + x.long()).flatten())  # (K*T, C+1)
+            return table.index_select(0, (((image + y.long()) * (fw + 1) + x.long()) * terminals + terminal).flatten())
 
-        total = rows(cy2, cx2) - rows(cy1, cx2) - rows(cy2, cx1) + rows(cy1, cx1)
+        total = rows(cy2, cx2) - rows(cy1, cx2) - rows(cy2, cx1) + rows(cy1, cx1)  # (K*T, C+1)
         mean = total / ((cy2 - cy1) * (cx2 - cx1)).flatten()[:, None]
-        return mean.reshape(len(rois), terminals, classes).transpose(1, 2)
+        bias = self.score_maps.bias.float().view(terminals, classes)
+        return (mean.reshape(len(rois), terminals, classes) + bias).transpose(1, 2)
 
 
 class AOGParsingHead(nn.Module):
