@@ -3,6 +3,9 @@ decoding (greedy and beam), loss masking, and the REINFORCE gradient's sign on a
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from losses.textual import DiscriminativeLoss, RelevanceLoss
@@ -118,13 +121,30 @@ def test_stages_chain_by_checkpoint_and_refuse_a_mismatched_variant(in_tmp_dir) 
 
 
 def test_variant_chain_script_runs_end_to_end(in_tmp_dir) -> None:
-    from benchmarks.textual_variants import main
+    from benchmarks.textual_variants import CONTROL, main
 
     rows = main(["--name", "tv", *SMALL, "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"])
     assert [r["variant"] for r in rows] == ["description", "definition", "explanation-label", "explanation-dis",
-                                            "explanation"]
-    assert all("cider_d" in r and "class_rank" in r for r in rows)
-    assert (in_tmp_dir / "checkpoints" / "tv" / "variants.md").is_file()
+                                            "explanation", CONTROL]
+    assert all(r["seed"] == 0 and "cider_d" in r and "class_rank" in r for r in rows)
+    folder = in_tmp_dir / "checkpoints" / "tv"
+    assert {"variants.md", "mean_over_seeds.csv", "explanation_changes.csv"} <= {p.name for p in folder.iterdir()}
+    assert (folder / "seed0" / "explanation_label_same_budget" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_variant_summary_means_over_seeds_and_changes_against_both_comparators() -> None:
+    from benchmarks.textual_variants import CONTROL, summarise
+
+    row = lambda seed, variant, cider, recall: {"seed": seed, "variant": variant, "from": "", "cider_d": cider,  # noqa
+                                                "attribute_recall": recall}
+    rows = [row(0, "explanation-label", 3.0, 0.6), row(0, "explanation", 2.85, 0.8), row(0, CONTROL, 2.5, 0.65),
+            row(1, "explanation-label", 2.0, 0.5), row(1, "explanation", 2.2, 0.7), row(1, CONTROL, 0.0, 0.5)]
+    means, changes = summarise(rows)
+    assert means[1] == {"variant": "explanation", "seeds": 2, "cider_d": 2.525, "attribute_recall": 0.75}
+    assert [(c["seed"], c["explanation vs"], c["cider_d change %"]) for c in changes[:3]] == [
+        (0, "explanation-label", -5.0), (0, CONTROL, 14.0), (1, "explanation-label", 10.0)]
+    assert changes[0]["attribute_recall change"] == pytest.approx(0.2)
+    assert math.isnan(changes[3]["cider_d change %"])  # a zero CIDEr-D comparator gives no ratio
 
 
 def test_cub_reads_the_sentence_folders_when_present(cub_root) -> None:
@@ -159,3 +179,16 @@ def test_explanation_text_callback_writes_sentences_beside_references(in_tmp_dir
     assert text.count("\n") == 2 + 8 and "| 0 |" in text
     assert any(word in text for word in ("this object has", "there is", "it has"))  # references decoded to words
     assert cli.trainer.state.finished
+
+
+def test_explanation_system_optimises_only_the_generator_side_and_takes_a_schedule() -> None:
+    from zoo.systems import ExplanationSystem
+
+    system = ExplanationSystem(variant="explanation-label", hidden=32,
+                               scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, 0.5))
+    config = system.configure_optimizers()
+    assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+    optimised = {id(p) for group in config["optimizer"].param_groups for p in group["params"]}
+    trainable = {id(p) for name, p in system.named_parameters()
+                 if not name.startswith(("sentence_classifier.", "model.image_encoder."))}
+    assert optimised == trainable  # frozen encoder and reward model stay out

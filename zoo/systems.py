@@ -581,6 +581,7 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
         max_len: int = 18,
         aux_lr: float = 2e-3,
         optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable | None = None,
         image_key: str = "image",
         target_key: str = "label",
         captions_key: str = "captions",
@@ -592,7 +593,7 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
         from metrics.captions import AttributeMention, CIDErD, ClassRelevance
         from zoo.textual import ExplanationModel, SentenceClassifier
 
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         image_encoder = create_model_for_data(encoder, num_classes, in_chans, image_size, None, None)
         image_dim = getattr(getattr(image_encoder, "backbone", None), "num_features", None)
         if image_dim is None:
@@ -614,7 +615,7 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
             self._load_stage(init_checkpoint)
         self.relevance = RelevanceLoss(relevance_weight)
         self.discriminative = DiscriminativeLoss(discriminative_weight)
-        self.optimizer_factory = optimizer
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.metrics = nn.ModuleDict()
         for stage in ("val", "test"):
             self.metrics[f"{stage}_cider"] = CIDErD(end_token=end_token, start_token=start_token)
@@ -732,7 +733,7 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
             metric.reset()
 
     def configure_optimizers(self) -> Any:
-        return self.optimizer_factory([p for p in self.model.parameters() if p.requires_grad])
+        return ClassificationSystem.configure_optimizers(self)  # trainable weights only; scheduler per epoch
 
 
 class DetectionSystem(EvaluationHooks, pl.LightningModule):
