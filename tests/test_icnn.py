@@ -8,6 +8,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import zoo
 from losses import ClassificationLoss, FilterPartLoss
@@ -135,6 +136,25 @@ def test_lambda_zero_gives_exactly_the_opaque_twin_gradients() -> None:
     interpretable = gradients(FilterPartLoss(weight=1.0))
     assert len(twin) == len(task_only) and all(torch.equal(a, b) for a, b in zip(twin, task_only))
     assert not all(torch.equal(a, b) for a, b in zip(interpretable, task_only))
+
+
+def test_masks_off_gives_ordinary_conv_layers_with_the_same_weights() -> None:
+    """The paper's baseline: the same network with ordinary top layers. Same weights, masks off: the head reads
+    the unmasked ReLU maps of the added layer, which are the masked model's pre-mask maps."""
+    torch.manual_seed(0)
+    masked = zoo.create_model("icnn_tinycnn", num_classes=6, image_size=64)
+    ordinary = zoo.create_model("icnn_tinycnn", num_classes=6, image_size=64, masks=False)
+    ordinary.load_state_dict(masked.state_dict())
+    images = torch.rand(4, 3, 64, 64)
+    masked.eval(), ordinary.eval()
+    out, plain = masked(images), ordinary(images)
+    assert torch.equal(plain["masked_filter_maps"], plain["filter_maps"])
+    assert not torch.equal(out["masked_filter_maps"], out["filter_maps"])  # masks zero what lies far from the peak
+    # the top layer's unmasked output feeds the added conv, so from there on the two models differ
+    top = F.relu(ordinary.backbone(images)[-1])
+    expected = F.relu(ordinary.added_conv(top))
+    torch.testing.assert_close(plain["filter_maps"], expected)
+    torch.testing.assert_close(plain["logits"], ordinary.head(expected))
 
 
 def test_no_nan_with_large_activations_and_under_bf16() -> None:

@@ -51,8 +51,9 @@ class InterpretableFilters(nn.Module):
     def __init__(self, num_filters: int, num_classes: int, map_size: tuple[int, int], *, beta: float = 4.0,
                  tau_scale: float = 1.0, learn_beta: bool = False, mu: str = "argmax",
                  single_category: int | None = None, category_assignment: str = "argmax",
-                 category_momentum: float = 0.9, z_momentum: float = 0.1) -> None:
+                 category_momentum: float = 0.9, z_momentum: float = 0.1, masks: bool = True) -> None:
         super().__init__()
+        self.masks = masks
         if category_assignment not in CATEGORY_ASSIGNMENTS:
             raise ValueError(f"category_assignment must be one of {CATEGORY_ASSIGNMENTS}; got {category_assignment!r}.")
         if mu not in MU_MODES:
@@ -76,8 +77,11 @@ class InterpretableFilters(nn.Module):
             raise ValueError(f"Interpretable filters were built for {self.map_size} maps (image_size at creation); "
                              f"got {tuple(x.shape[-2:])}. Create the model with the image_size you feed it.")
         raw = F.relu(x)
-        mask = part_mask(raw, self.beta if self.beta.requires_grad else float(self.beta[0]), self.mu)
-        masked = F.relu(raw * mask)
+        if self.masks:
+            mask = part_mask(raw, self.beta if self.beta.requires_grad else float(self.beta[0]), self.mu)
+            masked = F.relu(raw * mask)
+        else:  # an ordinary conv layer: the map passes unmasked (statistics and template scores still kept)
+            masked = raw
         scores = template_scores(raw, self.bank)  # (B, F, T)
         batch_z = log_mean_exp_over_batch(scores)  # (F, T)
         if self.training:  # the current batch enters Z_T with its gradient, the running part without
@@ -128,7 +132,10 @@ class InterpretableFilters(nn.Module):
 
 
 class InterpretableCNN(PooledHeadMixin, nn.Module):
-    """Backbone (top stage interpretable) -> added 3x3 conv + ReLU (interpretable) -> pooled linear head."""
+    """Backbone (top stage interpretable) -> added 3x3 conv + ReLU (interpretable) -> pooled linear head.
+
+    `masks=False` leaves both layers ordinary (no part masks): with lambda = 0 that is the paper's baseline, the
+    same network with traditional conv layers; with masks and lambda = 0 it is the architecture-only ablation."""
 
     def __init__(
         self,
@@ -146,6 +153,7 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
         category_assignment: str = "argmax",
         category_momentum: float = 0.9,
         z_momentum: float = 0.1,
+        masks: bool = True,
         drop_rate: float = 0.0,
         pretrained_path: str | Path | None = None,
         freeze_backbone: bool = False,
@@ -159,7 +167,7 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
         map_size = self._top_map_size(in_chans, image_size)
         kw = dict(beta=beta, tau_scale=tau_scale, learn_beta=learn_beta, mu=mu, single_category=single_category,
                   category_assignment=category_assignment,
-                  category_momentum=category_momentum, z_momentum=z_momentum)
+                  category_momentum=category_momentum, z_momentum=z_momentum, masks=masks)
         self.top_filters = InterpretableFilters(top_filters, num_classes, map_size, **kw)
         self.added_conv = nn.Conv2d(top_filters, added, 3, padding=1)
         self.added_filters = InterpretableFilters(added, num_classes, map_size, **kw)
