@@ -275,6 +275,15 @@ def test_voc_loader_errors_name_the_problem(voc_root: Path, tmp_path: Path) -> N
         dm.splits["train"][0]
 
 
+def test_voc_truncated_image_names_the_file(voc_root: Path) -> None:
+    victim = voc_root / "VOC2007" / "JPEGImages" / "000005.jpg"
+    victim.write_bytes(victim.read_bytes()[:40])
+    dm = VOCDataModule(root=str(voc_root), train_split="train", val_split="val", test_split="val")
+    dm.setup()
+    with pytest.raises(ValueError, match="Cannot read image .*000005.jpg"):
+        dm.splits["train"][0]
+
+
 # --------------------------------------------------------------------------------------------------- the system
 def test_detection_system_schedule_and_bad_batches(tmp_path: Path) -> None:
     import pytorch_lightning as pl
