@@ -1,4 +1,5 @@
-"""Train-step time of the Interpretable CNN vs its opaque twin (lambda = 0) and the plain CNN, measured in one run.
+"""Train-step time of the Interpretable CNN vs its twins (lambda = 0: with the part masks, and with ordinary
+layers, the paper's baseline) and the plain CNN, measured in one run.
 
     python benchmarks/icnn_step_time.py [--backbones tinycnn resnet18] [--rounds 7] [--steps 10]
 
@@ -44,7 +45,7 @@ def time_steps(step, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=["tinycnn", "resnet18"])
     parser.add_argument("--batch-size", type=int, default=32)
@@ -52,19 +53,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tau-scale", type=float, default=16.0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     batch = {"image": torch.rand(args.batch_size, 3, args.image_size, args.image_size),
              "label": torch.randint(0, 6, (args.batch_size,))}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
           f"{args.image_size}x{args.image_size}, {args.rounds} rounds x {args.steps} steps")
-    print("| backbone | icnn ms | twin (lambda=0) ms | plain ms | icnn/twin | icnn/plain |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| backbone | icnn ms | masked twin ms | ordinary twin ms | plain ms | icnn/masked twin | icnn/ordinary twin "
+          "| icnn/plain |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = []
     for backbone in args.backbones:
         icnn_kw = {"image_size": args.image_size, "tau_scale": args.tau_scale}
         steps = {
             "icnn": make_step(f"icnn_{backbone}", FilterPartLoss(weight=1.0), batch, **icnn_kw),
             "twin": make_step(f"icnn_{backbone}", FilterPartLoss(weight=0.0), batch, **icnn_kw),
+            "ordinary": make_step(f"icnn_{backbone}", FilterPartLoss(weight=0.0), batch, masks=False, **icnn_kw),
             "plain": make_step(f"baseline_{backbone}", ClassificationLoss(), batch),
         }
         times: dict[str, list[float]] = {name: [] for name in steps}
@@ -74,8 +78,11 @@ def main() -> None:
             for name, step in steps.items():
                 times[name].append(time_steps(step, args.steps))
         median = {name: statistics.median(t) for name, t in times.items()}
-        print(f"| {backbone} | {1e3 * median['icnn']:.1f} | {1e3 * median['twin']:.1f} | {1e3 * median['plain']:.1f} "
-              f"| {median['icnn'] / median['twin']:.3f} | {median['icnn'] / median['plain']:.3f} |")
+        ms = " | ".join(f"{1e3 * median[name]:.1f}" for name in ("icnn", "twin", "ordinary", "plain"))
+        ratios = " | ".join(f"{median['icnn'] / median[name]:.3f}" for name in ("twin", "ordinary", "plain"))
+        print(f"| {backbone} | {ms} | {ratios} |")
+        rows.append({"backbone": backbone, **{f"{name}_ms": 1e3 * m for name, m in median.items()}})
+    return rows
 
 
 if __name__ == "__main__":

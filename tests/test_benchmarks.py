@@ -16,3 +16,11 @@ def test_family_speed_benchmark_prints_every_family() -> None:
     explained = {r["method"]: r for r in rows if r["family"] == "l2x explanation"}
     assert set(explained) == {"l2x", "integrated_gradients", "kernel_shap", "lime"}
     assert explained["l2x"]["l2x_speedup"] == 1.0 and explained["kernel_shap"]["l2x_speedup"] > 1
+
+
+def test_icnn_step_time_times_icnn_and_its_three_references() -> None:
+    from benchmarks.icnn_step_time import main
+
+    rows = main(["--rounds", "1", "--steps", "1", "--backbones", "tinycnn"])
+    assert [r["backbone"] for r in rows] == ["tinycnn"]
+    assert all(rows[0][f"{name}_ms"] > 0 for name in ("icnn", "twin", "ordinary", "plain"))
