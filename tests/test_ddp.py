@@ -15,6 +15,14 @@ from datamodules import PartsWorldDataModule
 from zoo.systems import ClassificationSystem
 
 
+def two_process_trainer(tmp_path: Path, *callbacks: pl.Callback, **overrides: Any) -> pl.Trainer:
+    """Two spawned CPU processes, one epoch, nothing written but what the callbacks save."""
+    settings = dict(strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=1, num_sanity_val_steps=0,
+                    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    default_root_dir=tmp_path, callbacks=list(callbacks))
+    return pl.Trainer(**(settings | overrides))
+
+
 class SaveValidationPredictions(pl.Callback):
     """Each rank writes its validation predictions, labels and sample indices for the last epoch."""
 
@@ -38,11 +46,7 @@ def test_two_process_ddp_logged_accuracy_equals_gathered(tmp_path: Path) -> None
     pl.seed_everything(0)
     data = PartsWorldDataModule(num_train=128, num_val=64, num_test=16, batch_size=16)
     system = ClassificationSystem("baseline_tinycnn", num_classes=data.num_classes)
-    trainer = pl.Trainer(
-        strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=1, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, callbacks=[SaveValidationPredictions(tmp_path)],
-    )
+    trainer = two_process_trainer(tmp_path, SaveValidationPredictions(tmp_path))
     trainer.fit(system, datamodule=data)
     rows = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert len(rows[0]) == len(rows[1]) == 32
@@ -71,11 +75,7 @@ def test_icnn_online_statistics_stay_identical_across_ranks(tmp_path: Path) -> N
     data = PartsWorldDataModule(num_train=64, num_val=16, num_test=16, batch_size=16)
     system = ClassificationSystem("icnn_tinycnn", num_classes=data.num_classes,
                                   loss=FilterPartLoss(weight=1.0), model_kwargs={"tau_scale": 16.0})
-    trainer = pl.Trainer(
-        strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=1, num_sanity_val_steps=0,
-        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[SaveStatistics(tmp_path)],
-    )
+    trainer = two_process_trainer(tmp_path, SaveStatistics(tmp_path), limit_val_batches=0)
     trainer.fit(system, datamodule=data)
     ranks = [torch.load(tmp_path / f"stats{r}.pt", weights_only=True) for r in (0, 1)]
     assert torch.isfinite(ranks[0]["z"]).all()
@@ -104,11 +104,7 @@ def test_l2x_explains_one_black_box_and_syncs_median_rank(tmp_path: Path) -> Non
     data = L2XSyntheticDataModule(dataset="orange_skin", num_train=256, num_val=64, num_test=16, batch_size=32)
     system = SelectorSystem(data_inputs=data.model_inputs, model_kwargs={"k": 4}, black_box_epochs=1,
                             evaluator_epochs=1)
-    trainer = pl.Trainer(
-        strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=1, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, callbacks=[SaveSelectorState(tmp_path)],
-    )
+    trainer = two_process_trainer(tmp_path, SaveSelectorState(tmp_path))
     trainer.fit(system, datamodule=data)
     ranks = [torch.load(tmp_path / f"selector{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(torch.equal(ranks[0]["black_box"][k], ranks[1]["black_box"][k]) for k in ranks[0]["black_box"])
@@ -129,13 +125,9 @@ def test_renn_stages_train_under_ddp(tmp_path: Path) -> None:
                           input_key="series", loss=ReNNLoss(), stages=[
                               {"name": "local", "epochs": 1, "train": ["detector"], "losses": ["loss_local"]},
                               {"name": "global", "epochs": 1, "train": ["head"], "losses": ["loss_task"]}])
-    trainer = pl.Trainer(
-        # stages leave submodules without gradients: DDP must look for unused parameters
-        strategy=DDPStrategy(start_method="spawn", find_unused_parameters=True), accelerator="cpu", devices=2,
-        max_epochs=2,
-        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
-    )
+    # stages leave submodules without gradients: DDP must look for unused parameters
+    trainer = two_process_trainer(tmp_path, strategy=DDPStrategy(start_method="spawn", find_unused_parameters=True),
+                                  max_epochs=2)
     trainer.fit(system, datamodule=data)
     assert {"val/acc", "val/rule_recall", "val/rule_precision"} <= set(trainer.callback_metrics)
 
@@ -177,11 +169,7 @@ def test_two_process_ddp_detection_metrics_equal_gathered(tmp_path: Path) -> Non
     system = DetectionSystem("aog_rcnn_tinycnn", num_classes=data.num_classes, image_size=96,
                              model_kwargs={"box_detections_per_img": 1000},
                              optimizer=functools.partial(torch.optim.SGD, lr=0.0))
-    trainer = pl.Trainer(
-        strategy=DDPStrategy(start_method="spawn"), accelerator="cpu", devices=2, max_epochs=1,
-        num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[SaveDetections(tmp_path)],
-    )
+    trainer = two_process_trainer(tmp_path, SaveDetections(tmp_path), strategy=DDPStrategy(start_method="spawn"))
     trainer.fit(system, datamodule=data)
     rows = [row for r in (0, 1) for row in torch.load(tmp_path / f"detections{r}.pt", weights_only=False)]
     assert sorted(int(row["target"]["index"]) for row in rows) == list(range(8))  # both halves, once each
@@ -237,11 +225,7 @@ def test_textual_explanations_share_frozen_modules_baseline_and_cider(tmp_path: 
     data = PartsWorldDataModule(num_train=64, num_val=32, num_test=16, batch_size=16)
     system = ExplanationSystem(variant="explanation", num_classes=data.num_classes, discriminative_weight=0.2,
                                encoder_epochs=1, sentence_classifier_epochs=1, hidden=64)
-    trainer = pl.Trainer(
-        strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=1, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, callbacks=[SaveExplanations(tmp_path)],
-    )
+    trainer = two_process_trainer(tmp_path, SaveExplanations(tmp_path))
     trainer.fit(system, datamodule=data)
     ranks = [torch.load(tmp_path / f"explanations{r}.pt", weights_only=True) for r in (0, 1)]
     for module in ("encoder", "sentence_classifier"):  # trained before the first step, then broadcast from rank 0
