@@ -1,4 +1,5 @@
 """Sentence metrics for textual explanations: CIDEr-D (Vedantam et al. 2015, the coco-caption `CiderD` scorer),
+`as_text` for torchmetrics' BLEU-4 and ROUGE-L on token ids,
 class similarity / class rank (Hendricks et al. 2016: CIDEr of a sentence against all reference sentences of a
 class), and, on parts_world, precision / recall of the parts a sentence names.
 
@@ -82,6 +83,15 @@ def strip(tokens: torch.Tensor, end_token: int, pad_token: int = 0, start_token:
         if token != pad_token and token != start_token:
             out.append(token)
     return out
+
+
+def as_text(tokens: torch.Tensor, end_token: int, start_token: int | None = None) -> list:
+    """Token rows as whitespace-joined id strings ("12 5 7"), cut like `strip`: (B, L) -> B strings, (B, R, L) ->
+    B lists of R strings. Word n-grams and id n-grams match alike, so torchmetrics' BLEU and ROUGE score these as
+    they would the words."""
+    if tokens.ndim == 3:
+        return [as_text(rows, end_token, start_token) for rows in tokens]
+    return [" ".join(map(str, strip(row, end_token, start_token=start_token))) for row in tokens]
 
 
 class _SentenceStore(Metric):

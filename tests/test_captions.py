@@ -11,7 +11,7 @@ import torch
 
 from datamodules import PartsWorldDataModule
 from datamodules.parts_world import BOS, EOS, decode_caption, mention_matrix, mentioned_parts
-from metrics.captions import AttributeMention, ClassRelevance, CIDErD, cider_d, document_frequency
+from metrics.captions import AttributeMention, ClassRelevance, CIDErD, as_text, cider_d, document_frequency
 
 
 def rows(sentences: list[list[int]], length: int = 12) -> torch.Tensor:
@@ -84,6 +84,17 @@ def test_cider_d_reproduces_published_coco_caption_scores() -> None:
     metric.update(rows([ids(h) for h in hypotheses], 16),
                   torch.stack([rows([ids(r) for r in refs], 16) for refs in references]))
     assert metric.compute().item() == pytest.approx(1.242192, abs=5e-7)
+    # BLEU-4 and ROUGE-L come from torchmetrics, fed the id strings of `as_text`: the same published example's
+    # BLEU-1..4 (0.55, 0.428174, 0.284043, 0.201143 in nlg-eval) and ROUGE-L as torchmetrics scores the words
+    from torchmetrics.text import BLEUScore, ROUGEScore
+
+    texts = as_text(rows([ids(h) for h in hypotheses], 16), EOS)
+    refs = as_text(torch.stack([rows([ids(r) for r in group], 16) for group in references]), EOS)
+    assert texts[1].split() == [str(vocabulary[w]) for w in hypotheses[1].split()]
+    for n, published in ((1, 0.55), (2, 0.428174), (3, 0.284043), (4, 0.201143)):
+        assert BLEUScore(n_gram=n)(texts, refs).item() == pytest.approx(published, abs=5e-6)
+    on_words = ROUGEScore(rouge_keys="rougeL")(hypotheses, references)["rougeL_fmeasure"]
+    assert ROUGEScore(rouge_keys="rougeL")(texts, refs)["rougeL_fmeasure"].item() == pytest.approx(on_words.item())
     single = CIDErD(end_token=EOS)
     single.update(rows([ids("this is a good test")]), rows([ids("this is a test"), ids("this is also a test")])[None])
     assert single.compute().item() == 0.0

@@ -102,7 +102,7 @@ def test_stages_chain_by_checkpoint_and_refuse_a_mismatched_variant(in_tmp_dir) 
     cli = main(["fit", "--config", config("explanation_dis"), *SMALL, f"--model.init_args.init_checkpoint={source}"])
     metrics = cli.trainer.callback_metrics
     assert {"train/loss_discriminative", "train/reward", "val/cider_d", "val/class_rank", "val/attribute_recall",
-            "val/acc"} <= set(metrics)
+            "val/acc", "val/bleu_4", "val/rouge_l"} <= set(metrics)
     assert bool(cli.model.encoder_ready) and bool(cli.model.sentence_classifier_ready)  # loaded, not retrained
     with pytest.raises(ValueError, match="does not fit variant 'explanation'"):  # CheckpointError, as the CLI wraps it
         main(["fit", "--config", config("explanation"), *SMALL, f"--model.init_args.init_checkpoint={source}"])

@@ -16,6 +16,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
 from losses import ClassificationLoss
+from metrics.captions import as_text
 from metrics.part_location import LocationInstability, PartIoU
 from metrics.selection import AgreementAccuracy, MedianRank, SelectionRecovery
 from zoo._registry import create_model_for_data
@@ -556,7 +557,8 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
 
     Loss: `relevance_weight` x teacher-forced CE on one of each image's reference sentences, plus
     `discriminative_weight` x REINFORCE on sampled sentences. Validation decodes greedily and logs `cider_d`,
-    `class_similarity`, `class_rank` (lower is better), `attribute_precision` / `attribute_recall` (when the
+    `bleu_4` and `rouge_l` (torchmetrics, F-measure against the best reference), `class_similarity`, `class_rank`
+    (lower is better), `attribute_precision` / `attribute_recall` (when the
     datamodule can parse named parts, as parts_world can) and `acc`: the sentence classifier's accuracy on the
     generated sentences (how class-discriminative they are; the checkpoint monitor).
     """
@@ -590,6 +592,8 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
     ) -> None:
         super().__init__()
         from losses.textual import DiscriminativeLoss, RelevanceLoss
+        from torchmetrics.text import BLEUScore, ROUGEScore
+
         from metrics.captions import AttributeMention, CIDErD, ClassRelevance
         from zoo.textual import ExplanationModel, SentenceClassifier
 
@@ -622,6 +626,8 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
             self.metrics[f"{stage}_class"] = ClassRelevance(end_token=end_token, start_token=start_token)
             self.metrics[f"{stage}_attributes"] = AttributeMention()
             self.metrics[f"{stage}_acc"] = AgreementAccuracy()
+            self.metrics[f"{stage}_bleu_4"] = BLEUScore(n_gram=4)
+            self.metrics[f"{stage}_rouge_l"] = ROUGEScore(rouge_keys="rougeL")  # best reference per sentence
 
     # -- preparation
     def _load_stage(self, path: str) -> None:
@@ -717,19 +723,27 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
         self.metrics[f"{stage}_class"].update(generated, captions, labels)
         self.metrics[f"{stage}_acc"].update(self.sentence_classifier(generated)["logits"], labels)
         self.log(f"{stage}/acc", self.metrics[f"{stage}_acc"], on_epoch=True, prog_bar=True)
+        hp = self.hparams
+        texts = as_text(generated, hp.end_token, hp.start_token)
+        references = as_text(captions, hp.end_token, hp.start_token)
+        self.metrics[f"{stage}_bleu_4"].update(texts, references)
+        self.metrics[f"{stage}_rouge_l"].update(texts, references)
         mentioned = getattr(self.trainer.datamodule, "mentioned", None) if self._trainer is not None else None
         if mentioned is not None and "part_types" in batch and "distractor_types" in batch:
             self.metrics[f"{stage}_attributes"].update(mentioned(generated), batch["part_types"],
                                                        batch["distractor_types"])
 
     def _log_epoch_metrics(self, stage: str) -> None:
-        cider, relevance, attributes = (self.metrics[f"{stage}_{k}"] for k in ("cider", "class", "attributes"))
+        cider, relevance, attributes, bleu, rouge = (self.metrics[f"{stage}_{k}"] for k in (
+            "cider", "class", "attributes", "bleu_4", "rouge_l"))
         if cider.update_count:
             self.log(f"{stage}/cider_d", cider.compute())
             self.log_dict({f"{stage}/{k}": v for k, v in relevance.compute().items()})
+            self.log(f"{stage}/bleu_4", bleu.compute())
+            self.log(f"{stage}/rouge_l", rouge.compute()["rougeL_fmeasure"])
         if attributes.update_count:
             self.log_dict({f"{stage}/{k}": v for k, v in attributes.compute().items()})
-        for metric in (cider, relevance, attributes):
+        for metric in (cider, relevance, attributes, bleu, rouge):
             metric.reset()
 
     def configure_optimizers(self) -> Any:
