@@ -192,3 +192,52 @@ def test_explanation_system_optimises_only_the_generator_side_and_takes_a_schedu
     trainable = {id(p) for name, p in system.named_parameters()
                  if not name.startswith(("sentence_classifier.", "model.image_encoder."))}
     assert optimised == trainable  # frozen encoder and reward model stay out
+    fine_tuned = ExplanationSystem(variant="explanation-label", hidden=32, train_encoder=True)
+    optimised = {id(p) for group in fine_tuned.configure_optimizers().param_groups for p in group["params"]}
+    encoder = {id(p) for p in fine_tuned.model.image_encoder.parameters()}
+    assert encoder <= optimised and fine_tuned.train().model.image_encoder.training  # not held in eval mode
+
+
+def test_description_class_features_are_each_class_mean_description_state(in_tmp_dir) -> None:
+    """class_features="description": the table is, per class, the mean over its training sentences of the
+    description model's word-averaged LSTM2 state (recomputed here sentence by sentence), and the explanation
+    model reads table[label] as its class feature."""
+    import pytorch_lightning as pl
+
+    from datamodules import PartsWorldDataModule
+    from zoo.systems import ExplanationSystem
+
+    data = lambda: PartsWorldDataModule(num_train=32, num_val=16, batch_size=16)  # noqa: E731
+    trainer = lambda: pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,  # noqa: E731
+                                 enable_model_summary=False, default_root_dir=in_tmp_dir, limit_val_batches=1)
+    describer = ExplanationSystem(variant="description", hidden=32, encoder_epochs=1, sentence_classifier_epochs=1)
+    first = trainer()
+    first.fit(describer, datamodule=data())
+    first.save_checkpoint(in_tmp_dir / "description.ckpt")
+    with pytest.raises(ValueError, match="needs description_checkpoint"):
+        trainer().fit(ExplanationSystem(variant="explanation-label", class_features="description", hidden=16,
+                                        encoder_epochs=0, sentence_classifier_epochs=0), datamodule=data())
+    system = ExplanationSystem(variant="explanation-label", class_features="description", hidden=16,
+                               description_checkpoint=str(in_tmp_dir / "description.ckpt"), encoder_epochs=0,
+                               sentence_classifier_epochs=0)
+    assert system.model.class_table.shape == (6, 32)  # the description model's hidden size
+    trainer().fit(system, datamodule=data())
+    assert bool(system.model.class_table_ready)
+
+    reference = data()
+    reference.setup("fit")
+    model = describer.model.eval()
+    sums, counts = torch.zeros(6, 32), torch.zeros(6)
+    with torch.no_grad():
+        for i in range(len(reference.splits["train"])):
+            item = reference.splits["train"][i]
+            feature = model.features(item["image"][None], torch.tensor([item["label"]]))
+            for caption in item["captions"]:
+                length = int((caption != 0).sum())  # <bos> ... <eos>
+                states = model.generator.hidden_states(feature, caption[None, :length])[0]  # (length-1, H)
+                sums[item["label"]] += states.mean(0)
+                counts[item["label"]] += 1
+    torch.testing.assert_close(system.model.class_table, sums / counts[:, None], rtol=1e-4, atol=1e-5)
+    labels = torch.tensor([3, 0])
+    features = system.model.features(torch.rand(2, 3, 64, 64), labels)
+    torch.testing.assert_close(features[:, -32:], system.model.class_table[labels])

@@ -19,7 +19,9 @@ from losses import ClassificationLoss
 from metrics.captions import as_text
 from metrics.part_location import LocationInstability, PartIoU
 from metrics.selection import AgreementAccuracy, MedianRank, SelectionRecovery
+from zoo._distributed import all_reduce_
 from zoo._registry import create_model_for_data
+from zoo.checkpointing import read_checkpoint
 
 STAGES = ("train", "val", "test")
 
@@ -581,6 +583,9 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
         discriminative_weight: float = 0.0,
         hidden: int = 256,
         max_len: int = 18,
+        train_encoder: bool = False,
+        class_features: str = "embedding",
+        description_checkpoint: str | None = None,
         aux_lr: float = 2e-3,
         optimizer: OptimizerCallable = torch.optim.Adam,
         scheduler: LRSchedulerCallable | None = None,
@@ -603,8 +608,13 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
         if image_dim is None:
             raise ValueError(f"encoder {encoder!r} has no backbone.num_features; use a backbone classifier such as "
                              f"baseline_tinycnn or baseline_resnet18.")
+        class_dim = 64
+        if class_features == "description":  # the table holds description-model states: their size
+            class_dim = (read_checkpoint(description_checkpoint)["hyper_parameters"].get("hidden", hidden)
+                         if description_checkpoint is not None else hidden)
         self.model = ExplanationModel(image_encoder, image_dim, num_classes, vocab_size, variant=variant,
-                                      hidden=hidden, max_len=max_len)
+                                      hidden=hidden, max_len=max_len, train_encoder=train_encoder,
+                                      class_features=class_features, class_dim=class_dim)
         self.sentence_classifier = SentenceClassifier(vocab_size, num_classes).requires_grad_(False)
         self.register_buffer("encoder_ready", torch.tensor(False))
         self.register_buffer("sentence_classifier_ready", torch.tensor(False))
@@ -633,7 +643,6 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
     def _load_stage(self, path: str) -> None:
         """An earlier stage's ExplanationSystem checkpoint: every model and sentence-classifier weight must fit."""
         from zoo._io import CheckpointError
-        from zoo.checkpointing import read_checkpoint
 
         state = read_checkpoint(path)["state_dict"]
         own = self.state_dict()
@@ -668,18 +677,62 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
         fit_frozen_module(classifier, self.trainer, batch_loss, epochs, hp.aux_lr)
         self.sentence_classifier_ready.fill_(True)
 
+    @torch.no_grad()
+    def _fill_class_table(self, path: str) -> None:
+        """The paper's class feature: per class, the mean over its training sentences of the description model's
+        LSTM2 state averaged over each sentence's words (teacher forcing on the sentence, with its image).
+        Sums and counts are all-reduced, so every rank holds the table of the whole training set."""
+        from zoo._io import CheckpointError
+        from zoo.textual import ExplanationModel
+
+        hp = read_checkpoint(path)["hyper_parameters"]
+        if hp.get("variant") != "description":
+            raise CheckpointError(f"description_checkpoint {path!r} holds variant {hp.get('variant')!r}; the class "
+                                  f"table needs a description model (configs/textual/description.yaml).")
+        encoder = create_model_for_data(hp["encoder"], hp["num_classes"], hp.get("in_chans"), hp.get("image_size"),
+                                        None, None)
+        describer = ExplanationModel(encoder, encoder.backbone.num_features, hp["num_classes"], hp["vocab_size"],
+                                     variant="description", hidden=hp["hidden"], max_len=hp["max_len"])
+        load_module_weights(describer, path, "model.", "description model")
+        describer.to(self.device).eval()
+        table = self.model.class_table
+        sums, counts = torch.zeros_like(table), torch.zeros(len(table), device=table.device)
+        for batch in self.trainer.datamodule.train_dataloader():
+            images = batch[self.hparams.image_key].to(self.device)
+            labels = batch[self.hparams.target_key].to(self.device)
+            captions = batch[self.hparams.captions_key].to(self.device)  # (B, R, L)
+            feature = describer.features(images, labels)
+            for r in range(captions.shape[1]):  # a handful of references per image
+                tokens = captions[:, r]
+                states = describer.generator.hidden_states(feature, tokens).float()  # (B, L-1, H)
+                words = (tokens[:, 1:] != 0).float()[..., None]  # (B, L-1, 1): the predicted words and <eos>
+                sentence = (states * words).sum(1) / words.sum(1).clamp(min=1)  # (B, H)
+                sums.index_add_(0, labels, sentence)
+                counts += torch.bincount(labels, minlength=len(table)).float()
+        all_reduce_(sums), all_reduce_(counts)
+        if (counts == 0).any():
+            raise ValueError(f"classes {torch.nonzero(counts == 0).flatten().tolist()} have no training sentences: "
+                             f"their description feature is undefined.")
+        table.copy_(sums / counts[:, None])
+        self.model.class_table_ready.fill_(True)
+
     def on_fit_start(self) -> None:
         if self.model.uses_image and not self.encoder_ready:
             self._fit_encoder(self.hparams.encoder_epochs)
         if not self.sentence_classifier_ready:
             self._fit_sentence_classifier(self.hparams.sentence_classifier_epochs)
+        if self.model.uses_class and self.model.class_features == "description" and not self.model.class_table_ready:
+            if self.hparams.description_checkpoint is None:
+                raise ValueError("class_features='description' needs description_checkpoint (a trained description "
+                                 "model, configs/textual/description.yaml) or an init_checkpoint that has the table.")
+            self._fill_class_table(self.hparams.description_checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, by name, a checkpoint of another variant, class count, vocabulary or encoder."""
         from zoo._io import CheckpointError
 
         saved = checkpoint.get("hyper_parameters") or {}
-        for key in ("variant", "num_classes", "vocab_size", "encoder"):
+        for key in ("variant", "num_classes", "vocab_size", "encoder", "class_features"):
             if key in saved and saved[key] != self.hparams[key]:
                 raise CheckpointError(f"The checkpoint holds an explanation model with {key}={saved[key]!r}; this run "
                                       f"builds {key}={self.hparams[key]!r}.")

@@ -6,8 +6,10 @@ variant) at every step; a linear layer gives the next word. Decoding is batched:
 per-word log-probabilities REINFORCE needs, masked after the end token) and beam search. The sentence classifier
 (one LSTM over word embeddings, dropout, linear) supplies the discriminative reward.
 
-Not built yet (issue 6): the image+class explanation model over a registered backbone, its five variants and
-staged training. Departure so far: hidden sizes default to 256 (paper 1000) for CPU-sized worlds.
+`ExplanationModel` puts the generator over a registered image backbone with the paper's five variants; the class
+feature is a learnt label embedding (the PyTorch port) or, as in the paper, each class's mean description-model
+state (`class_features="description"`, filled by `zoo.systems.ExplanationSystem` from a description checkpoint).
+Departure: hidden sizes default to 256 (paper 1000) for CPU-sized worlds.
 """
 
 from __future__ import annotations
@@ -33,10 +35,14 @@ class FactoredLSTMGenerator(nn.Module):
 
     def forward(self, feature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: logits (B, L-1, V) for tokens[:, 1:] given tokens[:, :-1] and the feature (B, F)."""
+        return self.out(self.hidden_states(feature, tokens))
+
+    def hidden_states(self, feature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """LSTM2's states (B, L-1, H) under teacher forcing: state t has read tokens[:, :t+1]."""
         words, _ = self.word_lstm(self.embed(tokens[:, :-1]))  # (B, L-1, H)
         static = feature[:, None].expand(-1, words.shape[1], -1)  # (B, L-1, F)
         hidden, _ = self.feature_lstm(torch.cat([words, static], -1))
-        return self.out(hidden)
+        return hidden
 
     def step(self, feature: torch.Tensor, token: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
         """One decoding step: next-word log-probabilities (B, V) and the new state of both LSTMs."""
@@ -138,26 +144,38 @@ VARIANTS = {  # variant -> (uses the image, uses the class)
 }
 
 
+CLASS_FEATURES = ("embedding", "description")
+
+
 class ExplanationModel(nn.Module):
     """Image and/or class features -> FactoredLSTMGenerator, per the paper's five variants (`VARIANTS`).
 
     The image feature is the pooled top map of a registered classifier (`image_encoder`, e.g. a trained
-    baseline_tinycnn; frozen unless `train_encoder`), projected to `feature_dim`; the class feature is a learnt
-    label embedding (the PyTorch port's choice; the paper used mean description-model states).
+    baseline_tinycnn; frozen unless `train_encoder`), projected to `feature_dim`. The class feature is
+    `class_features="embedding"`: a learnt label embedding of `class_dim` (the PyTorch port's choice), or
+    `"description"`: the fixed `class_table[label]` (C, `class_dim`), each class's mean description-model state
+    (the paper's class embedding; `class_dim` is then the description model's hidden size, and the table is
+    filled before training, `class_table_ready` saying so).
     """
 
     def __init__(self, image_encoder: nn.Module, image_dim: int, num_classes: int, vocab_size: int, *,
                  variant: str = "explanation", feature_dim: int = 128, class_dim: int = 64, hidden: int = 256,
-                 max_len: int = 20, train_encoder: bool = False) -> None:
+                 max_len: int = 20, train_encoder: bool = False, class_features: str = "embedding") -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {list(VARIANTS)}; got {variant!r}.")
-        self.variant = variant
+        if class_features not in CLASS_FEATURES:
+            raise ValueError(f"class_features must be one of {CLASS_FEATURES}; got {class_features!r}.")
+        self.variant, self.class_features = variant, class_features
         self.uses_image, self.uses_class = VARIANTS[variant]
         self.image_encoder = image_encoder.requires_grad_(train_encoder)
         self.train_encoder = train_encoder
         self.image_proj = nn.Linear(image_dim, feature_dim)
-        self.class_embed = nn.Embedding(num_classes, class_dim)
+        if class_features == "embedding":
+            self.class_embed = nn.Embedding(num_classes, class_dim)
+        else:
+            self.register_buffer("class_table", torch.zeros(num_classes, class_dim))
+            self.register_buffer("class_table_ready", torch.tensor(False))
         static = feature_dim * self.uses_image + class_dim * self.uses_class
         self.generator = FactoredLSTMGenerator(vocab_size, static, hidden=hidden, max_len=max_len)
 
@@ -168,7 +186,7 @@ class ExplanationModel(nn.Module):
                 pooled = self.image_encoder.forward_features(images).mean((-2, -1))  # (B, C)
             parts.append(torch.relu(self.image_proj(pooled)))
         if self.uses_class:
-            parts.append(self.class_embed(labels))
+            parts.append(self.class_embed(labels) if self.class_features == "embedding" else self.class_table[labels])
         return torch.cat(parts, -1)  # (B, static)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
