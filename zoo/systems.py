@@ -707,8 +707,9 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
                 states = describer.generator.hidden_states(feature, tokens).float()  # (B, L-1, H)
                 words = (tokens[:, 1:] != 0).float()[..., None]  # (B, L-1, 1): the predicted words and <eos>
                 sentence = (states * words).sum(1) / words.sum(1).clamp(min=1)  # (B, H)
+                present = (words.sum((1, 2)) > 0).float()  # (B,) an all-padding reference row is no sentence
                 sums.index_add_(0, labels, sentence)
-                counts += torch.bincount(labels, minlength=len(table)).float()
+                counts += torch.bincount(labels, weights=present, minlength=len(table)).float()
         all_reduce_(sums), all_reduce_(counts)
         if (counts == 0).any():
             raise ValueError(f"classes {torch.nonzero(counts == 0).flatten().tolist()} have no training sentences: "
