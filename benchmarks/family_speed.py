@@ -162,9 +162,7 @@ class ExplanationStep(nn.Module):
         out = {**self.model(images, self.labels, self.captions), "tokens": self.captions}
         if self.discriminative:
             sampled, out["sample_log_probs"] = self.model.explain(images, self.labels, mode="sample")
-            with torch.no_grad():
-                probs = self.classifier(sampled)["logits"].float().softmax(-1)
-            out["reward"] = probs.gather(1, self.labels[:, None])[:, 0]
+            out["reward"] = self.classifier.true_class_probability(sampled, self.labels)
         return out
 
     def train(self, mode: bool = True) -> "ExplanationStep":

@@ -596,9 +596,9 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
         end_token: int = 2,
     ) -> None:
         super().__init__()
-        from losses.textual import DiscriminativeLoss, RelevanceLoss
         from torchmetrics.text import BLEUScore, ROUGEScore
 
+        from losses.textual import DiscriminativeLoss, RelevanceLoss
         from metrics.captions import AttributeMention, CIDErD, ClassRelevance
         from zoo.textual import ExplanationModel, SentenceClassifier
 
@@ -701,15 +701,15 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
             images = batch[self.hparams.image_key].to(self.device)
             labels = batch[self.hparams.target_key].to(self.device)
             captions = batch[self.hparams.captions_key].to(self.device)  # (B, R, L)
-            feature = describer.features(images, labels)
-            for r in range(captions.shape[1]):  # a handful of references per image
-                tokens = captions[:, r]
-                states = describer.generator.hidden_states(feature, tokens).float()  # (B, L-1, H)
-                words = (tokens[:, 1:] != 0).float()[..., None]  # (B, L-1, 1): the predicted words and <eos>
-                sentence = (states * words).sum(1) / words.sum(1).clamp(min=1)  # (B, H)
-                present = (words.sum((1, 2)) > 0).float()  # (B,) an all-padding reference row is no sentence
-                sums.index_add_(0, labels, sentence)
-                counts += torch.bincount(labels, weights=present, minlength=len(table)).float()
+            references = captions.shape[1]
+            feature = describer.features(images, labels).repeat_interleave(references, 0)  # (B*R, F)
+            tokens, labels = captions.flatten(0, 1), labels.repeat_interleave(references)  # (B*R, L), (B*R,)
+            states = describer.generator.hidden_states(feature, tokens).float()  # (B*R, L-1, H)
+            words = (tokens[:, 1:] != 0).float()[..., None]  # (B*R, L-1, 1): the predicted words and <eos>
+            sentence = (states * words).sum(1) / words.sum(1).clamp(min=1)  # (B*R, H)
+            present = (words.sum((1, 2)) > 0).float()  # (B*R,) an all-padding reference row is no sentence
+            sums.index_add_(0, labels, sentence)
+            counts += torch.bincount(labels, weights=present, minlength=len(table)).float()
         all_reduce_(sums), all_reduce_(counts)
         if (counts == 0).any():
             raise ValueError(f"classes {torch.nonzero(counts == 0).flatten().tolist()} have no training sentences: "
@@ -746,10 +746,6 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
         return self
 
     # -- steps
-    def _reward(self, words: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.sentence_classifier(words)["logits"].float().softmax(-1).gather(1, labels[:, None])[:, 0]
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images, labels = batch_field(batch, self.hparams.image_key), batch_field(batch, self.hparams.target_key)
         captions = batch_field(batch, self.hparams.captions_key)  # (B, R, L)
@@ -760,7 +756,7 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
         terms = self.relevance(self.model(images, labels, tokens), {"tokens": tokens})
         if self.hparams.discriminative_weight > 0:
             sampled, log_probs = self.model.explain(images, labels, mode="sample")
-            reward = self._reward(sampled, labels)
+            reward = self.sentence_classifier.true_class_probability(sampled, labels)
             terms |= self.discriminative({"reward": reward, "sample_log_probs": log_probs}, batch)
             self.log("train/reward", reward.mean(), on_step=True, on_epoch=True, batch_size=len(labels))
         loss = torch.stack(list(terms.values())).sum()

@@ -134,6 +134,11 @@ class SentenceClassifier(nn.Module):
         features = states[torch.arange(len(tokens), device=tokens.device), last]
         return {"logits": self.head(self.drop(features)), "features": features}
 
+    @torch.no_grad()
+    def true_class_probability(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B,) probability of each sentence's true class: the discriminative reward."""
+        return self(tokens)["logits"].float().softmax(-1).gather(1, labels[:, None])[:, 0]
+
 
 VARIANTS = {  # variant -> (uses the image, uses the class)
     "definition": (False, True),
