@@ -192,8 +192,9 @@ class DetectorLoss(nn.Module):
 
 
 def head_speed(device: torch.device, rounds: int, rois: int, classes: int = 21, channels: int = 256) -> list[dict]:
-    """Forward + backward of the RoI heads alone on the same features and proposals: AOGParsing (per-terminal maps,
-    and shared cell maps) and R-FCN's average vote at 3x3, torchvision's TwoMLPHead, and AOGParsing at 7x7."""
+    """Forward + backward of the RoI heads alone on the same features and proposals: AOGParsing (per-terminal maps at
+    full rank and through 32 shared basis maps, and shared cell maps) and R-FCN's average vote at 3x3, torchvision's
+    TwoMLPHead, and the same at 7x7."""
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.ops import MultiScaleRoIAlign
 
@@ -205,20 +206,22 @@ def head_speed(device: torch.device, rounds: int, rois: int, classes: int = 21, 
     proposals = [c.flatten(1) for c in corners.unbind(0)]  # (rois/2, 4) xyxy each, random boxes
     shapes = [(512, 512)] * 2
 
-    def ps_head(grid: int, head: str, maps: str = "terminals") -> tuple[nn.Module, ...]:
+    def ps_head(grid: int, head: str, maps: str = "terminals", rank: int | None = None) -> tuple[nn.Module, ...]:
         grammar = GridGrammar(grid, grid)
-        pool = PositionSensitivePool(channels, classes, grammar, maps if head == "aog" else "cells")
+        pool = PositionSensitivePool(channels, classes, grammar, maps if head == "aog" else "cells", terminal_rank=rank)
         box_head = AOGParsingHead(grammar, "max", maps) if head == "aog" else AverageVoteHead()
         return pool, box_head, VotePredictor()
 
     heads = {
         "average vote 3x3 (R-FCN)": ps_head(3, "vote"),
         "AOGParsing 3x3, terminal maps": ps_head(3, "aog"),
+        "AOGParsing 3x3, terminal maps rank 32": ps_head(3, "aog", rank=32),
         "AOGParsing 3x3, shared cell maps": ps_head(3, "aog", "cells"),
         "TwoMLPHead (RoIAlign 7x7)": (MultiScaleRoIAlign(["0"], 7, 2), TwoMLPHead(channels * 49, 1024),
                                       FastRCNNPredictor(1024, classes)),
         "average vote 7x7": ps_head(7, "vote"),
         "AOGParsing 7x7, terminal maps": ps_head(7, "aog"),
+        "AOGParsing 7x7, terminal maps rank 32": ps_head(7, "aog", rank=32),
         "AOGParsing 7x7, shared cell maps": ps_head(7, "aog", "cells"),
     }
 

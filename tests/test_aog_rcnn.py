@@ -124,12 +124,14 @@ def test_gradients_reach_the_score_maps_through_the_whole_head() -> None:
     assert out["or_choices"].shape == (3, 5, grammar.num_or)
 
 
-def test_terminal_pooling_against_a_loop_reference() -> None:
+@pytest.mark.parametrize("rank", [None, 3])
+def test_terminal_pooling_against_a_loop_reference(rank: int | None) -> None:
     torch.manual_seed(4)
     grammar = GridGrammar(2, 2)
-    pool = PositionSensitivePool(8, 3, grammar, "terminals")
+    pool = PositionSensitivePool(8, 3, grammar, "terminals", terminal_rank=rank)
     features = torch.randn(2, 8, 10, 12)
-    maps = pool.score_maps(features).detach()  # every terminal's own 3 maps, computed as they are defined
+    basis = features if rank is None else pool.terminal_basis(features)
+    maps = pool.score_maps(basis).detach()  # every terminal's own 3 maps, computed as they are defined
     rois = rois_with_batch_index([torch.tensor([[3.0, 5, 70, 60]]), torch.tensor([[10.0, 0, 40, 79]])])
     scale = 1 / 8
     pooled = pool._pool_terminals(features, rois, scale)  # (K, C+1, T), via the features' integral image
@@ -185,6 +187,23 @@ def test_detector_rejects_bad_input() -> None:
         model(images, [{**t, "labels": torch.tensor([0, 4])} for t in targets])
     with pytest.raises(ValueError, match="or_mode"):
         model.set_or_mode("min")
+    with pytest.raises(ValueError, match="terminal_rank"):
+        zoo.create_model("aog_rcnn_tinycnn", num_classes=3, image_size=96, terminal_maps="cells", terminal_rank=8)
+    with pytest.raises(ValueError, match="terminal_rank"):
+        zoo.create_model("aog_rcnn_tinycnn", num_classes=3, image_size=96, terminal_rank=0)
+
+
+def test_low_rank_terminal_maps_train_in_the_detector() -> None:
+    """terminal_rank r: the detector trains end to end through the r basis maps, with fewer head parameters."""
+    full = zoo.create_model("aog_rcnn_tinycnn", num_classes=3, image_size=96)
+    low = zoo.create_model("aog_rcnn_tinycnn", num_classes=3, image_size=96, terminal_rank=8)
+    pool = low.roi_heads.box_roi_pool
+    assert pool.terminal_basis.out_channels == 8 and pool.score_maps.in_channels == 8
+    count = lambda m: sum(p.numel() for p in m.roi_heads.parameters())  # noqa: E731
+    assert count(low) < count(full)
+    images, targets = scenes()
+    sum(low(images, targets).values()).backward()
+    assert pool.terminal_basis.weight.grad.abs().sum() > 0 and pool.score_maps.weight.grad.abs().sum() > 0
 
 
 def test_post_processing_keeps_torchvisions_detections() -> None:

@@ -313,14 +313,19 @@ class PositionSensitivePool(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_classes: int, grammar: GridGrammar, terminal_maps: str = "terminals",
-                 feature_key: str = "0", sampling_ratio: int = 2) -> None:
+                 feature_key: str = "0", sampling_ratio: int = 2, terminal_rank: int | None = None) -> None:
         super().__init__()
         if terminal_maps not in TERMINAL_MAPS:
             raise ValueError(f"terminal_maps must be one of {TERMINAL_MAPS}; got {terminal_maps!r}.")
+        if terminal_rank is not None and (terminal_maps != "terminals" or terminal_rank < 1):
+            raise ValueError(f"terminal_rank factorises per-terminal maps: a positive int with "
+                             f"terminal_maps='terminals'; got {terminal_rank!r} with {terminal_maps!r}.")
         self.grammar, self.terminal_maps, self.num_classes = grammar, terminal_maps, num_classes
         self.feature_key, self.sampling_ratio = feature_key, sampling_ratio
         groups = grammar.num_terminals if terminal_maps == "terminals" else grammar.height * grammar.width
-        self.score_maps = nn.Conv2d(in_channels, num_classes * groups, 1)
+        # terminal_rank r: every terminal's maps are read from r shared basis maps (weights of rank <= r)
+        self.terminal_basis = nn.Conv2d(in_channels, terminal_rank, 1) if terminal_rank else None
+        self.score_maps = nn.Conv2d(terminal_rank or in_channels, num_classes * groups, 1)
         self.box_maps = nn.Conv2d(in_channels, 4 * grammar.height * grammar.width, 1)
         self.register_buffer("rects", torch.tensor(grammar.rects, dtype=torch.float32), persistent=False)
 
@@ -340,19 +345,28 @@ class PositionSensitivePool(nn.Module):
     def _pool_terminals(self, feature: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
         """Terminal t's own (C+1) score maps averaged over its sub-box of each RoI: (K, C+1, T).
 
-        Box means come from an integral image of every terminal's maps (four row lookups per RoI and terminal,
-        whatever the box size); the sub-box is widened to the feature cells it touches, at least one. The 1x1 conv
-        is linear, so the integral image of its output is the conv (without bias) of the features' integral image:
-        two small matmuls on the input channels instead of cumsums over T x (C+1) maps, and the bias adds back to
-        each mean. In float32 with autocast off: box sums are differences of large running sums."""
-        n, _, fh, fw = feature.shape
+        Box means come from an integral image (four corner lookups per RoI and terminal, whatever the box size); the
+        sub-box is widened to the feature cells it touches, at least one. The 1x1 convs are linear, so a box mean of
+        a map is the conv of the box mean of its input: with full-rank maps the conv (without bias) is put through
+        the features' integral image (two small matmuls on the input channels instead of cumsums over T x (C+1)
+        maps); with `terminal_rank` r the r basis maps' box means are looked up first and each terminal's (C+1) x r
+        weights applied to its own means (one batched matmul), so no T x (C+1)-channel map is ever made. Biases
+        add back to the means. In float32 with autocast off: box sums are differences of large running sums."""
+        low_rank = self.terminal_basis is not None
+        if low_rank:
+            feature = self.terminal_basis(feature)  # (n, r, fh, fw)
+        n, channels, fh, fw = feature.shape
         terminals, classes = self.grammar.num_terminals, self.num_classes
+        weight = self.score_maps.weight.float()  # (T*(C+1), r or in_channels, 1, 1)
         with torch.autocast(feature.device.type, enabled=False):
             rows_before = torch.ones(fh + 1, fh, device=feature.device).tril(-1)  # (fh+1, fh): y sums rows < y
             cols_before = torch.ones(fw, fw + 1, device=feature.device).triu(1)  # (fw, fw+1)
             integral = (rows_before @ feature.float() @ cols_before).contiguous(memory_format=torch.channels_last)
-            sums = F.conv2d(integral, self.score_maps.weight.float())  # (n, T*(C+1), fh+1, fw+1), channels last
-        table = sums.permute(0, 2, 3, 1).reshape(-1, classes)  # row ((b*(fh+1) + y)*(fw+1) + x)*T + t
+            if low_rank:
+                table = integral.permute(0, 2, 3, 1).reshape(-1, channels)  # row (b*(fh+1) + y)*(fw+1) + x
+            else:
+                sums = F.conv2d(integral, weight)  # (n, T*(C+1), fh+1, fw+1), channels last
+                table = sums.permute(0, 2, 3, 1).reshape(-1, classes)  # row ((b*(fh+1) + y)*(fw+1) + x)*T + t
         top, left, height, width = self.rects.to(rois.dtype).unbind(1)  # (T,)
         x1, y1, x2, y2 = (rois[:, i:i + 1] * scale for i in range(1, 5))  # (K, 1) in feature cells
         bw, bh = (x2 - x1) / self.grammar.width, (y2 - y1) / self.grammar.height
@@ -360,16 +374,21 @@ class PositionSensitivePool(nn.Module):
         cy1 = (y1 + top * bh).floor().clamp(0, fh - 1)
         cx2 = torch.maximum((x1 + (left + width) * bw).ceil().clamp(max=fw), cx1 + 1)
         cy2 = torch.maximum((y1 + (top + height) * bh).ceil().clamp(max=fh), cy1 + 1)
-        image = rois[:, :1].long() * (fh + 1)  # (K, 1)
-        terminal = torch.arange(terminals, device=rois.device)
-
-        def rows(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            return table.index_select(0, (((image + y.long()) * (fw + 1) + x.long()) * terminals + terminal).flatten())
-
-        total = rows(cy2, cx2) - rows(cy1, cx2) - rows(cy2, cx1) + rows(cy1, cx1)  # (K*T, C+1)
-        mean = total / ((cy2 - cy1) * (cx2 - cx1)).flatten()[:, None]
+        ys, xs = torch.stack([cy2, cy1, cy2, cy1]).long(), torch.stack([cx2, cx2, cx1, cx1]).long()  # (4, K, T)
+        position = (rois[:, :1].long() * (fh + 1) + ys) * (fw + 1) + xs  # (4, K, T) rows of the integral image
+        row = position if low_rank else position * terminals + torch.arange(terminals, device=rois.device)
+        corners = table.index_select(0, row.flatten())  # (4*K*T, r or C+1)
+        # one lookup and a signed sum (broadcast product, no slicing): the backward makes one table-sized buffer and
+        # no zero-filled buffer per corner
+        signs = torch.tensor([1.0, -1.0, -1.0, 1.0], device=table.device)[:, None]
+        total = (corners.view(4, -1) * signs).sum(0).view(len(rois), terminals, -1)  # (K, T, r or C+1)
+        mean = total / ((cy2 - cy1) * (cx2 - cx1))[..., None]
+        if low_rank:  # terminal t's own weights on its own basis means: (T, K, r) @ (T, r, C+1), in float32
+            with torch.autocast(feature.device.type, enabled=False):
+                own = weight.view(terminals, classes, -1).transpose(1, 2)
+                mean = torch.bmm(mean.transpose(0, 1), own).transpose(0, 1)  # (K, T, C+1)
         bias = self.score_maps.bias.float().view(terminals, classes)
-        return (mean.reshape(len(rois), terminals, classes) + bias).transpose(1, 2)
+        return (mean + bias).transpose(1, 2)
 
 
 class AOGParsingHead(nn.Module):
@@ -472,7 +491,8 @@ class AOGRCNN(FasterRCNN):
     def __init__(self, *, num_classes: int, head: str = "aog", backbone: str = TINY_CNN, in_chans: int = 3,
                  backbone_index: int = -1, pretrained_path: str | None = None, image_size: int = 128,
                  grid: tuple[int, int] = (3, 3), or_mode: str = "mean", terminal_maps: str = "terminals",
-                 anchor_sizes: tuple[int, ...] = (16, 32, 64), aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
+                 terminal_rank: int | None = None, anchor_sizes: tuple[int, ...] = (16, 32, 64),
+                 aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
                  rpn_pre_nms_top_n: int = 300, rpn_post_nms_top_n: int = 150, box_batch_size_per_image: int = 128,
                  box_detections_per_img: int = 50, representation_size: int = 256) -> None:
         if head not in ("aog", "vote", "mlp"):
@@ -486,7 +506,8 @@ class AOGRCNN(FasterRCNN):
             predictor = FastRCNNPredictor(representation_size, classes)
         else:
             maps = terminal_maps if head == "aog" else "cells"
-            pool = PositionSensitivePool(body.out_channels, classes, grammar, maps)
+            pool = PositionSensitivePool(body.out_channels, classes, grammar, maps,
+                                         terminal_rank=terminal_rank if head == "aog" else None)
             box_head = AOGParsingHead(grammar, or_mode, maps) if head == "aog" else AverageVoteHead()
             predictor = VotePredictor()
         anchors = AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),))
