@@ -24,3 +24,16 @@ def test_icnn_step_time_times_icnn_and_its_three_references() -> None:
     rows = main(["--rounds", "1", "--steps", "1", "--backbones", "tinycnn"])
     assert [r["backbone"] for r in rows] == ["tinycnn"]
     assert all(rows[0][f"{name}_ms"] > 0 for name in ("icnn", "twin", "ordinary", "plain"))
+
+
+def test_instability_floor_oracles_fire_on_the_true_parts() -> None:
+    import torch
+
+    from benchmarks.icnn_instability_floor import main, oracle_maps
+
+    landmarks, labels = torch.tensor([[[10.0, 50.0], [60.0, 3.0]]]), torch.tensor([1])  # one class-1 image, 2 parts
+    maps = oracle_maps(landmarks, labels, 2, 8, 64, torch.Generator().manual_seed(0))  # (1, 2 classes x 2 parts, 8, 8)
+    assert maps.shape == (1, 4, 8, 8) and maps[0, :2].max() == 0  # class 0's filters are silent on a class-1 image
+    assert maps[0, 2].flatten().argmax() == 6 * 8 + 1 and maps[0, 3].flatten().argmax() == 7  # cells (x 1, y 6), (7, 0)
+    rows = main(["--map_sizes", "8", "64", "--num_val", "120"])
+    assert 0 < rows[1]["part_oracle"] < rows[0]["part_oracle"]  # finer maps pay less quantisation
