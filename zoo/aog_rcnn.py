@@ -11,7 +11,8 @@ Departs / chooses (the authors' detector code was never released):
   its sub-box of the RoI (the spec's "one map per terminal node" option). With `"cells"` the terminals share the
   R-FCN cell maps and add no parameters, but then every parse tree scores exactly the average vote (an area-weighted
   mean of cell means is the mean of all cells), so the OR choices are ties and the parse says nothing: kept as the
-  sanity check against R-FCN, not as a rationale.
+  sanity check against R-FCN, not as a rationale. `terminal_rank=r` reads every terminal's maps from r shared basis
+  maps (weights of rank <= r): at r = 32 the head costs about the average vote's, but parses worse (README).
 - Box regression is class-agnostic and position-sensitive (R-FCN): 4 x H x W maps voted by the mean.
 - The bottom-up pass loops over area levels (at most H*W of them), never over nodes, RoIs or classes.
 
