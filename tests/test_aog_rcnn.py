@@ -56,11 +56,11 @@ def all_trees(top: int, left: int, h: int, w: int) -> list[list[tuple[int, int, 
     return trees
 
 
-@pytest.mark.parametrize("grid", [(2, 2), (2, 3), (3, 3)])
+@pytest.mark.parametrize("grid", [(2, 2), (2, 3), (3, 3), (2, 4)])  # 2x4: 1x4 and 2x2 share a level, padded
 def test_max_parse_equals_the_best_of_all_enumerated_trees(grid: tuple[int, int]) -> None:
     torch.manual_seed(0)
     parser = AOGParsing(GridGrammar(*grid), "max")
-    terminals = torch.randn(6, parser.grammar.num_terminals, dtype=torch.float64)
+    terminals = torch.randn(64, parser.grammar.num_terminals, dtype=torch.float64)
     trees = all_trees(0, 0, *grid)
     assert len(trees) == parser.grammar.num_parse_trees
     index = {r: i for i, r in enumerate(parser.grammar.rects)}
@@ -74,9 +74,10 @@ def test_max_parse_equals_the_best_of_all_enumerated_trees(grid: tuple[int, int]
     assert [{parser.grammar.rects[t] for t in row.nonzero().flatten().tolist()} for row in leaves] == best
 
 
-def test_mean_parse_matches_a_recursive_reference() -> None:
+@pytest.mark.parametrize("grid", [(2, 3), (2, 4)])
+def test_mean_parse_matches_a_recursive_reference(grid: tuple[int, int]) -> None:
     torch.manual_seed(1)
-    parser = AOGParsing(GridGrammar(2, 3), "mean")
+    parser = AOGParsing(GridGrammar(*grid), "mean")
     terminals = torch.randn(3, parser.grammar.num_terminals, dtype=torch.float64)
     index = {r: i for i, r in enumerate(parser.grammar.rects)}
 
@@ -88,12 +89,14 @@ def test_mean_parse_matches_a_recursive_reference() -> None:
             children.append((k * or_score(t, l, h, k) + (w - k) * or_score(t, l + k, h, w - k)) / w)
         return torch.stack(children).mean(0)
 
-    torch.testing.assert_close(parser(terminals)[0], or_score(0, 0, 2, 3))
+    torch.testing.assert_close(parser(terminals)[0], or_score(0, 0, *grid))
 
 
 @pytest.mark.parametrize("or_mode", ["max", "mean"])
-def test_the_dp_gradient_passes_gradcheck(or_mode: str) -> None:
-    parser = AOGParsing(GridGrammar(3, 2), or_mode).double()
+@pytest.mark.parametrize("grid", [(3, 2), (2, 4)])
+def test_the_dp_gradient_passes_gradcheck(or_mode: str, grid: tuple[int, int]) -> None:
+    parser = AOGParsing(GridGrammar(*grid), or_mode).double()
+    assert any(parser.level_padded) == (grid == (2, 4))  # 2x4 exercises ORs with fewer children than their level
     x = torch.randn(4, parser.grammar.num_terminals, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: parser(t)[0], (x,))
 

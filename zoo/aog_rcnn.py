@@ -157,6 +157,15 @@ class AOGParsing(nn.Module):
             self.register_buffer(name, tensor, persistent=False)
         self.level_ranges = grammar.levels()
         self.level_width = [int(self.or_num_children[o0:o1].max()) - 1 for o0, o1, _, _ in self.level_ranges]
+        # every OR's AND children as slots (num_or, max children): their two OR children and the left weight;
+        # a level whose ORs all have `width` children (every level of a square grid) needs no padding
+        children = self.or_and_children.clamp(min=0)
+        self.register_buffer("slot_left", self.and_left[children], persistent=False)
+        self.register_buffer("slot_right", self.and_right[children], persistent=False)
+        self.register_buffer("slot_weight", self.and_left_weight[children], persistent=False)
+        self.register_buffer("slot_pad", self.or_and_children < 0, persistent=False)
+        self.level_padded = [bool(self.slot_pad[o0:o1, :width].any())
+                             for (o0, o1, _, _), width in zip(self.level_ranges, self.level_width)]
 
     @property
     def or_mode(self) -> str:
@@ -181,26 +190,35 @@ class AOGParsing(nn.Module):
 
     def bottom_up(self, terminal_scores: torch.Tensor, maximise: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The DP without autograd: root scores (R,) and OR choices (R, num_or) uint8 (the best child, also when
-        folding). Node-major buffers (nodes, R) are written in place level by level: whole rows are gathered, and
-        no graph or copy of the node table is made per level."""
+        folding). Per area level, the AND scores are written straight into a (n, 1 + k, R) candidate block beside
+        each OR's terminal (slot j = the OR's j-th AND child), so the OR is one reduction over the block; node-major
+        buffers are filled in place and no graph or copy of the node table is made per level."""
         terminals = terminal_scores.T.contiguous()  # (T, R)
         rows = terminals.shape[1]
         or_scores = terminals.new_empty(self.grammar.num_or, rows)
-        and_scores = terminals.new_empty(max(self.grammar.num_and, 1), rows)
         choices = torch.zeros(self.grammar.num_or, rows, dtype=torch.uint8, device=terminals.device)
-        weight = self.and_left_weight.to(terminals.dtype)[:, None]  # (A, 1)
-        for (o0, o1, a0, a1), width in zip(self.level_ranges, self.level_width):  # area levels, not nodes
-            if a1 == a0:  # single cells: the terminal is the only child
+        weight = self.slot_weight.to(terminals.dtype)
+        for (o0, o1, _, _), k, padded in zip(self.level_ranges, self.level_width, self.level_padded):
+            if k == 0:  # single cells: the terminal is the only child
                 or_scores[o0:o1] = terminals[o0:o1]
                 continue
-            left = or_scores.index_select(0, self.and_left[a0:a1])  # (m, R)
-            right = or_scores.index_select(0, self.and_right[a0:a1])
-            torch.lerp(right, left, weight[a0:a1], out=and_scores[a0:a1])  # w * left + (1 - w) * right
-            children = self.or_and_children[o0:o1, :width]  # (n, k), -1 = none
-            candidates = torch.cat([terminals[o0:o1, None], and_scores[children.clamp(min=0)]], 1)  # (n, 1+k, R)
-            valid = torch.cat([children.new_ones(o1 - o0, 1, dtype=torch.bool), children >= 0], 1)[..., None]
-            best, choice = candidates.masked_fill(~valid, float("-inf")).max(1)  # (n, R)
-            or_scores[o0:o1] = best if maximise else (candidates * valid).sum(1) / valid.sum(1)
+            n = o1 - o0
+            candidates = terminals.new_empty(n, 1 + k, rows)
+            candidates[:, 0] = terminals[o0:o1]
+            left = or_scores.index_select(0, self.slot_left[o0:o1, :k].flatten()).view(n, k, rows)
+            right = or_scores.index_select(0, self.slot_right[o0:o1, :k].flatten()).view(n, k, rows)
+            ands = candidates[:, 1:]
+            torch.lerp(right, left, weight[o0:o1, :k, None], out=ands)  # w * left + (1 - w) * right
+            if padded:  # ORs with fewer AND children than the widest of their level: empty slots never win
+                pad = self.slot_pad[o0:o1, :k, None]
+                total = None if maximise else candidates[:, 0] + ands.masked_fill(pad, 0.0).sum(1)
+                ands.masked_fill_(pad, float("-inf"))
+            best, choice = candidates.max(1)  # (n, R)
+            if maximise:
+                or_scores[o0:o1] = best
+            else:
+                total = total if padded else candidates.sum(1)
+                or_scores[o0:o1] = total / self.or_num_children[o0:o1, None].to(total.dtype)
             choices[o0:o1] = choice.to(torch.uint8)
         return or_scores[self.grammar.root].clone(), choices.T
 
@@ -211,29 +229,26 @@ class AOGParsing(nn.Module):
         choices = choices.T  # (num_or, R)
         grad_or = grad_root.new_zeros(self.grammar.num_or, rows)
         grad_or[self.grammar.root] = grad_root
-        grad_and = grad_root.new_zeros(max(self.grammar.num_and, 1), rows)
         grad_terminal = grad_root.new_zeros(self.grammar.num_terminals, rows)
-        weight = self.and_left_weight.to(grad_root.dtype)[:, None]
-        for (o0, o1, a0, a1), width in zip(reversed(self.level_ranges), reversed(self.level_width)):
+        weight = self.slot_weight.to(grad_root.dtype)
+        for (o0, o1, _, _), k in zip(reversed(self.level_ranges), reversed(self.level_width)):
             g = grad_or[o0:o1]  # (n, R): complete, every parent sits on a larger level
-            if a1 == a0:
+            if k == 0:
                 grad_terminal[o0:o1] = g
                 continue
-            children = self.or_and_children[o0:o1, :width]  # (n, k)
-            valid = children >= 0
+            n = o1 - o0
             if maximise:
-                chosen = choices[o0:o1].long()  # (n, R)
+                chosen = choices[o0:o1]  # (n, R)
                 grad_terminal[o0:o1] = g * (chosen == 0)
-                and_ids = children.gather(1, (chosen - 1).clamp(min=0))  # (n, R) the chosen AND of each OR
-                grad_and.scatter_add_(0, and_ids.clamp(min=0), g * (chosen > 0))  # each AND has one parent
+                slot = torch.arange(1, k + 1, dtype=chosen.dtype, device=chosen.device)[:, None]  # (k, 1)
+                grad_and = g[:, None] * (chosen[:, None] == slot)  # (n, k, R): only the chosen AND
             else:
-                share = g / (valid.sum(1, keepdim=True) + 1)  # (n, R)
+                share = g / self.or_num_children[o0:o1, None].to(g.dtype)  # (n, R)
                 grad_terminal[o0:o1] = share
-                index = children.clamp(min=0).flatten()  # (n*k,)
-                grad_and.index_add_(0, index, (share[:, None] * valid[..., None]).flatten(0, 1))
-            g_and = grad_and[a0:a1]  # (m, R)
-            grad_or.index_add_(0, self.and_left[a0:a1], weight[a0:a1] * g_and)
-            grad_or.index_add_(0, self.and_right[a0:a1], (1 - weight[a0:a1]) * g_and)
+                grad_and = share[:, None] * ~self.slot_pad[o0:o1, :k, None]  # (n, k, R)
+            w = weight[o0:o1, :k, None]
+            grad_or.index_add_(0, self.slot_left[o0:o1, :k].flatten(), (w * grad_and).view(n * k, rows))
+            grad_or.index_add_(0, self.slot_right[o0:o1, :k].flatten(), ((1 - w) * grad_and).view(n * k, rows))
         return grad_terminal.T
 
     def parse_leaves(self, choices: torch.Tensor) -> torch.Tensor:
