@@ -344,6 +344,8 @@ class PositionSensitivePool(nn.Module):
         self.score_maps = nn.Conv2d(terminal_rank or in_channels, num_classes * groups, 1)
         self.box_maps = nn.Conv2d(in_channels, 4 * grammar.height * grammar.width, 1)
         self.register_buffer("rects", torch.tensor(grammar.rects, dtype=torch.float32), persistent=False)
+        # box sum = S(y2, x2) - S(y1, x2) - S(y2, x1) + S(y1, x1), the corners in this order
+        self.register_buffer("corner_signs", torch.tensor([[1.0], [-1.0], [-1.0], [1.0]]), persistent=False)
 
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
                 image_shapes: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
@@ -396,8 +398,7 @@ class PositionSensitivePool(nn.Module):
         corners = table.index_select(0, row.flatten())  # (4*K*T, r or C+1)
         # one lookup and a signed sum (broadcast product, no slicing): the backward makes one table-sized buffer and
         # no zero-filled buffer per corner
-        signs = torch.tensor([1.0, -1.0, -1.0, 1.0], device=table.device)[:, None]
-        total = (corners.view(4, -1) * signs).sum(0).view(len(rois), terminals, -1)  # (K, T, r or C+1)
+        total = (corners.view(4, -1) * self.corner_signs).sum(0).view(len(rois), terminals, -1)  # (K, T, r or C+1)
         mean = total / ((cy2 - cy1) * (cx2 - cx1))[..., None]
         if low_rank:  # terminal t's own weights on its own basis means: (T, K, r) @ (T, r, C+1), in float32
             with torch.autocast(feature.device.type, enabled=False):
