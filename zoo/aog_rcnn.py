@@ -394,11 +394,14 @@ class PositionSensitivePool(nn.Module):
         cy2 = torch.maximum((y1 + (top + height) * bh).ceil().clamp(max=fh), cy1 + 1)
         ys, xs = torch.stack([cy2, cy1, cy2, cy1]).long(), torch.stack([cx2, cx2, cx1, cx1]).long()  # (4, K, T)
         position = (rois[:, :1].long() * (fh + 1) + ys) * (fw + 1) + xs  # (4, K, T) rows of the integral image
-        row = position if low_rank else position * terminals + torch.arange(terminals, device=rois.device)
-        corners = table.index_select(0, row.flatten())  # (4*K*T, r or C+1)
-        # one lookup and a signed sum (broadcast product, no slicing): the backward makes one table-sized buffer and
-        # no zero-filled buffer per corner
-        total = (corners.view(4, -1) * self.corner_signs).sum(0).view(len(rois), terminals, -1)  # (K, T, r or C+1)
+        if low_rank:  # a small table: four lookups (four small gradient buffers) beat one of four times the rows
+            corners = [table.index_select(0, rows.flatten()) for rows in position]  # 4 x (K*T, r)
+            total = ((corners[0] - corners[1]) - (corners[2] - corners[3])).view(len(rois), terminals, -1)
+        else:  # a table of T x (C+1) per position: one lookup and a signed sum (broadcast product, no slicing), so
+            # the backward makes one table-sized gradient buffer, not four zero-filled ones
+            rows = position * terminals + torch.arange(terminals, device=rois.device)
+            corners = table.index_select(0, rows.flatten()).view(4, -1)  # (4, K*T*(C+1))
+            total = (corners * self.corner_signs).sum(0).view(len(rois), terminals, -1)  # (K, T, C+1)
         mean = total / ((cy2 - cy1) * (cx2 - cx1))[..., None]
         if low_rank:  # terminal t's own weights on its own basis means: (T, K, r) @ (T, r, C+1), in float32
             with torch.autocast(feature.device.type, enabled=False):
