@@ -37,3 +37,27 @@ def test_instability_floor_oracles_fire_on_the_true_parts() -> None:
     assert maps[0, 2].flatten().argmax() == 6 * 8 + 1 and maps[0, 3].flatten().argmax() == 7  # cells (x 1, y 6), (7, 0)
     rows = main(["--map_sizes", "8", "64", "--num_val", "120"])
     assert 0 < rows[1]["part_oracle"] < rows[0]["part_oracle"]  # finer maps pay less quantisation
+
+
+def test_parse_headroom_scores_every_partition_with_the_metric() -> None:
+    import torch
+
+    from benchmarks.aog_parse_headroom import all_partitions, main, tree_scores
+    from zoo.aog_rcnn import AOGParsing, GridGrammar
+
+    two = AOGParsing(GridGrammar(2, 2))
+    partitions = all_partitions(two.grammar)  # 9 parse trees, 8 partitions: the four cells come from two trees
+    cover = partitions.float() @ (two.cell_weights * two.area[:, None].float())  # (8, 4): each cell covered once
+    assert len(partitions) == 8 and torch.equal(cover, torch.ones_like(cover))
+    three = AOGParsing(GridGrammar(3, 3))
+    partitions = all_partitions(three.grammar)
+    box, part = torch.tensor([[0.0, 0, 3, 3]]), torch.tensor([[[0.0, 0, 1, 1]]])  # the part is the top-left cell
+    scores = tree_scores(box, part, three, partitions)[0]  # (M,)
+    grid = int((partitions == three.uniform_leaves()).all(1).nonzero())
+    # grid: recall 1, precision 1/9; best: the cell, the rest of its row, the two rows below (recall 1, precision 1/3)
+    torch.testing.assert_close(scores[grid], torch.tensor((1 + 1 / 9) / 2))
+    torch.testing.assert_close(scores.max(), torch.tensor((1 + 1 / 3) / 2))
+    rows = main(["--num_train", "40", "--num_val", "20"])
+    assert [r["partition"].split(" (")[0] for r in rows] == ["whole box", "uniform grid", "best fixed tree per class",
+                                                             "best tree per object"]
+    assert rows[3]["part_iou"] >= max(r["part_iou"] for r in rows[:3])  # the oracle bounds every fixed choice
