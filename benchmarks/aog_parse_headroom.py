@@ -1,6 +1,7 @@
 """How much part IoU can any parse tree win over the uniform grid on the scene world? Scored on the true boxes.
 
     python benchmarks/aog_parse_headroom.py [--grid 3 3] [--num_train 600] [--num_val 150] [--seed 0]
+        [--shared_part_types]
 
 Every object of the scene world's validation split is taken with its true box (a perfect detector), and every
 partition the grid grammar's parse trees make (1,241 trees at 3x3) is scored with the parse-part IoU of `metrics.detection` (mean of
@@ -73,8 +74,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--num_train", type=int, default=600)
     parser.add_argument("--num_val", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shared_part_types", action="store_true", help="the layout-only world (see make_world)")
     args = parser.parse_args(argv)
-    data = PartsWorldScenesDataModule(num_train=args.num_train, num_val=args.num_val, seed=args.seed)
+    data = PartsWorldScenesDataModule(num_train=args.num_train, num_val=args.num_val, seed=args.seed,
+                                      shared_part_types=args.shared_part_types)
     data.setup("fit")
     grammar = GridGrammar(*args.grid)
     aog = AOGParsing(grammar)

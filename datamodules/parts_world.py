@@ -57,8 +57,12 @@ class WorldDefinition:
         return f"class {label}: {parts}"
 
 
-def make_world(num_classes: int, parts_per_class: int, world_seed: int = 0) -> WorldDefinition:
-    """Draw distinct class compositions: each class a set of distinct part types on distinct layout slots."""
+def make_world(num_classes: int, parts_per_class: int, world_seed: int = 0,
+               shared_part_types: bool = False) -> WorldDefinition:
+    """Draw distinct class compositions: each class a set of distinct part types on distinct layout slots.
+
+    shared_part_types: every class uses the same part types and classes differ only in where each type sits, so
+    telling classes apart needs the layout, not just the parts present."""
     if not 2 <= num_classes <= 200:
         raise ValueError(f"num_classes must be in [2, 200]; got {num_classes}.")
     if not 1 <= parts_per_class <= len(SLOTS):
@@ -66,8 +70,9 @@ def make_world(num_classes: int, parts_per_class: int, world_seed: int = 0) -> W
     rng = np.random.default_rng(world_seed)
     seen: set[tuple[int, ...]] = set()
     types, slots = [], []
+    shared = rng.choice(NUM_PART_TYPES, parts_per_class, replace=False) if shared_part_types else None
     while len(types) < num_classes:  # a loop over classes, once per world
-        t = rng.choice(NUM_PART_TYPES, parts_per_class, replace=False)
+        t = rng.choice(NUM_PART_TYPES, parts_per_class, replace=False) if shared is None else rng.permutation(shared)
         s = rng.choice(len(SLOTS), parts_per_class, replace=False)
         key = tuple(sorted(zip(t.tolist(), s.tolist())))
         if key not in seen:
@@ -420,12 +425,12 @@ class SceneDataset(torch.utils.data.Dataset):
 
 @functools.lru_cache(maxsize=6)
 def cached_scenes(num_classes: int, parts_per_class: int, world_seed: int, num_scenes: int, canvas_size: int,
-                  max_objects: int, object_sizes: tuple[int, int], jitter: Jitter, seed: int, split: str
-                  ) -> dict[str, torch.Tensor]:
+                  max_objects: int, object_sizes: tuple[int, int], jitter: Jitter, seed: int, split: str,
+                  shared_part_types: bool = False) -> dict[str, torch.Tensor]:
     """`render_scenes` for one split, memoised per process (compare/ablate runs draw it once)."""
     generator = torch.Generator().manual_seed(seed * 1000 + SPLIT_IDS[split] + 700)
-    return render_scenes(make_world(num_classes, parts_per_class, world_seed), num_scenes, canvas_size, max_objects,
-                         object_sizes, jitter, generator)
+    world = make_world(num_classes, parts_per_class, world_seed, shared_part_types)
+    return render_scenes(world, num_scenes, canvas_size, max_objects, object_sizes, jitter, generator)
 
 
 class PartsWorldScenesDataModule(DetectionDataModule):
@@ -438,6 +443,8 @@ class PartsWorldScenesDataModule(DetectionDataModule):
         canvas_size: square canvas side in pixels; object_sizes: (min, max) side of the square an object is drawn
             in (the object box is about 0.6x that).
         max_objects: objects per scene are uniform in 1..max_objects (fewer when no free place is found).
+        shared_part_types: all classes have the same part types in different places (see `make_world`): the
+            class is in the layout only.
         Other arguments as `PartsWorldDataModule`.
     """
 
@@ -447,7 +454,7 @@ class PartsWorldScenesDataModule(DetectionDataModule):
                  object_sizes: tuple[int, int] = (40, 64), num_train: int = 600, num_val: int = 150,
                  num_test: int = 150, seed: int = 0, world_seed: int = 0, scale_jitter: float = 0.15,
                  part_jitter: float = 0.15, colour_jitter: float = 0.08, noise: float = 0.04, batch_size: int = 8,
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, shared_part_types: bool = False) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         if not 1 <= max_objects <= 8:
             raise ValueError(f"max_objects must be in [1, 8]; got {max_objects}.")
@@ -456,7 +463,7 @@ class PartsWorldScenesDataModule(DetectionDataModule):
             raise ValueError(f"object_sizes must satisfy 24 <= min <= max <= canvas_size ({canvas_size}); got "
                              f"{tuple(object_sizes)}.")
         self.save_hyperparameters()
-        self.world = make_world(num_classes, parts_per_class, world_seed)
+        self.world = make_world(num_classes, parts_per_class, world_seed, shared_part_types)
         self.num_classes, self.image_size = num_classes, canvas_size
         self.class_names = [f"class {c}" for c in range(num_classes)]
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
@@ -467,5 +474,6 @@ class PartsWorldScenesDataModule(DetectionDataModule):
         for split, size in self.sizes.items():
             if split not in self.splits:
                 data = cached_scenes(h.num_classes, h.parts_per_class, h.world_seed, size, h.canvas_size,
-                                     h.max_objects, tuple(h.object_sizes), self.jitter, h.seed, split)
+                                     h.max_objects, tuple(h.object_sizes), self.jitter, h.seed, split,
+                                     h.shared_part_types)
                 self.splits[split] = SceneDataset(data)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from datamodules import (CUB200DataModule, DatasetLayoutError, DigitsDataModule, ImageFolderDataModule,
-                         PartsWorldDataModule)
+                         PartsWorldDataModule, PartsWorldScenesDataModule)
 from datamodules.parts_world import COLOUR_VALUES, NUM_PART_TYPES, make_world
 
 
@@ -60,6 +60,21 @@ def test_parts_world_ground_truth_is_consistent(world_batch: dict[str, torch.Ten
 def test_parts_world_labels_follow_the_class_definitions(world_batch: dict[str, torch.Tensor]) -> None:
     world = make_world(6, 3, world_seed=0)
     assert torch.equal(world.part_types[world_batch["label"]], world_batch["part_types"])
+
+
+def test_shared_part_types_leave_only_the_layout_to_tell_classes_apart() -> None:
+    world = make_world(5, 3, world_seed=0, shared_part_types=True)
+    assert len({tuple(sorted(t)) for t in world.part_types.tolist()}) == 1  # one set of part types for all classes
+    layouts = {tuple(sorted(zip(t, s))) for t, s in zip(world.part_types.tolist(), world.slots.tolist())}
+    assert len(layouts) == 5  # ... at a different (type, slot) layout per class
+    default = make_world(5, 3, world_seed=0)
+    assert len({tuple(sorted(t)) for t in default.part_types.tolist()}) > 1
+    scenes = {}
+    for shared in (False, True):
+        scenes[shared] = PartsWorldScenesDataModule(num_train=6, num_val=2, num_test=2, shared_part_types=shared)
+        scenes[shared].setup()
+    assert torch.equal(scenes[True].world.part_types, make_world(4, 3, 0, True).part_types)
+    assert not torch.equal(scenes[True].splits["train"].images, scenes[False].splits["train"].images)
 
 
 @pytest.mark.parametrize("kwargs, message", [
