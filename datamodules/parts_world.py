@@ -11,6 +11,7 @@ Deterministic: the class definitions depend on `world_seed`, the images of each 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -67,6 +68,10 @@ def make_world(num_classes: int, parts_per_class: int, world_seed: int = 0,
         raise ValueError(f"num_classes must be in [2, 200]; got {num_classes}.")
     if not 1 <= parts_per_class <= len(SLOTS):
         raise ValueError(f"parts_per_class must be in [1, {len(SLOTS)}]; got {parts_per_class}.")
+    layouts = math.perm(len(SLOTS), parts_per_class)  # ways to put the shared types on distinct slots
+    if shared_part_types and num_classes > layouts:
+        raise ValueError(f"shared_part_types: {parts_per_class} part types fit on the 3x3 slots in {layouts} ways, "
+                         f"fewer than num_classes={num_classes}.")
     rng = np.random.default_rng(world_seed)
     seen: set[tuple[int, ...]] = set()
     types, slots = [], []

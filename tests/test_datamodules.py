@@ -69,6 +69,8 @@ def test_shared_part_types_leave_only_the_layout_to_tell_classes_apart() -> None
     assert len(layouts) == 5  # ... at a different (type, slot) layout per class
     default = make_world(5, 3, world_seed=0)
     assert len({tuple(sorted(t)) for t in default.part_types.tolist()}) > 1
+    with pytest.raises(ValueError, match="fit on the 3x3 slots in 9 ways"):  # one type: nine layouts at most
+        make_world(10, 1, world_seed=0, shared_part_types=True)
     scenes = {}
     for shared in (False, True):
         scenes[shared] = PartsWorldScenesDataModule(num_train=6, num_val=2, num_test=2, shared_part_types=shared)
