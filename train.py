@@ -225,6 +225,13 @@ def save_explanation_figure(path: Path, images: torch.Tensor, maps: dict[str, to
     path.with_suffix(".md").write_text("rows, top to bottom: " + ", ".join(maps) + "\n")
 
 
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of dict rows, columns in first-seen key order (reports and benchmark scripts)."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows])
+
+
 def write_report(folder: Path, tables: dict[str, list[dict[str, Any]]], stem: str = "report") -> None:
     """<stem>.md (one section per table), <stem>.csv (the first table) and <table>.csv; tables printed."""
     from rich.console import Console
@@ -239,9 +246,7 @@ def write_report(folder: Path, tables: dict[str, list[dict[str, Any]]], stem: st
                 writer = csv.DictWriter(f, columns)
                 writer.writeheader()
                 writer.writerows(rows)
-        lines = [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-        lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-        sections.append("\n".join(lines))
+        sections.append(f"## {title}\n\n{markdown_table(rows)}")
         table = Table(title=f"{folder}: {title}")
         for column in columns:
             table.add_column(column)

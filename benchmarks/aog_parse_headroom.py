@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import PartsWorldScenesDataModule  # noqa: E402
 from metrics.detection import pairwise_iou  # noqa: E402
+from train import markdown_table  # noqa: E402
 from zoo.aog_rcnn import AOGParsing, GridGrammar  # noqa: E402
 
 
@@ -105,9 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [{**r, "part_iou": round(float(r["part_iou"]), 4), "leaves": round(r["leaves"], 2)} for r in rows]
     print(f"{len(trees)} partitions ({grammar.num_parse_trees} parse trees) of the {args.grid[0]}x{args.grid[1]} grid; "
           f"{len(val)} validation objects with their true boxes")
-    print("| partition | parse-part IoU | leaves |\n| --- | --- | --- |")
-    for row in rows:
-        print(f"| {row['partition']} | {row['part_iou']} | {row['leaves']} |")
+    print(markdown_table(rows))
     return rows
 
 

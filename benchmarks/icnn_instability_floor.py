@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import PartsWorldDataModule  # noqa: E402
 from metrics.part_location import LocationInstability  # noqa: E402
+from train import markdown_table  # noqa: E402
 
 
 def oracle_maps(landmarks: torch.Tensor, labels: torch.Tensor, num_classes: int, map_size: int, image_size: int,
@@ -67,9 +68,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row[name] = round(float(metric.compute()), 4)
         rows.append(row)
     print(f"image {args.image_size} x {args.image_size}, {len(labels)} validation images; location instability of")
-    print("| map size | part oracles | centre oracles |\n| --- | --- | --- |")
-    for row in rows:
-        print(f"| {row['map_size']} x {row['map_size']} | {row['part_oracle']} | {row['centre_oracle']} |")
+    print(markdown_table(rows))
     return rows
 
 
