@@ -122,16 +122,10 @@ class GridGrammar:
                 "and_right": right, "and_left_weight": left_weight, "or_and_children": children,
                 "or_num_children": per_or + 1}
 
-    def levels(self) -> list[tuple[int, int, int, int]]:
-        """(or_start, or_end, and_start, and_end) per area level, in increasing area."""
+    def levels(self) -> list[tuple[int, int]]:
+        """(or_start, or_end) per area level, in increasing area (rects are sorted by area)."""
         areas = [h * w for _, _, h, w in self.rects]
-        parents = [p for p, _, _ in self._and_nodes]
-        out = []
-        for a in sorted(set(areas)):
-            o0, o1 = areas.index(a), len(areas) - areas[::-1].index(a)
-            in_level = [j for j, p in enumerate(parents) if o0 <= p < o1]
-            out.append((o0, o1, in_level[0] if in_level else 0, in_level[-1] + 1 if in_level else 0))
-        return out
+        return [(areas.index(a), len(areas) - areas[::-1].index(a)) for a in sorted(set(areas))]
 
 
 def closed_form_counts(height: int, width: int) -> tuple[int, int, int]:
@@ -155,17 +149,18 @@ class AOGParsing(nn.Module):
         self.or_mode = or_mode
         for name, tensor in grammar.tensors().items():
             self.register_buffer(name, tensor, persistent=False)
-        self.level_ranges = grammar.levels()
-        self.level_width = [int(self.or_num_children[o0:o1].max()) - 1 for o0, o1, _, _ in self.level_ranges]
-        # every OR's AND children as slots (num_or, max children): their two OR children and the left weight;
-        # a level whose ORs all have `width` children (every level of a square grid) needs no padding
+        # every OR's AND children as slots (num_or, max children): their two OR children and the left weight
         children = self.or_and_children.clamp(min=0)
         self.register_buffer("slot_left", self.and_left[children], persistent=False)
         self.register_buffer("slot_right", self.and_right[children], persistent=False)
         self.register_buffer("slot_weight", self.and_left_weight[children], persistent=False)
         self.register_buffer("slot_pad", self.or_and_children < 0, persistent=False)
-        self.level_padded = [bool(self.slot_pad[o0:o1, :width].any())
-                             for (o0, o1, _, _), width in zip(self.level_ranges, self.level_width)]
+        # per area level: its OR range, k = the most AND children of its ORs, and whether some OR has fewer (padded
+        # slots; every level of a square grid is unpadded)
+        self.levels: list[tuple[int, int, int, bool]] = []
+        for o0, o1 in grammar.levels():
+            k = int(self.or_num_children[o0:o1].max()) - 1
+            self.levels.append((o0, o1, k, bool(self.slot_pad[o0:o1, :k].any())))
 
     @property
     def or_mode(self) -> str:
@@ -198,7 +193,7 @@ class AOGParsing(nn.Module):
         or_scores = terminals.new_empty(self.grammar.num_or, rows)
         choices = torch.zeros(self.grammar.num_or, rows, dtype=torch.uint8, device=terminals.device)
         weight = self.slot_weight.to(terminals.dtype)
-        for (o0, o1, _, _), k, padded in zip(self.level_ranges, self.level_width, self.level_padded):
+        for o0, o1, k, padded in self.levels:
             if k == 0:  # single cells: the terminal is the only child
                 or_scores[o0:o1] = terminals[o0:o1]
                 continue
@@ -231,7 +226,7 @@ class AOGParsing(nn.Module):
         grad_or[self.grammar.root] = grad_root
         grad_terminal = grad_root.new_zeros(self.grammar.num_terminals, rows)
         weight = self.slot_weight.to(grad_root.dtype)
-        for (o0, o1, _, _), k in zip(reversed(self.level_ranges), reversed(self.level_width)):
+        for o0, o1, k, _ in reversed(self.levels):
             g = grad_or[o0:o1]  # (n, R): complete, every parent sits on a larger level
             if k == 0:
                 grad_terminal[o0:o1] = g
@@ -261,7 +256,7 @@ class AOGParsing(nn.Module):
         active[:, self.grammar.root] = True
         leaves = torch.zeros_like(active)
         choices = choices.long()
-        for o0, o1, _, _ in reversed(self.level_ranges):
+        for o0, o1, _, _ in reversed(self.levels):
             chosen = choices[:, o0:o1]  # (R, n)
             here = active[:, o0:o1]
             leaves[:, o0:o1] = here & (chosen == 0)
