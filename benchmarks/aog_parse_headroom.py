@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import PartsWorldScenesDataModule  # noqa: E402
-from metrics.detection import pairwise_iou  # noqa: E402
+from metrics.detection import pairwise_iou, partition_scores  # noqa: E402
 from train import markdown_table  # noqa: E402
 from zoo.aog_rcnn import AOGParsing, GridGrammar  # noqa: E402
 
@@ -59,12 +59,10 @@ def tree_scores(boxes: torch.Tensor, part_boxes: torch.Tensor, parser: AOGParsin
                 chunk: int = 64) -> torch.Tensor:
     """Parse-part IoU of every tree for every object: boxes (N, 4), part_boxes (N, P, 4), trees (M, T) -> (N, M)."""
     out = []
-    weights = trees.float()  # (M, T)
     for start in range(0, len(boxes), chunk):  # chunks of objects bound the (n, P, M, T) recall tensor
         leaves = parser.leaf_boxes(boxes[start:start + chunk].float())  # (n, T, 4)
         iou = pairwise_iou(part_boxes[start:start + chunk].float(), leaves)  # (n, P, T)
-        recall = (iou[:, :, None, :] * weights).amax(-1).mean(1)  # (n, M): best leaf of the tree per part
-        precision = iou.amax(1) @ weights.T / weights.sum(1)  # (n, M): best part per leaf, mean over the leaves
+        recall, precision = partition_scores(iou, trees.expand(len(iou), -1, -1))  # (n, M) each
         out.append((recall + precision) / 2)
     return torch.cat(out)
 

@@ -28,6 +28,15 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / (area_a[:, :, None] + area_b[:, None, :] - inter).clamp(min=1e-9)
 
 
+def partition_scores(iou: torch.Tensor, leaf_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Part recall and leaf precision of M partitions per object: iou (G, P, L) of true parts with every leaf box,
+    leaf_mask (G, M, L) bool (the leaves each partition uses) -> recall, precision (G, M)."""
+    recall = (iou[:, :, None, :] * leaf_mask[:, None]).amax(-1).mean(1)  # (G, M): best used leaf per part (IoU >= 0)
+    mask = leaf_mask.to(iou.dtype)
+    precision = (mask @ iou.amax(1)[..., None])[..., 0] / mask.sum(-1)  # (G, M): best part per used leaf
+    return recall, precision
+
+
 def match_detections(pred_boxes: torch.Tensor, pred_scores: torch.Tensor, pred_labels: torch.Tensor,
                      true_boxes: torch.Tensor, true_labels: torch.Tensor, match_iou: float
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,8 +75,7 @@ class ParsePartIoU(Metric):
             leaves = pred["leaf_boxes"][detection[found]]  # (G', L, 4)
             mask = pred["leaf_mask"][detection[found]]  # (G', L)
             iou = pairwise_iou(parts[found].to(leaves.dtype), leaves)  # (G', P, L)
-            recall = iou.masked_fill(~mask[:, None], 0).amax(2).mean(1)  # (G',)
-            precision = (iou.amax(1) * mask).sum(1) / mask.sum(1)  # (G',)
+            recall, precision = (score[:, 0] for score in partition_scores(iou, mask[:, None]))  # (G',) each
             self.recall_sum += recall.sum().double()
             self.precision_sum += precision.sum().double()
             self.leaves_sum += mask.sum().double()
