@@ -2,6 +2,7 @@
 interpretable model against its opaque twin / baselines, on the CPU or a GPU, fp32 or bf16 autocast.
 
     python benchmarks/family_speed.py [--families icnn l2x renn aog textual] [--device cpu|cuda] [--bf16] [--rounds 5]
+    python benchmarks/family_speed.py --families --heads vote3 aog3     # two RoI heads alone, in a fresh process
 
 A train step is forward + loss + backward + optimiser step (+ ICNN's online statistics; + the frozen black box's
 forward for L2X). Inference is one forward pass in eval mode (for L2X: explaining a batch). Models of a family
@@ -191,10 +192,28 @@ class DetectorLoss(nn.Module):
         return losses
 
 
-def head_speed(device: torch.device, rounds: int, rois: int, classes: int = 21, channels: int = 256) -> list[dict]:
+HEADS = {  # --heads key: row name
+    "vote3": "average vote 3x3 (R-FCN)",
+    "aog3": "AOGParsing 3x3, terminal maps",
+    "aog3_rank32": "AOGParsing 3x3, terminal maps rank 32",
+    "aog3_cells": "AOGParsing 3x3, shared cell maps",
+    "mlp": "TwoMLPHead (RoIAlign 7x7)",
+    "vote7": "average vote 7x7",
+    "aog7": "AOGParsing 7x7, terminal maps",
+    "aog7_rank32": "AOGParsing 7x7, terminal maps rank 32",
+    "aog7_cells": "AOGParsing 7x7, shared cell maps",
+}
+
+
+def head_speed(device: torch.device, rounds: int, rois: int, classes: int = 21, channels: int = 256,
+               keys: list[str] | None = None) -> list[dict]:
     """Forward + backward of the RoI heads alone on the same features and proposals: AOGParsing (per-terminal maps at
     full rank and through 32 shared basis maps, and shared cell maps) and R-FCN's average vote at 3x3, torchvision's
-    TwoMLPHead, and the same at 7x7."""
+    TwoMLPHead, and the same at 7x7. `keys` (of HEADS) times a subset; the vote on the same grid always runs.
+
+    The heads share one process, so their multi-MB temporaries meet whatever state earlier steps left glibc's
+    allocator in: timed alone in a fresh process a head can pay page faults that it does not pay next to larger
+    heads (`--heads vote3 aog3` against the default set shows how much)."""
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.ops import MultiScaleRoIAlign
 
@@ -212,18 +231,20 @@ def head_speed(device: torch.device, rounds: int, rois: int, classes: int = 21, 
         box_head = AOGParsingHead(grammar, "max", maps) if head == "aog" else AverageVoteHead()
         return pool, box_head, VotePredictor()
 
-    heads = {
-        "average vote 3x3 (R-FCN)": ps_head(3, "vote"),
-        "AOGParsing 3x3, terminal maps": ps_head(3, "aog"),
-        "AOGParsing 3x3, terminal maps rank 32": ps_head(3, "aog", rank=32),
-        "AOGParsing 3x3, shared cell maps": ps_head(3, "aog", "cells"),
-        "TwoMLPHead (RoIAlign 7x7)": (MultiScaleRoIAlign(["0"], 7, 2), TwoMLPHead(channels * 49, 1024),
-                                      FastRCNNPredictor(1024, classes)),
-        "average vote 7x7": ps_head(7, "vote"),
-        "AOGParsing 7x7, terminal maps": ps_head(7, "aog"),
-        "AOGParsing 7x7, terminal maps rank 32": ps_head(7, "aog", rank=32),
-        "AOGParsing 7x7, shared cell maps": ps_head(7, "aog", "cells"),
+    builders: dict[str, Callable[[], tuple[nn.Module, ...]]] = {
+        "vote3": lambda: ps_head(3, "vote"),
+        "aog3": lambda: ps_head(3, "aog"),
+        "aog3_rank32": lambda: ps_head(3, "aog", rank=32),
+        "aog3_cells": lambda: ps_head(3, "aog", "cells"),
+        "mlp": lambda: (MultiScaleRoIAlign(["0"], 7, 2), TwoMLPHead(channels * 49, 1024),
+                        FastRCNNPredictor(1024, classes)),
+        "vote7": lambda: ps_head(7, "vote"),
+        "aog7": lambda: ps_head(7, "aog"),
+        "aog7_rank32": lambda: ps_head(7, "aog", rank=32),
+        "aog7_cells": lambda: ps_head(7, "aog", "cells"),
     }
+    chosen = set(keys or HEADS) | {"vote7" if "7" in key else "vote3" for key in keys or []}
+    heads = {HEADS[key]: builders[key]() for key in HEADS if key in chosen}
 
     def step_of(modules: tuple[nn.Module, ...]) -> Step:
         pool, box_head, predictor = (m.to(device) for m in modules)
@@ -243,8 +264,8 @@ def head_speed(device: torch.device, rounds: int, rois: int, classes: int = 21, 
         for name, step in steps.items():
             seconds[name].append(timed(step, 3, device))
     median = {name: statistics.median(v) for name, v in seconds.items()}
-    reference = {name: median["average vote 7x7" if "7x7" in name and "MLP" not in name else
-                              "average vote 3x3 (R-FCN)"] for name in median}
+    reference = {name: median[HEADS["vote7"] if "7x7" in name and "MLP" not in name else HEADS["vote3"]]
+                 for name in median}
     return [{"head": name, "ms": round(1e3 * m, 2), "vs_vote": round(m / reference[name], 3)}
             for name, m in median.items()]
 
@@ -316,8 +337,11 @@ def explanation_speed(device: torch.device, rounds: int, samples: int = 256, per
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=["icnn", "l2x", "renn", "aog", "textual"])
+    parser.add_argument("--families", nargs="*", default=["icnn", "l2x", "renn", "aog", "textual"],
+                        help="families whose steps are timed (none: only the --heads table)")
     parser.add_argument("--head_rois", type=int, default=512, help="RoIs in the AOG head timing")
+    parser.add_argument("--heads", nargs="+", choices=list(HEADS), default=None,
+                        help="time only these RoI heads (and the vote on their grid); default: all")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--rounds", type=int, default=5)
@@ -328,8 +352,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
           f"{args.rounds} rounds x {args.steps} steps (medians; ratios against each family's reference)")
-    print("| family | model | train ms | train / ref | infer samples/s | infer speed / ref |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    if rows:
+        print("| family | model | train ms | train / ref | infer samples/s | infer speed / ref |")
+        print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['family']} | {r['model']} | {r['train_ms']} | {r['train_vs_ref']} | {r['infer_samples_per_s']} "
               f"| {r['infer_vs_ref']} |")
@@ -338,10 +363,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for r in explanation_speed(device, args.rounds):
             print(f"| {r['method']} | {r['samples_per_s']} | {r['l2x_speedup']} |")
             rows.append({"family": "l2x explanation", **r})
-    if "aog" in args.families:
+    if "aog" in args.families or args.heads:
         print(f"\n| RoI head ({args.head_rois} RoIs, 21 classes, fwd + bwd) | ms | vs average vote (same grid) |\n"
               "| --- | --- | --- |")
-        for r in head_speed(device, args.rounds, args.head_rois):
+        for r in head_speed(device, args.rounds, args.head_rois, keys=args.heads):
             print(f"| {r['head']} | {r['ms']} | {r['vs_vote']} |")
             rows.append({"family": "aog head", **r})
     return rows
