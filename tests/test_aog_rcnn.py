@@ -150,6 +150,25 @@ def test_terminal_pooling_against_a_loop_reference(rank: int | None) -> None:
             torch.testing.assert_close(pooled[k, :, t], own, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rank", [None, 3])
+def test_terminal_pooling_stays_float32_under_bf16_autocast(rank: int | None) -> None:
+    """Box sums are differences of large running sums: under autocast they must not drop to bf16. Small integer
+    features and basis weights make the basis maps exact in bf16 too, so any difference comes from the sums."""
+    torch.manual_seed(6)
+    pool = PositionSensitivePool(16, 4, GridGrammar(3, 3), "terminals", terminal_rank=rank)
+    if rank:
+        with torch.no_grad():
+            pool.terminal_basis.weight.copy_(torch.randint(-2, 3, pool.terminal_basis.weight.shape))
+            pool.terminal_basis.bias.zero_()
+    features = torch.randint(-1, 5, (1, 16, 40, 40)).float()  # running sums reach thousands: bf16 keeps 3 digits
+    rois = rois_with_batch_index([torch.tensor([[0.0, 0, 300, 310], [40, 80, 200, 150]])])
+    exact = pool._pool_terminals(features, rois, 1 / 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = pool._pool_terminals(features, rois, 1 / 8)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact, rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------- the detector
 def scenes(count: int = 2, size: int = 96) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     torch.manual_seed(5)

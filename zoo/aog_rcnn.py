@@ -380,30 +380,33 @@ class PositionSensitivePool(nn.Module):
             else:
                 sums = F.conv2d(integral, weight)  # (n, T*(C+1), fh+1, fw+1), channels last
                 table = sums.permute(0, 2, 3, 1).reshape(-1, classes)  # row ((b*(fh+1) + y)*(fw+1) + x)*T + t
-        top, left, height, width = self.rects.to(rois.dtype).unbind(1)  # (T,)
-        x1, y1, x2, y2 = (rois[:, i:i + 1] * scale for i in range(1, 5))  # (K, 1) in feature cells
+        top, left, height, width = (side[:, None] for side in self.rects.to(rois.dtype).unbind(1))  # (T, 1)
+        x1, y1, x2, y2 = (rois[:, i] * scale for i in range(1, 5))  # (K,) in feature cells
         bw, bh = (x2 - x1) / self.grammar.width, (y2 - y1) / self.grammar.height
-        cx1 = (x1 + left * bw).floor().clamp(0, fw - 1)  # (K, T)
+        cx1 = (x1 + left * bw).floor().clamp(0, fw - 1)  # (T, K): terminal-major, the order the DP reads
         cy1 = (y1 + top * bh).floor().clamp(0, fh - 1)
         cx2 = torch.maximum((x1 + (left + width) * bw).ceil().clamp(max=fw), cx1 + 1)
         cy2 = torch.maximum((y1 + (top + height) * bh).ceil().clamp(max=fh), cy1 + 1)
-        ys, xs = torch.stack([cy2, cy1, cy2, cy1]).long(), torch.stack([cx2, cx2, cx1, cx1]).long()  # (4, K, T)
-        position = (rois[:, :1].long() * (fh + 1) + ys) * (fw + 1) + xs  # (4, K, T) rows of the integral image
+        ys, xs = torch.stack([cy2, cy1, cy2, cy1]).long(), torch.stack([cx2, cx2, cx1, cx1]).long()  # (4, T, K)
+        position = (rois[:, 0].long() * (fh + 1) + ys) * (fw + 1) + xs  # (4, T, K) rows of the integral image
+        area = ((cy2 - cy1) * (cx2 - cx1))[..., None]  # (T, K, 1)
+        bias = self.score_maps.bias.float().view(terminals, 1, classes)
         if low_rank:  # a small table: four lookups (four small gradient buffers) beat one of four times the rows
-            corners = [table.index_select(0, rows.flatten()) for rows in position]  # 4 x (K*T, r)
-            total = ((corners[0] - corners[1]) - (corners[2] - corners[3])).view(len(rois), terminals, -1)
-        else:  # a table of T x (C+1) per position: one lookup and a signed sum (broadcast product, no slicing), so
-            # the backward makes one table-sized gradient buffer, not four zero-filled ones
-            rows = position * terminals + torch.arange(terminals, device=rois.device)
-            corners = table.index_select(0, rows.flatten()).view(4, -1)  # (4, K*T*(C+1))
-            total = (corners * self.corner_signs).sum(0).view(len(rois), terminals, -1)  # (K, T, C+1)
-        mean = total / ((cy2 - cy1) * (cx2 - cx1))[..., None]
-        if low_rank:  # terminal t's own weights on its own basis means: (T, K, r) @ (T, r, C+1), in float32
+            corners = [table.index_select(0, rows.flatten()) for rows in position]  # 4 x (T*K, r)
+            total = ((corners[0] - corners[1]) - (corners[2] - corners[3])).view(terminals, len(rois), -1)
+            # terminal t's own weights on its own basis means: (T, K, r) @ (T, r, C+1), in float32
             with torch.autocast(feature.device.type, enabled=False):
                 own = weight.view(terminals, classes, -1).transpose(1, 2)
-                mean = torch.bmm(mean.transpose(0, 1), own).transpose(0, 1)  # (K, T, C+1)
-        bias = self.score_maps.bias.float().view(terminals, classes)
-        return (mean + bias).transpose(1, 2)
+                scores = torch.baddbmm(bias, total / area, own)  # (T, K, C+1)
+        else:  # a table of T x (C+1) per position: one lookup and a signed sum (a (1, 4) @ (4, .) product, no
+            # slicing), so the backward makes one table-sized gradient buffer, not four zero-filled ones
+            rows = position * terminals + torch.arange(terminals, device=rois.device)[:, None]
+            corners = table.index_select(0, rows.flatten()).view(4, -1)  # (4, T*K*(C+1))
+            with torch.autocast(feature.device.type, enabled=False):  # the sums stay float32 under autocast
+                total = (self.corner_signs.T @ corners).view(terminals, len(rois), classes)  # (T, K, C+1)
+            scores = torch.addcdiv(bias, total, area)  # bias + total / area
+        # (K, C+1, T) as a view of the terminal-major scores: flattened to rows it is the DP's (T, rows) layout as is
+        return scores.permute(1, 2, 0)
 
 
 class AOGParsingHead(nn.Module):
