@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -288,8 +289,13 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 
 def point_name(point: dict[str, Any]) -> str:
-    """A folder name for a grid point: the last part of each key with its value."""
-    return ",".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in point.items()).replace("/", "_")
+    """A folder (and logger) name for a grid point: the last part of each key with its value, mappings written as
+    key-value pairs; characters unsafe in a path or in a YAML scalar (the logger name is parsed) become "_"."""
+    def text(value: Any) -> str:
+        return "+".join(f"{k}-{text(v)}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+
+    name = ",".join(f"{key.rsplit('.', 1)[-1]}={text(value)}" for key, value in point.items())
+    return re.sub(r"[^\w.=,+-]", "_", name)
 
 
 def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[str]) -> dict[str, float]:

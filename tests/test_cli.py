@@ -171,6 +171,21 @@ def test_ablate_averages_over_seeds_and_resumes_without_redoing_finished_points(
         main(["ablate", "--config", str(REPO / "configs/icnn/parts_world.yaml"), "--grid", "seed_everything=0"])
 
 
+def test_ablate_names_points_with_mapping_values(in_tmp_dir: Path) -> None:
+    """A grid over a mapping (model_kwargs) gets a path- and YAML-safe name (its logger name is parsed as YAML)."""
+    from train import point_name
+
+    point = {"model.init_args.model_kwargs": {"terminal_rank": 4}, "seed_everything": 0}
+    assert point_name(point) == "model_kwargs=terminal_rank-4,seed_everything=0"
+    assert point_name({"a.b": "x/y: z"}) == "b=x_y__z"
+    rows = main(["ablate", "--config", str(REPO / "configs/aog_rcnn/parts_world_scenes.yaml"), "--name", "kw",
+                 "--grid", "model.init_args.model_kwargs=[{terminal_rank: 4}]", "--grid", "seed_everything=[0]",
+                 "--trainer.fast_dev_run=true", "--data.init_args.num_train=8", "--data.init_args.num_val=8",
+                 "--data.init_args.num_test=8"])
+    assert len(rows) == 1 and "map_50" in rows[0]
+    assert (in_tmp_dir / "checkpoints" / "kw" / point_name(point) / "result.json").is_file()
+
+
 @pytest.mark.parametrize("config", FIT_CONFIGS)
 def test_every_fit_config_works_with_ablate(config: str, in_tmp_dir: Path, cub_root: Path,
                                             image_folder_root: Path, imdb_root: Path, voc_root: Path) -> None:
