@@ -282,9 +282,15 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values; refuses two points that would share a folder (see point_name)."""
     points: list[dict[str, Any]] = [{}]
     for key, values in grid.items():
         points = [{**point, key: value} for point in points for value in values]
+    names = [point_name(point) for point in points]
+    if len(set(names)) < len(names):
+        clash = next(name for name in names if names.count(name) > 1)
+        raise ValueError(f"two grid points would share the folder {clash!r}: their values differ only in characters "
+                         f"that point names replace with '_'; make the values distinct.")
     return points
 
 

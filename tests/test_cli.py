@@ -178,6 +178,8 @@ def test_ablate_names_points_with_mapping_values(in_tmp_dir: Path) -> None:
     point = {"model.init_args.model_kwargs": {"terminal_rank": 4}, "seed_everything": 0}
     assert point_name(point) == "model_kwargs=terminal_rank-4,seed_everything=0"
     assert point_name({"a.b": "x/y: z"}) == "b=x_y__z"
+    with pytest.raises(ValueError, match="share the folder 'b=x_y'"):
+        main(["ablate", "--config", str(REPO / "configs/icnn/parts_world.yaml"), "--grid", "a.b=[x/y, x_y]"])
     rows = main(["ablate", "--config", str(REPO / "configs/aog_rcnn/parts_world_scenes.yaml"), "--name", "kw",
                  "--grid", "model.init_args.model_kwargs=[{terminal_rank: 4}]", "--grid", "seed_everything=[0]",
                  "--trainer.fast_dev_run=true", "--data.init_args.num_train=8", "--data.init_args.num_val=8",
