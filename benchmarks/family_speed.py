@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -192,16 +192,25 @@ class DetectorLoss(nn.Module):
         return losses
 
 
-HEADS = {  # --heads key: row name
-    "vote3": "average vote 3x3 (R-FCN)",
-    "aog3": "AOGParsing 3x3, terminal maps",
-    "aog3_rank32": "AOGParsing 3x3, terminal maps rank 32",
-    "aog3_cells": "AOGParsing 3x3, shared cell maps",
-    "mlp": "TwoMLPHead (RoIAlign 7x7)",
-    "vote7": "average vote 7x7",
-    "aog7": "AOGParsing 7x7, terminal maps",
-    "aog7_rank32": "AOGParsing 7x7, terminal maps rank 32",
-    "aog7_cells": "AOGParsing 7x7, shared cell maps",
+class HeadSpec(NamedTuple):
+    """One timed RoI head: its table row, the grid of the average vote it is compared with, and how it is built."""
+    name: str
+    grid: int
+    head: str  # "vote", "aog" or "mlp"
+    maps: str = "terminals"
+    rank: int | None = None
+
+
+HEADS = {  # --heads key: what it times
+    "vote3": HeadSpec("average vote 3x3 (R-FCN)", 3, "vote"),
+    "aog3": HeadSpec("AOGParsing 3x3, terminal maps", 3, "aog"),
+    "aog3_rank32": HeadSpec("AOGParsing 3x3, terminal maps rank 32", 3, "aog", rank=32),
+    "aog3_cells": HeadSpec("AOGParsing 3x3, shared cell maps", 3, "aog", "cells"),
+    "mlp": HeadSpec("TwoMLPHead (RoIAlign 7x7)", 3, "mlp"),
+    "vote7": HeadSpec("average vote 7x7", 7, "vote"),
+    "aog7": HeadSpec("AOGParsing 7x7, terminal maps", 7, "aog"),
+    "aog7_rank32": HeadSpec("AOGParsing 7x7, terminal maps rank 32", 7, "aog", rank=32),
+    "aog7_cells": HeadSpec("AOGParsing 7x7, shared cell maps", 7, "aog", "cells"),
 }
 
 
@@ -225,26 +234,18 @@ def head_speed(device: torch.device, rounds: int, rois: int, classes: int = 21, 
     proposals = [c.flatten(1) for c in corners.unbind(0)]  # (rois/2, 4) xyxy each, random boxes
     shapes = [(512, 512)] * 2
 
-    def ps_head(grid: int, head: str, maps: str = "terminals", rank: int | None = None) -> tuple[nn.Module, ...]:
-        grammar = GridGrammar(grid, grid)
-        pool = PositionSensitivePool(channels, classes, grammar, maps if head == "aog" else "cells", terminal_rank=rank)
-        box_head = AOGParsingHead(grammar, "max", maps) if head == "aog" else AverageVoteHead()
+    def build(spec: HeadSpec) -> tuple[nn.Module, ...]:
+        if spec.head == "mlp":
+            return MultiScaleRoIAlign(["0"], 7, 2), TwoMLPHead(channels * 49, 1024), FastRCNNPredictor(1024, classes)
+        grammar = GridGrammar(spec.grid, spec.grid)
+        maps = spec.maps if spec.head == "aog" else "cells"
+        pool = PositionSensitivePool(channels, classes, grammar, maps, terminal_rank=spec.rank)
+        box_head = AOGParsingHead(grammar, "max", maps) if spec.head == "aog" else AverageVoteHead()
         return pool, box_head, VotePredictor()
 
-    builders: dict[str, Callable[[], tuple[nn.Module, ...]]] = {
-        "vote3": lambda: ps_head(3, "vote"),
-        "aog3": lambda: ps_head(3, "aog"),
-        "aog3_rank32": lambda: ps_head(3, "aog", rank=32),
-        "aog3_cells": lambda: ps_head(3, "aog", "cells"),
-        "mlp": lambda: (MultiScaleRoIAlign(["0"], 7, 2), TwoMLPHead(channels * 49, 1024),
-                        FastRCNNPredictor(1024, classes)),
-        "vote7": lambda: ps_head(7, "vote"),
-        "aog7": lambda: ps_head(7, "aog"),
-        "aog7_rank32": lambda: ps_head(7, "aog", rank=32),
-        "aog7_cells": lambda: ps_head(7, "aog", "cells"),
-    }
-    chosen = set(keys or HEADS) | {"vote7" if "7" in key else "vote3" for key in keys or []}
-    heads = {HEADS[key]: builders[key]() for key in HEADS if key in chosen}
+    chosen = set(keys or HEADS)
+    chosen |= {f"vote{HEADS[key].grid}" for key in chosen}  # each head's reference vote
+    heads = {spec.name: build(spec) for key, spec in HEADS.items() if key in chosen}
 
     def step_of(modules: tuple[nn.Module, ...]) -> Step:
         pool, box_head, predictor = (m.to(device) for m in modules)
@@ -264,8 +265,7 @@ def head_speed(device: torch.device, rounds: int, rois: int, classes: int = 21, 
         for name, step in steps.items():
             seconds[name].append(timed(step, 3, device))
     median = {name: statistics.median(v) for name, v in seconds.items()}
-    reference = {name: median[HEADS["vote7"] if "7x7" in name and "MLP" not in name else HEADS["vote3"]]
-                 for name in median}
+    reference = {spec.name: median[HEADS[f"vote{spec.grid}"].name] for spec in HEADS.values() if spec.name in median}
     return [{"head": name, "ms": round(1e3 * m, 2), "vs_vote": round(m / reference[name], 3)}
             for name, m in median.items()]
 

@@ -24,8 +24,8 @@ def test_family_speed_times_chosen_heads_alone_with_their_vote() -> None:
     rows = main(["--families", "--heads", "aog7", "aog3_cells", "--rounds", "1", "--head_rois", "16"])
     assert {r["family"] for r in rows} == {"aog head"}
     names = {r["head"]: r for r in rows}
-    assert set(names) == {HEADS[key] for key in ("vote3", "aog3_cells", "vote7", "aog7")}
-    assert names[HEADS["vote7"]]["vs_vote"] == 1.0 and names[HEADS["aog7"]]["ms"] > 0
+    assert set(names) == {HEADS[key].name for key in ("vote3", "aog3_cells", "vote7", "aog7")}
+    assert names[HEADS["vote7"].name]["vs_vote"] == 1.0 and names[HEADS["aog7"].name]["ms"] > 0
 
 
 def test_icnn_step_time_times_icnn_and_its_three_references() -> None:
