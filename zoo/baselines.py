@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from zoo._registry import register_model
 from zoo.backbones import TINY_CNN, Backbone, PooledHeadMixin, PooledLinearHead
+from zoo.layers import LSTM
 
 
 class OpaqueClassifier(PooledHeadMixin, nn.Module):
@@ -120,7 +121,7 @@ class SeriesLSTM(nn.Module):
         super().__init__()
         self.in_chans, self.num_classes = in_chans, num_classes
         self.stem = nn.Sequential(nn.Conv1d(in_chans, 16, 5, stride=2, padding=2), nn.ReLU())
-        self.lstm = nn.LSTM(16, hidden, batch_first=True)
+        self.lstm = LSTM(16, hidden, batch_first=True)
         self.head = nn.Linear(2 * hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

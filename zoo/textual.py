@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.layers import LSTM
+
 
 class FactoredLSTMGenerator(nn.Module):
     """p(w_t | w_<t, feature) with the two-layer factored LSTM; token ids with `pad`, `bos` and `eos` ids."""
@@ -27,8 +29,8 @@ class FactoredLSTMGenerator(nn.Module):
         super().__init__()
         self.vocab_size, self.max_len, self.pad, self.bos, self.eos = vocab_size, max_len, pad, bos, eos
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad)
-        self.word_lstm = nn.LSTM(embed_dim, hidden, batch_first=True)
-        self.feature_lstm = nn.LSTM(hidden + feature_dim, hidden, batch_first=True)
+        self.word_lstm = LSTM(embed_dim, hidden, batch_first=True)
+        self.feature_lstm = LSTM(hidden + feature_dim, hidden, batch_first=True)
         self.out = nn.Linear(hidden, vocab_size)
         for p in self.parameters():  # the paper's uniform +-0.08 initialisation
             nn.init.uniform_(p, -0.08, 0.08)
@@ -121,7 +123,7 @@ class SentenceClassifier(nn.Module):
         super().__init__()
         self.pad = pad
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad)
-        self.lstm = nn.LSTM(embed_dim, hidden, batch_first=True)
+        self.lstm = LSTM(embed_dim, hidden, batch_first=True)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, num_classes)
 

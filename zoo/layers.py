@@ -1,0 +1,43 @@
+"""Layers shared by several families' models (as timm keeps its own in timm/layers).
+
+`LSTM`: torch's LSTM, safe under CPU bf16 autocast. CPU autocast casts an LSTM to bf16 and hands it to oneDNN,
+which builds no bf16 LSTM primitive on CPUs without native bf16 (seen on an AVX2-only AMD EPYC: "could not create a
+primitive descriptor for the LSTM forward propagation primitive"). Where one tiny probe shows that, the LSTM runs
+in float32 with autocast off; everywhere else (GPUs, bf16 CPUs, no autocast) it is torch's LSTM unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+
+
+@functools.cache
+def cpu_bf16_lstm_supported() -> bool:
+    """Whether this CPU runs an LSTM under bf16 autocast: one probe per process, its answer cached."""
+    probe = nn.LSTM(2, 2, batch_first=True)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            probe(torch.zeros(1, 1, 2))
+    except RuntimeError:
+        return False
+    return True
+
+
+def _float32(state: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    return None if state is None else (state[0].float(), state[1].float())
+
+
+class LSTM(nn.LSTM):
+    """`nn.LSTM` that falls back to float32 under CPU bf16 autocast where the CPU has no bf16 LSTM kernel.
+
+    The fallback returns float32 outputs and states (autocast casts them again for the next op)."""
+
+    def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):  # noqa: A002
+        if (input.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not cpu_bf16_lstm_supported()):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(input.float(), _float32(hx))
+        return super().forward(input, hx)
