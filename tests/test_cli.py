@@ -228,3 +228,54 @@ def test_bf16_autocast_trains_every_family(config: str, in_tmp_dir: Path, cub_ro
                 *dataset_overrides(config, cub_root, image_folder_root),
                 *(["--model.init_args.discriminative_weight=0.2"] if "textual" in config else [])])  # + REINFORCE
     assert cli.trainer.state.finished and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+class _NoBf16LstmCpu:
+    """torch._VF as seen on a CPU without native bf16 (AVX2 only): an LSTM under CPU bf16 autocast fails in oneDNN."""
+
+    def __getattr__(self, name: str):
+        import torch._VF as vf
+
+        return getattr(vf, name)
+
+    @staticmethod
+    def lstm(*args, **kwargs):
+        import torch._VF as vf
+
+        if torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("could not create a primitive descriptor for the LSTM forward propagation primitive")
+        return vf.lstm(*args, **kwargs)
+
+
+@pytest.fixture
+def cpu_without_bf16_lstm(monkeypatch: pytest.MonkeyPatch):
+    """This process behaves like an AVX2-only CPU for LSTMs; the zoo's probe is re-run against it."""
+    import torch.nn.modules.rnn as rnn
+
+    from zoo import layers
+
+    monkeypatch.setattr(rnn, "_VF", _NoBf16LstmCpu())
+    layers.cpu_bf16_lstm_supported.cache_clear()
+    yield
+    layers.cpu_bf16_lstm_supported.cache_clear()
+
+
+def test_lstm_falls_back_to_float32_on_a_cpu_without_bf16(cpu_without_bf16_lstm: None) -> None:
+    from zoo.layers import LSTM, cpu_bf16_lstm_supported
+
+    lstm, x = LSTM(3, 4, batch_first=True), torch.randn(2, 5, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="primitive descriptor"):  # what torch's own LSTM does there
+            torch.nn.LSTM(3, 4, batch_first=True)(x)
+        out, (h, c) = lstm(x)
+    assert not cpu_bf16_lstm_supported()
+    assert out.dtype == h.dtype == c.dtype == torch.float32
+    assert torch.equal(out, lstm(x)[0])  # the float32 path is the LSTM without autocast
+
+
+@pytest.mark.parametrize("config", ["configs/textual/explanation_label.yaml", "configs/baselines/rule_series_lstm.yaml"])
+def test_bf16_autocast_trains_lstm_models_on_a_cpu_without_bf16(config: str, in_tmp_dir: Path,
+                                                                 cpu_without_bf16_lstm: None) -> None:
+    cli = main(["fit", "--config", str(REPO / config), "--trainer.fast_dev_run=true", "--trainer.precision=bf16-mixed",
+                *(["--model.init_args.discriminative_weight=0.2"] if "textual" in config else [])])
+    assert cli.trainer.state.finished and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
