@@ -11,42 +11,70 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import zoo
 from tests.conftest import REPO
 from zoo import CheckpointError
 
 CONFIG = str(REPO / "configs/baselines/parts_world.yaml")
-SMALL = ["--data.init_args.num_train=96", "--data.init_args.num_val=32", "--data.init_args.batch_size=16",
-         "--trainer.max_epochs=3", "--trainer.deterministic=true", "--progress_bar.refresh_rate=0"]
+COMMON = ["--trainer.max_epochs=3", "--trainer.deterministic=true", "--progress_bar.refresh_rate=0"]
+WORLD = ["--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.batch_size=16"]
+# One small config per family, 4 training steps per epoch, each exercising what its family keeps across epochs.
+RESUME_CASES = {
+    "baselines": ("configs/baselines/parts_world.yaml", WORLD),
+    "icnn": ("configs/icnn/parts_world.yaml", WORLD),  # online Z_T, categories, lambda / (epoch + 1), filter pictures
+    "l2x": ("configs/l2x/xor.yaml", [  # black box and EVAL-X evaluator trained before the first step
+        "--data.init_args.num_train=256", "--data.init_args.num_val=64", "--data.init_args.batch_size=64",
+        "--model.init_args.black_box_epochs=1", "--model.init_args.evaluator_epochs=1",
+        "--trainer.callbacks+=zoo.callbacks.SelectionCallback"]),
+    "renn": ("configs/renn/rule_series.yaml", [  # stages; killed inside the joint stage (lr x 0.1)
+        "--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.batch_size=16",
+        "--trainer.max_epochs=4", "--model.init_args.stages=[{name: local, epochs: 1, train: [detector], losses: "
+        "[loss_local]}, {name: global, epochs: 1, train: [head], losses: [loss_task]}, {name: joint, epochs: 2, "
+        "train: [detector, head], losses: [loss_task, loss_local], lr_scale: 0.1}]"]),
+    "aog_rcnn": ("configs/aog_rcnn/parts_world_scenes.yaml", [  # folding -> unfolding at epoch 1
+        "--data.init_args.num_train=16", "--data.init_args.num_val=4", "--data.init_args.batch_size=4",
+        "--model.init_args.unfold_epoch=1"]),
+    "textual": ("configs/textual/explanation_label.yaml", [*WORLD, "--model.init_args.discriminative_weight=0.2",
+                "--model.init_args.encoder_epochs=1", "--model.init_args.sentence_classifier_epochs=1"]),
+    "rule_loss": ("configs/renn/parts_world_distillation.yaml", WORLD),  # pi_t schedule
+}
+KILL_STEP = {"renn": 14}  # default 6: in the middle of the second epoch
 
 
-def fit(cwd: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+def fit(cwd: Path, name: str, config: str, *extra: str, wait: bool = True) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config", CONFIG, *SMALL,
-                           f"--trainer.logger.init_args.name={name}", *extra], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / config),
+                                *COMMON, f"--trainer.logger.init_args.name={name}", *extra], cwd=cwd, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if wait:
+        process.communicate(timeout=300)
+    return process
 
 
 def final_state(cwd: Path, name: str) -> dict[str, torch.Tensor]:
     return torch.load(cwd / "checkpoints" / name / "checkpoints" / "last.ckpt", weights_only=True)
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_same_final_state(tmp_path: Path) -> None:
-    assert fit(tmp_path, "whole").returncode == 0
-    killer = tmp_path / "kill.yaml"  # 6 steps per epoch: dies in the middle of the second epoch
-    killer.write_text(yaml.safe_dump({"trainer": {"callbacks": [
-        {"class_path": "tests.helpers.KillAtStep", "init_args": {"step": 9}}]}}))
-    killed = fit(tmp_path, "killed", "--config", str(killer))
-    assert killed.returncode == -signal.SIGKILL
-    assert final_state(tmp_path, "killed")["global_step"] == 6  # last.ckpt is the end of epoch 0
-    resumed = fit(tmp_path, "killed", "--ckpt_path=last")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    whole, again = final_state(tmp_path, "whole"), final_state(tmp_path, "killed")
-    assert again["global_step"] == whole["global_step"] == 18
-    assert whole["state_dict"].keys() == again["state_dict"].keys()
-    assert all(torch.equal(whole["state_dict"][k], again["state_dict"][k]) for k in whole["state_dict"])
+@pytest.mark.parametrize("family", list(RESUME_CASES))
+def test_a_run_killed_mid_epoch_resumes_to_the_same_final_state(family: str, tmp_path: Path) -> None:
+    config, extra = RESUME_CASES[family]
+    step = KILL_STEP.get(family, 6)
+    killer = ["--trainer.callbacks+=tests.helpers.KillAtStep", f"--trainer.callbacks.step={step}"]  # appended
+    whole = fit(tmp_path, "whole", config, *extra, wait=False)  # the two independent runs share the two cores
+    killed = fit(tmp_path, "killed", config, *extra, *killer)
+    _, whole_err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, whole_err[-3000:]
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.read()[-3000:]
+    assert final_state(tmp_path, "killed")["global_step"] == step - step % 4  # last.ckpt: the last epoch's end
+    resumed = fit(tmp_path, "killed", config, *extra, "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr.read()[-3000:]
+    whole_state, again = final_state(tmp_path, "whole"), final_state(tmp_path, "killed")
+    assert again["global_step"] == whole_state["global_step"] > step
+    assert whole_state["state_dict"].keys() == again["state_dict"].keys()
+    differ = [k for k in whole_state["state_dict"] if not torch.equal(whole_state["state_dict"][k],
+                                                                      again["state_dict"][k])]
+    assert not differ, f"{len(differ)} of {len(whole_state['state_dict'])} tensors differ: {differ[:8]}"
 
 
 def test_load_checkpoint_export_and_named_mismatches(tmp_path: Path) -> None:
@@ -69,6 +97,11 @@ def test_load_checkpoint_export_and_named_mismatches(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="holds baseline_tinycnn with 6 classes"):  # fit --ckpt_path refuses too
         main(["fit", "--config", CONFIG, "--trainer.max_epochs=2", "--data.init_args.num_classes=4",
               "--data.init_args.num_train=64", "--data.init_args.num_val=32", f"--ckpt_path={checkpoint}"])
+    with pytest.raises(CheckpointError, match="holds baseline_tinycnn .*this config builds icnn_tinycnn"):
+        main(["fit", "--config", str(REPO / "configs/icnn/parts_world.yaml"), "--trainer.max_epochs=3",
+              "--trainer.logger.init_args.name=other_model", "--data.init_args.num_train=64",
+              "--data.init_args.num_val=32", f"--ckpt_path={checkpoint}"])
+    assert not (tmp_path / "checkpoints" / "other_model").exists()  # stopped before anything was built or trained
     (tmp_path / "pickled.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="Could not read checkpoint"):
         zoo.load_checkpoint(tmp_path / "pickled.ckpt")

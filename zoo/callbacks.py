@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.seed import isolate_rng
 from torchvision.utils import make_grid, save_image
 
 
@@ -48,6 +49,58 @@ class RNGStateCallback(pl.Callback):
         random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
 
 
+class FixedBatchCallback(pl.Callback):
+    """Base of every picture callback: after each validation epoch (not the sanity check), on rank zero, `draw` gets
+    a fixed validation batch and the model in eval mode under no_grad; the training mode is restored afterwards.
+
+    Everything runs under `isolate_rng`: building the batch iterates a DataLoader, which draws its base seed from
+    the global torch generator. Without the isolation the first picture of a run shifts every later shuffle, and
+    a run resumed from last.ckpt (which draws that seed one epoch later) is not the run that never died.
+
+    Subclasses set `num_items` and implement `draw(trainer, pl_module, batch)`; `collective(trainer, pl_module)`
+    runs on every rank first (for metrics that synchronise) and its result is passed to `draw` as `shared`.
+    """
+
+    num_items: int = 8
+
+    def __init__(self) -> None:
+        self.batch: Any = None
+
+    def fixed_batch(self, trainer: pl.Trainer) -> Any:
+        """The first `num_items` of the first validation batch, taken once and kept."""
+        if self.batch is None:
+            batch = next(iter(trainer.datamodule.val_dataloader()))
+            self.batch = {k: v[: self.num_items] for k, v in batch.items()}
+        return self.batch
+
+    def collective(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        return None
+
+    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, shared: Any) -> None:
+        raise NotImplementedError
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        with isolate_rng():
+            shared = self.collective(trainer, pl_module)
+            if not trainer.is_global_zero:
+                return
+            was_training = pl_module.training
+            pl_module.eval()
+            try:
+                with torch.no_grad():
+                    self.draw(trainer, pl_module, shared)
+            finally:
+                pl_module.train(was_training)
+
+    @staticmethod
+    def run_folder(trainer: pl.Trainer, name: str) -> Path:
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+
 def heatmap_overlay(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     """Images (N, C, H, W) in [0, 1] with maps (F, N, h, w) overlaid in red: (F, N, 3, H, W)."""
     rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[:, :3]
@@ -57,7 +110,7 @@ def heatmap_overlay(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
     return (0.45 * rgb[None] + 0.55 * heat[:, :, None] * red).clamp(0, 1)
 
 
-class FilterMapsCallback(pl.Callback):
+class FilterMapsCallback(FixedBatchCallback):
     """After each validation epoch: the `num_filters` most active filters' maps over a fixed validation batch.
 
     Writes a TensorBoard image per filter (tag ``filters/<rank>_f<id>``) and, in the run folder, ``filters/
@@ -71,31 +124,16 @@ class FilterMapsCallback(pl.Callback):
     """
 
     def __init__(self, num_filters: int = 8, num_images: int = 8, maps_key: str | None = None) -> None:
-        self.num_filters, self.num_images, self.maps_key = num_filters, num_images, maps_key
-        self.batch: dict[str, torch.Tensor] | None = None
+        super().__init__()
+        self.num_filters, self.num_items, self.maps_key = num_filters, num_images, maps_key
 
-    def _fixed_batch(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
-        if self.batch is None:
-            loader = trainer.datamodule.val_dataloader()
-            self.batch = {k: v[: self.num_images] for k, v in next(iter(loader)).items()}
-        return self.batch
+    def collective(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor | None:
+        return pl_module.filter_part_scores() if hasattr(pl_module, "filter_part_scores") else None
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        part_scores = pl_module.filter_part_scores() if hasattr(pl_module, "filter_part_scores") else None
-        if trainer.is_global_zero:  # the scores above are a collective call: every rank makes it
-            self._write(trainer, pl_module, part_scores)
-
-    def _write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, part_scores: torch.Tensor | None) -> None:
+    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, part_scores: torch.Tensor | None) -> None:
         key = self.maps_key or getattr(pl_module, "part_maps_key", None) or "features"
-        batch = self._fixed_batch(trainer)
-        images = batch[pl_module.input_key].to(pl_module.device)
-        was_training = pl_module.training
-        pl_module.eval()
-        with torch.no_grad():
-            out = pl_module.model(images)
-        pl_module.train(was_training)
+        images = self.fixed_batch(trainer)[pl_module.input_key].to(pl_module.device)
+        out = pl_module.model(images)
         maps = out[key].float()  # (N, F, h, w)
         top = maps.flatten(2).amax(-1).mean(0).topk(min(self.num_filters, maps.shape[1])).indices  # (k,)
         panels = heatmap_overlay(images.float(), maps[:, top].transpose(0, 1))  # (k, N, 3, H, W)
@@ -105,8 +143,7 @@ class FilterMapsCallback(pl.Callback):
                 tag = f"filters/{filter_id:04d}"
                 trainer.logger.experiment.add_image(tag, make_grid(panel, nrow=len(panel)), trainer.global_step)
                 trainer.logger.experiment.add_text(tag, text, trainer.global_step)
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "filters"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = self.run_folder(trainer, "filters")
         save_image(panels.flatten(0, 1), folder / f"epoch{trainer.current_epoch}.png", nrow=panels.shape[1])
         lines = ["| row | filter | category | best part (hit rate) |", "| --- | --- | --- | --- |"]
         lines += [f"| {row} | {text} |" for row, (_, text) in enumerate(rows)]
@@ -128,7 +165,7 @@ class FilterMapsCallback(pl.Callback):
         return rows
 
 
-class SelectionCallback(pl.Callback):
+class SelectionCallback(FixedBatchCallback):
     """After each validation epoch: what a feature selector (L2X, INVASE) keeps for a fixed validation batch.
 
     Images: the input with unselected patches dimmed (TensorBoard ``selection/images`` and, in the run folder,
@@ -137,22 +174,14 @@ class SelectionCallback(pl.Callback):
     """
 
     def __init__(self, num_samples: int = 8) -> None:
-        self.num_samples = num_samples
-        self.batch: dict[str, torch.Tensor] | None = None
+        super().__init__()
+        self.num_items = num_samples
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
-            return
-        if self.batch is None:
-            self.batch = {k: v[: self.num_samples] for k, v in next(iter(trainer.datamodule.val_dataloader())).items()}
-        x = self.batch[pl_module.input_key].to(pl_module.device)
-        was_training = pl_module.training
-        pl_module.eval()
-        with torch.no_grad():
-            selection = pl_module.model(x)["selection"]  # (N, d) hard in eval mode
-        pl_module.train(was_training)
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "selection"
-        folder.mkdir(parents=True, exist_ok=True)
+    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, shared: None) -> None:
+        batch = self.fixed_batch(trainer)
+        x = batch[pl_module.input_key].to(pl_module.device)
+        selection = pl_module.model(x)["selection"]  # (N, d) hard in eval mode
+        folder = self.run_folder(trainer, "selection")
         experiment = trainer.logger.experiment if isinstance(trainer.logger, TensorBoardLogger) else None
         if x.ndim == 4:
             kept = pl_module.model.space.pixel_mask(selection)  # (N, 1, H, W)
@@ -166,8 +195,8 @@ class SelectionCallback(pl.Callback):
             return
         decode = getattr(trainer.datamodule, "decode_selection", None) or self._describe
         lines = [decode(x[i].cpu(), selection[i].cpu()) for i in range(len(x))]
-        if "relevant" in self.batch:
-            lines = [f"{line}  (true: {self.batch['relevant'][i].nonzero().flatten().tolist()})"
+        if "relevant" in batch:
+            lines = [f"{line}  (true: {batch['relevant'][i].nonzero().flatten().tolist()})"
                      for i, line in enumerate(lines)]
         text = "\n\n".join(f"{i}. {line}" for i, line in enumerate(lines))
         (folder / f"epoch{trainer.current_epoch}.md").write_text(text + "\n")
@@ -179,29 +208,22 @@ class SelectionCallback(pl.Callback):
         return f"selected features {selection.nonzero().flatten().tolist()}"
 
 
-class ExplanationTextCallback(pl.Callback):
+class ExplanationTextCallback(FixedBatchCallback):
     """After each validation epoch: the generated explanation of each image of a fixed validation batch, beside the
     image and its first reference sentence (TensorBoard text `explanations/text` and image grid
     `explanations/images`; `explanations/epoch<e>.md` in the run folder). Words come from the datamodule's
     `vocabulary`."""
 
     def __init__(self, num_images: int = 8) -> None:
-        self.num_images = num_images
-        self.batch: dict[str, torch.Tensor] | None = None
+        super().__init__()
+        self.num_items = num_images
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
-            return
+    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, shared: None) -> None:
         hp = pl_module.hparams
-        if self.batch is None:
-            self.batch = {k: v[: self.num_images] for k, v in next(iter(trainer.datamodule.val_dataloader())).items()}
-        images = self.batch[hp.image_key].to(pl_module.device)
-        labels = self.batch[hp.target_key].to(pl_module.device)
-        was_training = pl_module.training
-        pl_module.eval()
-        with torch.no_grad():
-            generated, _ = pl_module.model.explain(images, labels)
-        pl_module.train(was_training)
+        batch = self.fixed_batch(trainer)
+        images = batch[hp.image_key].to(pl_module.device)
+        labels = batch[hp.target_key].to(pl_module.device)
+        generated, _ = pl_module.model.explain(images, labels)
         vocabulary = getattr(trainer.datamodule, "vocabulary", None)
 
         def words(tokens: torch.Tensor) -> str:
@@ -214,39 +236,32 @@ class ExplanationTextCallback(pl.Callback):
             return " ".join(out)
 
         lines = ["| image | class | generated | a reference |", "| --- | --- | --- | --- |"]
-        lines += [f"| {i} | {int(labels[i])} | {words(generated[i])} | {words(self.batch[hp.captions_key][i, 0])} |"
+        lines += [f"| {i} | {int(labels[i])} | {words(generated[i])} | {words(batch[hp.captions_key][i, 0])} |"
                   for i in range(len(images))]
         text = "\n".join(lines)
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "explanations"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"epoch{trainer.current_epoch}.md").write_text(text + "\n")
+        (self.run_folder(trainer, "explanations") / f"epoch{trainer.current_epoch}.md").write_text(text + "\n")
         if isinstance(trainer.logger, TensorBoardLogger):
             trainer.logger.experiment.add_text("explanations/text", text, trainer.global_step)
             trainer.logger.experiment.add_image("explanations/images", make_grid(images.float().cpu(), nrow=len(images)),
                                                 trainer.global_step)
 
 
-class ParseTreeCallback(pl.Callback):
+class ParseTreeCallback(FixedBatchCallback):
     """After each validation epoch: detections on a fixed set of validation images, each box with the leaves of its
     parse tree drawn inside it (the AOG detector's extractive rationale; baselines: boxes only).
 
     TensorBoard ``detections/parse_trees`` and, in the run folder, ``parse_trees/epoch<e>.png``."""
 
     def __init__(self, num_images: int = 8, score_threshold: float = 0.5) -> None:
-        self.num_images, self.score_threshold = num_images, score_threshold
+        super().__init__()
+        self.num_items, self.score_threshold = num_images, score_threshold
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
-            return
+    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, shared: None) -> None:
         from torchvision.utils import draw_bounding_boxes
 
         dataset = trainer.datamodule.splits["val"]
-        images = [dataset[i][0] for i in range(min(self.num_images, len(dataset)))]
-        was_training = pl_module.training
-        pl_module.eval()
-        with torch.no_grad():
-            detections = pl_module.model([im.to(pl_module.device) for im in images])
-        pl_module.train(was_training)
+        images = [dataset[i][0] for i in range(min(self.num_items, len(dataset)))]
+        detections = pl_module.model([im.to(pl_module.device) for im in images])
         parser = getattr(pl_module, "leaf_parser", None)
         panels = []
         for image, found in zip(images, detections):
@@ -261,8 +276,6 @@ class ParseTreeCallback(pl.Callback):
                 canvas = draw_bounding_boxes(canvas, boxes, labels=labels, colors="white", width=1)
             panels.append(canvas.float() / 255)
         grid = make_grid(panels, nrow=min(4, len(panels)))
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / "parse_trees"
-        folder.mkdir(parents=True, exist_ok=True)
-        save_image(grid, folder / f"epoch{trainer.current_epoch}.png")
+        save_image(grid, self.run_folder(trainer, "parse_trees") / f"epoch{trainer.current_epoch}.png")
         if isinstance(trainer.logger, TensorBoardLogger):
             trainer.logger.experiment.add_image("detections/parse_trees", grid, trainer.global_step)

@@ -477,7 +477,6 @@ class StagedSystem(ClassificationSystem):
             for stage in ("val", "test"):
                 self.metrics[f"{stage}_rule_firing"] = RuleFiring(len(self.rule_names))
         self.stage_index = 0
-        self.base_lrs: list[float] | None = None
 
     def stage_at(self, epoch: int) -> int:
         end = 0
@@ -494,11 +493,11 @@ class StagedSystem(ClassificationSystem):
         for name, module in self.model.named_children():
             module.requires_grad_(name in stage.get("train", []))
         self.train(self.training)  # frozen submodules to eval mode (BatchNorm statistics stay put too)
-        optimizer = self.optimizers(use_pl_optimizer=False)
-        if self.base_lrs is None:
-            self.base_lrs = [group["lr"] for group in optimizer.param_groups]
-        for group, base in zip(optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * float(stage.get("lr_scale", 1.0))
+        for group in self.optimizers(use_pl_optimizer=False).param_groups:
+            # the unscaled rate lives in the param group, so it is saved with the optimiser and a run resumed
+            # inside a scaled stage does not take the scaled rate for its base
+            group.setdefault("base_lr", group["lr"])
+            group["lr"] = group["base_lr"] * float(stage.get("lr_scale", 1.0))
         self.log("schedule/stage", float(self.stage_index), on_step=False, on_epoch=True)
 
     def train(self, mode: bool = True) -> "StagedSystem":
