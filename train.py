@@ -67,6 +67,19 @@ class ZooCLI(LightningCLI):
         parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
         parser.link_arguments("data.model_inputs", "model.init_args.data_inputs", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning copies a `--ckpt_path` checkpoint's hyperparameters over the config; refuse first, naming both,
+        a checkpoint of another System or model (else the run would silently rebuild the checkpoint's model and
+        pair it with this config's loss)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            from zoo.checkpointing import check_config_fits_checkpoint, read_checkpoint
+
+            check_config_fits_checkpoint(self.config[subcommand].get("model"), read_checkpoint(ckpt_path),
+                                         f"--ckpt_path {ckpt_path!r}")
+        super()._parse_ckpt_path()
+
 
 # ----------------------------------------------------------------------------------------------------- compare
 COMPARE_HELP = """\

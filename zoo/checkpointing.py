@@ -55,6 +55,27 @@ def check_same_model(checkpoint_spec: dict[str, Any], wanted: dict[str, Any], so
                                   f"this run builds {describe({**checkpoint_spec, **wanted})} ({key}={wanted[key]!r}).")
 
 
+IDENTITY_KEYS = ("model_name", "variant")  # what names the model a System builds (classifiers; textual variants)
+
+
+def check_config_fits_checkpoint(model_config: Any, checkpoint: dict[str, Any], source: str) -> None:
+    """Refuse a checkpoint of another System class or model than a parsed CLI model config (a jsonargparse
+    Namespace with class_path / init_args) builds, naming both; before anything is built or trained."""
+    saved = checkpoint.get("hyper_parameters") or {}
+    if model_config is None or not hasattr(model_config, "get"):
+        return
+    init_args = model_config.get("init_args") or {}
+    wanted = {"class": model_config.get("class_path"), **{k: init_args.get(k) for k in IDENTITY_KEYS}}
+    held = {"class": saved.get("_class_path"), **{k: saved.get(k) for k in IDENTITY_KEYS}}
+    for key in wanted:
+        if wanted[key] is not None and held[key] is not None and wanted[key] != held[key]:
+            def name(values: dict[str, Any]) -> str:
+                return " ".join(str(values[k]) for k in IDENTITY_KEYS if values[k] is not None) or str(values["class"])
+            raise CheckpointError(f"{source} holds {name(held)} ({key}={held[key]!r}); this config builds "
+                                  f"{name(wanted)} ({key}={wanted[key]!r}). Resume a run with its own config, or "
+                                  f"start this one without --ckpt_path.")
+
+
 def _build(spec: dict[str, Any]) -> nn.Module:
     return create_model_for_data(spec["model_name"], spec["num_classes"], spec.get("in_chans"),
                                  spec.get("image_size"), spec.get("data_inputs"), spec.get("model_kwargs"))
