@@ -4,7 +4,7 @@
         [--shared_part_types]
 
 Every object of the scene world's validation split is taken with its true box (a perfect detector), and every
-partition the grid grammar's parse trees make (1,241 trees at 3x3) is scored with the parse-part IoU of `metrics.detection` (mean of
+partition the grid grammar's parse trees make (1,241 trees at 3x3) is scored with the parse-part IoU of `zoo.aog_rcnn.metrics` (mean of
 part recall and leaf precision against the true part boxes); trees with the same leaves count once. Rows:
 - whole box and uniform grid: the two fixed partitions the detection System also logs;
 - best fixed tree per class: for each class the one tree with the highest mean score on the training split,
@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import PartsWorldScenesDataModule  # noqa: E402
-from metrics.detection import pairwise_iou, partition_scores  # noqa: E402
-from train import markdown_table  # noqa: E402
-from zoo.aog_rcnn import AOGParsing, GridGrammar  # noqa: E402
+from zoo.aog_rcnn.metrics import pairwise_iou, partition_scores  # noqa: E402
+from zoo.cli.report import markdown_table  # noqa: E402
+from zoo.aog_rcnn.model import AOGParsing, GridGrammar  # noqa: E402
 
 
 def all_partitions(grammar: GridGrammar) -> torch.Tensor:

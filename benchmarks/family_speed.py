@@ -36,9 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zoo  # noqa: E402
 from datamodules.l2x_synthetic import generate as l2x_data  # noqa: E402
 from datamodules.rule_series import generate as series_data  # noqa: E402
-from losses import ClassificationLoss, FilterPartLoss, L2XLoss, ReNNLoss  # noqa: E402
+from losses.baselines import ClassificationLoss  # noqa: E402
+from losses.icnn import FilterPartLoss  # noqa: E402
+from losses.l2x import L2XLoss  # noqa: E402
+from losses.renn import ReNNLoss  # noqa: E402
 from losses.textual import DiscriminativeLoss, RelevanceLoss  # noqa: E402
-from zoo.textual import ExplanationModel, SentenceClassifier  # noqa: E402
+from zoo.textual.model import ExplanationModel, SentenceClassifier  # noqa: E402
 
 Step = Callable[[], None]
 
@@ -169,12 +172,12 @@ class ExplanationStep(nn.Module):
     def train(self, mode: bool = True) -> "ExplanationStep":
         super().train(mode)
         self.classifier.eval()
-        self.model.image_encoder.eval()  # frozen encoder, as ExplanationSystem keeps it
+        self.model.image_encoder.eval()  # frozen encoder, as TextualSystem keeps it
         return self
 
 
 class ExplanationLoss(nn.Module):
-    """Relevance (teacher-forced CE) plus, with a weight, REINFORCE: the ExplanationSystem's training loss."""
+    """Relevance (teacher-forced CE) plus, with a weight, REINFORCE: the TextualSystem's training loss."""
 
     def __init__(self, discriminative_weight: float) -> None:
         super().__init__()
@@ -226,7 +229,7 @@ def head_speed(device: torch.device, rounds: int, rois: int, classes: int = 21, 
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.ops import MultiScaleRoIAlign
 
-    from zoo.aog_rcnn import AOGParsingHead, AverageVoteHead, GridGrammar, PositionSensitivePool, VotePredictor
+    from zoo.aog_rcnn.model import AOGParsingHead, AverageVoteHead, GridGrammar, PositionSensitivePool, VotePredictor
 
     torch.manual_seed(0)
     features = {"0": torch.randn(2, channels, 32, 32, device=device)}  # two 512 x 512 images at stride 16
@@ -308,7 +311,7 @@ def measure(family: str, device: torch.device, bf16: bool, rounds: int, steps: i
 def explanation_speed(device: torch.device, rounds: int, samples: int = 256, per_sample: int = 8) -> list[dict]:
     """Samples/s of explaining switch data: L2X batched vs Captum (IG batched; KernelShap/Lime one surrogate per
     sample, timed on `per_sample` samples). Medians over rounds."""
-    from metrics.captum_adapters import attribute_features
+    from zoo.explain.captum import attribute_features
 
     torch.manual_seed(0)
     data = to(l2x_data("switch", samples, seed=1), device)

@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules import PartsWorldDataModule  # noqa: E402
-from metrics.part_location import LocationInstability  # noqa: E402
-from train import markdown_table  # noqa: E402
+from zoo.icnn.metrics import LocationInstability  # noqa: E402
+from zoo.cli.report import markdown_table  # noqa: E402
 
 
 def oracle_maps(landmarks: torch.Tensor, labels: torch.Tensor, num_classes: int, map_size: int, image_size: int,

@@ -17,7 +17,8 @@ import time
 import torch
 
 import zoo
-from losses import ClassificationLoss, FilterPartLoss
+from losses.baselines import ClassificationLoss
+from losses.icnn import FilterPartLoss
 
 
 def make_step(model_name: str, loss: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs):

@@ -35,11 +35,11 @@ sys.path.insert(0, str(REPO))
 
 from datamodules import DigitsDataModule, L2XSyntheticDataModule  # noqa: E402
 from datamodules.l2x_synthetic import DATASETS, NUM_SELECTED  # noqa: E402
-from losses.selection import top_k_mask  # noqa: E402
-from metrics.captum_adapters import FEATURE_METHODS, attribute_features  # noqa: E402
-from metrics.selection import AgreementAccuracy, SelectionRecovery, median_true_rank  # noqa: E402
-from train import write_report  # noqa: E402
-from zoo.systems import SelectorSystem  # noqa: E402
+from zoo.l2x.ops import top_k_mask  # noqa: E402
+from zoo.explain.captum import FEATURE_METHODS, attribute_features  # noqa: E402
+from zoo.l2x.metrics import AgreementAccuracy, SelectionRecovery, median_true_rank  # noqa: E402
+from zoo.cli.report import write_report  # noqa: E402
+from zoo.l2x.system import L2XSystem  # noqa: E402
 
 SELECTORS = ("l2x", "invase")
 PERTURBATION_METHODS = ("kernel_shap", "lime")
@@ -63,11 +63,11 @@ def task_setting(task: str, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_selector(name: str, task: str, which: str, setting: dict[str, Any], settings: dict[str, Any],
-                   frozen: Path | None) -> tuple[SelectorSystem, float]:
+                   frozen: Path | None) -> tuple[L2XSystem, float]:
     """Fit one selector system; with `frozen`, its black box and evaluator are loaded from that file."""
     data = setting["data"]
     model_name, model_kwargs = setting["models"][which]
-    system = SelectorSystem(
+    system = L2XSystem(
         model_name=model_name, num_classes=data.num_classes, in_chans=data.num_channels, image_size=data.image_size,
         data_inputs=data.model_inputs, model_kwargs=model_kwargs, black_box=setting["black_box"],
         black_box_epochs=settings["black_box_epochs"], evaluator_epochs=settings["evaluator_epochs"],
@@ -97,7 +97,7 @@ def timed(function: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Ten
     return result, statistics.median(seconds)
 
 
-def explain_all(systems: dict[str, SelectorSystem], method: str, x: torch.Tensor, target: torch.Tensor, k: int,
+def explain_all(systems: dict[str, L2XSystem], method: str, x: torch.Tensor, target: torch.Tensor, k: int,
                 feature_mask: torch.Tensor | None, repeats: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(scores (N, d), hard selection (N, d), seconds per sample) of one method on all of `x`."""
     if method in SELECTORS:

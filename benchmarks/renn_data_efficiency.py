@@ -21,7 +21,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from train import grid_points, run_grid_point, write_report  # noqa: E402
+from zoo.cli.ablate import grid_points, run_grid_point  # noqa: E402
+from zoo.cli.report import write_report  # noqa: E402
 
 MODELS = {
     "renn": "configs/renn/rule_series.yaml",

@@ -29,7 +29,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from train import ZooCLI, write_report  # noqa: E402
+from zoo.cli.lightning import ZooCLI  # noqa: E402
+from zoo.cli.report import write_report  # noqa: E402
 
 CONTROL = "explanation-label, same budget (weight 0)"
 RUNS = [  # (run name, config stem, run it starts from, overrides, label)

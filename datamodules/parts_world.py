@@ -340,7 +340,7 @@ class PartsWorldDataModule(DictDataModule):
 
     @staticmethod
     def mentioned(tokens: torch.Tensor) -> torch.Tensor:
-        """Part types named by generated sentences (B, L): what `metrics.captions.AttributeMention` scores."""
+        """Part types named by generated sentences (B, L): what `zoo.textual.metrics.AttributeMention` scores."""
         return mention_matrix(tokens)
 
     @property

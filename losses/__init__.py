@@ -1,9 +1,2 @@
-"""Loss modules: ``forward(out, batch) -> dict[str, Tensor]`` of named terms that the System sums and logs."""
-
-from losses.classification import ClassificationLoss
-from losses.filter_part import FilterPartLoss
-from losses.rules import LogicRuleDistillation, ReNNLoss, SemanticLoss
-from losses.selection import INVASELoss, L2XLoss
-
-__all__ = ["ClassificationLoss", "FilterPartLoss", "INVASELoss", "L2XLoss", "LogicRuleDistillation", "ReNNLoss",
-           "SemanticLoss"]
+"""Loss modules, one file per family: ``forward(out, batch) -> {"loss_<term>": tensor}``, summed and logged by
+the engine. `losses.baselines.ClassificationLoss` is the task term every classifier shares."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo._distributed import all_reduce_
+from zoo.distributed import all_reduce_
 
 
 class RelevanceLoss(nn.Module):

@@ -12,8 +12,8 @@ from torchvision.models.detection.roi_heads import RoIHeads
 
 import zoo
 from datamodules import DatasetLayoutError, PartsWorldScenesDataModule, VOCDataModule
-from metrics.detection import ParsePartIoU
-from zoo.aog_rcnn import (AOGParsing, AOGParsingHead, AverageVoteHead, GridGrammar, PositionSensitivePool,
+from zoo.aog_rcnn.metrics import ParsePartIoU
+from zoo.aog_rcnn.model import (AOGParsing, AOGParsingHead, AverageVoteHead, GridGrammar, PositionSensitivePool,
                           closed_form_counts, rois_with_batch_index)
 
 from tests.test_registry import DETECTOR_MODELS
@@ -329,12 +329,12 @@ def test_voc_truncated_image_names_the_file(voc_root: Path) -> None:
 def test_detection_system_schedule_and_bad_batches(tmp_path: Path) -> None:
     import pytorch_lightning as pl
 
-    from zoo.callbacks import ParseTreeCallback
-    from zoo.systems import DetectionSystem
+    from zoo.aog_rcnn.callback import ParseTreeCallback
+    from zoo.aog_rcnn.system import AOGRCNNSystem
 
     dm = PartsWorldScenesDataModule(num_train=8, num_val=4, num_test=4, canvas_size=96, object_sizes=(32, 48),
                                     batch_size=4)
-    system = DetectionSystem(num_classes=dm.num_classes, image_size=96, unfold_epoch=1)
+    system = AOGRCNNSystem(num_classes=dm.num_classes, image_size=96, unfold_epoch=1)
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=pl.loggers.TensorBoardLogger(tmp_path),
                          enable_checkpointing=False, enable_progress_bar=False,
                          callbacks=[ParseTreeCallback(num_images=2, score_threshold=0.0)])

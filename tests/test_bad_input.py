@@ -33,15 +33,17 @@ def test_every_model_names_a_wrong_dtype_or_rank(name: str) -> None:
 
 @pytest.mark.parametrize("system", ["classification", "staged", "selector"])
 def test_nan_inputs_name_the_samples(system: str) -> None:
-    from zoo.systems import ClassificationSystem, SelectorSystem, StagedSystem
+    from zoo.baselines.system import ClassifierSystem
+    from zoo.l2x.system import L2XSystem
+    from zoo.renn.system import ReNNSystem
 
     if system == "classification":
-        module, key, x = ClassificationSystem(num_classes=3), "image", torch.rand(4, 3, 32, 32)
+        module, key, x = ClassifierSystem(num_classes=3), "image", torch.rand(4, 3, 32, 32)
     elif system == "staged":
-        module, key = StagedSystem(model_name="renn_series", in_chans=None, input_key="series"), "series"
+        module, key = ReNNSystem(model_name="renn_series", in_chans=None, input_key="series"), "series"
         x = torch.randn(4, 1, 128)
     else:
-        module, key, x = SelectorSystem(data_inputs={"num_features": 10}, model_kwargs={"k": 2}), "features", \
+        module, key, x = L2XSystem(data_inputs={"num_features": 10}, model_kwargs={"k": 2}), "features", \
             torch.randn(4, 10)
     x[2].view(-1)[0] = float("nan")
     batch = {key: x, "label": torch.zeros(4, dtype=torch.long), "index": torch.tensor([10, 11, 12, 13])}
@@ -75,16 +77,16 @@ def test_series_files_with_bad_content(tmp_path: Path) -> None:
 
 
 def test_labels_out_of_range_are_caught_before_the_loss(image_folder_root: Path) -> None:
-    from zoo.systems import ClassificationSystem
+    from zoo.baselines.system import ClassifierSystem
 
-    module = ClassificationSystem(num_classes=2)
+    module = ClassifierSystem(num_classes=2)
     batch = {"image": torch.rand(2, 3, 32, 32), "label": torch.tensor([0, 5])}
     with pytest.raises(ValueError, match="labels span \\[0, 5\\], outside \\[0, 2\\)"):
         module.training_step(batch, 0)
 
 
 def test_unknown_names_suggest_close_ones() -> None:
-    from zoo.renn import get_rule
+    from zoo.renn.model import get_rule
 
     with pytest.raises(ValueError, match="Did you mean: l2x_vector"):
         zoo.create_model("l2x_vectr")

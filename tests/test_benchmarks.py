@@ -53,7 +53,7 @@ def test_parse_headroom_scores_every_partition_with_the_metric() -> None:
     import torch
 
     from benchmarks.aog_parse_headroom import all_partitions, main, tree_scores
-    from zoo.aog_rcnn import AOGParsing, GridGrammar
+    from zoo.aog_rcnn.model import AOGParsing, GridGrammar
 
     two = AOGParsing(GridGrammar(2, 2))
     partitions = all_partitions(two.grammar)  # 9 parse trees, 8 partitions: the four cells come from two trees

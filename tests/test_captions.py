@@ -11,7 +11,7 @@ import torch
 
 from datamodules import PartsWorldDataModule
 from datamodules.parts_world import BOS, EOS, decode_caption, mention_matrix, mentioned_parts
-from metrics.captions import AttributeMention, ClassRelevance, CIDErD, as_text, cider_d, document_frequency
+from zoo.textual.metrics import AttributeMention, ClassRelevance, CIDErD, as_text, cider_d, document_frequency
 
 
 def rows(sentences: list[list[int]], length: int = 12) -> torch.Tensor:

@@ -39,7 +39,7 @@ def dataset_overrides(config: str, cub_root: Path, image_folder_root: Path, imdb
         return dataset_overrides(first_run, cub_root, image_folder_root, imdb_root, voc_root)
     cls = parsed["data"]["class_path"].rsplit(".", 1)[-1]
     system = parsed["model"]["class_path"].rsplit(".", 1)[-1]
-    selector = {"SelectorSystem": SMALL_SELECTOR, "ExplanationSystem": SMALL_EXPLANATION}.get(system, [])
+    selector = {"L2XSystem": SMALL_SELECTOR, "TextualSystem": SMALL_EXPLANATION}.get(system, [])
     return selector + {
         "CUB200DataModule": [f"--data.init_args.root={cub_root}", "--data.init_args.image_size=64"],
         "ImageFolderDataModule": [f"--data.init_args.root={image_folder_root}"],
@@ -96,17 +96,25 @@ def test_compare_refuses_runs_with_different_settings(in_tmp_dir: Path) -> None:
     (in_tmp_dir / "bad.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match="'a' and 'b' differ in data"):
         main(["compare", "--config", "bad.yaml"])
-    with pytest.raises(ValueError, match="neither a compare spec nor a config whose loss has a family `weight`"):
+    with pytest.raises(ValueError, match="ClassifierSystem declares no twins"):
         main(["compare", "--config", str(REPO / "configs/baselines/parts_world.yaml")])
     (in_tmp_dir / "empty_runs.yaml").write_text("compare: {runs: {}}\n")
     with pytest.raises(ValueError, match="is not a compare spec"):
         main(["compare", "--config", "empty_runs.yaml"])
 
 
-def test_compare_of_a_family_config_runs_it_against_its_twin(in_tmp_dir: Path) -> None:
+def test_compare_of_a_family_config_runs_it_against_its_twins(in_tmp_dir: Path) -> None:
     rows = main(["compare", "--config", str(REPO / "configs/icnn/parts_world.yaml"), "--trainer.fast_dev_run=true",
                  "--no_explain", *SMALL_WORLD])
-    assert [row["run"] for row in rows] == ["interpretable", "opaque_twin"]
+    assert [row["run"] for row in rows] == ["icnn", "ordinary_twin", "masked_twin", "plain_cnn"]  # ICNNSystem.TWINS
+    assert [row["model"] for row in rows] == ["icnn_tinycnn"] * 3 + ["baseline_tinycnn"]
+    from zoo.cli.compare import read_compare_spec
+    from zoo.cli.lightning import ZooCLI
+
+    twin = read_compare_spec(REPO / "configs/icnn/parts_world.yaml")["runs"]["ordinary_twin"]
+    cli = ZooCLI(args=["--config", twin["config"], *twin["args"], *SMALL_WORLD], run=False)
+    assert cli.model.hparams.model_kwargs == {"tau_scale": 16.0, "category_assignment": "balanced", "masks": False}
+    assert not cli.model.model.top_filters.masks and cli.model.loss.weight == 0
     assert (in_tmp_dir / "checkpoints" / "parts_world_compare" / "report.md").is_file()
 
 
@@ -173,7 +181,7 @@ def test_ablate_averages_over_seeds_and_resumes_without_redoing_finished_points(
 
 def test_ablate_names_points_with_mapping_values(in_tmp_dir: Path) -> None:
     """A grid over a mapping (model_kwargs) gets a path- and YAML-safe name (its logger name is parsed as YAML)."""
-    from train import point_name
+    from zoo.cli.ablate import point_name
 
     point = {"model.init_args.model_kwargs": {"terminal_rank": 4}, "seed_everything": 0}
     assert point_name(point) == "model_kwargs=terminal_rank-4,seed_everything=0"

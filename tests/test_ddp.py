@@ -12,7 +12,8 @@ import torch
 from pytorch_lightning.strategies import DDPStrategy
 
 from datamodules import PartsWorldDataModule
-from zoo.systems import ClassificationSystem
+from zoo.baselines.system import ClassifierSystem
+from zoo.icnn.system import ICNNSystem
 
 
 def two_process_trainer(tmp_path: Path, *callbacks: pl.Callback, **overrides: Any) -> pl.Trainer:
@@ -45,7 +46,7 @@ class SaveValidationPredictions(pl.Callback):
 def test_two_process_ddp_logged_accuracy_equals_gathered(tmp_path: Path) -> None:
     pl.seed_everything(0)
     data = PartsWorldDataModule(num_train=128, num_val=64, num_test=16, batch_size=16)
-    system = ClassificationSystem("baseline_tinycnn", num_classes=data.num_classes)
+    system = ClassifierSystem("baseline_tinycnn", num_classes=data.num_classes)
     trainer = two_process_trainer(tmp_path, SaveValidationPredictions(tmp_path))
     trainer.fit(system, datamodule=data)
     rows = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
@@ -69,11 +70,11 @@ class SaveStatistics(pl.Callback):
 
 
 def test_icnn_online_statistics_stay_identical_across_ranks(tmp_path: Path) -> None:
-    from losses import FilterPartLoss
+    from losses.icnn import FilterPartLoss
 
     pl.seed_everything(0)
     data = PartsWorldDataModule(num_train=64, num_val=16, num_test=16, batch_size=16)
-    system = ClassificationSystem("icnn_tinycnn", num_classes=data.num_classes,
+    system = ICNNSystem("icnn_tinycnn", num_classes=data.num_classes,
                                   loss=FilterPartLoss(weight=1.0), model_kwargs={"tau_scale": 16.0})
     trainer = two_process_trainer(tmp_path, SaveStatistics(tmp_path), limit_val_batches=0)
     trainer.fit(system, datamodule=data)
@@ -97,12 +98,12 @@ class SaveSelectorState(pl.Callback):
 
 def test_l2x_explains_one_black_box_and_syncs_median_rank(tmp_path: Path) -> None:
     from datamodules import L2XSyntheticDataModule
-    from metrics.selection import MedianRank
-    from zoo.systems import SelectorSystem
+    from zoo.l2x.metrics import MedianRank
+    from zoo.l2x.system import L2XSystem
 
     pl.seed_everything(0)
     data = L2XSyntheticDataModule(dataset="orange_skin", num_train=256, num_val=64, num_test=16, batch_size=32)
-    system = SelectorSystem(data_inputs=data.model_inputs, model_kwargs={"k": 4}, black_box_epochs=1,
+    system = L2XSystem(data_inputs=data.model_inputs, model_kwargs={"k": 4}, black_box_epochs=1,
                             evaluator_epochs=1)
     trainer = two_process_trainer(tmp_path, SaveSelectorState(tmp_path))
     trainer.fit(system, datamodule=data)
@@ -116,12 +117,12 @@ def test_l2x_explains_one_black_box_and_syncs_median_rank(tmp_path: Path) -> Non
 
 def test_renn_stages_train_under_ddp(tmp_path: Path) -> None:
     from datamodules import RuleSeriesDataModule
-    from losses import ReNNLoss
-    from zoo.systems import StagedSystem
+    from losses.renn import ReNNLoss
+    from zoo.renn.system import ReNNSystem
 
     pl.seed_everything(0)
     data = RuleSeriesDataModule(num_train=64, num_val=32, num_test=16, batch_size=16)
-    system = StagedSystem(model_name="renn_series", num_classes=4, in_chans=None, data_inputs=data.model_inputs,
+    system = ReNNSystem(model_name="renn_series", num_classes=4, in_chans=None, data_inputs=data.model_inputs,
                           input_key="series", loss=ReNNLoss(), stages=[
                               {"name": "local", "epochs": 1, "train": ["detector"], "losses": ["loss_local"]},
                               {"name": "global", "epochs": 1, "train": ["head"], "losses": ["loss_task"]}])
@@ -157,8 +158,8 @@ def test_two_process_ddp_detection_metrics_equal_gathered(tmp_path: Path) -> Non
     from torchmetrics.detection import MeanAveragePrecision
 
     from datamodules import PartsWorldScenesDataModule
-    from metrics.detection import ParsePartIoU
-    from zoo.systems import DetectionSystem
+    from zoo.aog_rcnn.metrics import ParsePartIoU
+    from zoo.aog_rcnn.system import AOGRCNNSystem
 
     pl.seed_everything(0)
     data = PartsWorldScenesDataModule(num_train=8, num_val=8, num_test=4, canvas_size=96, object_sizes=(32, 48),
@@ -166,7 +167,7 @@ def test_two_process_ddp_detection_metrics_equal_gathered(tmp_path: Path) -> Non
     # The DDP training path runs (forward, backward, gradient all-reduce) at learning rate 0, so the weights stay at
     # their initialisation, where keeping every (proposal, class) detection leaves some on the objects: every
     # metric compared below is non-zero.
-    system = DetectionSystem("aog_rcnn_tinycnn", num_classes=data.num_classes, image_size=96,
+    system = AOGRCNNSystem("aog_rcnn_tinycnn", num_classes=data.num_classes, image_size=96,
                              model_kwargs={"box_detections_per_img": 1000},
                              optimizer=functools.partial(torch.optim.SGD, lr=0.0))
     trainer = two_process_trainer(tmp_path, SaveDetections(tmp_path), strategy=DDPStrategy(start_method="spawn"))
@@ -218,12 +219,12 @@ class SaveExplanations(pl.Callback):
 
 
 def test_textual_explanations_share_frozen_modules_baseline_and_cider(tmp_path: Path) -> None:
-    from metrics.captions import CIDErD
-    from zoo.systems import ExplanationSystem
+    from zoo.textual.metrics import CIDErD
+    from zoo.textual.system import TextualSystem
 
     pl.seed_everything(0)
     data = PartsWorldDataModule(num_train=64, num_val=32, num_test=16, batch_size=16)
-    system = ExplanationSystem(variant="explanation", num_classes=data.num_classes, discriminative_weight=0.2,
+    system = TextualSystem(variant="explanation", num_classes=data.num_classes, discriminative_weight=0.2,
                                encoder_epochs=1, sentence_classifier_epochs=1, hidden=64)
     trainer = two_process_trainer(tmp_path, SaveExplanations(tmp_path))
     trainer.fit(system, datamodule=data)

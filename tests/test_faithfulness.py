@@ -7,8 +7,8 @@ import torch
 from torchvision.transforms.functional import gaussian_blur
 
 import zoo
-from metrics.captum_adapters import POSTHOC_METHODS, class_activation_map, explain
-from metrics.faithfulness import AttributionInMask, DeletionAUC, InsertionAUC, auc
+from zoo.explain.captum import POSTHOC_METHODS, class_activation_map, explain
+from zoo.explain.faithfulness import AttributionInMask, DeletionAUC, InsertionAUC, auc
 
 KEY = torch.zeros(8, 8, dtype=torch.bool)
 KEY[0, :] = True  # the 8 pixels the toy model looks at

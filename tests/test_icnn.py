@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from losses import ClassificationLoss, FilterPartLoss
-from losses.filter_part import (filter_mutual_information, log_mean_exp_over_batch, log_template_prior, part_mask,
-                                template_bank, template_scores)
-from zoo.systems import ClassificationSystem
+from losses.baselines import ClassificationLoss
+from losses.icnn import FilterPartLoss
+from losses.icnn import filter_mutual_information, log_template_prior
+from zoo.icnn.ops import log_mean_exp_over_batch, part_mask, template_bank, template_scores
+from zoo.icnn.system import ICNNSystem
 
 
 def reference_templates(h: int, w: int, beta: float = 4.0) -> list[np.ndarray]:
@@ -125,8 +126,8 @@ def test_lambda_zero_gives_exactly_the_opaque_twin_gradients() -> None:
 
     def gradients(loss: torch.nn.Module) -> list[torch.Tensor]:
         torch.manual_seed(3)
-        system = ClassificationSystem("icnn_tinycnn", num_classes=6, loss=loss)
-        system.training_step = partial(ClassificationSystem.training_step, system)  # no trainer attached
+        system = ICNNSystem("icnn_tinycnn", num_classes=6, loss=loss)
+        system.training_step = partial(ICNNSystem.training_step, system)  # no trainer attached
         system.log = lambda *a, **k: None  # type: ignore[method-assign]
         system.training_step(batch, 0).backward()
         return [p.grad.clone() for p in system.parameters() if p.grad is not None]
@@ -189,7 +190,7 @@ def test_categories_follow_the_strongest_class_and_only_in_training() -> None:
     assert layer.filter_category[:2].tolist() == [2, 1]
     assert torch.isfinite(layer.log_mean_z).all()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    system = ClassificationSystem("icnn_tinycnn", num_classes=3)
+    system = ICNNSystem("icnn_tinycnn", num_classes=3)
     system.model, system.log = model, (lambda *a, **k: None)
     system.eval()
     with torch.no_grad():
@@ -233,11 +234,11 @@ def test_filter_maps_callback_writes_tensorboard_and_run_folder(tmp_path) -> Non
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from datamodules import PartsWorldDataModule
-    from zoo.callbacks import FilterMapsCallback
+    from zoo.icnn.callback import FilterMapsCallback
 
     pl.seed_everything(0)
     data = PartsWorldDataModule(num_train=64, num_val=32, num_test=8, batch_size=32)
-    system = ClassificationSystem("icnn_tinycnn", num_classes=6, loss=FilterPartLoss(), part_maps_key="filter_maps")
+    system = ICNNSystem("icnn_tinycnn", num_classes=6, loss=FilterPartLoss(), part_maps_key="filter_maps")
     logger = TensorBoardLogger(tmp_path, name="run", version="")
     trainer = pl.Trainer(max_epochs=1, logger=logger, callbacks=[FilterMapsCallback(num_filters=3, num_images=4)],
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

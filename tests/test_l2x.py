@@ -13,9 +13,10 @@ import zoo
 from datamodules import DatasetLayoutError, IMDBDataModule, L2XSyntheticDataModule, SyntheticSentimentDataModule
 from datamodules.l2x_synthetic import generate
 from datamodules.text import NEGATIVE_CUES, POSITIVE_CUES, SYNTHETIC_VOCABULARY, tokenize
-from losses.selection import INVASELoss, L2XLoss, concrete_k_subset, soft_target_cross_entropy, top_k_mask
-from metrics.captum_adapters import FEATURE_METHODS, attribute_features
-from metrics.selection import AgreementAccuracy, MedianRank, SelectionRecovery, feature_ranks, median_true_rank
+from losses.l2x import INVASELoss, L2XLoss, soft_target_cross_entropy
+from zoo.l2x.ops import concrete_k_subset, top_k_mask
+from zoo.explain.captum import FEATURE_METHODS, attribute_features
+from zoo.l2x.metrics import AgreementAccuracy, MedianRank, SelectionRecovery, feature_ranks, median_true_rank
 from tests.conftest import REPO
 
 
@@ -213,11 +214,11 @@ def test_captum_feature_attributions_rank_vectors_and_patches(method: str) -> No
 def fit_selector(tmp: Path, initial_black_box: dict | None = None) -> "object":
     import pytorch_lightning as pl
 
-    from zoo.systems import SelectorSystem
+    from zoo.l2x.system import L2XSystem
 
     pl.seed_everything(0, verbose=False)
     data = L2XSyntheticDataModule(dataset="xor", num_train=512, num_val=256, num_test=256, batch_size=128)
-    system = SelectorSystem(data_inputs=data.model_inputs, model_kwargs={"k": 2}, black_box_epochs=3,
+    system = L2XSystem(data_inputs=data.model_inputs, model_kwargs={"k": 2}, black_box_epochs=3,
                             evaluator_epochs=1)
     if initial_black_box is not None:
         initial_black_box.update({k: v.clone() for k, v in system.black_box.state_dict().items()})
@@ -228,7 +229,7 @@ def fit_selector(tmp: Path, initial_black_box: dict | None = None) -> "object":
 
 
 def test_selector_system_trains_the_black_box_first_then_keeps_it_frozen(tmp_path: Path) -> None:
-    from zoo.systems import SelectorSystem
+    from zoo.l2x.system import L2XSystem
 
     initial: dict[str, torch.Tensor] = {}
     system, trainer = fit_selector(tmp_path, initial)
@@ -244,24 +245,24 @@ def test_selector_system_trains_the_black_box_first_then_keeps_it_frozen(tmp_pat
 
     saved = tmp_path / "selector.pt"
     torch.save(system.state_dict(), saved)
-    loaded = SelectorSystem(data_inputs={"num_features": 10}, model_kwargs={"k": 2}, black_box_checkpoint=str(saved))
+    loaded = L2XSystem(data_inputs={"num_features": 10}, model_kwargs={"k": 2}, black_box_checkpoint=str(saved))
     assert bool(loaded.black_box_ready) and not bool(loaded.evaluator_ready)
     assert all(torch.equal(frozen[k], v) for k, v in loaded.black_box.state_dict().items())
 
 
 def test_selector_system_refuses_mismatched_black_box_weights_and_non_selectors(tmp_path: Path) -> None:
     from zoo import CheckpointError
-    from zoo.systems import SelectorSystem
+    from zoo.l2x.system import L2XSystem
 
     wrong = tmp_path / "wrong.pt"
     torch.save(zoo.create_model("baseline_mlp", num_features=12).state_dict(), wrong)
     with pytest.raises(CheckpointError, match="does not fit the black_box"):
-        SelectorSystem(data_inputs={"num_features": 10}, black_box_checkpoint=str(wrong))
+        L2XSystem(data_inputs={"num_features": 10}, black_box_checkpoint=str(wrong))
     torch.save({"unrelated.weight": torch.zeros(2)}, wrong)
     with pytest.raises(CheckpointError, match="missing"):
-        SelectorSystem(data_inputs={"num_features": 10}, black_box_checkpoint=str(wrong))
+        L2XSystem(data_inputs={"num_features": 10}, black_box_checkpoint=str(wrong))
     with pytest.raises(ValueError, match="is not a feature selector"):
-        SelectorSystem(model_name="baseline_mlp", data_inputs={"num_features": 10})
+        L2XSystem(model_name="baseline_mlp", data_inputs={"num_features": 10})
 
 
 def test_race_script_writes_table_speed_and_boxplot(in_tmp_dir: Path) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metrics.part_location import LocationInstability, PartIoU
+from zoo.icnn.metrics import LocationInstability, PartIoU
 
 
 def reference_instability(maps: np.ndarray, landmarks: np.ndarray, visible: np.ndarray, image: int,

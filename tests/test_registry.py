@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import zoo
-from zoo._registry import _model_factories
+from zoo.registry import _model_factories
 
 NUM_CLASSES = 5
 # Models without an image backbone, with an example input each: checked by `test_small_model_contract`.

@@ -14,10 +14,10 @@ import torch
 import zoo
 from datamodules import DatasetLayoutError, RuleSeriesDataModule, SeriesFileDataModule
 from datamodules.rule_series import generate
-from losses.rules import LogicRuleDistillation, PartsWorldColourRule, SemanticLoss, rule_teacher, semantic_loss
-from metrics.rules import RuleFiring
+from losses.renn import LogicRuleDistillation, PartsWorldColourRule, SemanticLoss, rule_teacher, semantic_loss
+from zoo.renn.metrics import RuleFiring
 from tests.conftest import REPO
-from zoo.renn import (RULE_SERIES_RULES, And, CountAtLeast, FollowedBy, Implies, Not, NotFollowedBy, Or, Pattern,
+from zoo.renn.model import (RULE_SERIES_RULES, And, CountAtLeast, FollowedBy, Implies, Not, NotFollowedBy, Or, Pattern,
                       Within, get_rule, register_rule, window_sum)
 
 
@@ -153,8 +153,8 @@ def test_renn_explains_which_rules_fired_where() -> None:
 def test_stages_really_freeze(tmp_path: Path) -> None:
     import pytorch_lightning as pl
 
-    from losses import ReNNLoss
-    from zoo.systems import StagedSystem
+    from losses.renn import ReNNLoss
+    from zoo.renn.system import ReNNSystem
 
     snapshots: list[dict[str, torch.Tensor]] = []
 
@@ -164,7 +164,7 @@ def test_stages_really_freeze(tmp_path: Path) -> None:
 
     pl.seed_everything(0, verbose=False)
     data = RuleSeriesDataModule(num_train=64, num_val=16, num_test=16, batch_size=32)
-    system = StagedSystem(model_name="renn_series", num_classes=4, in_chans=None, image_size=None,
+    system = ReNNSystem(model_name="renn_series", num_classes=4, in_chans=None, image_size=None,
                           data_inputs=data.model_inputs, input_key="series", loss=ReNNLoss(), stages=[
                               {"name": "local", "epochs": 1, "train": ["detector"], "losses": ["loss_local"]},
                               {"name": "global", "epochs": 1, "train": ["head"], "losses": ["loss_task"]}])
@@ -177,7 +177,7 @@ def test_stages_really_freeze(tmp_path: Path) -> None:
     assert changed(start, snapshots[0], "detector.") and not changed(start, snapshots[0], "head.")
     assert changed(snapshots[0], snapshots[1], "head.") and not changed(snapshots[0], snapshots[1], "detector.")
     with pytest.raises(ValueError, match="trains \\['decoder'\\]"):
-        StagedSystem(model_name="renn_series", in_chans=None, data_inputs=data.model_inputs,
+        ReNNSystem(model_name="renn_series", in_chans=None, data_inputs=data.model_inputs,
                      stages=[{"name": "x", "epochs": 1, "train": ["decoder"]}])
 
 
@@ -235,7 +235,7 @@ def test_data_efficiency_script_runs_a_tiny_grid(in_tmp_dir: Path) -> None:
 
 
 def test_renn_loss_matches_an_elementwise_reference() -> None:
-    from losses import ReNNLoss
+    from losses.renn import ReNNLoss
 
     torch.manual_seed(0)
     logits, labels = torch.randn(3, 4), torch.tensor([0, 3, 1])

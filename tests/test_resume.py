@@ -26,7 +26,7 @@ RESUME_CASES = {
     "l2x": ("configs/l2x/xor.yaml", [  # black box and EVAL-X evaluator trained before the first step
         "--data.init_args.num_train=256", "--data.init_args.num_val=64", "--data.init_args.batch_size=64",
         "--model.init_args.black_box_epochs=1", "--model.init_args.evaluator_epochs=1",
-        "--trainer.callbacks+=zoo.callbacks.SelectionCallback"]),
+        "--trainer.callbacks+=zoo.l2x.callback.SelectionCallback"]),
     "renn": ("configs/renn/rule_series.yaml", [  # stages; killed inside the joint stage (lr x 0.1)
         "--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.batch_size=16",
         "--trainer.max_epochs=4", "--model.init_args.stages=[{name: local, epochs: 1, train: [detector], losses: "

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from datamodules import PartsWorldDataModule
-from zoo.systems import ClassificationSystem
+from zoo.baselines.system import ClassifierSystem
 
 
 class TwoTerms(nn.Module):
@@ -29,7 +29,7 @@ def batch() -> dict[str, torch.Tensor]:
 
 
 def test_terms_are_summed_and_logged(batch: dict[str, torch.Tensor]) -> None:
-    system = ClassificationSystem("baseline_tinycnn", num_classes=6, loss=TwoTerms())
+    system = ClassifierSystem("baseline_tinycnn", num_classes=6, loss=TwoTerms())
     logged: dict[str, float] = {}
     system.log = lambda name, value, **kw: logged.__setitem__(name, value)  # type: ignore[method-assign]
     loss = system.training_step(batch, 0)
@@ -39,17 +39,17 @@ def test_terms_are_summed_and_logged(batch: dict[str, torch.Tensor]) -> None:
 
 
 def test_optimizer_and_scheduler_are_injected() -> None:
-    system = ClassificationSystem("baseline_tinycnn", num_classes=6, optimizer=partial(torch.optim.SGD, lr=0.1),
+    system = ClassifierSystem("baseline_tinycnn", num_classes=6, optimizer=partial(torch.optim.SGD, lr=0.1),
                                   scheduler=partial(torch.optim.lr_scheduler.ReduceLROnPlateau, patience=2))
     config = system.configure_optimizers()
     assert isinstance(config["optimizer"], torch.optim.SGD) and config["lr_scheduler"]["monitor"] == "val/loss"
-    frozen = ClassificationSystem("baseline_tinycnn", num_classes=6, model_kwargs={"freeze_backbone": True})
+    frozen = ClassifierSystem("baseline_tinycnn", num_classes=6, model_kwargs={"freeze_backbone": True})
     optimizer = frozen.configure_optimizers()
     assert sum(len(g["params"]) for g in optimizer.param_groups) == 2  # only the linear head
 
 
 def test_bad_batches_name_the_problem(batch: dict[str, torch.Tensor]) -> None:
-    system = ClassificationSystem("baseline_tinycnn", num_classes=6)
+    system = ClassifierSystem("baseline_tinycnn", num_classes=6)
     with pytest.raises(KeyError, match=r"no 'image'; it holds \['label'\]"):
         system.training_step({"label": batch["label"]}, 0)
     with pytest.raises(TypeError, match="Batches must be dicts"):
@@ -59,7 +59,7 @@ def test_bad_batches_name_the_problem(batch: dict[str, torch.Tensor]) -> None:
 def test_a_few_epochs_learn_the_world() -> None:
     pl.seed_everything(0)
     dm = PartsWorldDataModule(num_train=512, num_val=128, num_test=16, batch_size=32)
-    system = ClassificationSystem("baseline_tinycnn", num_classes=6, optimizer=partial(torch.optim.Adam, lr=2e-3))
+    system = ClassifierSystem("baseline_tinycnn", num_classes=6, optimizer=partial(torch.optim.Adam, lr=2e-3))
     trainer = pl.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(system, datamodule=dm)
@@ -79,10 +79,10 @@ class NaNAfter(nn.Module):
         return {"loss_task": nn.functional.cross_entropy(out["logits"], batch["label"]), "loss_bad": bad}
 
 
-def fit_with_nan(nonfinite_loss: str, tmp_path, batches: int = 4) -> ClassificationSystem:
+def fit_with_nan(nonfinite_loss: str, tmp_path, batches: int = 4) -> ClassifierSystem:
     pl.seed_everything(0)
     dm = PartsWorldDataModule(num_train=64, num_val=16, num_test=16, batch_size=16)
-    system = ClassificationSystem("baseline_tinycnn", num_classes=6, loss=NaNAfter(), nonfinite_loss=nonfinite_loss,
+    system = ClassifierSystem("baseline_tinycnn", num_classes=6, loss=NaNAfter(), nonfinite_loss=nonfinite_loss,
                                   optimizer=partial(torch.optim.SGD, lr=0.1))
     trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -103,4 +103,4 @@ def test_nonfinite_loss_can_skip_the_batch(tmp_path) -> None:
     for (name, a), b in zip(skipped.named_parameters(), first_only.parameters()):  # BN statistics do move
         assert torch.isfinite(a).all() and torch.equal(a, b), name
     with pytest.raises(ValueError, match="nonfinite_loss must be"):
-        ClassificationSystem("baseline_tinycnn", nonfinite_loss="ignore")
+        ClassifierSystem("baseline_tinycnn", nonfinite_loss="ignore")

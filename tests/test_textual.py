@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from losses.textual import DiscriminativeLoss, RelevanceLoss
-from zoo.textual import FactoredLSTMGenerator, SentenceClassifier
+from zoo.textual.model import FactoredLSTMGenerator, SentenceClassifier
 
 PAD, BOS, EOS = 0, 1, 2
 
@@ -111,12 +111,12 @@ def test_stages_chain_by_checkpoint_and_refuse_a_mismatched_variant(in_tmp_dir) 
     import pytorch_lightning as pl
 
     from datamodules import PartsWorldDataModule
-    from zoo.systems import ExplanationSystem
+    from zoo.textual.system import TextualSystem
 
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          default_root_dir=in_tmp_dir)
     with pytest.raises(ValueError, match="holds an explanation model with variant='description'"):
-        trainer.fit(ExplanationSystem(variant="explanation-label"), datamodule=PartsWorldDataModule(
+        trainer.fit(TextualSystem(variant="explanation-label"), datamodule=PartsWorldDataModule(
             num_train=32, num_val=16), ckpt_path=str(source))
 
 
@@ -182,9 +182,9 @@ def test_explanation_text_callback_writes_sentences_beside_references(in_tmp_dir
 
 
 def test_explanation_system_optimises_only_the_generator_side_and_takes_a_schedule() -> None:
-    from zoo.systems import ExplanationSystem
+    from zoo.textual.system import TextualSystem
 
-    system = ExplanationSystem(variant="explanation-label", hidden=32,
+    system = TextualSystem(variant="explanation-label", hidden=32,
                                scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1, 0.5))
     config = system.configure_optimizers()
     assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
@@ -192,7 +192,7 @@ def test_explanation_system_optimises_only_the_generator_side_and_takes_a_schedu
     trainable = {id(p) for name, p in system.named_parameters()
                  if not name.startswith(("sentence_classifier.", "model.image_encoder."))}
     assert optimised == trainable  # frozen encoder and reward model stay out
-    fine_tuned = ExplanationSystem(variant="explanation-label", hidden=32, train_encoder=True)
+    fine_tuned = TextualSystem(variant="explanation-label", hidden=32, train_encoder=True)
     optimised = {id(p) for group in fine_tuned.configure_optimizers().param_groups for p in group["params"]}
     encoder = {id(p) for p in fine_tuned.model.image_encoder.parameters()}
     assert encoder <= optimised and fine_tuned.train().model.image_encoder.training  # not held in eval mode
@@ -205,19 +205,19 @@ def test_description_class_features_are_each_class_mean_description_state(in_tmp
     import pytorch_lightning as pl
 
     from datamodules import PartsWorldDataModule
-    from zoo.systems import ExplanationSystem
+    from zoo.textual.system import TextualSystem
 
     data = lambda: PartsWorldDataModule(num_train=32, num_val=16, batch_size=16)  # noqa: E731
     trainer = lambda: pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,  # noqa: E731
                                  enable_model_summary=False, default_root_dir=in_tmp_dir, limit_val_batches=1)
-    describer = ExplanationSystem(variant="description", hidden=32, encoder_epochs=1, sentence_classifier_epochs=1)
+    describer = TextualSystem(variant="description", hidden=32, encoder_epochs=1, sentence_classifier_epochs=1)
     first = trainer()
     first.fit(describer, datamodule=data())
     first.save_checkpoint(in_tmp_dir / "description.ckpt")
     with pytest.raises(ValueError, match="needs description_checkpoint"):
-        trainer().fit(ExplanationSystem(variant="explanation-label", class_features="description", hidden=16,
+        trainer().fit(TextualSystem(variant="explanation-label", class_features="description", hidden=16,
                                         encoder_epochs=0, sentence_classifier_epochs=0), datamodule=data())
-    system = ExplanationSystem(variant="explanation-label", class_features="description", hidden=16,
+    system = TextualSystem(variant="explanation-label", class_features="description", hidden=16,
                                description_checkpoint=str(in_tmp_dir / "description.ckpt"), encoder_epochs=0,
                                sentence_classifier_epochs=0)
     assert system.model.class_table.shape == (6, 32)  # the description model's hidden size

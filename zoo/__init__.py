@@ -4,18 +4,19 @@
     >>> zoo.list_models("baseline_*")
     >>> model = zoo.create_model("baseline_tinycnn", num_classes=6)
 
-Lightning systems live in `zoo.systems` and are imported on demand, so `import zoo` stays light.
+Each family is a package (`zoo.icnn`, `zoo.l2x`, ...): model.py registers its models here; its Lightning System
+(system.py) is imported on demand, so `import zoo` needs no Lightning.
 """
 
-from zoo import aog_rcnn, baselines, icnn, l2x, renn  # noqa: F401  (register their models)
-from zoo._io import CheckpointError
-from zoo.checkpointing import export_checkpoint, load_checkpoint, load_exported
-from zoo._registry import create_model, is_model, list_models, model_factory, register_model
+from zoo import aog_rcnn, baselines, icnn, l2x, renn, textual  # noqa: F401  (register their models)
+from zoo.weights import CheckpointError
+from zoo.weights import export_checkpoint, load_checkpoint, load_exported
+from zoo.registry import create_model, is_model, list_models, model_factory, model_family, register_model
 from zoo.backbones import Backbone, TinyCNN
 
 __all__ = [
     "Backbone", "CheckpointError", "TinyCNN", "create_model", "export_checkpoint", "is_model", "list_models",
-    "load_checkpoint", "load_exported", "model_factory", "register_model", "model_table",
+    "load_checkpoint", "load_exported", "model_factory", "model_family", "register_model", "model_table",
 ]
 
 
@@ -25,5 +26,5 @@ def model_table() -> str:
     for name in list_models():
         factory = model_factory(name)
         doc = (factory.__doc__ or "").strip().splitlines()
-        rows.append(f"| `{name}` | {factory.__module__.rsplit('.', 1)[-1]} | {doc[0] if doc else ''} |")
+        rows.append(f"| `{name}` | {model_family(name)} | {doc[0] if doc else ''} |")
     return "\n".join(rows)

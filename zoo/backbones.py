@@ -16,7 +16,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from zoo._io import CheckpointError, match_state_dict, read_state_dict
+from zoo.weights import CheckpointError, match_state_dict, read_state_dict
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ per-word log-probabilities REINFORCE needs, masked after the end token) and beam
 
 `ExplanationModel` puts the generator over a registered image backbone with the paper's five variants; the class
 feature is a learnt label embedding (the PyTorch port) or, as in the paper, each class's mean description-model
-state (`class_features="description"`, filled by `zoo.systems.ExplanationSystem` from a description checkpoint).
+state (`class_features="description"`, filled by `zoo.textual.system.TextualSystem` from a description checkpoint).
 Departure: hidden sizes default to 256 (paper 1000) for CPU-sized worlds.
 """
 

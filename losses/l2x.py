@@ -13,42 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_TINY = torch.finfo(torch.float32).tiny
-
-
-def concrete_k_subset(logits: torch.Tensor, k: int, tau: float, generator: torch.Generator | None = None
-                      ) -> torch.Tensor:
-    """Relaxed k-hot sample: V_i = max_j softmax((w + G_j) / tau)_i over k independent Gumbel draws G_j.
-
-    Noise is drawn afresh on every call (every training step). As tau -> 0 each softmax is one-hot, so V is the
-    indicator of up to k distinct features (k-hot when the draws pick distinct features), and each draw picks
-    feature i with probability softmax(w)_i.
-
-    Args:
-        logits: (B, d) explainer scores w.
-        k: number of draws (features to select).
-        tau: Concrete temperature (0.1 tabular / images, 0.5 text in the authors' code).
-    """
-    if not 1 <= k <= logits.shape[-1]:
-        raise ValueError(f"k must be in [1, {logits.shape[-1]}] (the number of features); got {k}.")
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0; got {tau}.")
-    uniform = torch.rand((logits.shape[0], k, logits.shape[-1]), generator=generator, device=logits.device,
-                         dtype=logits.dtype).clamp_min(_TINY)  # (B, k, d)
-    gumbel = -torch.log(-torch.log(uniform))
-    samples = torch.softmax((logits.unsqueeze(1) + gumbel) / tau, dim=-1)  # (B, k, d)
-    return samples.amax(dim=1)  # (B, d)
-
-
-def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Hard mask with exactly k ones per row at the k largest scores; ties go to the lower index."""
-    if not 1 <= k <= scores.shape[-1]:
-        raise ValueError(f"k must be in [1, {scores.shape[-1]}] (the number of features); got {k}.")
-    # A stable descending sort keeps tied scores in index order, so exactly k are taken and deterministically.
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    return torch.zeros_like(scores).scatter_(-1, order, 1.0)
-
-
 def soft_target_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     """Mean over samples of -sum_y p(y) log softmax(logits)_y."""
     return -(target_probs * F.log_softmax(logits, dim=-1)).sum(-1).mean()

@@ -15,13 +15,13 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
-from losses import ClassificationLoss
-from metrics.captions import as_text
-from metrics.part_location import LocationInstability, PartIoU
-from metrics.selection import AgreementAccuracy, MedianRank, SelectionRecovery
-from zoo._distributed import all_reduce_
-from zoo._registry import create_model_for_data
-from zoo.checkpointing import read_checkpoint
+from losses.baselines import ClassificationLoss
+from zoo.textual.metrics import as_text
+from zoo.icnn.metrics import LocationInstability, PartIoU
+from zoo.l2x.metrics import AgreementAccuracy, MedianRank, SelectionRecovery
+from zoo.distributed import all_reduce_
+from zoo.registry import create_model_for_data
+from zoo.weights import read_checkpoint
 
 STAGES = ("train", "val", "test")
 
@@ -30,7 +30,7 @@ def check_checkpoint_fits(system: pl.LightningModule, checkpoint: dict[str, Any]
                           ) -> None:
     """Refuse, naming the difference, a checkpoint of another model / class count / channel count than `system`
     (before Lightning's load_state_dict fails deep inside torch)."""
-    from zoo.checkpointing import check_same_model, model_spec
+    from zoo.weights import check_same_model, model_spec
 
     saved = checkpoint.get("hyper_parameters")
     if isinstance(saved, dict) and "model_name" in saved:
@@ -62,7 +62,7 @@ def load_module_weights(module: nn.Module, path: str, prefix: str, what: str) ->
     """Weights for `module` from a state dict, safetensors file or Lightning checkpoint, whose keys carry `prefix`
     (e.g. "black_box." in a SelectorSystem checkpoint) or not (a plain state dict, a ClassificationSystem's
     "model."-prefixed one); missing or mis-shaped weights raise CheckpointError naming `what`."""
-    from zoo._io import CheckpointError, match_state_dict, read_state_dict
+    from zoo.weights import CheckpointError, match_state_dict, read_state_dict
 
     state = read_state_dict(path)
     own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
@@ -314,8 +314,8 @@ class SelectorSystem(EvaluationHooks, pl.LightningModule):
         relevant_key: str = "relevant",
     ) -> None:
         super().__init__()
-        from losses.selection import INVASELoss, L2XLoss
-        from zoo.l2x import L2X
+        from losses.l2x import INVASELoss, L2XLoss
+        from zoo.l2x.model import L2X
 
         self.save_hyperparameters(ignore=["loss", "optimizer"])
         self.model = create_model_for_data(model_name, num_classes, in_chans, image_size, data_inputs, model_kwargs)
@@ -460,7 +460,7 @@ class StagedSystem(ClassificationSystem):
     def __init__(self, *args: Any, stages: list[dict[str, Any]] | None = None,
                  rule_events_key: str = "rule_events", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        from metrics.rules import RuleFiring
+        from zoo.renn.metrics import RuleFiring
 
         self.stages = stages or [{"name": "all", "epochs": 1, "train": [n for n, _ in self.model.named_children()],
                                   "losses": None}]
@@ -598,8 +598,8 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
         from torchmetrics.text import BLEUScore, ROUGEScore
 
         from losses.textual import DiscriminativeLoss, RelevanceLoss
-        from metrics.captions import AttributeMention, CIDErD, ClassRelevance
-        from zoo.textual import ExplanationModel, SentenceClassifier
+        from zoo.textual.metrics import AttributeMention, CIDErD, ClassRelevance
+        from zoo.textual.model import ExplanationModel, SentenceClassifier
 
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         image_encoder = create_model_for_data(encoder, num_classes, in_chans, image_size, None, None)
@@ -641,7 +641,7 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
     # -- preparation
     def _load_stage(self, path: str) -> None:
         """An earlier stage's ExplanationSystem checkpoint: every model and sentence-classifier weight must fit."""
-        from zoo._io import CheckpointError
+        from zoo.weights import CheckpointError
 
         state = read_checkpoint(path)["state_dict"]
         own = self.state_dict()
@@ -681,8 +681,8 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
         """The paper's class feature: per class, the mean over its training sentences of the description model's
         LSTM2 state averaged over each sentence's words (teacher forcing on the sentence, with its image).
         Sums and counts are all-reduced, so every rank holds the table of the whole training set."""
-        from zoo._io import CheckpointError
-        from zoo.textual import ExplanationModel
+        from zoo.weights import CheckpointError
+        from zoo.textual.model import ExplanationModel
 
         hp = read_checkpoint(path)["hyper_parameters"]
         if hp.get("variant") != "description":
@@ -729,7 +729,7 @@ class ExplanationSystem(EvaluationHooks, pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, by name, a checkpoint of another variant, class count, vocabulary or encoder."""
-        from zoo._io import CheckpointError
+        from zoo.weights import CheckpointError
 
         saved = checkpoint.get("hyper_parameters") or {}
         for key in ("variant", "num_classes", "vocab_size", "encoder", "class_features"):
@@ -824,14 +824,14 @@ class DetectionSystem(EvaluationHooks, pl.LightningModule):
         super().__init__()
         from torchmetrics.detection import MeanAveragePrecision
 
-        from metrics.detection import ParsePartIoU
+        from zoo.aog_rcnn.metrics import ParsePartIoU
 
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.model = create_model_for_data(model_name, num_classes, in_chans, image_size, None, model_kwargs)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         if nonfinite_loss not in ("raise", "skip"):
             raise ValueError(f"nonfinite_loss must be 'raise' or 'skip'; got {nonfinite_loss!r}.")
-        from zoo.aog_rcnn import AOGParsing, GridGrammar
+        from zoo.aog_rcnn.model import AOGParsing, GridGrammar
 
         parser = getattr(self.model, "parser", None)
         self.partitions = ("parse", "grid", "box") if parser is not None else ("grid", "box")

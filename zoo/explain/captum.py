@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from captum.attr import (DeepLift, InputXGradient, IntegratedGradients, KernelShap, LayerAttribution, LayerGradCam,
                          Lime, Occlusion, Saliency)
 
-from metrics.faithfulness import saliency_map
+from zoo.explain.faithfulness import saliency_map
 
 POSTHOC_METHODS = ("saliency", "integrated_gradients", "layer_gradcam", "occlusion")
 SELF_EXPLANATION = "cam"

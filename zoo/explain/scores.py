@@ -8,8 +8,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from metrics.captum_adapters import POSTHOC_METHODS, SELF_EXPLANATION, LogitsOnly, explain
-from metrics.faithfulness import AttributionInMask, DeletionAUC, InsertionAUC
+from zoo.explain.captum import POSTHOC_METHODS, SELF_EXPLANATION, LogitsOnly, explain
+from zoo.explain.faithfulness import AttributionInMask, DeletionAUC, InsertionAUC
 
 DEFAULT_METHODS = (SELF_EXPLANATION, *POSTHOC_METHODS)
 
@@ -44,3 +44,20 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
         maps[method] = saliency
     model.train(was_training)
     return rows, maps
+
+
+def explain_validation_images(system: nn.Module, datamodule: Any, settings: dict[str, Any]
+                              ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], torch.Tensor] | None:
+    """Score `settings["methods"]` on the first `num_images` validation images of an image classifier System (the
+    same images for every run of a comparison); None where the input is not an image batch."""
+    dataset = datamodule.val_dataloader().dataset
+    count = min(int(settings.get("num_images", 32)), len(dataset))
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(count)])
+    images = batch.get(system.input_key) if isinstance(batch, dict) else None
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
+        return None
+    images = images.to(system.device)
+    rows, maps = score_explanations(system.model, images, batch[system.target_key].to(system.device),
+                                    batch.get("part_masks"), settings.get("methods", DEFAULT_METHODS),
+                                    int(settings.get("step", 128)))
+    return rows, maps, images

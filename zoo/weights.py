@@ -1,7 +1,8 @@
-"""Checkpoints for inference: load a trained model from a Lightning checkpoint, export it as safetensors +
-config.json, load the export back; mismatches between a checkpoint and the model asked for are named.
+"""Every read and write of weights and checkpoints: safetensors or `torch.load(weights_only=True)`, wrapper prefixes
+and key maps, atomic writes, and one error type (`CheckpointError`) that names the file and the keys.
 
-Everything reads with `torch.load(weights_only=True)` or safetensors; nothing here imports Lightning.
+Nothing here imports Lightning: a trained model loads from a System checkpoint with `load_checkpoint`, exports as
+safetensors + config.json with `export_checkpoint`, and loads back with `load_exported`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,88 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from zoo._io import CheckpointError
-from zoo._registry import create_model_for_data
+# Prefixes that wrappers put in front of parameter names (Lightning systems, DDP, torchvision detection backbones).
+_WRAPPER_PREFIXES = ("model.", "module.", "backbone.body.", "backbone.")
+
+
+class CheckpointError(ValueError):
+    """A weight or checkpoint file that is missing, unreadable or does not fit the model it is loaded into."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, a `torch.save`d state dict, or the "state_dict" of a Lightning checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Weight file {str(path)!r} does not exist.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - every reader error means the same thing to the user
+        raise CheckpointError(
+            f"Could not read weights from {str(path)!r} ({type(err).__name__}: {err}). Expected a .safetensors file, "
+            "a state dict saved with torch.save, or a Lightning .ckpt; pickled modules are refused (weights_only=True)."
+        ) from err
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{str(path)!r} does not hold a state dict (name -> tensor); got {type(obj).__name__}.")
+    return obj
+
+
+def _canonical(key: str) -> str:
+    """Name with separators unified: timm's features_only nets flatten "features.0" into "features_0"."""
+    return key.replace(".", "_")
+
+
+def _unwrapped_names(key: str) -> list[str]:
+    """`key`, then `key` with wrapper prefixes peeled off one at a time ("model.backbone.body.x" -> ... -> "x")."""
+    names = [key]
+    while prefix := next((p for p in _WRAPPER_PREFIXES if names[-1].startswith(p)), None):
+        names.append(names[-1][len(prefix) :])
+    return names
+
+
+def match_state_dict(
+    source: dict[str, torch.Tensor], target_keys: list[str]
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Rename `source` keys onto `target_keys`, stripping wrapper prefixes and unifying separators.
+
+    Returns:
+        The renamed state dict, the target keys it lacks (missing) and the source keys that found no target
+        (unexpected, e.g. a classifier head when loading into a backbone).
+    """
+    by_canonical = {_canonical(k): k for k in target_keys}
+    matched: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, value in source.items():
+        candidates = _unwrapped_names(key)
+        target = next((by_canonical[_canonical(c)] for c in candidates if _canonical(c) in by_canonical), None)
+        if target is None:
+            unexpected.append(key)
+        else:
+            matched[target] = value
+    missing = [k for k in target_keys if k not in matched]
+    return matched, missing, unexpected
+
+
+def load_module_weights(module: nn.Module, path: str | Path, prefix: str, what: str) -> None:
+    """Weights for `module` from a state dict, safetensors file or Lightning checkpoint, whose keys carry `prefix`
+    (e.g. "black_box." in an L2X checkpoint) or not (a plain state dict, a System's "model."-prefixed one);
+    missing or mis-shaped weights raise CheckpointError naming `what`."""
+    state = read_state_dict(path)
+    own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    matched, missing, _ = match_state_dict(own or state, list(module.state_dict()))
+    if missing:
+        raise CheckpointError(f"{str(path)!r} does not hold weights for the {what} ({type(module).__name__}): "
+                              f"missing {missing[:8]}.")
+    try:
+        module.load_state_dict(matched)
+    except RuntimeError as err:
+        raise CheckpointError(f"{str(path)!r} does not fit the {what} ({type(module).__name__}): {err}") from err
+
 
 MODEL_KEYS = ("model_name", "num_classes", "in_chans", "image_size", "data_inputs", "model_kwargs")
 
@@ -77,6 +158,8 @@ def check_config_fits_checkpoint(model_config: Any, checkpoint: dict[str, Any], 
 
 
 def _build(spec: dict[str, Any]) -> nn.Module:
+    from zoo.registry import create_model_for_data
+
     return create_model_for_data(spec["model_name"], spec["num_classes"], spec.get("in_chans"),
                                  spec.get("image_size"), spec.get("data_inputs"), spec.get("model_kwargs"))
 
@@ -132,5 +215,3 @@ def load_exported(folder: str | Path) -> nn.Module:
     return _load_weights(_build(spec), load_file(str(weights)), f"export {str(folder)!r}")
 
 
-__all__ = ["check_same_model", "export_checkpoint", "load_checkpoint", "load_exported", "model_spec",
-           "read_checkpoint"]

@@ -21,88 +21,14 @@ import math
 import torch
 import torch.nn as nn
 
-from losses.classification import ClassificationLoss
+from losses.baselines import ClassificationLoss
 
-MU_MODES = ("argmax", "centroid")
-
-
-def template_shapes(height: int, width: int, beta: float | torch.Tensor = 4.0) -> torch.Tensor:
-    """Unscaled positive templates max(1 - beta * L1 / n, -1) for every position mu: (h*w, h, w).
-
-    `beta` may be a tensor of shape (F,) (learned per filter); the result is then (F, h*w, h, w).
-    """
-    n = max(height, width)
-    rows = torch.arange(height, dtype=torch.float32)
-    cols = torch.arange(width, dtype=torch.float32)
-    mu_r, mu_c = torch.meshgrid(rows, cols, indexing="ij")
-    distance = ((rows[None, :, None] - mu_r.reshape(-1, 1, 1)).abs()
-                + (cols[None, None, :] - mu_c.reshape(-1, 1, 1)).abs())  # (h*w, h, w)
-    beta = torch.as_tensor(beta, dtype=torch.float32)
-    if beta.ndim == 1:
-        return (1 - beta[:, None, None, None] * distance / n).clamp(min=-1)  # (F, h*w, h, w)
-    return (1 - beta * distance / n).clamp(min=-1)
-
-
-def template_bank(height: int, width: int, beta: float = 4.0, tau_scale: float = 1.0) -> torch.Tensor:
-    """All n^2 + 1 templates scaled by tau = tau_scale * 0.5 / n^2, positives first then T-: (h*w + 1, h*w).
-
-    tau_scale = 1 is the paper. tau sets how sharply p(x|T) separates images; the paper's value suits VGG conv5
-    activations (tens to hundreds), while batch-normalised maps peak around 1-5 and need tau_scale ~ 10-100 for
-    the MI to be more than ~1e-4 nats.
-    """
-    tau = tau_scale * 0.5 / max(height, width) ** 2
-    positives = tau * template_shapes(height, width, beta).flatten(1)  # (h*w, h*w)
-    return torch.cat([positives, torch.full((1, height * width), -tau)])
 
 
 def log_template_prior(num_positions: int, alpha: float | None = None) -> torch.Tensor:
     """log p(T): alpha / n^2 for each positive template, 1 - alpha for T-; alpha defaults to n^2 / (1 + n^2)."""
     alpha = num_positions / (1 + num_positions) if alpha is None else alpha
     return torch.tensor([math.log(alpha / num_positions)] * num_positions + [math.log(1 - alpha)])
-
-
-def part_mask(x: torch.Tensor, beta: float | torch.Tensor = 4.0, mu: str = "argmax") -> torch.Tensor:
-    """The mask max(1 - beta * ||[i,j] - mu_hat||_1 / n, -1) around each map's peak: (B, F, h, w).
-
-    mu = "argmax" (paper) takes the strongest unit; "centroid" (authors' code) the activation-weighted centre.
-    `beta` is a float or a per-filter tensor (F,).
-    """
-    batch, filters, height, width = x.shape
-    n = max(height, width)
-    if mu == "argmax":
-        peak = x.detach().flatten(2).argmax(-1)  # (B, F)
-        mu_r, mu_c = (peak // width).float(), (peak % width).float()
-    elif mu == "centroid":
-        weights = x.detach().clamp(min=0)
-        total = weights.sum((2, 3)).clamp(min=1e-12)  # (B, F)
-        rows = torch.arange(height, dtype=x.dtype, device=x.device)
-        cols = torch.arange(width, dtype=x.dtype, device=x.device)
-        mu_r = (weights.sum(3) * rows).sum(-1) / total
-        mu_c = (weights.sum(2) * cols).sum(-1) / total
-    else:
-        raise ValueError(f"mu must be one of {MU_MODES}; got {mu!r}.")
-    rows = torch.arange(height, device=x.device, dtype=torch.float32)
-    cols = torch.arange(width, device=x.device, dtype=torch.float32)
-    distance = ((rows[:, None] - mu_r[..., None, None]).abs()
-                + (cols[None, :] - mu_c[..., None, None]).abs())  # (B, F, h, w)
-    beta = torch.as_tensor(beta, device=x.device, dtype=torch.float32)
-    beta = beta[:, None, None] if beta.ndim == 1 else beta
-    return (1 - beta * distance / n).clamp(min=-1).to(x.dtype)
-
-
-def template_scores(x: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """tr(x . T) for every image, filter and template: x (B, F, h, w), bank (T, h*w) -> (B, F, T).
-
-    Always at least float32, also under bf16/fp16 autocast: the scores feed exponentials.
-    """
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return x.flatten(2).to(dtype) @ bank.t().to(dtype)
-
-
-def log_mean_exp_over_batch(scores: torch.Tensor) -> torch.Tensor:
-    """log mean_x exp(tr(x.T)) over the batch: (B, F, T) -> (F, T)."""
-    return torch.logsumexp(scores, 0) - math.log(scores.shape[0])
 
 
 def filter_mutual_information(

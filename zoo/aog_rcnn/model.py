@@ -37,7 +37,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops, ps_roi_align
 
-from zoo._registry import input_size_aware, register_model
+from zoo.registry import input_size_aware, register_model
 from zoo.backbones import TINY_CNN, Backbone
 
 OR_MODES = ("mean", "max")

@@ -2,13 +2,13 @@
 amortised instance-wise feature selectors that explain a frozen black box.
 
 Faithful: the explainer maps x to scores w over d features; training selects with the Concrete k-subset
-relaxation (noise drawn every step, `losses.selection.concrete_k_subset`), evaluation with an exact top-k of w;
+relaxation (noise drawn every step, `losses.l2x.concrete_k_subset`), evaluation with an exact top-k of w;
 the approximator sees only the selected features and is trained against the black box's probabilities. The
 authors' synthetic nets are kept (explainer Dense100-Dense100-Dense(d), approximator Dense200-BN-Dense200-BN).
 Images are explained on a grid of patches (the mask is upsampled by repetition to pixels), text on tokens (the
 approximator multiplies each token's embedding by its selection weight; the black box sees unselected tokens
 replaced by padding). INVASE selects each feature with its own Bernoulli probability, so the number of selected
-features varies per instance; its actor/critic/baseline losses live in `losses.selection.INVASELoss`.
+features varies per instance; its actor/critic/baseline losses live in `losses.l2x.INVASELoss`.
 
 Departure: the image explainer/approximator are small CNNs sized for 8x8-64x64 inputs instead of the paper's
 28x28 MNIST nets; the text explainer is one convolution with a global max-pooled context instead of the paper's
@@ -26,8 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses.selection import concrete_k_subset, top_k_mask
-from zoo._registry import input_size_aware, register_model
+from zoo.l2x.ops import concrete_k_subset, top_k_mask
+from zoo.registry import input_size_aware, register_model
 
 PAD_ID = 0  # token id of padding; a token the black box sees as "not selected"
 

@@ -1,4 +1,7 @@
-"""timm-style model registry: small factory functions registered by name, created with keyword overrides."""
+"""timm-style model registry: small factory functions registered by name, created with keyword overrides.
+
+As timm's `_model_to_module`, the registry records the module that registered each model; its family is the package
+under `zoo` (``zoo.icnn.model`` -> ``icnn``), looked up rather than guessed."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 _model_factories: dict[str, Callable[..., nn.Module]] = {}
+_model_to_module: dict[str, str] = {}
 
 
 def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -17,7 +21,15 @@ def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module
     if name in _model_factories:
         raise ValueError(f"Model {name!r} is already registered (by {_model_factories[name].__module__}).")
     _model_factories[name] = factory
+    _model_to_module[name] = factory.__module__
     return factory
+
+
+def model_family(name: str) -> str:
+    """The family (the package under zoo/) that registered `name`: "icnn", "baselines", "textual", ..."""
+    model_factory(name)  # unknown names raise with suggestions
+    parts = _model_to_module[name].split(".")
+    return parts[1] if parts[0] == "zoo" and len(parts) > 1 else parts[0]
 
 
 def input_size_aware(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:

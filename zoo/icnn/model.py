@@ -3,13 +3,13 @@
 Faithful: every filter of the backbone's top conv stage and of an added 3x3 conv layer (same width, zero padding)
 is interpretable: its ReLU map is multiplied by the part mask around its peak (argmax mu by default, the
 activation-weighted centroid and a learned per-filter beta as in the authors' code) and carries the -MI(X; T)
-filter loss (`losses.FilterPartLoss`, on the pre-mask map). Each filter is assigned the category with the highest
+filter loss (`losses.icnn.FilterPartLoss`, on the pre-mask map). Each filter is assigned the category with the highest
 exponential moving average of its per-class mean peak activation (authors' code, momentum 0.9), updated only in
 training steps; single-category mode (class vs rest) assigns every filter to one class.
 Departs: the classifier after the interpretable layers is a pooled linear head (as for residual nets in the TPAMI
 version), not VGG's fully connected stack. The template bank and the running log Z_T are sized for the top map of
 an `image_size` input; another size raises a clear error. `tau_scale` multiplies the paper's tau = 0.5 / n^2
-(see `losses.filter_part.template_bank`): batch-normalised backbones need it.
+(see `losses.icnn.template_bank`): batch-normalised backbones need it.
 
 Output dict:
     logits (B, C); features (B, M, h, w) masked output of the added layer (what the head reads);
@@ -27,9 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from losses.filter_part import (MU_MODES, log_mean_exp_over_batch, part_mask, template_bank, template_scores)
-from zoo._distributed import all_reduce_, global_log_mean_exp
-from zoo._registry import input_size_aware, register_model
+from zoo.icnn.ops import MU_MODES, log_mean_exp_over_batch, part_mask, template_bank, template_scores
+from zoo.distributed import all_reduce_, global_log_mean_exp
+from zoo.registry import input_size_aware, register_model
 from zoo.backbones import TINY_CNN, Backbone, PooledHeadMixin, PooledLinearHead
 
 

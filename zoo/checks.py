@@ -1,0 +1,56 @@
+"""Input, label and batch checks shared by every model and System: one clear error per kind of bad input.
+
+Checks that would read device values (NaN scans, label ranges) run only on CPU tensors, where they cost no
+host-device synchronisation; on an accelerator a bad value surfaces as the non-finite-loss error instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_KINDS = {"float": torch.Tensor.is_floating_point, "long": lambda t: t.dtype == torch.long}
+
+
+def check_input(model: str, x: Any, shape: tuple[int | str | None, ...], kind: str = "float") -> None:
+    """Raise naming `model` when `x` is not a tensor of `shape` and dtype `kind` ("float" or "long").
+
+    `shape` lists each dimension: an int must match, a str (e.g. "B", "H") or None accepts any size; the message
+    spells the expected shape with those names."""
+    ok = (isinstance(x, torch.Tensor) and x.ndim == len(shape) and _KINDS[kind](x)
+          and all(not isinstance(want, int) or got == want for got, want in zip(x.shape, shape)))
+    if not ok:
+        expected = ", ".join(str(d) if d is not None else "_" for d in shape)
+        got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        what = "token ids" if kind == "long" else "float tensors"
+        raise ValueError(f"{model} expects {what} of shape ({expected}); got {got}.")
+
+
+def check_class_ids(labels: torch.Tensor, num_classes: int) -> None:
+    """Labels must lie in [0, num_classes): a clear error instead of an index error inside the loss (CPU only)."""
+    if labels.device.type == "cpu" and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"The batch's labels span [{labels.min()}, {labels.max()}], outside [0, {num_classes}): "
+                         f"num_classes does not match the data.")
+
+
+def batch_field(batch: Any, key: str) -> Any:
+    """`batch[key]` with an error that lists what the batch does hold; float fields must be finite (CPU)."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"Batches must be dicts of tensors; got {type(batch).__name__}.")
+    if key not in batch:
+        raise KeyError(f"The batch has no {key!r}; it holds {sorted(batch)}. Set input_key/target_key to match.")
+    value = batch[key]
+    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type == "cpu":
+        check_finite(value, key, batch.get("index"))
+    return value
+
+
+def check_finite(value: torch.Tensor, name: str, index: torch.Tensor | None = None) -> None:
+    """Raise naming the samples (dataset indices where known) whose `value` holds NaN or inf (CPU only)."""
+    if value.device.type != "cpu" or torch.isfinite(value).all():
+        return
+    bad = (~torch.isfinite(value.flatten(1) if value.ndim > 1 else value[:, None])).any(1).nonzero().flatten()
+    where = (f"dataset indices {index[bad].tolist()[:8]}" if isinstance(index, torch.Tensor)
+             else f"batch positions {bad.tolist()[:8]}")
+    raise ValueError(f"The batch's {name!r} holds NaN or inf values ({where}); fix or filter those samples.")

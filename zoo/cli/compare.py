@@ -1,0 +1,155 @@
+"""`train.py compare`: a family config against the twins its System declares, or a compare spec; one report."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import yaml
+
+from zoo.cli.lightning import ZooCLI, fit
+from zoo.cli.report import save_explanation_figure, write_report
+
+COMPARE_HELP = """\
+--config takes a family config (it is trained with every opaque twin its System declares in TWINS, e.g.
+ICNNSystem: ordinary_twin, masked_twin, plain_cnn) or a compare spec, a YAML file with one top-level key:
+
+compare:
+  name: quickstart                      # report folder: checkpoints/<name>/
+  args: ["--trainer.max_epochs=6"]      # overrides shared by every run
+  runs:
+    icnn: {config: configs/icnn/parts_world.yaml}
+    opaque_twin: {config: configs/icnn/parts_world.yaml, args: ["--model.init_args.loss...weight=0"]}
+    trained: {config: ..., checkpoint: checkpoints/x/checkpoints/last.ckpt}   # evaluate, do not train
+  explain:                              # optional: explainers scored on the first validation images
+    methods: [cam, saliency, integrated_gradients, layer_gradcam, occlusion]
+    num_images: 32
+    step: 128                           # pixels per deletion/insertion step
+"""
+BUDGET_KEYS = ("max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches", "fast_dev_run")
+
+
+def declared_twins(config_path: str | Path, config: dict[str, Any]) -> dict[str, list[str]]:
+    """The twins the config's System declares (`TWINS`), with `{backbone}` filled from the model name."""
+    import importlib
+
+    model = config.get("model") or {}
+    class_path = model.get("class_path") if isinstance(model, dict) else None
+    if not class_path or "." not in class_path:
+        raise ValueError(f"{config_path} is neither a compare spec nor a fit config with a model class_path.\n"
+                         f"{COMPARE_HELP}")
+    module, _, name = class_path.rpartition(".")
+    system = getattr(importlib.import_module(module), name)
+    twins = getattr(system, "TWINS", {})
+    if not twins:
+        raise ValueError(f"{name} declares no twins (it is an opaque model): list the runs in a compare spec.\n"
+                         f"{COMPARE_HELP}")
+    backbone = str((model.get("init_args") or {}).get("model_name", "")).split("_", 1)[-1]
+    return {twin: [arg.format(backbone=backbone) for arg in args] for twin, args in twins.items()}
+
+
+def read_compare_spec(path: str | Path) -> dict[str, Any]:
+    """A compare spec, or for a fit config the implied one: the config against every twin its System declares."""
+    spec = yaml.safe_load(Path(path).read_text()) or {}
+    if "compare" not in spec:
+        family = str((spec.get("model") or {}).get("class_path", "")).split(".")[1:2] or ["model"]
+        runs = {family[0]: {"config": str(path)}}
+        runs |= {twin: {"config": str(path), "args": args} for twin, args in declared_twins(path, spec).items()}
+        return {"name": f"{Path(path).stem}_compare", "runs": runs}
+    if not isinstance(spec.get("compare"), dict) or not spec["compare"].get("runs"):
+        raise ValueError(f"{path} is not a compare spec.\n{COMPARE_HELP}")
+    return spec["compare"]
+
+
+def resolve_config(path: str, spec_path: Path) -> Path:
+    """A run's config path: as given (from the working directory), else relative to a folder above the spec."""
+    for candidate in (Path(path), *(folder / path for folder in spec_path.resolve().parents)):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"compare spec {spec_path} names config {path!r}, found neither in the working "
+                            f"directory nor relative to a folder above the spec.")
+
+
+def _fit_args(run_name: str, run: dict[str, Any], spec_path: Path, common: list[str], extra: list[str]) -> list[str]:
+    if "config" not in run:
+        raise ValueError(f"compare run {run_name!r} names no config.\n{COMPARE_HELP}")
+    return ["--config", str(resolve_config(run["config"], spec_path)), *common, *run.get("args", []), *extra]
+
+
+def load_system_weights(system: pl.LightningModule, path: str) -> None:
+    """Weights of a Lightning checkpoint into `system` (weights_only=True); any key mismatch is named."""
+    from zoo.weights import CheckpointError, read_state_dict
+    from zoo.weights import read_checkpoint
+    from zoo.engine.legacy import check_checkpoint_fits
+
+    check_checkpoint_fits(system, read_checkpoint(path), f"checkpoint {path!r}")
+    state = read_state_dict(path)
+    missing, unexpected = system.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path!r} does not fit {type(system).__name__}({system.hparams.get('model_name')}): "
+                              f"missing {list(missing)[:8]}, unexpected {list(unexpected)[:8]}.")
+
+
+def check_same_setting(configs: dict[str, Any]) -> None:
+    """Runs must share data, seed and training budget, or the comparison says nothing."""
+    reference_name, reference = next(iter(configs.items()))
+    for name, config in configs.items():
+        for key, value, expected in (
+            ("data", config.data, reference.data),
+            ("seed_everything", config.seed_everything, reference.seed_everything),
+            *((f"trainer.{k}", config.trainer.get(k), reference.trainer.get(k)) for k in BUDGET_KEYS),
+        ):
+            if value != expected:
+                raise ValueError(f"compare runs {reference_name!r} and {name!r} differ in {key}: {expected} vs "
+                                 f"{value}. Same data, seed and budget are required; set it in the shared args.")
+
+
+def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
+            explain: bool = True) -> list[dict[str, Any]]:
+    """Train every run of a compare spec with the same data, seed and budget; evaluate; write report.md/.csv."""
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # compare builds its own args
+    spec = read_compare_spec(spec_path)
+    explain_settings = dict(spec.get("explain") or {})
+    if explain_images is not None:
+        explain_settings["num_images"] = explain_images
+    name, common = spec.get("name", Path(spec_path).stem), list(spec.get("args", []))
+    runs = spec["runs"]
+    clis = {run_name: ZooCLI(args=_fit_args(run_name, run, Path(spec_path), common,
+                                            [*extra, f"--trainer.logger.init_args.name={name}/{run_name}"]), run=False)
+            for run_name, run in runs.items()}
+    check_same_setting({run_name: cli.config for run_name, cli in clis.items()})  # before any training starts
+    rows: list[dict[str, Any]] = []
+    explanation_rows: list[dict[str, Any]] = []
+    for run_name, run in runs.items():
+        cli = clis[run_name]
+        start = time.perf_counter()
+        if run.get("checkpoint"):  # evaluate trained weights instead of training
+            load_system_weights(cli.model, run["checkpoint"])
+            cli.datamodule.setup("validate")
+        else:
+            fit(cli)
+        fit_seconds = time.perf_counter() - start
+        train_samples = cli.trainer.global_step * cli.datamodule.batch_size
+        start = time.perf_counter()
+        metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+        val_seconds = time.perf_counter() - start
+        report = cli.model.explanation_report(cli.datamodule, explain_settings) if explain else None
+        if report is not None:  # image classifiers: every explainer scored on the same validation images
+            explained, maps, images = report
+            explanation_rows += [{"run": run_name, **row} for row in explained]
+            save_explanation_figure(Path("checkpoints") / name / f"explanations_{run_name}.png", images, maps)
+        rows.append({
+            "run": run_name,
+            "model": cli.model.hparams.get("model_name", type(cli.model).__name__),
+            **{k.removeprefix("val/"): round(float(v), 4) for k, v in sorted(metrics.items())
+               if not k.startswith("val/loss")},
+            "train_samples_per_s": round(train_samples / fit_seconds, 1) if train_samples else "",
+            "infer_samples_per_s": round(len(cli.datamodule.val_dataloader().dataset) / val_seconds, 1),
+        })
+    folder = Path("checkpoints") / name
+    tables = {"models": rows, **({"explanations": explanation_rows} if explanation_rows else {})}
+    write_report(folder, tables)
+    return rows

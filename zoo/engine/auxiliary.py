@@ -1,0 +1,144 @@
+"""Frozen helper models (L2X's black box and EVAL-X evaluator, the textual image encoder and sentence classifier):
+trained by a real Trainer before the System's first step, then frozen.
+
+A System lists them in `auxiliaries()`. For each one not yet ready (its `<name>_ready` buffer, saved in every
+checkpoint, so a resumed run never retrains it), in this order:
+1. weights from `checkpoint` when given (a state dict, safetensors file or Lightning checkpoint);
+2. else the cached checkpoint of an earlier run in the run folder (`<run>/auxiliary/<name>-<key>.ckpt`, keyed by
+   what defines it: the module's class and shapes, the training settings and the datamodule's settings);
+3. else trained by a `pl.Trainer` with the run's accelerator, devices, strategy and precision, logged under the run
+   (TensorBoard `<run>/auxiliary/<name>`), and cached as above (written atomically).
+`train.py` prepares them before `trainer.fit`, so a distributed run trains them with its own strategy; a
+single-process `trainer.fit` called from Python prepares them in `on_fit_start`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+
+from zoo.weights import load_module_weights
+
+
+@dataclass
+class Auxiliary:
+    """A frozen helper model of a System.
+
+    Args:
+        name: the System attribute path of the module ("black_box", "model.image_encoder"); the System has a
+            buffer `<last part>_ready`.
+        loss: `loss(module, batch) -> scalar tensor`: one training batch's loss.
+        epochs: training epochs (0: never trained; the module must be loaded or stays as built).
+        lr: Adam learning rate.
+        checkpoint: load from this file instead of training.
+        trainable_after: leave requires_grad on after preparation (a fine-tuned encoder).
+    """
+
+    name: str
+    loss: Callable[[nn.Module, Any], torch.Tensor]
+    epochs: int
+    lr: float = 1e-3
+    checkpoint: str | None = None
+    trainable_after: bool = False
+
+    def module(self, system: nn.Module) -> nn.Module:
+        return system.get_submodule(self.name)
+
+    def ready_flag(self, system: nn.Module) -> torch.Tensor:
+        return getattr(system, f"{self.name.rsplit('.', 1)[-1]}_ready")
+
+
+class AuxiliarySystem(pl.LightningModule):
+    """Trains one auxiliary module: its batch loss, Adam, the loss logged as train/loss."""
+
+    def __init__(self, module: nn.Module, loss: Callable[[nn.Module, Any], torch.Tensor], lr: float) -> None:
+        super().__init__()
+        self.module, self.batch_loss, self.lr = module, loss, lr
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.batch_loss(self.module, batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.module.parameters(), lr=self.lr)
+
+
+def auxiliaries_pending(system: Any) -> bool:
+    return any(not bool(aux.ready_flag(system)) for aux in system.auxiliaries())
+
+
+def cache_key(aux: Auxiliary, module: nn.Module, datamodule: Any) -> str:
+    """What defines a trained auxiliary: module class and shapes, training settings, the data's settings."""
+    shapes = [(k, tuple(v.shape)) for k, v in module.state_dict().items()]
+    data = dict(getattr(datamodule, "hparams", {}) or {})
+    text = repr((type(module).__qualname__, shapes, aux.epochs, aux.lr, getattr(aux.loss, "__qualname__", ""),
+                 type(datamodule).__qualname__, sorted((k, repr(v)) for k, v in data.items())))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def run_folder(trainer: pl.Trainer) -> Path:
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def _trainer_like(trainer: pl.Trainer, folder: Path, name: str, epochs: int) -> pl.Trainer:
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    strategy = trainer.strategy
+    strategy_name = getattr(strategy, "strategy_name", None) or "auto"
+    settings: dict[str, Any] = dict(
+        accelerator=trainer.accelerator, precision=trainer.precision, max_epochs=epochs,
+        logger=TensorBoardLogger(save_dir=str(folder), name="auxiliary", version=name),
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0, default_root_dir=str(folder), deterministic=bool(
+            getattr(trainer, "_accelerator_connector", None) and trainer._accelerator_connector.deterministic))
+    if trainer.world_size > 1 and not torch.distributed.is_initialized():  # not yet launched: the same strategy
+        settings |= dict(strategy=strategy_name, devices=trainer.num_devices, num_nodes=trainer.num_nodes)
+    else:
+        settings |= dict(devices=1)
+    return pl.Trainer(**settings)
+
+
+def prepare_auxiliaries(system: Any, trainer: pl.Trainer, datamodule: Any) -> None:
+    """Load, reuse or train (in that order) every auxiliary of `system` that is not ready; then freeze it."""
+    folder = run_folder(trainer)
+    for aux in system.auxiliaries():
+        module, ready = aux.module(system), aux.ready_flag(system)
+        if not bool(ready):
+            if aux.checkpoint is not None:
+                load_module_weights(module, aux.checkpoint, f"{aux.name}.", aux.name.replace("_", " "))
+            elif aux.epochs > 0:
+                _load_or_train(aux, module, trainer, datamodule, folder)
+            else:
+                continue
+            ready.fill_(True)
+        module.requires_grad_(aux.trainable_after)
+        if not aux.trainable_after:
+            module.eval()
+
+
+def _load_or_train(aux: Auxiliary, module: nn.Module, trainer: pl.Trainer, datamodule: Any, folder: Path) -> None:
+    name = aux.name.rsplit(".", 1)[-1]
+    cache = folder / "auxiliary" / f"{name}-{cache_key(aux, module, datamodule)}.ckpt"
+    if cache.is_file():
+        load_module_weights(module, cache, "", name.replace("_", " "))
+        return
+    module.requires_grad_(True).train()
+    device = next(iter(module.parameters())).device
+    _trainer_like(trainer, folder, name, aux.epochs).fit(AuxiliarySystem(module, aux.loss, aux.lr),
+                                                          datamodule=datamodule)
+    datamodule.trainer = trainer  # the run's trainer again (the helper's fit took the datamodule over)
+    module.to(device)  # Lightning's teardown moved it to the CPU
+    if int(os.environ.get("RANK", 0)) == 0 and (not torch.distributed.is_initialized()
+                                               or torch.distributed.get_rank() == 0):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, tmp)
+        os.replace(tmp, cache)  # atomic: a killed run leaves no half-written cache

@@ -1,0 +1,109 @@
+"""Callbacks every family shares: last.ckpt after every validation, RNG state in checkpoints, and the base of every
+picture callback (a fixed batch, rank zero, eval mode and no_grad, RNG isolated)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+import torch.nn.functional as F
+from pytorch_lightning.utilities.seed import isolate_rng
+
+
+class LatestCheckpoint(ModelCheckpoint):
+    """`last.ckpt` after every validation, whether or not the monitored metric improved (Lightning's `save_last`
+    only refreshes it when a top-k checkpoint is written, so a killed run could resume from a stale state)."""
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
+                         enable_version_counter=False)
+
+
+class RNGStateCallback(pl.Callback):
+    """Saves the torch, numpy and Python random states in every checkpoint and restores them on resume, so a run
+    killed mid-epoch and resumed from last.ckpt draws the same batches and noise as an uninterrupted one.
+    States are stored as tensors and plain lists: the checkpoint still loads with weights_only=True."""
+
+    def state_dict(self) -> dict[str, Any]:
+        numpy_state = np.random.get_state()
+        version, python_state, gauss = random.getstate()
+        return {
+            "torch": torch.get_rng_state(),
+            "numpy": {"key": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                      "has_gauss": int(numpy_state[3]), "gauss": float(numpy_state[4])},
+            "python": {"version": version, "state": list(python_state), "gauss": gauss},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        numpy_state = state["numpy"]
+        np.random.set_state(("MT19937", numpy_state["key"].numpy().astype(np.uint32), numpy_state["pos"],
+                             numpy_state["has_gauss"], numpy_state["gauss"]))
+        python_state = state["python"]
+        random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
+
+
+class FixedBatchCallback(pl.Callback):
+    """Base of every picture callback: after each validation epoch (not the sanity check), on rank zero, `draw` gets
+    a fixed validation batch and the model in eval mode under no_grad; the training mode is restored afterwards.
+
+    Everything runs under `isolate_rng`: building the batch iterates a DataLoader, which draws its base seed from
+    the global torch generator. Without the isolation the first picture of a run shifts every later shuffle, and
+    a run resumed from last.ckpt (which draws that seed one epoch later) is not the run that never died.
+
+    Subclasses set `num_items` and implement `draw(trainer, pl_module, batch)`; `collective(trainer, pl_module)`
+    runs on every rank first (for metrics that synchronise) and its result is passed to `draw` as `shared`.
+    """
+
+    num_items: int = 8
+
+    def __init__(self) -> None:
+        self.batch: Any = None
+
+    def fixed_batch(self, trainer: pl.Trainer) -> Any:
+        """The first `num_items` of the first validation batch, taken once and kept."""
+        if self.batch is None:
+            batch = next(iter(trainer.datamodule.val_dataloader()))
+            self.batch = {k: v[: self.num_items] for k, v in batch.items()}
+        return self.batch
+
+    def collective(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        return None
+
+    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, shared: Any) -> None:
+        raise NotImplementedError
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        with isolate_rng():
+            shared = self.collective(trainer, pl_module)
+            if not trainer.is_global_zero:
+                return
+            was_training = pl_module.training
+            pl_module.eval()
+            try:
+                with torch.no_grad():
+                    self.draw(trainer, pl_module, shared)
+            finally:
+                pl_module.train(was_training)
+
+    @staticmethod
+    def run_folder(trainer: pl.Trainer, name: str) -> Path:
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+
+def heatmap_overlay(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Images (N, C, H, W) in [0, 1] with maps (F, N, h, w) overlaid in red: (F, N, 3, H, W)."""
+    rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[:, :3]
+    heat = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)  # (F, N, H, W)
+    heat = heat / heat.flatten(1).amax(1).clamp(min=1e-8)[:, None, None, None]  # per filter over the batch
+    red = torch.tensor([1.0, 0.1, 0.1], device=images.device)[None, None, :, None, None]
+    return (0.45 * rgb[None] + 0.55 * heat[:, :, None] * red).clamp(0, 1)

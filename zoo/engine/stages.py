@@ -1,0 +1,112 @@
+"""One mechanism for every training schedule, applied at each training epoch's start and logged as schedule/<name>.
+
+- **Stages** (ReNN's local -> global -> joint, AOG's folding -> unfolding, a textual chain's relevance -> relevance
+  + discriminative): each names the model submodules it trains, the loss terms it sums, a learning-rate scale and
+  model attributes it sets (e.g. ``{or_mode: max}``). Frozen submodules get no update (requires_grad off) and stay
+  in eval mode (BatchNorm statistics too).
+- **Epoch schedules** (ICNN's lambda / (epoch + 1), rule distillation's pi_t): any module of the System (model or
+  loss) with ``set_epoch(epoch) -> {name: value}`` is called and its values are logged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class Stage:
+    """One stage of training, `epochs` long; epochs past the last stage stay in the last stage.
+
+    Args:
+        name: logged as schedule/stage (its index) and shown in messages.
+        epochs: how many epochs it lasts.
+        train: submodules of the model it trains (None: all).
+        losses: loss terms it sums (None: all).
+        lr_scale: multiplies every parameter group's learning rate.
+        settings: model attributes set when the stage starts, e.g. ``{"or_mode": "max"}``.
+    """
+
+    name: str
+    epochs: int = 1
+    train: list[str] | None = None
+    losses: list[str] | None = None
+    lr_scale: float = 1.0
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+class Schedule:
+    """The stages of a run (an empty list is one stage that trains everything with every term)."""
+
+    def __init__(self, stages: list[dict[str, Any] | Stage] | None, model: nn.Module) -> None:
+        self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in (stages or [])] or [Stage("all")]
+        children = [name for name, _ in model.named_children()]
+        for stage in self.stages:
+            unknown = set(stage.train or []) - set(children)
+            if unknown:
+                raise ValueError(f"stage {stage.name!r} trains {sorted(unknown)}, which {type(model).__name__} does "
+                                 f"not have; it has {children}.")
+            missing = [key for key in stage.settings if not hasattr(model, key)]
+            if missing:
+                raise ValueError(f"stage {stage.name!r} sets {missing}, which {type(model).__name__} does not have.")
+        self.index = 0
+
+    @property
+    def staged(self) -> bool:
+        return len(self.stages) > 1 or self.stages[0].train is not None or bool(self.stages[0].settings)
+
+    @property
+    def current(self) -> Stage:
+        return self.stages[self.index]
+
+    def stage_at(self, epoch: int) -> int:
+        end = 0
+        for index, stage in enumerate(self.stages):
+            end += int(stage.epochs)
+            if epoch < end:
+                return index
+        return len(self.stages) - 1
+
+    def start_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int) -> dict[str, float]:
+        """Enter the stage of `epoch`: trainable submodules, model settings, learning rates. Returns what to log."""
+        self.index = self.stage_at(epoch)
+        stage = self.current
+        if stage.train is not None:
+            for name, module in model.named_children():
+                module.requires_grad_(name in stage.train)
+        for key, value in stage.settings.items():
+            setattr(model, key, value)
+        for group in optimizer.param_groups if optimizer is not None else []:
+            # the unscaled rate lives in the param group, so it is saved with the optimiser and a run resumed
+            # inside a scaled stage does not take the scaled rate for its base
+            group.setdefault("base_lr", group["lr"])
+            group["lr"] = group["base_lr"] * float(stage.lr_scale)
+        return {"stage": float(self.index)} if len(self.stages) > 1 else {}
+
+    def frozen(self, model: nn.Module) -> list[nn.Module]:
+        """Submodules the current stage does not train (kept in eval mode)."""
+        trained = self.current.train
+        return [] if trained is None else [m for n, m in model.named_children() if n not in trained]
+
+    def select(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loss terms summed in the current stage."""
+        wanted = self.current.losses
+        if wanted is None:
+            return terms
+        unknown = set(wanted) - set(terms)
+        if unknown:
+            raise KeyError(f"stage {self.current.name!r} sums {sorted(unknown)}, which the loss does not return; it "
+                           f"returns {sorted(terms)}.")
+        return {k: v for k, v in terms.items() if k in wanted}
+
+
+def epoch_schedules(modules: dict[str, nn.Module], epoch: int) -> dict[str, float]:
+    """Call ``set_epoch(epoch)`` on every module that has one; the values it returns, to be logged."""
+    logged: dict[str, float] = {}
+    for module in modules.values():
+        if hasattr(module, "set_epoch"):
+            logged |= {k: float(v) for k, v in module.set_epoch(epoch).items()}
+    return logged

@@ -1,0 +1,64 @@
+"""The Interpretable CNN's System: the classifier's, plus the filter statistics and the part metrics."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torchmetrics.classification import MulticlassAccuracy
+
+from zoo.engine import ZooSystem
+from zoo.icnn.metrics import LocationInstability, PartIoU
+
+
+class ICNNSystem(ZooSystem):
+    """Train an Interpretable CNN (or, as its twin, any classifier) and score what its filters mean.
+
+    After each training forward the model updates its online statistics (Z_T, filter categories). In validation
+    and test the map `part_maps_key` ("filter_maps" for ICNN, "features" for an opaque twin) is scored for
+    location instability where the batch has landmarks and part IoU where it has part masks.
+
+    Twins (`train.py compare --config configs/icnn/<x>.yaml`): the paper's ordinary twin (the same network with
+    ordinary conv layers, lambda 0), the masked twin (masks kept, lambda 0: an ablation of the masks) and the
+    plain classifier on the same backbone (`{backbone}` is the model name's part after "icnn_").
+    """
+
+    TWINS: ClassVar[dict[str, list[str]]] = {
+        "ordinary_twin": ["--model.init_args.loss.init_args.weight=0", "--model.init_args.model_kwargs.masks=false"],
+        "masked_twin": ["--model.init_args.loss.init_args.weight=0"],
+        "plain_cnn": ["--model.init_args.loss.init_args.weight=0", "--model.init_args.model_name=baseline_{backbone}",
+                      "--model.init_args.model_kwargs=null", "--model.init_args.part_maps_key=features"],
+    }
+
+    def __init__(self, *args: Any, part_maps_key: str | None = "filter_maps", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.part_maps_key = part_maps_key
+        self.add_metric("acc", MulticlassAccuracy(self.hparams.num_classes, average="micro"),
+                        stages=("train", "val", "test"))
+        if part_maps_key is not None:
+            self.add_metric("location_instability", LocationInstability(self.hparams.image_size or 0))
+            self.add_metric("part_iou", PartIoU())
+
+    def update_state(self, out: dict[str, Any], batch: dict[str, Any]) -> None:
+        if hasattr(self.model, "update_statistics"):
+            self.model.update_statistics(out, batch)
+
+    def update_metrics(self, out: dict[str, Any], batch: dict[str, Any], stage: str) -> None:
+        super().update_metrics(out, batch, stage)
+        if stage == "train" or self.part_maps_key is None:
+            return
+        maps = out[self.part_maps_key]
+        if "landmarks" in batch:
+            self.log_metric(stage, "location_instability", maps, batch["landmarks"], batch.get("landmark_visible"),
+                            batch.get(self.target_key))
+        if "part_masks" in batch:
+            self.log_metric(stage, "part_iou", maps, batch["part_masks"], batch.get("part_types"))
+
+    def filter_part_scores(self) -> torch.Tensor | None:
+        """This validation epoch's per-filter part hit rates (F, K): which filter means what. A collective call
+        under DDP (every rank must make it); None without part metrics or before any validation batch."""
+        metric = self.metrics["val_part_iou"] if self.part_maps_key is not None else None
+        if metric is None or metric.update_count == 0:
+            return None
+        with metric.sync_context(should_sync=self.trainer.world_size > 1):
+            return metric.part_scores()

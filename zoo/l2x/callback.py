@@ -1,0 +1,55 @@
+"""L2X's TensorBoard pictures: what a feature selector keeps for a fixed validation batch."""
+
+from __future__ import annotations
+
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import TensorBoardLogger
+from torchvision.utils import make_grid, save_image
+
+from zoo.engine.callbacks import FixedBatchCallback
+
+
+class SelectionCallback(FixedBatchCallback):
+    """After each validation epoch: what a feature selector (L2X, INVASE) keeps for a fixed validation batch.
+
+    Images: the input with unselected patches dimmed (TensorBoard ``selection/images`` and, in the run folder,
+    ``selection/epoch<e>.png``); token ids: the text with selected words in **bold**, and vectors: the selected
+    feature indices next to the true ones (TensorBoard text ``selection/text``, ``selection/epoch<e>.md``).
+    """
+
+    def __init__(self, num_samples: int = 8) -> None:
+        super().__init__()
+        self.num_items = num_samples
+
+    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, shared: None) -> None:
+        batch = self.fixed_batch(trainer)
+        x = batch[pl_module.input_key].to(pl_module.device)
+        selection = pl_module.model(x)["selection"]  # (N, d) hard in eval mode
+        folder = self.run_folder(trainer, "selection")
+        experiment = trainer.logger.experiment if isinstance(trainer.logger, TensorBoardLogger) else None
+        if x.ndim == 4:
+            kept = pl_module.model.space.pixel_mask(selection)  # (N, 1, H, W)
+            shown = x.float() * (0.25 + 0.75 * kept)  # unselected patches dimmed, not hidden
+            panels = torch.cat([x.float(), shown])  # originals above, selections below
+            scale = max(1, 64 // x.shape[-1])  # small images (digits are 8x8) are enlarged to be seen
+            grid = make_grid(F.interpolate(panels, scale_factor=scale, mode="nearest"), nrow=len(x))
+            save_image(grid, folder / f"epoch{trainer.current_epoch}.png")
+            if experiment is not None:
+                experiment.add_image("selection/images", grid, trainer.global_step)
+            return
+        decode = getattr(trainer.datamodule, "decode_selection", None) or self._describe
+        lines = [decode(x[i].cpu(), selection[i].cpu()) for i in range(len(x))]
+        if "relevant" in batch:
+            lines = [f"{line}  (true: {batch['relevant'][i].nonzero().flatten().tolist()})"
+                     for i, line in enumerate(lines)]
+        text = "\n\n".join(f"{i}. {line}" for i, line in enumerate(lines))
+        (folder / f"epoch{trainer.current_epoch}.md").write_text(text + "\n")
+        if experiment is not None:
+            experiment.add_text("selection/text", text, trainer.global_step)
+
+    @staticmethod
+    def _describe(x: torch.Tensor, selection: torch.Tensor) -> str:
+        return f"selected features {selection.nonzero().flatten().tolist()}"
