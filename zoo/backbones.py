@@ -16,6 +16,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from zoo.checks import check_input
 from zoo.weights import CheckpointError, match_state_dict, read_state_dict
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,7 @@ class Backbone(nn.Module):
         return self.channels[-1]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if x.ndim != 4 or x.shape[1] != self.in_chans or not x.is_floating_point():
-            raise ValueError(f"Backbone {self.name!r} expects images of shape (B, {self.in_chans}, H, W); got "
-                             f"{tuple(x.shape)} {x.dtype} (images must be float tensors).")
+        check_input(f"Backbone {self.name!r}", x, ("B", self.in_chans, "H", "W"), "images")
         maps = self.body(x)
         return [maps[i] for i in self._tiny_ids] if self._tiny_ids is not None else maps
 

@@ -13,18 +13,18 @@ import torch
 _KINDS = {"float": torch.Tensor.is_floating_point, "long": lambda t: t.dtype == torch.long}
 
 
-def check_input(model: str, x: Any, shape: tuple[int | str | None, ...], kind: str = "float") -> None:
-    """Raise naming `model` when `x` is not a tensor of `shape` and dtype `kind` ("float" or "long").
+def check_input(owner: str, x: Any, shape: tuple[int | str | None, ...], what: str = "tensors",
+                kind: str = "float") -> None:
+    """Raise naming `owner` when `x` is not a tensor of `shape` and dtype `kind` ("float" or "long").
 
     `shape` lists each dimension: an int must match, a str (e.g. "B", "H") or None accepts any size; the message
-    spells the expected shape with those names."""
+    spells the expected shape with those names: "SeriesCNN expects series of shape (B, 1, T); got ..."."""
     ok = (isinstance(x, torch.Tensor) and x.ndim == len(shape) and _KINDS[kind](x)
           and all(not isinstance(want, int) or got == want for got, want in zip(x.shape, shape)))
     if not ok:
         expected = ", ".join(str(d) if d is not None else "_" for d in shape)
         got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-        what = "token ids" if kind == "long" else "float tensors"
-        raise ValueError(f"{model} expects {what} of shape ({expected}); got {got}.")
+        raise ValueError(f"{owner} expects {what} of shape ({expected}); got {got} (dtype {kind} expected).")
 
 
 def check_class_ids(labels: torch.Tensor, num_classes: int) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from zoo.checks import check_input
 from zoo.registry import register_model
 from zoo.backbones import TINY_CNN, Backbone, PooledHeadMixin, PooledLinearHead
 from zoo.layers import LSTM
@@ -55,9 +56,7 @@ class MLPClassifier(nn.Module):
         self.head = nn.Linear(sizes[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.ndim != 2 or x.shape[1] != self.num_features or not x.is_floating_point():
-            raise ValueError(f"MLPClassifier expects float vectors of shape (B, {self.num_features}); got "
-                             f"{tuple(x.shape)} {x.dtype}.")
+        check_input("MLPClassifier", x, ("B", self.num_features), "vectors")
         features = self.body(x)
         return {"logits": self.head(features), "features": features}
 
@@ -79,8 +78,7 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(4 * widths[1], num_classes)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.ndim != 4 or x.shape[1] != self.in_chans or not x.is_floating_point():
-            raise ValueError(f"SmallCNN expects float images of shape (B, {self.in_chans}, H, W); got {tuple(x.shape)} {x.dtype}.")
+        check_input("SmallCNN", x, ("B", self.in_chans, "H", "W"), "images")
         features = self.body(x)  # (B, 16, 2, 2)
         return {"logits": self.head(features.flatten(1)), "features": features}
 
@@ -103,8 +101,7 @@ class SeriesCNN(nn.Module):
         self.head = nn.Linear(2 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.ndim != 3 or x.shape[1] != self.in_chans or not x.is_floating_point():
-            raise ValueError(f"SeriesCNN expects float series of shape (B, {self.in_chans}, T); got {tuple(x.shape)} {x.dtype}.")
+        check_input("SeriesCNN", x, ("B", self.in_chans, "T"), "series")
         features = self.body(x)  # (B, width, T)
         return {"logits": self.head(torch.cat([features.amax(-1), features.mean(-1)], 1)), "features": features}
 
@@ -125,8 +122,7 @@ class SeriesLSTM(nn.Module):
         self.head = nn.Linear(2 * hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.ndim != 3 or x.shape[1] != self.in_chans or not x.is_floating_point():
-            raise ValueError(f"SeriesLSTM expects float series of shape (B, {self.in_chans}, T); got {tuple(x.shape)} {x.dtype}.")
+        check_input("SeriesLSTM", x, ("B", self.in_chans, "T"), "series")
         states, _ = self.lstm(self.stem(x).transpose(1, 2))  # (B, T / 2, hidden)
         features = torch.cat([states.amax(1), states[:, -1]], 1)
         return {"logits": self.head(features), "features": states.transpose(1, 2)}
@@ -149,10 +145,7 @@ class TokenCNN(nn.Module):
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        length = "L" if self.max_len is None else self.max_len
-        if tokens.ndim != 2 or tokens.dtype != torch.long or self.max_len not in (None, tokens.shape[1]):
-            raise ValueError(f"TokenCNN expects token ids of shape (B, {length}) and dtype long; got "
-                             f"{tuple(tokens.shape)} {tokens.dtype}.")
+        check_input("TokenCNN", tokens, ("B", "L" if self.max_len is None else self.max_len), "token ids", "long")
         features = self.relu(self.conv(self.embed(tokens).transpose(1, 2))).amax(-1)  # (B, width)
         return {"logits": self.head(features), "features": features}
 
