@@ -87,10 +87,6 @@ class DictDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
-    def describe(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes, "num_channels": self.num_channels, "image_size": self.image_size,
-                **self.model_inputs, **{f"num_{k}": len(v) for k, v in self.splits.items()}}
-
 
 def detection_collate(samples: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> dict[str, Any]:
     """Detection batches: {"images": [(C, H, W)], "targets": [{"boxes": (n, 4) xyxy, "labels": (n,) in 1..C, ...}]}

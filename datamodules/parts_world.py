@@ -53,10 +53,6 @@ class WorldDefinition:
     def parts_per_class(self) -> int:
         return self.part_types.shape[1]
 
-    def describe(self, label: int) -> str:
-        parts = ", ".join(part_type_name(t) for t in self.part_types[label])
-        return f"class {label}: {parts}"
-
 
 def make_world(num_classes: int, parts_per_class: int, world_seed: int = 0,
                shared_part_types: bool = False) -> WorldDefinition:

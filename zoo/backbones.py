@@ -128,18 +128,28 @@ class PooledLinearHead(nn.Module):
         self.fc = nn.Linear(self.in_features, num_classes)
 
 
-class PooledHeadMixin:
+class ClassifierHeadMixin:
+    """timm's `reset_classifier` for every model whose classifier is `self.head`: an `nn.Linear` or a
+    `PooledLinearHead` (the one reset_classifier of the zoo)."""
+
+    head: nn.Module
+    num_classes: int
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        if isinstance(self.head, PooledLinearHead):
+            self.head.reset(num_classes)
+        else:
+            self.head = nn.Linear(self.head.in_features, num_classes)
+
+
+class PooledHeadMixin(ClassifierHeadMixin):
     """timm's head API for models whose classifier is `self.head`, a `PooledLinearHead`."""
 
     head: PooledLinearHead
-    num_classes: int
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(features, pre_logits=pre_logits)
 
     def get_classifier(self) -> nn.Module:
         return self.head.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head.reset(num_classes)

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from zoo.checks import check_input
 from zoo.registry import register_model
-from zoo.backbones import TINY_CNN, Backbone, PooledHeadMixin, PooledLinearHead
+from zoo.backbones import TINY_CNN, Backbone, ClassifierHeadMixin, PooledHeadMixin, PooledLinearHead
 from zoo.layers import LSTM
 
 
@@ -44,7 +44,7 @@ class OpaqueClassifier(PooledHeadMixin, nn.Module):
         return {"logits": self.forward_head(features), "features": features}
 
 
-class MLPClassifier(nn.Module):
+class MLPClassifier(ClassifierHeadMixin, nn.Module):
     """Dense-ReLU layers on (B, d) vectors; the black box explained by L2X and the post-hoc explainers on the
     synthetic benchmarks. Each ReLU is its own module, so Captum's DeepLift hooks every nonlinearity."""
 
@@ -60,11 +60,8 @@ class MLPClassifier(nn.Module):
         features = self.body(x)
         return {"logits": self.head(features), "features": features}
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes, self.head = num_classes, nn.Linear(self.head.in_features, num_classes)
 
-
-class SmallCNN(nn.Module):
+class SmallCNN(ClassifierHeadMixin, nn.Module):
     """The L2X paper's MNIST black box: Conv8-ReLU-pool-Conv16-ReLU-pool-Dense, the last pool adaptive (2x2) so
     any input size works; separate ReLU modules so Captum's DeepLift hooks each."""
 
@@ -82,11 +79,8 @@ class SmallCNN(nn.Module):
         features = self.body(x)  # (B, 16, 2, 2)
         return {"logits": self.head(features.flatten(1)), "features": features}
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes, self.head = num_classes, nn.Linear(self.head.in_features, num_classes)
 
-
-class SeriesCNN(nn.Module):
+class SeriesCNN(ClassifierHeadMixin, nn.Module):
     """Opaque 1-D CNN for series: four dilated width-7 convolutions (receptive field 91 steps), max + mean over
     time, linear; ReNN's opaque twin on rule_series."""
 
@@ -105,11 +99,8 @@ class SeriesCNN(nn.Module):
         features = self.body(x)  # (B, width, T)
         return {"logits": self.head(torch.cat([features.amax(-1), features.mean(-1)], 1)), "features": features}
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes, self.head = num_classes, nn.Linear(self.head.in_features, num_classes)
 
-
-class SeriesLSTM(nn.Module):
+class SeriesLSTM(ClassifierHeadMixin, nn.Module):
     """Opaque LSTM for series: a width-5 convolution (local features, stride 2), one LSTM layer, max + last hidden
     state, linear; the recurrent opaque baseline on rule_series."""
 
@@ -127,11 +118,8 @@ class SeriesLSTM(nn.Module):
         features = torch.cat([states.amax(1), states[:, -1]], 1)
         return {"logits": self.head(features), "features": states.transpose(1, 2)}
 
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes, self.head = num_classes, nn.Linear(self.head.in_features, num_classes)
 
-
-class TokenCNN(nn.Module):
+class TokenCNN(ClassifierHeadMixin, nn.Module):
     """Text classifier on (B, L) token ids (pad id 0): embedding, width-3 convolution, global max pool, linear
     (the L2X paper's IMDB black box, smaller)."""
 
@@ -148,9 +136,6 @@ class TokenCNN(nn.Module):
         check_input("TokenCNN", tokens, ("B", "L" if self.max_len is None else self.max_len), "token ids", "long")
         features = self.relu(self.conv(self.embed(tokens).transpose(1, 2))).amax(-1)  # (B, width)
         return {"logits": self.head(features), "features": features}
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes, self.head = num_classes, nn.Linear(self.head.in_features, num_classes)
 
 
 
