@@ -9,7 +9,7 @@ patterns with the rule map; training is two-stage. This file is a faithful readi
                 -> global inference h([L; M]) (1x1 conv, max + mean over time, linear) -> logits
 Long-range dependencies (a pause 30-40 steps after a beat, how often a pattern occurs) are carried by the rules,
 not learnt by the network. Stages (local loss on pattern annotations; then h with g frozen; optionally joint) are
-run by `zoo.renn.system.ReNNSystem`.
+run by the engine's stage mechanism (`stages:` of `zoo.renn.system.ReNNSystem`, `zoo.engine.stages`).
 
 Rules API: a rule maps {pattern name: (B, T) probabilities} to a (B, T) truth map, in soft logic (product
 t-norm: a AND b = ab, a OR b = a + b - ab, NOT a = 1 - a) with temporal predicates computed by prefix sums
