@@ -33,7 +33,7 @@ class ClassRule:
 class ReNNLoss(nn.Module):
     """ReNN's terms: `loss_task` (cross-entropy) and `loss_local` (per-step BCE of the pattern detectors against
     the batch's `patterns` annotations; positives up-weighted by `pos_weight`, as beats are rare steps).
-    Which terms a training stage uses is set by `zoo.renn.system.ReNNSystem`."""
+    Which terms a training stage sums is set by the config's `stages:` (`zoo.engine.stages`)."""
 
     def __init__(self, local_weight: float = 1.0, pos_weight: float = 10.0, patterns_key: str = "patterns",
                  target_key: str = "label") -> None:

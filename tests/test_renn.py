@@ -181,7 +181,46 @@ def test_stages_really_freeze(tmp_path: Path) -> None:
                      stages=[{"name": "x", "epochs": 1, "train": ["decoder"]}])
 
 
+SMALL_SERIES = ["--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.num_test=32"]
+
+
+def test_compare_trains_renn_against_the_cnn_and_the_lstm(in_tmp_dir: Path) -> None:
+    from train import main
+
+    rows = main(["compare", "--config", str(REPO / "configs/renn/rule_series.yaml"), "--trainer.fast_dev_run=true",
+                 "--no_explain", *SMALL_SERIES])
+    assert [(row["run"], row["model"]) for row in rows] == [("renn", "renn_series"), ("cnn", "baseline_cnn1d"),
+                                                            ("lstm", "baseline_lstm")]  # ReNNSystem.TWINS
+    per_rule = {f"rule_{key}/{name}" for key in ("precision", "recall") for name in RULE_SERIES_RULES}
+    assert {"acc", "rule_precision", "rule_recall", *per_rule} <= set(rows[0])
+    assert all("acc" in row and "rule_precision" not in row for row in rows[1:])  # opaque twins: no rule map
+    assert (in_tmp_dir / "checkpoints" / "rule_series_compare" / "report.md").is_file()
+
+
 # ------------------------------------------------------------------------------------------------ rule losses
+@pytest.mark.parametrize("config", ["parts_world_distillation", "parts_world_semantic"])
+def test_compare_trains_a_rule_loss_against_its_weight_zero_twin(config: str, in_tmp_dir: Path) -> None:
+    from train import main
+
+    path = str(REPO / f"configs/renn/{config}.yaml")
+    rows = main(["compare", "--config", path, "--trainer.fast_dev_run=true", "--no_explain", *SMALL_SERIES])
+    assert [row["run"] for row in rows] == ["renn", "opaque_twin"] and all("acc" in row for row in rows)
+    from zoo.cli.compare import read_compare_spec
+    from zoo.cli.lightning import ZooCLI
+
+    twin = read_compare_spec(path)["runs"]["opaque_twin"]
+    assert ZooCLI(args=["--config", twin["config"], *twin["args"]], run=False).model.loss.weight == 0
+
+
+def test_distillation_pi_is_an_epoch_schedule(in_tmp_dir: Path) -> None:
+    from train import main
+
+    cli = main(["fit", "--config", str(REPO / "configs/renn/parts_world_distillation.yaml"), *SMALL_SERIES,
+                "--trainer.max_epochs=2", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"])
+    assert cli.trainer.callback_metrics["schedule/distill_pi"].item() == pytest.approx(1 - 0.95)  # epoch 1
+
+
+
 def test_distillation_teacher_matches_its_closed_form() -> None:
     probs = torch.tensor([[0.5, 0.3, 0.2]])
     rules = [torch.tensor([[1.0, 0.0, 0.5]]), torch.tensor([[1.0, 1.0, 0.0]])]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
@@ -14,11 +16,28 @@ def dilate(flags: torch.Tensor, tolerance: int) -> torch.Tensor:
     return F.max_pool1d(flags.float(), 2 * tolerance + 1, stride=1, padding=tolerance) > 0
 
 
+def _rule_firing_update(rule_map: torch.Tensor, events: torch.Tensor, threshold: float, tolerance: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per rule (R,): fired steps near a true event, fired steps, true events near a fired step, true events."""
+    if rule_map.shape != events.shape:
+        raise ValueError(f"rule_map {tuple(rule_map.shape)} and events {tuple(events.shape)} must match.")
+    fired, truth = rule_map.detach() > threshold, events > 0.5  # (B, R, T)
+    return ((fired & dilate(truth, tolerance)).sum((0, 2)).float(), fired.sum((0, 2)).float(),
+            (truth & dilate(fired, tolerance)).sum((0, 2)).float(), truth.sum((0, 2)).float())
+
+
+def _rule_firing_compute(fired_correct: torch.Tensor, fired: torch.Tensor, events_found: torch.Tensor,
+                         events: torch.Tensor) -> dict[str, torch.Tensor]:
+    precision = torch.where(fired > 0, fired_correct / fired.clamp_min(1), torch.ones_like(fired))
+    return {"precision": precision, "recall": events_found / events.clamp_min(1)}
+
+
 class RuleFiring(Metric):
     """Per rule: precision = share of fired steps (map > threshold) within `tolerance` steps of a true event,
     recall = share of true event steps within `tolerance` steps of a fired step. `compute` -> {"precision": (R,),
     "recall": (R,)}; a rule that never fires has precision 1 (nothing wrong was claimed) and recall 0."""
 
+    higher_is_better = True
     full_state_update = False
 
     def __init__(self, num_rules: int, threshold: float = 0.5, tolerance: int = 2, **kwargs) -> None:
@@ -28,14 +47,27 @@ class RuleFiring(Metric):
             self.add_state(name, default=torch.zeros(num_rules), dist_reduce_fx="sum")
 
     def update(self, rule_map: torch.Tensor, events: torch.Tensor) -> None:
-        if rule_map.shape != events.shape:
-            raise ValueError(f"rule_map {tuple(rule_map.shape)} and events {tuple(events.shape)} must match.")
-        fired, truth = rule_map.detach() > self.threshold, events > 0.5  # (B, R, T)
-        self.fired_correct += (fired & dilate(truth, self.tolerance)).sum((0, 2)).float()
-        self.fired += fired.sum((0, 2)).float()
-        self.events_found += (truth & dilate(fired, self.tolerance)).sum((0, 2)).float()
-        self.events += truth.sum((0, 2)).float()
+        counts = _rule_firing_update(rule_map, events, self.threshold, self.tolerance)
+        self.fired_correct += counts[0]
+        self.fired += counts[1]
+        self.events_found += counts[2]
+        self.events += counts[3]
 
     def compute(self) -> dict[str, torch.Tensor]:
-        precision = torch.where(self.fired > 0, self.fired_correct / self.fired.clamp_min(1), torch.ones_like(self.fired))
-        return {"precision": precision, "recall": self.events_found / self.events.clamp_min(1)}
+        return _rule_firing_compute(self.fired_correct, self.fired, self.events_found, self.events)
+
+
+class NamedRuleFiring(RuleFiring):
+    """`RuleFiring` with scalar entries, for logging with `ZooSystem.add_metric(..., log_prefix=...)`: `compute` ->
+    {"precision": mean over rules, "precision/<rule name>": that rule's, the same for "recall"}."""
+
+    def __init__(self, rule_names: Sequence[str], threshold: float = 0.5, tolerance: int = 2, **kwargs) -> None:
+        super().__init__(len(rule_names), threshold, tolerance, **kwargs)
+        self.rule_names = list(rule_names)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        named: dict[str, torch.Tensor] = {}
+        for key, values in super().compute().items():  # values: (R,)
+            named[key] = values.mean()
+            named |= {f"{key}/{name}": value for name, value in zip(self.rule_names, values)}
+        return named

@@ -9,7 +9,7 @@ patterns with the rule map; training is two-stage. This file is a faithful readi
                 -> global inference h([L; M]) (1x1 conv, max + mean over time, linear) -> logits
 Long-range dependencies (a pause 30-40 steps after a beat, how often a pattern occurs) are carried by the rules,
 not learnt by the network. Stages (local loss on pattern annotations; then h with g frozen; optionally joint) are
-run by `zoo.renn.system.ReNNSystem`.
+run by the engine's stage mechanism (`stages:` of `zoo.renn.system.ReNNSystem`, `zoo.engine.stages`).
 
 Rules API: a rule maps {pattern name: (B, T) probabilities} to a (B, T) truth map, in soft logic (product
 t-norm: a AND b = ab, a OR b = a + b - ab, NOT a = 1 - a) with temporal predicates computed by prefix sums
@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.checks import check_input
 from zoo.registry import register_model
 
 Patterns = dict[str, torch.Tensor]
@@ -270,7 +271,10 @@ class GlobalInference(nn.Module):
 
 class ReNN(nn.Module):
     """Local detectors -> rules -> global inference. Output dict:
-    {"logits": (B, C), "pattern_logits": (B, K, T), "patterns": (B, K, T), "rule_map": (B, R, T)}."""
+    {"logits": (B, C), "pattern_logits": (B, K, T), "patterns": (B, K, T), "rule_map": (B, R, T)}.
+
+    Public attributes: `pattern_names` (K, the order of the "patterns" channels) and `rule_names` (R, the order of
+    the "rule_map" channels; what the System's per-rule metrics and `explain` are named by)."""
 
     def __init__(self, *, in_chans: int = 1, num_classes: int = 4, pattern_names: Sequence[str] = RULE_SERIES_PATTERNS,
                  rules: Sequence[str | Rule] = RULE_SERIES_RULES, width: int = 32, hidden: int = 16,
@@ -279,12 +283,11 @@ class ReNN(nn.Module):
         self.in_chans, self.num_classes, self.length = in_chans, num_classes, length
         self.detector = LocalPatternDetector(in_chans, len(pattern_names), width)
         self.rule_layer = RuleLayer(pattern_names, rules)
+        self.pattern_names, self.rule_names = self.rule_layer.pattern_names, self.rule_layer.rule_names
         self.head = GlobalInference(len(pattern_names) + len(self.rule_layer.rules), num_classes, hidden)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if x.ndim != 3 or x.shape[1] != self.in_chans or not x.is_floating_point():
-            raise ValueError(f"ReNN expects float series of shape (B, {self.in_chans}, T); got {tuple(x.shape)} "
-                             f"{x.dtype}.")
+        check_input("ReNN", x, ("B", self.in_chans, "T"))
         pattern_logits = self.detector(x)
         patterns = torch.sigmoid(pattern_logits.float())
         rule_map = self.rule_layer(patterns)
@@ -295,7 +298,7 @@ class ReNN(nn.Module):
         """Per sample: {rule or pattern name: steps where it fired (rules) / was detected (pattern peaks)}."""
         fired = out["rule_map"] > threshold  # (B, R, T)
         detected = (local_peaks(out["patterns"]) > threshold)  # (B, K, T)
-        names = self.rule_layer.rule_names + self.rule_layer.pattern_names
+        names = self.rule_names + self.pattern_names
         flags = torch.cat([fired, detected], 1).cpu()
         return [{name: row.nonzero().flatten().tolist() for name, row in zip(names, sample)} for sample in flags]
 
