@@ -157,6 +157,18 @@ def check_config_fits_checkpoint(model_config: Any, checkpoint: dict[str, Any], 
                                   f"start this one without --ckpt_path.")
 
 
+def load_system_weights(system: nn.Module, path: str | Path) -> None:
+    """A System checkpoint's weights into `system`: the System's own compatibility check first (its
+    `on_load_checkpoint`, which names another model or class count), then every key must match."""
+    checkpoint = read_checkpoint(path)
+    if hasattr(system, "on_load_checkpoint"):
+        system.on_load_checkpoint(checkpoint)
+    missing, unexpected = system.load_state_dict(checkpoint["state_dict"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{str(path)!r} does not fit {type(system).__name__}: missing {list(missing)[:8]}, "
+                              f"unexpected {list(unexpected)[:8]}.")
+
+
 def _build(spec: dict[str, Any]) -> nn.Module:
     from zoo.registry import create_model_for_data
 

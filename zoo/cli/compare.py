@@ -7,11 +7,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import yaml
 
 from zoo.cli.lightning import ZooCLI, fit
 from zoo.cli.report import save_explanation_figure, write_report
+from zoo.weights import load_system_weights
 
 COMPARE_HELP = """\
 --config takes a family config (it is trained with every opaque twin its System declares in TWINS, e.g.
@@ -77,20 +77,6 @@ def _fit_args(run_name: str, run: dict[str, Any], spec_path: Path, common: list[
     if "config" not in run:
         raise ValueError(f"compare run {run_name!r} names no config.\n{COMPARE_HELP}")
     return ["--config", str(resolve_config(run["config"], spec_path)), *common, *run.get("args", []), *extra]
-
-
-def load_system_weights(system: pl.LightningModule, path: str) -> None:
-    """Weights of a Lightning checkpoint into `system` (weights_only=True); any key mismatch is named."""
-    from zoo.weights import CheckpointError, read_state_dict
-    from zoo.weights import read_checkpoint
-    from zoo.engine.legacy import check_checkpoint_fits
-
-    check_checkpoint_fits(system, read_checkpoint(path), f"checkpoint {path!r}")
-    state = read_state_dict(path)
-    missing, unexpected = system.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path!r} does not fit {type(system).__name__}({system.hparams.get('model_name')}): "
-                              f"missing {list(missing)[:8]}, unexpected {list(unexpected)[:8]}.")
 
 
 def check_same_setting(configs: dict[str, Any]) -> None:
