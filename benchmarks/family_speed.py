@@ -23,10 +23,11 @@ figures are noisy: read the ratios.
 from __future__ import annotations
 
 import argparse
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 import zoo
 from benchmarks.devices import add_device_argument
@@ -161,7 +162,7 @@ class ExplanationStep(nn.Module):
             out["reward"] = self.classifier.true_class_probability(sampled, self.labels)
         return out
 
-    def train(self, mode: bool = True) -> "ExplanationStep":
+    def train(self, mode: bool = True) -> ExplanationStep:
         super().train(mode)
         self.classifier.eval()
         self.model.image_encoder.eval()  # frozen encoder, as TextualSystem keeps it

@@ -1,17 +1,19 @@
 """Train-step time of the Interpretable CNN vs its twins (lambda = 0: with the part masks, and with ordinary
 layers, the paper's baseline) and the plain CNN, measured in one run.
 
-    python -m benchmarks.icnn_step_time [--backbones tinycnn resnet18] [--rounds 7] [--steps 10] [--device cpu|cuda]
+    python -m benchmarks.icnn_step_time [--backbones tinycnn resnet18] [--rounds 7] [--steps 10]
+        [--device cpu|cuda]
 
 A step is forward + loss + backward + optimiser step (+ the ICNN's online statistics). Models are timed in
-interleaved rounds (A, B, C, A, B, C, ...) by `benchmarks.timing` so drift hits all equally; the table gives the median step time per
-model and the ratios of medians. CPU figures are noisy: read the ratios, not the absolute times.
+interleaved rounds (A, B, C, A, B, C, ...) by `benchmarks.timing` so drift hits all equally; the table gives the
+median step time per model and the ratios of medians. CPU figures are noisy: read the ratios, not the absolute
+times.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
