@@ -14,5 +14,9 @@
 
 Every script takes `--device` (cpu by default; cuda where available) and has a `main(argv)` returning its rows.
 Timings go through `benchmarks.timing` (warm-up, interleaved rounds, medians, ratios within one run, CUDA
-synchronised); `benchmarks.devices` parses `--device`.
+synchronised); `benchmarks.devices` parses `--device`; `CONFIGS` is the configs folder the training scripts read.
 """
+
+from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the repository's experiment configs, from any working dir
