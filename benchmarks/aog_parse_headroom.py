@@ -1,11 +1,12 @@
 """How much part IoU can any parse tree win over the uniform grid on the scene world? Scored on the true boxes.
 
-    python benchmarks/aog_parse_headroom.py [--grid 3 3] [--num_train 600] [--num_val 150] [--seed 0]
-        [--shared_part_types]
+    python -m benchmarks.aog_parse_headroom [--grid 3 3] [--num_train 600] [--num_val 150] [--seed 0]
+        [--shared_part_types] [--device cpu|cuda]
 
 Every object of the scene world's validation split is taken with its true box (a perfect detector), and every
-partition the grid grammar's parse trees make (1,241 trees at 3x3) is scored with the parse-part IoU of `zoo.aog_rcnn.metrics` (mean of
-part recall and leaf precision against the true part boxes); trees with the same leaves count once. Rows:
+partition the grid grammar's parse trees make (1,241 trees at 3x3) is scored with the parse-part IoU of
+`zoo.aog_rcnn.metrics` (mean of part recall and leaf precision against the true part boxes); trees with the same
+leaves count once. Rows:
 - whole box and uniform grid: the two fixed partitions the detection System also logs;
 - best fixed tree per class: for each class the one tree with the highest mean score on the training split,
   applied to every validation object of that class (what a detector that learned one configuration per class could
@@ -19,18 +20,15 @@ has on this world.
 from __future__ import annotations
 
 import argparse
-import sys
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datamodules import PartsWorldScenesDataModule  # noqa: E402
-from zoo.aog_rcnn.metrics import pairwise_iou, partition_scores  # noqa: E402
-from zoo.cli.report import markdown_table  # noqa: E402
-from zoo.aog_rcnn.model import AOGParsing, GridGrammar  # noqa: E402
+from benchmarks.devices import add_device_argument
+from datamodules import PartsWorldScenesDataModule
+from zoo.aog_rcnn.metrics import pairwise_iou, partition_scores
+from zoo.aog_rcnn.model import AOGParsing, GridGrammar
+from zoo.cli.report import markdown_table
 
 
 def all_partitions(grammar: GridGrammar) -> torch.Tensor:
@@ -74,20 +72,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--num_val", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shared_part_types", action="store_true", help="the layout-only world (see make_world)")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     data = PartsWorldScenesDataModule(num_train=args.num_train, num_val=args.num_val, seed=args.seed,
                                       shared_part_types=args.shared_part_types)
     data.setup("fit")
     grammar = GridGrammar(*args.grid)
-    aog = AOGParsing(grammar)
-    trees = all_partitions(grammar)
+    aog = AOGParsing(grammar).to(args.device)
+    trees = all_partitions(grammar).to(args.device)
     grid_tree = int((trees == aog.uniform_leaves()).all(1).nonzero())
     box_tree = int((trees == aog.whole_box_leaves()).all(1).nonzero())
     scores, labels = {}, {}
     for split in ("train", "val"):
         objects = data.splits[split].objects
-        scores[split] = tree_scores(objects["box"], objects["part_boxes"], aog, trees)  # (N, M)
-        labels[split] = objects["label"]
+        scores[split] = tree_scores(objects["box"].to(args.device), objects["part_boxes"].to(args.device), aog,
+                                    trees)  # (N, M)
+        labels[split] = objects["label"].to(args.device)
     classes = int(labels["train"].max()) + 1
     per_class = torch.stack([scores["train"][labels["train"] == c].mean(0) for c in range(classes)]).argmax(1)  # (C,)
     val = scores["val"]

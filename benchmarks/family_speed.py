@@ -1,54 +1,47 @@
 """Cost of interpretability per family, measured in one run: train-step time and inference throughput of each
 interpretable model against its opaque twin / baselines, on the CPU or a GPU, fp32 or bf16 autocast.
 
-    python benchmarks/family_speed.py [--families icnn l2x renn aog textual] [--device cpu|cuda] [--bf16] [--rounds 5]
-    python benchmarks/family_speed.py --families --heads vote3 aog3     # two RoI heads alone, in a fresh process
+    python -m benchmarks.family_speed [--families icnn l2x renn aog textual] [--device cpu|cuda] [--bf16]
+        [--rounds 5] [--steps 10]
+    python -m benchmarks.family_speed --families --heads vote3 aog3     # two RoI heads alone, in a fresh process
 
 A train step is forward + loss + backward + optimiser step (+ ICNN's online statistics; + the frozen black box's
 forward for L2X). Inference is one forward pass in eval mode (for L2X: explaining a batch). Models of a family
-are timed in interleaved rounds (A, B, C, A, B, C, ...) so drift hits all alike; the table gives medians over
-rounds and ratios of medians against the family's reference (the opaque twin, the black box, the 1-D CNN).
-A second table times explanations of the same switch samples: L2X's explainer (one batched forward) against
-Captum's IntegratedGradients, KernelShap and Lime on the black box (explanation time does not depend on how
-well either is trained; `benchmarks/l2x_race.py` scores their quality). For AOG R-CNN a train step is a detector
-step on 4 scenes (RPN + RoI losses), and a third table times the RoI heads alone (box_roi_pool + box_head +
-box_predictor, forward + backward, `--head_rois` RoIs, 21 classes) at 3x3 and 7x7. For textual explanations a
-train step is the System's loss on 32 images with 18-token references (the frozen encoder's forward included) and
-inference is greedy decoding of 32 explanations; the reference is the description model (same captioner, no class
-input), and the plain classifier's row shows what explaining costs over classifying. CPU figures are noisy: read
-the ratios.
+are timed in interleaved rounds (A, B, C, A, B, C, ...) by `benchmarks.timing` so drift hits all alike; the table
+gives medians over rounds and ratios of medians against the family's reference (the opaque twin, the black box,
+the 1-D CNN). A second table times explanations of the same switch samples: L2X's explainer (one batched forward)
+against Captum's IntegratedGradients, KernelShap and Lime on the black box (explanation time does not depend on
+how well either is trained; `python -m benchmarks.l2x_race` scores their quality). For AOG R-CNN a train step is a
+detector step on 4 scenes (RPN + RoI losses), and a third table times the RoI heads alone (box_roi_pool +
+box_head + box_predictor, forward + backward, `--head_rois` RoIs, 21 classes) at 3x3 and 7x7. For textual
+explanations a train step is the System's loss on 32 images with 18-token references (the frozen encoder's forward
+included) and inference is greedy decoding of 32 explanations; the reference is the description model (same
+captioner, no class input), and the plain classifier's row shows what explaining costs over classifying. CPU
+figures are noisy: read the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
-import time
-from pathlib import Path
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
-import torch.nn as nn
+from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import zoo  # noqa: E402
-from datamodules.l2x_synthetic import generate as l2x_data  # noqa: E402
-from datamodules.rule_series import generate as series_data  # noqa: E402
-from losses.baselines import ClassificationLoss  # noqa: E402
-from losses.icnn import FilterPartLoss  # noqa: E402
-from losses.l2x import L2XLoss  # noqa: E402
-from losses.renn import ReNNLoss  # noqa: E402
-from losses.textual import DiscriminativeLoss, RelevanceLoss  # noqa: E402
-from zoo.textual.model import ExplanationModel, SentenceClassifier  # noqa: E402
+import zoo
+from benchmarks.devices import add_device_argument
+from benchmarks.timing import interleaved_medians, ratios
+from datamodules.l2x_synthetic import generate as l2x_data
+from datamodules.rule_series import generate as series_data
+from losses.baselines import ClassificationLoss
+from losses.icnn import FilterPartLoss
+from losses.l2x import L2XLoss
+from losses.renn import ReNNLoss
+from losses.textual import DiscriminativeLoss, RelevanceLoss
+from zoo.textual.model import ExplanationModel, SentenceClassifier
 
 Step = Callable[[], None]
-
-
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_step(model: nn.Module, loss: nn.Module, batch: dict, input_key: str, device: torch.device, bf16: bool,
@@ -169,7 +162,7 @@ class ExplanationStep(nn.Module):
             out["reward"] = self.classifier.true_class_probability(sampled, self.labels)
         return out
 
-    def train(self, mode: bool = True) -> "ExplanationStep":
+    def train(self, mode: bool = True) -> ExplanationStep:
         super().train(mode)
         self.classifier.eval()
         self.model.image_encoder.eval()  # frozen encoder, as TextualSystem keeps it
@@ -261,56 +254,35 @@ def head_speed(device: torch.device, rounds: int, rois: int, classes: int = 21, 
         return step
 
     steps = {name: step_of(modules) for name, modules in heads.items()}
-    for step in steps.values():
-        timed(step, 1, device)
-    seconds = {name: [] for name in steps}
-    for _ in range(rounds):  # interleaved
-        for name, step in steps.items():
-            seconds[name].append(timed(step, 3, device))
-    median = {name: statistics.median(v) for name, v in seconds.items()}
+    median = interleaved_medians(steps, device, rounds, calls=3, warmup=1)
     reference = {spec.name: median[HEADS[f"vote{spec.grid}"].name] for spec in HEADS.values() if spec.name in median}
     return [{"head": name, "ms": round(1e3 * m, 2), "vs_vote": round(m / reference[name], 3)}
             for name, m in median.items()]
 
 
-def timed(step: Step, steps: int, device: torch.device) -> float:
-    synchronise(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronise(device)
-    return (time.perf_counter() - start) / steps
-
-
 def measure(family: str, device: torch.device, bf16: bool, rounds: int, steps: int) -> list[dict]:
     reference, batch, key, models, teacher = family_setups(family, device)
-    trains, infers = {}, {}
+    variants: dict[tuple[str, str], Step] = {}  # timed in this order: A train, A infer, B train, B infer, ...
     for name, (model, loss) in models.items():
         model.to(device)
         loss.to(device)
-        trains[name] = train_step(model, loss, batch, key, device, bf16, teacher if "l2x" in name else None)
-        infers[name] = infer_step(model, batch, key, device, bf16)
-    times: dict[str, dict[str, list[float]]] = {name: {"train": [], "infer": []} for name in models}
-    for name in models:  # warm-up
-        timed(trains[name], 2, device)
-        timed(infers[name], 2, device)
-    for _ in range(rounds):
-        for name in models:
-            times[name]["train"].append(timed(trains[name], steps, device))
-            times[name]["infer"].append(timed(infers[name], steps, device))
+        variants[name, "train"] = train_step(model, loss, batch, key, device, bf16, teacher if "l2x" in name else None)
+        variants[name, "infer"] = infer_step(model, batch, key, device, bf16)
+    median = interleaved_medians(variants, device, rounds, calls=steps, warmup=2)
+    train = ratios({name: median[name, "train"] for name in models}, reference)
+    infer = ratios({name: median[name, "infer"] for name in models}, reference)
     batch_size = len(batch[key])
-    median = {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
     return [{
-        "family": family, "model": name, "train_ms": round(1e3 * m["train"], 2),
-        "train_vs_ref": round(m["train"] / median[reference]["train"], 3),
-        "infer_samples_per_s": round(batch_size / m["infer"], 1),
-        "infer_vs_ref": round(median[reference]["infer"] / m["infer"], 3),
-    } for name, m in median.items()]
+        "family": family, "model": name, "train_ms": round(1e3 * median[name, "train"], 2),
+        "train_vs_ref": round(train[name], 3),
+        "infer_samples_per_s": round(batch_size / median[name, "infer"], 1),
+        "infer_vs_ref": round(1 / infer[name], 3),
+    } for name in models]
 
 
 def explanation_speed(device: torch.device, rounds: int, samples: int = 256, per_sample: int = 8) -> list[dict]:
     """Samples/s of explaining switch data: L2X batched vs Captum (IG batched; KernelShap/Lime one surrogate per
-    sample, timed on `per_sample` samples). Medians over rounds."""
+    sample, timed on `per_sample` samples). Medians over interleaved rounds, after one warm-up call each."""
     from zoo.explain.captum import attribute_features
 
     torch.manual_seed(0)
@@ -331,8 +303,7 @@ def explanation_speed(device: torch.device, rounds: int, samples: int = 256, per
         else:
             methods[method] = (lambda m=method: [attribute_features(black_box, x[i: i + 1], target[i: i + 1], m)
                                                   for i in range(per_sample)], count)
-    seconds = {name: statistics.median(timed(step, 1, device) for _ in range(rounds))
-               for name, (step, _) in methods.items()}
+    seconds = interleaved_medians({name: step for name, (step, _) in methods.items()}, device, rounds)
     rate = {name: methods[name][1] / seconds[name] for name in methods}
     return [{"method": name, "samples_per_s": round(r, 1), "l2x_speedup": round(rate["l2x"] / r, 1)}
             for name, r in rate.items()]
@@ -345,12 +316,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--head_rois", type=int, default=512, help="RoIs in the AOG head timing")
     parser.add_argument("--heads", nargs="+", choices=list(HEADS), default=None,
                         help="time only these RoI heads (and the vote on their grid); default: all")
-    parser.add_argument("--device", default="cpu")
+    add_device_argument(parser)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     rows = [row for family in args.families for row in measure(family, device, args.bf16, args.rounds, args.steps)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, {'bf16 autocast' if args.bf16 else 'fp32'}, "

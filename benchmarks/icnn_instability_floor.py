@@ -1,6 +1,7 @@
 """Location instability of oracle filters on a parts world, scored by the same metric as the trained models.
 
-    python benchmarks/icnn_instability_floor.py [--map_sizes 8 16 64] [--image_size 64] [--num_val 500] [--seed 0]
+    python -m benchmarks.icnn_instability_floor [--map_sizes 8 16 64] [--image_size 64] [--num_val 500] [--seed 0]
+        [--device cpu|cuda]
 
 A part oracle "part j of class c" peaks at the cell holding part j's true landmark in every image of class c and
 is silent elsewhere: a perfect part detector. A centre oracle fires on the mean of the class's landmarks instead:
@@ -16,16 +17,13 @@ one place cannot beat the part oracles, so a model within a few per cent of them
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from datamodules import PartsWorldDataModule  # noqa: E402
-from zoo.icnn.metrics import LocationInstability  # noqa: E402
-from zoo.cli.report import markdown_table  # noqa: E402
+from benchmarks.devices import add_device_argument
+from datamodules import PartsWorldDataModule
+from zoo.cli.report import markdown_table
+from zoo.icnn.metrics import LocationInstability
 
 
 def oracle_maps(landmarks: torch.Tensor, labels: torch.Tensor, num_classes: int, map_size: int, image_size: int,
@@ -50,6 +48,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--num_classes", type=int, default=6)
     parser.add_argument("--num_val", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     data = PartsWorldDataModule(num_classes=args.num_classes, image_size=args.image_size, num_val=args.num_val,
                                 seed=args.seed)
@@ -62,9 +61,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = {"map_size": size}
         for name, peaks in (("part_oracle", landmarks), ("centre_oracle", centres)):
             maps = oracle_maps(peaks, labels, args.num_classes, size, args.image_size,
-                               torch.Generator().manual_seed(args.seed))
-            metric = LocationInstability(args.image_size)
-            metric.update(maps, landmarks, None, labels)
+                               torch.Generator().manual_seed(args.seed))  # on the CPU: the seeded jitter
+            metric = LocationInstability(args.image_size).to(args.device)
+            metric.update(maps.to(args.device), landmarks.to(args.device), None, labels.to(args.device))
             row[name] = round(float(metric.compute()), 4)
         rows.append(row)
     print(f"image {args.image_size} x {args.image_size}, {len(labels)} validation images; location instability of")

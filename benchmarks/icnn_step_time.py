@@ -1,29 +1,35 @@
 """Train-step time of the Interpretable CNN vs its twins (lambda = 0: with the part masks, and with ordinary
 layers, the paper's baseline) and the plain CNN, measured in one run.
 
-    python benchmarks/icnn_step_time.py [--backbones tinycnn resnet18] [--rounds 7] [--steps 10]
+    python -m benchmarks.icnn_step_time [--backbones tinycnn resnet18] [--rounds 7] [--steps 10]
+        [--device cpu|cuda]
 
 A step is forward + loss + backward + optimiser step (+ the ICNN's online statistics). Models are timed in
-interleaved rounds (A, B, C, A, B, C, ...) so drift hits all equally; the table gives the median step time per
-model and the ratios of medians. CPU figures are noisy: read the ratios, not the absolute times.
+interleaved rounds (A, B, C, A, B, C, ...) by `benchmarks.timing` so drift hits all equally; the table gives the
+median step time per model and the ratios of medians. CPU figures are noisy: read the ratios, not the absolute
+times.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from collections.abc import Callable
 
 import torch
 
 import zoo
+from benchmarks.devices import add_device_argument
+from benchmarks.timing import interleaved_medians, ratios
 from losses.baselines import ClassificationLoss
 from losses.icnn import FilterPartLoss
 
 
-def make_step(model_name: str, loss: torch.nn.Module, batch: dict[str, torch.Tensor], **kwargs):
+def make_step(model_name: str, loss: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
+              **kwargs) -> Callable[[], None]:
+    """One optimiser step of a fresh `model_name` (seed 0) on `batch`, on `device`."""
     torch.manual_seed(0)
-    model = zoo.create_model(model_name, num_classes=6, **kwargs)
+    model = zoo.create_model(model_name, num_classes=6, **kwargs).to(device)
+    loss.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
 
@@ -39,13 +45,6 @@ def make_step(model_name: str, loss: torch.nn.Module, batch: dict[str, torch.Ten
     return step
 
 
-def time_steps(step, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
-
-
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=["tinycnn", "resnet18"])
@@ -54,11 +53,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tau-scale", type=float, default=16.0)
+    add_device_argument(parser)
     args = parser.parse_args(argv)
+    device = args.device
     torch.manual_seed(0)
-    batch = {"image": torch.rand(args.batch_size, 3, args.image_size, args.image_size),
-             "label": torch.randint(0, 6, (args.batch_size,))}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+    batch = {"image": torch.rand(args.batch_size, 3, args.image_size, args.image_size).to(device),
+             "label": torch.randint(0, 6, (args.batch_size,)).to(device)}
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {machine}, batch {args.batch_size}, "
           f"{args.image_size}x{args.image_size}, {args.rounds} rounds x {args.steps} steps")
     print("| backbone | icnn ms | masked twin ms | ordinary twin ms | plain ms | icnn/masked twin | icnn/ordinary twin "
           "| icnn/plain |")
@@ -67,21 +69,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     for backbone in args.backbones:
         icnn_kw = {"image_size": args.image_size, "tau_scale": args.tau_scale}
         steps = {
-            "icnn": make_step(f"icnn_{backbone}", FilterPartLoss(weight=1.0), batch, **icnn_kw),
-            "twin": make_step(f"icnn_{backbone}", FilterPartLoss(weight=0.0), batch, **icnn_kw),
-            "ordinary": make_step(f"icnn_{backbone}", FilterPartLoss(weight=0.0), batch, masks=False, **icnn_kw),
-            "plain": make_step(f"baseline_{backbone}", ClassificationLoss(), batch),
+            "icnn": make_step(f"icnn_{backbone}", FilterPartLoss(weight=1.0), batch, device, **icnn_kw),
+            "twin": make_step(f"icnn_{backbone}", FilterPartLoss(weight=0.0), batch, device, **icnn_kw),
+            "ordinary": make_step(f"icnn_{backbone}", FilterPartLoss(weight=0.0), batch, device, masks=False,
+                                  **icnn_kw),
+            "plain": make_step(f"baseline_{backbone}", ClassificationLoss(), batch, device),
         }
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        for step in steps.values():
-            time_steps(step, 3)  # warm-up
-        for _ in range(args.rounds):
-            for name, step in steps.items():
-                times[name].append(time_steps(step, args.steps))
-        median = {name: statistics.median(t) for name, t in times.items()}
+        median = interleaved_medians(steps, device, args.rounds, calls=args.steps, warmup=3)
         ms = " | ".join(f"{1e3 * median[name]:.1f}" for name in ("icnn", "twin", "ordinary", "plain"))
-        ratios = " | ".join(f"{median['icnn'] / median[name]:.3f}" for name in ("twin", "ordinary", "plain"))
-        print(f"| {backbone} | {ms} | {ratios} |")
+        icnn_over = " | ".join(f"{ratios(median, name)['icnn']:.3f}" for name in ("twin", "ordinary", "plain"))
+        print(f"| {backbone} | {ms} | {icnn_over} |")
         rows.append({"backbone": backbone, **{f"{name}_ms": 1e3 * m for name, m in median.items()}})
     return rows
 

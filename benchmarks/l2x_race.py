@@ -1,7 +1,8 @@
 """L2X and INVASE against Captum's post-hoc explainers on the same frozen black box (the L2X paper's Figure 2/3
 experiment, plus digits 3 vs 8 on 2x2 patches), in one run.
 
-    python benchmarks/l2x_race.py --config benchmarks/l2x_race.yaml [--name l2x_race] [--datasets xor switch]
+    python -m benchmarks.l2x_race --config benchmarks/l2x_race.yaml [--name l2x_race] [--datasets xor switch]
+        [--device cpu|cuda]
 
 Per dataset: a black box (MLP; tiny CNN for digits) and an EVAL-X evaluator (same architecture, random masks)
 are trained and frozen inside the L2X run; INVASE then loads the same two. Every method explains the same test
@@ -11,8 +12,9 @@ Attributions are turned into a top-k selection (k = the true set size; INVASE se
 scored the same way: median rank of the true features, TPR/FDR, post-hoc accuracy (black box on the selection
 agrees with the black box) and EVAL-X accuracy (evaluator on the selection vs the label).
 
-Timing: batched methods are timed `repeats` times over all samples (median); KernelShap and Lime explain one
-sample at a time (Captum fits one surrogate per sample), timed per sample (median). Writes
+Timing (`benchmarks.timing`, the device synchronised): batched methods are timed `repeats` times over all samples
+after one warm-up call (median); KernelShap and Lime explain one sample at a time (Captum fits one surrogate per
+sample), timed per sample (median). Training and explaining run on `--device`. Writes
 checkpoints/<name>/race.{md,csv}, speed.csv and median_rank_boxplot.png.
 """
 
@@ -21,25 +23,22 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from datamodules import DigitsDataModule, L2XSyntheticDataModule  # noqa: E402
-from datamodules.l2x_synthetic import DATASETS, NUM_SELECTED  # noqa: E402
-from zoo.l2x.ops import top_k_mask  # noqa: E402
-from zoo.explain.captum import FEATURE_METHODS, attribute_features  # noqa: E402
-from zoo.l2x.metrics import AgreementAccuracy, SelectionRecovery, median_true_rank  # noqa: E402
-from zoo.cli.report import write_report  # noqa: E402
-from zoo.l2x.system import L2XSystem  # noqa: E402
+from benchmarks.devices import add_device_argument, trainer_kwargs
+from benchmarks.timing import median_time, time_call
+from datamodules import DigitsDataModule, L2XSyntheticDataModule
+from datamodules.l2x_synthetic import DATASETS, NUM_SELECTED
+from zoo.cli.report import write_report
+from zoo.explain.captum import FEATURE_METHODS, attribute_features
+from zoo.l2x.metrics import AgreementAccuracy, SelectionRecovery, median_true_rank
+from zoo.l2x.ops import top_k_mask
+from zoo.l2x.system import L2XSystem
 
 SELECTORS = ("l2x", "invase")
 PERTURBATION_METHODS = ("kernel_shap", "lime")
@@ -77,24 +76,13 @@ def train_selector(name: str, task: str, which: str, setting: dict[str, Any], se
         input_key=setting["input_key"],
     )
     trainer = pl.Trainer(
-        max_epochs=settings["epochs"], accelerator="cpu", devices=1, enable_checkpointing=False,
+        max_epochs=settings["epochs"], **trainer_kwargs(settings["device"]), enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False,
         logger=pl.loggers.TensorBoardLogger("checkpoints", name=f"{name}/{task}", version=which),
         limit_train_batches=settings.get("limit_train_batches"),
     )
-    start = time.perf_counter()
-    trainer.fit(system, datamodule=data)
-    return system.eval(), time.perf_counter() - start
-
-
-def timed(function: Callable[[], torch.Tensor], repeats: int) -> tuple[torch.Tensor, float]:
-    """Result of `function` and the median wall time of `repeats` calls."""
-    seconds, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        seconds.append(time.perf_counter() - start)
-    return result, statistics.median(seconds)
+    _, seconds = time_call(lambda: trainer.fit(system, datamodule=data), settings["device"])
+    return system.to(settings["device"]).eval(), seconds  # the Trainer hands the model back on the CPU
 
 
 def explain_all(systems: dict[str, L2XSystem], method: str, x: torch.Tensor, target: torch.Tensor, k: int,
@@ -107,21 +95,21 @@ def explain_all(systems: dict[str, L2XSystem], method: str, x: torch.Tensor, tar
             with torch.no_grad():
                 return model(x)
 
-        out, seconds = timed(forward, repeats)
+        out, seconds = median_time(forward, x.device, repeats, warmup=1)
         return out["scores"], out["selection"], seconds / len(x)
     black_box = systems["l2x"].black_box
     num_features = systems["l2x"].model.num_features
     if method in PERTURBATION_METHODS:  # one surrogate per sample: timed per sample, median
         scores, seconds = [], []
         for i in range(len(x)):
-            start = time.perf_counter()
-            scores.append(attribute_features(black_box, x[i: i + 1], target[i: i + 1], method, feature_mask,
-                                             num_features))
-            seconds.append(time.perf_counter() - start)
+            score, second = time_call(functools.partial(attribute_features, black_box, x[i: i + 1], target[i: i + 1],
+                                                        method, feature_mask, num_features), x.device)
+            scores.append(score)
+            seconds.append(second)
         scores_all, per_sample = torch.cat(scores), statistics.median(seconds)
     else:
-        scores_all, total = timed(lambda: attribute_features(black_box, x, target, method, feature_mask,
-                                                             num_features), repeats)
+        scores_all, total = median_time(lambda: attribute_features(black_box, x, target, method, feature_mask,
+                                                                   num_features), x.device, repeats, warmup=1)
         per_sample = total / len(x)
     return scores_all, top_k_mask(scores_all, k), per_sample
 
@@ -139,14 +127,15 @@ def race_task(name: str, task: str, settings: dict[str, Any], methods: list[str]
                frozen)
     if "invase" in methods:
         systems["invase"], train_seconds["invase"] = train_selector(name, task, "invase", setting, settings, frozen)
-    test = setting["data"].splits["test"].tensors
+    test = {key: tensor.to(settings["device"]) for key, tensor in setting["data"].splits["test"].tensors.items()}
     count = min(settings["num_explained"], len(test[setting["input_key"]]))
     x, y = test[setting["input_key"]][:count], test["label"][:count]
     relevant = test.get("relevant")
     black_box, evaluator = systems["l2x"].black_box, systems["l2x"].evaluator
     with torch.no_grad():
         target = black_box(x)["logits"].argmax(-1)  # explain the black box's decision
-    feature_mask = systems["l2x"].model.space.feature_ids() if setting["input_key"] == "image" else None
+    feature_mask = (systems["l2x"].model.space.feature_ids().to(settings["device"]) if setting["input_key"] == "image"
+                    else None)
     rows, ranks = [], {}
     for method in methods:
         n = min(count, settings["num_explained_perturbation"]) if method in PERTURBATION_METHODS else count
@@ -162,7 +151,7 @@ def race_task(name: str, task: str, settings: dict[str, Any], methods: list[str]
             medians = median_true_rank(scores, relevant[:n])
             recovery = SelectionRecovery()
             recovery.update(selection, relevant[:n])
-            ranks[method] = medians
+            ranks[method] = medians.cpu()  # for the boxplot
             row |= {"median_rank": round(medians.quantile(0.5).item(), 2),
                     "mean_rank": round(medians.mean().item(), 3),
                     **{k: round(v.item(), 3) for k, v in recovery.compute().items() if k != "num_selected"}}
@@ -209,9 +198,10 @@ def save_boxplot(path: Path, ranks: dict[str, dict[str, torch.Tensor]], optimum:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "benchmarks" / "l2x_race.yaml"))
+    parser.add_argument("--config", default=str(Path(__file__).with_name("l2x_race.yaml")))
     parser.add_argument("--name", help="output folder under checkpoints/ (default: the config's name)")
     parser.add_argument("--datasets", nargs="+", help="subset of the config's datasets")
+    add_device_argument(parser)
     args = parser.parse_args(argv)
     settings = yaml.safe_load(Path(args.config).read_text())
     name = args.name or settings.get("name", "l2x_race")
@@ -221,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         raise ValueError(f"methods must include l2x and come from {[*SELECTORS, *FEATURE_METHODS]}; got {unknown}.")
     rows, ranks = [], {}
     for task in args.datasets or settings["datasets"]:
-        task_settings = {**settings, **(settings.get("overrides") or {}).get(task, {})}
+        task_settings = {**settings, **(settings.get("overrides") or {}).get(task, {}), "device": args.device}
         task_rows, ranks[task] = race_task(name, task, task_settings, methods)
         rows += task_rows
     folder = Path("checkpoints") / name

@@ -2,7 +2,8 @@
 25 and 100 % of the training split, each point averaged over seeds; plus how well ReNN's rule map fires on the
 ground-truth rule events (precision / recall).
 
-    python benchmarks/renn_data_efficiency.py [--fractions 0.05 0.1 0.25 1.0] [--seeds 0 1] [--name renn_data]
+    python -m benchmarks.renn_data_efficiency [--fractions 0.05 0.1 0.25 1.0] [--seeds 0 1] [--name renn_data]
+        [--device cpu|cuda] [fit overrides, e.g. --trainer.max_epochs=2]
 
 Every point is a `train.py ablate` grid point (checkpoints/<name>/<model>/<point>/, resumable: finished points are
 skipped when the command runs again). Every model gets the same number of optimiser steps at every fraction (the
@@ -14,20 +15,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from zoo.cli.ablate import grid_points, run_grid_point  # noqa: E402
-from zoo.cli.report import write_report  # noqa: E402
+from benchmarks import CONFIGS
+from benchmarks.devices import add_device_argument, trainer_overrides
+from zoo.cli.ablate import grid_points, run_grid_point
+from zoo.cli.report import write_report
 
 MODELS = {
-    "renn": "configs/renn/rule_series.yaml",
-    "cnn": "configs/baselines/rule_series_cnn.yaml",
-    "lstm": "configs/baselines/rule_series_lstm.yaml",
+    "renn": "renn/rule_series.yaml",
+    "cnn": "baselines/rule_series_cnn.yaml",
+    "lstm": "baselines/rule_series_lstm.yaml",
 }
 FRACTION_KEY = "data.init_args.train_fraction"
 
@@ -42,7 +41,7 @@ def measure(name: str, fractions: list[float], seeds: list[int], extra: list[str
     for model, config in MODELS.items():
         results[model] = {}
         for point in grid_points({FRACTION_KEY: fractions, "seed_everything": seeds}):
-            metrics = run_grid_point(str(REPO / config), f"{name}/{model}", point, extra)
+            metrics = run_grid_point(str(CONFIGS / config), f"{name}/{model}", point, extra)
             results[model].setdefault(point[FRACTION_KEY], []).append(metrics)
     return results
 
@@ -91,8 +90,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.05, 0.1, 0.25, 1.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--name", default="renn_data_efficiency")
+    add_device_argument(parser)
     args, extra = parser.parse_known_args(argv)
-    results = measure(args.name, args.fractions, args.seeds, ["--progress_bar.refresh_rate=0", *extra])
+    results = measure(args.name, args.fractions, args.seeds,
+                      ["--progress_bar.refresh_rate=0", *trainer_overrides(args.device), *extra])
     rows = table(results, args.fractions)
     folder = Path("checkpoints") / args.name
     write_report(folder, {"data_efficiency": rows}, stem="data_efficiency")

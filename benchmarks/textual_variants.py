@@ -3,8 +3,8 @@ run: definition, description, explanation-label, then explanation-dis (from desc
 explanation-label) with the discriminative loss; plus an equal-budget control: explanation-label continued from
 its own checkpoint for the same epochs as the explanation stage with the discriminative weight at 0.
 
-    python benchmarks/textual_variants.py [--name textual_variants] [--seeds 0 1 2] [fit overrides, e.g.
-        --trainer.max_epochs=2]
+    python -m benchmarks.textual_variants [--name textual_variants] [--seeds 0 1 2] [--device cpu|cuda]
+        [fit overrides, e.g. --trainer.max_epochs=2]
 
 The description run trains the image encoder and the sentence classifier; every other run of the same seed loads
 those two from its checkpoint, so all variants share the image features and the reward. Each variant is
@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from zoo.cli.lightning import ZooCLI  # noqa: E402
-from zoo.cli.report import write_report  # noqa: E402
+from benchmarks import CONFIGS
+from benchmarks.devices import add_device_argument, trainer_overrides
+from zoo.cli.lightning import ZooCLI
+from zoo.cli.report import write_report
 
 CONTROL = "explanation-label, same budget (weight 0)"
 RUNS = [  # (run name, config stem, run it starts from, overrides, label)
@@ -52,7 +50,7 @@ def run_chain(folder: Path, seed: int, extra: list[str]) -> list[dict[str, Any]]
                                                     f"--model.init_args.sentence_classifier_checkpoint="
                                                     f"{last('description')}"]
         chained = [f"--model.init_args.init_checkpoint={last(start)}"] if start else []
-        cli = ZooCLI(args=["--config", str(REPO / "configs" / "textual" / f"{stem}.yaml"), *shared, *chained,
+        cli = ZooCLI(args=["--config", str(CONFIGS / "textual" / f"{stem}.yaml"), *shared, *chained,
                            *overrides, f"--seed_everything={seed}", "--progress_bar.refresh_rate=0", *extra,
                            f"--trainer.logger.init_args.save_dir={folder.parent}",
                            f"--trainer.logger.init_args.name={folder.name}/{run}"], run=False)
@@ -90,9 +88,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default="textual_variants")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    add_device_argument(parser)
     args, extra = parser.parse_known_args(argv)
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     folder = Path("checkpoints") / args.name
+    extra = [*trainer_overrides(args.device), *extra]
     rows = [row for seed in args.seeds for row in run_chain(folder / f"seed{seed}", seed, extra)]
     means, changes = summarise(rows)
     write_report(folder, {"variants": rows, "mean_over_seeds": means, "explanation_changes": changes},

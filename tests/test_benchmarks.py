@@ -1,6 +1,114 @@
-"""The benchmark scripts run end to end on tiny settings."""
+"""The benchmark scripts run end to end on tiny settings; the shared timing helper and `--device` behave."""
 
 from __future__ import annotations
+
+import argparse
+import importlib
+
+import pytest
+import torch
+
+SCRIPTS = ["aog_parse_headroom", "family_speed", "icnn_instability_floor", "icnn_step_time", "l2x_race",
+           "renn_data_efficiency", "textual_variants"]
+
+
+class FakeClock:
+    """A clock that only moves when a fake step says how long it took."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_steps(clock: FakeClock, costs: dict[str, list[float]], log: list[str]) -> dict[str, object]:
+    """Steps that log their name and advance the clock by their next cost."""
+    remaining = {name: iter(values) for name, values in costs.items()}
+
+    def step_of(name: str):
+        def step() -> str:
+            log.append(name)
+            clock.now += next(remaining[name])
+            return name
+
+        return step
+
+    return {name: step_of(name) for name in costs}
+
+
+def test_interleaved_medians_warm_up_then_alternate_and_take_medians() -> None:
+    from benchmarks.timing import interleaved_medians, ratios
+
+    clock, log = FakeClock(), []
+    # per call: 2 warm-up calls (slow, must not count), then 3 rounds; b's 50 is an outlier the median ignores
+    steps = fake_steps(clock, {"a": [100, 100, 1.0, 3.0, 2.0], "b": [100, 100, 4.0, 4.0, 50.0]}, log)
+    medians = interleaved_medians(steps, torch.device("cpu"), rounds=3, warmup=2, clock=clock)
+    assert log == ["a", "a", "b", "b", "a", "b", "a", "b", "a", "b"]  # warm-up per variant, then A, B, A, B, ...
+    assert medians == {"a": 2.0, "b": 4.0}
+    assert ratios(medians, "b") == {"a": 0.5, "b": 1.0}
+    with pytest.raises(KeyError, match="'c' was not timed"):
+        ratios(medians, "c")
+
+
+def test_interleaved_medians_time_several_calls_per_round_per_call() -> None:
+    from benchmarks.timing import interleaved_medians
+
+    clock, log = FakeClock(), []
+    steps = fake_steps(clock, {"a": [1.0, 3.0, 5.0, 5.0], "b": [2.0, 2.0, 8.0, 8.0]}, log)
+    medians = interleaved_medians(steps, torch.device("cpu"), rounds=2, calls=2, warmup=0, clock=clock)
+    assert log == ["a", "a", "b", "b", "a", "a", "b", "b"]
+    assert medians == {"a": (2.0 + 5.0) / 2, "b": (2.0 + 8.0) / 2}  # seconds per call, median of two rounds
+
+
+def test_median_time_returns_the_result_and_the_median_after_warm_up() -> None:
+    from benchmarks.timing import median_time
+
+    clock, log = FakeClock(), []
+    step = fake_steps(clock, {"a": [9.0, 1.0, 7.0, 2.0]}, log)["a"]
+    result, seconds = median_time(step, torch.device("cpu"), repeats=3, warmup=1, clock=clock)
+    assert result == "a" and seconds == 2.0 and len(log) == 4
+
+
+def test_timing_waits_for_cuda_before_each_clock_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.timing import time_call
+
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+
+    def clock() -> float:
+        events.append("clock")
+        return 0.0
+
+    time_call(lambda: events.append("call"), torch.device("cuda"), calls=2, clock=clock)
+    assert events == ["sync", "clock", "call", "call", "sync", "clock"]
+    events.clear()
+    time_call(lambda: events.append("call"), torch.device("cpu"), clock=clock)
+    assert events == ["clock", "call", "clock"]  # nothing to wait for on the CPU
+
+
+def test_device_argument_refuses_what_this_machine_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.devices import parse_device, trainer_kwargs, trainer_overrides
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(argparse.ArgumentTypeError, match="CUDA is not available"):
+        parse_device("cuda")
+    with pytest.raises(argparse.ArgumentTypeError, match="not a torch device"):
+        parse_device("gpu0")
+    assert parse_device("cpu") == torch.device("cpu")
+    assert trainer_kwargs(torch.device("cuda:1")) == {"accelerator": "cuda", "devices": [1]}
+    assert trainer_overrides(torch.device("cpu")) == ["--trainer.accelerator=cpu"]
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_runs_as_a_module_with_device(name: str, capsys: pytest.CaptureFixture) -> None:
+    import benchmarks
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert f"python -m benchmarks.{name}" in module.__doc__ and f"`{name}`" in benchmarks.__doc__
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0 and "--device" in capsys.readouterr().out
 
 
 def test_family_speed_benchmark_prints_every_family() -> None:
