@@ -62,6 +62,7 @@ class Backbone(nn.Module):
         in_chans: int = 3,
         out_indices: Sequence[int] = (-1,),
         pretrained_path: str | Path | None = None,
+        frozen: bool = False,
     ) -> None:
         super().__init__()
         self.name, self.in_chans = name, in_chans
@@ -83,6 +84,7 @@ class Backbone(nn.Module):
         self.body = body
         if pretrained_path is not None:
             self.load_pretrained(pretrained_path)
+        self.requires_grad_(not frozen)  # a frozen backbone: fine-tune only what sits on top
 
     @property
     def num_features(self) -> int:

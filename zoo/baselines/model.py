@@ -32,8 +32,7 @@ class OpaqueClassifier(PooledHeadMixin, nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.backbone = Backbone(backbone, in_chans=in_chans, pretrained_path=pretrained_path)
-        self.backbone.requires_grad_(not freeze_backbone)
+        self.backbone = Backbone(backbone, in_chans=in_chans, pretrained_path=pretrained_path, frozen=freeze_backbone)
         self.head = PooledLinearHead(self.backbone.num_features, num_classes, drop_rate)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

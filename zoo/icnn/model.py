@@ -160,8 +160,7 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.backbone = Backbone(backbone, in_chans=in_chans, pretrained_path=pretrained_path)
-        self.backbone.requires_grad_(not freeze_backbone)
+        self.backbone = Backbone(backbone, in_chans=in_chans, pretrained_path=pretrained_path, frozen=freeze_backbone)
         top_filters = self.backbone.num_features
         added = added_filters or top_filters
         map_size = self._top_map_size(in_chans, image_size)
