@@ -107,7 +107,7 @@ def test_nonfinite_loss_can_skip_the_batch(tmp_path) -> None:
 
 
 def test_stage_lr_scale_keeps_the_schedulers_decay() -> None:
-    """Stages rescale the learning rate when their lr_scale changes, on top of what an LR scheduler has made of it."""
+    """A stage rescales the learning rate when its lr_scale changes, on top of what an LR scheduler made of it."""
     from zoo.engine.stages import Schedule
 
     model = nn.Linear(2, 2)
