@@ -194,7 +194,8 @@ def test_detector_contract(name: str) -> None:
     assert len(detections) == 2 and {"boxes", "scores", "labels", "leaf_boxes"} <= set(detections[0])
     boxes, leaf_boxes = detections[0]["boxes"], detections[0]["leaf_boxes"]  # (D, 4), (D, T, 4): T = 36 at 3x3
     assert leaf_boxes.shape == (len(boxes), 36, 4)
-    assert (leaf_boxes[..., :2] >= boxes[:, None, :2] - 1e-4).all() and (leaf_boxes[..., 2:] <= boxes[:, None, 2:] + 1e-4).all()
+    assert (leaf_boxes[..., :2] >= boxes[:, None, :2] - 1e-4).all()
+    assert (leaf_boxes[..., 2:] <= boxes[:, None, 2:] + 1e-4).all()
     fixed = model.fixed_partitions()  # the cells tile the box; the whole-box leaf is the box
     assert int(fixed["grid"].sum()) == 9 and torch.allclose(leaf_boxes[:, fixed["box"]][:, 0], boxes)
     if name.startswith("aog"):

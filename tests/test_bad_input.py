@@ -63,9 +63,9 @@ def test_nan_detection_images_name_the_samples() -> None:
         with pytest.raises(ValueError, match=r"'images' holds NaN or inf values \(dataset indices \[21\]\)"):
             stage_step({"images": images, "targets": targets}, 0)
     images[1][0, 3, 3] = float("inf")
+    unindexed = [{k: t[k] for k in ("boxes", "labels")} for t in targets]
     with pytest.raises(ValueError, match=r"'images' holds NaN or inf values \(batch positions \[1\]\)"):
-        module.training_step({"images": images, "targets": [{k: t[k] for k in ("boxes", "labels")} for t in targets]},
-                             0)
+        module.training_step({"images": images, "targets": unindexed}, 0)
 
 
 def test_folder_datamodules_name_missing_and_empty_folders(tmp_path: Path) -> None:

@@ -581,8 +581,8 @@ class AOGRCNN(FasterRCNN):
 
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
         if not isinstance(images, (list, tuple)):
-            raise TypeError(f"{type(self).__name__} expects a list of ({self.in_chans}, H, W) float images (torchvision "
-                            f"detection input); got {type(images).__name__}.")
+            raise TypeError(f"{type(self).__name__} expects a list of ({self.in_chans}, H, W) float images "
+                            f"(torchvision detection input); got {type(images).__name__}.")
         for i, image in enumerate(images):
             check_input(f"{type(self).__name__} (image {i} of the list)", image, (self.in_chans, "H", "W"))
         if targets is not None:
