@@ -5,8 +5,10 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torchvision.models.detection.roi_heads import RoIHeads
 
@@ -189,7 +191,13 @@ def test_detector_contract(name: str) -> None:
     model.eval()
     with torch.no_grad():
         detections = model(images)
-    assert len(detections) == 2 and {"boxes", "scores", "labels"} <= set(detections[0])
+    assert len(detections) == 2 and {"boxes", "scores", "labels", "leaf_boxes"} <= set(detections[0])
+    boxes, leaf_boxes = detections[0]["boxes"], detections[0]["leaf_boxes"]  # (D, 4), (D, T, 4): T = 36 at 3x3
+    assert leaf_boxes.shape == (len(boxes), 36, 4)
+    assert (leaf_boxes[..., :2] >= boxes[:, None, :2] - 1e-4).all()
+    assert (leaf_boxes[..., 2:] <= boxes[:, None, 2:] + 1e-4).all()
+    fixed = model.fixed_partitions()  # the cells tile the box; the whole-box leaf is the box
+    assert int(fixed["grid"].sum()) == 9 and torch.allclose(leaf_boxes[:, fixed["box"]][:, 0], boxes)
     if name.startswith("aog"):
         leaves = detections[0]["parse_leaves"]  # (D, T): every parse tree partitions the grid exactly once
         cover = leaves.float() @ (model.parser.cell_weights * model.parser.area[:, None].float())  # (D, H*W)
@@ -199,16 +207,21 @@ def test_detector_contract(name: str) -> None:
 def test_detector_rejects_bad_input() -> None:
     model = zoo.create_model("aog_rcnn_tinycnn", num_classes=3, image_size=96)
     images, targets = scenes()
-    with pytest.raises(ValueError, match="expects a list of \\(3, H, W\\) float images"):
+    with pytest.raises(ValueError, match="image 0 of the list\\) expects float tensors of shape \\(3, H, W\\)"):
         model([torch.rand(1, 96, 96)], targets[:1])
-    with pytest.raises(ValueError, match="float images"):
-        model([(images[0] * 255).byte()], targets[:1])
+    with pytest.raises(ValueError, match="image 1 of the list\\) expects float tensors"):
+        model([images[0], (images[1] * 255).byte()], targets)
     with pytest.raises(TypeError, match="list of"):
         model(torch.stack(images), targets)
     with pytest.raises(ValueError, match="outside \\[1, 3\\]"):
         model(images, [{**t, "labels": torch.tensor([0, 4])} for t in targets])
     with pytest.raises(ValueError, match="or_mode"):
-        model.set_or_mode("min")
+        model.or_mode = "min"
+    baseline = zoo.create_model("vote_rcnn_tinycnn", num_classes=3, image_size=96)
+    baseline.or_mode = "max"  # a stage setting written for AOG: the twins ignore it, but not a wrong value
+    assert baseline.or_mode is None
+    with pytest.raises(ValueError, match="or_mode"):
+        baseline.or_mode = "min"
     with pytest.raises(ValueError, match="terminal_rank"):
         zoo.create_model("aog_rcnn_tinycnn", num_classes=3, image_size=96, terminal_maps="cells", terminal_rank=8)
     with pytest.raises(ValueError, match="terminal_rank"):
@@ -326,27 +339,51 @@ def test_voc_truncated_image_names_the_file(voc_root: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- the system
-def test_detection_system_schedule_and_bad_batches(tmp_path: Path) -> None:
-    import pytorch_lightning as pl
+class RecordOrMode(pl.Callback):
+    """The OR mode each training epoch runs in."""
 
+    def __init__(self) -> None:
+        self.modes: list[str | None] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if batch_idx == 0:
+            self.modes.append(pl_module.model.or_mode)
+
+
+def test_detection_system_schedule_and_bad_batches(tmp_path: Path) -> None:
     from zoo.aog_rcnn.callback import ParseTreeCallback
     from zoo.aog_rcnn.system import AOGRCNNSystem
 
     dm = PartsWorldScenesDataModule(num_train=8, num_val=4, num_test=4, canvas_size=96, object_sizes=(32, 48),
                                     batch_size=4)
     system = AOGRCNNSystem(num_classes=dm.num_classes, image_size=96, unfold_epoch=1)
+    modes = RecordOrMode()
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=pl.loggers.TensorBoardLogger(tmp_path),
                          enable_checkpointing=False, enable_progress_bar=False,
-                         callbacks=[ParseTreeCallback(num_images=2, score_threshold=0.0)])
+                         callbacks=[ParseTreeCallback(num_images=2, score_threshold=0.0), modes])
     trainer.fit(system, datamodule=dm)
-    assert system.model.parser.or_mode == "max"  # epoch 0 folded, epoch 1 unfolded
-    assert trainer.callback_metrics["schedule/or_max"] == 1.0
+    assert modes.modes == ["mean", "max"]  # epoch 0 folded, epoch 1 unfolded
+    assert trainer.callback_metrics["schedule/stage"] == 1.0  # stage 1: unfolding
     assert {"val/map_50", "val/map", "val/parse_part_iou", "val/grid_part_iou", "val/box_part_iou"} <= set(
         trainer.callback_metrics)
     assert (Path(trainer.log_dir) / "parse_trees" / "epoch1.png").is_file()
+    assert AOGRCNNSystem(**system.hparams).schedule.stages == system.schedule.stages  # as a checkpoint reloads it
+    with pytest.raises(ValueError, match="unfold_epoch or stages"):
+        AOGRCNNSystem(unfold_epoch=1, stages=[{"name": "all"}])
+    with pytest.raises(ValueError, match="takes no loss"):
+        AOGRCNNSystem(loss=torch.nn.MSELoss())
     images, targets = scenes(size=96)
-    images[1][0, 3, 3] = float("nan")
-    with pytest.raises(ValueError, match="batch positions \\[1\\] hold NaN"):
-        system.training_step({"images": images, "targets": targets}, 0)
     with pytest.raises(TypeError, match="Detection batches are"):
         system.training_step({"image": images[0]}, 0)
+
+
+def test_twins_are_the_registered_baselines() -> None:
+    from zoo.aog_rcnn.system import AOGRCNNSystem
+    from zoo.cli.compare import declared_twins
+
+    twins = declared_twins("aog.yaml", {"model": {"class_path": "zoo.aog_rcnn.system.AOGRCNNSystem",
+                                                  "init_args": {"model_name": "aog_rcnn_resnet18"}}})
+    assert set(twins) == set(AOGRCNNSystem.TWINS) == {"average_vote", "two_mlp_head"}
+    names = [arg.split("=")[1] for args in twins.values() for arg in args if "model_name" in arg]
+    assert names == ["vote_rcnn_resnet18", "faster_rcnn_resnet18"] and set(names) <= set(DETECTOR_MODELS)

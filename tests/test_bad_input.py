@@ -51,6 +51,23 @@ def test_nan_inputs_name_the_samples(system: str) -> None:
         module.training_step(batch, 0)
 
 
+def test_nan_detection_images_name_the_samples() -> None:
+    from zoo.aog_rcnn.system import AOGRCNNSystem
+
+    module = AOGRCNNSystem(num_classes=3, image_size=64)
+    images = [torch.rand(3, 64, 64) for _ in range(3)]
+    images[1][0, 3, 3] = float("nan")
+    targets = [{"boxes": torch.tensor([[8.0, 10, 40, 44]]), "labels": torch.tensor([1]), "index": torch.tensor(i)}
+               for i in (20, 21, 22)]
+    for stage_step in (module.training_step, module.validation_step):
+        with pytest.raises(ValueError, match=r"'images' holds NaN or inf values \(dataset indices \[21\]\)"):
+            stage_step({"images": images, "targets": targets}, 0)
+    images[1][0, 3, 3] = float("inf")
+    unindexed = [{k: t[k] for k in ("boxes", "labels")} for t in targets]
+    with pytest.raises(ValueError, match=r"'images' holds NaN or inf values \(batch positions \[1\]\)"):
+        module.training_step({"images": images, "targets": unindexed}, 0)
+
+
 def test_folder_datamodules_name_missing_and_empty_folders(tmp_path: Path) -> None:
     (tmp_path / "empty" / "train").mkdir(parents=True)
     for make in (lambda root: ImageFolderDataModule(root=root), lambda root: CUB200DataModule(root=root),

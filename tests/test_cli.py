@@ -118,6 +118,18 @@ def test_compare_of_a_family_config_runs_it_against_its_twins(in_tmp_dir: Path) 
     assert (in_tmp_dir / "checkpoints" / "parts_world_compare" / "report.md").is_file()
 
 
+def test_compare_of_the_aog_config_runs_the_detector_twins(in_tmp_dir: Path) -> None:
+    rows = main(["compare", "--config", str(REPO / "configs/aog_rcnn/parts_world_scenes.yaml"),
+                 "--trainer.fast_dev_run=true", "--data.init_args.num_train=8", "--data.init_args.num_val=4",
+                 "--data.init_args.num_test=4", "--data.init_args.batch_size=4"])  # explanations: none for detectors
+    assert [row["run"] for row in rows] == ["aog_rcnn", "average_vote", "two_mlp_head"]  # AOGRCNNSystem.TWINS
+    assert [row["model"] for row in rows] == ["aog_rcnn_tinycnn", "vote_rcnn_tinycnn", "faster_rcnn_tinycnn"]
+    assert all({"map_50", "map", "grid_part_iou", "box_part_iou"} <= set(row) for row in rows)
+    assert "parse_part_iou" in rows[0] and "parse_part_iou" not in rows[1]
+    report = in_tmp_dir / "checkpoints" / "parts_world_scenes_compare"
+    assert (report / "report.md").is_file() and not (report / "explanations.csv").exists()
+
+
 def test_print_config_round_trip(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(REPO / "configs/icnn/parts_world.yaml"), "--print_config"])

@@ -146,8 +146,11 @@ class SaveDetections(pl.Callback):
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                                 batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         detections = pl_module.model(batch["images"])
+        fixed = pl_module.model.fixed_partitions()  # (T,) bool each
         for found, target in zip(detections, batch["targets"]):
-            partitions = {p: pl_module._with_leaves(found, p) for p in pl_module.partitions}
+            masks = {"parse": found["parse_leaves"], **{p: m[None].expand(len(found["boxes"]), -1)
+                                                        for p, m in fixed.items()}}  # (D, T) each
+            partitions = {p: {**found, "leaf_mask": masks[p]} for p in pl_module.partitions}
             self.rows.append({"target": target, "partitions": partitions})
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

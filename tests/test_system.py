@@ -104,3 +104,20 @@ def test_nonfinite_loss_can_skip_the_batch(tmp_path) -> None:
         assert torch.isfinite(a).all() and torch.equal(a, b), name
     with pytest.raises(ValueError, match="nonfinite_loss must be"):
         ClassifierSystem("baseline_tinycnn", nonfinite_loss="ignore")
+
+
+def test_stage_lr_scale_keeps_the_schedulers_decay() -> None:
+    """A stage rescales the learning rate when its lr_scale changes, on top of what an LR scheduler made of it."""
+    from zoo.engine.stages import Schedule
+
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.1)
+    schedule = Schedule([{"name": "a"}, {"name": "b", "lr_scale": 0.5}, {"name": "c"}], model)
+    rates = []
+    for epoch in range(4):
+        schedule.start_epoch(model, optimizer, epoch)
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([1.0, 0.1 * 0.5, 0.01, 0.001])

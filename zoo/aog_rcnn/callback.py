@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 
 from zoo.engine.callbacks import FixedBatchCallback
 
@@ -15,6 +14,8 @@ class ParseTreeCallback(FixedBatchCallback):
     """After each validation epoch: detections on a fixed set of validation images, each box with the leaves of its
     parse tree drawn inside it (the AOG detector's extractive rationale; baselines: boxes only).
 
+    Reads the detections only: "boxes" (D, 4), "scores" (D,), "labels" (D,) and, for AOG, "leaf_boxes" (D, T, 4)
+    with "parse_leaves" (D, T) bool (the terminals of each detection's parse tree).
     TensorBoard ``detections/parse_trees`` and, in the run folder, ``parse_trees/epoch<e>.png``."""
 
     def __init__(self, num_images: int = 8, score_threshold: float = 0.5) -> None:
@@ -22,19 +23,15 @@ class ParseTreeCallback(FixedBatchCallback):
         self.num_items, self.score_threshold = num_images, score_threshold
 
     def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, shared: None) -> None:
-        from torchvision.utils import draw_bounding_boxes
-
-        dataset = trainer.datamodule.splits["val"]
-        images = [dataset[i][0] for i in range(min(self.num_items, len(dataset)))]
-        detections = pl_module.model([im.to(pl_module.device) for im in images])
-        parser = getattr(pl_module, "leaf_parser", None)
+        images = self.fixed_batch(trainer)["images"]
+        detections = pl_module([im.to(pl_module.device) for im in images])
         panels = []
         for image, found in zip(images, detections):
             keep = found["scores"] >= self.score_threshold
             boxes = found["boxes"][keep].cpu()
             canvas = (image[:3].clamp(0, 1) * 255).to(torch.uint8)
-            if "parse_leaves" in found and parser is not None and len(boxes):
-                leaves = parser.leaf_boxes(boxes)[found["parse_leaves"][keep].cpu()]  # (n_leaves, 4)
+            if "parse_leaves" in found and len(boxes):
+                leaves = found["leaf_boxes"][keep][found["parse_leaves"][keep]].cpu()  # (leaves of kept boxes, 4)
                 canvas = draw_bounding_boxes(canvas, leaves, colors="yellow", width=1)
             if len(boxes):
                 labels = [str(int(label)) for label in found["labels"][keep]]

@@ -1,4 +1,5 @@
-"""Does a detection's parse tree find the object's parts? Parse-part IoU against true part boxes (DDP-safe).
+"""The detector's metrics (DDP-safe): mAP (torchmetrics' MeanAveragePrecision, reduced to the two numbers the family
+reports) and whether a detection's parse tree finds the object's parts: parse-part IoU against true part boxes.
 
 For every ground-truth object, the detection that explains it is the highest-scoring one of the same class with
 box IoU >= `match_iou`. Its partition (the parse tree's leaves, a uniform grid of cells, or the box itself) is
@@ -6,15 +7,17 @@ compared with the object's true part boxes both ways, because a partition always
 - part recall: for each true part, the best IoU with any leaf, averaged over parts (favours fine partitions);
 - leaf precision: for each leaf, the best IoU with any true part, averaged over leaves (favours leaves that are
   parts, penalises empty cells);
-- part_iou: their mean, the headline number (logged as parse_part_iou, grid_part_iou, box_part_iou). Objects without a matching detection are counted as missed
-  (reported as `matched`), not scored.
-mAP itself comes from torchmetrics' MeanAveragePrecision.
+- part_iou: their mean, the headline number (logged as parse_part_iou, grid_part_iou, box_part_iou).
+Objects without a matching detection are counted as missed (reported as `matched`), not scored.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchmetrics import Metric
+from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_iou
 
 
@@ -87,3 +90,27 @@ class ParsePartIoU(Metric):
         return {"part_iou": ((recall + precision) / 2).float(), "part_recall": recall.float(),
                 "leaf_precision": precision.float(), "leaves": (self.leaves_sum / count).float(),
                 "matched": (self.matched / self.objects.clamp(min=1)).float()}
+
+
+class DetectionAP(MeanAveragePrecision):
+    """COCO-style mean average precision of xyxy boxes; compute() -> {"map_50": mAP@0.5 (VOC's measure, the
+    checkpoint monitor), "map": mAP@[.5:.95]}.
+
+    update(detections, targets) takes the detector's outputs and the batch's targets as they are: per image
+    {"boxes" (D, 4), "scores" (D,), "labels" (D,), ...} and {"boxes" (G, 4), "labels" (G,), "difficult" (G,)
+    optional, ...}; VOC's difficult objects count as crowd regions (neither hit nor miss), other keys are ignored."""
+
+    higher_is_better = True
+    full_state_update = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(box_format="xyxy", iou_type="bbox", **kwargs)
+
+    def update(self, detections: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]]) -> None:
+        super().update([{k: d[k] for k in ("boxes", "scores", "labels")} for d in detections],
+                       [{"boxes": t["boxes"], "labels": t["labels"],
+                         **({"iscrowd": t["difficult"].long()} if "difficult" in t else {})} for t in targets])
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        results = super().compute()
+        return {"map_50": results["map_50"], "map": results["map"]}

@@ -37,8 +37,9 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops, ps_roi_align
 
-from zoo.registry import input_size_aware, register_model
 from zoo.backbones import TINY_CNN, Backbone
+from zoo.checks import check_input
+from zoo.registry import input_size_aware, register_model
 
 OR_MODES = ("mean", "max")
 TERMINAL_MAPS = ("terminals", "cells")
@@ -177,9 +178,8 @@ class AOGParsing(nn.Module):
         return cell_scores @ self.cell_weights.to(cell_scores.dtype).T
 
     def forward(self, terminal_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if terminal_scores.ndim != 2 or terminal_scores.shape[1] != self.grammar.num_terminals:
-            raise ValueError(f"AOGParsing over a {self.grammar.height}x{self.grammar.width} grid needs (rows, "
-                             f"{self.grammar.num_terminals}) terminal scores; got {tuple(terminal_scores.shape)}.")
+        check_input(f"AOGParsing over a {self.grammar.height}x{self.grammar.width} grid", terminal_scores,
+                    ("rows", self.grammar.num_terminals))
         root, choices = _GrammarDP.apply(terminal_scores, self, self.or_mode == "max")
         return root, choices
 
@@ -445,7 +445,18 @@ class VotePredictor(nn.Module):
 
 class ParsingRoIHeads(RoIHeads):
     """torchvision's RoIHeads (boxes only) that keeps each detection's proposal, so its parse tree survives
-    post-processing: every result gets "parse_leaves" (D, T) bool when the head parses."""
+    post-processing. Besides torchvision's "boxes" (D, 4), "scores" (D,) and "labels" (D,), every result gets
+    "leaf_boxes" (D, T, 4): the T terminal rectangles of `grid`'s grammar inside each box (the baselines too, so
+    fixed partitions of the same grid can be scored on their detections), and "parse_leaves" (D, T) bool, the
+    terminals of each detection's best parse tree, when the head parses.
+
+    Args:
+        grid: the grammar's operator (the parsing head's own for AOG) that places terminals in boxes and reads
+            parse trees from OR choices; the rest are RoIHeads' arguments."""
+
+    def __init__(self, grid: AOGParsing, *args: Any) -> None:
+        super().__init__(*args)
+        self.grid = grid
 
     def forward(self, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
                 image_shapes: list[tuple[int, int]], targets: list[dict[str, torch.Tensor]] | None = None
@@ -478,10 +489,11 @@ class ParsingRoIHeads(RoIHeads):
             keep = keep[box_ops.remove_small_boxes(boxes[keep], min_size=1e-2)]
             keep = keep[box_ops.batched_nms(boxes[keep], scores[keep], labels[keep], self.nms_thresh)]
             keep = keep[: self.detections_per_img]
-            result = {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+            result = {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep],
+                      "leaf_boxes": self.grid.leaf_boxes(boxes[keep])}  # (D, T, 4)
             if choices is not None:
                 chosen = choices[offsets[i] + proposal[keep], labels[keep]]  # (D, num_or)
-                result["parse_leaves"] = self.box_head.parser.parse_leaves(chosen)
+                result["parse_leaves"] = self.grid.parse_leaves(chosen)  # (D, T) bool
             results.append(result)
         return results
 
@@ -502,7 +514,8 @@ class DetectionBackbone(nn.Module):
 
 class AOGRCNN(FasterRCNN):
     """torchvision FasterRCNN whose RoI head is `head` ("aog", "vote" or "mlp"); forward as FasterRCNN's
-    (train: dict of losses; eval: per image {"boxes", "labels", "scores"} and, for "aog", "parse_leaves").
+    (train: dict of losses; eval: per image {"boxes", "labels", "scores", "leaf_boxes"} and, for "aog",
+    "parse_leaves": see `ParsingRoIHeads`). `or_mode` switches folding ("mean") and unfolding ("max").
 
     `num_classes` counts object classes; the background class is added here (labels 1..num_classes)."""
 
@@ -536,13 +549,10 @@ class AOGRCNN(FasterRCNN):
                          # placeholders: torchvision type-checks box_roi_pool; the real heads are set below
                          box_roi_pool=MultiScaleRoIAlign(["0"], 1, 1), box_head=nn.Identity(),
                          box_predictor=nn.Identity())
-        self.roi_heads = ParsingRoIHeads(pool, box_head, predictor, 0.5, 0.5, box_batch_size_per_image, 0.25, None,
-                                         0.05, 0.5, box_detections_per_img)
-        self.num_classes, self.head_type, self.in_chans = num_classes, head, in_chans
-        self.grammar = grammar
-
-    def grammar_size(self) -> tuple[int, int]:
-        return self.grammar.height, self.grammar.width
+        grid = box_head.parser if head == "aog" else AOGParsing(grammar)  # the baselines: the same grid's geometry
+        self.roi_heads = ParsingRoIHeads(grid, pool, box_head, predictor, 0.5, 0.5, box_batch_size_per_image, 0.25,
+                                         None, 0.05, 0.5, box_detections_per_img)
+        self.num_classes, self.in_chans = num_classes, in_chans
 
     @property
     def parser(self) -> AOGParsing | None:
@@ -550,20 +560,31 @@ class AOGRCNN(FasterRCNN):
         head = self.roi_heads.box_head
         return head.parser if isinstance(head, AOGParsingHead) else None
 
-    def set_or_mode(self, mode: str) -> None:
-        """Folding ("mean") or unfolding ("max"); a no-op for the baselines."""
+    @property
+    def or_mode(self) -> str | None:
+        """Folding ("mean") or unfolding ("max"); None for the baselines, which ignore a setting (so a stage
+        schedule written for AOG runs their twins unchanged)."""
+        return self.parser.or_mode if self.parser is not None else None
+
+    @or_mode.setter
+    def or_mode(self, mode: str) -> None:
         if self.parser is not None:
             self.parser.or_mode = mode
+        elif mode not in OR_MODES:
+            raise ValueError(f"or_mode must be one of {OR_MODES} (folding, unfolding); got {mode!r}.")
+
+    def fixed_partitions(self) -> dict[str, torch.Tensor]:
+        """The two fixed partitions of every box into the grammar's terminals, (T,) bool each, to compare a parse
+        tree's leaves with: "grid" (the H x W single cells R-FCN's vote looks at) and "box" (the box itself)."""
+        grid = self.roi_heads.grid
+        return {"grid": grid.uniform_leaves(), "box": grid.whole_box_leaves()}
 
     def forward(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]] | None = None) -> Any:
         if not isinstance(images, (list, tuple)):
-            raise TypeError(f"{type(self).__name__} expects a list of ({self.in_chans}, H, W) float images (torchvision "
-                            f"detection input); got {type(images).__name__}.")
-        bad = [f"{tuple(im.shape)} {im.dtype}" for im in images
-               if im.ndim != 3 or im.shape[0] != self.in_chans or not im.is_floating_point()]
-        if bad:
-            raise ValueError(f"{type(self).__name__} expects a list of ({self.in_chans}, H, W) float images; got "
-                             f"{bad[:4]}.")
+            raise TypeError(f"{type(self).__name__} expects a list of ({self.in_chans}, H, W) float images "
+                            f"(torchvision detection input); got {type(images).__name__}.")
+        for i, image in enumerate(images):
+            check_input(f"{type(self).__name__} (image {i} of the list)", image, (self.in_chans, "H", "W"))
         if targets is not None:
             for i, target in enumerate(targets):
                 labels = target.get("labels")

@@ -1,3 +1,110 @@
-"""Transitional: the family's System before its move onto ZooSystem."""
+"""The AOG-parsed R-CNN's System: torchvision's detector losses in training, mAP and parse-part IoU in evaluation."""
 
-from zoo.engine.legacy import DetectionSystem as AOGRCNNSystem  # noqa: F401
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from zoo.aog_rcnn.metrics import DetectionAP, ParsePartIoU
+from zoo.checks import check_finite
+from zoo.engine import ZooSystem
+
+Detections = list[dict[str, torch.Tensor]]
+
+
+def folding_stages(unfold_epoch: int) -> list[dict[str, Any]]:
+    """The paper's schedule as stages: OR-nodes take the mean of their children (folding: every configuration is
+    integrated while the parameters are untrained) for `unfold_epoch` epochs, then the max (unfolding: the best
+    parse tree). Logged as schedule/stage (0 folding, 1 unfolding)."""
+    if unfold_epoch < 0:
+        raise ValueError(f"unfold_epoch must be >= 0; got {unfold_epoch}.")
+    return [{"name": "folding", "epochs": unfold_epoch, "settings": {"or_mode": "mean"}},
+            {"name": "unfolding", "epochs": 1, "settings": {"or_mode": "max"}}]
+
+
+class AOGRCNNSystem(ZooSystem):
+    """Train a registered detector (`aog_rcnn_*`, or its opaque twins `vote_rcnn_*`, `faster_rcnn_*`).
+
+    Batches are {"images": [(C, H, W)], "targets": [{"boxes", "labels", ...}]} (datamodules built on
+    DetectionDataModule). The loss terms are torchvision's (RPN objectness and boxes, RoI classification and
+    boxes), computed inside the model; evaluation has no loss and logs mAP@0.5 (`map_50`, the checkpoint monitor)
+    and mAP@[.5:.95] (`map`) and, where the targets have part boxes, the part IoU (`<partition>_part_iou`,
+    `_part_recall`, `_leaf_precision`, `_leaves`, `_matched`) of the detector's parse-tree leaves (`parse`, AOG
+    only), of the uniform grid of cells (`grid`) and of the whole box (`box`), all on the same detections.
+
+    Args:
+        unfold_epoch: the folding -> unfolding schedule (`folding_stages`); None keeps the model's `or_mode` (or
+            the `stages` given). Other arguments as ZooSystem's; `loss` is not taken: the detector computes its own.
+
+    Twins (`train.py compare --config configs/aog_rcnn/<x>.yaml`): R-FCN's average vote and torchvision's
+    TwoMLPHead on the same backbone, RPN and proposals. `{backbone}` is the model name after its first "_"
+    ("rcnn_tinycnn" for "aog_rcnn_tinycnn"), so the twins' names are "vote_" / "faster_" + it.
+    """
+
+    TWINS: ClassVar[dict[str, list[str]]] = {
+        "average_vote": ["--model.init_args.model_name=vote_{backbone}"],
+        "two_mlp_head": ["--model.init_args.model_name=faster_{backbone}"],
+    }
+
+    def __init__(self, model_name: str = "aog_rcnn_tinycnn", num_classes: int = 4, in_chans: int | None = 3,
+                 image_size: int | None = 128, *, unfold_epoch: int | None = None, **kwargs: Any) -> None:
+        if kwargs.get("loss") is not None:
+            raise ValueError("AOGRCNNSystem takes no loss: the detector computes torchvision's loss terms itself.")
+        if unfold_epoch is not None:
+            stages = folding_stages(unfold_epoch)
+            if kwargs.get("stages") not in (None, stages):  # a reloaded checkpoint passes both, the same
+                raise ValueError("Give unfold_epoch or stages, not both.")
+            kwargs["stages"] = stages
+        super().__init__(model_name, num_classes, in_chans, image_size, **kwargs)
+        self.add_metric("map", DetectionAP(), log_prefix="")
+        self.partitions = ("parse", "grid", "box") if self.model.parser is not None else ("grid", "box")
+        for partition in self.partitions:
+            self.add_metric(f"{partition}_parts", ParsePartIoU(), log_prefix=f"{partition}_")
+
+    def default_loss(self) -> nn.Module:
+        return nn.Identity()  # unused: torchvision's detectors return their loss terms from the forward
+
+    def forward_batch(self, batch: Any, stage: str) -> dict[str, torch.Tensor] | Detections:
+        """Training: torchvision's loss dict; otherwise the detections, per image {"boxes", "scores", "labels",
+        "leaf_boxes"} and, for AOG, "parse_leaves" (see `zoo.aog_rcnn.model.ParsingRoIHeads`)."""
+        if not isinstance(batch, dict) or "images" not in batch or "targets" not in batch:
+            raise TypeError("Detection batches are {'images': [...], 'targets': [...]} (datamodules built on "
+                            f"DetectionDataModule); got {type(batch).__name__} "
+                            f"{sorted(batch) if isinstance(batch, dict) else ''}.")
+        images, targets = batch["images"], batch["targets"]
+        if images and all(im.device.type == "cpu" for im in images):  # (N,): non-finite iff the image has NaN/inf
+            index = [t.get("index") for t in targets]
+            check_finite(torch.stack([im.abs().amax() for im in images]), "images",
+                         torch.stack(index) if all(i is not None for i in index) else None)
+        if not self.model.training:
+            return self.model(images)
+        return self.model(images, [{k: t[k] for k in ("boxes", "labels")} for t in targets])
+
+    def compute_loss(self, out: Any, batch: Any, stage: str) -> dict[str, torch.Tensor]:
+        return dict(out) if stage == "train" else {}  # evaluation: metrics only
+
+    def update_metrics(self, out: Any, batch: Any, stage: str) -> None:
+        if stage == "train":
+            return
+        targets = batch["targets"]
+        self.log_metric(stage, "map", out, targets)
+        if not all("part_boxes" in t for t in targets):
+            return
+        fixed = self.model.fixed_partitions()  # {"grid", "box"}: (T,) bool
+        for partition in self.partitions:
+            preds = [{**found, "leaf_mask": found["parse_leaves"] if partition == "parse"
+                      else fixed[partition][None].expand(len(found["boxes"]), -1)} for found in out]  # (D, T)
+            self.log_metric(stage, f"{partition}_parts", preds, targets)
+
+    def batch_size(self, batch: Any) -> int:
+        return len(batch["images"])
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Detections:
+        return self.forward_batch(batch, "predict")
+
+    def explanation_report(self, datamodule: Any, settings: dict[str, Any]) -> None:
+        """None: post-hoc explainers score classifiers; a detection's rationale (its parse tree) is scored by the
+        part IoU metrics above."""
+        return None

@@ -80,10 +80,12 @@ class Schedule:
         for key, value in stage.settings.items():
             setattr(model, key, value)
         for group in optimizer.param_groups if optimizer is not None else []:
-            # the unscaled rate lives in the param group, so it is saved with the optimiser and a run resumed
-            # inside a scaled stage does not take the scaled rate for its base
-            group.setdefault("base_lr", group["lr"])
-            group["lr"] = group["base_lr"] * float(stage.lr_scale)
+            # rescaled only when the scale changes, so an LR scheduler's decay is kept; the scale in force lives in
+            # the param group, so it is saved with the optimiser and a run resumed inside a scaled stage knows it
+            scale, applied = float(stage.lr_scale), group.get("lr_scale", 1.0)
+            if scale != applied:
+                group["lr"] = group["lr"] * scale / applied
+                group["lr_scale"] = scale
         return {"stage": float(self.index)} if len(self.stages) > 1 else {}
 
     def frozen(self, model: nn.Module) -> list[nn.Module]:
