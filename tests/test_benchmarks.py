@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 
-SCRIPTS = ["aog_parse_headroom", "family_speed", "icnn_instability_floor", "icnn_step_time", "l2x_race",
+SCRIPTS = ["aog_rcnn_parse_headroom", "family_speed", "icnn_instability_floor", "icnn_step_time", "l2x_race",
            "renn_data_efficiency", "textual_variants"]
 
 
@@ -160,7 +160,7 @@ def test_instability_floor_oracles_fire_on_the_true_parts() -> None:
 def test_parse_headroom_scores_every_partition_with_the_metric() -> None:
     import torch
 
-    from benchmarks.aog_parse_headroom import all_partitions, main, tree_scores
+    from benchmarks.aog_rcnn_parse_headroom import all_partitions, main, tree_scores
     from zoo.aog_rcnn.model import AOGParsing, GridGrammar
 
     two = AOGParsing(GridGrammar(2, 2))

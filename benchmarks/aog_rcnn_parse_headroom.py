@@ -1,6 +1,6 @@
 """How much part IoU can any parse tree win over the uniform grid on the scene world? Scored on the true boxes.
 
-    python -m benchmarks.aog_parse_headroom [--grid 3 3] [--num_train 600] [--num_val 150] [--seed 0]
+    python -m benchmarks.aog_rcnn_parse_headroom [--grid 3 3] [--num_train 600] [--num_val 150] [--seed 0]
         [--shared_part_types] [--device cpu|cuda]
 
 Every object of the scene world's validation split is taken with its true box (a perfect detector), and every
