@@ -105,15 +105,25 @@ def _trainer_like(trainer: pl.Trainer, folder: Path, name: str, epochs: int) -> 
     return pl.Trainer(**settings)
 
 
+def load_auxiliary_checkpoints(system: Any) -> None:
+    """Load every auxiliary of `system` that names a `checkpoint` and is not ready, and mark it ready. A System may
+    call this at the end of its __init__, so that a bad file fails at once and validate/test/predict work without a
+    fit; `prepare_auxiliaries` calls it too."""
+    for aux in system.auxiliaries():
+        ready = aux.ready_flag(system)
+        if aux.checkpoint is not None and not bool(ready):
+            load_module_weights(aux.module(system), aux.checkpoint, f"{aux.name}.", aux.name.replace("_", " "))
+            ready.fill_(True)
+
+
 def prepare_auxiliaries(system: Any, trainer: pl.Trainer, datamodule: Any) -> None:
     """Load, reuse or train (in that order) every auxiliary of `system` that is not ready; then freeze it."""
     folder = run_folder(trainer)
+    load_auxiliary_checkpoints(system)
     for aux in system.auxiliaries():
         module, ready = aux.module(system), aux.ready_flag(system)
         if not bool(ready):
-            if aux.checkpoint is not None:
-                load_module_weights(module, aux.checkpoint, f"{aux.name}.", aux.name.replace("_", " "))
-            elif aux.epochs > 0:
+            if aux.epochs > 0:
                 _load_or_train(aux, module, trainer, datamodule, folder)
             else:
                 continue
