@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +34,11 @@ from benchmarks.timing import median_time, time_call
 from datamodules import DigitsDataModule, L2XSyntheticDataModule
 from datamodules.l2x_synthetic import DATASETS, NUM_SELECTED
 from zoo.cli.report import write_report
-from zoo.explain.captum import FEATURE_METHODS, attribute_features
-from zoo.l2x.metrics import AgreementAccuracy, SelectionRecovery, median_true_rank
-from zoo.l2x.ops import top_k_mask
+from zoo.explain.captum import FEATURE_METHODS
+from zoo.l2x.scores import compare_explainers
 from zoo.l2x.system import L2XSystem
 
 SELECTORS = ("l2x", "invase")
-PERTURBATION_METHODS = ("kernel_shap", "lime")
 
 
 def task_setting(task: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -85,35 +82,6 @@ def train_selector(name: str, task: str, which: str, setting: dict[str, Any], se
     return system.to(settings["device"]).eval(), seconds  # the Trainer hands the model back on the CPU
 
 
-def explain_all(systems: dict[str, L2XSystem], method: str, x: torch.Tensor, target: torch.Tensor, k: int,
-                feature_mask: torch.Tensor | None, repeats: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(scores (N, d), hard selection (N, d), seconds per sample) of one method on all of `x`."""
-    if method in SELECTORS:
-        model = systems[method].model
-
-        def forward() -> dict[str, torch.Tensor]:
-            with torch.no_grad():
-                return model(x)
-
-        out, seconds = median_time(forward, x.device, repeats, warmup=1)
-        return out["scores"], out["selection"], seconds / len(x)
-    black_box = systems["l2x"].black_box
-    num_features = systems["l2x"].model.num_features
-    if method in PERTURBATION_METHODS:  # one surrogate per sample: timed per sample, median
-        scores, seconds = [], []
-        for i in range(len(x)):
-            score, second = time_call(functools.partial(attribute_features, black_box, x[i: i + 1], target[i: i + 1],
-                                                        method, feature_mask, num_features), x.device)
-            scores.append(score)
-            seconds.append(second)
-        scores_all, per_sample = torch.cat(scores), statistics.median(seconds)
-    else:
-        scores_all, total = median_time(lambda: attribute_features(black_box, x, target, method, feature_mask,
-                                                                   num_features), x.device, repeats, warmup=1)
-        per_sample = total / len(x)
-    return scores_all, top_k_mask(scores_all, k), per_sample
-
-
 def race_task(name: str, task: str, settings: dict[str, Any], methods: list[str]) -> tuple[list[dict], dict]:
     """Train the selectors, explain the test samples with every method, score them; rows and per-sample ranks."""
     pl.seed_everything(settings.get("seed", 0), verbose=False)
@@ -129,37 +97,16 @@ def race_task(name: str, task: str, settings: dict[str, Any], methods: list[str]
         systems["invase"], train_seconds["invase"] = train_selector(name, task, "invase", setting, settings, frozen)
     test = {key: tensor.to(settings["device"]) for key, tensor in setting["data"].splits["test"].tensors.items()}
     count = min(settings["num_explained"], len(test[setting["input_key"]]))
-    x, y = test[setting["input_key"]][:count], test["label"][:count]
     relevant = test.get("relevant")
-    black_box, evaluator = systems["l2x"].black_box, systems["l2x"].evaluator
-    with torch.no_grad():
-        target = black_box(x)["logits"].argmax(-1)  # explain the black box's decision
-    feature_mask = (systems["l2x"].model.space.feature_ids().to(settings["device"]) if setting["input_key"] == "image"
-                    else None)
-    rows, ranks = [], {}
-    for method in methods:
-        n = min(count, settings["num_explained_perturbation"]) if method in PERTURBATION_METHODS else count
-        scores, selection, seconds = explain_all(systems, method, x[:n], target[:n], setting["k"], feature_mask,
-                                                 settings.get("repeats", 5))
-        masked = systems["l2x"].model.mask_input(x[:n], selection)
-        posthoc, evalx = AgreementAccuracy(), AgreementAccuracy()
-        with torch.no_grad():
-            posthoc.update(black_box(masked)["logits"], target[:n])
-            evalx.update(evaluator(masked)["logits"], y[:n])
-        row = {"dataset": task, "method": method, "n": n, "num_selected": round(selection.sum(-1).mean().item(), 2)}
-        if relevant is not None:
-            medians = median_true_rank(scores, relevant[:n])
-            recovery = SelectionRecovery()
-            recovery.update(selection, relevant[:n])
-            ranks[method] = medians.cpu()  # for the boxplot
-            row |= {"median_rank": round(medians.quantile(0.5).item(), 2),
-                    "mean_rank": round(medians.mean().item(), 3),
-                    **{k: round(v.item(), 3) for k, v in recovery.compute().items() if k != "num_selected"}}
-        row |= {"posthoc_acc": round(posthoc.compute().item(), 3), "evalx_acc": round(evalx.compute().item(), 3),
-                "ms_per_sample": round(1000 * seconds, 5), "samples_per_s": round(1 / seconds, 1),
-                "train_s": round(train_seconds.get(method, 0.0), 1)}
-        rows.append(row)
-    return rows, ranks
+    device = torch.device(settings["device"])
+    explained = compare_explainers(
+        {which: system.model for which, system in systems.items()}, systems["l2x"].black_box,
+        systems["l2x"].evaluator, test[setting["input_key"]][:count], test["label"][:count],
+        None if relevant is None else relevant[:count], setting["k"], methods, settings["num_explained_perturbation"],
+        settings.get("repeats", 5), lambda function, repeats, warmup: median_time(function, device, repeats, warmup))
+    rows = [{"dataset": task, **row, "train_s": round(train_seconds.get(row["method"], 0.0), 1)}
+            for row in explained.rows]
+    return rows, explained.ranks
 
 
 def speed_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

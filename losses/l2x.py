@@ -4,14 +4,21 @@ L2X and INVASE selectors.
 L2X (Chen et al., ICML 2018) maximises a variational lower bound on I(X_S; Y): the approximator's cross-entropy
 against the *black box's* class probabilities on the relaxed-selected input. INVASE (Yoon et al., ICLR 2019)
 samples a Bernoulli selection per feature and trains the selector by REINFORCE with the critic-minus-baseline
-cross-entropy as reward, so the number of selected features varies per instance.
+cross-entropy as reward, so the number of selected features varies per instance. The frozen helpers are trained
+first (`zoo.engine.Auxiliary`): the black box by `LabelCrossEntropy`, the EVAL-X evaluator (Jethani et al. 2021)
+by `RandomMaskCrossEntropy`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 
 def soft_target_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     """Mean over samples of -sum_y p(y) log softmax(logits)_y."""
@@ -49,3 +56,30 @@ class INVASELoss(nn.Module):
             "loss_baseline": baseline_ce.mean(),
             "loss_actor": -(reward * log_likelihood).mean() + self.sparsity * probs.mean(),
         }
+
+
+@dataclass
+class LabelCrossEntropy:
+    """An auxiliary's batch loss (`zoo.engine.Auxiliary.loss`): cross-entropy of `module(batch[input_key])` against
+    the labels. Trains the black box."""
+
+    input_key: str
+    target_key: str
+
+    def __call__(self, module: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        return F.cross_entropy(module(batch[self.input_key])["logits"], batch[self.target_key])
+
+
+@dataclass
+class RandomMaskCrossEntropy(LabelCrossEntropy):
+    """Cross-entropy on inputs whose features are each kept with probability 0.5 (`mask_input(x, keep)`, keep
+    (B, num_features) in {0, 1}): trains the EVAL-X evaluator, which then scores any selection without having
+    co-adapted with the selector."""
+
+    mask_input: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    num_features: int
+
+    def __call__(self, module: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        x = batch[self.input_key]
+        keep = torch.rand(len(x), self.num_features, device=x.device).round()  # (B, d) Bernoulli(0.5)
+        return super().__call__(module, {**batch, self.input_key: self.mask_input(x, keep)})

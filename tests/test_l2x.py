@@ -229,6 +229,7 @@ def fit_selector(tmp: Path, initial_black_box: dict | None = None) -> "object":
 
 
 def test_selector_system_trains_the_black_box_first_then_keeps_it_frozen(tmp_path: Path) -> None:
+    from zoo.engine import prepare_auxiliaries
     from zoo.l2x.system import L2XSystem
 
     initial: dict[str, torch.Tensor] = {}
@@ -237,7 +238,7 @@ def test_selector_system_trains_the_black_box_first_then_keeps_it_frozen(tmp_pat
     assert not torch.equal(initial["head.weight"], system.black_box.head.weight)  # trained before the selector
     assert {"val/acc", "val/evalx_acc", "val/median_rank", "val/tpr", "val/fdr"} <= set(trainer.callback_metrics)
     frozen = {k: v.clone() for k, v in system.black_box.state_dict().items()}
-    system.prepare_frozen_models()  # already trained: nothing is retrained
+    prepare_auxiliaries(system, trainer, trainer.datamodule)  # already trained: nothing is retrained
     trainer.fit_loop.max_epochs = 3
     trainer.fit(system, datamodule=trainer.datamodule)
     assert all(torch.equal(frozen[k], v) for k, v in system.black_box.state_dict().items())
@@ -256,7 +257,7 @@ def test_selector_system_refuses_mismatched_black_box_weights_and_non_selectors(
 
     wrong = tmp_path / "wrong.pt"
     torch.save(zoo.create_model("baseline_mlp", num_features=12).state_dict(), wrong)
-    with pytest.raises(CheckpointError, match="does not fit the black_box"):
+    with pytest.raises(CheckpointError, match="does not fit the black box"):
         L2XSystem(data_inputs={"num_features": 10}, black_box_checkpoint=str(wrong))
     torch.save({"unrelated.weight": torch.zeros(2)}, wrong)
     with pytest.raises(CheckpointError, match="missing"):

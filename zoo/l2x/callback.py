@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -15,9 +14,12 @@ from zoo.engine.callbacks import FixedBatchCallback
 class SelectionCallback(FixedBatchCallback):
     """After each validation epoch: what a feature selector (L2X, INVASE) keeps for a fixed validation batch.
 
-    Images: the input with unselected patches dimmed (TensorBoard ``selection/images`` and, in the run folder,
-    ``selection/epoch<e>.png``); token ids: the text with selected words in **bold**, and vectors: the selected
-    feature indices next to the true ones (TensorBoard text ``selection/text``, ``selection/epoch<e>.md``).
+    Reads the selector's output dict (`zoo.l2x.model`): image selectors give ``pixel_selection`` (B, 1, H, W), drawn
+    as the input with unselected patches dimmed (TensorBoard ``selection/images`` and, in the run folder,
+    ``selection/epoch<e>.png``); otherwise ``selection`` (B, d) is written as text (TensorBoard ``selection/text``,
+    ``selection/epoch<e>.md``): token ids through the datamodule's public `decode_selection(tokens, selection) ->
+    str` (`datamodules.text.TokenDataModule`: selected words in **bold**), vectors as the selected feature indices,
+    next to the true ones where the batch has ``relevant``.
     """
 
     def __init__(self, num_samples: int = 8) -> None:
@@ -27,11 +29,12 @@ class SelectionCallback(FixedBatchCallback):
     def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, shared: None) -> None:
         batch = self.fixed_batch(trainer)
         x = batch[pl_module.input_key].to(pl_module.device)
-        selection = pl_module.model(x)["selection"]  # (N, d) hard in eval mode
+        out = pl_module(x)
+        selection = out["selection"]  # (N, d) hard in eval mode
         folder = self.run_folder(trainer, "selection")
         experiment = trainer.logger.experiment if isinstance(trainer.logger, TensorBoardLogger) else None
-        if x.ndim == 4:
-            kept = pl_module.model.space.pixel_mask(selection)  # (N, 1, H, W)
+        if "pixel_selection" in out:
+            kept = out["pixel_selection"]  # (N, 1, H, W)
             shown = x.float() * (0.25 + 0.75 * kept)  # unselected patches dimmed, not hidden
             panels = torch.cat([x.float(), shown])  # originals above, selections below
             scale = max(1, 64 // x.shape[-1])  # small images (digits are 8x8) are enlarged to be seen

@@ -69,6 +69,7 @@ class SelectionRecovery(Metric):
     """True-positive rate |S n T| / |T| and false-discovery rate |S \\ T| / |S| of hard selections S against the
     true sets T, averaged over samples; also the mean selection size (instance-wise for INVASE)."""
 
+    higher_is_better = None  # mixed: a higher tpr, a lower fdr is better; num_selected is descriptive
     full_state_update = False
 
     def __init__(self, **kwargs) -> None:

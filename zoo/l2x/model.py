@@ -17,7 +17,8 @@ CNN with a fixed 400-word input.
 Output dict (all selectors): ``{"logits": (B, C) approximator/critic logits on the selected input,
 "scores": (B, d) non-negative feature importance used for ranking, "selection": (B, d) relaxed (train) or hard
 (eval)}``; L2X adds ``"selection_logits"`` (w; scores = softmax(w)), INVASE ``"selection_probs"`` (= scores) and
-``"baseline_logits"``.
+``"baseline_logits"``. Image selectors (``*_patches``) add ``"pixel_selection"``: (B, 1, H, W), the selection
+upsampled to pixels (what multiplies the image; pictures draw it).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.checks import check_input
 from zoo.l2x.ops import concrete_k_subset, top_k_mask
 from zoo.registry import input_size_aware, register_model
 
@@ -33,23 +35,41 @@ PAD_ID = 0  # token id of padding; a token the black box sees as "not selected"
 
 
 # ------------------------------------------------------------------------------------------ feature spaces
-class VectorFeatures(nn.Module):
+class FeatureSpace(nn.Module):
+    """What a selector's features are: `num_features`, the input check, and how a (B, d) selection applies to x."""
+
+    num_features: int
+
+    def check(self, x: torch.Tensor, model: str) -> None:
+        raise NotImplementedError
+
+    def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def outputs(self, selection: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Extra entries of the selector's output dict (none by default)."""
+        return {}
+
+    def feature_ids(self) -> torch.Tensor | None:
+        """Feature id of every input element, or None where the features are the input's entries."""
+        return None
+
+
+class VectorFeatures(FeatureSpace):
     """Features are the entries of a (B, d) vector; a selection multiplies them."""
 
     def __init__(self, num_features: int) -> None:
         super().__init__()
         self.num_features = num_features
 
-    def check(self, x: torch.Tensor) -> None:
-        if x.ndim != 2 or x.shape[1] != self.num_features or not x.is_floating_point():
-            raise ValueError(f"expects float vectors of shape (B, {self.num_features}); got {tuple(x.shape)} "
-                             f"{x.dtype}.")
+    def check(self, x: torch.Tensor, model: str) -> None:
+        check_input(model, x, ("B", self.num_features), "feature vectors")
 
     def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
         return x * selection
 
 
-class PatchFeatures(nn.Module):
+class PatchFeatures(FeatureSpace):
     """Features are the cells of a grid of `patch_size` x `patch_size` patches over (B, C, S, S) images; the
     selection is upsampled by repetition to pixels and multiplies the image (unselected pixels become 0)."""
 
@@ -61,10 +81,8 @@ class PatchFeatures(nn.Module):
         self.grid = image_size // patch_size
         self.num_features = self.grid**2
 
-    def check(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1:] != (self.in_chans, self.image_size, self.image_size) or not x.is_floating_point():
-            raise ValueError(f"expects float images of shape (B, {self.in_chans}, {self.image_size}, "
-                             f"{self.image_size}); got {tuple(x.shape)} {x.dtype}.")
+    def check(self, x: torch.Tensor, model: str) -> None:
+        check_input(model, x, ("B", self.in_chans, self.image_size, self.image_size), "images")
 
     def pixel_mask(self, selection: torch.Tensor) -> torch.Tensor:
         grid = selection.view(-1, 1, self.grid, self.grid)  # (B, 1, g, g)
@@ -73,22 +91,23 @@ class PatchFeatures(nn.Module):
     def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
         return x * self.pixel_mask(selection)
 
+    def outputs(self, selection: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pixel_selection": self.pixel_mask(selection)}  # (B, 1, S, S)
+
     def feature_ids(self) -> torch.Tensor:
         """(1, 1, S, S) patch index of every pixel: Captum's `feature_mask` for KernelShap/Lime on patches."""
         return self.pixel_mask(torch.arange(self.num_features, dtype=torch.float32)[None]).long()
 
 
-class TokenFeatures(nn.Module):
+class TokenFeatures(FeatureSpace):
     """Features are the positions of a (B, L) token-id sequence; unselected positions become padding."""
 
     def __init__(self, max_len: int) -> None:
         super().__init__()
         self.num_features = max_len
 
-    def check(self, x: torch.Tensor) -> None:
-        if x.ndim != 2 or x.shape[1] != self.num_features or x.dtype != torch.long:
-            raise ValueError(f"expects token ids of shape (B, {self.num_features}) and dtype long; got "
-                             f"{tuple(x.shape)} {x.dtype}.")
+    def check(self, x: torch.Tensor, model: str) -> None:
+        check_input(model, x, ("B", self.num_features), "token ids", kind="long")
 
     def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
         return torch.where(selection > 0.5, x, torch.full_like(x, PAD_ID))
@@ -198,10 +217,11 @@ class FeatureSelector(nn.Module):
     """What L2X and INVASE share: a feature space, a scorer (explainer/actor) and an approximator (critic).
 
     `mask_input(x, selection)` applies a hard selection in input space, the form in which the black box and the
-    EVAL-X evaluator see an explanation.
+    EVAL-X evaluator see an explanation; `feature_ids()` says which feature each input element belongs to
+    ((1, 1, H, W) patch ids for images, None where features are the input's entries), as Captum's `feature_mask`.
     """
 
-    def __init__(self, space: nn.Module, scorer: nn.Module, approximator: nn.Module, num_classes: int) -> None:
+    def __init__(self, space: FeatureSpace, scorer: nn.Module, approximator: nn.Module, num_classes: int) -> None:
         super().__init__()
         self.space, self.scorer, self.approximator = space, scorer, approximator
         self.num_classes, self.num_features = num_classes, space.num_features
@@ -209,11 +229,14 @@ class FeatureSelector(nn.Module):
     def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
         return self.space.mask_input(x, selection)
 
+    def feature_ids(self) -> torch.Tensor | None:
+        return self.space.feature_ids()
+
 
 class L2X(FeatureSelector):
     """Explainer + variational approximator; exactly `k` features per instance."""
 
-    def __init__(self, space: nn.Module, scorer: nn.Module, approximator: nn.Module, num_classes: int, *, k: int,
+    def __init__(self, space: FeatureSpace, scorer: nn.Module, approximator: nn.Module, num_classes: int, *, k: int,
                  tau: float) -> None:
         super().__init__(space, scorer, approximator, num_classes)
         if not 1 <= k <= space.num_features:
@@ -221,7 +244,7 @@ class L2X(FeatureSelector):
         self.k, self.tau = k, tau
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        self.space.check(x)
+        self.space.check(x, type(self).__name__)
         selection_logits = self.scorer(x)  # (B, d) w
         if self.training:
             selection = concrete_k_subset(selection_logits, self.k, self.tau)
@@ -229,34 +252,35 @@ class L2X(FeatureSelector):
             selection = top_k_mask(selection_logits, self.k)
         # softmax(w) ranks features as w does and is >= 0, so |score| rankings agree with the top-k of w
         return {"logits": self.approximator(x, selection), "scores": selection_logits.softmax(-1),
-                "selection_logits": selection_logits, "selection": selection}
+                "selection_logits": selection_logits, "selection": selection, **self.space.outputs(selection)}
 
 
 class INVASE(FeatureSelector):
     """Actor (per-feature Bernoulli probabilities), critic on the selected input, baseline on the full input."""
 
-    def __init__(self, space: nn.Module, scorer: nn.Module, approximator: nn.Module, baseline: nn.Module,
+    def __init__(self, space: FeatureSpace, scorer: nn.Module, approximator: nn.Module, baseline: nn.Module,
                  num_classes: int, *, threshold: float = 0.5) -> None:
         super().__init__(space, scorer, approximator, num_classes)
         self.baseline, self.threshold = baseline, threshold
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        self.space.check(x)
+        self.space.check(x, type(self).__name__)
         probs = torch.sigmoid(self.scorer(x))  # (B, d)
         selection = torch.bernoulli(probs) if self.training else (probs > self.threshold).float()
         return {
             "logits": self.approximator(x, selection),
             "baseline_logits": self.baseline(x, torch.ones_like(probs)),
-            "scores": probs, "selection_probs": probs, "selection": selection,
+            "scores": probs, "selection_probs": probs, "selection": selection, **self.space.outputs(selection),
         }
 
 
 # ------------------------------------------------------------------------------------------ factories
-def _parts(kind: str, num_classes: int, **kw) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+def _parts(kind: str, num_classes: int, **kw) -> tuple[FeatureSpace, nn.Module, nn.Module, nn.Module]:
     """(space, scorer, approximator, second approximator) for one input kind."""
     if kind == "vector":
         space = VectorFeatures(kw["num_features"])
-        return space, VectorScorer(space), VectorApproximator(space, num_classes), VectorApproximator(space, num_classes)
+        return (space, VectorScorer(space), VectorApproximator(space, num_classes),
+                VectorApproximator(space, num_classes))
     if kind == "patches":
         space = PatchFeatures(kw["in_chans"], kw["image_size"], kw["patch_size"])
         return space, PatchScorer(space), PatchApproximator(space, num_classes), PatchApproximator(space, num_classes)

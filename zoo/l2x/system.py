@@ -1,3 +1,193 @@
-"""Transitional: the family's System before its move onto ZooSystem."""
+"""The L2X family's System: an amortised feature selector (L2X, INVASE) trained to explain a frozen black box."""
 
-from zoo.engine.legacy import SelectorSystem as L2XSystem  # noqa: F401
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+
+from zoo.checks import batch_field
+from zoo.engine import Auxiliary, ZooSystem, load_auxiliary_checkpoints
+from zoo.explain.captum import FEATURE_METHODS
+from zoo.l2x.metrics import AgreementAccuracy, MedianRank, SelectionRecovery
+from zoo.registry import create_model_for_data
+
+
+class L2XSystem(ZooSystem):
+    """Train an amortised feature selector (L2X, INVASE) to explain a frozen black box.
+
+    Two auxiliaries (`zoo.engine.Auxiliary`) are ready before the selector's first step: the black box (loaded
+    from `black_box_checkpoint`: a state dict, safetensors file or Lightning checkpoint of a classifier or L2X
+    System; or trained on the labels for `black_box_epochs`), and an EVAL-X evaluator of the same architecture
+    (Jethani et al. 2021), trained on inputs whose features are kept at random with probability 0.5, which scores
+    explanations without having co-adapted with the selector. Both live in the checkpoint, so a resumed run does
+    not retrain them. The selector's loss sees the black box's probabilities as `teacher_probs`.
+
+    Logged in validation/test: `acc` = post-hoc accuracy (black box on the selected input agrees with the black
+    box on the full input; so checkpointing on val/acc keeps the most faithful selector), `evalx_acc`,
+    `approximator_fidelity` (the selector's own approximator agrees with the black box), `black_box_acc`, and where
+    the batch has ground truth (`relevant_key`): `median_rank`, `tpr`, `fdr`, `num_selected`. Predict returns each
+    sample's feature `scores` and `selection`.
+
+    Twin (`train.py compare --config configs/l2x/<x>.yaml`): the black box itself, trained as a classifier with
+    the same data, seed and budget; the comparison's explanation table scores the selector against Captum's
+    post-hoc explainers of the selector's own black box (`explanation_report`, `zoo.l2x.scores`).
+
+    Args:
+        model_name: a registered selector (`l2x_vector`, `l2x_patches`, `l2x_tokens`, `invase_*`).
+        black_box: registered classifier to explain; built with the same data inputs (the evaluator too).
+        black_box_kwargs: extra keyword arguments for the black box (and evaluator).
+        black_box_checkpoint / evaluator_checkpoint: load from this file instead of training.
+        black_box_epochs / evaluator_epochs: training epochs (evaluator 0: no EVAL-X evaluator, no evalx_acc).
+        aux_lr: Adam learning rate for the black box and the evaluator.
+        loss: default `L2XLoss` for L2X, `INVASELoss` for INVASE.
+        relevant_key: batch field with the true features (B, d), where the data knows them.
+    """
+
+    TWINS: ClassVar[dict[str, list[str]]] = {
+        "black_box": ["--model=zoo.baselines.system.ClassifierSystem", "--model.init_args.model_name={black_box}",
+                      "--model.init_args.model_kwargs={black_box_kwargs}", "--model.init_args.input_key={input_key}"],
+    }
+
+    def __init__(
+        self,
+        model_name: str = "l2x_vector",
+        num_classes: int = 2,
+        in_chans: int | None = None,
+        image_size: int | None = None,
+        data_inputs: dict[str, Any] | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        loss: nn.Module | None = None,
+        black_box: str = "baseline_mlp",
+        black_box_kwargs: dict[str, Any] | None = None,
+        black_box_checkpoint: str | None = None,
+        black_box_epochs: int = 10,
+        evaluator_checkpoint: str | None = None,
+        evaluator_epochs: int = 10,
+        aux_lr: float = 1e-3,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable | None = None,
+        input_key: str = "features",
+        target_key: str = "label",
+        relevant_key: str = "relevant",
+        nonfinite_loss: str = "raise",
+    ) -> None:
+        super().__init__(model_name=model_name, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
+                         data_inputs=data_inputs, model_kwargs=model_kwargs, loss=loss, optimizer=optimizer,
+                         scheduler=scheduler, input_key=input_key, target_key=target_key,
+                         nonfinite_loss=nonfinite_loss)
+        self.relevant_key = relevant_key
+        self.black_box = create_model_for_data(black_box, num_classes, in_chans, image_size, data_inputs,
+                                               black_box_kwargs)
+        self.evaluator = create_model_for_data(black_box, num_classes, in_chans, image_size, data_inputs,
+                                               black_box_kwargs)
+        for frozen in (self.black_box, self.evaluator):  # never in the selector's optimiser (nor wrapped by DDP)
+            frozen.requires_grad_(False)
+        self.register_buffer("black_box_ready", torch.tensor(False))
+        self.register_buffer("evaluator_ready", torch.tensor(False))
+        for name in ("acc", "evalx_acc", "approximator_fidelity", "black_box_acc"):
+            self.add_metric(name, AgreementAccuracy())
+        self.add_metric("median_rank", MedianRank())
+        self.add_metric("recovery", SelectionRecovery(), log_prefix="")
+        load_auxiliary_checkpoints(self)
+
+    # ------------------------------------------------------------------------------------------- family hooks
+    def build_model(self) -> nn.Module:
+        model = super().build_model()
+        if not hasattr(model, "mask_input"):
+            raise ValueError(f"{self.hparams.model_name!r} is not a feature selector (no mask_input); use an l2x_* "
+                             f"or invase_* model, or ClassifierSystem for classifiers.")
+        return model
+
+    def default_loss(self) -> nn.Module:
+        from losses.l2x import INVASELoss, L2XLoss
+        from zoo.l2x.model import L2X
+
+        return L2XLoss() if isinstance(self.model, L2X) else INVASELoss()
+
+    def auxiliaries(self) -> list[Auxiliary]:
+        from losses.l2x import LabelCrossEntropy, RandomMaskCrossEntropy
+
+        hp = self.hparams
+        evaluator_loss = RandomMaskCrossEntropy(self.input_key, self.target_key, self.model.mask_input,
+                                                self.model.num_features)
+        return [Auxiliary("black_box", LabelCrossEntropy(self.input_key, self.target_key), hp.black_box_epochs,
+                          hp.aux_lr, hp.black_box_checkpoint),
+                Auxiliary("evaluator", evaluator_loss, hp.evaluator_epochs, hp.aux_lr, hp.evaluator_checkpoint)]
+
+    def forward_batch(self, batch: Any, stage: str) -> dict[str, Any]:
+        """The selector's output plus `teacher_logits` (B, C): the frozen black box on the full input."""
+        x = batch_field(batch, self.input_key)
+        with torch.no_grad():
+            teacher_logits = self.black_box(x)["logits"].float()
+        return {**self.model(x), "teacher_logits": teacher_logits}
+
+    def compute_loss(self, out: dict[str, Any], batch: Any, stage: str) -> dict[str, torch.Tensor]:
+        return super().compute_loss(out, {**batch, "teacher_probs": out["teacher_logits"].softmax(-1)}, stage)
+
+    def update_metrics(self, out: dict[str, Any], batch: Any, stage: str) -> None:
+        if stage == "train":
+            return
+        x, y, teacher = batch[self.input_key], batch[self.target_key], out["teacher_logits"]
+        masked = self.model.mask_input(x, out["selection"])  # eval mode: hard selection (exact top-k for L2X)
+        self.log_metric(stage, "acc", self.black_box(masked)["logits"], teacher, prog_bar=True)
+        self.log_metric(stage, "approximator_fidelity", out["logits"], teacher)
+        self.log_metric(stage, "black_box_acc", teacher, y)
+        if self.evaluator_ready:
+            self.log_metric(stage, "evalx_acc", self.evaluator(masked)["logits"], y)
+        if self.relevant_key in batch:
+            self.log_metric(stage, "median_rank", out["scores"], batch[self.relevant_key])
+            self.log_metric(stage, "recovery", out["selection"], batch[self.relevant_key])
+
+    def explanation_report(self, datamodule: Any, settings: dict[str, Any]
+                           ) -> tuple[list[dict], dict[str, torch.Tensor], torch.Tensor | None]:
+        """The selector and every Captum feature method (`settings["methods"]`, default all of FEATURE_METHODS;
+        float inputs only) explaining this System's black box on the first `num_images` validation samples, scored
+        alike (`zoo.l2x.scores`). Maps (kept pixels of each method's selection) and images for image inputs;
+        none for vectors and tokens."""
+        from zoo.l2x.scores import compare_explainers
+
+        dataset = datamodule.val_dataloader().dataset
+        count = min(int(settings.get("num_images", 32)), len(dataset))
+        batch = torch.utils.data.default_collate([dataset[i] for i in range(count)])
+        x = batch[self.input_key].to(self.device)
+        relevant = batch.get(self.relevant_key)
+        methods = [m for m in settings.get("methods", FEATURE_METHODS) if m in FEATURE_METHODS]
+        selector = type(self.model).__name__.lower()  # "l2x" or "invase"
+        was_training = self.training
+        self.eval()
+        k = getattr(self.model, "k", None)  # INVASE: post-hoc methods keep the true set size, as in the race
+        if k is None and relevant is not None:
+            k = int(relevant.sum(-1).max())
+        elif k is None:  # no ground truth: as many features as INVASE keeps on average
+            with torch.no_grad():
+                k = max(1, round(self.model(x)["selection"].sum(-1).float().mean().item()))
+        explained = compare_explainers(
+            {selector: self.model}, self.black_box, self.evaluator if self.evaluator_ready else None, x,
+            batch[self.target_key].to(self.device), None if relevant is None else relevant.to(self.device), k,
+            [selector, *(methods if x.is_floating_point() else [])], settings.get("num_perturbed"))
+        self.train(was_training)
+        if x.ndim != 4:
+            return explained.rows, {}, None
+        ones = torch.ones_like(x[:, :1])  # (N, 1, H, W)
+        maps = {method: self.model.mask_input(ones, selection)[:, 0] for method, selection in
+                explained.selections.items()}  # (N, H, W) kept pixels
+        return explained.rows, maps, x
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        out = self.model(batch_field(batch, self.input_key))
+        return {"scores": out["scores"], "selection": out["selection"],
+                **({"index": batch["index"]} if "index" in batch else {})}
+
+    # ------------------------------------------------------------------------------------------- readiness
+    def on_train_start(self) -> None:
+        self.require_black_box()
+
+    on_validation_start = on_test_start = on_predict_start = on_train_start
+
+    def require_black_box(self) -> None:
+        if not self.black_box_ready:
+            raise RuntimeError("The black box is neither trained nor loaded: run fit with black_box_epochs > 0, pass "
+                               "black_box_checkpoint, or load an L2XSystem checkpoint.")

@@ -1,0 +1,137 @@
+"""Amortised selectors against Captum's post-hoc explainers on one frozen black box, scored the same way (the L2X
+paper's Figures 2 and 3): what `L2XSystem.explanation_report` (`train.py compare`) and `benchmarks/l2x_race.py`
+both report.
+
+Every method explains the same samples for the black box's predicted class: a selector (L2X, INVASE) by one forward
+pass, a Captum method (`zoo.explain.captum.FEATURE_METHODS`) by attribution on the black box. Attributions become a
+top-k selection (k = the true set size; INVASE selects its own number); then every method gets the median rank of
+the true features and TPR/FDR (where ground truth is known), post-hoc accuracy (the black box on the selection
+agrees with the black box) and EVAL-X accuracy (the random-mask evaluator on the selection vs the label).
+Timing: batched methods are timed `repeats` times over all samples after one warm-up call (median); KernelShap and
+Lime explain one sample at a time (Captum fits one surrogate per sample), timed per sample (median).
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn as nn
+
+from zoo.explain.captum import attribute_features
+from zoo.l2x.metrics import AgreementAccuracy, SelectionRecovery, median_true_rank
+from zoo.l2x.ops import top_k_mask
+
+PERTURBATION_METHODS = ("kernel_shap", "lime")
+
+
+class Explained(NamedTuple):
+    """What `compare_explainers` returns: one row per method, each method's per-sample median ranks of the true
+    features (where known) and its hard selections (N, d)."""
+
+    rows: list[dict[str, Any]]
+    ranks: dict[str, torch.Tensor]
+    selections: dict[str, torch.Tensor]
+
+
+Timer = Callable[[Callable[[], Any], int, int], tuple[Any, float]]
+"""`timer(function, repeats, warmup) -> (the last result, median seconds per call)`."""
+
+
+def wall_time(function: Callable[[], Any], repeats: int, warmup: int, device: torch.device | None = None
+              ) -> tuple[Any, float]:
+    """The default `Timer`: `warmup` untimed calls, then the median of `repeats` timed ones (CUDA synchronised, so
+    the work is timed, not the launches). Benchmarks pass their own (`benchmarks.timing`)."""
+    for _ in range(warmup):
+        function()
+    seconds, result = [], None
+    for _ in range(repeats):
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = function()
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return result, statistics.median(seconds)
+
+
+def explain_features(method: str, selectors: dict[str, nn.Module], black_box: nn.Module, x: torch.Tensor,
+                     target: torch.Tensor, k: int, repeats: int, timer: Timer
+                     ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(scores (N, d), hard selection (N, d), seconds per sample) of one method on all of `x`: a selector named in
+    `selectors`, or a Captum method on `black_box` (features as the first selector defines them). Batched methods:
+    one warm-up call, the median of `repeats`; KernelShap and Lime: one call per sample, the median per sample."""
+    if method in selectors:
+        selector = selectors[method]
+
+        def forward() -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                return selector(x)
+
+        out, seconds = timer(forward, repeats, 1)
+        return out["scores"], out["selection"], seconds / len(x)
+    selector = next(iter(selectors.values()))
+    feature_ids = selector.feature_ids()
+    feature_ids = None if feature_ids is None else feature_ids.to(x.device)
+    attribute = functools.partial(attribute_features, black_box, method=method, feature_mask=feature_ids,
+                                  num_features=selector.num_features)
+    if method in PERTURBATION_METHODS:  # one surrogate per sample: timed per sample, median
+        timed = [timer(functools.partial(attribute, x[i: i + 1], target[i: i + 1]), 1, 0) for i in range(len(x))]
+        scores, per_sample = torch.cat([score for score, _ in timed]), statistics.median(s for _, s in timed)
+    else:
+        scores, seconds = timer(functools.partial(attribute, x, target), repeats, 1)
+        per_sample = seconds / len(x)
+    return scores, top_k_mask(scores, k), per_sample
+
+
+def compare_explainers(selectors: dict[str, nn.Module], black_box: nn.Module, evaluator: nn.Module | None,
+                       x: torch.Tensor, label: torch.Tensor, relevant: torch.Tensor | None, k: int,
+                       methods: Sequence[str], num_perturbed: int | None = None, repeats: int = 1,
+                       timer: Timer | None = None) -> Explained:
+    """Explain `x` with every method (selector names and Captum methods) and score each (module docstring).
+
+    Args:
+        selectors: eval-mode selectors by name; the first defines the features (`mask_input`, `feature_ids`).
+        black_box / evaluator: the frozen black box explained, and the EVAL-X evaluator (None: no evalx_acc).
+        x, label, relevant: the samples (N, ...), their labels (N,) and true features (N, d) or None.
+        k: the number of features a post-hoc method keeps.
+        num_perturbed: at most this many samples for KernelShap and Lime (default: all).
+        repeats / timer: timed calls of the batched methods; the timer (default `wall_time` on x's device).
+    """
+    timer = timer or functools.partial(wall_time, device=x.device)
+    mask_input = next(iter(selectors.values())).mask_input
+    with torch.no_grad():
+        target = black_box(x)["logits"].argmax(-1)  # explain the black box's decision
+    rows, ranks, selections = [], {}, {}
+    for method in methods:
+        n = min(len(x), num_perturbed or len(x)) if method in PERTURBATION_METHODS else len(x)
+        scores, selection, seconds = explain_features(method, selectors, black_box, x[:n], target[:n], k, repeats,
+                                                      timer)
+        masked = mask_input(x[:n], selection)
+        row = {"method": method, "n": n, "num_selected": round(selection.sum(-1).mean().item(), 2)}
+        if relevant is not None:
+            medians = median_true_rank(scores, relevant[:n])
+            recovery = SelectionRecovery()
+            recovery.update(selection, relevant[:n])
+            ranks[method] = medians.cpu()  # for plots
+            row |= {"median_rank": round(medians.quantile(0.5).item(), 2),
+                    "mean_rank": round(medians.mean().item(), 3),
+                    **{name: round(value.item(), 3) for name, value in recovery.compute().items()
+                       if name != "num_selected"}}
+        posthoc = AgreementAccuracy()
+        with torch.no_grad():
+            posthoc.update(black_box(masked)["logits"], target[:n])
+            row["posthoc_acc"] = round(posthoc.compute().item(), 3)
+            if evaluator is not None:
+                evalx = AgreementAccuracy()
+                evalx.update(evaluator(masked)["logits"], label[:n])
+                row["evalx_acc"] = round(evalx.compute().item(), 3)
+        row |= {"ms_per_sample": round(1000 * seconds, 5), "samples_per_s": round(1 / seconds, 1)}
+        rows.append(row)
+        selections[method] = selection
+    return Explained(rows, ranks, selections)
