@@ -33,8 +33,12 @@ BUDGET_KEYS = ("max_epochs", "max_steps", "limit_train_batches", "accumulate_gra
 
 
 def declared_twins(config_path: str | Path, config: dict[str, Any]) -> dict[str, list[str]]:
-    """The twins the config's System declares (`TWINS`), with `{backbone}` filled from the model name."""
+    """The twins the config's System declares (`TWINS`), with `{backbone}` filled from the model name and
+    `{<init arg>}` from the System's init arguments (the config's, else the System's defaults; non-strings as
+    JSON, None as null)."""
     import importlib
+    import inspect
+    import json
 
     model = config.get("model") or {}
     class_path = model.get("class_path") if isinstance(model, dict) else None
@@ -47,8 +51,12 @@ def declared_twins(config_path: str | Path, config: dict[str, Any]) -> dict[str,
     if not twins:
         raise ValueError(f"{name} declares no twins (it is an opaque model): list the runs in a compare spec.\n"
                          f"{COMPARE_HELP}")
-    backbone = str((model.get("init_args") or {}).get("model_name", "")).split("_", 1)[-1]
-    return {twin: [arg.format(backbone=backbone) for arg in args] for twin, args in twins.items()}
+    init_args = {name: parameter.default for name, parameter in inspect.signature(system).parameters.items()
+                 if parameter.default is not inspect.Parameter.empty} | (model.get("init_args") or {})
+    fields = {name: value if isinstance(value, str) else json.dumps(value) for name, value in init_args.items()
+              if value is None or isinstance(value, (str, int, float, bool, list, dict))}
+    fields["backbone"] = str(init_args.get("model_name", "")).split("_", 1)[-1]
+    return {twin: [arg.format(**fields) for arg in args] for twin, args in twins.items()}
 
 
 def read_compare_spec(path: str | Path) -> dict[str, Any]:
@@ -123,10 +131,11 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
         metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
         val_seconds = time.perf_counter() - start
         report = cli.model.explanation_report(cli.datamodule, explain_settings) if explain else None
-        if report is not None:  # image classifiers: every explainer scored on the same validation images
+        if report is not None:  # every explainer the System knows, scored on the same validation samples
             explained, maps, images = report
             explanation_rows += [{"run": run_name, **row} for row in explained]
-            save_explanation_figure(Path("checkpoints") / name / f"explanations_{run_name}.png", images, maps)
+            if maps:  # no figure where the inputs are not images (vectors, tokens)
+                save_explanation_figure(Path("checkpoints") / name / f"explanations_{run_name}.png", images, maps)
         rows.append({
             "run": run_name,
             "model": cli.model.hparams.get("model_name", type(cli.model).__name__),
