@@ -88,11 +88,24 @@ def run_folder(trainer: pl.Trainer) -> Path:
     return Path(trainer.log_dir or trainer.default_root_dir)
 
 
+def registered_strategy_name(strategy: Any) -> str:
+    """The Lightning registry name of a strategy of the same class and launch ("ddp_spawn" for a spawning DDP),
+    so that the helper Trainer launches its processes as the run does (not with "auto", whose DDP re-runs the
+    command line in subprocesses); "auto" for a strategy the registry does not name."""
+    from pytorch_lightning.strategies import StrategyRegistry
+
+    for name, entry in StrategyRegistry.items():
+        if entry["strategy"] is type(strategy) and all(
+                getattr(strategy, f"_{key}", getattr(strategy, key, None)) == value
+                for key, value in entry["init_params"].items()):
+            return name
+    return "auto"
+
+
 def _trainer_like(trainer: pl.Trainer, folder: Path, name: str, epochs: int) -> pl.Trainer:
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    strategy = trainer.strategy
-    strategy_name = getattr(strategy, "strategy_name", None) or "auto"
+    strategy_name = registered_strategy_name(trainer.strategy)
     settings: dict[str, Any] = dict(
         accelerator=trainer.accelerator, precision=trainer.precision, max_epochs=epochs,
         logger=TensorBoardLogger(save_dir=str(folder), name="auxiliary", version=name),
