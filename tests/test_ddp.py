@@ -98,6 +98,7 @@ class SaveSelectorState(pl.Callback):
 
 def test_l2x_explains_one_black_box_and_syncs_median_rank(tmp_path: Path) -> None:
     from datamodules import L2XSyntheticDataModule
+    from zoo.engine import prepare_auxiliaries
     from zoo.l2x.metrics import MedianRank
     from zoo.l2x.system import L2XSystem
 
@@ -106,6 +107,7 @@ def test_l2x_explains_one_black_box_and_syncs_median_rank(tmp_path: Path) -> Non
     system = L2XSystem(data_inputs=data.model_inputs, model_kwargs={"k": 4}, black_box_epochs=1,
                             evaluator_epochs=1)
     trainer = two_process_trainer(tmp_path, SaveSelectorState(tmp_path))
+    prepare_auxiliaries(system, trainer, data)  # black box and evaluator trained with the run's strategy
     trainer.fit(system, datamodule=data)
     ranks = [torch.load(tmp_path / f"selector{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(torch.equal(ranks[0]["black_box"][k], ranks[1]["black_box"][k]) for k in ranks[0]["black_box"])
