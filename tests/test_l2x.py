@@ -301,3 +301,26 @@ def test_selection_callback_shows_selected_patches_and_words(config: str, in_tmp
     else:
         text = (folder / "epoch0.md").read_text()
         assert text.count("**") >= 2 * 3 * 8 and "(true: [" in text  # k = 3 bold words in each of 8 texts
+
+
+def test_compare_reports_l2x_its_black_box_and_the_post_hoc_explainers(in_tmp_dir: Path) -> None:
+    """`train.py compare` of an L2X config: L2X and its declared twin (the black box as a classifier) in the models
+    table; L2X and every Captum method explaining L2X's black box, scored alike on the same samples."""
+    import csv
+
+    from train import main
+
+    rows = main(["compare", "--config", str(REPO / "configs/l2x/xor.yaml"), "--trainer.max_epochs=1",
+                 "--data.init_args.num_train=512", "--data.init_args.num_val=64", "--explain_images=8",
+                 "--progress_bar.refresh_rate=0"])
+    assert [(row["run"], row["model"]) for row in rows] == [("l2x", "l2x_vector"), ("black_box", "baseline_mlp")]
+    assert {"acc", "evalx_acc", "black_box_acc", "median_rank", "tpr"} <= set(rows[0])
+    report = in_tmp_dir / "checkpoints" / "xor_compare"
+    with open(report / "explanations.csv") as f:
+        explained = list(csv.DictReader(f))
+    assert [(r["run"], r["method"]) for r in explained] == [("l2x", m) for m in ("l2x", *FEATURE_METHODS)]
+    for row in explained:
+        assert row["n"] == "8" and row["num_selected"] == "2.0"  # k = 2 features kept by every method
+        assert 1.5 <= float(row["median_rank"]) <= 9.5  # between the optimum and the worst of d = 10
+        assert all(0 <= float(row[k]) <= 1 for k in ("tpr", "fdr", "posthoc_acc", "evalx_acc"))
+    assert not list(report.glob("explanations_*.png"))  # no picture of vectors
