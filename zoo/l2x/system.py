@@ -48,7 +48,8 @@ class L2XSystem(ZooSystem):
 
     TWINS: ClassVar[dict[str, list[str]]] = {
         "black_box": ["--model=zoo.baselines.system.ClassifierSystem", "--model.init_args.model_name={black_box}",
-                      "--model.init_args.model_kwargs={black_box_kwargs}", "--model.init_args.input_key={input_key}"],
+                      "--model.init_args.model_kwargs={black_box_kwargs}", "--model.init_args.input_key={input_key}",
+                      "--trainer.callbacks=null"],  # the selection pictures have nothing to draw for a classifier
     }
 
     def __init__(
