@@ -207,9 +207,9 @@ def test_detector_contract(name: str) -> None:
 def test_detector_rejects_bad_input() -> None:
     model = zoo.create_model("aog_rcnn_tinycnn", num_classes=3, image_size=96)
     images, targets = scenes()
-    with pytest.raises(ValueError, match="image 0 of the list\\) expects float tensors of shape \\(3, H, W\\)"):
+    with pytest.raises(ValueError, match="image 0 of the list\\) expects images of shape \\(3, H, W\\)"):
         model([torch.rand(1, 96, 96)], targets[:1])
-    with pytest.raises(ValueError, match="image 1 of the list\\) expects float tensors"):
+    with pytest.raises(ValueError, match="image 1 of the list\\) expects images"):
         model([images[0], (images[1] * 255).byte()], targets)
     with pytest.raises(TypeError, match="list of"):
         model(torch.stack(images), targets)

@@ -217,6 +217,25 @@ def test_every_fit_config_works_with_ablate(config: str, in_tmp_dir: Path, cub_r
     assert len(rows) == 1 and rows[0]["seeds"] == 1 and ("map_50" if "aog_rcnn" in config else "acc") in rows[0]
 
 
+@pytest.mark.parametrize("config", [c for c in FIT_CONFIGS if not c.startswith("configs/baselines/")])
+def test_every_family_config_builds_its_declared_twins(config: str, in_tmp_dir: Path, cub_root: Path,
+                                                       image_folder_root: Path, imdb_root: Path,
+                                                       voc_root: Path) -> None:
+    """`compare --config <family config>` builds every twin its System declares with the same data, seed and budget
+    (parsed and instantiated here; the family tests train one compare per family end to end)."""
+    from zoo.cli.compare import _fit_args, check_same_setting, read_compare_spec
+    from zoo.cli.lightning import ZooCLI
+
+    spec = read_compare_spec(REPO / config)
+    assert len(spec["runs"]) >= 2, spec  # the family's model and at least one twin
+    overrides = dataset_overrides(config, cub_root, image_folder_root, imdb_root, voc_root)
+    clis = {name: ZooCLI(args=_fit_args(name, run, REPO / config, [], overrides), run=False)
+            for name, run in spec["runs"].items()}
+    check_same_setting({name: cli.config for name, cli in clis.items()})
+    family, *twins = clis.values()
+    assert all(twin.config.model != family.config.model for twin in twins)  # each twin is another model or loss
+
+
 def test_compare_evaluates_a_checkpoint_without_training(in_tmp_dir: Path) -> None:
     config = str(REPO / "configs/baselines/parts_world.yaml")
     main(["fit", "--config", config, *SMALL_WORLD, "--trainer.max_epochs=1", "--trainer.logger.init_args.name=src"])

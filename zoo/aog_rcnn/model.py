@@ -179,7 +179,7 @@ class AOGParsing(nn.Module):
 
     def forward(self, terminal_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_input(f"AOGParsing over a {self.grammar.height}x{self.grammar.width} grid", terminal_scores,
-                    ("rows", self.grammar.num_terminals))
+                    ("rows", self.grammar.num_terminals), "terminal scores")
         root, choices = _GrammarDP.apply(terminal_scores, self, self.or_mode == "max")
         return root, choices
 
@@ -584,7 +584,7 @@ class AOGRCNN(FasterRCNN):
             raise TypeError(f"{type(self).__name__} expects a list of ({self.in_chans}, H, W) float images "
                             f"(torchvision detection input); got {type(images).__name__}.")
         for i, image in enumerate(images):
-            check_input(f"{type(self).__name__} (image {i} of the list)", image, (self.in_chans, "H", "W"))
+            check_input(f"{type(self).__name__} (image {i} of the list)", image, (self.in_chans, "H", "W"), "images")
         if targets is not None:
             for i, target in enumerate(targets):
                 labels = target.get("labels")

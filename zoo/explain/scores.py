@@ -19,15 +19,16 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
                        step: int = 128) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """One row per method with its explanation time and faithfulness/ground-truth scores, and the maps.
 
-    Methods a model cannot run (the class activation map needs a pooled linear head) are skipped.
+    Methods a model cannot run (the class activation map and Grad-CAM on the head's input need a pooled head, timm's
+    `forward_head`) are skipped.
     """
     was_training = model.training
     model.eval()
     logits_only = LogitsOnly(model)
     rows, maps = [], {}
     for method in methods:
-        if method == SELF_EXPLANATION and not hasattr(model, "get_classifier"):
-            continue
+        if method in (SELF_EXPLANATION, "layer_gradcam") and not hasattr(model, "forward_head"):
+            continue  # both read the map a pooled head pools; a flattening head has none
         start = time.perf_counter()
         saliency = explain(model, images, target, method)
         seconds = time.perf_counter() - start

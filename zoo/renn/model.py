@@ -287,7 +287,7 @@ class ReNN(nn.Module):
         self.head = GlobalInference(len(pattern_names) + len(self.rule_layer.rules), num_classes, hidden)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_input("ReNN", x, ("B", self.in_chans, "T"))
+        check_input("ReNN", x, ("B", self.in_chans, "T"), "series")
         pattern_logits = self.detector(x)
         patterns = torch.sigmoid(pattern_logits.float())
         rule_map = self.rule_layer(patterns)
