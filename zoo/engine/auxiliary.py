@@ -97,8 +97,7 @@ def _trainer_like(trainer: pl.Trainer, folder: Path, name: str, epochs: int) -> 
         accelerator=trainer.accelerator, precision=trainer.precision, max_epochs=epochs,
         logger=TensorBoardLogger(save_dir=str(folder), name="auxiliary", version=name),
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, default_root_dir=str(folder), deterministic=bool(
-            getattr(trainer, "_accelerator_connector", None) and trainer._accelerator_connector.deterministic))
+        limit_val_batches=0, default_root_dir=str(folder))  # deterministic unset: torch keeps the run's flags
     if trainer.world_size > 1 and not torch.distributed.is_initialized():  # not yet launched: the same strategy
         settings |= dict(strategy=strategy_name, devices=trainer.num_devices, num_nodes=trainer.num_nodes)
     else:
