@@ -103,7 +103,7 @@ def test_stages_chain_by_checkpoint_and_refuse_a_mismatched_variant(in_tmp_dir) 
     metrics = cli.trainer.callback_metrics
     assert {"train/loss_discriminative", "train/reward", "val/cider_d", "val/class_rank", "val/attribute_recall",
             "val/acc", "val/bleu_4", "val/rouge_l"} <= set(metrics)
-    assert bool(cli.model.encoder_ready) and bool(cli.model.sentence_classifier_ready)  # loaded, not retrained
+    assert bool(cli.model.image_encoder_ready) and bool(cli.model.sentence_classifier_ready)  # loaded, not retrained
     with pytest.raises(ValueError, match="does not fit variant 'explanation'"):  # CheckpointError, as the CLI wraps it
         main(["fit", "--config", config("explanation"), *SMALL, f"--model.init_args.init_checkpoint={source}"])
     # Resuming a different variant through the Python API is refused by name (LightningCLI's --ckpt_path instead
