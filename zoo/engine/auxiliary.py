@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import DDPStrategy
 import torch.nn as nn
 
 from zoo.weights import load_module_weights
@@ -93,6 +94,8 @@ def _trainer_like(trainer: pl.Trainer, folder: Path, name: str, epochs: int) -> 
 
     strategy = trainer.strategy
     strategy_name = getattr(strategy, "strategy_name", None) or "auto"
+    if isinstance(strategy, DDPStrategy):  # it has no strategy_name; "auto" would relaunch the script (popen)
+        strategy_name = "ddp" if strategy._start_method == "popen" else f"ddp_{strategy._start_method}"
     settings: dict[str, Any] = dict(
         accelerator=trainer.accelerator, precision=trainer.precision, max_epochs=epochs,
         logger=TensorBoardLogger(save_dir=str(folder), name="auxiliary", version=name),
