@@ -8,8 +8,9 @@ per-word log-probabilities REINFORCE needs, masked after the end token) and beam
 
 `ExplanationModel` puts the generator over a registered image backbone with the paper's five variants, each a
 registered model (`textual_definition`, `textual_description`, `textual_explanation_label`, `textual_explanation_dis`,
-`textual_explanation`; the sentence classifier is `textual_sentence_classifier`); the class feature is a learnt label embedding (the PyTorch port) or, as in the paper, each class's mean description-model
-state (`class_features="description"`, filled by `zoo.textual.system.TextualSystem` from a description checkpoint).
+`textual_explanation`; the sentence classifier is `textual_sentence_classifier`); the class feature is a learnt
+label embedding (the PyTorch port) or, as in the paper, each class's mean description-model state
+(`class_features="description"`, filled by `zoo.textual.system.TextualSystem` from a description checkpoint).
 Departure: hidden sizes default to 256 (paper 1000) for CPU-sized worlds.
 """
 

@@ -213,7 +213,8 @@ class TextualSystem(ZooSystem):
         missing = [k for k in wanted if k not in state or state[k].shape != own[k].shape]
         if missing:
             raise CheckpointError(f"{path!r} does not fit variant {self.hparams.variant!r}: missing or mis-shaped "
-                                  f"{missing[:8]} (a stage must keep the image/class inputs of the one it starts from).")
+                                  f"{missing[:8]} (a stage must keep the image/class inputs of the one it starts "
+                                  f"from).")
         self.load_state_dict({k: state[k] for k in wanted}, strict=False)
 
     @torch.no_grad()
