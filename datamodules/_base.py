@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -35,6 +35,22 @@ class TensorDictDataset(Dataset):
             sample["image"] = sample["image"].float() / 255.0
         sample["index"] = torch.tensor(index)
         return sample
+
+
+def decode_tokens(tokens: torch.Tensor | Sequence[int], vocabulary: Sequence[str] | None = None, *,
+                  end_token: int | None = None, skip: Sequence[int | None] = (0,)) -> list[str]:
+    """The words of one token row (L,): cut before `end_token`, ids in `skip` (padding, the start token) dropped,
+    each id looked up in `vocabulary` ("<unk>" outside it) or, without a vocabulary, written as the id ("12": word
+    n-grams and id n-grams match alike, which is how the sentence metrics score ids). The one decoder of token ids:
+    the datamodules' `decode`, the textual metrics and the textual pictures all use it."""
+    words = []
+    for token in tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens:
+        if token == end_token:
+            break
+        if token not in skip:
+            words.append(str(token) if vocabulary is None else
+                         vocabulary[token] if 0 <= token < len(vocabulary) else "<unk>")
+    return words
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, source: str) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules._base import DatasetLayoutError, DictDataModule, check_labels
+from datamodules._base import DatasetLayoutError, DictDataModule, check_labels, decode_tokens
 from datamodules.image_folder import image_transform, read_rgb
 
 CUB_LAYOUT = """\
@@ -213,6 +213,10 @@ class CUB200DataModule(DictDataModule):
         self.vocabulary = ["<pad>", "<bos>", "<eos>", "<unk>", *[w for w, _ in counts.most_common(self.max_vocab - 4)]]
         lookup = {w: i for i, w in enumerate(self.vocabulary)}
         self.index.captions = encode_captions(sentences, lookup, *self.sentence_shape)
+
+    def decode(self, tokens: torch.Tensor) -> str:
+        """The words of a sentence (L,) of `vocabulary` ids (a reference or a generated one), up to <eos>."""
+        return " ".join(decode_tokens(tokens, self.vocabulary, end_token=CAPTION_EOS, skip=(CAPTION_PAD, CAPTION_BOS)))
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from datamodules._base import DetectionDataModule, DictDataModule, TensorDictDataset
+from datamodules._base import DetectionDataModule, DictDataModule, TensorDictDataset, decode_tokens
 
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond")
 COLOURS = {
@@ -236,13 +236,7 @@ def make_captions(part_types: torch.Tensor, distractor_types: torch.Tensor, num_
 
 def decode_caption(tokens: torch.Tensor) -> str:
     """Words of a caption up to <eos> (<bos> and padding dropped)."""
-    words = []
-    for token in tokens.tolist():
-        if token == EOS:
-            break
-        if token not in (PAD, BOS):
-            words.append(CAPTION_VOCABULARY[token] if 0 <= token < len(CAPTION_VOCABULARY) else "<unk>")
-    return " ".join(words)
+    return " ".join(decode_tokens(tokens, CAPTION_VOCABULARY, end_token=EOS, skip=(PAD, BOS)))
 
 
 def mention_matrix(tokens: torch.Tensor) -> torch.Tensor:
@@ -333,6 +327,11 @@ class PartsWorldDataModule(DictDataModule):
         self.jitter = Jitter(scale_jitter, position_jitter, part_jitter, colour_jitter, clutter, max_distractors, noise)
 
     vocabulary = CAPTION_VOCABULARY
+
+    @staticmethod
+    def decode(tokens: torch.Tensor) -> str:
+        """The words of a sentence (L,) of `vocabulary` ids (a reference or a generated one), up to <eos>."""
+        return decode_caption(tokens)
 
     @staticmethod
     def mentioned(tokens: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from datamodules._base import DatasetLayoutError, DictDataModule, TensorDictDataset
+from datamodules._base import DatasetLayoutError, DictDataModule, TensorDictDataset, decode_tokens
 
 PAD, UNK = "<pad>", "<unk>"
 IMDB_LAYOUT = """\
@@ -55,7 +55,8 @@ class TokenDataModule(DictDataModule):
         return {"vocab_size": len(self.vocabulary), "max_len": self.max_len}
 
     def decode(self, tokens: torch.Tensor) -> str:
-        return " ".join(self.vocabulary[int(t)] for t in tokens if int(t) != 0)
+        """The words of token ids (L,), padding dropped."""
+        return " ".join(decode_tokens(tokens, self.vocabulary))
 
     def decode_selection(self, tokens: torch.Tensor, selection: torch.Tensor) -> str:
         """The text with selected words in **bold** (markdown, as TensorBoard's text tab renders it)."""

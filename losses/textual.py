@@ -3,7 +3,8 @@
 Relevance: per-word cross-entropy under teacher forcing, padding ignored. Discriminative: REINFORCE on sampled
 sentences, -(R - b) sum_t log p(w_t), with R the frozen sentence classifier's probability of the true class and b a
 moving-average baseline (without one the gradient's variance stalls training, as the public port's issues show);
-log-probabilities after the sampled end token are already 0 (`FactoredLSTMGenerator.decode`).
+log-probabilities after the sampled end token are already 0 (`FactoredLSTMGenerator.decode`). `TextualLoss` is
+the System's loss: both terms, the discriminative one only when the output holds sampled sentences.
 """
 
 from __future__ import annotations
@@ -52,3 +53,23 @@ class DiscriminativeLoss(nn.Module):
         advantage = reward - self.baseline
         sentence_log_prob = out["sample_log_probs"].sum(1)  # (B,), 0 after each sentence's end token
         return {"loss_discriminative": self.weight * -(advantage * sentence_log_prob).mean()}
+
+
+class TextualLoss(nn.Module):
+    """{"loss_relevance", "loss_discriminative"}: teacher-forced CE on out["tokens"] (the sentence fed to the model),
+    plus REINFORCE when `out` holds a sampled sentence's "reward" and "sample_log_probs" (the System samples only
+    when `samples_needed` and the current stage sums the term)."""
+
+    def __init__(self, relevance_weight: float = 1.0, discriminative_weight: float = 0.0, momentum: float = 0.9,
+                 pad: int = 0) -> None:
+        super().__init__()
+        self.relevance = RelevanceLoss(relevance_weight, pad)
+        self.discriminative = DiscriminativeLoss(discriminative_weight, momentum)
+
+    @property
+    def samples_needed(self) -> bool:
+        return self.discriminative.weight > 0
+
+    def forward(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        terms = self.relevance(out, out)
+        return terms | self.discriminative(out, batch) if "reward" in out else terms

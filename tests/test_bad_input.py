@@ -13,14 +13,14 @@ import torch
 import zoo
 from datamodules import (CUB200DataModule, DatasetLayoutError, IMDBDataModule, ImageFolderDataModule,
                          SeriesFileDataModule)
-from tests.test_registry import DETECTOR_MODELS, SMALL_MODEL_INPUTS
+from tests.test_registry import DETECTOR_MODELS, SMALL_MODEL_INPUTS, TEXTUAL_MODELS
 
 
 def example_input(name: str) -> torch.Tensor:
     return SMALL_MODEL_INPUTS[name]() if name in SMALL_MODEL_INPUTS else torch.rand(2, 3, 64, 64)
 
 
-@pytest.mark.parametrize("name", [n for n in zoo.list_models() if n not in DETECTOR_MODELS])
+@pytest.mark.parametrize("name", [n for n in zoo.list_models() if n not in DETECTOR_MODELS + TEXTUAL_MODELS])
 def test_every_model_names_a_wrong_dtype_or_rank(name: str) -> None:
     model = zoo.create_model(name, num_classes=3)
     x = example_input(name)
@@ -31,7 +31,7 @@ def test_every_model_names_a_wrong_dtype_or_rank(name: str) -> None:
         model(x[0])  # the batch dimension forgotten
 
 
-@pytest.mark.parametrize("system", ["classification", "staged", "selector"])
+@pytest.mark.parametrize("system", ["classification", "staged", "selector", "textual"])
 def test_nan_inputs_name_the_samples(system: str) -> None:
     from zoo.baselines.system import ClassifierSystem
     from zoo.l2x.system import L2XSystem
@@ -42,11 +42,16 @@ def test_nan_inputs_name_the_samples(system: str) -> None:
     elif system == "staged":
         module, key = ReNNSystem(model_name="renn_series", in_chans=None, input_key="series"), "series"
         x = torch.randn(4, 1, 128)
+    elif system == "textual":
+        from zoo.textual.system import TextualSystem
+
+        module, key, x = TextualSystem(variant="explanation-label", hidden=16), "image", torch.rand(4, 3, 32, 32)
     else:
         module, key, x = L2XSystem(data_inputs={"num_features": 10}, model_kwargs={"k": 2}), "features", \
             torch.randn(4, 10)
     x[2].view(-1)[0] = float("nan")
-    batch = {key: x, "label": torch.zeros(4, dtype=torch.long), "index": torch.tensor([10, 11, 12, 13])}
+    batch = {key: x, "label": torch.zeros(4, dtype=torch.long), "index": torch.tensor([10, 11, 12, 13]),
+             "captions": torch.ones(4, 3, 5, dtype=torch.long)}  # (B, R, L) token ids, read by the textual System
     with pytest.raises(ValueError, match=rf"{key}' holds NaN or inf values \(dataset indices \[12\]\)"):
         module.training_step(batch, 0)
 

@@ -205,7 +205,7 @@ class SaveExplanations(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: dict[str, Any], batch_idx: int) -> None:
         # read right after the step: DDP re-broadcasts rank 0's buffers before the next forward, hiding any drift
-        self.baselines.append(pl_module.discriminative.baseline.item())
+        self.baselines.append(pl_module.loss.discriminative.baseline.item())
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.rows = []
@@ -224,14 +224,16 @@ class SaveExplanations(pl.Callback):
 
 
 def test_textual_explanations_share_frozen_modules_baseline_and_cider(tmp_path: Path) -> None:
+    from zoo.engine import prepare_auxiliaries
     from zoo.textual.metrics import CIDErD
     from zoo.textual.system import TextualSystem
 
     pl.seed_everything(0)
     data = PartsWorldDataModule(num_train=64, num_val=32, num_test=16, batch_size=16)
     system = TextualSystem(variant="explanation", num_classes=data.num_classes, discriminative_weight=0.2,
-                               encoder_epochs=1, sentence_classifier_epochs=1, hidden=64)
+                           encoder_epochs=1, sentence_classifier_epochs=1, hidden=64)
     trainer = two_process_trainer(tmp_path, SaveExplanations(tmp_path))
+    prepare_auxiliaries(system, trainer, data)  # encoder and sentence classifier, trained with the run's strategy
     trainer.fit(system, datamodule=data)
     ranks = [torch.load(tmp_path / f"explanations{r}.pt", weights_only=True) for r in (0, 1)]
     for module in ("encoder", "sentence_classifier"):  # trained before the first step, then broadcast from rank 0

@@ -26,8 +26,10 @@ SMALL_MODEL_INPUTS = {
 }
 # Detectors take lists of images and targets: their contract is in tests/test_aog_rcnn.py.
 DETECTOR_MODELS = zoo.list_models("*_rcnn_*")
+# Textual explanation models take images, labels and sentences: their contract is in tests/test_textual.py.
+TEXTUAL_MODELS = zoo.list_models("textual_*")
 BACKBONE_MODELS = [name for name in zoo.list_models() if name not in SMALL_MODEL_INPUTS and
-                   name not in DETECTOR_MODELS]
+                   name not in DETECTOR_MODELS and name not in TEXTUAL_MODELS]
 
 
 def tiny_input(model: nn.Module) -> torch.Tensor:
@@ -122,5 +124,6 @@ def test_small_model_contract(name: str) -> None:
 
 
 def test_every_registered_model_has_a_contract() -> None:
-    assert set(BACKBONE_MODELS) | set(SMALL_MODEL_INPUTS) | set(DETECTOR_MODELS) == set(zoo.list_models())
+    assert set(BACKBONE_MODELS) | set(SMALL_MODEL_INPUTS) | set(DETECTOR_MODELS) | set(TEXTUAL_MODELS) == set(
+        zoo.list_models())
     assert all(name.startswith(("baseline_", "icnn_")) for name in BACKBONE_MODELS)

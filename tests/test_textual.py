@@ -103,7 +103,7 @@ def test_stages_chain_by_checkpoint_and_refuse_a_mismatched_variant(in_tmp_dir) 
     metrics = cli.trainer.callback_metrics
     assert {"train/loss_discriminative", "train/reward", "val/cider_d", "val/class_rank", "val/attribute_recall",
             "val/acc", "val/bleu_4", "val/rouge_l"} <= set(metrics)
-    assert bool(cli.model.encoder_ready) and bool(cli.model.sentence_classifier_ready)  # loaded, not retrained
+    assert bool(cli.model.image_encoder_ready) and bool(cli.model.sentence_classifier_ready)  # loaded, not retrained
     with pytest.raises(ValueError, match="does not fit variant 'explanation'"):  # CheckpointError, as the CLI wraps it
         main(["fit", "--config", config("explanation"), *SMALL, f"--model.init_args.init_checkpoint={source}"])
     # Resuming a different variant through the Python API is refused by name (LightningCLI's --ckpt_path instead
@@ -241,3 +241,82 @@ def test_description_class_features_are_each_class_mean_description_state(in_tmp
     labels = torch.tensor([3, 0])
     features = system.model.features(torch.rand(2, 3, 64, 64), labels)
     torch.testing.assert_close(features[:, -32:], system.model.class_table[labels])
+
+
+def test_every_textual_model_is_registered_and_names_bad_input() -> None:
+    import zoo
+    from zoo.textual.model import VARIANTS, variant_model_name
+
+    names = [variant_model_name(v) for v in VARIANTS] + ["textual_sentence_classifier"]
+    assert zoo.list_models("textual_*") == sorted(names)
+    assert all(f"| `{name}` | textual |" in zoo.model_table() for name in names)
+    images, labels = torch.rand(2, 3, 64, 64), torch.tensor([0, 5])
+    tokens = torch.tensor([[BOS, 5, 6, EOS, PAD], [BOS, 7, EOS, PAD, PAD]])
+    for variant in VARIANTS:
+        model = zoo.create_model(variant_model_name(variant), num_classes=6, vocab_size=12, hidden=16)
+        assert model.variant == variant
+        assert model(images, labels, tokens)["word_logits"].shape == (2, 4, 12)
+        with pytest.raises(ValueError, match=r"expects token ids of shape \(2, L\)"):
+            model(images, labels, tokens.float())
+        with pytest.raises(ValueError, match=r"expects float tensors of shape \(B, C, H, W\)"):
+            model(images[0], labels, tokens)
+    classifier = zoo.create_model("textual_sentence_classifier", num_classes=6, vocab_size=12)
+    assert classifier(tokens)["logits"].shape == (2, 6)
+    with pytest.raises(ValueError, match="SentenceClassifier expects token ids"):
+        classifier(tokens[0])
+    with pytest.raises(ValueError, match="variant must be one of"):
+        variant_model_name("explanation_label")
+
+
+def test_stages_express_the_chain_relevance_then_discriminative(in_tmp_dir) -> None:
+    """`stages`: relevance only in the first epoch (no sampling, the REINFORCE baseline untouched), relevance +
+    discriminative in the second."""
+    import pytorch_lightning as pl
+
+    from datamodules import PartsWorldDataModule
+    from zoo.textual.system import TextualSystem
+
+    class Record(pl.Callback):
+        def __init__(self) -> None:
+            self.epochs: list[tuple[set, bool]] = []
+
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.epochs.append((set(trainer.callback_metrics), bool(pl_module.loss.discriminative.seen)))
+
+    stages = [{"name": "relevance", "epochs": 1, "losses": ["loss_relevance"]},
+              {"name": "discriminative", "epochs": 1, "losses": ["loss_relevance", "loss_discriminative"]}]
+    system = TextualSystem(variant="explanation-label", hidden=16, discriminative_weight=0.2, encoder_epochs=1,
+                           sentence_classifier_epochs=1, stages=stages)
+    record = Record()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=in_tmp_dir,
+                         limit_val_batches=0, callbacks=[record])
+    trainer.fit(system, datamodule=PartsWorldDataModule(num_train=32, num_val=16, batch_size=16))
+    (first, seen_first), (second, seen_second) = record.epochs
+    assert "train/loss_relevance" in first and "train/loss_discriminative" not in first and not seen_first
+    assert {"train/loss_discriminative", "train/reward"} <= second and seen_second
+    assert trainer.callback_metrics["schedule/stage"].item() == 1.0
+
+
+def test_compare_trains_the_explanation_model_against_its_twins(in_tmp_dir) -> None:
+    from tests.conftest import REPO
+    from train import main
+
+    rows = main(["compare", "--config", str(REPO / "configs" / "textual" / "explanation.yaml"),
+                 "--trainer.fast_dev_run=true", "--model.init_args.init_checkpoint=null", "--model.init_args.hidden=16",
+                 *SMALL[:-2]])
+    assert [row["run"] for row in rows] == ["textual", "description", "explanation_label"]  # TextualSystem.TWINS
+    assert [row["model"] for row in rows] == ["textual_explanation", "textual_description",
+                                              "textual_explanation_label"]
+    assert all({"acc", "cider_d", "class_rank", "bleu_4", "rouge_l"} <= set(row) for row in rows)
+    assert (in_tmp_dir / "checkpoints" / "explanation_compare" / "report.md").is_file()
+
+
+def test_captions_outside_the_vocabulary_are_named() -> None:
+    from zoo.textual.system import TextualSystem
+
+    system = TextualSystem(variant="explanation-label", hidden=16, vocab_size=12)
+    batch = {"image": torch.rand(2, 3, 32, 32), "label": torch.tensor([0, 1]),
+             "captions": torch.tensor([[[BOS, 5, EOS]], [[BOS, 12, EOS]]])}
+    with pytest.raises(ValueError, match="captions hold token id 12 >= vocab_size 12"):
+        system.training_step(batch, 0)

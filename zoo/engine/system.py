@@ -232,8 +232,10 @@ class ZooSystem(pl.LightningModule):
         return self
 
     def frozen_modules(self) -> list[nn.Module]:
-        """Modules kept in eval mode while training: the current stage's frozen submodules and the auxiliaries."""
-        return self.schedule.frozen(self.model) + [aux.module(self) for aux in self.auxiliaries()]
+        """Modules kept in eval mode while training: the current stage's frozen submodules and the auxiliaries (but
+        those left trainable after preparation, e.g. a fine-tuned encoder)."""
+        return self.schedule.frozen(self.model) + [aux.module(self) for aux in self.auxiliaries()
+                                                   if not aux.trainable_after]
 
     # -------------------------------------------------------------------------------- optimiser and checkpoints
     def configure_optimizers(self) -> Any:

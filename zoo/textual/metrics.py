@@ -1,5 +1,5 @@
 """Sentence metrics for textual explanations: CIDEr-D (Vedantam et al. 2015, the coco-caption `CiderD` scorer),
-`as_text` for torchmetrics' BLEU-4 and ROUGE-L on token ids,
+`as_text` for torchmetrics' BLEU-4 and ROUGE-L (`RougeL`: its F-measure) on token ids,
 class similarity / class rank (Hendricks et al. 2016: CIDEr of a sentence against all reference sentences of a
 class), and, on parts_world, precision / recall of the parts a sentence names.
 
@@ -19,9 +19,13 @@ from typing import Sequence
 
 import torch
 from torchmetrics import Metric
+from torchmetrics.text import ROUGEScore
 from torchmetrics.utilities import dim_zero_cat
 
-Sentence = Sequence[int]
+from datamodules._base import decode_tokens
+from zoo.checks import check_input
+
+Sentence = Sequence[int | str]  # token ids, or their strings as `decode_tokens` writes them
 SIGMA = 6.0
 
 
@@ -74,29 +78,20 @@ def cider_d(candidate: Sentence, references: Sequence[Sentence], frequency: Coun
     return 10.0 * total / max(1, len(references))
 
 
-def strip(tokens: torch.Tensor, end_token: int, pad_token: int = 0, start_token: int | None = None) -> list[int]:
-    """A token row as a list: up to (not including) the end token, padding and the start token dropped."""
-    out = []
-    for token in tokens.tolist():
-        if token == end_token:
-            break
-        if token != pad_token and token != start_token:
-            out.append(token)
-    return out
-
-
 def as_text(tokens: torch.Tensor, end_token: int, start_token: int | None = None) -> list:
-    """Token rows as whitespace-joined id strings ("12 5 7"), cut like `strip`: (B, L) -> B strings, (B, R, L) ->
-    B lists of R strings. Word n-grams and id n-grams match alike, so torchmetrics' BLEU and ROUGE score these as
-    they would the words."""
+    """Token rows as whitespace-joined id strings ("12 5 7"), up to the end token, padding and the start token
+    dropped (`datamodules._base.decode_tokens` without a vocabulary): (B, L) -> B strings, (B, R, L) -> B lists of
+    R strings. Word n-grams and id n-grams match alike, so torchmetrics' BLEU and ROUGE score these as they would
+    the words."""
     if tokens.ndim == 3:
         return [as_text(rows, end_token, start_token) for rows in tokens]
-    return [" ".join(map(str, strip(row, end_token, start_token=start_token))) for row in tokens]
+    return [" ".join(decode_tokens(row, end_token=end_token, skip=(0, start_token))) for row in tokens]
 
 
 class _SentenceStore(Metric):
     """Keeps candidates (N, L), references (N, R, L) and labels (N,) as tensors (gathered across ranks)."""
 
+    higher_is_better: bool | None = None
     full_state_update = False
 
     def __init__(self, end_token: int, start_token: int | None = None, **kwargs) -> None:
@@ -108,23 +103,23 @@ class _SentenceStore(Metric):
             self.add_state(name, default=[], dist_reduce_fx=None)
 
     def update(self, candidates: torch.Tensor, references: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        if candidates.ndim != 2 or references.ndim != 3 or len(candidates) != len(references):
-            raise ValueError(f"candidates (N, L) and references (N, R, L) expected; got {tuple(candidates.shape)} and "
-                             f"{tuple(references.shape)}.")
+        name = type(self).__name__
+        check_input(name, candidates, ("N", "L"), "long")
+        check_input(name, references, (len(candidates), "R", "L"), "long")
         length = max(candidates.shape[1], references.shape[2])  # pad to one length so batches concatenate
         self.candidates.append(torch.nn.functional.pad(candidates, (0, length - candidates.shape[1])))
         self.references.append(torch.nn.functional.pad(references, (0, length - references.shape[2])))
         self.labels.append(labels if labels is not None else torch.zeros(len(candidates), dtype=torch.long,
                                                                          device=candidates.device))
 
-    def _sentences(self) -> tuple[list[list[int]], list[list[list[int]]], torch.Tensor]:
+    def _sentences(self) -> tuple[list[list[str]], list[list[list[str]]], torch.Tensor]:
         def joined(parts: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
             parts = [parts] if isinstance(parts, torch.Tensor) else parts
             width = max(p.shape[-1] for p in parts)
             return dim_zero_cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in parts])
 
         cands, refs = joined(self.candidates), joined(self.references)
-        cut = lambda row: strip(row, self.end_token, start_token=self.start_token)  # noqa: E731
+        cut = lambda row: decode_tokens(row, end_token=self.end_token, skip=(0, self.start_token))  # noqa: E731
         return [cut(c) for c in cands], [[cut(r) for r in rs] for rs in refs], dim_zero_cat(self.labels)
 
 
@@ -132,6 +127,7 @@ class CIDErD(_SentenceStore):
     """Corpus CIDEr-D of generated sentences against each image's reference sentences (mean over images)."""
 
     higher_is_better = True
+    full_state_update = False
 
     def compute(self) -> torch.Tensor:
         candidates, references, _ = self._sentences()
@@ -144,6 +140,9 @@ class ClassRelevance(_SentenceStore):
     """Class similarity (CIDEr-D of a sentence against all references of its true class) and class rank (rank,
     1 = best, of the true class among all classes by that score), averaged over sentences. The class reference
     pools are the evaluated references grouped by label, at most `pool_size` per class (the first ones)."""
+
+    higher_is_better = None  # mixed: class_similarity is higher-better, class_rank lower-better
+    full_state_update = False
 
     def __init__(self, end_token: int, start_token: int | None = None, pool_size: int = 60, **kwargs) -> None:
         super().__init__(end_token, start_token, **kwargs)
@@ -168,6 +167,7 @@ class AttributeMention(Metric):
     (object parts or visible distractors) / named; recall = object parts named / object parts (the class-
     discriminative attributes); both averaged over sentences."""
 
+    higher_is_better = True
     full_state_update = False
 
     def __init__(self, **kwargs) -> None:
@@ -191,3 +191,17 @@ class AttributeMention(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         count = self.count.clamp(min=1)
         return {"attribute_precision": self.precision_sum / count, "attribute_recall": self.recall_sum / count}
+
+
+class RougeL(ROUGEScore):
+    """ROUGE-L F-measure (torchmetrics' `ROUGEScore`, best reference per sentence) as one scalar, so it is logged as
+    a metric object (`<stage>/rouge_l`)."""
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(rouge_keys="rougeL", **kwargs)
+
+    def compute(self) -> torch.Tensor:
+        return super().compute()["rougeL_fmeasure"]

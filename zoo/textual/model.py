@@ -6,9 +6,11 @@ variant) at every step; a linear layer gives the next word. Decoding is batched:
 per-word log-probabilities REINFORCE needs, masked after the end token) and beam search. The sentence classifier
 (one LSTM over word embeddings, dropout, linear) supplies the discriminative reward.
 
-`ExplanationModel` puts the generator over a registered image backbone with the paper's five variants; the class
-feature is a learnt label embedding (the PyTorch port) or, as in the paper, each class's mean description-model
-state (`class_features="description"`, filled by `zoo.textual.system.TextualSystem` from a description checkpoint).
+`ExplanationModel` puts the generator over a registered image backbone with the paper's five variants, each a
+registered model (`textual_definition`, `textual_description`, `textual_explanation_label`, `textual_explanation_dis`,
+`textual_explanation`; the sentence classifier is `textual_sentence_classifier`); the class feature is a learnt
+label embedding (the PyTorch port) or, as in the paper, each class's mean description-model state
+(`class_features="description"`, filled by `zoo.textual.system.TextualSystem` from a description checkpoint).
 Departure: hidden sizes default to 256 (paper 1000) for CPU-sized worlds.
 """
 
@@ -18,7 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.checks import check_input
 from zoo.layers import LSTM
+from zoo.registry import create_model_for_data, input_size_aware, register_model
 
 
 class FactoredLSTMGenerator(nn.Module):
@@ -128,9 +132,7 @@ class SentenceClassifier(nn.Module):
         self.head = nn.Linear(hidden, num_classes)
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        if tokens.ndim != 2 or tokens.dtype != torch.long:
-            raise ValueError(f"SentenceClassifier expects token ids of shape (B, L) and dtype long; got "
-                             f"{tuple(tokens.shape)} {tokens.dtype}.")
+        check_input("SentenceClassifier", tokens, ("B", "L"), "long")
         states, _ = self.lstm(self.embed(tokens))  # (B, L, H)
         last = ((tokens != self.pad).sum(1) - 1).clamp(min=0)  # (B,) position of each sentence's last word
         features = states[torch.arange(len(tokens), device=tokens.device), last]
@@ -197,10 +199,75 @@ class ExplanationModel(nn.Module):
         return torch.cat(parts, -1)  # (B, static)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Teacher forcing: {"word_logits": (B, L-1, V)}."""
+        """Teacher forcing on sentences `tokens` (B, L) for images (B, C, H, W) of classes `labels` (B,):
+        {"word_logits": (B, L-1, V)}."""
+        name = f"ExplanationModel({self.variant})"
+        check_input(name, images, ("B", "C", "H", "W"))
+        check_input(name, labels, (len(images),), "long")
+        check_input(name, tokens, (len(images), "L"), "long")
         return {"word_logits": self.generator(self.features(images, labels), tokens)}
 
     def explain(self, images: torch.Tensor, labels: torch.Tensor, mode: str = "greedy", beam_size: int = 3
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Generated sentences (B, max_len) and their per-word log-probabilities."""
         return self.generator.decode(self.features(images, labels), mode=mode, beam_size=beam_size)
+
+
+def _create_textual(variant: str, *, num_classes: int = 6, vocab_size: int = 25, in_chans: int | None = 3,
+                    image_size: int | None = None, encoder: str = "baseline_tinycnn", **kwargs) -> ExplanationModel:
+    """An `ExplanationModel` of `variant` over a registered image classifier `encoder` (its pooled top map is the
+    image feature; `image_size` reaches it only if it is built for one input size)."""
+    image_encoder = create_model_for_data(encoder, num_classes, in_chans, image_size, None, None)
+    image_dim = getattr(getattr(image_encoder, "backbone", None), "num_features", None)
+    if image_dim is None:
+        raise ValueError(f"encoder {encoder!r} has no backbone.num_features; use a backbone classifier such as "
+                         f"baseline_tinycnn or baseline_resnet18.")
+    return ExplanationModel(image_encoder, image_dim, num_classes, vocab_size, variant=variant, **kwargs)
+
+
+@register_model
+@input_size_aware
+def textual_definition(**kwargs) -> ExplanationModel:
+    """Hendricks et al. 2016, definition: a sentence from the class alone (no image), cross-entropy."""
+    return _create_textual("definition", **kwargs)
+
+
+@register_model
+@input_size_aware
+def textual_description(**kwargs) -> ExplanationModel:
+    """Hendricks et al. 2016, description: a caption from the image alone, cross-entropy."""
+    return _create_textual("description", **kwargs)
+
+
+@register_model
+@input_size_aware
+def textual_explanation_label(**kwargs) -> ExplanationModel:
+    """Hendricks et al. 2016, explanation-label: a sentence from image + class, cross-entropy."""
+    return _create_textual("explanation-label", **kwargs)
+
+
+@register_model
+@input_size_aware
+def textual_explanation_dis(**kwargs) -> ExplanationModel:
+    """Hendricks et al. 2016, explanation-dis: image only, cross-entropy + discriminative (from description)."""
+    return _create_textual("explanation-dis", **kwargs)
+
+
+@register_model
+@input_size_aware
+def textual_explanation(**kwargs) -> ExplanationModel:
+    """Hendricks et al. 2016, explanation: image + class, cross-entropy + discriminative (from explanation-label)."""
+    return _create_textual("explanation", **kwargs)
+
+
+@register_model
+def textual_sentence_classifier(num_classes: int = 6, vocab_size: int = 25, **kwargs) -> SentenceClassifier:
+    """Hendricks et al. 2016, the sentence classifier whose true-class probability is the discriminative reward."""
+    return SentenceClassifier(vocab_size, num_classes, **kwargs)
+
+
+def variant_model_name(variant: str) -> str:
+    """The registry name of a variant's model: "explanation-label" -> "textual_explanation_label"."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {list(VARIANTS)}; got {variant!r}.")
+    return "textual_" + variant.replace("-", "_")

@@ -1,3 +1,262 @@
-"""Transitional: the family's System before its move onto ZooSystem."""
+"""The textual explanation heads' System (Hendricks et al., ECCV 2016): ZooSystem hooks, two auxiliaries, TWINS."""
 
-from zoo.engine.legacy import ExplanationSystem as TextualSystem  # noqa: F401
+from __future__ import annotations
+
+import functools
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.text import BLEUScore
+
+from zoo.checks import batch_field
+from zoo.distributed import all_reduce_
+from zoo.engine import Auxiliary, ZooSystem
+from zoo.registry import create_model, create_model_for_data
+from zoo.textual.metrics import AttributeMention, CIDErD, ClassRelevance, RougeL, as_text
+from zoo.textual.model import variant_model_name
+from zoo.weights import CheckpointError, load_module_weights, read_checkpoint
+
+COMPATIBLE_KEYS = ("variant", "num_classes", "vocab_size", "encoder", "class_features")
+
+
+def encoder_batch_loss(encoder: nn.Module, batch: dict[str, Any], input_key: str, target_key: str) -> torch.Tensor:
+    """The image encoder's training loss: cross-entropy of its logits on the labels."""
+    return F.cross_entropy(encoder(batch[input_key])["logits"], batch[target_key])
+
+
+def sentence_classifier_batch_loss(classifier: nn.Module, batch: dict[str, Any], captions_key: str,
+                                   target_key: str) -> torch.Tensor:
+    """The sentence classifier's training loss: cross-entropy on every reference sentence of the batch."""
+    captions = batch[captions_key]  # (B, R, L)
+    words = captions[..., 1:].flatten(0, 1)  # (B*R, L-1) every reference, without <bos>
+    labels = batch[target_key].repeat_interleave(captions.shape[1])
+    return F.cross_entropy(classifier(words)["logits"], labels)
+
+
+class TextualSystem(ZooSystem):
+    """Train one variant of Hendricks et al.'s textual explanation model (`zoo.textual.model.VARIANTS`), built from
+    the registry as `textual_<variant>`.
+
+    Auxiliaries (`zoo.engine.Auxiliary`, trained by a real Trainer before the first step, cached in the run folder,
+    or loaded from `encoder_checkpoint` / `sentence_classifier_checkpoint`): the image encoder (a registered
+    classifier trained on the labels for `encoder_epochs`, frozen unless `train_encoder`) and the sentence
+    classifier (trained on the reference sentences for `sentence_classifier_epochs`, frozen; its probability of the
+    true class is the discriminative reward). `init_checkpoint` starts from an earlier stage's checkpoint
+    (explanation-label -> explanation, description -> explanation-dis), auxiliaries included. With
+    `class_features="description"` the class table is filled from `description_checkpoint` at fit start.
+
+    Loss (`losses.textual.TextualLoss`): `relevance_weight` x teacher-forced CE on one random reference per image,
+    plus `discriminative_weight` x REINFORCE on sampled sentences (sampled only while the current stage sums
+    `loss_discriminative`, so `stages` can express the chain: relevance only, then relevance + discriminative).
+    Validation and test decode greedily and log `cider_d`, `bleu_4`, `rouge_l` (F-measure against the best
+    reference), `class_similarity`, `class_rank` (lower is better), `attribute_precision` / `attribute_recall`
+    (when the datamodule has `mentioned`, as parts_world has) and `acc`: the sentence classifier's accuracy on the
+    generated sentences (how class-discriminative they are; the checkpoint monitor). Training logs `train/reward`.
+
+    Output dict of `forward_batch`: training {"word_logits" (B, L-1, V), "tokens" (B, L) the teacher-forced
+    reference, and when sampling "samples" (B, T), "sample_log_probs" (B, T), "reward" (B,)}; evaluation
+    {"images" (B, C, H, W), "labels" (B,), "references" (B, R, L), "sentences" (B, T) greedy, "sentence_log_probs"
+    (B, T), "sentence_logits" (B, classes) of the sentence classifier}.
+
+    Twins (`train.py compare --config configs/textual/<x>.yaml`): the description model (image only, from scratch,
+    no discriminative loss) and explanation-label (image + class, no discriminative loss; from the same
+    init_checkpoint, so for explanation.yaml it is the equal-budget control of the discriminative loss).
+    """
+
+    TWINS: ClassVar[dict[str, list[str]]] = {
+        "description": ["--model.init_args.variant=description", "--model.init_args.discriminative_weight=0",
+                        "--model.init_args.init_checkpoint=null"],
+        "explanation_label": ["--model.init_args.variant=explanation-label",
+                              "--model.init_args.discriminative_weight=0"],
+    }
+
+    def __init__(
+        self,
+        variant: str = "explanation",
+        num_classes: int = 6,
+        in_chans: int | None = 3,
+        image_size: int | None = None,
+        data_inputs: dict[str, Any] | None = None,
+        vocab_size: int = 25,
+        encoder: str = "baseline_tinycnn",
+        encoder_checkpoint: str | None = None,
+        encoder_epochs: int = 4,
+        sentence_classifier_checkpoint: str | None = None,
+        sentence_classifier_epochs: int = 4,
+        init_checkpoint: str | None = None,
+        relevance_weight: float = 1.0,
+        discriminative_weight: float = 0.0,
+        hidden: int = 256,
+        max_len: int = 18,
+        train_encoder: bool = False,
+        class_features: str = "embedding",
+        description_checkpoint: str | None = None,
+        aux_lr: float = 2e-3,
+        captions_key: str = "captions",
+        start_token: int = 1,
+        end_token: int = 2,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(num_classes=num_classes, in_chans=in_chans, image_size=image_size, data_inputs=data_inputs,
+                         **kwargs)
+        self.sentence_classifier = create_model("textual_sentence_classifier", num_classes=num_classes,
+                                                vocab_size=vocab_size).requires_grad_(False)
+        self.register_buffer("image_encoder_ready", torch.tensor(False))
+        self.register_buffer("sentence_classifier_ready", torch.tensor(False))
+        if init_checkpoint is not None:
+            self._load_stage(init_checkpoint)
+        self.add_metric("cider_d", CIDErD(end_token=end_token, start_token=start_token))
+        self.add_metric("class_relevance", ClassRelevance(end_token=end_token, start_token=start_token), log_prefix="")
+        self.add_metric("attributes", AttributeMention(), log_prefix="")
+        self.add_metric("acc", MulticlassAccuracy(num_classes, average="micro"))
+        self.add_metric("bleu_4", BLEUScore(n_gram=4))
+        self.add_metric("rouge_l", RougeL())
+
+    # ------------------------------------------------------------------------------------------- family hooks
+    def build_model(self) -> nn.Module:
+        """`textual_<variant>` from the registry. Its name and arguments are recorded in the hyperparameters (as
+        every System's), so a checkpoint names its model (`zoo.load_checkpoint`, compatibility checks)."""
+        hp = self.hparams
+        class_dim = 64
+        if hp.class_features == "description":  # the table holds description-model states: their size
+            class_dim = (read_checkpoint(hp.description_checkpoint)["hyper_parameters"].get("hidden", hp.hidden)
+                         if hp.description_checkpoint is not None else hp.hidden)
+        hp.update(model_name=variant_model_name(hp.variant), model_kwargs=dict(
+            vocab_size=hp.vocab_size, encoder=hp.encoder, hidden=hp.hidden, max_len=hp.max_len,
+            train_encoder=hp.train_encoder, class_features=hp.class_features, class_dim=class_dim))
+        return super().build_model()
+
+    def default_loss(self) -> nn.Module:
+        from losses.textual import TextualLoss
+
+        return TextualLoss(self.hparams.relevance_weight, self.hparams.discriminative_weight)
+
+    def auxiliaries(self) -> list[Auxiliary]:
+        hp = self.hparams
+        classifier = Auxiliary("sentence_classifier", functools.partial(
+            sentence_classifier_batch_loss, captions_key=hp.captions_key, target_key=self.target_key),
+            hp.sentence_classifier_epochs, hp.aux_lr, hp.sentence_classifier_checkpoint)
+        if not self.model.uses_image:  # definition: no image, no encoder to prepare
+            return [classifier]
+        encoder = Auxiliary("model.image_encoder", functools.partial(
+            encoder_batch_loss, input_key=self.input_key, target_key=self.target_key), hp.encoder_epochs, hp.aux_lr,
+            hp.encoder_checkpoint, trainable_after=hp.train_encoder)
+        return [encoder, classifier]
+
+    def forward_batch(self, batch: Any, stage: str) -> dict[str, Any]:
+        images, labels = batch_field(batch, self.input_key), batch_field(batch, self.target_key)
+        captions = batch_field(batch, self.hparams.captions_key)  # (B, R, L)
+        if captions.device.type == "cpu" and captions.max() >= self.hparams.vocab_size:  # free of device syncs
+            raise ValueError(f"captions hold token id {int(captions.max())} >= vocab_size {self.hparams.vocab_size}.")
+        if stage != "train":
+            sentences, log_probs = self.model.explain(images, labels, mode="greedy")
+            return {"images": images, "labels": labels, "references": captions, "sentences": sentences,
+                    "sentence_log_probs": log_probs, "sentence_logits": self.sentence_classifier(sentences)["logits"]}
+        pick = torch.randint(captions.shape[1], (len(captions),), device=captions.device)
+        tokens = captions[torch.arange(len(captions), device=captions.device), pick]  # (B, L) one reference each
+        out = {**self.model(images, labels, tokens), "tokens": tokens}
+        if self.loss.samples_needed and self._stage_sums("loss_discriminative"):
+            sampled, log_probs = self.model.explain(images, labels, mode="sample")
+            out |= {"samples": sampled, "sample_log_probs": log_probs,
+                    "reward": self.sentence_classifier.true_class_probability(sampled, labels)}
+        return out
+
+    def compute_loss(self, out: dict[str, Any], batch: Any, stage: str) -> dict[str, torch.Tensor]:
+        return super().compute_loss(out, batch, stage) if stage == "train" else {}  # evaluation: metrics only
+
+    def update_metrics(self, out: dict[str, Any], batch: Any, stage: str) -> None:
+        if stage == "train":
+            if "reward" in out:
+                self.log("train/reward", out["reward"].mean(), on_step=True, on_epoch=True,
+                         batch_size=len(out["reward"]))
+            return
+        sentences, references, labels = out["sentences"], out["references"], out["labels"]
+        self.log_metric(stage, "cider_d", sentences, references)
+        self.log_metric(stage, "class_relevance", sentences, references, labels)
+        self.log_metric(stage, "acc", out["sentence_logits"], labels, prog_bar=True)
+        texts = as_text(sentences, self.hparams.end_token, self.hparams.start_token)
+        reference_texts = as_text(references, self.hparams.end_token, self.hparams.start_token)
+        self.log_metric(stage, "bleu_4", texts, reference_texts)
+        self.log_metric(stage, "rouge_l", texts, reference_texts)
+        mentioned = getattr(self.trainer.datamodule, "mentioned", None) if self._trainer is not None else None
+        if mentioned is not None and "part_types" in batch and "distractor_types" in batch:
+            self.log_metric(stage, "attributes", mentioned(sentences), batch["part_types"], batch["distractor_types"])
+
+    def explanation_report(self, datamodule: Any, settings: dict[str, Any]) -> None:
+        """The explanations are sentences, scored by the validation metrics; post-hoc image explainers do not
+        apply to a sentence generator."""
+        return None
+
+    def _stage_sums(self, term: str) -> bool:
+        wanted = self.schedule.current.losses
+        return wanted is None or term in wanted
+
+    # ------------------------------------------------------------------------------------ fit start, checkpoints
+    def on_fit_start(self) -> None:
+        super().on_fit_start()  # auxiliaries
+        model = self.model
+        if model.uses_class and model.class_features == "description" and not model.class_table_ready:
+            if self.hparams.description_checkpoint is None:
+                raise ValueError("class_features='description' needs description_checkpoint (a trained description "
+                                 "model, configs/textual/description.yaml) or an init_checkpoint that has the table.")
+            self._fill_class_table(self.hparams.description_checkpoint)
+
+    def _load_stage(self, path: str) -> None:
+        """An earlier stage's TextualSystem checkpoint: every model and sentence-classifier weight must fit."""
+        state = read_checkpoint(path)["state_dict"]
+        own = self.state_dict()
+        wanted = [k for k in own if k.startswith(("model.", "sentence_classifier.", "image_encoder_ready",
+                                                  "sentence_classifier_ready"))]
+        missing = [k for k in wanted if k not in state or state[k].shape != own[k].shape]
+        if missing:
+            raise CheckpointError(f"{path!r} does not fit variant {self.hparams.variant!r}: missing or mis-shaped "
+                                  f"{missing[:8]} (a stage must keep the image/class inputs of the one it starts "
+                                  f"from).")
+        self.load_state_dict({k: state[k] for k in wanted}, strict=False)
+
+    @torch.no_grad()
+    def _fill_class_table(self, path: str) -> None:
+        """The paper's class feature: per class, the mean over its training sentences of the description model's
+        LSTM2 state averaged over each sentence's words (teacher forcing on the sentence, with its image).
+        Sums and counts are all-reduced, so every rank holds the table of the whole training set."""
+        hp = read_checkpoint(path)["hyper_parameters"]
+        if hp.get("variant") != "description":
+            raise CheckpointError(f"description_checkpoint {path!r} holds variant {hp.get('variant')!r}; the class "
+                                  f"table needs a description model (configs/textual/description.yaml).")
+        describer = create_model_for_data(hp["model_name"], hp["num_classes"], hp.get("in_chans"),
+                                          hp.get("image_size"), hp.get("data_inputs"), hp.get("model_kwargs"))
+        load_module_weights(describer, path, "model.", "description model")
+        describer.to(self.device).eval()
+        table = self.model.class_table
+        sums, counts = torch.zeros_like(table), torch.zeros(len(table), device=table.device)
+        for batch in self.trainer.datamodule.train_dataloader():
+            images = batch[self.input_key].to(self.device)
+            labels = batch[self.target_key].to(self.device)
+            captions = batch[self.hparams.captions_key].to(self.device)  # (B, R, L)
+            references = captions.shape[1]
+            feature = describer.features(images, labels).repeat_interleave(references, 0)  # (B*R, F)
+            tokens, labels = captions.flatten(0, 1), labels.repeat_interleave(references)  # (B*R, L), (B*R,)
+            states = describer.generator.hidden_states(feature, tokens).float()  # (B*R, L-1, H)
+            words = (tokens[:, 1:] != 0).float()[..., None]  # (B*R, L-1, 1): the predicted words and <eos>
+            sentence = (states * words).sum(1) / words.sum(1).clamp(min=1)  # (B*R, H)
+            present = (words.sum((1, 2)) > 0).float()  # (B*R,) an all-padding reference row is no sentence
+            sums.index_add_(0, labels, sentence)
+            counts += torch.bincount(labels, weights=present, minlength=len(table)).float()
+        all_reduce_(sums), all_reduce_(counts)
+        if (counts == 0).any():
+            raise ValueError(f"classes {torch.nonzero(counts == 0).flatten().tolist()} have no training sentences: "
+                             f"their description feature is undefined.")
+        table.copy_(sums / counts[:, None])
+        self.model.class_table_ready.fill_(True)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, by name, a checkpoint of another variant, class count, vocabulary or encoder."""
+        saved = checkpoint.get("hyper_parameters") or {}
+        for key in COMPATIBLE_KEYS:
+            if key in saved and saved[key] != self.hparams[key]:
+                raise CheckpointError(f"The checkpoint holds an explanation model with {key}={saved[key]!r}; this run "
+                                      f"builds {key}={self.hparams[key]!r}.")
+        super().on_load_checkpoint(checkpoint)
