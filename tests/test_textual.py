@@ -258,7 +258,7 @@ def test_every_textual_model_is_registered_and_names_bad_input() -> None:
         assert model(images, labels, tokens)["word_logits"].shape == (2, 4, 12)
         with pytest.raises(ValueError, match=r"expects token ids of shape \(2, L\)"):
             model(images, labels, tokens.float())
-        with pytest.raises(ValueError, match=r"expects float tensors of shape \(B, C, H, W\)"):
+        with pytest.raises(ValueError, match=r"expects images of shape \(B, C, H, W\)"):
             model(images[0], labels, tokens)
     classifier = zoo.create_model("textual_sentence_classifier", num_classes=6, vocab_size=12)
     assert classifier(tokens)["logits"].shape == (2, 6)

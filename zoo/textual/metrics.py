@@ -104,8 +104,8 @@ class _SentenceStore(Metric):
 
     def update(self, candidates: torch.Tensor, references: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         name = type(self).__name__
-        check_input(name, candidates, ("N", "L"), "long")
-        check_input(name, references, (len(candidates), "R", "L"), "long")
+        check_input(name, candidates, ("N", "L"), "token ids", kind="long")
+        check_input(name, references, (len(candidates), "R", "L"), "token ids", kind="long")
         length = max(candidates.shape[1], references.shape[2])  # pad to one length so batches concatenate
         self.candidates.append(torch.nn.functional.pad(candidates, (0, length - candidates.shape[1])))
         self.references.append(torch.nn.functional.pad(references, (0, length - references.shape[2])))

@@ -132,7 +132,7 @@ class SentenceClassifier(nn.Module):
         self.head = nn.Linear(hidden, num_classes)
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_input("SentenceClassifier", tokens, ("B", "L"), "long")
+        check_input("SentenceClassifier", tokens, ("B", "L"), "token ids", kind="long")
         states, _ = self.lstm(self.embed(tokens))  # (B, L, H)
         last = ((tokens != self.pad).sum(1) - 1).clamp(min=0)  # (B,) position of each sentence's last word
         features = states[torch.arange(len(tokens), device=tokens.device), last]
@@ -202,9 +202,9 @@ class ExplanationModel(nn.Module):
         """Teacher forcing on sentences `tokens` (B, L) for images (B, C, H, W) of classes `labels` (B,):
         {"word_logits": (B, L-1, V)}."""
         name = f"ExplanationModel({self.variant})"
-        check_input(name, images, ("B", "C", "H", "W"))
-        check_input(name, labels, (len(images),), "long")
-        check_input(name, tokens, (len(images), "L"), "long")
+        check_input(name, images, ("B", "C", "H", "W"), "images")
+        check_input(name, labels, (len(images),), "labels", kind="long")
+        check_input(name, tokens, (len(images), "L"), "token ids", kind="long")
         return {"word_logits": self.generator(self.features(images, labels), tokens)}
 
     def explain(self, images: torch.Tensor, labels: torch.Tensor, mode: str = "greedy", beam_size: int = 3
