@@ -223,16 +223,18 @@ def test_every_family_config_builds_its_declared_twins(config: str, in_tmp_dir: 
                                                        voc_root: Path) -> None:
     """`compare --config <family config>` builds every twin its System declares with the same data, seed and budget
     (parsed and instantiated here; the family tests train one compare per family end to end)."""
-    from zoo.cli.compare import _fit_args, check_same_setting, read_compare_spec
+    from zoo.cli.compare import _fit_args, check_same_setting, drop_twins_equal_to_the_model, read_compare_spec
     from zoo.cli.lightning import ZooCLI
 
     spec = read_compare_spec(REPO / config)
-    assert len(spec["runs"]) >= 2, spec  # the family's model and at least one twin
     overrides = dataset_overrides(config, cub_root, image_folder_root, imdb_root, voc_root)
-    clis = {name: ZooCLI(args=_fit_args(name, run, REPO / config, [], overrides), run=False)
-            for name, run in spec["runs"].items()}
+    data_only = [arg for arg in overrides if not arg.startswith("--model.")]  # a twin may be another System class
+    clis = {name: ZooCLI(args=_fit_args(name, run, REPO / config, [], data_only if "--model=" in " ".join(
+        run.get("args", [])) else overrides), run=False) for name, run in spec["runs"].items()}
     check_same_setting({name: cli.config for name, cli in clis.items()})
-    family, *twins = clis.values()
+    runs = drop_twins_equal_to_the_model(spec["runs"], clis)
+    assert len(runs) >= 2, spec  # the family's model and at least one twin
+    family, *twins = (clis[name] for name in runs)
     assert all(twin.config.model != family.config.model for twin in twins)  # each twin is another model or loss
 
 

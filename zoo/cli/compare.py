@@ -101,6 +101,16 @@ def check_same_setting(configs: dict[str, Any]) -> None:
                                  f"{value}. Same data, seed and budget are required; set it in the shared args.")
 
 
+def drop_twins_equal_to_the_model(runs: dict[str, Any], clis: dict[str, Any]) -> dict[str, Any]:
+    """A declared twin that resolves to the config's own model (the textual description config against its
+    "description" twin) is the same run: it is dropped, and said so."""
+    first, *others = runs
+    same = [name for name in others if runs[name].get("args") and clis[name].config.model == clis[first].config.model]
+    for name in same:
+        print(f"compare: twin {name!r} is the config's own model; not trained twice.")
+    return {name: run for name, run in runs.items() if name not in same}
+
+
 def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
             explain: bool = True) -> list[dict[str, Any]]:
     """Train every run of a compare spec with the same data, seed and budget; evaluate; write report.md/.csv."""
@@ -115,6 +125,7 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
                                             [*extra, f"--trainer.logger.init_args.name={name}/{run_name}"]), run=False)
             for run_name, run in runs.items()}
     check_same_setting({run_name: cli.config for run_name, cli in clis.items()})  # before any training starts
+    runs = drop_twins_equal_to_the_model(runs, clis)
     rows: list[dict[str, Any]] = []
     explanation_rows: list[dict[str, Any]] = []
     for run_name, run in runs.items():
