@@ -314,7 +314,8 @@ def test_lstm_falls_back_to_float32_on_a_cpu_without_bf16(cpu_without_bf16_lstm:
     assert torch.equal(out, lstm(x)[0])  # the float32 path is the LSTM without autocast
 
 
-@pytest.mark.parametrize("config", ["configs/textual/explanation_label.yaml", "configs/baselines/rule_series_lstm.yaml"])
+@pytest.mark.parametrize("config", ["configs/textual/explanation_label.yaml",
+                                    "configs/baselines/rule_series_lstm.yaml"])
 def test_bf16_autocast_trains_lstm_models_on_a_cpu_without_bf16(config: str, in_tmp_dir: Path,
                                                                  cpu_without_bf16_lstm: None) -> None:
     cli = main(["fit", "--config", str(REPO / config), "--trainer.fast_dev_run=true", "--trainer.precision=bf16-mixed",

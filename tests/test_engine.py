@@ -184,7 +184,8 @@ def fit_with_nan(nonfinite_loss: str, tmp_path, batches: int = 4) -> ClassifierS
     dm = PartsWorldDataModule(num_train=64, num_val=16, num_test=16, batch_size=16)
     system = ClassifierSystem("baseline_tinycnn", num_classes=6, loss=NaNAfter(), nonfinite_loss=nonfinite_loss,
                                   optimizer=partial(torch.optim.SGD, lr=0.1))
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                          limit_train_batches=batches, default_root_dir=tmp_path)
     trainer.fit(system, datamodule=dm)

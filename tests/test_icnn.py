@@ -242,7 +242,8 @@ def test_filter_maps_callback_writes_tensorboard_and_run_folder(tmp_path) -> Non
     data = PartsWorldDataModule(num_train=64, num_val=32, num_test=8, batch_size=32)
     system = ICNNSystem("icnn_tinycnn", num_classes=6, loss=FilterPartLoss(), part_maps_key="filter_maps")
     logger = TensorBoardLogger(tmp_path, name="run", version="")
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=logger, callbacks=[FilterMapsCallback(num_filters=3, num_images=4)],
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=logger,
+                         callbacks=[FilterMapsCallback(num_filters=3, num_images=4)],
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0)
     trainer.fit(system, datamodule=data)

@@ -1,9 +1,10 @@
 """Does a filter fire on one part, at one place? Location instability and part IoU (torchmetrics, DDP-safe).
 
 - `LocationInstability` (Zhang et al. 2018, authors' computeStability/getDistSqrtVar): for each filter take the
-  top-N images by peak activation (within the filter's category when labels are given), map the peak unit to image coordinates (receptive-field centre of the unit),
-  and for each landmark k take the std over those images of the distance landmark -> peak; the score is the mean
-  over filters and landmarks divided by the image diagonal. Lower is better.
+  top-N images by peak activation (within the filter's category when labels are given), map the peak unit to image
+  coordinates (receptive-field centre of the unit), and for each landmark k take the std over those images of the
+  distance landmark -> peak; the score is the mean over filters and landmarks divided by the image diagonal. Lower
+  is better.
 - `PartIoU` (Network Dissection, Bau et al. 2017, as specified for ICNN): per filter, threshold T_f at the top
   `quantile` of all its upsampled activations over the data set, binarise, and count the images whose IoU with a
   ground-truth part mask exceeds `iou_threshold`; P_{f,k} is that fraction over the images containing part k.
