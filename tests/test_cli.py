@@ -318,6 +318,7 @@ def test_lstm_falls_back_to_float32_on_a_cpu_without_bf16(cpu_without_bf16_lstm:
                                     "configs/baselines/rule_series_lstm.yaml"])
 def test_bf16_autocast_trains_lstm_models_on_a_cpu_without_bf16(config: str, in_tmp_dir: Path,
                                                                  cpu_without_bf16_lstm: None) -> None:
+    textual = [*SMALL_WORLD, *SMALL_EXPLANATION, "--model.init_args.discriminative_weight=0.2"]  # + REINFORCE
     cli = main(["fit", "--config", str(REPO / config), "--trainer.fast_dev_run=true", "--trainer.precision=bf16-mixed",
-                *(["--model.init_args.discriminative_weight=0.2"] if "textual" in config else [])])
+                *(textual if "textual" in config else ["--data.init_args.num_train=64", "--data.init_args.num_val=32"])])
     assert cli.trainer.state.finished and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
