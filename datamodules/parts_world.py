@@ -250,13 +250,6 @@ def mention_matrix(tokens: torch.Tensor) -> torch.Tensor:
     return out.scatter_add_(1, part_type, named.float()).clamp(max=1)
 
 
-def mentioned_parts(tokens: torch.Tensor) -> set[int]:
-    """Part types named in a caption ("<colour> <shape>" bigrams)."""
-    words = decode_caption(tokens).split()
-    colours, shapes = {c: i for i, c in enumerate(COLOUR_NAMES)}, {s: i for i, s in enumerate(SHAPES)}
-    return {shapes[b] * len(COLOURS) + colours[a] for a, b in zip(words, words[1:]) if a in colours and b in shapes}
-
-
 def generate_split(world: WorldDefinition, num_images: int, image_size: int, jitter: Jitter, seed: int,
                    split: str, chunk: int = 256) -> dict[str, torch.Tensor]:
     """Balanced labels, rendered in chunks to bound memory; identical for identical (seed, split)."""

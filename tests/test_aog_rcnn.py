@@ -16,9 +16,16 @@ import zoo
 from datamodules import DatasetLayoutError, PartsWorldScenesDataModule, VOCDataModule
 from zoo.aog_rcnn.metrics import ParsePartIoU
 from zoo.aog_rcnn.model import (AOGParsing, AOGParsingHead, AverageVoteHead, GridGrammar, PositionSensitivePool,
-                          closed_form_counts, rois_with_batch_index)
+                                rois_with_batch_index)
 
 from tests.test_registry import DETECTOR_MODELS
+
+
+def closed_form_counts(height: int, width: int) -> tuple[int, int, int]:
+    """(#terminal, #AND, #OR) of the H x W grid grammar from the spec's closed form."""
+    terminals = math.comb(height + 1, 2) * math.comb(width + 1, 2)
+    ands = math.comb(width + 1, 2) * math.comb(height + 1, 3) + math.comb(height + 1, 2) * math.comb(width + 1, 3)
+    return terminals, ands, terminals
 
 
 # ------------------------------------------------------------------------------------------------ the grammar

@@ -10,9 +10,16 @@ import pytest
 import torch
 
 from datamodules import PartsWorldDataModule
-from datamodules.parts_world import BOS, EOS, decode_caption, mention_matrix, mentioned_parts
+from datamodules.parts_world import BOS, COLOUR_NAMES, COLOURS, EOS, SHAPES, decode_caption, mention_matrix
 from zoo.textual.metrics import AttributeMention, ClassRelevance, CIDErD, as_text, cider_d, document_frequency
 
+
+
+def mentioned_parts(tokens: torch.Tensor) -> set[int]:
+    """Part types named in a caption ("<colour> <shape>" bigrams): the slow reference for mention_matrix."""
+    words = decode_caption(tokens).split()
+    colours, shapes = {c: i for i, c in enumerate(COLOUR_NAMES)}, {s: i for i, s in enumerate(SHAPES)}
+    return {shapes[b] * len(COLOURS) + colours[a] for a, b in zip(words, words[1:]) if a in colours and b in shapes}
 
 def rows(sentences: list[list[int]], length: int = 12) -> torch.Tensor:
     out = torch.zeros(len(sentences), length, dtype=torch.long)

@@ -129,13 +129,6 @@ class GridGrammar:
         return [(areas.index(a), len(areas) - areas[::-1].index(a)) for a in sorted(set(areas))]
 
 
-def closed_form_counts(height: int, width: int) -> tuple[int, int, int]:
-    """(#terminal, #AND, #OR) of the H x W grid grammar from the spec's closed form."""
-    terminals = math.comb(height + 1, 2) * math.comb(width + 1, 2)
-    ands = math.comb(width + 1, 2) * math.comb(height + 1, 3) + math.comb(height + 1, 2) * math.comb(width + 1, 3)
-    return terminals, ands, terminals
-
-
 # ------------------------------------------------------------------------------------------------- AOGParsing
 class AOGParsing(nn.Module):
     """Bottom-up scores of the grid grammar and top-down best parse trees, batched over rows (RoI x class).
