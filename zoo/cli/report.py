@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+
 def save_explanation_figure(path: Path, images: torch.Tensor, maps: dict[str, torch.Tensor], count: int = 6) -> None:
     """One row per explainer over the first `count` images (red = important)."""
     from torchvision.utils import save_image
