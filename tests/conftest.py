@@ -11,6 +11,17 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def cpu_trainers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every CLI run of a test trains on the CPU (configs leave the accelerator to Lightning, which picks a GPU when
+    there is one); a `--trainer.accelerator` on the command line still wins. Trainers a test builds itself pass
+    `accelerator="cpu"`; subprocess runs pass `--trainer.accelerator=cpu`."""
+    import zoo.cli.lightning
+
+    monkeypatch.setattr(zoo.cli.lightning, "TRAINER_DEFAULTS", {**zoo.cli.lightning.TRAINER_DEFAULTS,
+                                                                "accelerator": "cpu"})
+
+
 def write_image(path: Path, size: tuple[int, int], seed: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)

@@ -17,7 +17,8 @@ from tests.conftest import REPO
 from zoo import CheckpointError
 
 CONFIG = str(REPO / "configs/baselines/parts_world.yaml")
-COMMON = ["--trainer.max_epochs=3", "--trainer.deterministic=true", "--progress_bar.refresh_rate=0"]
+COMMON = ["--trainer.accelerator=cpu", "--trainer.max_epochs=3", "--trainer.deterministic=true",
+          "--progress_bar.refresh_rate=0"]
 WORLD = ["--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.batch_size=16"]
 # One small config per family, 4 training steps per epoch, each exercising what its family keeps across epochs.
 RESUME_CASES = {

@@ -113,8 +113,8 @@ def test_stages_chain_by_checkpoint_and_refuse_a_mismatched_variant(in_tmp_dir) 
     from datamodules import PartsWorldDataModule
     from zoo.textual.system import TextualSystem
 
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         default_root_dir=in_tmp_dir)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, default_root_dir=in_tmp_dir)
     with pytest.raises(ValueError, match="holds an explanation model with variant='description'"):
         trainer.fit(TextualSystem(variant="explanation-label"), datamodule=PartsWorldDataModule(
             num_train=32, num_val=16), ckpt_path=str(source))
@@ -208,7 +208,7 @@ def test_description_class_features_are_each_class_mean_description_state(in_tmp
     from zoo.textual.system import TextualSystem
 
     data = lambda: PartsWorldDataModule(num_train=32, num_val=16, batch_size=16)  # noqa: E731
-    trainer = lambda: pl.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,  # noqa: E731
+    trainer = lambda: pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,  # noqa: E731
                                  enable_model_summary=False, default_root_dir=in_tmp_dir, limit_val_batches=1)
     describer = TextualSystem(variant="description", hidden=32, encoder_epochs=1, sentence_classifier_epochs=1)
     first = trainer()
