@@ -36,6 +36,24 @@ NONFINITE_POLICIES = ("raise", "skip")
 EVAL_STAGES = ("val", "test")
 
 
+def format_terms(names: tuple[str, ...], values: torch.Tensor) -> str:
+    """"loss_task=0.6931, loss_bad=nan": a step's loss terms for an error message (reads the device)."""
+    return ", ".join(f"{name}={value:.4g}" for name, value in zip(names, values.tolist()))
+
+
+def compile_model(model: nn.Module) -> None:
+    """`torch.compile` `model` in place (`nn.Module.compile`: parameters and state-dict keys unchanged), or leave it
+    eager with a warning when it cannot be compiled: torchvision's detectors (`GeneralizedRCNN`) read data-dependent
+    shapes (proposal counts, matched boxes) throughout their RPN and RoI sampling."""
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+    if isinstance(model, GeneralizedRCNN):
+        rank_zero_warn(f"compile=True: {type(model).__name__} is a torchvision detector (data-dependent shapes in its "
+                       "RPN and RoI sampling); it runs eagerly.")
+        return
+    model.compile()
+
+
 class ZooSystem(pl.LightningModule):
     """A registered model trained with a named-terms loss (see the module docstring for the hooks).
 
@@ -49,7 +67,12 @@ class ZooSystem(pl.LightningModule):
         input_key / target_key: batch fields fed to the model and scored against its output.
         stages: list of `zoo.engine.Stage` fields (name, epochs, train, losses, lr_scale, settings).
         nonfinite_loss: a NaN/inf training loss "raise"s `FloatingPointError` naming the step, the batch and every
-            term (the last good checkpoint stays), or "skip"s the batch with a warning.
+            term (the last good checkpoint stays), or "skip"s the batch with a warning. "raise" reads no device value
+            inside a step: each step's terms are kept (detached) and checked together every `log_every_n_steps`
+            steps, at the epoch's end and before any checkpoint is written; "skip" must decide on the host before
+            the optimiser step, so it costs one host-device synchronisation per step.
+        compile: `torch.compile` the model (`nn.Module.compile`: same parameters and checkpoint keys). A model that
+            cannot be compiled (torchvision's detectors) runs eagerly, with a warning.
     """
 
     TWINS: ClassVar[dict[str, list[str]]] = {}
@@ -69,18 +92,22 @@ class ZooSystem(pl.LightningModule):
         target_key: str = "label",
         stages: list[dict[str, Any]] | None = None,
         nonfinite_loss: str = "raise",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if nonfinite_loss not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite_loss must be one of {NONFINITE_POLICIES}; got {nonfinite_loss!r}.")
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
         self.model = self.build_model()
+        if compile:
+            compile_model(self.model)
         self.loss = loss if loss is not None else self.default_loss()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.input_key, self.target_key = input_key, target_key
         self.schedule = Schedule(stages, self.model)
         self.metrics = nn.ModuleDict()  # "<stage>_<name>": a ModuleDict key "train" would shadow nn.Module.train
         self._dict_metrics: dict[str, str] = {}  # metrics whose compute() returns a dict: key -> log prefix
+        self._unchecked: list[tuple[torch.Tensor, torch.Tensor, tuple[str, ...], str]] = []  # steps not yet read
 
     # ------------------------------------------------------------------------------------------- family hooks
     def build_model(self) -> nn.Module:
@@ -169,14 +196,17 @@ class ZooSystem(pl.LightningModule):
         elif not terms:  # a model whose evaluation output has no loss (torchvision detectors): metrics only
             self.update_metrics(out, batch, stage)
             return None
-        loss = torch.stack([t.float() for t in terms.values()]).sum()
-        if stage == "train" and not torch.isfinite(loss):
-            message = (f"Non-finite training loss at global step {self.global_step}, epoch {self.current_epoch}, "
-                       f"batch {batch_idx}: " + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
-            if self.hparams.nonfinite_loss == "raise":
-                raise FloatingPointError(message + ". The last checkpoint is the last good state.")
-            rank_zero_warn(message + "; batch skipped (nonfinite_loss='skip').")
-            return None  # Lightning skips the optimiser step
+        stacked = torch.stack([t.float() for t in terms.values()])  # (terms,)
+        loss = stacked.sum()
+        if stage == "train":
+            where = f"global step {self.global_step}, epoch {self.current_epoch}, batch {batch_idx}"
+            if self.hparams.nonfinite_loss == "skip":
+                if not torch.isfinite(loss):  # the one policy that reads the device every step
+                    rank_zero_warn(f"Non-finite training loss at {where}: {format_terms(tuple(terms), stacked)}"
+                                   "; batch skipped (nonfinite_loss='skip').")
+                    return None  # Lightning skips the optimiser step
+            else:
+                self._unchecked.append((loss.detach(), stacked.detach(), tuple(terms), where))
         on_step = stage == "train"
         log_kw = dict(on_step=on_step, on_epoch=True, batch_size=self.batch_size(batch), sync_dist=not on_step)
         for name, value in terms.items():
@@ -199,8 +229,32 @@ class ZooSystem(pl.LightningModule):
         probs = out["logits"].float().softmax(-1)
         return {"probs": probs, "pred": probs.argmax(-1), **({"index": batch["index"]} if "index" in batch else {})}
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._trainer is None or (self.global_step % max(self.trainer.log_every_n_steps, 1)) == 0:
+            self.check_finite_losses()  # Lightning reads its logged values at these steps anyway
+
     def on_train_epoch_end(self) -> None:
+        self.check_finite_losses()
         self._log_dict_metrics("train")
+
+    def on_validation_epoch_start(self) -> None:
+        self.check_finite_losses()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite_losses()  # never write the state a non-finite step made
+
+    def check_finite_losses(self) -> None:
+        """nonfinite_loss="raise": read the terms of the steps since the last check (one device read) and raise
+        `FloatingPointError` naming the first step whose loss was NaN/inf, its batch and every term."""
+        if not self._unchecked:
+            return
+        unchecked, self._unchecked = self._unchecked, []
+        finite = torch.isfinite(torch.stack([loss for loss, *_ in unchecked])).tolist()  # (steps,)
+        if all(finite):
+            return
+        _, stacked, names, where = unchecked[finite.index(False)]
+        raise FloatingPointError(f"Non-finite training loss at {where}: {format_terms(names, stacked)}. The last "
+                                 "checkpoint is the last good state.")
 
     def on_validation_epoch_end(self) -> None:
         self._log_dict_metrics("val")
