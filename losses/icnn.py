@@ -25,10 +25,13 @@ from losses.baselines import ClassificationLoss
 
 
 
-def log_template_prior(num_positions: int, alpha: float | None = None) -> torch.Tensor:
-    """log p(T): alpha / n^2 for each positive template, 1 - alpha for T-; alpha defaults to n^2 / (1 + n^2)."""
+def log_template_prior(num_positions: int, alpha: float | None = None, device: torch.device | None = None
+                       ) -> torch.Tensor:
+    """log p(T): alpha / n^2 for each positive template, 1 - alpha for T-; alpha defaults to n^2 / (1 + n^2).
+    Built on `device` (no host tensor copied in every step)."""
     alpha = num_positions / (1 + num_positions) if alpha is None else alpha
-    return torch.tensor([math.log(alpha / num_positions)] * num_positions + [math.log(1 - alpha)])
+    return torch.cat([torch.full((num_positions,), math.log(alpha / num_positions), device=device),
+                      torch.full((1,), math.log(1 - alpha), device=device)])
 
 
 def filter_mutual_information(
@@ -78,6 +81,7 @@ class FilterPartLoss(nn.Module):
             raise ValueError(f"schedule must be 'inverse_epoch' or 'constant'; got {schedule!r}.")
         self.base_weight, self.schedule, self.alpha = weight, schedule, alpha
         self.weight = weight
+        self._priors: dict[tuple[int, torch.device], torch.Tensor] = {}  # log p(T) per (templates, device)
         self.task_loss = task_loss if task_loss is not None else ClassificationLoss()
 
     def set_epoch(self, epoch: int) -> dict[str, float]:
@@ -89,7 +93,10 @@ class FilterPartLoss(nn.Module):
         """MI per interpretable filter, all layers concatenated: (sum F_l,)."""
         per_layer = []
         for scores, log_mean_z, category in zip(out["template_scores"], out["log_mean_z"], out["filter_category"]):
-            prior = log_template_prior(scores.shape[-1] - 1, self.alpha).to(scores.device)
+            key = (scores.shape[-1] - 1, scores.device)
+            if key not in self._priors:  # built once per template count and device, not in every step
+                self._priors[key] = log_template_prior(*key[:1], self.alpha, scores.device)
+            prior = self._priors[key]
             positives = labels[:, None] == category[None, :]  # (B, F)
             per_layer.append(filter_mutual_information(scores, positives, prior, log_mean_z))
         return torch.cat(per_layer)

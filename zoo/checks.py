@@ -34,6 +34,15 @@ def check_class_ids(labels: torch.Tensor, num_classes: int) -> None:
                          f"num_classes does not match the data.")
 
 
+def ids_out_of_range(ids: torch.Tensor, low: int | None, high: int) -> tuple[int, int] | None:
+    """(min, max) of integer `ids` when some lie outside [low, high] (`low` None: no lower bound), else None; for
+    the caller's own message. CPU tensors only (None on an accelerator: no device read)."""
+    if ids.device.type != "cpu" or not ids.numel():
+        return None
+    smallest, largest = int(ids.min()), int(ids.max())
+    return (smallest, largest) if (low is not None and smallest < low) or largest > high else None
+
+
 def batch_field(batch: Any, key: str) -> Any:
     """`batch[key]` with an error that lists what the batch does hold; float fields must be finite (CPU)."""
     if not isinstance(batch, dict):

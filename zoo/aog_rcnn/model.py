@@ -38,7 +38,7 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops, ps_roi_align
 
 from zoo.backbones import TINY_CNN, Backbone
-from zoo.checks import check_input
+from zoo.checks import check_input, ids_out_of_range
 from zoo.registry import input_size_aware, register_model
 
 OR_MODES = ("mean", "max")
@@ -581,8 +581,9 @@ class AOGRCNN(FasterRCNN):
         if targets is not None:
             for i, target in enumerate(targets):
                 labels = target.get("labels")
-                if labels is not None and len(labels) and (labels.min() < 1 or labels.max() > self.num_classes):
-                    raise ValueError(f"Target {i}: labels span [{labels.min()}, {labels.max()}], outside "
+                span = None if labels is None else ids_out_of_range(labels, 1, self.num_classes)
+                if span is not None:
+                    raise ValueError(f"Target {i}: labels span [{span[0]}, {span[1]}], outside "
                                      f"[1, {self.num_classes}] (0 is the background).")
         return super().forward(images, targets)
 

@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from zoo.icnn.ops import MU_MODES, log_mean_exp_over_batch, part_mask, template_bank, template_scores
+from zoo.icnn.ops import (MU_MODES, log_mean_exp_over_batch, part_mask, template_bank, template_scores,
+                          template_shapes)
 from zoo.distributed import all_reduce_, global_log_mean_exp
 from zoo.registry import input_size_aware, register_model
 from zoo.backbones import TINY_CNN, Backbone, PooledHeadMixin, PooledLinearHead
@@ -78,7 +79,7 @@ class InterpretableFilters(nn.Module):
                              f"got {tuple(x.shape[-2:])}. Create the model with the image_size you feed it.")
         raw = F.relu(x)
         if self.masks:
-            mask = part_mask(raw, self.beta if self.beta.requires_grad else float(self.beta[0]), self.mu)
+            mask = part_mask(raw, self.beta, self.mu, None if self.beta.requires_grad else self._mask_table())
             masked = F.relu(raw * mask)
         else:  # an ordinary conv layer: the map passes unmasked (statistics and template scores still kept)
             masked = raw
@@ -92,6 +93,17 @@ class InterpretableFilters(nn.Module):
             log_mean_z = batch_z
         return masked, {"raw": raw, "masked": masked, "scores": scores, "log_mean_z": log_mean_z,
                         "batch_z": batch_z.detach()}
+
+    def _mask_table(self) -> torch.Tensor | None:
+        """Every argmax mask of a frozen beta shared by all filters, (h*w, h*w), or None (per-filter betas). Rebuilt
+        only when beta changes in place (a loaded checkpoint): the uniformity check reads the device then, not in
+        every step."""
+        key = (self.beta._version, self.beta.device)
+        if getattr(self, "_table_key", None) != key:
+            uniform = bool((self.beta == self.beta[0]).all())
+            self._table = template_shapes(*self.map_size, self.beta[0]).flatten(1) if uniform else None
+            self._table_key = key
+        return self._table
 
     def _blend(self, running: torch.Tensor, batch_z: torch.Tensor) -> torch.Tensor:
         """log((1 - m) exp(running) + m exp(batch_z)): the exponential moving mean in log space."""
@@ -107,7 +119,8 @@ class InterpretableFilters(nn.Module):
         if self.single_category is not None:
             return
         num_classes = self.class_activation.shape[1]
-        one_hot = F.one_hot(labels, num_classes).float()  # (B, C)
+        classes = torch.arange(num_classes, device=labels.device)
+        one_hot = (labels[:, None] == classes).float()  # (B, C); F.one_hot reads the labels' range on the host
         peak = raw.detach().flatten(2).amax(-1).float()  # (B, F)
         sums = all_reduce_(one_hot.t() @ peak)  # (C, F)
         counts = all_reduce_(one_hot.sum(0))  # (C,)

@@ -16,12 +16,13 @@ def template_shapes(height: int, width: int, beta: float | torch.Tensor = 4.0) -
     `beta` may be a tensor of shape (F,) (learned per filter); the result is then (F, h*w, h, w).
     """
     n = max(height, width)
-    rows = torch.arange(height, dtype=torch.float32)
-    cols = torch.arange(width, dtype=torch.float32)
+    device = beta.device if isinstance(beta, torch.Tensor) else None
+    rows = torch.arange(height, dtype=torch.float32, device=device)
+    cols = torch.arange(width, dtype=torch.float32, device=device)
     mu_r, mu_c = torch.meshgrid(rows, cols, indexing="ij")
     distance = ((rows[None, :, None] - mu_r.reshape(-1, 1, 1)).abs()
                 + (cols[None, None, :] - mu_c.reshape(-1, 1, 1)).abs())  # (h*w, h, w)
-    beta = torch.as_tensor(beta, dtype=torch.float32)
+    beta = torch.as_tensor(beta, dtype=torch.float32, device=device)
     if beta.ndim == 1:
         return (1 - beta[:, None, None, None] * distance / n).clamp(min=-1)  # (F, h*w, h, w)
     return (1 - beta * distance / n).clamp(min=-1)
@@ -39,14 +40,18 @@ def template_bank(height: int, width: int, beta: float = 4.0, tau_scale: float =
     return torch.cat([positives, torch.full((1, height * width), -tau)])
 
 
-def part_mask(x: torch.Tensor, beta: float | torch.Tensor = 4.0, mu: str = "argmax") -> torch.Tensor:
+def part_mask(x: torch.Tensor, beta: float | torch.Tensor = 4.0, mu: str = "argmax",
+              table: torch.Tensor | None = None) -> torch.Tensor:
     """The mask max(1 - beta * ||[i,j] - mu_hat||_1 / n, -1) around each map's peak: (B, F, h, w).
 
     mu = "argmax" (paper) takes the strongest unit; "centroid" (authors' code) the activation-weighted centre.
-    `beta` is a float or a per-filter tensor (F,).
+    `beta` is a float or a per-filter tensor (F,). `table` (h*w, h*w), `template_shapes(h, w, beta).flatten(1)`
+    for one beta shared by every filter, makes the argmax mask one row lookup per map (the same values).
     """
     batch, filters, height, width = x.shape
     n = max(height, width)
+    if mu == "argmax" and table is not None:
+        return table[x.detach().flatten(2).argmax(-1)].view(x.shape).to(x.dtype)  # (B, F, h*w) rows -> (B, F, h, w)
     if mu == "argmax":
         peak = x.detach().flatten(2).argmax(-1)  # (B, F)
         mu_r, mu_c = (peak // width).float(), (peak % width).float()

@@ -38,6 +38,8 @@ class FactoredLSTMGenerator(nn.Module):
         self.out = nn.Linear(hidden, vocab_size)
         for p in self.parameters():  # the paper's uniform +-0.08 initialisation
             nn.init.uniform_(p, -0.08, 0.08)
+        never = torch.zeros(vocab_size).index_fill_(0, torch.tensor([pad, bos]), float("-inf"))
+        self.register_buffer("never_generated", never, persistent=False)  # (V,) added to every step's logits
 
     def forward(self, feature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: logits (B, L-1, V) for tokens[:, 1:] given tokens[:, :-1] and the feature (B, F)."""
@@ -55,14 +57,15 @@ class FactoredLSTMGenerator(nn.Module):
         word_state, feature_state = state if state is not None else (None, None)
         words, word_state = self.word_lstm(self.embed(token)[:, None], word_state)  # (B, 1, H)
         hidden, feature_state = self.feature_lstm(torch.cat([words, feature[:, None]], -1), feature_state)
-        logits = self.out(hidden[:, 0]).float()
-        logits[:, [self.pad, self.bos]] = float("-inf")  # never generated: padding and the start token
+        logits = self.out(hidden[:, 0]).float() + self.never_generated  # padding and the start token: -inf
         return F.log_softmax(logits, -1), (word_state, feature_state)
 
-    def decode(self, feature: torch.Tensor, mode: str = "greedy", beam_size: int = 3
+    def decode(self, feature: torch.Tensor, mode: str = "greedy", beam_size: int = 3, early_stop: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sentences (B, max_len) without <bos>, padded after <eos>, and each word's log-probability (B, max_len),
-        0 after <eos>. `mode`: greedy | sample | beam (the log-probabilities of a beam are its words' too)."""
+        0 after <eos>. `mode`: greedy | sample | beam (the log-probabilities of a beam are its words' too).
+        `early_stop`: greedy and sampled decoding stop once every sentence has ended (one device read per word);
+        False runs all max_len steps without reading the device (the same sentences; sampling draws more noise)."""
         if mode == "beam":
             return self._beam(feature, beam_size)
         if mode not in ("greedy", "sample"):
@@ -79,7 +82,7 @@ class FactoredLSTMGenerator(nn.Module):
             log_probs.append(step_log_probs.gather(1, token[:, None])[:, 0].masked_fill(done, 0.0))
             tokens.append(token)
             done = done | (token == self.eos)
-            if done.all():
+            if early_stop and done.all():  # reads the device: training's sampling runs to max_len instead
                 break
         tokens_t, log_probs_t = torch.stack(tokens, 1), torch.stack(log_probs, 1)
         width = self.max_len - tokens_t.shape[1]
@@ -207,10 +210,11 @@ class ExplanationModel(nn.Module):
         check_input(name, tokens, (len(images), "L"), "token ids", kind="long")
         return {"word_logits": self.generator(self.features(images, labels), tokens)}
 
-    def explain(self, images: torch.Tensor, labels: torch.Tensor, mode: str = "greedy", beam_size: int = 3
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Generated sentences (B, max_len) and their per-word log-probabilities."""
-        return self.generator.decode(self.features(images, labels), mode=mode, beam_size=beam_size)
+    def explain(self, images: torch.Tensor, labels: torch.Tensor, mode: str = "greedy", beam_size: int = 3,
+                early_stop: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generated sentences (B, max_len) and their per-word log-probabilities (`decode`'s `early_stop`)."""
+        return self.generator.decode(self.features(images, labels), mode=mode, beam_size=beam_size,
+                                     early_stop=early_stop)
 
 
 def _create_textual(variant: str, *, num_classes: int = 6, vocab_size: int = 25, in_chans: int | None = 3,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import BLEUScore
 
-from zoo.checks import batch_field
+from zoo.checks import batch_field, ids_out_of_range
 from zoo.distributed import all_reduce_
 from zoo.engine import Auxiliary, ZooSystem
 from zoo.registry import create_model, create_model_for_data
@@ -149,8 +149,9 @@ class TextualSystem(ZooSystem):
     def forward_batch(self, batch: Any, stage: str) -> dict[str, Any]:
         images, labels = batch_field(batch, self.input_key), batch_field(batch, self.target_key)
         captions = batch_field(batch, self.hparams.captions_key)  # (B, R, L)
-        if captions.device.type == "cpu" and captions.max() >= self.hparams.vocab_size:  # free of device syncs
-            raise ValueError(f"captions hold token id {int(captions.max())} >= vocab_size {self.hparams.vocab_size}.")
+        span = ids_out_of_range(captions, None, self.hparams.vocab_size - 1)  # CPU only: free of device syncs
+        if span is not None:
+            raise ValueError(f"captions hold token id {span[1]} >= vocab_size {self.hparams.vocab_size}.")
         if stage != "train":
             sentences, log_probs = self.model.explain(images, labels, mode="greedy")
             return {"images": images, "labels": labels, "references": captions, "sentences": sentences,
@@ -159,7 +160,7 @@ class TextualSystem(ZooSystem):
         tokens = captions[torch.arange(len(captions), device=captions.device), pick]  # (B, L) one reference each
         out = {**self.model(images, labels, tokens), "tokens": tokens}
         if self.loss.samples_needed and self._stage_sums("loss_discriminative"):
-            sampled, log_probs = self.model.explain(images, labels, mode="sample")
+            sampled, log_probs = self.model.explain(images, labels, mode="sample", early_stop=False)  # no device read
             out |= {"samples": sampled, "sample_log_probs": log_probs,
                     "reward": self.sentence_classifier.true_class_probability(sampled, labels)}
         return out
