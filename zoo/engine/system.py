@@ -41,7 +41,7 @@ def format_terms(names: tuple[str, ...], values: torch.Tensor) -> str:
     return ", ".join(f"{name}={value:.4g}" for name, value in zip(names, values.tolist()))
 
 
-def compile_model(model: nn.Module) -> None:
+def compile_model(model: nn.Module, backend: str = "inductor") -> None:
     """`torch.compile` `model` in place (`nn.Module.compile`: parameters and state-dict keys unchanged), or leave it
     eager with a warning when it cannot be compiled: torchvision's detectors (`GeneralizedRCNN`) read data-dependent
     shapes (proposal counts, matched boxes) throughout their RPN and RoI sampling."""
@@ -51,7 +51,7 @@ def compile_model(model: nn.Module) -> None:
         rank_zero_warn(f"compile=True: {type(model).__name__} is a torchvision detector (data-dependent shapes in its "
                        "RPN and RoI sampling); it runs eagerly.")
         return
-    model.compile()
+    model.compile(backend=backend)
 
 
 class ZooSystem(pl.LightningModule):
@@ -71,8 +71,9 @@ class ZooSystem(pl.LightningModule):
             inside a step: each step's terms are kept (detached) and checked together every `log_every_n_steps`
             steps, at the epoch's end and before any checkpoint is written; "skip" must decide on the host before
             the optimiser step, so it costs one host-device synchronisation per step.
-        compile: `torch.compile` the model (`nn.Module.compile`: same parameters and checkpoint keys). A model that
-            cannot be compiled (torchvision's detectors) runs eagerly, with a warning.
+        compile: `torch.compile` the model (`nn.Module.compile`: same parameters and checkpoint keys); True uses
+            torch's default backend (inductor), a string names another ("aot_eager", "cudagraphs", ...). A model
+            that cannot be compiled (torchvision's detectors) runs eagerly, with a warning.
     """
 
     TWINS: ClassVar[dict[str, list[str]]] = {}
@@ -92,7 +93,7 @@ class ZooSystem(pl.LightningModule):
         target_key: str = "label",
         stages: list[dict[str, Any]] | None = None,
         nonfinite_loss: str = "raise",
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         if nonfinite_loss not in NONFINITE_POLICIES:
@@ -100,7 +101,7 @@ class ZooSystem(pl.LightningModule):
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
         self.model = self.build_model()
         if compile:
-            compile_model(self.model)
+            compile_model(self.model, "inductor" if compile is True else compile)
         self.loss = loss if loss is not None else self.default_loss()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.input_key, self.target_key = input_key, target_key

@@ -115,7 +115,8 @@ class InterpretableFilters(nn.Module):
         """One training step's update of Z_T and the category statistics (synchronised across processes)."""
         z = global_log_mean_exp(batch_z, len(raw))
         unset = torch.isnan(self.log_mean_z)
-        self.log_mean_z.copy_(torch.where(unset, z, self._blend(self.log_mean_z.nan_to_num(0.0), z)))
+        # a new tensor, not copy_: a compiled forward may have saved the old one for its backward
+        self.log_mean_z = torch.where(unset, z, self._blend(self.log_mean_z.nan_to_num(0.0), z))
         if self.single_category is not None:
             return
         num_classes = self.class_activation.shape[1]

@@ -74,11 +74,12 @@ class L2XSystem(ZooSystem):
         target_key: str = "label",
         relevant_key: str = "relevant",
         nonfinite_loss: str = "raise",
+        compile: bool | str = False,
     ) -> None:
         super().__init__(model_name=model_name, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
                          data_inputs=data_inputs, model_kwargs=model_kwargs, loss=loss, optimizer=optimizer,
                          scheduler=scheduler, input_key=input_key, target_key=target_key,
-                         nonfinite_loss=nonfinite_loss)
+                         nonfinite_loss=nonfinite_loss, compile=compile)
         self.relevant_key = relevant_key
         self.black_box = create_model_for_data(black_box, num_classes, in_chans, image_size, data_inputs,
                                                black_box_kwargs)

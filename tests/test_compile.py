@@ -1,0 +1,53 @@
+"""`compile` (ZooSystem init arg, `--model.init_args.compile=true`): every family's training step gives the eager
+step's loss compiled. Graph capture is checked for every family with the "aot_eager" backend (dynamo + AOT
+autograd, no code generation: seconds, and the same random streams as eager); inductor, the default backend of
+`compile=True`, compiles the plain classifier (its own random streams would differ from eager in models that draw
+noise: L2X's Gumbel, dropout). torchvision's detectors cannot be compiled and run eagerly with a
+warning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.op_counts import FAMILIES, build
+
+COMPILABLE = [family for family in FAMILIES if family != "aog_rcnn"]
+
+
+def losses(family: str, compile: bool | str, steps: int = 2) -> list[torch.Tensor]:
+    """The losses of `steps` training steps (forward, loss, backward, optimiser step) from the seed-0 model."""
+    torch.manual_seed(0)
+    system, batch = build(family, batch_size=4, extra=[f"--model.init_args.compile={compile}"])
+    system.train()
+    system.on_train_epoch_start()
+    optimizer = system.configure_optimizers()
+    optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+    torch.manual_seed(1)
+    values = []
+    for _ in range(steps):
+        loss = system.training_step(batch, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        values.append(loss.detach())
+    return values
+
+
+@pytest.mark.parametrize("family", COMPILABLE)
+def test_compiled_step_gives_the_eager_loss(family: str) -> None:
+    torch._dynamo.reset()
+    eager, compiled = losses(family, False), losses(family, "aot_eager")
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_inductor_compiles_the_default_way() -> None:
+    torch._dynamo.reset()
+    eager, compiled = losses("baselines", False), losses("baselines", True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_a_detector_runs_eagerly_with_a_warning() -> None:
+    with pytest.warns(UserWarning, match="torchvision detector"):
+        system, _ = build("aog_rcnn", batch_size=2, extra=["--model.init_args.compile=true"])
+    assert not hasattr(system.model, "_compiled_call_impl") or system.model._compiled_call_impl is None
