@@ -4,6 +4,13 @@ interpretable model against its opaque twin / baselines, on the CPU or a GPU, fp
     python -m benchmarks.family_speed [--families icnn l2x renn aog textual] [--device cpu|cuda] [--bf16]
         [--rounds 5] [--steps 10]
     python -m benchmarks.family_speed --families --heads vote3 aog3     # two RoI heads alone, in a fresh process
+    python -m benchmarks.family_speed --realistic --device cuda [--rows icnn_resnet18 ...] [--scale 1.0]
+
+`--realistic` times the rows of the GPU issue at the sizes researchers train at (ICNN on resnet18 / vgg16 at
+224 px, tinycnn at 64 px batch 256; the AOG heads at 512 RoIs; detectors on resnet18 at 512 px; textual, ReNN and
+L2X steps), each row's model against its reference in interleaved rounds, fp32 and bf16 autocast, and prints the
+ratios with the issue's targets. `--scale` shrinks batches and image sizes (a CPU smoke run: `--device cpu --scale
+0.25 --rows icnn_tinycnn renn`).
 
 A train step is forward + loss + backward + optimiser step (+ ICNN's online statistics; + the frozen black box's
 forward for L2X). Inference is one forward pass in eval mode (for L2X: explaining a batch). Models of a family
@@ -260,6 +267,91 @@ def head_speed(device: torch.device, rounds: int, rois: int, classes: int = 21, 
             for name, m in median.items()]
 
 
+class Row(NamedTuple):
+    """One row of the realistic table: `model` timed against `reference` (both train steps), the issue's target."""
+    name: str
+    model: str
+    reference: str
+    target: float
+
+
+REALISTIC = {  # --rows key: the row
+    "icnn_resnet18": Row("icnn_resnet18 224 px batch 64, 200 classes: ICNN / ordinary twin", "icnn", "ordinary twin",
+                         1.15),
+    "icnn_resnet18_masks": Row("icnn_resnet18 224 px: masked twin / ordinary twin (the masks alone)", "masked twin",
+                               "ordinary twin", 1.05),
+    "icnn_vgg16": Row("icnn_vgg16 224 px batch 32: ICNN / ordinary twin", "icnn", "ordinary twin", 1.10),
+    "icnn_tinycnn": Row("icnn_tinycnn 64 px batch 256: ICNN / ordinary twin", "icnn", "ordinary twin", 1.30),
+    "aog3": Row("AOGParsing head 3x3 / average vote (512 RoIs, 21 classes, fwd + bwd)", "aog3", "vote3", 2.0),
+    "aog7": Row("AOGParsing head 7x7 / average vote 7x7", "aog7", "vote7", 3.0),
+    "aog_rcnn": Row("aog_rcnn detector step / vote detector (resnet18, 512 px, batch 4)", "aog_rcnn_resnet18",
+                    "vote_rcnn_resnet18", 1.05),
+    "textual": Row("textual explanation step (relevance + REINFORCE) / description step",
+                   "explanation (relevance + REINFORCE)", "description (captioner, no class)", 2.5),
+    "renn": Row("renn_series / baseline_cnn1d", "renn_series", "baseline_cnn1d", 1.3),
+    "l2x": Row("l2x_vector / its black box", "l2x_vector (k=5)", "black box (baseline_mlp)", 1.5),
+}
+ICNN_BACKBONES = {"icnn_resnet18": ("icnn_resnet18", 224, 64), "icnn_resnet18_masks": ("icnn_resnet18", 224, 64),
+                  "icnn_vgg16": ("icnn_vgg16", 224, 32), "icnn_tinycnn": ("icnn_tinycnn", 64, 256)}
+
+
+def scaled(value: int, scale: float, least: int) -> int:
+    return max(least, round(value * scale))
+
+
+def realistic_setup(key: str, device: torch.device, scale: float) -> tuple[dict, str, dict, nn.Module | None]:
+    """(batch, input key, {name: (model, loss)} with the row's model and reference, teacher) of a model row."""
+    torch.manual_seed(0)
+    row = REALISTIC[key]
+    if key in ICNN_BACKBONES:
+        name, size, batch_size = ICNN_BACKBONES[key]
+        size, batch_size = scaled(size, scale, 32) // 32 * 32, scaled(batch_size, scale, 2)
+        batch = {"image": torch.rand(batch_size, 3, size, size), "label": torch.randint(0, 200, (batch_size,))}
+        kw = {"image_size": size, "num_classes": 200, "tau_scale": 16.0}
+        variants = {"icnn": (True, 1.0), "masked twin": (True, 0.0), "ordinary twin": (False, 0.0)}
+        models = {variant: (zoo.create_model(name, masks=masks, **kw), FilterPartLoss(weight=weight))
+                  for variant, (masks, weight) in variants.items() if variant in (row.model, row.reference)}
+        return to(batch, device), "image", models, None
+    if key == "aog_rcnn":
+        size, count = scaled(512, scale, 128), scaled(4, scale, 1)
+        boxes = torch.tensor([[0.1, 0.12, 0.5, 0.48], [0.55, 0.5, 0.95, 0.9]]) * size
+        batch = {"images": [torch.rand(3, size, size, device=device) for _ in range(count)],
+                 "targets": [{"boxes": boxes.to(device), "labels": torch.tensor([1, 3], device=device)}
+                             for _ in range(count)]}
+        models = {name: (zoo.create_model(name, num_classes=20, image_size=size), DetectorLoss())
+                  for name in (row.model, row.reference)}
+        return batch, "images", models, None
+    _, batch, input_key, models, teacher = family_setups(key, device)
+    return batch, input_key, {name: models[name] for name in (row.model, row.reference)}, teacher
+
+
+def realistic(device: torch.device, rounds: int, steps: int, scale: float, keys: list[str]) -> list[dict]:
+    """Every chosen row in fp32 and bf16 autocast: medians of interleaved rounds and the row's ratio."""
+    rows = []
+    for key in keys:
+        row = REALISTIC[key]
+        for bf16 in (False, True):
+            if key in ("aog3", "aog7"):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    heads = {r["head"]: r["ms"] for r in head_speed(device, rounds, scaled(512, scale, 16),
+                                                                      keys=[row.model])}
+                model_ms, reference_ms = heads[HEADS[row.model].name], heads[HEADS[row.reference].name]
+            else:
+                batch, input_key, models, teacher = realistic_setup(key, device, scale)
+                timed = {}
+                for name, (model, loss) in models.items():
+                    model.to(device)
+                    loss.to(device)
+                    timed[name] = train_step(model, loss, batch, input_key, device, bf16,
+                                             teacher if name == row.model else None)
+                median = interleaved_medians(timed, device, rounds, calls=steps, warmup=2)
+                model_ms, reference_ms = 1e3 * median[row.model], 1e3 * median[row.reference]
+            rows.append({"row": row.name, "precision": "bf16" if bf16 else "fp32", "model_ms": round(model_ms, 2),
+                         "reference_ms": round(reference_ms, 2), "ratio": round(model_ms / reference_ms, 3),
+                         "target": row.target})
+    return rows
+
+
 def measure(family: str, device: torch.device, bf16: bool, rounds: int, steps: int) -> list[dict]:
     reference, batch, key, models, teacher = family_setups(family, device)
     variants: dict[tuple[str, str], Step] = {}  # timed in this order: A train, A infer, B train, B infer, ...
@@ -320,8 +412,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--realistic", action="store_true", help="the GPU issue's table at realistic sizes")
+    parser.add_argument("--rows", nargs="+", choices=list(REALISTIC), default=list(REALISTIC),
+                        help="--realistic: these rows only")
+    parser.add_argument("--scale", type=float, default=1.0, help="--realistic: batch and image sizes times this")
     args = parser.parse_args(argv)
     device = args.device
+    if args.realistic:
+        return print_realistic(device, args.rounds, args.steps, args.scale, args.rows)
     rows = [row for family in args.families for row in measure(family, device, args.bf16, args.rounds, args.steps)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
@@ -343,6 +441,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for r in head_speed(device, args.rounds, args.head_rois, keys=args.heads):
             print(f"| {r['head']} | {r['ms']} | {r['vs_vote']} |")
             rows.append({"family": "aog head", **r})
+    return rows
+
+
+def print_realistic(device: torch.device, rounds: int, steps: int, scale: float, keys: list[str]) -> list[dict]:
+    rows = realistic(device, rounds, steps, scale, keys)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {name}, scale {scale}, {rounds} rounds x {steps} steps (medians of interleaved "
+          "rounds; train steps)")
+    print("| row | precision | model ms | reference ms | ratio | target |\n| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['row']} | {r['precision']} | {r['model_ms']} | {r['reference_ms']} | {r['ratio']} | "
+              f"<= {r['target']} |")
     return rows
 
 
