@@ -40,7 +40,8 @@ def merge_kwargs_options(args: list[str]) -> list[str]:
             except yaml.YAMLError:
                 parsed = None
             if isinstance(parsed, dict) and parsed:
-                out += [f"{name}.{key}={json.dumps(item)}" for key, item in parsed.items()]
+                out += [f"{name}.{key}={item if isinstance(item, str) else json.dumps(item)}"
+                        for key, item in parsed.items()]
             else:
                 out += [name, value]
         else:
@@ -97,8 +98,10 @@ class ZooCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse with `*_kwargs` mappings from the command line merged into the config's (`merge_kwargs_options`)."""
-        args = sys.argv[1:] if args is None else args
-        super().parse_arguments(parser, merge_kwargs_options(list(args)) if isinstance(args, list) else args)
+        if args is None:  # from the command line (Lightning warns when given both argv and args)
+            self.config = parser.parse_args(merge_kwargs_options(sys.argv[1:]))
+        else:
+            super().parse_arguments(parser, merge_kwargs_options(list(args)) if isinstance(args, list) else args)
 
     def instantiate_classes(self) -> None:
         """Then resolve a datamodule's `mean: pretrained` with the model's backbone (timm's pretrained_cfg)."""
