@@ -75,7 +75,11 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
     try:
         if target is None:
             with torch.no_grad():
-                target = net(images)["logits"].argmax(-1)
+                out = net(images)
+            if not isinstance(out, dict) or "logits" not in out:
+                raise ValueError(f"{type(net).__name__} returns no class logits (a detector or a generator): "
+                                 f"zoo.explain explains classifiers.")
+            target = out["logits"].argmax(-1)
         target = torch.as_tensor(target, device=images.device).long().expand(len(images))
         if method == OWN:
             maps = own_explanation(net, images, target)
