@@ -58,7 +58,8 @@ class PredictionWriter(BasePredictionWriter):
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
         if not trainer.is_global_zero or not isinstance(prediction, dict) or "probs" not in prediction:
             return
-        class_names = getattr(pl_module, "class_names", None) or [str(c) for c in range(prediction["probs"].shape[-1])]
+        classes = prediction["probs"].shape[-1]
+        class_names = getattr(pl_module, "class_names", None) or [str(c) for c in range(classes)]
         probs, pred = prediction["probs"].float().cpu(), prediction["pred"].cpu()
         index = prediction.get("index", torch.arange(len(pred)) + batch_idx * len(pred)).cpu()
         labels = batch.get(getattr(pl_module, "target_key", "label")) if isinstance(batch, dict) else None
