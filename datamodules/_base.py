@@ -172,7 +172,7 @@ class DictDataModule(pl.LightningDataModule):
 
     collate_fn: Any = None  # DataLoader's default; detection datamodules batch variable-size targets as lists
 
-    def dataset(self, split: str) -> Dataset:
+    def split_samples(self, split: str) -> Dataset:
         """The samples of `split` as the loaders yield them (normalised when a mean and std are set)."""
         if split not in self.splits:
             self.setup("fit" if split in ("train", "val") else split)
@@ -183,7 +183,7 @@ class DictDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
-            self.dataset(split), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            self.split_samples(split), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
             pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, collate_fn=self.collate_fn,
         )
 

@@ -225,6 +225,10 @@ class CUB200DataModule(DictDataModule):
         """The words of a sentence (L,) of `vocabulary` ids (a reference or a generated one), up to <eos>."""
         return " ".join(decode_tokens(tokens, self.vocabulary, end_token=CAPTION_EOS, skip=(CAPTION_PAD, CAPTION_BOS)))
 
+    def sample_names(self, split: str) -> list[str]:
+        """Each image's path under images/ by sample index (CUB samples are indexed by their images.txt row)."""
+        return [path.parent.name + "/" + path.name for path in self.index.paths]
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return

@@ -183,3 +183,14 @@ def test_class_names_travel_from_the_folder_to_the_checkpoint_and_the_export(ima
 ])
 def test_every_datamodule_names_its_classes(make, names: list[str]) -> None:
     assert make().class_names == names
+
+
+def test_real_datasets_name_their_classes_and_samples(cub_root: Path, image_folder_root: Path) -> None:
+    from datamodules import CUB200DataModule
+
+    cub = CUB200DataModule(str(cub_root), image_size=32)
+    assert cub.class_names == ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
+    sample = cub.split_samples("test")[0]
+    assert cub.sample_names("test")[int(sample["index"])].startswith(cub.class_names[int(sample["label"])])
+    folder = ImageFolderDataModule(str(image_folder_root))
+    assert folder.class_names == ["cat", "dog"] and folder.sample_names("val")[2] == "val/dog/0.png"

@@ -252,8 +252,8 @@ def test_filter_maps_callback_writes_tensorboard_and_run_folder(tmp_path) -> Non
     table = (folder / "epoch0.md").read_text().splitlines()
     assert (folder / "epoch0.png").is_file() and len(table) == 2 + 3
     category, part = table[2].split("|")[3].strip(), table[2].split("|")[4].strip()
-    assert category in data.class_names and any(colour in part for colour in ("red", "green", "blue", "yellow", "magenta",
-                                                                    "cyan"))
+    assert category in data.class_names  # "class 3": the category by class name
+    assert any(colour in part for colour in ("red", "green", "blue", "yellow", "magenta", "cyan"))
     assert list((tmp_path / "run").glob("events.out.tfevents.*"))
 
 

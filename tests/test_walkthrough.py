@@ -56,7 +56,8 @@ def test_the_readme_walkthrough_runs_on_a_tiny_image_folder(image_folder_root: P
     assert fit_cli.datamodule.mean == pytest.approx([0.485, 0.456, 0.406])  # from resnet18's pretrained_cfg
     assert fit_cli.model.class_names == ["cat", "dog"]
     groups = fit_cli.trainer.optimizers[0].param_groups
-    assert [g["name"] for g in groups] == ["backbone", "rest"] and groups[0]["lr"] == pytest.approx(groups[1]["lr"] / 10)
+    assert [g["name"] for g in groups] == ["backbone", "rest"]
+    assert groups[0]["lr"] == pytest.approx(groups[1]["lr"] / 10)
     assert {row["run"] for row in runs["compare"]} >= {"icnn", "plain_cnn"}
     assert (in_tmp_dir / "checkpoints" / "image_folder_compare" / "report.md").is_file()
     predictions = in_tmp_dir / "checkpoints" / "baselines_image_folder" / "predictions"

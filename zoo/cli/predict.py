@@ -55,7 +55,8 @@ class PredictionWriter(BasePredictionWriter):
         self.names = sample_names(PREDICT_SPLIT) if sample_names is not None else None
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
-                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
+                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
+                           dataloader_idx: int) -> None:
         if not trainer.is_global_zero or not isinstance(prediction, dict) or "probs" not in prediction:
             return
         classes = prediction["probs"].shape[-1]
@@ -101,7 +102,11 @@ class PredictionWriter(BasePredictionWriter):
         self.pictures += count
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero or not self.rows:
+        if not trainer.is_global_zero:
+            return
+        if not self.rows:
+            rank_zero_warn(f"predict: {type(pl_module).__name__}.predict_step returns no class probabilities "
+                           f"({{'probs', 'pred'}}); no {CSV_NAME} written.")
             return
         path = self.out_dir(trainer) / CSV_NAME
         with path.open("w", newline="") as handle:
