@@ -60,7 +60,8 @@ class ZooSystem(pl.LightningModule):
         class_names: the data's class names (linked from the datamodule's `class_names` by the CLI), saved in the
             checkpoint so predictions and reports name classes; None: "0", "1", ...
         freeze_backbone: fine-tuning: the model's backbone (`backbone_of`) gets no updates and stays in eval mode
-            (BatchNorm statistics too) until `unfreeze_epoch` (None: for the whole run).
+            (BatchNorm statistics too) until `unfreeze_epoch` (None: for the whole run). Under DDP, as with stages,
+            the strategy must find unused parameters.
         unfreeze_epoch: the epoch from which a frozen backbone trains.
         backbone_lr_scale: the backbone's learning rate is the optimiser's times this (its own parameter group,
             saved with the optimiser, so a resumed run keeps it; stage `lr_scale`s multiply both groups).
