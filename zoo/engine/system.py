@@ -248,7 +248,7 @@ class ZooSystem(pl.LightningModule):
         logged = self.schedule.start_epoch(self.model, optimizer, self.current_epoch)
         if self.backbone_frozen():
             backbone_of(self.model).requires_grad_(False)
-        elif self.hparams.freeze_backbone and self.schedule.current.train is None:
+        elif self.hparams.get("freeze_backbone") and self.schedule.current.train is None:
             backbone_of(self.model).requires_grad_(True)  # unfrozen; a stage that names what it trains decides
         logged |= epoch_schedules({"model": self.model, "loss": self.loss}, self.current_epoch)
         self.train(self.training)  # frozen submodules back to eval mode
