@@ -1,4 +1,5 @@
-"""What every datamodule shares: dict samples, loaders, and the error for a dataset folder that is not as expected."""
+"""What every datamodule shares: dict samples, loaders, input normalisation, class names, and the error for a dataset
+folder that is not as expected."""
 
 from __future__ import annotations
 
@@ -59,11 +60,50 @@ def check_labels(labels: torch.Tensor, num_classes: int, source: str) -> None:
         raise ValueError(f"{source}: labels span [{labels.min()}, {labels.max()}], outside [0, {num_classes}).")
 
 
+PREDICT_SPLIT = "test"  # what `predict` runs on
+PRETRAINED = "pretrained"  # `mean: pretrained`: the mean/std the model's backbone was pretrained with
+
+
+def pretrained_normalization(backbone: str) -> tuple[list[float], list[float]]:
+    """The per-channel mean and std a timm backbone was pretrained with (its `pretrained_cfg`), e.g. ImageNet's for
+    "resnet18"; read from timm's tables, nothing downloads."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(backbone)
+    if cfg is None or cfg.mean is None or cfg.std is None:
+        raise ValueError(f"Backbone {backbone!r} has no timm pretrained config with a mean and std; give the data's "
+                         f"mean and std as lists instead of {PRETRAINED!r}.")
+    return [float(m) for m in cfg.mean], [float(s) for s in cfg.std]
+
+
+class NormalizedDataset(Dataset):
+    """A dataset's samples with their float "image" (C, H, W) normalised per channel: (image - mean) / std."""
+
+    def __init__(self, dataset: Dataset, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.dataset = dataset
+        self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]  # (C, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        sample = dict(self.dataset[index])
+        sample["image"] = (sample["image"] - self.mean) / self.std
+        return sample
+
+
 class DictDataModule(pl.LightningDataModule):
     """Base for datamodules whose datasets yield dicts; subclasses fill `self.splits` in `setup`.
 
-    Subclasses know `num_classes`, `num_channels` and `image_size` at construction, so the CLI can link them into
-    the model before any data is loaded.
+    Subclasses know `num_classes`, `num_channels`, `image_size` and `class_names` at construction, so the CLI can
+    link them into the model before any data is loaded.
+
+    Image datamodules take `mean` and `std` (per channel, images in [0, 1]; None: no normalisation) and pass them
+    to `set_normalization`; the loaders then yield `(image - mean) / std` (`splits` keep the raw images, and
+    `denormalize` undoes it for pictures). `mean: pretrained` takes both from the model's backbone's timm
+    `pretrained_cfg`: `train.py` resolves it with `use_pretrained_normalization(<backbone name>)` (the backbone of
+    the System's model), which Python code calls itself.
     """
 
     num_classes: int
@@ -74,6 +114,55 @@ class DictDataModule(pl.LightningDataModule):
         super().__init__()
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.splits: dict[str, Dataset] = {}
+        self.mean: list[float] | str | None = None
+        self.std: list[float] | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        """Name of every class id, in id order ("0", "1", ... where the data names none); linked into the System's
+        `class_names` by the CLI, so checkpoints and predictions carry them."""
+        return getattr(self, "_class_names", None) or [str(c) for c in range(self.num_classes)]
+
+    @class_names.setter
+    def class_names(self, names: Sequence[str]) -> None:
+        self._class_names = [str(n) for n in names]
+
+    # ------------------------------------------------------------------------------------------- normalisation
+    def set_normalization(self, mean: Sequence[float] | str | None, std: Sequence[float] | str | None) -> None:
+        """Normalise images by per-channel `mean` and `std` (one value or one per channel); `mean="pretrained"`
+        (std None or "pretrained") waits for `use_pretrained_normalization`; None, None: no normalisation."""
+        if mean == PRETRAINED or std == PRETRAINED:
+            if mean != PRETRAINED or std not in (None, PRETRAINED):
+                raise ValueError(f"mean: {PRETRAINED} takes the std from the backbone too; got mean={mean!r}, "
+                                 f"std={std!r}.")
+            self.mean, self.std = PRETRAINED, None
+            return
+        if (mean is None) != (std is None):
+            raise ValueError(f"Give both mean and std (or neither); got mean={mean!r}, std={std!r}.")
+        if mean is not None:
+            mean, std = [float(m) for m in mean], [float(s) for s in std]
+            channels = getattr(self, "num_channels", None)
+            if len(mean) != len(std) or len(mean) not in (1, channels) or min(std) <= 0:
+                raise ValueError(f"mean and std need 1 or {channels} (the images' channels) values each, std > 0; "
+                                 f"got mean={mean}, std={std}.")
+        self.mean, self.std = mean, std
+
+    def use_pretrained_normalization(self, backbone: str) -> None:
+        """Resolve `mean: pretrained` with the timm `pretrained_cfg` of `backbone` (no-op for any other mean)."""
+        if self.mean == PRETRAINED:
+            mean, std = pretrained_normalization(backbone)
+            channels = getattr(self, "num_channels", None)
+            if channels is not None and channels != len(mean):
+                mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]  # grey images: timm's channel average
+            self.set_normalization(mean, std)
+
+    def denormalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) as the loaders yield them back in [0, 1] pixel values (for pictures)."""
+        if self.mean is None or self.mean == PRETRAINED:
+            return images
+        mean = images.new_tensor(self.mean)[:, None, None]
+        std = images.new_tensor(self.std)[:, None, None]
+        return images * std + mean
 
     @property
     def model_inputs(self) -> dict[str, Any]:
@@ -83,11 +172,18 @@ class DictDataModule(pl.LightningDataModule):
 
     collate_fn: Any = None  # DataLoader's default; detection datamodules batch variable-size targets as lists
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def split_samples(self, split: str) -> Dataset:
+        """The samples of `split` as the loaders yield them (normalised when a mean and std are set)."""
         if split not in self.splits:
             self.setup("fit" if split in ("train", "val") else split)
+        if self.mean == PRETRAINED:
+            raise ValueError(f"{type(self).__name__} has mean: {PRETRAINED}, not resolved yet: train.py resolves it "
+                             f"from the model's backbone; in Python call use_pretrained_normalization(<backbone>).")
+        return self.splits[split] if self.mean is None else NormalizedDataset(self.splits[split], self.mean, self.std)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
-            self.splits[split], batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            self.split_samples(split), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
             pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, collate_fn=self.collate_fn,
         )
 
@@ -101,7 +197,12 @@ class DictDataModule(pl.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader(PREDICT_SPLIT, shuffle=False)
+
+    def sample_names(self, split: str) -> list[str] | None:
+        """A name for each sample of `split` by its "index" (e.g. the image's file), or None where samples have none;
+        predictions.csv prints it."""
+        return None
 
 
 def detection_collate(samples: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> dict[str, Any]:

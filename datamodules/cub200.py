@@ -167,6 +167,10 @@ class CUB200DataModule(DictDataModule):
         sentences_root: Reed et al.'s text_c10 folder; by default `text_c10` beside or inside the CUB folder is
             used when present. Then batches hold `captions` (10 sentences per image, ids of `vocabulary`, built
             from the training sentences: <pad>, <bos>, <eos>, <unk>, then words by frequency).
+        mean / std: per-channel normalisation of the [0, 1] images (lists), "pretrained" (mean only: the model's
+            backbone's timm pretrained mean and std, resolved by train.py), or None: none (`DictDataModule`).
+
+    `class_names` come from classes.txt ("001.Black_footed_Albatross", ...; "0", "1", ... without it).
     """
 
     num_channels = 3
@@ -182,10 +186,13 @@ class CUB200DataModule(DictDataModule):
         sentences_per_image: int = 10,
         max_sentence_len: int = 32,
         max_vocab: int = 5000,
+        mean: list[float] | str | None = None,
+        std: list[float] | str | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.set_normalization(mean, std)
         base = find_cub_root(root)
         missing = [f for f in REQUIRED if not (base / f).is_file()]
         if missing:
@@ -217,6 +224,10 @@ class CUB200DataModule(DictDataModule):
     def decode(self, tokens: torch.Tensor) -> str:
         """The words of a sentence (L,) of `vocabulary` ids (a reference or a generated one), up to <eos>."""
         return " ".join(decode_tokens(tokens, self.vocabulary, end_token=CAPTION_EOS, skip=(CAPTION_PAD, CAPTION_BOS)))
+
+    def sample_names(self, split: str) -> list[str]:
+        """Each image's path under images/ by sample index (CUB samples are indexed by their images.txt row)."""
+        return [path.parent.name + "/" + path.name for path in self.index.paths]
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

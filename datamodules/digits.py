@@ -19,6 +19,10 @@ class DigitsDataModule(DictDataModule):
         classes: digits to keep, e.g. [3, 8] for L2X's 3-vs-8 task; None keeps all ten.
         image_size: 8 (native) or larger, upsampled with `upsample_mode`.
         val_fraction / test_fraction: stratified split fractions, drawn with `seed`.
+        mean / std: per-channel normalisation of the [0, 1] images (lists), "pretrained" (mean only: the model's
+            backbone's timm pretrained mean and std, resolved by train.py), or None: none (`DictDataModule`).
+
+    `class_names` are the kept digits ("3", "8").
     """
 
     num_channels = 1
@@ -31,10 +35,13 @@ class DigitsDataModule(DictDataModule):
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
         seed: int = 0,
+        mean: list[float] | str | None = None,
+        std: list[float] | str | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.set_normalization(mean, std)
         self.classes = list(range(10)) if classes is None else [int(c) for c in classes]
         bad = [c for c in self.classes if not 0 <= c <= 9]
         if bad or len(set(self.classes)) != len(self.classes) or len(self.classes) < 2:
@@ -45,6 +52,7 @@ class DigitsDataModule(DictDataModule):
             raise ValueError(f"val_fraction and test_fraction must be in (0, 1) with a sum < 1; got "
                              f"{val_fraction}, {test_fraction}.")
         self.num_classes, self.image_size, self.upsample_mode = len(self.classes), image_size, upsample_mode
+        self.class_names = [str(c) for c in self.classes]
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
 
     def setup(self, stage: str | None = None) -> None:

@@ -68,6 +68,10 @@ class ImageFolderDataModule(DictDataModule):
         image_size: images are resized to image_size x image_size.
         train_dir / val_dir / test_dir: split folder names; test_dir None reuses the val split for testing.
         augment: random horizontal flips on the training split.
+        mean / std: per-channel normalisation of the [0, 1] images (lists), "pretrained" (mean only: the model's
+            backbone's timm pretrained mean and std, resolved by train.py), or None: none (`DictDataModule`).
+
+    `class_names` are the train split's class folder names, in ImageFolder's (sorted) id order.
     """
 
     num_channels = 3
@@ -80,10 +84,13 @@ class ImageFolderDataModule(DictDataModule):
         val_dir: str = "val",
         test_dir: str | None = None,
         augment: bool = False,
+        mean: list[float] | str | None = None,
+        std: list[float] | str | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.set_normalization(mean, std)
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetLayoutError(f"ImageFolder root {root!r} does not exist.", IMAGE_FOLDER_LAYOUT)
@@ -96,6 +103,11 @@ class ImageFolderDataModule(DictDataModule):
                     f"Split {split!r} has classes {folder.classes}, train has {self.classes}: they must match.",
                     IMAGE_FOLDER_LAYOUT)
         self.num_classes, self.image_size, self.augment = len(self.classes), image_size, augment
+        self.class_names = self.classes
+
+    def sample_names(self, split: str) -> list[str]:
+        """Each image's path under `root` (e.g. "val/cat/0.png"), by sample index."""
+        return [str(Path(path).relative_to(self.root)) for path, _ in self.folders[split].samples]
 
     def setup(self, stage: str | None = None) -> None:
         for split, folder in self.folders.items():

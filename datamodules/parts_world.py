@@ -283,6 +283,10 @@ class PartsWorldDataModule(DictDataModule):
         seed: images; world_seed: class definitions.
         scale_jitter, position_jitter, part_jitter, colour_jitter: see `Jitter`.
         clutter: probability of each of `max_distractors` distractor parts; noise: pixel noise std.
+        mean / std: per-channel normalisation of the [0, 1] images (lists), "pretrained" (mean only: the model's
+            backbone's timm pretrained mean and std, resolved by train.py), or None: none (`DictDataModule`).
+
+    `class_names` are "class 0", "class 1", ... (the world's compositions have no names).
     """
 
     num_channels = 3
@@ -304,10 +308,13 @@ class PartsWorldDataModule(DictDataModule):
         clutter: float = 0.5,
         max_distractors: int = 2,
         noise: float = 0.04,
+        mean: list[float] | str | None = None,
+        std: list[float] | str | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.set_normalization(mean, std)
         if image_size < 32:
             raise ValueError(f"image_size must be at least 32 pixels for parts to be drawable; got {image_size}.")
         if not 0.0 <= clutter <= 1.0:
@@ -315,6 +322,7 @@ class PartsWorldDataModule(DictDataModule):
         self.save_hyperparameters()
         self.world = make_world(num_classes, parts_per_class, world_seed)
         self.num_classes, self.image_size = num_classes, image_size
+        self.class_names = [f"class {c}" for c in range(num_classes)]
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.seed = seed
         self.jitter = Jitter(scale_jitter, position_jitter, part_jitter, colour_jitter, clutter, max_distractors, noise)

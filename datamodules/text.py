@@ -44,6 +44,7 @@ class TokenDataModule(DictDataModule):
     num_classes = 2
     num_channels = None
     image_size = None
+    class_names = ["negative", "positive"]
     vocabulary: list[str]
 
     def __init__(self, max_len: int, batch_size: int, num_workers: int) -> None:

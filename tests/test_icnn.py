@@ -240,7 +240,8 @@ def test_filter_maps_callback_writes_tensorboard_and_run_folder(tmp_path) -> Non
 
     pl.seed_everything(0)
     data = PartsWorldDataModule(num_train=64, num_val=32, num_test=8, batch_size=32)
-    system = ICNNSystem("icnn_tinycnn", num_classes=6, loss=FilterPartLoss(), part_maps_key="filter_maps")
+    system = ICNNSystem("icnn_tinycnn", num_classes=6, loss=FilterPartLoss(), part_maps_key="filter_maps",
+                        class_names=data.class_names)
     logger = TensorBoardLogger(tmp_path, name="run", version="")
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=logger,
                          callbacks=[FilterMapsCallback(num_filters=3, num_images=4)],
@@ -251,8 +252,8 @@ def test_filter_maps_callback_writes_tensorboard_and_run_folder(tmp_path) -> Non
     table = (folder / "epoch0.md").read_text().splitlines()
     assert (folder / "epoch0.png").is_file() and len(table) == 2 + 3
     category, part = table[2].split("|")[3].strip(), table[2].split("|")[4].strip()
-    assert category.isdigit() and any(colour in part for colour in ("red", "green", "blue", "yellow", "magenta",
-                                                                    "cyan"))
+    assert category in data.class_names  # "class 3": the category by class name
+    assert any(colour in part for colour in ("red", "green", "blue", "yellow", "magenta", "cyan"))
     assert list((tmp_path / "run").glob("events.out.tfevents.*"))
 
 

@@ -3,12 +3,14 @@
     >>> import zoo
     >>> zoo.list_models("baseline_*")
     >>> model = zoo.create_model("baseline_tinycnn", num_classes=6)
+    >>> maps = zoo.explain(model, images)  # (B, H, W) own explanation of each predicted class
 
 Each family is a package (`zoo.icnn`, `zoo.l2x`, ...): model.py registers its models here; its Lightning System
 (system.py) is imported on demand, so `import zoo` needs no Lightning.
 """
 
 from zoo import aog_rcnn, baselines, icnn, l2x, renn, textual  # noqa: F401  (register their models)
+from zoo import explain  # noqa: F401  (callable: zoo.explain(model, images, method="own", target=None))
 from zoo.weights import CheckpointError
 from zoo.weights import export_checkpoint, load_checkpoint, load_exported
 from zoo.registry import create_model, is_model, list_models, model_factory, model_family, register_model
@@ -16,7 +18,7 @@ from zoo.backbones import Backbone, TinyCNN
 
 __all__ = [
     "Backbone", "CheckpointError", "TinyCNN", "create_model", "export_checkpoint", "is_model", "list_models",
-    "load_checkpoint", "load_exported", "model_factory", "model_family", "register_model", "model_table",
+    "load_checkpoint", "load_exported", "model_factory", "model_family", "register_model", "model_table", "explain",
 ]
 
 

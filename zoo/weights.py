@@ -184,8 +184,14 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str)
     return model.eval()
 
 
+def _with_class_names(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
+    """`model.class_names`: the names of its class ids as the data gave them ("0", "1", ... where none were saved)."""
+    model.class_names = list(spec.get("class_names") or [str(c) for c in range(int(spec["num_classes"]))])
+    return model
+
+
 def load_checkpoint(path: str | Path, **expected: Any) -> nn.Module:
-    """The trained model of a System checkpoint, in eval mode: ``zoo.load_checkpoint("last.ckpt")``.
+    """The trained model of a System checkpoint, in eval mode, with `class_names`: ``zoo.load_checkpoint(...)``.
 
     Keyword arguments (`model_name`, `num_classes`, `in_chans`) state what the caller expects; a checkpoint
     holding something else raises `CheckpointError` naming the difference.
@@ -194,16 +200,17 @@ def load_checkpoint(path: str | Path, **expected: Any) -> nn.Module:
     spec = model_spec(checkpoint["hyper_parameters"])
     check_same_model(spec, expected, f"checkpoint {str(path)!r}")
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    return _load_weights(_build(spec), state, f"checkpoint {str(path)!r}")
+    model = _load_weights(_build(spec), state, f"checkpoint {str(path)!r}")
+    return _with_class_names(model, checkpoint["hyper_parameters"])
 
 
 def export_checkpoint(path: str | Path, folder: str | Path) -> Path:
-    """Write `model.safetensors` and `config.json` (registry name + constructor inputs) for inference."""
+    """Write `model.safetensors` and `config.json` (registry name, constructor inputs, class_names) for inference."""
     from safetensors.torch import save_file
 
     checkpoint = read_checkpoint(path)
-    spec = model_spec(checkpoint["hyper_parameters"])
     model = load_checkpoint(path)
+    spec = {**model_spec(checkpoint["hyper_parameters"]), "class_names": model.class_names}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -216,7 +223,7 @@ def export_checkpoint(path: str | Path, folder: str | Path) -> Path:
 
 
 def load_exported(folder: str | Path) -> nn.Module:
-    """A model written by `export_checkpoint`, in eval mode."""
+    """A model written by `export_checkpoint`, in eval mode, with its `class_names`."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -224,6 +231,6 @@ def load_exported(folder: str | Path) -> nn.Module:
     if not config.is_file() or not weights.is_file():
         raise CheckpointError(f"{str(folder)!r} needs config.json and model.safetensors (see export_checkpoint).")
     spec = json.loads(config.read_text())
-    return _load_weights(_build(spec), load_file(str(weights)), f"export {str(folder)!r}")
+    return _with_class_names(_load_weights(_build(spec), load_file(str(weights)), f"export {str(folder)!r}"), spec)
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+import yaml
+from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from zoo.engine.callbacks import LatestCheckpoint, RNGStateCallback
@@ -20,9 +23,52 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+def merge_kwargs_options(args: list[str]) -> list[str]:
+    """`--model.init_args.model_kwargs '{a: 1, b: 2}'` (any option ending in `_kwargs` given a mapping) as
+    `--model.init_args.model_kwargs.a=1 --model.init_args.model_kwargs.b=2`: the keys given on the command line
+    merge into the config's mapping instead of replacing it (jsonargparse replaces a whole dict value)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, has_value, value = arg.partition("=")
+        if name.startswith("--") and name.endswith("_kwargs") and (has_value or i + 1 < len(args)):
+            if not has_value:
+                value, i = args[i + 1], i + 1
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = None
+            if isinstance(parsed, dict) and parsed:
+                out += [f"{name}.{key}={item if isinstance(item, str) else json.dumps(item)}"
+                        for key, item in parsed.items()]
+            else:
+                out += [name, value]
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def backbone_name(system: Any) -> str:
+    """The timm (or "tinycnn") name of the backbone of a System's model, for `mean: pretrained`."""
+    from zoo.backbones import Backbone
+    from zoo.engine.system import backbone_of
+
+    backbone = backbone_of(getattr(system, "model", system))
+    found = next((m for m in backbone.modules() if isinstance(m, Backbone)), None) if backbone is not None else None
+    if found is None:
+        raise ValueError(f"data mean: pretrained needs a model with a zoo Backbone; {type(system).__name__} has none. "
+                         "Give the data's mean and std as lists.")
+    return found.name
+
+
 class ZooCLI(LightningCLI):
     """LightningCLI with the zoo's defaults: any LightningModule/DataModule by class_path, the datamodule's
-    `num_classes`, `num_channels` and `image_size` linked into the model, a best+last ModelCheckpoint, seed 0."""
+    `num_classes`, `num_channels`, `image_size` and `class_names` linked into the model, a best+last
+    ModelCheckpoint, seed 0. Also: `*_kwargs` mappings given on the command line merge with the config's; a
+    datamodule's `mean: pretrained` takes the model's backbone's pretrained mean/std; `predict` writes
+    predictions.csv and explanation pictures (`zoo.cli.predict.PredictionWriter`) unless another writer is set."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -48,6 +94,29 @@ class ZooCLI(LightningCLI):
         parser.link_arguments("data.num_channels", "model.init_args.in_chans", apply_on="instantiate")
         parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
         parser.link_arguments("data.model_inputs", "model.init_args.data_inputs", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse with `*_kwargs` mappings from the command line merged into the config's (`merge_kwargs_options`)."""
+        if args is None:  # from the command line (Lightning warns when given both argv and args)
+            self.config = parser.parse_args(merge_kwargs_options(sys.argv[1:]))
+        else:
+            super().parse_arguments(parser, merge_kwargs_options(list(args)) if isinstance(args, list) else args)
+
+    def instantiate_classes(self) -> None:
+        """Then resolve a datamodule's `mean: pretrained` with the model's backbone (timm's pretrained_cfg)."""
+        super().instantiate_classes()
+        if getattr(self.datamodule, "mean", None) == "pretrained":
+            self.datamodule.use_pretrained_normalization(backbone_name(self.model))
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """`predict` gets the zoo's PredictionWriter unless the config names a prediction writer."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
+            from zoo.cli.predict import PredictionWriter
+
+            trainer.callbacks.append(PredictionWriter())
+        return trainer
 
     def before_fit(self) -> None:
         """Auxiliary models (L2X's black box, the textual sentence classifier) are trained before the fit is

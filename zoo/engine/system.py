@@ -54,6 +54,13 @@ def compile_model(model: nn.Module, backend: str = "inductor") -> None:
     model.compile(backend=backend)
 
 
+def backbone_of(model: nn.Module) -> nn.Module | None:
+    """A model's backbone, what `freeze_backbone` / `backbone_lr_scale` act on: its `backbone` submodule (the
+    zoo's classifiers, ICNN, AOG-RCNN's detector), or None (L2X's selectors, ReNN, the textual generators)."""
+    backbone = getattr(model, "backbone", None)
+    return backbone if isinstance(backbone, nn.Module) else None
+
+
 class ZooSystem(pl.LightningModule):
     """A registered model trained with a named-terms loss (see the module docstring for the hooks).
 
@@ -74,6 +81,14 @@ class ZooSystem(pl.LightningModule):
         compile: `torch.compile` the model (`nn.Module.compile`: same parameters and checkpoint keys); True uses
             torch's default backend (inductor), a string names another ("aot_eager", "cudagraphs", ...). A model
             that cannot be compiled (torchvision's detectors) runs eagerly, with a warning.
+        class_names: the data's class names (linked from the datamodule's `class_names` by the CLI), saved in the
+            checkpoint so predictions and reports name classes; None: "0", "1", ...
+        freeze_backbone: fine-tuning: the model's backbone (`backbone_of`) gets no updates and stays in eval mode
+            (BatchNorm statistics too) until `unfreeze_epoch` (None: for the whole run). Under DDP, as with stages,
+            the strategy must find unused parameters.
+        unfreeze_epoch: the epoch from which a frozen backbone trains.
+        backbone_lr_scale: the backbone's learning rate is the optimiser's times this (its own parameter group,
+            saved with the optimiser, so a resumed run keeps it; stage `lr_scale`s multiply both groups).
     """
 
     TWINS: ClassVar[dict[str, list[str]]] = {}
@@ -94,14 +109,21 @@ class ZooSystem(pl.LightningModule):
         stages: list[dict[str, Any]] | None = None,
         nonfinite_loss: str = "raise",
         compile: bool | str = False,
+        class_names: list[str] | None = None,
+        freeze_backbone: bool = False,
+        unfreeze_epoch: int | None = None,
+        backbone_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if nonfinite_loss not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite_loss must be one of {NONFINITE_POLICIES}; got {nonfinite_loss!r}.")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names holds {len(class_names)} names for num_classes={num_classes}.")
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
         self.model = self.build_model()
         if compile:
             compile_model(self.model, "inductor" if compile is True else compile)
+        self._check_fine_tuning(freeze_backbone, unfreeze_epoch, backbone_lr_scale)
         self.loss = loss if loss is not None else self.default_loss()
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.input_key, self.target_key = input_key, target_key
@@ -150,6 +172,11 @@ class ZooSystem(pl.LightningModule):
 
     def batch_size(self, batch: Any) -> int:
         return len(batch[self.target_key]) if isinstance(batch, dict) and self.target_key in batch else 1
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class names of the data it was trained on (public: pictures, reports and predictions print them)."""
+        return list(self.hparams.get("class_names") or [str(c) for c in range(self.hparams.num_classes)])
 
     # ------------------------------------------------------------------------------------------------ metrics
     def add_metric(self, name: str, metric: Metric, stages: tuple[str, ...] = EVAL_STAGES,
@@ -274,6 +301,10 @@ class ZooSystem(pl.LightningModule):
     def on_train_epoch_start(self) -> None:
         optimizer = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
         logged = self.schedule.start_epoch(self.model, optimizer, self.current_epoch)
+        if self.backbone_frozen():
+            backbone_of(self.model).requires_grad_(False)
+        elif self.hparams.get("freeze_backbone") and self.schedule.current.train is None:
+            backbone_of(self.model).requires_grad_(True)  # unfrozen; a stage that names what it trains decides
         logged |= epoch_schedules({"model": self.model, "loss": self.loss}, self.current_epoch)
         self.train(self.training)  # frozen submodules back to eval mode
         for name, value in logged.items():
@@ -287,10 +318,36 @@ class ZooSystem(pl.LightningModule):
         return self
 
     def frozen_modules(self) -> list[nn.Module]:
-        """Modules kept in eval mode while training: the current stage's frozen submodules and the auxiliaries (but
-        those left trainable after preparation, e.g. a fine-tuned encoder)."""
-        return self.schedule.frozen(self.model) + [aux.module(self) for aux in self.auxiliaries()
-                                                   if not aux.trainable_after]
+        """Modules kept in eval mode while training: the current stage's frozen submodules, a frozen backbone and
+        the auxiliaries (but those left trainable after preparation, e.g. a fine-tuned encoder)."""
+        return self.schedule.frozen(self.model) + ([backbone_of(self.model)] if self.backbone_frozen() else []) + [
+            aux.module(self) for aux in self.auxiliaries() if not aux.trainable_after]
+
+    # ------------------------------------------------------------------------------------------------ fine-tuning
+    def _check_fine_tuning(self, freeze: bool, unfreeze_epoch: int | None, lr_scale: float) -> None:
+        """Clear errors for fine-tuning options a model cannot take (no backbone) or that contradict each other."""
+        if not self.fine_tuning:
+            return
+        if unfreeze_epoch is not None and (not freeze or unfreeze_epoch < 0):
+            raise ValueError(f"unfreeze_epoch={unfreeze_epoch} needs freeze_backbone=True and an epoch >= 0.")
+        if lr_scale < 0:
+            raise ValueError(f"backbone_lr_scale must be >= 0; got {lr_scale}.")
+        if backbone_of(self.model) is None:
+            raise ValueError(f"freeze_backbone / unfreeze_epoch / backbone_lr_scale need a model with a backbone; "
+                             f"{self.hparams.model_name} ({type(self.model).__name__}) has no `backbone` module.")
+
+    @property
+    def fine_tuning(self) -> bool:
+        """Whether a fine-tuning option is set (then the optimiser has a backbone group and a rest group)."""
+        hp = self.hparams
+        return bool(hp.get("freeze_backbone") or hp.get("unfreeze_epoch") is not None or
+                    hp.get("backbone_lr_scale", 1.0) != 1.0)
+
+    def backbone_frozen(self) -> bool:
+        """Whether `freeze_backbone` holds the backbone at the current epoch."""
+        hp = self.hparams
+        return bool(hp.get("freeze_backbone") and (hp.unfreeze_epoch is None or
+                                                   self.current_epoch < hp.unfreeze_epoch))
 
     # -------------------------------------------------------------------------------- optimiser and checkpoints
     def configure_optimizers(self) -> Any:
@@ -298,7 +355,14 @@ class ZooSystem(pl.LightningModule):
             params = [p for p in self.model.parameters()]
         else:
             params = [p for p in self.parameters() if p.requires_grad]
+        if self.fine_tuning:  # two groups: the whole backbone (frozen now or not) at its own learning rate, the rest
+            backbone = list(backbone_of(self.model).parameters())
+            own = {id(p) for p in backbone}
+            params = [{"params": backbone, "name": "backbone"},
+                      {"params": [p for p in params if id(p) not in own], "name": "rest"}]
         optimizer = self.optimizer_factory(params)
+        if self.fine_tuning:  # the scaled rate lives in the param group: saved with the optimiser, kept on resume
+            optimizer.param_groups[0]["lr"] *= self.hparams.backbone_lr_scale
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

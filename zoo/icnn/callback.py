@@ -16,7 +16,7 @@ class FilterMapsCallback(FixedBatchCallback):
 
     Writes a TensorBoard image per filter (tag ``filters/<rank>_f<id>``) and, in the run folder, ``filters/
     epoch<e>.png`` (one row per filter) with ``filters/epoch<e>.md`` naming each row's filter, assigned category
-    and best-matching ground-truth part (from the System's part IoU).
+    (by class name: the System's `class_names`) and best-matching ground-truth part (from the System's part IoU).
 
     Args:
         num_filters: filters shown, ranked by mean peak activation on the fixed batch.
@@ -38,7 +38,7 @@ class FilterMapsCallback(FixedBatchCallback):
         maps = out[key].float()  # (N, F, h, w)
         top = maps.flatten(2).amax(-1).mean(0).topk(min(self.num_filters, maps.shape[1])).indices  # (k,)
         panels = heatmap_overlay(images.float(), maps[:, top].transpose(0, 1))  # (k, N, 3, H, W)
-        rows = self._describe(trainer, out, top.tolist(), part_scores)
+        rows = self._describe(trainer, out, top.tolist(), part_scores, getattr(pl_module, "class_names", None))
         if isinstance(trainer.logger, TensorBoardLogger):
             for panel, (filter_id, text) in zip(panels, rows):
                 tag = f"filters/{filter_id:04d}"
@@ -51,13 +51,15 @@ class FilterMapsCallback(FixedBatchCallback):
         (folder / f"epoch{trainer.current_epoch}.md").write_text("\n".join(lines) + "\n")
 
     @staticmethod
-    def _describe(trainer: pl.Trainer, out: dict, filters: list[int],
-                  scores: torch.Tensor | None) -> list[tuple[int, str]]:
+    def _describe(trainer: pl.Trainer, out: dict, filters: list[int], scores: torch.Tensor | None,
+                  class_names: list[str] | None) -> list[tuple[int, str]]:
         categories = out["filter_category"][-1].tolist() if "filter_category" in out else None
         names = getattr(trainer.datamodule, "attribute_names", None)
         rows = []
         for f in filters:
-            category = str(categories[f]) if categories is not None else "-"
+            category = "-" if categories is None else str(categories[f])
+            if class_names and categories is not None and 0 <= categories[f] < len(class_names):
+                category = class_names[categories[f]]
             part = "-"
             if scores is not None and f < len(scores):
                 best = int(scores[f].argmax())

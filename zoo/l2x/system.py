@@ -48,6 +48,7 @@ class L2XSystem(ZooSystem):
 
     TWINS: ClassVar[dict[str, list[str]]] = {
         "black_box": ["--model=zoo.baselines.system.ClassifierSystem", "--model.init_args.model_name={black_box}",
+                      "--model.init_args.model_kwargs=null",  # then set, not merged into the selector's kwargs
                       "--model.init_args.model_kwargs={black_box_kwargs}", "--model.init_args.input_key={input_key}",
                       "--trainer.callbacks=null"],  # the selection pictures have nothing to draw for a classifier
     }
@@ -75,11 +76,12 @@ class L2XSystem(ZooSystem):
         relevant_key: str = "relevant",
         nonfinite_loss: str = "raise",
         compile: bool | str = False,
+        class_names: list[str] | None = None,
     ) -> None:
         super().__init__(model_name=model_name, num_classes=num_classes, in_chans=in_chans, image_size=image_size,
                          data_inputs=data_inputs, model_kwargs=model_kwargs, loss=loss, optimizer=optimizer,
                          scheduler=scheduler, input_key=input_key, target_key=target_key,
-                         nonfinite_loss=nonfinite_loss, compile=compile)
+                         nonfinite_loss=nonfinite_loss, compile=compile, class_names=class_names)
         self.relevant_key = relevant_key
         self.black_box = create_model_for_data(black_box, num_classes, in_chans, image_size, data_inputs,
                                                black_box_kwargs)

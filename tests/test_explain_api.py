@@ -1,0 +1,86 @@
+"""zoo.explain: one call and one map convention for every classifier, and `train.py predict` writing predictions,
+class names and the model's own explanations into the run folder."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+from tests.conftest import REPO
+from zoo.explain.captum import class_activation_map
+
+
+def check_convention(maps: torch.Tensor, shape: tuple[int, ...]) -> None:
+    assert maps.shape == shape and maps.dtype == torch.float32
+    assert torch.isfinite(maps).all() and (maps >= 0).all()
+
+
+@pytest.mark.parametrize("name", ["baseline_tinycnn", "icnn_tinycnn"])
+def test_own_and_captum_maps_share_one_convention(name: str) -> None:
+    torch.manual_seed(0)
+    model = zoo.create_model(name, num_classes=3).eval()
+    images = torch.rand(4, 3, 64, 64)
+    own = zoo.explain(model, images)  # default: the own map of each predicted class
+    check_convention(own, (4, 64, 64))
+    predicted = model(images)["logits"].argmax(-1)
+    torch.testing.assert_close(own, class_activation_map(model, images, predicted))
+    torch.testing.assert_close(zoo.explain(model, images, target=2),
+                               class_activation_map(model, images, torch.full((4,), 2)))
+    for method in ("saliency", "layer_gradcam"):
+        check_convention(zoo.explain(model, images, method, target=torch.tensor([0, 1, 2, 0])), (4, 64, 64))
+    assert model.training is False
+
+
+def test_a_system_is_explained_through_its_model() -> None:
+    from zoo.baselines.system import ClassifierSystem
+
+    system = ClassifierSystem("baseline_tinycnn", num_classes=3)
+    images = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(zoo.explain(system, images), zoo.explain(system.model, images))
+    assert system.training  # the mode is restored
+
+
+def test_selectors_and_rule_networks_give_their_own_maps_at_input_resolution() -> None:
+    selector = zoo.create_model("l2x_patches", num_classes=2, in_chans=1, image_size=16, patch_size=4, k=3)
+    maps = zoo.explain(selector, torch.rand(5, 1, 16, 16))
+    check_convention(maps, (5, 16, 16))
+    assert torch.equal(maps.flatten(1).sum(1), torch.full((5,), 3 * 16.0))  # k patches of 4x4 pixels kept
+    vectors = zoo.create_model("l2x_vector", num_classes=2, num_features=10, k=4)
+    check_convention(zoo.explain(vectors, torch.randn(3, 10)), (3, 10))
+    check_convention(zoo.explain(vectors, torch.randn(3, 10), "saliency"), (3, 10))
+    rules = zoo.create_model("renn_series", num_classes=4, in_chans=1, length=64)
+    check_convention(zoo.explain(rules, torch.randn(2, 1, 64)), (2, 64))
+
+
+def test_unknown_methods_and_models_without_maps_fail_clearly() -> None:
+    model = zoo.create_model("baseline_tinycnn", num_classes=3)
+    with pytest.raises(ValueError, match="Unknown explanation method 'gradcam'.*'own'"):
+        zoo.explain(model, torch.rand(1, 3, 64, 64), "gradcam")
+    detector = zoo.create_model("aog_rcnn_tinycnn", num_classes=3)
+    with pytest.raises(ValueError, match="AOGRCNN has no own explanation map"):
+        zoo.explain(detector, torch.rand(1, 3, 128, 128), target=0)
+    with pytest.raises(TypeError, match="expects a list"):  # the detector's own input check
+        zoo.explain(detector, torch.rand(1, 3, 128, 128))
+
+
+def test_predict_writes_predictions_with_class_names_and_explanation_pictures(image_folder_root: Path,
+                                                                             in_tmp_dir: Path) -> None:
+    from train import main
+
+    fit_args = ["--config", str(REPO / "configs/baselines/image_folder.yaml"),
+                f"--data.init_args.root={image_folder_root}", "--data.init_args.image_size=32",
+                "--model.init_args.model_name=baseline_tinycnn", "--trainer.logger.init_args.name=run"]
+    main(["fit", *fit_args, "--trainer.max_epochs=1"])
+    run = in_tmp_dir / "checkpoints" / "run"
+    main(["predict", *fit_args, f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    with (run / "predictions" / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["file"] for row in rows] == ["val/cat/0.png", "val/cat/1.jpg", "val/dog/0.png", "val/dog/1.jpg"]
+    assert [row["label_name"] for row in rows] == ["cat", "cat", "dog", "dog"]
+    for row in rows:
+        assert row["pred_name"] == ["cat", "dog"][int(row["pred"])] and 0.5 <= float(row["probability"]) <= 1
+    assert sorted(p.name for p in (run / "predictions").glob("*.png")) == [f"{i:05d}.png" for i in range(4)]

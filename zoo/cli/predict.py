@@ -1,0 +1,140 @@
+"""What `train.py predict` writes: predictions.csv and the model's own explanation of each image, as PNGs.
+
+    python train.py predict --config <the run's config> --ckpt_path checkpoints/<run>/checkpoints/last.ckpt
+
+writes into the run folder (checkpoints/<run>/predictions/):
+- predictions.csv: one row per sample: index, file (where the data names its samples), true label id and name
+  (where the data has labels), predicted class id and name, its probability;
+- <index>.png for the first `max_pictures` images: the image beside the model's own explanation (`zoo.explain`,
+  method "own") of the predicted class, titled with the predicted (and true) class name.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.utilities import rank_zero_warn
+
+from zoo.engine.callbacks import FixedBatchCallback
+
+CSV_NAME = "predictions.csv"
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes predictions.csv and explanation PNGs into `<run folder>/<folder>` (see the module docstring).
+
+    Reads the predict_step output ({"probs": (B, C), "pred": (B,), "index": (B,)}), the batch (image, label), the
+    System's public `class_names` and the datamodule's public `sample_names(split)` / `denormalize(images)`.
+    Single-process predict (a distributed predict writes rank zero's share only).
+
+    Args:
+        folder: sub-folder of the run folder.
+        max_pictures: explanation PNGs to write (0: none); every sample gets a CSV row.
+    """
+
+    def __init__(self, folder: str = "predictions", max_pictures: int = 32) -> None:
+        super().__init__(write_interval="batch")
+        self.folder, self.max_pictures = folder, max_pictures
+        self.rows: list[dict[str, Any]] = []
+        self.pictures = 0
+        self.names: list[str] | None = None
+
+    def out_dir(self, trainer: pl.Trainer) -> Path:
+        return FixedBatchCallback.run_folder(trainer, self.folder)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from datamodules._base import PREDICT_SPLIT
+
+        self.rows, self.pictures = [], 0
+        sample_names = getattr(trainer.datamodule, "sample_names", None)
+        self.names = sample_names(PREDICT_SPLIT) if sample_names is not None else None
+
+    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
+                           batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
+                           dataloader_idx: int) -> None:
+        if not trainer.is_global_zero or not isinstance(prediction, dict) or "probs" not in prediction:
+            return
+        classes = prediction["probs"].shape[-1]
+        class_names = getattr(pl_module, "class_names", None) or [str(c) for c in range(classes)]
+        probs, pred = prediction["probs"].float().cpu(), prediction["pred"].cpu()
+        index = prediction.get("index", torch.arange(len(pred)) + batch_idx * len(pred)).cpu()
+        labels = batch.get(getattr(pl_module, "target_key", "label")) if isinstance(batch, dict) else None
+        labels = labels.cpu() if isinstance(labels, torch.Tensor) and labels.ndim == 1 else None
+        for i in range(len(pred)):
+            row: dict[str, Any] = {"index": int(index[i])}
+            if self.names is not None:
+                row["file"] = self.names[int(index[i])]
+            if labels is not None:
+                row |= {"label": int(labels[i]), "label_name": class_names[int(labels[i])]}
+            row |= {"pred": int(pred[i]), "pred_name": class_names[int(pred[i])],
+                    "probability": round(float(probs[i, pred[i]]), 4)}
+            self.rows.append(row)
+        self._pictures(trainer, pl_module, batch, pred, probs, index, labels, class_names)
+
+    def _pictures(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, pred: torch.Tensor,
+                  probs: torch.Tensor, index: torch.Tensor, labels: torch.Tensor | None,
+                  class_names: list[str]) -> None:
+        images = batch.get(getattr(pl_module, "input_key", "image")) if isinstance(batch, dict) else None
+        count = min(self.max_pictures - self.pictures, len(pred))
+        if count <= 0 or not isinstance(images, torch.Tensor) or images.ndim != 4:
+            return
+        from zoo.explain import explain
+
+        try:
+            maps = explain(pl_module, images[:count], "own", target=pred[:count].to(images.device)).cpu()
+        except ValueError as err:  # a model without an own map (detectors, generators)
+            rank_zero_warn(f"predict: no explanation pictures ({err}).")
+            self.max_pictures = 0
+            return
+        denormalize = getattr(trainer.datamodule, "denormalize", lambda x: x)
+        shown = denormalize(images[:count].float()).clamp(0, 1).cpu()
+        folder = self.out_dir(trainer)
+        for i in range(count):
+            title = f"predicted: {class_names[int(pred[i])]} ({float(probs[i, pred[i]]):.2f})"
+            if labels is not None:
+                title += f"\ntrue: {class_names[int(labels[i])]}"
+            save_explanation_png(folder / f"{int(index[i]):05d}.png", shown[i], maps[i], title)
+        self.pictures += count
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if not self.rows:
+            rank_zero_warn(f"predict: {type(pl_module).__name__}.predict_step returns no class probabilities "
+                           f"({{'probs', 'pred'}}); no {CSV_NAME} written.")
+            return
+        path = self.out_dir(trainer) / CSV_NAME
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        print(f"predict: {len(self.rows)} predictions in {path}, {self.pictures} explanation pictures beside it.")
+
+
+def save_explanation_png(path: Path, image: torch.Tensor, saliency: torch.Tensor, title: str) -> None:
+    """The image (C, H, W) in [0, 1] and the same image with its map (H, W) overlaid, side by side, titled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pixels = image.permute(1, 2, 0).numpy()
+    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3]
+    cmap = "gray" if pixels.ndim == 2 else None
+    fig, axes = plt.subplots(1, 2, figsize=(5, 2.8))
+    axes[0].imshow(pixels, cmap=cmap)
+    axes[0].set_title("image", fontsize=8)
+    axes[1].imshow(pixels, cmap=cmap)
+    axes[1].imshow(saliency.numpy(), cmap="jet", alpha=0.5)
+    axes[1].set_title("own explanation", fontsize=8)
+    for axis in axes:
+        axis.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
