@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.seed import isolate_rng
 
 
@@ -98,6 +99,37 @@ class FixedBatchCallback(pl.Callback):
         folder = Path(trainer.log_dir or trainer.default_root_dir) / name
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+
+def class_name(datamodule: Any, index: int) -> str:
+    """What pictures and reports call class `index`: the datamodule's public `class_names[index]`, else "class k"."""
+    names = getattr(datamodule, "class_names", None)
+    return str(names[index]) if names is not None and 0 <= index < len(names) else f"class {index}"
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    """A matplotlib figure as PNG (folders made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=figure.dpi, bbox_inches="tight")
+
+
+def log_figure(logger: Any, tag: str, figure: Any, step: int = 0) -> None:
+    """A matplotlib figure in the run's TensorBoard (`add_figure`) when the logger is a TensorBoardLogger."""
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_figure(tag, figure, step, close=False)
+
+
+def new_figure(rows: int, columns: int, panel_inches: float = 1.3) -> tuple[Any, Any]:
+    """A pyplot-free matplotlib Figure (no GUI backend, nothing to close) with a (rows, columns) grid of axes, ticks
+    off: the canvas of every labelled picture."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(panel_inches * columns + 1.6, panel_inches * rows + 0.4), dpi=72, layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return figure, axes
 
 
 def heatmap_overlay(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
