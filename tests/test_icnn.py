@@ -236,6 +236,7 @@ def test_filter_maps_callback_writes_tensorboard_and_run_folder(tmp_path) -> Non
     from pytorch_lightning.loggers import TensorBoardLogger
 
     from datamodules import PartsWorldDataModule
+    from zoo.engine.callbacks import class_name
     from zoo.icnn.callback import FilterMapsCallback
 
     pl.seed_everything(0)
@@ -251,7 +252,7 @@ def test_filter_maps_callback_writes_tensorboard_and_run_folder(tmp_path) -> Non
     table = (folder / "epoch0.md").read_text().splitlines()
     assert (folder / "epoch0.png").is_file() and len(table) == 2 + 3
     category, part = table[2].split("|")[3].strip(), table[2].split("|")[4].strip()
-    assert category.isdigit() and any(colour in part for colour in ("red", "green", "blue", "yellow", "magenta",
+    assert category in {class_name(data, k) for k in range(data.num_classes)} and any(colour in part for colour in ("red", "green", "blue", "yellow", "magenta",
                                                                     "cyan"))
     assert list((tmp_path / "run").glob("events.out.tfevents.*"))
 

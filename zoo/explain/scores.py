@@ -119,12 +119,12 @@ def explanation_figure(runs: list[ExplainedRun], datamodule: Any = None) -> Any:
         true = runs[0].true
         axes[0, column].set_title(f"true: {class_name(datamodule, true[column])}" if true else f"image {column}",
                                   fontsize=8)
-    axes[0, 0].set_ylabel("image (true class)", fontsize=8)
+    axes[0, 0].set_ylabel("image", fontsize=8, rotation=0, ha="right", va="center")
     row = 1
     for run in runs:
         panels = heatmap_overlay(images, torch.stack([m.float().cpu() for m in run.maps.values()]))  # (M, N, 3, H, W)
         for method, method_panels in zip(run.maps, panels):
-            axes[row, 0].set_ylabel(f"{run.name}:\n{method}", fontsize=8)
+            axes[row, 0].set_ylabel(f"{run.name}:\n{method}", fontsize=8, rotation=0, ha="right", va="center")
             for column, panel in enumerate(method_panels):
                 axes[row, column].imshow(panel.permute(1, 2, 0).numpy())
                 if method == next(iter(run.maps)) and run.predicted is not None:
