@@ -34,7 +34,7 @@ compare:
     num_images: 32
     step: 128                           # pixels per deletion/insertion step
 """
-FIT_ONLY_KEYS = ("ckpt_path", "weights_only")  # in a run's saved config.yaml (`fit` arguments), not in a run's
+FIT_ONLY_KEYS = ("ckpt_path", "weights_only")  # `fit` arguments in a run's saved config.yaml; compare runs lack them
 BUDGET_KEYS = ("max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches", "fast_dev_run")
 
 
@@ -133,7 +133,7 @@ def drop_twins_equal_to_the_model(runs: dict[str, Any], clis: dict[str, Any]) ->
 def compare(spec_path: str, extra: list[str], explain_images: int | None = None, explain: bool = True,
             name: str | None = None) -> list[dict[str, Any]]:
     """Train every run of a compare spec with the same data, seed and budget; evaluate; write report.md/.csv and one
-    explanation figure (every run side by side; each run's part also in its TensorBoard run).
+    explanation figure (every run in one figure, one image per column; each run's part also in its TensorBoard run).
 
     Every run starts from the same seed (`seed_everything` again before its fit), so each model sees the same
     initial random stream whatever ran before it. `name` (--name) overrides the spec's report folder name."""
