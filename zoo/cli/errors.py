@@ -11,7 +11,8 @@ checkpoint of another model) surfaces in three places, each handled here:
 - compare and ablate building their runs (`configuration_phase`).
 
 Such errors are marked (`is_configuration_error`); `command_line()` (train.py) prints a marked error once, as
-"train.py: error: <message>", and exits with status 2. From Python (`zoo.cli.main([...])`) they are raised.
+"train.py: error: <message>", and exits with status 2 (with JSONARGPARSE_DEBUG=1 it raises, traceback and all).
+From Python (`zoo.cli.main([...])`) they are raised.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import os
 import re
 import sys
 from pathlib import Path
@@ -31,6 +33,11 @@ MARK = "zoo_configuration_error"
 NOISE = [re.compile(pattern) for pattern in (
     r"^\s*Does not validate against any of the Union subtypes\s*$", r"^\s*Subtypes: \[.*\]\s*$", r"^\s*Errors:\s*$",
     r"^\s*- Expected a <class 'NoneType'>\s*$", r"^\s*Given value type: .*$", r"^\s*Given value: .*$")]
+
+
+def debug_requested() -> bool:
+    """JSONARGPARSE_DEBUG set (jsonargparse's own switch): errors keep their traceback."""
+    return os.environ.get("JSONARGPARSE_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def mark(error: BaseException) -> BaseException:
@@ -157,9 +164,7 @@ class ZooArgumentParser(LightningArgumentParser):
         return super().parse_args(args, *rest, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        from jsonargparse._common import debug_mode_active
-
-        if not self.exit_on_error or debug_mode_active():
+        if not self.exit_on_error or debug_requested():
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
@@ -174,7 +179,7 @@ def command_line(main: Any, args: list[str] | None = None) -> Any:
     try:
         return main(args)
     except Exception as error:
-        if not is_configuration_error(error):
+        if not is_configuration_error(error) or debug_requested():
             raise
-        sys.stderr.write(f"train.py: error: {error}\n")
+        sys.stderr.write(f"train.py: error: {error}\n(JSONARGPARSE_DEBUG=1 shows the traceback)\n")
         sys.exit(2)
