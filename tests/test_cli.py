@@ -91,8 +91,6 @@ def test_compare_writes_reports_with_part_metrics(in_tmp_dir: Path) -> None:
     markdown = (report / "report.md").read_text()  # each direction from the metric's own higher_is_better
     assert re.search(r"higher is better: acc, part_iou\b", markdown) and "lower is better: location_instability" in \
         markdown and re.search(r"lower is better: ms_per_sample, deletion_auc", markdown)
-    for run in ("icnn", "opaque_twin", "plain_cnn"):  # each run's part of the figure in its own TensorBoard run
-        assert list((report / run).glob("events.out.tfevents.*"))
 
 
 def test_compare_refuses_runs_with_different_settings(in_tmp_dir: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from zoo.cli.report import direction, legend, metric_directions, write_report
-from zoo.engine.callbacks import class_name, covering_batch
+from zoo.engine.callbacks import class_name, covering_batch, log_figure
 from zoo.explain.scores import ExplainedRun, explanation_figure
 
 
@@ -61,6 +61,18 @@ def test_explanation_figure_names_rows_classes_and_shows_every_image() -> None:
     assert [t for t in texts if t.startswith("true: ")] == [f"true: {n}" for n in ("cat", "dog", "owl", "cat", "dog")]
     assert texts.count("pred: owl") == 2 + 1 and texts.count("pred: dog") == 1 + 3  # each model's predictions
     assert class_name(None, 4) == "class 4" and class_name(datamodule, 2) == "owl"
+
+
+def test_figures_go_to_the_runs_tensorboard(tmp_path: Path) -> None:
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = ExplainedRun("icnn", torch.rand(2, 3, 16, 16), {"cam": torch.rand(2, 16, 16)}, [0, 1], [1, 1])
+    logger = TensorBoardLogger(tmp_path, name="run", version="")
+    log_figure(logger, "explanations", explanation_figure([run]), step=3)
+    log_figure(None, "explanations", explanation_figure([run]))  # no TensorBoard logger: nothing to do
+    logger.experiment.flush()
+    assert EventAccumulator(str(tmp_path / "run")).Reload().Tags()["images"] == ["explanations"]
 
 
 def test_fixed_batches_cover_every_class_of_a_sorted_set() -> None:
