@@ -41,7 +41,7 @@ def measure(name: str, fractions: list[float], seeds: list[int], extra: list[str
     for model, config in MODELS.items():
         results[model] = {}
         for point in grid_points({FRACTION_KEY: fractions, "seed_everything": seeds}):
-            metrics = run_grid_point(str(CONFIGS / config), f"{name}/{model}", point, extra)
+            metrics, _ = run_grid_point(str(CONFIGS / config), f"{name}/{model}", point, extra)  # (metrics, directions)
             results[model].setdefault(point[FRACTION_KEY], []).append(metrics)
     return results
 

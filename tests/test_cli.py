@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 from pathlib import Path
 
@@ -86,7 +87,10 @@ def test_compare_writes_reports_with_part_metrics(in_tmp_dir: Path) -> None:
     assert {(r["run"], r["method"]) for r in explained} == {(run, m) for run in ("icnn", "opaque_twin", "plain_cnn")
                                                             for m in methods}
     assert all(0 <= float(r["deletion_auc"]) <= 1 and 0 <= float(r["mass_in_parts"]) <= 1 for r in explained)
-    assert (report / "explanations_icnn.png").is_file()
+    assert (report / "explanations.png").is_file() and not list(report.glob("explanations_*.png"))  # one figure
+    markdown = (report / "report.md").read_text()  # each direction from the metric's own higher_is_better
+    assert re.search(r"higher is better: acc, part_iou\b", markdown) and "lower is better: location_instability" in \
+        markdown and re.search(r"lower is better: ms_per_sample, deletion_auc", markdown)
 
 
 def test_compare_refuses_runs_with_different_settings(in_tmp_dir: Path) -> None:
@@ -171,22 +175,36 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert commands[0] in ci.splitlines()
 
 
-def test_ablate_averages_over_seeds_and_resumes_without_redoing_finished_points(in_tmp_dir: Path) -> None:
+def test_ablate_averages_over_seeds_and_resumes_without_redoing_finished_points(in_tmp_dir: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
     args = ["ablate", "--config", str(REPO / "configs/icnn/parts_world.yaml"), "--name", "lam",
             "--grid", "model.init_args.loss.init_args.weight=[0,1]", "--grid", "seed_everything=[0,1]",
             "--trainer.fast_dev_run=true", *SMALL_WORLD]
     rows = main(args)
     assert [(row["weight"], row["seeds"]) for row in rows] == [(0, 2), (1, 2)]
-    assert all(re.fullmatch(r"\d\.\d{4} \+- \d\.\d{4}", row["acc"]) for row in rows)
-    results = sorted((in_tmp_dir / "checkpoints" / "lam").glob("*/result.json"))
-    assert len(results) == 4 and (in_tmp_dir / "checkpoints" / "lam" / "ablation.md").is_file()
-    assert list((in_tmp_dir / "checkpoints" / "lam" / "hparams").rglob("events.out.tfevents.*"))
+    assert all(isinstance(row["acc_mean"], float) and 0 <= row["acc_mean"] <= 1 and row["acc_std"] >= 0
+               for row in rows)
+    folder = in_tmp_dir / "checkpoints" / "lam"
+    with open(folder / "ablation.csv") as f:  # numbers, not "0.28 +- 0.05" strings
+        table = list(csv.DictReader(f))
+    assert [float(r["acc_mean"]) for r in table] == [row["acc_mean"] for row in rows]
+    assert all(float(r["acc_std"]) >= 0 for r in table)
+    results = sorted(folder.glob("*/result.json"))
+    assert len(results) == 4 and (folder / "ablation.md").is_file()
     before = {p: p.stat().st_mtime_ns for p in results}
     results[0].unlink()  # as if that run had been killed before finishing
+    capsys.readouterr()
     main(args)
     after = {p: p.stat().st_mtime_ns for p in results}
     assert results[0].is_file()
-    assert all(after[p] == before[p] for p in results[1:])  # finished points were not redone
+    assert all(after[p] == before[p] for p in results[1:])  # finished points were not redone, and it is said
+    printed = capsys.readouterr().out
+    assert all(f"point {p.parent.name}: finished with the same settings, reused" in printed for p in results[1:])
+    assert f"point {results[0].parent.name}: finished" not in printed
+    hparams = folder / "hparams"  # one HPARAMS entry per point, however often the ablation ran
+    assert sorted(p.name for p in hparams.iterdir()) == sorted(p.parent.name for p in results)
+    assert all(len(list((hparams / p.parent.name).glob("events.out.tfevents.*"))) == 1 for p in results)
+    assert not list(hparams.glob("events.out.tfevents.*"))
     with pytest.raises(ValueError, match="--grid takes key="):
         main(["ablate", "--config", str(REPO / "configs/icnn/parts_world.yaml"), "--grid", "seed_everything=0"])
 
@@ -204,7 +222,7 @@ def test_ablate_names_points_with_mapping_values(in_tmp_dir: Path) -> None:
                  "--grid", "model.init_args.model_kwargs=[{terminal_rank: 4}]", "--grid", "seed_everything=[0]",
                  "--trainer.fast_dev_run=true", "--data.init_args.num_train=8", "--data.init_args.num_val=8",
                  "--data.init_args.num_test=8"])
-    assert len(rows) == 1 and "map_50" in rows[0]
+    assert len(rows) == 1 and "map_50_mean" in rows[0]
     assert (in_tmp_dir / "checkpoints" / "kw" / point_name(point) / "result.json").is_file()
 
 
@@ -214,7 +232,7 @@ def test_every_fit_config_works_with_ablate(config: str, in_tmp_dir: Path, cub_r
     rows = main(["ablate", "--config", str(REPO / config), "--name", "grid", "--grid", "seed_everything=[0]",
                  "--trainer.fast_dev_run=true",
                  *dataset_overrides(config, cub_root, image_folder_root, imdb_root, voc_root)])
-    assert len(rows) == 1 and rows[0]["seeds"] == 1 and ("map_50" if "aog_rcnn" in config else "acc") in rows[0]
+    assert len(rows) == 1 and rows[0]["seeds"] == 1 and f"{'map_50' if 'aog_rcnn' in config else 'acc'}_mean" in rows[0]
 
 
 @pytest.mark.parametrize("config", [c for c in FIT_CONFIGS if not c.startswith("configs/baselines/")])
@@ -322,3 +340,109 @@ def test_bf16_autocast_trains_lstm_models_on_a_cpu_without_bf16(config: str, in_
     cli = main(["fit", "--config", str(REPO / config), "--trainer.fast_dev_run=true", "--trainer.precision=bf16-mixed",
                 *(textual if "textual" in config else ["--data.init_args.num_train=64", "--data.init_args.num_val=32"])])
     assert cli.trainer.state.finished and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+
+
+def test_ablate_reruns_a_point_whose_settings_changed(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """A finished point is keyed by its resolved settings: another max_epochs under the same name runs it again
+    (the old run is kept under stale/), the same settings reuse it and say so."""
+    args = ["ablate", "--config", str(REPO / "configs/baselines/parts_world.yaml"), "--name", "stale",
+            "--grid", "seed_everything=[0]", *SMALL_WORLD, "--trainer.limit_val_batches=1"]
+    main([*args, "--trainer.max_epochs=1"])
+    point = in_tmp_dir / "checkpoints" / "stale" / "seed_everything=0"
+    first = json.loads((point / "result.json").read_text())
+    capsys.readouterr()
+    main([*args, "--trainer.max_epochs=2"])
+    second = json.loads((point / "result.json").read_text())
+    assert "settings changed since its last run; run again" in capsys.readouterr().out
+    assert second["settings_sha256"] != first["settings_sha256"]
+    assert torch.load(point / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1  # two epochs, not one
+    assert list((in_tmp_dir / "checkpoints" / "stale" / "stale").glob("seed_everything=0-*/result.json"))
+    main([*args, "--trainer.max_epochs=2"])
+    assert "point seed_everything=0: finished with the same settings, reused" in capsys.readouterr().out
+    assert json.loads((point / "result.json").read_text()) == second
+    events = list((in_tmp_dir / "checkpoints" / "stale" / "hparams").rglob("events.out.tfevents.*"))
+    assert len(events) == 1  # the rerun replaced the point's HPARAMS entry
+
+
+def test_compare_accepts_a_runs_saved_config_and_a_name(in_tmp_dir: Path) -> None:
+    """A run's own config.yaml (with fit's ckpt_path) is a compare run's config; --name picks the report folder."""
+    config = str(REPO / "configs/baselines/parts_world.yaml")
+    main(["fit", "--config", config, *SMALL_WORLD, "--trainer.max_epochs=1", "--trainer.logger.init_args.name=src"])
+    run = in_tmp_dir / "checkpoints" / "src"
+    assert "ckpt_path" in yaml.safe_load((run / "config.yaml").read_text())
+    checkpoint = str(run / "checkpoints" / "last.ckpt")
+    spec = {"compare": {"name": "spec_name", "args": SMALL_WORLD + ["--trainer.max_epochs=1"], "runs": {
+        "from_config": {"config": config, "checkpoint": checkpoint},
+        "from_saved_config": {"config": str(run / "config.yaml"), "checkpoint": checkpoint}}}}
+    (in_tmp_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    rows = main(["compare", "--config", "spec.yaml", "--no_explain", "--name", "my_compare"])
+    assert rows[0]["acc"] == rows[1]["acc"]
+    assert (in_tmp_dir / "checkpoints" / "my_compare" / "report.md").is_file()
+    assert not (in_tmp_dir / "checkpoints" / "spec_name").exists()
+
+
+def test_compare_starts_every_run_from_the_same_seed(in_tmp_dir: Path) -> None:
+    """Two identical runs give identical results whatever ran before: the seed is set again before each fit."""
+    config = str(REPO / "configs/baselines/parts_world.yaml")
+    spec = {"compare": {"name": "same", "args": [*SMALL_WORLD, "--trainer.max_epochs=1"],
+                        "runs": {"first": {"config": config}, "second": {"config": config}}}}
+    (in_tmp_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    first, second = main(["compare", "--config", "spec.yaml", "--no_explain"])
+    assert first["acc"] == second["acc"]
+    weights = [torch.load(in_tmp_dir / "checkpoints" / "same" / name / "checkpoints" / "last.ckpt",
+                          weights_only=True)["state_dict"] for name in ("first", "second")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_help_lists_compare_and_ablate_with_examples(capsys: pytest.CaptureFixture) -> None:
+    main(["--help"])
+    printed = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "compare", "ablate"):
+        assert re.search(rf"^  {command}\b", printed, re.M), command
+    assert "python train.py compare --config" in printed and "python train.py ablate --config" in printed
+
+
+def test_a_wrong_data_path_is_said_once_without_a_traceback(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    from datamodules._base import DatasetLayoutError
+    from train import command_line
+
+    args = ["fit", "--config", str(REPO / "configs/baselines/image_folder.yaml"), "--data.init_args.root=missing"]
+    with pytest.raises(DatasetLayoutError, match="ImageFolder root 'missing' does not exist") as raised:
+        main(args)  # from Python: the datamodule's own error, not jsonargparse's wrapper around it
+    assert raised.value.__cause__ is None
+    with pytest.raises(SystemExit) as exit_info:
+        command_line(args)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert error.count("does not exist") == 1 and "Traceback" not in error and "NoneType" not in error
+    assert error.startswith("train.py: error: ImageFolder root 'missing' does not exist.")
+
+
+def test_mistyped_options_and_yaml_keys_get_a_did_you_mean(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    config = REPO / "configs/icnn/parts_world.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--model.init_args.loss.init_args.wieght=1"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Option 'wieght' is not accepted" in error
+    assert "did you mean 'weight'?" in error and "NoneType" not in error and "Given value" not in error
+    assert len(error.splitlines()) < 12  # the message, not LightningCLI's usage of every option
+    (in_tmp_dir / "typo.yaml").write_text(config.read_text().replace("max_epochs", "max_epoch"))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "typo.yaml"])
+    error = capsys.readouterr().err
+    assert "did you mean 'trainer.max_epochs'?" in error and "the key 'trainer.max_epoch' is in typo.yaml" in error
+    (in_tmp_dir / "loss_typo.yaml").write_text(config.read_text().replace("{weight: 1.0", "{wieght: 1.0"))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "loss_typo.yaml"])
+    error = capsys.readouterr().err
+    assert "did you mean 'weight'?" in error and "the key 'wieght' is in loss_typo.yaml" in error
+
+
+def test_a_bad_compare_spec_is_said_once(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    from train import command_line
+
+    (in_tmp_dir / "empty_runs.yaml").write_text("compare: {runs: {}}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        command_line(["compare", "--config", "empty_runs.yaml"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("is not a compare spec") == 1 and "Traceback" not in error

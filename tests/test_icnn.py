@@ -231,13 +231,19 @@ def test_balanced_assignment_spreads_filters_over_classes() -> None:
         zoo.create_model("icnn_tinycnn", category_assignment="greedy")
 
 
-def test_filter_maps_callback_writes_tensorboard_and_run_folder(tmp_path) -> None:
+def test_filter_maps_callback_writes_tensorboard_and_run_folder(tmp_path, monkeypatch) -> None:
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from datamodules import PartsWorldDataModule
+    from zoo.engine.callbacks import class_name, save_figure
+    from zoo.icnn import callback
     from zoo.icnn.callback import FilterMapsCallback
 
+    figures = []  # the labelled figure, as saved
+    monkeypatch.setattr(callback, "save_figure",
+                        lambda figure, path: (figures.append(figure), save_figure(figure, path)))
     pl.seed_everything(0)
     data = PartsWorldDataModule(num_train=64, num_val=32, num_test=8, batch_size=32)
     system = ICNNSystem("icnn_tinycnn", num_classes=6, loss=FilterPartLoss(), part_maps_key="filter_maps",
@@ -252,9 +258,16 @@ def test_filter_maps_callback_writes_tensorboard_and_run_folder(tmp_path) -> Non
     table = (folder / "epoch0.md").read_text().splitlines()
     assert (folder / "epoch0.png").is_file() and len(table) == 2 + 3
     category, part = table[2].split("|")[3].strip(), table[2].split("|")[4].strip()
-    assert category in data.class_names  # "class 3": the category by class name
+    assert category in {class_name(data, k) for k in range(data.num_classes)}
     assert any(colour in part for colour in ("red", "green", "blue", "yellow", "magenta", "cyan"))
     assert list((tmp_path / "run").glob("events.out.tfevents.*"))
+    labels = [ax.get_ylabel() for ax in figures[0].axes if ax.get_ylabel()]  # one per row: filter, category, part
+    assert labels == [f"filter {r.split('|')[2].strip()}\ncategory: {r.split('|')[3].strip()}\npart: "
+                      f"{r.split('|')[4].strip()}" for r in table[2:]]
+    titles = [ax.get_title() for ax in figures[0].axes if ax.get_title()]  # the fixed batch: one image per class
+    assert titles == [f"true: {class_name(data, k)}" for k in range(4)]
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    assert "filters/maps" in events.Tags()["images"]
 
 
 def test_eval_scores_each_batch_with_its_own_z() -> None:

@@ -7,7 +7,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 
-from zoo.engine.callbacks import FixedBatchCallback
+from zoo.engine.callbacks import FixedBatchCallback, class_name
 
 
 class ParseTreeCallback(FixedBatchCallback):
@@ -15,7 +15,8 @@ class ParseTreeCallback(FixedBatchCallback):
     parse tree drawn inside it (the AOG detector's extractive rationale; baselines: boxes only).
 
     Reads the detections only: "boxes" (D, 4), "scores" (D,), "labels" (D,) and, for AOG, "leaf_boxes" (D, T, 4)
-    with "parse_leaves" (D, T) bool (the terminals of each detection's parse tree).
+    with "parse_leaves" (D, T) bool (the terminals of each detection's parse tree). Boxes are labelled with the
+    datamodule's class name (detector labels are 1-based, 0 = background) and their score.
     TensorBoard ``detections/parse_trees`` and, in the run folder, ``parse_trees/epoch<e>.png``."""
 
     def __init__(self, num_images: int = 8, score_threshold: float = 0.5) -> None:
@@ -34,7 +35,8 @@ class ParseTreeCallback(FixedBatchCallback):
                 leaves = found["leaf_boxes"][keep][found["parse_leaves"][keep]].cpu()  # (leaves of kept boxes, 4)
                 canvas = draw_bounding_boxes(canvas, leaves, colors="yellow", width=1)
             if len(boxes):
-                labels = [str(int(label)) for label in found["labels"][keep]]
+                labels = [f"{class_name(trainer.datamodule, int(label) - 1)} {score:.2f}"  # 1-based: 0 = background
+                          for label, score in zip(found["labels"][keep].tolist(), found["scores"][keep].tolist())]
                 canvas = draw_bounding_boxes(canvas, boxes, labels=labels, colors="white", width=1)
             panels.append(canvas.float() / 255)
         grid = make_grid(panels, nrow=min(4, len(panels)))

@@ -17,18 +17,50 @@ from typing import Any
 
 from zoo.cli.ablate import ABLATE_HELP, ablate
 from zoo.cli.compare import COMPARE_HELP, compare
+from zoo.cli.errors import command_line as _command_line
 from zoo.cli.lightning import ZooCLI
 
+HELP = """\
+usage: train.py {fit,validate,test,predict,compare,ablate} [--config CONFIG] [options]
+
+interpretable-zoo: interpretable-by-construction models against their opaque twins. Every run lives in
+checkpoints/<run>/ (TensorBoard events, config.yaml, checkpoints/). `train.py <command> --help` lists its options.
+
+commands:
+  fit         train a config (LightningCLI); validate / test / predict likewise
+                python train.py fit --config configs/icnn/parts_world.yaml --trainer.max_epochs=10
+  validate    one evaluation epoch over the validation set
+  test        one evaluation epoch over the test set
+  predict     run inference on the predict set
+  compare     a family config against every opaque twin its System declares, or a compare spec: same data, seed and
+              budget for every run, one report (report.md/.csv, explanations.png) in checkpoints/<name>/
+                python train.py compare --config configs/quickstart.yaml
+                python train.py compare --config configs/icnn/parts_world.yaml --name my_icnn --trainer.max_epochs=3
+  ablate      a grid of fits over config values, seeds averaged (<metric>_mean, <metric>_std); finished points
+              with the same settings are reused
+                python train.py ablate --config configs/icnn/parts_world.yaml --name icnn_lambda \\
+                    --grid model.init_args.loss.init_args.weight=[0,1,10] --grid seed_everything=[0,1]
+"""
+
+
 def main(args: list[str] | None = None) -> Any:
+    """Run a command (`args` as on the command line; default sys.argv). From Python, errors are raised; train.py
+    runs `command_line()`, which prints configuration errors once, without a traceback."""
     argv = sys.argv[1:] if args is None else args
+    if argv[:1] in (["-h"], ["--help"]):
+        print(HELP)
+        return None
     if argv and argv[0] == "compare":
         parser = argparse.ArgumentParser(prog="train.py compare", epilog=COMPARE_HELP,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.add_argument("--config", required=True, help="compare spec YAML")
+        parser.add_argument("--config", required=True, help="compare spec YAML, a family config or a run's config.yaml")
+        parser.add_argument("--name", help="report folder under checkpoints/ (default: the spec's name, else "
+                                           "<config stem>_compare)")
         parser.add_argument("--explain_images", type=int, help="override explain.num_images of the spec")
         parser.add_argument("--no_explain", action="store_true", help="skip the explainers")
         known, extra = parser.parse_known_args(argv[1:])
-        return compare(known.config, extra, explain_images=known.explain_images, explain=not known.no_explain)
+        return compare(known.config, extra, explain_images=known.explain_images, explain=not known.no_explain,
+                       name=known.name)
     if argv and argv[0] == "ablate":
         parser = argparse.ArgumentParser(prog="train.py ablate", epilog=ABLATE_HELP,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,3 +70,9 @@ def main(args: list[str] | None = None) -> Any:
         known, extra = parser.parse_known_args(argv[1:])
         return ablate(known.config, known.grid, known.name or f"{Path(known.config).stem}_ablation", extra)
     return ZooCLI(args=args)
+
+
+def command_line(args: list[str] | None = None) -> Any:
+    """train.py's entry: `main`, a configuration error (a mistyped option, a missing data folder, a spec that does
+    not hold) printed once without a traceback, exit status 2."""
+    return _command_line(main, args)

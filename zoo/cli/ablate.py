@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,16 +14,19 @@ from typing import Any
 import torch
 import yaml
 
+from zoo.cli.errors import configuration_phase
 from zoo.cli.lightning import ZooCLI, fit
-from zoo.cli.report import write_report
+from zoo.cli.report import metric_directions, write_report
 
 ABLATE_HELP = """\
 python train.py ablate --config configs/icnn/parts_world.yaml --name icnn_lambda \\
     --grid model.init_args.loss.init_args.weight=[0,1,10] --grid seed_everything=[0,1] [fit overrides ...]
 
-Each grid point is one fit in checkpoints/<name>/<point>/; a finished point keeps result.json and is skipped when
-the same command runs again, an interrupted one resumes from its last.ckpt. The table averages every metric over
-seed_everything (mean +- std) and goes to checkpoints/<name>/ablation.{md,csv}, with TensorBoard hparams.
+Each grid point is one fit in checkpoints/<name>/<point>/, keyed by a hash of its resolved settings: a finished
+point is reused when the same settings run again ("point X: finished with the same settings, reused"), a point
+whose settings changed (another max_epochs, an edited config) runs again, an interrupted one resumes from its
+last.ckpt. The table averages every metric over seed_everything (<metric>_mean, <metric>_std) and goes to
+checkpoints/<name>/ablation.{md,csv}; each point's TensorBoard HPARAMS entry is in checkpoints/<name>/hparams/.
 """
 SEED_KEY = "seed_everything"
 
@@ -61,29 +66,70 @@ def point_name(point: dict[str, Any]) -> str:
     return re.sub(r"[^\w.=,+-]", "_", name)
 
 
-def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[str]) -> dict[str, float]:
-    """Fit one grid point (resuming from its last.ckpt), validate, and store result.json atomically."""
+def settings_hash(cli: ZooCLI) -> str:
+    """sha256 of a point's resolved config (every default, file and override applied) less what does not change a
+    result (the logger, the progress bar): a finished point is reused only while this is unchanged."""
+    config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+    config.pop("progress_bar", None)
+    (config.get("trainer") or {}).pop("logger", None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_hparams(folder: Path, point: dict[str, Any], metrics: dict[str, float]) -> None:
+    """The point's TensorBoard HPARAMS entry, once, in <ablation>/hparams/<point>/ (rewritten only when the point
+    is rerun), so TensorBoard's HPARAMS tab lists each point once however often the ablation runs."""
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    shutil.rmtree(folder, ignore_errors=True)
+    values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in point.items()}
+    scores = {f"hparam/{k}": v for k, v in metrics.items()}
+    with SummaryWriter(str(folder)) as writer:
+        for summary in hparams(values, scores):
+            writer.file_writer.add_summary(summary)
+        for key, value in scores.items():
+            writer.add_scalar(key, value)
+
+
+def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[str]
+                   ) -> tuple[dict[str, float], dict[str, bool | None]]:
+    """Fit one grid point (resuming from its last.ckpt), validate, and store result.json atomically; return its
+    metrics and their directions. The point's resolved settings are hashed: a finished point with the same hash is
+    reused (and said so); a point whose settings changed since (another max_epochs, a changed config file) is
+    moved to <name>/stale/ and run again from scratch."""
     folder = Path("checkpoints") / name / point_name(point)
-    result_path = folder / "result.json"
-    if result_path.is_file():
-        return json.loads(result_path.read_text())["metrics"]
+    result_path, hash_path = folder / "result.json", folder / "settings.sha256"
     overrides = [f"--{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
                  for key, value in point.items()]
     logger = f"--trainer.logger.init_args.name={name}/{point_name(point)}"
     cli = ZooCLI(args=["--config", config, *overrides, *extra, logger], run=False)
+    digest, label = settings_hash(cli), point_name(point)
+    stored = hash_path.read_text().strip() if hash_path.is_file() else None
+    if folder.is_dir() and stored != digest:
+        stale = Path("checkpoints") / name / "stale" / f"{label}-{(stored or 'unknown')[:8]}"
+        shutil.rmtree(stale, ignore_errors=True)
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        folder.rename(stale)
+        print(f"ablate: point {label}: settings changed since its last run; run again (old run moved to {stale})")
+    elif result_path.is_file():
+        print(f"ablate: point {label}: finished with the same settings, reused")
+        return json.loads(result_path.read_text())["metrics"], metric_directions(cli.model, "val")
+    folder.mkdir(parents=True, exist_ok=True)
+    hash_path.write_text(digest + "\n")  # before training: an interrupted point resumes only with these settings
     last = folder / "checkpoints" / "last.ckpt"
     fit(cli, ckpt_path=str(last) if last.is_file() else None)
     metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     metrics = {k.removeprefix("val/"): float(v) for k, v in metrics.items() if not k.startswith("val/loss")}
-    folder.mkdir(parents=True, exist_ok=True)
+    write_hparams(Path("checkpoints") / name / "hparams" / label, point, metrics)
     tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"point": point, "metrics": metrics}, indent=1))
+    tmp.write_text(json.dumps({"point": point, "settings_sha256": digest, "metrics": metrics}, indent=1))
     os.replace(tmp, result_path)  # atomic: a killed run leaves no half-written result
-    return metrics
+    return metrics, metric_directions(cli.model, "val")
 
 
 def summarise(results: list[tuple[dict[str, Any], dict[str, float]]]) -> list[dict[str, Any]]:
-    """Group grid points that differ only in the seed; mean +- std of every metric."""
+    """Group grid points that differ only in the seed; every metric's mean and standard deviation over the seeds as
+    numbers (`<metric>_mean`, `<metric>_std`; std 0 for one seed)."""
     groups: dict[tuple, list[dict[str, float]]] = {}
     settings: dict[tuple, dict[str, Any]] = {}
     for point, metrics in results:
@@ -96,25 +142,25 @@ def summarise(results: list[tuple[dict[str, Any], dict[str, float]]]) -> list[di
         row: dict[str, Any] = {k.rsplit(".", 1)[-1]: v for k, v in settings[key].items()}
         row["seeds"] = len(runs)
         for metric in dict.fromkeys(m for run in runs for m in run):
-            values = torch.tensor([run[metric] for run in runs if metric in run])
-            std = values.std().item() if len(values) > 1 else 0.0
-            row[metric] = f"{values.mean().item():.4f} +- {std:.4f}"
+            values = torch.tensor([run[metric] for run in runs if metric in run], dtype=torch.float64)
+            row[f"{metric}_mean"] = round(values.mean().item(), 4)
+            row[f"{metric}_std"] = round(values.std().item(), 4) if len(values) > 1 else 0.0
         rows.append(row)
     return rows
 
 
 def ablate(config: str, grid_items: list[str], name: str, extra: list[str]) -> list[dict[str, Any]]:
-    """Run every grid point (skipping finished ones), write the table and TensorBoard hparams."""
-    from torch.utils.tensorboard import SummaryWriter
-
+    """Run every grid point (reusing finished ones whose settings are unchanged), write the table; each point's
+    TensorBoard HPARAMS entry is written when the point finishes."""
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    grid = parse_grid(grid_items)
-    results = [(point, run_grid_point(config, name, point, extra)) for point in grid_points(grid)]
-    folder = Path("checkpoints") / name
-    with SummaryWriter(str(folder / "hparams")) as writer:
-        for point, metrics in results:
-            hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in point.items()}
-            writer.add_hparams(hparams, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=point_name(point))
+    with configuration_phase():
+        points = grid_points(parse_grid(grid_items))
+    results, directions = [], {}
+    for index, point in enumerate(points, 1):
+        print(f"\n=== ablate point {index}/{len(points)}: {point_name(point)} ===", flush=True)
+        metrics, point_directions = run_grid_point(config, name, point, extra)
+        results.append((point, metrics))
+        directions |= point_directions
     rows = summarise(results)
-    write_report(folder, {"ablation": rows}, stem="ablation")
+    write_report(Path("checkpoints") / name, {"ablation": rows}, directions, stem="ablation")
     return rows

@@ -7,10 +7,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import yaml
 
+from zoo.cli.errors import configuration_phase
 from zoo.cli.lightning import ZooCLI, fit
-from zoo.cli.report import save_explanation_figure, write_report
+from zoo.cli.report import metric_directions, write_report
+from zoo.engine.callbacks import log_figure, save_figure
+from zoo.explain.scores import EXPLANATION_DIRECTIONS, ExplainedRun, explanation_figure, true_and_predicted
 from zoo.weights import load_system_weights
 
 COMPARE_HELP = """\
@@ -18,17 +22,19 @@ COMPARE_HELP = """\
 ICNNSystem: ordinary_twin, masked_twin, plain_cnn) or a compare spec, a YAML file with one top-level key:
 
 compare:
-  name: quickstart                      # report folder: checkpoints/<name>/
+  name: quickstart                      # report folder: checkpoints/<name>/ (--name overrides it)
   args: ["--trainer.max_epochs=6"]      # overrides shared by every run
   runs:
     icnn: {config: configs/icnn/parts_world.yaml}
     opaque_twin: {config: configs/icnn/parts_world.yaml, args: ["--model.init_args.loss...weight=0"]}
     trained: {config: ..., checkpoint: checkpoints/x/checkpoints/last.ckpt}   # evaluate, do not train
+    again: {config: checkpoints/x/config.yaml}   # a run's own saved config (its ckpt_path is not used)
   explain:                              # optional: explainers scored on the first validation images
     methods: [cam, saliency, integrated_gradients, layer_gradcam, occlusion]
     num_images: 32
     step: 128                           # pixels per deletion/insertion step
 """
+FIT_ONLY_KEYS = ("ckpt_path", "weights_only")  # `fit` arguments in a run's saved config.yaml; compare runs lack them
 BUDGET_KEYS = ("max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches", "fast_dev_run")
 
 
@@ -81,10 +87,23 @@ def resolve_config(path: str, spec_path: Path) -> Path:
                             f"directory nor relative to a folder above the spec.")
 
 
+def config_argument(path: Path) -> str:
+    """What `--config` gets for a run: the path, or for a run's own saved config.yaml (written by `fit`, with the
+    `fit`-only keys ckpt_path and weights_only) its text without those keys: compare trains from scratch."""
+    config = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(config, dict) or not set(FIT_ONLY_KEYS) & set(config):
+        return str(path)
+    if config.get("ckpt_path"):
+        print(f"compare: {path} resumed from ckpt_path {config['ckpt_path']}; compare trains from scratch (give the "
+              f"run `checkpoint: <path>` to evaluate trained weights instead).")
+    return yaml.safe_dump({k: v for k, v in config.items() if k not in FIT_ONLY_KEYS}, sort_keys=False)
+
+
 def _fit_args(run_name: str, run: dict[str, Any], spec_path: Path, common: list[str], extra: list[str]) -> list[str]:
     if "config" not in run:
         raise ValueError(f"compare run {run_name!r} names no config.\n{COMPARE_HELP}")
-    return ["--config", str(resolve_config(run["config"], spec_path)), *common, *run.get("args", []), *extra]
+    config = config_argument(resolve_config(run["config"], spec_path))
+    return ["--config", config, *common, *run.get("args", []), *extra]
 
 
 def check_same_setting(configs: dict[str, Any]) -> None:
@@ -111,42 +130,59 @@ def drop_twins_equal_to_the_model(runs: dict[str, Any], clis: dict[str, Any]) ->
     return {name: run for name, run in runs.items() if name not in same}
 
 
-def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
-            explain: bool = True) -> list[dict[str, Any]]:
-    """Train every run of a compare spec with the same data, seed and budget; evaluate; write report.md/.csv."""
+def compare(spec_path: str, extra: list[str], explain_images: int | None = None, explain: bool = True,
+            name: str | None = None) -> list[dict[str, Any]]:
+    """Train every run of a compare spec with the same data, seed and budget; evaluate; write report.md/.csv and one
+    explanation figure (every run in one figure, one image per column; each run's part also in its TensorBoard run).
+
+    Every run starts from the same seed (`seed_everything` again before its fit), so each model sees the same
+    initial random stream whatever ran before it. `name` (--name) overrides the spec's report folder name."""
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # compare builds its own args
-    spec = read_compare_spec(spec_path)
-    explain_settings = dict(spec.get("explain") or {})
-    if explain_images is not None:
-        explain_settings["num_images"] = explain_images
-    name, common = spec.get("name", Path(spec_path).stem), list(spec.get("args", []))
-    runs = spec["runs"]
-    clis = {run_name: ZooCLI(args=_fit_args(run_name, run, Path(spec_path), common,
-                                            [*extra, f"--trainer.logger.init_args.name={name}/{run_name}"]), run=False)
-            for run_name, run in runs.items()}
-    check_same_setting({run_name: cli.config for run_name, cli in clis.items()})  # before any training starts
-    runs = drop_twins_equal_to_the_model(runs, clis)
+    with configuration_phase():  # a spec, config or run that does not hold: said once, before any training
+        spec = read_compare_spec(spec_path)
+        explain_settings = dict(spec.get("explain") or {})
+        if explain_images is not None:
+            explain_settings["num_images"] = explain_images
+        name, common = name or spec.get("name", Path(spec_path).stem), list(spec.get("args", []))
+        runs = spec["runs"]
+        clis = {run_name: ZooCLI(args=_fit_args(run_name, run, Path(spec_path), common,
+                                                [*extra, f"--trainer.logger.init_args.name={name}/{run_name}"]),
+                                 run=False)
+                for run_name, run in runs.items()}
+        check_same_setting({run_name: cli.config for run_name, cli in clis.items()})  # before any training starts
+        runs = drop_twins_equal_to_the_model(runs, clis)
+    folder = Path("checkpoints") / name
     rows: list[dict[str, Any]] = []
     explanation_rows: list[dict[str, Any]] = []
-    for run_name, run in runs.items():
+    explained_runs: list[ExplainedRun] = []
+    directions: dict[str, bool | None] = {"train_samples_per_s": True, "infer_samples_per_s": True}
+    for index, (run_name, run) in enumerate(runs.items(), 1):
         cli = clis[run_name]
+        print(f"\n=== compare run {index}/{len(runs)}: {run_name} ({folder / run_name}) ===", flush=True)
         start = time.perf_counter()
         if run.get("checkpoint"):  # evaluate trained weights instead of training
-            load_system_weights(cli.model, run["checkpoint"])
+            with configuration_phase():
+                load_system_weights(cli.model, run["checkpoint"])
             cli.datamodule.setup("validate")
         else:
+            if cli.config.seed_everything is not False:
+                pl.seed_everything(cli.config.seed_everything)  # the same random stream for every run
             fit(cli)
         fit_seconds = time.perf_counter() - start
         train_samples = cli.trainer.global_step * cli.datamodule.batch_size
         start = time.perf_counter()
         metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
         val_seconds = time.perf_counter() - start
+        directions |= metric_directions(cli.model, "val")
         report = cli.model.explanation_report(cli.datamodule, explain_settings) if explain else None
         if report is not None:  # every explainer the System knows, scored on the same validation samples
             explained, maps, images = report
             explanation_rows += [{"run": run_name, **row} for row in explained]
             if maps:  # no figure where the inputs are not images (vectors, tokens)
-                save_explanation_figure(Path("checkpoints") / name / f"explanations_{run_name}.png", images, maps)
+                explained_runs.append(ExplainedRun(run_name, images, maps,
+                                                   *true_and_predicted(cli.model, cli.datamodule, images)))
+                log_figure(cli.trainer.logger, "explanations",
+                           explanation_figure(explained_runs[-1:], cli.datamodule))
         rows.append({
             "run": run_name,
             "model": cli.model.hparams.get("model_name", type(cli.model).__name__),
@@ -155,7 +191,9 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
             "train_samples_per_s": round(train_samples / fit_seconds, 1) if train_samples else "",
             "infer_samples_per_s": round(len(cli.datamodule.val_dataloader().dataset) / val_seconds, 1),
         })
-    folder = Path("checkpoints") / name
+    if explained_runs:
+        save_figure(explanation_figure(explained_runs, clis[explained_runs[0].name].datamodule),
+                    folder / "explanations.png")
     tables = {"models": rows, **({"explanations": explanation_rows} if explanation_rows else {})}
-    write_report(folder, tables)
+    write_report(folder, tables, directions | EXPLANATION_DIRECTIONS)
     return rows

@@ -12,6 +12,7 @@ import yaml
 from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from zoo.cli.errors import ZooArgumentParser, configuration_phase
 from zoo.engine.callbacks import LatestCheckpoint, RNGStateCallback
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -76,6 +77,7 @@ class ZooCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("parser_class", ZooArgumentParser)  # short errors with a did-you-mean (zoo.cli.errors)
         super().__init__(pl.LightningModule, pl.LightningDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -118,6 +120,12 @@ class ZooCLI(LightningCLI):
             trainer.callbacks.append(PredictionWriter())
         return trainer
 
+    def instantiate_classes(self) -> None:
+        """A class refusing its arguments (a data folder that does not exist) raises its own error, marked as a
+        configuration error, instead of jsonargparse's wrapper that repeats it inside a union-type message."""
+        with configuration_phase():
+            super().instantiate_classes()
+
     def before_fit(self) -> None:
         """Auxiliary models (L2X's black box, the textual sentence classifier) are trained before the fit is
         launched, so a distributed run trains them with its own strategy."""
@@ -135,8 +143,9 @@ class ZooCLI(LightningCLI):
         if ckpt_path and Path(ckpt_path).is_file():
             from zoo.weights import check_config_fits_checkpoint, read_checkpoint
 
-            check_config_fits_checkpoint(self.config[subcommand].get("model"), read_checkpoint(ckpt_path),
-                                         f"--ckpt_path {ckpt_path!r}")
+            with configuration_phase():
+                check_config_fits_checkpoint(self.config[subcommand].get("model"), read_checkpoint(ckpt_path),
+                                             f"--ckpt_path {ckpt_path!r}")
         super()._parse_ckpt_path()
 
 

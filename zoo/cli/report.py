@@ -1,25 +1,53 @@
-"""Reports for people: markdown and CSV tables, the console table, explanation figures."""
+"""Reports for people: markdown and CSV tables with a higher/lower-is-better legend, the console table (full width
+when piped), figures saved as PNG and written to the run's TensorBoard."""
 
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 from typing import Any
 
-import torch
+import torch.nn as nn
 
 
-def save_explanation_figure(path: Path, images: torch.Tensor, maps: dict[str, torch.Tensor], count: int = 6) -> None:
-    """One row per explainer over the first `count` images (red = important)."""
-    from torchvision.utils import save_image
+def metric_directions(system: nn.Module, stage: str) -> dict[str, bool | None]:
+    """Logged metric name -> its torchmetrics `higher_is_better` (`ZooSystem.logged_metrics`); "<prefix>*" names
+    a dict metric's entries. Entries of several dict metrics logged without a prefix get a direction only where
+    those metrics agree."""
+    if not hasattr(system, "logged_metrics"):
+        return {}
+    directions: dict[str, bool | None] = {}
+    unprefixed: set[bool | None] = set()
+    for name, metric in system.logged_metrics(stage):
+        higher = getattr(metric, "higher_is_better", None)
+        if name == "*":
+            unprefixed.add(higher)
+        else:
+            directions[name] = higher
+    if len(unprefixed) == 1:
+        directions["*"] = unprefixed.pop()
+    return directions
 
-    from zoo.engine.callbacks import heatmap_overlay
 
-    images = images[:count].float().cpu()
-    saliency = torch.stack([m[:count].float().cpu() for m in maps.values()])  # (M, N, H, W)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(heatmap_overlay(images, saliency).flatten(0, 1), path, nrow=len(images))
-    path.with_suffix(".md").write_text("rows, top to bottom: " + ", ".join(maps) + "\n")
+def direction(column: str, directions: dict[str, bool | None]) -> bool | None:
+    """Whether a higher `column` is better (True / False), None where unknown. `<metric>_mean` columns take their
+    metric's direction; "<prefix>*" entries of `directions` match by the longest prefix."""
+    name = column.removesuffix("_mean")
+    if name in directions:
+        return directions[name]
+    patterns = [key for key in directions if key.endswith("*") and name.startswith(key[:-1])]
+    return directions[max(patterns, key=len)] if patterns else None
+
+
+def legend(columns: list[str], directions: dict[str, bool | None]) -> str:
+    """"higher is better: a, b; lower is better: c" for the columns whose direction is known ("" if none)."""
+    parts = []
+    for wanted, words in ((True, "higher is better"), (False, "lower is better")):
+        names = [c for c in columns if direction(c, directions) is wanted]
+        if names:
+            parts.append(f"{words}: {', '.join(names)}")
+    return "; ".join(parts)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -29,11 +57,27 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows])
 
 
-def write_report(folder: Path, tables: dict[str, list[dict[str, Any]]], stem: str = "report") -> None:
-    """<stem>.md (one section per table), <stem>.csv (the first table) and <table>.csv; tables printed."""
+def print_table(title: str, rows: list[dict[str, Any]], caption: str) -> None:
+    """A rich table on a terminal; plain markdown (never cut to 80 columns) when the output is piped or a file."""
+    if not sys.stdout.isatty():
+        print(f"\n{title}\n\n{markdown_table(rows)}" + (f"\n\n{caption}" if caption else ""), flush=True)
+        return
     from rich.console import Console
     from rich.table import Table
 
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    table = Table(title=title, caption=caption or None)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(str(row.get(c, "")) for c in columns))
+    Console().print(table)
+
+
+def write_report(folder: Path, tables: dict[str, list[dict[str, Any]]],
+                 directions: dict[str, bool | None] | None = None, stem: str = "report") -> None:
+    """<stem>.md (one section per table, each with its higher/lower-is-better legend), <stem>.csv (the first
+    table) and <table>.csv; tables printed."""
     folder.mkdir(parents=True, exist_ok=True)
     sections = []
     for index, (title, rows) in enumerate(tables.items()):
@@ -43,11 +87,7 @@ def write_report(folder: Path, tables: dict[str, list[dict[str, Any]]], stem: st
                 writer = csv.DictWriter(f, columns)
                 writer.writeheader()
                 writer.writerows(rows)
-        sections.append(f"## {title}\n\n{markdown_table(rows)}")
-        table = Table(title=f"{folder}: {title}")
-        for column in columns:
-            table.add_column(column)
-        for row in rows:
-            table.add_row(*(str(row.get(c, "")) for c in columns))
-        Console().print(table)
+        caption = legend(columns, directions or {})
+        sections.append(f"## {title}\n\n{markdown_table(rows)}" + (f"\n\n{caption}" if caption else ""))
+        print_table(f"{folder}: {title}", rows, caption)
     (folder / f"{stem}.md").write_text("\n\n".join(sections) + "\n")

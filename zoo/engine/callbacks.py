@@ -3,6 +3,7 @@ picture callback (a fixed batch, rank zero, eval mode and no_grad, RNG isolated)
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,11 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.seed import isolate_rng
+from torch.utils.data import DataLoader, SequentialSampler
 
 
 class LatestCheckpoint(ModelCheckpoint):
@@ -56,6 +59,9 @@ class FixedBatchCallback(pl.Callback):
     the global torch generator. Without the isolation the first picture of a run shifts every later shuffle, and
     a run resumed from last.ckpt (which draws that seed one epoch later) is not the run that never died.
 
+    The fixed batch (`fixed_batch`) takes the first validation sample of each class, then the second, ... so the
+    pictures show every class (deterministic, and read under the same isolation).
+
     Subclasses set `num_items` and implement `draw(trainer, pl_module, batch)`; `collective(trainer, pl_module)`
     runs on every rank first (for metrics that synchronise) and its result is passed to `draw` as `shared`.
     """
@@ -66,10 +72,11 @@ class FixedBatchCallback(pl.Callback):
         self.batch: Any = None
 
     def fixed_batch(self, trainer: pl.Trainer) -> Any:
-        """The first `num_items` of the first validation batch, taken once and kept."""
+        """`num_items` validation samples covering every class, taken once and kept (see `covering_batch`)."""
         if self.batch is None:
-            batch = next(iter(trainer.datamodule.val_dataloader()))
-            self.batch = {k: v[: self.num_items] for k, v in batch.items()}
+            target_key = getattr(trainer.lightning_module, "target_key", "label")
+            self.batch = covering_batch(trainer.datamodule.val_dataloader(), target_key, self.num_items,
+                                        getattr(trainer.datamodule, "num_classes", None))
         return self.batch
 
     def collective(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
@@ -98,6 +105,64 @@ class FixedBatchCallback(pl.Callback):
         folder = Path(trainer.log_dir or trainer.default_root_dir) / name
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+
+def covering_batch(loader: DataLoader, target_key: str, count: int, num_classes: int | None = None) -> Any:
+    """`count` samples of a sequential validation loader that cover every class, deterministically: the first
+    sample of each class in loader order, then the second of each, ... (a sorted ImageFolder shows every class,
+    not `count` images of its first). Batches are read only until every class (`num_classes`, else every class
+    seen) has its share. Batches without one class id per sample (detection scenes) or a shuffled loader: the first
+    `count` samples of the first batch."""
+    by_class: dict[int, list[int]] = {}
+    position, first = 0, None
+    for batch in loader:
+        first = batch if first is None else first
+        labels = batch.get(target_key) if isinstance(batch, dict) else None
+        if not isinstance(loader.sampler, SequentialSampler) or not torch.is_tensor(labels) or labels.ndim != 1:
+            return {k: v[:count] for k, v in first.items()}
+        share = math.ceil(count / num_classes) if num_classes else count
+        for offset, label in enumerate(labels.tolist()):
+            if len(by_class.setdefault(label, [])) < share:
+                by_class[label].append(position + offset)
+        position += len(labels)
+        if num_classes and len(by_class) >= num_classes and all(len(v) >= share for v in by_class.values()):
+            break
+    if first is None:
+        raise ValueError("the validation loader is empty: no fixed batch to draw.")
+    chosen = [indices[rank] for rank in range(max(map(len, by_class.values())))
+              for _, indices in sorted(by_class.items()) if rank < len(indices)][:count]  # round robin over classes
+    return loader.collate_fn([loader.dataset[i] for i in chosen])
+
+
+def class_name(datamodule: Any, index: int) -> str:
+    """What pictures and reports call class `index`: the datamodule's public `class_names[index]`, else "class k"."""
+    names = getattr(datamodule, "class_names", None)
+    return str(names[index]) if names is not None and 0 <= index < len(names) else f"class {index}"
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    """A matplotlib figure as PNG (folders made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=figure.dpi, bbox_inches="tight")
+
+
+def log_figure(logger: Any, tag: str, figure: Any, step: int = 0) -> None:
+    """A matplotlib figure in the run's TensorBoard (`add_figure`) when the logger is a TensorBoardLogger."""
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_figure(tag, figure, step, close=False)
+
+
+def new_figure(rows: int, columns: int, panel_inches: float = 1.3) -> tuple[Any, Any]:
+    """A pyplot-free matplotlib Figure (no GUI backend, nothing to close) with a (rows, columns) grid of axes, ticks
+    off: the canvas of every labelled picture."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(panel_inches * columns + 1.6, panel_inches * rows + 0.4), dpi=72, layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return figure, axes
 
 
 def heatmap_overlay(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:

@@ -200,6 +200,13 @@ class ZooSystem(pl.LightningModule):
         if key not in self._dict_metrics:
             self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, **log_kwargs)
 
+    def logged_metrics(self, stage: str) -> list[tuple[str, Metric]]:
+        """The metrics of `stage` with the name they are logged under (without "<stage>/"); a metric whose compute()
+        returns a dict is named "<log_prefix>*" (its entries are logged as "<log_prefix><key>"). Reports read each
+        metric's `higher_is_better` from here."""
+        return [(f"{self._dict_metrics[key]}*" if key in self._dict_metrics else key.removeprefix(f"{stage}_"), metric)
+                for key, metric in self.metrics.items() if key.startswith(f"{stage}_")]
+
     def _log_dict_metrics(self, stage: str) -> None:
         for key, prefix in self._dict_metrics.items():
             metric = self.metrics[key]

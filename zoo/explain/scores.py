@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
+from zoo.engine.callbacks import class_name, heatmap_overlay, new_figure
 from zoo.explain.captum import POSTHOC_METHODS, SELF_EXPLANATION, LogitsOnly, explain
 from zoo.explain.faithfulness import AttributionInMask, DeletionAUC, InsertionAUC
 
 DEFAULT_METHODS = (SELF_EXPLANATION, *POSTHOC_METHODS)
+# which direction of each column of `score_explanations` is better (the report's legend), from the metrics themselves
+EXPLANATION_DIRECTIONS: dict[str, bool | None] = {
+    "ms_per_sample": False, "samples_per_s": True,
+    "deletion_auc": DeletionAUC.higher_is_better, "insertion_auc": InsertionAUC.higher_is_better,
+    "pointing_in_parts": AttributionInMask.higher_is_better, "mass_in_parts": AttributionInMask.higher_is_better,
+}
 
 
 def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
@@ -26,9 +35,11 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
     model.eval()
     logits_only = LogitsOnly(model)
     rows, maps = [], {}
-    for method in methods:
+    progress = tqdm(methods, desc=f"explaining {len(images)} images", unit="method", leave=False)
+    for method in progress:
         if method in (SELF_EXPLANATION, "layer_gradcam") and not hasattr(model, "forward_head"):
             continue  # both read the map a pooled head pools; a flattening head has none
+        progress.set_postfix_str(method)
         start = time.perf_counter()
         saliency = explain(model, images, target, method)
         seconds = time.perf_counter() - start
@@ -62,3 +73,63 @@ def explain_validation_images(system: nn.Module, datamodule: Any, settings: dict
                                     batch.get("part_masks"), settings.get("methods", DEFAULT_METHODS),
                                     int(settings.get("step", 128)))
     return rows, maps, images
+
+
+@dataclass
+class ExplainedRun:
+    """One model's explanations of the compared images: `maps` method -> (N, H, W) saliency over `images`
+    (N, C, H, W); `true` / `predicted` class ids (N,) where known."""
+
+    name: str
+    images: torch.Tensor
+    maps: dict[str, torch.Tensor]
+    true: list[int] | None = None
+    predicted: list[int] | None = None
+
+
+def true_and_predicted(system: nn.Module, datamodule: Any, images: torch.Tensor
+                       ) -> tuple[list[int] | None, list[int] | None]:
+    """The true classes of the first `len(images)` validation samples (the ones `explain_validation_images` takes)
+    and the model's predicted classes for `images` (None where the model gives no "logits")."""
+    dataset = datamodule.val_dataloader().dataset
+    target_key = getattr(system, "target_key", "label")
+    samples = [dataset[i] for i in range(len(images))]
+    true = [int(s[target_key]) for s in samples] if all(isinstance(s, dict) and target_key in s for s in samples) \
+        else None
+    was_training = system.training
+    system.eval()
+    with torch.no_grad():
+        out = system.model(images)
+    system.train(was_training)
+    logits = out.get("logits") if isinstance(out, dict) else out
+    predicted = logits.argmax(-1).tolist() if isinstance(logits, torch.Tensor) and logits.ndim == 2 else None
+    return true, predicted
+
+
+def explanation_figure(runs: list[ExplainedRun], datamodule: Any = None) -> Any:
+    """Every explained image (columns) under every model's explainers (rows named "<model>: <method>", red =
+    important), the models stacked in one figure so one image is compared down its column. The top row shows the
+    images with their true class; each model's first row says its predicted class (green right, red wrong)."""
+    images = runs[0].images.float().cpu()
+    rows = 1 + sum(len(run.maps) for run in runs)
+    figure, axes = new_figure(rows, len(images))
+    for column, image in enumerate(images):
+        shown = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
+        axes[0, column].imshow(shown.permute(1, 2, 0).clamp(0, 1).numpy())
+        true = runs[0].true
+        axes[0, column].set_title(f"true: {class_name(datamodule, true[column])}" if true else f"image {column}",
+                                  fontsize=8)
+    axes[0, 0].set_ylabel("image", fontsize=8, rotation=0, ha="right", va="center")
+    row = 1
+    for run in runs:
+        panels = heatmap_overlay(images, torch.stack([m.float().cpu() for m in run.maps.values()]))  # (M, N, 3, H, W)
+        for method, method_panels in zip(run.maps, panels):
+            axes[row, 0].set_ylabel(f"{run.name}:\n{method}", fontsize=8, rotation=0, ha="right", va="center")
+            for column, panel in enumerate(method_panels):
+                axes[row, column].imshow(panel.permute(1, 2, 0).numpy())
+                if method == next(iter(run.maps)) and run.predicted is not None:
+                    right = run.true is None or run.true[column] == run.predicted[column]
+                    axes[row, column].set_title(f"pred: {class_name(datamodule, run.predicted[column])}",
+                                                fontsize=8, color="green" if right else "red")
+            row += 1
+    return figure

@@ -1,22 +1,22 @@
-"""ICNN's TensorBoard pictures: the most active filters' maps over a fixed validation batch."""
+"""ICNN's TensorBoard pictures: the most active filters' maps over a fixed validation batch, labelled."""
 
 from __future__ import annotations
-
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
-from torchvision.utils import make_grid, save_image
 
-from zoo.engine.callbacks import FixedBatchCallback, heatmap_overlay
+from zoo.engine.callbacks import FixedBatchCallback, class_name, heatmap_overlay, log_figure, new_figure, save_figure
 
 
 class FilterMapsCallback(FixedBatchCallback):
-    """After each validation epoch: the `num_filters` most active filters' maps over a fixed validation batch.
+    """After each validation epoch: the `num_filters` most active filters' maps over a fixed validation batch (one
+    image of each class first, see `FixedBatchCallback.fixed_batch`).
 
-    Writes a TensorBoard image per filter (tag ``filters/<rank>_f<id>``) and, in the run folder, ``filters/
-    epoch<e>.png`` (one row per filter) with ``filters/epoch<e>.md`` naming each row's filter, assigned category
-    (by class name: the System's `class_names`) and best-matching ground-truth part (from the System's part IoU).
+    One labelled figure, one row per filter named by its filter id, assigned category (class name) and best-matching
+    ground-truth part with its hit rate (from the System's part IoU), each image titled with its true class:
+    TensorBoard figure ``filters/maps`` and text ``filters/table``; in the run folder ``filters/epoch<e>.png`` and
+    ``filters/epoch<e>.md`` (the same labels as a table).
 
     Args:
         num_filters: filters shown, ranked by mean peak activation on the fixed batch.
@@ -33,36 +33,45 @@ class FilterMapsCallback(FixedBatchCallback):
 
     def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, part_scores: torch.Tensor | None) -> None:
         key = self.maps_key or getattr(pl_module, "part_maps_key", None) or "features"
-        images = self.fixed_batch(trainer)[pl_module.input_key].to(pl_module.device)
+        batch = self.fixed_batch(trainer)
+        images = batch[pl_module.input_key].to(pl_module.device)
         out = pl_module.model(images)
         maps = out[key].float()  # (N, F, h, w)
         top = maps.flatten(2).amax(-1).mean(0).topk(min(self.num_filters, maps.shape[1])).indices  # (k,)
-        panels = heatmap_overlay(images.float(), maps[:, top].transpose(0, 1))  # (k, N, 3, H, W)
-        rows = self._describe(trainer, out, top.tolist(), part_scores, getattr(pl_module, "class_names", None))
-        if isinstance(trainer.logger, TensorBoardLogger):
-            for panel, (filter_id, text) in zip(panels, rows):
-                tag = f"filters/{filter_id:04d}"
-                trainer.logger.experiment.add_image(tag, make_grid(panel, nrow=len(panel)), trainer.global_step)
-                trainer.logger.experiment.add_text(tag, text, trainer.global_step)
-        folder = self.run_folder(trainer, "filters")
-        save_image(panels.flatten(0, 1), folder / f"epoch{trainer.current_epoch}.png", nrow=panels.shape[1])
+        panels = heatmap_overlay(images.float(), maps[:, top].transpose(0, 1)).cpu()  # (k, N, 3, H, W)
+        rows = self._describe(trainer, out, top.tolist(), part_scores)
+        labels = batch.get(pl_module.target_key)
+        figure, axes = new_figure(len(rows), panels.shape[1])
+        for row, ((filter_id, category, part), filter_panels) in enumerate(zip(rows, panels)):
+            axes[row, 0].set_ylabel(f"filter {filter_id}\ncategory: {category}\npart: {part}", fontsize=8,
+                                   rotation=0, ha="right", va="center")
+            for column, panel in enumerate(filter_panels):
+                axes[row, column].imshow(panel.permute(1, 2, 0).numpy())
+                if row == 0 and torch.is_tensor(labels):
+                    axes[row, column].set_title(f"true: {class_name(trainer.datamodule, int(labels[column]))}",
+                                                fontsize=8)
         lines = ["| row | filter | category | best part (hit rate) |", "| --- | --- | --- | --- |"]
-        lines += [f"| {row} | {text} |" for row, (_, text) in enumerate(rows)]
+        lines += [f"| {row} | {filter_id} | {category} | {part} |" for row, (filter_id, category, part) in
+                  enumerate(rows)]
+        folder = self.run_folder(trainer, "filters")
+        save_figure(figure, folder / f"epoch{trainer.current_epoch}.png")
         (folder / f"epoch{trainer.current_epoch}.md").write_text("\n".join(lines) + "\n")
+        log_figure(trainer.logger, "filters/maps", figure, trainer.global_step)
+        if isinstance(trainer.logger, TensorBoardLogger):
+            trainer.logger.experiment.add_text("filters/table", "\n".join(lines), trainer.global_step)
 
     @staticmethod
-    def _describe(trainer: pl.Trainer, out: dict, filters: list[int], scores: torch.Tensor | None,
-                  class_names: list[str] | None) -> list[tuple[int, str]]:
+    def _describe(trainer: pl.Trainer, out: dict, filters: list[int],
+                  scores: torch.Tensor | None) -> list[tuple[int, str, str]]:
+        """(filter id, category as a class name, best part with its hit rate) per shown filter."""
         categories = out["filter_category"][-1].tolist() if "filter_category" in out else None
         names = getattr(trainer.datamodule, "attribute_names", None)
         rows = []
         for f in filters:
-            category = "-" if categories is None else str(categories[f])
-            if class_names and categories is not None and 0 <= categories[f] < len(class_names):
-                category = class_names[categories[f]]
+            category = class_name(trainer.datamodule, categories[f]) if categories is not None else "-"
             part = "-"
             if scores is not None and f < len(scores):
                 best = int(scores[f].argmax())
                 part = f"{names[best] if names and best < len(names) else best} ({scores[f, best]:.2f})"
-            rows.append((f, f"{f} | {category} | {part}"))
+            rows.append((f, category, part))
         return rows

@@ -8,7 +8,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torchvision.utils import make_grid
 
 from datamodules._base import decode_tokens
-from zoo.engine.callbacks import FixedBatchCallback
+from zoo.engine.callbacks import FixedBatchCallback, class_name
 
 
 class ExplanationTextCallback(FixedBatchCallback):
@@ -18,7 +18,8 @@ class ExplanationTextCallback(FixedBatchCallback):
 
     Reads the System's evaluation output dict (`forward_batch(batch, "val")`: "images", "labels", "sentences",
     "references"; see `zoo.textual.system.TextualSystem`). Words come from the datamodule's public `decode(tokens)`
-    (parts_world, CUB); without one, token ids are written as numbers (padding dropped)."""
+    (parts_world, CUB); without one, token ids are written as numbers (padding dropped). Classes are named by the
+    datamodule's `class_names` ("class k" without them)."""
 
     def __init__(self, num_images: int = 8) -> None:
         super().__init__()
@@ -31,7 +32,8 @@ class ExplanationTextCallback(FixedBatchCallback):
         decode = getattr(trainer.datamodule, "decode", None) or (lambda tokens: " ".join(decode_tokens(tokens)))
         images, labels = out["images"], out["labels"].tolist()
         lines = ["| image | class | generated | a reference |", "| --- | --- | --- | --- |"]
-        lines += [f"| {i} | {label} | {decode(out['sentences'][i])} | {decode(out['references'][i, 0])} |"
+        lines += [f"| {i} | {class_name(trainer.datamodule, label)} | {decode(out['sentences'][i])} | "
+                  f"{decode(out['references'][i, 0])} |"
                   for i, label in enumerate(labels)]
         text = "\n".join(lines)
         (self.run_folder(trainer, "explanations") / f"epoch{trainer.current_epoch}.md").write_text(text + "\n")

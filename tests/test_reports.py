@@ -1,0 +1,97 @@
+"""Reports for people: full-width piped tables with a higher/lower-is-better legend, labelled explanation figures,
+fixed picture batches that cover every class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from zoo.cli.report import direction, legend, metric_directions, write_report
+from zoo.engine.callbacks import class_name, covering_batch, log_figure
+from zoo.explain.scores import ExplainedRun, explanation_figure
+
+
+def figure_texts(figure) -> list[str]:
+    """Every title, axis label and free text of a matplotlib figure."""
+    texts = [t.get_text() for t in figure.texts]
+    for ax in figure.axes:
+        texts += [ax.get_title(), ax.get_ylabel(), ax.get_xlabel()]
+    return [t for t in texts if t]
+
+
+def test_directions_come_from_the_metrics_higher_is_better() -> None:
+    from losses.icnn import FilterPartLoss
+    from zoo.icnn.system import ICNNSystem
+
+    system = ICNNSystem("icnn_tinycnn", num_classes=3, loss=FilterPartLoss(), part_maps_key="filter_maps")
+    directions = metric_directions(system, "val")
+    assert directions["acc"] is True and directions["location_instability"] is False and directions["part_iou"]
+    assert direction("acc_mean", directions) is True and direction("acc_std", directions) is None
+    assert direction("rule_3", {"rule_*": True, "*": False}) is True and direction("map_50", {"*": False}) is False
+    assert legend(["run", "acc", "location_instability"], directions) == \
+        "higher is better: acc; lower is better: location_instability"
+
+
+def test_piped_tables_are_full_width_markdown_with_the_legend(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rows = [{"run": f"a_rather_long_run_name_{i}", "model": "icnn_tinycnn_with_a_long_name", "acc": 0.5,
+             "location_instability": 0.1234, "part_iou": 0.25, "infer_samples_per_s": 1234.5} for i in range(3)]
+    write_report(tmp_path, {"models": rows}, {"acc": True, "location_instability": False, "part_iou": True})
+    printed = capsys.readouterr().out  # captured output is not a terminal: plain markdown, never cut
+    header = "| run | model | acc | location_instability | part_iou | infer_samples_per_s |"
+    assert header in printed and "…" not in printed and max(map(len, printed.splitlines())) > 80
+    assert "higher is better: acc, part_iou; lower is better: location_instability" in printed
+    markdown = (tmp_path / "report.md").read_text()
+    assert header in markdown and "higher is better: acc, part_iou; lower is better: location_instability" in markdown
+
+
+def test_explanation_figure_names_rows_classes_and_shows_every_image() -> None:
+    images = torch.rand(5, 3, 16, 16)
+    maps = {"cam": torch.rand(5, 16, 16), "saliency": torch.rand(5, 16, 16)}
+    datamodule = SimpleNamespace(class_names=["cat", "dog", "owl"])
+    runs = [ExplainedRun("icnn", images, maps, true=[0, 1, 2, 0, 1], predicted=[0, 2, 2, 0, 1]),
+            ExplainedRun("opaque_twin", images, maps, true=[0, 1, 2, 0, 1], predicted=[1, 1, 2, 0, 1])]
+    figure = explanation_figure(runs, datamodule)
+    texts = figure_texts(figure)
+    assert len(figure.axes) == (1 + 2 * 2) * 5  # the images' row, then every model's explainers; all 5 images
+    assert {"icnn:\ncam", "icnn:\nsaliency", "opaque_twin:\ncam", "opaque_twin:\nsaliency"} <= set(texts)
+    assert [t for t in texts if t.startswith("true: ")] == [f"true: {n}" for n in ("cat", "dog", "owl", "cat", "dog")]
+    assert texts.count("pred: owl") == 2 + 1 and texts.count("pred: dog") == 1 + 3  # each model's predictions
+    assert class_name(None, 4) == "class 4" and class_name(datamodule, 2) == "owl"
+
+
+def test_figures_go_to_the_runs_tensorboard(tmp_path: Path) -> None:
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = ExplainedRun("icnn", torch.rand(2, 3, 16, 16), {"cam": torch.rand(2, 16, 16)}, [0, 1], [1, 1])
+    logger = TensorBoardLogger(tmp_path, name="run", version="")
+    log_figure(logger, "explanations", explanation_figure([run]), step=3)
+    log_figure(None, "explanations", explanation_figure([run]))  # no TensorBoard logger: nothing to do
+    logger.experiment.flush()
+    assert EventAccumulator(str(tmp_path / "run")).Reload().Tags()["images"] == ["explanations"]
+
+
+def test_fixed_batches_cover_every_class_of_a_sorted_set() -> None:
+    data = [{"image": torch.full((1,), float(i)), "label": torch.tensor(i // 10)} for i in range(40)]  # 4 sorted
+    batch = covering_batch(DataLoader(data, batch_size=8), "label", 8, num_classes=4)
+    assert batch["label"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]  # first of each class, then second of each
+    assert batch["image"].flatten().tolist() == [0, 10, 20, 30, 1, 11, 21, 31]
+    assert torch.equal(covering_batch(DataLoader(data, batch_size=8), "label", 8, 4)["image"], batch["image"])
+    assert covering_batch(DataLoader(data, batch_size=8), "label", 6)["label"].tolist() == [0, 1, 2, 3, 0, 1]
+    shuffled = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    assert len(covering_batch(shuffled, "label", 3, 4)["label"]) == 3  # no order to rely on: the first samples
+    scenes = [{"images": torch.rand(3, 8, 8)} for _ in range(4)]  # no class per sample: the first samples
+    assert len(covering_batch(DataLoader(scenes, batch_size=4), "label", 2)["images"]) == 2
+
+
+def test_fixed_batch_of_an_image_folder_shows_every_class(image_folder_root: Path) -> None:
+    from datamodules import ImageFolderDataModule
+
+    data = ImageFolderDataModule(root=str(image_folder_root), image_size=32, batch_size=1)
+    data.setup("validate")
+    batch = covering_batch(data.val_dataloader(), "label", 2, data.num_classes)  # val: cat, cat, dog, dog
+    assert batch["label"].tolist() == [0, 1]

@@ -1,0 +1,185 @@
+"""Configuration errors for people: printed once, without the parser's traceback, with a did-you-mean.
+
+A mistake in a run's configuration (an option or YAML key that does not exist, a data folder that is not there, a
+checkpoint of another model) surfaces in three places, each handled here:
+
+- the parser (`ZooArgumentParser.error`): jsonargparse's message without its union-type noise ("Expected a <class
+  'NoneType'>", "Given value type ..."), the closest accepted names (`difflib.get_close_matches`) and the config file
+  that holds a mistyped key, then a one-line tip instead of LightningCLI's usage (hundreds of lines); exit status 2;
+- instantiation (`ZooCLI.instantiate_classes`): jsonargparse wraps the error a class raised in a ValueError of its
+  own (the message twice, an 80-line traceback); `root_cause` gives back the class's own error;
+- compare and ablate building their runs (`configuration_phase`).
+
+Such errors are marked (`is_configuration_error`); `command_line()` (train.py) prints a marked error once, as
+"train.py: error: <message>", and exits with status 2 (with JSONARGPARSE_DEBUG=1 it raises, traceback and all).
+From Python (`zoo.cli.main([...])`) they are raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Iterator, NoReturn
+
+import yaml
+from pytorch_lightning.cli import LightningArgumentParser
+
+MARK = "zoo_configuration_error"
+NOISE = [re.compile(pattern) for pattern in (
+    r"^\s*Does not validate against any of the Union subtypes\s*$", r"^\s*Subtypes: \[.*\]\s*$", r"^\s*Errors:\s*$",
+    r"^\s*- Expected a <class 'NoneType'>\s*$", r"^\s*Given value type: .*$", r"^\s*Given value: .*$")]
+
+
+def debug_requested() -> bool:
+    """JSONARGPARSE_DEBUG set (jsonargparse's own switch): errors keep their traceback."""
+    return os.environ.get("JSONARGPARSE_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def mark(error: BaseException) -> BaseException:
+    """`error` marked as a configuration error (printed without a traceback by `command_line`)."""
+    setattr(error, MARK, True)
+    return error
+
+
+def is_configuration_error(error: BaseException) -> bool:
+    return bool(getattr(error, MARK, False))
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The first error of a chain of `raise ... from ...` (the one a class raised, under jsonargparse's wrappers)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+@contextlib.contextmanager
+def configuration_phase() -> Iterator[None]:
+    """Errors raised inside are configuration errors: their root cause is raised, marked."""
+    try:
+        yield
+    except Exception as error:
+        raise mark(root_cause(error)) from None
+
+
+def config_files(args: list[str]) -> list[Path]:
+    """The config files named on a command line (`--config x`, `--config=x`, `-c x`) that exist."""
+    files = []
+    for index, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+            args[index + 1] if arg in ("--config", "-c") and index + 1 < len(args) else None)
+        if value is not None and Path(value).is_file():
+            files.append(Path(value))
+    return files
+
+
+def dotted_keys(config: Any, prefix: str = "") -> Iterator[str]:
+    """Every key of a nested YAML mapping, dotted ("model.init_args.loss.init_args.weight")."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            yield f"{prefix}{key}"
+            yield from dotted_keys(value, f"{prefix}{key}.")
+    elif isinstance(config, list):
+        for value in config:
+            yield from dotted_keys(value, prefix)
+
+
+def files_with_key(key: str, args: list[str]) -> list[Path]:
+    """The config files of `args` holding `key` (dotted; or as the last part of a longer dotted key)."""
+    found = []
+    for path in config_files(args):
+        try:
+            keys = set(dotted_keys(yaml.safe_load(path.read_text())))
+        except yaml.YAMLError:
+            continue
+        if any(k == key or k.endswith(f".{key}") for k in keys):
+            found.append(path)
+    return found
+
+
+def init_parameters(class_path: str) -> list[str]:
+    """The keyword arguments a class accepts (its own and, where it takes **kwargs, its parents')."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    names: list[str] = []
+    for klass in inspect.getmro(cls) if inspect.isclass(cls) else [cls]:
+        init = klass.__init__ if inspect.isclass(klass) else klass
+        try:
+            parameters = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            break
+        names += [p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return list(dict.fromkeys(names))
+
+
+def suggestion(message: str, parser: Any, args: list[str]) -> str:
+    """ "did you mean ...?" for the option or key the message refuses, and the config file that holds it."""
+    option = re.search(r"Option '([^']+)' is not accepted", message)
+    subcommand = re.search(r"(?:Subcommand '[^']+'|Group '[^']+') does not accept option '([^']+)'", message)
+    if option and "class_path '" in message[: option.start()]:  # an init argument of a class given by class_path
+        bad = option.group(1)
+        class_path = re.findall(r"class_path '([^']+)'", message[: option.start()])[-1]
+        candidates = init_parameters(class_path)
+        where = f"{class_path.rsplit('.', 1)[-1]} accepts {', '.join(candidates)}" if candidates else ""
+    elif subcommand or option:
+        bad = (subcommand or option).group(1)
+        candidates = [a.dest for a in getattr(parser, "_actions", []) if isinstance(getattr(a, "dest", None), str)]
+        where = ""
+    else:
+        return ""
+    close = difflib.get_close_matches(bad, candidates, n=1, cutoff=0.6)
+    if not close and "." in bad:  # a mistyped last part of a dotted key: match it among the same group's keys
+        group, _, last = bad.rpartition(".")
+        close = [f"{group}.{m}" for m in difflib.get_close_matches(
+            last, [c.removeprefix(f"{group}.") for c in candidates if c.startswith(f"{group}.")], n=1, cutoff=0.6)]
+    lines = [f"did you mean {close[0]!r}?" if close else (where and f"({where})")]
+    files = files_with_key(bad, args)
+    if files:
+        lines.append(f"the key {bad!r} is in {', '.join(str(f) for f in files)}")
+    return "\n".join(line for line in lines if line)
+
+
+def clean(message: str) -> str:
+    """jsonargparse's message without the union-type noise lines."""
+    return "\n".join(line for line in message.splitlines() if not any(p.match(line) for p in NOISE))
+
+
+class ZooArgumentParser(LightningArgumentParser):
+    """LightningArgumentParser with short errors (see the module docstring); `JSONARGPARSE_DEBUG=1` or
+    `exit_on_error=False` keep jsonargparse's own behaviour."""
+
+    def parse_args(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        self.zoo_args = list(sys.argv[1:] if args is None else args)  # to find the config file of a mistyped key
+        return super().parse_args(args, *rest, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or debug_requested():
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        hint = suggestion(message, parser, getattr(self, "zoo_args", sys.argv[1:]))
+        sys.stderr.write(f"{prog}: error: {clean(message)}\n" + (f"{hint}\n" if hint else "")
+                         + f"tip: {prog} --help lists every option\n")
+        sys.exit(2)
+
+
+def command_line(main: Any, args: list[str] | None = None) -> Any:
+    """Run `main(args)`; a configuration error is printed once, without a traceback, and exits with status 2."""
+    try:
+        return main(args)
+    except Exception as error:
+        if not is_configuration_error(error) or debug_requested():
+            raise
+        sys.stderr.write(f"train.py: error: {error}\n(JSONARGPARSE_DEBUG=1 shows the traceback)\n")
+        sys.exit(2)
