@@ -1,13 +1,15 @@
 """L2X and INVASE against Captum's post-hoc explainers on the same frozen black box (the L2X paper's Figure 2/3
-experiment, plus digits 3 vs 8 on 2x2 patches), in one run.
+experiment, plus digits 3 vs 8 on 2x2 patches, plus labelled sentences from a CSV/TSV file such as Rotten Tomatoes,
+k words per sentence), in one run.
 
     python -m benchmarks.l2x_race --config benchmarks/l2x_race.yaml [--name l2x_race] [--datasets xor switch]
         [--device cpu|cuda]
 
-Per dataset: a black box (MLP; tiny CNN for digits) and an EVAL-X evaluator (same architecture, random masks)
-are trained and frozen inside the L2X run; INVASE then loads the same two. Every method explains the same test
-samples for the black box's predicted class: L2X and INVASE by one forward pass, Captum's Saliency,
-InputXGradient, IntegratedGradients, DeepLift, KernelShap and Lime (default sample counts) by attribution.
+Per dataset: a black box (MLP; tiny CNN for digits; text CNN for sentences) and an EVAL-X evaluator (same
+architecture, random masks) are trained and frozen inside the L2X run; INVASE then loads the same two. Every method
+explains the same test samples for the black box's predicted class: L2X and INVASE by one forward pass, Captum's
+Saliency, InputXGradient, IntegratedGradients, DeepLift, KernelShap and Lime (default sample counts) by attribution
+(on sentences: of each word's presence, `zoo.explain.captum.TokenPresence`; INVASE has no text model and sits out).
 Attributions are turned into a top-k selection (k = the true set size; INVASE selects its own number), then
 scored the same way: median rank of the true features, TPR/FDR, post-hoc accuracy (black box on the selection
 agrees with the black box) and EVAL-X accuracy (evaluator on the selection vs the label).
@@ -15,12 +17,19 @@ agrees with the black box) and EVAL-X accuracy (evaluator on the selection vs th
 Timing (`benchmarks.timing`, the device synchronised): batched methods are timed `repeats` times over all samples
 after one warm-up call (median); KernelShap and Lime explain one sample at a time (Captum fits one surrogate per
 sample), timed per sample (median). Training and explaining run on `--device`. Writes
-checkpoints/<name>/race.{md,csv}, speed.csv and median_rank_boxplot.png.
+checkpoints/<name>/race.{md,csv}, speed.csv and median_rank_boxplot.png; for sentences also
+checkpoints/<name>/<dataset>/selected_words.md (the words each method kept, for a person to read).
+
+Sentence tasks are named under `text_data:` in the config (CSVTextDataModule arguments plus `k`), e.g.
+    text_data:
+      rotten_tomatoes: {path: data/rotten_tomatoes/rotten_tomatoes_corpus_full.csv.bz2, label_column: category,
+                        labels: [rotten, fresh], max_len: 50, k: 5}
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 from pathlib import Path
 from typing import Any
@@ -31,7 +40,7 @@ import yaml
 
 from benchmarks.devices import add_device_argument, trainer_kwargs
 from benchmarks.timing import median_time, time_call
-from datamodules import DigitsDataModule, L2XSyntheticDataModule
+from datamodules import CSVTextDataModule, DigitsDataModule, L2XSyntheticDataModule
 from datamodules.l2x_synthetic import DATASETS, NUM_SELECTED
 from zoo.cli.report import write_report
 from zoo.explain.captum import FEATURE_METHODS
@@ -55,7 +64,14 @@ def task_setting(task: str, settings: dict[str, Any]) -> dict[str, Any]:
                                          batch_size=settings.get("digits_batch_size", 64)),
                 "input_key": "image", "k": 4, "black_box": "baseline_smallcnn",
                 "models": {"l2x": ("l2x_patches", {"k": 4, "tau": tau, **patch}), "invase": ("invase_patches", patch)}}
-    raise ValueError(f"Unknown race task {task!r}; choose from {[*DATASETS, 'digits_3v8']}.")
+    text = (settings.get("text_data") or {}).get(task)
+    if text is not None:
+        k = text.get("k", 5)
+        data = CSVTextDataModule(seed=settings.get("seed", 0), **{key: v for key, v in text.items() if key != "k"})
+        return {"data": data, "input_key": "tokens", "k": k, "black_box": "baseline_textcnn",
+                "models": {"l2x": ("l2x_tokens", {"k": k, "tau": settings.get("text_tau", 0.5)})}}
+    known = [*DATASETS, "digits_3v8", *(settings.get("text_data") or {})]
+    raise ValueError(f"Unknown race task {task!r}; choose from {known}.")
 
 
 def train_selector(name: str, task: str, which: str, setting: dict[str, Any], settings: dict[str, Any],
@@ -93,6 +109,7 @@ def race_task(name: str, task: str, settings: dict[str, Any], methods: list[str]
     frozen = folder / "black_box_and_evaluator.pt"
     torch.save({k: v for k, v in systems["l2x"].state_dict().items() if k.startswith(("black_box.", "evaluator."))},
                frozen)
+    methods = [m for m in methods if m not in SELECTORS or m in setting["models"]]
     if "invase" in methods:
         systems["invase"], train_seconds["invase"] = train_selector(name, task, "invase", setting, settings, frozen)
     test = {key: tensor.to(settings["device"]) for key, tensor in setting["data"].splits["test"].tensors.items()}
@@ -106,7 +123,32 @@ def race_task(name: str, task: str, settings: dict[str, Any], methods: list[str]
         settings.get("repeats", 5), lambda function, repeats, warmup: median_time(function, device, repeats, warmup))
     rows = [{"dataset": task, **row, "train_s": round(train_seconds.get(row["method"], 0.0), 1)}
             for row in explained.rows]
+    if setting["input_key"] == "tokens":
+        write_selected_words(folder / "selected_words.md", setting["data"], test["tokens"][:count],
+                             test["label"][:count], explained.selections, settings.get("words_shown", 40))
     return rows, explained.ranks
+
+
+def write_selected_words(path: Path, data: CSVTextDataModule, tokens: torch.Tensor, label: torch.Tensor,
+                         selections: dict[str, torch.Tensor], shown: int) -> None:
+    """A page for a person: the first `shown` test sentences with the words each method kept in **bold**, and each
+    method's most often kept words per class."""
+    lines = [f"# Words kept per sentence ({', '.join(selections)})", ""]
+    for i in range(min(shown, len(tokens))):
+        lines.append(f"**{i}** ({data.class_names[int(label[i])]}): {data.decode(tokens[i])}")
+        lines += [f"- {method}: {data.decode_selection(tokens[i].cpu(), selection[i].cpu())}"
+                  for method, selection in selections.items() if i < len(selection)]
+        lines.append("")
+    lines += ["# Most often kept words, per class", "", "| method | class | words (times kept) |",
+              "| --- | --- | --- |"]
+    for method, selection in selections.items():
+        for class_id, class_name in enumerate(data.class_names):
+            rows = (label[: len(selection)] == class_id).nonzero()[:, 0]
+            kept = tokens[rows][selection[rows] > 0.5].tolist()
+            counts = collections.Counter(data.vocabulary[t] for t in kept if t > 1)
+            lines.append(f"| {method} | {class_name} | "
+                         f"{', '.join(f'{word} ({n})' for word, n in counts.most_common(15))} |")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def speed_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -266,10 +266,10 @@ def generate_split(world: WorldDefinition, num_images: int, image_size: int, jit
 
 @functools.lru_cache(maxsize=6)
 def cached_split(num_classes: int, parts_per_class: int, world_seed: int, num_images: int, image_size: int,
-                 jitter: Jitter, seed: int, split: str) -> dict[str, torch.Tensor]:
+                 jitter: Jitter, seed: int, split: str, shared_part_types: bool = False) -> dict[str, torch.Tensor]:
     """`generate_split` memoised per process: runs that share a world (compare, ablate) draw it once.
     Callers must not modify the returned tensors."""
-    world = make_world(num_classes, parts_per_class, world_seed)
+    world = make_world(num_classes, parts_per_class, world_seed, shared_part_types)
     return generate_split(world, num_images, image_size, jitter, seed, split)
 
 
@@ -283,6 +283,8 @@ class PartsWorldDataModule(DictDataModule):
         seed: images; world_seed: class definitions.
         scale_jitter, position_jitter, part_jitter, colour_jitter: see `Jitter`.
         clutter: probability of each of `max_distractors` distractor parts; noise: pixel noise std.
+        shared_part_types: all classes have the same part types in different places (see `make_world`): the class
+            is in the layout only (the harder settings of configs/icnn/parts_world_hard.yaml).
         mean / std: per-channel normalisation of the [0, 1] images (lists), "pretrained" (mean only: the model's
             backbone's timm pretrained mean and std, resolved by train.py), or None: none (`DictDataModule`).
 
@@ -312,6 +314,7 @@ class PartsWorldDataModule(DictDataModule):
         std: list[float] | str | None = None,
         batch_size: int = 64,
         num_workers: int = 0,
+        shared_part_types: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.set_normalization(mean, std)
@@ -320,7 +323,7 @@ class PartsWorldDataModule(DictDataModule):
         if not 0.0 <= clutter <= 1.0:
             raise ValueError(f"clutter is a probability in [0, 1]; got {clutter}.")
         self.save_hyperparameters()
-        self.world = make_world(num_classes, parts_per_class, world_seed)
+        self.world = make_world(num_classes, parts_per_class, world_seed, shared_part_types)
         self.num_classes, self.image_size = num_classes, image_size
         self.class_names = [f"class {c}" for c in range(num_classes)]
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
@@ -348,7 +351,7 @@ class PartsWorldDataModule(DictDataModule):
             if split not in self.splits:  # generated once, then cached in memory
                 world = self.hparams
                 data = cached_split(world.num_classes, world.parts_per_class, world.world_seed, size, self.image_size,
-                                    self.jitter, self.seed, split)
+                                    self.jitter, self.seed, split, world.shared_part_types)
                 self.splits[split] = TensorDictDataset(data)
 
 

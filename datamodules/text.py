@@ -1,9 +1,13 @@
 """Text classification data as fixed-length token ids (0 = padding, 1 = unknown): the aclImdb release (Maas et al.
-2011, the L2X paper's IMDB) read from its on-disk layout, and a small synthetic sentiment corpus whose label is
-carried by known cue words (ground truth for which tokens matter)."""
+2011, the L2X paper's IMDB) read from its on-disk layout, labelled sentences from one CSV/TSV file (e.g. Rotten
+Tomatoes, `benchmarks/data/get_rotten_tomatoes.sh`), and a small synthetic sentiment corpus whose label is carried
+by known cue words (ground truth for which tokens matter)."""
 
 from __future__ import annotations
 
+import bz2
+import csv
+import gzip
 import re
 from collections import Counter
 from pathlib import Path
@@ -36,6 +40,13 @@ def encode(texts: Sequence[list[str]], vocabulary: dict[str, int], max_len: int)
         coded = [vocabulary.get(w, 1) for w in words[:max_len]]
         ids[row, : len(coded)] = torch.tensor(coded, dtype=torch.long)
     return ids
+
+
+def build_vocabulary(texts: Sequence[list[str]], max_vocab: int) -> list[str]:
+    """id -> word: padding, unknown, the `max_vocab - 2` most frequent words of `texts`, then "" up to `max_vocab`
+    (a fixed size, so models can be built before the data is read)."""
+    frequent = [word for word, _ in Counter(word for words in texts for word in words).most_common(max_vocab - 2)]
+    return [PAD, UNK, *frequent] + [""] * (max_vocab - 2 - len(frequent))
 
 
 class TokenDataModule(DictDataModule):
@@ -105,9 +116,7 @@ class IMDBDataModule(TokenDataModule):
             raise DatasetLayoutError(f"IMDB root {str(self.root)!r} does not exist.", IMDB_LAYOUT)
         train_texts, train_labels = self._read("train")
         test_texts, test_labels = self._read("test")
-        counts = Counter(word for words in train_texts for word in words)
-        frequent = [word for word, _ in counts.most_common(self.max_vocab - 2)]
-        self.vocabulary = [PAD, UNK, *frequent] + [""] * (self.max_vocab - 2 - len(frequent))
+        self.vocabulary = build_vocabulary(train_texts, self.max_vocab)
         lookup = {word: i for i, word in enumerate(self.vocabulary) if i >= 2 and word}
         tokens = encode(train_texts, lookup, self.max_len)
         order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(self.seed))
@@ -117,6 +126,90 @@ class IMDBDataModule(TokenDataModule):
         self.splits["val"] = TensorDictDataset({"tokens": tokens[val], "label": train_labels[val]})
         self.splits["test"] = TensorDictDataset({"tokens": encode(test_texts, lookup, self.max_len),
                                                  "label": test_labels})
+
+
+TABLE_LAYOUT = """\
+<path>                        one table, a header row naming the columns, one labelled text per row
+  <name>.csv  or  <name>.tsv  (comma- or tab-separated, quoted as Python's csv module reads it)
+  optionally compressed: <name>.csv.gz, <name>.csv.bz2, <name>.tsv.gz, <name>.tsv.bz2
+"""
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open}
+
+
+def read_table(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
+    """The rows of a CSV/TSV file (compressed or not) as dicts; a DatasetLayoutError names a missing file, an
+    unknown format or the columns the file has when one of `columns` is missing."""
+    if not path.is_file():
+        raise DatasetLayoutError(f"Text table {str(path)!r} does not exist.", TABLE_LAYOUT)
+    compression = path.suffix if path.suffix in _OPENERS else ""
+    kind = Path(path.name.removesuffix(compression)).suffix
+    if kind not in (".csv", ".tsv"):
+        raise DatasetLayoutError(f"{str(path)!r} is neither .csv nor .tsv (optionally .gz / .bz2).", TABLE_LAYOUT)
+    opener = _OPENERS.get(compression, open)
+    try:
+        with opener(path, "rt", encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle, delimiter="\t" if kind == ".tsv" else ",")
+            header, rows = reader.fieldnames or [], list(reader)
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as err:
+        raise DatasetLayoutError(f"Could not read {str(path)!r} ({type(err).__name__}: {err}).", TABLE_LAYOUT) from err
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise DatasetLayoutError(f"{str(path)!r} has no column {missing}; its columns are {header}.", TABLE_LAYOUT)
+    return rows
+
+
+class CSVTextDataModule(TokenDataModule):
+    """Labelled texts from one CSV/TSV table (e.g. Rotten Tomatoes review sentences, fresh / rotten), as token ids
+    for L2X and text classifiers. The file has no split: train / val / test are drawn with `seed`; the vocabulary is
+    the `max_vocab - 2` most frequent words of the training split only.
+
+    Args:
+        path: .csv or .tsv, optionally .gz / .bz2 compressed (`TABLE_LAYOUT`).
+        text_column / label_column: the columns holding the text and the label.
+        labels: label values to keep, in class-id order (rows with other labels are dropped, e.g. Rotten Tomatoes'
+            "plot"); None: every value in the file, sorted.
+        max_len: tokens kept per text (longer texts are cut, shorter ones padded).
+    """
+
+    def __init__(self, path: str | Path, text_column: str = "text", label_column: str = "label",
+                 labels: Sequence[str] | None = None, max_len: int = 50, max_vocab: int = 20000,
+                 val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0, batch_size: int = 64,
+                 num_workers: int = 0) -> None:
+        super().__init__(max_len, batch_size, num_workers)
+        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(f"val_fraction and test_fraction must be in (0, 1) with a sum < 1; got "
+                             f"{val_fraction}, {test_fraction}.")
+        self.path, self.text_column, self.label_column = Path(path), text_column, label_column
+        if labels is None:  # the classes must be known before setup (the CLI links num_classes into the model)
+            labels = sorted({row[label_column] for row in read_table(self.path, [text_column, label_column])})
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be at least two distinct values; got {list(labels)}.")
+        self.class_names, self.num_classes = [str(label) for label in labels], len(labels)
+        self.max_vocab, self.val_fraction, self.test_fraction, self.seed = max_vocab, val_fraction, test_fraction, seed
+        self.vocabulary = [PAD, UNK] + [""] * (max_vocab - 2)  # filled from the training texts in setup
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        rows = read_table(self.path, [self.text_column, self.label_column])
+        class_of = {name: i for i, name in enumerate(self.class_names)}
+        kept = [row for row in rows if row[self.label_column] in class_of]
+        absent = sorted(set(self.class_names) - {row[self.label_column] for row in kept})
+        if absent:
+            seen = sorted({row[self.label_column] for row in rows})
+            raise ValueError(f"{str(self.path)!r}: no row has label {absent} in column {self.label_column!r}; its "
+                             f"labels are {seen[:20]}.")
+        texts = [tokenize(row[self.text_column] or "") for row in kept]
+        labels = torch.tensor([class_of[row[self.label_column]] for row in kept])
+        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.seed))
+        num_val, num_test = (max(1, int(round(f * len(texts)))) for f in (self.val_fraction, self.test_fraction))
+        parts = {"val": order[:num_val], "test": order[num_val : num_val + num_test],
+                 "train": order[num_val + num_test :]}
+        self.vocabulary = build_vocabulary([texts[i] for i in parts["train"].tolist()], self.max_vocab)
+        lookup = {word: i for i, word in enumerate(self.vocabulary) if i >= 2 and word}
+        for split, ids in parts.items():
+            tokens = encode([texts[i] for i in ids.tolist()], lookup, self.max_len)
+            self.splits[split] = TensorDictDataset({"tokens": tokens, "label": labels[ids]})
 
 
 POSITIVE_CUES = ["good", "great", "excellent", "wonderful", "superb", "brilliant", "moving", "delightful"]

@@ -1,14 +1,14 @@
-"""Feature extractors: any timm CNN through ``features_only=True`` plus a tiny built-in CNN for CPU runs.
+"""Feature extractors: any timm CNN through ``features_only=True``, torchvision classifiers with a ``features``
+body (``"torchvision:mobilenet_v2"``), and a tiny built-in CNN for CPU runs.
 
 Every backbone returns a list of feature maps and says their channels and strides (reductions), so a family
 head (ICNN filters, L2X selector, AOG parser, LSTM explainer) can sit on any of them. Pretrained weights come
-from a local file only (no hub at run time).
+from a local file only (no hub at run time); what a file gave is kept as `Backbone.load_report`.
 """
 
 from __future__ import annotations
 
 import difflib
-import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -17,11 +17,10 @@ import torch
 import torch.nn as nn
 
 from zoo.checks import check_input
-from zoo.weights import CheckpointError, match_state_dict, read_state_dict
-
-log = logging.getLogger(__name__)
+from zoo.weights import LoadReport, load_backbone_weights
 
 TINY_CNN = "tinycnn"
+TORCHVISION = "torchvision:"  # backbone-name prefix of the torchvision source, e.g. "torchvision:mobilenet_v2"
 
 
 def conv_bn_relu(in_chans: int, out_chans: int) -> nn.Sequential:
@@ -52,6 +51,53 @@ class TinyCNN(nn.Module):
         return maps
 
 
+class TorchvisionFeatures(nn.Module):
+    """The ``features`` body of a torchvision classifier (MobileNetV2/V3, EfficientNet, VGG, ConvNeXt, ...), cut
+    after the last layer of each resolution, so a torchvision ImageNet checkpoint loads by its own key names
+    ("features.0.0.weight", ...) and only its classifier is left over. The whole body is kept, up to the last layer
+    (MobileNetV2's 1280-channel 1x1 conv), so every backbone tensor of the checkpoint is used."""
+
+    def __init__(self, arch: str, in_chans: int = 3) -> None:
+        super().__init__()
+        import torchvision
+
+        names = torchvision.models.list_models(module=torchvision.models)
+        if arch not in names:
+            close = difflib.get_close_matches(arch, names, n=5, cutoff=0.5)
+            raise ValueError(f"Unknown torchvision model {arch!r}. Did you mean: {', '.join(close) or names[:8]}?")
+        features = getattr(torchvision.models.get_model(arch, weights=None), "features", None)
+        if not isinstance(features, nn.Sequential):
+            raise ValueError(f"torchvision model {arch!r} has no `features` Sequential body; use its timm name "
+                             f"instead (timm loads torchvision ResNet checkpoints).")
+        if in_chans != 3:
+            raise ValueError(f"torchvision backbones take 3-channel images (got in_chans={in_chans}); replicate grey "
+                             f"images to 3 channels (datamodules.idx does).")
+        self.features = features
+        self.stage_ends, self.channels, self.reductions = self._stages(features)
+
+    @staticmethod
+    @torch.no_grad()
+    def _stages(features: nn.Sequential, size: int = 64) -> tuple[list[int], list[int], list[int]]:
+        """Index, channels and reduction of the last layer at each resolution, read from one dry run."""
+        x, shapes = torch.zeros(1, 3, size, size), []
+        was_training = features.training
+        features.eval()
+        for layer in features:
+            x = layer(x)
+            shapes.append(x.shape)
+        features.train(was_training)
+        ends = [i for i in range(len(shapes)) if i == len(shapes) - 1 or shapes[i + 1][-1] < shapes[i][-1]]
+        return ends, [shapes[i][1] for i in ends], [size // shapes[i][-1] for i in ends]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        maps = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.stage_ends:
+                maps.append(x)
+        return maps
+
+
 class Backbone(nn.Module):
     """A CNN that returns the feature maps at `out_indices`, with `channels` and `reductions` for each."""
 
@@ -66,12 +112,13 @@ class Backbone(nn.Module):
     ) -> None:
         super().__init__()
         self.name, self.in_chans = name, in_chans
-        if name == TINY_CNN:
-            body = TinyCNN(in_chans)
+        if name == TINY_CNN or name.startswith(TORCHVISION):
+            arch = name.removeprefix(TORCHVISION)
+            body = TinyCNN(in_chans) if name == TINY_CNN else TorchvisionFeatures(arch, in_chans)
             stage_ids = [range(len(body.channels))[i] for i in out_indices]
             self.channels = [body.channels[i] for i in stage_ids]
             self.reductions = [body.reductions[i] for i in stage_ids]
-            self._tiny_ids = stage_ids
+            self._stage_ids = stage_ids  # the body returns every stage; keep these
         else:
             if not timm.is_model(name):
                 close = difflib.get_close_matches(name, [TINY_CNN, *timm.list_models()], n=5, cutoff=0.5)
@@ -80,8 +127,9 @@ class Backbone(nn.Module):
                                      out_indices=tuple(out_indices))
             self.channels = list(body.feature_info.channels())
             self.reductions = list(body.feature_info.reduction())
-            self._tiny_ids = None
+            self._stage_ids = None
         self.body = body
+        self.load_report: LoadReport | None = None
         if pretrained_path is not None:
             self.load_pretrained(pretrained_path)
         self.requires_grad_(not frozen)  # a frozen backbone: fine-tune only what sits on top
@@ -94,23 +142,13 @@ class Backbone(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         check_input(f"Backbone {self.name!r}", x, ("B", self.in_chans, "H", "W"), "images")
         maps = self.body(x)
-        return [maps[i] for i in self._tiny_ids] if self._tiny_ids is not None else maps
+        return [maps[i] for i in self._stage_ids] if self._stage_ids is not None else maps
 
     def load_pretrained(self, path: str | Path) -> None:
-        """Load a local weight file; missing or mis-shaped backbone weights raise, unused ones are logged."""
-        own = self.body.state_dict()
-        state, missing, unexpected = match_state_dict(read_state_dict(path), list(own))
-        bad_shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                      for k, v in state.items() if v.shape != own[k].shape]
-        if missing or bad_shapes:
-            raise CheckpointError(
-                f"{str(path)!r} does not fit backbone {self.name!r}: {len(missing)} missing keys {missing[:8]}"
-                f"{' ...' if len(missing) > 8 else ''}; shape mismatches {bad_shapes[:8]}."
-            )
-        if unexpected:
-            log.warning("Ignored %d keys of %s not in backbone %r: %s", len(unexpected), path, self.name,
-                        unexpected[:8])
-        self.body.load_state_dict(state)
+        """Load every backbone tensor of a local weight file strictly (missing or mis-shaped ones raise); tensors the
+        backbone has no place for (an ImageNet classifier) are skipped. What happened is `self.load_report`;
+        `zoo.create_model` completes it with the model's new layers and logs it."""
+        self.load_report = load_backbone_weights(self.body, path, f"backbone {self.name!r}")
 
 
 class PooledLinearHead(nn.Module):

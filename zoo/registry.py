@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
+from zoo.weights import log_load_reports
+
 _model_factories: dict[str, Callable[..., nn.Module]] = {}
 _model_to_module: dict[str, str] = {}
 
@@ -64,7 +66,9 @@ def model_factory(name: str) -> Callable[..., nn.Module]:
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Create a registered model; keyword arguments set to None are dropped so factory defaults apply."""
     factory = model_factory(name)
-    return factory(**{k: v for k, v in kwargs.items() if v is not None})
+    model = factory(**{k: v for k, v in kwargs.items() if v is not None})
+    log_load_reports(model)  # what a pretrained_path gave: loaded / skipped / new tensors
+    return model
 
 
 def create_model_for_data(name: str, num_classes: int, in_chans: int | None, image_size: int | None,

@@ -8,12 +8,16 @@ safetensors + config.json with `export_checkpoint`, and loads back with `load_ex
 from __future__ import annotations
 
 import json
+import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+log = logging.getLogger(__name__)
 
 # Prefixes that wrappers put in front of parameter names (Lightning systems, DDP, torchvision detection backbones).
 _WRAPPER_PREFIXES = ("model.", "module.", "backbone.body.", "backbone.")
@@ -96,6 +100,52 @@ def load_module_weights(module: nn.Module, path: str | Path, prefix: str, what: 
         module.load_state_dict(matched)
     except RuntimeError as err:
         raise CheckpointError(f"{str(path)!r} does not fit the {what} ({type(module).__name__}): {err}") from err
+
+
+@dataclass
+class LoadReport:
+    """What a pretrained file gave a model: the backbone tensors loaded (all of the backbone's, strictly), the file's
+    tensors skipped (no place in the backbone, e.g. the ImageNet classifier) and the model's tensors outside the
+    backbone that start from their initialisation (new: the zoo's head, ICNN filters, ...)."""
+
+    path: str
+    loaded: list[str]
+    skipped: list[str]
+    new: list[str] = field(default_factory=list)
+
+    def summary(self, shown: int = 12) -> str:
+        def names(keys: list[str]) -> str:
+            return ", ".join(keys[:shown]) + (f", ... ({len(keys) - shown} more)" if len(keys) > shown else "")
+
+        return (f"Pretrained weights {self.path!r}: loaded {len(self.loaded)} backbone tensors; skipped "
+                f"{len(self.skipped)} [{names(self.skipped)}]; new {len(self.new)} [{names(self.new)}].")
+
+
+def load_backbone_weights(body: nn.Module, path: str | Path, what: str) -> LoadReport:
+    """Every tensor of `body` from a weight file, strictly: missing or mis-shaped tensors raise CheckpointError
+    naming them; file tensors with no place in `body` (a classifier) are skipped and listed in the report."""
+    own = body.state_dict()
+    state, missing, unexpected = match_state_dict(read_state_dict(path), list(own))
+    bad_shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if v.shape != own[k].shape]
+    if missing or bad_shapes:
+        raise CheckpointError(
+            f"{str(path)!r} does not fit {what}: {len(missing)} missing keys {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}; shape mismatches {bad_shapes[:8]}."
+        )
+    body.load_state_dict(state)  # strict: every key of `body` is in `state`
+    return LoadReport(str(path), list(state), unexpected)
+
+
+def log_load_reports(model: nn.Module) -> None:
+    """Complete the load report of every pretrained backbone in `model` with the model's tensors outside that
+    backbone (new), and log it: what fine-tuning starts from, in one line."""
+    keys = list(model.state_dict())
+    for name, module in model.named_modules():
+        report = getattr(module, "load_report", None)
+        if isinstance(report, LoadReport):
+            report.new = [k for k in keys if not k.startswith(f"{name}.")] if name else []
+            log.info(report.summary())
 
 
 MODEL_KEYS = ("model_name", "num_classes", "in_chans", "image_size", "data_inputs", "model_kwargs")

@@ -11,6 +11,7 @@ config), and checkpoints/ with last.ckpt and the best checkpoint by validation a
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,14 @@ commands:
 """
 
 
+def show_zoo_messages() -> None:
+    """The zoo's INFO messages (e.g. the load report of a pretrained file) on stderr, as Lightning shows its own."""
+    logger = logging.getLogger("zoo")
+    if not logger.handlers:
+        logger.addHandler(logging.StreamHandler())
+        logger.setLevel(logging.INFO)
+
+
 def main(args: list[str] | None = None) -> Any:
     """Run a command (`args` as on the command line; default sys.argv). From Python, errors are raised; train.py
     runs `command_line()`, which prints configuration errors once, without a traceback."""
@@ -50,6 +59,7 @@ def main(args: list[str] | None = None) -> Any:
     if argv[:1] in (["-h"], ["--help"]):
         print(HELP)
         return None
+    show_zoo_messages()
     if argv and argv[0] == "compare":
         parser = argparse.ArgumentParser(prog="train.py compare", epilog=COMPARE_HELP,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)

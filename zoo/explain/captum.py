@@ -65,15 +65,44 @@ def explain(model: nn.Module, images: torch.Tensor, target: torch.Tensor, method
     return saliency_map(attribution.detach())
 
 
+class TokenPresence(nn.Module):
+    """A text classifier on fixed token ids (B, L) seen as (B, L) float token presences -> logits, so Captum's
+    feature methods explain token positions, the features L2X selects. Each token's embedding (the model's first
+    `nn.Embedding`) is scaled by its presence: 1 is the text as it is, 0 the zero vector, which is the padding
+    embedding, i.e. what L2X's masking gives an unselected token. Captum batches perturbations or IG steps as
+    repeats of the batch, so the tokens are repeated to the presences' length."""
+
+    def __init__(self, model: nn.Module, tokens: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.tokens = model, tokens
+        self.embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+        if self.embedding is None:
+            raise ValueError(f"{type(model).__name__} has no nn.Embedding: token inputs cannot be attributed.")
+
+    def forward(self, presence: torch.Tensor) -> torch.Tensor:
+        tokens = self.tokens.repeat(len(presence) // len(self.tokens), 1)  # (B', L)
+        hook = self.embedding.register_forward_hook(lambda module, args, out: out * presence.unsqueeze(-1))
+        try:
+            return self.model(tokens)["logits"]
+        finally:
+            hook.remove()
+
+
 def attribute_features(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, method: str,
                        feature_mask: torch.Tensor | None = None, num_features: int | None = None) -> torch.Tensor:
     """Per-feature importance (B, d) of a Captum method for the `target` class, for ranking against ground truth.
 
     Vectors: one feature per entry. Images: `feature_mask` (1, 1, H, W) gives each pixel's feature (patch) id;
-    KernelShap and Lime perturb whole patches, gradient methods' |attribution| is summed per patch. Captum's
-    default sample counts are kept (KernelShap 25, Lime 50 perturbations per sample; IG 50 steps), zero baselines.
+    KernelShap and Lime perturb whole patches, gradient methods' |attribution| is summed per patch. Token ids
+    (B, L): one feature per position, attributed through `TokenPresence` (presence 1 vs baseline 0 = padding);
+    padding positions score 0 (they are not part of the text; KernelShap's regression would give them noise).
+    Captum's default sample counts are kept (KernelShap 25, Lime 50 perturbations per sample; IG 50 steps), zero
+    baselines.
     """
-    forward = LogitsOnly(model)
+    tokens = None if inputs.is_floating_point() else inputs
+    forward = LogitsOnly(model) if tokens is None else TokenPresence(model, tokens)
+    if tokens is not None:
+        inputs = torch.ones(tokens.shape, device=tokens.device)  # (B, L) presences
     inputs = inputs.detach().clone().requires_grad_(method not in ("kernel_shap", "lime"))
     if method == "saliency":
         attribution = Saliency(forward).attribute(inputs, target=target, abs=True)
@@ -89,6 +118,8 @@ def attribute_features(model: nn.Module, inputs: torch.Tensor, target: torch.Ten
     else:
         raise ValueError(f"Unknown feature attribution method {method!r}; choose from {FEATURE_METHODS}.")
     attribution = attribution.detach().abs()
+    if tokens is not None and forward.embedding.padding_idx is not None:
+        return attribution.masked_fill(tokens == forward.embedding.padding_idx, 0.0)
     if feature_mask is None:
         return attribution.flatten(1)
     ids = feature_mask.expand_as(attribution).flatten(1)  # (B, C*H*W) feature id of every input element

@@ -1,0 +1,153 @@
+"""IDX image sets (MNIST, Fashion-MNIST, KMNIST): grey 28x28 images read from the release files on disk, replicated to
+3 channels and resized for pretrained backbones. Nothing downloads: `benchmarks/data/get_fashion_mnist.sh` fetches
+Fashion-MNIST with apt-get."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from datamodules._base import DatasetLayoutError, DictDataModule, check_labels
+
+LAYOUT = """<root>/
+  train-images-idx3-ubyte[.gz]   magic 0x00000803, count, rows, cols, then count*rows*cols bytes
+  train-labels-idx1-ubyte[.gz]   magic 0x00000801, count, then count label bytes
+  t10k-images-idx3-ubyte[.gz]
+  t10k-labels-idx1-ubyte[.gz]
+(the MNIST / Fashion-MNIST / KMNIST release files, gzipped or extracted)"""
+
+CLASS_NAMES = {
+    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+    "mnist": [str(d) for d in range(10)],
+    "kmnist": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],
+}
+IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
+
+
+def _open(root: Path, stem: str) -> bytes:
+    """The bytes of `<root>/<stem>` or `<root>/<stem>.gz`."""
+    for path in (root / stem, root / f"{stem}.gz"):
+        if path.is_file():
+            try:
+                return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+            except (OSError, EOFError) as err:
+                raise DatasetLayoutError(f"{str(path)!r} is not a readable gzip file ({err}).", LAYOUT) from err
+    raise DatasetLayoutError(f"Neither {stem} nor {stem}.gz is in {str(root)!r}.", LAYOUT)
+
+
+def read_idx(root: Path, stem: str, magic: int) -> torch.Tensor:
+    """One IDX file as a uint8 tensor: (N, rows, cols) for images (magic 0x803), (N,) for labels (magic 0x801)."""
+    data = _open(root, stem)
+    dims = magic & 0xFF
+    header = 4 + 4 * dims
+    if len(data) < header or struct.unpack(">I", data[:4])[0] != magic:
+        found = f"0x{struct.unpack('>I', data[:4])[0]:08x}" if len(data) >= 4 else "a file shorter than 4 bytes"
+        raise DatasetLayoutError(f"{stem}: bad magic number {found}, expected 0x{magic:08x}.", LAYOUT)
+    shape = struct.unpack(f">{dims}I", data[4:header])
+    expected = header + int(torch.tensor(shape).prod())
+    if len(data) != expected:
+        raise DatasetLayoutError(f"{stem}: the header announces {shape[0]} items of shape {shape[1:]} "
+                                 f"({expected} bytes with the header) but the file holds {len(data)} bytes.", LAYOUT)
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
+
+
+class IDXImages(Dataset):
+    """uint8 grey images (N, h, w) kept small in memory; each sample is made on access: float in [0, 1], resized to
+    `image_size` (bilinear), replicated to 3 channels, then (x - mean) / std per channel."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int, mean: torch.Tensor,
+                 std: torch.Tensor) -> None:
+        self.images, self.labels, self.image_size = images, labels, image_size
+        self.mean, self.std = mean.view(3, 1, 1), std.view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image = self.images[index].float()[None, None] / 255.0  # (1, 1, h, w)
+        if image.shape[-1] != self.image_size or image.shape[-2] != self.image_size:
+            image = F.interpolate(image, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+        image = (image[0].expand(3, -1, -1) - self.mean) / self.std  # (3, S, S)
+        return {"image": image, "label": self.labels[index].long(), "index": torch.tensor(index)}
+
+
+class IDXDataModule(DictDataModule):
+    """MNIST-layout IDX files under `root` as (3, S, S) images for pretrained backbones.
+
+    Args:
+        root: folder holding the four release files (see `LAYOUT`), .gz or extracted.
+        dataset: "fashion_mnist", "mnist" or "kmnist": names the classes; `class_names` overrides.
+        image_size: side the 28x28 images are resized to (e.g. 64-96 for an ImageNet MobileNetV2).
+        mean / std: per-channel normalisation applied after resizing, e.g. ImageNet's for ImageNet weights;
+            None keeps [0, 1].
+        num_train: a seeded subset of the training images (after the validation images are set apart); None: all.
+        num_val: training images set apart for validation (seeded).
+        num_test: the first `num_test` t10k images; None: all 10,000.
+    """
+
+    num_channels = 3
+
+    def __init__(
+        self,
+        root: str | Path,
+        dataset: str = "fashion_mnist",
+        class_names: Sequence[str] | None = None,
+        image_size: int = 64,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        num_train: int | None = None,
+        num_val: int = 5000,
+        num_test: int | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        if class_names is None and dataset not in CLASS_NAMES:
+            raise ValueError(f"Unknown dataset {dataset!r}: choose one of {sorted(CLASS_NAMES)} or give class_names.")
+        self.class_names = list(class_names) if class_names is not None else CLASS_NAMES[dataset]
+        for name, value in (("mean", mean), ("std", std)):
+            if value is not None and len(value) not in (1, 3):
+                raise ValueError(f"{name} needs 1 or 3 values (one per channel); got {list(value)}.")
+        if std is not None and min(std) <= 0:
+            raise ValueError(f"std must be positive; got {list(std)}.")
+        if image_size < 1 or num_val < 1 or (num_train is not None and num_train < 1):
+            raise ValueError(f"image_size, num_val and num_train must be positive; got {image_size}, {num_val}, "
+                             f"{num_train}.")
+        self.root, self.num_classes, self.image_size = Path(root), len(self.class_names), image_size
+        self.mean = torch.tensor(mean if mean is not None else [0.0], dtype=torch.float32).expand(3).clone()
+        self.std = torch.tensor(std if std is not None else [1.0], dtype=torch.float32).expand(3).clone()
+        self.num_train, self.num_val, self.num_test, self.seed = num_train, num_val, num_test, seed
+
+    def _read(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.root.is_dir():
+            raise DatasetLayoutError(f"IDX root {str(self.root)!r} is not a folder.", LAYOUT)
+        images = read_idx(self.root, f"{split}-images-idx3-ubyte", IMAGES_MAGIC)
+        labels = read_idx(self.root, f"{split}-labels-idx1-ubyte", LABELS_MAGIC)
+        if len(images) != len(labels):
+            raise DatasetLayoutError(f"{split}: {len(images)} images but {len(labels)} labels.", LAYOUT)
+        check_labels(labels.long(), self.num_classes, f"{self.root}/{split}-labels-idx1-ubyte")
+        return images, labels
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        images, labels = self._read("train")
+        if self.num_val >= len(labels):
+            raise ValueError(f"num_val={self.num_val} leaves no training images out of {len(labels)}.")
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
+        val, train = order[: self.num_val], order[self.num_val :][: self.num_train]
+        test_images, test_labels = self._read("t10k")
+        test_images, test_labels = test_images[: self.num_test], test_labels[: self.num_test]
+        self.splits = {"train": self._dataset(images[train], labels[train]),
+                       "val": self._dataset(images[val], labels[val]), "test": self._dataset(test_images, test_labels)}
+
+    def _dataset(self, images: torch.Tensor, labels: torch.Tensor) -> IDXImages:
+        return IDXImages(images, labels, self.image_size, self.mean, self.std)

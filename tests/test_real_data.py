@@ -1,0 +1,272 @@
+"""Real-data support, tested on fixtures only (CI has no real data): torchvision ImageNet checkpoints as
+backbones with a load report, the IDX image datamodule and the CSV/TSV sentence datamodule."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import logging
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+import zoo
+from datamodules import CSVTextDataModule, DatasetLayoutError, IDXDataModule, PartsWorldDataModule
+from zoo import CheckpointError
+from zoo.explain.captum import FEATURE_METHODS, TokenPresence, attribute_features
+
+
+@pytest.fixture(scope="module")
+def mobilenet_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A randomly initialised torchvision mobilenet_v2() state dict, as torchvision's ImageNet file is laid out."""
+    torch.manual_seed(0)
+    state = torchvision.models.mobilenet_v2().state_dict()
+    path = tmp_path_factory.mktemp("weights") / "mobilenet_v2.pth"
+    torch.save(state, path)
+    return path, state
+
+
+@pytest.mark.parametrize("name", ["icnn_timm", "baseline_timm"])
+def test_torchvision_checkpoint_loads_every_backbone_tensor_and_reports(
+    name: str, mobilenet_file: tuple[Path, dict[str, torch.Tensor]], caplog: pytest.LogCaptureFixture
+) -> None:
+    path, state = mobilenet_file
+    with caplog.at_level(logging.INFO, logger="zoo.weights"):
+        model = zoo.create_model(name, backbone="torchvision:mobilenet_v2", num_classes=4, pretrained_path=str(path))
+    body = model.backbone.body.state_dict()
+    backbone_keys = [k for k in state if k.startswith("features.")]
+    assert sorted(body) == sorted(backbone_keys)
+    assert all(torch.equal(body[k], state[k]) for k in backbone_keys)
+    report = model.backbone.load_report
+    assert len(report.loaded) == len(backbone_keys) == 312
+    assert report.skipped == ["classifier.1.weight", "classifier.1.bias"]
+    assert "head.fc.weight" in report.new and not any(k.startswith("backbone.") for k in report.new)
+    if name == "icnn_timm":
+        assert "added_conv.weight" in report.new and "top_filters.log_mean_z" in report.new
+    assert "loaded 312 backbone tensors; skipped 2 [classifier.1.weight, classifier.1.bias]; new" in caplog.text
+
+
+def test_torchvision_backbone_maps_channels_and_reductions() -> None:
+    backbone = zoo.Backbone("torchvision:mobilenet_v2", out_indices=(2, 3, 4))
+    maps = backbone(torch.rand(2, 3, 64, 64))
+    assert backbone.channels == [m.shape[1] for m in maps] == [32, 96, 1280]
+    assert backbone.reductions == [64 // m.shape[-1] for m in maps] == [8, 16, 32]
+
+
+def test_torchvision_checkpoint_with_a_wrong_shape_is_refused(
+    mobilenet_file: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    _, state = mobilenet_file
+    broken = {**state, "features.18.0.weight": torch.zeros(1000, 320, 1, 1)}
+    torch.save(broken, tmp_path / "wrong.pth")
+    with pytest.raises(CheckpointError, match=r"does not fit backbone 'torchvision:mobilenet_v2': 0 missing keys \[\]; "
+                                              r"shape mismatches \['features.18.0.weight: file \(1000, 320, 1, 1\) "
+                                              r"vs model \(1280, 320, 1, 1\)'\]"):
+        zoo.create_model("icnn_timm", backbone="torchvision:mobilenet_v2", pretrained_path=str(tmp_path / "wrong.pth"))
+    del broken["features.18.0.weight"]
+    torch.save(broken, tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match=r"1 missing keys \['features.18.0.weight'\]"):
+        zoo.create_model("baseline_timm", backbone="torchvision:mobilenet_v2",
+                         pretrained_path=str(tmp_path / "missing.pth"))
+
+
+@pytest.mark.parametrize("name, message", [("torchvision:mobilenet_v9", "Unknown torchvision model 'mobilenet_v9'. "
+                                            "Did you mean: mobilenet_v2"),
+                                           ("torchvision:resnet18", "has no `features` Sequential body")])
+def test_torchvision_backbone_names_are_checked(name: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        zoo.Backbone(name)
+
+
+def write_idx(path: Path, magic: int, array: torch.Tensor, *, gz: bool, count: int | None = None) -> None:
+    """An IDX file as the MNIST releases write it: big-endian magic and dimensions, then the bytes."""
+    header = struct.pack(f">I{array.dim()}I", magic, count if count is not None else len(array), *array.shape[1:])
+    data = header + array.to(torch.uint8).numpy().tobytes()
+    if gz:
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+
+
+def write_idx_set(root: Path, *, gz: bool, num_train: int = 40, num_test: int = 12) -> tuple[torch.Tensor, ...]:
+    root.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    tensors = []
+    for split, count in (("train", num_train), ("t10k", num_test)):
+        images = torch.randint(0, 256, (count, 28, 28), generator=generator)
+        labels = torch.arange(count) % 10
+        write_idx(root / f"{split}-images-idx3-ubyte", 0x803, images, gz=gz)
+        write_idx(root / f"{split}-labels-idx1-ubyte", 0x801, labels, gz=gz)
+        tensors += [images, labels]
+    return tuple(tensors)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_datamodule_reads_resizes_replicates_and_normalises(tmp_path: Path, gz: bool) -> None:
+    train_images, train_labels, test_images, test_labels = write_idx_set(tmp_path, gz=gz)
+    data = IDXDataModule(tmp_path, image_size=32, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
+                         num_train=20, num_val=8, batch_size=4)
+    data.setup("fit")
+    assert [len(data.splits[s]) for s in ("train", "val", "test")] == [20, 8, 12]
+    assert data.num_classes == 10 and data.class_names[0] == "T-shirt/top" and data.class_names[9] == "Ankle boot"
+    sample = data.splits["test"][3]
+    grey = F.interpolate(test_images[3].float()[None, None] / 255, size=(32, 32), mode="bilinear")[0, 0]
+    assert sample["image"].shape == (3, 32, 32) and sample["label"] == test_labels[3]
+    for channel, (mean, std) in enumerate(zip([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])):
+        torch.testing.assert_close(sample["image"][channel], (grey - mean) / std)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["label"].dtype == torch.long
+    train_ids = {int(data.splits["train"].images[i].sum()) for i in range(20)}
+    val_ids = {int(data.splits["val"].images[i].sum()) for i in range(8)}
+    assert not train_ids & val_ids  # validation images are set apart from the training subset
+
+
+def test_idx_datamodule_class_names_and_native_size(tmp_path: Path) -> None:
+    _, _, test_images, _ = write_idx_set(tmp_path, gz=True)
+    digits = IDXDataModule(tmp_path, dataset="mnist", image_size=28, num_val=4)
+    digits.setup()
+    assert digits.class_names == [str(d) for d in range(10)]
+    torch.testing.assert_close(digits.splits["test"][0]["image"][1], test_images[0].float() / 255)
+    named = IDXDataModule(tmp_path, class_names=[f"c{i}" for i in range(12)], num_val=4)
+    assert named.num_classes == 12
+    with pytest.raises(ValueError, match="Unknown dataset 'cifar'"):
+        IDXDataModule(tmp_path, dataset="cifar")
+
+
+def test_idx_layout_errors_name_the_file_and_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(DatasetLayoutError, match="is not a folder"):
+        IDXDataModule(tmp_path / "nowhere").setup()
+    write_idx_set(tmp_path, gz=False)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"Neither t10k-labels-idx1-ubyte nor t10k-labels-idx1-ubyte.gz"):
+        IDXDataModule(tmp_path, num_val=4).setup()
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", 0x803, torch.zeros(12), gz=False)  # an images magic on labels
+    with pytest.raises(DatasetLayoutError, match="bad magic number 0x00000803, expected 0x00000801"):
+        IDXDataModule(tmp_path, num_val=4).setup()
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", 0x801, torch.zeros(12), gz=False, count=13)
+    with pytest.raises(DatasetLayoutError, match=r"announces 13 items .* but the file holds 20 bytes"):
+        IDXDataModule(tmp_path, num_val=4).setup()
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", 0x801, torch.zeros(11), gz=False)
+    with pytest.raises(DatasetLayoutError, match="t10k: 12 images but 11 labels"):
+        IDXDataModule(tmp_path, num_val=4).setup()
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(DatasetLayoutError, match="is not a readable gzip file"):
+        IDXDataModule(tmp_path, num_val=4).setup()
+
+
+REVIEWS = [("fresh", "A wonderful, moving film."), ("rotten", "Dull and tedious."),
+           ("plot", "A man walks, a dog barks."), ("fresh", "Wonderful acting; a moving story."),
+           ("rotten", "Tedious, dull, far too long.")] * 8
+
+
+def write_table(path: Path, rows: list[tuple[str, str]], delimiter: str, header: tuple[str, str] = ("category", "text")
+                ) -> Path:
+    lines = [delimiter.join(header)] + [delimiter.join((label, f'"{text}"')) for label, text in rows]
+    data = ("\n".join(lines) + "\n").encode()
+    opener = {".gz": gzip.compress, ".bz2": bz2.compress}.get(path.suffix, lambda raw: raw)
+    path.write_bytes(opener(data))
+    return path
+
+
+@pytest.mark.parametrize("name, delimiter",
+                         [("rt.csv", ","), ("rt.tsv", "\t"), ("rt.csv.bz2", ","), ("rt.tsv.gz", "\t")])
+def test_csv_text_datamodule_keeps_listed_labels_and_builds_vocabulary_from_train(tmp_path: Path, name: str,
+                                                                                 delimiter: str) -> None:
+    path = write_table(tmp_path / name, REVIEWS, delimiter)
+    data = CSVTextDataModule(path, label_column="category", labels=["rotten", "fresh"], max_len=6, max_vocab=30,
+                             val_fraction=0.25, test_fraction=0.25, batch_size=4)
+    assert data.num_classes == 2 and data.class_names == ["rotten", "fresh"]
+    data.setup()
+    assert sum(len(data.splits[s]) for s in ("train", "val", "test")) == 32  # the 8 "plot" rows are dropped
+    assert [len(data.splits[s]) for s in ("val", "test")] == [8, 8]
+    train = data.splits["train"].tensors
+    train_words = {data.vocabulary[t] for t in train["tokens"].flatten().tolist() if t > 1}
+    assert {w for w in data.vocabulary[2:] if w} == train_words  # the vocabulary is the training split's words
+    assert "barks" not in data.vocabulary and data.model_inputs == {"vocab_size": 30, "max_len": 6}
+    for tokens, label in zip(train["tokens"], train["label"]):
+        text = data.decode(tokens)
+        assert text in ("a wonderful moving film", "dull and tedious", "wonderful acting a moving story",
+                        "tedious dull far too long")
+        assert label == (1 if "wonderful" in text else 0)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["tokens"].shape == (4, 6) and batch["tokens"].dtype == torch.long
+
+
+def test_csv_text_datamodule_reads_every_label_without_a_list(tmp_path: Path) -> None:
+    data = CSVTextDataModule(write_table(tmp_path / "rt.csv", REVIEWS, ","), label_column="category")
+    assert data.class_names == ["fresh", "plot", "rotten"] and data.num_classes == 3
+
+
+def test_csv_text_datamodule_errors_name_columns_labels_and_format(tmp_path: Path) -> None:
+    with pytest.raises(DatasetLayoutError, match="does not exist"):
+        CSVTextDataModule(tmp_path / "none.csv", labels=["a", "b"]).setup()
+    path = write_table(tmp_path / "rt.csv", REVIEWS, ",")
+    with pytest.raises(DatasetLayoutError, match=r"has no column \['label'\]; its columns are \['category', 'text'\]"):
+        CSVTextDataModule(path, labels=["fresh", "rotten"]).setup()
+    with pytest.raises(DatasetLayoutError, match=r"has no column \['review'\]"):
+        CSVTextDataModule(path, text_column="review", label_column="category")
+    with pytest.raises(ValueError, match=r"no row has label \['positive'\] in column 'category'; its labels are "
+                                         r"\['fresh', 'plot', 'rotten'\]"):
+        CSVTextDataModule(path, label_column="category", labels=["positive", "fresh"]).setup()
+    (tmp_path / "rt.json").write_text("{}")
+    with pytest.raises(DatasetLayoutError, match="neither .csv nor .tsv"):
+        CSVTextDataModule(tmp_path / "rt.json", labels=["a", "b"]).setup()
+    (tmp_path / "broken.csv.gz").write_bytes(b"not gzip")
+    with pytest.raises(DatasetLayoutError, match="Could not read .*broken.csv.gz"):
+        CSVTextDataModule(tmp_path / "broken.csv.gz", labels=["a", "b"]).setup()
+
+
+def test_captum_methods_explain_token_positions_through_presence() -> None:
+    """Every Captum feature method scores (B, L) token positions of a text classifier; presence 1 is the text as it
+    is, presence 0 the padding embedding (what L2X's masking gives), and padding positions score 0."""
+    torch.manual_seed(0)
+    model = zoo.create_model("baseline_textcnn", vocab_size=40, max_len=10).eval()
+    tokens = torch.randint(2, 40, (3, 10))
+    tokens[:, 7:] = 0
+    presence = TokenPresence(model, tokens)
+    torch.testing.assert_close(presence(torch.ones(3, 10)), model(tokens)["logits"])
+    dropped = torch.ones(3, 10)
+    dropped[:, 2] = 0
+    torch.testing.assert_close(presence(dropped), model(tokens.index_fill(1, torch.tensor([2]), 0))["logits"])
+    target = torch.tensor([0, 1, 0])
+    for method in FEATURE_METHODS:
+        scores = torch.cat([attribute_features(model, tokens[i:i + 1], target[i:i + 1], method) for i in range(3)])
+        assert scores.shape == (3, 10) and (scores[:, 7:] == 0).all() and (scores[:, :7] > 0).any(), method
+    with pytest.raises(ValueError, match="has no nn.Embedding"):
+        TokenPresence(torch.nn.Linear(10, 2), tokens)
+
+
+def test_l2x_race_runs_on_sentences_from_a_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race's sentence task: L2X and every Captum method on the same sentences, and the page of kept words."""
+    from benchmarks.l2x_race import race_task
+
+    path = write_table(tmp_path / "rt.csv.bz2", REVIEWS, ",")
+    monkeypatch.chdir(tmp_path)
+    settings = {"text_data": {"rt": {"path": str(path), "label_column": "category", "labels": ["rotten", "fresh"],
+                                     "max_len": 8, "max_vocab": 40, "batch_size": 8, "k": 2}},
+                "black_box_epochs": 1, "evaluator_epochs": 1, "epochs": 1, "num_explained": 4,
+                "num_explained_perturbation": 2, "repeats": 1, "device": torch.device("cpu"), "words_shown": 2}
+    rows, _ = race_task("race", "rt", settings, ["l2x", "invase", *FEATURE_METHODS])
+    assert [row["method"] for row in rows] == ["l2x", *FEATURE_METHODS]  # INVASE has no text model
+    assert all(row["num_selected"] == 2 and 0 <= row["posthoc_acc"] <= 1 and "evalx_acc" in row for row in rows)
+    page = (tmp_path / "checkpoints/race/rt/selected_words.md").read_text()
+    assert "- l2x: " in page and "- lime: " in page and "| l2x | fresh |" in page
+
+
+def test_parts_world_with_shared_part_types_differs_only_in_layout() -> None:
+    """The harder classification world: every class has the same part types; classes differ in where they sit."""
+    data = PartsWorldDataModule(num_classes=12, shared_part_types=True, num_train=24, num_val=12, num_test=12)
+    types, slots = data.world.part_types, data.world.slots  # (C, P) each
+    assert all(sorted(row.tolist()) == sorted(types[0].tolist()) for row in types)
+    layouts = {tuple(sorted(zip(t.tolist(), s.tolist()))) for t, s in zip(types, slots)}
+    assert len(layouts) == 12
+    data.setup()
+    batch = data.splits["train"].tensors
+    assert (batch["part_types"] == types[batch["label"]]).all()
+    default = PartsWorldDataModule(num_classes=12, num_train=24, num_val=12, num_test=12)
+    assert len({tuple(sorted(row.tolist())) for row in default.world.part_types}) > 1
