@@ -1,11 +1,17 @@
-"""Test-only callbacks (importable by class_path from a subprocess run of train.py)."""
+"""Test-only callbacks (importable by class_path from a subprocess run of train.py) and writers of small datasets in
+real release formats (IDX, CSV tables, torchvision weight files)."""
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import os
 import signal
+import struct
+from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 
 
 class KillAtStep(pl.Callback):
@@ -17,3 +23,55 @@ class KillAtStep(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args, **kwargs) -> None:
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_idx(path: Path, magic: int, array: torch.Tensor, *, gz: bool, count: int | None = None) -> None:
+    """An IDX file as the MNIST releases write it: big-endian magic and dimensions, then the bytes."""
+    header = struct.pack(f">I{array.dim()}I", magic, count if count is not None else len(array), *array.shape[1:])
+    data = header + array.to(torch.uint8).numpy().tobytes()
+    if gz:
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+
+
+def write_idx_set(root: Path, *, gz: bool, num_train: int = 40, num_test: int = 12) -> tuple[torch.Tensor, ...]:
+    root.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    tensors = []
+    for split, count in (("train", num_train), ("t10k", num_test)):
+        images = torch.randint(0, 256, (count, 28, 28), generator=generator)
+        labels = torch.arange(count) % 10
+        write_idx(root / f"{split}-images-idx3-ubyte", 0x803, images, gz=gz)
+        write_idx(root / f"{split}-labels-idx1-ubyte", 0x801, labels, gz=gz)
+        tensors += [images, labels]
+    return tuple(tensors)
+
+
+REVIEWS = [("fresh", "A wonderful, moving film."), ("rotten", "Dull and tedious."),
+           ("plot", "A man walks, a dog barks."), ("fresh", "Wonderful acting; a moving story."),
+           ("rotten", "Tedious, dull, far too long.")] * 8
+
+
+def write_table(path: Path, rows: list[tuple[str, str]], delimiter: str, header: tuple[str, str] = ("category", "text")
+                ) -> Path:
+    lines = [delimiter.join(header)] + [delimiter.join((label, f'"{text}"')) for label, text in rows]
+    data = ("\n".join(lines) + "\n").encode()
+    opener = {".gz": gzip.compress, ".bz2": bz2.compress}.get(path.suffix, lambda raw: raw)
+    path.write_bytes(opener(data))
+    return path
+
+
+def write_release_data(root: Path) -> None:
+    """What `benchmarks/data/get_*.sh` put under `root/data/`, in the same formats and names but tiny: Fashion-MNIST
+    IDX files (.gz), a randomly initialised torchvision mobilenet_v2 state dict under the ImageNet file's name, and
+    the Rotten Tomatoes table (bz2 CSV, columns category, text). The real-data configs then run unchanged."""
+    import torchvision
+
+    write_idx_set(root / "data" / "fashion_mnist", gz=True)
+    weights = root / "data" / "mobilenet_v2" / "mobilenet_v2-b0353104.pth"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), weights)
+    table = root / "data" / "rotten_tomatoes" / "rotten_tomatoes_corpus_full.csv.bz2"
+    table.parent.mkdir(parents=True, exist_ok=True)
+    write_table(table, REVIEWS, ",")

@@ -40,6 +40,11 @@ def test_command_line_model_kwargs_merge_with_the_config_instead_of_replacing_th
     replaced = cli("--config", config, "--model.init_args.model_kwargs=null", "--model.init_args.model_kwargs",
                    "{drop_rate: 0.25}", *SMALL_WORLD)  # null first: a deliberate replacement
     assert replaced.model.hparams.model_kwargs == {"drop_rate": 0.25}
+    unset = cli("--config", config, "--model.init_args.model_kwargs.tau_scale=null", *SMALL_WORLD)  # default again
+    assert unset.model.hparams.model_kwargs == {"tau_scale": None, "category_assignment": "balanced"}
+    default = zoo.create_model("icnn_tinycnn", num_classes=6, image_size=64)  # tau_scale 1: the factory's default
+    assert torch.equal(unset.model.model.top_filters.bank, default.top_filters.bank)
+    assert not torch.equal(merged.model.model.top_filters.bank, default.top_filters.bank)
 
 
 def test_merge_kwargs_options_rewrites_only_mappings() -> None:

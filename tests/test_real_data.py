@@ -3,10 +3,7 @@ backbones with a load report, the IDX image datamodule and the CSV/TSV sentence 
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import logging
-import struct
 from pathlib import Path
 
 import pytest
@@ -18,6 +15,7 @@ import zoo
 from datamodules import CSVTextDataModule, DatasetLayoutError, IDXDataModule, PartsWorldDataModule
 from zoo import CheckpointError
 from zoo.explain.captum import FEATURE_METHODS, TokenPresence, attribute_features
+from tests.helpers import REVIEWS, write_idx, write_idx_set, write_table
 
 
 @pytest.fixture(scope="module")
@@ -82,29 +80,6 @@ def test_torchvision_backbone_names_are_checked(name: str, message: str) -> None
         zoo.Backbone(name)
 
 
-def write_idx(path: Path, magic: int, array: torch.Tensor, *, gz: bool, count: int | None = None) -> None:
-    """An IDX file as the MNIST releases write it: big-endian magic and dimensions, then the bytes."""
-    header = struct.pack(f">I{array.dim()}I", magic, count if count is not None else len(array), *array.shape[1:])
-    data = header + array.to(torch.uint8).numpy().tobytes()
-    if gz:
-        path.with_name(path.name + ".gz").write_bytes(gzip.compress(data))
-    else:
-        path.write_bytes(data)
-
-
-def write_idx_set(root: Path, *, gz: bool, num_train: int = 40, num_test: int = 12) -> tuple[torch.Tensor, ...]:
-    root.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-    tensors = []
-    for split, count in (("train", num_train), ("t10k", num_test)):
-        images = torch.randint(0, 256, (count, 28, 28), generator=generator)
-        labels = torch.arange(count) % 10
-        write_idx(root / f"{split}-images-idx3-ubyte", 0x803, images, gz=gz)
-        write_idx(root / f"{split}-labels-idx1-ubyte", 0x801, labels, gz=gz)
-        tensors += [images, labels]
-    return tuple(tensors)
-
-
 @pytest.mark.parametrize("gz", [True, False])
 def test_idx_datamodule_reads_resizes_replicates_and_normalises(tmp_path: Path, gz: bool) -> None:
     train_images, train_labels, test_images, test_labels = write_idx_set(tmp_path, gz=gz)
@@ -157,20 +132,6 @@ def test_idx_layout_errors_name_the_file_and_the_problem(tmp_path: Path) -> None
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip")
     with pytest.raises(DatasetLayoutError, match="is not a readable gzip file"):
         IDXDataModule(tmp_path, num_val=4).setup()
-
-
-REVIEWS = [("fresh", "A wonderful, moving film."), ("rotten", "Dull and tedious."),
-           ("plot", "A man walks, a dog barks."), ("fresh", "Wonderful acting; a moving story."),
-           ("rotten", "Tedious, dull, far too long.")] * 8
-
-
-def write_table(path: Path, rows: list[tuple[str, str]], delimiter: str, header: tuple[str, str] = ("category", "text")
-                ) -> Path:
-    lines = [delimiter.join(header)] + [delimiter.join((label, f'"{text}"')) for label, text in rows]
-    data = ("\n".join(lines) + "\n").encode()
-    opener = {".gz": gzip.compress, ".bz2": bz2.compress}.get(path.suffix, lambda raw: raw)
-    path.write_bytes(opener(data))
-    return path
 
 
 @pytest.mark.parametrize("name, delimiter",

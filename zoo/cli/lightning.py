@@ -51,6 +51,15 @@ def merge_kwargs_options(args: list[str]) -> list[str]:
     return out
 
 
+def restore_null_kwargs(config: Any) -> None:
+    """`--model.init_args.model_kwargs.pretrained_path=null` removes a key's value (the factory's default applies):
+    jsonargparse turns a null given for one entry of an `Any`-valued mapping inside a subclass's init_args into the
+    string "None"; put None back in every `*_kwargs` mapping of the parsed config."""
+    for key, value in (config.items() if hasattr(config, "items") else []):
+        if key.endswith("_kwargs") and isinstance(value, dict):
+            value.update({name: None for name, item in value.items() if item == "None"})
+
+
 def backbone_name(system: Any) -> str:
     """The timm (or "tinycnn") name of the backbone of a System's model, for `mean: pretrained`."""
     from zoo.backbones import Backbone
@@ -104,6 +113,8 @@ class ZooCLI(LightningCLI):
             self.config = parser.parse_args(merge_kwargs_options(sys.argv[1:]))
         else:
             super().parse_arguments(parser, merge_kwargs_options(list(args)) if isinstance(args, list) else args)
+        restore_null_kwargs(self.config)
+
 
     def instantiate_classes(self) -> None:
         """Then resolve a datamodule's `mean: pretrained` with the model's backbone (timm's pretrained_cfg)."""
