@@ -438,6 +438,9 @@ def test_mistyped_options_and_yaml_keys_get_a_did_you_mean(in_tmp_dir: Path, cap
     assert exit_info.value.code == 2 and "Option 'wieght' is not accepted" in error
     assert "did you mean 'weight'?" in error and "NoneType" not in error and "Given value" not in error
     assert len(error.splitlines()) < 12  # the message, not LightningCLI's usage of every option
+    with pytest.raises(SystemExit):  # an argument of a class the config gives by class_path (the optimizer)
+        main(["fit", "--config", str(config), "--model.init_args.optimizer.init_args.wieght_decay=1"])
+    assert "did you mean 'weight_decay'?" in capsys.readouterr().err
     (in_tmp_dir / "typo.yaml").write_text(config.read_text().replace("max_epochs", "max_epoch"))
     with pytest.raises(SystemExit):
         main(["fit", "--config", "typo.yaml"])

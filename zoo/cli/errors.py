@@ -129,7 +129,8 @@ def suggestion(message: str, parser: Any, args: list[str]) -> str:
     subcommand = re.search(r"(?:Subcommand '[^']+'|Group '[^']+') does not accept option '([^']+)'", message)
     if option and "class_path '" in message[: option.start()]:  # an init argument of a class given by class_path
         bad = option.group(1)
-        class_path = re.findall(r"class_path '([^']+)'", message[: option.start()])[-1]
+        given = re.search(r"Got value: Namespace\(class_path='([^']+)'", message[option.end():])  # optimizer, ...
+        class_path = given.group(1) if given else re.findall(r"class_path '([^']+)'", message[: option.start()])[-1]
         candidates = init_parameters(class_path)
         where = f"{class_path.rsplit('.', 1)[-1]} accepts {', '.join(candidates)}" if candidates else ""
     elif subcommand or option:
