@@ -62,13 +62,17 @@ def check_labels(labels: torch.Tensor, num_classes: int, source: str) -> None:
 
 PREDICT_SPLIT = "test"  # what `predict` runs on
 PRETRAINED = "pretrained"  # `mean: pretrained`: the mean/std the model's backbone was pretrained with
+TORCHVISION = "torchvision:"  # backbone names of torchvision models (zoo.backbones)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def pretrained_normalization(backbone: str) -> tuple[list[float], list[float]]:
     """The per-channel mean and std a timm backbone was pretrained with (its `pretrained_cfg`), e.g. ImageNet's for
-    "resnet18"; read from timm's tables, nothing downloads."""
+    "resnet18" (and for any "torchvision:<name>" backbone); read from timm's tables, nothing downloads."""
     from timm.models import get_pretrained_cfg
 
+    if backbone.startswith(TORCHVISION):  # torchvision's ImageNet classification weights all use ImageNet's
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
     cfg = get_pretrained_cfg(backbone)
     if cfg is None or cfg.mean is None or cfg.std is None:
         raise ValueError(f"Backbone {backbone!r} has no timm pretrained config with a mean and std; give the data's "
@@ -81,8 +85,8 @@ class NormalizedDataset(Dataset):
 
     def __init__(self, dataset: Dataset, mean: Sequence[float], std: Sequence[float]) -> None:
         self.dataset = dataset
-        self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]  # (C, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).clone()[:, None, None]  # (C, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).clone()[:, None, None]
 
     def __len__(self) -> int:
         return len(self.dataset)

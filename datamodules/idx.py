@@ -60,12 +60,10 @@ def read_idx(root: Path, stem: str, magic: int) -> torch.Tensor:
 
 class IDXImages(Dataset):
     """uint8 grey images (N, h, w) kept small in memory; each sample is made on access: float in [0, 1], resized to
-    `image_size` (bilinear), replicated to 3 channels, then (x - mean) / std per channel."""
+    `image_size` (bilinear) and replicated to 3 channels (the datamodule's loaders normalise it)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int, mean: torch.Tensor,
-                 std: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, image_size: int) -> None:
         self.images, self.labels, self.image_size = images, labels, image_size
-        self.mean, self.std = mean.view(3, 1, 1), std.view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -74,8 +72,8 @@ class IDXImages(Dataset):
         image = self.images[index].float()[None, None] / 255.0  # (1, 1, h, w)
         if image.shape[-1] != self.image_size or image.shape[-2] != self.image_size:
             image = F.interpolate(image, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
-        image = (image[0].expand(3, -1, -1) - self.mean) / self.std  # (3, S, S)
-        return {"image": image, "label": self.labels[index].long(), "index": torch.tensor(index)}
+        return {"image": image[0].expand(3, -1, -1), "label": self.labels[index].long(),  # (3, S, S)
+                "index": torch.tensor(index)}
 
 
 class IDXDataModule(DictDataModule):
@@ -85,8 +83,8 @@ class IDXDataModule(DictDataModule):
         root: folder holding the four release files (see `LAYOUT`), .gz or extracted.
         dataset: "fashion_mnist", "mnist" or "kmnist": names the classes; `class_names` overrides.
         image_size: side the 28x28 images are resized to (e.g. 64-96 for an ImageNet MobileNetV2).
-        mean / std: per-channel normalisation applied after resizing, e.g. ImageNet's for ImageNet weights;
-            None keeps [0, 1].
+        mean / std: per-channel normalisation applied after resizing (lists), "pretrained" (mean only: the model's
+            backbone's pretrained mean and std, e.g. ImageNet's for torchvision weights), or None: [0, 1] pixels.
         num_train: a seeded subset of the training images (after the validation images are set apart); None: all.
         num_val: training images set apart for validation (seeded).
         num_test: the first `num_test` t10k images; None: all 10,000.
@@ -100,8 +98,8 @@ class IDXDataModule(DictDataModule):
         dataset: str = "fashion_mnist",
         class_names: Sequence[str] | None = None,
         image_size: int = 64,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
+        mean: Sequence[float] | str | None = None,
+        std: Sequence[float] | str | None = None,
         num_train: int | None = None,
         num_val: int = 5000,
         num_test: int | None = None,
@@ -113,17 +111,11 @@ class IDXDataModule(DictDataModule):
         if class_names is None and dataset not in CLASS_NAMES:
             raise ValueError(f"Unknown dataset {dataset!r}: choose one of {sorted(CLASS_NAMES)} or give class_names.")
         self.class_names = list(class_names) if class_names is not None else CLASS_NAMES[dataset]
-        for name, value in (("mean", mean), ("std", std)):
-            if value is not None and len(value) not in (1, 3):
-                raise ValueError(f"{name} needs 1 or 3 values (one per channel); got {list(value)}.")
-        if std is not None and min(std) <= 0:
-            raise ValueError(f"std must be positive; got {list(std)}.")
+        self.set_normalization(mean, std)
         if image_size < 1 or num_val < 1 or (num_train is not None and num_train < 1):
             raise ValueError(f"image_size, num_val and num_train must be positive; got {image_size}, {num_val}, "
                              f"{num_train}.")
         self.root, self.num_classes, self.image_size = Path(root), len(self.class_names), image_size
-        self.mean = torch.tensor(mean if mean is not None else [0.0], dtype=torch.float32).expand(3).clone()
-        self.std = torch.tensor(std if std is not None else [1.0], dtype=torch.float32).expand(3).clone()
         self.num_train, self.num_val, self.num_test, self.seed = num_train, num_val, num_test, seed
 
     def _read(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,4 +142,4 @@ class IDXDataModule(DictDataModule):
                        "val": self._dataset(images[val], labels[val]), "test": self._dataset(test_images, test_labels)}
 
     def _dataset(self, images: torch.Tensor, labels: torch.Tensor) -> IDXImages:
-        return IDXImages(images, labels, self.image_size, self.mean, self.std)
+        return IDXImages(images, labels, self.image_size)

@@ -88,16 +88,27 @@ def test_idx_datamodule_reads_resizes_replicates_and_normalises(tmp_path: Path, 
     data.setup("fit")
     assert [len(data.splits[s]) for s in ("train", "val", "test")] == [20, 8, 12]
     assert data.num_classes == 10 and data.class_names[0] == "T-shirt/top" and data.class_names[9] == "Ankle boot"
-    sample = data.splits["test"][3]
+    sample = data.split_samples("test")[3]
     grey = F.interpolate(test_images[3].float()[None, None] / 255, size=(32, 32), mode="bilinear")[0, 0]
     assert sample["image"].shape == (3, 32, 32) and sample["label"] == test_labels[3]
     for channel, (mean, std) in enumerate(zip([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])):
         torch.testing.assert_close(sample["image"][channel], (grey - mean) / std)
+    torch.testing.assert_close(data.denormalize(sample["image"][None])[0], grey.expand(3, -1, -1))  # for pictures
     batch = next(iter(data.train_dataloader()))
     assert batch["image"].shape == (4, 3, 32, 32) and batch["label"].dtype == torch.long
     train_ids = {int(data.splits["train"].images[i].sum()) for i in range(20)}
     val_ids = {int(data.splits["val"].images[i].sum()) for i in range(8)}
     assert not train_ids & val_ids  # validation images are set apart from the training subset
+
+
+def test_idx_datamodule_takes_the_torchvision_backbones_imagenet_normalisation(tmp_path: Path) -> None:
+    write_idx_set(tmp_path, gz=True)
+    data = IDXDataModule(tmp_path, image_size=28, mean="pretrained", num_val=4)
+    data.use_pretrained_normalization("torchvision:mobilenet_v2")  # what train.py does for `mean: pretrained`
+    assert (data.mean, data.std) == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    normalised = data.split_samples("test")[0]["image"]
+    raw = data.splits["test"][0]["image"]
+    torch.testing.assert_close(normalised[2], (raw[2] - 0.406) / 0.225)
 
 
 def test_idx_datamodule_class_names_and_native_size(tmp_path: Path) -> None:
