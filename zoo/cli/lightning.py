@@ -116,12 +116,6 @@ class ZooCLI(LightningCLI):
         restore_null_kwargs(self.config)
 
 
-    def instantiate_classes(self) -> None:
-        """Then resolve a datamodule's `mean: pretrained` with the model's backbone (timm's pretrained_cfg)."""
-        super().instantiate_classes()
-        if getattr(self.datamodule, "mean", None) == "pretrained":
-            self.datamodule.use_pretrained_normalization(backbone_name(self.model))
-
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """`predict` gets the zoo's PredictionWriter unless the config names a prediction writer."""
         trainer = super().instantiate_trainer(**kwargs)
@@ -133,9 +127,12 @@ class ZooCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         """A class refusing its arguments (a data folder that does not exist) raises its own error, marked as a
-        configuration error, instead of jsonargparse's wrapper that repeats it inside a union-type message."""
+        configuration error, instead of jsonargparse's wrapper that repeats it inside a union-type message. Then a
+        datamodule's `mean: pretrained` is resolved with the model's backbone (its pretrained mean and std)."""
         with configuration_phase():
             super().instantiate_classes()
+        if getattr(self.datamodule, "mean", None) == "pretrained":
+            self.datamodule.use_pretrained_normalization(backbone_name(self.model))
 
     def before_fit(self) -> None:
         """Auxiliary models (L2X's black box, the textual sentence classifier) are trained before the fit is
