@@ -115,7 +115,6 @@ class ZooCLI(LightningCLI):
             super().parse_arguments(parser, merge_kwargs_options(list(args)) if isinstance(args, list) else args)
         restore_null_kwargs(self.config)
 
-
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """`predict` gets the zoo's PredictionWriter unless the config names a prediction writer."""
         trainer = super().instantiate_trainer(**kwargs)
