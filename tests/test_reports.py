@@ -48,6 +48,14 @@ def test_piped_tables_are_full_width_markdown_with_the_legend(tmp_path: Path, ca
     assert header in markdown and "higher is better: acc, part_iou; lower is better: location_instability" in markdown
 
 
+def test_the_legend_names_metric_columns_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A dict metric logged without a prefix (AOG's detection metrics: "*") gives every metric a direction, but the
+    run's and the model's names are no metric (the scene-world report said "higher is better: run, model, ...")."""
+    rows = [{"run": "aog_rcnn", "model": "aog_rcnn_tinycnn", "map": 0.7, "map_50": 0.99}]
+    write_report(tmp_path, {"models": rows}, {"*": True})
+    assert "higher is better: map, map_50\n" in (tmp_path / "report.md").read_text()
+
+
 def test_explanation_figure_names_rows_classes_and_shows_every_image() -> None:
     images = torch.rand(5, 3, 16, 16)
     maps = {"cam": torch.rand(5, 16, 16), "saliency": torch.rand(5, 16, 16)}

@@ -87,7 +87,8 @@ def write_report(folder: Path, tables: dict[str, list[dict[str, Any]]],
                 writer = csv.DictWriter(f, columns)
                 writer.writeheader()
                 writer.writerows(rows)
-        caption = legend(columns, directions or {})
+        numeric = [c for c in columns if any(isinstance(row.get(c), (int, float)) for row in rows)]
+        caption = legend(numeric, directions or {})  # a run's name is never "better", even under a "*" direction
         sections.append(f"## {title}\n\n{markdown_table(rows)}" + (f"\n\n{caption}" if caption else ""))
         print_table(f"{folder}: {title}", rows, caption)
     (folder / f"{stem}.md").write_text("\n\n".join(sections) + "\n")
