@@ -199,6 +199,29 @@ def test_selection_recovery_and_agreement_on_hand_made_cases() -> None:
     assert agreement.compute().item() == pytest.approx(3 / 4)
 
 
+@pytest.mark.parametrize("method", ["kernel_shap", "lime"])
+def test_perturbation_methods_take_a_sample_count(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """"lime:5000" runs Lime with 5000 perturbations per sample (the lime package's default), plain "lime" with
+    Captum's; no other method takes a count."""
+    import captum.attr
+
+    from zoo.l2x.scores import perturbation_samples
+
+    explainer = captum.attr.KernelShap if method == "kernel_shap" else captum.attr.Lime
+    seen, attribute = [], explainer.attribute
+    monkeypatch.setattr(explainer, "attribute", lambda self, *a, **kw: seen.append(kw.get("n_samples"))
+                        or attribute(self, *a, **kw))
+    mlp = zoo.create_model("baseline_mlp", num_features=10, num_classes=2).eval()
+    name, count = perturbation_samples(f"{method}:7")
+    assert (name, count) == (method, 7) and perturbation_samples(method) == (method, None)
+    assert attribute_features(mlp, torch.randn(1, 10), torch.tensor([0]), name, n_samples=count).shape == (1, 10)
+    attribute_features(mlp, torch.randn(1, 10), torch.tensor([0]), name)
+    assert seen == [7, None]
+    for bad in ("saliency:3", f"{method}:x", f"{method}:0"):
+        with pytest.raises(ValueError, match="sample count"):
+            perturbation_samples(bad)
+
+
 @pytest.mark.parametrize("method", FEATURE_METHODS)
 def test_captum_feature_attributions_rank_vectors_and_patches(method: str) -> None:
     torch.manual_seed(0)

@@ -60,8 +60,17 @@ def wall_time(function: Callable[[], Any], repeats: int, warmup: int, device: to
     return result, statistics.median(seconds)
 
 
+def perturbation_samples(method: str) -> tuple[str, int | None]:
+    """"lime:5000" -> ("lime", 5000); any other method name -> (name, None)."""
+    name, _, count = method.partition(":")
+    if count and (name not in PERTURBATION_METHODS or not count.isdigit() or int(count) < 1):
+        raise ValueError(f"{method!r}: only {PERTURBATION_METHODS} take a sample count, a positive integer "
+                         "(e.g. 'lime:5000').")
+    return name, int(count) if count else None
+
+
 def explain_features(method: str, selectors: dict[str, nn.Module], black_box: nn.Module, x: torch.Tensor,
-                     target: torch.Tensor, k: int, repeats: int, timer: Timer
+                     target: torch.Tensor, k: int, repeats: int, timer: Timer, n_samples: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(scores (N, d), hard selection (N, d), seconds per sample) of one method on all of `x`: a selector named in
     `selectors`, or a Captum method on `black_box` (features as the first selector defines them). Batched methods:
@@ -79,7 +88,8 @@ def explain_features(method: str, selectors: dict[str, nn.Module], black_box: nn
     feature_ids = selector.feature_ids()
     feature_ids = None if feature_ids is None else feature_ids.to(x.device)
     attribute = functools.partial(attribute_features, black_box, method=method, feature_mask=feature_ids,
-                                  num_features=selector.num_features)
+                                  num_features=selector.num_features,
+                                  n_samples=n_samples if method in PERTURBATION_METHODS else None)
     if method in PERTURBATION_METHODS:  # one surrogate per sample: timed per sample, median
         timed = [timer(functools.partial(attribute, x[i: i + 1], target[i: i + 1]), 1, 0) for i in range(len(x))]
         scores, per_sample = torch.cat([score for score, _ in timed]), statistics.median(s for _, s in timed)
@@ -100,6 +110,7 @@ def compare_explainers(selectors: dict[str, nn.Module], black_box: nn.Module, ev
         black_box / evaluator: the frozen black box explained, and the EVAL-X evaluator (None: no evalx_acc).
         x, label, relevant: the samples (N, ...), their labels (N,) and true features (N, d) or None.
         k: the number of features a post-hoc method keeps.
+            KernelShap and Lime may carry their sample count, "lime:5000" (default: Captum's).
         num_perturbed: at most this many samples for KernelShap and Lime (default: all).
         repeats / timer: timed calls of the batched methods; the timer (default `wall_time` on x's device).
     """
@@ -109,9 +120,10 @@ def compare_explainers(selectors: dict[str, nn.Module], black_box: nn.Module, ev
         target = black_box(x)["logits"].argmax(-1)  # explain the black box's decision
     rows, ranks, selections = [], {}, {}
     for method in methods:
-        n = min(len(x), num_perturbed or len(x)) if method in PERTURBATION_METHODS else len(x)
-        scores, selection, seconds = explain_features(method, selectors, black_box, x[:n], target[:n], k, repeats,
-                                                      timer)
+        name, n_samples = perturbation_samples(method)
+        n = min(len(x), num_perturbed or len(x)) if name in PERTURBATION_METHODS else len(x)
+        scores, selection, seconds = explain_features(name, selectors, black_box, x[:n], target[:n], k, repeats,
+                                                      timer, n_samples)
         masked = mask_input(x[:n], selection)
         row = {"method": method, "n": n, "num_selected": round(selection.sum(-1).mean().item(), 2)}
         if relevant is not None:
