@@ -222,3 +222,22 @@ def test_stage_lr_scale_keeps_the_schedulers_decay() -> None:
         optimizer.step()
         scheduler.step()
     assert rates == pytest.approx([1.0, 0.1 * 0.5, 0.01, 0.001])
+
+
+def test_picture_folder_is_read_without_a_collective(tmp_path: Path) -> None:
+    """Pictures are drawn on rank zero only; `trainer.log_dir` broadcasts, so rank zero alone would hang under DDP.
+    The run folder comes from the logger itself: the same folder, no broadcast."""
+    from types import SimpleNamespace
+
+    from zoo.engine.callbacks import FixedBatchCallback
+
+    def broadcast(*_: Any) -> None:
+        raise AssertionError("a collective call from rank zero alone")
+
+    logger = TensorBoardLogger(tmp_path, name="run", version="")
+    trainer = SimpleNamespace(loggers=[logger], default_root_dir=str(tmp_path / "root"),
+                              strategy=SimpleNamespace(broadcast=broadcast))
+    assert FixedBatchCallback.run_folder(trainer, "filters") == Path(logger.log_dir) / "filters"
+    assert (Path(logger.log_dir) / "filters").is_dir()
+    bare = SimpleNamespace(loggers=[], default_root_dir=str(tmp_path / "root"), strategy=trainer.strategy)
+    assert FixedBatchCallback.run_folder(bare, "x") == tmp_path / "root" / "x"

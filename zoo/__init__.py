@@ -5,11 +5,19 @@
     >>> model = zoo.create_model("baseline_tinycnn", num_classes=6)
     >>> maps = zoo.explain(model, images)  # (B, H, W) own explanation of each predicted class
 
-Each family is a package (`zoo.icnn`, `zoo.l2x`, ...): model.py registers its models here; its Lightning System
-(system.py) is imported on demand, so `import zoo` needs no Lightning.
+Each family is a package (`zoo.icnn`, `zoo.l2x`, ...), found and imported here (`FAMILIES`): model.py registers its
+models; its Lightning System (system.py) is imported on demand, so `import zoo` needs no Lightning.
 """
 
-from zoo import aog_rcnn, baselines, icnn, l2x, renn, textual  # noqa: F401  (register their models)
+import importlib
+import pkgutil
+
+# Every package of zoo/ but the engine's is a family: importing it registers its models, so a new family is a new
+# folder and touches no file here.
+ENGINE_PACKAGES = ("cli", "engine", "explain")
+FAMILIES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.ispkg and m.name not in ENGINE_PACKAGES))
+for _family in FAMILIES:
+    importlib.import_module(f"zoo.{_family}")
 from zoo import explain  # noqa: F401  (callable: zoo.explain(model, images, method="own", target=None))
 from zoo.weights import CheckpointError
 from zoo.weights import export_checkpoint, load_checkpoint, load_exported

@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, SequentialSampler
 
@@ -102,7 +102,12 @@ class FixedBatchCallback(pl.Callback):
 
     @staticmethod
     def run_folder(trainer: pl.Trainer, name: str) -> Path:
-        folder = Path(trainer.log_dir or trainer.default_root_dir) / name
+        """<run>/<name>, made. Read on rank zero only, so not through `trainer.log_dir`: that property broadcasts
+        (a collective), and rank zero calling it alone would wait forever for the other processes under DDP."""
+        logger = trainer.loggers[0] if trainer.loggers else None
+        base = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else getattr(logger, "save_dir",
+                                                                                                 None)
+        folder = Path(base or trainer.default_root_dir) / name
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
