@@ -56,6 +56,15 @@ def test_selectors_and_rule_networks_give_their_own_maps_at_input_resolution() -
     check_convention(zoo.explain(rules, torch.randn(2, 1, 64)), (2, 64))
 
 
+def test_a_model_with_its_own_explanation_method_gives_it() -> None:
+    """A family's model brings its own map through `own_explanation` (checked before the CAM of pooled heads)."""
+    model = zoo.create_model("baseline_tinycnn", num_classes=3).eval()
+    seen = []
+    model.own_explanation = lambda inputs, target: seen.append(target) or torch.ones(len(inputs), 7, 7)
+    maps = zoo.explain(model, torch.rand(2, 3, 64, 64), target=1)
+    assert torch.equal(maps, torch.ones(2, 7, 7)) and torch.equal(seen[0], torch.tensor([1, 1]))
+
+
 def test_unknown_methods_and_models_without_maps_fail_clearly() -> None:
     model = zoo.create_model("baseline_tinycnn", num_classes=3)
     with pytest.raises(ValueError, match="Unknown explanation method 'gradcam'.*'own'"):

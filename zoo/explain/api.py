@@ -4,7 +4,9 @@ The convention every method follows: a float tensor of importances, >= 0, higher
 explained class, at the input's resolution: (B, H, W) for images (B, C, H, W), (B, T) for series (B, C, T), (B, d)
 for vectors and token sequences (B, d). `target` is the class explained: None = the model's predicted class.
 
-`method="own"` is the model's own explanation (what it computes to decide, not a post-hoc estimate):
+`method="own"` is the model's own explanation (what it computes to decide, not a post-hoc estimate). A model that
+defines `own_explanation(inputs, target) -> Tensor` (in the convention above) gives it; that is how a new family
+brings its own maps (prototype similarities, say) without touching this file. Otherwise, by the model's shape:
 - pooled-head classifiers (the baselines, the Interpretable CNN): the class activation map, sum_f w_{c,f} A_f over
   the pooled feature maps, which for ICNN are its interpretable filters' maps (Zhou et al. 2016; exact: it
   decomposes the class logit over positions);
@@ -35,6 +37,8 @@ def own_explanation(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor
     """The model's own map for `target` in the module convention (see the module docstring)."""
     from zoo.explain.captum import class_activation_map
 
+    if callable(getattr(model, "own_explanation", None)):
+        return model.own_explanation(inputs, target)
     if all(hasattr(model, name) for name in ("forward_features", "forward_head", "get_classifier")):
         return class_activation_map(model, inputs, target)
     if hasattr(model, "mask_input"):  # a feature selector: its selection, at the input's resolution
