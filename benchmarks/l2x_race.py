@@ -11,10 +11,10 @@ explains the same test samples for the black box's predicted class: L2X and INVA
 Saliency, InputXGradient, IntegratedGradients, DeepLift, KernelShap and Lime (default sample counts) by attribution
 (on sentences: of each word's presence, `zoo.explain.captum.TokenPresence`; INVASE has no text model and sits out).
 "lime:5000" / "kernel_shap:2128" in `methods` run those two with that many perturbations per sample (the original
-packages' defaults) beside Captum's defaults. Attributions are turned into a top-k selection (k = the true set
-size; INVASE selects its own number), then scored the same way: median rank of the true features, TPR/FDR,
-post-hoc accuracy (black box on the selection agrees with the black box) and EVAL-X accuracy (evaluator on the
-selection vs the label).
+packages' defaults) beside Captum's defaults; "random" (k features drawn uniformly) is the floor. Attributions
+are turned into a top-k selection (k = the true set size; INVASE selects its own number), then scored the same
+way: median rank of the true features, TPR/FDR, post-hoc accuracy (black box on the selection agrees with the
+black box) and EVAL-X accuracy (evaluator on the selection vs the label).
 
 Timing (`benchmarks.timing`, the device synchronised): batched methods are timed `repeats` times over all samples
 after one warm-up call (median); KernelShap and Lime explain one sample at a time (Captum fits one surrogate per
@@ -46,7 +46,7 @@ from datamodules import CSVTextDataModule, DigitsDataModule, L2XSyntheticDataMod
 from datamodules.l2x_synthetic import DATASETS, NUM_SELECTED
 from zoo.cli.report import write_report
 from zoo.explain.captum import FEATURE_METHODS
-from zoo.l2x.scores import compare_explainers, perturbation_samples
+from zoo.l2x.scores import RANDOM, compare_explainers, perturbation_samples
 from zoo.l2x.system import L2XSystem
 
 SELECTORS = ("l2x", "invase")
@@ -157,7 +157,7 @@ def speed_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """L2X's samples/s divided by every other method's, per dataset (the same run, the same machine)."""
     out = []
     for task in dict.fromkeys(r["dataset"] for r in rows):
-        by_method = {r["method"]: r["samples_per_s"] for r in rows if r["dataset"] == task}
+        by_method = {r["method"]: r["samples_per_s"] for r in rows if r["dataset"] == task and "samples_per_s" in r}
         if "l2x" in by_method:
             out.append({"dataset": task, **{f"l2x_vs_{m}": round(by_method["l2x"] / v, 1)
                                             for m, v in by_method.items() if m != "l2x"}})
@@ -197,10 +197,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     settings = yaml.safe_load(Path(args.config).read_text())
     name = args.name or settings.get("name", "l2x_race")
     methods = settings.get("methods", [*SELECTORS, *FEATURE_METHODS])
-    unknown = sorted({m for m in methods if perturbation_samples(m)[0] not in {*SELECTORS, *FEATURE_METHODS}})
+    known = {*SELECTORS, *FEATURE_METHODS, RANDOM}
+    unknown = sorted({m for m in methods if perturbation_samples(m)[0] not in known})
     if unknown or "l2x" not in methods:
-        raise ValueError(f"methods must include l2x and come from {[*SELECTORS, *FEATURE_METHODS]} (KernelShap and "
-                         f"Lime with a sample count too, e.g. lime:5000); got {unknown}.")
+        raise ValueError(f"methods must include l2x and come from {sorted(known)} (KernelShap and Lime with a sample "
+                         f"count too, e.g. lime:5000); got {unknown}.")
     rows, ranks = [], {}
     for task in args.datasets or settings["datasets"]:
         task_settings = {**settings, **(settings.get("overrides") or {}).get(task, {}), "device": args.device}

@@ -347,3 +347,18 @@ def test_compare_reports_l2x_its_black_box_and_the_post_hoc_explainers(in_tmp_di
         assert 1.5 <= float(row["median_rank"]) <= 9.5  # between the optimum and the worst of d = 10
         assert all(0 <= float(row[k]) <= 1 for k in ("tpr", "fdr", "posthoc_acc", "evalx_acc"))
     assert not list(report.glob("explanations_*.png"))  # no picture of vectors
+
+
+def test_random_selection_is_the_seeded_floor_and_never_picks_padding() -> None:
+    import math
+
+    from zoo.l2x.scores import explain_features
+
+    selector = zoo.create_model("l2x_tokens", vocab_size=50, max_len=8, num_classes=2, k=2).eval()
+    tokens = torch.tensor([[5, 6, 7, 0, 0, 0, 0, 0], [8, 9, 0, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8]])
+    first = explain_features("random", {"l2x": selector}, None, tokens, torch.zeros(3, dtype=torch.long), 2, 1, None)
+    again = explain_features("random", {"l2x": selector}, None, tokens, torch.zeros(3, dtype=torch.long), 2, 1, None)
+    selection = first[1]
+    assert torch.equal(selection, again[1]) and math.isnan(first[2])
+    assert torch.equal(selection.sum(1), torch.full((3,), 2.0)) and not selection[tokens == 0].any()
+    assert torch.equal(selection[1], torch.tensor([1.0, 1.0, 0, 0, 0, 0, 0, 0]))

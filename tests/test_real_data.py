@@ -223,9 +223,10 @@ def test_l2x_race_runs_on_sentences_from_a_table(tmp_path: Path, monkeypatch: py
                                      "max_len": 8, "max_vocab": 40, "batch_size": 8, "k": 2}},
                 "black_box_epochs": 1, "evaluator_epochs": 1, "epochs": 1, "num_explained": 4,
                 "num_explained_perturbation": 2, "repeats": 1, "device": torch.device("cpu"), "words_shown": 2}
-    rows, _ = race_task("race", "rt", settings, ["l2x", "invase", *FEATURE_METHODS, "lime:20"])
-    assert [row["method"] for row in rows] == ["l2x", *FEATURE_METHODS, "lime:20"]  # INVASE has no text model
+    rows, _ = race_task("race", "rt", settings, ["l2x", "invase", *FEATURE_METHODS, "lime:20", "random"])
+    assert [row["method"] for row in rows] == ["l2x", *FEATURE_METHODS, "lime:20", "random"]  # INVASE: no text model
     assert all(row["num_selected"] == 2 and 0 <= row["posthoc_acc"] <= 1 and "evalx_acc" in row for row in rows)
+    assert "samples_per_s" not in rows[-1] and all(row["samples_per_s"] > 0 for row in rows[:-1])
     page = (tmp_path / "checkpoints/race/rt/selected_words.md").read_text()
     assert "- l2x: " in page and "- lime: " in page and "| l2x | fresh |" in page
 

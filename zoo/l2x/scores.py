@@ -24,9 +24,11 @@ import torch.nn as nn
 
 from zoo.explain.captum import attribute_features
 from zoo.l2x.metrics import AgreementAccuracy, SelectionRecovery, median_true_rank
+from zoo.l2x.model import PAD_ID
 from zoo.l2x.ops import top_k_mask
 
 PERTURBATION_METHODS = ("kernel_shap", "lime")
+RANDOM = "random"  # the floor every explainer must clear: k features drawn uniformly (text: among the words)
 
 
 class Explained(NamedTuple):
@@ -75,6 +77,13 @@ def explain_features(method: str, selectors: dict[str, nn.Module], black_box: nn
     """(scores (N, d), hard selection (N, d), seconds per sample) of one method on all of `x`: a selector named in
     `selectors`, or a Captum method on `black_box` (features as the first selector defines them). Batched methods:
     one warm-up call, the median of `repeats`; KernelShap and Lime: one call per sample, the median per sample."""
+    if method == RANDOM:  # seeded, not timed: a reference for the scores, not a method
+        selector = next(iter(selectors.values()))
+        generator = torch.Generator().manual_seed(0)
+        scores = torch.rand(len(x), selector.num_features, generator=generator).to(x.device)  # (N, d)
+        if not x.is_floating_point():  # token ids: padding is never a word
+            scores = scores.masked_fill(x == PAD_ID, -1.0)
+        return scores, top_k_mask(scores, k), float("nan")
     if method in selectors:
         selector = selectors[method]
 
@@ -110,7 +119,8 @@ def compare_explainers(selectors: dict[str, nn.Module], black_box: nn.Module, ev
         black_box / evaluator: the frozen black box explained, and the EVAL-X evaluator (None: no evalx_acc).
         x, label, relevant: the samples (N, ...), their labels (N,) and true features (N, d) or None.
         k: the number of features a post-hoc method keeps.
-            KernelShap and Lime may carry their sample count, "lime:5000" (default: Captum's).
+            KernelShap and Lime may carry their sample count, "lime:5000" (default: Captum's); "random" is
+            the floor: k features drawn uniformly (seeded; text: among the words), scored but not timed.
         num_perturbed: at most this many samples for KernelShap and Lime (default: all).
         repeats / timer: timed calls of the batched methods; the timer (default `wall_time` on x's device).
     """
@@ -143,7 +153,8 @@ def compare_explainers(selectors: dict[str, nn.Module], black_box: nn.Module, ev
                 evalx = AgreementAccuracy()
                 evalx.update(evaluator(masked)["logits"], label[:n])
                 row["evalx_acc"] = round(evalx.compute().item(), 3)
-        row |= {"ms_per_sample": round(1000 * seconds, 5), "samples_per_s": round(1 / seconds, 1)}
+        if name != RANDOM:
+            row |= {"ms_per_sample": round(1000 * seconds, 5), "samples_per_s": round(1 / seconds, 1)}
         rows.append(row)
         selections[method] = selection
     return Explained(rows, ranks, selections)
