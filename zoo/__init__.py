@@ -9,7 +9,7 @@ Each family is a package (`zoo.icnn`, `zoo.l2x`, ...): model.py registers its mo
 (system.py) is imported on demand, so `import zoo` needs no Lightning.
 """
 
-from zoo import aog_rcnn, baselines, icnn, l2x, renn, textual  # noqa: F401  (register their models)
+from zoo import aog_rcnn, baselines, cbm, icnn, l2x, renn, textual  # noqa: F401  (register their models)
 from zoo import explain  # noqa: F401  (callable: zoo.explain(model, images, method="own", target=None))
 from zoo.weights import CheckpointError
 from zoo.weights import export_checkpoint, load_checkpoint, load_exported
