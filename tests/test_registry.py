@@ -126,4 +126,4 @@ def test_small_model_contract(name: str) -> None:
 def test_every_registered_model_has_a_contract() -> None:
     assert set(BACKBONE_MODELS) | set(SMALL_MODEL_INPUTS) | set(DETECTOR_MODELS) | set(TEXTUAL_MODELS) == set(
         zoo.list_models())
-    assert all(name.startswith(("baseline_", "icnn_")) for name in BACKBONE_MODELS)
+    assert all(name.startswith(("baseline_", "icnn_", "cbm_", "cem_")) for name in BACKBONE_MODELS)
