@@ -80,7 +80,7 @@ class CBMSystem(ZooSystem):
             elif self.train_intervention > 0:  # RandInt
                 intervene = torch.rand(concepts.shape, device=concepts.device) < self.train_intervention
         out = self.model.decode(encoded, concepts, intervene, detach=self.mode == "sequential")
-        if stage in ("val", "test") and concepts is not None:
+        if stage in ("val", "test") and concepts is not None and self.model.bottleneck:  # the standard twin: none
             everything = torch.ones_like(concepts, dtype=torch.bool)
             out["logits_intervened"] = self.model.decode(encoded, concepts, everything)["logits"]  # (B, C)
         return out
