@@ -199,3 +199,30 @@ def test_compare_trains_the_sequential_cbm_against_the_standard_twin(in_tmp_dir:
                  "--no_explain", *SMALL_WORLD])
     assert [row["run"] for row in rows] == ["cbm", "standard"]
     assert all({"acc", "concept_acc", "concept_f1", "acc_intervened"} <= set(row) for row in rows)
+
+
+def test_cub_attributes_are_voted_per_class_and_filtered_as_in_the_paper(cub_root: Path) -> None:
+    """The release's attributes/image_attribute_labels.txt: attribute 1 is in every class (kept), 2 in one class
+    (dropped), 3 in the training images of classes 0 and 1 (kept; every image of those classes gets it, test images
+    too), 4 in half of class 0's training images (no majority: dropped). One line has the release's extra field."""
+    from datamodules import CUB200DataModule
+
+    base = cub_root / "CUB_200_2011"
+    ids_and_classes = [(image_id, n % 3, n < 5) for n, image_id in enumerate([3, 1, 2, 4, 8, 5, 7, 6])]
+    lines = []
+    for image_id, cls, train in ids_and_classes:
+        present = [1, int(cls == 0), int(train and cls in (0, 1)), int(image_id == 3)]
+        lines += [f"{image_id} {a + 1} {p} 3 10.5" for a, p in enumerate(present)]
+    lines[0] += " 7.2"  # a line with an extra field, as in the release
+    (base / "attributes").mkdir()
+    (base / "attributes" / "image_attribute_labels.txt").write_text("\n".join(lines) + "\n")
+    (cub_root / "attributes.txt").write_text("1 has_wing_color::blue\n2 has_bill_shape::hooked\n"
+                                             "3 has_size::small\n4 has_eye_color::red\n")
+    data = CUB200DataModule(root=str(cub_root), image_size=32, attributes=True, min_attribute_classes=2)
+    data.setup("fit")
+    assert data.attribute_names == ["has_wing_color::blue", "has_size::small"]
+    for split in ("train", "val"):
+        for sample in data.splits[split]:
+            expected = torch.tensor([1.0, float(int(sample["label"]) in (0, 1))])
+            assert torch.equal(sample["attributes"], expected)
+    assert "attributes" not in CUB200DataModule(root=str(cub_root), image_size=32).split_samples("train")[0]
