@@ -18,7 +18,8 @@ class ConceptBottleneckLoss(nn.Module):
     Args:
         weight: lambda, the concept term's weight.
         concept_key: the batch field holding the true concepts (B, K) in {0, 1}.
-        pos_weight: optional per-concept weight of positives (`binary_cross_entropy_with_logits`'s `pos_weight`), for rare concepts.
+        pos_weight: optional per-concept weight of positives (as `binary_cross_entropy_with_logits`'s), for rare
+            concepts.
     """
 
     def __init__(self, weight: float = 1.0, concept_key: str = "attributes",
