@@ -198,7 +198,8 @@ def test_compare_trains_the_sequential_cbm_against_the_standard_twin(in_tmp_dir:
     rows = main(["compare", "--config", str(REPO / "configs/cbm/sequential.yaml"), "--trainer.fast_dev_run=true",
                  "--no_explain", *SMALL_WORLD])
     assert [row["run"] for row in rows] == ["cbm", "standard"]
-    assert all({"acc", "concept_acc", "concept_f1", "acc_intervened"} <= set(row) for row in rows)
+    assert {"acc", "concept_acc", "concept_f1", "acc_intervened"} <= set(rows[0])
+    assert {"acc", "concept_acc", "concept_f1"} <= set(rows[1])  # the probe's concepts; f reads no concepts
 
 
 def test_cub_attributes_are_voted_per_class_and_filtered_as_in_the_paper(cub_root: Path) -> None:
@@ -226,3 +227,16 @@ def test_cub_attributes_are_voted_per_class_and_filtered_as_in_the_paper(cub_roo
             expected = torch.tensor([1.0, float(int(sample["label"]) in (0, 1))])
             assert torch.equal(sample["attributes"], expected)
     assert "attributes" not in CUB200DataModule(root=str(cub_root), image_size=32).split_samples("train")[0]
+
+
+@pytest.mark.parametrize("config", ["configs/cbm/parts_world.yaml", "configs/cbm/cem.yaml"])
+def test_a_training_step_reads_no_device_value(config: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As tests/test_host_sync.py for the other families: no `.item()`-like read and no data-dependent shape in a
+    joint CBM step or a CEM step with RandInt."""
+    from benchmarks.op_counts import FAMILIES, build, profile_step, sync_sites, training_step
+
+    monkeypatch.setitem(FAMILIES, "cbm", (str(REPO / config), []))
+    torch.manual_seed(0)
+    system, batch = build("cbm", batch_size=4)
+    sites = sync_sites(profile_step(training_step(system, batch), warmup=1))
+    assert sites["ours"] == [] and sites["torchvision"] == []
