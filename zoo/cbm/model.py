@@ -136,9 +136,6 @@ class ConceptBottleneckModel(nn.Module):
         """Class logits from the top map (no intervention): what post-hoc explainers and the contract call."""
         return self.decode(self.encode_features(features))["logits"]
 
-    def get_classifier(self) -> nn.Module:
-        return self.task_head
-
     def reset_classifier(self, num_classes: int) -> None:
         """A new f for `num_classes` (the concept layer, what transfers, is kept)."""
         self.num_classes = num_classes
