@@ -113,6 +113,8 @@ def test_bad_settings_are_clear_errors(batch: dict[str, torch.Tensor]) -> None:
         system(mode="together")
     with pytest.raises(ValueError, match="give two stages"):
         system(mode="sequential")
+    with pytest.raises(ValueError, match="concept embedding model trains jointly"):
+        system(model_name="cem_tinycnn", mode="independent")
     with pytest.raises(ValueError, match="predicts 7 concepts"):
         system(model_kwargs={"num_concepts": 7}).forward_batch(batch, "train")
 

@@ -52,6 +52,9 @@ class CBMSystem(ZooSystem):
                                                                                          ["loss_task"]]:
             raise ValueError("mode='sequential' trains g, then f on g's predictions: give two stages, one with "
                              "losses [loss_concept] then one with losses [loss_task] (configs/cbm/sequential.yaml).")
+        if mode != "joint" and getattr(self.model, "embedding_size", 0):
+            raise ValueError(f"mode={mode!r}: a concept embedding model trains jointly (its f reads embeddings that g "
+                             "makes, so f cannot learn apart from g); use mode='joint'.")
         if not 0.0 <= train_intervention <= 1.0:
             raise ValueError(f"train_intervention is a probability in [0, 1]; got {train_intervention}.")
         self.mode, self.concept_key, self.train_intervention = mode, concept_key, train_intervention
