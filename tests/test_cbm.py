@@ -213,9 +213,11 @@ def test_cub_attributes_are_voted_per_class_and_filtered_as_in_the_paper(cub_roo
     """The release's attributes/image_attribute_labels.txt: attribute 1 is in every class (kept), 2 in one class
     (dropped), 3 in the training images of classes 0 and 1 (kept; every image of those classes gets it, test images
     too), 4 in half of class 0's training images (no majority: dropped). One line has the release's extra field."""
-    from datamodules import CUB200DataModule
+    from datamodules import CUB200DataModule, DatasetLayoutError
 
     base = cub_root / "CUB_200_2011"
+    with pytest.raises(DatasetLayoutError, match="image_attribute_labels.txt' is missing"):
+        CUB200DataModule(root=str(cub_root), attributes=True)
     ids_and_classes = [(image_id, n % 3, n < 5) for n, image_id in enumerate([3, 1, 2, 4, 8, 5, 7, 6])]
     lines = []
     for image_id, cls, train in ids_and_classes:
