@@ -19,6 +19,8 @@ CUB_LAYOUT = """\
   bounding_boxes.txt       <image_id> <x> <y> <width> <height>
   classes.txt              <class_id> <class name>           (optional)
   parts/part_locs.txt      <image_id> <part_id 1..15> <x> <y> <visible 0|1>
+  attributes/image_attribute_labels.txt  <image_id> <attribute_id> <is_present 0|1> <certainty> <time>
+                           (only with attributes=True; attribute names from attributes.txt beside or above)
   images/<class folder>/<image>.jpg"""
 REQUIRED = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "bounding_boxes.txt",
             "parts/part_locs.txt")
@@ -52,6 +54,35 @@ def read_table(path: Path, columns: int, dtype: type = float) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64 if dtype is float else np.int64).reshape(-1, columns)
 
 
+def read_cub_attributes(root: Path, labels: np.ndarray, is_train: np.ndarray, image_ids: np.ndarray,
+                        min_classes: int = 10) -> tuple[np.ndarray, list[str]]:
+    """Concept Bottleneck Models' CUB concepts (Koh et al. 2020): each attribute is voted per class over the
+    training images (present for a class when present in more than half of them), attributes present in at least
+    `min_classes` classes are kept (112 of 312 on the full release), and each image gets its class's votes.
+    Returns (N, A) in {0, 1} in images.txt order and the kept attributes' names. Lines of the release with extra
+    fields (a known defect of the file) are read by their first three."""
+    path = root / "attributes" / "image_attribute_labels.txt"
+    if not path.is_file():
+        raise DatasetLayoutError(f"CUB file {str(path)!r} is missing (attributes=True).", CUB_LAYOUT)
+    table = np.array([[int(f) for f in line.split()[:3]] for line in path.read_text().splitlines() if line.strip()])
+    position = {int(image_id): i for i, image_id in enumerate(image_ids)}
+    rows = np.array([position.get(int(i), -1) for i in table[:, 0]])
+    if (rows < 0).any() or (table[:, 1] < 1).any():
+        raise DatasetLayoutError(f"{path} names image ids not in images.txt or attribute ids below 1.", CUB_LAYOUT)
+    present = np.zeros((len(image_ids), int(table[:, 1].max())))
+    present[rows, table[:, 1] - 1] = table[:, 2]
+    num_classes = int(labels.max()) + 1
+    one_hot = np.eye(num_classes)[labels[is_train]]  # (n_train, C)
+    class_rate = one_hot.T @ present[is_train] / np.maximum(one_hot.sum(0), 1)[:, None]  # (C, A)
+    votes = class_rate > 0.5
+    kept = np.flatnonzero(votes.sum(0) >= min_classes)
+    names_file = next((f for f in (root / "attributes" / "attributes.txt", root / "attributes.txt",
+                                   root.parent / "attributes.txt") if f.is_file()), None)
+    names = [ln.split(maxsplit=1)[1] for ln in names_file.read_text().splitlines() if ln.strip()] if names_file \
+        else [f"attribute {a + 1}" for a in range(present.shape[1])]
+    return votes[labels][:, kept].astype(np.float32), [names[a] for a in kept]
+
+
 class CUBIndex:
     """The parsed index files: per image its path, label (0-based), split flag, box and landmarks."""
 
@@ -62,6 +93,7 @@ class CUBIndex:
         if any(len(f) != 2 for f in lines):
             raise DatasetLayoutError(f"{root / 'images.txt'}: every line must be '<image_id> <path>'.", CUB_LAYOUT)
         ids = np.array([int(f[0]) for f in lines])
+        self.image_ids = ids
         self.paths = [root / "images" / f[1].strip() for f in lines]
         position = {image_id: i for i, image_id in enumerate(ids)}
 
@@ -85,6 +117,7 @@ class CUBIndex:
                                      CUB_LAYOUT)
         self.landmarks[rows, parts] = locs[:, 2:]
         self.captions: torch.Tensor | None = None  # (N, R, L) sentence ids, filled when sentences are present
+        self.attributes: np.ndarray | None = None  # (N, A) class-level concepts, filled with attributes=True
         classes_file = root / "classes.txt"
         self.class_names = [ln.split(maxsplit=1)[1] for ln in classes_file.read_text().splitlines() if ln.strip()] \
             if classes_file.is_file() else [str(c) for c in range(int(self.labels.max()) + 1)]
@@ -122,6 +155,8 @@ class CUBDataset(Dataset):
             "landmark_visible": torch.as_tensor(visible),
             "index": torch.tensor(row),
             **({"captions": self.index.captions[row]} if self.index.captions is not None else {}),
+            **({"attributes": torch.as_tensor(self.index.attributes[row])} if self.index.attributes is not None
+               else {}),
         }
 
 
@@ -169,6 +204,8 @@ class CUB200DataModule(DictDataModule):
             from the training sentences: <pad>, <bos>, <eos>, <unk>, then words by frequency).
         mean / std: per-channel normalisation of the [0, 1] images (lists), "pretrained" (mean only: the model's
             backbone's timm pretrained mean and std, resolved by train.py), or None: none (`DictDataModule`).
+        attributes: batches hold `attributes` (A,), the concept bottleneck paper's class-level attributes (see
+            `read_cub_attributes`), named by `attribute_names`; min_attribute_classes: its filter (10 in the paper).
 
     `class_names` come from classes.txt ("001.Black_footed_Albatross", ...; "0", "1", ... without it).
     """
@@ -190,6 +227,8 @@ class CUB200DataModule(DictDataModule):
         std: list[float] | str | None = None,
         batch_size: int = 32,
         num_workers: int = 0,
+        attributes: bool = False,
+        min_attribute_classes: int = 10,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.set_normalization(mean, std)
@@ -210,6 +249,10 @@ class CUB200DataModule(DictDataModule):
         self.vocabulary: list[str] = []
         if self.sentences_root is not None:
             self._load_captions(base / "images")
+        self.attribute_names: list[str] = []
+        if attributes:
+            self.index.attributes, self.attribute_names = read_cub_attributes(
+                base, self.index.labels, self.index.is_train, self.index.image_ids, min_attribute_classes)
 
     def _load_captions(self, images_root: Path) -> None:
         """Read every image's sentences, build the vocabulary from the training ones, store `index.captions`."""

@@ -1,0 +1,136 @@
+"""CBM's pictures and reports: predicted vs true concepts over a fixed batch, and the test-time intervention curve."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.seed import isolate_rng
+
+from zoo.cbm.intervene import encode_data, intervention_curve, write_intervention_report
+from zoo.engine.callbacks import FixedBatchCallback, class_name, log_figure, new_figure, save_figure
+
+
+def concept_names(trainer: pl.Trainer, num_concepts: int) -> list[str]:
+    """The datamodule's public `concept_names` or `attribute_names` when they fit, else "concept i"."""
+    for attribute in ("concept_names", "attribute_names"):
+        names = getattr(trainer.datamodule, attribute, None)
+        if names is not None and len(names) == num_concepts:
+            return list(names)
+    return [f"concept {i}" for i in range(num_concepts)]
+
+
+def add_text(logger: Any, tag: str, text: str, step: int) -> None:
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_text(tag, text, step)
+
+
+class ConceptsCallback(FixedBatchCallback):
+    """After each validation epoch: the fixed validation batch (one image of each class first) with, under each
+    image, the true and predicted class and its concepts: right ones, wrong ones (predicted present but absent,
+    or missed), each with its predicted probability. TensorBoard figure ``concepts/predicted`` and text
+    ``concepts/table``; in the run folder ``concepts/epoch<e>.png`` and ``.md``.
+
+    Args:
+        num_images: images in the fixed batch.
+        max_listed: concepts listed per image (the true ones and the wrongly predicted ones, most confident first).
+    """
+
+    def __init__(self, num_images: int = 8, max_listed: int = 6) -> None:
+        super().__init__()
+        self.num_items, self.max_listed = num_images, max_listed
+
+    def describe(self, probs: torch.Tensor, truth: torch.Tensor, names: list[str]) -> list[str]:
+        """One line per listed concept of one image: "+ red ring 0.93" (right), "! blue cross 0.71 (absent)",
+        "? green circle 0.12 (missed)"."""
+        predicted = probs > 0.5
+        relevant = (predicted | truth).nonzero().flatten()
+        relevant = relevant[probs[relevant].sub(0.5).abs().argsort(descending=True)][: self.max_listed]
+        lines = []
+        for i, p, t in zip(relevant.tolist(), probs[relevant].tolist(), truth[relevant].tolist()):
+            lines.append(f"+ {names[i]} {p:.2f}" if (p > 0.5) == t else
+                         f"! {names[i]} {p:.2f} (absent)" if p > 0.5 else f"? {names[i]} {p:.2f} (missed)")
+        return lines
+
+    def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, shared: Any) -> None:
+        batch = self.fixed_batch(trainer)
+        images = batch[pl_module.input_key].to(pl_module.device)
+        out = pl_module.model(images)
+        probs = out["concept_probs"].float().cpu()  # (N, K)
+        truth = batch[pl_module.concept_key].bool().cpu()
+        predicted_class = out["logits"].argmax(-1).tolist()
+        labels = batch[pl_module.target_key].tolist()
+        names = concept_names(trainer, probs.shape[1])
+        datamodule = trainer.datamodule
+        shown = images.float()
+        if hasattr(datamodule, "denormalize"):
+            shown = datamodule.denormalize(shown)
+        shown = shown.clamp(0, 1).cpu()
+        figure, axes = new_figure(1, len(images), panel_inches=2.0)
+        rows = ["| image | true class | predicted class | concepts (+ right, ! predicted but absent, ? missed) |",
+                "| --- | --- | --- | --- |"]
+        for column, (image, p, t) in enumerate(zip(shown, probs, truth)):
+            lines = self.describe(p, t, names)
+            true_name, predicted_name = class_name(datamodule, labels[column]), class_name(datamodule,
+                                                                                         predicted_class[column])
+            ax = axes[0, column]
+            ax.imshow(image.permute(1, 2, 0).numpy().squeeze())
+            ax.set_title(f"true: {true_name}\npred: {predicted_name}", fontsize=8)
+            ax.set_xlabel("\n".join(lines), fontsize=7, loc="left")
+            rows.append(f"| {column} | {true_name} | {predicted_name} | {'<br>'.join(lines)} |")
+        markdown = "\n".join(rows) + "\n"
+        folder = self.run_folder(trainer, "concepts")
+        save_figure(figure, folder / f"epoch{trainer.current_epoch}.png")
+        (folder / f"epoch{trainer.current_epoch}.md").write_text(markdown)
+        log_figure(trainer.logger, "concepts/predicted", figure, trainer.global_step)
+        add_text(trainer.logger, "concepts/table", markdown, trainer.global_step)
+
+
+class InterventionCallback(pl.Callback):
+    """The test-time intervention curve (`zoo.cbm.intervene`): at the end of fit on the validation split, and at
+    the end of a test run on the test split. Writes ``intervention/<split>.md`` and ``.png`` in the run folder and
+    the same to TensorBoard (figure ``intervention/<split>``, text), on rank zero, in eval mode, RNG isolated.
+
+    Args:
+        values: "percentile" (the paper's 5th / 95th percentile logits) or "hard" (0 / 1, as CEM); None: "hard" for
+            concept embedding models, "percentile" otherwise.
+        seed: the random order of the corrected concepts.
+        num_points: at most this many values of k, evenly spaced from 0 to K (both included).
+    """
+
+    def __init__(self, values: str | None = None, seed: int = 0, num_points: int = 40) -> None:
+        self.values, self.seed, self.num_points = values, seed, num_points
+        self.curves: dict[str, dict[str, list]] = {}
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.run(trainer, pl_module, "val")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.run(trainer, pl_module, "test")
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> None:
+        if not trainer.is_global_zero or trainer.datamodule is None or trainer.sanity_checking:
+            return
+        model = pl_module.model
+        values = self.values or ("hard" if getattr(model, "embedding_size", 0) else "percentile")
+        loader = trainer.datamodule.val_dataloader() if split == "val" else trainer.datamodule.test_dataloader()
+        if trainer.limit_val_batches == 0 or trainer.fast_dev_run:
+            loader = [next(iter(loader))]  # a smoke run: one batch
+        was_training = model.training
+        model.eval()
+        try:
+            with isolate_rng(), torch.no_grad():
+                encoded, concepts, labels = encode_data(model, loader, pl_module.concept_key, pl_module.input_key,
+                                                        pl_module.target_key, pl_module.device)
+                num_concepts = concepts.shape[1]
+                ks = torch.linspace(0, num_concepts, min(self.num_points, num_concepts + 1)).round().long().unique()
+                curve = intervention_curve(model, encoded, concepts, labels, ks.tolist(), self.seed, values)
+        finally:
+            model.train(was_training)
+        self.curves[split] = curve
+        folder = FixedBatchCallback.run_folder(trainer, "intervention")
+        markdown, figure = write_intervention_report(curve, folder, split, concept_names(trainer, num_concepts))
+        log_figure(trainer.logger, f"intervention/{split}", figure, trainer.global_step)
+        add_text(trainer.logger, f"intervention/{split}", markdown, trainer.global_step)

@@ -1,0 +1,170 @@
+"""Concept Bottleneck Models (Koh et al., ICML 2020) and Concept Embedding Models (Espinosa Zarlenga et al., NeurIPS
+2022) on any zoo backbone.
+
+CBM: x -> backbone -> global average pool -> `concept_head` (linear to K concept logits, the bottleneck) -> sigmoid
+-> `task_head` f (linear on the K concept probabilities) -> class logits. Faithful to the paper's x -> c -> y with a
+linear f; the training modes (independent, sequential, joint) live in the System, which decides what f reads.
+
+CEM: `concept_head` makes two embeddings per concept (c+_i, c-_i in R^m, one linear layer for all concepts and a
+LeakyReLU), a scoring layer shared by all concepts gives p_i = sigmoid(s([c+_i, c-_i])), and f reads the mixtures
+p_i c+_i + (1 - p_i) c-_i (K * m values). RandInt training (replace p_i by the truth with probability 0.25) is the
+System's, since it needs the batch's concepts.
+
+Standard twin (`bottleneck=False`): f reads the pooled features directly (the paper's "standard" model); the concept
+head is a linear probe on the *detached* pooled features, so its loss trains the probe only, never the network.
+
+Interventions: `decode(encoded, concepts, intervene)` replaces the probability of concept i of sample b by
+`concepts[b, i]` wherever `intervene[b, i]` (truth 0/1, or the sigmoid of the paper's 5th/95th percentile logits).
+
+Output dict:
+    concept_logits (B, K) the bottleneck's (or the probe's) logits; concept_probs (B, K) the probabilities f read
+    (after any intervention); logits (B, C); features (B, F, h, w) the backbone's top map.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from zoo.backbones import TINY_CNN, Backbone
+from zoo.registry import register_model
+
+PARTS_WORLD_CONCEPTS = 36  # the parts world's part types (6 shapes x 6 colours): its `attributes`
+
+
+class ConceptEmbeddingHead(nn.Module):
+    """CEM's concept layer: pooled features (B, F) -> embeddings (B, K, 2, m) and concept logits (B, K)."""
+
+    def __init__(self, in_features: int, num_concepts: int, embedding_size: int) -> None:
+        super().__init__()
+        self.num_concepts, self.embedding_size = num_concepts, embedding_size
+        self.embed = nn.Linear(in_features, num_concepts * 2 * embedding_size)  # every phi+_i, phi-_i at once
+        self.score = nn.Linear(2 * embedding_size, 1)  # shared by all concepts, as in the paper
+
+    def forward(self, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = pooled.shape[0]
+        embeddings = F.leaky_relu(self.embed(pooled)).view(batch, self.num_concepts, 2, self.embedding_size)
+        logits = self.score(embeddings.flatten(2)).squeeze(-1)  # (B, K)
+        return logits, embeddings
+
+
+class ConceptBottleneckModel(nn.Module):
+    """Backbone -> concept logits (K) -> task logits (C); see the module docstring for the variants.
+
+    Args:
+        backbone: a zoo backbone name (tinycnn, any timm CNN, torchvision:<name>).
+        num_classes: C; num_concepts: K (default: the parts world's 36 part types).
+        embedding_size: m > 0 makes it a Concept Embedding Model; 0 is the plain CBM.
+        bottleneck: False: the standard twin (f on the features, a detached linear concept probe).
+        in_chans, pretrained_path, freeze_backbone: as every zoo classifier.
+    """
+
+    def __init__(self, *, backbone: str = TINY_CNN, num_classes: int = 10, num_concepts: int = PARTS_WORLD_CONCEPTS,
+                 embedding_size: int = 0, bottleneck: bool = True, in_chans: int = 3,
+                 pretrained_path: str | Path | None = None, freeze_backbone: bool = False) -> None:
+        super().__init__()
+        if num_concepts < 1 or embedding_size < 0:
+            raise ValueError(f"num_concepts must be >= 1 and embedding_size >= 0; got {num_concepts}, "
+                             f"{embedding_size}.")
+        self.num_classes, self.num_concepts = num_classes, num_concepts
+        self.embedding_size, self.bottleneck = embedding_size if bottleneck else 0, bottleneck
+        self.backbone = Backbone(backbone, in_chans=in_chans, pretrained_path=pretrained_path, frozen=freeze_backbone)
+        width = self.backbone.num_features
+        if self.embedding_size:
+            self.concept_head: nn.Module = ConceptEmbeddingHead(width, num_concepts, self.embedding_size)
+        else:
+            self.concept_head = nn.Linear(width, num_concepts)
+        self.task_head = nn.Linear(self.task_inputs, num_classes)
+
+    @property
+    def task_inputs(self) -> int:
+        """What f reads: K probabilities (CBM), K * m mixed embeddings (CEM) or the pooled features (standard)."""
+        if not self.bottleneck:
+            return self.backbone.num_features
+        return self.num_concepts * max(self.embedding_size, 1)
+
+    # ------------------------------------------------------------------------------------------ the data path
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything up to the bottleneck: features, pooled, concept_logits (and CEM's concept_embeddings)."""
+        return self.encode_features(self.backbone(x)[-1])
+
+    def encode_features(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`encode` from the backbone's top map (B, F, h, w)."""
+        pooled = features.mean(dim=(2, 3))  # (B, F)
+        encoded = {"features": features, "pooled": pooled}
+        if not self.bottleneck:
+            encoded["concept_logits"] = self.concept_head(pooled.detach())  # a probe: trains nothing below it
+        elif self.embedding_size:
+            encoded["concept_logits"], encoded["concept_embeddings"] = self.concept_head(pooled)
+        else:
+            encoded["concept_logits"] = self.concept_head(pooled)  # (B, K)
+        return encoded
+
+    def decode(self, encoded: dict[str, torch.Tensor], concepts: torch.Tensor | None = None,
+               intervene: torch.Tensor | None = None, detach: bool = False) -> dict[str, torch.Tensor]:
+        """f on the bottleneck. Where `intervene` (B, K) is true, concept probabilities are `concepts` (B, K) in
+        [0, 1]; `detach`: f reads the probabilities without a gradient to g (the sequential model)."""
+        logits = encoded["concept_logits"]
+        probs = torch.sigmoid(logits)  # (B, K)
+        if intervene is not None:
+            probs = torch.where(intervene, concepts.to(probs.dtype), probs)
+        if detach:
+            probs = probs.detach()
+        if not self.bottleneck:
+            task_input = encoded["pooled"]
+        elif self.embedding_size:
+            embeddings = encoded["concept_embeddings"]  # (B, K, 2, m)
+            p = probs[..., None]  # (B, K, 1)
+            task_input = (p * embeddings[:, :, 0] + (1 - p) * embeddings[:, :, 1]).flatten(1)  # (B, K * m)
+        else:
+            task_input = probs
+        out = {"concept_logits": logits, "concept_probs": probs, "logits": self.task_head(task_input)}
+        return out | ({"features": encoded["features"]} if "features" in encoded else {})
+
+    def forward(self, x: torch.Tensor, concepts: torch.Tensor | None = None, intervene: torch.Tensor | None = None,
+                detach: bool = False) -> dict[str, torch.Tensor]:
+        return self.decode(self.encode(x), concepts, intervene, detach)
+
+    # --------------------------------------------------------------------------- the zoo's classifier head API
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)[-1]  # (B, F, h, w)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits from the top map (no intervention): what post-hoc explainers and the contract call."""
+        return self.decode(self.encode_features(features))["logits"]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new f for `num_classes` (the concept layer, what transfers, is kept)."""
+        self.num_classes = num_classes
+        self.task_head = nn.Linear(self.task_inputs, num_classes)
+
+
+def _create_cbm(backbone: str, **kwargs) -> ConceptBottleneckModel:
+    return ConceptBottleneckModel(backbone=backbone, **kwargs)
+
+
+@register_model
+def cbm_tinycnn(**kwargs) -> ConceptBottleneckModel:
+    """Concept bottleneck model (Koh et al. 2020) on the tiny CNN: image -> K concepts -> linear f -> class."""
+    return _create_cbm(TINY_CNN, **kwargs)
+
+
+@register_model
+def cbm_resnet18(**kwargs) -> ConceptBottleneckModel:
+    """Concept bottleneck model on timm resnet18."""
+    return _create_cbm("resnet18", **kwargs)
+
+
+@register_model
+def cbm_timm(backbone: str = "resnet18", **kwargs) -> ConceptBottleneckModel:
+    """Concept bottleneck model on any timm CNN: ``create_model("cbm_timm", backbone="efficientnet_b0")``."""
+    return _create_cbm(backbone, **kwargs)
+
+
+@register_model
+def cem_tinycnn(embedding_size: int = 16, **kwargs) -> ConceptBottleneckModel:
+    """Concept embedding model (Espinosa Zarlenga et al. 2022) on the tiny CNN: two embeddings per concept."""
+    return _create_cbm(TINY_CNN, embedding_size=embedding_size, **kwargs)
