@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import yaml
@@ -249,3 +250,37 @@ def test_a_training_step_reads_no_device_value(config: str, monkeypatch: pytest.
     system, batch = build("cbm", batch_size=4)
     sites = sync_sites(profile_step(training_step(system, batch), warmup=1))
     assert sites["ours"] == [] and sites["torchvision"] == []
+
+
+class SaveConceptPredictions(pl.Callback):
+    """Each rank writes its validation concept predictions (logit > 0) and true concepts, (B, 2, K) per batch."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.rows = folder, []
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object,
+                                batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits = pl_module(batch["image"])["concept_logits"]  # (B, K)
+        self.rows.append(torch.stack([(logits > 0).float(), batch["attributes"]], 1))
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        torch.save(torch.cat(self.rows), self.folder / f"rank{trainer.global_rank}.pt")
+
+
+def test_two_process_ddp_concept_accuracy_equals_gathered(tmp_path: Path) -> None:
+    """Under 2-process DDP the logged concept accuracy is the accuracy over both ranks' predictions."""
+    from datamodules import PartsWorldDataModule
+
+    pl.seed_everything(0)
+    data = PartsWorldDataModule(num_train=64, num_val=64, num_test=16, batch_size=16)
+    system = CBMSystem("cbm_tinycnn", num_classes=data.num_classes, model_kwargs={"num_concepts": 36},
+                       loss=ConceptBottleneckLoss(weight=10.0))
+    trainer = pl.Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=1, num_sanity_val_steps=0,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[SaveConceptPredictions(tmp_path)])
+    trainer.fit(system, datamodule=data)
+    rows = torch.cat([torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)])  # (64, 2, K)
+    assert len(rows) == 64
+    recomputed = (rows[:, 0] == rows[:, 1]).float().mean()
+    assert trainer.callback_metrics["val/concept_acc"].item() == pytest.approx(recomputed.item(), abs=1e-6)
