@@ -6,11 +6,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.seed import isolate_rng
 
 from zoo.cbm.intervene import encode_data, intervention_curve, write_intervention_report
-from zoo.engine.callbacks import FixedBatchCallback, class_name, log_figure, new_figure, save_figure
+from zoo.engine.callbacks import (FixedBatchCallback, class_name, log_figure, log_text, new_figure,
+                                  save_figure)
 
 
 def concept_names(trainer: pl.Trainer, num_concepts: int) -> list[str]:
@@ -20,11 +20,6 @@ def concept_names(trainer: pl.Trainer, num_concepts: int) -> list[str]:
         if names is not None and len(names) == num_concepts:
             return list(names)
     return [f"concept {i}" for i in range(num_concepts)]
-
-
-def add_text(logger: Any, tag: str, text: str, step: int) -> None:
-    if isinstance(logger, TensorBoardLogger):
-        logger.experiment.add_text(tag, text, step)
 
 
 class ConceptsCallback(FixedBatchCallback):
@@ -85,7 +80,7 @@ class ConceptsCallback(FixedBatchCallback):
         save_figure(figure, folder / f"epoch{trainer.current_epoch}.png")
         (folder / f"epoch{trainer.current_epoch}.md").write_text(markdown)
         log_figure(trainer.logger, "concepts/predicted", figure, trainer.global_step)
-        add_text(trainer.logger, "concepts/table", markdown, trainer.global_step)
+        log_text(trainer.logger, "concepts/table", markdown, trainer.global_step)
 
 
 class InterventionCallback(pl.Callback):
@@ -133,4 +128,4 @@ class InterventionCallback(pl.Callback):
         folder = FixedBatchCallback.run_folder(trainer, "intervention")
         markdown, figure = write_intervention_report(curve, folder, split, concept_names(trainer, num_concepts))
         log_figure(trainer.logger, f"intervention/{split}", figure, trainer.global_step)
-        add_text(trainer.logger, f"intervention/{split}", markdown, trainer.global_step)
+        log_text(trainer.logger, f"intervention/{split}", markdown, trainer.global_step)

@@ -15,6 +15,8 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from zoo.engine.callbacks import save_figure
+
 VALUES = ("percentile", "hard")
 
 
@@ -93,5 +95,5 @@ def write_intervention_report(curve: dict[str, list], folder: Path, name: str,
     ax.set_ylim(0, 1.02)
     ax.set_title(f"test-time intervention ({name})")
     ax.grid(alpha=0.3)
-    figure.savefig(folder / f"{name}.png", dpi=figure.dpi, bbox_inches="tight")
+    save_figure(figure, folder / f"{name}.png")
     return markdown, figure

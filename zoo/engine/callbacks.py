@@ -157,6 +157,12 @@ def log_figure(logger: Any, tag: str, figure: Any, step: int = 0) -> None:
         logger.experiment.add_figure(tag, figure, step, close=False)
 
 
+def log_text(logger: Any, tag: str, text: str, step: int = 0) -> None:
+    """Markdown text in the run's TensorBoard (`add_text`) when the logger is a TensorBoardLogger."""
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_text(tag, text, step)
+
+
 def new_figure(rows: int, columns: int, panel_inches: float = 1.3) -> tuple[Any, Any]:
     """A pyplot-free matplotlib Figure (no GUI backend, nothing to close) with a (rows, columns) grid of axes, ticks
     off: the canvas of every labelled picture."""

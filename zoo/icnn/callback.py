@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
 
-from zoo.engine.callbacks import FixedBatchCallback, class_name, heatmap_overlay, log_figure, new_figure, save_figure
+from zoo.engine.callbacks import (FixedBatchCallback, class_name, heatmap_overlay, log_figure, log_text, new_figure,
+                                  save_figure)
 
 
 class FilterMapsCallback(FixedBatchCallback):
@@ -57,8 +57,7 @@ class FilterMapsCallback(FixedBatchCallback):
         save_figure(figure, folder / f"epoch{trainer.current_epoch}.png")
         (folder / f"epoch{trainer.current_epoch}.md").write_text("\n".join(lines) + "\n")
         log_figure(trainer.logger, "filters/maps", figure, trainer.global_step)
-        if isinstance(trainer.logger, TensorBoardLogger):
-            trainer.logger.experiment.add_text("filters/table", "\n".join(lines), trainer.global_step)
+        log_text(trainer.logger, "filters/table", "\n".join(lines), trainer.global_step)
 
     @staticmethod
     def _describe(trainer: pl.Trainer, out: dict, filters: list[int],
