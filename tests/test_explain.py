@@ -81,3 +81,31 @@ def test_cam_decomposes_the_logit_and_every_explainer_gives_a_map() -> None:
         assert saliency.shape == (2, 64, 64) and torch.isfinite(saliency).all() and (saliency >= 0).all()
     with pytest.raises(ValueError, match="Unknown explainer 'lime'"):
         explain(model, images, target, "lime")
+
+
+class OwnMapModel(torch.nn.Module):
+    """A classifier with its own explanation and no pooled head (as ProtoPNet's): the map is the image's red
+    channel minus one half."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.linear(images.mean((2, 3)))}
+
+    def own_explanation(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return images[:, 0] - 0.5
+
+
+def test_the_self_explanation_row_is_a_models_own_map_where_it_has_one() -> None:
+    from zoo.explain.scores import can_explain, score_explanations
+
+    model, images = OwnMapModel(), torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(explain(model, images, torch.tensor([0, 1]), "cam"), (images[:, 0] - 0.5).relu())
+    assert can_explain(model, "cam") and not can_explain(model, "layer_gradcam")  # no pooled `head` to hook
+    rows, _ = score_explanations(model, images, torch.tensor([0, 1]), methods=("cam", "layer_gradcam", "saliency"))
+    assert [row["method"] for row in rows] == ["cam", "saliency"]
+    baseline = zoo.create_model("baseline_tinycnn", num_classes=2)
+    assert can_explain(baseline, "cam") and can_explain(baseline, "layer_gradcam")
+    assert not can_explain(zoo.create_model("baseline_smallcnn", num_classes=2, in_chans=1), "layer_gradcam")

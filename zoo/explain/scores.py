@@ -28,8 +28,8 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
                        step: int = 128) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """One row per method with its explanation time and faithfulness/ground-truth scores, and the maps.
 
-    Methods a model cannot run (the class activation map and Grad-CAM on the head's input need a pooled head, timm's
-    `forward_head`) are skipped.
+    Methods a model cannot run (`can_explain`: the self-explanation and Grad-CAM on the head's input need an own map or
+    a pooled head) are skipped.
     """
     was_training = model.training
     model.eval()
@@ -37,8 +37,8 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
     rows, maps = [], {}
     progress = tqdm(methods, desc=f"explaining {len(images)} images", unit="method", leave=False)
     for method in progress:
-        if method in (SELF_EXPLANATION, "layer_gradcam") and not hasattr(model, "forward_head"):
-            continue  # both read the map a pooled head pools; a flattening head has none
+        if not can_explain(model, method):
+            continue
         progress.set_postfix_str(method)
         start = time.perf_counter()
         saliency = explain(model, images, target, method)
@@ -56,6 +56,18 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
         maps[method] = saliency
     model.train(was_training)
     return rows, maps
+
+
+def can_explain(model: nn.Module, method: str) -> bool:
+    """Whether `model` can run `method`: the self-explanation needs an `own_explanation` or a pooled head (timm's
+    `forward_features`, `forward_head`, `get_classifier`), Grad-CAM on the head's input needs a `head` module; a
+    flattening head or a model with another head (concept bottlenecks, prototypes) has none."""
+    if method == SELF_EXPLANATION:
+        return callable(getattr(model, "own_explanation", None)) or all(
+            hasattr(model, name) for name in ("forward_features", "forward_head", "get_classifier"))
+    if method == "layer_gradcam":
+        return hasattr(model, "forward_head") and isinstance(getattr(model, "head", None), nn.Module)
+    return True
 
 
 def explain_validation_images(system: nn.Module, datamodule: Any, settings: dict[str, Any]
