@@ -1,0 +1,272 @@
+"""ProtoPNet: the distance layer against a direct computation, the loss terms, push (distance 0 to its source,
+the same under 2-process DDP), what each stage trains, the part metrics, the CLI (fit, compare with the twins)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+import zoo
+from losses.protopnet import ProtoPNetLoss
+from tests.conftest import REPO
+from zoo.protopnet.metrics import PartConsistency
+from zoo.protopnet.model import EPSILON, ProtoPNet, similarity, squared_distances
+from zoo.protopnet.push import apply_push, nearest_patches, push_loader
+from zoo.protopnet.system import ProtoPNetSystem
+
+NUM_CLASSES, PER_CLASS = 4, 3
+CONFIG = str(REPO / "configs/protopnet/parts_world.yaml")
+SMALL_WORLD = ["--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.num_test=32",
+               "--data.init_args.num_classes=4"]
+STAGES = [{"name": "warm_up", "epochs": 1, "train": ["add_on", "prototypes"],
+           "losses": ["loss_task", "loss_cluster", "loss_separation"]},
+          {"name": "last_layer", "epochs": 1, "train": ["last_layer"], "losses": ["loss_task", "loss_l1"]}]
+
+
+def model(**kwargs) -> ProtoPNet:
+    torch.manual_seed(0)
+    return zoo.create_model("protopnet_tinycnn", num_classes=NUM_CLASSES, prototypes_per_class=PER_CLASS,
+                            prototype_channels=16, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["protopnet_tinycnn", "protopnet_resnet18", "protopnet_timm"])
+def test_registered_models_output_prototype_scores(name: str) -> None:
+    net = zoo.create_model(name, num_classes=NUM_CLASSES, prototypes_per_class=PER_CLASS, in_chans=1)
+    out = net(torch.rand(2, 1, 64, 64))
+    assert out["logits"].shape == (2, NUM_CLASSES) and out["min_distances"].shape == (2, NUM_CLASSES * PER_CLASS)
+    assert out["unit_maps"].shape[:2] == (2, NUM_CLASSES * PER_CLASS) and zoo.model_family(name) == "protopnet"
+    assert torch.equal(out["prototype_class"], torch.arange(NUM_CLASSES).repeat_interleave(PER_CLASS))
+
+
+def test_distances_similarities_and_logits_match_a_direct_computation() -> None:
+    net = model().eval()
+    images = torch.rand(3, 3, 64, 64)
+    out = net(images)
+    latent = out["latent"]  # (B, D, h, w)
+    direct = (latent[:, None] - net.prototypes.vectors[None, :, :, None, None]).pow(2).sum(2)  # (B, P, h, w)
+    torch.testing.assert_close(squared_distances(latent, net.prototypes.vectors), direct, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["min_distances"], direct.flatten(2).amin(-1), atol=1e-5, rtol=1e-5)
+    scores = torch.log((out["min_distances"] + 1) / (out["min_distances"] + EPSILON))  # max-pooled similarity
+    torch.testing.assert_close(out["logits"], scores @ net.last_layer.weight.T)
+    torch.testing.assert_close(out["unit_maps"].flatten(2).amax(-1), scores)
+    own = F.one_hot(out["prototype_class"], NUM_CLASSES).T.bool()  # (C, P)
+    assert (net.last_layer.weight[own] == 1).all() and (net.last_layer.weight[~own] == -0.5).all()
+
+
+def test_loss_terms_match_hand_computed_values() -> None:
+    min_distances = torch.tensor([[1.0, 2.0, 0.5, 3.0], [4.0, 0.25, 2.0, 1.5]])  # 2 classes x 2 prototypes
+    owner = torch.tensor([0, 0, 1, 1])
+    weight = torch.tensor([[1.0, 1.0, -0.5, 0.2], [-0.3, 0.0, 1.0, 1.0]])
+    out = {"logits": torch.randn(2, 2), "min_distances": min_distances, "prototype_class": owner,
+           "last_layer_weight": weight}
+    terms = ProtoPNetLoss(cluster=0.8, separation=-0.08, l1=0.01)(out, {"label": torch.tensor([0, 1])})
+    # image 0 (class 0): own min 1.0, other min 0.5; image 1 (class 1): own min 1.5, other min 0.25
+    torch.testing.assert_close(terms["loss_cluster"], torch.tensor(0.8 * (1.0 + 1.5) / 2))
+    torch.testing.assert_close(terms["loss_separation"], torch.tensor(-0.08 * (0.5 + 0.25) / 2))
+    torch.testing.assert_close(terms["loss_l1"], torch.tensor(0.01 * (0.5 + 0.2 + 0.3 + 0.0)))
+    twin = ProtoPNetLoss()({"logits": out["logits"]}, {"label": torch.tensor([0, 1])})
+    assert twin["loss_cluster"] == twin["loss_separation"] == twin["loss_l1"] == 0
+
+
+def small_train_set(num_images: int = 24) -> tuple[torch.utils.data.Dataset, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(num_images, 3, 64, 64, generator=generator)
+    labels = torch.arange(num_images) % NUM_CLASSES
+    return [{"image": image, "label": label} for image, label in zip(images, labels)], labels
+
+
+def test_push_puts_every_prototype_on_a_training_patch_of_its_class_at_distance_zero() -> None:
+    net = model().eval()
+    dataset, labels = small_train_set()
+    loader, indices = push_loader(dataset, 5, None, world_size=1, rank=0)  # batches of 5: the minimum runs on
+    found = nearest_patches(net, loader, indices, "image", "label", torch.device("cpu"))
+    moved = apply_push(net, found, (64, 64))
+    layer = net.prototypes
+    assert (moved > 0).all() and (layer.source_index >= 0).all()
+    assert torch.equal(labels[layer.source_index], layer.prototype_class)  # a patch of its own class
+    with torch.no_grad():
+        sources = net.latent(torch.stack([dataset[i]["image"] for i in layer.source_index.tolist()]))
+    row, column = layer.source_position.unbind(1)
+    patch = sources[torch.arange(len(row)), :, row, column]  # (P, D)
+    distance = (patch - layer.vectors).pow(2).sum(1)
+    assert distance.max() < 1e-10  # pushed onto its source patch exactly
+    with torch.no_grad():
+        everything = net.latent(torch.stack([d["image"] for d in dataset]))
+    all_distances = squared_distances(everything, layer.vectors)  # (N, P, h, w)
+    own = labels[:, None] == layer.prototype_class[None]
+    nearest = all_distances.masked_fill(~own[..., None, None], float("inf")).flatten(2).amin(-1).amin(0)
+    assert nearest.max() < 1e-6  # and no patch of its class was nearer before (it is the nearest of the set)
+    cell = 64 / everything.shape[-1]
+    torch.testing.assert_close(layer.source_box, torch.stack([column * cell, row * cell, (column + 1) * cell,
+                                                             (row + 1) * cell], 1).float())
+
+
+def gradients(system: ProtoPNetSystem, batch: dict[str, torch.Tensor]) -> set[str]:
+    """The model's children that get a non-zero gradient from a training step's selected terms."""
+    system.model.zero_grad()
+    terms = system.schedule.select(system.compute_loss(system.forward_batch(batch, "train"), batch, "train"))
+    sum(terms.values()).backward()
+    return {name for name, child in system.model.named_children()
+            if any(p.grad is not None and p.grad.any() for p in child.parameters())}
+
+
+def test_stages_train_what_the_paper_says() -> None:
+    torch.manual_seed(0)
+    system = ProtoPNetSystem("protopnet_tinycnn", num_classes=NUM_CLASSES, stages=STAGES,
+                             model_kwargs={"prototypes_per_class": PER_CLASS})
+    batch = {"image": torch.rand(4, 3, 64, 64), "label": torch.arange(4)}
+    expected = [{"add_on", "prototypes"}, {"last_layer"}]
+    for index, trained in enumerate(expected):
+        system.schedule.start_epoch(system.model, None, index)
+        assert gradients(system, batch) == trained
+        assert set(system.schedule.select(system.compute_loss(system.forward_batch(batch, "train"), batch,
+                                                              "train"))) == set(STAGES[index]["losses"])
+
+
+def test_bad_settings_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="head must be one of"):
+        model(head="pooled")
+    with pytest.raises(ValueError, match="push_stages names"):
+        ProtoPNetSystem("protopnet_tinycnn", num_classes=NUM_CLASSES, stages=STAGES, push_stages=["push"])
+
+
+def test_part_metrics_match_hand_computed_values() -> None:
+    """Two 8x8 images, one part each (type 5 on the left half, type 7 on the right half), two units: unit 0 fires on
+    the left on both images (consistent: type 5 then background), unit 1 fires left then right."""
+    masks = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    masks[0, 0, :, :4] = True  # image 0: part type 5 on the left half
+    masks[1, 0, :, 4:] = True  # image 1: part type 7 on the right half
+    types = torch.tensor([[5], [7]])
+    left, right = torch.zeros(8, 8), torch.zeros(8, 8)
+    left[:, :4], right[:, 4:] = 1.0, 1.0
+    maps = torch.stack([torch.stack([left, left]), torch.stack([left, right])])  # (B=2, m=2, 8, 8)
+    units = torch.tensor([[0, 1], [0, 1]])
+    noisy = torch.stack([torch.stack([left, right]), torch.stack([left, right])])  # unit 0 moves on image 0
+    metric = PartConsistency(num_units=2, num_part_types=8, quantile=0.5, threshold=0.8)
+    metric.update(maps[:1], units[:1], masks[:1], types[:1], noisy[:1])  # two updates: states add up
+    metric.update(maps[1:], units[1:], masks[1:], types[1:], noisy[1:])
+    scores = metric.compute()
+    # unit 0: type 5, then background (no overlap): top share 1/2; unit 1: type 5, then type 7: top share 1/2
+    assert scores["consistency"] == 0.0
+    # IoU: unit 0: 1 (left = part), 0; unit 1: 1, 1 -> mean over units of (0.5, 1.0)
+    assert scores["iou"] == pytest.approx(0.75)
+    # stable: unit 0 image 0 left -> right (part -> background): no; image 1 left -> left: yes; unit 1: both yes
+    assert scores["stability"] == pytest.approx((0.5 + 1.0) / 2)
+    single = PartConsistency(num_units=2, num_part_types=8, quantile=0.5)
+    single.update(maps[:1], units[:1], masks[:1], types[:1])
+    assert single.compute()["consistency"] == 1.0  # one image each: both units hit type 5 every time
+
+
+def test_own_explanation_is_the_class_evidence_map_upsampled() -> None:
+    net = model().eval()
+    images, target = torch.rand(2, 3, 64, 64), torch.tensor([1, 3])
+    with torch.no_grad():
+        explained = zoo.explain(net, images, "own", target=target)
+        out = net(images)
+    weights = net.last_layer.weight[target]  # (B, P)
+    direct = (weights[..., None, None] * out["unit_maps"]).sum(1, keepdim=True)
+    expected = F.interpolate(direct, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    assert explained.shape == (2, 64, 64)
+    assert (expected < 0).any()  # evidence against the class exists, and is clipped
+    torch.testing.assert_close(explained, expected.relu())
+
+
+def test_twin_scores_its_top_weighted_channels() -> None:
+    twin = model(head="linear", add_on=False)
+    with torch.no_grad():
+        twin.last_layer.weight.copy_(torch.arange(NUM_CLASSES * 128).view(NUM_CLASSES, 128).float() % 128)
+    assert torch.equal(twin.class_units(), torch.tensor([[127, 126, 125]]).expand(NUM_CLASSES, 3))
+    assert twin(torch.rand(2, 3, 64, 64))["unit_maps"].shape == (2, 128, 8, 8)  # the backbone's top map
+
+
+def test_fit_pushes_logs_part_metrics_and_draws_prototypes(in_tmp_dir: Path) -> None:
+    from train import main
+
+    cli = main(["fit", "--config", CONFIG, "--trainer.fast_dev_run=true", "--model.init_args.push_stages=[warm_up]",
+                *SMALL_WORLD])
+    assert cli.trainer.state.finished
+    metrics = cli.trainer.callback_metrics
+    assert {"train/loss_cluster", "push/distance", "val/part_consistency", "val/part_iou",
+            "val/part_stability"} <= set(metrics)
+    assert metrics["push/pushed"] == 1.0 and (cli.model.model.prototypes.source_index >= 0).all()
+    run = Path(cli.trainer.log_dir or cli.trainer.default_root_dir)
+    assert (run / "prototypes" / "epoch0.png").is_file()
+    assert "train #" in (run / "prototypes" / "epoch0.md").read_text()
+
+
+def test_compare_trains_protopnet_against_the_linear_head_twins(in_tmp_dir: Path) -> None:
+    from train import main
+
+    rows = main(["compare", "--config", CONFIG, "--trainer.fast_dev_run=true", "--explain_images=2", *SMALL_WORLD])
+    assert [row["run"] for row in rows] == ["protopnet", "linear_head", "add_on_linear_head"]
+    for row in rows:
+        assert {"acc", "part_consistency", "part_iou", "part_stability"} <= set(row)
+    explained = (in_tmp_dir / "checkpoints" / "parts_world_compare" / "explanations.csv").read_text()
+    methods = [line.split(",")[1] for line in explained.splitlines() if line.startswith("protopnet,")]
+    assert methods == ["cam", "saliency", "integrated_gradients", "occlusion"]  # "cam": its own prototype map
+
+
+def test_bf16_training_step_is_finite() -> None:
+    torch.manual_seed(0)
+    system = ProtoPNetSystem("protopnet_tinycnn", num_classes=NUM_CLASSES, model_kwargs={"prototypes_per_class": 2})
+    batch = {"image": torch.rand(4, 3, 64, 64), "label": torch.arange(4)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = system.compute_loss(system.forward_batch(batch, "train"), batch, "train")
+    assert all(torch.isfinite(t) and t.dtype == torch.float32 for t in terms.values())
+
+
+def test_a_training_step_reads_no_device_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As tests/test_host_sync.py for the other families: no `.item()`-like read in a ProtoPNet training step."""
+    from benchmarks.op_counts import FAMILIES, build, profile_step, sync_sites, training_step
+
+    monkeypatch.setitem(FAMILIES, "protopnet", (CONFIG, []))
+    torch.manual_seed(0)
+    system, batch = build("protopnet", batch_size=4)
+    sites = sync_sites(profile_step(training_step(system, batch), warmup=1))
+    assert sites["ours"] == [] and sites["torchvision"] == []
+
+
+class SavePrototypes(pl.Callback):
+    """Each rank writes its prototypes and their sources at its first training batch (after the epoch's push)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object,
+                             batch_idx: int) -> None:
+        if batch_idx == 0:
+            layer = pl_module.model.prototypes
+            torch.save({"vectors": layer.vectors.detach().clone(), "source_index": layer.source_index.clone(),
+                        "source_position": layer.source_position.clone()},
+                       self.folder / f"rank{trainer.global_rank}.pt")
+
+
+def test_two_process_ddp_push_equals_the_single_process_push(tmp_path: Path) -> None:
+    """Under 2-process DDP each process pushes over half of the training set; the all-gathered minima give both
+    processes the prototypes and sources of one process pushing over all of it."""
+    from datamodules import PartsWorldDataModule
+
+    pl.seed_everything(0)
+    data = PartsWorldDataModule(num_classes=NUM_CLASSES, num_train=64, num_val=16, num_test=16, batch_size=8)
+    system = ProtoPNetSystem("protopnet_tinycnn", num_classes=NUM_CLASSES, stages=STAGES[1:],
+                             model_kwargs={"prototypes_per_class": PER_CLASS, "prototype_channels": 16})
+    reference = copy.deepcopy(system.model).eval()
+    trainer = pl.Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, max_epochs=1, limit_train_batches=1,
+                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                         callbacks=[SavePrototypes(tmp_path)])
+    trainer.fit(system, datamodule=data)
+    dataset = data.split_samples("train")
+    loader, indices = push_loader(dataset, 8, None, world_size=1, rank=0)
+    apply_push(reference, nearest_patches(reference, loader, indices, "image", "label", torch.device("cpu")),
+               (64, 64))
+    for rank in (0, 1):
+        pushed = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(pushed["vectors"], reference.prototypes.vectors.detach())
+        assert torch.equal(pushed["source_index"], reference.prototypes.source_index)
+        assert torch.equal(pushed["source_position"], reference.prototypes.source_position)

@@ -1,0 +1,126 @@
+"""The ProtoPNet System: push at the start of the stages that ask for it, prototype part metrics, TWINS."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pytorch_lightning.utilities.seed import isolate_rng
+from torchmetrics.classification import MulticlassAccuracy
+
+from zoo.checks import batch_field
+from zoo.engine import ZooSystem
+from zoo.protopnet.metrics import PartConsistency
+from zoo.protopnet.push import apply_push, keep_nearest, nearest_patches, push_loader
+
+
+class ProtoPNetSystem(ZooSystem):
+    """Train ProtoPNet (`protopnet_*`) through the engine's stages, as the paper's schedule (configs/protopnet/):
+
+    - "warm_up": add-on layers and prototypes only (backbone frozen), loss_task + loss_cluster + loss_separation;
+    - "joint": everything but the last layer, the same terms;
+    - "last_layer": push first (each prototype replaced by the nearest latent patch of a training image of its
+      class, `zoo.protopnet.push`), then only the last layer, loss_task + loss_l1.
+    Push runs at the first epoch of every stage named in `push_stages` (so joint / last_layer pairs can repeat, as
+    the paper's push every 10 epochs); logged as push/distance (mean distance from prototype to its patch before the
+    push) and push/pushed (the share of prototypes moved).
+
+    Logged: `<stage>/acc`; on images with part masks (validation, test) `<stage>/part_consistency`,
+    `part_stability` and `part_iou` (`PartConsistency`) of each class's units: its prototypes, or for a twin the m
+    top-map channels of largest head weight for the class.
+
+    Twins (`train.py compare --config configs/protopnet/<x>.yaml`): "linear_head", the same backbone with a pooled
+    linear head, and "add_on_linear_head", the same with the add-on layers; both train every epoch end to end with
+    cross-entropy (the prototype terms are zero for them).
+
+    Args:
+        push_stages: names of the stages that start with a push.
+        stability_noise: std of the Gaussian noise added to the images for the stability score (0: no score).
+        part_quantile: the activated region of a unit is the top 1 - part_quantile of its upsampled map.
+    """
+
+    TWINS: ClassVar[dict[str, list[str]]] = {
+        "linear_head": ["--model.init_args.model_kwargs.head=linear", "--model.init_args.model_kwargs.add_on=false",
+                        "--model.init_args.stages=null"],
+        "add_on_linear_head": ["--model.init_args.model_kwargs.head=linear",
+                               "--model.init_args.model_kwargs.add_on=true", "--model.init_args.stages=null"],
+    }
+
+    def __init__(self, *args: Any, push_stages: list[str] | None = None, stability_noise: float = 0.1,
+                 part_quantile: float = 0.95, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.push_stages = ["last_layer"] if push_stages is None else list(push_stages)
+        names = {stage.name for stage in self.schedule.stages}
+        unknown = set(self.push_stages) - names
+        if unknown and self.schedule.staged:
+            raise ValueError(f"push_stages names {sorted(unknown)}, which are not stages of this run ({sorted(names)}).")
+        if stability_noise < 0:
+            raise ValueError(f"stability_noise must be >= 0; got {stability_noise}.")
+        self.stability_noise = stability_noise
+        self.add_metric("acc", MulticlassAccuracy(self.hparams.num_classes, average="micro"),
+                        stages=("train", "val", "test"))
+        self.add_metric("parts", PartConsistency(self.model.num_units, quantile=part_quantile), log_prefix="part_")
+        self._noise: torch.Generator | None = None
+
+    def default_loss(self) -> torch.nn.Module:
+        from losses.protopnet import ProtoPNetLoss
+
+        return ProtoPNetLoss()
+
+    # ------------------------------------------------------------------------------------------------- push
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        schedule = self.schedule
+        first_epoch = self.current_epoch == 0 or schedule.stage_at(self.current_epoch - 1) != schedule.index
+        if first_epoch and schedule.current.name in self.push_stages and self.model.has_prototypes:
+            self.push()
+
+    def push(self) -> torch.Tensor:
+        """Push every prototype onto its nearest training patch (every process, the same result under DDP); returns
+        each prototype's distance to its patch before the push, (P,)."""
+        trainer = self.trainer
+        source = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else \
+            trainer.train_dataloader
+        loader, indices = push_loader(source.dataset, source.batch_size or 64, source.collate_fn,
+                                      trainer.world_size, trainer.global_rank)
+        self.model.eval()
+        try:
+            with isolate_rng():  # iterating a loader draws a seed: keep the run's random stream as it was
+                found = nearest_patches(self.model, loader, indices, self.input_key, self.target_key, self.device)
+        finally:
+            self.train(self.training)
+        found = keep_nearest(found, self.all_gather, trainer.world_size)
+        image_size = self.hparams.image_size or 1
+        apply_push(self.model, found, (image_size, image_size))
+        pushed = torch.isfinite(found["distance"])
+        self.log("push/distance", found["distance"][pushed].mean(), on_step=False, on_epoch=True)
+        self.log("push/pushed", pushed.float().mean(), on_step=False, on_epoch=True)
+        return found["distance"]
+
+    # ------------------------------------------------------------------------------------------------ metrics
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._noise = torch.Generator(device=self.device).manual_seed(0)  # the same noise every epoch, global RNG kept
+
+    def on_test_epoch_start(self) -> None:
+        self._noise = torch.Generator(device=self.device).manual_seed(0)
+
+    def class_unit_maps(self, maps: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The maps (B, m, h, w) of the units scored for each image's class, and their ids (B, m)."""
+        units = self.model.class_units()[labels]  # (B, m)
+        height, width = maps.shape[-2:]
+        return maps.gather(1, units[..., None, None].expand(-1, -1, height, width)), units
+
+    def update_metrics(self, out: dict[str, Any], batch: dict[str, Any], stage: str) -> None:
+        super().update_metrics(out, batch, stage)
+        if stage == "train" or "part_masks" not in batch:
+            return
+        labels = batch[self.target_key]
+        maps, units = self.class_unit_maps(out["unit_maps"].detach(), labels)
+        noisy = None
+        if self.stability_noise > 0:
+            images = batch_field(batch, self.input_key)
+            generator = self._noise or torch.Generator(device=images.device).manual_seed(0)
+            noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+            noisy, _ = self.class_unit_maps(self.model(images + self.stability_noise * noise)["unit_maps"], labels)
+        self.log_metric(stage, "parts", maps, units, batch["part_masks"], batch["part_types"], noisy)
