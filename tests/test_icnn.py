@@ -237,12 +237,12 @@ def test_filter_maps_callback_writes_tensorboard_and_run_folder(tmp_path, monkey
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from datamodules import PartsWorldDataModule
+    from zoo.engine import callbacks
     from zoo.engine.callbacks import class_name, save_figure
-    from zoo.icnn import callback
     from zoo.icnn.callback import FilterMapsCallback
 
-    figures = []  # the labelled figure, as saved
-    monkeypatch.setattr(callback, "save_figure",
+    figures = []  # the labelled figure, as saved (by FixedBatchCallback.publish)
+    monkeypatch.setattr(callbacks, "save_figure",
                         lambda figure, path: (figures.append(figure), save_figure(figure, path)))
     pl.seed_everything(0)
     data = PartsWorldDataModule(num_train=64, num_val=32, num_test=8, batch_size=32)

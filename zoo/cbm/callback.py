@@ -9,8 +9,7 @@ import torch
 from pytorch_lightning.utilities.seed import isolate_rng
 
 from zoo.cbm.intervene import encode_data, intervention_curve, write_intervention_report
-from zoo.engine.callbacks import (FixedBatchCallback, class_name, log_figure, log_text, new_figure,
-                                  save_figure)
+from zoo.engine.callbacks import FixedBatchCallback, class_name, log_figure, log_text, new_figure
 
 
 def concept_names(trainer: pl.Trainer, num_concepts: int) -> list[str]:
@@ -76,11 +75,7 @@ class ConceptsCallback(FixedBatchCallback):
             ax.set_xlabel("\n".join(lines), fontsize=7, loc="left")
             rows.append(f"| {column} | {true_name} | {predicted_name} | {'<br>'.join(lines)} |")
         markdown = "\n".join(rows) + "\n"
-        folder = self.run_folder(trainer, "concepts")
-        save_figure(figure, folder / f"epoch{trainer.current_epoch}.png")
-        (folder / f"epoch{trainer.current_epoch}.md").write_text(markdown)
-        log_figure(trainer.logger, "concepts/predicted", figure, trainer.global_step)
-        log_text(trainer.logger, "concepts/table", markdown, trainer.global_step)
+        self.publish(trainer, "concepts", figure, markdown, "predicted")
 
 
 class InterventionCallback(pl.Callback):

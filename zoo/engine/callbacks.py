@@ -100,6 +100,15 @@ class FixedBatchCallback(pl.Callback):
             finally:
                 pl_module.train(was_training)
 
+    def publish(self, trainer: pl.Trainer, name: str, figure: Any, markdown: str, figure_tag: str) -> None:
+        """The epoch's picture and its table, in the run folder (``<name>/epoch<e>.png`` and ``.md``) and in
+        TensorBoard (figure ``<name>/<figure_tag>``, text ``<name>/table``): what every picture callback writes."""
+        folder, epoch = self.run_folder(trainer, name), trainer.current_epoch
+        save_figure(figure, folder / f"epoch{epoch}.png")
+        (folder / f"epoch{epoch}.md").write_text(markdown)
+        log_figure(trainer.logger, f"{name}/{figure_tag}", figure, trainer.global_step)
+        log_text(trainer.logger, f"{name}/table", markdown, trainer.global_step)
+
     @staticmethod
     def run_folder(trainer: pl.Trainer, name: str) -> Path:
         """<run>/<name>, made. Read on rank zero only, so not through `trainer.log_dir`: that property broadcasts

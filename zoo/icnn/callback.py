@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from zoo.engine.callbacks import (FixedBatchCallback, class_name, heatmap_overlay, log_figure, log_text, new_figure,
-                                  save_figure)
+from zoo.engine.callbacks import FixedBatchCallback, class_name, heatmap_overlay, new_figure
 
 
 class FilterMapsCallback(FixedBatchCallback):
@@ -53,11 +52,7 @@ class FilterMapsCallback(FixedBatchCallback):
         lines = ["| row | filter | category | best part (hit rate) |", "| --- | --- | --- | --- |"]
         lines += [f"| {row} | {filter_id} | {category} | {part} |" for row, (filter_id, category, part) in
                   enumerate(rows)]
-        folder = self.run_folder(trainer, "filters")
-        save_figure(figure, folder / f"epoch{trainer.current_epoch}.png")
-        (folder / f"epoch{trainer.current_epoch}.md").write_text("\n".join(lines) + "\n")
-        log_figure(trainer.logger, "filters/maps", figure, trainer.global_step)
-        log_text(trainer.logger, "filters/table", "\n".join(lines), trainer.global_step)
+        self.publish(trainer, "filters", figure, "\n".join(lines) + "\n", "maps")
 
     @staticmethod
     def _describe(trainer: pl.Trainer, out: dict, filters: list[int],

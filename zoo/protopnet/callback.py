@@ -8,8 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from zoo.engine.callbacks import FixedBatchCallback, class_name, heatmap_overlay, log_figure, log_text, new_figure, \
-    save_figure
+from zoo.engine.callbacks import FixedBatchCallback, class_name, heatmap_overlay, new_figure
 from zoo.protopnet.model import similarity
 
 
@@ -88,11 +87,7 @@ class PrototypesCallback(FixedBatchCallback):
                               f"{'train #' + str(source) if source >= 0 else 'not pushed'})")
             rows.append(f"| {row} | {true_name} | {predicted_name} | {'<br>'.join(listed)} |")
         markdown = "\n".join(rows) + "\n"
-        folder = self.run_folder(trainer, "prototypes")
-        save_figure(figure, folder / f"epoch{trainer.current_epoch}.png")
-        (folder / f"epoch{trainer.current_epoch}.md").write_text(markdown)
-        log_figure(trainer.logger, "prototypes/top", figure, trainer.global_step)
-        log_text(trainer.logger, "prototypes/table", markdown, trainer.global_step)
+        self.publish(trainer, "prototypes", figure, markdown, "top")
 
 
 def _rectangle(x0: float, y0: float, x1: float, y1: float) -> Any:
