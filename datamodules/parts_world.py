@@ -250,13 +250,47 @@ def mention_matrix(tokens: torch.Tensor) -> torch.Tensor:
     return out.scatter_add_(1, part_type, named.float()).clamp(max=1)
 
 
+OBJECT_CROP_CANVAS = 1.75  # object crops are rendered on a canvas this much larger, so they are resampled little
+
+
+def crop_to_objects(data: dict[str, torch.Tensor], size: int, margin: float = 0.1) -> dict[str, torch.Tensor]:
+    """Each image cropped to a square around its object box (`margin` of the box's longer side on every side, kept
+    inside the canvas) and resized to `size`, with its masks, landmarks and boxes: the world's analogue of CUB's
+    bird crops (`CUB200DataModule(crop_to_box=True)`), on which ProtoPNet is trained and evaluated."""
+    from torchvision.ops import roi_align
+
+    canvas = data["image"].shape[-1]
+    box = data["object_box"].float()  # (N, 4) xyxy
+    side = ((box[:, 2:] - box[:, :2]).amax(1) * (1 + 2 * margin)).clamp(max=canvas)  # (N,)
+    centre = ((box[:, :2] + box[:, 2:]) / 2).clamp(min=side[:, None] / 2, max=canvas - side[:, None] / 2)
+    origin = centre - side[:, None] / 2  # (N, 2) the crop's top-left corner
+    rois = torch.cat([torch.arange(len(box), dtype=torch.float32)[:, None], origin, origin + side[:, None]], 1)
+
+    def resample(maps: torch.Tensor) -> torch.Tensor:  # (N, K, S, S) -> (N, K, size, size)
+        return roi_align(maps.float(), rois, output_size=size, aligned=True, sampling_ratio=2)
+
+    scale = (size / side)[:, None, None]  # (N, 1, 1)
+    shift = origin[:, None]  # (N, 1, 2)
+    cropped = dict(data)
+    cropped["image"] = resample(data["image"]).round().clamp(0, 255).to(torch.uint8)
+    cropped["part_masks"] = resample(data["part_masks"]) > 0.5
+    cropped["landmarks"] = ((data["landmarks"] - shift) * scale).clamp(0, size - 1)
+    cropped["part_boxes"] = ((data["part_boxes"] - shift.repeat(1, 1, 2)) * scale).clamp(0, size)
+    cropped["object_box"] = ((box[:, None] - shift.repeat(1, 1, 2)) * scale)[:, 0].clamp(0, size)
+    return cropped
+
+
 def generate_split(world: WorldDefinition, num_images: int, image_size: int, jitter: Jitter, seed: int,
-                   split: str, chunk: int = 256) -> dict[str, torch.Tensor]:
-    """Balanced labels, rendered in chunks to bound memory; identical for identical (seed, split)."""
+                   split: str, chunk: int = 256, crop_to_object: bool = False) -> dict[str, torch.Tensor]:
+    """Balanced labels, rendered in chunks to bound memory; identical for identical (seed, split).
+    `crop_to_object`: rendered on a canvas `OBJECT_CROP_CANVAS` times larger, then cropped (`crop_to_objects`)."""
     generator = torch.Generator().manual_seed(seed * 1000 + SPLIT_IDS[split])
     labels = torch.arange(num_images) % world.num_classes
     labels = labels[torch.randperm(num_images, generator=generator)]
-    pieces = [render(world, labels[i:i + chunk], image_size, jitter, generator) for i in range(0, num_images, chunk)]
+    canvas = round(image_size * OBJECT_CROP_CANVAS) if crop_to_object else image_size
+    pieces = [render(world, labels[i:i + chunk], canvas, jitter, generator) for i in range(0, num_images, chunk)]
+    if crop_to_object:
+        pieces = [crop_to_objects(piece, image_size) for piece in pieces]
     data = {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
     # captions draw from their own generator, so adding them left every image as it was
     caption_generator = torch.Generator().manual_seed(seed * 1000 + SPLIT_IDS[split] + 500)
@@ -266,11 +300,12 @@ def generate_split(world: WorldDefinition, num_images: int, image_size: int, jit
 
 @functools.lru_cache(maxsize=6)
 def cached_split(num_classes: int, parts_per_class: int, world_seed: int, num_images: int, image_size: int,
-                 jitter: Jitter, seed: int, split: str, shared_part_types: bool = False) -> dict[str, torch.Tensor]:
+                 jitter: Jitter, seed: int, split: str, shared_part_types: bool = False,
+                 crop_to_object: bool = False) -> dict[str, torch.Tensor]:
     """`generate_split` memoised per process: runs that share a world (compare, ablate) draw it once.
     Callers must not modify the returned tensors."""
     world = make_world(num_classes, parts_per_class, world_seed, shared_part_types)
-    return generate_split(world, num_images, image_size, jitter, seed, split)
+    return generate_split(world, num_images, image_size, jitter, seed, split, crop_to_object=crop_to_object)
 
 
 class PartsWorldDataModule(DictDataModule):
@@ -285,6 +320,8 @@ class PartsWorldDataModule(DictDataModule):
         clutter: probability of each of `max_distractors` distractor parts; noise: pixel noise std.
         shared_part_types: all classes have the same part types in different places (see `make_world`): the class
             is in the layout only (the harder settings of configs/icnn/parts_world_hard.yaml).
+        crop_to_object: each image is its object's box (with a margin) resized to `image_size`, as CUB's bird crops
+            (`crop_to_objects`); distractors still appear inside the crop.
         mean / std: per-channel normalisation of the [0, 1] images (lists), "pretrained" (mean only: the model's
             backbone's timm pretrained mean and std, resolved by train.py), or None: none (`DictDataModule`).
 
@@ -315,6 +352,7 @@ class PartsWorldDataModule(DictDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         shared_part_types: bool = False,
+        crop_to_object: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.set_normalization(mean, std)
@@ -351,7 +389,8 @@ class PartsWorldDataModule(DictDataModule):
             if split not in self.splits:  # generated once, then cached in memory
                 world = self.hparams
                 data = cached_split(world.num_classes, world.parts_per_class, world.world_seed, size, self.image_size,
-                                    self.jitter, self.seed, split, world.shared_part_types)
+                                    self.jitter, self.seed, split, world.shared_part_types,
+                                    world.crop_to_object)
                 self.splits[split] = TensorDictDataset(data)
 
 

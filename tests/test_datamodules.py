@@ -57,6 +57,29 @@ def test_parts_world_ground_truth_is_consistent(world_batch: dict[str, torch.Ten
     assert b["attributes"].shape[1] == NUM_PART_TYPES
 
 
+def test_crop_to_object_fills_the_image_with_the_object_and_moves_the_ground_truth_with_it() -> None:
+    """The object crops (CUB's bird crops for the parts world): the same labels and part types as the uncropped
+    world, the object box spanning most of the image, masks inside their boxes, landmarks at the mask centres."""
+    settings = dict(num_train=32, num_val=8, num_test=8, clutter=1.0, colour_jitter=0.0, noise=0.0)
+    plain, cropped = PartsWorldDataModule(**settings), PartsWorldDataModule(**settings, crop_to_object=True)
+    plain.setup(), cropped.setup()
+    a, b = plain.splits["train"].tensors, cropped.splits["train"].tensors
+    assert torch.equal(a["label"], b["label"]) and torch.equal(a["part_types"], b["part_types"])
+    assert b["image"].shape == a["image"].shape and b["part_masks"].shape == a["part_masks"].shape
+    box = b["object_box"]
+    assert ((box[:, 2:] - box[:, :2]).amax(1) >= 0.75 * 64).all()  # the object fills the crop (10 % margins)
+    assert (b["part_masks"].float().mean() > 2 * a["part_masks"].float().mean())  # parts are larger
+    boxes, masks = b["part_boxes"], b["part_masks"]
+    ys, xs = torch.meshgrid(torch.arange(64) + 0.5, torch.arange(64) + 0.5, indexing="ij")
+    inside = ((xs >= boxes[..., 0, None, None] - 1) & (xs <= boxes[..., 2, None, None] + 1)
+              & (ys >= boxes[..., 1, None, None] - 1) & (ys <= boxes[..., 3, None, None] + 1))
+    assert not (masks & ~inside).any() and masks.flatten(2).sum(-1).min() > 0
+    area = masks.flatten(2).sum(-1).clamp(min=1)  # (N, P)
+    centre = torch.stack([(masks * xs).flatten(2).sum(-1), (masks * ys).flatten(2).sum(-1)], -1) / area[..., None]
+    symmetric = (b["part_types"] // len(COLOUR_VALUES)) != 2  # shapes other than the (asymmetric) triangle
+    assert (centre - b["landmarks"]).norm(dim=-1)[symmetric].max() < 1.5
+
+
 def test_parts_world_labels_follow_the_class_definitions(world_batch: dict[str, torch.Tensor]) -> None:
     world = make_world(6, 3, world_seed=0)
     assert torch.equal(world.part_types[world_batch["label"]], world_batch["part_types"])

@@ -53,7 +53,8 @@ class ProtoPNetSystem(ZooSystem):
         names = {stage.name for stage in self.schedule.stages}
         unknown = set(self.push_stages) - names
         if unknown and self.schedule.staged:
-            raise ValueError(f"push_stages names {sorted(unknown)}, which are not stages of this run ({sorted(names)}).")
+            raise ValueError(f"push_stages names {sorted(unknown)}, which are not stages of this run "
+                             f"({sorted(names)}).")
         if stability_noise < 0:
             raise ValueError(f"stability_noise must be >= 0; got {stability_noise}.")
         self.stability_noise = stability_noise
