@@ -102,10 +102,10 @@ def test_the_self_explanation_row_is_a_models_own_map_where_it_has_one() -> None
     from zoo.explain.scores import can_explain, score_explanations
 
     model, images = OwnMapModel(), torch.rand(2, 3, 16, 16)
-    torch.testing.assert_close(explain(model, images, torch.tensor([0, 1]), "cam"), (images[:, 0] - 0.5).relu())
     assert can_explain(model, "cam") and not can_explain(model, "layer_gradcam")  # no pooled `head` to hook
-    rows, _ = score_explanations(model, images, torch.tensor([0, 1]), methods=("cam", "layer_gradcam", "saliency"))
+    rows, maps = score_explanations(model, images, torch.tensor([0, 1]), methods=("cam", "layer_gradcam", "saliency"))
     assert [row["method"] for row in rows] == ["cam", "saliency"]
+    torch.testing.assert_close(maps["cam"], (images[:, 0] - 0.5).relu())
     baseline = zoo.create_model("baseline_tinycnn", num_classes=2)
     assert can_explain(baseline, "cam") and can_explain(baseline, "layer_gradcam")
     assert not can_explain(zoo.create_model("baseline_smallcnn", num_classes=2, in_chans=1), "layer_gradcam")

@@ -42,14 +42,9 @@ def class_activation_map(model: nn.Module, images: torch.Tensor, target: torch.T
 
 def explain(model: nn.Module, images: torch.Tensor, target: torch.Tensor, method: str,
             internal_batch_size: int = 64) -> torch.Tensor:
-    """Saliency (B, H, W) of `method` for the `target` class: one of POSTHOC_METHODS or "cam" (the model's own
-    map: its `own_explanation` where it has one, e.g. ProtoPNet's prototype similarities, else the class activation
-    map of its pooled head; `zoo.explain.api.own_explanation`)."""
+    """Saliency (B, H, W) of `method` for the `target` class: one of POSTHOC_METHODS or "cam"."""
     if method == SELF_EXPLANATION:
-        from zoo.explain.api import own_explanation
-
-        with torch.no_grad():
-            return own_explanation(model, images, target).float().relu()
+        return class_activation_map(model, images, target)
     forward = LogitsOnly(model)
     images = images.detach().clone().requires_grad_(method in ("saliency", "integrated_gradients"))
     if method == "saliency":

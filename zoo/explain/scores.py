@@ -11,6 +11,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from zoo.engine.callbacks import class_name, heatmap_overlay, new_figure
+from zoo.explain.api import own_explanation
 from zoo.explain.captum import POSTHOC_METHODS, SELF_EXPLANATION, LogitsOnly, explain
 from zoo.explain.faithfulness import AttributionInMask, DeletionAUC, InsertionAUC
 
@@ -41,7 +42,8 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
             continue
         progress.set_postfix_str(method)
         start = time.perf_counter()
-        saliency = explain(model, images, target, method)
+        saliency = self_explanation(model, images, target) if method == SELF_EXPLANATION else \
+            explain(model, images, target, method)
         seconds = time.perf_counter() - start
         row: dict[str, Any] = {"method": method, "ms_per_sample": round(1e3 * seconds / len(images), 2)}
         for name, metric in (("deletion_auc", DeletionAUC(step=step)), ("insertion_auc", InsertionAUC(step=step))):
@@ -56,6 +58,13 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
         maps[method] = saliency
     model.train(was_training)
     return rows, maps
+
+
+def self_explanation(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The report's "cam" row: the model's own map (`zoo.explain.api.own_explanation`: its `own_explanation` where it
+    has one, e.g. ProtoPNet's prototype evidence, else the class activation map of its pooled head), >= 0."""
+    with torch.no_grad():
+        return own_explanation(model, images, target).float().relu()
 
 
 def can_explain(model: nn.Module, method: str) -> bool:
