@@ -78,7 +78,8 @@ class ProtoPNet(nn.Module):
         add_on: the twin keeps the add-on layers (ProtoPNet always has them).
         incorrect_class_weight: the last layer's initial weight to the other classes' prototypes (the paper: -0.5).
         feature_index: which backbone stage feeds the add-on layers (-1: the top map, as the paper); an earlier,
-            finer map gives prototypes smaller receptive fields.
+            finer map gives prototypes smaller receptive fields. The tiny CNN still runs its later stages, whose
+            parameters then get no gradient (under DDP set the strategy's find_unused_parameters).
         in_chans, pretrained_path, freeze_backbone: as every zoo classifier.
     """
 
