@@ -133,6 +133,13 @@ def test_bad_settings_are_clear_errors() -> None:
         model(head="pooled")
     with pytest.raises(ValueError, match="push_stages names"):
         ProtoPNetSystem("protopnet_tinycnn", num_classes=NUM_CLASSES, stages=STAGES, push_stages=["push"])
+    with pytest.raises(ValueError, match="prototypes_per_class and prototype_channels must be >= 1"):
+        zoo.create_model("protopnet_tinycnn", num_classes=NUM_CLASSES, prototypes_per_class=0)
+    with pytest.raises(ValueError, match="stability_noise must be >= 0"):
+        ProtoPNetSystem("protopnet_tinycnn", num_classes=NUM_CLASSES, stability_noise=-0.1)
+    with pytest.raises(ValueError, match=r"Expected maps \(B, m, h, w\), units \(B, m\)"):
+        PartConsistency(num_units=4).update(torch.rand(2, 3, 8, 8), torch.zeros(2, 2, dtype=torch.long),
+                                            torch.zeros(2, 1, 8, 8, dtype=torch.bool), torch.zeros(2, 1))
 
 
 def test_part_metrics_match_hand_computed_values() -> None:

@@ -106,22 +106,22 @@ class ProtoPNetSystem(ZooSystem):
     def on_test_epoch_start(self) -> None:
         self._noise = torch.Generator(device=self.device).manual_seed(0)
 
-    def class_unit_maps(self, maps: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The maps (B, m, h, w) of the units scored for each image's class, and their ids (B, m)."""
-        units = self.model.class_units()[labels]  # (B, m)
+    @staticmethod
+    def unit_maps_of(maps: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """The maps (B, m, h, w) of `units` (B, m) out of every unit's maps (B, U, h, w)."""
         height, width = maps.shape[-2:]
-        return maps.gather(1, units[..., None, None].expand(-1, -1, height, width)), units
+        return maps.gather(1, units[..., None, None].expand(-1, -1, height, width))
 
     def update_metrics(self, out: dict[str, Any], batch: dict[str, Any], stage: str) -> None:
         super().update_metrics(out, batch, stage)
         if stage == "train" or "part_masks" not in batch:
             return
-        labels = batch[self.target_key]
-        maps, units = self.class_unit_maps(out["unit_maps"].detach(), labels)
+        units = self.model.class_units()[batch[self.target_key]]  # (B, m) the units of each image's class
+        maps = self.unit_maps_of(out["unit_maps"].detach(), units)
         noisy = None
         if self.stability_noise > 0:
             images = batch_field(batch, self.input_key)
             generator = self._noise or torch.Generator(device=images.device).manual_seed(0)
             noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
-            noisy, _ = self.class_unit_maps(self.model(images + self.stability_noise * noise)["unit_maps"], labels)
+            noisy = self.unit_maps_of(self.model(images + self.stability_noise * noise)["unit_maps"], units)
         self.log_metric(stage, "parts", maps, units, batch["part_masks"], batch["part_types"], noisy)
