@@ -12,7 +12,6 @@ from zoo.checks import batch_field
 from zoo.engine import ZooSystem
 
 MODES = ("independent", "sequential", "joint")
-MAP_METHODS_OF_POOLED_HEADS = ("cam", "layer_gradcam")  # they need a pooled linear head on the top map
 
 
 class CBMSystem(ZooSystem):
@@ -99,11 +98,3 @@ class CBMSystem(ZooSystem):
         self.log_metric(stage, "concept_f1", logits, concepts)
         if "logits_intervened" in out:
             self.log_metric(stage, "acc_intervened", out["logits_intervened"].detach(), batch[self.target_key])
-
-    def explanation_report(self, datamodule: Any, settings: dict[str, Any]) -> tuple[list[dict], dict, Any] | None:
-        """The post-hoc maps that need no pooled linear head (saliency, integrated gradients, occlusion), for the
-        CBM and its twin alike: a CBM's own explanation is its concepts (`ConceptsCallback`), not a class map."""
-        from zoo.explain.scores import DEFAULT_METHODS
-
-        methods = [m for m in settings.get("methods", DEFAULT_METHODS) if m not in MAP_METHODS_OF_POOLED_HEADS]
-        return super().explanation_report(datamodule, {**settings, "methods": methods})
