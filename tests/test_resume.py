@@ -78,10 +78,10 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_final_state(family: str, tmp
     assert not differ, f"{len(differ)} of {len(whole_state['state_dict'])} tensors differ: {differ[:8]}"
 
 
-def test_load_checkpoint_export_and_named_mismatches(tmp_path: Path) -> None:
+def test_load_checkpoint_export_and_named_mismatches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from train import main
 
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # undone after the test: later tests in this worker read configs by relative path
     main(["fit", "--config", CONFIG, "--trainer.max_epochs=1", "--trainer.logger.init_args.name=src",
           "--data.init_args.num_train=64", "--data.init_args.num_val=32"])
     checkpoint = tmp_path / "checkpoints" / "src" / "checkpoints" / "last.ckpt"
