@@ -43,18 +43,43 @@ def test_a_training_step_reads_no_device_value(family: str) -> None:
         assert sites["torchvision"] == []
 
 
-def test_balanced_assignment_is_the_one_host_solve_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """ICNN's balanced category assignment is an optimal assignment solved by scipy on the host after each training
-    forward (the step's loss uses it, so moving it would change the numbers): the only host work of that step, one
-    solve per interpretable layer. Its device-to-host copy is invisible to a CPU profile; this counts the solves."""
+def test_balanced_assignment_is_solved_before_the_next_forward_not_inside_its_own_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ICNN's balanced category assignment is an optimal assignment solved by scipy on the host. A step queues its
+    statistics (a non-blocking copy on a GPU) and the next step solves them before its forward, one solve per
+    interpretable layer: no step waits for the device between its own forward and its loss. The copy is invisible
+    to a CPU profile; this checks the order of the solves and the forwards."""
     import zoo.icnn.model
 
-    calls = []
+    order: list[str] = []
     solver = zoo.icnn.model.linear_sum_assignment
-    monkeypatch.setattr(zoo.icnn.model, "linear_sum_assignment", lambda cost: calls.append(cost.shape) or solver(cost))
+    monkeypatch.setattr(zoo.icnn.model, "linear_sum_assignment", lambda cost: order.append("solve") or solver(cost))
     system, batch = build("icnn_balanced", batch_size=4)
-    training_step(system, batch)()
-    assert len(calls) == len(system.model.interpretable_layers())
+    system.model.backbone.register_forward_pre_hook(lambda *_: order.append("forward"))
+    step = training_step(system, batch)
+    for _ in range(3):
+        step()
+    layers = len(system.model.interpretable_layers())
+    assert order == ["forward"] + (["solve"] * layers + ["forward"]) * 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["icnn", "icnn_balanced"])
+def test_an_icnn_step_on_a_gpu_makes_no_implicit_synchronisation(family: str) -> None:
+    """On a GPU, `torch.cuda.set_sync_debug_mode("error")` raises at any implicit host-device synchronisation
+    (`.item()`, a copy to pageable host memory, a data-dependent shape). The balanced solve's wait for the previous
+    step's copy is an explicit event wait, which it allows."""
+    system, batch = build(family, batch_size=4)
+    system.cuda()
+    batch = {key: value.cuda() if torch.is_tensor(value) else value for key, value in batch.items()}
+    step = training_step(system, batch)
+    step()  # warm-up: caches (the part-mask table, the template prior) are built once per device
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_input_checks_skip_device_tensors() -> None:

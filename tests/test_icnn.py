@@ -4,6 +4,7 @@ instability and part IoU against slow references and hand-built maps."""
 from __future__ import annotations
 
 import math
+from unittest import mock
 from functools import partial
 
 import numpy as np
@@ -225,10 +226,33 @@ def test_balanced_assignment_spreads_filters_over_classes() -> None:
     raw[labels == 3, :, 2, 2] = 9.0  # every filter prefers class 3: argmax would give all filters to it
     raw[labels == 1, 5, 3, 3] = 20.0  # filter 5 is by far the most class-1 filter
     layer.update_statistics(raw, torch.zeros(layer.log_mean_z.shape), labels)
+    assert (layer.filter_category == 0).all()  # queued: this step's loss does not wait for its own solve
+    layer.refresh_categories()
     counts = torch.bincount(layer.filter_category, minlength=4)
     assert counts.tolist() == [filters // 4] * 4 and layer.filter_category[5] == 1
     with pytest.raises(ValueError, match="category_assignment must be one of"):
         zoo.create_model("icnn_tinycnn", category_assignment="greedy")
+
+
+def test_balanced_categories_reach_the_next_forward_and_every_checkpoint() -> None:
+    """The balanced solve is queued by `update_statistics` and done by the next forward (then it is a no-op) or
+    by `state_dict`, so a checkpoint holds the categories its class statistics give."""
+    model = zoo.create_model("icnn_tinycnn", num_classes=4, category_assignment="balanced", category_momentum=0.0)
+    layer = model.added_filters
+    labels = torch.tensor([0, 1, 2, 3])
+    raw = torch.rand(4, layer.beta.numel(), 8, 8)
+    raw[labels == 2, :8] += 5.0  # the first 8 filters fire on class 2
+    layer.update_statistics(raw, torch.zeros(layer.log_mean_z.shape), labels)
+    saved = model.state_dict()["added_filters.filter_category"]
+    assert (saved[:8] == 2).all() and torch.equal(saved, layer.filter_category)
+    layer.update_statistics(raw.roll(1, 0), torch.zeros(layer.log_mean_z.shape), labels)  # now class 3's
+    before = layer.filter_category.clone()
+    out = model(torch.rand(2, 3, 64, 64))
+    assert not torch.equal(out["filter_category"][-1], before) and (out["filter_category"][-1][:8] == 3).all()
+    with mock.patch("zoo.icnn.model.linear_sum_assignment") as solver:
+        model(torch.rand(2, 3, 64, 64))
+        model.state_dict()
+    solver.assert_not_called()  # nothing new queued: nothing solved again
 
 
 def test_filter_maps_callback_writes_tensorboard_and_run_folder(tmp_path, monkeypatch) -> None:

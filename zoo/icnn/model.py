@@ -44,6 +44,11 @@ class InterpretableFilters(nn.Module):
     (each class gets at most ceil(F / C) filters, maximising each filter's share of activation on its class; an
     optimal assignment, solved in C by scipy). On the parts world argmax lets the filter loss drive every filter to
     one class (seen: 128 of 128 filters on one class, accuracy 0.30), so its configs use "balanced".
+    The balanced solve is pipelined so that no step waits for its own statistics: `update_statistics` queues a
+    non-blocking copy of the class shares to the host, and the next forward (or `refresh_categories`, or a state
+    dict) solves it. A step's loss thus uses the categories of the statistics up to the previous step ("argmax" stays
+    on the device and uses the current step's). On a GPU the host waits only for the previous step's copy, which the
+    device has finished by then unless the host is more than a step ahead; the device never waits for the host.
 
     Buffers: `class_activation` (F, C) EMA of per-class mean peak activation; `filter_category` (F,);
     `log_mean_z` (F, T) running log mean of exp(tr(x . T)) over the data (NaN until the first training step).
@@ -72,11 +77,13 @@ class InterpretableFilters(nn.Module):
         self.register_buffer("log_mean_z", torch.full((num_filters, bank.shape[0]), math.nan))
         initial = torch.full((num_filters,), single_category if single_category is not None else 0)
         self.register_buffer("filter_category", initial.long())
+        self._queued_share: tuple[torch.Tensor, torch.cuda.Event | None] | None = None  # see refresh_categories
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if tuple(x.shape[-2:]) != self.map_size:
             raise ValueError(f"Interpretable filters were built for {self.map_size} maps (image_size at creation); "
                              f"got {tuple(x.shape[-2:])}. Create the model with the image_size you feed it.")
+        self.refresh_categories()  # no-op when `ICNNSystem` already did it outside a compiled forward
         raw = F.relu(x)
         if self.masks:
             mask = part_mask(raw, self.beta, self.mu, None if self.beta.requires_grad else self._mask_table())
@@ -131,18 +138,41 @@ class InterpretableFilters(nn.Module):
         updated = momentum * self.class_activation + (1 - momentum) * mean
         self.class_activation.copy_(torch.where(present[None, :], updated, self.class_activation))
         self.class_seen |= present
-        self.filter_category.copy_(self._assign_categories())
-
-    def _assign_categories(self) -> torch.Tensor:
         if self.category_assignment == "argmax":
-            return self.class_activation.argmax(1)
-        filters, classes = self.class_activation.shape
+            self.filter_category.copy_(self.class_activation.argmax(1))
+        else:
+            self._queue_balanced_assignment()
+
+    def _queue_balanced_assignment(self) -> None:
+        """Start the class shares' trip to the host for the next `refresh_categories` (non-blocking on a GPU)."""
         share = self.class_activation / self.class_activation.sum(1, keepdim=True).clamp(min=1e-12)  # (F, C)
+        on_device = share.device.type != "cpu"
+        host = share.to("cpu", torch.float64, non_blocking=on_device)  # pinned when it comes from a GPU
+        event = torch.cuda.Event() if share.device.type == "cuda" else None
+        if event is not None:
+            event.record()
+        self._queued_share = (host, event)
+
+    def refresh_categories(self) -> None:
+        """Solve the queued balanced assignment, if any, into `filter_category` (one solve per training step)."""
+        queued, self._queued_share = self._queued_share, None
+        if queued is None:
+            return
+        share, event = queued  # (F, C) float64 on the host
+        if event is not None:
+            event.synchronize()  # the previous step's copy; the device is already further on
+        filters, classes = share.shape
         slots = torch.arange(math.ceil(filters / classes) * classes) % classes  # each class repeated
-        rows, cols = linear_sum_assignment(-share[:, slots].cpu().double().numpy())
+        rows, cols = linear_sum_assignment(-share[:, slots].numpy())
         category = torch.empty(filters, dtype=torch.long)
         category[torch.as_tensor(rows)] = slots[torch.as_tensor(cols)]
-        return category.to(self.filter_category.device)
+        if self.filter_category.device.type == "cuda":
+            category = category.pin_memory()
+        self.filter_category.copy_(category, non_blocking=True)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        self.refresh_categories()  # a checkpoint holds the categories its statistics give (resume is exact)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
 
 class InterpretableCNN(PooledHeadMixin, nn.Module):
@@ -224,6 +254,11 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
         """Called by the System after each training forward: Z_T and filter categories (never in eval)."""
         for module, raw, batch_z in zip(self.interpretable_layers(), out["interpretable_maps"], out["batch_z"]):
             module.update_statistics(raw, batch_z, batch["label"])
+
+    def refresh_categories(self) -> None:
+        """Solve every layer's queued balanced assignment (see `InterpretableFilters`); forward does it too."""
+        for module in self.interpretable_layers():
+            module.refresh_categories()
 
 
 

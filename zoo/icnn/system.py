@@ -14,7 +14,8 @@ from zoo.icnn.metrics import LocationInstability, PartIoU
 class ICNNSystem(ZooSystem):
     """Train an Interpretable CNN (or, as its twin, any classifier) and score what its filters mean.
 
-    After each training forward the model updates its online statistics (Z_T, filter categories). In validation
+    After each training forward the model updates its online statistics (Z_T, filter categories; a balanced
+    assignment is solved before the next forward, see `InterpretableFilters`). In validation
     and test the map `part_maps_key` ("filter_maps" for ICNN, "features" for an opaque twin) is scored for
     location instability where the batch has landmarks and part IoU where it has part masks.
 
@@ -38,6 +39,11 @@ class ICNNSystem(ZooSystem):
         if part_maps_key is not None:
             self.add_metric("location_instability", LocationInstability(self.hparams.image_size or 0))
             self.add_metric("part_iou", PartIoU())
+
+    def forward_batch(self, batch: Any, stage: str) -> dict[str, Any]:
+        if hasattr(self.model, "refresh_categories"):
+            self.model.refresh_categories()  # the previous step's host solve, outside a compiled forward
+        return super().forward_batch(batch, stage)
 
     def update_state(self, out: dict[str, Any], batch: dict[str, Any]) -> None:
         if hasattr(self.model, "update_statistics"):
