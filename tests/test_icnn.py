@@ -262,7 +262,7 @@ def test_filter_maps_callback_writes_tensorboard_and_run_folder(tmp_path, monkey
 
     from datamodules import PartsWorldDataModule
     from zoo.engine import callbacks
-    from zoo.engine.callbacks import class_name, save_figure
+    from zoo.figures import class_name, save_figure
     from zoo.icnn.callback import FilterMapsCallback
 
     figures = []  # the labelled figure, as saved (by FixedBatchCallback.publish)

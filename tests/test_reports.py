@@ -11,7 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from zoo.cli.report import direction, legend, metric_directions, write_report
-from zoo.engine.callbacks import class_name, covering_batch, log_figure
+from zoo.engine.callbacks import covering_batch
+from zoo.figures import class_name, log_figure, log_image, log_text
 from zoo.explain.scores import ExplainedRun, explanation_figure
 
 
@@ -79,8 +80,15 @@ def test_figures_go_to_the_runs_tensorboard(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="run", version="")
     log_figure(logger, "explanations", explanation_figure([run]), step=3)
     log_figure(None, "explanations", explanation_figure([run]))  # no TensorBoard logger: nothing to do
+    log_image(logger, "selection/images", torch.rand(3, 8, 24), step=3)  # a make_grid picture (L2X, textual, AOG)
+    log_text(logger, "selection/text", "1. **great** film", step=3)
+    for no_tensorboard in (None, SimpleNamespace()):  # no logger, or another kind: nothing to do
+        log_image(no_tensorboard, "selection/images", torch.rand(3, 8, 24))
+        log_text(no_tensorboard, "selection/text", "x")
     logger.experiment.flush()
-    assert EventAccumulator(str(tmp_path / "run")).Reload().Tags()["images"] == ["explanations"]
+    tags = EventAccumulator(str(tmp_path / "run")).Reload().Tags()
+    assert sorted(tags["images"]) == ["explanations", "selection/images"]
+    assert tags["tensors"] == ["selection/text/text_summary"]
 
 
 def test_fixed_batches_cover_every_class_of_a_sorted_set() -> None:

@@ -20,7 +20,7 @@ for _family in FAMILIES:
     importlib.import_module(f"zoo.{_family}")
 from zoo import explain  # noqa: F401  (callable: zoo.explain(model, images, method="own", target=None))
 from zoo.weights import CheckpointError
-from zoo.weights import export_checkpoint, load_checkpoint, load_exported
+from zoo.checkpoints import export_checkpoint, load_checkpoint, load_exported
 from zoo.registry import create_model, is_model, list_models, model_factory, model_family, register_model
 from zoo.backbones import Backbone, TinyCNN
 

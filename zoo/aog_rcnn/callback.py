@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
 from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 
-from zoo.engine.callbacks import FixedBatchCallback, class_name
+from zoo.engine.callbacks import FixedBatchCallback
+from zoo.figures import class_name, log_image
 
 
 class ParseTreeCallback(FixedBatchCallback):
@@ -41,5 +41,4 @@ class ParseTreeCallback(FixedBatchCallback):
             panels.append(canvas.float() / 255)
         grid = make_grid(panels, nrow=min(4, len(panels)))
         save_image(grid, self.run_folder(trainer, "parse_trees") / f"epoch{trainer.current_epoch}.png")
-        if isinstance(trainer.logger, TensorBoardLogger):
-            trainer.logger.experiment.add_image("detections/parse_trees", grid, trainer.global_step)
+        log_image(trainer.logger, "detections/parse_trees", grid, trainer.global_step)

@@ -9,7 +9,8 @@ import torch
 from pytorch_lightning.utilities.seed import isolate_rng
 
 from zoo.cbm.intervene import encode_data, intervention_curve, write_intervention_report
-from zoo.engine.callbacks import FixedBatchCallback, class_name, log_figure, log_text, new_figure
+from zoo.engine.callbacks import FixedBatchCallback
+from zoo.figures import class_name, log_figure, log_text, new_figure
 
 
 def concept_names(trainer: pl.Trainer, num_concepts: int) -> list[str]:

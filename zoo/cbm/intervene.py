@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from zoo.engine.callbacks import save_figure
+from zoo.figures import save_figure
 
 VALUES = ("percentile", "hard")
 

@@ -13,7 +13,7 @@ import yaml
 from zoo.cli.errors import configuration_phase
 from zoo.cli.lightning import ZooCLI, fit
 from zoo.cli.report import metric_directions, write_report
-from zoo.engine.callbacks import log_figure, save_figure
+from zoo.figures import log_figure, save_figure
 from zoo.explain.scores import EXPLANATION_DIRECTIONS, ExplainedRun, explanation_figure, true_and_predicted
 from zoo.weights import load_system_weights
 

@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, SequentialSampler
+
+from zoo.figures import log_figure, log_text, save_figure
 
 
 class LatestCheckpoint(ModelCheckpoint):
@@ -146,49 +147,3 @@ def covering_batch(loader: DataLoader, target_key: str, count: int, num_classes:
     chosen = [indices[rank] for rank in range(max(map(len, by_class.values())))
               for _, indices in sorted(by_class.items()) if rank < len(indices)][:count]  # round robin over classes
     return loader.collate_fn([loader.dataset[i] for i in chosen])
-
-
-def class_name(datamodule: Any, index: int) -> str:
-    """What pictures and reports call class `index`: the datamodule's public `class_names[index]`, else "class k"."""
-    names = getattr(datamodule, "class_names", None)
-    return str(names[index]) if names is not None and 0 <= index < len(names) else f"class {index}"
-
-
-def save_figure(figure: Any, path: Path) -> None:
-    """A matplotlib figure as PNG (folders made)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=figure.dpi, bbox_inches="tight")
-
-
-def log_figure(logger: Any, tag: str, figure: Any, step: int = 0) -> None:
-    """A matplotlib figure in the run's TensorBoard (`add_figure`) when the logger is a TensorBoardLogger."""
-    if isinstance(logger, TensorBoardLogger):
-        logger.experiment.add_figure(tag, figure, step, close=False)
-
-
-def log_text(logger: Any, tag: str, text: str, step: int = 0) -> None:
-    """Markdown text in the run's TensorBoard (`add_text`) when the logger is a TensorBoardLogger."""
-    if isinstance(logger, TensorBoardLogger):
-        logger.experiment.add_text(tag, text, step)
-
-
-def new_figure(rows: int, columns: int, panel_inches: float = 1.3) -> tuple[Any, Any]:
-    """A pyplot-free matplotlib Figure (no GUI backend, nothing to close) with a (rows, columns) grid of axes, ticks
-    off: the canvas of every labelled picture."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(panel_inches * columns + 1.6, panel_inches * rows + 0.4), dpi=72, layout="constrained")
-    axes = figure.subplots(rows, columns, squeeze=False)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    return figure, axes
-
-
-def heatmap_overlay(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """Images (N, C, H, W) in [0, 1] with maps (F, N, h, w) overlaid in red: (F, N, 3, H, W)."""
-    rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[:, :3]
-    heat = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)  # (F, N, H, W)
-    heat = heat / heat.flatten(1).amax(1).clamp(min=1e-8)[:, None, None, None]  # per filter over the batch
-    red = torch.tensor([1.0, 0.1, 0.1], device=images.device)[None, None, :, None, None]
-    return (0.45 * rgb[None] + 0.55 * heat[:, :, None] * red).clamp(0, 1)

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from zoo.engine.callbacks import class_name, heatmap_overlay, new_figure
+from zoo.figures import class_name, heatmap_overlay, new_figure
 from zoo.explain.api import own_explanation
 from zoo.explain.captum import POSTHOC_METHODS, SELF_EXPLANATION, LogitsOnly, explain
 from zoo.explain.faithfulness import AttributionInMask, DeletionAUC, InsertionAUC

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
-from zoo.engine.callbacks import FixedBatchCallback, class_name, heatmap_overlay, new_figure
+from zoo.engine.callbacks import FixedBatchCallback
+from zoo.figures import class_name, heatmap_overlay, new_figure
 
 
 class FilterMapsCallback(FixedBatchCallback):

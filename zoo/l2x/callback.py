@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
 
 from zoo.engine.callbacks import FixedBatchCallback
+from zoo.figures import log_image, log_text
 
 
 class SelectionCallback(FixedBatchCallback):
@@ -32,7 +32,6 @@ class SelectionCallback(FixedBatchCallback):
         out = pl_module(x)
         selection = out["selection"]  # (N, d) hard in eval mode
         folder = self.run_folder(trainer, "selection")
-        experiment = trainer.logger.experiment if isinstance(trainer.logger, TensorBoardLogger) else None
         if "pixel_selection" in out:
             kept = out["pixel_selection"]  # (N, 1, H, W)
             shown = x.float() * (0.25 + 0.75 * kept)  # unselected patches dimmed, not hidden
@@ -40,8 +39,7 @@ class SelectionCallback(FixedBatchCallback):
             scale = max(1, 64 // x.shape[-1])  # small images (digits are 8x8) are enlarged to be seen
             grid = make_grid(F.interpolate(panels, scale_factor=scale, mode="nearest"), nrow=len(x))
             save_image(grid, folder / f"epoch{trainer.current_epoch}.png")
-            if experiment is not None:
-                experiment.add_image("selection/images", grid, trainer.global_step)
+            log_image(trainer.logger, "selection/images", grid, trainer.global_step)
             return
         decode = getattr(trainer.datamodule, "decode_selection", None) or self._describe
         lines = [decode(x[i].cpu(), selection[i].cpu()) for i in range(len(x))]
@@ -50,8 +48,7 @@ class SelectionCallback(FixedBatchCallback):
                      for i, line in enumerate(lines)]
         text = "\n\n".join(f"{i}. {line}" for i, line in enumerate(lines))
         (folder / f"epoch{trainer.current_epoch}.md").write_text(text + "\n")
-        if experiment is not None:
-            experiment.add_text("selection/text", text, trainer.global_step)
+        log_text(trainer.logger, "selection/text", text, trainer.global_step)
 
     @staticmethod
     def _describe(x: torch.Tensor, selection: torch.Tensor) -> str:

@@ -8,7 +8,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from zoo.engine.callbacks import FixedBatchCallback, class_name, heatmap_overlay, new_figure
+from zoo.engine.callbacks import FixedBatchCallback
+from zoo.figures import class_name, heatmap_overlay, new_figure
 from zoo.protopnet.model import similarity
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
 from torchvision.utils import make_grid
 
 from datamodules._base import decode_tokens
-from zoo.engine.callbacks import FixedBatchCallback, class_name
+from zoo.engine.callbacks import FixedBatchCallback
+from zoo.figures import class_name, log_image, log_text
 
 
 class ExplanationTextCallback(FixedBatchCallback):
@@ -37,7 +37,6 @@ class ExplanationTextCallback(FixedBatchCallback):
                   for i, label in enumerate(labels)]
         text = "\n".join(lines)
         (self.run_folder(trainer, "explanations") / f"epoch{trainer.current_epoch}.md").write_text(text + "\n")
-        if isinstance(trainer.logger, TensorBoardLogger):
-            trainer.logger.experiment.add_text("explanations/text", text, trainer.global_step)
-            trainer.logger.experiment.add_image("explanations/images",
-                                                make_grid(images.float().cpu(), nrow=len(images)), trainer.global_step)
+        log_text(trainer.logger, "explanations/text", text, trainer.global_step)
+        log_image(trainer.logger, "explanations/images", make_grid(images.float().cpu(), nrow=len(images)),
+                  trainer.global_step)
