@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,16 @@ def cpu_trainers(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(zoo.cli.lightning, "TRAINER_DEFAULTS", {**zoo.cli.lightning.TRAINER_DEFAULTS,
                                                                 "accelerator": "cpu"})
+
+
+@pytest.fixture(autouse=True)
+def own_rendezvous_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's spawned DDP processes meet on a port of their own. Lightning's launcher writes MASTER_PORT into
+    this process's environment at its first multi-process run, so without this every later DDP test of the same
+    xdist worker would reuse that port, which the last run's sockets may still hold."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(probe.getsockname()[1]))  # restored (removed) after the test
 
 
 def write_image(path: Path, size: tuple[int, int], seed: int) -> None:
