@@ -42,14 +42,15 @@ def format_terms(names: tuple[str, ...], values: torch.Tensor) -> str:
 
 
 def compile_model(model: nn.Module, backend: str = "inductor") -> None:
-    """`torch.compile` `model` in place (`nn.Module.compile`: parameters and state-dict keys unchanged), or leave it
-    eager with a warning when it cannot be compiled: torchvision's detectors (`GeneralizedRCNN`) read data-dependent
-    shapes (proposal counts, matched boxes) throughout their RPN and RoI sampling."""
+    """`torch.compile` `model` in place (`nn.Module.compile`: parameters and state-dict keys unchanged). A torchvision
+    detector (`GeneralizedRCNN`) reads data-dependent shapes (proposal counts, matched boxes) throughout its RPN and
+    RoI sampling: only its backbone, where its convolutions are, is compiled, and the rest runs eagerly (warned)."""
     from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
     if isinstance(model, GeneralizedRCNN):
         rank_zero_warn(f"compile=True: {type(model).__name__} is a torchvision detector (data-dependent shapes in its "
-                       "RPN and RoI sampling); it runs eagerly.")
+                       "RPN and RoI sampling); its backbone is compiled, the rest runs eagerly.")
+        model.backbone.compile(backend=backend)
         return
     model.compile(backend=backend)
 
@@ -79,8 +80,8 @@ class ZooSystem(pl.LightningModule):
             steps, at the epoch's end and before any checkpoint is written; "skip" must decide on the host before
             the optimiser step, so it costs one host-device synchronisation per step.
         compile: `torch.compile` the model (`nn.Module.compile`: same parameters and checkpoint keys); True uses
-            torch's default backend (inductor), a string names another ("aot_eager", "cudagraphs", ...). A model
-            that cannot be compiled (torchvision's detectors) runs eagerly, with a warning.
+            torch's default backend (inductor), a string names another ("aot_eager", "cudagraphs", ...). Of a
+            torchvision detector only the backbone is compiled (its RPN and RoI sampling run eagerly), with a warning.
         class_names: the data's class names (linked from the datamodule's `class_names` by the CLI), saved in the
             checkpoint so predictions and reports name classes; None: "0", "1", ...
         freeze_backbone: fine-tuning: the model's backbone (`backbone_of`) gets no updates and stays in eval mode
