@@ -7,8 +7,9 @@ for the device; the CPU profile counts the same ops without needing a GPU. A tra
 work: `training_step` (forward, loss dict, sum, non-finite policy, logging calls) + backward + optimiser step, on
 one batch of the family's config (built through the CLI as `train.py fit` would), after two warm-up steps. Not
 Lightning's loop around it. `syncs` counts `aten::_local_scalar_dense` (what `.item()`, `float(t)`, `bool(t)` and
-`if t:` run) and `aten::nonzero` (an output shape read from the data), but not those that are no host-device
-synchronisation on a GPU either (`NOT_SYNCS`): inside the optimiser's step (its step counters live on the host),
+`if t:` run) and the ops whose output shape is read from the data (`aten::nonzero`, the `unique` family,
+`aten::masked_select`), but not those that are no host-device synchronisation on a GPU either (`NOT_SYNCS`):
+inside the optimiser's step (its step counters live on the host),
 inside `aten::_assert_async` (a device-side assertion, asynchronous on CUDA: torch.multinomial's) and inside
 `zoo/checks.py` (input checks that run only on CPU tensors). `torchvision` counts those inside torchvision's
 detection code (AOG R-CNN's RPN, box matching and sampling: data-dependent shapes by design).
@@ -23,7 +24,10 @@ from typing import Any
 
 import torch
 
-SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
+# `.item()` and friends, and ops whose output shape is read from the data (a GPU must finish them before the host
+# can allocate what follows): nonzero, unique, masked_select.
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::_unique", "aten::_unique2", "aten::unique_dim",
+            "aten::unique_consecutive", "aten::unique_dim_consecutive", "aten::masked_select")
 NOT_SYNCS = ("Optimizer.step#", "aten::_assert_async", "zoo/checks.py(")
 
 # family -> (config, CLI overrides): one small batch of each family's synthetic world.

@@ -3,8 +3,8 @@ opaque twin on a GPU).
 
 Each family's System is built from its config as `train.py fit` builds it, and one training step (the System's
 `training_step`, backward and optimiser step; `benchmarks.op_counts`) runs under `torch.profiler` on the CPU. No
-`aten::_local_scalar_dense` (what `.item()`, `float(t)`, `bool(t)`, `if t:` run) and no `aten::nonzero` (a shape read
-from the data) may run in our code. Not counted, because they are no synchronisation on a GPU either: the optimiser's
+`aten::_local_scalar_dense` (what `.item()`, `float(t)`, `bool(t)`, `if t:` run) and no op whose output shape is read
+from the data (`aten::nonzero`, `torch.unique`, `torch.masked_select`) may run in our code. Not counted, because they are no synchronisation on a GPU either: the optimiser's
 step counters (host tensors), `aten::_assert_async` (torch.multinomial's device-side check, asynchronous on CUDA) and
 `zoo/checks.py` (input checks that run only on CPU tensors; `test_input_checks_skip_device_tensors`).
 """
@@ -80,6 +80,24 @@ def test_an_icnn_step_on_a_gpu_makes_no_implicit_synchronisation(family: str) ->
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_profile_names_each_kind_of_synchronisation_and_where_it_runs() -> None:
+    """The detector the tests above rely on: a value read, a nonzero, a unique and a masked_select in a step are
+    each found, with their Python call site; the same step without them is clean."""
+    x = torch.rand(16)
+
+    def syncing_step() -> None:
+        float(x.sum())
+        x.nonzero()
+        torch.unique((x * 4).long())
+        x.masked_select(x > 0.5)
+
+    sites = sync_sites(profile_step(syncing_step, warmup=0))["ours"]
+    kinds = {site.split(" in ")[0] for site in sites}
+    assert kinds == {"aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::masked_select"}, sites
+    assert any(site.startswith("aten::nonzero in tests/test_host_sync.py(") for site in sites), sites
+    assert sync_sites(profile_step(lambda: x.sum() * 2, warmup=0))["ours"] == []
 
 
 def test_input_checks_skip_device_tensors() -> None:
