@@ -2,7 +2,7 @@
 layers, the paper's baseline) and the plain CNN, measured in one run.
 
     python -m benchmarks.icnn_step_time [--backbones tinycnn resnet18] [--rounds 7] [--steps 10]
-        [--device cpu|cuda]
+        [--category-assignment argmax|balanced] [--device cpu|cuda]
 
 A step is forward + loss + backward + optimiser step (+ the ICNN's online statistics). Models are timed in
 interleaved rounds (A, B, C, A, B, C, ...) by `benchmarks.timing` so drift hits all equally; the table gives the
@@ -22,6 +22,7 @@ from benchmarks.devices import add_device_argument
 from benchmarks.timing import interleaved_medians, ratios
 from losses.baselines import ClassificationLoss
 from losses.icnn import FilterPartLoss
+from zoo.icnn.model import CATEGORY_ASSIGNMENTS
 
 
 def make_step(model_name: str, loss: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device,
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tau-scale", type=float, default=16.0)
+    parser.add_argument("--category-assignment", choices=CATEGORY_ASSIGNMENTS, default="argmax",
+                        help="balanced: the parts-world configs' assignment, solved on the host before each forward")
     add_device_argument(parser)
     args = parser.parse_args(argv)
     device = args.device
@@ -61,13 +64,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
              "label": torch.randint(0, 6, (args.batch_size,)).to(device)}
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {machine}, batch {args.batch_size}, "
-          f"{args.image_size}x{args.image_size}, {args.rounds} rounds x {args.steps} steps")
+          f"{args.image_size}x{args.image_size}, {args.rounds} rounds x {args.steps} steps, "
+          f"category assignment {args.category_assignment}")
     print("| backbone | icnn ms | masked twin ms | ordinary twin ms | plain ms | icnn/masked twin | icnn/ordinary twin "
           "| icnn/plain |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     rows = []
     for backbone in args.backbones:
-        icnn_kw = {"image_size": args.image_size, "tau_scale": args.tau_scale}
+        icnn_kw = {"image_size": args.image_size, "tau_scale": args.tau_scale,
+                   "category_assignment": args.category_assignment}
         steps = {
             "icnn": make_step(f"icnn_{backbone}", FilterPartLoss(weight=1.0), batch, device, **icnn_kw),
             "twin": make_step(f"icnn_{backbone}", FilterPartLoss(weight=0.0), batch, device, **icnn_kw),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from unittest import mock
 
 import pytest
 import torch
@@ -153,6 +154,13 @@ def test_icnn_step_time_times_icnn_and_its_three_references() -> None:
     rows = main(["--rounds", "1", "--steps", "1", "--backbones", "tinycnn"])
     assert [r["backbone"] for r in rows] == ["tinycnn"]
     assert all(rows[0][f"{name}_ms"] > 0 for name in ("icnn", "twin", "ordinary", "plain"))
+    import zoo.icnn.model
+
+    solves = []
+    solver = zoo.icnn.model.linear_sum_assignment
+    with mock.patch.object(zoo.icnn.model, "linear_sum_assignment", lambda cost: solves.append(1) or solver(cost)):
+        main(["--rounds", "1", "--steps", "1", "--backbones", "tinycnn", "--category-assignment", "balanced"])
+    assert solves  # the balanced ICNN steps solve their assignment
 
 
 def test_instability_floor_oracles_fire_on_the_true_parts() -> None:
