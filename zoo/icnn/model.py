@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -47,7 +48,9 @@ class InterpretableFilters(nn.Module):
     The balanced solve is pipelined so that no step waits for its own statistics: `update_statistics` queues a
     non-blocking copy of the class shares to the host, and the next forward (or `refresh_categories`, or a state
     dict) solves it. A step's loss thus uses the categories of the statistics up to the previous step ("argmax" stays
-    on the device and uses the current step's). On a GPU the host waits only for the previous step's copy, which the
+    on the device and uses the current step's). The first training step is the exception: it solves its own
+    statistics before its loss (one wait, once), as the initial categories put every filter on class 0, the collapse
+    the balanced assignment exists to prevent. On a GPU the host waits only for the previous step's copy, which the
     device has finished by then unless the host is more than a step ahead; the device never waits for the host.
 
     Buffers: `class_activation` (F, C) EMA of per-class mean peak activation; `filter_category` (F,);
@@ -78,6 +81,7 @@ class InterpretableFilters(nn.Module):
         initial = torch.full((num_filters,), single_category if single_category is not None else 0)
         self.register_buffer("filter_category", initial.long())
         self._queued_share: tuple[torch.Tensor, torch.cuda.Event | None] | None = None  # see refresh_categories
+        self._solved = False  # whether filter_category holds a solved assignment (a loaded state does)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if tuple(x.shape[-2:]) != self.map_size:
@@ -142,6 +146,8 @@ class InterpretableFilters(nn.Module):
             self.filter_category.copy_(self.class_activation.argmax(1))
         else:
             self._queue_balanced_assignment()
+            if not self._solved:  # the first step: its loss must not run on the initial categories (all class 0)
+                self.refresh_categories()
 
     def _queue_balanced_assignment(self) -> None:
         """Start the class shares' trip to the host for the next `refresh_categories` (non-blocking on a GPU)."""
@@ -169,10 +175,16 @@ class InterpretableFilters(nn.Module):
         if self.filter_category.device.type == "cuda":
             category = category.pin_memory()
         self.filter_category.copy_(category, non_blocking=True)
+        self._solved = True
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         self.refresh_categories()  # a checkpoint holds the categories its statistics give (resume is exact)
         super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        # a state with class statistics holds their solved categories (see _save_to_state_dict); one read, at load
+        self._queued_share, self._solved = None, bool(self.class_seen.any())
 
 
 class InterpretableCNN(PooledHeadMixin, nn.Module):
