@@ -1,6 +1,6 @@
 """A trained model from a file: load it from a System checkpoint with `load_checkpoint`, export it as safetensors +
 config.json with `export_checkpoint`, and load that back with `load_exported`. Above the registry (it builds models
-by name) and `zoo.weights` (it reads and writes the files); nothing here imports Lightning."""
+by name) and `zoo.weights` (it reads the files); nothing here imports Lightning."""
 
 from __future__ import annotations
 
@@ -77,5 +77,3 @@ def load_exported(folder: str | Path) -> nn.Module:
         raise CheckpointError(f"{str(folder)!r} needs config.json and model.safetensors (see export_checkpoint).")
     spec = json.loads(config.read_text())
     return _with_class_names(_load_weights(_build(spec), load_file(str(weights)), f"export {str(folder)!r}"), spec)
-
-
