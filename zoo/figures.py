@@ -1,5 +1,5 @@
 """Pictures and their words, for every picture callback, report and explainer: class names, pyplot-free figures,
-heatmap overlays, and where they go (PNG files, TensorBoard figures and text). Nothing here knows a System, a
+heatmap overlays, and where they go (PNG files; TensorBoard figures, images and text). Nothing here knows a System, a
 Trainer or a model: only matplotlib, torch and TensorBoard's writer."""
 
 from __future__ import annotations
