@@ -4,9 +4,10 @@ opaque twin on a GPU).
 Each family's System is built from its config as `train.py fit` builds it, and one training step (the System's
 `training_step`, backward and optimiser step; `benchmarks.op_counts`) runs under `torch.profiler` on the CPU. No
 `aten::_local_scalar_dense` (what `.item()`, `float(t)`, `bool(t)`, `if t:` run) and no op whose output shape is read
-from the data (`aten::nonzero`, `torch.unique`, `torch.masked_select`) may run in our code. Not counted, because they are no synchronisation on a GPU either: the optimiser's
-step counters (host tensors), `aten::_assert_async` (torch.multinomial's device-side check, asynchronous on CUDA) and
-`zoo/checks.py` (input checks that run only on CPU tensors; `test_input_checks_skip_device_tensors`).
+from the data (`aten::nonzero`, `torch.unique`, `torch.masked_select`) may run in our code. Not counted, because
+they are no synchronisation on a GPU either: the optimiser's step counters (host tensors), `aten::_assert_async`
+(torch.multinomial's device-side check, asynchronous on CUDA) and `zoo/checks.py` (input checks that run only on CPU
+tensors; `test_input_checks_skip_device_tensors`).
 """
 
 from __future__ import annotations
