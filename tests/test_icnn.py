@@ -4,8 +4,8 @@ instability and part IoU against slow references and hand-built maps."""
 from __future__ import annotations
 
 import math
-from unittest import mock
 from functools import partial
+from unittest import mock
 
 import numpy as np
 import pytest
