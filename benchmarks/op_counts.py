@@ -40,6 +40,9 @@ FAMILIES: dict[str, tuple[str, list[str]]] = {
     "rule_loss": ("configs/renn/parts_world_distillation.yaml", []),
     "aog_rcnn": ("configs/aog_rcnn/parts_world_scenes.yaml", []),
     "textual": ("configs/textual/explanation.yaml", ["--model.init_args.init_checkpoint=null"]),
+    "cbm": ("configs/cbm/parts_world.yaml", []),  # joint CBM
+    "cbm_cem": ("configs/cbm/cem.yaml", []),  # concept embeddings with RandInt
+    "protopnet": ("configs/protopnet/parts_world.yaml", []),
 }
 
 

@@ -239,19 +239,6 @@ def test_cub_attributes_are_voted_per_class_and_filtered_as_in_the_paper(cub_roo
     assert "attributes" not in CUB200DataModule(root=str(cub_root), image_size=32).split_samples("train")[0]
 
 
-@pytest.mark.parametrize("config", ["configs/cbm/parts_world.yaml", "configs/cbm/cem.yaml"])
-def test_a_training_step_reads_no_device_value(config: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """As tests/test_host_sync.py for the other families: no `.item()`-like read and no data-dependent shape in a
-    joint CBM step or a CEM step with RandInt."""
-    from benchmarks.op_counts import FAMILIES, build, profile_step, sync_sites, training_step
-
-    monkeypatch.setitem(FAMILIES, "cbm", (str(REPO / config), []))
-    torch.manual_seed(0)
-    system, batch = build("cbm", batch_size=4)
-    sites = sync_sites(profile_step(training_step(system, batch), warmup=1))
-    assert sites["ours"] == [] and sites["torchvision"] == []
-
-
 class SaveConceptPredictions(pl.Callback):
     """Each rank writes its validation concept predictions (logit > 0) and true concepts, (B, 2, K) per batch."""
 

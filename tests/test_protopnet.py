@@ -227,17 +227,6 @@ def test_bf16_training_step_is_finite() -> None:
     assert all(torch.isfinite(t) and t.dtype == torch.float32 for t in terms.values())
 
 
-def test_a_training_step_reads_no_device_value(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As tests/test_host_sync.py for the other families: no `.item()`-like read in a ProtoPNet training step."""
-    from benchmarks.op_counts import FAMILIES, build, profile_step, sync_sites, training_step
-
-    monkeypatch.setitem(FAMILIES, "protopnet", (CONFIG, []))
-    torch.manual_seed(0)
-    system, batch = build("protopnet", batch_size=4)
-    sites = sync_sites(profile_step(training_step(system, batch), warmup=1))
-    assert sites["ours"] == [] and sites["torchvision"] == []
-
-
 class SavePrototypes(pl.Callback):
     """Each rank writes its prototypes and their sources at its first training batch (after the epoch's push)."""
 
