@@ -5,12 +5,14 @@ interpretable model against its opaque twin / baselines, on the CPU or a GPU, fp
         [--rounds 5] [--steps 10]
     python -m benchmarks.family_speed --families --heads vote3 aog3     # two RoI heads alone, in a fresh process
     python -m benchmarks.family_speed --realistic --device cuda [--rows icnn_resnet18 ...] [--scale 1.0]
+        [--precisions fp32 bf16] [--compile]
 
 `--realistic` times the rows of the GPU issue at the sizes researchers train at (ICNN on resnet18 / vgg16 at
 224 px, tinycnn at 64 px batch 256; the AOG heads at 512 RoIs; detectors on resnet18 at 512 px; textual, ReNN and
 L2X steps), each row's model against its reference in interleaved rounds, fp32 and bf16 autocast, and prints the
-ratios with the issue's targets. `--scale` shrinks batches and image sizes (a CPU smoke run: `--device cpu --scale
-0.25 --rows icnn_tinycnn renn`).
+ratios with the issue's targets, each row as soon as it is measured; `--compile` compiles both sides of each row
+(inductor, as `--model.init_args.compile=true`). `--scale` shrinks batches and image sizes (a CPU smoke run:
+`--device cpu --scale 0.25 --rows icnn_tinycnn renn`).
 
 A train step is forward + loss + backward + optimiser step (+ ICNN's online statistics; + the frozen black box's
 forward for L2X). Inference is one forward pass in eval mode (for L2X: explaining a batch). Models of a family
@@ -30,7 +32,7 @@ figures are noisy: read the ratios.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -46,6 +48,7 @@ from losses.icnn import FilterPartLoss
 from losses.l2x import L2XLoss
 from losses.renn import ReNNLoss
 from losses.textual import DiscriminativeLoss, RelevanceLoss
+from zoo.engine.system import compile_model
 from zoo.textual.model import ExplanationModel, SentenceClassifier
 
 Step = Callable[[], None]
@@ -325,12 +328,15 @@ def realistic_setup(key: str, device: torch.device, scale: float) -> tuple[dict,
     return batch, input_key, {name: models[name] for name in (row.model, row.reference)}, teacher
 
 
-def realistic(device: torch.device, rounds: int, steps: int, scale: float, keys: list[str]) -> list[dict]:
-    """Every chosen row in fp32 and bf16 autocast: medians of interleaved rounds and the row's ratio."""
-    rows = []
+def realistic(device: torch.device, rounds: int, steps: int, scale: float, keys: list[str],
+              precisions: tuple[str, ...] = ("fp32", "bf16"), compile: bool = False) -> Iterator[dict]:
+    """Every chosen row in each precision (fp32, bf16 autocast): medians of interleaved rounds and the row's ratio,
+    one row at a time (a long GPU run reports what it has measured when it is cut short). `compile`: the model and
+    its reference are both `torch.compile`d as `--model.init_args.compile=true` compiles them (inductor), and timed
+    after their warm-up steps have compiled them; the RoI-head rows run eagerly."""
     for key in keys:
         row = REALISTIC[key]
-        for bf16 in (False, True):
+        for bf16 in (precision == "bf16" for precision in precisions):
             if key in ("aog3", "aog7"):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     heads = {r["head"]: r["ms"] for r in head_speed(device, rounds, scaled(512, scale, 16),
@@ -342,14 +348,15 @@ def realistic(device: torch.device, rounds: int, steps: int, scale: float, keys:
                 for name, (model, loss) in models.items():
                     model.to(device)
                     loss.to(device)
+                    if compile:
+                        compile_model(model)
                     timed[name] = train_step(model, loss, batch, input_key, device, bf16,
                                              teacher if name == row.model else None)
                 median = interleaved_medians(timed, device, rounds, calls=steps, warmup=2)
                 model_ms, reference_ms = 1e3 * median[row.model], 1e3 * median[row.reference]
-            rows.append({"row": row.name, "precision": "bf16" if bf16 else "fp32", "model_ms": round(model_ms, 2),
-                         "reference_ms": round(reference_ms, 2), "ratio": round(model_ms / reference_ms, 3),
-                         "target": row.target})
-    return rows
+            yield {"row": row.name, "precision": "bf16" if bf16 else "fp32", "model_ms": round(model_ms, 2),
+                   "reference_ms": round(reference_ms, 2), "ratio": round(model_ms / reference_ms, 3),
+                   "target": row.target, "compiled": compile and key not in ("aog3", "aog7")}
 
 
 def measure(family: str, device: torch.device, bf16: bool, rounds: int, steps: int) -> list[dict]:
@@ -416,10 +423,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rows", nargs="+", choices=list(REALISTIC), default=list(REALISTIC),
                         help="--realistic: these rows only")
     parser.add_argument("--scale", type=float, default=1.0, help="--realistic: batch and image sizes times this")
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                        help="--realistic: fp32 and/or bf16 autocast")
+    parser.add_argument("--compile", action="store_true",
+                        help="--realistic: torch.compile (inductor) each model and its reference, as compile=true does")
     args = parser.parse_args(argv)
     device = args.device
     if args.realistic:
-        return print_realistic(device, args.rounds, args.steps, args.scale, args.rows)
+        return print_realistic(device, args.rounds, args.steps, args.scale, args.rows, tuple(args.precisions),
+                               args.compile)
     rows = [row for family in args.families for row in measure(family, device, args.bf16, args.rounds, args.steps)]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
@@ -444,15 +456,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
-def print_realistic(device: torch.device, rounds: int, steps: int, scale: float, keys: list[str]) -> list[dict]:
-    rows = realistic(device, rounds, steps, scale, keys)
+def print_realistic(device: torch.device, rounds: int, steps: int, scale: float, keys: list[str],
+                    precisions: tuple[str, ...] = ("fp32", "bf16"), compile: bool = False) -> list[dict]:
+    """The realistic table, printed row by row as each is measured."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, scale {scale}, {rounds} rounds x {steps} steps (medians of interleaved "
-          "rounds; train steps)")
-    print("| row | precision | model ms | reference ms | ratio | target |\n| --- | --- | --- | --- | --- | --- |")
-    for r in rows:
-        print(f"| {r['row']} | {r['precision']} | {r['model_ms']} | {r['reference_ms']} | {r['ratio']} | "
-              f"<= {r['target']} |")
+          f"rounds; train steps{'; model and reference torch.compile-d' if compile else ''})")
+    print("| row | precision | model ms | reference ms | ratio | target |\n| --- | --- | --- | --- | --- | --- |",
+          flush=True)
+    rows = []
+    for r in realistic(device, rounds, steps, scale, keys, precisions, compile):
+        precision = r["precision"] + (", compiled" if r["compiled"] else "")
+        print(f"| {r['row']} | {precision} | {r['model_ms']} | {r['reference_ms']} | {r['ratio']} | "
+              f"<= {r['target']} |", flush=True)
+        rows.append(r)
     return rows
 
 

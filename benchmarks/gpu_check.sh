@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
-# The GPU issue's device checks in one run, for a session lent a GPU (about 8 minutes on one H200). From the repo
-# root, through the device tool, with the wheels the machine lacks (captum, jsonargparse, pycocotools and their
-# needs; see the device tool's README) downloaded to .whl/ and carried:
+# The GPU issue's device checks in one run, for a session lent a GPU: everything fits in BUDGET seconds (default
+# 540), each stage under its own time limit, its log written as it runs, so a stage cut short still reports what it
+# measured. From the repo root, through the device tool, with the wheels the machine lacks (captum, jsonargparse,
+# docstring_parser, typeshed_client, pycocotools; see the device tool's README) downloaded to .whl/ and carried:
 #     bash benchmarks/gpu_check.sh
-# Writes to $OUT (or /tmp/gpu_check): device.txt, tests.log (the CUDA sync-debug tests and the compile tests),
-# realistic.log (`family_speed --realistic`: the issue's table, fp32 and bf16) and icnn_balanced.log (ICNN with the
-# parts-world configs' balanced assignment against its twins, tinycnn and resnet18 at 64 px).
+# Writes to $OUT (or /tmp/gpu_check), one log per stage, in this order:
+#   device.txt      GPU, driver, torch
+#   sync.log        every family's training step on the GPU under torch.cuda.set_sync_debug_mode (tests/test_host_sync.py)
+#   realistic.log   `family_speed --realistic`: the issue's table, fp32 and bf16, eager
+#   heads.log       the AOG RoI heads alone, every variant (full-rank and rank-32 terminal maps, shared cell maps)
+#   suite.log       the whole test suite with CUDA present (the tests pin the CPU themselves), one line per test
+#   compiled.log    the ICNN, ReNN and L2X rows again in bf16 with both sides torch.compile-d (inductor)
+#   balanced.log    ICNN with the parts-world configs' balanced assignment against its twins, 64 px
+# A dry run of the plumbing on a CPU, shrunk: DEVICE=cpu SCALE=0.125 STAGES="realistic compiled" bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
+BUDGET=${BUDGET:-540}
+DEVICE=${DEVICE:-cuda}
+SCALE=${SCALE:-1.0}
+STAGES=${STAGES:-sync realistic heads suite compiled balanced}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -15,10 +26,37 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONUNBUFFERED=1 PYTHONPATH=.:${PYTHONPATH:-}
+
+# stage NAME LIMIT COMMAND...: COMMAND under min(LIMIT, what is left of BUDGET), its output in $OUT/NAME.log
+stage() {
+    local name=$1 limit=$2 left=$((BUDGET - SECONDS)) start=$SECONDS
+    shift 2
+    [[ " $STAGES " == *" $name "* ]] || return 0
+    ((left < limit)) && limit=$left
+    if ((limit < 20)); then
+        echo "== $name: skipped, ${left} s of the budget left" | tee "$OUT/$name.log"
+        return
+    fi
+    echo "== $name (at most $limit s): $*"
+    timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    echo "== $name: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/$name.log"
+}
+
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"; } | tee "$OUT/device.txt"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_host_sync.py tests/test_compile.py 2>&1 \
-    | tee "$OUT/tests.log"
-timeout 330 python3 -m benchmarks.family_speed --realistic --device cuda 2>&1 | tee "$OUT/realistic.log"
-timeout 120 python3 -m benchmarks.icnn_step_time --device cuda --backbones tinycnn resnet18 \
-    --category-assignment balanced 2>&1 | tee "$OUT/icnn_balanced.log"
+  python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
+  nproc; } 2>&1 | tee "$OUT/device.txt"
+stage sync 100 python3 -m pytest -q -p no:cacheprovider -rA tests/test_host_sync.py -k gpu
+tail -n 15 "$OUT/sync.log"
+stage realistic 200 python3 -m benchmarks.family_speed --realistic --device "$DEVICE" --scale "$SCALE"
+grep -E "^\||^torch|Error" "$OUT/realistic.log" | tail -n 30
+stage heads 40 python3 -m benchmarks.family_speed --families --device "$DEVICE" --heads aog3 aog3_rank32 aog3_cells \
+    mlp aog7 aog7_rank32 aog7_cells
+grep -E "^\||^torch|Error" "$OUT/heads.log" | tail -n 14
+OMP_NUM_THREADS=2 stage suite 150 python3 -m pytest -v -p no:cacheprovider -n 16 --tb=short
+grep -E "FAILED|ERROR| passed| failed" "$OUT/suite.log" | tail -n 30
+stage compiled 120 python3 -m benchmarks.family_speed --realistic --device "$DEVICE" --scale "$SCALE" \
+    --precisions bf16 --compile --rows icnn_resnet18 icnn_tinycnn renn l2x
+grep -E "^\||^torch|Error" "$OUT/compiled.log" | tail -n 30
+stage balanced 60 python3 -m benchmarks.icnn_step_time --device "$DEVICE" --backbones tinycnn resnet18 \
+    --category-assignment balanced
+tail -n 12 "$OUT/balanced.log"

@@ -138,6 +138,29 @@ def test_family_speed_realistic_table_runs_shrunk_on_the_cpu() -> None:
     assert all(r["model_ms"] > 0 and r["reference_ms"] > 0 and r["ratio"] > 0 and r["target"] >= 1 for r in rows)
 
 
+def test_family_speed_realistic_compiles_both_sides_of_a_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--realistic --compile`: the row's model and its reference are both compiled the way
+    `--model.init_args.compile=true` compiles them (here with the aot_eager backend: graph capture without code
+    generation, seconds on a CPU), and the row says so; `--precisions` picks the precisions."""
+    import benchmarks.family_speed as family_speed
+    from zoo import create_model
+    from zoo.engine.system import compile_model
+
+    compiled: list[str] = []
+
+    def compile_eagerly(model: torch.nn.Module) -> None:
+        compiled.append(type(model).__name__)
+        compile_model(model, "aot_eager")
+
+    monkeypatch.setattr(family_speed, "compile_model", compile_eagerly)
+    torch._dynamo.reset()
+    rows = family_speed.main(["--realistic", "--device", "cpu", "--rounds", "1", "--steps", "1", "--scale", "0.125",
+                              "--rows", "renn", "--precisions", "bf16", "--compile"])
+    assert [(r["precision"], r["compiled"]) for r in rows] == [("bf16", True)]
+    assert sorted(compiled) == sorted(type(create_model(name)).__name__ for name in ("renn_series", "baseline_cnn1d"))
+    assert all(r["model_ms"] > 0 and r["reference_ms"] > 0 for r in rows)
+
+
 def test_family_speed_times_chosen_heads_alone_with_their_vote() -> None:
     from benchmarks.family_speed import HEADS, main
 

@@ -8,9 +8,16 @@ from the data (`aten::nonzero`, `torch.unique`, `torch.masked_select`) may run i
 they are no synchronisation on a GPU either: the optimiser's step counters (host tensors), `aten::_assert_async`
 (torch.multinomial's device-side check, asynchronous on CUDA) and `zoo/checks.py` (input checks that run only on CPU
 tensors; `test_input_checks_skip_device_tensors`).
+
+On a GPU (skipped without one), the same step of every family runs under `torch.cuda.set_sync_debug_mode`, which
+also sees what a CPU profile cannot: copies between the host's pageable memory and the device.
 """
 
 from __future__ import annotations
+
+import traceback
+import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -70,23 +77,49 @@ def test_balanced_assignment_is_solved_before_the_next_forward_not_inside_its_ow
         assert order == ["solve"] * layers + ["forward"]  # the previous step's, then this step's forward
 
 
+def synchronising_calls(step: Callable[[], None]) -> list[list[str]]:
+    """The Python stack ("path(line)" frames, innermost last) of every implicit host-device synchronisation in one
+    call of `step` on a GPU, as `torch.cuda.set_sync_debug_mode("warn")` reports them: `.item()`, a copy to or from
+    pageable host memory (a CPU-built tensor copied in), a data-dependent shape. Explicit waits (an event's
+    `synchronize`, as the balanced solve waits for the previous step's copy) are no implicit synchronisation."""
+    stacks: list[list[str]] = []
+
+    def record(message: Warning | str, *_: object, **__: object) -> None:
+        if "synchroniz" in str(message):
+            stacks.append([f"{frame.filename}({frame.lineno})" for frame in traceback.extract_stack()[:-1]
+                           if not frame.filename.endswith("warnings.py")])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.synchronize()  # after the sync-debug window: the step's own work only
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return stacks
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("family", ["icnn", "icnn_balanced"])
-def test_an_icnn_step_on_a_gpu_makes_no_implicit_synchronisation(family: str) -> None:
-    """On a GPU, `torch.cuda.set_sync_debug_mode("error")` raises at any implicit host-device synchronisation
-    (`.item()`, a copy to pageable host memory, a data-dependent shape). The balanced solve's wait for the previous
-    step's copy is an explicit event wait, which it allows."""
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_training_step_on_a_gpu_makes_no_implicit_synchronisation(family: str) -> None:
+    """Every family's training step on a GPU, as the Trainer runs it on a CUDA batch, under
+    `torch.cuda.set_sync_debug_mode`: not one implicit synchronisation of ours, the copies the CPU profile cannot see
+    included (the AOG detector's are torchvision's own, in the files named above)."""
+    from pytorch_lightning.utilities import move_data_to_device
+
+    torch.manual_seed(0)
     system, batch = build(family, batch_size=4)
     system.cuda()
-    batch = {key: value.cuda() if torch.is_tensor(value) else value for key, value in batch.items()}
-    step = training_step(system, batch)
-    step()  # warm-up: caches (the part-mask table, the template prior) are built once per device
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-        step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    step = training_step(system, move_data_to_device(batch, torch.device("cuda")))
+    step()  # warm-up: caches (ICNN's part-mask table and template prior) are built once per device
+    step()
+    stacks = [stack for _ in range(2) for stack in synchronising_calls(step)]
+    ours = [stack[-6:] for stack in stacks if not any(site in frame for frame in stack for site in TORCHVISION_SITES)]
+    assert ours == [], f"{family}: implicit host-device synchronisations in a GPU training step: {ours}"
+    if family != "aog_rcnn":
+        assert stacks == []
 
 
 def test_the_profile_names_each_kind_of_synchronisation_and_where_it_runs() -> None:
@@ -105,6 +138,28 @@ def test_the_profile_names_each_kind_of_synchronisation_and_where_it_runs() -> N
     assert kinds == {"aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::masked_select"}, sites
     assert any(site.startswith("aten::nonzero in tests/test_host_sync.py(") for site in sites), sites
     assert sync_sites(profile_step(lambda: x.sum() * 2, warmup=0))["ours"] == []
+
+
+def test_the_gpu_detector_records_where_each_synchronisation_was_called(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The detector the GPU test relies on, without a GPU: each warning that sync-debug mode raises is kept with the
+    stack that called it, other warnings are not, and the mode is reset afterwards."""
+    modes: list[str] = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    def syncing_op() -> None:
+        warnings.warn("called a synchronizing CUDA operation", UserWarning)
+        warnings.warn("an unrelated warning", UserWarning)
+
+    def step() -> None:
+        syncing_op()
+        syncing_op()
+
+    stacks = synchronising_calls(step)
+    assert modes == ["warn", "default"] and len(stacks) == 2
+    assert all("test_host_sync.py" in stack[-1] and "test_host_sync.py" in stack[-2] for stack in stacks), stacks
+    assert stacks[0][-1] == stacks[1][-1] and stacks[0][-2] != stacks[1][-2]  # the same op, called from two lines
+    assert synchronising_calls(lambda: None) == []
 
 
 def test_input_checks_skip_device_tensors() -> None:
