@@ -138,10 +138,17 @@ class PartsWorldColourRule(ClassRule):
         self.class_colours = F.one_hot(colours, len(COLOURS)).amax(1).float()  # (C, n_colours)
         self.colour_values, self.sigma, self.image_key = COLOUR_VALUES, sigma, image_key
 
+    def tables_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The colour values (n_colours, 3) and each class's required colours (C, n_colours) on `device`, moved there
+        once: a copy from the host every step would make the GPU wait."""
+        if self.class_colours.device != device:
+            self.colour_values, self.class_colours = self.colour_values.to(device), self.class_colours.to(device)
+        return self.colour_values, self.class_colours
+
     def __call__(self, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
         images = batch[self.image_key][:, :3].float()  # (B, 3, H, W)
-        distance = (images[:, None] - self.colour_values.to(images)[None, :, :, None, None]).square().sum(2)
+        colour_values, required = (table.to(images) for table in self.tables_on(images.device))  # (K, 3), (C, K)
+        distance = (images[:, None] - colour_values[None, :, :, None, None]).square().sum(2)
         present = torch.exp(-distance / self.sigma**2).flatten(2).amax(-1)  # (B, n_colours)
-        required = self.class_colours.to(images)  # (C, n_colours)
         # prod over required colours of present_k: exp(sum_k required_ck * log present_k)
         return torch.exp(torch.log(present.clamp_min(1e-6)) @ required.T)  # (B, C)

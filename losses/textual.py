@@ -45,7 +45,7 @@ class DiscriminativeLoss(nn.Module):
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         reward = out["reward"].detach().float()  # (B,)
         if self.training:
-            totals = all_reduce_(torch.stack([reward.sum(), reward.new_tensor(len(reward))]))  # (sum, count)
+            totals = all_reduce_(torch.stack([reward.sum(), reward.new_full((), len(reward))]))  # (sum, count); no host copy
             mean = totals[0] / totals[1]
             self.baseline.copy_(torch.where(self.seen, self.momentum * self.baseline + (1 - self.momentum) * mean,
                                             mean))

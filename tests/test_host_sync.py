@@ -22,7 +22,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from benchmarks.op_counts import FAMILIES, build, profile_step, sync_sites, training_step
+from benchmarks.op_counts import FAMILIES, build, has_call_sites, profile_step, sync_sites, training_step
 
 # AOG R-CNN is a torchvision detector: these are torchvision's own data-dependent shapes, by design, in
 #   models/detection/_utils.py      Matcher and BalancedPositiveNegativeSampler (torch.where on matches, index_put)
@@ -37,11 +37,21 @@ TORCHVISION_SITES = ("torchvision/models/detection/_utils.py", "torchvision/mode
                      "torchvision/models/detection/generalized_rcnn.py", "torchvision/ops/boxes.py")
 
 
+def require_call_sites(profile: torch.profiler.profile) -> None:
+    """The CPU check needs the profiler to say which Python line called each op. Where it does not (seen once: torch
+    2.11 on a GPU machine, every call site "?"), the test cannot tell our ops from the optimiser's and is skipped;
+    there the GPU test below checks the step."""
+    if not has_call_sites(profile):
+        pytest.skip(f"torch {torch.__version__}'s profiler tied no op to its Python call site here")
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_training_step_reads_no_device_value(family: str) -> None:
     torch.manual_seed(0)
     system, batch = build(family, batch_size=4)
-    sites = sync_sites(profile_step(training_step(system, batch), warmup=1))
+    profile = profile_step(training_step(system, batch), warmup=1)
+    require_call_sites(profile)
+    sites = sync_sites(profile)
     assert sites["ours"] == [], f"{family}: host-device synchronisations in the training step: {sites['ours']}"
     if family == "aog_rcnn":
         assert sites["torchvision"], "the detector's RPN no longer syncs: drop the exception above"
@@ -85,7 +95,7 @@ def synchronising_calls(step: Callable[[], None]) -> list[list[str]]:
     stacks: list[list[str]] = []
 
     def record(message: Warning | str, *_: object, **__: object) -> None:
-        if "synchroniz" in str(message):
+        if str(message).startswith("called a synchronizing CUDA operation"):  # not the mode's own notice
             stacks.append([f"{frame.filename}({frame.lineno})" for frame in traceback.extract_stack()[:-1]
                            if not frame.filename.endswith("warnings.py")])
 
@@ -94,8 +104,7 @@ def synchronising_calls(step: Callable[[], None]) -> list[list[str]]:
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            step()
-            torch.cuda.synchronize()  # after the sync-debug window: the step's own work only
+            step()  # the mode is checked on the host as each op is called: no need to wait for the device
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return stacks
@@ -133,7 +142,9 @@ def test_the_profile_names_each_kind_of_synchronisation_and_where_it_runs() -> N
         torch.unique((x * 4).long())
         x.masked_select(x > 0.5)
 
-    sites = sync_sites(profile_step(syncing_step, warmup=0))["ours"]
+    profile = profile_step(syncing_step, warmup=0)
+    require_call_sites(profile)
+    sites = sync_sites(profile)["ours"]
     kinds = {site.split(" in ")[0] for site in sites}
     assert kinds == {"aten::_local_scalar_dense", "aten::nonzero", "aten::_unique2", "aten::masked_select"}, sites
     assert any(site.startswith("aten::nonzero in tests/test_host_sync.py(") for site in sites), sites
@@ -142,14 +153,15 @@ def test_the_profile_names_each_kind_of_synchronisation_and_where_it_runs() -> N
 
 def test_the_gpu_detector_records_where_each_synchronisation_was_called(monkeypatch: pytest.MonkeyPatch) -> None:
     """The detector the GPU test relies on, without a GPU: each warning that sync-debug mode raises is kept with the
-    stack that called it, other warnings are not, and the mode is reset afterwards."""
+    stack that called it, other warnings (the mode's own notice too: on the GPU it was first counted as a
+    synchronisation) are not, and the mode is reset afterwards."""
     modes: list[str] = []
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
 
     def syncing_op() -> None:
         warnings.warn("called a synchronizing CUDA operation", UserWarning)
-        warnings.warn("an unrelated warning", UserWarning)
+        warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all "
+                      "synchronizing operations", UserWarning)  # the mode's own notice, once per process
 
     def step() -> None:
         syncing_op()

@@ -44,7 +44,8 @@ KILL_STEP = {"renn": 14}  # default 6: in the middle of the second epoch
 
 
 def fit(cwd: Path, name: str, config: str, *extra: str, wait: bool = True) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # the repo, then what was there
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / config),
                                 *COMMON, f"--trainer.logger.init_args.name={name}", *extra], cwd=cwd, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
