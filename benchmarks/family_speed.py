@@ -168,7 +168,8 @@ class ExplanationStep(nn.Module):
             return {"sentences": self.model.explain(images, self.labels)[0]}
         out = {**self.model(images, self.labels, self.captions), "tokens": self.captions}
         if self.discriminative:
-            sampled, out["sample_log_probs"] = self.model.explain(images, self.labels, mode="sample")
+            sampled, out["sample_log_probs"] = self.model.explain(images, self.labels, mode="sample",
+                                                                   early_stop=False)  # as TextualSystem samples
             out["reward"] = self.classifier.true_class_probability(sampled, self.labels)
         return out
 

@@ -46,6 +46,31 @@ def test_batched_decoding_equals_one_by_one() -> None:
         assert torch.allclose(batched_lp, torch.cat([s[1] for s in singles]), atol=1e-5), mode
 
 
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_sampling_with_a_graph_scores_the_words_as_the_step_loop_does(early_stop: bool) -> None:
+    """REINFORCE's sampling (grad enabled) draws the words without a graph and scores them in one teacher-forced
+    pass: the same words as the step-by-step loop from the same random state, and up to float rounding the same
+    per-word log-probabilities (0 after <eos>) and the same gradient of their sum."""
+    model = generator(3).train()
+    features = torch.randn(16, 5, requires_grad=True)
+
+    def sample(loop: bool) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        features.grad = None
+        torch.manual_seed(7)
+        tokens, log_probs = (model._decode_loop(features, "sample", early_stop) if loop
+                             else model.decode(features, "sample", early_stop=early_stop))
+        (log_probs.sum(1) * torch.linspace(-1, 1, 16)).sum().backward()  # a REINFORCE-like weighted sum
+        return tokens, log_probs.detach(), [p.grad.clone() for p in (features, *model.parameters())]
+
+    loop_tokens, loop_log_probs, loop_grads = sample(loop=True)
+    tokens, log_probs, grads = sample(loop=False)
+    assert torch.equal(tokens, loop_tokens) and (tokens == EOS).any() and (tokens == PAD).any()
+    torch.testing.assert_close(log_probs, loop_log_probs, rtol=1e-5, atol=1e-6)
+    for grad, loop_grad in zip(grads, loop_grads):
+        torch.testing.assert_close(grad, loop_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_beam_finds_at_least_the_greedy_likelihood() -> None:
     model = generator(2)
     features = torch.randn(8, 5)

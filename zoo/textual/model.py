@@ -70,6 +70,28 @@ class FactoredLSTMGenerator(nn.Module):
             return self._beam(feature, beam_size)
         if mode not in ("greedy", "sample"):
             raise ValueError(f"mode must be greedy, sample or beam; got {mode!r}.")
+        if mode == "sample" and torch.is_grad_enabled():
+            # REINFORCE differentiates the sampled words' log-probabilities. Draw the words without a graph, then
+            # score them in one teacher-forced pass: one backward through two sequence LSTMs instead of one per
+            # word. The same words and, up to float rounding, the same log-probabilities and gradients.
+            with torch.no_grad():
+                sentences, _ = self._decode_loop(feature, mode, early_stop, scored=False)
+            return sentences, self.word_log_probs(feature, sentences)
+        return self._decode_loop(feature, mode, early_stop)
+
+    def word_log_probs(self, feature: torch.Tensor, sentences: torch.Tensor) -> torch.Tensor:
+        """log p(w_t | w_<t, feature) of each word of `sentences` (B, T) (no <bos>, <pad> after <eos>), 0 after each
+        sentence's <eos>, as `decode` gives them for the sentences it generates: (B, T)."""
+        bos = sentences.new_full((len(sentences), 1), self.bos)
+        logits = self(feature, torch.cat([bos, sentences], 1)).float() + self.never_generated  # (B, T, V)
+        log_probs = F.log_softmax(logits, -1).gather(2, sentences[..., None])[..., 0]  # (B, T)
+        is_eos = (sentences == self.eos).long()
+        return log_probs.masked_fill(is_eos.cumsum(1) - is_eos > 0, 0.0)  # words after the first <eos>
+
+    def _decode_loop(self, feature: torch.Tensor, mode: str, early_stop: bool, scored: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Greedy or sampled decoding, one batched step per word (`decode`); `scored=False` keeps no per-word
+        log-probabilities (None in their place)."""
         batch = len(feature)
         token = torch.full((batch,), self.bos, dtype=torch.long, device=feature.device)
         done = torch.zeros(batch, dtype=torch.bool, device=feature.device)
@@ -79,14 +101,16 @@ class FactoredLSTMGenerator(nn.Module):
             token = (torch.multinomial(step_log_probs.exp(), 1)[:, 0] if mode == "sample"
                      else step_log_probs.argmax(-1))
             token = token.masked_fill(done, self.pad)
-            log_probs.append(step_log_probs.gather(1, token[:, None])[:, 0].masked_fill(done, 0.0))
+            if scored:
+                log_probs.append(step_log_probs.gather(1, token[:, None])[:, 0].masked_fill(done, 0.0))
             tokens.append(token)
             done = done | (token == self.eos)
             if early_stop and done.all():  # reads the device: training's sampling runs to max_len instead
                 break
-        tokens_t, log_probs_t = torch.stack(tokens, 1), torch.stack(log_probs, 1)
+        tokens_t = torch.stack(tokens, 1)  # (B, steps)
         width = self.max_len - tokens_t.shape[1]
-        return F.pad(tokens_t, (0, width), value=self.pad), F.pad(log_probs_t, (0, width))
+        return (F.pad(tokens_t, (0, width), value=self.pad),
+                F.pad(torch.stack(log_probs, 1), (0, width)) if scored else None)
 
     def _beam(self, feature: torch.Tensor, beam_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched beam search: B x K hypotheses advance together; finished ones only extend with padding."""
