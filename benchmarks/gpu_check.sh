@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
 # The GPU issue's device checks in one run, for a session lent a GPU: everything fits in BUDGET seconds (default
-# 540), each stage under its own time limit, its log written as it runs, so a stage cut short still reports what it
-# measured. From the repo root, through the device tool, with the wheels the machine lacks (captum, jsonargparse,
+# 540; on one H200 on 2026-12-04 sync, realistic, heads and balanced took 32, 54, 16 and 29 s, and compiled and the
+# suite ran out of their 120 and 150 s), each stage under its own limit, its log written as it runs, so a stage cut
+# short still reports what it measured. From the repo root, through the device tool, with the wheels the machine lacks (captum, jsonargparse,
 # docstring_parser, typeshed_client, pycocotools; see the device tool's README) downloaded to .whl/ and carried:
 #     bash benchmarks/gpu_check.sh
 # Writes to $OUT (or /tmp/gpu_check), one log per stage, in this order:
 #   device.txt      GPU, driver, torch
-#   sync.log        every family's training step on the GPU under torch.cuda.set_sync_debug_mode (tests/test_host_sync.py)
+#   sync.log        every family's training step on the GPU under torch.cuda.set_sync_debug_mode
+#                   (tests/test_host_sync.py)
 #   realistic.log   `family_speed --realistic`: the issue's table, fp32 and bf16, eager
 #   heads.log       the AOG RoI heads alone, every variant (full-rank and rank-32 terminal maps, shared cell maps)
+#   compiled.log    the ICNN, L2X and ReNN rows again in bf16 with both sides torch.compile-d (inductor; about
+#                   40 s of compilation per row)
 #   suite.log       the whole test suite with CUDA present (the tests pin the CPU themselves), one line per test
-#   compiled.log    the ICNN, ReNN and L2X rows again in bf16 with both sides torch.compile-d (inductor)
 #   balanced.log    ICNN with the parts-world configs' balanced assignment against its twins, 64 px
-# A dry run of the plumbing on a CPU, shrunk: DEVICE=cpu SCALE=0.125 STAGES="realistic compiled" bash benchmarks/gpu_check.sh
+# A dry run of the plumbing on a CPU, shrunk:
+#     DEVICE=cpu SCALE=0.125 STAGES="realistic compiled" bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 BUDGET=${BUDGET:-540}
 DEVICE=${DEVICE:-cuda}
 SCALE=${SCALE:-1.0}
-STAGES=${STAGES:-sync realistic heads suite compiled balanced}
+STAGES=${STAGES:-sync realistic heads compiled suite balanced}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -52,11 +56,11 @@ grep -E "^\||^torch|Error" "$OUT/realistic.log" | tail -n 30
 stage heads 40 python3 -m benchmarks.family_speed --families --device "$DEVICE" --heads aog3 aog3_rank32 aog3_cells \
     mlp aog7 aog7_rank32 aog7_cells
 grep -E "^\||^torch|Error" "$OUT/heads.log" | tail -n 14
-OMP_NUM_THREADS=2 stage suite 150 python3 -m pytest -v -p no:cacheprovider -n 16 --tb=short
-grep -E "FAILED|ERROR| passed| failed" "$OUT/suite.log" | tail -n 30
-stage compiled 120 python3 -m benchmarks.family_speed --realistic --device "$DEVICE" --scale "$SCALE" \
-    --precisions bf16 --compile --rows icnn_resnet18 icnn_tinycnn renn l2x
+stage compiled 150 python3 -m benchmarks.family_speed --realistic --device "$DEVICE" --scale "$SCALE" \
+    --precisions bf16 --compile --rows icnn_tinycnn l2x icnn_resnet18 renn
 grep -E "^\||^torch|Error" "$OUT/compiled.log" | tail -n 30
+OMP_NUM_THREADS=2 stage suite 200 python3 -m pytest -v -p no:cacheprovider -n 16 --tb=short
+grep -E "FAILED|ERROR| passed| failed" "$OUT/suite.log" | tail -n 30
 stage balanced 60 python3 -m benchmarks.icnn_step_time --device "$DEVICE" --backbones tinycnn resnet18 \
     --category-assignment balanced
 tail -n 12 "$OUT/balanced.log"
