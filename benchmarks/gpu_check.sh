@@ -2,8 +2,9 @@
 # The GPU issue's device checks in one run, for a session lent a GPU: everything fits in BUDGET seconds (default
 # 540; on one H200 on 2026-12-04 sync, realistic, heads and balanced took 32, 54, 16 and 29 s, and compiled and the
 # suite ran out of their 120 and 150 s), each stage under its own limit, its log written as it runs, so a stage cut
-# short still reports what it measured. From the repo root, through the device tool, with the wheels the machine lacks (captum, jsonargparse,
-# docstring_parser, typeshed_client, pycocotools; see the device tool's README) downloaded to .whl/ and carried:
+# short still reports what it measured. From the repo root, through the device tool, with the wheels the machine
+# lacks (captum, jsonargparse, docstring_parser, typeshed_client, pycocotools; see the device tool's README)
+# downloaded to .whl/ and carried:
 #     bash benchmarks/gpu_check.sh
 # Writes to $OUT (or /tmp/gpu_check), one log per stage, in this order:
 #   device.txt      GPU, driver, torch
