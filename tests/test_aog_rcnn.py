@@ -105,9 +105,25 @@ def test_mean_parse_matches_a_recursive_reference(grid: tuple[int, int]) -> None
 @pytest.mark.parametrize("grid", [(3, 2), (2, 4)])
 def test_the_dp_gradient_passes_gradcheck(or_mode: str, grid: tuple[int, int]) -> None:
     parser = AOGParsing(GridGrammar(*grid), or_mode).double()
-    assert any(padded for *_, padded in parser.levels) == (grid == (2, 4))  # 2x4 exercises ORs with fewer children than their level
+    assert any(padded for *_, padded in parser.levels) == (grid == (2, 4))  # 1x4 and 2x2 share an area level
     x = torch.randn(4, parser.grammar.num_terminals, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: parser(t)[0], (x,))
+
+
+@pytest.mark.parametrize("grid", [(7, 7), (3, 5), (2, 4), (1, 3)])
+def test_the_dp_runs_in_height_plus_width_waves_each_after_its_children(grid: tuple[int, int]) -> None:
+    """The DP's schedule: H + W - 1 waves (7x7: 13, against 25 area levels), each a contiguous block of the node
+    table in wave order whose ORs all have h + w - 2 AND children, every child in an earlier wave."""
+    parser = AOGParsing(GridGrammar(*grid))
+    height, width = grid
+    assert len(parser.waves) == height + width - 1 <= len(parser.levels)
+    assert [w0 for w0, *_ in parser.waves] == [0] + [w1 for _, w1, _ in parser.waves[:-1]]
+    assert parser.waves[-1][1] == parser.grammar.num_or and parser.wave_root == parser.grammar.num_or - 1
+    for w0, w1, k in parser.waves:
+        rects = parser.rects[parser.wave_order[w0:w1]]
+        assert (rects[:, 2] + rects[:, 3] == k + 2).all() and (parser.wave_num_children[w0:w1] == k + 1).all()
+        assert (parser.wave_left[w0:w1, :k] < w0).all() and (parser.wave_right[w0:w1, :k] < w0).all()
+    assert torch.equal(parser.wave_order[parser.wave_row], torch.arange(parser.grammar.num_or))
 
 
 def test_forcing_the_all_cells_tree_reproduces_the_average_vote() -> None:

@@ -155,6 +155,32 @@ class AOGParsing(nn.Module):
         for o0, o1 in grammar.levels():
             k = int(self.or_num_children[o0:o1].max()) - 1
             self.levels.append((o0, o1, k, bool(self.slot_pad[o0:o1, :k].any())))
+        self._schedule_waves()
+
+    def _schedule_waves(self) -> None:
+        """The DP's schedule: waves of the ORs whose rectangles have the same height + width. Each AND child of an
+        h x w rectangle has a smaller height + width, so a wave needs only earlier waves, and each OR of a wave has
+        the same h + w - 2 AND children (no padded slots). That is H + W - 1 waves against one per distinct area
+        (7x7: 13 against 25), each the same few kernels on a GPU. The DP keeps its node table in wave order: node
+        `wave_order[i]` at row i; the slot tables below point at rows of that table."""
+        size = self.rects[:, 2] + self.rects[:, 3]  # (num_or,) height + width
+        order = torch.sort(size, stable=True).indices  # wave row -> OR id
+        row = torch.empty_like(order)
+        row[order] = torch.arange(len(order))  # OR id -> wave row
+        for name, tensor in {"wave_order": order, "wave_row": row, "wave_left": row[self.slot_left[order]],
+                             "wave_right": row[self.slot_right[order]], "wave_weight": self.slot_weight[order],
+                             "wave_num_children": self.or_num_children[order]}.items():
+            self.register_buffer(name, tensor, persistent=False)
+        self.wave_root = int(row[self.grammar.root])
+        self.waves: list[tuple[int, int, int]] = []  # (first row, end row, AND children of each OR) per wave
+        sorted_size = size[order].tolist()
+        for value in sorted(set(sorted_size)):
+            w0, w1 = sorted_size.index(value), len(sorted_size) - sorted_size[::-1].index(value)
+            children = self.wave_num_children[w0:w1] - 1
+            if not bool((children == value - 2).all()):  # the grammar's every binary split, and nothing else
+                raise RuntimeError(f"AOGParsing's wave schedule needs h + w - 2 AND children per h x w OR; "
+                                   f"the wave h + w = {value} has {sorted(set(children.tolist()))}.")
+            self.waves.append((w0, w1, value - 2))
 
     @property
     def or_mode(self) -> str:
@@ -178,66 +204,62 @@ class AOGParsing(nn.Module):
 
     def bottom_up(self, terminal_scores: torch.Tensor, maximise: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The DP without autograd: root scores (R,) and OR choices (R, num_or) uint8 (the best child, also when
-        folding). Per area level, the AND scores are written straight into a (n, 1 + k, R) candidate block beside
-        each OR's terminal (slot j = the OR's j-th AND child), so the OR is one reduction over the block; node-major
-        buffers are filled in place and no graph or copy of the node table is made per level."""
-        terminals = terminal_scores.T.contiguous()  # (T, R)
+        folding). Wave by wave (`_schedule_waves`), the AND scores are written straight into a (n, 1 + k, R)
+        candidate block beside each OR's terminal (slot j = the OR's j-th AND child), so the OR is one reduction
+        over the block; node-major buffers in wave order are filled in place and no graph or copy of the node table
+        is made per wave."""
+        terminals = terminal_scores.T.index_select(0, self.wave_order)  # (T, R) in wave order
         rows = terminals.shape[1]
         or_scores = terminals.new_empty(self.grammar.num_or, rows)
         choices = torch.zeros(self.grammar.num_or, rows, dtype=torch.uint8, device=terminals.device)
-        weight = self.slot_weight.to(terminals.dtype)
-        for o0, o1, k, padded in self.levels:
+        weight = self.wave_weight.to(terminals.dtype)
+        for w0, w1, k in self.waves:
             if k == 0:  # single cells: the terminal is the only child
-                or_scores[o0:o1] = terminals[o0:o1]
+                or_scores[w0:w1] = terminals[w0:w1]
                 continue
-            n = o1 - o0
+            n = w1 - w0
             candidates = terminals.new_empty(n, 1 + k, rows)
-            candidates[:, 0] = terminals[o0:o1]
-            left = or_scores.index_select(0, self.slot_left[o0:o1, :k].flatten()).view(n, k, rows)
-            right = or_scores.index_select(0, self.slot_right[o0:o1, :k].flatten()).view(n, k, rows)
-            ands = candidates[:, 1:]
-            torch.lerp(right, left, weight[o0:o1, :k, None], out=ands)  # w * left + (1 - w) * right
-            if padded:  # ORs with fewer AND children than the widest of their level: empty slots never win
-                pad = self.slot_pad[o0:o1, :k, None]
-                total = None if maximise else candidates[:, 0] + ands.masked_fill(pad, 0.0).sum(1)
-                ands.masked_fill_(pad, float("-inf"))
+            candidates[:, 0] = terminals[w0:w1]
+            left = or_scores.index_select(0, self.wave_left[w0:w1, :k].flatten()).view(n, k, rows)
+            right = or_scores.index_select(0, self.wave_right[w0:w1, :k].flatten()).view(n, k, rows)
+            torch.lerp(right, left, weight[w0:w1, :k, None], out=candidates[:, 1:])  # w * left + (1 - w) * right
             best, choice = candidates.max(1)  # (n, R)
             if maximise:
-                or_scores[o0:o1] = best
+                or_scores[w0:w1] = best
             else:
-                total = total if padded else candidates.sum(1)
-                or_scores[o0:o1] = total / self.or_num_children[o0:o1, None].to(total.dtype)
-            choices[o0:o1] = choice.to(torch.uint8)
-        return or_scores[self.grammar.root].clone(), choices.T
+                or_scores[w0:w1] = candidates.sum(1) / self.wave_num_children[w0:w1, None].to(best.dtype)
+            choices[w0:w1] = choice.to(torch.uint8)
+        return or_scores[self.wave_root].clone(), choices.index_select(0, self.wave_row).T
 
     def top_down_gradient(self, grad_root: torch.Tensor, choices: torch.Tensor, maximise: bool) -> torch.Tensor:
         """d(root)/d(terminals) times grad_root: (R,) -> (R, T). OR passes its gradient to its chosen child (max) or
-        shares it equally (mean); AND passes it to its children in proportion to their areas."""
+        shares it equally (mean); AND passes it to its children in proportion to their areas. Wave by wave, the
+        largest first, on node tables in wave order."""
         rows = len(grad_root)
-        choices = choices.T  # (num_or, R)
+        choices = choices.T.index_select(0, self.wave_order)  # (num_or, R) in wave order
         grad_or = grad_root.new_zeros(self.grammar.num_or, rows)
-        grad_or[self.grammar.root] = grad_root
+        grad_or[self.wave_root] = grad_root
         grad_terminal = grad_root.new_zeros(self.grammar.num_terminals, rows)
-        weight = self.slot_weight.to(grad_root.dtype)
-        for o0, o1, k, _ in reversed(self.levels):
-            g = grad_or[o0:o1]  # (n, R): complete, every parent sits on a larger level
+        weight = self.wave_weight.to(grad_root.dtype)
+        for w0, w1, k in reversed(self.waves):
+            g = grad_or[w0:w1]  # (n, R): complete, every parent sits in a later wave
             if k == 0:
-                grad_terminal[o0:o1] = g
+                grad_terminal[w0:w1] = g
                 continue
-            n = o1 - o0
+            n = w1 - w0
             if maximise:
-                chosen = choices[o0:o1]  # (n, R)
-                grad_terminal[o0:o1] = g * (chosen == 0)
+                chosen = choices[w0:w1]  # (n, R)
+                grad_terminal[w0:w1] = g * (chosen == 0)
                 slot = torch.arange(1, k + 1, dtype=chosen.dtype, device=chosen.device)[:, None]  # (k, 1)
                 grad_and = g[:, None] * (chosen[:, None] == slot)  # (n, k, R): only the chosen AND
             else:
-                share = g / self.or_num_children[o0:o1, None].to(g.dtype)  # (n, R)
-                grad_terminal[o0:o1] = share
-                grad_and = share[:, None] * ~self.slot_pad[o0:o1, :k, None]  # (n, k, R)
-            w = weight[o0:o1, :k, None]
-            grad_or.index_add_(0, self.slot_left[o0:o1, :k].flatten(), (w * grad_and).view(n * k, rows))
-            grad_or.index_add_(0, self.slot_right[o0:o1, :k].flatten(), ((1 - w) * grad_and).view(n * k, rows))
-        return grad_terminal.T
+                share = g / self.wave_num_children[w0:w1, None].to(g.dtype)  # (n, R)
+                grad_terminal[w0:w1] = share
+                grad_and = share[:, None]  # (n, 1, R): every AND child alike
+            w = weight[w0:w1, :k, None]
+            grad_or.index_add_(0, self.wave_left[w0:w1, :k].flatten(), (w * grad_and).reshape(n * k, rows))
+            grad_or.index_add_(0, self.wave_right[w0:w1, :k].flatten(), ((1 - w) * grad_and).reshape(n * k, rows))
+        return grad_terminal.index_select(0, self.wave_row).T
 
     def parse_leaves(self, choices: torch.Tensor) -> torch.Tensor:
         """(R, num_or) OR choices -> (R, T) bool: the terminals of each row's parse tree (a partition of the grid).
