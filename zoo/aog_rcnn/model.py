@@ -167,9 +167,14 @@ class AOGParsing(nn.Module):
         order = torch.sort(size, stable=True).indices  # wave row -> OR id
         row = torch.empty_like(order)
         row[order] = torch.arange(len(order))  # OR id -> wave row
-        for name, tensor in {"wave_order": order, "wave_row": row, "wave_left": row[self.slot_left[order]],
-                             "wave_right": row[self.slot_right[order]], "wave_weight": self.slot_weight[order],
-                             "wave_num_children": self.or_num_children[order]}.items():
+        left, right, weight = row[self.slot_left[order]], row[self.slot_right[order]], self.slot_weight[order]
+        for name, tensor in {
+            "wave_order": order, "wave_row": row, "wave_left": left, "wave_right": right,
+            "wave_children": torch.stack([left, right], 1),  # (num_or, 2, K): both OR children of each AND slot
+            "wave_split": torch.stack([weight, 1 - weight], 1),  # (num_or, 2, K): the share of each child
+            "wave_num_children": self.or_num_children[order],
+            "slot_ids": torch.arange(1, left.shape[1] + 1, dtype=torch.uint8)[:, None],  # (K, 1): choice j = slot j
+        }.items():
             self.register_buffer(name, tensor, persistent=False)
         self.wave_root = int(row[self.grammar.root])
         self.waves: list[tuple[int, int, int]] = []  # (first row, end row, AND children of each OR) per wave
@@ -204,15 +209,24 @@ class AOGParsing(nn.Module):
 
     def bottom_up(self, terminal_scores: torch.Tensor, maximise: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The DP without autograd: root scores (R,) and OR choices (R, num_or) uint8 (the best child, also when
-        folding). Wave by wave (`_schedule_waves`), the AND scores are written straight into a (n, 1 + k, R)
-        candidate block beside each OR's terminal (slot j = the OR's j-th AND child), so the OR is one reduction
-        over the block; node-major buffers in wave order are filled in place and no graph or copy of the node table
-        is made per wave."""
+        folding)."""
+        root, choices = self._bottom_up_waves(terminal_scores, maximise)
+        return root, self.choices_by_or(choices)
+
+    def choices_by_or(self, wave_choices: torch.Tensor) -> torch.Tensor:
+        """OR choices in wave order (num_or, R) -> by OR id, (R, num_or)."""
+        return wave_choices.index_select(0, self.wave_row).T
+
+    def _bottom_up_waves(self, terminal_scores: torch.Tensor, maximise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`bottom_up` with the choices in wave order (num_or, R). Wave by wave (`_schedule_waves`), both OR children
+        of every AND slot are gathered at once and their AND scores written straight into a (n, 1 + k, R) candidate
+        block beside each OR's terminal (slot j = the OR's j-th AND child), so the OR is one reduction over the
+        block, written in place into the node tables: five kernels per wave when maximising."""
         terminals = terminal_scores.T.index_select(0, self.wave_order)  # (T, R) in wave order
         rows = terminals.shape[1]
         or_scores = terminals.new_empty(self.grammar.num_or, rows)
         choices = torch.zeros(self.grammar.num_or, rows, dtype=torch.uint8, device=terminals.device)
-        weight = self.wave_weight.to(terminals.dtype)
+        split = self.wave_split.to(terminals.dtype)
         for w0, w1, k in self.waves:
             if k == 0:  # single cells: the terminal is the only child
                 or_scores[w0:w1] = terminals[w0:w1]
@@ -220,27 +234,31 @@ class AOGParsing(nn.Module):
             n = w1 - w0
             candidates = terminals.new_empty(n, 1 + k, rows)
             candidates[:, 0] = terminals[w0:w1]
-            left = or_scores.index_select(0, self.wave_left[w0:w1, :k].flatten()).view(n, k, rows)
-            right = or_scores.index_select(0, self.wave_right[w0:w1, :k].flatten()).view(n, k, rows)
-            torch.lerp(right, left, weight[w0:w1, :k, None], out=candidates[:, 1:])  # w * left + (1 - w) * right
-            best, choice = candidates.max(1)  # (n, R)
+            children = or_scores.index_select(0, self.wave_children[w0:w1, :, :k].flatten()).view(n, 2, k, rows)
+            weight = split[w0:w1, 0, :k, None]
+            torch.lerp(children[:, 1], children[:, 0], weight, out=candidates[:, 1:])  # w left + (1 - w) right
             if maximise:
-                or_scores[w0:w1] = best
+                best = torch.empty(n, rows, dtype=torch.long, device=terminals.device)
+                torch.max(candidates, 1, out=(or_scores[w0:w1], best))
             else:
-                or_scores[w0:w1] = candidates.sum(1) / self.wave_num_children[w0:w1, None].to(best.dtype)
-            choices[w0:w1] = choice.to(torch.uint8)
-        return or_scores[self.wave_root].clone(), choices.index_select(0, self.wave_row).T
+                best = candidates.argmax(1)
+                torch.sum(candidates, 1, out=or_scores[w0:w1]).div_(self.wave_num_children[w0:w1, None])
+            choices[w0:w1] = best  # one copy, cast to uint8
+        return or_scores[self.wave_root].clone(), choices
 
     def top_down_gradient(self, grad_root: torch.Tensor, choices: torch.Tensor, maximise: bool) -> torch.Tensor:
-        """d(root)/d(terminals) times grad_root: (R,) -> (R, T). OR passes its gradient to its chosen child (max) or
-        shares it equally (mean); AND passes it to its children in proportion to their areas. Wave by wave, the
-        largest first, on node tables in wave order."""
+        """d(root)/d(terminals) times grad_root: (R,) -> (R, T), from the OR choices (R, num_or) of `bottom_up`."""
+        return self._top_down_waves(grad_root, choices.T.index_select(0, self.wave_order), maximise)
+
+    def _top_down_waves(self, grad_root: torch.Tensor, choices: torch.Tensor, maximise: bool) -> torch.Tensor:
+        """`top_down_gradient` from choices in wave order (num_or, R). OR passes its gradient to its chosen child
+        (max) or shares it equally (mean); AND passes it to its children in proportion to their areas. Wave by
+        wave, the largest first; both children of every AND slot of a wave take their share in one index_add."""
         rows = len(grad_root)
-        choices = choices.T.index_select(0, self.wave_order)  # (num_or, R) in wave order
         grad_or = grad_root.new_zeros(self.grammar.num_or, rows)
         grad_or[self.wave_root] = grad_root
-        grad_terminal = grad_root.new_zeros(self.grammar.num_terminals, rows)
-        weight = self.wave_weight.to(grad_root.dtype)
+        grad_terminal = grad_root.new_empty(self.grammar.num_terminals, rows)
+        split = self.wave_split.to(grad_root.dtype)
         for w0, w1, k in reversed(self.waves):
             g = grad_or[w0:w1]  # (n, R): complete, every parent sits in a later wave
             if k == 0:
@@ -249,16 +267,13 @@ class AOGParsing(nn.Module):
             n = w1 - w0
             if maximise:
                 chosen = choices[w0:w1]  # (n, R)
-                grad_terminal[w0:w1] = g * (chosen == 0)
-                slot = torch.arange(1, k + 1, dtype=chosen.dtype, device=chosen.device)[:, None]  # (k, 1)
-                grad_and = g[:, None] * (chosen[:, None] == slot)  # (n, k, R): only the chosen AND
+                torch.mul(g, chosen == 0, out=grad_terminal[w0:w1])
+                grad_and = g[:, None] * (chosen[:, None] == self.slot_ids[:k])  # (n, k, R): only the chosen AND
             else:
-                share = g / self.wave_num_children[w0:w1, None].to(g.dtype)  # (n, R)
-                grad_terminal[w0:w1] = share
-                grad_and = share[:, None]  # (n, 1, R): every AND child alike
-            w = weight[w0:w1, :k, None]
-            grad_or.index_add_(0, self.wave_left[w0:w1, :k].flatten(), (w * grad_and).reshape(n * k, rows))
-            grad_or.index_add_(0, self.wave_right[w0:w1, :k].flatten(), ((1 - w) * grad_and).reshape(n * k, rows))
+                grad_terminal[w0:w1] = g / self.wave_num_children[w0:w1, None]
+                grad_and = grad_terminal[w0:w1, None]  # (n, 1, R): every AND child alike, the same share
+            shares = grad_and[:, None] * split[w0:w1, :, :k, None]  # (n, 2, k, R): left and right child
+            grad_or.index_add_(0, self.wave_children[w0:w1, :, :k].flatten(), shares.view(n * 2 * k, rows))
         return grad_terminal.index_select(0, self.wave_row).T
 
     def parse_leaves(self, choices: torch.Tensor) -> torch.Tensor:
@@ -306,16 +321,17 @@ class _GrammarDP(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, terminal_scores: torch.Tensor, parser: AOGParsing, maximise: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        root, choices = parser.bottom_up(terminal_scores.detach(), maximise)
+        root, wave_choices = parser._bottom_up_waves(terminal_scores.detach(), maximise)
+        choices = parser.choices_by_or(wave_choices)
         ctx.parser, ctx.maximise = parser, maximise
-        ctx.save_for_backward(choices)
+        ctx.save_for_backward(wave_choices)  # the backward walks the waves: no permutation back
         ctx.mark_non_differentiable(choices)
         return root, choices
 
     @staticmethod
     def backward(ctx: Any, grad_root: torch.Tensor, _grad_choices: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (choices,) = ctx.saved_tensors
-        return ctx.parser.top_down_gradient(grad_root, choices, ctx.maximise), None, None
+        (wave_choices,) = ctx.saved_tensors
+        return ctx.parser._top_down_waves(grad_root, wave_choices, ctx.maximise), None, None
 
 
 # ------------------------------------------------------------------------------------------- RoI heads (pluggable)
