@@ -207,18 +207,13 @@ class AOGParsing(nn.Module):
         root, choices = _GrammarDP.apply(terminal_scores, self, self.or_mode == "max")
         return root, choices
 
-    def bottom_up(self, terminal_scores: torch.Tensor, maximise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The DP without autograd: root scores (R,) and OR choices (R, num_or) uint8 (the best child, also when
-        folding)."""
-        root, choices = self._bottom_up_waves(terminal_scores, maximise)
-        return root, self.choices_by_or(choices)
-
     def choices_by_or(self, wave_choices: torch.Tensor) -> torch.Tensor:
         """OR choices in wave order (num_or, R) -> by OR id, (R, num_or)."""
         return wave_choices.index_select(0, self.wave_row).T
 
-    def _bottom_up_waves(self, terminal_scores: torch.Tensor, maximise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """`bottom_up` with the choices in wave order (num_or, R). Wave by wave (`_schedule_waves`), both OR children
+    def bottom_up(self, terminal_scores: torch.Tensor, maximise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The DP without autograd: root scores (R,) and OR choices (num_or, R) uint8 in wave order (the best child,
+        also when folding; `choices_by_or` orders them by OR id). Wave by wave (`_schedule_waves`), both OR children
         of every AND slot are gathered at once and their AND scores written straight into a (n, 1 + k, R) candidate
         block beside each OR's terminal (slot j = the OR's j-th AND child), so the OR is one reduction over the
         block, written in place into the node tables: five kernels per wave when maximising."""
@@ -247,13 +242,10 @@ class AOGParsing(nn.Module):
         return or_scores[self.wave_root].clone(), choices
 
     def top_down_gradient(self, grad_root: torch.Tensor, choices: torch.Tensor, maximise: bool) -> torch.Tensor:
-        """d(root)/d(terminals) times grad_root: (R,) -> (R, T), from the OR choices (R, num_or) of `bottom_up`."""
-        return self._top_down_waves(grad_root, choices.T.index_select(0, self.wave_order), maximise)
-
-    def _top_down_waves(self, grad_root: torch.Tensor, choices: torch.Tensor, maximise: bool) -> torch.Tensor:
-        """`top_down_gradient` from choices in wave order (num_or, R). OR passes its gradient to its chosen child
-        (max) or shares it equally (mean); AND passes it to its children in proportion to their areas. Wave by
-        wave, the largest first; both children of every AND slot of a wave take their share in one index_add."""
+        """d(root)/d(terminals) times grad_root: (R,) -> (R, T), from `bottom_up`'s choices (wave order). OR passes
+        its gradient to its chosen child (max) or shares it equally (mean); AND passes it to its children in
+        proportion to their areas. Wave by wave, the largest first; both children of every AND slot of a wave take
+        their share in one index_add."""
         rows = len(grad_root)
         grad_or = grad_root.new_zeros(self.grammar.num_or, rows)
         grad_or[self.wave_root] = grad_root
@@ -315,13 +307,13 @@ class AOGParsing(nn.Module):
 
 
 class _GrammarDP(torch.autograd.Function):
-    """AOGParsing as one autograd node: bottom-up DP forward, top-down gradient backward (both level by level on
-    preallocated buffers; autograd through per-level in-place writes would copy the whole node table per level)."""
+    """AOGParsing as one autograd node: bottom-up DP forward, top-down gradient backward (both wave by wave on
+    preallocated buffers; autograd through per-wave in-place writes would copy the whole node table per wave)."""
 
     @staticmethod
     def forward(ctx: Any, terminal_scores: torch.Tensor, parser: AOGParsing, maximise: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        root, wave_choices = parser._bottom_up_waves(terminal_scores.detach(), maximise)
+        root, wave_choices = parser.bottom_up(terminal_scores.detach(), maximise)
         choices = parser.choices_by_or(wave_choices)
         ctx.parser, ctx.maximise = parser, maximise
         ctx.save_for_backward(wave_choices)  # the backward walks the waves: no permutation back
@@ -331,7 +323,7 @@ class _GrammarDP(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_root: torch.Tensor, _grad_choices: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (wave_choices,) = ctx.saved_tensors
-        return ctx.parser._top_down_waves(grad_root, wave_choices, ctx.maximise), None, None
+        return ctx.parser.top_down_gradient(grad_root, wave_choices, ctx.maximise), None, None
 
 
 # ------------------------------------------------------------------------------------------- RoI heads (pluggable)
