@@ -45,7 +45,8 @@ class DiscriminativeLoss(nn.Module):
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         reward = out["reward"].detach().float()  # (B,)
         if self.training:
-            totals = all_reduce_(torch.stack([reward.sum(), reward.new_full((), len(reward))]))  # (sum, count); no host copy
+            count = reward.new_full((), len(reward))  # filled on the device: no copy from the host
+            totals = all_reduce_(torch.stack([reward.sum(), count]))  # (sum, count)
             mean = totals[0] / totals[1]
             self.baseline.copy_(torch.where(self.seen, self.momentum * self.baseline + (1 - self.momentum) * mean,
                                             mean))
