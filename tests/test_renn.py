@@ -60,9 +60,12 @@ def test_temporal_predicates_on_binary_sequences() -> None:
 def test_window_sum_matches_a_loop() -> None:
     torch.manual_seed(0)
     values = torch.rand(3, 17)
-    for low, high in ((0, 0), (2, 5), (-4, -1), (-3, 6), (10, 30)):
+    for low, high in ((0, 0), (2, 5), (-4, -1), (-3, 6), (10, 30), (-30, -20), (-20, 40), (-1, 0), (0, 16)):
         expected = torch.stack([values[:, max(0, t + low): max(0, min(17, t + high + 1))].sum(1) for t in range(17)], 1)
         assert torch.allclose(window_sum(values, low, high), expected, atol=1e-6), (low, high)
+    series = values.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: window_sum(v, -3, 6), (series,))
+    assert window_sum(values[None], -4, -1).shape == (1, 3, 17)  # any leading shape
 
 
 def test_gradients_flow_through_rules() -> None:

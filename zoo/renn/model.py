@@ -24,6 +24,7 @@ t-norm: a AND b = ab, a OR b = a + b - ab, NOT a = 1 - a) with temporal predicat
 from __future__ import annotations
 
 import difflib
+import functools
 from typing import Sequence
 
 import torch
@@ -41,12 +42,17 @@ def window_sum(values: torch.Tensor, low: int, high: int) -> torch.Tensor:
     """out[..., t] = sum of values[..., s] for s in [t + low, t + high], steps outside the series count as 0."""
     if low > high:
         raise ValueError(f"window (low={low}, high={high}) is empty.")
-    length = values.shape[-1]
     prefix = F.pad(values.cumsum(-1), (1, 0))  # (..., T + 1): prefix[i] = sum of values[:i]
-    t = torch.arange(length, device=values.device)
-    start = (t + low).clamp(0, length)
-    stop = (t + high + 1).clamp(0, length)
-    return prefix[..., stop] - prefix[..., start]
+    start, stop = _window_bounds(values.shape[-1], low, high, values.device)
+    return prefix.index_select(-1, stop) - prefix.index_select(-1, start)
+
+
+@functools.lru_cache(maxsize=256)
+def _window_bounds(length: int, low: int, high: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefix indices of every step's window [t + low, t + high], clamped to the series: (start, stop), (T,) each.
+    Built once per series length, window and device, not in every step."""
+    t = torch.arange(length, device=device)
+    return (t + low).clamp(0, length), (t + high + 1).clamp(0, length)
 
 
 def exists_within(p: torch.Tensor, low: int, high: int) -> torch.Tensor:
