@@ -143,18 +143,7 @@ class AOGParsing(nn.Module):
         self.or_mode = or_mode
         for name, tensor in grammar.tensors().items():
             self.register_buffer(name, tensor, persistent=False)
-        # every OR's AND children as slots (num_or, max children): their two OR children and the left weight
-        children = self.or_and_children.clamp(min=0)
-        self.register_buffer("slot_left", self.and_left[children], persistent=False)
-        self.register_buffer("slot_right", self.and_right[children], persistent=False)
-        self.register_buffer("slot_weight", self.and_left_weight[children], persistent=False)
-        self.register_buffer("slot_pad", self.or_and_children < 0, persistent=False)
-        # per area level: its OR range, k = the most AND children of its ORs, and whether some OR has fewer (padded
-        # slots; every level of a square grid is unpadded)
-        self.levels: list[tuple[int, int, int, bool]] = []
-        for o0, o1 in grammar.levels():
-            k = int(self.or_num_children[o0:o1].max()) - 1
-            self.levels.append((o0, o1, k, bool(self.slot_pad[o0:o1, :k].any())))
+        self.levels: list[tuple[int, int]] = grammar.levels()  # OR range per area level (`parse_leaves`)
         self._schedule_waves()
 
     def _schedule_waves(self) -> None:
@@ -167,7 +156,8 @@ class AOGParsing(nn.Module):
         order = torch.sort(size, stable=True).indices  # wave row -> OR id
         row = torch.empty_like(order)
         row[order] = torch.arange(len(order))  # OR id -> wave row
-        left, right, weight = row[self.slot_left[order]], row[self.slot_right[order]], self.slot_weight[order]
+        slots = self.or_and_children[order].clamp(min=0)  # (num_or, K) AND ids (padding reads AND 0, never used)
+        left, right, weight = row[self.and_left[slots]], row[self.and_right[slots]], self.and_left_weight[slots]
         for name, tensor in {
             "wave_order": order, "wave_row": row, "wave_left": left, "wave_right": right,
             "wave_children": torch.stack([left, right], 1),  # (num_or, 2, K): both OR children of each AND slot
@@ -278,7 +268,7 @@ class AOGParsing(nn.Module):
         active[:, self.grammar.root] = True
         leaves = torch.zeros_like(active)
         choices = choices.long()
-        for o0, o1, _, _ in reversed(self.levels):
+        for o0, o1 in reversed(self.levels):
             chosen = choices[:, o0:o1]  # (R, n)
             here = active[:, o0:o1]
             leaves[:, o0:o1] = here & (chosen == 0)
