@@ -41,20 +41,23 @@ def load_checkpoint(path: str | Path, **expected: Any) -> nn.Module:
     Keyword arguments (`model_name`, `num_classes`, `in_chans`) state what the caller expects; a checkpoint
     holding something else raises `CheckpointError` naming the difference.
     """
-    checkpoint = read_checkpoint(path)
+    return _model_of(read_checkpoint(path), f"checkpoint {str(path)!r}", expected)
+
+
+def _model_of(checkpoint: dict[str, Any], source: str, expected: dict[str, Any]) -> nn.Module:
+    """The model of a System checkpoint already read (`load_checkpoint`)."""
     spec = model_spec(checkpoint["hyper_parameters"])
-    check_same_model(spec, expected, f"checkpoint {str(path)!r}")
+    check_same_model(spec, expected, source)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    model = _load_weights(_build(spec), state, f"checkpoint {str(path)!r}")
-    return _with_class_names(model, checkpoint["hyper_parameters"])
+    return _with_class_names(_load_weights(_build(spec), state, source), checkpoint["hyper_parameters"])
 
 
 def export_checkpoint(path: str | Path, folder: str | Path) -> Path:
     """Write `model.safetensors` and `config.json` (registry name, constructor inputs, class_names) for inference."""
     from safetensors.torch import save_file
 
-    checkpoint = read_checkpoint(path)
-    model = load_checkpoint(path)
+    checkpoint = read_checkpoint(path)  # read once: the model and its spec come from the same file
+    model = _model_of(checkpoint, f"checkpoint {str(path)!r}", {})
     spec = {**model_spec(checkpoint["hyper_parameters"]), "class_names": model.class_names}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
