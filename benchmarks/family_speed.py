@@ -166,11 +166,9 @@ class ExplanationStep(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.training:
             return {"sentences": self.model.explain(images, self.labels)[0]}
-        out = {**self.model(images, self.labels, self.captions), "tokens": self.captions}
-        if self.discriminative:
-            sampled, out["sample_log_probs"] = self.model.explain(images, self.labels, mode="sample",
-                                                                   early_stop=False)  # as TextualSystem samples
-            out["reward"] = self.classifier.true_class_probability(sampled, self.labels)
+        out = {**self.model(images, self.labels, self.captions, sample=self.discriminative), "tokens": self.captions}
+        if self.discriminative:  # as TextualSystem samples
+            out["reward"] = self.classifier.true_class_probability(out["samples"], self.labels)
         return out
 
     def train(self, mode: bool = True) -> ExplanationStep:

@@ -71,6 +71,80 @@ def test_sampling_with_a_graph_scores_the_words_as_the_step_loop_does(early_stop
         torch.testing.assert_close(grad, loop_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("reference_length", [6, 14])  # shorter and longer than max_len + 1 = 10
+def test_one_pass_scores_the_reference_and_the_samples_as_two_passes_do(reference_length: int) -> None:
+    """`forward(..., sample=True)` (the image encoded once; teacher forcing and the sampled sentences in one LSTM
+    pass over 2B sentences) against teacher forcing plus `explain(mode="sample", early_stop=False)`: the same
+    words from the same random state, and up to float rounding the same logits, log-probabilities and gradients."""
+    import zoo
+
+    torch.manual_seed(0)
+    model = zoo.create_model("textual_explanation", num_classes=3, vocab_size=12, max_len=9, hidden=16,
+                             feature_dim=8, class_dim=4).train()
+    images, labels = torch.rand(8, 3, 32, 32), torch.randint(0, 3, (8,))
+    tokens = torch.randint(3, 12, (8, reference_length))
+    tokens[:, 0], tokens[:, -2:] = BOS, torch.tensor([EOS, PAD])
+
+    def run(one_pass: bool) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(5)
+        if one_pass:
+            out = model(images, labels, tokens, sample=True)
+        else:
+            out = model(images, labels, tokens)
+            out["samples"], out["sample_log_probs"] = model.explain(images, labels, mode="sample", early_stop=False)
+        weights = torch.linspace(-1, 1, 8)
+        (out["word_logits"].square().mean() + (out["sample_log_probs"].sum(1) * weights).sum()).backward()
+        return ({k: v.detach() for k, v in out.items()},
+                [p.grad.clone() for p in model.parameters() if p.grad is not None])
+
+    two, two_grads = run(one_pass=False)
+    one, one_grads = run(one_pass=True)
+    assert one["word_logits"].shape == (8, reference_length - 1, 12)
+    assert torch.equal(one["samples"], two["samples"]) and (one["samples"] == PAD).any()
+    torch.testing.assert_close(one["word_logits"], two["word_logits"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one["sample_log_probs"], two["sample_log_probs"], rtol=1e-5, atol=1e-6)
+    assert len(one_grads) == len(two_grads) > 4
+    for grad, expected in zip(one_grads, two_grads):
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("early_stop", [True, False])
+@pytest.mark.parametrize("mode", ["sample", "greedy"])
+def test_decoding_draws_what_a_step_by_step_multinomial_loop_draws(mode: str, early_stop: bool) -> None:
+    """The decoder's own draw (softmax, exponential noise, argmax; one fused LSTM cell per layer; words after <eos>
+    masked at the end without early stop) against the plain loop: `step`'s log-probabilities, `torch.multinomial`,
+    padding fed after each sentence's end. From the same random state: the same words and log-probabilities."""
+    torch.manual_seed(0)
+    model = FactoredLSTMGenerator(12, 5, embed_dim=8, hidden=16, max_len=9).eval()
+    with torch.no_grad():  # weights large enough that greedy words depend on the state, and some sentences end
+        for p in model.parameters():
+            p.mul_(20)
+        model.out.bias[EOS] += 2.0
+    features = torch.randn(32, 5)
+
+    def reference() -> tuple[torch.Tensor, torch.Tensor]:
+        token, done, state = torch.full((32,), BOS), torch.zeros(32, dtype=torch.bool), None
+        tokens, log_probs = [], []
+        for _ in range(model.max_len):
+            step_log_probs, state = model.step(features, token, state)
+            token = (torch.multinomial(step_log_probs.exp(), 1)[:, 0] if mode == "sample"
+                     else step_log_probs.argmax(-1)).masked_fill(done, PAD)
+            log_probs.append(step_log_probs.gather(1, token[:, None])[:, 0].masked_fill(done, 0.0))
+            tokens.append(token)
+            done = done | (token == EOS)
+        return torch.stack(tokens, 1), torch.stack(log_probs, 1)
+
+    torch.manual_seed(11)
+    expected_tokens, expected_log_probs = reference()
+    torch.manual_seed(11)
+    with torch.no_grad():
+        tokens, log_probs = model.decode(features, mode, early_stop=early_stop)
+    assert torch.equal(tokens, expected_tokens)
+    assert (tokens == EOS).any() and (tokens == PAD).any() and len(set(tokens.flatten().tolist())) > 4
+    torch.testing.assert_close(log_probs, expected_log_probs, rtol=1e-5, atol=1e-6)
+
+
 def test_beam_finds_at_least_the_greedy_likelihood() -> None:
     model = generator(2)
     features = torch.randn(8, 5)

@@ -53,12 +53,29 @@ class FactoredLSTMGenerator(nn.Module):
         return hidden
 
     def step(self, feature: torch.Tensor, token: torch.Tensor, state: tuple | None) -> tuple[torch.Tensor, tuple]:
-        """One decoding step: next-word log-probabilities (B, V) and the new state of both LSTMs."""
-        word_state, feature_state = state if state is not None else (None, None)
-        words, word_state = self.word_lstm(self.embed(token)[:, None], word_state)  # (B, 1, H)
-        hidden, feature_state = self.feature_lstm(torch.cat([words, feature[:, None]], -1), feature_state)
-        logits = self.out(hidden[:, 0]).float() + self.never_generated  # padding and the start token: -inf
-        return F.log_softmax(logits, -1), (word_state, feature_state)
+        """One decoding step: next-word log-probabilities (B, V) and the new state ((h, c) of each LSTM, (B, H))."""
+        logits, state = self._step_logits(feature, token, state, self._out_bias())
+        return F.log_softmax(logits, -1), state
+
+    def _out_bias(self) -> torch.Tensor:
+        """The output layer's bias with -inf at padding and the start token (V,): they are never generated."""
+        return self.out.bias + self.never_generated
+
+    def _step_logits(self, feature: torch.Tensor, token: torch.Tensor, state: tuple | None, out_bias: torch.Tensor
+                     ) -> tuple[torch.Tensor, tuple]:
+        """One decoding step's float32 logits (B, V) (`out_bias`: `_out_bias()`, built once per sentence) and the
+        new state.
+
+        Each LSTM advances by one `torch.lstm_cell` on its own weights, the op `nn.LSTMCell` runs: on a GPU two
+        matmuls and one fused kernel, where a one-step `nn.LSTM` call costs more launches (and on the CPU it is
+        faster too). The same function as the sequence LSTMs of teacher forcing up to float rounding
+        (tests/test_textual.py compares them)."""
+        if state is None:
+            zeros = feature.new_zeros(len(feature), self.word_lstm.hidden_size, dtype=self.out.weight.dtype)
+            state = ((zeros, zeros), (zeros, zeros))
+        word_state = _lstm_cell(self.word_lstm, self.embed(token), state[0])  # (B, H) each
+        feature_state = _lstm_cell(self.feature_lstm, torch.cat([word_state[0], feature], -1), state[1])
+        return F.linear(feature_state[0], self.out.weight, out_bias).float(), (word_state, feature_state)
 
     def decode(self, feature: torch.Tensor, mode: str = "greedy", beam_size: int = 3, early_stop: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,35 +99,69 @@ class FactoredLSTMGenerator(nn.Module):
     def word_log_probs(self, feature: torch.Tensor, sentences: torch.Tensor) -> torch.Tensor:
         """log p(w_t | w_<t, feature) of each word of `sentences` (B, T) (no <bos>, <pad> after <eos>), 0 after each
         sentence's <eos>, as `decode` gives them for the sentences it generates: (B, T)."""
-        bos = sentences.new_full((len(sentences), 1), self.bos)
-        logits = self(feature, torch.cat([bos, sentences], 1)).float() + self.never_generated  # (B, T, V)
-        log_probs = F.log_softmax(logits, -1).gather(2, sentences[..., None])[..., 0]  # (B, T)
+        return self._scored(self(feature, self._with_bos(sentences)), sentences)
+
+    def forward_and_sample(self, feature: torch.Tensor, tokens: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher forcing on `tokens` (B, L) as `forward` does, and REINFORCE's sentences: drawn from the same
+        features as `decode(mode="sample", early_stop=False)` draws them, with the per-word log-probabilities
+        `word_log_probs` gives. One pass of the sequence LSTMs scores both sets of B sentences (and one backward
+        runs through it), where two passes would launch everything twice.
+
+        Returns word_logits (B, L-1, V), samples (B, max_len), sample_log_probs (B, max_len)."""
+        batch, length = len(tokens), max(tokens.shape[1], self.max_len + 1)
+        with torch.no_grad():
+            samples, _ = self._decode_loop(feature, "sample", early_stop=False, scored=False)
+        both = torch.cat([F.pad(tokens, (0, length - tokens.shape[1]), value=self.pad),
+                          F.pad(self._with_bos(samples), (0, length - self.max_len - 1), value=self.pad)])
+        logits = self(feature.repeat(2, 1), both)  # (2B, length - 1, V); causal, so the padding changes nothing
+        return (logits[:batch, :tokens.shape[1] - 1], samples,
+                self._scored(logits[batch:, :self.max_len], samples))
+
+    def _with_bos(self, sentences: torch.Tensor) -> torch.Tensor:
+        """(B, T + 1): <bos> before each sentence."""
+        return torch.cat([sentences.new_full((len(sentences), 1), self.bos), sentences], 1)
+
+    def _scored(self, logits: torch.Tensor, sentences: torch.Tensor) -> torch.Tensor:
+        """log-probabilities (B, T) of the words `sentences` (B, T) under teacher-forced `logits` (B, T, V), 0 after
+        each sentence's first <eos>."""
+        log_probs = F.log_softmax(logits.float() + self.never_generated, -1)  # (B, T, V)
+        return log_probs.gather(2, sentences[..., None])[..., 0].masked_fill(self._after_end(sentences), 0.0)
+
+    def _after_end(self, sentences: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: the positions after each sentence's first <eos>."""
         is_eos = (sentences == self.eos).long()
-        return log_probs.masked_fill(is_eos.cumsum(1) - is_eos > 0, 0.0)  # words after the first <eos>
+        return is_eos.cumsum(1) - is_eos > 0
 
     def _decode_loop(self, feature: torch.Tensor, mode: str, early_stop: bool, scored: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Greedy or sampled decoding, one batched step per word (`decode`); `scored=False` keeps no per-word
-        log-probabilities (None in their place)."""
+        log-probabilities (None in their place).
+
+        Without `early_stop` the loop keeps no per-sentence state: every sentence runs all max_len steps and what
+        follows its first <eos> is masked once at the end. The same sentences, as the words a sentence draws after
+        its end never reach the words before it, and each step draws the same noise either way."""
         batch = len(feature)
         token = torch.full((batch,), self.bos, dtype=torch.long, device=feature.device)
         done = torch.zeros(batch, dtype=torch.bool, device=feature.device)
+        out_bias = self._out_bias()
         tokens, log_probs, state = [], [], None
         for _ in range(self.max_len):  # a loop over time steps, batched over sentences
-            step_log_probs, state = self.step(feature, token, state)
-            token = (torch.multinomial(step_log_probs.exp(), 1)[:, 0] if mode == "sample"
-                     else step_log_probs.argmax(-1))
-            token = token.masked_fill(done, self.pad)
+            logits, state = self._step_logits(feature, token, state, out_bias)  # (B, V)
+            token = _multinomial_draw(logits.softmax(-1)) if mode == "sample" else logits.argmax(-1)
+            if early_stop:
+                token = token.masked_fill(done, self.pad)
+                done = done | (token == self.eos)
             if scored:
-                log_probs.append(step_log_probs.gather(1, token[:, None])[:, 0].masked_fill(done, 0.0))
+                log_probs.append(F.log_softmax(logits, -1).gather(1, token[:, None])[:, 0])
             tokens.append(token)
-            done = done | (token == self.eos)
             if early_stop and done.all():  # reads the device: training's sampling runs to max_len instead
                 break
         tokens_t = torch.stack(tokens, 1)  # (B, steps)
+        ended = self._after_end(tokens_t)
         width = self.max_len - tokens_t.shape[1]
-        return (F.pad(tokens_t, (0, width), value=self.pad),
-                F.pad(torch.stack(log_probs, 1), (0, width)) if scored else None)
+        return (F.pad(tokens_t.masked_fill(ended, self.pad), (0, width), value=self.pad),
+                F.pad(torch.stack(log_probs, 1).masked_fill(ended, 0.0), (0, width)) if scored else None)
 
     def _beam(self, feature: torch.Tensor, beam_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batched beam search: B x K hypotheses advance together; finished ones only extend with padding."""
@@ -135,7 +186,7 @@ class FactoredLSTMGenerator(nn.Module):
             chosen = step_log_probs[parent, token]
             tokens = torch.cat([tokens[parent], token[:, None]], 1)
             word_log_probs = torch.cat([word_log_probs[parent], chosen[:, None]], 1)
-            state = tuple((h[:, parent], c[:, parent]) for h, c in state)
+            state = tuple((h[parent], c[parent]) for h, c in state)
             done = done[parent] | (token == self.eos) | (token == self.pad)
             if done.all():
                 break
@@ -143,6 +194,19 @@ class FactoredLSTMGenerator(nn.Module):
         width = self.max_len - tokens.shape[1]
         return (F.pad(tokens[best], (0, width), value=self.pad),
                 F.pad(word_log_probs[best].masked_fill(tokens[best] == self.pad, 0.0), (0, width)))
+
+
+def _lstm_cell(lstm: nn.LSTM, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One time step (h, c) (B, H) of the one-layer `lstm` on inputs x (B, input_size)."""
+    return torch.lstm_cell(x, state, lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
+
+
+def _multinomial_draw(probs: torch.Tensor) -> torch.Tensor:
+    """One index per row (B,) drawn from `probs` (B, V) as `torch.multinomial(probs, 1)` draws it (the same
+    exponential noise, so the same index from the same random state), without its input checks: five fewer kernels
+    per decoded word, and the rows here are softmax outputs."""
+    return probs.div(torch.empty_like(probs).exponential_()).argmax(-1)
 
 
 class SentenceClassifier(nn.Module):
@@ -225,14 +289,21 @@ class ExplanationModel(nn.Module):
             parts.append(self.class_embed(labels) if self.class_features == "embedding" else self.class_table[labels])
         return torch.cat(parts, -1)  # (B, static)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor, sample: bool = False
+                ) -> dict[str, torch.Tensor]:
         """Teacher forcing on sentences `tokens` (B, L) for images (B, C, H, W) of classes `labels` (B,):
-        {"word_logits": (B, L-1, V)}."""
+        {"word_logits": (B, L-1, V)}. `sample`: also REINFORCE's sampled sentences from the same features,
+        "samples" (B, max_len), and their per-word log-probabilities "sample_log_probs" (B, max_len), 0 after <eos>
+        (`FactoredLSTMGenerator.forward_and_sample`: the image is encoded once, both sets scored in one pass)."""
         name = f"ExplanationModel({self.variant})"
         check_input(name, images, ("B", "C", "H", "W"), "images")
         check_input(name, labels, (len(images),), "labels", kind="long")
         check_input(name, tokens, (len(images), "L"), "token ids", kind="long")
-        return {"word_logits": self.generator(self.features(images, labels), tokens)}
+        feature = self.features(images, labels)  # (B, static)
+        if not sample:
+            return {"word_logits": self.generator(feature, tokens)}
+        word_logits, samples, log_probs = self.generator.forward_and_sample(feature, tokens)
+        return {"word_logits": word_logits, "samples": samples, "sample_log_probs": log_probs}
 
     def explain(self, images: torch.Tensor, labels: torch.Tensor, mode: str = "greedy", beam_size: int = 3,
                 early_stop: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

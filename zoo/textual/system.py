@@ -158,11 +158,10 @@ class TextualSystem(ZooSystem):
                     "sentence_log_probs": log_probs, "sentence_logits": self.sentence_classifier(sentences)["logits"]}
         pick = torch.randint(captions.shape[1], (len(captions),), device=captions.device)
         tokens = captions[torch.arange(len(captions), device=captions.device), pick]  # (B, L) one reference each
-        out = {**self.model(images, labels, tokens), "tokens": tokens}
-        if self.loss.samples_needed and self._stage_sums("loss_discriminative"):
-            sampled, log_probs = self.model.explain(images, labels, mode="sample", early_stop=False)  # no device read
-            out |= {"samples": sampled, "sample_log_probs": log_probs,
-                    "reward": self.sentence_classifier.true_class_probability(sampled, labels)}
+        sample = self.loss.samples_needed and self._stage_sums("loss_discriminative")
+        out = {**self.model(images, labels, tokens, sample=sample), "tokens": tokens}  # sampling reads no device
+        if sample:
+            out["reward"] = self.sentence_classifier.true_class_probability(out["samples"], labels)
         return out
 
     def compute_loss(self, out: dict[str, Any], batch: Any, stage: str) -> dict[str, torch.Tensor]:
