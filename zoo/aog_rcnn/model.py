@@ -22,6 +22,7 @@ Baselines on the same backbone, RPN, proposals and budget: `vote_rcnn_*` (R-FCN 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -351,7 +352,13 @@ class PositionSensitivePool(nn.Module):
         self.terminal_basis = nn.Conv2d(in_channels, terminal_rank, 1) if terminal_rank else None
         self.score_maps = nn.Conv2d(terminal_rank or in_channels, num_classes * groups, 1)
         self.box_maps = nn.Conv2d(in_channels, 4 * grammar.height * grammar.width, 1)
-        self.register_buffer("rects", torch.tensor(grammar.rects, dtype=torch.float32), persistent=False)
+        top, left, height, width = torch.tensor(grammar.rects, dtype=torch.float32).T[..., None]  # (T, 1), in cells
+        # each terminal's sub-box edges in grid cells from the box's origin: (low/high, x/y, T, 1)
+        fractions = torch.stack([torch.stack([left, top]), torch.stack([left + width, top + height])])
+        self.register_buffer("edge_fractions", fractions, persistent=False)
+        self.register_buffer("grid_cells", torch.tensor([grammar.width, grammar.height], dtype=torch.float32),
+                             persistent=False)
+        self.register_buffer("terminal_ids", torch.arange(grammar.num_terminals)[:, None], persistent=False)
         # box sum = S(y2, x2) - S(y1, x2) - S(y2, x1) + S(y1, x1), the corners in this order
         self.register_buffer("corner_signs", torch.tensor([[1.0], [-1.0], [-1.0], [1.0]]), persistent=False)
 
@@ -385,24 +392,14 @@ class PositionSensitivePool(nn.Module):
         terminals, classes = self.grammar.num_terminals, self.num_classes
         weight = self.score_maps.weight.float()  # (T*(C+1), r or in_channels, 1, 1)
         with torch.autocast(feature.device.type, enabled=False):
-            rows_before = torch.ones(fh + 1, fh, device=feature.device).tril(-1)  # (fh+1, fh): y sums rows < y
-            cols_before = torch.ones(fw, fw + 1, device=feature.device).triu(1)  # (fw, fw+1)
+            rows_before, cols_before = _prefix_sum_matrices(fh, fw, feature.device)
             integral = (rows_before @ feature.float() @ cols_before).contiguous(memory_format=torch.channels_last)
             if low_rank:
                 table = integral.permute(0, 2, 3, 1).reshape(-1, channels)  # row (b*(fh+1) + y)*(fw+1) + x
             else:
                 sums = F.conv2d(integral, weight)  # (n, T*(C+1), fh+1, fw+1), channels last
                 table = sums.permute(0, 2, 3, 1).reshape(-1, classes)  # row ((b*(fh+1) + y)*(fw+1) + x)*T + t
-        top, left, height, width = (side[:, None] for side in self.rects.to(rois.dtype).unbind(1))  # (T, 1)
-        x1, y1, x2, y2 = (rois[:, i] * scale for i in range(1, 5))  # (K,) in feature cells
-        bw, bh = (x2 - x1) / self.grammar.width, (y2 - y1) / self.grammar.height
-        cx1 = (x1 + left * bw).floor().clamp(0, fw - 1)  # (T, K): terminal-major, the order the DP reads
-        cy1 = (y1 + top * bh).floor().clamp(0, fh - 1)
-        cx2 = torch.maximum((x1 + (left + width) * bw).ceil().clamp(max=fw), cx1 + 1)
-        cy2 = torch.maximum((y1 + (top + height) * bh).ceil().clamp(max=fh), cy1 + 1)
-        ys, xs = torch.stack([cy2, cy1, cy2, cy1]).long(), torch.stack([cx2, cx2, cx1, cx1]).long()  # (4, T, K)
-        position = (rois[:, 0].long() * (fh + 1) + ys) * (fw + 1) + xs  # (4, T, K) rows of the integral image
-        area = ((cy2 - cy1) * (cx2 - cx1))[..., None]  # (T, K, 1)
+        position, area = self._terminal_boxes(rois, scale, fh, fw)  # (4, T, K), (T, K, 1)
         bias = self.score_maps.bias.float().view(terminals, 1, classes)
         if low_rank:  # a small table: four lookups (four small gradient buffers) beat one of four times the rows
             corners = [table.index_select(0, rows.flatten()) for rows in position]  # 4 x (T*K, r)
@@ -413,13 +410,43 @@ class PositionSensitivePool(nn.Module):
                 scores = torch.baddbmm(bias, total / area, own)  # (T, K, C+1)
         else:  # a table of T x (C+1) per position: one lookup and a signed sum (a (1, 4) @ (4, .) product, no
             # slicing), so the backward makes one table-sized gradient buffer, not four zero-filled ones
-            rows = position * terminals + torch.arange(terminals, device=rois.device)[:, None]
+            rows = position * terminals + self.terminal_ids
             corners = table.index_select(0, rows.flatten()).view(4, -1)  # (4, T*K*(C+1))
             with torch.autocast(feature.device.type, enabled=False):  # the sums stay float32 under autocast
                 total = (self.corner_signs.T @ corners).view(terminals, len(rois), classes)  # (T, K, C+1)
             scores = torch.addcdiv(bias, total, area)  # bias + total / area
         # (K, C+1, T) as a view of the terminal-major scores: flattened to rows it is the DP's (T, rows) layout as is
         return scores.permute(1, 2, 0)
+
+    def _terminal_boxes(self, rois: torch.Tensor, scale: float, fh: int, fw: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every terminal's sub-box of every RoI (K, 5), widened to the feature cells it touches (at least one):
+        the rows of its four corners in the integral image of (n, fh, fw) features, (4, T, K) long in the order of
+        `corner_signs`, and its area in cells, (T, K, 1). All edges of all terminals and RoIs at once (terminal-
+        major, the order the DP reads), so the grid's size does not change how many kernels this takes."""
+        xy = rois[:, 1:] * scale  # (K, 4): x1, y1, x2, y2 in feature cells
+        origin = xy[:, :2].T[:, None]  # (x/y, 1, K)
+        cell = ((xy[:, 2:] - xy[:, :2]) / self.grid_cells).T[:, None]  # (x/y, 1, K): a grid cell's width, height
+        edges = origin + self.edge_fractions * cell  # (low/high, x/y, T, K)
+        low, high = edges[0].floor(), edges[1].ceil()
+        low[0].clamp_(0, fw - 1)
+        low[1].clamp_(0, fh - 1)
+        high[0].clamp_(max=fw)
+        high[1].clamp_(max=fh)
+        high = torch.maximum(high, low + 1)
+        area = (high - low).prod(0)[..., None]  # (T, K, 1)
+        bounds = torch.stack([high, low]).long()  # (high/low, x/y, T, K)
+        ys, xs = bounds[:, 1], bounds[:, 0]  # (2, T, K): y2, y1 and x2, x1
+        position = (rois[:, 0].long() * (fh + 1) + ys[None]) * (fw + 1) + xs[:, None]  # (x2/x1, y2/y1, T, K)
+        return position.flatten(0, 1), area  # corners (y2, x2), (y1, x2), (y2, x1), (y1, x1)
+
+
+@functools.lru_cache(maxsize=64)
+def _prefix_sum_matrices(fh: int, fw: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fh+1, fh) and (fw, fw+1) 0/1 matrices: rows_before @ maps @ cols_before is the maps' integral image
+    (entry (y, x) sums the cells above and left of it). Built once per feature size and device."""
+    rows_before = torch.ones(fh + 1, fh, device=device).tril(-1)  # y sums rows < y
+    cols_before = torch.ones(fw, fw + 1, device=device).triu(1)
+    return rows_before, cols_before
 
 
 class AOGParsingHead(nn.Module):
