@@ -204,6 +204,7 @@ class HeadSpec(NamedTuple):
     head: str  # "vote", "aog" or "mlp"
     maps: str = "terminals"
     rank: int | None = None
+    dp_kernel: str = "waves"  # "triton": the DP as two Triton kernels (CUDA; the waves elsewhere)
 
 
 HEADS = {  # --heads key: what it times
@@ -211,11 +212,13 @@ HEADS = {  # --heads key: what it times
     "aog3": HeadSpec("AOGParsing 3x3, terminal maps", 3, "aog"),
     "aog3_rank32": HeadSpec("AOGParsing 3x3, terminal maps rank 32", 3, "aog", rank=32),
     "aog3_cells": HeadSpec("AOGParsing 3x3, shared cell maps", 3, "aog", "cells"),
+    "aog3_triton": HeadSpec("AOGParsing 3x3, terminal maps, Triton DP", 3, "aog", dp_kernel="triton"),
     "mlp": HeadSpec("TwoMLPHead (RoIAlign 7x7)", 3, "mlp"),
     "vote7": HeadSpec("average vote 7x7", 7, "vote"),
     "aog7": HeadSpec("AOGParsing 7x7, terminal maps", 7, "aog"),
     "aog7_rank32": HeadSpec("AOGParsing 7x7, terminal maps rank 32", 7, "aog", rank=32),
     "aog7_cells": HeadSpec("AOGParsing 7x7, shared cell maps", 7, "aog", "cells"),
+    "aog7_triton": HeadSpec("AOGParsing 7x7, terminal maps, Triton DP", 7, "aog", dp_kernel="triton"),
 }
 
 
@@ -245,7 +248,7 @@ def head_speed(device: torch.device, rounds: int, rois: int, classes: int = 21, 
         grammar = GridGrammar(spec.grid, spec.grid)
         maps = spec.maps if spec.head == "aog" else "cells"
         pool = PositionSensitivePool(channels, classes, grammar, maps, terminal_rank=spec.rank)
-        box_head = AOGParsingHead(grammar, "max", maps) if spec.head == "aog" else AverageVoteHead()
+        box_head = AOGParsingHead(grammar, "max", maps, spec.dp_kernel) if spec.head == "aog" else AverageVoteHead()
         return pool, box_head, VotePredictor()
 
     chosen = set(keys or HEADS)
@@ -286,6 +289,8 @@ REALISTIC = {  # --rows key: the row
     "icnn_tinycnn": Row("icnn_tinycnn 64 px batch 256: ICNN / ordinary twin", "icnn", "ordinary twin", 1.30),
     "aog3": Row("AOGParsing head 3x3 / average vote (512 RoIs, 21 classes, fwd + bwd)", "aog3", "vote3", 2.0),
     "aog7": Row("AOGParsing head 7x7 / average vote 7x7", "aog7", "vote7", 3.0),
+    "aog3_triton": Row("AOGParsing head 3x3, Triton DP / average vote", "aog3_triton", "vote3", 2.0),
+    "aog7_triton": Row("AOGParsing head 7x7, Triton DP / average vote 7x7", "aog7_triton", "vote7", 3.0),
     "aog_rcnn": Row("aog_rcnn detector step / vote detector (resnet18, 512 px, batch 4)", "aog_rcnn_resnet18",
                     "vote_rcnn_resnet18", 1.05),
     "textual": Row("textual explanation step (relevance + REINFORCE) / description step",
@@ -293,6 +298,7 @@ REALISTIC = {  # --rows key: the row
     "renn": Row("renn_series / baseline_cnn1d", "renn_series", "baseline_cnn1d", 1.3),
     "l2x": Row("l2x_vector / its black box", "l2x_vector (k=5)", "black box (baseline_mlp)", 1.5),
 }
+HEAD_ROWS = ("aog3", "aog7", "aog3_triton", "aog7_triton")  # rows that time RoI heads alone (`head_speed`)
 ICNN_BACKBONES = {"icnn_resnet18": ("icnn_resnet18", 224, 64), "icnn_resnet18_masks": ("icnn_resnet18", 224, 64),
                   "icnn_vgg16": ("icnn_vgg16", 224, 32), "icnn_tinycnn": ("icnn_tinycnn", 64, 256)}
 
@@ -336,7 +342,7 @@ def realistic(device: torch.device, rounds: int, steps: int, scale: float, keys:
     for key in keys:
         row = REALISTIC[key]
         for bf16 in (precision == "bf16" for precision in precisions):
-            if key in ("aog3", "aog7"):
+            if key in HEAD_ROWS:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     heads = {r["head"]: r["ms"] for r in head_speed(device, rounds, scaled(512, scale, 16),
                                                                       keys=[row.model])}
@@ -355,7 +361,7 @@ def realistic(device: torch.device, rounds: int, steps: int, scale: float, keys:
                 model_ms, reference_ms = 1e3 * median[row.model], 1e3 * median[row.reference]
             yield {"row": row.name, "precision": "bf16" if bf16 else "fp32", "model_ms": round(model_ms, 2),
                    "reference_ms": round(reference_ms, 2), "ratio": round(model_ms / reference_ms, 3),
-                   "target": row.target, "compiled": compile and key not in ("aog3", "aog7")}
+                   "target": row.target, "compiled": compile and key not in HEAD_ROWS}
 
 
 def measure(family: str, device: torch.device, bf16: bool, rounds: int, steps: int) -> list[dict]:

@@ -11,7 +11,9 @@
 #   sync.log        every family's training step on the GPU under torch.cuda.set_sync_debug_mode
 #                   (tests/test_host_sync.py)
 #   realistic.log   `family_speed --realistic`: the issue's table, fp32 and bf16, eager
-#   heads.log       the AOG RoI heads alone, every variant (full-rank and rank-32 terminal maps, shared cell maps)
+#   triton.log      the AOG DP's Triton kernels compiled on the GPU against the PyTorch waves (tests/test_aog_rcnn.py)
+#   heads.log       the AOG RoI heads alone, every variant (full-rank and rank-32 terminal maps, shared cell maps,
+#                   the Triton DP)
 #   compiled.log    the ICNN, L2X and ReNN rows again in bf16 with both sides torch.compile-d (inductor; about
 #                   40 s of compilation per row)
 #   suite.log       the whole test suite with CUDA present (the tests pin the CPU themselves), one line per test
@@ -23,7 +25,7 @@ OUT=${OUT:-/tmp/gpu_check}
 BUDGET=${BUDGET:-540}
 DEVICE=${DEVICE:-cuda}
 SCALE=${SCALE:-1.0}
-STAGES=${STAGES:-sync realistic heads compiled suite balanced}
+STAGES=${STAGES:-sync triton realistic heads compiled suite balanced}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -52,11 +54,13 @@ stage() {
   nproc; } 2>&1 | tee "$OUT/device.txt"
 stage sync 100 python3 -m pytest -q -p no:cacheprovider -rA tests/test_host_sync.py -k gpu
 tail -n 15 "$OUT/sync.log"
+stage triton 60 python3 -m pytest -q -p no:cacheprovider -rA tests/test_aog_rcnn.py -k triton
+grep -E "passed|failed|Error" "$OUT/triton.log" | tail -n 5
 stage realistic 200 python3 -m benchmarks.family_speed --realistic --device "$DEVICE" --scale "$SCALE"
 grep -E "^\||^torch|Error" "$OUT/realistic.log" | tail -n 30
-stage heads 40 python3 -m benchmarks.family_speed --families --device "$DEVICE" --heads aog3 aog3_rank32 aog3_cells \
-    mlp aog7 aog7_rank32 aog7_cells
-grep -E "^\||^torch|Error" "$OUT/heads.log" | tail -n 14
+stage heads 50 python3 -m benchmarks.family_speed --families --device "$DEVICE" --heads aog3 aog3_rank32 aog3_cells \
+    aog3_triton mlp aog7 aog7_rank32 aog7_cells aog7_triton
+grep -E "^\||^torch|Error" "$OUT/heads.log" | tail -n 16
 stage compiled 150 python3 -m benchmarks.family_speed --realistic --device "$DEVICE" --scale "$SCALE" \
     --precisions bf16 --compile --rows icnn_tinycnn l2x icnn_resnet18 renn
 grep -E "^\||^torch|Error" "$OUT/compiled.log" | tail -n 30

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +129,141 @@ def test_the_dp_runs_in_height_plus_width_waves_each_after_its_children(grid: tu
         assert (rects[:, 2] + rects[:, 3] == k + 2).all() and (parser.wave_num_children[w0:w1] == k + 1).all()
         assert (parser.wave_left[w0:w1, :k] < w0).all() and (parser.wave_right[w0:w1, :k] < w0).all()
     assert torch.equal(parser.wave_order[parser.wave_row], torch.arange(parser.grammar.num_or))
+
+
+def tree_score(parser: AOGParsing, terminals: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
+    """(R,) score of each row's parse tree given by `choices` (R, num_or): its leaves' terminal scores, weighted by
+    their share of the grid's area (what the max DP's root is for the tree it chose)."""
+    leaves = parser.parse_leaves(choices).to(terminals.dtype)  # (R, T)
+    share = parser.area.to(terminals.dtype) / (parser.grammar.height * parser.grammar.width)
+    return (terminals * leaves * share).sum(1)
+
+
+def check_kernels_against_the_waves(parser: AOGParsing, terminals: torch.Tensor) -> None:
+    """The Triton DP (forward and backward) against the PyTorch waves on the same terminal scores (R, T)."""
+    from zoo.aog_rcnn import kernels
+
+    maximise = parser.or_mode == "max"
+    root_ref, _ = parser.bottom_up(terminals, maximise)
+    root, choices = kernels.bottom_up(terminals.T, parser.kernel_tables, parser.grammar.root, maximise)
+    assert root.shape == root_ref.shape and choices.shape == (parser.grammar.num_or, len(terminals))
+    torch.testing.assert_close(root, root_ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+    finite = root.isfinite()
+    if maximise:  # near-ties between trees break either way in float32: the kernel's tree must score its root
+        torch.testing.assert_close(tree_score(parser, terminals, choices.T)[finite], root[finite], rtol=1e-5,
+                                   atol=1e-5)
+    grad_root = torch.randn(len(terminals), device=terminals.device)
+    grad = kernels.top_down(grad_root, choices, parser.kernel_tables, parser.grammar.root, maximise)
+    wave_choices = choices.index_select(0, parser.wave_order)  # the kernel's choices, as the waves read them
+    expected = parser.top_down_gradient(grad_root, wave_choices, maximise)  # (R, T)
+    torch.testing.assert_close(grad.T, expected, rtol=1e-5, atol=1e-6)
+    assert (grad != 0).any()
+
+
+def check_kernel_ties(parser: AOGParsing) -> None:
+    """Exact ties in max mode (the mean's sums round in their own order): single cells score 0, larger terminals 0
+    or -1, so many candidates are exactly 0, and the first maximum wins (the terminal, then the first AND child),
+    as torch.max picks it."""
+    from zoo.aog_rcnn import kernels
+
+    device = parser.area.device
+    tied = -torch.randint(0, 2, (300, parser.grammar.num_terminals), device=device).float()
+    tied = torch.where(parser.area == 1, 0.0, tied)
+    _, choices = kernels.bottom_up(tied.T, parser.kernel_tables, parser.grammar.root, True)
+    assert torch.equal(choices.T, parser.choices_by_or(parser.bottom_up(tied, True)[1]))
+    assert (choices == 0).any() and (choices == 1).any()
+
+
+KERNEL_CASES = [(grid, mode) for grid in ((3, 3), (2, 4), (1, 3)) for mode in ("max", "mean")]
+
+
+def run_kernel_checks() -> None:
+    """Every KERNEL_CASES grammar and OR mode, on 200 rows of random terminal scores (one full block of rows and one
+    partial block; two rows with a NaN, which must win as torch.max lets it) and on the cells' terminal scores (a
+    strided (T, R) view); prints one line per check passed."""
+    for grid, or_mode in KERNEL_CASES:
+        torch.manual_seed(3)
+        parser = AOGParsing(GridGrammar(*grid), or_mode)
+        terminals = torch.randn(200, parser.grammar.num_terminals)
+        terminals[7, 0] = terminals[150, -2] = math.nan
+        check_kernels_against_the_waves(parser, terminals)
+        check_kernels_against_the_waves(parser, parser.terminal_from_cells(torch.randn(200, grid[0] * grid[1])))
+        if or_mode == "max":
+            check_kernel_ties(parser)
+        print("kernels agree", grid, or_mode)
+
+
+def test_the_triton_dp_kernels_agree_with_the_waves() -> None:
+    """The kernels in Triton's interpreter on the CPU (on a GPU they run compiled: the test below): the root scores,
+    a tree that scores its root, and the gradient the waves give for the kernel's own choices. The interpreter is
+    chosen when Triton first loads, so the checks run in a fresh process with TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    from tests.conftest import REPO
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    result = subprocess.run([sys.executable, "-c", "from tests.test_aog_rcnn import run_kernel_checks as run; run()"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert result.stdout.count("kernels agree") == len(KERNEL_CASES)
+
+
+def test_the_triton_dp_kernels_compile_for_gpus_without_one() -> None:
+    """Both kernels, both OR modes, float32 and bfloat16 scores, compiled by Triton to a cubin for sm_80 (A100) and
+    sm_90 (H100/H200) on this machine, GPU or not: what the interpreter cannot see (types, layouts, lowering)."""
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile
+
+    from zoo.aog_rcnn import kernels
+
+    tables = {name: "*i32" for name in ("order_ptr", "start_ptr", "left_ptr", "right_ptr")}
+    scalars = {"rows": "i32", "num_or": "i32", "root_id": "i32"}
+    flags = {"MAXIMISE": "constexpr", "BLOCK": "constexpr", "SLOTS": "constexpr"}
+    up = {"term_ptr": None, "stride_node": "i32", "stride_row": "i32", "scores_ptr": "*fp32", "choices_ptr": "*u8",
+          "root_ptr": "*fp32", **tables, "weight_ptr": "*fp32", **scalars, **flags}
+    down = {"grad_root_ptr": None, "choices_ptr": "*u8", "grad_or_ptr": "*fp32", "grad_term_ptr": "*fp32", **tables,
+            "weight_ptr": "*fp32", **scalars, **flags}
+    for kernel, signature in ((kernels._bottom_up, up), (kernels._top_down, down)):
+        for dtype in ("*fp32", "*bf16"):
+            for maximise in (True, False):
+                source = ASTSource(fn=kernel, signature={k: v or dtype for k, v in signature.items()},
+                                   constexprs={"MAXIMISE": maximise, "BLOCK": kernels.BLOCK_ROWS, "SLOTS": 16})
+                for capability in (80, 90):
+                    assert compile(source, target=GPUTarget("cuda", capability, 32)).asm["cubin"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("or_mode", ["max", "mean"])
+def test_the_dp_runs_the_compiled_triton_kernels_on_cuda(or_mode: str) -> None:
+    """On a GPU the parser runs the Triton kernels, which agree with the PyTorch waves (7x7, 512 x 21 rows) through
+    the autograd node as well."""
+    torch.manual_seed(5)
+    parser = AOGParsing(GridGrammar(7, 7), or_mode, dp_kernel="triton").cuda()
+    terminals = torch.randn(512 * 21, parser.grammar.num_terminals, device="cuda")
+    assert parser.runs_triton(terminals)
+    check_kernels_against_the_waves(parser, terminals)
+    if or_mode == "max":
+        check_kernel_ties(parser)
+    grads = []
+    for kernel in ("triton", "waves"):
+        parser.dp_kernel = kernel
+        x = terminals.clone().requires_grad_()
+        root, _ = parser(x)
+        root.sum().backward()
+        grads.append((root.detach(), x.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+    if or_mode == "mean":  # max: near-ties may pick other trees (the check above covers the kernel's own)
+        torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_the_dp_kernel_is_chosen_by_name_and_runs_the_waves_on_the_cpu() -> None:
+    pytest.importorskip("triton")
+    assert not AOGParsing(GridGrammar(3, 3), dp_kernel="triton").runs_triton(torch.zeros(4, 36))  # CPU: the waves
+    with pytest.raises(ValueError, match="dp_kernel must be one of"):
+        AOGParsing(GridGrammar(3, 3), dp_kernel="trition")
+    detector = zoo.create_model("aog_rcnn_tinycnn", num_classes=3, dp_kernel="triton")
+    assert detector.parser.dp_kernel == "triton"
 
 
 def test_forcing_the_all_cells_tree_reproduces_the_average_vote() -> None:

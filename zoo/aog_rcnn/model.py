@@ -14,7 +14,9 @@ Departs / chooses (the authors' detector code was never released):
   sanity check against R-FCN, not as a rationale. `terminal_rank=r` reads every terminal's maps from r shared basis
   maps (weights of rank <= r): at r = 32 the head costs about the average vote's, but parses worse (README).
 - Box regression is class-agnostic and position-sensitive (R-FCN): 4 x H x W maps voted by the mean.
-- The bottom-up pass loops over area levels (at most H*W of them), never over nodes, RoIs or classes.
+- The bottom-up pass loops over waves of rectangles of one height + width (H + W - 1 of them), never over nodes,
+  RoIs or classes. `dp_kernel="triton"` runs the whole DP as one Triton kernel forward and one backward on CUDA
+  (`zoo.aog_rcnn.kernels`; opt-in until measured on a GPU; the waves are its reference in tests).
 
 Baselines on the same backbone, RPN, proposals and budget: `vote_rcnn_*` (R-FCN average vote) and
 `faster_rcnn_*` (torchvision MultiScaleRoIAlign + TwoMLPHead + FastRCNNPredictor).
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
@@ -38,11 +41,13 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops, ps_roi_align
 
+from zoo.aog_rcnn import kernels
 from zoo.backbones import TINY_CNN, Backbone
 from zoo.checks import check_input, ids_out_of_range
 from zoo.registry import input_size_aware, register_model
 
 OR_MODES = ("mean", "max")
+DP_KERNELS = ("waves", "triton")  # the DP in PyTorch, wave by wave (everywhere), or as two Triton kernels (CUDA)
 TERMINAL_MAPS = ("terminals", "cells")
 
 
@@ -138,10 +143,15 @@ class AOGParsing(nn.Module):
     the j-th AND child). `or_mode` "mean" folds (integrates every configuration), "max" unfolds (best tree).
     """
 
-    def __init__(self, grammar: GridGrammar, or_mode: str = "max") -> None:
+    def __init__(self, grammar: GridGrammar, or_mode: str = "max", dp_kernel: str = "waves") -> None:
         super().__init__()
+        if dp_kernel not in DP_KERNELS:
+            raise ValueError(f"dp_kernel must be one of {DP_KERNELS}; got {dp_kernel!r}.")
+        if dp_kernel == "triton" and not kernels.available():  # the same function either way: a checkpoint loads
+            warnings.warn("dp_kernel='triton': Triton is not installed here, the DP runs its PyTorch waves.")
         self.grammar = grammar
         self.or_mode = or_mode
+        self.dp_kernel = dp_kernel
         for name, tensor in grammar.tensors().items():
             self.register_buffer(name, tensor, persistent=False)
         self.levels: list[tuple[int, int]] = grammar.levels()  # OR range per area level (`parse_leaves`)
@@ -168,6 +178,17 @@ class AOGParsing(nn.Module):
         }.items():
             self.register_buffer(name, tensor, persistent=False)
         self.wave_root = int(row[self.grammar.root])
+        # the Triton kernels' tables (`zoo.aog_rcnn.kernels`), in OR-id order: the schedule, and each OR's AND
+        # children as a CSR list (slot j of OR o: kernel_start[o] + j), their OR children and the left one's share
+        ands = self.or_and_children[self.or_and_children >= 0]  # OR-major, then slot order
+        for name, tensor in {
+            "kernel_order": order.int(),
+            "kernel_start": F.pad((self.or_num_children - 1).cumsum(0), (1, 0)).int(),
+            "kernel_left": self.and_left[ands].int(), "kernel_right": self.and_right[ands].int(),
+            "kernel_weight": self.and_left_weight[ands].float(),
+        }.items():
+            self.register_buffer(name, tensor, persistent=False)
+        self.kernel_slots = 1 << max(int(self.or_num_children.max()) - 2, 0).bit_length()
         self.waves: list[tuple[int, int, int]] = []  # (first row, end row, AND children of each OR) per wave
         sorted_size = size[order].tolist()
         for value in sorted(set(sorted_size)):
@@ -197,6 +218,20 @@ class AOGParsing(nn.Module):
                     ("rows", self.grammar.num_terminals), "terminal scores")
         root, choices = _GrammarDP.apply(terminal_scores, self, self.or_mode == "max")
         return root, choices
+
+    def runs_triton(self, terminal_scores: torch.Tensor) -> bool:
+        """Whether the DP runs as the two Triton kernels (`zoo.aog_rcnn.kernels`): with `dp_kernel="triton"`, on
+        CUDA, for float16, bfloat16 and float32 scores. Otherwise the PyTorch waves run (the reference)."""
+        return (self.dp_kernel == "triton" and terminal_scores.is_cuda and kernels.available()
+                and terminal_scores.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+    @property
+    def kernel_tables(self) -> dict[str, Any]:
+        """The grammar as the Triton kernels read it (see `_schedule_waves`), and "slots": a power of two >= the
+        most AND children of an OR (the kernels' block of children)."""
+        tables: dict[str, Any] = {name: getattr(self, f"kernel_{name}")
+                                  for name in ("order", "start", "left", "right", "weight")}
+        return tables | {"slots": self.kernel_slots}
 
     def choices_by_or(self, wave_choices: torch.Tensor) -> torch.Tensor:
         """OR choices in wave order (num_or, R) -> by OR id, (R, num_or)."""
@@ -298,23 +333,34 @@ class AOGParsing(nn.Module):
 
 
 class _GrammarDP(torch.autograd.Function):
-    """AOGParsing as one autograd node: bottom-up DP forward, top-down gradient backward (both wave by wave on
-    preallocated buffers; autograd through per-wave in-place writes would copy the whole node table per wave)."""
+    """AOGParsing as one autograd node: bottom-up DP forward, top-down gradient backward. On CUDA, one Triton kernel
+    each (`AOGParsing.runs_triton`); otherwise wave by wave on preallocated buffers (autograd through per-wave
+    in-place writes would copy the whole node table per wave)."""
 
     @staticmethod
     def forward(ctx: Any, terminal_scores: torch.Tensor, parser: AOGParsing, maximise: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        root, wave_choices = parser.bottom_up(terminal_scores.detach(), maximise)
-        choices = parser.choices_by_or(wave_choices)
-        ctx.parser, ctx.maximise = parser, maximise
-        ctx.save_for_backward(wave_choices)  # the backward walks the waves: no permutation back
+        ctx.parser, ctx.maximise, ctx.triton = parser, maximise, parser.runs_triton(terminal_scores)
+        ctx.dtype = terminal_scores.dtype
+        if ctx.triton:  # choices (num_or, R) by OR id
+            root, saved = kernels.bottom_up(terminal_scores.detach().T, parser.kernel_tables, parser.grammar.root,
+                                            maximise)
+            choices = saved.T
+        else:  # choices (num_or, R) in wave order: the backward walks the waves, no permutation back
+            root, saved = parser.bottom_up(terminal_scores.detach(), maximise)
+            choices = parser.choices_by_or(saved)
+        ctx.save_for_backward(saved)
         ctx.mark_non_differentiable(choices)
         return root, choices
 
     @staticmethod
     def backward(ctx: Any, grad_root: torch.Tensor, _grad_choices: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (wave_choices,) = ctx.saved_tensors
-        return ctx.parser.top_down_gradient(grad_root, wave_choices, ctx.maximise), None, None
+        (saved,) = ctx.saved_tensors
+        parser = ctx.parser
+        if ctx.triton:
+            grad = kernels.top_down(grad_root, saved, parser.kernel_tables, parser.grammar.root, ctx.maximise)
+            return grad.T.to(ctx.dtype), None, None
+        return parser.top_down_gradient(grad_root, saved, ctx.maximise), None, None
 
 
 # ------------------------------------------------------------------------------------------- RoI heads (pluggable)
@@ -452,9 +498,10 @@ def _prefix_sum_matrices(fh: int, fw: int, device: torch.device) -> tuple[torch.
 class AOGParsingHead(nn.Module):
     """box_head: root OR score per class from AOGParsing over the pooled terminal scores."""
 
-    def __init__(self, grammar: GridGrammar, or_mode: str = "mean", terminal_maps: str = "terminals") -> None:
+    def __init__(self, grammar: GridGrammar, or_mode: str = "mean", terminal_maps: str = "terminals",
+                 dp_kernel: str = "waves") -> None:
         super().__init__()
-        self.parser = AOGParsing(grammar, or_mode)
+        self.parser = AOGParsing(grammar, or_mode, dp_kernel)
         self.terminal_maps = terminal_maps
 
     def forward(self, pooled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -562,7 +609,8 @@ class AOGRCNN(FasterRCNN):
     def __init__(self, *, num_classes: int, head: str = "aog", backbone: str = TINY_CNN, in_chans: int = 3,
                  backbone_index: int = -1, pretrained_path: str | None = None, image_size: int = 128,
                  grid: tuple[int, int] = (3, 3), or_mode: str = "mean", terminal_maps: str = "terminals",
-                 terminal_rank: int | None = None, anchor_sizes: tuple[int, ...] = (16, 32, 64),
+                 terminal_rank: int | None = None, dp_kernel: str = "waves",
+                 anchor_sizes: tuple[int, ...] = (16, 32, 64),
                  aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
                  rpn_pre_nms_top_n: int = 300, rpn_post_nms_top_n: int = 150, box_batch_size_per_image: int = 128,
                  box_detections_per_img: int = 50, representation_size: int = 256) -> None:
@@ -579,7 +627,7 @@ class AOGRCNN(FasterRCNN):
             maps = terminal_maps if head == "aog" else "cells"
             pool = PositionSensitivePool(body.out_channels, classes, grammar, maps,
                                          terminal_rank=terminal_rank if head == "aog" else None)
-            box_head = AOGParsingHead(grammar, or_mode, maps) if head == "aog" else AverageVoteHead()
+            box_head = AOGParsingHead(grammar, or_mode, maps, dp_kernel) if head == "aog" else AverageVoteHead()
             predictor = VotePredictor()
         anchors = AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),))
         super().__init__(body, num_classes=None, min_size=image_size, max_size=image_size,
