@@ -5,14 +5,14 @@ interpretable model against its opaque twin / baselines, on the CPU or a GPU, fp
         [--rounds 5] [--steps 10]
     python -m benchmarks.family_speed --families --heads vote3 aog3     # two RoI heads alone, in a fresh process
     python -m benchmarks.family_speed --realistic --device cuda [--rows icnn_resnet18 ...] [--scale 1.0]
-        [--precisions fp32 bf16] [--compile]
+        [--precisions fp32 bf16] [--compile [inductor | reduce-overhead | cudagraphs | ...]]
 
 `--realistic` times the rows of the GPU issue at the sizes researchers train at (ICNN on resnet18 / vgg16 at
 224 px, tinycnn at 64 px batch 256; the AOG heads at 512 RoIs; detectors on resnet18 at 512 px; textual, ReNN and
 L2X steps), each row's model against its reference in interleaved rounds, fp32 and bf16 autocast, and prints the
-ratios with the issue's targets, each row as soon as it is measured; `--compile` compiles both sides of each row
-(inductor, as `--model.init_args.compile=true`). `--scale` shrinks batches and image sizes (a CPU smoke run:
-`--device cpu --scale 0.25 --rows icnn_tinycnn renn`).
+ratios with the issue's targets, each row as soon as it is measured; `--compile [HOW]` compiles both sides of each
+row as `--model.init_args.compile=HOW` does (default inductor; "reduce-overhead" replays CUDA graphs). `--scale`
+shrinks batches and image sizes (a CPU smoke run: `--device cpu --scale 0.25 --rows icnn_tinycnn renn`).
 
 A train step is forward + loss + backward + optimiser step (+ ICNN's online statistics; + the frozen black box's
 forward for L2X). Inference is one forward pass in eval mode (for L2X: explaining a batch). Models of a family
@@ -334,11 +334,11 @@ def realistic_setup(key: str, device: torch.device, scale: float) -> tuple[dict,
 
 
 def realistic(device: torch.device, rounds: int, steps: int, scale: float, keys: list[str],
-              precisions: tuple[str, ...] = ("fp32", "bf16"), compile: bool = False) -> Iterator[dict]:
+              precisions: tuple[str, ...] = ("fp32", "bf16"), compile: str | None = None) -> Iterator[dict]:
     """Every chosen row in each precision (fp32, bf16 autocast): medians of interleaved rounds and the row's ratio,
     one row at a time (a long GPU run reports what it has measured when it is cut short). `compile`: the model and
-    its reference are both `torch.compile`d as `--model.init_args.compile=true` compiles them (inductor), and timed
-    after their warm-up steps have compiled them; the RoI-head rows run eagerly."""
+    its reference are both `torch.compile`d as `--model.init_args.compile=<compile>` compiles them (a backend or an
+    inductor mode), and timed after their warm-up steps have compiled them; the RoI-head rows run eagerly."""
     for key in keys:
         row = REALISTIC[key]
         for bf16 in (precision == "bf16" for precision in precisions):
@@ -354,14 +354,14 @@ def realistic(device: torch.device, rounds: int, steps: int, scale: float, keys:
                     model.to(device)
                     loss.to(device)
                     if compile:
-                        compile_model(model)
+                        compile_model(model, compile)
                     timed[name] = train_step(model, loss, batch, input_key, device, bf16,
                                              teacher if name == row.model else None)
                 median = interleaved_medians(timed, device, rounds, calls=steps, warmup=2)
                 model_ms, reference_ms = 1e3 * median[row.model], 1e3 * median[row.reference]
             yield {"row": row.name, "precision": "bf16" if bf16 else "fp32", "model_ms": round(model_ms, 2),
                    "reference_ms": round(reference_ms, 2), "ratio": round(model_ms / reference_ms, 3),
-                   "target": row.target, "compiled": compile and key not in HEAD_ROWS}
+                   "target": row.target, "compiled": compile if key not in HEAD_ROWS else None}
 
 
 def measure(family: str, device: torch.device, bf16: bool, rounds: int, steps: int) -> list[dict]:
@@ -430,8 +430,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--scale", type=float, default=1.0, help="--realistic: batch and image sizes times this")
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                         help="--realistic: fp32 and/or bf16 autocast")
-    parser.add_argument("--compile", action="store_true",
-                        help="--realistic: torch.compile (inductor) each model and its reference, as compile=true does")
+    parser.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="HOW",
+                        help="--realistic: torch.compile each model and its reference, as compile=HOW does (a backend "
+                             "or an inductor mode; default inductor)")
     args = parser.parse_args(argv)
     device = args.device
     if args.realistic:
@@ -462,16 +463,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def print_realistic(device: torch.device, rounds: int, steps: int, scale: float, keys: list[str],
-                    precisions: tuple[str, ...] = ("fp32", "bf16"), compile: bool = False) -> list[dict]:
+                    precisions: tuple[str, ...] = ("fp32", "bf16"), compile: str | None = None) -> list[dict]:
     """The realistic table, printed row by row as each is measured."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, scale {scale}, {rounds} rounds x {steps} steps (medians of interleaved "
-          f"rounds; train steps{'; model and reference torch.compile-d' if compile else ''})")
+          f"rounds; train steps{f'; model and reference compiled ({compile})' if compile else ''})")
     print("| row | precision | model ms | reference ms | ratio | target |\n| --- | --- | --- | --- | --- | --- |",
           flush=True)
     rows = []
     for r in realistic(device, rounds, steps, scale, keys, precisions, compile):
-        precision = r["precision"] + (", compiled" if r["compiled"] else "")
+        precision = r["precision"] + (f", {r['compiled']}" if r["compiled"] else "")
         print(f"| {r['row']} | {precision} | {r['model_ms']} | {r['reference_ms']} | {r['ratio']} | "
               f"<= {r['target']} |", flush=True)
         rows.append(r)

@@ -14,8 +14,10 @@
 #   triton.log      the AOG DP's Triton kernels compiled on the GPU against the PyTorch waves (tests/test_aog_rcnn.py)
 #   heads.log       the AOG RoI heads alone, every variant (full-rank and rank-32 terminal maps, shared cell maps,
 #                   the Triton DP)
-#   compiled.log    the ICNN, L2X and ReNN rows again in bf16 with both sides torch.compile-d (inductor; about
-#                   40 s of compilation per row)
+#   graphs.log      the launch-bound rows (L2X, ReNN, tinycnn ICNN, textual) again in bf16, both sides compiled
+#                   with the "cudagraphs" backend (each step replayed as CUDA graphs; `compile=cudagraphs`)
+#   compiled.log    (not in the default STAGES: measured on 2026-12-04) the ICNN, L2X and ReNN rows again in bf16
+#                   with both sides compiled by inductor (about 40 s of compilation per row)
 #   suite.log       the whole test suite with CUDA present (the tests pin the CPU themselves), one line per test
 #   balanced.log    ICNN with the parts-world configs' balanced assignment against its twins, 64 px
 # A dry run of the plumbing on a CPU, shrunk:
@@ -25,7 +27,7 @@ OUT=${OUT:-/tmp/gpu_check}
 BUDGET=${BUDGET:-540}
 DEVICE=${DEVICE:-cuda}
 SCALE=${SCALE:-1.0}
-STAGES=${STAGES:-sync triton realistic heads compiled suite balanced}
+STAGES=${STAGES:-sync triton realistic heads graphs suite balanced}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -61,6 +63,9 @@ grep -E "^\||^torch|Error" "$OUT/realistic.log" | tail -n 30
 stage heads 50 python3 -m benchmarks.family_speed --families --device "$DEVICE" --heads aog3 aog3_rank32 aog3_cells \
     aog3_triton mlp aog7 aog7_rank32 aog7_cells aog7_triton
 grep -E "^\||^torch|Error" "$OUT/heads.log" | tail -n 16
+stage graphs 120 python3 -m benchmarks.family_speed --realistic --device "$DEVICE" --scale "$SCALE" \
+    --precisions bf16 --compile cudagraphs --rows l2x renn icnn_tinycnn textual
+grep -E "^\||^torch|Error" "$OUT/graphs.log" | tail -n 30
 stage compiled 150 python3 -m benchmarks.family_speed --realistic --device "$DEVICE" --scale "$SCALE" \
     --precisions bf16 --compile --rows icnn_tinycnn l2x icnn_resnet18 renn
 grep -E "^\||^torch|Error" "$OUT/compiled.log" | tail -n 30

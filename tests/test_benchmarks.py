@@ -139,25 +139,26 @@ def test_family_speed_realistic_table_runs_shrunk_on_the_cpu() -> None:
 
 
 def test_family_speed_realistic_compiles_both_sides_of_a_row(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`--realistic --compile`: the row's model and its reference are both compiled the way
-    `--model.init_args.compile=true` compiles them (here with the aot_eager backend: graph capture without code
+    """`--realistic --compile HOW`: the row's model and its reference are both compiled the way
+    `--model.init_args.compile=HOW` compiles them (here the aot_eager backend: graph capture without code
     generation, seconds on a CPU), and the row says so; `--precisions` picks the precisions."""
     import benchmarks.family_speed as family_speed
     from zoo import create_model
     from zoo.engine.system import compile_model
 
-    compiled: list[str] = []
+    compiled: list[tuple[str, str]] = []
 
-    def compile_eagerly(model: torch.nn.Module) -> None:
-        compiled.append(type(model).__name__)
-        compile_model(model, "aot_eager")
+    def spy(model: torch.nn.Module, how: str) -> None:
+        compiled.append((type(model).__name__, how))
+        compile_model(model, how)
 
-    monkeypatch.setattr(family_speed, "compile_model", compile_eagerly)
+    monkeypatch.setattr(family_speed, "compile_model", spy)
     torch._dynamo.reset()
     rows = family_speed.main(["--realistic", "--device", "cpu", "--rounds", "1", "--steps", "1", "--scale", "0.125",
-                              "--rows", "renn", "--precisions", "bf16", "--compile"])
-    assert [(r["precision"], r["compiled"]) for r in rows] == [("bf16", True)]
-    assert sorted(compiled) == sorted(type(create_model(name)).__name__ for name in ("renn_series", "baseline_cnn1d"))
+                              "--rows", "renn", "--precisions", "bf16", "--compile", "aot_eager"])
+    assert [(r["precision"], r["compiled"]) for r in rows] == [("bf16", "aot_eager")]
+    assert sorted(compiled) == sorted((type(create_model(name)).__name__, "aot_eager")
+                                      for name in ("renn_series", "baseline_cnn1d"))
     assert all(r["model_ms"] > 0 and r["reference_ms"] > 0 for r in rows)
 
 

@@ -47,6 +47,20 @@ def test_inductor_compiles_the_default_way() -> None:
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
+def test_compile_takes_a_backend_or_an_inductor_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`compile="reduce-overhead"` (CUDA graphs on a GPU) and the other inductor modes reach torch.compile as its
+    `mode`; any other string is a backend."""
+    from zoo.engine.system import COMPILE_MODES, compile_model
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **options: calls.append(options))
+    for how in ("reduce-overhead", "max-autotune", "aot_eager", "cudagraphs", "inductor"):
+        compile_model(torch.nn.Linear(2, 2), how)
+    assert calls == [{"mode": "reduce-overhead"}, {"mode": "max-autotune"}, {"backend": "aot_eager"},
+                     {"backend": "cudagraphs"}, {"backend": "inductor"}]
+    assert set(COMPILE_MODES) <= set(torch._inductor.list_mode_options()) | {"default"}
+
+
 def test_a_detector_compiles_its_backbone_with_a_warning() -> None:
     """torchvision's RPN and RoI sampling read data-dependent shapes: a detector compiles its backbone only, and
     its compiled step gives the eager loss."""

@@ -41,18 +41,25 @@ def format_terms(names: tuple[str, ...], values: torch.Tensor) -> str:
     return ", ".join(f"{name}={value:.4g}" for name, value in zip(names, values.tolist()))
 
 
-def compile_model(model: nn.Module, backend: str = "inductor") -> None:
-    """`torch.compile` `model` in place (`nn.Module.compile`: parameters and state-dict keys unchanged). A torchvision
-    detector (`GeneralizedRCNN`) reads data-dependent shapes (proposal counts, matched boxes) throughout its RPN and
-    RoI sampling: only its backbone, where its convolutions are, is compiled, and the rest runs eagerly (warned)."""
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # inductor's modes
+
+
+def compile_model(model: nn.Module, how: str = "inductor") -> None:
+    """`torch.compile` `model` in place (`nn.Module.compile`: parameters and state-dict keys unchanged). `how`: a
+    backend ("inductor", "aot_eager", "cudagraphs", ...) or one of inductor's `COMPILE_MODES` ("reduce-overhead"
+    replays the step as CUDA graphs on a GPU: for small models, whose steps are bound by kernel launches). A
+    torchvision detector (`GeneralizedRCNN`) reads data-dependent shapes (proposal counts, matched boxes) throughout
+    its RPN and RoI sampling: only its backbone, where its convolutions are, is compiled, and the rest runs eagerly
+    (warned)."""
     from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
+    options = {"mode": how} if how in COMPILE_MODES else {"backend": how}
     if isinstance(model, GeneralizedRCNN):
         rank_zero_warn(f"compile=True: {type(model).__name__} is a torchvision detector (data-dependent shapes in its "
                        "RPN and RoI sampling); its backbone is compiled, the rest runs eagerly.")
-        model.backbone.compile(backend=backend)
+        model.backbone.compile(**options)
         return
-    model.compile(backend=backend)
+    model.compile(**options)
 
 
 def backbone_of(model: nn.Module) -> nn.Module | None:
@@ -80,8 +87,9 @@ class ZooSystem(pl.LightningModule):
             steps, at the epoch's end and before any checkpoint is written; "skip" must decide on the host before
             the optimiser step, so it costs one host-device synchronisation per step.
         compile: `torch.compile` the model (`nn.Module.compile`: same parameters and checkpoint keys); True uses
-            torch's default backend (inductor), a string names another ("aot_eager", "cudagraphs", ...). Of a
-            torchvision detector only the backbone is compiled (its RPN and RoI sampling run eagerly), with a warning.
+            torch's default backend (inductor), a string names another ("aot_eager", "cudagraphs", ...) or one of
+            inductor's modes ("reduce-overhead": CUDA graphs on a GPU, "max-autotune", ...). Of a torchvision
+            detector only the backbone is compiled (its RPN and RoI sampling run eagerly), with a warning.
         class_names: the data's class names (linked from the datamodule's `class_names` by the CLI), saved in the
             checkpoint so predictions and reports name classes; None: "0", "1", ...
         freeze_backbone: fine-tuning: the model's backbone (`backbone_of`) gets no updates and stays in eval mode
