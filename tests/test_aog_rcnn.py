@@ -315,6 +315,22 @@ def test_terminal_pooling_against_a_loop_reference(rank: int | None) -> None:
             torch.testing.assert_close(pooled[k, :, t], own, rtol=1e-5, atol=1e-5)
 
 
+def test_terminal_pooling_trains_after_a_first_call_under_inference_mode() -> None:
+    """The integral image's prefix matrices are cached per feature size and device: a first call under
+    `torch.inference_mode` (as in Lightning's validation) must not cache inference tensors that a later training
+    step's backward would save."""
+    from zoo.aog_rcnn.model import _prefix_sum_matrices
+
+    _prefix_sum_matrices.cache_clear()
+    pool = PositionSensitivePool(8, 3, GridGrammar(3, 3), "terminals")
+    rois = rois_with_batch_index([torch.tensor([[0.0, 0, 60, 70]])])
+    with torch.inference_mode():
+        pool._pool_terminals(torch.randn(1, 8, 11, 10), rois, 1 / 8)
+    features = torch.randn(1, 8, 11, 10, requires_grad=True)
+    pool._pool_terminals(features, rois, 1 / 8).sum().backward()
+    assert features.grad is not None and features.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("rank", [None, 3])
 def test_terminal_pooling_stays_float32_under_bf16_autocast(rank: int | None) -> None:
     """Box sums are differences of large running sums: under autocast they must not drop to bf16. Small integer

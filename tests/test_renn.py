@@ -68,6 +68,19 @@ def test_window_sum_matches_a_loop() -> None:
     assert window_sum(values[None], -4, -1).shape == (1, 3, 17)  # any leading shape
 
 
+def test_window_bounds_cached_under_inference_mode_still_train() -> None:
+    """The window bounds are cached per length, window and device: a first call under `torch.inference_mode` (as in
+    Lightning's validation) must not cache inference tensors that a later training step's backward would save."""
+    from zoo.renn.model import _window_bounds
+
+    _window_bounds.cache_clear()
+    with torch.inference_mode():
+        window_sum(torch.rand(2, 23), -2, 5)
+    series = torch.rand(2, 23, requires_grad=True)
+    window_sum(series, -2, 5).sum().backward()
+    assert series.grad is not None and (series.grad > 0).all()
+
+
 def test_gradients_flow_through_rules() -> None:
     p = torch.full((1, 2, 40), 0.3, requires_grad=True)
     patterns = {"normal_beat": p[:, 0], "premature_beat": p[:, 1]}

@@ -489,9 +489,12 @@ class PositionSensitivePool(nn.Module):
 @functools.lru_cache(maxsize=64)
 def _prefix_sum_matrices(fh: int, fw: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(fh+1, fh) and (fw, fw+1) 0/1 matrices: rows_before @ maps @ cols_before is the maps' integral image
-    (entry (y, x) sums the cells above and left of it). Built once per feature size and device."""
-    rows_before = torch.ones(fh + 1, fh, device=device).tril(-1)  # y sums rows < y
-    cols_before = torch.ones(fw, fw + 1, device=device).triu(1)
+    (entry (y, x) sums the cells above and left of it). Built once per feature size and device; never as inference
+    tensors (a first call under `torch.inference_mode`, as in Lightning's validation, would leave tensors autograd
+    cannot save)."""
+    with torch.inference_mode(False):
+        rows_before = torch.ones(fh + 1, fh, device=device).tril(-1)  # y sums rows < y
+        cols_before = torch.ones(fw, fw + 1, device=device).triu(1)
     return rows_before, cols_before
 
 

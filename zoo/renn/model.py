@@ -50,9 +50,11 @@ def window_sum(values: torch.Tensor, low: int, high: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=256)
 def _window_bounds(length: int, low: int, high: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefix indices of every step's window [t + low, t + high], clamped to the series: (start, stop), (T,) each.
-    Built once per series length, window and device, not in every step."""
-    t = torch.arange(length, device=device)
-    return (t + low).clamp(0, length), (t + high + 1).clamp(0, length)
+    Built once per series length, window and device, not in every step; never as inference tensors (a first call
+    under `torch.inference_mode`, as in Lightning's validation, would leave tensors autograd cannot save)."""
+    with torch.inference_mode(False):
+        t = torch.arange(length, device=device)
+        return (t + low).clamp(0, length), (t + high + 1).clamp(0, length)
 
 
 def exists_within(p: torch.Tensor, low: int, high: int) -> torch.Tensor:
