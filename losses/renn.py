@@ -140,9 +140,11 @@ class PartsWorldColourRule(ClassRule):
 
     def tables_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The colour values (n_colours, 3) and each class's required colours (C, n_colours) on `device`, moved there
-        once: a copy from the host every step would make the GPU wait."""
+        once: a copy from the host every step would make the GPU wait. Never as inference tensors (a first call in
+        Lightning's validation runs under `torch.inference_mode`)."""
         if self.class_colours.device != device:
-            self.colour_values, self.class_colours = self.colour_values.to(device), self.class_colours.to(device)
+            with torch.inference_mode(False):
+                self.colour_values, self.class_colours = self.colour_values.to(device), self.class_colours.to(device)
         return self.colour_values, self.class_colours
 
     def __call__(self, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
