@@ -127,7 +127,7 @@ def test_the_dp_runs_in_height_plus_width_waves_each_after_its_children(grid: tu
     for w0, w1, k in parser.waves:
         rects = parser.rects[parser.wave_order[w0:w1]]
         assert (rects[:, 2] + rects[:, 3] == k + 2).all() and (parser.wave_num_children[w0:w1] == k + 1).all()
-        assert (parser.wave_left[w0:w1, :k] < w0).all() and (parser.wave_right[w0:w1, :k] < w0).all()
+        assert (parser.wave_children[w0:w1, 0, :k] < w0).all() and (parser.wave_children[w0:w1, 1, :k] < w0).all()
     assert torch.equal(parser.wave_order[parser.wave_row], torch.arange(parser.grammar.num_or))
 
 
@@ -217,7 +217,7 @@ def test_the_triton_dp_kernels_compile_for_gpus_without_one() -> None:
 
     from zoo.aog_rcnn import kernels
 
-    tables = {name: "*i32" for name in ("order_ptr", "start_ptr", "left_ptr", "right_ptr")}
+    tables = {name: "*i64" for name in ("order_ptr", "start_ptr", "left_ptr", "right_ptr")}
     scalars = {"rows": "i32", "num_or": "i32", "root_id": "i32"}
     flags = {"MAXIMISE": "constexpr", "BLOCK": "constexpr", "SLOTS": "constexpr"}
     up = {"term_ptr": None, "stride_node": "i32", "stride_row": "i32", "scores_ptr": "*fp32", "choices_ptr": "*u8",

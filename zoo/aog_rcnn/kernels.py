@@ -124,10 +124,18 @@ if triton is not None:
             tl.debug_barrier()
 
 
+def _check_tables(tables: dict[str, Any]) -> None:
+    """The kernels index the grammar's tables by pointer: a strided view would be read as garbage."""
+    strided = [name for name, table in tables.items() if torch.is_tensor(table) and not table.is_contiguous()]
+    if strided:
+        raise ValueError(f"the AOG DP kernels need contiguous grammar tables; {strided} are not.")
+
+
 def bottom_up(terminals: torch.Tensor, tables: dict[str, Any], root: int, maximise: bool
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """The DP forward on terminal scores (num_or, R) (any strides, float32/bf16/fp16): root scores (R,) in the
     input's dtype and every OR's choice (num_or, R) uint8, in OR-id order. `tables`: `AOGParsing.kernel_tables`."""
+    _check_tables(tables)
     num_or, rows = terminals.shape
     scores = torch.empty(num_or, rows, dtype=torch.float32, device=terminals.device)
     choices = torch.empty(num_or, rows, dtype=torch.uint8, device=terminals.device)
@@ -143,6 +151,7 @@ def top_down(grad_root: torch.Tensor, choices: torch.Tensor, tables: dict[str, A
              maximise: bool) -> torch.Tensor:
     """The DP backward: the terminals' gradient (num_or, R) float32 in OR-id order from grad_root (R,) and the
     forward's choices (num_or, R)."""
+    _check_tables(tables)
     num_or, rows = choices.shape
     grad_or = torch.zeros(num_or, rows, dtype=torch.float32, device=choices.device)
     grad_terminals = torch.empty(num_or, rows, dtype=torch.float32, device=choices.device)

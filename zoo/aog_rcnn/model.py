@@ -118,7 +118,7 @@ class GridGrammar:
         inside_cols = (cols >= rects[:, 1:2]) & (cols < rects[:, 1:2] + rects[:, 3:4])  # (T, W)
         cover = (inside_rows[:, :, None] & inside_cols[:, None, :]).flatten(1).float()  # (T, H*W)
         ands = torch.tensor(self._and_nodes, dtype=torch.long).reshape(-1, 3)  # (A, 3)
-        parent, left, right = ands.unbind(1)
+        parent, left, right = ands.T.contiguous()  # contiguous rows: the Triton kernels read them by pointer
         left_weight = area[left].float() / area[parent].float()
         # OR -> its AND children, padded with -1: (num_or, max_and_children)
         per_or = torch.bincount(parent, minlength=self.num_or)
@@ -170,7 +170,7 @@ class AOGParsing(nn.Module):
         slots = self.or_and_children[order].clamp(min=0)  # (num_or, K) AND ids (padding reads AND 0, never used)
         left, right, weight = row[self.and_left[slots]], row[self.and_right[slots]], self.and_left_weight[slots]
         for name, tensor in {
-            "wave_order": order, "wave_row": row, "wave_left": left, "wave_right": right,
+            "wave_order": order, "wave_row": row,
             "wave_children": torch.stack([left, right], 1),  # (num_or, 2, K): both OR children of each AND slot
             "wave_split": torch.stack([weight, 1 - weight], 1),  # (num_or, 2, K): the share of each child
             "wave_num_children": self.or_num_children[order],
@@ -178,16 +178,11 @@ class AOGParsing(nn.Module):
         }.items():
             self.register_buffer(name, tensor, persistent=False)
         self.wave_root = int(row[self.grammar.root])
-        # the Triton kernels' tables (`zoo.aog_rcnn.kernels`), in OR-id order: the schedule, and each OR's AND
-        # children as a CSR list (slot j of OR o: kernel_start[o] + j), their OR children and the left one's share
-        ands = self.or_and_children[self.or_and_children >= 0]  # OR-major, then slot order
-        for name, tensor in {
-            "kernel_order": order.int(),
-            "kernel_start": F.pad((self.or_num_children - 1).cumsum(0), (1, 0)).int(),
-            "kernel_left": self.and_left[ands].int(), "kernel_right": self.and_right[ands].int(),
-            "kernel_weight": self.and_left_weight[ands].float(),
-        }.items():
-            self.register_buffer(name, tensor, persistent=False)
+        # the Triton kernels read the AND tables in OR-id order as a CSR list: the AND ids come grouped by their OR
+        # (`GridGrammar.tensors` numbers them so), so slot j of OR o is AND or_and_start[o] + j
+        if not torch.equal(self.or_and_children[self.or_and_children >= 0], torch.arange(len(self.and_left))):
+            raise RuntimeError("AOGParsing needs the AND nodes numbered OR by OR, in slot order.")
+        self.register_buffer("or_and_start", F.pad((self.or_num_children - 1).cumsum(0), (1, 0)), persistent=False)
         self.kernel_slots = 1 << max(int(self.or_num_children.max()) - 2, 0).bit_length()
         self.waves: list[tuple[int, int, int]] = []  # (first row, end row, AND children of each OR) per wave
         sorted_size = size[order].tolist()
@@ -227,11 +222,11 @@ class AOGParsing(nn.Module):
 
     @property
     def kernel_tables(self) -> dict[str, Any]:
-        """The grammar as the Triton kernels read it (see `_schedule_waves`), and "slots": a power of two >= the
-        most AND children of an OR (the kernels' block of children)."""
-        tables: dict[str, Any] = {name: getattr(self, f"kernel_{name}")
-                                  for name in ("order", "start", "left", "right", "weight")}
-        return tables | {"slots": self.kernel_slots}
+        """The grammar as the Triton kernels read it: the schedule (OR ids, children first), each OR's first AND,
+        every AND's two OR children and the left one's share, and "slots": a power of two >= the most AND children
+        of an OR (the kernels' block of children)."""
+        return {"order": self.wave_order, "start": self.or_and_start, "left": self.and_left,
+                "right": self.and_right, "weight": self.and_left_weight, "slots": self.kernel_slots}
 
     def choices_by_or(self, wave_choices: torch.Tensor) -> torch.Tensor:
         """OR choices in wave order (num_or, R) -> by OR id, (R, num_or)."""
