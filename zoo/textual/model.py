@@ -173,9 +173,10 @@ class FactoredLSTMGenerator(nn.Module):
         done = torch.zeros(batch * k, dtype=torch.bool, device=device)
         tokens = torch.zeros(batch * k, 0, dtype=torch.long, device=device)
         word_log_probs = torch.zeros(batch * k, 0, device=device)
-        state = None
+        state, out_bias = None, self._out_bias()
         for _ in range(self.max_len):
-            step_log_probs, state = self.step(feature, token, state)  # (B*K, V)
+            logits, state = self._step_logits(feature, token, state, out_bias)
+            step_log_probs = F.log_softmax(logits, -1)  # (B*K, V)
             finished = torch.full_like(step_log_probs, float("-inf"))
             finished[:, self.pad] = 0.0  # a finished hypothesis keeps its score and emits padding
             step_log_probs = torch.where(done[:, None], finished, step_log_probs)
