@@ -298,7 +298,6 @@ REALISTIC = {  # --rows key: the row
     "renn": Row("renn_series / baseline_cnn1d", "renn_series", "baseline_cnn1d", 1.3),
     "l2x": Row("l2x_vector / its black box", "l2x_vector (k=5)", "black box (baseline_mlp)", 1.5),
 }
-HEAD_ROWS = ("aog3", "aog7", "aog3_triton", "aog7_triton")  # rows that time RoI heads alone (`head_speed`)
 ICNN_BACKBONES = {"icnn_resnet18": ("icnn_resnet18", 224, 64), "icnn_resnet18_masks": ("icnn_resnet18", 224, 64),
                   "icnn_vgg16": ("icnn_vgg16", 224, 32), "icnn_tinycnn": ("icnn_tinycnn", 64, 256)}
 
@@ -342,7 +341,7 @@ def realistic(device: torch.device, rounds: int, steps: int, scale: float, keys:
     for key in keys:
         row = REALISTIC[key]
         for bf16 in (precision == "bf16" for precision in precisions):
-            if key in HEAD_ROWS:
+            if row.model in HEADS:  # a row of RoI heads alone (`head_speed`)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     heads = {r["head"]: r["ms"] for r in head_speed(device, rounds, scaled(512, scale, 16),
                                                                       keys=[row.model])}
@@ -361,7 +360,7 @@ def realistic(device: torch.device, rounds: int, steps: int, scale: float, keys:
                 model_ms, reference_ms = 1e3 * median[row.model], 1e3 * median[row.reference]
             yield {"row": row.name, "precision": "bf16" if bf16 else "fp32", "model_ms": round(model_ms, 2),
                    "reference_ms": round(reference_ms, 2), "ratio": round(model_ms / reference_ms, 3),
-                   "target": row.target, "compiled": compile if key not in HEAD_ROWS else None}
+                   "target": row.target, "compiled": compile if row.model not in HEADS else None}
 
 
 def measure(family: str, device: torch.device, bf16: bool, rounds: int, steps: int) -> list[dict]:
