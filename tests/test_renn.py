@@ -18,7 +18,7 @@ from losses.renn import LogicRuleDistillation, PartsWorldColourRule, SemanticLos
 from zoo.renn.metrics import RuleFiring
 from tests.conftest import REPO
 from zoo.renn.model import (RULE_SERIES_RULES, And, CountAtLeast, FollowedBy, Implies, Not, NotFollowedBy, Or, Pattern,
-                      Within, get_rule, register_rule, window_sum)
+                             Within, conv_window_sum, get_rule, prefix_window_sum, register_rule, window_sum)
 
 
 def constant(value: float) -> Pattern:
@@ -57,27 +57,35 @@ def test_temporal_predicates_on_binary_sequences() -> None:
     assert windowed.round().tolist() == [[0, 0, 0, 0, 0, 0, 1, 0, 0, 0]]  # only t = 6 sees both a's in [t-5, t]
 
 
-def test_window_sum_matches_a_loop() -> None:
+@pytest.mark.parametrize("implementation", [prefix_window_sum, conv_window_sum])  # the CPU's, the GPU's
+def test_window_sum_matches_a_loop(implementation) -> None:
     torch.manual_seed(0)
     values = torch.rand(3, 17)
     for low, high in ((0, 0), (2, 5), (-4, -1), (-3, 6), (10, 30), (-30, -20), (-20, 40), (-1, 0), (0, 16)):
         expected = torch.stack([values[:, max(0, t + low): max(0, min(17, t + high + 1))].sum(1) for t in range(17)], 1)
-        assert torch.allclose(window_sum(values, low, high), expected, atol=1e-6), (low, high)
+        assert torch.allclose(implementation(values, low, high), expected, atol=1e-6), (low, high)
     series = values.double().requires_grad_()
-    assert torch.autograd.gradcheck(lambda v: window_sum(v, -3, 6), (series,))
-    assert window_sum(values[None], -4, -1).shape == (1, 3, 17)  # any leading shape
+    assert torch.autograd.gradcheck(lambda v: implementation(v, -3, 6), (series,))
+    assert implementation(values[None], -4, -1).shape == (1, 3, 17)  # any leading shape
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the window sum stays in the values' dtype
+        summed = implementation(values, -3, 6)
+    assert summed.dtype == torch.float32 and torch.allclose(summed, implementation(values, -3, 6), atol=1e-6)
+    if implementation is prefix_window_sum:  # what `window_sum` runs on CPU tensors
+        assert torch.equal(window_sum(values, -3, 6), implementation(values, -3, 6))
+        with pytest.raises(ValueError, match="empty"):
+            window_sum(values, 3, 2)
 
 
-def test_window_bounds_cached_under_inference_mode_still_train() -> None:
-    """The window bounds are cached per length, window and device: a first call under `torch.inference_mode` (as in
+def test_window_kernel_cached_under_inference_mode_still_trains() -> None:
+    """The window kernel is cached per width, device and dtype: a first call under `torch.inference_mode` (as in
     Lightning's validation) must not cache inference tensors that a later training step's backward would save."""
-    from zoo.renn.model import _window_bounds
+    from zoo.renn.model import _ones_kernel
 
-    _window_bounds.cache_clear()
+    _ones_kernel.cache_clear()
     with torch.inference_mode():
-        window_sum(torch.rand(2, 23), -2, 5)
+        conv_window_sum(torch.rand(2, 23), -2, 5)
     series = torch.rand(2, 23, requires_grad=True)
-    window_sum(series, -2, 5).sum().backward()
+    conv_window_sum(series, -2, 5).sum().backward()
     assert series.grad is not None and (series.grad > 0).all()
 
 

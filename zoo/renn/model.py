@@ -39,22 +39,41 @@ Patterns = dict[str, torch.Tensor]
 
 # ------------------------------------------------------------------------------------------ soft logic
 def window_sum(values: torch.Tensor, low: int, high: int) -> torch.Tensor:
-    """out[..., t] = sum of values[..., s] for s in [t + low, t + high], steps outside the series count as 0."""
+    """out[..., t] = sum of values[..., s] for s in [t + low, t + high], steps outside the series count as 0.
+
+    On a GPU one convolution with a ones kernel (one kernel forward, one backward and the slice's); on a CPU, where
+    a one-channel convolution is slow, the difference of two slices of the zero-padded series' prefix sums."""
     if low > high:
         raise ValueError(f"window (low={low}, high={high}) is empty.")
-    prefix = F.pad(values.cumsum(-1), (1, 0))  # (..., T + 1): prefix[i] = sum of values[:i]
-    start, stop = _window_bounds(values.shape[-1], low, high, values.device)
-    return prefix.index_select(-1, stop) - prefix.index_select(-1, start)
+    return (prefix_window_sum if values.device.type == "cpu" else conv_window_sum)(values, low, high)
+
+
+def conv_window_sum(values: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """`window_sum` as a convolution over the zero-padded series, in the values' own dtype also under autocast."""
+    length = values.shape[-1]
+    pad = max(high, -low, 0)  # both window ends fall inside the padded series
+    kernel = _ones_kernel(high - low + 1, values.device, values.dtype)  # (1, 1, W)
+    with torch.autocast(values.device.type, enabled=False):
+        sums = F.conv1d(values.reshape(-1, 1, length), kernel, padding=pad)  # (N, 1, T + 2 pad - W + 1)
+    return sums[..., low + pad: low + pad + length].reshape(values.shape)  # out[t] = sums[t + low + pad]
+
+
+def prefix_window_sum(values: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """`window_sum` as prefix[t + high] - prefix[t + low - 1] over the series zero-padded at both ends: two slices,
+    no gather."""
+    length = values.shape[-1]
+    pad = max(high, -low, 0) + 1
+    prefix = F.pad(values, (pad, pad)).cumsum(-1)  # (..., T + 2 pad): prefix[pad + s] = sum of values[:s + 1]
+    return prefix[..., pad + high: pad + high + length] - prefix[..., pad + low - 1: pad + low - 1 + length]
 
 
 @functools.lru_cache(maxsize=256)
-def _window_bounds(length: int, low: int, high: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefix indices of every step's window [t + low, t + high], clamped to the series: (start, stop), (T,) each.
-    Built once per series length, window and device, not in every step; never as inference tensors (a first call
-    under `torch.inference_mode`, as in Lightning's validation, would leave tensors autograd cannot save)."""
+def _ones_kernel(width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(1, 1, width) ones: the window's convolution kernel, built once per width, device and dtype, not in every
+    step; never as an inference tensor (a first call under `torch.inference_mode`, as in Lightning's validation,
+    would leave a tensor autograd cannot save for the backward)."""
     with torch.inference_mode(False):
-        t = torch.arange(length, device=device)
-        return (t + low).clamp(0, length), (t + high + 1).clamp(0, length)
+        return torch.ones(1, 1, width, device=device, dtype=dtype)
 
 
 def exists_within(p: torch.Tensor, low: int, high: int) -> torch.Tensor:
