@@ -3,7 +3,9 @@
     python -m benchmarks.op_counts [--families baselines icnn ...] [--batch_size 16]
 
 On a GPU these small models are bound by how many kernels a step launches and by every point where the host waits
-for the device; the CPU profile counts the same ops without needing a GPU. A training step is the System's own
+for the device; the CPU profile counts the same ops without needing a GPU. `aten ops` counts every aten event,
+nested calls included (a CPU convolution's dispatch chain is a dozen); `kernels` counts the leaf ops less views,
+metadata and bare allocations (`is_kernel`), closer to what a GPU launches. A training step is the System's own
 work: `training_step` (forward, loss dict, sum, non-finite policy, logging calls) + backward + optimiser step, on
 one batch of the family's config (built through the CLI as `train.py fit` would), after two warm-up steps. Not
 Lightning's loop around it. `syncs` counts `aten::_local_scalar_dense` (what `.item()`, `float(t)`, `bool(t)` and
@@ -29,6 +31,13 @@ import torch
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::_unique", "aten::_unique2", "aten::unique_dim",
             "aten::unique_consecutive", "aten::unique_dim_consecutive", "aten::masked_select")
 NOT_SYNCS = ("Optimizer.step#", "aten::_assert_async", "zoo/checks.py(")
+# aten ops that launch no kernel on a GPU: views, metadata and bare allocations.
+NO_KERNEL = frozenset(f"aten::{name}" for name in (
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "as_strided", "as_strided_", "expand", "expand_as", "t", "transpose",
+    "permute", "unsqueeze", "squeeze", "select", "slice", "narrow", "alias", "detach", "lift_fresh", "unbind",
+    "split", "split_with_sizes", "chunk", "unfold", "diagonal", "view_as_real", "view_as", "flatten", "contiguous",
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_", "result_type", "size",
+    "stride", "is_nonzero", "set_", "to", "type_as", "numpy_T", "_has_compatible_shallow_copy_type"))
 
 # family -> (config, CLI overrides): one small batch of each family's synthetic world.
 FAMILIES: dict[str, tuple[str, list[str]]] = {
@@ -123,10 +132,23 @@ def sync_sites(prof: torch.profiler.profile) -> dict[str, list[str]]:
     return sites
 
 
+def is_kernel(event: Any) -> bool:
+    """An aten op that is no view, metadata or bare allocation and calls no other such op: what a GPU launches."""
+    return (event.name.startswith("aten::") and event.name not in NO_KERNEL
+            and not any(is_kernel(child) or _calls_kernels(child) for child in event.cpu_children))
+
+
+def _calls_kernels(event: Any) -> bool:
+    return any(is_kernel(child) or _calls_kernels(child) for child in event.cpu_children)
+
+
 def count(prof: torch.profiler.profile) -> dict[str, int]:
-    """aten ops (every event named aten::*, nested calls included) and synchronising ops in a profile."""
+    """aten ops (every event named aten::*, nested calls included), kernels (`is_kernel`: the leaf ops, no views) and
+    synchronising ops in a profile."""
     sites = sync_sites(prof)
-    return {"aten_ops": sum(event.name.startswith("aten::") for event in prof.events()),
+    events = prof.events()
+    return {"aten_ops": sum(event.name.startswith("aten::") for event in events),
+            "kernels": sum(map(is_kernel, events)),
             "syncs": len(sites["ours"]), "torchvision_syncs": len(sites["torchvision"])}
 
 
@@ -140,9 +162,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for family in args.families:
         system, batch = build(family, args.batch_size)
         rows.append({"family": family, **count(profile_step(training_step(system, batch)))})
-    print(f"{'family':<16}{'aten ops':>10}{'syncs':>8}{'torchvision syncs':>20}")
+    print(f"{'family':<16}{'aten ops':>10}{'kernels':>9}{'syncs':>8}{'torchvision syncs':>20}")
     for row in rows:
-        print(f"{row['family']:<16}{row['aten_ops']:>10}{row['syncs']:>8}{row['torchvision_syncs']:>20}")
+        print(f"{row['family']:<16}{row['aten_ops']:>10}{row['kernels']:>9}{row['syncs']:>8}"
+              f"{row['torchvision_syncs']:>20}")
     return rows
 
 

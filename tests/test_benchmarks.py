@@ -222,3 +222,23 @@ def test_parse_headroom_scores_every_partition_with_the_metric() -> None:
     assert [r["partition"].split(" (")[0] for r in rows] == ["whole box", "uniform grid", "best fixed tree per class",
                                                              "best tree per object"]
     assert rows[3]["part_iou"] >= max(r["part_iou"] for r in rows[:3])  # the oracle bounds every fixed choice
+
+
+def test_op_counts_kernels_are_leaf_ops_less_views_and_allocations() -> None:
+    """`kernels` counts what a GPU would launch: an add and a zeros' fill count, views and `empty` do not, and a
+    convolution counts once however deep the CPU's dispatch chain below it."""
+    from benchmarks.op_counts import count
+
+    x = torch.rand(2, 1, 16)
+    kernel = torch.ones(1, 1, 3)
+
+    def profiled(fn) -> dict[str, int]:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return count(prof)
+
+    views = profiled(lambda: x.view(2, 16).t().unsqueeze(0).expand(3, 16, 2))
+    assert views["kernels"] == 0 and views["aten_ops"] >= 4
+    assert profiled(lambda: (x + 1, torch.zeros(4), torch.empty(3)))["kernels"] == 2
+    conv = profiled(lambda: torch.nn.functional.conv1d(x, kernel, padding=1))
+    assert conv["kernels"] == 1 and conv["aten_ops"] > 3  # conv1d -> convolution -> _convolution -> ...
