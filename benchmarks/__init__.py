@@ -10,6 +10,8 @@
   (`--config benchmarks/l2x_race.yaml`).
 - `renn_data_efficiency`: ReNN, the 1-D CNN and the LSTM on 5-100 % of rule_series (`train.py ablate` grid points).
 - `aog_rcnn_parse_headroom`: part IoU any parse tree can win over the uniform grid on the true boxes.
+- `step_profile`: where one train step's time goes, per row of the GPU issue's table: kernels, device time against
+  wall time, the costliest kernels (`--rows`).
 - `textual_variants`: the five textual-explanation variants and an equal-budget control, chained by checkpoints.
 
 Every script takes `--device` (cpu by default; cuda where available) and has a `main(argv)` returning its rows.

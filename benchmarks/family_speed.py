@@ -231,6 +231,17 @@ def head_speed(device: torch.device, rounds: int, rois: int, classes: int = 21, 
     The heads share one process, so their multi-MB temporaries meet whatever state earlier steps left glibc's
     allocator in: timed alone in a fresh process a head can pay page faults that it does not pay next to larger
     heads (`--heads vote3 aog3` against the default set shows how much)."""
+    steps = head_steps(device, rois, classes, channels, keys)
+    median = interleaved_medians(steps, device, rounds, calls=3, warmup=1)
+    reference = {spec.name: median[HEADS[f"vote{spec.grid}"].name] for spec in HEADS.values() if spec.name in median}
+    return [{"head": name, "ms": round(1e3 * m, 2), "vs_vote": round(m / reference[name], 3)}
+            for name, m in median.items()]
+
+
+def head_steps(device: torch.device, rois: int, classes: int = 21, channels: int = 256,
+               keys: list[str] | None = None) -> dict[str, Step]:
+    """{head name: one forward + backward of it} for the chosen HEADS keys and the vote on each one's grid, all on
+    the same features and random proposals (`head_speed`)."""
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.ops import MultiScaleRoIAlign
 
@@ -265,11 +276,7 @@ def head_speed(device: torch.device, rounds: int, rois: int, classes: int = 21, 
 
         return step
 
-    steps = {name: step_of(modules) for name, modules in heads.items()}
-    median = interleaved_medians(steps, device, rounds, calls=3, warmup=1)
-    reference = {spec.name: median[HEADS[f"vote{spec.grid}"].name] for spec in HEADS.values() if spec.name in median}
-    return [{"head": name, "ms": round(1e3 * m, 2), "vs_vote": round(m / reference[name], 3)}
-            for name, m in median.items()]
+    return {name: step_of(modules) for name, modules in heads.items()}
 
 
 class Row(NamedTuple):
@@ -332,6 +339,21 @@ def realistic_setup(key: str, device: torch.device, scale: float) -> tuple[dict,
     return batch, input_key, {name: models[name] for name in (row.model, row.reference)}, teacher
 
 
+def row_steps(key: str, device: torch.device, scale: float, bf16: bool, compile: str | None = None
+              ) -> dict[str, Step]:
+    """{name: train step} of a model row's model and reference on `device` (compiled as `compile=<compile>` does)."""
+    batch, input_key, models, teacher = realistic_setup(key, device, scale)
+    steps = {}
+    for name, (model, loss) in models.items():
+        model.to(device)
+        loss.to(device)
+        if compile:
+            compile_model(model, compile)
+        steps[name] = train_step(model, loss, batch, input_key, device, bf16,
+                                 teacher if name == REALISTIC[key].model else None)
+    return steps
+
+
 def realistic(device: torch.device, rounds: int, steps: int, scale: float, keys: list[str],
               precisions: tuple[str, ...] = ("fp32", "bf16"), compile: str | None = None) -> Iterator[dict]:
     """Every chosen row in each precision (fp32, bf16 autocast): medians of interleaved rounds and the row's ratio,
@@ -347,16 +369,8 @@ def realistic(device: torch.device, rounds: int, steps: int, scale: float, keys:
                                                                       keys=[row.model])}
                 model_ms, reference_ms = heads[HEADS[row.model].name], heads[HEADS[row.reference].name]
             else:
-                batch, input_key, models, teacher = realistic_setup(key, device, scale)
-                timed = {}
-                for name, (model, loss) in models.items():
-                    model.to(device)
-                    loss.to(device)
-                    if compile:
-                        compile_model(model, compile)
-                    timed[name] = train_step(model, loss, batch, input_key, device, bf16,
-                                             teacher if name == row.model else None)
-                median = interleaved_medians(timed, device, rounds, calls=steps, warmup=2)
+                median = interleaved_medians(row_steps(key, device, scale, bf16, compile), device, rounds,
+                                             calls=steps, warmup=2)
                 model_ms, reference_ms = 1e3 * median[row.model], 1e3 * median[row.reference]
             yield {"row": row.name, "precision": "bf16" if bf16 else "fp32", "model_ms": round(model_ms, 2),
                    "reference_ms": round(reference_ms, 2), "ratio": round(model_ms / reference_ms, 3),

@@ -14,6 +14,8 @@
 #   triton.log      the AOG DP's Triton kernels compiled on the GPU against the PyTorch waves (tests/test_aog_rcnn.py)
 #   heads.log       the AOG RoI heads alone, every variant (full-rank and rank-32 terminal maps, shared cell maps,
 #                   the Triton DP)
+#   profile.log     one profiled train step of each side of the rows furthest from their targets: CUDA kernels,
+#                   device time against wall time, the costliest kernels (`benchmarks.step_profile`)
 #   graphs.log      the launch-bound rows (L2X, ReNN, tinycnn ICNN, textual) again in bf16, both sides compiled
 #                   with the "cudagraphs" backend (each step replayed as CUDA graphs; `compile=cudagraphs`)
 #   compiled.log    (not in the default STAGES: measured on 2026-12-04) the ICNN, L2X and ReNN rows again in bf16
@@ -27,7 +29,7 @@ OUT=${OUT:-/tmp/gpu_check}
 BUDGET=${BUDGET:-540}
 DEVICE=${DEVICE:-cuda}
 SCALE=${SCALE:-1.0}
-STAGES=${STAGES:-sync triton realistic heads graphs suite balanced}
+STAGES=${STAGES:-sync triton realistic heads profile graphs suite balanced}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -63,6 +65,9 @@ grep -E "^\||^torch|Error" "$OUT/realistic.log" | tail -n 30
 stage heads 50 python3 -m benchmarks.family_speed --families --device "$DEVICE" --heads aog3 aog3_rank32 aog3_cells \
     aog3_triton mlp aog7 aog7_rank32 aog7_cells aog7_triton
 grep -E "^\||^torch|Error" "$OUT/heads.log" | tail -n 16
+stage profile 60 python3 -m benchmarks.step_profile --device "$DEVICE" --scale "$SCALE" --top 6 \
+    --rows aog3 aog7 textual renn l2x icnn_tinycnn aog_rcnn
+grep -E "^[a-z0-9_]+ / |Error" "$OUT/profile.log" | tail -n 14
 stage graphs 120 python3 -m benchmarks.family_speed --realistic --device "$DEVICE" --scale "$SCALE" \
     --precisions bf16 --compile cudagraphs --rows l2x renn icnn_tinycnn textual
 grep -E "^\||^torch|Error" "$OUT/graphs.log" | tail -n 30

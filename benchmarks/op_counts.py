@@ -133,8 +133,9 @@ def sync_sites(prof: torch.profiler.profile) -> dict[str, list[str]]:
 
 
 def is_kernel(event: Any) -> bool:
-    """An aten op that is no view, metadata or bare allocation and calls no other such op: what a GPU launches."""
-    return (event.name.startswith("aten::") and event.name not in NO_KERNEL
+    """An aten (or torchvision) op that is no view, metadata or bare allocation and calls no other such op: what a
+    GPU launches."""
+    return (event.name.startswith(("aten::", "torchvision::")) and event.name not in NO_KERNEL
             and not any(is_kernel(child) or _calls_kernels(child) for child in event.cpu_children))
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 SCRIPTS = ["aog_rcnn_parse_headroom", "family_speed", "icnn_instability_floor", "icnn_step_time", "l2x_race",
-           "renn_data_efficiency", "textual_variants"]
+           "renn_data_efficiency", "step_profile", "textual_variants"]
 
 
 class FakeClock:
@@ -242,3 +242,19 @@ def test_op_counts_kernels_are_leaf_ops_less_views_and_allocations() -> None:
     assert profiled(lambda: (x + 1, torch.zeros(4), torch.empty(3)))["kernels"] == 2
     conv = profiled(lambda: torch.nn.functional.conv1d(x, kernel, padding=1))
     assert conv["kernels"] == 1 and conv["aten_ops"] > 3  # conv1d -> convolution -> _convolution -> ...
+
+
+def test_step_profile_counts_and_times_the_kernels_of_both_sides_of_a_row() -> None:
+    """Shrunk on the CPU: each side's step has a wall time, kernels and their time; the AOG head runs more kernels
+    than the vote, and every kernel counted is a leaf op."""
+    from benchmarks.step_profile import main
+
+    rows = {(r["row"], r["side"]): r for r in main(["--device", "cpu", "--scale", "0.0625", "--rows", "aog3", "renn",
+                                                      "--top", "3"])}
+    assert set(rows) == {(key, side) for key in ("aog3", "renn") for side in ("model", "reference")}
+    for row in rows.values():
+        assert row["wall_ms"] > 0 and row["device_ms"] > 0
+        assert row["kernels"] == sum(map(len, row["by_kernel"].values())) > 0
+        layers = {"aten::view", "aten::empty", "aten::conv1d", "aten::conv2d", "aten::convolution", "aten::_convolution"}
+        assert not layers & set(row["by_kernel"])  # views, allocations and dispatch layers are not kernels
+    assert rows["aog3", "model"]["kernels"] > rows["aog3", "reference"]["kernels"]
