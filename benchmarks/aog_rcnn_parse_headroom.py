@@ -20,7 +20,6 @@ has on this world.
 from __future__ import annotations
 
 import argparse
-from functools import lru_cache
 
 import torch
 
@@ -29,28 +28,6 @@ from datamodules import PartsWorldScenesDataModule
 from zoo.aog_rcnn.metrics import pairwise_iou, partition_scores
 from zoo.aog_rcnn.model import AOGParsing, GridGrammar
 from zoo.cli.report import markdown_table
-
-
-def all_partitions(grammar: GridGrammar) -> torch.Tensor:
-    """The distinct leaf sets of all parse trees: (num_partitions, T) bool over the terminals. Several derivations
-    can give one partition (the four cells of a 2x2 block: cut rows first or columns first), so there are fewer
-    partitions than parse trees. Offline enumeration, small grids only."""
-    index = {r: i for i, r in enumerate(grammar.rects)}
-
-    @lru_cache(maxsize=None)
-    def trees(top: int, left: int, h: int, w: int) -> tuple[frozenset[int], ...]:
-        out = [frozenset([index[(top, left, h, w)]])]
-        for k in range(1, h):
-            out += [a | b for a in trees(top, left, k, w) for b in trees(top + k, left, h - k, w)]
-        for k in range(1, w):
-            out += [a | b for a in trees(top, left, h, k) for b in trees(top, left + k, h, w - k)]
-        return tuple(out)
-
-    leaves = trees(0, 0, grammar.height, grammar.width)
-    masks = torch.zeros(len(leaves), grammar.num_terminals, dtype=torch.bool)
-    for row, tree in enumerate(leaves):
-        masks[row, list(tree)] = True
-    return masks.unique(dim=0)
 
 
 def tree_scores(boxes: torch.Tensor, part_boxes: torch.Tensor, parser: AOGParsing, trees: torch.Tensor,
@@ -79,7 +56,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     data.setup("fit")
     grammar = GridGrammar(*args.grid)
     aog = AOGParsing(grammar).to(args.device)
-    trees = all_partitions(grammar).to(args.device)
+    trees = grammar.partitions().to(args.device)
     grid_tree = int((trees == aog.uniform_leaves()).all(1).nonzero())
     box_tree = int((trees == aog.whole_box_leaves()).all(1).nonzero())
     scores, labels = {}, {}

@@ -68,6 +68,47 @@ def all_trees(top: int, left: int, h: int, w: int) -> list[list[tuple[int, int, 
     return trees
 
 
+@pytest.mark.parametrize("grid", [(2, 2), (3, 3), (2, 4), (1, 3), (4, 4), (7, 7)])
+@pytest.mark.parametrize("or_mode", ["max", "mean"])
+def test_root_scores_alone_equal_the_dp_and_its_gradient(grid: tuple[int, int], or_mode: str) -> None:
+    """Training's root scores without choices (a matrix-vector product when folding; on a GPU, every partition's
+    score and their max when unfolding a grid of at most ENUMERATED_TREES trees; the DP otherwise) are the DP's, and
+    so is their gradient (random scores: no ties). The partitions' max runs here on the CPU, called directly."""
+    from zoo.aog_rcnn.model import ENUMERATED_TREES
+
+    torch.manual_seed(0)
+    parser = AOGParsing(GridGrammar(*grid), or_mode)
+    assert (parser.partition_weights is not None) == (parser.grammar.num_parse_trees <= ENUMERATED_TREES)
+    alone = [parser.root_scores]
+    if or_mode == "max" and parser.partition_weights is not None:
+        alone.append(parser.best_partition_scores)  # what root_scores runs on a GPU
+    terminals = torch.randn(40, parser.grammar.num_terminals, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(40, dtype=torch.float64)
+    dp_root = parser(terminals)[0]
+    dp_grad, = torch.autograd.grad(dp_root, terminals, upstream)
+    for scores_of in alone:
+        root = scores_of(terminals)
+        grad, = torch.autograd.grad(root, terminals, upstream)
+        torch.testing.assert_close(root, dp_root, rtol=1e-6, atol=1e-6)  # float32 weights (1/9 is not exact)
+        torch.testing.assert_close(grad, dp_grad, rtol=1e-6, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # scored in float32, returned in the scores' dtype
+            half = scores_of(terminals.detach().bfloat16())
+        assert half.dtype == torch.bfloat16
+        torch.testing.assert_close(half.double(), parser(terminals.detach().bfloat16().double())[0], rtol=0,
+                                   atol=0.05)
+
+
+def test_grid_partitions_are_the_distinct_leaf_sets_of_all_trees() -> None:
+    grammar = GridGrammar(3, 3)
+    index = {r: i for i, r in enumerate(grammar.rects)}
+    expected = {frozenset(index[r] for r in tree) for tree in all_trees(0, 0, 3, 3)}
+    partitions = grammar.partitions()
+    assert len(partitions) == len(expected) == 320 and {frozenset(row.nonzero()[:, 0].tolist())
+                                                        for row in partitions} == expected
+    with pytest.raises(ValueError, match="two cells"):
+        AOGParsing(GridGrammar(1, 1))
+
+
 @pytest.mark.parametrize("grid", [(2, 2), (2, 3), (3, 3), (2, 4)])  # 2x4: 1x4 and 2x2 share a level, padded
 def test_max_parse_equals_the_best_of_all_enumerated_trees(grid: tuple[int, int]) -> None:
     torch.manual_seed(0)
@@ -289,7 +330,15 @@ def test_gradients_reach_the_score_maps_through_the_whole_head() -> None:
     out = head(pool(features, proposals, [(96, 96)] * 2))
     (out["class_logits"].square().sum() + out["box_regression"].sum()).backward()
     assert pool.score_maps.weight.grad.abs().sum() > 0 and pool.box_maps.weight.grad.abs().sum() > 0
-    assert out["or_choices"].shape == (3, 5, grammar.num_or)
+    assert "or_choices" not in out  # training takes the root scores alone (`AOGParsing.root_scores`)
+    trained_grad = pool.score_maps.weight.grad.clone()
+    pool.zero_grad()
+    head.eval()  # eval parses: the same logits, and through the DP the same gradient
+    parsed = head(pool(features, proposals, [(96, 96)] * 2))
+    assert parsed["or_choices"].shape == (3, 5, grammar.num_or)
+    torch.testing.assert_close(parsed["class_logits"], out["class_logits"])
+    (parsed["class_logits"].square().sum() + parsed["box_regression"].sum()).backward()
+    torch.testing.assert_close(pool.score_maps.weight.grad, trained_grad)
 
 
 @pytest.mark.parametrize("rank", [None, 3])

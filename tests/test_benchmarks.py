@@ -203,15 +203,15 @@ def test_instability_floor_oracles_fire_on_the_true_parts() -> None:
 def test_parse_headroom_scores_every_partition_with_the_metric() -> None:
     import torch
 
-    from benchmarks.aog_rcnn_parse_headroom import all_partitions, main, tree_scores
+    from benchmarks.aog_rcnn_parse_headroom import main, tree_scores
     from zoo.aog_rcnn.model import AOGParsing, GridGrammar
 
     two = AOGParsing(GridGrammar(2, 2))
-    partitions = all_partitions(two.grammar)  # 9 parse trees, 8 partitions: the four cells come from two trees
+    partitions = two.grammar.partitions()  # 9 parse trees, 8 partitions: the four cells come from two trees
     cover = partitions.float() @ (two.cell_weights * two.area[:, None].float())  # (8, 4): each cell covered once
     assert len(partitions) == 8 and torch.equal(cover, torch.ones_like(cover))
     three = AOGParsing(GridGrammar(3, 3))
-    partitions = all_partitions(three.grammar)
+    partitions = three.grammar.partitions()
     box, part = torch.tensor([[0.0, 0, 3, 3]]), torch.tensor([[[0.0, 0, 1, 1]]])  # the part is the top-left cell
     scores = tree_scores(box, part, three, partitions)[0]  # (M,)
     grid = int((partitions == three.uniform_leaves()).all(1).nonzero())

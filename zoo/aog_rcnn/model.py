@@ -49,6 +49,7 @@ from zoo.registry import input_size_aware, register_model
 OR_MODES = ("mean", "max")
 DP_KERNELS = ("waves", "triton")  # the DP in PyTorch, wave by wave (everywhere), or as two Triton kernels (CUDA)
 TERMINAL_MAPS = ("terminals", "cells")
+ENUMERATED_TREES = 4096  # grids with at most this many parse trees (3x3: 1,241) score every partition in training
 
 
 # ----------------------------------------------------------------------------------------------------- grammar
@@ -109,6 +110,27 @@ class GridGrammar:
             counts[parent] += counts[left] * counts[right]
         return counts[self.root]
 
+    def partitions(self) -> torch.Tensor:
+        """The distinct leaf sets of all parse trees: (num_partitions, T) bool over the terminals, sorted. Several
+        derivations can give one partition (the four cells of a 2x2 block: cut rows first or columns first), so
+        there are fewer partitions than parse trees (3x3: 320 of 1,241). Enumerated, so small grids only."""
+        index = {r: i for i, r in enumerate(self.rects)}
+
+        @functools.lru_cache(maxsize=None)
+        def trees(top: int, left: int, h: int, w: int) -> frozenset[frozenset[int]]:
+            out = {frozenset([index[(top, left, h, w)]])}
+            for k in range(1, h):
+                out |= {a | b for a in trees(top, left, k, w) for b in trees(top + k, left, h - k, w)}
+            for k in range(1, w):
+                out |= {a | b for a in trees(top, left, h, k) for b in trees(top, left + k, h, w - k)}
+            return frozenset(out)
+
+        leaves = trees(0, 0, self.height, self.width)
+        masks = torch.zeros(len(leaves), self.num_terminals, dtype=torch.bool)
+        for row, tree in enumerate(leaves):
+            masks[row, list(tree)] = True
+        return masks.unique(dim=0)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Index tensors for AOGParsing: rect table, cell weights, AND children and weights, OR -> AND table."""
         rects = torch.tensor(self.rects)  # (T, 4) top, left, height, width
@@ -147,6 +169,8 @@ class AOGParsing(nn.Module):
         super().__init__()
         if dp_kernel not in DP_KERNELS:
             raise ValueError(f"dp_kernel must be one of {DP_KERNELS}; got {dp_kernel!r}.")
+        if grammar.height * grammar.width < 2:
+            raise ValueError("AOGParsing needs a grid of at least two cells: a 1x1 grid has one parse, the cell.")
         if dp_kernel == "triton" and not kernels.available():  # the same function either way: a checkpoint loads
             warnings.warn("dp_kernel='triton': Triton is not installed here, the DP runs its PyTorch waves.")
         self.grammar = grammar
@@ -156,6 +180,7 @@ class AOGParsing(nn.Module):
             self.register_buffer(name, tensor, persistent=False)
         self.levels: list[tuple[int, int]] = grammar.levels()  # OR range per area level (`parse_leaves`)
         self._schedule_waves()
+        self._root_weights()
 
     def _schedule_waves(self) -> None:
         """The DP's schedule: waves of the ORs whose rectangles have the same height + width. Each AND child of an
@@ -193,6 +218,43 @@ class AOGParsing(nn.Module):
                 raise RuntimeError(f"AOGParsing's wave schedule needs h + w - 2 AND children per h x w OR; "
                                    f"the wave h + w = {value} has {sorted(set(children.tolist()))}.")
             self.waves.append((w0, w1, value - 2))
+
+    def _root_weights(self) -> None:
+        """The root score as linear maps of the terminal scores, for `root_scores`: folding, the one (T,) vector the
+        mean DP applies (the DP run on the identity, in float64); unfolding, on grids of at most ENUMERATED_TREES
+        parse trees, every partition's leaf areas over the grid's, (P, T): each parse tree scores its leaves' terminal
+        scores weighted by their area (nested area-weighted ANDs), and the max DP scores the best tree."""
+        identity = torch.eye(self.grammar.num_terminals, dtype=torch.float64)
+        self.register_buffer("fold_weights", self.bottom_up(identity, maximise=False)[0].float(), persistent=False)
+        partitions = (self.grammar.partitions().float() * self.area / self.area.max() if
+                      self.grammar.num_parse_trees <= ENUMERATED_TREES else None)
+        self.register_buffer("partition_weights", partitions, persistent=False)
+
+    def root_scores(self, terminal_scores: torch.Tensor) -> torch.Tensor:
+        """The root scores (R,) alone, without OR choices, as autograd ops: what training needs, at a few kernels
+        where the DP launches a few per wave. Folding: one matrix-vector product with `fold_weights`. Unfolding, on
+        a GPU and a grid with `partition_weights` (3x3 and smaller): `best_partition_scores`. Otherwise the DP: on a
+        CPU, launches cost little and the DP's arithmetic is a hundredth of scoring every partition. In float32
+        (float64 stays) also under autocast; the same scores as `forward`'s up to float rounding."""
+        if self.or_mode == "max":
+            if self.partition_weights is None or terminal_scores.device.type == "cpu":
+                return self(terminal_scores)[0]
+            return self.best_partition_scores(terminal_scores)
+        return self._linear_root(terminal_scores, lambda scores: scores @ self.fold_weights.to(scores.dtype))
+
+    def best_partition_scores(self, terminal_scores: torch.Tensor) -> torch.Tensor:
+        """The unfolding root score as the best partition's (R,): every partition's score in one matmul, then their
+        max, whose gradient reaches the best partition's leaves (the DP's gradient of its best tree)."""
+        return self._linear_root(terminal_scores,
+                                 lambda scores: (scores @ self.partition_weights.to(scores.dtype).T).max(1).values)
+
+    def _linear_root(self, terminal_scores: torch.Tensor, score: Any) -> torch.Tensor:
+        """`score` of the terminal scores checked and in float32 (or float64), autocast off; in their dtype."""
+        check_input(f"AOGParsing over a {self.grammar.height}x{self.grammar.width} grid", terminal_scores,
+                    ("rows", self.grammar.num_terminals), "terminal scores")
+        with torch.autocast(terminal_scores.device.type, enabled=False):
+            root = score(terminal_scores.to(torch.promote_types(terminal_scores.dtype, torch.float32)))
+        return root.to(terminal_scores.dtype)
 
     @property
     def or_mode(self) -> str:
@@ -503,11 +565,16 @@ class AOGParsingHead(nn.Module):
         self.terminal_maps = terminal_maps
 
     def forward(self, pooled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Class logits and box deltas; in eval mode also "or_choices" (K, C+1, num_or), the parse trees that
+        post-processing keeps. Training needs no trees: it takes the root scores alone (`AOGParsing.root_scores`)."""
         scores = pooled["terminal_scores"]
         k, classes = scores.shape[:2]
         flat = scores.flatten(0, 1)  # (K*(C+1), T or H*W)
         if self.terminal_maps == "cells":
             flat = self.parser.terminal_from_cells(flat)
+        if self.training:
+            root = self.parser.root_scores(flat)
+            return {"class_logits": root.reshape(k, classes), "box_regression": pooled["box_regression"]}
         root, choices = self.parser(flat)
         return {"class_logits": root.reshape(k, classes), "box_regression": pooled["box_regression"],
                 "or_choices": choices.reshape(k, classes, -1)}
