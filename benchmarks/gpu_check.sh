@@ -63,10 +63,10 @@ grep -E "passed|failed|Error" "$OUT/triton.log" | tail -n 5
 stage realistic 200 python3 -m benchmarks.family_speed --realistic --device "$DEVICE" --scale "$SCALE"
 grep -E "^\||^torch|Error" "$OUT/realistic.log" | tail -n 30
 stage heads 50 python3 -m benchmarks.family_speed --families --device "$DEVICE" --heads aog3 aog3_rank32 aog3_cells \
-    aog3_triton mlp aog7 aog7_rank32 aog7_cells aog7_triton
+    mlp aog7 aog7_rank32 aog7_cells aog7_triton
 grep -E "^\||^torch|Error" "$OUT/heads.log" | tail -n 16
 stage profile 60 python3 -m benchmarks.step_profile --device "$DEVICE" --scale "$SCALE" --top 6 \
-    --rows aog3 aog7 textual renn l2x icnn_tinycnn aog_rcnn
+    --rows aog3 aog7 aog7_triton textual renn l2x icnn_tinycnn aog_rcnn
 grep -E "^[a-z0-9_]+ / |Error" "$OUT/profile.log" | tail -n 14
 stage graphs 120 python3 -m benchmarks.family_speed --realistic --device "$DEVICE" --scale "$SCALE" \
     --precisions bf16 --compile cudagraphs --rows l2x renn icnn_tinycnn textual

@@ -132,7 +132,7 @@ def test_family_speed_realistic_table_runs_shrunk_on_the_cpu() -> None:
     and bf16, ratio and target."""
     from benchmarks.family_speed import REALISTIC, main
 
-    keys = ["icnn_tinycnn", "aog3", "aog3_triton", "renn", "l2x"]  # on the CPU the Triton row runs the waves
+    keys = ["icnn_tinycnn", "aog3", "aog7_triton", "renn", "l2x"]  # on the CPU the Triton row runs the waves
     rows = main(["--realistic", "--device", "cpu", "--rounds", "1", "--steps", "1", "--scale", "0.125", "--rows", *keys])
     assert [(r["row"], r["precision"]) for r in rows] == [(REALISTIC[k].name, p) for k in keys for p in ("fp32", "bf16")]
     assert all(r["model_ms"] > 0 and r["reference_ms"] > 0 and r["ratio"] > 0 and r["target"] >= 1 for r in rows)
