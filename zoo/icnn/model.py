@@ -90,7 +90,10 @@ class InterpretableFilters(nn.Module):
         self.refresh_categories()  # no-op when `ICNNSystem` already did it outside a compiled forward
         raw = F.relu(x)
         if self.masks:
-            mask = part_mask(raw, self.beta, self.mu, None if self.beta.requires_grad else self._mask_table())
+            # the table is an eager shortcut; a compiled forward takes the per-filter formula (the same values, which
+            # the compiler fuses) instead of the table's uniformity check, a host read that would split its graph
+            eager_table = not (self.beta.requires_grad or torch.compiler.is_compiling())
+            mask = part_mask(raw, self.beta, self.mu, self._mask_table() if eager_table else None)
             masked = F.relu(raw * mask)
         else:  # an ordinary conv layer: the map passes unmasked (statistics and template scores still kept)
             masked = raw
