@@ -16,6 +16,7 @@ space: no raw exp of a score, so large activations cannot overflow.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -51,13 +52,20 @@ def filter_mutual_information(
     Returns:
         MI per filter, (F,).
     """
-    log_p_x_given_t = scores - math.log(scores.shape[0]) - log_mean_z  # (B, F, T)
-    log_joint = log_prior + log_p_x_given_t  # log p(T) p(x|T)
-    log_p_x = torch.logsumexp(log_joint, -1, keepdim=True)  # (B, F, 1)
-    support = torch.cat([positives[..., None].expand(*positives.shape, scores.shape[-1] - 1),
-                         ~positives[..., None]], -1)  # (B, F, T)
-    terms = log_joint.exp() * (log_p_x_given_t - log_p_x)  # p(T) p(x|T) log(p(x|T) / p(x))
+    shift = log_prior - math.log(scores.shape[0]) - log_mean_z  # (F, T): log p(T) - log Z_T
+    log_joint = scores + shift  # log p(T) p(x|T), (B, F, T)
+    log_posterior = torch.log_softmax(log_joint, -1)  # log p(T|x) = log p(T) p(x|T) - log p(x): one fused kernel
+    terms = log_joint.exp() * (log_posterior - log_prior)  # p(T) p(x|T) log(p(x|T) / p(x))
+    support = positives[..., None] != _is_negative_template(scores.shape[-1], scores.device)  # (B, F, T): S(x)
     return (terms * support).sum((0, 2))
+
+
+@functools.lru_cache(maxsize=64)
+def _is_negative_template(num_templates: int, device: torch.device) -> torch.Tensor:
+    """(T,) bool, True at T- (the last template). Built once per template count and device, never as an inference
+    tensor (a first call under `torch.inference_mode`, as in Lightning's validation, would cache one)."""
+    with torch.inference_mode(False):
+        return torch.arange(num_templates, device=device) == num_templates - 1
 
 
 class FilterPartLoss(nn.Module):

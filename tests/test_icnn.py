@@ -421,3 +421,19 @@ def test_with_labels_top_images_come_from_the_filters_category() -> None:
     without_labels = LocationInstability(image_size=16, top_n=6)
     without_labels.update(maps, landmarks)
     assert without_labels.compute().item() > 0.0
+
+
+def test_negative_template_mask_cached_under_inference_mode_still_trains() -> None:
+    """The T- mask is cached per template count and device: a first MI under `torch.inference_mode` (as in
+    Lightning's validation) must leave nothing that a later training step's backward cannot use."""
+    from losses.icnn import _is_negative_template
+
+    _is_negative_template.cache_clear()
+    scores = torch.randn(4, 2, 10)
+    args = (torch.tensor([[True, False]] * 4), log_template_prior(9), log_mean_exp_over_batch(scores))
+    with torch.inference_mode():
+        filter_mutual_information(scores, *args)
+    assert not _is_negative_template(10, scores.device).is_inference()
+    trained = scores.clone().requires_grad_()
+    filter_mutual_information(trained, *args).sum().backward()
+    assert trained.grad is not None and torch.isfinite(trained.grad).all()
