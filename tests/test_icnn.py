@@ -437,3 +437,24 @@ def test_negative_template_mask_cached_under_inference_mode_still_trains() -> No
     trained = scores.clone().requires_grad_()
     filter_mutual_information(trained, *args).sum().backward()
     assert trained.grad is not None and torch.isfinite(trained.grad).all()
+
+
+@pytest.mark.parametrize("mu, learn_beta", [("argmax", False), ("argmax", True), ("centroid", False)])
+def test_masked_maps_and_their_gradient_are_the_papers(mu: str, learn_beta: bool) -> None:
+    """max(x * mask, 0) with x the ReLU map, however the layer computes it (a frozen argmax beta reads a table of
+    the masks' non-negative part): the same maps and the same gradient to the layer's input, also where the mask is
+    exactly 0 (distance n / beta on an 8x8 map) and where the input is negative."""
+    from zoo.icnn.model import InterpretableFilters
+
+    torch.manual_seed(0)
+    layer = InterpretableFilters(3, 2, (8, 8), mu=mu, learn_beta=learn_beta)
+    x = torch.randn(4, 3, 8, 8, requires_grad=True)
+    masked, _ = layer(x)
+    raw = torch.relu(x)
+    expected = torch.relu(raw * part_mask(raw, layer.beta, mu))
+    assert torch.equal(masked, expected)
+    upstream = torch.randn_like(masked)
+    grad, = torch.autograd.grad(masked, x, upstream, retain_graph=True)
+    expected_grad, = torch.autograd.grad(expected, x, upstream)
+    assert torch.equal(grad, expected_grad)
+    assert (x < 0).any() and (mu != "argmax" or (part_mask(raw, layer.beta, mu) == 0).any())  # the edge cases

@@ -92,9 +92,12 @@ class InterpretableFilters(nn.Module):
         if self.masks:
             # the table is an eager shortcut; a compiled forward takes the per-filter formula (the same values, which
             # the compiler fuses) instead of the table's uniformity check, a host read that would split its graph
-            eager_table = not (self.beta.requires_grad or torch.compiler.is_compiling())
-            mask = part_mask(raw, self.beta, self.mu, self._mask_table() if eager_table else None)
-            masked = F.relu(raw * mask)
+            eager_table = self.mu == "argmax" and not (self.beta.requires_grad or torch.compiler.is_compiling())
+            table = self._mask_table() if eager_table else None
+            if table is not None:  # max(raw * mask, 0) = raw * max(mask, 0) as raw >= 0: the table holds max(mask, 0)
+                masked = raw * part_mask(raw, self.beta, self.mu, table)
+            else:
+                masked = F.relu(raw * part_mask(raw, self.beta, self.mu))
         else:  # an ordinary conv layer: the map passes unmasked (statistics and template scores still kept)
             masked = raw
         scores = template_scores(raw, self.bank)  # (B, F, T)
@@ -109,13 +112,14 @@ class InterpretableFilters(nn.Module):
                         "batch_z": batch_z.detach()}
 
     def _mask_table(self) -> torch.Tensor | None:
-        """Every argmax mask of a frozen beta shared by all filters, (h*w, h*w), or None (per-filter betas). Rebuilt
-        only when beta changes in place (a loaded checkpoint): the uniformity check reads the device then, not in
-        every step."""
+        """The non-negative part of every argmax mask of a frozen beta shared by all filters, (h*w, h*w), or None
+        (per-filter betas). Rebuilt only when beta changes in place (a loaded checkpoint): the uniformity check reads
+        the device then, not in every step."""
         key = (self.beta._version, self.beta.device)
         if getattr(self, "_table_key", None) != key:
             uniform = bool((self.beta == self.beta[0]).all())
-            self._table = template_shapes(*self.map_size, self.beta[0]).flatten(1) if uniform else None
+            shapes = template_shapes(*self.map_size, self.beta[0]).flatten(1) if uniform else None
+            self._table = None if shapes is None else shapes.clamp(min=0)
             self._table_key = key
         return self._table
 

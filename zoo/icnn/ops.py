@@ -45,8 +45,9 @@ def part_mask(x: torch.Tensor, beta: float | torch.Tensor = 4.0, mu: str = "argm
     """The mask max(1 - beta * ||[i,j] - mu_hat||_1 / n, -1) around each map's peak: (B, F, h, w).
 
     mu = "argmax" (paper) takes the strongest unit; "centroid" (authors' code) the activation-weighted centre.
-    `beta` is a float or a per-filter tensor (F,). `table` (h*w, h*w), `template_shapes(h, w, beta).flatten(1)`
-    for one beta shared by every filter, makes the argmax mask one row lookup per map (the same values).
+    `beta` is a float or a per-filter tensor (F,). `table` (h*w, h*w), a row per peak position computed once for
+    one beta shared by every filter (`template_shapes(h, w, beta).flatten(1)`, the same values, or its non-negative
+    part), makes the argmax mask one row lookup per map.
     """
     batch, filters, height, width = x.shape
     n = max(height, width)
