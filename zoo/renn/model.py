@@ -77,9 +77,13 @@ def _ones_kernel(width: int, device: torch.device, dtype: torch.dtype) -> torch.
 
 
 def exists_within(p: torch.Tensor, low: int, high: int) -> torch.Tensor:
-    """Soft "some step s in [t + low, t + high] has the pattern": 1 - prod_s (1 - p_s), via a sum of logs."""
-    log_absent = torch.log1p(-p.clamp(max=1 - 1e-6))
-    return 1 - torch.exp(window_sum(log_absent, low, high))
+    """Soft "some step s in [t + low, t + high] has the pattern": 1 - prod_s (1 - p_s)."""
+    return 1 - absent_within(p, low, high)
+
+
+def absent_within(p: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """Soft "no step s in [t + low, t + high] has the pattern": prod_s (1 - p_s), via a sum of logs."""
+    return torch.exp(window_sum(torch.log1p(-p.clamp(max=1 - 1e-6)), low, high))
 
 
 def local_peaks(p: torch.Tensor, radius: int = 2) -> torch.Tensor:
@@ -87,7 +91,7 @@ def local_peaks(p: torch.Tensor, radius: int = 2) -> torch.Tensor:
     a detector's probability spread over neighbouring steps counts as one occurrence."""
     flat = p.reshape(-1, 1, p.shape[-1])  # (N, 1, T) for any leading shape
     neighbourhood = F.max_pool1d(flat, 2 * radius + 1, stride=1, padding=radius).reshape(p.shape)
-    return p * (p >= neighbourhood).to(p.dtype)
+    return p.masked_fill(p < neighbourhood, 0.0)
 
 
 class Rule:
@@ -177,6 +181,10 @@ class Within(Rule):
     def __call__(self, patterns: Patterns) -> torch.Tensor:
         return exists_within(self.rule(patterns), self.low, self.high)
 
+    def absent(self, patterns: Patterns) -> torch.Tensor:
+        """NOT this rule, as one product (not 1 - (1 - product))."""
+        return absent_within(self.rule(patterns), self.low, self.high)
+
 
 class FollowedBy(Rule):
     """Ordering with an interval: `first` at t AND `then` at some step in [t + low, t + high]."""
@@ -195,7 +203,7 @@ class NotFollowedBy(Rule):
         self.first, self.then = first, Within(then, within)
 
     def __call__(self, patterns: Patterns) -> torch.Tensor:
-        return self.first(patterns) * (1 - self.then(patterns))
+        return self.first(patterns) * self.then.absent(patterns)
 
 
 class CountAtLeast(Rule):
@@ -211,12 +219,12 @@ class CountAtLeast(Rule):
 
     def __call__(self, patterns: Patterns) -> torch.Tensor:
         peaks = local_peaks(self.rule(patterns))
-        occurrences = peaks * (peaks > self.threshold).to(peaks.dtype)  # (B, T)
+        occurrences = peaks.masked_fill(peaks <= self.threshold, 0.0)  # (B, T)
         if self.within is None:
             count = occurrences.sum(-1, keepdim=True).expand_as(occurrences)
         else:
             count = window_sum(occurrences, int(self.within[0]), int(self.within[1]))
-        return torch.sigmoid(self.sharpness * (count - self.n + 0.5))
+        return torch.sigmoid((count - (self.n - 0.5)) * self.sharpness)
 
 
 # ------------------------------------------------------------------------------------------ named rules
