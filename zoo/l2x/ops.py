@@ -26,8 +26,8 @@ def concrete_k_subset(logits: torch.Tensor, k: int, tau: float, generator: torch
         raise ValueError(f"tau must be > 0; got {tau}.")
     uniform = torch.rand((logits.shape[0], k, logits.shape[-1]), generator=generator, device=logits.device,
                          dtype=logits.dtype).clamp_min(_TINY)  # (B, k, d)
-    gumbel = -torch.log(-torch.log(uniform))
-    samples = torch.softmax((logits.unsqueeze(1) + gumbel) / tau, dim=-1)  # (B, k, d)
+    neg_gumbel = torch.log(-torch.log(uniform))  # -G, G = -log(-log U) standard Gumbel noise
+    samples = torch.softmax((logits.unsqueeze(1) - neg_gumbel) / tau, dim=-1)  # (B, k, d): w + G, one kernel less
     return samples.amax(dim=1)  # (B, d)
 
 
