@@ -250,26 +250,26 @@ def test_the_triton_dp_kernels_agree_with_the_waves() -> None:
 
 
 def test_the_triton_dp_kernels_compile_for_gpus_without_one() -> None:
-    """Both kernels, both OR modes, float32 and bfloat16 scores, compiled by Triton to a cubin for sm_80 (A100) and
-    sm_90 (H100/H200) on this machine, GPU or not: what the interpreter cannot see (types, layouts, lowering)."""
+    """Both wave kernels, both OR modes, float32 and bfloat16 scores, compiled by Triton to a cubin for sm_80 (A100)
+    and sm_90 (H100/H200) on this machine, GPU or not: what the interpreter cannot see (types, layouts, lowering)."""
     pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile
 
     from zoo.aog_rcnn import kernels
 
-    tables = {name: "*i64" for name in ("order_ptr", "start_ptr", "left_ptr", "right_ptr")}
-    scalars = {"rows": "i32", "num_or": "i32", "root_id": "i32"}
-    flags = {"MAXIMISE": "constexpr", "BLOCK": "constexpr", "SLOTS": "constexpr"}
     up = {"term_ptr": None, "stride_node": "i32", "stride_row": "i32", "scores_ptr": "*fp32", "choices_ptr": "*u8",
-          "root_ptr": "*fp32", **tables, "weight_ptr": "*fp32", **scalars, **flags}
-    down = {"grad_root_ptr": None, "choices_ptr": "*u8", "grad_or_ptr": "*fp32", "grad_term_ptr": "*fp32", **tables,
-            "weight_ptr": "*fp32", **scalars, **flags}
-    for kernel, signature in ((kernels._bottom_up, up), (kernels._top_down, down)):
+          **{name: "*i64" for name in ("order_ptr", "start_ptr", "left_ptr", "right_ptr")}, "weight_ptr": "*fp32",
+          "first_row": "i32", "rows": "i32", "MAXIMISE": "constexpr", "BLOCK": "constexpr", "SLOTS": "constexpr"}
+    down = {"grad_root_ptr": None, "choices_ptr": "*u8", "grad_or_ptr": "*fp32", "grad_term_ptr": "*fp32",
+            **{name: "*i64" for name in ("order_ptr", "start_ptr", "parent_start_ptr", "parent_or_ptr",
+                                         "parent_slot_ptr")}, "parent_share_ptr": "*fp32", "first_row": "i32",
+            "rows": "i32", "root_id": "i32", "MAXIMISE": "constexpr", "BLOCK": "constexpr", "PARENTS": "constexpr"}
+    for kernel, signature, block in ((kernels._wave_up, up, "SLOTS"), (kernels._wave_down, down, "PARENTS")):
         for dtype in ("*fp32", "*bf16"):
             for maximise in (True, False):
                 source = ASTSource(fn=kernel, signature={k: v or dtype for k, v in signature.items()},
-                                   constexprs={"MAXIMISE": maximise, "BLOCK": kernels.BLOCK_ROWS, "SLOTS": 16})
+                                   constexprs={"MAXIMISE": maximise, "BLOCK": kernels.BLOCK_ROWS, block: 16})
                 for capability in (80, 90):
                     assert compile(source, target=GPUTarget("cuda", capability, 32)).asm["cubin"]
 

@@ -15,7 +15,7 @@ Departs / chooses (the authors' detector code was never released):
   maps (weights of rank <= r): at r = 32 the head costs about the average vote's, but parses worse (README).
 - Box regression is class-agnostic and position-sensitive (R-FCN): 4 x H x W maps voted by the mean.
 - The bottom-up pass loops over waves of rectangles of one height + width (H + W - 1 of them), never over nodes,
-  RoIs or classes. `dp_kernel="triton"` runs the whole DP as one Triton kernel forward and one backward on CUDA
+  RoIs or classes. `dp_kernel="triton"` runs each wave as one Triton kernel forward and one backward on CUDA
   (`zoo.aog_rcnn.kernels`; opt-in until measured on a GPU; the waves are its reference in tests).
 
 Baselines on the same backbone, RPN, proposals and budget: `vote_rcnn_*` (R-FCN average vote) and
@@ -47,7 +47,7 @@ from zoo.checks import check_input, ids_out_of_range
 from zoo.registry import input_size_aware, register_model
 
 OR_MODES = ("mean", "max")
-DP_KERNELS = ("waves", "triton")  # the DP in PyTorch, wave by wave (everywhere), or as two Triton kernels (CUDA)
+DP_KERNELS = ("waves", "triton")  # the DP's waves as PyTorch ops (everywhere) or as Triton kernels (CUDA)
 TERMINAL_MAPS = ("terminals", "cells")
 ENUMERATED_TREES = 4096  # grids with at most this many parse trees (3x3: 1,241) score every partition in training
 
@@ -209,6 +209,20 @@ class AOGParsing(nn.Module):
             raise RuntimeError("AOGParsing needs the AND nodes numbered OR by OR, in slot order.")
         self.register_buffer("or_and_start", F.pad((self.or_num_children - 1).cumsum(0), (1, 0)), persistent=False)
         self.kernel_slots = 1 << max(int(self.or_num_children.max()) - 2, 0).bit_length()
+        # every OR's parents, for the Triton backward's pull: the ANDs that have it as their left or right child
+        parent = torch.tensor([node[0] for node in self.grammar._and_nodes], dtype=torch.long)
+        slot = torch.arange(len(parent)) - self.or_and_start[parent]  # the AND's slot in its parent OR
+        child = torch.cat([self.and_left, self.and_right])
+        by_child = torch.sort(child, stable=True).indices
+        per_or = torch.bincount(child, minlength=self.grammar.num_or)
+        for name, tensor in {
+            "or_parent_start": F.pad(per_or.cumsum(0), (1, 0)),
+            "or_parent": parent.repeat(2)[by_child].contiguous(),
+            "or_parent_slot": slot.repeat(2)[by_child].contiguous(),
+            "or_parent_share": torch.cat([self.and_left_weight, 1 - self.and_left_weight])[by_child].contiguous(),
+        }.items():
+            self.register_buffer(name, tensor, persistent=False)
+        self.kernel_parents = 1 << max(int(per_or.max()) - 1, 0).bit_length()
         self.waves: list[tuple[int, int, int]] = []  # (first row, end row, AND children of each OR) per wave
         sorted_size = size[order].tolist()
         for value in sorted(set(sorted_size)):
@@ -277,18 +291,23 @@ class AOGParsing(nn.Module):
         return root, choices
 
     def runs_triton(self, terminal_scores: torch.Tensor) -> bool:
-        """Whether the DP runs as the two Triton kernels (`zoo.aog_rcnn.kernels`): with `dp_kernel="triton"`, on
+        """Whether the DP runs as Triton kernels (`zoo.aog_rcnn.kernels`): with `dp_kernel="triton"`, on
         CUDA, for float16, bfloat16 and float32 scores. Otherwise the PyTorch waves run (the reference)."""
         return (self.dp_kernel == "triton" and terminal_scores.is_cuda and kernels.available()
                 and terminal_scores.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
     @property
     def kernel_tables(self) -> dict[str, Any]:
-        """The grammar as the Triton kernels read it: the schedule (OR ids, children first), each OR's first AND,
-        every AND's two OR children and the left one's share, and "slots": a power of two >= the most AND children
-        of an OR (the kernels' block of children)."""
+        """The grammar as the Triton kernels read it: the schedule (OR ids, children first) and its waves (first and
+        end row), each OR's first AND, every AND's two OR children and the left one's share, "slots": a power of two
+        >= the most AND children of an OR (the forward's block of children); for the backward, each OR's parents
+        (a CSR list by OR id: parent OR, the AND's slot in it, this child's share) and "parents", a power of two >=
+        the most parents of an OR."""
         return {"order": self.wave_order, "start": self.or_and_start, "left": self.and_left,
-                "right": self.and_right, "weight": self.and_left_weight, "slots": self.kernel_slots}
+                "right": self.and_right, "weight": self.and_left_weight, "slots": self.kernel_slots,
+                "waves": [(w0, w1) for w0, w1, _ in self.waves], "parent_start": self.or_parent_start,
+                "parent_or": self.or_parent, "parent_slot": self.or_parent_slot, "parent_share": self.or_parent_share,
+                "parents": self.kernel_parents}
 
     def choices_by_or(self, wave_choices: torch.Tensor) -> torch.Tensor:
         """OR choices in wave order (num_or, R) -> by OR id, (R, num_or)."""
@@ -390,9 +409,9 @@ class AOGParsing(nn.Module):
 
 
 class _GrammarDP(torch.autograd.Function):
-    """AOGParsing as one autograd node: bottom-up DP forward, top-down gradient backward. On CUDA, one Triton kernel
-    each (`AOGParsing.runs_triton`); otherwise wave by wave on preallocated buffers (autograd through per-wave
-    in-place writes would copy the whole node table per wave)."""
+    """AOGParsing as one autograd node: bottom-up DP forward, top-down gradient backward, wave by wave. On CUDA, one
+    Triton kernel per wave each way (`AOGParsing.runs_triton`); otherwise a few PyTorch ops per wave on preallocated
+    buffers (autograd through per-wave in-place writes would copy the whole node table per wave)."""
 
     @staticmethod
     def forward(ctx: Any, terminal_scores: torch.Tensor, parser: AOGParsing, maximise: bool
