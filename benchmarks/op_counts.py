@@ -33,7 +33,8 @@ SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::_unique", "aten
 NOT_SYNCS = ("Optimizer.step#", "aten::_assert_async", "zoo/checks.py(")
 # aten ops that launch no kernel on a GPU: views, metadata and bare allocations.
 NO_KERNEL = frozenset(f"aten::{name}" for name in (
-    "view", "_unsafe_view", "reshape", "_reshape_alias", "as_strided", "as_strided_", "expand", "expand_as", "t", "transpose",
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "as_strided", "as_strided_", "expand", "expand_as", "t",
+    "transpose",
     "permute", "unsqueeze", "squeeze", "select", "slice", "narrow", "alias", "detach", "lift_fresh", "unbind",
     "split", "split_with_sizes", "chunk", "unfold", "diagonal", "view_as_real", "view_as", "flatten", "contiguous",
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_", "result_type", "size",

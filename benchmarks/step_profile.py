@@ -38,7 +38,8 @@ def row_sides(key: str, device: torch.device, scale: float, bf16: bool) -> dict[
 
 
 def kernel_times(prof: Any, device: torch.device) -> dict[str, list[float]]:
-    """{kernel name: [microseconds of each launch]} of a profile: CUDA kernels and copies on a GPU, leaf ops on a CPU."""
+    """{kernel name: [microseconds of each launch]} of a profile: CUDA kernels and copies on a GPU, leaf ops on a
+    CPU."""
     times: dict[str, list[float]] = defaultdict(list)
     for event in prof.events():
         if device.type == "cuda" and event.device_type == torch.autograd.DeviceType.CUDA:

@@ -79,7 +79,8 @@ def generate(num_samples: int, length: int = 256, noise: float = 0.15, wander: f
     distance = steps[None, None, :] - times[:, :, None]  # (N, M, T)
     amplitude = 1 + 0.2 * (torch.rand(times.shape, generator=generator) - 0.5)  # (N, M)
     normal_shape = torch.exp(-0.5 * (distance / 1.5) ** 2) - 0.25 * torch.exp(-0.5 * ((distance - 4) / 2) ** 2)
-    premature_shape = 0.8 * torch.exp(-0.5 * (distance / 2.6) ** 2) - 0.3 * torch.exp(-0.5 * ((distance - 6) / 2.5) ** 2)
+    premature_shape = (0.8 * torch.exp(-0.5 * (distance / 2.6) ** 2)
+                       - 0.3 * torch.exp(-0.5 * ((distance - 6) / 2.5) ** 2))
     shape = torch.where(premature[:, :, None], premature_shape, normal_shape) * (amplitude * inside)[:, :, None]
     signal = shape.sum(1)  # (N, T)
     cycle = 80 + 120 * torch.rand(num_samples, 1, generator=generator)
@@ -89,7 +90,8 @@ def generate(num_samples: int, length: int = 256, noise: float = 0.15, wander: f
     # annotations: the peak step of every beat that fits
     peak = times.round().long().clamp(0, length - 1)
     patterns = torch.zeros(num_samples, len(PATTERN_NAMES), length)
-    patterns.scatter_(2, torch.stack([peak, peak], 1), torch.stack([inside & ~premature, inside & premature], 1).float())
+    patterns.scatter_(2, torch.stack([peak, peak], 1),
+                      torch.stack([inside & ~premature, inside & premature], 1).float())
     # rule events at premature peaks: followed by a pause (classes 1, 3) or interpolated (class 2)
     premature_peaks = patterns[:, 1]
     paused = premature_peaks * ((label == 1) | (label == 3)).float()[:, None]

@@ -514,7 +514,8 @@ def test_scene_world_ground_truth() -> None:
         assert image.shape == (3, 96, 96) and torch.equal(image, again.splits["train"][i][0])
         boxes, parts = target["boxes"], target["part_boxes"]
         assert 1 <= len(boxes) <= 4 and ((target["labels"] >= 1) & (target["labels"] <= 4)).all()
-        assert (parts[..., :2] >= boxes[:, None, :2] - 1e-4).all() and (parts[..., 2:] <= boxes[:, None, 2:] + 1e-4).all()
+        assert (parts[..., :2] >= boxes[:, None, :2] - 1e-4).all()
+        assert (parts[..., 2:] <= boxes[:, None, 2:] + 1e-4).all()
         inter = torch.ops.torchvision.nms(boxes, torch.ones(len(boxes)), 0.0)  # disjoint boxes all survive NMS at 0
         assert len(inter) == len(boxes)
     batch = next(iter(dm.train_dataloader()))

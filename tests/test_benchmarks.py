@@ -133,8 +133,10 @@ def test_family_speed_realistic_table_runs_shrunk_on_the_cpu() -> None:
     from benchmarks.family_speed import REALISTIC, main
 
     keys = ["icnn_tinycnn", "aog3", "aog7_triton", "renn", "l2x"]  # on the CPU the Triton row runs the waves
-    rows = main(["--realistic", "--device", "cpu", "--rounds", "1", "--steps", "1", "--scale", "0.125", "--rows", *keys])
-    assert [(r["row"], r["precision"]) for r in rows] == [(REALISTIC[k].name, p) for k in keys for p in ("fp32", "bf16")]
+    rows = main(["--realistic", "--device", "cpu", "--rounds", "1", "--steps", "1", "--scale", "0.125",
+                 "--rows", *keys])
+    expected = [(REALISTIC[k].name, p) for k in keys for p in ("fp32", "bf16")]
+    assert [(r["row"], r["precision"]) for r in rows] == expected
     assert all(r["model_ms"] > 0 and r["reference_ms"] > 0 and r["ratio"] > 0 and r["target"] >= 1 for r in rows)
 
 
@@ -255,6 +257,7 @@ def test_step_profile_counts_and_times_the_kernels_of_both_sides_of_a_row() -> N
     for row in rows.values():
         assert row["wall_ms"] > 0 and row["device_ms"] > 0
         assert row["kernels"] == sum(map(len, row["by_kernel"].values())) > 0
-        layers = {"aten::view", "aten::empty", "aten::conv1d", "aten::conv2d", "aten::convolution", "aten::_convolution"}
+        layers = {"aten::view", "aten::empty", "aten::conv1d", "aten::conv2d", "aten::convolution",
+                  "aten::_convolution"}
         assert not layers & set(row["by_kernel"])  # views, allocations and dispatch layers are not kernels
     assert rows["aog3", "model"]["kernels"] > rows["aog3", "reference"]["kernels"]

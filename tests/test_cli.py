@@ -351,7 +351,8 @@ def test_bf16_autocast_trains_lstm_models_on_a_cpu_without_bf16(config: str, in_
                                                                  cpu_without_bf16_lstm: None) -> None:
     textual = [*SMALL_WORLD, *SMALL_EXPLANATION, "--model.init_args.discriminative_weight=0.2"]  # + REINFORCE
     cli = main(["fit", "--config", str(REPO / config), "--trainer.fast_dev_run=true", "--trainer.precision=bf16-mixed",
-                *(textual if "textual" in config else ["--data.init_args.num_train=64", "--data.init_args.num_val=32"])])
+                *(textual if "textual" in config
+                  else ["--data.init_args.num_train=64", "--data.init_args.num_val=32"])])
     assert cli.trainer.state.finished and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
 

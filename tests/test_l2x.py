@@ -74,7 +74,8 @@ def test_l2x_gradient_flows_to_the_explainer_and_eval_is_exact_top_k() -> None:
 
 def test_l2x_loss_is_the_soft_target_cross_entropy() -> None:
     logits, probs = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.7, 0.3], [0.2, 0.8]])
-    log_q = [[2 - math.log(math.exp(2) + 1), -math.log(math.exp(2) + 1)], [-math.log(1 + math.e), 1 - math.log(1 + math.e)]]
+    log_q = [[2 - math.log(math.exp(2) + 1), -math.log(math.exp(2) + 1)],
+             [-math.log(1 + math.e), 1 - math.log(1 + math.e)]]
     expected = -sum(probs[i, j].item() * log_q[i][j] for i in range(2) for j in range(2)) / 2
     assert soft_target_cross_entropy(logits, probs).item() == pytest.approx(expected, rel=1e-6)
 
@@ -194,7 +195,8 @@ def test_selection_recovery_and_agreement_on_hand_made_cases() -> None:
     assert result["fdr"].item() == pytest.approx((1 / 2 + 1 / 3) / 2)
     assert result["num_selected"].item() == pytest.approx(2.5)
     agreement = AgreementAccuracy()
-    agreement.update(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]]))
+    agreement.update(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]),
+                     torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]]))
     agreement.update(torch.tensor([[0.0, 1.0]]), torch.tensor([1]))
     assert agreement.compute().item() == pytest.approx(3 / 4)
 
@@ -302,7 +304,8 @@ def test_race_script_writes_table_speed_and_boxplot(in_tmp_dir: Path) -> None:
     rows = main(["--config", "race.yaml", "--name", "race", "--datasets", "switch", "digits_3v8"])
     assert [(r["dataset"], r["method"]) for r in rows] == [(d, m) for d in ("switch", "digits_3v8")
                                                            for m in settings["methods"]]
-    assert all(r["n"] == (2 if r["method"] in ("kernel_shap", "lime") else 16) for r in rows if r["dataset"] == "switch")
+    assert all(r["n"] == (2 if r["method"] in ("kernel_shap", "lime") else 16)
+               for r in rows if r["dataset"] == "switch")
     assert all(1 <= r["median_rank"] <= 10 for r in rows if r["dataset"] == "switch")
     folder = in_tmp_dir / "checkpoints" / "race"
     assert (folder / "race.md").is_file() and (folder / "speed.csv").is_file()

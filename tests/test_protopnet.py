@@ -15,7 +15,7 @@ import zoo
 from losses.protopnet import ProtoPNetLoss
 from tests.conftest import REPO
 from zoo.protopnet.metrics import PartConsistency
-from zoo.protopnet.model import EPSILON, ProtoPNet, similarity, squared_distances
+from zoo.protopnet.model import EPSILON, ProtoPNet, squared_distances
 from zoo.protopnet.push import apply_push, nearest_patches, push_loader
 from zoo.protopnet.system import ProtoPNetSystem
 
