@@ -1,14 +1,16 @@
 """Layers shared by several families' models (as timm keeps its own in timm/layers).
 
-`LSTM`: torch's LSTM, safe under CPU bf16 autocast. CPU autocast casts an LSTM to bf16 and hands it to oneDNN,
-which builds no bf16 LSTM primitive on CPUs without native bf16 (seen on an AVX2-only AMD EPYC: "could not create a
-primitive descriptor for the LSTM forward propagation primitive"). Where one tiny probe shows that, the LSTM runs
-in float32 with autocast off; everywhere else (GPUs, bf16 CPUs, no autocast) it is torch's LSTM unchanged.
+`LSTM`: torch's LSTM, safe under CPU bf16 autocast and readable by `torch.compile`. CPU autocast casts an LSTM to
+bf16 and hands it to oneDNN, which builds no bf16 LSTM primitive on CPUs without native bf16 (seen on an AVX2-only
+AMD EPYC: "could not create a primitive descriptor for the LSTM forward propagation primitive"). Where one tiny
+probe shows that, the LSTM runs in float32 with autocast off; everywhere else (GPUs, bf16 CPUs, no autocast) it runs
+torch's LSTM forward unchanged.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -30,14 +32,28 @@ def _float32(state: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Ten
     return None if state is None else (state[0].float(), state[1].float())
 
 
-class LSTM(nn.LSTM):
-    """`nn.LSTM` that falls back to float32 under CPU bf16 autocast where the CPU has no bf16 LSTM kernel.
+class LSTM(nn.RNNBase):
+    """torch's LSTM: `nn.LSTM`'s parameters, state-dict keys, cuDNN weight layout and forward (`nn.LSTM.forward`), with
+    two differences.
 
-    The fallback returns float32 outputs and states (autocast casts them again for the next op)."""
+    - Under CPU bf16 autocast on a CPU without a bf16 LSTM kernel it runs in float32 and returns float32 outputs and
+      states (autocast casts them again for the next op).
+    - It is an `nn.RNNBase` in LSTM mode, not an `nn.LSTM`: `torch.compile` refuses to wrap any `nn.LSTM` and breaks
+      the graph wherever compiled code so much as reads one's weights, which the textual decoder does at every word
+      (`torch.lstm_cell` on them). The sequence forward itself stays out of compiled graphs
+      (`torch.compiler.disable`), as before: AOT autograd cannot trace a sequence LSTM in torch 2.14."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__("LSTM", *args, **kwargs)
+
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    @torch.compiler.disable
     def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):  # noqa: A002
         if (input.device.type == "cpu" and torch.is_autocast_enabled("cpu")
                 and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not cpu_bf16_lstm_supported()):
             with torch.autocast("cpu", enabled=False):
-                return super().forward(input.float(), _float32(hx))
-        return super().forward(input, hx)
+                return nn.LSTM.forward(self, input.float(), _float32(hx))
+        return nn.LSTM.forward(self, input, hx)

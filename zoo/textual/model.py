@@ -197,7 +197,7 @@ class FactoredLSTMGenerator(nn.Module):
                 F.pad(word_log_probs[best].masked_fill(tokens[best] == self.pad, 0.0), (0, width)))
 
 
-def _lstm_cell(lstm: nn.LSTM, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+def _lstm_cell(lstm: LSTM, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One time step (h, c) (B, H) of the one-layer `lstm` on inputs x (B, input_size)."""
     return torch.lstm_cell(x, state, lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
