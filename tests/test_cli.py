@@ -345,6 +345,29 @@ def test_lstm_falls_back_to_float32_on_a_cpu_without_bf16(cpu_without_bf16_lstm:
     assert torch.equal(out, lstm(x)[0])  # the float32 path is the LSTM without autocast
 
 
+def test_the_zoo_lstm_is_torchs_lstm() -> None:
+    """`zoo.layers.LSTM` (an `nn.RNNBase` in LSTM mode, so that `torch.compile` can read its weights) is `nn.LSTM`:
+    the same initial parameters from the same seed, state-dict keys (either loads the other's checkpoint), outputs
+    and states bit for bit, with and without an initial state, on a sequence and a packed batch."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from zoo.layers import LSTM
+
+    torch.manual_seed(0)
+    ours = LSTM(3, 4, num_layers=2, batch_first=True)
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(3, 4, num_layers=2, batch_first=True)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in theirs.state_dict().items())
+    x, state = torch.randn(2, 5, 3), (torch.randn(2, 2, 4), torch.randn(2, 2, 4))
+    packed = pack_padded_sequence(x, torch.tensor([5, 3]), batch_first=True)
+    for args in ((x,), (x, state), (packed,)):
+        (out, (h, c)), (out_ref, (h_ref, c_ref)) = ours(*args), theirs(*args)
+        out, out_ref = (o.data if hasattr(o, "data") else o for o in (out, out_ref))
+        assert torch.equal(out, out_ref) and torch.equal(h, h_ref) and torch.equal(c, c_ref)
+    theirs.load_state_dict(LSTM(3, 4, num_layers=2, batch_first=True).state_dict())
+
+
 @pytest.mark.parametrize("config", ["configs/textual/explanation_label.yaml",
                                     "configs/baselines/rule_series_lstm.yaml"])
 def test_bf16_autocast_trains_lstm_models_on_a_cpu_without_bf16(config: str, in_tmp_dir: Path,

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.rnn import PackedSequence
 
 
 @functools.cache
@@ -51,8 +52,9 @@ class LSTM(nn.RNNBase):
     permute_hidden = nn.LSTM.permute_hidden
 
     @torch.compiler.disable
-    def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):  # noqa: A002
-        if (input.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    def forward(self, input: torch.Tensor | PackedSequence,  # noqa: A002
+                hx: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if (input.data.device.type == "cpu" and torch.is_autocast_enabled("cpu")
                 and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not cpu_bf16_lstm_supported()):
             with torch.autocast("cpu", enabled=False):
                 return nn.LSTM.forward(self, input.float(), _float32(hx))
