@@ -57,25 +57,25 @@ stage() {
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
   nproc; } 2>&1 | tee "$OUT/device.txt"
 stage sync 100 python3 -m pytest -q -p no:cacheprovider -rA tests/test_host_sync.py -k gpu
-tail -n 15 "$OUT/sync.log"
+tail -n 15 "$OUT/sync.log" 2>/dev/null
 stage triton 60 python3 -m pytest -q -p no:cacheprovider -rA tests/test_aog_rcnn.py -k triton
-grep -E "passed|failed|Error" "$OUT/triton.log" | tail -n 5
+grep -E "passed|failed|Error" "$OUT/triton.log" 2>/dev/null | tail -n 5
 stage realistic 200 python3 -m benchmarks.family_speed --realistic --device "$DEVICE" --scale "$SCALE"
-grep -E "^\||^torch|Error" "$OUT/realistic.log" | tail -n 30
+grep -E "^\||^torch|Error" "$OUT/realistic.log" 2>/dev/null | tail -n 30
 stage heads 50 python3 -m benchmarks.family_speed --families --device "$DEVICE" --heads aog3 aog3_rank32 aog3_cells \
     mlp aog7 aog7_rank32 aog7_cells aog7_triton
-grep -E "^\||^torch|Error" "$OUT/heads.log" | tail -n 16
+grep -E "^\||^torch|Error" "$OUT/heads.log" 2>/dev/null | tail -n 16
 stage profile 60 python3 -m benchmarks.step_profile --device "$DEVICE" --scale "$SCALE" --top 6 \
     --rows aog3 aog7 aog7_triton textual renn l2x icnn_tinycnn aog_rcnn
-grep -E "^[a-z0-9_]+ / |Error" "$OUT/profile.log" | tail -n 14
+grep -E "^[a-z0-9_]+ / |Error" "$OUT/profile.log" 2>/dev/null | tail -n 14
 stage graphs 120 python3 -m benchmarks.family_speed --realistic --device "$DEVICE" --scale "$SCALE" \
     --precisions bf16 --compile cudagraphs --rows l2x renn icnn_tinycnn textual
-grep -E "^\||^torch|Error" "$OUT/graphs.log" | tail -n 30
+grep -E "^\||^torch|Error" "$OUT/graphs.log" 2>/dev/null | tail -n 30
 stage compiled 150 python3 -m benchmarks.family_speed --realistic --device "$DEVICE" --scale "$SCALE" \
     --precisions bf16 --compile --rows icnn_tinycnn l2x icnn_resnet18 renn
-grep -E "^\||^torch|Error" "$OUT/compiled.log" | tail -n 30
+grep -E "^\||^torch|Error" "$OUT/compiled.log" 2>/dev/null | tail -n 30
 OMP_NUM_THREADS=2 stage suite 200 python3 -m pytest -v -p no:cacheprovider -n 16 --tb=short
-grep -E "FAILED|ERROR| passed| failed" "$OUT/suite.log" | tail -n 30
+grep -E "FAILED|ERROR| passed| failed" "$OUT/suite.log" 2>/dev/null | tail -n 30
 stage balanced 60 python3 -m benchmarks.icnn_step_time --device "$DEVICE" --backbones tinycnn resnet18 \
     --category-assignment balanced
-tail -n 12 "$OUT/balanced.log"
+tail -n 12 "$OUT/balanced.log" 2>/dev/null

@@ -261,3 +261,24 @@ def test_step_profile_counts_and_times_the_kernels_of_both_sides_of_a_row() -> N
                   "aten::_convolution"}
         assert not layers & set(row["by_kernel"])  # views, allocations and dispatch layers are not kernels
     assert rows["aog3", "model"]["kernels"] > rows["aog3", "reference"]["kernels"]
+
+
+def test_gpu_check_runs_its_stages_on_a_cpu(tmp_path) -> None:
+    """`benchmarks/gpu_check.sh`, the one command a session lent a GPU runs, shrunk to the CPU (its documented dry
+    run): a stage runs and logs what it measured, the stages left out write nothing and print no errors."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "OUT": str(tmp_path), "DEVICE": "cpu", "SCALE": "0.125", "STAGES": "profile",
+           "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert "== profile: exit 0" in result.stdout, result.stdout + result.stderr[-2000:]
+    log = (tmp_path / "profile.log").read_text()
+    assert all(f"{row} / model" in log and f"{row} / reference" in log for row in ("aog7_triton", "textual", "l2x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["device.txt", "profile.log"]
+    assert "No such file" not in result.stderr
