@@ -17,6 +17,7 @@ and declares its opaque twins in `TWINS`: name -> CLI overrides applied to the f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
@@ -44,10 +45,11 @@ def format_terms(names: tuple[str, ...], values: torch.Tensor) -> str:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # inductor's modes
 
 
-def compile_model(model: nn.Module, how: str = "inductor") -> None:
+def compile_model(model: nn.Module, how: str | Callable[..., Any] = "inductor") -> None:
     """`torch.compile` `model` in place (`nn.Module.compile`: parameters and state-dict keys unchanged). `how`: a
-    backend ("inductor", "aot_eager", "cudagraphs", ...) or one of inductor's `COMPILE_MODES` ("reduce-overhead"
-    replays the step as CUDA graphs on a GPU: for small models, whose steps are bound by kernel launches). A
+    backend (a name, "inductor", "aot_eager", "cudagraphs", ..., or a callable) or one of inductor's
+    `COMPILE_MODES` ("reduce-overhead" replays the step as CUDA graphs on a GPU: for small models, whose steps are
+    bound by kernel launches). A
     torchvision detector (`GeneralizedRCNN`) reads data-dependent shapes (proposal counts, matched boxes) throughout
     its RPN and RoI sampling: only its backbone, where its convolutions are, is compiled, and the rest runs eagerly
     (warned)."""
