@@ -132,7 +132,8 @@ class GridGrammar:
         return masks.unique(dim=0)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Index tensors for AOGParsing: rect table, cell weights, AND children and weights, OR -> AND table."""
+        """Index tensors for AOGParsing: rect table, cell weights, each AND's parent OR, its slot there, its children
+        and their weights, OR -> AND table."""
         rects = torch.tensor(self.rects)  # (T, 4) top, left, height, width
         area = rects[:, 2] * rects[:, 3]
         rows, cols = torch.arange(self.height), torch.arange(self.width)
@@ -147,9 +148,9 @@ class GridGrammar:
         slot = torch.arange(len(parent)) - (torch.cumsum(per_or, 0) - per_or)[parent]
         children = torch.full((self.num_or, max(int(per_or.max()) if len(parent) else 0, 1)), -1, dtype=torch.long)
         children[parent, slot] = torch.arange(len(parent))
-        return {"rects": rects, "area": area, "cell_weights": cover / area[:, None].float(), "and_left": left,
-                "and_right": right, "and_left_weight": left_weight, "or_and_children": children,
-                "or_num_children": per_or + 1}
+        return {"rects": rects, "area": area, "cell_weights": cover / area[:, None].float(), "and_parent": parent,
+                "and_slot": slot, "and_left": left, "and_right": right, "and_left_weight": left_weight,
+                "or_and_children": children, "or_num_children": per_or + 1}
 
     def levels(self) -> list[tuple[int, int]]:
         """(or_start, or_end) per area level, in increasing area (rects are sorted by area)."""
@@ -210,15 +211,13 @@ class AOGParsing(nn.Module):
         self.register_buffer("or_and_start", F.pad((self.or_num_children - 1).cumsum(0), (1, 0)), persistent=False)
         self.kernel_slots = 1 << max(int(self.or_num_children.max()) - 2, 0).bit_length()
         # every OR's parents, for the Triton backward's pull: the ANDs that have it as their left or right child
-        parent = torch.tensor([node[0] for node in self.grammar._and_nodes], dtype=torch.long)
-        slot = torch.arange(len(parent)) - self.or_and_start[parent]  # the AND's slot in its parent OR
         child = torch.cat([self.and_left, self.and_right])
         by_child = torch.sort(child, stable=True).indices
         per_or = torch.bincount(child, minlength=self.grammar.num_or)
         for name, tensor in {
             "or_parent_start": F.pad(per_or.cumsum(0), (1, 0)),
-            "or_parent": parent.repeat(2)[by_child].contiguous(),
-            "or_parent_slot": slot.repeat(2)[by_child].contiguous(),
+            "or_parent": self.and_parent.repeat(2)[by_child].contiguous(),
+            "or_parent_slot": self.and_slot.repeat(2)[by_child].contiguous(),  # the AND's slot in its parent OR
             "or_parent_share": torch.cat([self.and_left_weight, 1 - self.and_left_weight])[by_child].contiguous(),
         }.items():
             self.register_buffer(name, tensor, persistent=False)
