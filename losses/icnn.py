@@ -16,14 +16,13 @@ space: no raw exp of a score, so large activations cannot overflow.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn as nn
 
 from losses.baselines import ClassificationLoss
-
+from zoo.layers import cached_constant
 
 
 def log_template_prior(num_positions: int, alpha: float | None = None, device: torch.device | None = None
@@ -60,12 +59,10 @@ def filter_mutual_information(
     return (terms * support).sum((0, 2))
 
 
-@functools.lru_cache(maxsize=64)
+@cached_constant
 def _is_negative_template(num_templates: int, device: torch.device) -> torch.Tensor:
-    """(T,) bool, True at T- (the last template). Built once per template count and device, never as an inference
-    tensor (a first call under `torch.inference_mode`, as in Lightning's validation, would cache one)."""
-    with torch.inference_mode(False):
-        return torch.arange(num_templates, device=device) == num_templates - 1
+    """(T,) bool, True at T- (the last template). Once per template count and device."""
+    return torch.arange(num_templates, device=device) == num_templates - 1
 
 
 class FilterPartLoss(nn.Module):

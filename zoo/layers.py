@@ -5,16 +5,36 @@ bf16 and hands it to oneDNN, which builds no bf16 LSTM primitive on CPUs without
 AMD EPYC: "could not create a primitive descriptor for the LSTM forward propagation primitive"). Where one tiny
 probe shows that, the LSTM runs in float32 with autocast off; everywhere else (GPUs, bf16 CPUs, no autocast) it runs
 torch's LSTM forward unchanged.
+
+`cached_constant`: a builder of constant tensors (kernels, masks, index tables) cached per argument, built outside
+inference mode.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
+
+Built = TypeVar("Built")
+
+
+def cached_constant(build: Callable[..., Built]) -> Callable[..., Built]:
+    """Cache `build(*args)` (hashable args: sizes, a device, a dtype), so a hot path builds its constant tensors once,
+    not in every step, and build them outside `torch.inference_mode`: a first call under it (Lightning's validation)
+    would cache inference tensors that a later training step's backward cannot save."""
+
+    @functools.lru_cache(maxsize=256)
+    @functools.wraps(build)
+    def cached(*args: Any) -> Built:
+        with torch.inference_mode(False):
+            return build(*args)
+
+    return cached
 
 
 @functools.cache

@@ -44,6 +44,7 @@ from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops, ps_roi_align
 from zoo.aog_rcnn import kernels
 from zoo.backbones import TINY_CNN, Backbone
 from zoo.checks import check_input, ids_out_of_range
+from zoo.layers import cached_constant
 from zoo.registry import input_size_aware, register_model
 
 OR_MODES = ("mean", "max")
@@ -561,15 +562,12 @@ class PositionSensitivePool(nn.Module):
         return position.flatten(0, 1), area  # corners (y2, x2), (y1, x2), (y2, x1), (y1, x1)
 
 
-@functools.lru_cache(maxsize=64)
+@cached_constant
 def _prefix_sum_matrices(fh: int, fw: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(fh+1, fh) and (fw, fw+1) 0/1 matrices: rows_before @ maps @ cols_before is the maps' integral image
-    (entry (y, x) sums the cells above and left of it). Built once per feature size and device; never as inference
-    tensors (a first call under `torch.inference_mode`, as in Lightning's validation, would leave tensors autograd
-    cannot save)."""
-    with torch.inference_mode(False):
-        rows_before = torch.ones(fh + 1, fh, device=device).tril(-1)  # y sums rows < y
-        cols_before = torch.ones(fw, fw + 1, device=device).triu(1)
+    (entry (y, x) sums the cells above and left of it). Once per feature size and device."""
+    rows_before = torch.ones(fh + 1, fh, device=device).tril(-1)  # y sums rows < y
+    cols_before = torch.ones(fw, fw + 1, device=device).triu(1)
     return rows_before, cols_before
 
 

@@ -24,7 +24,6 @@ t-norm: a AND b = ab, a OR b = a + b - ab, NOT a = 1 - a) with temporal predicat
 from __future__ import annotations
 
 import difflib
-import functools
 from typing import Sequence
 
 import torch
@@ -32,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.checks import check_input
+from zoo.layers import cached_constant
 from zoo.registry import register_model
 
 Patterns = dict[str, torch.Tensor]
@@ -67,13 +67,10 @@ def prefix_window_sum(values: torch.Tensor, low: int, high: int) -> torch.Tensor
     return prefix[..., pad + high: pad + high + length] - prefix[..., pad + low - 1: pad + low - 1 + length]
 
 
-@functools.lru_cache(maxsize=256)
+@cached_constant
 def _ones_kernel(width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(1, 1, width) ones: the window's convolution kernel, built once per width, device and dtype, not in every
-    step; never as an inference tensor (a first call under `torch.inference_mode`, as in Lightning's validation,
-    would leave a tensor autograd cannot save for the backward)."""
-    with torch.inference_mode(False):
-        return torch.ones(1, 1, width, device=device, dtype=dtype)
+    """(1, 1, width) ones: the window's convolution kernel, once per width, device and dtype."""
+    return torch.ones(1, 1, width, device=device, dtype=dtype)
 
 
 def exists_within(p: torch.Tensor, low: int, high: int) -> torch.Tensor:
