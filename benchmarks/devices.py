@@ -26,6 +26,11 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
                         help="device the models and data run on: cpu (default), or cuda / cuda:N where available")
 
 
+def device_name(device: torch.device) -> str:
+    """What a benchmark's header says it ran on: the GPU's name, or the CPU and its thread count."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+
+
 def trainer_kwargs(device: torch.device) -> dict[str, object]:
     """pl.Trainer arguments that train on `device`."""
     return {"accelerator": device.type, "devices": [device.index] if device.index is not None else 1}

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import zoo
-from benchmarks.devices import add_device_argument
+from benchmarks.devices import add_device_argument, device_name
 from benchmarks.timing import interleaved_medians, ratios
 from datamodules.l2x_synthetic import generate as l2x_data
 from datamodules.rule_series import generate as series_data
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return print_realistic(device, args.rounds, args.steps, args.scale, args.rows, tuple(args.precisions),
                                args.compile)
     rows = [row for family in args.families for row in measure(family, device, args.bf16, args.rounds, args.steps)]
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = device_name(device)
     print(f"torch {torch.__version__}, {name}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
           f"{args.rounds} rounds x {args.steps} steps (medians; ratios against each family's reference)")
     if rows:
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def print_realistic(device: torch.device, rounds: int, steps: int, scale: float, keys: list[str],
                     precisions: tuple[str, ...] = ("fp32", "bf16"), compile: str | None = None) -> list[dict]:
     """The realistic table, printed row by row as each is measured."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = device_name(device)
     print(f"torch {torch.__version__}, {name}, scale {scale}, {rounds} rounds x {steps} steps (medians of interleaved "
           f"rounds; train steps{f'; model and reference compiled ({compile})' if compile else ''})")
     print("| row | precision | model ms | reference ms | ratio | target |\n| --- | --- | --- | --- | --- | --- |",

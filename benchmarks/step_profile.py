@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.devices import add_device_argument
+from benchmarks.devices import add_device_argument, device_name
 from benchmarks.family_speed import HEADS, REALISTIC, Step, head_steps, row_steps, scaled
 from benchmarks.op_counts import is_kernel
 from benchmarks.timing import median_time, synchronise
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--top", type=int, default=8, help="the costliest kernels listed per step")
     args = parser.parse_args(argv)
     device = args.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = device_name(device)
     print(f"torch {torch.__version__}, {name}, scale {args.scale}, {'bf16 autocast' if args.bf16 else 'fp32'}; one "
           f"profiled train step per side ({'CUDA kernels' if device.type == 'cuda' else 'leaf ops'})", flush=True)
     rows = []
