@@ -49,10 +49,9 @@ def compile_model(model: nn.Module, how: str | Callable[..., Any] = "inductor") 
     """`torch.compile` `model` in place (`nn.Module.compile`: parameters and state-dict keys unchanged). `how`: a
     backend (a name, "inductor", "aot_eager", "cudagraphs", ..., or a callable) or one of inductor's
     `COMPILE_MODES` ("reduce-overhead" replays the step as CUDA graphs on a GPU: for small models, whose steps are
-    bound by kernel launches). A
-    torchvision detector (`GeneralizedRCNN`) reads data-dependent shapes (proposal counts, matched boxes) throughout
-    its RPN and RoI sampling: only its backbone, where its convolutions are, is compiled, and the rest runs eagerly
-    (warned)."""
+    bound by kernel launches). A torchvision detector (`GeneralizedRCNN`) reads data-dependent shapes (proposal
+    counts, matched boxes) throughout its RPN and RoI sampling: only its backbone, where its convolutions are, is
+    compiled, and the rest runs eagerly (warned)."""
     from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
     options = {"mode": how} if how in COMPILE_MODES else {"backend": how}

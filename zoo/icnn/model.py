@@ -118,8 +118,7 @@ class InterpretableFilters(nn.Module):
         key = (self.beta._version, self.beta.device)
         if getattr(self, "_table_key", None) != key:
             uniform = bool((self.beta == self.beta[0]).all())
-            shapes = template_shapes(*self.map_size, self.beta[0]).flatten(1) if uniform else None
-            self._table = None if shapes is None else shapes.clamp(min=0)
+            self._table = template_shapes(*self.map_size, self.beta[0]).flatten(1).clamp(min=0) if uniform else None
             self._table_key = key
         return self._table
 
