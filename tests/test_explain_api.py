@@ -76,6 +76,67 @@ def test_unknown_methods_and_models_without_maps_fail_clearly() -> None:
         zoo.explain(detector, torch.rand(1, 3, 128, 128))
 
 
+@pytest.mark.parametrize("method", ["kernel_shap", "lime"])
+def test_perturbation_methods_explain_each_text_over_its_own_tokens(method: str) -> None:
+    """Captum's KernelShap and Lime perturb one example at a time: each text of a batch is attributed over its own
+    tokens, exactly as one-text calls drawing the same random numbers in turn (it crashed, or mixed the texts)."""
+    torch.manual_seed(0)
+    model = zoo.create_model("baseline_textcnn", num_classes=2, vocab_size=50, max_len=12).eval()
+    tokens = torch.randint(2, 50, (5, 12))  # 5 texts: 25 KernelShap samples are a multiple, the case that ran wrong
+    torch.manual_seed(1)
+    batched = zoo.explain(model, tokens, method, target=1)
+    torch.manual_seed(1)
+    one_by_one = torch.cat([zoo.explain(model, tokens[i:i + 1], method, target=1) for i in range(5)])
+    torch.testing.assert_close(batched, one_by_one)
+    check_convention(zoo.explain(model, tokens[:3], method), (3, 12))  # 3 texts: 25 samples were no multiple
+
+
+def test_series_models_are_explained_per_time_step_by_captum() -> None:
+    """Series (B, C, T) take the feature methods, one feature per time step over all channels: saliency is the
+    input gradient's |.| summed over channels."""
+    torch.manual_seed(0)
+    model = zoo.create_model("baseline_cnn1d", num_classes=4, in_chans=2, length=32).eval()
+    series = torch.randn(3, 2, 32, requires_grad=True)
+    model(series)["logits"][:, 2].sum().backward()
+    torch.testing.assert_close(zoo.explain(model, series.detach(), "saliency", target=2), series.grad.abs().sum(1))
+    for method in ("integrated_gradients", "kernel_shap"):
+        check_convention(zoo.explain(model, series.detach(), method), (3, 32))
+    with pytest.raises(ValueError, match="SeriesCNN has no own explanation map"):
+        zoo.explain(model, series.detach())
+
+
+def test_gradient_methods_reach_a_selectors_predictor_through_its_embeddings() -> None:
+    """L2X on tokens predicts from its approximator's embeddings of the selected tokens: the token presences scale
+    every embedding of the text, so gradients reach the selected positions (none reached the scorer's alone)."""
+    torch.manual_seed(0)
+    model = zoo.create_model("l2x_tokens", num_classes=2, vocab_size=60, max_len=16, k=4).eval()
+    tokens = torch.randint(2, 60, (2, 16))
+    selected = model(tokens)["selection"] > 0.5
+    for method in ("saliency", "input_x_gradient"):  # at presence 1: the selection itself
+        maps = zoo.explain(model, tokens, method)
+        check_convention(maps, (2, 16))
+        assert (maps[selected] > 0).all() and (maps[~selected] == 0).all(), method
+    # IG's path scales the scorer's view too, so the selection moves along it: every selected position still counts
+    maps = zoo.explain(model, tokens, "integrated_gradients")
+    check_convention(maps, (2, 16))
+    assert (maps[selected] > 0).all()
+
+
+def test_inputs_targets_and_methods_a_model_cannot_take_fail_clearly() -> None:
+    model = zoo.create_model("baseline_tinycnn", num_classes=3)
+    images = torch.rand(2, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"target holds class ids \[-1, 10\], outside \[0, 3\)"):
+        zoo.explain(model, images, target=torch.tensor([10, -1]))
+    with pytest.raises(ValueError, match="one class id or 2 ids"):
+        zoo.explain(model, images, target=torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="ProtoPNet has no pooled head for layer_gradcam"):
+        zoo.explain(zoo.create_model("protopnet_tinycnn", num_classes=3), images, "layer_gradcam")
+    with pytest.raises(ValueError, match="ExplanationModel takes more than the inputs"):
+        zoo.explain(zoo.create_model("textual_explanation"), images)
+    with pytest.raises(ValueError, match="got a list"):
+        zoo.explain(zoo.create_model("aog_rcnn_tinycnn", num_classes=3), [images[0]])
+
+
 def test_predict_writes_predictions_with_class_names_and_explanation_pictures(image_folder_root: Path,
                                                                              in_tmp_dir: Path) -> None:
     from train import main

@@ -20,6 +20,8 @@ raises for them. Any other method is a Captum attribution (`zoo.explain.captum`)
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -51,8 +53,8 @@ def own_explanation(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor
         with torch.no_grad():
             strongest = model(inputs)["rule_map"].float().amax(1, keepdim=True)  # (B, 1, T')
             return F.interpolate(strongest, size=inputs.shape[-1], mode="linear", align_corners=False)[:, 0]
-    raise ValueError(f"{type(model).__name__} has no own explanation map (detectors explain with boxes, generators "
-                     f"with sentences); use a Captum method instead.")
+    raise ValueError(f"{type(model).__name__} has no own explanation map (it is an opaque model, or a detector or "
+                     f"generator that explains with boxes or sentences); use a Captum method instead.")
 
 
 def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
@@ -71,8 +73,24 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
     """
     from zoo.explain.captum import FEATURE_METHODS, POSTHOC_METHODS, attribute_features
     from zoo.explain.captum import explain as captum_explain
+    from zoo.explain.scores import can_explain
 
     net = unwrap(model)
+    if not isinstance(images, torch.Tensor) or images.ndim not in (2, 3, 4):
+        got = f"shape {tuple(images.shape)}" if isinstance(images, torch.Tensor) else f"a {type(images).__name__}"
+        raise ValueError(f"zoo.explain explains classifiers of (B, C, H, W) images, (B, C, T) series or (B, d) "
+                         f"vectors and token ids; got {got} (detectors explain with boxes, generators with sentences, "
+                         f"in their Systems' pictures).")
+    known = POSTHOC_METHODS if images.ndim == 4 else FEATURE_METHODS
+    if method != OWN and method not in known:
+        raise ValueError(f"Unknown explanation method {method!r} for inputs of shape {tuple(images.shape)}; "
+                         f"choose from {(OWN, *known)}.")
+    if method == "layer_gradcam" and not can_explain(net, method):
+        raise ValueError(f"{type(net).__name__} has no pooled head for layer_gradcam (it explains the head's input "
+                         f"map); choose from {(OWN, *(m for m in known if m != method))}.")
+    if not _takes_one_input(net):
+        raise ValueError(f"{type(net).__name__} takes more than the inputs (a generator's labels and captions): "
+                         f"zoo.explain explains classifiers.")
     images = images.to(next(net.parameters()).device)
     was_training = net.training
     net.eval()
@@ -84,19 +102,42 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
                 raise ValueError(f"{type(net).__name__} returns no class logits (a detector or a generator): "
                                  f"zoo.explain explains classifiers.")
             target = out["logits"].argmax(-1)
-        target = torch.as_tensor(target, device=images.device).long().expand(len(images))
+        else:
+            target = _checked_target(target, len(images), getattr(net, "num_classes", None)).to(images.device)
         if method == OWN:
             maps = own_explanation(net, images, target)
-        elif images.ndim == 4 and method in POSTHOC_METHODS:
+        elif images.ndim == 4:
             with torch.enable_grad():
                 maps = captum_explain(net, images, target, method)
-        elif images.ndim == 2 and method in FEATURE_METHODS:
+        elif images.ndim == 3:  # series: every time step (all channels) is one feature
+            steps = images.shape[-1]
+            with torch.enable_grad():
+                maps = attribute_features(net, images, target, method, torch.arange(steps, device=images.device)
+                                          .view(1, 1, steps), steps)
+        else:
             with torch.enable_grad():
                 maps = attribute_features(net, images, target, method)
-        else:
-            known = POSTHOC_METHODS if images.ndim == 4 else FEATURE_METHODS
-            raise ValueError(f"Unknown explanation method {method!r} for inputs of shape {tuple(images.shape)}; "
-                             f"choose from {(OWN, *known)}.")
     finally:
         net.train(was_training)
     return maps.detach().float()
+
+
+def _takes_one_input(net: nn.Module) -> bool:
+    """Whether `net(inputs)` binds: a classifier's forward, not a generator's (images, labels, tokens)."""
+    try:
+        inspect.signature(net.forward).bind(None)
+    except TypeError:
+        return False
+    return True
+
+
+def _checked_target(target: int | torch.Tensor, batch: int, num_classes: int | None) -> torch.Tensor:
+    """`target` as (B,) class ids, refused by name when it is not one id or B ids in [0, num_classes) (the range
+    unchecked for a model that does not say its class count)."""
+    ids = torch.as_tensor(target).long()
+    if ids.ndim > 1 or (ids.ndim == 1 and len(ids) != batch):
+        raise ValueError(f"target must be one class id or {batch} ids (one per input); got shape {tuple(ids.shape)}.")
+    if num_classes is not None and ids.numel() and (ids.min() < 0 or ids.max() >= num_classes):
+        raise ValueError(f"target holds class ids {sorted(set(ids.flatten().tolist()))[:8]}, outside "
+                         f"[0, {num_classes}).")
+    return ids.expand(batch)

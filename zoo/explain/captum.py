@@ -67,25 +67,36 @@ def explain(model: nn.Module, images: torch.Tensor, target: torch.Tensor, method
 
 class TokenPresence(nn.Module):
     """A text classifier on fixed token ids (B, L) seen as (B, L) float token presences -> logits, so Captum's
-    feature methods explain token positions, the features L2X selects. Each token's embedding (the model's first
-    `nn.Embedding`) is scaled by its presence: 1 is the text as it is, 0 the zero vector, which is the padding
-    embedding, i.e. what L2X's masking gives an unselected token. Captum batches perturbations or IG steps as
-    repeats of the batch, so the tokens are repeated to the presences' length."""
+    feature methods explain token positions, the features L2X selects. Each token's embedding is scaled by its
+    presence, in every `nn.Embedding` that reads the text (a selector's scorer and its predictor both see the token
+    removed): 1 is the text as it is, 0 the zero vector, which is the padding embedding, i.e. what L2X's masking
+    gives an unselected token. Captum batches IG steps as repeats of the batch, so the tokens are repeated to the
+    presences' length; KernelShap and Lime perturb one text at a time (`attribute_features` runs them per text)."""
 
     def __init__(self, model: nn.Module, tokens: torch.Tensor) -> None:
         super().__init__()
         self.model, self.tokens = model, tokens
-        self.embedding = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
-        if self.embedding is None:
+        self.embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+        if not self.embeddings:
             raise ValueError(f"{type(model).__name__} has no nn.Embedding: token inputs cannot be attributed.")
+        self.embedding = self.embeddings[0]
 
     def forward(self, presence: torch.Tensor) -> torch.Tensor:
+        if len(presence) % len(self.tokens):
+            raise ValueError(f"{len(presence)} presence rows for {len(self.tokens)} texts: perturbation methods "
+                             f"explain one text at a time.")
         tokens = self.tokens.repeat(len(presence) // len(self.tokens), 1)  # (B', L)
-        hook = self.embedding.register_forward_hook(lambda module, args, out: out * presence.unsqueeze(-1))
+
+        def scale(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            # (B', L, E) embeddings of the text: scaled; an embedding of something else (a class) passes
+            return out * presence.unsqueeze(-1) if out.shape[:2] == presence.shape else out
+
+        hooks = [embedding.register_forward_hook(scale) for embedding in self.embeddings]
         try:
             return self.model(tokens)["logits"]
         finally:
-            hook.remove()
+            for hook in hooks:
+                hook.remove()
 
 
 def attribute_features(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, method: str,
@@ -102,6 +113,10 @@ def attribute_features(model: nn.Module, inputs: torch.Tensor, target: torch.Ten
     KernelExplainer 2 d + 2048), which is what the L2X paper compared against.
     """
     tokens = None if inputs.is_floating_point() else inputs
+    if tokens is not None and method in ("kernel_shap", "lime") and len(tokens) > 1:
+        # Captum perturbs one example at a time: each text gets its own presences, over its own tokens
+        return torch.cat([attribute_features(model, tokens[i:i + 1], target[i:i + 1], method, feature_mask,
+                                             num_features, n_samples) for i in range(len(tokens))])
     forward = LogitsOnly(model) if tokens is None else TokenPresence(model, tokens)
     if tokens is not None:
         inputs = torch.ones(tokens.shape, device=tokens.device)  # (B, L) presences
