@@ -232,6 +232,24 @@ def test_balanced_assignment_spreads_filters_over_classes() -> None:
         zoo.create_model("icnn_tinycnn", category_assignment="greedy")
 
 
+def test_a_new_head_gives_the_filters_its_classes() -> None:
+    """reset_classifier (fine-tuning onto other classes) resizes every layer's category statistics: a filter can
+    then take any new class, as in a model built with that many (the old (F, 3) statistics never gave classes 3-6)."""
+    model = zoo.create_model("icnn_tinycnn", num_classes=3, category_assignment="balanced")
+    model.reset_classifier(7)
+    assert model.head.fc.out_features == 7
+    for layer in model.interpretable_layers():
+        assert layer.class_activation.shape == (layer.beta.numel(), 7) and layer.class_seen.shape == (7,)
+    model.train()
+    images, labels = torch.rand(14, 3, 64, 64), torch.arange(14) % 7
+    out = model(images)
+    model.update_statistics(out, {"label": labels})
+    assert torch.bincount(model.added_filters.filter_category, minlength=7).min() > 0  # balanced over all 7
+    single = zoo.create_model("icnn_tinycnn", num_classes=5, single_category=4)
+    with pytest.raises(ValueError, match="single_category 4 is no class id of a 3-class head"):
+        single.reset_classifier(3)
+
+
 def test_balanced_categories_reach_the_next_forward_and_every_checkpoint() -> None:
     """The balanced solve is queued by `update_statistics` and done by the next forward (then it is a no-op) or
     by `state_dict`, so a checkpoint holds the categories its class statistics give; only a model's first training

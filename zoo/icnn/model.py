@@ -183,6 +183,16 @@ class InterpretableFilters(nn.Module):
         self.filter_category.copy_(category, non_blocking=True)
         self._solved = True
 
+    def reset_classes(self, num_classes: int) -> None:
+        """Start the category statistics afresh for `num_classes` classes (a new head: `reset_classifier`)."""
+        if self.single_category is not None and not 0 <= self.single_category < num_classes:
+            raise ValueError(f"single_category {self.single_category} is no class id of a {num_classes}-class head.")
+        filters, device = len(self.filter_category), self.filter_category.device
+        self.class_activation = torch.zeros(filters, num_classes, device=device)
+        self.class_seen = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        self.filter_category.fill_(self.single_category or 0)
+        self._queued_share, self._solved = None, False
+
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         self.refresh_categories()  # a checkpoint holds the categories its statistics give (resume is exact)
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -241,6 +251,12 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
         size = self.backbone(torch.zeros(1, in_chans, image_size, image_size))[-1].shape[-2:]
         self.backbone.train(was_training)
         return tuple(size)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """timm's head swap; the filters' category statistics start afresh over the new classes too."""
+        super().reset_classifier(num_classes)
+        for module in self.interpretable_layers():
+            module.reset_classes(num_classes)
 
     def interpretable_layers(self) -> list[InterpretableFilters]:
         return [self.top_filters, self.added_filters]
