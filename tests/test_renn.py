@@ -97,6 +97,22 @@ def test_gradients_flow_through_rules() -> None:
     assert p.grad[:, 0].abs().sum() > 0 and p.grad[:, 1].abs().sum() > 0
 
 
+def test_the_readmes_rule_example_runs_as_written(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """The README's ReNN snippet registers a rule of its own (it re-registered two built-in names and failed)."""
+    import zoo.renn.model as renn_model
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## ReNN and rule losses"):]
+    snippet = section[section.index("```python") + len("```python"):section.index("```", section.index("```python")
+                                                                                   + 3)]
+    monkeypatch.setattr(renn_model, "_RULES", dict(renn_model._RULES))  # the example's rule stays in this test
+    exec(snippet, {})
+    assert "isolated_pause" in capsys.readouterr().out
+    truth = renn_model.get_rule("isolated_pause")({"normal_beat": torch.rand(2, 50), "premature_beat": torch.rand(2, 50)})
+    assert truth.shape == (2, 50) and ((truth >= 0) & (truth <= 1)).all()
+
+
 def test_named_rules_are_registered_once_and_suggest_close_names() -> None:
     with pytest.raises(ValueError, match="already registered"):
         register_rule("premature_then_pause", Pattern("x"))

@@ -231,7 +231,7 @@ _RULES: dict[str, Rule] = {}
 def register_rule(name: str, rule: Rule) -> Rule:
     """Name a rule so configs can list it (`rules: [name, ...]`); a second registration of a name raises."""
     if name in _RULES:
-        raise ValueError(f"Rule {name!r} is already registered.")
+        raise ValueError(f"Rule {name!r} is already registered; pick another name (registered: {sorted(_RULES)}).")
     rule.name = name
     _RULES[name] = rule
     return rule
