@@ -29,6 +29,12 @@ def test_every_model_names_a_wrong_dtype_or_rank(name: str) -> None:
         model(wrong_dtype)
     with pytest.raises(ValueError, match="expects"):
         model(x[0])  # the batch dimension forgotten
+    if x.is_floating_point():  # float64 into a float32 model: named, not a dtype error deep in a layer
+        with pytest.raises(ValueError, match="of dtype torch.float32 \\(its parameters'\\); got torch.float64"):
+            model(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.eval()(x.half())  # autocast casts any float input but float64
+        model.double()(x.double())  # a float64 model takes float64 inputs
 
 
 @pytest.mark.parametrize("system", ["classification", "staged", "selector", "textual"])

@@ -140,7 +140,7 @@ class Backbone(nn.Module):
         return self.channels[-1]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        check_input(f"Backbone {self.name!r}", x, ("B", self.in_chans, "H", "W"), "images")
+        check_input(f"Backbone {self.name!r}", x, ("B", self.in_chans, "H", "W"), "images", like=self)
         maps = self.body(x)
         return [maps[i] for i in self._stage_ids] if self._stage_ids is not None else maps
 

@@ -9,22 +9,35 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 _KINDS = {"float": torch.Tensor.is_floating_point, "long": lambda t: t.dtype == torch.long}
 
 
 def check_input(owner: str, x: Any, shape: tuple[int | str | None, ...], what: str = "tensors",
-                kind: str = "float") -> None:
+                kind: str = "float", like: nn.Module | None = None) -> None:
     """Raise naming `owner` when `x` is not a tensor of `shape` and dtype `kind` ("float" or "long").
 
     `shape` lists each dimension: an int must match, a str (e.g. "B", "H") or None accepts any size; the message
-    spells the expected shape with those names: "SeriesCNN expects series of shape (B, 1, T); got ..."."""
+    spells the expected shape with those names: "SeriesCNN expects series of shape (B, 1, T); got ...". `like`:
+    float inputs must also have the dtype of this module's parameters (float64 into a float32 model fails deep in a
+    convolution otherwise), unless autocast casts them (any float dtype but float64)."""
     ok = (isinstance(x, torch.Tensor) and x.ndim == len(shape) and _KINDS[kind](x)
           and all(not isinstance(want, int) or got == want for got, want in zip(x.shape, shape)))
     if not ok:
         expected = ", ".join(str(d) if d is not None else "_" for d in shape)
         got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{owner} expects {what} of shape ({expected}); got {got} (dtype {kind} expected).")
+    if like is not None and kind == "float":
+        dtype = x.dtype
+        for parameter in like.parameters():  # the first float parameter's (a loop: the compiler traces it)
+            if parameter.is_floating_point():
+                dtype = parameter.dtype
+                break
+        # autocast casts any float input but float64 (torch leaves float64 alone) to its own dtype
+        if x.dtype != dtype and (x.dtype == torch.float64 or not torch.is_autocast_enabled(x.device.type)):
+            raise ValueError(f"{owner} expects {what} of dtype {dtype} (its parameters'); got {x.dtype}. Convert the "
+                             f"inputs (x.to({dtype})) or the model (model.to({x.dtype})), or run under autocast.")
 
 
 def check_class_ids(labels: torch.Tensor, num_classes: int) -> None:

@@ -55,7 +55,7 @@ class MLPClassifier(ClassifierHeadMixin, nn.Module):
         self.head = nn.Linear(sizes[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_input("MLPClassifier", x, ("B", self.num_features), "vectors")
+        check_input("MLPClassifier", x, ("B", self.num_features), "vectors", like=self)
         features = self.body(x)
         return {"logits": self.head(features), "features": features}
 
@@ -74,7 +74,7 @@ class SmallCNN(ClassifierHeadMixin, nn.Module):
         self.head = nn.Linear(4 * widths[1], num_classes)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_input("SmallCNN", x, ("B", self.in_chans, "H", "W"), "images")
+        check_input("SmallCNN", x, ("B", self.in_chans, "H", "W"), "images", like=self)
         features = self.body(x)  # (B, 16, 2, 2)
         return {"logits": self.head(features.flatten(1)), "features": features}
 
@@ -94,7 +94,7 @@ class SeriesCNN(ClassifierHeadMixin, nn.Module):
         self.head = nn.Linear(2 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_input("SeriesCNN", x, ("B", self.in_chans, "T"), "series")
+        check_input("SeriesCNN", x, ("B", self.in_chans, "T"), "series", like=self)
         features = self.body(x)  # (B, width, T)
         return {"logits": self.head(torch.cat([features.amax(-1), features.mean(-1)], 1)), "features": features}
 
@@ -112,7 +112,7 @@ class SeriesLSTM(ClassifierHeadMixin, nn.Module):
         self.head = nn.Linear(2 * hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_input("SeriesLSTM", x, ("B", self.in_chans, "T"), "series")
+        check_input("SeriesLSTM", x, ("B", self.in_chans, "T"), "series", like=self)
         states, _ = self.lstm(self.stem(x).transpose(1, 2))  # (B, T / 2, hidden)
         features = torch.cat([states.amax(1), states[:, -1]], 1)
         return {"logits": self.head(features), "features": states.transpose(1, 2)}

@@ -40,7 +40,8 @@ class FeatureSpace(nn.Module):
 
     num_features: int
 
-    def check(self, x: torch.Tensor, model: str) -> None:
+    def check(self, x: torch.Tensor, model: str, like: nn.Module | None = None) -> None:
+        """Refuse `x` unless it is this space's input (float inputs in the dtype of `like`'s parameters)."""
         raise NotImplementedError
 
     def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
@@ -62,8 +63,8 @@ class VectorFeatures(FeatureSpace):
         super().__init__()
         self.num_features = num_features
 
-    def check(self, x: torch.Tensor, model: str) -> None:
-        check_input(model, x, ("B", self.num_features), "feature vectors")
+    def check(self, x: torch.Tensor, model: str, like: nn.Module | None = None) -> None:
+        check_input(model, x, ("B", self.num_features), "feature vectors", like=like)
 
     def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
         return x * selection
@@ -81,8 +82,8 @@ class PatchFeatures(FeatureSpace):
         self.grid = image_size // patch_size
         self.num_features = self.grid**2
 
-    def check(self, x: torch.Tensor, model: str) -> None:
-        check_input(model, x, ("B", self.in_chans, self.image_size, self.image_size), "images")
+    def check(self, x: torch.Tensor, model: str, like: nn.Module | None = None) -> None:
+        check_input(model, x, ("B", self.in_chans, self.image_size, self.image_size), "images", like=like)
 
     def pixel_mask(self, selection: torch.Tensor) -> torch.Tensor:
         grid = selection.view(-1, 1, self.grid, self.grid)  # (B, 1, g, g)
@@ -106,7 +107,7 @@ class TokenFeatures(FeatureSpace):
         super().__init__()
         self.num_features = max_len
 
-    def check(self, x: torch.Tensor, model: str) -> None:
+    def check(self, x: torch.Tensor, model: str, like: nn.Module | None = None) -> None:
         check_input(model, x, ("B", self.num_features), "token ids", kind="long")
 
     def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
@@ -244,7 +245,7 @@ class L2X(FeatureSelector):
         self.k, self.tau = k, tau
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        self.space.check(x, type(self).__name__)
+        self.space.check(x, type(self).__name__, self)
         selection_logits = self.scorer(x)  # (B, d) w
         if self.training:
             selection = concrete_k_subset(selection_logits, self.k, self.tau)
@@ -264,7 +265,7 @@ class INVASE(FeatureSelector):
         self.baseline, self.threshold = baseline, threshold
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        self.space.check(x, type(self).__name__)
+        self.space.check(x, type(self).__name__, self)
         probs = torch.sigmoid(self.scorer(x))  # (B, d)
         selection = torch.bernoulli(probs) if self.training else (probs > self.threshold).float()
         return {

@@ -319,9 +319,9 @@ class ReNN(nn.Module):
         self.head = GlobalInference(len(pattern_names) + len(self.rule_layer.rules), num_classes, hidden)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_input("ReNN", x, ("B", self.in_chans, "T"), "series")
+        check_input("ReNN", x, ("B", self.in_chans, "T"), "series", like=self)
         pattern_logits = self.detector(x)
-        patterns = torch.sigmoid(pattern_logits.float())
+        patterns = torch.sigmoid(pattern_logits.to(torch.promote_types(pattern_logits.dtype, torch.float32)))
         rule_map = self.rule_layer(patterns)
         return {"logits": self.head(torch.cat([patterns, rule_map], 1)), "pattern_logits": pattern_logits,
                 "patterns": patterns, "rule_map": rule_map}

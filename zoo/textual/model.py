@@ -297,7 +297,7 @@ class ExplanationModel(nn.Module):
         "samples" (B, max_len), and their per-word log-probabilities "sample_log_probs" (B, max_len), 0 after <eos>
         (`FactoredLSTMGenerator.forward_and_sample`: the image is encoded once, both sets scored in one pass)."""
         name = f"ExplanationModel({self.variant})"
-        check_input(name, images, ("B", "C", "H", "W"), "images")
+        check_input(name, images, ("B", "C", "H", "W"), "images", like=self)
         check_input(name, labels, (len(images),), "labels", kind="long")
         check_input(name, tokens, (len(images), "L"), "token ids", kind="long")
         feature = self.features(images, labels)  # (B, static)
