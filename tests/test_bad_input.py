@@ -113,6 +113,30 @@ def test_labels_out_of_range_are_caught_before_the_loss(image_folder_root: Path)
         module.training_step(batch, 0)
 
 
+def test_token_and_class_ids_out_of_range_are_named_before_an_embedding_reads_them() -> None:
+    """An id past an embedding's table raised a bare IndexError ("index out of range in self")."""
+    from zoo.textual.system import TextualSystem
+
+    with pytest.raises(ValueError, match=r"TokenCNN expects token ids in \[0, 100\); got ids from 0 to 100"):
+        zoo.create_model("baseline_textcnn", num_classes=2, vocab_size=100)(torch.tensor([[0, 5, 100]]))
+    with pytest.raises(ValueError, match=r"L2X expects token ids in \[0, 100\)"):
+        zoo.create_model("l2x_tokens", num_classes=2, vocab_size=100, max_len=4, k=2)(torch.tensor([[1, 2, 3, 100]]))
+    generator = zoo.create_model("textual_explanation", num_classes=6, vocab_size=25)
+    images, tokens = torch.rand(2, 3, 64, 64), torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"expects labels in \[0, 6\); got ids from 0 to 7"):
+        generator(images, torch.tensor([0, 7]), tokens)
+    with pytest.raises(ValueError, match=r"expects labels in \[0, 6\)"):
+        generator.explain(images, torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match=r"expects token ids in \[0, 25\); got ids from 1 to 30"):
+        generator(images, torch.tensor([0, 1]), tokens.index_fill(1, torch.tensor([2]), 30))
+    system = TextualSystem(variant="explanation-label", hidden=16)
+    batch = {"image": torch.rand(4, 3, 32, 32), "label": torch.tensor([0, 1, 9, 0]),
+             "captions": torch.ones(4, 3, 5, dtype=torch.long)}
+    for step in (system.training_step, system.validation_step):
+        with pytest.raises(ValueError, match="labels span \\[0, 9\\], outside \\[0, 6\\)"):
+            step(batch, 0)
+
+
 def test_unknown_names_suggest_close_ones() -> None:
     from zoo.renn.model import get_rule
 

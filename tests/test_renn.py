@@ -109,7 +109,8 @@ def test_the_readmes_rule_example_runs_as_written(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(renn_model, "_RULES", dict(renn_model._RULES))  # the example's rule stays in this test
     exec(snippet, {})
     assert "isolated_pause" in capsys.readouterr().out
-    truth = renn_model.get_rule("isolated_pause")({"normal_beat": torch.rand(2, 50), "premature_beat": torch.rand(2, 50)})
+    patterns = {"normal_beat": torch.rand(2, 50), "premature_beat": torch.rand(2, 50)}
+    truth = renn_model.get_rule("isolated_pause")(patterns)
     assert truth.shape == (2, 50) and ((truth >= 0) & (truth <= 1)).all()
 
 

@@ -15,19 +15,23 @@ _KINDS = {"float": torch.Tensor.is_floating_point, "long": lambda t: t.dtype == 
 
 
 def check_input(owner: str, x: Any, shape: tuple[int | str | None, ...], what: str = "tensors",
-                kind: str = "float", like: nn.Module | None = None) -> None:
+                kind: str = "float", like: nn.Module | None = None, ids_below: int | None = None) -> None:
     """Raise naming `owner` when `x` is not a tensor of `shape` and dtype `kind` ("float" or "long").
 
     `shape` lists each dimension: an int must match, a str (e.g. "B", "H") or None accepts any size; the message
     spells the expected shape with those names: "SeriesCNN expects series of shape (B, 1, T); got ...". `like`:
     float inputs must also have the dtype of this module's parameters (float64 into a float32 model fails deep in a
-    convolution otherwise), unless autocast casts them (any float dtype but float64)."""
+    convolution otherwise), unless autocast casts them (any float dtype but float64). `ids_below`: integer ids
+    (token ids, class ids) must lie in [0, ids_below), checked on CPU tensors only (no device read)."""
     ok = (isinstance(x, torch.Tensor) and x.ndim == len(shape) and _KINDS[kind](x)
           and all(not isinstance(want, int) or got == want for got, want in zip(x.shape, shape)))
     if not ok:
         expected = ", ".join(str(d) if d is not None else "_" for d in shape)
         got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{owner} expects {what} of shape ({expected}); got {got} (dtype {kind} expected).")
+    span = None if ids_below is None else ids_out_of_range(x, 0, ids_below - 1)
+    if span is not None:
+        raise ValueError(f"{owner} expects {what} in [0, {ids_below}); got ids from {span[0]} to {span[1]}.")
     if like is not None and kind == "float":
         dtype = x.dtype
         for parameter in like.parameters():  # the first float parameter's (a loop: the compiler traces it)
@@ -49,8 +53,9 @@ def check_class_ids(labels: torch.Tensor, num_classes: int) -> None:
 
 def ids_out_of_range(ids: torch.Tensor, low: int | None, high: int) -> tuple[int, int] | None:
     """(min, max) of integer `ids` when some lie outside [low, high] (`low` None: no lower bound), else None; for
-    the caller's own message. CPU tensors only (None on an accelerator: no device read)."""
-    if ids.device.type != "cpu" or not ids.numel():
+    the caller's own message. CPU tensors only (None on an accelerator: no device read), and not inside a compiled
+    graph (a host read would split it)."""
+    if ids.device.type != "cpu" or not ids.numel() or torch.compiler.is_compiling():
         return None
     smallest, largest = int(ids.min()), int(ids.max())
     return (smallest, largest) if (low is not None and smallest < low) or largest > high else None

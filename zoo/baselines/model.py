@@ -132,7 +132,8 @@ class TokenCNN(ClassifierHeadMixin, nn.Module):
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_input("TokenCNN", tokens, ("B", "L" if self.max_len is None else self.max_len), "token ids", "long")
+        check_input("TokenCNN", tokens, ("B", "L" if self.max_len is None else self.max_len), "token ids", "long",
+                    ids_below=self.vocab_size)
         features = self.relu(self.conv(self.embed(tokens).transpose(1, 2))).amax(-1)  # (B, width)
         return {"logits": self.head(features), "features": features}
 

@@ -103,12 +103,12 @@ class PatchFeatures(FeatureSpace):
 class TokenFeatures(FeatureSpace):
     """Features are the positions of a (B, L) token-id sequence; unselected positions become padding."""
 
-    def __init__(self, max_len: int) -> None:
+    def __init__(self, max_len: int, vocab_size: int | None = None) -> None:
         super().__init__()
-        self.num_features = max_len
+        self.num_features, self.vocab_size = max_len, vocab_size
 
     def check(self, x: torch.Tensor, model: str, like: nn.Module | None = None) -> None:
-        check_input(model, x, ("B", self.num_features), "token ids", kind="long")
+        check_input(model, x, ("B", self.num_features), "token ids", kind="long", ids_below=self.vocab_size)
 
     def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
         return torch.where(selection > 0.5, x, torch.full_like(x, PAD_ID))
@@ -285,8 +285,8 @@ def _parts(kind: str, num_classes: int, **kw) -> tuple[FeatureSpace, nn.Module, 
     if kind == "patches":
         space = PatchFeatures(kw["in_chans"], kw["image_size"], kw["patch_size"])
         return space, PatchScorer(space), PatchApproximator(space, num_classes), PatchApproximator(space, num_classes)
-    space = TokenFeatures(kw["max_len"])
     vocab = kw["vocab_size"]
+    space = TokenFeatures(kw["max_len"], vocab)
     return (space, TokenScorer(space, vocab), TokenApproximator(space, vocab, num_classes),
             TokenApproximator(space, vocab, num_classes))
 

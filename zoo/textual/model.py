@@ -224,7 +224,8 @@ class SentenceClassifier(nn.Module):
         self.head = nn.Linear(hidden, num_classes)
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_input("SentenceClassifier", tokens, ("B", "L"), "token ids", kind="long")
+        check_input("SentenceClassifier", tokens, ("B", "L"), "token ids", kind="long",
+                    ids_below=self.embed.num_embeddings)
         states, _ = self.lstm(self.embed(tokens))  # (B, L, H)
         last = ((tokens != self.pad).sum(1) - 1).clamp(min=0)  # (B,) position of each sentence's last word
         features = states[torch.arange(len(tokens), device=tokens.device), last]
@@ -268,6 +269,7 @@ class ExplanationModel(nn.Module):
         if class_features not in CLASS_FEATURES:
             raise ValueError(f"class_features must be one of {CLASS_FEATURES}; got {class_features!r}.")
         self.variant, self.class_features = variant, class_features
+        self.num_classes, self.vocab_size = num_classes, vocab_size
         self.uses_image, self.uses_class = VARIANTS[variant]
         self.image_encoder = image_encoder.requires_grad_(train_encoder)
         self.train_encoder = train_encoder
@@ -298,8 +300,8 @@ class ExplanationModel(nn.Module):
         (`FactoredLSTMGenerator.forward_and_sample`: the image is encoded once, both sets scored in one pass)."""
         name = f"ExplanationModel({self.variant})"
         check_input(name, images, ("B", "C", "H", "W"), "images", like=self)
-        check_input(name, labels, (len(images),), "labels", kind="long")
-        check_input(name, tokens, (len(images), "L"), "token ids", kind="long")
+        check_input(name, labels, (len(images),), "labels", kind="long", ids_below=self.num_classes)
+        check_input(name, tokens, (len(images), "L"), "token ids", kind="long", ids_below=self.vocab_size)
         feature = self.features(images, labels)  # (B, static)
         if not sample:
             return {"word_logits": self.generator(feature, tokens)}
@@ -309,6 +311,8 @@ class ExplanationModel(nn.Module):
     def explain(self, images: torch.Tensor, labels: torch.Tensor, mode: str = "greedy", beam_size: int = 3,
                 early_stop: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Generated sentences (B, max_len) and their per-word log-probabilities (`decode`'s `early_stop`)."""
+        check_input(f"ExplanationModel({self.variant})", labels, (len(images),), "labels", kind="long",
+                    ids_below=self.num_classes)
         return self.generator.decode(self.features(images, labels), mode=mode, beam_size=beam_size,
                                      early_stop=early_stop)
 

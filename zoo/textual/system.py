@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import BLEUScore
 
-from zoo.checks import batch_field, ids_out_of_range
+from zoo.checks import batch_field, check_class_ids, ids_out_of_range
 from zoo.distributed import all_reduce_
 from zoo.engine import Auxiliary, ZooSystem
 from zoo.registry import create_model, create_model_for_data
@@ -152,6 +152,7 @@ class TextualSystem(ZooSystem):
         span = ids_out_of_range(captions, None, self.hparams.vocab_size - 1)  # CPU only: free of device syncs
         if span is not None:
             raise ValueError(f"captions hold token id {span[1]} >= vocab_size {self.hparams.vocab_size}.")
+        check_class_ids(labels, self.hparams.num_classes)  # before the class embedding reads them
         if stage != "train":
             sentences, log_probs = self.model.explain(images, labels, mode="greedy")
             return {"images": images, "labels": labels, "references": captions, "sentences": sentences,
