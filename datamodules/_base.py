@@ -10,8 +10,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 
-class DatasetLayoutError(FileNotFoundError):
-    """A dataset folder that is missing or not in the expected on-disk layout; the message shows the layout."""
+class DatasetLayoutError(FileNotFoundError, ValueError):
+    """A dataset folder that is missing or not in the expected on-disk layout; the message shows the layout.
+
+    Also a ValueError (as io.UnsupportedOperation is both an OSError and a ValueError): a file that is there but
+    malformed (a bad line, an array of the wrong shape) is bad input as much as a missing one, and callers that
+    catch ValueError for bad content keep working."""
 
     def __init__(self, problem: str, expected_layout: str) -> None:
         super().__init__(f"{problem}\nExpected layout:\n{expected_layout.rstrip()}")
@@ -176,10 +180,20 @@ class DictDataModule(pl.LightningDataModule):
 
     collate_fn: Any = None  # DataLoader's default; detection datamodules batch variable-size targets as lists
 
+    def describe_split(self, split: str) -> str:
+        """Where the samples of `split` come from (the files and settings that choose them); the error for an empty
+        split quotes it, so subclasses that draw splits from files or fractions say how."""
+        return "the datamodule's split settings"
+
     def split_samples(self, split: str) -> Dataset:
-        """The samples of `split` as the loaders yield them (normalised when a mean and std are set)."""
+        """The samples of `split` as the loaders yield them (normalised when a mean and std are set). An empty split
+        raises here, naming it and where its samples come from, before a sampler fails on it ("num_samples=0")."""
         if split not in self.splits:
             self.setup("fit" if split in ("train", "val") else split)
+        if len(self.splits[split]) == 0:
+            sizes = {name: len(data) for name, data in self.splits.items()}
+            raise ValueError(f"{type(self).__name__}: the {split!r} split has no samples; it holds "
+                             f"{self.describe_split(split)}. Split sizes: {sizes}.")
         if self.mean == PRETRAINED:
             raise ValueError(f"{type(self).__name__} has mean: {PRETRAINED}, not resolved yet: train.py resolves it "
                              f"from the model's backbone; in Python call use_pretrained_normalization(<backbone>).")

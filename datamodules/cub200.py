@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,9 @@ def find_cub_root(root: str | Path) -> Path:
     raise DatasetLayoutError(f"No CUB-200-2011 images.txt under {str(root)!r}.", CUB_LAYOUT)
 
 
-def read_table(path: Path, columns: int, dtype: type = float) -> np.ndarray:
-    """Whitespace table with ids in column 0; malformed lines raise with file and line number."""
+def read_table(path: Path, columns: int, dtype: type = float, extra_fields: bool = False) -> np.ndarray:
+    """Whitespace table with integer ids in column 0 and `dtype` (finite) numbers after; malformed lines raise with
+    file and line number. `extra_fields`: lines may carry more fields than `columns`, which are ignored."""
     if not path.is_file():
         raise DatasetLayoutError(f"CUB file {str(path)!r} is missing.", CUB_LAYOUT)
     rows = []
@@ -44,13 +46,19 @@ def read_table(path: Path, columns: int, dtype: type = float) -> np.ndarray:
         fields = line.split()
         if not fields:
             continue
-        if len(fields) != columns:
+        if len(fields) != columns and not (extra_fields and len(fields) > columns):
             raise DatasetLayoutError(f"{path}:{number}: expected {columns} fields, got {len(fields)}: {line!r}",
                                      CUB_LAYOUT)
         try:
-            rows.append([dtype(f) for f in fields])
-        except ValueError as err:
-            raise DatasetLayoutError(f"{path}:{number}: {err}", CUB_LAYOUT) from err
+            row = [int(fields[0]), *(dtype(f) for f in fields[1:columns])]
+            valid = dtype is int or all(map(math.isfinite, row))
+        except ValueError:
+            valid = False
+        if not valid:
+            kind = "integers" if dtype is int else "an integer id, then finite numbers"
+            raise DatasetLayoutError(f"{path}:{number}: expected {columns} fields of {kind}, got {line!r}",
+                                     CUB_LAYOUT)
+        rows.append(row)
     return np.asarray(rows, dtype=np.float64 if dtype is float else np.int64).reshape(-1, columns)
 
 
@@ -64,7 +72,9 @@ def read_cub_attributes(root: Path, labels: np.ndarray, is_train: np.ndarray, im
     path = root / "attributes" / "image_attribute_labels.txt"
     if not path.is_file():
         raise DatasetLayoutError(f"CUB file {str(path)!r} is missing (attributes=True).", CUB_LAYOUT)
-    table = np.array([[int(f) for f in line.split()[:3]] for line in path.read_text().splitlines() if line.strip()])
+    table = read_table(path, 3, int, extra_fields=True)  # image_id attribute_id is_present
+    if not len(table):
+        raise DatasetLayoutError(f"CUB file {str(path)!r} lists no attribute labels (attributes=True).", CUB_LAYOUT)
     position = {int(image_id): i for i, image_id in enumerate(image_ids)}
     rows = np.array([position.get(int(i), -1) for i in table[:, 0]])
     if (rows < 0).any() or (table[:, 1] < 1).any():
@@ -89,10 +99,14 @@ class CUBIndex:
     NUM_PARTS = 15
 
     def __init__(self, root: Path) -> None:
-        lines = [ln.split(maxsplit=1) for ln in (root / "images.txt").read_text().splitlines() if ln.strip()]
-        if any(len(f) != 2 for f in lines):
-            raise DatasetLayoutError(f"{root / 'images.txt'}: every line must be '<image_id> <path>'.", CUB_LAYOUT)
-        ids = np.array([int(f[0]) for f in lines])
+        lines = []
+        for number, line in enumerate((root / "images.txt").read_text().splitlines(), 1):
+            fields = line.split(maxsplit=1)
+            if fields and (len(fields) != 2 or not fields[0].isdigit()):
+                raise DatasetLayoutError(f"{root / 'images.txt'}:{number}: expected '<image_id> <path>' with an "
+                                         f"integer id, got {line!r}.", CUB_LAYOUT)
+            lines += [fields] if fields else []
+        ids = np.array([int(f[0]) for f in lines], dtype=np.int64)
         self.image_ids = ids
         self.paths = [root / "images" / f[1].strip() for f in lines]
         position = {image_id: i for i, image_id in enumerate(ids)}
@@ -241,6 +255,11 @@ class CUB200DataModule(DictDataModule):
         self.num_classes, self.image_size = len(self.class_names), image_size
         check_labels(torch.as_tensor(self.index.labels), self.num_classes, "CUB image_class_labels.txt")
         self.crop_to_box, self.val_fraction, self.seed = crop_to_box, val_fraction, seed
+        empty_boxes = self.index.image_ids[(self.index.boxes[:, 2:] <= 0).any(1)]
+        if crop_to_box and len(empty_boxes):  # the crop would be empty and its scale to the output size infinite
+            raise DatasetLayoutError(f"{base / 'bounding_boxes.txt'}: image ids {empty_boxes[:10].tolist()} have a "
+                                     "box of zero width or height; crop_to_box needs a positive <width> <height>.",
+                                     CUB_LAYOUT)
         candidates = [Path(sentences_root)] if sentences_root else [base / "text_c10", base.parent / "text_c10"]
         if sentences_root and not Path(sentences_root).is_dir():
             raise DatasetLayoutError(f"CUB sentences folder {sentences_root!r} does not exist.", SENTENCES_LAYOUT)
@@ -271,6 +290,14 @@ class CUB200DataModule(DictDataModule):
     def sample_names(self, split: str) -> list[str]:
         """Each image's path under images/ by sample index (CUB samples are indexed by their images.txt row)."""
         return [path.parent.name + "/" + path.name for path in self.index.paths]
+
+    def describe_split(self, split: str) -> str:
+        marked = "the images train_test_split.txt marks is_training_image={}".format
+        if split == "train":
+            return marked(1) + (f", less the val_fraction={self.val_fraction} held out" if self.val_fraction else "")
+        if split == "val" and self.val_fraction > 0:
+            return f"val_fraction={self.val_fraction} of {marked(1)} (drawn with seed={self.seed})"
+        return marked(0)
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

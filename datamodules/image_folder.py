@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from datamodules._base import DatasetLayoutError, DictDataModule
 
@@ -16,16 +18,51 @@ IMAGE_FOLDER_LAYOUT = """\
 <root>/
   train/<class name>/<image>.jpg|.png|...   one folder per class
   val/<class name>/<image>                  the same class folders
-  test/<class name>/<image>                 optional"""
+  test/<class name>/<image>                 optional
+  hidden entries (names starting with ".", e.g. .ipynb_checkpoints/, ._x.jpg) are skipped"""
+
+# Modes whose pixels exceed 8 bits, with the value read as white: 16-bit grey (PNG and TIFF; older Pillows read them
+# as "I", 32-bit int), and float grey in [0, 1] as torchvision takes float images.
+WIDE_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def to_8_bits(img: Image.Image) -> Image.Image:
+    """A wide grey image (`WIDE_MODES`) scaled to 8-bit "L" by its mode's range: PIL's own conversion clips every
+    value above 255 to white. Values outside the range (genuine 32-bit data, float images in [0, 255]) raise
+    instead of being clipped; other modes are returned as they are."""
+    if img.mode not in WIDE_MODES:
+        return img
+    top, values = WIDE_MODES[img.mode], np.asarray(img, dtype=np.float64)
+    if values.size and not (np.isfinite(values).all() and 0 <= values.min() and values.max() <= top):
+        raise ValueError(f"mode {img.mode!r} pixel values span [{values.min():g}, {values.max():g}]; read as grey "
+                         f"in [0, {top:g}], so convert the file to 8 or 16 bits (or floats in [0, 1]).")
+    return Image.fromarray(np.round(values * (255 / top)).astype(np.uint8), "L")
 
 
 def read_rgb(path: str | Path) -> Image.Image:
-    """Open an image fully (so truncated files fail here) with an error naming the file."""
+    """Open an image fully (so truncated files fail here) with an error naming the file; 16-bit and float grey
+    images are scaled to 8 bits by their range (`to_8_bits`), not clipped."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            return to_8_bits(img).convert("RGB")
     except (OSError, ValueError) as err:
         raise ValueError(f"Cannot read image {str(path)!r}: {err}") from err
+
+
+def visible(path: str | Path, root: Path) -> bool:
+    """No part of `path` below `root` is hidden (starts with "."): notebook checkpoints, macOS ._ files."""
+    return not any(part.startswith(".") for part in Path(path).relative_to(root).parts)
+
+
+class VisibleImageFolder(ImageFolder):
+    """torchvision's ImageFolder without hidden class folders (e.g. .ipynb_checkpoints/), which it would otherwise
+    count as a class, or fail on when they hold no image; hidden files are skipped by `visible`."""
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        classes = [c for c in super().find_classes(directory)[0] if not c.startswith(".")]
+        if not classes:
+            raise FileNotFoundError(f"Couldn't find any visible class folder in {directory}.")
+        return classes, {name: i for i, name in enumerate(classes)}
 
 
 def image_transform(image_size: int, augment: bool) -> transforms.Compose:
@@ -54,14 +91,17 @@ def scan_folder(root: Path, split: str) -> ImageFolder:
     if not split_dir.is_dir():
         raise DatasetLayoutError(f"ImageFolder split folder {str(split_dir)!r} does not exist.", IMAGE_FOLDER_LAYOUT)
     try:
-        return ImageFolder(str(split_dir), loader=read_rgb)
+        return VisibleImageFolder(str(split_dir), loader=read_rgb, is_valid_file=lambda path: visible(path, split_dir)
+                                  and has_file_allowed_extension(path, IMG_EXTENSIONS))
     except FileNotFoundError as err:
         raise DatasetLayoutError(f"{str(split_dir)!r} holds no class folders with images ({err}).",
                                  IMAGE_FOLDER_LAYOUT) from err
 
 
 class ImageFolderDataModule(DictDataModule):
-    """Classification on an ImageFolder tree; classes come from the train split's folder names.
+    """Classification on an ImageFolder tree; classes come from the train split's folder names. Hidden folders and
+    files (names starting with ".", e.g. Jupyter's .ipynb_checkpoints/ or macOS's ._<image>) are skipped, as
+    torchvision users expect, instead of becoming a class or failing the scan.
 
     Args:
         root: folder holding the split folders.

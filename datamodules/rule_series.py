@@ -131,9 +131,7 @@ class SeriesDataModule(DictDataModule):
             self.splits["train"] = TensorDictDataset({k: v[order] for k, v in full.tensors.items()})
 
     def train_dataloader(self) -> DataLoader:
-        if "train" not in self.splits:
-            self.setup("fit")
-        dataset = self.splits["train"]
+        dataset = self.split_samples("train")  # sets up, and names an empty split
         sampler = RandomSampler(dataset, replacement=len(dataset) < self.epoch_samples, num_samples=self.epoch_samples)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
@@ -211,19 +209,40 @@ class SeriesFileDataModule(SeriesDataModule):
         missing = {"series", "label"} - set(arrays)
         if missing:
             raise DatasetLayoutError(f"{str(self.path)!r} lacks {sorted(missing)}.", SERIES_LAYOUT)
-        series = torch.as_tensor(arrays["series"], dtype=torch.float32)
+        series = self._array(arrays, "series", (2, 3), "(N, T) or (N, C, T) numbers")
         series = series[:, None] if series.ndim == 2 else series
-        label = torch.as_tensor(arrays["label"])
-        if series.ndim != 3 or len(label) != len(series) or label.ndim != 1:
-            raise DatasetLayoutError(f"{str(self.path)!r}: series {tuple(series.shape)} and label "
-                                     f"{tuple(label.shape)} do not match.", SERIES_LAYOUT)
+        label = self._array(arrays, "label", (1,), f"(N,) int in [0, {self.num_classes})", along="N")
         if label.is_floating_point() and not torch.equal(label, label.round()):
             raise DatasetLayoutError(f"{str(self.path)!r}: labels must be integers.", SERIES_LAYOUT)
         check_labels(label.long(), self.num_classes, str(self.path))
-        fields = {"series": series, "label": label.long()}
+        fields = {"series": series.float(), "label": label.long()}
         if "patterns" in arrays:
-            fields["patterns"] = torch.as_tensor(arrays["patterns"], dtype=torch.float32)
+            patterns = self._array(arrays, "patterns", (3,), "(N, K, T) in [0, 1]", along="NT").float()
+            if patterns.numel() and (patterns.min() < 0 or patterns.max() > 1):
+                raise DatasetLayoutError(f"{str(self.path)!r}: array 'patterns' spans [{patterns.min():g}, "
+                                         f"{patterns.max():g}]; expected (N, K, T) in [0, 1].", SERIES_LAYOUT)
+            fields["patterns"] = patterns
         return fields
+
+    def _array(self, arrays: dict[str, np.ndarray], name: str, ndims: tuple[int, ...], expected: str,
+               along: str = "") -> torch.Tensor:
+        """Array `name` as a tensor, checked against `SERIES_LAYOUT`: numbers (bool, int or float) with one of
+        `ndims` dimensions and, per letter of `along`, as many rows (N) or steps (T) as the series; the error names
+        the array, its shape and dtype, and what the layout expects."""
+        array, series = arrays[name], arrays["series"].shape
+        if array.dtype.kind not in "biuf" or array.ndim not in ndims:
+            raise DatasetLayoutError(f"{str(self.path)!r}: array {name!r} is {array.shape} {array.dtype}; expected "
+                                     f"{expected}.", SERIES_LAYOUT)
+        if ("N" in along and len(array) != series[0]) or ("T" in along and array.shape[-1] != series[-1]):
+            raise DatasetLayoutError(f"{str(self.path)!r}: series {series} and {name} {array.shape} do not match; "
+                                     f"expected {name} {expected} with the series' N{' and T' * ('T' in along)}.",
+                                     SERIES_LAYOUT)
+        return torch.as_tensor(array)
+
+    def describe_split(self, split: str) -> str:
+        return (f"the rows of {str(self.path)!r} ({len(self.fields['label'])}) left after val_fraction="
+                f"{self.val_fraction} and test_fraction={self.test_fraction} (one row each at least)"
+                if split == "train" else f"{split}_fraction of the rows of {str(self.path)!r}")
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

@@ -92,6 +92,13 @@ class IMDBDataModule(TokenDataModule):
         self.root, self.max_vocab, self.val_fraction, self.seed = Path(root), max_vocab, val_fraction, seed
         self.vocabulary = [PAD, UNK] + [""] * (max_vocab - 2)  # filled from the training reviews in setup
 
+    def describe_split(self, split: str) -> str:
+        if split == "test":
+            return f"the reviews of {str(self.root / 'test')!r}"
+        reviews = f"the reviews of {str(self.root / 'train')!r}"
+        return f"{reviews} left after val_fraction={self.val_fraction}" if split == "train" else \
+            f"val_fraction={self.val_fraction} of {reviews}"
+
     def _read(self, split: str) -> tuple[list[list[str]], torch.Tensor]:
         texts, labels = [], []
         for label, polarity in ((0, "neg"), (1, "pos")):
@@ -147,7 +154,8 @@ def read_table(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
         raise DatasetLayoutError(f"{str(path)!r} is neither .csv nor .tsv (optionally .gz / .bz2).", TABLE_LAYOUT)
     opener = _OPENERS.get(compression, open)
     try:
-        with opener(path, "rt", encoding="utf-8", newline="") as handle:
+        # utf-8-sig: the byte-order mark Excel writes before the header would otherwise stick to the first column name
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
             reader = csv.DictReader(handle, delimiter="\t" if kind == ".tsv" else ",")
             header, rows = reader.fieldnames or [], list(reader)
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as err:
@@ -187,6 +195,11 @@ class CSVTextDataModule(TokenDataModule):
         self.class_names, self.num_classes = [str(label) for label in labels], len(labels)
         self.max_vocab, self.val_fraction, self.test_fraction, self.seed = max_vocab, val_fraction, test_fraction, seed
         self.vocabulary = [PAD, UNK] + [""] * (max_vocab - 2)  # filled from the training texts in setup
+
+    def describe_split(self, split: str) -> str:
+        fractions = f"val_fraction={self.val_fraction}, test_fraction={self.test_fraction}"
+        return (f"the rows of {str(self.path)!r} with a listed label left after {fractions} (one row each at least)"
+                if split == "train" else f"{split}_fraction of the rows of {str(self.path)!r} ({fractions})")
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:

@@ -23,7 +23,7 @@ VOC_LAYOUT = """\
 <root>/                       VOCdevkit/VOC2007 (or a VOCdevkit folder holding VOC<year>/)
   Annotations/<id>.xml        one per image: <object><name>, <difficult>, <bndbox> xmin ymin xmax ymax
   JPEGImages/<id>.jpg
-  ImageSets/Main/<split>.txt  image ids, one per line (train, val, trainval, test)"""
+  ImageSets/Main/<split>.txt  image ids, one per line (train, val, trainval; test only in VOC2007)"""
 
 
 def find_voc_root(root: str | Path, year: str) -> Path:
@@ -56,19 +56,21 @@ def read_annotation(path: Path) -> dict[str, torch.Tensor]:
     try:
         objects = ET.parse(path).getroot().findall("object")
     except ET.ParseError as err:
-        raise ValueError(f"VOC annotation {str(path)!r} is not valid XML: {err}") from err
+        raise DatasetLayoutError(f"VOC annotation {str(path)!r} is not valid XML: {err}", VOC_LAYOUT) from err
     boxes, labels, difficult = [], [], []
     for number, obj in enumerate(objects):  # a handful of objects per file, read once
         name = (obj.findtext("name") or "").strip()
         if name not in VOC_CLASSES:
-            raise ValueError(f"{path}: object {number} has class {name!r}, not one of the 20 VOC classes.")
+            raise DatasetLayoutError(f"{path}: object {number} has class {name!r}, not one of the 20 VOC classes.",
+                                     VOC_LAYOUT)
         try:
             corners = [float(obj.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
         except (AttributeError, TypeError, ValueError) as err:
-            raise ValueError(f"{path}: object {number} ({name}) has no valid <bndbox> xmin/ymin/xmax/ymax.") from err
+            raise DatasetLayoutError(f"{path}: object {number} ({name}) has no valid <bndbox> xmin/ymin/xmax/ymax.",
+                                     VOC_LAYOUT) from err
         x1, y1, x2, y2 = corners[0] - 1, corners[1] - 1, corners[2], corners[3]
         if not (x2 > x1 and y2 > y1):
-            raise ValueError(f"{path}: object {number} ({name}) has an empty box {corners}.")
+            raise DatasetLayoutError(f"{path}: object {number} ({name}) has an empty box {corners}.", VOC_LAYOUT)
         boxes.append([x1, y1, x2, y2])
         labels.append(VOC_CLASSES.index(name) + 1)
         difficult.append((obj.findtext("difficult") or "0").strip() == "1")
@@ -105,13 +107,20 @@ class VOCDataset(Dataset):
         return image, target
 
 
+# The splits each release's standard protocol uses: VOC2007 published its test annotations, later years did not.
+YEAR_SPLITS = {"2007": {"train": "trainval", "val": "test", "test": "test"},
+               "2012": {"train": "train", "val": "val", "test": "val"}}
+
+
 class VOCDataModule(DetectionDataModule):
     """PASCAL VOC detection from a local VOCdevkit (no download).
 
     Args:
         root: VOCdevkit/VOC<year>, or a folder holding it.
-        year: "2007" or "2012" (picks the sub-folder when `root` is above it).
-        train_split / val_split / test_split: ImageSets/Main list names.
+        year: "2007" or "2012" (picks the sub-folder when `root` is above it, and the default splits).
+        train_split / val_split / test_split: ImageSets/Main list names; None takes the year's standard protocol:
+            VOC2007 trains on trainval and validates and tests on test; the other years' releases have no public
+            test annotations (only train / val / trainval), so they train on train and validate and test on val.
         image_size: the detector's input size (linked into the model; images are resized by the detector).
         keep_difficult: keep "difficult" objects in training targets (VOC evaluation ignores them either way).
         flip: random horizontal flips in training.
@@ -121,14 +130,16 @@ class VOCDataModule(DetectionDataModule):
     num_classes = len(VOC_CLASSES)
     class_names = list(VOC_CLASSES)
 
-    def __init__(self, root: str = "data/VOCdevkit/VOC2007", year: str = "2007", train_split: str = "trainval",
-                 val_split: str = "test", test_split: str = "test", image_size: int = 480,
+    def __init__(self, root: str = "data/VOCdevkit/VOC2007", year: str = "2007", train_split: str | None = None,
+                 val_split: str | None = None, test_split: str | None = None, image_size: int = 480,
                  keep_difficult: bool = False, flip: bool = True, batch_size: int = 4, num_workers: int = 0) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()
         self.image_size = image_size
         self.root = find_voc_root(root, year)
-        self.split_names = {"train": train_split, "val": val_split, "test": test_split}
+        defaults = YEAR_SPLITS.get(str(year), YEAR_SPLITS["2012"])
+        given = {"train": train_split, "val": val_split, "test": test_split}
+        self.split_names = {split: name or defaults[split] for split, name in given.items()}
 
     def setup(self, stage: str | None = None) -> None:
         for split, name in self.split_names.items():

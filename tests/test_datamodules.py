@@ -5,12 +5,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from datamodules import (CUB200DataModule, DatasetLayoutError, DigitsDataModule, ImageFolderDataModule,
-                         PartsWorldDataModule, PartsWorldScenesDataModule)
+from datamodules import (CUB200DataModule, DatasetLayoutError, DigitsDataModule, IMDBDataModule,
+                         ImageFolderDataModule, PartsWorldDataModule, PartsWorldScenesDataModule, SeriesFileDataModule,
+                         VOCDataModule)
+from datamodules.image_folder import read_rgb
 from datamodules.parts_world import COLOUR_VALUES, NUM_PART_TYPES, make_world
+from tests.conftest import voc_annotation, write_image
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +194,140 @@ def test_cub_errors_name_the_file_and_layout(cub_root: Path, tmp_path: Path) -> 
     (base / "parts" / "part_locs.txt").unlink()
     with pytest.raises(DatasetLayoutError, match=r"lacks \['parts/part_locs.txt'\]"):
         CUB200DataModule(str(cub_root))
+
+
+# ------------------------------------------------------------------------------------- defects of the real loaders
+def test_read_rgb_scales_16_bit_and_float_grey_instead_of_clipping(tmp_path: Path) -> None:
+    """A 16-bit grey PNG (PIL mode "I;16", "I" on older Pillows) is scaled 65535 -> 255, not clipped to white;
+    float grey in [0, 1] is scaled by 255; values outside a mode's range raise, naming the file."""
+    grey16 = np.array([[0, 100 * 257, 65535]], dtype=np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    assert Image.open(tmp_path / "grey16.png").mode in ("I;16", "I")
+    assert np.asarray(read_rgb(tmp_path / "grey16.png"))[..., 0].tolist() == [[0, 100, 255]]
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32)).save(tmp_path / "float.tif")
+    assert np.asarray(read_rgb(tmp_path / "float.tif"))[0, :, 0].tolist() == [0, 128, 255]
+    Image.fromarray(np.array([[0, 100 * 257]], dtype=np.int32)).save(tmp_path / "int32.tif")
+    assert np.asarray(read_rgb(tmp_path / "int32.tif"))[0, :, 1].tolist() == [0, 100]  # mode "I" as 16-bit
+    Image.fromarray(np.array([[0, 70000]], dtype=np.int32)).save(tmp_path / "wide.tif")
+    with pytest.raises(ValueError, match=r"Cannot read image '.*wide.tif': mode 'I' pixel values span \[0, 70000\]"):
+        read_rgb(tmp_path / "wide.tif")
+
+
+def test_image_folder_skips_hidden_folders_and_files(image_folder_root: Path) -> None:
+    """Jupyter's .ipynb_checkpoints/ (with an image, or empty) and macOS's ._<image> files are no classes or
+    samples, as in torchvision users' expectations."""
+    write_image(image_folder_root / "train" / ".ipynb_checkpoints" / "0-checkpoint.png", (40, 30), seed=7)
+    (image_folder_root / "val" / ".ipynb_checkpoints").mkdir()
+    (image_folder_root / "train" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    write_image(image_folder_root / "train" / "dog" / ".hidden" / "9.png", (40, 30), seed=9)
+    dm = ImageFolderDataModule(str(image_folder_root), image_size=16)
+    assert dm.classes == ["cat", "dog"] and len(dm.folders["train"].samples) == 6
+    dm.setup()
+    assert len(next(iter(dm.train_dataloader()))["label"]) == 6
+    shutil.rmtree(image_folder_root / "val" / "cat"), shutil.rmtree(image_folder_root / "val" / "dog")
+    with pytest.raises(DatasetLayoutError, match="holds no class folders with images"):
+        ImageFolderDataModule(str(image_folder_root))  # val holds only a hidden folder
+
+
+def rewrite(path: Path, old: str, new: str) -> None:
+    path.write_text(path.read_text().replace(old, new, 1))
+
+
+def test_cub_malformed_index_lines_name_the_file_and_line(cub_root: Path) -> None:
+    base = cub_root / "CUB_200_2011"
+    rewrite(base / "images.txt", "2 ", "2x ")  # line 3 holds id 2
+    with pytest.raises(DatasetLayoutError, match=r"images.txt:3: expected '<image_id> <path>' with an integer id, "
+                                                 r"got '2x 003.Sooty"):
+        CUB200DataModule(str(cub_root))
+    rewrite(base / "images.txt", "2x ", "2 ")
+    rewrite(base / "bounding_boxes.txt", "1 10.0", "1 nan")  # line 2 holds id 1
+    with pytest.raises(DatasetLayoutError, match=r"bounding_boxes.txt:2: expected 5 fields of an integer id, then "
+                                                 r"finite numbers, got '1 nan"):
+        CUB200DataModule(str(cub_root))
+
+
+def test_cub_attribute_file_errors_name_the_file_and_line(cub_root: Path) -> None:
+    attributes = cub_root / "CUB_200_2011" / "attributes" / "image_attribute_labels.txt"
+    attributes.parent.mkdir()
+    attributes.write_text("")
+    with pytest.raises(DatasetLayoutError, match="image_attribute_labels.txt' lists no attribute labels"):
+        CUB200DataModule(str(cub_root), attributes=True)
+    attributes.write_text("3 1 1 3 1.5\n3 2 1 3 2.0 extra\n1 1 yes 3 1.0\n")  # extra fields: the release's defect
+    with pytest.raises(DatasetLayoutError, match=r"image_attribute_labels.txt:3: expected 3 fields of integers, "
+                                                 r"got '1 1 yes 3 1.0'"):
+        CUB200DataModule(str(cub_root), attributes=True)
+
+
+def test_cub_zero_size_box_with_crop_to_box_names_the_image(cub_root: Path) -> None:
+    base = cub_root / "CUB_200_2011"
+    rewrite(base / "bounding_boxes.txt", "4 10.0 5.0 40.0 30.0", "4 10.0 5.0 0.0 30.0")
+    CUB200DataModule(str(cub_root), image_size=20)  # without cropping, a zero-size box does no harm
+    with pytest.raises(DatasetLayoutError, match=r"bounding_boxes.txt: image ids \[4\] have a box of zero width"):
+        CUB200DataModule(str(cub_root), image_size=20, crop_to_box=True)
+
+
+def test_empty_training_split_is_named_with_its_cause(cub_root: Path, imdb_root: Path) -> None:
+    """Before the loaders' sampler fails with "num_samples=0": the split, where its samples come from, the sizes."""
+    split_file = cub_root / "CUB_200_2011" / "train_test_split.txt"
+    split_file.write_text(split_file.read_text().replace(" 1\n", " 0\n"))
+    dm = CUB200DataModule(str(cub_root), image_size=20)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"CUB200DataModule: the 'train' split has no samples; it holds the images "
+                                         r"train_test_split.txt marks is_training_image=1. Split sizes: "
+                                         r"\{'train': 0, 'val': 8, 'test': 8\}"):
+        dm.train_dataloader()
+    assert len(next(iter(dm.test_dataloader()))["label"]) == 8  # a test-only run still works
+    with pytest.raises(ValueError, match=r"the 'train' split has no samples; it holds the reviews of "
+                                         r"'.*train' left after val_fraction=1.0"):
+        IMDBDataModule(imdb_root, max_len=8, max_vocab=30, val_fraction=1.0).train_dataloader()
+
+
+def test_voc2012_defaults_to_its_released_splits(voc_root: Path) -> None:
+    """VOC2012 has no test list: by default it trains on train and validates and tests on val; 2007 keeps
+    trainval / test."""
+    base = voc_root / "VOC2012"
+    shutil.copytree(voc_root / "VOC2007", base)
+    (base / "ImageSets" / "Main" / "test.txt").unlink()
+    (base / "ImageSets" / "Main" / "trainval.txt").write_text("000005\n000007\n000009\n")
+    dm = VOCDataModule(str(voc_root), year="2012", flip=False)
+    dm.setup()
+    assert dm.split_names == {"train": "train", "val": "val", "test": "val"}
+    assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [2, 1, 1]
+    assert VOCDataModule(str(voc_root)).split_names == {"train": "trainval", "val": "test", "test": "test"}
+    assert VOCDataModule(str(voc_root), year="2012", val_split="trainval").split_names["val"] == "trainval"
+
+
+def test_voc_broken_annotations_are_layout_errors_naming_the_file(voc_root: Path) -> None:
+    annotation = voc_root / "VOC2007" / "Annotations" / "000007.xml"
+    annotation.write_text("<annotation><object><name>car")
+    splits = dict(train_split="train", val_split="val", test_split="val")
+    with pytest.raises(DatasetLayoutError, match=r"000007.xml' is not valid XML(.|\n)*Expected layout"):
+        VOCDataModule(str(voc_root), **splits).setup()
+    annotation.write_text(voc_annotation("000007", [("unicorn", (1, 1, 5, 5), 0)]))
+    with pytest.raises(DatasetLayoutError, match=r"000007.xml: object 0 has class 'unicorn', not one of the 20"):
+        VOCDataModule(str(voc_root), **splits).setup()
+    annotation.write_text(voc_annotation("000007", [("car", (5, 5, 3, 9), 0)]))
+    with pytest.raises(DatasetLayoutError, match=r"000007.xml: object 0 \(car\) has an empty box"):
+        VOCDataModule(str(voc_root), **splits).setup()
+
+
+def test_series_file_arrays_are_checked_against_the_layout(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    series = rng.normal(size=(6, 16))
+    np.savez(tmp_path / "strings.npz", series=series, label=np.array(["a", "b"] * 3))
+    with pytest.raises(DatasetLayoutError, match=r"array 'label' is \(6,\) <U1; expected \(N,\) int in \[0, 2\)"):
+        SeriesFileDataModule(tmp_path / "strings.npz", num_classes=2)
+    np.savez(tmp_path / "short.npz", series=series, label=np.zeros(6, int), patterns=rng.random((5, 2, 16)))
+    with pytest.raises(DatasetLayoutError, match=r"series \(6, 16\) and patterns \(5, 2, 16\) do not match; "
+                                                 r"expected patterns \(N, K, T\) in \[0, 1\] with the series' N and T"):
+        SeriesFileDataModule(tmp_path / "short.npz", num_classes=2)
+    np.savez(tmp_path / "flat.npz", series=series, label=np.zeros(6, int), patterns=rng.random((6, 16)))
+    with pytest.raises(DatasetLayoutError, match=r"array 'patterns' is \(6, 16\) float64; expected \(N, K, T\)"):
+        SeriesFileDataModule(tmp_path / "flat.npz", num_classes=2)
+    np.savez(tmp_path / "scaled.npz", series=series, label=np.zeros(6, int), patterns=2 * np.ones((6, 1, 16)))
+    with pytest.raises(DatasetLayoutError, match=r"array 'patterns' spans \[2, 2\]; expected \(N, K, T\) in \[0, 1\]"):
+        SeriesFileDataModule(tmp_path / "scaled.npz", num_classes=2)
+    np.savez(tmp_path / "two.npz", series=series[:2], label=np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"SeriesFileDataModule: the 'train' split has no samples; it holds the rows "
+                                         r"of '.*two.npz' \(2\) left after val_fraction=0.15 and test_fraction=0.15"):
+        SeriesFileDataModule(tmp_path / "two.npz", num_classes=2).train_dataloader()

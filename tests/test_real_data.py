@@ -3,6 +3,7 @@ backbones with a load report, the IDX image datamodule and the CSV/TSV sentence 
 
 from __future__ import annotations
 
+import gzip
 import logging
 from pathlib import Path
 
@@ -192,6 +193,27 @@ def test_csv_text_datamodule_errors_name_columns_labels_and_format(tmp_path: Pat
     with pytest.raises(DatasetLayoutError, match="Could not read .*broken.csv.gz"):
         CSVTextDataModule(tmp_path / "broken.csv.gz", labels=["a", "b"]).setup()
 
+
+
+@pytest.mark.parametrize("name", ["excel.csv", "excel.csv.gz"])
+def test_csv_text_datamodule_reads_a_byte_order_mark(tmp_path: Path, name: str) -> None:
+    """Excel's "CSV UTF-8" export starts with a byte-order mark, which must not stick to the first column's name."""
+    plain = write_table(tmp_path / "plain.csv", REVIEWS, ",", header=("label", "text")).read_bytes()
+    data = b"\xef\xbb\xbf" + plain
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    module = CSVTextDataModule(tmp_path / name, labels=["rotten", "fresh"], max_len=6, max_vocab=30)
+    module.setup()
+    assert module.class_names == ["rotten", "fresh"] and sum(len(s) for s in module.splits.values()) == 32
+
+
+def test_csv_text_datamodule_names_an_empty_training_split(tmp_path: Path) -> None:
+    path = write_table(tmp_path / "two.csv", REVIEWS[:2], ",", header=("label", "text"))
+    module = CSVTextDataModule(path, max_len=6, max_vocab=30)
+    with pytest.raises(ValueError, match=r"CSVTextDataModule: the 'train' split has no samples; it holds the rows of "
+                                         r"'.*two.csv' with a listed label left after val_fraction=0.1, "
+                                         r"test_fraction=0.1 \(one row each at least\). Split sizes: "
+                                         r"\{'val': 1, 'test': 1, 'train': 0\}"):
+        module.train_dataloader()
 
 def test_captum_methods_explain_token_positions_through_presence() -> None:
     """Every Captum feature method scores (B, L) token positions of a text classifier; presence 1 is the text as it
