@@ -109,4 +109,17 @@ def test_load_checkpoint_export_and_named_mismatches(tmp_path: Path, monkeypatch
         zoo.load_checkpoint(tmp_path / "pickled.ckpt")
     with pytest.raises(CheckpointError, match="needs config.json and model.safetensors"):
         zoo.load_exported(tmp_path)
+    with pytest.raises(CheckpointError, match="is a folder; name the .ckpt file"):
+        zoo.load_checkpoint(checkpoint.parent)
+    with pytest.raises(TypeError, match="'num_clases' \\(did you mean 'num_classes'\\?\\)"):
+        zoo.load_checkpoint(checkpoint, num_clases=6)  # a typo checked nothing before
+    export = tmp_path / "export"
+    config = (export / "config.json").read_text()
+    (export / "config.json").write_text(config[:20])  # truncated
+    with pytest.raises(CheckpointError, match="Could not read the export .*JSONDecodeError"):
+        zoo.load_exported(export)
+    (export / "config.json").write_text(config)
+    (export / "model.safetensors").write_bytes(b"\xff" * 64)  # overwritten
+    with pytest.raises(CheckpointError, match="Could not read the export .*SafetensorError"):
+        zoo.load_exported(export)
 

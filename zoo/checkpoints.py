@@ -4,6 +4,7 @@ by name) and `zoo.weights` (it reads the files); nothing here imports Lightning.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,9 @@ import torch.nn as nn
 
 from zoo.registry import create_model_for_data
 from zoo.weights import CheckpointError, check_same_model, model_spec, read_checkpoint
+
+
+EXPECTABLE = ("model_name", "num_classes", "in_chans")  # what `load_checkpoint` can check against a checkpoint
 
 
 def _build(spec: dict[str, Any]) -> nn.Module:
@@ -39,8 +43,14 @@ def load_checkpoint(path: str | Path, **expected: Any) -> nn.Module:
     """The trained model of a System checkpoint, in eval mode, with `class_names`: ``zoo.load_checkpoint(...)``.
 
     Keyword arguments (`model_name`, `num_classes`, `in_chans`) state what the caller expects; a checkpoint
-    holding something else raises `CheckpointError` naming the difference.
+    holding something else raises `CheckpointError` naming the difference, and another keyword raises (a typo would
+    otherwise check nothing).
     """
+    unknown = sorted(set(expected) - set(EXPECTABLE))
+    if unknown:
+        close = {key: difflib.get_close_matches(key, EXPECTABLE, n=1) for key in unknown}
+        hints = ", ".join(f"{key!r}" + (f" (did you mean {close[key][0]!r}?)" if close[key] else "") for key in unknown)
+        raise TypeError(f"load_checkpoint() checks only {EXPECTABLE}; got {hints}.")
     return _model_of(read_checkpoint(path), f"checkpoint {str(path)!r}", expected)
 
 
@@ -72,11 +82,19 @@ def export_checkpoint(path: str | Path, folder: str | Path) -> Path:
 
 def load_exported(folder: str | Path) -> nn.Module:
     """A model written by `export_checkpoint`, in eval mode, with its `class_names`."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
     config, weights = folder / "config.json", folder / "model.safetensors"
     if not config.is_file() or not weights.is_file():
         raise CheckpointError(f"{str(folder)!r} needs config.json and model.safetensors (see export_checkpoint).")
-    spec = json.loads(config.read_text())
-    return _with_class_names(_load_weights(_build(spec), load_file(str(weights)), f"export {str(folder)!r}"), spec)
+    try:
+        spec = json.loads(config.read_text())
+        state = load_file(str(weights))
+    except (OSError, ValueError, SafetensorError) as err:  # a truncated or overwritten file, not JSON / safetensors
+        raise CheckpointError(f"Could not read the export {str(folder)!r} ({type(err).__name__}: {err}); export it "
+                              f"again with export_checkpoint.") from err
+    if not isinstance(spec, dict) or "model_name" not in spec or "num_classes" not in spec:
+        raise CheckpointError(f"{str(config)!r} names no model_name and num_classes; it is not an export's config.")
+    return _with_class_names(_load_weights(_build(spec), state, f"export {str(folder)!r}"), spec)

@@ -152,6 +152,9 @@ MODEL_KEYS = ("model_name", "num_classes", "in_chans", "image_size", "data_input
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint as a dict (weights_only=True); a clear CheckpointError if it is not one."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"Checkpoint {str(path)!r} is a folder; name the .ckpt file in it (a run's are in "
+                              f"<run>/checkpoints/: last.ckpt and the best).")
     if not path.is_file():
         raise CheckpointError(f"Checkpoint {str(path)!r} does not exist.")
     try:
