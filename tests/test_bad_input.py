@@ -142,5 +142,11 @@ def test_unknown_names_suggest_close_ones() -> None:
 
     with pytest.raises(ValueError, match="Did you mean: l2x_vector"):
         zoo.create_model("l2x_vectr")
+    with pytest.raises(ValueError, match="Did you mean: icnn_tinycnn"):  # case ignored
+        zoo.create_model("ICNN_TinyCNN")
+    with pytest.raises(ValueError, match="Did you mean: mobilenet_v2"):
+        zoo.create_model("baseline_timm", backbone="torchvision:MobileNet_V2")
+    with pytest.raises(ValueError, match=r"Unknown torchvision model 'zzqqx'. torchvision.models.list_models\(\) lists"):
+        zoo.create_model("baseline_timm", backbone="torchvision:zzqqx")  # no unrelated names offered
     with pytest.raises(ValueError, match="Did you mean: frequent_premature"):
         get_rule("frequent_prematur")

@@ -8,7 +8,6 @@ from a local file only (no hub at run time); what a file gave is kept as `Backbo
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Sequence
 
@@ -16,7 +15,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from zoo.checks import check_input
+from zoo.checks import check_input, close_names
 from zoo.weights import LoadReport, load_backbone_weights
 
 TINY_CNN = "tinycnn"
@@ -63,8 +62,9 @@ class TorchvisionFeatures(nn.Module):
 
         names = torchvision.models.list_models(module=torchvision.models)
         if arch not in names:
-            close = difflib.get_close_matches(arch, names, n=5, cutoff=0.5)
-            raise ValueError(f"Unknown torchvision model {arch!r}. Did you mean: {', '.join(close) or names[:8]}?")
+            close = close_names(arch, names, cutoff=0.5)
+            hint = f"Did you mean: {', '.join(close)}?" if close else "torchvision.models.list_models() lists them."
+            raise ValueError(f"Unknown torchvision model {arch!r}. {hint}")
         features = getattr(torchvision.models.get_model(arch, weights=None), "features", None)
         if not isinstance(features, nn.Sequential):
             raise ValueError(f"torchvision model {arch!r} has no `features` Sequential body; use its timm name "
@@ -121,8 +121,9 @@ class Backbone(nn.Module):
             self._stage_ids = stage_ids  # the body returns every stage; keep these
         else:
             if not timm.is_model(name):
-                close = difflib.get_close_matches(name, [TINY_CNN, *timm.list_models()], n=5, cutoff=0.5)
-                raise ValueError(f"Unknown backbone {name!r}. Did you mean: {', '.join(close) or TINY_CNN}?")
+                close = close_names(name, [TINY_CNN, *timm.list_models()], cutoff=0.5)
+                hint = f"Did you mean: {', '.join(close)}?" if close else f"Use {TINY_CNN!r} or a timm model name."
+                raise ValueError(f"Unknown backbone {name!r}. {hint}")
             body = timm.create_model(name, features_only=True, pretrained=False, in_chans=in_chans,
                                      out_indices=tuple(out_indices))
             self.channels = list(body.feature_info.channels())

@@ -6,6 +6,7 @@ host-device synchronisation; on an accelerator a bad value surfaces as the non-f
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import torch
@@ -81,3 +82,11 @@ def check_finite(value: torch.Tensor, name: str, index: torch.Tensor | None = No
     where = (f"dataset indices {index[bad].tolist()[:8]}" if isinstance(index, torch.Tensor)
              else f"batch positions {bad.tolist()[:8]}")
     raise ValueError(f"The batch's {name!r} holds NaN or inf values ({where}); fix or filter those samples.")
+
+
+def close_names(name: str, names: list[str] | tuple[str, ...], n: int = 5, cutoff: float = 0.4) -> list[str]:
+    """The registered `names` closest to a mistyped `name`, ignoring case ("ICNN_TinyCNN" finds "icnn_tinycnn")."""
+    by_lower: dict[str, str] = {}
+    for known in names:
+        by_lower.setdefault(known.lower(), known)
+    return [by_lower[m] for m in difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=cutoff)]

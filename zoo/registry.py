@@ -5,12 +5,12 @@ under `zoo` (``zoo.icnn.model`` -> ``icnn``), looked up rather than guessed."""
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from typing import Any, Callable
 
 import torch.nn as nn
 
+from zoo.checks import close_names
 from zoo.weights import log_load_reports
 
 _model_factories: dict[str, Callable[..., nn.Module]] = {}
@@ -57,7 +57,7 @@ def list_models(pattern: str | None = None) -> list[str]:
 def model_factory(name: str) -> Callable[..., nn.Module]:
     """The registered factory for `name`; unknown names raise with the closest registered names."""
     if name not in _model_factories:
-        close = difflib.get_close_matches(name, list(_model_factories), n=5, cutoff=0.4)
+        close = close_names(name, list(_model_factories))
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ValueError(f"Unknown model {name!r}.{hint} See zoo.list_models() for all {len(_model_factories)}.")
     return _model_factories[name]

@@ -23,14 +23,13 @@ t-norm: a AND b = ab, a OR b = a + b - ab, NOT a = 1 - a) with temporal predicat
 
 from __future__ import annotations
 
-import difflib
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.checks import check_input
+from zoo.checks import check_input, close_names
 from zoo.layers import cached_constant
 from zoo.registry import register_model
 
@@ -239,7 +238,7 @@ def register_rule(name: str, rule: Rule) -> Rule:
 
 def get_rule(name: str) -> Rule:
     if name not in _RULES:
-        close = difflib.get_close_matches(name, list(_RULES), n=3, cutoff=0.4)
+        close = close_names(name, list(_RULES), n=3)
         raise ValueError(f"Unknown rule {name!r}." + (f" Did you mean: {', '.join(close)}?" if close else "")
                          + f" Registered: {sorted(_RULES)}.")
     return _RULES[name]
