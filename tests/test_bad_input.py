@@ -137,6 +137,24 @@ def test_token_and_class_ids_out_of_range_are_named_before_an_embedding_reads_th
             step(batch, 0)
 
 
+def test_degenerate_sizes_and_empty_batches_are_named() -> None:
+    """0 classes or channels built a model that failed at its first batch; an empty ICNN batch raised a math domain
+    error; a detector's empty image list an IndexError."""
+    for key in ("num_classes", "in_chans", "image_size"):
+        with pytest.raises(ValueError, match=f"icnn_tinycnn: {key} must be a positive integer; got 0"):
+            zoo.create_model("icnn_tinycnn", **{key: 0})
+    with pytest.raises(ValueError, match="num_classes must be a positive integer; got 2.5"):
+        zoo.create_model("baseline_tinycnn", num_classes=2.5)
+    assert zoo.create_model("baseline_tinycnn", num_classes=np.int64(3)).num_classes == 3  # NumPy's ints are ints
+    with pytest.raises(ValueError, match="Interpretable filters need at least one image"):
+        zoo.create_model("icnn_tinycnn", num_classes=3)(torch.rand(0, 3, 64, 64))
+    detector = zoo.create_model("aog_rcnn_tinycnn", num_classes=3)
+    with pytest.raises(ValueError, match="empty list of images"):
+        detector([])
+    with pytest.raises(ValueError, match="1 images and 0 targets"):
+        detector.train()([torch.rand(3, 64, 64)], [])
+
+
 def test_unknown_names_suggest_close_ones() -> None:
     from zoo.renn.model import get_rule
 

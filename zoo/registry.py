@@ -6,6 +6,7 @@ under `zoo` (``zoo.icnn.model`` -> ``icnn``), looked up rather than guessed."""
 from __future__ import annotations
 
 import fnmatch
+import operator
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -54,6 +55,17 @@ def list_models(pattern: str | None = None) -> list[str]:
     return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
 
 
+POSITIVE_SIZES = ("num_classes", "in_chans", "image_size", "num_features", "vocab_size", "max_len", "length")
+
+
+def _positive_int(value: Any) -> bool:
+    """An integer >= 1 of any integer type (Python, NumPy), not a bool or a float."""
+    try:
+        return not isinstance(value, bool) and operator.index(value) >= 1
+    except TypeError:
+        return False
+
+
 def model_factory(name: str) -> Callable[..., nn.Module]:
     """The registered factory for `name`; unknown names raise with the closest registered names."""
     if name not in _model_factories:
@@ -66,6 +78,10 @@ def model_factory(name: str) -> Callable[..., nn.Module]:
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Create a registered model; keyword arguments set to None are dropped so factory defaults apply."""
     factory = model_factory(name)
+    for key in POSITIVE_SIZES:  # 0 classes or channels would build a model that fails at its first batch
+        value = kwargs.get(key)
+        if value is not None and not _positive_int(value):
+            raise ValueError(f"{name}: {key} must be a positive integer; got {value!r}.")
     model = factory(**{k: v for k, v in kwargs.items() if v is not None})
     log_load_reports(model)  # what a pretrained_path gave: loaded / skipped / new tensors
     return model

@@ -752,6 +752,11 @@ class AOGRCNN(FasterRCNN):
         if not isinstance(images, (list, tuple)):
             raise TypeError(f"{type(self).__name__} expects a list of ({self.in_chans}, H, W) float images "
                             f"(torchvision detection input); got {type(images).__name__}.")
+        if not images:
+            raise ValueError(f"{type(self).__name__} got an empty list of images; pass at least one.")
+        if targets is not None and len(targets) != len(images):
+            raise ValueError(f"{type(self).__name__} got {len(images)} images and {len(targets)} targets; give one "
+                             f"target per image.")
         for i, image in enumerate(images):
             check_input(f"{type(self).__name__} (image {i} of the list)", image, (self.in_chans, "H", "W"), "images")
         if targets is not None:

@@ -84,6 +84,9 @@ class InterpretableFilters(nn.Module):
         self._solved = False  # whether filter_category holds a solved assignment (a loaded state does)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if len(x) == 0:
+            raise ValueError("Interpretable filters need at least one image: their template statistics (Z_T) are "
+                             "means over the batch.")
         if tuple(x.shape[-2:]) != self.map_size:
             raise ValueError(f"Interpretable filters were built for {self.map_size} maps (image_size at creation); "
                              f"got {tuple(x.shape[-2:])}. Create the model with the image_size you feed it.")
