@@ -486,3 +486,65 @@ def test_a_bad_compare_spec_is_said_once(in_tmp_dir: Path, capsys: pytest.Captur
         command_line(["compare", "--config", "empty_runs.yaml"])
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and error.count("is not a compare spec") == 1 and "Traceback" not in error
+
+
+def test_validate_test_and_predict_keep_the_runs_config(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """Only fit writes a run's config.yaml. validate / predict rewrote it with their own defaults and options
+    (`verbose`, `return_predictions`), after which every command refused it; a checkpoint of another class count
+    or a missing checkpoint file is said once, exit status 2, not as a traceback."""
+    from train import command_line
+
+    main(["fit", "--config", str(REPO / "configs/baselines/parts_world.yaml"), *SMALL_WORLD, "--trainer.max_epochs=1",
+          "--trainer.limit_train_batches=2", "--trainer.logger.init_args.name=run"])
+    run = in_tmp_dir / "checkpoints" / "run"
+    saved = (run / "config.yaml").read_text()
+    again = ["--config", str(run / "config.yaml"), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]
+    for command in ("validate", "predict", "test", "validate"):
+        main([command, *again])
+        assert (run / "config.yaml").read_text() == saved, command
+    assert "limit_train_batches: 2" in saved and "\nverbose:" not in saved  # validate's top-level option
+    for wrong, message in ((["--data.init_args.num_classes=4"], "holds baseline_tinycnn with 6 classes"),
+                           ([f"--ckpt_path={run / 'nowhere.ckpt'}"], "nowhere.ckpt' does not exist")):
+        with pytest.raises(SystemExit) as exit_info:
+            command_line(["validate", *again, *wrong])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in error and "Traceback" not in error, message
+
+
+def test_a_textual_run_is_tested_from_its_own_config_and_checkpoint(in_tmp_dir: Path) -> None:
+    """A variant System's checkpoint names its model after the variant (textual_<variant>): `--ckpt_path` compared
+    it with the config's unused model_name and refused every textual checkpoint. And `test` logs ROUGE-L, whose
+    test copy PyTorch could not see (torchmetrics' ROUGEScore hashed equal copies alike)."""
+    main(["fit", "--config", str(REPO / "configs/textual/explanation_label.yaml"), *SMALL_EXPLANATION, *SMALL_WORLD,
+          "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+          "--trainer.logger.init_args.name=words"])
+    run = in_tmp_dir / "checkpoints" / "words"
+    results = main(["test", "--config", str(run / "config.yaml"), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+                    "--trainer.limit_test_batches=1"]).trainer.callback_metrics
+    assert "test/rouge_l" in results and "test/cider_d" in results
+
+
+def test_metric_copies_that_pytorch_cannot_tell_apart_are_refused() -> None:
+    from torchmetrics.text.rouge import ROUGEScore
+
+    from zoo.baselines.system import ClassifierSystem
+
+    system = ClassifierSystem(num_classes=2)
+    with pytest.raises(TypeError, match="ROUGEScore's copies hash and compare equal"):
+        system.add_metric("rouge", ROUGEScore(rouge_keys="rougeL"))
+
+
+def test_mistyped_commands_options_and_model_arguments_get_a_did_you_mean(capsys: pytest.CaptureFixture) -> None:
+    from train import command_line
+
+    for args, message in ((["compar", "--config", "x.yaml"], "unknown command 'compar'; did you mean 'compare'?"),
+                          ([], "give a command first: fit, validate, test, predict, compare, ablate"),
+                          (["compare", "--config", "x.yaml", "--no_explian"],
+                           "unknown option '--no_explian'; did you mean '--no_explain'?")):
+        with pytest.raises(SystemExit) as exit_info:
+            command_line(args)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, args
+    with pytest.raises(ValueError, match="icnn_tinycnn: unknown argument 'tau_scal' .*Did you mean 'tau_scale'"):
+        zoo.create_model("icnn_tinycnn", tau_scal=8)  # model_kwargs is a free mapping: its keys are checked here
+    with pytest.raises(ValueError, match="l2x_vector: unknown argument 'kk' .*Did you mean 'k'"):
+        zoo.create_model("l2x_vector", kk=3)

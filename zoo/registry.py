@@ -6,7 +6,10 @@ under `zoo` (``zoo.icnn.model`` -> ``icnn``), looked up rather than guessed."""
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import operator
+import re
+import sys
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -66,6 +69,20 @@ def _positive_int(value: Any) -> bool:
         return False
 
 
+def _init_arguments(class_name: str, factory: Callable[..., nn.Module]) -> list[str]:
+    """The keyword arguments of `factory` and of the class `class_name` it builds (found in the factory's module or
+    the zoo's), for a did-you-mean."""
+    names = [p.name for p in inspect.signature(factory).parameters.values() if p.kind == p.KEYWORD_ONLY
+             or p.kind == p.POSITIONAL_OR_KEYWORD]
+    for module in [sys.modules.get(factory.__module__), *(m for n, m in sys.modules.items() if n.startswith("zoo."))]:
+        cls = getattr(module, class_name, None)
+        if inspect.isclass(cls):
+            names += [p.name for p in inspect.signature(cls.__init__).parameters.values()
+                      if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            break
+    return list(dict.fromkeys(names))
+
+
 def model_factory(name: str) -> Callable[..., nn.Module]:
     """The registered factory for `name`; unknown names raise with the closest registered names."""
     if name not in _model_factories:
@@ -82,7 +99,16 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         value = kwargs.get(key)
         if value is not None and not _positive_int(value):
             raise ValueError(f"{name}: {key} must be a positive integer; got {value!r}.")
-    model = factory(**{k: v for k, v in kwargs.items() if v is not None})
+    try:
+        model = factory(**{k: v for k, v in kwargs.items() if v is not None})
+    except TypeError as error:
+        unknown = re.search(r"(\w+)(?:\.__init__)?\(\) got an unexpected keyword argument '(\w+)'", str(error))
+        if unknown is None:
+            raise
+        accepted = _init_arguments(unknown.group(1), factory)
+        close = close_names(unknown.group(2), accepted, n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else f" It takes: {', '.join(accepted)}."
+        raise ValueError(f"{name}: unknown argument {unknown.group(2)!r} (model_kwargs).{hint}") from error
     log_load_reports(model)  # what a pretrained_path gave: loaded / skipped / new tensors
     return model
 

@@ -199,6 +199,8 @@ def check_config_fits_checkpoint(model_config: Any, checkpoint: dict[str, Any], 
     init_args = model_config.get("init_args") or {}
     wanted = {"class": model_config.get("class_path"), **{k: init_args.get(k) for k in IDENTITY_KEYS}}
     held = {"class": saved.get("_class_path"), **{k: saved.get(k) for k in IDENTITY_KEYS}}
+    if wanted["variant"] is not None:  # a variant System builds its model from the variant, whatever model_name says
+        wanted["model_name"] = held["model_name"] = None
     for key in wanted:
         if wanted[key] is not None and held[key] is not None and wanted[key] != held[key]:
             def name(values: dict[str, Any]) -> str:

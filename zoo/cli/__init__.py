@@ -18,7 +18,9 @@ from typing import Any
 
 from zoo.cli.ablate import ABLATE_HELP, ablate
 from zoo.cli.compare import COMPARE_HELP, compare
+from zoo.checks import close_names
 from zoo.cli.errors import command_line as _command_line
+from zoo.cli.errors import mark
 from zoo.cli.lightning import ZooCLI
 
 HELP = """\
@@ -44,6 +46,35 @@ commands:
 """
 
 
+COMMANDS = ("fit", "validate", "test", "predict", "compare", "ablate")
+LIGHTNING_OPTIONS = ("--config", "--print_config", "--seed_everything", "--ckpt_path")  # undotted LightningCLI ones
+
+
+def check_command(argv: list[str]) -> None:
+    """A missing or mistyped command is said once with the commands (and the closest one), not as jsonargparse's
+    choice error, which lists only LightningCLI's four."""
+    if argv and argv[0] in COMMANDS:
+        return
+    if not argv or argv[0].startswith("-"):
+        raise mark(ValueError(f"give a command first: {', '.join(COMMANDS)} (train.py --help shows examples)."))
+    close = close_names(argv[0], COMMANDS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise mark(ValueError(f"unknown command {argv[0]!r}; {hint}Commands: {', '.join(COMMANDS)}."))
+
+
+def check_own_options(parser: argparse.ArgumentParser, extra: list[str]) -> None:
+    """compare and ablate pass what they do not know to every run's LightningCLI, whose options are dotted
+    (`--trainer.max_epochs`) but for a few; an undotted option close to one of their own is a typo of it
+    (`--no_explian`), said with the right name before any run starts."""
+    own = [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    for arg in extra:
+        option = arg.split("=", 1)[0]
+        if option.startswith("--") and "." not in option and option not in LIGHTNING_OPTIONS:
+            close = close_names(option, own, n=1, cutoff=0.75)
+            if close:
+                raise mark(ValueError(f"{parser.prog}: unknown option {option!r}; did you mean {close[0]!r}?"))
+
+
 def show_zoo_messages() -> None:
     """The zoo's INFO messages (e.g. the load report of a pretrained file) on stderr, as Lightning shows its own."""
     logger = logging.getLogger("zoo")
@@ -59,6 +90,7 @@ def main(args: list[str] | None = None) -> Any:
     if argv[:1] in (["-h"], ["--help"]):
         print(HELP)
         return None
+    check_command(argv)
     show_zoo_messages()
     if argv and argv[0] == "compare":
         parser = argparse.ArgumentParser(prog="train.py compare", epilog=COMPARE_HELP,
@@ -69,6 +101,7 @@ def main(args: list[str] | None = None) -> Any:
         parser.add_argument("--explain_images", type=int, help="override explain.num_images of the spec")
         parser.add_argument("--no_explain", action="store_true", help="skip the explainers")
         known, extra = parser.parse_known_args(argv[1:])
+        check_own_options(parser, extra)
         return compare(known.config, extra, explain_images=known.explain_images, explain=not known.no_explain,
                        name=known.name)
     if argv and argv[0] == "ablate":
@@ -78,6 +111,7 @@ def main(args: list[str] | None = None) -> Any:
         parser.add_argument("--grid", action="append", required=True, help="key=[v1,v2,...]; repeat for axes")
         parser.add_argument("--name", help="folder under checkpoints/ (default: <config stem>_ablation)")
         known, extra = parser.parse_known_args(argv[1:])
+        check_own_options(parser, extra)
         return ablate(known.config, known.grid, known.name or f"{Path(known.config).stem}_ablation", extra)
     return ZooCLI(args=args)
 

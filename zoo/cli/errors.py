@@ -177,10 +177,14 @@ class ZooArgumentParser(LightningArgumentParser):
 
 def command_line(main: Any, args: list[str] | None = None) -> Any:
     """Run `main(args)`; a configuration error is printed once, without a traceback, and exits with status 2."""
+    from zoo.weights import CheckpointError
+
     try:
         return main(args)
     except Exception as error:
-        if not is_configuration_error(error) or debug_requested():
+        # a checkpoint that does not fit the run is the user's file, wherever it is found (Lightning loads it late)
+        wrong_file = isinstance(error, CheckpointError)
+        if not (is_configuration_error(error) or wrong_file) or debug_requested():
             raise
         sys.stderr.write(f"train.py: error: {error}\n(JSONARGPARSE_DEBUG=1 shows the traceback)\n")
         sys.exit(2)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import yaml
 from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint, RichProgressBar
-from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from zoo.cli.errors import ZooArgumentParser, configuration_phase
 from zoo.engine.callbacks import LatestCheckpoint, RNGStateCallback
@@ -73,6 +72,9 @@ def backbone_name(system: Any) -> str:
     return found.name
 
 
+CKPT_PATH_KEYWORDS = ("last", "best", "hpc")  # Lightning's own --ckpt_path names, not files
+
+
 class ZooCLI(LightningCLI):
     """LightningCLI with the zoo's defaults: any LightningModule/DataModule by class_path, the datamodule's
     `num_classes`, `num_channels`, `image_size` and `class_names` linked into the model, a best+last
@@ -116,8 +118,12 @@ class ZooCLI(LightningCLI):
         restore_null_kwargs(self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        """`predict` gets the zoo's PredictionWriter unless the config names a prediction writer."""
+        """`predict` gets the zoo's PredictionWriter unless the config names a prediction writer. Only `fit` writes
+        the run's config.yaml: validate, test and predict of a run leave the config that trained it, which every
+        command then takes back (their own options, such as validate's `verbose`, would make fit refuse it)."""
         trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand != "fit":
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
             from zoo.cli.predict import PredictionWriter
 
@@ -147,10 +153,10 @@ class ZooCLI(LightningCLI):
         pair it with this config's loss)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and Path(ckpt_path).is_file():
+        if ckpt_path and str(ckpt_path) not in CKPT_PATH_KEYWORDS and not str(ckpt_path).startswith("registry"):
             from zoo.weights import check_config_fits_checkpoint, read_checkpoint
 
-            with configuration_phase():
+            with configuration_phase():  # a missing file or folder is named here, not by Lightning's traceback
                 check_config_fits_checkpoint(self.config[subcommand].get("model"), read_checkpoint(ckpt_path),
                                              f"--ckpt_path {ckpt_path!r}")
         super()._parse_ckpt_path()

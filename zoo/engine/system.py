@@ -198,6 +198,10 @@ class ZooSystem(pl.LightningModule):
             self.metrics[key] = metric if stage == stages[0] else metric.clone()
             if log_prefix is not None:
                 self._dict_metrics[key] = log_prefix
+        seen = {id(module) for module in self.metrics.children()}  # a set of modules: equal hashes collapse
+        if any(id(self.metrics[f"{stage}_{name}"]) not in seen for stage in stages):
+            raise TypeError(f"{type(metric).__name__}'s copies hash and compare equal, so PyTorch sees only one of "
+                            f"them (logging and .to(device) miss the others); give the class an identity __hash__.")
 
     def log_metric(self, stage: str, name: str, *args: Any, **log_kwargs: Any) -> None:
         """Update `metrics["<stage>_<name>"]` with `args` and, for a scalar metric, log the metric object (Lightning
