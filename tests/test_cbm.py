@@ -187,12 +187,13 @@ def test_concept_metrics_match_hand_computed_values() -> None:
 def test_fit_writes_concept_pictures_and_the_intervention_curve(in_tmp_dir: Path) -> None:
     from train import main
 
-    cli = main(["fit", "--config", str(REPO / "configs/cbm/parts_world.yaml"), "--trainer.fast_dev_run=true",
-                *SMALL_WORLD])
+    cli = main(["fit", "--config", str(REPO / "configs/cbm/parts_world.yaml"), "--trainer.max_epochs=1",
+                "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
+                *SMALL_WORLD])  # a run with a folder: fast_dev_run writes no pictures
     assert cli.trainer.state.finished
     assert {"train/loss_task", "train/loss_concept", "val/acc", "val/concept_acc", "val/concept_f1",
             "val/acc_intervened"} <= set(cli.trainer.callback_metrics)
-    run = Path(cli.trainer.log_dir or cli.trainer.default_root_dir)  # fast_dev_run: no logger folder
+    run = Path(cli.trainer.log_dir)
     assert (run / "concepts" / "epoch0.png").is_file() and "| image |" in (run / "concepts" / "epoch0.md").read_text()
     table = (run / "intervention" / "val.md").read_text()
     assert (run / "intervention" / "val.png").is_file() and "| 36 |" in table
@@ -206,7 +207,7 @@ def test_compare_trains_the_sequential_cbm_against_the_standard_twin(in_tmp_dir:
     assert [row["run"] for row in rows] == ["cbm", "standard"]
     assert {"acc", "concept_acc", "concept_f1", "acc_intervened"} <= set(rows[0])
     assert {"acc", "concept_acc", "concept_f1"} <= set(rows[1])  # the probe's concepts; f reads no concepts
-    explained = (in_tmp_dir / "checkpoints" / "sequential_compare" / "explanations.csv").read_text()
+    explained = (in_tmp_dir / "checkpoints" / "cbm_sequential_compare" / "explanations.csv").read_text()
     assert "saliency" in explained and "occlusion" in explained and "layer_gradcam" not in explained
 
 

@@ -194,14 +194,15 @@ def test_twin_scores_its_top_weighted_channels() -> None:
 def test_fit_pushes_logs_part_metrics_and_draws_prototypes(in_tmp_dir: Path) -> None:
     from train import main
 
-    cli = main(["fit", "--config", CONFIG, "--trainer.fast_dev_run=true", "--model.init_args.push_stages=[warm_up]",
-                *SMALL_WORLD])
+    cli = main(["fit", "--config", CONFIG, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+                "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0",
+                "--model.init_args.push_stages=[warm_up]", *SMALL_WORLD])  # a run folder: fast_dev_run writes none
     assert cli.trainer.state.finished
     metrics = cli.trainer.callback_metrics
     assert {"train/loss_cluster", "push/distance", "val/part_consistency", "val/part_iou",
             "val/part_stability"} <= set(metrics)
     assert metrics["push/pushed"] == 1.0 and (cli.model.model.prototypes.source_index >= 0).all()
-    run = Path(cli.trainer.log_dir or cli.trainer.default_root_dir)
+    run = Path(cli.trainer.log_dir)
     assert (run / "prototypes" / "epoch0.png").is_file()
     assert "train #" in (run / "prototypes" / "epoch0.md").read_text()
 
@@ -213,7 +214,7 @@ def test_compare_trains_protopnet_against_the_linear_head_twins(in_tmp_dir: Path
     assert [row["run"] for row in rows] == ["protopnet", "linear_head", "add_on_linear_head"]
     for row in rows:
         assert {"acc", "part_consistency", "part_iou", "part_stability"} <= set(row)
-    explained = (in_tmp_dir / "checkpoints" / "parts_world_compare" / "explanations.csv").read_text()
+    explained = (in_tmp_dir / "checkpoints" / "protopnet_parts_world_compare" / "explanations.csv").read_text()
     methods = [line.split(",")[1] for line in explained.splitlines() if line.startswith("protopnet,")]
     assert methods == ["cam", "saliency", "integrated_gradients", "occlusion"]  # "cam": its own prototype map
 

@@ -40,5 +40,7 @@ class ParseTreeCallback(FixedBatchCallback):
                 canvas = draw_bounding_boxes(canvas, boxes, labels=labels, colors="white", width=1)
             panels.append(canvas.float() / 255)
         grid = make_grid(panels, nrow=min(4, len(panels)))
-        save_image(grid, self.run_folder(trainer, "parse_trees") / f"epoch{trainer.current_epoch}.png")
+        folder = self.run_folder(trainer, "parse_trees")
+        if folder is not None:  # None: no run folder (fast_dev_run)
+            save_image(grid, folder / f"epoch{trainer.current_epoch}.png")
         log_image(trainer.logger, "detections/parse_trees", grid, trainer.global_step)

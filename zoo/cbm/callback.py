@@ -9,7 +9,7 @@ import torch
 from pytorch_lightning.utilities.seed import isolate_rng
 
 from zoo.cbm.intervene import encode_data, intervention_curve, write_intervention_report
-from zoo.engine.callbacks import FixedBatchCallback
+from zoo.engine.callbacks import FixedBatchCallback, run_folder
 from zoo.figures import class_name, log_figure, log_text, new_figure
 
 
@@ -82,7 +82,8 @@ class ConceptsCallback(FixedBatchCallback):
 class InterventionCallback(pl.Callback):
     """The test-time intervention curve (`zoo.cbm.intervene`): at the end of fit on the validation split, and at
     the end of a test run on the test split. Writes ``intervention/<split>.md`` and ``.png`` in the run folder and
-    the same to TensorBoard (figure ``intervention/<split>``, text), on rank zero, in eval mode, RNG isolated.
+    the same to TensorBoard (figure ``intervention/<split>``, text), on rank zero, in eval mode, RNG isolated;
+    without a run folder (no logger, `fast_dev_run`) the curve is only kept in `curves`.
 
     Args:
         values: "percentile" (the paper's 5th / 95th percentile logits) or "hard" (0 / 1, as CEM); None: "hard" for
@@ -121,7 +122,9 @@ class InterventionCallback(pl.Callback):
         finally:
             model.train(was_training)
         self.curves[split] = curve
-        folder = FixedBatchCallback.run_folder(trainer, "intervention")
+        folder = run_folder(trainer, "intervention")
+        if folder is None:  # no run folder (fast_dev_run): the curve is kept in `curves` only
+            return
         markdown, figure = write_intervention_report(curve, folder, split, concept_names(trainer, num_concepts))
         log_figure(trainer.logger, f"intervention/{split}", figure, trainer.global_step)
         log_text(trainer.logger, f"intervention/{split}", markdown, trainer.global_step)

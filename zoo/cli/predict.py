@@ -4,9 +4,14 @@
 
 writes into the run folder (checkpoints/<run>/predictions/):
 - predictions.csv: one row per sample: index, file (where the data names its samples), true label id and name
-  (where the data has labels), predicted class id and name, its probability;
-- <index>.png for the first `max_pictures` images: the image beside the model's own explanation (`zoo.explain`,
-  method "own") of the predicted class, titled with the predicted (and true) class name.
+  (where the data has labels), predicted class id and name, its probability, then the System's own extra columns
+  (L2X / INVASE: the prediction is the approximator's from the selected features alone, followed by the black box's
+  class on the full input, `black_box_pred` / `black_box_pred_name`, and the `selected` feature indices);
+- <index>.png for the first `max_pictures` images: the image beside the model's own explanation (the System's
+  `explanation` when predict_step gives one at the image's size, else `zoo.explain`, method "own") of the predicted
+  class, titled with the predicted (and true) class name. Inputs that are not images (vectors, tokens): CSV only.
+
+Without a run folder (no logger: `fast_dev_run`, `logger: false`) it writes into `<default_root_dir>/predictions/`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_warn
 
-from zoo.engine.callbacks import FixedBatchCallback
+from zoo.engine.callbacks import run_folder
 
 CSV_NAME = "predictions.csv"
 
@@ -28,8 +33,10 @@ CSV_NAME = "predictions.csv"
 class PredictionWriter(BasePredictionWriter):
     """Writes predictions.csv and explanation PNGs into `<run folder>/<folder>` (see the module docstring).
 
-    Reads the predict_step output ({"probs": (B, C), "pred": (B,), "index": (B,)}), the batch (image, label), the
-    System's public `class_names` and the datamodule's public `sample_names(split)` / `denormalize(images)`.
+    Reads the predict_step output ({"probs": (B, C), "pred": (B,), "index": (B,)}; optional "explanation":
+    (B, H, W) maps drawn instead of `zoo.explain`'s, and "columns": {name: B values} appended to each row), the batch
+    (image, label), the System's public `class_names` and the datamodule's public `sample_names(split)` /
+    `denormalize(images)`.
     Single-process predict (a distributed predict writes rank zero's share only).
 
     Args:
@@ -45,7 +52,11 @@ class PredictionWriter(BasePredictionWriter):
         self.names: list[str] | None = None
 
     def out_dir(self, trainer: pl.Trainer) -> Path:
-        return FixedBatchCallback.run_folder(trainer, self.folder)
+        folder = run_folder(trainer, self.folder)
+        if folder is None:  # no run (no logger): predictions asked for are still written, beside the runs
+            folder = Path(trainer.default_root_dir) / self.folder
+            folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from datamodules._base import PREDICT_SPLIT
@@ -73,24 +84,29 @@ class PredictionWriter(BasePredictionWriter):
                 row |= {"label": int(labels[i]), "label_name": class_names[int(labels[i])]}
             row |= {"pred": int(pred[i]), "pred_name": class_names[int(pred[i])],
                     "probability": round(float(probs[i, pred[i]]), 4)}
+            row |= {name: _cell(values[i]) for name, values in prediction.get("columns", {}).items()}
             self.rows.append(row)
-        self._pictures(trainer, pl_module, batch, pred, probs, index, labels, class_names)
+        self._pictures(trainer, pl_module, batch, pred, probs, index, labels, class_names,
+                       prediction.get("explanation"))
 
     def _pictures(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, pred: torch.Tensor,
                   probs: torch.Tensor, index: torch.Tensor, labels: torch.Tensor | None,
-                  class_names: list[str]) -> None:
+                  class_names: list[str], explanation: torch.Tensor | None = None) -> None:
         images = batch.get(getattr(pl_module, "input_key", "image")) if isinstance(batch, dict) else None
         count = min(self.max_pictures - self.pictures, len(pred))
         if count <= 0 or not isinstance(images, torch.Tensor) or images.ndim != 4:
             return
-        from zoo.explain import explain
+        if isinstance(explanation, torch.Tensor) and explanation.shape == (len(images), *images.shape[-2:]):
+            maps = explanation[:count].float().cpu()  # the System's own explanation (L2X: the kept pixels)
+        else:
+            from zoo.explain import explain
 
-        try:
-            maps = explain(pl_module, images[:count], "own", target=pred[:count].to(images.device)).cpu()
-        except ValueError as err:  # a model without an own map (detectors, generators)
-            rank_zero_warn(f"predict: no explanation pictures ({err}).")
-            self.max_pictures = 0
-            return
+            try:
+                maps = explain(pl_module, images[:count], "own", target=pred[:count].to(images.device)).cpu()
+            except ValueError as err:  # a model without an own map (detectors, generators)
+                rank_zero_warn(f"predict: no explanation pictures ({err}).")
+                self.max_pictures = 0
+                return
         denormalize = getattr(trainer.datamodule, "denormalize", lambda x: x)
         shown = denormalize(images[:count].float()).clamp(0, 1).cpu()
         folder = self.out_dir(trainer)
@@ -114,6 +130,11 @@ class PredictionWriter(BasePredictionWriter):
             writer.writeheader()
             writer.writerows(self.rows)
         print(f"predict: {len(self.rows)} predictions in {path}, {self.pictures} explanation pictures beside it.")
+
+
+def _cell(value: Any) -> Any:
+    """One CSV cell of an extra column: a tensor element as a number, anything else as it is."""
+    return value.item() if isinstance(value, torch.Tensor) else value
 
 
 def save_explanation_png(path: Path, image: torch.Tensor, saliency: torch.Tensor, title: str) -> None:

@@ -1,5 +1,6 @@
-"""Callbacks every family shares: last.ckpt after every validation, RNG state in checkpoints, and the base of every
-picture callback (a fixed batch, rank zero, eval mode and no_grad, RNG isolated)."""
+"""Callbacks every family shares: last.ckpt after every validation and at the end of fit, RNG state in checkpoints,
+the base of every picture callback (a fixed batch, rank zero, eval mode and no_grad, RNG isolated) and the one place
+that says where a run's pictures go (`run_folder`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.loggers.logger import DummyLogger
 from pytorch_lightning.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, SequentialSampler
 
@@ -21,11 +23,19 @@ from zoo.figures import log_figure, log_text, save_figure
 
 class LatestCheckpoint(ModelCheckpoint):
     """`last.ckpt` after every validation, whether or not the monitored metric improved (Lightning's `save_last`
-    only refreshes it when a top-k checkpoint is written, so a killed run could resume from a stale state)."""
+    only refreshes it when a top-k checkpoint is written, so a killed run could resume from a stale state), and
+    once more when fit ends if the last steps were not saved yet (`check_val_every_n_epoch` > 1, `max_steps`
+    mid-epoch, early stop): last.ckpt always holds the final weights. The end-of-fit save is the same save (same
+    contents, written atomically by `trainer.save_checkpoint`); nothing is written when fit stops on an exception
+    or is killed, so such a run resumes from its last validation as before."""
 
     def __init__(self, dirpath: str | None = None) -> None:
         super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
                          enable_version_counter=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # skips fast_dev_run and a step already saved
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class RNGStateCallback(pl.Callback):
@@ -105,21 +115,32 @@ class FixedBatchCallback(pl.Callback):
         """The epoch's picture and its table, in the run folder (``<name>/epoch<e>.png`` and ``.md``) and in
         TensorBoard (figure ``<name>/<figure_tag>``, text ``<name>/table``): what every picture callback writes."""
         folder, epoch = self.run_folder(trainer, name), trainer.current_epoch
-        save_figure(figure, folder / f"epoch{epoch}.png")
-        (folder / f"epoch{epoch}.md").write_text(markdown)
+        if folder is not None:
+            save_figure(figure, folder / f"epoch{epoch}.png")
+            (folder / f"epoch{epoch}.md").write_text(markdown)
         log_figure(trainer.logger, f"{name}/{figure_tag}", figure, trainer.global_step)
         log_text(trainer.logger, f"{name}/table", markdown, trainer.global_step)
 
     @staticmethod
-    def run_folder(trainer: pl.Trainer, name: str) -> Path:
-        """<run>/<name>, made. Read on rank zero only, so not through `trainer.log_dir`: that property broadcasts
-        (a collective), and rank zero calling it alone would wait forever for the other processes under DDP."""
-        logger = trainer.loggers[0] if trainer.loggers else None
-        base = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else getattr(logger, "save_dir",
-                                                                                                 None)
-        folder = Path(base or trainer.default_root_dir) / name
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
+    def run_folder(trainer: pl.Trainer, name: str) -> Path | None:
+        """`run_folder(trainer, name)`: <run>/<name>, made, or None without a run."""
+        return run_folder(trainer, name)
+
+
+def run_folder(trainer: pl.Trainer, name: str) -> Path | None:
+    """Where a run writes its pictures and reports: <run>/<name>, made. None when the trainer has no logger
+    (`fast_dev_run`, `logger: false`): there is no run folder then, and `default_root_dir` (checkpoints/) is shared
+    by every run and family, so pictures are not written to disk (callers skip their files).
+
+    Read on rank zero only, so not through `trainer.log_dir`: that property broadcasts (a collective), and rank
+    zero calling it alone would wait forever for the other processes under DDP."""
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if logger is None or isinstance(logger, DummyLogger):
+        return None
+    base = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else getattr(logger, "save_dir", None)
+    folder = Path(base or trainer.default_root_dir) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def covering_batch(loader: DataLoader, target_key: str, count: int, num_classes: int | None = None) -> Any:

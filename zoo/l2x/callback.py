@@ -38,7 +38,8 @@ class SelectionCallback(FixedBatchCallback):
             panels = torch.cat([x.float(), shown])  # originals above, selections below
             scale = max(1, 64 // x.shape[-1])  # small images (digits are 8x8) are enlarged to be seen
             grid = make_grid(F.interpolate(panels, scale_factor=scale, mode="nearest"), nrow=len(x))
-            save_image(grid, folder / f"epoch{trainer.current_epoch}.png")
+            if folder is not None:  # None: no run folder (fast_dev_run)
+                save_image(grid, folder / f"epoch{trainer.current_epoch}.png")
             log_image(trainer.logger, "selection/images", grid, trainer.global_step)
             return
         decode = getattr(trainer.datamodule, "decode_selection", None) or self._describe
@@ -47,7 +48,8 @@ class SelectionCallback(FixedBatchCallback):
             lines = [f"{line}  (true: {batch['relevant'][i].nonzero().flatten().tolist()})"
                      for i, line in enumerate(lines)]
         text = "\n\n".join(f"{i}. {line}" for i, line in enumerate(lines))
-        (folder / f"epoch{trainer.current_epoch}.md").write_text(text + "\n")
+        if folder is not None:
+            (folder / f"epoch{trainer.current_epoch}.md").write_text(text + "\n")
         log_text(trainer.logger, "selection/text", text, trainer.global_step)
 
     @staticmethod

@@ -28,8 +28,9 @@ class L2XSystem(ZooSystem):
     Logged in validation/test: `acc` = post-hoc accuracy (black box on the selected input agrees with the black
     box on the full input; so checkpointing on val/acc keeps the most faithful selector), `evalx_acc`,
     `approximator_fidelity` (the selector's own approximator agrees with the black box), `black_box_acc`, and where
-    the batch has ground truth (`relevant_key`): `median_rank`, `tpr`, `fdr`, `num_selected`. Predict returns each
-    sample's feature `scores` and `selection`.
+    the batch has ground truth (`relevant_key`): `median_rank`, `tpr`, `fdr`, `num_selected`. Predict returns the
+    approximator's class probabilities (the selected features alone), the black box's class, and each sample's
+    feature `scores` and `selection` (see `predict_step`).
 
     Twin (`train.py compare --config configs/l2x/<x>.yaml`): the black box itself, trained as a classifier with
     the same data, seed and budget; the comparison's explanation table scores the selector against Captum's
@@ -180,9 +181,25 @@ class L2XSystem(ZooSystem):
                 explained.selections.items()}  # (N, H, W) kept pixels
         return explained.rows, maps, x
 
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        out = self.model(batch_field(batch, self.input_key))
-        return {"scores": out["scores"], "selection": out["selection"],
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """What `zoo.cli.predict.PredictionWriter` writes, plus each sample's feature `scores` and `selection`.
+
+        `probs` / `pred` are the selector's approximator's (INVASE: the critic's): the class the selected features
+        alone give, which approximates the black box. The black box's own class on the full input and the selected
+        features are extra CSV `columns` (`black_box_pred` and its name; `selected`: feature indices, patch indices
+        for images, token positions for text). `explanation` is the selection at the input's resolution: kept
+        pixels (B, H, W) for images, (B, d) otherwise."""
+        x = batch_field(batch, self.input_key)
+        out = self.model(x)
+        probs = out["logits"].float().softmax(-1)
+        black_box_pred = self.black_box(x)["logits"].argmax(-1).tolist()
+        selection = out["selection"]
+        explanation = out["pixel_selection"][:, 0] if "pixel_selection" in out else selection
+        selected = [" ".join(map(str, row.nonzero().flatten().tolist())) for row in selection.detach().cpu()]
+        columns = {"black_box_pred": black_box_pred, "black_box_pred_name": [self.class_names[c] for c in
+                                                                             black_box_pred], "selected": selected}
+        return {"probs": probs, "pred": probs.argmax(-1), "scores": out["scores"], "selection": selection,
+                "explanation": explanation, "columns": columns,
                 **({"index": batch["index"]} if "index" in batch else {})}
 
     # ------------------------------------------------------------------------------------------- readiness

@@ -36,7 +36,9 @@ class ExplanationTextCallback(FixedBatchCallback):
                   f"{decode(out['references'][i, 0])} |"
                   for i, label in enumerate(labels)]
         text = "\n".join(lines)
-        (self.run_folder(trainer, "explanations") / f"epoch{trainer.current_epoch}.md").write_text(text + "\n")
+        folder = self.run_folder(trainer, "explanations")
+        if folder is not None:  # None: no run folder (fast_dev_run)
+            (folder / f"epoch{trainer.current_epoch}.md").write_text(text + "\n")
         log_text(trainer.logger, "explanations/text", text, trainer.global_step)
         log_image(trainer.logger, "explanations/images", make_grid(images.float().cpu(), nrow=len(images)),
                   trainer.global_step)
