@@ -132,7 +132,7 @@ def test_compare_of_a_family_config_runs_it_against_its_twins(in_tmp_dir: Path) 
     cli = ZooCLI(args=["--config", twin["config"], *twin["args"], *SMALL_WORLD], run=False)
     assert cli.model.hparams.model_kwargs == {"tau_scale": 16.0, "category_assignment": "balanced", "masks": False}
     assert not cli.model.model.top_filters.masks and cli.model.loss.weight == 0
-    assert (in_tmp_dir / "checkpoints" / "parts_world_compare" / "report.md").is_file()
+    assert (in_tmp_dir / "checkpoints" / "icnn_parts_world_compare" / "report.md").is_file()
 
 
 def test_compare_of_the_aog_config_runs_the_detector_twins(in_tmp_dir: Path) -> None:
@@ -143,7 +143,7 @@ def test_compare_of_the_aog_config_runs_the_detector_twins(in_tmp_dir: Path) -> 
     assert [row["model"] for row in rows] == ["aog_rcnn_tinycnn", "vote_rcnn_tinycnn", "faster_rcnn_tinycnn"]
     assert all({"map_50", "map", "grid_part_iou", "box_part_iou"} <= set(row) for row in rows)
     assert "parse_part_iou" in rows[0] and "parse_part_iou" not in rows[1]
-    report = in_tmp_dir / "checkpoints" / "parts_world_scenes_compare"
+    report = in_tmp_dir / "checkpoints" / "aog_rcnn_parts_world_scenes_compare"
     assert (report / "report.md").is_file() and not (report / "explanations.csv").exists()
 
 

@@ -341,7 +341,7 @@ def test_compare_reports_l2x_its_black_box_and_the_post_hoc_explainers(in_tmp_di
                  "--progress_bar.refresh_rate=0"])
     assert [(row["run"], row["model"]) for row in rows] == [("l2x", "l2x_vector"), ("black_box", "baseline_mlp")]
     assert {"acc", "evalx_acc", "black_box_acc", "median_rank", "tpr"} <= set(rows[0])
-    report = in_tmp_dir / "checkpoints" / "xor_compare"
+    report = in_tmp_dir / "checkpoints" / "l2x_xor_compare"
     with open(report / "explanations.csv") as f:
         explained = list(csv.DictReader(f))
     assert [(r["run"], r["method"]) for r in explained] == [("l2x", m) for m in ("l2x", *FEATURE_METHODS)]

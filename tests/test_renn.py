@@ -235,7 +235,7 @@ def test_compare_trains_renn_against_the_cnn_and_the_lstm(in_tmp_dir: Path) -> N
     per_rule = {f"rule_{key}/{name}" for key in ("precision", "recall") for name in RULE_SERIES_RULES}
     assert {"acc", "rule_precision", "rule_recall", *per_rule} <= set(rows[0])
     assert all("acc" in row and "rule_precision" not in row for row in rows[1:])  # opaque twins: no rule map
-    assert (in_tmp_dir / "checkpoints" / "rule_series_compare" / "report.md").is_file()
+    assert (in_tmp_dir / "checkpoints" / "renn_rule_series_compare" / "report.md").is_file()
 
 
 # ------------------------------------------------------------------------------------------------ rule losses

@@ -408,7 +408,7 @@ def test_compare_trains_the_explanation_model_against_its_twins(in_tmp_dir) -> N
     assert [row["model"] for row in rows] == ["textual_explanation", "textual_description",
                                               "textual_explanation_label"]
     assert all({"acc", "cider_d", "class_rank", "bleu_4", "rouge_l"} <= set(row) for row in rows)
-    assert (in_tmp_dir / "checkpoints" / "explanation_compare" / "report.md").is_file()
+    assert (in_tmp_dir / "checkpoints" / "textual_explanation_compare" / "report.md").is_file()
 
 
 def test_captions_outside_the_vocabulary_are_named() -> None:

@@ -59,7 +59,7 @@ def test_the_readme_walkthrough_runs_on_a_tiny_image_folder(image_folder_root: P
     assert [g["name"] for g in groups] == ["backbone", "rest"]
     assert groups[0]["lr"] == pytest.approx(groups[1]["lr"] / 10)
     assert {row["run"] for row in runs["compare"]} >= {"icnn", "plain_cnn"}
-    assert (in_tmp_dir / "checkpoints" / "image_folder_compare" / "report.md").is_file()
+    assert (in_tmp_dir / "checkpoints" / "icnn_image_folder_compare" / "report.md").is_file()
     predictions = in_tmp_dir / "checkpoints" / "baselines_image_folder" / "predictions"
     with (predictions / "predictions.csv").open() as handle:
         rows = list(csv.DictReader(handle))

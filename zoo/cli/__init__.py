@@ -97,7 +97,7 @@ def main(args: list[str] | None = None) -> Any:
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--config", required=True, help="compare spec YAML, a family config or a run's config.yaml")
         parser.add_argument("--name", help="report folder under checkpoints/ (default: the spec's name, else "
-                                           "<config stem>_compare)")
+                                           "<config folder>_<stem>_compare)")
         parser.add_argument("--explain_images", type=int, help="override explain.num_images of the spec")
         parser.add_argument("--no_explain", action="store_true", help="skip the explainers")
         known, extra = parser.parse_known_args(argv[1:])

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 import yaml
 
-from zoo.cli.errors import configuration_phase
-from zoo.cli.lightning import ZooCLI, fit
+from zoo.cli.errors import configuration_phase, is_configuration_error
+from zoo.cli.lightning import ZooCLI, fit, merge_kwargs_options
 from zoo.cli.report import metric_directions, write_report
 
 ABLATE_HELP = """\
@@ -27,6 +27,9 @@ point is reused when the same settings run again ("point X: finished with the sa
 whose settings changed (another max_epochs, an edited config) runs again, an interrupted one resumes from its
 last.ckpt. The table averages every metric over seed_everything (<metric>_mean, <metric>_std) and goes to
 checkpoints/<name>/ablation.{md,csv}; each point's TensorBoard HPARAMS entry is in checkpoints/<name>/hparams/.
+Fit overrides reach every point; one that sets a --grid key is refused (the grid gives that key's values). Every
+point's arguments are checked before the first point runs; a configuration mistake (a mistyped key, a data folder
+that is not there) is said once, exit status 2, and leaves no folder of a point that did not run.
 """
 SEED_KEY = "seed_everything"
 
@@ -91,18 +94,66 @@ def write_hparams(folder: Path, point: dict[str, Any], metrics: dict[str, float]
             writer.add_scalar(key, value)
 
 
-def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[str]
+def option_name(arg: str) -> str | None:
+    """The dotted key an argument sets ("--a.b=1" or "--a.b" -> "a.b"); None for a value or a short option."""
+    return arg[2:].partition("=")[0] if arg.startswith("--") and len(arg) > 2 else None
+
+
+def check_extra(grid: dict[str, list[Any]], extra: list[str]) -> None:
+    """Refuse a fit override that sets a grid key (or a key inside one): it would give every point the same value,
+    silently, so the grid would train one setting several times."""
+    for arg in extra:
+        name = option_name(arg)
+        clash = next((key for key in grid if name is not None and (name == key or name.startswith(f"{key}."))), None)
+        if clash is not None:
+            raise ValueError(f"ablate: {arg!r} sets the grid key {clash!r}, whose values come from --grid "
+                             f"({grid[clash]}); drop the argument, or give the value in --grid.")
+
+
+def point_args(config: str, name: str, point: dict[str, Any], extra: list[str]) -> list[str]:
+    """A grid point's fit arguments: the config, the extra overrides, then the point's values (after the extra
+    ones, so the grid wins), then its logger name (its folder)."""
+    overrides = [f"--{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+                 for key, value in point.items()]
+    return ["--config", config, *extra, *overrides, f"--trainer.logger.init_args.name={name}/{point_name(point)}"]
+
+
+def point_cli(config: str, name: str, point: dict[str, Any], extra: list[str]) -> ZooCLI:
+    """A grid point's CLI (seeded and instantiated as `train.py fit` of the same arguments); a configuration
+    mistake is said once (`configuration_phase`)."""
+    with configuration_phase():
+        return ZooCLI(args=point_args(config, name, point, extra), run=False)
+
+
+def check_points(cli: ZooCLI, config: str, name: str, points: list[dict[str, Any]], extra: list[str]) -> None:
+    """Parse every grid point's arguments with `cli`'s parser (cheap: nothing is instantiated), so a grid value
+    the config refuses is said before the first point trains, not hours later."""
+    from pytorch_lightning.utilities.seed import isolate_rng
+
+    with isolate_rng():  # the first point's CLI is built: its fit draws what `train.py fit` would
+        for point in points:
+            cli.parser.parse_args(merge_kwargs_options(point_args(config, name, point, extra)))
+
+
+def remove_if_empty(folder: Path) -> None:
+    """`folder` and the folders above it up to checkpoints/, each only while empty."""
+    while folder.name != "checkpoints" and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
+
+
+def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[str], cli: ZooCLI | None = None
                    ) -> tuple[dict[str, float], dict[str, bool | None]]:
     """Fit one grid point (resuming from its last.ckpt), validate, and store result.json atomically; return its
     metrics and their directions. The point's resolved settings are hashed: a finished point with the same hash is
     reused (and said so); a point whose settings changed since (another max_epochs, a changed config file) is
-    moved to <name>/stale/ and run again from scratch."""
+    moved to <name>/stale/ and run again from scratch. `cli`: the point's CLI if already built (`point_cli`).
+
+    A configuration mistake found while training (a data folder that is not there, read at setup) is said once;
+    the point's folder is removed if this call made it, so a point that never ran leaves nothing behind."""
     folder = Path("checkpoints") / name / point_name(point)
     result_path, hash_path = folder / "result.json", folder / "settings.sha256"
-    overrides = [f"--{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-                 for key, value in point.items()]
-    logger = f"--trainer.logger.init_args.name={name}/{point_name(point)}"
-    cli = ZooCLI(args=["--config", config, *overrides, *extra, logger], run=False)
+    cli = cli if cli is not None else point_cli(config, name, point, extra)
     digest, label = settings_hash(cli), point_name(point)
     stored = hash_path.read_text().strip() if hash_path.is_file() else None
     if folder.is_dir() and stored != digest:
@@ -114,11 +165,18 @@ def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[st
     elif result_path.is_file():
         print(f"ablate: point {label}: finished with the same settings, reused")
         return json.loads(result_path.read_text())["metrics"], metric_directions(cli.model, "val")
+    new = not folder.is_dir()
     folder.mkdir(parents=True, exist_ok=True)
     hash_path.write_text(digest + "\n")  # before training: an interrupted point resumes only with these settings
     last = folder / "checkpoints" / "last.ckpt"
-    fit(cli, ckpt_path=str(last) if last.is_file() else None)
-    metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    try:
+        fit(cli, ckpt_path=str(last) if last.is_file() else None)
+        metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    except Exception as error:
+        if new and is_configuration_error(error) and not last.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # it never trained: nothing to resume
+            remove_if_empty(folder.parent)
+        raise
     metrics = {k.removeprefix("val/"): float(v) for k, v in metrics.items() if not k.startswith("val/loss")}
     write_hparams(Path("checkpoints") / name / "hparams" / label, point, metrics)
     tmp = result_path.with_suffix(".tmp")
@@ -153,12 +211,16 @@ def ablate(config: str, grid_items: list[str], name: str, extra: list[str]) -> l
     """Run every grid point (reusing finished ones whose settings are unchanged), write the table; each point's
     TensorBoard HPARAMS entry is written when the point finishes."""
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    with configuration_phase():
-        points = grid_points(parse_grid(grid_items))
+    with configuration_phase():  # the grid and the overrides; then every point's arguments, before any training
+        grid = parse_grid(grid_items)
+        points = grid_points(grid)
+        check_extra(grid, extra)
+    cli = point_cli(config, name, points[0], extra)
+    check_points(cli, config, name, points[1:], extra)
     results, directions = [], {}
     for index, point in enumerate(points, 1):
         print(f"\n=== ablate point {index}/{len(points)}: {point_name(point)} ===", flush=True)
-        metrics, point_directions = run_grid_point(config, name, point, extra)
+        metrics, point_directions = run_grid_point(config, name, point, extra, cli if index == 1 else None)
         results.append((point, metrics))
         directions |= point_directions
     rows = summarise(results)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import yaml
+from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
 from zoo.cli.errors import configuration_phase
 from zoo.cli.lightning import ZooCLI, fit
@@ -22,7 +24,8 @@ COMPARE_HELP = """\
 ICNNSystem: ordinary_twin, masked_twin, plain_cnn) or a compare spec, a YAML file with one top-level key:
 
 compare:
-  name: quickstart                      # report folder: checkpoints/<name>/ (--name overrides it)
+  name: quickstart                      # report folder: checkpoints/<name>/ (--name overrides it; without a
+                                        # name: <folder>_<stem> of the spec, e.g. icnn_compare_twins)
   args: ["--trainer.max_epochs=6"]      # overrides shared by every run
   runs:
     icnn: {config: configs/icnn/parts_world.yaml}
@@ -33,6 +36,12 @@ compare:
     methods: [cam, saliency, integrated_gradients, layer_gradcam, occlusion]
     num_images: 32
     step: 128                           # pixels per deletion/insertion step
+
+A family config's report goes to checkpoints/<folder>_<stem>_compare/, named after the config's folder and file
+(configs/icnn/parts_world.yaml: icnn_parts_world_compare; a config in the working directory: <stem>_compare), so
+the parts_world.yaml of every family has its own; --name overrides it. Each run is seeded and built as `train.py
+fit` of its config.yaml would be and starts its fit from the random state it had when built, so a run is
+reproduced by `train.py fit --config checkpoints/<name>/<run>/config.yaml`, whatever ran before it.
 """
 FIT_ONLY_KEYS = ("ckpt_path", "weights_only")  # `fit` arguments in a run's saved config.yaml; compare runs lack them
 BUDGET_KEYS = ("max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches", "fast_dev_run")
@@ -65,14 +74,27 @@ def declared_twins(config_path: str | Path, config: dict[str, Any]) -> dict[str,
     return {twin: [arg.format(**fields) for arg in args] for twin, args in twins.items()}
 
 
+def default_name(path: str | Path) -> str:
+    """A report folder name of its own for each config file: its folder and stem ("icnn_parts_world" for
+    configs/icnn/parts_world.yaml; every family has a parts_world.yaml), the stem alone for a file in the working
+    directory or directly in a configs/ folder. Characters unsafe in a path or a YAML scalar (the logger name is
+    parsed) become "_"."""
+    path = Path(path).resolve()
+    folder = path.parent
+    name = path.stem if folder == Path.cwd().resolve() or folder.name in ("configs", "") else \
+        f"{folder.name}_{path.stem}"
+    return re.sub(r"[^\w.=,+-]", "_", name)
+
+
 def read_compare_spec(path: str | Path) -> dict[str, Any]:
-    """A compare spec, or for a fit config the implied one: the config against every twin its System declares."""
+    """A compare spec, or for a fit config the implied one: the config against every twin its System declares,
+    reported in checkpoints/<folder>_<stem>_compare/ (`default_name`)."""
     spec = yaml.safe_load(Path(path).read_text()) or {}
     if "compare" not in spec:
         family = str((spec.get("model") or {}).get("class_path", "")).split(".")[1:2] or ["model"]
         runs = {family[0]: {"config": str(path)}}
         runs |= {twin: {"config": str(path), "args": args} for twin, args in declared_twins(path, spec).items()}
-        return {"name": f"{Path(path).stem}_compare", "runs": runs}
+        return {"name": f"{default_name(path)}_compare", "runs": runs}
     if not isinstance(spec.get("compare"), dict) or not spec["compare"].get("runs"):
         raise ValueError(f"{path} is not a compare spec.\n{COMPARE_HELP}")
     return spec["compare"]
@@ -130,25 +152,55 @@ def drop_twins_equal_to_the_model(runs: dict[str, Any], clis: dict[str, Any]) ->
     return {name: run for name, run in runs.items() if name not in same}
 
 
+class BatchCounter(pl.Callback):
+    """Counts the validation batches a run reads (limit_val_batches and fast_dev_run read fewer than there are)."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        self.batches += 1
+
+
+def validate_counting(cli: ZooCLI) -> tuple[dict[str, Any], int]:
+    """`trainer.validate` of a run, its metrics and the number of samples it read: its batches times the batch
+    size, at most the validation set (every batch before a loader's last is full)."""
+    counter = BatchCounter()
+    cli.trainer.callbacks.append(counter)
+    try:
+        metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    finally:
+        cli.trainer.callbacks.remove(counter)
+    loaders = cli.datamodule.val_dataloader()
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+    size = sum(len(item.dataset) for item in (loaders if isinstance(loaders, (list, tuple)) else [loaders]))
+    batch_size = loader.batch_size or getattr(cli.datamodule, "batch_size", 1)  # None under a batch_sampler
+    return metrics, min(counter.batches * batch_size, size)
+
+
 def compare(spec_path: str, extra: list[str], explain_images: int | None = None, explain: bool = True,
             name: str | None = None) -> list[dict[str, Any]]:
     """Train every run of a compare spec with the same data, seed and budget; evaluate; write report.md/.csv and one
     explanation figure (every run in one figure, one image per column; each run's part also in its TensorBoard run).
 
-    Every run starts from the same seed (`seed_everything` again before its fit), so each model sees the same
-    initial random stream whatever ran before it. `name` (--name) overrides the spec's report folder name."""
+    Every run is seeded and built as `train.py fit` seeds and builds it (`seed_everything` before instantiating
+    its classes), and its fit starts from the random state the run had right after it was built: the run is
+    reproduced by `train.py fit` of its config.yaml, whatever ran before it. `name` (--name) overrides the spec's
+    report folder name."""
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # compare builds its own args
     with configuration_phase():  # a spec, config or run that does not hold: said once, before any training
         spec = read_compare_spec(spec_path)
         explain_settings = dict(spec.get("explain") or {})
         if explain_images is not None:
             explain_settings["num_images"] = explain_images
-        name, common = name or spec.get("name", Path(spec_path).stem), list(spec.get("args", []))
+        name, common = name or spec.get("name") or default_name(spec_path), list(spec.get("args", []))
         runs = spec["runs"]
-        clis = {run_name: ZooCLI(args=_fit_args(run_name, run, Path(spec_path), common,
-                                                [*extra, f"--trainer.logger.init_args.name={name}/{run_name}"]),
-                                 run=False)
-                for run_name, run in runs.items()}
+        clis, random_states = {}, {}
+        for run_name, run in runs.items():  # each seeded, then built, as `train.py fit` does
+            clis[run_name] = ZooCLI(args=_fit_args(run_name, run, Path(spec_path), common,
+                                                   [*extra, f"--trainer.logger.init_args.name={name}/{run_name}"]),
+                                    run=False)
+            random_states[run_name] = _collect_rng_states()  # where `train.py fit` starts its fit
         check_same_setting({run_name: cli.config for run_name, cli in clis.items()})  # before any training starts
         runs = drop_twins_equal_to_the_model(runs, clis)
     folder = Path("checkpoints") / name
@@ -160,18 +212,17 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
         cli = clis[run_name]
         print(f"\n=== compare run {index}/{len(runs)}: {run_name} ({folder / run_name}) ===", flush=True)
         start = time.perf_counter()
+        _set_rng_states(random_states[run_name])  # as right after it was built, whatever ran before it
         if run.get("checkpoint"):  # evaluate trained weights instead of training
             with configuration_phase():
                 load_system_weights(cli.model, run["checkpoint"])
             cli.datamodule.setup("validate")
         else:
-            if cli.config.seed_everything is not False:
-                pl.seed_everything(cli.config.seed_everything)  # the same random stream for every run
             fit(cli)
         fit_seconds = time.perf_counter() - start
         train_samples = cli.trainer.global_step * cli.datamodule.batch_size
         start = time.perf_counter()
-        metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+        metrics, val_samples = validate_counting(cli)
         val_seconds = time.perf_counter() - start
         directions |= metric_directions(cli.model, "val")
         report = cli.model.explanation_report(cli.datamodule, explain_settings) if explain else None
@@ -189,7 +240,7 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
             **{k.removeprefix("val/"): round(float(v), 4) for k, v in sorted(metrics.items())
                if not k.startswith("val/loss")},
             "train_samples_per_s": round(train_samples / fit_seconds, 1) if train_samples else "",
-            "infer_samples_per_s": round(len(cli.datamodule.val_dataloader().dataset) / val_seconds, 1),
+            "infer_samples_per_s": round(val_samples / val_seconds, 1),
         })
     if explained_runs:
         save_figure(explanation_figure(explained_runs, clis[explained_runs[0].name].datamodule),

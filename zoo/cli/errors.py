@@ -47,7 +47,12 @@ def mark(error: BaseException) -> BaseException:
 
 
 def is_configuration_error(error: BaseException) -> bool:
-    return bool(getattr(error, MARK, False))
+    """Marked, or by its kind the user's file wherever it is found: a data folder not in its layout (some are read
+    only at setup, inside the fit) or a checkpoint that does not fit the run (Lightning loads it late)."""
+    from datamodules._base import DatasetLayoutError
+    from zoo.weights import CheckpointError
+
+    return bool(getattr(error, MARK, False)) or isinstance(error, (DatasetLayoutError, CheckpointError))
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -177,14 +182,10 @@ class ZooArgumentParser(LightningArgumentParser):
 
 def command_line(main: Any, args: list[str] | None = None) -> Any:
     """Run `main(args)`; a configuration error is printed once, without a traceback, and exits with status 2."""
-    from zoo.weights import CheckpointError
-
     try:
         return main(args)
     except Exception as error:
-        # a checkpoint that does not fit the run is the user's file, wherever it is found (Lightning loads it late)
-        wrong_file = isinstance(error, CheckpointError)
-        if not (is_configuration_error(error) or wrong_file) or debug_requested():
+        if not is_configuration_error(error) or debug_requested():
             raise
         sys.stderr.write(f"train.py: error: {error}\n(JSONARGPARSE_DEBUG=1 shows the traceback)\n")
         sys.exit(2)

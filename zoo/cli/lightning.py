@@ -118,11 +118,11 @@ class ZooCLI(LightningCLI):
         restore_null_kwargs(self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        """`predict` gets the zoo's PredictionWriter unless the config names a prediction writer. Only `fit` writes
-        the run's config.yaml: validate, test and predict of a run leave the config that trained it, which every
-        command then takes back (their own options, such as validate's `verbose`, would make fit refuse it)."""
+        """`predict` gets the zoo's PredictionWriter unless the config names a prediction writer. Only training
+        writes the run's config.yaml: validate, test and predict of a run leave the config that trained it, which
+        every command then takes back (their own options, such as validate's `verbose`, would make fit refuse it)."""
         trainer = super().instantiate_trainer(**kwargs)
-        if self.subcommand != "fit":
+        if self.subcommand in ("validate", "test", "predict"):  # fit, and compare / ablate runs, write it
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
             from zoo.cli.predict import PredictionWriter

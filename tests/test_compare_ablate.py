@@ -1,0 +1,104 @@
+"""compare and ablate: configuration mistakes said once, grid values that win, report folders of their own, honest
+inference throughput, and compare runs that `train.py fit` of their config.yaml reproduces."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO
+from train import command_line, main
+
+SMALL_WORLD = ["--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.num_test=32"]
+BASELINE = str(REPO / "configs/baselines/parts_world.yaml")
+WEIGHT = "model.init_args.loss.init_args.weight"
+
+
+def said_once(capsys: pytest.CaptureFixture, args: list[str]) -> str:
+    """train.py's stderr for `args`, which must fail with a one-line configuration error (exit status 2)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        command_line(args)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error, error
+    return error
+
+
+def test_ablate_says_a_missing_data_folder_once_and_leaves_no_folder(in_tmp_dir: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """IMDB finds its missing root only at setup, inside the fit: still one line, exit 2, no point folder."""
+    args = ["ablate", "--config", str(REPO / "configs/l2x/imdb.yaml"), "--name", "no_data",
+            "--grid", "seed_everything=[0]", "--data.init_args.root=missing", "--trainer.fast_dev_run=true"]
+    error = said_once(capsys, args)
+    assert error.startswith("train.py: error: IMDB root 'missing' does not exist.") and error.count("exist") == 1
+    assert not (in_tmp_dir / "checkpoints" / "no_data").exists()
+
+
+def test_ablate_checks_every_points_arguments_before_the_first_trains(in_tmp_dir: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    error = said_once(capsys, ["ablate", "--config", BASELINE, "--name", "bad_value",
+                               "--grid", "seed_everything=[0,not_a_seed]", "--trainer.fast_dev_run=true"])
+    assert "seed_everything" in error
+    assert not (in_tmp_dir / "checkpoints").exists()  # the first point did not train
+
+
+def test_ablate_refuses_an_override_of_a_grid_key_and_the_grid_wins(in_tmp_dir: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    args = ["ablate", "--config", str(REPO / "configs/icnn/parts_world.yaml"), "--name", "clash",
+            "--grid", f"{WEIGHT}=[0,1]", f"--{WEIGHT}=5", "--trainer.fast_dev_run=true", *SMALL_WORLD]
+    with pytest.raises(ValueError, match=f"'--{WEIGHT}=5' sets the grid key '{WEIGHT}'"):
+        main(args)
+    assert "sets the grid key" in said_once(capsys, args)
+    assert not (in_tmp_dir / "checkpoints").exists()
+    from zoo.cli.ablate import point_cli
+
+    # callers of run_grid_point (benchmarks) are not checked: there the grid's value still wins over an override
+    cli = point_cli(str(REPO / "configs/icnn/parts_world.yaml"), "direct", {WEIGHT: 0}, [f"--{WEIGHT}=5", *SMALL_WORLD])
+    assert cli.model.loss.weight == 0
+
+
+def test_compare_reports_every_family_config_in_a_folder_of_its_own(in_tmp_dir: Path) -> None:
+    from zoo.cli.compare import default_name, read_compare_spec
+
+    names = [read_compare_spec(REPO / f"configs/{family}/parts_world.yaml")["name"]
+             for family in ("icnn", "cbm", "protopnet")]
+    assert names == ["icnn_parts_world_compare", "cbm_parts_world_compare", "protopnet_parts_world_compare"]
+    (in_tmp_dir / "mine.yaml").write_text("compare: {runs: {a: {config: x.yaml}}}\n")
+    (in_tmp_dir / "my data").mkdir()
+    assert default_name("mine.yaml") == "mine" and default_name(in_tmp_dir / "my data" / "x.yaml") == "my_data_x"
+
+
+def test_compare_counts_the_samples_it_validated(in_tmp_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """limit_val_batches=1 of batch size 8 reads 8 of the 32 validation samples: 8 samples per (fake) second."""
+    import importlib
+
+    clock = iter(range(1000))  # every perf_counter call one second later
+    module = importlib.import_module("zoo.cli.compare")  # zoo.cli.compare itself is the function
+    monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    spec = {"compare": {"name": "speed", "args": [*SMALL_WORLD, "--data.init_args.batch_size=8",
+                                                  "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+                                                  "--trainer.limit_val_batches=1"],
+                        "runs": {"only": {"config": BASELINE}}}}
+    (in_tmp_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    (row,) = main(["compare", "--config", "spec.yaml", "--no_explain"])
+    assert row["infer_samples_per_s"] == 8.0 and row["train_samples_per_s"] == 16.0
+
+
+def test_fit_of_a_compare_runs_config_reproduces_its_weights(in_tmp_dir: Path) -> None:
+    """The second run (after another one trained) and `train.py fit` of its saved config.yaml: the same last.ckpt."""
+    spec = {"compare": {"name": "again", "args": [*SMALL_WORLD, "--trainer.max_epochs=1",
+                                                  "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
+                                                  "--data.init_args.batch_size=8"],
+                        "runs": {"first": {"config": BASELINE}, "second": {"config": BASELINE}}}}
+    (in_tmp_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    main(["compare", "--config", "spec.yaml", "--no_explain"])
+    run = in_tmp_dir / "checkpoints" / "again" / "second"
+    assert (run / "config.yaml").is_file(), "a compare run saves its resolved config.yaml"
+    main(["fit", "--config", str(run / "config.yaml"), "--trainer.logger.init_args.name=refit"])
+    compared, refit = (torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+                       for folder in (run, in_tmp_dir / "checkpoints" / "refit"))
+    assert compared.keys() == refit.keys() and all(torch.equal(compared[k], refit[k]) for k in compared)
