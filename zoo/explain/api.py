@@ -57,6 +57,20 @@ def own_explanation(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor
                      f"generator that explains with boxes or sentences); use a Captum method instead.")
 
 
+def can_explain(model: nn.Module, method: str) -> bool:
+    """Whether `model` can run `method`: the self-explanation needs an `own_explanation` or a pooled head (timm's
+    `forward_features`, `forward_head`, `get_classifier`), Grad-CAM on the head's input needs a `head` module; a
+    flattening head or a model with another head (concept bottlenecks, prototypes) has none."""
+    from zoo.explain.captum import SELF_EXPLANATION
+
+    if method == SELF_EXPLANATION:
+        return callable(getattr(model, "own_explanation", None)) or all(
+            hasattr(model, name) for name in ("forward_features", "forward_head", "get_classifier"))
+    if method == "layer_gradcam":
+        return hasattr(model, "forward_head") and isinstance(getattr(model, "head", None), nn.Module)
+    return True
+
+
 def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
             target: int | torch.Tensor | None = None) -> torch.Tensor:
     """Importance maps of `method` ("own" or a Captum method name) for class `target` (None: the prediction).
@@ -73,7 +87,6 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
     """
     from zoo.explain.captum import FEATURE_METHODS, POSTHOC_METHODS, attribute_features
     from zoo.explain.captum import explain as captum_explain
-    from zoo.explain.scores import can_explain
 
     net = unwrap(model)
     if not isinstance(images, torch.Tensor) or images.ndim not in (2, 3, 4):

@@ -11,7 +11,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from zoo.figures import class_name, heatmap_overlay, new_figure
-from zoo.explain.api import own_explanation
+from zoo.explain.api import can_explain, own_explanation
 from zoo.explain.captum import POSTHOC_METHODS, SELF_EXPLANATION, LogitsOnly, explain
 from zoo.explain.faithfulness import AttributionInMask, DeletionAUC, InsertionAUC
 
@@ -65,18 +65,6 @@ def self_explanation(model: nn.Module, images: torch.Tensor, target: torch.Tenso
     has one, e.g. ProtoPNet's prototype evidence, else the class activation map of its pooled head), >= 0."""
     with torch.no_grad():
         return own_explanation(model, images, target).float().relu()
-
-
-def can_explain(model: nn.Module, method: str) -> bool:
-    """Whether `model` can run `method`: the self-explanation needs an `own_explanation` or a pooled head (timm's
-    `forward_features`, `forward_head`, `get_classifier`), Grad-CAM on the head's input needs a `head` module; a
-    flattening head or a model with another head (concept bottlenecks, prototypes) has none."""
-    if method == SELF_EXPLANATION:
-        return callable(getattr(model, "own_explanation", None)) or all(
-            hasattr(model, name) for name in ("forward_features", "forward_head", "get_classifier"))
-    if method == "layer_gradcam":
-        return hasattr(model, "forward_head") and isinstance(getattr(model, "head", None), nn.Module)
-    return True
 
 
 def explain_validation_images(system: nn.Module, datamodule: Any, settings: dict[str, Any]
