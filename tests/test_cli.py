@@ -548,3 +548,29 @@ def test_mistyped_commands_options_and_model_arguments_get_a_did_you_mean(capsys
         zoo.create_model("icnn_tinycnn", tau_scal=8)  # model_kwargs is a free mapping: its keys are checked here
     with pytest.raises(ValueError, match="l2x_vector: unknown argument 'kk' .*Did you mean 'k'"):
         zoo.create_model("l2x_vector", kk=3)
+
+
+def test_late_configuration_mistakes_keep_their_message(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """A model_kwargs typo lost its did-you-mean under the CLI (its root cause was the bare TypeError); `mean:
+    pretrained` on a backbone without a timm config printed a traceback; model_kwargs did not win num_classes."""
+    from train import command_line
+    from zoo.registry import create_model_for_data
+
+    config = str(REPO / "configs/icnn/parts_world.yaml")
+    for args, message in ((["--model.init_args.model_kwargs.tau_scal=3"], "Did you mean 'tau_scale'?"),
+                          (["--data.init_args.mean=pretrained"], "no timm pretrained config with a mean and std")):
+        with pytest.raises(SystemExit) as exit_info:
+            command_line(["fit", "--config", config, "--trainer.fast_dev_run=true", *SMALL_WORLD, *args])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in error and "Traceback" not in error, message
+    assert create_model_for_data("baseline_tinycnn", 6, 3, None, None, {"num_classes": 10}).num_classes == 10
+
+
+def test_timm_habits_get_an_answer() -> None:
+    """pretrained=False is what the zoo does anyway; pretrained=True and reset_classifier(0) are refused by name."""
+    assert zoo.create_model("baseline_tinycnn", pretrained=False).num_classes > 0
+    with pytest.raises(ValueError, match="pretrained=True would download weights.*pretrained_path"):
+        zoo.create_model("baseline_tinycnn", pretrained=True)
+    for name in ("baseline_tinycnn", "icnn_tinycnn", "protopnet_tinycnn", "cbm_tinycnn", "renn_series"):
+        with pytest.raises(ValueError, match="reset_classifier needs num_classes >= 1; got 0"):
+            zoo.create_model(name, num_classes=3).reset_classifier(0)

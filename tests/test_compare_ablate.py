@@ -102,3 +102,16 @@ def test_fit_of_a_compare_runs_config_reproduces_its_weights(in_tmp_dir: Path) -
     compared, refit = (torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
                        for folder in (run, in_tmp_dir / "checkpoints" / "refit"))
     assert compared.keys() == refit.keys() and all(torch.equal(compared[k], refit[k]) for k in compared)
+
+
+def test_twins_take_the_backbone_after_the_family_prefix_and_ablate_folders_are_per_config(
+        in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """`{backbone}` of aog_rcnn_tinycnn was "rcnn_tinycnn" (the part after the first "_"); an ablation of every
+    family's parts_world.yaml shared checkpoints/parts_world_ablation/ and moved the other's points aside."""
+    from zoo.cli.compare import backbone_part
+
+    assert [backbone_part(n) for n in ("aog_rcnn_tinycnn", "icnn_resnet18", "cem_tinycnn")] == \
+        ["tinycnn", "resnet18", "tinycnn"]
+    main(["ablate", "--config", BASELINE, "--grid", "seed_everything=[0]", "--trainer.fast_dev_run=true",
+          *SMALL_WORLD])
+    assert (in_tmp_dir / "checkpoints" / "baselines_parts_world_ablation" / "ablation.md").is_file()

@@ -15,7 +15,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from zoo.checks import check_input, close_names
+from zoo.checks import check_input, check_new_head, close_names
 from zoo.weights import LoadReport, load_backbone_weights
 
 TINY_CNN = "tinycnn"
@@ -177,6 +177,7 @@ class ClassifierHeadMixin:
     num_classes: int
 
     def reset_classifier(self, num_classes: int) -> None:
+        check_new_head(self, num_classes)
         self.num_classes = num_classes
         if isinstance(self.head, PooledLinearHead):
             self.head.reset(num_classes)

@@ -7,6 +7,7 @@ host-device synchronisation; on an accelerator a bad value surfaces as the non-f
 from __future__ import annotations
 
 import difflib
+import operator
 from typing import Any
 
 import torch
@@ -90,3 +91,19 @@ def close_names(name: str, names: list[str] | tuple[str, ...], n: int = 5, cutof
     for known in names:
         by_lower.setdefault(known.lower(), known)
     return [by_lower[m] for m in difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=cutoff)]
+
+
+def check_new_head(owner: nn.Module, num_classes: Any) -> None:
+    """`reset_classifier(num_classes)` takes a class count >= 1: the zoo's models are classifiers whose explanations
+    read their head, so timm's `reset_classifier(0)` (drop the head) is refused; `forward_features` gives features."""
+    if not positive_int(num_classes):
+        raise ValueError(f"{type(owner).__name__}.reset_classifier needs num_classes >= 1; got {num_classes!r} (the "
+                         f"zoo keeps a head to explain; use forward_features for features alone).")
+
+
+def positive_int(value: Any) -> bool:
+    """An integer >= 1 of any integer type (Python, NumPy), not a bool or a float."""
+    try:
+        return not isinstance(value, bool) and operator.index(value) >= 1
+    except TypeError:
+        return False

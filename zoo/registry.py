@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-import operator
 import re
 import sys
 from typing import Any, Callable
 
 import torch.nn as nn
 
-from zoo.checks import close_names
+from zoo.checks import close_names, positive_int
 from zoo.weights import log_load_reports
 
 _model_factories: dict[str, Callable[..., nn.Module]] = {}
@@ -61,14 +60,6 @@ def list_models(pattern: str | None = None) -> list[str]:
 POSITIVE_SIZES = ("num_classes", "in_chans", "image_size", "num_features", "vocab_size", "max_len", "length")
 
 
-def _positive_int(value: Any) -> bool:
-    """An integer >= 1 of any integer type (Python, NumPy), not a bool or a float."""
-    try:
-        return not isinstance(value, bool) and operator.index(value) >= 1
-    except TypeError:
-        return False
-
-
 def _init_arguments(class_name: str, factory: Callable[..., nn.Module]) -> list[str]:
     """The keyword arguments of `factory` and of the class `class_name` it builds (found in the factory's module or
     the zoo's), for a did-you-mean."""
@@ -93,11 +84,17 @@ def model_factory(name: str) -> Callable[..., nn.Module]:
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
-    """Create a registered model; keyword arguments set to None are dropped so factory defaults apply."""
+    """Create a registered model; keyword arguments set to None are dropped so factory defaults apply.
+
+    timm's `pretrained=False` is accepted (it is what the zoo does anyway); `pretrained=True` is refused: the zoo
+    never downloads, a local weight file comes as `pretrained_path`."""
     factory = model_factory(name)
+    if kwargs.pop("pretrained", False):
+        raise ValueError(f"{name}: pretrained=True would download weights, which the zoo never does; save them once "
+                         f"to a file and pass pretrained_path=<file> (README: Real data and pretrained weights).")
     for key in POSITIVE_SIZES:  # 0 classes or channels would build a model that fails at its first batch
         value = kwargs.get(key)
-        if value is not None and not _positive_int(value):
+        if value is not None and not positive_int(value):
             raise ValueError(f"{name}: {key} must be a positive integer; got {value!r}.")
     try:
         model = factory(**{k: v for k, v in kwargs.items() if v is not None})
@@ -108,7 +105,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         accepted = _init_arguments(unknown.group(1), factory)
         close = close_names(unknown.group(2), accepted, n=1, cutoff=0.6)
         hint = f" Did you mean {close[0]!r}?" if close else f" It takes: {', '.join(accepted)}."
-        raise ValueError(f"{name}: unknown argument {unknown.group(2)!r} (model_kwargs).{hint}") from error
+        # from None: the CLI reports an error's root cause, which would otherwise be the TypeError without the hint
+        raise ValueError(f"{name}: unknown argument {unknown.group(2)!r} (model_kwargs).{hint}") from None
     log_load_reports(model)  # what a pretrained_path gave: loaded / skipped / new tensors
     return model
 
@@ -120,4 +118,4 @@ def create_model_for_data(name: str, num_classes: int, in_chans: int | None, ima
     kwargs = {"in_chans": in_chans, **(data_inputs or {})}
     if image_size is not None and needs_image_size(name):  # e.g. ICNN's template bank is sized for its top map
         kwargs["image_size"] = image_size
-    return create_model(name, num_classes=num_classes, **{**kwargs, **(model_kwargs or {})})
+    return create_model(name, **{"num_classes": num_classes, **kwargs, **(model_kwargs or {})})

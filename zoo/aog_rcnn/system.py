@@ -39,13 +39,13 @@ class AOGRCNNSystem(ZooSystem):
             the `stages` given). Other arguments as ZooSystem's; `loss` is not taken: the detector computes its own.
 
     Twins (`train.py compare --config configs/aog_rcnn/<x>.yaml`): R-FCN's average vote and torchvision's
-    TwoMLPHead on the same backbone, RPN and proposals. `{backbone}` is the model name after its first "_"
-    ("rcnn_tinycnn" for "aog_rcnn_tinycnn"), so the twins' names are "vote_" / "faster_" + it.
+    TwoMLPHead on the same backbone, RPN and proposals. `{backbone}` is the model name less the family's prefix
+    ("tinycnn" for "aog_rcnn_tinycnn"), so the twins' names are "vote_rcnn_" / "faster_rcnn_" + it.
     """
 
     TWINS: ClassVar[dict[str, list[str]]] = {
-        "average_vote": ["--model.init_args.model_name=vote_{backbone}"],
-        "two_mlp_head": ["--model.init_args.model_name=faster_{backbone}"],
+        "average_vote": ["--model.init_args.model_name=vote_rcnn_{backbone}"],
+        "two_mlp_head": ["--model.init_args.model_name=faster_rcnn_{backbone}"],
     }
 
     def __init__(self, model_name: str = "aog_rcnn_tinycnn", num_classes: int = 4, in_chans: int | None = 3,

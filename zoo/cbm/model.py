@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.backbones import TINY_CNN, Backbone
+from zoo.checks import check_new_head
 from zoo.registry import register_model
 
 PARTS_WORLD_CONCEPTS = 36  # the parts world's part types (6 shapes x 6 colours): its `attributes`
@@ -138,6 +139,7 @@ class ConceptBottleneckModel(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new f for `num_classes` (the concept layer, what transfers, is kept)."""
+        check_new_head(self, num_classes)
         self.num_classes = num_classes
         self.task_head = nn.Linear(self.task_inputs, num_classes)
 

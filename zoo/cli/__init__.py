@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 from zoo.cli.ablate import ABLATE_HELP, ablate
-from zoo.cli.compare import COMPARE_HELP, compare
+from zoo.cli.compare import COMPARE_HELP, compare, default_name
 from zoo.checks import close_names
 from zoo.cli.errors import command_line as _command_line
 from zoo.cli.errors import mark
@@ -109,10 +108,10 @@ def main(args: list[str] | None = None) -> Any:
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         parser.add_argument("--config", required=True, help="a fit config")
         parser.add_argument("--grid", action="append", required=True, help="key=[v1,v2,...]; repeat for axes")
-        parser.add_argument("--name", help="folder under checkpoints/ (default: <config stem>_ablation)")
+        parser.add_argument("--name", help="folder under checkpoints/ (default: <config folder>_<stem>_ablation)")
         known, extra = parser.parse_known_args(argv[1:])
         check_own_options(parser, extra)
-        return ablate(known.config, known.grid, known.name or f"{Path(known.config).stem}_ablation", extra)
+        return ablate(known.config, known.grid, known.name or f"{default_name(known.config)}_ablation", extra)
     return ZooCLI(args=args)
 
 

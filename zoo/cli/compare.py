@@ -70,8 +70,19 @@ def declared_twins(config_path: str | Path, config: dict[str, Any]) -> dict[str,
                  if parameter.default is not inspect.Parameter.empty} | (model.get("init_args") or {})
     fields = {name: value if isinstance(value, str) else json.dumps(value) for name, value in init_args.items()
               if value is None or isinstance(value, (str, int, float, bool, list, dict))}
-    fields["backbone"] = str(init_args.get("model_name", "")).split("_", 1)[-1]
+    fields["backbone"] = backbone_part(str(init_args.get("model_name", "")))
     return {twin: [arg.format(**fields) for arg in args] for twin, args in twins.items()}
+
+
+def backbone_part(model_name: str) -> str:
+    """`{backbone}` of a twin: the model name less its family's prefix ("tinycnn" of aog_rcnn_tinycnn and of
+    icnn_tinycnn), else less its first "_"-separated part (a model named otherwise than its family, cem_tinycnn)."""
+    from zoo.registry import list_models, model_family
+
+    family = model_family(model_name) if model_name in list_models() else ""
+    if family and model_name.startswith(f"{family}_"):
+        return model_name.removeprefix(f"{family}_")
+    return model_name.split("_", 1)[-1]
 
 
 def default_name(path: str | Path) -> str:

@@ -11,7 +11,8 @@ checkpoint of another model) surfaces in three places, each handled here:
 - compare and ablate building their runs (`configuration_phase`).
 
 Such errors are marked (`is_configuration_error`); `command_line()` (train.py) prints a marked error once, as
-"train.py: error: <message>", and exits with status 2 (with JSONARGPARSE_DEBUG=1 it raises, traceback and all).
+"train.py: error: <message>", and exits with status 2 (with JSONARGPARSE_DEBUG=true it raises, traceback and all;
+jsonargparse itself takes only true/false there).
 From Python (`zoo.cli.main([...])`) they are raised.
 """
 
@@ -162,7 +163,7 @@ def clean(message: str) -> str:
 
 
 class ZooArgumentParser(LightningArgumentParser):
-    """LightningArgumentParser with short errors (see the module docstring); `JSONARGPARSE_DEBUG=1` or
+    """LightningArgumentParser with short errors (see the module docstring); `JSONARGPARSE_DEBUG=true` or
     `exit_on_error=False` keep jsonargparse's own behaviour."""
 
     def parse_args(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
@@ -187,5 +188,5 @@ def command_line(main: Any, args: list[str] | None = None) -> Any:
     except Exception as error:
         if not is_configuration_error(error) or debug_requested():
             raise
-        sys.stderr.write(f"train.py: error: {error}\n(JSONARGPARSE_DEBUG=1 shows the traceback)\n")
+        sys.stderr.write(f"train.py: error: {error}\n(JSONARGPARSE_DEBUG=true shows the traceback)\n")
         sys.exit(2)

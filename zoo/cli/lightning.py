@@ -136,8 +136,8 @@ class ZooCLI(LightningCLI):
         datamodule's `mean: pretrained` is resolved with the model's backbone (its pretrained mean and std)."""
         with configuration_phase():
             super().instantiate_classes()
-        if getattr(self.datamodule, "mean", None) == "pretrained":
-            self.datamodule.use_pretrained_normalization(backbone_name(self.model))
+            if getattr(self.datamodule, "mean", None) == "pretrained":  # a backbone without a timm config: said once
+                self.datamodule.use_pretrained_normalization(backbone_name(self.model))
 
     def before_fit(self) -> None:
         """Auxiliary models (L2X's black box, the textual sentence classifier) are trained before the fit is

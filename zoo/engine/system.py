@@ -165,7 +165,8 @@ class ZooSystem(pl.LightningModule):
         """Online statistics after a training forward (never in evaluation)."""
 
     def update_metrics(self, out: dict[str, Any], batch: Any, stage: str) -> None:
-        """Default: accuracy of out["logits"] against the target (every stage)."""
+        """Default: out["logits"] against the target into the "acc" metric of each stage the System added one for
+        (`add_metric("acc", ...)`; the base adds none, since what accuracy means is the family's choice)."""
         if "logits" in out and self.target_key in batch:
             self.log_metric(stage, "acc", out["logits"].detach(), batch[self.target_key], prog_bar=True)
 

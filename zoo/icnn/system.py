@@ -21,7 +21,7 @@ class ICNNSystem(ZooSystem):
 
     Twins (`train.py compare --config configs/icnn/<x>.yaml`): the paper's ordinary twin (the same network with
     ordinary conv layers, lambda 0), the masked twin (masks kept, lambda 0: an ablation of the masks) and the
-    plain classifier on the same backbone (`{backbone}` is the model name's part after "icnn_").
+    plain classifier on the same backbone (`{backbone}` is the model name less "icnn_").
     """
 
     TWINS: ClassVar[dict[str, list[str]]] = {

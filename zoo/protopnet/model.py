@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.backbones import TINY_CNN, Backbone
+from zoo.checks import check_new_head
 from zoo.registry import register_model
 
 EPSILON = 1e-4  # the paper's epsilon in log((d + 1) / (d + eps))
@@ -173,6 +174,7 @@ class ProtoPNet(nn.Module):
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new head for `num_classes`: new prototypes (m per class) and last layer; backbone and add-on kept."""
+        check_new_head(self, num_classes)
         device = self.last_layer.weight.device
         self.num_classes = num_classes
         if self.has_prototypes:

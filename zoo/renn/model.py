@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.checks import check_input, close_names
+from zoo.checks import check_input, check_new_head, close_names
 from zoo.layers import cached_constant
 from zoo.registry import register_model
 
@@ -334,6 +334,7 @@ class ReNN(nn.Module):
         return [{name: row.nonzero().flatten().tolist() for name, row in zip(names, sample)} for sample in flags]
 
     def reset_classifier(self, num_classes: int) -> None:
+        check_new_head(self, num_classes)
         self.num_classes = num_classes
         self.head.fc = nn.Linear(self.head.fc.in_features, num_classes)
 
