@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+import zoo
 from benchmarks.op_counts import FAMILIES, build
 
 COMPILABLE = [family for family in FAMILIES if family != "aog_rcnn"]
@@ -112,3 +113,13 @@ def test_a_detector_compiles_its_backbone_with_a_warning() -> None:
     torch._dynamo.reset()
     eager, compiled = losses("aog_rcnn", False), losses("aog_rcnn", "aot_eager")
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_a_compiled_selector_takes_batches_of_another_size() -> None:
+    """The Concrete sample drew torch.rand of the batch size, which dynamo could not trace once the size became
+    symbolic: a compiled L2X step failed on an epoch's last, smaller batch."""
+    torch.manual_seed(0)
+    model = zoo.create_model("l2x_vector", num_classes=2, num_features=10, k=3).train()
+    compiled = torch.compile(model, backend="aot_eager")
+    for batch in (8, 5, 7):
+        compiled(torch.randn(batch, 10))["logits"].sum().backward()

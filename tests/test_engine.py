@@ -241,3 +241,30 @@ def test_picture_folder_is_read_without_a_collective(tmp_path: Path) -> None:
     assert (Path(logger.log_dir) / "filters").is_dir()
     bare = SimpleNamespace(loggers=[], default_root_dir=str(tmp_path / "root"), strategy=trainer.strategy)
     assert FixedBatchCallback.run_folder(bare, "x") is None  # no run folder: pictures are drawn, not written
+
+
+def test_a_helper_trained_or_loaded_leaves_the_random_stream_alone(tmp_path: Path) -> None:
+    """Training a helper drew from the global generator and loading it from the cache did not, so a rerun that
+    reused the cache (or a killed run resumed) trained the main model on another stream."""
+    trained = WithTeacher("baseline_tinycnn", num_classes=6, teacher_epochs=1)
+    pl.seed_everything(0)
+    prepare_auxiliaries(trained, cpu_trainer(tmp_path), data())
+    assert trained.fits > 0
+    after_training = torch.rand(3)
+    reused = WithTeacher("baseline_tinycnn", num_classes=6, teacher_epochs=1)
+    pl.seed_everything(0)  # the same point of the stream as the first call
+    prepare_auxiliaries(reused, cpu_trainer(tmp_path), data())
+    assert reused.fits == 0 and torch.equal(torch.rand(3), after_training)
+
+
+def test_a_checkpoint_of_another_system_is_refused_on_resume_by_last(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--ckpt_path last` skips the CLI's check of the file: the System's own load refuses another System's run."""
+    from zoo.baselines.system import ClassifierSystem
+    from zoo.icnn.system import ICNNSystem
+
+    checkpoint = {"hyper_parameters": {"_class_path": "zoo.icnn.system.ICNNSystem", "model_name": "icnn_tinycnn",
+                                       "num_classes": 3, "in_chans": 3}}
+    with pytest.raises(CheckpointError, match="written by ICNNSystem .*this run is ClassifierSystem"):
+        ClassifierSystem("icnn_tinycnn", num_classes=3).on_load_checkpoint(checkpoint)
+    ICNNSystem("icnn_tinycnn", num_classes=3).on_load_checkpoint(checkpoint)  # its own kind loads

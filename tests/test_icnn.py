@@ -476,3 +476,17 @@ def test_masked_maps_and_their_gradient_are_the_papers(mu: str, learn_beta: bool
     expected_grad, = torch.autograd.grad(expected, x, upstream)
     assert torch.equal(grad, expected_grad)
     assert (x < 0).any() and (mu != "argmax" or (part_mask(raw, layer.beta, mu) == 0).any())  # the edge cases
+
+
+def test_a_diverged_step_keeps_the_balanced_categories_for_the_loss_check_to_name() -> None:
+    """NaN class statistics went to scipy's solver ("matrix contains invalid numeric entries") before the engine's
+    non-finite loss check could name the step; they now leave the categories as they were."""
+    model = zoo.create_model("icnn_tinycnn", num_classes=4, category_assignment="balanced")
+    layer = model.added_filters
+    labels = torch.tensor([0, 1, 2, 3] * 2)
+    raw = torch.rand(8, layer.beta.numel(), 8, 8)
+    layer.update_statistics(raw, torch.zeros(layer.log_mean_z.shape), labels)
+    before = layer.filter_category.clone()
+    layer.update_statistics(torch.full_like(raw, float("nan")), torch.zeros(layer.log_mean_z.shape), labels)
+    layer.refresh_categories()
+    assert torch.equal(layer.filter_category, before)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities.seed import isolate_rng
 import torch
 import torch.nn as nn
 
@@ -154,8 +155,9 @@ def _load_or_train(aux: Auxiliary, module: nn.Module, trainer: pl.Trainer, datam
         return
     module.requires_grad_(True).train()
     device = next(iter(module.parameters())).device
-    _trainer_like(trainer, folder, name, aux.epochs).fit(AuxiliarySystem(module, aux.loss, aux.lr),
-                                                          datamodule=datamodule)
+    with isolate_rng():  # trained or loaded from the cache, a helper leaves the run's random stream as it found it
+        _trainer_like(trainer, folder, name, aux.epochs).fit(AuxiliarySystem(module, aux.loss, aux.lr),
+                                                              datamodule=datamodule)
     datamodule.trainer = trainer  # the run's trainer again (the helper's fit took the datamodule over)
     module.to(device)  # Lightning's teardown moved it to the CPU
     if int(os.environ.get("RANK", 0)) == 0 and (not torch.distributed.is_initialized()

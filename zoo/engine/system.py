@@ -31,7 +31,7 @@ from zoo.checks import batch_field, check_class_ids
 from zoo.engine.auxiliary import Auxiliary, auxiliaries_pending, prepare_auxiliaries
 from zoo.engine.stages import Schedule, epoch_schedules
 from zoo.registry import create_model_for_data
-from zoo.weights import check_same_model, model_spec
+from zoo.weights import CheckpointError, check_same_model, model_spec
 
 NONFINITE_POLICIES = ("raise", "skip")
 EVAL_STAGES = ("val", "test")
@@ -397,6 +397,21 @@ class ZooSystem(pl.LightningModule):
         """Refuse, naming the difference, a checkpoint of another model / class count / channel count (before
         Lightning's load_state_dict fails deep inside torch)."""
         saved = checkpoint.get("hyper_parameters")
+        held, here = (saved or {}).get("_class_path"), f"{type(self).__module__}.{type(self).__qualname__}"
+        if held is not None and _resolve(held) is not type(self):  # `--ckpt_path last` is not checked by the CLI
+            raise CheckpointError(f"the checkpoint was written by {held.rsplit('.', 1)[-1]} ({held}); this run is "
+                                  f"{type(self).__name__} ({here}). Resume a run with its own config.")
         if isinstance(saved, dict) and "model_name" in saved:
             check_same_model(model_spec(saved), {k: self.hparams.get(k) for k in ("model_name", "num_classes",
                                                                                    "in_chans")}, "the checkpoint")
+
+
+def _resolve(class_path: str) -> Any:
+    """The class a dotted path names (None where it does not import): two spellings of one class are one class."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except (ImportError, ValueError):
+        return None

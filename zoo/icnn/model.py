@@ -176,6 +176,8 @@ class InterpretableFilters(nn.Module):
         share, event = queued  # (F, C) float64 on the host
         if event is not None:
             event.synchronize()  # the previous step's copy; the device is already further on
+        if not torch.isfinite(share).all():  # a diverged step: keep the categories; the loss check names the step
+            return
         filters, classes = share.shape
         slots = torch.arange(math.ceil(filters / classes) * classes) % classes  # each class repeated
         rows, cols = linear_sum_assignment(-share[:, slots].numpy())

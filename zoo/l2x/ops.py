@@ -24,8 +24,10 @@ def concrete_k_subset(logits: torch.Tensor, k: int, tau: float, generator: torch
         raise ValueError(f"k must be in [1, {logits.shape[-1]}] (the number of features); got {k}.")
     if tau <= 0:
         raise ValueError(f"tau must be > 0; got {tau}.")
-    uniform = torch.rand((logits.shape[0], k, logits.shape[-1]), generator=generator, device=logits.device,
-                         dtype=logits.dtype).clamp_min(_TINY)  # (B, k, d)
+    # torch.rand's own op, written as empty + uniform_ (the same numbers): dynamo cannot trace torch.rand of a
+    # symbolic batch size, so a compiled step failed on the first batch of another size (an epoch's last)
+    uniform = logits.new_empty((logits.shape[0], k, logits.shape[-1])).uniform_(generator=generator
+                                                                                ).clamp_min(_TINY)  # (B, k, d)
     neg_gumbel = torch.log(-torch.log(uniform))  # -G, G = -log(-log U) standard Gumbel noise
     samples = torch.softmax((logits.unsqueeze(1) - neg_gumbel) / tau, dim=-1)  # (B, k, d): w + G, one kernel less
     return samples.amax(dim=1)  # (B, d)
