@@ -128,3 +128,13 @@ def test_every_registered_model_has_a_contract() -> None:
         zoo.list_models())
     # every family package is found and registers models under its own name (a new family touches no engine file)
     assert {zoo.model_family(name) for name in zoo.list_models()} == set(zoo.FAMILIES)
+
+
+def test_list_models_takes_timms_arguments() -> None:
+    """timm's filter / exclude_filters (a pattern or a list) and pretrained; a list raised `unhashable type`."""
+    icnn = zoo.list_models("icnn_*")
+    assert icnn and all(n.startswith("icnn_") for n in icnn)
+    both = zoo.list_models(["icnn_*", "l2x_*"], exclude_filters="*_tinycnn")
+    assert set(both) == {n for n in zoo.list_models() if n.startswith(("icnn_", "l2x_")) and
+                         not n.endswith("_tinycnn")}
+    assert zoo.list_models(pretrained=True) == []

@@ -51,10 +51,18 @@ def is_model(name: str) -> bool:
     return name in _model_factories
 
 
-def list_models(pattern: str | None = None) -> list[str]:
-    """Sorted registered names, optionally filtered by a shell wildcard such as ``"icnn_*"``."""
-    names = sorted(_model_factories)
-    return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+def list_models(filter: str | list[str] | None = None, exclude_filters: str | list[str] | None = None,
+                pretrained: bool = False) -> list[str]:
+    """Sorted registered names, as timm's `list_models`: kept if they match any shell wildcard of `filter` (a
+    pattern or a list, e.g. ``"icnn_*"``) and none of `exclude_filters`. `pretrained=True` lists nothing: the zoo
+    ships no weights (a local file comes as `pretrained_path`)."""
+    def patterns(value: str | list[str] | None) -> list[str]:
+        return [] if not value else [value] if isinstance(value, str) else list(value)
+
+    keep, drop = patterns(filter), patterns(exclude_filters)
+    return [] if pretrained else [n for n in sorted(_model_factories)
+                                  if (not keep or any(fnmatch.fnmatchcase(n, p) for p in keep))
+                                  and not any(fnmatch.fnmatchcase(n, p) for p in drop)]
 
 
 POSITIVE_SIZES = ("num_classes", "in_chans", "image_size", "num_features", "vocab_size", "max_len", "length")
