@@ -395,15 +395,15 @@ class ZooSystem(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, naming the difference, a checkpoint of another model / class count / channel count (before
-        Lightning's load_state_dict fails deep inside torch)."""
+        Lightning's load_state_dict fails deep inside torch), then one of another System with the same model."""
         saved = checkpoint.get("hyper_parameters")
+        if isinstance(saved, dict) and "model_name" in saved:
+            check_same_model(model_spec(saved), {k: self.hparams.get(k) for k in ("model_name", "num_classes",
+                                                                                   "in_chans")}, "the checkpoint")
         held, here = (saved or {}).get("_class_path"), f"{type(self).__module__}.{type(self).__qualname__}"
         if held is not None and _resolve(held) is not type(self):  # `--ckpt_path last` is not checked by the CLI
             raise CheckpointError(f"the checkpoint was written by {held.rsplit('.', 1)[-1]} ({held}); this run is "
                                   f"{type(self).__name__} ({here}). Resume a run with its own config.")
-        if isinstance(saved, dict) and "model_name" in saved:
-            check_same_model(model_spec(saved), {k: self.hparams.get(k) for k in ("model_name", "num_classes",
-                                                                                   "in_chans")}, "the checkpoint")
 
 
 def _resolve(class_path: str) -> Any:
