@@ -4,7 +4,6 @@ by name) and `zoo.weights` (it reads the files); nothing here imports Lightning.
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from zoo.checks import close_names
 from zoo.registry import create_model_for_data
 from zoo.weights import CheckpointError, check_same_model, model_spec, read_checkpoint
 
@@ -48,7 +48,7 @@ def load_checkpoint(path: str | Path, **expected: Any) -> nn.Module:
     """
     unknown = sorted(set(expected) - set(EXPECTABLE))
     if unknown:
-        close = {key: difflib.get_close_matches(key, EXPECTABLE, n=1) for key in unknown}
+        close = {key: close_names(key, EXPECTABLE, n=1, cutoff=0.6) for key in unknown}
         hints = ", ".join(f"{key!r}" + (f" (did you mean {close[key][0]!r}?)" if close[key] else "") for key in unknown)
         raise TypeError(f"load_checkpoint() checks only {EXPECTABLE}; got {hints}.")
     return _model_of(read_checkpoint(path), f"checkpoint {str(path)!r}", expected)

@@ -7,6 +7,7 @@ host-device synchronisation; on an accelerator a bad value surfaces as the non-f
 from __future__ import annotations
 
 import difflib
+import inspect
 import operator
 from typing import Any
 
@@ -107,3 +108,19 @@ def positive_int(value: Any) -> bool:
         return not isinstance(value, bool) and operator.index(value) >= 1
     except TypeError:
         return False
+
+
+def keyword_arguments(obj: Any) -> list[str]:
+    """The keyword arguments a class (its own and, where it takes **kwargs, its parents') or a function accepts: the
+    candidates of a did-you-mean for a mistyped argument."""
+    names: list[str] = []
+    for klass in inspect.getmro(obj) if inspect.isclass(obj) else [obj]:
+        init = klass.__init__ if inspect.isclass(klass) else klass
+        try:
+            parameters = inspect.signature(init).parameters.values()
+        except (TypeError, ValueError):
+            break
+        names += [p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return list(dict.fromkeys(names))

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
-from zoo.checks import close_names, positive_int
+from zoo.checks import close_names, keyword_arguments, positive_int
 from zoo.weights import log_load_reports
 
 _model_factories: dict[str, Callable[..., nn.Module]] = {}
@@ -71,15 +71,12 @@ POSITIVE_SIZES = ("num_classes", "in_chans", "image_size", "num_features", "voca
 def _init_arguments(class_name: str, factory: Callable[..., nn.Module]) -> list[str]:
     """The keyword arguments of `factory` and of the class `class_name` it builds (found in the factory's module or
     the zoo's), for a did-you-mean."""
-    names = [p.name for p in inspect.signature(factory).parameters.values() if p.kind == p.KEYWORD_ONLY
-             or p.kind == p.POSITIONAL_OR_KEYWORD]
+    names = keyword_arguments(factory)
     for module in [sys.modules.get(factory.__module__), *(m for n, m in sys.modules.items() if n.startswith("zoo."))]:
         cls = getattr(module, class_name, None)
         if inspect.isclass(cls):
-            names += [p.name for p in inspect.signature(cls.__init__).parameters.values()
-                      if p.name != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-            break
-    return list(dict.fromkeys(names))
+            return list(dict.fromkeys(names + keyword_arguments(cls)))
+    return names
 
 
 def model_factory(name: str) -> Callable[..., nn.Module]:

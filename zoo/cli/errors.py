@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import inspect
 import os
 import re
 import sys
@@ -29,6 +28,8 @@ from typing import Any, Iterator, NoReturn
 
 import yaml
 from pytorch_lightning.cli import LightningArgumentParser
+
+from zoo.checks import keyword_arguments
 
 MARK = "zoo_configuration_error"
 NOISE = [re.compile(pattern) for pattern in (
@@ -108,7 +109,8 @@ def files_with_key(key: str, args: list[str]) -> list[Path]:
 
 
 def init_parameters(class_path: str) -> list[str]:
-    """The keyword arguments a class accepts (its own and, where it takes **kwargs, its parents')."""
+    """The keyword arguments of the class a dotted path names (`zoo.checks.keyword_arguments`); none if it does not
+    import."""
     import importlib
 
     module, _, name = class_path.rpartition(".")
@@ -116,17 +118,7 @@ def init_parameters(class_path: str) -> list[str]:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         return []
-    names: list[str] = []
-    for klass in inspect.getmro(cls) if inspect.isclass(cls) else [cls]:
-        init = klass.__init__ if inspect.isclass(klass) else klass
-        try:
-            parameters = inspect.signature(init).parameters.values()
-        except (TypeError, ValueError):
-            break
-        names += [p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
-            break
-    return list(dict.fromkeys(names))
+    return keyword_arguments(cls)
 
 
 def suggestion(message: str, parser: Any, args: list[str]) -> str:
