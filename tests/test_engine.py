@@ -229,7 +229,7 @@ def test_picture_folder_is_read_without_a_collective(tmp_path: Path) -> None:
     The run folder comes from the logger itself: the same folder, no broadcast."""
     from types import SimpleNamespace
 
-    from zoo.engine.callbacks import FixedBatchCallback
+    from zoo.engine.callbacks import run_folder
 
     def broadcast(*_: Any) -> None:
         raise AssertionError("a collective call from rank zero alone")
@@ -237,10 +237,10 @@ def test_picture_folder_is_read_without_a_collective(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="run", version="")
     trainer = SimpleNamespace(loggers=[logger], default_root_dir=str(tmp_path / "root"),
                               strategy=SimpleNamespace(broadcast=broadcast))
-    assert FixedBatchCallback.run_folder(trainer, "filters") == Path(logger.log_dir) / "filters"
+    assert run_folder(trainer, "filters") == Path(logger.log_dir) / "filters"
     assert (Path(logger.log_dir) / "filters").is_dir()
     bare = SimpleNamespace(loggers=[], default_root_dir=str(tmp_path / "root"), strategy=trainer.strategy)
-    assert FixedBatchCallback.run_folder(bare, "x") is None  # no run folder: pictures are drawn, not written
+    assert run_folder(bare, "x") is None  # no run folder: pictures are drawn, not written
 
 
 def test_a_helper_trained_or_loaded_leaves_the_random_stream_alone(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import torch
 from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 
-from zoo.engine.callbacks import FixedBatchCallback
+from zoo.engine.callbacks import FixedBatchCallback, run_folder
 from zoo.figures import class_name, log_image
 
 
@@ -40,7 +40,7 @@ class ParseTreeCallback(FixedBatchCallback):
                 canvas = draw_bounding_boxes(canvas, boxes, labels=labels, colors="white", width=1)
             panels.append(canvas.float() / 255)
         grid = make_grid(panels, nrow=min(4, len(panels)))
-        folder = self.run_folder(trainer, "parse_trees")
+        folder = run_folder(trainer, "parse_trees")
         if folder is not None:  # None: no run folder (fast_dev_run)
             save_image(grid, folder / f"epoch{trainer.current_epoch}.png")
         log_image(trainer.logger, "detections/parse_trees", grid, trainer.global_step)

@@ -114,17 +114,12 @@ class FixedBatchCallback(pl.Callback):
     def publish(self, trainer: pl.Trainer, name: str, figure: Any, markdown: str, figure_tag: str) -> None:
         """The epoch's picture and its table, in the run folder (``<name>/epoch<e>.png`` and ``.md``) and in
         TensorBoard (figure ``<name>/<figure_tag>``, text ``<name>/table``): what every picture callback writes."""
-        folder, epoch = self.run_folder(trainer, name), trainer.current_epoch
+        folder, epoch = run_folder(trainer, name), trainer.current_epoch
         if folder is not None:
             save_figure(figure, folder / f"epoch{epoch}.png")
             (folder / f"epoch{epoch}.md").write_text(markdown)
         log_figure(trainer.logger, f"{name}/{figure_tag}", figure, trainer.global_step)
         log_text(trainer.logger, f"{name}/table", markdown, trainer.global_step)
-
-    @staticmethod
-    def run_folder(trainer: pl.Trainer, name: str) -> Path | None:
-        """`run_folder(trainer, name)`: <run>/<name>, made, or None without a run."""
-        return run_folder(trainer, name)
 
 
 def run_folder(trainer: pl.Trainer, name: str) -> Path | None:

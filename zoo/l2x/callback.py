@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from zoo.engine.callbacks import FixedBatchCallback
+from zoo.engine.callbacks import FixedBatchCallback, run_folder
 from zoo.figures import log_image, log_text
 
 
@@ -31,7 +31,7 @@ class SelectionCallback(FixedBatchCallback):
         x = batch[pl_module.input_key].to(pl_module.device)
         out = pl_module(x)
         selection = out["selection"]  # (N, d) hard in eval mode
-        folder = self.run_folder(trainer, "selection")
+        folder = run_folder(trainer, "selection")
         if "pixel_selection" in out:
             kept = out["pixel_selection"]  # (N, 1, H, W)
             shown = x.float() * (0.25 + 0.75 * kept)  # unselected patches dimmed, not hidden

@@ -7,7 +7,7 @@ import torch
 from torchvision.utils import make_grid
 
 from datamodules._base import decode_tokens
-from zoo.engine.callbacks import FixedBatchCallback
+from zoo.engine.callbacks import FixedBatchCallback, run_folder
 from zoo.figures import class_name, log_image, log_text
 
 
@@ -36,7 +36,7 @@ class ExplanationTextCallback(FixedBatchCallback):
                   f"{decode(out['references'][i, 0])} |"
                   for i, label in enumerate(labels)]
         text = "\n".join(lines)
-        folder = self.run_folder(trainer, "explanations")
+        folder = run_folder(trainer, "explanations")
         if folder is not None:  # None: no run folder (fast_dev_run)
             (folder / f"epoch{trainer.current_epoch}.md").write_text(text + "\n")
         log_text(trainer.logger, "explanations/text", text, trainer.global_step)
