@@ -123,3 +123,25 @@ def test_load_checkpoint_export_and_named_mismatches(tmp_path: Path, monkeypatch
     with pytest.raises(CheckpointError, match="Could not read the export .*SafetensorError"):
         zoo.load_exported(export)
 
+
+def test_a_truncated_checkpoint_is_named_by_path_and_by_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint cut short (a full disk, an interrupted copy) is one clear line, whether named by its path (read
+    by the CLI's own check) or as `--ckpt_path last` (resolved and read inside Lightning)."""
+    from zoo.cli import command_line
+
+    monkeypatch.chdir(tmp_path)
+    run = ["fit", "--config", CONFIG, "--trainer.max_epochs=1", "--trainer.logger.init_args.name=src",
+           "--data.init_args.num_train=32", "--data.init_args.num_val=16", "--progress_bar.refresh_rate=0"]
+    command_line(run)
+    checkpoint = tmp_path / "checkpoints" / "src" / "checkpoints" / "last.ckpt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    for given in ("last", str(checkpoint)):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            command_line([*run[:3], "--trainer.max_epochs=2", *run[4:], f"--ckpt_path={given}"])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2, err[-2000:]
+        assert f"train.py: error: Could not read checkpoint '{checkpoint}' (RuntimeError: " in err  # the zoo's line
+        assert "Traceback" not in err
+

@@ -58,8 +58,10 @@ def is_configuration_error(error: BaseException) -> bool:
 
 
 def root_cause(error: BaseException) -> BaseException:
-    """The first error of a chain of `raise ... from ...` (the one a class raised, under jsonargparse's wrappers)."""
-    while error.__cause__ is not None:
+    """The first error of a chain of `raise ... from ...` (the one a class raised, under jsonargparse's wrappers),
+    or the zoo's own error on the way down (a CheckpointError saying what to do, not the torch reader error it
+    wraps)."""
+    while error.__cause__ is not None and not is_configuration_error(error):
         error = error.__cause__
     return error
 

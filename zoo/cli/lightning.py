@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import pytorch_lightning as pl
 import yaml
 from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from zoo.cli.errors import ZooArgumentParser, configuration_phase
 from zoo.engine.callbacks import LatestCheckpoint, RNGStateCallback
@@ -75,6 +76,24 @@ def backbone_name(system: Any) -> str:
 CKPT_PATH_KEYWORDS = ("last", "best", "hpc")  # Lightning's own --ckpt_path names, not files
 
 
+class ReadableCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint reader with a clear error: a file it cannot read (cut short by a full disk or an
+    interrupted copy) raises a CheckpointError naming the file and what to do. `--ckpt_path last` / `best` are
+    resolved to a file inside Lightning, after the CLI has checked any path given by name, so this is where such a
+    file is first read."""
+
+    def load_checkpoint(self, path: Any, map_location: Callable | None = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        from zoo.weights import CheckpointError
+
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except Exception as err:  # noqa: BLE001 - every reader error means the same thing to the user
+            raise CheckpointError(f"Could not read checkpoint {str(path)!r} ({type(err).__name__}: {err}). Resume from "
+                                  "another checkpoint of the run (--ckpt_path <run>/checkpoints/best-*.ckpt) or "
+                                  "start the run again.") from err
+
+
 class ZooCLI(LightningCLI):
     """LightningCLI with the zoo's defaults: any LightningModule/DataModule by class_path, the datamodule's
     `num_classes`, `num_channels`, `image_size` and `class_names` linked into the model, a best+last
@@ -118,10 +137,13 @@ class ZooCLI(LightningCLI):
         restore_null_kwargs(self.config)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        """`predict` gets the zoo's PredictionWriter unless the config names a prediction writer. Only training
+        """`predict` gets the zoo's PredictionWriter unless the config names a prediction writer; the default
+        checkpoint reader is `ReadableCheckpointIO`. Only training
         writes the run's config.yaml: validate, test and predict of a run leave the config that trained it, which
         every command then takes back (their own options, such as validate's `verbose`, would make fit refuse it)."""
         trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a plugin the config chose
+            trainer.strategy.checkpoint_io = ReadableCheckpointIO()
         if self.subcommand in ("validate", "test", "predict"):  # fit, and compare / ablate runs, write it
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
