@@ -167,23 +167,27 @@ def test_a_few_epochs_learn_the_world() -> None:
 
 
 class NaNAfter(nn.Module):
-    """Cross-entropy, then a NaN term from the second training step on."""
+    """Cross-entropy, then from the second training step on a NaN term ("loss"), or a term whose value is 0 and
+    whose gradient is NaN ("grad": sqrt at 0, times 0)."""
 
-    def __init__(self) -> None:
+    def __init__(self, where: str = "loss") -> None:
         super().__init__()
-        self.calls = 0
+        self.calls, self.where = 0, where
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.calls += 1
-        bad = torch.tensor(float("nan") if self.calls >= 2 else 0.0)
+        if self.where == "grad":
+            bad = (out["logits"].sum() * 0).sqrt() if self.calls >= 2 else out["logits"].sum() * 0
+        else:
+            bad = torch.tensor(float("nan") if self.calls >= 2 else 0.0)
         return {"loss_task": nn.functional.cross_entropy(out["logits"], batch["label"]), "loss_bad": bad}
 
 
-def fit_with_nan(nonfinite_loss: str, tmp_path, batches: int = 4) -> ClassifierSystem:
+def fit_with_nan(nonfinite_loss: str, tmp_path, batches: int = 4, where: str = "loss") -> ClassifierSystem:
     pl.seed_everything(0)
     dm = PartsWorldDataModule(num_train=64, num_val=16, num_test=16, batch_size=16)
-    system = ClassifierSystem("baseline_tinycnn", num_classes=6, loss=NaNAfter(), nonfinite_loss=nonfinite_loss,
-                                  optimizer=partial(torch.optim.SGD, lr=0.1))
+    system = ClassifierSystem("baseline_tinycnn", num_classes=6, loss=NaNAfter(where), nonfinite_loss=nonfinite_loss,
+                              optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -197,12 +201,19 @@ def test_nonfinite_loss_stops_with_step_batch_and_terms(tmp_path) -> None:
         fit_with_nan("raise", tmp_path)
 
 
-def test_nonfinite_loss_can_skip_the_batch(tmp_path) -> None:
-    skipped = fit_with_nan("skip", tmp_path)  # batches 2-4 are NaN and skipped
-    first_only = fit_with_nan("skip", tmp_path, batches=1)
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_nonfinite_loss_can_skip_the_batch(tmp_path, where: str) -> None:
+    """Batches 2-4 have a NaN loss or NaN gradients and are skipped: weights, BatchNorm statistics and the optimiser's
+    momentum end as after the first batch alone."""
+    skipped = fit_with_nan("skip", tmp_path, where=where)
+    first_only = fit_with_nan("skip", tmp_path, batches=1, where=where)
     assert skipped.loss.calls == 4
-    for (name, a), b in zip(skipped.named_parameters(), first_only.parameters()):  # BN statistics do move
-        assert torch.isfinite(a).all() and torch.equal(a, b), name
+    after, before = skipped.state_dict(), first_only.state_dict()
+    for name in after:
+        assert torch.equal(after[name], before[name]), name  # equal tensors: finite, as after the good batch
+    momentum = [skipped.trainer.optimizers[0].state[p]["momentum_buffer"] for p in skipped.parameters()]
+    assert all(torch.equal(m, n) for m, n in zip(momentum, [first_only.trainer.optimizers[0].state[p][
+        "momentum_buffer"] for p in first_only.parameters()]))
     with pytest.raises(ValueError, match="nonfinite_loss must be"):
         ClassifierSystem("baseline_tinycnn", nonfinite_loss="ignore")
 

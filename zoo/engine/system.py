@@ -83,10 +83,12 @@ class ZooSystem(pl.LightningModule):
         input_key / target_key: batch fields fed to the model and scored against its output.
         stages: list of `zoo.engine.Stage` fields (name, epochs, train, losses, lr_scale, settings).
         nonfinite_loss: a NaN/inf training loss "raise"s `FloatingPointError` naming the step, the batch and every
-            term (the last good checkpoint stays), or "skip"s the batch with a warning. "raise" reads no device value
-            inside a step: each step's terms are kept (detached) and checked together every `log_every_n_steps`
-            steps, at the epoch's end and before any checkpoint is written; "skip" must decide on the host before
-            the optimiser step, so it costs one host-device synchronisation per step.
+            term (the last good checkpoint stays), or "skip"s the batch with a warning: no parameter, optimiser
+            state or buffer (BatchNorm statistics) changes, and a step whose gradients are NaN/inf is skipped
+            the same way. "raise" reads no device value inside a step: each step's terms are kept (detached) and
+            checked together every `log_every_n_steps` steps, at the epoch's end and before any checkpoint is
+            written; "skip" must decide on the host before the optimiser step, so it costs two host-device
+            synchronisations per step (the loss, the gradients) and a copy of the buffers.
         compile: `torch.compile` the model (`nn.Module.compile`: same parameters and checkpoint keys); True uses
             torch's default backend (inductor), a string names another ("aot_eager", "cudagraphs", ...) or one of
             inductor's modes ("reduce-overhead": CUDA graphs on a GPU, "max-autotune", ...). Of a torchvision
@@ -141,6 +143,7 @@ class ZooSystem(pl.LightningModule):
         self.metrics = nn.ModuleDict()  # "<stage>_<name>": a ModuleDict key "train" would shadow nn.Module.train
         self._dict_metrics: dict[str, str] = {}  # metrics whose compute() returns a dict: key -> log prefix
         self._unchecked: list[tuple[torch.Tensor, torch.Tensor, tuple[str, ...], str]] = []  # steps not yet read
+        self._buffers_before: list[tuple[torch.Tensor, torch.Tensor]] = []  # nonfinite_loss="skip": (buffer, copy)
 
     # ------------------------------------------------------------------------------------------- family hooks
     def build_model(self) -> nn.Module:
@@ -237,6 +240,9 @@ class ZooSystem(pl.LightningModule):
         return self.model(*args, **kwargs)
 
     def _step(self, batch: Any, stage: str, batch_idx: int) -> torch.Tensor | None:
+        skip = stage == "train" and self.hparams.nonfinite_loss == "skip"
+        if skip:  # what the forward updates in place (BatchNorm statistics, family state), to undo a skipped batch
+            self._buffers_before = [(b, b.detach().clone()) for b in self.buffers()]
         out = self.forward_batch(batch, stage)
         if stage == "train":
             self.update_state(out, batch)
@@ -250,10 +256,11 @@ class ZooSystem(pl.LightningModule):
         loss = stacked.sum()
         if stage == "train":
             where = f"global step {self.global_step}, epoch {self.current_epoch}, batch {batch_idx}"
-            if self.hparams.nonfinite_loss == "skip":
+            if skip:
                 if not torch.isfinite(loss):  # the one policy that reads the device every step
                     rank_zero_warn(f"Non-finite training loss at {where}: {format_terms(tuple(terms), stacked)}"
                                    "; batch skipped (nonfinite_loss='skip').")
+                    self._restore_buffers()
                     return None  # Lightning skips the optimiser step
             else:
                 self._unchecked.append((loss.detach(), stacked.detach(), tuple(terms), where))
@@ -278,6 +285,27 @@ class ZooSystem(pl.LightningModule):
         out = self.forward_batch(batch, "predict")
         probs = out["logits"].float().softmax(-1)
         return {"probs": probs, "pred": probs.argmax(-1), **({"index": batch["index"]} if "index" in batch else {})}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """nonfinite_loss="skip": a finite loss whose gradients are not (an overflow in the backward) is skipped
+        too. The gradients are dropped, so the optimiser leaves every parameter and its state as they were, as AMP's
+        GradScaler does, and the buffers go back to where they were before the batch (the last batch of an
+        accumulation window)."""
+        if self.hparams.nonfinite_loss != "skip":
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            rank_zero_warn(f"Non-finite gradients at global step {self.global_step}, epoch {self.current_epoch}; "
+                           "step skipped (nonfinite_loss='skip').")
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.grad = None
+            self._restore_buffers()
+
+    def _restore_buffers(self) -> None:
+        with torch.no_grad():
+            for buffer, before in self._buffers_before:
+                buffer.copy_(before)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._trainer is None or (self.global_step % max(self.trainer.log_every_n_steps, 1)) == 0:
