@@ -52,6 +52,20 @@ def test_forward_contract(model: nn.Module) -> None:
     assert torch.equal(model.forward_head(features), out["logits"])
 
 
+def test_timm_head_api(model: nn.Module) -> None:
+    """timm's head API: `get_classifier()` is the layer that turns `forward_head(features, pre_logits=True)` into
+    the logits (dropout off)."""
+    model.eval()
+    with torch.no_grad():
+        features = model.forward_features(tiny_input(model))
+        pre = model.forward_head(features, pre_logits=True)
+        classifier = model.get_classifier()
+        assert isinstance(classifier, nn.Linear) and classifier.out_features == NUM_CLASSES
+        assert pre.shape == (2, classifier.in_features)
+        torch.testing.assert_close(classifier(pre), model.forward_head(features))
+    model.train()
+
+
 def test_every_parameter_gets_a_gradient(model: nn.Module) -> None:
     # timm zero-initialises the last BN gamma of residual blocks, which blocks gradient into the branch at init.
     for module in model.modules():

@@ -108,22 +108,27 @@ class ConceptBottleneckModel(nn.Module):
                intervene: torch.Tensor | None = None, detach: bool = False) -> dict[str, torch.Tensor]:
         """f on the bottleneck. Where `intervene` (B, K) is true, concept probabilities are `concepts` (B, K) in
         [0, 1]; `detach`: f reads the probabilities without a gradient to g (the sequential model)."""
-        logits = encoded["concept_logits"]
-        probs = torch.sigmoid(logits)  # (B, K)
+        probs, task_input = self.bottleneck_output(encoded, concepts, intervene, detach)
+        out = {"concept_logits": encoded["concept_logits"], "concept_probs": probs,
+               "logits": self.task_head(task_input)}
+        return out | ({"features": encoded["features"]} if "features" in encoded else {})
+
+    def bottleneck_output(self, encoded: dict[str, torch.Tensor], concepts: torch.Tensor | None = None,
+                          intervene: torch.Tensor | None = None, detach: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The concept probabilities (B, K), intervened as `decode` says, and what f reads (B, task_inputs)."""
+        probs = torch.sigmoid(encoded["concept_logits"])  # (B, K)
         if intervene is not None:
             probs = torch.where(intervene, concepts.to(probs.dtype), probs)
         if detach:
             probs = probs.detach()
         if not self.bottleneck:
-            task_input = encoded["pooled"]
-        elif self.embedding_size:
+            return probs, encoded["pooled"]
+        if self.embedding_size:
             embeddings = encoded["concept_embeddings"]  # (B, K, 2, m)
             p = probs[..., None]  # (B, K, 1)
-            task_input = (p * embeddings[:, :, 0] + (1 - p) * embeddings[:, :, 1]).flatten(1)  # (B, K * m)
-        else:
-            task_input = probs
-        out = {"concept_logits": logits, "concept_probs": probs, "logits": self.task_head(task_input)}
-        return out | ({"features": encoded["features"]} if "features" in encoded else {})
+            return probs, (p * embeddings[:, :, 0] + (1 - p) * embeddings[:, :, 1]).flatten(1)  # (B, K * m)
+        return probs, probs
 
     def forward(self, x: torch.Tensor, concepts: torch.Tensor | None = None, intervene: torch.Tensor | None = None,
                 detach: bool = False) -> dict[str, torch.Tensor]:
@@ -133,9 +138,15 @@ class ConceptBottleneckModel(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)[-1]  # (B, F, h, w)
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Class logits from the top map (no intervention): what post-hoc explainers and the contract call."""
-        return self.decode(self.encode_features(features))["logits"]
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Class logits from the top map (no intervention): what post-hoc explainers and the contract call;
+        `pre_logits`: what f reads instead (the concept probabilities, CEM's mixed embeddings, or the twin's pooled
+        features)."""
+        task_input = self.bottleneck_output(self.encode_features(features))[1]
+        return task_input if pre_logits else self.task_head(task_input)
+
+    def get_classifier(self) -> nn.Module:
+        return self.task_head
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new f for `num_classes` (the concept layer, what transfers, is kept)."""

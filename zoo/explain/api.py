@@ -41,7 +41,7 @@ def own_explanation(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor
 
     if callable(getattr(model, "own_explanation", None)):
         return model.own_explanation(inputs, target)
-    if all(hasattr(model, name) for name in ("forward_features", "forward_head", "get_classifier")):
+    if has_pooled_head(model):
         return class_activation_map(model, inputs, target)
     if hasattr(model, "mask_input"):  # a feature selector: its selection, at the input's resolution
         with torch.no_grad():
@@ -57,15 +57,23 @@ def own_explanation(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor
                      f"generator that explains with boxes or sentences); use a Captum method instead.")
 
 
+def has_pooled_head(model: nn.Module) -> bool:
+    """Whether the model's classifier is global-average-pool + linear on `forward_features` (its `head` is a
+    `zoo.backbones.PooledLinearHead`, as `PooledHeadMixin` models have), so that the class activation map is exact.
+    timm's `get_classifier` alone does not say so: a concept bottleneck's classifier reads concepts."""
+    from zoo.backbones import PooledLinearHead
+
+    return isinstance(getattr(model, "head", None), PooledLinearHead) and hasattr(model, "forward_features")
+
+
 def can_explain(model: nn.Module, method: str) -> bool:
-    """Whether `model` can run `method`: the self-explanation needs an `own_explanation` or a pooled head (timm's
-    `forward_features`, `forward_head`, `get_classifier`), Grad-CAM on the head's input needs a `head` module; a
-    flattening head or a model with another head (concept bottlenecks, prototypes) has none."""
+    """Whether `model` can run `method`: the self-explanation needs an `own_explanation` or a pooled head
+    (`has_pooled_head`), Grad-CAM on the head's input needs a `head` module; a flattening head or a model with
+    another head (concept bottlenecks, prototypes) has none."""
     from zoo.explain.captum import SELF_EXPLANATION
 
     if method == SELF_EXPLANATION:
-        return callable(getattr(model, "own_explanation", None)) or all(
-            hasattr(model, name) for name in ("forward_features", "forward_head", "get_classifier"))
+        return callable(getattr(model, "own_explanation", None)) or has_pooled_head(model)
     if method == "layer_gradcam":
         return hasattr(model, "forward_head") and isinstance(getattr(model, "head", None), nn.Module)
     return True

@@ -135,13 +135,16 @@ class ProtoPNet(nn.Module):
         return self.forward_latent(self.latent(x))
 
     def forward_latent(self, latent: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The head on z (B, D, h, w): logits, the unit maps and (ProtoPNet) each prototype's smallest distance;
+        "pre_logits" is what the last layer reads: the prototypes' similarities (B, P) or the pooled z (B, D)."""
         if not self.has_prototypes:
-            return {"logits": self.last_layer(latent.mean(dim=(2, 3))), "unit_maps": latent, "latent": latent}
+            pooled = latent.mean(dim=(2, 3))  # (B, D)
+            return {"logits": self.last_layer(pooled), "pre_logits": pooled, "unit_maps": latent, "latent": latent}
         distances = self.prototypes(latent)  # (B, P, h, w)
         min_distances = distances.flatten(2).amin(-1)  # (B, P)
-        logits = self.last_layer(similarity(min_distances).to(self.last_layer.weight.dtype))  # (B, C)
-        return {"logits": logits, "unit_maps": similarity(distances), "latent": latent,
-                "min_distances": min_distances, "last_layer_weight": self.last_layer.weight,
+        scores = similarity(min_distances).to(self.last_layer.weight.dtype)  # (B, P)
+        return {"logits": self.last_layer(scores), "pre_logits": scores, "unit_maps": similarity(distances),
+                "latent": latent, "min_distances": min_distances, "last_layer_weight": self.last_layer.weight,
                 "prototype_class": self.prototypes.prototype_class}
 
     def class_units(self) -> torch.Tensor:
@@ -168,9 +171,13 @@ class ProtoPNet(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)[-1]  # (B, F, h, w), the backbone's top map
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """Class logits from the backbone's top map (add-on layers, prototypes, last layer)."""
-        return self.forward_latent(self.add_on(features))["logits"]
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Class logits from the backbone's top map (add-on layers, prototypes, last layer); `pre_logits`: what the
+        last layer reads instead (the prototype similarities, or the twin's pooled map)."""
+        return self.forward_latent(self.add_on(features))["pre_logits" if pre_logits else "logits"]
+
+    def get_classifier(self) -> nn.Module:
+        return self.last_layer
 
     def reset_classifier(self, num_classes: int) -> None:
         """A new head for `num_classes`: new prototypes (m per class) and last layer; backbone and add-on kept."""
