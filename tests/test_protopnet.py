@@ -292,3 +292,46 @@ def test_a_run_killed_after_a_push_resumes_to_the_same_final_state(tmp_path: Pat
     differ = [k for k in whole_state["state_dict"] if not torch.equal(whole_state["state_dict"][k],
                                                                       again["state_dict"][k])]
     assert not differ, f"{len(differ)} tensors differ: {differ[:8]}"
+
+
+def authors_schedule() -> list[tuple[str, float, float]]:
+    """(stage, backbone lr, rest lr) of each epoch of cfchen-duke/ProtoPNet's main.py through its second push:
+    warm-up 5 epochs, then joint epochs whose StepLR(step_size=5, gamma=0.1) steps before each joint epoch, and
+    after the joint epochs 10 and 20 a push and 20 epochs of the last layer alone at 1e-4."""
+    epochs, joint = [], 0
+    for epoch in range(21):
+        if epoch < 5:
+            epochs.append(("warm_up", 1e-4, 3e-3))
+        else:
+            joint += 1
+            decay = 0.1 ** (joint // 5)
+            epochs.append(("joint", 1e-4 * decay, 3e-3 * decay))
+        if epoch >= 10 and epoch % 10 == 0:
+            epochs += [("last_layer", None, 1e-4)] * 20
+    return epochs
+
+
+def test_cub_config_follows_the_authors_schedule() -> None:
+    """configs/protopnet/cub200.yaml: stage, learning rates and epoch count of every epoch as the authors' code."""
+    import yaml
+
+    from zoo.engine.stages import Schedule
+
+    config = yaml.safe_load((REPO / "configs/protopnet/cub200.yaml").read_text())
+    init = config["model"]["init_args"]
+    model = zoo.create_model("protopnet_tinycnn", num_classes=2, prototypes_per_class=1)
+    base = config["model"]["init_args"]["optimizer"]["init_args"]["lr"]
+    backbone = [p for p in model.backbone.parameters()]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    optimizer = torch.optim.Adam([{"params": backbone, "lr": base * init["backbone_lr_scale"]},
+                                  {"params": rest, "lr": base}])
+    schedule = Schedule(init["stages"], model)
+    expected = authors_schedule()
+    assert config["trainer"]["max_epochs"] == len(expected) == sum(s.epochs for s in schedule.stages)
+    for epoch, (stage, backbone_lr, rest_lr) in enumerate(expected):
+        schedule.start_epoch(model, optimizer, epoch)
+        assert schedule.current.name == stage, epoch
+        assert optimizer.param_groups[1]["lr"] == pytest.approx(rest_lr, rel=2e-3), epoch  # 0.0333 for 1/30
+        if backbone_lr is not None:
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(backbone_lr, rel=2e-3), epoch
+    assert init["push_stages"] == ["last_layer"]  # the push opens each last-layer stage

@@ -17,8 +17,9 @@ class PrototypesCallback(FixedBatchCallback):
     """After each validation epoch: one row per image of the fixed batch (one image of each class first): the image
     with its true and predicted class, then for each of the `top_k` prototypes with the largest similarity x
     last-layer weight for the predicted class, its similarity map over the image and its source (the training image
-    with the pushed patch boxed; "not pushed yet" before the first push). TensorBoard figure
-    ``prototypes/top`` and text ``prototypes/table``; ``prototypes/epoch<e>.png`` and ``.md`` in the run folder.
+    with the pushed latent cell's footprint boxed, `PrototypeLayer.source_box`; "not pushed yet" before the first
+    push). TensorBoard figure ``prototypes/top`` and text ``prototypes/table``; ``prototypes/epoch<e>.png`` and
+    ``.md`` in the run folder.
     Models without prototypes (the twins) draw nothing.
 
     Args:

@@ -51,7 +51,9 @@ def similarity(distances: torch.Tensor, eps: float = EPSILON) -> torch.Tensor:
 class PrototypeLayer(nn.Module):
     """The P prototypes (P, D), class by class (class c owns rows [c*m, (c+1)*m)), and where push found each one:
     `source_index` (P,) the training image (-1 before any push), `source_position` (P, 2) the latent cell (row,
-    column) and `source_box` (P, 4) that cell's receptive box in image pixels, xyxy."""
+    column) and `source_box` (P, 4) that cell's footprint in image pixels, xyxy: the image area the latent cell
+    covers (image size / map size per cell), not its receptive field, nor the paper's 95th-percentile box of the
+    upsampled similarity map."""
 
     def __init__(self, num_classes: int, per_class: int, channels: int) -> None:
         super().__init__()
