@@ -72,20 +72,25 @@ def test_compare_reports_every_family_config_in_a_folder_of_its_own(in_tmp_dir: 
     assert default_name("mine.yaml") == "mine" and default_name(in_tmp_dir / "my data" / "x.yaml") == "my_data_x"
 
 
-def test_compare_counts_the_samples_it_validated(in_tmp_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """limit_val_batches=1 of batch size 8 reads 8 of the 32 validation samples: 8 samples per (fake) second."""
+@pytest.mark.parametrize("train_batches, accumulate", [(2, 1), (4, 2)])
+def test_compare_counts_the_samples_it_read(in_tmp_dir: Path, monkeypatch: pytest.MonkeyPatch, train_batches: int,
+                                            accumulate: int) -> None:
+    """limit_val_batches=1 of batch size 8 reads 8 of the 32 validation samples: 8 samples per (fake) second; the
+    training batches read are counted, not the optimiser steps (gradient accumulation: 4 batches, 2 steps)."""
     import importlib
 
     clock = iter(range(1000))  # every perf_counter call one second later
     module = importlib.import_module("zoo.cli.compare")  # zoo.cli.compare itself is the function
     monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
     spec = {"compare": {"name": "speed", "args": [*SMALL_WORLD, "--data.init_args.batch_size=8",
-                                                  "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+                                                  "--trainer.max_epochs=1",
+                                                  f"--trainer.limit_train_batches={train_batches}",
+                                                  f"--trainer.accumulate_grad_batches={accumulate}",
                                                   "--trainer.limit_val_batches=1"],
                         "runs": {"only": {"config": BASELINE}}}}
     (in_tmp_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
     (row,) = main(["compare", "--config", "spec.yaml", "--no_explain"])
-    assert row["infer_samples_per_s"] == 8.0 and row["train_samples_per_s"] == 16.0
+    assert row["infer_samples_per_s"] == 8.0 and row["train_samples_per_s"] == 8.0 * train_batches
 
 
 def test_fit_of_a_compare_runs_config_reproduces_its_weights(in_tmp_dir: Path) -> None:

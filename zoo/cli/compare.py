@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,30 +165,38 @@ def drop_twins_equal_to_the_model(runs: dict[str, Any], clis: dict[str, Any]) ->
     return {name: run for name, run in runs.items() if name not in same}
 
 
-class BatchCounter(pl.Callback):
-    """Counts the validation batches a run reads (limit_val_batches and fast_dev_run read fewer than there are)."""
+class SampleCounter(pl.Callback):
+    """Counts the samples a run's training or validation batches hold (the System's `batch_size` of each batch, on
+    every process): what the throughput columns divide by. Counting batches read, not optimiser steps, is right
+    under gradient accumulation, limit_*_batches, fast_dev_run, a short last batch and several devices."""
 
-    def __init__(self) -> None:
-        self.batches = 0
+    def __init__(self, stage: str) -> None:
+        self.stage, self.samples = stage, 0
 
-    def on_validation_batch_end(self, *args: Any, **kwargs: Any) -> None:
-        self.batches += 1
+    def _count(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        size = pl_module.batch_size(batch) if hasattr(pl_module, "batch_size") else len(batch)
+        self.samples += size * trainer.world_size  # a host-side length: no device read
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.stage == "train":
+            self._count(trainer, pl_module, batch)
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.stage == "val" and not trainer.sanity_checking:
+            self._count(trainer, pl_module, batch)
 
 
-def validate_counting(cli: ZooCLI) -> tuple[dict[str, Any], int]:
-    """`trainer.validate` of a run, its metrics and the number of samples it read: its batches times the batch
-    size, at most the validation set (every batch before a loader's last is full)."""
-    counter = BatchCounter()
+@contextlib.contextmanager
+def counting(cli: ZooCLI, stage: str) -> Iterator[SampleCounter]:
+    """A `SampleCounter` of `stage` among the run's callbacks for the duration of the block."""
+    counter = SampleCounter(stage)
     cli.trainer.callbacks.append(counter)
     try:
-        metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+        yield counter
     finally:
         cli.trainer.callbacks.remove(counter)
-    loaders = cli.datamodule.val_dataloader()
-    loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-    size = sum(len(item.dataset) for item in (loaders if isinstance(loaders, (list, tuple)) else [loaders]))
-    batch_size = loader.batch_size or getattr(cli.datamodule, "batch_size", 1)  # None under a batch_sampler
-    return metrics, min(counter.batches * batch_size, size)
 
 
 def compare(spec_path: str, extra: list[str], explain_images: int | None = None, explain: bool = True,
@@ -224,17 +234,18 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
         print(f"\n=== compare run {index}/{len(runs)}: {run_name} ({folder / run_name}) ===", flush=True)
         start = time.perf_counter()
         _set_rng_states(random_states[run_name])  # as right after it was built, whatever ran before it
-        if run.get("checkpoint"):  # evaluate trained weights instead of training
-            with configuration_phase():
-                load_system_weights(cli.model, run["checkpoint"])
-            cli.datamodule.setup("validate")
-        else:
-            fit(cli)
-        fit_seconds = time.perf_counter() - start
-        train_samples = cli.trainer.global_step * cli.datamodule.batch_size
+        with counting(cli, "train") as trained:
+            if run.get("checkpoint"):  # evaluate trained weights instead of training
+                with configuration_phase():
+                    load_system_weights(cli.model, run["checkpoint"])
+                cli.datamodule.setup("validate")
+            else:
+                fit(cli)
+        fit_seconds, train_samples = time.perf_counter() - start, trained.samples
         start = time.perf_counter()
-        metrics, val_samples = validate_counting(cli)
-        val_seconds = time.perf_counter() - start
+        with counting(cli, "val") as validated:
+            metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+        val_seconds, val_samples = time.perf_counter() - start, validated.samples
         directions |= metric_directions(cli.model, "val")
         report = cli.model.explanation_report(cli.datamodule, explain_settings) if explain else None
         if report is not None:  # every explainer the System knows, scored on the same validation samples
