@@ -279,3 +279,23 @@ def test_a_checkpoint_of_another_system_is_refused_on_resume_by_last(tmp_path: P
     with pytest.raises(CheckpointError, match="written by ICNNSystem .*this run is ClassifierSystem"):
         ClassifierSystem("icnn_tinycnn", num_classes=3).on_load_checkpoint(checkpoint)
     ICNNSystem("icnn_tinycnn", num_classes=3).on_load_checkpoint(checkpoint)  # its own kind loads
+
+
+def test_epoch_schedules_reach_a_wrapped_loss() -> None:
+    """A loss that wraps a scheduled loss (set_epoch) keeps its schedule: every submodule's set_epoch runs once."""
+    from zoo.engine.stages import epoch_schedules
+
+    class Scheduled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[int] = []
+
+        def set_epoch(self, epoch: int) -> dict[str, float]:
+            self.calls.append(epoch)
+            return {"inner_weight": 1 / (epoch + 1)}
+
+    inner = Scheduled()
+    wrapper = nn.ModuleDict({"task": nn.Identity(), "scheduled": inner})
+    shared = nn.Sequential(inner)  # the same module under two roots: still called once
+    assert epoch_schedules({"model": shared, "loss": wrapper}, 3) == {"inner_weight": 0.25}
+    assert inner.calls == [3]

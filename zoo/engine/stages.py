@@ -106,9 +106,13 @@ class Schedule:
 
 
 def epoch_schedules(modules: dict[str, nn.Module], epoch: int) -> dict[str, float]:
-    """Call ``set_epoch(epoch)`` on every module that has one; the values it returns, to be logged."""
+    """Call ``set_epoch(epoch)`` on every module that has one, submodules included (a loss that wraps a scheduled
+    loss: the inner one's schedule still runs), each once; the values they return, to be logged."""
     logged: dict[str, float] = {}
-    for module in modules.values():
-        if hasattr(module, "set_epoch"):
-            logged |= {k: float(v) for k, v in module.set_epoch(epoch).items()}
+    seen: set[int] = set()
+    for root in modules.values():
+        for module in root.modules():
+            if id(module) not in seen and callable(getattr(module, "set_epoch", None)):
+                seen.add(id(module))
+                logged |= {k: float(v) for k, v in (module.set_epoch(epoch) or {}).items()}
     return logged
