@@ -19,7 +19,10 @@ from zoo.distributed import all_reduce_
 
 
 class RelevanceLoss(nn.Module):
-    """{"loss_relevance": weight x CE(logits (B, L-1, V), tokens[:, 1:])}, padding (`pad`) ignored."""
+    """{"loss_relevance": weight x CE(logits (B, L-1, V), tokens[:, 1:])}, padding (`pad`) ignored: the sum over
+    target words divided by their count. A batch without any target word (every picked reference all padding) gives
+    0, still a function of the logits (zero gradient), where the mean over no words was NaN and stopped training
+    under nonfinite_loss="raise"."""
 
     def __init__(self, weight: float = 1.0, pad: int = 0, tokens_key: str = "tokens") -> None:
         super().__init__()
@@ -27,8 +30,10 @@ class RelevanceLoss(nn.Module):
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         logits, targets = out["word_logits"], batch[self.tokens_key][:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=self.pad)
-        return {"loss_relevance": self.weight * loss}
+        total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                ignore_index=self.pad, reduction="sum")
+        count = (targets != self.pad).sum().clamp(min=1)  # on the device: no sync
+        return {"loss_relevance": self.weight * total / count}
 
 
 class DiscriminativeLoss(nn.Module):

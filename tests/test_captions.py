@@ -144,3 +144,62 @@ def test_attribute_mention_precision_and_recall() -> None:
     result = metric.compute()
     assert result["attribute_precision"].item() == pytest.approx((1 + 0) / 2)
     assert result["attribute_recall"].item() == pytest.approx((2 / 3 + 0) / 2)
+
+
+def padded(reference_sets: list[list[list[int]]], empty: int, length: int = 12) -> torch.Tensor:
+    """(N, R + empty, L) reference rows: each image's sentences, then `empty` all-padding rows (as CUB gives an
+    image with fewer sentences than sentences_per_image)."""
+    return torch.stack([torch.cat([rows(refs, length), torch.zeros(empty, length, dtype=torch.long)])
+                        for refs in reference_sets])
+
+
+def test_all_padding_reference_rows_are_no_references() -> None:
+    """CIDEr-D and class similarity score against the real references only: two extra all-padding rows per image
+    halved both before (each image's mean ran over 4 references, 2 of them empty), and an image whose rows are all
+    padding has nothing to be scored against, so it is left out instead of scoring 0."""
+    references = [[[11, 12, 13, 14], [11, 12, 15]], [[15, 16, 17, 18], [16, 17]], [[19, 20], [20, 21, 13]]]
+    candidates = rows([[11, 12, 13], [16, 17, 18], [19, 20, 21]])
+    labels = torch.tensor([0, 1, 1])
+
+    def scores(refs: torch.Tensor, cands: torch.Tensor = candidates, labs: torch.Tensor = labels) -> list[float]:
+        cider, relevance = CIDErD(end_token=EOS), ClassRelevance(end_token=EOS)
+        cider.update(cands, refs)
+        relevance.update(cands, refs, labs)
+        result = relevance.compute()
+        return [cider.compute().item(), result["class_similarity"].item(), result["class_rank"].item()]
+
+    plain = scores(padded(references, 0))
+    assert plain[0] > 1.0 and plain[1] > 1.0
+    assert scores(padded(references, 2)) == pytest.approx(plain, rel=1e-6)
+    # a fourth image with no reference at all (class 2): left out of CIDEr-D's mean and of the ranked classes
+    with_empty_image = torch.cat([padded(references, 2), torch.zeros(1, 4, 12, dtype=torch.long)])
+    assert scores(with_empty_image, torch.cat([candidates, rows([[11, 12, 13]])]),
+                  torch.tensor([0, 1, 1, 2])) == pytest.approx(plain, rel=1e-6)
+
+
+def test_class_rank_counts_ties_as_the_mean_rank() -> None:
+    """A sentence that matches no class (empty, or words no class uses) ties every class at CIDEr 0: its rank is
+    the mean of the tied places, (C + 1) / 2, not the best rank 1 (ties broken for the true class before)."""
+    refs = torch.stack([rows([[11, 12, 13]]), rows([[14, 15, 16]]), rows([[17, 18, 19]])])
+    labels = torch.tensor([0, 1, 2])
+    metric = ClassRelevance(end_token=EOS)
+    metric.update(rows([[], [20, 21], [17, 18, 19]]), refs, labels)  # empty, unknown words, a perfect match
+    result = metric.compute()
+    assert result["class_rank"].item() == pytest.approx((2 + 2 + 1) / 3)
+    # a tie between the true class and one other among three: places 1 and 2 shared, rank 1.5
+    shared = torch.stack([rows([[11, 12, 13]]), rows([[11, 12, 13]]), rows([[17, 18, 19]])])
+    metric = ClassRelevance(end_token=EOS)
+    metric.update(rows([[11, 12, 13]] * 3), shared, labels)
+    assert metric.compute()["class_rank"].item() == pytest.approx((1.5 + 1.5 + 3) / 3)
+
+
+def test_attribute_mention_reads_minus_one_object_parts_as_none() -> None:
+    """object_parts may hold -1 (= none), as its docstring says: neither a crash (scatter at -1) nor a part."""
+    metric = AttributeMention()
+    mentioned = torch.zeros(2, 36)
+    mentioned[0, [1, 2]] = 1
+    mentioned[1, [35]] = 1  # type 35 is not in the image (the last type: -1 must not wrap around to it)
+    metric.update(mentioned, torch.tensor([[1, 2, -1], [6, -1, -1]]), torch.tensor([[-1], [-1]]))
+    result = metric.compute()
+    assert result["attribute_precision"].item() == pytest.approx((1 + 0) / 2)
+    assert result["attribute_recall"].item() == pytest.approx((2 / 2 + 0 / 1) / 2)

@@ -419,3 +419,89 @@ def test_captions_outside_the_vocabulary_are_named() -> None:
              "captions": torch.tensor([[[BOS, 5, EOS]], [[BOS, 12, EOS]]])}
     with pytest.raises(ValueError, match="captions hold token id 12 >= vocab_size 12"):
         system.training_step(batch, 0)
+
+
+def test_relevance_loss_of_a_batch_without_target_words_is_zero_not_nan() -> None:
+    """Every picked reference all padding (a batch of CUB images without sentences): the mean over no words was
+    NaN, which stops training under nonfinite_loss="raise"; now 0, with a (zero) gradient to the logits."""
+    logits = torch.randn(2, 4, 12, requires_grad=True)
+    loss = RelevanceLoss()({"word_logits": logits}, {"tokens": torch.zeros(2, 5, dtype=torch.long)})["loss_relevance"]
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def captions_with_empty_rows() -> tuple[torch.Tensor, torch.Tensor]:
+    """(B=4, R=4, L=6) captions, each image's one sentence in another row and the other rows all padding (image 3
+    has no sentence), and the (B, L) sentences."""
+    sentences = torch.tensor([[BOS, 5, 6, EOS, PAD, PAD], [BOS, 7, EOS, PAD, PAD, PAD], [BOS, 8, 9, 10, EOS, PAD],
+                              [PAD] * 6])
+    captions = torch.zeros(4, 4, 6, dtype=torch.long)
+    for image, row in enumerate((3, 0, 2, 1)):
+        captions[image, row] = sentences[image]
+    return captions, sentences
+
+
+def test_training_teaches_a_sentence_not_an_all_padding_row() -> None:
+    """The teacher-forced reference is drawn among each image's non-empty rows: before, a uniform draw over all R
+    rows fed an all-padding row 3 times in 4 here (nothing to learn, and a NaN loss when a whole batch drew one)."""
+    from zoo.textual.system import TextualSystem
+
+    torch.manual_seed(0)
+    system = TextualSystem(variant="explanation-label", hidden=16, vocab_size=12)
+    captions, sentences = captions_with_empty_rows()
+    batch = {"image": torch.rand(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 3]), "captions": captions}
+    for _ in range(8):
+        assert torch.equal(system.forward_batch(batch, "train")["tokens"], sentences)
+    two = captions.clone()
+    two[0, 1] = sentences[2]  # two sentences: both drawn
+    drawn = {tuple(system.forward_batch({**batch, "captions": two}, "train")["tokens"][0].tolist()) for _ in range(40)}
+    assert drawn == {tuple(sentences[0].tolist()), tuple(sentences[2].tolist())}
+
+
+def test_sentence_classifier_learns_from_sentences_not_all_padding_rows() -> None:
+    """The sentence classifier's loss over a batch with all-padding rows is its loss over the sentences alone
+    (before, each empty row was one more example labelled with its image's class)."""
+    from zoo.textual.system import sentence_classifier_batch_loss
+
+    torch.manual_seed(0)
+    classifier = SentenceClassifier(12, 4, embed_dim=8, hidden=16).eval()
+    captions, sentences = captions_with_empty_rows()
+    labels = torch.tensor([0, 1, 2, 3])
+    loss = sentence_classifier_batch_loss(classifier, {"captions": captions, "label": labels}, "captions", "label")
+    alone = sentence_classifier_batch_loss(classifier, {"captions": sentences[:3, None], "label": labels[:3]},
+                                           "captions", "label")
+    torch.testing.assert_close(loss, alone)
+    nothing = sentence_classifier_batch_loss(classifier, {"captions": torch.zeros(2, 3, 6, dtype=torch.long),
+                                                          "label": labels[:2]}, "captions", "label")
+    assert nothing.item() == 0.0 and nothing.requires_grad is torch.is_grad_enabled()
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log")  # no Trainer: metrics only
+def test_bleu_and_rouge_ignore_all_padding_reference_rows() -> None:
+    """An all-padding reference row decoded to "": BLEU's brevity penalty took it as the closest reference length,
+    so a 4-word candidate against a 9-word reference scored 1.0 instead of 0.29."""
+    from torchmetrics.text import BLEUScore
+
+    from zoo.textual.system import TextualSystem
+
+    system = TextualSystem(variant="explanation-label", hidden=16, vocab_size=16)
+    references = torch.zeros(2, 3, 12, dtype=torch.long)
+    references[0, 0, :11] = torch.tensor([BOS, 5, 6, 7, 8, 9, 10, 11, 12, 13, EOS])  # one sentence, two empty rows
+    references[1, 0, :4] = torch.tensor([BOS, 5, 6, EOS])  # image 1: one sentence, two empty rows
+    sentences = torch.zeros(2, 8, dtype=torch.long)
+    sentences[0, :5], sentences[1, :3] = torch.tensor([5, 6, 7, 8, EOS]), torch.tensor([5, 6, EOS])
+    out = {"sentences": sentences, "references": references, "labels": torch.tensor([0, 1]),
+           "sentence_logits": torch.zeros(2, 6)}
+    system.update_metrics(out, {}, "val")
+    expected = BLEUScore(n_gram=4)(["5 6 7 8", "5 6"], [["5 6 7 8 9 10 11 12 13"], ["5 6"]])
+    assert system.metrics["val_bleu_4"].compute().item() == pytest.approx(expected.item())
+    assert expected.item() < 0.5
+
+
+def test_sentence_classifier_dropout_is_the_papers_and_a_system_argument() -> None:
+    from zoo.textual.system import TextualSystem
+
+    assert TextualSystem(variant="explanation-label", hidden=16).sentence_classifier.drop.p == 0.75
+    chosen = TextualSystem(variant="explanation-label", hidden=16, sentence_classifier_dropout=0.3)
+    assert chosen.sentence_classifier.drop.p == 0.3 and chosen.hparams.sentence_classifier_dropout == 0.3

@@ -8,7 +8,10 @@ log(#reference sets / max(1, #reference sets containing the n-gram)) (document f
 corpus's references); per n, sum over the candidate's n-grams of min(w_cand, w_ref) * w_ref divided by both norms,
 times the length penalty exp(-(len_cand - len_ref)^2 / (2 * 6^2)); mean over n, mean over references, x 10.
 Token sequences are compared as ids (0 = padding; everything from the end token on is dropped), so the metric
-states are tensors and reduce correctly under DDP.
+states are tensors and reduce correctly under DDP. A reference row that holds no word (all padding: a CUB image with
+fewer sentences than `sentences_per_image` gets such rows) is no reference: it is dropped before scoring, and an
+image left without any reference is left out of CIDEr-D's mean and of the class pools (`reference_texts` does the
+same for BLEU and ROUGE).
 """
 
 from __future__ import annotations
@@ -88,6 +91,16 @@ def as_text(tokens: torch.Tensor, end_token: int, start_token: int | None = None
     return [" ".join(decode_tokens(row, end_token=end_token, skip=(0, start_token))) for row in tokens]
 
 
+def reference_texts(texts: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[list[str], list[list[str]]]:
+    """Candidates and their references (as `as_text` writes them) for torchmetrics' BLEU and ROUGE, each image's
+    empty references dropped (an all-padding row is no sentence: as a reference, "" was the closest length in BLEU's
+    brevity penalty and raised a 2-word candidate against a 7-word reference from 0.08 to 1.0), and images left
+    without a reference dropped with their candidate."""
+    kept = [(text, [r for r in refs if r]) for text, refs in zip(texts, references)]
+    kept = [(text, refs) for text, refs in kept if refs]
+    return [text for text, _ in kept], [refs for _, refs in kept]
+
+
 class _SentenceStore(Metric):
     """Keeps candidates (N, L), references (N, R, L) and labels (N,) as tensors (gathered across ranks)."""
 
@@ -113,6 +126,8 @@ class _SentenceStore(Metric):
                                                                          device=candidates.device))
 
     def _sentences(self) -> tuple[list[list[str]], list[list[list[str]]], torch.Tensor]:
+        """Candidates, references and labels as token strings; each image's empty references (all-padding rows)
+        dropped, so an image may keep fewer references than R, or none."""
         def joined(parts: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
             parts = [parts] if isinstance(parts, torch.Tensor) else parts
             width = max(p.shape[-1] for p in parts)
@@ -120,26 +135,38 @@ class _SentenceStore(Metric):
 
         cands, refs = joined(self.candidates), joined(self.references)
         cut = lambda row: decode_tokens(row, end_token=self.end_token, skip=(0, self.start_token))  # noqa: E731
-        return [cut(c) for c in cands], [[cut(r) for r in rs] for rs in refs], dim_zero_cat(self.labels)
+        references = [[words for words in map(cut, rs) if words] for rs in refs]
+        return [cut(c) for c in cands], references, dim_zero_cat(self.labels)
 
 
 class CIDErD(_SentenceStore):
-    """Corpus CIDEr-D of generated sentences against each image's reference sentences (mean over images)."""
+    """Corpus CIDEr-D of generated sentences against each image's reference sentences (mean over images). Empty
+    reference rows are dropped (each image's score is the mean over its real references), and images without any
+    reference are left out of the mean and of the document frequencies."""
 
     higher_is_better = True
     full_state_update = False
 
     def compute(self) -> torch.Tensor:
         candidates, references, _ = self._sentences()
-        frequency, cache = document_frequency(references), {}
-        scores = [cider_d(c, r, frequency, len(references), cache=cache) for c, r in zip(candidates, references)]
+        pairs = [(c, r) for c, r in zip(candidates, references) if r]
+        kept = [r for _, r in pairs]
+        frequency, cache = document_frequency(kept), {}
+        scores = [cider_d(c, r, frequency, len(kept), cache=cache) for c, r in pairs]
         return torch.tensor(sum(scores) / max(1, len(scores)))
 
 
 class ClassRelevance(_SentenceStore):
     """Class similarity (CIDEr-D of a sentence against all references of its true class) and class rank (rank,
-    1 = best, of the true class among all classes by that score), averaged over sentences. The class reference
-    pools are the evaluated references grouped by label, at most `pool_size` per class (the first ones)."""
+    1 = best, of the true class among the classes by that score), averaged over sentences.
+
+    The class reference pools are the evaluated references grouped by label, at most `pool_size` per class (the
+    first non-empty ones; all-padding rows are no references). The metric sees only the evaluated set, so the
+    ranked classes are the classes that occur in it with at least one reference: on a full validation or test split
+    of parts_world or CUB that is every class (rank 1..C, as the paper's), on a partial one (`limit_val_batches`)
+    fewer, and ranks are then not comparable with full-split ones. Sentences of a class without any reference are
+    left out. Ties count half: rank = 1 + #classes scoring higher + 0.5 x #other classes scoring the same (the mean
+    rank over the tied places), so an empty sentence, or one whose words no class uses, ranks (C + 1) / 2, not 1."""
 
     higher_is_better = None  # mixed: class_similarity is higher-better, class_rank lower-better
     full_state_update = False
@@ -150,16 +177,19 @@ class ClassRelevance(_SentenceStore):
 
     def compute(self) -> dict[str, torch.Tensor]:
         candidates, references, labels = self._sentences()
-        classes = sorted(set(labels.tolist()))
-        pools = {c: [r for refs, lab in zip(references, labels.tolist()) if lab == c for r in refs][: self.pool_size]
-                 for c in classes}
-        frequency, cache = document_frequency(list(pools.values())), {}
-        scores = torch.tensor([[cider_d(cand, pools[c], frequency, len(pools), cache=cache) for c in classes]
-                               for cand in candidates])  # (N, C)
-        true = torch.tensor([classes.index(lab) for lab in labels.tolist()])
-        own = scores.gather(1, true[:, None]).squeeze(1)
-        rank = 1 + (scores > own[:, None]).sum(1).float()
-        return {"class_similarity": own.mean(), "class_rank": rank.mean()}
+        labels = labels.tolist()
+        pools = {c: [r for refs, lab in zip(references, labels) if lab == c for r in refs][: self.pool_size]
+                 for c in sorted(set(labels))}
+        classes = [c for c, pool in pools.items() if pool]  # the ranked classes: those with a reference
+        scored = [(cand, classes.index(lab)) for cand, lab in zip(candidates, labels) if lab in classes]
+        frequency, cache = document_frequency([pools[c] for c in classes]), {}
+        scores = torch.tensor([[cider_d(cand, pools[c], frequency, len(classes), cache=cache) for c in classes]
+                               for cand, _ in scored], dtype=torch.float64).reshape(len(scored), len(classes))  # (N, C)
+        true = torch.tensor([index for _, index in scored], dtype=torch.long)
+        own = scores.gather(1, true[:, None]).squeeze(1)  # (N,)
+        higher, same = (scores > own[:, None]).sum(1), (scores == own[:, None]).sum(1) - 1  # same: other classes
+        rank = 1 + higher + 0.5 * same
+        return {"class_similarity": own.mean().float(), "class_rank": rank.mean().float()}
 
 
 class AttributeMention(Metric):
@@ -179,10 +209,12 @@ class AttributeMention(Metric):
         """mentioned (B, A) multi-hot of named part types; object_parts (B, P) and distractors (B, D) type ids
         (-1 = none)."""
         num_types = mentioned.shape[1]
-        present = torch.zeros_like(mentioned, dtype=torch.bool)
-        present.scatter_(1, object_parts, True)
-        shown = torch.nn.functional.one_hot(distractors.clamp(min=0), num_types) * (distractors >= 0)[..., None]
-        visible = present | shown.any(1).bool()  # (B, A)
+
+        def multi_hot(types: torch.Tensor) -> torch.Tensor:  # (B, K) type ids, -1 = none -> (B, A) bool
+            return (torch.nn.functional.one_hot(types.clamp(min=0), num_types) * (types >= 0)[..., None]).any(1)
+
+        present = multi_hot(object_parts)  # (B, A)
+        visible = present | multi_hot(distractors)  # (B, A)
         named = mentioned.bool()
         self.precision_sum += ((named & visible).sum(1) / named.sum(1).clamp(min=1)).sum()
         self.recall_sum += ((named & present).sum(1) / present.sum(1).clamp(min=1)).sum()

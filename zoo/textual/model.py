@@ -211,11 +211,11 @@ def _multinomial_draw(probs: torch.Tensor) -> torch.Tensor:
 
 
 class SentenceClassifier(nn.Module):
-    """Class of a sentence (B, L) of token ids: embedding, one LSTM, dropout, linear on the state at each
-    sentence's last word. The discriminative reward is its probability of the true class."""
+    """Class of a sentence (B, L) of token ids: embedding, one LSTM, dropout (the paper's 0.75), linear on the state
+    at each sentence's last word. The discriminative reward is its probability of the true class."""
 
     def __init__(self, vocab_size: int, num_classes: int, *, embed_dim: int = 128, hidden: int = 256,
-                 dropout: float = 0.5, pad: int = 0) -> None:
+                 dropout: float = 0.75, pad: int = 0) -> None:
         super().__init__()
         self.pad = pad
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad)

@@ -15,7 +15,7 @@ from zoo.checks import batch_field, check_class_ids, ids_out_of_range
 from zoo.distributed import all_reduce_
 from zoo.engine import Auxiliary, ZooSystem
 from zoo.registry import create_model, create_model_for_data
-from zoo.textual.metrics import AttributeMention, CIDErD, ClassRelevance, RougeL, as_text
+from zoo.textual.metrics import AttributeMention, CIDErD, ClassRelevance, RougeL, as_text, reference_texts
 from zoo.textual.model import variant_model_name
 from zoo.weights import CheckpointError, load_module_weights, read_checkpoint
 
@@ -27,13 +27,22 @@ def encoder_batch_loss(encoder: nn.Module, batch: dict[str, Any], input_key: str
     return F.cross_entropy(encoder(batch[input_key])["logits"], batch[target_key])
 
 
+def reference_rows(captions: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """(B, R) bool: which reference rows of captions (B, R, L) hold a sentence (a word or <eos> after <bos>); the
+    others are all padding (a CUB image with fewer sentences than `sentences_per_image`)."""
+    return (captions[..., 1:] != pad).any(-1)
+
+
 def sentence_classifier_batch_loss(classifier: nn.Module, batch: dict[str, Any], captions_key: str,
                                    target_key: str) -> torch.Tensor:
-    """The sentence classifier's training loss: cross-entropy on every reference sentence of the batch."""
+    """The sentence classifier's training loss: cross-entropy on every reference sentence of the batch; all-padding
+    rows are no sentences and are left out (0 when the batch has none, still with a gradient path)."""
     captions = batch[captions_key]  # (B, R, L)
     words = captions[..., 1:].flatten(0, 1)  # (B*R, L-1) every reference, without <bos>
     labels = batch[target_key].repeat_interleave(captions.shape[1])
-    return F.cross_entropy(classifier(words)["logits"], labels)
+    real = reference_rows(captions).flatten().float()  # (B*R,)
+    losses = F.cross_entropy(classifier(words)["logits"].float(), labels, reduction="none")  # (B*R,)
+    return (losses * real).sum() / real.sum().clamp(min=1)
 
 
 class TextualSystem(ZooSystem):
@@ -48,7 +57,9 @@ class TextualSystem(ZooSystem):
     (explanation-label -> explanation, description -> explanation-dis), auxiliaries included. With
     `class_features="description"` the class table is filled from `description_checkpoint` at fit start.
 
-    Loss (`losses.textual.TextualLoss`): `relevance_weight` x teacher-forced CE on one random reference per image,
+    Loss (`losses.textual.TextualLoss`): `relevance_weight` x teacher-forced CE on one random reference per image
+    (drawn uniformly among its non-empty rows; all-padding rows, as CUB has, are never picked unless an image has
+    nothing else, and then the relevance loss ignores them),
     plus `discriminative_weight` x REINFORCE on sampled sentences (sampled only while the current stage sums
     `loss_discriminative`, so `stages` can express the chain: relevance only, then relevance + discriminative).
     Validation and test decode greedily and log `cider_d`, `bleu_4`, `rouge_l` (F-measure against the best
@@ -60,6 +71,8 @@ class TextualSystem(ZooSystem):
     reference, and when sampling "samples" (B, T), "sample_log_probs" (B, T), "reward" (B,)}; evaluation
     {"images" (B, C, H, W), "labels" (B,), "references" (B, R, L), "sentences" (B, T) greedy, "sentence_log_probs"
     (B, T), "sentence_logits" (B, classes) of the sentence classifier}.
+
+    `sentence_classifier_dropout`: the sentence classifier's dropout before its linear layer, the paper's 0.75.
 
     Twins (`train.py compare --config configs/textual/<x>.yaml`): the description model (image only, from scratch,
     no discriminative loss) and explanation-label (image + class, no discriminative loss; from the same
@@ -86,6 +99,7 @@ class TextualSystem(ZooSystem):
         encoder_epochs: int = 4,
         sentence_classifier_checkpoint: str | None = None,
         sentence_classifier_epochs: int = 4,
+        sentence_classifier_dropout: float = 0.75,
         init_checkpoint: str | None = None,
         relevance_weight: float = 1.0,
         discriminative_weight: float = 0.0,
@@ -103,7 +117,8 @@ class TextualSystem(ZooSystem):
         super().__init__(num_classes=num_classes, in_chans=in_chans, image_size=image_size, data_inputs=data_inputs,
                          **kwargs)
         self.sentence_classifier = create_model("textual_sentence_classifier", num_classes=num_classes,
-                                                vocab_size=vocab_size).requires_grad_(False)
+                                                vocab_size=vocab_size,
+                                                dropout=sentence_classifier_dropout).requires_grad_(False)
         self.register_buffer("image_encoder_ready", torch.tensor(False))
         self.register_buffer("sentence_classifier_ready", torch.tensor(False))
         if init_checkpoint is not None:
@@ -157,7 +172,11 @@ class TextualSystem(ZooSystem):
             sentences, log_probs = self.model.explain(images, labels, mode="greedy")
             return {"images": images, "labels": labels, "references": captions, "sentences": sentences,
                     "sentence_log_probs": log_probs, "sentence_logits": self.sentence_classifier(sentences)["logits"]}
-        pick = torch.randint(captions.shape[1], (len(captions),), device=captions.device)
+        # One reference per image, uniform among its non-empty rows (random keys, empty rows keyed -1; an image
+        # without any sentence gets row 0, all padding, which the relevance loss ignores). No host sync: no
+        # torch.multinomial, whose input checks read the device.
+        keys = torch.rand(captions.shape[:2], device=captions.device).masked_fill(~reference_rows(captions), -1.0)
+        pick = keys.argmax(1)  # (B,)
         tokens = captions[torch.arange(len(captions), device=captions.device), pick]  # (B, L) one reference each
         sample = self.loss.samples_needed and self._stage_sums("loss_discriminative")
         out = {**self.model(images, labels, tokens, sample=sample), "tokens": tokens}  # sampling reads no device
@@ -178,10 +197,10 @@ class TextualSystem(ZooSystem):
         self.log_metric(stage, "cider_d", sentences, references)
         self.log_metric(stage, "class_relevance", sentences, references, labels)
         self.log_metric(stage, "acc", out["sentence_logits"], labels, prog_bar=True)
-        texts = as_text(sentences, self.hparams.end_token, self.hparams.start_token)
-        reference_texts = as_text(references, self.hparams.end_token, self.hparams.start_token)
-        self.log_metric(stage, "bleu_4", texts, reference_texts)
-        self.log_metric(stage, "rouge_l", texts, reference_texts)
+        texts, refs = reference_texts(as_text(sentences, self.hparams.end_token, self.hparams.start_token),
+                                      as_text(references, self.hparams.end_token, self.hparams.start_token))
+        self.log_metric(stage, "bleu_4", texts, refs)  # empty references (all-padding rows) dropped
+        self.log_metric(stage, "rouge_l", texts, refs)
         mentioned = getattr(self.trainer.datamodule, "mentioned", None) if self._trainer is not None else None
         if mentioned is not None and "part_types" in batch and "distractor_types" in batch:
             self.log_metric(stage, "attributes", mentioned(sentences), batch["part_types"], batch["distractor_types"])
