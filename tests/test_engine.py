@@ -299,3 +299,17 @@ def test_epoch_schedules_reach_a_wrapped_loss() -> None:
     shared = nn.Sequential(inner)  # the same module under two roots: still called once
     assert epoch_schedules({"model": shared, "loss": wrapper}, 3) == {"inner_weight": 0.25}
     assert inner.calls == [3]
+
+
+def test_auxiliary_cache_key_tells_layer_settings_apart() -> None:
+    """A cached helper trained with another dropout rate (same shapes) is not reused: the key reads the layers."""
+    from zoo.engine.auxiliary import Auxiliary, cache_key
+
+    aux = Auxiliary("black_box", loss=lambda module, batch: torch.zeros(()), epochs=1)
+    data = PartsWorldDataModule(num_train=8, num_val=8)
+
+    def net(p: float) -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 4), nn.Dropout(p), nn.Linear(4, 2))
+
+    assert cache_key(aux, net(0.5), data) != cache_key(aux, net(0.75), data)
+    assert cache_key(aux, net(0.5), data) == cache_key(aux, net(0.5), data)

@@ -77,10 +77,12 @@ def auxiliaries_pending(system: Any) -> bool:
 
 
 def cache_key(aux: Auxiliary, module: nn.Module, datamodule: Any) -> str:
-    """What defines a trained auxiliary: module class and shapes, training settings, the data's settings."""
+    """What defines a trained auxiliary: module class, its layers' settings (the repr: dropout rates, ...) and
+    shapes, training settings, the data's settings."""
     shapes = [(k, tuple(v.shape)) for k, v in module.state_dict().items()]
     data = dict(getattr(datamodule, "hparams", {}) or {})
-    text = repr((type(module).__qualname__, shapes, aux.epochs, aux.lr, getattr(aux.loss, "__qualname__", ""),
+    text = repr((type(module).__qualname__, repr(module), shapes, aux.epochs, aux.lr,
+                 getattr(aux.loss, "__qualname__", ""),
                  type(datamodule).__qualname__, sorted((k, repr(v)) for k, v in data.items())))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
