@@ -8,7 +8,9 @@ code, every rule is counted once (the authors' loop adds the last rule's distrib
 
 Semantic loss: -log P(constraint holds) for independent Bernoulli outputs p_i = sigmoid(logit_i), i.e.
 -log sum over satisfying assignments s of prod_i p_i^{s_i} (1 - p_i)^{1 - s_i}; for "exactly one":
--log sum_i p_i prod_{j != i} (1 - p_j).
+-log sum_i p_i prod_{j != i} (1 - p_j). Computed in log space from the logits (log p_i = logsigmoid(logit_i),
+log(1 - p_i) = logsigmoid(-logit_i), a logsumexp over the assignments): from probabilities, sigmoid saturates to
+exactly 0 or 1 in float32 once |logit| > ~17, and the loss would be wrong there with a zero gradient.
 """
 
 from __future__ import annotations
@@ -95,12 +97,29 @@ class LogicRuleDistillation(nn.Module):
         }
 
 
+def semantic_loss_with_logits(logits: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:
+    """-log sum_s prod_i p_i^{s_i} (1 - p_i)^{1 - s_i} per sample (B,), p = sigmoid(logits) (B, n), over the
+    satisfying 0/1 assignments s (S, n). Exact and with a useful gradient also where the sigmoids saturate."""
+    return _negative_log_model_count(F.logsigmoid(logits), F.logsigmoid(-logits), assignments)
+
+
 def semantic_loss(probs: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:
-    """-log sum_s prod_i p_i^{s_i} (1 - p_i)^{1 - s_i} per sample, over the satisfying assignments s (S, n)."""
-    log_p = torch.log(probs.clamp(1e-7, 1 - 1e-7))  # (B, n)
-    log_not_p = torch.log1p(-probs.clamp(1e-7, 1 - 1e-7))
-    log_world = log_p @ assignments.T.float() + log_not_p @ (1 - assignments.float()).T  # (B, S)
-    return -torch.logsumexp(log_world, -1)
+    """`semantic_loss_with_logits` from probabilities (B, n), for callers that have no logits. Probabilities are
+    clamped to [1e-7, 1 - 1e-7], so near-certain outputs saturate (wrong value, zero gradient): pass logits to
+    `semantic_loss_with_logits` wherever they exist."""
+    clamped = probs.clamp(1e-7, 1 - 1e-7)
+    return _negative_log_model_count(torch.log(clamped), torch.log1p(-clamped), assignments)
+
+
+def _negative_log_model_count(log_p: torch.Tensor, log_not_p: torch.Tensor, assignments: torch.Tensor
+                              ) -> torch.Tensor:
+    """-logsumexp_s [sum_i s_i log p_i + (1 - s_i) log(1 - p_i)]: (B, n), (B, n), (S, n) -> (B,). In float32 also
+    under autocast (a half-precision matmul would round log-probabilities of -20 by ~0.1)."""
+    with torch.autocast(log_p.device.type, enabled=False):
+        log_p, log_not_p = log_p.float(), log_not_p.float()
+        chosen = assignments.to(log_p)  # (S, n)
+        log_world = log_p @ chosen.T + log_not_p @ (1 - chosen).T  # (B, S) log-probability of each assignment
+        return -torch.logsumexp(log_world, -1)
 
 
 class SemanticLoss(nn.Module):
@@ -116,11 +135,10 @@ class SemanticLoss(nn.Module):
 
     def forward(self, out: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         logits = out["logits"].float()
-        probs = torch.sigmoid(logits)
         assignments = (torch.eye(logits.shape[-1], device=logits.device) if self.constraint == "exactly_one"
                        else self.assignments)
         return {"loss_task": F.cross_entropy(logits, batch[self.target_key]),
-                "loss_semantic": self.weight * semantic_loss(probs, assignments).mean()}
+                "loss_semantic": self.weight * semantic_loss_with_logits(logits, assignments).mean()}
 
 
 class PartsWorldColourRule(ClassRule):

@@ -18,7 +18,8 @@ from losses.renn import LogicRuleDistillation, PartsWorldColourRule, SemanticLos
 from zoo.renn.metrics import RuleFiring
 from tests.conftest import REPO
 from zoo.renn.model import (RULE_SERIES_RULES, And, CountAtLeast, FollowedBy, Implies, Not, NotFollowedBy, Or, Pattern,
-                             Within, conv_window_sum, get_rule, prefix_window_sum, register_rule, window_sum)
+                             Within, conv_window_sum, get_rule, local_peaks, prefix_window_sum, register_rule,
+                             window_sum)
 
 
 def constant(value: float) -> Pattern:
@@ -87,6 +88,30 @@ def test_window_kernel_cached_under_inference_mode_still_trains() -> None:
     series = torch.rand(2, 23, requires_grad=True)
     conv_window_sum(series, -2, 5).sum().backward()
     assert series.grad is not None and (series.grad > 0).all()
+
+
+def test_local_peaks_count_a_plateau_once() -> None:
+    """Tied maxima in a neighbourhood (a plateau of saturated sigmoids) are one occurrence, kept at the first step."""
+    plateau = torch.tensor([[0.0, 0.1, 1.0, 1.0, 0.1, 0.0, 0.0, 0.0]])
+    assert local_peaks(plateau).tolist() == [[0, 0, 1, 0, 0, 0, 0, 0]]
+    assert local_peaks(torch.ones(2, 3, 9)).sum(-1).tolist() == [[1] * 3] * 2  # any length of plateau, any shape
+    ties = torch.tensor([[1.0, 0.5, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]])  # 2 apart: one; 4 apart: another
+    assert local_peaks(ties).tolist() == [[1, 0, 0, 0, 0, 0, 1, 0, 0]]
+    count = CountAtLeast(Pattern("a"), 2, sharpness=50.0)({"a": plateau})
+    assert torch.allclose(count, torch.zeros_like(count), atol=1e-6)  # one beat is not two
+    assert CountAtLeast(Pattern("a"), 3, sharpness=50.0)({"a": ties}).max() < 1e-6
+    model = zoo.create_model("renn_series")
+    patterns = torch.stack([torch.zeros(8), plateau[0]])[None]  # (1, 2, 8): one premature beat over two steps
+    assert model.explain({"rule_map": torch.zeros(1, 3, 8), "patterns": patterns})[0]["premature_beat"] == [2]
+    # without ties: the neighbourhood maximum, as before, and the gradient flows through the kept steps only
+    torch.manual_seed(0)
+    p = torch.rand(3, 40, requires_grad=True)
+    window = torch.stack([p[:, max(0, t - 2): t + 3].amax(1) for t in range(40)], 1)
+    expected = torch.where(p == window, p, torch.zeros_like(p))
+    peaks = local_peaks(p)
+    assert torch.equal(peaks, expected)
+    peaks.sum().backward()
+    assert torch.equal(p.grad, (expected > 0).float())
 
 
 def test_gradients_flow_through_rules() -> None:
@@ -290,6 +315,48 @@ def test_semantic_loss_exactly_one() -> None:
     manual = -math.log(0.7 * 0.2 * 0.9 + 0.3 * 0.8 * 0.1)
     assert semantic_loss(p[:1], torch.tensor([[1, 1, 0], [0, 0, 1]]))[0].item() == pytest.approx(manual, rel=1e-5)
     assert set(both) == {"loss_task", "loss_semantic"}
+
+
+def _exactly_one_reference(logits: list[float]) -> float:
+    """-log sum_i p_i prod_{j != i} (1 - p_j) in float64 from the logits (log p = -log(1 + e^-x))."""
+    log_p = [-math.log1p(math.exp(-x)) for x in logits]
+    log_not_p = [-math.log1p(math.exp(x)) for x in logits]
+    worlds = [log_p[i] + sum(log_not_p[j] for j in range(len(logits)) if j != i) for i in range(len(logits))]
+    top = max(worlds)
+    return -(top + math.log(sum(math.exp(w - top) for w in worlds)))
+
+
+def test_semantic_loss_is_exact_where_the_sigmoids_saturate() -> None:
+    """From the logits, not from sigmoid probabilities: saturated outputs (|logit| > ~17 in float32) still have the
+    closed form's value and gradient (probabilities clamped to 1 - 1e-7 gave 15.25 and a zero gradient here)."""
+    rows = [[20.0, 20.0, -20.0], [-20.0, -20.0, -20.0], [40.0, -40.0, -40.0], [3.0, -1.0, 0.5]]
+    logits = torch.tensor(rows, requires_grad=True)
+    terms = SemanticLoss(weight=1.0)({"logits": logits}, {"label": torch.zeros(4, dtype=torch.long)})
+    expected = [_exactly_one_reference(row) for row in rows]  # 19.31, 18.90, ~8.5e-18, ...
+    assert terms["loss_semantic"].item() == pytest.approx(sum(expected) / 4, rel=1e-5)
+    terms["loss_semantic"].backward()
+    step = 1e-4  # central differences of the float64 reference
+    for b, row in enumerate(rows):
+        for i in range(3):
+            up, down = list(row), list(row)
+            up[i], down[i] = row[i] + step, row[i] - step
+            slope = (_exactly_one_reference(up) - _exactly_one_reference(down)) / (2 * step) / 4
+            assert logits.grad[b, i].item() == pytest.approx(slope, abs=1e-4), (b, i)
+    # the saturated rows still learn: with two classes on, both logits' gradient is +1/2 (over the batch of 4:
+    # 1/8), with none on, all three's is -1/3 (-1/12)
+    assert logits.grad[0, :2].tolist() == pytest.approx([0.125, 0.125], rel=1e-4)
+    assert logits.grad[1].tolist() == pytest.approx([-1 / 12] * 3, rel=1e-4)
+    from losses.renn import semantic_loss_with_logits  # the per-sample function
+
+    per_sample = semantic_loss_with_logits(logits.detach(), torch.eye(3))
+    assert torch.allclose(per_sample, torch.tensor(expected), rtol=1e-5, atol=1e-6)
+    # a custom constraint on saturated logits: -log(e^-40 + e^-20) (the probability form gave 15.9)
+    custom = SemanticLoss(constraint=[[1, 1, 0], [0, 0, 1]])
+    value = custom({"logits": torch.full((1, 3), -20.0)}, {"label": torch.tensor([0])})["loss_semantic"]
+    assert value.item() == pytest.approx(0.5 * -math.log(math.exp(-40) + math.exp(-20)), rel=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # no half-precision matmul of the log-probabilities
+        under_autocast = SemanticLoss(weight=1.0)({"logits": logits.detach()}, {"label": torch.zeros(4).long()})
+    assert under_autocast["loss_semantic"].item() == pytest.approx(sum(expected) / 4, rel=1e-5)
 
 
 def test_parts_world_colour_rule_favours_the_true_class() -> None:

@@ -84,10 +84,17 @@ def absent_within(p: torch.Tensor, low: int, high: int) -> torch.Tensor:
 
 def local_peaks(p: torch.Tensor, radius: int = 2) -> torch.Tensor:
     """p where it is the maximum of its (2 radius + 1)-step neighbourhood, 0 elsewhere (gradient flows through p):
-    a detector's probability spread over neighbouring steps counts as one occurrence."""
-    flat = p.reshape(-1, 1, p.shape[-1])  # (N, 1, T) for any leading shape
-    neighbourhood = F.max_pool1d(flat, 2 * radius + 1, stride=1, padding=radius).reshape(p.shape)
-    return p.masked_fill(p < neighbourhood, 0.0)
+    a detector's probability spread over neighbouring steps counts as one occurrence. Ties go to the first step:
+    a step is kept only if it is >= every step in [t, t + radius] and > every step in [t - radius, t - 1], so a
+    plateau (e.g. saturated sigmoids at 1.0 on neighbouring steps) is one peak, not one per step."""
+    if radius < 1:
+        return p
+    length = p.shape[-1]
+    padded = F.pad(p.reshape(-1, 1, length), (radius, radius), value=-torch.inf)  # (N, 1, T + 2 radius)
+    # padded[t + radius] = p[t]: the max over [t - radius, t - 1], and over [t, t + radius]
+    before = F.max_pool1d(padded, radius, stride=1)[..., :length].reshape(p.shape)
+    ahead = F.max_pool1d(padded[..., radius:], radius + 1, stride=1).reshape(p.shape)
+    return p.masked_fill((p < ahead) | (p <= before), 0.0)
 
 
 class Rule:
