@@ -62,34 +62,45 @@ def read_table(path: Path, columns: int, dtype: type = float, extra_fields: bool
     return np.asarray(rows, dtype=np.float64 if dtype is float else np.int64).reshape(-1, columns)
 
 
+NOT_VISIBLE = 1  # the release's certainty codes: 1 not visible, 2 guessing, 3 probably, 4 definitely
+
+
 def read_cub_attributes(root: Path, labels: np.ndarray, is_train: np.ndarray, image_ids: np.ndarray,
                         min_classes: int = 10) -> tuple[np.ndarray, list[str]]:
-    """Concept Bottleneck Models' CUB concepts (Koh et al. 2020): each attribute is voted per class over the
-    training images (present for a class when present in more than half of them), attributes present in at least
-    `min_classes` classes are kept (112 of 312 on the full release), and each image gets its class's votes.
-    Returns (N, A) in {0, 1} in images.txt order and the kept attributes' names. Lines of the release with extra
-    fields (a known defect of the file) are read by their first three."""
+    """Concept Bottleneck Models' CUB concepts, by Koh et al.'s rule (their code: CUB/generate_new_data.py,
+    `get_class_attributes_data`): each attribute is voted per class over the `is_train` images, counting its
+    present and absent labels but not an "absent" marked not visible (certainty 1); the class has it when present
+    counts are at least the absent ones (a tie, no counted label included, is present). Attributes present in at
+    least `min_classes` classes are kept (112 of 312 on the full release) and each image gets its class's votes.
+    Returns (N, A) in {0, 1} in images.txt order and the kept attributes' names.
+
+    Lines are `<image_id> <attribute_id> <is_present 0|1> <certainty 1..4> [<time> ...]`, fields split on any
+    whitespace; what follows the certainty (the time, and the extra fields of a few release lines, a known defect
+    of the file) is not read."""
     path = root / "attributes" / "image_attribute_labels.txt"
     if not path.is_file():
         raise DatasetLayoutError(f"CUB file {str(path)!r} is missing (attributes=True).", CUB_LAYOUT)
-    table = read_table(path, 3, int, extra_fields=True)  # image_id attribute_id is_present
+    table = read_table(path, 4, int, extra_fields=True)  # image_id attribute_id is_present certainty
     if not len(table):
         raise DatasetLayoutError(f"CUB file {str(path)!r} lists no attribute labels (attributes=True).", CUB_LAYOUT)
     position = {int(image_id): i for i, image_id in enumerate(image_ids)}
     rows = np.array([position.get(int(i), -1) for i in table[:, 0]])
     if (rows < 0).any() or (table[:, 1] < 1).any():
         raise DatasetLayoutError(f"{path} names image ids not in images.txt or attribute ids below 1.", CUB_LAYOUT)
-    present = np.zeros((len(image_ids), int(table[:, 1].max())))
-    present[rows, table[:, 1] - 1] = table[:, 2]
-    num_classes = int(labels.max()) + 1
-    one_hot = np.eye(num_classes)[labels[is_train]]  # (n_train, C)
-    class_rate = one_hot.T @ present[is_train] / np.maximum(one_hot.sum(0), 1)[:, None]  # (C, A)
-    votes = class_rate > 0.5
+    bad = ~np.isin(table[:, 2], (0, 1)) | ~np.isin(table[:, 3], (1, 2, 3, 4))
+    if bad.any():
+        raise DatasetLayoutError(f"{path}: <is_present> must be 0 or 1 and <certainty> 1..4 (1 not visible .. 4 "
+                                 f"definitely); got '{' '.join(map(str, table[bad][0]))}'.", CUB_LAYOUT)
+    num_classes, num_attributes = int(labels.max()) + 1, int(table[:, 1].max())
+    counted = is_train[rows] & ((table[:, 2] == 1) | (table[:, 3] != NOT_VISIBLE))  # training labels, seen
+    counts = np.zeros((num_classes, num_attributes, 2), dtype=np.int64)  # (C, A, absent / present)
+    np.add.at(counts, (labels[rows[counted]], table[counted, 1] - 1, table[counted, 2]), 1)
+    votes = counts[..., 1] >= counts[..., 0]  # (C, A): majority, ties present (Koh et al.)
     kept = np.flatnonzero(votes.sum(0) >= min_classes)
     names_file = next((f for f in (root / "attributes" / "attributes.txt", root / "attributes.txt",
                                    root.parent / "attributes.txt") if f.is_file()), None)
     names = [ln.split(maxsplit=1)[1] for ln in names_file.read_text().splitlines() if ln.strip()] if names_file \
-        else [f"attribute {a + 1}" for a in range(present.shape[1])]
+        else [f"attribute {a + 1}" for a in range(num_attributes)]
     return votes[labels][:, kept].astype(np.float32), [names[a] for a in kept]
 
 
@@ -219,7 +230,8 @@ class CUB200DataModule(DictDataModule):
         mean / std: per-channel normalisation of the [0, 1] images (lists), "pretrained" (mean only: the model's
             backbone's timm pretrained mean and std, resolved by train.py), or None: none (`DictDataModule`).
         attributes: batches hold `attributes` (A,), the concept bottleneck paper's class-level attributes (see
-            `read_cub_attributes`), named by `attribute_names`; min_attribute_classes: its filter (10 in the paper).
+            `read_cub_attributes`; voted over the training split, so without the `val_fraction` held out), named by
+            `attribute_names`; min_attribute_classes: its filter (10 in the paper).
 
     `class_names` come from classes.txt ("001.Black_footed_Albatross", ...; "0", "1", ... without it).
     """
@@ -269,9 +281,11 @@ class CUB200DataModule(DictDataModule):
         if self.sentences_root is not None:
             self._load_captions(base / "images")
         self.attribute_names: list[str] = []
-        if attributes:
+        if attributes:  # voted over the training split only: a held-out validation image's labels are not read
+            in_train = np.zeros(len(self.index.image_ids), dtype=bool)
+            in_train[self.split_rows()["train"]] = True
             self.index.attributes, self.attribute_names = read_cub_attributes(
-                base, self.index.labels, self.index.is_train, self.index.image_ids, min_attribute_classes)
+                base, self.index.labels, in_train, self.index.image_ids, min_attribute_classes)
 
     def _load_captions(self, images_root: Path) -> None:
         """Read every image's sentences, build the vocabulary from the training ones, store `index.captions`."""
@@ -299,9 +313,8 @@ class CUB200DataModule(DictDataModule):
             return f"val_fraction={self.val_fraction} of {marked(1)} (drawn with seed={self.seed})"
         return marked(0)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.splits:
-            return
+    def split_rows(self) -> dict[str, np.ndarray]:
+        """The images.txt rows of each split (see `describe_split`); the same every call (seeded)."""
         train = np.flatnonzero(self.index.is_train)
         test = np.flatnonzero(~self.index.is_train)
         val = test
@@ -309,5 +322,10 @@ class CUB200DataModule(DictDataModule):
             rng = np.random.default_rng(self.seed)
             held = rng.random(len(train)) < self.val_fraction
             train, val = train[~held], train[held]
-        for split, rows in (("train", train), ("val", val), ("test", test)):
+        return {"train": train, "val": val, "test": test}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        for split, rows in self.split_rows().items():
             self.splits[split] = CUBDataset(self.index, rows, self.image_size, self.crop_to_box)

@@ -214,7 +214,8 @@ def test_compare_trains_the_sequential_cbm_against_the_standard_twin(in_tmp_dir:
 def test_cub_attributes_are_voted_per_class_and_filtered_as_in_the_paper(cub_root: Path) -> None:
     """The release's attributes/image_attribute_labels.txt: attribute 1 is in every class (kept), 2 in one class
     (dropped), 3 in the training images of classes 0 and 1 (kept; every image of those classes gets it, test images
-    too), 4 in half of class 0's training images (no majority: dropped). One line has the release's extra field."""
+    too), 4 in half of class 0's training images (a tie: present in class 0 only, so dropped). One line has the
+    release's extra field."""
     from datamodules import CUB200DataModule, DatasetLayoutError
 
     base = cub_root / "CUB_200_2011"
@@ -241,7 +242,8 @@ def test_cub_attributes_are_voted_per_class_and_filtered_as_in_the_paper(cub_roo
 
 
 class SaveConceptPredictions(pl.Callback):
-    """Each rank writes its validation concept predictions (logit > 0) and true concepts, (B, 2, K) per batch."""
+    """Each rank writes its validation concept predictions (logit > 0), true concepts and logits, (B, 3, K) per
+    batch, and the System's per-concept table (a collective: every rank calls it)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder, self.rows = folder, []
@@ -249,14 +251,18 @@ class SaveConceptPredictions(pl.Callback):
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: object,
                                 batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         logits = pl_module(batch["image"])["concept_logits"]  # (B, K)
-        self.rows.append(torch.stack([(logits > 0).float(), batch["attributes"]], 1))
+        self.rows.append(torch.stack([(logits > 0).float(), batch["attributes"], logits], 1))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         torch.save(torch.cat(self.rows), self.folder / f"rank{trainer.global_rank}.pt")
+        torch.save(pl_module.concept_table("val"), self.folder / f"table{trainer.global_rank}.pt")
 
 
 def test_two_process_ddp_concept_accuracy_equals_gathered(tmp_path: Path) -> None:
-    """Under 2-process DDP the logged concept accuracy is the accuracy over both ranks' predictions."""
+    """Under 2-process DDP the logged concept accuracy is the accuracy over both ranks' predictions, and each
+    concept's F1 and AUROC (`concept_table`, on every rank) are those of both ranks' predictions."""
+    from torchmetrics.functional.classification import multilabel_auroc
+
     from datamodules import PartsWorldDataModule
 
     pl.seed_everything(0)
@@ -268,7 +274,335 @@ def test_two_process_ddp_concept_accuracy_equals_gathered(tmp_path: Path) -> Non
                          enable_model_summary=False, default_root_dir=tmp_path,
                          callbacks=[SaveConceptPredictions(tmp_path)])
     trainer.fit(system, datamodule=data)
-    rows = torch.cat([torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)])  # (64, 2, K)
+    rows = torch.cat([torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)])  # (64, 3, K)
     assert len(rows) == 64
     recomputed = (rows[:, 0] == rows[:, 1]).float().mean()
     assert trainer.callback_metrics["val/concept_acc"].item() == pytest.approx(recomputed.item(), abs=1e-6)
+    predicted, truth = rows[:, 0].bool(), rows[:, 1].bool()
+    f1 = concept_f1((predicted & truth).sum(0), (predicted & ~truth).sum(0), (~predicted & truth).sum(0), "none")
+    positives = truth.sum(0)
+    auroc = multilabel_auroc(rows[:, 2], truth.long(), 36, average="none")
+    auroc = torch.where((positives > 0) & (positives < 64), auroc, torch.full_like(auroc, float("nan")))
+    for rank in (0, 1):
+        table = torch.load(tmp_path / f"table{rank}.pt", weights_only=True)
+        torch.testing.assert_close(table["f1"], f1.float(), equal_nan=True)
+        torch.testing.assert_close(table["auroc"], auroc, equal_nan=True, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- audit fixes (CBM family)
+def test_default_loss_trains_the_concepts_on_the_systems_concept_key(batch: dict[str, torch.Tensor]) -> None:
+    """Without `loss:` the System builds the paper's loss on its own concept_key: every mode gets a concept term
+    (the engine's default, cross-entropy alone, trained no concept in joint / independent and broke sequential)."""
+    renamed = {**{k: v for k, v in batch.items() if k != "attributes"}, "concepts": batch["attributes"]}
+    for mode, stages in (("joint", None), ("independent", None), ("sequential", SEQUENTIAL_STAGES)):
+        cbm = system(mode=mode, stages=stages, loss=None, concept_key="concepts")
+        assert isinstance(cbm.loss, ConceptBottleneckLoss) and cbm.loss.concept_key == "concepts"
+        terms = cbm.compute_loss(cbm.forward_batch(renamed, "train"), renamed, "train")
+        assert set(terms) == {"loss_task", "loss_concept"} and terms["loss_concept"] > 0
+        assert set(cbm.schedule.select(terms)) <= {"loss_task", "loss_concept"}  # sequential: no KeyError
+    assert "loss_concept" in gradients_of(system(loss=None), batch)
+
+
+def gradients_of(cbm: CBMSystem, batch: dict[str, torch.Tensor]) -> dict[str, set[str]]:
+    """Each loss term of a training step: the model's children it reaches."""
+    terms = cbm.compute_loss(cbm.forward_batch(batch, "train"), batch, "train")
+    return {term: gradients(cbm, batch, term) for term in terms}
+
+
+def test_a_loss_on_another_concept_key_or_without_a_concept_term_is_refused(batch) -> None:
+    from losses.baselines import ClassificationLoss
+
+    with pytest.raises(ValueError, match=r"batch\['attributes'\] but the System from batch\['concepts'\]"):
+        system(concept_key="concepts", loss=ConceptBottleneckLoss(weight=1.0))  # the loss keeps "attributes"
+    cbm = system(loss=ClassificationLoss())
+    with pytest.raises(ValueError, match="no 'loss_concept': the bottleneck g would never learn the concepts"):
+        cbm.compute_loss(cbm.forward_batch(batch, "train"), batch, "train")
+    twin = system(loss=ClassificationLoss(), model_kwargs={"bottleneck": False})  # f reads no concepts: allowed
+    assert set(twin.compute_loss(twin.forward_batch(batch, "train"), batch, "train")) == {"loss_task"}
+
+
+def write_cub_attributes(cub_root: Path, lines: list[str], names: list[str]) -> None:
+    """attributes/image_attribute_labels.txt (lines as given) and attributes.txt beside CUB_200_2011/."""
+    folder = cub_root / "CUB_200_2011" / "attributes"
+    folder.mkdir(exist_ok=True)
+    (folder / "image_attribute_labels.txt").write_text("\n".join(lines) + "\n")
+    (cub_root / "attributes.txt").write_text("".join(f"{i + 1} {name}\n" for i, name in enumerate(names)))
+
+
+# The conftest CUB fixture's images (id, class, training image): ids 3 and 4 are class 0's training images, 1 and 8
+# class 1's, 2 class 2's; 5, 7, 6 are test images.
+CUB_IMAGES = [(image_id, n % 3, n < 5) for n, image_id in enumerate([3, 1, 2, 4, 8, 5, 7, 6])]
+
+
+def test_cub_attributes_follow_koh_et_al_certainty_and_tie_rule(cub_root: Path) -> None:
+    """Koh et al.'s CUB voting (generate_new_data.py): per class over the training images, an "absent" label of
+    certainty 1 (not visible) is not counted, and ties count as present. Each attribute below has class 0's two
+    training images (ids 3, 4) labelled (is_present, certainty); every other training label is absent and
+    definite, every test label present and definite (never read). Lines: the release's 5 fields, split by any
+    whitespace, some with extra fields."""
+    class0 = {"seen_once": [(1, 3), (0, 1)],  # present 1 : absent not counted -> present (the old rate 0.5: absent)
+              "tie": [(1, 3), (0, 3)],  # 1 : 1 -> present (the old strict majority: absent)
+              "absent": [(0, 4), (0, 1)],  # 0 : 1 -> absent
+              "never_seen": [(0, 1), (0, 1)],  # 0 : 0, a tie -> present (Koh's rule)
+              "unsure_present": [(1, 1), (0, 4)]}  # a present label of certainty 1 counts: 1 : 1 -> present
+    names = list(class0)
+    lines = []
+    for image_id, cls, train in CUB_IMAGES:
+        for a, name in enumerate(names):
+            present, certainty = class0[name][[3, 4].index(image_id)] if cls == 0 and train else (0, 4) if train \
+                else (1, 4)
+            lines.append(f"{image_id} {a + 1} {present} {certainty} {12.5 + a}")
+    lines[0] = lines[0].replace(" ", "  ") + " 0"  # doubled spaces and an extra field
+    lines[1] = lines[1].replace(" ", "\t")
+    write_cub_attributes(cub_root, lines, names)
+    from datamodules import CUB200DataModule
+
+    data = CUB200DataModule(root=str(cub_root), image_size=32, attributes=True, min_attribute_classes=1)
+    assert data.attribute_names == ["seen_once", "tie", "never_seen", "unsure_present"]
+    data.setup("fit")
+    for split in ("train", "val"):
+        for sample in data.splits[split]:
+            expected = torch.full((4,), float(int(sample["label"]) == 0))
+            assert torch.equal(sample["attributes"], expected), (split, int(sample["label"]))
+
+
+def test_cub_attributes_are_voted_over_the_training_split_only(cub_root: Path) -> None:
+    """With val_fraction, the held-out images' labels are not counted (Koh et al. vote over train.pkl, without
+    their validation images): an attribute present only in a held-out image is absent from every class. (Counted,
+    it would tie 1 : 1 with the other training image of its class, and a tie is present.)"""
+    from datamodules import CUB200DataModule
+
+    unlabelled = CUB200DataModule(root=str(cub_root), image_size=32, val_fraction=0.5, seed=4)
+    unlabelled.setup("fit")
+    rows = {split: unlabelled.splits[split].rows for split in ("train", "val")}
+    held = unlabelled.index.image_ids[rows["val"]].tolist()
+    assert held == [4] and sorted(unlabelled.index.labels[rows["train"]].tolist()) == [0, 1, 1, 2]  # id 4: class 0
+    lines = [f"{image_id} 1 {int(image_id in held)} 4 1.0" for image_id, _, _ in CUB_IMAGES]
+    lines += [f"{image_id} 2 1 4 1.0" for image_id, _, _ in CUB_IMAGES]  # everywhere: kept in every class
+    write_cub_attributes(cub_root, lines, ["in_held_out_images", "everywhere"])
+    data = CUB200DataModule(root=str(cub_root), image_size=32, val_fraction=0.5, seed=4, attributes=True,
+                            min_attribute_classes=1)
+    assert data.attribute_names == ["everywhere"]
+
+
+def test_cub_attribute_values_outside_the_release_codes_name_the_file(cub_root: Path) -> None:
+    from datamodules import CUB200DataModule, DatasetLayoutError
+
+    write_cub_attributes(cub_root, [f"{image_id} 1 1 5 1.0" for image_id, _, _ in CUB_IMAGES], ["a"])
+    with pytest.raises(DatasetLayoutError, match=r"certainty> 1..4 .*got '3 1 1 5'"):
+        CUB200DataModule(root=str(cub_root), attributes=True)
+    write_cub_attributes(cub_root, [f"{image_id} 1" for image_id, _, _ in CUB_IMAGES], ["a"])
+    with pytest.raises(DatasetLayoutError, match="image_attribute_labels.txt:1: expected 4 fields"):
+        CUB200DataModule(root=str(cub_root), attributes=True)
+
+
+def test_intervention_ranks_by_uncertainty_and_several_random_orders() -> None:
+    from zoo.cbm.intervene import intervention_ranks
+
+    logits = torch.tensor([[3.0, -0.1, 1.0], [0.2, -5.0, 0.5]])
+    torch.testing.assert_close(intervention_ranks(logits, "uncertainty"), torch.tensor([[[2, 0, 1], [0, 2, 1]]]))
+    ranks = intervention_ranks(logits, "random", seed=4, trials=3)  # (T, 1, K): one order per trial
+    generator = torch.Generator().manual_seed(4)
+    for rank in ranks:
+        assert torch.equal(rank[0].argsort(), torch.randperm(3, generator=generator))
+    with pytest.raises(ValueError, match="order must be one of"):
+        intervention_ranks(logits, "entropy")
+    with pytest.raises(ValueError, match="trials averages random orders"):
+        intervention_ranks(logits, "uncertainty", trials=5)
+
+
+def test_intervention_curve_by_uncertainty_and_mean_over_random_orders() -> None:
+    """"uncertainty": each image corrects its own least certain concepts first; trials: the mean curve over that
+    many random orders, trial 0 being the single-order curve of the same seed."""
+    from datamodules.parts_world import make_world
+    from zoo.cbm.intervene import intervention_ranks
+
+    world = make_world(6, 3, world_seed=0)
+    model = label_function_model(world.part_types)
+    labels = torch.arange(60) % 6
+    concepts = torch.zeros(60, NUM_CONCEPTS).scatter_(1, world.part_types[labels], 1.0)
+    logits = torch.randn(60, NUM_CONCEPTS, generator=torch.Generator().manual_seed(1))
+    encoded = {"concept_logits": logits}
+    by_uncertainty = intervention_curve(model, encoded, concepts, labels, ks=[0, 4, 36], values="hard",
+                                        order="uncertainty")
+    first4 = torch.zeros_like(concepts, dtype=torch.bool).scatter_(1, logits.abs().argsort(1)[:, :4], True)
+    expected = (model.decode(encoded, concepts, first4)["logits"].argmax(-1) == labels).float().mean()
+    assert by_uncertainty["acc"][1] == pytest.approx(float(expected)) and by_uncertainty["acc"][2] == 1.0
+    assert by_uncertainty["order"] is None  # one order per image
+    single = [intervention_curve(model, encoded, concepts, labels, seed=s, values="hard")["acc"] for s in (7,)]
+    mean = intervention_curve(model, encoded, concepts, labels, seed=7, values="hard", trials=3)
+    ranks = intervention_ranks(logits, "random", seed=7, trials=3)
+    per_trial = torch.tensor([[float((model.decode(encoded, concepts, (rank < k).expand_as(concepts))["logits"]
+                                      .argmax(-1) == labels).float().mean()) for k in range(NUM_CONCEPTS + 1)]
+                              for rank in ranks])  # (T, K + 1)
+    torch.testing.assert_close(torch.tensor(mean["acc"]), per_trial.mean(0))
+    assert per_trial[0].tolist() == pytest.approx(single[0]) and mean["trials"] == 3 and mean["order"] is None
+
+
+class SpyCurve:
+    """Stands in for `intervention_curve` in the callback: records the keyword arguments, returns a flat curve."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def __call__(self, model, encoded, concepts, labels, ks, seed, values, **kwargs) -> dict:
+        self.calls.append({"values": values, **kwargs})
+        return {"k": list(ks), "acc": [0.5] * len(ks), "order": list(range(concepts.shape[1])), "trials": 1}
+
+
+def fit_tiny(cbm: CBMSystem, callbacks: list[pl.Callback], folder: Path, max_epochs: int = 1) -> pl.Trainer:
+    """One training batch and a 32-image validation of the parts world, with a CSV run folder under `folder`."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    from datamodules import PartsWorldDataModule
+
+    data = PartsWorldDataModule(num_classes=NUM_CLASSES, num_train=32, num_val=32, num_test=16, batch_size=16,
+                                image_size=32)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=max_epochs, limit_train_batches=1, num_sanity_val_steps=0,
+                         logger=CSVLogger(folder, name="run"), enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(cbm, datamodule=data)
+    return trainer
+
+
+@pytest.mark.parametrize("mode, model_name, expected", [("independent", "cbm_tinycnn", "hard"),
+                                                        ("joint", "cbm_tinycnn", "percentile"),
+                                                        ("joint", "cem_tinycnn", "hard")])
+def test_intervention_values_default_to_hard_for_independent_models(mode: str, model_name: str, expected: str,
+                                                                    tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Koh et al.'s tti.py corrects a model whose f was trained on the true 0/1 concepts with 0/1 (the independent
+    model); percentiles stay the default of joint / sequential CBMs, 0/1 of CEM."""
+    from zoo.cbm import callback
+    from zoo.cbm.callback import InterventionCallback
+
+    spy = SpyCurve()
+    monkeypatch.setattr(callback, "intervention_curve", spy)
+    fit_tiny(system(model_name=model_name, mode=mode, model_kwargs={"num_concepts": NUM_CONCEPTS}),
+             [InterventionCallback()], tmp_path)
+    assert [call["values"] for call in spy.calls] == [expected]
+
+
+def test_intervention_callback_passes_its_order_and_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from zoo.cbm import callback
+    from zoo.cbm.callback import InterventionCallback
+
+    spy = SpyCurve()
+    monkeypatch.setattr(callback, "intervention_curve", spy)
+    fit_tiny(system(), [InterventionCallback(order="uncertainty"), InterventionCallback(values="hard", trials=5)],
+             tmp_path)
+    assert spy.calls == [{"values": "percentile", "order": "uncertainty", "trials": 1},
+                         {"values": "hard", "order": "random", "trials": 5}]
+    with pytest.raises(ValueError, match="trials averages random orders"):
+        InterventionCallback(order="uncertainty", trials=5)
+    with pytest.raises(ValueError, match="order must be one of"):
+        InterventionCallback(order="entropy")
+
+
+def test_the_standard_twin_gets_no_intervention_curve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from zoo.cbm import callback
+    from zoo.cbm.callback import InterventionCallback
+
+    spy, intervention = SpyCurve(), InterventionCallback()
+    monkeypatch.setattr(callback, "intervention_curve", spy)
+    trainer = fit_tiny(system(model_kwargs={"bottleneck": False}), [intervention], tmp_path)
+    assert spy.calls == [] and intervention.curves == {}
+    assert not (Path(trainer.log_dir) / "intervention").exists()
+
+
+def test_concept_auroc_is_logged_and_each_concept_gets_its_f1_and_auroc(tmp_path: Path) -> None:
+    from zoo.cbm.callback import ConceptsCallback
+
+    trainer = fit_tiny(system(), [ConceptsCallback(num_images=4)], tmp_path)
+    assert 0.0 <= float(trainer.callback_metrics["val/concept_auroc"]) <= 1.0
+    table = (Path(trainer.log_dir) / "concepts" / "epoch0.md").read_text()
+    assert "| image |" in table and "\n| concept | F1 | AUROC |\n| --- | --- | --- |\n" in table
+    rows = table.split("| concept | F1 | AUROC |\n| --- | --- | --- |\n")[1].splitlines()
+    assert len(rows) == NUM_CONCEPTS and rows[0].startswith("| red circle | ")  # the parts world's names
+    assert all(len(row.split("|")) == 5 for row in rows)
+
+
+def test_concept_auroc_matches_torchmetrics_and_leaves_out_single_valued_concepts() -> None:
+    from torchmetrics.functional.classification import multilabel_auroc
+
+    from zoo.cbm.metrics import ConceptAUROC
+
+    generator = torch.Generator().manual_seed(0)
+    logits, truth = torch.randn(40, 5, generator=generator), (torch.rand(40, 5, generator=generator) < 0.4).long()
+    truth[:, 3], truth[:, 4] = 0, 1  # never present, always present: no AUROC
+    metric = ConceptAUROC(5)
+    metric.update(logits[:25], truth[:25])
+    metric.update(logits[25:], truth[25:])
+    reference = multilabel_auroc(logits, truth, 5, average="none")
+    per_concept = metric.per_concept()
+    torch.testing.assert_close(per_concept[:3], reference[:3])
+    assert torch.isnan(per_concept[3:]).all()
+    assert metric.compute() == pytest.approx(float(reference[:3].mean()))
+    assert ConceptAUROC.higher_is_better
+
+
+def soft(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    attributes = batch["attributes"].clone()
+    attributes[2, 5] = 0.75  # CUB's "probably present", as Koh et al.'s uncertain labels
+    return {**batch, "attributes": attributes}
+
+
+class OnAccelerator(torch.Tensor):
+    """A CPU tensor that reports an accelerator device: the System's training path for a GPU batch, on the CPU."""
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return torch.device("cuda", 0)
+
+
+def test_soft_concept_labels_are_clear_errors(batch: dict[str, torch.Tensor]) -> None:
+    """Values other than 0/1 would be read as present by interventions and metrics while the BCE trains towards
+    them: refused on the host at once, and for a training batch on an accelerator at the engine's next check
+    (no synchronisation inside the step)."""
+    cbm = system()
+    for stage in ("train", "val"):
+        with pytest.raises(ValueError, match=r"batch\['attributes'\] must hold hard concept labels.*sample 2, "
+                                             r"concept 5 is 0.75"):
+            cbm.forward_batch(soft(batch), stage)
+    on_gpu = {**batch, "attributes": soft(batch)["attributes"].as_subclass(OnAccelerator)}
+    assert cbm.concepts(on_gpu, "train") is on_gpu["attributes"]  # no device read inside the step
+    with pytest.raises(ValueError, match="the train batch at global step 0, epoch 0 held other values"):
+        cbm.check_finite_losses()  # the engine's deferred checks
+    clean = {**batch, "attributes": batch["attributes"].as_subclass(OnAccelerator)}
+    cbm.concepts(clean, "val")
+    cbm.check_finite_losses()  # 0/1: no error
+    with pytest.raises(ValueError, match="must hold hard concept labels"):
+        replacement_values(torch.randn(6, NUM_CONCEPTS), soft(batch)["attributes"], "percentile")
+    with pytest.raises(ValueError, match="must hold hard concept labels"):
+        ConceptAccuracy().update(torch.randn(6, NUM_CONCEPTS), soft(batch)["attributes"])
+
+
+def test_independent_train_acc_scores_f_on_the_predicted_concepts(batch: dict[str, torch.Tensor]) -> None:
+    """f is trained on the true concepts, but train/acc (as val/acc) scores it on g's predictions."""
+    cbm = system(mode="independent")
+    truth = torch.zeros(6, NUM_CONCEPTS).scatter_(1, batch["label"][:, None], 1.0)  # concept c: the label is c
+    with torch.no_grad():
+        cbm.model.task_head.weight.zero_()
+        cbm.model.task_head.weight[:, :NUM_CLASSES] = 10 * torch.eye(NUM_CLASSES)
+        cbm.model.task_head.bias.zero_()
+    labelled = {**batch, "attributes": truth}
+    out = cbm.forward_batch(labelled, "train")
+    assert (out["logits"].argmax(-1) == batch["label"]).all()  # f on the truth: always right
+    on_predictions = (cbm.model(batch["image"])["logits"].argmax(-1) == batch["label"]).float().mean()
+    assert on_predictions < 1
+    cbm.update_metrics(out, labelled, "train")
+    assert cbm.metrics["train_acc"].compute() == pytest.approx(float(on_predictions))
+    assert "logits_predicted" not in cbm.forward_batch(labelled, "val")  # evaluation: f reads g already
+
+
+def test_intervention_report_says_how_concepts_were_corrected(tmp_path: Path) -> None:
+    from zoo.cbm.intervene import write_intervention_report
+
+    curve = {"k": [0, 1, 2], "acc": [0.5, 0.75, 1.0], "order": None, "trials": 3, "values": "hard",
+             "order_by": "random"}
+    markdown, _ = write_intervention_report(curve, tmp_path, "val", ["red", "blue"])
+    assert markdown.startswith("Corrected concepts set to 0 / 1; the mean over 3 random orders.\n")
+    assert "| 1 | 0.7500 | - |" in markdown and (tmp_path / "val.png").is_file()
+    curve |= {"order": [1, 0], "trials": 1, "values": "percentile"}
+    markdown, _ = write_intervention_report(curve, tmp_path, "val", ["red", "blue"])
+    assert "percentile logits; one random order." in markdown and "| 1 | 0.7500 | blue |" in markdown

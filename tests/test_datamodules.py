@@ -253,7 +253,7 @@ def test_cub_attribute_file_errors_name_the_file_and_line(cub_root: Path) -> Non
     with pytest.raises(DatasetLayoutError, match="image_attribute_labels.txt' lists no attribute labels"):
         CUB200DataModule(str(cub_root), attributes=True)
     attributes.write_text("3 1 1 3 1.5\n3 2 1 3 2.0 extra\n1 1 yes 3 1.0\n")  # extra fields: the release's defect
-    with pytest.raises(DatasetLayoutError, match=r"image_attribute_labels.txt:3: expected 3 fields of integers, "
+    with pytest.raises(DatasetLayoutError, match=r"image_attribute_labels.txt:3: expected 4 fields of integers, "
                                                  r"got '1 1 yes 3 1.0'"):
         CUB200DataModule(str(cub_root), attributes=True)
 

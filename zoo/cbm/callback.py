@@ -1,4 +1,5 @@
-"""CBM's pictures and reports: predicted vs true concepts over a fixed batch, and the test-time intervention curve."""
+"""CBM's pictures and reports: predicted vs true concepts over a fixed batch (with each concept's F1 and AUROC), and
+the test-time intervention curve."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.seed import isolate_rng
 
-from zoo.cbm.intervene import encode_data, intervention_curve, write_intervention_report
+from zoo.cbm.intervene import VALUES, check_order, encode_data, intervention_curve, write_intervention_report
 from zoo.engine.callbacks import FixedBatchCallback, run_folder
 from zoo.figures import class_name, log_figure, log_text, new_figure
 
@@ -25,7 +26,8 @@ def concept_names(trainer: pl.Trainer, num_concepts: int) -> list[str]:
 class ConceptsCallback(FixedBatchCallback):
     """After each validation epoch: the fixed validation batch (one image of each class first) with, under each
     image, the true and predicted class and its concepts: right ones, wrong ones (predicted present but absent,
-    or missed), each with its predicted probability. TensorBoard figure ``concepts/predicted`` and text
+    or missed), each with its predicted probability, then the F1 and AUROC of every concept over the epoch's
+    validation data (`CBMSystem.concept_table`). TensorBoard figure ``concepts/predicted`` and text
     ``concepts/table``; in the run folder ``concepts/epoch<e>.png`` and ``.md``.
 
     Args:
@@ -48,6 +50,25 @@ class ConceptsCallback(FixedBatchCallback):
             lines.append(f"+ {names[i]} {p:.2f}" if (p > 0.5) == t else
                          f"! {names[i]} {p:.2f} (absent)" if p > 0.5 else f"? {names[i]} {p:.2f} (missed)")
         return lines
+
+    def collective(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        """Each concept's validation F1 and AUROC (gathered over the ranks, so every rank calls it)."""
+        return pl_module.concept_table("val") if hasattr(pl_module, "concept_table") else {}
+
+    @staticmethod
+    def concept_rows(table: dict[str, torch.Tensor], names: list[str]) -> list[str]:
+        """The markdown table of each concept's F1 and AUROC ("-" where undefined: a concept never present and never
+        predicted has no F1, one with a single truth value over the data no AUROC)."""
+        if not table:
+            return []
+        columns = [column for column in ("f1", "auroc") if column in table]
+        rows = ["", "| concept | " + " | ".join(c.upper() for c in columns) + " |",
+                "| --- |" + " --- |" * len(columns)]
+        values = {column: table[column].tolist() for column in columns}
+        for i, name in enumerate(names):
+            cells = ["-" if value[i] != value[i] else f"{value[i]:.3f}" for value in values.values()]  # NaN: "-"
+            rows.append(f"| {name} | " + " | ".join(cells) + " |")
+        return rows
 
     def draw(self, trainer: pl.Trainer, pl_module: pl.LightningModule, shared: Any) -> None:
         batch = self.fixed_batch(trainer)
@@ -75,6 +96,7 @@ class ConceptsCallback(FixedBatchCallback):
             ax.set_title(f"true: {true_name}\npred: {predicted_name}", fontsize=8)
             ax.set_xlabel("\n".join(lines), fontsize=7, loc="left")
             rows.append(f"| {column} | {true_name} | {predicted_name} | {'<br>'.join(lines)} |")
+        rows += self.concept_rows(shared or {}, names)
         markdown = "\n".join(rows) + "\n"
         self.publish(trainer, "concepts", figure, markdown, "predicted")
 
@@ -83,18 +105,33 @@ class InterventionCallback(pl.Callback):
     """The test-time intervention curve (`zoo.cbm.intervene`): at the end of fit on the validation split, and at
     the end of a test run on the test split. Writes ``intervention/<split>.md`` and ``.png`` in the run folder and
     the same to TensorBoard (figure ``intervention/<split>``, text), on rank zero, in eval mode, RNG isolated;
-    without a run folder (no logger, `fast_dev_run`) the curve is only kept in `curves`.
+    without a run folder (no logger, `fast_dev_run`) the curve is only kept in `curves`. The standard twin
+    (`bottleneck=False`) is skipped: f does not read the concepts, so correcting them changes nothing.
 
     Args:
-        values: "percentile" (the paper's 5th / 95th percentile logits) or "hard" (0 / 1, as CEM); None: "hard" for
-            concept embedding models, "percentile" otherwise.
-        seed: the random order of the corrected concepts.
+        values: "percentile" (the paper's 5th / 95th percentile logits) or "hard" (0 / 1); None: "hard" for concept
+            embedding models (CEM's interventions) and for mode "independent" (f was trained on the true 0/1
+            concepts, as Koh et al.'s tti.py corrects such models), "percentile" otherwise.
+        seed: the random order(s) of the corrected concepts.
         num_points: at most this many values of k, evenly spaced from 0 to K (both included).
+        order: "random" (one seeded order for every image) or "uncertainty" (each image's concepts whose predicted
+            probability is closest to 0.5 first).
+        trials: with order "random", the curve is the mean over this many random orders (Koh et al.: 5).
     """
 
-    def __init__(self, values: str | None = None, seed: int = 0, num_points: int = 40) -> None:
-        self.values, self.seed, self.num_points = values, seed, num_points
-        self.curves: dict[str, dict[str, list]] = {}
+    def __init__(self, values: str | None = None, seed: int = 0, num_points: int = 40, order: str = "random",
+                 trials: int = 1) -> None:
+        if values is not None and values not in VALUES:
+            raise ValueError(f"values must be one of {VALUES} or None; got {values!r}.")
+        check_order(order, trials)
+        self.values, self.seed, self.num_points, self.order, self.trials = values, seed, num_points, order, trials
+        self.curves: dict[str, dict[str, Any]] = {}
+
+    @staticmethod
+    def default_values(pl_module: pl.LightningModule) -> str:
+        """"hard" for a concept embedding model or an independent CBM, "percentile" otherwise (see the class)."""
+        hard = getattr(pl_module.model, "embedding_size", 0) or getattr(pl_module, "mode", None) == "independent"
+        return "hard" if hard else "percentile"
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.run(trainer, pl_module, "val")
@@ -106,7 +143,9 @@ class InterventionCallback(pl.Callback):
         if not trainer.is_global_zero or trainer.datamodule is None or trainer.sanity_checking:
             return
         model = pl_module.model
-        values = self.values or ("hard" if getattr(model, "embedding_size", 0) else "percentile")
+        if not getattr(model, "bottleneck", True):  # the standard twin: f reads the features, not the concepts
+            return
+        values = self.values or self.default_values(pl_module)
         loader = trainer.datamodule.val_dataloader() if split == "val" else trainer.datamodule.test_dataloader()
         if trainer.limit_val_batches == 0 or trainer.fast_dev_run:
             loader = [next(iter(loader))]  # a smoke run: one batch
@@ -118,7 +157,8 @@ class InterventionCallback(pl.Callback):
                                                         pl_module.target_key, pl_module.device)
                 num_concepts = concepts.shape[1]
                 ks = torch.linspace(0, num_concepts, min(self.num_points, num_concepts + 1)).round().long().unique()
-                curve = intervention_curve(model, encoded, concepts, labels, ks.tolist(), self.seed, values)
+                curve = intervention_curve(model, encoded, concepts, labels, ks.tolist(), self.seed, values,
+                                           order=self.order, trials=self.trials)
         finally:
             model.train(was_training)
         self.curves[split] = curve

@@ -1,13 +1,34 @@
-"""How well the bottleneck predicts the concepts: concept accuracy and concept F1 (torchmetrics, DDP-safe).
+"""How well the bottleneck predicts the concepts: concept accuracy, concept F1 and concept AUROC (torchmetrics,
+DDP-safe).
 
-Both read concept logits (B, K) and true concepts (B, K) in {0, 1}; a concept is predicted present where its logit
+All read concept logits (B, K) and true concepts (B, K) in {0, 1}; a concept is predicted present where its logit
 is above `threshold` (0: probability 0.5). The math is in functional helpers, as torchmetrics' regression/mae.py.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torchmetrics import Metric
+from torchmetrics.classification import MultilabelAUROC
+from torchmetrics.functional.classification import multilabel_auroc
+from torchmetrics.utilities import dim_zero_cat
+
+
+def check_binary_concepts(concepts: torch.Tensor, name: str = "concepts", index: torch.Tensor | None = None) -> None:
+    """Raise unless every concept label is 0 or 1. Soft or uncertain labels (0.5, 0.75, ...) would be read as
+    present by the metrics and the interventions (`concepts.bool()`) while the BCE trains towards the soft value, so
+    they are refused instead of silently misread. Reads the tensor's values: call it on the host, or outside a
+    training step on an accelerator."""
+    binary = (concepts == 0) | (concepts == 1)  # (B, K)
+    if binary.all():
+        return
+    bad = (~binary).nonzero()[0].tolist()  # the first (sample, concept) that is neither 0 nor 1
+    sample = f"sample {bad[0]}" + (f" (dataset index {int(index[bad[0]])})" if index is not None else "")
+    raise ValueError(f"{name} must hold hard concept labels, 0 or 1; {sample}, concept {bad[1]} is "
+                     f"{concepts[tuple(bad)].item()!r}. Binarise soft or uncertain labels in the data (CUB: "
+                     "`read_cub_attributes` votes them per class) before training a concept bottleneck.")
 
 
 def _concept_counts(logits: torch.Tensor, concepts: torch.Tensor, threshold: float
@@ -16,6 +37,8 @@ def _concept_counts(logits: torch.Tensor, concepts: torch.Tensor, threshold: flo
     if logits.ndim != 2 or logits.shape != concepts.shape:
         raise ValueError(f"Expected concept logits and concepts of the same shape (B, K); got {tuple(logits.shape)} "
                          f"and {tuple(concepts.shape)}.")
+    if concepts.device.type == "cpu":  # on an accelerator the System checks the batch before it moves there
+        check_binary_concepts(concepts)
     predicted, truth = logits.detach() > threshold, concepts.bool()
     tp = (predicted & truth).sum(0)
     fp = (predicted & ~truth).sum(0)
@@ -82,3 +105,42 @@ class ConceptF1(Metric):
 
     def compute(self) -> torch.Tensor:
         return concept_f1(self.tp, self.fp, self.fn, self.average)
+
+
+class ConceptAUROC(MultilabelAUROC):
+    """Concept AUROC: torchmetrics' exact `MultilabelAUROC` over the K concepts, macro (the mean over concepts) by
+    default. A concept whose truth holds one value over the evaluated data (never present, or always present) has
+    no AUROC: torchmetrics scores it 0, which would pull the mean down, so here it is NaN in `per_concept()` and
+    left out of the mean, as `concept_f1` leaves out concepts never present nor predicted.
+
+    update(logits (B, K), concepts (B, K) in {0, 1}): AUROC reads only the ranking, so the logits are the scores
+    (torchmetrics applies the sigmoid, which changes no ranking; no saturated ties). Keeps every score (exact
+    curves): N x K floats per stage, gathered under DDP at the epoch's end.
+    """
+
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, num_concepts: int, **kwargs) -> None:
+        super().__init__(num_labels=num_concepts, average="none", thresholds=None, **kwargs)
+
+    def update(self, logits: torch.Tensor, concepts: torch.Tensor) -> None:  # type: ignore[override]
+        if logits.ndim != 2 or logits.shape != concepts.shape:
+            raise ValueError(f"Expected concept logits and concepts of the same shape (B, K); got "
+                             f"{tuple(logits.shape)} and {tuple(concepts.shape)}.")
+        super().update(logits.detach().float(), concepts.long())
+
+    def per_concept(self) -> torch.Tensor:
+        """The AUROC of each concept (K,), NaN for a concept with a single truth value (or before any update)."""
+        if isinstance(self.preds, list) and not self.preds:  # a list until synchronised, then one tensor
+            return torch.full((self.num_labels,), float("nan"), device=self.device)
+        preds, target = dim_zero_cat(self.preds), dim_zero_cat(self.target)  # (N, K) each
+        with warnings.catch_warnings():  # torchmetrics warns of a concept with one truth value: left out below
+            warnings.filterwarnings("ignore", message="No (positive|negative) samples in targets")
+            auroc = multilabel_auroc(preds, target, self.num_labels, average="none", validate_args=False)  # (K,)
+        positives = target.sum(0)  # (K,)
+        defined = (positives > 0) & (positives < len(target))
+        return torch.where(defined, auroc, torch.full_like(auroc, float("nan")))
+
+    def compute(self) -> torch.Tensor:
+        return self.per_concept().nanmean()

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn as nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from zoo.cbm.metrics import ConceptAccuracy, ConceptF1
+from zoo.cbm.metrics import ConceptAccuracy, ConceptAUROC, ConceptF1, check_binary_concepts
 from zoo.checks import batch_field
 from zoo.engine import ZooSystem
 
@@ -23,16 +24,24 @@ class CBMSystem(ZooSystem):
     - **sequential**: f reads g's predictions detached; give two stages (configs/cbm/sequential.yaml): "concepts"
       trains backbone and concept_head with loss_concept, then "task" trains task_head with loss_task.
 
-    Logged: `<stage>/acc` (task accuracy), `<stage>/concept_acc` (mean over concepts), `<stage>/concept_f1` (macro
-    over concepts) and `<stage>/acc_intervened`, the task accuracy when every concept is replaced by the truth
-    (hard 0/1; the label is a function of the concepts, so a sufficient bottleneck gives 1.0).
+    Logged: `<stage>/acc` (task accuracy of f on g's predicted concepts, in training too: in independent mode, and
+    under RandInt, f is trained on true concepts but `train/acc` scores it as `val/acc` does, from a second decode
+    without intervention, no gradient), `<stage>/concept_acc` (mean over concepts), `<stage>/concept_f1` and
+    `<stage>/concept_auroc` (macro over concepts; validation and test) and `<stage>/acc_intervened`, the task
+    accuracy when every concept is replaced by the truth (hard 0/1; the label is a function of the concepts, so a
+    sufficient bottleneck gives 1.0). `concept_table()` gives each concept's F1 and AUROC (ConceptsCallback writes it).
+
+    The loss (default `losses.cbm.ConceptBottleneckLoss` with lambda 1) must read the System's `concept_key` and
+    return a `loss_concept` term for a bottleneck model (otherwise g would never learn the concepts): both are clear
+    errors. Concept labels must be hard 0 / 1 (a ValueError names the batch; see `concepts`).
 
     Twins (`train.py compare --config configs/cbm/<x>.yaml`): "standard", the same backbone trained end to end on
     the label only (the paper's standard model) with a linear concept probe on its detached pooled features.
 
     Args:
         mode: "joint", "independent" or "sequential".
-        concept_key: the batch field of the true concepts (B, K) in {0, 1} (parts world: "attributes").
+        concept_key: the batch field of the true concepts (B, K) in {0, 1} (parts world and CUB: "attributes");
+            the loss must read the same field.
         train_intervention: CEM's RandInt: in training each concept is replaced by the truth with this probability
             (the paper: 0.25); 0 for CBMs.
     """
@@ -44,7 +53,13 @@ class CBMSystem(ZooSystem):
 
     def __init__(self, *args: Any, mode: str = "joint", concept_key: str = "attributes",
                  train_intervention: float = 0.0, **kwargs: Any) -> None:
+        self.concept_key = concept_key  # before the base builds `default_loss()`, which reads it
         super().__init__(*args, **kwargs)
+        loss_key = getattr(self.loss, "concept_key", concept_key)
+        if loss_key != concept_key:
+            raise ValueError(f"The loss reads the true concepts from batch[{loss_key!r}] but the System from "
+                             f"batch[{concept_key!r}] (concept_key={concept_key!r}); give the loss the same field "
+                             f"(loss.init_args.concept_key: {concept_key}).")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {mode!r}.")
         if mode == "sequential" and [stage.losses for stage in self.schedule.stages] != [["loss_concept"],
@@ -61,21 +76,49 @@ class CBMSystem(ZooSystem):
         self.add_metric("acc", MulticlassAccuracy(num_classes, average="micro"), stages=("train", "val", "test"))
         self.add_metric("concept_acc", ConceptAccuracy(), stages=("train", "val", "test"))
         self.add_metric("concept_f1", ConceptF1(num_concepts))
+        self.add_metric("concept_auroc", ConceptAUROC(num_concepts))
         self.add_metric("acc_intervened", MulticlassAccuracy(num_classes, average="micro"))
 
-    def concepts(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        """The batch's true concepts (B, K), checked against the model's K; None where the batch has none."""
+    def default_loss(self) -> nn.Module:
+        """The paper's loss, L_task + lambda * L_concept (lambda 1), on the System's `concept_key`: a config without
+        `loss:` still trains the concepts (the engine's default, cross-entropy alone, would not)."""
+        from losses.cbm import ConceptBottleneckLoss
+
+        return ConceptBottleneckLoss(concept_key=self.concept_key)
+
+    def concepts(self, batch: dict[str, Any], stage: str = "train") -> torch.Tensor | None:
+        """The batch's true concepts (B, K), checked against the model's K and to be 0 or 1; None where the batch
+        has none.
+
+        The 0/1 check must not make a step wait for the device: concepts on the host are checked here, naming the
+        sample and concept; on an accelerator the check is deferred to the engine's loss check (`defer_check`). Not
+        in `on_before_batch_transfer`: a datamodule that overrides that hook silently replaces the System's."""
         if self.concept_key not in batch:
             return None
         concepts = batch_field(batch, self.concept_key)
         if concepts.ndim != 2 or concepts.shape[1] != self.model.num_concepts:
             raise ValueError(f"batch[{self.concept_key!r}] has shape {tuple(concepts.shape)}; the model predicts "
                              f"{self.model.num_concepts} concepts (set model_kwargs.num_concepts).")
+        if concepts.device.type == "cpu":
+            check_binary_concepts(concepts, f"batch[{self.concept_key!r}]", batch.get("index"))
+        else:
+            self.defer_check(((concepts == 0) | (concepts == 1)).all(),
+                             f"batch[{self.concept_key!r}] must hold hard concept labels, 0 or 1; the {stage} batch "
+                             f"at global step {self.global_step}, epoch {self.current_epoch} held other values. "
+                             "Binarise soft or uncertain labels in the data before training a concept bottleneck.")
         return concepts
+
+    def compute_loss(self, out: dict[str, Any], batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
+        terms = super().compute_loss(out, batch, stage)
+        if self.model.bottleneck and "loss_concept" not in terms:  # a key lookup: nothing read from the device
+            raise ValueError(f"The loss ({type(self.loss).__name__}) returns {sorted(terms)}, no 'loss_concept': "
+                             "the bottleneck g would never learn the concepts. Use losses.cbm.ConceptBottleneckLoss "
+                             "(the default) or a loss with a 'loss_concept' term.")
+        return terms
 
     def forward_batch(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
         encoded = self.model.encode(batch_field(batch, self.input_key))
-        concepts = self.concepts(batch)
+        concepts = self.concepts(batch, stage)
         intervene = None
         if stage == "train" and concepts is not None:
             if self.mode == "independent":  # f learns from the true concepts
@@ -83,18 +126,37 @@ class CBMSystem(ZooSystem):
             elif self.train_intervention > 0:  # RandInt
                 intervene = torch.rand(concepts.shape, device=concepts.device) < self.train_intervention
         out = self.model.decode(encoded, concepts, intervene, detach=self.mode == "sequential")
+        if intervene is not None:  # f read true concepts: score it on g's predictions, as in evaluation (`train/acc`)
+            with torch.no_grad():
+                out["logits_predicted"] = self.model.decode(encoded)["logits"]  # (B, C); f alone, cheap
         if stage in ("val", "test") and concepts is not None and self.model.bottleneck:  # the standard twin: none
             everything = torch.ones_like(concepts, dtype=torch.bool)
             out["logits_intervened"] = self.model.decode(encoded, concepts, everything)["logits"]  # (B, C)
         return out
 
     def update_metrics(self, out: dict[str, Any], batch: dict[str, Any], stage: str) -> None:
-        super().update_metrics(out, batch, stage)
+        if self.target_key in batch:  # task accuracy of f on g's predicted concepts, in every stage
+            logits = out.get("logits_predicted", out["logits"])
+            self.log_metric(stage, "acc", logits.detach(), batch[self.target_key], prog_bar=True)
         concepts = batch.get(self.concept_key)
         if concepts is None:
             return
         logits = out["concept_logits"].detach()
         self.log_metric(stage, "concept_acc", logits, concepts)
         self.log_metric(stage, "concept_f1", logits, concepts)
+        self.log_metric(stage, "concept_auroc", logits, concepts)
         if "logits_intervened" in out:
             self.log_metric(stage, "acc_intervened", out["logits_intervened"].detach(), batch[self.target_key])
+
+    def concept_table(self, stage: str = "val") -> dict[str, torch.Tensor]:
+        """This epoch's F1 and AUROC of each concept, {"f1": (K,), "auroc": (K,)} on the CPU (NaN where undefined),
+        from the stage's metrics before Lightning resets them; empty before any update. A collective call under DDP
+        (the states are gathered): every rank must make it (`FixedBatchCallback.collective`)."""
+        table = {}
+        for column, name in (("f1", "concept_f1"), ("auroc", "concept_auroc")):
+            metric = self.metrics[f"{stage}_{name}"] if f"{stage}_{name}" in self.metrics else None
+            if metric is None or metric.update_count == 0:
+                continue
+            with metric.sync_context(should_sync=self.trainer.world_size > 1):
+                table[column] = metric.per_concept().float().cpu()
+        return table

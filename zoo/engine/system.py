@@ -144,6 +144,7 @@ class ZooSystem(pl.LightningModule):
         self._dict_metrics: dict[str, str] = {}  # metrics whose compute() returns a dict: key -> log prefix
         self._unchecked: list[tuple[torch.Tensor, torch.Tensor, tuple[str, ...], str]] = []  # steps not yet read
         self._buffers_before: list[tuple[torch.Tensor, torch.Tensor]] = []  # nonfinite_loss="skip": (buffer, copy)
+        self._deferred_checks: list[tuple[torch.Tensor, str]] = []  # `defer_check`: (device bool, message)
 
     # ------------------------------------------------------------------------------------------- family hooks
     def build_model(self) -> nn.Module:
@@ -321,9 +322,26 @@ class ZooSystem(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_finite_losses()  # never write the state a non-finite step made
 
+    def defer_check(self, ok: torch.Tensor, message: str) -> None:
+        """A condition on the batch's device values (`ok`, a bool tensor) that must not make a step wait for the
+        device: on the CPU it is read at once, elsewhere with the loss check (`check_finite_losses`: every
+        `log_every_n_steps` training steps, at epoch ends, before validation and any checkpoint). False raises
+        ValueError(message). Families use it for their batch checks (CBM's 0/1 concept labels)."""
+        if ok.device.type == "cpu":
+            if not bool(ok):
+                raise ValueError(message)
+            return
+        self._deferred_checks.append((ok, message))
+
     def check_finite_losses(self) -> None:
         """nonfinite_loss="raise": read the terms of the steps since the last check (one device read) and raise
-        `FloatingPointError` naming the first step whose loss was NaN/inf, its batch and every term."""
+        `FloatingPointError` naming the first step whose loss was NaN/inf, its batch and every term. Also reads the
+        `defer_check` conditions since the last check (one more device read where there are any)."""
+        if self._deferred_checks:
+            deferred, self._deferred_checks = self._deferred_checks, []
+            passed = torch.stack([ok for ok, _ in deferred]).tolist()  # (checks,)
+            if not all(passed):
+                raise ValueError(deferred[passed.index(False)][1])
         if not self._unchecked:
             return
         unchecked, self._unchecked = self._unchecked, []
@@ -335,9 +353,11 @@ class ZooSystem(pl.LightningModule):
                                  "checkpoint is the last good state.")
 
     def on_validation_epoch_end(self) -> None:
+        self.check_finite_losses()  # the validation batches' deferred checks
         self._log_dict_metrics("val")
 
     def on_test_epoch_end(self) -> None:
+        self.check_finite_losses()
         self._log_dict_metrics("test")
 
     # ------------------------------------------------------------------------------- schedules and auxiliaries
