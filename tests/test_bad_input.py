@@ -111,6 +111,10 @@ def test_labels_out_of_range_are_caught_before_the_loss(image_folder_root: Path)
     batch = {"image": torch.rand(2, 3, 32, 32), "label": torch.tensor([0, 5])}
     with pytest.raises(ValueError, match="labels span \\[0, 5\\], outside \\[0, 2\\)"):
         module.training_step(batch, 0)
+    narrower = ClassifierSystem(num_classes=10, model_kwargs={"num_classes": 3})  # model_kwargs win: 3 outputs
+    with pytest.raises(ValueError, match=r"labels span \[0, 5\], outside \[0, 3\): the model has 3 classes "
+                                         r"\(model_kwargs num_classes=3 overrides the data's 10\)"):
+        narrower.training_step(batch, 0)
 
 
 def test_token_and_class_ids_out_of_range_are_named_before_an_embedding_reads_them() -> None:

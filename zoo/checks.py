@@ -47,11 +47,15 @@ def check_input(owner: str, x: Any, shape: tuple[int | str | None, ...], what: s
                              f"inputs (x.to({dtype})) or the model (model.to({x.dtype})), or run under autocast.")
 
 
-def check_class_ids(labels: torch.Tensor, num_classes: int) -> None:
-    """Labels must lie in [0, num_classes): a clear error instead of an index error inside the loss (CPU only)."""
-    if labels.device.type == "cpu" and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"The batch's labels span [{labels.min()}, {labels.max()}], outside [0, {num_classes}): "
-                         f"num_classes does not match the data.")
+def check_class_ids(labels: torch.Tensor, num_classes: int, data_classes: int | None = None) -> None:
+    """Labels must lie in [0, num_classes), the model's classes: a clear error instead of an index error inside the
+    loss (CPU only). `data_classes`: the data's count, named when a model_kwargs num_classes overrode it."""
+    span = ids_out_of_range(labels, 0, num_classes - 1)
+    if span is not None:
+        why = (f"the model has {num_classes} classes (model_kwargs num_classes={num_classes} overrides the data's "
+               f"{data_classes})" if data_classes is not None and data_classes != num_classes
+               else "num_classes does not match the data")
+        raise ValueError(f"The batch's labels span [{span[0]}, {span[1]}], outside [0, {num_classes}): {why}.")
 
 
 def ids_out_of_range(ids: torch.Tensor, low: int | None, high: int) -> tuple[int, int] | None:

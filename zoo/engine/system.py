@@ -162,7 +162,7 @@ class ZooSystem(pl.LightningModule):
 
     def compute_loss(self, out: dict[str, Any], batch: Any, stage: str) -> dict[str, torch.Tensor]:
         if self.target_key in batch and torch.is_tensor(batch[self.target_key]):
-            check_class_ids(batch[self.target_key], self.hparams.num_classes)
+            check_class_ids(batch[self.target_key], self.model_classes, self.hparams.num_classes)
         return self.loss(out, batch)
 
     def update_state(self, out: dict[str, Any], batch: Any) -> None:
@@ -187,6 +187,11 @@ class ZooSystem(pl.LightningModule):
 
     def batch_size(self, batch: Any) -> int:
         return len(batch[self.target_key]) if isinstance(batch, dict) and self.target_key in batch else 1
+
+    @property
+    def model_classes(self) -> int:
+        """The classes the model predicts: the data's `num_classes`, unless model_kwargs gave it another."""
+        return int(getattr(self.model, "num_classes", None) or self.hparams.num_classes)
 
     @property
     def class_names(self) -> list[str]:

@@ -167,7 +167,7 @@ class TextualSystem(ZooSystem):
         span = ids_out_of_range(captions, None, self.hparams.vocab_size - 1)  # CPU only: free of device syncs
         if span is not None:
             raise ValueError(f"captions hold token id {span[1]} >= vocab_size {self.hparams.vocab_size}.")
-        check_class_ids(labels, self.hparams.num_classes)  # before the class embedding reads them
+        check_class_ids(labels, self.model_classes, self.hparams.num_classes)  # before the class embedding reads them
         if stage != "train":
             sentences, log_probs = self.model.explain(images, labels, mode="greedy")
             return {"images": images, "labels": labels, "references": captions, "sentences": sentences,
