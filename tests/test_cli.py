@@ -476,6 +476,11 @@ def test_mistyped_options_and_yaml_keys_get_a_did_you_mean(in_tmp_dir: Path, cap
         main(["fit", "--config", "loss_typo.yaml"])
     error = capsys.readouterr().err
     assert "did you mean 'weight'?" in error and "the key 'wieght' is in loss_typo.yaml" in error
+    with pytest.raises(SystemExit) as exit_info:  # a prefix of an option: a typo too, not argparse's abbreviation
+        main(["fit", "--config", str(config), "--trainer.max_epoch", "1", "--trainer.fast_dev_run=true"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unrecognized arguments: --trainer.max_epoch" in error
+    assert "did you mean '--trainer.max_epochs'?" in error
 
 
 def test_a_bad_compare_spec_is_said_once(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:

@@ -127,14 +127,15 @@ def suggestion(message: str, parser: Any, args: list[str]) -> str:
     """ "did you mean ...?" for the option or key the message refuses, and the config file that holds it."""
     option = re.search(r"Option '([^']+)' is not accepted", message)
     subcommand = re.search(r"(?:Subcommand '[^']+'|Group '[^']+') does not accept option '([^']+)'", message)
+    unrecognized = re.search(r"unrecognized arguments: --([^\s=]+)", message)  # a command-line option's typo
     if option and "class_path '" in message[: option.start()]:  # an init argument of a class given by class_path
         bad = option.group(1)
         given = re.search(r"Got value: Namespace\(class_path='([^']+)'", message[option.end():])  # optimizer, ...
         class_path = given.group(1) if given else re.findall(r"class_path '([^']+)'", message[: option.start()])[-1]
         candidates = init_parameters(class_path)
         where = f"{class_path.rsplit('.', 1)[-1]} accepts {', '.join(candidates)}" if candidates else ""
-    elif subcommand or option:
-        bad = (subcommand or option).group(1)
+    elif subcommand or option or unrecognized:
+        bad = (subcommand or option or unrecognized).group(1)
         candidates = [a.dest for a in getattr(parser, "_actions", []) if isinstance(getattr(a, "dest", None), str)]
         where = ""
     else:
@@ -144,7 +145,8 @@ def suggestion(message: str, parser: Any, args: list[str]) -> str:
         group, _, last = bad.rpartition(".")
         close = [f"{group}.{m}" for m in difflib.get_close_matches(
             last, [c.removeprefix(f"{group}.") for c in candidates if c.startswith(f"{group}.")], n=1, cutoff=0.6)]
-    lines = [f"did you mean {close[0]!r}?" if close else (where and f"({where})")]
+    dashes = "--" if unrecognized and not (subcommand or option) else ""
+    lines = [f"did you mean '{dashes}{close[0]}'?" if close else (where and f"({where})")]
     files = files_with_key(bad, args)
     if files:
         lines.append(f"the key {bad!r} is in {', '.join(str(f) for f in files)}")
@@ -158,7 +160,13 @@ def clean(message: str) -> str:
 
 class ZooArgumentParser(LightningArgumentParser):
     """LightningArgumentParser with short errors (see the module docstring); `JSONARGPARSE_DEBUG=true` or
-    `exit_on_error=False` keep jsonargparse's own behaviour."""
+    `exit_on_error=False` keep jsonargparse's own behaviour. No abbreviated options: argparse would read the typo
+    `--trainer.max_epoch` as `--trainer.max_epochs` on the command line, while the same key in a YAML file is an
+    error with a did-you-mean; now both are."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def parse_args(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
         self.zoo_args = list(sys.argv[1:] if args is None else args)  # to find the config file of a mistyped key
