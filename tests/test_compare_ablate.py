@@ -120,3 +120,21 @@ def test_twins_take_the_backbone_after_the_family_prefix_and_ablate_folders_are_
     main(["ablate", "--config", BASELINE, "--grid", "seed_everything=[0]", "--trainer.fast_dev_run=true",
           *SMALL_WORLD])
     assert (in_tmp_dir / "checkpoints" / "baselines_parts_world_ablation" / "ablation.md").is_file()
+
+
+def test_a_twin_of_another_system_is_not_given_the_familys_options(capsys: pytest.CaptureFixture) -> None:
+    """L2X's black box (a ClassifierSystem) has no black_box_epochs: compare's command-line options that its class
+    does not take are said once and not passed to it; the family run, and any run of the same class, gets them all."""
+    from zoo.cli.compare import for_the_runs_system
+
+    extra = ["--model.init_args.black_box_epochs", "1", "--model.init_args.evaluator_epochs=1",
+             "--model.init_args.model_kwargs.hidden=[8]", "--trainer.max_epochs=1"]
+    twin = {"config": "x.yaml", "args": ["--model=zoo.baselines.system.ClassifierSystem", "--trainer.callbacks=null"]}
+    assert for_the_runs_system("black_box", twin, extra) == ["--model.init_args.model_kwargs.hidden=[8]",
+                                                            "--trainer.max_epochs=1"]
+    said = capsys.readouterr().out
+    assert "run 'black_box' (ClassifierSystem) does not take --model.init_args.black_box_epochs, " \
+           "--model.init_args.evaluator_epochs; not passed to it" in said
+    assert for_the_runs_system("l2x", {"config": "x.yaml"}, extra) == extra
+    assert for_the_runs_system("twin", {"config": "x.yaml", "args": ["--model.init_args.loss.init_args.weight=0"]},
+                               extra) == extra

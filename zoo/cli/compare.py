@@ -39,6 +39,9 @@ compare:
     num_images: 32
     step: 128                           # pixels per deletion/insertion step
 
+Options on the command line go to every run, except that a twin of another System class (L2X's black_box, a
+ClassifierSystem) is not given the --model.init_args options its class does not take (said once).
+
 A family config's report goes to checkpoints/<folder>_<stem>_compare/, named after the config's folder and file
 (configs/icnn/parts_world.yaml: icnn_parts_world_compare; a config in the working directory: <stem>_compare), so
 the parts_world.yaml of every family has its own; --name overrides it. Each run is seeded and built as `train.py
@@ -138,7 +141,35 @@ def _fit_args(run_name: str, run: dict[str, Any], spec_path: Path, common: list[
     if "config" not in run:
         raise ValueError(f"compare run {run_name!r} names no config.\n{COMPARE_HELP}")
     config = config_argument(resolve_config(run["config"], spec_path))
-    return ["--config", config, *common, *run.get("args", []), *extra]
+    return ["--config", config, *common, *run.get("args", []), *for_the_runs_system(run_name, run, extra)]
+
+
+def for_the_runs_system(run_name: str, run: dict[str, Any], extra: list[str]) -> list[str]:
+    """The command line's options for a run whose args swap the System class (a twin of another class, L2X's
+    `black_box`: a ClassifierSystem), less the `--model.init_args.<key>` options that class does not take (the
+    black box has no `black_box_epochs`): they are the family's, said once and not passed to it. Every other run
+    takes them all, so a mistyped one is still refused there."""
+    swapped = [arg.split("=", 1)[1] for arg in run.get("args", [])
+               if arg.startswith(("--model=", "--model.class_path=")) and "=" in arg]
+    if not swapped:
+        return extra
+    from zoo.cli.errors import init_parameters
+
+    accepted, system = set(init_parameters(swapped[-1])), swapped[-1].rsplit(".", 1)[-1]
+    kept, dropped, skip_value = [], [], False
+    for index, arg in enumerate(extra):
+        if skip_value:
+            skip_value = False
+            continue
+        key = arg.removeprefix("--model.init_args.").split("=", 1)[0].split(".", 1)[0]
+        if arg.startswith("--model.init_args.") and accepted and key not in accepted:
+            dropped.append(arg.split("=", 1)[0])
+            skip_value = "=" not in arg and index + 1 < len(extra) and not extra[index + 1].startswith("--")
+            continue
+        kept.append(arg)
+    if dropped:
+        print(f"compare: run {run_name!r} ({system}) does not take {', '.join(dropped)}; not passed to it.")
+    return kept
 
 
 def check_same_setting(configs: dict[str, Any]) -> None:
