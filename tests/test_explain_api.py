@@ -69,11 +69,14 @@ def test_unknown_methods_and_models_without_maps_fail_clearly() -> None:
     model = zoo.create_model("baseline_tinycnn", num_classes=3)
     with pytest.raises(ValueError, match="Unknown explanation method 'gradcam'.*'own'"):
         zoo.explain(model, torch.rand(1, 3, 64, 64), "gradcam")
-    detector = zoo.create_model("aog_rcnn_tinycnn", num_classes=3)
-    with pytest.raises(ValueError, match="AOGRCNN has no own explanation map"):
-        zoo.explain(detector, torch.rand(1, 3, 128, 128), target=0)
-    with pytest.raises(TypeError, match="expects a list"):  # the detector's own input check
-        zoo.explain(detector, torch.rand(1, 3, 128, 128))
+    for name in ("aog_rcnn_tinycnn", "faster_rcnn_tinycnn"):  # refused as detectors before the model runs
+        detector = zoo.create_model(name, num_classes=3)
+        for target in (0, None):
+            with pytest.raises(ValueError, match="AOGRCNN is a detector: it explains with boxes"):
+                zoo.explain(detector, torch.rand(1, 3, 128, 128), target=target)
+    concepts = zoo.create_model("cbm_tinycnn", num_classes=3)
+    with pytest.raises(ValueError, match="ConceptBottleneckModel's own explanation is its concepts.*concept_probs"):
+        zoo.explain(concepts, torch.rand(1, 3, 64, 64))
 
 
 @pytest.mark.parametrize("method", ["kernel_shap", "lime"])

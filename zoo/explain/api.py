@@ -53,6 +53,10 @@ def own_explanation(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor
         with torch.no_grad():
             strongest = model(inputs)["rule_map"].float().amax(1, keepdim=True)  # (B, 1, T')
             return F.interpolate(strongest, size=inputs.shape[-1], mode="linear", align_corners=False)[:, 0]
+    if hasattr(model, "num_concepts"):  # a concept bottleneck: its explanation is what it predicts of each concept
+        raise ValueError(f"{type(model).__name__}'s own explanation is its concepts, not a map: the model's output "
+                         f"\"concept_probs\" (B, K) (ConceptsCallback draws them); for a map use a Captum method "
+                         f"(saliency, integrated_gradients, occlusion).")
     raise ValueError(f"{type(model).__name__} has no own explanation map (it is an opaque model, or a detector or "
                      f"generator that explains with boxes or sentences); use a Captum method instead.")
 
@@ -112,6 +116,9 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
     if not _takes_one_input(net):
         raise ValueError(f"{type(net).__name__} takes more than the inputs (a generator's labels and captions): "
                          f"zoo.explain explains classifiers.")
+    if _is_detector(net):
+        raise ValueError(f"{type(net).__name__} is a detector: it explains with boxes (and, for aog_rcnn, parse trees "
+                         f"over each box), drawn by its System's pictures; zoo.explain explains classifiers.")
     images = images.to(next(net.parameters()).device)
     was_training = net.training
     net.eval()
@@ -141,6 +148,13 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
     finally:
         net.train(was_training)
     return maps.detach().float()
+
+
+def _is_detector(net: nn.Module) -> bool:
+    """A torchvision detector (FasterRCNN and its kind, the zoo's AOG and vote R-CNNs among them)."""
+    from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+    return isinstance(net, GeneralizedRCNN)
 
 
 def _takes_one_input(net: nn.Module) -> bool:
