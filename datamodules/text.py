@@ -91,6 +91,16 @@ class IMDBDataModule(TokenDataModule):
         super().__init__(max_len, batch_size, num_workers)
         self.root, self.max_vocab, self.val_fraction, self.seed = Path(root), max_vocab, val_fraction, seed
         self.vocabulary = [PAD, UNK] + [""] * (max_vocab - 2)  # filled from the training reviews in setup
+        self._check_folders()  # here, not at setup: before a run starts anything (the L2X black box's training)
+
+    def _check_folders(self) -> None:
+        if not self.root.is_dir():
+            raise DatasetLayoutError(f"IMDB root {str(self.root)!r} does not exist.", IMDB_LAYOUT)
+        for split in ("train", "test"):
+            for polarity in ("neg", "pos"):
+                if not (self.root / split / polarity).is_dir():
+                    raise DatasetLayoutError(f"IMDB folder {str(self.root / split / polarity)!r} does not exist.",
+                                             IMDB_LAYOUT)
 
     def describe_split(self, split: str) -> str:
         if split == "test":
@@ -103,8 +113,6 @@ class IMDBDataModule(TokenDataModule):
         texts, labels = [], []
         for label, polarity in ((0, "neg"), (1, "pos")):
             folder = self.root / split / polarity
-            if not folder.is_dir():
-                raise DatasetLayoutError(f"IMDB folder {str(folder)!r} does not exist.", IMDB_LAYOUT)
             files = sorted(folder.glob("*.txt"))
             if not files:
                 raise DatasetLayoutError(f"IMDB folder {str(folder)!r} holds no .txt reviews.", IMDB_LAYOUT)
@@ -119,8 +127,7 @@ class IMDBDataModule(TokenDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        if not self.root.is_dir():
-            raise DatasetLayoutError(f"IMDB root {str(self.root)!r} does not exist.", IMDB_LAYOUT)
+        self._check_folders()
         train_texts, train_labels = self._read("train")
         test_texts, test_labels = self._read("test")
         self.vocabulary = build_vocabulary(train_texts, self.max_vocab)

@@ -30,7 +30,7 @@ def said_once(capsys: pytest.CaptureFixture, args: list[str]) -> str:
 
 def test_ablate_says_a_missing_data_folder_once_and_leaves_no_folder(in_tmp_dir: Path,
                                                                      capsys: pytest.CaptureFixture) -> None:
-    """IMDB finds its missing root only at setup, inside the fit: still one line, exit 2, no point folder."""
+    """A missing IMDB root: one line, exit 2, no point folder."""
     args = ["ablate", "--config", str(REPO / "configs/l2x/imdb.yaml"), "--name", "no_data",
             "--grid", "seed_everything=[0]", "--data.init_args.root=missing", "--trainer.fast_dev_run=true"]
     error = said_once(capsys, args)

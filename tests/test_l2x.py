@@ -159,7 +159,11 @@ def test_imdb_reads_the_release_layout(imdb_root: Path) -> None:
 
 def test_imdb_missing_or_empty_folders_are_clear_errors(imdb_root: Path) -> None:
     with pytest.raises(DatasetLayoutError, match="does not exist.*\n.*Expected layout"):
-        IMDBDataModule(imdb_root / "nope").setup()
+        IMDBDataModule(imdb_root / "nope")  # at construction: before a run trains its black box
+    (imdb_root / "test" / "pos").rename(imdb_root / "test" / "positive")
+    with pytest.raises(DatasetLayoutError, match=r"test/pos' does not exist"):
+        IMDBDataModule(imdb_root)
+    (imdb_root / "test" / "positive").rename(imdb_root / "test" / "pos")
     for review in (imdb_root / "test" / "neg").iterdir():
         review.unlink()
     with pytest.raises(DatasetLayoutError, match=r"test/neg' holds no \.txt reviews"):
