@@ -8,13 +8,14 @@ import torch.nn.functional as F
 
 
 class ClassificationLoss(nn.Module):
-    """Cross-entropy of ``out["logits"]`` against ``batch["label"]``, returned as ``{"loss_task": ...}``."""
+    """Cross-entropy of ``out["logits"]`` against ``batch[target_key]`` (default "label"), returned as
+    ``{"loss_task": ...}``."""
 
-    def __init__(self, label_smoothing: float = 0.0, weight: float = 1.0) -> None:
+    def __init__(self, label_smoothing: float = 0.0, weight: float = 1.0, target_key: str = "label") -> None:
         super().__init__()
         self.label_smoothing = label_smoothing
-        self.weight = weight
+        self.weight, self.target_key = weight, target_key
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        ce = F.cross_entropy(out["logits"], batch["label"], label_smoothing=self.label_smoothing)
+        ce = F.cross_entropy(out["logits"], batch[self.target_key], label_smoothing=self.label_smoothing)
         return {"loss_task": self.weight * ce}

@@ -17,20 +17,20 @@ class ConceptBottleneckLoss(nn.Module):
 
     Args:
         weight: lambda, the concept term's weight.
-        concept_key: the batch field holding the true concepts (B, K) in {0, 1}.
+        concept_key: the batch field holding the true concepts (B, K) in {0, 1}; target_key: the labels' field.
         pos_weight: optional per-concept weight of positives (as `binary_cross_entropy_with_logits`'s), for rare
             concepts.
     """
 
     def __init__(self, weight: float = 1.0, concept_key: str = "attributes",
-                 pos_weight: list[float] | None = None) -> None:
+                 pos_weight: list[float] | None = None, target_key: str = "label") -> None:
         super().__init__()
-        self.weight, self.concept_key = weight, concept_key
+        self.weight, self.concept_key, self.target_key = weight, concept_key, target_key
         self.register_buffer("pos_weight", torch.tensor(pos_weight) if pos_weight is not None else None,
                              persistent=False)
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        terms = {"loss_task": F.cross_entropy(out["logits"], batch["label"])}
+        terms = {"loss_task": F.cross_entropy(out["logits"], batch[self.target_key])}
         if self.weight == 0:
             terms["loss_concept"] = out["logits"].new_zeros(())
         else:

@@ -77,17 +77,19 @@ class FilterPartLoss(nn.Module):
         schedule: "inverse_epoch" (paper: lambda / (epoch + 1)) or "constant".
         alpha: prior mass of the positive templates (default n^2 / (1 + n^2)).
         task_loss: the task term (default cross-entropy, "loss_task").
+        target_key: the batch field of the labels (the default task term reads it too).
     """
 
     def __init__(self, weight: float = 1.0, schedule: str = "inverse_epoch", alpha: float | None = None,
-                 task_loss: nn.Module | None = None) -> None:
+                 task_loss: nn.Module | None = None, target_key: str = "label") -> None:
         super().__init__()
         if schedule not in ("inverse_epoch", "constant"):
             raise ValueError(f"schedule must be 'inverse_epoch' or 'constant'; got {schedule!r}.")
         self.base_weight, self.schedule, self.alpha = weight, schedule, alpha
         self.weight = weight
         self._priors: dict[tuple[int, torch.device], torch.Tensor] = {}  # log p(T) per (templates, device)
-        self.task_loss = task_loss if task_loss is not None else ClassificationLoss()
+        self.task_loss = task_loss if task_loss is not None else ClassificationLoss(target_key=target_key)
+        self.target_key = target_key
 
     def set_epoch(self, epoch: int) -> dict[str, float]:
         """Apply the lambda schedule; returns what to log."""
@@ -111,5 +113,5 @@ class FilterPartLoss(nn.Module):
         if self.weight == 0:  # the opaque twin: no filter term in the graph
             terms["loss_filter"] = out["logits"].new_zeros(())
         else:
-            terms["loss_filter"] = -self.weight * self.mutual_information(out, batch["label"]).mean()
+            terms["loss_filter"] = -self.weight * self.mutual_information(out, batch[self.target_key]).mean()
         return terms

@@ -28,14 +28,16 @@ class ProtoPNetLoss(nn.Module):
 
     Args:
         cluster: lambda_clst (the paper: 0.8); separation: lambda_sep (the paper: -0.08); l1: lambda_L1 (1e-4).
+        target_key: the batch field of the labels.
     """
 
-    def __init__(self, cluster: float = 0.8, separation: float = -0.08, l1: float = 1e-4) -> None:
+    def __init__(self, cluster: float = 0.8, separation: float = -0.08, l1: float = 1e-4,
+                 target_key: str = "label") -> None:
         super().__init__()
-        self.cluster, self.separation, self.l1 = cluster, separation, l1
+        self.cluster, self.separation, self.l1, self.target_key = cluster, separation, l1, target_key
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        logits, labels = out["logits"], batch["label"]
+        logits, labels = out["logits"], batch[self.target_key]
         terms = {"loss_task": F.cross_entropy(logits.float(), labels)}
         if "min_distances" not in out:  # a linear-head twin
             zero = logits.new_zeros((), dtype=torch.float32)

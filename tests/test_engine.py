@@ -313,3 +313,26 @@ def test_auxiliary_cache_key_tells_layer_settings_apart() -> None:
 
     assert cache_key(aux, net(0.5), data) != cache_key(aux, net(0.75), data)
     assert cache_key(aux, net(0.5), data) == cache_key(aux, net(0.5), data)
+
+
+@pytest.mark.parametrize("system_class, model_name", [
+    ("zoo.baselines.system.ClassifierSystem", "baseline_tinycnn"), ("zoo.icnn.system.ICNNSystem", "icnn_tinycnn"),
+    ("zoo.cbm.system.CBMSystem", "cbm_tinycnn"), ("zoo.protopnet.system.ProtoPNetSystem", "protopnet_tinycnn")])
+def test_default_losses_read_the_systems_target_key(system_class: str, model_name: str) -> None:
+    """A batch whose labels live under another field (`target_key`): each family's default loss reads it (and is
+    its own loss, not bare cross-entropy), and a loss reading another field is refused by name."""
+    import importlib
+
+    from losses.baselines import ClassificationLoss
+
+    module, _, name = system_class.rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    kwargs = {"model_kwargs": {"num_concepts": 4}} if "cbm" in model_name else {}
+    system = cls(model_name, num_classes=3, target_key="y", **kwargs)
+    assert system.loss.target_key == "y"
+    assert type(system.loss) is not ClassificationLoss or name == "ClassifierSystem"  # the family's own loss
+    batch = {"image": torch.rand(4, 3, 64, 64), "y": torch.tensor([0, 1, 2, 0]),
+             "attributes": torch.tensor([[1.0, 0, 1, 0]] * 4)}
+    assert torch.isfinite(system.training_step(batch, 0))
+    with pytest.raises(ValueError, match=r"reads the labels from batch\['label'\] but the System from batch\['y'\]"):
+        cls(model_name, num_classes=3, target_key="y", loss=ClassificationLoss(), **kwargs)

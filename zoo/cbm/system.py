@@ -84,7 +84,7 @@ class CBMSystem(ZooSystem):
         `loss:` still trains the concepts (the engine's default, cross-entropy alone, would not)."""
         from losses.cbm import ConceptBottleneckLoss
 
-        return ConceptBottleneckLoss(concept_key=self.concept_key)
+        return ConceptBottleneckLoss(concept_key=self.concept_key, target_key=self.target_key)
 
     def concepts(self, batch: dict[str, Any], stage: str = "train") -> torch.Tensor | None:
         """The batch's true concepts (B, K), checked against the model's K and to be 0 or 1; None where the batch

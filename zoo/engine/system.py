@@ -136,9 +136,14 @@ class ZooSystem(pl.LightningModule):
         if compile:
             compile_model(self.model, "inductor" if compile is True else compile)
         self._check_fine_tuning(freeze_backbone, unfreeze_epoch, backbone_lr_scale)
+        self.input_key, self.target_key = input_key, target_key  # before `default_loss`, which reads them
         self.loss = loss if loss is not None else self.default_loss()
+        loss_key = getattr(self.loss, "target_key", target_key)
+        if loss_key != target_key:
+            raise ValueError(f"The loss reads the labels from batch[{loss_key!r}] but the System from "
+                             f"batch[{target_key!r}] (target_key={target_key!r}); give the loss the same field "
+                             f"(loss.init_args.target_key: {target_key}).")
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.input_key, self.target_key = input_key, target_key
         self.schedule = Schedule(stages, self.model)
         self.metrics = nn.ModuleDict()  # "<stage>_<name>": a ModuleDict key "train" would shadow nn.Module.train
         self._dict_metrics: dict[str, str] = {}  # metrics whose compute() returns a dict: key -> log prefix
@@ -153,9 +158,11 @@ class ZooSystem(pl.LightningModule):
                                      hp.model_kwargs)
 
     def default_loss(self) -> nn.Module:
+        """The loss when the config gives none: cross-entropy on `target_key`. Families override it with their own
+        (a config without `loss:` must still train what makes the family interpretable)."""
         from losses.baselines import ClassificationLoss
 
-        return ClassificationLoss()
+        return ClassificationLoss(target_key=self.target_key)
 
     def forward_batch(self, batch: Any, stage: str) -> dict[str, Any]:
         return self.model(batch_field(batch, self.input_key))

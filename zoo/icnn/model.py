@@ -289,10 +289,10 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
             "filter_category": [module.filter_category for module in self.interpretable_layers()],
         }
 
-    def update_statistics(self, out: dict, batch: dict[str, torch.Tensor]) -> None:
+    def update_statistics(self, out: dict, batch: dict[str, torch.Tensor], target_key: str = "label") -> None:
         """Called by the System after each training forward: Z_T and filter categories (never in eval)."""
         for module, raw, batch_z in zip(self.interpretable_layers(), out["interpretable_maps"], out["batch_z"]):
-            module.update_statistics(raw, batch_z, batch["label"])
+            module.update_statistics(raw, batch_z, batch[target_key])
 
     def refresh_categories(self) -> None:
         """Solve every layer's queued balanced assignment (see `InterpretableFilters`); forward does it too."""

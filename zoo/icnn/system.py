@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn as nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.engine import ZooSystem
@@ -40,6 +41,15 @@ class ICNNSystem(ZooSystem):
             self.add_metric("location_instability", LocationInstability(self.hparams.image_size or 0))
             self.add_metric("part_iou", PartIoU())
 
+    def default_loss(self) -> nn.Module:
+        """The paper's filter loss (lambda 1, on `target_key`) for an Interpretable CNN, cross-entropy for any other
+        classifier (a twin): a config without `loss:` still trains the filters."""
+        if not hasattr(self.model, "interpretable_layers"):
+            return super().default_loss()
+        from losses.icnn import FilterPartLoss
+
+        return FilterPartLoss(target_key=self.target_key)
+
     def forward_batch(self, batch: Any, stage: str) -> dict[str, Any]:
         if hasattr(self.model, "refresh_categories"):
             self.model.refresh_categories()  # the previous step's host solve, outside a compiled forward
@@ -47,7 +57,7 @@ class ICNNSystem(ZooSystem):
 
     def update_state(self, out: dict[str, Any], batch: dict[str, Any]) -> None:
         if hasattr(self.model, "update_statistics"):
-            self.model.update_statistics(out, batch)
+            self.model.update_statistics(out, batch, self.target_key)
 
     def update_metrics(self, out: dict[str, Any], batch: dict[str, Any], stage: str) -> None:
         super().update_metrics(out, batch, stage)

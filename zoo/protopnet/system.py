@@ -66,7 +66,7 @@ class ProtoPNetSystem(ZooSystem):
     def default_loss(self) -> torch.nn.Module:
         from losses.protopnet import ProtoPNetLoss
 
-        return ProtoPNetLoss()
+        return ProtoPNetLoss(target_key=self.target_key)
 
     # ------------------------------------------------------------------------------------------------- push
     def on_train_epoch_start(self) -> None:
