@@ -38,6 +38,7 @@ compare:
     methods: [cam, saliency, integrated_gradients, layer_gradcam, occlusion]
     num_images: 32
     step: 128                           # pixels per deletion/insertion step
+    metrics: [deletion, insertion, road, infidelity]   # the default; + sensitivity (reruns each explainer: slow)
 
 Options on the command line go to every run, except that a twin of another System class (L2X's black_box, a
 ClassifierSystem) is not given the --model.init_args options its class does not take (said once).

@@ -1,37 +1,52 @@
-"""Score every explainer of a model on one fixed batch: time, deletion/insertion AUC, pointing game, mass in parts."""
+"""Score every explainer of a model on one fixed batch: time, deletion/insertion AUC, ROAD, infidelity (and, on request,
+max-sensitivity), pointing game, mass in parts."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
+from torchmetrics import Metric
 from tqdm.auto import tqdm
 
 from zoo.figures import class_name, heatmap_overlay, new_figure
 from zoo.explain.api import can_explain, own_explanation
 from zoo.explain.captum import POSTHOC_METHODS, SELF_EXPLANATION, LogitsOnly, explain
-from zoo.explain.faithfulness import AttributionInMask, DeletionAUC, InsertionAUC
+from zoo.explain.faithfulness import AttributionInMask, DeletionAUC, Infidelity, InsertionAUC, SensitivityMax
+from zoo.explain.road import RoadLeRF, RoadMoRF
 
 DEFAULT_METHODS = (SELF_EXPLANATION, *POSTHOC_METHODS)
+# faithfulness metrics of the report (`explain: {metrics: [...]}` of a compare spec), in column order. Max-sensitivity
+# reruns each explainer 10 times (minutes for integrated gradients and occlusion on CPU): asked for, not default.
+EXPLANATION_METRICS = ("deletion", "insertion", "road", "infidelity", "sensitivity")
+DEFAULT_METRICS = ("deletion", "insertion", "road", "infidelity")
 # which direction of each column of `score_explanations` is better (the report's legend), from the metrics themselves
 EXPLANATION_DIRECTIONS: dict[str, bool | None] = {
     "ms_per_sample": False, "samples_per_s": True,
     "deletion_auc": DeletionAUC.higher_is_better, "insertion_auc": InsertionAUC.higher_is_better,
+    "road_morf": RoadMoRF.higher_is_better, "road_lerf": RoadLeRF.higher_is_better,
+    "infidelity": Infidelity.higher_is_better, "sensitivity_max": SensitivityMax.higher_is_better,
     "pointing_in_parts": AttributionInMask.higher_is_better, "mass_in_parts": AttributionInMask.higher_is_better,
 }
 
 
 def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
                        part_masks: torch.Tensor | None = None, methods: Sequence[str] = DEFAULT_METHODS,
-                       step: int = 128) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """One row per method with its explanation time and faithfulness/ground-truth scores, and the maps.
+                       step: int = 128, metrics: Sequence[str] = DEFAULT_METRICS
+                       ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """One row per method with its explanation time and faithfulness (`metrics`, of EXPLANATION_METRICS) and
+    ground-truth scores, and the maps.
 
     Methods a model cannot run (`can_explain`: the self-explanation and Grad-CAM on the head's input need an own map or
     a pooled head) are skipped.
     """
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    unknown = sorted(set(metrics) - set(EXPLANATION_METRICS))
+    if unknown:
+        raise ValueError(f"Unknown explanation metrics {unknown}; choose from {EXPLANATION_METRICS}.")
     was_training = model.training
     model.eval()
     logits_only = LogitsOnly(model)
@@ -41,14 +56,18 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
         if not can_explain(model, method):
             continue
         progress.set_postfix_str(method)
+        explainer = method_explainer(model, method)
         start = time.perf_counter()
-        saliency = self_explanation(model, images, target) if method == SELF_EXPLANATION else \
-            explain(model, images, target, method)
+        saliency = explainer(images, target)
         seconds = time.perf_counter() - start
         row: dict[str, Any] = {"method": method, "ms_per_sample": round(1e3 * seconds / len(images), 2)}
-        for name, metric in (("deletion_auc", DeletionAUC(step=step)), ("insertion_auc", InsertionAUC(step=step))):
+        for name, metric in map_metrics(metrics, step).items():
             metric.update(logits_only, images, saliency, target)
-            row[name] = round(metric.compute().item(), 4)
+            row[name] = rounded(name, metric.compute().item())
+        if "sensitivity" in metrics:
+            metric = SensitivityMax()
+            metric.update(explainer, images, target)
+            row["sensitivity_max"] = rounded("sensitivity_max", metric.compute().item())
         if part_masks is not None:
             for kind in ("pointing", "mass"):
                 metric = AttributionInMask(kind)
@@ -58,6 +77,31 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
         maps[method] = saliency
     model.train(was_training)
     return rows, maps
+
+
+def map_metrics(metrics: Sequence[str], step: int) -> dict[str, Metric]:
+    """Report column -> a fresh metric, for those of `metrics` that score a map: update(model (logits out), images,
+    saliency, target). Deletion/insertion take `step` pixels per step; ROAD gives two columns (MoRF, LeRF)."""
+    columns = {"deletion": {"deletion_auc": DeletionAUC(step=step)},
+               "insertion": {"insertion_auc": InsertionAUC(step=step)},
+               "road": {"road_morf": RoadMoRF(), "road_lerf": RoadLeRF()},
+               "infidelity": {"infidelity": Infidelity()}}
+    return {column: metric for name in EXPLANATION_METRICS if name in metrics
+            for column, metric in columns.get(name, {}).items()}
+
+
+def rounded(column: str, value: float) -> float:
+    """A report value: 4 decimals for scores in [0, 1], 4 significant digits for the unbounded infidelity (in squared
+    logits) and max-sensitivity, which can be far below 1e-4."""
+    return float(f"{value:.4g}") if column in ("infidelity", "sensitivity_max") else round(value, 4)
+
+
+def method_explainer(model: nn.Module, method: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`method` as a function (images, target) -> (B, H, W) saliency: what the report times and scores, and what
+    max-sensitivity reruns on perturbed images."""
+    if method == SELF_EXPLANATION:
+        return lambda images, target: self_explanation(model, images, target)
+    return lambda images, target: explain(model, images, target, method)
 
 
 def self_explanation(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -80,7 +124,7 @@ def explain_validation_images(system: nn.Module, datamodule: Any, settings: dict
     images = images.to(system.device)
     rows, maps = score_explanations(system.model, images, batch[system.target_key].to(system.device),
                                     batch.get("part_masks"), settings.get("methods", DEFAULT_METHODS),
-                                    int(settings.get("step", 128)))
+                                    int(settings.get("step", 128)), settings.get("metrics", DEFAULT_METRICS))
     return rows, maps, images
 
 
