@@ -58,6 +58,23 @@ def check_class_ids(labels: torch.Tensor, num_classes: int, data_classes: int | 
         raise ValueError(f"The batch's labels span [{span[0]}, {span[1]}], outside [0, {num_classes}): {why}.")
 
 
+def check_binary_concepts(concepts: torch.Tensor, name: str = "concepts", index: torch.Tensor | None = None) -> None:
+    """Raise unless every concept label is 0 or 1 (CPU tensors only, not inside a compiled graph; on an accelerator
+    the System defers the check, `ZooSystem.defer_check`). Soft or uncertain labels (0.5, 0.75, ...) would be read as
+    present by the concept metrics and interventions (`concepts.bool()`) while the BCE trains towards the soft
+    value, so they are refused instead of silently misread."""
+    if concepts.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    binary = (concepts == 0) | (concepts == 1)  # (B, K)
+    if binary.all():
+        return
+    bad = (~binary).nonzero()[0].tolist()  # the first (sample, concept) that is neither 0 nor 1
+    sample = f"sample {bad[0]}" + (f" (dataset index {int(index[bad[0]])})" if index is not None else "")
+    raise ValueError(f"{name} must hold hard concept labels, 0 or 1; {sample}, concept {bad[1]} is "
+                     f"{concepts[tuple(bad)].item()!r}. Binarise soft or uncertain labels in the data (CUB: "
+                     "`read_cub_attributes` votes them per class) before training a concept bottleneck.")
+
+
 def ids_out_of_range(ids: torch.Tensor, low: int | None, high: int) -> tuple[int, int] | None:
     """(min, max) of integer `ids` when some lie outside [low, high] (`low` None: no lower bound), else None; for
     the caller's own message. CPU tensors only (None on an accelerator: no device read), and not inside a compiled

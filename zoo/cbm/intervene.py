@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from zoo.cbm.metrics import check_binary_concepts
+from zoo.checks import check_binary_concepts
 from zoo.figures import save_figure
 
 VALUES = ("percentile", "hard")

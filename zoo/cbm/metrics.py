@@ -15,20 +15,7 @@ from torchmetrics.classification import MultilabelAUROC
 from torchmetrics.functional.classification import multilabel_auroc
 from torchmetrics.utilities import dim_zero_cat
 
-
-def check_binary_concepts(concepts: torch.Tensor, name: str = "concepts", index: torch.Tensor | None = None) -> None:
-    """Raise unless every concept label is 0 or 1. Soft or uncertain labels (0.5, 0.75, ...) would be read as
-    present by the metrics and the interventions (`concepts.bool()`) while the BCE trains towards the soft value, so
-    they are refused instead of silently misread. Reads the tensor's values: call it on the host, or outside a
-    training step on an accelerator."""
-    binary = (concepts == 0) | (concepts == 1)  # (B, K)
-    if binary.all():
-        return
-    bad = (~binary).nonzero()[0].tolist()  # the first (sample, concept) that is neither 0 nor 1
-    sample = f"sample {bad[0]}" + (f" (dataset index {int(index[bad[0]])})" if index is not None else "")
-    raise ValueError(f"{name} must hold hard concept labels, 0 or 1; {sample}, concept {bad[1]} is "
-                     f"{concepts[tuple(bad)].item()!r}. Binarise soft or uncertain labels in the data (CUB: "
-                     "`read_cub_attributes` votes them per class) before training a concept bottleneck.")
+from zoo.checks import check_binary_concepts
 
 
 def _concept_counts(logits: torch.Tensor, concepts: torch.Tensor, threshold: float
@@ -37,8 +24,7 @@ def _concept_counts(logits: torch.Tensor, concepts: torch.Tensor, threshold: flo
     if logits.ndim != 2 or logits.shape != concepts.shape:
         raise ValueError(f"Expected concept logits and concepts of the same shape (B, K); got {tuple(logits.shape)} "
                          f"and {tuple(concepts.shape)}.")
-    if concepts.device.type == "cpu":  # on an accelerator the System checks the batch before it moves there
-        check_binary_concepts(concepts)
+    check_binary_concepts(concepts)  # CPU tensors only; on an accelerator the System defers its own check
     predicted, truth = logits.detach() > threshold, concepts.bool()
     tp = (predicted & truth).sum(0)
     fp = (predicted & ~truth).sum(0)

@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from zoo.cbm.metrics import ConceptAccuracy, ConceptAUROC, ConceptF1, check_binary_concepts
-from zoo.checks import batch_field
+from zoo.cbm.metrics import ConceptAccuracy, ConceptAUROC, ConceptF1
+from zoo.checks import batch_field, check_binary_concepts
 from zoo.engine import ZooSystem
 
 MODES = ("independent", "sequential", "joint")
