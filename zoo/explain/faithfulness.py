@@ -26,13 +26,12 @@ maps score 0.15: a score of the sort, not of the map; it now scores 0.15).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from captum.metrics import infidelity, infidelity_perturb_func_decorator, sensitivity_max
 from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 from torchvision.transforms.functional import gaussian_blur
 
 
@@ -109,26 +108,43 @@ def perturbation_curves(model: Callable[[torch.Tensor], torch.Tensor], images: t
     return torch.cat(probabilities).view(n + 1, batch).t()
 
 
-class _PerturbationAUC(Metric):
+class MeanScore(Metric):
+    """The mean over images of a per-image score: the base of every faithfulness metric here. Subclasses give
+    `scores(...) -> (B,)`; `update` takes the same arguments. Sum and count states, summed across ranks (DDP)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def scores(self, *args: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self, *args: Any) -> None:
+        scores = self.scores(*args)  # (B,)
+        self.total += scores.double().sum()
+        self.count += len(scores)
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count.clamp(min=1)).float()
+
+
+class _PerturbationAUC(MeanScore):
     """AUC of the explained class's probability as pixels change in saliency order. update(model, images
     (B, C, H, W), saliency (B, H, W), target (B,)); `model` maps images to logits."""
 
-    full_state_update = False
     mode: str
 
-    def __init__(self, step: int = 64, chunk: int = 256, seed: int = 0, **kwargs) -> None:
+    def __init__(self, step: int = 64, chunk: int = 256, seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.step, self.chunk, self.seed = step, chunk, seed
-        self.add_state("scores", default=[], dist_reduce_fx="cat")
 
-    def update(self, model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, saliency: torch.Tensor,
-               target: torch.Tensor) -> None:
+    def scores(self, model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, saliency: torch.Tensor,
+               target: torch.Tensor) -> torch.Tensor:
         check_saliency(images, saliency)
-        curves = perturbation_curves(model, images, saliency, target, self.step, self.mode, self.chunk, self.seed)
-        self.scores.append(auc(curves))
-
-    def compute(self) -> torch.Tensor:
-        return dim_zero_cat(self.scores).mean()
+        return auc(perturbation_curves(model, images, saliency, target, self.step, self.mode, self.chunk, self.seed))
 
 
 class DeletionAUC(_PerturbationAUC):
@@ -236,53 +252,37 @@ def sensitivity_scores(explainer: Callable[[torch.Tensor, torch.Tensor], torch.T
                            target=target)
 
 
-class Infidelity(Metric):
+class Infidelity(MeanScore):
     """Mean `infidelity_scores` of the maps. update(model, images (B, C, H, W), saliency (B, H, W), target (B,));
     `model` maps images to logits."""
 
     higher_is_better = False
-    full_state_update = False
 
     def __init__(self, square: float = 0.25, n_perturb_samples: int = 16, seed: int = 0,
-                 max_examples_per_batch: int | None = None, **kwargs) -> None:
+                 max_examples_per_batch: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.square, self.n_perturb_samples, self.seed = square, n_perturb_samples, seed
         self.max_examples_per_batch = max_examples_per_batch
-        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0), dist_reduce_fx="sum")
 
-    def update(self, model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, saliency: torch.Tensor,
-               target: torch.Tensor) -> None:
-        scores = infidelity_scores(model, images, saliency, target, self.square, self.n_perturb_samples, self.seed,
-                                   self.max_examples_per_batch)
-        self.total += scores.sum()
-        self.count += len(scores)
-
-    def compute(self) -> torch.Tensor:
-        return self.total / self.count.clamp(min=1)
+    def scores(self, model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, saliency: torch.Tensor,
+               target: torch.Tensor) -> torch.Tensor:
+        return infidelity_scores(model, images, saliency, target, self.square, self.n_perturb_samples, self.seed,
+                                 self.max_examples_per_batch)
 
 
-class SensitivityMax(Metric):
+class SensitivityMax(MeanScore):
     """Mean `sensitivity_scores` of an explanation method. update(explainer, images (B, C, H, W), target (B,));
     `explainer(images, target)` returns (B, H, W) maps."""
 
     higher_is_better = False
-    full_state_update = False
 
     def __init__(self, perturb_radius: float = 0.02, n_perturb_samples: int = 10, seed: int = 0,
-                 max_examples_per_batch: int | None = None, **kwargs) -> None:
+                 max_examples_per_batch: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.perturb_radius, self.n_perturb_samples, self.seed = perturb_radius, n_perturb_samples, seed
         self.max_examples_per_batch = max_examples_per_batch
-        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0), dist_reduce_fx="sum")
 
-    def update(self, explainer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], images: torch.Tensor,
-               target: torch.Tensor) -> None:
-        scores = sensitivity_scores(explainer, images, target, self.perturb_radius, self.n_perturb_samples, self.seed,
-                                    self.max_examples_per_batch)
-        self.total += scores.sum()
-        self.count += len(scores)
-
-    def compute(self) -> torch.Tensor:
-        return self.total / self.count.clamp(min=1)
+    def scores(self, explainer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], images: torch.Tensor,
+               target: torch.Tensor) -> torch.Tensor:
+        return sensitivity_scores(explainer, images, target, self.perturb_radius, self.n_perturb_samples, self.seed,
+                                  self.max_examples_per_batch)

@@ -28,15 +28,13 @@ training step; images and masks go to the CPU and back once per percentage.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from scipy.sparse import csc_matrix
 from scipy.sparse.linalg import spsolve
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
-from zoo.explain.faithfulness import check_saliency, saliency_rank, target_scores
+from zoo.explain.faithfulness import MeanScore, check_saliency, saliency_rank, target_scores
 
 PERCENTAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # (row offset, column offset, weight) of the 8 neighbours; the weights sum to 1
@@ -110,27 +108,21 @@ def road_curves(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Ten
     return torch.stack(curve, 1)
 
 
-class _ROAD(Metric):
+class _ROAD(MeanScore):
     """Mean over the percentages of the ROAD curve (`road_curves`). update(model, images (B, C, H, W), saliency
     (B, H, W), target (B,)); `model` maps images to logits."""
 
-    full_state_update = False
     order: str
 
     def __init__(self, percentages: Sequence[float] = PERCENTAGES, score: str = "accuracy", noise: float = 0.01,
-                 seed: int = 0, **kwargs) -> None:
+                 seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.percentages, self.score, self.noise, self.seed = tuple(percentages), score, noise, seed
-        self.add_state("scores", default=[], dist_reduce_fx="cat")
 
-    def update(self, model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, saliency: torch.Tensor,
-               target: torch.Tensor) -> None:
-        curves = road_curves(model, images, saliency, target, self.order, self.percentages, self.score, self.noise,
-                             self.seed)
-        self.scores.append(curves.mean(1))
-
-    def compute(self) -> torch.Tensor:
-        return dim_zero_cat(self.scores).mean()
+    def scores(self, model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, saliency: torch.Tensor,
+               target: torch.Tensor) -> torch.Tensor:
+        return road_curves(model, images, saliency, target, self.order, self.percentages, self.score, self.noise,
+                           self.seed).mean(1)
 
 
 class RoadMoRF(_ROAD):
