@@ -257,6 +257,7 @@ class CUB200DataModule(DictDataModule):
         min_attribute_classes: int = 10,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
         self.set_normalization(mean, std)
         base = find_cub_root(root)
         missing = [f for f in REQUIRED if not (base / f).is_file()]

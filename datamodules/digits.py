@@ -41,6 +41,7 @@ class DigitsDataModule(DictDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
         self.set_normalization(mean, std)
         self.classes = list(range(10)) if classes is None else [int(c) for c in classes]
         bad = [c for c in self.classes if not 0 <= c <= 9]

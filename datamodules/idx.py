@@ -108,6 +108,7 @@ class IDXDataModule(DictDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.save_hyperparameters(ignore=["class_names"])  # keys cached helpers; the names are the model's hparam
         if class_names is None and dataset not in CLASS_NAMES:
             raise ValueError(f"Unknown dataset {dataset!r}: choose one of {sorted(CLASS_NAMES)} or give class_names.")
         self.class_names = list(class_names) if class_names is not None else CLASS_NAMES[dataset]

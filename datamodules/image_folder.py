@@ -130,6 +130,7 @@ class ImageFolderDataModule(DictDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
         self.set_normalization(mean, std)
         self.root = Path(root)
         if not self.root.is_dir():

@@ -91,6 +91,7 @@ class L2XSyntheticDataModule(DictDataModule):
     def __init__(self, dataset: str = "xor", num_features: int = 10, num_train: int = 20000, num_val: int = 2000,
                  num_test: int = 2000, seed: int = 0, batch_size: int = 256, num_workers: int = 0) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
         if dataset not in DATASETS:
             raise ValueError(f"Unknown L2X synthetic dataset {dataset!r}; choose one of {DATASETS}.")
         self.dataset, self.num_features, self.seed = dataset, num_features, seed

@@ -152,6 +152,7 @@ class RuleSeriesDataModule(SeriesDataModule):
                  noise: float = 0.15, wander: float = 0.5, drop_rate: float = 0.1, train_fraction: float = 1.0,
                  seed: int = 0, batch_size: int = 64, num_workers: int = 0) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
         if not 0 < train_fraction <= 1:
             raise ValueError(f"train_fraction must be in (0, 1]; got {train_fraction}.")
         if length < 128:
@@ -185,6 +186,7 @@ class SeriesFileDataModule(SeriesDataModule):
     def __init__(self, path: str | Path, num_classes: int, val_fraction: float = 0.15, test_fraction: float = 0.15,
                  train_fraction: float = 1.0, seed: int = 0, batch_size: int = 64, num_workers: int = 0) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
         self.path, self.num_classes = Path(path), num_classes
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.train_fraction, self.seed = train_fraction, seed

@@ -89,6 +89,7 @@ class IMDBDataModule(TokenDataModule):
     def __init__(self, root: str | Path, max_len: int = 400, max_vocab: int = 20000, val_fraction: float = 0.1,
                  seed: int = 0, batch_size: int = 64, num_workers: int = 0) -> None:
         super().__init__(max_len, batch_size, num_workers)
+        self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
         self.root, self.max_vocab, self.val_fraction, self.seed = Path(root), max_vocab, val_fraction, seed
         self.vocabulary = [PAD, UNK] + [""] * (max_vocab - 2)  # filled from the training reviews in setup
         self._check_folders()  # here, not at setup: before a run starts anything (the L2X black box's training)
@@ -191,6 +192,7 @@ class CSVTextDataModule(TokenDataModule):
                  val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0, batch_size: int = 64,
                  num_workers: int = 0) -> None:
         super().__init__(max_len, batch_size, num_workers)
+        self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(f"val_fraction and test_fraction must be in (0, 1) with a sum < 1; got "
                              f"{val_fraction}, {test_fraction}.")
@@ -276,6 +278,7 @@ class SyntheticSentimentDataModule(TokenDataModule):
     def __init__(self, num_train: int = 4000, num_val: int = 1000, num_test: int = 1000, max_len: int = 32,
                  seed: int = 0, batch_size: int = 128, num_workers: int = 0) -> None:
         super().__init__(max_len, batch_size, num_workers)
+        self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
         self.sizes, self.seed = {"train": num_train, "val": num_val, "test": num_test}, seed
         self.vocabulary = SYNTHETIC_VOCABULARY
 

@@ -336,3 +336,28 @@ def test_default_losses_read_the_systems_target_key(system_class: str, model_nam
     assert torch.isfinite(system.training_step(batch, 0))
     with pytest.raises(ValueError, match=r"reads the labels from batch\['label'\] but the System from batch\['y'\]"):
         cls(model_name, num_classes=3, target_key="y", loss=ClassificationLoss(), **kwargs)
+
+
+def test_auxiliary_cache_key_tells_data_and_losses_apart() -> None:
+    """A black box cached for one L2X dataset is not reused for another (the datamodules' settings are in the key),
+    nor an EVAL-X evaluator trained on another mask geometry (the loss's settings are)."""
+    from datamodules import L2XSyntheticDataModule
+    from losses.l2x import LabelCrossEntropy, RandomMaskCrossEntropy
+    from zoo.engine.auxiliary import Auxiliary, cache_key
+
+    net = nn.Sequential(nn.Linear(10, 2))
+    black_box = Auxiliary("black_box", loss=LabelCrossEntropy("features", "label"), epochs=1)
+    keys = {dataset: cache_key(black_box, net, L2XSyntheticDataModule(dataset=dataset, num_train=64, num_val=64))
+            for dataset in ("orange_skin", "nonlinear_additive")}
+    assert keys["orange_skin"] != keys["nonlinear_additive"]
+    assert keys["orange_skin"] == cache_key(black_box, net, L2XSyntheticDataModule(dataset="orange_skin",
+                                                                                     num_train=64, num_val=64))
+    assert keys["orange_skin"] != cache_key(black_box, net, L2XSyntheticDataModule(dataset="orange_skin",
+                                                                                     num_train=128, num_val=64))
+    data = L2XSyntheticDataModule(num_train=64, num_val=64)
+
+    def evaluator(num_features: int) -> Auxiliary:
+        return Auxiliary("evaluator", loss=RandomMaskCrossEntropy("features", "label", torch.mul, num_features),
+                         epochs=1)
+
+    assert cache_key(evaluator(16), net, data) != cache_key(evaluator(4), net, data)

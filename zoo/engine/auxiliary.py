@@ -15,8 +15,10 @@ single-process `trainer.fit` called from Python prepares them in `on_fit_start`.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,13 +80,32 @@ def auxiliaries_pending(system: Any) -> bool:
 
 def cache_key(aux: Auxiliary, module: nn.Module, datamodule: Any) -> str:
     """What defines a trained auxiliary: module class, its layers' settings (the repr: dropout rates, ...) and
-    shapes, training settings, the data's settings."""
+    shapes, training settings, the loss (its class and settings: the EVAL-X evaluator's mask geometry) and the data
+    (`data_settings`). A helper cached for other data or another loss is never reused."""
     shapes = [(k, tuple(v.shape)) for k, v in module.state_dict().items()]
-    data = dict(getattr(datamodule, "hparams", {}) or {})
-    text = repr((type(module).__qualname__, repr(module), shapes, aux.epochs, aux.lr,
-                 getattr(aux.loss, "__qualname__", ""),
-                 type(datamodule).__qualname__, sorted((k, repr(v)) for k, v in data.items())))
+    text = repr((type(module).__qualname__, repr(module), shapes, aux.epochs, aux.lr, describe_callable(aux.loss),
+                 type(datamodule).__qualname__, data_settings(datamodule)))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def describe_callable(function: Any) -> str:
+    """A loss as the cache key reads it, the same in every process: a function by its qualified name, a dataclass
+    by its class and fields (a field holding a callable by that callable's name), anything else by its class."""
+    if is_dataclass(function) and not isinstance(function, type):
+        fields = {f.name: getattr(function, f.name) for f in dataclass_fields(function)}
+        named = {k: getattr(v, "__qualname__", None) or repr(v) if callable(v) else repr(v) for k, v in fields.items()}
+        return f"{type(function).__qualname__}{sorted(named.items())}"
+    return getattr(function, "__qualname__", None) or type(function).__qualname__
+
+
+def data_settings(datamodule: Any) -> list[tuple[str, str]]:
+    """The datamodule's settings: its saved hyperparameters, else its constructor's arguments read from the
+    attributes of the same names (the zoo's datamodules keep them so: `dataset`, `num_train`, `root`, `seed`, ...)."""
+    saved = dict(getattr(datamodule, "hparams", {}) or {})
+    if not saved:
+        names = [n for n in inspect.signature(type(datamodule).__init__).parameters if n != "self"]
+        saved = {n: getattr(datamodule, n) for n in names if hasattr(datamodule, n)}
+    return sorted((k, repr(v)) for k, v in saved.items())
 
 
 def run_folder(trainer: pl.Trainer) -> Path:
