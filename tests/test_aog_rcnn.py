@@ -482,6 +482,34 @@ def test_post_processing_keeps_torchvisions_detections() -> None:
         assert torch.equal(mine["boxes"], b) and torch.equal(mine["scores"], s) and torch.equal(mine["labels"], l)
 
 
+@pytest.mark.parametrize("name", ["aog_rcnn_tinycnn", "vote_rcnn_tinycnn"])
+def test_leaf_boxes_are_rescaled_with_their_boxes_to_the_input_size(name: str) -> None:
+    """Inputs of other sizes than `image_size` (VOC's): torchvision maps "boxes" back to each input's pixels, and
+    the leaves go with them, by the same `resize_boxes`: inside (or on) their box, the whole-box leaf the box."""
+    from torchvision.models.detection.transform import resize_boxes
+
+    torch.manual_seed(7)
+    model = zoo.create_model(name, num_classes=3, image_size=64).eval()
+    model.roi_heads.score_thresh = 0.0  # detections from an untrained model
+    images = [torch.rand(3, 128, 160), torch.rand(3, 48, 40), torch.rand(3, 64, 64), torch.rand(3, 90, 200)]
+    with torch.no_grad():
+        detections = model(images)
+        resized, _ = model.transform(images)  # the parent's steps, with the leaves rescaled by hand
+        features = model.backbone(resized.tensors)
+        proposals, _ = model.rpn(resized, features)
+        raw, _ = model.roi_heads(features, proposals, resized.image_sizes)
+    fixed = model.fixed_partitions()
+    for image, found, before, size in zip(images, detections, raw, resized.image_sizes):
+        boxes, leaves = found["boxes"], found["leaf_boxes"]  # (D, 4), (D, T, 4)
+        assert len(boxes) > 0 and leaves.shape == (len(boxes), 36, 4)
+        assert (leaves[..., :2] >= boxes[:, None, :2] - 1e-3).all()
+        assert (leaves[..., 2:] <= boxes[:, None, 2:] + 1e-3).all()
+        torch.testing.assert_close(leaves[:, fixed["box"]][:, 0], boxes)
+        by_hand = resize_boxes(before["leaf_boxes"].reshape(-1, 4), size, tuple(image.shape[1:]))
+        assert torch.equal(leaves, by_hand.reshape(leaves.shape))
+        torch.testing.assert_close(leaves, model.roi_heads.grid.leaf_boxes(boxes))  # the grid laid in the box
+
+
 # ------------------------------------------------------------------------------------------------ the metric
 def test_parse_part_iou_on_hand_built_boxes() -> None:
     metric = ParsePartIoU()
@@ -605,6 +633,57 @@ def test_detection_system_schedule_and_bad_batches(tmp_path: Path) -> None:
     images, targets = scenes(size=96)
     with pytest.raises(TypeError, match="Detection batches are"):
         system.training_step({"image": images[0]}, 0)
+
+
+def test_the_or_mode_is_saved_and_every_load_path_restores_it(tmp_path: Path) -> None:
+    """An unfolded model ("max") reloads unfolded, scoring as trained: from a System checkpoint (zoo.load_checkpoint,
+    load_from_checkpoint, a Trainer's ckpt_path as `train.py validate|test|predict --ckpt_path`) and from an
+    export; the stages set the mode only when a training epoch starts. Weights saved before the mode was (no
+    "_extra_state") still load strictly, keeping the model's default."""
+    from zoo.aog_rcnn.system import AOGRCNNSystem
+
+    dm = PartsWorldScenesDataModule(num_train=4, num_val=4, num_test=4, canvas_size=96, object_sizes=(32, 48),
+                                    batch_size=4)
+    system = AOGRCNNSystem(num_classes=dm.num_classes, image_size=96, unfold_epoch=1)
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=0, num_sanity_val_steps=0,
+                         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(system, datamodule=dm)
+    path = tmp_path / "unfolded.ckpt"
+    trainer.save_checkpoint(path)
+    trained = system.model.eval()
+    assert trained.or_mode == "max"
+    images = scenes(count=2, size=80)[0]
+
+    def detect(model: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+        model.eval().roi_heads.score_thresh = 0.0  # every (proposal, class): the scores of an untrained model
+        with torch.no_grad():
+            return model(images)
+
+    expected = detect(trained)
+    trained.or_mode = "mean"
+    folded = detect(trained)
+    trained.or_mode = "max"
+    assert not torch.equal(folded[0]["scores"], expected[0]["scores"])  # the mode changes the scores
+
+    fresh = AOGRCNNSystem(num_classes=dm.num_classes, image_size=96, unfold_epoch=1)  # "mean" until an epoch starts
+    assert fresh.model.or_mode == "mean"
+    pl.Trainer(limit_val_batches=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+               enable_model_summary=False).validate(fresh, datamodule=dm, ckpt_path=path)
+    loaded = {"load_checkpoint": zoo.load_checkpoint(path),
+              "load_from_checkpoint": AOGRCNNSystem.load_from_checkpoint(path).model,
+              "load_exported": zoo.load_exported(zoo.export_checkpoint(path, tmp_path / "export")),
+              "Trainer ckpt_path": fresh.model}
+    for how, model in loaded.items():
+        assert model.or_mode == "max", how
+        for ours, theirs in zip(detect(model), expected):
+            for key in ("boxes", "scores", "labels", "leaf_boxes", "parse_leaves"):
+                assert torch.equal(ours[key], theirs[key]), (how, key)
+
+    old = torch.load(path, weights_only=True)  # as written before the OR mode was saved
+    assert old["state_dict"].pop("model.roi_heads.box_head._extra_state").item() == 1  # OR_MODES.index("max")
+    torch.save(old, tmp_path / "old.ckpt")
+    assert zoo.load_checkpoint(tmp_path / "old.ckpt").or_mode == "mean"
+    assert AOGRCNNSystem.load_from_checkpoint(tmp_path / "old.ckpt").model.or_mode == "mean"
 
 
 def test_twins_are_the_registered_baselines() -> None:

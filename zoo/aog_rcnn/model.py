@@ -39,6 +39,7 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops, ps_roi_align
 
 from zoo.aog_rcnn import kernels
@@ -580,6 +581,25 @@ class AOGParsingHead(nn.Module):
         self.parser = AOGParsing(grammar, or_mode, dp_kernel)
         self.terminal_maps = terminal_maps
 
+    def get_extra_state(self) -> torch.Tensor:
+        """The OR mode, saved with the weights as "<prefix>_extra_state": folding or unfolding is part of the trained
+        model (an unfolded model scored with folding is another model), but a stage sets it only when a training
+        epoch starts, so every load (System checkpoint, export, `--ckpt_path`) must restore it. A () int64 tensor,
+        the index in OR_MODES, so that safetensors exports and weights_only loads keep it."""
+        return torch.tensor(OR_MODES.index(self.parser.or_mode))
+
+    def set_extra_state(self, state: Any) -> None:
+        index = int(state)  # at load time only: the host read is no training step's
+        if not 0 <= index < len(OR_MODES):
+            raise ValueError(f"The saved OR mode {index} is not an index of {OR_MODES}.")
+        self.parser.or_mode = OR_MODES[index]
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Weights saved before the OR mode was (no "_extra_state" key) keep this model's mode and still load
+        strictly, as BatchNorm fills in a missing `num_batches_tracked`. `state_dict` is load_state_dict's copy."""
+        state_dict.setdefault(prefix + "_extra_state", self.get_extra_state())  # torch's key for the extra state
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def forward(self, pooled: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Class logits and box deltas; in eval mode also "or_choices" (K, C+1, num_or), the parse trees that
         post-processing keeps. Training needs no trees: it takes the root scores alone (`AOGParsing.root_scores`)."""
@@ -667,6 +687,21 @@ class ParsingRoIHeads(RoIHeads):
 
 
 # ----------------------------------------------------------------------------------------------------- detector
+class LeafBoxTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform whose postprocess also maps each detection's "leaf_boxes" (D, T, 4) from
+    the resized image back to the original one, with the `resize_boxes` that maps its "boxes": the leaves stay
+    inside their box at every input size (torchvision rescales only the keys it knows)."""
+
+    def postprocess(self, result: list[dict[str, torch.Tensor]], image_shapes: list[tuple[int, int]],
+                    original_image_sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        if not self.training:
+            for pred, resized, original in zip(result, image_shapes, original_image_sizes):
+                if "leaf_boxes" in pred:
+                    leaves = pred["leaf_boxes"]  # (D, T, 4) in the resized frame
+                    pred["leaf_boxes"] = resize_boxes(leaves.reshape(-1, 4), resized, original).reshape(leaves.shape)
+        return super().postprocess(result, image_shapes, original_image_sizes)
+
+
 class DetectionBackbone(nn.Module):
     """A zoo Backbone's top map as torchvision's detection backbone (OrderedDict {"0": map}, `out_channels`)."""
 
@@ -683,7 +718,8 @@ class DetectionBackbone(nn.Module):
 class AOGRCNN(FasterRCNN):
     """torchvision FasterRCNN whose RoI head is `head` ("aog", "vote" or "mlp"); forward as FasterRCNN's
     (train: dict of losses; eval: per image {"boxes", "labels", "scores", "leaf_boxes"} and, for "aog",
-    "parse_leaves": see `ParsingRoIHeads`). `or_mode` switches folding ("mean") and unfolding ("max").
+    "parse_leaves": see `ParsingRoIHeads`; boxes and leaves in the input image's pixels, whatever its size).
+    `or_mode` switches folding ("mean") and unfolding ("max"); it is saved with the weights (`AOGParsingHead`).
 
     `num_classes` counts object classes; the background class is added here (labels 1..num_classes)."""
 
@@ -721,6 +757,9 @@ class AOGRCNN(FasterRCNN):
         grid = box_head.parser if head == "aog" else AOGParsing(grammar)  # the baselines: the same grid's geometry
         self.roi_heads = ParsingRoIHeads(grid, pool, box_head, predictor, 0.5, 0.5, box_batch_size_per_image, 0.25,
                                          None, 0.05, 0.5, box_detections_per_img)
+        base = self.transform  # FasterRCNN's, rebuilt with the same settings to rescale the leaves too
+        self.transform = LeafBoxTransform(base.min_size, base.max_size, base.image_mean, base.image_std,
+                                          base.size_divisible, base.fixed_size, _skip_resize=base._skip_resize)
         self.num_classes, self.in_chans = num_classes, in_chans
 
     @property
