@@ -334,18 +334,19 @@ def test_eval_scores_each_batch_with_its_own_z() -> None:
 # --------------------------------------------------------------------------- part metrics (from test_part_metrics.py)
 def reference_instability(maps: np.ndarray, landmarks: np.ndarray, visible: np.ndarray, image: int,
                           top_n: int) -> float:
+    """The authors' getDistSqrtVar.m: for each filter and landmark, the images where the landmark is visible, ranked
+    by the filter's peak, the top N of them (invalid images dropped before the top N is taken, not after)."""
     batch, filters, h, w = maps.shape
     values = []
     for f in range(filters):
         peaks = [maps[b, f].max() for b in range(batch)]
-        top = sorted(range(batch), key=lambda b: -peaks[b])[:top_n]
+        ranked = sorted(range(batch), key=lambda b: -peaks[b])
         for k in range(landmarks.shape[1]):
             distances = []
-            for b in top:
+            for b in [b for b in ranked if visible[b, k]][:top_n]:
                 i, j = np.unravel_index(maps[b, f].argmax(), (h, w))
                 centre = ((j + 0.5) * image / w, (i + 0.5) * image / h)
-                if visible[b, k]:
-                    distances.append(math.dist(centre, landmarks[b, k]))
+                distances.append(math.dist(centre, landmarks[b, k]))
             if len(distances) >= 2:
                 values.append(np.std(distances, ddof=1) / math.hypot(image, image))
     return float(np.mean(values))
@@ -361,6 +362,12 @@ def test_location_instability_matches_reference_across_batches() -> None:
         metric.update(torch.tensor(maps[part]), torch.tensor(landmarks[part]), torch.tensor(visible[part]))
     expected = reference_instability(maps, landmarks, visible, 16, 4)
     assert metric.compute().item() == pytest.approx(expected, rel=1e-5)
+    sparse = np.zeros((10, 2), dtype=bool)
+    sparse[3:8, 0] = sparse[:, 1] = True  # landmark 0 visible in 5 images only: its top 4 are among those five
+    metric = LocationInstability(image_size=16, top_n=4)
+    metric.update(torch.tensor(maps), torch.tensor(landmarks), torch.tensor(sparse))
+    assert torch.isfinite(metric.per_filter()).all()
+    assert metric.compute().item() == pytest.approx(reference_instability(maps, landmarks, sparse, 16, 4), rel=1e-5)
 
 
 def test_a_filter_locked_to_a_landmark_is_perfectly_stable() -> None:
@@ -490,3 +497,36 @@ def test_a_diverged_step_keeps_the_balanced_categories_for_the_loss_check_to_nam
     layer.update_statistics(torch.full_like(raw, float("nan")), torch.zeros(layer.log_mean_z.shape), labels)
     layer.refresh_categories()
     assert torch.equal(layer.filter_category, before)
+
+
+def test_loss_templates_use_the_masks_beta_and_vgg_reads_conv5_3() -> None:
+    """The filter loss scores the templates the masks use (beta), and on VGG the interpretable layers read conv5_3's
+    ReLU map (stride 16: 14 x 14 at 224 px), as the authors' network, not pool5's 7 x 7."""
+    from zoo.icnn.model import InterpretableFilters
+    from zoo.icnn.ops import template_bank
+
+    layer = InterpretableFilters(2, 3, (6, 6), beta=2.0)
+    assert torch.equal(layer.bank, template_bank(6, 6, beta=2.0))
+    assert not torch.equal(layer.bank, template_bank(6, 6, beta=4.0))
+    model = zoo.create_model("icnn_vgg16", num_classes=3, image_size=224)
+    assert model.top_filters.map_size == (14, 14) and model.backbone.reductions == [16]
+
+
+def test_a_skipped_batch_leaves_the_filters_statistics_as_they_were() -> None:
+    """nonfinite_loss="skip": the running Z_T, which the forward replaces (a new tensor, not an in-place write), and
+    the class statistics come back to their values before the skipped batch."""
+    from zoo.icnn.system import ICNNSystem
+
+    class NaNLoss(torch.nn.Module):
+        def forward(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+            return {"loss_task": out["logits"].sum() * float("nan")}
+
+    torch.manual_seed(0)
+    system = ICNNSystem("icnn_tinycnn", num_classes=3, image_size=32, nonfinite_loss="skip", loss=NaNLoss())
+    batch = {"image": torch.rand(4, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0])}
+    before = {name: buffer.clone() for name, buffer in system.named_buffers()}
+    with pytest.warns(UserWarning, match="batch skipped"):
+        assert system.training_step(batch, 0) is None
+    after = dict(system.named_buffers())
+    changed = [name for name in before if not torch.equal(before[name].nan_to_num(-1.0), after[name].nan_to_num(-1.0))]
+    assert not changed, changed

@@ -38,7 +38,8 @@ class FilterMapsCallback(FixedBatchCallback):
         out = pl_module.model(images)
         maps = out[key].float()  # (N, F, h, w)
         top = maps.flatten(2).amax(-1).mean(0).topk(min(self.num_filters, maps.shape[1])).indices  # (k,)
-        panels = heatmap_overlay(images.float(), maps[:, top].transpose(0, 1)).cpu()  # (k, N, 3, H, W)
+        shown = self.displayable(trainer, images)  # normalisation undone: the images as they look
+        panels = heatmap_overlay(shown, maps[:, top].transpose(0, 1).cpu())  # (k, N, 3, H, W)
         rows = self._describe(trainer, out, top.tolist(), part_scores)
         labels = batch.get(pl_module.target_key)
         figure, axes = new_figure(len(rows), panels.shape[1])

@@ -32,9 +32,9 @@ def peak_positions(maps: torch.Tensor, image_size: tuple[int, int]) -> tuple[tor
 
 
 class LocationInstability(Metric):
-    """Mean over filters and landmarks of std(distance landmark -> filter peak) over each filter's top-N images,
-    divided by the image diagonal. update(maps (B, F, h, w), landmarks (B, K, 2) xy, visible (B, K) or None,
-    labels (B,) or None).
+    """Mean over filters and landmarks of std(distance landmark -> filter peak) over each filter's top-N images
+    where the landmark is visible, divided by the image diagonal. update(maps (B, F, h, w), landmarks (B, K, 2) xy,
+    visible (B, K) or None, labels (B,) or None).
 
     With labels, a filter's top-N images are drawn from its category only, as in the paper's per-category
     evaluation (landmark k of another class is another part). The category is the class with the highest mean
@@ -74,10 +74,12 @@ class LocationInstability(Metric):
             class_mean = (one_hot.t() @ peaks) / one_hot.sum(0).clamp(min=1)[:, None]  # (C, F)
             own = labels[:, None] == class_mean.argmax(0)[None, :]  # (N, F): image of the filter's category
             peaks = torch.where(own, peaks, torch.full_like(peaks, -math.inf))
-        keep = peaks.topk(min(self.top_n, len(peaks)), dim=0).indices  # (n, F)
-        filters = torch.arange(peaks.shape[1], device=peaks.device)
-        d = distances[keep, filters]  # (n, F, K)
-        v = visible[keep] * torch.isfinite(peaks[keep, filters])[..., None]  # drop other-category fill-ins
+        # each (filter, landmark) ranks only the images where the landmark is visible, then takes its top N (the
+        # authors' getDistSqrtVar.m drops invalid images before taking the top N, not after)
+        ranked = torch.where(visible[:, None, :].bool(), peaks[..., None], torch.full_like(distances, -math.inf))
+        top, keep = ranked.topk(min(self.top_n, len(peaks)), dim=0)  # (n, F, K)
+        d = distances.gather(0, keep)  # (n, F, K)
+        v = torch.isfinite(top).float()  # visible and of the filter's category
         count = v.sum(0)
         mean = (d * v).sum(0) / count.clamp(min=1)
         variance = (v * (d - mean) ** 2).sum(0) / (count - 1).clamp(min=1)  # unbiased, as Matlab's var

@@ -55,6 +55,8 @@ class InterpretableFilters(nn.Module):
 
     Buffers: `class_activation` (F, C) EMA of per-class mean peak activation; `filter_category` (F,);
     `log_mean_z` (F, T) running log mean of exp(tr(x . T)) over the data (NaN until the first training step).
+    The loss's templates (`bank`) are built with the masks' `beta`; with `learn_beta` the masks follow the learned
+    beta while the loss keeps the initial one (rebuilding the bank each step would cost a pass per filter).
     """
 
     def __init__(self, num_filters: int, num_classes: int, map_size: tuple[int, int], *, beta: float = 4.0,
@@ -73,7 +75,7 @@ class InterpretableFilters(nn.Module):
         self.category_assignment = category_assignment
         self.category_momentum, self.z_momentum = category_momentum, z_momentum
         self.beta = nn.Parameter(torch.full((num_filters,), beta), requires_grad=learn_beta)
-        bank = template_bank(*map_size, tau_scale=tau_scale)
+        bank = template_bank(*map_size, beta=beta, tau_scale=tau_scale)  # the loss's templates: the masks' beta
         self.register_buffer("bank", bank, persistent=False)
         self.register_buffer("class_activation", torch.zeros(num_filters, num_classes))
         self.register_buffer("class_seen", torch.zeros(num_classes, dtype=torch.bool))
@@ -208,6 +210,13 @@ class InterpretableFilters(nn.Module):
         self._queued_share, self._solved = None, bool(self.class_seen.any())
 
 
+def top_conv_index(backbone: str) -> int:
+    """Which backbone feature the interpretable layers read: the top conv layer's ReLU map. timm's VGG features end
+    with pool5 (stride 32); its conv5_3 map (relu5_3, stride 16) is the one before, where the authors put the masked
+    layer (their vgg_vd_16.m strips everything after relu5_3, adds the interpretable conv, then pool5)."""
+    return -2 if backbone.startswith("vgg") else -1
+
+
 class InterpretableCNN(PooledHeadMixin, nn.Module):
     """Backbone (top stage interpretable) -> added 3x3 conv + ReLU (interpretable) -> pooled linear head.
 
@@ -237,7 +246,8 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.backbone = Backbone(backbone, in_chans=in_chans, pretrained_path=pretrained_path, frozen=freeze_backbone)
+        self.backbone = Backbone(backbone, in_chans=in_chans, out_indices=(top_conv_index(backbone),),
+                                 pretrained_path=pretrained_path, frozen=freeze_backbone)
         top_filters = self.backbone.num_features
         added = added_filters or top_filters
         map_size = self._top_map_size(in_chans, image_size)
