@@ -79,11 +79,7 @@ class ConceptsCallback(FixedBatchCallback):
         predicted_class = out["logits"].argmax(-1).tolist()
         labels = batch[pl_module.target_key].tolist()
         names = concept_names(trainer, probs.shape[1])
-        datamodule = trainer.datamodule
-        shown = images.float()
-        if hasattr(datamodule, "denormalize"):
-            shown = datamodule.denormalize(shown)
-        shown = shown.clamp(0, 1).cpu()
+        shown, datamodule = self.displayable(trainer, images), trainer.datamodule
         figure, axes = new_figure(1, len(images), panel_inches=2.0)
         rows = ["| image | true class | predicted class | concepts (+ right, ! predicted but absent, ? missed) |",
                 "| --- | --- | --- | --- |"]

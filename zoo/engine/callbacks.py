@@ -82,6 +82,16 @@ class FixedBatchCallback(pl.Callback):
     def __init__(self) -> None:
         self.batch: Any = None
 
+    @staticmethod
+    def displayable(trainer: pl.Trainer, images: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) as drawn: the datamodule's normalisation undone (`denormalize`, where it has one: a
+        `mean: pretrained` run feeds ImageNet-normalised inputs), in [0, 1], float, on the CPU."""
+        datamodule = getattr(trainer, "datamodule", None)
+        shown = images.float()
+        if hasattr(datamodule, "denormalize"):
+            shown = datamodule.denormalize(shown)
+        return shown.clamp(0, 1).cpu()
+
     def fixed_batch(self, trainer: pl.Trainer) -> Any:
         """`num_items` validation samples covering every class, taken once and kept (see `covering_batch`)."""
         if self.batch is None:

@@ -148,7 +148,7 @@ class ZooSystem(pl.LightningModule):
         self.metrics = nn.ModuleDict()  # "<stage>_<name>": a ModuleDict key "train" would shadow nn.Module.train
         self._dict_metrics: dict[str, str] = {}  # metrics whose compute() returns a dict: key -> log prefix
         self._unchecked: list[tuple[torch.Tensor, torch.Tensor, tuple[str, ...], str]] = []  # steps not yet read
-        self._buffers_before: list[tuple[torch.Tensor, torch.Tensor]] = []  # nonfinite_loss="skip": (buffer, copy)
+        self._buffers_before: list[tuple[nn.Module, str, torch.Tensor]] = []  # nonfinite_loss="skip": copies
         self._deferred_checks: list[tuple[torch.Tensor, str]] = []  # `defer_check`: (device bool, message)
 
     # ------------------------------------------------------------------------------------------- family hooks
@@ -255,7 +255,8 @@ class ZooSystem(pl.LightningModule):
     def _step(self, batch: Any, stage: str, batch_idx: int) -> torch.Tensor | None:
         skip = stage == "train" and self.hparams.nonfinite_loss == "skip"
         if skip:  # what the forward updates in place (BatchNorm statistics, family state), to undo a skipped batch
-            self._buffers_before = [(b, b.detach().clone()) for b in self.buffers()]
+            self._buffers_before = [(module, name, buffer.detach().clone()) for module in self.modules()
+                                    for name, buffer in module.named_buffers(recurse=False)]
         out = self.forward_batch(batch, stage)
         if stage == "train":
             self.update_state(out, batch)
@@ -316,9 +317,15 @@ class ZooSystem(pl.LightningModule):
             self._restore_buffers()
 
     def _restore_buffers(self) -> None:
+        """Put back the buffers of before the batch, by name: a forward may have replaced a buffer's tensor (ICNN's
+        running Z_T) rather than written into it."""
         with torch.no_grad():
-            for buffer, before in self._buffers_before:
-                buffer.copy_(before)
+            for module, name, before in self._buffers_before:
+                now = getattr(module, name)
+                if now is not None and now.shape == before.shape and now.dtype == before.dtype:
+                    now.copy_(before)  # the tensor registered now, whichever it is
+                else:
+                    setattr(module, name, before)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._trainer is None or (self.global_step % max(self.trainer.log_every_n_steps, 1)) == 0:

@@ -31,9 +31,7 @@ class PrototypesCallback(FixedBatchCallback):
         self.num_items, self.top_k = num_images, top_k
 
     def shown(self, trainer: pl.Trainer, images: torch.Tensor) -> torch.Tensor:
-        datamodule = trainer.datamodule
-        images = datamodule.denormalize(images.float()) if hasattr(datamodule, "denormalize") else images.float()
-        images = images.clamp(0, 1).cpu()
+        images = self.displayable(trainer, images)
         return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[:, :3]
 
     def sources(self, trainer: pl.Trainer, pl_module: pl.LightningModule, indices: list[int]) -> dict[int, Any]:
