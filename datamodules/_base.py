@@ -199,14 +199,35 @@ class DictDataModule(pl.LightningDataModule):
                              f"from the model's backbone; in Python call use_pretrained_normalization(<backbone>).")
         return self.splits[split] if self.mean is None else NormalizedDataset(self.splits[split], self.mean, self.std)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, drop_last: bool = False) -> DataLoader:
         return DataLoader(
             self.split_samples(split), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
             pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, collate_fn=self.collate_fn,
+            drop_last=drop_last,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Shuffled training batches of `batch_size`; the last, partial batch is kept unless it would hold exactly
+        one sample, which is dropped (that sample still comes up in other epochs' batches): BatchNorm in training
+        mode cannot normalise a batch of one ("Expected more than 1 value per channel"), so a split of
+        n * batch_size + 1 samples crashed the last step of every epoch. Any other remainder is kept, so other
+        splits' batches are as before. Under distributed training Lightning injects a `DistributedSampler`
+        (drop_last=False: every rank gets ceil(N / world size) samples, padded by repetition) and keeps this
+        loader's drop_last, so the rule applies to that per-rank length. A split of at most `batch_size` samples
+        (per rank) is never emptied."""
+        dataset = self.split_samples("train")
+        per_rank = -(-len(dataset) // self._sampler_replicas())  # ceil(N / W)
+        drop_last = per_rank > self.batch_size and per_rank % self.batch_size == 1
+        return self._loader("train", shuffle=True, drop_last=drop_last)
+
+    def _sampler_replicas(self) -> int:
+        """Into how many shards Lightning's injected `DistributedSampler` splits a loader of this datamodule: the
+        attached trainer's `num_replicas` (its world size) where it injects one, else 1 (no trainer yet, one
+        process, or `use_distributed_sampler=False`, where each rank iterates the loader as built)."""
+        trainer = getattr(self, "trainer", None)
+        kwargs = None if trainer is None else trainer.distributed_sampler_kwargs  # None: not a parallel strategy
+        injects = getattr(getattr(trainer, "_accelerator_connector", None), "use_distributed_sampler", True)
+        return int(kwargs.get("num_replicas", 1)) if kwargs and injects else 1
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

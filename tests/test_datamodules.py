@@ -331,3 +331,31 @@ def test_series_file_arrays_are_checked_against_the_layout(tmp_path: Path) -> No
     with pytest.raises(ValueError, match=r"SeriesFileDataModule: the 'train' split has no samples; it holds the rows "
                                          r"of '.*two.npz' \(2\) left after val_fraction=0.15 and test_fraction=0.15"):
         SeriesFileDataModule(tmp_path / "two.npz", num_classes=2).train_dataloader()
+
+
+@pytest.mark.parametrize(("num_train", "devices", "distributed_sampler", "sizes"), [
+    (257, 1, True, [256]),  # 256 + 1: the batch of one (BatchNorm cannot train on it) is dropped
+    (258, 1, True, [256, 2]),  # any other remainder is kept
+    (200, 1, True, [200]),  # a split smaller than a batch is never emptied
+    (514, 2, True, [256]),  # Lightning's DistributedSampler gives each rank 257: 256 + 1
+    (515, 2, True, [256, 2]),  # 258 per rank
+    (514, 2, False, [256, 256, 2]),  # no injected sampler: each rank iterates the 514 samples as built
+])
+def test_train_loader_drops_only_a_last_batch_of_one_sample_per_rank(num_train: int, devices: int,
+                                                                     distributed_sampler: bool, sizes: list[int]
+                                                                     ) -> None:
+    import pytorch_lightning as pl
+    from pytorch_lightning.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+
+    from datamodules import L2XSyntheticDataModule
+
+    dm = L2XSyntheticDataModule(dataset="xor", num_train=num_train, num_val=8, num_test=8, batch_size=256)
+    if devices > 1:  # built, not launched: what the datamodule sees of a 2-process DDP run
+        dm.trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp", logger=False,
+                                use_distributed_sampler=distributed_sampler, enable_progress_bar=False)
+    loader = dm.train_dataloader()
+    if devices > 1 and distributed_sampler:  # the sampler Lightning injects; it keeps the loader's drop_last
+        loader = _update_dataloader(loader, DistributedSampler(loader.dataset, num_replicas=devices, rank=devices - 1))
+    assert [len(batch["features"]) for batch in loader] == sizes
+    assert [len(batch["features"]) for batch in dm.val_dataloader()] == [8]  # evaluation loaders keep every sample

@@ -369,3 +369,71 @@ def test_random_selection_is_the_seeded_floor_and_never_picks_padding() -> None:
     assert torch.equal(selection, again[1]) and math.isnan(first[2])
     assert torch.equal(selection.sum(1), torch.full((3,), 2.0)) and not selection[tokens == 0].any()
     assert torch.equal(selection[1], torch.tensor([1.0, 1.0, 0, 0, 0, 0, 0, 0]))
+
+
+@pytest.mark.parametrize("model_name", ["l2x_vector", "invase_vector"])
+def test_selector_trains_on_a_split_that_leaves_a_last_batch_of_one(model_name: str, tmp_path: Path) -> None:
+    """257 samples in batches of 256: the approximator's (critic's, baseline's) BatchNorm cannot train on the last
+    batch of one ("Expected more than 1 value per channel"); the train loader drops that batch only."""
+    import pytorch_lightning as pl
+
+    from zoo.l2x.system import L2XSystem
+
+    pl.seed_everything(0, verbose=False)
+    data = L2XSyntheticDataModule(dataset="xor", num_train=257, num_val=64, num_test=64, batch_size=256)
+    system = L2XSystem(model_name=model_name, data_inputs=data.model_inputs,
+                       model_kwargs={"k": 2} if model_name == "l2x_vector" else None, black_box_epochs=1,
+                       evaluator_epochs=1)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(system, datamodule=data)
+    assert trainer.global_step == 1 and "val/acc" in trainer.callback_metrics
+
+
+def test_padding_is_never_reported_as_selected() -> None:
+    """A text of fewer than k words: the test-time top-k takes k positions, some of them padding; the selection,
+    num_selected / FDR, the predict CSV's `selected` column and every compared method keep the words only."""
+    import functools
+
+    from zoo.l2x.scores import explain_features, wall_time
+    from zoo.l2x.system import L2XSystem
+
+    torch.manual_seed(0)
+    system = L2XSystem(model_name="l2x_tokens", data_inputs={"vocab_size": 50, "max_len": 8}, model_kwargs={"k": 5},
+                       black_box="baseline_textcnn", black_box_epochs=0, evaluator_epochs=0, input_key="tokens").eval()
+    tokens = torch.tensor([[5, 7, 9, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8]])
+    selection = system.model(tokens)["selection"]
+    assert torch.equal(selection[0], torch.tensor([1.0, 1, 1, 0, 0, 0, 0, 0])) and selection[1].sum() == 5
+    relevant = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]])
+    recovery = SelectionRecovery()
+    recovery.update(selection, relevant)
+    assert recovery.compute()["num_selected"] == 4.0  # (3 + 5) / 2
+    assert torch.isclose(recovery.compute()["fdr"], torch.tensor((2 / 3 + (5 - int(selection[1, 0])) / 5) / 2))
+    predicted = system.predict_step({"tokens": tokens, "label": torch.zeros(2, dtype=torch.long)}, 0)
+    assert predicted["columns"]["selected"][0] == "0 1 2"
+    assert torch.equal(predicted["explanation"], selection)
+    timer = functools.partial(wall_time, device=tokens.device)
+    target = torch.zeros(2, dtype=torch.long)
+    for method in ("l2x", "random", "saliency"):
+        _, chosen, _ = explain_features(method, {"l2x": system.model}, system.black_box, tokens, target, 5, 1, timer)
+        assert torch.equal(chosen[0], torch.tensor([1.0, 1, 1, 0, 0, 0, 0, 0])) and chosen[1].sum() == 5, method
+
+
+def test_vector_nets_take_the_authors_activation_and_batchnorm_order() -> None:
+    """Defaults (the recorded figures'): ReLU, Linear-BN-ReLU. The authors' code: SELU for nonlinear additive and
+    switch, Dense(activation) then BatchNormalization."""
+    import torch.nn as nn
+
+    default = zoo.create_model("l2x_vector", num_features=10, k=4)
+    assert [type(m) for m in default.approximator.net] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear,
+                                                           nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    for name in ("l2x_vector", "invase_vector"):
+        authors = zoo.create_model(name, num_features=10, activation="selu", norm_after_activation=True)
+        assert [type(m) for m in authors.scorer.net] == [nn.Linear, nn.SELU, nn.Linear, nn.SELU, nn.Linear]
+        critics = [authors.approximator] + ([authors.baseline] if name == "invase_vector" else [])
+        for critic in critics:
+            assert [type(m) for m in critic.net] == [nn.Linear, nn.SELU, nn.BatchNorm1d, nn.Linear, nn.SELU,
+                                                     nn.BatchNorm1d, nn.Linear]
+        assert authors.train()(torch.randn(4, 10))["logits"].shape == (4, 2)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        zoo.create_model("l2x_vector", num_features=10, activation="tanh")

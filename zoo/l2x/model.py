@@ -2,17 +2,44 @@
 amortised instance-wise feature selectors that explain a frozen black box.
 
 Faithful: the explainer maps x to scores w over d features; training selects with the Concrete k-subset
-relaxation (noise drawn every step, `losses.l2x.concrete_k_subset`), evaluation with an exact top-k of w;
+relaxation (noise drawn every step, `zoo.l2x.ops.concrete_k_subset`), evaluation with an exact top-k of w;
 the approximator sees only the selected features and is trained against the black box's probabilities. The
-authors' synthetic nets are kept (explainer Dense100-Dense100-Dense(d), approximator Dense200-BN-Dense200-BN).
-Images are explained on a grid of patches (the mask is upsampled by repetition to pixels), text on tokens (the
-approximator multiplies each token's embedding by its selection weight; the black box sees unselected tokens
-replaced by padding). INVASE selects each feature with its own Bernoulli probability, so the number of selected
-features varies per instance; its actor/critic/baseline losses live in `losses.l2x.INVASELoss`.
+layer sizes of the authors' synthetic nets are kept (explainer Dense100-Dense100-Dense(d), approximator
+Dense200-BN-Dense200-BN-Dense(C); INVASE's code uses the same for actor, critic and baseline). Images are explained
+on a grid of patches (the mask is upsampled by repetition to pixels), text on tokens (the approximator multiplies
+each token's embedding by its selection weight; the black box sees unselected tokens replaced by padding). INVASE
+selects each feature with its own Bernoulli probability, so the number of selected features varies per instance;
+its actor/critic/baseline losses live in `losses.l2x.INVASELoss`.
 
-Departure: the image explainer/approximator are small CNNs sized for 8x8-64x64 inputs instead of the paper's
-28x28 MNIST nets; the text explainer is one convolution with a global max-pooled context instead of the paper's
-CNN with a fixed 400-word input.
+Departures from the authors' code (Jianbo-Lab/L2X `synthetic/explain.py`, `imdb-word/explain.py`; INVASE:
+jsyoon0823/INVASE `invase.py`):
+- Vector activation: ReLU in every hidden layer by default; the authors use ReLU for orange skin and XOR, SELU for
+  nonlinear additive and switch (`l2x_vector(activation="selu")`).
+- Vector BatchNorm order: Linear-BN-ReLU by default; the authors' (and INVASE's) critic is Dense(activation) then
+  BatchNormalization (`norm_after_activation=True`). Both defaults are kept because the recorded figures
+  (docs/results.md) were measured with them.
+- Regularisation: the authors put Keras l2(1e-3) (1e-3 * sum W^2 added to the loss) on the kernels of the
+  explainer's two hidden layers and of every approximator layer, not on biases, BatchNorm or the explainer's output
+  layer (INVASE's code: on every Dense kernel). The zoo's synthetic configs use Adam(weight_decay=1e-3) instead,
+  which decays every parameter (biases, BatchNorm, the output layer too) at half that strength (a gradient of
+  1e-3 W, i.e. 5e-4 * sum W^2).
+- Initialisation and BatchNorm settings are PyTorch's (Linear weights and biases uniform in +-1/sqrt(fan_in); BN
+  momentum 0.1, eps 1e-5), not Keras' (glorot_uniform kernels, zero biases; BN momentum 0.99 = PyTorch's 0.01,
+  eps 1e-3).
+- Text approximator: the selected embeddings are averaged over all L positions (`mean(1)`); the authors divide the
+  sum by k (`K.sum(x, axis=1) / k`): the same vector scaled by k / L (1/40 on IMDB), which the next Dense layer can
+  absorb but which changes its effective initialisation and step size.
+- Text explainer: one width-3 convolution plus its global max as context, no dropout, instead of the authors'
+  conv100 -> (global max -> Dense100) and (two more conv100) -> concat -> dropout 0.2 -> conv1x1 100 -> conv1x1 1.
+  Padding gets a -1e4 score and is never reported as selected (a text of fewer than k words keeps all its words);
+  the authors' explainer scores padding like any token and may select it.
+- Test-time top-k takes exactly k features (ties to the lower index); the authors keep every w >= the k-th largest,
+  more than k on ties.
+- Images: the explainer/approximator are small CNNs sized for 8x8-64x64 inputs instead of the paper's 28x28 MNIST
+  nets.
+- Training settings live in the configs, not here: the authors train the synthetic nets with Adam 1e-3, batch 1000,
+  one epoch of 1e6 samples, and the IMDB nets with RMSprop, batch 40, 5 epochs; the configs use Adam 1e-3 and
+  smaller data.
 
 Output dict (all selectors): ``{"logits": (B, C) approximator/critic logits on the selected input,
 "scores": (B, d) non-negative feature importance used for ranking, "selection": (B, d) relaxed (train) or hard
@@ -53,6 +80,10 @@ class FeatureSpace(nn.Module):
 
     def feature_ids(self) -> torch.Tensor | None:
         """Feature id of every input element, or None where the features are the input's entries."""
+        return None
+
+    def selectable(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(B, d) bool: which features of `x` a selection may keep, or None where every feature may be kept."""
         return None
 
 
@@ -113,37 +144,53 @@ class TokenFeatures(FeatureSpace):
     def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
         return torch.where(selection > 0.5, x, torch.full_like(x, PAD_ID))
 
+    def selectable(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L) the words: padding is not part of the text, so it is never reported as selected."""
+        return x != PAD_ID
+
 
 # ------------------------------------------------------------------------------------------ networks
-def mlp(sizes: list[int], batch_norm: bool = False) -> nn.Sequential:
-    """Dense layers with ReLU between them (and BatchNorm before each ReLU if asked); the last layer is linear."""
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "selu": nn.SELU}
+
+
+def mlp(sizes: list[int], batch_norm: bool = False, activation: str = "relu", norm_after_activation: bool = False
+        ) -> nn.Sequential:
+    """Dense layers with `activation` ("relu" or "selu") between them; the last layer is linear. With `batch_norm`,
+    a BatchNorm1d on every hidden layer: Linear-BN-act by default, Linear-act-BN with `norm_after_activation` (the
+    authors' Keras order, `Dense(200, activation)` then `BatchNormalization()`)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}; got {activation!r}.")
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
-            layers += [nn.BatchNorm1d(n_out)] if batch_norm else []
-            layers.append(nn.ReLU())
+            hidden = [nn.BatchNorm1d(n_out)] if batch_norm else []
+            act = ACTIVATIONS[activation]()
+            layers += [act, *hidden] if norm_after_activation else [*hidden, act]
     return nn.Sequential(*layers)
 
 
 class VectorScorer(nn.Module):
     """Explainer for vectors (authors' code): Dense100-Dense100-Dense(d)."""
 
-    def __init__(self, space: VectorFeatures, hidden: int = 100) -> None:
+    def __init__(self, space: VectorFeatures, hidden: int = 100, activation: str = "relu") -> None:
         super().__init__()
-        self.net = mlp([space.num_features, hidden, hidden, space.num_features])
+        self.net = mlp([space.num_features, hidden, hidden, space.num_features], activation=activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
 class VectorApproximator(nn.Module):
-    """Approximator for vectors (authors' code): Dense200-BN-Dense200-BN-Dense(C) on x * selection."""
+    """Approximator for vectors (authors' code): Dense200-BN-Dense200-BN-Dense(C) on x * selection (BN before the
+    activation unless `norm_after_activation`, see `mlp`)."""
 
-    def __init__(self, space: VectorFeatures, num_classes: int, hidden: int = 200) -> None:
+    def __init__(self, space: VectorFeatures, num_classes: int, hidden: int = 200, activation: str = "relu",
+                 norm_after_activation: bool = False) -> None:
         super().__init__()
         self.space = space
-        self.net = mlp([space.num_features, hidden, hidden, num_classes], batch_norm=True)
+        self.net = mlp([space.num_features, hidden, hidden, num_classes], batch_norm=True, activation=activation,
+                       norm_after_activation=norm_after_activation)
 
     def forward(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
         return self.net(self.space.mask_input(x, selection))
@@ -199,8 +246,8 @@ class TokenScorer(nn.Module):
 
 
 class TokenApproximator(nn.Module):
-    """Approximator for text (authors' IMDB net): embeddings scaled by the selection, mean over positions,
-    Dense250-Dense(C)."""
+    """Approximator for text (authors' IMDB net): embeddings scaled by the selection, averaged over all L positions
+    (the authors divide the sum by k instead: the same direction, L / k times smaller), Dense250-Dense(C)."""
 
     def __init__(self, space: TokenFeatures, vocab_size: int, num_classes: int, embed_dim: int = 50,
                  hidden: int = 250) -> None:
@@ -233,9 +280,19 @@ class FeatureSelector(nn.Module):
     def feature_ids(self) -> torch.Tensor | None:
         return self.space.feature_ids()
 
+    def selectable(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(B, d) bool: the features of `x` a selection may keep (text: the words, not padding); None: all."""
+        return self.space.selectable(x)
+
+    def keep_selectable(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+        """`selection` (B, d) with the features that cannot be selected (padding) set to 0, on the device."""
+        selectable = self.space.selectable(x)
+        return selection if selectable is None else selection * selectable
+
 
 class L2X(FeatureSelector):
-    """Explainer + variational approximator; exactly `k` features per instance."""
+    """Explainer + variational approximator; exactly `k` features per instance (a text of fewer than `k` words:
+    all its words; padding is never reported as selected)."""
 
     def __init__(self, space: FeatureSpace, scorer: nn.Module, approximator: nn.Module, num_classes: int, *, k: int,
                  tau: float) -> None:
@@ -247,10 +304,10 @@ class L2X(FeatureSelector):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.space.check(x, type(self).__name__, self)
         selection_logits = self.scorer(x)  # (B, d) w
-        if self.training:
+        if self.training:  # padding's logit is -1e4 (TokenScorer): its relaxed weight is 0, and its embedding is 0
             selection = concrete_k_subset(selection_logits, self.k, self.tau)
-        else:
-            selection = top_k_mask(selection_logits, self.k)
+        else:  # top-k takes k positions; on a text of fewer than k words the rest are padding, dropped here
+            selection = self.keep_selectable(x, top_k_mask(selection_logits, self.k))
         # softmax(w) ranks features as w does and is >= 0, so |score| rankings agree with the top-k of w
         return {"logits": self.approximator(x, selection), "scores": selection_logits.softmax(-1),
                 "selection_logits": selection_logits, "selection": selection, **self.space.outputs(selection)}
@@ -267,7 +324,11 @@ class INVASE(FeatureSelector):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.space.check(x, type(self).__name__, self)
         probs = torch.sigmoid(self.scorer(x))  # (B, d)
-        selection = torch.bernoulli(probs) if self.training else (probs > self.threshold).float()
+        # padding's probability is sigmoid(-1e4) = 0, so it is never drawn; dropped at evaluation all the same
+        if self.training:
+            selection = torch.bernoulli(probs)
+        else:
+            selection = self.keep_selectable(x, (probs > self.threshold).float())
         return {
             "logits": self.approximator(x, selection),
             "baseline_logits": self.baseline(x, torch.ones_like(probs)),
@@ -280,8 +341,9 @@ def _parts(kind: str, num_classes: int, **kw) -> tuple[FeatureSpace, nn.Module, 
     """(space, scorer, approximator, second approximator) for one input kind."""
     if kind == "vector":
         space = VectorFeatures(kw["num_features"])
-        return (space, VectorScorer(space), VectorApproximator(space, num_classes),
-                VectorApproximator(space, num_classes))
+        nets = {"activation": kw["activation"], "norm_after_activation": kw["norm_after_activation"]}
+        return (space, VectorScorer(space, activation=kw["activation"]), VectorApproximator(space, num_classes, **nets),
+                VectorApproximator(space, num_classes, **nets))
     if kind == "patches":
         space = PatchFeatures(kw["in_chans"], kw["image_size"], kw["patch_size"])
         return space, PatchScorer(space), PatchApproximator(space, num_classes), PatchApproximator(space, num_classes)
@@ -302,9 +364,16 @@ def _create_invase(kind: str, num_classes: int, threshold: float, **kw) -> INVAS
 
 
 @register_model
-def l2x_vector(num_features: int = 10, num_classes: int = 2, k: int = 4, tau: float = 0.1) -> L2X:
-    """L2X on feature vectors (the paper's synthetic nets), k features per instance."""
-    return _create_l2x("vector", num_classes, k, tau, num_features=num_features)
+def l2x_vector(num_features: int = 10, num_classes: int = 2, k: int = 4, tau: float = 0.1, activation: str = "relu",
+               norm_after_activation: bool = False) -> L2X:
+    """L2X on feature vectors (the paper's synthetic nets), k features per instance.
+
+    `activation` ("relu" or "selu") is every hidden layer's; `norm_after_activation` puts the approximator's
+    BatchNorm after the activation. The authors' code: `activation="selu", norm_after_activation=True` for
+    nonlinear additive and switch, `activation="relu", norm_after_activation=True` for orange skin and XOR. The
+    defaults (ReLU, BN before it) are what the recorded figures were measured with."""
+    return _create_l2x("vector", num_classes, k, tau, num_features=num_features, activation=activation,
+                       norm_after_activation=norm_after_activation)
 
 
 @register_model
@@ -323,9 +392,14 @@ def l2x_tokens(vocab_size: int = 2000, max_len: int = 64, num_classes: int = 2, 
 
 
 @register_model
-def invase_vector(num_features: int = 10, num_classes: int = 2, threshold: float = 0.5) -> INVASE:
-    """INVASE on feature vectors: instance-wise number of selected features."""
-    return _create_invase("vector", num_classes, threshold, num_features=num_features)
+def invase_vector(num_features: int = 10, num_classes: int = 2, threshold: float = 0.5, activation: str = "relu",
+                  norm_after_activation: bool = False) -> INVASE:
+    """INVASE on feature vectors: instance-wise number of selected features.
+
+    The nets and the two options are `l2x_vector`'s (INVASE's code: the same sizes, activation ReLU by default,
+    the critic's and baseline's BatchNorm after the activation)."""
+    return _create_invase("vector", num_classes, threshold, num_features=num_features, activation=activation,
+                          norm_after_activation=norm_after_activation)
 
 
 @register_model

@@ -4,9 +4,10 @@ both report.
 
 Every method explains the same samples for the black box's predicted class: a selector (L2X, INVASE) by one forward
 pass, a Captum method (`zoo.explain.captum.FEATURE_METHODS`) by attribution on the black box. Attributions become a
-top-k selection (k = the true set size; INVASE selects its own number); then every method gets the median rank of
-the true features and TPR/FDR (where ground truth is known), post-hoc accuracy (the black box on the selection
-agrees with the black box) and EVAL-X accuracy (the random-mask evaluator on the selection vs the label).
+top-k selection (k = the true set size; INVASE selects its own number; text: among the words, never padding);
+then every method gets the median rank of the true features and TPR/FDR (where ground truth is known), post-hoc
+accuracy (the black box on the selection agrees with the black box) and EVAL-X accuracy (the random-mask evaluator
+on the selection vs the label).
 Timing: batched methods are timed `repeats` times over all samples after one warm-up call (median); KernelShap and
 Lime explain one sample at a time (Captum fits one surrogate per sample), timed per sample (median).
 """
@@ -24,7 +25,6 @@ import torch.nn as nn
 
 from zoo.explain.captum import attribute_features
 from zoo.l2x.metrics import AgreementAccuracy, SelectionRecovery, median_true_rank
-from zoo.l2x.model import PAD_ID
 from zoo.l2x.ops import top_k_mask
 
 PERTURBATION_METHODS = ("kernel_shap", "lime")
@@ -71,19 +71,28 @@ def perturbation_samples(method: str) -> tuple[str, int | None]:
     return name, int(count) if count else None
 
 
+def top_k_selection(scores: torch.Tensor, k: int, selectable: torch.Tensor | None) -> torch.Tensor:
+    """(N, d) hard selection of the k best-scored features among the `selectable` ones (None: all); a row with fewer
+    than k selectable features (a text shorter than k words) keeps all of them, never padding."""
+    if selectable is None:
+        return top_k_mask(scores, k)
+    return top_k_mask(scores.masked_fill(~selectable, -torch.inf), k) * selectable
+
+
 def explain_features(method: str, selectors: dict[str, nn.Module], black_box: nn.Module, x: torch.Tensor,
                      target: torch.Tensor, k: int, repeats: int, timer: Timer, n_samples: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(scores (N, d), hard selection (N, d), seconds per sample) of one method on all of `x`: a selector named in
     `selectors`, or a Captum method on `black_box` (features as the first selector defines them). Batched methods:
     one warm-up call, the median of `repeats`; KernelShap and Lime: one call per sample, the median per sample."""
+    selector = next(iter(selectors.values()))
+    selectable = selector.selectable(x)  # (N, d) token ids: the words, never padding; None: every feature
     if method == RANDOM:  # seeded, not timed: a reference for the scores, not a method
-        selector = next(iter(selectors.values()))
         generator = torch.Generator().manual_seed(0)
         scores = torch.rand(len(x), selector.num_features, generator=generator).to(x.device)  # (N, d)
-        if not x.is_floating_point():  # token ids: padding is never a word
-            scores = scores.masked_fill(x == PAD_ID, -1.0)
-        return scores, top_k_mask(scores, k), float("nan")
+        if selectable is not None:  # padding is never a word
+            scores = scores.masked_fill(~selectable, -1.0)
+        return scores, top_k_selection(scores, k, selectable), float("nan")
     if method in selectors:
         selector = selectors[method]
 
@@ -92,8 +101,7 @@ def explain_features(method: str, selectors: dict[str, nn.Module], black_box: nn
                 return selector(x)
 
         out, seconds = timer(forward, repeats, 1)
-        return out["scores"], out["selection"], seconds / len(x)
-    selector = next(iter(selectors.values()))
+        return out["scores"], out["selection"], seconds / len(x)  # the selector leaves padding out itself
     feature_ids = selector.feature_ids()
     feature_ids = None if feature_ids is None else feature_ids.to(x.device)
     attribute = functools.partial(attribute_features, black_box, method=method, feature_mask=feature_ids,
@@ -105,7 +113,7 @@ def explain_features(method: str, selectors: dict[str, nn.Module], black_box: nn
     else:
         scores, seconds = timer(functools.partial(attribute, x, target), repeats, 1)
         per_sample = seconds / len(x)
-    return scores, top_k_mask(scores, k), per_sample
+    return scores, top_k_selection(scores, k, selectable), per_sample
 
 
 def compare_explainers(selectors: dict[str, nn.Module], black_box: nn.Module, evaluator: nn.Module | None,
