@@ -215,10 +215,14 @@ class DictDataModule(pl.LightningDataModule):
         (drop_last=False: every rank gets ceil(N / world size) samples, padded by repetition) and keeps this
         loader's drop_last, so the rule applies to that per-rank length. A split of at most `batch_size` samples
         (per rank) is never emptied."""
-        dataset = self.split_samples("train")
-        per_rank = -(-len(dataset) // self._sampler_replicas())  # ceil(N / W)
-        drop_last = per_rank > self.batch_size and per_rank % self.batch_size == 1
-        return self._loader("train", shuffle=True, drop_last=drop_last)
+        samples = len(self.split_samples("train"))
+        return self._loader("train", shuffle=True, drop_last=self.leaves_a_batch_of_one(samples))
+
+    def leaves_a_batch_of_one(self, samples: int) -> bool:
+        """Whether an epoch of `samples` training samples (split by the ranks, see `train_dataloader`) would end
+        with a batch of one: the training loader then drops it."""
+        per_rank = -(-samples // self._sampler_replicas())  # ceil(N / W)
+        return per_rank > self.batch_size and per_rank % self.batch_size == 1
 
     def _sampler_replicas(self) -> int:
         """Into how many shards Lightning's injected `DistributedSampler` splits a loader of this datamodule: the

@@ -133,7 +133,8 @@ class SeriesDataModule(DictDataModule):
     def train_dataloader(self) -> DataLoader:
         dataset = self.split_samples("train")  # sets up, and names an empty split
         sampler = RandomSampler(dataset, replacement=len(dataset) < self.epoch_samples, num_samples=self.epoch_samples)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          drop_last=self.leaves_a_batch_of_one(self.epoch_samples))  # as every training loader
 
 
 class RuleSeriesDataModule(SeriesDataModule):

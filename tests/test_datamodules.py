@@ -359,3 +359,16 @@ def test_train_loader_drops_only_a_last_batch_of_one_sample_per_rank(num_train: 
         loader = _update_dataloader(loader, DistributedSampler(loader.dataset, num_replicas=devices, rank=devices - 1))
     assert [len(batch["features"]) for batch in loader] == sizes
     assert [len(batch["features"]) for batch in dm.val_dataloader()] == [8]  # evaluation loaders keep every sample
+
+
+def test_series_training_loader_drops_a_last_batch_of_one() -> None:
+    """The series datamodules build their own training loader (an epoch of `epoch_samples` drawn samples): the same
+    rule, so a BatchNorm model never trains on a batch of one."""
+    from datamodules import RuleSeriesDataModule
+
+    data = RuleSeriesDataModule(num_train=33, num_val=8, batch_size=16)
+    data.setup("fit")
+    assert [len(batch["label"]) for batch in data.train_dataloader()] == [16, 16]
+    data = RuleSeriesDataModule(num_train=34, num_val=8, batch_size=16)
+    data.setup("fit")
+    assert [len(batch["label"]) for batch in data.train_dataloader()] == [16, 16, 2]
