@@ -21,6 +21,12 @@ class DatasetLayoutError(FileNotFoundError, ValueError):
         super().__init__(f"{problem}\nExpected layout:\n{expected_layout.rstrip()}")
 
 
+class DataSettingError(ValueError):
+    """Data that does not fit the datamodule's settings, found when the data is read (at setup, inside a fit): labels
+    outside `num_classes`, a split left empty, a held-out size larger than the data. The command line says it in one
+    line, as a configuration error, not with a traceback."""
+
+
 class TensorDictDataset(Dataset):
     """Samples cut from a dict of equally long tensors; uint8 images are scaled to float [0, 1] on access."""
 
@@ -61,7 +67,7 @@ def decode_tokens(tokens: torch.Tensor | Sequence[int], vocabulary: Sequence[str
 def check_labels(labels: torch.Tensor, num_classes: int, source: str) -> None:
     """Labels must lie in [0, num_classes): caught here instead of as a device-side assert in the loss."""
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{source}: labels span [{labels.min()}, {labels.max()}], outside [0, {num_classes}).")
+        raise DataSettingError(f"{source}: labels span [{labels.min()}, {labels.max()}], outside [0, {num_classes}).")
 
 
 PREDICT_SPLIT = "test"  # what `predict` runs on
@@ -192,7 +198,7 @@ class DictDataModule(pl.LightningDataModule):
             self.setup("fit" if split in ("train", "val") else split)
         if len(self.splits[split]) == 0:
             sizes = {name: len(data) for name, data in self.splits.items()}
-            raise ValueError(f"{type(self).__name__}: the {split!r} split has no samples; it holds "
+            raise DataSettingError(f"{type(self).__name__}: the {split!r} split has no samples; it holds "
                              f"{self.describe_split(split)}. Split sizes: {sizes}.")
         if self.mean == PRETRAINED:
             raise ValueError(f"{type(self).__name__} has mean: {PRETRAINED}, not resolved yet: train.py resolves it "

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from datamodules._base import DatasetLayoutError, DictDataModule, check_labels
+from datamodules._base import DatasetLayoutError, DataSettingError, DictDataModule, check_labels
 
 LAYOUT = """<root>/
   train-images-idx3-ubyte[.gz]   magic 0x00000803, count, rows, cols, then count*rows*cols bytes
@@ -134,7 +134,7 @@ class IDXDataModule(DictDataModule):
             return
         images, labels = self._read("train")
         if self.num_val >= len(labels):
-            raise ValueError(f"num_val={self.num_val} leaves no training images out of {len(labels)}.")
+            raise DataSettingError(f"num_val={self.num_val} leaves no training images out of {len(labels)}.")
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
         val, train = order[: self.num_val], order[self.num_val :][: self.num_train]
         test_images, test_labels = self._read("t10k")

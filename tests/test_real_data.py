@@ -146,6 +146,25 @@ def test_idx_layout_errors_name_the_file_and_the_problem(tmp_path: Path) -> None
         IDXDataModule(tmp_path, num_val=4).setup()
 
 
+def test_a_data_setting_the_data_cannot_meet_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Found only when the data is read (at setup, inside the fit): still a configuration error, said once."""
+    from datamodules import DataSettingError
+    from zoo.cli.errors import command_line
+
+    write_idx_set(tmp_path, gz=False)
+    with pytest.raises(DataSettingError, match="num_val=2000 leaves no training images out of"):
+        IDXDataModule(tmp_path, num_val=2000).setup()
+
+    def setup_in_a_run(_: object) -> None:
+        IDXDataModule(tmp_path, num_val=2000).setup()
+
+    with pytest.raises(SystemExit) as exited:
+        command_line(setup_in_a_run, [])
+    error = capsys.readouterr().err
+    assert exited.value.code == 2 and "Traceback" not in error
+    assert error.startswith("train.py: error: num_val=2000 leaves no training images out of")
+
+
 @pytest.mark.parametrize("name, delimiter",
                          [("rt.csv", ","), ("rt.tsv", "\t"), ("rt.csv.bz2", ","), ("rt.tsv.gz", "\t")])
 def test_csv_text_datamodule_keeps_listed_labels_and_builds_vocabulary_from_train(tmp_path: Path, name: str,

@@ -51,10 +51,11 @@ def mark(error: BaseException) -> BaseException:
 def is_configuration_error(error: BaseException) -> bool:
     """Marked, or by its kind the user's file wherever it is found: a data folder not in its layout (some are read
     only at setup, inside the fit) or a checkpoint that does not fit the run (Lightning loads it late)."""
-    from datamodules._base import DatasetLayoutError
+    from datamodules._base import DataSettingError, DatasetLayoutError
     from zoo.weights import CheckpointError
 
-    return bool(getattr(error, MARK, False)) or isinstance(error, (DatasetLayoutError, CheckpointError))
+    return bool(getattr(error, MARK, False)) or isinstance(error, (DatasetLayoutError, DataSettingError,
+                                                                   CheckpointError))
 
 
 def root_cause(error: BaseException) -> BaseException:
