@@ -530,3 +530,18 @@ def test_a_skipped_batch_leaves_the_filters_statistics_as_they_were() -> None:
     after = dict(system.named_buffers())
     changed = [name for name in before if not torch.equal(before[name].nan_to_num(-1.0), after[name].nan_to_num(-1.0))]
     assert not changed, changed
+
+
+def test_peaks_sit_at_their_cells_receptive_field_centre() -> None:
+    """A 70-pixel image through a stride-8 net gives an 8 x 8 map (the last 6 pixels dropped): cell 7's centre is
+    at 7.5 x 8 = 60 pixels, not 7.5 x 70 / 8 = 65.6; on a multiple of the stride both rules agree."""
+    from zoo.icnn.metrics import peak_positions
+
+    maps = torch.zeros(1, 1, 8, 8)
+    maps[0, 0, 7, 7] = 1.0
+    assert peak_positions(maps, (70, 70), stride=8)[1].tolist() == [[[60.0, 60.0]]]
+    assert torch.equal(peak_positions(maps, (64, 64), stride=8)[1], peak_positions(maps, (64, 64))[1])
+    from zoo.icnn.system import ICNNSystem
+
+    system = ICNNSystem("icnn_tinycnn", num_classes=3, image_size=70)
+    assert system.metrics["val_location_instability"].stride == 8

@@ -22,19 +22,23 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 
-def peak_positions(maps: torch.Tensor, image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Peak value (B, F) and its receptive-field centre in image pixels, (B, F, 2) as (x, y)."""
+def peak_positions(maps: torch.Tensor, image_size: tuple[int, int], stride: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Peak value (B, F) and its receptive-field centre in image pixels, (B, F, 2) as (x, y): cell i's centre is
+    (i + 0.5) x `stride` (the map's stride in pixels); without a stride, (i + 0.5) x image / map cells, the same
+    where the image is a multiple of the stride (elsewhere the network drops the last pixels and the cells spread)."""
     height, width = maps.shape[-2:]
     value, index = maps.flatten(2).max(-1)
-    x = (index % width + 0.5) * image_size[1] / width
-    y = torch.div(index, width, rounding_mode="floor").add(0.5) * image_size[0] / height
+    step_y, step_x = (stride, stride) if stride else (image_size[0] / height, image_size[1] / width)
+    x = (index % width + 0.5) * step_x
+    y = torch.div(index, width, rounding_mode="floor").add(0.5) * step_y
     return value, torch.stack([x, y], -1)
 
 
 class LocationInstability(Metric):
     """Mean over filters and landmarks of std(distance landmark -> filter peak) over each filter's top-N images
     where the landmark is visible, divided by the image diagonal. update(maps (B, F, h, w), landmarks (B, K, 2) xy,
-    visible (B, K) or None, labels (B,) or None).
+    visible (B, K) or None, labels (B,) or None). `stride`: the maps' stride in pixels (see `peak_positions`).
 
     With labels, a filter's top-N images are drawn from its category only, as in the paper's per-category
     evaluation (landmark k of another class is another part). The category is the class with the highest mean
@@ -44,10 +48,11 @@ class LocationInstability(Metric):
     higher_is_better = False
     full_state_update = False
 
-    def __init__(self, image_size: int | tuple[int, int], top_n: int = 100, **kwargs) -> None:
+    def __init__(self, image_size: int | tuple[int, int], top_n: int = 100, stride: int | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        self.top_n = top_n
+        self.top_n, self.stride = top_n, stride
         self.add_state("peaks", default=[], dist_reduce_fx="cat")  # (n, F) peak values
         self.add_state("distances", default=[], dist_reduce_fx="cat")  # (n, F, K)
         self.add_state("visible", default=[], dist_reduce_fx="cat")  # (n, K)
@@ -58,7 +63,7 @@ class LocationInstability(Metric):
         if maps.ndim != 4 or landmarks.ndim != 3 or landmarks.shape[:1] != maps.shape[:1]:
             raise ValueError(f"Expected maps (B, F, h, w) and landmarks (B, K, 2); got {tuple(maps.shape)} and "
                              f"{tuple(landmarks.shape)}.")
-        value, position = peak_positions(maps.detach().float(), self.image_size)
+        value, position = peak_positions(maps.detach().float(), self.image_size, self.stride)
         self.peaks.append(value)
         self.distances.append((landmarks[:, None].float() - position[:, :, None]).norm(dim=-1))  # (B, F, K)
         self.visible.append(torch.ones(landmarks.shape[:2], dtype=torch.bool, device=maps.device)

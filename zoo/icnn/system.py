@@ -38,7 +38,8 @@ class ICNNSystem(ZooSystem):
         self.add_metric("acc", MulticlassAccuracy(self.hparams.num_classes, average="micro"),
                         stages=("train", "val", "test"))
         if part_maps_key is not None:
-            self.add_metric("location_instability", LocationInstability(self.hparams.image_size or 0))
+            stride = getattr(getattr(self.model, "backbone", None), "reductions", [None])[-1]  # the top map's
+            self.add_metric("location_instability", LocationInstability(self.hparams.image_size or 0, stride=stride))
             self.add_metric("part_iou", PartIoU())
 
     def default_loss(self) -> nn.Module:
