@@ -491,8 +491,8 @@ def test_intervention_callback_passes_its_order_and_trials(tmp_path: Path, monke
     monkeypatch.setattr(callback, "intervention_curve", spy)
     fit_tiny(system(), [InterventionCallback(order="uncertainty"), InterventionCallback(values="hard", trials=5)],
              tmp_path)
-    assert spy.calls == [{"values": "percentile", "order": "uncertainty", "trials": 1},
-                         {"values": "hard", "order": "random", "trials": 5}]
+    assert spy.calls == [{"values": "percentile", "order": "uncertainty", "trials": 1, "groups": None},
+                         {"values": "hard", "order": "random", "trials": 5, "groups": None}]
     with pytest.raises(ValueError, match="trials averages random orders"):
         InterventionCallback(order="uncertainty", trials=5)
     with pytest.raises(ValueError, match="order must be one of"):
@@ -606,3 +606,123 @@ def test_intervention_report_says_how_concepts_were_corrected(tmp_path: Path) ->
     curve |= {"order": [1, 0], "trials": 1, "values": "percentile"}
     markdown, _ = write_intervention_report(curve, tmp_path, "val", ["red", "blue"])
     assert "percentile logits; one random order." in markdown and "| 1 | 0.7500 | blue |" in markdown
+
+
+def test_concept_groups_take_the_cub_attribute_name_before_the_double_colon() -> None:
+    """Koh et al.'s 28 CUB groups: "has_bill_shape::dagger" belongs to "has_bill_shape"; a name without "::" is its
+    own group; ids follow first appearance, and a group's concepts need not be adjacent."""
+    from zoo.cbm.intervene import concept_groups
+
+    names = ["has_bill_shape::dagger", "has_bill_shape::hooked_seabird", "has_wing_color::blue",
+             "has_size::small_(5_-_9_in)", "has_bill_shape::cone", "red ring", "has_wing_color::brown",
+             "red ring::x::y"]
+    groups, group_names = concept_groups(names)
+    assert groups.dtype == torch.long and groups.tolist() == [0, 0, 1, 2, 0, 3, 1, 3]
+    assert group_names == ["has_bill_shape", "has_wing_color", "has_size", "red ring"]
+    assert concept_groups(["a", "b"])[0].tolist() == [0, 1] and concept_groups([])[1] == []
+
+
+def grouped_world() -> tuple[zoo.cbm.model.ConceptBottleneckModel, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """4 concepts, groups A = {0, 2} and B = {1, 3}; class 1 iff the concept probabilities sum above 2.5. Images:
+    a (both groups fix it), b (A only), d (B only), e (always right), f (A only); wrong at k = 0 but e."""
+    model = zoo.create_model("cbm_tinycnn", num_classes=2, num_concepts=4).eval()
+    with torch.no_grad():
+        model.task_head.weight.copy_(torch.tensor([[0.0, 0, 0, 0], [1, 1, 1, 1]]))
+        model.task_head.bias.copy_(torch.tensor([2.5, 0.0]))
+    concepts = torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 1], [1, 1, 1, 1], [1, 1, 0, 0]])  # a b d e f
+    logits = torch.tensor([[-4.0, -4, 4, 4], [-4, 4, -4, -4], [-4, 4, 4, -4], [4, 4, 4, 4], [4, 4, 4, -4]])
+    return model, {"concept_logits": logits}, concepts, torch.tensor([1, 1, 1, 1, 0])
+
+
+def test_intervention_by_groups_corrects_a_whole_group_per_step() -> None:
+    """k = 1 corrects both concepts of the first group: 4 / 5 right when it is A (a, b, e, f), 3 / 5 when B (a, d,
+    e); k counts groups (0 .. 2) and the order names groups, drawn as a permutation of the 2 groups."""
+    from zoo.cbm.intervene import intervention_ranks
+
+    model, encoded, concepts, labels = grouped_world()
+    groups = torch.tensor([0, 1, 0, 1])
+    expected = {0: [0.2, 0.8, 1.0], 1: [0.2, 0.6, 1.0]}  # by the group corrected first
+    firsts = set()
+    for seed in range(6):
+        curve = intervention_curve(model, encoded, concepts, labels, seed=seed, values="hard", groups=groups)
+        first = int(torch.randperm(2, generator=torch.Generator().manual_seed(seed))[0])
+        assert curve["order"][0] == first and sorted(curve["order"]) == [0, 1]
+        assert curve["k"] == [0, 1, 2] and curve["groups"] == 2 and curve["acc"] == pytest.approx(expected[first])
+        ranks = intervention_ranks(encoded["concept_logits"], seed=seed, groups=groups)  # (1, 1, K)
+        assert ranks[0, 0].tolist() == ([0, 1, 0, 1] if first == 0 else [1, 0, 1, 0])
+        firsts.add(first)
+    assert firsts == {0, 1}
+    ungrouped = intervention_curve(model, encoded, concepts, labels, seed=0, values="hard")
+    assert ungrouped["k"] == [0, 1, 2, 3, 4] and ungrouped["groups"] is None
+
+
+def test_intervention_without_groups_is_the_per_concept_curve_bit_for_bit() -> None:
+    """groups=None (and one group per concept) give the per-concept ranks and curve: the seed's permutation of the K
+    concepts, or |logit| ascending per image."""
+    from datamodules.parts_world import make_world
+    from zoo.cbm.intervene import intervention_ranks
+
+    world = make_world(6, 3, world_seed=0)
+    model = label_function_model(world.part_types)
+    labels = torch.arange(60) % 6
+    concepts = torch.zeros(60, NUM_CONCEPTS).scatter_(1, world.part_types[labels], 1.0)
+    logits = torch.randn(60, NUM_CONCEPTS, generator=torch.Generator().manual_seed(1))
+    logits[0, :3] = torch.tensor([0.5, -0.5, 0.5])  # ties keep concept order
+    encoded = {"concept_logits": logits}
+    orders = {"random": torch.randperm(NUM_CONCEPTS, generator=torch.Generator().manual_seed(5))[None, None],
+              "uncertainty": logits.abs().argsort(dim=1, stable=True)[None]}
+    for order, concept_order in orders.items():
+        old = torch.empty_like(concept_order).scatter_(-1, concept_order, torch.arange(NUM_CONCEPTS).expand_as(
+            concept_order))  # (1, 1 or N, K)
+        for groups in (None, torch.arange(NUM_CONCEPTS)):
+            assert torch.equal(intervention_ranks(logits, order, seed=5, groups=groups), old)
+            curve = intervention_curve(model, encoded, concepts, labels, seed=5, order=order, groups=groups)
+            assert curve["acc"] == [float((model.decode(encoded, replacement_values(logits, concepts),
+                                                        (old[0] < k).expand_as(concepts))["logits"].argmax(-1)
+                                           == labels).float().mean()) for k in range(NUM_CONCEPTS + 1)]
+            assert curve["order"] == (concept_order[0, 0].tolist() if order == "random" else None)
+
+
+def test_intervention_by_groups_ranks_uncertainty_by_the_groups_mean_abs_logit() -> None:
+    """Per image, the group whose concepts' mean |logit| is smallest first (not the single least certain concept);
+    ties keep group order; bad group ids are clear errors."""
+    from zoo.cbm.intervene import intervention_ranks
+
+    groups = torch.tensor([0, 1, 0, 1, 2])
+    logits = torch.tensor([[0.1, 1.0, 3.0, -1.0, 9.0],  # means 1.55, 1.0, 9.0: B, A, C
+                           [0.5, -4.0, -0.5, 2.0, 0.2],  # 0.5, 3.0, 0.2: C, A, B
+                           [1.0, 2.0, -1.0, 0.0, 1.0]])  # 1.0, 1.0, 1.0: A, B, C
+    ranks = intervention_ranks(logits, "uncertainty", groups=groups)  # (1, N, K)
+    assert ranks.tolist() == [[[1, 0, 1, 0, 2], [1, 2, 1, 2, 0], [0, 1, 0, 1, 2]]]
+    model, encoded, concepts, labels = grouped_world()
+    encoded["concept_logits"] = encoded["concept_logits"] / torch.tensor([[4.0, 1, 4, 1], [1, 4, 1, 4], [4, 1, 4, 1],
+                                                                          [1, 1, 1, 1], [1, 4, 1, 4]])  # A B A A B
+    curve = intervention_curve(model, encoded, concepts, labels, values="hard", order="uncertainty",
+                               groups=torch.tensor([0, 1, 0, 1]))
+    first = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 0], [1, 0, 1, 0], [0, 1, 0, 1]], dtype=torch.bool)
+    expected = (model.decode(encoded, concepts, first)["logits"].argmax(-1) == labels).float().mean()  # by hand:
+    assert curve["acc"] == pytest.approx([0.2, float(expected), 1.0]) and float(expected) == pytest.approx(0.4)  # a, e
+    assert curve["order"] is None
+    for bad in (torch.tensor([0, 2, 0, 2, 0]), torch.tensor([0, 1, 0]), torch.tensor([0.0, 1, 0, 1, 0])):
+        with pytest.raises(ValueError, match="groups must be"):
+            intervention_ranks(logits, groups=bad)
+
+
+def test_intervention_callback_by_groups_reports_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """by_groups: the datamodule's concept names grouped by "::" (here 36 names in 9 groups of 4), k = 0 .. 9, the
+    table and picture in groups."""
+    from zoo.cbm import callback
+    from zoo.cbm.callback import InterventionCallback
+
+    monkeypatch.setattr(callback, "concept_names", lambda trainer, k: [f"part{i // 4}::{i}" for i in range(k)])
+    grouped, plain = InterventionCallback(by_groups=True), InterventionCallback(seed=1)
+    trainer = fit_tiny(system(), [grouped, plain], tmp_path)
+    curve = grouped.curves["val"]
+    assert curve["k"] == list(range(10)) and curve["groups"] == 9 and sorted(curve["order"]) == list(range(9))
+    assert plain.curves["val"]["k"] == list(range(NUM_CONCEPTS + 1)) and plain.curves["val"]["groups"] is None
+    markdown = (Path(trainer.log_dir) / "intervention" / "val.md").read_text()  # the last callback's: plain
+    assert "| k | task accuracy | concept corrected k-th |" in markdown
+    report, _ = callback.write_intervention_report(curve, tmp_path, "grouped", [f"part{g}" for g in range(9)])
+    assert "k counts groups of concepts (9), each corrected whole." in report
+    assert "| k | task accuracy | group corrected k-th |" in report
+    assert f"| 1 | {curve['acc'][1]:.4f} | part{curve['order'][0]} |" in report

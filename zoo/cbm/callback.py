@@ -9,7 +9,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.seed import isolate_rng
 
-from zoo.cbm.intervene import VALUES, check_order, encode_data, intervention_curve, write_intervention_report
+from zoo.cbm.intervene import (VALUES, check_order, concept_groups, encode_data, intervention_curve,
+                                write_intervention_report)
 from zoo.engine.callbacks import FixedBatchCallback, run_folder
 from zoo.figures import class_name, log_figure, log_text, new_figure
 
@@ -102,7 +103,9 @@ class InterventionCallback(pl.Callback):
     the end of a test run on the test split. Writes ``intervention/<split>.md`` and ``.png`` in the run folder and
     the same to TensorBoard (figure ``intervention/<split>``, text), on rank zero, in eval mode, RNG isolated;
     without a run folder (no logger, `fast_dev_run`) the curve is only kept in `curves`. The standard twin
-    (`bottleneck=False`) is skipped: f does not read the concepts, so correcting them changes nothing.
+    (`bottleneck=False`) is skipped: f does not read the concepts, so correcting them changes nothing. With
+    `by_groups`, one step corrects a whole group of concepts (Koh et al.'s CUB curve: 28 groups of the 112 attributes)
+    and k counts groups; the table names the group corrected k-th.
 
     Args:
         values: "percentile" (the paper's 5th / 95th percentile logits) or "hard" (0 / 1); None: "hard" for concept
@@ -113,14 +116,19 @@ class InterventionCallback(pl.Callback):
         order: "random" (one seeded order for every image) or "uncertainty" (each image's concepts whose predicted
             probability is closest to 0.5 first).
         trials: with order "random", the curve is the mean over this many random orders (Koh et al.: 5).
+        by_groups: correct concepts by groups (`zoo.cbm.intervene.concept_groups`: the datamodule's concept names
+            grouped by their part before "::", e.g. CUB's "has_bill_shape::dagger" in "has_bill_shape"; a name
+            without "::", or no names, its own group): the random order permutes groups, "uncertainty" ranks a group
+            by its concepts' mean |logit|, and k runs over 0 .. G (at most `num_points` values).
     """
 
     def __init__(self, values: str | None = None, seed: int = 0, num_points: int = 40, order: str = "random",
-                 trials: int = 1) -> None:
+                 trials: int = 1, by_groups: bool = False) -> None:
         if values is not None and values not in VALUES:
             raise ValueError(f"values must be one of {VALUES} or None; got {values!r}.")
         check_order(order, trials)
         self.values, self.seed, self.num_points, self.order, self.trials = values, seed, num_points, order, trials
+        self.by_groups = by_groups
         self.curves: dict[str, dict[str, Any]] = {}
 
     @staticmethod
@@ -151,16 +159,18 @@ class InterventionCallback(pl.Callback):
             with isolate_rng(), torch.no_grad():
                 encoded, concepts, labels = encode_data(model, loader, pl_module.concept_key, pl_module.input_key,
                                                         pl_module.target_key, pl_module.device)
-                num_concepts = concepts.shape[1]
-                ks = torch.linspace(0, num_concepts, min(self.num_points, num_concepts + 1)).round().long().unique()
+                names = concept_names(trainer, concepts.shape[1])
+                groups, names = concept_groups(names) if self.by_groups else (None, names)  # names: what k counts
+                steps = len(names)  # K concepts, or G groups
+                ks = torch.linspace(0, steps, min(self.num_points, steps + 1)).round().long().unique()
                 curve = intervention_curve(model, encoded, concepts, labels, ks.tolist(), self.seed, values,
-                                           order=self.order, trials=self.trials)
+                                           order=self.order, trials=self.trials, groups=groups)
         finally:
             model.train(was_training)
         self.curves[split] = curve
         folder = run_folder(trainer, "intervention")
         if folder is None:  # no run folder (fast_dev_run): the curve is kept in `curves` only
             return
-        markdown, figure = write_intervention_report(curve, folder, split, concept_names(trainer, num_concepts))
+        markdown, figure = write_intervention_report(curve, folder, split, names)
         log_figure(trainer.logger, f"intervention/{split}", figure, trainer.global_step)
         log_text(trainer.logger, f"intervention/{split}", markdown, trainer.global_step)
