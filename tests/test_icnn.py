@@ -545,3 +545,29 @@ def test_peaks_sit_at_their_cells_receptive_field_centre() -> None:
 
     system = ICNNSystem("icnn_tinycnn", num_classes=3, image_size=70)
     assert system.metrics["val_location_instability"].stride == 8
+
+
+def test_a_skipped_batch_queues_no_balanced_assignment() -> None:
+    """category_assignment="balanced" queues the class shares of each training step for the next forward's solve; a
+    skipped batch's shares are dropped with its statistics, so the categories stay those of the good steps."""
+    from zoo.icnn.system import ICNNSystem
+
+    class NaNAfterFirst(torch.nn.Module):
+        calls = 0
+
+        def forward(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+            self.calls += 1
+            return {"loss_task": out["logits"].sum() * (float("nan") if self.calls > 1 else 0.0)}
+
+    torch.manual_seed(0)
+    system = ICNNSystem("icnn_tinycnn", num_classes=3, image_size=32, nonfinite_loss="skip", loss=NaNAfterFirst(),
+                        model_kwargs={"category_assignment": "balanced"})
+    good = {"image": torch.rand(6, 3, 32, 32), "label": torch.tensor([0, 1, 2, 0, 1, 2])}
+    system.training_step(good, 0)
+    system.model.refresh_categories()
+    before = [layer.filter_category.clone() for layer in system.model.interpretable_layers()]
+    skipped = {"image": torch.rand(6, 3, 32, 32) * 5, "label": torch.tensor([2, 2, 2, 2, 2, 2])}  # all one class
+    with pytest.warns(UserWarning, match="batch skipped"):
+        assert system.training_step(skipped, 1) is None
+    system.model.refresh_categories()
+    assert all(torch.equal(b, layer.filter_category) for b, layer in zip(before, system.model.interpretable_layers()))

@@ -275,6 +275,7 @@ class ZooSystem(pl.LightningModule):
                     rank_zero_warn(f"Non-finite training loss at {where}: {format_terms(tuple(terms), stacked)}"
                                    "; batch skipped (nonfinite_loss='skip').")
                     self._restore_buffers()
+                    self.on_skipped_batch()
                     return None  # Lightning skips the optimiser step
             else:
                 self._unchecked.append((loss.detach(), stacked.detach(), tuple(terms), where))
@@ -315,6 +316,11 @@ class ZooSystem(pl.LightningModule):
                 for parameter in group["params"]:
                     parameter.grad = None
             self._restore_buffers()
+            self.on_skipped_batch()
+
+    def on_skipped_batch(self) -> None:
+        """nonfinite_loss="skip", after a batch was skipped and the buffers restored: a family undoes what it keeps
+        outside buffers (ICNN: the balanced assignment queued from the skipped batch's statistics)."""
 
     def _restore_buffers(self) -> None:
         """Put back the buffers of before the batch, by name: a forward may have replaced a buffer's tensor (ICNN's

@@ -170,6 +170,10 @@ class InterpretableFilters(nn.Module):
             event.record()
         self._queued_share = (host, event)
 
+    def discard_queued(self) -> None:
+        """Forget the queued class shares (a skipped batch's: its statistics were undone, its solve must not run)."""
+        self._queued_share = None
+
     def refresh_categories(self) -> None:
         """Solve the queued balanced assignment, if any, into `filter_category` (one solve per training step)."""
         queued, self._queued_share = self._queued_share, None
@@ -308,6 +312,11 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
         """Solve every layer's queued balanced assignment (see `InterpretableFilters`); forward does it too."""
         for module in self.interpretable_layers():
             module.refresh_categories()
+
+    def discard_queued(self) -> None:
+        """Forget every layer's queued balanced assignment (a skipped batch's, see `ZooSystem.on_skipped_batch`)."""
+        for module in self.interpretable_layers():
+            module.discard_queued()
 
 
 

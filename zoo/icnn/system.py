@@ -56,6 +56,10 @@ class ICNNSystem(ZooSystem):
             self.model.refresh_categories()  # the previous step's host solve, outside a compiled forward
         return super().forward_batch(batch, stage)
 
+    def on_skipped_batch(self) -> None:
+        if hasattr(self.model, "discard_queued"):
+            self.model.discard_queued()  # the skipped batch's class shares: their statistics were restored
+
     def update_state(self, out: dict[str, Any], batch: dict[str, Any]) -> None:
         if hasattr(self.model, "update_statistics"):
             self.model.update_statistics(out, batch, self.target_key)
