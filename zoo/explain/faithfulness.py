@@ -161,34 +161,25 @@ class InsertionAUC(_PerturbationAUC):
     mode = "insertion"
 
 
-class AttributionInMask(Metric):
+class AttributionInMask(MeanScore):
     """Pointing game hit rate ("pointing") or attribution mass share ("mass") inside the ground-truth part masks.
     update(saliency (B, H, W), part_masks (B, P, H', W') bool); masks are resized to the saliency size."""
 
     higher_is_better = True
-    full_state_update = False
 
-    def __init__(self, kind: str = "mass", **kwargs) -> None:
+    def __init__(self, kind: str = "mass", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if kind not in ("mass", "pointing"):
             raise ValueError(f"kind must be 'mass' or 'pointing'; got {kind!r}.")
         self.kind = kind
-        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0.0), dist_reduce_fx="sum")
 
-    def update(self, saliency: torch.Tensor, part_masks: torch.Tensor) -> None:
+    def scores(self, saliency: torch.Tensor, part_masks: torch.Tensor) -> torch.Tensor:
         inside = part_masks.any(1, keepdim=True).float()  # (B, 1, H', W') union of the parts
         inside = F.interpolate(inside, size=saliency.shape[-2:], mode="nearest")[:, 0] > 0  # (B, H, W)
         saliency = saliency.abs().float()
         if self.kind == "mass":
-            score = (saliency * inside).flatten(1).sum(1) / saliency.flatten(1).sum(1).clamp(min=1e-12)
-        else:
-            score = inside.flatten(1).gather(1, saliency.flatten(1).argmax(1, keepdim=True))[:, 0].float()
-        self.total += score.sum()
-        self.count += len(score)
-
-    def compute(self) -> torch.Tensor:
-        return self.total / self.count.clamp(min=1)
+            return (saliency * inside).flatten(1).sum(1) / saliency.flatten(1).sum(1).clamp(min=1e-12)
+        return inside.flatten(1).gather(1, saliency.flatten(1).argmax(1, keepdim=True))[:, 0].float()
 
 
 def infidelity_scores(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, saliency: torch.Tensor,
