@@ -312,9 +312,7 @@ class ZooSystem(pl.LightningModule):
         if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
             rank_zero_warn(f"Non-finite gradients at global step {self.global_step}, epoch {self.current_epoch}; "
                            "step skipped (nonfinite_loss='skip').")
-            for group in optimizer.param_groups:
-                for parameter in group["params"]:
-                    parameter.grad = None
+            optimizer.zero_grad(set_to_none=True)  # no gradient: the optimiser leaves those parameters alone
             self._restore_buffers()
             self.on_skipped_batch()
 
