@@ -307,7 +307,7 @@ class L2X(FeatureSelector):
         if self.training:  # padding's logit is -1e4 (TokenScorer): its relaxed weight is 0, and its embedding is 0
             selection = concrete_k_subset(selection_logits, self.k, self.tau)
         else:  # top-k takes k positions; on a text of fewer than k words the rest are padding, dropped here
-            selection = self.keep_selectable(x, top_k_mask(selection_logits, self.k))
+            selection = top_k_mask(selection_logits, self.k, self.selectable(x))
         # softmax(w) ranks features as w does and is >= 0, so |score| rankings agree with the top-k of w
         return {"logits": self.approximator(x, selection), "scores": selection_logits.softmax(-1),
                 "selection_logits": selection_logits, "selection": selection, **self.space.outputs(selection)}

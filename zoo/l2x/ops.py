@@ -33,10 +33,15 @@ def concrete_k_subset(logits: torch.Tensor, k: int, tau: float, generator: torch
     return samples.amax(dim=1)  # (B, d)
 
 
-def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Hard mask with exactly k ones per row at the k largest scores; ties go to the lower index."""
+def top_k_mask(scores: torch.Tensor, k: int, selectable: torch.Tensor | None = None) -> torch.Tensor:
+    """Hard mask with exactly k ones per row at the k largest scores; ties go to the lower index. `selectable`
+    (same shape, bool): only those features may be kept; a row with fewer than k of them (a text shorter than k
+    words) keeps all of them and nothing else (never padding)."""
     if not 1 <= k <= scores.shape[-1]:
         raise ValueError(f"k must be in [1, {scores.shape[-1]}] (the number of features); got {k}.")
+    if selectable is not None:
+        scores = scores.masked_fill(~selectable, -torch.inf)
     # A stable descending sort keeps tied scores in index order, so exactly k are taken and deterministically.
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
-    return torch.zeros_like(scores).scatter_(-1, order, 1.0)
+    mask = torch.zeros_like(scores).scatter_(-1, order, 1.0)
+    return mask if selectable is None else mask * selectable

@@ -71,14 +71,6 @@ def perturbation_samples(method: str) -> tuple[str, int | None]:
     return name, int(count) if count else None
 
 
-def top_k_selection(scores: torch.Tensor, k: int, selectable: torch.Tensor | None) -> torch.Tensor:
-    """(N, d) hard selection of the k best-scored features among the `selectable` ones (None: all); a row with fewer
-    than k selectable features (a text shorter than k words) keeps all of them, never padding."""
-    if selectable is None:
-        return top_k_mask(scores, k)
-    return top_k_mask(scores.masked_fill(~selectable, -torch.inf), k) * selectable
-
-
 def explain_features(method: str, selectors: dict[str, nn.Module], black_box: nn.Module, x: torch.Tensor,
                      target: torch.Tensor, k: int, repeats: int, timer: Timer, n_samples: int | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -92,7 +84,7 @@ def explain_features(method: str, selectors: dict[str, nn.Module], black_box: nn
         scores = torch.rand(len(x), selector.num_features, generator=generator).to(x.device)  # (N, d)
         if selectable is not None:  # padding is never a word
             scores = scores.masked_fill(~selectable, -1.0)
-        return scores, top_k_selection(scores, k, selectable), float("nan")
+        return scores, top_k_mask(scores, k, selectable), float("nan")
     if method in selectors:
         selector = selectors[method]
 
@@ -113,7 +105,7 @@ def explain_features(method: str, selectors: dict[str, nn.Module], black_box: nn
     else:
         scores, seconds = timer(functools.partial(attribute, x, target), repeats, 1)
         per_sample = seconds / len(x)
-    return scores, top_k_selection(scores, k, selectable), per_sample
+    return scores, top_k_mask(scores, k, selectable), per_sample
 
 
 def compare_explainers(selectors: dict[str, nn.Module], black_box: nn.Module, evaluator: nn.Module | None,
