@@ -97,6 +97,10 @@ def read_cub_attributes(root: Path, labels: np.ndarray, is_train: np.ndarray, im
     np.add.at(counts, (labels[rows[counted]], table[counted, 1] - 1, table[counted, 2]), 1)
     votes = counts[..., 1] >= counts[..., 0]  # (C, A): majority, ties present (Koh et al.)
     kept = np.flatnonzero(votes.sum(0) >= min_classes)
+    if not len(kept):
+        raise DatasetLayoutError(f"No CUB attribute is present in at least min_attribute_classes={min_classes} of the "
+                                 f"{num_classes} classes (by the training split's votes), so no concept is kept; "
+                                 "lower min_attribute_classes for a subset of the classes.", CUB_LAYOUT)
     names_file = next((f for f in (root / "attributes" / "attributes.txt", root / "attributes.txt",
                                    root.parent / "attributes.txt") if f.is_file()), None)
     names = [ln.split(maxsplit=1)[1] for ln in names_file.read_text().splitlines() if ln.strip()] if names_file \

@@ -3,6 +3,7 @@ the CLI (fit and compare with the standard twin)."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -726,3 +727,94 @@ def test_intervention_callback_by_groups_reports_groups(tmp_path: Path, monkeypa
     assert "k counts groups of concepts (9), each corrected whole." in report
     assert "| k | task accuracy | group corrected k-th |" in report
     assert f"| 1 | {curve['acc'][1]:.4f} | part{curve['order'][0]} |" in report
+
+
+def test_a_checkpoint_of_another_training_mode_is_refused_on_resume(batch: dict[str, torch.Tensor]) -> None:
+    """A joint checkpoint resumed by a sequential run (`--ckpt_path last`: the run's config; `fit --ckpt_path FILE`:
+    Lightning would copy the checkpoint's mode over the config) trained one mode and recorded another: refused by
+    name. `test` / `predict --ckpt_path FILE` take the checkpoint's mode, as before."""
+    from jsonargparse import Namespace
+
+    from zoo import CheckpointError
+    from zoo.weights import check_config_fits_checkpoint
+
+    joint = system()
+    checkpoint = {"hyper_parameters": {**joint.hparams, "_class_path": "zoo.cbm.system.CBMSystem"},
+                  "state_dict": joint.state_dict()}
+    sequential = system(mode="sequential", stages=SEQUENTIAL_STAGES)
+    with pytest.raises(CheckpointError, match="trained with mode='joint'; this run has mode='sequential'"):
+        sequential.on_load_checkpoint(checkpoint)
+    system().on_load_checkpoint(checkpoint)  # the same mode: no error
+    config = Namespace(class_path="zoo.cbm.system.CBMSystem",
+                       init_args=Namespace(model_name="cbm_tinycnn", mode="sequential", concept_key="attributes"))
+    with pytest.raises(CheckpointError, match="mode='joint'"):
+        check_config_fits_checkpoint(config, checkpoint, "--ckpt_path 'x.ckpt'", resuming=True)
+    check_config_fits_checkpoint(config, checkpoint, "--ckpt_path 'x.ckpt'")  # test / predict
+
+
+def test_a_budget_that_ends_inside_an_earlier_stage_is_named() -> None:
+    """Sequential with max_epochs=2 and a 4-epoch concept stage would never train f (the intervention curve flat at
+    chance, the report looking finished): the fit says which stages and modules the budget never reaches."""
+    from datamodules import PartsWorldDataModule
+
+    data = PartsWorldDataModule(num_classes=12, num_train=16, num_val=8, num_test=8, batch_size=8)
+    stages = [{**SEQUENTIAL_STAGES[0], "epochs": 4}, {**SEQUENTIAL_STAGES[1], "epochs": 2}]
+    cbm = CBMSystem(model_name="cbm_tinycnn", num_classes=data.num_classes, image_size=data.image_size,
+                    mode="sequential", stages=stages)
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UserWarning, match=r"max_epochs=2 ends before stage\(s\) \['task'\].*\['task_head'\] are "
+                                         r"never trained") as record:
+        trainer.fit(cbm, datamodule=data)
+    assert sum("ends before stage" in str(w.message) for w in record) == 1  # said once, not every epoch
+    trainer = pl.Trainer(max_epochs=6, limit_train_batches=1, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ends before stage")
+        trainer.fit(CBMSystem(model_name="cbm_tinycnn", num_classes=data.num_classes, image_size=data.image_size,
+                              mode="sequential", stages=stages), datamodule=data)
+
+
+def test_a_batch_without_the_concepts_names_the_field_and_the_cub_option(batch: dict[str, torch.Tensor]) -> None:
+    without = {k: v for k, v in batch.items() if k != "attributes"}
+    for stage in ("train", "val"):
+        with pytest.raises(KeyError, match=r"no 'attributes' \(concept_key\).*attributes=true"):
+            system().forward_batch(without, stage)
+    assert system().concepts(without, "predict") is None
+
+
+def test_a_single_concept_bottleneck_is_scored_like_any_other(batch: dict[str, torch.Tensor]) -> None:
+    """K = 1 is a valid bottleneck (the model takes it); its AUROC is the binary AUROC of that concept."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    one = system(model_kwargs={"num_concepts": 1})
+    single = {**batch, "attributes": batch["attributes"][:, :1].clone()}
+    single["attributes"][:2] = torch.tensor([[0.0], [1.0]])  # both values present
+    out = one.forward_batch(single, "val")
+    one.update_metrics(out, single, "val")
+    expected = binary_auroc(out["concept_logits"][:, 0].detach(), single["attributes"][:, 0].long())
+    assert torch.allclose(one.metrics["val_concept_auroc"].compute(), expected)
+
+
+def test_train_intervention_without_effect_in_independent_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="no effect in mode='independent'"):
+        system(mode="independent", train_intervention=0.5)
+
+
+def test_cub_attributes_of_which_none_is_kept_and_groups_without_names_are_named(cub_root: Path, tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch
+                                                                                 ) -> None:
+    from datamodules import CUB200DataModule, DatasetLayoutError
+    from zoo.cbm import callback
+    from zoo.cbm.callback import InterventionCallback
+
+    base = cub_root / "CUB_200_2011"
+    (base / "attributes").mkdir()
+    (base / "attributes" / "image_attribute_labels.txt").write_text(
+        "".join(f"{image_id} 1 1 4 1.0\n" for image_id in range(1, 9)))
+    with pytest.raises(DatasetLayoutError, match="min_attribute_classes=10 of the 3 classes"):
+        CUB200DataModule(root=str(cub_root), image_size=32, attributes=True).setup("fit")
+    monkeypatch.setattr(callback, "concept_names", lambda trainer, k: [f"attribute {i + 1}" for i in range(k)])
+    with pytest.warns(UserWarning, match="no concept name has a '<group>::<value>' prefix") as record:
+        fit_tiny(system(), [InterventionCallback(by_groups=True)], tmp_path, max_epochs=2)
+    assert sum("::<value>' prefix" in str(w.message) for w in record) == 1

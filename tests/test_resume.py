@@ -145,3 +145,22 @@ def test_a_truncated_checkpoint_is_named_by_path_and_by_last(tmp_path: Path, mon
         assert f"train.py: error: Could not read checkpoint '{checkpoint}' (RuntimeError: " in err  # the zoo's line
         assert "Traceback" not in err
 
+
+
+def test_the_cuda_random_state_travels_with_the_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Noise drawn on a GPU (CEM's RandInt masks, dropout) comes from the device's generator: saved where the run
+    uses CUDA, restored where CUDA is available, and CUDA is never started just to read it."""
+    from zoo.engine.callbacks import RNGStateCallback
+
+    device_state, restored = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a: pytest.fail("CUDA read in a CPU run"))
+    assert "cuda" not in RNGStateCallback().state_dict()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a: device_state)
+    state = RNGStateCallback().state_dict()
+    assert torch.equal(state["cuda"], device_state)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda value, *a: restored.append(value))
+    RNGStateCallback().load_state_dict(state)
+    assert len(restored) == 1 and torch.equal(restored[0], device_state)

@@ -190,9 +190,12 @@ def check_same_model(checkpoint_spec: dict[str, Any], wanted: dict[str, Any], so
 IDENTITY_KEYS = ("model_name", "variant")  # what names the model a System builds (classifiers; textual variants)
 
 
-def check_config_fits_checkpoint(model_config: Any, checkpoint: dict[str, Any], source: str) -> None:
+def check_config_fits_checkpoint(model_config: Any, checkpoint: dict[str, Any], source: str,
+                                 resuming: bool = False) -> None:
     """Refuse a checkpoint of another System class or model than a parsed CLI model config (a jsonargparse
-    Namespace with class_path / init_args) builds, naming both; before anything is built or trained."""
+    Namespace with class_path / init_args) builds, naming both; before anything is built or trained. `resuming`
+    (fit): also one trained with other values of the System's `RESUME_KEYS` (test and predict take the
+    checkpoint's, as Lightning copies its hyperparameters over the config)."""
     saved = checkpoint.get("hyper_parameters") or {}
     if model_config is None or not hasattr(model_config, "get"):
         return
@@ -208,6 +211,10 @@ def check_config_fits_checkpoint(model_config: Any, checkpoint: dict[str, Any], 
             raise CheckpointError(f"{source} holds {name(held)} ({key}={held[key]!r}); this config builds "
                                   f"{name(wanted)} ({key}={wanted[key]!r}). Resume a run with its own config, or "
                                   f"start this one without --ckpt_path.")
+    if resuming and wanted["class"] is not None:
+        from zoo.engine.system import _resolve, check_resume_keys
+
+        check_resume_keys(_resolve(wanted["class"]), saved, init_args, source)
 
 
 def load_system_weights(system: nn.Module, path: str | Path) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.seed import isolate_rng
 
 from zoo.cbm.intervene import (VALUES, check_order, concept_groups, encode_data, intervention_curve,
@@ -129,6 +130,7 @@ class InterventionCallback(pl.Callback):
         check_order(order, trials)
         self.values, self.seed, self.num_points, self.order, self.trials = values, seed, num_points, order, trials
         self.by_groups = by_groups
+        self._warned = False  # the by_groups warning, once per run
         self.curves: dict[str, dict[str, Any]] = {}
 
     @staticmethod
@@ -161,6 +163,11 @@ class InterventionCallback(pl.Callback):
                                                         pl_module.target_key, pl_module.device)
                 names = concept_names(trainer, concepts.shape[1])
                 groups, names = concept_groups(names) if self.by_groups else (None, names)  # names: what k counts
+                if self.by_groups and groups is not None and len(names) == len(groups) and not self._warned:
+                    self._warned = True
+                    rank_zero_warn("by_groups=True, but no concept name has a '<group>::<value>' prefix, so each "
+                                   "concept is its own group and k counts concepts (CUB: attributes.txt, next to "
+                                   "image_attribute_labels.txt, names the groups).")
                 steps = len(names)  # K concepts, or G groups
                 ks = torch.linspace(0, steps, min(self.num_points, steps + 1)).round().long().unique()
                 curve = intervention_curve(model, encoded, concepts, labels, ks.tolist(), self.seed, values,

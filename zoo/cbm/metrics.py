@@ -108,6 +108,9 @@ class ConceptAUROC(MultilabelAUROC):
     full_state_update = False
 
     def __init__(self, num_concepts: int, **kwargs) -> None:
+        # torchmetrics' argument check refuses a single label; one concept is the same computation (update checks
+        # the shapes, the System the 0/1 values)
+        kwargs.setdefault("validate_args", num_concepts > 1)
         super().__init__(num_labels=num_concepts, average="none", thresholds=None, **kwargs)
 
     def update(self, logits: torch.Tensor, concepts: torch.Tensor) -> None:  # type: ignore[override]

@@ -50,6 +50,7 @@ class CBMSystem(ZooSystem):
         "standard": ["--model.init_args.model_kwargs.bottleneck=false", "--model.init_args.mode=joint",
                      "--model.init_args.stages=null", "--model.init_args.train_intervention=0"],
     }
+    RESUME_KEYS: ClassVar[tuple[str, ...]] = ("mode", "concept_key")  # f's inputs mean another thing in each mode
 
     def __init__(self, *args: Any, mode: str = "joint", concept_key: str = "attributes",
                  train_intervention: float = 0.0, **kwargs: Any) -> None:
@@ -71,6 +72,9 @@ class CBMSystem(ZooSystem):
                              "makes, so f cannot learn apart from g); use mode='joint'.")
         if not 0.0 <= train_intervention <= 1.0:
             raise ValueError(f"train_intervention is a probability in [0, 1]; got {train_intervention}.")
+        if train_intervention > 0 and mode == "independent":
+            raise ValueError(f"train_intervention={train_intervention} has no effect in mode='independent': f already "
+                             "reads every true concept in training. Use it with mode='joint' (RandInt, CEM).")
         self.mode, self.concept_key, self.train_intervention = mode, concept_key, train_intervention
         num_classes, num_concepts = self.hparams.num_classes, self.model.num_concepts
         self.add_metric("acc", MulticlassAccuracy(num_classes, average="micro"), stages=("train", "val", "test"))
@@ -87,14 +91,18 @@ class CBMSystem(ZooSystem):
         return ConceptBottleneckLoss(concept_key=self.concept_key, target_key=self.target_key)
 
     def concepts(self, batch: dict[str, Any], stage: str = "train") -> torch.Tensor | None:
-        """The batch's true concepts (B, K), checked against the model's K and to be 0 or 1; None where the batch
-        has none.
+        """The batch's true concepts (B, K), checked against the model's K and to be 0 or 1; None where a predict
+        batch has none (a training or evaluation batch without them is a named error).
 
         The 0/1 check must not make a step wait for the device: concepts on the host are checked here, naming the
         sample and concept; on an accelerator the check is deferred to the engine's loss check (`defer_check`). Not
         in `on_before_batch_transfer`: a datamodule that overrides that hook silently replaces the System's."""
         if self.concept_key not in batch:
-            return None
+            if stage == "predict":
+                return None
+            raise KeyError(f"The {stage} batch has no {self.concept_key!r} (concept_key), which a concept bottleneck "
+                           f"trains and is scored on; it holds {sorted(batch)}. CUB: "
+                           "--data.init_args.attributes=true; other data: set concept_key to its concept field.")
         concepts = batch_field(batch, self.concept_key)
         if concepts.ndim != 2 or concepts.shape[1] != self.model.num_concepts:
             raise ValueError(f"batch[{self.concept_key!r}] has shape {tuple(concepts.shape)}; the model predicts "

@@ -180,7 +180,7 @@ class ZooCLI(LightningCLI):
 
             with configuration_phase():  # a missing file or folder is named here, not by Lightning's traceback
                 check_config_fits_checkpoint(self.config[subcommand].get("model"), read_checkpoint(ckpt_path),
-                                             f"--ckpt_path {ckpt_path!r}")
+                                             f"--ckpt_path {ckpt_path!r}", resuming=subcommand == "fit")
         super()._parse_ckpt_path()
 
 

@@ -39,15 +39,19 @@ class LatestCheckpoint(ModelCheckpoint):
 
 
 class RNGStateCallback(pl.Callback):
-    """Saves the torch, numpy and Python random states in every checkpoint and restores them on resume, so a run
-    killed mid-epoch and resumed from last.ckpt draws the same batches and noise as an uninterrupted one.
-    States are stored as tensors and plain lists: the checkpoint still loads with weights_only=True."""
+    """Saves the torch (CPU and, where the run uses it, the current CUDA device's), numpy and Python random states in
+    every checkpoint and restores them on resume, so a run killed mid-epoch and resumed from last.ckpt draws the same
+    batches and noise as an uninterrupted one (noise drawn on a GPU, e.g. CEM's RandInt masks, included). States
+    are stored as tensors and plain lists: the checkpoint still loads with weights_only=True. A CUDA state is not
+    restored on a machine without CUDA (a GPU run resumed on the CPU draws its device noise anew)."""
 
     def state_dict(self) -> dict[str, Any]:
         numpy_state = np.random.get_state()
         version, python_state, gauss = random.getstate()
+        cuda = {"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_initialized() else {}  # never starts CUDA
         return {
             "torch": torch.get_rng_state(),
+            **cuda,
             "numpy": {"key": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
                       "has_gauss": int(numpy_state[3]), "gauss": float(numpy_state[4])},
             "python": {"version": version, "state": list(python_state), "gauss": gauss},
@@ -55,6 +59,8 @@ class RNGStateCallback(pl.Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
         numpy_state = state["numpy"]
         np.random.set_state(("MT19937", numpy_state["key"].numpy().astype(np.uint32), numpy_state["pos"],
                              numpy_state["has_gauss"], numpy_state["gauss"]))

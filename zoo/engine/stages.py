@@ -70,6 +70,13 @@ class Schedule:
                 return index
         return len(self.stages) - 1
 
+    def unreached(self, max_epochs: int | None) -> list[Stage]:
+        """The stages a run of `max_epochs` epochs never enters (none when the budget is open: None or -1)."""
+        if max_epochs is None or max_epochs < 0:
+            return []
+        starts = [sum(int(s.epochs) for s in self.stages[:i]) for i in range(len(self.stages))]
+        return [stage for stage, start in zip(self.stages, starts) if start >= max_epochs]
+
     def start_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int) -> dict[str, float]:
         """Enter the stage of `epoch`: trainable submodules, model settings, learning rates. Returns what to log."""
         self.index = self.stage_at(epoch)

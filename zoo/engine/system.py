@@ -104,6 +104,9 @@ class ZooSystem(pl.LightningModule):
     """
 
     TWINS: ClassVar[dict[str, list[str]]] = {}
+    # hyperparameters a checkpoint must share with the run that loads it: what its weights were trained to mean
+    # (CBM: the training mode). A mismatch is refused by name, on `--ckpt_path last` and in `fit --ckpt_path FILE`.
+    RESUME_KEYS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -385,6 +388,16 @@ class ZooSystem(pl.LightningModule):
 
     # ------------------------------------------------------------------------------- schedules and auxiliaries
     def on_fit_start(self) -> None:
+        unreached = self.schedule.unreached(self.trainer.max_epochs)
+        if unreached and not self.trainer.fast_dev_run:  # a smoke test may stop anywhere
+            trained = sorted({name for stage in self.schedule.stages if stage not in unreached
+                              for name in stage.train or [n for n, _ in self.model.named_children()]})
+            never = sorted({n for stage in unreached for n in stage.train or []} - set(trained))
+            rank_zero_warn(f"max_epochs={self.trainer.max_epochs} ends before stage(s) "
+                           f"{[stage.name for stage in unreached]} start (stages: "
+                           f"{[(stage.name, stage.epochs) for stage in self.schedule.stages]})"
+                           + (f"; {never} are never trained" if never else "")
+                           + ". Give max_epochs at least the stages' sum, or shorten the stages.")
         if auxiliaries_pending(self):
             if self.trainer.world_size > 1:
                 raise RuntimeError("Auxiliary models must be ready before a distributed fit: call "
@@ -475,6 +488,17 @@ class ZooSystem(pl.LightningModule):
         if held is not None and _resolve(held) is not type(self):  # `--ckpt_path last` is not checked by the CLI
             raise CheckpointError(f"the checkpoint was written by {held.rsplit('.', 1)[-1]} ({held}); this run is "
                                   f"{type(self).__name__} ({here}). Resume a run with its own config.")
+        check_resume_keys(type(self), saved or {}, self.hparams, "the checkpoint")
+
+
+def check_resume_keys(system: type, saved: dict[str, Any], wanted: Any, source: str) -> None:
+    """Refuse, naming both values, a checkpoint whose `system.RESUME_KEYS` hyperparameters differ from `wanted`'s
+    (a mapping; a key the checkpoint does not hold is not checked: checkpoints written before it existed)."""
+    for key in getattr(system, "RESUME_KEYS", ()):
+        if key in saved and key in wanted and saved[key] != wanted[key]:
+            raise CheckpointError(f"{source} was trained with {key}={saved[key]!r}; this run has {key}="
+                                  f"{wanted[key]!r}. Resume a run with its own config, or start this one without "
+                                  "--ckpt_path.")
 
 
 def _resolve(class_path: str) -> Any:
