@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class DatasetLayoutError(FileNotFoundError, ValueError):
@@ -206,11 +206,27 @@ class DictDataModule(pl.LightningDataModule):
         return self.splits[split] if self.mean is None else NormalizedDataset(self.splits[split], self.mean, self.std)
 
     def _loader(self, split: str, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        dataset = self.split_samples(split)
+        sampler = None if shuffle else self._evaluation_sampler(dataset)
         return DataLoader(
-            self.split_samples(split), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, sampler=sampler,
             pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, collate_fn=self.collate_fn,
             drop_last=drop_last,
         )
+
+    def _evaluation_sampler(self, dataset: Any) -> Sampler | None:
+        """Under distributed training, a sampler that gives each rank its own samples, none twice: Lightning's
+        injected `DistributedSampler` pads the shards by repeating samples, so with N not a multiple of the world
+        size the validation and test metrics (summed over ranks) counted some samples twice and differed from a
+        one-process evaluation. Ranks may then run one batch fewer; nothing in an evaluation step is collective (the
+        metrics reduce at the epoch's end). None with one process (a sequential loader, as before)."""
+        replicas = self._sampler_replicas()
+        if replicas == 1:
+            return None
+        from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+
+        rank = self.trainer.distributed_sampler_kwargs.get("rank", self.trainer.global_rank)
+        return UnrepeatedDistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches of `batch_size`; the last, partial batch is kept unless it would hold exactly

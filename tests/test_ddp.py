@@ -43,16 +43,18 @@ class SaveValidationPredictions(pl.Callback):
         torch.save(torch.cat(self.rows), self.folder / f"rank{trainer.global_rank}.pt")
 
 
-def test_two_process_ddp_logged_accuracy_equals_gathered(tmp_path: Path) -> None:
+@pytest.mark.parametrize("num_val", [64, 63])  # 63: one rank has a sample fewer, none is counted twice
+def test_two_process_ddp_logged_accuracy_equals_gathered(tmp_path: Path, num_val: int) -> None:
     pl.seed_everything(0)
-    data = PartsWorldDataModule(num_train=128, num_val=64, num_test=16, batch_size=16)
+    data = PartsWorldDataModule(num_train=128, num_val=num_val, num_test=16, batch_size=16)
     system = ClassifierSystem("baseline_tinycnn", num_classes=data.num_classes)
     trainer = two_process_trainer(tmp_path, SaveValidationPredictions(tmp_path))
     trainer.fit(system, datamodule=data)
     rows = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    assert len(rows[0]) == len(rows[1]) == 32
+    assert (len(rows[0]), len(rows[1])) == (32, num_val - 32)
     assert set(rows[0][:, 2].tolist()).isdisjoint(rows[1][:, 2].tolist())  # each rank saw its own half
     gathered = torch.cat(rows)
+    assert sorted(gathered[:, 2].tolist()) == list(range(num_val))
     recomputed = (gathered[:, 0] == gathered[:, 1]).float().mean()
     assert trainer.callback_metrics["val/acc"].item() == recomputed.item()
 
