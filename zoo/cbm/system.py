@@ -142,6 +142,21 @@ class CBMSystem(ZooSystem):
             out["logits_intervened"] = self.model.decode(encoded, concepts, everything)["logits"]  # (B, C)
         return out
 
+    def prediction_extras(self, out: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
+        """Each image's predicted concepts, the model's explanation: `concept_probs` (B, K) and a predictions.csv
+        column `concepts`, the names (the datamodule's `concept_names` / `attribute_names`, else "concept i") of
+        those with probability >= 0.5, "; "-separated. The standard twin has no bottleneck: nothing."""
+        if not self.model.bottleneck:
+            return {}
+        from zoo.cbm.callback import concept_names
+
+        probs = out["concept_probs"].float()  # (B, K)
+        names = (concept_names(self.trainer, probs.shape[1]) if self._trainer is not None
+                 else [f"concept {i}" for i in range(probs.shape[1])])
+        present = (probs >= 0.5).cpu()  # predict only: the host writes the CSV anyway
+        return {"concept_probs": probs, "columns": {"concepts": ["; ".join(n for n, on in zip(names, row) if on)
+                                                                for row in present.tolist()]}}
+
     def update_metrics(self, out: dict[str, Any], batch: dict[str, Any], stage: str) -> None:
         if self.target_key in batch:  # task accuracy of f on g's predicted concepts, in every stage
             logits = out.get("logits_predicted", out["logits"])

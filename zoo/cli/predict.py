@@ -6,7 +6,8 @@ writes into the run folder (checkpoints/<run>/predictions/):
 - predictions.csv: one row per sample: index, file (where the data names its samples), true label id and name
   (where the data has labels), predicted class id and name, its probability, then the System's own extra columns
   (L2X / INVASE: the prediction is the approximator's from the selected features alone, followed by the black box's
-  class on the full input, `black_box_pred` / `black_box_pred_name`, and the `selected` feature indices);
+  class on the full input, `black_box_pred` / `black_box_pred_name`, and the `selected` feature indices; concept
+  bottlenecks: `concepts`, the names of the concepts predicted present);
 - <index>.png for the first `max_pictures` images: the image beside the model's own explanation (the System's
   `explanation` when predict_step gives one at the image's size, else `zoo.explain`, method "own") of the predicted
   class, titled with the predicted (and true) class name. Inputs that are not images (vectors, tokens): CSV only.

@@ -302,7 +302,13 @@ class ZooSystem(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         out = self.forward_batch(batch, "predict")
         probs = out["logits"].float().softmax(-1)
-        return {"probs": probs, "pred": probs.argmax(-1), **({"index": batch["index"]} if "index" in batch else {})}
+        return {"probs": probs, "pred": probs.argmax(-1), **({"index": batch["index"]} if "index" in batch else {}),
+                **self.prediction_extras(out, batch)}
+
+    def prediction_extras(self, out: dict[str, Any], batch: Any) -> dict[str, Any]:
+        """What a family adds to each predict batch's output: e.g. "columns" ({name: B values}, appended to each
+        row of predictions.csv) or its own tensors. None by default."""
+        return {}
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """nonfinite_loss="skip": a finite loss whose gradients are not (an overflow in the backward) is skipped
