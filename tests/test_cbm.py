@@ -847,3 +847,19 @@ def test_predict_writes_each_images_predicted_concepts(in_tmp_dir: Path) -> None
         named = row["concepts"].split("; ") if row["concepts"] else []
         assert named == [data.attribute_names[k] for k in on.nonzero().flatten().tolist()]
     assert any(row["concepts"] for row in rows)
+
+
+def test_the_readmes_intervention_call_corrects_the_named_concepts_only() -> None:
+    definition = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]])
+    model = label_function_model(definition)
+    images = torch.rand(4, 3, 32, 32)
+    true_concepts = torch.zeros(4, NUM_CONCEPTS).scatter_(1, definition, 1.0)  # image i shows class i's parts
+    fix = torch.zeros_like(true_concepts, dtype=torch.bool)
+    fix[:, :12] = True
+    out = model(images, concepts=true_concepts, intervene=fix)
+    assert torch.equal(out["concept_probs"][:, :12], true_concepts[:, :12])
+    assert torch.equal(out["concept_probs"][:, 12:], out["concept_logits"].sigmoid()[:, 12:])
+    with pytest.raises(ValueError, match="needs both `concepts`"):
+        model(images, concepts=true_concepts)  # silently ignored before
+    with pytest.raises(ValueError, match="must be a bool"):
+        model(images, concepts=true_concepts, intervene=fix.float())

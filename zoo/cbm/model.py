@@ -132,6 +132,16 @@ class ConceptBottleneckModel(nn.Module):
 
     def forward(self, x: torch.Tensor, concepts: torch.Tensor | None = None, intervene: torch.Tensor | None = None,
                 detach: bool = False) -> dict[str, torch.Tensor]:
+        """Test-time intervention: where `intervene` (B, K) bool is true, f reads `concepts` (B, K) instead of g's
+        probabilities (0 / 1 truth, or `zoo.cbm.intervene.replacement_values`)."""
+        if (concepts is None) != (intervene is None):
+            raise ValueError("An intervention needs both `concepts` (B, K), the values to use, and `intervene` (B, K) "
+                             "bool, which of them replace the model's; got only "
+                             f"{'concepts' if intervene is None else 'intervene'}.")
+        if intervene is not None and (intervene.dtype != torch.bool or intervene.shape != concepts.shape
+                                      or intervene.shape[-1] != self.num_concepts):
+            raise ValueError(f"intervene must be a bool (B, {self.num_concepts}) mask of the concepts' shape; got "
+                             f"{intervene.dtype} {tuple(intervene.shape)} for concepts {tuple(concepts.shape)}.")
         return self.decode(self.encode(x), concepts, intervene, detach)
 
     # --------------------------------------------------------------------------- the zoo's classifier head API
