@@ -42,6 +42,7 @@ from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops, ps_roi_align
 
+from datamodules._base import pretrained_normalization
 from zoo.aog_rcnn import kernels
 from zoo.backbones import TINY_CNN, Backbone
 from zoo.checks import check_input, ids_out_of_range
@@ -702,6 +703,19 @@ class LeafBoxTransform(GeneralizedRCNNTransform):
         return super().postprocess(result, image_shapes, original_image_sizes)
 
 
+def detector_normalization(backbone: str, in_chans: int, pretrained: bool) -> tuple[list[float], list[float]]:
+    """The per-channel mean and std a detector normalises its images with: the backbone's pretrained ones
+    (`datamodules._base.pretrained_normalization`, ImageNet's for timm's and torchvision's ImageNet weights;
+    averaged over the channels for grey images) when it starts from a weight file of a backbone that has them,
+    else 0.5 / 0.25 (a backbone trained from scratch, or the tiny CNN, which has no pretrained config)."""
+    if not pretrained or backbone == TINY_CNN:
+        return [0.5] * in_chans, [0.25] * in_chans
+    mean, std = pretrained_normalization(backbone)
+    if len(mean) != in_chans:  # grey images: timm's channel average, as the datamodules do
+        mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
+    return mean, std
+
+
 class DetectionBackbone(nn.Module):
     """A zoo Backbone's top map as torchvision's detection backbone (OrderedDict {"0": map}, `out_channels`)."""
 
@@ -721,7 +735,11 @@ class AOGRCNN(FasterRCNN):
     "parse_leaves": see `ParsingRoIHeads`; boxes and leaves in the input image's pixels, whatever its size).
     `or_mode` switches folding ("mean") and unfolding ("max"); it is saved with the weights (`AOGParsingHead`).
 
-    `num_classes` counts object classes; the background class is added here (labels 1..num_classes)."""
+    `num_classes` counts object classes; the background class is added here (labels 1..num_classes).
+
+    The detector normalises its [0, 1] input images itself (torchvision's transform): with the mean and std the
+    backbone was pretrained with when `pretrained_path` gives it weights (`detector_normalization`), else with
+    0.5 / 0.25 (a backbone trained from scratch)."""
 
     def __init__(self, *, num_classes: int, head: str = "aog", backbone: str = TINY_CNN, in_chans: int = 3,
                  backbone_index: int = -1, pretrained_path: str | None = None, image_size: int = 128,
@@ -747,8 +765,9 @@ class AOGRCNN(FasterRCNN):
             box_head = AOGParsingHead(grammar, or_mode, maps, dp_kernel) if head == "aog" else AverageVoteHead()
             predictor = VotePredictor()
         anchors = AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),))
+        image_mean, image_std = detector_normalization(backbone, in_chans, pretrained_path is not None)
         super().__init__(body, num_classes=None, min_size=image_size, max_size=image_size,
-                         image_mean=[0.5] * in_chans, image_std=[0.25] * in_chans, rpn_anchor_generator=anchors,
+                         image_mean=image_mean, image_std=image_std, rpn_anchor_generator=anchors,
                          rpn_pre_nms_top_n_train=2 * rpn_pre_nms_top_n, rpn_pre_nms_top_n_test=rpn_pre_nms_top_n,
                          rpn_post_nms_top_n_train=2 * rpn_post_nms_top_n, rpn_post_nms_top_n_test=rpn_post_nms_top_n,
                          # placeholders: torchvision type-checks box_roi_pool; the real heads are set below

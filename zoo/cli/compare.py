@@ -41,7 +41,10 @@ compare:
     metrics: [deletion, insertion, road, infidelity]   # the default; + sensitivity (reruns each explainer: slow)
 
 Options on the command line go to every run, except that a twin of another System class (L2X's black_box, a
-ClassifierSystem) is not given the --model.init_args options its class does not take (said once).
+ClassifierSystem) is not given the --model.init_args options its class does not take (said once). A declared twin
+is the config as the command line leaves it (its model name, backbone, pretrained_path, ...) with the twin's own
+options applied last: `--model.init_args.model_name icnn_resnet18` makes plain_cnn a baseline_resnet18 on the same
+pretrained_path, and no command-line option undoes what makes a twin a twin.
 
 A family config's report goes to checkpoints/<folder>_<stem>_compare/, named after the config's folder and file
 (configs/icnn/parts_world.yaml: icnn_parts_world_compare; a config in the working directory: <stem>_compare), so
@@ -53,10 +56,14 @@ FIT_ONLY_KEYS = ("ckpt_path", "weights_only")  # `fit` arguments in a run's save
 BUDGET_KEYS = ("max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches", "fast_dev_run")
 
 
-def declared_twins(config_path: str | Path, config: dict[str, Any]) -> dict[str, list[str]]:
-    """The twins the config's System declares (`TWINS`), with `{backbone}` filled from the model name and
+def declared_twins(config_path: str | Path, config: dict[str, Any], twin: str | None = None) -> dict[str, list[str]]:
+    """The twins the config's System declares (`TWINS`), with `{backbone}` filled from the model name,
     `{<init arg>}` from the System's init arguments (the config's, else the System's defaults; non-strings as
-    JSON, None as null)."""
+    JSON, None as null) and `{shared_model_kwargs}` with the config's model_kwargs that the twin's model (the
+    model_name the twin sets) takes: a plain classifier twin keeps the backbone, its pretrained_path, drop_rate, ...
+    and leaves out the family's own settings. `config` is the config as the run resolves it: `_fit_args` passes the
+    config with the command line's options applied (`resolved_model_config`), so the twins follow them, and names
+    the `twin` whose run it builds: only that one is resolved, and what it leaves out is said."""
     import importlib
     import inspect
     import json
@@ -77,7 +84,36 @@ def declared_twins(config_path: str | Path, config: dict[str, Any]) -> dict[str,
     fields = {name: value if isinstance(value, str) else json.dumps(value) for name, value in init_args.items()
               if value is None or isinstance(value, (str, int, float, bool, list, dict))}
     fields["backbone"] = backbone_part(str(init_args.get("model_name", "")))
-    return {twin: [arg.format(**fields) for arg in args] for twin, args in twins.items()}
+    resolved = {}
+    for name, args in twins.items() if twin is None else [(twin, twins[twin])]:
+        twin_fields = fields
+        if any("{shared_model_kwargs}" in arg for arg in args):
+            named = [arg.split("=", 1)[1].format(**fields) for arg in args if arg.startswith(MODEL_NAME_OPTION)]
+            model_name = named[-1] if named else str(init_args.get("model_name", ""))
+            model_kwargs = init_args.get("model_kwargs") or {}
+            shared = shared_model_kwargs(model_name, model_kwargs)
+            if twin is not None and shared.keys() != model_kwargs.keys():
+                print(f"compare: twin {name!r} ({model_name}) does not take model_kwargs "
+                      f"{', '.join(k for k in model_kwargs if k not in shared)}; not passed to it.")
+            twin_fields = fields | {"shared_model_kwargs": json.dumps(shared)}
+        resolved[name] = [arg.format(**twin_fields) for arg in args]
+    return resolved
+
+
+MODEL_NAME_OPTION = "--model.init_args.model_name="
+
+
+def shared_model_kwargs(model_name: str, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The entries of the family's `model_kwargs` that the twin's model `model_name` takes (its factory's and its
+    class's keyword arguments): the backbone and how it starts (pretrained_path, drop_rate, freeze_backbone) stay
+    the same; the family's own settings (ICNN's tau_scale) are left out."""
+    import inspect
+
+    from zoo.registry import _init_arguments, model_factory
+
+    factory = model_factory(model_name)
+    taken = set(_init_arguments(str(inspect.signature(factory).return_annotation), factory))
+    return {key: value for key, value in model_kwargs.items() if key in taken}
 
 
 def backbone_part(model_name: str) -> str:
@@ -105,12 +141,14 @@ def default_name(path: str | Path) -> str:
 
 def read_compare_spec(path: str | Path) -> dict[str, Any]:
     """A compare spec, or for a fit config the implied one: the config against every twin its System declares,
-    reported in checkpoints/<folder>_<stem>_compare/ (`default_name`)."""
+    reported in checkpoints/<folder>_<stem>_compare/ (`default_name`). A twin's run holds its args as the config
+    file alone resolves them and `twin: <name>`: `_fit_args` resolves them again with the command line's options."""
     spec = yaml.safe_load(Path(path).read_text()) or {}
     if "compare" not in spec:
         family = str((spec.get("model") or {}).get("class_path", "")).split(".")[1:2] or ["model"]
         runs = {family[0]: {"config": str(path)}}
-        runs |= {twin: {"config": str(path), "args": args} for twin, args in declared_twins(path, spec).items()}
+        runs |= {twin: {"config": str(path), "args": args, "twin": twin}
+                 for twin, args in declared_twins(path, spec).items()}
         return {"name": f"{default_name(path)}_compare", "runs": runs}
     if not isinstance(spec.get("compare"), dict) or not spec["compare"].get("runs"):
         raise ValueError(f"{path} is not a compare spec.\n{COMPARE_HELP}")
@@ -139,10 +177,32 @@ def config_argument(path: Path) -> str:
 
 
 def _fit_args(run_name: str, run: dict[str, Any], spec_path: Path, common: list[str], extra: list[str]) -> list[str]:
+    """The arguments that build a run: its config, the spec's shared args, then its own args and the command line's
+    options. A declared twin (`twin: <name>`, `read_compare_spec`) is declared on the config as those options leave
+    it (its placeholders filled from the resolved config), and its args come last, so that the command line cannot
+    undo what makes it a twin (a model name, a loss weight)."""
     if "config" not in run:
         raise ValueError(f"compare run {run_name!r} names no config.\n{COMPARE_HELP}")
     config = config_argument(resolve_config(run["config"], spec_path))
+    if run.get("twin"):
+        model = resolved_model_config(config, [*common, *extra])
+        twin_args = declared_twins(run["config"], {"model": model}, run["twin"])[run["twin"]]
+        return ["--config", config, *common, *for_the_runs_system(run_name, {"args": twin_args}, extra), *twin_args]
     return ["--config", config, *common, *run.get("args", []), *for_the_runs_system(run_name, run, extra)]
+
+
+def resolved_model_config(config: str, args: list[str]) -> dict[str, Any]:
+    """The `model` section (class_path, init_args) of `config` with `args` applied, as `train.py fit` parses them
+    (`*_kwargs` merged, files read); nothing is built or seeded (the random state is left as it was)."""
+    class ParsedOnly(ZooCLI):
+        def _set_seed(self) -> None:  # LightningCLI seeds after parsing: the run seeds itself when it is built
+            pass
+
+        def instantiate_classes(self) -> None:  # the parse is all that is wanted
+            pass
+
+    model = ParsedOnly(args=["--config", config, *args], run=False).config.model
+    return model.as_dict() if hasattr(model, "as_dict") else dict(model)
 
 
 def for_the_runs_system(run_name: str, run: dict[str, Any], extra: list[str]) -> list[str]:

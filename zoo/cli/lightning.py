@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import pytorch_lightning as pl
 import yaml
@@ -14,6 +14,9 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from zoo.cli.errors import ZooArgumentParser, configuration_phase
 from zoo.engine.callbacks import LatestCheckpoint, RNGStateCallback
+
+if TYPE_CHECKING:
+    from zoo.backbones import Backbone
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "default_root_dir": "checkpoints",
@@ -60,17 +63,50 @@ def restore_null_kwargs(config: Any) -> None:
             value.update({name: None for name, item in value.items() if item == "None"})
 
 
-def backbone_name(system: Any) -> str:
-    """The timm (or "tinycnn") name of the backbone of a System's model, for `mean: pretrained`."""
+def image_backbone(system: Any) -> Backbone | None:
+    """The zoo Backbone the images of a System's model go through: its model's `backbone` (the zoo's classifiers,
+    ICNN, AOG-RCNN's detector), else its model's `image_encoder`'s (the textual family: the classifier whose pooled
+    top map it reads); None when there is neither (L2X's selectors, ReNN)."""
     from zoo.backbones import Backbone
     from zoo.engine.system import backbone_of
 
-    backbone = backbone_of(getattr(system, "model", system))
-    found = next((m for m in backbone.modules() if isinstance(m, Backbone)), None) if backbone is not None else None
+    model = getattr(system, "model", system)
+    for holder in (model, getattr(model, "image_encoder", None)):
+        backbone = backbone_of(holder) if holder is not None else None
+        found = next((m for m in backbone.modules() if isinstance(m, Backbone)), None) if backbone is not None else None
+        if found is not None:
+            return found
+    return None
+
+
+def backbone_name(system: Any) -> str:
+    """The timm (or "tinycnn") name of the backbone of a System's model (`image_backbone`), for `mean: pretrained`."""
+    found = image_backbone(system)
     if found is None:
         raise ValueError(f"data mean: pretrained needs a model with a zoo Backbone; {type(system).__name__} has none. "
                          "Give the data's mean and std as lists.")
     return found.name
+
+
+def warn_unnormalised_pretrained(system: Any, datamodule: Any) -> None:
+    """Warn (once) when the System's image backbone starts from a weight file and the datamodule, which can
+    normalise its images (it takes `mean`), is left at [0, 1] pixels (mean None): ImageNet weights expect their
+    mean/std (`mean: pretrained`). A datamodule without `mean` (detection: the detector normalises) is not told."""
+    import inspect
+
+    from pytorch_lightning.utilities import rank_zero_warn
+
+    backbone = image_backbone(system)
+    report = getattr(backbone, "load_report", None)
+    if report is None or getattr(datamodule, "mean", "") is not None:
+        return
+    if "mean" not in inspect.signature(type(datamodule)).parameters:
+        return
+    rank_zero_warn(f"Backbone {backbone.name!r} starts from pretrained weights {report.path!r}, but the data's images "
+                   f"are not normalised ({type(datamodule).__name__} mean: None, pixels in [0, 1]). Weights trained "
+                   f"on ImageNet expect its mean and std: set --data.init_args.mean pretrained (the backbone's "
+                   f"pretrained mean/std), or the mean and std the weights were trained with (nothing to do for "
+                   f"weights trained on [0, 1] pixels, such as a zoo run on unnormalised data).")
 
 
 CKPT_PATH_KEYWORDS = ("last", "best", "hpc")  # Lightning's own --ckpt_path names, not files
@@ -136,6 +172,13 @@ class ZooCLI(LightningCLI):
             super().parse_arguments(parser, merge_kwargs_options(list(args)) if isinstance(args, list) else args)
         restore_null_kwargs(self.config)
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[pl.Callback]) -> pl.Trainer:
+        """With `enable_progress_bar: false` the zoo's RichProgressBar (the `progress_bar` options) is left out:
+        Lightning refuses a progress bar callback that the Trainer is told not to show."""
+        if config.get("enable_progress_bar") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, RichProgressBar)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """`predict` gets the zoo's PredictionWriter unless the config names a prediction writer; the default
         checkpoint reader is `ReadableCheckpointIO`. Only training
@@ -155,11 +198,13 @@ class ZooCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         """A class refusing its arguments (a data folder that does not exist) raises its own error, marked as a
         configuration error, instead of jsonargparse's wrapper that repeats it inside a union-type message. Then a
-        datamodule's `mean: pretrained` is resolved with the model's backbone (its pretrained mean and std)."""
+        datamodule's `mean: pretrained` is resolved with the model's backbone (its pretrained mean and std), and a
+        backbone loaded from a weight file fed unnormalised images is warned about (`warn_unnormalised_pretrained`)."""
         with configuration_phase():
             super().instantiate_classes()
             if getattr(self.datamodule, "mean", None) == "pretrained":  # a backbone without a timm config: said once
                 self.datamodule.use_pretrained_normalization(backbone_name(self.model))
+        warn_unnormalised_pretrained(self.model, self.datamodule)
 
     def before_fit(self) -> None:
         """Auxiliary models (L2X's black box, the textual sentence classifier) are trained before the fit is

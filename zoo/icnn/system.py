@@ -22,14 +22,18 @@ class ICNNSystem(ZooSystem):
 
     Twins (`train.py compare --config configs/icnn/<x>.yaml`): the paper's ordinary twin (the same network with
     ordinary conv layers, lambda 0), the masked twin (masks kept, lambda 0: an ablation of the masks) and the
-    plain classifier on the same backbone (`{backbone}` is the model name less "icnn_").
+    plain classifier on the same backbone (`{backbone}` is the model name less "icnn_"; it keeps the model_kwargs a
+    classifier takes, so the same `backbone` of icnn_timm and the same `pretrained_path` weights, and drops the
+    ICNN's own: `zoo.cli.compare.declared_twins`).
     """
 
     TWINS: ClassVar[dict[str, list[str]]] = {
         "ordinary_twin": ["--model.init_args.loss.init_args.weight=0", "--model.init_args.model_kwargs.masks=false"],
         "masked_twin": ["--model.init_args.loss.init_args.weight=0"],
         "plain_cnn": ["--model.init_args.loss.init_args.weight=0", "--model.init_args.model_name=baseline_{backbone}",
-                      "--model.init_args.model_kwargs=null", "--model.init_args.part_maps_key=features"],
+                      "--model.init_args.model_kwargs=null",  # then set, not merged into the ICNN's kwargs
+                      "--model.init_args.model_kwargs={shared_model_kwargs}",
+                      "--model.init_args.part_maps_key=features"],
     }
 
     def __init__(self, *args: Any, part_maps_key: str | None = "filter_maps", **kwargs: Any) -> None:

@@ -16,6 +16,8 @@ Departure: hidden sizes default to 256 (paper 1000) for CPU-sized worlds.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -318,10 +320,12 @@ class ExplanationModel(nn.Module):
 
 
 def _create_textual(variant: str, *, num_classes: int = 6, vocab_size: int = 25, in_chans: int | None = 3,
-                    image_size: int | None = None, encoder: str = "baseline_tinycnn", **kwargs) -> ExplanationModel:
+                    image_size: int | None = None, encoder: str = "baseline_tinycnn",
+                    encoder_kwargs: dict[str, Any] | None = None, **kwargs) -> ExplanationModel:
     """An `ExplanationModel` of `variant` over a registered image classifier `encoder` (its pooled top map is the
-    image feature; `image_size` reaches it only if it is built for one input size)."""
-    image_encoder = create_model_for_data(encoder, num_classes, in_chans, image_size, None, None)
+    image feature; `image_size` reaches it only if it is built for one input size), created with `encoder_kwargs`
+    (`{pretrained_path: resnet18.pth}` starts it from ImageNet weights, `{backbone: ...}` for baseline_timm)."""
+    image_encoder = create_model_for_data(encoder, num_classes, in_chans, image_size, None, encoder_kwargs)
     image_dim = getattr(getattr(image_encoder, "backbone", None), "num_features", None)
     if image_dim is None:
         raise ValueError(f"encoder {encoder!r} has no backbone.num_features; use a backbone classifier such as "

@@ -74,6 +74,10 @@ class TextualSystem(ZooSystem):
 
     `sentence_classifier_dropout`: the sentence classifier's dropout before its linear layer, the paper's 0.75.
 
+    `encoder_kwargs`: keyword arguments of the image encoder's model (`zoo.create_model(encoder, ...)`):
+    `{pretrained_path: resnet18.pth}` with `encoder: baseline_resnet18` starts it from ImageNet weights before its
+    `encoder_epochs` on the labels; the data's `mean: pretrained` then takes that backbone's mean and std.
+
     Twins (`train.py compare --config configs/textual/<x>.yaml`): the description model (image only, from scratch,
     no discriminative loss) and explanation-label (image + class, no discriminative loss; from the same
     init_checkpoint, so for explanation.yaml it is the equal-budget control of the discriminative loss).
@@ -95,6 +99,7 @@ class TextualSystem(ZooSystem):
         data_inputs: dict[str, Any] | None = None,
         vocab_size: int = 25,
         encoder: str = "baseline_tinycnn",
+        encoder_kwargs: dict[str, Any] | None = None,
         encoder_checkpoint: str | None = None,
         encoder_epochs: int = 4,
         sentence_classifier_checkpoint: str | None = None,
@@ -139,9 +144,11 @@ class TextualSystem(ZooSystem):
         if hp.class_features == "description":  # the table holds description-model states: their size
             class_dim = (read_checkpoint(hp.description_checkpoint)["hyper_parameters"].get("hidden", hp.hidden)
                          if hp.description_checkpoint is not None else hp.hidden)
+        encoder_kwargs = hp.get("encoder_kwargs")  # only when given: model_kwargs as before for every other run
         hp.update(model_name=variant_model_name(hp.variant), model_kwargs=dict(
             vocab_size=hp.vocab_size, encoder=hp.encoder, hidden=hp.hidden, max_len=hp.max_len,
-            train_encoder=hp.train_encoder, class_features=hp.class_features, class_dim=class_dim))
+            train_encoder=hp.train_encoder, class_features=hp.class_features, class_dim=class_dim,
+            **({"encoder_kwargs": dict(encoder_kwargs)} if encoder_kwargs else {})))
         return super().build_model()
 
     def default_loss(self) -> nn.Module:
