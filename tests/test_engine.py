@@ -5,6 +5,7 @@ run folder, reused, loaded from a path), with a toy System that belongs to no fa
 from __future__ import annotations
 
 from functools import partial
+import os
 from pathlib import Path
 from typing import Any
 
@@ -313,6 +314,25 @@ def test_auxiliary_cache_key_tells_layer_settings_apart() -> None:
 
     assert cache_key(aux, net(0.5), data) != cache_key(aux, net(0.75), data)
     assert cache_key(aux, net(0.5), data) == cache_key(aux, net(0.5), data)
+
+
+def test_auxiliary_cache_key_tells_starting_weights_apart(tmp_path: Path) -> None:
+    """An encoder that starts from ImageNet weights is not the one trained from scratch, nor one from a changed file:
+    the key reads the backbones' weight files (path, size, modification time)."""
+    import zoo
+    from zoo.engine.auxiliary import Auxiliary, cache_key
+
+    aux = Auxiliary("image_encoder", loss=lambda module, batch: torch.zeros(()), epochs=1)
+    data = PartsWorldDataModule(num_train=8, num_val=8)
+    weights = tmp_path / "tiny.pth"
+    torch.save(zoo.create_model("baseline_tinycnn", num_classes=3).backbone.state_dict(), weights)
+    scratch = zoo.create_model("baseline_tinycnn", num_classes=3)
+    pretrained = zoo.create_model("baseline_tinycnn", num_classes=3, pretrained_path=str(weights))
+    assert cache_key(aux, scratch, data) != cache_key(aux, pretrained, data)
+    again = cache_key(aux, zoo.create_model("baseline_tinycnn", num_classes=3, pretrained_path=str(weights)), data)
+    assert again == cache_key(aux, pretrained, data)
+    os.utime(weights, ns=(1, 1))  # the file changed
+    assert cache_key(aux, pretrained, data) != again
 
 
 @pytest.mark.parametrize("system_class, model_name", [

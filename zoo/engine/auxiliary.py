@@ -84,8 +84,22 @@ def cache_key(aux: Auxiliary, module: nn.Module, datamodule: Any) -> str:
     (`data_settings`). A helper cached for other data or another loss is never reused."""
     shapes = [(k, tuple(v.shape)) for k, v in module.state_dict().items()]
     text = repr((type(module).__qualname__, repr(module), shapes, aux.epochs, aux.lr, describe_callable(aux.loss),
-                 type(datamodule).__qualname__, data_settings(datamodule)))
+                 type(datamodule).__qualname__, data_settings(datamodule), starting_weights(module)))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def starting_weights(module: nn.Module) -> list[tuple[str, int, int]]:
+    """The pretrained files the module's backbones started from (`Backbone.load_report`), each with its size and
+    modification time: an encoder trained from ImageNet weights is never reused for one trained from scratch, nor
+    for one from a changed file."""
+    files = []
+    for sub in module.modules():
+        report = getattr(sub, "load_report", None)
+        if report is not None:
+            path = Path(report.path)
+            stat = path.stat() if path.is_file() else None
+            files.append((str(path), stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1))
+    return sorted(files)
 
 
 def describe_callable(function: Any) -> str:
