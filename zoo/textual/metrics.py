@@ -8,22 +8,25 @@ log(#reference sets / max(1, #reference sets containing the n-gram)) (document f
 corpus's references); per n, sum over the candidate's n-grams of min(w_cand, w_ref) * w_ref divided by both norms,
 times the length penalty exp(-(len_cand - len_ref)^2 / (2 * 6^2)); mean over n, mean over references, x 10.
 Token sequences are compared as ids (0 = padding; everything from the end token on is dropped), so the metric
-states are tensors and reduce correctly under DDP. A reference row that holds no word (all padding: a CUB image with
-fewer sentences than `sentences_per_image` gets such rows) is no reference: it is dropped before scoring, and an
-image left without any reference is left out of CIDEr-D's mean and of the class pools (`reference_texts` does the
-same for BLEU and ROUGE).
+states are tensors and reduce correctly under DDP (each rank's rows joined into one tensor before the gather, so
+ranks that ran different numbers of batches, or none, still meet in the same collectives; rows ordered by their
+dataset index, so a class pool holds the same references whatever the number of processes). A reference row that
+holds no word (all padding: a CUB image with fewer sentences than `sentences_per_image` gets such rows) is no
+reference: it is dropped before scoring, and an image left without any reference is left out of CIDEr-D's mean and
+of the class pools (`reference_texts` does the same for BLEU and ROUGE).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torchmetrics import Metric
-from torchmetrics.text import ROUGEScore
-from torchmetrics.utilities import dim_zero_cat
+from torchmetrics.functional.text import rouge_score
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 from datamodules._base import decode_tokens
 from zoo.checks import check_input
@@ -101,42 +104,87 @@ def reference_texts(texts: Sequence[str], references: Sequence[Sequence[str]]) -
     return [text for text, _ in kept], [refs for _, refs in kept]
 
 
+def _pad_cat(parts: Sequence[torch.Tensor] | torch.Tensor, ndim: int, device: torch.device) -> torch.Tensor:
+    """Tensors of `ndim` dims concatenated along dim 0, every other dim zero-padded (0 = padding) to the widest;
+    parts without rows are left out (a rank that ran no batch gathers as (0,) * ndim). (0,) * ndim, long, when no
+    part holds a row."""
+    parts = [p for p in ([parts] if isinstance(parts, torch.Tensor) else parts) if len(p)]
+    if not parts:
+        return torch.zeros((0,) * ndim, dtype=torch.long, device=device)
+    widths = [max(p.shape[d] for p in parts) for d in range(1, ndim)]
+    return torch.cat([torch.nn.functional.pad(p, [x for d in reversed(range(1, ndim))
+                                                   for x in (0, widths[d - 1] - p.shape[d])]) for p in parts])
+
+
 class _SentenceStore(Metric):
-    """Keeps candidates (N, L), references (N, R, L) and labels (N,) as tensors (gathered across ranks)."""
+    """Keeps candidates (N, L), references (N, R, L), labels (N,) and dataset indices (N,) as tensors (gathered
+    across ranks).
+
+    Under DDP each rank joins its rows into one tensor per state before the gather (`_sync_dist`): torchmetrics
+    gathers a list state element by element, so ranks with different numbers of updates (an unrepeated evaluation
+    sampler gives one rank a batch fewer) met in mismatched collectives (a crash or a hang). Rows with an index
+    (`update(..., indices=)`, the batch's "index") are ordered by it and repeated indices (a padding sampler's
+    repeated samples) kept once, so the rows are those of one process on the whole set, in its order; without
+    indices, the arrival order (rank 0's rows, then rank 1's, ...)."""
 
     higher_is_better: bool | None = None
     full_state_update = False
+    _STATE_NDIM: ClassVar[dict[str, int]] = {"candidates": 2, "references": 3, "labels": 1, "indices": 1}
 
     def __init__(self, end_token: int, start_token: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.end_token, self.start_token = end_token, start_token
         # No "cat" reduction across ranks: each rank pads its rows to its own width, so the gathered per-rank
-        # tensors stay a list and `_sentences` pads them to one width.
-        for name in ("candidates", "references", "labels"):
+        # tensors stay a list (one tensor per rank, `_sync_dist`) and `_rows` pads them to one width.
+        for name in self._STATE_NDIM:
             self.add_state(name, default=[], dist_reduce_fx=None)
 
-    def update(self, candidates: torch.Tensor, references: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    def update(self, candidates: torch.Tensor, references: torch.Tensor, labels: torch.Tensor | None = None,
+               indices: torch.Tensor | None = None) -> None:
+        """candidates (N, L) and references (N, R, L) token ids; labels (N,) class ids (0 when None); indices (N,)
+        the rows' dataset indices (-1, unknown, when None)."""
         name = type(self).__name__
         check_input(name, candidates, ("N", "L"), "token ids", kind="long")
         check_input(name, references, (len(candidates), "R", "L"), "token ids", kind="long")
+        if indices is not None:
+            check_input(name, indices, (len(candidates),), "dataset indices", kind="long")
         length = max(candidates.shape[1], references.shape[2])  # pad to one length so batches concatenate
         self.candidates.append(torch.nn.functional.pad(candidates, (0, length - candidates.shape[1])))
         self.references.append(torch.nn.functional.pad(references, (0, length - references.shape[2])))
-        self.labels.append(labels if labels is not None else torch.zeros(len(candidates), dtype=torch.long,
-                                                                         device=candidates.device))
+        unknown = torch.full((len(candidates),), -1, dtype=torch.long, device=candidates.device)
+        self.labels.append(labels.long() if labels is not None else torch.zeros_like(unknown))
+        self.indices.append(indices if indices is not None else unknown)
+
+    def _sync_dist(self, dist_sync_fn: Callable = gather_all_tensors, process_group: Any | None = None) -> None:
+        """One tensor per state and rank before torchmetrics' gather (one collective per state whatever the number
+        of updates; `gather_all_tensors` pads and trims shapes that differ across ranks). The local lists come back
+        on `unsync` (torchmetrics caches them before the sync)."""
+        for name, ndim in self._STATE_NDIM.items():
+            setattr(self, name, [_pad_cat(getattr(self, name), ndim, self.device)])
+        super()._sync_dist(dist_sync_fn, process_group)
+
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Candidates (N, L), references (N, R, L) and labels (N,): ordered by dataset index, each index once,
+        when every row has one; in arrival order otherwise."""
+        cands = _pad_cat(self.candidates, 2, self.device)  # (N, L)
+        refs = _pad_cat(self.references, 3, self.device)  # (N, R, L)
+        labels, indices = _pad_cat(self.labels, 1, self.device), _pad_cat(self.indices, 1, self.device)  # (N,) each
+        if len(indices) and bool((indices >= 0).all()):
+            order = indices.argsort(stable=True)  # (N,)
+            ordered = indices[order]
+            first = torch.ones_like(ordered, dtype=torch.bool)
+            first[1:] = ordered[1:] != ordered[:-1]  # a repeated index: the same sample again
+            order = order[first]
+            cands, refs, labels = cands[order], refs[order], labels[order]
+        return cands, refs, labels
 
     def _sentences(self) -> tuple[list[list[str]], list[list[list[str]]], torch.Tensor]:
         """Candidates, references and labels as token strings; each image's empty references (all-padding rows)
         dropped, so an image may keep fewer references than R, or none."""
-        def joined(parts: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-            parts = [parts] if isinstance(parts, torch.Tensor) else parts
-            width = max(p.shape[-1] for p in parts)
-            return dim_zero_cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in parts])
-
-        cands, refs = joined(self.candidates), joined(self.references)
+        cands, refs, labels = self._rows()
         cut = lambda row: decode_tokens(row, end_token=self.end_token, skip=(0, self.start_token))  # noqa: E731
         references = [[words for words in map(cut, rs) if words] for rs in refs]
-        return [cut(c) for c in cands], references, dim_zero_cat(self.labels)
+        return [cut(c) for c in cands], references, labels
 
 
 class CIDErD(_SentenceStore):
@@ -225,21 +273,41 @@ class AttributeMention(Metric):
         return {"attribute_precision": self.precision_sum / count, "attribute_recall": self.recall_sum / count}
 
 
-class RougeL(ROUGEScore):
-    """ROUGE-L F-measure (torchmetrics' `ROUGEScore`, best reference per sentence) as one scalar, so it is logged as
-    a metric object (`<stage>/rouge_l`)."""
+class RougeL(Metric):
+    """ROUGE-L F-measure (torchmetrics' functional `rouge_score`, best reference per sentence) averaged over
+    sentences, as one scalar, so it is logged as a metric object (`<stage>/rouge_l`).
+
+    Keeps the sum of the sentences' F-measures and their count (summed across ranks), not torchmetrics'
+    `ROUGEScore`'s list of one tensor per sentence: that list was gathered element by element, so under DDP ranks
+    with different numbers of sentences (an unrepeated evaluation sampler, or images dropped for lack of a
+    reference) met in mismatched collectives and crashed. The value is `ROUGEScore`'s mean; nan before any
+    sentence, as its."""
 
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(rouge_keys="rougeL", **kwargs)
+    def __init__(self, accumulate: str = "best", use_stemmer: bool = False, normalizer: Callable | None = None,
+                 tokenizer: Callable | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.options = {"accumulate": accumulate, "use_stemmer": use_stemmer, "normalizer": normalizer,
+                        "tokenizer": tokenizer}
+        self.add_state("fmeasure_sum", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
 
     def __hash__(self) -> int:
-        """One hash per object, as `torchmetrics.Metric`'s: ROUGEScore hashes its states alone, so two copies with
-        equal (empty) states hash and compare equal and `nn.Module.named_modules` keeps only one. The test copy was
-        then invisible to Lightning's metric logging (`test` failed) and to `.to(device)`."""
+        """One hash per object, fixed for its life: torchmetrics' `ROUGEScore` hashed its states alone, so two
+        copies with equal (empty) states hashed and compared equal and `nn.Module.named_modules` kept only one (the
+        test copy was then invisible to Lightning's metric logging and to `.to(device)`)."""
         return hash((type(self).__name__, id(self)))
 
+    def update(self, preds: str | Sequence[str], target: str | Sequence[str] | Sequence[Sequence[str]]) -> None:
+        """preds: N sentences; target: N reference lists (or N references, one each), as `ROUGEScore.update`."""
+        count = 1 if isinstance(preds, str) else len(preds)
+        if count == 0:  # every image of the batch dropped (no reference): nothing to add
+            return
+        mean = rouge_score(preds, target, rouge_keys="rougeL", **self.options)["rougeL_fmeasure"]  # over the N
+        self.fmeasure_sum += mean.to(self.fmeasure_sum) * count
+        self.count += count
+
     def compute(self) -> torch.Tensor:
-        return super().compute()["rougeL_fmeasure"]
+        return self.fmeasure_sum / self.count

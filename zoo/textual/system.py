@@ -201,8 +201,9 @@ class TextualSystem(ZooSystem):
                          batch_size=len(out["reward"]))
             return
         sentences, references, labels = out["sentences"], out["references"], out["labels"]
-        self.log_metric(stage, "cider_d", sentences, references)
-        self.log_metric(stage, "class_relevance", sentences, references, labels)
+        index = batch.get("index") if isinstance(batch, dict) else None  # (B,) dataset indices: pools in dataset order
+        self.log_metric(stage, "cider_d", sentences, references, None, index)
+        self.log_metric(stage, "class_relevance", sentences, references, labels, index)
         self.log_metric(stage, "acc", out["sentence_logits"], labels, prog_bar=True)
         texts, refs = reference_texts(as_text(sentences, self.hparams.end_token, self.hparams.start_token),
                                       as_text(references, self.hparams.end_token, self.hparams.start_token))
