@@ -8,6 +8,8 @@ from a local file only (no hub at run time); what a file gave is kept as `Backbo
 
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -134,11 +136,24 @@ class Backbone(nn.Module):
         if pretrained_path is not None:
             self.load_pretrained(pretrained_path)
         self.requires_grad_(not frozen)  # a frozen backbone: fine-tune only what sits on top
+        self.train(self.training)  # frozen: in eval mode from the start (`train`)
 
     @property
     def num_features(self) -> int:
         """Channels of the last (top) returned map."""
         return self.channels[-1]
+
+    @property
+    def frozen(self) -> bool:
+        """Whether no parameter of the backbone trains (`frozen=True`, `freeze_backbone`, a stage that leaves it
+        out): then it also stays in eval mode."""
+        params = list(self.parameters())
+        return bool(params) and not any(p.requires_grad for p in params)
+
+    def train(self, mode: bool = True) -> Backbone:
+        """`nn.Module.train`, but a frozen backbone stays in eval mode: its BatchNorm layers keep normalising with,
+        and never update, their running statistics (as the weights, they are what the backbone was trained to)."""
+        return super().train(mode and not self.frozen)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         check_input(f"Backbone {self.name!r}", x, ("B", self.in_chans, "H", "W"), "images", like=self)
@@ -146,10 +161,78 @@ class Backbone(nn.Module):
         return [maps[i] for i in self._stage_ids] if self._stage_ids is not None else maps
 
     def load_pretrained(self, path: str | Path) -> None:
-        """Load every backbone tensor of a local weight file strictly (missing or mis-shaped ones raise); tensors the
-        backbone has no place for (an ImageNet classifier) are skipped. What happened is `self.load_report`;
-        `zoo.create_model` completes it with the model's new layers and logs it."""
-        self.load_report = load_backbone_weights(self.body, path, f"backbone {self.name!r}")
+        """Load every backbone tensor of a local weight file strictly (missing or mis-shaped ones raise; a stem
+        convolution for other input channels is adapted); tensors of the whole architecture the backbone has no place
+        for (an ImageNet classifier, stages after the last kept one) are skipped, and tensors of another network
+        raise, naming it. What happened is `self.load_report`; `zoo.create_model` completes it with the model's new
+        layers and logs it."""
+        self.load_report = load_backbone_weights(
+            self.body, path, f"backbone {self.name!r}", full_keys=lambda: architecture_keys(self.name, self.in_chans),
+            identify=lambda shapes: identify_architecture(self.name, shapes))
+
+
+@functools.lru_cache(maxsize=16)
+def _architectures(name: str, in_chans: int = 3) -> dict[str, dict[str, torch.Size]]:
+    """Key -> shape of the whole network a backbone `name` is cut from, by source ("timm 'resnet18'",
+    "torchvision 'vgg16'"): timm's and, for a name torchvision also has, torchvision's layout (both are common
+    ImageNet files); built on the meta device (no memory, no initialisation; on the CPU for a model that cannot)."""
+    import torchvision
+
+    arch = name.removeprefix(TORCHVISION)
+    builders = {}
+    if name == TINY_CNN:
+        builders["the tiny CNN"] = lambda: TinyCNN(in_chans)
+    else:
+        if not name.startswith(TORCHVISION) and timm.is_model(name):
+            builders[f"timm {name!r}"] = lambda: timm.create_model(name, pretrained=False, in_chans=in_chans)
+        if arch in torchvision.models.list_models(module=torchvision.models):
+            builders[f"torchvision {arch!r}"] = lambda: torchvision.models.get_model(arch, weights=None)
+    shapes = {}
+    for source, build in builders.items():
+        try:
+            with torch.device("meta"):
+                model = build()
+        except Exception:  # noqa: BLE001 - a model whose constructor reads tensor values: build it for real
+            model = build()
+        shapes[source] = {k: v.shape for k, v in model.state_dict().items()}
+    return shapes
+
+
+def architecture_keys(name: str, in_chans: int = 3) -> set[str]:
+    """State-dict keys of the whole network (classifier included) a backbone `name` is cut from."""
+    return {key for shapes in _architectures(name, in_chans).values() for key in shapes}
+
+
+def identify_architecture(name: str, file_shapes: dict[str, torch.Size]) -> str | None:
+    """Which sibling of backbone `name` (the same name but for its numbers: resnet34 for resnet18, vgg16_bn for
+    vgg11_bn), in timm's or torchvision's layout, has every tensor of a weight file by name and shape: the one that
+    is exactly the file, else the smallest; None if none has (or for the tiny CNN). For error messages only."""
+    import torchvision
+
+    def skeleton(model_name: str) -> str:
+        return re.sub(r"\d+", "#", model_name.removeprefix(TORCHVISION))
+
+    def numbers(model_name: str) -> list[int]:
+        return [int(n) for n in re.findall(r"\d+", model_name)]
+
+    if name == TINY_CNN:
+        return None
+    names = timm.list_models() + torchvision.models.list_models(module=torchvision.models)
+    siblings = sorted(dict.fromkeys(n for n in names if skeleton(n) == skeleton(name)), key=numbers)
+    wanted = {k.replace(".", "_"): tuple(v) for k, v in file_shapes.items()}
+    fits: list[tuple[int, str]] = []
+    for sibling in siblings:  # smallest first: stop at the one that is the file
+        try:
+            architectures = _architectures(sibling)
+        except Exception:  # noqa: BLE001, S112 - a sibling that cannot be built is not the answer (error path)
+            continue
+        for source, shapes in architectures.items():
+            have = {k.replace(".", "_"): tuple(v) for k, v in shapes.items()}
+            if all(have.get(k) == shape for k, shape in wanted.items()):
+                if len(have) == len(wanted):
+                    return source
+                fits.append((len(have), source))
+    return min(fits)[1] if fits else None
 
 
 class PooledLinearHead(nn.Module):

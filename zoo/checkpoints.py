@@ -1,6 +1,7 @@
 """A trained model from a file: load it from a System checkpoint with `load_checkpoint`, export it as safetensors +
 config.json with `export_checkpoint`, and load that back with `load_exported`. Above the registry (it builds models
-by name) and `zoo.weights` (it reads the files); nothing here imports Lightning."""
+by name) and `zoo.weights` (it reads the files); nothing here imports Lightning, but for the checkpoint of a run
+whose data took `mean: pretrained`, which `load_checkpoint` resolves as the datamodules do (`data_config`)."""
 
 from __future__ import annotations
 
@@ -14,15 +15,19 @@ import torch.nn as nn
 
 from zoo.checks import close_names
 from zoo.registry import create_model_for_data
-from zoo.weights import CheckpointError, check_same_model, model_spec, read_checkpoint
+from zoo.weights import CheckpointError, check_same_model, checkpoint_replaces_weights, model_spec, read_checkpoint
 
 
 EXPECTABLE = ("model_name", "num_classes", "in_chans")  # what `load_checkpoint` can check against a checkpoint
 
 
 def _build(spec: dict[str, Any]) -> nn.Module:
-    return create_model_for_data(spec["model_name"], spec["num_classes"], spec.get("in_chans"),
-                                 spec.get("image_size"), spec.get("data_inputs"), spec.get("model_kwargs"))
+    """The model of `spec`, to be filled with saved weights: built with every constructor input it was trained with
+    (a `pretrained_path` too: AOG-RCNN's normalisation depends on it), but the weight file it started from is not
+    read (`checkpoint_replaces_weights`): it may have moved since, and its tensors would be overwritten anyway."""
+    with checkpoint_replaces_weights():
+        return create_model_for_data(spec["model_name"], spec["num_classes"], spec.get("in_chans"),
+                                     spec.get("image_size"), spec.get("data_inputs"), spec.get("model_kwargs"))
 
 
 def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
@@ -39,8 +44,51 @@ def _with_class_names(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     return model
 
 
+def data_config(model: nn.Module, spec: dict[str, Any], data: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The timm `pretrained_cfg` of the images `model` was trained on (`input_size`, `mean`, `std`; `crop_pct` 1 and
+    `interpolation`: the datamodules resize whole images), from the datamodule hyperparameters of its checkpoint, so
+    that `timm.data.resolve_data_config({}, model=model)` gives what training used. `mean: pretrained` is resolved
+    as the datamodule did, from the model's backbone; no mean: [0, 1] pixels (mean 0, std 1). None where unknown:
+    no datamodule saved, or inputs that are not images."""
+    in_chans, size = spec.get("in_chans"), (data or {}).get("image_size", spec.get("image_size"))
+    if not data or in_chans is None or ("mean" not in data and "image_size" not in data):  # not image data
+        return None
+    mean, std = data.get("mean"), data.get("std")
+    if mean == "pretrained":
+        from datamodules._base import DictDataModule  # the datamodules' own resolution (grey: channel averages)
+        from zoo.backbones import Backbone
+
+        backbone = next((m for m in model.modules() if isinstance(m, Backbone)), None)
+        if backbone is None:
+            return None
+        resolver = DictDataModule()
+        resolver.num_channels = in_chans
+        resolver.set_normalization(mean, std)
+        resolver.use_pretrained_normalization(backbone.name)
+        mean, std = resolver.mean, resolver.std
+    if mean is None or std is None:
+        mean, std = [0.0], [1.0]
+    resize = data.get("upsample_mode")  # DigitsDataModule names its resizing; the others resize bilinearly
+    config = {"mean": [float(m) for m in mean] * (in_chans if len(mean) == 1 else 1),
+              "std": [float(s) for s in std] * (in_chans if len(std) == 1 else 1), "crop_pct": 1.0,
+              "interpolation": resize if resize in ("nearest", "bilinear", "bicubic") else "bilinear"}
+    if size is not None:
+        config["input_size"] = [int(in_chans), *([int(size)] * 2 if isinstance(size, int) else map(int, size))]
+    return config
+
+
+def _with_data_config(model: nn.Module, config: dict[str, Any] | None) -> nn.Module:
+    """`model.pretrained_cfg` as timm models carry it (what `timm.data.resolve_data_config` reads: tuples for
+    input_size, mean and std), where known."""
+    if config:
+        model.pretrained_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    return model
+
+
 def load_checkpoint(path: str | Path, **expected: Any) -> nn.Module:
-    """The trained model of a System checkpoint, in eval mode, with `class_names`: ``zoo.load_checkpoint(...)``.
+    """The trained model of a System checkpoint, in eval mode, with `class_names` and, where the checkpoint saved
+    its datamodule, `pretrained_cfg` (input size and normalisation, `data_config`): ``zoo.load_checkpoint(...)``.
+    A `pretrained_path` the run started from is not read (the checkpoint's weights replace it).
 
     Keyword arguments (`model_name`, `num_classes`, `in_chans`) state what the caller expects; a checkpoint
     holding something else raises `CheckpointError` naming the difference, and another keyword raises (a typo would
@@ -59,16 +107,22 @@ def _model_of(checkpoint: dict[str, Any], source: str, expected: dict[str, Any])
     spec = model_spec(checkpoint["hyper_parameters"])
     check_same_model(spec, expected, source)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-    return _with_class_names(_load_weights(_build(spec), state, source), checkpoint["hyper_parameters"])
+    model = _with_class_names(_load_weights(_build(spec), state, source), checkpoint["hyper_parameters"])
+    return _with_data_config(model, data_config(model, spec, checkpoint.get("datamodule_hyper_parameters")))
 
 
 def export_checkpoint(path: str | Path, folder: str | Path) -> Path:
-    """Write `model.safetensors` and `config.json` (registry name, constructor inputs, class_names) for inference."""
+    """Write `model.safetensors` and `config.json` for inference: registry name, constructor inputs (a
+    `pretrained_path` among them is kept, as what the model started from, but never read again), class_names, and
+    `pretrained_cfg` (input_size, mean, std: the images it was trained on, `data_config`) where the checkpoint
+    says."""
     from safetensors.torch import save_file
 
     checkpoint = read_checkpoint(path)  # read once: the model and its spec come from the same file
     model = _model_of(checkpoint, f"checkpoint {str(path)!r}", {})
     spec = {**model_spec(checkpoint["hyper_parameters"]), "class_names": model.class_names}
+    if getattr(model, "pretrained_cfg", None):
+        spec["pretrained_cfg"] = model.pretrained_cfg
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -81,7 +135,8 @@ def export_checkpoint(path: str | Path, folder: str | Path) -> Path:
 
 
 def load_exported(folder: str | Path) -> nn.Module:
-    """A model written by `export_checkpoint`, in eval mode, with its `class_names`."""
+    """A model written by `export_checkpoint`, in eval mode, with its `class_names` and, where the export has it,
+    its `pretrained_cfg` (input size and normalisation, as timm models carry them)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -97,4 +152,5 @@ def load_exported(folder: str | Path) -> nn.Module:
                               f"again with export_checkpoint.") from err
     if not isinstance(spec, dict) or "model_name" not in spec or "num_classes" not in spec:
         raise CheckpointError(f"{str(config)!r} names no model_name and num_classes; it is not an export's config.")
-    return _with_class_names(_load_weights(_build(spec), state, f"export {str(folder)!r}"), spec)
+    model = _with_class_names(_load_weights(_build(spec), state, f"export {str(folder)!r}"), spec)
+    return _with_data_config(model, spec.get("pretrained_cfg"))

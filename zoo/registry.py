@@ -92,9 +92,12 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Create a registered model; keyword arguments set to None are dropped so factory defaults apply.
 
     timm's `pretrained=False` is accepted (it is what the zoo does anyway); `pretrained=True` is refused: the zoo
-    never downloads, a local weight file comes as `pretrained_path`."""
+    never downloads, a local weight file (or an export folder) comes as `pretrained_path`, alone."""
     factory = model_factory(name)
     if kwargs.pop("pretrained", False):
+        if kwargs.get("pretrained_path") is not None:
+            raise ValueError(f"{name}: pretrained=True is not needed (and refused, as the zoo never downloads): the "
+                             f"weights come from pretrained_path={kwargs['pretrained_path']!r}; drop pretrained=True.")
         raise ValueError(f"{name}: pretrained=True would download weights, which the zoo never does; save them once "
                          f"to a file and pass pretrained_path=<file> (README: Real data and pretrained weights).")
     for key in POSITIVE_SIZES:  # 0 classes or channels would build a model that fails at its first batch

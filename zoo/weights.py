@@ -8,26 +8,48 @@ checkpoint is `zoo.checkpoints`'s job.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
 
 log = logging.getLogger(__name__)
 
-# Prefixes that wrappers put in front of parameter names (Lightning systems, DDP, torchvision detection backbones).
-_WRAPPER_PREFIXES = ("model.", "module.", "backbone.body.", "backbone.")
+EXPORT_WEIGHTS = "model.safetensors"  # the weight file of an export folder (`zoo.export_checkpoint`)
+
+# Set while a model is built whose every weight a checkpoint is about to replace (`checkpoint_replaces_weights`).
+_CHECKPOINT_REPLACES_WEIGHTS: ContextVar[bool] = ContextVar("checkpoint_replaces_weights", default=False)
 
 
 class CheckpointError(ValueError):
     """A weight or checkpoint file that is missing, unreadable or does not fit the model it is loaded into."""
 
 
+@contextmanager
+def checkpoint_replaces_weights() -> Iterator[None]:
+    """Build models whose every weight a checkpoint replaces next (`load_from_checkpoint`, `--ckpt_path FILE`,
+    compare's `checkpoint:`): a backbone's `pretrained_path` is not read, so the ImageNet file the run started from
+    may have moved or gone (and a 500 MB file is not read for nothing). Its load report says so."""
+    token = _CHECKPOINT_REPLACES_WEIGHTS.set(True)
+    try:
+        yield
+    finally:
+        _CHECKPOINT_REPLACES_WEIGHTS.reset(token)
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file, a `torch.save`d state dict, or the "state_dict" of a Lightning checkpoint."""
+    """Tensors of a safetensors file, a `torch.save`d state dict, the "state_dict" of a Lightning checkpoint, or
+    the model.safetensors of an export folder (`zoo.export_checkpoint`)."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / EXPORT_WEIGHTS).is_file():
+            raise CheckpointError(f"Weight path {str(path)!r} is a folder without {EXPORT_WEIGHTS} (what "
+                                  f"zoo.export_checkpoint writes); name the weight file itself.")
+        path = path / EXPORT_WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"Weight file {str(path)!r} does not exist.")
     try:
@@ -53,35 +75,50 @@ def _canonical(key: str) -> str:
     return key.replace(".", "_")
 
 
-def _unwrapped_names(key: str) -> list[str]:
-    """`key`, then `key` with wrapper prefixes peeled off one at a time ("model.backbone.body.x" -> ... -> "x")."""
-    names = [key]
-    while prefix := next((p for p in _WRAPPER_PREFIXES if names[-1].startswith(p)), None):
-        names.append(names[-1][len(prefix) :])
-    return names
+def _splits(key: str) -> Iterator[tuple[str, str]]:
+    """(prefix, name) for the whole `key` and every tail of it that starts after a separator:
+    "model.body.conv1.weight" -> ("", "model.body.conv1.weight"), ("model.", "body.conv1.weight"), ..."""
+    yield "", key
+    for i, char in enumerate(key[:-1]):
+        if char in "._":
+            yield key[: i + 1], key[i + 1 :]
 
 
-def match_state_dict(
-    source: dict[str, torch.Tensor], target_keys: list[str]
-) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
-    """Rename `source` keys onto `target_keys`, stripping wrapper prefixes and unifying separators.
+@dataclass
+class Match:
+    """`source` keys renamed onto a module's keys: the tensors by target key (`state`), the target keys the source
+    lacks (`missing`), the source keys left over (`unexpected`) and the prefix the matched ones shared (`prefix`:
+    "" for a plain state dict, "model.backbone.body." for a zoo System checkpoint, ...)."""
 
-    Returns:
-        The renamed state dict, the target keys it lacks (missing) and the source keys that found no target
-        (unexpected, e.g. a classifier head when loading into a backbone).
-    """
+    state: dict[str, torch.Tensor]
+    missing: list[str]
+    unexpected: list[str]
+    prefix: str = ""
+
+
+def match_state_dict(source: dict[str, torch.Tensor], target_keys: list[str], what: str = "the model") -> Match:
+    """Rename `source` keys onto `target_keys`: the module sits under one prefix of the file (whatever wraps it: a
+    Lightning System's "model.", DDP's "module.", AOG-RCNN's "model.backbone.body.body.", none), found as the prefix
+    under which the most target keys are present (separators unified). Two prefixes that both hold every target key
+    (two copies of the module) are ambiguous and raise."""
     by_canonical = {_canonical(k): k for k in target_keys}
-    matched: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    for key, value in source.items():
-        candidates = _unwrapped_names(key)
-        target = next((by_canonical[_canonical(c)] for c in candidates if _canonical(c) in by_canonical), None)
-        if target is None:
-            unexpected.append(key)
-        else:
-            matched[target] = value
-    missing = [k for k in target_keys if k not in matched]
-    return matched, missing, unexpected
+    under: dict[str, dict[str, str]] = {}  # prefix -> {target key: source key}
+    for key in source:
+        for prefix, name in _splits(key):
+            target = by_canonical.get(_canonical(name))
+            if target is not None:
+                under.setdefault(prefix, {}).setdefault(target, key)
+    if not under:
+        return Match({}, list(target_keys), list(source))
+    most = max(len(found) for found in under.values())
+    best = sorted((p for p, found in under.items() if len(found) == most), key=len)
+    if most == len(target_keys) and len(best) > 1:
+        raise CheckpointError(f"The file holds {what} {len(best)} times, under {best[:4]}; save the one you want as "
+                              f"its own state dict.")
+    prefix, found = best[0], under[best[0]]
+    used = set(found.values())
+    return Match({target: source[key] for target, key in found.items()}, [k for k in target_keys if k not in found],
+                 [k for k in source if k not in used], prefix)
 
 
 def load_module_weights(module: nn.Module, path: str | Path, prefix: str, what: str) -> None:
@@ -90,12 +127,15 @@ def load_module_weights(module: nn.Module, path: str | Path, prefix: str, what: 
     missing or mis-shaped weights raise CheckpointError naming `what`."""
     state = read_state_dict(path)
     own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    matched, missing, _ = match_state_dict(own or state, list(module.state_dict()))
-    if missing:
-        raise CheckpointError(f"{str(path)!r} does not hold weights for the {what} ({type(module).__name__}): "
-                              f"missing {missing[:8]}.")
     try:
-        module.load_state_dict(matched)
+        match = match_state_dict(own or state, list(module.state_dict()), f"the {what}")
+    except CheckpointError as err:
+        raise CheckpointError(f"{str(path)!r}: {err}") from None
+    if match.missing:
+        raise CheckpointError(f"{str(path)!r} does not hold weights for the {what} ({type(module).__name__}): "
+                              f"missing {match.missing[:8]}.")
+    try:
+        module.load_state_dict(match.state)
     except RuntimeError as err:
         raise CheckpointError(f"{str(path)!r} does not fit the {what} ({type(module).__name__}): {err}") from err
 
@@ -103,36 +143,99 @@ def load_module_weights(module: nn.Module, path: str | Path, prefix: str, what: 
 @dataclass
 class LoadReport:
     """What a pretrained file gave a model: the backbone tensors loaded (all of the backbone's, strictly), the file's
-    tensors skipped (no place in the backbone, e.g. the ImageNet classifier) and the model's tensors outside the
-    backbone that start from their initialisation (new: the zoo's head, ICNN filters, ...)."""
+    tensors skipped (no place in the backbone, e.g. the ImageNet classifier), the model's tensors outside the
+    backbone that start from their initialisation (new: the zoo's head, ICNN filters, ...), first convolutions
+    adapted to another number of input channels (`adapted`), and whether the file was read at all (`read`: not when
+    a checkpoint replaces every weight, `checkpoint_replaces_weights`)."""
 
     path: str
     loaded: list[str]
     skipped: list[str]
     new: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
+    read: bool = True
 
     def summary(self, shown: int = 12) -> str:
+        if not self.read:
+            return f"Pretrained weights {self.path!r}: not read; a checkpoint's weights replace every tensor."
+
         def names(keys: list[str]) -> str:
             return ", ".join(keys[:shown]) + (f", ... ({len(keys) - shown} more)" if len(keys) > shown else "")
 
+        adapted = f"; adapted {len(self.adapted)} [{names(self.adapted)}]" if self.adapted else ""
         return (f"Pretrained weights {self.path!r}: loaded {len(self.loaded)} backbone tensors; skipped "
-                f"{len(self.skipped)} [{names(self.skipped)}]; new {len(self.new)} [{names(self.new)}].")
+                f"{len(self.skipped)} [{names(self.skipped)}]; new {len(self.new)} [{names(self.new)}]{adapted}.")
 
 
-def load_backbone_weights(body: nn.Module, path: str | Path, what: str) -> LoadReport:
+def _adapt_first_conv(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """Where only the input channels of the first convolution differ, adapt the file's kernel in `state` as timm
+    adapts its RGB pretrained weights to a model's `in_chans` (`adapt_input_conv`: summed over the colours for grey
+    images, repeated and rescaled for more channels; a file of other than 3 channels is not adapted); what was
+    adapted, for the load report."""
+    from timm.models import adapt_input_conv
+
+    first = next((k for k, v in own.items() if v.ndim == 4), None)  # (O, I, kh, kw): the stem's kernel
+    if first is None or first not in state:
+        return []
+    weight, wanted = state[first], own[first].shape
+    if weight.ndim != 4 or weight.shape == wanted or weight.shape[:1] + weight.shape[2:] != wanted[:1] + wanted[2:]:
+        return []
+    try:
+        adapted = adapt_input_conv(wanted[1], weight)  # timm's rule: pretrained files are RGB (base_chans=3)
+    except (NotImplementedError, AssertionError, ValueError):
+        return []
+    if adapted.shape != wanted:
+        return []
+    state[first] = adapted
+    return [f"{first}: {weight.shape[1]} -> {wanted[1]} input channels (timm adapt_input_conv)"]
+
+
+def load_backbone_weights(body: nn.Module, path: str | Path, what: str,
+                          full_keys: Callable[[], Iterable[str]] | None = None,
+                          identify: Callable[[dict[str, torch.Size]], str | None] | None = None) -> LoadReport:
     """Every tensor of `body` from a weight file, strictly: missing or mis-shaped tensors raise CheckpointError
-    naming them; file tensors with no place in `body` (a classifier) are skipped and listed in the report."""
+    naming them. A first convolution whose kernel differs only in its input channels is adapted (timm's
+    `adapt_input_conv`, e.g. ImageNet RGB weights for grey images) and reported.
+
+    The file's other tensors are skipped (and listed in the report) where they have a place in the whole
+    architecture the backbone is cut from, `full_keys()` (the ImageNet classifier, stages after a truncated
+    backbone's last), or lie outside the part of the file that holds the backbone (a zoo checkpoint's head and
+    filters); any other one means the file is another network (resnet34 weights for a resnet18) and raises, naming
+    them and what `identify(<the file's tensors under the backbone's prefix, by name>)` says they come from.
+    Inside `checkpoint_replaces_weights()` nothing is read.
+    """
+    if _CHECKPOINT_REPLACES_WEIGHTS.get():
+        return LoadReport(str(path), [], [], read=False)
     own = body.state_dict()
-    state, missing, unexpected = match_state_dict(read_state_dict(path), list(own))
+    source = read_state_dict(path)
+    try:
+        match = match_state_dict(source, list(own), what)
+    except CheckpointError as err:
+        raise CheckpointError(f"{str(path)!r}: {err}") from None
+    state, missing = match.state, match.missing
+    adapted = _adapt_first_conv(own, state)
     bad_shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state.items() if v.shape != own[k].shape]
     if missing or bad_shapes:
         raise CheckpointError(
             f"{str(path)!r} does not fit {what}: {len(missing)} missing keys {missing[:8]}"
-            f"{' ...' if len(missing) > 8 else ''}; shape mismatches {bad_shapes[:8]}."
+            f"{' ...' if len(missing) > 8 else ''}; shape mismatches {bad_shapes[:8]}"
+            + (f" (its other tensors found under {match.prefix!r})" if match.prefix and state else "") + "."
+        )
+    inside = [k for k in match.unexpected if k.startswith(match.prefix)]  # where the file holds the backbone
+    known = {_canonical(k) for k in (full_keys() if full_keys is not None and inside else ())}
+    foreign = [k for k in inside if _canonical(k[len(match.prefix) :]) not in known]
+    if foreign:
+        shapes = {k[len(match.prefix) :]: v.shape for k, v in source.items() if k.startswith(match.prefix)}
+        origin = identify(shapes) if identify is not None else None
+        raise CheckpointError(
+            f"{str(path)!r} does not fit {what}: it holds {len(foreign)} tensors the architecture has no place for "
+            f"{foreign[:8]}{' ...' if len(foreign) > 8 else ''}"
+            + (f"; they look like {origin} weights" if origin else "")
+            + ". Give the backbone the file was saved from, or a file of this one."
         )
     body.load_state_dict(state)  # strict: every key of `body` is in `state`
-    return LoadReport(str(path), list(state), unexpected)
+    return LoadReport(str(path), list(state), match.unexpected, adapted=adapted)
 
 
 def log_load_reports(model: nn.Module) -> None:
@@ -142,7 +245,7 @@ def log_load_reports(model: nn.Module) -> None:
     for name, module in model.named_modules():
         report = getattr(module, "load_report", None)
         if isinstance(report, LoadReport):
-            report.new = [k for k in keys if not k.startswith(f"{name}.")] if name else []
+            report.new = [k for k in keys if not k.startswith(f"{name}.")] if name and report.read else []
             log.info(report.summary())
 
 

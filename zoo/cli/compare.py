@@ -19,7 +19,7 @@ from zoo.cli.lightning import ZooCLI, fit
 from zoo.cli.report import metric_directions, write_report
 from zoo.figures import log_figure, save_figure
 from zoo.explain.scores import EXPLANATION_DIRECTIONS, ExplainedRun, explanation_figure, true_and_predicted
-from zoo.weights import load_system_weights
+from zoo.weights import checkpoint_replaces_weights, load_system_weights
 
 COMPARE_HELP = """\
 --config takes a family config (it is trained with every opaque twin its System declares in TWINS, e.g.
@@ -310,9 +310,10 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
         runs = spec["runs"]
         clis, random_states = {}, {}
         for run_name, run in runs.items():  # each seeded, then built, as `train.py fit` does
-            clis[run_name] = ZooCLI(args=_fit_args(run_name, run, Path(spec_path), common,
-                                                   [*extra, f"--trainer.logger.init_args.name={name}/{run_name}"]),
-                                    run=False)
+            with checkpoint_replaces_weights() if run.get("checkpoint") else contextlib.nullcontext():
+                logged = f"--trainer.logger.init_args.name={name}/{run_name}"
+                clis[run_name] = ZooCLI(args=_fit_args(run_name, run, Path(spec_path), common, [*extra, logged]),
+                                        run=False)
             random_states[run_name] = _collect_rng_states()  # where `train.py fit` starts its fit
         check_same_setting({run_name: cli.config for run_name, cli in clis.items()})  # before any training starts
         runs = drop_twins_equal_to_the_model(runs, clis)

@@ -200,7 +200,17 @@ class ZooCLI(LightningCLI):
         configuration error, instead of jsonargparse's wrapper that repeats it inside a union-type message. Then a
         datamodule's `mean: pretrained` is resolved with the model's backbone (its pretrained mean and std), and a
         backbone loaded from a weight file fed unnormalised images is warned about (`warn_unnormalised_pretrained`)."""
-        with configuration_phase():
+        from contextlib import nullcontext
+        from pathlib import Path
+
+        from zoo.weights import checkpoint_replaces_weights
+
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        # a checkpoint file replaces every weight: the model's pretrained_path (maybe gone since) is not read. Not for
+        # `last` / `best`, which may resolve to nothing and then need the pretrained weights
+        replaced = checkpoint_replaces_weights() if ckpt_path and Path(str(ckpt_path)).is_file() else nullcontext()
+        with configuration_phase(), replaced:
             super().instantiate_classes()
             if getattr(self.datamodule, "mean", None) == "pretrained":  # a backbone without a timm config: said once
                 self.datamodule.use_pretrained_normalization(backbone_name(self.model))

@@ -483,6 +483,15 @@ class ZooSystem(pl.LightningModule):
             config["monitor"] = "val/loss"
         return {"optimizer": optimizer, "lr_scheduler": config}
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's, with the model built without reading its `pretrained_path` (the checkpoint's weights replace
+        them; the file the run started from may be gone): `zoo.weights.checkpoint_replaces_weights`."""
+        from zoo.weights import checkpoint_replaces_weights
+
+        with checkpoint_replaces_weights():
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, naming the difference, a checkpoint of another model / class count / channel count (before
         Lightning's load_state_dict fails deep inside torch), then one of another System with the same model."""
