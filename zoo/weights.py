@@ -315,9 +315,7 @@ def check_config_fits_checkpoint(model_config: Any, checkpoint: dict[str, Any], 
                                   f"{name(wanted)} ({key}={wanted[key]!r}). Resume a run with its own config, or "
                                   f"start this one without --ckpt_path.")
     if resuming and wanted["class"] is not None:
-        from zoo.engine.system import _resolve, check_resume_keys
-
-        check_resume_keys(_resolve(wanted["class"]), saved, init_args, source)
+        check_resume_keys(resolve_class(wanted["class"]), saved, init_args, source)
 
 
 def load_system_weights(system: nn.Module, path: str | Path) -> None:
@@ -330,3 +328,24 @@ def load_system_weights(system: nn.Module, path: str | Path) -> None:
     if missing or unexpected:
         raise CheckpointError(f"{str(path)!r} does not fit {type(system).__name__}: missing {list(missing)[:8]}, "
                               f"unexpected {list(unexpected)[:8]}.")
+
+
+def check_resume_keys(system: type, saved: dict[str, Any], wanted: Any, source: str) -> None:
+    """Refuse, naming both values, a checkpoint whose `system.RESUME_KEYS` hyperparameters differ from `wanted`'s
+    (a mapping; a key the checkpoint does not hold is not checked: checkpoints written before it existed)."""
+    for key in getattr(system, "RESUME_KEYS", ()):
+        if key in saved and key in wanted and saved[key] != wanted[key]:
+            raise CheckpointError(f"{source} was trained with {key}={saved[key]!r}; this run has {key}="
+                                  f"{wanted[key]!r}. Resume a run with its own config, or start this one without "
+                                  "--ckpt_path.")
+
+
+def resolve_class(class_path: str) -> Any:
+    """The class a dotted path names (None where it does not import): two spellings of one class are one class."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except (ImportError, ValueError):
+        return None

@@ -31,7 +31,7 @@ from zoo.checks import batch_field, check_class_ids
 from zoo.engine.auxiliary import Auxiliary, auxiliaries_pending, prepare_auxiliaries
 from zoo.engine.stages import Schedule, epoch_schedules
 from zoo.registry import create_model_for_data
-from zoo.weights import CheckpointError, check_same_model, model_spec
+from zoo.weights import CheckpointError, check_resume_keys, check_same_model, model_spec, resolve_class
 
 NONFINITE_POLICIES = ("raise", "skip")
 EVAL_STAGES = ("val", "test")
@@ -500,28 +500,7 @@ class ZooSystem(pl.LightningModule):
             check_same_model(model_spec(saved), {k: self.hparams.get(k) for k in ("model_name", "num_classes",
                                                                                    "in_chans")}, "the checkpoint")
         held, here = (saved or {}).get("_class_path"), f"{type(self).__module__}.{type(self).__qualname__}"
-        if held is not None and _resolve(held) is not type(self):  # `--ckpt_path last` is not checked by the CLI
+        if held is not None and resolve_class(held) is not type(self):  # `--ckpt_path last` is not checked by the CLI
             raise CheckpointError(f"the checkpoint was written by {held.rsplit('.', 1)[-1]} ({held}); this run is "
                                   f"{type(self).__name__} ({here}). Resume a run with its own config.")
         check_resume_keys(type(self), saved or {}, self.hparams, "the checkpoint")
-
-
-def check_resume_keys(system: type, saved: dict[str, Any], wanted: Any, source: str) -> None:
-    """Refuse, naming both values, a checkpoint whose `system.RESUME_KEYS` hyperparameters differ from `wanted`'s
-    (a mapping; a key the checkpoint does not hold is not checked: checkpoints written before it existed)."""
-    for key in getattr(system, "RESUME_KEYS", ()):
-        if key in saved and key in wanted and saved[key] != wanted[key]:
-            raise CheckpointError(f"{source} was trained with {key}={saved[key]!r}; this run has {key}="
-                                  f"{wanted[key]!r}. Resume a run with its own config, or start this one without "
-                                  "--ckpt_path.")
-
-
-def _resolve(class_path: str) -> Any:
-    """The class a dotted path names (None where it does not import): two spellings of one class are one class."""
-    import importlib
-
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except (ImportError, ValueError):
-        return None
