@@ -437,3 +437,11 @@ def test_vector_nets_take_the_authors_activation_and_batchnorm_order() -> None:
         assert authors.train()(torch.randn(4, 10))["logits"].shape == (4, 2)
     with pytest.raises(ValueError, match="activation must be one of"):
         zoo.create_model("l2x_vector", num_features=10, activation="tanh")
+
+
+@pytest.mark.parametrize("k", [2.5, True, 0])
+def test_k_must_be_a_whole_number_of_features(k: object) -> None:
+    """k = 2.5 was accepted and failed at the first forward (`slice indices must be integers`), after ablate had
+    trained the points before it."""
+    with pytest.raises(ValueError, match="must be an integer in"):
+        zoo.create_model("l2x_vector", k=k)

@@ -2,46 +2,77 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import json
 import os
 import re
 import shutil
+import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from zoo.cli.errors import configuration_phase, is_configuration_error
-from zoo.cli.lightning import ZooCLI, fit, merge_kwargs_options
+from zoo.cli.errors import configuration_phase, is_configuration_error, mark, root_cause
+from zoo.cli.lightning import ZooCLI, backbone_name, fit
 from zoo.cli.report import metric_directions, write_report
 
 ABLATE_HELP = """\
 python train.py ablate --config configs/icnn/parts_world.yaml --name icnn_lambda \\
     --grid model.init_args.loss.init_args.weight=[0,1,10] --grid seed_everything=[0,1] [fit overrides ...]
 
-Each grid point is one fit in checkpoints/<name>/<point>/, keyed by a hash of its resolved settings: a finished
-point is reused when the same settings run again ("point X: finished with the same settings, reused"), a point
-whose settings changed (another max_epochs, an edited config) runs again, an interrupted one resumes from its
-last.ckpt. The table averages every metric over seed_everything (<metric>_mean, <metric>_std) and goes to
-checkpoints/<name>/ablation.{md,csv}; each point's TensorBoard HPARAMS entry is in checkpoints/<name>/hparams/.
-Fit overrides reach every point; one that sets a --grid key is refused (the grid gives that key's values). Every
-point's arguments are checked before the first point runs; a configuration mistake (a mistyped key, a data folder
-that is not there) is said once, exit status 2, and leaves no folder of a point that did not run.
+Each grid point is one fit in <save_dir>/<name>/<point>/ (the logger's save_dir: checkpoints/ unless overridden),
+keyed by a hash of its resolved settings and of the contents of the files they name (init_checkpoint, ...): a
+finished point is reused when the same settings run again ("point X: finished with the same settings, reused"), a
+point whose settings changed (another max_epochs, an edited config, a refitted checkpoint) runs again and the
+changed keys are said, an interrupted one resumes from its last.ckpt. Settings that cannot change a result (the
+logger, log_every_n_steps, the progress bar, the model summary, pin_memory, picture callbacks) are left out of the
+hash. The table averages every metric over seed_everything (<metric>_mean, <metric>_std) and goes to
+<save_dir>/<name>/ablation.{md,csv}; the HPARAMS entries of the grid's points are in <save_dir>/<name>/hparams/.
+Fit overrides reach every point; one that sets a --grid key is refused (the grid gives that key's values), and so
+is a key given to --grid twice. Every point's arguments are checked, and its model and datamodule built (no data is
+read), before the first point trains; a configuration mistake (a mistyped key, a model name or mode a class
+refuses, a data folder that is not there) is said once with the point, exit status 2, and leaves no folder of a
+point that did not run.
 """
 SEED_KEY = "seed_everything"
+VALUE_LIMIT = 48  # characters of one value in a point's name; a longer one is cut and ends in a hash of the value
+NAME_LIMIT = 200  # bytes of a point's name (a file name may have 255; stale/ adds 9), cut likewise
+IGNORED_SETTINGS = (  # keys that cannot change a point's result: left out of its settings hash
+    "trainer.logger",  # where the run is written (the point's folder) and how, not what it computes
+    "trainer.log_every_n_steps",  # how often the training step is logged
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "progress_bar",
+    "checkpoint.verbose",
+    "data.init_args.pin_memory",  # page-locked host memory: the same batches
+)
+# Callbacks that only draw or tabulate (RNG isolated, eval mode, no_grad), besides every FixedBatchCallback.
+REPORT_CALLBACKS = ("zoo.cbm.callback.InterventionCallback",)
+HASHED_FILE_LIMIT = 64 * 2**20  # files named by a config up to this size are hashed; larger ones: size + mtime
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime_ns) -> digest, once per process
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
-    """["key=[v1,v2]", ...] -> {key: [v1, v2]} (values parsed as YAML)."""
+    """["key=[v1,v2]", ...] -> {key: [v1, v2]} (values parsed as YAML). A key given twice is refused (the last one
+    would silently win), and so is `seed` (the run's seed is `seed_everything`)."""
     grid: dict[str, list[Any]] = {}
     for item in items:
         key, sep, values = item.partition("=")
         parsed = yaml.safe_load(values) if sep else None
         if not sep or not isinstance(parsed, list) or not parsed:
             raise ValueError(f"--grid takes key=[v1,v2,...]; got {item!r}.\n{ABLATE_HELP}")
+        if key == "seed":
+            raise ValueError(f"--grid {item!r}: there is no key 'seed'; the run's seed is seed_everything "
+                             f"(--grid {SEED_KEY}={values}).")
+        if key in grid:
+            raise ValueError(f"--grid {key} is given twice ({grid[key]} and {parsed}); give all its values in one "
+                             f"--grid {key}=[...].")
         grid[key] = parsed
     return grid
 
@@ -59,23 +90,164 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return points
 
 
+def short_hash(value: Any) -> str:
+    """8 hex digits of the sha256 of `value` as sorted JSON: the same in every process."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def point_name(point: dict[str, Any]) -> str:
     """A folder (and logger) name for a grid point: the last part of each key with its value, mappings written as
-    key-value pairs; characters unsafe in a path or in a YAML scalar (the logger name is parsed) become "_"."""
+    key-value pairs; characters unsafe in a path or in a YAML scalar (the logger name is parsed) become "_". A
+    value longer than VALUE_LIMIT characters (ReNN's stages) is cut and ends in "~" and a hash of the whole value,
+    and so is a name longer than NAME_LIMIT bytes, so names stay unique and fit a file system's 255 bytes."""
     def text(value: Any) -> str:
         return "+".join(f"{k}-{text(v)}" for k, v in value.items()) if isinstance(value, dict) else str(value)
 
-    name = ",".join(f"{key.rsplit('.', 1)[-1]}={text(value)}" for key, value in point.items())
-    return re.sub(r"[^\w.=,+-]", "_", name)
+    def safe(part: str) -> str:
+        return re.sub(r"[^\w.=,+-]", "_", part)
+
+    parts = []
+    for key, value in point.items():
+        shown = safe(text(value))
+        if len(shown) > VALUE_LIMIT:
+            shown = f"{shown[:VALUE_LIMIT - 9]}~{short_hash(value)}"
+        parts.append(f"{safe(key.rsplit('.', 1)[-1])}={shown}")
+    name = ",".join(parts)
+    if len(name.encode()) > NAME_LIMIT:
+        name = f"{name.encode()[:NAME_LIMIT - 9].decode(errors='ignore')}~{short_hash(point)}"
+    return name
 
 
-def settings_hash(cli: ZooCLI) -> str:
-    """sha256 of a point's resolved config (every default, file and override applied) less what does not change a
-    result (the logger, the progress bar): a finished point is reused only while this is unchanged."""
+def column_labels(keys: list[str]) -> dict[str, str]:
+    """Each grid key's table column: the shortest dotted suffix that no other key ends with
+    (`model.init_args.loss.init_args` and `model.init_args.optimizer.init_args` -> `loss.init_args`,
+    `optimizer.init_args`), so two keys never share a column."""
+    labels = {}
+    for key in keys:
+        parts = key.split(".")
+        for length in range(1, len(parts) + 1):
+            label = ".".join(parts[-length:])
+            if not any(other != key and (other == label or other.endswith(f".{label}")) for other in keys):
+                break
+        labels[key] = label
+    return labels
+
+
+def drop_key(config: dict[str, Any], dotted: str) -> None:
+    """Remove `dotted` ("trainer.logger") from a nested mapping, if it is there."""
+    *parents, last = dotted.split(".")
+    node: Any = config
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict):
+        node.pop(last, None)
+
+
+def report_only(entry: Any) -> bool:
+    """Whether a `trainer.callbacks` entry only draws or tabulates (a FixedBatchCallback: RNG isolated, eval mode,
+    no_grad; or one of REPORT_CALLBACKS), so adding, dropping or tuning it cannot change a result."""
+    from zoo.engine.callbacks import FixedBatchCallback
+
+    path = entry.get("class_path") if isinstance(entry, dict) else None
+    if not isinstance(path, str):
+        return False
+    if path in REPORT_CALLBACKS:
+        return True
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, FixedBatchCallback)
+
+
+def existing_files(config: Any) -> Iterator[str]:
+    """Every string of a nested config that names an existing file (init_checkpoint, pretrained_path, ...),
+    relative paths read from the working folder as the run reads them."""
+    if isinstance(config, dict):
+        for value in config.values():
+            yield from existing_files(value)
+    elif isinstance(config, list):
+        for value in config:
+            yield from existing_files(value)
+    elif isinstance(config, str) and config and os.path.isfile(config):
+        yield config
+
+
+def file_fingerprint(path: str) -> str:
+    """The contents of a file a config names: its sha256 up to HASHED_FILE_LIMIT bytes (exact: a refitted
+    checkpoint changes it, a copy or a `touch` does not), else its size and modification time (hashing gigabytes of
+    pretrained weights at every point of every rerun would cost minutes; a refit rewrites the file, which changes
+    its mtime). Hashes are kept per process, keyed by the file's size and mtime."""
+    stat = os.stat(path)
+    if stat.st_size > HASHED_FILE_LIMIT:
+        return f"size {stat.st_size}, mtime_ns {stat.st_mtime_ns}"
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _FILE_DIGESTS[key] = f"sha256 {digest.hexdigest()}"
+    return _FILE_DIGESTS[key]
+
+
+def resolved_settings(cli: ZooCLI) -> dict[str, Any]:
+    """What a point's result depends on: its resolved config (every default, file and override applied) less
+    IGNORED_SETTINGS and the picture callbacks (`report_only`), and the fingerprint of every existing file the
+    config names (`file_fingerprint`): {"config": ..., "files": {path: fingerprint}}."""
+    config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
+    for key in IGNORED_SETTINGS:
+        drop_key(config, key)
+    trainer = config.get("trainer")
+    if isinstance(trainer, dict) and isinstance(trainer.get("callbacks"), list):
+        trainer["callbacks"] = [entry for entry in trainer["callbacks"] if not report_only(entry)]
+    return {"config": config, "files": {path: file_fingerprint(path) for path in dict.fromkeys(existing_files(config))}}
+
+
+def settings_hash(settings: dict[str, Any] | ZooCLI) -> str:
+    """sha256 of a point's `resolved_settings` (given, or of a CLI): a finished point is reused only while this is
+    unchanged."""
+    settings = settings if isinstance(settings, dict) else resolved_settings(settings)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def legacy_settings_hash(cli: ZooCLI) -> str:
+    """The hash ablate stored before settings.json: the resolved config less the logger and the progress bar,
+    without the files it names. A point it finished is kept when this matches and the config names no file (the
+    old hash then covered everything the new one does, and more), so an upgrade does not rerun a finished grid."""
     config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
     config.pop("progress_bar", None)
     (config.get("trainer") or {}).pop("logger", None)
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def flat_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as {dotted key: value} (lists kept whole)."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            out |= flat_settings(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def settings_changes(old: dict[str, Any] | None, new: dict[str, Any], limit: int = 8) -> str:
+    """"key: old -> new; ..." for what differs between two `resolved_settings` (the first `limit` keys)."""
+    if old is None:
+        return "not known (the earlier run stored no settings.json)"
+    before, after = flat_settings(old), flat_settings(json.loads(json.dumps(new, default=str)))  # as stored
+
+    def shown(settings: dict[str, Any], key: str) -> str:
+        text = json.dumps(settings[key], default=str) if key in settings else "(not set)"
+        return text if len(text) <= 60 else f"{text[:57]}..."
+
+    changed = [key for key in dict.fromkeys([*after, *before])
+               if key not in before or key not in after or before[key] != after[key]]
+    lines = [f"{key}: {shown(before, key)} -> {shown(after, key)}" for key in changed[:limit]]
+    more = [f"and {len(changed) - limit} more (see settings.json)"] if len(changed) > limit else []
+    return "; ".join(lines + more) or "none found"
 
 
 def write_hparams(folder: Path, point: dict[str, Any], metrics: dict[str, float]) -> None:
@@ -94,6 +266,15 @@ def write_hparams(folder: Path, point: dict[str, Any], metrics: dict[str, float]
             writer.add_scalar(key, value)
 
 
+def keep_hparams_of(folder: Path, names: set[str]) -> None:
+    """Remove the HPARAMS entries (<ablation>/hparams/<point>/) of points that are not in the grid that ran last,
+    so TensorBoard's HPARAMS tab shows the points of ablation.md; their runs and result.json stay."""
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if entry.is_dir() and entry.name not in names:
+                shutil.rmtree(entry)
+
+
 def option_name(arg: str) -> str | None:
     """The dotted key an argument sets ("--a.b=1" or "--a.b" -> "a.b"); None for a value or a short option."""
     return arg[2:].partition("=")[0] if arg.startswith("--") and len(arg) > 2 else None
@@ -108,6 +289,55 @@ def check_extra(grid: dict[str, list[Any]], extra: list[str]) -> None:
         if clash is not None:
             raise ValueError(f"ablate: {arg!r} sets the grid key {clash!r}, whose values come from --grid "
                              f"({grid[clash]}); drop the argument, or give the value in --grid.")
+
+
+def check_logger(config: str, extra: list[str]) -> None:
+    """Refuse a run without a logger class (`--trainer.logger=false`, or `logger: false` in the config) before
+    the parser does, in words: ablate names each point's logger (its run folder), which a bare bool cannot take."""
+    given, where = None, None
+    for index, arg in enumerate(extra):
+        if option_name(arg) == "trainer.logger":
+            value = arg.partition("=")[2] if "=" in arg else (extra[index + 1] if index + 1 < len(extra) else "")
+            given, where = value, f"--trainer.logger={value}"
+    if where is None:
+        try:
+            trainer = (yaml.safe_load(Path(config).read_text()) or {}).get("trainer")
+        except (OSError, yaml.YAMLError, AttributeError):
+            return  # the parser says what is wrong with the file
+        if not isinstance(trainer, dict) or "logger" not in trainer:
+            return
+        given, where = trainer["logger"], f"{config} (trainer.logger: {trainer['logger']})"
+    try:
+        value = yaml.safe_load(given) if isinstance(given, str) else given
+    except yaml.YAMLError:
+        return
+    if value is None or isinstance(value, bool) or str(value).lower() in ("none", "null", "false", "true"):
+        raise ValueError(f"ablate needs a logger class: {where} gives none, but each point's run (its checkpoints, "
+                         f"last.ckpt to resume from, result.json) is the logger's folder <save_dir>/<name>/<point>. "
+                         f"Drop it (to put the runs elsewhere, give --trainer.logger.init_args.save_dir=<folder>).")
+
+
+def run_folder(init: Any, config: Any) -> Path:
+    """A point's run folder from its instantiated config (`cli.config_init`) and its config: the configured
+    logger's <save_dir>/<name> (<name> is <ablation>/<point>, see point_args), where Lightning writes the run's
+    events and checkpoints (last.ckpt) and ablate its result.json. Read from the configured logger, not the
+    trainer's: fast_dev_run swaps that for a dummy. Refused: a logger that is not a TensorBoardLogger or CSVLogger,
+    a logger version other than "" (Lightning would number the runs, version_0, version_1, ..., and a rerun would
+    not find its point) and a last_checkpoint.dirpath (every point would resume from the same last.ckpt)."""
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    logger = init.get("trainer.logger")
+    logger = logger[0] if isinstance(logger, list) and logger else logger
+    if not isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        raise mark(ValueError(f"ablate keeps each point's run in its logger's folder <save_dir>/<name>/<point>: it "
+                              f"needs a TensorBoardLogger or CSVLogger, not {type(logger).__name__}."))
+    if getattr(logger, "_version", None) != "":  # the configured version (the property numbers a None one)
+        raise mark(ValueError(f"ablate: each point's run is <save_dir>/<name>/<point>, so the logger's version must "
+                              f"be '' (as in the configs); got {getattr(logger, '_version', None)!r}."))
+    if config.get("last_checkpoint.dirpath") is not None:
+        raise mark(ValueError("ablate: last_checkpoint.dirpath is set, so every point would write and resume from "
+                              "the same last.ckpt; leave it unset (each point's is in its run folder)."))
+    return Path(logger.save_dir or config.get("trainer.default_root_dir") or "checkpoints") / str(logger.name)
 
 
 def point_args(config: str, name: str, point: dict[str, Any], extra: list[str]) -> list[str]:
@@ -125,19 +355,71 @@ def point_cli(config: str, name: str, point: dict[str, Any], extra: list[str]) -
         return ZooCLI(args=point_args(config, name, point, extra), run=False)
 
 
-def check_points(cli: ZooCLI, config: str, name: str, points: list[dict[str, Any]], extra: list[str]) -> None:
-    """Parse every grid point's arguments with `cli`'s parser (cheap: nothing is instantiated), so a grid value
-    the config refuses is said before the first point trains, not hours later."""
+@contextlib.contextmanager
+def naming_the_point(index: int, total: int, point: dict[str, Any]) -> Iterator[None]:
+    """Errors raised inside, while a point is checked before any training, name the point: a class's error is
+    raised as a configuration error ending in "(ablate point i/n: <point>; no point has trained)"; the parser, which
+    prints its own error and exits, gets that line after its message."""
+    said = f"(ablate point {index}/{total}: {point_name(point)}; no point has trained)"
+    try:
+        yield
+    except SystemExit:
+        sys.stderr.write(f"{said}\n")
+        raise
+    except Exception as error:
+        raise mark(ValueError(f"{root_cause(error)}\n{said}")) from error
+
+
+class PointCheck(ZooCLI):
+    """A grid point's CLI that only parses its arguments and builds its model, datamodule (no `setup`: no data is
+    read), logger and callbacks: no Trainer, no seeding (`train.py fit` seeds when the point runs). Its own parser
+    builds the System: LightningCLI's instantiators give a System the hyperparameters of the CLI that owns the
+    parser (a System builds its model from them), so another point's parser would build that point's model."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        with configuration_phase():
+            self.config_init = self.parser.instantiate_classes(self.config)
+            self.datamodule, self.model = self._get(self.config_init, "data"), self._get(self.config_init, "model")
+            if getattr(self.datamodule, "mean", None) == "pretrained":  # as ZooCLI.instantiate_classes resolves it
+                self.datamodule.use_pretrained_normalization(backbone_name(self.model))
+
+
+def check_points(config: str, name: str, points: list[dict[str, Any]], extra: list[str], first: int = 1,
+                 total: int | None = None) -> None:
+    """Before the first point trains, parse every grid point's arguments and build its model, datamodule and
+    logger (`PointCheck`), so a grid value the config or a class refuses (a mistyped model name, a CBM mode without
+    its stages) is said with its point before any training, not hours later. `first`: the number of points[0] in
+    the grid of `total` points.
+
+    Everything runs under `isolate_rng` (building a model draws its initial weights from the global generator) and
+    Lightning's seed variables are put back: the first point's fit draws what `train.py fit` would. CUDA's states
+    are taken only where CUDA is already initialised (reading them would initialise it, which a forked DDP launch
+    refuses; models are built on the CPU, which draws nothing from CUDA's generators)."""
     from pytorch_lightning.utilities.seed import isolate_rng
 
-    with isolate_rng():  # the first point's CLI is built: its fit draws what `train.py fit` would
-        for point in points:
-            cli.parser.parse_args(merge_kwargs_options(point_args(config, name, point, extra)))
+    total = total if total is not None else len(points) + first - 1
+    seed_variables = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    try:
+        with isolate_rng(include_cuda=torch.cuda.is_initialized()):
+            for index, point in enumerate(points, first):
+                with naming_the_point(index, total, point):
+                    check = PointCheck(args=point_args(config, name, point, extra), run=False)
+                    run_folder(check.config_init, check.config)
+                    del check
+    finally:
+        for key, value in seed_variables.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
-def remove_if_empty(folder: Path) -> None:
-    """`folder` and the folders above it up to checkpoints/, each only while empty."""
-    while folder.name != "checkpoints" and folder.is_dir() and not any(folder.iterdir()):
+def remove_if_empty(folder: Path, top: Path) -> None:
+    """`folder` and the folders above it up to `top` (not included), each only while empty."""
+    while folder != top and top in folder.parents and folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
         folder = folder.parent
 
@@ -145,29 +427,46 @@ def remove_if_empty(folder: Path) -> None:
 def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[str], cli: ZooCLI | None = None
                    ) -> tuple[dict[str, float], dict[str, bool | None]]:
     """Fit one grid point (resuming from its last.ckpt), validate, and store result.json atomically; return its
-    metrics and their directions. The point's resolved settings are hashed: a finished point with the same hash is
-    reused (and said so); a point whose settings changed since (another max_epochs, a changed config file) is
-    moved to <name>/stale/ and run again from scratch. `cli`: the point's CLI if already built (`point_cli`).
+    metrics and their directions. The point's run folder is its logger's (`run_folder`). Its `resolved_settings`
+    (config and the files it names) are hashed and stored (settings.sha256, settings.json): a finished point with
+    the same hash is reused (and said so); a point whose settings changed since (another max_epochs, a changed
+    config file, a refitted init_checkpoint) is moved to <ablation>/stale/ and run again from scratch, and the
+    changed keys are said. `cli`: the point's CLI if already built (`point_cli`).
 
     A configuration mistake found while training (a data folder that is not there, read at setup) is said once;
     the point's folder is removed if this call made it, so a point that never ran leaves nothing behind."""
-    folder = Path("checkpoints") / name / point_name(point)
-    result_path, hash_path = folder / "result.json", folder / "settings.sha256"
     cli = cli if cli is not None else point_cli(config, name, point, extra)
-    digest, label = settings_hash(cli), point_name(point)
+    with configuration_phase():
+        folder = run_folder(cli.config_init, cli.config)
+    save_dir = folder.parents[len(Path(name).parts)]  # folder is <save_dir>/<name>/<point>
+    result_path, hash_path, settings_path = folder / "result.json", folder / "settings.sha256", folder / "settings.json"
+    hparams_path = folder.parent / "hparams" / folder.name
+    settings = resolved_settings(cli)
+    digest, label = settings_hash(settings), point_name(point)
     stored = hash_path.read_text().strip() if hash_path.is_file() else None
+    if (stored is not None and stored != digest and not settings_path.is_file() and not settings["files"]
+            and stored == legacy_settings_hash(cli)):  # a point of an earlier ablate with these very settings
+        hash_path.write_text(digest + "\n")
+        settings_path.write_text(json.dumps(settings, indent=1, default=str))
+        stored = digest
     if folder.is_dir() and stored != digest:
-        stale = Path("checkpoints") / name / "stale" / f"{label}-{(stored or 'unknown')[:8]}"
+        old = json.loads(settings_path.read_text()) if settings_path.is_file() else None
+        stale = folder.parent / "stale" / f"{label}-{(stored or 'unknown')[:8]}"
         shutil.rmtree(stale, ignore_errors=True)
         stale.parent.mkdir(parents=True, exist_ok=True)
         folder.rename(stale)
-        print(f"ablate: point {label}: settings changed since its last run; run again (old run moved to {stale})")
+        print(f"ablate: point {label}: settings changed since its last run; run again (old run moved to {stale})\n"
+              f"  changed: {settings_changes(old, settings)}")
     elif result_path.is_file():
         print(f"ablate: point {label}: finished with the same settings, reused")
-        return json.loads(result_path.read_text())["metrics"], metric_directions(cli.model, "val")
+        metrics = json.loads(result_path.read_text())["metrics"]
+        if not hparams_path.is_dir():  # dropped from an earlier grid's HPARAMS entries (`keep_hparams_of`)
+            write_hparams(hparams_path, point, metrics)
+        return metrics, metric_directions(cli.model, "val")
     new = not folder.is_dir()
     folder.mkdir(parents=True, exist_ok=True)
     hash_path.write_text(digest + "\n")  # before training: an interrupted point resumes only with these settings
+    settings_path.write_text(json.dumps(settings, indent=1, default=str))
     last = folder / "checkpoints" / "last.ckpt"
     try:
         fit(cli, ckpt_path=str(last) if last.is_file() else None)
@@ -175,19 +474,23 @@ def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[st
     except Exception as error:
         if new and is_configuration_error(error) and not last.is_file():
             shutil.rmtree(folder, ignore_errors=True)  # it never trained: nothing to resume
-            remove_if_empty(folder.parent)
+            remove_if_empty(folder.parent, save_dir)
         raise
     metrics = {k.removeprefix("val/"): float(v) for k, v in metrics.items() if not k.startswith("val/loss")}
-    write_hparams(Path("checkpoints") / name / "hparams" / label, point, metrics)
+    write_hparams(hparams_path, point, metrics)
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"point": point, "settings_sha256": digest, "metrics": metrics}, indent=1))
     os.replace(tmp, result_path)  # atomic: a killed run leaves no half-written result
     return metrics, metric_directions(cli.model, "val")
 
 
-def summarise(results: list[tuple[dict[str, Any], dict[str, float]]]) -> list[dict[str, Any]]:
+def summarise(results: list[tuple[dict[str, Any], dict[str, float]]], labels: dict[str, str] | None = None
+              ) -> list[dict[str, Any]]:
     """Group grid points that differ only in the seed; every metric's mean and standard deviation over the seeds as
-    numbers (`<metric>_mean`, `<metric>_std`; std 0 for one seed)."""
+    numbers in full precision (`<metric>_mean`, `<metric>_std`; std 0 for one seed: the report rounds for reading,
+    the CSV keeps them). Grid keys are columns labelled by `labels` (default `column_labels` of the points' keys)."""
+    if labels is None:
+        labels = column_labels([k for k in dict.fromkeys(k for point, _ in results for k in point) if k != SEED_KEY])
     groups: dict[tuple, list[dict[str, float]]] = {}
     settings: dict[tuple, dict[str, Any]] = {}
     for point, metrics in results:
@@ -197,32 +500,37 @@ def summarise(results: list[tuple[dict[str, Any], dict[str, float]]]) -> list[di
         settings[key] = setting
     rows = []
     for key, runs in groups.items():
-        row: dict[str, Any] = {k.rsplit(".", 1)[-1]: v for k, v in settings[key].items()}
+        row: dict[str, Any] = {labels.get(k, k): v for k, v in settings[key].items()}
         row["seeds"] = len(runs)
         for metric in dict.fromkeys(m for run in runs for m in run):
             values = torch.tensor([run[metric] for run in runs if metric in run], dtype=torch.float64)
-            row[f"{metric}_mean"] = round(values.mean().item(), 4)
-            row[f"{metric}_std"] = round(values.std().item(), 4) if len(values) > 1 else 0.0
+            row[f"{metric}_mean"] = values.mean().item()
+            row[f"{metric}_std"] = values.std().item() if len(values) > 1 else 0.0
         rows.append(row)
     return rows
 
 
 def ablate(config: str, grid_items: list[str], name: str, extra: list[str]) -> list[dict[str, Any]]:
     """Run every grid point (reusing finished ones whose settings are unchanged), write the table; each point's
-    TensorBoard HPARAMS entry is written when the point finishes."""
+    TensorBoard HPARAMS entry is written when the point finishes, and entries of points no longer in the grid go."""
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     with configuration_phase():  # the grid and the overrides; then every point's arguments, before any training
         grid = parse_grid(grid_items)
         points = grid_points(grid)
         check_extra(grid, extra)
-    cli = point_cli(config, name, points[0], extra)
-    check_points(cli, config, name, points[1:], extra)
+        check_logger(config, extra)
+    with naming_the_point(1, len(points), points[0]):
+        cli = point_cli(config, name, points[0], extra)
+        folder = run_folder(cli.config_init, cli.config).parent  # <save_dir>/<name>
+    check_points(config, name, points[1:], extra, first=2, total=len(points))
     results, directions = [], {}
     for index, point in enumerate(points, 1):
         print(f"\n=== ablate point {index}/{len(points)}: {point_name(point)} ===", flush=True)
         metrics, point_directions = run_grid_point(config, name, point, extra, cli if index == 1 else None)
         results.append((point, metrics))
         directions |= point_directions
-    rows = summarise(results)
-    write_report(Path("checkpoints") / name, {"ablation": rows}, directions, stem="ablation")
+    labels = column_labels([key for key in grid if key != SEED_KEY])
+    rows = summarise(results, labels)
+    keep_hparams_of(folder / "hparams", {point_name(point) for point in points})
+    write_report(folder, {"ablation": rows}, directions, stem="ablation", settings=[*labels.values(), "seeds"])
     return rows

@@ -4,11 +4,13 @@ when piped), figures saved as PNG and written to the run's TensorBoard."""
 from __future__ import annotations
 
 import csv
+import math
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch.nn as nn
+from torch import nn
 
 
 def metric_directions(system: nn.Module, stage: str) -> dict[str, bool | None]:
@@ -32,7 +34,12 @@ def metric_directions(system: nn.Module, stage: str) -> dict[str, bool | None]:
 
 def direction(column: str, directions: dict[str, bool | None]) -> bool | None:
     """Whether a higher `column` is better (True / False), None where unknown. `<metric>_mean` columns take their
-    metric's direction; "<prefix>*" entries of `directions` match by the longest prefix."""
+    metric's direction; "<prefix>*" entries of `directions` match by the longest prefix. A `<metric>_std` column
+    (a spread over seeds: smaller is steadier, not better or worse) has none, unless it is itself a metric's name."""
+    if column in directions:
+        return directions[column]
+    if column.endswith("_std"):
+        return None
     name = column.removesuffix("_mean")
     if name in directions:
         return directions[name]
@@ -40,21 +47,33 @@ def direction(column: str, directions: dict[str, bool | None]) -> bool | None:
     return directions[max(patterns, key=len)] if patterns else None
 
 
-def legend(columns: list[str], directions: dict[str, bool | None]) -> str:
-    """"higher is better: a, b; lower is better: c" for the columns whose direction is known ("" if none)."""
+def legend(columns: list[str], directions: dict[str, bool | None], settings: Iterable[str] = ()) -> str:
+    """"higher is better: a, b; lower is better: c" for the columns whose direction is known ("" if none).
+    `settings`: columns that describe a run, never a metric (an ablation's grid values, its `seeds`), which a
+    direction for every column ("*": a dict metric logged without a prefix) would otherwise name."""
     parts = []
+    skipped = set(settings)
     for wanted, words in ((True, "higher is better"), (False, "lower is better")):
-        names = [c for c in columns if direction(c, directions) is wanted]
+        names = [c for c in columns if c not in skipped and direction(c, directions) is wanted]
         if names:
             parts.append(f"{words}: {', '.join(names)}")
     return "; ".join(parts)
 
 
+def cell(value: Any) -> str:
+    """A table cell for people: a float to 4 decimals, but never fewer than 3 significant digits, so a small
+    non-zero value (a spread over seeds of 3.9e-05) never reads 0.0; files (CSV) keep full precision."""
+    if isinstance(value, float) and math.isfinite(value) and value != 0:
+        return str(round(value, max(4, 2 - math.floor(math.log10(abs(value))))))
+    return str(value)
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of dict rows, columns in first-seen key order (reports and benchmark scripts)."""
+    """A markdown table of dict rows, columns in first-seen key order (reports and benchmark scripts); floats as
+    `cell` writes them."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows])
+    return "\n".join(lines + ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows])
 
 
 def print_table(title: str, rows: list[dict[str, Any]], caption: str) -> None:
@@ -70,14 +89,16 @@ def print_table(title: str, rows: list[dict[str, Any]], caption: str) -> None:
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*(str(row.get(c, "")) for c in columns))
+        table.add_row(*(cell(row.get(c, "")) for c in columns))
     Console().print(table)
 
 
 def write_report(folder: Path, tables: dict[str, list[dict[str, Any]]],
-                 directions: dict[str, bool | None] | None = None, stem: str = "report") -> None:
-    """<stem>.md (one section per table, each with its higher/lower-is-better legend), <stem>.csv (the first
-    table) and <table>.csv; tables printed."""
+                 directions: dict[str, bool | None] | None = None, stem: str = "report",
+                 settings: Iterable[str] = ()) -> None:
+    """<stem>.md (one section per table, each with its higher/lower-is-better legend; numbers as `cell` writes
+    them), <stem>.csv (the first table) and <table>.csv in full precision; tables printed. `settings`: columns that
+    are no metric and get no direction (see `legend`)."""
     folder.mkdir(parents=True, exist_ok=True)
     sections = []
     for index, (title, rows) in enumerate(tables.items()):
@@ -88,7 +109,7 @@ def write_report(folder: Path, tables: dict[str, list[dict[str, Any]]],
                 writer.writeheader()
                 writer.writerows(rows)
         numeric = [c for c in columns if any(isinstance(row.get(c), (int, float)) for row in rows)]
-        caption = legend(numeric, directions or {})  # a run's name is never "better", even under a "*" direction
+        caption = legend(numeric, directions or {}, settings)  # a run's name is never "better", even under "*"
         sections.append(f"## {title}\n\n{markdown_table(rows)}" + (f"\n\n{caption}" if caption else ""))
         print_table(f"{folder}: {title}", rows, caption)
     (folder / f"{stem}.md").write_text("\n\n".join(sections) + "\n")

@@ -297,8 +297,9 @@ class L2X(FeatureSelector):
     def __init__(self, space: FeatureSpace, scorer: nn.Module, approximator: nn.Module, num_classes: int, *, k: int,
                  tau: float) -> None:
         super().__init__(space, scorer, approximator, num_classes)
-        if not 1 <= k <= space.num_features:
-            raise ValueError(f"k must be in [1, {space.num_features}] (the number of features); got {k}.")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= space.num_features:
+            raise ValueError(f"k (features selected per sample) must be an integer in [1, {space.num_features}] (the "
+                             f"number of features); got {k!r}.")
         self.k, self.tau = k, tau
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
