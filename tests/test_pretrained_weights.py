@@ -235,8 +235,9 @@ def test_predict_and_load_from_checkpoint_need_no_starting_point_file(resnet18_f
 
     start = in_tmp_dir / "resnet18.pth"
     start.write_bytes(resnet18_file.read_bytes())
-    common = ["--config", str(REPO / "configs/baselines/image_folder.yaml"), f"--data.init_args.root={image_folder_root}",
-              "--data.init_args.image_size=32", "--data.init_args.mean=pretrained",
+    common = ["--config", str(REPO / "configs/baselines/image_folder.yaml"),
+              f"--data.init_args.root={image_folder_root}", "--data.init_args.image_size=32",
+              "--data.init_args.mean=pretrained",
               "--model.init_args.model_kwargs", f"{{pretrained_path: {start}}}"]
     main(["fit", *common, "--trainer.max_epochs=1", "--trainer.logger.init_args.name=run", "--trainer.callbacks=null",
           "--progress_bar.refresh_rate=0"])
