@@ -4,22 +4,71 @@
   top-N images by peak activation (within the filter's category when labels are given), map the peak unit to image
   coordinates (receptive-field centre of the unit), and for each landmark k take the std over those images of the
   distance landmark -> peak; the score is the mean over filters and landmarks divided by the image diagonal. Lower
-  is better.
+  is better. Images whose peak ties the N-th largest all count (so the top N may hold more than N): which of
+  equal peaks (a dead filter's zeros) made the cut once depended on the order the images arrived in, and so on the
+  number of processes. The authors' Matlab `sort` kept the first in data set order; where top_n is at least a
+  category's image count (the default 100 on the parts world's validation split) nothing changes.
 - `PartIoU` (Network Dissection, Bau et al. 2017, as specified for ICNN): per filter, threshold T_f at the top
   `quantile` of all its upsampled activations over the data set, binarise, and count the images whose IoU with a
   ground-truth part mask exceeds `iou_threshold`; P_{f,k} is that fraction over the images containing part k.
   The score is the mean over filters of max_k P_{f,k}. Higher is better. Parts are the ground-truth part types
   when given (so "filter 17 = red triangle"), else mask slots.
+
+Both keep per-image tensors in "cat" states; `gather_allowing_empty_ranks` syncs a process that saw no image (with
+an unrepeated evaluation sampler a rank may have none) instead of aborting the gather.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
+from torchmetrics.utilities.distributed import gather_all_tensors
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool, torch.uint8, torch.int8,
+           torch.int16, torch.int32, torch.int64)
+_MAX_DIMS = 8
+
+
+def gather_allowing_empty_ranks(result: torch.Tensor, group: Any | None = None) -> list[torch.Tensor]:
+    """torchmetrics' `gather_all_tensors` for "cat" states of which some ranks hold nothing: torchmetrics stands a
+    1-D float `tensor([])` in for a rank's empty list, which meets (n, F, K) or bool tensors of the other ranks in a
+    mismatched collective (gloo: "Received data size doesn't match expected size"). Ranks first share their dtype
+    and shape; a rank without data then gathers an empty (0, *rest) tensor of the dtype and trailing shape of the
+    first rank that has data. Pass it as the Metric's `dist_sync_fn`."""
+    group = group if group is not None else torch.distributed.group.WORLD
+    if result.numel() and (result.ndim > _MAX_DIMS or result.dtype not in _DTYPES):
+        raise ValueError(f"Cannot describe a {result.dtype} state of {result.ndim} dims to the other ranks.")
+    meta = torch.zeros(3 + _MAX_DIMS, dtype=torch.long)  # has data, dtype, ndim, shape
+    if result.numel():
+        meta[:3] = torch.tensor([1, _DTYPES.index(result.dtype), result.ndim])
+        meta[3:3 + result.ndim] = torch.tensor(result.shape)
+    meta = meta.to(result.device)
+    metas = [torch.zeros_like(meta) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(metas, meta, group=group)
+    holders = [m.tolist() for m in metas if m[0] == 1]
+    if result.numel() == 0 and holders:
+        _, dtype, ndim, *shape = holders[0]
+        result = torch.zeros((0, *shape[1:ndim]), dtype=_DTYPES[dtype], device=result.device)
+    return gather_all_tensors(result, group)
+
+
+class _PerImageMetric(Metric):
+    """A Metric of "cat" states that syncs when some ranks hold none: `gather_allowing_empty_ranks` for every sync,
+    `compute`'s and also an explicit `sync` / `sync_context` that names no gather function (torchmetrics would then
+    use plain `gather_all_tensors`)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**{"dist_sync_fn": gather_allowing_empty_ranks, **kwargs})
+
+    def sync(self, dist_sync_fn: Callable | None = None, process_group: Any | None = None, should_sync: bool = True,
+             distributed_available: Callable | None = None) -> None:
+        super().sync(dist_sync_fn or self.dist_sync_fn, process_group, should_sync, distributed_available)
 
 
 def peak_positions(maps: torch.Tensor, image_size: tuple[int, int], stride: int | None = None
@@ -35,10 +84,11 @@ def peak_positions(maps: torch.Tensor, image_size: tuple[int, int], stride: int 
     return value, torch.stack([x, y], -1)
 
 
-class LocationInstability(Metric):
+class LocationInstability(_PerImageMetric):
     """Mean over filters and landmarks of std(distance landmark -> filter peak) over each filter's top-N images
-    where the landmark is visible, divided by the image diagonal. update(maps (B, F, h, w), landmarks (B, K, 2) xy,
-    visible (B, K) or None, labels (B,) or None). `stride`: the maps' stride in pixels (see `peak_positions`).
+    where the landmark is visible (with every image whose peak ties the N-th), divided by the image diagonal.
+    update(maps (B, F, h, w), landmarks (B, K, 2) xy, visible (B, K) or None, labels (B,) or None). `stride`: the
+    maps' stride in pixels (see `peak_positions`).
 
     With labels, a filter's top-N images are drawn from its category only, as in the paper's per-category
     evaluation (landmark k of another class is another part). The category is the class with the highest mean
@@ -80,14 +130,14 @@ class LocationInstability(Metric):
             own = labels[:, None] == class_mean.argmax(0)[None, :]  # (N, F): image of the filter's category
             peaks = torch.where(own, peaks, torch.full_like(peaks, -math.inf))
         # each (filter, landmark) ranks only the images where the landmark is visible, then takes its top N (the
-        # authors' getDistSqrtVar.m drops invalid images before taking the top N, not after)
+        # authors' getDistSqrtVar.m drops invalid images before taking the top N, not after), and every image tied
+        # with the N-th: the set never depends on the order the images came in
         ranked = torch.where(visible[:, None, :].bool(), peaks[..., None], torch.full_like(distances, -math.inf))
-        top, keep = ranked.topk(min(self.top_n, len(peaks)), dim=0)  # (n, F, K)
-        d = distances.gather(0, keep)  # (n, F, K)
-        v = torch.isfinite(top).float()  # visible and of the filter's category
+        cut = ranked.topk(min(self.top_n, len(peaks)), dim=0).values[-1]  # (F, K) the N-th largest peak
+        v = ((ranked >= cut) & torch.isfinite(ranked)).float()  # (N, F, K) in the top N, visible, of the category
         count = v.sum(0)
-        mean = (d * v).sum(0) / count.clamp(min=1)
-        variance = (v * (d - mean) ** 2).sum(0) / (count - 1).clamp(min=1)  # unbiased, as Matlab's var
+        mean = (distances * v).sum(0) / count.clamp(min=1)
+        variance = (v * (distances - mean) ** 2).sum(0) / (count - 1).clamp(min=1)  # unbiased, as Matlab's var
         diagonal = math.hypot(*self.image_size)
         return torch.where(count >= 2, variance.sqrt() / diagonal, torch.full_like(mean, math.nan))
 
@@ -95,7 +145,7 @@ class LocationInstability(Metric):
         return self.per_filter().nanmean()
 
 
-class PartIoU(Metric):
+class PartIoU(_PerImageMetric):
     """Network-Dissection part interpretability: mean over filters of the best part's hit rate.
     update(maps (B, F, h, w), part_masks (B, P, H, W) bool, part_types (B, P) long or None)."""
 

@@ -4,6 +4,15 @@ median rank of the true features, TPR/FDR of a selection, and agreement accuracy
 Conventions fixed once for every method: features are ranked by |score| descending, ties broken at random; a
 sample's median rank is the median (mean of the two middle values for an even count) of its true features' ranks,
 rank 1 being the most important; the optimum for k true features is the median of {1, ..., k}.
+
+Ties in `MedianRank` (and wherever `feature_ranks` is given a `seed`) follow a random order of the features that is a
+function of the seed and of the sample's own |scores| alone (an integer hash of their bit patterns), so a sample
+ranks the same in any batch, position, process or run, and the global random stream is not touched; rows with other
+scores get other orders, so no feature is favoured across samples (one fixed order for every sample, as
+`zoo.explain.faithfulness.saliency_rank` uses for pixels, would rank a true feature tied with a false one always
+first or always last here, where the true features sit at the same positions in every sample). Under DDP the
+global stream drew each rank's own tie order (2 processes gave 7.0 where 1 gave 6.0 on tied scores) and validation
+consumed the training random stream.
 """
 
 from __future__ import annotations
@@ -12,11 +21,47 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+_MASK32 = 0xFFFFFFFF
 
-def feature_ranks(scores: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, d) rank of each feature by |score| descending (1 = top), ties broken uniformly at random."""
+
+def _mul32(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """x * factor mod 2^32 for int64 x in [0, 2^32) and a 32-bit factor, in halves so no int64 product overflows."""
+    low = (x & 0xFFFF) * factor
+    high = (((x >> 16) * factor) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finaliser (fmix32): a bijection of 32-bit integers (int64 in [0, 2^32)) that spreads every bit."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def tie_order_keys(magnitude: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """(B, d) float -> (B, d) int64 keys in [0, 2^32), distinct within a row: a random order of each row's features
+    that depends only on `seed` and the row's values (vectorised, on the row's device, global random stream untouched).
+    """
+    bits = magnitude.float().contiguous().view(torch.int32).long() & _MASK32  # (B, d) each value's bit pattern
+    position = _mix32(torch.arange(magnitude.shape[-1], device=magnitude.device))  # (d,)
+    salt = _mix32(torch.tensor(seed & _MASK32, device=magnitude.device))
+    row = _mix32((_mix32(bits ^ position).sum(-1, keepdim=True) & _MASK32) ^ salt)  # (B, 1) the row's hash
+    return _mix32(row ^ position)  # (B, d), distinct: row ^ position is distinct per feature, _mix32 a bijection
+
+
+def feature_ranks(scores: torch.Tensor, generator: torch.Generator | None = None, seed: int | None = None
+                  ) -> torch.Tensor:
+    """(B, d) rank of each feature by |score| descending (1 = top), ties broken uniformly at random: by `seed` when
+    given (`tie_order_keys`: each sample's order a function of its scores, the same in every batch and process), else
+    by `generator` (default: the global random stream; one process evaluating all samples, as `compare_explainers`)."""
     magnitude = scores.detach().abs().float()
-    shuffle = torch.rand(magnitude.shape, generator=generator).argsort(-1).to(magnitude.device)  # random order
+    if seed is None:
+        keys = torch.rand(magnitude.shape, generator=generator).to(magnitude.device)
+    else:
+        keys = tie_order_keys(magnitude, seed)
+    shuffle = keys.argsort(-1)  # (B, d) a random order of the features
     shuffled = magnitude.gather(-1, shuffle)
     # A stable sort of a randomly permuted row breaks ties at random.
     order_in_shuffled = torch.sort(shuffled, dim=-1, descending=True, stable=True).indices
@@ -26,10 +71,11 @@ def feature_ranks(scores: torch.Tensor, generator: torch.Generator | None = None
     return ranks
 
 
-def median_true_rank(scores: torch.Tensor, relevant: torch.Tensor, generator: torch.Generator | None = None
-                     ) -> torch.Tensor:
-    """(B,) median rank of each sample's relevant features (samples without relevant features give NaN)."""
-    ranks = feature_ranks(scores, generator).float()
+def median_true_rank(scores: torch.Tensor, relevant: torch.Tensor, generator: torch.Generator | None = None,
+                     seed: int | None = None) -> torch.Tensor:
+    """(B,) median rank of each sample's relevant features (samples without relevant features give NaN); ties as
+    `feature_ranks`."""
+    ranks = feature_ranks(scores, generator, seed).float()
     relevant = relevant.bool()
     count = relevant.sum(-1)  # (B,)
     true_ranks = torch.where(relevant, ranks, torch.inf).sort(-1).values  # (B, d) true ranks first, ascending
@@ -41,19 +87,21 @@ def median_true_rank(scores: torch.Tensor, relevant: torch.Tensor, generator: to
 
 class MedianRank(Metric):
     """Per-sample median rank of the true features; `compute` gives the median over samples (the box plot's
-    centre line, the paper's Figure 3), `values()` the whole distribution."""
+    centre line, the paper's Figure 3), `values()` the whole distribution. Ties are broken by `tie_order_keys` with
+    `seed`: a sample's median rank does not depend on its batch, position or process."""
 
     higher_is_better = False
     full_state_update = False
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, seed: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.seed = seed
         self.add_state("medians", default=[], dist_reduce_fx="cat")
 
     def update(self, scores: torch.Tensor, relevant: torch.Tensor) -> None:
         if scores.shape != relevant.shape:
             raise ValueError(f"scores {tuple(scores.shape)} and relevant {tuple(relevant.shape)} must match.")
-        medians = median_true_rank(scores, relevant)
+        medians = median_true_rank(scores, relevant, seed=self.seed)
         self.medians.append(medians[~medians.isnan()])
 
     def values(self) -> torch.Tensor:

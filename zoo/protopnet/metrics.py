@@ -12,6 +12,9 @@ most (background when it overlaps none).
   to the image, averaged over units.
 - part IoU: the IoU of the region with the part mask it overlaps most, averaged over a unit's images and units.
 Higher is better for all three; the math is in functional helpers, as torchmetrics' regression/mae.py.
+
+The stability noise of an image is a function of its data set index and a fixed seed (`image_noise`): the score
+does not depend on the number of processes, the batch size or the image's place in its batch.
 """
 
 from __future__ import annotations
@@ -21,9 +24,21 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 
+def image_noise(index: torch.Tensor, shape: tuple[int, ...], seed: int = 0, device: torch.device | str = "cpu"
+                ) -> torch.Tensor:
+    """(B, *shape) standard Gaussian noise on `device`, image b's drawn from a generator of that device seeded with
+    (`seed`, `index[b]`) alone: the same noise for an image in any batch, position or process, and the global random
+    stream untouched (CPU and CUDA generators draw different numbers, as any seeded torch draw). One generator per
+    image, in a loop over the batch: torch has no per-sample seeded draw, and this runs only in evaluation (a host
+    sync for the indices, none in a training step)."""
+    seeds = ((index.detach().long().cpu() + seed * 0x9E3779B1) % 2**32).tolist()  # CPU generators use 32 bits
+    noise = [torch.randn(shape, generator=torch.Generator(device=device).manual_seed(s), device=device)
+             for s in seeds]
+    return torch.stack(noise) if noise else torch.empty(0, *shape, device=device)
+
+
 def activated_regions(maps: torch.Tensor, size: tuple[int, int], quantile: float) -> torch.Tensor:
     """(B, m, h, w) maps -> (B, m, H*W) bool: the pixels at or above each upsampled map's `quantile`."""
-    batch, units = maps.shape[:2]
     upsampled = F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False).flatten(2)
     pixels = upsampled.shape[-1]
     kept = max(1, round((1 - quantile) * pixels))  # the region's size (more on ties)

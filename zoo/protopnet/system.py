@@ -10,7 +10,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.checks import batch_field
 from zoo.engine import ZooSystem
-from zoo.protopnet.metrics import PartConsistency
+from zoo.protopnet.metrics import PartConsistency, image_noise
 from zoo.protopnet.push import apply_push, keep_nearest, nearest_patches, push_loader
 
 
@@ -35,7 +35,10 @@ class ProtoPNetSystem(ZooSystem):
 
     Args:
         push_stages: names of the stages that start with a push.
-        stability_noise: std of the Gaussian noise added to the images for the stability score (0: no score).
+        stability_noise: std of the Gaussian noise added to the images for the stability score (0: no score). An
+            image's noise is a function of its data set index (`batch["index"]`, `image_noise`), so the score is the
+            same on any number of processes and for any batch size; batches without indices draw it from one
+            generator reseeded at each validation / test epoch (then it follows the batch order).
         part_quantile: the activated region of a unit is the top 1 - part_quantile of its upsampled map.
     """
 
@@ -101,7 +104,7 @@ class ProtoPNetSystem(ZooSystem):
     # ------------------------------------------------------------------------------------------------ metrics
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
-        self._noise = torch.Generator(device=self.device).manual_seed(0)  # the same noise every epoch, global RNG kept
+        self._noise = torch.Generator(device=self.device).manual_seed(0)  # no indices: the same noise every epoch
 
     def on_test_epoch_start(self) -> None:
         self._noise = torch.Generator(device=self.device).manual_seed(0)
@@ -112,6 +115,14 @@ class ProtoPNetSystem(ZooSystem):
         height, width = maps.shape[-2:]
         return maps.gather(1, units[..., None, None].expand(-1, -1, height, width))
 
+    def stability_noise_for(self, images: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """Standard Gaussian noise like `images` (B, C, H, W) for the stability score: each image's from its data set
+        index where the batch has one (`image_noise`), else from the epoch's generator; the global stream kept."""
+        if "index" in batch:
+            return image_noise(batch["index"], tuple(images.shape[1:]), device=images.device).to(images.dtype)
+        generator = self._noise or torch.Generator(device=images.device).manual_seed(0)
+        return torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+
     def update_metrics(self, out: dict[str, Any], batch: dict[str, Any], stage: str) -> None:
         super().update_metrics(out, batch, stage)
         if stage == "train" or "part_masks" not in batch:
@@ -121,7 +132,6 @@ class ProtoPNetSystem(ZooSystem):
         noisy = None
         if self.stability_noise > 0:
             images = batch_field(batch, self.input_key)
-            generator = self._noise or torch.Generator(device=images.device).manual_seed(0)
-            noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+            noise = self.stability_noise_for(images, batch)  # (B, C, H, W)
             noisy = self.unit_maps_of(self.model(images + self.stability_noise * noise)["unit_maps"], units)
         self.log_metric(stage, "parts", maps, units, batch["part_masks"], batch["part_types"], noisy)
