@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -222,6 +223,10 @@ class DictDataModule(pl.LightningDataModule):
         metrics reduce at the epoch's end). None with one process (a sequential loader, as before)."""
         replicas = self._sampler_replicas()
         if replicas == 1:
+            return None
+        if len(dataset) < replicas:  # a rank would get no sample: Lightning's padded sampler, and say so
+            rank_zero_warn(f"The evaluation split holds {len(dataset)} samples for {replicas} processes: each rank "
+                           "evaluates one (repeated) sample, so metrics count some samples twice.")
             return None
         from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 

@@ -372,3 +372,23 @@ def test_series_training_loader_drops_a_last_batch_of_one() -> None:
     data = RuleSeriesDataModule(num_train=34, num_val=8, batch_size=16)
     data.setup("fit")
     assert [len(batch["label"]) for batch in data.train_dataloader()] == [16, 16, 2]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_evaluation_shards_under_ddp_hold_every_sample_once(rank: int) -> None:
+    """Two processes: rank r evaluates samples r, r + 2, ..., none repeated (Lightning's injected sampler padded the
+    shards with repeats); a split smaller than the world falls back to the padded sampler, with a warning."""
+    from types import SimpleNamespace
+
+    from datamodules import PartsWorldDataModule
+
+    data = PartsWorldDataModule(num_train=8, num_val=5, num_test=1, batch_size=4, image_size=32)
+    data.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": rank}, global_rank=rank,
+                                   _accelerator_connector=SimpleNamespace(use_distributed_sampler=True))
+    data.setup("fit")
+    indices = [int(i) for batch in data.val_dataloader() for i in batch["index"]]
+    assert indices == list(range(rank, 5, 2))
+    data.setup("test")
+    with pytest.warns(UserWarning, match="holds 1 samples for 2 processes"):
+        loader = data.test_dataloader()
+    assert not isinstance(loader.sampler, torch.utils.data.DistributedSampler)  # Lightning injects its own

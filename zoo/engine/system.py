@@ -244,7 +244,8 @@ class ZooSystem(pl.LightningModule):
     def _log_dict_metrics(self, stage: str) -> None:
         for key, prefix in self._dict_metrics.items():
             metric = self.metrics[key]
-            if key.startswith(f"{stage}_") and metric.update_count:
+            # a rank that evaluated no batch still computes: compute() is a collective under DDP
+            if key.startswith(f"{stage}_") and (metric.update_count or self.trainer.world_size > 1):
                 for name, value in metric.compute().items():
                     self.log(f"{stage}/{prefix}{name}", value.float() if torch.is_tensor(value) else value,
                              sync_dist=False)  # already synchronised by compute()
