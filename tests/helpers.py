@@ -1,17 +1,24 @@
-"""Test-only callbacks (importable by class_path from a subprocess run of train.py) and writers of small datasets in
-real release formats (IDX, CSV tables, torchvision weight files)."""
+"""Test-only callbacks (importable by class_path from a subprocess run of train.py), writers of small datasets in
+real release formats (IDX, CSV tables, torchvision weight files), and a two-process gloo harness for metrics."""
 
 from __future__ import annotations
 
 import bz2
+import datetime
 import gzip
 import os
 import signal
 import struct
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 
 class KillAtStep(pl.Callback):
@@ -75,3 +82,39 @@ def write_release_data(root: Path) -> None:
     table = root / "data" / "rotten_tomatoes" / "rotten_tomatoes_corpus_full.csv.bz2"
     table.parent.mkdir(parents=True, exist_ok=True)
     write_table(table, REVIEWS, ",")
+
+
+def _gloo_rank(rank: int, port: str, world: int, job: Callable[..., Any], shards: list[list[int]], args: tuple,
+               folder: str, seed: int | None) -> None:
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", port
+    torch.set_num_threads(1)
+    if seed is not None:
+        torch.manual_seed(seed)  # one global stream on every rank, as seed_everything gives
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
+    try:
+        torch.save(job(shards[rank], *args), Path(folder) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def gloo_ranks(tmp_path: Path, job: Callable[..., Any], shards: list[list[int]], *args: Any, deadline_s: float = 60.0,
+               seed: int | None = None, start_method: str | None = None) -> list[Any]:
+    """What `job(shards[rank], *args)` (a module-level function: it is pickled) returns on each of len(shards) gloo
+    processes, each on one thread. Fails when the ranks have not finished by the deadline (a mismatched collective
+    hangs; the processes are then killed). Forked where the platform can unless `start_method` says otherwise (a
+    spawned rank spends seconds importing the zoo again)."""
+    port = os.environ.get("MASTER_PORT", "29571")  # conftest's own_rendezvous_port: a free port per test
+    method = start_method or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    world = len(shards)
+    context = mp.start_processes(_gloo_rank, args=(port, world, job, shards, args, str(tmp_path), seed), nprocs=world,
+                                 join=False, start_method=method)
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"the ranks did not finish within {deadline_s:.0f} s (mismatched collectives hang)")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(world)]

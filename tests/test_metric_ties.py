@@ -10,17 +10,14 @@ aborted the gather ("Received data size doesn't match expected size") when a ran
 
 from __future__ import annotations
 
-import datetime
-import os
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.helpers import gloo_ranks
 from zoo.icnn.metrics import LocationInstability, PartIoU
 from zoo.l2x.metrics import MedianRank
 
@@ -65,33 +62,10 @@ def evaluate(order: list[int], batch: int = BATCH) -> dict[str, float]:
     return values
 
 
-def rank_worker(rank: int, port: str, shards: list[list[int]], folder: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", port
-    torch.set_num_threads(1)
-    torch.manual_seed(7)  # one global stream on every rank, as seed_everything gives
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=30))
-    try:
-        torch.save(evaluate(shards[rank]), Path(folder) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 def two_processes(tmp_path: Path, shards: list[list[int]]) -> list[dict[str, float]]:
-    """Each rank's synchronised values, evaluating shards[rank]; fails when the ranks have not finished by the
-    deadline (their processes are then killed)."""
-    port = os.environ.get("MASTER_PORT", "29581")  # conftest's own_rendezvous_port: a free port per test
-    context = mp.start_processes(rank_worker, args=(port, shards, str(tmp_path)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"the ranks did not finish within {DEADLINE_S:.0f} s (mismatched collectives hang)")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    """Each rank's synchronised values, evaluating shards[rank] (`tests.helpers.gloo_ranks`, spawned ranks; one
+    global stream on every rank, as seed_everything gives)."""
+    return gloo_ranks(tmp_path, evaluate, shards, deadline_s=DEADLINE_S, seed=7, start_method="spawn")
 
 
 def one_process(order: list[int], batch: int = BATCH) -> dict[str, float]:

@@ -9,19 +9,15 @@ processes. Every spawn has a deadline: a hang fails the test instead of blocking
 
 from __future__ import annotations
 
-import datetime
-import os
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.utils.data.distributed import DistributedSampler
 
+from tests.helpers import gloo_ranks
 from zoo.textual.metrics import CIDErD, ClassRelevance, RougeL, as_text, reference_texts
 
 START, END = 1, 2  # token ids; 0 = padding, words 3..11
@@ -86,36 +82,10 @@ def rouge_l(order: list[int], n: int) -> dict[str, float]:
     return {"rouge_l": float(rouge.compute())}
 
 
-def rank_worker(rank: int, port: str, job: Callable[..., dict[str, float]], shards: list[list[int]], args: tuple,
-                folder: str) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", port
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=30))
-    try:
-        torch.save(job(shards[rank], *args), Path(folder) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 def two_processes(tmp_path: Path, shards: list[list[int]], *args: object,
                   job: Callable[..., dict[str, float]] = evaluate) -> list[dict[str, float]]:
-    """Each rank's synchronised values, `job(shards[rank], *args)`; fails when the ranks have not finished by the
-    deadline (their processes are then killed). Forked where the platform can (a spawned rank spends seconds
-    importing the zoo again); each rank runs torch on one thread, as a DataLoader worker does."""
-    port = os.environ.get("MASTER_PORT", "29571")  # conftest's own_rendezvous_port: a free port per test
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    context = mp.start_processes(rank_worker, args=(port, job, shards, args, str(tmp_path)), nprocs=WORLD, join=False,
-                                 start_method=method)
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() >= deadline:
-                pytest.fail(f"the ranks did not finish within {DEADLINE_S:.0f} s (mismatched collectives hang)")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD)]
+    """Each rank's synchronised values, `job(shards[rank], *args)` (`tests.helpers.gloo_ranks`)."""
+    return gloo_ranks(tmp_path, job, shards, *args, deadline_s=DEADLINE_S)
 
 
 def assert_one_process_values(ranks: list[dict[str, float]], one: dict[str, float]) -> None:
