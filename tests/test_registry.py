@@ -152,3 +152,14 @@ def test_list_models_takes_timms_arguments() -> None:
     assert set(both) == {n for n in zoo.list_models() if n.startswith(("icnn_", "l2x_")) and
                          not n.endswith("_tinycnn")}
     assert zoo.list_models(pretrained=True) == []
+
+
+@pytest.mark.parametrize("name, key, value", [("icnn_tinycnn", "masks", "maybe"), ("icnn_tinycnn", "num_classes", True),
+                                              ("l2x_vector", "k", 2.5), ("protopnet_tinycnn", "prototypes_per_class",
+                                                                         "10")])
+def test_a_setting_of_the_wrong_plain_type_is_refused(name: str, key: str, value: object) -> None:
+    """From a config or an ablation grid, `masks: maybe` is a truthy string: the model was built with masks on, and
+    the grid's two points trained the same model."""
+    with pytest.raises(ValueError, match=f"{key} must be"):
+        zoo.create_model(name, **{key: value})
+    zoo.create_model("icnn_tinycnn", tau_scale=16)  # an int for a float is fine

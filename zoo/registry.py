@@ -9,6 +9,8 @@ import fnmatch
 import inspect
 import re
 import sys
+import types
+import typing
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -100,6 +102,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
                              f"weights come from pretrained_path={kwargs['pretrained_path']!r}; drop pretrained=True.")
         raise ValueError(f"{name}: pretrained=True would download weights, which the zoo never does; save them once "
                          f"to a file and pass pretrained_path=<file> (README: Real data and pretrained weights).")
+    check_argument_types(name, factory, kwargs)
     for key in POSITIVE_SIZES:  # 0 classes or channels would build a model that fails at its first batch
         value = kwargs.get(key)
         if value is not None and not positive_int(value):
@@ -117,6 +120,48 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         raise ValueError(f"{name}: unknown argument {unknown.group(2)!r} (model_kwargs).{hint}") from None
     log_load_reports(model)  # what a pretrained_path gave: loaded / skipped / new tensors
     return model
+
+
+PLAIN_TYPES = (bool, int, float, str)
+
+
+def _type_hints(target: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # an annotation that does not resolve here: nothing to check against
+        return {}
+
+
+def _plain_types(annotation: Any) -> tuple[type, ...] | None:
+    """The plain types (bool, int, float, str) an annotation allows, None where it allows anything else too."""
+    if annotation in PLAIN_TYPES:
+        return (annotation,)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return tuple(members) if members and all(m in PLAIN_TYPES for m in members) else None
+    return None
+
+
+def _fits(value: Any, allowed: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # a bool is an int to Python, not to a model's settings
+        return bool in allowed
+    return any(isinstance(value, int if t is int else (int, float) if t is float else t)
+               for t in allowed if t is not bool)
+
+
+def check_argument_types(name: str, factory: Callable[..., nn.Module], kwargs: dict[str, Any]) -> None:
+    """Refuse a keyword argument whose value is not of the plain type (bool, int, float, str) its factory or model
+    class annotates: from a config or an ablation grid, `masks: maybe` is a truthy string, and the model would be
+    built with masks on, silently (an int passes for a float)."""
+    hints = _type_hints(factory)
+    built = hints.get("return")
+    if inspect.isclass(built):
+        hints = {**_type_hints(built.__init__), **hints}
+    for key, value in kwargs.items():
+        allowed = _plain_types(hints.get(key))
+        if value is not None and allowed is not None and not _fits(value, allowed):
+            raise ValueError(f"{name}: {key} must be {' or '.join(t.__name__ for t in allowed)}; got {value!r} "
+                             f"({type(value).__name__}).")
 
 
 def create_model_for_data(name: str, num_classes: int, in_chans: int | None, image_size: int | None,
