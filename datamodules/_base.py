@@ -152,6 +152,9 @@ class DictDataModule(pl.LightningDataModule):
                                  f"std={std!r}.")
             self.mean, self.std = PRETRAINED, None
             return
+        if isinstance(mean, str) or isinstance(std, str):  # `--data.init_args.mean imagenet`
+            raise ValueError(f"mean and std are lists of per-channel values, or mean: {PRETRAINED} (the backbone's); "
+                             f"got mean={mean!r}, std={std!r}.")
         if (mean is None) != (std is None):
             raise ValueError(f"Give both mean and std (or neither); got mean={mean!r}, std={std!r}.")
         if mean is not None:

@@ -74,7 +74,8 @@ def test_normalisation_given_or_taken_from_the_pretrained_config(image_folder_ro
     given = ImageFolderDataModule(str(image_folder_root), image_size=16, mean=[0.5], std=[0.25])
     torch.testing.assert_close(next(iter(given.val_dataloader()))["image"], (raw_images - 0.5) / 0.25)
     for mean, std, message in (([0.5], None, "both"), ([0.5, 0.5], [1.0, 1.0], "1 or 3"),
-                               ("pretrained", [0.2], "std from the backbone")):
+                               ("pretrained", [0.2], "std from the backbone"),
+                               ("imagenet", None, "lists of per-channel values, or mean: pretrained")):
         with pytest.raises(ValueError, match=message):
             ImageFolderDataModule(str(image_folder_root), mean=mean, std=std)
     with pytest.raises(ValueError, match="no timm pretrained config"):

@@ -96,7 +96,8 @@ def test_load_checkpoint_export_and_named_mismatches(tmp_path: Path, monkeypatch
         zoo.load_checkpoint(checkpoint, num_classes=4)
     with pytest.raises(CheckpointError, match="this run builds icnn_tinycnn"):
         zoo.load_checkpoint(checkpoint, model_name="icnn_tinycnn")
-    with pytest.raises(CheckpointError, match="holds baseline_tinycnn with 6 classes"):  # fit --ckpt_path refuses too
+    with pytest.raises(CheckpointError, match=r"holds baseline_tinycnn with 6 classes.*To fine-tune its weights to "
+                                              r"other classes.*pretrained_path"):  # fit --ckpt_path refuses too
         main(["fit", "--config", CONFIG, "--trainer.max_epochs=2", "--data.init_args.num_classes=4",
               "--data.init_args.num_train=64", "--data.init_args.num_val=32", f"--ckpt_path={checkpoint}"])
     with pytest.raises(CheckpointError, match="holds baseline_tinycnn .*this config builds icnn_tinycnn"):

@@ -286,8 +286,12 @@ def check_same_model(checkpoint_spec: dict[str, Any], wanted: dict[str, Any], so
     """Raise naming the difference when a checkpoint holds another model or class count than the one asked for."""
     for key in ("model_name", "num_classes", "in_chans"):
         if key in wanted and wanted[key] is not None and checkpoint_spec.get(key) != wanted[key]:
+            hint = (" To fine-tune its weights to other classes, start a new run from them instead: "
+                    "--model.init_args.model_kwargs.pretrained_path=<the checkpoint> (the backbone loads, the head is "
+                    "new)." if key == "num_classes" else "")
             raise CheckpointError(f"{source} holds {describe(checkpoint_spec)} ({key}={checkpoint_spec.get(key)!r}); "
-                                  f"this run builds {describe({**checkpoint_spec, **wanted})} ({key}={wanted[key]!r}).")
+                                  f"this run builds {describe({**checkpoint_spec, **wanted})} ({key}={wanted[key]!r})."
+                                  + hint)
 
 
 IDENTITY_KEYS = ("model_name", "variant")  # what names the model a System builds (classifiers; textual variants)
