@@ -93,6 +93,21 @@ def test_compare_counts_the_samples_it_read(in_tmp_dir: Path, monkeypatch: pytes
     assert row["infer_samples_per_s"] == 8.0 and row["train_samples_per_s"] == 8.0 * train_batches
 
 
+def test_compare_counts_the_samples_a_spawned_ddp_run_read(in_tmp_dir: Path) -> None:
+    """ddp_spawn trains and validates in worker processes, on copies of the counting callbacks: their counts come
+    back with rank zero's results (the throughput columns were empty and 0.0)."""
+    spec = {"compare": {"name": "spawned", "args": [*SMALL_WORLD, "--data.init_args.batch_size=8",
+                                                    "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+                                                    "--trainer.limit_val_batches=1", "--trainer.strategy=ddp_spawn",
+                                                    "--trainer.devices=2", "--trainer.accelerator=cpu",
+                                                    "--trainer.callbacks=[]"],
+                        "runs": {"only": {"config": BASELINE}}}}
+    (in_tmp_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    (row,) = main(["compare", "--config", "spec.yaml", "--no_explain"])
+    assert row["train_samples_per_s"] != "" and row["train_samples_per_s"] > 0 and row["infer_samples_per_s"] > 0
+    assert (in_tmp_dir / "checkpoints" / "spawned" / "report.md").is_file()
+
+
 def test_fit_of_a_compare_runs_config_reproduces_its_weights(in_tmp_dir: Path) -> None:
     """The second run (after another one trained) and `train.py fit` of its saved config.yaml: the same last.ckpt."""
     spec = {"compare": {"name": "again", "args": [*SMALL_WORLD, "--trainer.max_epochs=1",

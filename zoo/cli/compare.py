@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 import yaml
 from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
@@ -260,14 +261,34 @@ def drop_twins_equal_to_the_model(runs: dict[str, Any], clis: dict[str, Any]) ->
 class SampleCounter(pl.Callback):
     """Counts the samples a run's training or validation batches hold (the System's `batch_size` of each batch, on
     every process): what the throughput columns divide by. Counting batches read, not optimiser steps, is right
-    under gradient accumulation, limit_*_batches, fast_dev_run, a short last batch and several devices."""
+    under gradient accumulation, limit_*_batches, fast_dev_run, a short last batch and several devices.
+
+    A spawning strategy (`ddp_spawn`) runs the loops in worker processes on copies of this callback: rank zero's
+    count comes back to the main process through `trainer.callback_metrics`, as Lightning returns it (`samples`)."""
 
     def __init__(self, stage: str) -> None:
-        self.stage, self.samples = stage, 0
+        self.stage, self._samples = stage, 0
+        self.key = f"compare/{stage}_samples"
+
+    def samples(self, trainer: pl.Trainer) -> int:
+        """The samples read: counted here, or by a spawned worker's copy and returned in `trainer`'s metrics."""
+        returned = trainer.callback_metrics.get(self.key)
+        return self._samples or (int(returned) if returned is not None else 0)
+
+    def _report(self, trainer: pl.Trainer) -> None:
+        trainer.callback_metrics[self.key] = torch.tensor(float(self._samples))  # what a spawned worker sends back
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stage == "train":
+            self._report(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stage == "val":
+            self._report(trainer)
 
     def _count(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         size = pl_module.batch_size(batch) if hasattr(pl_module, "batch_size") else len(batch)
-        self.samples += size * trainer.world_size  # a host-side length: no device read
+        self._samples += size * trainer.world_size  # a host-side length: no device read
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -334,11 +355,11 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
                 cli.datamodule.setup("validate")
             else:
                 fit(cli)
-        fit_seconds, train_samples = time.perf_counter() - start, trained.samples
+        fit_seconds, train_samples = time.perf_counter() - start, trained.samples(cli.trainer)
         start = time.perf_counter()
         with counting(cli, "val") as validated:
             metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-        val_seconds, val_samples = time.perf_counter() - start, validated.samples
+        val_seconds, val_samples = time.perf_counter() - start, validated.samples(cli.trainer)
         directions |= metric_directions(cli.model, "val")
         report = cli.model.explanation_report(cli.datamodule, explain_settings) if explain else None
         if report is not None:  # every explainer the System knows, scored on the same validation samples
@@ -357,6 +378,8 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
             "train_samples_per_s": round(train_samples / fit_seconds, 1) if train_samples else "",
             "infer_samples_per_s": round(val_samples / val_seconds, 1),
         })
+    if not all(cli.trainer.is_global_zero for cli in clis.values()):  # `ddp` runs this function on every rank
+        return rows
     if explained_runs:
         save_figure(explanation_figure(explained_runs, clis[explained_runs[0].name].datamodule),
                     folder / "explanations.png")
