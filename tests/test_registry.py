@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -163,3 +164,4 @@ def test_a_setting_of_the_wrong_plain_type_is_refused(name: str, key: str, value
     with pytest.raises(ValueError, match=f"{key} must be"):
         zoo.create_model(name, **{key: value})
     zoo.create_model("icnn_tinycnn", tau_scale=16)  # an int for a float is fine
+    zoo.create_model("icnn_tinycnn", num_classes=np.int64(3), tau_scale=np.float32(8))  # and NumPy's numbers

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+import numbers
 import re
 import sys
 import types
@@ -102,11 +103,11 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
                              f"weights come from pretrained_path={kwargs['pretrained_path']!r}; drop pretrained=True.")
         raise ValueError(f"{name}: pretrained=True would download weights, which the zoo never does; save them once "
                          f"to a file and pass pretrained_path=<file> (README: Real data and pretrained weights).")
-    check_argument_types(name, factory, kwargs)
     for key in POSITIVE_SIZES:  # 0 classes or channels would build a model that fails at its first batch
         value = kwargs.get(key)
         if value is not None and not positive_int(value):
             raise ValueError(f"{name}: {key} must be a positive integer; got {value!r}.")
+    check_argument_types(name, factory, kwargs)
     try:
         model = factory(**{k: v for k, v in kwargs.items() if v is not None})
     except TypeError as error:
@@ -145,8 +146,8 @@ def _plain_types(annotation: Any) -> tuple[type, ...] | None:
 def _fits(value: Any, allowed: tuple[type, ...]) -> bool:
     if isinstance(value, bool):  # a bool is an int to Python, not to a model's settings
         return bool in allowed
-    return any(isinstance(value, int if t is int else (int, float) if t is float else t)
-               for t in allowed if t is not bool)
+    kinds = {int: numbers.Integral, float: numbers.Real, str: str}  # NumPy's ints and floats count
+    return any(isinstance(value, kinds[t]) for t in allowed if t is not bool)
 
 
 def check_argument_types(name: str, factory: Callable[..., nn.Module], kwargs: dict[str, Any]) -> None:
