@@ -21,34 +21,17 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-_MASK32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, factor: int) -> torch.Tensor:
-    """x * factor mod 2^32 for int64 x in [0, 2^32) and a 32-bit factor, in halves so no int64 product overflows."""
-    low = (x & 0xFFFF) * factor
-    high = (((x >> 16) * factor) & 0xFFFF) << 16
-    return (low + high) & _MASK32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's finaliser (fmix32): a bijection of 32-bit integers (int64 in [0, 2^32)) that spreads every bit."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
-
+from zoo.hashing import MASK32, mix32
 
 def tie_order_keys(magnitude: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """(B, d) float -> (B, d) int64 keys in [0, 2^32), distinct within a row: a random order of each row's features
     that depends only on `seed` and the row's values (vectorised, on the row's device, global random stream untouched).
     """
-    bits = magnitude.float().contiguous().view(torch.int32).long() & _MASK32  # (B, d) each value's bit pattern
-    position = _mix32(torch.arange(magnitude.shape[-1], device=magnitude.device))  # (d,)
-    salt = _mix32(torch.tensor(seed & _MASK32, device=magnitude.device))
-    row = _mix32((_mix32(bits ^ position).sum(-1, keepdim=True) & _MASK32) ^ salt)  # (B, 1) the row's hash
-    return _mix32(row ^ position)  # (B, d), distinct: row ^ position is distinct per feature, _mix32 a bijection
+    bits = magnitude.float().contiguous().view(torch.int32).long() & MASK32  # (B, d) each value's bit pattern
+    position = mix32(torch.arange(magnitude.shape[-1], device=magnitude.device))  # (d,)
+    salt = mix32(torch.tensor(seed & MASK32, device=magnitude.device))
+    row = mix32((mix32(bits ^ position).sum(-1, keepdim=True) & MASK32) ^ salt)  # (B, 1) the row's hash
+    return mix32(row ^ position)  # (B, d), distinct: row ^ position is distinct per feature, _mix32 a bijection
 
 
 def feature_ranks(scores: torch.Tensor, generator: torch.Generator | None = None, seed: int | None = None

@@ -23,18 +23,15 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
+from zoo.hashing import keyed_normal
+
 
 def image_noise(index: torch.Tensor, shape: tuple[int, ...], seed: int = 0, device: torch.device | str = "cpu"
                 ) -> torch.Tensor:
-    """(B, *shape) standard Gaussian noise on `device`, image b's drawn from a generator of that device seeded with
-    (`seed`, `index[b]`) alone: the same noise for an image in any batch, position or process, and the global random
-    stream untouched (CPU and CUDA generators draw different numbers, as any seeded torch draw). One generator per
-    image, in a loop over the batch: torch has no per-sample seeded draw, and this runs only in evaluation (a host
-    sync for the indices, none in a training step)."""
-    seeds = ((index.detach().long().cpu() + seed * 0x9E3779B1) % 2**32).tolist()  # CPU generators use 32 bits
-    noise = [torch.randn(shape, generator=torch.Generator(device=device).manual_seed(s), device=device)
-             for s in seeds]
-    return torch.stack(noise) if noise else torch.empty(0, *shape, device=device)
+    """(B, *shape) standard Gaussian noise on `device`, image b's a function of (`seed`, `index[b]`) alone
+    (`zoo.hashing.keyed_normal`: vectorised, on the device): the same noise for an image in any batch, position or
+    process, and the global random stream untouched."""
+    return keyed_normal(index.to(device), shape, seed)
 
 
 def activated_regions(maps: torch.Tensor, size: tuple[int, int], quantile: float) -> torch.Tensor:
