@@ -4,8 +4,8 @@ run folder, reused, loaded from a path), with a toy System that belongs to no fa
 
 from __future__ import annotations
 
-from functools import partial
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 

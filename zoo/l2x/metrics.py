@@ -23,6 +23,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from zoo.hashing import MASK32, mix32
 
+
 def tie_order_keys(magnitude: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """(B, d) float -> (B, d) int64 keys in [0, 2^32), distinct within a row: a random order of each row's features
     that depends only on `seed` and the row's values (vectorised, on the row's device, global random stream untouched).
