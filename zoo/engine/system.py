@@ -244,8 +244,9 @@ class ZooSystem(pl.LightningModule):
     def _log_dict_metrics(self, stage: str) -> None:
         for key, prefix in self._dict_metrics.items():
             metric = self.metrics[key]
-            # a rank that evaluated no batch still computes: compute() is a collective under DDP
-            if key.startswith(f"{stage}_") and (metric.update_count or self.trainer.world_size > 1):
+            # every rank evaluates at least one batch (`_evaluation_sampler`), and a metric a batch field feeds is
+            # updated on every rank or on none: ranks agree on whether to make this collective call
+            if key.startswith(f"{stage}_") and metric.update_count:
                 for name, value in metric.compute().items():
                     self.log(f"{stage}/{prefix}{name}", value.float() if torch.is_tensor(value) else value,
                              sync_dist=False)  # already synchronised by compute()

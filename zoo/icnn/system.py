@@ -83,7 +83,7 @@ class ICNNSystem(ZooSystem):
         """This validation epoch's per-filter part hit rates (F, K): which filter means what. A collective call
         under DDP (every rank must make it); None without part metrics or before any validation batch."""
         metric = self.metrics["val_part_iou"] if self.part_maps_key is not None else None
-        if metric is None or (metric.update_count == 0 and self.trainer.world_size == 1):  # a rank without images
-            return None  # still joins the other ranks' gather
+        if metric is None or metric.update_count == 0:  # no part masks in the data: on every rank alike
+            return None
         with metric.sync_context(should_sync=self.trainer.world_size > 1):
             return metric.part_scores()
