@@ -1,9 +1,13 @@
-"""Tiny torch.distributed helpers for online statistics kept inside models (no-ops in a single process)."""
+"""Tiny torch.distributed helpers for online statistics kept inside models (no-ops in a single process), and a gather
+for metric states that some ranks hold none of."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
+from torchmetrics.utilities.distributed import gather_all_tensors
 
 
 def is_distributed() -> bool:
@@ -25,3 +29,31 @@ def global_log_mean_exp(local_lme: torch.Tensor, local_count: int) -> torch.Tens
     weighted = all_reduce_(local_count * (local_lme - peak).exp(), "sum")
     total = all_reduce_(torch.tensor(float(local_count), device=local_lme.device), "sum")
     return peak + (weighted / total).log()
+
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.bool, torch.uint8, torch.int8,
+           torch.int16, torch.int32, torch.int64)
+_MAX_DIMS = 8
+
+
+def gather_allowing_empty_ranks(result: torch.Tensor, group: Any | None = None) -> list[torch.Tensor]:
+    """torchmetrics' `gather_all_tensors` for "cat" states of which some ranks hold nothing: torchmetrics stands a
+    1-D float `tensor([])` in for a rank's empty list, which meets (n, F, K) or bool tensors of the other ranks in a
+    mismatched collective (gloo: "Received data size doesn't match expected size"). Ranks first share their dtype
+    and shape; a rank without data then gathers an empty (0, *rest) tensor of the dtype and trailing shape of the
+    first rank that has data. Pass it as the Metric's `dist_sync_fn`."""
+    group = group if group is not None else dist.group.WORLD
+    if result.numel() and (result.ndim > _MAX_DIMS or result.dtype not in _DTYPES):
+        raise ValueError(f"Cannot describe a {result.dtype} state of {result.ndim} dims to the other ranks.")
+    meta = torch.zeros(3 + _MAX_DIMS, dtype=torch.long)  # has data, dtype, ndim, shape
+    if result.numel():
+        meta[:3] = torch.tensor([1, _DTYPES.index(result.dtype), result.ndim])
+        meta[3:3 + result.ndim] = torch.tensor(result.shape)
+    meta = meta.to(result.device)
+    metas = [torch.zeros_like(meta) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(metas, meta, group=group)
+    holders = [m.tolist() for m in metas if m[0] == 1]
+    if result.numel() == 0 and holders:
+        _, dtype, ndim, *shape = holders[0]
+        result = torch.zeros((0, *shape[1:ndim]), dtype=_DTYPES[dtype], device=result.device)
+    return gather_all_tensors(result, group)
