@@ -77,18 +77,23 @@ TORCHVISION = "torchvision:"  # backbone names of torchvision models (zoo.backbo
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def pretrained_normalization(backbone: str) -> tuple[list[float], list[float]]:
+def pretrained_normalization(backbone: str, channels: int | None = None) -> tuple[list[float], list[float]]:
     """The per-channel mean and std a timm backbone was pretrained with (its `pretrained_cfg`), e.g. ImageNet's for
-    "resnet18" (and for any "torchvision:<name>" backbone); read from timm's tables, nothing downloads."""
+    "resnet18" (and for any "torchvision:<name>" backbone); read from timm's tables, nothing downloads. Images of
+    another number of `channels` (grey) get one value each, timm's average over the channels."""
     from timm.models import get_pretrained_cfg
 
     if backbone.startswith(TORCHVISION):  # torchvision's ImageNet classification weights all use ImageNet's
-        return list(IMAGENET_MEAN), list(IMAGENET_STD)
-    cfg = get_pretrained_cfg(backbone)
-    if cfg is None or cfg.mean is None or cfg.std is None:
-        raise ValueError(f"Backbone {backbone!r} has no timm pretrained config with a mean and std; give the data's "
-                         f"mean and std as lists instead of {PRETRAINED!r}.")
-    return [float(m) for m in cfg.mean], [float(s) for s in cfg.std]
+        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    else:
+        cfg = get_pretrained_cfg(backbone)
+        if cfg is None or cfg.mean is None or cfg.std is None:
+            raise ValueError(f"Backbone {backbone!r} has no timm pretrained config with a mean and std; give the "
+                             f"data's mean and std as lists instead of {PRETRAINED!r}.")
+        mean, std = [float(m) for m in cfg.mean], [float(s) for s in cfg.std]
+    if channels is not None and channels != len(mean):
+        mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
+    return mean, std
 
 
 class NormalizedDataset(Dataset):
@@ -168,11 +173,7 @@ class DictDataModule(pl.LightningDataModule):
     def use_pretrained_normalization(self, backbone: str) -> None:
         """Resolve `mean: pretrained` with the timm `pretrained_cfg` of `backbone` (no-op for any other mean)."""
         if self.mean == PRETRAINED:
-            mean, std = pretrained_normalization(backbone)
-            channels = getattr(self, "num_channels", None)
-            if channels is not None and channels != len(mean):
-                mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]  # grey images: timm's channel average
-            self.set_normalization(mean, std)
+            self.set_normalization(*pretrained_normalization(backbone, getattr(self, "num_channels", None)))
 
     def denormalize(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, C, H, W) as the loaders yield them back in [0, 1] pixel values (for pictures)."""

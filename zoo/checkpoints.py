@@ -55,17 +55,13 @@ def data_config(model: nn.Module, spec: dict[str, Any], data: dict[str, Any] | N
         return None
     mean, std = data.get("mean"), data.get("std")
     if mean == "pretrained":
-        from datamodules._base import DictDataModule  # the datamodules' own resolution (grey: channel averages)
+        from datamodules._base import pretrained_normalization  # as the datamodules resolve it (grey: averages)
         from zoo.backbones import Backbone
 
         backbone = next((m for m in model.modules() if isinstance(m, Backbone)), None)
         if backbone is None:
             return None
-        resolver = DictDataModule()
-        resolver.num_channels = in_chans
-        resolver.set_normalization(mean, std)
-        resolver.use_pretrained_normalization(backbone.name)
-        mean, std = resolver.mean, resolver.std
+        mean, std = pretrained_normalization(backbone.name, in_chans)
     if mean is None or std is None:
         mean, std = [0.0], [1.0]
     resize = data.get("upsample_mode")  # DigitsDataModule names its resizing; the others resize bilinearly

@@ -710,10 +710,8 @@ def detector_normalization(backbone: str, in_chans: int, pretrained: bool) -> tu
     else 0.5 / 0.25 (a backbone trained from scratch, or the tiny CNN, which has no pretrained config)."""
     if not pretrained or backbone == TINY_CNN:
         return [0.5] * in_chans, [0.25] * in_chans
-    mean, std = pretrained_normalization(backbone)
-    if len(mean) != in_chans:  # grey images: timm's channel average, as the datamodules do
-        mean, std = [sum(mean) / len(mean)] * in_chans, [sum(std) / len(std)] * in_chans
-    return mean, std
+    mean, std = pretrained_normalization(backbone, in_chans)  # grey images: timm's channel average
+    return mean * (in_chans // len(mean)), std * (in_chans // len(std))
 
 
 class DetectionBackbone(nn.Module):
