@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from zoo.cli.errors import configuration_phase, is_configuration_error, mark, root_cause
-from zoo.cli.lightning import ZooCLI, backbone_name, fit
+from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.report import metric_directions, write_report
 
 ABLATE_HELP = """\
@@ -370,21 +370,17 @@ def naming_the_point(index: int, total: int, point: dict[str, Any]) -> Iterator[
         raise mark(ValueError(f"{root_cause(error)}\n{said}")) from error
 
 
-class PointCheck(ZooCLI):
+class PointCheck(ParsedCLI):
     """A grid point's CLI that only parses its arguments and builds its model, datamodule (no `setup`: no data is
     read), logger and callbacks: no Trainer, no seeding (`train.py fit` seeds when the point runs). Its own parser
     builds the System: LightningCLI's instantiators give a System the hyperparameters of the CLI that owns the
     parser (a System builds its model from them), so another point's parser would build that point's model."""
 
-    def _set_seed(self) -> None:
-        pass
-
     def instantiate_classes(self) -> None:
         with configuration_phase():
             self.config_init = self.parser.instantiate_classes(self.config)
             self.datamodule, self.model = self._get(self.config_init, "data"), self._get(self.config_init, "model")
-            if getattr(self.datamodule, "mean", None) == "pretrained":  # as ZooCLI.instantiate_classes resolves it
-                self.datamodule.use_pretrained_normalization(backbone_name(self.model))
+            self.resolve_pretrained_mean()
 
 
 def check_points(config: str, name: str, points: list[dict[str, Any]], extra: list[str], first: int = 1,

@@ -16,7 +16,7 @@ import yaml
 from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
 from zoo.cli.errors import configuration_phase
-from zoo.cli.lightning import ZooCLI, fit
+from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.report import metric_directions, write_report
 from zoo.figures import log_figure, save_figure
 from zoo.explain.scores import EXPLANATION_DIRECTIONS, ExplainedRun, explanation_figure, true_and_predicted
@@ -195,14 +195,7 @@ def _fit_args(run_name: str, run: dict[str, Any], spec_path: Path, common: list[
 def resolved_model_config(config: str, args: list[str]) -> dict[str, Any]:
     """The `model` section (class_path, init_args) of `config` with `args` applied, as `train.py fit` parses them
     (`*_kwargs` merged, files read); nothing is built or seeded (the random state is left as it was)."""
-    class ParsedOnly(ZooCLI):
-        def _set_seed(self) -> None:  # LightningCLI seeds after parsing: the run seeds itself when it is built
-            pass
-
-        def instantiate_classes(self) -> None:  # the parse is all that is wanted
-            pass
-
-    model = ParsedOnly(args=["--config", config, *args], run=False).config.model
+    model = ParsedCLI(args=["--config", config, *args], run=False).config.model
     return model.as_dict() if hasattr(model, "as_dict") else dict(model)
 
 

@@ -205,16 +205,24 @@ class ZooCLI(LightningCLI):
 
         from zoo.weights import checkpoint_replaces_weights
 
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        _, ckpt_path = self._subcommand_and_ckpt_path()
         # a checkpoint file replaces every weight: the model's pretrained_path (maybe gone since) is not read. Not for
         # `last` / `best`, which may resolve to nothing and then need the pretrained weights
         replaced = checkpoint_replaces_weights() if ckpt_path and Path(str(ckpt_path)).is_file() else nullcontext()
         with configuration_phase(), replaced:
             super().instantiate_classes()
-            if getattr(self.datamodule, "mean", None) == "pretrained":  # a backbone without a timm config: said once
-                self.datamodule.use_pretrained_normalization(backbone_name(self.model))
+            self.resolve_pretrained_mean()
         warn_unnormalised_pretrained(self.model, self.datamodule)
+
+    def resolve_pretrained_mean(self) -> None:
+        """A datamodule's `mean: pretrained` resolved with the model's backbone (a backbone without a timm config:
+        said once)."""
+        if getattr(self.datamodule, "mean", None) == "pretrained":
+            self.datamodule.use_pretrained_normalization(backbone_name(self.model))
+
+    def _subcommand_and_ckpt_path(self) -> tuple[str | None, Any]:
+        subcommand = self.config.get("subcommand")
+        return subcommand, self.config[subcommand].get("ckpt_path") if subcommand else None
 
     def before_fit(self) -> None:
         """Auxiliary models (L2X's black box, the textual sentence classifier) are trained before the fit is
@@ -228,8 +236,7 @@ class ZooCLI(LightningCLI):
         """Lightning copies a `--ckpt_path` checkpoint's hyperparameters over the config; refuse first, naming both,
         a checkpoint of another System or model (else the run would silently rebuild the checkpoint's model and
         pair it with this config's loss)."""
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        subcommand, ckpt_path = self._subcommand_and_ckpt_path()
         if ckpt_path and str(ckpt_path) not in CKPT_PATH_KEYWORDS and not str(ckpt_path).startswith("registry"):
             from zoo.weights import check_config_fits_checkpoint, read_checkpoint
 
@@ -237,6 +244,17 @@ class ZooCLI(LightningCLI):
                 check_config_fits_checkpoint(self.config[subcommand].get("model"), read_checkpoint(ckpt_path),
                                              f"--ckpt_path {ckpt_path!r}", resuming=subcommand == "fit")
         super()._parse_ckpt_path()
+
+
+class ParsedCLI(ZooCLI):
+    """A ZooCLI that parses its arguments only: nothing is seeded (LightningCLI seeds after parsing; a run seeds
+    itself when it is built) or built. Subclasses build what they need in `instantiate_classes`."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
 
 
 def fit(cli: LightningCLI, ckpt_path: str | None = None) -> None:
