@@ -223,3 +223,14 @@ def test_a_point_finished_by_an_earlier_ablate_is_kept(in_tmp_dir: Path, capsys:
     assert "point seed_everything=0: finished with the same settings, reused" in capsys.readouterr().out
     assert (point / "settings.json").is_file()
 
+
+
+def test_callbacks_that_only_report_say_so_themselves() -> None:
+    """A point's hash leaves out the callbacks whose class declares `report_only` (the picture callbacks, CBM's
+    intervention curve), not a callback that steers training."""
+    from zoo.cli.ablate import report_only
+
+    assert report_only({"class_path": "zoo.cbm.callback.InterventionCallback"})
+    assert report_only({"class_path": "zoo.icnn.callback.FilterMapsCallback"})
+    assert not report_only({"class_path": "pytorch_lightning.callbacks.EarlyStopping"})
+    assert not report_only({"class_path": "no.such.Callback"})

@@ -123,6 +123,8 @@ class InterventionCallback(pl.Callback):
             by its concepts' mean |logit|, and k runs over 0 .. G (at most `num_points` values).
     """
 
+    report_only = True  # tabulates only (eval mode, RNG isolated): `ablate` leaves it out of a point's settings hash
+
     def __init__(self, values: str | None = None, seed: int = 0, num_points: int = 40, order: str = "random",
                  trials: int = 1, by_groups: bool = False) -> None:
         if values is not None and values not in VALUES:

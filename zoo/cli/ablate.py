@@ -52,8 +52,6 @@ IGNORED_SETTINGS = (  # keys that cannot change a point's result: left out of it
     "checkpoint.verbose",
     "data.init_args.pin_memory",  # page-locked host memory: the same batches
 )
-# Callbacks that only draw or tabulate (RNG isolated, eval mode, no_grad), besides every FixedBatchCallback.
-REPORT_CALLBACKS = ("zoo.cbm.callback.InterventionCallback",)
 HASHED_FILE_LIMIT = 64 * 2**20  # files named by a config up to this size are hashed; larger ones: size + mtime
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime_ns) -> digest, once per process
 
@@ -144,21 +142,18 @@ def drop_key(config: dict[str, Any], dotted: str) -> None:
 
 
 def report_only(entry: Any) -> bool:
-    """Whether a `trainer.callbacks` entry only draws or tabulates (a FixedBatchCallback: RNG isolated, eval mode,
-    no_grad; or one of REPORT_CALLBACKS), so adding, dropping or tuning it cannot change a result."""
-    from zoo.engine.callbacks import FixedBatchCallback
-
+    """Whether a `trainer.callbacks` entry only draws or tabulates, so adding, dropping or tuning it cannot change a
+    result: its class says so (`report_only = True`: every FixedBatchCallback, RNG isolated, eval mode, no_grad; a
+    family's own reporting callbacks such as CBM's intervention curve)."""
     path = entry.get("class_path") if isinstance(entry, dict) else None
     if not isinstance(path, str):
         return False
-    if path in REPORT_CALLBACKS:
-        return True
     module, _, name = path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         return False
-    return isinstance(cls, type) and issubclass(cls, FixedBatchCallback)
+    return isinstance(cls, type) and getattr(cls, "report_only", False) is True
 
 
 def existing_files(config: Any) -> Iterator[str]:

@@ -84,6 +84,7 @@ class FixedBatchCallback(pl.Callback):
     """
 
     num_items: int = 8
+    report_only: bool = True  # draws and tabulates only: `ablate` leaves it out of a point's settings hash
 
     def __init__(self) -> None:
         self.batch: Any = None
