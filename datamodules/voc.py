@@ -7,6 +7,7 @@ evaluation. Images are returned at their own size: the detector's transform resi
 
 from __future__ import annotations
 
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -50,14 +51,21 @@ def read_ids(root: Path, split: str) -> list[str]:
 
 
 def read_annotation(path: Path) -> dict[str, torch.Tensor]:
-    """boxes (n, 4) 0-based xyxy, labels (n,) in 1..20, difficult (n,) bool; errors name the file and object."""
+    """boxes (n, 4) 0-based xyxy, labels (n,) in 1..20, difficult (n,) bool; errors name the file and object.
+    Boxes reaching past the image's <size> are clipped to it, with a warning naming them (a box outside the image
+    can never be matched by a detection, which the detector keeps inside); a box empty inside the image is refused."""
     if not path.is_file():
         raise DatasetLayoutError(f"VOC annotation {str(path)!r} does not exist.", VOC_LAYOUT)
     try:
-        objects = ET.parse(path).getroot().findall("object")
+        annotation = ET.parse(path).getroot()
     except ET.ParseError as err:
         raise DatasetLayoutError(f"VOC annotation {str(path)!r} is not valid XML: {err}", VOC_LAYOUT) from err
-    boxes, labels, difficult = [], [], []
+    objects = annotation.findall("object")
+    try:  # <size>: every release file has it
+        width, height = (float(annotation.findtext(f"size/{k}")) for k in ("width", "height"))
+    except (TypeError, ValueError):
+        width = height = None
+    boxes, labels, difficult, clipped = [], [], [], []
     for number, obj in enumerate(objects):  # a handful of objects per file, read once
         name = (obj.findtext("name") or "").strip()
         if name not in VOC_CLASSES:
@@ -69,11 +77,22 @@ def read_annotation(path: Path) -> dict[str, torch.Tensor]:
             raise DatasetLayoutError(f"{path}: object {number} ({name}) has no valid <bndbox> xmin/ymin/xmax/ymax.",
                                      VOC_LAYOUT) from err
         x1, y1, x2, y2 = corners[0] - 1, corners[1] - 1, corners[2], corners[3]
+        where = ""
+        if width is not None and height is not None:  # a box past the image could never be matched: clip it
+            inside = (max(x1, 0.0), max(y1, 0.0), min(x2, width), min(y2, height))
+            if inside != (x1, y1, x2, y2):
+                clipped.append(f"object {number} ({name}) {corners}")
+                x1, y1, x2, y2 = inside
+                where = f" inside the {width:g}x{height:g} image"
         if not (x2 > x1 and y2 > y1):
-            raise DatasetLayoutError(f"{path}: object {number} ({name}) has an empty box {corners}.", VOC_LAYOUT)
+            raise DatasetLayoutError(f"{path}: object {number} ({name}) has an empty box {corners}{where}.",
+                                     VOC_LAYOUT)
         boxes.append([x1, y1, x2, y2])
         labels.append(VOC_CLASSES.index(name) + 1)
         difficult.append((obj.findtext("difficult") or "0").strip() == "1")
+    if clipped:
+        warnings.warn(f"{path}: clipped to the {width:g}x{height:g} image (<size>): {'; '.join(clipped)}.",
+                      stacklevel=2)
     return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels).long(),
             "difficult": torch.tensor(difficult, dtype=torch.bool)}
 
@@ -121,6 +140,8 @@ class VOCDataModule(DetectionDataModule):
         train_split / val_split / test_split: ImageSets/Main list names; None takes the year's standard protocol:
             VOC2007 trains on trainval and validates and tests on test; the other years' releases have no public
             test annotations (only train / val / trainval), so they train on train and validate and test on val.
+            Either way validation runs on the split that is tested: choose no checkpoint by it (configs/aog_rcnn/
+            voc.yaml keeps the last one).
         image_size: the detector's input size (linked into the model; images are resized by the detector).
         keep_difficult: keep "difficult" objects in training targets (VOC evaluation ignores them either way).
         flip: random horizontal flips in training.
@@ -140,6 +161,10 @@ class VOCDataModule(DetectionDataModule):
         defaults = YEAR_SPLITS.get(str(year), YEAR_SPLITS["2012"])
         given = {"train": train_split, "val": val_split, "test": test_split}
         self.split_names = {split: name or defaults[split] for split, name in given.items()}
+
+    def sample_names(self, split: str) -> list[str]:
+        """Each image's id (JPEGImages/<id>.jpg) by sample index, as the split file lists them."""
+        return read_ids(self.root, self.split_names[split])
 
     def setup(self, stage: str | None = None) -> None:
         for split, name in self.split_names.items():

@@ -695,3 +695,110 @@ def test_twins_are_the_registered_baselines() -> None:
     assert set(twins) == set(AOGRCNNSystem.TWINS) == {"average_vote", "two_mlp_head"}
     names = [arg.split("=")[1] for args in twins.values() for arg in args if "model_name" in arg]
     assert names == ["vote_rcnn_resnet18", "faster_rcnn_resnet18"] and set(names) <= set(DETECTOR_MODELS)
+
+
+# ------------------------------------------------------------------------------------- audit fixes (AOG family)
+def photographs_of_their_own_sizes(voc_root: Path) -> Path:
+    """The VOC fixture with 000007 as an 80x40 photograph (the others are 64x48): real VOC images differ in size."""
+    from tests.conftest import voc_annotation, write_image
+
+    base = voc_root / "VOC2007"
+    write_image(base / "JPEGImages" / "000007.jpg", (80, 40), seed=7)
+    (base / "Annotations" / "000007.xml").write_text(
+        voc_annotation("000007", [("car", (2, 10, 70, 38), 0)]).replace("<width>64</width><height>48</height>",
+                                                                       "<width>80</width><height>40</height>"))
+    return base
+
+
+def test_pictures_and_predictions_of_images_of_different_sizes(voc_root: Path, tmp_path: Path) -> None:
+    """A VOC fit with the parse-tree pictures runs on photographs of different sizes (their canvases could not be
+    tiled: the first validation crashed and the epoch was lost), and `predict` writes one row per detection, named by
+    the image's id, its box and parse leaves in the image's own pixels, and pictures (it wrote nothing)."""
+    import csv
+
+    from zoo.aog_rcnn.callback import ParseTreeCallback
+    from zoo.aog_rcnn.system import AOGRCNNSystem
+    from zoo.cli.predict import PredictionWriter
+
+    photographs_of_their_own_sizes(voc_root)
+    dm = VOCDataModule(root=str(voc_root), train_split="train", val_split="train", test_split="train", flip=False,
+                       image_size=64, batch_size=2)
+    pl.seed_everything(0)
+    system = AOGRCNNSystem(num_classes=dm.num_classes, image_size=64, class_names=dm.class_names)
+    system.model.roi_heads.score_thresh = 0.0  # an untrained detector's scores (about 1/21) would all be dropped
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=pl.loggers.TensorBoardLogger(tmp_path),
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[ParseTreeCallback(num_images=2, score_threshold=0.0)])
+    trainer.fit(system, datamodule=dm)
+    assert (Path(trainer.log_dir) / "parse_trees" / "epoch0.png").is_file()
+
+    writer = PredictionWriter(max_pictures=1)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                         callbacks=[writer])
+    trainer.predict(system, datamodule=dm, return_predictions=False)
+    folder = tmp_path / "predictions"
+    rows = list(csv.DictReader((folder / "predictions.csv").open()))
+    assert {row["file"] for row in rows} == {"000005", "000007"}
+    assert sorted(p.name for p in folder.glob("*.png")) == ["00000.png"]  # max_pictures=1
+    system.eval()
+    images = [dm.splits["test"][index][0] for index in (0, 1)]  # one batch, as predict ran it (batches pad images)
+    with torch.no_grad():
+        detections = system(images)
+    for index, (file, image, found) in enumerate(zip(["000005", "000007"], images, detections)):
+        mine = [row for row in rows if row["file"] == file]
+        assert len(mine) == max(1, len(found["boxes"])) and all(int(row["index"]) == index for row in mine)
+        assert len(found["boxes"])
+        boxes = torch.tensor([[float(row[k]) for k in ("x1", "y1", "x2", "y2")] for row in mine])
+        torch.testing.assert_close(boxes, found["boxes"], atol=0.051, rtol=0)  # written to 0.1 pixel
+        assert (boxes[:, 2] <= image.shape[-1] + 0.05).all() and (boxes[:, 3] <= image.shape[-2] + 0.05).all()
+        assert [row["label_name"] for row in mine] == [dm.class_names[int(k) - 1] for k in found["labels"]]
+        leaves = [[float(v) for v in rect.split()] for rect in mine[0]["parse_leaves"].split("; ")]
+        expected = found["leaf_boxes"][0][found["parse_leaves"][0]]
+        torch.testing.assert_close(torch.tensor(leaves), expected, atol=0.051, rtol=0)
+
+
+def test_map_leaves_out_difficult_objects_as_the_voc_devkit_does() -> None:
+    """A detection inside a difficult object's box that overlaps it little is a false positive for VOC's devkit
+    (COCO's crowd rule, used before, excused it: mAP@0.5 1.0); one overlapping it well is neither hit nor miss."""
+    from zoo.aog_rcnn.metrics import DetectionAP
+
+    car, difficult_car = [0.0, 0.0, 50, 50], [100.0, 100, 200, 200]
+    target = {"boxes": torch.tensor([car, difficult_car]), "labels": torch.tensor([1, 1]),
+              "difficult": torch.tensor([False, True])}
+
+    def map_50(extra_box: list[float]) -> float:
+        metric = DetectionAP()
+        metric.update([{"boxes": torch.tensor([car, extra_box]), "scores": torch.tensor([0.9, 0.95]),
+                        "labels": torch.tensor([1, 1])}], [target])
+        return metric.compute()["map_50"].item()
+
+    assert map_50([140.0, 140, 160, 160]) == pytest.approx(0.5)  # IoU 0.04 with the difficult box: false positive
+    assert map_50([102.0, 102, 198, 198]) == pytest.approx(1.0)  # IoU 0.92: ignored
+    assert map_50([300.0, 300, 340, 340]) == pytest.approx(0.5)  # overlaps nothing: false positive
+
+
+def test_voc_boxes_past_the_image_are_clipped_with_a_warning(voc_root: Path) -> None:
+    """A box reaching past the image (<size>) was loaded as it was, where no detection can match it."""
+    from datamodules.voc import read_annotation
+    from tests.conftest import voc_annotation
+
+    path = voc_root / "VOC2007" / "Annotations" / "000007.xml"
+    path.write_text(voc_annotation("000007", [("car", (0, -5, 400, 30), 0), ("dog", (5, 5, 20, 20), 0)]))
+    with pytest.warns(UserWarning, match=r"000007.xml: clipped to the 64x48 image.*object 0 \(car\)"):
+        target = read_annotation(path)
+    torch.testing.assert_close(target["boxes"], torch.tensor([[0.0, 0, 64, 30], [4, 4, 20, 20]]))
+    path.write_text(voc_annotation("000007", [("car", (70, 5, 90, 20), 0)]))
+    with pytest.raises(DatasetLayoutError, match="object 0 \\(car\\) has an empty box .* inside the 64x48 image"):
+        read_annotation(path)
+
+
+def test_reports_give_the_leaf_count_no_direction() -> None:
+    """compare/ablate reports said "higher is better" of the parse / grid / box leaf counts."""
+    from zoo.aog_rcnn.system import AOGRCNNSystem
+    from zoo.cli.report import direction, legend, metric_directions
+
+    directions = metric_directions(AOGRCNNSystem(num_classes=4, image_size=64), "test")
+    assert direction("parse_leaves", directions) is None and direction("box_leaves_mean", directions) is None
+    assert direction("parse_part_iou", directions) is True and direction("grid_matched", directions) is True
+    assert legend(["map_50", "parse_leaves", "parse_part_iou"], directions) == \
+        "higher is better: map_50, parse_part_iou"

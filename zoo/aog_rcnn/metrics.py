@@ -1,5 +1,6 @@
 """The detector's metrics (DDP-safe): mAP (torchmetrics' MeanAveragePrecision, reduced to the two numbers the family
-reports) and whether a detection's parse tree finds the object's parts: parse-part IoU against true part boxes.
+reports, VOC's difficult objects left out the devkit's way) and whether a detection's parse tree finds the object's
+parts: parse-part IoU against true part boxes.
 
 For every ground-truth object, the detection that explains it is the highest-scoring one of the same class with
 box IoU >= `match_iou`. Its partition (the parse tree's leaves, a uniform grid of cells, or the box itself) is
@@ -59,6 +60,7 @@ class ParsePartIoU(Metric):
     objects with a matching detection)."""
 
     higher_is_better = True
+    entry_directions = {"leaves": None}  # a count: neither better nor worse (reports give it no direction)
     full_state_update = False
 
     def __init__(self, match_iou: float = 0.5, **kwargs) -> None:
@@ -92,13 +94,33 @@ class ParsePartIoU(Metric):
                 "matched": (self.matched / self.objects.clamp(min=1)).float()}
 
 
+def drop_difficult(detection: dict[str, torch.Tensor], target: dict[str, torch.Tensor], iou_threshold: float = 0.5
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One image's detections and targets as VOC's devkit scores them: difficult objects are neither found nor
+    missed. Their boxes leave the targets, and so does every detection whose best same-class overlap (IoU, over all
+    objects, difficult ones included) is a difficult object's and above `iou_threshold`; any other detection is
+    scored as usual (a detection inside a difficult box that overlaps it little is a false positive, as in the
+    devkit, where COCO's crowd regions would excuse it)."""
+    difficult = target["difficult"].bool()
+    boxes, labels = detection["boxes"], detection["labels"]
+    if len(boxes) and difficult.any():
+        iou = box_iou(boxes, target["boxes"].to(boxes.dtype))  # (D, G)
+        iou = torch.where(labels[:, None] == target["labels"][None], iou, torch.full_like(iou, -1.0))
+        best, which = iou.max(1)  # (D,)
+        keep = ~(difficult[which] & (best > iou_threshold))
+        detection = {k: v[keep] for k, v in detection.items()}
+    return detection, {k: target[k][~difficult] for k in ("boxes", "labels")}
+
+
 class DetectionAP(MeanAveragePrecision):
-    """COCO-style mean average precision of xyxy boxes; compute() -> {"map_50": mAP@0.5 (VOC's measure, the
-    checkpoint monitor), "map": mAP@[.5:.95]}.
+    """Mean average precision of xyxy boxes (torchmetrics' COCO evaluation: precision interpolated at 101 recall
+    points); compute() -> {"map_50": mAP@0.5 (the checkpoint monitor), "map": mAP@[.5:.95]}.
 
     update(detections, targets) takes the detector's outputs and the batch's targets as they are: per image
     {"boxes" (D, 4), "scores" (D,), "labels" (D,), ...} and {"boxes" (G, 4), "labels" (G,), "difficult" (G,)
-    optional, ...}; VOC's difficult objects count as crowd regions (neither hit nor miss), other keys are ignored."""
+    optional, ...}; other keys are ignored. VOC's difficult objects are left out as its devkit leaves them out
+    (`drop_difficult`), so `map_50` is VOC's measure but for the interpolation (VOC2007's devkit: 11 points;
+    VOC2010 on: every point)."""
 
     higher_is_better = True
     full_state_update = True
@@ -107,9 +129,10 @@ class DetectionAP(MeanAveragePrecision):
         super().__init__(box_format="xyxy", iou_type="bbox", **kwargs)
 
     def update(self, detections: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]]) -> None:
-        super().update([{k: d[k] for k in ("boxes", "scores", "labels")} for d in detections],
-                       [{"boxes": t["boxes"], "labels": t["labels"],
-                         **({"iscrowd": t["difficult"].long()} if "difficult" in t else {})} for t in targets])
+        pairs = [({k: d[k] for k in ("boxes", "scores", "labels")}, t) for d, t in zip(detections, targets)]
+        pairs = [drop_difficult(d, t) if "difficult" in t else (d, {k: t[k] for k in ("boxes", "labels")})
+                 for d, t in pairs]  # images hold different numbers of objects
+        super().update([d for d, _ in pairs], [t for _, t in pairs])
 
     def compute(self) -> dict[str, torch.Tensor]:
         results = super().compute()

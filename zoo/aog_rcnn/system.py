@@ -2,16 +2,38 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
+from zoo.aog_rcnn.callback import draw_detections
 from zoo.aog_rcnn.metrics import DetectionAP, ParsePartIoU
 from zoo.checks import check_finite
 from zoo.engine import ZooSystem
 
 Detections = list[dict[str, torch.Tensor]]
+
+
+def detection_rows(found: dict[str, torch.Tensor], class_names: list[str]) -> list[dict[str, Any]]:
+    """One row per detection of one image, in the image's pixels: `object` (its rank), `label` (1-based, 0 is
+    the background) and `label_name`, `score`, the box corners `x1 y1 x2 y2` and, for AOG, `parse_leaves`: the
+    rectangles of its parse tree's leaves as "x1 y1 x2 y2" joined by "; "."""
+    boxes = found["boxes"].detach().cpu().tolist()
+    labels, scores = found["labels"].tolist(), found["scores"].tolist()
+    leaves = None
+    if "parse_leaves" in found:
+        used, rectangles = found["parse_leaves"].cpu().tolist(), found["leaf_boxes"].detach().cpu().tolist()
+        leaves = ["; ".join(" ".join(f"{v:.1f}" for v in rect) for rect, on in zip(rects, mask) if on)
+                  for rects, mask in zip(rectangles, used)]
+    rows = []
+    for k, (box, label, score) in enumerate(zip(boxes, labels, scores)):
+        name = class_names[label - 1] if 1 <= label <= len(class_names) else f"class {label - 1}"
+        row = {"object": k, "label": label, "label_name": name, "score": round(score, 4),
+               **{corner: round(v, 1) for corner, v in zip(("x1", "y1", "x2", "y2"), box)}}
+        rows.append(row | ({"parse_leaves": leaves[k]} if leaves is not None else {}))
+    return rows
 
 
 def folding_stages(unfold_epoch: int) -> list[dict[str, Any]]:
@@ -101,8 +123,22 @@ class AOGRCNNSystem(ZooSystem):
     def batch_size(self, batch: Any) -> int:
         return len(batch["images"])
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Detections:
-        return self.forward_batch(batch, "predict")
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """Each image's detections ("detections", as the model returns them) and, for `train.py predict`'s
+        predictions.csv, one row per detection ("rows": `detection_rows`) and pictures of the first `count` images'
+        detections scoring >= 0.5 with their parse trees ("pictures": (batch, count) -> list); "index" (B,) the images'
+        dataset indices."""
+        detections = self.forward_batch(batch, "predict")
+        index = [t.get("index") for t in batch["targets"]]
+        return {"detections": detections,
+                "index": torch.stack(index) if all(i is not None for i in index) else
+                torch.arange(len(detections)) + batch_idx * len(detections),
+                "rows": [detection_rows(found, self.class_names) for found in detections],
+                "pictures": partial(self.draw_predictions, detections)}  # holds no image: predict keeps outputs
+
+    def draw_predictions(self, detections: Detections, batch: Any, count: int) -> list[torch.Tensor]:
+        """Pictures of the first `count` images of `batch` with their `detections` (`draw_detections`)."""
+        return [draw_detections(image, found, self) for image, found in zip(batch["images"][:count], detections)]
 
     def explanation_report(self, datamodule: Any, settings: dict[str, Any]) -> None:
         """None: post-hoc explainers score classifiers; a detection's rationale (its parse tree) is scored by the

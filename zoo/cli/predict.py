@@ -12,6 +12,11 @@ writes into the run folder (checkpoints/<run>/predictions/):
   `explanation` when predict_step gives one at the image's size, else `zoo.explain`, method "own") of the predicted
   class, titled with the predicted (and true) class name. Inputs that are not images (vectors, tokens): CSV only.
 
+Models whose output is not one class per sample (detectors) give their own rows instead: predictions.csv then holds
+one row per entry of each sample (AOG R-CNN: per detection its class, score, box and parse-tree leaves, in the
+image's pixels; a sample with none gets one row of its index and file alone), and <index>.png are the System's own
+pictures (detections with their parse trees).
+
 Without a run folder (no logger: `fast_dev_run`, `logger: false`) it writes into `<default_root_dir>/predictions/`.
 """
 
@@ -35,7 +40,9 @@ class PredictionWriter(BasePredictionWriter):
     """Writes predictions.csv and explanation PNGs into `<run folder>/<folder>` (see the module docstring).
 
     Reads the predict_step output ({"probs": (B, C), "pred": (B,), "index": (B,)}; optional "explanation":
-    (B, H, W) maps drawn instead of `zoo.explain`'s, and "columns": {name: B values} appended to each row), the batch
+    (B, H, W) maps drawn instead of `zoo.explain`'s, and "columns": {name: B values} appended to each row; or, for
+    models without one class per sample, {"rows": B lists of row dicts, "index": (B,), "pictures": B images
+    (C, H, W) in [0, 1], or a function of (batch, count) drawing the first `count`, optional}), the batch
     (image, label), the System's public `class_names` and the datamodule's public `sample_names(split)` /
     `denormalize(images)`.
     Single-process predict (a distributed predict writes rank zero's share only).
@@ -69,7 +76,12 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
-        if not trainer.is_global_zero or not isinstance(prediction, dict) or "probs" not in prediction:
+        if not trainer.is_global_zero or not isinstance(prediction, dict):
+            return
+        if "rows" in prediction:
+            self._write_rows(trainer, prediction, batch)
+            return
+        if "probs" not in prediction:
             return
         classes = prediction["probs"].shape[-1]
         class_names = getattr(pl_module, "class_names", None) or [str(c) for c in range(classes)]
@@ -89,6 +101,23 @@ class PredictionWriter(BasePredictionWriter):
             self.rows.append(row)
         self._pictures(trainer, pl_module, batch, pred, probs, index, labels, class_names,
                        prediction.get("explanation"))
+
+    def _write_rows(self, trainer: pl.Trainer, prediction: dict[str, Any], batch: Any) -> None:
+        """The System's own rows of each sample, each after the sample's index (and file), and its own pictures."""
+        index = prediction["index"].cpu().tolist()
+        for i, sample_rows in zip(index, prediction["rows"]):
+            sample = {"index": i} | ({"file": self.names[i]} if self.names is not None else {})
+            self.rows.extend(sample | row for row in (sample_rows or [{}]))  # a sample with no rows still gets one
+        pictures = prediction.get("pictures") or []
+        count = min(self.max_pictures - self.pictures, len(index))
+        if count > 0:
+            from torchvision.utils import save_image
+
+            folder = self.out_dir(trainer)
+            drawn = pictures(batch, count) if callable(pictures) else pictures[:count]  # drawn only when written
+            for i, picture in zip(index[:count], drawn):
+                save_image(picture.float().cpu(), folder / f"{i:05d}.png")
+            self.pictures += len(drawn)
 
     def _pictures(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, pred: torch.Tensor,
                   probs: torch.Tensor, index: torch.Tensor, labels: torch.Tensor | None,
@@ -123,14 +152,14 @@ class PredictionWriter(BasePredictionWriter):
             return
         if not self.rows:
             rank_zero_warn(f"predict: {type(pl_module).__name__}.predict_step returns no class probabilities "
-                           f"({{'probs', 'pred'}}); no {CSV_NAME} written.")
+                           f"({{'probs', 'pred'}}) and no rows ({{'rows'}}); no {CSV_NAME} written.")
             return
         path = self.out_dir(trainer) / CSV_NAME
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(self.rows[0]))
+        with path.open("w", newline="") as handle:  # every row's columns, in order of appearance ("" where missing)
+            writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in self.rows for k in row)))
             writer.writeheader()
             writer.writerows(self.rows)
-        print(f"predict: {len(self.rows)} predictions in {path}, {self.pictures} explanation pictures beside it.")
+        print(f"predict: {len(self.rows)} rows in {path}, {self.pictures} pictures beside it.")
 
 
 def _cell(value: Any) -> Any:

@@ -15,8 +15,8 @@ from torch import nn
 
 def metric_directions(system: nn.Module, stage: str) -> dict[str, bool | None]:
     """Logged metric name -> its torchmetrics `higher_is_better` (`ZooSystem.logged_metrics`); "<prefix>*" names
-    a dict metric's entries. Entries of several dict metrics logged without a prefix get a direction only where
-    those metrics agree."""
+    a dict metric's entries, but for those its `entry_directions` ({entry: bool or None}) name. Entries of several
+    dict metrics logged without a prefix get a direction only where those metrics agree."""
     if not hasattr(system, "logged_metrics"):
         return {}
     directions: dict[str, bool | None] = {}
@@ -27,6 +27,9 @@ def metric_directions(system: nn.Module, stage: str) -> dict[str, bool | None]:
             unprefixed.add(higher)
         else:
             directions[name] = higher
+        if name.endswith("*"):  # entries of a dict metric with a direction of their own (None: a count)
+            own = getattr(metric, "entry_directions", {})
+            directions |= {name[:-1] + key: way for key, way in own.items()}
     if len(unprefixed) == 1:
         directions["*"] = unprefixed.pop()
     return directions
