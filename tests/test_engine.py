@@ -316,6 +316,21 @@ def test_auxiliary_cache_key_tells_layer_settings_apart() -> None:
     assert cache_key(aux, net(0.5), data) == cache_key(aux, net(0.5), data)
 
 
+def test_auxiliary_cache_key_tells_seeds_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fit --seed_everything=1` in the run folder of a seed-0 run reused the seed-0 black box: a seed sweep left
+    out the helpers' variance. The key reads the run's seed."""
+    from zoo.engine.auxiliary import Auxiliary, cache_key
+
+    aux = Auxiliary("black_box", loss=lambda module, batch: torch.zeros(()), epochs=1)
+    data, net = PartsWorldDataModule(num_train=8, num_val=8), nn.Linear(4, 2)
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # seed_everything sets it: restored after the test
+    keys = []
+    for seed in (0, 1, 0):
+        pl.seed_everything(seed)
+        keys.append(cache_key(aux, net, data))
+    assert keys[0] != keys[1] and keys[0] == keys[2]
+
+
 def test_auxiliary_cache_key_tells_starting_weights_apart(tmp_path: Path) -> None:
     """An encoder that starts from ImageNet weights is not the one trained from scratch, nor one from a changed file:
     the key reads the backbones' weight files (path, size, modification time)."""

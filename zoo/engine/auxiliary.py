@@ -80,11 +80,13 @@ def auxiliaries_pending(system: Any) -> bool:
 
 def cache_key(aux: Auxiliary, module: nn.Module, datamodule: Any) -> str:
     """What defines a trained auxiliary: module class, its layers' settings (the repr: dropout rates, ...) and
-    shapes, training settings, the loss (its class and settings: the EVAL-X evaluator's mask geometry) and the data
-    (`data_settings`). A helper cached for other data or another loss is never reused."""
+    shapes, training settings, the loss (its class and settings: the EVAL-X evaluator's mask geometry), the data
+    (`data_settings`) and the run's seed (`seed_everything`: it draws the helper's first weights and its batches, so
+    a seed sweep trains a helper per seed). A helper cached for other data, another loss or seed is never reused."""
     shapes = [(k, tuple(v.shape)) for k, v in module.state_dict().items()]
     text = repr((type(module).__qualname__, repr(module), shapes, aux.epochs, aux.lr, describe_callable(aux.loss),
-                 type(datamodule).__qualname__, data_settings(datamodule), starting_weights(module)))
+                 type(datamodule).__qualname__, data_settings(datamodule), starting_weights(module),
+                 os.environ.get("PL_GLOBAL_SEED")))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
