@@ -12,16 +12,18 @@ beat). Classes:
 So "premature" alone does not tell classes 1-3 apart: the timing after it, and how many there are, do; locally a
 bigeminy run and a short run look the same. Any class may drop a beat (a gap of two intervals) away from the
 premature ones. Signals carry amplitude jitter, white noise and a slow baseline wander. Batch fields: `series` (1, T),
-`label`, `patterns` (2, T): 1 at each normal / premature beat's peak step, `rule_events` (3, T): the steps where
-the three reference rules of `zoo.renn.RULE_SERIES_RULES` are true (premature-then-pause, interpolated premature,
-frequent premature; the last one is a property of the whole series, true at every step of a bigeminy series).
+`label`, `patterns` (2, T): 1 at each normal / premature beat's peak step (rows named by `pattern_names`),
+`rule_events` (3, T): the steps where the three reference rules of `zoo.renn.RULE_SERIES_RULES` are true
+(premature-then-pause, interpolated premature, frequent premature; the last one is a property of the whole series,
+true at every step of a bigeminy series; rows named by `rule_event_names`). Models match their channels to these
+rows by name, never by position.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +32,8 @@ from torch.utils.data import DataLoader, RandomSampler
 from datamodules._base import DatasetLayoutError, DictDataModule, TensorDictDataset, check_labels
 
 CLASS_NAMES = ["normal", "compensated", "interpolated", "bigeminy"]
-PATTERN_NAMES = ["normal_beat", "premature_beat"]
+PATTERN_NAMES = ["normal_beat", "premature_beat"]  # the rows of `patterns`, in order
+RULE_EVENT_NAMES = ["premature_then_pause", "premature_interpolated", "frequent_premature"]  # rows of `rule_events`
 MAX_BEATS = 16
 
 
@@ -117,6 +120,12 @@ class SeriesDataModule(DictDataModule):
     series_length: int
     train_fraction: float = 1.0
     seed: int = 0
+    pattern_names: Sequence[str] = ()  # public: the name of each row of the batches' `patterns` (none: no annotations)
+    rule_event_names: Sequence[str] = ()  # public: the rule each row of the batches' `rule_events` is the truth of
+
+    def __init__(self, batch_size: int = 64, num_workers: int = 0) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers)
+        self.split_rows: dict[str, torch.Tensor] = {}  # per split, the file row of each sample (files only)
 
     @property
     def model_inputs(self) -> dict[str, Any]:
@@ -129,6 +138,8 @@ class SeriesDataModule(DictDataModule):
             keep = max(len(CLASS_NAMES), int(round(self.train_fraction * len(full))))
             order = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed + 99))[:keep]
             self.splits["train"] = TensorDictDataset({k: v[order] for k, v in full.tensors.items()})
+            if "train" in self.split_rows:
+                self.split_rows["train"] = self.split_rows["train"][order]
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.split_samples("train")  # sets up, and names an empty split
@@ -147,7 +158,8 @@ class RuleSeriesDataModule(SeriesDataModule):
     num_classes = len(CLASS_NAMES)
     series_channels = 1
     class_names = CLASS_NAMES
-    pattern_names = PATTERN_NAMES
+    pattern_names = PATTERN_NAMES  # public: models match their pattern channels to the rows of `patterns` by name
+    rule_event_names = RULE_EVENT_NAMES  # public: the rule each row of `rule_events` is the ground truth of
 
     def __init__(self, num_train: int = 2000, num_val: int = 500, num_test: int = 500, length: int = 256,
                  noise: float = 0.15, wander: float = 0.5, drop_rate: float = 0.1, train_fraction: float = 1.0,
@@ -174,23 +186,35 @@ class RuleSeriesDataModule(SeriesDataModule):
 
 SERIES_LAYOUT = """\
 <path>.npz with arrays
-  series:   (N, T) or (N, C, T) float       the signals
-  label:    (N,) int in [0, num_classes)
-  patterns: (N, K, T) in [0, 1]              optional per-step pattern annotations (ReNN's local loss)
-or <path>.csv: one series per row, the label first, then T values (no header)
+  series:        (N, T) or (N, C, T) float  the signals, finite (no NaN padding: one length for every series)
+  label:         (N,) int in [0, num_classes)
+  patterns:      (N, K, T) in [0, 1]         optional per-step pattern annotations (ReNN's local loss)
+  pattern_names: (K,) str                    optional: the pattern of each row of `patterns` (or the datamodule's
+                                             pattern_names argument; else pattern_0, pattern_1, ...); models match
+                                             their patterns to these names
+or <path>.csv: one series per row, the label first, then T values (no header, no empty or NaN cells)
 """
 
 
 class SeriesFileDataModule(SeriesDataModule):
-    """Users' own series from a .npz or .csv file (`SERIES_LAYOUT`); a seeded split into train/val/test."""
+    """Users' own series from a .npz or .csv file (`SERIES_LAYOUT`); a seeded split into train/val/test.
+
+    Args:
+        pattern_names: the pattern of each row of the file's `patterns` (else the .npz's `pattern_names` array, else
+            "pattern_0", "pattern_1", ...): ReNN matches its `pattern_names` to these by name.
+
+    `sample_names(split)` names each sample by its file row ("row 12", 0-based), for predictions.csv.
+    """
 
     def __init__(self, path: str | Path, num_classes: int, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                 train_fraction: float = 1.0, seed: int = 0, batch_size: int = 64, num_workers: int = 0) -> None:
+                 train_fraction: float = 1.0, seed: int = 0, batch_size: int = 64, num_workers: int = 0,
+                 pattern_names: list[str] | None = None) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
         self.path, self.num_classes = Path(path), num_classes
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.train_fraction, self.seed = train_fraction, seed
+        self.given_pattern_names = None if pattern_names is None else [str(n) for n in pattern_names]
         fields = self._read()
         self.series_channels, self.series_length = fields["series"].shape[1:]
         self.fields = fields
@@ -202,9 +226,10 @@ class SeriesFileDataModule(SeriesDataModule):
             if self.path.suffix == ".npz":
                 with np.load(self.path, allow_pickle=False) as archive:
                     arrays = {k: archive[k] for k in archive.files}
+                file_names = arrays.pop("pattern_names", None)
             elif self.path.suffix == ".csv":
                 table = np.loadtxt(self.path, delimiter=",", ndmin=2)
-                arrays = {"label": table[:, 0], "series": table[:, 1:]}
+                arrays, file_names = {"label": table[:, 0], "series": table[:, 1:]}, None
             else:
                 raise ValueError(f"unsupported suffix {self.path.suffix!r}")
         except ValueError as err:
@@ -214,6 +239,8 @@ class SeriesFileDataModule(SeriesDataModule):
             raise DatasetLayoutError(f"{str(self.path)!r} lacks {sorted(missing)}.", SERIES_LAYOUT)
         series = self._array(arrays, "series", (2, 3), "(N, T) or (N, C, T) numbers")
         series = series[:, None] if series.ndim == 2 else series
+        self._check_finite(series, "series", " UCR-style files pad shorter series with NaN: pad (e.g. repeat the "
+                                             "last value) or truncate every series to one length first.")
         label = self._array(arrays, "label", (1,), f"(N,) int in [0, {self.num_classes})", along="N")
         if label.is_floating_point() and not torch.equal(label, label.round()):
             raise DatasetLayoutError(f"{str(self.path)!r}: labels must be integers.", SERIES_LAYOUT)
@@ -221,11 +248,45 @@ class SeriesFileDataModule(SeriesDataModule):
         fields = {"series": series.float(), "label": label.long()}
         if "patterns" in arrays:
             patterns = self._array(arrays, "patterns", (3,), "(N, K, T) in [0, 1]", along="NT").float()
+            self._check_finite(patterns, "patterns", "")
             if patterns.numel() and (patterns.min() < 0 or patterns.max() > 1):
                 raise DatasetLayoutError(f"{str(self.path)!r}: array 'patterns' spans [{patterns.min():g}, "
                                          f"{patterns.max():g}]; expected (N, K, T) in [0, 1].", SERIES_LAYOUT)
             fields["patterns"] = patterns
+        self.pattern_names = self._pattern_names(file_names, fields.get("patterns"))
         return fields
+
+    def _pattern_names(self, file_names: np.ndarray | None, patterns: torch.Tensor | None) -> list[str]:
+        """The name of each row of `patterns`: the `pattern_names` argument, the file's array, or pattern_<k>."""
+        names = self.given_pattern_names
+        if names is None and file_names is not None:
+            if file_names.dtype.kind not in "US" or file_names.ndim != 1:
+                raise DatasetLayoutError(f"{str(self.path)!r}: array 'pattern_names' is {file_names.shape} "
+                                         f"{file_names.dtype}; expected (K,) strings.", SERIES_LAYOUT)
+            names = [str(n) for n in file_names.tolist()]
+        if patterns is None:
+            if names:
+                raise DatasetLayoutError(f"{str(self.path)!r} names patterns {names} but has no 'patterns' array.",
+                                         SERIES_LAYOUT)
+            return []
+        if names is None:
+            return [f"pattern_{k}" for k in range(patterns.shape[1])]
+        if len(names) != patterns.shape[1] or len(set(names)) != len(names):
+            raise DatasetLayoutError(f"{str(self.path)!r}: 'patterns' has {patterns.shape[1]} rows but the pattern "
+                                     f"names are {names}; give one distinct name per row.", SERIES_LAYOUT)
+        return names
+
+    def _check_finite(self, values: torch.Tensor, name: str, hint: str) -> None:
+        """Refuse NaN / inf in array `name` (N, ...) at load, naming the file rows (a NaN found in training would name
+        a shuffled batch, not the row)."""
+        if not values.is_floating_point():
+            return
+        bad = (~torch.isfinite(values)).flatten(1).any(1).nonzero().flatten().tolist()  # rows with a NaN / inf
+        if bad:
+            lines = f"; CSV lines {[r + 1 for r in bad[:10]]}" if self.path.suffix == ".csv" else ""
+            raise DatasetLayoutError(f"{str(self.path)!r}: {name} of {len(bad)} row(s) hold NaN or inf values: rows "
+                                     f"{bad[:10]}{' ...' if len(bad) > 10 else ''} (0-based{lines}).{hint}",
+                                     SERIES_LAYOUT)
 
     def _array(self, arrays: dict[str, np.ndarray], name: str, ndims: tuple[int, ...], expected: str,
                along: str = "") -> torch.Tensor:
@@ -256,4 +317,11 @@ class SeriesFileDataModule(SeriesDataModule):
         parts = {"val": order[:num_val], "test": order[num_val:num_val + num_test], "train": order[num_val + num_test:]}
         for split, ids in parts.items():
             self.splits[split] = TensorDictDataset({k: v[ids] for k, v in self.fields.items()})
+            self.split_rows[split] = ids
         self._subset_train()
+
+    def sample_names(self, split: str) -> list[str]:
+        """Each sample's file row ("row 12", 0-based; a CSV's line 13), by its "index" in `split`."""
+        if split not in self.split_rows:
+            self.setup()
+        return [f"row {r}" for r in self.split_rows[split].tolist()]

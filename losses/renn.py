@@ -15,7 +15,7 @@ exactly 0 or 1 in float32 once |logit| > ~17, and the loss would be wrong there 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn as nn
@@ -35,7 +35,8 @@ class ClassRule:
 class ReNNLoss(nn.Module):
     """ReNN's terms: `loss_task` (cross-entropy) and `loss_local` (per-step BCE of the pattern detectors against
     the batch's `patterns` annotations; positives up-weighted by `pos_weight`, as beats are rare steps).
-    Which terms a training stage sums is set by the config's `stages:` (`zoo.engine.stages`)."""
+    Which terms a training stage sums is set by the config's `stages:` (`zoo.engine.stages`). The annotation rows
+    must be the model's patterns in the model's order: `zoo.renn.system.ReNNSystem` selects them by name."""
 
     def __init__(self, local_weight: float = 1.0, pos_weight: float = 10.0, patterns_key: str = "patterns",
                  target_key: str = "label") -> None:
@@ -46,8 +47,13 @@ class ReNNLoss(nn.Module):
     def forward(self, out: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         terms = {"loss_task": F.cross_entropy(out["logits"], batch[self.target_key])}
         if self.patterns_key in batch and "pattern_logits" in out:
-            local = F.binary_cross_entropy_with_logits(out["pattern_logits"].float(), batch[self.patterns_key].float(),
-                                                       pos_weight=self.pos_weight)
+            logits, annotations = out["pattern_logits"], batch[self.patterns_key]  # (B, K, T) each
+            if logits.shape != annotations.shape:
+                raise ValueError(f"The model detects {tuple(logits.shape)} (B, K, T) patterns but batch"
+                                 f"[{self.patterns_key!r}] is {tuple(annotations.shape)}: the annotation rows must be "
+                                 "the model's pattern_names in order (ReNNSystem selects them by the datamodule's "
+                                 "pattern_names).")
+            local = F.binary_cross_entropy_with_logits(logits.float(), annotations.float(), pos_weight=self.pos_weight)
             terms["loss_local"] = self.local_weight * local
         return terms
 
@@ -87,10 +93,15 @@ class LogicRuleDistillation(nn.Module):
         return {"distill_pi": self.pi}
 
     def forward(self, out: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
-        log_probs = F.log_softmax(out["logits"].float(), -1)
+        log_probs = F.log_softmax(out["logits"].float(), -1)  # (B, C)
         with torch.no_grad():
-            teacher = rule_teacher(log_probs, [rule(batch, out) for rule in self.rules], self.rule_weights,
-                                   self.strength)
+            values = [rule(batch, out) for rule in self.rules]
+            for rule, value in zip(self.rules, values):
+                if value.shape != log_probs.shape:
+                    raise ValueError(f"Rule {type(rule).__name__} gives {tuple(value.shape)} (B, classes) truth values "
+                                     f"for logits {tuple(log_probs.shape)}: the rule and the model must know the same "
+                                     "classes (a rule built for another world or class count?).")
+            teacher = rule_teacher(log_probs, values, self.rule_weights, self.strength)
         return {
             "loss_task": (1 - self.pi) * F.nll_loss(log_probs, batch[self.target_key]),
             "loss_distill": self.pi * -(teacher * log_probs).sum(-1).mean(),
@@ -124,51 +135,128 @@ def _negative_log_model_count(log_p: torch.Tensor, log_not_p: torch.Tensor, assi
 
 class SemanticLoss(nn.Module):
     """Cross-entropy plus `weight` x the semantic loss of a constraint over sigmoid(logits): {"loss_task",
-    "loss_semantic"}. `constraint`: "exactly_one" (one class active), or a list of satisfying 0/1 assignments."""
+    "loss_semantic"}. `constraint`: "exactly_one" (one class active), or the list of satisfying assignments, each
+    a row of 0/1 (one per class), each listed once (a row listed twice would count its probability twice)."""
 
     def __init__(self, weight: float = 0.5, constraint: str | Sequence[Sequence[int]] = "exactly_one",
                  target_key: str = "label") -> None:
         super().__init__()
         self.weight, self.constraint, self.target_key = weight, constraint, target_key
-        if constraint != "exactly_one":
-            self.register_buffer("assignments", torch.as_tensor(constraint, dtype=torch.float32))
+        if isinstance(constraint, str):
+            if constraint != "exactly_one":
+                raise ValueError(f"constraint is 'exactly_one' or a list of 0/1 assignments; got {constraint!r}.")
+            return
+        self.register_buffer("assignments", check_assignments(constraint))
 
     def forward(self, out: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         logits = out["logits"].float()
-        assignments = (torch.eye(logits.shape[-1], device=logits.device) if self.constraint == "exactly_one"
-                       else self.assignments)
+        if self.constraint == "exactly_one":
+            assignments = torch.eye(logits.shape[-1], device=logits.device)
+        elif self.assignments.shape[1] != logits.shape[-1]:
+            raise ValueError(f"The constraint's assignments have {self.assignments.shape[1]} entries each but the "
+                             f"model has {logits.shape[-1]} outputs: give one 0/1 entry per class.")
+        else:
+            assignments = self.assignments
         return {"loss_task": F.cross_entropy(logits, batch[self.target_key]),
                 "loss_semantic": self.weight * semantic_loss_with_logits(logits, assignments).mean()}
+
+
+def check_assignments(constraint: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The satisfying assignments (S, n) as a float tensor, refused unless every entry is 0 or 1 and no row is
+    listed twice (the semantic loss sums over distinct assignments)."""
+    try:
+        assignments = torch.as_tensor(constraint, dtype=torch.float32)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"constraint must be a list of equally long 0/1 rows ({err}).") from err
+    if assignments.ndim != 2 or not len(assignments):
+        raise ValueError(f"constraint must be a non-empty list of 0/1 rows (S, n); got shape "
+                         f"{tuple(assignments.shape)}.")
+    if not ((assignments == 0) | (assignments == 1)).all():
+        values = sorted(set(assignments.flatten().tolist()))
+        raise ValueError(f"constraint entries must be 0 or 1; got the values {values}.")
+    rows = [tuple(int(v) for v in row) for row in assignments.tolist()]
+    repeated = sorted({row for row in rows if rows.count(row) > 1})
+    if repeated:
+        raise ValueError(f"constraint lists assignment(s) {[list(r) for r in repeated]} more than once; list each "
+                         "satisfying assignment once (a repeat would count its probability twice).")
+    return assignments
 
 
 class PartsWorldColourRule(ClassRule):
     """A parts_world rule read off the input: "the object is class y only if every colour of y's parts appears in
     the image" (soft: per colour, the best pixel's similarity exp(-|pixel - colour|^2 / sigma^2); AND over the
     class's colours). Distractor parts only add colours, so the rule is (softly) true for the right class.
-    Built from the same world definition as the datamodule (`num_classes`, `parts_per_class`, `world_seed`)."""
 
-    def __init__(self, num_classes: int = 6, parts_per_class: int = 3, world_seed: int = 0, sigma: float = 0.35,
+    The world (which colours each class's parts have) and the images' normalisation are the datamodule's:
+    `RuleLossSystem` calls `bind_data(datamodule)` at the start of fit / validate / test, which takes its world
+    definition (refusing by name a `num_classes` / `parts_per_class` / `world_seed` / `shared_part_types` given here
+    that differs from the data's) and its mean / std (normalised images are mapped back to [0, 1] pixel values before
+    the colours are compared). The arguments left None take the data's; unbound (plain Python), they default to
+    `PartsWorldDataModule`'s (6 classes, 3 parts, world_seed 0, own part types) and unnormalised images."""
+
+    WORLD_KEYS: ClassVar[tuple[str, ...]] = ("num_classes", "parts_per_class", "world_seed", "shared_part_types")
+    DEFAULTS: ClassVar[dict[str, Any]] = {"num_classes": 6, "parts_per_class": 3, "world_seed": 0,
+                                          "shared_part_types": False}
+
+    def __init__(self, num_classes: int | None = None, parts_per_class: int | None = None,
+                 world_seed: int | None = None, shared_part_types: bool | None = None, sigma: float = 0.35,
                  image_key: str = "image") -> None:
-        from datamodules.parts_world import COLOUR_VALUES, COLOURS, make_world
+        from datamodules.parts_world import make_world
 
-        world = make_world(num_classes, parts_per_class, world_seed)
+        self.requested = {"num_classes": num_classes, "parts_per_class": parts_per_class, "world_seed": world_seed,
+                          "shared_part_types": shared_part_types}
+        settings = {key: self.DEFAULTS[key] if value is None else value for key, value in self.requested.items()}
+        self.sigma, self.image_key = sigma, image_key
+        self.normalization: tuple[torch.Tensor, torch.Tensor] | None = None  # (3,) mean and std of the images
+        self._use_world(make_world(**settings))
+
+    def _use_world(self, world: Any) -> None:
+        from datamodules.parts_world import COLOUR_VALUES, COLOURS
+
         colours = world.part_types % len(COLOURS)  # (C, P) colour id of each part
         self.class_colours = F.one_hot(colours, len(COLOURS)).amax(1).float()  # (C, n_colours)
-        self.colour_values, self.sigma, self.image_key = COLOUR_VALUES, sigma, image_key
+        self.colour_values = COLOUR_VALUES
 
-    def tables_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The colour values (n_colours, 3) and each class's required colours (C, n_colours) on `device`, moved there
-        once: a copy from the host every step would make the GPU wait. Never as inference tensors (a first call in
-        Lightning's validation runs under `torch.inference_mode`)."""
-        if self.class_colours.device != device:
+    def bind_data(self, datamodule: Any) -> None:
+        """Take the datamodule's world definition and image normalisation (see the class docstring)."""
+        world, settings = getattr(datamodule, "world", None), getattr(datamodule, "hparams", {})
+        where = type(datamodule).__name__
+        if world is None or not all(key in settings for key in self.WORLD_KEYS):
+            raise ValueError(f"PartsWorldColourRule reads parts_world images; the data ({where}) has no parts_world "
+                             f"definition (`world` and {list(self.WORLD_KEYS)}).")
+        differ = {key: (value, settings[key]) for key, value in self.requested.items()
+                  if value is not None and value != settings[key]}
+        if differ:
+            raise ValueError("PartsWorldColourRule was given a world the data does not have: "
+                             + ", ".join(f"{key}={mine!r} (the data's {key}={theirs!r})"
+                                         for key, (mine, theirs) in differ.items())
+                             + ". Leave them out of the rule's init_args: it takes the datamodule's.")
+        mean, std = getattr(datamodule, "mean", None), getattr(datamodule, "std", None)
+        if mean == "pretrained":
+            raise ValueError("PartsWorldColourRule: the data's mean ('pretrained') is not resolved yet; resolve it "
+                             "(use_pretrained_normalization) before training.")
+        self._use_world(world)
+        self.normalization = None if mean is None else (torch.tensor(mean, dtype=torch.float32).expand(3).clone(),
+                                                        torch.tensor(std, dtype=torch.float32).expand(3).clone())
+
+    def tables_on(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """The colour values (n_colours, 3), each class's required colours (C, n_colours) and, for normalised images,
+        the mean and std (3,) on `device`, moved there once: a copy from the host every step would make the GPU wait.
+        Never as inference tensors (a first call in Lightning's validation runs under `torch.inference_mode`)."""
+        if self.class_colours.device != device or (self.normalization and self.normalization[0].device != device):
             with torch.inference_mode(False):
                 self.colour_values, self.class_colours = self.colour_values.to(device), self.class_colours.to(device)
-        return self.colour_values, self.class_colours
+                if self.normalization is not None:
+                    self.normalization = tuple(t.to(device) for t in self.normalization)
+        return self.colour_values, self.class_colours, *(self.normalization or ())
 
     def __call__(self, batch: Batch, out: dict[str, torch.Tensor]) -> torch.Tensor:
         images = batch[self.image_key][:, :3].float()  # (B, 3, H, W)
-        colour_values, required = (table.to(images) for table in self.tables_on(images.device))  # (K, 3), (C, K)
-        distance = (images[:, None] - colour_values[None, :, :, None, None]).square().sum(2)
+        colour_values, required, *normalization = (table.to(images) for table in self.tables_on(images.device))
+        if normalization:  # back to [0, 1] pixel values, where the colours are defined
+            mean, std = normalization
+            images = images * std[:, None, None] + mean[:, None, None]
+        distance = (images[:, None] - colour_values[None, :, :, None, None]).square().sum(2)  # (B, K, H, W)
         present = torch.exp(-distance / self.sigma**2).flatten(2).amax(-1)  # (B, n_colours)
         # prod over required colours of present_k: exp(sum_k required_ck * log present_k)
         return torch.exp(torch.log(present.clamp_min(1e-6)) @ required.T)  # (B, C)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -212,7 +213,19 @@ def test_renn_explains_which_rules_fired_where() -> None:
     explained = model.explain(out)
     for sample, events in zip(explained, data["rule_events"]):
         assert sample["premature_then_pause"] == events[0].nonzero().flatten().tolist()
-        assert sample["premature_beat"] == [] or "premature_beat" in sample
+
+
+def test_explained_pattern_peaks_are_the_annotated_beats() -> None:
+    """Fed the true patterns, the detected steps of each pattern are exactly its annotated peaks (by name)."""
+    model = zoo.create_model("renn_series").eval()
+    data = generate(8, seed=2)
+    explained = model.explain({"rule_map": model.rule_layer(data["patterns"]), "patterns": data["patterns"]})
+    premature = 0
+    for sample, peaks in zip(explained, data["patterns"]):  # peaks (2, T): normal_beat, premature_beat
+        assert sample["normal_beat"] == peaks[0].nonzero().flatten().tolist()
+        assert sample["premature_beat"] == peaks[1].nonzero().flatten().tolist()
+        premature += len(sample["premature_beat"])
+    assert premature > 0  # the check saw premature beats, not only empty lists
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -395,3 +408,175 @@ def test_renn_loss_matches_an_elementwise_reference() -> None:
     assert torch.allclose(terms["loss_task"], task, atol=1e-6)
     assert torch.allclose(terms["loss_local"], 0.5 * local, atol=1e-6)
     assert set(ReNNLoss()({"logits": logits}, {"label": labels})) == {"loss_task"}  # no annotations: no local term
+
+
+# ------------------------------------------------------------------------------------------------ audit fixes
+def _validate(system: Any, data: Any, tmp_path: Path) -> dict[str, Any]:
+    import pytorch_lightning as pl
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=1, default_root_dir=tmp_path)
+    return trainer.validate(system, datamodule=data, verbose=False)[0]
+
+
+def _renn_system(data: Any, **model_kwargs: Any) -> Any:
+    from losses.renn import ReNNLoss
+    from zoo.renn.system import ReNNSystem
+
+    return ReNNSystem(model_name="renn_series", num_classes=4, in_chans=None, image_size=None,
+                      data_inputs=data.model_inputs, input_key="series", loss=ReNNLoss(), model_kwargs=model_kwargs)
+
+
+def test_renn_system_matches_patterns_and_rules_to_the_data_by_name(tmp_path: Path) -> None:
+    """Swapped `pattern_names` train each channel on its own pattern's annotations, reordered rules are scored
+    against their own events, a subset of rules is scored (it crashed at validation), an unknown pattern is refused."""
+    from zoo.renn.model import RULE_SERIES_PATTERNS
+
+    data = RuleSeriesDataModule(num_train=32, num_val=32, num_test=16, batch_size=32)
+    rules = ["frequent_premature", "premature_then_pause", "premature_interpolated"]
+    system = _renn_system(data, pattern_names=["premature_beat", "normal_beat"], rules=rules)
+    _validate(system, data, tmp_path)
+    batch = {k: v[:32] for k, v in data.splits["val"].tensors.items()}
+    mine = batch["patterns"].flip(1)  # (B, 2, T) in the model's order: premature, normal
+    out = {"logits": torch.zeros(32, 4), "pattern_logits": (mine * 2 - 1) * 20}  # a perfect detector
+    assert system.compute_loss(out, batch, "train")["loss_local"].item() < 1e-6
+    metric = system.metrics["val_rule_firing"]
+    metric.reset()
+    system.update_metrics({"rule_map": system.model.rule_layer(mine)}, batch, "val")
+    scores = metric.compute()
+    assert metric.rule_names == rules and all(scores[f"{key}/{name}"] == 1 for key in ("precision", "recall")
+                                              for name in rules)
+    subset = _renn_system(data, rules=["premature_interpolated", "frequent_premature"])
+    logged = _validate(subset, data, tmp_path)
+    assert {"val/rule_recall/premature_interpolated", "val/rule_recall/frequent_premature"} <= set(logged)
+    assert "val/rule_recall/premature_then_pause" not in logged
+    with pytest.raises(ValueError, match="\\['pvc'\\] that the data .*does not annotate"):
+        _validate(_renn_system(data, pattern_names=["normal_beat", "pvc"], rules=[]), data, tmp_path)
+    # the world publishes the names of its rows: the reference patterns and rules
+    assert data.pattern_names == RULE_SERIES_PATTERNS and data.rule_event_names == RULE_SERIES_RULES
+
+
+def test_parts_world_colour_rule_takes_the_datamodules_world_and_normalisation(tmp_path: Path) -> None:
+    """The rule reads the world and the normalisation of the data it trains on (a loss config that repeated them
+    drifted silently: 0.26 rule truth for the true class with world_seed 1, 4e-05 with normalised images), refuses
+    a contradicting world by name, and a class-count mismatch is a named error."""
+    from datamodules import PartsWorldDataModule
+    from zoo.renn.system import RuleLossSystem
+
+    def true_class_truth(rule: PartsWorldColourRule, data: PartsWorldDataModule) -> float:
+        batch = next(iter(data.val_dataloader()))
+        return rule(batch, {}).gather(1, batch["label"][:, None]).mean().item()
+
+    for settings in ({"world_seed": 1}, {"mean": [0.5] * 3, "std": [0.25] * 3}):
+        data = PartsWorldDataModule(num_classes=6, image_size=64, num_train=8, num_val=64, batch_size=64, **settings)
+        loss = LogicRuleDistillation(rules=[PartsWorldColourRule()])
+        system = RuleLossSystem(model_name="baseline_tinycnn", num_classes=6, loss=loss)
+        _validate(system, data, tmp_path)  # binds the rule to the data
+        assert true_class_truth(loss.rules[0], data) > 0.8, settings
+    data = PartsWorldDataModule(num_classes=4, image_size=64, num_train=8, num_val=16, batch_size=16)
+    with pytest.raises(ValueError, match="world_seed=0 \\(the data's world_seed=1\\)"):
+        PartsWorldColourRule(world_seed=0).bind_data(PartsWorldDataModule(world_seed=1, num_train=8, num_val=8))
+    with pytest.raises(ValueError, match="classes"):
+        batch = next(iter(data.val_dataloader()))
+        LogicRuleDistillation([PartsWorldColourRule()])({"logits": torch.randn(16, 4)}, batch)
+
+
+def test_semantic_loss_refuses_constraints_it_would_miscount() -> None:
+    """A repeated assignment counted twice (off by log 2), entries other than 0/1, and a width mismatch (a raw
+    matmul error) are named errors."""
+    with pytest.raises(ValueError, match="more than once"):
+        SemanticLoss(constraint=[[1, 0, 0], [1, 0, 0]])
+    with pytest.raises(ValueError, match="0 or 1"):
+        SemanticLoss(constraint=[[2, 0, 0]])
+    with pytest.raises(ValueError, match="2 entries each but the model has 4 outputs"):
+        SemanticLoss(constraint=[[1, 0], [0, 1]])({"logits": torch.randn(2, 4)}, {"label": torch.tensor([0, 1])})
+
+
+def test_series_files_refuse_nan_and_name_file_rows(tmp_path: Path) -> None:
+    """NaN (UCR-style padding) is refused at load naming the rows; NaN patterns too; samples are named by row."""
+    rng = np.random.default_rng(0)
+    table = np.concatenate([rng.integers(0, 2, (10, 1)), rng.normal(size=(10, 32))], 1)
+    table[[3, 7], 20:] = np.nan
+    np.savetxt(tmp_path / "ucr.csv", table, delimiter=",")
+    with pytest.raises(DatasetLayoutError, match="rows \\[3, 7\\].*CSV lines \\[4, 8\\].*pad"):
+        SeriesFileDataModule(tmp_path / "ucr.csv", num_classes=2)
+    patterns = rng.random((10, 2, 32))
+    patterns[5, 0, 4] = np.nan
+    np.savez(tmp_path / "p.npz", series=rng.normal(size=(10, 32)), label=rng.integers(0, 2, 10), patterns=patterns)
+    with pytest.raises(DatasetLayoutError, match="patterns of 1 row.*rows \\[5\\]"):
+        SeriesFileDataModule(tmp_path / "p.npz", num_classes=2)
+    series = rng.normal(size=(20, 16))
+    series[:, 0] = np.arange(20)  # each series carries its row number
+    np.savez(tmp_path / "s.npz", series=series, label=rng.integers(0, 2, 20), patterns=rng.random((20, 2, 16)),
+             pattern_names=np.array(["a", "b"]))
+    module = SeriesFileDataModule(tmp_path / "s.npz", num_classes=2, train_fraction=0.5)
+    assert module.pattern_names == ["a", "b"]
+    module.setup()
+    for split in ("train", "val", "test"):
+        rows = module.splits[split].tensors["series"][:, 0, 0].long().tolist()
+        assert module.sample_names(split) == [f"row {r}" for r in rows]
+
+
+def test_renn_predictions_read_out_rules_and_patterns() -> None:
+    """predictions.csv gets each rule's firing steps and each pattern's peaks (it got nothing but the class)."""
+    data = RuleSeriesDataModule(num_train=8, num_val=8, num_test=8)
+    system = _renn_system(data)
+    batch = generate(4, seed=3)
+    out = {"rule_map": system.model.rule_layer(batch["patterns"]), "patterns": batch["patterns"]}
+    columns = system.prediction_extras(out, batch)["columns"]
+    from zoo.renn.system import step_ranges
+
+    assert set(columns) == {f"rule:{n}" for n in RULE_SERIES_RULES} | {"pattern:normal_beat", "pattern:premature_beat"}
+    for i in range(4):
+        assert columns["pattern:premature_beat"][i] == step_ranges(batch["patterns"][i, 1].nonzero().flatten().tolist())
+        assert columns["rule:premature_then_pause"][i] == step_ranges(batch["rule_events"][i, 0].nonzero().flatten()
+                                                                      .tolist())
+    assert step_ranges([3, 12, 13, 14, 40]) == "3 12-14 40" and step_ranges([]) == ""
+    assert any(c == "0-255" for c in columns["rule:frequent_premature"]) or (batch["label"] != 3).all()
+
+
+def test_rules_of_a_users_module_are_named_module_colon_attr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """A config (train.py) names a rule of the user's own module as "module:attr": imported and registered."""
+    import zoo.renn.model as renn_model
+
+    monkeypatch.setattr(renn_model, "_RULES", dict(renn_model._RULES))
+    (tmp_path / "my_renn_rules.py").write_text(
+        "from zoo.renn.model import CountAtLeast, Pattern, register_rule\n"
+        "many = CountAtLeast(Pattern('normal_beat'), 8)\n"
+        "few = register_rule('few_premature', ~CountAtLeast(Pattern('premature_beat'), 2))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = zoo.create_model("renn_series", rules=["my_renn_rules:many", "my_renn_rules.few", "frequent_premature"])
+    assert model.rule_names == ["my_renn_rules:many", "few_premature", "frequent_premature"]
+    assert model(torch.randn(2, 1, 256))["rule_map"].shape == (2, 3, 256)
+    with pytest.raises(ValueError, match="module:attr"):
+        get_rule("my_own_rule")
+    with pytest.raises(TypeError, match="not a zoo.renn.model.Rule"):
+        get_rule("my_renn_rules:register_rule")
+
+
+def test_a_loaded_renn_warns_when_a_rule_is_now_defined_otherwise(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rules are saved by name; their definitions travel with the weights (checkpoints, safetensors exports), and a
+    rule of that name defined otherwise at load time is a warning, not a silent change of the model."""
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    import zoo.renn.model as renn_model
+
+    monkeypatch.setattr(renn_model, "_RULES", dict(renn_model._RULES))
+    register_rule("audit_rule", CountAtLeast(Pattern("premature_beat"), 4))
+    trained = zoo.create_model("renn_series", rules=["audit_rule"])
+    save_file(trained.state_dict(), str(tmp_path / "model.safetensors"))
+    state = load_file(str(tmp_path / "model.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same definition: no warning
+        zoo.create_model("renn_series", rules=["audit_rule"]).load_state_dict(state)
+    renn_model._RULES.pop("audit_rule")
+    register_rule("audit_rule", CountAtLeast(Pattern("premature_beat"), 2))
+    with pytest.warns(UserWarning, match="'audit_rule' were CountAtLeast\\(Pattern\\('premature_beat'\\), 4.*now are "
+                                         "CountAtLeast\\(Pattern\\('premature_beat'\\), 2"):
+        zoo.create_model("renn_series", rules=["audit_rule"]).load_state_dict(state)
+    older = {k: v for k, v in state.items() if k != "rule_layer.definitions"}  # saved before definitions were kept
+    assert not zoo.create_model("renn_series", rules=["audit_rule"]).load_state_dict(older).missing_keys

@@ -19,11 +19,18 @@ t-norm: a AND b = ab, a OR b = a + b - ab, NOT a = 1 - a) with temporal predicat
     pause_after_premature = NotFollowedBy(Pattern("premature_beat"), beat, within=(4, 26))
     frequent = CountAtLeast(Pattern("premature_beat"), 4)          # over the whole series
     register_rule("my_rule", pause_after_premature & ~frequent)    # then name it in YAML: rules: [my_rule]
+
+A config run by train.py names a rule of the user's own module as "module:attr" (or "module.attr"): the module is
+imported (which may register its rules) and the Rule object `attr` is used, registered under that name if it was not
+registered already; a checkpoint stores that name, so loading it imports the module again.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import importlib
+import json
+import warnings
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -136,6 +143,9 @@ class And(Rule):
     def __init__(self, *rules: Rule) -> None:
         self.rules = rules
 
+    def __repr__(self) -> str:
+        return f"And({', '.join(map(repr, self.rules))})"
+
     def __call__(self, patterns: Patterns) -> torch.Tensor:
         out = self.rules[0](patterns)
         for rule in self.rules[1:]:
@@ -149,6 +159,9 @@ class Or(Rule):
     def __init__(self, *rules: Rule) -> None:
         self.rules = rules
 
+    def __repr__(self) -> str:
+        return f"Or({', '.join(map(repr, self.rules))})"
+
     def __call__(self, patterns: Patterns) -> torch.Tensor:
         absent = 1 - self.rules[0](patterns)
         for rule in self.rules[1:]:
@@ -160,6 +173,9 @@ class Not(Rule):
     def __init__(self, rule: Rule) -> None:
         self.rule = rule
 
+    def __repr__(self) -> str:
+        return f"Not({self.rule!r})"
+
     def __call__(self, patterns: Patterns) -> torch.Tensor:
         return 1 - self.rule(patterns)
 
@@ -169,6 +185,9 @@ class Implies(Rule):
 
     def __init__(self, premise: Rule, conclusion: Rule) -> None:
         self.premise, self.conclusion = premise, conclusion
+
+    def __repr__(self) -> str:
+        return f"Implies({self.premise!r}, {self.conclusion!r})"
 
     def __call__(self, patterns: Patterns) -> torch.Tensor:
         a = self.premise(patterns)
@@ -180,6 +199,9 @@ class Within(Rule):
 
     def __init__(self, rule: Rule, within: Sequence[int]) -> None:
         self.rule, self.low, self.high = rule, int(within[0]), int(within[1])
+
+    def __repr__(self) -> str:
+        return f"Within({self.rule!r}, within=({self.low}, {self.high}))"
 
     def __call__(self, patterns: Patterns) -> torch.Tensor:
         return exists_within(self.rule(patterns), self.low, self.high)
@@ -195,6 +217,9 @@ class FollowedBy(Rule):
     def __init__(self, first: Rule, then: Rule, within: Sequence[int]) -> None:
         self.first, self.then = first, Within(then, within)
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.first!r}, {self.then.rule!r}, within=({self.then.low}, {self.then.high}))"
+
     def __call__(self, patterns: Patterns) -> torch.Tensor:
         return self.first(patterns) * self.then(patterns)
 
@@ -204,6 +229,8 @@ class NotFollowedBy(Rule):
 
     def __init__(self, first: Rule, then: Rule, within: Sequence[int]) -> None:
         self.first, self.then = first, Within(then, within)
+
+    __repr__ = FollowedBy.__repr__
 
     def __call__(self, patterns: Patterns) -> torch.Tensor:
         return self.first(patterns) * self.then.absent(patterns)
@@ -219,6 +246,11 @@ class CountAtLeast(Rule):
     def __init__(self, rule: Rule, n: int, within: Sequence[int] | None = None, sharpness: float = 4.0,
                  threshold: float = 0.5) -> None:
         self.rule, self.n, self.within, self.sharpness, self.threshold = rule, n, within, sharpness, threshold
+
+    def __repr__(self) -> str:
+        within = None if self.within is None else tuple(int(w) for w in self.within)
+        return (f"CountAtLeast({self.rule!r}, {self.n}, within={within}, sharpness={self.sharpness}, "
+                f"threshold={self.threshold})")
 
     def __call__(self, patterns: Patterns) -> torch.Tensor:
         peaks = local_peaks(self.rule(patterns))
@@ -244,11 +276,34 @@ def register_rule(name: str, rule: Rule) -> Rule:
 
 
 def get_rule(name: str) -> Rule:
+    """The rule registered as `name`, or the Rule object a "module:attr" / "module.attr" name points to (the module
+    imported, the rule registered under `name` unless its module registered it already)."""
+    if name not in _RULES and (":" in name or "." in name):
+        return _import_rule(name)
     if name not in _RULES:
         close = close_names(name, list(_RULES), n=3)
         raise ValueError(f"Unknown rule {name!r}." + (f" Did you mean: {', '.join(close)}?" if close else "")
-                         + f" Registered: {sorted(_RULES)}.")
+                         + f" Registered: {sorted(_RULES)}. A rule of your own module can be named "
+                         "\"module:attr\" (imported, then registered under that name).")
     return _RULES[name]
+
+
+def _import_rule(name: str) -> Rule:
+    """Import "module:attr" (or "module.attr") and return its Rule, registered under `name` unless registered."""
+    module_name, _, attr = name.rpartition(":") if ":" in name else name.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"Rule {name!r}: cannot import module {module_name!r} ({err}). Registered rules: "
+                         f"{sorted(_RULES)}.") from err
+    if name in _RULES:  # the import registered it under this very name
+        return _RULES[name]
+    rule = getattr(module, attr, None)
+    if not isinstance(rule, Rule):
+        raise TypeError(f"Rule {name!r}: {module_name}.{attr} is {type(rule).__name__}, not a zoo.renn.model.Rule.")
+    if _RULES.get(rule.name) is rule:  # the module registered it under a name of its own
+        return rule
+    return register_rule(name, rule)
 
 
 def list_rules() -> list[str]:
@@ -264,6 +319,11 @@ RULE_SERIES_RULES = ["premature_then_pause", "premature_interpolated", "frequent
 
 
 # ------------------------------------------------------------------------------------------ the network
+def _encode(definitions: dict[str, str | None]) -> torch.Tensor:
+    """JSON text as a uint8 tensor (a buffer that state dicts, checkpoints and safetensors carry)."""
+    return torch.tensor(list(json.dumps(definitions).encode()), dtype=torch.uint8)
+
+
 class LocalPatternDetector(nn.Module):
     """Per-step pattern logits from a small 1-D CNN (receptive field 41 steps: a beat and its neighbours, local
     against the series and the rules' windows)."""
@@ -280,14 +340,48 @@ class LocalPatternDetector(nn.Module):
         return self.net(x)  # (B, K, T)
 
 
+def rule_definition(rule: Rule) -> str | None:
+    """The rule's definition as text (its repr), or None for a rule class without a repr of its own."""
+    text = repr(rule)
+    return None if " object at 0x" in text else text
+
+
 class RuleLayer(nn.Module):
-    """Evaluates the rules on the pattern probabilities: the rule-modulated map (B, R, T). No parameters."""
+    """Evaluates the rules on the pattern probabilities: the rule-modulated map (B, R, T). No parameters.
+
+    Rules are named in configs and checkpoints, so the layer also saves each rule's definition (its repr, as JSON in
+    a uint8 buffer `definitions`: checkpoints and safetensors exports carry it) and warns when a loaded model's rule
+    of the same name is now defined otherwise: the weights were trained on another rule map."""
 
     def __init__(self, pattern_names: Sequence[str], rules: Sequence[str | Rule]) -> None:
         super().__init__()
         self.pattern_names = list(pattern_names)
         self.rules = [get_rule(r) if isinstance(r, str) else r for r in rules]
         self.rule_names = [r.name or repr(r) for r in self.rules]
+        self.register_buffer("definitions", _encode(self.rule_definitions()))
+
+    def rule_definitions(self) -> dict[str, str | None]:
+        return {name: rule_definition(rule) for name, rule in zip(self.rule_names, self.rules)}
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Compare the saved definitions with this layer's (warn on a difference) and keep this layer's; a
+        state dict saved before definitions were kept loads without them."""
+        key = prefix + "definitions"
+        saved = state_dict.get(key)
+        if saved is not None:
+            try:
+                before = json.loads(bytes(saved.tolist()).decode())
+            except (ValueError, UnicodeDecodeError):
+                before = {}
+            changed = [name for name, now in self.rule_definitions().items()
+                       if now is not None and before.get(name) not in (None, now)]
+            if changed:
+                warnings.warn("ReNN rule(s) " + "; ".join(f"{name!r} were {before[name]}, now are "
+                                                          f"{self.rule_definitions()[name]}" for name in changed)
+                              + ": the loaded weights were trained on the rule map of the saved definitions.",
+                              stacklevel=2)
+        state_dict[key] = self.definitions  # this layer's, whatever was saved (its length may differ)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, patterns: torch.Tensor) -> torch.Tensor:
         named = {name: patterns[:, i] for i, name in enumerate(self.pattern_names)}

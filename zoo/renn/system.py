@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import torch
 from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.engine import ZooSystem
@@ -14,13 +15,30 @@ _OPAQUE_SERIES = ["--model.init_args.model_kwargs=null", "--model.init_args.loss
                   "--model.init_args.stages=null"]
 
 
+def step_ranges(steps: list[int]) -> str:
+    """Sorted time steps as compact ranges: [3, 12, 13, 14, 40] -> "3 12-14 40"; [] -> ""."""
+    runs: list[list[int]] = []
+    for step in steps:
+        if runs and step == runs[-1][1] + 1:
+            runs[-1][1] = step
+        else:
+            runs.append([step, step])
+    return " ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 class ReNNSystem(ZooSystem):
     """Train ReNN in the stages of `stages:` (local detectors on `loss_local`, then global inference on `loss_task`
     with the detectors frozen, then optionally both at a lower learning rate; `zoo.engine.stages`), log `<stage>/acc`
     and, in validation and test, how the model's rule map fires on the batch's ground-truth rule events
-    (`rule_events_key`, (B, R, T)): `<stage>/rule_precision` and `<stage>/rule_recall` (means over rules) and
+    (`rule_events_key`, (B, R', T)): `<stage>/rule_precision` and `<stage>/rule_recall` (means over rules) and
     `<stage>/rule_<precision|recall>/<rule name>`. Rule names are the model's public `rule_names`; a model without
     them (an opaque twin) gets accuracy only.
+
+    Channels are matched to the data by name, never by position (`setup`): the rows of the batch's `patterns` by the
+    datamodule's `pattern_names` (the local loss trains each detector channel on its own pattern's row; a pattern the
+    model detects and the data does not annotate is refused by name), the rows of `rule_events` by its
+    `rule_event_names` (only the model's rules the data has ground truth for are scored). Without a datamodule
+    (`trainer.fit(system, loaders)`) the rows are taken in order.
 
     Twins (`train.py compare --config configs/renn/rule_series.yaml`): the opaque 1-D CNN and the LSTM of matched
     size (about 10k parameters each), cross-entropy, no stages, same data and budget.
@@ -37,13 +55,87 @@ class ReNNSystem(ZooSystem):
         self.add_metric("acc", MulticlassAccuracy(self.hparams.num_classes, average="micro"),
                         stages=("train", "val", "test"))
         rule_names = getattr(self.model, "rule_names", None)
+        self.scored_rules: list[str] = list(rule_names or [])  # the rules scored against the data's rule events
         if rule_names:
             self.add_metric("rule_firing", NamedRuleFiring(rule_names), log_prefix="rule_")
+        # rows of the batch's `patterns` for each model pattern, and (model rule, data event row) pairs scored; None:
+        # in order (set by `setup` from the datamodule's names; device tensors: no host copy inside a step)
+        self.register_buffer("pattern_rows", None, persistent=False)
+        self.register_buffer("scored_rule_ids", None, persistent=False)
+        self.register_buffer("rule_event_rows", None, persistent=False)
+
+    def setup(self, stage: str) -> None:
+        """Match the model's pattern and rule channels to the datamodule's `pattern_names` / `rule_event_names`."""
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if data is not None and stage != "predict":
+            self.match_data(data)
+
+    def match_data(self, data: Any) -> None:
+        """Select, by name, the data rows the local loss and the rule metrics read (see the class docstring)."""
+        where = type(data).__name__
+        patterns = getattr(self.model, "pattern_names", None)
+        annotated = list(getattr(data, "pattern_names", None) or [])
+        if patterns and annotated:
+            missing = [name for name in patterns if name not in annotated]
+            if missing:
+                raise ValueError(f"The model detects pattern(s) {missing} that the data ({where}) does not annotate: "
+                                 f"its `patterns` rows are {annotated}. Name the model's patterns after the data's "
+                                 f"(model_kwargs: {{pattern_names: [...]}}) or the data's after the model's "
+                                 f"(SeriesFileDataModule: data.init_args.pattern_names).")
+            self.pattern_rows = self._rows([annotated.index(name) for name in patterns], len(annotated))
+        rules, events = list(getattr(self.model, "rule_names", None) or []), getattr(data, "rule_event_names", None)
+        if not rules or events is None:
+            return
+        events = list(events)
+        scored = [(i, events.index(name)) for i, name in enumerate(rules) if name in events]
+        self._score_rules([rules[i] for i, _ in scored])
+        self.scored_rule_ids = self._rows([i for i, _ in scored], len(rules))
+        self.rule_event_rows = self._rows([row for _, row in scored], len(events))
+
+    def _rows(self, rows: list[int], count: int) -> torch.Tensor | None:
+        """`rows` as a device index tensor, or None where they are all `count` rows in order (nothing to select)."""
+        return None if rows == list(range(count)) else torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def _score_rules(self, names: list[str]) -> None:
+        """Score rules `names` (those the data has events for): the rule-firing metrics rebuilt for them, or gone."""
+        if names == self.scored_rules:
+            return
+        for key in ("val_rule_firing", "test_rule_firing"):
+            if key in self.metrics:
+                del self.metrics[key]
+            self._dict_metrics.pop(key, None)
+        self.scored_rules = names
+        if names:
+            self.add_metric("rule_firing", NamedRuleFiring(names).to(self.device), log_prefix="rule_")
+
+    def prediction_extras(self, out: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
+        """The model's explanation in predictions.csv (`model.explain`): a column `rule:<name>` per rule with the
+        steps where it fired (rule map > 0.5) and `pattern:<name>` per pattern with its detected peaks, each as
+        compact step ranges ("12 40-42"; empty: never). An opaque twin (no `explain`) adds nothing."""
+        explain = getattr(self.model, "explain", None)
+        if explain is None or "rule_map" not in out:
+            return {}
+        explained = explain(out)  # predict only: the host writes the CSV anyway
+        rules = set(self.model.rule_names)
+        names = [f"{'rule' if name in rules else 'pattern'}:{name}" for name in explained[0]] if explained else []
+        return {"columns": {column: [step_ranges(sample[name]) for sample in explained]
+                            for column, name in zip(names, explained[0] if explained else [])}}
+
+    def compute_loss(self, out: dict[str, Any], batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
+        key = getattr(self.loss, "patterns_key", None)
+        if self.pattern_rows is not None and key in batch:  # the model's patterns' rows, in the model's order
+            batch = {**batch, key: batch[key].index_select(1, self.pattern_rows)}
+        return super().compute_loss(out, batch, stage)
 
     def update_metrics(self, out: dict[str, Any], batch: dict[str, Any], stage: str) -> None:
         super().update_metrics(out, batch, stage)
-        if "rule_map" in out and self.rule_events_key in batch:
-            self.log_metric(stage, "rule_firing", out["rule_map"], batch[self.rule_events_key])
+        if "rule_map" in out and self.rule_events_key in batch and self.scored_rules:
+            rule_map, events = out["rule_map"], batch[self.rule_events_key]
+            if self.scored_rule_ids is not None:
+                rule_map = rule_map.index_select(1, self.scored_rule_ids)
+            if self.rule_event_rows is not None:
+                events = events.index_select(1, self.rule_event_rows)
+            self.log_metric(stage, "rule_firing", rule_map, events)
 
 
 class RuleLossSystem(ZooSystem):
@@ -60,3 +152,11 @@ class RuleLossSystem(ZooSystem):
         super().__init__(*args, **kwargs)
         self.add_metric("acc", MulticlassAccuracy(self.hparams.num_classes, average="micro"),
                         stages=("train", "val", "test"))
+
+    def setup(self, stage: str) -> None:
+        """Rules that read the data's definition (`bind_data(datamodule)`, e.g. `PartsWorldColourRule`'s world and
+        image normalisation) take it from the datamodule, which refuses a mismatch by name."""
+        data = self.trainer.datamodule if self._trainer is not None else None
+        for rule in getattr(self.loss, "rules", []):
+            if data is not None and hasattr(rule, "bind_data"):
+                rule.bind_data(data)
