@@ -10,6 +10,8 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from datamodules.resumable import ResumableDataLoader, ResumableRandomSampler
+
 
 class DatasetLayoutError(FileNotFoundError, ValueError):
     """A dataset folder that is missing or not in the expected on-disk layout; the message shows the layout.
@@ -211,13 +213,26 @@ class DictDataModule(pl.LightningDataModule):
         return self.splits[split] if self.mean is None else NormalizedDataset(self.splits[split], self.mean, self.std)
 
     def _loader(self, split: str, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        """Shuffled: a loader Lightning resumes mid-epoch (`datamodules.resumable`); else the evaluation order."""
         dataset = self.split_samples(split)
-        sampler = None if shuffle else self._evaluation_sampler(dataset)
-        return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, sampler=sampler,
-            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0, collate_fn=self.collate_fn,
-            drop_last=drop_last,
-        )
+        settings = dict(batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                        persistent_workers=self.num_workers > 0, collate_fn=self.collate_fn, drop_last=drop_last)
+        if shuffle:  # no `shuffle=` given: Lightning reads shuffling from the RandomSampler (DDP: its own, shuffled)
+            return self.resumable_loader(dataset, ResumableRandomSampler(dataset), **settings)
+        return DataLoader(dataset, sampler=self._evaluation_sampler(dataset), **settings)
+
+    def resumable_loader(self, dataset: Dataset, sampler: ResumableRandomSampler, **settings: Any) -> DataLoader:
+        """A training loader of `sampler`'s shuffles that a run resumed from a checkpoint written inside an epoch
+        continues where the interrupted run was (`ResumableDataLoader`)."""
+        return ResumableDataLoader(dataset, sampler=sampler, epoch_progress=self._epoch_progress, **settings)
+
+    def _epoch_progress(self) -> tuple[int, int]:
+        """(training batches of the current epoch trained on so far, batches the epoch trains: Lightning's count,
+        after `limit_train_batches`); (0, 0) without a trainer."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 0
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed, trainer.num_training_batches
 
     def _evaluation_sampler(self, dataset: Any) -> Sampler | None:
         """Under distributed training, a sampler that gives each rank its own samples, none twice: Lightning's

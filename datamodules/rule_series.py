@@ -27,9 +27,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from datamodules._base import DatasetLayoutError, DictDataModule, TensorDictDataset, check_labels
+from datamodules.resumable import ResumableRandomSampler
 
 CLASS_NAMES = ["normal", "compensated", "interpolated", "bigeminy"]
 PATTERN_NAMES = ["normal_beat", "premature_beat"]  # the rows of `patterns`, in order
@@ -143,9 +144,10 @@ class SeriesDataModule(DictDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.split_samples("train")  # sets up, and names an empty split
-        sampler = RandomSampler(dataset, replacement=len(dataset) < self.epoch_samples, num_samples=self.epoch_samples)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          drop_last=self.leaves_a_batch_of_one(self.epoch_samples))  # as every training loader
+        sampler = ResumableRandomSampler(dataset, replacement=len(dataset) < self.epoch_samples,
+                                         num_samples=self.epoch_samples)
+        return self.resumable_loader(dataset, sampler, batch_size=self.batch_size, num_workers=self.num_workers,
+                                     drop_last=self.leaves_a_batch_of_one(self.epoch_samples))  # as every one
 
 
 class RuleSeriesDataModule(SeriesDataModule):

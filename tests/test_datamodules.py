@@ -393,3 +393,55 @@ def test_evaluation_shards_under_ddp_hold_every_sample_once(rank: int) -> None:
     with pytest.warns(UserWarning, match="holds 1 samples for 2 processes"):
         loader = data.test_dataloader()
     assert not isinstance(loader.sampler, torch.utils.data.DistributedSampler)  # Lightning injects its own
+
+
+# ------------------------------------------------------------------------------------ loaders resumed mid-epoch
+@pytest.mark.parametrize("replacement, num_samples", [(False, None), (True, 70)])
+def test_resumable_sampler_draws_as_random_sampler_and_resumes_part_way(replacement: bool,
+                                                                       num_samples: int | None) -> None:
+    """The same shuffles as torch's RandomSampler from the same global stream (runs that never resume are
+    unchanged), and `resume(seed, start)` replays the tail of an epoch (ReNN's loader samples with replacement)."""
+    from torch.utils.data import RandomSampler
+
+    from datamodules.resumable import ResumableRandomSampler
+
+    data = list(range(50))
+    torch.manual_seed(3)
+    theirs = [list(RandomSampler(data, replacement=replacement, num_samples=num_samples)) for _ in range(2)]
+    torch.manual_seed(3)
+    sampler = ResumableRandomSampler(data, replacement=replacement, num_samples=num_samples)
+    ours, seeds = [], []
+    for _ in range(2):
+        ours.append(list(sampler))
+        seeds.append(sampler.seed)
+    assert ours == theirs
+    state = torch.get_rng_state()
+    sampler.resume(seeds[0], 17)
+    assert list(sampler) == theirs[0][17:]
+    assert torch.equal(torch.get_rng_state(), state)  # a resumed epoch draws nothing from the run's stream
+
+
+def test_resumable_loader_state_round_trip_and_a_sampler_that_cannot_resume() -> None:
+    """state_dict() holds the epoch's seed and the samples trained on; a fresh loader given it continues there; one
+    written at an epoch's end starts the next anew; a distributed sampler in its place warns."""
+    from torch.utils.data import DistributedSampler
+
+    from datamodules.resumable import ResumableDataLoader, ResumableRandomSampler
+
+    data = torch.arange(40)
+    progress = [(3, 5)]
+    loader = ResumableDataLoader(data, batch_size=8, sampler=ResumableRandomSampler(data),
+                                 epoch_progress=lambda: progress[0])
+    epoch = [batch.tolist() for batch in loader]
+    state = loader.state_dict()
+    assert state["samples"] == 24 and not state["finished"] and state["seed"] is not None
+    again = ResumableDataLoader(data, batch_size=8, sampler=ResumableRandomSampler(data))
+    again.load_state_dict(state)
+    assert [batch.tolist() for batch in again] == epoch[3:]
+    assert len([batch for batch in again]) == 5  # the next epoch is whole
+    done = ResumableDataLoader(data, batch_size=8, sampler=ResumableRandomSampler(data))
+    done.load_state_dict({**state, "finished": True})
+    assert len(list(done)) == 5
+    shard = ResumableDataLoader(data, batch_size=8, sampler=DistributedSampler(data, num_replicas=2, rank=0))
+    with pytest.warns(UserWarning, match="cannot resume it"):
+        shard.load_state_dict({**state, "seed": None})

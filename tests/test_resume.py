@@ -79,6 +79,31 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_final_state(family: str, tmp
     assert not differ, f"{len(differ)} of {len(whole_state['state_dict'])} tensors differ: {differ[:8]}"
 
 
+@pytest.mark.parametrize("family", ["baselines", "l2x"])
+def test_a_run_resumed_from_a_checkpoint_written_inside_an_epoch_ends_the_same(family: str, tmp_path: Path) -> None:
+    """Validation every 2 of an epoch's 4 steps writes last.ckpt inside epochs; killed at step 7, the run resumes
+    from step 6, half-way through epoch 1. Lightning's loaders restarted the epoch's iterator there, drawing its
+    remaining batches anew (20 of L2X's tensors differed); the training loaders now resume mid-epoch."""
+    config, extra = RESUME_CASES[family]
+    extra = [*extra, "--trainer.val_check_interval=2"]
+    killer = ["--trainer.callbacks+=tests.helpers.KillAtStep", "--trainer.callbacks.step=7"]
+    whole = fit(tmp_path, "whole", config, *extra, wait=False)
+    killed = fit(tmp_path, "killed", config, *extra, *killer)
+    _, whole_err = whole.communicate(timeout=300)
+    assert whole.returncode == 0, whole_err[-3000:]
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.read()[-3000:]
+    assert final_state(tmp_path, "killed")["global_step"] == 6  # inside epoch 1 (steps 4-7)
+    resumed = fit(tmp_path, "killed", config, *extra, "--ckpt_path=last", wait=False)
+    _, resumed_err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, resumed_err[-3000:]
+    assert "not resumable" not in resumed_err  # Lightning's warning for a loader restarted mid-epoch
+    whole_state, again = final_state(tmp_path, "whole"), final_state(tmp_path, "killed")
+    assert again["global_step"] == whole_state["global_step"] == 12
+    differ = [k for k in whole_state["state_dict"] if not torch.equal(whole_state["state_dict"][k],
+                                                                      again["state_dict"][k])]
+    assert not differ, f"{len(differ)} of {len(whole_state['state_dict'])} tensors differ: {differ[:8]}"
+
+
 def test_load_checkpoint_export_and_named_mismatches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from train import main
 
