@@ -97,6 +97,12 @@ def batch_field(batch: Any, key: str) -> Any:
     return value
 
 
+def check_on_host(ok: torch.Tensor, message: str) -> None:
+    """ValueError(message) unless `ok`, a bool tensor on the CPU, holds (a host read: no device waits for it)."""
+    if not bool(ok):
+        raise ValueError(message)
+
+
 def check_finite(value: torch.Tensor, name: str, index: torch.Tensor | None = None) -> None:
     """Raise naming the samples (dataset indices where known) whose `value` holds NaN or inf (CPU only)."""
     if value.device.type != "cpu" or torch.isfinite(value).all():

@@ -41,6 +41,12 @@ def checkpoint_replaces_weights() -> Iterator[None]:
         _CHECKPOINT_REPLACES_WEIGHTS.reset(token)
 
 
+def weights_will_be_replaced() -> bool:
+    """Whether models are being built inside `checkpoint_replaces_weights`: a file that only gives starting weights
+    (a pretrained backbone, a textual stage-1 checkpoint) need not be read."""
+    return _CHECKPOINT_REPLACES_WEIGHTS.get()
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file, a `torch.save`d state dict, the "state_dict" of a Lightning checkpoint, or
     the model.safetensors of an export folder (`zoo.export_checkpoint`)."""
@@ -204,7 +210,7 @@ def load_backbone_weights(body: nn.Module, path: str | Path, what: str,
     them and what `identify(<the file's tensors under the backbone's prefix, by name>)` says they come from.
     Inside `checkpoint_replaces_weights()` nothing is read.
     """
-    if _CHECKPOINT_REPLACES_WEIGHTS.get():
+    if weights_will_be_replaced():
         return LoadReport(str(path), [], [], read=False)
     own = body.state_dict()
     source = read_state_dict(path)

@@ -27,7 +27,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import Metric
 
-from zoo.checks import batch_field, check_class_ids
+from zoo.checks import batch_field, check_class_ids, check_on_host
 from zoo.engine.auxiliary import Auxiliary, auxiliaries_pending, prepare_auxiliaries
 from zoo.engine.stages import Schedule, epoch_schedules
 from zoo.registry import create_model_for_data
@@ -362,8 +362,7 @@ class ZooSystem(pl.LightningModule):
         `log_every_n_steps` training steps, at epoch ends, before validation and any checkpoint). False raises
         ValueError(message). Families use it for their batch checks (CBM's 0/1 concept labels)."""
         if ok.device.type == "cpu":
-            if not bool(ok):
-                raise ValueError(message)
+            check_on_host(ok, message)
             return
         self._deferred_checks.append((ok, message))
 
