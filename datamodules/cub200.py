@@ -229,8 +229,10 @@ class CUB200DataModule(DictDataModule):
         crop_to_box: crop each image to its bird box first (common for part-based models).
         val_fraction: hold out this random fraction of the training images (drawn with `seed`) as validation.
         sentences_root: Reed et al.'s text_c10 folder; by default `text_c10` beside or inside the CUB folder is
-            used when present. Then batches hold `captions` (10 sentences per image, ids of `vocabulary`, built
-            from the training sentences: <pad>, <bos>, <eos>, <unk>, then words by frequency).
+            used when present (`describe_sentences` says which). Then batches hold `captions` (10 sentences per
+            image, ids of `vocabulary`, built from the training split's sentences, without the `val_fraction` held
+            out: <pad>, <bos>, <eos>, <unk>, then words by frequency). A textual model's `vocab_size` must be at
+            least len(vocabulary) (`TextualSystem` checks it at fit start).
         mean / std: per-channel normalisation of the [0, 1] images (lists), "pretrained" (mean only: the model's
             backbone's timm pretrained mean and std, resolved by train.py), or None: none (`DictDataModule`).
         attributes: batches hold `attributes` (A,), the concept bottleneck paper's class-level attributes (see
@@ -280,6 +282,7 @@ class CUB200DataModule(DictDataModule):
         candidates = [Path(sentences_root)] if sentences_root else [base / "text_c10", base.parent / "text_c10"]
         if sentences_root and not Path(sentences_root).is_dir():
             raise DatasetLayoutError(f"CUB sentences folder {sentences_root!r} does not exist.", SENTENCES_LAYOUT)
+        self.sentence_folders = candidates  # where sentences were looked for (`describe_sentences`)
         self.sentences_root = next((c for c in candidates if c.is_dir()), None)
         self.sentence_shape, self.max_vocab = (sentences_per_image, max_sentence_len), max_vocab
         self.vocabulary: list[str] = []
@@ -297,10 +300,19 @@ class CUB200DataModule(DictDataModule):
         from collections import Counter
 
         sentences = read_sentences(self.sentences_root, self.index.paths, images_root)
-        counts = Counter(w for i in np.flatnonzero(self.index.is_train) for s in sentences[i] for w in s)
+        # the training split's words only (less a held-out val_fraction, as the attributes' votes)
+        counts = Counter(w for i in self.split_rows()["train"] for s in sentences[i] for w in s)
         self.vocabulary = ["<pad>", "<bos>", "<eos>", "<unk>", *[w for w, _ in counts.most_common(self.max_vocab - 4)]]
         lookup = {w: i for i, w in enumerate(self.vocabulary)}
         self.index.captions = encode_captions(sentences, lookup, *self.sentence_shape)
+
+    def describe_sentences(self) -> str:
+        """Where the batches' `captions` come from, or where they were looked for (the error of a model that needs
+        sentences quotes it)."""
+        if self.sentences_root is not None:
+            return f"sentences from {str(self.sentences_root)!r}"
+        looked = [str(c) for c in self.sentence_folders]
+        return f"no sentence folder (Reed et al.'s text_c10) found; looked for {looked} (sentences_root names another)"
 
     def decode(self, tokens: torch.Tensor) -> str:
         """The words of a sentence (L,) of `vocabulary` ids (a reference or a generated one), up to <eos>."""

@@ -404,9 +404,10 @@ def test_compare_trains_the_explanation_model_against_its_twins(in_tmp_dir) -> N
     rows = main(["compare", "--config", str(REPO / "configs" / "textual" / "explanation.yaml"),
                  "--trainer.fast_dev_run=true", "--model.init_args.init_checkpoint=null", "--model.init_args.hidden=16",
                  *SMALL[:-2]])
-    assert [row["run"] for row in rows] == ["textual", "description", "explanation_label"]  # TextualSystem.TWINS
+    assert [row["run"] for row in rows] == ["textual", "description", "explanation_label",
+                                            "no_discriminative"]  # TextualSystem.TWINS
     assert [row["model"] for row in rows] == ["textual_explanation", "textual_description",
-                                              "textual_explanation_label"]
+                                              "textual_explanation_label", "textual_explanation"]
     assert all({"acc", "cider_d", "class_rank", "bleu_4", "rouge_l"} <= set(row) for row in rows)
     assert (in_tmp_dir / "checkpoints" / "textual_explanation_compare" / "report.md").is_file()
 
@@ -505,3 +506,260 @@ def test_sentence_classifier_dropout_is_the_papers_and_a_system_argument() -> No
     assert TextualSystem(variant="explanation-label", hidden=16).sentence_classifier.drop.p == 0.75
     chosen = TextualSystem(variant="explanation-label", hidden=16, sentence_classifier_dropout=0.3)
     assert chosen.sentence_classifier.drop.p == 0.3 and chosen.hparams.sentence_classifier_dropout == 0.3
+
+
+# ------------------------------------------------------------------------------------------------ audit fixes
+def saved_stage(path, seed: int, **kwargs):
+    """A TextualSystem (hidden 16, helpers marked ready) with seed-dependent weights, saved as a stage checkpoint."""
+    from zoo.textual.system import TextualSystem
+
+    torch.manual_seed(seed)
+    system = TextualSystem(hidden=16, **kwargs)
+    system.image_encoder_ready.fill_(True)
+    system.sentence_classifier_ready.fill_(True)
+    torch.save({"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams)}, path)
+    return system
+
+
+def test_given_helper_checkpoints_win_over_the_stage_ones(tmp_path) -> None:
+    """A stage-2 run given encoder_checkpoint / sentence_classifier_checkpoint (one judge for an ablation) loads
+    them: before, the stage's helpers were copied and marked ready, so the given files were never read."""
+    from zoo.engine import load_auxiliary_checkpoints
+    from zoo.textual.system import TextualSystem
+
+    stage = saved_stage(tmp_path / "stage.ckpt", 0, variant="explanation-label")
+    judge = saved_stage(tmp_path / "judge.ckpt", 1, variant="description")
+    judge_file = str(tmp_path / "judge.ckpt")
+    system = TextualSystem(variant="explanation", hidden=16, discriminative_weight=0.2,
+                           init_checkpoint=str(tmp_path / "stage.ckpt"), encoder_checkpoint=judge_file,
+                           sentence_classifier_checkpoint=judge_file)
+    load_auxiliary_checkpoints(system)  # what prepare_auxiliaries does first
+    assert torch.equal(system.model.generator.out.weight, stage.model.generator.out.weight)  # the stage's generator
+    assert torch.equal(system.sentence_classifier.head.weight, judge.sentence_classifier.head.weight)
+    judge_encoder, own_encoder = judge.model.image_encoder.state_dict(), system.model.image_encoder.state_dict()
+    assert all(torch.equal(own_encoder[k], v) for k, v in judge_encoder.items())
+    assert not torch.equal(system.sentence_classifier.head.weight, stage.sentence_classifier.head.weight)
+    alone = TextualSystem(variant="explanation", hidden=16, discriminative_weight=0.2,
+                          init_checkpoint=str(tmp_path / "stage.ckpt"))  # no files given: the stage's helpers
+    assert bool(alone.sentence_classifier_ready) and bool(alone.image_encoder_ready)
+    assert torch.equal(alone.sentence_classifier.head.weight, stage.sentence_classifier.head.weight)
+
+
+def tiny_trainer(root, **kwargs):
+    """A one-epoch CPU Trainer without logger, checkpoints or progress bar, `kwargs` over those settings."""
+    import pytorch_lightning as pl
+
+    settings = {"max_epochs": 1, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": root}
+    return pl.Trainer(**(settings | kwargs))
+
+
+def test_predict_writes_each_images_generated_sentence(tmp_path) -> None:
+    """`train.py predict` crashed for every textual model (the base predict_step reads out["logits"]); now each
+    image gets its greedy sentence in words, the class it explains and the sentence classifier's class."""
+    import csv
+
+    from datamodules import PartsWorldDataModule
+    from zoo.cli.predict import PredictionWriter
+    from zoo.textual.system import TextualSystem
+
+    data = PartsWorldDataModule(num_train=32, num_val=16, num_test=12, batch_size=8)
+    torch.manual_seed(0)
+    system = TextualSystem(variant="explanation-label", hidden=16, encoder_epochs=1, sentence_classifier_epochs=1,
+                           class_names=data.class_names)
+    tiny_trainer(tmp_path, limit_val_batches=0).fit(system, datamodule=data)
+    with pytest.warns(UserWarning, match="no explanation pictures"):  # sentences: CSV only
+        tiny_trainer(tmp_path, callbacks=[PredictionWriter()]).predict(system, datamodule=data,
+                                                                       return_predictions=False)
+    rows = list(csv.DictReader((tmp_path / "predictions" / "predictions.csv").open()))
+    assert len(rows) == 12 and [int(r["index"]) for r in rows] == list(range(12))
+    test = data.splits["test"]
+    system.eval()
+    with torch.no_grad():
+        images = torch.stack([test[i]["image"] for i in range(12)])
+        labels = torch.stack([test[i]["label"] for i in range(12)])
+        sentences, _ = system.model.explain(images, labels)
+        probs = system.sentence_classifier(sentences)["logits"].softmax(-1)
+    for row, sentence, label, p in zip(rows, sentences, labels, probs):
+        assert row["explanation"] == data.decode(sentence)
+        assert row["explained_class"] == row["label_name"] == data.class_names[int(label)]
+        assert int(row["pred"]) == int(p.argmax()) and float(row["probability"]) == pytest.approx(float(p.max()),
+                                                                                                   abs=1e-4)
+    assert any(row["explanation"] for row in rows) and all("<" not in row["explanation"] for row in rows)
+    batch = {"image": images[:4], "index": torch.arange(4)}  # no labels: the image encoder's class is explained
+    out = system.predict_step(batch, 0)
+    encoder_classes = system.model.image_encoder(images[:4])["logits"].argmax(-1)
+    assert out["columns"]["explained_class"] == [data.class_names[int(c)] for c in encoder_classes]
+    assert out["probs"].shape == (4, 6) and len(out["columns"]["explanation"]) == 4
+
+
+@pytest.mark.parametrize("stem", ["explanation", "explanation_dis"])
+def test_the_no_discriminative_twin_keeps_the_variant_and_the_start(stem: str) -> None:
+    """compare's equal-budget twin is the config's own variant from its own init_checkpoint with the discriminative
+    weight at 0; before, explanation_dis.yaml's twin was explanation-label from a description checkpoint, which
+    does not fit (compare crashed)."""
+    import yaml
+
+    from tests.conftest import REPO
+    from zoo.cli.compare import declared_twins, resolved_model_config
+    from zoo.textual.model import VARIANTS
+
+    path = REPO / "configs" / "textual" / f"{stem}.yaml"
+    config = yaml.safe_load(path.read_text())
+    twins = declared_twins(path, config)
+    assert set(twins) == {"description", "explanation_label", "no_discriminative"}
+    own = config["model"]["init_args"]
+    twin = resolved_model_config(str(path), twins["no_discriminative"])["init_args"]
+    assert twin["variant"] == own["variant"] and twin["init_checkpoint"] == own["init_checkpoint"]
+    assert twin["discriminative_weight"] == 0 and own["discriminative_weight"] > 0
+    start_variant = {"explanation": "explanation-label", "explanation_dis": "description"}[stem]
+    assert VARIANTS[twin["variant"]] == VARIANTS[start_variant]  # the same image / class inputs: the stage fits
+    for name, variant in (("description", "description"), ("explanation_label", "explanation-label")):
+        scratch = resolved_model_config(str(path), twins[name])["init_args"]  # from scratch: no stage to fit
+        assert scratch["variant"] == variant and scratch["init_checkpoint"] is None
+
+
+def test_a_stage_two_checkpoint_restores_without_the_stage_one_file(in_tmp_dir) -> None:
+    """validate / test / predict / load_from_checkpoint of a stage-2 run re-read init_checkpoint only to overwrite
+    its weights, so they failed once the stage-1 file had moved; a checkpoint restore now skips it."""
+    from tests.conftest import REPO
+    from train import main
+    from zoo.textual.system import TextualSystem
+
+    stage = in_tmp_dir / "stage.ckpt"
+    saved_stage(stage, 0, variant="explanation-label", vocab_size=25)
+    cli = main(["fit", "--config", str(REPO / "configs" / "textual" / "explanation.yaml"), *SMALL,
+                "--model.init_args.hidden=16", f"--model.init_args.init_checkpoint={stage}",
+                "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1"])
+    last = in_tmp_dir / "checkpoints" / "textual_explanation" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    trained = {k: v.clone() for k, v in cli.model.state_dict().items()}
+    stage.unlink()  # the stage-1 run was moved away
+    restored = TextualSystem.load_from_checkpoint(last)
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in trained.items())
+    main(["validate", "--config", str(REPO / "configs" / "textual" / "explanation.yaml"), *SMALL,
+          "--model.init_args.hidden=16", f"--model.init_args.init_checkpoint={stage}",
+          "--trainer.limit_val_batches=1", f"--ckpt_path={last}"])
+    with pytest.raises(ValueError, match="does not exist"):  # a fit from the stage still needs it
+        TextualSystem(variant="explanation", hidden=16, init_checkpoint=str(stage))
+
+
+def write_cub_sentences(cub_root, sentence) -> None:
+    """text_c10 beside CUB_200_2011: each image's file holds `sentence(image number, path)`, two lines."""
+    images = sorted((cub_root / "CUB_200_2011" / "images").rglob("*.jpg"))
+    for i, path in enumerate(images):
+        target = cub_root / "text_c10" / path.relative_to(cub_root / "CUB_200_2011" / "images").with_suffix(".txt")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(sentence(i, path) + "\n" + sentence(i, path) + "\n")
+
+
+def test_cub_vocabulary_holds_the_training_splits_words_only(cub_root) -> None:
+    """With val_fraction > 0, the held-out images' words were counted into the vocabulary (the attributes' votes
+    already left them out)."""
+    from datamodules import CUB200DataModule
+
+    write_cub_sentences(cub_root, lambda i, path: f"this bird has a wing number{path.stem.rsplit('_', 1)[-1]}")
+    data = CUB200DataModule(cub_root, image_size=32, val_fraction=0.5, seed=0)
+    rows = data.split_rows()
+    assert len(rows["train"]) and len(rows["val"])
+    train_words = {f"number{data.index.image_ids[r]}" for r in rows["train"]}
+    held_words = {f"number{data.index.image_ids[r]}" for r in rows["val"]}
+    assert train_words <= set(data.vocabulary) and not held_words & set(data.vocabulary)
+    assert "sentences from" in data.describe_sentences()
+
+
+def test_data_without_sentences_or_with_a_larger_vocabulary_is_named_before_training(cub_root, tmp_path) -> None:
+    """CUB without text_c10 loaded silently and textual training crashed with KeyError 'captions'; a vocab_size
+    below CUB's vocabulary failed only after the image encoder had trained. Both are named at fit start now
+    (where the sentences were looked for; the vocabulary's size), and the first helper trained is the sentence
+    classifier, whose batches name them too (train.py trains the helpers before fit)."""
+    from datamodules import CUB200DataModule
+    from zoo.textual.system import TextualSystem, sentence_classifier_batch_loss
+
+    bare = CUB200DataModule(str(cub_root), image_size=32, batch_size=4)
+    system = TextualSystem(variant="description", num_classes=3, hidden=16, encoder_epochs=1,
+                           sentence_classifier_epochs=1)
+    assert [aux.name for aux in system.auxiliaries()] == ["sentence_classifier", "model.image_encoder"]
+    with pytest.raises(ValueError, match=r"gives no 'captions'.*text_c10.*looked for .*CUB_200_2011/text_c10"):
+        tiny_trainer(tmp_path).fit(system, datamodule=bare)
+    assert not bool(system.image_encoder_ready) and not bool(system.sentence_classifier_ready)  # nothing trained
+    bare.setup()
+    batch = next(iter(bare.train_dataloader()))
+    with pytest.raises(ValueError, match=r"no 'captions' \(reference sentences\).*text_c10.*sentences_root"):
+        sentence_classifier_batch_loss(system.sentence_classifier, batch, "captions", "label")
+
+    write_cub_sentences(cub_root, lambda i, path: " ".join(f"word{i}x{k}" for k in range(6)))
+    data = CUB200DataModule(str(cub_root), image_size=32, batch_size=4)
+    assert len(data.vocabulary) > 25
+    small = TextualSystem(variant="description", num_classes=3, hidden=16, encoder_epochs=1,
+                          sentence_classifier_epochs=1)
+    with pytest.raises(ValueError, match=f"vocab_size=25 is below the data's vocabulary of {len(data.vocabulary)}"):
+        tiny_trainer(tmp_path).fit(small, datamodule=data)
+    assert not bool(small.image_encoder_ready)
+    data.setup()
+    with pytest.raises(ValueError, match="outside the sentence classifier's vocab_size 25"):
+        sentence_classifier_batch_loss(small.sentence_classifier, next(iter(data.train_dataloader())), "captions",
+                                       "label")
+
+
+def test_the_vocabulary_is_saved_exported_and_checked(cub_root, tmp_path) -> None:
+    """The CUB vocabulary was saved nowhere, so an exported explainer's token ids could not be decoded; it is now
+    in the checkpoint's hyperparameters and the model's model_kwargs (export config.json), and data with another
+    vocabulary is refused."""
+    import json
+
+    import zoo
+    from datamodules import CUB200DataModule
+    from zoo.textual.system import TextualSystem
+    from zoo.weights import CheckpointError
+
+    write_cub_sentences(cub_root, lambda i, path: f"this bird has a {('red', 'blue', 'green')[i % 3]} crown")
+    data = CUB200DataModule(str(cub_root), image_size=32, batch_size=4)
+    system = TextualSystem(variant="description", num_classes=3, hidden=16, vocab_size=len(data.vocabulary),
+                           encoder_epochs=1, sentence_classifier_epochs=1, max_len=8)
+    trainer = tiny_trainer(tmp_path, limit_val_batches=1)
+    trainer.fit(system, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "cub.ckpt")
+    saved = torch.load(tmp_path / "cub.ckpt", weights_only=True)["hyper_parameters"]
+    assert saved["vocabulary"] == data.vocabulary == saved["model_kwargs"]["vocabulary"]
+    zoo.export_checkpoint(tmp_path / "cub.ckpt", tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_kwargs"]["vocabulary"] == data.vocabulary
+    exported = zoo.load_exported(tmp_path / "export")
+    assert exported.vocabulary == data.vocabulary
+    assert TextualSystem.load_from_checkpoint(tmp_path / "cub.ckpt").hparams.vocabulary == data.vocabulary
+
+    write_cub_sentences(cub_root, lambda i, path: f"a small bird with {('black', 'white', 'grey')[i % 3]} wings")
+    other = CUB200DataModule(str(cub_root), image_size=32, batch_size=4)
+    assert len(other.vocabulary) <= len(data.vocabulary) and other.vocabulary != data.vocabulary
+    fresh = TextualSystem(variant="description", num_classes=3, hidden=16, vocab_size=len(data.vocabulary), max_len=8)
+    with pytest.raises(CheckpointError, match="trained with a vocabulary of .* differs from token id 4"):
+        tiny_trainer(tmp_path).validate(fresh, datamodule=other, ckpt_path=tmp_path / "cub.ckpt", verbose=False)
+    with pytest.raises(CheckpointError, match="trained with a vocabulary"):
+        tiny_trainer(tmp_path, limit_val_batches=0).fit(TextualSystem.load_from_checkpoint(tmp_path / "cub.ckpt"),
+                                                        datamodule=other)
+    stage_two = TextualSystem(variant="explanation-dis", num_classes=3, hidden=16, vocab_size=len(data.vocabulary),
+                              max_len=8, discriminative_weight=0.2, init_checkpoint=str(tmp_path / "cub.ckpt"))
+    assert stage_two.hparams.vocabulary == data.vocabulary  # the stage's words
+    with pytest.raises(CheckpointError, match="trained with a vocabulary"):
+        tiny_trainer(tmp_path, limit_val_batches=0).fit(stage_two, datamodule=other)
+
+
+def test_sentences_without_bos_or_one_per_image_are_named_and_a_weightless_explanation_warned() -> None:
+    from zoo.textual.system import TextualSystem
+
+    with pytest.warns(UserWarning, match="discriminative_weight=0 has no discriminative loss"):
+        TextualSystem(hidden=16)  # the defaults: variant explanation, weight 0
+    system = TextualSystem(variant="explanation-label", hidden=16, vocab_size=12)
+    captions = torch.tensor([[[BOS, 5, 6, EOS], [PAD] * 4], [[BOS, 7, EOS, PAD], [BOS, 8, EOS, PAD]]])  # (2, 2, 4)
+    batch = {"image": torch.rand(2, 3, 32, 32), "label": torch.tensor([0, 1]), "captions": captions}
+    system.forward_batch(batch, "train")  # all-padding rows need no <bos>
+    with pytest.raises(ValueError, match="do not start with the start token"):
+        system.forward_batch({**batch, "captions": captions[..., 1:]}, "train")
+    with pytest.raises(ValueError, match=r"shape \(B, R, L\).*got torch.int64 \(2, 4\).*captions\[:, None\]"):
+        system.forward_batch({**batch, "captions": captions[:, 0]}, "train")
+    from zoo.textual.system import sentence_classifier_batch_loss
+
+    with pytest.raises(ValueError, match="do not start with the start token"):
+        sentence_classifier_batch_loss(system.sentence_classifier, {**batch, "captions": captions[..., 1:]},
+                                       "captions", "label")

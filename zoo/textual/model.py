@@ -259,12 +259,14 @@ class ExplanationModel(nn.Module):
     `class_features="embedding"`: a learnt label embedding of `class_dim` (the PyTorch port's choice), or
     `"description"`: the fixed `class_table[label]` (C, `class_dim`), each class's mean description-model state
     (the paper's class embedding; `class_dim` is then the description model's hidden size, and the table is
-    filled before training, `class_table_ready` saying so).
+    filled before training, `class_table_ready` saying so). `vocabulary`: the words of the token ids (the data's,
+    recorded by `TextualSystem` and kept in a checkpoint's and an export's `model_kwargs`), None where unknown.
     """
 
     def __init__(self, image_encoder: nn.Module, image_dim: int, num_classes: int, vocab_size: int, *,
                  variant: str = "explanation", feature_dim: int = 128, class_dim: int = 64, hidden: int = 256,
-                 max_len: int = 20, train_encoder: bool = False, class_features: str = "embedding") -> None:
+                 max_len: int = 20, train_encoder: bool = False, class_features: str = "embedding",
+                 vocabulary: list[str] | None = None) -> None:
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {list(VARIANTS)}; got {variant!r}.")
@@ -272,6 +274,7 @@ class ExplanationModel(nn.Module):
             raise ValueError(f"class_features must be one of {CLASS_FEATURES}; got {class_features!r}.")
         self.variant, self.class_features = variant, class_features
         self.num_classes, self.vocab_size = num_classes, vocab_size
+        self.vocabulary = list(vocabulary) if vocabulary is not None else None  # token id -> word, where known
         self.uses_image, self.uses_class = VARIANTS[variant]
         self.image_encoder = image_encoder.requires_grad_(train_encoder)
         self.train_encoder = train_encoder

@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import BLEUScore
 
+from datamodules._base import decode_tokens
 from zoo.checks import batch_field, check_class_ids, ids_out_of_range
 from zoo.distributed import all_reduce_
 from zoo.engine import Auxiliary, ZooSystem
 from zoo.registry import create_model, create_model_for_data
 from zoo.textual.metrics import AttributeMention, CIDErD, ClassRelevance, RougeL, as_text, reference_texts
 from zoo.textual.model import variant_model_name
-from zoo.weights import CheckpointError, load_module_weights, read_checkpoint
+from zoo.weights import CheckpointError, load_module_weights, read_checkpoint, weights_will_be_replaced
 
 COMPATIBLE_KEYS = ("variant", "num_classes", "vocab_size", "encoder", "class_features")
+
+
+SENTENCES_HELP = ("The textual models train on reference sentences, batch[captions_key] (B, R, L): R sentences per "
+                  "image as token ids <bos> words <eos> <pad>... PartsWorldDataModule makes them; CUB200DataModule "
+                  "reads Reed et al.'s text_c10 sentences, looked for in <root>/CUB_200_2011/text_c10 and "
+                  "<root>/text_c10 (--data.init_args.sentences_root names another folder).")
 
 
 def encoder_batch_loss(encoder: nn.Module, batch: dict[str, Any], input_key: str, target_key: str) -> torch.Tensor:
@@ -33,11 +42,49 @@ def reference_rows(captions: torch.Tensor, pad: int = 0) -> torch.Tensor:
     return (captions[..., 1:] != pad).any(-1)
 
 
+def batch_captions(batch: Any, key: str) -> torch.Tensor:
+    """batch[key], the reference sentences (B, R, L), with an error that says what is missing or mis-shaped (a
+    bare KeyError, or a broadcast error deep in the loss for one sentence per image, said neither)."""
+    if not isinstance(batch, dict) or key not in batch:
+        held = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"The batch has no {key!r} (reference sentences); it holds {held}. {SENTENCES_HELP}")
+    captions = batch[key]
+    if not isinstance(captions, torch.Tensor) or captions.ndim != 3 or captions.is_floating_point():
+        got = f"{captions.dtype} {tuple(captions.shape)}" if isinstance(captions, torch.Tensor) else type(captions)
+        raise ValueError(f"batch[{key!r}] must hold integer token ids of shape (B, R, L), R reference sentences per "
+                         f"image; got {got}. One sentence per image (B, L) is captions[:, None].")
+    return captions
+
+
+def starts_with_bos(captions: torch.Tensor, start_token: int, pad: int = 0) -> torch.Tensor:
+    """() bool tensor: every sentence of captions (B, R, L) starts with the start token (all-padding rows are no
+    sentences). The model reads tokens[:, :-1] to predict tokens[:, 1:], so a sentence without <bos> silently
+    loses its first word, and the sentence classifier too reads the words after position 0."""
+    return ((captions[..., 0] == start_token) | ~reference_rows(captions, pad)).all()
+
+
+def no_bos_message(key: str, start_token: int) -> str:
+    return (f"batch[{key!r}] holds sentences that do not start with the start token (id {start_token}): each "
+            f"reference row must be <bos> words <eos> <pad>... (the model predicts tokens[1:] from tokens[:-1], so "
+            f"the first word would be dropped).")
+
+
 def sentence_classifier_batch_loss(classifier: nn.Module, batch: dict[str, Any], captions_key: str,
-                                   target_key: str) -> torch.Tensor:
+                                   target_key: str, start_token: int = 1) -> torch.Tensor:
     """The sentence classifier's training loss: cross-entropy on every reference sentence of the batch; all-padding
-    rows are no sentences and are left out (0 when the batch has none, still with a gradient path)."""
-    captions = batch[captions_key]  # (B, R, L)
+    rows are no sentences and are left out (0 when the batch has none, still with a gradient path). Captions on
+    the CPU are checked here (start token, ids below the classifier's vocabulary): it is the first auxiliary
+    trained, so bad sentences are named before the image encoder trains."""
+    captions = batch_captions(batch, captions_key)  # (B, R, L)
+    if captions.device.type == "cpu":  # no device read on an accelerator
+        vocab_size = classifier.embed.num_embeddings
+        span = ids_out_of_range(captions, 0, vocab_size - 1)
+        if span is not None:
+            raise ValueError(f"captions hold token ids {span[0]}..{span[1]} outside the sentence classifier's "
+                             f"vocab_size {vocab_size}: set --model.init_args.vocab_size to the data's vocabulary "
+                             f"size (len(datamodule.vocabulary)).")
+        if not bool(starts_with_bos(captions, start_token)):
+            raise ValueError(no_bos_message(captions_key, start_token))
     words = captions[..., 1:].flatten(0, 1)  # (B*R, L-1) every reference, without <bos>
     labels = batch[target_key].repeat_interleave(captions.shape[1])
     real = reference_rows(captions).flatten().float()  # (B*R,)
@@ -78,16 +125,33 @@ class TextualSystem(ZooSystem):
     `{pretrained_path: resnet18.pth}` with `encoder: baseline_resnet18` starts it from ImageNet weights before its
     `encoder_epochs` on the labels; the data's `mean: pretrained` then takes that backbone's mean and std.
 
+    `init_checkpoint` gives the generator (and the auxiliaries that have no checkpoint of their own: a given
+    `encoder_checkpoint` / `sentence_classifier_checkpoint` wins, so one judge can serve a whole ablation). It is
+    not read where a checkpoint restore replaces every weight next (`zoo.weights.checkpoint_replaces_weights`:
+    `validate` / `test` / `predict` / `fit --ckpt_path FILE`, `load_from_checkpoint`): the stage-1 file may be gone.
+
+    `vocabulary`: the data's words by token id, recorded at fit start from the datamodule's `vocabulary` (saved in
+    the checkpoint's hyperparameters and in the model's `model_kwargs`, so an export decodes its own sentences);
+    a datamodule with another vocabulary is refused by name, and so is a `vocab_size` below its length.
+
+    `predict_step` (`train.py predict`): each image's greedy sentence, decoded to words (the datamodule's `decode`,
+    else `vocabulary`), conditioned on the batch's label (without one: the image encoder's class), and the sentence
+    classifier's class probabilities of that sentence as the prediction: predictions.csv gets `explanation` (and
+    `explained_class` for the variants that read a class).
+
     Twins (`train.py compare --config configs/textual/<x>.yaml`): the description model (image only, from scratch,
-    no discriminative loss) and explanation-label (image + class, no discriminative loss; from the same
-    init_checkpoint, so for explanation.yaml it is the equal-budget control of the discriminative loss).
+    no discriminative loss), the explanation-label model (image and class, from scratch: for the stage-1 configs the
+    model that adds the class) and `no_discriminative`: the config's own variant from the same init_checkpoint with
+    discriminative_weight 0 (for explanation.yaml and explanation_dis.yaml the equal-budget control of the
+    discriminative loss; explanation with weight 0 is explanation-label's model and loss).
     """
 
     TWINS: ClassVar[dict[str, list[str]]] = {
         "description": ["--model.init_args.variant=description", "--model.init_args.discriminative_weight=0",
                         "--model.init_args.init_checkpoint=null"],
-        "explanation_label": ["--model.init_args.variant=explanation-label",
-                              "--model.init_args.discriminative_weight=0"],
+        "explanation_label": ["--model.init_args.variant=explanation-label", "--model.init_args.discriminative_weight=0",
+                              "--model.init_args.init_checkpoint=null"],
+        "no_discriminative": ["--model.init_args.discriminative_weight=0"],
     }
 
     def __init__(
@@ -117,16 +181,23 @@ class TextualSystem(ZooSystem):
         captions_key: str = "captions",
         start_token: int = 1,
         end_token: int = 2,
+        vocabulary: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
+        if vocabulary is not None and len(vocabulary) > vocab_size:
+            raise ValueError(f"vocabulary holds {len(vocabulary)} words for vocab_size={vocab_size}.")
         super().__init__(num_classes=num_classes, in_chans=in_chans, image_size=image_size, data_inputs=data_inputs,
                          **kwargs)
+        if variant in ("explanation", "explanation-dis") and discriminative_weight == 0:
+            rank_zero_warn(f"variant={variant!r} with discriminative_weight=0 has no discriminative loss: it trains "
+                           f"as {'explanation-label' if variant == 'explanation' else 'description'} does (the "
+                           f"paper's weight is 0.2, configs/textual/{variant.replace('-', '_')}.yaml).")
         self.sentence_classifier = create_model("textual_sentence_classifier", num_classes=num_classes,
                                                 vocab_size=vocab_size,
                                                 dropout=sentence_classifier_dropout).requires_grad_(False)
         self.register_buffer("image_encoder_ready", torch.tensor(False))
         self.register_buffer("sentence_classifier_ready", torch.tensor(False))
-        if init_checkpoint is not None:
+        if init_checkpoint is not None and not weights_will_be_replaced():  # else the restore replaces it
             self._load_stage(init_checkpoint)
         self.add_metric("cider_d", CIDErD(end_token=end_token, start_token=start_token))
         self.add_metric("class_relevance", ClassRelevance(end_token=end_token, start_token=start_token), log_prefix="")
@@ -145,10 +216,12 @@ class TextualSystem(ZooSystem):
             class_dim = (read_checkpoint(hp.description_checkpoint)["hyper_parameters"].get("hidden", hp.hidden)
                          if hp.description_checkpoint is not None else hp.hidden)
         encoder_kwargs = hp.get("encoder_kwargs")  # only when given: model_kwargs as before for every other run
+        vocabulary = hp.get("vocabulary")  # only when known: model_kwargs as before for every other run
         hp.update(model_name=variant_model_name(hp.variant), model_kwargs=dict(
             vocab_size=hp.vocab_size, encoder=hp.encoder, hidden=hp.hidden, max_len=hp.max_len,
             train_encoder=hp.train_encoder, class_features=hp.class_features, class_dim=class_dim,
-            **({"encoder_kwargs": dict(encoder_kwargs)} if encoder_kwargs else {})))
+            **({"encoder_kwargs": dict(encoder_kwargs)} if encoder_kwargs else {}),
+            **({"vocabulary": list(vocabulary)} if vocabulary is not None else {})))
         return super().build_model()
 
     def default_loss(self) -> nn.Module:
@@ -159,21 +232,26 @@ class TextualSystem(ZooSystem):
     def auxiliaries(self) -> list[Auxiliary]:
         hp = self.hparams
         classifier = Auxiliary("sentence_classifier", functools.partial(
-            sentence_classifier_batch_loss, captions_key=hp.captions_key, target_key=self.target_key),
-            hp.sentence_classifier_epochs, hp.aux_lr, hp.sentence_classifier_checkpoint)
+            sentence_classifier_batch_loss, captions_key=hp.captions_key, target_key=self.target_key,
+            start_token=hp.start_token), hp.sentence_classifier_epochs, hp.aux_lr, hp.sentence_classifier_checkpoint)
         if not self.model.uses_image:  # definition: no image, no encoder to prepare
             return [classifier]
         encoder = Auxiliary("model.image_encoder", functools.partial(
             encoder_batch_loss, input_key=self.input_key, target_key=self.target_key), hp.encoder_epochs, hp.aux_lr,
             hp.encoder_checkpoint, trainable_after=hp.train_encoder)
-        return [encoder, classifier]
+        # the sentence classifier first: it reads the sentences, so data without them (or with ids past vocab_size)
+        # fails on its first batch, not after the encoder's epochs. Each helper trains inside `isolate_rng` from the
+        # run's random state, so the order changes no weight.
+        return [classifier, encoder]
 
     def forward_batch(self, batch: Any, stage: str) -> dict[str, Any]:
         images, labels = batch_field(batch, self.input_key), batch_field(batch, self.target_key)
-        captions = batch_field(batch, self.hparams.captions_key)  # (B, R, L)
+        captions = batch_captions(batch, self.hparams.captions_key)  # (B, R, L)
         span = ids_out_of_range(captions, None, self.hparams.vocab_size - 1)  # CPU only: free of device syncs
         if span is not None:
             raise ValueError(f"captions hold token id {span[1]} >= vocab_size {self.hparams.vocab_size}.")
+        self.defer_check(starts_with_bos(captions, self.hparams.start_token),  # read with the loss check on a GPU
+                         no_bos_message(self.hparams.captions_key, self.hparams.start_token))
         check_class_ids(labels, self.model_classes, self.hparams.num_classes)  # before the class embedding reads them
         if stage != "train":
             sentences, log_probs = self.model.explain(images, labels, mode="greedy")
@@ -213,6 +291,44 @@ class TextualSystem(ZooSystem):
         if mentioned is not None and "part_types" in batch and "distractor_types" in batch:
             self.log_metric(stage, "attributes", mentioned(sentences), batch["part_types"], batch["distractor_types"])
 
+    @torch.no_grad()
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """Each image's greedy explanation as words, and the sentence classifier's class probabilities of it as the
+        prediction (the class the sentence argues for; `zoo.cli.predict.PredictionWriter` writes predictions.csv).
+        The sentence explains the batch's label, as in validation; without labels, the image encoder's class."""
+        images = batch_field(batch, self.input_key)
+        labels = self._explained_classes(batch, images)  # (B,)
+        sentences, _ = self.model.explain(images, labels, mode="greedy")  # (B, T)
+        probs = self.sentence_classifier(sentences)["logits"].float().softmax(-1)  # (B, classes)
+        decode = self.sentence_decoder()
+        columns: dict[str, list[Any]] = {"explanation": [decode(sentence) for sentence in sentences.cpu()]}
+        if self.model.uses_class:
+            columns["explained_class"] = [self.class_names[c] for c in labels.tolist()]
+        return {"probs": probs, "pred": probs.argmax(-1), "columns": columns,
+                **({"index": batch["index"]} if "index" in batch else {})}
+
+    def _explained_classes(self, batch: dict[str, Any], images: torch.Tensor) -> torch.Tensor:
+        """(B,) the classes the sentences explain: the batch's labels, else the image encoder's prediction."""
+        if self.target_key in batch:
+            labels = batch[self.target_key]
+            check_class_ids(labels, self.model_classes, self.hparams.num_classes)
+            return labels
+        if not self.model.uses_image:
+            raise ValueError(f"variant {self.hparams.variant!r} explains a given class and reads no image: the predict "
+                             f"batches need labels (batch[{self.target_key!r}]).")
+        return self.model.image_encoder(images)["logits"].argmax(-1)
+
+    def sentence_decoder(self) -> Callable[[torch.Tensor], str]:
+        """tokens (L,) -> words: the datamodule's `decode` when it has one, else the recorded `vocabulary`, else the
+        token ids as numbers (up to <eos>; padding and <bos> dropped)."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        decode = getattr(datamodule, "decode", None)
+        if decode is not None:
+            return decode
+        vocabulary, hp = self.hparams.get("vocabulary"), self.hparams
+        return lambda tokens: " ".join(decode_tokens(tokens, vocabulary, end_token=hp.end_token,
+                                                     skip=(0, hp.start_token)))
+
     def explanation_report(self, datamodule: Any, settings: dict[str, Any]) -> None:
         """The explanations are sentences, scored by the validation metrics; post-hoc image explainers do not
         apply to a sentence generator."""
@@ -224,6 +340,7 @@ class TextualSystem(ZooSystem):
 
     # ------------------------------------------------------------------------------------ fit start, checkpoints
     def on_fit_start(self) -> None:
+        self.check_data(self.trainer.datamodule)
         super().on_fit_start()  # auxiliaries
         model = self.model
         if model.uses_class and model.class_features == "description" and not model.class_table_ready:
@@ -232,18 +349,55 @@ class TextualSystem(ZooSystem):
                                  "model, configs/textual/description.yaml) or an init_checkpoint that has the table.")
             self._fill_class_table(self.hparams.description_checkpoint)
 
+    def check_data(self, datamodule: Any) -> None:
+        """Before any training (the auxiliaries included), by name: data without reference sentences (where the
+        datamodule looked for them, `describe_sentences`), a `vocab_size` below the datamodule's `vocabulary`, a
+        vocabulary other than the one the weights were trained with. Records the vocabulary (`vocabulary`, in the
+        hyperparameters and the model's `model_kwargs`) so that checkpoints and exports decode their sentences."""
+        samples = getattr(datamodule, "split_samples", None)
+        if samples is not None and self.hparams.captions_key not in samples("train")[0]:
+            where = getattr(datamodule, "describe_sentences", lambda: "")()
+            raise ValueError(f"{type(datamodule).__name__} gives no {self.hparams.captions_key!r}"
+                             + (f": {where}" if where else "") + f". {SENTENCES_HELP}")
+        vocabulary = getattr(datamodule, "vocabulary", None)
+        if not vocabulary:  # none (ids as numbers), or none read (no sentences)
+            return
+        vocabulary, hp = [str(word) for word in vocabulary], self.hparams
+        if len(vocabulary) > hp.vocab_size:
+            raise ValueError(f"vocab_size={hp.vocab_size} is below the data's vocabulary of {len(vocabulary)} words: "
+                             f"set --model.init_args.vocab_size={len(vocabulary)}.")
+        if hp.get("vocabulary") is not None and list(hp.vocabulary) != vocabulary:
+            raise CheckpointError(vocabulary_mismatch(list(hp.vocabulary), vocabulary))
+        self._record_vocabulary(vocabulary)
+
+    def _record_vocabulary(self, words: list[str]) -> None:
+        """The words of the token ids, in the hyperparameters, the model's `model_kwargs` (an export's config.json)
+        and the model."""
+        self.hparams["vocabulary"] = words
+        self.hparams.model_kwargs["vocabulary"] = words
+        self.model.vocabulary = words
+
     def _load_stage(self, path: str) -> None:
-        """An earlier stage's TextualSystem checkpoint: every model and sentence-classifier weight must fit."""
-        state = read_checkpoint(path)["state_dict"]
+        """An earlier stage's TextualSystem checkpoint: every model and sentence-classifier weight must fit. An
+        auxiliary given its own checkpoint is not taken from the stage (nor marked ready): its file wins."""
+        checkpoint = read_checkpoint(path)
+        state = checkpoint["state_dict"]
         own = self.state_dict()
+        hp = self.hparams
+        given = (("model.image_encoder.", "image_encoder_ready") if hp.encoder_checkpoint is not None else ()) + (
+            ("sentence_classifier.", "sentence_classifier_ready") if hp.sentence_classifier_checkpoint is not None
+            else ())
         wanted = [k for k in own if k.startswith(("model.", "sentence_classifier.", "image_encoder_ready",
-                                                  "sentence_classifier_ready"))]
+                                                  "sentence_classifier_ready")) and not k.startswith(given)]
         missing = [k for k in wanted if k not in state or state[k].shape != own[k].shape]
         if missing:
             raise CheckpointError(f"{path!r} does not fit variant {self.hparams.variant!r}: missing or mis-shaped "
                                   f"{missing[:8]} (a stage must keep the image/class inputs of the one it starts "
                                   f"from).")
         self.load_state_dict({k: state[k] for k in wanted}, strict=False)
+        words = checkpoint["hyper_parameters"].get("vocabulary")
+        if words is not None and hp.get("vocabulary") is None:  # the stage's words: `check_data` holds the data to them
+            self._record_vocabulary(list(words))
 
     @torch.no_grad()
     def _fill_class_table(self, path: str) -> None:
@@ -288,3 +442,19 @@ class TextualSystem(ZooSystem):
                 raise CheckpointError(f"The checkpoint holds an explanation model with {key}={saved[key]!r}; this run "
                                       f"builds {key}={self.hparams[key]!r}.")
         super().on_load_checkpoint(checkpoint)
+        words = saved.get("vocabulary")
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        data_words = getattr(datamodule, "vocabulary", None)
+        if words is not None and data_words and list(words) != [str(w) for w in data_words]:
+            raise CheckpointError(vocabulary_mismatch(list(words), [str(w) for w in data_words]))
+        if words is not None:  # the weights' words, for decoding (`sentence_decoder`) and later checkpoints
+            self._record_vocabulary(list(words))
+
+
+def vocabulary_mismatch(trained: list[str], data: list[str]) -> str:
+    """The error for weights trained on another vocabulary than the data's: token ids would mean other words."""
+    first = next((i for i, (a, b) in enumerate(zip(trained, data)) if a != b), min(len(trained), len(data)))
+    return (f"The explanation model was trained with a vocabulary of {len(trained)} words; the data's has "
+            f"{len(data)} and differs from token id {first} on ({trained[first:first + 3]} vs "
+            f"{data[first:first + 3]}): its sentences would decode to other words. Use the data (sentences, "
+            f"max_vocab, val_fraction) the model was trained on.")
