@@ -9,6 +9,7 @@ import bz2
 import csv
 import gzip
 import re
+import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,12 +26,14 @@ IMDB_LAYOUT = """\
   test/pos/<id>_<rating>.txt
   test/neg/<id>_<rating>.txt
 """
-_WORD = re.compile(r"[a-z0-9']+")
+_WORD = re.compile(r"(?:[^\W_]|')+")  # letters and digits of any script, and apostrophes
 
 
 def tokenize(text: str) -> list[str]:
-    """Lower-cased words; IMDB's `<br />` line breaks are dropped."""
-    return _WORD.findall(text.lower().replace("<br />", " "))
+    """Lower-cased words (runs of Unicode letters, digits and apostrophes; "café naïve" stays two words, composed
+    as NFC first so a decomposed "i" + diaeresis is one letter); IMDB's `<br />` line breaks are dropped. On ASCII
+    text the same words as the ASCII pattern `[a-z0-9']+` before it, so ASCII corpora encode as they did."""
+    return _WORD.findall(unicodedata.normalize("NFC", text).lower().replace("<br />", " "))
 
 
 def encode(texts: Sequence[list[str]], vocabulary: dict[str, int], max_len: int) -> torch.Tensor:
@@ -78,12 +81,14 @@ class TokenDataModule(DictDataModule):
 
 
 class IMDBDataModule(TokenDataModule):
-    """aclImdb movie reviews, positive = 1. The vocabulary is the `max_vocab - 2` most frequent training words
-    (fixed size, so models can be built before reading); a validation split is drawn from train with `seed`.
+    """aclImdb movie reviews, positive = 1. A validation split is drawn from the release's train folder with `seed`;
+    the vocabulary is the `max_vocab - 2` most frequent words of the training split alone (fixed size, so models can
+    be built before reading). `sample_names(split)` names each review by its file under `root`.
 
     Args:
         root: the extracted aclImdb folder.
-        max_len: tokens kept per review (400 in the L2X paper).
+        max_len: tokens kept per review (400 in the L2X paper): a longer review keeps its first `max_len` words,
+            where the authors' Keras `pad_sequences` (truncating="pre") keeps its last.
     """
 
     def __init__(self, root: str | Path, max_len: int = 400, max_vocab: int = 20000, val_fraction: float = 0.1,
@@ -92,6 +97,7 @@ class IMDBDataModule(TokenDataModule):
         self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
         self.root, self.max_vocab, self.val_fraction, self.seed = Path(root), max_vocab, val_fraction, seed
         self.vocabulary = [PAD, UNK] + [""] * (max_vocab - 2)  # filled from the training reviews in setup
+        self.names: dict[str, list[str]] = {}  # split -> each review's file, filled in setup
         self._check_folders()  # here, not at setup: before a run starts anything (the L2X black box's training)
 
     def _check_folders(self) -> None:
@@ -110,8 +116,9 @@ class IMDBDataModule(TokenDataModule):
         return f"{reviews} left after val_fraction={self.val_fraction}" if split == "train" else \
             f"val_fraction={self.val_fraction} of {reviews}"
 
-    def _read(self, split: str) -> tuple[list[list[str]], torch.Tensor]:
-        texts, labels = [], []
+    def _read(self, split: str) -> tuple[list[list[str]], torch.Tensor, list[str]]:
+        """The split's reviews as words, their labels (N,), and each review's file under the root."""
+        texts, labels, names = [], [], []
         for label, polarity in ((0, "neg"), (1, "pos")):
             folder = self.root / split / polarity
             files = sorted(folder.glob("*.txt"))
@@ -123,24 +130,35 @@ class IMDBDataModule(TokenDataModule):
                 except UnicodeDecodeError as err:
                     raise DatasetLayoutError(f"IMDB review {str(path)!r} is not UTF-8 text ({err}).", IMDB_LAYOUT)
                 labels.append(label)
-        return texts, torch.tensor(labels)
+                names.append(path.relative_to(self.root).as_posix())
+        return texts, torch.tensor(labels), names
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         self._check_folders()
-        train_texts, train_labels = self._read("train")
-        test_texts, test_labels = self._read("test")
-        self.vocabulary = build_vocabulary(train_texts, self.max_vocab)
+        released_texts, released_labels, released_names = self._read("train")
+        test_texts, test_labels, test_names = self._read("test")
+        order = torch.randperm(len(released_texts), generator=torch.Generator().manual_seed(self.seed))
+        num_val = max(1, int(round(self.val_fraction * len(released_texts))))
+        parts = {"train": order[num_val:].tolist(), "val": order[:num_val].tolist()}
+        # The vocabulary of the training split alone: a word seen only in validation is <unk>, as it would be for
+        # a model trained here and shown new text (its embedding row would otherwise never be trained).
+        self.vocabulary = build_vocabulary([released_texts[i] for i in parts["train"]], self.max_vocab)
         lookup = {word: i for i, word in enumerate(self.vocabulary) if i >= 2 and word}
-        tokens = encode(train_texts, lookup, self.max_len)
-        order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(self.seed))
-        num_val = max(1, int(round(self.val_fraction * len(tokens))))
-        val, train = order[:num_val], order[num_val:]
-        self.splits["train"] = TensorDictDataset({"tokens": tokens[train], "label": train_labels[train]})
-        self.splits["val"] = TensorDictDataset({"tokens": tokens[val], "label": train_labels[val]})
+        for split, ids in parts.items():
+            self.splits[split] = TensorDictDataset({"tokens": encode([released_texts[i] for i in ids], lookup,
+                                                                     self.max_len),
+                                                    "label": released_labels[ids]})
+            self.names[split] = [released_names[i] for i in ids]
         self.splits["test"] = TensorDictDataset({"tokens": encode(test_texts, lookup, self.max_len),
                                                  "label": test_labels})
+        self.names["test"] = test_names
+
+    def sample_names(self, split: str) -> list[str]:
+        """Each review's file under `root` (e.g. "test/pos/0_9.txt"), by sample index in `split`."""
+        self.setup()
+        return self.names[split]
 
 
 TABLE_LAYOUT = """\
@@ -204,6 +222,7 @@ class CSVTextDataModule(TokenDataModule):
         self.class_names, self.num_classes = [str(label) for label in labels], len(labels)
         self.max_vocab, self.val_fraction, self.test_fraction, self.seed = max_vocab, val_fraction, test_fraction, seed
         self.vocabulary = [PAD, UNK] + [""] * (max_vocab - 2)  # filled from the training texts in setup
+        self.names: dict[str, list[str]] = {}  # split -> each text's row in the file, filled in setup
 
     def describe_split(self, split: str) -> str:
         fractions = f"val_fraction={self.val_fraction}, test_fraction={self.test_fraction}"
@@ -215,7 +234,8 @@ class CSVTextDataModule(TokenDataModule):
             return
         rows = read_table(self.path, [self.text_column, self.label_column])
         class_of = {name: i for i, name in enumerate(self.class_names)}
-        kept = [row for row in rows if row[self.label_column] in class_of]
+        kept_rows = [i for i, row in enumerate(rows) if row[self.label_column] in class_of]  # rows of the file
+        kept = [rows[i] for i in kept_rows]
         absent = sorted(set(self.class_names) - {row[self.label_column] for row in kept})
         if absent:
             seen = sorted({row[self.label_column] for row in rows})
@@ -232,6 +252,13 @@ class CSVTextDataModule(TokenDataModule):
         for split, ids in parts.items():
             tokens = encode([texts[i] for i in ids.tolist()], lookup, self.max_len)
             self.splits[split] = TensorDictDataset({"tokens": tokens, "label": labels[ids]})
+            self.names[split] = [f"row {kept_rows[i]}" for i in ids.tolist()]
+
+    def sample_names(self, split: str) -> list[str]:
+        """Each text's row in the file ("row 12": the 13th row after the header, 0-based, counting the rows of
+        every label, dropped ones too), by sample index in `split`."""
+        self.setup()
+        return self.names[split]
 
 
 POSITIVE_CUES = ["good", "great", "excellent", "wonderful", "superb", "brilliant", "moving", "delightful"]

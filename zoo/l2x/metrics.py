@@ -17,6 +17,8 @@ consumed the training random stream.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
@@ -98,29 +100,40 @@ class MedianRank(Metric):
 
 
 class SelectionRecovery(Metric):
-    """True-positive rate |S n T| / |T| and false-discovery rate |S \\ T| / |S| of hard selections S against the
-    true sets T, averaged over samples; also the mean selection size (instance-wise for INVASE)."""
+    """The mean hard selection size `num_selected` (instance-wise for INVASE), and against the true sets T where the
+    data knows them: true-positive rate |S n T| / |T| and false-discovery rate |S \\ T| / |S| of the selections S,
+    averaged over samples. `update(selection, None)` counts the size alone (data without ground truth: INVASE's
+    selection size is still what one needs to read its post-hoc accuracy); tpr and fdr are given once a batch
+    with ground truth was seen."""
 
     higher_is_better = None  # mixed: a higher tpr, a lower fdr is better; num_selected is descriptive
+    entry_directions: ClassVar[dict[str, bool | None]] = {"tpr": True, "fdr": False, "num_selected": None}
     full_state_update = False
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        for name in ("tpr_sum", "fdr_sum", "size_sum", "count"):
+        for name in ("tpr_sum", "fdr_sum", "size_sum", "count", "truth_count"):
             self.add_state(name, default=torch.tensor(0.0), dist_reduce_fx="sum")
 
-    def update(self, selection: torch.Tensor, relevant: torch.Tensor) -> None:
-        selected, relevant = selection.detach() > 0.5, relevant.bool()
-        hits = (selected & relevant).sum(-1).float()  # (B,)
-        size = selected.sum(-1).float()
-        self.tpr_sum += (hits / relevant.sum(-1).clamp_min(1)).sum()
-        self.fdr_sum += ((size - hits) / size.clamp_min(1)).sum()
+    def update(self, selection: torch.Tensor, relevant: torch.Tensor | None = None) -> None:
+        selected = selection.detach() > 0.5  # (B, d)
+        size = selected.sum(-1).float()  # (B,)
         self.size_sum += size.sum()
         self.count += len(selected)
+        if relevant is None:
+            return
+        relevant = relevant.bool()
+        hits = (selected & relevant).sum(-1).float()  # (B,)
+        self.tpr_sum += (hits / relevant.sum(-1).clamp_min(1)).sum()
+        self.fdr_sum += ((size - hits) / size.clamp_min(1)).sum()
+        self.truth_count += len(selected)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        count = self.count.clamp_min(1)
-        return {"tpr": self.tpr_sum / count, "fdr": self.fdr_sum / count, "num_selected": self.size_sum / count}
+        result = {"num_selected": self.size_sum / self.count.clamp_min(1)}
+        if self.truth_count > 0:  # at the epoch's end (a host read), never in a step
+            truth = self.truth_count
+            result |= {"tpr": self.tpr_sum / truth, "fdr": self.fdr_sum / truth}
+        return result
 
 
 class AgreementAccuracy(Metric):

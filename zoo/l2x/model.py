@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.checks import check_input
-from zoo.l2x.ops import concrete_k_subset, top_k_mask
+from zoo.l2x.ops import check_tau, concrete_k_subset, top_k_mask
 from zoo.registry import input_size_aware, register_model
 
 PAD_ID = 0  # token id of padding; a token the black box sees as "not selected"
@@ -107,6 +107,9 @@ class PatchFeatures(FeatureSpace):
 
     def __init__(self, in_chans: int, image_size: int, patch_size: int) -> None:
         super().__init__()
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or not 1 <= patch_size <= image_size:
+            raise ValueError(f"patch_size (pixels per patch side) must be an integer in [1, image_size={image_size}]; "
+                             f"got {patch_size!r}.")
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}.")
         self.in_chans, self.image_size, self.patch_size = in_chans, image_size, patch_size
@@ -300,6 +303,7 @@ class L2X(FeatureSelector):
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= space.num_features:
             raise ValueError(f"k (features selected per sample) must be an integer in [1, {space.num_features}] (the "
                              f"number of features); got {k!r}.")
+        check_tau(tau)  # here, not at the first training step: after the black box and the evaluator trained
         self.k, self.tau = k, tau
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -320,6 +324,9 @@ class INVASE(FeatureSelector):
     def __init__(self, space: FeatureSpace, scorer: nn.Module, approximator: nn.Module, baseline: nn.Module,
                  num_classes: int, *, threshold: float = 0.5) -> None:
         super().__init__(space, scorer, approximator, num_classes)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+            raise ValueError(f"threshold (a feature is selected where its probability exceeds it) must be a number in "
+                             f"(0, 1): 0 or less keeps every feature, 1 or more none; got {threshold!r}.")
         self.baseline, self.threshold = baseline, threshold
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _TINY = torch.finfo(torch.float32).tiny
+
+
+def check_tau(tau: float) -> None:
+    """Refuse a Concrete temperature that is not a finite number > 0 (0 divides by zero, NaN selects nothing)."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau (the Concrete temperature) must be a finite number > 0; got {tau!r}.")
 
 
 def concrete_k_subset(logits: torch.Tensor, k: int, tau: float, generator: torch.Generator | None = None
@@ -22,14 +30,15 @@ def concrete_k_subset(logits: torch.Tensor, k: int, tau: float, generator: torch
     """
     if not 1 <= k <= logits.shape[-1]:
         raise ValueError(f"k must be in [1, {logits.shape[-1]}] (the number of features); got {k}.")
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0; got {tau}.")
+    check_tau(tau)
     # torch.rand's own op, written as empty + uniform_ (the same numbers): dynamo cannot trace torch.rand of a
-    # symbolic batch size, so a compiled step failed on the first batch of another size (an epoch's last)
-    uniform = logits.new_empty((logits.shape[0], k, logits.shape[-1])).uniform_(generator=generator
-                                                                                ).clamp_min(_TINY)  # (B, k, d)
+    # symbolic batch size, so a compiled step failed on the first batch of another size (an epoch's last).
+    # Always float32, whatever the logits' dtype: under bf16 autocast the scorer's logits are bf16, and U drawn in
+    # bf16 took ~1,400 distinct values (the largest Gumbel draw 5.5 instead of ~13), so the sample lost its tails.
+    uniform = logits.new_empty((logits.shape[0], k, logits.shape[-1]), dtype=torch.float32).uniform_(
+        generator=generator).clamp_min(_TINY)  # (B, k, d)
     neg_gumbel = torch.log(-torch.log(uniform))  # -G, G = -log(-log U) standard Gumbel noise
-    samples = torch.softmax((logits.unsqueeze(1) - neg_gumbel) / tau, dim=-1)  # (B, k, d): w + G, one kernel less
+    samples = torch.softmax((logits.float().unsqueeze(1) - neg_gumbel) / tau, dim=-1)  # (B, k, d) w + G, float32
     return samples.amax(dim=1)  # (B, d)
 
 

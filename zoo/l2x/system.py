@@ -25,12 +25,15 @@ class L2XSystem(ZooSystem):
     explanations without having co-adapted with the selector. Both live in the checkpoint, so a resumed run does
     not retrain them. The selector's loss sees the black box's probabilities as `teacher_probs`.
 
-    Logged in validation/test: `acc` = post-hoc accuracy (black box on the selected input agrees with the black
-    box on the full input; so checkpointing on val/acc keeps the most faithful selector), `evalx_acc`,
-    `approximator_fidelity` (the selector's own approximator agrees with the black box), `black_box_acc`, and where
-    the batch has ground truth (`relevant_key`): `median_rank`, `tpr`, `fdr`, `num_selected`. Predict returns the
-    approximator's class probabilities (the selected features alone), the black box's class, and each sample's
-    feature `scores` and `selection` (see `predict_step`).
+    Logged in validation/test: `acc` = accuracy against the labels of the approximator's (INVASE: the critic's)
+    prediction from the selected features alone (what `acc` means for every System, the opaque twin's included);
+    `posthoc_acc` = post-hoc accuracy (the black box on the selected input agrees with the black box on the full
+    input: the L2X configs keep their best checkpoint by it, see configs/l2x/), `evalx_acc`,
+    `approximator_fidelity` (the selector's own approximator agrees with the black box), `black_box_acc`,
+    `num_selected` (mean hard selection size; INVASE's varies), and where the batch has ground truth
+    (`relevant_key`): `median_rank`, `tpr`, `fdr`. Predict returns the approximator's class probabilities (the
+    selected features alone), the black box's class, and each sample's feature `scores` and `selection` (see
+    `predict_step`).
 
     Twin (`train.py compare --config configs/l2x/<x>.yaml`): the black box itself, trained as a classifier with
     the same data, seed and budget; the comparison's explanation table scores the selector against Captum's
@@ -49,9 +52,11 @@ class L2XSystem(ZooSystem):
 
     TWINS: ClassVar[dict[str, list[str]]] = {
         "black_box": ["--model=zoo.baselines.system.ClassifierSystem", "--model.init_args.model_name={black_box}",
+                      "--model.init_args.loss=null",  # the classifier's cross-entropy, not the selector's loss
                       "--model.init_args.model_kwargs=null",  # then set, not merged into the selector's kwargs
                       "--model.init_args.model_kwargs={black_box_kwargs}", "--model.init_args.input_key={input_key}",
-                      "--trainer.callbacks=null"],  # the selection pictures have nothing to draw for a classifier
+                      "--trainer.callbacks=null",  # the selection pictures have nothing to draw for a classifier
+                      "--checkpoint.monitor=val/acc", "--checkpoint.mode=max"],  # not the selector's posthoc_acc
     }
 
     def __init__(
@@ -92,7 +97,7 @@ class L2XSystem(ZooSystem):
             frozen.requires_grad_(False)
         self.register_buffer("black_box_ready", torch.tensor(False))
         self.register_buffer("evaluator_ready", torch.tensor(False))
-        for name in ("acc", "evalx_acc", "approximator_fidelity", "black_box_acc"):
+        for name in ("acc", "posthoc_acc", "evalx_acc", "approximator_fidelity", "black_box_acc"):
             self.add_metric(name, AgreementAccuracy())
         self.add_metric("median_rank", MedianRank())
         self.add_metric("recovery", SelectionRecovery(), log_prefix="")
@@ -137,21 +142,23 @@ class L2XSystem(ZooSystem):
             return
         x, y, teacher = batch[self.input_key], batch[self.target_key], out["teacher_logits"]
         masked = self.model.mask_input(x, out["selection"])  # eval mode: hard selection (exact top-k for L2X)
-        self.log_metric(stage, "acc", self.black_box(masked)["logits"], teacher, prog_bar=True)
+        self.log_metric(stage, "acc", out["logits"], y, prog_bar=True)
+        self.log_metric(stage, "posthoc_acc", self.black_box(masked)["logits"], teacher, prog_bar=True)
         self.log_metric(stage, "approximator_fidelity", out["logits"], teacher)
         self.log_metric(stage, "black_box_acc", teacher, y)
         if self.evaluator_ready:
             self.log_metric(stage, "evalx_acc", self.evaluator(masked)["logits"], y)
-        if self.relevant_key in batch:
-            self.log_metric(stage, "median_rank", out["scores"], batch[self.relevant_key])
-            self.log_metric(stage, "recovery", out["selection"], batch[self.relevant_key])
+        relevant = batch.get(self.relevant_key)  # (B, d) true features, where the data knows them
+        self.log_metric(stage, "recovery", out["selection"], relevant)  # num_selected always; tpr, fdr with truth
+        if relevant is not None:
+            self.log_metric(stage, "median_rank", out["scores"], relevant)
 
     def explanation_report(self, datamodule: Any, settings: dict[str, Any]
                            ) -> tuple[list[dict], dict[str, torch.Tensor], torch.Tensor | None]:
         """The selector and every Captum feature method (`settings["methods"]`, default all of FEATURE_METHODS;
-        float inputs only) explaining this System's black box on the first `num_images` validation samples, scored
-        alike (`zoo.l2x.scores`). Maps (kept pixels of each method's selection) and images for image inputs;
-        none for vectors and tokens."""
+        on token ids they attribute each position's presence, `zoo.explain.captum.attribute_features`) explaining
+        this System's black box on the first `num_images` validation samples, scored alike (`zoo.l2x.scores`). Maps
+        (kept pixels of each method's selection) and images for image inputs; none for vectors and tokens."""
         from zoo.l2x.scores import compare_explainers
 
         dataset = datamodule.val_dataloader().dataset
@@ -172,7 +179,7 @@ class L2XSystem(ZooSystem):
         explained = compare_explainers(
             {selector: self.model}, self.black_box, self.evaluator if self.evaluator_ready else None, x,
             batch[self.target_key].to(self.device), None if relevant is None else relevant.to(self.device), k,
-            [selector, *(methods if x.is_floating_point() else [])], settings.get("num_perturbed"))
+            [selector, *methods], settings.get("num_perturbed"))
         self.train(was_training)
         if x.ndim != 4:
             return explained.rows, {}, None
@@ -187,8 +194,9 @@ class L2XSystem(ZooSystem):
         `probs` / `pred` are the selector's approximator's (INVASE: the critic's): the class the selected features
         alone give, which approximates the black box. The black box's own class on the full input and the selected
         features are extra CSV `columns` (`black_box_pred` and its name; `selected`: feature indices, patch indices
-        for images, token positions for text). `explanation` is the selection at the input's resolution: kept
-        pixels (B, H, W) for images, (B, d) otherwise."""
+        for images, token positions for text; for text also `selected_words`, the selected words in text order,
+        through the datamodule's public `decode(tokens)`). `explanation` is the selection at the input's
+        resolution: kept pixels (B, H, W) for images, (B, d) otherwise."""
         x = batch_field(batch, self.input_key)
         out = self.model(x)
         probs = out["logits"].float().softmax(-1)
@@ -198,6 +206,10 @@ class L2XSystem(ZooSystem):
         selected = [" ".join(map(str, row.nonzero().flatten().tolist())) for row in selection.detach().cpu()]
         columns = {"black_box_pred": black_box_pred, "black_box_pred_name": [self.class_names[c] for c in
                                                                              black_box_pred], "selected": selected}
+        decode = getattr(self.trainer.datamodule, "decode", None) if self._trainer is not None else None
+        if decode is not None and not x.is_floating_point():  # token ids: the words, padding dropped by decode
+            kept = self.model.mask_input(x, selection).cpu()  # (B, L) unselected positions are padding
+            columns["selected_words"] = [decode(row) for row in kept]
         return {"probs": probs, "pred": probs.argmax(-1), "scores": out["scores"], "selection": selection,
                 "explanation": explanation, "columns": columns,
                 **({"index": batch["index"]} if "index" in batch else {})}
