@@ -203,3 +203,72 @@ def test_attribute_mention_reads_minus_one_object_parts_as_none() -> None:
     result = metric.compute()
     assert result["attribute_precision"].item() == pytest.approx((1 + 0) / 2)
     assert result["attribute_recall"].item() == pytest.approx((2 / 2 + 0 / 1) / 2)
+
+
+def slow_class_relevance(candidates: list[list[int]], references: list[list[list[int]]],
+                         labels: list[int]) -> tuple[float, float]:
+    """Class similarity and rank straight from the definition, one `cider_d` call per sentence and class: each
+    class's pool is every reference of the class, document frequencies over the pools, ties counted half."""
+    classes = sorted(set(labels))
+    pools = [[r for refs, label in zip(references, labels) if label == c for r in refs] for c in classes]
+    frequency = document_frequency(pools)
+    similarity, rank = [], []
+    for candidate, label in zip(candidates, labels):
+        scores = [cider_d(candidate, pool, frequency, len(pools)) for pool in pools]
+        own = scores[classes.index(label)]
+        similarity.append(own)
+        rank.append(1 + sum(s > own + 1e-9 for s in scores) + 0.5 * (sum(abs(s - own) <= 1e-9 for s in scores) - 1))
+    return sum(similarity) / len(similarity), sum(rank) / len(rank)
+
+
+def test_class_relevance_scores_against_every_reference_of_the_class() -> None:
+    """3 classes x 30 images x 1..3 references (about 60 per class), classes sharing some words: class similarity
+    and rank equal the one-by-one definition with each class's whole pool (before: the pool was the class's first
+    60 references in dataset order, so the last images' references were no part of it)."""
+    rng = random.Random(1)
+    words = {c: [10 + 4 * c + i for i in range(6)] for c in range(3)}  # neighbouring classes share two words
+    sentence = lambda c: [rng.choice(words[c]) for _ in range(rng.randint(2, 8))]
+    labels = [i % 3 for i in range(90)]
+    references = [[sentence(c) for _ in range(rng.randint(1, 3))] for c in labels]
+    candidates = [sentence(rng.choice([c, c, (c + 1) % 3])) if i % 7 else [] for i, c in enumerate(labels)]
+    metric = ClassRelevance(end_token=EOS)
+    for start in range(0, 90, 32):  # batches of other widths
+        refs = torch.stack([padded([r], 3 - len(r), 10 + start // 32)[0] for r in references[start:start + 32]])
+        metric.update(rows(candidates[start:start + 32], 10 + start // 32), refs,
+                      torch.tensor(labels[start:start + 32]), torch.arange(start, min(90, start + 32)))
+    result = metric.compute()
+    similarity, rank = slow_class_relevance(candidates, references, labels)
+    assert sum(len(r) for r, c in zip(references, labels) if c == 0) > 60
+    assert result["class_similarity"].item() == pytest.approx(similarity, rel=1e-5)
+    assert result["class_rank"].item() == pytest.approx(rank, rel=1e-6)
+
+
+def test_class_similarity_does_not_depend_on_an_images_place_in_the_set() -> None:
+    """One perfect sentence (its image's own reference) among empty ones scores the same as the first image of its
+    class as as the last: 2 classes x 70 images, one distinct reference each (the audit's repro, larger). Before,
+    the first image was scored against a pool holding its own reference (the class's first 60) and the last one
+    against a pool without it: that sentence's class similarity 10 / 60 against 0 (now 10 / 70 for both)."""
+    references = [[[1000 + 4 * i + j for j in range(4)]] for i in range(140)]  # no word shared by two images
+    labels = torch.arange(140) % 2
+
+    def similarity(perfect: int) -> float:  # the perfect sentence's class similarity (the others score 0)
+        candidates = [references[i][0] if i == perfect else [] for i in range(140)]
+        metric = ClassRelevance(end_token=EOS)
+        metric.update(rows(candidates), torch.stack([rows(r) for r in references]), labels, torch.arange(140))
+        return metric.compute()["class_similarity"].item() * 140
+
+    first, last = similarity(0), similarity(138)  # class 0's first image and its last
+    assert first == pytest.approx(10 / 70, rel=1e-6) and last == pytest.approx(10 / 70, rel=1e-6)
+
+
+def test_report_legend_gives_the_textual_metrics_their_directions() -> None:
+    """compare / ablate legends: class_rank is lower-better, class_similarity and the attribute scores higher-better
+    (`entry_directions`). Before, ClassRelevance (mixed, None) and AttributeMention (True), both logged without a
+    prefix, disagreed, so none of their entries had a direction."""
+    from zoo.cli.report import legend, metric_directions
+    from zoo.textual.system import TextualSystem
+
+    directions = metric_directions(TextualSystem(variant="description", hidden=16), "val")
+    columns = ["cider_d", "class_similarity", "class_rank", "attribute_precision", "attribute_recall"]
+    assert legend(columns, directions) == ("higher is better: cider_d, class_similarity, attribute_precision, "
+                                           "attribute_recall; lower is better: class_rank")

@@ -3,9 +3,10 @@ own shard as an evaluation sampler gives it, compared with one process on all th
 
 An unrepeated evaluation sampler (`datamodules._base._evaluation_sampler`) lets ranks run different numbers of
 batches: list states gathered element by element (`_SentenceStore`, torchmetrics' `ROUGEScore`) then met in
-mismatched collectives and crashed or hung, and `ClassRelevance` built its class pools from the references in
-gathered order (rank 0's first batch, rank 1's first batch, ...), so its value changed with the number of
-processes. Every spawn has a deadline: a hang fails the test instead of blocking the run."""
+mismatched collectives and crashed or hung, and `ClassRelevance` built its (then capped) class pools from the
+references in gathered order (rank 0's first batch, rank 1's first batch, ...), so its value changed with the number
+of processes. Its pools now hold every reference of the class, wherever it was evaluated. Every spawn has a
+deadline: a hang fails the test instead of blocking the run."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from zoo.textual.metrics import CIDErD, ClassRelevance, RougeL, as_text, referen
 
 START, END = 1, 2  # token ids; 0 = padding, words 3..11
 BATCH, WORLD = 8, 2
-POOL = 8  # per class: ~11 images x up to 3 references, so every class pool fills (the default, 60, never does)
 DEADLINE_S = 60.0  # both ranks together; a run takes a few seconds, a collective mismatch hangs until killed
 
 
@@ -51,11 +51,11 @@ def trimmed(tokens: torch.Tensor) -> torch.Tensor:
 
 def evaluate(order: list[int], n: int, indexed: bool) -> dict[str, float]:
     """CIDEr-D, class similarity / rank and ROUGE-L over the images `order` lists, in batches of BATCH. `indexed`:
-    each update is given the rows' dataset indices (the batch's "index") and the class pools fill (POOL);
-    otherwise neither (the pools then hold every reference, so their order does not matter)."""
+    each update is given the rows' dataset indices (the batch's "index"), so rows are ordered by it and a repeated
+    index counts once."""
     data = sentence_data(n)
     cider, rouge = CIDErD(END, START), RougeL()
-    relevance = ClassRelevance(END, START, **({"pool_size": POOL} if indexed else {}))
+    relevance = ClassRelevance(END, START)
     for i in range(0, len(order), BATCH):
         rows = torch.tensor(order[i:i + BATCH])
         candidates, references = trimmed(data["candidates"][rows]), trimmed(data["references"][rows])
@@ -118,10 +118,10 @@ def test_rouge_l_syncs_ranks_with_different_numbers_of_sentences(tmp_path: Path)
     assert two_processes(tmp_path, unrepeated_shards(n), n, job=rouge_l) == [rouge_l(list(range(n)), n)] * WORLD
 
 
-def test_class_pools_that_fill_are_the_one_process_pools_under_ddp(tmp_path: Path) -> None:
-    """The class pools fill (POOL references per class, of ~30): with the rows' dataset indices each pool takes
-    the first references in dataset order, as one process does, not the first to arrive in the gather (rank 0's
-    first batch, rank 1's first batch, ...: class similarity 0.04137 instead of 0.07236 in the audit's repro)."""
+def test_class_pools_are_the_one_process_pools_under_ddp(tmp_path: Path) -> None:
+    """With the rows' dataset indices, each class pool holds the class's references from both ranks, as one process
+    does (with capped pools, taking the first to arrive in the gather gave class similarity 0.04137 instead of
+    0.07236 in an earlier audit's repro)."""
     n = 33
     ranks = two_processes(tmp_path, unrepeated_shards(n), n, True)
     assert_one_process_values(ranks, evaluate(list(range(n)), n, True))
@@ -151,7 +151,7 @@ def test_sentence_stores_count_a_padding_samplers_repeated_image_once(tmp_path: 
 
 def test_class_pools_follow_the_dataset_index_not_the_arrival_order() -> None:
     """One process fed the images in another order (as a gather across ranks interleaves them): with their dataset
-    indices the class pools, and so class similarity and rank, are those of the dataset order."""
+    indices class similarity and rank are those of the dataset order."""
     n = 33
     shuffled = torch.randperm(n, generator=torch.Generator().manual_seed(1)).tolist()
     in_order, arrived = evaluate(list(range(n)), n, True), evaluate(shuffled, n, True)

@@ -10,15 +10,16 @@ times the length penalty exp(-(len_cand - len_ref)^2 / (2 * 6^2)); mean over n, 
 Token sequences are compared as ids (0 = padding; everything from the end token on is dropped), so the metric
 states are tensors and reduce correctly under DDP (each rank's rows joined into one tensor before the gather, so
 ranks that ran different numbers of batches, or none, still meet in the same collectives; rows ordered by their
-dataset index, so a class pool holds the same references whatever the number of processes). A reference row that
-holds no word (all padding: a CUB image with fewer sentences than `sentences_per_image` gets such rows) is no
-reference: it is dropped before scoring, and an image left without any reference is left out of CIDEr-D's mean and
-of the class pools (`reference_texts` does the same for BLEU and ROUGE).
+dataset index, so a padding sampler's repeated samples count once whatever the number of processes). A reference
+row that holds no word (all padding: a CUB image with fewer sentences than `sentences_per_image` gets such rows) is
+no reference: it is dropped before scoring, and an image left without any reference is left out of CIDEr-D's mean
+and of the class pools (`reference_texts` does the same for BLEU and ROUGE).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -82,6 +83,68 @@ def cider_d(candidate: Sentence, references: Sequence[Sentence], frequency: Coun
             per_n.append(value * penalty)
         total += sum(per_n) / n_max
     return 10.0 * total / max(1, len(references))
+
+
+def _sparse_ngrams(sentences: Sequence[Sentence], n: int, ids: dict) -> list[torch.Tensor]:
+    """Every sentence's n-grams of order n as (row, n-gram id, count) triples: three (E,) long tensors. `ids`
+    (n-gram -> id, shared across calls) grows with the n-grams not seen before."""
+    triples = [(row, ids.setdefault(gram, len(ids)), count) for row, sentence in enumerate(sentences)
+               for gram, count in Counter(tuple(sentence[i:i + n]) for i in range(len(sentence) - n + 1)).items()]
+    return [torch.tensor([t[i] for t in triples], dtype=torch.long).reshape(-1) for i in range(3)]
+
+
+def _inverse_norms(rows: torch.Tensor, weights: torch.Tensor, size: int) -> torch.Tensor:
+    """1 / the Euclidean norm of each of `size` sparse vectors given as (row, weight) entries, (E,) each: (size,)
+    float64; 0 for a zero vector (whose dot products are 0 anyway)."""
+    squares = torch.zeros(size, dtype=torch.float64).index_add_(0, rows, weights.double() ** 2)
+    return torch.where(squares > 0, squares.rsqrt(), 0.0)
+
+
+def class_cider_d(candidates: Sequence[Sentence], references: Sequence[Sentence], reference_classes: torch.Tensor,
+                  num_classes: int, n_max: int = 4) -> torch.Tensor:
+    """CIDEr-D of every candidate against every class's pool of references, (N, C) float64: per class, what
+    `cider_d(candidate, pool, frequency, num_classes)` gives with `frequency` the document frequencies over the C
+    pools (`document_frequency(pools)`); reference_classes (M,) is each reference's class in 0..C-1.
+
+    Computed for all pools at once, linear in the references: with n-gram counts c, r and idf >= 0,
+    min(c idf, r idf) r idf = idf^2 sum_{k >= 1} [c >= k] [r >= k] r, so each class's references, divided by their
+    norms and grouped by length (the length penalty depends on it), sum into one sparse row per (class, length) and a
+    candidate meets each such row once per k: the cost grows with the classes and lengths, not with the pool sizes."""
+    num_cands = len(candidates)
+    ref_classes = reference_classes.long()
+    ref_len = torch.tensor([len(r) for r in references], dtype=torch.long).reshape(-1)  # (M,)
+    cand_len = torch.tensor([len(c) for c in candidates], dtype=torch.float64).reshape(-1)  # (N,)
+    # one group per (class, reference length) present: the references a length penalty treats alike
+    groups, group_of = torch.unique(ref_classes * (int(ref_len.max()) + 1 if len(ref_len) else 1) + ref_len,
+                                    return_inverse=True)  # (K,), (M,)
+    group_len = (ref_len.new_zeros(len(groups)).scatter_(0, group_of, ref_len)).double()  # (K,)
+    group_class = ref_classes.new_zeros(len(groups)).scatter_(0, group_of, ref_classes)  # (K,)
+    log_num_sets = math.log(max(1, num_classes))
+    total = torch.zeros(num_cands, len(groups), dtype=torch.float64)  # (N, K) sum over n of each group's dots
+    for n in range(1, n_max + 1):
+        ids: dict = {}
+        ref_row, ref_gram, ref_count = _sparse_ngrams(references, n, ids)  # (E_r,) each
+        cand_row, cand_gram, cand_count = _sparse_ngrams(candidates, n, ids)  # (E_c,) each
+        if not len(ref_row) or not len(cand_row):
+            continue
+        grams = len(ids)
+        in_class = torch.unique(ref_classes[ref_row] * grams + ref_gram) % grams  # each (class, n-gram) once
+        idf = log_num_sets - torch.log(torch.bincount(in_class, minlength=grams).clamp(min=1).double())  # (G,)
+        cand_scale = _inverse_norms(cand_row, cand_count * idf[cand_gram], num_cands)[cand_row] * idf[cand_gram]
+        ref_scale = _inverse_norms(ref_row, ref_count * idf[ref_gram], len(references))[ref_row] * idf[ref_gram]
+        for k in range(1, int(cand_count.max()) + 1):
+            a, b = cand_count >= k, ref_count >= k
+            cand = torch.sparse_coo_tensor(torch.stack([cand_row[a], cand_gram[a]]), cand_scale[a],
+                                           (num_cands, grams), check_invariants=True)  # (N, G)
+            pooled = torch.sparse_coo_tensor(torch.stack([ref_gram[b], group_of[ref_row[b]]]),  # (G, K), summed
+                                             ref_scale[b] * ref_count[b], (grams, len(groups)), check_invariants=True)
+            with warnings.catch_warnings():  # sparse x sparse goes through CSR, which torch calls beta
+                warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+                total += torch.sparse.mm(cand.coalesce(), pooled.coalesce()).to_dense()  # (N, K)
+    penalty = torch.exp(-((cand_len[:, None] - group_len[None]) ** 2) / (2 * SIGMA**2))  # (N, K)
+    per_class = torch.zeros(num_cands, num_classes, dtype=torch.float64).index_add_(1, group_class, total * penalty)
+    pool_sizes = torch.bincount(ref_classes, minlength=num_classes).clamp(min=1)  # (C,)
+    return 10.0 * per_class / n_max / pool_sizes  # (N, C)
 
 
 def as_text(tokens: torch.Tensor, end_token: int, start_token: int | None = None) -> list:
@@ -208,36 +271,36 @@ class ClassRelevance(_SentenceStore):
     """Class similarity (CIDEr-D of a sentence against all references of its true class) and class rank (rank,
     1 = best, of the true class among the classes by that score), averaged over sentences.
 
-    The class reference pools are the evaluated references grouped by label, at most `pool_size` per class (the
-    first non-empty ones; all-padding rows are no references). The metric sees only the evaluated set, so the
-    ranked classes are the classes that occur in it with at least one reference: on a full validation or test split
-    of parts_world or CUB that is every class (rank 1..C, as the paper's), on a partial one (`limit_val_batches`)
-    fewer, and ranks are then not comparable with full-split ones. Sentences of a class without any reference are
-    left out. Ties count half: rank = 1 + #classes scoring higher + 0.5 x #other classes scoring the same (the mean
-    rank over the tied places), so an empty sentence, or one whose words no class uses, ranks (C + 1) / 2, not 1."""
+    A class's pool is every evaluated reference of that class (all-padding rows are no references), as the paper's
+    "all reference sentences of the class", so every sentence is scored on the same footing whatever its position
+    in the set (a pool of the first 60 references in dataset order scored the first ~20 images of a class against
+    their own references and the later ones not). Document frequencies count the class pools (`class_cider_d`).
+    The metric sees only the evaluated set, so the ranked classes are the classes that occur in it with at least one
+    reference: on a full validation or test split of parts_world or CUB that is every class (rank 1..C, as the
+    paper's), on a partial one (`limit_val_batches`) fewer, and ranks are then not comparable with full-split ones.
+    Sentences of a class without any reference are left out. Ties count half: rank = 1 + #classes scoring higher +
+    0.5 x #other classes scoring the same (the mean rank over the tied places; scores within 1e-9 relative, a
+    summation-order rounding, are the same), so an empty sentence, or one whose words no class uses, ranks
+    (C + 1) / 2, not 1."""
 
-    higher_is_better = None  # mixed: class_similarity is higher-better, class_rank lower-better
+    higher_is_better = None  # mixed: see entry_directions
+    entry_directions: ClassVar[dict[str, bool | None]] = {"class_similarity": True, "class_rank": False}
     full_state_update = False
-
-    def __init__(self, end_token: int, start_token: int | None = None, pool_size: int = 60, **kwargs) -> None:
-        super().__init__(end_token, start_token, **kwargs)
-        self.pool_size = pool_size
 
     def compute(self) -> dict[str, torch.Tensor]:
         candidates, references, labels = self._sentences()
-        labels = labels.tolist()
-        pools = {c: [r for refs, lab in zip(references, labels) if lab == c for r in refs][: self.pool_size]
-                 for c in sorted(set(labels))}
-        classes = [c for c, pool in pools.items() if pool]  # the ranked classes: those with a reference
-        scored = [(cand, classes.index(lab)) for cand, lab in zip(candidates, labels) if lab in classes]
-        frequency, cache = document_frequency([pools[c] for c in classes]), {}
-        scores = torch.tensor([[cider_d(cand, pools[c], frequency, len(classes), cache=cache) for c in classes]
-                               for cand, _ in scored], dtype=torch.float64).reshape(len(scored), len(classes))  # (N, C)
-        true = torch.tensor([index for _, index in scored], dtype=torch.long)
-        own = scores.gather(1, true[:, None]).squeeze(1)  # (N,)
-        higher, same = (scores > own[:, None]).sum(1), (scores == own[:, None]).sum(1) - 1  # same: other classes
-        rank = 1 + higher + 0.5 * same
-        return {"class_similarity": own.mean().float(), "class_rank": rank.mean().float()}
+        pool = [(ref, label) for refs, label in zip(references, labels.tolist()) for ref in refs]
+        classes = {c: i for i, c in enumerate(sorted({label for _, label in pool}))}  # the ranked classes
+        scored = [i for i, label in enumerate(labels.tolist()) if label in classes]
+        scores = class_cider_d([candidates[i] for i in scored], [ref for ref, _ in pool],
+                               torch.tensor([classes[label] for _, label in pool], dtype=torch.long),
+                               len(classes))  # (N, C)
+        true = torch.tensor([classes[int(labels[i])] for i in scored], dtype=torch.long)  # (N,)
+        own = scores.gather(1, true[:, None])  # (N, 1)
+        same = torch.isclose(scores, own, rtol=1e-9, atol=1e-12)  # (N, C)
+        higher, tied = ((scores > own) & ~same).sum(1), same.sum(1) - 1  # tied: other classes
+        rank = 1 + higher + 0.5 * tied
+        return {"class_similarity": own.squeeze(1).mean().float(), "class_rank": rank.mean().float()}
 
 
 class AttributeMention(Metric):
@@ -246,6 +309,7 @@ class AttributeMention(Metric):
     discriminative attributes); both averaged over sentences."""
 
     higher_is_better = True
+    entry_directions: ClassVar[dict[str, bool | None]] = {"attribute_precision": True, "attribute_recall": True}
     full_state_update = False
 
     def __init__(self, **kwargs) -> None:
