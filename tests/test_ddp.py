@@ -249,3 +249,30 @@ def test_textual_explanations_share_frozen_modules_baseline_and_cider(tmp_path: 
             reference.update(sentences, captions)
     assert sum(len(s) for rank in ranks for s in rank["sentences"]) == 32
     assert trainer.callback_metrics["val/cider_d"].item() == pytest.approx(reference.compute().item(), rel=1e-6)
+
+
+def test_a_spawned_rank_ends_its_gloo_group_and_other_launchers_keep_theirs(tmp_path: Path) -> None:
+    """ddp_spawn workers left their gloo group to interpreter shutdown, where a rank aborted now and then (SIGABRT,
+    "terminate called without an active exception") after fit: the System's teardown now destroys it there, and
+    only there (a `ddp` script's next fit / test reuses its group)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+    from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    from zoo.baselines.system import ClassifierSystem
+
+    try:
+        for launcher, ends in ((object.__new__(_SubprocessScriptLauncher), False),
+                               (object.__new__(_MultiProcessingLauncher), True)):
+            if not dist.is_initialized():
+                dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}{ends}", rank=0,
+                                        world_size=1)
+            system = ClassifierSystem("baseline_tinycnn", num_classes=3)
+            system._trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=launcher))
+            system.teardown("fit")
+            assert dist.is_initialized() != ends, type(launcher).__name__
+    finally:
+        if dist.is_initialized():  # a failing run leaves no group to the worker's next tests
+            dist.destroy_process_group()

@@ -57,3 +57,17 @@ def gather_allowing_empty_ranks(result: torch.Tensor, group: Any | None = None) 
         _, dtype, ndim, *shape = holders[0]
         result = torch.zeros((0, *shape[1:ndim]), dtype=_DTYPES[dtype], device=result.device)
     return gather_all_tensors(result, group)
+
+
+def end_spawned_process_group(trainer: Any) -> None:
+    """In a process Lightning spawned for one `fit` / `validate` / `test` / `predict` (`ddp_spawn`,
+    `ddp_notebook`), meet the other ranks and destroy the process group before the process exits. Lightning
+    destroys only NCCL groups at exit; a gloo group left to interpreter shutdown let a rank abort now and then
+    ("terminate called without an active exception", SIGABRT) after its work was done, failing the whole run. Other
+    launchers keep their group: the next `fit` / `test` of the same script uses it."""
+    from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    if is_distributed() and isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+        dist.barrier()  # no rank leaves while another is still in a collective
+        dist.destroy_process_group()
+

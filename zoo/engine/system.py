@@ -28,6 +28,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import Metric
 
 from zoo.checks import batch_field, check_class_ids, check_on_host
+from zoo.distributed import end_spawned_process_group
 from zoo.engine.auxiliary import Auxiliary, auxiliaries_pending, prepare_auxiliaries
 from zoo.engine.stages import Schedule, epoch_schedules
 from zoo.registry import create_model_for_data
@@ -392,6 +393,11 @@ class ZooSystem(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.check_finite_losses()
         self._log_dict_metrics("test")
+
+    def teardown(self, stage: str) -> None:
+        """Lightning's last hook of a run: a spawned process's gloo group ends with it (`end_spawned_process_group`)."""
+        if self._trainer is not None:
+            end_spawned_process_group(self.trainer)
 
     # ------------------------------------------------------------------------------- schedules and auxiliaries
     def on_fit_start(self) -> None:
