@@ -93,3 +93,15 @@ def test_fast_dev_run_writes_no_pictures_into_the_shared_checkpoints_folder(conf
     assert cli.trainer.state.finished
     written = {path.relative_to(in_tmp_dir).parts[1] for path in (in_tmp_dir / "checkpoints").rglob("*")}
     assert not written & PICTURE_FOLDERS, sorted(written)
+
+
+def test_a_fit_without_a_logger_warns_that_its_checkpoints_are_shared(in_tmp_dir: Path) -> None:
+    """Runs with --trainer.logger=false all wrote checkpoints/checkpoints/last.ckpt (each overwrote the last, and
+    `--ckpt_path last` resumed whichever run wrote it) without a word: now said at the start."""
+    from train import main
+
+    with pytest.warns(UserWarning, match="logger=false.*every run without a logger shares"):
+        cli = main(["fit", "--config", str(REPO / "configs/baselines/parts_world.yaml"), "--trainer.logger=false",
+                    "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+                    *WORLD])
+    assert cli.trainer.state.finished and (in_tmp_dir / "checkpoints" / "checkpoints" / "last.ckpt").is_file()

@@ -189,6 +189,15 @@ class ZooCLI(LightningCLI):
             trainer.strategy.checkpoint_io = ReadableCheckpointIO()
         if self.subcommand in ("validate", "test", "predict"):  # fit, and compare / ablate runs, write it
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]
+        if self.subcommand == "fit" and trainer.logger is None and not trainer.fast_dev_run:
+            from pathlib import Path
+
+            from pytorch_lightning.utilities import rank_zero_warn
+
+            rank_zero_warn(f"--trainer.logger=false: this run has no run folder of its own; its checkpoints go to "
+                           f"{Path(trainer.default_root_dir) / 'checkpoints'}, which every run without a logger "
+                           "shares (a later one overwrites last.ckpt, and `--ckpt_path last` there may be another "
+                           "run's). Keep the logger (it names the run folder) to keep this run's checkpoints.")
         if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
             from zoo.cli.predict import PredictionWriter
 
