@@ -71,7 +71,8 @@ def test_plain_cnn_twin_is_the_same_pretrained_backbone_as_the_command_line_leav
     icnn, plain = runs["icnn"].model, runs["plain_cnn"].model
     assert icnn.hparams.model_name == "icnn_timm" and icnn.loss.weight == 0.5
     assert plain.hparams.model_name == "baseline_timm" and type(plain.model).__name__ == "OpaqueClassifier"
-    assert plain.hparams.model_kwargs == {"backbone": "tinycnn", "pretrained_path": str(weights), "drop_rate": 0.25}
+    assert plain.hparams.model_kwargs == {"backbone": "tinycnn", "pretrained_path": str(weights), "drop_rate": 0.25,
+                                          "top_conv": True}  # scored at ICNN's layer (VGG: conv5_3, not pool5)
     assert plain.model.backbone.load_report.path == str(weights) and plain.model.head.drop.p == 0.25
     assert body_state(plain).keys() == body_state(icnn).keys()
     assert all(torch.equal(body_state(plain)[k], body_state(icnn)[k]) for k in body_state(icnn))  # same weights

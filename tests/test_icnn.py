@@ -387,7 +387,7 @@ def reference_part_scores(maps: torch.Tensor, masks: np.ndarray, types: np.ndarr
     up = F.interpolate(maps, size=masks.shape[-2:], mode="bilinear", align_corners=False).numpy()
     scores = np.zeros((maps.shape[1], num_parts))
     for f in range(maps.shape[1]):
-        values = np.sort(up[:, f].ravel())[::-1]
+        values = np.sort(maps[:, f].numpy().ravel())[::-1]  # T_f on the activations, before upsampling (the spec)
         t_f = values[max(1, int(quantile * values.size))]  # the top int(q * size) values lie strictly above
         for k in range(num_parts):
             with_part = [n for n in range(len(masks)) if k in types[n]]
@@ -571,3 +571,147 @@ def test_a_skipped_batch_queues_no_balanced_assignment() -> None:
         assert system.training_step(skipped, 1) is None
     system.model.refresh_categories()
     assert all(torch.equal(b, layer.filter_category) for b, layer in zip(before, system.model.interpretable_layers()))
+
+
+def _receptive_field_centre(backbone: torch.nn.Module, size: int) -> tuple[int, float]:
+    """Row of the top map's middle cell and the centre (pixels, pixel p covering [p, p + 1)) of its receptive field,
+    measured: the rows of an input whose gradient reaches that cell, on a copy with positive weights (every path
+    open) and max-pools swapped for average pools of the same window (a max passes one pixel's gradient)."""
+    import copy
+
+    net = copy.deepcopy(backbone).eval()
+    for name, module in list(net.named_modules()):
+        if isinstance(module, torch.nn.Conv2d):
+            module.weight.data = module.weight.data.abs() * 1e-2 + 1e-3
+        elif isinstance(module, torch.nn.BatchNorm2d):
+            module.weight.data.fill_(1.0), module.bias.data.fill_(0.01)
+            module.running_mean.zero_(), module.running_var.fill_(1.0)
+        elif isinstance(module, torch.nn.MaxPool2d):
+            parent, _, attr = name.rpartition(".")
+            setattr(net.get_submodule(parent), attr,
+                    torch.nn.AvgPool2d(module.kernel_size, module.stride, module.padding, module.ceil_mode))
+    x = torch.rand(1, 3, size, size, requires_grad=True)
+    top = net(x)[-1]  # (1, C, h, w)
+    row = top.shape[-2] // 2
+    (grad,) = torch.autograd.grad(top[0, :, row, row].sum(), x)
+    rows = (grad.abs().sum((0, 1, 3)) > 0).nonzero()[:, 0]
+    assert 0 < rows.min() and rows.max() < size - 1, "the receptive field must fit in the image to be measured"
+    return row, (int(rows.min()) + int(rows.max()) + 1) / 2
+
+
+@pytest.mark.parametrize("model_name, kwargs, size", [
+    ("icnn_tinycnn", {}, 64),  # 2 x 2 max-pools: cell i at (i + 0.5) x 8
+    ("icnn_resnet18", {}, 480),  # padded strided convolutions: cell i at i x 32 + 0.5
+    ("icnn_timm", {"backbone": "torchvision:mobilenet_v2"}, 544),
+])
+def test_location_instability_places_peaks_at_the_measured_receptive_field_centre(model_name: str, kwargs: dict,
+                                                                                   size: int) -> None:
+    """The metric's cell -> pixel map is the backbone's own: a cell's measured receptive-field centre, not
+    (i + 0.5) x stride (16 pixels off on resnet18 and mobilenet_v2, half a cell)."""
+    system = ICNNSystem(model_name, num_classes=3, image_size=size, model_kwargs=kwargs)
+    row, centre = _receptive_field_centre(system.model.backbone, size)
+    metric = system.metrics["val_location_instability"]
+    maps = torch.zeros(1, 1, *system.model.top_filters.map_size)
+    maps[0, 0, row, row] = 1.0
+    metric.update(maps, torch.tensor([[[centre, centre]]]))  # a landmark at the cell's centre
+    assert metric.distances[0].item() == 0.0  # the metric places the peak there
+
+
+def test_peak_positions_stay_in_the_image() -> None:
+    """A net that drops the image's last pixels (70 px through stride 8) or pads past it: a cell centre beyond the
+    image is clipped to its edge; resnet18 at 100 px puts its last cell at 96.5, inside (the old rule said 112)."""
+    maps = torch.zeros(1, 1, 8, 8)
+    maps[0, 0, 7, 0] = 1.0  # row 7 (y), column 0 (x): at (4, 60) before clipping
+    metric = LocationInstability(58, stride=8)
+    metric.update(maps, torch.tensor([[[4.0, 58.0]]]))
+    assert metric.distances[0].item() == 0.0
+    metric = ICNNSystem("icnn_resnet18", num_classes=3, image_size=100).metrics["val_location_instability"]
+    maps = torch.zeros(1, 1, 4, 4)
+    maps[0, 0, 3, 3] = 1.0
+    metric.update(maps, torch.tensor([[[96.5, 96.5]]]))
+    assert metric.distances[0].item() == 0.0
+
+
+def test_torchvision_vgg_reads_conv5_3_and_the_plain_twin_scores_the_same_layer() -> None:
+    """"torchvision:vgg16" is VGG too (conv5_3, stride 16, not pool5); the plain twin declared by ICNNSystem reads
+    conv5_3 as well (`top_conv`), so ICNN and twin are scored at the same resolution, while baseline_vgg16 itself
+    keeps pool5."""
+    import yaml
+
+    from zoo.cli.compare import declared_twins, resolved_model_config
+
+    model = zoo.create_model("icnn_timm", backbone="torchvision:vgg16", num_classes=3, image_size=64)
+    assert model.top_filters.map_size == (4, 4) and model.backbone.reductions == [16]
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert zoo.create_model("baseline_vgg16", num_classes=3)(x)["features"].shape[-2:] == (2, 2)  # pool5
+        plain = zoo.create_model("baseline_vgg16", num_classes=3, top_conv=True)
+        assert plain(x)["features"].shape[-2:] == (4, 4) and plain.backbone.reductions == [16]
+    config = "configs/icnn/cub200.yaml"
+    args = declared_twins(config, yaml.safe_load(open(config)))["plain_cnn"]
+    twin = resolved_model_config(config, args)["init_args"]
+    assert twin["model_name"] == "baseline_vgg16" and twin["model_kwargs"]["top_conv"] is True
+
+
+def test_every_icnn_compare_config_has_the_ordinary_twin() -> None:
+    """The paper's baseline, the same layers as ordinary conv layers (masks off, lambda 0), is in every compare spec
+    of the family, named ordinary_twin (a masked twin alone is an ablation, not the baseline)."""
+    from pathlib import Path
+
+    import yaml
+
+    specs = sorted(Path("configs/icnn").glob("compare_*.yaml"))
+    assert specs
+    for path in specs:
+        run = yaml.safe_load(path.read_text())["compare"]["runs"].get("ordinary_twin")
+        assert run is not None, f"{path} has no ordinary_twin run"
+        args = ICNNSystem.TWINS[run["twin"]] if "twin" in run else run.get("args", [])
+        assert run.get("twin", "ordinary_twin") == "ordinary_twin", path
+        assert any(a.endswith("loss.init_args.weight=0") for a in args), path
+        assert any("masks=false" in a or "masks: false" in a for a in args), path
+
+
+@pytest.mark.parametrize("setting, value", [("z_momentum", 0.0), ("z_momentum", 1.5), ("tau_scale", 0.0),
+                                            ("tau_scale", -1.0), ("beta", 0.0), ("beta", -4.0),
+                                            ("category_momentum", 1.0), ("category_momentum", -0.1)])
+def test_bad_filter_settings_are_refused_when_built(setting: str, value: float) -> None:
+    """Settings that would crash the first step (z_momentum 0: log(0)) or train silently wrong are refused by name
+    when the model is built."""
+    from zoo.icnn.model import InterpretableFilters
+
+    with pytest.raises(ValueError, match=setting):
+        InterpretableFilters(4, 3, (4, 4), **{setting: value})
+    with pytest.raises(ValueError, match=setting):
+        zoo.create_model("icnn_tinycnn", num_classes=3, image_size=32, **{setting: value})
+
+
+def test_class_statistics_are_float32_under_bf16_autocast() -> None:
+    """The per-class sums of peak activations that feed the category average are taken in float32, not as a bf16
+    matmul under autocast (which moved 2 of 128 filters' categories after 4 steps)."""
+    from zoo.icnn.model import InterpretableFilters
+
+    torch.manual_seed(0)
+    raw = torch.rand(16, 32, 4, 4) * 10
+    labels = torch.randint(0, 5, (16,))
+    layer = InterpretableFilters(32, 5, (4, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.update_statistics(raw, torch.zeros(32, 17), labels)
+    peak = raw.double().flatten(2).amax(-1)  # (B, F)
+    expected = torch.stack([peak[labels == c].mean(0) if (labels == c).any() else torch.zeros(32)
+                            for c in range(5)], 1)  # (F, C)
+    assert torch.allclose(layer.class_activation.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_part_iou_thresholds_the_activations_before_upsampling() -> None:
+    """T_f is the top quantile of the filter's activations (Network Dissection, the spec), then the map is upsampled
+    and binarised at T_f: one lit cell of a 2 x 2 map spreads over the 6 x 6 pixels its bilinear upsampling reaches,
+    IoU 16 / 36 with its 4 x 4 quarter. (A T_f taken on the upsampled map would keep the top 16 pixels, IoU 1.)"""
+    maps = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])  # (1, 1, 2, 2)
+    masks = torch.zeros(1, 1, 8, 8, dtype=torch.bool)
+    masks[0, 0, :4, :4] = True
+    metric = PartIoU(quantile=0.25, iou_threshold=0.4)
+    metric.update(maps, masks)
+    assert metric.compute().item() == 1.0  # 16 / 36 = 0.44 > 0.4
+    metric = PartIoU(quantile=0.25, iou_threshold=0.5)
+    metric.update(maps, masks)
+    assert metric.compute().item() == 0.0  # 0.44 < 0.5 (the upsampled-threshold order gave 1.0)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import timm
 import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from zoo.checks import check_input, check_new_head, close_names
 from zoo.weights import LoadReport, load_backbone_weights
@@ -100,6 +101,14 @@ class TorchvisionFeatures(nn.Module):
         return maps
 
 
+def top_conv_index(backbone: str) -> int:
+    """Which backbone feature is the top conv layer's ReLU map (where ICNN puts its interpretable layers, and what its
+    plain twin's scored map must be). VGG's features (timm's and torchvision's, "torchvision:vgg16") end with pool5
+    (stride 32); its conv5_3 map (relu5_3, stride 16) is the one before, where the authors put the masked layer
+    (their vgg_vd_16.m strips everything after relu5_3, adds the interpretable conv, then pool5)."""
+    return -2 if backbone.removeprefix(TORCHVISION).startswith("vgg") else -1
+
+
 class Backbone(nn.Module):
     """A CNN that returns the feature maps at `out_indices`, with `channels` and `reductions` for each."""
 
@@ -137,6 +146,16 @@ class Backbone(nn.Module):
             self.load_pretrained(pretrained_path)
         self.requires_grad_(not frozen)  # a frozen backbone: fine-tune only what sits on top
         self.train(self.training)  # frozen: in eval mode from the start (`train`)
+
+    def map_geometry(self, image_size: int | tuple[int, int]) -> list[MapGeometry | None]:
+        """Where the cells of each returned map sit in an `image_size` image (`MapGeometry`), from one traced dry
+        run (cached per size): padded strided convolutions and 2 x 2 pools put cells at different places."""
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        cache = self.__dict__.setdefault("_geometry_cache", {})
+        if size not in cache:
+            device = next((p.device for p in self.parameters()), torch.device("cpu"))
+            cache[size] = trace_map_geometry(self, torch.zeros(1, self.in_chans, *size, device=device))
+        return cache[size]
 
     @property
     def num_features(self) -> int:
@@ -233,6 +252,113 @@ def identify_architecture(name: str, file_shapes: dict[str, torch.Size]) -> str 
                     return source
                 fits.append((len(have), source))
     return min(fits)[1] if fits else None
+
+
+class MapGeometry(NamedTuple):
+    """Where a feature map's cells sit in the image: cell (i, j)'s receptive-field centre is
+    (offset[0] + i * stride[0], offset[1] + j * stride[1]) pixels (y, x), with pixel p covering [p, p + 1)."""
+
+    stride: tuple[float, float]
+    offset: tuple[float, float]
+
+    def centres(self, index: torch.Tensor, axis: int) -> torch.Tensor:
+        """Receptive-field centres (pixels) of the cells `index` along `axis` (0 = y, 1 = x)."""
+        return self.offset[axis] + index * self.stride[axis]
+
+
+_GEOMETRY_ATTR = "_zoo_map_geometry"  # (MapGeometry, (h, w)) on the tensors of a geometry dry run only
+
+
+def _argument(args: tuple, kwargs: dict, position: int, name: str, default: Any) -> Any:
+    return args[position] if len(args) > position else kwargs.get(name, default)
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    """(y, x) of a conv / pool argument given as one int or a one- or two-element sequence."""
+    if isinstance(value, int):
+        return value, value
+    value = tuple(value)
+    return (value[0], value[0]) if len(value) == 1 else value[:2]
+
+
+class _GeometryTracer(TorchFunctionMode):
+    """Follows every tensor of a forward pass with the geometry of its cells (`MapGeometry`) and its (h, w):
+    convolutions and pools move the centre of cell 0 by ((kernel - 1) x dilation / 2 - padding) input cells and
+    multiply the step by the stride, `F.pad` moves it back by the left / top pad, any other op keeps the geometry of
+    its largest input that carries one (a residual sum, a squeeze-excite product, a dense concatenation) if the output
+    still has that input's (h, w) as two consecutive dimensions (channels-last permutes too). Ops it cannot follow
+    (interpolation, adaptive pools, flattening) leave no geometry, and neither does anything computed from them."""
+
+    _WINDOWS = ("conv2d", "max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "pad")
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - TorchFunctionMode's API
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outputs = [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
+        name = getattr(func, "__name__", "")
+        tag = None
+        if name in self._WINDOWS:
+            geometry = getattr(args[0], _GEOMETRY_ATTR, (None,))[0] if args else None
+            if geometry is not None:
+                tag = (self._window_geometry(name, geometry, args, kwargs), tuple(outputs[0].shape[-2:]))
+        else:
+            inputs = [b for a in (*args, *kwargs.values()) for b in (a if isinstance(a, (list, tuple)) else [a])]
+            carriers = [a for a in inputs if getattr(a, _GEOMETRY_ATTR, (None,))[0] is not None]  # cat's list too
+            if carriers:
+                tag = getattr(max(carriers, key=torch.Tensor.numel), _GEOMETRY_ATTR)
+                if not all(self._has_cells(t, tag[1]) for t in outputs):
+                    tag = None
+        for tensor in outputs:  # an in-place op's output is its input, with the same geometry
+            setattr(tensor, _GEOMETRY_ATTR, tag if tag is not None else (None, None))
+        return out
+
+    @staticmethod
+    def _window_geometry(name: str, geometry: MapGeometry, args: tuple, kwargs: dict) -> MapGeometry:
+        """The output geometry of a sliding window (or a pad): its cell 0 is centred (k - 1) d / 2 - p input cells
+        after the input's cell 0, and its step is the input's times the stride."""
+        if name == "pad":
+            pad = tuple(_argument(args, kwargs, 1, "pad", ())) + (0, 0, 0, 0)
+            (sy, sx), (oy, ox) = geometry
+            return MapGeometry((sy, sx), (oy - pad[2] * sy, ox - pad[0] * sx))
+        if name == "conv2d":
+            kernel = tuple(_argument(args, kwargs, 1, "weight", None).shape[-2:])
+            stride, padding = _argument(args, kwargs, 3, "stride", 1), _argument(args, kwargs, 4, "padding", 0)
+            dilation = _pair(_argument(args, kwargs, 5, "dilation", 1))
+            if padding == "same":
+                padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+            padding = 0 if padding == "valid" else padding
+        else:
+            kernel = _pair(_argument(args, kwargs, 1, "kernel_size", None))
+            stride = _argument(args, kwargs, 2, "stride", None) or kernel
+            padding = _argument(args, kwargs, 3, "padding", 0)
+            dilation = (1, 1) if name == "avg_pool2d" else _pair(_argument(args, kwargs, 4, "dilation", 1))
+        offset = tuple(o + ((k - 1) * d / 2 - p) * s for o, k, d, p, s in
+                       zip(geometry.offset, kernel, dilation, _pair(padding), geometry.stride))
+        return MapGeometry(tuple(s * t for s, t in zip(geometry.stride, _pair(stride))), offset)
+
+    @staticmethod
+    def _has_cells(out: torch.Tensor, cells: tuple[int, int]) -> bool:
+        shape = tuple(out.shape)
+        return any(shape[i:i + 2] == cells for i in range(len(shape) - 1))
+
+
+@torch.no_grad()
+def trace_map_geometry(module: nn.Module, image: torch.Tensor) -> list[MapGeometry | None]:
+    """Run `module` once (eval mode, no grad, mode restored) on `image` (B, C, H, W) and return, for each tensor of
+    its output (a tensor or a list of them), where its cells sit in the image (`MapGeometry`), or None where the
+    geometry cannot be followed (see `_GeometryTracer`). The receptive-field centre depends on the padding and
+    kernels, not only the stride: 2 x 2 max-pools (VGG, the tiny CNN) put cell i at (i + 0.5) x stride, padded
+    strided convolutions (ResNet, MobileNet) at about i x stride + 0.5."""
+    was_training = module.training
+    module.eval()
+    image = image.clone()
+    setattr(image, _GEOMETRY_ATTR, (MapGeometry((1.0, 1.0), (0.5, 0.5)), tuple(image.shape[-2:])))  # pixel p: p + 0.5
+    try:
+        with _GeometryTracer():
+            out = module(image)
+    finally:
+        module.train(was_training)
+    return [getattr(t, _GEOMETRY_ATTR, (None,))[0] for t in (out if isinstance(out, (list, tuple)) else [out])]
 
 
 class PooledLinearHead(nn.Module):

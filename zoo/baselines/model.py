@@ -13,12 +13,18 @@ import torch.nn as nn
 
 from zoo.checks import check_input
 from zoo.registry import register_model
-from zoo.backbones import TINY_CNN, Backbone, ClassifierHeadMixin, PooledHeadMixin, PooledLinearHead
+from zoo.backbones import (TINY_CNN, Backbone, ClassifierHeadMixin, PooledHeadMixin, PooledLinearHead,
+                           top_conv_index)
 from zoo.layers import LSTM
 
 
 class OpaqueClassifier(PooledHeadMixin, nn.Module):
-    """Backbone -> global average pool -> linear."""
+    """Backbone -> global average pool -> linear.
+
+    `top_conv=True` reads the top conv layer's ReLU map (`zoo.backbones.top_conv_index`: VGG's conv5_3, stride 16)
+    instead of the backbone's last feature (VGG's pool5, stride 32; the same map on other backbones): the plain twin
+    of an Interpretable CNN, whose features are then scored on the layer the ICNN's filters read, at the same
+    resolution."""
 
     def __init__(
         self,
@@ -29,10 +35,13 @@ class OpaqueClassifier(PooledHeadMixin, nn.Module):
         drop_rate: float = 0.0,
         pretrained_path: str | Path | None = None,
         freeze_backbone: bool = False,
+        top_conv: bool = False,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.backbone = Backbone(backbone, in_chans=in_chans, pretrained_path=pretrained_path, frozen=freeze_backbone)
+        out_indices = (top_conv_index(backbone),) if top_conv else (-1,)
+        self.backbone = Backbone(backbone, in_chans=in_chans, out_indices=out_indices, pretrained_path=pretrained_path,
+                                 frozen=freeze_backbone)
         self.head = PooledLinearHead(self.backbone.num_features, num_classes, drop_rate)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

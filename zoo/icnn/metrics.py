@@ -2,17 +2,19 @@
 
 - `LocationInstability` (Zhang et al. 2018, authors' computeStability/getDistSqrtVar): for each filter take the
   top-N images by peak activation (within the filter's category when labels are given), map the peak unit to image
-  coordinates (receptive-field centre of the unit), and for each landmark k take the std over those images of the
-  distance landmark -> peak; the score is the mean over filters and landmarks divided by the image diagonal. Lower
-  is better. Images whose peak ties the N-th largest all count (so the top N may hold more than N): which of
-  equal peaks (a dead filter's zeros) made the cut once depended on the order the images arrived in, and so on the
-  number of processes. The authors' Matlab `sort` kept the first in data set order; where top_n is at least a
-  category's image count (the default 100 on the parts world's validation split) nothing changes.
+  coordinates (receptive-field centre of the unit, measured per backbone: `zoo.backbones.Backbone.map_geometry`),
+  and for each landmark k take the std over those images of the distance landmark -> peak; the score is the mean
+  over filters and landmarks divided by the image diagonal. Lower is better. Images whose peak ties the N-th
+  largest all count (so the top N may hold more than N): which of equal peaks (a dead filter's zeros) made the cut
+  once depended on the order the images arrived in, and so on the number of processes. The authors' Matlab `sort`
+  kept the first in data set order; where top_n is at least a category's image count (the default 100 on the parts
+  world's validation split) nothing changes.
 - `PartIoU` (Network Dissection, Bau et al. 2017, as specified for ICNN): per filter, threshold T_f at the top
-  `quantile` of all its upsampled activations over the data set, binarise, and count the images whose IoU with a
-  ground-truth part mask exceeds `iou_threshold`; P_{f,k} is that fraction over the images containing part k.
-  The score is the mean over filters of max_k P_{f,k}. Higher is better. Parts are the ground-truth part types
-  when given (so "filter 17 = red triangle"), else mask slots.
+  `quantile` of all its activations (the maps' cells) over the data set, then upsample each map bilinearly to the
+  masks' size and binarise it at T_f, and count the images whose IoU with a ground-truth part mask exceeds
+  `iou_threshold`; P_{f,k} is that fraction over the images containing part k. The score is the mean over filters
+  of max_k P_{f,k}. Higher is better. Parts are the ground-truth part types when given (so "filter 17 = red
+  triangle"), else mask slots.
 
 Both keep per-image tensors in "cat" states; `zoo.distributed.gather_allowing_empty_ranks` syncs a process that saw
 no image (with an unrepeated evaluation sampler a rank may have none) instead of aborting the gather.
@@ -45,24 +47,32 @@ class _PerImageMetric(Metric):
         super().sync(dist_sync_fn or self.dist_sync_fn, process_group, should_sync, distributed_available)
 
 
-def peak_positions(maps: torch.Tensor, image_size: tuple[int, int], stride: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Peak value (B, F) and its receptive-field centre in image pixels, (B, F, 2) as (x, y): cell i's centre is
-    (i + 0.5) x `stride` (the map's stride in pixels); without a stride, (i + 0.5) x image / map cells, the same
-    where the image is a multiple of the stride (elsewhere the network drops the last pixels and the cells spread)."""
+def peak_positions(maps: torch.Tensor, image_size: tuple[int, int], stride: float | tuple[float, float] | None = None,
+                   offset: float | tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Peak value (B, F) and its receptive-field centre in image pixels, (B, F, 2) as (x, y), clipped to the image:
+    cell i's centre is `offset` + i x `stride` ((y, x) pairs or one number for both; see
+    `zoo.backbones.MapGeometry`, which `Backbone.map_geometry` measures). Without an offset, (i + 0.5) x stride, right
+    for nets that downsample by 2 x 2 pools (the tiny CNN, VGG) and not for padded strided convolutions (ResNet,
+    MobileNet: about i x stride + 0.5). Without a stride, (i + 0.5) x image / map cells, the same where the image is a
+    multiple of the stride (elsewhere the network drops the last pixels and the cells spread)."""
     height, width = maps.shape[-2:]
     value, index = maps.flatten(2).max(-1)
-    step_y, step_x = (stride, stride) if stride else (image_size[0] / height, image_size[1] / width)
-    x = (index % width + 0.5) * step_x
-    y = torch.div(index, width, rounding_mode="floor").add(0.5) * step_y
+    step_y, step_x = _pair(stride) if stride else (image_size[0] / height, image_size[1] / width)
+    offset_y, offset_x = _pair(offset) if offset is not None else (step_y / 2, step_x / 2)
+    x = (index % width * step_x + offset_x).clamp(0, image_size[1])
+    y = (torch.div(index, width, rounding_mode="floor") * step_y + offset_y).clamp(0, image_size[0])
     return value, torch.stack([x, y], -1)
+
+
+def _pair(value: float | tuple[float, float]) -> tuple[float, float]:
+    return (value, value) if isinstance(value, (int, float)) else tuple(value)
 
 
 class LocationInstability(_PerImageMetric):
     """Mean over filters and landmarks of std(distance landmark -> filter peak) over each filter's top-N images
     where the landmark is visible (with every image whose peak ties the N-th), divided by the image diagonal.
-    update(maps (B, F, h, w), landmarks (B, K, 2) xy, visible (B, K) or None, labels (B,) or None). `stride`: the
-    maps' stride in pixels (see `peak_positions`).
+    update(maps (B, F, h, w), landmarks (B, K, 2) xy, visible (B, K) or None, labels (B,) or None). `stride` and
+    `offset`: where the maps' cells sit in the image, (y, x) pixels (see `peak_positions`).
 
     With labels, a filter's top-N images are drawn from its category only, as in the paper's per-category
     evaluation (landmark k of another class is another part). The category is the class with the highest mean
@@ -72,11 +82,12 @@ class LocationInstability(_PerImageMetric):
     higher_is_better = False
     full_state_update = False
 
-    def __init__(self, image_size: int | tuple[int, int], top_n: int = 100, stride: int | None = None,
+    def __init__(self, image_size: int | tuple[int, int], top_n: int = 100,
+                 stride: float | tuple[float, float] | None = None, offset: float | tuple[float, float] | None = None,
                  **kwargs) -> None:
         super().__init__(**kwargs)
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        self.top_n, self.stride = top_n, stride
+        self.top_n, self.stride, self.offset = top_n, stride, offset
         self.add_state("peaks", default=[], dist_reduce_fx="cat")  # (n, F) peak values
         self.add_state("distances", default=[], dist_reduce_fx="cat")  # (n, F, K)
         self.add_state("visible", default=[], dist_reduce_fx="cat")  # (n, K)
@@ -87,7 +98,7 @@ class LocationInstability(_PerImageMetric):
         if maps.ndim != 4 or landmarks.ndim != 3 or landmarks.shape[:1] != maps.shape[:1]:
             raise ValueError(f"Expected maps (B, F, h, w) and landmarks (B, K, 2); got {tuple(maps.shape)} and "
                              f"{tuple(landmarks.shape)}.")
-        value, position = peak_positions(maps.detach().float(), self.image_size, self.stride)
+        value, position = peak_positions(maps.detach().float(), self.image_size, self.stride, self.offset)
         self.peaks.append(value)
         self.distances.append((landmarks[:, None].float() - position[:, :, None]).norm(dim=-1))  # (B, F, K)
         self.visible.append(torch.ones(landmarks.shape[:2], dtype=torch.bool, device=maps.device)
@@ -156,11 +167,11 @@ class PartIoU(_PerImageMetric):
         images_with_part = part_onehot.amax(1).sum(0)  # (K,)
         scores = []
         for start in range(0, maps.shape[1], self.filter_chunk):  # chunks of filters bound memory, no per-filter loop
-            up = F.interpolate(maps[:, start:start + self.filter_chunk], size=size, mode="bilinear",
-                               align_corners=False)  # (N, f, H, W)
-            flat = up.transpose(0, 1).flatten(1)  # (f, N*H*W)
+            chunk = maps[:, start:start + self.filter_chunk]  # (N, f, h, w)
+            flat = chunk.transpose(0, 1).flatten(1)  # (f, N*h*w): T_f on the activations, as Network Dissection
             k = min(max(1, int(self.quantile * flat.shape[1])), flat.shape[1] - 1)
             threshold = flat.topk(k + 1, dim=1).values[:, -1]  # (f,): the top k values lie above, P(x > T_f) = q
+            up = F.interpolate(chunk, size=size, mode="bilinear", align_corners=False)  # (N, f, H, W)
             active = (up > threshold[None, :, None, None]).flatten(2).float()  # (N, f, HW)
             inter = torch.einsum("nfx,npx->nfp", active, mask_flat)
             union = active.sum(-1)[..., None] + mask_area[:, None] - inter

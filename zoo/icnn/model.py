@@ -32,10 +32,23 @@ from zoo.icnn.ops import (MU_MODES, log_mean_exp_over_batch, part_mask, template
                           template_shapes)
 from zoo.distributed import all_reduce_, global_log_mean_exp
 from zoo.registry import input_size_aware, register_model
-from zoo.backbones import TINY_CNN, Backbone, PooledHeadMixin, PooledLinearHead
+from zoo.backbones import TINY_CNN, Backbone, PooledHeadMixin, PooledLinearHead, top_conv_index
 
 
 CATEGORY_ASSIGNMENTS = ("argmax", "balanced")
+
+
+def check_settings(*, beta: float, tau_scale: float, category_momentum: float, z_momentum: float) -> None:
+    """Refuse, by name, settings that would crash a later step (z_momentum 0: log(0) in the Z_T blend) or train
+    silently wrong (non-positive template scale or slope, a category average that never or always forgets)."""
+    bad = [f"beta must be > 0 (the templates' slope); got {beta}" if not beta > 0 else "",
+           f"tau_scale must be > 0 (it scales the templates' tau); got {tau_scale}" if not tau_scale > 0 else "",
+           f"category_momentum must be in [0, 1) (the weight of the past in the class statistics' moving average); got "
+           f"{category_momentum}" if not 0 <= category_momentum < 1 else "",
+           f"z_momentum must be in (0, 1] (the weight of each batch in the running Z_T); got {z_momentum}"
+           if not 0 < z_momentum <= 1 else ""]
+    if any(bad):
+        raise ValueError("Interpretable filters: " + "; ".join(b for b in bad if b) + ".")
 
 
 class InterpretableFilters(nn.Module):
@@ -71,6 +84,7 @@ class InterpretableFilters(nn.Module):
             raise ValueError(f"mu must be one of {MU_MODES}; got {mu!r}.")
         if single_category is not None and not 0 <= single_category < num_classes:
             raise ValueError(f"single_category must be a class id in [0, {num_classes}); got {single_category}.")
+        check_settings(beta=beta, tau_scale=tau_scale, category_momentum=category_momentum, z_momentum=z_momentum)
         self.map_size, self.mu, self.single_category = map_size, mu, single_category
         self.category_assignment = category_assignment
         self.category_momentum, self.z_momentum = category_momentum, z_momentum
@@ -145,7 +159,8 @@ class InterpretableFilters(nn.Module):
         classes = torch.arange(num_classes, device=labels.device)
         one_hot = (labels[:, None] == classes).float()  # (B, C); F.one_hot reads the labels' range on the host
         peak = raw.detach().flatten(2).amax(-1).float()  # (B, F)
-        sums = all_reduce_(one_hot.t() @ peak)  # (C, F)
+        with torch.autocast(labels.device.type, enabled=False):  # float32 sums, not a bf16 matmul under autocast
+            sums = all_reduce_(one_hot.t() @ peak)  # (C, F)
         counts = all_reduce_(one_hot.sum(0))  # (C,)
         present = counts > 0
         mean = (sums / counts.clamp(min=1)[:, None]).t()  # (F, C)
@@ -212,13 +227,6 @@ class InterpretableFilters(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
         # a state with class statistics holds their solved categories (see _save_to_state_dict); one read, at load
         self._queued_share, self._solved = None, bool(self.class_seen.any())
-
-
-def top_conv_index(backbone: str) -> int:
-    """Which backbone feature the interpretable layers read: the top conv layer's ReLU map. timm's VGG features end
-    with pool5 (stride 32); its conv5_3 map (relu5_3, stride 16) is the one before, where the authors put the masked
-    layer (their vgg_vd_16.m strips everything after relu5_3, adds the interpretable conv, then pool5)."""
-    return -2 if backbone.startswith("vgg") else -1
 
 
 class InterpretableCNN(PooledHeadMixin, nn.Module):

@@ -24,7 +24,8 @@ class ICNNSystem(ZooSystem):
     ordinary conv layers, lambda 0), the masked twin (masks kept, lambda 0: an ablation of the masks) and the
     plain classifier on the same backbone (`{backbone}` is the model name less "icnn_"; it keeps the model_kwargs a
     classifier takes, so the same `backbone` of icnn_timm and the same `pretrained_path` weights, and drops the
-    ICNN's own: `zoo.cli.compare.declared_twins`).
+    ICNN's own: `zoo.cli.compare.declared_twins`), reading the layer ICNN's filters read (`top_conv`: conv5_3 on
+    VGG, not pool5), so both are scored at the same resolution.
     """
 
     TWINS: ClassVar[dict[str, list[str]]] = {
@@ -33,6 +34,7 @@ class ICNNSystem(ZooSystem):
         "plain_cnn": ["--model.init_args.loss.init_args.weight=0", "--model.init_args.model_name=baseline_{backbone}",
                       "--model.init_args.model_kwargs=null",  # then set, not merged into the ICNN's kwargs
                       "--model.init_args.model_kwargs={shared_model_kwargs}",
+                      "--model.init_args.model_kwargs.top_conv=true",  # VGG: conv5_3, the map ICNN's filters read
                       "--model.init_args.part_maps_key=features"],
     }
 
@@ -42,9 +44,25 @@ class ICNNSystem(ZooSystem):
         self.add_metric("acc", MulticlassAccuracy(self.hparams.num_classes, average="micro"),
                         stages=("train", "val", "test"))
         if part_maps_key is not None:
-            stride = getattr(getattr(self.model, "backbone", None), "reductions", [None])[-1]  # the top map's
-            self.add_metric("location_instability", LocationInstability(self.hparams.image_size or 0, stride=stride))
+            stride, offset = self._top_map_geometry()
+            self.add_metric("location_instability", LocationInstability(self.hparams.image_size or 0, stride=stride,
+                                                                        offset=offset))
             self.add_metric("part_iou", PartIoU())
+
+    def _top_map_geometry(self) -> tuple[Any, Any]:
+        """Stride and offset ((y, x) pixels) of the scored map's cells: the backbone's top map, which ICNN's added
+        3x3 layer and the plain twin's features keep. Measured by a traced dry run (`Backbone.map_geometry`), as a
+        cell's receptive-field centre depends on the net's padding, not only its stride; (stride, None) where it
+        cannot be traced, None without a backbone or an image size."""
+        backbone = getattr(self.model, "backbone", None)
+        if backbone is None or not hasattr(backbone, "reductions"):
+            return None, None
+        if not self.hparams.image_size or not hasattr(backbone, "map_geometry"):
+            return backbone.reductions[-1], None
+        geometry, stride = backbone.map_geometry(self.hparams.image_size)[-1], backbone.reductions[-1]
+        if geometry is None:
+            return stride, None
+        return (stride if geometry.stride == (stride, stride) else geometry.stride), geometry.offset
 
     def default_loss(self) -> nn.Module:
         """The paper's filter loss (lambda 1, on `target_key`) for an Interpretable CNN, cross-entropy for any other
