@@ -8,11 +8,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 from torchvision.models.detection.roi_heads import RoIHeads
 
 import zoo
@@ -365,12 +367,8 @@ def test_terminal_pooling_against_a_loop_reference(rank: int | None) -> None:
 
 
 def test_terminal_pooling_trains_after_a_first_call_under_inference_mode() -> None:
-    """The integral image's prefix matrices are cached per feature size and device: a first call under
-    `torch.inference_mode` (as in Lightning's validation) must not cache inference tensors that a later training
-    step's backward would save."""
-    from zoo.aog_rcnn.model import _prefix_sum_matrices
-
-    _prefix_sum_matrices.cache_clear()
+    """A first call under `torch.inference_mode` (as in Lightning's validation) must leave nothing cached (such as
+    constant tensors per feature size) that a later training step's backward would save as an inference tensor."""
     pool = PositionSensitivePool(8, 3, GridGrammar(3, 3), "terminals")
     rois = rois_with_batch_index([torch.tensor([[0.0, 0, 60, 70]])])
     with torch.inference_mode():
@@ -397,6 +395,55 @@ def test_terminal_pooling_stays_float32_under_bf16_autocast(rank: int | None) ->
         mixed = pool._pool_terminals(features, rois, 1 / 8)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, exact, rtol=1e-4, atol=1e-4)
+
+
+class TF32Operands(TorchDispatchMode):
+    """Emulates TF32 on the CPU: the float32 operands of every convolution and matmul, forward and backward, rounded
+    to TF32's 10-bit mantissa (round to nearest), products accumulated in float32, as cuDNN (`allow_tf32`, on by
+    default) and cuBLAS (`torch.set_float32_matmul_precision("high")`) do on Ampere and later GPUs."""
+
+    OPS: ClassVar = {torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default,
+                     torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default,
+                     torch.ops.aten.baddbmm.default}
+
+    @staticmethod
+    def rounded(value: Any) -> Any:
+        if not (isinstance(value, torch.Tensor) and value.dtype == torch.float32):
+            return value
+        bits = value.contiguous().view(torch.int32)
+        return ((bits + 0x1000) & ~0x1FFF).view(torch.float32).view(value.shape)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if func in self.OPS:
+            args, kwargs = tree_map(self.rounded, (args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rank", [None, 8])
+def test_terminal_pooling_keeps_its_box_sums_under_tf32(rank: int | None) -> None:
+    """Box sums are differences of large running sums: no convolution or matmul may read the running sums, or TF32
+    (emulated here, `TF32Operands`; only a GPU measures the real thing) rounds them to 10 bits and loses the small
+    boxes. At VOC's size (480 px, a 30 x 30 map) with non-negative features, running a conv on the features'
+    integral image put errors of 78 % of the scores' std into the terminal scores and 11 % into the gradient of the
+    score maps; TF32 on the maps themselves costs about 0.1 % (what it costs every other conv)."""
+    torch.manual_seed(0)
+    pool = PositionSensitivePool(64, 21, GridGrammar(3, 3), "terminals", terminal_rank=rank)
+    features = torch.rand(2, 64, 30, 30)
+    corner, size = torch.rand(2, 64, 2) * 384, 16 + torch.rand(2, 64, 2) * 144  # boxes of 16 to 160 px
+    rois = rois_with_batch_index(list(torch.cat([corner, (corner + size).clamp(max=479)], -1)))
+    probe = torch.linspace(-1, 1, 128 * 21 * 36).view(128, 21, 36)  # a gradient that reaches every score
+
+    def scores_and_gradient() -> tuple[torch.Tensor, torch.Tensor]:
+        pool.zero_grad()
+        scores = pool._pool_terminals(features, rois, 1 / 16)  # (K, C+1, T)
+        (scores * probe).sum().backward()
+        return scores.detach(), pool.score_maps.weight.grad.clone()
+
+    exact, exact_grad = scores_and_gradient()
+    with TF32Operands():
+        tf32, tf32_grad = scores_and_gradient()
+    assert (tf32 - exact).abs().max() < 4e-3 * exact.std()
+    assert (tf32_grad - exact_grad).abs().max() < 2e-2 * exact_grad.abs().max()
 
 
 # ----------------------------------------------------------------------------------------------- the detector
@@ -482,6 +529,57 @@ def test_post_processing_keeps_torchvisions_detections() -> None:
         assert torch.equal(mine["boxes"], b) and torch.equal(mine["scores"], s) and torch.equal(mine["labels"], l)
 
 
+@pytest.mark.parametrize("name", DETECTOR_MODELS)
+def test_boxes_are_decoded_in_float32_under_bf16_autocast(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's BoxCoder decodes in the deltas' dtype: under bf16 autocast the RPN's conv deltas and the RoI
+    heads' deltas (the Faster R-CNN twin's Linear) are bf16, and at 320 px bf16 boxes lie 2 px apart. Every coder of
+    every detector decodes in float32: proposals and detections are float32 and equal torchvision's float32 decode
+    of the same deltas, as do the training targets the coders encode."""
+    from torchvision.models.detection._utils import BoxCoder
+
+    torch.manual_seed(9)
+    model = zoo.create_model(name, num_classes=3, image_size=320)
+    model.roi_heads.score_thresh = 0.0  # detections from an untrained model
+    calls: list[tuple[str, BoxCoder, torch.Tensor, list[torch.Tensor], torch.Tensor]] = []
+    for part in (model.rpn, model.roi_heads):
+        coder = part.box_coder
+
+        def recorded(codes: torch.Tensor, boxes: list[torch.Tensor], coder: BoxCoder = coder) -> torch.Tensor:
+            out = type(coder).decode(coder, codes, boxes)
+            calls.append(("decode", coder, codes, boxes, out))
+            return out
+
+        def recorded_encode(targets: list[torch.Tensor], boxes: list[torch.Tensor],
+                            coder: BoxCoder = coder) -> tuple[torch.Tensor, ...]:
+            out = type(coder).encode(coder, targets, boxes)
+            calls.append(("encode", coder, targets, boxes, torch.cat(out)))
+            return out
+
+        monkeypatch.setattr(coder, "decode", recorded)
+        monkeypatch.setattr(coder, "encode", recorded_encode)
+    images = [torch.rand(3, 320, 320) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[28.0, 30, 141, 150], [180, 170, 301, 310]]), "labels": torch.tensor([1, 2])}
+               for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(images, targets)
+        model.eval()
+        with torch.no_grad():
+            detections = model(images)
+    assert {kind for kind, *_ in calls} == {"decode", "encode"}
+    assert {id(coder) for _, coder, *_ in calls} == {id(model.rpn.box_coder), id(model.roi_heads.box_coder)}
+    for kind, coder, first, second, out in calls:
+        assert out.dtype == torch.float32, f"{kind} gave {out.dtype}"
+        reference = BoxCoder(coder.weights, coder.bbox_xform_clip)
+        if kind == "decode":
+            expected = reference.decode(first.float(), [b.float() for b in second])
+        else:
+            expected = torch.cat(reference.encode([t.float() for t in first], [b.float() for b in second]))
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    for found in detections:
+        assert found["boxes"].dtype == found["scores"].dtype == found["leaf_boxes"].dtype == torch.float32
+        assert len(found["boxes"]) > 0
+
+
 @pytest.mark.parametrize("name", ["aog_rcnn_tinycnn", "vote_rcnn_tinycnn"])
 def test_leaf_boxes_are_rescaled_with_their_boxes_to_the_input_size(name: str) -> None:
     """Inputs of other sizes than `image_size` (VOC's): torchvision maps "boxes" back to each input's pixels, and
@@ -528,6 +626,34 @@ def test_parse_part_iou_on_hand_built_boxes() -> None:
     assert result["leaf_precision"].item() == pytest.approx(0.75)
     assert result["part_iou"].item() == pytest.approx(0.75)
     assert result["matched"].item() == pytest.approx(0.5) and result["leaves"].item() == 2
+
+
+def test_parse_part_iou_is_float32_under_bf16_autocast() -> None:
+    """Validation runs under the trainer's autocast: the leaf precision (a matmul of the leaf mask with each leaf's
+    best part IoU) summed 36 IoUs in bf16 there (3 significant digits). Under autocast the metric equals the float32
+    one, and `partition_scores` returns float32."""
+    from zoo.aog_rcnn.metrics import partition_scores
+
+    torch.manual_seed(10)
+    corner, size = torch.rand(6, 36, 2) * 60, 5 + torch.rand(6, 36, 2) * 40
+    leaves = torch.cat([corner, corner + size], -1)  # (D, T, 4) 6 detections of 36 leaves each
+    part_corner = torch.rand(6, 4, 2) * 60
+    parts = torch.cat([part_corner, part_corner + 10 + torch.rand(6, 4, 2) * 30], -1)  # (G, P, 4)
+    boxes = torch.tensor([[0.0, 0, 100, 100]]).repeat(6, 1)  # every object matched by the detection of its index
+    pred = {"boxes": boxes + torch.arange(6.0)[:, None] * 200, "scores": torch.rand(6), "labels": torch.ones(6).long(),
+            "leaf_boxes": leaves, "leaf_mask": torch.rand(6, 36) < 0.7}
+    target = {"boxes": pred["boxes"].clone(), "labels": pred["labels"], "part_boxes": parts}
+    results = []
+    for autocast in (False, True):
+        metric = ParsePartIoU()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            metric.update([pred], [target])
+            results.append(metric.compute())
+            scores = partition_scores(torch.rand(3, 4, 36), torch.rand(3, 2, 36) < 0.5)
+        assert all(score.dtype == torch.float32 for score in scores)
+    assert results[0]["matched"] == 1
+    for key, value in results[0].items():
+        torch.testing.assert_close(results[1][key], value, rtol=1e-6, atol=1e-7, msg=key)
 
 
 # ----------------------------------------------------------------------------------------------------- the data

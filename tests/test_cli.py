@@ -6,10 +6,12 @@ import csv
 import json
 import re
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import zoo
 from tests.conftest import REPO
@@ -290,16 +292,81 @@ def test_compare_evaluates_a_checkpoint_without_training(in_tmp_dir: Path) -> No
 
 BF16_CONFIGS = ["configs/icnn/parts_world.yaml", "configs/l2x/xor.yaml", "configs/l2x/digits.yaml",
                 "configs/renn/rule_series.yaml", "configs/aog_rcnn/parts_world_scenes.yaml",
-                "configs/textual/explanation_label.yaml"]
+                "configs/textual/explanation_label.yaml", "configs/cbm/parts_world.yaml",
+                "configs/protopnet/parts_world.yaml", "configs/baselines/parts_world.yaml"]
+HALF = (torch.bfloat16, torch.float16)
+
+
+class RandomDraws(TorchDispatchMode):
+    """Records the dtype of every random tensor drawn (uniform, normal, exponential, Bernoulli, ...; multinomial:
+    of the probabilities it samples from)."""
+
+    OPS: ClassVar = {getattr(torch.ops.aten, name) for name in (
+        "uniform_", "normal_", "exponential_", "bernoulli_", "bernoulli", "rand", "rand_like", "randn", "randn_like",
+        "multinomial", "geometric_", "log_normal_", "cauchy_", "normal")}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: list[tuple[str, torch.dtype]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in self.OPS:  # multinomial: the probabilities' dtype (its samples are indices)
+            drawn = args[0] if func.overloadpacket is torch.ops.aten.multinomial else out
+            self.dtypes.append((str(func), drawn.dtype))
+        return out
+
+
+def half_state(system: torch.nn.Module) -> list[str]:
+    """Parameters, buffers and metric states of `system` held in bf16 or float16."""
+    from torchmetrics import Metric
+
+    tensors = [*system.named_parameters(), *system.named_buffers()]
+    for prefix, metric in system.named_modules():
+        if isinstance(metric, Metric):
+            for name in metric._defaults:
+                value = getattr(metric, name)
+                tensors += [(f"{prefix}.{name}", v) for v in (value if isinstance(value, list) else [value])]
+    return [name for name, tensor in tensors if torch.is_tensor(tensor) and tensor.dtype in HALF]
+
+
+def loss_terms(system: Any, batch: Any, autocast: bool) -> tuple[dict[str, torch.Tensor], RandomDraws]:
+    """The System's training loss terms on `batch`, seed 0, in float32 or under CPU bf16 autocast, and the random
+    draws they took."""
+    torch.manual_seed(0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), RandomDraws() as draws:
+        terms = system.compute_loss(system.forward_batch(batch, "train"), batch, "train")
+    return {name: term.float() for name, term in terms.items()}, draws
 
 
 @pytest.mark.parametrize("config", BF16_CONFIGS)
 def test_bf16_autocast_trains_every_family(config: str, in_tmp_dir: Path, cub_root: Path,
                                            image_folder_root: Path) -> None:
+    """Every family trains a step under bf16-mixed and keeps its parameters, buffers and metric states out of bf16;
+    on one fixed training batch (seed 0) its random draws under bf16 autocast are float32 (L2X's Gumbel noise drawn
+    in bf16 lost its tails) and its loss terms agree with the float32 ones within 2 % of the term plus 0.2 % of the
+    total loss: bf16 keeps 8 bits (2^-9 relative rounding per op), which the few layers of these models compound to
+    at most 0.5 % here (AOG's classifier term); the absolute part covers terms near 0 and REINFORCE's (textual),
+    whose sampled sentences change with the logits' rounding (10 % of a term that is 0.6 % of the loss). Precision
+    defects that only show in trained models or at large sizes (boxes decoded in bf16, ProtoPNet's bf16 latent) are
+    the family tests' (test_aog_rcnn, test_protopnet)."""
     cli = main(["fit", "--config", str(REPO / config), "--trainer.fast_dev_run=true", "--trainer.precision=bf16-mixed",
                 *dataset_overrides(config, cub_root, image_folder_root),
                 *(["--model.init_args.discriminative_weight=0.2"] if "textual" in config else [])])  # + REINFORCE
     assert cli.trainer.state.finished and torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    system = cli.model
+    assert not half_state(system)
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    batch = system.on_after_batch_transfer(system.on_before_batch_transfer(batch, 0), 0)
+    system.train()
+    exact, _ = loss_terms(system, batch, autocast=False)
+    mixed, draws = loss_terms(system, batch, autocast=True)
+    assert not half_state(system)
+    assert not [(op, dtype) for op, dtype in draws.dtypes if dtype in HALF]
+    assert exact.keys() == mixed.keys()
+    total = sum(term.abs() for term in exact.values())
+    for name, term in exact.items():
+        torch.testing.assert_close(mixed[name], term, rtol=2e-2, atol=2e-3 * float(total), msg=name)
 
 
 class _NoBf16LstmCpu:

@@ -34,10 +34,13 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def partition_scores(iou: torch.Tensor, leaf_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Part recall and leaf precision of M partitions per object: iou (G, P, L) of true parts with every leaf box,
-    leaf_mask (G, M, L) bool (the leaves each partition uses) -> recall, precision (G, M)."""
-    recall = (iou[:, :, None, :] * leaf_mask[:, None]).amax(-1).mean(1)  # (G, M): best used leaf per part (IoU >= 0)
-    mask = leaf_mask.to(iou.dtype)
-    precision = (mask @ iou.amax(1)[..., None])[..., 0] / mask.sum(-1)  # (G, M): best part per used leaf
+    leaf_mask (G, M, L) bool (the leaves each partition uses) -> recall, precision (G, M). In float32 (float64
+    stays) with autocast off: validation runs under the trainer's autocast, which would sum the leaves in bf16."""
+    iou = iou.to(torch.promote_types(iou.dtype, torch.float32))
+    with torch.autocast(iou.device.type, enabled=False):
+        recall = (iou[:, :, None, :] * leaf_mask[:, None]).amax(-1).mean(1)  # (G, M): best used leaf per part
+        mask = leaf_mask.to(iou.dtype)
+        precision = (mask @ iou.amax(1)[..., None])[..., 0] / mask.sum(-1)  # (G, M): best part per used leaf
     return recall, precision
 
 
@@ -79,7 +82,8 @@ class ParsePartIoU(Metric):
                 continue
             leaves = pred["leaf_boxes"][detection[found]]  # (G', L, 4)
             mask = pred["leaf_mask"][detection[found]]  # (G', L)
-            iou = pairwise_iou(parts[found].to(leaves.dtype), leaves)  # (G', P, L)
+            dtype = torch.promote_types(leaves.dtype, torch.float32)  # boxes overlap in float32 (float64 stays)
+            iou = pairwise_iou(parts[found].to(dtype), leaves.to(dtype))  # (G', P, L)
             recall, precision = (score[:, 0] for score in partition_scores(iou, mask[:, None]))  # (G',) each
             self.recall_sum += recall.sum().double()
             self.precision_sum += precision.sum().double()

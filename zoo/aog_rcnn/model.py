@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
@@ -46,7 +47,6 @@ from datamodules._base import pretrained_normalization
 from zoo.aog_rcnn import kernels
 from zoo.backbones import TINY_CNN, Backbone
 from zoo.checks import check_input, ids_out_of_range
-from zoo.layers import cached_constant
 from zoo.registry import input_size_aware, register_model
 
 OR_MODES = ("mean", "max")
@@ -503,26 +503,29 @@ class PositionSensitivePool(nn.Module):
         """Terminal t's own (C+1) score maps averaged over its sub-box of each RoI: (K, C+1, T).
 
         Box means come from an integral image (four corner lookups per RoI and terminal, whatever the box size); the
-        sub-box is widened to the feature cells it touches, at least one. The 1x1 convs are linear, so a box mean of
-        a map is the conv of the box mean of its input: with full-rank maps the conv (without bias) is put through
-        the features' integral image (two small matmuls on the input channels instead of cumsums over T x (C+1)
-        maps); with `terminal_rank` r the r basis maps' box means are looked up first and each terminal's (C+1) x r
-        weights applied to its own means (one batched matmul), so no T x (C+1)-channel map is ever made. Biases
-        add back to the means. In float32 with autocast off: box sums are differences of large running sums."""
+        sub-box is widened to the feature cells it touches, at least one. With full-rank maps the integral image is
+        the score maps' (the 1x1 conv, without bias, then running sums); with `terminal_rank` r the r basis maps' box
+        means are looked up first and each terminal's (C+1) x r weights applied to its own means (one batched
+        matmul), so no T x (C+1)-channel map is made. Biases add back to the means.
+
+        In float32 with autocast off: box sums are differences of large running sums. For the same reason no matmul
+        or convolution ever reads the running sums (only cumsums, lookups and adds do): on Ampere and later GPUs
+        cuDNN convolutions (and matmuls under `torch.set_float32_matmul_precision("high")`) round float32 operands
+        to TF32's 10-bit mantissa, which would lose the box sums of small boxes in the rounding of the large
+        running sums, forward and backward, whatever the precision flags say. The conv runs on the maps themselves,
+        where TF32 costs what it costs every other conv."""
         low_rank = self.terminal_basis is not None
         if low_rank:
             feature = self.terminal_basis(feature)  # (n, r, fh, fw)
-        n, channels, fh, fw = feature.shape
+        fh, fw = feature.shape[-2:]
         terminals, classes = self.grammar.num_terminals, self.num_classes
         weight = self.score_maps.weight.float()  # (T*(C+1), r or in_channels, 1, 1)
         with torch.autocast(feature.device.type, enabled=False):
-            rows_before, cols_before = _prefix_sum_matrices(fh, fw, feature.device)
-            integral = (rows_before @ feature.float() @ cols_before).contiguous(memory_format=torch.channels_last)
             if low_rank:
-                table = integral.permute(0, 2, 3, 1).reshape(-1, channels)  # row (b*(fh+1) + y)*(fw+1) + x
+                table = _integral_table(feature.float())  # (n*(fh+1)*(fw+1), r): row (b*(fh+1) + y)*(fw+1) + x
             else:
-                sums = F.conv2d(integral, weight)  # (n, T*(C+1), fh+1, fw+1), channels last
-                table = sums.permute(0, 2, 3, 1).reshape(-1, classes)  # row ((b*(fh+1) + y)*(fw+1) + x)*T + t
+                maps = F.conv2d(feature.float(), weight)  # (n, T*(C+1), fh, fw)
+                table = _integral_table(maps).view(-1, classes)  # row ((b*(fh+1) + y)*(fw+1) + x)*T + t
         position, area = self._terminal_boxes(rois, scale, fh, fw)  # (4, T, K), (T, K, 1)
         bias = self.score_maps.bias.float().view(terminals, 1, classes)
         if low_rank:  # a small table: four lookups (four small gradient buffers) beat one of four times the rows
@@ -532,12 +535,11 @@ class PositionSensitivePool(nn.Module):
             with torch.autocast(feature.device.type, enabled=False):
                 own = weight.view(terminals, classes, -1).transpose(1, 2)
                 scores = torch.baddbmm(bias, total / area, own)  # (T, K, C+1)
-        else:  # a table of T x (C+1) per position: one lookup and a signed sum (a (1, 4) @ (4, .) product, no
-            # slicing), so the backward makes one table-sized gradient buffer, not four zero-filled ones
+        else:  # a table of T x (C+1) per position: one lookup and a signed sum (elementwise, never a matmul: see
+            # above; no slicing), so the backward makes one table-sized gradient buffer, not four zero-filled ones
             rows = position * terminals + self.terminal_ids
             corners = table.index_select(0, rows.flatten()).view(4, -1)  # (4, T*K*(C+1))
-            with torch.autocast(feature.device.type, enabled=False):  # the sums stay float32 under autocast
-                total = (self.corner_signs.T @ corners).view(terminals, len(rois), classes)  # (T, K, C+1)
+            total = (corners * self.corner_signs).sum(0).view(terminals, len(rois), classes)  # (T, K, C+1)
             scores = torch.addcdiv(bias, total, area)  # bias + total / area
         # (K, C+1, T) as a view of the terminal-major scores: flattened to rows it is the DP's (T, rows) layout as is
         return scores.permute(1, 2, 0)
@@ -564,13 +566,12 @@ class PositionSensitivePool(nn.Module):
         return position.flatten(0, 1), area  # corners (y2, x2), (y1, x2), (y2, x1), (y1, x1)
 
 
-@cached_constant
-def _prefix_sum_matrices(fh: int, fw: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fh+1, fh) and (fw, fw+1) 0/1 matrices: rows_before @ maps @ cols_before is the maps' integral image
-    (entry (y, x) sums the cells above and left of it). Once per feature size and device."""
-    rows_before = torch.ones(fh + 1, fh, device=device).tril(-1)  # y sums rows < y
-    cols_before = torch.ones(fw, fw + 1, device=device).triu(1)
-    return rows_before, cols_before
+def _integral_table(maps: torch.Tensor) -> torch.Tensor:
+    """The integral image of maps (n, c, fh, fw) as a lookup table (n*(fh+1)*(fw+1), c): row (b*(fh+1) + y)*(fw+1)
+    + x sums the cells of image b above and left of (y, x). Running sums (cumsums) in the maps' dtype, on a zero
+    row and column: no matmul, so no TF32 rounding of the sums."""
+    padded = F.pad(maps.permute(0, 2, 3, 1), (0, 0, 1, 0, 1, 0))  # (n, fh+1, fw+1, c), contiguous
+    return padded.cumsum(1).cumsum(2).view(-1, maps.shape[1])
 
 
 class AOGParsingHead(nn.Module):
@@ -666,7 +667,7 @@ class ParsingRoIHeads(RoIHeads):
         num_classes = class_logits.shape[-1]
         counts = [len(p) for p in proposals]
         pred_boxes = self.box_coder.decode(box_regression, proposals).split(counts)
-        pred_scores = F.softmax(class_logits, -1).split(counts)
+        pred_scores = F.softmax(class_logits.float(), -1).split(counts)  # float32 scores also under autocast
         offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
         results = []
         for i, (boxes, scores, shape) in enumerate(zip(pred_boxes, pred_scores, image_shapes)):  # per image
@@ -688,6 +689,34 @@ class ParsingRoIHeads(RoIHeads):
 
 
 # ----------------------------------------------------------------------------------------------------- detector
+class FloatBoxCoder(BoxCoder):
+    """torchvision's BoxCoder that encodes and decodes in float32 (float64 stays), autocast off. torchvision casts
+    the boxes to the deltas' dtype, so under bf16 autocast the RPN's conv deltas and the RoI heads' deltas would
+    decode every proposal and detection in bf16: 8 mantissa bits, 2 px apart at 256-511 px (VOC's 480 px images),
+    errors of up to a few pixels and bf16 detections. Deltas are small numbers that bf16 keeps well; the boxes they
+    move are not."""
+
+    def encode_single(self, reference_boxes: torch.Tensor, proposals: torch.Tensor) -> torch.Tensor:
+        dtype = _box_dtype(reference_boxes, proposals)
+        with torch.autocast(reference_boxes.device.type, enabled=False):
+            return super().encode_single(reference_boxes.to(dtype), proposals.to(dtype))
+
+    def decode_single(self, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        dtype = _box_dtype(rel_codes, boxes)
+        with torch.autocast(rel_codes.device.type, enabled=False):
+            return super().decode_single(rel_codes.to(dtype), boxes.to(dtype))
+
+
+def _box_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or float64 when a tensor is float64: the dtype boxes are coded in."""
+    return functools.reduce(torch.promote_types, [t.dtype for t in tensors], torch.float32)
+
+
+def _float_box_coder(coder: BoxCoder) -> FloatBoxCoder:
+    """`coder`'s weights and clip in a FloatBoxCoder."""
+    return FloatBoxCoder(coder.weights, coder.bbox_xform_clip)
+
+
 class LeafBoxTransform(GeneralizedRCNNTransform):
     """torchvision's detection transform whose postprocess also maps each detection's "leaf_boxes" (D, T, 4) from
     the resized image back to the original one, with the `resize_boxes` that maps its "boxes": the leaves stay
@@ -774,6 +803,9 @@ class AOGRCNN(FasterRCNN):
         grid = box_head.parser if head == "aog" else AOGParsing(grammar)  # the baselines: the same grid's geometry
         self.roi_heads = ParsingRoIHeads(grid, pool, box_head, predictor, 0.5, 0.5, box_batch_size_per_image, 0.25,
                                          None, 0.05, 0.5, box_detections_per_img)
+        # proposals and detections are decoded in float32 also under autocast (`FloatBoxCoder`)
+        self.rpn.box_coder = _float_box_coder(self.rpn.box_coder)
+        self.roi_heads.box_coder = _float_box_coder(self.roi_heads.box_coder)
         base = self.transform  # FasterRCNN's, rebuilt with the same settings to rescale the leaves too
         self.transform = LeafBoxTransform(base.min_size, base.max_size, base.image_mean, base.image_std,
                                           base.size_divisible, base.fixed_size, _skip_resize=base._skip_resize)

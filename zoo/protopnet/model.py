@@ -126,7 +126,15 @@ class ProtoPNet(nn.Module):
     # ------------------------------------------------------------------------------------------ the data path
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """z: the add-on layers on the backbone's top map, (B, D, h, w)."""
-        return self.add_on(self.forward_features(x))
+        return self.add_on_latent(self.forward_features(x))
+
+    def add_on_latent(self, features: torch.Tensor) -> torch.Tensor:
+        """z = add_on(features) (B, D, h, w), in float32 with autocast off: the distances are float32, and push
+        (float32) puts each prototype on a latent patch, so under bf16 autocast a bf16 Sigmoid output would put
+        every prototype about 4e-5 (median squared distance) away from its own source patch. Two 1x1 convs on the
+        top map: the backbone's features alone are bf16."""
+        with torch.autocast(features.device.type, enabled=False):
+            return self.add_on(features.float())
 
     @property
     def num_units(self) -> int:
@@ -176,7 +184,7 @@ class ProtoPNet(nn.Module):
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Class logits from the backbone's top map (add-on layers, prototypes, last layer); `pre_logits`: what the
         last layer reads instead (the prototype similarities, or the twin's pooled map)."""
-        return self.forward_latent(self.add_on(features))["pre_logits" if pre_logits else "logits"]
+        return self.forward_latent(self.add_on_latent(features))["pre_logits" if pre_logits else "logits"]
 
     def get_classifier(self) -> nn.Module:
         return self.last_layer
