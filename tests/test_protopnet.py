@@ -294,25 +294,14 @@ def test_two_process_ddp_push_equals_the_single_process_push(tmp_path: Path) -> 
 def test_a_run_killed_after_a_push_resumes_to_the_same_final_state(tmp_path: Path) -> None:
     """Killed inside the last-layer stage (after its push), resumed from last.ckpt (the warm-up epoch's end): the
     resumed run pushes again at the stage's start and ends bit-identical to the run that never died."""
-    import signal
-
-    from tests.test_resume import fit, final_state
+    from tests.test_resume import differing_tensors, kill_and_resume
 
     extra = ["--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.batch_size=16",
              "--data.init_args.num_classes=4", f"--model.init_args.stages={STAGES}".replace("'", "")]
-    killer = ["--trainer.callbacks+=tests.helpers.KillAtStep", "--trainer.callbacks.step=6"]
-    whole = fit(tmp_path, "whole", CONFIG, *extra, wait=False)
-    killed = fit(tmp_path, "killed", CONFIG, *extra, *killer)
-    _, whole_err = whole.communicate(timeout=300)
-    assert whole.returncode == 0, whole_err[-3000:]
-    assert killed.returncode == -signal.SIGKILL, killed.stderr.read()[-3000:]
-    resumed = fit(tmp_path, "killed", CONFIG, *extra, "--ckpt_path=last")
-    assert resumed.returncode == 0, resumed.stderr.read()[-3000:]
-    whole_state, again = final_state(tmp_path, "whole"), final_state(tmp_path, "killed")
+    whole_state, again, _ = kill_and_resume(tmp_path, CONFIG, extra, 6, None)
     assert again["global_step"] == whole_state["global_step"] == 12
     assert (whole_state["state_dict"]["model.prototypes.source_index"] >= 0).all()  # the push happened
-    differ = [k for k in whole_state["state_dict"] if not torch.equal(whole_state["state_dict"][k],
-                                                                      again["state_dict"][k])]
+    differ = differing_tensors(whole_state, again)
     assert not differ, f"{len(differ)} tensors differ: {differ[:8]}"
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -58,24 +59,38 @@ def final_state(cwd: Path, name: str) -> dict[str, torch.Tensor]:
     return torch.load(cwd / "checkpoints" / name / "checkpoints" / "last.ckpt", weights_only=True)
 
 
-@pytest.mark.parametrize("family", list(RESUME_CASES))
-def test_a_run_killed_mid_epoch_resumes_to_the_same_final_state(family: str, tmp_path: Path) -> None:
-    config, extra = RESUME_CASES[family]
-    step = KILL_STEP.get(family, 6)
+def kill_and_resume(tmp_path: Path, config: str, extra: list[str], step: int, checkpoint_step: int | None
+                    ) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """A run SIGKILLed after optimiser step `step` (its last.ckpt then at `checkpoint_step`, where given) and resumed
+    with `--ckpt_path last`, beside the same run that never died (the two independent runs share the two cores):
+    (the final state of the run that never died, of the resumed run, the resumed run's stderr)."""
     killer = ["--trainer.callbacks+=tests.helpers.KillAtStep", f"--trainer.callbacks.step={step}"]  # appended
-    whole = fit(tmp_path, "whole", config, *extra, wait=False)  # the two independent runs share the two cores
+    whole = fit(tmp_path, "whole", config, *extra, wait=False)
     killed = fit(tmp_path, "killed", config, *extra, *killer)
     _, whole_err = whole.communicate(timeout=300)
     assert whole.returncode == 0, whole_err[-3000:]
     assert killed.returncode == -signal.SIGKILL, killed.stderr.read()[-3000:]
-    assert final_state(tmp_path, "killed")["global_step"] == step - step % 4  # last.ckpt: the last epoch's end
-    resumed = fit(tmp_path, "killed", config, *extra, "--ckpt_path=last")
-    assert resumed.returncode == 0, resumed.stderr.read()[-3000:]
-    whole_state, again = final_state(tmp_path, "whole"), final_state(tmp_path, "killed")
+    if checkpoint_step is not None:
+        assert final_state(tmp_path, "killed")["global_step"] == checkpoint_step
+    resumed = fit(tmp_path, "killed", config, *extra, "--ckpt_path=last", wait=False)
+    _, resumed_err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, resumed_err[-3000:]
+    return final_state(tmp_path, "whole"), final_state(tmp_path, "killed"), resumed_err
+
+
+def differing_tensors(whole: dict[str, Any], again: dict[str, Any]) -> list[str]:
+    """The state-dict entries of two checkpoints that are not bitwise equal (the key sets must agree)."""
+    assert whole["state_dict"].keys() == again["state_dict"].keys()
+    return [k for k in whole["state_dict"] if not torch.equal(whole["state_dict"][k], again["state_dict"][k])]
+
+
+@pytest.mark.parametrize("family", list(RESUME_CASES))
+def test_a_run_killed_mid_epoch_resumes_to_the_same_final_state(family: str, tmp_path: Path) -> None:
+    config, extra = RESUME_CASES[family]
+    step = KILL_STEP.get(family, 6)
+    whole_state, again, _ = kill_and_resume(tmp_path, config, extra, step, step - step % 4)  # the last epoch's end
     assert again["global_step"] == whole_state["global_step"] > step
-    assert whole_state["state_dict"].keys() == again["state_dict"].keys()
-    differ = [k for k in whole_state["state_dict"] if not torch.equal(whole_state["state_dict"][k],
-                                                                      again["state_dict"][k])]
+    differ = differing_tensors(whole_state, again)
     assert not differ, f"{len(differ)} of {len(whole_state['state_dict'])} tensors differ: {differ[:8]}"
 
 
@@ -85,22 +100,11 @@ def test_a_run_resumed_from_a_checkpoint_written_inside_an_epoch_ends_the_same(f
     from step 6, half-way through epoch 1. Lightning's loaders restarted the epoch's iterator there, drawing its
     remaining batches anew (20 of L2X's tensors differed); the training loaders now resume mid-epoch."""
     config, extra = RESUME_CASES[family]
-    extra = [*extra, "--trainer.val_check_interval=2"]
-    killer = ["--trainer.callbacks+=tests.helpers.KillAtStep", "--trainer.callbacks.step=7"]
-    whole = fit(tmp_path, "whole", config, *extra, wait=False)
-    killed = fit(tmp_path, "killed", config, *extra, *killer)
-    _, whole_err = whole.communicate(timeout=300)
-    assert whole.returncode == 0, whole_err[-3000:]
-    assert killed.returncode == -signal.SIGKILL, killed.stderr.read()[-3000:]
-    assert final_state(tmp_path, "killed")["global_step"] == 6  # inside epoch 1 (steps 4-7)
-    resumed = fit(tmp_path, "killed", config, *extra, "--ckpt_path=last", wait=False)
-    _, resumed_err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, resumed_err[-3000:]
+    whole_state, again, resumed_err = kill_and_resume(
+        tmp_path, config, [*extra, "--trainer.val_check_interval=2"], 7, 6)  # step 6: inside epoch 1 (steps 4-7)
     assert "not resumable" not in resumed_err  # Lightning's warning for a loader restarted mid-epoch
-    whole_state, again = final_state(tmp_path, "whole"), final_state(tmp_path, "killed")
     assert again["global_step"] == whole_state["global_step"] == 12
-    differ = [k for k in whole_state["state_dict"] if not torch.equal(whole_state["state_dict"][k],
-                                                                      again["state_dict"][k])]
+    differ = differing_tensors(whole_state, again)
     assert not differ, f"{len(differ)} of {len(whole_state['state_dict'])} tensors differ: {differ[:8]}"
 
 
