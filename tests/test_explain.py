@@ -109,3 +109,26 @@ def test_the_self_explanation_row_is_a_models_own_map_where_it_has_one() -> None
     baseline = zoo.create_model("baseline_tinycnn", num_classes=2)
     assert can_explain(baseline, "cam") and can_explain(baseline, "layer_gradcam")
     assert not can_explain(zoo.create_model("baseline_smallcnn", num_classes=2, in_chans=1), "layer_gradcam")
+
+
+@pytest.mark.parametrize("name, size", [("baseline_resnet18", 96), ("baseline_tinycnn", 70), ("baseline_tinycnn", 64)])
+def test_the_own_map_draws_each_cell_at_its_receptive_field_centre(name: str, size: int) -> None:
+    """One hot cell of the top map: the CAM peaks where ICNN's location instability places that cell (the
+    backbone's measured receptive-field centre). Spread evenly over the image, a resnet cell sat half a cell off
+    (16 px at stride 32), and at 70 px a tinycnn cell 6 px off (the last 6 pixels belong to no cell)."""
+    import zoo
+
+    model = zoo.create_model(name, num_classes=2).eval()
+    geometry = model.backbone.map_geometry(size)[-1]
+    channels = model.get_classifier().weight.shape[1]
+    with torch.no_grad():
+        model.get_classifier().weight.fill_(1.0)
+        h, w = model.forward_features(torch.zeros(1, 3, size, size)).shape[-2:]
+    cell = (h - 1, w - 2)
+    hot = torch.zeros(1, channels, h, w)
+    hot[0, :, cell[0], cell[1]] = 1.0
+    model.forward_features = lambda images: hot  # the top map, whatever the image
+    cam = class_activation_map(model, torch.zeros(1, 3, size, size), torch.tensor([0]))[0]  # (H, W)
+    peak = divmod(int(cam.flatten().argmax()), size)
+    expected = [float(geometry.centres(torch.tensor(float(i)), axis)) for axis, i in enumerate(cell)]
+    assert all(abs(p + 0.5 - c) <= 1.0 for p, c in zip(peak, expected)), (peak, expected)
