@@ -133,8 +133,8 @@ class ProtoPNet(nn.Module):
         (float32) puts each prototype on a latent patch, so under bf16 autocast a bf16 Sigmoid output would put
         every prototype about 4e-5 (median squared distance) away from its own source patch. Two 1x1 convs on the
         top map: the backbone's features alone are bf16."""
-        with torch.autocast(features.device.type, enabled=False):
-            return self.add_on(features.float())
+        with torch.autocast(features.device.type, enabled=False):  # bf16 / fp16 up to float32, float64 kept
+            return self.add_on(features.to(torch.promote_types(features.dtype, torch.float32)))
 
     @property
     def num_units(self) -> int:
