@@ -47,6 +47,7 @@ from datamodules._base import pretrained_normalization
 from zoo.aog_rcnn import kernels
 from zoo.backbones import TINY_CNN, Backbone
 from zoo.checks import check_input, ids_out_of_range
+from zoo.layers import cached_constant
 from zoo.registry import input_size_aware, register_model
 
 OR_MODES = ("mean", "max")
@@ -508,12 +509,13 @@ class PositionSensitivePool(nn.Module):
         means are looked up first and each terminal's (C+1) x r weights applied to its own means (one batched
         matmul), so no T x (C+1)-channel map is made. Biases add back to the means.
 
-        In float32 with autocast off: box sums are differences of large running sums. For the same reason no matmul
-        or convolution ever reads the running sums (only cumsums, lookups and adds do): on Ampere and later GPUs
+        In float32 with autocast off: box sums are differences of large running sums. On Ampere and later GPUs
         cuDNN convolutions (and matmuls under `torch.set_float32_matmul_precision("high")`) round float32 operands
-        to TF32's 10-bit mantissa, which would lose the box sums of small boxes in the rounding of the large
-        running sums, forward and backward, whatever the precision flags say. The conv runs on the maps themselves,
-        where TF32 costs what it costs every other conv."""
+        to TF32's 10-bit mantissa, which loses the box sums of small boxes in the rounding of the large running
+        sums. The low-rank table and the corner sums read them by cumsums, lookups and adds only; the full-rank
+        conv still reads them (emulated on the CPU: a score error of 78 % of the score std at full rank). Running
+        that conv on the maps and then their sums (tried) cost 2.7x the 7x7 step on the CPU; the fix waits for a GPU
+        to measure it (a conv whose forward and backward both run with TF32 off)."""
         low_rank = self.terminal_basis is not None
         if low_rank:
             feature = self.terminal_basis(feature)  # (n, r, fh, fw)
@@ -523,9 +525,11 @@ class PositionSensitivePool(nn.Module):
         with torch.autocast(feature.device.type, enabled=False):
             if low_rank:
                 table = _integral_table(feature.float())  # (n*(fh+1)*(fw+1), r): row (b*(fh+1) + y)*(fw+1) + x
-            else:
-                maps = F.conv2d(feature.float(), weight)  # (n, T*(C+1), fh, fw)
-                table = _integral_table(maps).view(-1, classes)  # row ((b*(fh+1) + y)*(fw+1) + x)*T + t
+            else:  # the conv reads the features' running sums: TF32 rounds them on Ampere+ GPUs (docstring)
+                rows_before, cols_before = _prefix_sum_matrices(fh, fw, feature.device)
+                integral = (rows_before @ feature.float() @ cols_before).contiguous(memory_format=torch.channels_last)
+                sums = F.conv2d(integral, weight)  # (n, T*(C+1), fh+1, fw+1), channels last
+                table = sums.permute(0, 2, 3, 1).reshape(-1, classes)  # row ((b*(fh+1) + y)*(fw+1) + x)*T + t
         position, area = self._terminal_boxes(rois, scale, fh, fw)  # (4, T, K), (T, K, 1)
         bias = self.score_maps.bias.float().view(terminals, 1, classes)
         if low_rank:  # a small table: four lookups (four small gradient buffers) beat one of four times the rows
@@ -564,6 +568,15 @@ class PositionSensitivePool(nn.Module):
         ys, xs = bounds[:, 1], bounds[:, 0]  # (2, T, K): y2, y1 and x2, x1
         position = (rois[:, 0].long() * (fh + 1) + ys[None]) * (fw + 1) + xs[:, None]  # (x2/x1, y2/y1, T, K)
         return position.flatten(0, 1), area  # corners (y2, x2), (y1, x2), (y2, x1), (y1, x1)
+
+
+@cached_constant
+def _prefix_sum_matrices(fh: int, fw: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fh+1, fh) and (fw, fw+1) 0/1 matrices: rows_before @ maps @ cols_before is the maps' integral image
+    (entry (y, x) sums the cells above and left of it). Once per feature size and device."""
+    rows_before = torch.ones(fh + 1, fh, device=device).tril(-1)  # y sums rows < y
+    cols_before = torch.ones(fw, fw + 1, device=device).triu(1)
+    return rows_before, cols_before
 
 
 def _integral_table(maps: torch.Tensor) -> torch.Tensor:
