@@ -16,6 +16,12 @@ from zoo.engine import ZooSystem
 Detections = list[dict[str, torch.Tensor]]
 
 
+def dataset_indices(targets: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+    """(N,) the images' dataset indices, from each target's "index", or None where a target has none."""
+    index = [t.get("index") for t in targets]
+    return torch.stack(index) if index and all(i is not None for i in index) else None
+
+
 def detection_rows(found: dict[str, torch.Tensor], class_names: list[str]) -> list[dict[str, Any]]:
     """One row per detection of one image, in the image's pixels: `object` (its rank), `label` (1-based, 0 is
     the background) and `label_name`, `score`, the box corners `x1 y1 x2 y2` and, for AOG, `parse_leaves`: the
@@ -97,9 +103,7 @@ class AOGRCNNSystem(ZooSystem):
                             f"{sorted(batch) if isinstance(batch, dict) else ''}.")
         images, targets = batch["images"], batch["targets"]
         if images and all(im.device.type == "cpu" for im in images):  # (N,): non-finite iff the image has NaN/inf
-            index = [t.get("index") for t in targets]
-            check_finite(torch.stack([im.abs().amax() for im in images]), "images",
-                         torch.stack(index) if all(i is not None for i in index) else None)
+            check_finite(torch.stack([im.abs().amax() for im in images]), "images", dataset_indices(targets))
         if not self.model.training:
             return self.model(images)
         return self.model(images, [{k: t[k] for k in ("boxes", "labels")} for t in targets])
@@ -127,12 +131,10 @@ class AOGRCNNSystem(ZooSystem):
         """Each image's detections ("detections", as the model returns them) and, for `train.py predict`'s
         predictions.csv, one row per detection ("rows": `detection_rows`) and pictures of the first `count` images'
         detections scoring >= 0.5 with their parse trees ("pictures": (batch, count) -> list); "index" (B,) the images'
-        dataset indices."""
+        dataset indices, where the targets give them."""
         detections = self.forward_batch(batch, "predict")
-        index = [t.get("index") for t in batch["targets"]]
-        return {"detections": detections,
-                "index": torch.stack(index) if all(i is not None for i in index) else
-                torch.arange(len(detections)) + batch_idx * len(detections),
+        index = dataset_indices(batch["targets"])
+        return {"detections": detections, **({"index": index} if index is not None else {}),
                 "rows": [detection_rows(found, self.class_names) for found in detections],
                 "pictures": partial(self.draw_predictions, detections)}  # holds no image: predict keeps outputs
 

@@ -79,7 +79,7 @@ class PredictionWriter(BasePredictionWriter):
         if not trainer.is_global_zero or not isinstance(prediction, dict):
             return
         if "rows" in prediction:
-            self._write_rows(trainer, prediction, batch)
+            self._write_rows(trainer, prediction, batch, batch_idx)
             return
         if "probs" not in prediction:
             return
@@ -102,9 +102,10 @@ class PredictionWriter(BasePredictionWriter):
         self._pictures(trainer, pl_module, batch, pred, probs, index, labels, class_names,
                        prediction.get("explanation"))
 
-    def _write_rows(self, trainer: pl.Trainer, prediction: dict[str, Any], batch: Any) -> None:
+    def _write_rows(self, trainer: pl.Trainer, prediction: dict[str, Any], batch: Any, batch_idx: int) -> None:
         """The System's own rows of each sample, each after the sample's index (and file), and its own pictures."""
-        index = prediction["index"].cpu().tolist()
+        count = len(prediction["rows"])
+        index = prediction.get("index", torch.arange(count) + batch_idx * count).cpu().tolist()
         for i, sample_rows in zip(index, prediction["rows"]):
             sample = {"index": i} | ({"file": self.names[i]} if self.names is not None else {})
             self.rows.extend(sample | row for row in (sample_rows or [{}]))  # a sample with no rows still gets one
