@@ -366,9 +366,17 @@ class TextualSystem(ZooSystem):
         if len(vocabulary) > hp.vocab_size:
             raise ValueError(f"vocab_size={hp.vocab_size} is below the data's vocabulary of {len(vocabulary)} words: "
                              f"set --model.init_args.vocab_size={len(vocabulary)}.")
-        if hp.get("vocabulary") is not None and list(hp.vocabulary) != vocabulary:
-            raise CheckpointError(vocabulary_mismatch(list(hp.vocabulary), vocabulary))
-        self._record_vocabulary(vocabulary)
+        self._settle_vocabulary(hp.get("vocabulary"), vocabulary)
+
+    def _settle_vocabulary(self, trained: list[str] | None, data: list[Any] | None) -> None:
+        """Record the words the weights were trained with (`trained`), else the data's; data whose words differ
+        from the trained ones is refused by name (its token ids would mean other words)."""
+        data = [str(word) for word in data] if data else None
+        if trained is not None and data is not None and list(trained) != data:
+            raise CheckpointError(vocabulary_mismatch(list(trained), data))
+        words = list(trained) if trained is not None else data
+        if words is not None:
+            self._record_vocabulary(words)
 
     def _record_vocabulary(self, words: list[str]) -> None:
         """The words of the token ids, in the hyperparameters, the model's `model_kwargs` (an export's config.json)
@@ -442,13 +450,9 @@ class TextualSystem(ZooSystem):
                 raise CheckpointError(f"The checkpoint holds an explanation model with {key}={saved[key]!r}; this run "
                                       f"builds {key}={self.hparams[key]!r}.")
         super().on_load_checkpoint(checkpoint)
-        words = saved.get("vocabulary")
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        data_words = getattr(datamodule, "vocabulary", None)
-        if words is not None and data_words and list(words) != [str(w) for w in data_words]:
-            raise CheckpointError(vocabulary_mismatch(list(words), [str(w) for w in data_words]))
-        if words is not None:  # the weights' words, for decoding (`sentence_decoder`) and later checkpoints
-            self._record_vocabulary(list(words))
+        if saved.get("vocabulary") is not None:  # the weights' words, for decoding and later checkpoints
+            datamodule = self.trainer.datamodule if self._trainer is not None else None
+            self._settle_vocabulary(saved["vocabulary"], getattr(datamodule, "vocabulary", None))
 
 
 def vocabulary_mismatch(trained: list[str], data: list[str]) -> str:
