@@ -19,6 +19,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 
 import zoo
 from datamodules import DatasetLayoutError, PartsWorldScenesDataModule, VOCDataModule
+from zoo.aog_rcnn import model as aog_model
 from zoo.aog_rcnn.metrics import ParsePartIoU
 from zoo.aog_rcnn.model import (AOGParsing, AOGParsingHead, AverageVoteHead, GridGrammar, PositionSensitivePool,
                                 rois_with_batch_index)
@@ -419,15 +420,15 @@ class TF32Operands(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("rank", [pytest.param(None, marks=pytest.mark.xfail(
-    strict=True, reason="known: the full-rank conv reads the running sums; its TF32-free form cost 2.7x the 7x7 "
-    "step on the CPU, so the fix waits for a GPU to measure it")), 8])
-def test_terminal_pooling_keeps_its_box_sums_under_tf32(rank: int | None) -> None:
-    """Box sums are differences of large running sums: no convolution or matmul may read the running sums, or TF32
-    (emulated here, `TF32Operands`; only a GPU measures the real thing) rounds them to 10 bits and loses the small
-    boxes. At VOC's size (480 px, a 30 x 30 map) with non-negative features, running a conv on the features'
+@pytest.mark.parametrize("rank", [None, 8])
+def test_terminal_pooling_keeps_its_box_sums_under_tf32(rank: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Box sums are differences of large running sums: no convolution or matmul may read the running sums as they
+    are, or TF32 (emulated here, `TF32Operands`; only a GPU measures the real thing) rounds them to 10 bits and loses
+    the small boxes. At VOC's size (480 px, a 30 x 30 map) with non-negative features, a conv on the features'
     integral image put errors of 78 % of the scores' std into the terminal scores and 11 % into the gradient of the
-    score maps; TF32 on the maps themselves costs about 0.1 % (what it costs every other conv)."""
+    score maps; TF32 on the maps themselves costs about 0.1 % (what it costs every other conv). The CPU is treated as
+    a TF32 device here, as the emulation makes it one."""
+    monkeypatch.setattr(aog_model, "TF32_DEVICE_TYPES", frozenset({"cpu"}))
     torch.manual_seed(0)
     pool = PositionSensitivePool(64, 21, GridGrammar(3, 3), "terminals", terminal_rank=rank)
     features = torch.rand(2, 64, 30, 30)
@@ -446,6 +447,26 @@ def test_terminal_pooling_keeps_its_box_sums_under_tf32(rank: int | None) -> Non
         tf32, tf32_grad = scores_and_gradient()
     assert (tf32 - exact).abs().max() < 4e-3 * exact.std()
     assert (tf32_grad - exact_grad).abs().max() < 2e-2 * exact_grad.abs().max()
+
+
+def test_terminal_pooling_tf32_form_changes_nothing_without_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without TF32, the maps-first form that TF32 devices run gives the CPU form's scores and gradients."""
+    torch.manual_seed(3)
+    pool = PositionSensitivePool(16, 4, GridGrammar(3, 3), "terminals")
+    features = torch.rand(2, 16, 12, 12, requires_grad=True)
+    rois = rois_with_batch_index([torch.tensor([[0.0, 0, 90, 80], [10, 20, 60, 40]]), torch.tensor([[5.0, 5, 95, 95]])])
+
+    def run() -> list[torch.Tensor]:
+        pool.zero_grad()
+        features.grad = None
+        scores = pool._pool_terminals(features, rois, 1 / 8)
+        (scores * torch.linspace(-1, 1, scores.numel()).view_as(scores)).sum().backward()
+        return [scores.detach(), features.grad.clone(), pool.score_maps.weight.grad.clone()]
+
+    plain = run()
+    monkeypatch.setattr(aog_model, "TF32_DEVICE_TYPES", frozenset({"cpu"}))
+    for maps_first, exact in zip(run(), plain):
+        torch.testing.assert_close(maps_first, exact, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- the detector

@@ -511,11 +511,13 @@ class PositionSensitivePool(nn.Module):
 
         In float32 with autocast off: box sums are differences of large running sums. On Ampere and later GPUs
         cuDNN convolutions (and matmuls under `torch.set_float32_matmul_precision("high")`) round float32 operands
-        to TF32's 10-bit mantissa, which loses the box sums of small boxes in the rounding of the large running
-        sums. The low-rank table and the corner sums read them by cumsums, lookups and adds only; the full-rank
-        conv still reads them (emulated on the CPU: a score error of 78 % of the score std at full rank). Running
-        that conv on the maps and then their sums (tried) cost 2.7x the 7x7 step on the CPU; the fix waits for a GPU
-        to measure it (a conv whose forward and backward both run with TF32 off)."""
+        to TF32's 10-bit mantissa, which would lose the box sums of small boxes in the rounding of the large running
+        sums (emulated on the CPU: a score error of 78 % of the score std at full rank, and of 11 % of the gradient's
+        largest entry: the weight gradient reads the sums against TF32-rounded gradients). So the running sums are
+        cumsums, never a matmul, and read by lookups and adds only. At full rank, on the devices that have TF32
+        (`TF32_DEVICE_TYPES`), the 1x1 conv makes the T x (C+1) score maps first and their running sums follow; on
+        the CPU, the conv on the features' running sums is 2.7x cheaper in the 7x7 step (the sums of T x (C+1)
+        channels and their backward are what cost there), and exact."""
         low_rank = self.terminal_basis is not None
         if low_rank:
             feature = self.terminal_basis(feature)  # (n, r, fh, fw)
@@ -525,10 +527,11 @@ class PositionSensitivePool(nn.Module):
         with torch.autocast(feature.device.type, enabled=False):
             if low_rank:
                 table = _integral_table(feature.float())  # (n*(fh+1)*(fw+1), r): row (b*(fh+1) + y)*(fw+1) + x
-            else:  # the conv reads the features' running sums: TF32 rounds them on Ampere+ GPUs (docstring)
-                rows_before, cols_before = _prefix_sum_matrices(fh, fw, feature.device)
-                integral = (rows_before @ feature.float() @ cols_before).contiguous(memory_format=torch.channels_last)
-                sums = F.conv2d(integral, weight)  # (n, T*(C+1), fh+1, fw+1), channels last
+            elif feature.device.type in TF32_DEVICE_TYPES:  # the maps first: no conv reads a running sum (docstring)
+                table = _integral_table(F.conv2d(feature.float(), weight)).view(-1, classes)
+            else:  # the features' running sums first: the conv's cheapest form on the CPU
+                integral = _integral_table(feature.float()).view(len(feature), fh + 1, fw + 1, -1)  # (n, fh+1, fw+1, c)
+                sums = F.conv2d(integral.permute(0, 3, 1, 2), weight)  # (n, T*(C+1), fh+1, fw+1), channels last
                 table = sums.permute(0, 2, 3, 1).reshape(-1, classes)  # row ((b*(fh+1) + y)*(fw+1) + x)*T + t
         position, area = self._terminal_boxes(rois, scale, fh, fw)  # (4, T, K), (T, K, 1)
         bias = self.score_maps.bias.float().view(terminals, 1, classes)
@@ -571,20 +574,19 @@ class PositionSensitivePool(nn.Module):
 
 
 @cached_constant
-def _prefix_sum_matrices(fh: int, fw: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fh+1, fh) and (fw, fw+1) 0/1 matrices: rows_before @ maps @ cols_before is the maps' integral image
-    (entry (y, x) sums the cells above and left of it). Once per feature size and device."""
-    rows_before = torch.ones(fh + 1, fh, device=device).tril(-1)  # y sums rows < y
-    cols_before = torch.ones(fw, fw + 1, device=device).triu(1)
-    return rows_before, cols_before
-
-
 def _integral_table(maps: torch.Tensor) -> torch.Tensor:
     """The integral image of maps (n, c, fh, fw) as a lookup table (n*(fh+1)*(fw+1), c): row (b*(fh+1) + y)*(fw+1)
     + x sums the cells of image b above and left of (y, x). Running sums (cumsums) in the maps' dtype, on a zero
     row and column: no matmul, so no TF32 rounding of the sums."""
     padded = F.pad(maps.permute(0, 2, 3, 1), (0, 0, 1, 0, 1, 0))  # (n, fh+1, fw+1, c), contiguous
     return padded.cumsum(1).cumsum(2).view(-1, maps.shape[1])
+
+
+
+#: Device types whose float32 convolutions may run in TF32 (cuDNN's default on Ampere and later NVIDIA GPUs; Intel
+#: GPUs under `torch.backends.mkldnn` settings): there the full-rank terminal pooling never lets a conv read running
+#: sums (`PositionSensitivePool._pool_terminals`).
+TF32_DEVICE_TYPES = frozenset({"cuda", "xpu"})
 
 
 class AOGParsingHead(nn.Module):
