@@ -11,7 +11,8 @@
 #   sync.log        every family's training step on the GPU under torch.cuda.set_sync_debug_mode
 #                   (tests/test_host_sync.py)
 #   realistic.log   `family_speed --realistic`: the issue's table, fp32 and bf16, eager
-#   triton.log      the AOG DP's Triton kernels compiled on the GPU against the PyTorch waves (tests/test_aog_rcnn.py)
+#   triton.log      the AOG DP's Triton kernels compiled on the GPU against the PyTorch waves, and the terminal
+#                   pooling's box sums under real TF32 (tests/test_aog_rcnn.py)
 #   heads.log       the AOG RoI heads alone, every variant (full-rank and rank-32 terminal maps, shared cell maps,
 #                   the Triton DP)
 #   profile.log     one profiled train step of each side of the rows furthest from their targets: CUDA kernels,
@@ -58,7 +59,7 @@ stage() {
   nproc; } 2>&1 | tee "$OUT/device.txt"
 stage sync 100 python3 -m pytest -q -p no:cacheprovider -rA tests/test_host_sync.py -k gpu
 tail -n 15 "$OUT/sync.log" 2>/dev/null
-stage triton 60 python3 -m pytest -q -p no:cacheprovider -rA tests/test_aog_rcnn.py -k triton
+stage triton 60 python3 -m pytest -q -p no:cacheprovider -rA tests/test_aog_rcnn.py -k "triton or gpu_tf32"
 grep -E "passed|failed|Error" "$OUT/triton.log" 2>/dev/null | tail -n 5
 stage realistic 200 python3 -m benchmarks.family_speed --realistic --device "$DEVICE" --scale "$SCALE"
 grep -E "^\||^torch|Error" "$OUT/realistic.log" 2>/dev/null | tail -n 30

@@ -449,6 +449,37 @@ def test_terminal_pooling_keeps_its_box_sums_under_tf32(rank: int | None, monkey
     assert (tf32_grad - exact_grad).abs().max() < 2e-2 * exact_grad.abs().max()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rank", [None, 8])
+def test_terminal_pooling_keeps_its_box_sums_under_gpu_tf32(rank: int | None) -> None:
+    """The emulated test above, on a GPU with TF32 on for cuDNN convolutions and cuBLAS matmuls (what Ampere and
+    later GPUs run once `torch.set_float32_matmul_precision("high")` is set): scores and gradient against the CPU's."""
+    torch.manual_seed(0)
+    pool = PositionSensitivePool(64, 21, GridGrammar(3, 3), "terminals", terminal_rank=rank)
+    features = torch.rand(2, 64, 30, 30)
+    corner, size = torch.rand(2, 64, 2) * 384, 16 + torch.rand(2, 64, 2) * 144
+    rois = rois_with_batch_index(list(torch.cat([corner, (corner + size).clamp(max=479)], -1)))
+    probe = torch.linspace(-1, 1, 128 * 21 * 36).view(128, 21, 36)
+
+    def scores_and_gradient(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        pool.to(device).zero_grad()
+        scores = pool._pool_terminals(features.to(device), rois.to(device), 1 / 16)
+        (scores * probe.to(device)).sum().backward()
+        return scores.detach().cpu(), pool.score_maps.weight.grad.cpu()
+
+    exact, exact_grad = scores_and_gradient("cpu")
+    precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+        gpu, gpu_grad = scores_and_gradient("cuda")
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    assert (gpu - exact).abs().max() < 4e-3 * exact.std()
+    assert (gpu_grad - exact_grad).abs().max() < 2e-2 * exact_grad.abs().max()
+
+
 def test_terminal_pooling_tf32_form_changes_nothing_without_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without TF32, the maps-first form that TF32 devices run gives the CPU form's scores and gradients."""
     torch.manual_seed(3)
