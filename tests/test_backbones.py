@@ -81,3 +81,29 @@ def test_pickled_module_is_refused_and_missing_file_named(tmp_path: Path) -> Non
         Backbone("tinycnn", pretrained_path=tmp_path / "module.pth")
     with pytest.raises(CheckpointError, match="does not exist"):
         Backbone("tinycnn", pretrained_path=tmp_path / "nope.pth")
+
+
+def test_cells_to_pixels_lives_next_to_the_geometry_and_maps_any_leading_shape() -> None:
+    """`cells_to_pixels` is `zoo.backbones`' (the part metric, the figures and the explainers share it; Captum's
+    module re-exports it): (N, F, h, w) maps go through at once, each cell at its receptive-field centre, exactly as
+    each (B, h, w) slice would; without a geometry, or where the even spread is exact (2 x 2 max-pools on a
+    multiple of the stride), it is `F.interpolate` to the bit."""
+    import torch.nn.functional as F
+
+    from zoo.backbones import MapGeometry, cells_to_pixels
+    from zoo.explain import captum
+
+    assert captum.cells_to_pixels is cells_to_pixels
+    maps = torch.rand(3, 5, 4, 4)
+    resnet = MapGeometry((16.0, 16.0), (0.5, 0.5))  # padded strided convolutions: cell i at i x 16 + 0.5
+    up = cells_to_pixels(maps, (64, 64), resnet)  # (3, 5, 64, 64)
+    assert up.shape == (3, 5, 64, 64)
+    torch.testing.assert_close(up, torch.stack([cells_to_pixels(maps[:, f], (64, 64), resnet) for f in range(5)], 1))
+    hot = torch.zeros(1, 4, 4)
+    hot[0, 1, 2] = 1.0  # cell (1, 2): centre (16.5, 32.5)
+    tent = [(1 - ((torch.arange(64) + 0.5 - c).abs() / 16)).clamp(min=0) for c in (16.5, 32.5)]
+    torch.testing.assert_close(cells_to_pixels(hot, (64, 64), resnet)[0], tent[0][:, None] * tent[1][None])
+    even = F.interpolate(maps, size=(64, 64), mode="bilinear", align_corners=False)
+    assert torch.equal(cells_to_pixels(maps, (64, 64)), even)
+    assert torch.equal(cells_to_pixels(maps, (64, 64), MapGeometry((16.0, 16.0), (8.0, 8.0))), even)
+    assert not torch.allclose(up, even)

@@ -715,3 +715,103 @@ def test_part_iou_thresholds_the_activations_before_upsampling() -> None:
     metric = PartIoU(quantile=0.25, iou_threshold=0.5)
     metric.update(maps, masks)
     assert metric.compute().item() == 0.0  # 0.44 < 0.5 (the upsampled-threshold order gave 1.0)
+
+
+def _hot_cell_and_part(mask_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 4 x 4 map of a 64-pixel image whose cell (1, 1) fires (1.0; cell (3, 3) at 0.4 sets T_f = 0.4 at the
+    quantile 1 / 16), and a part mask: the 15 x 15 pixels around that cell's receptive-field centre on a net that
+    downsamples by padded strided convolutions (stride 16, offset 0.5: 16.5 px), at `mask_size` pixels."""
+    maps = torch.zeros(1, 1, 4, 4)
+    maps[0, 0, 1, 1], maps[0, 0, 3, 3] = 1.0, 0.4
+    masks = torch.zeros(1, 1, 64, 64, dtype=torch.bool)
+    masks[0, 0, 9:24, 9:24] = True  # pixel centres 9.5 .. 23.5 around 16.5
+    if mask_size != 64:
+        masks = F.interpolate(masks.float(), size=(mask_size, mask_size), mode="nearest") > 0.5
+    return maps, masks
+
+
+def test_part_iou_upsamples_each_cell_at_its_receptive_field_centre() -> None:
+    """Network Dissection upsamples a unit by its receptive field: with the backbone's geometry (resnet-like, cell i
+    at i x 16 + 0.5) the lit cell's pixels above T_f are a bilinear tent around 16.5 px, inside the part (IoU 0.76),
+    where the even spread (F.interpolate) centred it at 24 px, half a cell off (IoU 0.15): a hit the old
+    upsampling missed. Masks at half the image's size get the geometry scaled to theirs."""
+    maps, masks = _hot_cell_and_part()
+    tent = [(1 - ((torch.arange(64) + 0.5 - c).abs() / 16)).clamp(min=0) for c in (16.5, 24.0)]
+    iou = {}
+    for centre, t in zip(("measured", "even"), tent):
+        active = t[:, None] * t[None] > 0.4  # the upsampled map above T_f, written out
+        iou[centre] = ((active & masks[0, 0]).sum() / (active | masks[0, 0]).sum()).item()
+    assert iou["measured"] > 0.7 and iou["even"] < 0.2, iou
+    for geometry, expected in (({"image_size": 64, "stride": 16, "offset": 0.5}, 1.0), ({}, 0.0)):
+        metric = PartIoU(quantile=1 / 16, iou_threshold=0.5, **geometry)
+        metric.update(maps, masks)
+        assert metric.part_scores().tolist() == [[expected]], geometry
+    maps, small = _hot_cell_and_part(mask_size=32)
+    metric = PartIoU(quantile=1 / 16, iou_threshold=0.5, image_size=64, stride=(16, 16), offset=(0.5, 0.5))
+    assert metric.mask_geometry((32, 32)) == ((8.0, 8.0), (0.25, 0.25))
+    metric.update(maps, small)
+    assert metric.part_scores().tolist() == [[1.0]]
+    with pytest.raises(ValueError, match="offset"):
+        PartIoU(offset=0.5)
+
+
+def test_part_iou_without_a_geometry_or_on_max_pool_nets_is_the_even_spread_to_the_bit() -> None:
+    """No geometry, or a 2 x 2 max-pool net's (offset = stride / 2) on a multiple of its stride: the maps are
+    upsampled by F.interpolate exactly as before, so every part score is the previous one."""
+    rng = np.random.default_rng(3)
+    maps = torch.tensor(rng.random((6, 5, 4, 4)), dtype=torch.float32)
+    masks = rng.random((6, 2, 32, 32)) > 0.7
+    types = rng.integers(0, 3, (6, 2))
+    expected = reference_part_scores(maps, masks, types, 0.2, 0.1, 3)  # the F.interpolate (even spread) formula
+    scores = []
+    for geometry in ({}, {"image_size": 32, "stride": 8, "offset": 4.0}, {"stride": (8, 8), "offset": (4.0, 4.0)}):
+        metric = PartIoU(num_parts=3, quantile=0.2, iou_threshold=0.1, filter_chunk=2, **geometry)
+        metric.update(maps, torch.tensor(masks), torch.tensor(types))
+        scores.append(metric.part_scores())
+        assert np.allclose(scores[-1].numpy(), expected), geometry
+    assert all(torch.equal(s, scores[0]) for s in scores)
+
+
+@pytest.mark.parametrize("model_name, stride, offset", [("icnn_resnet18", (32.0, 32.0), (0.5, 0.5)),
+                                                       ("icnn_tinycnn", (8.0, 8.0), (4.0, 4.0))])
+def test_the_system_gives_part_iou_the_backbones_measured_geometry(model_name: str, stride: tuple,
+                                                                  offset: tuple) -> None:
+    """ICNNSystem hands part IoU the top map's measured geometry, as it does location instability: on resnet18 a
+    lit cell (1, 1) of the 2 x 2 map at 64 px is centred at 32.5 px (the even spread: 48 px)."""
+    system = ICNNSystem(model_name, num_classes=3, image_size=64)
+    metric = system.metrics["val_part_iou"]
+    assert metric.geometry == (stride, offset) and metric.image_size == (64, 64)
+    instability = system.metrics["val_location_instability"]
+    assert tuple(float(s) for s in np.broadcast_to(instability.stride, 2)) == stride
+    assert tuple(instability.offset) == offset
+
+
+def test_filter_pictures_draw_each_cell_where_the_part_metrics_place_it(monkeypatch) -> None:
+    """`heatmap_overlay` with a map's geometry puts a lit cell's red at its receptive-field centre (without one:
+    the even spread, as before, to the bit), and ICNN's filter pictures pass the backbone's geometry."""
+    from types import SimpleNamespace
+
+    import zoo.icnn.callback
+    from zoo.backbones import MapGeometry
+    from zoo.figures import heatmap_overlay
+    from zoo.icnn.callback import FilterMapsCallback
+
+    images, maps = torch.zeros(2, 1, 64, 64), torch.zeros(3, 2, 4, 4)
+    maps[:, :, 1, 1] = 1.0
+    red = heatmap_overlay(images, maps, MapGeometry((16.0, 16.0), (0.5, 0.5)))[0, 0, 0]  # (64, 64)
+    assert divmod(int(red.argmax()), 64) == (16, 16)  # pixel 16 covers the centre 16.5
+    old = F.interpolate(maps, size=(64, 64), mode="bilinear", align_corners=False)
+    old = old / old.flatten(1).amax(1).clamp(min=1e-8)[:, None, None, None]
+    expected = (0.55 * old[:, :, None] * torch.tensor([1.0, 0.1, 0.1])[None, None, :, None, None]).clamp(0, 1)
+    assert torch.equal(heatmap_overlay(images, maps), expected)
+
+    seen = []
+    monkeypatch.setattr(zoo.icnn.callback, "heatmap_overlay",
+                        lambda images, maps, geometry=None: (seen.append(geometry), heatmap_overlay(images, maps))[1])
+    system = ICNNSystem("icnn_resnet18", num_classes=3, image_size=64).eval()
+    callback = FilterMapsCallback(num_filters=2, num_images=2)
+    callback.batch = {"image": torch.rand(2, 3, 64, 64), "label": torch.tensor([0, 1])}
+    monkeypatch.setattr(callback, "publish", lambda *args, **kwargs: None)
+    with torch.no_grad():
+        callback.draw(SimpleNamespace(datamodule=SimpleNamespace()), system, None)
+    assert seen == [MapGeometry((32.0, 32.0), (0.5, 0.5))]

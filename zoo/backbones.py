@@ -16,6 +16,7 @@ from typing import Any, NamedTuple, Sequence
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from zoo.checks import check_input, check_new_head, close_names
@@ -264,6 +265,44 @@ class MapGeometry(NamedTuple):
     def centres(self, index: torch.Tensor, axis: int) -> torch.Tensor:
         """Receptive-field centres (pixels) of the cells `index` along `axis` (0 = y, 1 = x)."""
         return self.offset[axis] + index * self.stride[axis]
+
+
+def model_map_geometry(model: nn.Module, image_size: int | Sequence[int]) -> MapGeometry | None:
+    """Where the cells of a zoo model's top map (the backbone's last returned map, which its pooled head and ICNN's
+    filters read) sit in an `image_size` image; None for a model without a traceable `backbone`."""
+    backbone = getattr(model, "backbone", None)
+    if not hasattr(backbone, "map_geometry"):
+        return None
+    return backbone.map_geometry(image_size if isinstance(image_size, int) else tuple(image_size))[-1]
+
+
+def cells_to_pixels(maps: torch.Tensor, size: Sequence[int], geometry: MapGeometry | None = None) -> torch.Tensor:
+    """Maps (..., h, w) of a feature map's cells -> (..., H, W) pixels, bilinear between cell centres (maps of any
+    leading shape: (B, h, w) saliencies, (N, F, h, w) filter maps). With the map's `MapGeometry`, cell (i, j) sits at
+    its receptive-field centre (offset + index x stride, in pixels): nets that downsample by padded strided
+    convolutions (resnet, mobilenet) centre a cell half a cell from where an even spread of the cells over the image
+    (`F.interpolate`, align_corners=False) puts it, and an image that is no multiple of the stride has pixels no cell
+    covers (they take the nearest cell's value). The even spread is kept where it is exact (offset = stride / 2,
+    H = h x stride: the 2 x 2 max-pool nets), and without a geometry: there the result is `F.interpolate`'s, to the
+    bit (a 4-D input is interpolated as it is, a 3-D one as (B, 1, h, w))."""
+    height, width = size
+    h, w = maps.shape[-2:]
+    even = geometry is None or all(geometry.offset[a] == geometry.stride[a] / 2
+                                   and (height, width)[a] == (h, w)[a] * geometry.stride[a] for a in (0, 1))
+    if even and maps.ndim in (3, 4):
+        planes = maps[:, None] if maps.ndim == 3 else maps  # (B, 1 or C, h, w)
+        up = F.interpolate(planes, size=(height, width), mode="bilinear", align_corners=False)
+        return up[:, 0] if maps.ndim == 3 else up
+    if even:
+        up = F.interpolate(maps.reshape(1, -1, h, w), size=(height, width), mode="bilinear", align_corners=False)
+        return up.reshape(*maps.shape[:-2], height, width)
+    cells = [(torch.arange(n, device=maps.device, dtype=torch.float32) + 0.5 - geometry.offset[a]) / geometry.stride[a]
+             for a, n in ((0, height), (1, width))]  # pixel centres in cell coordinates (cell i at i)
+    grid_y, grid_x = (c * 2 / max(n - 1, 1) - 1 for c, n in zip(cells, (h, w)))  # align_corners=True coordinates
+    grid = torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij")[::-1], -1)[None]  # (1, H, W, 2): x, y
+    planes = maps.reshape(1, -1, h, w).float()  # one grid for every map: the leading dims as channels, one batch
+    up = F.grid_sample(planes, grid, mode="bilinear", padding_mode="border", align_corners=True)  # (1, M, H, W)
+    return up.reshape(*maps.shape[:-2], height, width)
 
 
 _GEOMETRY_ATTR = "_zoo_map_geometry"  # (MapGeometry, (h, w)) on the tensors of a geometry dry run only

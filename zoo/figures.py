@@ -1,6 +1,7 @@
 """Pictures and their words, for every picture callback, report and explainer: class names, pyplot-free figures,
 heatmap overlays, and where they go (PNG files; TensorBoard figures, images and text). Nothing here knows a System, a
-Trainer or a model: only matplotlib, torch and TensorBoard's writer."""
+Trainer or a model: only matplotlib, torch, TensorBoard's writer and where a feature map's cells sit
+(`zoo.backbones.cells_to_pixels`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.loggers import TensorBoardLogger
+
+from zoo.backbones import MapGeometry, cells_to_pixels
 
 
 def class_name(datamodule: Any, index: int) -> str:
@@ -56,10 +58,12 @@ def new_figure(rows: int, columns: int, panel_inches: float = 1.3) -> tuple[Any,
     return figure, axes
 
 
-def heatmap_overlay(images: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """Images (N, C, H, W) in [0, 1] with maps (F, N, h, w) overlaid in red: (F, N, 3, H, W)."""
+def heatmap_overlay(images: torch.Tensor, maps: torch.Tensor, geometry: MapGeometry | None = None) -> torch.Tensor:
+    """Images (N, C, H, W) in [0, 1] with maps (F, N, h, w) overlaid in red: (F, N, 3, H, W). With the maps'
+    `geometry` (`zoo.backbones.MapGeometry` of a feature map in these images) each cell is drawn at its
+    receptive-field centre, where the part metrics place it (`cells_to_pixels`); without, spread evenly."""
     rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[:, :3]
-    heat = F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)  # (F, N, H, W)
+    heat = cells_to_pixels(maps, images.shape[-2:], geometry)  # (F, N, H, W)
     heat = heat / heat.flatten(1).amax(1).clamp(min=1e-8)[:, None, None, None]  # per filter over the batch
     red = torch.tensor([1.0, 0.1, 0.1], device=images.device)[None, None, :, None, None]
     return (0.45 * rgb[None] + 0.55 * heat[:, :, None] * red).clamp(0, 1)

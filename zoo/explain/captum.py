@@ -6,15 +6,12 @@ are scored by the same faithfulness metrics. Models are zoo models returning dic
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from captum.attr import (DeepLift, InputXGradient, IntegratedGradients, KernelShap, LayerAttribution, LayerGradCam,
-                         Lime, Occlusion, Saliency)
+from captum.attr import (DeepLift, InputXGradient, IntegratedGradients, KernelShap, LayerGradCam, Lime, Occlusion,
+                         Saliency)
 
+from zoo.backbones import cells_to_pixels, model_map_geometry  # cells_to_pixels: also imported from here
 from zoo.explain.faithfulness import saliency_map
 
 POSTHOC_METHODS = ("saliency", "integrated_gradients", "layer_gradcam", "occlusion")
@@ -41,30 +38,7 @@ def class_activation_map(model: nn.Module, images: torch.Tensor, target: torch.T
         features = model.forward_features(images)  # (B, F, h, w)
         weights = model.get_classifier().weight[target]  # (B, F)
         cam = torch.einsum("bf,bfhw->bhw", weights, features.float())
-        backbone = getattr(model, "backbone", None)
-        geometry = backbone.map_geometry(tuple(images.shape[-2:]))[-1] if hasattr(backbone, "map_geometry") else None
-        return cells_to_pixels(cam, images.shape[-2:], geometry).relu()
-
-
-def cells_to_pixels(maps: torch.Tensor, size: Sequence[int], geometry: Any = None) -> torch.Tensor:
-    """Maps (B, h, w) of a feature map's cells -> (B, H, W) pixels, bilinear between cell centres. With the map's
-    `zoo.backbones.MapGeometry`, cell (i, j) sits at its receptive-field centre (offset + index x stride, in pixels):
-    nets that downsample by padded strided convolutions (resnet, mobilenet) centre a cell half a cell from where an
-    even spread of the cells over the image (`F.interpolate`, align_corners=False) puts it, and an image that is no
-    multiple of the stride has pixels no cell covers. The even spread is kept where it is exact (offset = stride / 2,
-    H = h x stride: the 2 x 2 max-pool nets), and without a geometry."""
-    height, width = size
-    h, w = maps.shape[-2:]
-    even = geometry is None or all(geometry.offset[a] == geometry.stride[a] / 2
-                                   and (height, width)[a] == (h, w)[a] * geometry.stride[a] for a in (0, 1))
-    if even:
-        return F.interpolate(maps[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-    cells = [(torch.arange(n, device=maps.device, dtype=torch.float32) + 0.5 - geometry.offset[a]) / geometry.stride[a]
-             for a, n in ((0, height), (1, width))]  # pixel centres in cell coordinates (cell i at i)
-    grid_y, grid_x = (c * 2 / max(n - 1, 1) - 1 for c, n in zip(cells, (h, w)))  # align_corners=True coordinates
-    grid = torch.stack(torch.meshgrid(grid_y, grid_x, indexing="ij")[::-1], -1)  # (H, W, 2): x, y
-    grid = grid.expand(len(maps), -1, -1, -1)
-    return F.grid_sample(maps[:, None].float(), grid, mode="bilinear", padding_mode="border", align_corners=True)[:, 0]
+        return cells_to_pixels(cam, images.shape[-2:], model_map_geometry(model, images.shape[-2:])).relu()
 
 
 def explain(model: nn.Module, images: torch.Tensor, target: torch.Tensor, method: str,
@@ -81,8 +55,10 @@ def explain(model: nn.Module, images: torch.Tensor, target: torch.Tensor, method
                                                              internal_batch_size=internal_batch_size)
     elif method == "layer_gradcam":  # on the head's input: the top feature map every zoo classifier pools
         cam = LayerGradCam(forward, model.head).attribute(images, target=target, attribute_to_layer_input=True,
-                                                          relu_attributions=True)
-        attribution = LayerAttribution.interpolate(cam, images.shape[-2:], interpolate_mode="bilinear")
+                                                          relu_attributions=True)  # (B, 1, h, w)
+        # each cell at its receptive-field centre, on the own CAM's grid (Captum's `LayerAttribution.interpolate`
+        # spreads the cells evenly: half a cell off on resnet / mobilenet)
+        attribution = cells_to_pixels(cam, images.shape[-2:], model_map_geometry(model, images.shape[-2:]))
     elif method == "occlusion":
         channels = images.shape[1]
         attribution = Occlusion(forward).attribute(images, target=target, sliding_window_shapes=(channels, 8, 8),

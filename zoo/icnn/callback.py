@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytorch_lightning as pl
 import torch
 
+from zoo.backbones import model_map_geometry
 from zoo.engine.callbacks import FixedBatchCallback
 from zoo.figures import class_name, heatmap_overlay, new_figure
 
@@ -13,8 +14,10 @@ class FilterMapsCallback(FixedBatchCallback):
     """After each validation epoch: the `num_filters` most active filters' maps over a fixed validation batch (one
     image of each class first, see `FixedBatchCallback.fixed_batch`).
 
-    One labelled figure, one row per filter named by its filter id, assigned category (class name) and best-matching
-    ground-truth part with its hit rate (from the System's part IoU), each image titled with its true class:
+    Each cell is drawn at its receptive-field centre (the backbone's measured geometry), where location instability
+    and part IoU place it. One labelled figure, one row per filter named by its filter id, assigned category (class
+    name) and best-matching ground-truth part with its hit rate (from the System's part IoU), each image titled with
+    its true class:
     TensorBoard figure ``filters/maps`` and text ``filters/table``; in the run folder ``filters/epoch<e>.png`` and
     ``filters/epoch<e>.md`` (the same labels as a table).
 
@@ -39,7 +42,8 @@ class FilterMapsCallback(FixedBatchCallback):
         maps = out[key].float()  # (N, F, h, w)
         top = maps.flatten(2).amax(-1).mean(0).topk(min(self.num_filters, maps.shape[1])).indices  # (k,)
         shown = self.displayable(trainer, images)  # normalisation undone: the images as they look
-        panels = heatmap_overlay(shown, maps[:, top].transpose(0, 1).cpu())  # (k, N, 3, H, W)
+        geometry = model_map_geometry(pl_module.model, shown.shape[-2:])  # the cells where the part metrics put them
+        panels = heatmap_overlay(shown, maps[:, top].transpose(0, 1).cpu(), geometry)  # (k, N, 3, H, W)
         rows = self._describe(trainer, out, top.tolist(), part_scores)
         labels = batch.get(pl_module.target_key)
         figure, axes = new_figure(len(rows), panels.shape[1])

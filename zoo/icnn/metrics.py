@@ -11,10 +11,11 @@
   world's validation split) nothing changes.
 - `PartIoU` (Network Dissection, Bau et al. 2017, as specified for ICNN): per filter, threshold T_f at the top
   `quantile` of all its activations (the maps' cells) over the data set, then upsample each map bilinearly to the
-  masks' size and binarise it at T_f, and count the images whose IoU with a ground-truth part mask exceeds
-  `iou_threshold`; P_{f,k} is that fraction over the images containing part k. The score is the mean over filters
-  of max_k P_{f,k}. Higher is better. Parts are the ground-truth part types when given (so "filter 17 = red
-  triangle"), else mask slots.
+  masks' size (each cell at its receptive-field centre, as Network Dissection upsamples by the unit's receptive
+  field, given the backbone's measured geometry) and binarise it at T_f, and count the images whose IoU with a
+  ground-truth part mask exceeds `iou_threshold`; P_{f,k} is that fraction over the images containing part k. The
+  score is the mean over filters of max_k P_{f,k}. Higher is better. Parts are the ground-truth part types when
+  given (so "filter 17 = red triangle"), else mask slots.
 
 Both keep per-image tensors in "cat" states; `zoo.distributed.gather_allowing_empty_ranks` syncs a process that saw
 no image (with an unrepeated evaluation sampler a rank may have none) instead of aborting the gather.
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from zoo.backbones import MapGeometry, cells_to_pixels
 from zoo.distributed import gather_allowing_empty_ranks
 
 
@@ -132,16 +134,32 @@ class LocationInstability(_PerImageMetric):
 
 class PartIoU(_PerImageMetric):
     """Network-Dissection part interpretability: mean over filters of the best part's hit rate.
-    update(maps (B, F, h, w), part_masks (B, P, H, W) bool, part_types (B, P) long or None)."""
+    update(maps (B, F, h, w), part_masks (B, P, H, W) bool, part_types (B, P) long or None).
+
+    `stride` and `offset`: where the maps' cells sit in an `image_size` image, (y, x) pixels (one number for both),
+    as `LocationInstability` takes them (`zoo.backbones.MapGeometry`, measured by `Backbone.map_geometry`): each map
+    is upsampled with its cells at their receptive-field centres (`zoo.backbones.cells_to_pixels`), half a cell from
+    the even spread on resnet and mobilenet. Masks of another size than `image_size` get the geometry scaled to
+    theirs. Without an offset (no measured geometry) the cells spread evenly over the masks (`F.interpolate`,
+    align_corners=False), which is exact for 2 x 2 max-pool nets on a multiple of their stride."""
 
     higher_is_better = True
     full_state_update = False
 
     def __init__(self, num_parts: int | None = None, quantile: float = 0.005, iou_threshold: float = 0.2,
-                 filter_chunk: int = 16, **kwargs) -> None:
+                 filter_chunk: int = 16, image_size: int | tuple[int, int] | None = None,
+                 stride: float | tuple[float, float] | None = None, offset: float | tuple[float, float] | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_parts, self.quantile, self.iou_threshold, self.filter_chunk = num_parts, quantile, iou_threshold, \
             filter_chunk
+        if offset is not None and stride is None:
+            raise ValueError("PartIoU: an `offset` needs its `stride` (where the maps' cells sit, in pixels).")
+        self.image_size = (image_size, image_size) if isinstance(image_size, int) else image_size
+        self.geometry = None  # MapGeometry of the cells in `image_size` pixels, where measured
+        if offset is not None:
+            (stride_y, stride_x), (offset_y, offset_x) = _pair(stride), _pair(offset)
+            self.geometry = MapGeometry((float(stride_y), float(stride_x)), (float(offset_y), float(offset_x)))
         self.add_state("maps", default=[], dist_reduce_fx="cat")
         self.add_state("masks", default=[], dist_reduce_fx="cat")
         self.add_state("types", default=[], dist_reduce_fx="cat")
@@ -165,19 +183,29 @@ class PartIoU(_PerImageMetric):
         mask_area = mask_flat.sum(-1)  # (N, P)
         part_onehot = F.one_hot(types, num_parts).float()  # (N, P, K)
         images_with_part = part_onehot.amax(1).sum(0)  # (K,)
+        geometry = self.mask_geometry(size)
         scores = []
         for start in range(0, maps.shape[1], self.filter_chunk):  # chunks of filters bound memory, no per-filter loop
             chunk = maps[:, start:start + self.filter_chunk]  # (N, f, h, w)
             flat = chunk.transpose(0, 1).flatten(1)  # (f, N*h*w): T_f on the activations, as Network Dissection
             k = min(max(1, int(self.quantile * flat.shape[1])), flat.shape[1] - 1)
             threshold = flat.topk(k + 1, dim=1).values[:, -1]  # (f,): the top k values lie above, P(x > T_f) = q
-            up = F.interpolate(chunk, size=size, mode="bilinear", align_corners=False)  # (N, f, H, W)
+            up = cells_to_pixels(chunk, size, geometry)  # (N, f, H, W): cells at their receptive-field centres
             active = (up > threshold[None, :, None, None]).flatten(2).float()  # (N, f, HW)
             inter = torch.einsum("nfx,npx->nfp", active, mask_flat)
             union = active.sum(-1)[..., None] + mask_area[:, None] - inter
             hits = (inter / union.clamp(min=1) > self.iou_threshold).float()  # (N, f, P)
             scores.append(torch.einsum("nfp,npk->fk", hits, part_onehot) / images_with_part.clamp(min=1))
         return torch.cat(scores)  # (F, K)
+
+    def mask_geometry(self, size: tuple[int, int]) -> MapGeometry | None:
+        """The cells' geometry in the pixels of masks of `size` (H, W): the image's, scaled where the masks have
+        another size than `image_size` (pixel p's centre p + 0.5 maps to (p + 0.5) x mask / image)."""
+        if self.geometry is None or self.image_size is None or tuple(size) == tuple(self.image_size):
+            return self.geometry
+        scale = [m / i for m, i in zip(size, self.image_size)]
+        return MapGeometry(tuple(s * r for s, r in zip(self.geometry.stride, scale)),
+                           tuple(o * r for o, r in zip(self.geometry.offset, scale)))
 
     def compute(self) -> torch.Tensor:
         return self.part_scores().amax(1).mean()

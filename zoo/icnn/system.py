@@ -47,13 +47,14 @@ class ICNNSystem(ZooSystem):
             stride, offset = self._top_map_geometry()
             self.add_metric("location_instability", LocationInstability(self.hparams.image_size or 0, stride=stride,
                                                                         offset=offset))
-            self.add_metric("part_iou", PartIoU())
+            self.add_metric("part_iou", PartIoU(image_size=self.hparams.image_size or None, stride=stride,
+                                                offset=offset))  # part masks: upsampled with the cells in place
 
     def _top_map_geometry(self) -> tuple[Any, Any]:
-        """Stride and offset ((y, x) pixels) of the scored map's cells: the backbone's top map, which ICNN's added
-        3x3 layer and the plain twin's features keep. Measured by a traced dry run (`Backbone.map_geometry`), as a
-        cell's receptive-field centre depends on the net's padding, not only its stride; (stride, None) where it
-        cannot be traced, None without a backbone or an image size."""
+        """Stride and offset ((y, x) pixels) of the scored map's cells, for both part metrics: the backbone's top
+        map, which ICNN's added 3x3 layer and the plain twin's features keep. Measured by a traced dry run
+        (`Backbone.map_geometry`), as a cell's receptive-field centre depends on the net's padding, not only its
+        stride; (stride, None) where it cannot be traced, None without a backbone or an image size."""
         backbone = getattr(self.model, "backbone", None)
         if backbone is None or not hasattr(backbone, "reductions"):
             return None, None
