@@ -183,6 +183,68 @@ def test_own_explanation_is_the_class_evidence_map_upsampled() -> None:
     torch.testing.assert_close(explained, expected.relu())
 
 
+def test_cells_sit_at_their_receptive_field_centres_on_a_resnet() -> None:
+    """On a resnet (padded strided convolutions) a cell's receptive-field centre lies half a cell from the even spread
+    the authors' resize gives: the own explanation, the part metrics' activated regions and push's source box all put
+    the cells there (`Backbone.map_geometry`), as ICNN's part metrics and the CAM do."""
+    from zoo.backbones import cells_to_pixels, model_map_geometry
+    from zoo.protopnet.metrics import activated_regions
+
+    torch.manual_seed(0)
+    net = zoo.create_model("protopnet_resnet18", num_classes=2, prototypes_per_class=1, prototype_channels=8).eval()
+    images, target = torch.rand(2, 3, 64, 64), torch.tensor([0, 1])
+    geometry = model_map_geometry(net, (64, 64))  # stride 32, offset 0.5: cell 1's centre at pixel 32.5, not 48
+    assert geometry.stride == (32.0, 32.0) and geometry.offset[0] < 16
+    with torch.no_grad():
+        explained = zoo.explain(net, images, "own", target=target)
+        evidence = net.class_map(net(images), target)  # (B, 2, 2)
+    torch.testing.assert_close(explained, cells_to_pixels(evidence, (64, 64), geometry).relu())
+    even = F.interpolate(evidence[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0].relu()
+    assert not torch.allclose(explained, even)
+    # the middle cell of a 96-px image's 3 x 3 map lit: its region is centred on its receptive-field centre (pixel
+    # 32.5 on both axes, not the even spread's 48), and the metric scores a part there that the even spread misses
+    wide = model_map_geometry(net, (96, 96))
+    maps = torch.zeros(1, 1, 3, 3)
+    maps[0, 0, 1, 1] = 1.0
+    region = activated_regions(maps, (96, 96), 0.95, wide).view(96, 96)
+    rows, columns = region.nonzero().float().add(0.5).unbind(1)
+    assert abs(rows.mean() - wide.centres(torch.tensor(1.0), 0)) < 1 and abs(columns.mean() - 32.5) < 1.5
+    masks = torch.zeros(1, 1, 96, 96, dtype=torch.bool)
+    masks[0, 0, 22:43, 22:43] = True
+    scored = {}
+    for name, where in (("centres", wide), ("even", None)):
+        metric = PartConsistency(num_units=1, num_part_types=2, quantile=0.95)
+        metric.update(maps, torch.zeros(1, 1, dtype=torch.long), masks, torch.tensor([[1]]), None, where)
+        scored[name] = float(metric.compute()["iou"])
+    assert scored["centres"] > 0.5 > scored["even"]
+    # push: the source box is one cell's size centred on the receptive-field centre, clipped to the image
+    found = {"distance": torch.zeros(2), "vector": torch.zeros(2, 8), "source_index": torch.tensor([0, 1]),
+             "source_position": torch.tensor([[1, 1], [0, 1]]), "size": torch.tensor([2, 2])}
+    apply_push(net, found, (64, 64), geometry)
+    centre = torch.tensor(geometry.offset) + torch.tensor([[1, 1], [0, 1]]) * 32  # (2, 2) y, x
+    low, high = (centre - 16).clamp(min=0), (centre + 16).clamp(max=64)
+    torch.testing.assert_close(net.prototypes.source_box, torch.stack([low[:, 1], low[:, 0], high[:, 1], high[:, 0]],
+                                                                      1))
+
+
+def test_the_system_scores_parts_with_the_backbones_geometry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The System hands the part metric its backbone's measured geometry (in the masks' pixels)."""
+    from zoo.backbones import model_map_geometry
+
+    seen = []
+    update = PartConsistency.update
+    monkeypatch.setattr(PartConsistency, "update", lambda self, *args: seen.append(args[-1]) or update(self, *args))
+    system = ProtoPNetSystem(model_name="protopnet_resnet18", num_classes=2, image_size=64,
+                             model_kwargs={"prototypes_per_class": 1, "prototype_channels": 8}).eval()
+    masks = torch.zeros(2, 1, 32, 32, dtype=torch.bool)
+    masks[:, :, 8:16, 8:16] = True
+    batch = {"image": torch.rand(2, 3, 64, 64), "label": torch.tensor([0, 1]), "part_masks": masks,
+             "part_types": torch.ones(2, 1, dtype=torch.long)}
+    with torch.no_grad():
+        system.update_metrics(system.forward_batch(batch, "val"), batch, "val")
+    assert seen and seen[-1] == model_map_geometry(system.model, (64, 64)).resized((64, 64), (32, 32))
+
+
 def test_twin_scores_its_top_weighted_channels() -> None:
     twin = model(head="linear", add_on=False)
     with torch.no_grad():

@@ -266,6 +266,13 @@ class MapGeometry(NamedTuple):
         """Receptive-field centres (pixels) of the cells `index` along `axis` (0 = y, 1 = x)."""
         return self.offset[axis] + index * self.stride[axis]
 
+    def resized(self, image_size: Sequence[int], size: Sequence[int]) -> MapGeometry:
+        """The same cells in the pixels of the image resized from `image_size` to `size` (H, W), e.g. masks drawn at
+        another size: pixel centre p + 0.5 moves to (p + 0.5) x size / image_size, so stride and offset scale."""
+        scale = [new / old for new, old in zip(size, image_size)]
+        return MapGeometry(tuple(s * r for s, r in zip(self.stride, scale)),
+                           tuple(o * r for o, r in zip(self.offset, scale)))
+
 
 def model_map_geometry(model: nn.Module, image_size: int | Sequence[int]) -> MapGeometry | None:
     """Where the cells of a zoo model's top map (the backbone's last returned map, which its pooled head and ICNN's

@@ -199,13 +199,11 @@ class PartIoU(_PerImageMetric):
         return torch.cat(scores)  # (F, K)
 
     def mask_geometry(self, size: tuple[int, int]) -> MapGeometry | None:
-        """The cells' geometry in the pixels of masks of `size` (H, W): the image's, scaled where the masks have
-        another size than `image_size` (pixel p's centre p + 0.5 maps to (p + 0.5) x mask / image)."""
+        """The cells' geometry in the pixels of masks of `size` (H, W): the image's, resized where the masks have
+        another size than `image_size`."""
         if self.geometry is None or self.image_size is None or tuple(size) == tuple(self.image_size):
             return self.geometry
-        scale = [m / i for m, i in zip(size, self.image_size)]
-        return MapGeometry(tuple(s * r for s, r in zip(self.geometry.stride, scale)),
-                           tuple(o * r for o, r in zip(self.geometry.offset, scale)))
+        return self.geometry.resized(self.image_size, size)
 
     def compute(self) -> torch.Tensor:
         return self.part_scores().amax(1).mean()

@@ -8,6 +8,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from zoo.backbones import model_map_geometry
 from zoo.engine.callbacks import FixedBatchCallback
 from zoo.figures import class_name, heatmap_overlay, new_figure
 from zoo.protopnet.model import similarity
@@ -60,7 +61,8 @@ class PrototypesCallback(FixedBatchCallback):
         shown = self.shown(trainer, images)
         maps = out["unit_maps"].float().gather(1, top.indices[..., None, None].expand(-1, -1, *out["unit_maps"].shape[
             -2:]))  # (N, k, h, w)
-        overlays = heatmap_overlay(shown.to(maps.device), maps.transpose(0, 1)).cpu()  # (k, N, 3, H, W)
+        geometry = model_map_geometry(model, shown.shape[-2:])  # the cells where the part metrics put them
+        overlays = heatmap_overlay(shown.to(maps.device), maps.transpose(0, 1), geometry).cpu()  # (k, N, 3, H, W)
         figure, axes = new_figure(len(images), 1 + 2 * top.indices.shape[1], panel_inches=1.4)
         rows = ["| image | true | predicted | top prototypes (class, similarity x weight, source image) |",
                 "| --- | --- | --- | --- |"]

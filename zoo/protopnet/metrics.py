@@ -2,8 +2,10 @@
 parts world's masks (torchmetrics, DDP-safe: every state is a sum).
 
 For each scored unit on each image of its class (ProtoPNet: its own prototypes; a twin: the m channels of largest
-head weight for that class), the map is upsampled to the image (bilinear) and its activated region is the top
-`1 - quantile` of its pixels (the paper's 95th percentile). The region *hits* the part type whose mask it overlaps
+head weight for that class), the map is upsampled to the image (bilinear between cells; with the backbone's measured
+`zoo.backbones.MapGeometry`, each cell at its receptive-field centre, which on resnet / mobilenet lies half a cell
+from the even spread the authors' `cv2.resize` gives) and its activated region is the top `1 - quantile` of its
+pixels (the paper's 95th percentile). The region *hits* the part type whose mask it overlaps
 most (background when it overlaps none).
 
 - part consistency (Huang et al., CVPR 2023): the fraction of units that hit one part type on at least
@@ -20,9 +22,9 @@ does not depend on the number of processes, the batch size or the image's place 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torchmetrics import Metric
 
+from zoo.backbones import MapGeometry, cells_to_pixels
 from zoo.hashing import keyed_normal
 
 
@@ -34,9 +36,11 @@ def image_noise(index: torch.Tensor, shape: tuple[int, ...], seed: int = 0, devi
     return keyed_normal(index.to(device), shape, seed)
 
 
-def activated_regions(maps: torch.Tensor, size: tuple[int, int], quantile: float) -> torch.Tensor:
-    """(B, m, h, w) maps -> (B, m, H*W) bool: the pixels at or above each upsampled map's `quantile`."""
-    upsampled = F.interpolate(maps.float(), size=size, mode="bilinear", align_corners=False).flatten(2)
+def activated_regions(maps: torch.Tensor, size: tuple[int, int], quantile: float,
+                      geometry: MapGeometry | None = None) -> torch.Tensor:
+    """(B, m, h, w) maps -> (B, m, H*W) bool: the pixels at or above each upsampled map's `quantile`; `geometry`:
+    where the cells sit in those pixels (`cells_to_pixels`; None spreads them evenly)."""
+    upsampled = cells_to_pixels(maps.float(), size, geometry).flatten(2)
     pixels = upsampled.shape[-1]
     kept = max(1, round((1 - quantile) * pixels))  # the region's size (more on ties)
     threshold = upsampled.kthvalue(pixels - kept + 1, dim=-1, keepdim=True).values  # (B, m, 1) its smallest value
@@ -58,8 +62,9 @@ def part_hits(regions: torch.Tensor, part_masks: torch.Tensor, part_types: torch
 
 class PartConsistency(Metric):
     """update(maps (B, m, h, w), units (B, m) unit ids, part_masks (B, P, H, W) bool, part_types (B, P),
-    noisy_maps (B, m, h, w) or None: the same units on the noisy images). compute() -> {"consistency",
-    "stability", "iou"} over the units scored at least once.
+    noisy_maps (B, m, h, w) or None: the same units on the noisy images, geometry: where the maps' cells sit in the
+    masks' pixels, `MapGeometry` or None for an even spread). compute() -> {"consistency", "stability", "iou"} over
+    the units scored at least once.
 
     Args:
         num_units: U, the ids units take; num_part_types: T (the parts world: 36).
@@ -81,20 +86,20 @@ class PartConsistency(Metric):
         self.add_state("noisy_images", default=torch.zeros(num_units), dist_reduce_fx="sum")
 
     def update(self, maps: torch.Tensor, units: torch.Tensor, part_masks: torch.Tensor, part_types: torch.Tensor,
-               noisy_maps: torch.Tensor | None = None) -> None:
+               noisy_maps: torch.Tensor | None = None, geometry: MapGeometry | None = None) -> None:
         if maps.ndim != 4 or units.shape != maps.shape[:2] or part_masks.ndim != 4 or len(part_masks) != len(maps):
             raise ValueError(f"Expected maps (B, m, h, w), units (B, m) and part_masks (B, P, H, W); got "
                              f"{tuple(maps.shape)}, {tuple(units.shape)} and {tuple(part_masks.shape)}.")
         size = part_masks.shape[-2:]
         masks = part_masks.flatten(2).bool()
-        hit, iou = part_hits(activated_regions(maps, size, self.quantile), masks, part_types, self.num_part_types)
+        hit, iou = part_hits(activated_regions(maps, size, self.quantile, geometry), masks, part_types, self.num_part_types)
         units, hit = units.flatten(), hit.flatten()
         ones = torch.ones_like(units, dtype=self.images.dtype)
         self.hits.index_put_((units, hit), ones, accumulate=True)
         self.iou.index_add_(0, units, iou.flatten().to(self.iou.dtype))
         self.images.index_add_(0, units, ones)
         if noisy_maps is not None:
-            noisy_hit, _ = part_hits(activated_regions(noisy_maps, size, self.quantile), masks, part_types,
+            noisy_hit, _ = part_hits(activated_regions(noisy_maps, size, self.quantile, geometry), masks, part_types,
                                      self.num_part_types)
             self.stable.index_add_(0, units, (noisy_hit.flatten() == hit).to(ones.dtype))
             self.noisy_images.index_add_(0, units, ones)

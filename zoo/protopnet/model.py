@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.backbones import TINY_CNN, Backbone
+from zoo.backbones import TINY_CNN, Backbone, cells_to_pixels, model_map_geometry
 from zoo.checks import check_new_head
 from zoo.registry import register_model
 
@@ -51,9 +51,9 @@ def similarity(distances: torch.Tensor, eps: float = EPSILON) -> torch.Tensor:
 class PrototypeLayer(nn.Module):
     """The P prototypes (P, D), class by class (class c owns rows [c*m, (c+1)*m)), and where push found each one:
     `source_index` (P,) the training image (-1 before any push), `source_position` (P, 2) the latent cell (row,
-    column) and `source_box` (P, 4) that cell's footprint in image pixels, xyxy: the image area the latent cell
-    covers (image size / map size per cell), not its receptive field, nor the paper's 95th-percentile box of the
-    upsampled similarity map."""
+    column) and `source_box` (P, 4) that cell's footprint in image pixels, xyxy: one cell's share of the image
+    (image size / map size) centred on the cell's receptive-field centre (`zoo.protopnet.push.apply_push`), not its
+    whole receptive field, nor the paper's 95th-percentile box of the upsampled similarity map."""
 
     def __init__(self, num_classes: int, per_class: int, channels: int) -> None:
         super().__init__()
@@ -172,10 +172,11 @@ class ProtoPNet(nn.Module):
         return torch.einsum("bu,buhw->bhw", weights, out["unit_maps"])
 
     def own_explanation(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """What `zoo.explain(model, images)` ("own") shows: `class_map` upsampled to the image, (B, H, W), its
-        negative parts (evidence against the class) clipped as for a class activation map."""
-        maps = self.class_map(self(inputs), target)[:, None]  # (B, 1, h, w)
-        return F.interpolate(maps, size=inputs.shape[-2:], mode="bilinear", align_corners=False)[:, 0].relu()
+        """What `zoo.explain(model, images)` ("own") shows: `class_map` upsampled to the image, (B, H, W), each cell
+        at its receptive-field centre (`cells_to_pixels`, as the part metrics place it), its negative parts (evidence
+        against the class) clipped as for a class activation map."""
+        maps = self.class_map(self(inputs), target)  # (B, h, w)
+        return cells_to_pixels(maps, inputs.shape[-2:], model_map_geometry(self, inputs.shape[-2:])).relu()
 
     # --------------------------------------------------------------------------- the zoo's classifier head API
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from zoo.backbones import MapGeometry
 from zoo.protopnet.model import ProtoPNet
 
 
@@ -78,18 +79,28 @@ def keep_nearest(found: dict[str, torch.Tensor], all_gather: Callable[[torch.Ten
 
 
 @torch.no_grad()
-def apply_push(model: ProtoPNet, found: dict[str, torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
+def apply_push(model: ProtoPNet, found: dict[str, torch.Tensor], image_size: tuple[int, int],
+               geometry: MapGeometry | None = None) -> torch.Tensor:
     """Move each prototype that found a patch onto it and record its source image, latent cell and that cell's box
-    in image pixels (xyxy). Returns the distance each moved by, (P,) (NaN where its class had no training image)."""
+    in image pixels (xyxy): one cell's size (image size / map size) centred on the cell's receptive-field centre
+    (`geometry`, the backbone's measured `MapGeometry`; without it, the cell's even share of the image), clipped to
+    the image. Returns the distance each moved by, (P,) (NaN where its class had no training image)."""
     layer = model.prototypes
     found_one = torch.isfinite(found["distance"])  # (P,)
     old = layer.vectors.detach().float().clone()
     layer.vectors.copy_(torch.where(found_one[:, None], found["vector"], old).to(layer.vectors.dtype))
     layer.source_index.copy_(torch.where(found_one, found["source_index"], layer.source_index))
     layer.source_position.copy_(torch.where(found_one[:, None], found["source_position"], layer.source_position))
-    cell = torch.tensor(image_size, device=old.device) / found["size"]  # (2,) pixels per latent cell, (y, x)
-    row, column = found["source_position"].unbind(1)
-    box = torch.stack([column * cell[1], row * cell[0], (column + 1) * cell[1], (row + 1) * cell[0]], 1)
+    size = torch.tensor(image_size, device=old.device, dtype=torch.float32)  # (2,) (H, W)
+    cell = size / found["size"]  # (2,) pixels per latent cell, (y, x)
+    position = found["source_position"].float()  # (P, 2) row, column
+    if geometry is None:
+        centre = (position + 0.5) * cell
+    else:
+        centre = torch.tensor(geometry.offset, device=old.device) + position * torch.tensor(geometry.stride,
+                                                                                            device=old.device)
+    low, high = (centre - cell / 2).clamp(min=0), torch.minimum(centre + cell / 2, size)  # (P, 2) y, x
+    box = torch.stack([low[:, 1], low[:, 0], high[:, 1], high[:, 0]], 1)  # (P, 4) xyxy
     layer.source_box.copy_(torch.where(found_one[:, None], box, layer.source_box))
     moved = (layer.vectors.float() - old).norm(dim=1)
     return torch.where(found_one, moved, torch.full_like(moved, float("nan")))

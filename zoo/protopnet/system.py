@@ -8,6 +8,7 @@ import torch
 from pytorch_lightning.utilities.seed import isolate_rng
 from torchmetrics.classification import MulticlassAccuracy
 
+from zoo.backbones import model_map_geometry
 from zoo.checks import batch_field
 from zoo.engine import ZooSystem
 from zoo.protopnet.metrics import PartConsistency, image_noise
@@ -94,8 +95,9 @@ class ProtoPNetSystem(ZooSystem):
         finally:
             self.train(self.training)
         found = keep_nearest(found, self.all_gather, trainer.world_size)
-        image_size = self.hparams.image_size or 1
-        apply_push(self.model, found, (image_size, image_size))
+        image_size = self.hparams.image_size
+        geometry = model_map_geometry(self.model, image_size) if image_size else None
+        apply_push(self.model, found, (image_size or 1, image_size or 1), geometry)
         pushed = torch.isfinite(found["distance"])
         self.log("push/distance", found["distance"][pushed].mean(), on_step=False, on_epoch=True)
         self.log("push/pushed", pushed.float().mean(), on_step=False, on_epoch=True)
@@ -129,9 +131,12 @@ class ProtoPNetSystem(ZooSystem):
             return
         units = self.model.class_units()[batch[self.target_key]]  # (B, m) the units of each image's class
         maps = self.unit_maps_of(out["unit_maps"].detach(), units)
+        images, masks = batch_field(batch, self.input_key), batch["part_masks"]
         noisy = None
         if self.stability_noise > 0:
-            images = batch_field(batch, self.input_key)
             noise = self.stability_noise_for(images, batch)  # (B, C, H, W)
             noisy = self.unit_maps_of(self.model(images + self.stability_noise * noise)["unit_maps"], units)
-        self.log_metric(stage, "parts", maps, units, batch["part_masks"], batch["part_types"], noisy)
+        geometry = model_map_geometry(self.model, images.shape[-2:])  # the cells at their receptive-field centres
+        if geometry is not None and masks.shape[-2:] != images.shape[-2:]:
+            geometry = geometry.resized(images.shape[-2:], masks.shape[-2:])
+        self.log_metric(stage, "parts", maps, units, masks, batch["part_types"], noisy, geometry)
