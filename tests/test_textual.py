@@ -763,3 +763,62 @@ def test_sentences_without_bos_or_one_per_image_are_named_and_a_weightless_expla
     with pytest.raises(ValueError, match="do not start with the start token"):
         sentence_classifier_batch_loss(system.sentence_classifier, {**batch, "captions": captions[..., 1:]},
                                        "captions", "label")
+
+
+def stage_two_fit(stage, name: str, *extra: str, command: str = "fit"):
+    """`train.py fit` (or `command`) of configs/textual/explanation.yaml from the stage-1 file `stage` (hidden 16, one
+    training and one validation batch per epoch) in the run folder checkpoints/<name>."""
+    from tests.conftest import REPO
+    from train import main
+
+    return main([command, "--config", str(REPO / "configs" / "textual" / "explanation.yaml"), *SMALL,
+                 "--model.init_args.hidden=16", f"--model.init_args.init_checkpoint={stage}",
+                 "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+                 f"--trainer.logger.init_args.name={name}", *extra])
+
+
+def test_a_stage_two_run_resumes_from_last_without_the_stage_one_and_helper_files(in_tmp_dir) -> None:
+    """`fit --ckpt_path last` of a stage-2 run read its stage-1 file (and its sentence_classifier_checkpoint)
+    although last.ckpt replaces every weight, so a run whose stage-1 folder had moved could not resume; with a
+    last checkpoint it now builds as `--ckpt_path FILE` does, trains no helper for nothing, and ends bit-identical to
+    the run that never stopped."""
+    from tests.test_resume import differing_tensors
+
+    stage, judge = in_tmp_dir / "stage.ckpt", in_tmp_dir / "judge.ckpt"
+    saved_stage(stage, 0, variant="explanation-label", vocab_size=25)
+    saved_stage(judge, 1, variant="description", vocab_size=25)
+    helper = f"--model.init_args.sentence_classifier_checkpoint={judge}"
+    stage_two_fit(stage, "whole", helper, "--trainer.max_epochs=2")
+    stage_two_fit(stage, "stopped", helper)  # one of the two epochs, then the stage-1 run folder is moved away
+    moved = in_tmp_dir / "moved"
+    moved.mkdir()
+    stage.rename(moved / stage.name), judge.rename(moved / judge.name)
+    stage_two_fit(stage, "stopped", helper, "--trainer.max_epochs=2", "--ckpt_path=last")
+    run = in_tmp_dir / "checkpoints" / "stopped"
+    assert not (run / "auxiliary").exists()  # the restore brings the helpers: none was trained for nothing
+    whole = torch.load(in_tmp_dir / "checkpoints" / "whole" / "checkpoints" / "last.ckpt", weights_only=True)
+    again = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert again["global_step"] == whole["global_step"] == 2
+    differ = differing_tensors(whole, again)
+    assert not differ, f"{len(differ)} of {len(whole['state_dict'])} tensors differ: {differ[:8]}"
+    validated = stage_two_fit(stage, "stopped", helper, "--ckpt_path=last", command="validate")  # the same rule
+    assert validated.trainer.callback_metrics["val/acc"] >= 0
+
+
+def test_ckpt_path_last_without_a_last_checkpoint_starts_from_the_stage_one_file(in_tmp_dir) -> None:
+    """With no last checkpoint, `--ckpt_path last` starts the run afresh (Lightning's warning): from its stage-1
+    file, which it still needs, to the same weights as a run without --ckpt_path."""
+    from tests.test_resume import differing_tensors
+
+    stage = in_tmp_dir / "stage.ckpt"
+    saved_stage(stage, 0, variant="explanation-label", vocab_size=25)
+    stage_two_fit(stage, "plain")
+    with pytest.warns(UserWarning, match="no last checkpoint available"):
+        stage_two_fit(stage, "fresh", "--ckpt_path=last")
+    plain, fresh = (torch.load(in_tmp_dir / "checkpoints" / name / "checkpoints" / "last.ckpt", weights_only=True)
+                    for name in ("plain", "fresh"))
+    differ = differing_tensors(plain, fresh)
+    assert not differ, f"{len(differ)} of {len(plain['state_dict'])} tensors differ: {differ[:8]}"
+    stage.unlink()
+    with pytest.raises(ValueError, match="does not exist"):
+        stage_two_fit(stage, "missing", "--ckpt_path=last")

@@ -32,8 +32,9 @@ class CheckpointError(ValueError):
 @contextmanager
 def checkpoint_replaces_weights() -> Iterator[None]:
     """Build models whose every weight a checkpoint replaces next (`load_from_checkpoint`, `--ckpt_path FILE`,
-    compare's `checkpoint:`): a backbone's `pretrained_path` is not read, so the ImageNet file the run started from
-    may have moved or gone (and a 500 MB file is not read for nothing). Its load report says so."""
+    `--ckpt_path last` where a last checkpoint exists, compare's `checkpoint:`): a backbone's `pretrained_path` is
+    not read, so the ImageNet file the run started from may have moved or gone (and a 500 MB file is not read for
+    nothing). Its load report says so."""
     token = _CHECKPOINT_REPLACES_WEIGHTS.set(True)
     try:
         yield

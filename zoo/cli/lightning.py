@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import pytorch_lightning as pl
+import torch
 import yaml
+from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.plugins.io import TorchCheckpointIO
@@ -112,6 +117,35 @@ def warn_unnormalised_pretrained(system: Any, datamodule: Any) -> None:
 CKPT_PATH_KEYWORDS = ("last", "best", "hpc")  # Lightning's own --ckpt_path names, not files
 
 
+def last_checkpoint(trainer: pl.Trainer, subcommand: str | None) -> str | None:
+    """The file `--ckpt_path last` restores for `trainer` running `subcommand` (Lightning's own resolution: the
+    newest last checkpoint of its checkpoint callbacks' folders), None where there is none: the run then starts
+    afresh, which Lightning warns about when the command runs (not here as well)."""
+    from pytorch_lightning.trainer.states import TrainerFn
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        found = trainer._checkpoint_connector._parse_ckpt_path(TrainerFn(subcommand or "fit"), "last",
+                                                               model_provided=True, model_connected=False)
+    return None if found is None else str(found)
+
+
+def prepare_fit_auxiliaries(system: Any, trainer: pl.Trainer, datamodule: Any, restores_checkpoint: bool) -> None:
+    """`zoo.engine.prepare_auxiliaries` before a fit. A fit that restores a checkpoint takes every prepared auxiliary's
+    weights and ready flag from it: those it would load or train are marked ready first, so that none reads its own
+    file (a sentence_classifier_checkpoint that may have moved) or is trained only to be overwritten; preparation
+    then only freezes them, as it did in the run that wrote the checkpoint."""
+    from zoo.engine import prepare_auxiliaries
+
+    if not hasattr(system, "auxiliaries"):
+        return
+    if restores_checkpoint:
+        for aux in system.auxiliaries():
+            if aux.checkpoint is not None or aux.epochs > 0:  # one never loaded nor trained stays unprepared
+                aux.ready_flag(system).fill_(True)
+    prepare_auxiliaries(system, trainer, datamodule)
+
+
 class ReadableCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint reader with a clear error: a file it cannot read (cut short by a full disk or an
     interrupted copy) raises a CheckpointError naming the file and what to do. `--ckpt_path last` / `best` are
@@ -136,6 +170,8 @@ class ZooCLI(LightningCLI):
     ModelCheckpoint, seed 0. Also: `*_kwargs` mappings given on the command line merge with the config's; a
     datamodule's `mean: pretrained` takes the model's backbone's pretrained mean/std; `predict` writes
     predictions.csv and explanation pictures (`zoo.cli.predict.PredictionWriter`) unless another writer is set."""
+
+    restores_checkpoint = False  # whether the command's --ckpt_path replaces every weight (`instantiate_classes`)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -190,8 +226,6 @@ class ZooCLI(LightningCLI):
         if self.subcommand in ("validate", "test", "predict"):  # fit, and compare / ablate runs, write it
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]
         if self.subcommand == "fit" and trainer.logger is None and not trainer.fast_dev_run:
-            from pathlib import Path
-
             from pytorch_lightning.utilities import rank_zero_warn
 
             rank_zero_warn(f"--trainer.logger=false: this run has no run folder of its own; its checkpoints go to "
@@ -208,20 +242,34 @@ class ZooCLI(LightningCLI):
         """A class refusing its arguments (a data folder that does not exist) raises its own error, marked as a
         configuration error, instead of jsonargparse's wrapper that repeats it inside a union-type message. Then a
         datamodule's `mean: pretrained` is resolved with the model's backbone (its pretrained mean and std), and a
-        backbone loaded from a weight file fed unnormalised images is warned about (`warn_unnormalised_pretrained`)."""
-        from contextlib import nullcontext
-        from pathlib import Path
+        backbone loaded from a weight file fed unnormalised images is warned about (`warn_unnormalised_pretrained`).
 
+        A checkpoint that replaces every weight (`--ckpt_path FILE`, or `last` where a last checkpoint exists) is
+        restored into models built inside `checkpoint_replaces_weights`: the files that only give starting weights
+        (a backbone's pretrained_path, a textual stage-1 init_checkpoint) are not read, so a run resumes after they
+        have moved. Lightning resolves `last` with the Trainer, which is built after the model: the classes are built
+        as for a checkpoint, and built again, from the same random state, where `last` finds none (the run starts
+        afresh, from its starting weights)."""
         from zoo.weights import checkpoint_replaces_weights
 
         _, ckpt_path = self._subcommand_and_ckpt_path()
-        # a checkpoint file replaces every weight: the model's pretrained_path (maybe gone since) is not read. Not for
-        # `last` / `best`, which may resolve to nothing and then need the pretrained weights
-        replaced = checkpoint_replaces_weights() if ckpt_path and Path(str(ckpt_path)).is_file() else nullcontext()
-        with configuration_phase(), replaced:
+        if str(ckpt_path) != "last":
+            self.restores_checkpoint = bool(ckpt_path) and Path(str(ckpt_path)).is_file()
+            self._instantiate(checkpoint_replaces_weights() if self.restores_checkpoint else nullcontext())
+        else:
+            random_state = _collect_rng_states(include_cuda=torch.cuda.is_initialized())  # never starts CUDA
+            self._instantiate(checkpoint_replaces_weights())
+            self.restores_checkpoint = last_checkpoint(self.trainer, self.subcommand) is not None
+            if not self.restores_checkpoint:
+                _set_rng_states(random_state)
+                self._instantiate(nullcontext())
+        warn_unnormalised_pretrained(self.model, self.datamodule)
+
+    def _instantiate(self, weights: AbstractContextManager) -> None:
+        """LightningCLI's model, data and trainer, built inside `weights` (a `checkpoint_replaces_weights` or not)."""
+        with configuration_phase(), weights:
             super().instantiate_classes()
             self.resolve_pretrained_mean()
-        warn_unnormalised_pretrained(self.model, self.datamodule)
 
     def resolve_pretrained_mean(self) -> None:
         """A datamodule's `mean: pretrained` resolved with the model's backbone (a backbone without a timm config:
@@ -235,11 +283,9 @@ class ZooCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Auxiliary models (L2X's black box, the textual sentence classifier) are trained before the fit is
-        launched, so a distributed run trains them with its own strategy."""
-        from zoo.engine import prepare_auxiliaries
-
-        if hasattr(self.model, "auxiliaries"):
-            prepare_auxiliaries(self.model, self.trainer, self.datamodule)
+        launched, so a distributed run trains them with its own strategy; a resumed fit takes them from its checkpoint
+        (`prepare_fit_auxiliaries`)."""
+        prepare_fit_auxiliaries(self.model, self.trainer, self.datamodule, self.restores_checkpoint)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning copies a `--ckpt_path` checkpoint's hyperparameters over the config; refuse first, naming both,
@@ -268,8 +314,6 @@ class ParsedCLI(ZooCLI):
 
 def fit(cli: LightningCLI, ckpt_path: str | None = None) -> None:
     """`trainer.fit` of a CLI's model and data, its auxiliary models prepared first (with the run's strategy)."""
-    from zoo.engine import prepare_auxiliaries
-
-    if hasattr(cli.model, "auxiliaries"):
-        prepare_auxiliaries(cli.model, cli.trainer, cli.datamodule)
+    restores = ckpt_path is not None and Path(ckpt_path).is_file()
+    prepare_fit_auxiliaries(cli.model, cli.trainer, cli.datamodule, restores)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)

@@ -128,7 +128,9 @@ class TextualSystem(ZooSystem):
     `init_checkpoint` gives the generator (and the auxiliaries that have no checkpoint of their own: a given
     `encoder_checkpoint` / `sentence_classifier_checkpoint` wins, so one judge can serve a whole ablation). It is
     not read where a checkpoint restore replaces every weight next (`zoo.weights.checkpoint_replaces_weights`:
-    `validate` / `test` / `predict` / `fit --ckpt_path FILE`, `load_from_checkpoint`): the stage-1 file may be gone.
+    `validate` / `test` / `predict` / `fit --ckpt_path FILE`, `--ckpt_path last` where a last checkpoint exists,
+    `load_from_checkpoint`): the stage-1 file may be gone. Nor is a helper's own checkpoint on a resumed fit
+    (`zoo.cli.lightning.prepare_fit_auxiliaries`): the restore brings the helpers too.
 
     `vocabulary`: the data's words by token id, recorded at fit start from the datamodule's `vocabulary` (saved in
     the checkpoint's hyperparameters and in the model's `model_kwargs`, so an export decodes its own sentences);
