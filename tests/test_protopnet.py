@@ -245,6 +245,18 @@ def test_the_system_scores_parts_with_the_backbones_geometry(monkeypatch: pytest
     assert seen and seen[-1] == model_map_geometry(system.model, (64, 64)).resized((64, 64), (32, 32))
 
 
+@pytest.mark.parametrize("head", ["prototypes", "linear"])
+def test_a_bf16_model_explains_and_scores_in_its_weights_dtype(head: str) -> None:
+    """A model whose weights are bf16 (`model.bfloat16()`, Lightning's "bf16-true") runs its add-on layers in bf16
+    (not float32, which its bf16 weights refuse), so it predicts and its own map explains it."""
+    net = model(head=head).bfloat16().eval()
+    images = torch.rand(2, 3, 64, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = net(images)
+    assert out["latent"].dtype == torch.bfloat16 and torch.isfinite(out["logits"].float()).all()
+    assert zoo.explain(net, images, "own", target=torch.tensor([0, 1])).shape == (2, 64, 64)
+
+
 def test_twin_scores_its_top_weighted_channels() -> None:
     twin = model(head="linear", add_on=False)
     with torch.no_grad():

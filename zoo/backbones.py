@@ -154,8 +154,8 @@ class Backbone(nn.Module):
         size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         cache = self.__dict__.setdefault("_geometry_cache", {})
         if size not in cache:
-            device = next((p.device for p in self.parameters()), torch.device("cpu"))
-            cache[size] = trace_map_geometry(self, torch.zeros(1, self.in_chans, *size, device=device))
+            weight = next(self.parameters(), torch.zeros(()))  # the dry run in the weights' device and dtype
+            cache[size] = trace_map_geometry(self, weight.new_zeros(1, self.in_chans, *size))
         return cache[size]
 
     @property

@@ -132,9 +132,12 @@ class ProtoPNet(nn.Module):
         """z = add_on(features) (B, D, h, w), in float32 with autocast off: the distances are float32, and push
         (float32) puts each prototype on a latent patch, so under bf16 autocast a bf16 Sigmoid output would put
         every prototype about 4e-5 (median squared distance) away from its own source patch. Two 1x1 convs on the
-        top map: the backbone's features alone are bf16."""
-        with torch.autocast(features.device.type, enabled=False):  # bf16 / fp16 up to float32, float64 kept
-            return self.add_on(features.to(torch.promote_types(features.dtype, torch.float32)))
+        top map: the backbone's features alone are bf16. A model whose weights are themselves bf16 (`model.bfloat16()`,
+        Lightning's "bf16-true") runs them in its weights' dtype."""
+        weight = next(self.add_on.parameters(), None)
+        with torch.autocast(features.device.type, enabled=False):  # in the weights' dtype: float32 under autocast
+            return self.add_on(features.to(torch.promote_types(features.dtype, torch.float32) if weight is None
+                                           else weight.dtype))
 
     @property
     def num_units(self) -> int:
