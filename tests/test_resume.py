@@ -94,14 +94,31 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_final_state(family: str, tmp
     assert not differ, f"{len(differ)} of {len(whole_state['state_dict'])} tensors differ: {differ[:8]}"
 
 
-@pytest.mark.parametrize("family", ["baselines", "l2x"])
+# Families whose epochs differ (stages, set_epoch schedules), resumed inside their last epoch: the epoch's stage must
+# be entered again (Lightning skips `on_train_epoch_start` there). Killed at step 11, resumed from step 10.
+INSIDE_STAGE_CASES = {
+    "protopnet": ("configs/protopnet/parts_world.yaml", [  # inside last_layer, after its push
+        *WORLD, "--data.init_args.num_classes=4", "--model.init_args.model_kwargs.prototypes_per_class=2",
+        "--model.init_args.stages=[{name: warm_up, epochs: 1, train: [add_on, prototypes], losses: [loss_task]}, "
+        "{name: joint, epochs: 1, train: [backbone, add_on, prototypes], losses: [loss_task, loss_cluster]}, "
+        "{name: last_layer, epochs: 1, train: [last_layer], losses: [loss_task, loss_l1], lr_scale: 0.5}]"]),
+    "cbm_sequential": ("configs/cbm/sequential.yaml", [  # inside the task stage: g trains, f frozen in eval mode
+        *WORLD, "--model.init_args.stages=[{name: concepts, epochs: 2, train: [backbone, concept_head], losses: "
+        "[loss_concept]}, {name: task, epochs: 1, train: [task_head], losses: [loss_task]}]"]),
+}
+
+
+@pytest.mark.parametrize("family", ["baselines", "l2x", *INSIDE_STAGE_CASES])
 def test_a_run_resumed_from_a_checkpoint_written_inside_an_epoch_ends_the_same(family: str, tmp_path: Path) -> None:
-    """Validation every 2 of an epoch's 4 steps writes last.ckpt inside epochs; killed at step 7, the run resumes
-    from step 6, half-way through epoch 1. Lightning's loaders restarted the epoch's iterator there, drawing its
-    remaining batches anew (20 of L2X's tensors differed); the training loaders now resume mid-epoch."""
-    config, extra = RESUME_CASES[family]
+    """Validation every 2 of an epoch's 4 steps writes last.ckpt inside epochs; killed at step 7 (11 for the staged
+    families), the run resumes from step 6 (10), half-way through epoch 1 (2). Lightning's loaders restarted the
+    epoch's iterator there, drawing its remaining batches anew (20 of L2X's tensors differed): the training loaders
+    now resume mid-epoch. And it did not enter the epoch's stage: ProtoPNet's pushed prototypes drifted off their
+    patches under warm-up's terms, a sequential CBM trained its concept model in the task stage."""
+    config, extra = INSIDE_STAGE_CASES.get(family) or RESUME_CASES[family]
+    kill = 11 if family in INSIDE_STAGE_CASES else 7
     whole_state, again, resumed_err = kill_and_resume(
-        tmp_path, config, [*extra, "--trainer.val_check_interval=2"], 7, 6)  # step 6: inside epoch 1 (steps 4-7)
+        tmp_path, config, [*extra, "--trainer.val_check_interval=2"], kill, kill - 1)  # inside the epoch's 4 steps
     assert "not resumable" not in resumed_err  # Lightning's warning for a loader restarted mid-epoch
     assert again["global_step"] == whole_state["global_step"] == 12
     differ = differing_tensors(whole_state, again)

@@ -417,7 +417,24 @@ class ZooSystem(pl.LightningModule):
                                    "zoo.engine.prepare_auxiliaries(system, trainer, datamodule) first (train.py does).")
             prepare_auxiliaries(self, self.trainer, self.trainer.datamodule)
 
+    def on_train_start(self) -> None:
+        """A run resumed from a checkpoint written inside an epoch (or at its end, before the epoch closed) goes on
+        without `on_train_epoch_start` (Lightning calls it only when an epoch starts): the epoch's stage, frozen
+        modules and epoch schedules are entered here instead, or the rest of the epoch would train stage 0's
+        modules on stage 0's loss terms (a pushed prototype drifting off its patch; a sequential CBM's concept
+        model trained in its task stage)."""
+        loop = self.trainer.fit_loop
+        if loop.restarted_mid_epoch or loop.restarted_on_epoch_end:
+            self.enter_epoch()
+
     def on_train_epoch_start(self) -> None:
+        for name, value in self.enter_epoch().items():
+            self.log(f"schedule/{name}", value, on_step=False, on_epoch=True)
+
+    def enter_epoch(self) -> dict[str, float]:
+        """Enter the current epoch's stage (trainable and frozen submodules, settings, learning-rate scale), the
+        backbone's freezing and every `set_epoch` schedule; returns what to log. Idempotent: a resumed run enters the
+        epoch it resumes inside (`on_train_start`) as a run that never stopped entered it."""
         optimizer = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
         logged = self.schedule.start_epoch(self.model, optimizer, self.current_epoch)
         if self.backbone_frozen():
@@ -426,8 +443,7 @@ class ZooSystem(pl.LightningModule):
             backbone_of(self.model).requires_grad_(True)  # unfrozen; a stage that names what it trains decides
         logged |= epoch_schedules({"model": self.model, "loss": self.loss}, self.current_epoch)
         self.train(self.training)  # frozen submodules back to eval mode
-        for name, value in logged.items():
-            self.log(f"schedule/{name}", value, on_step=False, on_epoch=True)
+        return logged
 
     def train(self, mode: bool = True) -> "ZooSystem":
         super().train(mode)

@@ -217,8 +217,12 @@ class L2XSystem(ZooSystem):
     # ------------------------------------------------------------------------------------------- readiness
     def on_train_start(self) -> None:
         self.require_black_box()
+        super().on_train_start()
 
-    on_validation_start = on_test_start = on_predict_start = on_train_start
+    def on_validation_start(self) -> None:
+        self.require_black_box()
+
+    on_test_start = on_predict_start = on_validation_start
 
     def require_black_box(self) -> None:
         if not self.black_box_ready:
