@@ -543,6 +543,11 @@ def test_mistyped_options_and_yaml_keys_get_a_did_you_mean(in_tmp_dir: Path, cap
         main(["fit", "--config", "loss_typo.yaml"])
     error = capsys.readouterr().err
     assert "did you mean 'weight'?" in error and "the key 'wieght' is in loss_typo.yaml" in error
+    (in_tmp_dir / "sub").mkdir()  # a config in a subfolder: jsonargparse parses it from inside that folder
+    (in_tmp_dir / "sub" / "loss_typo.yaml").write_text((in_tmp_dir / "loss_typo.yaml").read_text())
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "sub/loss_typo.yaml"])
+    assert "the key 'wieght' is in sub/loss_typo.yaml" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # a prefix of an option: a typo too, not argparse's abbreviation
         main(["fit", "--config", str(config), "--trainer.max_epoch", "1", "--trainer.fast_dev_run=true"])
     error = capsys.readouterr().err

@@ -76,13 +76,15 @@ def configuration_phase() -> Iterator[None]:
         raise mark(root_cause(error)) from None
 
 
-def config_files(args: list[str]) -> list[Path]:
-    """The config files named on a command line (`--config x`, `--config=x`, `-c x`) that exist."""
+def config_files(args: list[str], cwd: Path | None = None) -> list[Path]:
+    """The config files named on a command line (`--config x`, `--config=x`, `-c x`) that exist, relative paths read
+    from `cwd` (the directory the command ran in: jsonargparse parses a config file from inside its folder, so the
+    working directory may have moved by the time a key of it is refused). Each as named on the command line."""
     files = []
     for index, arg in enumerate(args):
         value = arg.split("=", 1)[1] if arg.startswith("--config=") else (
             args[index + 1] if arg in ("--config", "-c") and index + 1 < len(args) else None)
-        if value is not None and Path(value).is_file():
+        if value is not None and ((cwd or Path()) / value).is_file():
             files.append(Path(value))
     return files
 
@@ -98,12 +100,13 @@ def dotted_keys(config: Any, prefix: str = "") -> Iterator[str]:
             yield from dotted_keys(value, prefix)
 
 
-def files_with_key(key: str, args: list[str]) -> list[Path]:
-    """The config files of `args` holding `key` (dotted; or as the last part of a longer dotted key)."""
+def files_with_key(key: str, args: list[str], cwd: Path | None = None) -> list[Path]:
+    """The config files of `args` (relative to `cwd`) holding `key` (dotted; or as the last part of a longer dotted
+    key), as named on the command line."""
     found = []
-    for path in config_files(args):
+    for path in config_files(args, cwd):
         try:
-            keys = set(dotted_keys(yaml.safe_load(path.read_text())))
+            keys = set(dotted_keys(yaml.safe_load(((cwd or Path()) / path).read_text())))
         except yaml.YAMLError:
             continue
         if any(k == key or k.endswith(f".{key}") for k in keys):
@@ -124,8 +127,9 @@ def init_parameters(class_path: str) -> list[str]:
     return keyword_arguments(cls)
 
 
-def suggestion(message: str, parser: Any, args: list[str]) -> str:
-    """ "did you mean ...?" for the option or key the message refuses, and the config file that holds it."""
+def suggestion(message: str, parser: Any, args: list[str], cwd: Path | None = None) -> str:
+    """ "did you mean ...?" for the option or key the message refuses, and the config file that holds it (`args`'
+    relative paths read from `cwd`)."""
     option = re.search(r"Option '([^']+)' is not accepted", message)
     subcommand = re.search(r"(?:Subcommand '[^']+'|Group '[^']+') does not accept option '([^']+)'", message)
     unrecognized = re.search(r"unrecognized arguments: --([^\s=]+)", message)  # a command-line option's typo
@@ -148,7 +152,7 @@ def suggestion(message: str, parser: Any, args: list[str]) -> str:
             last, [c.removeprefix(f"{group}.") for c in candidates if c.startswith(f"{group}.")], n=1, cutoff=0.6)]
     dashes = "--" if unrecognized and not (subcommand or option) else ""
     lines = [f"did you mean '{dashes}{close[0]}'?" if close else (where and f"({where})")]
-    files = files_with_key(bad, args)
+    files = files_with_key(bad, args, cwd)
     if files:
         lines.append(f"the key {bad!r} is in {', '.join(str(f) for f in files)}")
     return "\n".join(line for line in lines if line)
@@ -171,6 +175,7 @@ class ZooArgumentParser(LightningArgumentParser):
 
     def parse_args(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
         self.zoo_args = list(sys.argv[1:] if args is None else args)  # to find the config file of a mistyped key
+        self.zoo_cwd = Path.cwd()  # where their relative paths start
         return super().parse_args(args, *rest, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
@@ -178,7 +183,7 @@ class ZooArgumentParser(LightningArgumentParser):
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        hint = suggestion(message, parser, getattr(self, "zoo_args", sys.argv[1:]))
+        hint = suggestion(message, parser, getattr(self, "zoo_args", sys.argv[1:]), getattr(self, "zoo_cwd", None))
         sys.stderr.write(f"{prog}: error: {clean(message)}\n" + (f"{hint}\n" if hint else "")
                          + f"tip: {prog} --help lists every option\n")
         sys.exit(2)
