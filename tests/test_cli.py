@@ -98,7 +98,7 @@ def test_compare_writes_reports_with_part_metrics(in_tmp_dir: Path) -> None:
     assert all({"location_instability", "part_iou"} <= set(row) for row in rows)
     with open(report / "explanations.csv") as f:
         explained = list(csv.DictReader(f))
-    methods = {"cam", "saliency", "integrated_gradients", "layer_gradcam", "occlusion"}
+    methods = {"cam", "saliency", "integrated_gradients", "layer_gradcam", "occlusion", "random"}
     assert {(r["run"], r["method"]) for r in explained} == {(run, m) for run in ("icnn", "opaque_twin", "plain_cnn")
                                                             for m in methods}
     assert all(0 <= float(r["deletion_auc"]) <= 1 and 0 <= float(r["mass_in_parts"]) <= 1 for r in explained)

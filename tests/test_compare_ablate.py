@@ -153,3 +153,30 @@ def test_a_twin_of_another_system_is_not_given_the_familys_options(capsys: pytes
     assert for_the_runs_system("l2x", {"config": "x.yaml"}, extra) == extra
     assert for_the_runs_system("twin", {"config": "x.yaml", "args": ["--model.init_args.loss.init_args.weight=0"]},
                                extra) == extra
+
+
+@pytest.mark.parametrize("explain, said", [
+    ({"methods": ["cam", "grad_cam"]}, ("explain.methods names 'grad_cam', which does not exist (did you mean "
+                                        "'layer_gradcam'")),
+    ({"num_images": 4, "num_image": 2}, "explain has no key 'num_image' (did you mean 'num_images'"),
+    ({"metrics": ["deletion", "pointing"]}, "explain.metrics names 'pointing', which does not exist"),
+    ({"num_images": 0}, "explain.num_images must be a whole number >= 1; got 0"),
+])
+def test_compare_checks_the_explain_block_before_the_first_run_trains(
+        in_tmp_dir: Path, capsys: pytest.CaptureFixture, explain: dict, said: str) -> None:
+    """`methods: [cam, grad_cam]` trained run a, then failed with a traceback and run b never ran; a mistyped key
+    (`num_image`) was ignored. Now said once, before anything trains."""
+    spec = {"compare": {"name": "typo", "args": [*SMALL_WORLD, "--trainer.max_epochs=1"], "explain": explain,
+                        "runs": {"a": {"config": BASELINE}, "b": {"config": BASELINE}}}}
+    (in_tmp_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    error = said_once(capsys, ["compare", "--config", "spec.yaml"])
+    assert error.startswith("train.py: error: compare spec: ") and said in error, error
+    assert not (in_tmp_dir / "checkpoints").exists()  # no run trained
+
+
+def test_compare_takes_every_explain_method_and_the_own_map_by_either_name() -> None:
+    from zoo.explain.scores import DEFAULT_METHODS, KNOWN_METHODS, check_explain_settings
+
+    check_explain_settings({"methods": [*DEFAULT_METHODS, "own", "random", "kernel_shap"], "num_images": 4,
+                            "step": 64, "metrics": ["deletion", "road"], "num_perturbed": None})
+    assert {"cam", "own", "random", "lime", "occlusion"} <= set(KNOWN_METHODS)

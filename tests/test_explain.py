@@ -64,6 +64,28 @@ def test_pointing_game_and_mass() -> None:
     assert pointing.compute().item() == 0.5 and mass.compute().item() == pytest.approx(0.5)
 
 
+def test_the_pointing_game_breaks_ties_by_the_fixed_random_order() -> None:
+    """Tied maxima (an occlusion map's 8x8 blocks, an all-zero map) point at the tied pixel first in the seeded order
+    every ranking uses (`saliency_rank`), not at the top-left one: an all-zero map hit any part at pixel (0, 0)."""
+    from zoo.explain.faithfulness import saliency_rank
+
+    size = 64
+    corner = torch.zeros(1, 1, size, size, dtype=torch.bool)
+    corner[..., :6, :6] = True
+    zero = torch.zeros(1, size, size)
+    pointed = int(saliency_rank(zero)[0].argmin())
+    assert pointed != 0 and not corner.flatten()[pointed]  # the seeded pixel, outside the corner
+    assert AttributionInMask("pointing")(zero, corner).item() == 0.0  # was 1.0: pixel (0, 0)
+    block = torch.zeros(64, size, size)
+    block[:, 24:32, 24:32] = 1.0  # one occlusion block, 64 images
+    one_pixel = torch.zeros(64, 1, size, size, dtype=torch.bool)
+    one_pixel.view(64, size, size)[:, 24:32, 24:32] = torch.eye(64, dtype=torch.bool).view(64, 8, 8)
+    hits = torch.stack([AttributionInMask("pointing")(block[i:i + 1], one_pixel[i:i + 1]) for i in range(64)])
+    assert hits.sum() == 1 and hits.view(8, 8)[0, 0] == 0  # one block pixel is pointed at, not its top-left
+    assert AttributionInMask("pointing", seed=1)(zero, corner).item() == \
+        float(corner.flatten()[saliency_rank(zero, seed=1)[0].argmin()])
+
+
 def test_cam_decomposes_the_logit_and_every_explainer_gives_a_map() -> None:
     torch.manual_seed(0)
     model = zoo.create_model("baseline_tinycnn", num_classes=3).eval()
@@ -104,7 +126,8 @@ def test_the_self_explanation_row_is_a_models_own_map_where_it_has_one() -> None
     model, images = OwnMapModel(), torch.rand(2, 3, 16, 16)
     assert can_explain(model, "cam") and not can_explain(model, "layer_gradcam")  # no pooled `head` to hook
     rows, maps = score_explanations(model, images, torch.tensor([0, 1]), methods=("cam", "layer_gradcam", "saliency"))
-    assert [row["method"] for row in rows] == ["cam", "saliency"]
+    assert [row["method"] for row in rows] == ["cam", "saliency", "random"]  # + every model's random reference
+    assert list(maps) == ["cam", "saliency"]  # the reference is scored, not drawn
     torch.testing.assert_close(maps["cam"], (images[:, 0] - 0.5).relu())
     baseline = zoo.create_model("baseline_tinycnn", num_classes=2)
     assert can_explain(baseline, "cam") and can_explain(baseline, "layer_gradcam")
@@ -158,3 +181,120 @@ def test_layer_gradcam_draws_each_cell_where_the_own_map_does(name: str, size: i
         assert torch.equal(drawn, even)
     else:
         assert not torch.allclose(drawn, even)
+
+
+# ------------------------------------------------------------------------------- the compare report's explain stage
+
+def test_every_model_gets_a_random_reference_and_scores_against_it() -> None:
+    """A fixed random map deletes 0.450 on a confident model and 0.225 on a less confident one: raw deletion and ROAD
+    MoRF compare methods within a model. The `random` row (keyed by dataset index: the same map for an image in any
+    batch) and `*_vs_random` (score / the model's random score) compare models."""
+    from zoo.cli.report import legend
+    from zoo.explain.scores import EXPLANATION_DIRECTIONS, random_maps, score_explanations
+
+    keys = torch.tensor([7, 3, 12])
+    maps = random_maps(keys, (8, 8))
+    assert maps.shape == (3, 8, 8) and 0 < maps.min() and maps.max() < 1 and maps[0].std() > 0.2
+    torch.testing.assert_close(random_maps(keys[1:], (8, 8)), maps[1:])  # a function of the image's key alone
+    assert not torch.equal(maps[0], maps[1]) and not torch.equal(random_maps(keys, (8, 8), seed=1), maps)
+
+    images, target = torch.full((3, 1, 8, 8), 0.9), torch.zeros(3, dtype=torch.long)  # p(class 0) = 0.9
+    model = KeyPixelNet()
+    rows, drawn = score_explanations(model, images, target, methods=("saliency",), step=8,
+                                     metrics=("deletion", "road"), keys=keys)
+    by_method = {row["method"]: row for row in rows}
+    assert list(by_method) == ["saliency", "random"] and list(drawn) == ["saliency"]
+    assert by_method["random"]["deletion_vs_random"] == 1.0 and by_method["random"]["road_morf_vs_random"] == 1.0
+    saliency = by_method["saliency"]
+    assert saliency["deletion_vs_random"] == pytest.approx(
+        saliency["deletion_auc"] / by_method["random"]["deletion_auc"], abs=1e-3)
+    assert saliency["deletion_vs_random"] < 0.5  # the gradient finds the key pixels, random does not
+    assert EXPLANATION_DIRECTIONS["deletion_vs_random"] is False
+    assert EXPLANATION_DIRECTIONS["road_morf_vs_random"] is False
+    assert legend(["deletion_auc", "deletion_vs_random", "road_morf_vs_random"], EXPLANATION_DIRECTIONS) == \
+        "lower is better: deletion_auc, deletion_vs_random, road_morf_vs_random"
+
+
+class KeyPixelNet(torch.nn.Module):
+    """`key_pixel_model` as a zoo model (dict out), for the report's explainers."""
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": key_pixel_model(images)}
+
+
+def test_the_explained_images_are_class_stratified_and_the_same_for_every_function(tmp_path) -> None:
+    """A class-sorted ImageFolder (3 classes x 4 validation images): the first 6 samples were two classes; now a
+    seeded round-robin over the classes gives each 2, the scores and the figure's true classes on the same images."""
+    from PIL import Image
+
+    from datamodules import ImageFolderDataModule
+    from zoo.explain.scores import explain_validation_images, true_and_predicted
+
+    for split, count in (("train", 1), ("val", 4)):
+        for c, name in enumerate(("ant", "bee", "cat")):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (16, 16), (i * 9, 60 * c, 90)).save(tmp_path / split / name / f"{i}.png")
+    data = ImageFolderDataModule(str(tmp_path), image_size=16, batch_size=4)
+    data.setup("validate")
+    dataset = data.val_dataloader().dataset
+
+    class System(torch.nn.Module):
+        input_key, target_key, device = "image", "label", torch.device("cpu")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = zoo.create_model("baseline_tinycnn", num_classes=3)
+
+    system = System()
+    _, _, images = explain_validation_images(system, data, {"num_images": 6, "methods": ["saliency"],
+                                                            "metrics": ["deletion"]})
+    true, predicted = true_and_predicted(system, data, images)
+    assert sorted(true) == [0, 0, 1, 1, 2, 2] and len(predicted) == 6
+    # the images are those samples: each image's green channel says its class
+    assert [round(float(image[1].mean()) * 255 / 60) for image in data.denormalize(images)] == true
+    from zoo.explain.scores import dataset_labels, explained_indices
+
+    assert dataset_labels(dataset).tolist() == [0] * 4 + [1] * 4 + [2] * 4  # read without loading an image
+    indices = explained_indices(dataset, 6)
+    assert torch.equal(indices, explained_indices(dataset, 6)) and len(set(indices.tolist())) == 6
+    assert explained_indices(dataset, 12).sort().values.tolist() == list(range(12))
+
+    class Unlabelled(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, index: int) -> dict:
+            return {"image": torch.zeros(3, 4, 4), "label": torch.tensor(index // 5)}
+
+    assert dataset_labels(Unlabelled()) is None  # a seeded permutation, the same on every call
+    expected = torch.randperm(10, generator=torch.Generator().manual_seed(0))[:4]
+    assert torch.equal(explained_indices(Unlabelled(), 4), expected)
+
+
+def test_the_explanation_time_is_synchronised_on_cuda_after_a_warm_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA kernels run asynchronously: the clock starts and stops after a synchronize (none on the CPU), and one
+    warm-up call comes before the timed one."""
+    from zoo.explain import scores
+
+    events = []
+    clock = iter(range(100))
+    monkeypatch.setattr(scores.time, "perf_counter", lambda: (events.append("clock"), float(next(clock)))[1])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    result, seconds = scores.timed_call(lambda: events.append("call") or "map", torch.device("cuda", 0),
+                                        lambda: events.append("warm-up"))
+    assert (result, seconds) == ("map", 1.0)
+    assert events == ["warm-up", "sync", "clock", "call", "sync", "clock"]
+    events.clear()
+    scores.timed_call(lambda: events.append("call"), torch.device("cpu"))
+    assert events == ["call", "clock", "call", "clock"]  # the call itself warms up; no synchronize on the CPU
+
+
+def test_the_report_takes_own_as_cam_and_skips_the_methods_of_vectors() -> None:
+    """An `explain:` block shared by an L2X run and image runs names feature methods (kernel_shap) the image runs
+    skip; "own" (zoo.explain's name) is the "cam" row."""
+    from zoo.explain.scores import score_explanations
+
+    rows, maps = score_explanations(OwnMapModel(), torch.rand(2, 3, 16, 16), torch.tensor([0, 1]),
+                                    methods=("own", "kernel_shap", "saliency", "cam"), metrics=("deletion",))
+    assert [row["method"] for row in rows] == ["cam", "saliency", "random"] and list(maps) == ["cam", "saliency"]

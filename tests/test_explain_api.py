@@ -35,6 +35,22 @@ def test_own_and_captum_maps_share_one_convention(name: str) -> None:
     assert model.training is False
 
 
+@pytest.mark.parametrize("name", ["baseline_tinycnn", "icnn_tinycnn"])
+def test_the_own_map_of_a_bf16_model_is_its_float_cam(name: str) -> None:
+    """A bf16 model (`--trainer.precision bf16-true`): the features were cast to float but not the head's weights,
+    and the einsum refused the mix. The map is the float CAM of the bf16 features."""
+    torch.manual_seed(0)
+    model = zoo.create_model(name, num_classes=3).eval().to(torch.bfloat16)
+    images, target = torch.rand(2, 3, 64, 64, dtype=torch.bfloat16), torch.tensor([0, 2])
+    own = zoo.explain(model, images, target=target)
+    check_convention(own, (2, 64, 64))
+    with torch.no_grad():
+        features = model.forward_features(images).float()  # (2, F, h, w)
+    weights = model.get_classifier().weight[target].float()  # (2, F)
+    raw = torch.einsum("bf,bfhw->bhw", weights, features)
+    assert own.amax((1, 2)).tolist() == pytest.approx(raw.relu().amax((1, 2)).tolist(), rel=1e-2, abs=1e-3)
+
+
 def test_a_system_is_explained_through_its_model() -> None:
     from zoo.baselines.system import ClassifierSystem
 

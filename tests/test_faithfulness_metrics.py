@@ -216,12 +216,14 @@ def test_the_report_scores_road_and_infidelity_and_sensitivity_on_request() -> N
     model = zoo.create_model("baseline_tinycnn", num_classes=3)
     images, target = torch.rand(2, 3, 32, 32), torch.tensor([0, 2])
     rows, _ = score_explanations(model, images, target, methods=("cam", "saliency"))
-    columns = ["method", "ms_per_sample", "deletion_auc", "insertion_auc", "road_morf", "road_lerf", "infidelity"]
-    assert [list(row) for row in rows] == [columns, columns]
+    columns = ["method", "ms_per_sample", "deletion_auc", "insertion_auc", "road_morf", "road_lerf", "infidelity",
+               "deletion_vs_random", "road_morf_vs_random"]
+    assert [list(row) for row in rows] == [columns, columns, columns]  # cam, saliency and the random reference
     assert all(0 <= row[c] <= 1 for row in rows for c in ("road_morf", "road_lerf")) and \
         all(row["infidelity"] >= 0 for row in rows)
     rows, _ = score_explanations(model, images, target, methods=("saliency",), metrics=("road", "sensitivity"))
-    assert list(rows[0]) == ["method", "ms_per_sample", "road_morf", "road_lerf", "sensitivity_max"]
+    assert list(rows[0]) == ["method", "ms_per_sample", "road_morf", "road_lerf", "sensitivity_max",
+                             "road_morf_vs_random"]
     assert EXPLANATION_DIRECTIONS["road_morf"] is False and EXPLANATION_DIRECTIONS["road_lerf"] is True
     assert EXPLANATION_DIRECTIONS["infidelity"] is False and EXPLANATION_DIRECTIONS["sensitivity_max"] is False
     with pytest.raises(ValueError, match="Unknown explanation metrics"):

@@ -111,3 +111,22 @@ def test_fixed_batch_of_an_image_folder_shows_every_class(image_folder_root: Pat
     data.setup("validate")
     batch = covering_batch(data.val_dataloader(), "label", 2, data.num_classes)  # val: cat, cat, dog, dog
     assert batch["label"].tolist() == [0, 1]
+
+
+def test_explanation_figure_draws_the_pixels_as_they_are_and_says_the_true_class_is_explained() -> None:
+    """Normalised images were drawn as `clamp(0, 1)` of the normalised values (most clipped); the datamodule's
+    `denormalize` undoes it for the image row and under the heat maps. The maps explain the true class."""
+    from datamodules import PartsWorldDataModule
+
+    data = PartsWorldDataModule(num_train=8, num_val=4, num_test=4, image_size=32, mean=[0.485, 0.456, 0.406],
+                                std=[0.229, 0.224, 0.225])
+    data.setup("fit")
+    images = torch.stack([data.val_dataloader().dataset[i]["image"] for i in range(2)])  # normalised
+    figure = explanation_figure([ExplainedRun("m", images, {"cam": torch.rand(2, 32, 32)}, [0, 1], [0, 1])], data)
+    shown = torch.tensor(figure.axes[0].get_images()[0].get_array().data)
+    pixels = data.denormalize(images).clamp(0, 1)
+    torch.testing.assert_close(shown, pixels[0].permute(1, 2, 0), atol=1e-3, rtol=0)
+    overlay = torch.tensor(figure.axes[2].get_images()[0].get_array().data)  # the cam row, first image
+    heat = overlay - 0.45 * pixels[0].permute(1, 2, 0)  # heatmap_overlay: 0.45 image + 0.55 red heat
+    assert heat.min() > -1e-3  # the heat over the pixels as they are, not over the normalised values
+    assert "true class" in figure.get_suptitle()

@@ -19,7 +19,8 @@ from zoo.cli.errors import configuration_phase
 from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.report import metric_directions, write_report
 from zoo.figures import log_figure, save_figure
-from zoo.explain.scores import EXPLANATION_DIRECTIONS, ExplainedRun, explanation_figure, true_and_predicted
+from zoo.explain.scores import (EXPLANATION_DIRECTIONS, EXPLANATION_NOTE, ExplainedRun, check_explain_settings,
+                                explanation_figure, true_and_predicted)
 from zoo.weights import checkpoint_replaces_weights, load_system_weights
 
 COMPARE_HELP = """\
@@ -35,9 +36,10 @@ compare:
     opaque_twin: {config: configs/icnn/parts_world.yaml, args: ["--model.init_args.loss...weight=0"]}
     trained: {config: ..., checkpoint: checkpoints/x/checkpoints/last.ckpt}   # evaluate, do not train
     again: {config: checkpoints/x/config.yaml}   # a run's own saved config (its ckpt_path is not used)
-  explain:                              # optional: explainers scored on the first validation images
+  explain:                              # optional: explainers scored on validation images, each map for the
+                                        # image's true class (+ a `random` reference row for every model)
     methods: [cam, saliency, integrated_gradients, layer_gradcam, occlusion]
-    num_images: 32
+    num_images: 32                      # drawn once, class-stratified, from a fixed seed: the same for every run
     step: 128                           # pixels per deletion/insertion step
     metrics: [deletion, insertion, road, infidelity]   # the default; + sensitivity (reruns each explainer: slow)
 
@@ -317,9 +319,10 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # compare builds its own args
     with configuration_phase():  # a spec, config or run that does not hold: said once, before any training
         spec = read_compare_spec(spec_path)
-        explain_settings = dict(spec.get("explain") or {})
-        if explain_images is not None:
-            explain_settings["num_images"] = explain_images
+        explain_settings = spec.get("explain") or {}
+        if explain_images is not None and isinstance(explain_settings, dict):
+            explain_settings = {**explain_settings, "num_images": explain_images}
+        check_explain_settings(explain_settings)  # a mistyped method or key: said now, not after a run trained
         name, common = name or spec.get("name") or default_name(spec_path), list(spec.get("args", []))
         runs = spec["runs"]
         clis, random_states = {}, {}
@@ -378,4 +381,8 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
                     folder / "explanations.png")
     tables = {"models": rows, **({"explanations": explanation_rows} if explanation_rows else {})}
     write_report(folder, tables, directions | EXPLANATION_DIRECTIONS)
+    if explanation_rows:  # what the explanation table's columns compare
+        with open(folder / "report.md", "a") as report_file:
+            report_file.write(f"\n{EXPLANATION_NOTE}\n")
+        print(f"\n{EXPLANATION_NOTE}", flush=True)
     return rows

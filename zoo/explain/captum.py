@@ -36,7 +36,7 @@ def class_activation_map(model: nn.Module, images: torch.Tensor, target: torch.T
     cell drawn at its receptive-field centre (`cells_to_pixels`), where ICNN's location instability places it."""
     with torch.no_grad():
         features = model.forward_features(images)  # (B, F, h, w)
-        weights = model.get_classifier().weight[target]  # (B, F)
+        weights = model.get_classifier().weight[target].float()  # (B, F), float as the features (bf16 models)
         cam = torch.einsum("bf,bfhw->bhw", weights, features.float())
         return cells_to_pixels(cam, images.shape[-2:], model_map_geometry(model, images.shape[-2:])).relu()
 

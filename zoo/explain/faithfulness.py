@@ -6,7 +6,9 @@ Conventions, fixed once so self-explaining and post-hoc maps are scored on the s
 - `DeletionAUC` / `InsertionAUC` (RISE, Petsiuk et al. 2018): rank pixels by saliency; deletion sets the top `step`
   pixels per iteration to zero, insertion starts from a blurred image (Gaussian, kernel 11, sigma 5) and restores
   them; the score is the normalised area under the explained class's probability curve,
-  AUC = (sum_i a_i - a_0 / 2 - a_n / 2) / n. Deletion: lower is better; insertion: higher is better.
+  AUC = (sum_i a_i - a_0 / 2 - a_n / 2) / n. Deletion: lower is better; insertion: higher is better. The curve
+  starts at the model's probability, so a confident model deletes slower whatever the map: the raw AUC compares
+  methods on one model; across models, divide by the model's random map's (`zoo.explain.scores`, `*_vs_random`).
 - `AttributionInMask`: the pointing game (is the saliency peak inside the true object parts?) and the share of
   attribution mass inside them. Higher is better.
 - `Infidelity` / `SensitivityMax` (Yeh et al. 2019, Captum's `captum.metrics`): does the map predict how the model's
@@ -163,15 +165,20 @@ class InsertionAUC(_PerturbationAUC):
 
 class AttributionInMask(MeanScore):
     """Pointing game hit rate ("pointing") or attribution mass share ("mass") inside the ground-truth part masks.
-    update(saliency (B, H, W), part_masks (B, P, H', W') bool); masks are resized to the saliency size."""
+    update(saliency (B, H, W), part_masks (B, P, H', W') bool); masks are resized to the saliency size.
+
+    The pointing game's peak is the pixel of rank 0 (`saliency_rank` with `seed`): tied maxima are broken by the
+    fixed random order every ranking here uses, not by raster order (an occlusion map is constant over each 8x8
+    block, whose top-left pixel an argmax takes; an all-zero map pointed at pixel (0, 0) and hit any part there; it
+    now points at one seeded random pixel: chance level)."""
 
     higher_is_better = True
 
-    def __init__(self, kind: str = "mass", **kwargs: Any) -> None:
+    def __init__(self, kind: str = "mass", seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if kind not in ("mass", "pointing"):
             raise ValueError(f"kind must be 'mass' or 'pointing'; got {kind!r}.")
-        self.kind = kind
+        self.kind, self.seed = kind, seed
 
     def scores(self, saliency: torch.Tensor, part_masks: torch.Tensor) -> torch.Tensor:
         inside = part_masks.any(1, keepdim=True).float()  # (B, 1, H', W') union of the parts
@@ -179,7 +186,8 @@ class AttributionInMask(MeanScore):
         saliency = saliency.abs().float()
         if self.kind == "mass":
             return (saliency * inside).flatten(1).sum(1) / saliency.flatten(1).sum(1).clamp(min=1e-12)
-        return inside.flatten(1).gather(1, saliency.flatten(1).argmax(1, keepdim=True))[:, 0].float()
+        peak = saliency_rank(saliency, self.seed).argmin(1, keepdim=True)  # (B, 1) the pixel of rank 0
+        return inside.flatten(1).gather(1, peak)[:, 0].float()
 
 
 def infidelity_scores(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, saliency: torch.Tensor,

@@ -1,10 +1,23 @@
 """Score every explainer of a model on one fixed batch: time, deletion/insertion AUC, ROAD, infidelity (and, on request,
-max-sensitivity), pointing game, mass in parts."""
+max-sensitivity), pointing game, mass in parts; and the `random` reference map every model is scored with.
+
+Deletion AUC and ROAD MoRF read the explained class's probability as pixels go: a confident model's probability falls
+later whatever the map (a fixed random map deleted 0.450 on a tiny CNN at mean p(true class) 0.996, 0.225 on one at
+0.726), so their raw values compare methods within one model, never models. Each model is therefore also scored with
+a `random` map (uniform values, a function of the sample's dataset index and a fixed seed alone: the same image gets
+the same map in any batch and for every model), and `deletion_vs_random` / `road_morf_vs_random` divide a method's
+score by that model's random one (lower is better; 1 = no better than random): those compare across models.
+
+The explained samples (`explained_indices`) are drawn once, class-stratified from a fixed seed, and every model and
+every function of the stage (the scores, the figure's true classes) takes the same ones.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Sequence
 
 import torch
@@ -13,16 +26,26 @@ from torchmetrics import Metric
 from tqdm.auto import tqdm
 
 from zoo.figures import class_name, heatmap_overlay, new_figure
-from zoo.explain.api import can_explain, own_explanation
-from zoo.explain.captum import POSTHOC_METHODS, SELF_EXPLANATION, LogitsOnly, explain
+from zoo.explain.api import OWN, can_explain, own_explanation
+from zoo.explain.captum import FEATURE_METHODS, POSTHOC_METHODS, SELF_EXPLANATION, LogitsOnly, explain
 from zoo.explain.faithfulness import AttributionInMask, DeletionAUC, Infidelity, InsertionAUC, SensitivityMax
 from zoo.explain.road import RoadLeRF, RoadMoRF
+from zoo.hashing import keyed_normal
 
 DEFAULT_METHODS = (SELF_EXPLANATION, *POSTHOC_METHODS)
+RANDOM_REFERENCE = "random"  # the reference row every model gets: a uniform random map per sample
+# every method name an `explain: {methods: [...]}` block may hold: image models run the own map ("cam", or "own" as
+# zoo.explain calls it) and POSTHOC_METHODS, feature selectors (L2X) FEATURE_METHODS; each family skips the others
+KNOWN_METHODS = tuple(dict.fromkeys((SELF_EXPLANATION, OWN, RANDOM_REFERENCE, *POSTHOC_METHODS, *FEATURE_METHODS)))
 # faithfulness metrics of the report (`explain: {metrics: [...]}` of a compare spec), in column order. Max-sensitivity
 # reruns each explainer 10 times (minutes for integrated gradients and occlusion on CPU): asked for, not default.
 EXPLANATION_METRICS = ("deletion", "insertion", "road", "infidelity", "sensitivity")
 DEFAULT_METRICS = ("deletion", "insertion", "road", "infidelity")
+# the keys of a compare spec's `explain:` block (num_perturbed: L2X's perturbation count, `zoo.l2x.scores`)
+EXPLAIN_KEYS = ("methods", "num_images", "step", "metrics", "num_perturbed")
+EXPLAIN_SEED = 0  # which samples are explained, and the random reference maps
+# column -> the raw column it divides by the model's random-map score: these compare models, the raw ones methods
+VERSUS_RANDOM = {"deletion_vs_random": "deletion_auc", "road_morf_vs_random": "road_morf"}
 # which direction of each column of `score_explanations` is better (the report's legend), from the metrics themselves
 EXPLANATION_DIRECTIONS: dict[str, bool | None] = {
     "ms_per_sample": False, "samples_per_s": True,
@@ -30,41 +53,57 @@ EXPLANATION_DIRECTIONS: dict[str, bool | None] = {
     "road_morf": RoadMoRF.higher_is_better, "road_lerf": RoadLeRF.higher_is_better,
     "infidelity": Infidelity.higher_is_better, "sensitivity_max": SensitivityMax.higher_is_better,
     "pointing_in_parts": AttributionInMask.higher_is_better, "mass_in_parts": AttributionInMask.higher_is_better,
+    "deletion_vs_random": DeletionAUC.higher_is_better, "road_morf_vs_random": RoadMoRF.higher_is_better,
 }
+# what the report says under its explanation table
+EXPLANATION_NOTE = (
+    "Every map explains the true class. Raw deletion_auc and road_morf compare methods within one model only (a more "
+    "confident model keeps its probability longer whatever the map); deletion_vs_random and road_morf_vs_random "
+    "(the score over the same model's `random` map's: 1 = no better than random) compare across models.")
 
 
 def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
                        part_masks: torch.Tensor | None = None, methods: Sequence[str] = DEFAULT_METHODS,
-                       step: int = 128, metrics: Sequence[str] = DEFAULT_METRICS
+                       step: int = 128, metrics: Sequence[str] = DEFAULT_METRICS, keys: torch.Tensor | None = None
                        ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """One row per method with its explanation time and faithfulness (`metrics`, of EXPLANATION_METRICS) and
-    ground-truth scores, and the maps.
+    ground-truth scores, and the maps; then the `random` reference row (`random_maps` of `keys`, the samples'
+    dataset indices, default 0..B-1; not in the maps) and, with deletion or ROAD, each row's `*_vs_random` columns
+    (`VERSUS_RANDOM`: its score over the random row's, the columns that compare models).
 
     Methods a model cannot run (`can_explain`: the self-explanation and Grad-CAM on the head's input need an own map or
-    a pooled head) are skipped.
+    a pooled head) are skipped, as are the feature methods that explain vectors and tokens only (`FEATURE_METHODS`
+    less `POSTHOC_METHODS`: an `explain:` block shared by an L2X run and image runs names both). "own" is "cam".
+    Max-sensitivity is not given for the random row: its map does not depend on the image (it would score 0).
     """
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     unknown = sorted(set(metrics) - set(EXPLANATION_METRICS))
     if unknown:
         raise ValueError(f"Unknown explanation metrics {unknown}; choose from {EXPLANATION_METRICS}.")
+    methods = [SELF_EXPLANATION if method == OWN else method for method in methods]
+    methods = [method for method in dict.fromkeys(methods) if method != RANDOM_REFERENCE and
+               (method in POSTHOC_METHODS or method not in FEATURE_METHODS)]
+    keys = torch.arange(len(images), device=images.device) if keys is None else keys.to(images.device)
     was_training = model.training
     model.eval()
     logits_only = LogitsOnly(model)
-    rows, maps = [], {}
-    progress = tqdm(methods, desc=f"explaining {len(images)} images", unit="method", leave=False)
+    rows, maps, raw = [], {}, {}
+    progress = tqdm([*methods, RANDOM_REFERENCE], desc=f"explaining {len(images)} images", unit="method",
+                    leave=False)
     for method in progress:
-        if not can_explain(model, method):
+        if method != RANDOM_REFERENCE and not can_explain(model, method):
             continue
         progress.set_postfix_str(method)
-        explainer = method_explainer(model, method)
-        start = time.perf_counter()
-        saliency = explainer(images, target)
-        seconds = time.perf_counter() - start
+        explainer = random_explainer(keys) if method == RANDOM_REFERENCE else method_explainer(model, method)
+        saliency, seconds = timed_call(partial(explainer, images, target), images.device,
+                                       partial(explainer, images[:1], target[:1]))
         row: dict[str, Any] = {"method": method, "ms_per_sample": round(1e3 * seconds / len(images), 2)}
+        raw[method] = {}
         for name, metric in map_metrics(metrics, step).items():
             metric.update(logits_only, images, saliency, target)
-            row[name] = rounded(name, metric.compute().item())
-        if "sensitivity" in metrics:
+            raw[method][name] = metric.compute().item()
+            row[name] = rounded(name, raw[method][name])
+        if "sensitivity" in metrics and method != RANDOM_REFERENCE:
             metric = SensitivityMax()
             metric.update(explainer, images, target)
             row["sensitivity_max"] = rounded("sensitivity_max", metric.compute().item())
@@ -74,9 +113,77 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
                 metric.update(saliency, part_masks)
                 row[f"{kind}_in_parts"] = round(metric.compute().item(), 4)
         rows.append(row)
-        maps[method] = saliency
+        if method != RANDOM_REFERENCE:
+            maps[method] = saliency
     model.train(was_training)
+    for row in rows:
+        for column, score in VERSUS_RANDOM.items():
+            if score in raw[RANDOM_REFERENCE]:
+                reference = raw[RANDOM_REFERENCE][score]
+                row[column] = round(raw[row["method"]][score] / reference, 4) if reference > 0 else math.nan
     return rows, maps
+
+
+def random_explainer(keys: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The `random` reference as an explainer (images, target) -> `random_maps` of the samples' `keys` (B,)."""
+    return lambda images, target: random_maps(keys[:len(images)], images.shape[-2:])
+
+
+def random_maps(keys: torch.Tensor, size: Sequence[int], seed: int = EXPLAIN_SEED) -> torch.Tensor:
+    """The `random` reference maps (B, H, W): values uniform in (0, 1), row b a function of (`seed`, `keys[b]`)
+    alone (`zoo.hashing.keyed_normal` through the normal CDF), so a sample (its dataset index as key) gets the same
+    map in any batch, on any device and for every model. keys: (B,) integers."""
+    normal = keyed_normal(keys, tuple(size), seed)  # (B, H, W)
+    return 0.5 * (1 + torch.erf(normal / math.sqrt(2)))
+
+
+def timed_call(function: Callable[[], torch.Tensor], device: torch.device,
+               warm_up: Callable[[], Any] | None = None) -> tuple[torch.Tensor, float]:
+    """`function()` and its wall time in seconds, after one untimed warm-up call (`warm_up`, e.g. the method on one
+    image: it pays the one-time costs, kernels loaded and handles made, at a fraction of the batch's). On CUDA the
+    device is synchronised before the clock starts and before it stops, so the time is the work, not the launch
+    (as `zoo.l2x.scores.wall_time`); on the CPU nothing is synchronised."""
+    cuda = torch.device(device).type == "cuda"
+    (warm_up or function)()
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = function()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def check_explain_settings(settings: dict[str, Any]) -> None:
+    """Raise a ValueError that names the mistake (with the close names) unless `settings`, a compare spec's
+    `explain:` block, holds only EXPLAIN_KEYS, methods of KNOWN_METHODS, metrics of EXPLANATION_METRICS and
+    counts >= 1: compare checks it before any run trains."""
+    from zoo.checks import close_names
+
+    def did_you_mean(name: Any, names: Sequence[str]) -> str:
+        close = close_names(str(name), list(names))
+        return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+
+    if not isinstance(settings, dict):
+        raise TypeError(f"compare spec: explain must be a mapping of {EXPLAIN_KEYS}; got {settings!r}.")
+    for key in settings:
+        if key not in EXPLAIN_KEYS:
+            raise ValueError(f"compare spec: explain has no key {key!r}{did_you_mean(key, EXPLAIN_KEYS)}; "
+                             f"keys: {', '.join(EXPLAIN_KEYS)}.")
+    for key, known in (("methods", KNOWN_METHODS), ("metrics", EXPLANATION_METRICS)):
+        names = settings.get(key, [])
+        if isinstance(names, str) or not isinstance(names, (list, tuple)):
+            raise TypeError(f"compare spec: explain.{key} must be a list of names of {known}; got {names!r}.")
+        for name in names:
+            if name not in known:
+                raise ValueError(f"compare spec: explain.{key} names {name!r}, which does not exist"
+                                 f"{did_you_mean(name, known)}; choose from {', '.join(known)}.")
+    for key in ("num_images", "step", "num_perturbed"):
+        value = settings.get(key, 1)
+        if key == "num_perturbed" and value is None:  # L2X's default count
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"compare spec: explain.{key} must be a whole number >= 1; got {value!r}.")
 
 
 def map_metrics(metrics: Sequence[str], step: int) -> dict[str, Metric]:
@@ -111,20 +218,68 @@ def self_explanation(model: nn.Module, images: torch.Tensor, target: torch.Tenso
         return own_explanation(model, images, target).float().relu()
 
 
+def explained_indices(dataset: Any, count: int, target_key: str = "label", seed: int = EXPLAIN_SEED) -> torch.Tensor:
+    """The dataset indices (count,) of the samples the explanation stage explains, the same for every model: a
+    round-robin over the classes in a permutation seeded with `seed` (the permutation's first sample of each class,
+    then its second of each, ...), so a class-sorted split (an ImageFolder, CUB's test images) gives every class its
+    share instead of its first one or two classes. The labels are read without loading images where the dataset
+    holds them (`dataset_labels`); elsewhere the seeded permutation's first `count` samples."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))  # (N,)
+    labels = dataset_labels(dataset, target_key)
+    if labels is None:
+        return order[:count]
+    labels = labels[order]  # (N,) in permutation order
+    by_label = labels.argsort(stable=True)  # permutation positions grouped by label, in permutation order
+    sorted_labels = labels[by_label]
+    starts = torch.searchsorted(sorted_labels, sorted_labels, right=False)  # each group's first position
+    turn = torch.empty_like(by_label).scatter_(0, by_label, torch.arange(len(labels)) - starts)  # k-th of its class
+    return order[turn.argsort(stable=True)[:count]]
+
+
+def dataset_labels(dataset: Any, target_key: str = "label") -> torch.Tensor | None:
+    """Every sample's class id (N,) read from what the dataset holds, without loading its images: a tensor dataset's
+    `tensors[target_key]`, a `targets` / `labels` sequence (torchvision, IDX), an ImageFolder's `folder.targets`,
+    CUB's `index.labels[rows]`; through wrappers with a `dataset` (normalisation) and `indices` (a Subset). None
+    where the dataset holds none of these."""
+    indices = getattr(dataset, "indices", None)
+    if hasattr(dataset, "dataset") and isinstance(dataset.dataset, torch.utils.data.Dataset):
+        labels = dataset_labels(dataset.dataset, target_key)
+        return None if labels is None else labels[torch.as_tensor(indices)] if indices is not None else labels
+    tensors = getattr(dataset, "tensors", None)
+    candidates = [tensors.get(target_key) if isinstance(tensors, dict) else None, getattr(dataset, "targets", None),
+                  getattr(dataset, "labels", None), getattr(getattr(dataset, "folder", None), "targets", None)]
+    index, rows = getattr(dataset, "index", None), getattr(dataset, "rows", None)
+    if index is not None and rows is not None and getattr(index, "labels", None) is not None:
+        candidates.append(torch.as_tensor(index.labels)[torch.as_tensor(rows)])
+    for labels in candidates:
+        if labels is not None and len(labels) == len(dataset):
+            labels = torch.as_tensor(labels)
+            if labels.ndim == 1 and not labels.is_floating_point():
+                return labels.long()
+    return None
+
+
+def explained_batch(system: nn.Module, datamodule: Any, count: int) -> tuple[torch.Tensor, Any]:
+    """The indices (`explained_indices`) and the collated batch of the validation samples the stage explains."""
+    dataset = datamodule.val_dataloader().dataset
+    indices = explained_indices(dataset, min(count, len(dataset)), getattr(system, "target_key", "label"))
+    return indices, torch.utils.data.default_collate([dataset[int(i)] for i in indices])
+
+
 def explain_validation_images(system: nn.Module, datamodule: Any, settings: dict[str, Any]
                               ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], torch.Tensor] | None:
-    """Score `settings["methods"]` on the first `num_images` validation images of an image classifier System (the
-    same images for every run of a comparison); None where the input is not an image batch."""
-    dataset = datamodule.val_dataloader().dataset
-    count = min(int(settings.get("num_images", 32)), len(dataset))
-    batch = torch.utils.data.default_collate([dataset[i] for i in range(count)])
+    """Score `settings["methods"]` on `num_images` validation images of an image classifier System, drawn once and
+    class-stratified (`explained_indices`: the same images for every run of a comparison), each explained for its
+    true class; None where the input is not an image batch."""
+    indices, batch = explained_batch(system, datamodule, int(settings.get("num_images", 32)))
     images = batch.get(system.input_key) if isinstance(batch, dict) else None
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
         return None
     images = images.to(system.device)
     rows, maps = score_explanations(system.model, images, batch[system.target_key].to(system.device),
                                     batch.get("part_masks"), settings.get("methods", DEFAULT_METHODS),
-                                    int(settings.get("step", 128)), settings.get("metrics", DEFAULT_METRICS))
+                                    int(settings.get("step", 128)), settings.get("metrics", DEFAULT_METRICS),
+                                    keys=indices)
     return rows, maps, images
 
 
@@ -142,13 +297,16 @@ class ExplainedRun:
 
 def true_and_predicted(system: nn.Module, datamodule: Any, images: torch.Tensor
                        ) -> tuple[list[int] | None, list[int] | None]:
-    """The true classes of the first `len(images)` validation samples (the ones `explain_validation_images` takes)
-    and the model's predicted classes for `images` (None where the model gives no "logits")."""
-    dataset = datamodule.val_dataloader().dataset
-    target_key = getattr(system, "target_key", "label")
-    samples = [dataset[i] for i in range(len(images))]
-    true = [int(s[target_key]) for s in samples] if all(isinstance(s, dict) and target_key in s for s in samples) \
-        else None
+    """The true classes of the `len(images)` validation samples `explain_validation_images` takes (the same
+    `explained_indices`; None where `images` are not those samples, e.g. a System that picks its own) and the
+    model's predicted classes for `images` (None where the model gives no "logits")."""
+    target_key, input_key = getattr(system, "target_key", "label"), getattr(system, "input_key", "image")
+    _, batch = explained_batch(system, datamodule, len(images))
+    labels = batch.get(target_key) if isinstance(batch, dict) else None
+    loaded = batch.get(input_key) if isinstance(batch, dict) else None
+    same = isinstance(loaded, torch.Tensor) and loaded.shape == images.shape and \
+        torch.allclose(loaded.float(), images.detach().float().cpu(), atol=1e-3)
+    true = labels.tolist() if same and isinstance(labels, torch.Tensor) and labels.ndim == 1 else None
     was_training = system.training
     system.eval()
     with torch.no_grad():
@@ -162,14 +320,18 @@ def true_and_predicted(system: nn.Module, datamodule: Any, images: torch.Tensor
 def explanation_figure(runs: list[ExplainedRun], datamodule: Any = None) -> Any:
     """Every explained image (columns) under every model's explainers (rows named "<model>: <method>", red =
     important), the models stacked in one figure so one image is compared down its column. The top row shows the
-    images with their true class; each model's first row says its predicted class (green right, red wrong)."""
+    images (the datamodule's normalisation undone, `denormalize`) with their true class, the class every map
+    explains; each model's first row says its predicted class (green right, red wrong)."""
     images = runs[0].images.float().cpu()
+    images = getattr(datamodule, "denormalize", lambda x: x)(images).clamp(0, 1)  # pixels as they are, in [0, 1]
     rows = 1 + sum(len(run.maps) for run in runs)
     figure, axes = new_figure(rows, len(images))
+    true = runs[0].true
+    figure.suptitle("maps explain the true class" + (" (top row); pred: the model's prediction" if true else ""),
+                    fontsize=9)
     for column, image in enumerate(images):
         shown = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
-        axes[0, column].imshow(shown.permute(1, 2, 0).clamp(0, 1).numpy())
-        true = runs[0].true
+        axes[0, column].imshow(shown.permute(1, 2, 0).numpy())
         axes[0, column].set_title(f"true: {class_name(datamodule, true[column])}" if true else f"image {column}",
                                   fontsize=8)
     axes[0, 0].set_ylabel("image", fontsize=8, rotation=0, ha="right", va="center")

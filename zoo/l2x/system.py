@@ -157,13 +157,13 @@ class L2XSystem(ZooSystem):
                            ) -> tuple[list[dict], dict[str, torch.Tensor], torch.Tensor | None]:
         """The selector and every Captum feature method (`settings["methods"]`, default all of FEATURE_METHODS;
         on token ids they attribute each position's presence, `zoo.explain.captum.attribute_features`) explaining
-        this System's black box on the first `num_images` validation samples, scored alike (`zoo.l2x.scores`). Maps
-        (kept pixels of each method's selection) and images for image inputs; none for vectors and tokens."""
+        this System's black box on `num_images` validation samples (drawn once, class-stratified: the compare stage's
+        `zoo.explain.scores.explained_batch`), scored alike (`zoo.l2x.scores`). Maps (kept pixels of each method's
+        selection) and images for image inputs; none for vectors and tokens."""
+        from zoo.explain.scores import explained_batch
         from zoo.l2x.scores import compare_explainers
 
-        dataset = datamodule.val_dataloader().dataset
-        count = min(int(settings.get("num_images", 32)), len(dataset))
-        batch = torch.utils.data.default_collate([dataset[i] for i in range(count)])
+        _, batch = explained_batch(self, datamodule, int(settings.get("num_images", 32)))
         x = batch[self.input_key].to(self.device)
         relevant = batch.get(self.relevant_key)
         methods = [m for m in settings.get("methods", FEATURE_METHODS) if m in FEATURE_METHODS]
