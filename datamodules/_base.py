@@ -210,7 +210,18 @@ class DictDataModule(pl.LightningDataModule):
         if self.mean == PRETRAINED:
             raise ValueError(f"{type(self).__name__} has mean: {PRETRAINED}, not resolved yet: train.py resolves it "
                              f"from the model's backbone; in Python call use_pretrained_normalization(<backbone>).")
-        return self.splits[split] if self.mean is None else NormalizedDataset(self.splits[split], self.mean, self.std)
+        return self.normalized(self.splits[split])
+
+    def normalized(self, dataset: Dataset) -> Dataset:
+        """`dataset` as the loaders yield it: normalised when a mean and std are set (`set_normalization`)."""
+        return dataset if self.mean is None else NormalizedDataset(dataset, self.mean, self.std)
+
+    def train_samples(self, augment: bool = True) -> Dataset:
+        """The training samples as the loaders yield them; `augment=False`: without random augmentation, so a sample
+        reads the same every time (what a model built from training images reads: ProtoPNet's push and its pictures
+        of the pushed sources, as the paper's push loader reads the unaugmented training set). Datamodules that
+        augment override this; without augmentation both are the training split."""
+        return self.split_samples("train")
 
     def _loader(self, split: str, shuffle: bool, drop_last: bool = False) -> DataLoader:
         """Shuffled: a loader Lightning resumes mid-epoch (`datamodules.resumable`); else the evaluation order."""

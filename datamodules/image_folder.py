@@ -150,6 +150,13 @@ class ImageFolderDataModule(DictDataModule):
         """Each image's path under `root` (e.g. "val/cat/0.png"), by sample index."""
         return [str(Path(path).relative_to(self.root)) for path, _ in self.folders[split].samples]
 
+    def train_samples(self, augment: bool = True) -> Dataset:
+        """The training split; `augment=False`: the same images without the random flips (`DictDataModule`)."""
+        samples = self.split_samples("train")  # the split's checks, and the loaders' samples
+        if augment or not self.augment:
+            return samples
+        return self.normalized(FolderDataset(self.folders["train"], image_transform(self.image_size, augment=False)))
+
     def setup(self, stage: str | None = None) -> None:
         for split, folder in self.folders.items():
             self.splits.setdefault(split, FolderDataset(folder, image_transform(self.image_size,

@@ -45,13 +45,16 @@ GRAPH_BREAKS = {"textual": "torch.compiler.disable"}
 
 @pytest.mark.parametrize("family", COMPILABLE)
 def test_compiled_step_gives_the_eager_loss(family: str) -> None:
-    """The same losses, and the model compiles to one graph: a graph break would cut CUDA graphs and fusions short
-    (and may hide a host read)."""
+    """The same losses, dynamo captured the step (`compile` wraps the model's `__call__`: a System that called other
+    methods of its model, as CBM's `encode` / `decode` did, compiled nothing and ran eagerly without a word), and
+    the model compiles to one graph: a graph break would cut CUDA graphs and fusions short (and may hide a host
+    read)."""
     torch._dynamo.reset()
     eager = losses(family, False)
     torch._dynamo.utils.counters.clear()
     compiled = losses(family, "aot_eager")
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, dict(torch._dynamo.utils.counters["frames"])
     breaks = dict(torch._dynamo.utils.counters["graph_break"])
     if family in GRAPH_BREAKS:
         assert any(GRAPH_BREAKS[family] in reason for reason in breaks), breaks

@@ -140,6 +140,22 @@ def test_image_folder_reads_the_layout(image_folder_root: Path) -> None:
     assert len(dm.splits["test"]) == 4  # test_dir=None reuses val
 
 
+def test_image_folder_train_samples_without_augmentation_read_the_same_every_time(image_folder_root: Path) -> None:
+    """`train_samples(augment=False)` (what ProtoPNet's push reads) gives the training images unflipped, normalised as
+    the loaders' samples, on every read; `train_samples()` keeps the random flips of `augment=True`."""
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    plain = ImageFolderDataModule(str(image_folder_root), image_size=24, mean=mean, std=std)
+    augmented = ImageFolderDataModule(str(image_folder_root), image_size=24, augment=True, mean=mean, std=std)
+    expected = torch.stack([sample["image"] for sample in plain.split_samples("train")])  # (N, 3, 24, 24)
+    torch.manual_seed(0)
+    for _ in range(4):
+        read = torch.stack([sample["image"] for sample in augmented.train_samples(augment=False)])
+        assert torch.equal(read, expected)
+    flipped = [torch.equal(augmented.train_samples()[0]["image"], expected[0].flip(-1)) for _ in range(16)]
+    assert any(flipped) and not all(flipped)
+    assert torch.equal(plain.train_samples(augment=False)[0]["image"], expected[0])  # no augmentation: the split
+
+
 def test_image_folder_errors_name_the_layout(image_folder_root: Path, tmp_path: Path) -> None:
     with pytest.raises(DatasetLayoutError, match=r"root '.*nowhere' does not exist(.|\n)*train/<class name>"):
         ImageFolderDataModule(str(tmp_path / "nowhere"))

@@ -106,6 +106,39 @@ def test_push_puts_every_prototype_on_a_training_patch_of_its_class_at_distance_
                                                              (row + 1) * cell], 1).float())
 
 
+def test_predictions_name_the_top_prototypes_of_the_predicted_class() -> None:
+    """predictions.csv's `top_prototypes` column: for each image the 3 prototypes of largest similarity x last-layer
+    weight for its predicted class, best first, as "p<id>:<class name>:<score>:<source index>" (the training image
+    push took it from); the twins add nothing."""
+    from zoo.protopnet.model import similarity
+
+    names = ["ant", "bee", "cat", "dog"]
+    torch.manual_seed(0)
+    system = ProtoPNetSystem("protopnet_tinycnn", num_classes=NUM_CLASSES, class_names=names,
+                             model_kwargs={"prototypes_per_class": PER_CLASS, "prototype_channels": 16}).eval()
+    dataset, _ = small_train_set()
+    loader, indices = push_loader(dataset, 8, None, world_size=1, rank=0)
+    apply_push(system.model, nearest_patches(system.model, loader, indices, "image", "label", torch.device("cpu")),
+               (64, 64))
+    batch = {"image": torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(3)), "index": torch.arange(5)}
+    with torch.no_grad():
+        prediction = system.predict_step(batch, 0)
+        out = system.model(batch["image"])
+    layer, weight = system.model.prototypes, system.model.last_layer.weight  # (C, P)
+    for row, cell in enumerate(prediction["columns"]["top_prototypes"]):
+        entries = [entry.split(":") for entry in cell.split("; ")]
+        ids = [int(entry[0].removeprefix("p")) for entry in entries]
+        evidence = similarity(out["min_distances"][row]) * weight[int(prediction["pred"][row])]  # (P,)
+        assert ids == evidence.topk(3).indices.tolist() == prediction["top_prototypes"][row].tolist()
+        assert [entry[1] for entry in entries] == [names[c] for c in layer.prototype_class[ids].tolist()]
+        assert [float(entry[2]) for entry in entries] == pytest.approx(evidence[ids].tolist(), rel=1e-3)
+        assert [int(entry[3]) for entry in entries] == layer.source_index[ids].tolist()
+        assert min(layer.source_index[ids].tolist()) >= 0
+    twin = ProtoPNetSystem("protopnet_tinycnn", num_classes=NUM_CLASSES, model_kwargs={"head": "linear"}).eval()
+    with torch.no_grad():
+        assert "columns" not in twin.predict_step(batch, 0)
+
+
 def gradients(system: ProtoPNetSystem, batch: dict[str, torch.Tensor]) -> set[str]:
     """The model's children that get a non-zero gradient from a training step's selected terms."""
     system.model.zero_grad()
@@ -290,7 +323,7 @@ def test_compare_trains_protopnet_against_the_linear_head_twins(in_tmp_dir: Path
         assert {"acc", "part_consistency", "part_iou", "part_stability"} <= set(row)
     explained = (in_tmp_dir / "checkpoints" / "protopnet_parts_world_compare" / "explanations.csv").read_text()
     methods = [line.split(",")[1] for line in explained.splitlines() if line.startswith("protopnet,")]
-    assert methods == ["cam", "saliency", "integrated_gradients", "occlusion"]  # "cam": its own prototype map
+    assert methods == ["cam", "saliency", "integrated_gradients", "occlusion", "random"]  # "cam": its own prototype map
 
 
 def test_bf16_training_step_is_finite() -> None:
@@ -363,6 +396,37 @@ def test_two_process_ddp_push_equals_the_single_process_push(tmp_path: Path) -> 
         torch.testing.assert_close(pushed["vectors"], reference.prototypes.vectors.detach())
         assert torch.equal(pushed["source_index"], reference.prototypes.source_index)
         assert torch.equal(pushed["source_position"], reference.prototypes.source_position)
+
+
+def test_push_and_its_pictures_read_the_training_images_without_augmentation(image_folder_root: Path,
+                                                                              tmp_path: Path) -> None:
+    """With `augment=True` (random flips on every read) push reads the training images unflipped, as the paper's
+    push loader: the pushed prototypes and sources are those of the same data without augmentation, and the picture
+    draws each source as push read it. Push had read the augmented training loader's dataset: prototypes pushed
+    onto flipped images about half the time, and drawn with another flip."""
+    from datamodules import ImageFolderDataModule
+    from zoo.protopnet.callback import PrototypesCallback
+
+    pushed, sources = {}, {}
+    for augment in (False, True):
+        folder = tmp_path / f"augment={augment}"
+        folder.mkdir()
+        pl.seed_everything(0)
+        data = ImageFolderDataModule(str(image_folder_root), image_size=32, augment=augment, batch_size=4)
+        system = ProtoPNetSystem("protopnet_tinycnn", num_classes=2, image_size=32, stages=STAGES[1:],
+                                 model_kwargs={"prototypes_per_class": 2, "prototype_channels": 8})
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+                             num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=folder,
+                             callbacks=[SavePrototypes(folder)])
+        trainer.fit(system, datamodule=data)
+        pushed[augment] = torch.load(folder / "rank0.pt", weights_only=True)
+        indices = list(range(len(data.splits["train"])))
+        sources[augment] = torch.stack(list(PrototypesCallback().sources(trainer, system, indices * 4).values()))
+    assert (pushed[True]["source_index"] >= 0).all()
+    for key in ("vectors", "source_index", "source_position"):
+        assert torch.equal(pushed[True][key], pushed[False][key]), key
+    assert torch.equal(sources[True], sources[False])
 
 
 def test_a_run_killed_after_a_push_resumes_to_the_same_final_state(tmp_path: Path) -> None:

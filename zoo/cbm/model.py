@@ -18,7 +18,10 @@ Interventions: `decode(encoded, concepts, intervene)` replaces the probability o
 
 Output dict:
     concept_logits (B, K) the bottleneck's (or the probe's) logits; concept_probs (B, K) the probabilities f read
-    (after any intervention); logits (B, C); features (B, F, h, w) the backbone's top map.
+    (after any intervention); logits (B, C); features (B, F, h, w) the backbone's top map; on request (`forward`'s
+    `predicted` / `intervened`) logits_predicted (B, C) and logits_intervened (B, C).
+Under autocast the concept layer runs in float32 (concept logits and probabilities are float32), f in autocast's
+dtype.
 """
 
 from __future__ import annotations
@@ -93,15 +96,20 @@ class ConceptBottleneckModel(nn.Module):
         return self.encode_features(self.backbone(x)[-1])
 
     def encode_features(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`encode` from the backbone's top map (B, F, h, w)."""
-        pooled = features.mean(dim=(2, 3))  # (B, F)
-        encoded = {"features": features, "pooled": pooled}
-        if not self.bottleneck:
-            encoded["concept_logits"] = self.concept_head(pooled.detach())  # a probe: trains nothing below it
-        elif self.embedding_size:
-            encoded["concept_logits"], encoded["concept_embeddings"] = self.concept_head(pooled)
-        else:
-            encoded["concept_logits"] = self.concept_head(pooled)  # (B, K)
+        """`encode` from the backbone's top map (B, F, h, w). The pooling and the concept head run in the head's
+        weights' dtype with autocast off (float32 under bf16 autocast; bf16 for a `model.bfloat16()` model), as
+        ProtoPNet's add-on layers: bf16 concept logits kept 8 bits, so 500 images gave 494 distinct logits (of
+        ~18,000) and the concept AUROC ranked mostly ties. The backbone's features alone are bf16."""
+        weight = next(self.concept_head.parameters())
+        with torch.autocast(features.device.type, enabled=False):
+            pooled = features.to(weight.dtype).mean(dim=(2, 3))  # (B, F)
+            encoded = {"features": features, "pooled": pooled}
+            if not self.bottleneck:
+                encoded["concept_logits"] = self.concept_head(pooled.detach())  # a probe: trains nothing below it
+            elif self.embedding_size:
+                encoded["concept_logits"], encoded["concept_embeddings"] = self.concept_head(pooled)
+            else:
+                encoded["concept_logits"] = self.concept_head(pooled)  # (B, K)
         return encoded
 
     def decode(self, encoded: dict[str, torch.Tensor], concepts: torch.Tensor | None = None,
@@ -116,7 +124,8 @@ class ConceptBottleneckModel(nn.Module):
     def bottleneck_output(self, encoded: dict[str, torch.Tensor], concepts: torch.Tensor | None = None,
                           intervene: torch.Tensor | None = None, detach: bool = False
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The concept probabilities (B, K), intervened as `decode` says, and what f reads (B, task_inputs)."""
+        """The concept probabilities (B, K), intervened as `decode` says, and what f reads (B, task_inputs). In the
+        concept logits' dtype (float32 under autocast, `encode_features`): sigmoid and intervention values alike."""
         probs = torch.sigmoid(encoded["concept_logits"])  # (B, K)
         if intervene is not None:
             probs = torch.where(intervene, concepts.to(probs.dtype), probs)
@@ -131,9 +140,15 @@ class ConceptBottleneckModel(nn.Module):
         return probs, probs
 
     def forward(self, x: torch.Tensor, concepts: torch.Tensor | None = None, intervene: torch.Tensor | None = None,
-                detach: bool = False) -> dict[str, torch.Tensor]:
+                detach: bool = False, *, predicted: bool = False, intervened: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
         """Test-time intervention: where `intervene` (B, K) bool is true, f reads `concepts` (B, K) instead of g's
-        probabilities (0 / 1 truth, or `zoo.cbm.intervene.replacement_values`)."""
+        probabilities (0 / 1 truth, or `zoo.cbm.intervene.replacement_values`).
+
+        What a training or evaluation step also scores, in the same call (so `compile` captures the whole step):
+        `predicted`: also `logits_predicted` (B, C), f on g's own probabilities, without gradient (how f does when
+        an intervention fed it other values); `intervened` (B, K) true 0 / 1 concepts: also `logits_intervened`
+        (B, C), f with every concept replaced by them."""
         if (concepts is None) != (intervene is None):
             raise ValueError("An intervention needs both `concepts` (B, K), the values to use, and `intervene` (B, K) "
                              "bool, which of them replace the model's; got only "
@@ -142,7 +157,15 @@ class ConceptBottleneckModel(nn.Module):
                                       or intervene.shape[-1] != self.num_concepts):
             raise ValueError(f"intervene must be a bool (B, {self.num_concepts}) mask of the concepts' shape; got "
                              f"{intervene.dtype} {tuple(intervene.shape)} for concepts {tuple(concepts.shape)}.")
-        return self.decode(self.encode(x), concepts, intervene, detach)
+        encoded = self.encode(x)
+        out = self.decode(encoded, concepts, intervene, detach)
+        if predicted:
+            with torch.no_grad():
+                out["logits_predicted"] = self.decode(encoded)["logits"]  # (B, C); f alone, cheap
+        if intervened is not None:
+            everything = torch.ones_like(intervened, dtype=torch.bool)
+            out["logits_intervened"] = self.decode(encoded, intervened, everything)["logits"]  # (B, C)
+        return out
 
     # --------------------------------------------------------------------------- the zoo's classifier head API
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

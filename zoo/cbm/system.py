@@ -125,7 +125,7 @@ class CBMSystem(ZooSystem):
         return terms
 
     def forward_batch(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
-        encoded = self.model.encode(batch_field(batch, self.input_key))
+        """One `self.model(...)` call per step: what `compile` compiles (`nn.Module.compile` wraps `__call__`)."""
         concepts = self.concepts(batch, stage)
         intervene = None
         if stage == "train" and concepts is not None:
@@ -133,14 +133,11 @@ class CBMSystem(ZooSystem):
                 intervene = torch.ones_like(concepts, dtype=torch.bool)
             elif self.train_intervention > 0:  # RandInt
                 intervene = torch.rand(concepts.shape, device=concepts.device) < self.train_intervention
-        out = self.model.decode(encoded, concepts, intervene, detach=self.mode == "sequential")
-        if intervene is not None:  # f read true concepts: score it on g's predictions, as in evaluation (`train/acc`)
-            with torch.no_grad():
-                out["logits_predicted"] = self.model.decode(encoded)["logits"]  # (B, C); f alone, cheap
-        if stage in ("val", "test") and concepts is not None and self.model.bottleneck:  # the standard twin: none
-            everything = torch.ones_like(concepts, dtype=torch.bool)
-            out["logits_intervened"] = self.model.decode(encoded, concepts, everything)["logits"]  # (B, C)
-        return out
+        evaluating = stage in ("val", "test") and concepts is not None and self.model.bottleneck  # the twin: none
+        # f read true concepts: `predicted` scores it on g's predictions as in evaluation (`train/acc`)
+        return self.model(batch_field(batch, self.input_key), None if intervene is None else concepts, intervene,
+                          detach=self.mode == "sequential", predicted=intervene is not None,
+                          intervened=concepts if evaluating else None)
 
     def prediction_extras(self, out: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
         """Each image's predicted concepts, the model's explanation: `concept_probs` (B, K) and a predictions.csv

@@ -12,6 +12,7 @@ from zoo.backbones import model_map_geometry
 from zoo.engine.callbacks import FixedBatchCallback
 from zoo.figures import class_name, heatmap_overlay, new_figure
 from zoo.protopnet.model import similarity
+from zoo.protopnet.push import push_source
 
 
 class PrototypesCallback(FixedBatchCallback):
@@ -36,8 +37,8 @@ class PrototypesCallback(FixedBatchCallback):
         return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images[:, :3]
 
     def sources(self, trainer: pl.Trainer, pl_module: pl.LightningModule, indices: list[int]) -> dict[int, Any]:
-        """The training images push took the prototypes from, by dataset index."""
-        dataset = trainer.datamodule.train_dataloader().dataset
+        """The training images push took the prototypes from, by dataset index, as push read them (no augmentation)."""
+        dataset = push_source(trainer)[0]
         wanted = sorted({i for i in indices if i >= 0})
         if not wanted:
             return {}

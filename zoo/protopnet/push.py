@@ -18,6 +18,17 @@ from zoo.backbones import MapGeometry
 from zoo.protopnet.model import ProtoPNet
 
 
+def push_source(trainer: Any) -> tuple[Dataset, DataLoader]:
+    """The training images push reads, and the training loader (its batch size and collate function): the
+    datamodule's training split without augmentation (`train_samples(augment=False)`), as the paper's push loader
+    reads the unaugmented training set; a random flip on every read pushed prototypes onto flipped images and drew
+    their sources with another flip. Data without that hook: the training loader's dataset."""
+    datamodule = trainer.datamodule
+    loader = datamodule.train_dataloader() if datamodule is not None else trainer.train_dataloader
+    samples = getattr(datamodule, "train_samples", None)
+    return (loader.dataset if samples is None else samples(augment=False)), loader
+
+
 def push_loader(dataset: Dataset, batch_size: int, collate_fn: Any, world_size: int, rank: int
                 ) -> tuple[DataLoader, torch.Tensor]:
     """A sequential loader over this process's shard of `dataset`, and the dataset index of each sample it yields."""

@@ -12,7 +12,8 @@ from zoo.backbones import model_map_geometry
 from zoo.checks import batch_field
 from zoo.engine import ZooSystem
 from zoo.protopnet.metrics import PartConsistency, image_noise
-from zoo.protopnet.push import apply_push, keep_nearest, nearest_patches, push_loader
+from zoo.protopnet.model import similarity
+from zoo.protopnet.push import apply_push, keep_nearest, nearest_patches, push_loader, push_source
 
 
 class ProtoPNetSystem(ZooSystem):
@@ -30,6 +31,9 @@ class ProtoPNetSystem(ZooSystem):
     `part_stability` and `part_iou` (`PartConsistency`) of each class's units: its prototypes, or for a twin the m
     top-map channels of largest head weight for the class.
 
+    Predictions (`train.py predict`): predictions.csv names each image's top prototypes for its predicted class, with
+    their classes, scores and push sources (`prediction_extras`).
+
     Twins (`train.py compare --config configs/protopnet/<x>.yaml`): "linear_head", the same backbone with a pooled
     linear head, and "add_on_linear_head", the same with the add-on layers; both train every epoch end to end with
     cross-entropy (the prototype terms are zero for them).
@@ -43,6 +47,7 @@ class ProtoPNetSystem(ZooSystem):
         part_quantile: the activated region of a unit is the top 1 - part_quantile of its upsampled map.
     """
 
+    PREDICT_PROTOTYPES: ClassVar[int] = 3  # the prototypes predictions.csv names per image (`prediction_extras`)
     TWINS: ClassVar[dict[str, list[str]]] = {
         "linear_head": ["--model.init_args.model_kwargs.head=linear", "--model.init_args.model_kwargs.add_on=false",
                         "--model.init_args.stages=null"],
@@ -81,13 +86,13 @@ class ProtoPNetSystem(ZooSystem):
             self.push()
 
     def push(self) -> torch.Tensor:
-        """Push every prototype onto its nearest training patch (every process, the same result under DDP); returns
-        each prototype's distance to its patch before the push, (P,)."""
+        """Push every prototype onto its nearest training patch (of the training images without augmentation,
+        `push_source`; every process, the same result under DDP); returns each prototype's distance to its patch
+        before the push, (P,)."""
         trainer = self.trainer
-        source = trainer.datamodule.train_dataloader() if trainer.datamodule is not None else \
-            trainer.train_dataloader
-        loader, indices = push_loader(source.dataset, source.batch_size or 64, source.collate_fn,
-                                      trainer.world_size, trainer.global_rank)
+        dataset, source = push_source(trainer)  # the training images without augmentation
+        loader, indices = push_loader(dataset, source.batch_size or 64, source.collate_fn, trainer.world_size,
+                                      trainer.global_rank)
         self.model.eval()
         try:
             with isolate_rng():  # iterating a loader draws a seed: keep the run's random stream as it was
@@ -102,6 +107,25 @@ class ProtoPNetSystem(ZooSystem):
         self.log("push/distance", found["distance"][pushed].mean(), on_step=False, on_epoch=True)
         self.log("push/pushed", pushed.float().mean(), on_step=False, on_epoch=True)
         return found["distance"]
+
+    # ---------------------------------------------------------------------------------------------- predict
+    def prediction_extras(self, out: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
+        """Each image's evidence for its predicted class, the model's explanation: a predictions.csv column
+        `top_prototypes`, the `PREDICT_PROTOTYPES` prototypes of largest similarity x last-layer weight for the
+        predicted class (as `PrototypesCallback` ranks them), best first, "; "-separated, each
+        "p<id>:<class>:<score>:<source>": the prototype, the class that owns it (its name), its similarity x weight
+        (4 significant digits) and the index of the training image push took it from (-1 before any push); and
+        `top_prototypes` (B, k) their ids. The twins have no prototypes: nothing."""
+        if not self.model.has_prototypes:
+            return {}
+        predicted = out["logits"].argmax(-1)  # (B,)
+        evidence = similarity(out["min_distances"]).float() * out["last_layer_weight"].float()[predicted]  # (B, P)
+        top = evidence.topk(min(self.PREDICT_PROTOTYPES, evidence.shape[1]), dim=1)  # (B, k)
+        layer, names = self.model.prototypes, self.class_names
+        owner, source = layer.prototype_class.tolist(), layer.source_index.tolist()  # predict only: host anyway
+        cells = [[f"p{j}:{names[owner[j]]}:{score:.4g}:{source[j]}" for j, score in zip(ids, scores)]
+                 for ids, scores in zip(top.indices.tolist(), top.values.tolist())]
+        return {"top_prototypes": top.indices, "columns": {"top_prototypes": ["; ".join(row) for row in cells]}}
 
     # ------------------------------------------------------------------------------------------------ metrics
     def on_validation_epoch_start(self) -> None:
