@@ -330,12 +330,18 @@ def half_state(system: torch.nn.Module) -> list[str]:
     return [name for name, tensor in tensors if torch.is_tensor(tensor) and tensor.dtype in HALF]
 
 
+# forward outputs whose numerics need float32 under autocast (distances, concept probabilities, selections' scores)
+FLOAT32_OUTPUTS = ("concept_logits", "concept_probs", "latent", "min_distances")
+
+
 def loss_terms(system: Any, batch: Any, autocast: bool) -> tuple[dict[str, torch.Tensor], RandomDraws]:
     """The System's training loss terms on `batch`, seed 0, in float32 or under CPU bf16 autocast, and the random
-    draws they took."""
+    draws they took; `draws.outputs` the forward's FLOAT32_OUTPUTS dtypes."""
     torch.manual_seed(0)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), RandomDraws() as draws:
-        terms = system.compute_loss(system.forward_batch(batch, "train"), batch, "train")
+        out = system.forward_batch(batch, "train")
+        terms = system.compute_loss(out, batch, "train")
+    draws.outputs = {k: out[k].dtype for k in FLOAT32_OUTPUTS if isinstance(out, dict) and torch.is_tensor(out.get(k))}
     return {name: term.float() for name, term in terms.items()}, draws
 
 
@@ -363,6 +369,7 @@ def test_bf16_autocast_trains_every_family(config: str, in_tmp_dir: Path, cub_ro
     mixed, draws = loss_terms(system, batch, autocast=True)
     assert not half_state(system)
     assert not [(op, dtype) for op, dtype in draws.dtypes if dtype in HALF]
+    assert all(dtype == torch.float32 for dtype in draws.outputs.values()), draws.outputs
     assert exact.keys() == mixed.keys()
     total = sum(term.abs() for term in exact.values())
     for name, term in exact.items():
