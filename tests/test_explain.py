@@ -298,3 +298,102 @@ def test_the_report_takes_own_as_cam_and_skips_the_methods_of_vectors() -> None:
     rows, maps = score_explanations(OwnMapModel(), torch.rand(2, 3, 16, 16), torch.tensor([0, 1]),
                                     methods=("own", "kernel_shap", "saliency", "cam"), metrics=("deletion",))
     assert [row["method"] for row in rows] == ["cam", "saliency", "random"] and list(maps) == ["cam", "saliency"]
+
+
+# ------------------------------------------------------------------------------- series: one feature per time step
+
+KEY_STEPS = torch.tensor([10, 11, 12, 40])  # the time steps the toy series model reads
+
+
+class KeyStepNet(torch.nn.Module):
+    """Series (B, 1, 64) -> logits with p(class 0) = the mean of the key steps' values, clipped to (0, 1); its own
+    map is the perfect-knowledge one: 1 on the key steps, 0 elsewhere."""
+
+    def forward(self, series: torch.Tensor) -> dict[str, torch.Tensor]:
+        p = series[:, 0, KEY_STEPS].mean(1).clamp(1e-6, 1 - 1e-6)
+        return {"logits": torch.stack([p.log(), (1 - p).log()], 1)}
+
+    def own_explanation(self, series: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(series.shape[0], series.shape[-1]).index_fill_(1, KEY_STEPS, 1.0)  # (B, T)
+
+
+def test_deletion_over_time_steps_of_the_perfect_map_beats_random() -> None:
+    """Deletion takes series (B, C, T) and (B, T) maps: time steps set to 0 in saliency order. The key steps first:
+    p = [1, 0, ...] on a 16-step curve; the report's own row of the hand-built model scores far below its random row."""
+    from zoo.explain.scores import score_explanations
+
+    series, target = torch.ones(3, 1, 64), torch.zeros(3, dtype=torch.long)
+    model = KeyStepNet()
+    metric = DeletionAUC(step=4)
+    metric.update(lambda x: model(x)["logits"], series, model.own_explanation(series, target), target)
+    assert metric.compute().item() == pytest.approx(0.5 / 16, abs=1e-5)
+    with pytest.raises(ValueError, match=r"saliency must be \(B, T\)"):
+        metric.update(lambda x: model(x)["logits"], series, torch.ones(3, 32), target)
+    with pytest.raises(ValueError, match="blurred image"):
+        InsertionAUC(step=4).update(lambda x: model(x)["logits"], series, torch.ones(3, 64), target)
+    rows, maps = score_explanations(model, series, target, methods=("cam", "layer_gradcam", "own"), step=4,
+                                    keys=torch.tensor([5, 6, 7]))  # an image block: "cam" is "own", no Grad-CAM
+    by_method = {row["method"]: row for row in rows}
+    assert list(by_method) == ["own", "random"] and maps["own"].shape == (3, 64)
+    assert by_method["own"]["deletion_auc"] == pytest.approx(0.5 / 16, abs=1e-4)
+    assert by_method["own"]["deletion_vs_random"] < 0.2 and by_method["random"]["deletion_vs_random"] == 1.0
+    assert "insertion_auc" not in by_method["own"] and "road_morf" not in by_method["own"]  # image-only metrics
+
+
+def test_a_map_on_the_true_rule_events_scores_mass_and_pointing_one() -> None:
+    """The ground truth of series: the steps of the rule events (+-EVENT_TOLERANCE), a rule true at every step left
+    out (it locates nothing), a series without events left out of the mean (skip_empty)."""
+    from datamodules.rule_series import generate
+    from zoo.explain.scores import EVENT_TOLERANCE, rule_event_masks
+
+    events = torch.zeros(3, 3, 64)
+    events[0, 0, 20] = events[1, 1, 30] = 1.0
+    events[1, 2] = 1.0  # a whole-series rule (frequent_premature of a bigeminy series)
+    masks = rule_event_masks(events)  # (B, R, T)
+    assert masks[0, 0].nonzero().flatten().tolist() == list(range(20 - EVENT_TOLERANCE, 21 + EVENT_TOLERANCE))
+    assert not masks[1, 2].any() and not masks[2].any()  # sample 2: no events (class normal)
+    on_events = masks.any(1).float() * torch.rand(3, 64)  # all the mass on the events
+    for kind in ("mass", "pointing"):
+        metric = AttributionInMask(kind, skip_empty=True)
+        metric.update(on_events, masks)
+        assert metric.compute().item() == pytest.approx(1.0) and metric.count.item() == 2
+    off = (~masks.any(1)).float()
+    metric = AttributionInMask("mass", skip_empty=True)
+    metric.update(off, masks)
+    assert metric.compute().item() == 0.0
+    data = generate(8, length=128, seed=3)  # the world's events sit where its premature beats are
+    masks = rule_event_masks(data["rule_events"], tolerance=0)
+    torch.testing.assert_close(masks.any(1), data["patterns"][:, 1] > 0.5)
+
+
+def test_compare_explains_series_models_on_the_same_samples() -> None:
+    """The explain stage of a rule_series comparison: ReNN (its own map, the strongest rule) and an opaque 1-D CNN
+    twin (no own map) on the same class-stratified validation series, every Captum feature method and the random row,
+    with time, deletion over time steps and the rule-event ground truth; the directions declared."""
+    from datamodules import RuleSeriesDataModule
+    from zoo.explain.captum import FEATURE_METHODS
+    from zoo.explain.scores import EXPLANATION_DIRECTIONS, explain_validation_images
+
+    data = RuleSeriesDataModule(num_train=8, num_val=16, num_test=8, length=128, batch_size=8)
+    data.setup("validate")
+
+    class System(torch.nn.Module):
+        input_key, target_key, device = "series", "label", torch.device("cpu")
+
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = zoo.create_model(name, num_classes=4, in_chans=1, length=128)
+
+    columns = {"ms_per_sample", "deletion_auc", "deletion_vs_random", "pointing_in_events", "mass_in_events"}
+    reports = {name: explain_validation_images(System(name), data, {"num_images": 8})
+               for name in ("renn_series", "baseline_cnn1d")}
+    for name, (rows, maps, series) in reports.items():
+        own = ["own"] if name == "renn_series" else []
+        assert [row["method"] for row in rows] == [*own, *FEATURE_METHODS, "random"] and maps == {}
+        assert all(set(row) == {"method", *columns} for row in rows), rows
+        assert all(0 <= row["mass_in_events"] <= 1 and 0 <= row["deletion_auc"] <= 1 for row in rows)
+        assert series.shape == (8, 1, 128)
+    torch.testing.assert_close(reports["renn_series"][2], reports["baseline_cnn1d"][2])  # the same samples
+    assert all(EXPLANATION_DIRECTIONS[column] is not None for column in columns)
+    assert EXPLANATION_DIRECTIONS["mass_in_events"] and not EXPLANATION_DIRECTIONS["deletion_vs_random"]

@@ -276,6 +276,26 @@ def test_compare_trains_renn_against_the_cnn_and_the_lstm(in_tmp_dir: Path) -> N
     assert (in_tmp_dir / "checkpoints" / "renn_rule_series_compare" / "report.md").is_file()
 
 
+def test_compare_on_rule_series_writes_the_explanation_table(in_tmp_dir: Path) -> None:
+    """The explain stage has a series branch: every run of the comparison (ReNN, the 1-D CNN, the LSTM) gets its rows
+    (ReNN its own map, all the Captum feature methods, the random reference) in explanations.csv and report.md."""
+    import csv
+
+    from train import main
+    from zoo.explain.captum import FEATURE_METHODS
+
+    main(["compare", "--config", str(REPO / "configs/renn/rule_series.yaml"), "--trainer.fast_dev_run=true",
+          "--explain_images", "4", *SMALL_SERIES])
+    folder = in_tmp_dir / "checkpoints" / "renn_rule_series_compare"
+    with open(folder / "explanations.csv") as f:
+        rows = list(csv.DictReader(f))
+    methods = [*FEATURE_METHODS, "random"]
+    assert [(row["run"], row["method"]) for row in rows] == [
+        *[("renn", m) for m in ("own", *methods)], *[("cnn", m) for m in methods], *[("lstm", m) for m in methods]]
+    assert all(row["mass_in_events"] != "" and row["deletion_vs_random"] != "" for row in rows)
+    assert "mass_in_events" in (folder / "report.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------------ rule losses
 @pytest.mark.parametrize("config", ["parts_world_distillation", "parts_world_semantic"])
 def test_compare_trains_a_rule_loss_against_its_weight_zero_twin(config: str, in_tmp_dir: Path) -> None:

@@ -71,13 +71,15 @@ def has_pooled_head(model: nn.Module) -> bool:
 
 
 def can_explain(model: nn.Module, method: str) -> bool:
-    """Whether `model` can run `method`: the self-explanation needs an `own_explanation` or a pooled head
-    (`has_pooled_head`), Grad-CAM on the head's input needs a `head` module; a flattening head or a model with
-    another head (concept bottlenecks, prototypes) has none."""
+    """Whether `model` can run `method`: the self-explanation ("cam" or "own") needs an `own_explanation`, a pooled
+    head (`has_pooled_head`) or ReNN's rule map (`rule_names`), Grad-CAM on the head's input needs a `head` module; a
+    flattening head or a model with another head (concept bottlenecks, prototypes, the opaque 1-D CNN and LSTM of
+    series) has none."""
     from zoo.explain.captum import SELF_EXPLANATION
 
-    if method == SELF_EXPLANATION:
-        return callable(getattr(model, "own_explanation", None)) or has_pooled_head(model)
+    if method in (SELF_EXPLANATION, OWN):
+        return callable(getattr(model, "own_explanation", None)) or has_pooled_head(model) or \
+            hasattr(model, "rule_names")
     if method == "layer_gradcam":
         return hasattr(model, "forward_head") and isinstance(getattr(model, "head", None), nn.Module)
     return True

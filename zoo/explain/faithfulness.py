@@ -1,7 +1,9 @@
 """Is an explanation faithful, and does it point at the truth? Batched torchmetrics Metrics for saliency maps.
 
 Conventions, fixed once so self-explaining and post-hoc maps are scored on the same footing: a saliency map is
-(B, H, W), the absolute attribution summed over channels (`saliency_map`); higher means more important.
+(B, H, W), the absolute attribution summed over channels (`saliency_map`); higher means more important. Series
+(B, C, T) have (B, T) maps, one value per time step: ranking, deletion and the ground-truth scores take any positions
+(B, *S) of inputs (B, C, *S); insertion, ROAD and infidelity are image-only (a blur, 8 neighbours, a square).
 
 - `DeletionAUC` / `InsertionAUC` (RISE, Petsiuk et al. 2018): rank pixels by saliency; deletion sets the top `step`
   pixels per iteration to zero, insertion starts from a blurred image (Gaussian, kernel 11, sigma 5) and restores
@@ -43,7 +45,8 @@ def saliency_map(attribution: torch.Tensor) -> torch.Tensor:
 
 
 def saliency_rank(saliency: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Each pixel's rank in descending saliency, (B, H, W) -> (B, H*W) with 0 = most important.
+    """Each pixel's rank in descending saliency, (B, H, W) -> (B, H*W) with 0 = most important (any positions:
+    (B, *S) -> (B, prod S), e.g. (B, T) time steps).
 
     Ties are broken by one random order of the H*W pixels drawn with `seed` (the same for every image, batch and
     device): the sort is stable on the shuffled pixels, so tied pixels keep the shuffled order.
@@ -68,10 +71,11 @@ def target_scores(model: Callable[[torch.Tensor], torch.Tensor], images: torch.T
 
 
 def check_saliency(images: torch.Tensor, saliency: torch.Tensor) -> None:
-    """Raise unless `saliency` is one (H, W) map per image of `images` (B, C, H, W)."""
-    if saliency.shape != (images.shape[0], *images.shape[-2:]):
-        raise ValueError(f"saliency must be (B, H, W) = {(images.shape[0], *images.shape[-2:])}; "
-                         f"got {tuple(saliency.shape)}.")
+    """Raise unless `saliency` is one map per input of `images`: (B, H, W) for (B, C, H, W), (B, T) for (B, C, T)."""
+    expected = (images.shape[0], *images.shape[2:])
+    if saliency.shape != expected:
+        names = "(B, H, W)" if images.ndim == 4 else "(B, T)" if images.ndim == 3 else "(B, *positions)"
+        raise ValueError(f"saliency must be {names} = {expected}; got {tuple(saliency.shape)}.")
 
 
 def auc(curve: torch.Tensor) -> torch.Tensor:
@@ -86,22 +90,24 @@ def perturbation_curves(model: Callable[[torch.Tensor], torch.Tensor], images: t
 
     All (step, image) pairs are built as masks from each pixel's saliency rank (`saliency_rank`, ties broken by the
     fixed random order of `seed`) and run in chunks of `chunk` images through `model` (logits out); no loop over
-    pixels or images.
+    pixels or images. Images (B, C, H, W) and saliency (B, H, W); any positions work the same way for deletion, e.g.
+    series (B, C, T) and (B, T): a time step (all channels) is deleted to zero like a pixel. Insertion blurs images.
     """
-    batch, channels, height, width = images.shape
-    pixels = height * width
-    n = math.ceil(pixels / step)
+    batch, positions = images.shape[0], images.shape[2:]
+    n = math.ceil(math.prod(positions) / step)
     rank = saliency_rank(saliency, seed)  # (B, HW)
     thresholds = torch.arange(n + 1, device=images.device) * step  # pixels changed at each step
-    changed = (rank[None] < thresholds[:, None, None]).view(n + 1, batch, 1, height, width)  # (n+1, B, 1, H, W)
+    changed = (rank[None] < thresholds[:, None, None]).view(n + 1, batch, 1, *positions)  # (n+1, B, 1, H, W)
     if mode == "deletion":
         start, end = images, torch.zeros_like(images)
     elif mode == "insertion":
+        if images.ndim != 4:
+            raise ValueError(f"insertion starts from a blurred image (B, C, H, W); got shape {tuple(images.shape)}.")
         start, end = gaussian_blur(images, kernel_size=11, sigma=5.0), images
     else:
         raise ValueError(f"mode must be 'deletion' or 'insertion'; got {mode!r}.")
     probabilities = []
-    flat_changed = changed.flatten(0, 1)  # (S*B, 1, H, W), step-major
+    flat_changed = changed.flatten(0, 1)  # (S*B, 1, *positions), step-major
     sample = torch.arange(batch, device=images.device).repeat(n + 1)  # image index of each row
     for begin in range(0, len(sample), chunk):  # chunks of perturbed images bound memory
         rows = sample[begin:begin + chunk]
@@ -135,7 +141,8 @@ class MeanScore(Metric):
 
 class _PerturbationAUC(MeanScore):
     """AUC of the explained class's probability as pixels change in saliency order. update(model, images
-    (B, C, H, W), saliency (B, H, W), target (B,)); `model` maps images to logits."""
+    (B, C, H, W), saliency (B, H, W), target (B,)); `model` maps images to logits. Deletion also takes series
+    (B, C, T) with (B, T) maps, `step` time steps at a time."""
 
     mode: str
 
@@ -165,7 +172,10 @@ class InsertionAUC(_PerturbationAUC):
 
 class AttributionInMask(MeanScore):
     """Pointing game hit rate ("pointing") or attribution mass share ("mass") inside the ground-truth part masks.
-    update(saliency (B, H, W), part_masks (B, P, H', W') bool); masks are resized to the saliency size.
+    update(saliency (B, H, W), part_masks (B, P, H', W') bool); masks are resized to the saliency size (nearest).
+    Series: update(saliency (B, T), masks (B, P, T') bool), e.g. the time steps of the true rule events.
+    `skip_empty`: a sample whose masks are all empty (no ground truth: a rule series of the class that has no rule
+    events) is left out of the mean instead of scoring 0.
 
     The pointing game's peak is the pixel of rank 0 (`saliency_rank` with `seed`): tied maxima are broken by the
     fixed random order every ranking here uses, not by raster order (an occlusion map is constant over each 8x8
@@ -174,15 +184,21 @@ class AttributionInMask(MeanScore):
 
     higher_is_better = True
 
-    def __init__(self, kind: str = "mass", seed: int = 0, **kwargs: Any) -> None:
+    def __init__(self, kind: str = "mass", seed: int = 0, skip_empty: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if kind not in ("mass", "pointing"):
             raise ValueError(f"kind must be 'mass' or 'pointing'; got {kind!r}.")
-        self.kind, self.seed = kind, seed
+        self.kind, self.seed, self.skip_empty = kind, seed, skip_empty
+
+    def update(self, saliency: torch.Tensor, part_masks: torch.Tensor) -> None:
+        if self.skip_empty:  # evaluation only (a host sync): the samples that have ground truth
+            kept = part_masks.flatten(1).any(1)  # (B,)
+            saliency, part_masks = saliency[kept], part_masks[kept]
+        super().update(saliency, part_masks)
 
     def scores(self, saliency: torch.Tensor, part_masks: torch.Tensor) -> torch.Tensor:
         inside = part_masks.any(1, keepdim=True).float()  # (B, 1, H', W') union of the parts
-        inside = F.interpolate(inside, size=saliency.shape[-2:], mode="nearest")[:, 0] > 0  # (B, H, W)
+        inside = F.interpolate(inside, size=saliency.shape[1:], mode="nearest")[:, 0] > 0  # (B, H, W)
         saliency = saliency.abs().float()
         if self.kind == "mass":
             return (saliency * inside).flatten(1).sum(1) / saliency.flatten(1).sum(1).clamp(min=1e-12)

@@ -10,6 +10,17 @@ score by that model's random one (lower is better; 1 = no better than random): t
 
 The explained samples (`explained_indices`) are drawn once, class-stratified from a fixed seed, and every model and
 every function of the stage (the scores, the figure's true classes) takes the same ones.
+
+Series (B, C, T), e.g. ReNN and its 1-D CNN and LSTM twins on rule_series: every time step (all channels) is one
+feature. Each model runs its own map where it has one (ReNN's strongest rule per step; the twins have none) and the
+Captum feature methods (`FEATURE_METHODS`), plus the `random` row; deletion removes `SERIES_STEP` time steps at a time
+in saliency order, setting them to 0, which for rule_series is the raw signal's flat baseline (its series are not
+normalised: beats are deviations from 0); the other faithfulness metrics but max-sensitivity are image-only. The
+ground truth is the batch's `rule_events` (B, R, T): the steps where the rules that decide the label are true (the
+premature beats that a pause or an interpolation makes evidence), widened by `EVENT_TOLERANCE` steps each side (a
+premature beat's main lobe; an event is one peak step); a rule true at every step of a series (frequent_premature
+of a bigeminy series) locates nothing and is left out, and a series without events (class normal: its evidence is
+an absence) is left out of `pointing_in_events` / `mass_in_events`. No figure is drawn for series.
 """
 
 from __future__ import annotations
@@ -22,11 +33,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torchmetrics import Metric
 from tqdm.auto import tqdm
 
 from zoo.figures import class_name, heatmap_overlay, new_figure
 from zoo.explain.api import OWN, can_explain, own_explanation
+from zoo.explain.api import explain as explain_features
 from zoo.explain.captum import FEATURE_METHODS, POSTHOC_METHODS, SELF_EXPLANATION, LogitsOnly, explain
 from zoo.explain.faithfulness import AttributionInMask, DeletionAUC, Infidelity, InsertionAUC, SensitivityMax
 from zoo.explain.road import RoadLeRF, RoadMoRF
@@ -41,6 +54,12 @@ KNOWN_METHODS = tuple(dict.fromkeys((SELF_EXPLANATION, OWN, RANDOM_REFERENCE, *P
 # reruns each explainer 10 times (minutes for integrated gradients and occlusion on CPU): asked for, not default.
 EXPLANATION_METRICS = ("deletion", "insertion", "road", "infidelity", "sensitivity")
 DEFAULT_METRICS = ("deletion", "insertion", "road", "infidelity")
+# series (B, C, T): the default methods, the metrics that apply to time steps (the others are dropped), the deletion
+# step (time steps per step of the curve) and how many steps around a rule event count as the event
+SERIES_METHODS = (OWN, *FEATURE_METHODS)
+SERIES_METRICS = ("deletion", "sensitivity")
+SERIES_STEP = 4
+EVENT_TOLERANCE = 3
 # the keys of a compare spec's `explain:` block (num_perturbed: L2X's perturbation count, `zoo.l2x.scores`)
 EXPLAIN_KEYS = ("methods", "num_images", "step", "metrics", "num_perturbed")
 EXPLAIN_SEED = 0  # which samples are explained, and the random reference maps
@@ -53,19 +72,22 @@ EXPLANATION_DIRECTIONS: dict[str, bool | None] = {
     "road_morf": RoadMoRF.higher_is_better, "road_lerf": RoadLeRF.higher_is_better,
     "infidelity": Infidelity.higher_is_better, "sensitivity_max": SensitivityMax.higher_is_better,
     "pointing_in_parts": AttributionInMask.higher_is_better, "mass_in_parts": AttributionInMask.higher_is_better,
+    "pointing_in_events": AttributionInMask.higher_is_better, "mass_in_events": AttributionInMask.higher_is_better,
     "deletion_vs_random": DeletionAUC.higher_is_better, "road_morf_vs_random": RoadMoRF.higher_is_better,
 }
 # what the report says under its explanation table
 EXPLANATION_NOTE = (
     "Every map explains the true class. Raw deletion_auc and road_morf compare methods within one model only (a more "
     "confident model keeps its probability longer whatever the map); deletion_vs_random and road_morf_vs_random "
-    "(the score over the same model's `random` map's: 1 = no better than random) compare across models.")
+    "(the score over the same model's `random` map's: 1 = no better than random) compare across models. Series: "
+    f"deletion sets {SERIES_STEP} time steps at a time to 0 (the raw signal's baseline); *_in_events score the time "
+    f"steps of the true rule events (+-{EVENT_TOLERANCE} steps) of the series that have any.")
 
 
 def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
                        part_masks: torch.Tensor | None = None, methods: Sequence[str] = DEFAULT_METHODS,
-                       step: int = 128, metrics: Sequence[str] = DEFAULT_METRICS, keys: torch.Tensor | None = None
-                       ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+                       step: int = 128, metrics: Sequence[str] = DEFAULT_METRICS, keys: torch.Tensor | None = None,
+                       truth: str = "parts") -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """One row per method with its explanation time and faithfulness (`metrics`, of EXPLANATION_METRICS) and
     ground-truth scores, and the maps; then the `random` reference row (`random_maps` of `keys`, the samples'
     dataset indices, default 0..B-1; not in the maps) and, with deletion or ROAD, each row's `*_vs_random` columns
@@ -75,14 +97,23 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
     a pooled head) are skipped, as are the feature methods that explain vectors and tokens only (`FEATURE_METHODS`
     less `POSTHOC_METHODS`: an `explain:` block shared by an L2X run and image runs names both). "own" is "cam".
     Max-sensitivity is not given for the random row: its map does not depend on the image (it would score 0).
+
+    Series `images` (B, C, T) (module docstring): the methods are the own map (the row "own"; "cam" is taken as it)
+    and `FEATURE_METHODS`, the others skipped; the metrics those of `SERIES_METRICS`, the others dropped; maps are
+    (B, T). `part_masks` (B, P, H, W) or (B, P, T) bool give the columns `pointing_in_<truth>` / `mass_in_<truth>`;
+    for series a sample whose masks are empty is left out of them (`AttributionInMask(skip_empty=True)`).
     """
     metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
     unknown = sorted(set(metrics) - set(EXPLANATION_METRICS))
     if unknown:
         raise ValueError(f"Unknown explanation metrics {unknown}; choose from {EXPLANATION_METRICS}.")
-    methods = [SELF_EXPLANATION if method == OWN else method for method in methods]
+    series = images.ndim == 3
+    own = OWN if series else SELF_EXPLANATION
+    runnable, other = (FEATURE_METHODS, POSTHOC_METHODS) if series else (POSTHOC_METHODS, FEATURE_METHODS)
+    metrics = tuple(metric for metric in metrics if not series or metric in SERIES_METRICS)
+    methods = [own if method in (OWN, SELF_EXPLANATION) else method for method in methods]
     methods = [method for method in dict.fromkeys(methods) if method != RANDOM_REFERENCE and
-               (method in POSTHOC_METHODS or method not in FEATURE_METHODS)]
+               (method in runnable or method not in other)]
     keys = torch.arange(len(images), device=images.device) if keys is None else keys.to(images.device)
     was_training = model.training
     model.eval()
@@ -109,9 +140,9 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
             row["sensitivity_max"] = rounded("sensitivity_max", metric.compute().item())
         if part_masks is not None:
             for kind in ("pointing", "mass"):
-                metric = AttributionInMask(kind)
-                metric.update(saliency, part_masks)
-                row[f"{kind}_in_parts"] = round(metric.compute().item(), 4)
+                metric = AttributionInMask(kind, skip_empty=series)
+                metric.update(saliency, part_masks.to(saliency.device))
+                row[f"{kind}_in_{truth}"] = round(metric.compute().item(), 4)
         rows.append(row)
         if method != RANDOM_REFERENCE:
             maps[method] = saliency
@@ -125,15 +156,16 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
 
 
 def random_explainer(keys: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The `random` reference as an explainer (images, target) -> `random_maps` of the samples' `keys` (B,)."""
-    return lambda images, target: random_maps(keys[:len(images)], images.shape[-2:])
+    """The `random` reference as an explainer (images, target) -> `random_maps` of the samples' `keys` (B,), one
+    value per position: (B, H, W) for images, (B, T) for series."""
+    return lambda images, target: random_maps(keys[:len(images)], images.shape[2:])
 
 
 def random_maps(keys: torch.Tensor, size: Sequence[int], seed: int = EXPLAIN_SEED) -> torch.Tensor:
-    """The `random` reference maps (B, H, W): values uniform in (0, 1), row b a function of (`seed`, `keys[b]`)
-    alone (`zoo.hashing.keyed_normal` through the normal CDF), so a sample (its dataset index as key) gets the same
-    map in any batch, on any device and for every model. keys: (B,) integers."""
-    normal = keyed_normal(keys, tuple(size), seed)  # (B, H, W)
+    """The `random` reference maps (B, *size), e.g. (B, H, W) or (B, T): values uniform in (0, 1), row b a function
+    of (`seed`, `keys[b]`) alone (`zoo.hashing.keyed_normal` through the normal CDF), so a sample (its dataset index
+    as key) gets the same map in any batch, on any device and for every model. keys: (B,) integers."""
+    normal = keyed_normal(keys, tuple(size), seed)  # (B, *size)
     return 0.5 * (1 + torch.erf(normal / math.sqrt(2)))
 
 
@@ -204,11 +236,13 @@ def rounded(column: str, value: float) -> float:
 
 
 def method_explainer(model: nn.Module, method: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """`method` as a function (images, target) -> (B, H, W) saliency: what the report times and scores, and what
-    max-sensitivity reruns on perturbed images."""
-    if method == SELF_EXPLANATION:
+    """`method` as a function (images, target) -> (B, H, W) saliency ((B, T) for series): what the report times and
+    scores, and what max-sensitivity reruns on perturbed inputs. Series take `zoo.explain.api.explain` (one feature
+    per time step)."""
+    if method in (SELF_EXPLANATION, OWN):
         return lambda images, target: self_explanation(model, images, target)
-    return lambda images, target: explain(model, images, target, method)
+    return lambda inputs, target: (explain(model, inputs, target, method) if inputs.ndim == 4 else
+                                   explain_features(model, inputs, method, target))
 
 
 def self_explanation(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -270,17 +304,45 @@ def explain_validation_images(system: nn.Module, datamodule: Any, settings: dict
                               ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor], torch.Tensor] | None:
     """Score `settings["methods"]` on `num_images` validation images of an image classifier System, drawn once and
     class-stratified (`explained_indices`: the same images for every run of a comparison), each explained for its
-    true class; None where the input is not an image batch."""
+    true class. Series (B, C, T) take the series branch (module docstring; `explain_validation_series`). None where
+    the input is neither images nor series."""
     indices, batch = explained_batch(system, datamodule, int(settings.get("num_images", 32)))
     images = batch.get(system.input_key) if isinstance(batch, dict) else None
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or not images.is_floating_point():
+    if not isinstance(images, torch.Tensor) or images.ndim not in (3, 4) or not images.is_floating_point():
         return None
+    if images.ndim == 3:
+        return explain_validation_series(system, batch, indices, settings)
     images = images.to(system.device)
     rows, maps = score_explanations(system.model, images, batch[system.target_key].to(system.device),
                                     batch.get("part_masks"), settings.get("methods", DEFAULT_METHODS),
                                     int(settings.get("step", 128)), settings.get("metrics", DEFAULT_METRICS),
                                     keys=indices)
     return rows, maps, images
+
+
+def explain_validation_series(system: nn.Module, batch: dict[str, Any], indices: torch.Tensor,
+                              settings: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor],
+                                                                 torch.Tensor]:
+    """`explain_validation_images` of series (B, C, T) (module docstring): `settings["methods"]` (default
+    `SERIES_METHODS`) scored for the true class with deletion over time steps (`step`, default `SERIES_STEP`) and the
+    ground truth of `rule_event_masks` (the System's `rule_events_key`, default "rule_events"; none where the batch
+    has no rule events). The maps are not returned ({}): the figure draws images."""
+    series = batch[system.input_key].to(system.device)  # (B, C, T)
+    events = batch.get(getattr(system, "rule_events_key", "rule_events"))
+    rows, _ = score_explanations(system.model, series, batch[system.target_key].to(system.device),
+                                 None if events is None else rule_event_masks(events),
+                                 settings.get("methods", SERIES_METHODS), int(settings.get("step", SERIES_STEP)),
+                                 settings.get("metrics", DEFAULT_METRICS), keys=indices, truth="events")
+    return rows, {}, series
+
+
+def rule_event_masks(events: torch.Tensor, tolerance: int = EVENT_TOLERANCE) -> torch.Tensor:
+    """Where the evidence for a series' label is: (B, R, T) rule events (> 0.5 = the rule is true at that step) ->
+    (B, R, T) bool, each event widened by `tolerance` steps each side; a rule true at every step of a series (a
+    property of the whole series, e.g. frequent_premature) locates nothing and gives an empty row."""
+    fired = events > 0.5  # (B, R, T)
+    located = fired & ~fired.all(-1, keepdim=True)
+    return F.max_pool1d(located.float(), 2 * tolerance + 1, stride=1, padding=tolerance) > 0  # (B, R, T)
 
 
 @dataclass
