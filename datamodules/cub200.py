@@ -85,8 +85,9 @@ def read_cub_attributes(root: Path, labels: np.ndarray, is_train: np.ndarray, im
         raise DatasetLayoutError(f"CUB file {str(path)!r} lists no attribute labels (attributes=True).", CUB_LAYOUT)
     position = {int(image_id): i for i, image_id in enumerate(image_ids)}
     rows = np.array([position.get(int(i), -1) for i in table[:, 0]])
-    if (rows < 0).any() or (table[:, 1] < 1).any():
-        raise DatasetLayoutError(f"{path} names image ids not in images.txt or attribute ids below 1.", CUB_LAYOUT)
+    table, rows = table[rows >= 0], rows[rows >= 0]  # images.txt decides which images there are (a subset keeps all)
+    if (table[:, 1] < 1).any():
+        raise DatasetLayoutError(f"{path} names attribute ids below 1.", CUB_LAYOUT)
     bad = ~np.isin(table[:, 2], (0, 1)) | ~np.isin(table[:, 3], (1, 2, 3, 4))
     if bad.any():
         raise DatasetLayoutError(f"{path}: <is_present> must be 0 or 1 and <certainty> 1..4 (1 not visible .. 4 "
@@ -125,10 +126,20 @@ class CUBIndex:
         self.image_ids = ids
         self.paths = [root / "images" / f[1].strip() for f in lines]
         position = {image_id: i for i, image_id in enumerate(ids)}
+        missing = [path for path in self.paths if not path.is_file()]
+        if missing:  # said now, not when a loader first reads one (a subset made by deleting class folders)
+            raise DatasetLayoutError(f"{len(missing)} of the {len(self.paths)} images listed in "
+                                     f"{root / 'images.txt'} are missing, e.g. {[str(m) for m in missing[:3]]}; to use "
+                                     "a subset, list only its images in images.txt.", CUB_LAYOUT)
 
         def aligned(table: np.ndarray, name: str) -> np.ndarray:
-            if sorted(table[:, 0].astype(int)) != sorted(ids):
-                raise DatasetLayoutError(f"{name} does not list the same image ids as images.txt.", CUB_LAYOUT)
+            """The table's rows in images.txt order: images.txt decides which images there are, so a subset only
+            trims images.txt; an image it lists that the table lacks is an error naming both."""
+            table = table[np.isin(table[:, 0].astype(np.int64), ids)]
+            lacking = np.setdiff1d(ids, table[:, 0].astype(np.int64))
+            if len(lacking) or len(table) != len(ids):
+                detail = f"lacks image ids {lacking[:5].tolist()}" if len(lacking) else "lists an image id twice"
+                raise DatasetLayoutError(f"{root / name} {detail} (of those in {root / 'images.txt'}).", CUB_LAYOUT)
             order = np.array([position[int(i)] for i in table[:, 0]])
             out = np.empty_like(table[:, 1:])
             out[order] = table[:, 1:]
@@ -140,10 +151,10 @@ class CUBIndex:
         locs = read_table(root / "parts" / "part_locs.txt", 5)  # image_id part_id x y visible
         self.landmarks = np.zeros((len(ids), self.NUM_PARTS, 3))
         rows = np.array([position.get(int(i), -1) for i in locs[:, 0]])
+        locs, rows = locs[rows >= 0], rows[rows >= 0]  # the images images.txt lists
         parts = locs[:, 1].astype(int) - 1
-        if (rows < 0).any() or (parts < 0).any() or (parts >= self.NUM_PARTS).any():
-            raise DatasetLayoutError("parts/part_locs.txt names unknown image ids or part ids outside 1..15.",
-                                     CUB_LAYOUT)
+        if (parts < 0).any() or (parts >= self.NUM_PARTS).any():
+            raise DatasetLayoutError(f"{root / 'parts' / 'part_locs.txt'} names part ids outside 1..15.", CUB_LAYOUT)
         self.landmarks[rows, parts] = locs[:, 2:]
         self.captions: torch.Tensor | None = None  # (N, R, L) sentence ids, filled when sentences are present
         self.attributes: np.ndarray | None = None  # (N, A) class-level concepts, filled with attributes=True
@@ -173,8 +184,10 @@ class CUBDataset(Dataset):
             origin, extent = np.zeros(2), np.array(image.size)
         to_out = self.image_size / extent  # (2,) x and y scale
         marks = self.index.landmarks[row]  # (15, 3): x, y, visible
-        visible = marks[:, 2] > 0
-        xy = np.where(visible[:, None], (marks[:, :2] - origin) * to_out, 0.0)
+        moved = (marks[:, :2] - origin) * to_out  # (15, 2) in output pixels
+        # a part clicked outside the crop (a tail tip past the bird's box) is not in the image: not visible
+        visible = (marks[:, 2] > 0) & ((moved >= 0) & (moved <= self.image_size)).all(1)
+        xy = np.where(visible[:, None], moved, 0.0)
         box = np.concatenate([(np.array([x, y]) - origin) * to_out, (np.array([x + w, y + h]) - origin) * to_out])
         return {
             "image": self.transform(image),

@@ -7,6 +7,7 @@ evaluation. Images are returned at their own size: the detector's transform resi
 
 from __future__ import annotations
 
+import re
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -30,6 +31,9 @@ VOC_LAYOUT = """\
 def find_voc_root(root: str | Path, year: str) -> Path:
     """The folder holding Annotations/ (root itself, root/VOC<year> or root/VOCdevkit/VOC<year>)."""
     base = Path(root)
+    if re.fullmatch(r"VOC\d{4}", base.name) and base.name != f"VOC{year}" and (base / "Annotations").is_dir():
+        raise DatasetLayoutError(f"VOC root {str(base)!r} is {base.name}, but year={year!r} asks for VOC{year}: give "
+                                 f"the VOCdevkit folder (or VOC{year} itself), or year={base.name[3:]!r}.", VOC_LAYOUT)
     for candidate in (base, base / f"VOC{year}", base / "VOCdevkit" / f"VOC{year}"):
         if (candidate / "Annotations").is_dir():
             missing = [d for d in ("JPEGImages", "ImageSets/Main") if not (candidate / d).is_dir()]
@@ -44,7 +48,10 @@ def read_ids(root: Path, split: str) -> list[str]:
     path = root / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
         raise DatasetLayoutError(f"VOC split file {str(path)!r} does not exist.", VOC_LAYOUT)
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    # a class list (`<class>_<set>.txt`: "<id> 1 | 0 | -1") names every image with a flag: -1 the class is absent
+    # (0: only difficult instances of it); its images are those without -1
+    ids = [row[0] for row in rows if len(row) < 2 or row[1] != "-1"]
     if not ids:
         raise DatasetLayoutError(f"VOC split file {str(path)!r} lists no images.", VOC_LAYOUT)
     return ids

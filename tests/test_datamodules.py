@@ -313,6 +313,46 @@ def test_voc2012_defaults_to_its_released_splits(voc_root: Path) -> None:
     assert VOCDataModule(str(voc_root), year="2012", val_split="trainval").split_names["val"] == "trainval"
 
 
+def test_voc_year_and_class_lists_read_what_they_name(voc_root: Path) -> None:
+    """A VOC<year> folder given as root with another `year` is refused (it silently read VOC2007 with VOC2012's
+    protocol); a devkit class list (`<class>_<set>.txt`, "<id> 1 | 0 | -1") keeps the images without -1 (it kept the
+    negatives too)."""
+    with pytest.raises(DatasetLayoutError, match=r"is VOC2007, but year='2012' asks for VOC2012"):
+        VOCDataModule(str(voc_root / "VOC2007"), year="2012")
+    main = voc_root / "VOC2007" / "ImageSets" / "Main"
+    (main / "person_trainval.txt").write_text("000005  1\n000007 -1\n000009  0\n")
+    dm = VOCDataModule(str(voc_root), train_split="person_trainval", val_split="val", test_split="val", flip=False)
+    dm.setup()
+    assert len(dm.splits["train"]) == 2  # 000005 (a person) and 000009 (only difficult ones), not 000007
+
+
+def test_cub_subsets_and_parts_outside_the_crop(cub_root: Path) -> None:
+    """images.txt decides which images there are: trimming it to a subset works (the other tables were refused for
+    listing more ids); an image it lists that is missing on disk is said at once, naming it; a part clicked outside
+    the bird's box is not visible in the cropped image (it stayed visible at coordinates outside the image)."""
+    base = cub_root / "CUB_200_2011"
+    lines = (base / "images.txt").read_text().splitlines()
+    (base / "images.txt").write_text("\n".join(lines[:4]) + "\n")
+    dm = CUB200DataModule(str(cub_root), image_size=20)
+    dm.setup()
+    assert sum(len(dm.splits[s]) for s in ("train", "test")) == 4
+    (base / "images" / lines[0].split()[1]).unlink()
+    with pytest.raises(DatasetLayoutError, match=r"1 of the 4 images listed in .*images.txt are missing, e.g."):
+        CUB200DataModule(str(cub_root))
+    (base / "images.txt").write_text("\n".join(lines[1:]) + "\n")
+    locs = (base / "parts" / "part_locs.txt").read_text().splitlines()
+    first = lines[1].split()[0]  # image 1: its tail (part 14) moved outside the box (10, 5, 40, 30), visible
+    locs = [f"{first} 14 55.0 38.0 1" if line.startswith(f"{first} 14 ") else line for line in locs]
+    (base / "parts" / "part_locs.txt").write_text("\n".join(locs) + "\n")
+    dm = CUB200DataModule(str(cub_root), image_size=20, crop_to_box=True)
+    dm.setup()
+    dataset = dm.splits["train"]
+    sample = next(dataset[i] for i in range(len(dataset)) if int(dataset[i]["index"]) == 0)  # images.txt row 0
+    assert not sample["landmark_visible"][13] and torch.equal(sample["landmarks"][13], torch.zeros(2))
+    inside = sample["landmarks"][sample["landmark_visible"]]
+    assert ((inside >= 0) & (inside <= 20)).all()
+
+
 def test_voc_broken_annotations_are_layout_errors_naming_the_file(voc_root: Path) -> None:
     annotation = voc_root / "VOC2007" / "Annotations" / "000007.xml"
     annotation.write_text("<annotation><object><name>car")
