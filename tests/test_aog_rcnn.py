@@ -449,6 +449,23 @@ def test_terminal_pooling_keeps_its_box_sums_under_tf32(rank: int | None, monkey
     assert (tf32_grad - exact_grad).abs().max() < 2e-2 * exact_grad.abs().max()
 
 
+@pytest.mark.parametrize("rank", [None, 3])
+def test_terminal_pooling_keeps_no_step_alive(rank: int | None) -> None:
+    """Nothing of a step outlives it: an integral table cached by its feature tensor (an lru_cache left on it by
+    mistake) kept every step's features and table, about 1.6 MiB a step at 128 px, for 256 steps."""
+    import gc
+    import weakref
+
+    pool = PositionSensitivePool(16, 4, GridGrammar(3, 3), "terminals", terminal_rank=rank)
+    features = torch.rand(1, 16, 12, 12, requires_grad=True)
+    rois = rois_with_batch_index([torch.tensor([[0.0, 0, 90, 80]])])
+    pool._pool_terminals(features, rois, 1 / 8).sum().backward()
+    alive = weakref.ref(features)
+    del features
+    gc.collect()
+    assert alive() is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("rank", [None, 8])
 def test_terminal_pooling_keeps_its_box_sums_under_gpu_tf32(rank: int | None) -> None:

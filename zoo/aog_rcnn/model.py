@@ -47,7 +47,6 @@ from datamodules._base import pretrained_normalization
 from zoo.aog_rcnn import kernels
 from zoo.backbones import TINY_CNN, Backbone
 from zoo.checks import check_input, ids_out_of_range
-from zoo.layers import cached_constant
 from zoo.registry import input_size_aware, register_model
 
 OR_MODES = ("mean", "max")
@@ -573,7 +572,6 @@ class PositionSensitivePool(nn.Module):
         return position.flatten(0, 1), area  # corners (y2, x2), (y1, x2), (y2, x1), (y1, x1)
 
 
-@cached_constant
 def _integral_table(maps: torch.Tensor) -> torch.Tensor:
     """The integral image of maps (n, c, fh, fw) as a lookup table (n*(fh+1)*(fw+1), c): row (b*(fh+1) + y)*(fw+1)
     + x sums the cells of image b above and left of (y, x). Running sums (cumsums) in the maps' dtype, on a zero
