@@ -3,6 +3,7 @@ folder that is not as expected."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
@@ -237,13 +238,17 @@ class DictDataModule(pl.LightningDataModule):
         continues where the interrupted run was (`ResumableDataLoader`)."""
         return ResumableDataLoader(dataset, sampler=sampler, epoch_progress=self._epoch_progress, **settings)
 
-    def _epoch_progress(self) -> tuple[int, int]:
+    def _epoch_progress(self, length: int | None = None) -> tuple[int, int | float]:
         """(training batches of the current epoch trained on so far, batches the epoch trains: Lightning's count,
-        after `limit_train_batches`); (0, 0) without a trainer."""
+        after `limit_train_batches`); (0, 0) without a trainer. Before Lightning has counted them (a resumed fit's
+        first iterator), the count of a loader of `length` batches under `limit_train_batches`, as Lightning counts."""
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0, 0
-        return trainer.fit_loop.epoch_loop.batch_progress.current.processed, trainer.num_training_batches
+        total, limit = trainer.num_training_batches, trainer.limit_train_batches
+        if not math.isfinite(total) and length is not None and limit is not None:
+            total = min(length, limit) if isinstance(limit, int) else int(length * limit)
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed, total
 
     def _evaluation_sampler(self, dataset: Any) -> Sampler | None:
         """Under distributed training, a sampler that gives each rank its own samples, none twice: Lightning's

@@ -55,11 +55,12 @@ class ResumableDataLoader(DataLoader):
     epoch draws the rest anew, with a warning, as Lightning's own loaders do.
 
     Args:
-        epoch_progress: (batches of the current epoch trained on so far, batches the epoch trains).
+        epoch_progress: (batches of the current epoch trained on so far, batches the epoch trains), given this
+            loader's length in batches (for before Lightning has counted them).
         Other arguments: DataLoader's.
     """
 
-    def __init__(self, *args: Any, epoch_progress: Callable[[], tuple[int, int]] | None = None,
+    def __init__(self, *args: Any, epoch_progress: Callable[..., tuple[int, int | float]] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.epoch_progress = epoch_progress
@@ -84,8 +85,20 @@ class ResumableDataLoader(DataLoader):
         self._resuming = True
 
     def __iter__(self) -> Any:
-        if not self._resuming:
-            return super().__iter__()
-        self._resuming = False
-        with isolate_rng():  # the resumed epoch's iterator draws its worker seed off the run's stream
-            return super().__iter__()
+        if self._resuming:
+            self._resuming = False
+            with isolate_rng():  # the resumed epoch's iterator draws its worker seed off the run's stream
+                return super().__iter__()
+        if self._epoch_over():
+            # an iterator for an epoch whose every batch was trained on: Lightning builds one (and reads nothing from
+            # it) when it resumes from a checkpoint written at the epoch's last batch (validation there, before the
+            # epoch ended). A run that never stopped builds none, so it must draw nothing from the run's stream (its
+            # worker seed moved every later epoch's shuffle)
+            with isolate_rng():
+                return super().__iter__()
+        return super().__iter__()
+
+    def _epoch_over(self) -> bool:
+        """Whether the fit loop has trained on every batch of the current epoch (before the next one starts)."""
+        trained, total = self.epoch_progress(len(self)) if self.epoch_progress is not None else (0, 0)
+        return 0 < total <= trained
