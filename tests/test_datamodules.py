@@ -487,7 +487,7 @@ def test_resumable_loader_state_round_trip_and_a_sampler_that_cannot_resume() ->
     data = torch.arange(40)
     progress = [(3, 5)]
     loader = ResumableDataLoader(data, batch_size=8, sampler=ResumableRandomSampler(data),
-                                 epoch_progress=lambda: progress[0])
+                                 epoch_progress=lambda *length: progress[0])
     epoch = [batch.tolist() for batch in loader]
     state = loader.state_dict()
     assert state["samples"] == 24 and not state["finished"] and state["seed"] is not None
