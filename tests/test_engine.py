@@ -113,6 +113,24 @@ def test_stages_freeze_submodules_narrow_terms_scale_lr_and_set_attributes() -> 
         Schedule([{"name": "x", "losses": ["loss_c"]}], model).select(terms)
 
 
+def test_a_stage_that_trains_all_trains_what_an_earlier_stage_froze() -> None:
+    """`train: None` is "all": after a stage that trained the body only, the head trains again (it stayed frozen,
+    and a run resumed in that stage unfroze it: 14 of ReNN's 14 tensors differed); a parameter frozen when the model
+    was built stays frozen."""
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(2, 2))
+    model.add_module("head", nn.Linear(2, 2))
+    model.head.bias.requires_grad_(False)  # frozen by the model itself
+    schedule = Schedule([{"name": "local", "epochs": 1, "train": ["body"]}, {"name": "joint", "epochs": 2}], model)
+    schedule.start_epoch(model, None, 0)
+    assert [p.requires_grad for p in model.parameters()] == [True, True, False, False]
+    schedule.start_epoch(model, None, 1)
+    assert [p.requires_grad for p in model.parameters()] == [True, True, True, False]
+    resumed = Schedule([{"name": "local", "epochs": 1, "train": ["body"]}, {"name": "joint", "epochs": 2}], model)
+    resumed.start_epoch(model, None, 2)  # a fresh process entering the joint stage: the same
+    assert [p.requires_grad for p in model.parameters()] == [True, True, True, False]
+
+
 # ---------------------------------------------------------------------------------------------------- the System base
 class TwoTerms(nn.Module):
     """A task term plus a fixed penalty, so the summed loss is known exactly."""

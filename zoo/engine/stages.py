@@ -24,7 +24,8 @@ class Stage:
     Args:
         name: logged as schedule/stage (its index) and shown in messages.
         epochs: how many epochs it lasts.
-        train: submodules of the model it trains (None: all).
+        train: submodules of the model it trains (None: all, as the model was built: a stage after one that froze
+            some submodules trains them again).
         losses: loss terms it sums (None: all).
         lr_scale: multiplies every parameter group's learning rate.
         settings: model attributes set when the stage starts, e.g. ``{"or_mode": "max"}``.
@@ -53,6 +54,7 @@ class Schedule:
             if missing:
                 raise ValueError(f"stage {stage.name!r} sets {missing}, which {type(model).__name__} does not have.")
         self.index = 0
+        self._trainable: dict[str, bool] | None = None  # each parameter's requires_grad before any stage froze it
 
     @property
     def staged(self) -> bool:
@@ -81,9 +83,14 @@ class Schedule:
         """Enter the stage of `epoch`: trainable submodules, model settings, learning rates. Returns what to log."""
         self.index = self.stage_at(epoch)
         stage = self.current
+        if self._trainable is None:  # as built (a resumed run's first epoch sees the same as the first run's)
+            self._trainable = {name: p.requires_grad for name, p in model.named_parameters()}
         if stage.train is not None:
             for name, module in model.named_children():
                 module.requires_grad_(name in stage.train)
+        elif any(s.train is not None for s in self.stages):  # "all" after a stage that froze some: as built again
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(self._trainable.get(name, True))
         for key, value in stage.settings.items():
             setattr(model, key, value)
         for group in optimizer.param_groups if optimizer is not None else []:
