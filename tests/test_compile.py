@@ -114,8 +114,11 @@ def test_a_detector_compiles_its_backbone_with_a_warning() -> None:
         system = AOGRCNNSystem(compile=True)
     assert system.model._compiled_call_impl is None and system.model.backbone._compiled_call_impl is not None
     torch._dynamo.reset()
-    eager, compiled = losses("aog_rcnn", False), losses("aog_rcnn", "aot_eager")
+    eager = losses("aog_rcnn", False)
+    torch._dynamo.utils.counters.clear()
+    compiled = losses("aog_rcnn", "aot_eager")
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the backbone was captured, not run eagerly
 
 
 def test_a_compiled_selector_takes_batches_of_another_size() -> None:
