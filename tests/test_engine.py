@@ -254,6 +254,34 @@ def test_stage_lr_scale_keeps_the_schedulers_decay() -> None:
     assert rates == pytest.approx([1.0, 0.1 * 0.5, 0.01, 0.001])
 
 
+@pytest.mark.parametrize("kind", ["lambda", "warm_restarts", "one_cycle"])
+def test_stage_lr_scale_holds_for_schedulers_that_recompute_the_rate(kind: str) -> None:
+    """LambdaLR, CosineAnnealingWarmRestarts and OneCycleLR compute the rate from their base rates every step: the
+    stage's scale held for its first epoch only (LambdaLR 0.5^e: 1.0, 0.05, then 0.25, 0.125). The scale now applies
+    to their base rates too: the scaled run's rates are the unscaled run's times the scale, in every epoch of it."""
+    from zoo.engine.stages import Schedule
+
+    def rates(stages: list[dict]) -> list[float]:
+        model = nn.Linear(2, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = {"lambda": lambda: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5**e),
+                     "warm_restarts": lambda: torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=3),
+                     "one_cycle": lambda: torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1.0, total_steps=5)
+                     }[kind]()
+        schedule, seen = Schedule(stages, model), []
+        for epoch in range(4):
+            schedule.start_epoch(model, optimizer, epoch, [scheduler])
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    plain = rates([{"name": "a"}, {"name": "b"}])
+    scaled = rates([{"name": "a"}, {"name": "b", "lr_scale": 0.1, "epochs": 3}])
+    assert scaled[0] == pytest.approx(plain[0])
+    assert scaled[1:] == pytest.approx([0.1 * rate for rate in plain[1:]])
+
+
 def test_picture_folder_is_read_without_a_collective(tmp_path: Path) -> None:
     """Pictures are drawn on rank zero only; `trainer.log_dir` broadcasts, so rank zero alone would hang under DDP.
     The run folder comes from the logger itself: the same folder, no broadcast."""

@@ -79,8 +79,14 @@ class Schedule:
         starts = [sum(int(s.epochs) for s in self.stages[:i]) for i in range(len(self.stages))]
         return [stage for stage, start in zip(self.stages, starts) if start >= max_epochs]
 
-    def start_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int) -> dict[str, float]:
-        """Enter the stage of `epoch`: trainable submodules, model settings, learning rates. Returns what to log."""
+    def start_epoch(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int,
+                    schedulers: list[Any] = ()) -> dict[str, float]:
+        """Enter the stage of `epoch`: trainable submodules, model settings, learning rates. Returns what to log.
+
+        A learning-rate scale applies to the group's rate and to what `schedulers` (of `optimizer`) compute rates
+        from: their `base_lrs` / `max_lrs` and the group's `initial_lr` / `max_lr` / `min_lr` (LambdaLR, OneCycleLR,
+        CyclicLR, CosineAnnealingWarmRestarts recompute the rate from those every step, which undid the scale after
+        the stage's first epoch)."""
         self.index = self.stage_at(epoch)
         stage = self.current
         if self._trainable is None:  # as built (a resumed run's first epoch sees the same as the first run's)
@@ -98,8 +104,16 @@ class Schedule:
             # the param group, so it is saved with the optimiser and a run resumed inside a scaled stage knows it
             scale, applied = float(stage.lr_scale), group.get("lr_scale", 1.0)
             if scale != applied:
-                group["lr"] = group["lr"] * scale / applied
+                for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+                    if isinstance(group.get(key), (int, float)):
+                        group[key] = group[key] * scale / applied
                 group["lr_scale"] = scale
+                index = optimizer.param_groups.index(group)
+                for scheduler in schedulers:
+                    for name in ("base_lrs", "max_lrs"):
+                        rates = getattr(scheduler, name, None)
+                        if getattr(scheduler, "optimizer", None) is optimizer and isinstance(rates, list):
+                            rates[index] = rates[index] * scale / applied
         return {"stage": float(self.index)} if len(self.stages) > 1 else {}
 
     def frozen(self, model: nn.Module) -> list[nn.Module]:

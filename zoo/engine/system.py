@@ -436,7 +436,9 @@ class ZooSystem(pl.LightningModule):
         backbone's freezing and every `set_epoch` schedule; returns what to log. Idempotent: a resumed run enters the
         epoch it resumes inside (`on_train_start`) as a run that never stopped entered it."""
         optimizer = self.optimizers(use_pl_optimizer=False) if self._trainer is not None else None
-        logged = self.schedule.start_epoch(self.model, optimizer, self.current_epoch)
+        schedulers = self.lr_schedulers() if self._trainer is not None else None
+        schedulers = [] if schedulers is None else schedulers if isinstance(schedulers, list) else [schedulers]
+        logged = self.schedule.start_epoch(self.model, optimizer, self.current_epoch, schedulers)
         if self.backbone_frozen():
             backbone_of(self.model).requires_grad_(False)
         elif self.hparams.get("freeze_backbone") and self.schedule.current.train is None:
