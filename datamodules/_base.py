@@ -236,7 +236,23 @@ class DictDataModule(pl.LightningDataModule):
     def resumable_loader(self, dataset: Dataset, sampler: ResumableRandomSampler, **settings: Any) -> DataLoader:
         """A training loader of `sampler`'s shuffles that a run resumed from a checkpoint written inside an epoch
         continues where the interrupted run was (`ResumableDataLoader`)."""
-        return ResumableDataLoader(dataset, sampler=sampler, epoch_progress=self._epoch_progress, **settings)
+        return ResumableDataLoader(dataset, sampler=sampler, epoch_progress=self._epoch_progress,
+                                   replays_a_trained_epoch=self._replays_a_trained_epoch, **settings)
+
+    def _replays_a_trained_epoch(self, length: int) -> bool:
+        """Whether the fit is resuming "mid-epoch" an epoch whose every batch was trained on (a checkpoint written by
+        validation at its last batch, before the epoch ended): Lightning then builds one iterator for that epoch
+        and reads nothing from it. Not a run resumed at an epoch's end (its next iterator is the next epoch's)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return False
+        loop, epochs = trainer.fit_loop, trainer.fit_loop.epoch_progress.total
+        # Lightning's "restarted mid-epoch" (`_FitLoop.update_restart_stage`), which it decides only after building
+        # this iterator: the epoch was started and not processed
+        mid_epoch = (loop.restarting and epochs.started == epochs.ready and epochs.processed == epochs.started - 1
+                     and epochs.completed == epochs.processed)
+        trained, total = self._epoch_progress(length)
+        return mid_epoch and 0 < total <= trained
 
     def _epoch_progress(self, length: int | None = None) -> tuple[int, int | float]:
         """(training batches of the current epoch trained on so far, batches the epoch trains: Lightning's count,

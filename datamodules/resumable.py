@@ -57,13 +57,15 @@ class ResumableDataLoader(DataLoader):
     Args:
         epoch_progress: (batches of the current epoch trained on so far, batches the epoch trains), given this
             loader's length in batches (for before Lightning has counted them).
+        replays_a_trained_epoch: given this loader's length, whether the next iterator is one Lightning builds for
+            an epoch already trained on (a resume from a checkpoint written at its last batch): drawn off-stream.
         Other arguments: DataLoader's.
     """
 
     def __init__(self, *args: Any, epoch_progress: Callable[..., tuple[int, int | float]] | None = None,
-                 **kwargs: Any) -> None:
+                 replays_a_trained_epoch: Callable[[int], bool] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.epoch_progress = epoch_progress
+        self.epoch_progress, self.replays_a_trained_epoch = epoch_progress, replays_a_trained_epoch
         self._resuming = False
 
     def state_dict(self) -> dict[str, Any]:
@@ -89,7 +91,7 @@ class ResumableDataLoader(DataLoader):
             self._resuming = False
             with isolate_rng():  # the resumed epoch's iterator draws its worker seed off the run's stream
                 return super().__iter__()
-        if self._epoch_over():
+        if self.replays_a_trained_epoch is not None and self.replays_a_trained_epoch(len(self)):
             # an iterator for an epoch whose every batch was trained on: Lightning builds one (and reads nothing from
             # it) when it resumes from a checkpoint written at the epoch's last batch (validation there, before the
             # epoch ended). A run that never stopped builds none, so it must draw nothing from the run's stream (its
@@ -97,8 +99,3 @@ class ResumableDataLoader(DataLoader):
             with isolate_rng():
                 return super().__iter__()
         return super().__iter__()
-
-    def _epoch_over(self) -> bool:
-        """Whether the fit loop has trained on every batch of the current epoch (before the next one starts)."""
-        trained, total = self.epoch_progress(len(self)) if self.epoch_progress is not None else (0, 0)
-        return 0 < total <= trained
