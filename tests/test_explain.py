@@ -281,12 +281,12 @@ def test_the_explanation_time_is_synchronised_on_cuda_after_a_warm_up(monkeypatc
     clock = iter(range(100))
     monkeypatch.setattr(scores.time, "perf_counter", lambda: (events.append("clock"), float(next(clock)))[1])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
-    result, seconds = scores.timed_call(lambda: events.append("call") or "map", torch.device("cuda", 0),
-                                        lambda: events.append("warm-up"))
+    result, seconds = scores.wall_time(lambda: events.append("call") or "map", device=torch.device("cuda", 0),
+                                       warm_up=lambda: events.append("warm-up"))
     assert (result, seconds) == ("map", 1.0)
     assert events == ["warm-up", "sync", "clock", "call", "sync", "clock"]
     events.clear()
-    scores.timed_call(lambda: events.append("call"), torch.device("cpu"))
+    scores.wall_time(lambda: events.append("call"), device=torch.device("cpu"))
     assert events == ["call", "clock", "call", "clock"]  # the call itself warms up; no synchronize on the CPU
 
 

@@ -26,6 +26,7 @@ an absence) is left out of `pointing_in_events` / `mass_in_events`. No figure is
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -126,8 +127,8 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
             continue
         progress.set_postfix_str(method)
         explainer = random_explainer(keys) if method == RANDOM_REFERENCE else method_explainer(model, method)
-        saliency, seconds = timed_call(partial(explainer, images, target), images.device,
-                                       partial(explainer, images[:1], target[:1]))
+        saliency, seconds = wall_time(partial(explainer, images, target), device=images.device,
+                                      warm_up=partial(explainer, images[:1], target[:1]))
         row: dict[str, Any] = {"method": method, "ms_per_sample": round(1e3 * seconds / len(images), 2)}
         raw[method] = {}
         for name, metric in map_metrics(metrics, step).items():
@@ -169,21 +170,26 @@ def random_maps(keys: torch.Tensor, size: Sequence[int], seed: int = EXPLAIN_SEE
     return 0.5 * (1 + torch.erf(normal / math.sqrt(2)))
 
 
-def timed_call(function: Callable[[], torch.Tensor], device: torch.device,
-               warm_up: Callable[[], Any] | None = None) -> tuple[torch.Tensor, float]:
-    """`function()` and its wall time in seconds, after one untimed warm-up call (`warm_up`, e.g. the method on one
-    image: it pays the one-time costs, kernels loaded and handles made, at a fraction of the batch's). On CUDA the
-    device is synchronised before the clock starts and before it stops, so the time is the work, not the launch
-    (as `zoo.l2x.scores.wall_time`); on the CPU nothing is synchronised."""
-    cuda = torch.device(device).type == "cuda"
-    (warm_up or function)()
-    if cuda:
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    result = function()
-    if cuda:
-        torch.cuda.synchronize(device)
-    return result, time.perf_counter() - start
+def wall_time(function: Callable[[], Any], repeats: int = 1, warmup: int = 1, device: torch.device | None = None,
+              warm_up: Callable[[], Any] | None = None) -> tuple[Any, float]:
+    """`function()` and the median of `repeats` timed calls, in seconds, after `warmup` untimed calls of `warm_up`
+    (default `function` itself; e.g. the method on one image: it pays the one-time costs, kernels loaded and handles
+    made, at a fraction of the batch's). On CUDA the device is synchronised before the clock starts and before it
+    stops, so the work is timed, not the launches; on the CPU nothing is synchronised. L2X's race times with it too
+    (`zoo.l2x.scores`); benchmarks pass their own timer (`benchmarks.timing`)."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        (warm_up or function)()
+    seconds, result = [], None
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = function()
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return result, statistics.median(seconds)
 
 
 def check_explain_settings(settings: dict[str, Any]) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -24,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from zoo.explain.captum import attribute_features
+from zoo.explain.scores import wall_time
 from zoo.l2x.metrics import AgreementAccuracy, SelectionRecovery, median_true_rank
 from zoo.l2x.ops import top_k_mask
 
@@ -42,24 +42,6 @@ class Explained(NamedTuple):
 
 Timer = Callable[[Callable[[], Any], int, int], tuple[Any, float]]
 """`timer(function, repeats, warmup) -> (the last result, median seconds per call)`."""
-
-
-def wall_time(function: Callable[[], Any], repeats: int, warmup: int, device: torch.device | None = None
-              ) -> tuple[Any, float]:
-    """The default `Timer`: `warmup` untimed calls, then the median of `repeats` timed ones (CUDA synchronised, so
-    the work is timed, not the launches). Benchmarks pass their own (`benchmarks.timing`)."""
-    for _ in range(warmup):
-        function()
-    seconds, result = [], None
-    for _ in range(repeats):
-        if device is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = function()
-        if device is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return result, statistics.median(seconds)
 
 
 def perturbation_samples(method: str) -> tuple[str, int | None]:
