@@ -218,3 +218,31 @@ def test_the_cuda_random_state_travels_with_the_checkpoint(monkeypatch: pytest.M
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda value, *a: restored.append(value))
     RNGStateCallback().load_state_dict(state)
     assert len(restored) == 1 and torch.equal(restored[0], device_state)
+
+
+def test_last_checkpoint_is_not_written_inside_a_gradient_accumulation_window(tmp_path: Path) -> None:
+    """A validation between two batches of one accumulation window (accumulate 2, validation every 3 batches) leaves
+    last.ckpt as it was: the window's first gradient is not in a checkpoint, so a run resumed from it would step
+    without it (22 of 26 tensors differed from the run that never died)."""
+    import pytorch_lightning as pl
+
+    from datamodules import PartsWorldDataModule
+    from zoo.baselines.system import ClassifierSystem
+    from zoo.engine.callbacks import LatestCheckpoint
+
+    class RecordSaves(pl.Callback):
+        def __init__(self) -> None:
+            self.batches: list[int] = []  # batches of the epoch trained when each checkpoint was written
+
+        def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: Any) -> None:
+            self.batches.append(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+    pl.seed_everything(0)
+    data = PartsWorldDataModule(num_train=128, num_val=16, num_test=16, batch_size=16)  # 8 batches an epoch
+    saves = RecordSaves()
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, accumulate_grad_batches=2, val_check_interval=3,
+                         num_sanity_val_steps=0, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path, callbacks=[LatestCheckpoint(str(tmp_path)), saves])
+    trainer.fit(ClassifierSystem("baseline_tinycnn", num_classes=data.num_classes), datamodule=data)
+    assert saves.batches == [6, 8]  # validated after batches 3, 6 (and the end save): 3 is inside a window
+    assert (tmp_path / "last.ckpt").exists()

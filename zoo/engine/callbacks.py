@@ -15,6 +15,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.loggers.logger import DummyLogger
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, SequentialSampler
 
@@ -27,15 +28,29 @@ class LatestCheckpoint(ModelCheckpoint):
     once more when fit ends if the last steps were not saved yet (`check_val_every_n_epoch` > 1, `max_steps`
     mid-epoch, early stop): last.ckpt always holds the final weights. The end-of-fit save is the same save (same
     contents, written atomically by `trainer.save_checkpoint`); nothing is written when fit stops on an exception
-    or is killed, so such a run resumes from its last validation as before."""
+    or is killed, so such a run resumes from its last validation as before. A validation inside a
+    gradient-accumulation window leaves last.ckpt as it was (the window's gradients are not in a checkpoint)."""
 
     def __init__(self, dirpath: str | None = None) -> None:
         super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
                          enable_version_counter=False)
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if inside_accumulation_window(trainer):  # a resume would lose the window's gradients: the next save holds
+            return
+        super().on_validation_end(trainer, pl_module)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):  # skips fast_dev_run and a step already saved
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def inside_accumulation_window(trainer: pl.Trainer) -> bool:
+    """Whether fit stands between two batches of one gradient-accumulation window (`accumulate_grad_batches` > 1 and
+    a validation that `val_check_interval` placed mid-window): the gradients of the window's earlier batches are
+    not in a checkpoint, so a run resumed from one written now would step without them. Every rank decides alike
+    (the same batch counts)."""
+    return trainer.state.fn == TrainerFn.FITTING and trainer.fit_loop.epoch_loop._should_accumulate()
 
 
 class RNGStateCallback(pl.Callback):
