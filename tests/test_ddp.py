@@ -57,6 +57,11 @@ def test_two_process_ddp_logged_accuracy_equals_gathered(tmp_path: Path, num_val
     assert sorted(gathered[:, 2].tolist()) == list(range(num_val))
     recomputed = (gathered[:, 0] == gathered[:, 1]).float().mean()
     assert trainer.callback_metrics["val/acc"].item() == recomputed.item()
+    # The loss too is the mean over all samples (63: Lightning's integer sample count once made it 32 and 31 -> 31)
+    single = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    one_process = single.validate(system, datamodule=data, verbose=False)[0]
+    assert one_process["val/loss"] == pytest.approx(trainer.callback_metrics["val/loss"].item(), rel=1e-5)
 
 
 class SaveStatistics(pl.Callback):

@@ -286,7 +286,9 @@ class ZooSystem(pl.LightningModule):
             else:
                 self._unchecked.append((loss.detach(), stacked.detach(), tuple(terms), where))
         on_step = stage == "train"
-        log_kw = dict(on_step=on_step, on_epoch=True, batch_size=self.batch_size(batch), sync_dist=not on_step)
+        # a float count: Lightning averages an integer one over the ranks with integer division (37 -> 18, not 18.5)
+        log_kw = dict(on_step=on_step, on_epoch=True, batch_size=float(self.batch_size(batch)),
+                      sync_dist=not on_step)
         for name, value in terms.items():
             self.log(f"{stage}/{name}", value, **log_kw)
         self.log(f"{stage}/loss", loss, prog_bar=on_step, **log_kw)
