@@ -32,6 +32,17 @@ class KillAtStep(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class TermAtStep(pl.Callback):
+    """Send this process SIGTERM after optimiser step `step` (a scheduler's preemption): Lightning stops the loops."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args, **kwargs) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def write_idx(path: Path, magic: int, array: torch.Tensor, *, gz: bool, count: int | None = None) -> None:
     """An IDX file as the MNIST releases write it: big-endian magic and dimensions, then the bytes."""
     header = struct.pack(f">I{array.dim()}I", magic, count if count is not None else len(array), *array.shape[1:])

@@ -658,3 +658,17 @@ def test_timm_habits_get_an_answer() -> None:
     for name in ("baseline_tinycnn", "icnn_tinycnn", "protopnet_tinycnn", "cbm_tinycnn", "renn_series"):
         with pytest.raises(ValueError, match="reset_classifier needs num_classes >= 1; got 0"):
             zoo.create_model(name, num_classes=3).reset_classifier(0)
+
+
+def test_a_run_stopped_by_sigterm_exits_143_not_0(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """Lightning ends a SIGTERMed fit with a bare SystemExit (status 0): a batch script or scheduler took the
+    preempted run for a finished one."""
+    from train import command_line
+
+    args = ["fit", "--config", str(REPO / "configs/baselines/parts_world.yaml"), "--data.init_args.num_train=64",
+            "--data.init_args.num_val=16", "--data.init_args.batch_size=16", "--trainer.max_epochs=2",
+            "--trainer.logger=false", "--trainer.callbacks+=tests.helpers.TermAtStep", "--trainer.callbacks.step=2"]
+    with pytest.raises(SystemExit) as exit_info:
+        command_line(args)
+    assert exit_info.value.code == 143
+    assert "stopped by SIGTERM" in capsys.readouterr().err

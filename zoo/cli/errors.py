@@ -22,12 +22,14 @@ import contextlib
 import difflib
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Iterator, NoReturn
 
 import yaml
 from pytorch_lightning.cli import LightningArgumentParser
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from zoo.checks import keyword_arguments
 
@@ -190,9 +192,16 @@ class ZooArgumentParser(LightningArgumentParser):
 
 
 def command_line(main: Any, args: list[str] | None = None) -> Any:
-    """Run `main(args)`; a configuration error is printed once, without a traceback, and exits with status 2."""
+    """Run `main(args)`; a configuration error is printed once, without a traceback, and exits with status 2. A run
+    stopped by SIGTERM (a scheduler's preemption, `docker stop`, `kill`) exits with 143 (128 + SIGTERM), as a shell
+    reports a terminated program: Lightning stops the loops with a bare `SystemExit`, status 0, so a batch script
+    or a scheduler took the stopped run for a finished one."""
     try:
         return main(args)
+    except SIGTERMException:
+        sys.stderr.write("train.py: stopped by SIGTERM; the same command with --ckpt_path last resumes a fit from its "
+                         "last.ckpt, the same ablate command goes on from its finished points.\n")
+        sys.exit(128 + signal.SIGTERM)
     except Exception as error:
         if not is_configuration_error(error) or debug_requested():
             raise
