@@ -60,7 +60,8 @@ class ParsePartIoU(Metric):
     """update(preds, targets): preds per image {"boxes", "scores", "labels", "leaf_boxes" (D, L, 4), "leaf_mask"
     (D, L) bool}; targets per image {"boxes", "labels", "part_boxes" (G, P, 4)}. compute() -> dict of
     part_iou, part_recall, leaf_precision, leaves (mean leaves per matched detection) and matched (fraction of
-    objects with a matching detection)."""
+    objects with a matching detection). Nothing to score is no score: the first four are NaN when no object was
+    matched (0 would read as parses that miss every part), matched is NaN when there was no object."""
 
     higher_is_better = True
     entry_directions = {"leaves": None}  # a count: neither better nor worse (reports give it no direction)
@@ -91,11 +92,15 @@ class ParsePartIoU(Metric):
             self.matched += found.sum()
 
     def compute(self) -> dict[str, torch.Tensor]:
-        count = self.matched.clamp(min=1)
-        recall, precision = self.recall_sum / count, self.precision_sum / count
+        nan = torch.full_like(self.matched, float("nan"))
+
+        def mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:  # NaN over nothing, no host sync
+            return torch.where(count > 0, total / count.clamp(min=1), nan)
+
+        recall, precision = mean(self.recall_sum, self.matched), mean(self.precision_sum, self.matched)
         return {"part_iou": ((recall + precision) / 2).float(), "part_recall": recall.float(),
-                "leaf_precision": precision.float(), "leaves": (self.leaves_sum / count).float(),
-                "matched": (self.matched / self.objects.clamp(min=1)).float()}
+                "leaf_precision": precision.float(), "leaves": mean(self.leaves_sum, self.matched).float(),
+                "matched": mean(self.matched, self.objects).float()}
 
 
 def drop_difficult(detection: dict[str, torch.Tensor], target: dict[str, torch.Tensor], iou_threshold: float = 0.5

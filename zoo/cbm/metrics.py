@@ -7,12 +7,8 @@ is above `threshold` (0: probability 0.5). The math is in functional helpers, as
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torchmetrics import Metric
-from torchmetrics.classification import MultilabelAUROC
-from torchmetrics.functional.classification import multilabel_auroc
 from torchmetrics.utilities import dim_zero_cat
 
 from zoo.checks import check_binary_concepts
@@ -45,7 +41,7 @@ def concept_f1(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor, average: st
 
 class ConceptAccuracy(Metric):
     """Mean over concepts (and samples) of whether the concept is predicted right. update(logits (B, K),
-    concepts (B, K))."""
+    concepts (B, K)). NaN before any update (nothing scored is no score; 0 would read as all wrong)."""
 
     higher_is_better = True
     full_state_update = False
@@ -62,7 +58,8 @@ class ConceptAccuracy(Metric):
         self.total += logits.numel()
 
     def compute(self) -> torch.Tensor:
-        return self.correct.float() / self.total.clamp(min=1)
+        accuracy = self.correct.float() / self.total.clamp(min=1)
+        return torch.where(self.total > 0, accuracy, torch.full_like(accuracy, float("nan")))
 
 
 class ConceptF1(Metric):
@@ -93,43 +90,65 @@ class ConceptF1(Metric):
         return concept_f1(self.tp, self.fp, self.fn, self.average)
 
 
-class ConceptAUROC(MultilabelAUROC):
-    """Concept AUROC: torchmetrics' exact `MultilabelAUROC` over the K concepts, macro (the mean over concepts) by
-    default. A concept whose truth holds one value over the evaluated data (never present, or always present) has
-    no AUROC: torchmetrics scores it 0, which would pull the mean down, so here it is NaN in `per_concept()` and
-    left out of the mean, as `concept_f1` leaves out concepts never present nor predicted.
+def concept_auroc(logits: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
+    """The exact AUROC of each concept from logits (N, K) and concepts (N, K) in {0, 1}: (K,), NaN for a concept
+    whose truth holds one value (no positive or no negative sample).
 
-    update(logits (B, K), concepts (B, K) in {0, 1}): AUROC reads only the ranking, so the logits are the scores
-    (torchmetrics applies the sigmoid, which changes no ranking; no saturated ties). Keeps every score (exact
-    curves): N x K floats per stage, gathered under DDP at the epoch's end.
+    The Mann-Whitney statistic on the raw logits, the probability that a positive sample scores above a negative
+    one, ties counted half: AUROC_k = (sum of the positives' ranks - P (P + 1) / 2) / (P N), with 1-based ranks
+    averaged over tied logits (the positions of a value between searchsorted left and right of the sorted column).
+    No sigmoid: in exact arithmetic it changes no ranking, but in float32 it rounds logits above ~16.6 to 1.0 and
+    close logits to one value, which would tie them.
+    Vectorised over concepts: one batched sort and two batched searchsorted, (K, N) each.
+    """
+    scores = logits.detach().t().float().contiguous()  # (K, N)
+    truth = concepts.t().bool()  # (K, N)
+    ordered = scores.sort(dim=1).values  # (K, N)
+    below = torch.searchsorted(ordered, scores, right=False)  # (K, N) values strictly below each logit
+    up_to = torch.searchsorted(ordered, scores, right=True)  # (K, N) values below or equal
+    ranks = (below + up_to + 1).double() / 2  # (K, N) mean 1-based rank of the tied block
+    positives = truth.sum(1).double()  # (K,)
+    negatives = truth.shape[1] - positives  # (K,)
+    rank_sum = (ranks * truth).sum(1)  # (K,)
+    auroc = (rank_sum - positives * (positives + 1) / 2) / (positives * negatives).clamp(min=1)
+    defined = (positives > 0) & (negatives > 0)
+    return torch.where(defined, auroc, torch.full_like(auroc, float("nan"))).float()
+
+
+class ConceptAUROC(Metric):
+    """Concept AUROC: the exact AUROC of each of the K concepts (`concept_auroc`), macro (the mean over concepts).
+    A concept whose truth holds one value over the evaluated data (never present, or always present) has no AUROC:
+    it is NaN in `per_concept()` and left out of the mean, as `concept_f1` leaves out concepts never present nor
+    predicted; NaN before any update.
+
+    update(logits (B, K), concepts (B, K) in {0, 1}): AUROC reads only the ranking, so the raw logits are the
+    scores, ties counted half. Why not torchmetrics' MultilabelAUROC: it applies the sigmoid per batch, only when a
+    value of that batch lies outside [0, 1], so batches were scored on different scales (the result depended on the
+    batching and the DDP split), and logits above ~16.6 all became 1.0 in float32 and tied. Keeps every logit and
+    concept ("cat" states, exact curves): N x K of each per stage, gathered under DDP at the epoch's end.
     """
 
     higher_is_better = True
     full_state_update = False
 
     def __init__(self, num_concepts: int, **kwargs) -> None:
-        # torchmetrics' argument check refuses a single label; one concept is the same computation (update checks
-        # the shapes, the System the 0/1 values)
-        kwargs.setdefault("validate_args", num_concepts > 1)
-        super().__init__(num_labels=num_concepts, average="none", thresholds=None, **kwargs)
+        super().__init__(**kwargs)
+        self.num_concepts = num_concepts
+        self.add_state("logits", default=[], dist_reduce_fx="cat")
+        self.add_state("concepts", default=[], dist_reduce_fx="cat")
 
-    def update(self, logits: torch.Tensor, concepts: torch.Tensor) -> None:  # type: ignore[override]
-        if logits.ndim != 2 or logits.shape != concepts.shape:
-            raise ValueError(f"Expected concept logits and concepts of the same shape (B, K); got "
+    def update(self, logits: torch.Tensor, concepts: torch.Tensor) -> None:
+        if logits.ndim != 2 or logits.shape != concepts.shape or logits.shape[1] != self.num_concepts:
+            raise ValueError(f"Expected concept logits and concepts of the same shape (B, {self.num_concepts}); got "
                              f"{tuple(logits.shape)} and {tuple(concepts.shape)}.")
-        super().update(logits.detach().float(), concepts.long())
+        self.logits.append(logits.detach().float())
+        self.concepts.append(concepts.detach().long())
 
     def per_concept(self) -> torch.Tensor:
         """The AUROC of each concept (K,), NaN for a concept with a single truth value (or before any update)."""
-        if isinstance(self.preds, list) and not self.preds:  # a list until synchronised, then one tensor
-            return torch.full((self.num_labels,), float("nan"), device=self.device)
-        preds, target = dim_zero_cat(self.preds), dim_zero_cat(self.target)  # (N, K) each
-        with warnings.catch_warnings():  # torchmetrics warns of a concept with one truth value: left out below
-            warnings.filterwarnings("ignore", message="No (positive|negative) samples in targets")
-            auroc = multilabel_auroc(preds, target, self.num_labels, average="none", validate_args=False)  # (K,)
-        positives = target.sum(0)  # (K,)
-        defined = (positives > 0) & (positives < len(target))
-        return torch.where(defined, auroc, torch.full_like(auroc, float("nan")))
+        if isinstance(self.logits, list) and not self.logits:  # a list until synchronised, then one tensor
+            return torch.full((self.num_concepts,), float("nan"), device=self.device)
+        return concept_auroc(dim_zero_cat(self.logits), dim_zero_cat(self.concepts))  # (K,)
 
     def compute(self) -> torch.Tensor:
         return self.per_concept().nanmean()

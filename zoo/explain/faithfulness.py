@@ -118,7 +118,8 @@ def perturbation_curves(model: Callable[[torch.Tensor], torch.Tensor], images: t
 
 class MeanScore(Metric):
     """The mean over images of a per-image score: the base of every faithfulness metric here. Subclasses give
-    `scores(...) -> (B,)`; `update` takes the same arguments. Sum and count states, summed across ranks (DDP)."""
+    `scores(...) -> (B,)`; `update` takes the same arguments. Sum and count states, summed across ranks (DDP).
+    NaN when no image was scored: nothing to score is no score (0 would be DeletionAUC's best)."""
 
     full_state_update = False
 
@@ -136,7 +137,8 @@ class MeanScore(Metric):
         self.count += len(scores)
 
     def compute(self) -> torch.Tensor:
-        return (self.total / self.count.clamp(min=1)).float()
+        mean = (self.total / self.count.clamp(min=1)).float()
+        return torch.where(self.count > 0, mean, torch.full_like(mean, float("nan")))
 
 
 class _PerturbationAUC(MeanScore):
@@ -175,7 +177,8 @@ class AttributionInMask(MeanScore):
     update(saliency (B, H, W), part_masks (B, P, H', W') bool); masks are resized to the saliency size (nearest).
     Series: update(saliency (B, T), masks (B, P, T') bool), e.g. the time steps of the true rule events.
     `skip_empty`: a sample whose masks are all empty (no ground truth: a rule series of the class that has no rule
-    events) is left out of the mean instead of scoring 0.
+    events) is left out of the mean instead of scoring 0; a batch without any such sample adds nothing (and the
+    mean is NaN while no sample was kept).
 
     The pointing game's peak is the pixel of rank 0 (`saliency_rank` with `seed`): tied maxima are broken by the
     fixed random order every ranking here uses, not by raster order (an occlusion map is constant over each 8x8
@@ -193,6 +196,8 @@ class AttributionInMask(MeanScore):
     def update(self, saliency: torch.Tensor, part_masks: torch.Tensor) -> None:
         if self.skip_empty:  # evaluation only (a host sync): the samples that have ground truth
             kept = part_masks.flatten(1).any(1)  # (B,)
+            if not bool(kept.any()):  # nothing to score: an empty batch would not rank
+                return
             saliency, part_masks = saliency[kept], part_masks[kept]
         super().update(saliency, part_masks)
 

@@ -253,7 +253,8 @@ class _SentenceStore(Metric):
 class CIDErD(_SentenceStore):
     """Corpus CIDEr-D of generated sentences against each image's reference sentences (mean over images). Empty
     reference rows are dropped (each image's score is the mean over its real references), and images without any
-    reference are left out of the mean and of the document frequencies."""
+    reference are left out of the mean and of the document frequencies. NaN when no image is scored (no sentence,
+    or none with a reference), as `RougeL` before any sentence."""
 
     higher_is_better = True
     full_state_update = False
@@ -264,7 +265,7 @@ class CIDErD(_SentenceStore):
         kept = [r for _, r in pairs]
         frequency, cache = document_frequency(kept), {}
         scores = [cider_d(c, r, frequency, len(kept), cache=cache) for c, r in pairs]
-        return torch.tensor(sum(scores) / max(1, len(scores)))
+        return torch.tensor(sum(scores) / len(scores) if scores else float("nan"))
 
 
 class ClassRelevance(_SentenceStore):
@@ -306,7 +307,7 @@ class ClassRelevance(_SentenceStore):
 class AttributeMention(Metric):
     """Parts named by sentences against the truth (parts_world): precision = named parts that are in the image
     (object parts or visible distractors) / named; recall = object parts named / object parts (the class-
-    discriminative attributes); both averaged over sentences."""
+    discriminative attributes); both averaged over sentences, NaN before any sentence (nothing scored)."""
 
     higher_is_better = True
     entry_directions: ClassVar[dict[str, bool | None]] = {"attribute_precision": True, "attribute_recall": True}
@@ -333,8 +334,10 @@ class AttributeMention(Metric):
         self.count += len(named)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        count = self.count.clamp(min=1)
-        return {"attribute_precision": self.precision_sum / count, "attribute_recall": self.recall_sum / count}
+        nan = torch.full_like(self.count, float("nan"))
+        scored, count = self.count > 0, self.count.clamp(min=1)
+        return {"attribute_precision": torch.where(scored, self.precision_sum / count, nan),
+                "attribute_recall": torch.where(scored, self.recall_sum / count, nan)}
 
 
 class RougeL(Metric):
