@@ -42,7 +42,9 @@ class ReNNLoss(nn.Module):
                  target_key: str = "label") -> None:
         super().__init__()
         self.local_weight, self.patterns_key, self.target_key = local_weight, patterns_key, target_key
-        self.register_buffer("pos_weight", torch.tensor(pos_weight))
+        # a constant of the config, not state: non-persistent, so checkpoints do not hold it (a System rebuilt by
+        # `load_from_checkpoint` has its default loss, and a strict load would refuse an extra "loss.pos_weight")
+        self.register_buffer("pos_weight", torch.tensor(pos_weight), persistent=False)
 
     def forward(self, out: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         terms = {"loss_task": F.cross_entropy(out["logits"], batch[self.target_key])}
@@ -146,7 +148,8 @@ class SemanticLoss(nn.Module):
             if constraint != "exactly_one":
                 raise ValueError(f"constraint is 'exactly_one' or a list of 0/1 assignments; got {constraint!r}.")
             return
-        self.register_buffer("assignments", check_assignments(constraint))
+        # (S, n), from the config: non-persistent, as `ReNNLoss.pos_weight` (checkpoints hold state, not settings)
+        self.register_buffer("assignments", check_assignments(constraint), persistent=False)
 
     def forward(self, out: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         logits = out["logits"].float()

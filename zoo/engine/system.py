@@ -521,7 +521,8 @@ class ZooSystem(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, naming the difference, a checkpoint of another model / class count / channel count (before
-        Lightning's load_state_dict fails deep inside torch), then one of another System with the same model."""
+        Lightning's load_state_dict fails deep inside torch), then one of another System with the same model; then
+        drop the checkpoint's loss tensors the current loss does not hold (`_drop_foreign_loss_state`)."""
         saved = checkpoint.get("hyper_parameters")
         if isinstance(saved, dict) and "model_name" in saved:
             check_same_model(model_spec(saved), {k: self.hparams.get(k) for k in ("model_name", "num_classes",
@@ -531,3 +532,18 @@ class ZooSystem(pl.LightningModule):
             raise CheckpointError(f"the checkpoint was written by {held.rsplit('.', 1)[-1]} ({held}); this run is "
                                   f"{type(self).__name__} ({here}). Resume a run with its own config.")
         check_resume_keys(type(self), saved or {}, self.hparams, "the checkpoint")
+        self._drop_foreign_loss_state(checkpoint)
+
+    def _drop_foreign_loss_state(self, checkpoint: dict[str, Any]) -> None:
+        """Remove from `checkpoint["state_dict"]` the "loss.*" tensors this System's loss does not hold, so that
+        Lightning's strict load accepts the checkpoint. The loss is not a hyperparameter: `load_from_checkpoint`
+        rebuilds the System with its `default_loss()`, and checkpoints written before the losses' config constants
+        became non-persistent buffers hold them (ReNN's "loss.pos_weight", the semantic loss's
+        "loss.assignments"). State the current loss does hold (the textual REINFORCE baseline) is kept and restored
+        on resume; a key outside "loss." is left for the strict load to refuse."""
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, dict):
+            return
+        held = {f"loss.{key}" for key in self.loss.state_dict()}
+        for key in [key for key in state if key.startswith("loss.") and key not in held]:
+            del state[key]
