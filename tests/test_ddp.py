@@ -281,3 +281,39 @@ def test_a_spawned_rank_ends_its_gloo_group_and_other_launchers_keep_theirs(tmp_
     finally:
         if dist.is_initialized():  # a failing run leaves no group to the worker's next tests
             dist.destroy_process_group()
+
+
+def test_two_process_detection_map_with_an_odd_validation_split_equals_one_process(tmp_path: Path) -> None:
+    """5 validation scenes on 2 ranks (3 and 2 images): torchmetrics gathers mAP's per-image states one collective
+    per image, so the ranks met in mismatched collectives (a crash, or a hang); the shorter rank now pads with empty
+    images, which leave COCO AP unchanged: the logged mAP equals one process's on the same model."""
+    from datamodules import PartsWorldScenesDataModule
+    from zoo.aog_rcnn.metrics import DetectionAP
+    from zoo.aog_rcnn.system import AOGRCNNSystem
+
+    pl.seed_everything(0)
+    data = PartsWorldScenesDataModule(num_train=4, num_val=5, num_test=4, canvas_size=96, object_sizes=(32, 48),
+                                      batch_size=2)
+    # At initialisation, keeping every (proposal, class) detection leaves some on the objects: a non-zero mAP.
+    system = AOGRCNNSystem("aog_rcnn_tinycnn", num_classes=data.num_classes, image_size=96,
+                           model_kwargs={"box_detections_per_img": 1000})
+    trainer = two_process_trainer(tmp_path, strategy=DDPStrategy(start_method="spawn"))
+    trainer.validate(system, datamodule=data)
+    single = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    single.validate(system, datamodule=data)
+    assert single.callback_metrics["val/map_50"] > 0
+    for name in ("val/map_50", "val/map"):
+        assert trainer.callback_metrics[name].item() == pytest.approx(single.callback_metrics[name].item(), abs=1e-6)
+    # The padding itself: empty images (no detection, no object) leave both numbers as they are.
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 40.0]])
+    detections = [{"boxes": boxes + 1, "scores": torch.tensor([0.9, 0.4]), "labels": torch.tensor([0, 1])},
+                  {"boxes": boxes[:1] * 2, "scores": torch.tensor([0.7]), "labels": torch.tensor([1])}]
+    targets = [{"boxes": boxes, "labels": torch.tensor([0, 1])}, {"boxes": boxes[:1] * 2, "labels": torch.tensor([0])}]
+    empty = ({"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)},
+             {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)})
+    real, padded = DetectionAP(), DetectionAP()
+    real.update(detections, targets)
+    padded.update([*detections, empty[0], empty[0]], [*targets, empty[1], empty[1]])
+    assert real.compute()["map_50"] > 0
+    assert {k: v.item() for k, v in padded.compute().items()} == {k: v.item() for k, v in real.compute().items()}

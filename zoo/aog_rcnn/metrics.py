@@ -14,9 +14,11 @@ Objects without a matching detection are counted as missed (reported as `matched
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torchmetrics import Metric
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_iou
@@ -64,7 +66,8 @@ class ParsePartIoU(Metric):
     matched (0 would read as parses that miss every part), matched is NaN when there was no object."""
 
     higher_is_better = True
-    entry_directions = {"leaves": None}  # a count: neither better nor worse (reports give it no direction)
+    # leaves is a count: neither better nor worse (reports give it no direction)
+    entry_directions: ClassVar[dict[str, bool | None]] = {"leaves": None}
     full_state_update = False
 
     def __init__(self, match_iou: float = 0.5, **kwargs) -> None:
@@ -129,10 +132,21 @@ class DetectionAP(MeanAveragePrecision):
     {"boxes" (D, 4), "scores" (D,), "labels" (D,), ...} and {"boxes" (G, 4), "labels" (G,), "difficult" (G,)
     optional, ...}; other keys are ignored. VOC's difficult objects are left out as its devkit leaves them out
     (`drop_difficult`), so `map_50` is VOC's measure but for the interpolation (VOC2007's devkit: 11 points;
-    VOC2010 on: every point)."""
+    VOC2010 on: every point).
+
+    Under DDP every rank pads its per-image states with empty images up to the largest rank's count before
+    torchmetrics' gather (`_sync_dist`), which issues one collective per list entry: an evaluation sampler that
+    repeats no sample gives ranks different numbers of images (13 on 2 ranks: 7 and 6), and mismatched collectives
+    crashed or hung. An image with neither detections nor objects changes no COCO AP."""
 
     higher_is_better = True
     full_state_update = True
+    # torchmetrics' per-image list states (dist_reduce_fx=None) kept for iou_type="bbox": the masks stay empty.
+    # Name -> (dtype when a rank holds no image to copy it from, shape of an empty image's entry).
+    _IMAGE_STATES: ClassVar[dict[str, tuple[torch.dtype | None, tuple[int, ...]]]] = {
+        "detection_box": (None, (0, 4)), "detection_scores": (None, (0,)), "detection_labels": (torch.long, (0,)),
+        "groundtruth_box": (None, (0, 4)), "groundtruth_labels": (torch.long, (0,)),
+        "groundtruth_crowds": (torch.long, (0,)), "groundtruth_area": (torch.long, (0,))}
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(box_format="xyxy", iou_type="bbox", **kwargs)
@@ -142,6 +156,22 @@ class DetectionAP(MeanAveragePrecision):
         pairs = [drop_difficult(d, t) if "difficult" in t else (d, {k: t[k] for k in ("boxes", "labels")})
                  for d, t in pairs]  # images hold different numbers of objects
         super().update([d for d, _ in pairs], [t for _, t in pairs])
+
+    def _sync_dist(self, dist_sync_fn: Callable | None = None, process_group: Any | None = None) -> None:
+        """Pad every rank's per-image states to the same number of images (one all-reduce of the counts), then
+        torchmetrics' gather. New lists, so the local ones come back unchanged on `unsync` (cached before the
+        sync). Runs only under DDP; one process never syncs."""
+        images = len(self.detection_labels)
+        count = torch.tensor(images, device=self.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=process_group or self.process_group)
+        missing = int(count) - images
+        if missing > 0:
+            for name, (dtype, shape) in self._IMAGE_STATES.items():
+                entries = getattr(self, name)
+                dtype = entries[0].dtype if entries else dtype or self.dtype  # as the other ranks' entries
+                empty = torch.zeros(shape, dtype=dtype, device=self.device)  # (0, 4) boxes, (0,) the others
+                setattr(self, name, [*entries, *[empty] * missing])
+        super()._sync_dist(dist_sync_fn=dist_sync_fn, process_group=process_group)
 
     def compute(self) -> dict[str, torch.Tensor]:
         results = super().compute()
