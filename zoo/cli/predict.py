@@ -18,6 +18,11 @@ image's pixels; a sample with none gets one row of its index and file alone), an
 pictures (detections with their parse trees).
 
 Without a run folder (no logger: `fast_dev_run`, `logger: false`) it writes into `<default_root_dir>/predictions/`.
+
+Under distributed predict (`--trainer.strategy=ddp`, `--trainer.devices=2`) each rank predicts its own share of the
+samples; rank zero gathers every rank's rows and writes one predictions.csv in sample order, each sample once, as one
+process would. Each rank draws the pictures of its own samples among the first `max_pictures`, so the folder holds the
+same pictures as a one-process predict.
 """
 
 from __future__ import annotations
@@ -45,7 +50,13 @@ class PredictionWriter(BasePredictionWriter):
     (C, H, W) in [0, 1], or a function of (batch, count) drawing the first `count`, optional}), the batch
     (image, label), the System's public `class_names` and the datamodule's public `sample_names(split)` /
     `denormalize(images)`.
-    Single-process predict (a distributed predict writes rank zero's share only).
+
+    Distributed predict: every rank keeps its rows; at the end rank zero gathers them (`all_gather_object`: plain
+    Python rows, any backend), orders them by sample index, keeps each sample's rows from the first rank that has it
+    (a padded sampler repeats samples) and writes the CSV once. Pictures: `max_pictures` is the total; rank r of W
+    draws its first `max_pictures // W` (+1 for r < `max_pictures % W`) samples, which under the evaluation loaders'
+    interleaved shards (rank r: samples r, r + W, ...) are the first `max_pictures` samples, as in one process. Rank
+    zero makes the folder before any rank writes into it. One process: no collective.
 
     Args:
         folder: sub-folder of the run folder.
@@ -58,8 +69,14 @@ class PredictionWriter(BasePredictionWriter):
         self.rows: list[dict[str, Any]] = []
         self.pictures = 0
         self.names: list[str] | None = None
+        self.quota = max_pictures  # this rank's share of max_pictures
+        self.drawn: list[int] = []  # the sample indices of this rank's pictures
+        self.positional = False  # a prediction without "index": rows numbered by their position in this rank's batches
+        self.folder_path: Path | None = None  # the folder, made by rank zero, under distributed predict
 
     def out_dir(self, trainer: pl.Trainer) -> Path:
+        if self.folder_path is not None:
+            return self.folder_path
         folder = run_folder(trainer, self.folder)
         if folder is None:  # no run (no logger): predictions asked for are still written, beside the runs
             folder = Path(trainer.default_root_dir) / self.folder
@@ -69,14 +86,21 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from datamodules._base import PREDICT_SPLIT
 
-        self.rows, self.pictures = [], 0
+        self.rows, self.pictures, self.drawn, self.positional, self.folder_path = [], 0, [], False, None
         sample_names = getattr(trainer.datamodule, "sample_names", None)
         self.names = sample_names(PREDICT_SPLIT) if sample_names is not None else None
+        self.quota = self.max_pictures
+        if _distributed():  # one folder for every rank (a logger's version may differ off rank zero), made first
+            world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+            self.quota = self.max_pictures // world + int(rank < self.max_pictures % world)
+            folder = [self.out_dir(trainer) if rank == 0 else None]
+            torch.distributed.broadcast_object_list(folder, src=0)
+            self.folder_path = folder[0]
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
-        if not trainer.is_global_zero or not isinstance(prediction, dict):
+        if not isinstance(prediction, dict):
             return
         if "rows" in prediction:
             self._write_rows(trainer, prediction, batch, batch_idx)
@@ -86,6 +110,7 @@ class PredictionWriter(BasePredictionWriter):
         classes = prediction["probs"].shape[-1]
         class_names = getattr(pl_module, "class_names", None) or [str(c) for c in range(classes)]
         probs, pred = prediction["probs"].float().cpu(), prediction["pred"].cpu()
+        self.positional |= "index" not in prediction
         index = prediction.get("index", torch.arange(len(pred)) + batch_idx * len(pred)).cpu()
         labels = batch.get(getattr(pl_module, "target_key", "label")) if isinstance(batch, dict) else None
         labels = labels.cpu() if isinstance(labels, torch.Tensor) and labels.ndim == 1 else None
@@ -105,12 +130,13 @@ class PredictionWriter(BasePredictionWriter):
     def _write_rows(self, trainer: pl.Trainer, prediction: dict[str, Any], batch: Any, batch_idx: int) -> None:
         """The System's own rows of each sample, each after the sample's index (and file), and its own pictures."""
         count = len(prediction["rows"])
+        self.positional |= "index" not in prediction
         index = prediction.get("index", torch.arange(count) + batch_idx * count).cpu().tolist()
         for i, sample_rows in zip(index, prediction["rows"]):
             sample = {"index": i} | ({"file": self.names[i]} if self.names is not None else {})
             self.rows.extend(sample | row for row in (sample_rows or [{}]))  # a sample with no rows still gets one
         pictures = prediction.get("pictures") or []
-        count = min(self.max_pictures - self.pictures, len(index))
+        count = min(self.quota - self.pictures, len(index))
         if count > 0:
             from torchvision.utils import save_image
 
@@ -119,12 +145,13 @@ class PredictionWriter(BasePredictionWriter):
             for i, picture in zip(index[:count], drawn):
                 save_image(picture.float().cpu(), folder / f"{i:05d}.png")
             self.pictures += len(drawn)
+            self.drawn.extend(index[:len(drawn)])
 
     def _pictures(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, pred: torch.Tensor,
                   probs: torch.Tensor, index: torch.Tensor, labels: torch.Tensor | None,
                   class_names: list[str], explanation: torch.Tensor | None = None) -> None:
         images = batch.get(getattr(pl_module, "input_key", "image")) if isinstance(batch, dict) else None
-        count = min(self.max_pictures - self.pictures, len(pred))
+        count = min(self.quota - self.pictures, len(pred))
         if count <= 0 or not isinstance(images, torch.Tensor) or images.ndim != 4:
             return
         if isinstance(explanation, torch.Tensor) and explanation.shape == (len(images), *images.shape[-2:]):
@@ -136,7 +163,7 @@ class PredictionWriter(BasePredictionWriter):
                 maps = explain(pl_module, images[:count], "own", target=pred[:count].to(images.device)).cpu()
             except ValueError as err:  # a model without an own map (detectors, generators)
                 rank_zero_warn(f"predict: no explanation pictures ({err}).")
-                self.max_pictures = 0
+                self.max_pictures = self.quota = 0
                 return
         denormalize = getattr(trainer.datamodule, "denormalize", lambda x: x)
         shown = denormalize(images[:count].float()).clamp(0, 1).cpu()
@@ -147,20 +174,50 @@ class PredictionWriter(BasePredictionWriter):
                 title += f"\ntrue: {class_names[int(labels[i])]}"
             save_explanation_png(folder / f"{int(index[i]):05d}.png", shown[i], maps[i], title)
         self.pictures += count
+        self.drawn.extend(index[:count].tolist())
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rows, pictures = self.rows, self.pictures
+        if _distributed():
+            rows, pictures = self._gathered()
         if not trainer.is_global_zero:
             return
-        if not self.rows:
+        if not rows:
             rank_zero_warn(f"predict: {type(pl_module).__name__}.predict_step returns no class probabilities "
                            f"({{'probs', 'pred'}}) and no rows ({{'rows'}}); no {CSV_NAME} written.")
             return
         path = self.out_dir(trainer) / CSV_NAME
         with path.open("w", newline="") as handle:  # every row's columns, in order of appearance ("" where missing)
-            writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in self.rows for k in row)))
+            writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
             writer.writeheader()
-            writer.writerows(self.rows)
-        print(f"predict: {len(self.rows)} rows in {path}, {self.pictures} pictures beside it.")
+            writer.writerows(rows)
+        print(f"predict: {len(rows)} rows in {path}, {pictures} pictures beside it.")
+
+    def _gathered(self) -> tuple[list[dict[str, Any]], int]:
+        """Every rank's rows, on every rank (a collective: each rank calls it): ordered by sample index, each sample's
+        rows from the first rank that holds it (a padded sampler gives a sample to two ranks; a detector's sample has
+        several rows, kept in their order), and the count of distinct pictures. Rows numbered by position (no
+        "index") cannot be matched across ranks: they are kept, rank after rank, and a warning says so."""
+        world = torch.distributed.get_world_size()
+        shares: list[Any] = [None] * world
+        torch.distributed.all_gather_object(shares, (self.rows, self.drawn, self.positional))
+        if any(positional for _, _, positional in shares):
+            rank_zero_warn(f"predict: predict_step gives no sample 'index'; {CSV_NAME} holds each rank's rows in "
+                           "rank order, numbered by their position on that rank.")
+            return [row for rows, _, _ in shares for row in rows], sum(len(drawn) for _, drawn, _ in shares)
+        owner: dict[int, int] = {}  # sample index -> the first rank that holds it
+        for rank, (rows, _, _) in enumerate(shares):
+            for row in rows:
+                owner.setdefault(row["index"], rank)
+        kept = [row for rank, (rows, _, _) in enumerate(shares) for row in rows if owner[row["index"]] == rank]
+        kept.sort(key=lambda row: row["index"])  # stable: a sample's rows stay in their order
+        return kept, len({i for _, drawn, _ in shares for i in drawn})
+
+
+def _distributed() -> bool:
+    """Whether predict runs in several processes (torch.distributed initialised, world size > 1)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
 
 
 def _cell(value: Any) -> Any:
