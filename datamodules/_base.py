@@ -4,6 +4,7 @@ folder that is not as expected."""
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, Sequence
 
 import pytorch_lightning as pl
@@ -12,6 +13,18 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.resumable import ResumableDataLoader, ResumableRandomSampler
+
+
+def check_batch_size(batch_size: Any, owner: str) -> None:
+    """Refuse a batch size that is not a whole number >= 1 (a bool, a float, None) when the datamodule is built: a
+    null reached the loaders (DataLoader's batch_size=None yields unbatched samples) and the first step failed with
+    a traceback about an image's shape. Any integer type is taken (`operator.index`: NumPy's too)."""
+    try:
+        valid = not isinstance(batch_size, bool) and operator.index(batch_size) >= 1
+    except TypeError:
+        valid = False
+    if not valid:
+        raise ValueError(f"{owner}: batch_size must be a whole number >= 1; got {batch_size!r}.")
 
 
 class DatasetLayoutError(FileNotFoundError, ValueError):
@@ -135,6 +148,7 @@ class DictDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, pin_memory: bool = False) -> None:
         super().__init__()
+        check_batch_size(batch_size, type(self).__name__)
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.splits: dict[str, Dataset] = {}
         self.mean: list[float] | str | None = None

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import yaml
 
+from zoo.cli.compare import config_argument
 from zoo.cli.errors import configuration_phase, is_configuration_error, mark, root_cause
 from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.report import metric_directions, write_report
@@ -27,12 +28,13 @@ python train.py ablate --config configs/icnn/parts_world.yaml --name icnn_lambda
     --grid model.init_args.loss.init_args.weight=[0,1,10] --grid seed_everything=[0,1] [fit overrides ...]
 
 Each grid point is one fit in <save_dir>/<name>/<point>/ (the logger's save_dir: checkpoints/ unless overridden),
-keyed by a hash of its resolved settings and of the contents of the files they name (init_checkpoint, ...): a
-finished point is reused when the same settings run again ("point X: finished with the same settings, reused"), a
-point whose settings changed (another max_epochs, an edited config, a refitted checkpoint) runs again and the
-changed keys are said, an interrupted one resumes from its last.ckpt. Settings that cannot change a result (the
-logger, log_every_n_steps, the progress bar, the model summary, pin_memory, picture callbacks) are left out of the
-hash. The table averages every metric over seed_everything (<metric>_mean, <metric>_std) and goes to
+keyed by a hash of its resolved settings and of the contents of the files and folders they name (init_checkpoint,
+a data root: each file's path, size and mtime, hidden ones left out): a finished point is reused when the same
+settings run again ("point X: finished with the same settings, reused"), a point whose settings changed (another
+max_epochs, an edited config, a refitted checkpoint, a file added to, removed from or rewritten in its data folder)
+runs again and the changed keys are said, an interrupted one resumes from its last.ckpt. Settings that cannot
+change a result (the logger, log_every_n_steps, the progress bar, the model summary, pin_memory, picture callbacks)
+are left out of the hash. The table averages every metric over seed_everything (<metric>_mean, <metric>_std) and goes to
 <save_dir>/<name>/ablation.{md,csv}; the HPARAMS entries of the grid's points are in <save_dir>/<name>/hparams/.
 Fit overrides reach every point; one that sets a --grid key is refused (the grid gives that key's values), and so
 is a key given to --grid twice. Every point's arguments are checked, and its model and datamodule built (no data is
@@ -52,6 +54,7 @@ IGNORED_SETTINGS = (  # keys that cannot change a point's result: left out of it
     "checkpoint.verbose",
     "data.init_args.pin_memory",  # page-locked host memory: the same batches
 )
+OUTPUT_KEYS = ("default_root_dir", "dirpath", "save_dir")  # folders a run writes in: not fingerprinted
 HASHED_FILE_LIMIT = 64 * 2**20  # files named by a config up to this size are hashed; larger ones: size + mtime
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime_ns) -> digest, once per process
 
@@ -156,17 +159,66 @@ def report_only(entry: Any) -> bool:
     return isinstance(cls, type) and getattr(cls, "report_only", False) is True
 
 
+def config_strings(config: Any, skip: tuple[str, ...] = ()) -> Iterator[str]:
+    """Every non-empty string of a nested config, less the values of the keys named in `skip` (at any depth)."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key not in skip:
+                yield from config_strings(value, skip)
+    elif isinstance(config, list):
+        for value in config:
+            yield from config_strings(value, skip)
+    elif isinstance(config, str) and config:
+        yield config
+
+
 def existing_files(config: Any) -> Iterator[str]:
     """Every string of a nested config that names an existing file (init_checkpoint, pretrained_path, ...),
     relative paths read from the working folder as the run reads them."""
-    if isinstance(config, dict):
-        for value in config.values():
-            yield from existing_files(value)
-    elif isinstance(config, list):
-        for value in config:
-            yield from existing_files(value)
-    elif isinstance(config, str) and config and os.path.isfile(config):
-        yield config
+    return (value for value in config_strings(config) if os.path.isfile(value))
+
+
+def existing_folders(config: Any, outputs: Path | None = None) -> Iterator[str]:
+    """Every string of a nested config that names an existing folder (a data root, ...), relative paths read from
+    the working folder, less where runs write: the values of OUTPUT_KEYS (trainer.default_root_dir, checkpoints'
+    dirpath, a logger's save_dir), the working folder and the folders above it (".": every run writes below it)
+    and any folder that holds `outputs` (the point's run folder) or lies inside it. Their contents change with
+    every run, so fingerprinting them would run every finished point again."""
+    here = Path.cwd().resolve()
+    written = outputs.resolve() if outputs is not None else None
+    for value in config_strings(config, OUTPUT_KEYS):
+        if not os.path.isdir(value):
+            continue
+        folder = Path(value).resolve()
+        if folder == here or folder in here.parents:
+            continue
+        if written is not None and (folder == written or folder in written.parents or written in folder.parents):
+            continue
+        yield value
+
+
+def folder_fingerprint(path: str) -> str:
+    """The contents of a folder a config names (a data root): the count of its files and a sha256 of each one's
+    path relative to the folder, size and modification time (`os.walk`, links followed, in sorted order), so a
+    file added, removed, renamed or rewritten there changes it, and it costs a `stat` per file, not a read (a data
+    set of a million images: seconds). Hidden files and folders (a part of the path below the folder starts with
+    ".": .DS_Store, editor and lock files, .ipynb_checkpoints) are left out, as the image readers leave them out
+    (`datamodules.image_folder.visible`). A file rewritten with the same size within the file system's mtime
+    resolution is not seen."""
+    digest, count = hashlib.sha256(), 0
+    for root, folders, files in os.walk(path, followlinks=True):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            full = os.path.join(root, name)
+            try:
+                stat = os.stat(full)
+            except OSError:  # a broken link: no contents to read
+                continue
+            digest.update(f"{os.path.relpath(full, path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            count += 1
+    return f"folder of {count} files, sha256 {digest.hexdigest()}"
 
 
 def file_fingerprint(path: str) -> str:
@@ -187,17 +239,24 @@ def file_fingerprint(path: str) -> str:
     return _FILE_DIGESTS[key]
 
 
-def resolved_settings(cli: ZooCLI) -> dict[str, Any]:
+def resolved_settings(cli: ZooCLI, outputs: Path | None = None) -> dict[str, Any]:
     """What a point's result depends on: its resolved config (every default, file and override applied) less
-    IGNORED_SETTINGS and the picture callbacks (`report_only`), and the fingerprint of every existing file the
-    config names (`file_fingerprint`): {"config": ..., "files": {path: fingerprint}}."""
+    IGNORED_SETTINGS and the picture callbacks (`report_only`), and the fingerprint of every existing file
+    (`file_fingerprint`) and folder (`folder_fingerprint`; a data root) the config names: {"config": ...,
+    "files": {path: fingerprint}}. `outputs`: the point's run folder (default: its logger's, `run_folder`), whose
+    folders are not fingerprinted (the run writes there)."""
     config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
     for key in IGNORED_SETTINGS:
         drop_key(config, key)
     trainer = config.get("trainer")
     if isinstance(trainer, dict) and isinstance(trainer.get("callbacks"), list):
         trainer["callbacks"] = [entry for entry in trainer["callbacks"] if not report_only(entry)]
-    return {"config": config, "files": {path: file_fingerprint(path) for path in dict.fromkeys(existing_files(config))}}
+    if outputs is None:
+        with contextlib.suppress(Exception):  # a logger ablate refuses: it is said where the point runs
+            outputs = run_folder(cli.config_init, cli.config)
+    files = {path: file_fingerprint(path) for path in dict.fromkeys(existing_files(config))}
+    files |= {path: folder_fingerprint(path) for path in dict.fromkeys(existing_folders(config, outputs))}
+    return {"config": config, "files": files}
 
 
 def settings_hash(settings: dict[str, Any] | ZooCLI) -> str:
@@ -336,8 +395,9 @@ def run_folder(init: Any, config: Any) -> Path:
 
 
 def point_args(config: str, name: str, point: dict[str, Any], extra: list[str]) -> list[str]:
-    """A grid point's fit arguments: the config, the extra overrides, then the point's values (after the extra
-    ones, so the grid wins), then its logger name (its folder)."""
+    """A grid point's fit arguments: the config (a path, or a YAML text: `ablate` passes a run's saved config.yaml
+    without fit's ckpt_path and weights_only, `config_argument`), the extra overrides, then the point's values (after
+    the extra ones, so the grid wins), then its logger name (its folder)."""
     overrides = [f"--{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
                  for key, value in point.items()]
     return ["--config", config, *extra, *overrides, f"--trainer.logger.init_args.name={name}/{point_name(point)}"]
@@ -421,7 +481,7 @@ def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[st
     metrics and their directions. The point's run folder is its logger's (`run_folder`). Its `resolved_settings`
     (config and the files it names) are hashed and stored (settings.sha256, settings.json): a finished point with
     the same hash is reused (and said so); a point whose settings changed since (another max_epochs, a changed
-    config file, a refitted init_checkpoint) is moved to <ablation>/stale/ and run again from scratch, and the
+    config file, a refitted init_checkpoint, a changed data folder) is moved to <ablation>/stale/ and run again from scratch, and the
     changed keys are said. `cli`: the point's CLI if already built (`point_cli`).
 
     A configuration mistake found while training (a data folder that is not there, read at setup) is said once;
@@ -432,7 +492,7 @@ def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[st
     save_dir = folder.parents[len(Path(name).parts)]  # folder is <save_dir>/<name>/<point>
     result_path, hash_path, settings_path = folder / "result.json", folder / "settings.sha256", folder / "settings.json"
     hparams_path = folder.parent / "hparams" / folder.name
-    settings = resolved_settings(cli)
+    settings = resolved_settings(cli, folder)
     digest, label = settings_hash(settings), point_name(point)
     stored = hash_path.read_text().strip() if hash_path.is_file() else None
     if (stored is not None and stored != digest and not settings_path.is_file() and not settings["files"]
@@ -510,6 +570,8 @@ def ablate(config: str, grid_items: list[str], name: str, extra: list[str]) -> l
         points = grid_points(grid)
         check_extra(grid, extra)
         check_logger(config, extra)
+        if os.path.isfile(config):  # a run's saved config.yaml: without fit's ckpt_path and weights_only
+            config = config_argument(Path(config), "ablate")
     with naming_the_point(1, len(points), points[0]):
         cli = point_cli(config, name, points[0], extra)
         folder = run_folder(cli.config_init, cli.config).parent  # <save_dir>/<name>

@@ -15,6 +15,7 @@ import torch
 import yaml
 from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
+from zoo.checks import close_names
 from zoo.cli.errors import configuration_phase
 from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.report import metric_directions, write_report
@@ -36,6 +37,7 @@ compare:
     opaque_twin: {config: configs/icnn/parts_world.yaml, args: ["--model.init_args.loss...weight=0"]}
     trained: {config: ..., checkpoint: checkpoints/x/checkpoints/last.ckpt}   # evaluate, do not train
     again: {config: checkpoints/x/config.yaml}   # a run's own saved config (its ckpt_path is not used)
+    ordinary: {config: configs/icnn/parts_world.yaml, twin: ordinary_twin}   # a twin its System declares (TWINS)
   explain:                              # optional: explainers scored on validation images, each map for the
                                         # image's true class (+ a `random` reference row for every model)
     methods: [cam, saliency, integrated_gradients, layer_gradcam, occlusion]
@@ -43,11 +45,15 @@ compare:
     step: 128                           # pixels per deletion/insertion step
     metrics: [deletion, insertion, road, infidelity]   # the default; + sensitivity (reruns each explainer: slow)
 
+A spec's keys are name, args, runs and explain; a run's are config, args, checkpoint and twin (a twin takes no args
+of its own: it is the declared twin of its config). Any other key is refused before any run trains.
+
 Options on the command line go to every run, except that a twin of another System class (L2X's black_box, a
 ClassifierSystem) is not given the --model.init_args options its class does not take (said once). A declared twin
 is the config as the command line leaves it (its model name, backbone, pretrained_path, ...) with the twin's own
 options applied last: `--model.init_args.model_name icnn_resnet18` makes plain_cnn a baseline_resnet18 on the same
-pretrained_path, and no command-line option undoes what makes a twin a twin.
+pretrained_path, and no command-line option undoes what makes a twin a twin. A twin that drops the config's
+callbacks (L2X's black_box: its selection pictures) keeps those of the spec's args and the command line.
 
 A family config's report goes to checkpoints/<folder>_<stem>_compare/, named after the config's folder and file
 (configs/icnn/parts_world.yaml: icnn_parts_world_compare; a config in the working directory: <stem>_compare), so
@@ -56,6 +62,9 @@ fit` of its config.yaml would be and starts its fit from the random state it had
 reproduced by `train.py fit --config checkpoints/<name>/<run>/config.yaml`, whatever ran before it.
 """
 FIT_ONLY_KEYS = ("ckpt_path", "weights_only")  # `fit` arguments in a run's saved config.yaml; compare runs lack them
+SPEC_KEYS = ("name", "args", "runs", "explain")  # a compare spec's keys (under `compare:`)
+RUN_KEYS = ("config", "args", "checkpoint", "twin")  # a spec run's keys
+CONFIG_FIRST_OPTIONS = ("--trainer.callbacks",)  # a twin's options on these go before the spec's and command line's
 BUDGET_KEYS = ("max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches", "fast_dev_run")
 
 
@@ -87,6 +96,11 @@ def declared_twins(config_path: str | Path, config: dict[str, Any], twin: str | 
     fields = {name: value if isinstance(value, str) else json.dumps(value) for name, value in init_args.items()
               if value is None or isinstance(value, (str, int, float, bool, list, dict))}
     fields["backbone"] = backbone_part(str(init_args.get("model_name", "")))
+    if twin is not None and twin not in twins:
+        close = close_names(str(twin), list(twins))
+        raise ValueError(f"{config_path}: {name} declares no twin {twin!r}"
+                         f"{' (did you mean ' + ', '.join(map(repr, close)) + '?)' if close else ''}; its twins: "
+                         f"{', '.join(twins)}.")
     resolved = {}
     for name, args in twins.items() if twin is None else [(twin, twins[twin])]:
         twin_fields = fields
@@ -155,7 +169,46 @@ def read_compare_spec(path: str | Path) -> dict[str, Any]:
         return {"name": f"{default_name(path)}_compare", "runs": runs}
     if not isinstance(spec.get("compare"), dict) or not spec["compare"].get("runs"):
         raise ValueError(f"{path} is not a compare spec.\n{COMPARE_HELP}")
+    check_compare_spec(spec["compare"], path)
     return spec["compare"]
+
+
+def check_compare_spec(spec: dict[str, Any], path: str | Path) -> None:
+    """Raise a ValueError (TypeError) that names the mistake (with the close names) unless the spec holds only
+    SPEC_KEYS, its runs are a mapping of mappings of RUN_KEYS, and every `args` is a list: a mistyped key (`arg:`)
+    would be read as absent, so the runs would train without it and the report would not say so. A declared twin
+    (`twin:`) takes no `args` of its own (its options are its System's `TWINS`), so `args` beside it are refused
+    too. The `explain:` block is checked by `check_explain_settings`."""
+    def unknown(key: Any, keys: tuple[str, ...], where: str) -> ValueError:
+        close = close_names(str(key), keys)
+        return ValueError(f"compare spec {path}: {where} has no key {key!r}"
+                          f"{' (did you mean ' + ', '.join(map(repr, close)) + '?)' if close else ''}; "
+                          f"keys: {', '.join(keys)}.")
+
+    def check_args(args: Any, where: str) -> None:
+        if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
+            raise TypeError(f"compare spec {path}: {where}args must be a list of options, e.g. "
+                             f"[\"--trainer.max_epochs=6\"]; got {args!r}.")
+
+    for key in spec:
+        if key not in SPEC_KEYS:
+            raise unknown(key, SPEC_KEYS, "compare")
+    check_args(spec.get("args", []), "")
+    if not isinstance(spec["runs"], dict):
+        raise TypeError(f"compare spec {path}: runs must be a mapping of run name to its config; got "
+                         f"{spec['runs']!r}.\n{COMPARE_HELP}")
+    for run_name, run in spec["runs"].items():
+        if not isinstance(run, dict):
+            raise TypeError(f"compare spec {path}: run {run_name!r} must be a mapping with a config (keys: "
+                             f"{', '.join(RUN_KEYS)}); got {run!r}.")
+        for key in run:
+            if key not in RUN_KEYS:
+                raise unknown(key, RUN_KEYS, f"run {run_name!r}")
+        check_args(run.get("args", []), f"run {run_name!r}: ")
+        if run.get("twin") and "args" in run:
+            raise ValueError(f"compare spec {path}: run {run_name!r} is the declared twin {run['twin']!r}, whose "
+                             f"options are its System's; it takes no args of its own (put options for every run in "
+                             f"the spec's args, or list the run without `twin:` and with all its args).")
 
 
 def resolve_config(path: str, spec_path: Path) -> Path:
@@ -167,15 +220,18 @@ def resolve_config(path: str, spec_path: Path) -> Path:
                             f"directory nor relative to a folder above the spec.")
 
 
-def config_argument(path: Path) -> str:
+def config_argument(path: Path, command: str = "compare") -> str:
     """What `--config` gets for a run: the path, or for a run's own saved config.yaml (written by `fit`, with the
-    `fit`-only keys ckpt_path and weights_only) its text without those keys: compare trains from scratch."""
+    `fit`-only keys ckpt_path and weights_only) its text without those keys: compare (and ablate, `command`) trains
+    from scratch."""
     config = yaml.safe_load(path.read_text()) or {}
     if not isinstance(config, dict) or not set(FIT_ONLY_KEYS) & set(config):
         return str(path)
     if config.get("ckpt_path"):
-        print(f"compare: {path} resumed from ckpt_path {config['ckpt_path']}; compare trains from scratch (give the "
-              f"run `checkpoint: <path>` to evaluate trained weights instead).")
+        instead = "give the run `checkpoint: <path>` to evaluate trained weights instead" if command == "compare" \
+            else "each point resumes only from its own last.ckpt"
+        print(f"{command}: {path} resumed from ckpt_path {config['ckpt_path']}; {command} trains from scratch "
+              f"({instead}).")
     return yaml.safe_dump({k: v for k, v in config.items() if k not in FIT_ONLY_KEYS}, sort_keys=False)
 
 
@@ -183,15 +239,27 @@ def _fit_args(run_name: str, run: dict[str, Any], spec_path: Path, common: list[
     """The arguments that build a run: its config, the spec's shared args, then its own args and the command line's
     options. A declared twin (`twin: <name>`, `read_compare_spec`) is declared on the config as those options leave
     it (its placeholders filled from the resolved config), and its args come last, so that the command line cannot
-    undo what makes it a twin (a model name, a loss weight)."""
+    undo what makes it a twin (a model name, a loss weight); except its options on CONFIG_FIRST_OPTIONS keys
+    (L2X's black box: `--trainer.callbacks=null`), which come right after the config: they drop what the config
+    holds (its selection pictures), and the callbacks the spec's args and the command line give reach the twin as
+    they reach every run (an EarlyStopping the family run has and its twin lacked would make the comparison
+    unequal)."""
     if "config" not in run:
         raise ValueError(f"compare run {run_name!r} names no config.\n{COMPARE_HELP}")
     config = config_argument(resolve_config(run["config"], spec_path))
     if run.get("twin"):
         model = resolved_model_config(config, [*common, *extra])
         twin_args = declared_twins(run["config"], {"model": model}, run["twin"])[run["twin"]]
-        return ["--config", config, *common, *for_the_runs_system(run_name, {"args": twin_args}, extra), *twin_args]
+        first = [arg for arg in twin_args if option_key(arg) in CONFIG_FIRST_OPTIONS]
+        last = [arg for arg in twin_args if option_key(arg) not in CONFIG_FIRST_OPTIONS]
+        return ["--config", config, *first, *common, *for_the_runs_system(run_name, {"args": twin_args}, extra),
+                *last]
     return ["--config", config, *common, *run.get("args", []), *for_the_runs_system(run_name, run, extra)]
+
+
+def option_key(arg: str) -> str:
+    """The option an argument sets: "--trainer.callbacks=null", "--trainer.callbacks+=X": "--trainer.callbacks"."""
+    return arg.split("=", 1)[0].removesuffix("+")
 
 
 def resolved_model_config(config: str, args: list[str]) -> dict[str, Any]:
@@ -247,7 +315,8 @@ def drop_twins_equal_to_the_model(runs: dict[str, Any], clis: dict[str, Any]) ->
     """A declared twin that resolves to the config's own model (the textual description config against its
     "description" twin) is the same run: it is dropped, and said so."""
     first, *others = runs
-    same = [name for name in others if runs[name].get("args") and clis[name].config.model == clis[first].config.model]
+    same = [name for name in others if (runs[name].get("args") or runs[name].get("twin"))
+            and clis[name].config.model == clis[first].config.model]
     for name in same:
         print(f"compare: twin {name!r} is the config's own model; not trained twice.")
     return {name: run for name, run in runs.items() if name not in same}

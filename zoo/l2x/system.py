@@ -55,7 +55,9 @@ class L2XSystem(ZooSystem):
                       "--model.init_args.loss=null",  # the classifier's cross-entropy, not the selector's loss
                       "--model.init_args.model_kwargs=null",  # then set, not merged into the selector's kwargs
                       "--model.init_args.model_kwargs={black_box_kwargs}", "--model.init_args.input_key={input_key}",
-                      "--trainer.callbacks=null",  # the selection pictures have nothing to draw for a classifier
+                      # the config's selection pictures have nothing to draw for a classifier; compare applies this
+                      # before the spec's and command line's options, so the callbacks they give reach the twin
+                      "--trainer.callbacks=null",
                       "--checkpoint.monitor=val/acc", "--checkpoint.mode=max"],  # not the selector's posthoc_acc
     }
 

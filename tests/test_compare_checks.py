@@ -1,0 +1,152 @@
+"""compare and ablate checks found by the ablate audit: a mistyped spec key or twin name is said before any run
+trains, command-line callbacks reach L2X's black-box twin, a changed data folder reruns a finished ablate point, a
+run's saved config.yaml is an ablate config, and a batch size that is not a whole number >= 1 is refused."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import REPO, write_image
+from tests.test_compare_ablate import said_once
+from train import main
+
+SMALL_WORLD = ["--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.num_test=32"]
+FAST = ["--trainer.fast_dev_run=true", *SMALL_WORLD]
+BASELINE = str(REPO / "configs/baselines/parts_world.yaml")
+ICNN = str(REPO / "configs/icnn/parts_world.yaml")
+
+
+def write_spec(folder: Path, compare: dict) -> str:
+    (folder / "spec.yaml").write_text(yaml.safe_dump({"compare": compare}))
+    return str(folder / "spec.yaml")
+
+
+@pytest.mark.parametrize("compare, said", [
+    ({"arg": ["--seed_everything=5"], "runs": {"a": {"config": BASELINE}}},
+     "compare has no key 'arg' (did you mean 'args'"),
+    ({"runs": {"a": {"config": BASELINE}, "b": {"config": BASELINE, "arg": ["--trainer.max_epochs=2"]}}},
+     "run 'b' has no key 'arg' (did you mean 'args'"),
+    ({"runs": {"a": {"config": BASELINE, "checkpont": "x.ckpt"}}},
+     "run 'a' has no key 'checkpont' (did you mean 'checkpoint'"),
+    ({"args": "--trainer.max_epochs=2", "runs": {"a": {"config": BASELINE}}}, "args must be a list of options"),
+    ({"runs": {"b": {"config": ICNN, "twin": "plain_cnn", "args": ["--trainer.max_epochs=2"]}}},
+     "run 'b' is the declared twin 'plain_cnn', whose options are its System's; it takes no args"),
+])
+def test_a_compare_spec_with_a_key_it_does_not_read_is_refused(tmp_path: Path, compare: dict, said: str) -> None:
+    """`arg:` (for `args:`) was read as absent: the runs trained without the options and the report did not say."""
+    from zoo.cli.compare import read_compare_spec
+
+    with pytest.raises((ValueError, TypeError), match="compare spec") as error:
+        read_compare_spec(write_spec(tmp_path, compare))
+    assert said in str(error.value), str(error.value)
+
+
+def test_a_mistyped_key_or_twin_is_said_once_before_any_run_trains(in_tmp_dir: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    """A mistyped run key: exit 2, no run trained. An unknown `twin:` was a bare "error: 'ordinary_twn'"."""
+    spec = write_spec(in_tmp_dir, {"name": "typo", "runs": {
+        "a": {"config": BASELINE}, "b": {"config": BASELINE, "arg": ["--model.init_args.optimizer.init_args.lr=1"]}}})
+    error = said_once(capsys, ["compare", "--config", spec, "--no_explain", *FAST])
+    assert "run 'b' has no key 'arg' (did you mean 'args'" in error, error
+    assert not (in_tmp_dir / "checkpoints").exists()
+    spec = write_spec(in_tmp_dir, {"name": "twin", "runs": {"icnn": {"config": ICNN},
+                                                            "ordinary": {"config": ICNN, "twin": "ordinary_twn"}}})
+    error = said_once(capsys, ["compare", "--config", spec, "--no_explain", *FAST])
+    assert "ICNNSystem declares no twin 'ordinary_twn' (did you mean 'ordinary_twin'" in error, error
+    assert "its twins: ordinary_twin, masked_twin, plain_cnn" in error
+    assert not (in_tmp_dir / "checkpoints").exists()
+
+
+def test_the_command_lines_callbacks_reach_the_black_box_twin() -> None:
+    """L2X's black box declares `--trainer.callbacks=null` (the selector's pictures): applied after the command line,
+    it also dropped a command-line EarlyStopping, so the family run stopped early and its twin did not. Now the twin
+    drops the config's callbacks only; the spec's and the command line's reach it."""
+    from zoo.cli.compare import _fit_args, read_compare_spec
+    from zoo.cli.lightning import ParsedCLI
+
+    config = REPO / "configs/l2x/digits.yaml"
+    spec = read_compare_spec(config)
+    common = [("--trainer.callbacks=[{class_path: pytorch_lightning.callbacks.EarlyStopping, "
+               "init_args: {monitor: val/acc}}]")]
+    extra = ["--trainer.callbacks+=LearningRateMonitor"]
+    callbacks = {name: [entry.class_path.rsplit(".", 1)[-1] for entry in ParsedCLI(
+        args=_fit_args(name, run, config, common, extra), run=False).config.trainer.callbacks or []]
+        for name, run in spec["runs"].items()}
+    assert callbacks["black_box"] == ["EarlyStopping", "LearningRateMonitor"], callbacks
+    assert callbacks["l2x"] == ["EarlyStopping", "LearningRateMonitor"], callbacks  # the spec's list replaced it
+    only_extra = ParsedCLI(args=_fit_args("black_box", spec["runs"]["black_box"], config, [], extra), run=False)
+    assert [entry.class_path.rsplit(".", 1)[-1] for entry in only_extra.config.trainer.callbacks] == \
+        ["LearningRateMonitor"]  # the config's SelectionCallback: not the classifier's
+
+
+def test_a_changed_data_folder_reruns_a_finished_point(in_tmp_dir: Path, image_folder_root: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """The settings hash covered the files a config names, not its folders: images rewritten in the data root
+    reused the point trained on the old images. A hidden file there (.DS_Store) changes nothing."""
+    args = ["ablate", "--config", str(REPO / "configs/baselines/image_folder.yaml"), "--name", "folder",
+            "--grid", "seed_everything=[0]", f"--data.init_args.root={image_folder_root}",
+            "--model.init_args.model_name=baseline_tinycnn", "--data.init_args.image_size=16",
+            "--data.init_args.batch_size=4", "--trainer.fast_dev_run=true"]
+    main(args)
+    (image_folder_root / "train" / ".DS_Store").write_bytes(b"finder")
+    capsys.readouterr()
+    main(args)
+    assert "point seed_everything=0: finished with the same settings, reused" in capsys.readouterr().out
+    image = image_folder_root / "train" / "cat" / "0.png"
+    stat = os.stat(image)
+    write_image(image, (40, 31), seed=7)  # another image
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    main(args)
+    printed = capsys.readouterr().out
+    assert "point seed_everything=0: settings changed since its last run; run again" in printed, printed
+    assert f"files.{image_folder_root}: \"folder of 10 files" in printed
+    assert "reused" not in printed
+    assert len(list((in_tmp_dir / "checkpoints" / "folder" / "stale").iterdir())) == 1
+
+
+def test_folders_the_run_writes_in_are_not_fingerprinted(in_tmp_dir: Path) -> None:
+    """The working folder and the folders runs write in change with every run: they are not part of the hash
+    (trainer.default_root_dir, checkpoints/ by default, would rerun every point every time)."""
+    from zoo.cli.ablate import existing_folders
+
+    (in_tmp_dir / "checkpoints" / "grid" / "point").mkdir(parents=True)
+    for folder in ("data", "runs", "weights"):
+        (in_tmp_dir / folder).mkdir()
+    config = {"a": ".", "b": str(in_tmp_dir), "c": "checkpoints", "d": ["data", "checkpoints/grid/point/x"],
+              "trainer": {"default_root_dir": "runs"}, "checkpoint": {"dirpath": "weights"}}
+    assert list(existing_folders(config, in_tmp_dir / "checkpoints" / "grid" / "point")) == ["data"]
+    assert list(existing_folders(config)) == ["checkpoints", "data"]  # with no run folder known: it may be read
+
+
+def test_ablate_takes_a_runs_saved_config(in_tmp_dir: Path) -> None:
+    """fit's config.yaml holds `ckpt_path: null` and `weights_only: null`, which ablate passed on: "Option
+    'ckpt_path' is not accepted". They are left out, as compare leaves them out."""
+    saved = yaml.safe_load(Path(BASELINE).read_text()) | {"ckpt_path": None, "weights_only": None}
+    (in_tmp_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    rows = main(["ablate", "--config", "config.yaml", "--name", "saved", "--grid", "seed_everything=[0]", *FAST])
+    assert len(rows) == 1 and (in_tmp_dir / "checkpoints" / "saved" / "ablation.md").is_file()
+
+
+@pytest.mark.parametrize("batch_size", [None, 0, -4, True, 2.0, "8"])
+def test_a_batch_size_that_is_not_a_whole_number_is_refused(batch_size: object) -> None:
+    from datamodules import DigitsDataModule
+
+    with pytest.raises(ValueError, match=f"DigitsDataModule: batch_size must be a whole number >= 1; got "
+                                         f"{batch_size!r}"):
+        DigitsDataModule(batch_size=batch_size)
+    assert DigitsDataModule(batch_size=np.int64(8)).batch_size == 8
+
+
+def test_an_ablate_grid_with_a_null_batch_size_is_said_before_any_point_trains(
+        in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """`batch_size: null` passed every check, and the point crashed with a traceback about an image's shape."""
+    error = said_once(capsys, ["ablate", "--config", BASELINE, "--name", "batch",
+                               "--grid", "data.init_args.batch_size=[8,null]", *FAST])
+    assert "batch_size must be a whole number >= 1; got None" in error, error
+    assert "ablate point 2/2: batch_size=None" in error
+    assert not (in_tmp_dir / "checkpoints").exists()
