@@ -1,13 +1,14 @@
 """Reading weights and checkpoints: safetensors or `torch.load(weights_only=True)`, wrapper prefixes
 and key maps, and one error type (`CheckpointError`) that names the file and the keys.
 
-Nothing here imports Lightning or the registry (the registry imports this module): a trained model built from a
-checkpoint is `zoo.checkpoints`'s job.
+Nothing here imports Lightning or the registry (the registry imports this module; `check_same_model` asks it, when
+called, which models are sized by their input): a trained model built from a checkpoint is `zoo.checkpoints`'s job.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -48,9 +49,19 @@ def weights_will_be_replaced() -> bool:
     return _CHECKPOINT_REPLACES_WEIGHTS.get()
 
 
+STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")  # where files wrap their state dict (timm)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    """A non-empty mapping of names to tensors."""
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file, a `torch.save`d state dict, the "state_dict" of a Lightning checkpoint, or
-    the model.safetensors of an export folder (`zoo.export_checkpoint`)."""
+    """Tensors of a safetensors file, a `torch.save`d state dict, the model.safetensors of an export folder
+    (`zoo.export_checkpoint`), or a state dict a file wraps: the first of `STATE_DICT_KEYS` that holds one, as timm's
+    `load_checkpoint` looks (a Lightning checkpoint's "state_dict"; "model" in torchvision's reference scripts, DeiT
+    and MAE; their EMA copies)."""
     path = Path(path)
     if path.is_dir():
         if not (path / EXPORT_WEIGHTS).is_file():
@@ -70,10 +81,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"Could not read weights from {str(path)!r} ({type(err).__name__}: {err}). Expected a .safetensors file, "
             "a state dict saved with torch.save, or a Lightning .ckpt; pickled modules are refused (weights_only=True)."
         ) from err
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{str(path)!r} does not hold a state dict (name -> tensor); got {type(obj).__name__}.")
+    if isinstance(obj, dict) and not _is_state_dict(obj):
+        obj = next((obj[key] for key in STATE_DICT_KEYS if _is_state_dict(obj.get(key))), obj)
+    if not _is_state_dict(obj):
+        keys = f" with keys {[str(k) for k in list(obj)[:8]]}{' ...' if len(obj) > 8 else ''}" \
+            if isinstance(obj, dict) else ""
+        raise CheckpointError(f"{str(path)!r} does not hold a state dict (name -> tensor), at its top level or under "
+                              f"{list(STATE_DICT_KEYS)}; got {type(obj).__name__}{keys}.")
     return obj
 
 
@@ -289,16 +303,96 @@ def describe(spec: dict[str, Any]) -> str:
     return f"{spec['model_name']} with {spec.get('num_classes')} classes"
 
 
+def sized_by_image(model_name: Any) -> bool:
+    """Whether the registered model `model_name` is built for one input size (its `image_size`: ICNN's templates,
+    sized for its top map); False for a name the registry does not know (asked when called: it imports this module)."""
+    from zoo.registry import is_model, needs_image_size
+
+    return isinstance(model_name, str) and is_model(model_name) and needs_image_size(model_name)
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    """Two image sizes equal, however written: 64, [64, 64] and (64, 64) are one size."""
+    def pair(size: Any) -> Any:
+        return [size, size] if isinstance(size, int) else list(size) if isinstance(size, (list, tuple)) else size
+    return pair(a) == pair(b)
+
+
+MISMATCH_HINTS = {
+    "num_classes": " To fine-tune its weights to other classes, start a new run from them instead: "
+                   "--model.init_args.model_kwargs.pretrained_path=<the checkpoint> (the backbone loads, the head is "
+                   "new).",
+    "image_size": " The model is built for the image size it was trained on: give the data that image_size.",
+}
+
+
 def check_same_model(checkpoint_spec: dict[str, Any], wanted: dict[str, Any], source: str) -> None:
-    """Raise naming the difference when a checkpoint holds another model or class count than the one asked for."""
-    for key in ("model_name", "num_classes", "in_chans"):
-        if key in wanted and wanted[key] is not None and checkpoint_spec.get(key) != wanted[key]:
-            hint = (" To fine-tune its weights to other classes, start a new run from them instead: "
-                    "--model.init_args.model_kwargs.pretrained_path=<the checkpoint> (the backbone loads, the head is "
-                    "new)." if key == "num_classes" else "")
-            raise CheckpointError(f"{source} holds {describe(checkpoint_spec)} ({key}={checkpoint_spec.get(key)!r}); "
-                                  f"this run builds {describe({**checkpoint_spec, **wanted})} ({key}={wanted[key]!r})."
-                                  + hint)
+    """Raise naming the difference when a checkpoint holds another model, class count or channel count than the one
+    asked for, or, for a model sized by its input (`sized_by_image`), another `image_size` (where `wanted` says)."""
+    sized = sized_by_image(checkpoint_spec.get("model_name")) and checkpoint_spec.get("image_size") is not None
+    for key in ("model_name", "num_classes", "in_chans") + (("image_size",) if sized else ()):
+        held, asked = checkpoint_spec.get(key), wanted.get(key)
+        if asked is not None and not (_same_size(held, asked) if key == "image_size" else held == asked):
+            raise CheckpointError(f"{source} holds {describe(checkpoint_spec)} ({key}={held!r}); this run builds "
+                                  f"{describe({**checkpoint_spec, **wanted})} ({key}={asked!r})."
+                                  + MISMATCH_HINTS.get(key, ""))
+
+
+# Datamodule settings that decide what a model sees of the same samples (its normalisation, size, resizing, crop,
+# tokens), compared with those a checkpoint was trained with where both name them (`check_data_fits_checkpoint`);
+# not where the samples come from (root, split sizes, seeds) nor how they are batched.
+INPUT_SETTINGS = ("mean", "std", "image_size", "canvas_size", "upsample_mode", "crop_to_box", "crop_to_object",
+                  "max_len", "max_vocab")
+NO_NORMALISATION = {"mean": [0.0], "std": [1.0]}  # what mean / std None mean: [0, 1] pixels as they are
+
+
+def _same_setting(key: str, held: Any, given: Any) -> bool:
+    """Two values of the input setting `key` equal, however written: lists and tuples, ints and floats, one value or
+    one per channel for a mean / std, None or the identity for a mean / std (`NO_NORMALISATION`)."""
+    if key in NO_NORMALISATION:
+        held, given = (NO_NORMALISATION[key] if v is None else v for v in (held, given))
+    if isinstance(held, (list, tuple)) and isinstance(given, (list, tuple)):
+        if len(held) != len(given) and min(len(held), len(given)) == 1:  # one value for every channel
+            held, given = (list(v) * max(len(held), len(given)) if len(v) == 1 else v for v in (held, given))
+        return len(held) == len(given) and all(_same_setting(key, a, b) for a, b in zip(held, given))
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (held, given)):
+        return math.isclose(held, given, rel_tol=1e-6, abs_tol=1e-9)
+    return held == given
+
+
+def check_data_fits_checkpoint(held: dict[str, Any], given: dict[str, Any], source: str, hint: str) -> None:
+    """Refuse evaluating or predicting with data that feeds the model other inputs than it was trained on: an
+    `INPUT_SETTINGS` value both the checkpoint's datamodule (`held`) and this run's (`given`) name, and that differs
+    (else images normalised or sized otherwise would silently give wrong predictions). `hint` says what to run."""
+    for key in INPUT_SETTINGS:
+        if key in held and key in given and not _same_setting(key, held[key], given[key]):
+            raise CheckpointError(f"{source} was trained on data with {key}={_shown(held[key])}; this run's data has "
+                                  f"{key}={_shown(given[key])}, so the model would see other inputs than it learnt "
+                                  f"from. {hint}")
+
+
+def check_class_names(held: list[str] | None, given: list[str] | None, source: str, hint: str) -> None:
+    """Refuse data whose class names (in class-id order) are not those a checkpoint was trained with: its class ids
+    would be read as other classes (labels scored and predictions named wrongly). Skipped where either is unknown or
+    the counts differ (`check_same_model` names another class count)."""
+    if held is None or given is None or len(held) != len(given) or list(held) == list(given):
+        return
+    held, given = [str(n) for n in held], [str(n) for n in given]
+    order = " (the same names in another order: class ids would mean other classes)" if sorted(held) == \
+        sorted(given) else ""
+    if len(held) > 8:  # show where they differ, not 200 names
+        ids = [i for i, (a, b) in enumerate(zip(held, given)) if a != b]
+        shown = ", ".join(f"id {i}: {held[i]!r} vs {given[i]!r}" for i in ids[:3]) + (" ..." if len(ids) > 3 else "")
+        raise CheckpointError(f"{source} was trained on other class names than this run's data has ({len(ids)} of "
+                              f"{len(held)} differ: {shown}){order}. {hint}")
+    raise CheckpointError(f"{source} was trained on classes {held}; this run's data has {given}{order}. {hint}")
+
+
+def _shown(value: Any) -> str:
+    """A setting as a config writes it: lists of floats to 4 significant digits."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return f"{value:.4g}" if isinstance(value, float) else repr(value) if isinstance(value, str) else str(value)
 
 
 IDENTITY_KEYS = ("model_name", "variant")  # what names the model a System builds (classifiers; textual variants)

@@ -146,6 +146,20 @@ def prepare_fit_auxiliaries(system: Any, trainer: pl.Trainer, datamodule: Any, r
     prepare_auxiliaries(system, trainer, datamodule)
 
 
+def saved_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters of a checkpoint's System and datamodule (empty where it saved none)."""
+    return {key: dict(checkpoint.get(key) or {}) for key in ("hyper_parameters", "datamodule_hyper_parameters")}
+
+
+def run_config_hint(ckpt_path: str) -> str:
+    """What to run instead of a config that does not fit checkpoint `ckpt_path`: its run's config.yaml (a run
+    folder's checkpoints are in <run>/checkpoints/)."""
+    path = Path(ckpt_path)
+    config = path.parent.parent / "config.yaml" if path.parent.name == "checkpoints" else None
+    return (f"Use the config it was trained with: --config {config}" if config is not None and config.is_file() else
+            "Use the config it was trained with: --config <the run folder>/config.yaml") + " (its data settings)."
+
+
 class ReadableCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint reader with a clear error: a file it cannot read (cut short by a full disk or an
     interrupted copy) raises a CheckpointError naming the file and what to do. `--ckpt_path last` / `best` are
@@ -172,6 +186,8 @@ class ZooCLI(LightningCLI):
     predictions.csv and explanation pictures (`zoo.cli.predict.PredictionWriter`) unless another writer is set."""
 
     restores_checkpoint = False  # whether the command's --ckpt_path replaces every weight (`instantiate_classes`)
+    checkpoint_file: str | None = None  # the file it names (`last` resolved), where it is one
+    checkpoint_hparams: dict[str, Any] | None = None  # its model's and datamodule's hyperparameters, once read
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -255,15 +271,70 @@ class ZooCLI(LightningCLI):
         _, ckpt_path = self._subcommand_and_ckpt_path()
         if str(ckpt_path) != "last":
             self.restores_checkpoint = bool(ckpt_path) and Path(str(ckpt_path)).is_file()
+            self.checkpoint_file = str(ckpt_path) if self.restores_checkpoint else None
             self._instantiate(checkpoint_replaces_weights() if self.restores_checkpoint else nullcontext())
         else:
             random_state = _collect_rng_states(include_cuda=torch.cuda.is_initialized())  # never starts CUDA
             self._instantiate(checkpoint_replaces_weights())
-            self.restores_checkpoint = last_checkpoint(self.trainer, self.subcommand) is not None
+            self.checkpoint_file = last_checkpoint(self.trainer, self.subcommand)
+            self.restores_checkpoint = self.checkpoint_file is not None
             if not self.restores_checkpoint:
                 _set_rng_states(random_state)
                 self._instantiate(nullcontext())
+        if self.subcommand in ("validate", "test", "predict") and self.checkpoint_file is not None:
+            with configuration_phase():
+                self.check_data_fits_checkpoint(self.checkpoint_file)
         warn_unnormalised_pretrained(self.model, self.datamodule)
+
+    def check_data_fits_checkpoint(self, path: str) -> None:
+        """validate / test / predict of checkpoint `path` with data that gives its model other inputs than it was
+        trained on are refused, naming the setting and both values (Lightning copies the checkpoint's model
+        hyperparameters over the config, but the data's, and the class names and image size the CLI links from the
+        data, are this run's): an `INPUT_SETTINGS` value of the checkpoint's saved datamodule (normalisation, image
+        size, ...; `mean: pretrained` resolved with the model's backbone, as in training), the class names in
+        class-id order, and the image size a model is built for (ICNN). Without a saved datamodule (a model trained
+        from Python without one) only the model's are compared."""
+        from zoo.weights import (
+            check_class_names,
+            check_data_fits_checkpoint,
+            check_same_model,
+            model_spec,
+            read_checkpoint,
+        )
+
+        held = self.checkpoint_hparams if self.checkpoint_hparams is not None else saved_hparams(read_checkpoint(path))
+        saved, data = held["hyper_parameters"], held["datamodule_hyper_parameters"]
+        source, hint = f"--ckpt_path {path!r}", run_config_hint(path)
+        if data:
+            check_data_fits_checkpoint(self.saved_data_settings(data, saved), self.data_settings(), source, hint)
+        hparams = getattr(self.model, "hparams", {})
+        if "model_name" in saved:
+            check_same_model(model_spec(saved), {k: hparams.get(k) for k in ("model_name", "num_classes", "in_chans",
+                                                                              "image_size")}, source)
+        check_class_names(saved.get("class_names"), hparams.get("class_names"), source,
+                          "Give it data of those classes, in that order (their class ids).")
+
+    def saved_data_settings(self, data: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's datamodule hyperparameters with `mean: pretrained` resolved as training resolved it (the
+        backbone's pretrained mean and std for the model's channels); left out where that cannot be told."""
+        from datamodules._base import PRETRAINED, pretrained_normalization
+
+        if data.get("mean") != PRETRAINED:
+            return dict(data)
+        data = {k: v for k, v in data.items() if k not in ("mean", "std")}
+        try:
+            data["mean"], data["std"] = pretrained_normalization(backbone_name(self.model), saved.get("in_chans"))
+        except ValueError:  # a model without a zoo Backbone, or one without a timm pretrained config
+            pass
+        return data
+
+    def data_settings(self) -> dict[str, Any]:
+        """This run's datamodule's settings (its saved init arguments), its mean and std as it normalises."""
+        settings = dict(getattr(self.datamodule, "hparams", None) or {})
+        for key in ("mean", "std"):
+            if hasattr(self.datamodule, key):
+                settings[key] = getattr(self.datamodule, key)
+        return settings
 
     def _instantiate(self, weights: AbstractContextManager) -> None:
         """LightningCLI's model, data and trainer, built inside `weights` (a `checkpoint_replaces_weights` or not)."""
@@ -296,8 +367,10 @@ class ZooCLI(LightningCLI):
             from zoo.weights import check_config_fits_checkpoint, read_checkpoint
 
             with configuration_phase():  # a missing file or folder is named here, not by Lightning's traceback
-                check_config_fits_checkpoint(self.config[subcommand].get("model"), read_checkpoint(ckpt_path),
+                checkpoint = read_checkpoint(ckpt_path)
+                check_config_fits_checkpoint(self.config[subcommand].get("model"), checkpoint,
                                              f"--ckpt_path {ckpt_path!r}", resuming=subcommand == "fit")
+            self.checkpoint_hparams = saved_hparams(checkpoint)  # for `check_data_fits_checkpoint`: read once
         super()._parse_ckpt_path()
 
 

@@ -1,0 +1,139 @@
+"""A checkpoint evaluated or used for predictions with data that feeds its model other inputs than it was trained on
+(another normalisation, image size, class names or class order) is refused, naming the setting and both values,
+instead of silently writing wrong predictions; state dicts wrapped as torchvision's reference scripts, DeiT and MAE
+save them ({"model": ...}) load."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import zoo
+from tests.conftest import REPO
+from train import command_line, main
+from zoo.weights import CheckpointError, check_same_model
+
+TINY_WORLD = ["--data.init_args.num_train=16", "--data.init_args.num_val=8", "--data.init_args.num_test=8",
+              "--data.init_args.batch_size=8"]
+ONE_STEP = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+            "--trainer.enable_model_summary=false", "--trainer.enable_progress_bar=false"]
+
+
+def refused(capsys: pytest.CaptureFixture, args: list[str]) -> str:
+    """The error `train.py <args>` exits with: status 2, said once, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        command_line(args)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error, error
+    return error
+
+
+def test_predict_with_other_normalisation_or_image_size_than_training_is_refused(
+        in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """An ICNN trained on normalised 48-pixel images, predicted with its family config (64 pixels, no normalisation):
+    the images were normalised otherwise and predictions.csv silently wrong, or (image size alone) torch's "size
+    mismatch for model.top_filters.log_mean_z" came out. Its own config.yaml still predicts."""
+    main(["fit", "--config", str(REPO / "configs/icnn/parts_world.yaml"), *TINY_WORLD, *ONE_STEP,
+          "--data.init_args.image_size=48", "--data.init_args.mean=[0.5,0.4,0.3]",
+          "--data.init_args.std=[0.2,0.25,0.3]",
+          "--trainer.callbacks=[]", "--trainer.logger.init_args.name=run"])
+    run = in_tmp_dir / "checkpoints" / "run"
+    ckpt = f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
+
+    error = refused(capsys, ["predict", "--config", str(run / "config.yaml"), ckpt, "--data.init_args.mean=null",
+                             "--data.init_args.std=null"])  # the images unnormalised: silently wrong predictions
+    assert "mean=[0.5, 0.4, 0.3]" in error and "mean=None" in error, error
+    error = refused(capsys, ["predict", "--config", str(REPO / "configs/icnn/parts_world.yaml"), *TINY_WORLD, ckpt,
+                             "--trainer.callbacks=[]"])
+    assert "mean=[0.5, 0.4, 0.3]" in error and "mean=None" in error, error
+    assert f"--config {run / 'config.yaml'}" in error, error
+    assert not (run / "predictions").exists()
+
+    error = refused(capsys, ["predict", "--config", str(run / "config.yaml"), ckpt, "--data.init_args.image_size=64"])
+    assert "image_size=48" in error and "image_size=64" in error and "size mismatch" not in error, error
+
+    # a checkpoint without its datamodule's settings (trained from Python): the model's own image size is compared
+    bare = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    bare.pop("datamodule_hyper_parameters")
+    torch.save(bare, run / "bare.ckpt")
+    error = refused(capsys, ["validate", "--config", str(run / "config.yaml"), f"--ckpt_path={run / 'bare.ckpt'}",
+                             "--data.init_args.image_size=64"])
+    assert "(image_size=48)" in error and "(image_size=64)" in error and "size mismatch" not in error, error
+
+    main(["predict", "--config", str(run / "config.yaml"), ckpt])
+    assert (run / "predictions" / "predictions.csv").is_file()
+
+
+def test_data_with_other_class_names_is_refused_and_pretrained_mean_matches_its_numbers(
+        image_folder_root: Path, in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """Class ids of a folder whose classes are named otherwise (same count) were read as the checkpoint's classes:
+    predictions named and scored by the wrong classes. `mean: pretrained` (stored as written) equals the numbers it
+    stands for, so a run predicted with them written out is not refused."""
+    main(["fit", "--config", str(REPO / "configs/baselines/image_folder.yaml"), *ONE_STEP,
+          f"--data.init_args.root={image_folder_root}", "--data.init_args.image_size=32",
+          "--data.init_args.batch_size=4", "--data.init_args.mean=pretrained", "--trainer.logger.init_args.name=run"])
+    run = in_tmp_dir / "checkpoints" / "run"
+    again = ["--config", str(run / "config.yaml"), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]
+
+    renamed = in_tmp_dir / "renamed"
+    shutil.copytree(image_folder_root, renamed)
+    for split in ("train", "val"):
+        (renamed / split / "cat").rename(renamed / split / "zebra")  # classes [dog, zebra]: ids 0, 1 swap meaning
+    error = refused(capsys, ["predict", *again, f"--data.init_args.root={renamed}"])
+    assert "['cat', 'dog']" in error and "['dog', 'zebra']" in error, error
+    assert not (run / "predictions").exists()
+
+    error = refused(capsys, ["validate", *again, "--data.init_args.mean=null"])
+    assert "mean=[0.485, 0.456, 0.406]" in error and "mean=None" in error, error
+
+    written_out = ["--data.init_args.mean=[0.485,0.456,0.406]", "--data.init_args.std=[0.229,0.224,0.225]"]
+    main(["predict", *again, *written_out])
+    assert (run / "predictions" / "predictions.csv").is_file()
+
+
+def test_class_names_in_another_order_and_equal_settings_written_otherwise() -> None:
+    from zoo.weights import check_class_names, check_data_fits_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"\['dog', 'cat'\]; this run's data has \['cat', 'dog'\] \(the same "
+                                              r"names in another order"):
+        check_class_names(["dog", "cat"], ["cat", "dog"], "ckpt", "hint")
+    many = [f"bird {i}" for i in range(200)]
+    with pytest.raises(CheckpointError, match=r"\(2 of 200 differ: id 3: 'bird 3' vs 'bird 4', id 4: 'bird 4' vs "
+                                              r"'bird 3'\) \(the same names in another order"):
+        check_class_names(many, many[:3] + [many[4], many[3]] + many[5:], "ckpt", "hint")
+    check_class_names(["a", "b"], ("a", "b"), "ckpt", "hint")
+    check_class_names(None, ["a", "b"], "ckpt", "hint")  # a checkpoint saved without names: nothing to compare
+    check_data_fits_checkpoint({"mean": (0.5,), "std": [0.25], "image_size": 64, "root": "a"},
+                               {"mean": [0.5, 0.5, 0.5], "std": (0.25,) * 3, "image_size": 64, "root": "b"}, "c", "h")
+    check_data_fits_checkpoint({"mean": None, "std": None}, {"mean": [0.0], "std": [1.0, 1.0, 1.0]}, "c", "h")
+    with pytest.raises(CheckpointError, match="upsample_mode='nearest'; this run's data has upsample_mode='bilinear'"):
+        check_data_fits_checkpoint({"upsample_mode": "nearest"}, {"upsample_mode": "bilinear"}, "c", "h")
+
+
+def test_check_same_model_names_the_image_size_of_a_model_sized_by_it() -> None:
+    """ICNN's template bank is sized for its top map: another image_size is named, not left to torch's "size
+    mismatch"; a classifier, which takes any size, is not refused."""
+    icnn = {"model_name": "icnn_tinycnn", "num_classes": 3, "in_chans": 3, "image_size": 100}
+    with pytest.raises(CheckpointError, match=r"\(image_size=100\); this run builds .* \(image_size=64\)"):
+        check_same_model(icnn, {**icnn, "image_size": 64}, "the checkpoint")
+    check_same_model(icnn, {**icnn, "image_size": [100, 100]}, "the checkpoint")
+    check_same_model({**icnn, "model_name": "baseline_tinycnn"}, {**icnn, "model_name": "baseline_tinycnn",
+                                                                  "image_size": 64}, "the checkpoint")
+
+
+def test_state_dicts_wrapped_under_model_or_ema_load(tmp_path: Path) -> None:
+    """torchvision's reference scripts, DeiT and MAE save {"model": state_dict, ...}: it was refused as "does not
+    hold a state dict; got dict". Unwrapped as timm does; a file holding none names its keys."""
+    state = zoo.create_model("baseline_tinycnn", num_classes=3).state_dict()
+    for key in ("model", "model_ema", "state_dict_ema"):
+        path = tmp_path / f"{key}.pth"
+        torch.save({"epoch": 3, "optimizer": {"lr": 0.1}, key: state}, path)
+        model = zoo.create_model("baseline_tinycnn", num_classes=3, pretrained_path=str(path))
+        loaded = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+        assert loaded and all(torch.equal(v, state[k]) for k, v in loaded.items()), key
+    torch.save({"epoch": 3, "optimizer": {"lr": 0.1}, "weights": [1, 2]}, tmp_path / "none.pth")
+    with pytest.raises(CheckpointError, match=r"got dict with keys \['epoch', 'optimizer', 'weights'\]"):
+        zoo.create_model("baseline_tinycnn", num_classes=3, pretrained_path=str(tmp_path / "none.pth"))
