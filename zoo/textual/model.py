@@ -286,6 +286,31 @@ class ExplanationModel(nn.Module):
             self.register_buffer("class_table_ready", torch.tensor(False))
         static = feature_dim * self.uses_image + class_dim * self.uses_class
         self.generator = FactoredLSTMGenerator(vocab_size, static, hidden=hidden, max_len=max_len)
+        self.freeze_unread()
+
+    def unread_modules(self) -> list[nn.Module]:
+        """The submodules whose parameters the variant's features (hence its loss, with or without the discriminative
+        term) never read: without the image, the image encoder and its projection (`definition`); without the class,
+        the label embedding (`description`, `explanation-dis`). Every variant builds them all so that all have the
+        same state_dict keys: a stage-2 variant loads a stage-1 checkpoint of another one
+        (`TextualSystem._load_stage`), and older checkpoints still load."""
+        unread: list[nn.Module] = []
+        if not self.uses_image:
+            unread += [self.image_encoder, self.image_proj]
+        if not self.uses_class and self.class_features == "embedding":
+            unread.append(self.class_embed)
+        return unread
+
+    def freeze_unread(self) -> None:
+        """requires_grad off for `unread_modules`. A trainable parameter that the loss never reaches gets no
+        gradient, which stops DDP at its first step ("parameters that were not used in producing the loss") and sits
+        in the optimiser for nothing. Called at the end of `__init__`, so frozen is the as-built state, the one the
+        engine's stages restore (`zoo.engine.stages.Schedule`). Loading weights keeps requires_grad as built: a
+        stage-2 variant trains what it reads whatever its stage-1 checkpoint froze (a stage keeps the image/class
+        inputs of the one it starts from, so explanation-label -> explanation trains the class embedding both read,
+        description -> explanation-dis keeps it frozen)."""
+        for module in self.unread_modules():
+            module.requires_grad_(False)
 
     def features(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         parts = []
