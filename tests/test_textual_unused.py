@@ -107,3 +107,15 @@ def test_unread_layers_are_kept_frozen_and_the_config_chains_load(tmp_path: Path
     loss = training_step_loss(staged.train(), batch())
     loss.backward()
     assert without_gradient(staged) == []
+
+
+def test_a_fine_tuned_encoder_trains_without_its_unread_head(tmp_path: Path) -> None:
+    """`train_encoder`: preparation leaves the whole encoder trainable (as `prepare_auxiliaries` does); the head,
+    which the generator never reads (features are pooled before it), is frozen again at setup, before DDP."""
+    torch.manual_seed(0)
+    system = build("explanation-label", tmp_path, train_encoder=True).train()
+    system.model.image_encoder.requires_grad_(True)  # what preparing a trainable_after auxiliary leaves
+    system.setup("fit")
+    training_step_loss(system, batch()).backward()
+    assert without_gradient(system) == []
+    assert any(p.requires_grad for p in system.model.image_encoder.parameters())  # the rest is fine-tuned

@@ -291,7 +291,8 @@ class ExplanationModel(nn.Module):
     def unread_modules(self) -> list[nn.Module]:
         """The submodules whose parameters the variant's features (hence its loss, with or without the discriminative
         term) never read: without the image, the image encoder and its projection (`definition`); without the class,
-        the label embedding (`description`, `explanation-dis`). Every variant builds them all so that all have the
+        the label embedding (`description`, `explanation-dis`); with `train_encoder`, the encoder's classifier head
+        (the pooled `forward_features` are read). Every variant builds them all so that all have the
         same state_dict keys: a stage-2 variant loads a stage-1 checkpoint of another one
         (`TextualSystem._load_stage`), and older checkpoints still load."""
         unread: list[nn.Module] = []
@@ -299,6 +300,9 @@ class ExplanationModel(nn.Module):
             unread += [self.image_encoder, self.image_proj]
         if not self.uses_class and self.class_features == "embedding":
             unread.append(self.class_embed)
+        head = getattr(self.image_encoder, "head", None)  # the encoder's classifier: features are read before it
+        if self.uses_image and self.train_encoder and isinstance(head, nn.Module):
+            unread.append(head)
         return unread
 
     def freeze_unread(self) -> None:

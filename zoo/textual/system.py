@@ -341,6 +341,14 @@ class TextualSystem(ZooSystem):
         return wanted is None or term in wanted
 
     # ------------------------------------------------------------------------------------ fit start, checkpoints
+    def setup(self, stage: str) -> None:
+        """Before DDP wraps the model and the optimiser is built: the layers the variant does not read frozen again
+        (`ExplanationModel.freeze_unread`): preparing a fine-tuned encoder (`train_encoder`) left its classifier
+        head trainable, which the generator never reads (DDP's unused-parameter error)."""
+        super().setup(stage)
+        if stage == "fit":
+            self.model.freeze_unread()
+
     def on_fit_start(self) -> None:
         self.check_data(self.trainer.datamodule)
         super().on_fit_start()  # auxiliaries
