@@ -293,8 +293,10 @@ def test_explanation_system_optimises_only_the_generator_side_and_takes_a_schedu
     assert optimised == trainable  # frozen encoder and reward model stay out
     fine_tuned = TextualSystem(variant="explanation-label", hidden=32, train_encoder=True)
     optimised = {id(p) for group in fine_tuned.configure_optimizers().param_groups for p in group["params"]}
-    encoder = {id(p) for p in fine_tuned.model.image_encoder.parameters()}
-    assert encoder <= optimised and fine_tuned.train().model.image_encoder.training  # not held in eval mode
+    head = {id(p) for p in fine_tuned.model.image_encoder.head.parameters()}  # read by no loss: frozen (DDP)
+    encoder = {id(p) for p in fine_tuned.model.image_encoder.parameters()} - head
+    assert encoder <= optimised and not head & optimised
+    assert fine_tuned.train().model.image_encoder.training  # not held in eval mode
 
 
 def test_description_class_features_are_each_class_mean_description_state(in_tmp_dir) -> None:
