@@ -317,3 +317,44 @@ def test_two_process_detection_map_with_an_odd_validation_split_equals_one_proce
     padded.update([*detections, empty[0], empty[0]], [*targets, empty[1], empty[1]])
     assert real.compute()["map_50"] > 0
     assert {k: v.item() for k, v in padded.compute().items()} == {k: v.item() for k, v in real.compute().items()}
+
+
+class SaveRankZeroReports(pl.Callback):
+    """Rank zero writes the test split's intervention curve and the pictures' fixed validation batch: what rank zero
+    reads alone from the datamodule's loaders (this rank's shard under DDP)."""
+
+    def __init__(self, folder: Path) -> None:
+        from zoo.cbm.callback import InterventionCallback
+
+        self.folder, self.intervention = folder, InterventionCallback(num_points=5)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from zoo.engine.callbacks import FixedBatchCallback
+
+        self.intervention.on_test_end(trainer, pl_module)  # rank zero only, as in a run
+        if trainer.is_global_zero:
+            torch.save({"curve": self.intervention.curves["test"]["acc"],
+                        "fixed": FixedBatchCallback().fixed_batch(trainer)["index"]}, self.folder / "reports.pt")
+
+
+def test_rank_zero_reports_read_the_whole_split_as_one_process(tmp_path: Path) -> None:
+    """CBM's intervention curve and the pictures' fixed batch are computed on rank zero alone: from its shard of the
+    split they changed with the process count (test.md's k = 0 row 0.2280 with two processes, 0.2500 with one, the
+    task accuracy), and the pictures showed other images. Both now read the whole split."""
+    from zoo.cbm.system import CBMSystem
+
+    pl.seed_everything(0)
+    data = PartsWorldDataModule(num_classes=4, num_train=16, num_val=30, num_test=30, batch_size=8, image_size=32)
+    cbm = CBMSystem(model_name="cbm_tinycnn", num_classes=4, image_size=32)
+    trainer = two_process_trainer(tmp_path, SaveRankZeroReports(tmp_path))
+    accuracy = trainer.test(cbm, datamodule=data, verbose=False)[0]["test/acc"]
+    spawned = torch.load(tmp_path / "reports.pt", weights_only=True)
+    single = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[SaveRankZeroReports(tmp_path)])
+    single.test(cbm, datamodule=data, verbose=False)
+    one_process = torch.load(tmp_path / "reports.pt", weights_only=True)
+    assert spawned["curve"][0] == pytest.approx(accuracy, abs=1e-6)  # k = 0: the task accuracy over every rank
+    assert spawned["curve"] == pytest.approx(one_process["curve"], abs=1e-6)
+    assert torch.equal(spawned["fixed"], one_process["fixed"])
+    assert [int(data.split_samples("val")[i]["label"]) for i in spawned["fixed"].tolist()] == [0, 1, 2, 3] * 2

@@ -12,7 +12,7 @@ from pytorch_lightning.utilities.seed import isolate_rng
 
 from zoo.cbm.intervene import (VALUES, check_order, concept_groups, encode_data, intervention_curve,
                                 write_intervention_report)
-from zoo.engine.callbacks import FixedBatchCallback, run_folder
+from zoo.engine.callbacks import FixedBatchCallback, run_folder, whole_split_loader
 from zoo.figures import class_name, log_figure, log_text, new_figure
 
 
@@ -101,8 +101,9 @@ class ConceptsCallback(FixedBatchCallback):
 
 class InterventionCallback(pl.Callback):
     """The test-time intervention curve (`zoo.cbm.intervene`): at the end of fit on the validation split, and at
-    the end of a test run on the test split. Writes ``intervention/<split>.md`` and ``.png`` in the run folder and
-    the same to TensorBoard (figure ``intervention/<split>``, text), on rank zero, in eval mode, RNG isolated;
+    the end of a test run on the test split, over the whole split whatever the number of processes (k = 0 is the
+    task accuracy). Writes ``intervention/<split>.md`` and ``.png`` in the run folder and the same to TensorBoard
+    (figure ``intervention/<split>``, text), on rank zero, in eval mode, RNG isolated;
     without a run folder (no logger, `fast_dev_run`) the curve is only kept in `curves`. The standard twin
     (`bottleneck=False`) is skipped: f does not read the concepts, so correcting them changes nothing. With
     `by_groups`, one step corrects a whole group of concepts (Koh et al.'s CUB curve: 28 groups of the 112 attributes)
@@ -154,7 +155,10 @@ class InterventionCallback(pl.Callback):
         if not getattr(model, "bottleneck", True):  # the standard twin: f reads the features, not the concepts
             return
         values = self.values or self.default_values(pl_module)
-        loader = trainer.datamodule.val_dataloader() if split == "val" else trainer.datamodule.test_dataloader()
+        # the whole split (under DDP the datamodule's loader holds rank zero's shard only: the curve depended on the
+        # process count); the other ranks wait at their next collective meanwhile
+        loader = whole_split_loader(trainer.datamodule.val_dataloader() if split == "val"
+                                    else trainer.datamodule.test_dataloader())
         if trainer.limit_val_batches == 0 or trainer.fast_dev_run:
             loader = [next(iter(loader))]  # a smoke run: one batch
         was_training = model.training

@@ -1,6 +1,7 @@
 """Callbacks every family shares: last.ckpt after every validation and at the end of fit, RNG state in checkpoints,
-the base of every picture callback (a fixed batch, rank zero, eval mode and no_grad, RNG isolated) and the one place
-that says where a run's pictures go (`run_folder`)."""
+the base of every picture callback (a fixed batch, rank zero, eval mode and no_grad, RNG isolated), the one place
+that says where a run's pictures go (`run_folder`) and the loader of a whole split that rank-zero reports read
+(`whole_split_loader`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.loggers.logger import DummyLogger
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.seed import isolate_rng
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
 
 from zoo.figures import log_figure, log_text, save_figure
 
@@ -92,7 +93,8 @@ class FixedBatchCallback(pl.Callback):
     a run resumed from last.ckpt (which draws that seed one epoch later) is not the run that never died.
 
     The fixed batch (`fixed_batch`) takes the first validation sample of each class, then the second, ... so the
-    pictures show every class (deterministic, and read under the same isolation).
+    pictures show every class (deterministic, and read under the same isolation). It is taken from the whole
+    validation split (`whole_split_loader`), so a run shows the same images with any number of processes.
 
     Subclasses set `num_items` and implement `draw(trainer, pl_module, batch)`; `collective(trainer, pl_module)`
     runs on every rank first (for metrics that synchronise) and its result is passed to `draw` as `shared`.
@@ -115,10 +117,12 @@ class FixedBatchCallback(pl.Callback):
         return shown.clamp(0, 1).cpu()
 
     def fixed_batch(self, trainer: pl.Trainer) -> Any:
-        """`num_items` validation samples covering every class, taken once and kept (see `covering_batch`)."""
+        """`num_items` validation samples covering every class, taken once and kept (see `covering_batch`), from
+        the whole split: under DDP the datamodule's validation loader holds this rank's shard only."""
         if self.batch is None:
             target_key = getattr(trainer.lightning_module, "target_key", "label")
-            self.batch = covering_batch(trainer.datamodule.val_dataloader(), target_key, self.num_items,
+            loader = whole_split_loader(trainer.datamodule.val_dataloader())
+            self.batch = covering_batch(loader, target_key, self.num_items,
                                         getattr(trainer.datamodule, "num_classes", None))
         return self.batch
 
@@ -168,6 +172,23 @@ def run_folder(trainer: pl.Trainer, name: str) -> Path | None:
     folder = Path(base or trainer.default_root_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def whole_split_loader(loader: DataLoader) -> DataLoader:
+    """`loader`'s whole dataset in order: a loader of the same batch size, collate function and workers over every
+    sample of `loader.dataset` with a `SequentialSampler`, where `loader` samples otherwise (under DDP the
+    datamodules' evaluation loaders give each rank its shard, `UnrepeatedDistributedSampler`); `loader` itself
+    where it already reads the dataset in order (one process). For what rank zero computes alone from a split (the
+    pictures' fixed batch, CBM's intervention curve): with its shard only, the result depended on the process
+    count. Builds a loader and nothing more (no collective), so rank zero may call it while the others wait."""
+    plain_batches = loader.batch_sampler is None or type(loader.batch_sampler) is BatchSampler
+    if (isinstance(loader.sampler, SequentialSampler) and plain_batches) or isinstance(loader.dataset,
+                                                                                       IterableDataset):
+        return loader  # in order already (or an iterable dataset, which has no sampler to replace)
+    batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 1
+    return DataLoader(loader.dataset, batch_size=batch_size, sampler=SequentialSampler(loader.dataset),
+                      collate_fn=loader.collate_fn, num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                      worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context)
 
 
 def covering_batch(loader: DataLoader, target_key: str, count: int, num_classes: int | None = None) -> Any:

@@ -36,6 +36,7 @@ from zoo.weights import CheckpointError, check_resume_keys, check_same_model, mo
 
 NONFINITE_POLICIES = ("raise", "skip")
 EVAL_STAGES = ("val", "test")
+SCHEDULE_EPOCH_KEY = "zoo_schedule_epoch"  # checkpoint entry: the epoch whose schedules the weights were trained under
 
 
 def format_terms(names: tuple[str, ...], values: torch.Tensor) -> str:
@@ -154,6 +155,7 @@ class ZooSystem(pl.LightningModule):
         self._unchecked: list[tuple[torch.Tensor, torch.Tensor, tuple[str, ...], str]] = []  # steps not yet read
         self._buffers_before: list[tuple[nn.Module, str, torch.Tensor]] = []  # nonfinite_loss="skip": copies
         self._deferred_checks: list[tuple[torch.Tensor, str]] = []  # `defer_check`: (device bool, message)
+        self._schedule_epoch: int | None = None  # the epoch whose schedules are in force (None: never entered)
 
     # ------------------------------------------------------------------------------------------- family hooks
     def build_model(self) -> nn.Module:
@@ -358,6 +360,8 @@ class ZooSystem(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_finite_losses()  # never write the state a non-finite step made
+        if self._schedule_epoch is not None:  # what `on_load_checkpoint` puts back (`enter_schedules`)
+            checkpoint[SCHEDULE_EPOCH_KEY] = self._schedule_epoch
 
     def defer_check(self, ok: torch.Tensor, message: str) -> None:
         """A condition on the batch's device values (`ok`, a bool tensor) that must not make a step wait for the
@@ -446,8 +450,22 @@ class ZooSystem(pl.LightningModule):
         elif self.hparams.get("freeze_backbone") and self.schedule.current.train is None:
             backbone_of(self.model).requires_grad_(True)  # unfrozen; a stage that names what it trains decides
         logged |= epoch_schedules({"model": self.model, "loss": self.loss}, self.current_epoch)
+        self._schedule_epoch = self.current_epoch
         self.train(self.training)  # frozen submodules back to eval mode
         return logged
+
+    def enter_schedules(self, epoch: int) -> None:
+        """The values of `epoch`'s schedules, without training anything: every `set_epoch` schedule (the loss's
+        weights: rule distillation's pi_t, ICNN's lambda) and the model settings of the epoch's stage. What a
+        checkpoint's weights were trained and validated under, put back when it is loaded (`on_load_checkpoint`):
+        `validate` / `test` / `predict` of a checkpoint run outside fit, where no epoch starts, so they used the
+        schedules' initial values (a distillation run's val/loss_distill 0.0 instead of the 0.093 fit logged).
+        Trainable parameters, frozen modules, the optimiser and the RNG are left alone (the `set_epoch`s only set
+        values); a fit resumed from the checkpoint enters its epoch as before (`enter_epoch`)."""
+        epoch_schedules({"model": self.model, "loss": self.loss}, epoch)
+        for key, value in self.schedule.stages[self.schedule.stage_at(epoch)].settings.items():
+            setattr(self.model, key, value)
+        self._schedule_epoch = epoch
 
     def train(self, mode: bool = True) -> "ZooSystem":
         super().train(mode)
@@ -522,7 +540,8 @@ class ZooSystem(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, naming the difference, a checkpoint of another model / class count / channel count (before
         Lightning's load_state_dict fails deep inside torch), then one of another System with the same model; then
-        drop the checkpoint's loss tensors the current loss does not hold (`_drop_foreign_loss_state`)."""
+        drop the checkpoint's loss tensors the current loss does not hold (`_drop_foreign_loss_state`) and put
+        back the schedules the weights were trained under (`enter_schedules` at `schedule_epoch(checkpoint)`)."""
         saved = checkpoint.get("hyper_parameters")
         if isinstance(saved, dict) and "model_name" in saved:
             check_same_model(model_spec(saved), {k: self.hparams.get(k) for k in ("model_name", "num_classes",
@@ -533,6 +552,9 @@ class ZooSystem(pl.LightningModule):
                                   f"{type(self).__name__} ({here}). Resume a run with its own config.")
         check_resume_keys(type(self), saved or {}, self.hparams, "the checkpoint")
         self._drop_foreign_loss_state(checkpoint)
+        epoch = schedule_epoch(checkpoint)
+        if epoch is not None:
+            self.enter_schedules(epoch)
 
     def _drop_foreign_loss_state(self, checkpoint: dict[str, Any]) -> None:
         """Remove from `checkpoint["state_dict"]` the "loss.*" tensors this System's loss does not hold, so that
@@ -547,3 +569,16 @@ class ZooSystem(pl.LightningModule):
         held = {f"loss.{key}" for key in self.loss.state_dict()}
         for key in [key for key in state if key.startswith("loss.") and key not in held]:
             del state[key]
+
+
+def schedule_epoch(checkpoint: dict[str, Any]) -> int | None:
+    """The epoch whose schedules a checkpoint's weights were trained under: the entry `ZooSystem` writes
+    (`SCHEDULE_EPOCH_KEY`), else, for a checkpoint written before it, the last epoch its fit started (Lightning's
+    `epoch` is one past it in a checkpoint written when fit ended); None where no epoch started."""
+    if SCHEDULE_EPOCH_KEY in checkpoint:
+        return int(checkpoint[SCHEDULE_EPOCH_KEY])
+    try:
+        started = int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["total"]["started"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return started - 1 if started > 0 else None
