@@ -137,3 +137,23 @@ def test_state_dicts_wrapped_under_model_or_ema_load(tmp_path: Path) -> None:
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}, "weights": [1, 2]}, tmp_path / "none.pth")
     with pytest.raises(CheckpointError, match=r"got dict with keys \['epoch', 'optimizer', 'weights'\]"):
         zoo.create_model("baseline_tinycnn", num_classes=3, pretrained_path=str(tmp_path / "none.pth"))
+
+
+def test_a_system_restored_at_another_image_size_names_it(tmp_path: Path) -> None:
+    """A checkpoint of an ICNN restored into one built for another image size (a `fit --ckpt_path` whose data gives
+    another size): the System's own check names the size, where torch said "size mismatch for
+    model.top_filters.log_mean_z". (`load_from_checkpoint(..., image_size=)` rewrites the checkpoint's own
+    hyper-parameters first, so there only torch's message is left.)"""
+    import pytorch_lightning as pl
+
+    from datamodules import PartsWorldDataModule
+    from zoo.icnn.system import ICNNSystem
+
+    system = ICNNSystem("icnn_tinycnn", num_classes=3, image_size=64)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(system)
+    trainer.save_checkpoint(tmp_path / "icnn.ckpt")
+    data = PartsWorldDataModule(num_classes=3, num_train=8, num_val=4, num_test=4, batch_size=4, image_size=32)
+    with pytest.raises(CheckpointError, match=r"\(image_size=64\); this run builds .* \(image_size=32\)"):
+        trainer.validate(ICNNSystem("icnn_tinycnn", num_classes=3, image_size=32), datamodule=data,
+                         ckpt_path=tmp_path / "icnn.ckpt", verbose=False)

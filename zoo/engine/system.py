@@ -545,7 +545,8 @@ class ZooSystem(pl.LightningModule):
         saved = checkpoint.get("hyper_parameters")
         if isinstance(saved, dict) and "model_name" in saved:
             check_same_model(model_spec(saved), {k: self.hparams.get(k) for k in ("model_name", "num_classes",
-                                                                                   "in_chans")}, "the checkpoint")
+                                                                                   "in_chans", "image_size")},
+                             "the checkpoint")
         held, here = (saved or {}).get("_class_path"), f"{type(self).__module__}.{type(self).__qualname__}"
         if held is not None and resolve_class(held) is not type(self):  # `--ckpt_path last` is not checked by the CLI
             raise CheckpointError(f"the checkpoint was written by {held.rsplit('.', 1)[-1]} ({held}); this run is "
