@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import zoo
-from zoo.registry import _model_factories
+from zoo.baselines.model import OpaqueClassifier
+from zoo.registry import _model_factories, _model_to_module
 
 NUM_CLASSES = 5
 # Models without an image backbone, with an example input each: checked by `test_small_model_contract`.
@@ -165,3 +169,46 @@ def test_a_setting_of_the_wrong_plain_type_is_refused(name: str, key: str, value
         zoo.create_model(name, **{key: value})
     zoo.create_model("icnn_tinycnn", tau_scale=16)  # an int for a float is fine
     zoo.create_model("icnn_tinycnn", num_classes=np.int64(3), tau_scale=np.float32(8))  # and NumPy's numbers
+
+
+@pytest.fixture
+def readme_style_factories() -> Iterator[tuple[str, str]]:
+    """Two factories of the same model registered for the test (and unregistered after): one written as README's
+    guide first showed it (`def f(**kwargs):`, no return annotation), one annotated with the class it builds."""
+    def x_readme_style(**kwargs):  # unannotated on purpose
+        """A factory as the guide wrote it."""
+        return OpaqueClassifier(backbone="tinycnn", **kwargs)
+
+    def x_annotated_style(**kwargs: Any) -> OpaqueClassifier:
+        """The same factory, annotated."""
+        return OpaqueClassifier(backbone="tinycnn", **kwargs)
+
+    names = (x_readme_style.__name__, x_annotated_style.__name__)
+    zoo.register_model(x_readme_style)
+    zoo.register_model(x_annotated_style)
+    try:
+        yield names
+    finally:
+        for name in names:
+            _model_factories.pop(name, None)
+            _model_to_module.pop(name, None)
+
+
+def test_a_factory_without_a_return_annotation_checks_argument_types_alike(
+        readme_style_factories: tuple[str, str]) -> None:
+    """The type check found the model class through the factory's return annotation only: a factory written as the
+    guide showed (no annotation) built a frozen backbone from `freeze_backbone="false"`, silently. Both factories
+    now refuse it with the same message; a wrong type the model's constructor itself trips on (`drop_rate="0.5"`)
+    is named too, not torch's comparison error; and both take the same arguments (what compare passes a twin)."""
+    for name in readme_style_factories:
+        with pytest.raises(ValueError, match=r"freeze_backbone must be bool; got 'false' \(str\)"):
+            zoo.create_model(name, num_classes=3, freeze_backbone="false")
+        with pytest.raises(ValueError, match=r"drop_rate must be float; got '0.5' \(str\)"):
+            zoo.create_model(name, num_classes=3, drop_rate="0.5")
+        model = zoo.create_model(name, num_classes=3, freeze_backbone=False, drop_rate=0)
+        assert all(p.requires_grad for p in model.backbone.parameters())
+    from zoo.registry import model_arguments
+
+    unannotated, annotated = readme_style_factories
+    assert {"freeze_backbone", "drop_rate", "pretrained_path"} <= set(model_arguments(unannotated))
+    assert set(model_arguments(unannotated)) == set(model_arguments(annotated))

@@ -107,18 +107,23 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         value = kwargs.get(key)
         if value is not None and not positive_int(value):
             raise ValueError(f"{name}: {key} must be a positive integer; got {value!r}.")
-    check_argument_types(name, factory, kwargs)
+    annotated = annotated_model_class(factory)
+    check_argument_types(name, factory, kwargs, annotated)
     try:
         model = factory(**{k: v for k, v in kwargs.items() if v is not None})
-    except TypeError as error:
+    except Exception as error:
+        if annotated is None:  # a value of the wrong type may be what failed: name it, as for an annotated factory
+            check_argument_types(name, factory, kwargs, default_model_class(name))
         unknown = re.search(r"(\w+)(?:\.__init__)?\(\) got an unexpected keyword argument '(\w+)'", str(error))
-        if unknown is None:
+        if not isinstance(error, TypeError) or unknown is None:
             raise
         accepted = _init_arguments(unknown.group(1), factory)
         close = close_names(unknown.group(2), accepted, n=1, cutoff=0.6)
         hint = f" Did you mean {close[0]!r}?" if close else f" It takes: {', '.join(accepted)}."
         # from None: the CLI reports an error's root cause, which would otherwise be the TypeError without the hint
         raise ValueError(f"{name}: unknown argument {unknown.group(2)!r} (model_kwargs).{hint}") from None
+    if annotated is None:  # a factory without a (resolvable) return annotation: its model's class is known now
+        check_argument_types(name, factory, kwargs, type(model))
     log_load_reports(model)  # what a pretrained_path gave: loaded / skipped / new tensors
     return model
 
@@ -150,13 +155,50 @@ def _fits(value: Any, allowed: tuple[type, ...]) -> bool:
     return any(isinstance(value, kinds[t]) for t in allowed if t is not bool)
 
 
-def check_argument_types(name: str, factory: Callable[..., nn.Module], kwargs: dict[str, Any]) -> None:
+def annotated_model_class(factory: Callable[..., nn.Module]) -> type | None:
+    """The class `factory`'s return annotation names (resolved, so a string annotation under `from __future__ import
+    annotations` counts), None where it has none or it does not resolve to a class."""
+    built = _type_hints(factory).get("return")
+    return built if inspect.isclass(built) else None
+
+
+_default_model_classes: dict[str, type | None] = {}  # unannotated factories: the class built with their defaults
+
+
+def default_model_class(name: str) -> type | None:
+    """The class `name`'s factory builds: its return annotation, else (a factory written `def f(**kwargs):`, as a
+    new family may) the class of the model it builds with its defaults, built once and kept; None where that build
+    fails (a factory that needs arguments)."""
+    factory = model_factory(name)
+    built = annotated_model_class(factory)
+    if built is None:
+        if name not in _default_model_classes:
+            try:
+                _default_model_classes[name] = type(factory())
+            except Exception:  # noqa: BLE001 - a factory that needs arguments (data sizes): its class stays unknown
+                _default_model_classes[name] = None
+        built = _default_model_classes[name]
+    return built
+
+
+def model_arguments(name: str) -> list[str]:
+    """The keyword arguments `name` takes: its factory's and those of the class it builds (`default_model_class`),
+    annotated or not. What `compare` passes a twin of the family's `model_kwargs` (`{shared_model_kwargs}`)."""
+    factory, built = model_factory(name), default_model_class(name)
+    names = keyword_arguments(factory)
+    return list(dict.fromkeys(names + keyword_arguments(built))) if built is not None else names
+
+
+def check_argument_types(name: str, factory: Callable[..., nn.Module], kwargs: dict[str, Any],
+                         built: type | None = None) -> None:
     """Refuse a keyword argument whose value is not of the plain type (bool, int, float, str) its factory or model
     class annotates: from a config or an ablation grid, `masks: maybe` is a truthy string, and the model would be
-    built with masks on, silently (an int passes for a float)."""
+    built with masks on, silently (an int passes for a float). The model class is `built` where given, else the
+    factory's return annotation; `create_model` checks a factory without one again against the class it built (a
+    factory written `def f(**kwargs):` had no check at all: `freeze_backbone="false"` froze the backbone)."""
     hints = _type_hints(factory)
-    built = hints.get("return")
-    if inspect.isclass(built):
+    built = built if built is not None else annotated_model_class(factory)
+    if built is not None:
         hints = {**_type_hints(built.__init__), **hints}
     for key, value in kwargs.items():
         allowed = _plain_types(hints.get(key))

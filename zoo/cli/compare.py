@@ -124,12 +124,9 @@ def shared_model_kwargs(model_name: str, model_kwargs: dict[str, Any]) -> dict[s
     """The entries of the family's `model_kwargs` that the twin's model `model_name` takes (its factory's and its
     class's keyword arguments): the backbone and how it starts (pretrained_path, drop_rate, freeze_backbone) stay
     the same; the family's own settings (ICNN's tau_scale) are left out."""
-    import inspect
+    from zoo.registry import model_arguments
 
-    from zoo.registry import _init_arguments, model_factory
-
-    factory = model_factory(model_name)
-    taken = set(_init_arguments(str(inspect.signature(factory).return_annotation), factory))
+    taken = set(model_arguments(model_name))  # annotated or not, as `create_model` checks them
     return {key: value for key, value in model_kwargs.items() if key in taken}
 
 

@@ -98,6 +98,9 @@ class FixedBatchCallback(pl.Callback):
 
     Subclasses set `num_items` and implement `draw(trainer, pl_module, batch)`; `collective(trainer, pl_module)`
     runs on every rank first (for metrics that synchronise) and its result is passed to `draw` as `shared`.
+    A KeyError raised in either (a key the run's model output or batch lacks: a family's callback in a twin) is
+    re-raised as a RuntimeError naming the callback, the run, its System and model, and the remedy
+    (`missing_key_error`).
     """
 
     num_items: int = 8
@@ -136,16 +139,38 @@ class FixedBatchCallback(pl.Callback):
         if trainer.sanity_checking:
             return
         with isolate_rng():
-            shared = self.collective(trainer, pl_module)
-            if not trainer.is_global_zero:
-                return
-            was_training = pl_module.training
-            pl_module.eval()
             try:
-                with torch.no_grad():
-                    self.draw(trainer, pl_module, shared)
-            finally:
-                pl_module.train(was_training)
+                shared = self.collective(trainer, pl_module)
+                if not trainer.is_global_zero:
+                    return
+                was_training = pl_module.training
+                pl_module.eval()
+                try:
+                    with torch.no_grad():
+                        self.draw(trainer, pl_module, shared)
+                finally:
+                    pl_module.train(was_training)
+            except KeyError as error:
+                raise self.missing_key_error(trainer, pl_module, error) from error
+
+    def missing_key_error(self, trainer: pl.Trainer, pl_module: pl.LightningModule, error: KeyError) -> RuntimeError:
+        """What a KeyError raised while drawing means, said with the callback, the run, its System and model: most
+        often a family's callback, from the config's `trainer.callbacks`, ran in a twin that `compare` trains with
+        the same config (a plain classifier's output has none of the family's keys); a bare `KeyError: 'attention'`
+        named neither the callback nor the run, after the runs before it had trained."""
+        key = error.args[0] if error.args else "?"
+        run = getattr(getattr(trainer, "logger", None), "name", None)  # the logger's own name: no broadcast
+        hparams = getattr(pl_module, "hparams", None)
+        model_name = hparams.get("model_name") if isinstance(hparams, dict) else None
+        model = getattr(pl_module, "model", None)
+        built = f"model {model_name} ({type(model).__name__})" if model_name else f"model {type(model).__name__}"
+        return RuntimeError(
+            f"{type(self).__name__} (a picture callback, from trainer.callbacks) read key {key!r}, which "
+            f"{type(pl_module).__name__} with {built}{f' in run {run!r}' if run else ''} does not give (its output "
+            f"or its batch lacks it). A config's callbacks also run in every twin compare trains from it, whose "
+            f"model gives other keys: make {type(self).__name__} skip outputs without its keys (`if {key!r} not in "
+            f"out: return`, as zoo/l2x/callback.py and zoo/icnn/callback.py choose what to draw by the keys there), "
+            f"or give the twin '--trainer.callbacks=null' in its System's TWINS args.")
 
     def publish(self, trainer: pl.Trainer, name: str, figure: Any, markdown: str, figure_tag: str) -> None:
         """The epoch's picture and its table, in the run folder (``<name>/epoch<e>.png`` and ``.md``) and in
