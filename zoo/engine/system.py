@@ -455,16 +455,15 @@ class ZooSystem(pl.LightningModule):
         return logged
 
     def enter_schedules(self, epoch: int) -> None:
-        """The values of `epoch`'s schedules, without training anything: every `set_epoch` schedule (the loss's
-        weights: rule distillation's pi_t, ICNN's lambda) and the model settings of the epoch's stage. What a
-        checkpoint's weights were trained and validated under, put back when it is loaded (`on_load_checkpoint`):
-        `validate` / `test` / `predict` of a checkpoint run outside fit, where no epoch starts, so they used the
-        schedules' initial values (a distillation run's val/loss_distill 0.0 instead of the 0.093 fit logged).
-        Trainable parameters, frozen modules, the optimiser and the RNG are left alone (the `set_epoch`s only set
-        values); a fit resumed from the checkpoint enters its epoch as before (`enter_epoch`)."""
+        """The values of `epoch`'s `set_epoch` schedules (the loss's weights: rule distillation's pi_t, ICNN's
+        lambda), without training anything. What a checkpoint's weights were trained and validated under, put back
+        when it is loaded (`on_load_checkpoint`): `validate` / `test` / `predict` of a checkpoint run outside fit,
+        where no epoch starts, so they used the schedules' initial values (a distillation run's val/loss_distill 0.0
+        instead of the 0.093 fit logged). Trainable parameters, frozen modules, the optimiser and the RNG are left
+        alone (the `set_epoch`s only set values); so are a stage's model settings, which a model that reads them
+        keeps in its own state (AOG's OR mode), alike for every load path (`zoo.load_checkpoint`, exports); a fit
+        resumed from the checkpoint enters its epoch as before (`enter_epoch`)."""
         epoch_schedules({"model": self.model, "loss": self.loss}, epoch)
-        for key, value in self.schedule.stages[self.schedule.stage_at(epoch)].settings.items():
-            setattr(self.model, key, value)
         self._schedule_epoch = epoch
 
     def train(self, mode: bool = True) -> "ZooSystem":
@@ -541,7 +540,7 @@ class ZooSystem(pl.LightningModule):
         """Refuse, naming the difference, a checkpoint of another model / class count / channel count (before
         Lightning's load_state_dict fails deep inside torch), then one of another System with the same model; then
         drop the checkpoint's loss tensors the current loss does not hold (`_drop_foreign_loss_state`) and put
-        back the schedules the weights were trained under (`enter_schedules` at `schedule_epoch(checkpoint)`)."""
+        back the loss schedules the weights were trained under (`enter_schedules` at `schedule_epoch(checkpoint)`)."""
         saved = checkpoint.get("hyper_parameters")
         if isinstance(saved, dict) and "model_name" in saved:
             check_same_model(model_spec(saved), {k: self.hparams.get(k) for k in ("model_name", "num_classes",
