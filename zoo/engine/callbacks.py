@@ -30,16 +30,28 @@ class LatestCheckpoint(ModelCheckpoint):
     mid-epoch, early stop): last.ckpt always holds the final weights. The end-of-fit save is the same save (same
     contents, written atomically by `trainer.save_checkpoint`); nothing is written when fit stops on an exception
     or is killed, so such a run resumes from its last validation as before. A validation inside a
-    gradient-accumulation window leaves last.ckpt as it was (the window's gradients are not in a checkpoint)."""
+    gradient-accumulation window (`accumulate_grad_batches` with a `val_check_interval` that is not a multiple of it)
+    defers its save to the epoch's end, Lightning's own end-of-epoch save point, where the last batch has stepped:
+    the window's gradients are not in a checkpoint, so a run resumed from one written mid-window stepped without them.
+    """
 
     def __init__(self, dirpath: str | None = None) -> None:
         super().__init__(dirpath=dirpath, filename=self.CHECKPOINT_NAME_LAST, monitor=None, save_top_k=1,
                          enable_version_counter=False)
+        self._deferred = False  # a validation inside an accumulation window asked for a save
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if inside_accumulation_window(trainer):  # a resume would lose the window's gradients: the next save holds
+        self._deferred = inside_accumulation_window(trainer)
+        if not self._deferred:
+            super().on_validation_end(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._deferred and not self._should_save_on_train_epoch_end(trainer):
+            self._deferred = False
+            if not self._should_skip_saving_checkpoint(trainer):
+                self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
             return
-        super().on_validation_end(trainer, pl_module)
+        super().on_train_epoch_end(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):  # skips fast_dev_run and a step already saved
