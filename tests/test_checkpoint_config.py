@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import zoo
 from tests.conftest import REPO
@@ -62,6 +63,15 @@ def test_predict_with_other_normalisation_or_image_size_than_training_is_refused
     error = refused(capsys, ["validate", "--config", str(run / "config.yaml"), f"--ckpt_path={run / 'bare.ckpt'}",
                              "--data.init_args.image_size=64"])
     assert "(image_size=48)" in error and "(image_size=64)" in error and "size mismatch" not in error, error
+
+    # compare's `checkpoint:` runs are checked alike, before any run trains
+    spec = in_tmp_dir / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"compare": {"name": "cmp", "args": [*TINY_WORLD, *ONE_STEP], "runs": {
+        "trained": {"config": str(REPO / "configs/icnn/parts_world.yaml"), "checkpoint": ckpt.split("=", 1)[1]},
+        "plain": {"config": str(REPO / "configs/baselines/parts_world.yaml")}}}}))
+    error = refused(capsys, ["compare", "--config", str(spec), "--no_explain"])
+    assert "mean=[0.5, 0.4, 0.3]" in error and "mean=None" in error, error
+    assert not (in_tmp_dir / "checkpoints" / "cmp").exists()
 
     main(["predict", "--config", str(run / "config.yaml"), ckpt])
     assert (run / "predictions" / "predictions.csv").is_file()

@@ -398,6 +398,8 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
                 clis[run_name] = ZooCLI(args=_fit_args(run_name, run, Path(spec_path), common, [*extra, logged]),
                                         run=False)
             random_states[run_name] = _collect_rng_states()  # where `train.py fit` starts its fit
+            if run.get("checkpoint"):  # data that feeds its model other inputs than it learnt from: refused now
+                clis[run_name].check_data_fits_checkpoint(str(run["checkpoint"]))
         check_same_setting({run_name: cli.config for run_name, cli in clis.items()})  # before any training starts
         runs = drop_twins_equal_to_the_model(runs, clis)
     folder = Path("checkpoints") / name
