@@ -71,31 +71,25 @@ def old_layout(path: Path, extra: dict[str, torch.Tensor]) -> Path:
     return old
 
 
-@pytest.mark.parametrize("old", [False, True], ids=["current", "old_layout"])
-def test_renn_rule_series_checkpoint_loads_with_load_from_checkpoint(in_tmp_dir: Path, old: bool) -> None:
-    from zoo.renn.system import ReNNSystem
-
-    cli = ZooCLI(args=["--config", str(REPO / "configs/renn/rule_series.yaml"), *SMALL], run=False)
-    saved, path = written_checkpoint(cli, in_tmp_dir / "renn.ckpt")
-    if old:
-        path = old_layout(path, {"loss.pos_weight": torch.tensor(10.0)})
-    loaded = ReNNSystem.load_from_checkpoint(path)
-    assert same_state(saved, loaded)
-    assert_same_outputs(cli, saved, loaded)
+# (config, extra args, the loss constants a checkpoint held before they became non-persistent buffers)
+RENN_LOSS_CASES = {
+    "rule_series": ("renn/rule_series.yaml", [], {"loss.pos_weight": torch.tensor(10.0)}),
+    # the semantic-loss config with its constraint given as assignments (the loss then holds them as a buffer)
+    "semantic": ("renn/parts_world_semantic.yaml", [EXACTLY_ONE_ROWS], {"loss.assignments": torch.eye(6)}),
+}
 
 
 @pytest.mark.parametrize("old", [False, True], ids=["current", "old_layout"])
-def test_semantic_loss_checkpoint_loads_with_load_from_checkpoint(in_tmp_dir: Path, old: bool) -> None:
-    """The semantic-loss config with its constraint given as assignments (the loss then holds them as a buffer)."""
-    from zoo.renn.system import RuleLossSystem
-
-    cli = ZooCLI(args=["--config", str(REPO / "configs/renn/parts_world_semantic.yaml"), EXACTLY_ONE_ROWS, *SMALL],
-                 run=False)
-    assert cli.model.loss.assignments.shape == (6, 6)
-    saved, path = written_checkpoint(cli, in_tmp_dir / "semantic.ckpt")
+@pytest.mark.parametrize("case", list(RENN_LOSS_CASES))
+def test_renn_checkpoints_load_with_load_from_checkpoint(in_tmp_dir: Path, case: str, old: bool) -> None:
+    config, extra, constants = RENN_LOSS_CASES[case]
+    cli = ZooCLI(args=["--config", str(REPO / "configs" / config), *extra, *SMALL], run=False)
+    buffers = {f"loss.{name}": buffer for name, buffer in cli.model.loss.named_buffers()}
+    assert all(buffers[key].shape == value.shape for key, value in constants.items())  # held, as a buffer
+    saved, path = written_checkpoint(cli, in_tmp_dir / f"{case}.ckpt")
     if old:
-        path = old_layout(path, {"loss.assignments": torch.eye(6)})
-    loaded = RuleLossSystem.load_from_checkpoint(path)
+        path = old_layout(path, constants)
+    loaded = type(saved).load_from_checkpoint(path)
     assert same_state(saved, loaded)
     assert_same_outputs(cli, saved, loaded)
 
