@@ -15,7 +15,8 @@ import yaml
 import zoo
 from tests.conftest import REPO
 from train import command_line, main
-from zoo.weights import CheckpointError, check_same_model
+from zoo.registry import check_same_model
+from zoo.weights import CheckpointError
 
 TINY_WORLD = ["--data.init_args.num_train=16", "--data.init_args.num_val=8", "--data.init_args.num_test=8",
               "--data.init_args.batch_size=8"]

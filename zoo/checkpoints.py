@@ -14,9 +14,8 @@ import torch
 import torch.nn as nn
 
 from zoo.checks import close_names
-from zoo.registry import create_model_for_data
-from zoo.weights import CheckpointError, check_same_model, checkpoint_replaces_weights, model_spec, read_checkpoint
-
+from zoo.registry import check_same_model, create_model_for_data
+from zoo.weights import CheckpointError, checkpoint_replaces_weights, model_spec, read_checkpoint
 
 EXPECTABLE = ("model_name", "num_classes", "in_chans")  # what `load_checkpoint` can check against a checkpoint
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from zoo.checks import close_names, keyword_arguments, positive_int
+from zoo.weights import check_same_model as _check_same_model
 from zoo.weights import log_load_reports
 
 _model_factories: dict[str, Callable[..., nn.Module]] = {}
@@ -215,3 +216,11 @@ def create_model_for_data(name: str, num_classes: int, in_chans: int | None, ima
     if image_size is not None and needs_image_size(name):  # e.g. ICNN's template bank is sized for its top map
         kwargs["image_size"] = image_size
     return create_model(name, **{"num_classes": num_classes, **kwargs, **(model_kwargs or {})})
+
+
+def check_same_model(checkpoint_spec: dict[str, Any], wanted: dict[str, Any], source: str) -> None:
+    """`zoo.weights.check_same_model` told whether the checkpoint's model is built for one input size
+    (`needs_image_size`), so that another `image_size` is named, not left to torch's "size mismatch"."""
+    name = checkpoint_spec.get("model_name")
+    sized = isinstance(name, str) and is_model(name) and needs_image_size(name)
+    _check_same_model(checkpoint_spec, wanted, source, sized_by_image=sized)

@@ -1,8 +1,8 @@
 """Reading weights and checkpoints: safetensors or `torch.load(weights_only=True)`, wrapper prefixes
 and key maps, and one error type (`CheckpointError`) that names the file and the keys.
 
-Nothing here imports Lightning or the registry (the registry imports this module; `check_same_model` asks it, when
-called, which models are sized by their input): a trained model built from a checkpoint is `zoo.checkpoints`'s job.
+Nothing here imports Lightning or the registry (the registry imports this module, and tells `check_same_model`
+which models are sized by their input): a trained model built from a checkpoint is `zoo.checkpoints`'s job.
 """
 
 from __future__ import annotations
@@ -303,14 +303,6 @@ def describe(spec: dict[str, Any]) -> str:
     return f"{spec['model_name']} with {spec.get('num_classes')} classes"
 
 
-def sized_by_image(model_name: Any) -> bool:
-    """Whether the registered model `model_name` is built for one input size (its `image_size`: ICNN's templates,
-    sized for its top map); False for a name the registry does not know (asked when called: it imports this module)."""
-    from zoo.registry import is_model, needs_image_size
-
-    return isinstance(model_name, str) and is_model(model_name) and needs_image_size(model_name)
-
-
 def _same_size(a: Any, b: Any) -> bool:
     """Two image sizes equal, however written: 64, [64, 64] and (64, 64) are one size."""
     def pair(size: Any) -> Any:
@@ -326,10 +318,12 @@ MISMATCH_HINTS = {
 }
 
 
-def check_same_model(checkpoint_spec: dict[str, Any], wanted: dict[str, Any], source: str) -> None:
+def check_same_model(checkpoint_spec: dict[str, Any], wanted: dict[str, Any], source: str,
+                     sized_by_image: bool = False) -> None:
     """Raise naming the difference when a checkpoint holds another model, class count or channel count than the one
-    asked for, or, for a model sized by its input (`sized_by_image`), another `image_size` (where `wanted` says)."""
-    sized = sized_by_image(checkpoint_spec.get("model_name")) and checkpoint_spec.get("image_size") is not None
+    asked for, or, for a model sized by its input (`sized_by_image`: ICNN's templates, sized for its top map; the
+    registry's `check_same_model` says which), another `image_size` (where `wanted` says)."""
+    sized = sized_by_image and checkpoint_spec.get("image_size") is not None
     for key in ("model_name", "num_classes", "in_chans") + (("image_size",) if sized else ()):
         held, asked = checkpoint_spec.get(key), wanted.get(key)
         if asked is not None and not (_same_size(held, asked) if key == "image_size" else held == asked):

@@ -294,13 +294,8 @@ class ZooCLI(LightningCLI):
         size, ...; `mean: pretrained` resolved with the model's backbone, as in training), the class names in
         class-id order, and the image size a model is built for (ICNN). Without a saved datamodule (a model trained
         from Python without one) only the model's are compared."""
-        from zoo.weights import (
-            check_class_names,
-            check_data_fits_checkpoint,
-            check_same_model,
-            model_spec,
-            read_checkpoint,
-        )
+        from zoo.registry import check_same_model
+        from zoo.weights import check_class_names, check_data_fits_checkpoint, model_spec, read_checkpoint
 
         held = self.checkpoint_hparams if self.checkpoint_hparams is not None else saved_hparams(read_checkpoint(path))
         saved, data = held["hyper_parameters"], held["datamodule_hyper_parameters"]

@@ -31,8 +31,8 @@ from zoo.checks import batch_field, check_class_ids, check_on_host
 from zoo.distributed import end_spawned_process_group
 from zoo.engine.auxiliary import Auxiliary, auxiliaries_pending, prepare_auxiliaries
 from zoo.engine.stages import Schedule, epoch_schedules
-from zoo.registry import create_model_for_data
-from zoo.weights import CheckpointError, check_resume_keys, check_same_model, model_spec, resolve_class
+from zoo.registry import check_same_model, create_model_for_data
+from zoo.weights import CheckpointError, check_resume_keys, model_spec, resolve_class
 
 NONFINITE_POLICIES = ("raise", "skip")
 EVAL_STAGES = ("val", "test")
