@@ -16,6 +16,7 @@ from datamodules import PartsWorldDataModule
 from tests.test_ddp import two_process_trainer
 from zoo.baselines.system import ClassifierSystem
 from zoo.cli.predict import CSV_NAME, PredictionWriter
+from zoo.distributed import end_spawned_process_group
 
 
 def read_rows(folder: Path) -> list[dict[str, str]]:
@@ -53,6 +54,9 @@ class RowsPerSample(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(1, 1)  # DDP wraps a module with parameters only
+
+    def teardown(self, stage: str) -> None:  # as ZooSystem's: a spawned rank ends its gloo group (else SIGABRT)
+        end_spawned_process_group(self.trainer)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         index = batch["index"]  # (B,)
