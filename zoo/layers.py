@@ -8,12 +8,16 @@ torch's LSTM forward unchanged.
 
 `cached_constant`: a builder of constant tensors (kernels, masks, index tables) cached per argument, built outside
 inference mode.
+
+`in_weights_dtype`: a head that must not run in autocast's bf16 (CBM's concept layer, ProtoPNet's add-on) reads its
+input in its weights' dtype, autocast off.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -35,6 +39,18 @@ def cached_constant(build: Callable[..., Built]) -> Callable[..., Built]:
             return build(*args)
 
     return cached
+
+
+@contextmanager
+def in_weights_dtype(module: nn.Module, x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """`x` in `module`'s weights' dtype, with autocast off inside the block: float32 under bf16 autocast (the weights
+    stay float32), bf16 for a model whose weights are themselves bf16 (`model.bfloat16()`, Lightning's "bf16-true");
+    a module without weights reads `x` promoted to float32 at least. For a head whose outputs must keep float32's
+    resolution under autocast (concept logits ranked by AUROC, prototype distances that push makes exact)."""
+    weight = next(module.parameters(), None)
+    dtype = torch.promote_types(x.dtype, torch.float32) if weight is None else weight.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        yield x.to(dtype)
 
 
 @functools.cache

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from zoo.backbones import TINY_CNN, Backbone
 from zoo.checks import check_new_head
+from zoo.layers import in_weights_dtype
 from zoo.registry import register_model
 
 PARTS_WORLD_CONCEPTS = 36  # the parts world's part types (6 shapes x 6 colours): its `attributes`
@@ -97,12 +98,11 @@ class ConceptBottleneckModel(nn.Module):
 
     def encode_features(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         """`encode` from the backbone's top map (B, F, h, w). The pooling and the concept head run in the head's
-        weights' dtype with autocast off (float32 under bf16 autocast; bf16 for a `model.bfloat16()` model), as
-        ProtoPNet's add-on layers: bf16 concept logits kept 8 bits, so 500 images gave 494 distinct logits (of
-        ~18,000) and the concept AUROC ranked mostly ties. The backbone's features alone are bf16."""
-        weight = next(self.concept_head.parameters())
-        with torch.autocast(features.device.type, enabled=False):
-            pooled = features.to(weight.dtype).mean(dim=(2, 3))  # (B, F)
+        weights' dtype with autocast off (`in_weights_dtype`: float32 under bf16 autocast; bf16 for a
+        `model.bfloat16()` model), as ProtoPNet's add-on layers: bf16 concept logits kept 8 bits, so 500 images
+        gave 494 distinct logits (of ~18,000) and the concept AUROC ranked mostly ties. The backbone's features alone are bf16."""
+        with in_weights_dtype(self.concept_head, features) as cast:
+            pooled = cast.mean(dim=(2, 3))  # (B, F)
             encoded = {"features": features, "pooled": pooled}
             if not self.bottleneck:
                 encoded["concept_logits"] = self.concept_head(pooled.detach())  # a probe: trains nothing below it

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from zoo.backbones import TINY_CNN, Backbone, cells_to_pixels, model_map_geometry
 from zoo.checks import check_new_head
+from zoo.layers import in_weights_dtype
 from zoo.registry import register_model
 
 EPSILON = 1e-4  # the paper's epsilon in log((d + 1) / (d + eps))
@@ -134,10 +135,8 @@ class ProtoPNet(nn.Module):
         every prototype about 4e-5 (median squared distance) away from its own source patch. Two 1x1 convs on the
         top map: the backbone's features alone are bf16. A model whose weights are themselves bf16 (`model.bfloat16()`,
         Lightning's "bf16-true") runs them in its weights' dtype."""
-        weight = next(self.add_on.parameters(), None)
-        with torch.autocast(features.device.type, enabled=False):  # in the weights' dtype: float32 under autocast
-            return self.add_on(features.to(torch.promote_types(features.dtype, torch.float32) if weight is None
-                                           else weight.dtype))
+        with in_weights_dtype(self.add_on, features) as cast:  # in the weights' dtype: float32 under autocast
+            return self.add_on(cast)
 
     @property
     def num_units(self) -> int:
