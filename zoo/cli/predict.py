@@ -36,6 +36,7 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.utilities import rank_zero_warn
 
+from zoo.distributed import is_distributed
 from zoo.engine.callbacks import run_folder
 
 CSV_NAME = "predictions.csv"
@@ -90,7 +91,7 @@ class PredictionWriter(BasePredictionWriter):
         sample_names = getattr(trainer.datamodule, "sample_names", None)
         self.names = sample_names(PREDICT_SPLIT) if sample_names is not None else None
         self.quota = self.max_pictures
-        if _distributed():  # one folder for every rank (a logger's version may differ off rank zero), made first
+        if is_distributed():  # one folder for every rank (a logger's version may differ off rank zero), made first
             world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
             self.quota = self.max_pictures // world + int(rank < self.max_pictures % world)
             folder = [self.out_dir(trainer) if rank == 0 else None]
@@ -178,7 +179,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         rows, pictures = self.rows, self.pictures
-        if _distributed():
+        if is_distributed():
             rows, pictures = self._gathered()
         if not trainer.is_global_zero:
             return
@@ -212,12 +213,6 @@ class PredictionWriter(BasePredictionWriter):
         kept = [row for rank, (rows, _, _) in enumerate(shares) for row in rows if owner[row["index"]] == rank]
         kept.sort(key=lambda row: row["index"])  # stable: a sample's rows stay in their order
         return kept, len({i for _, drawn, _ in shares for i in drawn})
-
-
-def _distributed() -> bool:
-    """Whether predict runs in several processes (torch.distributed initialised, world size > 1)."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
 
 
 def _cell(value: Any) -> Any:
