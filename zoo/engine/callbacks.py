@@ -181,7 +181,7 @@ class FixedBatchCallback(pl.Callback):
             f"{type(pl_module).__name__} with {built}{f' in run {run!r}' if run else ''} does not give (its output "
             f"or its batch lacks it). A config's callbacks also run in every twin compare trains from it, whose "
             f"model gives other keys: make {type(self).__name__} skip outputs without its keys (`if {key!r} not in "
-            f"out: return`, as zoo/l2x/callback.py and zoo/icnn/callback.py choose what to draw by the keys there), "
+            f"out: return`, as the families' own picture callbacks choose what to draw by the keys there), "
             f"or give the twin '--trainer.callbacks=null' in its System's TWINS args.")
 
     def publish(self, trainer: pl.Trainer, name: str, figure: Any, markdown: str, figure_tag: str) -> None:
