@@ -1,7 +1,7 @@
-"""A checkpoint evaluated or used for predictions with data that feeds its model other inputs than it was trained on
-(another normalisation, image size, class names or class order) is refused, naming the setting and both values,
-instead of silently writing wrong predictions; state dicts wrapped as torchvision's reference scripts, DeiT and MAE
-save them ({"model": ...}) load."""
+"""A checkpoint evaluated, used for predictions or resumed with data that feeds its model other inputs than it was
+trained on (another normalisation, image size, class names or class order) is refused, naming the setting and both
+values, instead of silently writing wrong predictions; state dicts wrapped as torchvision's reference scripts, DeiT and
+MAE save them ({"model": ...}) load."""
 
 from __future__ import annotations
 
@@ -56,6 +56,14 @@ def test_predict_with_other_normalisation_or_image_size_than_training_is_refused
 
     error = refused(capsys, ["predict", "--config", str(run / "config.yaml"), ckpt, "--data.init_args.image_size=64"])
     assert "image_size=48" in error and "image_size=64" in error and "size mismatch" not in error, error
+
+    # a resumed fit alike (it went on learning from unnormalised images), also through `--ckpt_path last`
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    for given in (ckpt, "--ckpt_path=last"):
+        error = refused(capsys, ["fit", "--config", str(run / "config.yaml"), given, "--trainer.max_epochs=2",
+                                 "--data.init_args.mean=null", "--data.init_args.std=null"])
+        assert "mean=[0.5, 0.4, 0.3]" in error and "mean=None" in error, error
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
 
     # a checkpoint without its datamodule's settings (trained from Python): the model's own image size is compared
     bare = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)

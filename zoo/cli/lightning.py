@@ -281,19 +281,19 @@ class ZooCLI(LightningCLI):
             if not self.restores_checkpoint:
                 _set_rng_states(random_state)
                 self._instantiate(nullcontext())
-        if self.subcommand in ("validate", "test", "predict") and self.checkpoint_file is not None:
-            with configuration_phase():
+        if self.subcommand in ("fit", "validate", "test", "predict") and self.checkpoint_file is not None:
+            with configuration_phase():  # fit: a resumed run would go on learning from other inputs
                 self.check_data_fits_checkpoint(self.checkpoint_file)
         warn_unnormalised_pretrained(self.model, self.datamodule)
 
     def check_data_fits_checkpoint(self, path: str) -> None:
-        """validate / test / predict of checkpoint `path` with data that gives its model other inputs than it was
-        trained on are refused, naming the setting and both values (Lightning copies the checkpoint's model
-        hyperparameters over the config, but the data's, and the class names and image size the CLI links from the
-        data, are this run's): an `INPUT_SETTINGS` value of the checkpoint's saved datamodule (normalisation, image
-        size, ...; `mean: pretrained` resolved with the model's backbone, as in training), the class names in
-        class-id order, and the image size a model is built for (ICNN). Without a saved datamodule (a model trained
-        from Python without one) only the model's are compared."""
+        """validate / test / predict of checkpoint `path`, or a fit resumed from it, with data that gives its model
+        other inputs than it was trained on are refused, naming the setting and both values (Lightning copies the
+        checkpoint's model hyperparameters over the config, but the data's, and the class names and image size the
+        CLI links from the data, are this run's): an `INPUT_SETTINGS` value of the checkpoint's saved datamodule
+        (normalisation, image size, ...; `mean: pretrained` resolved with the model's backbone, as in training), the
+        class names in class-id order, and the image size a model is built for (ICNN). Without a saved datamodule (a
+        model trained from Python without one) only the model's are compared."""
         from zoo.registry import check_same_model
         from zoo.weights import check_class_names, check_data_fits_checkpoint, model_spec, read_checkpoint
 
