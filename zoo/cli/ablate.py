@@ -22,6 +22,8 @@ from zoo.cli.compare import config_argument
 from zoo.cli.errors import configuration_phase, is_configuration_error, mark, root_cause
 from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.report import metric_directions, write_report
+from zoo.fingerprints import (HASHED_FILE_LIMIT, file_fingerprint, folder_fingerprint,  # noqa: F401 (re-exported)
+                              written_by_runs)
 
 ABLATE_HELP = """\
 python train.py ablate --config configs/icnn/parts_world.yaml --name icnn_lambda \\
@@ -55,8 +57,6 @@ IGNORED_SETTINGS = (  # keys that cannot change a point's result: left out of it
     "data.init_args.pin_memory",  # page-locked host memory: the same batches
 )
 OUTPUT_KEYS = ("default_root_dir", "dirpath", "save_dir")  # folders a run writes in: not fingerprinted
-HASHED_FILE_LIMIT = 64 * 2**20  # files named by a config up to this size are hashed; larger ones: size + mtime
-_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime_ns) -> digest, once per process
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
@@ -183,60 +183,9 @@ def existing_folders(config: Any, outputs: Path | None = None) -> Iterator[str]:
     the working folder, less where runs write: the values of OUTPUT_KEYS (trainer.default_root_dir, checkpoints'
     dirpath, a logger's save_dir), the working folder and the folders above it (".": every run writes below it)
     and any folder that holds `outputs` (the point's run folder) or lies inside it. Their contents change with
-    every run, so fingerprinting them would run every finished point again."""
-    here = Path.cwd().resolve()
-    written = outputs.resolve() if outputs is not None else None
-    for value in config_strings(config, OUTPUT_KEYS):
-        if not os.path.isdir(value):
-            continue
-        folder = Path(value).resolve()
-        if folder == here or folder in here.parents:
-            continue
-        if written is not None and (folder == written or folder in written.parents or written in folder.parents):
-            continue
-        yield value
-
-
-def folder_fingerprint(path: str) -> str:
-    """The contents of a folder a config names (a data root): the count of its files and a sha256 of each one's
-    path relative to the folder, size and modification time (`os.walk`, links followed, in sorted order), so a
-    file added, removed, renamed or rewritten there changes it, and it costs a `stat` per file, not a read (a data
-    set of a million images: seconds). Hidden files and folders (a part of the path below the folder starts with
-    ".": .DS_Store, editor and lock files, .ipynb_checkpoints) are left out, as the image readers leave them out
-    (`datamodules.image_folder.visible`). A file rewritten with the same size within the file system's mtime
-    resolution is not seen."""
-    digest, count = hashlib.sha256(), 0
-    for root, folders, files in os.walk(path, followlinks=True):
-        folders[:] = sorted(name for name in folders if not name.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            full = os.path.join(root, name)
-            try:
-                stat = os.stat(full)
-            except OSError:  # a broken link: no contents to read
-                continue
-            digest.update(f"{os.path.relpath(full, path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-            count += 1
-    return f"folder of {count} files, sha256 {digest.hexdigest()}"
-
-
-def file_fingerprint(path: str) -> str:
-    """The contents of a file a config names: its sha256 up to HASHED_FILE_LIMIT bytes (exact: a refitted
-    checkpoint changes it, a copy or a `touch` does not), else its size and modification time (hashing gigabytes of
-    pretrained weights at every point of every rerun would cost minutes; a refit rewrites the file, which changes
-    its mtime). Hashes are kept per process, keyed by the file's size and mtime."""
-    stat = os.stat(path)
-    if stat.st_size > HASHED_FILE_LIMIT:
-        return f"size {stat.st_size}, mtime_ns {stat.st_mtime_ns}"
-    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _FILE_DIGESTS:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        _FILE_DIGESTS[key] = f"sha256 {digest.hexdigest()}"
-    return _FILE_DIGESTS[key]
+    every run, so fingerprinting them would run every finished point again (`written_by_runs`)."""
+    return (value for value in config_strings(config, OUTPUT_KEYS)
+            if os.path.isdir(value) and not written_by_runs(value, outputs))
 
 
 def resolved_settings(cli: ZooCLI, outputs: Path | None = None) -> dict[str, Any]:

@@ -5,7 +5,8 @@ A System lists them in `auxiliaries()`. For each one not yet ready (its `<name>_
 checkpoint, so a resumed run never retrains it), in this order:
 1. weights from `checkpoint` when given (a state dict, safetensors file or Lightning checkpoint);
 2. else the cached checkpoint of an earlier run in the run folder (`<run>/auxiliary/<name>-<key>.ckpt`, keyed by
-   what defines it: the module's class and shapes, the training settings and the datamodule's settings);
+   what defines it: the module's class and shapes, the training settings, the datamodule's settings and what the
+   files and folders they name hold, so a re-fit after the data changed under the same path trains it again);
 3. else trained by a `pl.Trainer` with the run's accelerator, devices, strategy and precision, logged under the run
    (TensorBoard `<run>/auxiliary/<name>`), and cached as above (written atomically).
 `train.py` prepares them before `trainer.fit`, so a distributed run trains them with its own strategy; a
@@ -27,6 +28,7 @@ from pytorch_lightning.utilities.seed import isolate_rng
 import torch
 import torch.nn as nn
 
+from zoo.fingerprints import file_fingerprint, folder_fingerprint, written_by_runs
 from zoo.weights import load_module_weights
 
 
@@ -78,15 +80,19 @@ def auxiliaries_pending(system: Any) -> bool:
     return any(not bool(aux.ready_flag(system)) for aux in system.auxiliaries())
 
 
-def cache_key(aux: Auxiliary, module: nn.Module, datamodule: Any) -> str:
+def cache_key(aux: Auxiliary, module: nn.Module, datamodule: Any, outputs: Path | None = None) -> str:
     """What defines a trained auxiliary: module class, its layers' settings (the repr: dropout rates, ...) and
     shapes, training settings, the loss (its class and settings: the EVAL-X evaluator's mask geometry), the data
-    (`data_settings`) and the run's seed (`seed_everything`: it draws the helper's first weights and its batches, so
-    a seed sweep trains a helper per seed). A helper cached for other data, another loss or seed is never reused."""
+    (`data_settings`, and `data_contents`: what the files and folders they name hold, so a CSV rewritten under the
+    same path makes another key) and the run's seed (`seed_everything`: it draws the helper's first weights and its
+    batches, so a seed sweep trains a helper per seed). A helper cached for other data, another loss or seed is
+    never reused. `outputs`: the run folder, where the cache is written (a data folder holding it is not
+    fingerprinted: see `data_contents`). A pure function of the settings and the files, so every process of a
+    distributed run reading the same files gets the same key."""
     shapes = [(k, tuple(v.shape)) for k, v in module.state_dict().items()]
     text = repr((type(module).__qualname__, repr(module), shapes, aux.epochs, aux.lr, describe_callable(aux.loss),
                  type(datamodule).__qualname__, data_settings(datamodule), starting_weights(module),
-                 os.environ.get("PL_GLOBAL_SEED")))
+                 os.environ.get("PL_GLOBAL_SEED"), data_contents(datamodule, outputs)))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
@@ -114,14 +120,38 @@ def describe_callable(function: Any) -> str:
     return getattr(function, "__qualname__", None) or type(function).__qualname__
 
 
-def data_settings(datamodule: Any) -> list[tuple[str, str]]:
+def saved_settings(datamodule: Any) -> dict[str, Any]:
     """The datamodule's settings: its saved hyperparameters, else its constructor's arguments read from the
     attributes of the same names (the zoo's datamodules keep them so: `dataset`, `num_train`, `root`, `seed`, ...)."""
     saved = dict(getattr(datamodule, "hparams", {}) or {})
     if not saved:
         names = [n for n in inspect.signature(type(datamodule).__init__).parameters if n != "self"]
         saved = {n: getattr(datamodule, n) for n in names if hasattr(datamodule, n)}
-    return sorted((k, repr(v)) for k, v in saved.items())
+    return saved
+
+
+def data_settings(datamodule: Any) -> list[tuple[str, str]]:
+    """The datamodule's settings (`saved_settings`), each as its repr."""
+    return sorted((k, repr(v)) for k, v in saved_settings(datamodule).items())
+
+
+def data_contents(datamodule: Any, outputs: Path | None = None) -> list[tuple[str, str]]:
+    """What the datamodule's files and folders hold: for each setting (`saved_settings`) whose value
+    is a path naming an existing file or folder (relative paths read from the working folder, as the datamodule
+    reads them), (setting, `file_fingerprint` / `folder_fingerprint`): a file's sha256 (its size and mtime past
+    `HASHED_FILE_LIMIT`), a folder's file count and each visible file's path, size and mtime (a stat per file, no
+    reads). Left out: a folder the run writes in (`written_by_runs`; `outputs` the run folder), a fingerprint of
+    which would retrain every helper at every fit."""
+    contents = []
+    for name, value in saved_settings(datamodule).items():
+        if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+            continue
+        path = os.fspath(value)
+        if os.path.isfile(path):
+            contents.append((name, file_fingerprint(path)))
+        elif os.path.isdir(path) and not written_by_runs(path, outputs):
+            contents.append((name, folder_fingerprint(path)))
+    return sorted(contents)
 
 
 def run_folder(trainer: pl.Trainer) -> Path:
@@ -188,7 +218,7 @@ def prepare_auxiliaries(system: Any, trainer: pl.Trainer, datamodule: Any) -> No
 
 def _load_or_train(aux: Auxiliary, module: nn.Module, trainer: pl.Trainer, datamodule: Any, folder: Path) -> None:
     name = aux.name.rsplit(".", 1)[-1]
-    cache = folder / "auxiliary" / f"{name}-{cache_key(aux, module, datamodule)}.ckpt"
+    cache = folder / "auxiliary" / f"{name}-{cache_key(aux, module, datamodule, folder)}.ckpt"
     if cache.is_file():
         load_module_weights(module, cache, "", name.replace("_", " "))
         return
