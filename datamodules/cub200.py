@@ -210,7 +210,11 @@ CAPTION_PAD, CAPTION_BOS, CAPTION_EOS, CAPTION_UNK = 0, 1, 2, 3
 
 
 def read_sentences(text_root: Path, image_paths: list[Path], images_root: Path) -> list[list[list[str]]]:
-    """Per image, its sentences as word lists, from the .txt beside the image's path under `text_root`."""
+    """Per image, its sentences as word lists, from the .txt beside the image's path under `text_root`.
+
+    A line without a word ("...", emoji, blank) is no sentence: encoded it would be <bos> <eos>, a reference row that
+    training takes as a target (the model learns to stop at once) while evaluation drops it as no reference. An
+    image whose file holds no word at all has no sentences, as an empty file: all-padding caption rows."""
     from datamodules.text import tokenize
 
     out = []
@@ -218,7 +222,7 @@ def read_sentences(text_root: Path, image_paths: list[Path], images_root: Path) 
         text_file = text_root / path.relative_to(images_root).with_suffix(".txt")
         if not text_file.is_file():
             raise DatasetLayoutError(f"CUB sentence file {str(text_file)!r} does not exist.", SENTENCES_LAYOUT)
-        out.append([tokenize(line) for line in text_file.read_text(encoding="utf-8").splitlines() if line.strip()])
+        out.append([words for line in text_file.read_text(encoding="utf-8").splitlines() if (words := tokenize(line))])
     return out
 
 

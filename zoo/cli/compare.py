@@ -20,8 +20,8 @@ from zoo.cli.errors import configuration_phase
 from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.report import metric_directions, write_report
 from zoo.figures import log_figure, save_figure
-from zoo.explain.scores import (EXPLANATION_DIRECTIONS, EXPLANATION_NOTE, ExplainedRun, check_explain_settings,
-                                explanation_figure, true_and_predicted)
+from zoo.explain.scores import (EXPLANATION_DIRECTIONS, ExplainedRun, check_explain_settings, explanation_figure,
+                                explanation_note, true_and_predicted)
 from zoo.weights import checkpoint_replaces_weights, load_system_weights
 
 COMPARE_HELP = """\
@@ -406,6 +406,7 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
     rows: list[dict[str, Any]] = []
     explanation_rows: list[dict[str, Any]] = []
     explained_runs: list[ExplainedRun] = []
+    notes: dict[str, list[str]] = {}  # the note under the explanation table -> the runs whose rows it describes
     directions: dict[str, bool | None] = {"train_samples_per_s": True, "infer_samples_per_s": True}
     for index, (run_name, run) in enumerate(runs.items(), 1):
         cli = clis[run_name]
@@ -429,6 +430,7 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
         if report is not None:  # every explainer the System knows, scored on the same validation samples
             explained, maps, images = report
             explanation_rows += [{"run": run_name, **row} for row in explained]
+            notes.setdefault(explanation_note(explained), []).append(run_name)  # the System's rows say their note
             if maps:  # no figure where the inputs are not images (vectors, tokens)
                 explained_runs.append(ExplainedRun(run_name, images, maps,
                                                    *true_and_predicted(cli.model, cli.datamodule, images)))
@@ -450,7 +452,19 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
     tables = {"models": rows, **({"explanations": explanation_rows} if explanation_rows else {})}
     write_report(folder, tables, directions | EXPLANATION_DIRECTIONS)
     if explanation_rows:  # what the explanation table's columns compare
+        note = explanation_notes(notes)
         with open(folder / "report.md", "a") as report_file:
-            report_file.write(f"\n{EXPLANATION_NOTE}\n")
-        print(f"\n{EXPLANATION_NOTE}", flush=True)
+            report_file.write(f"\n{note}\n")
+        print(f"\n{note}", flush=True)
     return rows
+
+
+def explanation_notes(notes: dict[str, list[str]]) -> str:
+    """What the report says under its explanation table, from each note (`zoo.explain.scores.explanation_note` of
+    a run's rows: each family says what its columns mean and which class they explain) -> the runs it describes:
+    the note alone where every run has the same, else each note after the runs it is for (a twin of another
+    family, whose rows explain another class or score other columns)."""
+    if len(notes) == 1:
+        return next(iter(notes))
+    return "\n\n".join(f"{'Run' if len(runs) == 1 else 'Runs'} {', '.join(runs)}: {note}"
+                         for note, runs in notes.items())

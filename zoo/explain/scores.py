@@ -85,14 +85,33 @@ EXPLANATION_NOTE = (
     f"steps of the true rule events (+-{EVENT_TOLERANCE} steps) of the series that have any.")
 
 
+class ExplanationRows(list):
+    """The rows of a System's `explanation_report` (a list of row dicts, one per method) with the `note` the report
+    prints under its explanation table: what the rows' columns mean and which class they explain. A family whose
+    explainers explain or score otherwise than `score_explanations` (L2X: the black box's predicted class,
+    `zoo.l2x.scores`) returns its rows with its own note; the engine holds no family's note. A plain list is taken
+    as rows of `EXPLANATION_NOTE` (`explanation_note`)."""
+
+    def __init__(self, rows: Sequence[dict[str, Any]] = (), note: str = EXPLANATION_NOTE) -> None:
+        super().__init__(rows)
+        self.note = note
+
+
+def explanation_note(rows: Sequence[dict[str, Any]]) -> str:
+    """The note under the explanation table of `rows` (an `explanation_report`'s rows): their own `note`
+    (`ExplanationRows`), else `EXPLANATION_NOTE`, the note of `score_explanations`' columns."""
+    return getattr(rows, "note", EXPLANATION_NOTE)
+
+
 def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Tensor,
                        part_masks: torch.Tensor | None = None, methods: Sequence[str] = DEFAULT_METHODS,
                        step: int = 128, metrics: Sequence[str] = DEFAULT_METRICS, keys: torch.Tensor | None = None,
-                       truth: str = "parts") -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+                       truth: str = "parts") -> tuple[ExplanationRows, dict[str, torch.Tensor]]:
     """One row per method with its explanation time and faithfulness (`metrics`, of EXPLANATION_METRICS) and
     ground-truth scores, and the maps; then the `random` reference row (`random_maps` of `keys`, the samples'
     dataset indices, default 0..B-1; not in the maps) and, with deletion or ROAD, each row's `*_vs_random` columns
-    (`VERSUS_RANDOM`: its score over the random row's, the columns that compare models).
+    (`VERSUS_RANDOM`: its score over the random row's, the columns that compare models). The rows are
+    `ExplanationRows` noted `EXPLANATION_NOTE` (what a report says under them).
 
     Methods a model cannot run (`can_explain`: the self-explanation and Grad-CAM on the head's input need an own map or
     a pooled head) are skipped, as are the feature methods that explain vectors and tokens only (`FEATURE_METHODS`
@@ -153,7 +172,7 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
             if score in raw[RANDOM_REFERENCE]:
                 reference = raw[RANDOM_REFERENCE][score]
                 row[column] = round(raw[row["method"]][score] / reference, 4) if reference > 0 else math.nan
-    return rows, maps
+    return ExplanationRows(rows), maps  # with the note of these columns (EXPLANATION_NOTE)
 
 
 def random_explainer(keys: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

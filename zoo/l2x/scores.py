@@ -23,19 +23,32 @@ import torch
 import torch.nn as nn
 
 from zoo.explain.captum import attribute_features
-from zoo.explain.scores import wall_time
+from zoo.explain.scores import ExplanationRows, wall_time
 from zoo.l2x.metrics import AgreementAccuracy, SelectionRecovery, median_true_rank
 from zoo.l2x.ops import top_k_mask
 
 PERTURBATION_METHODS = ("kernel_shap", "lime")
 RANDOM = "random"  # the floor every explainer must clear: k features drawn uniformly (text: among the words)
+# what a report says under the table of `compare_explainers`' rows (`train.py compare`), instead of the image
+# families' note (`zoo.explain.scores.EXPLANATION_NOTE`: the true class, deletion, ROAD), which does not hold here
+EXPLANATION_NOTE = (
+    "Every method explains the black box's predicted class (not the label), on the same samples: a selector (L2X, "
+    "INVASE) by its own selection, a Captum method by its k highest attributions on the black box (text: among the "
+    "words); num_selected: the mean selection size. median_rank / mean_rank: the median / mean over samples of the "
+    "median rank of the true features in the method's scores (1 = ranked first; lower is better); tpr / fdr: the "
+    "fraction of the true features selected / of the selected features not true (where the data knows the true "
+    "features). posthoc_acc: the black box on the selected features alone agrees with its prediction on the full "
+    "input; evalx_acc: the EVAL-X evaluator (trained on randomly masked inputs) on the selection gives the true "
+    "label. n: the samples explained (KernelShap and Lime at most num_perturbed, timed per sample); random: k "
+    "features drawn uniformly, the floor, not timed.")
 
 
 class Explained(NamedTuple):
-    """What `compare_explainers` returns: one row per method, each method's per-sample median ranks of the true
-    features (where known) and its hard selections (N, d)."""
+    """What `compare_explainers` returns: one row per method (`ExplanationRows` noted `EXPLANATION_NOTE`, what a
+    report says under them), each method's per-sample median ranks of the true features (where known) and its hard
+    selections (N, d)."""
 
-    rows: list[dict[str, Any]]
+    rows: ExplanationRows
     ranks: dict[str, torch.Tensor]
     selections: dict[str, torch.Tensor]
 
@@ -139,4 +152,4 @@ def compare_explainers(selectors: dict[str, nn.Module], black_box: nn.Module, ev
             row |= {"ms_per_sample": round(1000 * seconds, 5), "samples_per_s": round(1 / seconds, 1)}
         rows.append(row)
         selections[method] = selection
-    return Explained(rows, ranks, selections)
+    return Explained(ExplanationRows(rows, EXPLANATION_NOTE), ranks, selections)
