@@ -41,14 +41,17 @@ def test_cub_lines_without_words_are_no_sentences(cub_root: Path) -> None:
 def test_l2x_compare_report_notes_the_black_boxs_predicted_class(in_tmp_dir: Path) -> None:
     """`train.py compare` of an L2X config wrote the image families' note under its explanation table ("Every map
     explains the true class", deletion, ROAD), but L2X's rows explain the black box's predicted class and score
-    other columns: the report says so now."""
+    other columns: the report says so now. The report goes beside the runs, in the logger's save_dir (it went to
+    checkpoints/<name>/ whatever the save_dir, and the runs' printed folders were not theirs)."""
     from train import main
     from zoo.explain.scores import EXPLANATION_NOTE
 
     main(["compare", "--config", str(REPO / "configs/l2x/xor.yaml"), "--trainer.max_epochs=1",
           "--data.init_args.num_train=256", "--data.init_args.num_val=32", "--explain_images=8",
-          "--progress_bar.refresh_rate=0"])
-    report = (in_tmp_dir / "checkpoints" / "l2x_xor_compare" / "report.md").read_text()
+          "--progress_bar.refresh_rate=0", "--trainer.logger.init_args.save_dir=elsewhere"])
+    assert not (in_tmp_dir / "checkpoints").exists()
+    assert (in_tmp_dir / "elsewhere" / "l2x_xor_compare" / "l2x" / "config.yaml").is_file()
+    report = (in_tmp_dir / "elsewhere" / "l2x_xor_compare" / "report.md").read_text()
     assert "true class" not in report and EXPLANATION_NOTE not in report and "deletion" not in report
     assert "Every method explains the black box's predicted class" in report and "posthoc_acc: the black box" in report
 

@@ -402,7 +402,7 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
                 clis[run_name].check_data_fits_checkpoint(str(run["checkpoint"]))
         check_same_setting({run_name: cli.config for run_name, cli in clis.items()})  # before any training starts
         runs = drop_twins_equal_to_the_model(runs, clis)
-    folder = Path("checkpoints") / name
+    folder = report_folder(next(iter(clis.values())), name)
     rows: list[dict[str, Any]] = []
     explanation_rows: list[dict[str, Any]] = []
     explained_runs: list[ExplainedRun] = []
@@ -410,7 +410,7 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
     directions: dict[str, bool | None] = {"train_samples_per_s": True, "infer_samples_per_s": True}
     for index, (run_name, run) in enumerate(runs.items(), 1):
         cli = clis[run_name]
-        print(f"\n=== compare run {index}/{len(runs)}: {run_name} ({folder / run_name}) ===", flush=True)
+        print(f"\n=== compare run {index}/{len(runs)}: {run_name} ({Path(cli.trainer.log_dir)}) ===", flush=True)
         start = time.perf_counter()
         _set_rng_states(random_states[run_name])  # as right after it was built, whatever ran before it
         with counting(cli, "train") as trained:
@@ -457,6 +457,13 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
             report_file.write(f"\n{note}\n")
         print(f"\n{note}", flush=True)
     return rows
+
+
+def report_folder(cli: ZooCLI, name: str) -> Path:
+    """Where the report goes: <save_dir>/<name>, beside the runs (<save_dir>/<name>/<run>), the save_dir of the
+    first run's logger (checkpoints/ unless --trainer.logger.init_args.save_dir moves it), as ablate's table."""
+    save_dir = getattr(cli.trainer.logger, "save_dir", None)
+    return Path(save_dir or "checkpoints") / name
 
 
 def explanation_notes(notes: dict[str, list[str]]) -> str:
