@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-from datamodules._base import DatasetLayoutError, DictDataModule, TensorDictDataset, decode_tokens
+from datamodules._base import DatasetLayoutError, DataSettingError, DictDataModule, TensorDictDataset, decode_tokens
 
 PAD, UNK = "<pad>", "<unk>"
 IMDB_LAYOUT = """\
@@ -27,13 +27,17 @@ IMDB_LAYOUT = """\
   test/neg/<id>_<rating>.txt
 """
 _WORD = re.compile(r"(?:[^\W_]|')+")  # letters and digits of any script, and apostrophes
+# The typographic apostrophes written for ' (right single quotation mark, modifier letter apostrophe): "don’t" is
+# the word "don't", not "don" + "t" (U+2019 is punctuation) nor a word of its own "donʼt" (U+02BC is a letter)
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u02bc": "'"})
 
 
 def tokenize(text: str) -> list[str]:
     """Lower-cased words (runs of Unicode letters, digits and apostrophes; "café naïve" stays two words, composed
-    as NFC first so a decomposed "i" + diaeresis is one letter); IMDB's `<br />` line breaks are dropped. On ASCII
-    text the same words as the ASCII pattern `[a-z0-9']+` before it, so ASCII corpora encode as they did."""
-    return _WORD.findall(unicodedata.normalize("NFC", text).lower().replace("<br />", " "))
+    as NFC first so a decomposed "i" + diaeresis is one letter; the typographic apostrophes ’ and ʼ read as ');
+    IMDB's `<br />` line breaks are dropped. On ASCII text the same words as the ASCII pattern `[a-z0-9']+` before
+    it, so ASCII corpora encode as they did."""
+    return _WORD.findall(unicodedata.normalize("NFC", text).translate(_APOSTROPHES).lower().replace("<br />", " "))
 
 
 def encode(texts: Sequence[list[str]], vocabulary: dict[str, int], max_len: int) -> torch.Tensor:
@@ -45,6 +49,18 @@ def encode(texts: Sequence[list[str]], vocabulary: dict[str, int], max_len: int)
     return ids
 
 
+def vocabulary_lookup(vocabulary: Sequence[str]) -> dict[str, int]:
+    """word -> id of a vocabulary (id -> word), for `encode`: padding, unknown and the "" fillers map to no word."""
+    return {word: i for i, word in enumerate(vocabulary) if i >= 2 and word}
+
+
+def encode_texts(texts: Sequence[str], vocabulary: Sequence[str], max_len: int) -> torch.Tensor:
+    """(N, max_len) token ids of raw texts, tokenised and encoded as the datamodules do, with a trained model's
+    vocabulary: a checkpoint keeps it under its datamodule's class name, e.g.
+    ``encode_texts(["A moving film."], torch.load(path)["IMDBDataModule"]["vocabulary"], max_len=400)``."""
+    return encode([tokenize(text) for text in texts], vocabulary_lookup(vocabulary), max_len)
+
+
 def build_vocabulary(texts: Sequence[list[str]], max_vocab: int) -> list[str]:
     """id -> word: padding, unknown, the `max_vocab - 2` most frequent words of `texts`, then "" up to `max_vocab`
     (a fixed size, so models can be built before the data is read)."""
@@ -53,7 +69,14 @@ def build_vocabulary(texts: Sequence[list[str]], max_vocab: int) -> list[str]:
 
 
 class TokenDataModule(DictDataModule):
-    """Base for token datasets: `vocabulary` (id -> word), `decode`, and the model inputs vocab_size / max_len."""
+    """Base for token datasets: `vocabulary` (id -> word), `decode`, and the model inputs vocab_size / max_len.
+
+    A vocabulary built from the data it reads (`set_texts`) is part of every checkpoint: Lightning saves
+    `state_dict()` ({"vocabulary": words}) under the datamodule's class name and, for fit (resumed), validate, test and
+    predict with a `ckpt_path`, calls `load_state_dict` after `setup` and before it builds any loader. The splits are
+    then encoded with the checkpoint's words, whatever files, rows or seed gave the texts: a model's token ids keep
+    the meanings it learnt (the data's own words would give the same ids other words, silently). A checkpoint without
+    that state (written before it was saved) leaves the data's own vocabulary."""
 
     num_classes = 2
     num_channels = None
@@ -64,6 +87,62 @@ class TokenDataModule(DictDataModule):
     def __init__(self, max_len: int, batch_size: int, num_workers: int) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.max_len = max_len
+        self.loaded_vocabulary: list[str] | None = None  # a checkpoint's words (`load_state_dict`), used by setup
+        self._words: list[str] = []  # every distinct word of the texts set up (their first max_len words)
+        self._word_ids: dict[str, torch.Tensor] = {}  # split -> (N, max_len) int32 indices into _words, -1 = padding
+        self._labels: dict[str, torch.Tensor] = {}  # split -> (N,) class ids
+
+    def set_texts(self, texts: dict[str, Sequence[list[str]]], labels: dict[str, torch.Tensor],
+                  max_vocab: int) -> None:
+        """Fill `splits` from each split's texts (as words) and labels: encoded with the checkpoint's words where
+        `load_state_dict` gave them, else with the `max_vocab` most frequent words of the "train" texts. The texts'
+        first `max_len` words are kept (as indices into their distinct words), so `load_state_dict` re-encodes the
+        splits without reading the data again."""
+        position: dict[str, int] = {}
+        for split, rows in texts.items():
+            ids = torch.full((len(rows), self.max_len), -1, dtype=torch.int32)  # (N, max_len)
+            for row, words in enumerate(rows):
+                kept = [position.setdefault(word, len(position)) for word in words[: self.max_len]]
+                ids[row, : len(kept)] = torch.tensor(kept, dtype=torch.int32)
+            self._word_ids[split] = ids
+        self._words, self._labels = list(position), dict(labels)
+        self.vocabulary = (list(self.loaded_vocabulary) if self.loaded_vocabulary is not None
+                           else build_vocabulary(texts["train"], max_vocab))
+        self._encode_splits()
+
+    def _encode_splits(self) -> None:
+        """`splits` as `encode` gives them with `vocabulary` (vectorised: one id per distinct word, then a gather)."""
+        lookup = vocabulary_lookup(self.vocabulary)
+        table = torch.tensor([lookup.get(word, 1) for word in self._words] + [0], dtype=torch.long)  # -1 -> 0 (pad)
+        for split, ids in self._word_ids.items():
+            self.splits[split] = TensorDictDataset({"tokens": table[ids.long()], "label": self._labels[split]})
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"vocabulary": id -> word} once the data is set up (or a checkpoint's words were loaded); else empty (a
+        datamodule whose words are fixed, or not read yet, saves nothing)."""
+        if not self._word_ids and self.loaded_vocabulary is None:
+            return {}
+        return {"vocabulary": list(self.vocabulary)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Take a checkpoint's vocabulary: the splits already set up are encoded again with it, and a later `setup`
+        uses it instead of building one from the training texts. A state without one (an older checkpoint) changes
+        nothing. A vocabulary of another size than this datamodule's (its `max_vocab`) is refused."""
+        words = state_dict.get("vocabulary")
+        if words is None:
+            return
+        if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) for w in words) \
+                or list(words[:2]) != [PAD, UNK]:
+            raise DataSettingError(f"{type(self).__name__}: the checkpoint's vocabulary is not a list of words "
+                                   f"starting with {PAD!r}, {UNK!r}.")
+        if len(words) != len(self.vocabulary):
+            raise DataSettingError(f"{type(self).__name__}: the checkpoint's vocabulary holds {len(words)} words; "
+                                   f"this datamodule's holds {len(self.vocabulary)} (max_vocab). Give "
+                                   f"max_vocab={len(words)}, the checkpoint's.")
+        self.loaded_vocabulary = list(words)
+        self.vocabulary = list(words)
+        if self._word_ids:
+            self._encode_splits()
 
     @property
     def model_inputs(self) -> dict[str, Any]:
@@ -83,7 +162,8 @@ class TokenDataModule(DictDataModule):
 class IMDBDataModule(TokenDataModule):
     """aclImdb movie reviews, positive = 1. A validation split is drawn from the release's train folder with `seed`;
     the vocabulary is the `max_vocab - 2` most frequent words of the training split alone (fixed size, so models can
-    be built before reading). `sample_names(split)` names each review by its file under `root`.
+    be built before reading), or a restored checkpoint's (`TokenDataModule`). `sample_names(split)` names each review
+    by its file under `root`.
 
     Args:
         root: the extracted aclImdb folder.
@@ -142,18 +222,12 @@ class IMDBDataModule(TokenDataModule):
         order = torch.randperm(len(released_texts), generator=torch.Generator().manual_seed(self.seed))
         num_val = max(1, int(round(self.val_fraction * len(released_texts))))
         parts = {"train": order[num_val:].tolist(), "val": order[:num_val].tolist()}
-        # The vocabulary of the training split alone: a word seen only in validation is <unk>, as it would be for
-        # a model trained here and shown new text (its embedding row would otherwise never be trained).
-        self.vocabulary = build_vocabulary([released_texts[i] for i in parts["train"]], self.max_vocab)
-        lookup = {word: i for i, word in enumerate(self.vocabulary) if i >= 2 and word}
-        for split, ids in parts.items():
-            self.splits[split] = TensorDictDataset({"tokens": encode([released_texts[i] for i in ids], lookup,
-                                                                     self.max_len),
-                                                    "label": released_labels[ids]})
-            self.names[split] = [released_names[i] for i in ids]
-        self.splits["test"] = TensorDictDataset({"tokens": encode(test_texts, lookup, self.max_len),
-                                                 "label": test_labels})
-        self.names["test"] = test_names
+        texts = {split: [released_texts[i] for i in ids] for split, ids in parts.items()} | {"test": test_texts}
+        labels = {split: released_labels[ids] for split, ids in parts.items()} | {"test": test_labels}
+        self.names = {split: [released_names[i] for i in ids] for split, ids in parts.items()} | {"test": test_names}
+        # The vocabulary of the training split alone (or a checkpoint's): a word seen only in validation is <unk>, as
+        # it would be for a model trained here and shown new text (its embedding row would otherwise never train).
+        self.set_texts(texts, labels, self.max_vocab)
 
     def sample_names(self, split: str) -> list[str]:
         """Each review's file under `root` (e.g. "test/pos/0_9.txt"), by sample index in `split`."""
@@ -192,10 +266,24 @@ def read_table(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
     return rows
 
 
+def every_label(rows: Sequence[dict[str, str | None]], path: Path, column: str) -> set[str]:
+    """The distinct values of `column` in `rows` (the classes of `labels: null`). A row without one (a short row,
+    which csv gives None, or an empty field) raises a DatasetLayoutError naming the file, the first such rows (as
+    `sample_names` counts them: from 0, after the header) and the column: an empty label is almost always a data
+    error, not a class."""
+    unlabelled = [i for i, row in enumerate(rows) if not row[column]]
+    if unlabelled:
+        shown = ", ".join(str(i) for i in unlabelled[:5]) + (", ..." if len(unlabelled) > 5 else "")
+        raise DatasetLayoutError(f"{str(path)!r}: {len(unlabelled)} row(s) have no label in column {column!r}: rows "
+                                 f"{shown} (counted from 0 after the header). Fill or remove them, or list the labels "
+                                 "to keep (`labels`: rows with other labels are dropped).", TABLE_LAYOUT)
+    return {row[column] for row in rows}
+
+
 class CSVTextDataModule(TokenDataModule):
     """Labelled texts from one CSV/TSV table (e.g. Rotten Tomatoes review sentences, fresh / rotten), as token ids
     for L2X and text classifiers. The file has no split: train / val / test are drawn with `seed`; the vocabulary is
-    the `max_vocab - 2` most frequent words of the training split only.
+    the `max_vocab - 2` most frequent words of the training split only, or a restored checkpoint's (`TokenDataModule`).
 
     Args:
         path: .csv or .tsv, optionally .gz / .bz2 compressed (`TABLE_LAYOUT`).
@@ -216,7 +304,7 @@ class CSVTextDataModule(TokenDataModule):
                              f"{val_fraction}, {test_fraction}.")
         self.path, self.text_column, self.label_column = Path(path), text_column, label_column
         if labels is None:  # the classes must be known before setup (the CLI links num_classes into the model)
-            labels = sorted({row[label_column] for row in read_table(self.path, [text_column, label_column])})
+            labels = sorted(every_label(read_table(self.path, [text_column, label_column]), self.path, label_column))
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise ValueError(f"labels must be at least two distinct values; got {list(labels)}.")
         self.class_names, self.num_classes = [str(label) for label in labels], len(labels)
@@ -247,12 +335,10 @@ class CSVTextDataModule(TokenDataModule):
         num_val, num_test = (max(1, int(round(f * len(texts)))) for f in (self.val_fraction, self.test_fraction))
         parts = {"val": order[:num_val], "test": order[num_val : num_val + num_test],
                  "train": order[num_val + num_test :]}
-        self.vocabulary = build_vocabulary([texts[i] for i in parts["train"].tolist()], self.max_vocab)
-        lookup = {word: i for i, word in enumerate(self.vocabulary) if i >= 2 and word}
-        for split, ids in parts.items():
-            tokens = encode([texts[i] for i in ids.tolist()], lookup, self.max_len)
-            self.splits[split] = TensorDictDataset({"tokens": tokens, "label": labels[ids]})
-            self.names[split] = [f"row {kept_rows[i]}" for i in ids.tolist()]
+        self.names = {split: [f"row {kept_rows[i]}" for i in ids.tolist()] for split, ids in parts.items()}
+        # the vocabulary of the training split alone (or a checkpoint's)
+        self.set_texts({split: [texts[i] for i in ids.tolist()] for split, ids in parts.items()},
+                       {split: labels[ids] for split, ids in parts.items()}, self.max_vocab)
 
     def sample_names(self, split: str) -> list[str]:
         """Each text's row in the file ("row 12": the 13th row after the header, 0-based, counting the rows of

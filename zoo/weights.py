@@ -417,9 +417,11 @@ def check_config_fits_checkpoint(model_config: Any, checkpoint: dict[str, Any], 
         check_resume_keys(resolve_class(wanted["class"]), saved, init_args, source)
 
 
-def load_system_weights(system: nn.Module, path: str | Path) -> None:
+def load_system_weights(system: nn.Module, path: str | Path, datamodule: Any = None) -> None:
     """A System checkpoint's weights into `system`: the System's own compatibility check first (its
-    `on_load_checkpoint`, which names another model or class count), then every key must match."""
+    `on_load_checkpoint`, which names another model or class count), then every key must match. `datamodule`: given
+    the state the checkpoint saved of its class, as Lightning restores it for a `ckpt_path` (a text datamodule's
+    vocabulary, so the model's token ids keep their words)."""
     checkpoint = read_checkpoint(path)
     if hasattr(system, "on_load_checkpoint"):
         system.on_load_checkpoint(checkpoint)
@@ -427,6 +429,9 @@ def load_system_weights(system: nn.Module, path: str | Path) -> None:
     if missing or unexpected:
         raise CheckpointError(f"{str(path)!r} does not fit {type(system).__name__}: missing {list(missing)[:8]}, "
                               f"unexpected {list(unexpected)[:8]}.")
+    state = checkpoint.get(type(datamodule).__qualname__) if datamodule is not None else None
+    if state:  # the key and call of Lightning's `_CheckpointConnector.restore_datamodule`
+        datamodule.load_state_dict(state)
 
 
 def check_resume_keys(system: type, saved: dict[str, Any], wanted: Any, source: str) -> None:

@@ -416,7 +416,7 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
         with counting(cli, "train") as trained:
             if run.get("checkpoint"):  # evaluate trained weights instead of training
                 with configuration_phase():
-                    load_system_weights(cli.model, run["checkpoint"])
+                    load_system_weights(cli.model, run["checkpoint"], cli.datamodule)
                 cli.datamodule.setup("validate")
             else:
                 fit(cli)
