@@ -258,3 +258,45 @@ def test_last_checkpoint_is_not_written_inside_a_gradient_accumulation_window(tm
     trainer.fit(ClassifierSystem("baseline_tinycnn", num_classes=data.num_classes), datamodule=data)
     assert saves.batches == [6, 8]  # validated after batches 3, 6 (and the end save): 3 is inside a window
     assert (tmp_path / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize("budget", ["max_epochs", "max_steps"])
+def test_a_fit_stopped_by_max_steps_inside_an_epoch_resumes_that_epoch(budget: str, tmp_path: Path) -> None:
+    """max_steps=5 stops after batch 1 of epoch 1 (4 batches an epoch); last.ckpt, written at fit's end, is resumed
+    under a 2-epoch budget (max_epochs=2, or max_steps=8). Under max_epochs Lightning took the epoch for finished:
+    it said "max_epochs=2 reached" and trained nothing (5 of 8 steps; with max_epochs=3, epoch 1's last 3 batches and
+    its validation were skipped). Now both end bit-identical to an uninterrupted 2-epoch run, epoch 1 validated."""
+    import pytorch_lightning as pl
+
+    from datamodules import PartsWorldDataModule
+    from zoo.baselines.system import ClassifierSystem
+    from zoo.engine.callbacks import LatestCheckpoint, RNGStateCallback
+
+    class CountValidations(pl.Callback):
+        def __init__(self) -> None:
+            self.epochs: list[int] = []
+
+        def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            self.epochs += [] if trainer.sanity_checking else [trainer.current_epoch]
+
+    def run(folder: str, ckpt_path: str | None = None, **budget: int) -> tuple[dict[str, Any], list[int]]:
+        pl.seed_everything(0)
+        data = PartsWorldDataModule(num_train=64, num_val=16, num_test=16, batch_size=16, image_size=32)
+        validations = CountValidations()
+        trainer = pl.Trainer(accelerator="cpu", deterministic=True, num_sanity_val_steps=0, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                             callbacks=[LatestCheckpoint(str(tmp_path / folder)), RNGStateCallback(), validations],
+                             **budget)
+        trainer.fit(ClassifierSystem("baseline_tinycnn", num_classes=data.num_classes, image_size=32),
+                    datamodule=data, ckpt_path=ckpt_path)
+        return torch.load(tmp_path / folder / "last.ckpt", weights_only=True), validations.epochs
+
+    whole, _ = run("whole", max_epochs=2)
+    stopped, validated = run("stopped", max_steps=5, max_epochs=5)
+    assert stopped["global_step"] == 5 and validated == [0]
+    resumed, validated = run("stopped", str(tmp_path / "stopped" / "last.ckpt"),
+                             **({"max_epochs": 2} if budget == "max_epochs" else {"max_steps": 8, "max_epochs": 5}))
+    assert validated == [1]  # the interrupted epoch's validation
+    assert resumed["global_step"] == whole["global_step"] == 8
+    differ = differing_tensors(whole, resumed)
+    assert not differ, f"{len(differ)} of {len(whole['state_dict'])} tensors differ: {differ[:8]}"

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 
-from zoo.engine.callbacks import FixedBatchCallback, run_folder
+from zoo.engine.callbacks import FixedBatchCallback, record_name, run_folder
 from zoo.figures import class_name, log_image
 
 
@@ -45,7 +45,8 @@ class ParseTreeCallback(FixedBatchCallback):
     Reads the detections only: "boxes" (D, 4), "scores" (D,), "labels" (D,) and, for AOG, "leaf_boxes" (D, T, 4)
     with "parse_leaves" (D, T) bool (the terminals of each detection's parse tree). Boxes are labelled with the
     datamodule's class name (detector labels are 1-based, 0 = background) and their score.
-    TensorBoard ``detections/parse_trees`` and, in the run folder, ``parse_trees/epoch<e>.png``."""
+    TensorBoard ``detections/parse_trees`` and, in the run folder, ``parse_trees/epoch<e>.png`` (``validate.png``
+    outside fit)."""
 
     def __init__(self, num_images: int = 8, score_threshold: float = 0.5) -> None:
         super().__init__()
@@ -59,5 +60,5 @@ class ParseTreeCallback(FixedBatchCallback):
         grid = make_grid(pad_to_largest(panels), nrow=min(4, len(panels)))
         folder = run_folder(trainer, "parse_trees")
         if folder is not None:  # None: no run folder (fast_dev_run)
-            save_image(grid, folder / f"epoch{trainer.current_epoch}.png")
+            save_image(grid, folder / f"{record_name(trainer)}.png")
         log_image(trainer.logger, "detections/parse_trees", grid, trainer.global_step)

@@ -410,7 +410,8 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
     directions: dict[str, bool | None] = {"train_samples_per_s": True, "infer_samples_per_s": True}
     for index, (run_name, run) in enumerate(runs.items(), 1):
         cli = clis[run_name]
-        print(f"\n=== compare run {index}/{len(runs)}: {run_name} ({Path(cli.trainer.log_dir)}) ===", flush=True)
+        where = Path(cli.trainer.log_dir or folder / run_name)  # no log_dir under fast_dev_run
+        print(f"\n=== compare run {index}/{len(runs)}: {run_name} ({where}) ===", flush=True)
         start = time.perf_counter()
         _set_rng_states(random_states[run_name])  # as right after it was built, whatever ran before it
         with counting(cli, "train") as trained:

@@ -18,7 +18,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from zoo.cli.errors import ZooArgumentParser, configuration_phase
-from zoo.engine.callbacks import LatestCheckpoint, RNGStateCallback
+from zoo.engine.callbacks import EVALUATION_LOGS, LatestCheckpoint, RNGStateCallback, log_evaluation_apart
 
 if TYPE_CHECKING:
     from zoo.backbones import Backbone
@@ -235,12 +235,15 @@ class ZooCLI(LightningCLI):
         """`predict` gets the zoo's PredictionWriter unless the config names a prediction writer; the default
         checkpoint reader is `ReadableCheckpointIO`. Only training
         writes the run's config.yaml: validate, test and predict of a run leave the config that trained it, which
-        every command then takes back (their own options, such as validate's `verbose`, would make fit refuse it)."""
+        every command then takes back (their own options, such as validate's `verbose`, would make fit refuse it).
+        validate and test log to TensorBoard in <run>/validate, <run>/test (`log_evaluation_apart`)."""
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a plugin the config chose
             trainer.strategy.checkpoint_io = ReadableCheckpointIO()
         if self.subcommand in ("validate", "test", "predict"):  # fit, and compare / ablate runs, write it
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]
+        if self.subcommand in EVALUATION_LOGS:  # TensorBoard: <run>/validate, not points at step 0 of the fit's curves
+            log_evaluation_apart(trainer, self.subcommand)
         if self.subcommand == "fit" and trainer.logger is None and not trainer.fast_dev_run:
             from pytorch_lightning.utilities import rank_zero_warn
 

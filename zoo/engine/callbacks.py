@@ -1,6 +1,7 @@
 """Callbacks every family shares: last.ckpt after every validation and at the end of fit, RNG state in checkpoints,
 the base of every picture callback (a fixed batch, rank zero, eval mode and no_grad, RNG isolated), the one place
-that says where a run's pictures go (`run_folder`) and the loader of a whole split that rank-zero reports read
+that says where a run's pictures go and what their files are named (`run_folder`, `record_name`), where validate /
+test log apart from the fit (`log_evaluation_apart`) and the loader of a whole split that rank-zero reports read
 (`whole_split_loader`)."""
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class LatestCheckpoint(ModelCheckpoint):
     gradient-accumulation window (`accumulate_grad_batches` with a `val_check_interval` that is not a multiple of it)
     defers its save to the epoch's end, Lightning's own end-of-epoch save point, where the last batch has stepped:
     the window's gradients are not in a checkpoint, so a run resumed from one written mid-window stepped without them.
+
+    Every checkpoint written after fit stopped inside an epoch (`max_steps`, `max_time`, a stop asked for mid-epoch)
+    records that epoch as unfinished (`reopen_interrupted_epoch`): Lightning has already closed it by then, and a run
+    resumed under `max_epochs` skipped the epoch's remaining batches and its validation.
     """
 
     def __init__(self, dirpath: str | None = None) -> None:
@@ -56,6 +61,40 @@ class LatestCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._should_skip_saving_checkpoint(trainer):  # skips fast_dev_run and a step already saved
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        reopen_interrupted_epoch(trainer, checkpoint)  # every full checkpoint, whichever callback writes it
+
+
+def stopped_inside_epoch(trainer: pl.Trainer) -> bool:
+    """Whether fit has closed an epoch that did not train all its batches: the training loop stopped inside it
+    (`max_steps`, `max_time`, `should_stop` set mid-epoch) and Lightning ran the epoch's end anyway (its epoch
+    progress counts it processed and completed, its batch progress is not at the last batch)."""
+    if trainer.state.fn != TrainerFn.FITTING:
+        return False
+    loop = trainer.fit_loop
+    epochs, batches = loop.epoch_progress.current, loop.epoch_loop.batch_progress
+    closed = epochs.started == epochs.processed > 0  # the current epoch went through Lightning's epoch end
+    expected = trainer.num_training_batches  # after limit_train_batches; inf for an iterable without a length
+    return closed and not batches.is_last_batch and 0 < batches.current.ready < expected
+
+
+def reopen_interrupted_epoch(trainer: pl.Trainer, checkpoint: dict[str, Any]) -> None:
+    """A checkpoint written after fit stopped inside an epoch (`stopped_inside_epoch`), made to say what a checkpoint
+    written at the same batch inside the epoch says: the epoch started, not processed nor completed (`epoch` the
+    interrupted one). Lightning saved it as processed, and `FitLoop` resumes such a checkpoint at the next epoch
+    unless `max_steps` is set: the epoch's remaining batches and its validation were skipped, and the resumed run
+    ended short of an uninterrupted one's budget (7 of 9 steps) or trained nothing at all. Resumed from the checkpoint
+    now, Lightning restarts mid-epoch and the training loader continues the epoch (`datamodules.resumable`), so the
+    run ends bit-identical to one that never stopped. Only the checkpoint's copy is changed: the finished fit's
+    loops are left as they are."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress")
+    if progress is None or not stopped_inside_epoch(trainer):
+        return
+    for counts in (progress["total"], progress["current"]):
+        counts["processed"] = counts["completed"] = counts["started"] - 1  # idempotent: started is untouched
+    checkpoint["epoch"] = progress["current"]["started"] - 1  # the epoch it stopped in, as a save inside it says
 
 
 def inside_accumulation_window(trainer: pl.Trainer) -> bool:
@@ -185,20 +224,46 @@ class FixedBatchCallback(pl.Callback):
             f"or give the twin '--trainer.callbacks=null' in its System's TWINS args.")
 
     def publish(self, trainer: pl.Trainer, name: str, figure: Any, markdown: str, figure_tag: str) -> None:
-        """The epoch's picture and its table, in the run folder (``<name>/epoch<e>.png`` and ``.md``) and in
-        TensorBoard (figure ``<name>/<figure_tag>``, text ``<name>/table``): what every picture callback writes."""
-        folder, epoch = run_folder(trainer, name), trainer.current_epoch
+        """The epoch's picture and its table, in the run folder (``<name>/epoch<e>.png`` and ``.md``; outside fit
+        ``<name>/validate.png``, ...: `record_name`) and in TensorBoard (figure ``<name>/<figure_tag>``, text
+        ``<name>/table``): what every picture callback writes."""
+        folder, record = run_folder(trainer, name), record_name(trainer)
         if folder is not None:
-            save_figure(figure, folder / f"epoch{epoch}.png")
-            (folder / f"epoch{epoch}.md").write_text(markdown)
+            save_figure(figure, folder / f"{record}.png")
+            (folder / f"{record}.md").write_text(markdown)
         log_figure(trainer.logger, f"{name}/{figure_tag}", figure, trainer.global_step)
         log_text(trainer.logger, f"{name}/table", markdown, trainer.global_step)
+
+
+def record_name(trainer: pl.Trainer) -> str:
+    """The name of what a picture or report records, for its files in the run folder: ``epoch<e>`` while fitting
+    (the fit's per-epoch record), else the stage's (``validate``, ``test``, ``predict``). `validate` / `test` of a
+    checkpoint run outside fit at epoch 0: named by the epoch, their pictures (the final weights') overwrote the
+    fit's first epoch's, and `compare`'s validation after fit wrote one for an epoch that never ran."""
+    return f"epoch{trainer.current_epoch}" if trainer.state.fn == TrainerFn.FITTING else trainer.state.fn.value
+
+
+EVALUATION_LOGS = ("validate", "test")  # the TensorBoard sub-folders of a run's evaluations (`log_evaluation_apart`)
+
+
+def log_evaluation_apart(trainer: pl.Trainer, stage: str) -> None:
+    """`validate` / `test` of a run's checkpoint log to TensorBoard in a folder of their own, ``<run>/<stage>``
+    (TensorBoardLogger's `sub_dir`): outside fit Lightning's step counters start at 0, so their val/* scalars and
+    pictures were points at step 0 of the fit's curves, beside its first epoch's. TensorBoard shows them as run
+    ``<run>/<stage>`` next to the fit's. The run folder (pictures, predictions: `run_folder`) stays the run's.
+    Only a TensorBoard logger without a `sub_dir` of its own, before it has written anything, is moved."""
+    if stage not in EVALUATION_LOGS:
+        raise ValueError(f"stage must be one of {EVALUATION_LOGS}; got {stage!r}.")
+    logger = trainer.logger
+    if isinstance(logger, TensorBoardLogger) and logger.sub_dir is None and logger._experiment is None:
+        logger._sub_dir = stage  # TensorBoardLogger's `sub_dir` argument, which the config does not give
 
 
 def run_folder(trainer: pl.Trainer, name: str) -> Path | None:
     """Where a run writes its pictures and reports: <run>/<name>, made. None when the trainer has no logger
     (`fast_dev_run`, `logger: false`): there is no run folder then, and `default_root_dir` (checkpoints/) is shared
-    by every run and family, so pictures are not written to disk (callers skip their files).
+    by every run and family, so pictures are not written to disk (callers skip their files). The TensorBoard
+    sub-folder of an evaluation (`log_evaluation_apart`) holds its event files only: the run folder is above it.
 
     Read on rank zero only, so not through `trainer.log_dir`: that property broadcasts (a collective), and rank
     zero calling it alone would wait forever for the other processes under DDP."""
@@ -206,6 +271,8 @@ def run_folder(trainer: pl.Trainer, name: str) -> Path | None:
     if logger is None or isinstance(logger, DummyLogger):
         return None
     base = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else getattr(logger, "save_dir", None)
+    if base and isinstance(logger, TensorBoardLogger) and logger.sub_dir in EVALUATION_LOGS:
+        base = Path(base).parent  # <run>/validate -> <run>
     folder = Path(base or trainer.default_root_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
     return folder

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from zoo.engine.callbacks import FixedBatchCallback, run_folder
+from zoo.engine.callbacks import FixedBatchCallback, record_name, run_folder
 from zoo.figures import log_image, log_text
 
 
@@ -17,9 +17,9 @@ class SelectionCallback(FixedBatchCallback):
     Reads the selector's output dict (`zoo.l2x.model`): image selectors give ``pixel_selection`` (B, 1, H, W), drawn
     as the input with unselected patches dimmed (TensorBoard ``selection/images`` and, in the run folder,
     ``selection/epoch<e>.png``); otherwise ``selection`` (B, d) is written as text (TensorBoard ``selection/text``,
-    ``selection/epoch<e>.md``): token ids through the datamodule's public `decode_selection(tokens, selection) ->
-    str` (`datamodules.text.TokenDataModule`: selected words in **bold**), vectors as the selected feature indices,
-    next to the true ones where the batch has ``relevant``.
+    ``selection/epoch<e>.md``; outside fit the files are ``validate.*``, `record_name`): token ids through the
+    datamodule's public `decode_selection(tokens, selection) -> str` (`datamodules.text.TokenDataModule`: selected
+    words in **bold**), vectors as the selected feature indices, next to the true ones where the batch has ``relevant``.
     """
 
     def __init__(self, num_samples: int = 8) -> None:
@@ -39,7 +39,7 @@ class SelectionCallback(FixedBatchCallback):
             scale = max(1, 64 // x.shape[-1])  # small images (digits are 8x8) are enlarged to be seen
             grid = make_grid(F.interpolate(panels, scale_factor=scale, mode="nearest"), nrow=len(x))
             if folder is not None:  # None: no run folder (fast_dev_run)
-                save_image(grid, folder / f"epoch{trainer.current_epoch}.png")
+                save_image(grid, folder / f"{record_name(trainer)}.png")
             log_image(trainer.logger, "selection/images", grid, trainer.global_step)
             return
         decode = getattr(trainer.datamodule, "decode_selection", None) or self._describe
@@ -49,7 +49,7 @@ class SelectionCallback(FixedBatchCallback):
                      for i, line in enumerate(lines)]
         text = "\n\n".join(f"{i}. {line}" for i, line in enumerate(lines))
         if folder is not None:
-            (folder / f"epoch{trainer.current_epoch}.md").write_text(text + "\n")
+            (folder / f"{record_name(trainer)}.md").write_text(text + "\n")
         log_text(trainer.logger, "selection/text", text, trainer.global_step)
 
     @staticmethod

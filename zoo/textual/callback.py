@@ -7,14 +7,14 @@ import torch
 from torchvision.utils import make_grid
 
 from datamodules._base import decode_tokens
-from zoo.engine.callbacks import FixedBatchCallback, run_folder
+from zoo.engine.callbacks import FixedBatchCallback, record_name, run_folder
 from zoo.figures import class_name, log_image, log_text
 
 
 class ExplanationTextCallback(FixedBatchCallback):
     """After each validation epoch: the generated explanation of each image of a fixed validation batch, beside the
     image and its first reference sentence (TensorBoard text `explanations/text` and image grid
-    `explanations/images`; `explanations/epoch<e>.md` in the run folder).
+    `explanations/images`; `explanations/epoch<e>.md` in the run folder, `validate.md` outside fit).
 
     Reads the System's evaluation output dict (`forward_batch(batch, "val")`: "images", "labels", "sentences",
     "references"; see `zoo.textual.system.TextualSystem`). Words come from the datamodule's public `decode(tokens)`
@@ -38,7 +38,7 @@ class ExplanationTextCallback(FixedBatchCallback):
         text = "\n".join(lines)
         folder = run_folder(trainer, "explanations")
         if folder is not None:  # None: no run folder (fast_dev_run)
-            (folder / f"epoch{trainer.current_epoch}.md").write_text(text + "\n")
+            (folder / f"{record_name(trainer)}.md").write_text(text + "\n")
         log_text(trainer.logger, "explanations/text", text, trainer.global_step)
         log_image(trainer.logger, "explanations/images", make_grid(images.float().cpu(), nrow=len(images)),
                   trainer.global_step)
