@@ -244,8 +244,9 @@ class SeriesFileDataModule(SeriesDataModule):
         self._check_finite(series, "series", " UCR-style files pad shorter series with NaN: pad (e.g. repeat the "
                                              "last value) or truncate every series to one length first.")
         label = self._array(arrays, "label", (1,), f"(N,) int in [0, {self.num_classes})", along="N")
-        if label.is_floating_point() and not torch.equal(label, label.round()):
-            raise DatasetLayoutError(f"{str(self.path)!r}: labels must be integers.", SERIES_LAYOUT)
+        self._check_finite(label, "label", "")
+        if label.is_floating_point():
+            self._refuse_rows(label != label.round(), "label", "", "hold non-integer values (labels must be integers)")
         check_labels(label.long(), self.num_classes, str(self.path))
         fields = {"series": series.float(), "label": label.long()}
         if "patterns" in arrays:
@@ -281,12 +282,16 @@ class SeriesFileDataModule(SeriesDataModule):
     def _check_finite(self, values: torch.Tensor, name: str, hint: str) -> None:
         """Refuse NaN / inf in array `name` (N, ...) at load, naming the file rows (a NaN found in training would name
         a shuffled batch, not the row)."""
-        if not values.is_floating_point():
-            return
-        bad = (~torch.isfinite(values)).flatten(1).any(1).nonzero().flatten().tolist()  # rows with a NaN / inf
+        if values.is_floating_point():
+            self._refuse_rows(~torch.isfinite(values), name, hint, "hold NaN or inf values")
+
+    def _refuse_rows(self, bad_values: torch.Tensor, name: str, hint: str, what: str) -> None:
+        """Refuse array `name` where `bad_values` (N, ...) marks a value, naming the file rows (0-based) and, for a
+        CSV, its lines (1-based), the first ten of each."""
+        bad = bad_values.reshape(len(bad_values), -1).any(1).nonzero().flatten().tolist()  # (R,) the bad rows
         if bad:
             lines = f"; CSV lines {[r + 1 for r in bad[:10]]}" if self.path.suffix == ".csv" else ""
-            raise DatasetLayoutError(f"{str(self.path)!r}: {name} of {len(bad)} row(s) hold NaN or inf values: rows "
+            raise DatasetLayoutError(f"{str(self.path)!r}: {name} of {len(bad)} row(s) {what}: rows "
                                      f"{bad[:10]}{' ...' if len(bad) > 10 else ''} (0-based{lines}).{hint}",
                                      SERIES_LAYOUT)
 

@@ -318,14 +318,32 @@ MISMATCH_HINTS = {
 }
 
 
+def built_in_chans(spec: dict[str, Any]) -> Any:
+    """The channel count a model spec (`MODEL_KEYS`, or some of them) builds its model for, resolved as
+    `zoo.registry.create_model_for_data` resolves it: `in_chans` (the data's channels for images), under
+    `data_inputs["in_chans"]` (a series' channels: its datamodule's num_channels is None), under
+    `model_kwargs["in_chans"]` (the user's, which win). None where none of them names it."""
+    chans = spec.get("in_chans")
+    for inputs in (spec.get("data_inputs"), spec.get("model_kwargs")):
+        if isinstance(inputs, dict) and "in_chans" in inputs:
+            chans = inputs["in_chans"]
+    return chans
+
+
+def _spec_value(spec: dict[str, Any], key: str) -> Any:
+    """`spec[key]` as the model is built with it (the channel count however it is given: `built_in_chans`)."""
+    return built_in_chans(spec) if key == "in_chans" else spec.get(key)
+
+
 def check_same_model(checkpoint_spec: dict[str, Any], wanted: dict[str, Any], source: str,
                      sized_by_image: bool = False) -> None:
     """Raise naming the difference when a checkpoint holds another model, class count or channel count than the one
     asked for, or, for a model sized by its input (`sized_by_image`: ICNN's templates, sized for its top map; the
-    registry's `check_same_model` says which), another `image_size` (where `wanted` says)."""
+    registry's `check_same_model` says which), another `image_size` (where `wanted` says). Channel counts are
+    compared as each model is built for them (`built_in_chans`), so a series' (given in `data_inputs`) is checked."""
     sized = sized_by_image and checkpoint_spec.get("image_size") is not None
     for key in ("model_name", "num_classes", "in_chans") + (("image_size",) if sized else ()):
-        held, asked = checkpoint_spec.get(key), wanted.get(key)
+        held, asked = _spec_value(checkpoint_spec, key), _spec_value(wanted, key)
         if asked is not None and not (_same_size(held, asked) if key == "image_size" else held == asked):
             raise CheckpointError(f"{source} holds {describe(checkpoint_spec)} ({key}={held!r}); this run builds "
                                   f"{describe({**checkpoint_spec, **wanted})} ({key}={asked!r})."

@@ -298,7 +298,7 @@ class ZooCLI(LightningCLI):
         class names in class-id order, and the image size a model is built for (ICNN). Without a saved datamodule (a
         model trained from Python without one) only the model's are compared."""
         from zoo.registry import check_same_model
-        from zoo.weights import check_class_names, check_data_fits_checkpoint, model_spec, read_checkpoint
+        from zoo.weights import MODEL_KEYS, check_class_names, check_data_fits_checkpoint, model_spec, read_checkpoint
 
         held = self.checkpoint_hparams if self.checkpoint_hparams is not None else saved_hparams(read_checkpoint(path))
         saved, data = held["hyper_parameters"], held["datamodule_hyper_parameters"]
@@ -307,8 +307,8 @@ class ZooCLI(LightningCLI):
             check_data_fits_checkpoint(self.saved_data_settings(data, saved), self.data_settings(), source, hint)
         hparams = getattr(self.model, "hparams", {})
         if "model_name" in saved:
-            check_same_model(model_spec(saved), {k: hparams.get(k) for k in ("model_name", "num_classes", "in_chans",
-                                                                              "image_size")}, source)
+            # every constructor input: a series' channel count is in data_inputs, not in_chans (`built_in_chans`)
+            check_same_model(model_spec(saved), {k: hparams.get(k) for k in MODEL_KEYS}, source)
         check_class_names(saved.get("class_names"), hparams.get("class_names"), source,
                           "Give it data of those classes, in that order (their class ids).")
 
@@ -316,12 +316,13 @@ class ZooCLI(LightningCLI):
         """A checkpoint's datamodule hyperparameters with `mean: pretrained` resolved as training resolved it (the
         backbone's pretrained mean and std for the model's channels); left out where that cannot be told."""
         from datamodules._base import PRETRAINED, pretrained_normalization
+        from zoo.weights import built_in_chans
 
         if data.get("mean") != PRETRAINED:
             return dict(data)
         data = {k: v for k, v in data.items() if k not in ("mean", "std")}
         try:
-            data["mean"], data["std"] = pretrained_normalization(backbone_name(self.model), saved.get("in_chans"))
+            data["mean"], data["std"] = pretrained_normalization(backbone_name(self.model), built_in_chans(saved))
         except ValueError:  # a model without a zoo Backbone, or one without a timm pretrained config
             pass
         return data

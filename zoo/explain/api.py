@@ -95,7 +95,9 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
             series, (B, d) vectors or token ids.
         method: "own" (the model's own explanation) or one of `zoo.explain.captum.POSTHOC_METHODS` (images) /
             `FEATURE_METHODS` (vectors, tokens).
-        target: one class id for the batch, (B,) ids, or None for each sample's predicted class.
+        target: one class id for the batch, (B,) ids, or None for each sample's predicted class. Ids are integers;
+            whole-valued floats (2.0) are taken as the id they equal, while other floats (2.7, NaN) and bools are
+            refused (truncating them would silently explain another class).
     Returns:
         (B, H, W) / (B, T) / (B, d) float, >= 0, higher = more important, at the input's resolution.
     """
@@ -170,8 +172,17 @@ def _takes_one_input(net: nn.Module) -> bool:
 
 def _checked_target(target: int | torch.Tensor, batch: int, num_classes: int | None) -> torch.Tensor:
     """`target` as (B,) class ids, refused by name when it is not one id or B ids in [0, num_classes) (the range
-    unchecked for a model that does not say its class count)."""
-    ids = torch.as_tensor(target).long()
+    unchecked for a model that does not say its class count), or holds non-integer values (bools; floats other than
+    whole numbers, which `.long()` would truncate to another class)."""
+    given = torch.as_tensor(target)
+    if given.dtype == torch.bool or given.is_complex():
+        raise ValueError(f"target must be integer class ids; got {given.dtype} values.")
+    if given.is_floating_point():
+        bad = given[~(torch.isfinite(given) & (given == given.round()))]  # the values that are no class id
+        if bad.numel():
+            shown = ", ".join(f"{v:g}" for v in sorted(set(bad.flatten().tolist()))[:8])
+            raise ValueError(f"target must be integer class ids; got [{shown}].")
+    ids = given.long()
     if ids.ndim > 1 or (ids.ndim == 1 and len(ids) != batch):
         raise ValueError(f"target must be one class id or {batch} ids (one per input); got shape {tuple(ids.shape)}.")
     if num_classes is not None and ids.numel() and (ids.min() < 0 or ids.max() >= num_classes):
