@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence, TypeVar
 
 import timm
 import torch
@@ -407,6 +407,15 @@ def trace_map_geometry(module: nn.Module, image: torch.Tensor) -> list[MapGeomet
     return [getattr(t, _GEOMETRY_ATTR, (None,))[0] for t in (out if isinstance(out, (list, tuple)) else [out])]
 
 
+M = TypeVar("M", bound=nn.Module)
+
+
+def like(layer: M, weight: torch.Tensor) -> M:
+    """A new layer (a `reset_classifier` head) on the device and in the dtype of the weights it replaces: a model
+    moved to the GPU or made `.double()` keeps running after its head is reset."""
+    return layer.to(device=weight.device, dtype=weight.dtype)
+
+
 class PooledLinearHead(nn.Module):
     """Global average pool -> dropout -> linear: the classifier every family shares with its opaque twin."""
 
@@ -421,7 +430,7 @@ class PooledLinearHead(nn.Module):
         return pooled if pre_logits else self.fc(self.drop(pooled))
 
     def reset(self, num_classes: int) -> None:
-        self.fc = nn.Linear(self.in_features, num_classes)
+        self.fc = like(nn.Linear(self.in_features, num_classes), self.fc.weight)
 
 
 class ClassifierHeadMixin:
@@ -437,7 +446,7 @@ class ClassifierHeadMixin:
         if isinstance(self.head, PooledLinearHead):
             self.head.reset(num_classes)
         else:
-            self.head = nn.Linear(self.head.in_features, num_classes)
+            self.head = like(nn.Linear(self.head.in_features, num_classes), self.head.weight)
 
 
 class PooledHeadMixin(ClassifierHeadMixin):

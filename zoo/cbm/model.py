@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.backbones import TINY_CNN, Backbone
+from zoo.backbones import TINY_CNN, Backbone, like
 from zoo.checks import check_new_head
 from zoo.layers import in_weights_dtype
 from zoo.registry import register_model
@@ -185,7 +185,7 @@ class ConceptBottleneckModel(nn.Module):
         """A new f for `num_classes` (the concept layer, what transfers, is kept)."""
         check_new_head(self, num_classes)
         self.num_classes = num_classes
-        self.task_head = nn.Linear(self.task_inputs, num_classes)
+        self.task_head = like(nn.Linear(self.task_inputs, num_classes), self.task_head.weight)
 
 
 def _create_cbm(backbone: str, **kwargs) -> ConceptBottleneckModel:

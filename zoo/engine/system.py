@@ -17,9 +17,12 @@ and declares its opaque twins in `TWINS`: name -> CLI overrides applied to the f
 
 from __future__ import annotations
 
+import copy
+import io
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
@@ -63,6 +66,35 @@ def compile_model(model: nn.Module, how: str | Callable[..., Any] = "inductor") 
         model.backbone.compile(**options)
         return
     model.compile(**options)
+
+
+def plain_value(value: Any) -> Any:
+    """`value` with NumPy scalars and arrays as Python numbers and lists, through dicts, lists and tuples: what a
+    System saves as hyperparameters must load under `torch.load(weights_only=True)`, which every checkpoint reader
+    uses and which refuses NumPy's types (the registry accepts NumPy numbers as inputs, so a run may be given them)."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()  # a scalar's Python number (`.item()`), an array's nested lists
+    if isinstance(value, dict):
+        return type(value)((plain_value(k), plain_value(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):  # a NamedTuple keeps its own type
+        return type(value)(plain_value(v) for v in value)
+    return value
+
+
+def check_loadable_hparams(owner: str, hparams: dict[str, Any]) -> None:
+    """Refuse, naming the hyperparameter, a value a checkpoint could be written with and not read back: every reader
+    uses `torch.load(weights_only=True)`, which loads plain values (numbers, strings, lists, dicts, tensors) only.
+    Checked when the System is built, not after a run has trained (its checkpoints would be unreadable)."""
+    for key, value in hparams.items():
+        buffer = io.BytesIO()
+        try:
+            torch.save(value, buffer)
+            buffer.seek(0)
+            torch.load(buffer, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure means the same: the checkpoint could not be read
+            raise ValueError(f"{owner}: hyperparameter {key}={value!r} cannot be saved in a checkpoint that loads "
+                             f"with weights_only=True ({type(err).__name__}: {err}); give plain values (numbers, "
+                             f"strings, lists, dicts) or names the model resolves.") from err
 
 
 def backbone_of(model: nn.Module) -> nn.Module | None:
@@ -137,6 +169,11 @@ class ZooSystem(pl.LightningModule):
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names holds {len(class_names)} names for num_classes={num_classes}.")
         self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
+        # saved as plain values (a family puts its own objects as names into its kwargs before this: ReNN's rules)
+        for key, value in self.hparams.items():
+            self.hparams[key] = plain_value(value)
+        self._hparams_initial = copy.deepcopy(self._hparams)  # what loggers record: the same plain values
+        check_loadable_hparams(type(self).__name__, self.hparams)
         self.model = self.build_model()
         if compile:
             compile_model(self.model, "inductor" if compile is True else compile)

@@ -214,7 +214,7 @@ class InterpretableFilters(nn.Module):
         if self.single_category is not None and not 0 <= self.single_category < num_classes:
             raise ValueError(f"single_category {self.single_category} is no class id of a {num_classes}-class head.")
         filters, device = len(self.filter_category), self.filter_category.device
-        self.class_activation = torch.zeros(filters, num_classes, device=device)
+        self.class_activation = torch.zeros(filters, num_classes, device=device, dtype=self.class_activation.dtype)
         self.class_seen = torch.zeros(num_classes, dtype=torch.bool, device=device)
         self.filter_category.fill_(self.single_category or 0)
         self._queued_share, self._solved = None, False

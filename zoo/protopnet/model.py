@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.backbones import TINY_CNN, Backbone, cells_to_pixels, model_map_geometry
+from zoo.backbones import TINY_CNN, Backbone, cells_to_pixels, like, model_map_geometry
 from zoo.checks import check_new_head
 from zoo.layers import in_weights_dtype
 from zoo.registry import register_model
@@ -195,14 +195,15 @@ class ProtoPNet(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """A new head for `num_classes`: new prototypes (m per class) and last layer; backbone and add-on kept."""
         check_new_head(self, num_classes)
-        device = self.last_layer.weight.device
+        weight = self.last_layer.weight  # the new layers take its device and dtype
         self.num_classes = num_classes
         if self.has_prototypes:
-            self.prototypes = PrototypeLayer(num_classes, self.per_class, self.prototypes.vectors.shape[1]).to(device)
-            self.last_layer = nn.Linear(num_classes * self.per_class, num_classes, bias=False).to(device)
+            channels = self.prototypes.vectors.shape[1]
+            self.prototypes = like(PrototypeLayer(num_classes, self.per_class, channels), weight)
+            self.last_layer = like(nn.Linear(num_classes * self.per_class, num_classes, bias=False), weight)
             self.set_last_layer_connections()
         else:
-            self.last_layer = nn.Linear(self.last_layer.in_features, num_classes).to(device)
+            self.last_layer = like(nn.Linear(self.last_layer.in_features, num_classes), weight)
 
 
 def _create_protopnet(backbone: str, **kwargs) -> ProtoPNet:

@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.backbones import like
 from zoo.checks import check_input, check_new_head, close_names
 from zoo.layers import cached_constant
 from zoo.registry import register_model
@@ -306,6 +307,18 @@ def _import_rule(name: str) -> Rule:
     return register_rule(name, rule)
 
 
+def registered_name(rule: str | Rule) -> str:
+    """The name a config or checkpoint gives `rule`: a name as it is, a Rule object the name it is registered under.
+    An unregistered Rule object is refused: a checkpoint names its rules (the System's hyperparameters are read back
+    with weights_only=True, which loads no Rule object), so loading it needs the name to find the rule again."""
+    if isinstance(rule, str):
+        return rule
+    if isinstance(rule, Rule) and rule.name and _RULES.get(rule.name) is rule:
+        return rule.name
+    raise ValueError(f"Rule {rule!r} is not registered: a checkpoint names its rules, so register it first, "
+                     f"register_rule(name, rule), and give the rule or its name (registered: {sorted(_RULES)}).")
+
+
 def list_rules() -> list[str]:
     return sorted(_RULES)
 
@@ -437,7 +450,7 @@ class ReNN(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         check_new_head(self, num_classes)
         self.num_classes = num_classes
-        self.head.fc = nn.Linear(self.head.fc.in_features, num_classes)
+        self.head.fc = like(nn.Linear(self.head.fc.in_features, num_classes), self.head.fc.weight)
 
 
 @register_model

@@ -10,6 +10,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.engine import ZooSystem
 from zoo.renn.metrics import NamedRuleFiring
+from zoo.renn.model import registered_name
 
 _OPAQUE_SERIES = ["--model.init_args.model_kwargs=null", "--model.init_args.loss=losses.baselines.ClassificationLoss",
                   "--model.init_args.stages=null"]
@@ -50,6 +51,10 @@ class ReNNSystem(ZooSystem):
     }
 
     def __init__(self, *args: Any, rule_events_key: str = "rule_events", **kwargs: Any) -> None:
+        model_kwargs = kwargs.get("model_kwargs")
+        if isinstance(model_kwargs, dict) and model_kwargs.get("rules") is not None:
+            # saved by name: a checkpoint is read with weights_only=True (no Rule objects); unregistered: ValueError
+            kwargs["model_kwargs"] = {**model_kwargs, "rules": [registered_name(r) for r in model_kwargs["rules"]]}
         super().__init__(*args, **kwargs)
         self.rule_events_key = rule_events_key
         self.add_metric("acc", MulticlassAccuracy(self.hparams.num_classes, average="micro"),
