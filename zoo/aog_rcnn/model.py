@@ -443,9 +443,11 @@ class _GrammarDP(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------------------- RoI heads (pluggable)
 def infer_scale(feature: torch.Tensor, image_shapes: list[tuple[int, int]]) -> float:
-    """Feature-to-image scale as a power of two (torchvision's MultiScaleRoIAlign convention)."""
-    largest = max(max(s) for s in image_shapes)
-    return 2.0 ** round(math.log2(feature.shape[-1] / largest)) if feature.shape[-1] < largest else 1.0
+    """Feature-to-image scale as a power of two, as torchvision's MultiScaleRoIAlign infers it: the feature map's
+    height over the batch's tallest image (height to height; the map's width over the largest side put a batch of
+    portrait images, width / height < 0.71, at half its scale, and pooled their boxes from the wrong cells)."""
+    tallest = max(height for height, _ in image_shapes)
+    return 2.0 ** round(math.log2(feature.shape[-2] / tallest)) if feature.shape[-2] < tallest else 1.0
 
 
 def rois_with_batch_index(proposals: list[torch.Tensor]) -> torch.Tensor:
