@@ -1,6 +1,7 @@
-"""The detector's metrics (DDP-safe): mAP (torchmetrics' MeanAveragePrecision, reduced to the two numbers the family
-reports, VOC's difficult objects left out the devkit's way) and whether a detection's parse tree finds the object's
-parts: parse-part IoU against true part boxes.
+"""The detector's metrics (DDP-safe): mAP (the two numbers the family reports: mAP@0.5 with detections matched as
+VOC's devkit matches them, mAP@[.5:.95] torchmetrics' COCO MeanAveragePrecision; VOC's difficult objects left out
+the devkit's way) and whether a detection's parse tree finds the object's parts: parse-part IoU against true part
+boxes.
 
 For every ground-truth object, the detection that explains it is the highest-scoring one of the same class with
 box IoU >= `match_iou`. Its partition (the parse tree's leaves, a uniform grid of cells, or the box itself) is
@@ -124,20 +125,73 @@ def drop_difficult(detection: dict[str, torch.Tensor], target: dict[str, torch.T
     return detection, {k: target[k][~difficult] for k in ("boxes", "labels")}
 
 
+def voc_matches(detection: dict[str, torch.Tensor], target: dict[str, torch.Tensor], iou_threshold: float = 0.5
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image's detections matched as VOC's devkit matches them (VOCevaldet.m, voc_eval.py): each detection gets
+    its single best-overlapping object of its class (IoU over all of them, difficult ones included). IoU >=
+    `iou_threshold` with a difficult object: ignored (neither hit nor miss); with another object: a true positive if
+    no higher-scoring detection took that object, else a false positive; lower IoU: a false positive. COCO's rule
+    (used by torchmetrics) would instead give a detection the best object not yet taken, turning a duplicate into a
+    hit on a neighbour. Returns the kept detections' scores (D',), labels (D',) and true-positive flags (D',) long,
+    in descending score order (stable), as the devkit ranks them."""
+    boxes, scores, labels = detection["boxes"], detection["scores"], detection["labels"]
+    difficult = target["difficult"].bool() if "difficult" in target else torch.zeros_like(target["labels"]).bool()
+    order = torch.argsort(scores, descending=True, stable=True)  # (D,)
+    boxes, scores, labels = boxes[order], scores[order], labels[order]
+    if len(target["boxes"]) == 0 or len(boxes) == 0:
+        return scores, labels, torch.zeros_like(labels)
+    iou = box_iou(boxes, target["boxes"].to(boxes.dtype))  # (D, G)
+    iou = torch.where(labels[:, None] == target["labels"][None], iou, torch.full_like(iou, -1.0))
+    best, which = iou.max(1)  # (D,): best same-class object of each detection
+    hit = best >= iou_threshold
+    ignored = hit & difficult[which]
+    candidate = hit & ~difficult[which]  # (D,) would take object `which`
+    rank = torch.arange(len(boxes), device=boxes.device)  # (D,) detections are in score order already
+    first = torch.full((len(difficult),), len(boxes), dtype=torch.long, device=boxes.device)  # (G,)
+    first = first.scatter_reduce(0, which[candidate], rank[candidate], reduce="amin")  # first taker of each object
+    true_positive = (candidate & (rank == first[which])).long()  # (D,)
+    keep = ~ignored
+    return scores[keep], labels[keep], true_positive[keep]
+
+
+def interpolated_ap(true_positive: torch.Tensor, positives: int, points: int = 101) -> torch.Tensor:
+    """Average precision of a class's detections, true_positive (D,) in descending score order over `positives`
+    objects, with COCO's (torchmetrics') interpolation: precision made non-increasing in recall, read at `points`
+    recall levels 0, 0.01, ..., 1 (the first detection reaching each level; 0 past the last recall). float64."""
+    hits = true_positive.double().cumsum(0)  # (D,)
+    misses = (1 - true_positive.double()).cumsum(0)
+    recall = hits / positives
+    precision = hits / (hits + misses).clamp(min=1)
+    precision = precision.flip(0).cummax(0).values.flip(0)  # (D,) best precision at this recall or beyond
+    levels = torch.linspace(0, 1, points, dtype=torch.float64, device=recall.device)  # (R,)
+    index = torch.searchsorted(recall, levels, side="left")  # (R,)
+    reached = index < len(recall)
+    read = precision[index.clamp(max=max(len(recall) - 1, 0))] if len(recall) else torch.zeros_like(levels)
+    return torch.where(reached, read, torch.zeros_like(levels)).mean()
+
+
 class DetectionAP(MeanAveragePrecision):
-    """Mean average precision of xyxy boxes (torchmetrics' COCO evaluation: precision interpolated at 101 recall
-    points); compute() -> {"map_50": mAP@0.5 (the checkpoint monitor), "map": mAP@[.5:.95]}.
+    """Mean average precision of xyxy boxes; compute() -> {"map_50": VOC's mAP@0.5 (the checkpoint monitor),
+    "map": torchmetrics' COCO mAP@[.5:.95]}. Both interpolate precision at 101 recall points (COCO's way).
 
     update(detections, targets) takes the detector's outputs and the batch's targets as they are: per image
     {"boxes" (D, 4), "scores" (D,), "labels" (D,), ...} and {"boxes" (G, 4), "labels" (G,), "difficult" (G,)
-    optional, ...}; other keys are ignored. VOC's difficult objects are left out as its devkit leaves them out
-    (`drop_difficult`), so `map_50` is VOC's measure but for the interpolation (VOC2007's devkit: 11 points;
-    VOC2010 on: every point).
+    optional, ...}; other keys are ignored.
+
+    `map_50` is VOC's measure but for the interpolation (VOC2007's devkit: 11 points; VOC2010 on: every point): its
+    detections are matched as the devkit matches them (`voc_matches`: each detection's single best object, difficult
+    ones ignored, duplicates false positives), ranked by score over all images per class, and averaged over the
+    classes that have a non-difficult object (-1 when none has, as torchmetrics). Unlike torchmetrics it keeps every
+    detection of an image (the devkit has no 100-per-image cap) and uses continuous IoU (the devkit adds a pixel to
+    widths and heights) with IoU >= 0.5 a hit (VOCevaldet.m; voc_eval.py's > differs only at exactly 0.5).
+    `map` stays torchmetrics' COCO evaluation (COCO matching: a detection takes the best object not yet taken), on
+    detections and objects with the difficult ones left out the devkit's way (`drop_difficult`).
 
     Under DDP every rank pads its per-image states with empty images up to the largest rank's count before
-    torchmetrics' gather (`_sync_dist`), which issues one collective per list entry: an evaluation sampler that
-    repeats no sample gives ranks different numbers of images (13 on 2 ranks: 7 and 6), and mismatched collectives
-    crashed or hung. An image with neither detections nor objects changes no COCO AP."""
+    torchmetrics' gather (`_sync_dist`), which issues one collective per list entry of torchmetrics' states (the
+    VOC states, concatenated, one each): an evaluation sampler that repeats no sample gives ranks different numbers
+    of images (13 on 2 ranks: 7 and 6), and mismatched collectives crashed or hung. An image with neither
+    detections nor objects changes neither AP."""
 
     higher_is_better = True
     full_state_update = True
@@ -146,13 +200,26 @@ class DetectionAP(MeanAveragePrecision):
     _IMAGE_STATES: ClassVar[dict[str, tuple[torch.dtype | None, tuple[int, ...]]]] = {
         "detection_box": (None, (0, 4)), "detection_scores": (None, (0,)), "detection_labels": (torch.long, (0,)),
         "groundtruth_box": (None, (0, 4)), "groundtruth_labels": (torch.long, (0,)),
-        "groundtruth_crowds": (torch.long, (0,)), "groundtruth_area": (torch.long, (0,))}
+        "groundtruth_crowds": (torch.long, (0,)), "groundtruth_area": (torch.long, (0,)),
+        # this class's VOC states (concatenated on sync): per image the kept detections' scores, labels and
+        # true-positive flags, and the non-difficult objects' labels
+        "voc_scores": (None, (0,)), "voc_labels": (torch.long, (0,)), "voc_true_positive": (torch.long, (0,)),
+        "voc_object_labels": (torch.long, (0,))}
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(box_format="xyxy", iou_type="bbox", **kwargs)
+        for name in ("voc_scores", "voc_labels", "voc_true_positive", "voc_object_labels"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, detections: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]]) -> None:
         pairs = [({k: d[k] for k in ("boxes", "scores", "labels")}, t) for d, t in zip(detections, targets)]
+        for detection, target in pairs:  # images hold different numbers of objects
+            scores, labels, true_positive = voc_matches(detection, target)
+            self.voc_scores.append(scores)
+            self.voc_labels.append(labels)
+            self.voc_true_positive.append(true_positive)
+            difficult = target["difficult"].bool() if "difficult" in target else None
+            self.voc_object_labels.append(target["labels"] if difficult is None else target["labels"][~difficult])
         pairs = [drop_difficult(d, t) if "difficult" in t else (d, {k: t[k] for k in ("boxes", "labels")})
                  for d, t in pairs]  # images hold different numbers of objects
         super().update([d for d, _ in pairs], [t for _, t in pairs])
@@ -173,6 +240,26 @@ class DetectionAP(MeanAveragePrecision):
                 setattr(self, name, [*entries, *[empty] * missing])
         super()._sync_dist(dist_sync_fn=dist_sync_fn, process_group=process_group)
 
+    def voc_map_50(self) -> torch.Tensor:
+        """VOC's mAP@0.5 of the matches `update` kept: per class with a non-difficult object, its detections over
+        all images in descending score (stable, in image order on ties, as pycocotools), `interpolated_ap`; their
+        mean, -1 when no class has an object. A loop over classes, at compute time only."""
+        states = [getattr(self, name) for name in ("voc_scores", "voc_labels", "voc_true_positive",
+                                                   "voc_object_labels")]
+        # a list before a DDP sync, one tensor after it (dist_reduce_fx="cat")
+        scores, labels, true_positive, objects = (
+            torch.cat(state) if isinstance(state, list) and state else state if isinstance(state, torch.Tensor)
+            else torch.zeros(0, device=self.device) for state in states)
+        classes, positives = objects.long().unique(return_counts=True)  # (C,) each
+        if len(classes) == 0:
+            return torch.tensor(-1.0, device=self.device)
+        aps = []
+        for label, count in zip(classes.tolist(), positives.tolist()):
+            mine = labels.long() == label
+            order = torch.argsort(scores[mine], descending=True, stable=True)
+            aps.append(interpolated_ap(true_positive[mine][order], count))
+        return torch.stack(aps).mean().float()
+
     def compute(self) -> dict[str, torch.Tensor]:
         results = super().compute()
-        return {"map_50": results["map_50"], "map": results["map"]}
+        return {"map_50": self.voc_map_50().to(results["map"].device), "map": results["map"]}
