@@ -67,6 +67,29 @@ def test_load_checkpoint_checks_a_series_models_channels(one_channel_run: tuple[
         zoo.load_checkpoint(ckpt, in_chans=2)
 
 
+def test_a_series_system_built_in_python_loads_its_own_checkpoint(tmp_path: Path) -> None:
+    """A series System built in Python (in_chans left at its default, the channels in data_inputs) was refused its
+    own checkpoint by load_from_checkpoint, trainer.validate(ckpt_path=) and a resumed fit ("this run builds ...
+    (in_chans=3)") once the checkpoint side read the channels from data_inputs: both sides are read alike now."""
+    import pytorch_lightning as pl
+
+    from datamodules import RuleSeriesDataModule
+    from zoo.baselines.system import ClassifierSystem
+
+    data = RuleSeriesDataModule(num_train=32, num_val=16, num_test=16, batch_size=16)
+    system = ClassifierSystem("baseline_cnn1d", num_classes=data.num_classes, data_inputs=data.model_inputs,
+                              input_key="series")
+    options = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, limit_train_batches=1, limit_val_batches=1,
+                   default_root_dir=str(tmp_path))
+    trainer = pl.Trainer(**options)
+    trainer.fit(system, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "series.ckpt")
+    loaded = ClassifierSystem.load_from_checkpoint(tmp_path / "series.ckpt")
+    assert loaded.hparams.data_inputs["in_chans"] == 1
+    pl.Trainer(**options).validate(system, datamodule=data, ckpt_path=str(tmp_path / "series.ckpt"), verbose=False)
+
+
 @pytest.mark.parametrize("suffix", [".npz", ".csv"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, 0.5])
 def test_series_file_labels_that_are_no_class_ids_name_their_rows(tmp_path: Path, suffix: str, bad: float) -> None:

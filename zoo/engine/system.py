@@ -35,7 +35,7 @@ from zoo.distributed import end_spawned_process_group
 from zoo.engine.auxiliary import Auxiliary, auxiliaries_pending, prepare_auxiliaries
 from zoo.engine.stages import Schedule, epoch_schedules
 from zoo.registry import check_same_model, create_model_for_data
-from zoo.weights import CheckpointError, check_resume_keys, model_spec, resolve_class
+from zoo.weights import MODEL_KEYS, CheckpointError, check_resume_keys, model_spec, resolve_class
 
 NONFINITE_POLICIES = ("raise", "skip")
 EVAL_STAGES = ("val", "test")
@@ -580,9 +580,8 @@ class ZooSystem(pl.LightningModule):
         back the loss schedules the weights were trained under (`enter_schedules` at `schedule_epoch(checkpoint)`)."""
         saved = checkpoint.get("hyper_parameters")
         if isinstance(saved, dict) and "model_name" in saved:
-            check_same_model(model_spec(saved), {k: self.hparams.get(k) for k in ("model_name", "num_classes",
-                                                                                   "in_chans", "image_size")},
-                             "the checkpoint")
+            # every constructor input: a series' channel count is in data_inputs (`zoo.weights.built_in_chans`)
+            check_same_model(model_spec(saved), {k: self.hparams.get(k) for k in MODEL_KEYS}, "the checkpoint")
         held, here = (saved or {}).get("_class_path"), f"{type(self).__module__}.{type(self).__qualname__}"
         if held is not None and resolve_class(held) is not type(self):  # `--ckpt_path last` is not checked by the CLI
             raise CheckpointError(f"the checkpoint was written by {held.rsplit('.', 1)[-1]} ({held}); this run is "
