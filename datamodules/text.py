@@ -32,12 +32,17 @@ _WORD = re.compile(r"(?:[^\W_]|')+")  # letters and digits of any script, and ap
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u02bc": "'"})
 
 
-def tokenize(text: str) -> list[str]:
+TOKENIZER = 2  # the version of `tokenize` checkpoints are written with (1: ’ and ʼ were no apostrophes)
+
+
+def tokenize(text: str, version: int = TOKENIZER) -> list[str]:
     """Lower-cased words (runs of Unicode letters, digits and apostrophes; "café naïve" stays two words, composed
-    as NFC first so a decomposed "i" + diaeresis is one letter; the typographic apostrophes ’ and ʼ read as ');
-    IMDB's `<br />` line breaks are dropped. On ASCII text the same words as the ASCII pattern `[a-z0-9']+` before
-    it, so ASCII corpora encode as they did."""
-    return _WORD.findall(unicodedata.normalize("NFC", text).translate(_APOSTROPHES).lower().replace("<br />", " "))
+    as NFC first so a decomposed "i" + diaeresis is one letter; the typographic apostrophes ’ and ʼ read as ' from
+    `version` 2 on); IMDB's `<br />` line breaks are dropped. On ASCII text the same words as the ASCII pattern
+    `[a-z0-9']+` before it, so ASCII corpora encode as they did. A model keeps the words of the version it was
+    trained with (`TokenDataModule`)."""
+    text = unicodedata.normalize("NFC", text)
+    return _WORD.findall((text.translate(_APOSTROPHES) if version >= 2 else text).lower().replace("<br />", " "))
 
 
 def encode(texts: Sequence[list[str]], vocabulary: dict[str, int], max_len: int) -> torch.Tensor:
@@ -54,11 +59,13 @@ def vocabulary_lookup(vocabulary: Sequence[str]) -> dict[str, int]:
     return {word: i for i, word in enumerate(vocabulary) if i >= 2 and word}
 
 
-def encode_texts(texts: Sequence[str], vocabulary: Sequence[str], max_len: int) -> torch.Tensor:
+def encode_texts(texts: Sequence[str], vocabulary: Sequence[str], max_len: int,
+                 tokenizer: int = TOKENIZER) -> torch.Tensor:
     """(N, max_len) token ids of raw texts, tokenised and encoded as the datamodules do, with a trained model's
-    vocabulary: a checkpoint keeps it under its datamodule's class name, e.g.
-    ``encode_texts(["A moving film."], torch.load(path)["IMDBDataModule"]["vocabulary"], max_len=400)``."""
-    return encode([tokenize(text) for text in texts], vocabulary_lookup(vocabulary), max_len)
+    vocabulary and tokenizer version: a checkpoint keeps both under its datamodule's class name, e.g.
+    ``state = torch.load(path)["IMDBDataModule"]; encode_texts(["A moving film."], state["vocabulary"], 400,
+    state["tokenizer"])``."""
+    return encode([tokenize(text, tokenizer) for text in texts], vocabulary_lookup(vocabulary), max_len)
 
 
 def build_vocabulary(texts: Sequence[list[str]], max_vocab: int) -> list[str]:
@@ -72,11 +79,12 @@ class TokenDataModule(DictDataModule):
     """Base for token datasets: `vocabulary` (id -> word), `decode`, and the model inputs vocab_size / max_len.
 
     A vocabulary built from the data it reads (`set_texts`) is part of every checkpoint: Lightning saves
-    `state_dict()` ({"vocabulary": words}) under the datamodule's class name and, for fit (resumed), validate, test and
-    predict with a `ckpt_path`, calls `load_state_dict` after `setup` and before it builds any loader. The splits are
-    then encoded with the checkpoint's words, whatever files, rows or seed gave the texts: a model's token ids keep
-    the meanings it learnt (the data's own words would give the same ids other words, silently). A checkpoint without
-    that state (written before it was saved) leaves the data's own vocabulary."""
+    `state_dict()` ({"vocabulary": words, "tokenizer": version}) under the datamodule's class name and, for fit
+    (resumed), validate, test and predict with a `ckpt_path`, calls `load_state_dict` after `setup` and before it
+    builds any loader. The splits are then encoded with the checkpoint's words and tokenizer, whatever files, rows or
+    seed gave the texts: a model's token ids keep the meanings it learnt (the data's own words would give the same
+    ids other words, silently). A checkpoint without that state (written before it was saved) reads the data as it
+    was read then (`load_missing_state`: tokenizer 1, the data's own vocabulary)."""
 
     num_classes = 2
     num_channels = None
@@ -88,6 +96,7 @@ class TokenDataModule(DictDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.max_len = max_len
         self.loaded_vocabulary: list[str] | None = None  # a checkpoint's words (`load_state_dict`), used by setup
+        self.tokenizer = TOKENIZER  # the `tokenize` version texts are read with (a checkpoint's: `load_state_dict`)
         self._words: list[str] = []  # every distinct word of the texts set up (their first max_len words)
         self._word_ids: dict[str, torch.Tensor] = {}  # split -> (N, max_len) int32 indices into _words, -1 = padding
         self._labels: dict[str, torch.Tensor] = {}  # split -> (N,) class ids
@@ -122,12 +131,22 @@ class TokenDataModule(DictDataModule):
         datamodule whose words are fixed, or not read yet, saves nothing)."""
         if not self._word_ids and self.loaded_vocabulary is None:
             return {}
-        return {"vocabulary": list(self.vocabulary)}
+        return {"vocabulary": list(self.vocabulary), "tokenizer": self.tokenizer}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Take a checkpoint's vocabulary: the splits already set up are encoded again with it, and a later `setup`
-        uses it instead of building one from the training texts. A state without one (an older checkpoint) changes
-        nothing. A vocabulary of another size than this datamodule's (its `max_vocab`) is refused."""
+        """Take a checkpoint's tokenizer version and vocabulary: the splits already set up are read again with
+        another tokenizer, encoded again with the words, and a later `setup` uses both (the words instead of a
+        vocabulary built from the training texts). A vocabulary of another size than this datamodule's (its
+        `max_vocab`) is refused."""
+        tokenizer = int(state_dict.get("tokenizer", TOKENIZER))
+        if tokenizer not in (1, TOKENIZER):
+            raise DataSettingError(f"{type(self).__name__}: the checkpoint's texts were read with tokenizer "
+                                   f"{tokenizer}; this version reads 1 to {TOKENIZER}.")
+        if tokenizer != self.tokenizer:
+            self.tokenizer = tokenizer
+            if self._word_ids:  # read with another tokenizer: read again
+                self.splits, self._word_ids = {}, {}
+                self.setup()
         words = state_dict.get("vocabulary")
         if words is None:
             return
@@ -143,6 +162,11 @@ class TokenDataModule(DictDataModule):
         self.vocabulary = list(words)
         if self._word_ids:
             self._encode_splits()
+
+    def load_missing_state(self) -> None:
+        """A checkpoint written before the datamodule saved its state (`zoo.weights.restore_datamodule_state`): its
+        texts were read with tokenizer 1 and its vocabulary built from the data, as it is then."""
+        self.load_state_dict({"tokenizer": 1})
 
     @property
     def model_inputs(self) -> dict[str, Any]:
@@ -206,7 +230,7 @@ class IMDBDataModule(TokenDataModule):
                 raise DatasetLayoutError(f"IMDB folder {str(folder)!r} holds no .txt reviews.", IMDB_LAYOUT)
             for path in files:
                 try:
-                    texts.append(tokenize(path.read_text(encoding="utf-8")))
+                    texts.append(tokenize(path.read_text(encoding="utf-8"), self.tokenizer))
                 except UnicodeDecodeError as err:
                     raise DatasetLayoutError(f"IMDB review {str(path)!r} is not UTF-8 text ({err}).", IMDB_LAYOUT)
                 labels.append(label)
@@ -329,7 +353,7 @@ class CSVTextDataModule(TokenDataModule):
             seen = sorted({row[self.label_column] for row in rows})
             raise ValueError(f"{str(self.path)!r}: no row has label {absent} in column {self.label_column!r}; its "
                              f"labels are {seen[:20]}.")
-        texts = [tokenize(row[self.text_column] or "") for row in kept]
+        texts = [tokenize(row[self.text_column] or "", self.tokenizer) for row in kept]
         labels = torch.tensor([class_of[row[self.label_column]] for row in kept])
         order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.seed))
         num_val, num_test = (max(1, int(round(f * len(texts)))) for f in (self.val_fraction, self.test_fraction))

@@ -77,7 +77,7 @@ def test_vocabulary_is_the_datamodule_state_and_loading_it_encodes_the_splits_wi
     first.setup()
     second.setup()
     state = first.state_dict()
-    assert state == {"vocabulary": first.vocabulary} and "wonderful" in state["vocabulary"]
+    assert state == {"vocabulary": first.vocabulary, "tokenizer": 2} and "wonderful" in state["vocabulary"]
     own = second.splits["test"].tensors["tokens"].clone()
     assert not torch.equal(own, first.splits["test"].tensors["tokens"])  # the bug: other ids for the same reviews
     second.load_state_dict({})  # an older checkpoint: nothing changes
@@ -226,3 +226,54 @@ def test_typographic_apostrophes_read_as_the_ascii_one() -> None:
     "don't"."""
     assert tokenize("I don\u2019t, it\u02bcs Ann\u2019s") == tokenize("I don't, it's Ann's") == [
         "i", "don't", "it's", "ann's"]
+
+
+def test_a_checkpoint_from_before_the_state_reads_texts_as_they_were_read(tmp_path: Path) -> None:
+    """A checkpoint without the datamodule's state (written before it was saved) was evaluated with texts read by the
+    new tokenizer (’ an apostrophe: "don’t" one word, where the model learnt "don" + "t"), so its token ids moved
+    silently (val/black_box_acc 0.850 -> 0.717 in the audit's run). Such a checkpoint reads them as then
+    (tokenizer 1, the data's own vocabulary), through Lightning's restore and compare's `load_system_weights`."""
+    import pytorch_lightning as pl
+
+    from zoo.baselines.system import ClassifierSystem
+    from zoo.weights import load_system_weights
+
+    path = tmp_path / "rt.csv"
+    generator = random.Random(0)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["category", "text"])
+        for i in range(60):
+            cue = generator.choice(["don’t like", "can’t stand"] if i % 2 else ["loved it", "great fun"])
+            writer.writerow(["fresh" if i % 2 == 0 else "rotten", f"{cue} w{generator.randrange(20)}"])
+    settings = dict(label_column="category", labels=["rotten", "fresh"], max_len=8, max_vocab=20, batch_size=16)
+    data = CSVTextDataModule(str(path), **settings)
+    system = ClassifierSystem("baseline_textcnn", num_classes=2, in_chans=None, image_size=None,
+                              data_inputs=data.model_inputs, input_key="tokens")
+    options = dict(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer = pl.Trainer(**options)
+    trainer.fit(system, datamodule=data)
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    assert checkpoint["CSVTextDataModule"]["tokenizer"] == 2 and "don't" in checkpoint["CSVTextDataModule"]["vocabulary"]
+    del checkpoint["CSVTextDataModule"]  # as written before the datamodule saved its state
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+
+    then = CSVTextDataModule(str(path), **settings)  # what the old code read: tokenizer 1
+    then.tokenizer = 1
+    then.setup()
+    assert "don't" not in then.vocabulary and "don" in then.vocabulary
+    for load in ("trainer", "compare"):
+        other = CSVTextDataModule(str(path), **settings)
+        if load == "trainer":
+            pl.Trainer(**options).validate(system, datamodule=other, ckpt_path=str(tmp_path / "old.ckpt"),
+                                            verbose=False)
+        else:
+            load_system_weights(system, tmp_path / "old.ckpt", other)
+            other.setup("validate")
+        assert other.tokenizer == 1 and other.vocabulary == then.vocabulary
+        assert torch.equal(other.splits["val"].tensors["tokens"], then.splits["val"].tensors["tokens"])
+    fresh = CSVTextDataModule(str(path), **settings)  # a new fit reads with the current tokenizer
+    fresh.setup()
+    assert fresh.tokenizer == 2 and "don't" in fresh.vocabulary

@@ -447,9 +447,20 @@ def load_system_weights(system: nn.Module, path: str | Path, datamodule: Any = N
     if missing or unexpected:
         raise CheckpointError(f"{str(path)!r} does not fit {type(system).__name__}: missing {list(missing)[:8]}, "
                               f"unexpected {list(unexpected)[:8]}.")
-    state = checkpoint.get(type(datamodule).__qualname__) if datamodule is not None else None
-    if state:  # the key and call of Lightning's `_CheckpointConnector.restore_datamodule`
+    if datamodule is not None:
+        restore_datamodule_state(datamodule, checkpoint)
+
+
+def restore_datamodule_state(datamodule: Any, checkpoint: dict[str, Any]) -> None:
+    """The state a checkpoint saved of `datamodule`'s class into it, as Lightning's
+    `_CheckpointConnector.restore_datamodule` restores it (its key and call); a checkpoint written before that class
+    saved a state (none under its key) gets the datamodule's `load_missing_state()` where it has one (a text
+    datamodule then reads the texts as they were read then), which Lightning has no call for."""
+    state = checkpoint.get(type(datamodule).__qualname__)
+    if state:
         datamodule.load_state_dict(state)
+    elif hasattr(datamodule, "load_missing_state"):
+        datamodule.load_missing_state()
 
 
 def check_resume_keys(system: type, saved: dict[str, Any], wanted: Any, source: str) -> None:

@@ -35,7 +35,8 @@ from zoo.distributed import end_spawned_process_group
 from zoo.engine.auxiliary import Auxiliary, auxiliaries_pending, prepare_auxiliaries
 from zoo.engine.stages import Schedule, epoch_schedules
 from zoo.registry import check_same_model, create_model_for_data
-from zoo.weights import MODEL_KEYS, CheckpointError, check_resume_keys, model_spec, resolve_class
+from zoo.weights import (MODEL_KEYS, CheckpointError, check_resume_keys, model_spec, resolve_class,
+                         restore_datamodule_state)
 
 NONFINITE_POLICIES = ("raise", "skip")
 EVAL_STAGES = ("val", "test")
@@ -576,8 +577,9 @@ class ZooSystem(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, naming the difference, a checkpoint of another model / class count / channel count (before
         Lightning's load_state_dict fails deep inside torch), then one of another System with the same model; then
-        drop the checkpoint's loss tensors the current loss does not hold (`_drop_foreign_loss_state`) and put
-        back the loss schedules the weights were trained under (`enter_schedules` at `schedule_epoch(checkpoint)`)."""
+        tell a datamodule of a checkpoint that holds no state of it (`zoo.weights.restore_datamodule_state`), drop the
+        checkpoint's loss tensors the current loss does not hold (`_drop_foreign_loss_state`) and put back the loss
+        schedules the weights were trained under (`enter_schedules` at `schedule_epoch(checkpoint)`)."""
         saved = checkpoint.get("hyper_parameters")
         if isinstance(saved, dict) and "model_name" in saved:
             # every constructor input: a series' channel count is in data_inputs (`zoo.weights.built_in_chans`)
@@ -587,6 +589,9 @@ class ZooSystem(pl.LightningModule):
             raise CheckpointError(f"the checkpoint was written by {held.rsplit('.', 1)[-1]} ({held}); this run is "
                                   f"{type(self).__name__} ({here}). Resume a run with its own config.")
         check_resume_keys(type(self), saved or {}, self.hparams, "the checkpoint")
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None and type(datamodule).__qualname__ not in checkpoint:  # Lightning restores the rest
+            restore_datamodule_state(datamodule, checkpoint)  # a checkpoint from before the datamodule saved a state
         self._drop_foreign_loss_state(checkpoint)
         epoch = schedule_epoch(checkpoint)
         if epoch is not None:
