@@ -68,6 +68,15 @@ def test_unregistered_rule_object_is_refused_by_name() -> None:
         _renn(["premature_then_pause", _PAUSE & CountAtLeast(_PREMATURE, 2)])
 
 
+def test_paths_are_saved_as_strings() -> None:
+    """A `pretrained_path=Path(...)` (Backbone takes str | Path) was refused when the System was built (its
+    checkpoints could not be read back): the same file, named by a string."""
+    from zoo.engine.system import plain_value
+
+    assert plain_value({"model_kwargs": {"pretrained_path": Path("w") / "r.pth"}, "n": (Path("a"),)}) == \
+        {"model_kwargs": {"pretrained_path": "w/r.pth"}, "n": ("a",)}
+
+
 def test_unloadable_hyperparameter_is_refused_when_the_system_is_built() -> None:
     with pytest.raises(ValueError, match="hyperparameter model_kwargs=.*weights_only=True"):
         ZooSystem(model_name="baseline_tinycnn", num_classes=3, model_kwargs={"drop_rate": 0.1, "x": object()})

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -70,11 +71,14 @@ def compile_model(model: nn.Module, how: str | Callable[..., Any] = "inductor") 
 
 
 def plain_value(value: Any) -> Any:
-    """`value` with NumPy scalars and arrays as Python numbers and lists, through dicts, lists and tuples: what a
-    System saves as hyperparameters must load under `torch.load(weights_only=True)`, which every checkpoint reader
-    uses and which refuses NumPy's types (the registry accepts NumPy numbers as inputs, so a run may be given them)."""
+    """`value` with NumPy scalars and arrays as Python numbers and lists, paths as strings, through dicts, lists and
+    tuples: what a System saves as hyperparameters must load under `torch.load(weights_only=True)`, which every
+    checkpoint reader uses and which refuses NumPy's types and paths (the registry accepts NumPy numbers as inputs,
+    and a backbone a `pretrained_path` Path, so a run may be given them)."""
     if isinstance(value, (np.generic, np.ndarray)):
         return value.tolist()  # a scalar's Python number (`.item()`), an array's nested lists
+    if isinstance(value, os.PathLike):  # a `pretrained_path=Path(...)`: the same file, named by a string
+        return os.fspath(value)
     if isinstance(value, dict):
         return type(value)((plain_value(k), plain_value(v)) for k, v in value.items())
     if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):  # a NamedTuple keeps its own type
