@@ -109,17 +109,22 @@ IMDB_REVIEWS = {
 }
 
 
+def write_imdb(root: Path, reviews: dict[str, dict[str, list[str]]]) -> Path:
+    """An aclImdb folder in the release's layout, {train,test}/{pos,neg}/<id>_<rating>.txt, from split -> polarity
+    -> review texts."""
+    for split, by_polarity in reviews.items():
+        for polarity, texts in by_polarity.items():
+            folder = root / split / polarity
+            folder.mkdir(parents=True)
+            for i, text in enumerate(texts):
+                (folder / f"{i}_{9 if polarity == 'pos' else 2}.txt").write_text(text, encoding="utf-8")
+    return root
+
+
 @pytest.fixture
 def imdb_root(tmp_path: Path) -> Path:
     """An aclImdb folder in the release's layout: {train,test}/{pos,neg}/<id>_<rating>.txt, 3 reviews each."""
-    root = tmp_path / "aclImdb"
-    for split in ("train", "test"):
-        for polarity, reviews in IMDB_REVIEWS.items():
-            folder = root / split / polarity
-            folder.mkdir(parents=True)
-            for i, text in enumerate(reviews):
-                (folder / f"{i}_{9 if polarity == 'pos' else 2}.txt").write_text(text, encoding="utf-8")
-    return root
+    return write_imdb(tmp_path / "aclImdb", {"train": IMDB_REVIEWS, "test": IMDB_REVIEWS})
 
 
 def voc_annotation(image_id: str, objects: list[tuple[str, tuple[int, int, int, int], int]]) -> str:

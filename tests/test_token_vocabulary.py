@@ -14,6 +14,7 @@ import torch
 
 from datamodules import CSVTextDataModule, DatasetLayoutError, DataSettingError, IMDBDataModule
 from datamodules.text import encode, encode_texts, tokenize
+from tests.conftest import write_imdb
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_REVIEWS = {  # the same test reviews in both folders
@@ -29,21 +30,11 @@ TRAIN_REVIEWS = {
 }
 
 
-def write_imdb(root: Path, train: dict[str, list[str]]) -> Path:
-    """An aclImdb folder in the release's layout: {train,test}/{pos,neg}/<id>_<rating>.txt."""
-    for split, reviews in (("train", train), ("test", TEST_REVIEWS)):
-        for polarity, texts in reviews.items():
-            folder = root / split / polarity
-            folder.mkdir(parents=True)
-            for i, text in enumerate(texts):
-                (folder / f"{i}_{9 if polarity == 'pos' else 2}.txt").write_text(text, encoding="utf-8")
-    return root
-
-
 @pytest.fixture
 def imdb_roots(tmp_path: Path) -> tuple[Path, Path]:
     """Two aclImdb folders with the same test reviews and other training reviews."""
-    return tuple(write_imdb(tmp_path / f"aclImdb_{name}", train) for name, train in TRAIN_REVIEWS.items())
+    return tuple(write_imdb(tmp_path / f"aclImdb_{name}", {"train": train, "test": TEST_REVIEWS})
+                 for name, train in TRAIN_REVIEWS.items())
 
 
 def write_sentences(path: Path, num_rows: int = 60) -> Path:
