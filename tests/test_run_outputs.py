@@ -105,3 +105,24 @@ def test_a_fit_without_a_logger_warns_that_its_checkpoints_are_shared(in_tmp_dir
                     "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
                     *WORLD])
     assert cli.trainer.state.finished and (in_tmp_dir / "checkpoints" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_second_predict_leaves_no_picture_of_the_first(in_tmp_dir: Path) -> None:
+    """A predict with fewer samples (or of another checkpoint) left the earlier predict's pictures beside its rows:
+    "8 rows ... 8 pictures" printed, 32 PNGs in the folder. The folder holds one predict's files; others stay."""
+    from train import main
+
+    main(["fit", "--config", str(REPO / "configs/baselines/parts_world.yaml"), *WORLD, "--trainer.max_epochs=1",
+          "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--progress_bar.refresh_rate=0",
+          "--trainer.logger.init_args.name=run"])
+    run = in_tmp_dir / "checkpoints" / "run"
+    again = ["predict", "--config", str(run / "config.yaml"), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]
+    main([*again, "--trainer.limit_predict_batches=2"])
+    folder = run / "predictions"
+    assert len(list(folder.glob("*.png"))) == 32
+    (folder / "notes.txt").write_text("mine")
+    main([*again, "--trainer.limit_predict_batches=1", "--data.init_args.batch_size=8"])
+    with (folder / "predictions.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 8
+    assert sorted(path.name for path in folder.iterdir()) == [f"{i:05d}.png" for i in range(8)] + \
+        ["notes.txt", "predictions.csv"]

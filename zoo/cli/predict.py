@@ -2,7 +2,8 @@
 
     python train.py predict --config <the run's config> --ckpt_path checkpoints/<run>/checkpoints/last.ckpt
 
-writes into the run folder (checkpoints/<run>/predictions/):
+writes into the run folder (checkpoints/<run>/predictions/; an earlier predict's predictions.csv and pictures there
+are removed first, so the folder holds one predict's files):
 - predictions.csv: one row per sample: index, file (where the data names its samples), true label id and name
   (where the data has labels), predicted class id and name, its probability, then the System's own extra columns
   (L2X / INVASE: the prediction is the approximator's from the selected features alone, followed by the black box's
@@ -40,6 +41,15 @@ from zoo.distributed import is_distributed
 from zoo.engine.callbacks import run_folder
 
 CSV_NAME = "predictions.csv"
+
+
+def clear_predictions(folder: Path) -> Path:
+    """`folder` without an earlier predict's files (its predictions.csv and <index>.png pictures; nothing else),
+    so a predict of another checkpoint or with fewer samples leaves no picture of the earlier one beside its rows."""
+    for path in [folder / CSV_NAME, *folder.glob("[0-9][0-9][0-9][0-9][0-9]*.png")]:
+        if path.is_file() and (path.name == CSV_NAME or path.stem.isdigit()):
+            path.unlink()
+    return folder
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -94,9 +104,11 @@ class PredictionWriter(BasePredictionWriter):
         if is_distributed():  # one folder for every rank (a logger's version may differ off rank zero), made first
             world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
             self.quota = self.max_pictures // world + int(rank < self.max_pictures % world)
-            folder = [self.out_dir(trainer) if rank == 0 else None]
+            folder = [clear_predictions(self.out_dir(trainer)) if rank == 0 else None]
             torch.distributed.broadcast_object_list(folder, src=0)
             self.folder_path = folder[0]
+        else:
+            clear_predictions(self.out_dir(trainer))
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: Any,
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
