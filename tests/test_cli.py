@@ -560,6 +560,11 @@ def test_mistyped_options_and_yaml_keys_get_a_did_you_mean(in_tmp_dir: Path, cap
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and "unrecognized arguments: --trainer.max_epoch" in error
     assert "did you mean '--trainer.max_epochs'?" in error
+    with pytest.raises(SystemExit) as exit_info:  # a key of the config given as a top-level option: its full name
+        main(["fit", "--config", str(config), "--batch_size", "16"])  # (was "the key 'batch_size' is in <config>")
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "did you mean '--data.init_args.batch_size'?" in error
+    assert "is in" not in error, error
 
 
 def test_a_bad_compare_spec_is_said_once(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:

@@ -102,18 +102,24 @@ def dotted_keys(config: Any, prefix: str = "") -> Iterator[str]:
             yield from dotted_keys(value, prefix)
 
 
-def files_with_key(key: str, args: list[str], cwd: Path | None = None) -> list[Path]:
+def keys_in_files(key: str, args: list[str], cwd: Path | None = None) -> dict[Path, list[str]]:
     """The config files of `args` (relative to `cwd`) holding `key` (dotted; or as the last part of a longer dotted
-    key), as named on the command line."""
-    found = []
+    key), as named on the command line -> the full dotted keys it is in them."""
+    found = {}
     for path in config_files(args, cwd):
         try:
             keys = set(dotted_keys(yaml.safe_load(((cwd or Path()) / path).read_text())))
         except yaml.YAMLError:
             continue
-        if any(k == key or k.endswith(f".{key}") for k in keys):
-            found.append(path)
+        matches = sorted(k for k in keys if k == key or k.endswith(f".{key}"))
+        if matches:
+            found[path] = matches
     return found
+
+
+def files_with_key(key: str, args: list[str], cwd: Path | None = None) -> list[Path]:
+    """The config files of `args` (relative to `cwd`) holding `key` (`keys_in_files`)."""
+    return list(keys_in_files(key, args, cwd))
 
 
 def init_parameters(class_path: str) -> list[str]:
@@ -152,11 +158,16 @@ def suggestion(message: str, parser: Any, args: list[str], cwd: Path | None = No
         group, _, last = bad.rpartition(".")
         close = [f"{group}.{m}" for m in difflib.get_close_matches(
             last, [c.removeprefix(f"{group}.") for c in candidates if c.startswith(f"{group}.")], n=1, cutoff=0.6)]
-    dashes = "--" if unrecognized and not (subcommand or option) else ""
+    on_command_line = unrecognized and not (subcommand or option)
+    dashes = "--" if on_command_line else ""
     lines = [f"did you mean '{dashes}{close[0]}'?" if close else (where and f"({where})")]
-    files = files_with_key(bad, args, cwd)
-    if files:
-        lines.append(f"the key {bad!r} is in {', '.join(str(f) for f in files)}")
+    found = keys_in_files(bad, args, cwd)
+    if on_command_line:  # not a mistake in a file: the option a config file's key gives on the command line
+        full = sorted({key for keys in found.values() for key in keys if key != bad})
+        if full and not close:
+            lines = [f"did you mean {' or '.join(repr(f'--{key}') for key in full[:3])}?"]
+    elif found:
+        lines.append(f"the key {bad!r} is in {', '.join(str(f) for f in found)}")
     return "\n".join(line for line in lines if line)
 
 
