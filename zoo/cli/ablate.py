@@ -22,6 +22,7 @@ from zoo.cli.compare import config_argument
 from zoo.cli.errors import configuration_phase, is_configuration_error, mark, root_cause
 from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.report import metric_directions, write_report
+from zoo.cli.runs import STALE, config_strings, existing_files, move_aside
 from zoo.fingerprints import (HASHED_FILE_LIMIT, file_fingerprint, folder_fingerprint,  # noqa: F401 (re-exported)
                               written_by_runs)
 
@@ -157,25 +158,6 @@ def report_only(entry: Any) -> bool:
     except (ImportError, AttributeError, ValueError):
         return False
     return isinstance(cls, type) and getattr(cls, "report_only", False) is True
-
-
-def config_strings(config: Any, skip: tuple[str, ...] = ()) -> Iterator[str]:
-    """Every non-empty string of a nested config, less the values of the keys named in `skip` (at any depth)."""
-    if isinstance(config, dict):
-        for key, value in config.items():
-            if key not in skip:
-                yield from config_strings(value, skip)
-    elif isinstance(config, list):
-        for value in config:
-            yield from config_strings(value, skip)
-    elif isinstance(config, str) and config:
-        yield config
-
-
-def existing_files(config: Any) -> Iterator[str]:
-    """Every string of a nested config that names an existing file (init_checkpoint, pretrained_path, ...),
-    relative paths read from the working folder as the run reads them."""
-    return (value for value in config_strings(config) if os.path.isfile(value))
 
 
 def existing_folders(config: Any, outputs: Path | None = None) -> Iterator[str]:
@@ -451,10 +433,7 @@ def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[st
         stored = digest
     if folder.is_dir() and stored != digest:
         old = json.loads(settings_path.read_text()) if settings_path.is_file() else None
-        stale = folder.parent / "stale" / f"{label}-{(stored or 'unknown')[:8]}"
-        shutil.rmtree(stale, ignore_errors=True)
-        stale.parent.mkdir(parents=True, exist_ok=True)
-        folder.rename(stale)
+        stale = move_aside(folder, folder.parent / STALE / f"{label}-{(stored or 'unknown')[:8]}", keep=())
         print(f"ablate: point {label}: settings changed since its last run; run again (old run moved to {stale})\n"
               f"  changed: {settings_changes(old, settings)}")
     elif result_path.is_file():

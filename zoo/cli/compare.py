@@ -19,6 +19,7 @@ from zoo.checks import close_names
 from zoo.cli.errors import configuration_phase
 from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.report import metric_directions, write_report
+from zoo.cli.runs import move_earlier_run
 from zoo.figures import log_figure, save_figure
 from zoo.explain.scores import (EXPLANATION_DIRECTIONS, ExplainedRun, check_explain_settings, explanation_figure,
                                 explanation_note, true_and_predicted)
@@ -59,7 +60,8 @@ A family config's report goes to checkpoints/<folder>_<stem>_compare/, named aft
 (configs/icnn/parts_world.yaml: icnn_parts_world_compare; a config in the working directory: <stem>_compare), so
 the parts_world.yaml of every family has its own; --name overrides it. Each run is seeded and built as `train.py
 fit` of its config.yaml would be and starts its fit from the random state it had when built, so a run is
-reproduced by `train.py fit --config checkpoints/<name>/<run>/config.yaml`, whatever ran before it.
+reproduced by `train.py fit --config checkpoints/<name>/<run>/config.yaml`, whatever ran before it (that fit, and
+a compare of the same name again, first move the run found in the folder to checkpoints/<name>/stale/<run>-<time>/).
 """
 FIT_ONLY_KEYS = ("ckpt_path", "weights_only")  # `fit` arguments in a run's saved config.yaml; compare runs lack them
 SPEC_KEYS = ("name", "args", "runs", "explain")  # a compare spec's keys (under `compare:`)
@@ -413,6 +415,8 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
         where = Path(cli.trainer.log_dir or folder / run_name)  # no log_dir under fast_dev_run
         print(f"\n=== compare run {index}/{len(runs)}: {run_name} ({where}) ===", flush=True)
         start = time.perf_counter()
+        # a compare run again (or a fit) left a run in its folder: moved to <name>/stale/ first (`move_earlier_run`)
+        move_earlier_run(cli.trainer, "compare", False, cli.config.as_dict(), run.get("checkpoint"))
         _set_rng_states(random_states[run_name])  # as right after it was built, whatever ran before it
         with counting(cli, "train") as trained:
             if run.get("checkpoint"):  # evaluate trained weights instead of training
@@ -450,6 +454,9 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
     if explained_runs:
         save_figure(explanation_figure(explained_runs, clis[explained_runs[0].name].datamodule),
                     folder / "explanations.png")
+    for stale, written in (("explanations.png", explained_runs), ("explanations.csv", explanation_rows)):
+        if not written:  # an earlier compare's, which would read as this one's
+            (folder / stale).unlink(missing_ok=True)
     tables = {"models": rows, **({"explanations": explanation_rows} if explanation_rows else {})}
     write_report(folder, tables, directions | EXPLANATION_DIRECTIONS)
     if explanation_rows:  # what the explanation table's columns compare

@@ -284,10 +284,30 @@ class ZooCLI(LightningCLI):
             if not self.restores_checkpoint:
                 _set_rng_states(random_state)
                 self._instantiate(nullcontext())
+        if self.subcommand in ("validate", "test", "predict") and str(ckpt_path) == "best":
+            self.refuse_best_outside_fit()
         if self.subcommand in ("fit", "validate", "test", "predict") and self.checkpoint_file is not None:
             with configuration_phase():  # fit: a resumed run would go on learning from other inputs
                 self.check_data_fits_checkpoint(self.checkpoint_file)
         warn_unnormalised_pretrained(self.model, self.datamodule)
+
+    def refuse_best_outside_fit(self) -> None:
+        """`--ckpt_path best` outside fit, refused in one line (a configuration error) naming the run's best-*.ckpt
+        files to give instead: Lightning's `best` is the best checkpoint of the fit running in the same process, so
+        validate / test / predict found none ("ModelCheckpoint is not configured to save the best model", with a
+        traceback, though it is)."""
+        from zoo.cli.errors import mark
+        from zoo.cli.runs import logger_run_folder
+
+        dirpath = self.config[self.subcommand].get("checkpoint", {}).get("dirpath")
+        folder = logger_run_folder(self.trainer)
+        checkpoints = Path(dirpath) if dirpath else folder / "checkpoints" if folder is not None else None
+        found = sorted(checkpoints.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime) if checkpoints else []
+        files = (f"this run's: {', '.join(str(p) for p in found)}" if found else
+                 f"{checkpoints} holds no best-*.ckpt" if checkpoints is not None else "this run has no run folder")
+        raise mark(ValueError(f"{self.subcommand} --ckpt_path best: `best` is the best checkpoint of a fit running "
+                              f"in the same process, so it names none outside fit. Give the file, "
+                              f"--ckpt_path <run>/checkpoints/best-*.ckpt ({files})."))
 
     def check_data_fits_checkpoint(self, path: str) -> None:
         """validate / test / predict of checkpoint `path`, or a fit resumed from it, with data that gives its model
@@ -354,7 +374,12 @@ class ZooCLI(LightningCLI):
     def before_fit(self) -> None:
         """Auxiliary models (L2X's black box, the textual sentence classifier) are trained before the fit is
         launched, so a distributed run trains them with its own strategy; a resumed fit takes them from its checkpoint
-        (`prepare_fit_auxiliaries`)."""
+        (`prepare_fit_auxiliaries`). First, a fit that restores no checkpoint moves an earlier run out of its run
+        folder (`zoo.cli.runs.move_earlier_run`: to <parent>/stale/, its auxiliary/ cache kept), so the folder holds
+        this run's checkpoints, curves and pictures only."""
+        from zoo.cli.runs import move_earlier_run
+
+        move_earlier_run(self.trainer, "fit", self.restores_checkpoint, self.config["fit"].as_dict())
         prepare_fit_auxiliaries(self.model, self.trainer, self.datamodule, self.restores_checkpoint)
 
     def _parse_ckpt_path(self) -> None:

@@ -1,0 +1,126 @@
+"""A run folder holds one run: an earlier run found where a new one is about to start is moved aside first.
+
+The configs' loggers have version "" (checkpoints/<name>/ is the run folder; Lightning's version_N numbering is
+off), so a second `fit` with the same name, a compare run again, or `fit --config <run>/config.yaml` would write
+into the earlier run's folder: best-*.ckpt beside best-*-v1.ckpt, two runs' event files on one curve, the earlier
+run's pictures and last.ckpt left for `--ckpt_path last` to resume. `move_earlier_run` moves such a run to
+<parent>/stale/<run>-<time>/ before the new one writes anything; ablate moves a point whose settings changed with
+the same `move_aside`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+STALE = "stale"  # <parent of the run folder>/stale/: where earlier runs go
+KEPT = ("auxiliary",)  # stays in the run folder: the helper-model cache, keyed by content (`zoo.engine.auxiliary`)
+EVENTS = "events.out.tfevents.*"  # TensorBoard's event files
+EVALUATION_FOLDERS = ("", "validate", "test")  # where a run's event files are (`log_evaluation_apart`)
+
+
+def config_strings(config: Any, skip: tuple[str, ...] = ()) -> Iterator[str]:
+    """Every non-empty string of a nested config, less the values of the keys named in `skip` (at any depth)."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            if key not in skip:
+                yield from config_strings(value, skip)
+    elif isinstance(config, list):
+        for value in config:
+            yield from config_strings(value, skip)
+    elif isinstance(config, str) and config:
+        yield config
+
+
+def existing_files(config: Any, skip: tuple[str, ...] = ()) -> Iterator[str]:
+    """Every string of a nested config that names an existing file (init_checkpoint, pretrained_path, ...),
+    relative paths read from the working folder as the run reads them."""
+    return (value for value in config_strings(config, skip) if os.path.isfile(value))
+
+
+def logger_run_folder(trainer: pl.Trainer) -> Path | None:
+    """The run folder of `trainer`'s logger: <save_dir>/<name>/<version> of a TensorBoardLogger or CSVLogger
+    (without the `sub_dir` validate / test log to); None without a logger (`logger: false`, fast_dev_run's
+    dummy) or with another kind. Read from the logger, not `trainer.log_dir`, which broadcasts (a collective)."""
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    logger = trainer.loggers[0] if trainer.loggers else None
+    if not isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        return None
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(os.path.expanduser(os.path.expandvars(os.path.join(logger.root_dir, version))))
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether `folder` holds a run: a last.ckpt or best-*.ckpt in <folder>/checkpoints, TensorBoard event files
+    in it or its validate / test sub-folders, or a CSVLogger's metrics.csv. A folder with only auxiliary/ (a run
+    stopped while its helper models trained) or a config.yaml holds none."""
+    checkpoints = folder / "checkpoints"
+    if (checkpoints / "last.ckpt").is_file() or any(checkpoints.glob("best-*.ckpt")):
+        return True
+    return (folder / "metrics.csv").is_file() or any(any((folder / sub).glob(EVENTS)) for sub in EVALUATION_FOLDERS)
+
+
+def stale_path(folder: Path) -> Path:
+    """<parent>/stale/<folder name>-<local time, to the second>, with -2, -3, ... where that is taken."""
+    base = folder.parent / STALE / f"{folder.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, count = base, 1
+    while path.exists():
+        count += 1
+        path = base.with_name(f"{base.name}-{count}")
+    return path
+
+
+def move_aside(folder: Path, stale: Path, keep: tuple[str, ...] = KEPT) -> Path:
+    """Move run folder `folder` to `stale` (a folder there already is replaced), its entries named in `keep` back
+    into `folder` (the helper-model cache is reused by the next run where its content key matches). Returns
+    `stale`."""
+    shutil.rmtree(stale, ignore_errors=True)
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    folder.rename(stale)  # one rename: a run killed here is either still in place or wholly moved
+    kept = [stale / name for name in keep if (stale / name).exists()]
+    if kept:
+        folder.mkdir(parents=True, exist_ok=True)
+        for entry in kept:
+            entry.rename(folder / entry.name)
+    return stale
+
+
+def inside(path: str | Path | None, folder: Path) -> bool:
+    """Whether file `path` lies in `folder` (or below)."""
+    return path is not None and folder.resolve() in Path(path).resolve().parents
+
+
+def move_earlier_run(trainer: pl.Trainer, command: str, restores_checkpoint: bool, config: Any = None,
+                     reads: str | None = None) -> Path | None:
+    """Before a run that does not restore a checkpoint starts in its logger's run folder (`logger_run_folder`),
+    an earlier run there (`holds_run`) is moved to <parent>/stale/<run>-<time>/ (`move_aside`; auxiliary/ stays),
+    and said in one line. Nothing moves for a resumed run (`restores_checkpoint`), without a run folder (logger
+    false, fast_dev_run), on a process other than global rank zero (`ddp`'s children re-run the CLI: their ranks
+    come from LOCAL_RANK / NODE_RANK when the Trainer is built), nor where the run still reads a file of that folder
+    outside auxiliary/ (`reads`, a compare run's checkpoint, or a file its `config` names, such as a
+    sentence_classifier_checkpoint, read after this): that is said instead. Returns where the earlier run went."""
+    if restores_checkpoint or not trainer.is_global_zero:
+        return None
+    folder = logger_run_folder(trainer)
+    if folder is None or not folder.is_dir() or not holds_run(folder):
+        return None
+    named = [*existing_files(config or {}, skip=("config", "ckpt_path")), *([reads] if reads else [])]
+    needed = [path for path in named if inside(path, folder) and not any(inside(path, folder / k) for k in KEPT)]
+    if needed:
+        print(f"{command}: {folder} holds an earlier run, left in place: this run reads {needed[0]} from it (its "
+              f"files and curves mix with this run's; give this run another logger name to keep them apart).",
+              flush=True)
+        return None
+    stale = move_aside(folder, stale_path(folder))
+    kept = [name for name in KEPT if (folder / name).exists()]
+    print(f"{command}: {folder} held an earlier run: moved to {stale}"
+          f"{' (' + ', '.join(f'{name}/' for name in kept) + ' kept)' if kept else ''}; to continue a run "
+          f"instead, give --ckpt_path last.", flush=True)
+    return stale
