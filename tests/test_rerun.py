@@ -4,6 +4,8 @@ its checkpoints, curves and pictures are not mixed with the new run's; `--ckpt_p
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -124,3 +126,46 @@ def test_ablate_does_not_reuse_a_point_fitted_over(in_tmp_dir: Path, capsys: pyt
     main(["ablate", "--config", DIGITS, "--name", "abl", *grid, *TINY])
     said = capsys.readouterr().out
     assert "reused" not in said and "settings changed since its last run" in said, said
+
+
+def _run(folder: Path) -> Path:
+    """A finished run's files in `folder`: last.ckpt, an event file, a picture."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+    (folder / "events.out.tfevents.1.host").write_bytes(b"events")
+    (folder / "filters").mkdir()
+    (folder / "filters" / "epoch0.png").write_bytes(b"png")
+    return folder
+
+
+def _trainer(*loggers: Any) -> Any:
+    return SimpleNamespace(is_global_zero=True, loggers=list(loggers))
+
+
+def test_only_the_runs_own_files_move_never_other_runs_or_the_working_folder(
+        in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """The whole logger folder was renamed: a run named `grp` took the run `grp/r1` (and grp/stale/) with it, an
+    empty name moved every run under checkpoints/, save_dir "." crashed (rename of the working folder: a
+    traceback), and an absolute path to the working folder moved the user's own files. Every logger of a list is
+    cleared, not only the first."""
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    from zoo.cli.runs import move_earlier_run
+
+    group = _run(in_tmp_dir / "checkpoints" / "grp")
+    _run(group / "r1")
+    (group / "auxiliary").mkdir()
+    csv_run = _run(in_tmp_dir / "csvlogs" / "grp")
+    moved = move_earlier_run(_trainer(TensorBoardLogger("checkpoints", "grp", version=""),
+                                      CSVLogger("csvlogs", "grp", version="")), "fit", False)
+    assert len(moved) == 2 and all((stale / "checkpoints" / "last.ckpt").is_file() for stale in moved)
+    assert sorted(p.name for p in group.iterdir()) == ["auxiliary", "r1"]  # another run, and the helper cache
+    assert (group / "r1" / "checkpoints" / "last.ckpt").is_file() and not any(csv_run.iterdir())
+
+    (in_tmp_dir / "my.yaml").write_text("mine")
+    (in_tmp_dir / "events.out.tfevents.2.host").write_bytes(b"events")  # a run whose folder is the working folder
+    capsys.readouterr()
+    for save_dir in (".", str(in_tmp_dir)):  # the run folder is the working folder: left in place, said
+        assert move_earlier_run(_trainer(TensorBoardLogger(save_dir, "", version="")), "fit", False) == []
+        assert "holds the working folder" in capsys.readouterr().out
+    assert (in_tmp_dir / "my.yaml").is_file() and (in_tmp_dir / "checkpoints" / "grp" / "r1").is_dir()

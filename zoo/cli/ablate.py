@@ -433,7 +433,7 @@ def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[st
         stored = digest
     if folder.is_dir() and stored != digest:
         old = json.loads(settings_path.read_text()) if settings_path.is_file() else None
-        stale = move_aside(folder, folder.parent / STALE / f"{label}-{(stored or 'unknown')[:8]}", keep=())
+        stale = move_aside(folder, folder.parent / STALE / f"{label}-{(stored or 'unknown')[:8]}")
         print(f"ablate: point {label}: settings changed since its last run; run again (old run moved to {stale})\n"
               f"  changed: {settings_changes(old, settings)}")
     elif result_path.is_file():

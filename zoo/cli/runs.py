@@ -4,8 +4,8 @@ The configs' loggers have version "" (checkpoints/<name>/ is the run folder; Lig
 off), so a second `fit` with the same name, a compare run again, or `fit --config <run>/config.yaml` would write
 into the earlier run's folder: best-*.ckpt beside best-*-v1.ckpt, two runs' event files on one curve, the earlier
 run's pictures and last.ckpt left for `--ckpt_path last` to resume. `move_earlier_run` moves such a run to
-<parent>/stale/<run>-<time>/ before the new one writes anything; ablate moves a point whose settings changed with
-the same `move_aside`.
+<parent>/stale/<run>-<time>/ before the new one writes anything (the run's own entries: other runs' folders, the
+helper cache and stale/ stay); ablate moves a whole point whose settings changed (`move_aside`).
 """
 
 from __future__ import annotations
@@ -44,17 +44,25 @@ def existing_files(config: Any, skip: tuple[str, ...] = ()) -> Iterator[str]:
     return (value for value in config_strings(config, skip) if os.path.isfile(value))
 
 
-def logger_run_folder(trainer: pl.Trainer) -> Path | None:
-    """The run folder of `trainer`'s logger: <save_dir>/<name>/<version> of a TensorBoardLogger or CSVLogger
-    (without the `sub_dir` validate / test log to); None without a logger (`logger: false`, fast_dev_run's
-    dummy) or with another kind. Read from the logger, not `trainer.log_dir`, which broadcasts (a collective)."""
+def logger_run_folders(trainer: pl.Trainer) -> list[Path]:
+    """The run folders of `trainer`'s loggers, each once: <save_dir>/<name>/<version> of a TensorBoardLogger or
+    CSVLogger (without the `sub_dir` validate / test log to); none without a logger (`logger: false`,
+    fast_dev_run's dummy) or for another kind. Read from the loggers, not `trainer.log_dir`, which broadcasts (a
+    collective)."""
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
-    logger = trainer.loggers[0] if trainer.loggers else None
-    if not isinstance(logger, (TensorBoardLogger, CSVLogger)):
-        return None
-    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-    return Path(os.path.expanduser(os.path.expandvars(os.path.join(logger.root_dir, version))))
+    folders = []
+    for logger in trainer.loggers:
+        if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+            folders.append(Path(os.path.expanduser(os.path.expandvars(os.path.join(logger.root_dir, version)))))
+    return list(dict.fromkeys(folders))
+
+
+def logger_run_folder(trainer: pl.Trainer) -> Path | None:
+    """The run folder of `trainer`'s first logger (`logger_run_folders`), None without one."""
+    folders = logger_run_folders(trainer)
+    return folders[0] if folders else None
 
 
 def holds_run(folder: Path) -> bool:
@@ -77,18 +85,12 @@ def stale_path(folder: Path) -> Path:
     return path
 
 
-def move_aside(folder: Path, stale: Path, keep: tuple[str, ...] = KEPT) -> Path:
-    """Move run folder `folder` to `stale` (a folder there already is replaced), its entries named in `keep` back
-    into `folder` (the helper-model cache is reused by the next run where its content key matches). Returns
-    `stale`."""
+def move_aside(folder: Path, stale: Path) -> Path:
+    """Move a whole run folder `folder` to `stale` (a folder there already is replaced): ablate's point whose
+    settings changed, helper cache and all (a new point starts from nothing). Returns `stale`."""
     shutil.rmtree(stale, ignore_errors=True)
     stale.parent.mkdir(parents=True, exist_ok=True)
     folder.rename(stale)  # one rename: a run killed here is either still in place or wholly moved
-    kept = [stale / name for name in keep if (stale / name).exists()]
-    if kept:
-        folder.mkdir(parents=True, exist_ok=True)
-        for entry in kept:
-            entry.rename(folder / entry.name)
     return stale
 
 
@@ -97,30 +99,50 @@ def inside(path: str | Path | None, folder: Path) -> bool:
     return path is not None and folder.resolve() in Path(path).resolve().parents
 
 
+def own_entries(folder: Path) -> list[Path]:
+    """What of run folder `folder` is its run's: every entry but the helper cache (`KEPT`), earlier runs (`STALE`)
+    and sub-folders that hold runs of their own (a run named <name>/<sub> under a run named <name>, or every run
+    under checkpoints/ when the logger's name is empty)."""
+    def other_runs(entry: Path) -> bool:
+        return entry.is_dir() and entry.name not in EVALUATION_FOLDERS and entry.name != "checkpoints" and any(
+            holds_run(sub) for sub in (entry, *entry.rglob("*")) if sub.is_dir())
+
+    return [entry for entry in sorted(folder.iterdir())
+            if entry.name not in (*KEPT, STALE) and not other_runs(entry)]
+
+
 def move_earlier_run(trainer: pl.Trainer, command: str, restores_checkpoint: bool, config: Any = None,
-                     reads: str | None = None) -> Path | None:
-    """Before a run that does not restore a checkpoint starts in its logger's run folder (`logger_run_folder`),
-    an earlier run there (`holds_run`) is moved to <parent>/stale/<run>-<time>/ (`move_aside`; auxiliary/ stays),
-    and said in one line. Nothing moves for a resumed run (`restores_checkpoint`), without a run folder (logger
-    false, fast_dev_run), on a process other than global rank zero (`ddp`'s children re-run the CLI: their ranks
-    come from LOCAL_RANK / NODE_RANK when the Trainer is built), nor where the run still reads a file of that folder
-    outside auxiliary/ (`reads`, a compare run's checkpoint, or a file its `config` names, such as a
-    sentence_classifier_checkpoint, read after this): that is said instead. Returns where the earlier run went."""
+                     reads: str | None = None) -> list[Path]:
+    """Before a run that does not restore a checkpoint starts in its loggers' run folders (`logger_run_folders`),
+    an earlier run there (`holds_run`) is moved to <parent>/stale/<run>-<time>/ (its `own_entries`: auxiliary/,
+    stale/ and other runs' folders stay), and said in one line. Nothing moves for a resumed run
+    (`restores_checkpoint`), without a run folder (logger false, fast_dev_run), on a process other than global rank
+    zero (`ddp`'s children re-run the CLI: their ranks come from LOCAL_RANK / NODE_RANK when the Trainer is built),
+    from a folder that holds the working folder (save_dir "." with an empty name: the user's own files), nor where
+    the run still reads a file of that folder outside auxiliary/ (`reads`, a compare run's checkpoint, or a file its
+    `config` names, such as a sentence_classifier_checkpoint, read after this): that is said instead. Returns where
+    the earlier runs went."""
     if restores_checkpoint or not trainer.is_global_zero:
-        return None
-    folder = logger_run_folder(trainer)
-    if folder is None or not folder.is_dir() or not holds_run(folder):
-        return None
-    named = [*existing_files(config or {}, skip=("config", "ckpt_path")), *([reads] if reads else [])]
-    needed = [path for path in named if inside(path, folder) and not any(inside(path, folder / k) for k in KEPT)]
-    if needed:
-        print(f"{command}: {folder} holds an earlier run, left in place: this run reads {needed[0]} from it (its "
-              f"files and curves mix with this run's; give this run another logger name to keep them apart).",
-              flush=True)
-        return None
-    stale = move_aside(folder, stale_path(folder))
-    kept = [name for name in KEPT if (folder / name).exists()]
-    print(f"{command}: {folder} held an earlier run: moved to {stale}"
-          f"{' (' + ', '.join(f'{name}/' for name in kept) + ' kept)' if kept else ''}; to continue a run "
-          f"instead, give --ckpt_path last.", flush=True)
-    return stale
+        return []
+    moved = []
+    for folder in logger_run_folders(trainer):
+        if not folder.is_dir() or not holds_run(folder):
+            continue
+        named = [*existing_files(config or {}, skip=("config", "ckpt_path")), *([reads] if reads else [])]
+        needed = [path for path in named if inside(path, folder) and not any(inside(path, folder / k) for k in KEPT)]
+        here = Path.cwd().resolve()
+        if needed or folder.resolve() == here or folder.resolve() in here.parents:
+            why = f"this run reads {needed[0]} from it" if needed else "it holds the working folder"
+            print(f"{command}: {folder} holds an earlier run, left in place: {why} (its files and curves mix with "
+                  f"this run's; give this run another logger name to keep them apart).", flush=True)
+            continue
+        stale = stale_path(folder)
+        stale.mkdir(parents=True)
+        for entry in own_entries(folder):
+            entry.rename(stale / entry.name)
+        kept = [name for name in KEPT if (folder / name).exists()]
+        print(f"{command}: {folder} held an earlier run: moved to {stale}"
+              f"{' (' + ', '.join(f'{name}/' for name in kept) + ' kept)' if kept else ''}; to continue a run "
+              f"instead, give --ckpt_path last.", flush=True)
+        moved.append(stale)
+    return moved
