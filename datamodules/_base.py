@@ -241,8 +241,11 @@ class DictDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool, drop_last: bool = False) -> DataLoader:
         """Shuffled: a loader Lightning resumes mid-epoch (`datamodules.resumable`); else the evaluation order."""
         dataset = self.split_samples(split)
+        # workers start anew with every iterator (not persistent): each iterator draws its worker seed from the
+        # run's stream, the same number of draws whether the run was resumed or not (persistent workers drew once,
+        # and a resumed run, which skips the sanity check's isolated draw, once more: every later shuffle moved)
         settings = dict(batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                        persistent_workers=self.num_workers > 0, collate_fn=self.collate_fn, drop_last=drop_last)
+                        persistent_workers=False, collate_fn=self.collate_fn, drop_last=drop_last)
         if shuffle:  # no `shuffle=` given: Lightning reads shuffling from the RandomSampler (DDP: its own, shuffled)
             return self.resumable_loader(dataset, ResumableRandomSampler(dataset), **settings)
         return DataLoader(dataset, sampler=self._evaluation_sampler(dataset), **settings)

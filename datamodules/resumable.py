@@ -85,6 +85,11 @@ class ResumableDataLoader(DataLoader):
             return
         self.sampler.resume(state["seed"], state["samples"])
         self._resuming = True
+        if self.num_workers > 0:  # the shuffle resumes; what worker processes draw (random augmentation) does not
+            rank_zero_warn("Resuming inside an epoch with num_workers > 0: the epoch's order goes on where it was, but "
+                           "random augmentation drawn in the loader's worker processes after this point differs from "
+                           "the run that never stopped (their random streams are not in a checkpoint); with "
+                           "num_workers=0, or without random augmentation, the resumed run is bit-identical.")
 
     def __iter__(self) -> Any:
         if self._resuming:
