@@ -56,12 +56,18 @@ def file_fingerprint(path: str) -> str:
     return _FILE_DIGESTS[key]
 
 
+def holds_working_folder(path: str | Path) -> bool:
+    """Whether folder `path` is the working folder or a folder above it."""
+    folder, here = Path(path).resolve(), Path.cwd().resolve()
+    return folder == here or folder in here.parents
+
+
 def written_by_runs(path: str, outputs: Path | None = None) -> bool:
     """Whether folder `path` is one a run writes in, whose contents change with every run (a fingerprint of it would
     make every cached result stale at once): the working folder or a folder above it (every run writes below it), a
     folder holding `outputs` (the run folder) or lying inside it."""
-    folder, here = Path(path).resolve(), Path.cwd().resolve()
-    if folder == here or folder in here.parents:
+    if holds_working_folder(path):
         return True
+    folder = Path(path).resolve()
     written = outputs.resolve() if outputs is not None else None
     return written is not None and (folder == written or folder in written.parents or written in folder.parents)

@@ -20,6 +20,7 @@ from zoo.cli.errors import configuration_phase
 from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.report import metric_directions, write_report
 from zoo.cli.runs import move_earlier_run
+from zoo.engine.callbacks import logger_folder
 from zoo.figures import log_figure, save_figure
 from zoo.explain.scores import (EXPLANATION_DIRECTIONS, ExplainedRun, check_explain_settings, explanation_figure,
                                 explanation_note, true_and_predicted)
@@ -412,7 +413,7 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
     directions: dict[str, bool | None] = {"train_samples_per_s": True, "infer_samples_per_s": True}
     for index, (run_name, run) in enumerate(runs.items(), 1):
         cli = clis[run_name]
-        where = Path(cli.trainer.log_dir or folder / run_name)  # no log_dir under fast_dev_run
+        where = logger_folder(cli.trainer.logger) or folder / run_name  # no run folder under fast_dev_run
         print(f"\n=== compare run {index}/{len(runs)}: {run_name} ({where}) ===", flush=True)
         start = time.perf_counter()
         # a compare run again (or a fit) left a run in its folder: moved to <name>/stale/ first (`move_earlier_run`)

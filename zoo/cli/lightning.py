@@ -297,10 +297,10 @@ class ZooCLI(LightningCLI):
         validate / test / predict found none ("ModelCheckpoint is not configured to save the best model", with a
         traceback, though it is)."""
         from zoo.cli.errors import mark
-        from zoo.cli.runs import logger_run_folder
+        from zoo.engine.callbacks import logger_folder
 
         dirpath = self.config[self.subcommand].get("checkpoint", {}).get("dirpath")
-        folder = logger_run_folder(self.trainer)
+        folder = logger_folder(self.trainer.logger)
         checkpoints = Path(dirpath) if dirpath else folder / "checkpoints" if folder is not None else None
         found = sorted(checkpoints.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime) if checkpoints else []
         files = (f"this run's: {', '.join(str(p) for p in found)}" if found else

@@ -19,6 +19,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from zoo.engine.callbacks import logger_folder
+from zoo.fingerprints import holds_working_folder
+
 STALE = "stale"  # <parent of the run folder>/stale/: where earlier runs go
 KEPT = ("auxiliary",)  # stays in the run folder: the helper-model cache, keyed by content (`zoo.engine.auxiliary`)
 EVENTS = "events.out.tfevents.*"  # TensorBoard's event files
@@ -45,24 +48,9 @@ def existing_files(config: Any, skip: tuple[str, ...] = ()) -> Iterator[str]:
 
 
 def logger_run_folders(trainer: pl.Trainer) -> list[Path]:
-    """The run folders of `trainer`'s loggers, each once: <save_dir>/<name>/<version> of a TensorBoardLogger or
-    CSVLogger (without the `sub_dir` validate / test log to); none without a logger (`logger: false`,
-    fast_dev_run's dummy) or for another kind. Read from the loggers, not `trainer.log_dir`, which broadcasts (a
-    collective)."""
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-
-    folders = []
-    for logger in trainer.loggers:
-        if isinstance(logger, (TensorBoardLogger, CSVLogger)):
-            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-            folders.append(Path(os.path.expanduser(os.path.expandvars(os.path.join(logger.root_dir, version)))))
-    return list(dict.fromkeys(folders))
-
-
-def logger_run_folder(trainer: pl.Trainer) -> Path | None:
-    """The run folder of `trainer`'s first logger (`logger_run_folders`), None without one."""
-    folders = logger_run_folders(trainer)
-    return folders[0] if folders else None
+    """The run folders of `trainer`'s TensorBoard and CSV loggers, each once (`zoo.engine.callbacks.logger_folder`);
+    none without a logger (`logger: false`, fast_dev_run's dummy) or for another kind."""
+    return list(dict.fromkeys(folder for folder in map(logger_folder, trainer.loggers) if folder is not None))
 
 
 def holds_run(folder: Path) -> bool:
@@ -130,8 +118,7 @@ def move_earlier_run(trainer: pl.Trainer, command: str, restores_checkpoint: boo
             continue
         named = [*existing_files(config or {}, skip=("config", "ckpt_path")), *([reads] if reads else [])]
         needed = [path for path in named if inside(path, folder) and not any(inside(path, folder / k) for k in KEPT)]
-        here = Path.cwd().resolve()
-        if needed or folder.resolve() == here or folder.resolve() in here.parents:
+        if needed or holds_working_folder(folder):
             why = f"this run reads {needed[0]} from it" if needed else "it holds the working folder"
             print(f"{command}: {folder} holds an earlier run, left in place: {why} (its files and curves mix with "
                   f"this run's; give this run another logger name to keep them apart).", flush=True)

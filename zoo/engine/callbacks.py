@@ -7,6 +7,7 @@ test log apart from the fit (`log_evaluation_apart`) and the loader of a whole s
 from __future__ import annotations
 
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -259,20 +260,28 @@ def log_evaluation_apart(trainer: pl.Trainer, stage: str) -> None:
         logger._sub_dir = stage  # TensorBoardLogger's `sub_dir` argument, which the config does not give
 
 
+def logger_folder(logger: Any) -> Path | None:
+    """The run folder of a TensorBoardLogger or CSVLogger: <save_dir>/<name>/<version> (version_<n> for a numbered
+    one), where Lightning also puts the run's checkpoints; without a `sub_dir` (validate / test log their events in
+    one, `log_evaluation_apart`). None for another kind of logger. Read from the logger, not `trainer.log_dir`,
+    which broadcasts (a collective)."""
+    if not isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        return None
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(os.path.expanduser(os.path.expandvars(os.path.join(logger.root_dir, version))))
+
+
 def run_folder(trainer: pl.Trainer, name: str) -> Path | None:
-    """Where a run writes its pictures and reports: <run>/<name>, made. None when the trainer has no logger
-    (`fast_dev_run`, `logger: false`): there is no run folder then, and `default_root_dir` (checkpoints/) is shared
-    by every run and family, so pictures are not written to disk (callers skip their files). The TensorBoard
-    sub-folder of an evaluation (`log_evaluation_apart`) holds its event files only: the run folder is above it.
+    """Where a run writes its pictures and reports: <run>/<name>, made (`logger_folder`). None when the trainer has
+    no logger (`fast_dev_run`, `logger: false`): there is no run folder then, and `default_root_dir` (checkpoints/)
+    is shared by every run and family, so pictures are not written to disk (callers skip their files).
 
     Read on rank zero only, so not through `trainer.log_dir`: that property broadcasts (a collective), and rank
     zero calling it alone would wait forever for the other processes under DDP."""
     logger = trainer.loggers[0] if trainer.loggers else None
     if logger is None or isinstance(logger, DummyLogger):
         return None
-    base = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else getattr(logger, "save_dir", None)
-    if base and isinstance(logger, TensorBoardLogger) and logger.sub_dir in EVALUATION_LOGS:
-        base = Path(base).parent  # <run>/validate -> <run>
+    base = logger_folder(logger) or getattr(logger, "save_dir", None)
     folder = Path(base or trainer.default_root_dir) / name
     folder.mkdir(parents=True, exist_ok=True)
     return folder
