@@ -176,3 +176,38 @@ def test_a_system_restored_at_another_image_size_names_it(tmp_path: Path) -> Non
     with pytest.raises(CheckpointError, match=r"\(image_size=64\); this run builds .* \(image_size=32\)"):
         trainer.validate(ICNNSystem("icnn_tinycnn", num_classes=3, image_size=32), datamodule=data,
                          ckpt_path=tmp_path / "icnn.ckpt", verbose=False)
+
+
+def test_a_resumed_fit_with_other_model_settings_is_refused_and_resume_free_ones_apply(
+        in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """A fit resumed with another learning rate trained on at the checkpoint's (the optimiser's state holds it) and
+    one with another loss weight switched the loss mid-run (`last`) or kept the old one (a file: Lightning copies the
+    checkpoint's hyperparameters over the config), both silently. Each is refused, naming the key and both values;
+    adding a scheduler alike. The non-finite-loss policy may change (to skip the batch a run died on) and applies,
+    also through a file; the run's own config.yaml resumes."""
+    config = str(REPO / "configs/icnn/parts_world.yaml")
+    main(["fit", "--config", config, *TINY_WORLD, *ONE_STEP, "--trainer.callbacks=[]",
+          "--trainer.logger.init_args.name=run"])
+    run = in_tmp_dir / "checkpoints" / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["zoo_model_settings"]["model.init_args.optimizer.init_args.lr"] == 0.002
+    before = last.read_bytes()
+    resume = ["fit", "--config", config, *TINY_WORLD, *ONE_STEP, "--trainer.max_epochs=2", "--trainer.callbacks=[]",
+              "--trainer.logger.init_args.name=run"]
+    for given in (f"--ckpt_path={last}", "--ckpt_path=last"):
+        error = refused(capsys, [*resume, given, "--model.init_args.optimizer.init_args.lr=0.5",
+                                 "--model.init_args.loss.init_args.weight=7"])
+        assert "optimizer.init_args.lr: 0.002 in the checkpoint, 0.5 here" in error, error
+        assert "loss.init_args.weight: 1 in the checkpoint, 7 here" in error, error
+        assert f"--config {run / 'config.yaml'}" in error, error
+    scheduler = ["--model.init_args.scheduler=torch.optim.lr_scheduler.StepLR",
+                 "--model.init_args.scheduler.init_args.step_size=1"]
+    error = refused(capsys, [*resume, "--ckpt_path=last", *scheduler])
+    assert "model.init_args.scheduler: None in the checkpoint" in error, error
+    assert last.read_bytes() == before
+
+    cli = main([*resume, f"--ckpt_path={last}", "--model.init_args.nonfinite_loss=skip"])
+    assert cli.model.hparams.nonfinite_loss == "skip" and cli.trainer.current_epoch == 2
+    assert torch.load(last, weights_only=True)["zoo_model_settings"]["model.init_args.nonfinite_loss"] == "skip"
+    cli = main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path=last", "--trainer.max_epochs=3"])
+    assert cli.trainer.current_epoch == 3

@@ -473,6 +473,76 @@ def check_resume_keys(system: type, saved: dict[str, Any], wanted: Any, source: 
                                   "--ckpt_path.")
 
 
+SETTINGS_KEY = "zoo_model_settings"  # a checkpoint's model settings (`model_settings`), written by a CLI fit
+RESUME_FREE = ("compile", "nonfinite_loss", "pretrained_path")  # a resumed fit may change these (and `*_checkpoint`)
+
+
+def flat_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as {dotted key: value} (lists kept whole)."""
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            out |= flat_settings(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def model_settings(model_config: Any) -> dict[str, Any] | None:
+    """The model part of a run's parsed config (a jsonargparse Namespace: the System's class and init arguments,
+    its loss, optimiser and scheduler with theirs) as {"model.<dotted key>": plain value}: what a checkpoint keeps
+    (`SETTINGS_KEY`) so that a resumed fit can be held to it. The loss, optimiser and scheduler are not System
+    hyperparameters, so the checkpoint's hyper_parameters alone cannot tell another learning rate or loss weight."""
+    import json
+
+    if model_config is None or not hasattr(model_config, "as_dict"):
+        return None
+    return json.loads(json.dumps(flat_settings(model_config.as_dict(), "model."), default=str))
+
+
+def resume_free(key: str) -> bool:
+    """Whether a resumed fit may change model setting `key` (dotted): torch.compile, the non-finite-loss policy (to
+    skip the batch a run died on) and the files that only give starting weights or helpers (`pretrained_path`,
+    `*_checkpoint`), which a resumed fit takes from its checkpoint instead (they may have moved)."""
+    last = key.rsplit(".", 1)[-1]
+    return last in RESUME_FREE or last.endswith("_checkpoint")
+
+
+def _settles(key: str, settings: dict[str, Any]) -> bool:
+    """Whether flat `settings`, which lack `key`, hold a value for it otherwise: a parent key with a leaf value (a
+    scheduler None on one side, its class_path on the other) or keys below it. A key they know nothing of (a setting
+    added to or removed from a System since one of the two runs) says nothing: its default is not known here."""
+    parts = key.split(".")
+    return (any(".".join(parts[:i]) in settings for i in range(1, len(parts)))
+            or any(other.startswith(key + ".") for other in settings))
+
+
+def check_settings_fit_checkpoint(held: dict[str, Any] | None, given: dict[str, Any] | None, source: str,
+                                  hint: str) -> None:
+    """Refuse a resumed fit whose model settings (`model_settings`: the System's init arguments, loss, optimiser,
+    scheduler) differ from those its checkpoint was trained with, naming each key and both values: Lightning puts
+    the checkpoint's hyperparameters over the config where `--ckpt_path` names a file (not for `last`) and the
+    optimiser's own state over its learning rate, so a changed setting would be ignored or mixed with the old ones,
+    silently. `resume_free` keys may change, and a key only one side knows of (`_settles`). A checkpoint written
+    before checkpoints kept their settings is not checked."""
+    if held is None or given is None:
+        return
+    changed = [key for key in dict.fromkeys([*held, *given]) if not resume_free(key) and (
+        held[key] != given[key] if key in held and key in given else _settles(key, held if key in given else given))]
+    if not changed:
+        return
+
+    def shown(settings: dict[str, Any], key: str) -> str:
+        return _shown(settings[key]) if key in settings else "(not set)"
+
+    lines = "; ".join(f"{key}: {shown(held, key)} in the checkpoint, {shown(given, key)} here" for key in changed[:6])
+    more = f"; and {len(changed) - 6} more" if len(changed) > 6 else ""
+    raise CheckpointError(f"{source}: a resumed fit goes on with the model settings its run was trained with, and "
+                          f"this run's differ ({lines}{more}); Lightning would ignore some (the optimiser's state "
+                          f"keeps its learning rate) and use others mid-run. {hint} Or start a new run without "
+                          "--ckpt_path.")
+
+
 def resolve_class(class_path: str) -> Any:
     """The class a dotted path names (None where it does not import): two spellings of one class are one class."""
     import importlib

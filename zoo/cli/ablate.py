@@ -25,6 +25,7 @@ from zoo.cli.report import metric_directions, write_report
 from zoo.cli.runs import STALE, config_strings, existing_files, move_aside
 from zoo.fingerprints import (HASHED_FILE_LIMIT, file_fingerprint, folder_fingerprint,  # noqa: F401 (re-exported)
                               written_by_runs)
+from zoo.weights import flat_settings
 
 ABLATE_HELP = """\
 python train.py ablate --config configs/icnn/parts_world.yaml --name icnn_lambda \\
@@ -205,17 +206,6 @@ def legacy_settings_hash(cli: ZooCLI) -> str:
     config.pop("progress_bar", None)
     (config.get("trainer") or {}).pop("logger", None)
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def flat_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested settings as {dotted key: value} (lists kept whole)."""
-    out: dict[str, Any] = {}
-    for key, value in settings.items():
-        if isinstance(value, dict) and value:
-            out |= flat_settings(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def settings_changes(old: dict[str, Any] | None, new: dict[str, Any], limit: int = 8) -> str:

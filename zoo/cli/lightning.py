@@ -147,17 +147,31 @@ def prepare_fit_auxiliaries(system: Any, trainer: pl.Trainer, datamodule: Any, r
 
 
 def saved_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The hyperparameters of a checkpoint's System and datamodule (empty where it saved none)."""
-    return {key: dict(checkpoint.get(key) or {}) for key in ("hyper_parameters", "datamodule_hyper_parameters")}
+    """The hyperparameters of a checkpoint's System and datamodule (empty where it saved none), and its model
+    settings (`zoo.weights.SETTINGS_KEY`: None where it kept none)."""
+    from zoo.weights import SETTINGS_KEY
+
+    held: dict[str, Any] = {key: dict(checkpoint.get(key) or {})
+                            for key in ("hyper_parameters", "datamodule_hyper_parameters")}
+    held[SETTINGS_KEY] = checkpoint.get(SETTINGS_KEY)
+    return held
 
 
-def run_config_hint(ckpt_path: str) -> str:
-    """What to run instead of a config that does not fit checkpoint `ckpt_path`: its run's config.yaml (a run
-    folder's checkpoints are in <run>/checkpoints/)."""
+def remember_model_settings(cli: LightningCLI) -> None:
+    """Give a CLI's System its model settings as given (`zoo.weights.model_settings`), which it writes into every
+    checkpoint (`ZooSystem.on_save_checkpoint`) for a resumed fit to be held to."""
+    settings = getattr(cli, "given_model_settings", None)
+    if settings is not None and hasattr(cli.model, "model_settings"):
+        cli.model.model_settings = settings
+
+
+def run_config_hint(ckpt_path: str, settings: str = "data") -> str:
+    """What to run instead of a config whose `settings` ("data", "model") do not fit checkpoint `ckpt_path`: its
+    run's config.yaml (a run folder's checkpoints are in <run>/checkpoints/)."""
     path = Path(ckpt_path)
     config = path.parent.parent / "config.yaml" if path.parent.name == "checkpoints" else None
     return (f"Use the config it was trained with: --config {config}" if config is not None and config.is_file() else
-            "Use the config it was trained with: --config <the run folder>/config.yaml") + " (its data settings)."
+            "Use the config it was trained with: --config <the run folder>/config.yaml") + f" (its {settings} settings)."
 
 
 class ReadableCheckpointIO(TorchCheckpointIO):
@@ -188,6 +202,7 @@ class ZooCLI(LightningCLI):
     restores_checkpoint = False  # whether the command's --ckpt_path replaces every weight (`instantiate_classes`)
     checkpoint_file: str | None = None  # the file it names (`last` resolved), where it is one
     checkpoint_hparams: dict[str, Any] | None = None  # its model's and datamodule's hyperparameters, once read
+    given_model_settings: dict[str, Any] | None = None  # the model settings as given (`zoo.weights.model_settings`)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -289,6 +304,9 @@ class ZooCLI(LightningCLI):
         if self.subcommand in ("fit", "validate", "test", "predict") and self.checkpoint_file is not None:
             with configuration_phase():  # fit: a resumed run would go on learning from other inputs
                 self.check_data_fits_checkpoint(self.checkpoint_file)
+                if self.subcommand == "fit":  # ... or with another loss, optimiser or System setting
+                    self.check_settings_fit_checkpoint(self.checkpoint_file)
+        remember_model_settings(self)
         warn_unnormalised_pretrained(self.model, self.datamodule)
 
     def refuse_best_outside_fit(self) -> None:
@@ -331,6 +349,17 @@ class ZooCLI(LightningCLI):
             check_same_model(model_spec(saved), {k: hparams.get(k) for k in MODEL_KEYS}, source)
         check_class_names(saved.get("class_names"), hparams.get("class_names"), source,
                           "Give it data of those classes, in that order (their class ids).")
+
+    def check_settings_fit_checkpoint(self, path: str) -> None:
+        """A fit resumed from checkpoint `path` (a file or `last`) with other model settings than its run was
+        trained with (another learning rate, loss weight, stage list, ...) is refused, naming each
+        (`zoo.weights.check_settings_fit_checkpoint`; the settings as given, before Lightning puts the checkpoint's
+        hyperparameters over them)."""
+        from zoo.weights import SETTINGS_KEY, check_settings_fit_checkpoint, read_checkpoint
+
+        held = self.checkpoint_hparams if self.checkpoint_hparams is not None else saved_hparams(read_checkpoint(path))
+        check_settings_fit_checkpoint(held.get(SETTINGS_KEY), self.given_model_settings, f"--ckpt_path {path!r}",
+                                      run_config_hint(path, "model"))
 
     def saved_data_settings(self, data: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint's datamodule hyperparameters with `mean: pretrained` resolved as training resolved it (the
@@ -386,7 +415,10 @@ class ZooCLI(LightningCLI):
         """Lightning copies a `--ckpt_path` checkpoint's hyperparameters over the config; refuse first, naming both,
         a checkpoint of another System or model (else the run would silently rebuild the checkpoint's model and
         pair it with this config's loss)."""
+        from zoo.weights import model_settings
+
         subcommand, ckpt_path = self._subcommand_and_ckpt_path()
+        self.given_model_settings = model_settings((self.config[subcommand] if subcommand else self.config).get("model"))
         if ckpt_path and str(ckpt_path) not in CKPT_PATH_KEYWORDS and not str(ckpt_path).startswith("registry"):
             from zoo.weights import check_config_fits_checkpoint, read_checkpoint
 
@@ -396,6 +428,20 @@ class ZooCLI(LightningCLI):
                                              f"--ckpt_path {ckpt_path!r}", resuming=subcommand == "fit")
             self.checkpoint_hparams = saved_hparams(checkpoint)  # for `check_data_fits_checkpoint`: read once
         super()._parse_ckpt_path()
+        if subcommand == "fit" and self.checkpoint_hparams is not None and self.given_model_settings is not None:
+            self.keep_given_resume_free_settings(self.config[subcommand].get("model"))
+
+    def keep_given_resume_free_settings(self, model: Any) -> None:
+        """The System options a resumed fit may change (`zoo.weights.RESUME_FREE`: torch.compile, the non-finite
+        loss policy, to skip the batch a run died on) as this run gives them, not as Lightning copied them from the
+        `--ckpt_path` file's hyperparameters (`--ckpt_path last` copies none)."""
+        from zoo.weights import RESUME_FREE
+
+        init_args = getattr(model, "init_args", None)
+        for key in RESUME_FREE:
+            given = f"model.init_args.{key}"
+            if init_args is not None and key in init_args and given in self.given_model_settings:
+                init_args[key] = self.given_model_settings[given]
 
 
 class ParsedCLI(ZooCLI):
@@ -412,5 +458,6 @@ class ParsedCLI(ZooCLI):
 def fit(cli: LightningCLI, ckpt_path: str | None = None) -> None:
     """`trainer.fit` of a CLI's model and data, its auxiliary models prepared first (with the run's strategy)."""
     restores = ckpt_path is not None and Path(ckpt_path).is_file()
+    remember_model_settings(cli)
     prepare_fit_auxiliaries(cli.model, cli.trainer, cli.datamodule, restores)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)

@@ -36,7 +36,7 @@ from zoo.distributed import end_spawned_process_group
 from zoo.engine.auxiliary import Auxiliary, auxiliaries_pending, prepare_auxiliaries
 from zoo.engine.stages import Schedule, epoch_schedules
 from zoo.registry import check_same_model, create_model_for_data
-from zoo.weights import (MODEL_KEYS, CheckpointError, check_resume_keys, model_spec, resolve_class,
+from zoo.weights import (MODEL_KEYS, SETTINGS_KEY, CheckpointError, check_resume_keys, model_spec, resolve_class,
                          restore_datamodule_state)
 
 NONFINITE_POLICIES = ("raise", "skip")
@@ -198,6 +198,9 @@ class ZooSystem(pl.LightningModule):
         self._buffers_before: list[tuple[nn.Module, str, torch.Tensor]] = []  # nonfinite_loss="skip": copies
         self._deferred_checks: list[tuple[torch.Tensor, str]] = []  # `defer_check`: (device bool, message)
         self._schedule_epoch: int | None = None  # the epoch whose schedules are in force (None: never entered)
+        # the run's model settings as its CLI was given them (`zoo.weights.model_settings`), kept in checkpoints so
+        # that a resumed fit with another learning rate or loss weight is refused; None outside the CLI
+        self.model_settings: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------------- family hooks
     def build_model(self) -> nn.Module:
@@ -404,6 +407,8 @@ class ZooSystem(pl.LightningModule):
         self.check_finite_losses()  # never write the state a non-finite step made
         if self._schedule_epoch is not None:  # what `on_load_checkpoint` puts back (`enter_schedules`)
             checkpoint[SCHEDULE_EPOCH_KEY] = self._schedule_epoch
+        if self.model_settings is not None:  # what a resumed fit is held to (`ZooCLI.check_settings_fit_checkpoint`)
+            checkpoint[SETTINGS_KEY] = self.model_settings
 
     def defer_check(self, ok: torch.Tensor, message: str) -> None:
         """A condition on the batch's device values (`ok`, a bool tensor) that must not make a step wait for the
