@@ -247,3 +247,108 @@ def test_predict_and_load_from_checkpoint_need_no_starting_point_file(resnet18_f
     assert not system.model.backbone.load_report.read
     main(["predict", *common, f"--ckpt_path={ckpt}", "--trainer.logger.init_args.name=predicted"])
     assert (in_tmp_dir / "checkpoints" / "predicted" / "predictions" / "predictions.csv").is_file()
+
+
+# ------------------------------------------------------------------------------- 8. files of training scripts
+def tiny_backbone_state(seed: int) -> dict[str, torch.Tensor]:
+    """A baseline_tinycnn's backbone tensors (BatchNorm included), as a file of that backbone holds them."""
+    torch.manual_seed(seed)
+    return zoo.create_model("baseline_tinycnn", num_classes=2).backbone.body.state_dict()
+
+
+def backbone_equals(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(model.backbone.body.state_dict()[k], v) for k, v in state.items())
+
+
+def test_checkpoints_of_training_scripts_load_with_their_args(tmp_path: Path) -> None:
+    """torchvision's reference scripts, DeiT and MAE save {"model", "args", ...}; timm's train.py {"state_dict",
+    "args", ...}: `args` is an argparse.Namespace, which timm's load_checkpoint allows under weights_only=True."""
+    import argparse
+
+    state = tiny_backbone_state(5)
+    args = argparse.Namespace(model="tinycnn", lr=0.1, epochs=90, output_dir=str(tmp_path))
+    for key, extra in (("model", {"optimizer": {"state": {}, "param_groups": []}, "epoch": 89}),
+                       ("state_dict", {"arch": "tinycnn", "epoch": 89, "metric": 71.5})):
+        torch.save({key: state, "args": args, **extra}, tmp_path / f"{key}.pth")
+        model = zoo.create_model("baseline_tinycnn", num_classes=3, pretrained_path=str(tmp_path / f"{key}.pth"))
+        assert backbone_equals(model, state) and model.backbone.load_report.key == key
+
+
+def test_files_that_pickle_other_objects_are_refused_naming_them(tmp_path: Path) -> None:
+    import numpy as np
+
+    state = tiny_backbone_state(5)
+    torch.save({"state_dict": state, "best_acc": np.float64(0.7)}, tmp_path / "numpy.pth")
+    with pytest.raises(CheckpointError, match=r"Could not read weights from .*numpy.pth' \(it pickles numpy\.\S*"
+                                              r"scalar.*weights_only=True does not build") as refused:
+        zoo.create_model("baseline_tinycnn", pretrained_path=str(tmp_path / "numpy.pth"))
+    assert "pickled model" not in str(refused.value) and "pickled modules" not in str(refused.value)
+    torch.save(zoo.create_model("baseline_tinycnn"), tmp_path / "whole.pth")  # torch.save(model): really unsafe
+    with pytest.raises(CheckpointError, match=r"it pickles torch.nn.modules.*a whole pickled model "
+                                              r"\(torch.save\(model\)\); save its state_dict\(\) instead"):
+        zoo.create_model("baseline_tinycnn", pretrained_path=str(tmp_path / "whole.pth"))
+
+
+def test_files_without_batchnorm_step_counters_load_and_say_so(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """torchvision's detection files (FrozenBatchNorm2d) and older or converted ImageNet files hold no
+    num_batches_tracked, which torch's strict load_state_dict and timm accept; every other missing key is refused."""
+    from zoo.weights import load_module_weights
+
+    state = tiny_backbone_state(6)
+    counters = [k for k in state if k.endswith("num_batches_tracked")]
+    old = {f"backbone.body.{k}": v for k, v in state.items() if k not in counters}  # under a detector's prefix
+    torch.save(old, tmp_path / "old.pth")
+    with caplog.at_level(logging.INFO, logger="zoo.weights"):
+        model = zoo.create_model("baseline_tinycnn", num_classes=3, pretrained_path=str(tmp_path / "old.pth"))
+    report = model.backbone.load_report
+    assert backbone_equals(model, {k: v for k, v in state.items() if k not in counters})
+    assert report.filled == counters and not set(counters) & set(report.loaded)
+    assert all(model.backbone.body.state_dict()[k] == 0 for k in counters)
+    assert f"{len(counters)} num_batches_tracked not in the file, kept at the model's [{counters[0]}" in caplog.text
+    aux = zoo.create_model("baseline_tinycnn", num_classes=2)  # an auxiliary model's file (L2X black box, ...)
+    torch.save({f"model.{k}": v for k, v in aux.state_dict().items() if not k.endswith("num_batches_tracked")},
+               tmp_path / "aux.pth")
+    load_module_weights(zoo.create_model("baseline_tinycnn", num_classes=2), tmp_path / "aux.pth", "", "black box")
+    del old[f"backbone.body.{counters[0].replace('num_batches_tracked', 'running_var')}"]
+    torch.save(old, tmp_path / "no_var.pth")
+    with pytest.raises(CheckpointError, match=r"does not fit backbone 'tinycnn': 1 missing keys "
+                                              r"\['stages.0.0.1.running_var'\] \(its other"):
+        zoo.create_model("baseline_tinycnn", pretrained_path=str(tmp_path / "no_var.pth"))
+
+
+def test_ema_weights_are_read_before_the_plain_ones_as_timm_reads_them(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    import argparse
+
+    plain, ema = tiny_backbone_state(7), tiny_backbone_state(8)
+    torch.save({"state_dict": plain, "state_dict_ema": ema, "args": argparse.Namespace(model_ema=True)},
+               tmp_path / "timm_train.pth.tar")
+    torch.save({"model": plain, "model_ema": ema}, tmp_path / "deit.pth")
+    for name, key in (("deit.pth", "model_ema"), ("timm_train.pth.tar", "state_dict_ema")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="zoo.weights"):
+            model = zoo.create_model("baseline_tinycnn", num_classes=3, pretrained_path=str(tmp_path / name))
+        assert backbone_equals(model, ema) and model.backbone.load_report.key == key
+        assert f"{name}' ('{key}'): loaded 24 backbone tensors" in caplog.text
+        assert f"reading '{key}' (timm's load_checkpoint's choice, EMA weights first)" in caplog.text
+
+
+def test_mismatch_errors_name_only_what_is_wrong_and_a_file_as_pretrained_points_to_pretrained_path(
+        tmp_path: Path) -> None:
+    state = tiny_backbone_state(9)
+    torch.save({**state, "stages.0.0.0.weight": torch.zeros(32, 1, 3, 3)}, tmp_path / "shape.pth")
+    with pytest.raises(CheckpointError, match=r"does not fit backbone 'tinycnn': shape mismatches "
+                                              r"\['stages.0.0.0.weight: file \(32, 1, 3, 3\)") as shape:
+        zoo.create_model("baseline_tinycnn", in_chans=2, pretrained_path=str(tmp_path / "shape.pth"))
+    assert "missing keys" not in str(shape.value)
+    torch.save({k: v for k, v in state.items() if k != "stages.1.0.0.weight"}, tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match=r"1 missing keys \['stages.1.0.0.weight'\]") as missing:
+        zoo.create_model("baseline_tinycnn", pretrained_path=str(tmp_path / "missing.pth"))
+    assert "shape mismatches" not in str(missing.value)
+    for value in ("resnet18.pth", tmp_path / "resnet18.pth"):
+        with pytest.raises(ValueError, match=r"pretrained='.*resnet18.pth' names a weight file.*pass the file as "
+                                             r"pretrained_path='.*resnet18.pth'\.$"):
+            zoo.create_model("baseline_tinycnn", pretrained=value)
+    with pytest.raises(ValueError, match=r"pretrained_path='w.pth' is given too: keep one"):
+        zoo.create_model("baseline_tinycnn", pretrained="w.pth", pretrained_path="w.pth")

@@ -12,6 +12,7 @@ import re
 import sys
 import types
 import typing
+from pathlib import PurePath
 from typing import Any, Callable
 
 import torch.nn as nn
@@ -96,9 +97,17 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Create a registered model; keyword arguments set to None are dropped so factory defaults apply.
 
     timm's `pretrained=False` is accepted (it is what the zoo does anyway); `pretrained=True` is refused: the zoo
-    never downloads, a local weight file (or an export folder) comes as `pretrained_path`, alone."""
+    never downloads, a local weight file (or an export folder) comes as `pretrained_path`, alone (a file given as
+    `pretrained` is refused pointing there)."""
     factory = model_factory(name)
-    if kwargs.pop("pretrained", False):
+    pretrained = kwargs.pop("pretrained", False)
+    if isinstance(pretrained, (str, PurePath)):  # a file named where timm's flag goes
+        also = (f" (pretrained_path={kwargs['pretrained_path']!r} is given too: keep one)"
+                if kwargs.get("pretrained_path") is not None else "")
+        raise ValueError(f"{name}: pretrained={str(pretrained)!r} names a weight file, but pretrained is timm's "
+                         f"download flag (the zoo never downloads); pass the file as "
+                         f"pretrained_path={str(pretrained)!r}{also}.")
+    if pretrained:
         if kwargs.get("pretrained_path") is not None:
             raise ValueError(f"{name}: pretrained=True is not needed (and refused, as the zoo never downloads): the "
                              f"weights come from pretrained_path={kwargs['pretrained_path']!r}; drop pretrained=True.")

@@ -7,8 +7,11 @@ which models are sized by their input): a trained model built from a checkpoint 
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
+import re
+import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -49,7 +52,15 @@ def weights_will_be_replaced() -> bool:
     return _CHECKPOINT_REPLACES_WEIGHTS.get()
 
 
-STATE_DICT_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")  # where files wrap their state dict (timm)
+# Where files wrap their state dict, in the order timm's `load_checkpoint` (use_ema=True, its default) takes them: an
+# EMA copy first (timm train.py's "state_dict_ema", DeiT's "model_ema"), then the plain one (a Lightning checkpoint's
+# "state_dict"; "model" in torchvision's reference scripts, DeiT and MAE).
+STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+# Globals `torch.load(weights_only=True)` may build beside the tensors: the `args` (argparse.Namespace) that training
+# scripts save with their weights (torchvision's references, DeiT, MAE, timm train.py), as timm's load_checkpoint
+# allows.
+SAFE_GLOBALS = (argparse.Namespace,)
+BATCH_COUNT = "num_batches_tracked"  # BatchNorm's step counter: absent from older and FrozenBatchNorm files
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -57,11 +68,33 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file, a `torch.save`d state dict, the model.safetensors of an export folder
-    (`zoo.export_checkpoint`), or a state dict a file wraps: the first of `STATE_DICT_KEYS` that holds one, as timm's
-    `load_checkpoint` looks (a Lightning checkpoint's "state_dict"; "model" in torchvision's reference scripts, DeiT
-    and MAE; their EMA copies)."""
+def _refused_globals(path: Path, err: Exception) -> str:
+    """Why `torch.load(weights_only=True)` refused `path`, where the cause is objects it will not build: the globals
+    named (torch's own list, or its error's "Unsupported global"), and whether they are a whole pickled model.
+    "" where the error is something else (a truncated or foreign file)."""
+    try:
+        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # noqa: BLE001 - an old torch or an unreadable file: the error's own text may still name one
+        names = []
+    names = sorted(n for n in names if n not in {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS})
+    if not names:
+        names = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    if not names:
+        return ""
+
+    def is_module(name: str) -> bool:  # looked up among the modules already imported: nothing of the file runs
+        owner, _, attr = name.rpartition(".")
+        cls = getattr(sys.modules.get(owner), attr, None)
+        return isinstance(cls, type) and issubclass(cls, nn.Module)
+
+    what = ("a whole pickled model (torch.save(model)); save its state_dict() instead"
+            if any(is_module(n) for n in names) else "objects weights_only=True does not build, as they could run "
+            "code; if you trust the file, save the state dict it holds on its own")
+    return f"it pickles {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}: {what}"
+
+
+def _read_weight_file(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """`read_state_dict`, and the key of the file the state dict was under (None: the file is the state dict)."""
     path = Path(path)
     if path.is_dir():
         if not (path / EXPORT_WEIGHTS).is_file():
@@ -74,21 +107,62 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path)), None
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - every reader error means the same thing to the user
+        refused = _refused_globals(path, err)
         raise CheckpointError(
-            f"Could not read weights from {str(path)!r} ({type(err).__name__}: {err}). Expected a .safetensors file, "
-            "a state dict saved with torch.save, or a Lightning .ckpt; pickled modules are refused (weights_only=True)."
+            f"Could not read weights from {str(path)!r} ("
+            + (refused if refused else f"{type(err).__name__}: {err}") + "). Expected a .safetensors file, a state "
+            "dict saved with torch.save, or a checkpoint holding one (a Lightning .ckpt, a training script's, "
+            "args included); read with weights_only=True."
         ) from err
+    key = None
     if isinstance(obj, dict) and not _is_state_dict(obj):
-        obj = next((obj[key] for key in STATE_DICT_KEYS if _is_state_dict(obj.get(key))), obj)
+        key = next((k for k in STATE_DICT_KEYS if _is_state_dict(obj.get(k))), None)
+        if key is not None:
+            others = [k for k in STATE_DICT_KEYS if k != key and _is_state_dict(obj.get(k))]
+            if others:
+                log.info("%r holds %s: reading %r (timm's load_checkpoint's choice, EMA weights first).",
+                         str(path), " and ".join(repr(k) for k in [key, *others]), key)
+            obj = obj[key]
     if not _is_state_dict(obj):
         keys = f" with keys {[str(k) for k in list(obj)[:8]]}{' ...' if len(obj) > 8 else ''}" \
             if isinstance(obj, dict) else ""
         raise CheckpointError(f"{str(path)!r} does not hold a state dict (name -> tensor), at its top level or under "
                               f"{list(STATE_DICT_KEYS)}; got {type(obj).__name__}{keys}.")
-    return obj
+    return obj, key
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, a `torch.save`d state dict, the model.safetensors of an export folder
+    (`zoo.export_checkpoint`), or a state dict a file wraps, found as timm's `load_checkpoint` finds it: the first of
+    `STATE_DICT_KEYS` that holds one, EMA weights before plain ones (a file with both is logged, naming the key read).
+    Always `weights_only=True`; the `args` (argparse.Namespace) of training scripts' checkpoints are allowed, as timm
+    allows them, and any other object is refused naming it."""
+    return _read_weight_file(path)[0]
+
+
+def _fill_batch_counts(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], missing: list[str]) -> list[str]:
+    """Give `state` the module's own BatchNorm step counters (`num_batches_tracked`, zeros in a new module) that the
+    file lacks, as torch's BatchNorm does for files saved before it had them (and timm loads them): files of
+    FrozenBatchNorm2d (torchvision's detectors) and older or converted ImageNet files carry none. The counter only
+    matters for momentum=None; every other missing key stays missing, and so does the counter of a BatchNorm the file
+    holds nothing of (a stage it lacks is named whole). Returns the keys filled."""
+    held = {k.rpartition(".")[0] for k in state}  # modules the file holds tensors of
+    filled = [k for k in missing if k.rpartition(".")[2] == BATCH_COUNT and k.rpartition(".")[0] in held]
+    for key in filled:
+        state[key] = own[key].clone()
+    return filled
+
+
+def _mismatch(missing: list[str], bad_shapes: list[str]) -> str:
+    """The missing keys and shape mismatches of a file that does not fit, only the parts that are not empty."""
+    parts = [f"{len(missing)} missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}" if missing else "",
+             f"shape mismatches {bad_shapes[:8]}{' ...' if len(bad_shapes) > 8 else ''}"
+             if bad_shapes else ""]
+    return "; ".join(p for p in parts if p)
 
 
 def _canonical(key: str) -> str:
@@ -121,7 +195,7 @@ def match_state_dict(source: dict[str, torch.Tensor], target_keys: list[str], wh
     """Rename `source` keys onto `target_keys`: the module sits under one prefix of the file (whatever wraps it: a
     Lightning System's "model.", DDP's "module.", AOG-RCNN's "model.backbone.body.body.", none), found as the prefix
     under which the most target keys are present (separators unified). Two prefixes that both hold every target key
-    (two copies of the module) are ambiguous and raise."""
+    (BatchNorm step counters aside, `_fill_batch_counts`: two copies of the module) are ambiguous and raise."""
     by_canonical = {_canonical(k): k for k in target_keys}
     under: dict[str, dict[str, str]] = {}  # prefix -> {target key: source key}
     for key in source:
@@ -133,9 +207,11 @@ def match_state_dict(source: dict[str, torch.Tensor], target_keys: list[str], wh
         return Match({}, list(target_keys), list(source))
     most = max(len(found) for found in under.values())
     best = sorted((p for p, found in under.items() if len(found) == most), key=len)
-    if most == len(target_keys) and len(best) > 1:
-        raise CheckpointError(f"The file holds {what} {len(best)} times, under {best[:4]}; save the one you want as "
-                              f"its own state dict.")
+    needed = sum(k.rpartition(".")[2] != BATCH_COUNT for k in target_keys)
+    complete = [p for p in best if sum(k.rpartition(".")[2] != BATCH_COUNT for k in under[p]) == needed]
+    if len(complete) > 1:
+        raise CheckpointError(f"The file holds {what} {len(complete)} times, under {complete[:4]}; save the one you "
+                              f"want as its own state dict.")
     prefix, found = best[0], under[best[0]]
     used = set(found.values())
     return Match({target: source[key] for target, key in found.items()}, [k for k in target_keys if k not in found],
@@ -145,13 +221,16 @@ def match_state_dict(source: dict[str, torch.Tensor], target_keys: list[str], wh
 def load_module_weights(module: nn.Module, path: str | Path, prefix: str, what: str) -> None:
     """Weights for `module` from a state dict, safetensors file or Lightning checkpoint, whose keys carry `prefix`
     (e.g. "black_box." in an L2X checkpoint) or not (a plain state dict, a System's "model."-prefixed one);
-    missing or mis-shaped weights raise CheckpointError naming `what`."""
+    missing or mis-shaped weights raise CheckpointError naming `what` (BatchNorm step counters the file lacks start
+    from the module's own, `_fill_batch_counts`)."""
     state = read_state_dict(path)
     own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     try:
         match = match_state_dict(own or state, list(module.state_dict()), f"the {what}")
     except CheckpointError as err:
         raise CheckpointError(f"{str(path)!r}: {err}") from None
+    filled = _fill_batch_counts(match.state, module.state_dict(), match.missing)
+    match.missing = [k for k in match.missing if k not in filled]
     if match.missing:
         raise CheckpointError(f"{str(path)!r} does not hold weights for the {what} ({type(module).__name__}): "
                               f"missing {match.missing[:8]}.")
@@ -166,14 +245,18 @@ class LoadReport:
     """What a pretrained file gave a model: the backbone tensors loaded (all of the backbone's, strictly), the file's
     tensors skipped (no place in the backbone, e.g. the ImageNet classifier), the model's tensors outside the
     backbone that start from their initialisation (new: the zoo's head, ICNN filters, ...), first convolutions
-    adapted to another number of input channels (`adapted`), and whether the file was read at all (`read`: not when
-    a checkpoint replaces every weight, `checkpoint_replaces_weights`)."""
+    adapted to another number of input channels (`adapted`), BatchNorm step counters the file lacks, kept at the
+    module's own (`filled`, `_fill_batch_counts`), the key of the file the state dict was under (`key`: "state_dict",
+    "state_dict_ema", ...; None for a bare state dict) and whether the file was read at all (`read`: not when a
+    checkpoint replaces every weight, `checkpoint_replaces_weights`)."""
 
     path: str
     loaded: list[str]
     skipped: list[str]
     new: list[str] = field(default_factory=list)
     adapted: list[str] = field(default_factory=list)
+    filled: list[str] = field(default_factory=list)
+    key: str | None = None
     read: bool = True
 
     def summary(self, shown: int = 12) -> str:
@@ -183,9 +266,13 @@ class LoadReport:
         def names(keys: list[str]) -> str:
             return ", ".join(keys[:shown]) + (f", ... ({len(keys) - shown} more)" if len(keys) > shown else "")
 
+        under = f" ({self.key!r})" if self.key else ""
         adapted = f"; adapted {len(self.adapted)} [{names(self.adapted)}]" if self.adapted else ""
-        return (f"Pretrained weights {self.path!r}: loaded {len(self.loaded)} backbone tensors; skipped "
-                f"{len(self.skipped)} [{names(self.skipped)}]; new {len(self.new)} [{names(self.new)}]{adapted}.")
+        filled = (f"; {len(self.filled)} {BATCH_COUNT} not in the file, kept at the model's [{names(self.filled)}]"
+                  if self.filled else "")
+        return (f"Pretrained weights {self.path!r}{under}: loaded {len(self.loaded)} backbone tensors; skipped "
+                f"{len(self.skipped)} [{names(self.skipped)}]; new {len(self.new)} [{names(self.new)}]{adapted}"
+                f"{filled}.")
 
 
 def _adapt_first_conv(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
@@ -216,7 +303,8 @@ def load_backbone_weights(body: nn.Module, path: str | Path, what: str,
                           identify: Callable[[dict[str, torch.Size]], str | None] | None = None) -> LoadReport:
     """Every tensor of `body` from a weight file, strictly: missing or mis-shaped tensors raise CheckpointError
     naming them. A first convolution whose kernel differs only in its input channels is adapted (timm's
-    `adapt_input_conv`, e.g. ImageNet RGB weights for grey images) and reported.
+    `adapt_input_conv`, e.g. ImageNet RGB weights for grey images) and reported, as are BatchNorm step counters the
+    file lacks (kept at the module's own, `_fill_batch_counts`: torchvision's detector files, older ImageNet ones).
 
     The file's other tensors are skipped (and listed in the report) where they have a place in the whole
     architecture the backbone is cut from, `full_keys()` (the ImageNet classifier, stages after a truncated
@@ -228,19 +316,20 @@ def load_backbone_weights(body: nn.Module, path: str | Path, what: str,
     if weights_will_be_replaced():
         return LoadReport(str(path), [], [], read=False)
     own = body.state_dict()
-    source = read_state_dict(path)
+    source, key = _read_weight_file(path)
     try:
         match = match_state_dict(source, list(own), what)
     except CheckpointError as err:
         raise CheckpointError(f"{str(path)!r}: {err}") from None
-    state, missing = match.state, match.missing
+    state = match.state
+    filled = _fill_batch_counts(state, own, match.missing)
+    missing = [k for k in match.missing if k not in filled]
     adapted = _adapt_first_conv(own, state)
     bad_shapes = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state.items() if v.shape != own[k].shape]
     if missing or bad_shapes:
         raise CheckpointError(
-            f"{str(path)!r} does not fit {what}: {len(missing)} missing keys {missing[:8]}"
-            f"{' ...' if len(missing) > 8 else ''}; shape mismatches {bad_shapes[:8]}"
+            f"{str(path)!r} does not fit {what}: {_mismatch(missing, bad_shapes)}"
             + (f" (its other tensors found under {match.prefix!r})" if match.prefix and state else "") + "."
         )
     inside = [k for k in match.unexpected if k.startswith(match.prefix)]  # where the file holds the backbone
@@ -256,7 +345,8 @@ def load_backbone_weights(body: nn.Module, path: str | Path, what: str,
             + ". Give the backbone the file was saved from, or a file of this one."
         )
     body.load_state_dict(state)  # strict: every key of `body` is in `state`
-    return LoadReport(str(path), list(state), match.unexpected, adapted=adapted)
+    return LoadReport(str(path), [k for k in state if k not in filled], match.unexpected, adapted=adapted,
+                      filled=filled, key=key)
 
 
 def log_load_reports(model: nn.Module) -> None:
