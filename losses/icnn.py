@@ -75,7 +75,8 @@ class FilterPartLoss(nn.Module):
     Args:
         weight: lambda at epoch 0; 0 turns the filter term off, which is exactly the opaque twin's objective.
         schedule: "inverse_epoch" (paper: lambda / (epoch + 1)) or "constant".
-        alpha: prior mass of the positive templates (default n^2 / (1 + n^2)).
+        alpha: prior mass of the positive templates, in (0, 1) (default n^2 / (1 + n^2)); checked here, not when
+            the first step takes its log.
         task_loss: the task term (default cross-entropy, "loss_task").
         target_key: the batch field of the labels (the default task term reads it too).
     """
@@ -85,6 +86,11 @@ class FilterPartLoss(nn.Module):
         super().__init__()
         if schedule not in ("inverse_epoch", "constant"):
             raise ValueError(f"schedule must be 'inverse_epoch' or 'constant'; got {schedule!r}.")
+        if alpha is not None and not (isinstance(alpha, (int, float)) and 0 < alpha < 1):  # NaN fails too
+            raise ValueError(f"FilterPartLoss alpha (the prior mass of the positive templates; T- gets 1 - alpha, "
+                             f"and the loss takes the log of both) must be strictly between 0 and 1; got "
+                             f"alpha={alpha!r}. Leave it unset for the paper's n^2 / (1 + n^2), or give a value in "
+                             f"(0, 1) such as 0.5.")
         self.base_weight, self.schedule, self.alpha = weight, schedule, alpha
         self.weight = weight
         self._priors: dict[tuple[int, torch.device], torch.Tensor] = {}  # log p(T) per (templates, device)

@@ -107,3 +107,16 @@ def test_cells_to_pixels_lives_next_to_the_geometry_and_maps_any_leading_shape()
     assert torch.equal(cells_to_pixels(maps, (64, 64)), even)
     assert torch.equal(cells_to_pixels(maps, (64, 64), MapGeometry((16.0, 16.0), (8.0, 8.0))), even)
     assert not torch.allclose(up, even)
+
+
+@pytest.mark.parametrize("name, reductions", [("torchvision:alexnet", [4, 8, 16, 32]),
+                                              ("torchvision:squeezenet1_0", [2, 4, 8, 16]),
+                                              ("torchvision:mobilenet_v2", [2, 4, 8, 16, 32])])
+def test_torchvision_reductions_are_the_strides_of_the_maps(name: str, reductions: list[int]) -> None:
+    """A torchvision body's reductions are its strides, read from how its maps grow with the input: AlexNet's and
+    SqueezeNet's unpadded layers lose border cells (AlexNet: 15, 7, 3, 1 at 64 px), so 64 // map size gave 4, 9, 21,
+    64; one more map cell per `reduction` pixels at any size is what map geometry and the heads assume."""
+    backbone = Backbone(name, out_indices=tuple(range(len(reductions))))
+    assert backbone.reductions == reductions
+    small, large = backbone(torch.rand(1, 3, 96, 96)), backbone(torch.rand(1, 3, 224, 224))
+    assert [(b.shape[-1] - a.shape[-1]) * r for a, b, r in zip(small, large, reductions)] == [128] * len(reductions)

@@ -200,3 +200,25 @@ def test_real_datasets_name_their_classes_and_samples(cub_root: Path, image_fold
     assert cub.sample_names("test")[int(sample["index"])].startswith(cub.class_names[int(sample["label"])])
     folder = ImageFolderDataModule(str(image_folder_root))
     assert folder.class_names == ["cat", "dog"] and folder.sample_names("val")[2] == "val/dog/0.png"
+
+
+def test_a_backbone_built_frozen_stays_frozen_in_a_stage_that_names_it(tmp_path: Path) -> None:
+    """`model_kwargs.freeze_backbone` keeps the backbone's weights and BatchNorm statistics through every stage: a
+    sequential CBM's concept stage trains [backbone, concept_head], which switched requires_grad back on (and BatchNorm
+    to train mode) for the whole backbone; it trains what it names of what the model was built to train."""
+    from zoo.cbm.system import CBMSystem
+
+    stages = [{"name": "concepts", "epochs": 1, "train": ["backbone", "concept_head"], "losses": ["loss_concept"]},
+              {"name": "task", "epochs": 1, "train": ["task_head"], "losses": ["loss_task"]}]
+    torch.manual_seed(0)
+    system = CBMSystem("cbm_tinycnn", num_classes=4, image_size=32, mode="sequential", stages=stages,
+                       model_kwargs={"num_concepts": 36, "freeze_backbone": True},
+                       optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    head = system.model.concept_head
+    before = torch.cat([v.flatten().float() for v in backbone_of(system.model).state_dict().values()]).clone()
+    head_before = torch.cat([p.flatten() for p in head.parameters()]).clone()
+    record = RecordBackbone()
+    trainer(tmp_path, 2, record).fit(system, datamodule=small_world())
+    assert record.requires_grad == {0: False, 1: False} and record.bn_training == {0: False, 1: False}
+    torch.testing.assert_close(record.weights[1], before)  # weights and BatchNorm running statistics untouched
+    assert not torch.allclose(torch.cat([p.flatten() for p in head.parameters()]), head_before)  # the rest trains

@@ -653,6 +653,22 @@ def test_torchvision_vgg_reads_conv5_3_and_the_plain_twin_scores_the_same_layer(
     assert twin["model_name"] == "baseline_vgg16" and twin["model_kwargs"]["top_conv"] is True
 
 
+def test_alexnet_reads_conv5_as_vgg_does_with_its_true_strides() -> None:
+    """AlexNet's torchvision features end in pool5 as VGG's do (the type of the last layer, not the name, decides): the
+    interpretable filters read relu5 (13 x 13 at 224 px, stride 16), not pool5's 6 x 6; and its maps' strides are 4,
+    8, 16, 32 (not 4, 9, 21, 64: its unpadded layers lose border cells, so 64 px / map size is not the stride)."""
+    from zoo.backbones import top_conv_index
+
+    model = zoo.create_model("icnn_timm", backbone="torchvision:alexnet", num_classes=3, image_size=224)
+    assert model.top_filters.map_size == (13, 13) and model.backbone.reductions == [16]
+    with torch.no_grad():
+        assert model.backbone(torch.rand(1, 3, 224, 224))[0].shape == (1, 256, 13, 13)
+    assert zoo.Backbone("torchvision:alexnet", out_indices=(0, 1, 2, 3)).reductions == [4, 8, 16, 32]
+    assert [top_conv_index(name) for name in ("torchvision:alexnet", "torchvision:vgg16", "vgg16",
+                                              "torchvision:mobilenet_v2", "resnet18", "tinycnn")] == [-2, -2, -2,
+                                                                                                      -1, -1, -1]
+
+
 def test_every_icnn_compare_config_has_the_ordinary_twin() -> None:
     """The paper's baseline, the same layers as ordinary conv layers (masks off, lambda 0), is in every compare spec
     of the family, named ordinary_twin (a masked twin alone is an ablation, not the baseline)."""
@@ -815,3 +831,25 @@ def test_filter_pictures_draw_each_cell_where_the_part_metrics_place_it(monkeypa
     with torch.no_grad():
         callback.draw(SimpleNamespace(datamodule=SimpleNamespace()), system, None)
     assert seen == [MapGeometry((32.0, 32.0), (0.5, 0.5))]
+
+
+@pytest.mark.parametrize("alpha", [0, 1.0, 1.5, -0.1, float("nan")])
+def test_an_alpha_outside_zero_one_is_refused_when_the_loss_is_made(alpha: float) -> None:
+    """alpha = 1 gave log(1 - alpha) and alpha <= 0 log(alpha / n^2): "math domain error" from the first training step
+    (after the data was built); the loss refuses it when made, naming alpha and its range."""
+    with pytest.raises(ValueError, match=r"alpha .*strictly between 0 and 1; got alpha="):
+        FilterPartLoss(alpha=alpha)
+    assert FilterPartLoss(alpha=0.5).alpha == 0.5
+
+
+def test_the_cli_says_a_wrong_alpha_once(in_tmp_dir, capsys: pytest.CaptureFixture) -> None:
+    from tests.conftest import REPO
+    from train import command_line
+
+    with pytest.raises(SystemExit) as exit_info:
+        command_line(["fit", "--config", str(REPO / "configs/icnn/parts_world.yaml"),
+                      "--model.init_args.loss.init_args.alpha=1.0", "--data.init_args.num_train=8",
+                      "--data.init_args.num_val=8", "--trainer.max_epochs=1", "--trainer.logger=false"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("strictly between 0 and 1; got alpha=1.0") == 1
+    assert "Traceback" not in error and "math domain error" not in error

@@ -81,17 +81,28 @@ class TorchvisionFeatures(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def _stages(features: nn.Sequential, size: int = 64) -> tuple[list[int], list[int], list[int]]:
-        """Index, channels and reduction of the last layer at each resolution, read from one dry run."""
-        x, shapes = torch.zeros(1, 3, size, size), []
+    def _stages(features: nn.Sequential, size: int = 64, step: int = 64) -> tuple[list[int], list[int], list[int]]:
+        """Index, channels and reduction of the last layer at each resolution, read from two dry runs.
+
+        The reduction (stride) is how many input pixels one more map cell takes: `step` / the growth of the map from
+        a `size` to a `size + step` input, exact for every stride that divides `step`. The map's size alone is not:
+        unpadded layers lose border cells (AlexNet's maps are 15, 7, 3, 1 at 64 px, so `size // map` gave 4, 9, 21,
+        64 for its strides 4, 8, 16, 32)."""
         was_training = features.training
         features.eval()
-        for layer in features:
-            x = layer(x)
-            shapes.append(x.shape)
+        runs = []
+        for side in (size, size + step):
+            x, shapes = torch.zeros(1, 3, side, side), []
+            for layer in features:
+                x = layer(x)
+                shapes.append(x.shape)
+            runs.append(shapes)
         features.train(was_training)
+        shapes, larger = runs
         ends = [i for i in range(len(shapes)) if i == len(shapes) - 1 or shapes[i + 1][-1] < shapes[i][-1]]
-        return ends, [shapes[i][1] for i in ends], [size // shapes[i][-1] for i in ends]
+        growth = [larger[i][-1] - shapes[i][-1] for i in ends]  # a map that does not grow (global pooling): by size
+        reductions = [round(step / g) if g > 0 else round(size / shapes[i][-1]) for i, g in zip(ends, growth)]
+        return ends, [shapes[i][1] for i in ends], reductions
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         maps = []
@@ -102,12 +113,41 @@ class TorchvisionFeatures(nn.Module):
         return maps
 
 
+@functools.lru_cache(maxsize=32)
 def top_conv_index(backbone: str) -> int:
     """Which backbone feature is the top conv layer's ReLU map (where ICNN puts its interpretable layers, and what its
-    plain twin's scored map must be). VGG's features (timm's and torchvision's, "torchvision:vgg16") end with pool5
-    (stride 32); its conv5_3 map (relu5_3, stride 16) is the one before, where the authors put the masked layer
-    (their vgg_vd_16.m strips everything after relu5_3, adds the interpretable conv, then pool5)."""
-    return -2 if backbone.removeprefix(TORCHVISION).startswith("vgg") else -1
+    plain twin's scored map must be): the one before a trailing pooling layer, else the last. VGG's and AlexNet's
+    features (timm's and torchvision's, "torchvision:vgg16", "torchvision:alexnet") end with pool5 (stride 32); their
+    conv5 map (relu5_3 / relu5, stride 16) is the one before, where the authors put the masked layer (their
+    vgg_vd_16.m strips everything after relu5_3, adds the interpretable conv, then pool5). Read from the layer's type
+    (`ends_in_pooling`), not the name."""
+    return -2 if ends_in_pooling(backbone) else -1
+
+
+_POOLING = (nn.MaxPool2d, nn.AvgPool2d)
+
+
+def ends_in_pooling(backbone: str) -> bool:
+    """Whether the backbone's last feature map is a pooling layer's output (a torchvision `features` body that ends in
+    a max-pool, timm's VGG); the network is built on the meta device (no memory, no initialisation). False for the
+    tiny CNN, an unknown name (`Backbone` names it) or a network that cannot be built there."""
+    if backbone == TINY_CNN:
+        return False
+    try:
+        with torch.device("meta"):
+            if backbone.startswith(TORCHVISION):
+                import torchvision
+
+                features = getattr(torchvision.models.get_model(backbone.removeprefix(TORCHVISION), weights=None),
+                                   "features", None)
+                return isinstance(features, nn.Sequential) and isinstance(features[-1], _POOLING)
+            if not timm.is_model(backbone):
+                return False
+            model = timm.create_model(backbone, pretrained=False)
+            info = getattr(model, "feature_info", None)
+            return bool(info) and isinstance(model.get_submodule(info[-1]["module"]), _POOLING)
+    except Exception:  # noqa: BLE001 - not buildable on the meta device: the last map, as for any other network
+        return False
 
 
 class Backbone(nn.Module):

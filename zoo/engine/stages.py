@@ -24,8 +24,9 @@ class Stage:
     Args:
         name: logged as schedule/stage (its index) and shown in messages.
         epochs: how many epochs it lasts.
-        train: submodules of the model it trains (None: all, as the model was built: a stage after one that froze
-            some submodules trains them again).
+        train: submodules of the model it trains, each as the model was built (a backbone built with
+            `freeze_backbone`, a fixed ICNN beta stay frozen, their BatchNorm statistics too); None: all, as built (a
+            stage after one that froze some submodules trains them again).
         losses: loss terms it sums (None: all).
         lr_scale: multiplies every parameter group's learning rate.
         settings: model attributes set when the stage starts, e.g. ``{"or_mode": "max"}``.
@@ -54,7 +55,7 @@ class Schedule:
             if missing:
                 raise ValueError(f"stage {stage.name!r} sets {missing}, which {type(model).__name__} does not have.")
         self.index = 0
-        self._trainable: dict[str, bool] | None = None  # each parameter's requires_grad before any stage froze it
+        self._trainable: dict[str, bool] | None = None  # each parameter's requires_grad as built (`as_built`)
 
     @property
     def staged(self) -> bool:
@@ -89,14 +90,15 @@ class Schedule:
         the stage's first epoch)."""
         self.index = self.stage_at(epoch)
         stage = self.current
-        if self._trainable is None:  # as built (a resumed run's first epoch sees the same as the first run's)
-            self._trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-        if stage.train is not None:
-            for name, module in model.named_children():
-                module.requires_grad_(name in stage.train)
+        trainable = self.as_built(model)
+        if stage.train is not None:  # a stage trains what it names, of what the model was built to train: a
+            # backbone built frozen (`freeze_backbone`), ICNN's fixed beta, ... stay frozen in a stage that names them
+            for child, module in model.named_children():
+                for name, parameter in module.named_parameters(prefix=child, remove_duplicate=False):
+                    parameter.requires_grad_(child in stage.train and trainable.get(name, True))
         elif any(s.train is not None for s in self.stages):  # "all" after a stage that froze some: as built again
-            for name, parameter in model.named_parameters():
-                parameter.requires_grad_(self._trainable.get(name, True))
+            for name, parameter in model.named_parameters(remove_duplicate=False):
+                parameter.requires_grad_(trainable.get(name, True))
         for key, value in stage.settings.items():
             setattr(model, key, value)
         for group in optimizer.param_groups if optimizer is not None else []:
@@ -116,10 +118,26 @@ class Schedule:
                             rates[index] = rates[index] * scale / applied
         return {"stage": float(self.index)} if len(self.stages) > 1 else {}
 
+    def as_built(self, model: nn.Module) -> dict[str, bool]:
+        """Each parameter's requires_grad as the model was built (by every name it has), read once, before any stage
+        changed it: a resumed run's first epoch sees the same as the first run's."""
+        if self._trainable is None:
+            self._trainable = {name: p.requires_grad for name, p in model.named_parameters(remove_duplicate=False)}
+        return self._trainable
+
     def frozen(self, model: nn.Module) -> list[nn.Module]:
-        """Submodules the current stage does not train (kept in eval mode)."""
+        """Submodules the current stage does not train, kept in eval mode (BatchNorm statistics too): those it does
+        not name and those it names that the model was built with nothing to train (`freeze_backbone`)."""
         trained = self.current.train
-        return [] if trained is None else [m for n, m in model.named_children() if n not in trained]
+        if trained is None:
+            return []
+        trainable = self.as_built(model)
+
+        def built_frozen(child: str, module: nn.Module) -> bool:
+            names = [name for name, _ in module.named_parameters(prefix=child, remove_duplicate=False)]
+            return bool(names) and not any(trainable.get(name, True) for name in names)
+
+        return [m for n, m in model.named_children() if n not in trained or built_frozen(n, m)]
 
     def select(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The loss terms summed in the current stage."""
