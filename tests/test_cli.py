@@ -677,3 +677,25 @@ def test_a_run_stopped_by_sigterm_exits_143_not_0(in_tmp_dir: Path, capsys: pyte
         command_line(args)
     assert exit_info.value.code == 143
     assert "stopped by SIGTERM" in capsys.readouterr().err
+
+
+def test_a_mistyped_first_part_of_a_nested_option_gets_the_full_option(in_tmp_dir: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """`--model.init_args.los.init_args.weight` was refused inside the model's class_path as "unrecognized arguments:
+    --los.init_args.weight=0", matched against the top-level options: no suggestion. Its first part is matched among
+    the class's init arguments, as "Option 'los' is not accepted" is, and the whole option is suggested; the same
+    for an ablate --grid key (each point is parsed as a fit) and a class's arguments listed where none is close."""
+    config = str(REPO / "configs/icnn/parts_world.yaml")
+    for args, message in (
+            (["fit", "--config", config, "--model.init_args.los.init_args.weight=0"],
+             "did you mean '--model.init_args.loss.init_args.weight'?"),
+            (["fit", "--config", config, "--model.init_args.optimiser.init_args.lr=0.1"],
+             "did you mean '--model.init_args.optimizer.init_args.lr'?"),
+            (["fit", "--config", config, "--model.init_args.xyzzy.init_args.lr=0.1"],
+             "(ICNNSystem accepts part_maps_key, "),
+            (["ablate", "--config", config, "--grid", "model.init_args.los.init_args.weight=[0,1]"],
+             "did you mean '--model.init_args.loss.init_args.weight'?")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in error, (args, error)

@@ -228,3 +228,41 @@ def test_the_report_scores_road_and_infidelity_and_sensitivity_on_request() -> N
     assert EXPLANATION_DIRECTIONS["infidelity"] is False and EXPLANATION_DIRECTIONS["sensitivity_max"] is False
     with pytest.raises(ValueError, match="Unknown explanation metrics"):
         score_explanations(model, images, target, methods=("saliency",), metrics=("deletion", "roar"))
+
+
+# ---------------------------------------------------------------------------------------------- flat and all-zero maps
+
+def test_an_all_zero_map_is_scored_as_a_uniform_map_by_mass_and_infidelity() -> None:
+    """An all-zero map (LIME's on a rule series) had mass 0 inside the true parts, below a random map's, and the
+    worst infidelity (Captum's beta = 0/0 -> 0); it is the limit of the constant maps and now scores as they do (the
+    parts' area share; a constant map's infidelity), sample by sample in a batch. A tiny map (1e-20) scores as the
+    same map at scale 1: its mass was ~0 (the total clamped at 1e-12) and its infidelity inf."""
+    from zoo.explain.faithfulness import AttributionInMask, infidelity_scores
+
+    masks = torch.zeros(3, 2, 8, 8, dtype=torch.bool)
+    masks[:, 0, :2, :] = True  # a quarter of the image
+    masks[2, 1, 2:4, :4] = True  # and an eighth more
+    saliency = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    saliency[1] = 0.0
+    saliency[2] = 0.0
+    mass = AttributionInMask("mass").scores(saliency, masks)  # (3,)
+    assert mass[1].item() == pytest.approx(0.25) and mass[2].item() == pytest.approx(0.375)  # was 0.0
+    torch.testing.assert_close(mass, AttributionInMask("mass").scores(
+        torch.where(saliency.flatten(1).any(1)[:, None, None], saliency, torch.ones(8, 8)), masks))  # as uniform
+    torch.testing.assert_close(AttributionInMask("mass").scores(1e-20 * saliency, masks), mass)  # was ~1e-8
+    series = AttributionInMask("mass", skip_empty=True)  # (B, T) maps of a rule series
+    events = torch.zeros(2, 1, 40, dtype=torch.bool)
+    events[:, 0, 10:13] = True
+    series.update(torch.zeros(2, 40), events)
+    assert series.compute().item() == pytest.approx(3 / 40)
+
+    images, target = torch.rand(3, 3, 16, 16), torch.zeros(3, dtype=torch.long)
+    zero = infidelity_scores(linear_model, images, torch.zeros(3, 16, 16), target)
+    flat = infidelity_scores(linear_model, images, torch.ones(3, 16, 16), target)
+    torch.testing.assert_close(zero, flat)  # was about 2x a constant map's
+    mixed = torch.stack([WEIGHTS, torch.zeros(16, 16), 0.5 * torch.ones(16, 16)])
+    scores = infidelity_scores(linear_model, images, mixed, target)
+    torch.testing.assert_close(scores[1:], flat[1:])
+    assert scores[0].abs() < 1e-4 * flat.min()  # the exact map in the same batch
+    tiny = infidelity_scores(linear_model, images, 1e-20 * WEIGHTS.expand(3, -1, -1), target)
+    assert torch.isfinite(tiny).all() and tiny.abs().max() < 1e-4 * flat.min()  # was inf

@@ -135,25 +135,54 @@ def init_parameters(class_path: str) -> list[str]:
     return keyword_arguments(cls)
 
 
+def nested_option(context: str, bad: str, args: list[str]) -> tuple[list[str], str] | None:
+    """For a command-line option refused inside a class given by class_path, whose first dotted part is not one of
+    the class's init arguments (`--model.init_args.los.init_args.weight=0`: "Problem with given class_path
+    '...ICNNSystem': unrecognized arguments: --los.init_args.weight=0"): ([the full option meant], "") with the first
+    part matched among the class's init arguments (`init_parameters`, as "Option 'los' is not accepted" is), or
+    ([], "<Class> accepts ...") when none is close. `context` is the message before the refused option (its last
+    class_path is the class); the option's prefix is the one `args` gave it (`model.init_args.`), else the parser keys
+    of `context`. None outside a class_path, or when the first part is an init argument (the class's own message
+    then says more than a guess)."""
+    class_paths = re.findall(r"class_path '([^']+)'", context)
+    parameters = init_parameters(class_paths[-1]) if class_paths else []
+    first, dot, rest = bad.partition(".")
+    if not parameters or first in parameters:
+        return None
+    close = difflib.get_close_matches(first, parameters, n=1, cutoff=0.6)
+    if not close:
+        return [], f"{class_paths[-1].rsplit('.', 1)[-1]} accepts {', '.join(parameters)}"
+    given = [arg[2:].split("=", 1)[0] for arg in args if arg.startswith("--")]  # option names as typed
+    prefix = next((name.removesuffix(bad) for name in given if name.endswith(f".{bad}")), None)
+    if prefix is None:  # e.g. the option came from elsewhere: rebuild it from the parser keys of the message
+        prefix = "".join(f"{key}.init_args." for key in re.findall(r'Parser key "([^"]+)"', context))
+    return [f"{prefix}{close[0]}{dot}{rest}"], ""
+
+
 def suggestion(message: str, parser: Any, args: list[str], cwd: Path | None = None) -> str:
     """ "did you mean ...?" for the option or key the message refuses, and the config file that holds it (`args`'
     relative paths read from `cwd`)."""
     option = re.search(r"Option '([^']+)' is not accepted", message)
     subcommand = re.search(r"(?:Subcommand '[^']+'|Group '[^']+') does not accept option '([^']+)'", message)
     unrecognized = re.search(r"unrecognized arguments: --([^\s=]+)", message)  # a command-line option's typo
+    close: list[str] | None = None  # the suggestion, when a branch below finds it itself
+    nested = nested_option(message[: unrecognized.start()], unrecognized.group(1), args) \
+        if unrecognized and not (subcommand or option) else None  # inside a class given by class_path
     if option and "class_path '" in message[: option.start()]:  # an init argument of a class given by class_path
         bad = option.group(1)
         given = re.search(r"Got value: Namespace\(class_path='([^']+)'", message[option.end():])  # optimizer, ...
         class_path = given.group(1) if given else re.findall(r"class_path '([^']+)'", message[: option.start()])[-1]
         candidates = init_parameters(class_path)
         where = f"{class_path.rsplit('.', 1)[-1]} accepts {', '.join(candidates)}" if candidates else ""
+    elif unrecognized and nested is not None:  # a nested option whose first part is not an init argument of the class
+        bad, (close, where), candidates = unrecognized.group(1), nested, []
     elif subcommand or option or unrecognized:
         bad = (subcommand or option or unrecognized).group(1)
         candidates = [a.dest for a in getattr(parser, "_actions", []) if isinstance(getattr(a, "dest", None), str)]
         where = ""
     else:
         return ""
-    close = difflib.get_close_matches(bad, candidates, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(bad, candidates, n=1, cutoff=0.6) if close is None else close
     if not close and "." in bad:  # a mistyped last part of a dotted key: match it among the same group's keys
         group, _, last = bad.rpartition(".")
         close = [f"{group}.{m}" for m in difflib.get_close_matches(

@@ -18,6 +18,9 @@ Conventions, fixed once so self-explaining and post-hoc maps are scored on the s
   does? Lower is better.
 - ROAD (MoRF / LeRF removal with noisy linear imputation) lives in `zoo.explain.road`.
 
+A flat map says nothing, and is scored so: its rankings are a random order (below), and the scores that weigh
+positions by saliency (mass, infidelity) take an all-zero map as the uniform map it is the limit of (`unit_saliency`).
+
 Ties: pixels of equal saliency are unordered. Every ranking (`saliency_rank`) breaks ties by one fixed random order
 of the pixels (seeded, drawn on the CPU, so the same on every device and for every batch), as ROAD does (its code
 adds 1e-4 noise to the map before sorting): a map with large flat regions (ReLU'd CAM / Grad-CAM, the all-zero map of
@@ -42,6 +45,22 @@ from torchvision.transforms.functional import gaussian_blur
 def saliency_map(attribution: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) or (B, H, W) attributions -> (B, H, W) absolute saliency summed over channels."""
     return attribution.abs().sum(1) if attribution.ndim == 4 else attribution.abs()
+
+
+def unit_saliency(saliency: torch.Tensor) -> torch.Tensor:
+    """(B, *S) maps, each divided by its largest absolute value; an all-zero map becomes all ones (B, *S).
+
+    For the scores that weigh positions by their saliency (the mass inside the true parts, infidelity), not only rank
+    them: both are meant to be scale-free, and a flat map is scored as a uniform one, as the rankings score it as a
+    random order. The all-zero map (LIME's on a series it cannot fit, a ReLU'd CAM of a class with no evidence) is
+    the limit of the constant maps, so it scores as they do: before, its mass inside the true events was 0 (a uniform
+    map's is the events' area share; random maps scored 0.07 on a rule series) and its infidelity the worst possible
+    (Captum's beta = 0/0 -> 0: 2x a constant or a random map's on a linear model). Dividing by the largest value
+    first also keeps a tiny map (gradients of a saturated softmax, 1e-20) from underflowing: its mass was ~0 (the
+    total clamped at 1e-12) and its infidelity inf. Elementwise, no host-device sync.
+    """
+    scale = saliency.abs().flatten(1).amax(1).view(-1, *[1] * (saliency.ndim - 1))  # (B, 1, ...)
+    return torch.where(scale > 0, saliency / torch.where(scale > 0, scale, 1), torch.ones_like(saliency))
 
 
 def saliency_rank(saliency: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -183,7 +202,8 @@ class AttributionInMask(MeanScore):
     The pointing game's peak is the pixel of rank 0 (`saliency_rank` with `seed`): tied maxima are broken by the
     fixed random order every ranking here uses, not by raster order (an occlusion map is constant over each 8x8
     block, whose top-left pixel an argmax takes; an all-zero map pointed at pixel (0, 0) and hit any part there; it
-    now points at one seeded random pixel: chance level)."""
+    now points at one seeded random pixel: chance level). The mass of an all-zero map is a uniform map's, the parts'
+    area share (`unit_saliency`; it was 0, below any random map)."""
 
     higher_is_better = True
 
@@ -205,8 +225,9 @@ class AttributionInMask(MeanScore):
         inside = part_masks.any(1, keepdim=True).float()  # (B, 1, H', W') union of the parts
         inside = F.interpolate(inside, size=saliency.shape[1:], mode="nearest")[:, 0] > 0  # (B, H, W)
         saliency = saliency.abs().float()
-        if self.kind == "mass":
-            return (saliency * inside).flatten(1).sum(1) / saliency.flatten(1).sum(1).clamp(min=1e-12)
+        if self.kind == "mass":  # an all-zero map as a uniform one: the parts' area share (`unit_saliency`)
+            saliency = unit_saliency(saliency)  # (B, H, W), largest value 1: the total is at least 1
+            return (saliency * inside).flatten(1).sum(1) / saliency.flatten(1).sum(1)
         peak = saliency_rank(saliency, self.seed).argmin(1, keepdim=True)  # (B, 1) the pixel of rank 0
         return inside.flatten(1).gather(1, peak)[:, 0].float()
 
@@ -224,7 +245,8 @@ def infidelity_scores(model: Callable[[torch.Tensor], torch.Tensor], images: tor
     so a map's units (logits, gradients, a CAM's feature units) do not matter. Why not Gaussian noise: zero-mean
     noise cannot be predicted by a map of absolute values, and on a trained tiny CNN of the parts world it scored
     every map, random and all-zero ones included, within 5%; square removal separates them (0.19-0.27 for the
-    report's maps, 0.87 random, 1.65 all-zero, 64x64 images).
+    report's maps, 0.87 random, 64x64 images; an all-zero map scored 1.65 there while Captum fitted it with beta =
+    0/0 -> 0, the worst score there is; it is now scored as a uniform map, `unit_saliency`).
     """
     check_saliency(images, saliency)
     generator = torch.Generator().manual_seed(seed)
@@ -241,7 +263,8 @@ def infidelity_scores(model: Callable[[torch.Tensor], torch.Tensor], images: tor
         inside = (rows >= top) & (rows < top + side_h) & (columns >= left) & (columns < left + side_w)  # (N, H, W)
         return inputs.masked_fill(inside[:, None], 0.0)
 
-    attribution = saliency[:, None].to(images.dtype).expand_as(images).contiguous()  # (B, C, H, W)
+    # scaled to a largest value of 1 (normalize=True fits the scale anyway), an all-zero map as a uniform one
+    attribution = unit_saliency(saliency.to(images.dtype))[:, None].expand_as(images).contiguous()  # (B, C, H, W)
     return infidelity(model, perturb, images, attribution, target=target, n_perturb_samples=n_perturb_samples,
                       max_examples_per_batch=max_examples_per_batch, normalize=True)
 
