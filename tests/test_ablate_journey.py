@@ -234,3 +234,70 @@ def test_callbacks_that_only_report_say_so_themselves() -> None:
     assert report_only({"class_path": "zoo.icnn.callback.FilterMapsCallback"})
     assert not report_only({"class_path": "pytorch_lightning.callbacks.EarlyStopping"})
     assert not report_only({"class_path": "no.such.Callback"})
+
+
+MY_LOSS = '''import torch.nn as nn
+import torch.nn.functional as F
+
+
+class MyLoss(nn.Module):
+    def forward(self, out, batch):
+        return {{"loss_task": {scale} * F.cross_entropy(out["logits"], batch["label"])}}
+'''
+
+
+def test_a_point_runs_again_after_the_code_its_config_names_changed(in_tmp_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """A user's loss (`class_path: mylosses.MyLoss`) edited between two runs of the same ablate: "finished with the
+    same settings, reused", the old code's numbers. The settings now cover the source file of every module a
+    class_path names (the changed file said); a point finished by the ablate before that (its settings.json without
+    "code", the config and files the same) is kept, so the upgrade does not rerun a grid."""
+    import importlib
+    import sys
+
+    from zoo.cli.ablate import settings_hash
+
+    (in_tmp_dir / "mylosses.py").write_text(MY_LOSS.format(scale=1.0))
+    monkeypatch.syspath_prepend(str(in_tmp_dir))
+    importlib.invalidate_caches()
+    args = ["ablate", "--config", BASELINE, "--name", "code", "--grid", "seed_everything=[0]",
+            "--model.init_args.loss=mylosses.MyLoss", *FAST]
+    point = in_tmp_dir / "checkpoints" / "code" / "seed_everything=0"
+    try:
+        main(args)
+        (in_tmp_dir / "mylosses.py").write_text(MY_LOSS.format(scale=2.0))  # the loss edited
+        capsys.readouterr()
+        main(args)
+        printed = capsys.readouterr().out
+        assert "point seed_everything=0: settings changed since its last run; run again" in printed
+        assert "changed: code.mylosses: \"sha256 " in printed and "reused" not in printed
+        settings = json.loads((point / "settings.json").read_text())
+        assert settings["code"]["mylosses"].startswith("sha256 ")
+        assert "zoo.baselines.system" in settings["code"]  # the System's module, named wherever the repository is
+        del settings["code"]  # as the ablate before code fingerprints stored the point
+        (point / "settings.json").write_text(json.dumps(settings))
+        (point / "settings.sha256").write_text(settings_hash(settings) + "\n")
+        main(args)
+        assert "point seed_everything=0: finished with the same settings, reused" in capsys.readouterr().out
+        assert "mylosses" in json.loads((point / "settings.json").read_text())["code"]  # stored from now on
+    finally:
+        sys.modules.pop("mylosses", None)
+
+
+def test_a_grid_number_in_exponent_form_is_a_number(tmp_path: Path) -> None:
+    """`--grid key=[0,1e-3]`: YAML 1.1 reads 1e-3 as the string "1e-3" (result.json, the CSV column and HPARAMS got
+    text, and 1e-3 and 0.001 trained the same setting in two folders). Strings written as numbers are floats now;
+    the words nan and inf, and other text, stay strings."""
+    from zoo.cli.ablate import grid_points, parse_grid, point_name, summarise
+
+    grid = parse_grid(["model.init_args.optimizer.init_args.lr=[0,1e-3,-2.5E+4,.5]", "a.b=[nan,abc]",
+                       "c.d=[{lr: 1e-3}]"])
+    assert grid["model.init_args.optimizer.init_args.lr"] == [0, 0.001, -25000.0, 0.5]
+    assert all(isinstance(value, (int, float)) for value in grid["model.init_args.optimizer.init_args.lr"])
+    assert grid["a.b"] == ["nan", "abc"] and grid["c.d"] == [{"lr": 0.001}]
+    (exponent,) = parse_grid(["x.lr=[1e-3]"])["x.lr"]
+    assert point_name({"x.lr": exponent}) == point_name({"x.lr": 0.001}) == "lr=0.001"  # one folder for one setting
+    with pytest.raises(ValueError, match="would share the folder 'lr=0.001'"):
+        grid_points(parse_grid(["x.lr=[1e-3,0.001]"]))
+    (row,) = summarise([({"x.lr": exponent}, {"acc": 0.5})])
+    assert isinstance(row["lr"], float)

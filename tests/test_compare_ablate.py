@@ -180,3 +180,53 @@ def test_compare_takes_every_explain_method_and_the_own_map_by_either_name() -> 
     check_explain_settings({"methods": [*DEFAULT_METHODS, "own", "random", "kernel_shap"], "num_images": 4,
                             "step": 64, "metrics": ["deletion", "road"], "num_perturbed": None})
     assert {"cam", "own", "random", "lime", "occlusion"} <= set(KNOWN_METHODS)
+
+
+def test_compare_explains_on_global_rank_zero_only(in_tmp_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `ddp` every rank ran the explanation report in full (88 s a method instead of 34 s) though only rank
+    zero writes it: now rank zero computes it, and every rank waits at the strategy's barrier (a no-op without a
+    process group). A rank other than zero, as the trainer says, is played here; the report is a counter."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.strategies import SingleDeviceStrategy
+
+    from zoo.engine.system import ZooSystem
+
+    explained: list[str] = []
+    barriers: list[str | None] = []
+    monkeypatch.setattr(ZooSystem, "explanation_report", lambda self, datamodule, settings: explained.append("x"))
+    monkeypatch.setattr(SingleDeviceStrategy, "barrier", lambda self, name=None: barriers.append(name))
+    spec = {"compare": {"name": "ranks", "args": [*SMALL_WORLD, "--trainer.fast_dev_run=true"],
+                        "runs": {"only": {"config": BASELINE}}}}
+    (in_tmp_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    with monkeypatch.context() as rank_one:
+        rank_one.setattr(pl.Trainer, "is_global_zero", property(lambda self: False))
+        (row,) = main(["compare", "--config", "spec.yaml", "--name", "other_rank"])
+    assert explained == [] and "compare_explanations" in barriers  # another rank: waits, computes nothing
+    assert row["run"] == "only" and not (in_tmp_dir / "checkpoints" / "other_rank" / "report.md").exists()
+    barriers.clear()
+    main(["compare", "--config", "spec.yaml"])
+    assert explained == ["x"] and "compare_explanations" in barriers  # rank zero: computed, then the barrier
+
+
+def test_compare_keeps_metrics_in_full_precision(in_tmp_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """compare rounded every metric to 4 decimals before writing report.csv / models.csv: a part_iou of 0.001116
+    read 0.0011 and 3e-5 read 0.0. The rows and CSVs keep the numbers; the markdown shows >= 3 significant digits."""
+    import csv
+
+    import pytorch_lightning as pl
+
+    monkeypatch.setattr(pl.Trainer, "validate", lambda self, *args, **kwargs: [
+        {"val/acc": 0.123456789, "val/part_iou": 0.001116, "val/tiny": 3e-5, "val/loss": 1.0}])
+    spec = {"compare": {"name": "precise", "args": [*SMALL_WORLD, "--trainer.fast_dev_run=true"],
+                        "runs": {"only": {"config": BASELINE}}}}
+    (in_tmp_dir / "spec.yaml").write_text(yaml.safe_dump(spec))
+    (row,) = main(["compare", "--config", "spec.yaml", "--no_explain"])
+    assert (row["acc"], row["part_iou"], row["tiny"]) == (0.123456789, 0.001116, 3e-5)
+    folder = in_tmp_dir / "checkpoints" / "precise"
+    for table in ("report.csv", "models.csv"):
+        with open(folder / table) as f:
+            written = next(csv.DictReader(f))
+        assert (float(written["acc"]), float(written["part_iou"]), float(written["tiny"])) == (0.123456789, 0.001116,
+                                                                                              3e-5)
+    markdown = (folder / "report.md").read_text()
+    assert "| 0.1235 | 0.00112 | 3e-05 |" in markdown

@@ -130,3 +130,44 @@ def test_explanation_figure_draws_the_pixels_as_they_are_and_says_the_true_class
     heat = overlay - 0.45 * pixels[0].permute(1, 2, 0)  # heatmap_overlay: 0.45 image + 0.55 red heat
     assert heat.min() > -1e-3  # the heat over the pixels as they are, not over the normalised values
     assert "true class" in figure.get_suptitle()
+
+
+class FlatLinear(torch.nn.Module):
+    """A linear classifier over every input value: images (B, C, H, W) or series (B, C, T) -> {"logits": (B, K)}."""
+
+    def __init__(self, features: int, classes: int = 2) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(features, classes)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.linear(x.flatten(1))}
+
+
+def test_explanation_scores_are_kept_in_full_precision() -> None:
+    """The explanation rows were rounded to 4 decimals before the CSV (a mass of 3e-5 read 0.0, twins tied that do
+    not); they are kept in full now (the markdown rounds them for reading, `cell`)."""
+    from zoo.explain.scores import score_explanations
+
+    torch.manual_seed(0)
+    masks = torch.rand(3, 2, 8, 8) > 0.5  # (B, P, H, W)
+    rows, _ = score_explanations(FlatLinear(3 * 8 * 8), torch.rand(3, 3, 8, 8), torch.tensor([0, 1, 0]), masks,
+                                 methods=("saliency",), metrics=("deletion", "infidelity"), step=16)
+    scores = [rows[0][column] for column in ("deletion_auc", "infidelity", "mass_in_parts", "deletion_vs_random")]
+    assert all(isinstance(score, float) for score in scores)
+    assert all(score != round(score, 4) for score in scores), scores  # none cut to 4 decimals
+
+
+def test_the_note_speaks_of_series_only_under_series_rows() -> None:
+    """The note under an image-only explanation table ended with "Series: deletion sets 4 time steps at a time...";
+    it is said where series rows are only."""
+    from zoo.explain.scores import EXPLANATION_NOTE, explanation_note, score_explanations
+
+    torch.manual_seed(0)
+    target = torch.tensor([0, 1, 0])
+    image_rows, _ = score_explanations(FlatLinear(3 * 8 * 8), torch.rand(3, 3, 8, 8), target, methods=("saliency",),
+                                       metrics=("deletion",), step=16)
+    assert explanation_note(image_rows) == EXPLANATION_NOTE and "time steps" not in EXPLANATION_NOTE
+    series_rows, _ = score_explanations(FlatLinear(2 * 16), torch.rand(3, 2, 16), target, methods=("saliency",),
+                                        metrics=("deletion",), step=4)
+    series_note = explanation_note(series_rows)
+    assert series_note.startswith(EXPLANATION_NOTE) and "Series: deletion sets 4 time steps at a time" in series_note

@@ -33,10 +33,11 @@ python train.py ablate --config configs/icnn/parts_world.yaml --name icnn_lambda
 
 Each grid point is one fit in <save_dir>/<name>/<point>/ (the logger's save_dir: checkpoints/ unless overridden),
 keyed by a hash of its resolved settings and of the contents of the files and folders they name (init_checkpoint,
-a data root: each file's path, size and mtime, hidden ones left out): a finished point is reused when the same
-settings run again ("point X: finished with the same settings, reused"), a point whose settings changed (another
-max_epochs, an edited config, a refitted checkpoint, a file added to, removed from or rewritten in its data folder)
-runs again and the changed keys are said, an interrupted one resumes from its last.ckpt. Settings that cannot
+a data root: each file's path, size and mtime, hidden ones left out) and of the source file of each module a
+class_path names (a loss of your own: mylosses.py): a finished point is reused when the same settings run again
+("point X: finished with the same settings, reused"), a point whose settings changed (another max_epochs, an edited
+config or mylosses.py, a refitted checkpoint, a file added to, removed from or rewritten in its data folder) runs
+again and the changed keys are said, an interrupted one resumes from its last.ckpt. Settings that cannot
 change a result (the logger, log_every_n_steps, the progress bar, the model summary, pin_memory, picture callbacks)
 are left out of the hash. The table averages every metric over seed_everything (<metric>_mean, <metric>_std) and goes to
 <save_dir>/<name>/ablation.{md,csv}; the HPARAMS entries of the grid's points are in <save_dir>/<name>/hparams/.
@@ -61,8 +62,26 @@ IGNORED_SETTINGS = (  # keys that cannot change a point's result: left out of it
 OUTPUT_KEYS = ("default_root_dir", "dirpath", "save_dir")  # folders a run writes in: not fingerprinted
 
 
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a number YAML 1.1 may leave a string: 1e-3
+
+
+def as_numbers(value: Any) -> Any:
+    """`value` (a parsed grid value, nested lists and mappings included) with every string written as a number
+    turned into a float: YAML 1.1 reads 1e-3 (no dot) as the string "1e-3", which result.json, the table's column
+    and HPARAMS would keep as text, and a point "1e-3" would train the same setting as a point 0.001 in another
+    folder. Words float() also takes (nan, inf) stay strings."""
+    if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [as_numbers(item) for item in value]
+    if isinstance(value, dict):
+        return {key: as_numbers(item) for key, item in value.items()}
+    return value
+
+
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
-    """["key=[v1,v2]", ...] -> {key: [v1, v2]} (values parsed as YAML). A key given twice is refused (the last one
+    """["key=[v1,v2]", ...] -> {key: [v1, v2]} (values parsed as YAML, strings written as numbers made floats:
+    `as_numbers`, so 1e-3 is the number 0.001 and names the same point). A key given twice is refused (the last one
     would silently win), and so is `seed` (the run's seed is `seed_everything`)."""
     grid: dict[str, list[Any]] = {}
     for item in items:
@@ -76,7 +95,7 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         if key in grid:
             raise ValueError(f"--grid {key} is given twice ({grid[key]} and {parsed}); give all its values in one "
                              f"--grid {key}=[...].")
-        grid[key] = parsed
+        grid[key] = as_numbers(parsed)
     return grid
 
 
@@ -88,8 +107,9 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     names = [point_name(point) for point in points]
     if len(set(names)) < len(names):
         clash = next(name for name in names if names.count(name) > 1)
-        raise ValueError(f"two grid points would share the folder {clash!r}: their values differ only in characters "
-                         f"that point names replace with '_'; make the values distinct.")
+        raise ValueError(f"two grid points would share the folder {clash!r}: their values are the same number "
+                         f"(1e-3 and 0.001) or differ only in characters that point names replace with '_'; make "
+                         f"the values distinct.")
     return points
 
 
@@ -171,12 +191,51 @@ def existing_folders(config: Any, outputs: Path | None = None) -> Iterator[str]:
             if os.path.isdir(value) and not written_by_runs(value, outputs))
 
 
+def class_paths(config: Any) -> Iterator[str]:
+    """Every `class_path` string of a nested config (the System, its loss and optimiser, the datamodule, ...)."""
+    if isinstance(config, dict):
+        if isinstance(config.get("class_path"), str):
+            yield config["class_path"]
+        for value in config.values():
+            yield from class_paths(value)
+    elif isinstance(config, list):
+        for value in config:
+            yield from class_paths(value)
+
+
+def code_file(class_path: str) -> tuple[str, str] | None:
+    """(module, source file) of the module that defines the class `class_path` names (the class's own module where
+    it can be imported: a package's __init__ that re-exports it holds none of its code; else the named module's,
+    `importlib.util.find_spec(...).origin`); None where there is no such file (a built-in, a module not there)."""
+    import importlib.util
+
+    module, _, name = class_path.rpartition(".")
+    with contextlib.suppress(ImportError, AttributeError, ValueError):
+        module = getattr(importlib.import_module(module), name).__module__
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None)
+    return (module, origin) if origin and os.path.isfile(origin) else None
+
+
+def code_fingerprints(config: Any) -> dict[str, str]:
+    """{module: `file_fingerprint` of its source file} for every module a `class_path` of `config` names
+    (`code_file`; keyed by module name, so the same wherever the repository or the working folder is): a user's
+    loss edited between two runs of the same ablate changes a point's settings, so the point runs again instead of
+    reusing numbers the old code made. Only the named modules' files: code they import is not covered."""
+    found = (code_file(path) for path in dict.fromkeys(class_paths(config)))
+    return {module: file_fingerprint(origin) for module, origin in dict.fromkeys(f for f in found if f is not None)}
+
+
 def resolved_settings(cli: ZooCLI, outputs: Path | None = None) -> dict[str, Any]:
     """What a point's result depends on: its resolved config (every default, file and override applied) less
-    IGNORED_SETTINGS and the picture callbacks (`report_only`), and the fingerprint of every existing file
-    (`file_fingerprint`) and folder (`folder_fingerprint`; a data root) the config names: {"config": ...,
-    "files": {path: fingerprint}}. `outputs`: the point's run folder (default: its logger's, `run_folder`), whose
-    folders are not fingerprinted (the run writes there)."""
+    IGNORED_SETTINGS and the picture callbacks (`report_only`), the fingerprint of every existing file
+    (`file_fingerprint`) and folder (`folder_fingerprint`; a data root) the config names, and that of the source
+    file of every module a `class_path` names (`code_fingerprints`): {"config": ..., "files": {path: fingerprint},
+    "code": {module: fingerprint}}. `outputs`: the point's run folder (default: its logger's, `run_folder`),
+    whose folders are not fingerprinted (the run writes there)."""
     config = yaml.safe_load(cli.parser.dump(cli.config, skip_none=False))
     for key in IGNORED_SETTINGS:
         drop_key(config, key)
@@ -188,7 +247,13 @@ def resolved_settings(cli: ZooCLI, outputs: Path | None = None) -> dict[str, Any
             outputs = run_folder(cli.config_init, cli.config)
     files = {path: file_fingerprint(path) for path in dict.fromkeys(existing_files(config))}
     files |= {path: folder_fingerprint(path) for path in dict.fromkeys(existing_folders(config, outputs))}
-    return {"config": config, "files": files}
+    return {"config": config, "files": files, "code": code_fingerprints(config)}
+
+
+def without_code(settings: dict[str, Any]) -> dict[str, Any]:
+    """`resolved_settings` as the ablate before code fingerprints made them (no "code" entry), whose
+    `settings_hash` the points it finished stored."""
+    return {key: value for key, value in settings.items() if key != "code"}
 
 
 def settings_hash(settings: dict[str, Any] | ZooCLI) -> str:
@@ -212,6 +277,8 @@ def settings_changes(old: dict[str, Any] | None, new: dict[str, Any], limit: int
     """"key: old -> new; ..." for what differs between two `resolved_settings` (the first `limit` keys)."""
     if old is None:
         return "not known (the earlier run stored no settings.json)"
+    if "code" not in old:  # stored by the ablate before code fingerprints: which code ran then is not known
+        new = without_code(new)
     before, after = flat_settings(old), flat_settings(json.loads(json.dumps(new, default=str)))  # as stored
 
     def shown(settings: dict[str, Any], key: str) -> str:
@@ -400,10 +467,13 @@ def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[st
                    ) -> tuple[dict[str, float], dict[str, bool | None]]:
     """Fit one grid point (resuming from its last.ckpt), validate, and store result.json atomically; return its
     metrics and their directions. The point's run folder is its logger's (`run_folder`). Its `resolved_settings`
-    (config and the files it names) are hashed and stored (settings.sha256, settings.json): a finished point with
-    the same hash is reused (and said so); a point whose settings changed since (another max_epochs, a changed
-    config file, a refitted init_checkpoint, a changed data folder) is moved to <ablation>/stale/ and run again from scratch, and the
-    changed keys are said. `cli`: the point's CLI if already built (`point_cli`).
+    (config, the files it names, the source files of its classes' modules) are hashed and stored (settings.sha256,
+    settings.json): a finished point with the same hash is reused (and said so); a point whose settings changed
+    since (another max_epochs, a changed config file or loss module, a refitted init_checkpoint, a changed data
+    folder) is moved to <ablation>/stale/ and run again from scratch, and the changed keys are said. A point
+    finished by an earlier ablate is kept when the settings it stored still hold: the old hash of the config alone
+    (`legacy_settings_hash`, no file named), or settings.json without "code" (before code fingerprints) with the
+    same config and files. `cli`: the point's CLI if already built (`point_cli`).
 
     A configuration mistake found while training (a data folder that is not there, read at setup) is said once;
     the point's folder is removed if this call made it, so a point that never ran leaves nothing behind."""
@@ -421,8 +491,15 @@ def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[st
         hash_path.write_text(digest + "\n")
         settings_path.write_text(json.dumps(settings, indent=1, default=str))
         stored = digest
+    old = None
+    with contextlib.suppress(OSError, ValueError):  # none, or cut short by a kill while it was written
+        old = json.loads(settings_path.read_text())
+    if (stored is not None and stored != digest and isinstance(old, dict) and "code" not in old
+            and stored == settings_hash(without_code(settings))):  # finished before code fingerprints, the same
+        hash_path.write_text(digest + "\n")  # config and files: kept (an upgrade does not rerun a whole grid),
+        settings_path.write_text(json.dumps(settings, indent=1, default=str))  # the code it ran taken as today's
+        stored = digest
     if folder.is_dir() and stored != digest:
-        old = json.loads(settings_path.read_text()) if settings_path.is_file() else None
         stale = move_aside(folder, folder.parent / STALE / f"{label}-{(stored or 'unknown')[:8]}")
         print(f"ablate: point {label}: settings changed since its last run; run again (old run moved to {stale})\n"
               f"  changed: {settings_changes(old, settings)}")

@@ -76,13 +76,16 @@ EXPLANATION_DIRECTIONS: dict[str, bool | None] = {
     "pointing_in_events": AttributionInMask.higher_is_better, "mass_in_events": AttributionInMask.higher_is_better,
     "deletion_vs_random": DeletionAUC.higher_is_better, "road_morf_vs_random": RoadMoRF.higher_is_better,
 }
-# what the report says under its explanation table
+# what the report says under its explanation table: of image rows, and of series rows (the series sentence only
+# where series rows are: an image-only table said it too)
 EXPLANATION_NOTE = (
     "Every map explains the true class. Raw deletion_auc and road_morf compare methods within one model only (a more "
     "confident model keeps its probability longer whatever the map); deletion_vs_random and road_morf_vs_random "
-    "(the score over the same model's `random` map's: 1 = no better than random) compare across models. Series: "
-    f"deletion sets {SERIES_STEP} time steps at a time to 0 (the raw signal's baseline); *_in_events score the time "
-    f"steps of the true rule events (+-{EVENT_TOLERANCE} steps) of the series that have any.")
+    "(the score over the same model's `random` map's: 1 = no better than random) compare across models.")
+SERIES_NOTE = (
+    f"{EXPLANATION_NOTE} Series: deletion sets {SERIES_STEP} time steps at a time to 0 (the raw signal's baseline); "
+    f"*_in_events score the time steps of the true rule events (+-{EVENT_TOLERANCE} steps) of the series that have "
+    f"any.")
 
 
 class ExplanationRows(list):
@@ -111,7 +114,8 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
     ground-truth scores, and the maps; then the `random` reference row (`random_maps` of `keys`, the samples'
     dataset indices, default 0..B-1; not in the maps) and, with deletion or ROAD, each row's `*_vs_random` columns
     (`VERSUS_RANDOM`: its score over the random row's, the columns that compare models). The rows are
-    `ExplanationRows` noted `EXPLANATION_NOTE` (what a report says under them).
+    `ExplanationRows` noted `EXPLANATION_NOTE` (what a report says under them; `SERIES_NOTE` for series). Scores
+    are kept in full precision (the CSVs keep them; the markdown rounds them for reading, `zoo.cli.report.cell`).
 
     Methods a model cannot run (`can_explain`: the self-explanation and Grad-CAM on the head's input need an own map or
     a pooled head) are skipped, as are the feature methods that explain vectors and tokens only (`FEATURE_METHODS`
@@ -148,21 +152,20 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
         explainer = random_explainer(keys) if method == RANDOM_REFERENCE else method_explainer(model, method)
         saliency, seconds = wall_time(partial(explainer, images, target), device=images.device,
                                       warm_up=partial(explainer, images[:1], target[:1]))
-        row: dict[str, Any] = {"method": method, "ms_per_sample": round(1e3 * seconds / len(images), 2)}
+        row: dict[str, Any] = {"method": method, "ms_per_sample": 1e3 * seconds / len(images)}
         raw[method] = {}
         for name, metric in map_metrics(metrics, step).items():
             metric.update(logits_only, images, saliency, target)
-            raw[method][name] = metric.compute().item()
-            row[name] = rounded(name, raw[method][name])
+            raw[method][name] = row[name] = metric.compute().item()
         if "sensitivity" in metrics and method != RANDOM_REFERENCE:
             metric = SensitivityMax()
             metric.update(explainer, images, target)
-            row["sensitivity_max"] = rounded("sensitivity_max", metric.compute().item())
+            row["sensitivity_max"] = metric.compute().item()
         if part_masks is not None:
             for kind in ("pointing", "mass"):
                 metric = AttributionInMask(kind, skip_empty=series)
                 metric.update(saliency, part_masks.to(saliency.device))
-                row[f"{kind}_in_{truth}"] = round(metric.compute().item(), 4)
+                row[f"{kind}_in_{truth}"] = metric.compute().item()
         rows.append(row)
         if method != RANDOM_REFERENCE:
             maps[method] = saliency
@@ -171,8 +174,8 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
         for column, score in VERSUS_RANDOM.items():
             if score in raw[RANDOM_REFERENCE]:
                 reference = raw[RANDOM_REFERENCE][score]
-                row[column] = round(raw[row["method"]][score] / reference, 4) if reference > 0 else math.nan
-    return ExplanationRows(rows), maps  # with the note of these columns (EXPLANATION_NOTE)
+                row[column] = raw[row["method"]][score] / reference if reference > 0 else math.nan
+    return ExplanationRows(rows, SERIES_NOTE if series else EXPLANATION_NOTE), maps  # the note of these columns
 
 
 def random_explainer(keys: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -252,12 +255,6 @@ def map_metrics(metrics: Sequence[str], step: int) -> dict[str, Metric]:
                "infidelity": {"infidelity": Infidelity()}}
     return {column: metric for name in EXPLANATION_METRICS if name in metrics
             for column, metric in columns.get(name, {}).items()}
-
-
-def rounded(column: str, value: float) -> float:
-    """A report value: 4 decimals for scores in [0, 1], 4 significant digits for the unbounded infidelity (in squared
-    logits) and max-sensitivity, which can be far below 1e-4."""
-    return float(f"{value:.4g}") if column in ("infidelity", "sensitivity_max") else round(value, 4)
 
 
 def method_explainer(model: nn.Module, method: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
