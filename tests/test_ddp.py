@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ import torch
 from pytorch_lightning.strategies import DDPStrategy
 
 from datamodules import PartsWorldDataModule
+from tests.conftest import REPO
 from zoo.baselines.system import ClassifierSystem
 from zoo.icnn.system import ICNNSystem
 
@@ -94,8 +98,8 @@ def test_icnn_online_statistics_stay_identical_across_ranks(tmp_path: Path) -> N
 class SaveSelectorState(pl.Callback):
     """Each rank writes its black box weights and the per-sample median ranks of its validation shard."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         medians = pl_module.metrics["val_median_rank"].medians  # this rank's, before the epoch-end sync
@@ -103,25 +107,42 @@ class SaveSelectorState(pl.Callback):
                    self.folder / f"selector{trainer.global_rank}.pt")
 
 
-def test_l2x_explains_one_black_box_and_syncs_median_rank(tmp_path: Path) -> None:
-    from datamodules import L2XSyntheticDataModule
-    from zoo.engine import prepare_auxiliaries
-    from zoo.l2x.metrics import MedianRank
-    from zoo.l2x.system import L2XSystem
+def scalar_steps(folder: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of each TensorBoard scalar `tag` logged in `folder`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    pl.seed_everything(0)
-    data = L2XSyntheticDataModule(dataset="orange_skin", num_train=256, num_val=64, num_test=16, batch_size=32)
-    system = L2XSystem(data_inputs=data.model_inputs, model_kwargs={"k": 4}, black_box_epochs=1,
-                            evaluator_epochs=1)
-    trainer = two_process_trainer(tmp_path, SaveSelectorState(tmp_path))
-    prepare_auxiliaries(system, trainer, data)  # black box and evaluator trained with the run's strategy
-    trainer.fit(system, datamodule=data)
+    return [(event.step, event.value) for event in EventAccumulator(str(folder)).Reload().Scalars(tag)]
+
+
+def test_l2x_under_a_ddp_launch_trains_each_helper_once_and_syncs_median_rank(tmp_path: Path) -> None:
+    """`train.py fit --trainer.strategy ddp` (Lightning re-runs the command line in a second process, as on a
+    cluster): the black box and the EVAL-X evaluator are each trained once by both ranks together, on half the data
+    each (the evaluator, trained after the black box's fit had started the process group, was trained by each
+    process alone on all of it: 8 steps, not 4); both ranks explain one black box; the logged median rank is that of
+    every rank's samples."""
+    from zoo.l2x.metrics import MedianRank
+
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # tests.test_ddp importable
+    run = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs/l2x/orange_skin.yaml"),
+         "--data.init_args.num_train=256", "--data.init_args.num_val=64", "--data.init_args.num_test=16",
+         "--data.init_args.batch_size=32", "--model.init_args.black_box_epochs=1",
+         "--model.init_args.evaluator_epochs=1", "--trainer.max_epochs=1", "--trainer.strategy=ddp",
+         "--trainer.devices=2", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+         "--trainer.callbacks+=tests.test_ddp.SaveSelectorState", f"--trainer.callbacks.folder={tmp_path}"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = tmp_path / "checkpoints" / "l2x_orange_skin"
+    for helper in ("black_box", "evaluator"):  # 256 samples / (32 per batch x 2 ranks): steps 0..3
+        assert [step for step, _ in scalar_steps(folder / "auxiliary" / helper, "train/loss_epoch")] == [3], helper
     ranks = [torch.load(tmp_path / f"selector{r}.pt", weights_only=True) for r in (0, 1)]
     assert all(torch.equal(ranks[0]["black_box"][k], ranks[1]["black_box"][k]) for k in ranks[0]["black_box"])
     reference = MedianRank()
     reference.medians = [torch.cat([ranks[0]["medians"], ranks[1]["medians"]])]
     assert len(reference.medians[0]) == 64
-    assert trainer.callback_metrics["val/median_rank"].item() == reference.compute().item()
+    ((_, logged),) = scalar_steps(folder, "val/median_rank")
+    assert logged == pytest.approx(reference.compute().item(), abs=1e-6)
 
 
 def test_renn_stages_train_under_ddp(tmp_path: Path) -> None:

@@ -32,12 +32,16 @@ def test_a_second_fit_of_the_same_name_moves_the_first_run_to_stale(in_tmp_dir: 
     """The second fit wrote into the first's folder: best-epoch0-step2.ckpt beside best-epoch0-step2-v1.ckpt, two
     event files on one curve, and `--ckpt_path last` could resume the first run. Now the first run is in
     stale/<run>-<time>/, whole and loadable, the folder holds the second run's files only, and the helper-model
-    cache (auxiliary/, keyed by content) stays where the next run reads it."""
+    cache (auxiliary/, keyed by content) stays where the next run reads it. The earlier run's helper curves
+    (auxiliary/<name>/) go with it: a helper trained again (the data changed) logged a second curve from step 0 into
+    the same folder."""
     fit("run")
     run = in_tmp_dir / "checkpoints" / "run"
     first_last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     (run / "auxiliary").mkdir()
     (run / "auxiliary" / "black_box-abc.ckpt").write_bytes(b"cache")
+    (run / "auxiliary" / "black_box").mkdir()  # the helper's TensorBoard folder, as zoo.engine.auxiliary logs it
+    (run / "auxiliary" / "black_box" / "events.out.tfevents.1.host").write_bytes(b"curve")
     capsys.readouterr()
     fit("run", "--data.init_args.batch_size=32")  # another config: its own run
     said = capsys.readouterr().out
@@ -49,10 +53,13 @@ def test_a_second_fit_of_the_same_name_moves_the_first_run_to_stale(in_tmp_dir: 
     moved = torch.load(old / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]  # the first run's, whole
     assert moved.keys() == first_last["state_dict"].keys()
     assert all(torch.equal(moved[key], value) for key, value in first_last["state_dict"].items())
-    assert len(events(old)) == 1 and (old / "config.yaml").is_file() and not (old / "auxiliary").exists()
+    assert len(events(old)) == 1 and (old / "config.yaml").is_file()
+    assert [p.name for p in (old / "auxiliary").iterdir()] == ["black_box"]  # its curve, not the cache
+    assert (old / "auxiliary" / "black_box" / "events.out.tfevents.1.host").read_bytes() == b"curve"
     assert "batch_size: 64" in (old / "config.yaml").read_text()
     assert len(events(run)) == 1 and len(list((run / "checkpoints").glob("best-*.ckpt"))) == 1
     assert "batch_size: 32" in (run / "config.yaml").read_text()
+    assert [p.name for p in (run / "auxiliary").iterdir()] == ["black_box-abc.ckpt"]
     assert (run / "auxiliary" / "black_box-abc.ckpt").read_bytes() == b"cache"
 
 

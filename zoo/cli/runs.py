@@ -4,8 +4,9 @@ The configs' loggers have version "" (checkpoints/<name>/ is the run folder; Lig
 off), so a second `fit` with the same name, a compare run again, or `fit --config <run>/config.yaml` would write
 into the earlier run's folder: best-*.ckpt beside best-*-v1.ckpt, two runs' event files on one curve, the earlier
 run's pictures and last.ckpt left for `--ckpt_path last` to resume. `move_earlier_run` moves such a run to
-<parent>/stale/<run>-<time>/ before the new one writes anything (the run's own entries: other runs' folders, the
-helper cache and stale/ stay); ablate moves a whole point whose settings changed (`move_aside`).
+<parent>/stale/<run>-<time>/ before the new one writes anything (the run's own entries, its helper models'
+curves included: other runs' folders, the helper cache and stale/ stay); ablate moves a whole point whose settings
+changed (`move_aside`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from zoo.engine.callbacks import logger_folder
 from zoo.fingerprints import holds_working_folder
 
 STALE = "stale"  # <parent of the run folder>/stale/: where earlier runs go
-KEPT = ("auxiliary",)  # stays in the run folder: the helper-model cache, keyed by content (`zoo.engine.auxiliary`)
+HELPERS = "auxiliary"  # <run>/auxiliary/: the helper models' cache files and their TensorBoard folders
+KEPT = (HELPERS,)  # stays in the run folder: the helper-model cache, keyed by content (`zoo.engine.auxiliary`)
 EVENTS = "events.out.tfevents.*"  # TensorBoard's event files
 EVALUATION_FOLDERS = ("", "validate", "test")  # where a run's event files are (`log_evaluation_apart`)
 
@@ -87,6 +89,15 @@ def inside(path: str | Path | None, folder: Path) -> bool:
     return path is not None and folder.resolve() in Path(path).resolve().parents
 
 
+def helper_curves(folder: Path) -> list[Path]:
+    """The TensorBoard folders of run folder `folder`'s helper models (`<run>/auxiliary/<name>/`): the earlier run's
+    curves, which move with it, so that a helper the next run trains again (its data changed) starts a curve of its
+    own instead of a second one from step 0 in the same folder. The cache files beside them
+    (`auxiliary/<name>-<key>.ckpt`, keyed by content) stay for the next run to reuse."""
+    helpers = folder / HELPERS
+    return sorted(entry for entry in helpers.iterdir() if entry.is_dir()) if helpers.is_dir() else []
+
+
 def own_entries(folder: Path) -> list[Path]:
     """What of run folder `folder` is its run's: every entry but the helper cache (`KEPT`), earlier runs (`STALE`)
     and sub-folders that hold runs of their own (a run named <name>/<sub> under a run named <name>, or every run
@@ -102,14 +113,14 @@ def own_entries(folder: Path) -> list[Path]:
 def move_earlier_run(trainer: pl.Trainer, command: str, restores_checkpoint: bool, config: Any = None,
                      reads: str | None = None) -> list[Path]:
     """Before a run that does not restore a checkpoint starts in its loggers' run folders (`logger_run_folders`),
-    an earlier run there (`holds_run`) is moved to <parent>/stale/<run>-<time>/ (its `own_entries`: auxiliary/,
-    stale/ and other runs' folders stay), and said in one line. Nothing moves for a resumed run
-    (`restores_checkpoint`), without a run folder (logger false, fast_dev_run), on a process other than global rank
-    zero (`ddp`'s children re-run the CLI: their ranks come from LOCAL_RANK / NODE_RANK when the Trainer is built),
-    from a folder that holds the working folder (save_dir "." with an empty name: the user's own files), nor where
-    the run still reads a file of that folder outside auxiliary/ (`reads`, a compare run's checkpoint, or a file its
-    `config` names, such as a sentence_classifier_checkpoint, read after this): that is said instead. Returns where
-    the earlier runs went."""
+    an earlier run there (`holds_run`) is moved to <parent>/stale/<run>-<time>/ (its `own_entries`, and its helpers'
+    curves to <stale>/auxiliary/ (`helper_curves`): the helper cache, stale/ and other runs' folders stay), and said
+    in one line. Nothing moves for a resumed run (`restores_checkpoint`), without a run folder (logger false,
+    fast_dev_run), on a process other than global rank zero (`ddp`'s children re-run the CLI: their ranks come from
+    LOCAL_RANK / NODE_RANK when the Trainer is built), from a folder that holds the working folder (save_dir "." with
+    an empty name: the user's own files), nor where the run still reads a file of that folder outside auxiliary/
+    (`reads`, a compare run's checkpoint, or a file its `config` names, such as a sentence_classifier_checkpoint,
+    read after this): that is said instead. Returns where the earlier runs went."""
     if restores_checkpoint or not trainer.is_global_zero:
         return []
     moved = []
@@ -127,9 +138,12 @@ def move_earlier_run(trainer: pl.Trainer, command: str, restores_checkpoint: boo
         stale.mkdir(parents=True)
         for entry in own_entries(folder):
             entry.rename(stale / entry.name)
+        for entry in helper_curves(folder):
+            (stale / HELPERS).mkdir(exist_ok=True)
+            entry.rename(stale / HELPERS / entry.name)
         kept = [name for name in KEPT if (folder / name).exists()]
         print(f"{command}: {folder} held an earlier run: moved to {stale}"
-              f"{' (' + ', '.join(f'{name}/' for name in kept) + ' kept)' if kept else ''}; to continue a run "
-              f"instead, give --ckpt_path last.", flush=True)
+              f"{' (' + ', '.join(f'the helper cache {name}/' for name in kept) + ' kept)' if kept else ''}; to "
+              f"continue a run instead, give --ckpt_path last.", flush=True)
         moved.append(stale)
     return moved

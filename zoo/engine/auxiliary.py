@@ -9,8 +9,9 @@ checkpoint, so a resumed run never retrains it), in this order:
    files and folders they name hold, so a re-fit after the data changed under the same path trains it again);
 3. else trained by a `pl.Trainer` with the run's accelerator, devices, strategy and precision, logged under the run
    (TensorBoard `<run>/auxiliary/<name>`), and cached as above (written atomically).
-`train.py` prepares them before `trainer.fit`, so a distributed run trains them with its own strategy; a
-single-process `trainer.fit` called from Python prepares them in `on_fit_start`.
+`train.py` prepares them before `trainer.fit`, so a distributed run trains each of them once with its own strategy
+(under a script launch, `ddp` or torchrun, the helpers after the first join the process group the first one's fit
+started); a single-process `trainer.fit` called from Python prepares them in `on_fit_start`.
 """
 
 from __future__ import annotations
@@ -172,7 +173,24 @@ def registered_strategy_name(strategy: Any) -> str:
     return "auto"
 
 
+def inside_spawned_rank(trainer: pl.Trainer) -> bool:
+    """Whether this process is already one rank of `trainer`'s running distributed call that a spawning launcher
+    (`ddp_spawn`, `ddp_notebook`) started: there no second launch can happen. A script launch (`ddp`: Lightning's
+    re-run of the command line, torchrun, SLURM; `_SubprocessScriptLauncher`) keeps its process group for every
+    later fit of the script, which a helper's DDP fit joins: after the first helper's fit started the group, the
+    next helpers still train with the run's strategy (they were trained by each process alone, on all the data)."""
+    from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    script = isinstance(getattr(trainer.strategy, "launcher", None), _SubprocessScriptLauncher)
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and not script
+
+
 def _trainer_like(trainer: pl.Trainer, folder: Path, name: str, epochs: int) -> pl.Trainer:
+    """A Trainer for one helper: the run's accelerator, precision, strategy, devices and nodes (so a distributed run
+    trains it once, on every rank's share of the data); one device for a single-process run (`on_fit_start`'s
+    preparation), or inside a rank a spawning launcher already started (`inside_spawned_rank`: no second launch can
+    happen there, each rank trains it alone; `ZooSystem.on_fit_start` refuses a distributed fit with helpers
+    pending, so only a direct call from inside a running `ddp_spawn` call gets there)."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
     strategy_name = registered_strategy_name(trainer.strategy)
@@ -181,7 +199,7 @@ def _trainer_like(trainer: pl.Trainer, folder: Path, name: str, epochs: int) -> 
         logger=TensorBoardLogger(save_dir=str(folder), name="auxiliary", version=name),
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0, default_root_dir=str(folder))  # deterministic flags: the run's, left as they are
-    if trainer.world_size > 1 and not torch.distributed.is_initialized():  # not yet launched: the same strategy
+    if trainer.world_size > 1 and not inside_spawned_rank(trainer):
         settings |= dict(strategy=strategy_name, devices=trainer.num_devices, num_nodes=trainer.num_nodes)
     else:
         settings |= dict(devices=1)
