@@ -246,7 +246,9 @@ def mention_matrix(tokens: torch.Tensor) -> torch.Tensor:
     shape = tokens[:, 1:] - first_shape
     named = (colour >= 0) & (colour < len(COLOURS)) & (shape >= 0) & (shape < len(SHAPES))
     part_type = (shape.clamp(0, len(SHAPES) - 1) * len(COLOURS) + colour.clamp(0, len(COLOURS) - 1))
-    out = torch.zeros(len(tokens), NUM_PART_TYPES, device=tokens.device)
+    # float32 whatever the default dtype: under `--trainer.precision=bf16-true` or `64-true` Lightning sets it to the
+    # run's while a step runs, and scatter_add_ takes a source of out's dtype
+    out = torch.zeros(len(tokens), NUM_PART_TYPES, dtype=torch.float32, device=tokens.device)
     return out.scatter_add_(1, part_type, named.float()).clamp(max=1)
 
 

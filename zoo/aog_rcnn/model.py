@@ -40,6 +40,7 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
+from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops, ps_roi_align
 
@@ -681,8 +682,12 @@ class ParsingRoIHeads(RoIHeads):
         """torchvision's postprocess_detections with the (proposal, class) of each kept detection tracked."""
         num_classes = class_logits.shape[-1]
         counts = [len(p) for p in proposals]
-        pred_boxes = self.box_coder.decode(box_regression, proposals).split(counts)
-        pred_scores = F.softmax(class_logits.float(), -1).split(counts)  # float32 scores also under autocast
+        decoded = self.box_coder.decode(box_regression, proposals)  # float32 (float64 under 64-true): FloatBoxCoder
+        # the scores in the boxes' dtype, at least float32 (also under autocast): nms takes boxes and scores of one
+        # dtype, and under `--trainer.precision=64-true` the boxes are float64
+        score_dtype = torch.promote_types(decoded.dtype, torch.float32)
+        pred_boxes = decoded.to(score_dtype).split(counts)
+        pred_scores = F.softmax(class_logits.to(score_dtype), -1).split(counts)
         offsets = [0, *torch.tensor(counts).cumsum(0).tolist()]
         results = []
         for i, (boxes, scores, shape) in enumerate(zip(pred_boxes, pred_scores, image_shapes)):  # per image
@@ -720,6 +725,27 @@ class FloatBoxCoder(BoxCoder):
         dtype = _box_dtype(rel_codes, boxes)
         with torch.autocast(rel_codes.device.type, enabled=False):
             return super().decode_single(rel_codes.to(dtype), boxes.to(dtype))
+
+
+class ScoresLikeBoxesRPN(RegionProposalNetwork):
+    """torchvision's RPN whose proposal filter, outside autocast, takes the objectness in the proposals' dtype.
+    `FloatBoxCoder` decodes the proposals in float32 while, under `--trainer.precision=bf16-true`, the RPN head's
+    objectness is bf16, and torchvision's nms refuses boxes and scores of two dtypes. Under autocast nothing changes:
+    torchvision's nms casts both to float32 itself, and the bf16 objectness it ranks stays as it was."""
+
+    @classmethod
+    def like(cls, rpn: RegionProposalNetwork) -> ScoresLikeBoxesRPN:
+        """`rpn`'s anchors, head (the same modules: the state dict's keys do not change) and settings."""
+        return cls(rpn.anchor_generator, rpn.head, rpn.proposal_matcher.high_threshold,
+                   rpn.proposal_matcher.low_threshold, rpn.fg_bg_sampler.batch_size_per_image,
+                   rpn.fg_bg_sampler.positive_fraction, rpn._pre_nms_top_n, rpn._post_nms_top_n, rpn.nms_thresh,
+                   rpn.score_thresh)
+
+    def filter_proposals(self, proposals: torch.Tensor, objectness: torch.Tensor, image_shapes: list[tuple[int, int]],
+                         num_anchors_per_level: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if not torch.is_autocast_enabled(objectness.device.type):
+            objectness = objectness.to(proposals.dtype)  # (B, A) bf16 -> float32 under bf16-true; else a no-op
+        return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
 
 
 def _box_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -818,7 +844,9 @@ class AOGRCNN(FasterRCNN):
         grid = box_head.parser if head == "aog" else AOGParsing(grammar)  # the baselines: the same grid's geometry
         self.roi_heads = ParsingRoIHeads(grid, pool, box_head, predictor, 0.5, 0.5, box_batch_size_per_image, 0.25,
                                          None, 0.05, 0.5, box_detections_per_img)
-        # proposals and detections are decoded in float32 also under autocast (`FloatBoxCoder`)
+        # proposals and detections are decoded in float32 also under autocast (`FloatBoxCoder`), and the proposals
+        # are filtered with scores of their dtype also under bf16-true (`ScoresLikeBoxesRPN`)
+        self.rpn = ScoresLikeBoxesRPN.like(self.rpn)
         self.rpn.box_coder = _float_box_coder(self.rpn.box_coder)
         self.roi_heads.box_coder = _float_box_coder(self.roi_heads.box_coder)
         base = self.transform  # FasterRCNN's, rebuilt with the same settings to rescale the leaves too

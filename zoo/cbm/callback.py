@@ -12,7 +12,8 @@ from pytorch_lightning.utilities.seed import isolate_rng
 
 from zoo.cbm.intervene import (VALUES, check_order, concept_groups, encode_data, intervention_curve,
                                 write_intervention_report)
-from zoo.engine.callbacks import FixedBatchCallback, run_folder, whole_split_loader
+from zoo.engine.callbacks import (FixedBatchCallback, precision_context, precision_input, run_folder,
+                                  whole_split_loader)
 from zoo.figures import class_name, log_figure, log_text, new_figure
 
 
@@ -165,8 +166,10 @@ class InterventionCallback(pl.Callback):
         model.eval()
         try:
             with isolate_rng(), torch.no_grad():
-                encoded, concepts, labels = encode_data(model, loader, pl_module.concept_key, pl_module.input_key,
-                                                        pl_module.target_key, pl_module.device)
+                with precision_context(trainer):  # the model as the run computes it (bf16-true, 64-true weights)
+                    encoded, concepts, labels = encode_data(model, (precision_input(trainer, b) for b in loader),
+                                                            pl_module.concept_key, pl_module.input_key,
+                                                            pl_module.target_key, pl_module.device)
                 names = concept_names(trainer, concepts.shape[1])
                 groups, names = concept_groups(names) if self.by_groups else (None, names)  # names: what k counts
                 if self.by_groups and groups is not None and len(names) == len(groups) and not self._warned:

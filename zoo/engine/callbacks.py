@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 import os
 import random
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import numpy as np
 import pytorch_lightning as pl
@@ -136,9 +137,28 @@ class RNGStateCallback(pl.Callback):
         random.setstate((python_state["version"], tuple(python_state["state"]), python_state["gauss"]))
 
 
+def precision_context(trainer: pl.Trainer) -> ContextManager[Any]:
+    """The run's precision, as Lightning runs a step in it (`precision_plugin.forward_context`: autocast under
+    *-mixed, the default dtype under *-true, nothing in float32). Lightning enters it for the *_step hooks only: a
+    callback that runs the model elsewhere enters it itself (with its inputs through `precision_input`), or under
+    `--trainer.precision=bf16-true` its float32 inputs meet bf16 parameters, which refuse them. A bare stand-in for
+    a Trainer (tests) has no precision plugin: no context."""
+    plugin = getattr(trainer, "precision_plugin", None)
+    return nullcontext() if plugin is None else plugin.forward_context()
+
+
+def precision_input(trainer: pl.Trainer, data: Any) -> Any:
+    """`data` (a tensor or a collection of them) as Lightning hands a batch to a step in the run's precision
+    (`precision_plugin.convert_input`): float tensors in bf16 under bf16-true, float64 under 64-true, the same
+    object in float32 and under *-mixed. `data` itself is not changed. A stand-in without a plugin: `data`."""
+    plugin = getattr(trainer, "precision_plugin", None)
+    return data if plugin is None else plugin.convert_input(data)
+
+
 class FixedBatchCallback(pl.Callback):
     """Base of every picture callback: after each validation epoch (not the sanity check), on rank zero, `draw` gets
-    a fixed validation batch and the model in eval mode under no_grad; the training mode is restored afterwards.
+    a fixed validation batch and the model in eval mode under no_grad, in the run's precision (`precision_context`,
+    and `fixed_batch` converts the batch as Lightning does a step's); the training mode is restored afterwards.
 
     Everything runs under `isolate_rng`: building the batch iterates a DataLoader, which draws its base seed from
     the global torch generator. Without the isolation the first picture of a run shifts every later shuffle, and
@@ -173,7 +193,19 @@ class FixedBatchCallback(pl.Callback):
 
     def fixed_batch(self, trainer: pl.Trainer) -> Any:
         """`num_items` validation samples covering every class, taken once and kept (see `covering_batch`), from
-        the whole split: under DDP the datamodule's validation loader holds this rank's shard only."""
+        the whole split: under DDP the datamodule's validation loader holds this rank's shard only.
+
+        Returned in the run's precision, as Lightning hands a batch to a step
+        (`trainer.precision_plugin.convert_input`: float tensors in bf16 under `--trainer.precision=bf16-true`,
+        float64 under `64-true`; unchanged, the same object, in float32 and under `*-mixed`): a model whose
+        parameters are bf16 refuses float32 images. The kept batch stays as loaded, so a later run in another
+        precision (`validate` of the same callback object) converts it from the original values."""
+        return precision_input(trainer, self.kept_batch(trainer))
+
+    def kept_batch(self, trainer: pl.Trainer) -> Any:
+        """The fixed batch as the validation loader gives it, read once (the first call) and kept. Read before
+        `draw` enters the run's precision context: under *-true that context sets the default dtype, under *-mixed
+        it is autocast, and the data a datamodule makes while loading must not depend on either."""
         if self.batch is None:
             target_key = getattr(trainer.lightning_module, "target_key", "label")
             loader = whole_split_loader(trainer.datamodule.val_dataloader())
@@ -196,9 +228,11 @@ class FixedBatchCallback(pl.Callback):
                 if not trainer.is_global_zero:
                     return
                 was_training = pl_module.training
+                if getattr(trainer, "datamodule", None) is not None:  # (without one there is no fixed batch to read)
+                    self.kept_batch(trainer)  # read outside the precision context below
                 pl_module.eval()
                 try:
-                    with torch.no_grad():
+                    with torch.no_grad(), precision_context(trainer):
                         self.draw(trainer, pl_module, shared)
                 finally:
                     pl_module.train(was_training)

@@ -72,6 +72,9 @@ class FeatureSpace(nn.Module):
         raise NotImplementedError
 
     def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
+        """`x` with the features `selection` (B, d) does not keep removed, in `x`'s dtype: the selection is drawn in
+        float32 (under bf16 autocast too, `concrete_k_subset`), and under `--trainer.precision=bf16-true` or
+        `64-true` a float32 product would reach layers whose parameters are in `x`'s dtype."""
         raise NotImplementedError
 
     def outputs(self, selection: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -98,7 +101,7 @@ class VectorFeatures(FeatureSpace):
         check_input(model, x, ("B", self.num_features), "feature vectors", like=like)
 
     def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
-        return x * selection
+        return (x * selection).to(x.dtype)  # (B, d) float32 selection: back to x's dtype (a no-op in float32)
 
 
 class PatchFeatures(FeatureSpace):
@@ -124,7 +127,7 @@ class PatchFeatures(FeatureSpace):
         return grid.repeat_interleave(self.patch_size, 2).repeat_interleave(self.patch_size, 3)  # (B, 1, S, S)
 
     def mask_input(self, x: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
-        return x * self.pixel_mask(selection)
+        return (x * self.pixel_mask(selection)).to(x.dtype)  # float32 selection: back to x's dtype
 
     def outputs(self, selection: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"pixel_selection": self.pixel_mask(selection)}  # (B, 1, S, S)
@@ -259,7 +262,9 @@ class TokenApproximator(nn.Module):
         self.net = mlp([embed_dim, hidden, num_classes])
 
     def forward(self, tokens: torch.Tensor, selection: torch.Tensor) -> torch.Tensor:
-        embedded = self.embed(tokens) * selection.unsqueeze(-1)  # (B, L, E), unselected tokens are zero vectors
+        embedded = self.embed(tokens)  # (B, L, E) in the parameters' dtype
+        # unselected tokens are zero vectors; the float32 selection's product back in the embeddings' dtype (bf16-true)
+        embedded = (embedded * selection.unsqueeze(-1)).to(embedded.dtype)
         return self.net(embedded.mean(1))
 
 

@@ -410,7 +410,10 @@ class GlobalInference(nn.Module):
         self.fc = nn.Linear(2 * hidden, num_classes)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        mixed = self.mix(maps)  # (B, hidden, T)
+        """Logits (B, C) of the stacked maps (B, K + R, T). The maps come in at least float32 (`ReNN` applies the
+        rules there); they meet the layers in the layers' dtype, which under `--trainer.precision=bf16-true` is bf16
+        (a no-op in float32 and under autocast, where the parameters stay float32)."""
+        mixed = self.mix(maps.to(self.mix[0].weight.dtype))  # (B, hidden, T)
         return self.fc(torch.cat([mixed.amax(-1), mixed.mean(-1)], 1))
 
 
