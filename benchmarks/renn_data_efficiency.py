@@ -3,17 +3,24 @@
 ground-truth rule events (precision / recall).
 
     python -m benchmarks.renn_data_efficiency [--fractions 0.05 0.1 0.25 1.0] [--seeds 0 1] [--name renn_data]
-        [--device cpu|cuda] [fit overrides, e.g. --trainer.max_epochs=2]
+        [--subset-per-seed] [--device cpu|cuda] [fit overrides, e.g. --trainer.max_epochs=2]
 
 Every point is a `train.py ablate` grid point (checkpoints/<name>/<model>/<point>/, resumable: finished points are
 skipped when the command runs again). Every model gets the same number of optimiser steps at every fraction (the
 datamodule draws a full-size epoch from the kept subset), so the curve measures data, not budget. Writes
 checkpoints/<name>/data_efficiency.{md,csv} and data_efficiency.png.
+
+The training subset of a fraction is, by default, one draw (the datamodule's `subset_seed` None: seeded by its data
+`seed`), the same for every seed and model: "mean +- std over seeds" is then a spread over initialisation and batch
+order only. `--subset-per-seed` draws one subset per seed (`data.init_args.subset_seed` = the seed, a point of its
+own: `subset_seed=<seed>` in its folder name; fraction 1 keeps everything and shares the default points), so the
+spread covers which samples were kept too. Means leave out NaN values (a rule precision where no rule fired).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -29,18 +36,28 @@ MODELS = {
     "lstm": "baselines/rule_series_lstm.yaml",
 }
 FRACTION_KEY = "data.init_args.train_fraction"
+SUBSET_KEY = "data.init_args.subset_seed"
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and standard deviation of the values that are not NaN (a metric with nothing to score: a rule precision
+    where no rule fired); NaN and 0 when none is left."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, 0.0
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def measure(name: str, fractions: list[float], seeds: list[int], extra: list[str]) -> dict[str, dict[float, list]]:
-    """{model: {fraction: [metrics of each seed]}}"""
+def measure(name: str, fractions: list[float], seeds: list[int], extra: list[str], subset_per_seed: bool = False
+            ) -> dict[str, dict[float, list]]:
+    """{model: {fraction: [metrics of each seed]}}. `subset_per_seed`: each seed trains on its own subset of the
+    training split (`subset_seed` = the seed, below fraction 1); else every seed on the data seed's one subset."""
     results: dict[str, dict[float, list]] = {}
     for model, config in MODELS.items():
         results[model] = {}
         for point in grid_points({FRACTION_KEY: fractions, "seed_everything": seeds}):
+            if subset_per_seed and point[FRACTION_KEY] < 1:
+                point = {**point, SUBSET_KEY: point["seed_everything"]}
             metrics, _ = run_grid_point(str(CONFIGS / config), f"{name}/{model}", point, extra)  # (metrics, directions)
             results[model].setdefault(point[FRACTION_KEY], []).append(metrics)
     return results
@@ -90,10 +107,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.05, 0.1, 0.25, 1.0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--name", default="renn_data_efficiency")
+    parser.add_argument("--subset-per-seed", action="store_true",
+                        help="draw the training subset of each fraction once per seed (data.init_args.subset_seed = "
+                             "the seed), so the std over seeds covers the subset too; default: one subset, drawn "
+                             "with the data seed, for every seed")
     add_device_argument(parser)
     args, extra = parser.parse_known_args(argv)
+    if any(arg.split("=", 1)[0] == f"--{SUBSET_KEY}" for arg in extra) and args.subset_per_seed:
+        parser.error(f"--subset-per-seed sets --{SUBSET_KEY} to each seed; give one or the other.")
     results = measure(args.name, args.fractions, args.seeds,
-                      ["--progress_bar.refresh_rate=0", *trainer_overrides(args.device), *extra])
+                      ["--progress_bar.refresh_rate=0", *trainer_overrides(args.device), *extra], args.subset_per_seed)
     rows = table(results, args.fractions)
     folder = Path("checkpoints") / args.name
     write_report(folder, {"data_efficiency": rows}, stem="data_efficiency")

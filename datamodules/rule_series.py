@@ -114,13 +114,15 @@ def cached_generate(num_samples: int, length: int, noise: float, wander: float, 
 class SeriesDataModule(DictDataModule):
     """Base for 1-D series: `train_fraction` keeps a seeded subset of the training split while every epoch still
     draws `len(full train split)` samples (with replacement), so runs on 5 % or 100 % of the data get the same
-    number of optimiser steps: a data-efficiency curve measures data, not budget."""
+    number of optimiser steps: a data-efficiency curve measures data, not budget. The subset is drawn with
+    `subset_seed`, or, where it is None, with `seed + 99` (one subset per data seed, whatever `seed_everything`)."""
 
     num_channels = None
     image_size = None
     series_length: int
     train_fraction: float = 1.0
     seed: int = 0
+    subset_seed: int | None = None  # the seed of the train_fraction subset; None: `seed + 99`
     pattern_names: Sequence[str] = ()  # public: the name of each row of the batches' `patterns` (none: no annotations)
     rule_event_names: Sequence[str] = ()  # public: the rule each row of the batches' `rule_events` is the truth of
 
@@ -132,12 +134,24 @@ class SeriesDataModule(DictDataModule):
     def model_inputs(self) -> dict[str, Any]:
         return {"in_chans": self.series_channels, "length": self.series_length}
 
+    @staticmethod
+    def _check_subset_seed(subset_seed: int | None) -> int | None:
+        """`subset_seed` if it is None or an int >= 0 (torch seeds); else a ValueError naming the value."""
+        if subset_seed is not None and (isinstance(subset_seed, bool) or not isinstance(subset_seed, int)
+                                        or subset_seed < 0):
+            raise ValueError(f"subset_seed must be an int >= 0 (the seed of the train_fraction subset) or None (drawn "
+                             f"with seed + 99); got {subset_seed!r}.")
+        return subset_seed
+
     def _subset_train(self) -> None:
+        """Keep `train_fraction` of the training split (at least one sample per class), drawn with `subset_seed`, or
+        `seed + 99` where it is None (the subsets recorded before subset_seed existed)."""
         full = self.splits["train"]
         self.epoch_samples = len(full)
         if self.train_fraction < 1.0:
             keep = max(len(CLASS_NAMES), int(round(self.train_fraction * len(full))))
-            order = torch.randperm(len(full), generator=torch.Generator().manual_seed(self.seed + 99))[:keep]
+            seed = self.seed + 99 if self.subset_seed is None else self.subset_seed
+            order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))[:keep]  # (keep,)
             self.splits["train"] = TensorDictDataset({k: v[order] for k, v in full.tensors.items()})
             if "train" in self.split_rows:
                 self.split_rows["train"] = self.split_rows["train"][order]
@@ -155,6 +169,10 @@ class RuleSeriesDataModule(SeriesDataModule):
 
     Args:
         train_fraction: share of the training split kept (data-efficiency experiments); epochs keep their length.
+        subset_seed: the seed of the subset `train_fraction` keeps; None (default): `seed + 99`, so every run on the
+            same data keeps the same subset and a spread over `seed_everything` is one of initialisation and batch
+            order only. Give it per seed (`benchmarks.renn_data_efficiency --subset-per-seed`) for a spread over
+            subsets too. Unused at train_fraction 1.
     """
 
     num_classes = len(CLASS_NAMES)
@@ -165,11 +183,12 @@ class RuleSeriesDataModule(SeriesDataModule):
 
     def __init__(self, num_train: int = 2000, num_val: int = 500, num_test: int = 500, length: int = 256,
                  noise: float = 0.15, wander: float = 0.5, drop_rate: float = 0.1, train_fraction: float = 1.0,
-                 seed: int = 0, batch_size: int = 64, num_workers: int = 0) -> None:
+                 seed: int = 0, batch_size: int = 64, num_workers: int = 0, subset_seed: int | None = None) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
         if not 0 < train_fraction <= 1:
             raise ValueError(f"train_fraction must be in (0, 1]; got {train_fraction}.")
+        self.subset_seed = self._check_subset_seed(subset_seed)
         if length < 128:
             raise ValueError(f"length must be >= 128 steps (several beats and a pause); got {length}.")
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
@@ -204,18 +223,21 @@ class SeriesFileDataModule(SeriesDataModule):
     Args:
         pattern_names: the pattern of each row of the file's `patterns` (else the .npz's `pattern_names` array, else
             "pattern_0", "pattern_1", ...): ReNN matches its `pattern_names` to these by name.
+        subset_seed: the seed of the subset `train_fraction` keeps of the training rows; None (default): `seed + 99`
+            (`seed` also draws the split). Unused at train_fraction 1.
 
     `sample_names(split)` names each sample by its file row ("row 12", 0-based), for predictions.csv.
     """
 
     def __init__(self, path: str | Path, num_classes: int, val_fraction: float = 0.15, test_fraction: float = 0.15,
                  train_fraction: float = 1.0, seed: int = 0, batch_size: int = 64, num_workers: int = 0,
-                 pattern_names: list[str] | None = None) -> None:
+                 pattern_names: list[str] | None = None, subset_seed: int | None = None) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
         self.path, self.num_classes = Path(path), num_classes
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.train_fraction, self.seed = train_fraction, seed
+        self.subset_seed = self._check_subset_seed(subset_seed)
         self.given_pattern_names = None if pattern_names is None else [str(n) for n in pattern_names]
         fields = self._read()
         self.series_channels, self.series_length = fields["series"].shape[1:]

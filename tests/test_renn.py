@@ -173,6 +173,51 @@ def test_train_fraction_keeps_a_subset_and_the_epoch_length() -> None:
         RuleSeriesDataModule(train_fraction=0.0)
 
 
+def test_subset_seed_draws_the_train_fraction_subset(tmp_path: Path) -> None:
+    """The subset was always drawn with seed + 99, so the data-efficiency "std over seeds" never varied it:
+    `subset_seed` draws another subset (the same for the same value); None keeps the subsets recorded before."""
+    def kept(**kwargs: Any) -> torch.Tensor:
+        module = RuleSeriesDataModule(num_train=200, num_val=8, num_test=8, train_fraction=0.1, **kwargs)
+        module.setup()
+        return module.splits["train"].tensors["series"]  # (20, 1, T)
+
+    full = RuleSeriesDataModule(num_train=200, num_val=8, num_test=8)
+    full.setup()
+    drawn = torch.randperm(200, generator=torch.Generator().manual_seed(99))[:20]  # seed + 99, as before
+    before = full.splits["train"].tensors["series"][drawn]
+    assert torch.equal(kept(), before)  # the default subset is the one drawn before subset_seed existed
+    assert torch.equal(kept(subset_seed=3), kept(subset_seed=3)) and not torch.equal(kept(subset_seed=3), kept())
+    assert not torch.equal(kept(subset_seed=3), kept(subset_seed=4))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=f"subset_seed must be an int >= 0 .*; got {bad}"):
+            RuleSeriesDataModule(subset_seed=bad)
+    np.savez(tmp_path / "s.npz", series=np.random.default_rng(0).normal(size=(40, 16)), label=np.arange(40) % 4)
+    rows = []
+    for subset_seed in (None, 3, 3, 4):
+        module = SeriesFileDataModule(tmp_path / "s.npz", num_classes=4, train_fraction=0.5, subset_seed=subset_seed)
+        rows.append(module.sample_names("train"))
+    assert rows[1] == rows[2] and rows[0] != rows[1] and rows[1] != rows[3]
+
+
+def test_data_efficiency_draws_a_subset_per_seed_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--subset-per-seed` sets subset_seed to each seed below fraction 1 (default: the points as before)."""
+    import benchmarks.renn_data_efficiency as benchmark
+
+    points: list[dict[str, Any]] = []
+
+    def fake_point(config: str, name: str, point: dict[str, Any], extra: list[str]) -> tuple[dict, dict]:
+        points.append(point)
+        return {"acc": 0.5, "rule_precision": math.nan if point["seed_everything"] else 0.8}, {}
+
+    monkeypatch.setattr(benchmark, "run_grid_point", fake_point)
+    results = benchmark.measure("de", [0.5, 1.0], [0, 1], [])
+    assert all(benchmark.SUBSET_KEY not in point for point in points)
+    assert benchmark.table(results, [0.5, 1.0])[0]["renn_rule_precision"] == 0.8  # a NaN seed is left out
+    points.clear()
+    benchmark.measure("de", [0.5, 1.0], [0, 1], [], subset_per_seed=True)
+    assert [point.get(benchmark.SUBSET_KEY) for point in points[:4]] == [0, 1, None, None]
+
+
 def test_series_files_load_and_bad_files_are_clear_errors(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "s.npz", series=rng.normal(size=(20, 2, 64)), label=rng.integers(0, 3, 20),
@@ -201,6 +246,26 @@ def test_rule_firing_on_hand_made_maps() -> None:
     metric.update(rule_map, events)
     result = metric.compute()  # fired at 0 (event at 1: ok) and 6 (no event within 1); event at 4 missed
     assert result["precision"].item() == pytest.approx(0.5) and result["recall"].item() == pytest.approx(0.5)
+
+
+def test_a_rule_that_never_fires_has_no_precision_and_is_left_out_of_the_mean() -> None:
+    """A silent rule scored precision 1, so an untrained ReNN (no step above 0.5) reported rule_precision 1.0 with
+    recall 0: it is NaN now (nothing claimed, nothing to score), left out of the mean; all silent: the mean is NaN."""
+    from zoo.renn.metrics import NamedRuleFiring
+
+    events = torch.zeros(1, 2, 8)
+    events[0, :, 2] = 1.0  # both rules have an event at step 2
+    rule_map = torch.zeros(1, 2, 8)
+    rule_map[0, 0, 6] = 0.9  # rule a fires once, away from its event; rule b never fires
+    metric = NamedRuleFiring(["a", "b"], tolerance=1)
+    metric.update(rule_map, events)
+    result = metric.compute()
+    assert result["precision/a"].item() == 0.0 and math.isnan(result["precision/b"].item())
+    assert result["precision"].item() == 0.0 and result["recall"].item() == 0.0  # was precision (0 + 1) / 2
+    silent = NamedRuleFiring(["a", "b"])
+    silent.update(torch.zeros(1, 2, 8), events)  # an untrained model: fires nowhere
+    result = silent.compute()
+    assert math.isnan(result["precision"].item()) and result["recall"].item() == 0.0  # was precision 1.0
 
 
 def test_renn_explains_which_rules_fired_where() -> None:

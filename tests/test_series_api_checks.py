@@ -118,3 +118,21 @@ def test_explain_refuses_targets_that_are_no_class_ids() -> None:
     with pytest.raises(ValueError, match="target must be integer class ids; got torch.bool"):
         zoo.explain(model, images, target=True)
     torch.testing.assert_close(zoo.explain(model, images, target=2.0), zoo.explain(model, images, target=2))
+
+
+def test_renn_on_a_series_file_without_patterns_is_refused_at_setup(in_tmp_dir: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """ReNN's staged config on a file with only `series` and `label` failed inside the first training step with
+    KeyError "stage 'local' sums ['loss_local'], which the loss does not return": it is a configuration error at
+    setup now, naming the file, the missing annotations and the way out; without the local term it trains."""
+    path = write_series(in_tmp_dir / "own.npz", 1, num=16, length=128)
+    args = ["fit", "--config", str(REPO / "configs/renn/rule_series.yaml"),
+            "--data=datamodules.rule_series.SeriesFileDataModule", f"--data.init_args.path={path}",
+            "--data.init_args.num_classes=4", "--data.init_args.batch_size=8", *ONE_STEP]
+    with pytest.raises(SystemExit) as exit_info:
+        command_line(args)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error and "KeyError" not in error, error
+    assert error.count("has no `patterns` annotations") == 1 and "own.npz" in error, error
+    assert "['local', 'joint'] sum 'loss_local'" in error and "--model.init_args.stages=null" in error, error
+    main([*args, "--model.init_args.stages=null"])  # the detectors learn through loss_task

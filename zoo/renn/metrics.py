@@ -27,21 +27,21 @@ def _rule_firing_update(rule_map: torch.Tensor, events: torch.Tensor, threshold:
 
 
 def _rule_firing_compute(fired_correct: torch.Tensor, fired: torch.Tensor, events_found: torch.Tensor,
-                         events: torch.Tensor, steps: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Precision and recall (R,) from the per-rule counts and the number of (series, step) pairs scored: precision 1
-    for a rule that never fired over scored steps, NaN over none; recall NaN for a rule without true events."""
+                         events: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Precision and recall (R,) from the per-rule counts (summed over every batch and, under DDP, every rank before
+    this division): precision NaN for a rule that never fired (it claimed nothing, so there is nothing to score; 1
+    rated a map that fires nowhere, an untrained model's, as perfect), recall NaN for a rule without true events."""
     nan = torch.full_like(fired, float("nan"))
-    silent = torch.where(steps > 0, torch.ones_like(fired), nan)  # (R,) nothing claimed, if anything was scored
-    precision = torch.where(fired > 0, fired_correct / fired.clamp_min(1), silent)
-    return {"precision": precision, "recall": torch.where(events > 0, events_found / events.clamp_min(1), nan)}
+    return {"precision": torch.where(fired > 0, fired_correct / fired.clamp_min(1), nan),
+            "recall": torch.where(events > 0, events_found / events.clamp_min(1), nan)}
 
 
 class RuleFiring(Metric):
     """Per rule: precision = share of fired steps (map > threshold) within `tolerance` steps of a true event,
     recall = share of true event steps within `tolerance` steps of a fired step. `compute` -> {"precision": (R,),
-    "recall": (R,)}; a rule that never fires has precision 1 (nothing wrong was claimed), a rule without any true
-    event has recall NaN (nothing to find: 0 would read as every event missed), and before any update both are NaN
-    (nothing scored)."""
+    "recall": (R,)}; a rule that never fires has precision NaN (it claimed nothing: 1 would rate a rule map that
+    fires nowhere, e.g. an untrained model's, as perfect), a rule without any true event has recall NaN (nothing to
+    find: 0 would read as every event missed), and before any update both are NaN (nothing scored)."""
 
     higher_is_better = True
     full_state_update = False
@@ -50,8 +50,7 @@ class RuleFiring(Metric):
         super().__init__(**kwargs)
         self.threshold, self.tolerance = threshold, tolerance
         for name in ("fired_correct", "fired", "events_found", "events"):
-            self.add_state(name, default=torch.zeros(num_rules), dist_reduce_fx="sum")
-        self.add_state("steps", default=torch.tensor(0.0), dist_reduce_fx="sum")  # (series, step) pairs scored
+            self.add_state(name, default=torch.zeros(num_rules), dist_reduce_fx="sum")  # (R,) counts
 
     def update(self, rule_map: torch.Tensor, events: torch.Tensor) -> None:
         counts = _rule_firing_update(rule_map, events, self.threshold, self.tolerance)
@@ -59,17 +58,16 @@ class RuleFiring(Metric):
         self.fired += counts[1]
         self.events_found += counts[2]
         self.events += counts[3]
-        self.steps += rule_map.shape[0] * rule_map.shape[2]
 
     def compute(self) -> dict[str, torch.Tensor]:
-        return _rule_firing_compute(self.fired_correct, self.fired, self.events_found, self.events, self.steps)
+        return _rule_firing_compute(self.fired_correct, self.fired, self.events_found, self.events)
 
 
 class NamedRuleFiring(RuleFiring):
     """`RuleFiring` with scalar entries, for logging with `ZooSystem.add_metric(..., log_prefix=...)`: `compute` ->
     {"precision": mean over rules, "precision/<rule name>": that rule's, the same for "recall"}. The means leave out
-    the rules whose value is NaN (a rule without true events has no recall), as ConceptF1 leaves out undefined
-    concepts; NaN when no rule has a value."""
+    the rules whose value is NaN (a rule that never fired has no precision, a rule without true events no recall),
+    as ConceptF1 leaves out undefined concepts; NaN when no rule has a value (a model that fires nowhere)."""
 
     def __init__(self, rule_names: Sequence[str], threshold: float = 0.5, tolerance: int = 2, **kwargs) -> None:
         super().__init__(len(rule_names), threshold, tolerance, **kwargs)

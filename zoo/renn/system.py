@@ -8,10 +8,12 @@ from typing import Any, ClassVar
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
+from datamodules._base import DataSettingError
 from zoo.engine import ZooSystem
 from zoo.renn.metrics import NamedRuleFiring
 from zoo.renn.model import registered_name
 
+LOCAL_TERM = "loss_local"  # the loss term (`losses.renn.ReNNLoss`) that trains the detectors on the data's `patterns`
 _OPAQUE_SERIES = ["--model.init_args.model_kwargs=null", "--model.init_args.loss=losses.baselines.ClassificationLoss",
                   "--model.init_args.stages=null"]
 
@@ -38,8 +40,10 @@ class ReNNSystem(ZooSystem):
     Channels are matched to the data by name, never by position (`setup`): the rows of the batch's `patterns` by the
     datamodule's `pattern_names` (the local loss trains each detector channel on its own pattern's row; a pattern the
     model detects and the data does not annotate is refused by name), the rows of `rule_events` by its
-    `rule_event_names` (only the model's rules the data has ground truth for are scored). Without a datamodule
-    (`trainer.fit(system, loaders)`) the rows are taken in order.
+    `rule_event_names` (only the model's rules the data has ground truth for are scored). Data without pattern
+    annotations (`pattern_names` empty: a series file without `patterns`) is refused for a fit whose stages sum
+    `loss_local` (it would fail at the first step); without that term the detectors learn through `loss_task`.
+    Without a datamodule (`trainer.fit(system, loaders)`) the rows are taken in order.
 
     Twins (`train.py compare --config configs/renn/rule_series.yaml`): the opaque 1-D CNN and the LSTM of matched
     size (about 10k parameters each), cross-entropy, no stages, same data and budget.
@@ -73,20 +77,24 @@ class ReNNSystem(ZooSystem):
         """Match the model's pattern and rule channels to the datamodule's `pattern_names` / `rule_event_names`."""
         data = self.trainer.datamodule if self._trainer is not None else None
         if data is not None and stage != "predict":
-            self.match_data(data)
+            self.match_data(data, fitting=stage == "fit")
 
-    def match_data(self, data: Any) -> None:
-        """Select, by name, the data rows the local loss and the rule metrics read (see the class docstring)."""
-        where = type(data).__name__
+    def match_data(self, data: Any, fitting: bool = False) -> None:
+        """Select, by name, the data rows the local loss and the rule metrics read (see the class docstring).
+        `fitting`: also refuse data without pattern annotations when a stage sums the local loss (a DataSettingError:
+        the command line says it once, exit status 2, where the stage would fail at the first step)."""
+        where = type(data).__name__ + (f", {str(data.path)!r}" if getattr(data, "path", None) is not None else "")
         patterns = getattr(self.model, "pattern_names", None)
         annotated = list(getattr(data, "pattern_names", None) or [])
+        if fitting and patterns and not annotated and hasattr(data, "pattern_names"):  # it says: no annotations
+            self._refuse_unannotated(where)
         if patterns and annotated:
             missing = [name for name in patterns if name not in annotated]
             if missing:
-                raise ValueError(f"The model detects pattern(s) {missing} that the data ({where}) does not annotate: "
-                                 f"its `patterns` rows are {annotated}. Name the model's patterns after the data's "
-                                 f"(model_kwargs: {{pattern_names: [...]}}) or the data's after the model's "
-                                 f"(SeriesFileDataModule: data.init_args.pattern_names).")
+                raise DataSettingError(f"The model detects pattern(s) {missing} that the data ({where}) does not "
+                                       f"annotate: its `patterns` rows are {annotated}. Name the model's patterns "
+                                       f"after the data's (model_kwargs: {{pattern_names: [...]}}) or the data's "
+                                       f"after the model's (SeriesFileDataModule: data.init_args.pattern_names).")
             self.pattern_rows = self._rows([annotated.index(name) for name in patterns], len(annotated))
         rules, events = list(getattr(self.model, "rule_names", None) or []), getattr(data, "rule_event_names", None)
         if not rules or events is None:
@@ -96,6 +104,18 @@ class ReNNSystem(ZooSystem):
         self._score_rules([rules[i] for i, _ in scored])
         self.scored_rule_ids = self._rows([i for i, _ in scored], len(rules))
         self.rule_event_rows = self._rows([row for _, row in scored], len(events))
+
+    def _refuse_unannotated(self, where: str) -> None:
+        """Refuse a fit on data without `patterns` annotations whose stages sum `LOCAL_TERM` (only the annotations
+        give it: the stage raised a KeyError inside the first training step)."""
+        local = [stage.name for stage in self.schedule.stages if LOCAL_TERM in (stage.losses or [])]
+        if local:
+            raise DataSettingError(
+                f"The data ({where}) has no `patterns` annotations, but stage(s) {local} sum {LOCAL_TERM!r}, the "
+                f"detectors' per-step loss against them. Drop the `local` stage and {LOCAL_TERM} from the stages "
+                f"(e.g. --model.init_args.stages=null, or one joint stage with losses: [loss_task]), so the detectors "
+                f"learn through loss_task, or give the file a `patterns` array (N, K, T) in [0, 1] with its "
+                f"`pattern_names` (the model's: {list(self.model.pattern_names)}).")
 
     def _rows(self, rows: list[int], count: int) -> torch.Tensor | None:
         """`rows` as a device index tensor, or None where they are all `count` rows in order (nothing to select)."""
