@@ -266,3 +266,9 @@ def test_an_all_zero_map_is_scored_as_a_uniform_map_by_mass_and_infidelity() -> 
     assert scores[0].abs() < 1e-4 * flat.min()  # the exact map in the same batch
     tiny = infidelity_scores(linear_model, images, 1e-20 * WEIGHTS.expand(3, -1, -1), target)
     assert torch.isfinite(tiny).all() and tiny.abs().max() < 1e-4 * flat.min()  # was inf
+
+    broken = saliency.clone()
+    broken[0, 3, 3] = float("nan")  # a map holding NaN is broken, not uniform: its score stays NaN
+    scored = AttributionInMask("mass").scores(broken, masks)
+    assert torch.isnan(scored[0]) and torch.isfinite(scored[1:]).all()
+    assert torch.isnan(infidelity_scores(linear_model, images, torch.full((3, 16, 16), float("nan")), target)).all()

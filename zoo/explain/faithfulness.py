@@ -57,10 +57,12 @@ def unit_saliency(saliency: torch.Tensor) -> torch.Tensor:
     map's is the events' area share; random maps scored 0.07 on a rule series) and its infidelity the worst possible
     (Captum's beta = 0/0 -> 0: 2x a constant or a random map's on a linear model). Dividing by the largest value
     first also keeps a tiny map (gradients of a saturated softmax, 1e-20) from underflowing: its mass was ~0 (the
-    total clamped at 1e-12) and its infidelity inf. Elementwise, no host-device sync.
+    total clamped at 1e-12) and its infidelity inf. A map holding NaN stays NaN (a broken map is not a uniform
+    one). Elementwise, no host-device sync.
     """
-    scale = saliency.abs().flatten(1).amax(1).view(-1, *[1] * (saliency.ndim - 1))  # (B, 1, ...)
-    return torch.where(scale > 0, saliency / torch.where(scale > 0, scale, 1), torch.ones_like(saliency))
+    scale = saliency.abs().flatten(1).amax(1).view(-1, *[1] * (saliency.ndim - 1))  # (B, 1, ...), NaN where NaN
+    zero = scale == 0
+    return torch.where(zero, torch.ones_like(saliency), saliency / torch.where(zero, 1, scale))
 
 
 def saliency_rank(saliency: torch.Tensor, seed: int = 0) -> torch.Tensor:
