@@ -204,6 +204,8 @@ def test_a_resumed_fit_with_other_model_settings_is_refused_and_resume_free_ones
                  "--model.init_args.scheduler.init_args.step_size=1"]
     error = refused(capsys, [*resume, "--ckpt_path=last", *scheduler])
     assert "model.init_args.scheduler: None in the checkpoint" in error, error
+    error = refused(capsys, [*resume, "--ckpt_path=last", "--model.init_args.model_kwargs.mu=centroid"])
+    assert "model_kwargs.mu: (not set) in the checkpoint, 'centroid' here" in error, error  # a model default changed
     assert last.read_bytes() == before
 
     cli = main([*resume, f"--ckpt_path={last}", "--model.init_args.nonfinite_loss=skip"])

@@ -600,11 +600,16 @@ def resume_free(key: str) -> bool:
 
 def _settles(key: str, settings: dict[str, Any]) -> bool:
     """Whether flat `settings`, which lack `key`, hold a value for it otherwise: a parent key with a leaf value (a
-    scheduler None on one side, its class_path on the other) or keys below it. A key they know nothing of (a setting
-    added to or removed from a System since one of the two runs) says nothing: its default is not known here."""
+    scheduler None on one side, its class_path on the other), keys below it, or the mapping it is an entry of where
+    that is a free-form `*_kwargs` (an entry given on one side only sets what the other leaves at the model's
+    default: `model_kwargs.mu: centroid`). Any other key they know nothing of (a setting added to or removed from a
+    System since one of the two runs) says nothing: its default is not known here."""
     parts = key.split(".")
-    return (any(".".join(parts[:i]) in settings for i in range(1, len(parts)))
-            or any(other.startswith(key + ".") for other in settings))
+    parents = [".".join(parts[:i]) for i in range(1, len(parts))]
+    kwargs = [parent for parent in parents if parent.endswith("_kwargs")]
+    return (any(parent in settings for parent in parents)
+            or any(other.startswith(key + ".") for other in settings)
+            or any(other.startswith(parent + ".") for parent in kwargs for other in settings))
 
 
 def check_settings_fit_checkpoint(held: dict[str, Any] | None, given: dict[str, Any] | None, source: str,
