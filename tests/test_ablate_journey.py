@@ -288,7 +288,7 @@ def test_a_grid_number_in_exponent_form_is_a_number(tmp_path: Path) -> None:
     """`--grid key=[0,1e-3]`: YAML 1.1 reads 1e-3 as the string "1e-3" (result.json, the CSV column and HPARAMS got
     text, and 1e-3 and 0.001 trained the same setting in two folders). Strings written as numbers are floats now;
     the words nan and inf, and other text, stay strings."""
-    from zoo.cli.ablate import grid_points, parse_grid, point_name, summarise
+    from zoo.cli.ablate import grid_points, parse_grid, point_args, point_name, summarise
 
     grid = parse_grid(["model.init_args.optimizer.init_args.lr=[0,1e-3,-2.5E+4,.5]", "a.b=[nan,abc]",
                        "c.d=[{lr: 1e-3}]"])
@@ -301,3 +301,22 @@ def test_a_grid_number_in_exponent_form_is_a_number(tmp_path: Path) -> None:
         grid_points(parse_grid(["x.lr=[1e-3,0.001]"]))
     (row,) = summarise([({"x.lr": exponent}, {"acc": 0.5})])
     assert isinstance(row["lr"], float)
+    quoted = parse_grid(['data.init_args.year=["2007","2012"]', 'k.feature_key=["0",pool]'])  # str options stay str
+    assert quoted == {"data.init_args.year": ["2007", "2012"], "k.feature_key": ["0", "pool"]}
+    assert point_args("c.yaml", "n", {"x.lr": exponent}, [])[2] == "--x.lr=0.001"
+
+
+def test_a_point_an_earlier_ablate_named_by_its_exponent_text_is_reused(in_tmp_dir: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    """Before grid numbers in exponent form were numbers, the point of lr=1e-3 was the folder `lr=1e-3`: an upgrade
+    trained it again in `lr=0.001` and left the old folder. The old folder is renamed and its point reused."""
+    args = ["ablate", "--config", BASELINE, "--name", "exp", "--grid", "model.init_args.optimizer.init_args.lr=[1e-3]",
+            *FAST]
+    main(args)
+    ablation = in_tmp_dir / "checkpoints" / "exp"
+    (ablation / "lr=0.001").rename(ablation / "lr=1e-3")  # as the earlier ablate named it
+    capsys.readouterr()
+    main(args)
+    printed = capsys.readouterr().out
+    assert "its folder lr=1e-3 renamed lr=0.001" in printed and "finished with the same settings, reused" in printed
+    assert not (ablation / "lr=1e-3").exists()

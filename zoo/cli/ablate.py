@@ -62,31 +62,39 @@ IGNORED_SETTINGS = (  # keys that cannot change a point's result: left out of it
 OUTPUT_KEYS = ("default_root_dir", "dirpath", "save_dir")  # folders a run writes in: not fingerprinted
 
 
-NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a number YAML 1.1 may leave a string: 1e-3
+class GridNumber(float):
+    """A grid value written in exponent form without a dot (1e-3), which YAML 1.1 reads as a string: the number,
+    with the text it was written as (`text`), the name earlier ablates gave its point's folder (`legacy_point_name`)."""
+
+    text: str
+
+    def __new__(cls, text: str) -> GridNumber:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
 
 
-def as_numbers(value: Any) -> Any:
-    """`value` (a parsed grid value, nested lists and mappings included) with every string written as a number
-    turned into a float: YAML 1.1 reads 1e-3 (no dot) as the string "1e-3", which result.json, the table's column
-    and HPARAMS would keep as text, and a point "1e-3" would train the same setting as a point 0.001 in another
-    folder. Words float() also takes (nan, inf) stay strings."""
-    if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
-        return float(value)
-    if isinstance(value, list):
-        return [as_numbers(item) for item in value]
-    if isinstance(value, dict):
-        return {key: as_numbers(item) for key, item in value.items()}
-    return value
+class GridLoader(yaml.SafeLoader):
+    """YAML's safe loader that also reads a plain scalar in exponent form (1e-3, -2E+4) as a number (`GridNumber`):
+    result.json, the table's column and HPARAMS would keep the text, and a point 1e-3 would train the same setting
+    as a point 0.001 in another folder. Quoted scalars ("2007", a VOC year) stay strings."""
+
+
+GridLoader.add_implicit_resolver("tag:yaml.org,2002:grid_number", re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                                 list("-+0123456789."))
+GridLoader.add_constructor("tag:yaml.org,2002:grid_number",
+                           lambda loader, node: GridNumber(loader.construct_scalar(node)))
+yaml.SafeDumper.add_representer(GridNumber, yaml.SafeDumper.represent_float)  # a point's override: --key=0.001
 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
-    """["key=[v1,v2]", ...] -> {key: [v1, v2]} (values parsed as YAML, strings written as numbers made floats:
-    `as_numbers`, so 1e-3 is the number 0.001 and names the same point). A key given twice is refused (the last one
+    """["key=[v1,v2]", ...] -> {key: [v1, v2]} (values parsed as YAML, plain scalars in exponent form as numbers:
+    `GridLoader`, so 1e-3 is the number 0.001 and names the same point). A key given twice is refused (the last one
     would silently win), and so is `seed` (the run's seed is `seed_everything`)."""
     grid: dict[str, list[Any]] = {}
     for item in items:
         key, sep, values = item.partition("=")
-        parsed = yaml.safe_load(values) if sep else None
+        parsed = yaml.load(values, Loader=GridLoader) if sep else None  # noqa: S506 - a safe loader
         if not sep or not isinstance(parsed, list) or not parsed:
             raise ValueError(f"--grid takes key=[v1,v2,...]; got {item!r}.\n{ABLATE_HELP}")
         if key == "seed":
@@ -95,7 +103,7 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         if key in grid:
             raise ValueError(f"--grid {key} is given twice ({grid[key]} and {parsed}); give all its values in one "
                              f"--grid {key}=[...].")
-        grid[key] = as_numbers(parsed)
+        grid[key] = parsed
     return grid
 
 
@@ -139,6 +147,12 @@ def point_name(point: dict[str, Any]) -> str:
     if len(name.encode()) > NAME_LIMIT:
         name = f"{name.encode()[:NAME_LIMIT - 9].decode(errors='ignore')}~{short_hash(point)}"
     return name
+
+
+def legacy_point_name(point: dict[str, Any]) -> str:
+    """The folder name an ablate before `GridLoader` gave a point: its exponent-form numbers as the text they were
+    written in (lr=1e-3, not lr=0.001), so that an upgrade finds the points it finished (`run_grid_point`)."""
+    return point_name({key: value.text if isinstance(value, GridNumber) else value for key, value in point.items()})
 
 
 def column_labels(keys: list[str]) -> dict[str, str]:
@@ -481,6 +495,10 @@ def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[st
     with configuration_phase():
         folder = run_folder(cli.config_init, cli.config)
     save_dir = folder.parents[len(Path(name).parts)]  # folder is <save_dir>/<name>/<point>
+    legacy = folder.parent / legacy_point_name(point)
+    if not folder.exists() and legacy != folder and legacy.is_dir():  # named by an earlier ablate: lr=1e-3
+        os.replace(legacy, folder)
+        print(f"ablate: point {point_name(point)}: its folder {legacy.name} renamed {folder.name}")
     result_path, hash_path, settings_path = folder / "result.json", folder / "settings.sha256", folder / "settings.json"
     hparams_path = folder.parent / "hparams" / folder.name
     settings = resolved_settings(cli, folder)
