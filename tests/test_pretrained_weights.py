@@ -333,6 +333,19 @@ def test_ema_weights_are_read_before_the_plain_ones_as_timm_reads_them(tmp_path:
         assert f"{name}' ('{key}'): loaded 24 backbone tensors" in caplog.text
         assert f"reading '{key}' (timm's load_checkpoint's choice, EMA weights first)" in caplog.text
 
+    # an EMA copy that does not fit (partial, or of another network) does not block a plain copy that does
+    partial = {k: v for k, v in ema.items() if k != "stages.1.0.0.weight"}
+    torch.save({"state_dict": plain, "state_dict_ema": partial}, tmp_path / "partial_ema.pth")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="zoo.weights"):
+        model = zoo.create_model("baseline_tinycnn", num_classes=3, pretrained_path=str(tmp_path / "partial_ema.pth"))
+    assert backbone_equals(model, plain) and model.backbone.load_report.key == "state_dict"
+    assert "'state_dict_ema' does not fit backbone 'tinycnn'" in caplog.text and "read 'state_dict'" in caplog.text
+    torch.save({"state_dict": partial, "state_dict_ema": partial}, tmp_path / "neither.pth")
+    with pytest.raises(CheckpointError, match=r"neither.pth' \(under 'state_dict_ema'\) does not fit backbone "
+                                              r"'tinycnn': 1 missing keys"):
+        zoo.create_model("baseline_tinycnn", pretrained_path=str(tmp_path / "neither.pth"))
+
 
 def test_mismatch_errors_name_only_what_is_wrong_and_a_file_as_pretrained_points_to_pretrained_path(
         tmp_path: Path) -> None:

@@ -93,8 +93,9 @@ def _refused_globals(path: Path, err: Exception) -> str:
     return f"it pickles {', '.join(names[:6])}{' ...' if len(names) > 6 else ''}: {what}"
 
 
-def _read_weight_file(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    """`read_state_dict`, and the key of the file the state dict was under (None: the file is the state dict)."""
+def _weight_candidates(path: str | Path) -> list[tuple[dict[str, torch.Tensor], str | None]]:
+    """The state dicts of a weight file with the key each is under, in `STATE_DICT_KEYS` order (EMA weights first);
+    one (key None) where the file is a state dict itself (a safetensors file, an export folder's)."""
     path = Path(path)
     if path.is_dir():
         if not (path / EXPORT_WEIGHTS).is_file():
@@ -107,7 +108,7 @@ def _read_weight_file(path: str | Path) -> tuple[dict[str, torch.Tensor], str | 
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path)), None
+            return [(load_file(str(path)), None)]
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - every reader error means the same thing to the user
@@ -118,21 +119,25 @@ def _read_weight_file(path: str | Path) -> tuple[dict[str, torch.Tensor], str | 
             "dict saved with torch.save, or a checkpoint holding one (a Lightning .ckpt, a training script's, "
             "args included); read with weights_only=True."
         ) from err
-    key = None
     if isinstance(obj, dict) and not _is_state_dict(obj):
-        key = next((k for k in STATE_DICT_KEYS if _is_state_dict(obj.get(k))), None)
-        if key is not None:
-            others = [k for k in STATE_DICT_KEYS if k != key and _is_state_dict(obj.get(k))]
-            if others:
-                log.info("%r holds %s: reading %r (timm's load_checkpoint's choice, EMA weights first).",
-                         str(path), " and ".join(repr(k) for k in [key, *others]), key)
-            obj = obj[key]
+        held = [(obj[k], k) for k in STATE_DICT_KEYS if _is_state_dict(obj.get(k))]
+        if held:
+            return held
     if not _is_state_dict(obj):
         keys = f" with keys {[str(k) for k in list(obj)[:8]]}{' ...' if len(obj) > 8 else ''}" \
             if isinstance(obj, dict) else ""
         raise CheckpointError(f"{str(path)!r} does not hold a state dict (name -> tensor), at its top level or under "
                               f"{list(STATE_DICT_KEYS)}; got {type(obj).__name__}{keys}.")
-    return obj, key
+    return [(obj, None)]
+
+
+def _read_weight_file(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    """`read_state_dict`, and the key of the file the state dict was under (None: the file is the state dict)."""
+    held = _weight_candidates(path)
+    if len(held) > 1:
+        log.info("%r holds %s: reading %r (timm's load_checkpoint's choice, EMA weights first).", str(path),
+                 " and ".join(repr(k) for _, k in held), held[0][1])
+    return held[0]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -311,16 +316,39 @@ def load_backbone_weights(body: nn.Module, path: str | Path, what: str,
     backbone's last), or lie outside the part of the file that holds the backbone (a zoo checkpoint's head and
     filters); any other one means the file is another network (resnet34 weights for a resnet18) and raises, naming
     them and what `identify(<the file's tensors under the backbone's prefix, by name>)` says they come from.
-    Inside `checkpoint_replaces_weights()` nothing is read.
+    A file holding several state dicts (an EMA copy and the plain one) gives the first that fits, in
+    `STATE_DICT_KEYS` order (EMA first, as timm), and says so where an earlier one did not fit; where none fits, the
+    first one's error, naming its key. Inside `checkpoint_replaces_weights()` nothing is read.
     """
     if weights_will_be_replaced():
         return LoadReport(str(path), [], [], read=False)
+    held = _weight_candidates(path)
+    errors: list[CheckpointError] = []
+    for source, key in held:
+        try:
+            report = _load_backbone_state(body, source, key, path, what, full_keys, identify)
+        except CheckpointError as err:
+            errors.append(err)
+            continue
+        if errors:
+            log.info("%r: %r does not fit %s (%s); read %r.", str(path), held[0][1], what, errors[0], key)
+        elif len(held) > 1:
+            log.info("%r holds %s: reading %r (timm's load_checkpoint's choice, EMA weights first).", str(path),
+                     " and ".join(repr(k) for _, k in held), key)
+        return report
+    raise errors[0]
+
+
+def _load_backbone_state(body: nn.Module, source: dict[str, torch.Tensor], key: str | None, path: str | Path,
+                         what: str, full_keys: Callable[[], Iterable[str]] | None,
+                         identify: Callable[[dict[str, torch.Size]], str | None] | None) -> LoadReport:
+    """`load_backbone_weights` of one state dict of the file (`source`, under `key`)."""
     own = body.state_dict()
-    source, key = _read_weight_file(path)
+    where = f"{str(path)!r}" + (f" (under {key!r})" if key else "")
     try:
         match = match_state_dict(source, list(own), what)
     except CheckpointError as err:
-        raise CheckpointError(f"{str(path)!r}: {err}") from None
+        raise CheckpointError(f"{where}: {err}") from None
     state = match.state
     filled = _fill_batch_counts(state, own, match.missing)
     missing = [k for k in match.missing if k not in filled]
@@ -329,7 +357,7 @@ def load_backbone_weights(body: nn.Module, path: str | Path, what: str,
                   for k, v in state.items() if v.shape != own[k].shape]
     if missing or bad_shapes:
         raise CheckpointError(
-            f"{str(path)!r} does not fit {what}: {_mismatch(missing, bad_shapes)}"
+            f"{where} does not fit {what}: {_mismatch(missing, bad_shapes)}"
             + (f" (its other tensors found under {match.prefix!r})" if match.prefix and state else "") + "."
         )
     inside = [k for k in match.unexpected if k.startswith(match.prefix)]  # where the file holds the backbone
@@ -339,7 +367,7 @@ def load_backbone_weights(body: nn.Module, path: str | Path, what: str,
         shapes = {k[len(match.prefix) :]: v.shape for k, v in source.items() if k.startswith(match.prefix)}
         origin = identify(shapes) if identify is not None else None
         raise CheckpointError(
-            f"{str(path)!r} does not fit {what}: it holds {len(foreign)} tensors the architecture has no place for "
+            f"{where} does not fit {what}: it holds {len(foreign)} tensors the architecture has no place for "
             f"{foreign[:8]}{' ...' if len(foreign) > 8 else ''}"
             + (f"; they look like {origin} weights" if origin else "")
             + ". Give the backbone the file was saved from, or a file of this one."
