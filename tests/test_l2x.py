@@ -181,6 +181,70 @@ def test_median_rank_on_hand_made_cases() -> None:
     assert metric.values().tolist() == [1.5, 3.5, 2.0]
 
 
+def authors_create_rank(scores: "np.ndarray", random: "np.random.RandomState") -> "np.ndarray":
+    """Jianbo-Lab/L2X synthetic/explain.py `create_rank`, line for line (its global np.random made a seeded
+    RandomState): each sample's features in a random permutation, then ranked by |score| descending."""
+    import numpy as np
+
+    scores = abs(scores)
+    n, d = scores.shape
+    ranks = []
+    for i, score in enumerate(scores):
+        idx = random.permutation(d)
+        permutated_weights = score[idx]
+        permutated_rank = (-permutated_weights).argsort().argsort() + 1
+        rank = permutated_rank[np.argsort(idx)]
+        ranks.append(rank)
+    return np.array(ranks)
+
+
+def test_median_rank_by_selection_follows_the_authors_protocol() -> None:
+    """The authors rank the test-time output of Sample_Concrete (the hard k-hot selection), so the selected features
+    take a random order among ranks 1..k; ranking the continuous scores instead favours the selector. L2X (k = 4)
+    keeps three of the five true features {0, ..., 4} and the false feature 9, and scores the true ones first: by
+    the scores the true ranks are {1, 2, 3, 5, 6}, median 3; by the selection three of {1, ..., 4} and two of
+    {5, ..., 10}, median max(three of 1..4) = 4 in 3 samples of 4 (3 in the rest). INVASE selecting nothing: the
+    optimum 1.5 by its scores, a mean of two random ranks of 1..10 by its selection (median 5.5)."""
+    import numpy as np
+
+    n, generator = 4000, torch.Generator().manual_seed(0)
+    base = torch.tensor([0.30, 0.25, 0.20, 0.04, 0.03, 0.01, 0.01, 0.01, 0.01, 0.15])
+    scores = base + 1e-3 * torch.rand(n, 10, generator=generator)  # (n, 10) each sample its own scores
+    selection = torch.zeros(n, 10)
+    selection[:, [0, 1, 2, 9]] = 1.0  # the same k-hot selection in every sample
+    relevant = torch.zeros(n, 10, dtype=torch.bool)
+    relevant[:, :5] = True
+    authors = np.median(authors_create_rank(selection.numpy(), np.random.RandomState(0))[:, :5], axis=1)  # (n,)
+    assert np.median(authors) == 4.0 and 0.2 < (authors == 3.0).mean() < 0.3
+
+    by_scores, by_selection = MedianRank(), MedianRank(rank_by="selection")
+    for rows in torch.arange(n).split(1000):  # batches: each sample ranks the same in any batch
+        by_scores.update(scores[rows], relevant[rows])
+        by_selection.update(scores[rows], relevant[rows], selection[rows])
+    assert by_scores.compute().item() == 3.0  # today's metric, kept
+    assert by_selection.compute().item() == float(np.median(authors)) == 4.0
+    per_sample = by_selection.values()
+    # each sample draws its own order (one order for every sample sharing a selection would give all 3 or all 4)
+    assert set(per_sample.tolist()) == {3.0, 4.0} and 0.2 < (per_sample == 3.0).float().mean().item() < 0.3
+    reordered = MedianRank(rank_by="selection")
+    reordered.update(scores.flip(0), relevant, selection)  # another batch order: the same per-sample ranks
+    assert torch.equal(reordered.values().flip(0), per_sample)
+
+    nothing = torch.zeros(n, 10)  # INVASE keeping no feature, its probabilities ranking the true ones {0, 1} first
+    relevant_two = torch.zeros(n, 10, dtype=torch.bool)
+    relevant_two[:, :2] = True
+    authors = np.median(authors_create_rank(nothing.numpy(), np.random.RandomState(1))[:, :2], axis=1)
+    assert np.median(authors) == 5.5
+    by_scores, by_selection = MedianRank(), MedianRank(rank_by="selection")
+    by_scores.update(scores, relevant_two)
+    by_selection.update(scores, relevant_two, nothing)
+    assert by_scores.compute().item() == 1.5 and by_selection.compute().item() == 5.5
+    with pytest.raises(ValueError, match="rank_by='selection'.*update\\(scores, relevant, selection\\)"):
+        MedianRank(rank_by="selection").update(scores, relevant)
+    with pytest.raises(ValueError, match="rank_by must be one of"):
+        MedianRank(rank_by="selections")
+
+
 def test_ties_are_broken_at_random() -> None:
     torch.manual_seed(0)
     ranks = feature_ranks(torch.zeros(4000, 4))
@@ -265,7 +329,8 @@ def test_selector_system_trains_the_black_box_first_then_keeps_it_frozen(tmp_pat
     system, trainer = fit_selector(tmp_path, initial)
     assert bool(system.black_box_ready) and bool(system.evaluator_ready)
     assert not torch.equal(initial["head.weight"], system.black_box.head.weight)  # trained before the selector
-    assert {"val/acc", "val/evalx_acc", "val/median_rank", "val/tpr", "val/fdr"} <= set(trainer.callback_metrics)
+    assert {"val/acc", "val/evalx_acc", "val/median_rank", "val/median_rank_selection", "val/tpr",
+            "val/fdr"} <= set(trainer.callback_metrics)
     frozen = {k: v.clone() for k, v in system.black_box.state_dict().items()}
     prepare_auxiliaries(system, trainer, trainer.datamodule)  # already trained: nothing is retrained
     trainer.fit_loop.max_epochs = 3
@@ -293,6 +358,20 @@ def test_selector_system_refuses_mismatched_black_box_weights_and_non_selectors(
         L2XSystem(data_inputs={"num_features": 10}, black_box_checkpoint=str(wrong))
     with pytest.raises(ValueError, match="is not a feature selector"):
         L2XSystem(model_name="baseline_mlp", data_inputs={"num_features": 10})
+
+
+@pytest.mark.parametrize("model_name, loss, fits", [("l2x_vector", INVASELoss, "L2XLoss"),
+                                                     ("invase_vector", L2XLoss, "INVASELoss")])
+def test_selector_system_refuses_the_other_selectors_loss(model_name: str, loss: type, fits: str) -> None:
+    """INVASELoss on L2X raised KeyError 'baseline_logits' at the first step, after the black box and the evaluator
+    had trained; L2XLoss on INVASE trained to the end with the actor's gradients all zero. Both are refused when the
+    System is built, naming both losses."""
+    from zoo.l2x.system import L2XSystem
+
+    with pytest.raises(ValueError, match=rf"loss {loss.__name__} does not fit model_name='{model_name}'.*"
+                                         rf"Use losses\.l2x\.{fits} with {model_name}"):
+        L2XSystem(model_name=model_name, data_inputs={"num_features": 10}, loss=loss())
+    L2XSystem(model_name=model_name, data_inputs={"num_features": 10})  # the default loss fits
 
 
 def test_race_script_writes_table_speed_and_boxplot(in_tmp_dir: Path) -> None:
@@ -353,6 +432,7 @@ def test_compare_reports_l2x_its_black_box_and_the_post_hoc_explainers(in_tmp_di
     for row in explained:
         assert row["n"] == "8" and row["num_selected"] == "2.0"  # k = 2 features kept by every method
         assert 1.5 <= float(row["median_rank"]) <= 9.5  # between the optimum and the worst of d = 10
+        assert 1.5 <= float(row["median_rank_selection"]) <= 9.5  # the authors' protocol beside it
         assert all(0 <= float(row[k]) <= 1 for k in ("tpr", "fdr", "posthoc_acc", "evalx_acc"))
     assert not list(report.glob("explanations_*.png"))  # no picture of vectors
 

@@ -212,3 +212,26 @@ def test_a_factory_without_a_return_annotation_checks_argument_types_alike(
     unannotated, annotated = readme_style_factories
     assert {"freeze_backbone", "drop_rate", "pretrained_path"} <= set(model_arguments(unannotated))
     assert set(model_arguments(unannotated)) == set(model_arguments(annotated))
+
+
+@pytest.mark.parametrize("name, data_inputs, kind", [
+    ("baseline_smallcnn", {"num_features": 10}, "num_features=10.*Models that take num_features: baseline_mlp, "
+                                                 "invase_vector, l2x_vector"),
+    ("l2x_patches", {"num_features": 10}, "num_features=10.*Models that take num_features: invase_vector, "
+                                           "l2x_vector, baseline_mlp"),  # the refused model's family first
+    ("baseline_mlp", {"vocab_size": 50, "max_len": 8}, "vocab_size=50, max_len=8.*Models that take vocab_size "
+                                                        "and max_len: baseline_textcnn, l2x_tokens")],
+    ids=["smallcnn-on-vectors", "patches-on-vectors", "mlp-on-tokens"])
+def test_a_size_the_data_gives_is_named_as_the_data_not_a_model_kwarg(name: str, data_inputs: dict[str, int],
+                                                                      kind: str) -> None:
+    """`--model.init_args.black_box baseline_smallcnn` on the L2X vector data said "baseline_smallcnn: unknown argument
+    'num_features' (model_kwargs). Did you mean 'num_classes'?": the user gave no num_features, the datamodule's
+    model_inputs did. Now: the model does not take this kind of data, and which models do."""
+    from zoo.registry import create_model_for_data
+
+    with pytest.raises(ValueError, match=rf"^{name} does not take this kind of data: the data gives {kind}") as error:
+        create_model_for_data(name, 2, None, None, data_inputs, None)
+    assert "unknown argument" not in str(error.value) and "Did you mean" not in str(error.value)
+    first = next(iter(data_inputs))  # the same key given by the user in model_kwargs: the user's mistake, as before
+    with pytest.raises(ValueError, match=rf"{name}: unknown argument '{first}' \(model_kwargs\)"):
+        create_model_for_data(name, 2, None, None, None, {first: data_inputs[first]})

@@ -25,6 +25,15 @@ _model_factories: dict[str, Callable[..., nn.Module]] = {}
 _model_to_module: dict[str, str] = {}
 
 
+class UnknownModelArgument(ValueError):
+    """A keyword argument the model `model` does not take (`argument`): raised by `create_model` with a
+    did-you-mean, so that `create_model_for_data` can tell an argument the data gave from one the user gave."""
+
+    def __init__(self, message: str, model: str, argument: str) -> None:
+        super().__init__(message)
+        self.model, self.argument = model, argument
+
+
 def register_model(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register `factory` under its function name; a second registration of the same name raises."""
     name = factory.__name__
@@ -131,7 +140,8 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         close = close_names(unknown.group(2), accepted, n=1, cutoff=0.6)
         hint = f" Did you mean {close[0]!r}?" if close else f" It takes: {', '.join(accepted)}."
         # from None: the CLI reports an error's root cause, which would otherwise be the TypeError without the hint
-        raise ValueError(f"{name}: unknown argument {unknown.group(2)!r} (model_kwargs).{hint}") from None
+        raise UnknownModelArgument(f"{name}: unknown argument {unknown.group(2)!r} (model_kwargs).{hint}", name,
+                                   unknown.group(2)) from None
     if annotated is None:  # a factory without a (resolvable) return annotation: its model's class is known now
         check_argument_types(name, factory, kwargs, type(model))
     log_load_reports(model)  # what a pretrained_path gave: loaded / skipped / new tensors
@@ -224,7 +234,40 @@ def create_model_for_data(name: str, num_classes: int, in_chans: int | None, ima
     kwargs = {"in_chans": in_chans, **(data_inputs or {})}
     if image_size is not None and needs_image_size(name):  # e.g. ICNN's template bank is sized for its top map
         kwargs["image_size"] = image_size
-    return create_model(name, **{"num_classes": num_classes, **kwargs, **(model_kwargs or {})})
+    try:
+        return create_model(name, **{"num_classes": num_classes, **kwargs, **(model_kwargs or {})})
+    except UnknownModelArgument as error:
+        from_data = {key: value for key, value in kwargs.items()
+                     if value is not None and key not in (model_kwargs or {})}  # what the user did not give
+        if error.argument not in from_data:
+            raise
+        raise ValueError(data_mismatch_message(name, error.argument, from_data)) from None
+
+
+def accepted_arguments(name: str) -> list[str]:
+    """The keyword arguments `name` takes: its factory's own, or where the factory passes `**kwargs` on, those of
+    the class it builds too (`model_arguments`)."""
+    factory = model_factory(name)
+    passes_on = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
+    return model_arguments(name) if passes_on else keyword_arguments(factory)
+
+
+def data_mismatch_message(name: str, argument: str, from_data: dict[str, Any], most: int = 8) -> str:
+    """Why `name` cannot be built for this data: the data gave `argument` (one of `from_data`, the sizes the data
+    fixes), which `name` does not take; the registered models that take every size the data gives (those of `name`'s
+    family first), at most `most` of them."""
+    given = ", ".join(f"{key}={value!r}" for key, value in from_data.items())
+    wanted = [key for key in from_data if key != "in_chans"] or [argument]  # in_chans: the data's size where alone
+    family = model_family(name)
+    fitting = sorted((n for n in _model_factories if all(key in accepted_arguments(n) for key in wanted)),
+                     key=lambda n: (model_family(n) != family, n))
+    names = ", ".join(fitting[:most]) + (f" and {len(fitting) - most} more" if len(fitting) > most else "")
+    which = (f"Models that take {' and '.join(wanted)}: {names}." if fitting else
+             f"No registered model takes {' and '.join(wanted)}.")
+    return (f"{name} does not take this kind of data: the data gives {given} (set by the datamodule, not by "
+            f"model_kwargs), and {name} has no argument {argument!r} (it takes: "
+            f"{', '.join(accepted_arguments(name))}). {which} Choose one of these, or data that {name} is built "
+            f"for.")
 
 
 def check_same_model(checkpoint_spec: dict[str, Any], wanted: dict[str, Any], source: str) -> None:

@@ -13,6 +13,16 @@ scores get other orders, so no feature is favoured across samples (one fixed ord
 first or always last here, where the true features sit at the same positions in every sample). Under DDP the
 global stream drew each rank's own tie order (2 processes gave 7.0 where 1 gave 6.0 on tied scores) and validation
 consumed the training random stream.
+
+Two rankings (`MedianRank(rank_by=...)`, logged as `median_rank` and `median_rank_selection`):
+- "scores" (the zoo's first metric, kept): features ranked by the selector's continuous scores (L2X: softmax(w);
+  INVASE: the selection probabilities). It tells the order among the selected features and among the rest, so it
+  favours a selector over the authors' protocol: INVASE selecting nothing still ranks the true features first.
+- "selection" (the authors' protocol, Jianbo-Lab/L2X `synthetic/explain.py`: the test-time output of the
+  Sample_Concrete layer, a hard k-hot mask, through `create_rank`): features ranked by the hard selection, so the
+  selected features take a random order among ranks 1..|S| and the rest among |S|+1..d. Ties follow
+  `tie_order_keys` of the sample's scores (distinct per sample, while many samples share one selection), so each
+  sample draws its own order, as the authors' `np.random.permutation` per sample, yet deterministically.
 """
 
 from __future__ import annotations
@@ -37,16 +47,20 @@ def tie_order_keys(magnitude: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return mix32(row ^ position)  # (B, d), distinct: row ^ position is distinct per feature, _mix32 a bijection
 
 
-def feature_ranks(scores: torch.Tensor, generator: torch.Generator | None = None, seed: int | None = None
-                  ) -> torch.Tensor:
+def feature_ranks(scores: torch.Tensor, generator: torch.Generator | None = None, seed: int | None = None,
+                  tie_key: torch.Tensor | None = None) -> torch.Tensor:
     """(B, d) rank of each feature by |score| descending (1 = top), ties broken uniformly at random: by `seed` when
     given (`tie_order_keys`: each sample's order a function of its scores, the same in every batch and process), else
-    by `generator` (default: the global random stream; one process evaluating all samples, as `compare_explainers`)."""
+    by `generator` (default: the global random stream; one process evaluating all samples, as `compare_explainers`).
+    `tie_key` (B, d), with `seed` only: the values whose hash orders the ties instead of `scores` (a hard selection
+    ranked with its sample's continuous scores as key: each sample its own order of its tied features)."""
     magnitude = scores.detach().abs().float()
+    if tie_key is not None and (seed is None or tie_key.shape != scores.shape):
+        raise ValueError(f"tie_key {tuple(tie_key.shape)} needs a seed and the shape of scores {tuple(scores.shape)}.")
     if seed is None:
         keys = torch.rand(magnitude.shape, generator=generator).to(magnitude.device)
     else:
-        keys = tie_order_keys(magnitude, seed)
+        keys = tie_order_keys(magnitude if tie_key is None else tie_key.detach().abs(), seed)
     shuffle = keys.argsort(-1)  # (B, d) a random order of the features
     shuffled = magnitude.gather(-1, shuffle)
     # A stable sort of a randomly permuted row breaks ties at random.
@@ -58,10 +72,10 @@ def feature_ranks(scores: torch.Tensor, generator: torch.Generator | None = None
 
 
 def median_true_rank(scores: torch.Tensor, relevant: torch.Tensor, generator: torch.Generator | None = None,
-                     seed: int | None = None) -> torch.Tensor:
+                     seed: int | None = None, tie_key: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) median rank of each sample's relevant features (samples without relevant features give NaN); ties as
     `feature_ranks`."""
-    ranks = feature_ranks(scores, generator, seed).float()
+    ranks = feature_ranks(scores, generator, seed, tie_key).float()
     relevant = relevant.bool()
     count = relevant.sum(-1)  # (B,)
     true_ranks = torch.where(relevant, ranks, torch.inf).sort(-1).values  # (B, d) true ranks first, ascending
@@ -71,28 +85,59 @@ def median_true_rank(scores: torch.Tensor, relevant: torch.Tensor, generator: to
     return torch.where(count > 0, median, torch.nan)
 
 
+RANK_BY = ("scores", "selection")
+
+
+def selection_median_rank(selection: torch.Tensor, scores: torch.Tensor, relevant: torch.Tensor, seed: int = 0
+                          ) -> torch.Tensor:
+    """(B,) the authors' median rank (module docstring): features ranked by the hard selection (`selection` > 0.5:
+    kept first), ties, i.e. the order inside the kept and inside the dropped features, broken at random by
+    `tie_order_keys` of each sample's `scores` (B, d) with `seed`. Samples without relevant features give NaN."""
+    hard = (selection.detach() > 0.5).float()  # (B, d) the k-hot mask (INVASE: its own number of features)
+    return median_true_rank(hard, relevant, seed=seed, tie_key=scores)
+
+
 class MedianRank(Metric):
     """Per-sample median rank of the true features; `compute` gives the median over samples (the box plot's
     centre line, the paper's Figure 3), `values()` the whole distribution. Ties are broken by `tie_order_keys` with
-    `seed`: a sample's median rank does not depend on its batch, position or process."""
+    `seed`: a sample's median rank does not depend on its batch, position or process.
+
+    `rank_by="scores"` ranks the continuous scores (the zoo's `median_rank`); `rank_by="selection"` ranks the hard
+    selection given to `update`, the authors' protocol (`selection_median_rank`, logged as `median_rank_selection`)."""
 
     higher_is_better = False
     full_state_update = False
 
-    def __init__(self, seed: int = 0, **kwargs) -> None:
+    def __init__(self, seed: int = 0, rank_by: str = "scores", **kwargs) -> None:
         super().__init__(**kwargs)
-        self.seed = seed
+        if rank_by not in RANK_BY:
+            raise ValueError(f"rank_by must be one of {RANK_BY} (the continuous scores, or the hard selection as the "
+                             f"L2X authors rank); got {rank_by!r}.")
+        self.seed, self.rank_by = seed, rank_by
         self.add_state("medians", default=[], dist_reduce_fx="cat")
 
-    def update(self, scores: torch.Tensor, relevant: torch.Tensor) -> None:
+    def update(self, scores: torch.Tensor, relevant: torch.Tensor, selection: torch.Tensor | None = None) -> None:
+        """`scores` (B, d), `relevant` (B, d) the true features; `selection` (B, d) the hard selection, needed with
+        `rank_by="selection"` (the scores then only key its random tie order)."""
         if scores.shape != relevant.shape:
             raise ValueError(f"scores {tuple(scores.shape)} and relevant {tuple(relevant.shape)} must match.")
-        medians = median_true_rank(scores, relevant, seed=self.seed)
-        self.medians.append(medians[~medians.isnan()])
+        if self.rank_by == "selection":
+            if selection is None or selection.shape != scores.shape:
+                got = None if selection is None else tuple(selection.shape)
+                raise ValueError(f"MedianRank(rank_by='selection') ranks the hard selection: pass it as "
+                                 f"update(scores, relevant, selection) with the shape of scores "
+                                 f"{tuple(scores.shape)}; got {got}.")
+            medians = selection_median_rank(selection, scores, relevant, self.seed)
+        else:
+            medians = median_true_rank(scores, relevant, seed=self.seed)
+        self.medians.append(medians)  # (B,) NaN for samples without true features: dropped by `values`, not here
+        # (a boolean index has a data-dependent shape, a host sync inside the step)
 
     def values(self) -> torch.Tensor:
-        """(N,) every sample's median rank (all ranks' samples once synced)."""
-        return dim_zero_cat(self.medians) if len(self.medians) else torch.empty(0, device=self.device)
+        """(N,) every sample's median rank (all ranks' samples once synced; samples without true features left out).
+        """
+        values = dim_zero_cat(self.medians) if len(self.medians) else torch.empty(0, device=self.device)
+        return values[~values.isnan()]
 
     def compute(self) -> torch.Tensor:
         values = self.values().float()

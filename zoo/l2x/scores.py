@@ -5,7 +5,8 @@ both report.
 Every method explains the same samples for the black box's predicted class: a selector (L2X, INVASE) by one forward
 pass, a Captum method (`zoo.explain.captum.FEATURE_METHODS`) by attribution on the black box. Attributions become a
 top-k selection (k = the true set size; INVASE selects its own number; text: among the words, never padding);
-then every method gets the median rank of the true features and TPR/FDR (where ground truth is known), post-hoc
+then every method gets the median rank of the true features (by its scores, and by its selection as the L2X
+authors rank, `zoo.l2x.metrics`) and TPR/FDR (where ground truth is known), post-hoc
 accuracy (the black box on the selection agrees with the black box) and EVAL-X accuracy (the random-mask evaluator
 on the selection vs the label).
 Timing: batched methods are timed `repeats` times over all samples after one warm-up call (median); KernelShap and
@@ -24,7 +25,7 @@ import torch.nn as nn
 
 from zoo.explain.captum import attribute_features
 from zoo.explain.scores import ExplanationRows, wall_time
-from zoo.l2x.metrics import AgreementAccuracy, SelectionRecovery, median_true_rank
+from zoo.l2x.metrics import AgreementAccuracy, SelectionRecovery, median_true_rank, selection_median_rank
 from zoo.l2x.ops import top_k_mask
 
 PERTURBATION_METHODS = ("kernel_shap", "lime")
@@ -35,7 +36,10 @@ EXPLANATION_NOTE = (
     "Every method explains the black box's predicted class (not the label), on the same samples: a selector (L2X, "
     "INVASE) by its own selection, a Captum method by its k highest attributions on the black box (text: among the "
     "words); num_selected: the mean selection size. median_rank / mean_rank: the median / mean over samples of the "
-    "median rank of the true features in the method's scores (1 = ranked first; lower is better); tpr / fdr: the "
+    "median rank of the true features in the method's scores (1 = ranked first; lower is better); "
+    "median_rank_selection: the same with features ranked by the method's selection, random order inside the "
+    "selected and inside the rest (the L2X authors' protocol: a selector gains nothing from how it orders the "
+    "features it keeps or drops); tpr / fdr: the "
     "fraction of the true features selected / of the selected features not true (where the data knows the true "
     "features). posthoc_acc: the black box on the selected features alone agrees with its prediction on the full "
     "input; evalx_acc: the EVAL-X evaluator (trained on randomly masked inputs) on the selection gives the true "
@@ -136,7 +140,9 @@ def compare_explainers(selectors: dict[str, nn.Module], black_box: nn.Module, ev
             recovery = SelectionRecovery()
             recovery.update(selection, relevant[:n])
             ranks[method] = medians.cpu()  # for plots
+            by_selection = selection_median_rank(selection, scores, relevant[:n])  # the authors' protocol
             row |= {"median_rank": round(medians.quantile(0.5).item(), 2),
+                    "median_rank_selection": round(by_selection.nanquantile(0.5).item(), 2),
                     "mean_rank": round(medians.mean().item(), 3),
                     **{name: round(value.item(), 3) for name, value in recovery.compute().items()
                        if name != "num_selected"}}

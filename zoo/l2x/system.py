@@ -31,7 +31,9 @@ class L2XSystem(ZooSystem):
     input: the L2X configs keep their best checkpoint by it, see configs/l2x/), `evalx_acc`,
     `approximator_fidelity` (the selector's own approximator agrees with the black box), `black_box_acc`,
     `num_selected` (mean hard selection size; INVASE's varies), and where the batch has ground truth
-    (`relevant_key`): `median_rank`, `tpr`, `fdr`. Predict returns the approximator's class probabilities (the
+    (`relevant_key`): `median_rank` (features ranked by their continuous scores), `median_rank_selection` (ranked by
+    the hard selection, random order inside the selected and inside the rest: the authors' protocol,
+    `zoo.l2x.metrics`), `tpr`, `fdr`. Predict returns the approximator's class probabilities (the
     selected features alone), the black box's class, and each sample's feature `scores` and `selection` (see
     `predict_step`).
 
@@ -91,6 +93,7 @@ class L2XSystem(ZooSystem):
                          scheduler=scheduler, input_key=input_key, target_key=target_key,
                          nonfinite_loss=nonfinite_loss, compile=compile, class_names=class_names)
         self.relevant_key = relevant_key
+        self.check_loss_fits_selector()  # before the helpers are built, let alone trained
         self.black_box = create_model_for_data(black_box, num_classes, in_chans, image_size, data_inputs,
                                                black_box_kwargs)
         self.evaluator = create_model_for_data(black_box, num_classes, in_chans, image_size, data_inputs,
@@ -101,7 +104,8 @@ class L2XSystem(ZooSystem):
         self.register_buffer("evaluator_ready", torch.tensor(False))
         for name in ("acc", "posthoc_acc", "evalx_acc", "approximator_fidelity", "black_box_acc"):
             self.add_metric(name, AgreementAccuracy())
-        self.add_metric("median_rank", MedianRank())
+        self.add_metric("median_rank", MedianRank())  # by the continuous scores
+        self.add_metric("median_rank_selection", MedianRank(rank_by="selection"))  # the authors': by the selection
         self.add_metric("recovery", SelectionRecovery(), log_prefix="")
         load_auxiliary_checkpoints(self)
 
@@ -112,6 +116,28 @@ class L2XSystem(ZooSystem):
             raise ValueError(f"{self.hparams.model_name!r} is not a feature selector (no mask_input); use an l2x_* "
                              f"or invase_* model, or ClassifierSystem for classifiers.")
         return model
+
+    def check_loss_fits_selector(self) -> None:
+        """Refuse the family's loss of the other selector: INVASELoss on L2X reads `baseline_logits`, which L2X has
+        not (a KeyError at the first step, after the black box and the evaluator trained); L2XLoss on INVASE trains
+        the critic alone, and the actor, whose Bernoulli draw passes no gradient, never learns (a run to the end
+        with its gradients all zero). Another loss class is the user's to vouch for."""
+        from losses.l2x import INVASELoss, L2XLoss
+        from zoo.l2x.model import INVASE, L2X
+
+        name, loss = self.hparams.model_name, type(self.loss).__name__
+        if isinstance(self.loss, INVASELoss) and isinstance(self.model, L2X):
+            raise ValueError(
+                f"loss {loss} does not fit model_name={name!r} (an L2X selector): INVASELoss trains INVASE's actor, "
+                f"critic and baseline and reads the output 'baseline_logits', which L2X does not give. Use "
+                f"losses.l2x.L2XLoss with {name} (or give no loss: L2XLoss is its default), or an invase_* model "
+                f"(e.g. invase_vector) with INVASELoss.")
+        if isinstance(self.loss, L2XLoss) and isinstance(self.model, INVASE):
+            raise ValueError(
+                f"loss {loss} does not fit model_name={name!r} (an INVASE selector): L2XLoss trains only the critic "
+                f"on the selected input, and INVASE's actor, whose Bernoulli selection passes no gradient, would "
+                f"never learn (its gradients all zero). Use losses.l2x.INVASELoss with {name} (or give no loss: "
+                f"INVASELoss is its default), or an l2x_* model (e.g. l2x_vector) with L2XLoss.")
 
     def default_loss(self) -> nn.Module:
         from losses.l2x import INVASELoss, L2XLoss
@@ -154,6 +180,7 @@ class L2XSystem(ZooSystem):
         self.log_metric(stage, "recovery", out["selection"], relevant)  # num_selected always; tpr, fdr with truth
         if relevant is not None:
             self.log_metric(stage, "median_rank", out["scores"], relevant)
+            self.log_metric(stage, "median_rank_selection", out["scores"], relevant, out["selection"])
 
     def explanation_report(self, datamodule: Any, settings: dict[str, Any]
                            ) -> tuple[list[dict], dict[str, torch.Tensor], torch.Tensor | None]:
