@@ -6,7 +6,6 @@ import pytorch_lightning as pl
 import torch
 from torchvision.utils import make_grid
 
-from datamodules._base import decode_tokens
 from zoo.engine.callbacks import FixedBatchCallback, record_name, run_folder
 from zoo.figures import class_name, log_image, log_text
 
@@ -17,8 +16,10 @@ class ExplanationTextCallback(FixedBatchCallback):
     `explanations/images`; `explanations/epoch<e>.md` in the run folder, `validate.md` outside fit).
 
     Reads the System's evaluation output dict (`forward_batch(batch, "val")`: "images", "labels", "sentences",
-    "references"; see `zoo.textual.system.TextualSystem`). Words come from the datamodule's public `decode(tokens)`
-    (parts_world, CUB); without one, token ids are written as numbers (padding dropped). Classes are named by the
+    "references"; see `zoo.textual.system.TextualSystem`). Words come from the System's `sentence_decoder`, as in
+    its metrics and predictions: the datamodule's public `decode(tokens)` (parts_world, CUB), else the recorded
+    `vocabulary`, else token ids as numbers, each sentence up to its <eos> without <bos> and padding. Images are
+    drawn with the datamodule's normalisation undone (`FixedBatchCallback.displayable`). Classes are named by the
     datamodule's `class_names` ("class k" without them)."""
 
     def __init__(self, num_images: int = 8) -> None:
@@ -29,7 +30,7 @@ class ExplanationTextCallback(FixedBatchCallback):
         batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v
                  for k, v in self.fixed_batch(trainer).items()}
         out = pl_module.forward_batch(batch, "val")
-        decode = getattr(trainer.datamodule, "decode", None) or (lambda tokens: " ".join(decode_tokens(tokens)))
+        decode = pl_module.sentence_decoder()  # the datamodule's decode, else the recorded words, up to <eos>
         images, labels = out["images"], out["labels"].tolist()
         lines = ["| image | class | generated | a reference |", "| --- | --- | --- | --- |"]
         lines += [f"| {i} | {class_name(trainer.datamodule, label)} | {decode(out['sentences'][i])} | "
@@ -40,5 +41,5 @@ class ExplanationTextCallback(FixedBatchCallback):
         if folder is not None:  # None: no run folder (fast_dev_run)
             (folder / f"{record_name(trainer)}.md").write_text(text + "\n")
         log_text(trainer.logger, "explanations/text", text, trainer.global_step)
-        log_image(trainer.logger, "explanations/images", make_grid(images.float().cpu(), nrow=len(images)),
-                  trainer.global_step)
+        shown = self.displayable(trainer, images)  # normalisation undone: the images as they look, in [0, 1]
+        log_image(trainer.logger, "explanations/images", make_grid(shown, nrow=len(images)), trainer.global_step)

@@ -11,7 +11,9 @@ registered model (`textual_definition`, `textual_description`, `textual_explanat
 `textual_explanation`; the sentence classifier is `textual_sentence_classifier`); the class feature is a learnt
 label embedding (the PyTorch port) or, as in the paper, each class's mean description-model state
 (`class_features="description"`, filled by `zoo.textual.system.TextualSystem` from a description checkpoint).
-Departure: hidden sizes default to 256 (paper 1000) for CPU-sized worlds.
+Departure: sizes default to CPU-sized worlds (paper 1000-d): image feature 128 (`feature_dim`), class feature 64
+(`class_dim`), word embedding 128 (`embed_dim`), LSTM hidden 256 (`hidden`); the sentence classifier's 128 / 256.
+`TextualSystem` takes them as `hidden` and `model_kwargs` / `sentence_classifier_kwargs`.
 """
 
 from __future__ import annotations
@@ -259,13 +261,14 @@ class ExplanationModel(nn.Module):
     `class_features="embedding"`: a learnt label embedding of `class_dim` (the PyTorch port's choice), or
     `"description"`: the fixed `class_table[label]` (C, `class_dim`), each class's mean description-model state
     (the paper's class embedding; `class_dim` is then the description model's hidden size, and the table is
-    filled before training, `class_table_ready` saying so). `vocabulary`: the words of the token ids (the data's,
+    filled before training, `class_table_ready` saying so). `embed_dim` and `hidden`: the generator's word
+    embedding and LSTM sizes (`FactoredLSTMGenerator`). `vocabulary`: the words of the token ids (the data's,
     recorded by `TextualSystem` and kept in a checkpoint's and an export's `model_kwargs`), None where unknown.
     """
 
     def __init__(self, image_encoder: nn.Module, image_dim: int, num_classes: int, vocab_size: int, *,
-                 variant: str = "explanation", feature_dim: int = 128, class_dim: int = 64, hidden: int = 256,
-                 max_len: int = 20, train_encoder: bool = False, class_features: str = "embedding",
+                 variant: str = "explanation", feature_dim: int = 128, class_dim: int = 64, embed_dim: int = 128,
+                 hidden: int = 256, max_len: int = 20, train_encoder: bool = False, class_features: str = "embedding",
                  vocabulary: list[str] | None = None) -> None:
         super().__init__()
         if variant not in VARIANTS:
@@ -285,7 +288,8 @@ class ExplanationModel(nn.Module):
             self.register_buffer("class_table", torch.zeros(num_classes, class_dim))
             self.register_buffer("class_table_ready", torch.tensor(False))
         static = feature_dim * self.uses_image + class_dim * self.uses_class
-        self.generator = FactoredLSTMGenerator(vocab_size, static, hidden=hidden, max_len=max_len)
+        self.generator = FactoredLSTMGenerator(vocab_size, static, embed_dim=embed_dim, hidden=hidden,
+                                               max_len=max_len)
         self.freeze_unread()
 
     def unread_modules(self) -> list[nn.Module]:

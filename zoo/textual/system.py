@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +24,11 @@ from zoo.textual.model import variant_model_name
 from zoo.weights import CheckpointError, load_module_weights, read_checkpoint, weights_will_be_replaced
 
 COMPATIBLE_KEYS = ("variant", "num_classes", "vocab_size", "encoder", "class_features")
+# the stage-1 config (configs/textual/<name>.yaml) whose checkpoint a stage-2 variant's init_checkpoint names
+STAGE_ONE_CONFIGS = {"explanation": "explanation_label", "explanation-dis": "description"}
+# TextualSystem arguments that `build_model` also passes to the model: a model_kwargs value must agree with them
+LINKED_ARGUMENTS = ("vocab_size", "encoder", "hidden", "max_len", "train_encoder", "class_features", "encoder_kwargs",
+                    "vocabulary")
 
 
 SENTENCES_HELP = ("The textual models train on reference sentences, batch[captions_key] (B, R, L): R sentences per "
@@ -120,6 +126,9 @@ class TextualSystem(ZooSystem):
     (B, T), "sentence_logits" (B, classes) of the sentence classifier}.
 
     `sentence_classifier_dropout`: the sentence classifier's dropout before its linear layer, the paper's 0.75.
+    `sentence_classifier_kwargs`: its other sizes (`SentenceClassifier`: `{embed_dim: 128, hidden: 256}` by default);
+    the generator's sizes are `hidden` and `model_kwargs` (`{feature_dim: 128, class_dim: 64, embed_dim: 128}` by
+    default, `ExplanationModel`).
 
     `encoder_kwargs`: keyword arguments of the image encoder's model (`zoo.create_model(encoder, ...)`):
     `{pretrained_path: resnet18.pth}` with `encoder: baseline_resnet18` starts it from ImageNet weights before its
@@ -171,6 +180,7 @@ class TextualSystem(ZooSystem):
         sentence_classifier_checkpoint: str | None = None,
         sentence_classifier_epochs: int = 4,
         sentence_classifier_dropout: float = 0.75,
+        sentence_classifier_kwargs: dict[str, Any] | None = None,
         init_checkpoint: str | None = None,
         relevance_weight: float = 1.0,
         discriminative_weight: float = 0.0,
@@ -194,9 +204,15 @@ class TextualSystem(ZooSystem):
             rank_zero_warn(f"variant={variant!r} with discriminative_weight=0 has no discriminative loss: it trains "
                            f"as {'explanation-label' if variant == 'explanation' else 'description'} does (the "
                            f"paper's weight is 0.2, configs/textual/{variant.replace('-', '_')}.yaml).")
+        classifier_kwargs = dict(sentence_classifier_kwargs or {})
+        for key in ("num_classes", "vocab_size", "dropout"):  # System arguments: one value each
+            if key in classifier_kwargs:
+                raise ValueError(f"sentence_classifier_kwargs gives {key}={classifier_kwargs[key]!r}: it is the "
+                                 f"System's {'sentence_classifier_dropout' if key == 'dropout' else key}; set it "
+                                 f"there and drop it from sentence_classifier_kwargs.")
         self.sentence_classifier = create_model("textual_sentence_classifier", num_classes=num_classes,
-                                                vocab_size=vocab_size,
-                                                dropout=sentence_classifier_dropout).requires_grad_(False)
+                                                vocab_size=vocab_size, dropout=sentence_classifier_dropout,
+                                                **classifier_kwargs).requires_grad_(False)
         self.register_buffer("image_encoder_ready", torch.tensor(False))
         self.register_buffer("sentence_classifier_ready", torch.tensor(False))
         if init_checkpoint is not None and not weights_will_be_replaced():  # else the restore replaces it
@@ -211,19 +227,36 @@ class TextualSystem(ZooSystem):
     # ------------------------------------------------------------------------------------------- family hooks
     def build_model(self) -> nn.Module:
         """`textual_<variant>` from the registry. Its name and arguments are recorded in the hyperparameters (as
-        every System's), so a checkpoint names its model (`zoo.load_checkpoint`, compatibility checks)."""
+        every System's), so a checkpoint names its model (`zoo.load_checkpoint`, compatibility checks).
+
+        The arguments are the linked ones (this System's `vocab_size`, `encoder`, `hidden`, ...; `class_dim` 64, or
+        the description model's hidden size for `class_features="description"`) under the user's `model_kwargs`,
+        which win, as the base System documents: `{feature_dim: 1000, class_dim: 1000, embed_dim: 1000}` sizes the
+        model (`ExplanationModel`); an unknown key is refused by name (`zoo.create_model`). A key that is also a
+        System argument (`hidden`, `max_len`, ...) must agree with it (one value, not two that disagree); a
+        checkpoint's saved `model_kwargs` hold the linked values, so old checkpoints build what they saved."""
         hp = self.hparams
-        class_dim = 64
-        if hp.class_features == "description":  # the table holds description-model states: their size
+        given = dict(hp.get("model_kwargs") or {})
+        for key in LINKED_ARGUMENTS:  # both a System argument and a model one: one value
+            own = hp.get(key)
+            if key in given and given[key] != own and (given[key] or own):  # encoder_kwargs {} is None
+                raise ValueError(f"model_kwargs gives {key}={given[key]!r} but the System's {key} is {own!r}: give it "
+                                 f"once, as --model.init_args.{key} (TextualSystem({key}=...)), and drop it from "
+                                 f"model_kwargs.")
+        if "class_dim" in given:  # the user's size (or a checkpoint's saved one: no description file read)
+            class_dim = given["class_dim"]
+        elif hp.class_features == "description":  # the table holds description-model states: their size
             class_dim = (read_checkpoint(hp.description_checkpoint)["hyper_parameters"].get("hidden", hp.hidden)
                          if hp.description_checkpoint is not None else hp.hidden)
+        else:
+            class_dim = 64
         encoder_kwargs = hp.get("encoder_kwargs")  # only when given: model_kwargs as before for every other run
         vocabulary = hp.get("vocabulary")  # only when known: model_kwargs as before for every other run
-        hp.update(model_name=variant_model_name(hp.variant), model_kwargs=dict(
-            vocab_size=hp.vocab_size, encoder=hp.encoder, hidden=hp.hidden, max_len=hp.max_len,
-            train_encoder=hp.train_encoder, class_features=hp.class_features, class_dim=class_dim,
-            **({"encoder_kwargs": dict(encoder_kwargs)} if encoder_kwargs else {}),
-            **({"vocabulary": list(vocabulary)} if vocabulary is not None else {})))
+        linked = dict(vocab_size=hp.vocab_size, encoder=hp.encoder, hidden=hp.hidden, max_len=hp.max_len,
+                      train_encoder=hp.train_encoder, class_features=hp.class_features, class_dim=class_dim,
+                      **({"encoder_kwargs": dict(encoder_kwargs)} if encoder_kwargs else {}),
+                      **({"vocabulary": list(vocabulary)} if vocabulary is not None else {}))
+        hp.update(model_name=variant_model_name(hp.variant), model_kwargs={**linked, **given})  # the user's win
         return super().build_model()
 
     def default_loss(self) -> nn.Module:
@@ -397,7 +430,18 @@ class TextualSystem(ZooSystem):
 
     def _load_stage(self, path: str) -> None:
         """An earlier stage's TextualSystem checkpoint: every model and sentence-classifier weight must fit. An
-        auxiliary given its own checkpoint is not taken from the stage (nor marked ready): its file wins."""
+        auxiliary given its own checkpoint is not taken from the stage (nor marked ready): its file wins. A missing
+        file is named as the stage-1 run not trained yet (what config trains it)."""
+        if not Path(path).exists():
+            stage_one = STAGE_ONE_CONFIGS.get(self.hparams.variant)
+            first = (f"configs/textual/{stage_one}.yaml" if stage_one is not None
+                     else "the stage-1 config of this chain")
+            raise CheckpointError(
+                f"init_checkpoint {path!r} (the stage-1 model variant {self.hparams.variant!r} starts from) does not "
+                f"exist: train {first} first (train.py fit --config {first}), or name its checkpoint with "
+                f"--model.init_args.init_checkpoint=<run>/checkpoints/last.ckpt; or train this variant from scratch "
+                f"with --model.init_args.init_checkpoint=null (the config's header shows the whole chain in one run "
+                f"with stages).")
         checkpoint = read_checkpoint(path)
         state = checkpoint["state_dict"]
         own = self.state_dict()
@@ -431,6 +475,11 @@ class TextualSystem(ZooSystem):
         load_module_weights(describer, path, "model.", "description model")
         describer.to(self.device).eval()
         table = self.model.class_table
+        width = describer.generator.feature_lstm.hidden_size
+        if width != table.shape[1]:
+            raise CheckpointError(f"description_checkpoint {path!r} holds a description model of hidden size {width}; "
+                                  f"the class table is built with class_dim={table.shape[1]}: drop class_dim from "
+                                  f"model_kwargs (it is then the description model's size) or set it to {width}.")
         sums, counts = torch.zeros_like(table), torch.zeros(len(table), device=table.device)
         for batch in self.trainer.datamodule.train_dataloader():
             images = batch[self.input_key].to(self.device)

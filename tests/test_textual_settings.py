@@ -1,0 +1,150 @@
+"""Textual explanation heads: the sizes a user gives, the pictures and sentences the callback draws, and the
+errors for a too-small vocabulary and a missing stage-1 checkpoint (audit fixes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.test_textual import tiny_trainer, write_cub_sentences
+
+
+def test_model_kwargs_size_the_model_and_win_over_the_linked_ones(tmp_path) -> None:
+    """model_kwargs were replaced by the linked ones (class_dim 64, no embed_dim): a model built with
+    feature_dim / class_dim / embed_dim 1000 was silently 128 / 64 / 128. Now they size it, are recorded, survive a
+    checkpoint round trip; an unknown key and a disagreeing System argument are refused by name."""
+    from zoo.textual.system import TextualSystem
+
+    sizes = {"feature_dim": 40, "class_dim": 24, "embed_dim": 20}
+    system = TextualSystem(variant="explanation", hidden=16, discriminative_weight=0.2, model_kwargs=sizes)
+    model = system.model
+    assert model.image_proj.weight.shape[0] == 40 and model.class_embed.weight.shape == (6, 24)
+    assert model.generator.embed.weight.shape == (25, 20)  # (vocab_size, embed_dim)
+    assert model.generator.word_lstm.input_size == 20 and model.generator.word_lstm.hidden_size == 16
+    assert model.generator.feature_lstm.input_size == 16 + 40 + 24  # hidden + image feature + class feature
+    assert system.hparams.model_kwargs | sizes == system.hparams.model_kwargs  # recorded as given
+    assert system.hparams.model_kwargs["hidden"] == 16 and system.hparams.model_kwargs["vocab_size"] == 25
+    import pytorch_lightning as pl
+
+    torch.save({"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams),
+                "pytorch-lightning_version": pl.__version__}, tmp_path / "s.ckpt")
+    loaded = TextualSystem.load_from_checkpoint(tmp_path / "s.ckpt")
+    assert loaded.model.generator.embed.weight.shape == (25, 20) and loaded.model.image_proj.weight.shape[0] == 40
+
+    default = TextualSystem(variant="explanation", hidden=16, discriminative_weight=0.2)  # the recorded figures' sizes
+    assert default.model.class_embed.weight.shape == (6, 64) and default.model.generator.embed.weight.shape[1] == 128
+    assert default.model.image_proj.weight.shape[0] == 128
+    old = {k: v for k, v in default.hparams.items() if k != "model_name"}  # an old checkpoint's: the linked values
+    assert old["model_kwargs"]["class_dim"] == 64 and "embed_dim" not in old["model_kwargs"]
+    assert TextualSystem(**old).model.class_embed.weight.shape == (6, 64)
+    with pytest.raises(ValueError, match="unknown argument 'feture_dim'.*Did you mean 'feature_dim'"):
+        TextualSystem(variant="description", hidden=16, model_kwargs={"feture_dim": 8})
+    with pytest.raises(ValueError, match=r"model_kwargs gives hidden=32 but the System's hidden is 16.*"
+                                         r"--model.init_args.hidden"):
+        TextualSystem(variant="description", hidden=16, model_kwargs={"hidden": 32})
+
+
+def test_the_sentence_classifier_takes_its_sizes() -> None:
+    """The sentence classifier (the reward model) was always 128 / 256; `sentence_classifier_kwargs` sizes it."""
+    from zoo.textual.system import TextualSystem
+
+    default = TextualSystem(variant="description", hidden=16).sentence_classifier
+    assert default.embed.weight.shape == (25, 128) and default.lstm.hidden_size == 256
+    sized = TextualSystem(variant="description", hidden=16,
+                          sentence_classifier_kwargs={"embed_dim": 12, "hidden": 20}).sentence_classifier
+    assert sized.embed.weight.shape == (25, 12) and sized.lstm.hidden_size == 20 and sized.head.in_features == 20
+    with pytest.raises(ValueError, match="unknown argument 'hiden'"):
+        TextualSystem(variant="description", hidden=16, sentence_classifier_kwargs={"hiden": 20})
+    with pytest.raises(ValueError, match="sentence_classifier_kwargs gives dropout=0.5.*sentence_classifier_dropout"):
+        TextualSystem(variant="description", hidden=16, sentence_classifier_kwargs={"dropout": 0.5})
+
+
+def test_the_cli_builds_the_model_kwargs_sizes(in_tmp_dir) -> None:
+    """`--model.init_args.model_kwargs={feature_dim: ..., embed_dim: ...}` from the command line reaches the model."""
+    from tests.conftest import REPO
+    from zoo.cli.lightning import ZooCLI
+
+    cli = ZooCLI(args=["--config", str(REPO / "configs" / "textual" / "description.yaml"),
+                       "--model.init_args.hidden=16",
+                       "--model.init_args.model_kwargs={feature_dim: 36, embed_dim: 12}",
+                       "--data.init_args.num_train=8", "--data.init_args.num_val=8"], run=False)
+    assert cli.model.model.image_proj.weight.shape[0] == 36 and cli.model.model.generator.embed.weight.shape[1] == 12
+
+
+def callback_run(tmp_path, monkeypatch, normalise: bool) -> tuple[list, list, object, object]:
+    """One `validate` of an untrained explanation-label System with ExplanationTextCallback (4 images) on a tiny
+    parts world (normalised with mean 0.5, std 0.1 where `normalise`): the drawn grids, written texts, callback
+    and datamodule."""
+    import zoo.textual.callback as callback_module
+    from datamodules import PartsWorldDataModule
+    from zoo.textual.callback import ExplanationTextCallback
+    from zoo.textual.system import TextualSystem
+
+    drawn: list[torch.Tensor] = []
+    written: list[str] = []
+    monkeypatch.setattr(callback_module, "log_image", lambda logger, tag, image, step=0: drawn.append(image))
+    monkeypatch.setattr(callback_module, "log_text", lambda logger, tag, text, step=0: written.append(text))
+    data = PartsWorldDataModule(num_train=8, num_val=8, num_test=4, batch_size=8, image_size=32)
+    if normalise:
+        data.set_normalization([0.5], [0.1])
+    torch.manual_seed(0)
+    system = TextualSystem(variant="explanation-label", hidden=16)
+    callback = ExplanationTextCallback(num_images=4)
+    tiny_trainer(tmp_path, callbacks=[callback]).validate(system, datamodule=data, verbose=False)
+    return drawn, written, callback, data
+
+
+def test_the_callback_draws_the_images_with_the_normalisation_undone(tmp_path, monkeypatch) -> None:
+    """The picture was drawn from the normalised inputs: with mean 0.5, std 0.1 most pixels clipped."""
+    from torchvision.utils import make_grid
+
+    drawn, _, callback, data = callback_run(tmp_path, monkeypatch, normalise=True)
+    images = callback.batch["image"][:4]  # as the loader gave them: normalised
+    assert float(images.abs().max()) > 1.5  # far outside [0, 1]
+    torch.testing.assert_close(drawn[-1], make_grid(data.denormalize(images).clamp(0, 1), nrow=4))
+
+
+def test_the_callback_writes_sentences_as_the_metrics_and_predictions_decode_them(tmp_path, monkeypatch) -> None:
+    """Without a datamodule `decode` the callback wrote the token ids with <bos> and past <eos> ("1 5 6 2" where
+    the metrics and predict give "5 6"); it now uses the System's sentence decoder."""
+    from datamodules import PartsWorldDataModule
+
+    monkeypatch.setattr(PartsWorldDataModule, "decode", None)  # no datamodule decode: token ids as numbers
+    _, written, callback, _ = callback_run(tmp_path, monkeypatch, normalise=False)
+    rows = [line.split(" | ") for line in written[-1].splitlines()[2:]]
+    references = [row[3].removesuffix(" |") for row in rows]
+    assert len(references) == 4 and all(references)
+    for reference, tokens in zip(references, callback.batch["captions"][:4, 0]):
+        words = [t for t in tokens.tolist()[1:] if t != 0]  # after <bos>, padding dropped
+        assert reference == " ".join(str(t) for t in words[:words.index(2)])  # up to <eos>, not "1 ... 2"
+
+
+def test_a_too_small_vocab_size_is_named_before_the_helpers_train(cub_root, tmp_path) -> None:
+    """train.py trains the helpers before the fit: the sentence classifier's batch check fired first, without the
+    size to set. `prepare_fit_auxiliaries` now runs the System's data check first, which names it."""
+    from datamodules import CUB200DataModule
+    from zoo.cli.lightning import prepare_fit_auxiliaries
+    from zoo.textual.system import TextualSystem
+
+    write_cub_sentences(cub_root, lambda i, path: " ".join(f"word{i}x{k}" for k in range(6)))
+    data = CUB200DataModule(str(cub_root), image_size=32, batch_size=4)
+    system = TextualSystem(variant="description", num_classes=3, hidden=16, encoder_epochs=1,
+                           sentence_classifier_epochs=1)
+    trainer = tiny_trainer(tmp_path)
+    with pytest.raises(ValueError, match=r"vocab_size=25 is below the data's vocabulary of (\d+) words: set "
+                                         r"--model.init_args.vocab_size=\1"):
+        prepare_fit_auxiliaries(system, trainer, data, restores_checkpoint=False)
+    assert not bool(system.sentence_classifier_ready) and not bool(system.image_encoder_ready)
+
+
+def test_a_missing_stage_one_checkpoint_names_the_config_to_train_first(tmp_path) -> None:
+    """explanation.yaml before its stage 1 said only "Checkpoint '...' does not exist"."""
+    from zoo.textual.system import TextualSystem
+    from zoo.weights import CheckpointError
+
+    missing = str(tmp_path / "textual_explanation_label" / "checkpoints" / "last.ckpt")
+    with pytest.raises(CheckpointError, match=r"init_checkpoint .*last.ckpt.*does not exist: train "
+                                              r"configs/textual/explanation_label.yaml first"):
+        TextualSystem(variant="explanation", hidden=16, discriminative_weight=0.2, init_checkpoint=missing)
+    with pytest.raises(CheckpointError, match=r"train configs/textual/description.yaml first"):
+        TextualSystem(variant="explanation-dis", hidden=16, discriminative_weight=0.2, init_checkpoint=missing)
