@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -288,7 +289,7 @@ def test_a_grid_number_in_exponent_form_is_a_number(tmp_path: Path) -> None:
     """`--grid key=[0,1e-3]`: YAML 1.1 reads 1e-3 as the string "1e-3" (result.json, the CSV column and HPARAMS got
     text, and 1e-3 and 0.001 trained the same setting in two folders). Strings written as numbers are floats now;
     the words nan and inf, and other text, stay strings."""
-    from zoo.cli.ablate import grid_points, parse_grid, point_args, point_name, summarise
+    from zoo.cli.ablate import grid_points, legacy_point_name, parse_grid, point_args, point_name, summarise
 
     grid = parse_grid(["model.init_args.optimizer.init_args.lr=[0,1e-3,-2.5E+4,.5]", "a.b=[nan,abc]",
                        "c.d=[{lr: 1e-3}]"])
@@ -304,6 +305,14 @@ def test_a_grid_number_in_exponent_form_is_a_number(tmp_path: Path) -> None:
     quoted = parse_grid(['data.init_args.year=["2007","2012"]', 'k.feature_key=["0",pool]'])  # str options stay str
     assert quoted == {"data.init_args.year": ["2007", "2012"], "k.feature_key": ["0", "pool"]}
     assert point_args("c.yaml", "n", {"x.lr": exponent}, [])[2] == "--x.lr=0.001"
+    nested = parse_grid(["o.init_args=[{lr: 1e-3}]", "a=[[1e-3,2]]"])
+    assert legacy_point_name({"o.init_args": nested["o.init_args"][0], "a": nested["a"][0]}) == \
+        point_name({"o.init_args": {"lr": "1e-3"}, "a": ["1e-3", 2]})  # the earlier ablate's folder, at any depth
+    rows = summarise([({"x.lr": 0.1, "seed_everything": 0}, {"rule_precision": float("nan")}),
+                      ({"x.lr": 0.1, "seed_everything": 1}, {"rule_precision": 0.8}),
+                      ({"x.lr": 0.2, "seed_everything": 0}, {"rule_precision": float("nan")})])
+    assert rows[0]["rule_precision_mean"] == 0.8 and rows[0]["rule_precision_std"] == 0.0  # the NaN seed left out
+    assert math.isnan(rows[1]["rule_precision_mean"]) and math.isnan(rows[1]["rule_precision_std"])
 
 
 def test_a_point_an_earlier_ablate_named_by_its_exponent_text_is_reused(in_tmp_dir: Path,

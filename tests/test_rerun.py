@@ -176,3 +176,19 @@ def test_only_the_runs_own_files_move_never_other_runs_or_the_working_folder(
         assert move_earlier_run(_trainer(TensorBoardLogger(save_dir, "", version="")), "fit", False) == []
         assert "holds the working folder" in capsys.readouterr().out
     assert (in_tmp_dir / "my.yaml").is_file() and (in_tmp_dir / "checkpoints" / "grp" / "r1").is_dir()
+
+
+def test_helper_curves_leave_runs_named_below_auxiliary(tmp_path: Path) -> None:
+    """A run named <run>/auxiliary (or <run>/auxiliary/<sub>) is another run, not a helper's curve: a rerun of <run>
+    moved its checkpoints to stale/ with the earlier run's helper curves, and `--ckpt_path last` found none."""
+    from zoo.cli.runs import helper_curves
+
+    run = tmp_path / "run"
+    (run / "auxiliary" / "black_box").mkdir(parents=True)
+    (run / "auxiliary" / "black_box" / "events.out.tfevents.1.host").write_bytes(b"curve")
+    (run / "auxiliary" / "sub" / "checkpoints").mkdir(parents=True)
+    (run / "auxiliary" / "sub" / "checkpoints" / "last.ckpt").write_bytes(b"a run named run/auxiliary/sub")
+    assert helper_curves(run) == [run / "auxiliary" / "black_box"]
+    (run / "auxiliary" / "checkpoints").mkdir()
+    (run / "auxiliary" / "checkpoints" / "last.ckpt").write_bytes(b"a run named run/auxiliary")
+    assert helper_curves(run) == []

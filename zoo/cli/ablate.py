@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import importlib
 import json
+import math
 import os
 import re
 import shutil
@@ -150,9 +151,17 @@ def point_name(point: dict[str, Any]) -> str:
 
 
 def legacy_point_name(point: dict[str, Any]) -> str:
-    """The folder name an ablate before `GridLoader` gave a point: its exponent-form numbers as the text they were
-    written in (lr=1e-3, not lr=0.001), so that an upgrade finds the points it finished (`run_grid_point`)."""
-    return point_name({key: value.text if isinstance(value, GridNumber) else value for key, value in point.items()})
+    """The folder name an ablate before `GridLoader` gave a point: its exponent-form numbers, at any depth of a
+    value (a mapping `{lr: 1e-3}`, a list), as the text they were written in (lr=1e-3, not lr=0.001), so that an
+    upgrade finds the points it finished (`run_grid_point`)."""
+    def text_of(value: Any) -> Any:
+        if isinstance(value, GridNumber):
+            return value.text
+        if isinstance(value, list):
+            return [text_of(item) for item in value]
+        return {k: text_of(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    return point_name({key: text_of(value) for key, value in point.items()})
 
 
 def column_labels(keys: list[str]) -> dict[str, str]:
@@ -552,7 +561,8 @@ def summarise(results: list[tuple[dict[str, Any], dict[str, float]]], labels: di
               ) -> list[dict[str, Any]]:
     """Group grid points that differ only in the seed; every metric's mean and standard deviation over the seeds as
     numbers in full precision (`<metric>_mean`, `<metric>_std`; std 0 for one seed: the report rounds for reading,
-    the CSV keeps them). Grid keys are columns labelled by `labels` (default `column_labels` of the points' keys)."""
+    the CSV keeps them). A seed whose metric is NaN (nothing to score: ReNN's rule precision where no rule fired) is
+    left out of that metric's mean and std, as the zoo leaves NaN out of means; NaN where every seed is. Grid keys are columns labelled by `labels` (default `column_labels` of the points' keys)."""
     if labels is None:
         labels = column_labels([k for k in dict.fromkeys(k for point, _ in results for k in point) if k != SEED_KEY])
     groups: dict[tuple, list[dict[str, float]]] = {}
@@ -568,8 +578,9 @@ def summarise(results: list[tuple[dict[str, Any], dict[str, float]]], labels: di
         row["seeds"] = len(runs)
         for metric in dict.fromkeys(m for run in runs for m in run):
             values = torch.tensor([run[metric] for run in runs if metric in run], dtype=torch.float64)
-            row[f"{metric}_mean"] = values.mean().item()
-            row[f"{metric}_std"] = values.std().item() if len(values) > 1 else 0.0
+            values = values[~values.isnan()]  # a seed with nothing to score (NaN) is left out of the mean
+            row[f"{metric}_mean"] = values.mean().item() if len(values) else math.nan
+            row[f"{metric}_std"] = values.std().item() if len(values) > 1 else 0.0 if len(values) else math.nan
         rows.append(row)
     return rows
 

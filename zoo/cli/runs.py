@@ -95,7 +95,13 @@ def helper_curves(folder: Path) -> list[Path]:
     own instead of a second one from step 0 in the same folder. The cache files beside them
     (`auxiliary/<name>-<key>.ckpt`, keyed by content) stay for the next run to reuse."""
     helpers = folder / HELPERS
-    return sorted(entry for entry in helpers.iterdir() if entry.is_dir()) if helpers.is_dir() else []
+    if not helpers.is_dir() or holds_run(helpers):  # a run named <run>/auxiliary: none of it is a helper's curve
+        return []
+    def curve(entry: Path) -> bool:  # TensorBoard's files only: a helper's log, not a run's checkpoints
+        return entry.is_dir() and all(f.match(EVENTS) or f.name == "hparams.yaml"
+                                      for f in entry.rglob("*") if f.is_file())
+
+    return sorted(entry for entry in helpers.iterdir() if curve(entry))
 
 
 def own_entries(folder: Path) -> list[Path]:
