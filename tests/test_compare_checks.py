@@ -5,6 +5,7 @@ run's saved config.yaml is an ablate config, and a batch size that is not a whol
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,80 @@ def test_an_ablate_grid_with_a_null_batch_size_is_said_before_any_point_trains(
     assert "batch_size must be a whole number >= 1; got None" in error, error
     assert "ablate point 2/2: batch_size=None" in error
     assert not (in_tmp_dir / "checkpoints").exists()
+
+
+def built(runs: dict, spec: Path) -> dict:
+    """Each run's ZooCLI as compare builds it (its logger named <report>/<run>), nothing trained."""
+    from zoo.cli.compare import _fit_args
+    from zoo.cli.lightning import ZooCLI
+
+    return {name: ZooCLI(args=_fit_args(name, run, spec, SMALL_WORLD, [f"--trainer.logger.init_args.name=r/{name}"]),
+                         run=False) for name, run in runs.items()}
+
+
+def test_a_run_that_differs_outside_the_model_is_kept_and_a_run_listed_twice_is_refused(tmp_path: Path,
+                                                                                      capsys) -> None:
+    """`clipped: {config: <same>, args: [--trainer.gradient_clip_val=0.1]}` was dropped as "twin 'clipped' is the
+    config's own model" (any run with args whose model equalled the first's). Now only a declared twin equal to a run
+    in every setting but its logger's name is dropped; a listed run equal to another is refused, naming both."""
+    from zoo.cli.compare import drop_twins_equal_to_the_model
+
+    spec = tmp_path / "spec.yaml"
+    runs = {"plain": {"config": BASELINE}, "clipped": {"config": BASELINE, "args": ["--trainer.gradient_clip_val=0.1"]},
+            "again": {"config": BASELINE}}
+    clis = built(runs, spec)
+    kept = {name: runs[name] for name in ("plain", "clipped")}
+    assert drop_twins_equal_to_the_model(kept, clis) == kept
+    assert "not trained twice" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="compare runs 'plain' and 'again' are the same run in every setting"):
+        drop_twins_equal_to_the_model(runs, clis)
+    twin = {**kept, "again": {"config": BASELINE, "twin": "description"}}  # a declared twin that changes nothing
+    assert list(drop_twins_equal_to_the_model(twin, clis)) == ["plain", "clipped"]
+    assert "twin 'again' is the same run as 'plain' in every setting" in capsys.readouterr().out
+    checkpoints = {"plain": {"config": BASELINE, "checkpoint": "a.ckpt"},
+                   "again": {"config": BASELINE, "checkpoint": "b.ckpt"}}
+    assert drop_twins_equal_to_the_model(checkpoints, clis) == checkpoints  # other weights: other runs
+
+
+def test_every_budget_setting_and_early_stopping_are_compared() -> None:
+    """max_time, min_epochs and min_steps were not compared: runs with other budgets shared one table."""
+    from zoo.cli.compare import check_same_setting
+    from zoo.cli.lightning import ParsedCLI
+
+    def config(*args: str):
+        return ParsedCLI(args=["--config", BASELINE, *args], run=False).config
+
+    reference = config()
+    stop = ("--trainer.callbacks=[{class_path: pytorch_lightning.callbacks.EarlyStopping, "
+            "init_args: {monitor: val/acc}}]")
+    for option, key in (("--trainer.max_time=00:00:01:00", "trainer.max_time"),
+                        ("--trainer.min_epochs=3", "trainer.min_epochs"),
+                        ("--trainer.min_steps=9", "trainer.min_steps"), (stop, "trainer.callbacks (EarlyStopping)")):
+        with pytest.raises(ValueError, match=rf"compare runs 'a' and 'b' differ in {re.escape(key)}: "):
+            check_same_setting({"a": reference, "b": config(option)})
+    check_same_setting({"a": reference, "b": config("--trainer.gradient_clip_val=0.1")})  # not a budget
+
+
+def test_a_checkpoint_runs_other_budget_is_said(tmp_path: Path) -> None:
+    """A `checkpoint:` run is evaluated, not trained: its training budget was never compared. Its run folder's
+    config.yaml says it (with the checkpoint's epoch and global_step); a checkpoint without one is said unknown."""
+    import torch
+
+    from zoo.cli.compare import COMPARE_HELP, checkpoint_budget_notes
+
+    (tmp_path / "src" / "checkpoints").mkdir(parents=True)
+    torch.save({"epoch": 2, "global_step": 12, "state_dict": {}}, tmp_path / "src" / "checkpoints" / "last.ckpt")
+    (tmp_path / "src" / "config.yaml").write_text(yaml.safe_dump({"trainer": {"max_epochs": 3}}))
+    (tmp_path / "loose.ckpt").write_bytes(b"")
+    runs = {"fresh": {"config": BASELINE}, "old": {"config": BASELINE,
+                                                   "checkpoint": str(tmp_path / "src" / "checkpoints" / "last.ckpt")}}
+    trainers = {"fresh": {"max_epochs": 1}, "old": {"max_epochs": 1}}
+    notes = checkpoint_budget_notes(runs, trainers)
+    assert len(notes) == 1 and "run 'old' evaluates checkpoint" in notes[0], notes
+    assert "(epoch 2, global_step 12), trained with trainer.max_epochs=3" in notes[0], notes
+    assert "run 'fresh' with trainer.max_epochs=1" in notes[0]
+    assert checkpoint_budget_notes(runs, {"fresh": {"max_epochs": 3}, "old": {}}) == []  # the same budget
+    loose = checkpoint_budget_notes({**runs, "loose": {"config": BASELINE, "checkpoint": str(tmp_path / "loose.ckpt")}},
+                                    trainers | {"loose": {}})
+    assert len(loose) == 2 and "run 'loose'" in loose[1] and "budget is not known" in loose[1], loose
+    assert "pixels per deletion/insertion step (series: time steps" in COMPARE_HELP

@@ -397,3 +397,50 @@ def test_compare_explains_series_models_on_the_same_samples() -> None:
     torch.testing.assert_close(reports["renn_series"][2], reports["baseline_cnn1d"][2])  # the same samples
     assert all(EXPLANATION_DIRECTIONS[column] is not None for column in columns)
     assert EXPLANATION_DIRECTIONS["mass_in_events"] and not EXPLANATION_DIRECTIONS["deletion_vs_random"]
+
+
+class _Samples(torch.utils.data.Dataset):
+    """Dict samples of `inputs` (N, ...) float32 under `key`, labels 0, 1, 0, 1, ...: a datamodule's validation set."""
+
+    def __init__(self, inputs: torch.Tensor, key: str) -> None:
+        self.inputs, self.key, self.labels = inputs, key, torch.arange(len(inputs)) % 2
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {self.key: self.inputs[index], "label": self.labels[index]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_explain_stage_feeds_a_float64_or_bf16_model_its_own_dtype(dtype: torch.dtype) -> None:
+    """compare under --trainer.precision=64-true (bf16-true) trained, then the explain stage gave the model the
+    loaded float32 images: "Backbone 'tinycnn' expects images of dtype torch.float64", no report. The maps stay
+    float32, as the images the figure draws; a series' note says the `step` the run used (it said 4 under 16)."""
+    from zoo.explain.scores import explain_validation_images, explanation_note, true_and_predicted
+
+    class Data:
+        def __init__(self, inputs: torch.Tensor, key: str) -> None:
+            self.samples = _Samples(inputs, key)
+
+        def val_dataloader(self) -> torch.utils.data.DataLoader:
+            return torch.utils.data.DataLoader(self.samples, batch_size=4)
+
+    class System(torch.nn.Module):
+        target_key, device = "label", torch.device("cpu")
+
+        def __init__(self, name: str, input_key: str, **kwargs: object) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.input_key, self.model = input_key, zoo.create_model(name, num_classes=2, **kwargs).to(dtype)
+
+    settings = {"num_images": 4, "methods": ["saliency"], "metrics": ["deletion"], "step": 16}
+    system, data = System("baseline_tinycnn", "image"), Data(torch.rand(6, 3, 16, 16), "image")
+    rows, maps, images = explain_validation_images(system, data, settings)
+    assert maps["saliency"].dtype == images.dtype == torch.float32 and maps["saliency"].shape == (4, 16, 16)
+    assert 0 <= rows[0]["deletion_auc"] <= 1
+    assert len(true_and_predicted(system, data, images)[1]) == 4
+    series_system = System("baseline_cnn1d", "series", in_chans=1, length=32)
+    rows, _, series = explain_validation_images(series_system, Data(torch.rand(6, 1, 32), "series"), settings)
+    assert series.dtype == torch.float32 and 0 <= rows[0]["deletion_auc"] <= 1
+    assert "Series: deletion sets 16 time steps at a time" in explanation_note(rows)

@@ -110,6 +110,26 @@ def test_imputation_noise_is_reproducible_and_only_on_removed_pixels() -> None:
     assert not torch.equal(noisy, noisy_linear_imputation(images, removed, noise=0.01, seed=4))
 
 
+@pytest.mark.parametrize("shape", [(4, 1, 16, 16), (1, 3, 16, 16)])
+def test_road_leaves_the_callers_float64_images_as_they_were(shape: tuple[int, ...]) -> None:
+    """float64 images on the CPU, grayscale (C == 1) or one image (B == 1): the imputer's pixel table was a view of
+    the caller's tensor and the imputed pixels were written into it (by up to 0.75), so RoadMoRF after RoadLeRF
+    scored other images."""
+    from zoo.explain.road import RoadLeRF, RoadMoRF, noisy_linear_imputation
+
+    images = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    before = images.clone()
+    removed = torch.zeros(shape[0], 16, 16, dtype=torch.bool)
+    removed[:, 4:12, 4:12] = True
+    imputed = noisy_linear_imputation(images, removed)
+    assert torch.equal(images, before) and not torch.equal(imputed, before)
+    saliency, target = images.sum(1), torch.zeros(shape[0], dtype=torch.long)
+    model = lambda x: torch.stack([x.flatten(1).mean(1), 0.5 * torch.ones(len(x), dtype=x.dtype)], 1)  # noqa: E731
+    for metric in (RoadLeRF(score="probability"), RoadMoRF(score="probability")):
+        metric.update(model, images, saliency, target)
+        assert torch.equal(images, before)
+
+
 def key_images(batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """Dark 32x32 images with a bright 6x6 key square at a different place in each, and the key masks."""
     images, keys = torch.zeros(batch, 1, 32, 32), torch.zeros(batch, 32, 32, dtype=torch.bool)

@@ -44,8 +44,15 @@ compare:
                                         # image's true class (+ a `random` reference row for every model)
     methods: [cam, saliency, integrated_gradients, layer_gradcam, occlusion]
     num_images: 32                      # drawn once, class-stratified, from a fixed seed: the same for every run
-    step: 128                           # pixels per deletion/insertion step
+    step: 128                           # pixels per deletion/insertion step (series: time steps, default 4)
     metrics: [deletion, insertion, road, infidelity]   # the default; + sensitivity (reruns each explainer: slow)
+
+Every run has the same data, seed_everything and training budget (the trainer's max_epochs, max_steps, min_epochs,
+min_steps, max_time, limit_train_batches, accumulate_grad_batches, fast_dev_run and its EarlyStopping callbacks;
+other callbacks are not compared), or compare stops before any run trains. A `checkpoint:` run is evaluated, not
+trained: where the config.yaml of its checkpoint's run folder holds another budget (or there is none), that is said.
+A run the spec lists that equals another in every setting (config, args, checkpoint) is refused; a declared twin
+that does is dropped, and said so.
 
 A spec's keys are name, args, runs and explain; a run's are config, args, checkpoint and twin (a twin takes no args
 of its own: it is the declared twin of its config). Any other key is refused before any run trains.
@@ -68,7 +75,10 @@ FIT_ONLY_KEYS = ("ckpt_path", "weights_only")  # `fit` arguments in a run's save
 SPEC_KEYS = ("name", "args", "runs", "explain")  # a compare spec's keys (under `compare:`)
 RUN_KEYS = ("config", "args", "checkpoint", "twin")  # a spec run's keys
 CONFIG_FIRST_OPTIONS = ("--trainer.callbacks",)  # a twin's options on these go before the spec's and command line's
-BUDGET_KEYS = ("max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches", "fast_dev_run")
+# the trainer settings that decide how much a run trains (with its EarlyStopping callbacks, `training_budget`)
+BUDGET_KEYS = ("max_epochs", "max_steps", "min_epochs", "min_steps", "max_time", "limit_train_batches",
+               "accumulate_grad_batches", "fast_dev_run")
+EARLY_STOPPING = "trainer.callbacks (EarlyStopping)"
 
 
 def declared_twins(config_path: str | Path, config: dict[str, Any], twin: str | None = None) -> dict[str, list[str]]:
@@ -297,29 +307,124 @@ def for_the_runs_system(run_name: str, run: dict[str, Any], extra: list[str]) ->
     return kept
 
 
+def training_budget(trainer: dict[str, Any]) -> dict[str, Any]:
+    """How much a run trains: its trainer's BUDGET_KEYS and its EarlyStopping callbacks (class and init_args; a
+    stop on another metric or patience is another budget), from the trainer section as a dict (a parsed config's
+    `trainer.as_dict()` or a saved config.yaml's). Other callbacks are not part of it."""
+    callbacks = trainer.get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    stopping = [callback for callback in callbacks if isinstance(callback, dict)
+                and "EarlyStopping" in str(callback.get("class_path", "")).rsplit(".", 1)[-1]]
+    return {**{f"trainer.{key}": trainer.get(key) for key in BUDGET_KEYS}, EARLY_STOPPING: stopping}
+
+
 def check_same_setting(configs: dict[str, Any]) -> None:
-    """Runs must share data, seed and training budget, or the comparison says nothing."""
+    """Runs must share data, seed and training budget (`training_budget`: max/min epochs and steps, max_time, batch
+    limits, accumulation, fast_dev_run, EarlyStopping), or the comparison says nothing."""
     reference_name, reference = next(iter(configs.items()))
+    reference_budget = training_budget(reference.trainer.as_dict())
     for name, config in configs.items():
+        budget = training_budget(config.trainer.as_dict())
         for key, value, expected in (
             ("data", config.data, reference.data),
             ("seed_everything", config.seed_everything, reference.seed_everything),
-            *((f"trainer.{k}", config.trainer.get(k), reference.trainer.get(k)) for k in BUDGET_KEYS),
+            *((key, budget[key], reference_budget[key]) for key in budget),
         ):
             if value != expected:
                 raise ValueError(f"compare runs {reference_name!r} and {name!r} differ in {key}: {expected} vs "
                                  f"{value}. Same data, seed and budget are required; set it in the shared args.")
 
 
+def run_settings(config: Any, checkpoint: Any = None) -> dict[str, Any]:
+    """Everything a run is built from (`config`, its parsed config) but its logger's name (`<report>/<run>`, each
+    run's own) and the config file's path (the same settings from another file are the same run), with the
+    `checkpoint` it evaluates: two runs with equal settings are one run twice."""
+    settings = {key: value for key, value in config.as_dict().items() if key != "config"}
+    loggers = settings.get("trainer", {}).get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
+            logger["init_args"].pop("name", None)
+    return settings | {"checkpoint": checkpoint}
+
+
 def drop_twins_equal_to_the_model(runs: dict[str, Any], clis: dict[str, Any]) -> dict[str, Any]:
-    """A declared twin that resolves to the config's own model (the textual description config against its
-    "description" twin) is the same run: it is dropped, and said so."""
-    first, *others = runs
-    same = [name for name in others if (runs[name].get("args") or runs[name].get("twin"))
-            and clis[name].config.model == clis[first].config.model]
-    for name in same:
-        print(f"compare: twin {name!r} is the config's own model; not trained twice.")
-    return {name: run for name, run in runs.items() if name not in same}
+    """A declared twin (`twin:`) equal in every setting (`run_settings`) to a run before it (the textual description
+    config against its "description" twin: the twin's options change nothing there) is the same run: dropped, and
+    said so. A run the spec lists itself that equals another is refused, naming both: its rows would be one run's
+    twice (a run that differs in any setting, e.g. `--trainer.gradient_clip_val`, is its own run and is kept; only
+    `config.model` was compared, and every run with `args` whose model equalled the first run's was dropped)."""
+    settings = {name: run_settings(clis[name].config, run.get("checkpoint")) for name, run in runs.items()}
+    kept: dict[str, Any] = {}
+    for name, run in runs.items():
+        same = next((other for other in kept if settings[other] == settings[name]), None)
+        if same is None:
+            kept[name] = run
+        elif run.get("twin"):
+            print(f"compare: twin {name!r} is the same run as {same!r} in every setting (its System's "
+                  f"{run['twin']!r} options change nothing in this config); not trained twice.")
+        else:
+            raise ValueError(f"compare runs {same!r} and {name!r} are the same run in every setting (config, args, "
+                             f"checkpoint): the report would show one run twice. Give {name!r} the options it "
+                             f"should differ in (its args), or remove it from the spec.")
+    return kept
+
+
+def checkpoint_budget_notes(runs: dict[str, Any], trainers: dict[str, dict[str, Any]]) -> list[str]:
+    """A warning for each `checkpoint:` run whose training budget (`training_budget` of the config.yaml in its
+    checkpoint's run folder, <run>/checkpoints/x.ckpt) differs from the runs that train here (`trainers`: each run's
+    trainer section as a dict; the first checkpoint run's budget where every run is one), or whose budget is not
+    known (no config.yaml there): it is evaluated, never trained, so `check_same_setting` compared only its data and
+    model. The checkpoint's epoch and global_step are named where it can be read cheaply (memory-mapped)."""
+    trained = [name for name, run in runs.items() if not run.get("checkpoint")]
+    budgets = {name: checkpoint_budget(str(run["checkpoint"])) for name, run in runs.items() if run.get("checkpoint")}
+    if trained:
+        reference_name, reference = trained[0], training_budget(trainers[trained[0]])
+    else:
+        reference_name = next((name for name, budget in budgets.items() if budget is not None), None)
+        reference = budgets.get(reference_name) if reference_name is not None else None
+    notes = []
+    for name, budget in budgets.items():
+        if name == reference_name or reference is None and budget is None:
+            continue
+        checkpoint = str(runs[name]["checkpoint"])
+        where = f"run {name!r} evaluates checkpoint {checkpoint}{checkpoint_progress(checkpoint)}"
+        if budget is None:
+            notes.append(f"compare: {where}, whose training budget is not known (no config.yaml in its run folder); "
+                         f"run {reference_name!r} trains with {budget_text(reference, reference)}. Its scores may "
+                         f"come from another budget.")
+        elif budget != reference:
+            notes.append(f"compare: {where}, trained with {budget_text(budget, reference)} (its run's config.yaml); "
+                         f"run {reference_name!r} with {budget_text(reference, budget)}. Its scores come from "
+                         f"another training budget.")
+    return notes
+
+
+def checkpoint_budget(checkpoint: str) -> dict[str, Any] | None:
+    """`training_budget` of the run that wrote `checkpoint`, from the config.yaml of its run folder (a run's
+    checkpoints are in <run>/checkpoints/); None where there is none."""
+    path = Path(checkpoint)
+    config = path.parent.parent / "config.yaml" if path.parent.name == "checkpoints" else None
+    if config is None or not config.is_file():
+        return None
+    saved = yaml.safe_load(config.read_text()) or {}
+    trainer = saved.get("trainer") if isinstance(saved, dict) else None
+    return training_budget(trainer) if isinstance(trainer, dict) else None
+
+
+def checkpoint_progress(checkpoint: str) -> str:
+    """" (epoch E, global_step S)" of a checkpoint, read memory-mapped (the weights are not read); "" where it cannot
+    be read so."""
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        return f" (epoch {saved['epoch']}, global_step {saved['global_step']})"
+    except Exception:  # noqa: BLE001 - only a detail of the message
+        return ""
+
+
+def budget_text(budget: dict[str, Any], other: dict[str, Any]) -> str:
+    """The settings of `budget` that differ from `other` ("trainer.max_epochs=3, ..."); all where none differ."""
+    differ = [key for key in budget if budget[key] != other.get(key)] or list(budget)
+    return ", ".join(f"{key}={budget[key]}" for key in differ)
 
 
 class SampleCounter(pl.Callback):
@@ -405,6 +510,9 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
                 clis[run_name].check_data_fits_checkpoint(str(run["checkpoint"]))
         check_same_setting({run_name: cli.config for run_name, cli in clis.items()})  # before any training starts
         runs = drop_twins_equal_to_the_model(runs, clis)
+        for note in checkpoint_budget_notes(runs, {run_name: clis[run_name].config.trainer.as_dict()
+                                                   for run_name in runs}):
+            print(note)  # a checkpoint run is evaluated, not trained: its budget is its run folder's
     folder = report_folder(next(iter(clis.values())), name)
     rows: list[dict[str, Any]] = []
     explanation_rows: list[dict[str, Any]] = []

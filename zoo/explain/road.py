@@ -55,7 +55,9 @@ def noisy_linear_imputation(images: torch.Tensor, removed: torch.Tensor, noise: 
         raise ValueError(f"removed must be (B, H, W) = {(batch, height, width)}; got {tuple(removed.shape)}.")
     if removed.flatten(1).all(1).any():
         raise ValueError("Every pixel of an image is removed: there is nothing to impute from.")
-    values = images.detach().to("cpu", torch.float64).permute(0, 2, 3, 1).reshape(-1, channels)  # (B*H*W, C)
+    # (B*H*W, C), a copy: for float64 images on the CPU `.to` is the caller's tensor and, with B == 1 or C == 1, the
+    # permuted reshape a view of it, which `values[unknown] = ...` below would overwrite
+    values = images.detach().to("cpu", torch.float64).permute(0, 2, 3, 1).reshape(-1, channels).clone()
     is_removed = removed.detach().cpu().reshape(-1)  # (B*H*W,)
     unknown = is_removed.nonzero()[:, 0]  # (n,) flat pixel ids of the unknowns
     n = len(unknown)

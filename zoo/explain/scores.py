@@ -13,14 +13,15 @@ every function of the stage (the scores, the figure's true classes) takes the sa
 
 Series (B, C, T), e.g. ReNN and its 1-D CNN and LSTM twins on rule_series: every time step (all channels) is one
 feature. Each model runs its own map where it has one (ReNN's strongest rule per step; the twins have none) and the
-Captum feature methods (`FEATURE_METHODS`), plus the `random` row; deletion removes `SERIES_STEP` time steps at a time
-in saliency order, setting them to 0, which for rule_series is the raw signal's flat baseline (its series are not
-normalised: beats are deviations from 0); the other faithfulness metrics but max-sensitivity are image-only. The
-ground truth is the batch's `rule_events` (B, R, T): the steps where the rules that decide the label are true (the
-premature beats that a pause or an interpolation makes evidence), widened by `EVENT_TOLERANCE` steps each side (a
-premature beat's main lobe; an event is one peak step); a rule true at every step of a series (frequent_premature
-of a bigeminy series) locates nothing and is left out, and a series without events (class normal: its evidence is
-an absence) is left out of `pointing_in_events` / `mass_in_events`. No figure is drawn for series.
+Captum feature methods (`FEATURE_METHODS`), plus the `random` row; deletion removes `step` time steps at a time
+(`explain.step`, default `SERIES_STEP`) in saliency order, setting them to 0, which for rule_series is the raw
+signal's flat baseline (its series are not normalised: beats are deviations from 0); the other faithfulness metrics
+but max-sensitivity are image-only. The ground truth is the batch's `rule_events` (B, R, T): the steps where the rules
+that decide the label are true (the premature beats that a pause or an interpolation makes evidence), widened by
+`EVENT_TOLERANCE` steps each side (a premature beat's main lobe; an event is one peak step); a rule true at every step
+of a series (frequent_premature of a bigeminy series) locates nothing and is left out, and a series without events
+(class normal: its evidence is an absence) is left out of `pointing_in_events` / `mass_in_events`. No figure is
+drawn for series.
 """
 
 from __future__ import annotations
@@ -82,10 +83,17 @@ EXPLANATION_NOTE = (
     "Every map explains the true class. Raw deletion_auc and road_morf compare methods within one model only (a more "
     "confident model keeps its probability longer whatever the map); deletion_vs_random and road_morf_vs_random "
     "(the score over the same model's `random` map's: 1 = no better than random) compare across models.")
-SERIES_NOTE = (
-    f"{EXPLANATION_NOTE} Series: deletion sets {SERIES_STEP} time steps at a time to 0 (the raw signal's baseline); "
-    f"*_in_events score the time steps of the true rule events (+-{EVENT_TOLERANCE} steps) of the series that have "
-    f"any.")
+
+
+def series_note(step: int = SERIES_STEP) -> str:
+    """The note under series rows whose deletion set `step` time steps at a time (the `explain.step` the run used:
+    a fixed SERIES_STEP in the note said 4 under rows deleted 16 at a time)."""
+    return (f"{EXPLANATION_NOTE} Series: deletion sets {step} time step{'s' if step != 1 else ''} at a time to 0 (the "
+            f"raw signal's baseline); *_in_events score the time steps of the true rule events (+-{EVENT_TOLERANCE} "
+            f"steps) of the series that have any.")
+
+
+SERIES_NOTE = series_note()  # the note of the default step
 
 
 class ExplanationRows(list):
@@ -114,7 +122,7 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
     ground-truth scores, and the maps; then the `random` reference row (`random_maps` of `keys`, the samples'
     dataset indices, default 0..B-1; not in the maps) and, with deletion or ROAD, each row's `*_vs_random` columns
     (`VERSUS_RANDOM`: its score over the random row's, the columns that compare models). The rows are
-    `ExplanationRows` noted `EXPLANATION_NOTE` (what a report says under them; `SERIES_NOTE` for series). Scores
+    `ExplanationRows` noted `EXPLANATION_NOTE` (what a report says under them; `series_note(step)` for series). Scores
     are kept in full precision (the CSVs keep them; the markdown rounds them for reading, `zoo.cli.report.cell`).
 
     Methods a model cannot run (`can_explain`: the self-explanation and Grad-CAM on the head's input need an own map or
@@ -175,7 +183,7 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
             if score in raw[RANDOM_REFERENCE]:
                 reference = raw[RANDOM_REFERENCE][score]
                 row[column] = raw[row["method"]][score] / reference if reference > 0 else math.nan
-    return ExplanationRows(rows, SERIES_NOTE if series else EXPLANATION_NOTE), maps  # the note of these columns
+    return ExplanationRows(rows, series_note(step) if series else EXPLANATION_NOTE), maps  # the note of these columns
 
 
 def random_explainer(keys: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -335,11 +343,22 @@ def explain_validation_images(system: nn.Module, datamodule: Any, settings: dict
     if images.ndim == 3:
         return explain_validation_series(system, batch, indices, settings)
     images = images.to(system.device)
-    rows, maps = score_explanations(system.model, images, batch[system.target_key].to(system.device),
-                                    batch.get("part_masks"), settings.get("methods", DEFAULT_METHODS),
-                                    int(settings.get("step", 128)), settings.get("metrics", DEFAULT_METRICS),
-                                    keys=indices)
-    return rows, maps, images
+    rows, maps = score_explanations(system.model, model_input(system, images),
+                                    batch[system.target_key].to(system.device), batch.get("part_masks"),
+                                    settings.get("methods", DEFAULT_METHODS), int(settings.get("step", 128)),
+                                    settings.get("metrics", DEFAULT_METRICS), keys=indices)
+    return rows, {method: saliency.float() for method, saliency in maps.items()}, images  # float32, as the images
+
+
+def model_input(system: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Float `inputs` on the System's device in the dtype its model computes in, the first float parameter's: a run
+    under `--trainer.precision=64-true` (or bf16-true / 16-true) holds a float64 (bfloat16, float16) model, and the
+    loaded float32 images were refused by its input check after the run had trained ("expects images of dtype
+    torch.float64"). The trainer's own batches reach the model through its precision plugin's `convert_input`, which
+    gives the same dtype; mixed precision keeps float32 parameters, so nothing changes there."""
+    inputs = inputs.to(system.device)
+    dtype = next((parameter.dtype for parameter in system.model.parameters() if parameter.is_floating_point()), None)
+    return inputs.to(dtype) if dtype is not None and inputs.is_floating_point() else inputs
 
 
 def explain_validation_series(system: nn.Module, batch: dict[str, Any], indices: torch.Tensor,
@@ -351,7 +370,8 @@ def explain_validation_series(system: nn.Module, batch: dict[str, Any], indices:
     has no rule events). The maps are not returned ({}): the figure draws images."""
     series = batch[system.input_key].to(system.device)  # (B, C, T)
     events = batch.get(getattr(system, "rule_events_key", "rule_events"))
-    rows, _ = score_explanations(system.model, series, batch[system.target_key].to(system.device),
+    target = batch[system.target_key].to(system.device)
+    rows, _ = score_explanations(system.model, model_input(system, series), target,
                                  None if events is None else rule_event_masks(events),
                                  settings.get("methods", SERIES_METHODS), int(settings.get("step", SERIES_STEP)),
                                  settings.get("metrics", DEFAULT_METRICS), keys=indices, truth="events")
@@ -394,7 +414,7 @@ def true_and_predicted(system: nn.Module, datamodule: Any, images: torch.Tensor
     was_training = system.training
     system.eval()
     with torch.no_grad():
-        out = system.model(images)
+        out = system.model(model_input(system, images))  # the model's dtype (`model_input`)
     system.train(was_training)
     logits = out.get("logits") if isinstance(out, dict) else out
     predicted = logits.argmax(-1).tolist() if isinstance(logits, torch.Tensor) and logits.ndim == 2 else None
