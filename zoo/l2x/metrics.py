@@ -27,6 +27,7 @@ Two rankings (`MedianRank(rank_by=...)`, logged as `median_rank` and `median_ran
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
@@ -36,13 +37,18 @@ from torchmetrics.utilities import dim_zero_cat
 from zoo.hashing import MASK32, mix32
 
 
+@functools.lru_cache(maxsize=16)
+def _position_and_salt(d: int, seed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hashed feature positions (d,) and hashed seed (): constants of every `tie_order_keys` call, made once."""
+    return mix32(torch.arange(d, device=device)), mix32(torch.tensor(seed & MASK32, device=device))
+
+
 def tie_order_keys(magnitude: torch.Tensor, seed: int = 0) -> torch.Tensor:
     """(B, d) float -> (B, d) int64 keys in [0, 2^32), distinct within a row: a random order of each row's features
     that depends only on `seed` and the row's values (vectorised, on the row's device, global random stream untouched).
     """
     bits = magnitude.float().contiguous().view(torch.int32).long() & MASK32  # (B, d) each value's bit pattern
-    position = mix32(torch.arange(magnitude.shape[-1], device=magnitude.device))  # (d,)
-    salt = mix32(torch.tensor(seed & MASK32, device=magnitude.device))
+    position, salt = _position_and_salt(magnitude.shape[-1], seed, magnitude.device)  # (d,), ()
     row = mix32((mix32(bits ^ position).sum(-1, keepdim=True) & MASK32) ^ salt)  # (B, 1) the row's hash
     return mix32(row ^ position)  # (B, d), distinct: row ^ position is distinct per feature, _mix32 a bijection
 
@@ -75,12 +81,16 @@ def median_true_rank(scores: torch.Tensor, relevant: torch.Tensor, generator: to
                      seed: int | None = None, tie_key: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) median rank of each sample's relevant features (samples without relevant features give NaN); ties as
     `feature_ranks`."""
-    ranks = feature_ranks(scores, generator, seed, tie_key).float()
+    return median_of_ranks(feature_ranks(scores, generator, seed, tie_key).float(), relevant)
+
+
+def median_of_ranks(ranks: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """(B,) median of each sample's relevant features' `ranks` (B, d) (NaN without relevant features)."""
     relevant = relevant.bool()
     count = relevant.sum(-1)  # (B,)
     true_ranks = torch.where(relevant, ranks, torch.inf).sort(-1).values  # (B, d) true ranks first, ascending
     low = ((count - 1).clamp_min(0) // 2)[:, None]
-    high = (count // 2).clamp_max(scores.shape[-1] - 1)[:, None]
+    high = (count // 2).clamp_max(ranks.shape[-1] - 1)[:, None]
     median = (true_ranks.gather(-1, low) + true_ranks.gather(-1, high)).squeeze(-1) / 2
     return torch.where(count > 0, median, torch.nan)
 
@@ -93,8 +103,12 @@ def selection_median_rank(selection: torch.Tensor, scores: torch.Tensor, relevan
     """(B,) the authors' median rank (module docstring): features ranked by the hard selection (`selection` > 0.5:
     kept first), ties, i.e. the order inside the kept and inside the dropped features, broken at random by
     `tie_order_keys` of each sample's `scores` (B, d) with `seed`. Samples without relevant features give NaN."""
-    hard = (selection.detach() > 0.5).float()  # (B, d) the k-hot mask (INVASE: its own number of features)
-    return median_true_rank(hard, relevant, seed=seed, tie_key=scores)
+    dropped = (selection.detach() <= 0.5).long()  # (B, d) 0 for the kept features (INVASE: its own number)
+    keys = tie_order_keys(scores.detach().abs().float(), seed)  # (B, d) distinct in [0, 2^32)
+    order = (dropped << 32 | keys).argsort(-1)  # (B, d) kept first, each group in its random order: one sort
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(1, order.shape[-1] + 1, device=order.device)
+                                             .expand_as(order))
+    return median_of_ranks(ranks.float(), relevant)
 
 
 class MedianRank(Metric):
