@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -197,7 +198,7 @@ class InterpretableFilters(nn.Module):
         share, event = queued  # (F, C) float64 on the host
         if event is not None:
             event.synchronize()  # the previous step's copy; the device is already further on
-        if not torch.isfinite(share).all():  # a diverged step: keep the categories; the loss check names the step
+        if not np.isfinite(share.numpy()).all():  # a diverged step (read on the host: no aten op, no device wait): keep the categories; the loss check names the step
             return
         filters, classes = share.shape
         slots = torch.arange(math.ceil(filters / classes) * classes) % classes  # each class repeated
