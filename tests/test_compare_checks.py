@@ -162,11 +162,12 @@ def built(runs: dict, spec: Path) -> dict:
                          run=False) for name, run in runs.items()}
 
 
-def test_a_run_that_differs_outside_the_model_is_kept_and_a_run_listed_twice_is_refused(tmp_path: Path,
-                                                                                      capsys) -> None:
+def test_a_run_that_differs_outside_the_model_is_kept_and_a_run_listed_twice_is_said(tmp_path: Path,
+                                                                                   capsys) -> None:
     """`clipped: {config: <same>, args: [--trainer.gradient_clip_val=0.1]}` was dropped as "twin 'clipped' is the
     config's own model" (any run with args whose model equalled the first's). Now only a declared twin equal to a run
-    in every setting but its logger's name is dropped; a listed run equal to another is refused, naming both."""
+    in every setting but its logger's name is dropped; a listed run equal to another runs too (a check that runs
+    reproduce), and that is said."""
     from zoo.cli.compare import drop_twins_equal_to_the_model
 
     spec = tmp_path / "spec.yaml"
@@ -176,8 +177,9 @@ def test_a_run_that_differs_outside_the_model_is_kept_and_a_run_listed_twice_is_
     kept = {name: runs[name] for name in ("plain", "clipped")}
     assert drop_twins_equal_to_the_model(kept, clis) == kept
     assert "not trained twice" not in capsys.readouterr().out
-    with pytest.raises(ValueError, match="compare runs 'plain' and 'again' are the same run in every setting"):
-        drop_twins_equal_to_the_model(runs, clis)
+    assert drop_twins_equal_to_the_model(runs, clis) == runs
+    assert "runs 'plain' and 'again' have the same settings (config, args, checkpoint): both run" in \
+        capsys.readouterr().out
     twin = {**kept, "again": {"config": BASELINE, "twin": "description"}}  # a declared twin that changes nothing
     assert list(drop_twins_equal_to_the_model(twin, clis)) == ["plain", "clipped"]
     assert "twin 'again' is the same run as 'plain' in every setting" in capsys.readouterr().out

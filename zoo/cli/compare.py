@@ -350,9 +350,10 @@ def run_settings(config: Any, checkpoint: Any = None) -> dict[str, Any]:
 def drop_twins_equal_to_the_model(runs: dict[str, Any], clis: dict[str, Any]) -> dict[str, Any]:
     """A declared twin (`twin:`) equal in every setting (`run_settings`) to a run before it (the textual description
     config against its "description" twin: the twin's options change nothing there) is the same run: dropped, and
-    said so. A run the spec lists itself that equals another is refused, naming both: its rows would be one run's
-    twice (a run that differs in any setting, e.g. `--trainer.gradient_clip_val`, is its own run and is kept; only
-    `config.model` was compared, and every run with `args` whose model equalled the first run's was dropped)."""
+    said so. A run the spec lists itself is always kept, also one equal to another (two runs of one config check that
+    a run reproduces), which is said; a run that differs in any setting, e.g. `--trainer.gradient_clip_val`, is its
+    own run (only `config.model` was compared, and every run with `args` whose model equalled the first run's was
+    dropped)."""
     settings = {name: run_settings(clis[name].config, run.get("checkpoint")) for name, run in runs.items()}
     kept: dict[str, Any] = {}
     for name, run in runs.items():
@@ -363,9 +364,9 @@ def drop_twins_equal_to_the_model(runs: dict[str, Any], clis: dict[str, Any]) ->
             print(f"compare: twin {name!r} is the same run as {same!r} in every setting (its System's "
                   f"{run['twin']!r} options change nothing in this config); not trained twice.")
         else:
-            raise ValueError(f"compare runs {same!r} and {name!r} are the same run in every setting (config, args, "
-                             f"checkpoint): the report would show one run twice. Give {name!r} the options it "
-                             f"should differ in (its args), or remove it from the spec.")
+            print(f"compare: runs {same!r} and {name!r} have the same settings (config, args, checkpoint): both run, "
+                  f"and their rows should agree.")
+            kept[name] = run
     return kept
 
 
