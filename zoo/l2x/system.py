@@ -126,18 +126,18 @@ class L2XSystem(ZooSystem):
         from zoo.l2x.model import INVASE, L2X
 
         name, loss = self.hparams.model_name, type(self.loss).__name__
-        if isinstance(self.loss, INVASELoss) and isinstance(self.model, L2X):
-            raise ValueError(
-                f"loss {loss} does not fit model_name={name!r} (an L2X selector): INVASELoss trains INVASE's actor, "
-                f"critic and baseline and reads the output 'baseline_logits', which L2X does not give. Use "
-                f"losses.l2x.L2XLoss with {name} (or give no loss: L2XLoss is its default), or an invase_* model "
-                f"(e.g. invase_vector) with INVASELoss.")
-        if isinstance(self.loss, L2XLoss) and isinstance(self.model, INVASE):
-            raise ValueError(
-                f"loss {loss} does not fit model_name={name!r} (an INVASE selector): L2XLoss trains only the critic "
-                f"on the selected input, and INVASE's actor, whose Bernoulli selection passes no gradient, would "
-                f"never learn (its gradients all zero). Use losses.l2x.INVASELoss with {name} (or give no loss: "
-                f"INVASELoss is its default), or an l2x_* model (e.g. l2x_vector) with L2XLoss.")
+        mismatches = (  # (loss class, selector class, the selector's family, why, its own loss, the other's model)
+            (INVASELoss, L2X, "an L2X selector", "INVASELoss trains INVASE's actor, critic and baseline and reads the "
+             "output 'baseline_logits', which L2X does not give", "L2XLoss", "an invase_* model (e.g. invase_vector) "
+             "with INVASELoss"),
+            (L2XLoss, INVASE, "an INVASE selector", "L2XLoss trains only the critic on the selected input, and "
+             "INVASE's actor, whose Bernoulli selection passes no gradient, would never learn (its gradients all "
+             "zero)", "INVASELoss", "an l2x_* model (e.g. l2x_vector) with L2XLoss"),
+        )
+        for loss_class, selector, family, why, own, other in mismatches:
+            if isinstance(self.loss, loss_class) and isinstance(self.model, selector):
+                raise ValueError(f"loss {loss} does not fit model_name={name!r} ({family}): {why}. Use "
+                                 f"losses.l2x.{own} with {name} (or give no loss: {own} is its default), or {other}.")
 
     def default_loss(self) -> nn.Module:
         from losses.l2x import INVASELoss, L2XLoss
