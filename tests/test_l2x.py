@@ -726,3 +726,19 @@ def test_compare_scores_captum_methods_on_tokens_too() -> None:
                                                           "num_perturbed": 2})
     assert [row["method"] for row in rows] == ["l2x", "saliency", "kernel_shap"]
     assert all(row["num_selected"] == 3.0 for row in rows) and maps == {} and images is None
+
+
+def test_a_nan_selection_entry_counts_as_dropped_in_the_selection_median_rank() -> None:
+    """`selection > 0.5` is the selection everywhere (SelectionRecovery too): a NaN entry is not selected. The
+    one-sort ranking tested `selection <= 0.5` for dropped, which counted a NaN entry as kept."""
+    from zoo.l2x.metrics import selection_median_rank
+
+    scores = torch.rand(5, 10, generator=torch.Generator().manual_seed(0))
+    selection = torch.zeros(5, 10)
+    selection[:, 0] = 1.0
+    relevant = torch.zeros(5, 10, dtype=torch.bool)
+    relevant[:, 8] = True
+    with_nan = selection.clone()
+    with_nan[:, 8] = float("nan")
+    torch.testing.assert_close(selection_median_rank(with_nan, scores, relevant), selection_median_rank(
+        selection, scores, relevant))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.test_textual import tiny_trainer, write_cub_sentences
+from zoo.weights import CheckpointError
 
 
 def test_model_kwargs_size_the_model_and_win_over_the_linked_ones(tmp_path) -> None:
@@ -39,9 +40,23 @@ def test_model_kwargs_size_the_model_and_win_over_the_linked_ones(tmp_path) -> N
     assert TextualSystem(**old).model.class_embed.weight.shape == (6, 64)
     with pytest.raises(ValueError, match="unknown argument 'feture_dim'.*Did you mean 'feature_dim'"):
         TextualSystem(variant="description", hidden=16, model_kwargs={"feture_dim": 8})
-    with pytest.raises(ValueError, match=r"model_kwargs gives hidden=32 but the System's hidden is 16.*"
-                                         r"--model.init_args.hidden"):
-        TextualSystem(variant="description", hidden=16, model_kwargs={"hidden": 32})
+    with pytest.warns(UserWarning, match=r"model_kwargs gives hidden=32 and the System's hidden is 16: the System's"):
+        model = TextualSystem(variant="description", hidden=16, model_kwargs={"hidden": 32}).model
+    assert model.generator.word_lstm.hidden_size == 16
+    # a System argument at load overrides the linked copy the checkpoint recorded (it was refused: "model_kwargs
+    # gives max_len=18 but the System's max_len is 30", for model_kwargs the user never gave)
+    with pytest.warns(UserWarning, match="model_kwargs gives max_len"):
+        assert TextualSystem.load_from_checkpoint(tmp_path / "s.ckpt", max_len=30).model.generator.max_len == 30
+
+    # a checkpoint of other sizes than the run builds (a run written before sizes took effect, resumed with its
+    # config.yaml, whose model_kwargs gave sizes the old code ignored): named, before torch's size-mismatch traceback
+    built_default = {**dict(default.hparams), "model_kwargs": {k: v for k, v in default.hparams.model_kwargs.items()}}
+    torch.save({"state_dict": default.state_dict(), "hyper_parameters": built_default,
+                "pytorch-lightning_version": pl.__version__}, tmp_path / "old.ckpt")
+    sized = TextualSystem(variant="explanation", hidden=16, discriminative_weight=0.2,
+                          model_kwargs={"feature_dim": 40})
+    with pytest.raises(CheckpointError, match=r"other sizes than this run builds: feature_dim: 128 vs 40.*drop those"):
+        sized.on_load_checkpoint(torch.load(tmp_path / "old.ckpt", weights_only=True))
 
 
 def test_the_sentence_classifier_takes_its_sizes() -> None:
@@ -148,3 +163,25 @@ def test_a_missing_stage_one_checkpoint_names_the_config_to_train_first(tmp_path
         TextualSystem(variant="explanation", hidden=16, discriminative_weight=0.2, init_checkpoint=missing)
     with pytest.raises(CheckpointError, match=r"train configs/textual/description.yaml first"):
         TextualSystem(variant="explanation-dis", hidden=16, discriminative_weight=0.2, init_checkpoint=missing)
+
+
+def test_a_stage_one_checkpoint_of_other_sizes_is_named_by_its_sizes(tmp_path) -> None:
+    """A stage-2 run started from a stage-1 run built with other sizes was told "missing or mis-shaped [...] (a stage
+    must keep the image/class inputs of the one it starts from)", never which sizes differ."""
+    import pytorch_lightning as pl
+
+    from zoo.textual.system import TextualSystem
+
+    stage_one = TextualSystem(variant="description", hidden=16, model_kwargs={"feature_dim": 20, "embed_dim": 12},
+                              sentence_classifier_kwargs={"embed_dim": 10, "hidden": 14})
+    torch.save({"state_dict": stage_one.state_dict(), "hyper_parameters": dict(stage_one.hparams),
+                "pytorch-lightning_version": pl.__version__}, tmp_path / "description.ckpt")
+    with pytest.raises(CheckpointError, match=r"\(stage 1\) was built with other sizes than this run: feature_dim: 20 "
+                                              r"vs 128; embed_dim: 12 vs 128; sentence_classifier_kwargs.embed_dim: "
+                                              r"10 vs 128; sentence_classifier_kwargs.hidden: 14 vs 256"):
+        TextualSystem(variant="explanation-dis", hidden=16, init_checkpoint=str(tmp_path / "description.ckpt"))
+    same = TextualSystem(variant="explanation-dis", hidden=16, init_checkpoint=str(tmp_path / "description.ckpt"),
+                         model_kwargs={"feature_dim": 20, "embed_dim": 12},
+                         sentence_classifier_kwargs={"embed_dim": 10, "hidden": 14})
+    assert same.model.image_proj.weight.shape[0] == 20
+

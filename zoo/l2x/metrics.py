@@ -103,7 +103,7 @@ def selection_median_rank(selection: torch.Tensor, scores: torch.Tensor, relevan
     """(B,) the authors' median rank (module docstring): features ranked by the hard selection (`selection` > 0.5:
     kept first), ties, i.e. the order inside the kept and inside the dropped features, broken at random by
     `tie_order_keys` of each sample's `scores` (B, d) with `seed`. Samples without relevant features give NaN."""
-    dropped = (selection.detach() <= 0.5).long()  # (B, d) 0 for the kept features (INVASE: its own number)
+    dropped = (~(selection.detach() > 0.5)).long()  # (B, d) 0 for the kept (INVASE: its own number; NaN: dropped)
     keys = tie_order_keys(scores.detach().abs().float(), seed)  # (B, d) distinct in [0, 2^32)
     order = (dropped << 32 | keys).argsort(-1)  # (B, d) kept first, each group in its random order: one sort
     ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(1, order.shape[-1] + 1, device=order.device)

@@ -27,6 +27,7 @@ COMPATIBLE_KEYS = ("variant", "num_classes", "vocab_size", "encoder", "class_fea
 # the stage-1 config (configs/textual/<name>.yaml) whose checkpoint a stage-2 variant's init_checkpoint names
 STAGE_ONE_CONFIGS = {"explanation": "explanation_label", "explanation-dis": "description"}
 # TextualSystem arguments that `build_model` also passes to the model: a model_kwargs value must agree with them
+SIZE_KEYS = ("feature_dim", "class_dim", "embed_dim")  # the generator's sizes a model_kwargs sets (`size_differences`)
 LINKED_ARGUMENTS = ("vocab_size", "encoder", "hidden", "max_len", "train_encoder", "class_features", "encoder_kwargs",
                     "vocabulary")
 
@@ -233,16 +234,17 @@ class TextualSystem(ZooSystem):
         the description model's hidden size for `class_features="description"`) under the user's `model_kwargs`,
         which win, as the base System documents: `{feature_dim: 1000, class_dim: 1000, embed_dim: 1000}` sizes the
         model (`ExplanationModel`); an unknown key is refused by name (`zoo.create_model`). A key that is also a
-        System argument (`hidden`, `max_len`, ...) must agree with it (one value, not two that disagree); a
-        checkpoint's saved `model_kwargs` hold the linked values, so old checkpoints build what they saved."""
+        System argument (`hidden`, `max_len`, ...) takes the System's value (said where they differ): a checkpoint's
+        saved `model_kwargs` hold the linked values, which the System's arguments override at load."""
         hp = self.hparams
         given = dict(hp.get("model_kwargs") or {})
-        for key in LINKED_ARGUMENTS:  # both a System argument and a model one: one value
+        for key in LINKED_ARGUMENTS:  # both a System argument and a model one: the System's wins (a checkpoint's
+            # model_kwargs record the linked values, which `load_from_checkpoint(path, max_len=30)` overrides)
             own = hp.get(key)
             if key in given and given[key] != own and (given[key] or own):  # encoder_kwargs {} is None
-                raise ValueError(f"model_kwargs gives {key}={given[key]!r} but the System's {key} is {own!r}: give it "
-                                 f"once, as --model.init_args.{key} (TextualSystem({key}=...)), and drop it from "
-                                 f"model_kwargs.")
+                rank_zero_warn(f"model_kwargs gives {key}={given[key]!r} and the System's {key} is {own!r}: the "
+                               f"System's is used (set it as --model.init_args.{key}, TextualSystem({key}=...)).")
+            given.pop(key, None)
         if "class_dim" in given:  # the user's size (or a checkpoint's saved one: no description file read)
             class_dim = given["class_dim"]
         elif hp.class_features == "description":  # the table holds description-model states: their size
@@ -434,11 +436,11 @@ class TextualSystem(ZooSystem):
         file is named as the stage-1 run not trained yet (what config trains it)."""
         if not Path(path).exists():
             stage_one = STAGE_ONE_CONFIGS.get(self.hparams.variant)
-            first = (f"configs/textual/{stage_one}.yaml" if stage_one is not None
-                     else "the stage-1 config of this chain")
+            first = (f"configs/textual/{stage_one}.yaml first (train.py fit --config configs/textual/"
+                     f"{stage_one}.yaml)" if stage_one is not None else "the stage this variant starts from first")
             raise CheckpointError(
                 f"init_checkpoint {path!r} (the stage-1 model variant {self.hparams.variant!r} starts from) does not "
-                f"exist: train {first} first (train.py fit --config {first}), or name its checkpoint with "
+                f"exist: train {first}, or name its checkpoint with "
                 f"--model.init_args.init_checkpoint=<run>/checkpoints/last.ckpt; or train this variant from scratch "
                 f"with --model.init_args.init_checkpoint=null (the config's header shows the whole chain in one run "
                 f"with stages).")
@@ -452,6 +454,11 @@ class TextualSystem(ZooSystem):
         wanted = [k for k in own if k.startswith(("model.", "sentence_classifier.", "image_encoder_ready",
                                                   "sentence_classifier_ready")) and not k.startswith(given)]
         missing = [k for k in wanted if k not in state or state[k].shape != own[k].shape]
+        sizes = size_differences(checkpoint["hyper_parameters"], hp, skip=("class_dim",))
+        if missing and sizes:
+            raise CheckpointError(f"{path!r} (stage 1) was built with other sizes than this run: {sizes}. Give this "
+                                  f"run the stage's sizes (--model.init_args.model_kwargs / "
+                                  f"sentence_classifier_kwargs as in its config.yaml).")
         if missing:
             raise CheckpointError(f"{path!r} does not fit variant {self.hparams.variant!r}: missing or mis-shaped "
                                   f"{missing[:8]} (a stage must keep the image/class inputs of the one it starts "
@@ -508,10 +515,37 @@ class TextualSystem(ZooSystem):
             if key in saved and saved[key] != self.hparams[key]:
                 raise CheckpointError(f"The checkpoint holds an explanation model with {key}={saved[key]!r}; this run "
                                       f"builds {key}={self.hparams[key]!r}.")
+        sizes = size_differences(saved, self.hparams)
+        if sizes:  # before torch's size-mismatch traceback
+            raise CheckpointError(f"The checkpoint holds an explanation model of other sizes than this run builds: "
+                                  f"{sizes}. A run written before model_kwargs sizes took effect (2026-12-05) was "
+                                  f"built with the defaults, whatever its config said: drop those sizes from "
+                                  f"model_kwargs / sentence_classifier_kwargs to resume it.")
         super().on_load_checkpoint(checkpoint)
         if saved.get("vocabulary") is not None:  # the weights' words, for decoding and later checkpoints
             datamodule = self.trainer.datamodule if self._trainer is not None else None
             self._settle_vocabulary(saved["vocabulary"], getattr(datamodule, "vocabulary", None))
+
+
+def size_differences(saved: dict[str, Any], hparams: Any, skip: tuple[str, ...] = ()) -> str:
+    """"key: saved vs here; ..." for the sizes (`SIZE_KEYS` of model_kwargs, the sentence classifier's
+    `sentence_classifier_kwargs`) a checkpoint's hyperparameters `saved` were built with and `hparams` build; a size
+    absent from either is the model's default (what a checkpoint written before sizes took effect was built with).
+    `skip`: sizes that may differ (a stage-2 class feature of another size than its stage 1's)."""
+    import inspect
+
+    from zoo.textual.model import ExplanationModel, SentenceClassifier
+
+    def sizes(model_kwargs: Any, classifier_kwargs: Any) -> dict[str, Any]:
+        model_kwargs, classifier_kwargs = dict(model_kwargs or {}), dict(classifier_kwargs or {})
+        model, classifier = (inspect.signature(c).parameters for c in (ExplanationModel, SentenceClassifier))
+        return {**{key: model_kwargs.get(key, model[key].default) for key in SIZE_KEYS},
+                **{f"sentence_classifier_kwargs.{key}": classifier_kwargs.get(key, classifier[key].default)
+                   for key in ("embed_dim", "hidden")}}
+
+    held = sizes(saved.get("model_kwargs"), saved.get("sentence_classifier_kwargs"))
+    here = sizes(hparams.get("model_kwargs"), hparams.get("sentence_classifier_kwargs"))
+    return "; ".join(f"{key}: {held[key]} vs {here[key]}" for key in held if held[key] != here[key] and key not in skip)
 
 
 def vocabulary_mismatch(trained: list[str], data: list[str]) -> str:
