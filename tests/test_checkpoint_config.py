@@ -205,10 +205,11 @@ def test_a_resumed_fit_with_other_model_settings_is_refused_and_resume_free_ones
     error = refused(capsys, [*resume, "--ckpt_path=last", *scheduler])
     assert "model.init_args.scheduler: None in the checkpoint" in error, error
     error = refused(capsys, [*resume, "--ckpt_path=last", "--model.init_args.model_kwargs.mu=centroid"])
-    assert "model_kwargs.mu: (not set) in the checkpoint, 'centroid' here" in error, error  # a model default changed
+    assert "model_kwargs.mu: 'argmax' in the checkpoint, 'centroid' here" in error, error  # the model's default named
     assert last.read_bytes() == before
 
-    cli = main([*resume, f"--ckpt_path={last}", "--model.init_args.nonfinite_loss=skip"])
+    cli = main([*resume, f"--ckpt_path={last}", "--model.init_args.nonfinite_loss=skip",
+                "--model.init_args.model_kwargs.masks=true"])  # ICNN's default: the same model as its run's
     assert cli.model.hparams.nonfinite_loss == "skip" and cli.trainer.current_epoch == 2
     assert torch.load(last, weights_only=True)["zoo_model_settings"]["model.init_args.nonfinite_loss"] == "skip"
     cli = main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path=last", "--trainer.max_epochs=3"])

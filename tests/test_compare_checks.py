@@ -224,9 +224,24 @@ def test_a_checkpoint_runs_other_budget_is_said(tmp_path: Path) -> None:
     notes = checkpoint_budget_notes(runs, trainers)
     assert len(notes) == 1 and "run 'old' evaluates checkpoint" in notes[0], notes
     assert "(epoch 2, global_step 12), trained with trainer.max_epochs=3" in notes[0], notes
-    assert "run 'fresh' with trainer.max_epochs=1" in notes[0]
+    assert "run 'fresh' trains with trainer.max_epochs=1" in notes[0]
     assert checkpoint_budget_notes(runs, {"fresh": {"max_epochs": 3}, "old": {}}) == []  # the same budget
     loose = checkpoint_budget_notes({**runs, "loose": {"config": BASELINE, "checkpoint": str(tmp_path / "loose.ckpt")}},
                                     trainers | {"loose": {}})
     assert len(loose) == 2 and "run 'loose'" in loose[1] and "budget is not known" in loose[1], loose
     assert "pixels per deletion/insertion step (series: time steps" in COMPARE_HELP
+
+
+def test_a_checkpoint_inside_a_run_this_compare_trains_is_refused(in_tmp_dir: Path) -> None:
+    """`c: {checkpoint: <report>/a/checkpoints/last.ckpt}` beside run `a` of the same compare run again: `a` moved its
+    earlier run to stale/ and trained anew, and `c` scored `a`'s new weights, not the file the spec named."""
+    from zoo.cli.compare import check_checkpoints_outside_trained_runs
+
+    spec = in_tmp_dir / "spec.yaml"
+    inside = {"a": {"config": BASELINE},
+              "c": {"config": BASELINE, "checkpoint": "checkpoints/r/a/checkpoints/last.ckpt"}}
+    with pytest.raises(ValueError, match=r"compare run 'c' evaluates checkpoints/r/a/checkpoints/last.ckpt, inside the "
+                                         r"run folder of run 'a'"):
+        check_checkpoints_outside_trained_runs(inside, built(inside, spec))
+    elsewhere = {"a": {"config": BASELINE}, "c": {"config": BASELINE, "checkpoint": "kept/last.ckpt"}}
+    check_checkpoints_outside_trained_runs(elsewhere, built(elsewhere, spec))

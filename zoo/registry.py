@@ -209,6 +209,17 @@ def model_arguments(name: str) -> list[str]:
     return list(dict.fromkeys(names + keyword_arguments(built))) if built is not None else names
 
 
+def argument_default(name: str, key: str) -> Any:
+    """The default model `name` gives keyword argument `key` (its factory's, else its class's), `inspect.Parameter
+    .empty` where neither declares one (a factory's `**kwargs` passing it on, a required argument)."""
+    for obj in (model_factory(name), default_model_class(name)):
+        target = obj.__init__ if inspect.isclass(obj) else obj
+        parameter = inspect.signature(target).parameters.get(key) if obj is not None else None
+        if parameter is not None and parameter.default is not inspect.Parameter.empty:
+            return parameter.default
+    return inspect.Parameter.empty
+
+
 def check_argument_types(name: str, factory: Callable[..., nn.Module], kwargs: dict[str, Any],
                          built: type | None = None) -> None:
     """Refuse a keyword argument whose value is not of the plain type (bool, int, float, str) its factory or model

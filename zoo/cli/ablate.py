@@ -562,7 +562,9 @@ def summarise(results: list[tuple[dict[str, Any], dict[str, float]]], labels: di
     """Group grid points that differ only in the seed; every metric's mean and standard deviation over the seeds as
     numbers in full precision (`<metric>_mean`, `<metric>_std`; std 0 for one seed: the report rounds for reading,
     the CSV keeps them). A seed whose metric is NaN (nothing to score: ReNN's rule precision where no rule fired) is
-    left out of that metric's mean and std, as the zoo leaves NaN out of means; NaN where every seed is. Grid keys are columns labelled by `labels` (default `column_labels` of the points' keys)."""
+    left out of that metric's mean and std, as the zoo leaves NaN out of means; NaN where every seed is, and the std
+    NaN where one seed of several scored. Grid keys are columns labelled by `labels` (default `column_labels` of the
+    points' keys)."""
     if labels is None:
         labels = column_labels([k for k in dict.fromkeys(k for point, _ in results for k in point) if k != SEED_KEY])
     groups: dict[tuple, list[dict[str, float]]] = {}
@@ -580,7 +582,9 @@ def summarise(results: list[tuple[dict[str, Any], dict[str, float]]], labels: di
             values = torch.tensor([run[metric] for run in runs if metric in run], dtype=torch.float64)
             values = values[~values.isnan()]  # a seed with nothing to score (NaN) is left out of the mean
             row[f"{metric}_mean"] = values.mean().item() if len(values) else math.nan
-            row[f"{metric}_std"] = values.std().item() if len(values) > 1 else 0.0 if len(values) else math.nan
+            # one scored seed of several: no spread to tell (std 0.0 would read as seeds that agree)
+            row[f"{metric}_std"] = (values.std().item() if len(values) > 1 else
+                                    0.0 if len(values) == len(runs) == 1 else math.nan)
         rows.append(row)
     return rows
 

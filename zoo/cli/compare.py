@@ -370,6 +370,24 @@ def drop_twins_equal_to_the_model(runs: dict[str, Any], clis: dict[str, Any]) ->
     return kept
 
 
+def check_checkpoints_outside_trained_runs(runs: dict[str, Any], clis: dict[str, Any]) -> None:
+    """Refuse a `checkpoint:` run whose file lies in the run folder of a run this compare trains (the same compare
+    run again: `c: {checkpoint: <report>/a/checkpoints/last.ckpt}` beside `a`): run `a` first moves its earlier run
+    to stale/ and trains anew, so `c` scored `a`'s new weights, not the file named (and its checks read the old one)."""
+    from zoo.cli.runs import inside
+    from zoo.engine.callbacks import logger_folder
+
+    trained = {name: logger_folder(clis[name].trainer.logger)
+               for name, run in runs.items() if not run.get("checkpoint")}
+    for name, run in runs.items():
+        for other, folder in trained.items():
+            if run.get("checkpoint") and folder is not None and inside(str(run["checkpoint"]), folder):
+                raise ValueError(f"compare run {name!r} evaluates {run['checkpoint']}, inside the run folder of run "
+                                 f"{other!r} ({folder}), which this compare trains anew (its earlier run moves to "
+                                 f"stale/ first): {name!r} would score {other!r}'s new weights. Copy the checkpoint "
+                                 f"out of {folder}, or give this compare another --name.")
+
+
 def checkpoint_budget_notes(runs: dict[str, Any], trainers: dict[str, dict[str, Any]]) -> list[str]:
     """A warning for each `checkpoint:` run whose training budget (`training_budget` of the config.yaml in its
     checkpoint's run folder, <run>/checkpoints/x.ckpt) differs from the runs that train here (`trainers`: each run's
@@ -383,6 +401,8 @@ def checkpoint_budget_notes(runs: dict[str, Any], trainers: dict[str, dict[str, 
     else:
         reference_name = next((name for name, budget in budgets.items() if budget is not None), None)
         reference = budgets.get(reference_name) if reference_name is not None else None
+    reference_run = f"run {reference_name!r} " + (
+        "trains with" if trained else "(a checkpoint: its run's config.yaml) has")
     notes = []
     for name, budget in budgets.items():
         if name == reference_name or reference is None and budget is None:
@@ -391,11 +411,11 @@ def checkpoint_budget_notes(runs: dict[str, Any], trainers: dict[str, dict[str, 
         where = f"run {name!r} evaluates checkpoint {checkpoint}{checkpoint_progress(checkpoint)}"
         if budget is None:
             notes.append(f"compare: {where}, whose training budget is not known (no config.yaml in its run folder); "
-                         f"run {reference_name!r} trains with {budget_text(reference, reference)}. Its scores may "
+                         f"{reference_run} {budget_text(reference, reference)}. Its scores may "
                          f"come from another budget.")
         elif budget != reference:
             notes.append(f"compare: {where}, trained with {budget_text(budget, reference)} (its run's config.yaml); "
-                         f"run {reference_name!r} with {budget_text(reference, budget)}. Its scores come from "
+                         f"{reference_run} {budget_text(reference, budget)}. Its scores come from "
                          f"another training budget.")
     return notes
 
@@ -511,6 +531,7 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
                 clis[run_name].check_data_fits_checkpoint(str(run["checkpoint"]))
         check_same_setting({run_name: cli.config for run_name, cli in clis.items()})  # before any training starts
         runs = drop_twins_equal_to_the_model(runs, clis)
+        check_checkpoints_outside_trained_runs(runs, clis)
         for note in checkpoint_budget_notes(runs, {run_name: clis[run_name].config.trainer.as_dict()
                                                    for run_name in runs}):
             print(note)  # a checkpoint run is evaluated, not trained: its budget is its run folder's

@@ -164,6 +164,30 @@ def saved_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return held
 
 
+def with_model_defaults(held: dict[str, Any] | None, given: dict[str, Any] | None
+                        ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Two runs' model settings (`zoo.weights.model_settings`) with each `model_kwargs` entry that only one gives
+    filled in on the other with the model's default (`zoo.registry.argument_default`), where it declares one: a run
+    resumed with `model_kwargs.masks: true`, ICNN's default, builds the same model as its run without it."""
+    import inspect
+
+    from zoo.registry import argument_default
+
+    if held is None or given is None:
+        return held, given
+    held, given = dict(held), dict(given)
+    name = given.get("model.init_args.model_name") or held.get("model.init_args.model_name")
+    prefix = "model.init_args.model_kwargs."
+    for key in {k for k in [*held, *given] if k.startswith(prefix) and (k in held) != (k in given)}:
+        try:
+            default = argument_default(str(name), key.removeprefix(prefix))
+        except ValueError:  # an unknown model name: the settings check says what differs
+            continue
+        if default is not inspect.Parameter.empty:
+            (given if key in held else held)[key] = default
+    return held, given
+
+
 def remember_model_settings(cli: LightningCLI) -> None:
     """Give a CLI's System its model settings as given (`zoo.weights.model_settings`), which it writes into every
     checkpoint (`ZooSystem.on_save_checkpoint`) for a resumed fit to be held to."""
@@ -178,7 +202,8 @@ def run_config_hint(ckpt_path: str, settings: str = "data") -> str:
     path = Path(ckpt_path)
     config = path.parent.parent / "config.yaml" if path.parent.name == "checkpoints" else None
     return (f"Use the config it was trained with: --config {config}" if config is not None and config.is_file() else
-            "Use the config it was trained with: --config <the run folder>/config.yaml") + f" (its {settings} settings)."
+            "Use the config it was trained with: --config <the run folder>/config.yaml") + \
+        f" (its {settings} settings)."
 
 
 class ReadableCheckpointIO(TorchCheckpointIO):
@@ -365,8 +390,8 @@ class ZooCLI(LightningCLI):
         from zoo.weights import SETTINGS_KEY, check_settings_fit_checkpoint, read_checkpoint
 
         held = self.checkpoint_hparams if self.checkpoint_hparams is not None else saved_hparams(read_checkpoint(path))
-        check_settings_fit_checkpoint(held.get(SETTINGS_KEY), self.given_model_settings, f"--ckpt_path {path!r}",
-                                      run_config_hint(path, "model"))
+        saved, given = with_model_defaults(held.get(SETTINGS_KEY), self.given_model_settings)
+        check_settings_fit_checkpoint(saved, given, f"--ckpt_path {path!r}", run_config_hint(path, "model"))
 
     def saved_data_settings(self, data: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint's datamodule hyperparameters with `mean: pretrained` resolved as training resolved it (the
@@ -425,7 +450,8 @@ class ZooCLI(LightningCLI):
         from zoo.weights import model_settings
 
         subcommand, ckpt_path = self._subcommand_and_ckpt_path()
-        self.given_model_settings = model_settings((self.config[subcommand] if subcommand else self.config).get("model"))
+        parsed = self.config[subcommand] if subcommand else self.config
+        self.given_model_settings = model_settings(parsed.get("model"))
         if ckpt_path and str(ckpt_path) not in CKPT_PATH_KEYWORDS and not str(ckpt_path).startswith("registry"):
             from zoo.weights import check_config_fits_checkpoint, read_checkpoint
 
