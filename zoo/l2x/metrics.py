@@ -53,35 +53,34 @@ def tie_order_keys(magnitude: torch.Tensor, seed: int = 0) -> torch.Tensor:
     return mix32(row ^ position)  # (B, d), distinct: row ^ position is distinct per feature, _mix32 a bijection
 
 
-def feature_ranks(scores: torch.Tensor, generator: torch.Generator | None = None, seed: int | None = None,
-                  tie_key: torch.Tensor | None = None) -> torch.Tensor:
+def feature_ranks(scores: torch.Tensor, generator: torch.Generator | None = None, seed: int | None = None
+                  ) -> torch.Tensor:
     """(B, d) rank of each feature by |score| descending (1 = top), ties broken uniformly at random: by `seed` when
     given (`tie_order_keys`: each sample's order a function of its scores, the same in every batch and process), else
-    by `generator` (default: the global random stream; one process evaluating all samples, as `compare_explainers`).
-    `tie_key` (B, d), with `seed` only: the values whose hash orders the ties instead of `scores` (a hard selection
-    ranked with its sample's continuous scores as key: each sample its own order of its tied features)."""
+    by `generator` (default: the global random stream; one process evaluating all samples, as `compare_explainers`)."""
     magnitude = scores.detach().abs().float()
-    if tie_key is not None and (seed is None or tie_key.shape != scores.shape):
-        raise ValueError(f"tie_key {tuple(tie_key.shape)} needs a seed and the shape of scores {tuple(scores.shape)}.")
     if seed is None:
         keys = torch.rand(magnitude.shape, generator=generator).to(magnitude.device)
     else:
-        keys = tie_order_keys(magnitude if tie_key is None else tie_key.detach().abs(), seed)
+        keys = tie_order_keys(magnitude, seed)
     shuffle = keys.argsort(-1)  # (B, d) a random order of the features
     shuffled = magnitude.gather(-1, shuffle)
     # A stable sort of a randomly permuted row breaks ties at random.
     order_in_shuffled = torch.sort(shuffled, dim=-1, descending=True, stable=True).indices
-    order = shuffle.gather(-1, order_in_shuffled)  # (B, d) feature index by position
+    return ranks_of(shuffle.gather(-1, order_in_shuffled))
+
+
+def ranks_of(order: torch.Tensor) -> torch.Tensor:
+    """(B, d) feature indices by position -> (B, d) each feature's rank (1 = first)."""
     ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(1, scores.shape[-1] + 1, device=order.device).expand_as(order))
-    return ranks
+    return ranks.scatter_(-1, order, torch.arange(1, order.shape[-1] + 1, device=order.device).expand_as(order))
 
 
 def median_true_rank(scores: torch.Tensor, relevant: torch.Tensor, generator: torch.Generator | None = None,
-                     seed: int | None = None, tie_key: torch.Tensor | None = None) -> torch.Tensor:
+                     seed: int | None = None) -> torch.Tensor:
     """(B,) median rank of each sample's relevant features (samples without relevant features give NaN); ties as
     `feature_ranks`."""
-    return median_of_ranks(feature_ranks(scores, generator, seed, tie_key).float(), relevant)
+    return median_of_ranks(feature_ranks(scores, generator, seed).float(), relevant)
 
 
 def median_of_ranks(ranks: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
@@ -106,9 +105,7 @@ def selection_median_rank(selection: torch.Tensor, scores: torch.Tensor, relevan
     dropped = (~(selection.detach() > 0.5)).long()  # (B, d) 0 for the kept (INVASE: its own number; NaN: dropped)
     keys = tie_order_keys(scores.detach().abs().float(), seed)  # (B, d) distinct in [0, 2^32)
     order = (dropped << 32 | keys).argsort(-1)  # (B, d) kept first, each group in its random order: one sort
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(1, order.shape[-1] + 1, device=order.device)
-                                             .expand_as(order))
-    return median_of_ranks(ranks.float(), relevant)
+    return median_of_ranks(ranks_of(order).float(), relevant)
 
 
 class MedianRank(Metric):
