@@ -131,13 +131,11 @@ def _weight_candidates(path: str | Path) -> list[tuple[dict[str, torch.Tensor], 
     return [(obj, None)]
 
 
-def _read_weight_file(path: str | Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    """`read_state_dict`, and the key of the file the state dict was under (None: the file is the state dict)."""
-    held = _weight_candidates(path)
+def _say_choice(path: str | Path, held: list[tuple[dict[str, torch.Tensor], str | None]], key: str | None) -> None:
+    """Log which of a file's several state dicts (`_weight_candidates`) is read, where it holds more than one."""
     if len(held) > 1:
         log.info("%r holds %s: reading %r (timm's load_checkpoint's choice, EMA weights first).", str(path),
-                 " and ".join(repr(k) for _, k in held), held[0][1])
-    return held[0]
+                 " and ".join(repr(k) for _, k in held), key)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -146,7 +144,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     `STATE_DICT_KEYS` that holds one, EMA weights before plain ones (a file with both is logged, naming the key read).
     Always `weights_only=True`; the `args` (argparse.Namespace) of training scripts' checkpoints are allowed, as timm
     allows them, and any other object is refused naming it."""
-    return _read_weight_file(path)[0]
+    held = _weight_candidates(path)
+    _say_choice(path, held, held[0][1])
+    return held[0][0]
 
 
 def _fill_batch_counts(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], missing: list[str]) -> list[str]:
@@ -332,9 +332,8 @@ def load_backbone_weights(body: nn.Module, path: str | Path, what: str,
             continue
         if errors:
             log.info("%r: %r does not fit %s (%s); read %r.", str(path), held[0][1], what, errors[0], key)
-        elif len(held) > 1:
-            log.info("%r holds %s: reading %r (timm's load_checkpoint's choice, EMA weights first).", str(path),
-                     " and ".join(repr(k) for _, k in held), key)
+        else:
+            _say_choice(path, held, key)
         return report
     raise errors[0]
 
