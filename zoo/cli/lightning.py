@@ -134,18 +134,11 @@ def prepare_fit_auxiliaries(system: Any, trainer: pl.Trainer, datamodule: Any, r
     """`zoo.engine.prepare_auxiliaries` before a fit. A fit that restores a checkpoint takes every prepared auxiliary's
     weights and ready flag from it: those it would load or train are marked ready first, so that none reads its own
     file (a sentence_classifier_checkpoint that may have moved) or is trained only to be overwritten; preparation
-    then only freezes them, as it did in the run that wrote the checkpoint.
-
-    A System with a `check_data(datamodule)` (the textual one: sentences present, `vocab_size` of the data's
-    vocabulary) checks the data first, as its fit would at its start: a helper trained on bad data would otherwise
-    fail on its first batch with the helper's own, less helpful, message."""
+    then only freezes them, as it did in the run that wrote the checkpoint."""
     from zoo.engine import prepare_auxiliaries
 
     if not hasattr(system, "auxiliaries"):
         return
-    check_data = getattr(system, "check_data", None)
-    if callable(check_data) and datamodule is not None:
-        check_data(datamodule)
     if restores_checkpoint:
         for aux in system.auxiliaries():
             if aux.checkpoint is not None or aux.epochs > 0:  # one never loaded nor trained stays unprepared

@@ -218,7 +218,13 @@ def load_auxiliary_checkpoints(system: Any) -> None:
 
 
 def prepare_auxiliaries(system: Any, trainer: pl.Trainer, datamodule: Any) -> None:
-    """Load, reuse or train (in that order) every auxiliary of `system` that is not ready; then freeze it."""
+    """Load, reuse or train (in that order) every auxiliary of `system` that is not ready; then freeze it. A System
+    with a `check_data(datamodule)` (the textual one: sentences present, `vocab_size` of the data's vocabulary)
+    checks the data first, as its fit does at its start: a helper trained on bad data would fail on its first batch
+    with the helper's own, less helpful, message."""
+    check_data = getattr(system, "check_data", None)
+    if callable(check_data) and datamodule is not None:
+        check_data(datamodule)
     folder = run_folder(trainer)
     load_auxiliary_checkpoints(system)
     for aux in system.auxiliaries():
