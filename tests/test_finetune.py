@@ -162,6 +162,17 @@ def test_fine_tuning_options_need_a_model_with_a_backbone() -> None:
     assert len(plain.configure_optimizers().param_groups) == 1  # no option: one group, as before
 
 
+def test_unfreezing_a_backbone_the_model_was_built_to_keep_frozen_is_refused() -> None:
+    """`model_kwargs.freeze_backbone` freezes the backbone for the whole run; the System's `unfreeze_epoch` switched
+    it back on at that epoch without a word (the two settings contradict each other: say so, naming both)."""
+    with pytest.raises(ValueError, match=r"built with its backbone frozen.*unfreeze_epoch=2"):
+        ClassifierSystem("baseline_tinycnn", num_classes=4, freeze_backbone=True, unfreeze_epoch=2,
+                         model_kwargs={"freeze_backbone": True})
+    held = ClassifierSystem("baseline_tinycnn", num_classes=4, freeze_backbone=True,  # both keep it frozen: fine
+                            model_kwargs={"freeze_backbone": True})
+    assert not any(p.requires_grad for p in backbone_of(held.model).parameters())
+
+
 # ------------------------------------------------------------------------------------------------ class names
 def test_class_names_travel_from_the_folder_to_the_checkpoint_and_the_export(image_folder_root: Path,
                                                                             in_tmp_dir: Path) -> None:

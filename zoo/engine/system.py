@@ -535,9 +535,18 @@ class ZooSystem(pl.LightningModule):
             raise ValueError(f"unfreeze_epoch={unfreeze_epoch} needs freeze_backbone=True and an epoch >= 0.")
         if lr_scale < 0:
             raise ValueError(f"backbone_lr_scale must be >= 0; got {lr_scale}.")
-        if backbone_of(self.model) is None:
+        backbone = backbone_of(self.model)
+        if backbone is None:
             raise ValueError(f"freeze_backbone / unfreeze_epoch / backbone_lr_scale need a model with a backbone; "
                              f"{self.hparams.model_name} ({type(self.model).__name__}) has no `backbone` module.")
+        params = list(backbone.parameters())
+        if unfreeze_epoch is not None and params and not any(p.requires_grad for p in params):
+            # the System's unfreezing would train a backbone the model was built to keep frozen for the whole run
+            raise ValueError(f"{self.hparams.model_name} is built with its backbone frozen for the whole run "
+                             f"(model_kwargs freeze_backbone: true), and unfreeze_epoch={unfreeze_epoch} would train "
+                             f"it from epoch {unfreeze_epoch}. Freeze it for a while with the System's options alone "
+                             f"(freeze_backbone: true, unfreeze_epoch: {unfreeze_epoch}; no model_kwargs "
+                             f"freeze_backbone), or leave out unfreeze_epoch to keep it frozen.")
 
     @property
     def fine_tuning(self) -> bool:
