@@ -45,8 +45,8 @@ from benchmarks.timing import median_time, time_call
 from datamodules import CSVTextDataModule, DigitsDataModule, L2XSyntheticDataModule
 from datamodules.l2x_synthetic import DATASETS, NUM_SELECTED
 from zoo.cli.report import write_report
-from zoo.explain.captum import FEATURE_METHODS
-from zoo.l2x.scores import RANDOM, compare_explainers, perturbation_samples
+from zoo.explain.captum import FEATURE_METHODS, perturbation_samples
+from zoo.l2x.scores import RANDOM, compare_explainers
 from zoo.l2x.system import L2XSystem
 
 SELECTORS = ("l2x", "invase")

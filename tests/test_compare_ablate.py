@@ -180,6 +180,11 @@ def test_compare_takes_every_explain_method_and_the_own_map_by_either_name() -> 
     check_explain_settings({"methods": [*DEFAULT_METHODS, "own", "random", "kernel_shap"], "num_images": 4,
                             "step": 64, "metrics": ["deletion", "road"], "num_perturbed": None})
     assert {"cam", "own", "random", "lime", "occlusion"} <= set(KNOWN_METHODS)
+    check_explain_settings({"methods": ["own", "lime:5000", "kernel_shap:2128"]})  # perturbation sample counts
+    for bad, said in (("saliency:10", "only .* take a sample count"), ("lime:0", "a positive integer"),
+                      ("lime:many", "a positive integer"), ("limes:10", "only .* take a sample count")):
+        with pytest.raises(ValueError, match=said):
+            check_explain_settings({"methods": [bad]})
 
 
 def test_compare_explains_on_global_rank_zero_only(in_tmp_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -124,6 +124,31 @@ def test_series_models_are_explained_per_time_step_by_captum() -> None:
         zoo.explain(model, series.detach())
 
 
+def test_perturbation_methods_perturb_series_in_segments_with_the_samples_asked_for(monkeypatch) -> None:
+    """`segment`: KernelShap and Lime perturb that many consecutive time steps as one feature (each step gets its
+    segment's attribution over the segment's length, the last segment shorter); `n_samples` reaches Captum; gradient
+    methods still score every step; a segment that is no whole number >= 1 is refused."""
+    import captum.attr
+
+    torch.manual_seed(0)
+    model = zoo.create_model("baseline_cnn1d", num_classes=4, in_chans=2, length=30).eval()
+    series = torch.randn(2, 2, 30)
+    asked = []
+    attribute = captum.attr.Lime.attribute
+    monkeypatch.setattr(captum.attr.Lime, "attribute",
+                        lambda self, *args, **kwargs: asked.append(kwargs) or attribute(self, *args, **kwargs))
+    maps = zoo.explain(model, series, "lime", target=1, n_samples=80, segment=4)  # (2, 30): 7 segments of 4, one of 2
+    check_convention(maps, (2, 30))
+    assert asked[0]["n_samples"] == 80 and asked[0]["feature_mask"].flatten().tolist() == [i // 4 for i in range(30)]
+    segments = torch.cat([maps, maps[:, -1:].expand(2, 2)], 1).view(2, 8, 4)  # the short last segment padded
+    torch.testing.assert_close(segments, segments[..., :1].expand_as(segments))  # one value per segment
+    torch.testing.assert_close(zoo.explain(model, series, "saliency", target=1, segment=4),
+                               zoo.explain(model, series, "saliency", target=1))
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="segment must be a whole number"):
+            zoo.explain(model, series, "lime", target=1, segment=bad)
+
+
 def test_gradient_methods_reach_a_selectors_predictor_through_its_embeddings() -> None:
     """L2X on tokens predicts from its approximator's embeddings of the selected tokens: the token presences scale
     every embedding of the text, so gradients reach the selected positions (none reached the scorer's alone)."""

@@ -275,7 +275,7 @@ def test_perturbation_methods_take_a_sample_count(method: str, monkeypatch: pyte
     Captum's; no other method takes a count."""
     import captum.attr
 
-    from zoo.l2x.scores import perturbation_samples
+    from zoo.explain.captum import perturbation_samples
 
     explainer = captum.attr.KernelShap if method == "kernel_shap" else captum.attr.Lime
     seen, attribute = [], explainer.attribute
@@ -722,9 +722,9 @@ def test_compare_scores_captum_methods_on_tokens_too() -> None:
     data.setup()
     system = L2XSystem(model_name="l2x_tokens", data_inputs=data.model_inputs, model_kwargs={"k": 3},
                        black_box="baseline_textcnn", black_box_epochs=0, evaluator_epochs=0, input_key="tokens")
-    rows, maps, images = system.explanation_report(data, {"num_images": 4, "methods": ["saliency", "kernel_shap"],
-                                                          "num_perturbed": 2})
-    assert [row["method"] for row in rows] == ["l2x", "saliency", "kernel_shap"]
+    rows, maps, images = system.explanation_report(data, {"num_images": 4, "methods": ["saliency", "kernel_shap",
+                                                                                       "lime:20"], "num_perturbed": 2})
+    assert [row["method"] for row in rows] == ["l2x", "saliency", "kernel_shap", "lime:20"]  # a count: kept
     assert all(row["num_selected"] == 3.0 for row in rows) and maps == {} and images is None
 
 

@@ -86,7 +86,8 @@ def can_explain(model: nn.Module, method: str) -> bool:
 
 
 def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
-            target: int | torch.Tensor | None = None) -> torch.Tensor:
+            target: int | torch.Tensor | None = None, n_samples: int | None = None, segment: int = 1
+            ) -> torch.Tensor:
     """Importance maps of `method` ("own" or a Captum method name) for class `target` (None: the prediction).
 
     Args:
@@ -98,6 +99,11 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
         target: one class id for the batch, (B,) ids, or None for each sample's predicted class. Ids are integers;
             whole-valued floats (2.0) are taken as the id they equal, while other floats (2.7, NaN) and bools are
             refused (truncating them would silently explain another class).
+        n_samples: perturbations per sample of KernelShap and Lime (default: Captum's, 25 / 50).
+        segment: series: time steps per feature KernelShap and Lime perturb together, each segment's attribution
+            spread evenly over its steps (1: every step alone; with T features and Captum's 25 / 50 samples their
+            surrogates are fit on fewer samples than features and score near a random map). Gradient methods
+            attribute every step.
     Returns:
         (B, H, W) / (B, T) / (B, d) float, >= 0, higher = more important, at the input's resolution.
     """
@@ -141,17 +147,34 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
         elif images.ndim == 4:
             with torch.enable_grad():
                 maps = captum_explain(net, images, target, method)
-        elif images.ndim == 3:  # series: every time step (all channels) is one feature
-            steps = images.shape[-1]
-            with torch.enable_grad():
-                maps = attribute_features(net, images, target, method, torch.arange(steps, device=images.device)
-                                          .view(1, 1, steps), steps)
+        elif images.ndim == 3:  # series: every time step (all channels) is one feature, or a segment of them
+            maps = _series_attribution(net, images, target, method, n_samples, segment)
         else:
             with torch.enable_grad():
-                maps = attribute_features(net, images, target, method)
+                maps = attribute_features(net, images, target, method, n_samples=n_samples)
     finally:
         net.train(was_training)
     return maps.detach().float()
+
+
+def _series_attribution(net: nn.Module, series: torch.Tensor, target: torch.Tensor, method: str,
+                        n_samples: int | None, segment: int) -> torch.Tensor:
+    """(B, T) attribution of a Captum feature method over the time steps of (B, C, T) series: KernelShap and Lime
+    perturb `segment` consecutive steps as one feature (the last segment may be shorter) and each step gets its
+    segment's attribution over the segment's length; gradient methods score every step."""
+    from zoo.explain.captum import PERTURBATION_METHODS, attribute_features
+
+    if isinstance(segment, bool) or not isinstance(segment, int) or segment < 1:
+        raise ValueError(f"segment must be a whole number of time steps >= 1; got {segment!r}.")
+    steps = series.shape[-1]
+    segment = segment if method in PERTURBATION_METHODS else 1
+    ids = torch.arange(steps, device=series.device) // segment  # (T,) each step's feature
+    count = int(ids[-1]) + 1
+    with torch.enable_grad():
+        scores = attribute_features(net, series, target, method, ids.view(1, 1, steps), count,
+                                    n_samples)  # (B, count)
+    sizes = torch.bincount(ids, minlength=count).to(scores.dtype)  # (count,) steps per segment
+    return (scores / sizes)[:, ids]  # (B, T)
 
 
 def _is_detector(net: nn.Module) -> bool:

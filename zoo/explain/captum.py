@@ -17,6 +17,17 @@ from zoo.explain.faithfulness import saliency_map
 POSTHOC_METHODS = ("saliency", "integrated_gradients", "layer_gradcam", "occlusion")
 SELF_EXPLANATION = "cam"
 FEATURE_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "deeplift", "kernel_shap", "lime")
+PERTURBATION_METHODS = ("kernel_shap", "lime")  # one surrogate model per sample, fit on `n_samples` perturbations
+
+
+def perturbation_samples(method: str) -> tuple[str, int | None]:
+    """"lime:5000" -> ("lime", 5000): a perturbation method may carry its sample count; any other name -> (name,
+    None)."""
+    name, _, count = method.partition(":")
+    if count and (name not in PERTURBATION_METHODS or not count.isdigit() or int(count) < 1):
+        raise ValueError(f"{method!r}: only {PERTURBATION_METHODS} take a sample count, a positive integer "
+                         "(e.g. 'lime:5000').")
+    return name, int(count) if count else None
 
 
 class LogitsOnly(nn.Module):

@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 from zoo.figures import class_name, heatmap_overlay, new_figure
 from zoo.explain.api import OWN, can_explain, own_explanation
 from zoo.explain.api import explain as explain_features
-from zoo.explain.captum import FEATURE_METHODS, POSTHOC_METHODS, SELF_EXPLANATION, LogitsOnly, explain
+from zoo.explain.captum import (FEATURE_METHODS, POSTHOC_METHODS, SELF_EXPLANATION, LogitsOnly, explain,
+                                perturbation_samples)
 from zoo.explain.faithfulness import AttributionInMask, DeletionAUC, Infidelity, InsertionAUC, SensitivityMax
 from zoo.explain.road import RoadLeRF, RoadMoRF
 from zoo.hashing import keyed_normal
@@ -61,6 +62,9 @@ DEFAULT_METRICS = ("deletion", "insertion", "road", "infidelity")
 SERIES_METHODS = (OWN, *FEATURE_METHODS)
 SERIES_METRICS = ("deletion", "sensitivity")
 SERIES_STEP = 4
+# KernelShap / Lime on series: perturbations per series, over segments of `step` time steps (the unit deletion
+# removes): with Captum's defaults (25 / 50 samples) over one feature per step their maps scored as a random map
+SERIES_PERTURBATIONS = 1000
 EVENT_TOLERANCE = 3
 # the keys of a compare spec's `explain:` block (num_perturbed: L2X's perturbation count, `zoo.l2x.scores`)
 EXPLAIN_KEYS = ("methods", "num_images", "step", "metrics", "num_perturbed")
@@ -144,8 +148,9 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
     runnable, other = (FEATURE_METHODS, POSTHOC_METHODS) if series else (POSTHOC_METHODS, FEATURE_METHODS)
     metrics = tuple(metric for metric in metrics if not series or metric in SERIES_METRICS)
     methods = [own if method in (OWN, SELF_EXPLANATION) else method for method in methods]
-    methods = [method for method in dict.fromkeys(methods) if method != RANDOM_REFERENCE and
-               (method in runnable or method not in other)]
+    named = [(method, perturbation_samples(method)[0]) for method in dict.fromkeys(methods)]  # "lime:5000" -> lime
+    methods = [method for method, name in named if method != RANDOM_REFERENCE and (name in runnable or
+                                                                                   name not in other)]
     keys = torch.arange(len(images), device=images.device) if keys is None else keys.to(images.device)
     was_training = model.training
     model.eval()
@@ -157,7 +162,7 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
         if method != RANDOM_REFERENCE and not can_explain(model, method):
             continue
         progress.set_postfix_str(method)
-        explainer = random_explainer(keys) if method == RANDOM_REFERENCE else method_explainer(model, method)
+        explainer = random_explainer(keys) if method == RANDOM_REFERENCE else method_explainer(model, method, step)
         saliency, seconds = wall_time(partial(explainer, images, target), device=images.device,
                                       warm_up=partial(explainer, images[:1], target[:1]))
         row: dict[str, Any] = {"method": method, "ms_per_sample": 1e3 * seconds / len(images)}
@@ -243,6 +248,8 @@ def check_explain_settings(settings: dict[str, Any]) -> None:
         if isinstance(names, str) or not isinstance(names, (list, tuple)):
             raise TypeError(f"compare spec: explain.{key} must be a list of names of {known}; got {names!r}.")
         for name in names:
+            if key == "methods" and isinstance(name, str) and ":" in name:
+                name = perturbation_samples(name)[0]  # "lime:5000": a sample count, checked there
             if name not in known:
                 raise ValueError(f"compare spec: explain.{key} names {name!r}, which does not exist"
                                  f"{did_you_mean(name, known)}; choose from {', '.join(known)}.")
@@ -265,14 +272,23 @@ def map_metrics(metrics: Sequence[str], step: int) -> dict[str, Metric]:
             for column, metric in columns.get(name, {}).items()}
 
 
-def method_explainer(model: nn.Module, method: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def method_explainer(model: nn.Module, method: str, step: int = SERIES_STEP
+                     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """`method` as a function (images, target) -> (B, H, W) saliency ((B, T) for series): what the report times and
-    scores, and what max-sensitivity reruns on perturbed inputs. Series take `zoo.explain.api.explain` (one feature
-    per time step)."""
+    scores, and what max-sensitivity reruns on perturbed inputs. Series take `zoo.explain.api.explain`: gradient
+    methods score every time step; KernelShap and Lime perturb segments of `step` steps (what deletion removes at a
+    time) with `SERIES_PERTURBATIONS` samples, or the count the name carries ("lime:5000")."""
     if method in (SELF_EXPLANATION, OWN):
         return lambda images, target: self_explanation(model, images, target)
-    return lambda inputs, target: (explain(model, inputs, target, method) if inputs.ndim == 4 else
-                                   explain_features(model, inputs, method, target))
+    name, n_samples = perturbation_samples(method)
+
+    def explainer(inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if inputs.ndim == 4:
+            return explain(model, inputs, target, name)
+        if inputs.ndim == 3:
+            return explain_features(model, inputs, name, target, n_samples or SERIES_PERTURBATIONS, step)
+        return explain_features(model, inputs, name, target, n_samples)
+    return explainer
 
 
 def self_explanation(model: nn.Module, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -23,12 +23,11 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn as nn
 
-from zoo.explain.captum import attribute_features
+from zoo.explain.captum import PERTURBATION_METHODS, attribute_features, perturbation_samples
 from zoo.explain.scores import ExplanationRows, wall_time
 from zoo.l2x.metrics import AgreementAccuracy, SelectionRecovery, median_true_rank, selection_median_rank
 from zoo.l2x.ops import top_k_mask
 
-PERTURBATION_METHODS = ("kernel_shap", "lime")
 RANDOM = "random"  # the floor every explainer must clear: k features drawn uniformly (text: among the words)
 # what a report says under the table of `compare_explainers`' rows (`train.py compare`), instead of the image
 # families' note (`zoo.explain.scores.EXPLANATION_NOTE`: the true class, deletion, ROAD), which does not hold here
@@ -59,15 +58,6 @@ class Explained(NamedTuple):
 
 Timer = Callable[[Callable[[], Any], int, int], tuple[Any, float]]
 """`timer(function, repeats, warmup) -> (the last result, median seconds per call)`."""
-
-
-def perturbation_samples(method: str) -> tuple[str, int | None]:
-    """"lime:5000" -> ("lime", 5000); any other method name -> (name, None)."""
-    name, _, count = method.partition(":")
-    if count and (name not in PERTURBATION_METHODS or not count.isdigit() or int(count) < 1):
-        raise ValueError(f"{method!r}: only {PERTURBATION_METHODS} take a sample count, a positive integer "
-                         "(e.g. 'lime:5000').")
-    return name, int(count) if count else None
 
 
 def explain_features(method: str, selectors: dict[str, nn.Module], black_box: nn.Module, x: torch.Tensor,

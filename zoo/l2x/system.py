@@ -10,7 +10,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 
 from zoo.checks import batch_field
 from zoo.engine import Auxiliary, ZooSystem, load_auxiliary_checkpoints
-from zoo.explain.captum import FEATURE_METHODS
+from zoo.explain.captum import FEATURE_METHODS, perturbation_samples
 from zoo.l2x.metrics import AgreementAccuracy, MedianRank, SelectionRecovery
 from zoo.registry import create_model_for_data
 
@@ -195,7 +195,8 @@ class L2XSystem(ZooSystem):
         _, batch = explained_batch(self, datamodule, int(settings.get("num_images", 32)))
         x = batch[self.input_key].to(self.device)
         relevant = batch.get(self.relevant_key)
-        methods = [m for m in settings.get("methods", FEATURE_METHODS) if m in FEATURE_METHODS]
+        methods = [m for m in settings.get("methods", FEATURE_METHODS)  # "lime:5000" kept: a sample count
+                   if perturbation_samples(m)[0] in FEATURE_METHODS]
         selector = type(self.model).__name__.lower()  # "l2x" or "invase"
         was_training = self.training
         self.eval()
