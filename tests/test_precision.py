@@ -97,3 +97,61 @@ def test_pictures_are_drawn_and_the_epoch_checkpointed_under_bf16_true(in_tmp_di
     (callback,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "FilterMapsCallback"]
     assert callback.batch["image"].dtype == torch.float32
     assert callback.fixed_batch(cli.trainer)["image"].dtype == torch.bfloat16
+
+
+def test_metric_states_keep_float32_when_lightning_converts_the_system_to_bf16() -> None:
+    """bf16-true converts the System with `module.to(dtype=torch.bfloat16)`, which torchmetrics does not guard: every
+    float metric state became bf16, exact for whole numbers only up to 256 (the audit: part consistency of 1,000
+    images, 70% on one part, read 256 images and scored 1.0 instead of 0.0, no warning). The engine keeps them
+    float32 whatever converts it; integer states stay integer, bf16 inputs still update them."""
+    from pytorch_lightning.plugins.precision import HalfPrecision
+    from torchmetrics import SumMetric
+
+    from zoo.protopnet.system import ProtoPNetSystem
+
+    system = ProtoPNetSystem(model_name="protopnet_tinycnn", num_classes=2, image_size=64,
+                             model_kwargs={"prototypes_per_class": 1, "prototype_channels": 8})
+    system.add_metric("total", SumMetric())
+    HalfPrecision("bf16-true").convert_module(system)  # what Lightning does before fit / validate / test / predict
+    assert {p.dtype for p in system.model.parameters()} == {torch.bfloat16}
+    states = {f"{name}.{key}": getattr(metric, key) for name, metric in system.metrics.items()
+              for key in metric._defaults}
+    assert {name: value.dtype for name, value in states.items()
+            if value.dtype in (torch.bfloat16, torch.float16)} == {}
+    assert states["val_acc.tp"].dtype == torch.long  # integer states untouched
+    total = system.metrics["val_total"]
+    total.update(torch.ones(257, dtype=torch.bfloat16))  # a bf16 input into a float32 sum: 257, not bf16's 256
+    assert total.compute() == 257
+    # 1,000 images of unit 0: 700 hit part type 0 (top-left pixel), 300 part type 1 (bottom-right): 70% < 80%
+    count = 1000
+    maps = torch.zeros(count, 1, 2, 2, dtype=torch.bfloat16)
+    maps[:700, 0, 0, 0] = maps[700:, 0, 1, 1] = 1
+    masks = torch.zeros(count, 2, 2, 2, dtype=torch.bool)
+    masks[:, 0, 0, 0] = masks[:, 1, 1, 1] = True
+    parts = system.metrics["val_parts"]
+    parts.update(maps, torch.zeros(count, 1, dtype=torch.long), masks, torch.tensor([[0, 1]]).expand(count, 2))
+    assert parts.images[0] == count and parts.hits[0, :2].tolist() == [700, 300]
+    assert parts.compute()["consistency"] == 0.0
+    system.to(torch.bfloat16)  # a user's conversion, after the states hold counts: kept as they are
+    assert parts.images.dtype == torch.long and parts.iou.dtype == torch.float32 and parts.images[0] == count
+
+
+# the config's schedule, one epoch a stage, without the joint stage
+TWO_STAGES = ("--model.init_args.stages=[{name: warm_up, epochs: 1, train: [add_on, prototypes], losses: [loss_task, "
+              "loss_cluster, loss_separation]}, {name: last_layer, epochs: 1, train: [last_layer], losses: [loss_task, "
+              "loss_l1]}]")
+
+
+@pytest.mark.parametrize("precision", list(DTYPES))
+def test_protopnet_pushes_under_a_true_precision(precision: str, in_tmp_dir: Path) -> None:
+    """Push ran the backbone on the loader's float32 images: under bf16-true and 64-true the first pushing stage
+    raised ("expects images of dtype torch.bfloat16") and the fit (compare, ablate) died; fast_dev_run never pushes.
+    Now push reads the images in the run's precision, moves every prototype and keeps their dtype."""
+    cli = fit("configs/protopnet/parts_world.yaml", precision,
+              [*TINY_WORLD, "--data.init_args.num_classes=4", "--trainer.callbacks=[]", TWO_STAGES],
+              "--trainer.max_epochs=2", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+              "--trainer.num_sanity_val_steps=0")  # push at the start of last_layer, as configured
+    assert_finished_in(cli, precision)
+    layer = cli.model.model.prototypes
+    assert cli.trainer.callback_metrics["push/pushed"] == 1.0 and (layer.source_index >= 0).all()
+    assert layer.vectors.dtype == DTYPES[precision]

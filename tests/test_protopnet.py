@@ -202,18 +202,29 @@ def test_part_metrics_match_hand_computed_values() -> None:
     assert single.compute()["consistency"] == 1.0  # one image each: both units hit type 5 every time
 
 
-def test_own_explanation_is_the_class_evidence_map_upsampled() -> None:
+def test_own_explanation_is_the_evidence_for_the_class_upsampled() -> None:
+    """ProtoPNet's own map (spec, "Explanations") is its prototypes' similarity maps weighted by their positive
+    connections to the class: under the paper's initial last layer (+1 own, -0.5 others) the own prototypes' maps,
+    non-zero and peaking where they are most similar. The whole row summed was negative everywhere (the wrong-class
+    prototypes outweigh the own ones on similarities with a large constant part) and clipped to an all-zero map.
+    A twin keeps its class activation map: the whole row, negative evidence clipped."""
     net = model().eval()
     images, target = torch.rand(2, 3, 64, 64), torch.tensor([1, 3])
     with torch.no_grad():
         explained = zoo.explain(net, images, "own", target=target)
         out = net(images)
-    weights = net.last_layer.weight[target]  # (B, P)
-    direct = (weights[..., None, None] * out["unit_maps"]).sum(1, keepdim=True)
-    expected = F.interpolate(direct, size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
-    assert explained.shape == (2, 64, 64)
-    assert (expected < 0).any()  # evidence against the class exists, and is clipped
-    torch.testing.assert_close(explained, expected.relu())
+    assert net.last_layer.weight.unique().tolist() == [-0.5, 1.0]
+    own = out["unit_maps"].view(2, NUM_CLASSES, PER_CLASS, 8, 8)[torch.arange(2), target].sum(1)  # (B, 8, 8)
+    expected = F.interpolate(own[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    assert explained.shape == (2, 64, 64) and (explained.flatten(1).amax(1) > 0).all()
+    torch.testing.assert_close(explained, expected)
+    peak = explained.flatten(1).argmax(1)  # (B,) pixel index: in the cell where the own prototypes are most similar
+    assert torch.equal((peak // 64 // 8) * 8 + peak % 64 // 8, own.flatten(1).argmax(1))
+    twin = model(head="linear").eval()
+    with torch.no_grad():
+        cam = torch.einsum("bu,buhw->bhw", twin.last_layer.weight[target], twin(images)["unit_maps"])  # (B, 8, 8)
+        expected = F.interpolate(cam[:, None], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+        torch.testing.assert_close(zoo.explain(twin, images, "own", target=target), expected.relu())
 
 
 def test_cells_sit_at_their_receptive_field_centres_on_a_resnet() -> None:

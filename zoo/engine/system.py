@@ -102,6 +102,41 @@ def check_loadable_hparams(owner: str, hparams: dict[str, Any]) -> None:
                              f"strings, lists, dicts) or names the model resolves.") from err
 
 
+LOW_PRECISION_FLOATS = (torch.bfloat16, torch.float16)  # metric states in these are widened to float32
+
+
+def _widened(value: Any) -> Any:
+    """`value` with its bf16 / float16 tensors as float32, through lists ("cat" states), tuples and dicts (a cached
+    compute() result); anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.dtype in LOW_PRECISION_FLOATS else value
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(_widened(item) for item in value)
+    if isinstance(value, dict):
+        return type(value)((key, _widened(item)) for key, item in value.items())
+    return value
+
+
+def keep_metric_states_float32(module: nn.Module) -> None:
+    """Give every torchmetrics `Metric` in `module` floating states of at least float32: its bf16 / float16 states
+    (and their reset defaults, its cached result) become float32, its integer and float64 states stay as they are.
+
+    Why: Lightning's "bf16-true" / "16-true" convert a LightningModule with `module.to(dtype=...)`, and torchmetrics
+    guards its states only against `.half()` / `.float()` / `.type()`, not `.to(dtype)`: every float state (sums,
+    means, counts kept as floats) became bf16, which holds whole numbers exactly only up to 256, so a count of 1,000
+    images read 256 and the scores came out wrong without a word. `Metric.set_dtype` is not used: it converts the
+    integer states (confusion counts) to float as well."""
+    for metric in module.modules():
+        if not isinstance(metric, Metric):
+            continue
+        for key, default in metric._defaults.items():
+            metric._defaults[key] = _widened(default)
+            setattr(metric, key, _widened(getattr(metric, key)))
+        metric._computed = _widened(metric._computed)
+        if metric._dtype in LOW_PRECISION_FLOATS:  # what update() casts its inputs to (MeanMetric, SumMetric, ...)
+            metric._dtype = torch.float32
+
+
 def backbone_of(model: nn.Module) -> nn.Module | None:
     """A model's backbone, what `freeze_backbone` / `backbone_lr_scale` act on: its `backbone` submodule (the
     zoo's classifiers, ICNN, AOG-RCNN's detector), or None (L2X's selectors, ReNN, the textual generators)."""
@@ -512,6 +547,15 @@ class ZooSystem(pl.LightningModule):
         resumed from the checkpoint enters its epoch as before (`enter_epoch`)."""
         epoch_schedules({"model": self.model, "loss": self.loss}, epoch)
         self._schedule_epoch = epoch
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> "ZooSystem":
+        """`nn.Module._apply` (what `.to`, `.cuda`, `.bfloat16`, ... run), then the metrics' floating states back to
+        at least float32 (`keep_metric_states_float32`): whatever converts the System, Lightning's precision plugin
+        under "bf16-true" (fit, validate, test, predict) or a user's `.to(torch.bfloat16)`, the metrics keep exact
+        counts and sums and still take bf16 inputs. Float64 states (64-true) stay."""
+        super()._apply(fn, *args, **kwargs)
+        keep_metric_states_float32(self)
+        return self
 
     def train(self, mode: bool = True) -> "ZooSystem":
         super().train(mode)

@@ -79,11 +79,14 @@ class PartConsistency(Metric):
                  **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_part_types, self.quantile, self.threshold = num_part_types, quantile, threshold
-        self.add_state("hits", default=torch.zeros(num_units, num_part_types + 1), dist_reduce_fx="sum")
-        self.add_state("iou", default=torch.zeros(num_units), dist_reduce_fx="sum")
-        self.add_state("images", default=torch.zeros(num_units), dist_reduce_fx="sum")
-        self.add_state("stable", default=torch.zeros(num_units), dist_reduce_fx="sum")
-        self.add_state("noisy_images", default=torch.zeros(num_units), dist_reduce_fx="sum")
+        # counts are integers (a float count in bf16, which a module's `.to(torch.bfloat16)` gave the states, stopped
+        # at 256); the IoU sum is float32
+        count = torch.long
+        self.add_state("hits", default=torch.zeros(num_units, num_part_types + 1, dtype=count), dist_reduce_fx="sum")
+        self.add_state("iou", default=torch.zeros(num_units, dtype=torch.float32), dist_reduce_fx="sum")
+        self.add_state("images", default=torch.zeros(num_units, dtype=count), dist_reduce_fx="sum")
+        self.add_state("stable", default=torch.zeros(num_units, dtype=count), dist_reduce_fx="sum")
+        self.add_state("noisy_images", default=torch.zeros(num_units, dtype=count), dist_reduce_fx="sum")
 
     def update(self, maps: torch.Tensor, units: torch.Tensor, part_masks: torch.Tensor, part_types: torch.Tensor,
                noisy_maps: torch.Tensor | None = None, geometry: MapGeometry | None = None) -> None:

@@ -168,15 +168,20 @@ class ProtoPNet(nn.Module):
         return self.last_layer.weight.topk(min(self.per_class, self.last_layer.in_features), dim=1).indices
 
     def class_map(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        """(B, h, w): the evidence for class `target` (B,) at each position: the unit maps weighted by the last
-        layer's row of that class (ProtoPNet: similarity x connection; the twin: its class activation map)."""
+        """(B, h, w): the evidence for class `target` (B,) at each position. ProtoPNet: each prototype's similarity
+        map times its positive connection to the class (relu of the last layer's row), the evidence FOR the class
+        (spec, "Explanations"). Not the whole row: similarities share a large positive constant, so the (C - 1) m
+        wrong-class prototypes at -0.5 outweighed the m own ones at +1 everywhere and the clipped map was zero.
+        The twin: its class activation map (the whole row, negative weights included)."""
         weights = self.last_layer.weight[target].to(out["unit_maps"].dtype)  # (B, U)
+        if self.has_prototypes:
+            weights = weights.relu()  # the connections for the class only
         return torch.einsum("bu,buhw->bhw", weights, out["unit_maps"])
 
     def own_explanation(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """What `zoo.explain(model, images)` ("own") shows: `class_map` upsampled to the image, (B, H, W), each cell
-        at its receptive-field centre (`cells_to_pixels`, as the part metrics place it), its negative parts (evidence
-        against the class) clipped as for a class activation map."""
+        at its receptive-field centre (`cells_to_pixels`, as the part metrics place it), negative values (the twin's
+        evidence against the class) clipped as for a class activation map (ProtoPNet's map is not negative)."""
         maps = self.class_map(self(inputs), target)  # (B, h, w)
         return cells_to_pixels(maps, inputs.shape[-2:], model_map_geometry(self, inputs.shape[-2:])).relu()
 

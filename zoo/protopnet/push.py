@@ -42,10 +42,15 @@ def push_loader(dataset: Dataset, batch_size: int, collate_fn: Any, world_size: 
 
 @torch.no_grad()
 def nearest_patches(model: ProtoPNet, loader: DataLoader, indices: torch.Tensor, input_key: str, target_key: str,
-                    device: torch.device) -> dict[str, torch.Tensor]:
+                    device: torch.device, convert_input: Callable[[Any], Any] | None = None
+                    ) -> dict[str, torch.Tensor]:
     """For each prototype the nearest latent patch among the loader's images of its class: `distance` (P,) (inf
-    where the class has no image here), `vector` (P, D), `source_index` (P,) dataset index, `source_position`
-    (P, 2) latent (row, column), and the latent map's `size` (2,)."""
+    where the class has no image here), `vector` (P, D) float32, `source_index` (P,) dataset index,
+    `source_position` (P, 2) latent (row, column), and the latent map's `size` (2,).
+
+    `convert_input`: each batch as the run's steps get it (the System passes `zoo.engine.callbacks.precision_input`:
+    float images in bf16 under "bf16-true", float64 under "64-true", whose backbones refuse float32 images); None:
+    the loader's batches as they are."""
     layer = model.prototypes
     owner = layer.prototype_class  # (P,)
     count, channels = layer.vectors.shape
@@ -56,6 +61,8 @@ def nearest_patches(model: ProtoPNet, loader: DataLoader, indices: torch.Tensor,
             "size": torch.ones(2, dtype=torch.long, device=device)}
     seen = 0
     for batch in loader:
+        if convert_input is not None:
+            batch = convert_input(batch)
         images, labels = batch[input_key].to(device), batch[target_key].to(device)
         latent = model.latent(images).float()  # (B, D, h, w)
         batch_size, _, height, width = latent.shape

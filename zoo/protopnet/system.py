@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -11,6 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from zoo.backbones import model_map_geometry
 from zoo.checks import batch_field
 from zoo.engine import ZooSystem
+from zoo.engine.callbacks import precision_input
 from zoo.protopnet.metrics import PartConsistency, image_noise
 from zoo.protopnet.model import similarity
 from zoo.protopnet.push import apply_push, keep_nearest, nearest_patches, push_loader, push_source
@@ -96,7 +98,8 @@ class ProtoPNetSystem(ZooSystem):
         self.model.eval()
         try:
             with isolate_rng():  # iterating a loader draws a seed: keep the run's random stream as it was
-                found = nearest_patches(self.model, loader, indices, self.input_key, self.target_key, self.device)
+                found = nearest_patches(self.model, loader, indices, self.input_key, self.target_key, self.device,
+                                        partial(precision_input, trainer))  # the images in the run's precision
         finally:
             self.train(self.training)
         found = keep_nearest(found, self.all_gather, trainer.world_size)
