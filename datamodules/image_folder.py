@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
@@ -18,8 +19,10 @@ IMAGE_FOLDER_LAYOUT = """\
 <root>/
   train/<class name>/<image>.jpg|.png|...   one folder per class
   val/<class name>/<image>                  the same class folders
-  test/<class name>/<image>                 optional
+  test/<class name>/<image>                 optional: test and predict read it (without it, val/)
   hidden entries (names starting with ".", e.g. .ipynb_checkpoints/, ._x.jpg) are skipped"""
+
+DEFAULT_TEST_DIR = "test"  # the test split's folder when test_dir is not set (else: the val split)
 
 # Modes whose pixels exceed 8 bits, with the value read as white: 16-bit grey (PNG and TIFF; older Pillows read them
 # as "I", 32-bit int), and float grey in [0, 1] as torchvision takes float images.
@@ -86,15 +89,17 @@ class FolderDataset(Dataset):
         return {"image": self.transform(read_rgb(path)), "label": torch.tensor(label), "index": torch.tensor(index)}
 
 
-def scan_folder(root: Path, split: str) -> ImageFolder:
+def scan_folder(root: Path, split: str, note: str = "") -> ImageFolder:
+    """The images of `root/split`; a missing or empty folder raises with the layout, `note` added to the problem."""
     split_dir = root / split
     if not split_dir.is_dir():
-        raise DatasetLayoutError(f"ImageFolder split folder {str(split_dir)!r} does not exist.", IMAGE_FOLDER_LAYOUT)
+        raise DatasetLayoutError(f"ImageFolder split folder {str(split_dir)!r} does not exist.{note}",
+                                 IMAGE_FOLDER_LAYOUT)
     try:
         return VisibleImageFolder(str(split_dir), loader=read_rgb, is_valid_file=lambda path: visible(path, split_dir)
                                   and has_file_allowed_extension(path, IMG_EXTENSIONS))
     except FileNotFoundError as err:
-        raise DatasetLayoutError(f"{str(split_dir)!r} holds no class folders with images ({err}).",
+        raise DatasetLayoutError(f"{str(split_dir)!r} holds no class folders with images ({err}).{note}",
                                  IMAGE_FOLDER_LAYOUT) from err
 
 
@@ -106,7 +111,9 @@ class ImageFolderDataModule(DictDataModule):
     Args:
         root: folder holding the split folders.
         image_size: images are resized to image_size x image_size.
-        train_dir / val_dir / test_dir: split folder names; test_dir None reuses the val split for testing.
+        train_dir / val_dir / test_dir: split folder names. test_dir None: `root/test` where it is a folder, else
+            the val split (said once, when the test or predict split is first read); `test` and `predict` read the
+            test split. A test_dir that is given must exist.
         augment: random horizontal flips on the training split.
         mean / std: per-channel normalisation of the [0, 1] images (lists), "pretrained" (mean only: the model's
             backbone's timm pretrained mean and std, resolved by train.py), or None: none (`DictDataModule`).
@@ -135,16 +142,36 @@ class ImageFolderDataModule(DictDataModule):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetLayoutError(f"ImageFolder root {root!r} does not exist.", IMAGE_FOLDER_LAYOUT)
-        self.split_dirs = {"train": train_dir, "val": val_dir, "test": test_dir or val_dir}
-        self.folders = {split: scan_folder(self.root, d) for split, d in self.split_dirs.items()}
+        # test_dir None: the README's layout root/{train,val[,test]}: test/ where it is there (it was never read:
+        # test and predict read val/ and said nothing), else val/
+        self.test_found = test_dir is None and (self.root / DEFAULT_TEST_DIR).is_dir()
+        self.test_falls_back = test_dir is None and not self.test_found
+        test = test_dir or (DEFAULT_TEST_DIR if self.test_found else val_dir)
+        self.split_dirs = {"train": train_dir, "val": val_dir, "test": test}
+        found = (f" test_dir is not set and {str(self.root / test)!r} exists, so test and predict read it; set "
+                 f"test_dir: {val_dir} to read the val split instead.") if self.test_found else ""
+        self.folders = {split: scan_folder(self.root, d, found if split == "test" else "")
+                        for split, d in self.split_dirs.items()}
         self.classes = self.folders["train"].classes
         for split, folder in self.folders.items():
             if folder.classes != self.classes:
                 raise DatasetLayoutError(
-                    f"Split {split!r} has classes {folder.classes}, train has {self.classes}: they must match.",
+                    f"Split {split!r} ({str(self.root / self.split_dirs[split])!r}) has classes {folder.classes}, "
+                    f"train has {self.classes}: they must match.{found if split == 'test' else ''}",
                     IMAGE_FOLDER_LAYOUT)
+        self.test_folder_said = False
         self.num_classes, self.image_size, self.augment = len(self.classes), image_size, augment
         self.class_names = self.classes
+
+    def split_samples(self, split: str) -> Dataset:
+        """`DictDataModule.split_samples`; the first read of the test split (test, predict) without a test folder
+        says, once and on rank zero, that it reads the val folder."""
+        if split == "test" and self.test_falls_back and not self.test_folder_said:
+            self.test_folder_said = True
+            rank_zero_info(f"ImageFolderDataModule: no {DEFAULT_TEST_DIR!r} folder in {str(self.root)!r} (and "
+                           f"test_dir is not set): test and predict read the val split, "
+                           f"{str(self.root / self.split_dirs['val'])!r}.")
+        return super().split_samples(split)
 
     def sample_names(self, split: str) -> list[str]:
         """Each image's path under `root` (e.g. "val/cat/0.png"), by sample index."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -137,7 +138,43 @@ def test_image_folder_reads_the_layout(image_folder_root: Path) -> None:
     batch = next(iter(dm.train_dataloader()))
     assert dm.classes == ["cat", "dog"] and dm.num_classes == 2
     assert batch["image"].shape == (6, 3, 24, 24) and sorted(batch["label"].tolist()) == [0, 0, 0, 1, 1, 1]
-    assert len(dm.splits["test"]) == 4  # test_dir=None reuses val
+    assert len(dm.splits["test"]) == 4  # no test/ folder: the val split
+
+
+def test_image_folder_test_and_predict_read_a_test_folder_else_val(image_folder_root: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The README's layout root/{train,val[,test]}: a test/ folder is what test and predict read (it was ignored:
+    both read val/ and said nothing); without one they read val/, said once; a test_dir given still wins."""
+    for c, name in enumerate(("cat", "dog")):  # 3 test images per class; val holds 2
+        for i in range(3):
+            write_image(image_folder_root / "test" / name / f"{i}.png", (40, 30), seed=500 + 10 * c + i)
+
+    def files(loader: torch.utils.data.DataLoader, dm: ImageFolderDataModule) -> list[str]:
+        names = dm.sample_names("test")
+        return [names[i] for batch in loader for i in batch["index"].tolist()]
+
+    dm = ImageFolderDataModule(str(image_folder_root), image_size=16, batch_size=4)
+    expected = [f"test/{name}/{i}.png" for name in ("cat", "dog") for i in range(3)]
+    assert files(dm.test_dataloader(), dm) == expected and files(dm.predict_dataloader(), dm) == expected
+    assert len(dm.split_samples("val")) == 4
+
+    explicit = ImageFolderDataModule(str(image_folder_root), image_size=16, test_dir="val")
+    assert files(explicit.predict_dataloader(), explicit)[0] == "val/cat/0.png"
+    with pytest.raises(DatasetLayoutError, match=r"split folder '.*elsewhere' does not exist"):
+        ImageFolderDataModule(str(image_folder_root), test_dir="elsewhere")
+
+    shutil.rmtree(image_folder_root / "test" / "dog")  # test's classes are checked against train's, as val's
+    with pytest.raises(DatasetLayoutError, match=r"Split 'test' .* has classes \['cat'\].*set test_dir: val"):
+        ImageFolderDataModule(str(image_folder_root))
+
+    shutil.rmtree(image_folder_root / "test")
+    dm = ImageFolderDataModule(str(image_folder_root), image_size=16, batch_size=4)
+    with caplog.at_level(logging.INFO):
+        val_files = files(dm.test_dataloader(), dm)
+        assert files(dm.predict_dataloader(), dm) == val_files
+    assert val_files == [f"val/{name}/{i}.{'jpg' if i % 2 else 'png'}" for name in ("cat", "dog") for i in range(2)]
+    said = [r.getMessage() for r in caplog.records if "test and predict read the val split" in r.getMessage()]
+    assert len(said) == 1 and str(image_folder_root / "val") in said[0]
 
 
 def test_image_folder_train_samples_without_augmentation_read_the_same_every_time(image_folder_root: Path) -> None:

@@ -51,8 +51,8 @@ Every run has the same data, seed_everything and training budget (the trainer's 
 min_steps, max_time, limit_train_batches, accumulate_grad_batches, fast_dev_run and its EarlyStopping callbacks;
 other callbacks are not compared), or compare stops before any run trains. A `checkpoint:` run is evaluated, not
 trained: where the config.yaml of its checkpoint's run folder holds another budget (or there is none), that is said.
-A run the spec lists that equals another in every setting (config, args, checkpoint) is refused; a declared twin
-that does is dropped, and said so.
+A run the spec lists that equals another in every setting (config, args, checkpoint) runs too (a check that runs
+reproduce: their rows should agree), which is said; a declared twin that does is dropped, and said so.
 
 A spec's keys are name, args, runs and explain; a run's are config, args, checkpoint and twin (a twin takes no args
 of its own: it is the declared twin of its config). Any other key is refused before any run trains.
