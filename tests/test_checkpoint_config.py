@@ -214,3 +214,64 @@ def test_a_resumed_fit_with_other_model_settings_is_refused_and_resume_free_ones
     assert torch.load(last, weights_only=True)["zoo_model_settings"]["model.init_args.nonfinite_loss"] == "skip"
     cli = main(["fit", "--config", str(run / "config.yaml"), "--ckpt_path=last", "--trainer.max_epochs=3"])
     assert cli.trainer.current_epoch == 3
+
+
+def test_a_resumed_fit_with_other_data_settings_is_refused_and_where_the_files_are_may_change(
+        in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """A fit resumed with another batch size or data seed went on at its batch position in other batches of other
+    samples, mixing two datasets in one run, silently. Refused, naming each setting and both values (`last` and a
+    file alike); the loader's worker count (and a dataset folder that moved) may change."""
+    config = str(REPO / "configs/baselines/parts_world.yaml")
+    main(["fit", "--config", config, *TINY_WORLD, *ONE_STEP, "--trainer.callbacks=[]",
+          "--trainer.logger.init_args.name=run"])
+    last = in_tmp_dir / "checkpoints" / "run" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    resume = ["fit", "--config", config, *TINY_WORLD, *ONE_STEP, "--trainer.max_epochs=2", "--trainer.callbacks=[]",
+              "--trainer.logger.init_args.name=run"]
+    for given in (f"--ckpt_path={last}", "--ckpt_path=last"):
+        error = refused(capsys, [*resume, given, "--data.init_args.batch_size=4", "--data.init_args.seed=5"])
+        assert "batch_size: 8 in the checkpoint, 4 here" in error and "seed: 0 in the checkpoint, 5 here" in error, error
+        assert "resumed fit goes on with the data its run was trained on" in error, error
+    assert last.read_bytes() == before
+    cli = main([*resume, "--ckpt_path=last", "--data.init_args.num_workers=1"])
+    assert cli.trainer.current_epoch == 2 and cli.datamodule.hparams.num_workers == 1
+
+
+def test_a_resumed_fit_with_a_null_model_kwargs_and_a_default_entry_builds_the_same_model(
+        in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """A config without model_kwargs (null, as the baselines') resumed with an entry at the model's default was
+    refused ("model_kwargs: None in the checkpoint, (not set) here"): an empty mapping is no difference, its entries
+    are compared one by one (another value is refused, naming the entry alone)."""
+    config = str(REPO / "configs/baselines/parts_world.yaml")
+    run = ["--config", config, *TINY_WORLD, *ONE_STEP, "--trainer.callbacks=[]", "--trainer.logger.init_args.name=run"]
+    main(["fit", *run])
+    error = refused(capsys, ["fit", *run, "--trainer.max_epochs=2", "--ckpt_path=last",
+                             "--model.init_args.model_kwargs.drop_rate=0.5"])
+    assert "model_kwargs.drop_rate: 0 in the checkpoint, 0.5 here" in error and "model_kwargs: " not in error, error
+    cli = main(["fit", *run, "--trainer.max_epochs=2", "--ckpt_path=last", "--model.init_args.model_kwargs.drop_rate=0"])
+    assert cli.trainer.current_epoch == 2
+
+
+def test_a_moved_helper_file_given_anew_applies_on_resume_through_a_checkpoint_file(in_tmp_dir: Path) -> None:
+    """`*_checkpoint` files may change on resume (they moved; the checkpoint holds the helper's weights), but through
+    `--ckpt_path FILE` Lightning put the checkpoint's old path back over the given one and the System read it:
+    "Weight file 'bb1.pt' does not exist". Now the given path applies and nothing is read while a checkpoint's
+    weights will replace the System's."""
+    from zoo.l2x.system import L2XSystem
+    from zoo.weights import checkpoint_replaces_weights
+
+    torch.manual_seed(0)
+    helper = L2XSystem(data_inputs={"num_features": 10}, model_kwargs={"k": 2})
+    torch.save(helper.state_dict(), in_tmp_dir / "bb1.pt")
+    config = str(REPO / "configs/l2x/xor.yaml")
+    run = ["--config", config, *ONE_STEP, "--trainer.callbacks=[]", "--trainer.logger.init_args.name=run",
+           "--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.num_test=32",
+           "--data.init_args.batch_size=32", "--model.init_args.evaluator_epochs=0"]
+    main(["fit", *run, "--model.init_args.black_box_checkpoint=bb1.pt"])
+    (in_tmp_dir / "bb1.pt").rename(in_tmp_dir / "bb2.pt")
+    last = in_tmp_dir / "checkpoints" / "run" / "checkpoints" / "last.ckpt"
+    cli = main(["fit", *run, "--trainer.max_epochs=2", f"--ckpt_path={last}",
+                "--model.init_args.black_box_checkpoint=bb2.pt"])
+    assert cli.trainer.current_epoch == 2 and cli.model.hparams.black_box_checkpoint == "bb2.pt"
+    with checkpoint_replaces_weights():  # a file that is gone is not read when a checkpoint replaces the weights
+        L2XSystem(data_inputs={"num_features": 10}, model_kwargs={"k": 2}, black_box_checkpoint="gone.pt")

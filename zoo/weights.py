@@ -500,6 +500,28 @@ def check_data_fits_checkpoint(held: dict[str, Any], given: dict[str, Any], sour
                                   f"from. {hint}")
 
 
+# Datamodule settings a resumed fit may change: where the files are (a dataset folder that moved) and how batches
+# are loaded; every other one decides which samples the rest of the run trains and validates on, in which batches
+DATA_RESUME_FREE = ("root", "path", "sentences_root", "num_workers", "pin_memory")
+
+
+def check_data_fit_resumes(held: dict[str, Any], given: dict[str, Any], source: str, hint: str) -> None:
+    """Refuse a fit resumed with other data settings than its run was trained with (another batch size, split size,
+    data seed, world): Lightning restores the epoch and the batch position inside it, which then index other
+    batches of other samples, and the rest of the run mixes the two datasets, silently. Settings both the checkpoint's
+    datamodule (`held`) and this run's (`given`) name are compared, but `DATA_RESUME_FREE` ones."""
+    changed = [key for key in held if key in given and key not in DATA_RESUME_FREE and
+               not _same_setting(key, held[key], given[key])]
+    if changed:
+        lines = "; ".join(f"{key}: {_shown(held[key])} in the checkpoint, {_shown(given[key])} here"
+                          for key in changed[:6])
+        more = f"; and {len(changed) - 6} more" if len(changed) > 6 else ""
+        raise CheckpointError(f"{source}: a resumed fit goes on with the data its run was trained on, and this run's "
+                              f"data settings differ ({lines}{more}); the run would go on at its batch position in "
+                              f"other batches of other samples. {hint} Or start a new run without --ckpt_path "
+                              f"(the data's {', '.join(DATA_RESUME_FREE)} may change on resume).")
+
+
 def check_class_names(held: list[str] | None, given: list[str] | None, source: str, hint: str) -> None:
     """Refuse data whose class names (in class-id order) are not those a checkpoint was trained with: its class ids
     would be read as other classes (labels scored and predictions named wrongly). Skipped where either is unknown or
@@ -639,6 +661,13 @@ def _settles(key: str, settings: dict[str, Any]) -> bool:
             or any(other.startswith(parent + ".") for parent in kwargs for other in settings))
 
 
+def _empty_kwargs(key: str, settings: dict[str, Any]) -> bool:
+    """Whether flat `settings` give the `*_kwargs` mapping `key` no entry: None, {} or no value (its entries, where
+    it has any, are keys of their own): `model_kwargs: null` and an entry at the model's default on the other side
+    build the same model, so the mapping itself is not a difference; its entries are compared one by one."""
+    return key.endswith("_kwargs") and settings.get(key) in (None, {})
+
+
 def check_settings_fit_checkpoint(held: dict[str, Any] | None, given: dict[str, Any] | None, source: str,
                                   hint: str) -> None:
     """Refuse a resumed fit whose model settings (`model_settings`: the System's init arguments, loss, optimiser,
@@ -649,7 +678,8 @@ def check_settings_fit_checkpoint(held: dict[str, Any] | None, given: dict[str, 
     before checkpoints kept their settings is not checked."""
     if held is None or given is None:
         return
-    changed = [key for key in dict.fromkeys([*held, *given]) if not resume_free(key) and (
+    changed = [key for key in dict.fromkeys([*held, *given]) if not resume_free(key) and not (
+        _empty_kwargs(key, held) and _empty_kwargs(key, given)) and (
         held[key] != given[key] if key in held and key in given else _settles(key, held if key in given else given))]
     if not changed:
         return

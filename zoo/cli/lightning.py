@@ -354,26 +354,31 @@ class ZooCLI(LightningCLI):
 
     def check_data_fits_checkpoint(self, path: str) -> None:
         """validate / test / predict of checkpoint `path`, or a fit resumed from it, with data that gives its model
-        other inputs than it was trained on are refused, naming the setting and both values (Lightning copies the
+        other inputs than it was trained on are refused, and a fit resumed with any other data setting but those
+        `zoo.weights.DATA_RESUME_FREE` names, naming the setting and both values (Lightning copies the
         checkpoint's model hyperparameters over the config, but the data's, and the class names and image size the
         CLI links from the data, are this run's): an `INPUT_SETTINGS` value of the checkpoint's saved datamodule
         (normalisation, image size, ...; `mean: pretrained` resolved with the model's backbone, as in training), the
         class names in class-id order, and the image size a model is built for (ICNN). Without a saved datamodule (a
         model trained from Python without one) only the model's are compared."""
         from zoo.registry import check_same_model
-        from zoo.weights import MODEL_KEYS, check_class_names, check_data_fits_checkpoint, model_spec, read_checkpoint
+        from zoo.weights import (MODEL_KEYS, check_class_names, check_data_fit_resumes, check_data_fits_checkpoint,
+                                 model_spec, read_checkpoint)
 
         held = self.checkpoint_hparams if self.checkpoint_hparams is not None else saved_hparams(read_checkpoint(path))
         saved, data = held["hyper_parameters"], held["datamodule_hyper_parameters"]
         source, hint = f"--ckpt_path {path!r}", run_config_hint(path)
         if data:
-            check_data_fits_checkpoint(self.saved_data_settings(data, saved), self.data_settings(), source, hint)
+            data, given = self.saved_data_settings(data, saved), self.data_settings()
+            check_data_fits_checkpoint(data, given, source, hint)
         hparams = getattr(self.model, "hparams", {})
         if "model_name" in saved:
             # every constructor input: a series' channel count is in data_inputs, not in_chans (`built_in_chans`)
             check_same_model(model_spec(saved), {k: hparams.get(k) for k in MODEL_KEYS}, source)
         check_class_names(saved.get("class_names"), hparams.get("class_names"), source,
                           "Give it data of those classes, in that order (their class ids).")
+        if data and self.subcommand == "fit":  # a resumed fit goes on with the same samples in the same batches
+            check_data_fit_resumes(data, given, source, hint)
 
     def check_settings_fit_checkpoint(self, path: str) -> None:
         """A fit resumed from checkpoint `path` (a file or `last`) with other model settings than its run was
@@ -458,15 +463,16 @@ class ZooCLI(LightningCLI):
             self.keep_given_resume_free_settings(self.config[subcommand].get("model"))
 
     def keep_given_resume_free_settings(self, model: Any) -> None:
-        """The System options a resumed fit may change (`zoo.weights.RESUME_FREE`: torch.compile, the non-finite
-        loss policy, to skip the batch a run died on) as this run gives them, not as Lightning copied them from the
-        `--ckpt_path` file's hyperparameters (`--ckpt_path last` copies none)."""
-        from zoo.weights import RESUME_FREE
+        """The System options a resumed fit may change (`zoo.weights.resume_free`: torch.compile, the non-finite
+        loss policy, to skip the batch a run died on, and the files that only give starting weights or helpers, which
+        may have moved) as this run gives them, not as Lightning copied them from the `--ckpt_path` file's
+        hyperparameters (`--ckpt_path last` copies none)."""
+        from zoo.weights import resume_free
 
         init_args = getattr(model, "init_args", None)
-        for key in RESUME_FREE:
+        for key in list(init_args.keys()) if init_args is not None else []:
             given = f"model.init_args.{key}"
-            if init_args is not None and key in init_args and given in self.given_model_settings:
+            if resume_free(given) and given in self.given_model_settings:  # `*_checkpoint` files too (they moved)
                 init_args[key] = self.given_model_settings[given]
 
 

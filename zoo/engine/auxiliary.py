@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from zoo.fingerprints import file_fingerprint, folder_fingerprint, written_by_runs
-from zoo.weights import load_module_weights
+from zoo.weights import load_module_weights, weights_will_be_replaced
 
 
 @dataclass
@@ -209,7 +209,11 @@ def _trainer_like(trainer: pl.Trainer, folder: Path, name: str, epochs: int) -> 
 def load_auxiliary_checkpoints(system: Any) -> None:
     """Load every auxiliary of `system` that names a `checkpoint` and is not ready, and mark it ready. A System may
     call this at the end of its __init__, so that a bad file fails at once and validate/test/predict work without a
-    fit; `prepare_auxiliaries` calls it too."""
+    fit; `prepare_auxiliaries` calls it too. Nothing is read while a checkpoint's weights will replace the System's
+    (`zoo.weights.weights_will_be_replaced`: a resumed fit, `--ckpt_path`, `load_from_checkpoint`): the auxiliaries'
+    weights and ready flags come from it, and the file may have moved."""
+    if weights_will_be_replaced():
+        return
     for aux in system.auxiliaries():
         ready = aux.ready_flag(system)
         if aux.checkpoint is not None and not bool(ready):
