@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
@@ -89,17 +89,16 @@ class FolderDataset(Dataset):
         return {"image": self.transform(read_rgb(path)), "label": torch.tensor(label), "index": torch.tensor(index)}
 
 
-def scan_folder(root: Path, split: str, note: str = "") -> ImageFolder:
-    """The images of `root/split`; a missing or empty folder raises with the layout, `note` added to the problem."""
+def scan_folder(root: Path, split: str) -> ImageFolder:
+    """The images of `root/split`; a missing or empty folder raises with the layout."""
     split_dir = root / split
     if not split_dir.is_dir():
-        raise DatasetLayoutError(f"ImageFolder split folder {str(split_dir)!r} does not exist.{note}",
-                                 IMAGE_FOLDER_LAYOUT)
+        raise DatasetLayoutError(f"ImageFolder split folder {str(split_dir)!r} does not exist.", IMAGE_FOLDER_LAYOUT)
     try:
         return VisibleImageFolder(str(split_dir), loader=read_rgb, is_valid_file=lambda path: visible(path, split_dir)
                                   and has_file_allowed_extension(path, IMG_EXTENSIONS))
     except FileNotFoundError as err:
-        raise DatasetLayoutError(f"{str(split_dir)!r} holds no class folders with images ({err}).{note}",
+        raise DatasetLayoutError(f"{str(split_dir)!r} holds no class folders with images ({err}).",
                                  IMAGE_FOLDER_LAYOUT) from err
 
 
@@ -142,35 +141,51 @@ class ImageFolderDataModule(DictDataModule):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetLayoutError(f"ImageFolder root {root!r} does not exist.", IMAGE_FOLDER_LAYOUT)
-        # test_dir None: the README's layout root/{train,val[,test]}: test/ where it is there (it was never read:
-        # test and predict read val/ and said nothing), else val/
-        self.test_found = test_dir is None and (self.root / DEFAULT_TEST_DIR).is_dir()
-        self.test_falls_back = test_dir is None and not self.test_found
-        test = test_dir or (DEFAULT_TEST_DIR if self.test_found else val_dir)
-        self.split_dirs = {"train": train_dir, "val": val_dir, "test": test}
-        found = (f" test_dir is not set and {str(self.root / test)!r} exists, so test and predict read it; set "
-                 f"test_dir: {val_dir} to read the val split instead.") if self.test_found else ""
-        self.folders = {split: scan_folder(self.root, d, found if split == "test" else "")
-                        for split, d in self.split_dirs.items()}
+        self.split_dirs = {"train": train_dir, "val": val_dir, "test": test_dir or val_dir}
+        self.folders = {split: scan_folder(self.root, d) for split, d in self.split_dirs.items()}
         self.classes = self.folders["train"].classes
         for split, folder in self.folders.items():
             if folder.classes != self.classes:
                 raise DatasetLayoutError(
                     f"Split {split!r} ({str(self.root / self.split_dirs[split])!r}) has classes {folder.classes}, "
-                    f"train has {self.classes}: they must match.{found if split == 'test' else ''}",
-                    IMAGE_FOLDER_LAYOUT)
+                    f"train has {self.classes}: they must match.", IMAGE_FOLDER_LAYOUT)
+        # test_dir None: the README's layout root/{train,val[,test]}: test/ where it is there and laid out as train/
+        # (it was never read: test and predict read val/ and said nothing), else val/, said when first read
+        self.test_note: str | None = None
+        if test_dir is None:
+            self.test_note = self.find_test_folder(val_dir)
         self.test_folder_said = False
         self.num_classes, self.image_size, self.augment = len(self.classes), image_size, augment
         self.class_names = self.classes
 
+    def find_test_folder(self, val_dir: str) -> str | None:
+        """With test_dir unset: the test split reads `root/test` where it holds train's class folders; else it reads
+        the val split, and what is returned is what the first read of the test split says (None: nothing to say). A
+        test/ laid out otherwise (unlabelled images, some classes only, empty) is not an error, as it was not before
+        test/ was read: fit never reads the test split."""
+        val = str(self.root / val_dir)
+        if not (self.root / DEFAULT_TEST_DIR).is_dir():
+            return f"no {DEFAULT_TEST_DIR!r} folder in {str(self.root)!r} (and test_dir is not set): test and " \
+                   f"predict read the val split, {val!r}."
+        try:
+            folder = scan_folder(self.root, DEFAULT_TEST_DIR)
+        except DatasetLayoutError as err:
+            problem = str(err).split("\n", 1)[0]
+        else:
+            if folder.classes == self.classes:
+                self.split_dirs["test"], self.folders["test"] = DEFAULT_TEST_DIR, folder
+                return None
+            problem = f"its classes {folder.classes} are not train's {self.classes}"
+        return f"{str(self.root / DEFAULT_TEST_DIR)!r} is not laid out as train/ ({problem}), so test and predict " \
+               f"read the val split, {val!r}; set test_dir: {DEFAULT_TEST_DIR} to be refused with what is wrong."
+
     def split_samples(self, split: str) -> Dataset:
-        """`DictDataModule.split_samples`; the first read of the test split (test, predict) without a test folder
-        says, once and on rank zero, that it reads the val folder."""
-        if split == "test" and self.test_falls_back and not self.test_folder_said:
+        """`DictDataModule.split_samples`; the first read of the test split (test, predict) that reads the val folder
+        says so and why (`find_test_folder`), once and on rank zero."""
+        if split == "test" and self.test_note is not None and not self.test_folder_said:
             self.test_folder_said = True
-            rank_zero_info(f"ImageFolderDataModule: no {DEFAULT_TEST_DIR!r} folder in {str(self.root)!r} (and "
-                           f"test_dir is not set): test and predict read the val split, "
-                           f"{str(self.root / self.split_dirs['val'])!r}.")
+            say = rank_zero_info if self.test_note.startswith("no ") else rank_zero_warn  # a test/ that misfits: warned
+            say(f"ImageFolderDataModule: {self.test_note}")
         return super().split_samples(split)
 
     def sample_names(self, split: str) -> list[str]:

@@ -220,10 +220,14 @@ def test_a_resumed_fit_with_other_data_settings_is_refused_and_where_the_files_a
         in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
     """A fit resumed with another batch size or data seed went on at its batch position in other batches of other
     samples, mixing two datasets in one run, silently. Refused, naming each setting and both values (`last` and a
-    file alike); the loader's worker count (and a dataset folder that moved) may change."""
+    file alike); the loader's worker count, the test split's size (and a dataset folder that moved) may change. A
+    starting-weight file that moved, given anew inside model_kwargs, is what the resumed run records (the file's
+    hyperparameters put the old path back)."""
     config = str(REPO / "configs/baselines/parts_world.yaml")
+    torch.save(zoo.create_model("baseline_tinycnn", num_classes=6).state_dict(), in_tmp_dir / "a.pth")
     main(["fit", "--config", config, *TINY_WORLD, *ONE_STEP, "--trainer.callbacks=[]",
-          "--trainer.logger.init_args.name=run"])
+          "--trainer.logger.init_args.name=run", "--model.init_args.model_kwargs.pretrained_path=a.pth"])
+    (in_tmp_dir / "a.pth").rename(in_tmp_dir / "b.pth")
     last = in_tmp_dir / "checkpoints" / "run" / "checkpoints" / "last.ckpt"
     before = last.read_bytes()
     resume = ["fit", "--config", config, *TINY_WORLD, *ONE_STEP, "--trainer.max_epochs=2", "--trainer.callbacks=[]",
@@ -233,8 +237,12 @@ def test_a_resumed_fit_with_other_data_settings_is_refused_and_where_the_files_a
         assert "batch_size: 8 in the checkpoint, 4 here" in error and "seed: 0 in the checkpoint, 5 here" in error, error
         assert "resumed fit goes on with the data its run was trained on" in error, error
     assert last.read_bytes() == before
-    cli = main([*resume, "--ckpt_path=last", "--data.init_args.num_workers=1"])
+    cli = main([*resume, f"--ckpt_path={last}", "--data.init_args.num_workers=1", "--data.init_args.num_test=16",
+                "--model.init_args.model_kwargs.pretrained_path=b.pth"])
     assert cli.trainer.current_epoch == 2 and cli.datamodule.hparams.num_workers == 1
+    saved = torch.load(last, weights_only=True)
+    assert saved["hyper_parameters"]["model_kwargs"]["pretrained_path"] == "b.pth"
+    assert saved["datamodule_hyper_parameters"]["num_test"] == 16
 
 
 def test_a_resumed_fit_with_a_null_model_kwargs_and_a_default_entry_builds_the_same_model(

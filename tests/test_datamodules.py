@@ -163,9 +163,16 @@ def test_image_folder_test_and_predict_read_a_test_folder_else_val(image_folder_
     with pytest.raises(DatasetLayoutError, match=r"split folder '.*elsewhere' does not exist"):
         ImageFolderDataModule(str(image_folder_root), test_dir="elsewhere")
 
-    shutil.rmtree(image_folder_root / "test" / "dog")  # test's classes are checked against train's, as val's
-    with pytest.raises(DatasetLayoutError, match=r"Split 'test' .* has classes \['cat'\].*set test_dir: val"):
-        ImageFolderDataModule(str(image_folder_root))
+    shutil.rmtree(image_folder_root / "test" / "dog")  # a test/ laid out otherwise: val/, warned when read
+    dm = ImageFolderDataModule(str(image_folder_root), image_size=16, batch_size=4)  # fit never reads it: no error
+    with pytest.warns(UserWarning, match=r"test' is not laid out as train/ \(its classes \['cat'\].*read the val"):
+        assert files(dm.test_dataloader(), dm)[0] == "val/cat/0.png"
+    with pytest.raises(DatasetLayoutError, match=r"Split 'test' .* has classes \['cat'\]"):  # given: checked
+        ImageFolderDataModule(str(image_folder_root), test_dir="test")
+    shutil.rmtree(image_folder_root / "test" / "cat")  # an empty test/ alike
+    dm = ImageFolderDataModule(str(image_folder_root), image_size=16, batch_size=4)
+    with pytest.warns(UserWarning, match=r"not laid out as train/ \(.*holds no class folders"):
+        assert files(dm.predict_dataloader(), dm)[0] == "val/cat/0.png"
 
     shutil.rmtree(image_folder_root / "test")
     dm = ImageFolderDataModule(str(image_folder_root), image_size=16, batch_size=4)

@@ -500,16 +500,20 @@ def check_data_fits_checkpoint(held: dict[str, Any], given: dict[str, Any], sour
                                   f"from. {hint}")
 
 
-# Datamodule settings a resumed fit may change: where the files are (a dataset folder that moved) and how batches
-# are loaded; every other one decides which samples the rest of the run trains and validates on, in which batches
-DATA_RESUME_FREE = ("root", "path", "sentences_root", "num_workers", "pin_memory")
+# Datamodule settings a resumed fit may change: where the files are (a dataset folder that moved), how batches are
+# loaded and what the test split is (its size, folder or VOC split: the train and val samples do not depend on them,
+# each world draws its splits apart; not `test_fraction`, which is carved out of the training pool); every other one
+# decides which samples the rest of the run trains and validates on, in which batches
+DATA_RESUME_FREE = ("root", "path", "sentences_root", "num_workers", "pin_memory", "num_test", "test_dir",
+                    "test_split")
 
 
 def check_data_fit_resumes(held: dict[str, Any], given: dict[str, Any], source: str, hint: str) -> None:
     """Refuse a fit resumed with other data settings than its run was trained with (another batch size, split size,
     data seed, world): Lightning restores the epoch and the batch position inside it, which then index other
     batches of other samples, and the rest of the run mixes the two datasets, silently. Settings both the checkpoint's
-    datamodule (`held`) and this run's (`given`) name are compared, but `DATA_RESUME_FREE` ones."""
+    datamodule (`held`) and this run's (`given`) name are compared, but `DATA_RESUME_FREE` ones (the files' place,
+    loading, the test split)."""
     changed = [key for key in held if key in given and key not in DATA_RESUME_FREE and
                not _same_setting(key, held[key], given[key])]
     if changed:

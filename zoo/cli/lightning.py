@@ -470,10 +470,16 @@ class ZooCLI(LightningCLI):
         from zoo.weights import resume_free
 
         init_args = getattr(model, "init_args", None)
-        for key in list(init_args.keys()) if init_args is not None else []:
-            given = f"model.init_args.{key}"
-            if resume_free(given) and given in self.given_model_settings:  # `*_checkpoint` files too (they moved)
-                init_args[key] = self.given_model_settings[given]
+        prefix = "model.init_args."
+        for key, value in self.given_model_settings.items():
+            if init_args is None or not key.startswith(prefix) or not resume_free(key):
+                continue
+            *parents, leaf = key.removeprefix(prefix).split(".")  # model_kwargs.pretrained_path: a dict entry
+            holder = init_args
+            for parent in parents:  # through Namespaces and plain dicts alike
+                holder = holder.get(parent) if hasattr(holder, "get") else None
+            if holder is not None and hasattr(holder, "__setitem__"):
+                holder[leaf] = value
 
 
 class ParsedCLI(ZooCLI):
