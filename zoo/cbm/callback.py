@@ -111,7 +111,8 @@ class InterventionCallback(pl.Callback):
     and k counts groups; the table names the group corrected k-th.
 
     Args:
-        values: "percentile" (the paper's 5th / 95th percentile logits) or "hard" (0 / 1); None: "hard" for concept
+        values: "percentile" (5th / 95th percentile logits: Koh et al.'s for an f reading logits, carried through
+            the zoo's sigmoid; `zoo.cbm.intervene`) or "hard" (0 / 1); None: "hard" for concept
             embedding models (CEM's interventions) and for mode "independent" (f was trained on the true 0/1
             concepts, as Koh et al.'s tti.py corrects such models), "percentile" otherwise.
         seed: the random order(s) of the corrected concepts.

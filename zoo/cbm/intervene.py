@@ -12,10 +12,12 @@ Departs: Koh et al.'s tti.py groups consecutive attributes sharing their name's 
 groups on CUB's attributes.txt) and draws each image's groups at random afresh for each k; here one order holds for
 every image and the groups corrected at k include those corrected at k - 1.
 
-A corrected concept's probability becomes the truth: "percentile" (the paper, for sigmoid bottlenecks) sets its
-logit to the 5th percentile of that concept's predicted logits when absent and the 95th when present; "hard" sets
-the probability to 0 / 1 (CEM's interventions, and Koh et al.'s tti.py for a bottleneck whose f was trained on the
-true 0/1 concepts: the independent model). Departs: the percentiles are taken over the evaluated data, not the
+A corrected concept's probability becomes the truth: "percentile" sets its logit to the 5th percentile of that
+concept's predicted logits when absent and the 95th when present (Koh et al.'s values for an f that reads the concept
+logits; the zoo's f reads their sigmoid, for which the authors' tti.py sets 0 / 1: the percentiles carried through
+the sigmoid are the zoo's choice, the default for joint and sequential models); "hard" sets the probability to 0 / 1
+(CEM's interventions, tti.py for a sigmoid bottleneck, and for one whose f was trained on the true 0/1 concepts: the
+independent model). Departs: the percentiles are taken over the evaluated data, not the
 training set, unless `percentiles` are given.
 """
 
