@@ -176,8 +176,11 @@ def test_bad_settings_are_clear_errors() -> None:
 
 
 def test_part_metrics_match_hand_computed_values() -> None:
-    """Two 8x8 images, one part each (type 5 on the left half, type 7 on the right half), two units: unit 0 fires on
-    the left on both images (consistent: type 5 then background), unit 1 fires left then right."""
+    """Two 8x8 images, one part each (type 5 on the left half of image 0, type 7 on the right half of image 1), two
+    units: unit 0 fires on the left on both images, unit 1 left then right. Huang et al.'s consistency counts a part
+    over the images where it is present: unit 0 touches type 5 on the one image that has it (type 7's image: it
+    touches nothing), unit 1 touches type 5 and type 7 wherever they are: both consistent. Purity (one part type the
+    most overlapped on 80 % of all the images) scores neither."""
     masks = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
     masks[0, 0, :, :4] = True  # image 0: part type 5 on the left half
     masks[1, 0, :, 4:] = True  # image 1: part type 7 on the right half
@@ -191,15 +194,109 @@ def test_part_metrics_match_hand_computed_values() -> None:
     metric.update(maps[:1], units[:1], masks[:1], types[:1], noisy[:1])  # two updates: states add up
     metric.update(maps[1:], units[1:], masks[1:], types[1:], noisy[1:])
     scores = metric.compute()
-    # unit 0: type 5, then background (no overlap): top share 1/2; unit 1: type 5, then type 7: top share 1/2
-    assert scores["consistency"] == 0.0
+    # touched / present: unit 0: type 5 1/1, type 7 0/1; unit 1: type 5 1/1, type 7 1/1
+    assert scores["consistency"] == 1.0
+    assert metric.touched[:, [5, 7]].tolist() == [[1, 0], [1, 1]] and metric.present[:, [5, 7]].tolist() == [[1, 1]] * 2
+    # purity: unit 0: type 5, then background (no overlap): top share 1/2; unit 1: type 5, then type 7: top share 1/2
+    assert scores["purity"] == 0.0
     # IoU: unit 0: 1 (left = part), 0; unit 1: 1, 1 -> mean over units of (0.5, 1.0)
     assert scores["iou"] == pytest.approx(0.75)
-    # stable: unit 0 image 0 left -> right (part -> background): no; image 1 left -> left: yes; unit 1: both yes
+    # stable: unit 0 image 0 left -> right ({5} -> {}): no; image 1 left -> left: yes; unit 1: both yes
     assert scores["stability"] == pytest.approx((0.5 + 1.0) / 2)
     single = PartConsistency(num_units=2, num_part_types=8, quantile=0.5)
     single.update(maps[:1], units[:1], masks[:1], types[:1])
-    assert single.compute()["consistency"] == 1.0  # one image each: both units hit type 5 every time
+    assert single.compute()["consistency"] == 1.0  # one image each: both units touch type 5 every time
+
+
+def two_part_images(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` 8x8 images with part type 1 on the left half and type 2 on the right half: masks (count, 2, 8, 8),
+    types (count, 2)."""
+    masks = torch.zeros(count, 2, 8, 8, dtype=torch.bool)
+    masks[:, 0, :, :4], masks[:, 1, :, 4:] = True, True
+    return masks, torch.tensor([[1, 2]]).expand(count, 2)
+
+
+def test_part_consistency_is_huangs_any_part_touched_rule() -> None:
+    """Huang et al. (CVPR 2023, `evaluate_consistency`): every part the region touches counts, per part over the
+    images where it is present, consistent when any part reaches 0.8. A region covering both parts on every image
+    with its boundary moving (most overlap on part 1 on 5 images, on part 2 on the others) is consistent (the zoo's
+    earlier one-part rule scored it 0: a 5 / 5 split); one on part 1 on 7 images and part 2 on 3 is not (0.7, 0.3)."""
+    count = 10
+    masks, types = two_part_images(count)
+    straddle = torch.zeros(count, 1, 8, 8)
+    for image in range(count):  # 3 columns on one side of the boundary, 1 on the other, the side alternating
+        low, high = (1, 5) if image % 2 else (3, 7)
+        straddle[image, 0, :, low:high] = 1.0
+    units = torch.zeros(count, 1, dtype=torch.long)
+    metric = PartConsistency(num_units=1, num_part_types=4, quantile=0.5)
+    metric.update(straddle, units, masks, types)
+    scores = metric.compute()
+    assert scores["consistency"] == 1.0 and scores["purity"] == 0.0
+    assert metric.touched[0, 1:3].tolist() == [count, count] and metric.hits[0, 1:3].tolist() == [5, 5]
+    split = torch.zeros(count, 1, 8, 8)
+    split[:7, 0, :, :4], split[7:, 0, :, 4:] = 1.0, 1.0  # part 1 on 7 images, part 2 on 3: each present in all 10
+    metric = PartConsistency(num_units=1, num_part_types=4, quantile=0.5)
+    metric.update(split, units, masks, types)
+    assert metric.compute()["consistency"] == 0.0
+    # a part absent from some images counts over the images where it is present: part 1 absent from the 3 images
+    # where the region lies on part 2, so touched on 7 of 7 (not 7 of the class's 10): consistent
+    masks[7:, 0] = False
+    metric = PartConsistency(num_units=1, num_part_types=4, quantile=0.5)
+    metric.update(split, units, masks, types)
+    assert metric.compute()["consistency"] == 1.0
+    assert metric.touched[0, 1].item() == 7 and metric.present[0, 1].item() == 7
+
+
+@pytest.mark.parametrize("head", ["prototypes", "linear"])
+def test_add_on_layers_start_as_the_authors_code(head: str) -> None:
+    """cfchen-duke/ProtoPNet `_initialize_weights`: the add-on convs Kaiming-normal, fan-out, ReLU gain (std
+    sqrt(2 / fan_out)), zero biases; the twin's add-on layers alike. PyTorch's default (uniform, fan-in, a = sqrt(5))
+    gives std 1 / sqrt(3 fan_in) and non-zero biases."""
+    torch.manual_seed(0)
+    net = zoo.create_model("protopnet_tinycnn", num_classes=NUM_CLASSES, prototype_channels=256, head=head,
+                           add_on=True)
+    convs = [layer for layer in net.add_on if isinstance(layer, torch.nn.Conv2d)]
+    assert len(convs) == 2
+    for conv in convs:
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        assert (conv.bias == 0).all()
+        assert conv.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.05)
+        assert abs(conv.weight.mean().item()) < 0.01
+
+
+def test_stability_noise_is_huangs_clipped_gaussian(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Huang et al.'s `perturb_img`: N(0, 0.2) noise clipped to +-0.25, added to the images the model takes."""
+    system = ProtoPNetSystem(model_name="protopnet_tinycnn", num_classes=2, image_size=64,
+                             model_kwargs={"prototypes_per_class": 1, "prototype_channels": 8}).eval()
+    seen = []
+    forward = system.model.forward
+    monkeypatch.setattr(system.model, "forward", lambda images: seen.append(images) or forward(images))
+    masks = torch.zeros(2, 1, 64, 64, dtype=torch.bool)
+    masks[:, :, 8:16, 8:16] = True
+    batch = {"image": torch.rand(2, 3, 64, 64), "label": torch.tensor([0, 1]), "part_masks": masks,
+             "part_types": torch.ones(2, 1, dtype=torch.long), "index": torch.tensor([3, 4])}
+    with torch.no_grad():
+        system.update_metrics(system.forward_batch(batch, "val"), batch, "val")
+    noise = seen[-1] - batch["image"]  # (B, C, H, W)
+    assert noise.abs().max().item() == pytest.approx(0.25) and (noise.abs() > 0.2499).float().mean() > 0.15
+    assert noise.std().item() == pytest.approx(0.163, abs=0.005)  # N(0, 0.2) clipped at 1.25 sigma: std 0.163
+    assert (system.stability_noise, system.stability_noise_clip) == (0.2, 0.25)
+    with pytest.raises(ValueError, match="stability_noise_clip must be > 0"):
+        ProtoPNetSystem("protopnet_tinycnn", num_classes=2, stability_noise_clip=0)
+
+
+def test_part_stability_compares_the_touched_part_vectors() -> None:
+    """Huang et al.'s `evaluate_stability`: an image is stable when the set of parts its region touches is the same
+    with noise. A region on part 1 that grows over part 2 under noise keeps part 1 as the part it overlaps most (the
+    zoo's earlier rule: stable) but touches another part: unstable."""
+    masks, types = two_part_images(2)
+    clean, noisy = torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+    clean[:, 0, :, :4] = 1.0  # both images: on part 1 only
+    noisy[0, 0, :, :4] = 1.0  # image 0 unchanged
+    noisy[1, 0, :, 1:5] = 1.0  # image 1: mostly part 1, and one column of part 2
+    metric = PartConsistency(num_units=1, num_part_types=4, quantile=0.5)
+    metric.update(clean, torch.zeros(2, 1, dtype=torch.long), masks, types, noisy)
+    assert metric.compute()["stability"] == 0.5
 
 
 def test_own_explanation_is_the_evidence_for_the_class_upsampled() -> None:

@@ -1,6 +1,7 @@
 """ProtoPNet (Chen, Li, Tao, Barnett, Su, Rudin: "This Looks Like That", NeurIPS 2019) on any zoo backbone.
 
-x -> backbone top map -> `add_on` (1x1 conv, ReLU, 1x1 conv, Sigmoid: D channels) -> latent map z (B, D, h, w)
+x -> backbone top map -> `add_on` (1x1 conv, ReLU, 1x1 conv, Sigmoid: D channels; Kaiming-normal fan-out
+weights, zero biases, as the authors' code) -> latent map z (B, D, h, w)
 -> `prototypes` (m per class, each a 1x1 patch p_j in R^D owned by one class): squared distances
 d_j(h, w) = ||z(h, w) - p_j||^2 = ||z||^2 - 2 z.p_j + ||p_j||^2 (one 1x1 convolution for every prototype) -> min
 over positions -> similarity g_j = log((d_j + 1) / (d_j + eps)) -> `last_layer` (linear P -> C, no bias; w = 1 to
@@ -106,6 +107,10 @@ class ProtoPNet(nn.Module):
             nn.Conv2d(width, prototype_channels, 1), nn.ReLU(),
             nn.Conv2d(prototype_channels, prototype_channels, 1), nn.Sigmoid(),
         ) if head == "prototypes" or add_on else nn.Identity()
+        for layer in self.add_on.modules():  # the authors' `_initialize_weights` (cfchen-duke/ProtoPNet model.py)
+            if isinstance(layer, nn.Conv2d):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
         latent = prototype_channels if isinstance(self.add_on, nn.Sequential) else width
         if head == "prototypes":
             self.prototypes = PrototypeLayer(num_classes, prototypes_per_class, latent)

@@ -30,8 +30,8 @@ class ProtoPNetSystem(ZooSystem):
     push) and push/pushed (the share of prototypes moved).
 
     Logged: `<stage>/acc`; on images with part masks (validation, test) `<stage>/part_consistency`,
-    `part_stability` and `part_iou` (`PartConsistency`) of each class's units: its prototypes, or for a twin the m
-    top-map channels of largest head weight for the class.
+    `part_stability`, `part_purity` and `part_iou` (`PartConsistency`) of each class's units: its prototypes, or for
+    a twin the m top-map channels of largest head weight for the class.
 
     Predictions (`train.py predict`): predictions.csv names each image's top prototypes for its predicted class, with
     their classes, scores and push sources (`prediction_extras`).
@@ -42,10 +42,15 @@ class ProtoPNetSystem(ZooSystem):
 
     Args:
         push_stages: names of the stages that start with a push.
-        stability_noise: std of the Gaussian noise added to the images for the stability score (0: no score). An
-            image's noise is a function of its data set index (`batch["index"]`, `image_noise`), so the score is the
-            same on any number of processes and for any batch size; batches without indices draw it from one
-            generator reseeded at each validation / test epoch (then it follows the batch order).
+        stability_noise: std of the Gaussian noise added to the images for the stability score (0: no score; Huang
+            et al.: 0.2). It is added to the images as the model takes them: in the normalised space where the data
+            module normalises (CUB with `mean: pretrained`, as Huang et al.'s normalised images), in [0, 1] pixels
+            where it does not (the parts world's default). An image's noise is a function of its data set index
+            (`batch["index"]`, `image_noise`), so the score is the same on any number of processes and for any batch
+            size; batches without indices draw it from one generator reseeded at each validation / test epoch (then
+            it follows the batch order).
+        stability_noise_clip: the noise is clipped to [-clip, clip] (Huang et al.: 0.25, "imperceptible"); None:
+            not clipped.
         part_quantile: the activated region of a unit is the top 1 - part_quantile of its upsampled map.
     """
 
@@ -57,8 +62,8 @@ class ProtoPNetSystem(ZooSystem):
                                "--model.init_args.model_kwargs.add_on=true", "--model.init_args.stages=null"],
     }
 
-    def __init__(self, *args: Any, push_stages: list[str] | None = None, stability_noise: float = 0.1,
-                 part_quantile: float = 0.95, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, push_stages: list[str] | None = None, stability_noise: float = 0.2,
+                 stability_noise_clip: float | None = 0.25, part_quantile: float = 0.95, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.push_stages = ["last_layer"] if push_stages is None else list(push_stages)
         names = {stage.name for stage in self.schedule.stages}
@@ -68,7 +73,9 @@ class ProtoPNetSystem(ZooSystem):
                              f"({sorted(names)}).")
         if stability_noise < 0:
             raise ValueError(f"stability_noise must be >= 0; got {stability_noise}.")
-        self.stability_noise = stability_noise
+        if stability_noise_clip is not None and stability_noise_clip <= 0:
+            raise ValueError(f"stability_noise_clip must be > 0 or null (no clip); got {stability_noise_clip}.")
+        self.stability_noise, self.stability_noise_clip = stability_noise, stability_noise_clip
         self.add_metric("acc", MulticlassAccuracy(self.hparams.num_classes, average="micro"),
                         stages=("train", "val", "test"))
         self.add_metric("parts", PartConsistency(self.model.num_units, quantile=part_quantile), log_prefix="part_")
@@ -161,8 +168,10 @@ class ProtoPNetSystem(ZooSystem):
         images, masks = batch_field(batch, self.input_key), batch["part_masks"]
         noisy = None
         if self.stability_noise > 0:
-            noise = self.stability_noise_for(images, batch)  # (B, C, H, W)
-            noisy = self.unit_maps_of(self.model(images + self.stability_noise * noise)["unit_maps"], units)
+            noise = self.stability_noise * self.stability_noise_for(images, batch)  # (B, C, H, W)
+            if self.stability_noise_clip is not None:
+                noise = noise.clamp(-self.stability_noise_clip, self.stability_noise_clip)
+            noisy = self.unit_maps_of(self.model(images + noise)["unit_maps"], units)
         geometry = model_map_geometry(self.model, images.shape[-2:])  # the cells at their receptive-field centres
         if geometry is not None and masks.shape[-2:] != images.shape[-2:]:
             geometry = geometry.resized(images.shape[-2:], masks.shape[-2:])
