@@ -264,6 +264,18 @@ def test_add_on_layers_start_as_the_authors_code(head: str) -> None:
         assert abs(conv.weight.mean().item()) < 0.01
 
 
+def test_add_on_init_pytorch_keeps_pytorchs_default_and_other_names_are_refused() -> None:
+    """`add_on_init="pytorch"` (the parts-world config's: the authors' init learns too slowly at its budget) leaves
+    PyTorch's default: uniform fan-in, std 1 / sqrt(3 fan_in), non-zero biases."""
+    torch.manual_seed(0)
+    net = zoo.create_model("protopnet_tinycnn", num_classes=NUM_CLASSES, prototype_channels=256, add_on_init="pytorch")
+    for conv in [layer for layer in net.add_on if isinstance(layer, torch.nn.Conv2d)]:
+        assert conv.weight.std().item() == pytest.approx((3 * conv.in_channels) ** -0.5, rel=0.05)
+        assert (conv.bias != 0).all()
+    with pytest.raises(ValueError, match="add_on_init must be one of"):
+        zoo.create_model("protopnet_tinycnn", num_classes=NUM_CLASSES, add_on_init="xavier")
+
+
 def test_stability_noise_is_huangs_clipped_gaussian(monkeypatch: pytest.MonkeyPatch) -> None:
     """Huang et al.'s `perturb_img`: N(0, 0.2) noise clipped to +-0.25, added to the images the model takes."""
     system = ProtoPNetSystem(model_name="protopnet_tinycnn", num_classes=2, image_size=64,
