@@ -72,6 +72,22 @@ class FilterPartLoss(nn.Module):
     interpretable layer: "template_scores" (B, F, T), "log_mean_z" (F, T, the online Z_T blended with this batch)
     and "filter_category" (F,).
 
+    The categories and the running Z_T are the model's statistics, which this loss only reads: they move only when
+    `model.update_statistics(out, batch)` is called after each training forward (`ICNNSystem` does; the forward
+    and this loss never do). A plain PyTorch loop must call it itself, before the loss, or every filter is scored
+    as a part detector of class 0 and Z_T is only the current batch's (an eager model warns once if it never is)::
+
+        loss_fn = FilterPartLoss()
+        for epoch in range(epochs):
+            loss_fn.set_epoch(epoch)  # the lambda schedule
+            for batch in loader:
+                out = model(batch["image"])
+                model.update_statistics(out, batch)  # categories and Z_T; `target_key` if the labels are not "label"
+                loss = sum(loss_fn(out, batch).values())
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+
     Args:
         weight: lambda at epoch 0; 0 turns the filter term off, which is exactly the opaque twin's objective.
         schedule: "inverse_epoch" (paper: lambda / (epoch + 1)) or "constant".

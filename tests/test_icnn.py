@@ -161,6 +161,7 @@ def test_masks_off_gives_ordinary_conv_layers_with_the_same_weights() -> None:
     torch.testing.assert_close(plain["logits"], ordinary.head(expected))
 
 
+@pytest.mark.filterwarnings("ignore:InterpretableCNN.*update_statistics")  # forwards for their values, no training
 def test_no_nan_with_large_activations_and_under_bf16() -> None:
     torch.manual_seed(0)
     model = zoo.create_model("icnn_tinycnn", num_classes=6)
@@ -853,3 +854,38 @@ def test_the_cli_says_a_wrong_alpha_once(in_tmp_dir, capsys: pytest.CaptureFixtu
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and error.count("strictly between 0 and 1; got alpha=1.0") == 1
     assert "Traceback" not in error and "math domain error" not in error
+
+
+def _plain_loop(update: bool, epochs: int = 2, batches: int = 2) -> torch.nn.Module:
+    """The auditor's library use: ICNN trained by hand, with or without `update_statistics`."""
+    torch.manual_seed(0)
+    model = zoo.create_model("icnn_tinycnn", num_classes=6)
+    loss_fn = FilterPartLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    data = [{"image": torch.rand(6, 3, 64, 64), "label": torch.arange(6)} for _ in range(batches)]
+    for epoch in range(epochs):
+        loss_fn.set_epoch(epoch)
+        for batch in data:
+            out = model(batch["image"])
+            if update:
+                model.update_statistics(out, batch)
+            optimizer.zero_grad()
+            sum(loss_fn(out, batch).values()).backward()
+            optimizer.step()
+    return model
+
+
+def test_a_plain_loop_without_update_statistics_is_warned_once() -> None:
+    """Only `update_statistics` moves the filters' categories and Z_T: a plain loop that never called it trained every
+    filter as a class-0 part detector against a batch-only Z_T, without a word."""
+    import warnings
+
+    with pytest.warns(UserWarning, match="update_statistics") as record:
+        model = _plain_loop(update=False)
+    assert sum("update_statistics" in str(w.message) for w in record) == 1
+    assert (model.added_filters.filter_category == 0).all() and torch.isnan(model.added_filters.log_mean_z).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same loop calling it: no warning, and the filters learn categories
+        model = _plain_loop(update=True)
+    assert not (model.added_filters.filter_category == 0).all()
+    assert torch.isfinite(model.added_filters.log_mean_z).all()

@@ -1,6 +1,7 @@
 """Metrics that read raw scores the same way whatever the batching, and "nothing to score" reported as NaN, never as
 a score: concept AUROC on raw logits (Mann-Whitney, ties half), AttributionInMask on a batch without ground truth,
-and the empty cases of the mean metrics (faithfulness, concepts, parse parts, sentences, rule firing)."""
+and the empty cases of the mean metrics (faithfulness, concepts, parse parts, sentences, rule firing, ICNN's part
+metrics, L2X's agreement accuracy and selection size)."""
 
 from __future__ import annotations
 
@@ -141,3 +142,33 @@ def test_rule_firing_is_nan_before_any_update_and_silent_rules_have_no_precision
     metric.update(torch.zeros(2, 2, 8), torch.zeros(2, 2, 8))  # scored, never fired, no events
     result = metric.compute()
     assert torch.isnan(result["precision"]).all() and torch.isnan(result["recall"]).all()
+
+
+def test_part_metrics_are_nan_before_any_update_and_after_reset() -> None:
+    """ICNN's part metrics raised torchmetrics' bare "No samples to concatenate" with nothing scored."""
+    from zoo.icnn.metrics import LocationInstability, PartIoU
+
+    instability, part_iou = LocationInstability(16, top_n=2), PartIoU(num_parts=2)
+    assert math.isnan(instability.compute().item()) and math.isnan(part_iou.compute().item())
+    maps = torch.zeros(2, 3, 4, 4)
+    maps[:, :, 1, 1] = 1.0
+    instability.update(maps, torch.full((2, 2, 2), 6.0))
+    part_masks = torch.zeros(2, 2, 16, 16, dtype=torch.bool)
+    part_masks[:, 0, :8, :8] = True
+    part_iou.update(maps, part_masks)
+    assert instability.compute().shape == part_iou.compute().shape == ()  # scored: a number, NaN's shape
+    assert not math.isnan(instability.compute().item()) and not math.isnan(part_iou.compute().item())
+    instability.reset()
+    part_iou.reset()
+    assert math.isnan(instability.compute().item()) and math.isnan(part_iou.compute().item())
+
+
+def test_l2x_accuracy_and_selection_size_are_nan_without_samples() -> None:
+    """0 was an accuracy (the worst) and a selection size (none), not "nothing scored"."""
+    from zoo.l2x.metrics import AgreementAccuracy, SelectionRecovery
+
+    accuracy = AgreementAccuracy()
+    assert math.isnan(accuracy.compute().item())
+    accuracy.update(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0]))
+    assert accuracy.compute().item() == pytest.approx(0.5)
+    assert math.isnan(SelectionRecovery().compute()["num_selected"].item())

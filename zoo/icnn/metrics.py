@@ -66,6 +66,12 @@ def peak_positions(maps: torch.Tensor, image_size: tuple[int, int], stride: floa
     return value, torch.stack([x, y], -1)
 
 
+def _num_images(state: list[torch.Tensor] | torch.Tensor) -> int:
+    """Images in a "cat" state: a list of per-batch tensors, or one tensor once synced (shapes only: no device read).
+    """
+    return len(state) if torch.is_tensor(state) else sum(len(part) for part in state)
+
+
 def _pair(value: float | tuple[float, float]) -> tuple[float, float]:
     return (value, value) if isinstance(value, (int, float)) else tuple(value)
 
@@ -109,6 +115,9 @@ class LocationInstability(_PerImageMetric):
 
     def per_filter(self) -> torch.Tensor:
         """Instability per filter and landmark (F, K), NaN where fewer than two visible images."""
+        if _num_images(self.peaks) == 0:
+            raise ValueError("LocationInstability: no images to score (no update since creation or reset); "
+                             "`compute()` gives NaN then.")
         peaks, distances = dim_zero_cat(self.peaks), dim_zero_cat(self.distances)
         visible, labels = dim_zero_cat(self.visible).float(), dim_zero_cat(self.labels)
         if (labels >= 0).all():
@@ -129,6 +138,8 @@ class LocationInstability(_PerImageMetric):
         return torch.where(count >= 2, variance.sqrt() / diagonal, torch.full_like(mean, math.nan))
 
     def compute(self) -> torch.Tensor:
+        if _num_images(self.peaks) == 0:  # nothing to score (no update, or after reset): NaN, left out of means
+            return torch.tensor(math.nan, device=self.device)
         return self.per_filter().nanmean()
 
 
@@ -176,6 +187,9 @@ class PartIoU(_PerImageMetric):
 
     def part_scores(self) -> torch.Tensor:
         """P_{f,k}: fraction of the images containing part k where filter f's binarised map has IoU > threshold."""
+        if _num_images(self.maps) == 0:
+            raise ValueError("PartIoU: no images to score (no update since creation or reset); "
+                             "`compute()` gives NaN then.")
         maps, masks, types = dim_zero_cat(self.maps), dim_zero_cat(self.masks), dim_zero_cat(self.types)
         num_parts = self.num_parts or int(types.max()) + 1
         size = masks.shape[-2:]
@@ -206,4 +220,6 @@ class PartIoU(_PerImageMetric):
         return self.geometry.resized(self.image_size, size)
 
     def compute(self) -> torch.Tensor:
+        if _num_images(self.maps) == 0:  # nothing to score (no update, or after reset): NaN, left out of means
+            return torch.tensor(math.nan, device=self.device)
         return self.part_scores().amax(1).mean()

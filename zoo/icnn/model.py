@@ -20,6 +20,7 @@ Output dict:
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,8 @@ class InterpretableFilters(nn.Module):
 
     Buffers: `class_activation` (F, C) EMA of per-class mean peak activation; `filter_category` (F,);
     `log_mean_z` (F, T) running log mean of exp(tr(x . T)) over the data (NaN until the first training step).
+    Only `update_statistics` moves them (the forward never does): a training loop must call it after each training
+    forward (`InterpretableCNN.update_statistics`; `ICNNSystem` does), or every filter stays a class-0 detector.
     The loss's templates (`bank`) are built with the masks' `beta`; with `learn_beta` the masks follow the learned
     beta while the loss keeps the initial one (rebuilding the bank each step would cost a pass per filter).
     """
@@ -99,6 +102,7 @@ class InterpretableFilters(nn.Module):
         self.register_buffer("filter_category", initial.long())
         self._queued_share: tuple[torch.Tensor, torch.cuda.Event | None] | None = None  # see refresh_categories
         self._solved = False  # whether filter_category holds a solved assignment (a loaded state does)
+        self.statistics_updates = 0  # calls of update_statistics (a Python count: read without a device sync)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if len(x) == 0:
@@ -149,7 +153,10 @@ class InterpretableFilters(nn.Module):
 
     @torch.no_grad()
     def update_statistics(self, raw: torch.Tensor, batch_z: torch.Tensor, labels: torch.Tensor) -> None:
-        """One training step's update of Z_T and the category statistics (synchronised across processes)."""
+        """One training step's update of Z_T and the category statistics (synchronised across processes): to call
+        after each training forward with its `raw` map, `batch_z` and the batch's labels (the forward never updates
+        them itself; `InterpretableCNN.update_statistics` does it for every layer)."""
+        self.statistics_updates += 1
         z = global_log_mean_exp(batch_z, len(raw))
         unset = torch.isnan(self.log_mean_z)
         # a new tensor, not copy_: a compiled forward may have saved the old one for its backward
@@ -234,7 +241,28 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
     """Backbone (top stage interpretable) -> added 3x3 conv + ReLU (interpretable) -> pooled linear head.
 
     `masks=False` leaves both layers ordinary (no part masks): with lambda = 0 that is the paper's baseline, the
-    same network with traditional conv layers; with masks and lambda = 0 it is the architecture-only ablation."""
+    same network with traditional conv layers; with masks and lambda = 0 it is the architecture-only ablation.
+
+    Training outside `ICNNSystem` (a plain PyTorch loop): the forward does not update the filters' statistics (the
+    category of each filter and the running Z_T); call `update_statistics` after each training forward, as
+    `ICNNSystem.update_state` does, or every filter stays a class-0 part detector and Z_T is only the batch's::
+
+        loss_fn = FilterPartLoss()
+        for epoch in range(epochs):
+            loss_fn.set_epoch(epoch)
+            for batch in loader:
+                out = model(batch["image"])
+                model.update_statistics(out, batch)  # before the loss: the first step's categories are solved
+                loss = sum(loss_fn(out, batch).values())
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+
+    A model whose first `STATISTICS_CHECK_FORWARDS` grad-enabled training forwards (eager ones: a compiled forward
+    is not counted) came without any `update_statistics` warns once.
+    """
+
+    STATISTICS_CHECK_FORWARDS = 2  # the second training step without statistics is evidence enough: warn then
 
     def __init__(
         self,
@@ -271,6 +299,7 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
         self.added_conv = nn.Conv2d(top_filters, added, 3, padding=1)
         self.added_filters = InterpretableFilters(added, num_classes, map_size, **kw)
         self.head = PooledLinearHead(added, num_classes, drop_rate)
+        self._forwards_to_check = self.STATISTICS_CHECK_FORWARDS  # see _check_statistics_updated
 
     @torch.no_grad()
     def _top_map_size(self, in_chans: int, image_size: int) -> tuple[int, int]:
@@ -299,6 +328,9 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
         return self.forward_interpretable(x)[0]
 
     def forward(self, x: torch.Tensor) -> dict:
+        # is_compiling() first: dynamo folds it and never reads (nor guards on) the Python counter
+        if not torch.compiler.is_compiling() and self.training and self._forwards_to_check:
+            self._check_statistics_updated()
         features, layers = self.forward_interpretable(x)
         return {
             "logits": self.forward_head(features),
@@ -312,8 +344,28 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
             "filter_category": [module.filter_category for module in self.interpretable_layers()],
         }
 
+    def _check_statistics_updated(self) -> None:
+        """Count an eager grad-enabled training forward; at the `STATISTICS_CHECK_FORWARDS`-th, warn (once) if no
+        `update_statistics` came yet. Python counters only: no device read, nothing in a compiled graph, nothing
+        after the check (one integer test per step). Forwards without grad (BN recalibration) are no training
+        steps."""
+        if not torch.is_grad_enabled():
+            return
+        self._forwards_to_check -= 1
+        if self._forwards_to_check == 0 and not any(m.statistics_updates for m in self.interpretable_layers()):
+            warnings.warn(
+                f"InterpretableCNN: {self.STATISTICS_CHECK_FORWARDS} training forwards and no call of "
+                f"`update_statistics` yet: the filters' categories and the running Z_T of the filter loss are updated "
+                f"only by it, so every filter stays a class-0 part detector and Z_T is only the current batch's. In a "
+                f"plain training loop call `model.update_statistics(out, batch)` after each training forward "
+                f"(`ICNNSystem` does it for you); see the InterpretableCNN docstring. Training forwards that are no "
+                f"training steps may ignore this.", UserWarning, stacklevel=2)
+
     def update_statistics(self, out: dict, batch: dict[str, torch.Tensor], target_key: str = "label") -> None:
-        """Called by the System after each training forward: Z_T and filter categories (never in eval)."""
+        """Update every interpretable layer's Z_T and filter categories from a training forward's `out` and the
+        batch's labels `batch[target_key]`. Call it after each training forward, before the loss (never in eval):
+        `ICNNSystem.update_state` does; a plain PyTorch loop must (see the class docstring), as the forward itself
+        never updates them and the filter loss would otherwise treat every filter as a class-0 part detector."""
         for module, raw, batch_z in zip(self.interpretable_layers(), out["interpretable_maps"], out["batch_z"]):
             module.update_statistics(raw, batch_z, batch[target_key])
 

@@ -185,7 +185,7 @@ class SelectionRecovery(Metric):
         self.truth_count += len(selected)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        result = {"num_selected": self.size_sum / self.count.clamp_min(1)}
+        result = {"num_selected": self.size_sum / self.count}  # NaN with no sample (0 / 0), not a size of 0
         if self.truth_count > 0:  # at the epoch's end (a host read), never in a step
             truth = self.truth_count
             result |= {"tpr": self.tpr_sum / truth, "fdr": self.fdr_sum / truth}
@@ -195,7 +195,7 @@ class SelectionRecovery(Metric):
 class AgreementAccuracy(Metric):
     """Fraction of samples whose prediction (argmax of `logits`) equals `target` (class ids, or logits whose
     argmax is taken). Post-hoc accuracy: black box on the selected input vs black box on the full input;
-    EVAL-X accuracy: the random-mask evaluator on the selected input vs the label."""
+    EVAL-X accuracy: the random-mask evaluator on the selected input vs the label. NaN before any sample."""
 
     higher_is_better = True
     full_state_update = False
@@ -212,4 +212,4 @@ class AgreementAccuracy(Metric):
         self.total += len(target)
 
     def compute(self) -> torch.Tensor:
-        return self.correct / self.total.clamp_min(1)
+        return self.correct / self.total  # 0 / 0: NaN with no sample (nothing scored, left out of means), never 0
