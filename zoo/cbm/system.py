@@ -52,10 +52,10 @@ class CBMSystem(ZooSystem):
     }
     RESUME_KEYS: ClassVar[tuple[str, ...]] = ("mode", "concept_key")  # f's inputs mean another thing in each mode
 
-    def __init__(self, *args: Any, mode: str = "joint", concept_key: str = "attributes",
-                 train_intervention: float = 0.0, **kwargs: Any) -> None:
+    def __init__(self, model_name: str = "cbm_tinycnn", *args: Any, mode: str = "joint",
+                 concept_key: str = "attributes", train_intervention: float = 0.0, **kwargs: Any) -> None:
         self.concept_key = concept_key  # before the base builds `default_loss()`, which reads it
-        super().__init__(*args, **kwargs)
+        super().__init__(model_name, *args, **kwargs)
         loss_key = getattr(self.loss, "concept_key", concept_key)
         if loss_key != concept_key:
             raise ValueError(f"The loss reads the true concepts from batch[{loss_key!r}] but the System from "
@@ -82,6 +82,17 @@ class CBMSystem(ZooSystem):
         self.add_metric("concept_f1", ConceptF1(num_concepts))
         self.add_metric("concept_auroc", ConceptAUROC(num_concepts))
         self.add_metric("acc_intervened", MulticlassAccuracy(num_classes, average="micro"))
+
+    def build_model(self) -> nn.Module:
+        """The registry's model, refused by name unless it is a concept bottleneck (the twin is one too: `cbm_*`
+        with `bottleneck: false`), before anything reads its concepts."""
+        model = super().build_model()
+        if not hasattr(model, "num_concepts"):
+            raise ValueError(f"CBMSystem needs a concept bottleneck model (cbm_*, cem_*); got "
+                             f"{self.hparams.model_name} ({type(model).__name__}, no num_concepts). Give model_name: "
+                             f"cbm_tinycnn (or another cbm_* / cem_*), or train a plain classifier with "
+                             f"zoo.baselines.system.ClassifierSystem.")
+        return model
 
     def default_loss(self) -> nn.Module:
         """The paper's loss, L_task + lambda * L_concept (lambda 1), on the System's `concept_key`: a config without

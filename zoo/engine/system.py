@@ -31,6 +31,7 @@ from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import Metric
 
+from datamodules._base import DataSettingError
 from zoo.checks import batch_field, check_class_ids, check_on_host
 from zoo.distributed import end_spawned_process_group
 from zoo.engine.auxiliary import Auxiliary, auxiliaries_pending, prepare_auxiliaries
@@ -148,9 +149,11 @@ class ZooSystem(pl.LightningModule):
     """A registered model trained with a named-terms loss (see the module docstring for the hooks).
 
     Args:
-        model_name: registry name, e.g. "icnn_tinycnn".
+        model_name: registry name, e.g. "icnn_tinycnn" (each family's System defaults to a model of its own).
         num_classes, in_chans, image_size, data_inputs: what the data fixes about the model, linked from the
-            datamodule by the CLI (`data_inputs`: num_features, vocab_size, ...).
+            datamodule by the CLI (`data_inputs`: num_features, vocab_size, ...); in Python, give the datamodule's
+            (`num_classes=dm.num_classes`, ...): a fit, validate, test or predict with a datamodule of other values
+            is refused at `setup` (`check_data_settings`).
         model_kwargs: extra keyword arguments for `zoo.create_model` (they win over the linked ones).
         loss: module returning named loss terms {"loss_<term>": tensor}; default `default_loss()`.
         optimizer / scheduler: callables injected by LightningCLI (``optimizer: {class_path: torch.optim.SGD}``).
@@ -167,8 +170,9 @@ class ZooSystem(pl.LightningModule):
             torch's default backend (inductor), a string names another ("aot_eager", "cudagraphs", ...) or one of
             inductor's modes ("reduce-overhead": CUDA graphs on a GPU, "max-autotune", ...). Of a torchvision
             detector only the backbone is compiled (its RPN and RoI sampling run eagerly), with a warning.
-        class_names: the data's class names (linked from the datamodule's `class_names` by the CLI), saved in the
-            checkpoint so predictions and reports name classes; None: "0", "1", ...
+        class_names: the data's class names (linked from the datamodule's `class_names` by the CLI, taken from the
+            trainer's datamodule at `setup` where None), saved in the checkpoint so predictions and reports name
+            classes; None without a datamodule: "0", "1", ...
         freeze_backbone: fine-tuning: the model's backbone (`backbone_of`) gets no updates and stays in eval mode
             (BatchNorm statistics too) until `unfreeze_epoch` (None: for the whole run). Under DDP, as with stages,
             the strategy must find unused parameters.
@@ -242,6 +246,53 @@ class ZooSystem(pl.LightningModule):
         hp = self.hparams
         return create_model_for_data(hp.model_name, hp.num_classes, hp.in_chans, hp.image_size, hp.data_inputs,
                                      hp.model_kwargs)
+
+    # ---------------------------------------------------------------------------------------------------- data
+    def setup(self, stage: str) -> None:
+        """Before every fit / validate / test / predict: the System's data settings against the trainer's datamodule
+        (`check_data_settings`), where there is one. Families that override `setup` call this first."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None:
+            self.check_data_settings(datamodule)
+
+    def check_data_settings(self, datamodule: Any) -> None:
+        """Refuse, naming each setting and both values, a System built for other data than `datamodule`'s, and take
+        the datamodule's `class_names` where the System was given none.
+
+        Why: `train.py` links the datamodule's `num_classes`, `num_channels`, `image_size`, `model_inputs` and
+        `class_names` into the System (`zoo.cli.lightning`), so its runs always agree; a System built in Python and
+        fitted with a plain `pl.Trainer` took its defaults instead, silently (a 10-way head for 6 classes, image_size
+        64 saved for 32-pixel images, classes named "0".."9"). The links' meaning is kept: a datamodule's None (no
+        channels or size: series, vectors, token ids) fixes nothing, nor does a System's (a model that reads no size,
+        as the textual generators'), and a `model_inputs` entry is checked where the
+        System's `data_inputs` gives it too, unless its `model_kwargs` does (the user's value wins over the data's
+        under the CLI too); one the System does not give is left to the model's default. Class names are taken, not
+        refused: they name the classes in checkpoints, exports and predictions, and change no weight."""
+        hp, owner, data = self.hparams, type(self).__name__, type(datamodule).__name__
+        wrong: list[tuple[str, Any, Any, str]] = []  # (System setting, its value, the data's value, the data's name)
+        for setting, attribute in (("num_classes", "num_classes"), ("in_chans", "num_channels"),
+                                   ("image_size", "image_size")):
+            value, mine = getattr(datamodule, attribute, None), hp.get(setting)
+            if value is not None and (mine is not None or setting == "num_classes") and mine != plain_value(value):
+                wrong.append((setting, hp.get(setting), plain_value(value), attribute))
+        given, chosen = dict(hp.get("data_inputs") or {}), dict(hp.get("model_kwargs") or {})
+        for key, value in plain_value(dict(getattr(datamodule, "model_inputs", None) or {})).items():
+            if key in given and key not in chosen and not _same_value(given[key], value):
+                wrong.append((f"data_inputs[{key!r}]", given.get(key), value, f"model_inputs[{key!r}]"))
+        if wrong:
+            settings = "; ".join(f"{setting}={mine!r} but the data's {name} is {theirs!r}"
+                                 for setting, mine, theirs, name in wrong)
+            fixes = {"num_classes": "num_classes=dm.num_classes", "in_chans": "in_chans=dm.num_channels",
+                     "image_size": "image_size=dm.image_size"}
+            wanted = list(dict.fromkeys(fixes.get(setting, "data_inputs=dm.model_inputs") for setting, *_ in wrong))
+            raise DataSettingError(
+                f"{owner} ({hp.get('model_name')}) was built for other data than {data}: {settings}. Build it with "
+                f"the datamodule's values, {owner}(..., {', '.join(wanted)}, class_names=dm.class_names), or train "
+                f"with train.py, which links them from the datamodule.")
+        names = getattr(datamodule, "class_names", None)
+        if hp.get("class_names") is None and names is not None and len(names) == hp.get("num_classes"):
+            self.hparams["class_names"] = [str(name) for name in names]  # into checkpoints and exports
+            self._hparams_initial["class_names"] = list(self.hparams["class_names"])  # what loggers record
 
     def default_loss(self) -> nn.Module:
         """The loss when the config gives none: cross-entropy on `target_key`. Families override it with their own
@@ -672,6 +723,18 @@ class ZooSystem(pl.LightningModule):
         held = {f"loss.{key}" for key in self.loss.state_dict()}
         for key in [key for key in state if key.startswith("loss.") and key not in held]:
             del state[key]
+
+
+def _same_value(mine: Any, theirs: Any) -> bool:
+    """Whether a System's saved setting equals the datamodule's (tuples and lists alike: hparams keep either)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        return value
+
+    return plain(mine) == plain(theirs)
 
 
 def schedule_epoch(checkpoint: dict[str, Any]) -> int | None:

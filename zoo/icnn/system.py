@@ -38,8 +38,9 @@ class ICNNSystem(ZooSystem):
                       "--model.init_args.part_maps_key=features"],
     }
 
-    def __init__(self, *args: Any, part_maps_key: str | None = "filter_maps", **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, model_name: str = "icnn_tinycnn", *args: Any, part_maps_key: str | None = "filter_maps",
+                 **kwargs: Any) -> None:
+        super().__init__(model_name, *args, **kwargs)  # the family's own default model, not the engine's classifier
         self.part_maps_key = part_maps_key
         self.add_metric("acc", MulticlassAccuracy(self.hparams.num_classes, average="micro"),
                         stages=("train", "val", "test"))

@@ -6,6 +6,7 @@ from functools import partial
 from typing import Any, ClassVar
 
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.seed import isolate_rng
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -62,9 +63,10 @@ class ProtoPNetSystem(ZooSystem):
                                "--model.init_args.model_kwargs.add_on=true", "--model.init_args.stages=null"],
     }
 
-    def __init__(self, *args: Any, push_stages: list[str] | None = None, stability_noise: float = 0.2,
-                 stability_noise_clip: float | None = 0.25, part_quantile: float = 0.95, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, model_name: str = "protopnet_tinycnn", *args: Any, push_stages: list[str] | None = None,
+                 stability_noise: float = 0.2, stability_noise_clip: float | None = 0.25, part_quantile: float = 0.95,
+                 **kwargs: Any) -> None:
+        super().__init__(model_name, *args, **kwargs)
         self.push_stages = ["last_layer"] if push_stages is None else list(push_stages)
         names = {stage.name for stage in self.schedule.stages}
         unknown = set(self.push_stages) - names
@@ -81,12 +83,40 @@ class ProtoPNetSystem(ZooSystem):
         self.add_metric("parts", PartConsistency(self.model.num_units, quantile=part_quantile), log_prefix="part_")
         self._noise: torch.Generator | None = None
 
+    def build_model(self) -> torch.nn.Module:
+        """The registry's model, refused by name unless it is a ProtoPNet (`protopnet_*`; the linear-head twins are
+        too: `head: linear`), before anything reads its units."""
+        model = super().build_model()
+        if not (hasattr(model, "num_units") and hasattr(model, "has_prototypes")):
+            raise ValueError(f"ProtoPNetSystem needs a ProtoPNet model (protopnet_*); got {self.hparams.model_name} "
+                             f"({type(model).__name__}, no prototype units). Give model_name: protopnet_tinycnn (or "
+                             f"another protopnet_*; model_kwargs head: linear for the linear-head twin), or train a "
+                             f"plain classifier with zoo.baselines.system.ClassifierSystem.")
+        return model
+
     def default_loss(self) -> torch.nn.Module:
         from losses.protopnet import ProtoPNetLoss
 
         return ProtoPNetLoss(target_key=self.target_key)
 
     # ------------------------------------------------------------------------------------------------- push
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self.warn_without_push()
+
+    def warn_without_push(self) -> None:
+        """Warn (once, rank zero) when a model with prototypes is fitted with no stage in `push_stages`: no
+        prototype would ever be pushed onto a training patch (a run without `stages:` has one stage, "all", and
+        `push_stages` defaults to ["last_layer"]), so its prototypes stay latent vectors that no image shows. An
+        explicit `push_stages=[]` (training without push on purpose) and the linear-head twins say nothing."""
+        names = [stage.name for stage in self.schedule.stages]
+        if not self.push_stages or not self.model.has_prototypes or set(self.push_stages) & set(names):
+            return
+        rank_zero_warn(f"ProtoPNetSystem: no stage of this run ({names}) is in push_stages={self.push_stages}, so no "
+                       f"prototype is ever pushed onto a training patch. Give the paper's stages (warm_up, joint, "
+                       f"last_layer, as configs/protopnet/parts_world.yaml) or name the stages that push in "
+                       f"push_stages; push_stages=[] trains without push on purpose (and says nothing).")
+
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         schedule = self.schedule

@@ -54,12 +54,15 @@ class ReNNSystem(ZooSystem):
         "lstm": ["--model.init_args.model_name=baseline_lstm", *_OPAQUE_SERIES],
     }
 
-    def __init__(self, *args: Any, rule_events_key: str = "rule_events", **kwargs: Any) -> None:
+    def __init__(self, model_name: str = "renn_series", num_classes: int = 10, in_chans: int | None = None,
+                 *args: Any, rule_events_key: str = "rule_events", **kwargs: Any) -> None:
+        # the family's own model; in_chans None as the CLI links it from a series datamodule (num_channels None: the
+        # series' channels come in data_inputs)
         model_kwargs = kwargs.get("model_kwargs")
         if isinstance(model_kwargs, dict) and model_kwargs.get("rules") is not None:
             # saved by name: a checkpoint is read with weights_only=True (no Rule objects); unregistered: ValueError
             kwargs["model_kwargs"] = {**model_kwargs, "rules": [registered_name(r) for r in model_kwargs["rules"]]}
-        super().__init__(*args, **kwargs)
+        super().__init__(model_name, num_classes, in_chans, *args, **kwargs)
         self.rule_events_key = rule_events_key
         self.add_metric("acc", MulticlassAccuracy(self.hparams.num_classes, average="micro"),
                         stages=("train", "val", "test"))
@@ -74,7 +77,9 @@ class ReNNSystem(ZooSystem):
         self.register_buffer("rule_event_rows", None, persistent=False)
 
     def setup(self, stage: str) -> None:
-        """Match the model's pattern and rule channels to the datamodule's `pattern_names` / `rule_event_names`."""
+        """The data settings (`ZooSystem.setup`), then the model's pattern and rule channels matched to the
+        datamodule's `pattern_names` / `rule_event_names`."""
+        super().setup(stage)
         data = self.trainer.datamodule if self._trainer is not None else None
         if data is not None and stage != "predict":
             self.match_data(data, fitting=stage == "fit")
@@ -180,7 +185,9 @@ class RuleLossSystem(ZooSystem):
 
     def setup(self, stage: str) -> None:
         """Rules that read the data's definition (`bind_data(datamodule)`, e.g. `PartsWorldColourRule`'s world and
-        image normalisation) take it from the datamodule, which refuses a mismatch by name."""
+        image normalisation) take it from the datamodule, which refuses a mismatch by name; after the data settings
+        (`ZooSystem.setup`)."""
+        super().setup(stage)
         data = self.trainer.datamodule if self._trainer is not None else None
         for rule in getattr(self.loss, "rules", []):
             if data is not None and hasattr(rule, "bind_data"):
