@@ -692,7 +692,7 @@ def test_a_mistyped_first_part_of_a_nested_option_gets_the_full_option(in_tmp_di
             (["fit", "--config", config, "--model.init_args.optimiser.init_args.lr=0.1"],
              "did you mean '--model.init_args.optimizer.init_args.lr'?"),
             (["fit", "--config", config, "--model.init_args.xyzzy.init_args.lr=0.1"],
-             "(ICNNSystem accepts part_maps_key, "),
+             "(ICNNSystem accepts model_name, part_maps_key, "),
             (["ablate", "--config", config, "--grid", "model.init_args.los.init_args.weight=[0,1]"],
              "did you mean '--model.init_args.loss.init_args.weight'?")):
         with pytest.raises(SystemExit) as exit_info:
