@@ -36,6 +36,7 @@ class DatasetLayoutError(FileNotFoundError, ValueError):
 
     def __init__(self, problem: str, expected_layout: str) -> None:
         super().__init__(f"{problem}\nExpected layout:\n{expected_layout.rstrip()}")
+        self.problem = problem  # what is wrong, without the layout (a caller that says it in its own words)
 
 
 class DataSettingError(ValueError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -151,41 +152,41 @@ class ImageFolderDataModule(DictDataModule):
                     f"train has {self.classes}: they must match.", IMAGE_FOLDER_LAYOUT)
         # test_dir None: the README's layout root/{train,val[,test]}: test/ where it is there and laid out as train/
         # (it was never read: test and predict read val/ and said nothing), else val/, said when first read
-        self.test_note: str | None = None
-        if test_dir is None:
-            self.test_note = self.find_test_folder(val_dir)
-        self.test_folder_said = False
+        # what the first read of the test split says (and how), once: None when it reads the split asked for
+        self.test_note = self.find_test_folder(val_dir) if test_dir is None else None
         self.num_classes, self.image_size, self.augment = len(self.classes), image_size, augment
         self.class_names = self.classes
 
-    def find_test_folder(self, val_dir: str) -> str | None:
+    def find_test_folder(self, val_dir: str) -> tuple[Callable[[str], Any], str] | None:
         """With test_dir unset: the test split reads `root/test` where it holds train's class folders; else it reads
-        the val split, and what is returned is what the first read of the test split says (None: nothing to say). A
-        test/ laid out otherwise (unlabelled images, some classes only, empty) is not an error, as it was not before
-        test/ was read: fit never reads the test split."""
+        the val split, and what is returned is what the first read of the test split says and how (info where there
+        is no test/, a warning where one misfits; None: nothing to say). A test/ laid out otherwise (unlabelled
+        images, some classes only, empty) is not an error, as it was not before test/ was read: fit never reads the
+        test split."""
         val = str(self.root / val_dir)
         if not (self.root / DEFAULT_TEST_DIR).is_dir():
-            return f"no {DEFAULT_TEST_DIR!r} folder in {str(self.root)!r} (and test_dir is not set): test and " \
-                   f"predict read the val split, {val!r}."
+            return rank_zero_info, f"no {DEFAULT_TEST_DIR!r} folder in {str(self.root)!r} (and test_dir is not set): " \
+                                   f"test and predict read the val split, {val!r}."
         try:
             folder = scan_folder(self.root, DEFAULT_TEST_DIR)
         except DatasetLayoutError as err:
-            problem = str(err).split("\n", 1)[0]
+            problem = err.problem
         else:
             if folder.classes == self.classes:
                 self.split_dirs["test"], self.folders["test"] = DEFAULT_TEST_DIR, folder
                 return None
             problem = f"its classes {folder.classes} are not train's {self.classes}"
-        return f"{str(self.root / DEFAULT_TEST_DIR)!r} is not laid out as train/ ({problem}), so test and predict " \
-               f"read the val split, {val!r}; set test_dir: {DEFAULT_TEST_DIR} to be refused with what is wrong."
+        return rank_zero_warn, f"{str(self.root / DEFAULT_TEST_DIR)!r} is not laid out as train/ ({problem}), so " \
+                               f"test and predict read the val split, {val!r}; set test_dir: {DEFAULT_TEST_DIR} to be " \
+                               f"refused with what is wrong."
 
     def split_samples(self, split: str) -> Dataset:
         """`DictDataModule.split_samples`; the first read of the test split (test, predict) that reads the val folder
         says so and why (`find_test_folder`), once and on rank zero."""
-        if split == "test" and self.test_note is not None and not self.test_folder_said:
-            self.test_folder_said = True
-            say = rank_zero_info if self.test_note.startswith("no ") else rank_zero_warn  # a test/ that misfits: warned
-            say(f"ImageFolderDataModule: {self.test_note}")
+        if split == "test" and self.test_note is not None:
+            say, note = self.test_note
+            self.test_note = None  # said once
+            say(f"ImageFolderDataModule: {note}")
         return super().split_samples(split)
 
     def sample_names(self, split: str) -> list[str]:
