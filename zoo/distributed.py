@@ -1,17 +1,55 @@
-"""Tiny torch.distributed helpers for online statistics kept inside models (no-ops in a single process), and a gather
-for metric states that some ranks hold none of."""
+"""Tiny torch.distributed helpers for online statistics kept inside models (no-ops in a single process), a gather
+for metric states that some ranks hold none of, and `rank_local`: work one rank does alone under a process group."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 
+_rank_local_depth = 0  # how many `rank_local` blocks this process is inside
+
+
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    """Whether a process group exists and this process is not inside a `rank_local` block."""
+    return dist.is_available() and dist.is_initialized() and _rank_local_depth == 0
+
+
+@contextlib.contextmanager
+def rank_local() -> Iterator[None]:
+    """Inside it this process works as if it were alone, though a process group exists: for work one rank does
+    while the others wait elsewhere (`compare`'s explanation report on global rank zero, the other ranks at a
+    barrier). Every torchmetrics Metric computes over this process's states only, whether it was built inside the
+    block or before it, and `is_distributed` (so `all_reduce_`, `global_log_mean_exp`) says False. A Metric's
+    compute() otherwise gathers its states from every rank whenever a group exists (under `ddp` the group outlives
+    `fit`), and that gather met the other ranks' barrier: gloo "Connection closed by peer", or a hang.
+
+    `Metric.sync` (through which compute(), forward() and sync_context() gather, whatever `distributed_available_fn`
+    a metric captured when built) is swapped for one that never syncs while the block runs and restored after it,
+    so the metrics of the Systems (DDP validation) sync as before outside it."""
+    global _rank_local_depth
+    syncing = Metric.sync  # the class's own: a block inside another restores the outer block's
+
+    @functools.wraps(syncing)
+    def local_sync(self: Metric, dist_sync_fn: Callable | None = None, process_group: Any | None = None,
+                   should_sync: bool = True, distributed_available: Callable | None = None) -> None:
+        # whatever the caller asks: should_sync=False leaves the states local (and unsync then restores nothing)
+        syncing(self, dist_sync_fn, process_group, should_sync=False, distributed_available=distributed_available)
+
+    Metric.sync = local_sync  # type: ignore[method-assign]
+    _rank_local_depth += 1
+    try:
+        yield
+    finally:
+        _rank_local_depth -= 1
+        Metric.sync = syncing  # type: ignore[method-assign]
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -57,6 +95,27 @@ def gather_allowing_empty_ranks(result: torch.Tensor, group: Any | None = None) 
         _, dtype, ndim, *shape = holders[0]
         result = torch.zeros((0, *shape[1:ndim]), dtype=_DTYPES[dtype], device=result.device)
     return gather_all_tensors(result, group)
+
+
+class CatStateMetric(Metric):
+    """A Metric of "cat" states that syncs when some ranks hold none (an unrepeated evaluation sampler can leave a
+    rank without samples): `gather_allowing_empty_ranks` for every sync, `compute`'s and also an explicit `sync` /
+    `sync_context` that names no gather function (torchmetrics would then use plain `gather_all_tensors`)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**{"dist_sync_fn": gather_allowing_empty_ranks, **kwargs})
+
+    def sync(self, dist_sync_fn: Callable | None = None, process_group: Any | None = None, should_sync: bool = True,
+             distributed_available: Callable | None = None) -> None:
+        super().sync(dist_sync_fn or self.dist_sync_fn, process_group, should_sync, distributed_available)
+
+
+def updated_on_any_rank(metrics: list[Metric], device: torch.device | str) -> list[bool]:
+    """Whether each metric was updated on some rank (one all-reduce of the update counts under a process group):
+    what decides whether to gather a metric's states must be the same on every rank, or a rank that ran no batch
+    skips the gather the others enter and they wait for it forever."""
+    updates = torch.tensor([metric.update_count for metric in metrics], device=device)  # (M,)
+    return [bool(count) for count in all_reduce_(updates, "max").tolist()]
 
 
 def end_spawned_process_group(trainer: Any) -> None:

@@ -176,14 +176,18 @@ class DetectionAP(MeanAveragePrecision):
 
     update(detections, targets) takes the detector's outputs and the batch's targets as they are: per image
     {"boxes" (D, 4), "scores" (D,), "labels" (D,), ...} and {"boxes" (G, 4), "labels" (G,), "difficult" (G,)
-    optional, ...}; other keys are ignored.
+    optional, "index" () optional: the image's dataset index, ...}; other keys are ignored.
 
     `map_50` is VOC's measure but for the interpolation (VOC2007's devkit: 11 points; VOC2010 on: every point): its
     detections are matched as the devkit matches them (`voc_matches`: each detection's single best object, difficult
     ones ignored, duplicates false positives), ranked by score over all images per class, and averaged over the
-    classes that have a non-difficult object (-1 when none has, as torchmetrics). Unlike torchmetrics it keeps every
-    detection of an image (the devkit has no 100-per-image cap) and uses continuous IoU (the devkit adds a pixel to
-    widths and heights) with IoU >= 0.5 a hit (VOCevaldet.m; voc_eval.py's > differs only at exactly 0.5).
+    classes that have a non-difficult object (-1 when none has, as torchmetrics). Detections of equal score are
+    ranked in the order of their images in the dataset (by the targets' "index", pycocotools' order of image ids)
+    when every image has one, so `map_50` is the same on any number of processes (a DDP gather puts rank 0's
+    images first; ties are common: softmax scores saturate to 1.0 in float32, and bf16 keeps 128 values per
+    octave); without indices, in the order the images came. Unlike torchmetrics it keeps every detection of an
+    image (the devkit has no 100-per-image cap) and uses continuous IoU (the devkit adds a pixel to widths and
+    heights) with IoU >= 0.5 a hit (VOCevaldet.m; voc_eval.py's > differs only at exactly 0.5).
     `map` stays torchmetrics' COCO evaluation (COCO matching: a detection takes the best object not yet taken), on
     detections and objects with the difficult ones left out the devkit's way (`drop_difficult`).
 
@@ -201,14 +205,16 @@ class DetectionAP(MeanAveragePrecision):
         "detection_box": (None, (0, 4)), "detection_scores": (None, (0,)), "detection_labels": (torch.long, (0,)),
         "groundtruth_box": (None, (0, 4)), "groundtruth_labels": (torch.long, (0,)),
         "groundtruth_crowds": (torch.long, (0,)), "groundtruth_area": (torch.long, (0,)),
-        # this class's VOC states (concatenated on sync): per image the kept detections' scores, labels and
-        # true-positive flags, and the non-difficult objects' labels
+        # this class's VOC states (concatenated on sync): per image the kept detections' scores, labels,
+        # true-positive flags and image's dataset index (-1: unknown), and the non-difficult objects' labels
         "voc_scores": (None, (0,)), "voc_labels": (torch.long, (0,)), "voc_true_positive": (torch.long, (0,)),
-        "voc_object_labels": (torch.long, (0,))}
+        "voc_image_index": (torch.long, (0,)), "voc_object_labels": (torch.long, (0,))}
+    _VOC_STATES: ClassVar[tuple[str, ...]] = ("voc_scores", "voc_labels", "voc_true_positive", "voc_image_index",
+                                              "voc_object_labels")
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(box_format="xyxy", iou_type="bbox", **kwargs)
-        for name in ("voc_scores", "voc_labels", "voc_true_positive", "voc_object_labels"):
+        for name in self._VOC_STATES:
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, detections: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]]) -> None:
@@ -218,6 +224,9 @@ class DetectionAP(MeanAveragePrecision):
             self.voc_scores.append(scores)
             self.voc_labels.append(labels)
             self.voc_true_positive.append(true_positive)
+            index = target.get("index")  # () the image's dataset index; -1 when the dataset gives none
+            index = index.long().reshape(()) if index is not None else torch.tensor(-1, device=labels.device)
+            self.voc_image_index.append(index.to(labels.device).expand(len(labels)))  # (D',), no host sync
             difficult = target["difficult"].bool() if "difficult" in target else None
             self.voc_object_labels.append(target["labels"] if difficult is None else target["labels"][~difficult])
         pairs = [drop_difficult(d, t) if "difficult" in t else (d, {k: t[k] for k in ("boxes", "labels")})
@@ -242,14 +251,18 @@ class DetectionAP(MeanAveragePrecision):
 
     def voc_map_50(self) -> torch.Tensor:
         """VOC's mAP@0.5 of the matches `update` kept: per class with a non-difficult object, its detections over
-        all images in descending score (stable, in image order on ties, as pycocotools), `interpolated_ap`; their
-        mean, -1 when no class has an object. A loop over classes, at compute time only."""
-        states = [getattr(self, name) for name in ("voc_scores", "voc_labels", "voc_true_positive",
-                                                   "voc_object_labels")]
+        all images in descending score (stable: on ties in the order of their images in the dataset when every
+        image came with its "index", as pycocotools orders image ids, else in the order the images came; within an
+        image in `voc_matches`' order), `interpolated_ap`; their mean, -1 when no class has an object. A loop over
+        classes, at compute time only."""
         # a list before a DDP sync, one tensor after it (dist_reduce_fx="cat")
-        scores, labels, true_positive, objects = (
+        scores, labels, true_positive, image, objects = (
             torch.cat(state) if isinstance(state, list) and state else state if isinstance(state, torch.Tensor)
-            else torch.zeros(0, device=self.device) for state in states)
+            else torch.zeros(0, dtype=torch.long, device=self.device)
+            for state in (getattr(self, name) for name in self._VOC_STATES))
+        if len(image) and bool((image >= 0).all()):  # (D,) the dataset's order, whatever order the ranks gathered
+            by_image = torch.argsort(image, stable=True)  # stable: an image's detections keep their order
+            scores, labels, true_positive = scores[by_image], labels[by_image], true_positive[by_image]
         classes, positives = objects.long().unique(return_counts=True)  # (C,) each
         if len(classes) == 0:
             return torch.tensor(-1.0, device=self.device)

@@ -12,6 +12,7 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from zoo.checks import check_binary_concepts
+from zoo.distributed import CatStateMetric
 
 
 def _concept_counts(logits: torch.Tensor, concepts: torch.Tensor, threshold: float
@@ -115,7 +116,7 @@ def concept_auroc(logits: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
     return torch.where(defined, auroc, torch.full_like(auroc, float("nan"))).float()
 
 
-class ConceptAUROC(Metric):
+class ConceptAUROC(CatStateMetric):
     """Concept AUROC: the exact AUROC of each of the K concepts (`concept_auroc`), macro (the mean over concepts).
     A concept whose truth holds one value over the evaluated data (never present, or always present) has no AUROC:
     it is NaN in `per_concept()` and left out of the mean, as `concept_f1` leaves out concepts never present nor
@@ -126,6 +127,10 @@ class ConceptAUROC(Metric):
     value of that batch lies outside [0, 1], so batches were scored on different scales (the result depended on the
     batching and the DDP split), and logits above ~16.6 all became 1.0 in float32 and tied. Keeps every logit and
     concept ("cat" states, exact curves): N x K of each per stage, gathered under DDP at the epoch's end.
+
+    A `zoo.distributed.CatStateMetric` (as the ICNN metrics): an unrepeated evaluation sampler can leave a rank
+    without samples, whose empty state torchmetrics sends as a 1-D `tensor([])` against the others' (n, K), and
+    the gather aborted (gloo: "Received data size doesn't match expected size").
     """
 
     higher_is_better = True
@@ -145,10 +150,13 @@ class ConceptAUROC(Metric):
         self.concepts.append(concepts.detach().long())
 
     def per_concept(self) -> torch.Tensor:
-        """The AUROC of each concept (K,), NaN for a concept with a single truth value (or before any update)."""
+        """The AUROC of each concept (K,), NaN for a concept with a single truth value (or before any update, on
+        every rank)."""
+        nan = torch.full((self.num_concepts,), float("nan"), device=self.device)
         if isinstance(self.logits, list) and not self.logits:  # a list until synchronised, then one tensor
-            return torch.full((self.num_concepts,), float("nan"), device=self.device)
-        return concept_auroc(dim_zero_cat(self.logits), dim_zero_cat(self.concepts))  # (K,)
+            return nan
+        logits = dim_zero_cat(self.logits)  # (N, K); (0,) once synchronised when no rank held a sample
+        return concept_auroc(logits, dim_zero_cat(self.concepts)) if logits.numel() else nan  # (K,)
 
     def compute(self) -> torch.Tensor:
         return self.per_concept().nanmean()

@@ -10,6 +10,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.cbm.metrics import ConceptAccuracy, ConceptAUROC, ConceptF1
 from zoo.checks import batch_field, check_binary_concepts
+from zoo.distributed import updated_on_any_rank
 from zoo.engine import ZooSystem
 
 MODES = ("independent", "sequential", "joint")
@@ -181,12 +182,18 @@ class CBMSystem(ZooSystem):
 
     def concept_table(self, stage: str = "val") -> dict[str, torch.Tensor]:
         """This epoch's F1 and AUROC of each concept, {"f1": (K,), "auroc": (K,)} on the CPU (NaN where undefined),
-        from the stage's metrics before Lightning resets them; empty before any update. A collective call under DDP
-        (the states are gathered): every rank must make it (`FixedBatchCallback.collective`)."""
+        from the stage's metrics before Lightning resets them; a column is left out while no rank has updated its
+        metric. A collective call under DDP (the states are gathered): every rank must make it
+        (`FixedBatchCallback.collective`). Whether a metric was updated is decided over all ranks
+        (`zoo.distributed.updated_on_any_rank`): a rank that ran no batch (an unrepeated evaluation sampler with
+        fewer samples than ranks) must still join the gather the others enter."""
+        present = [(column, self.metrics[f"{stage}_{name}"]) for column, name in
+                   (("f1", "concept_f1"), ("auroc", "concept_auroc")) if f"{stage}_{name}" in self.metrics]
+        if not present:  # the System's metrics: alike on every rank
+            return {}
         table = {}
-        for column, name in (("f1", "concept_f1"), ("auroc", "concept_auroc")):
-            metric = self.metrics[f"{stage}_{name}"] if f"{stage}_{name}" in self.metrics else None
-            if metric is None or metric.update_count == 0:
+        for (column, metric), updated in zip(present, updated_on_any_rank([m for _, m in present], self.device)):
+            if not updated:
                 continue
             with metric.sync_context(should_sync=self.trainer.world_size > 1):
                 table[column] = metric.per_concept().float().cpu()

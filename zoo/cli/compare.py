@@ -20,6 +20,7 @@ from zoo.cli.errors import configuration_phase
 from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.report import metric_directions, write_report
 from zoo.cli.runs import move_earlier_run
+from zoo.distributed import rank_local
 from zoo.engine.callbacks import logger_folder
 from zoo.figures import log_figure, save_figure
 from zoo.explain.scores import (EXPLANATION_DIRECTIONS, ExplainedRun, check_explain_settings, explanation_figure,
@@ -602,9 +603,17 @@ def explanation_on_rank_zero(cli: ZooCLI, settings: dict[str, Any]) -> tuple[lis
     """The run's `explanation_report` (its explainers scored on the validation samples), computed on global rank
     zero only, the one process that writes the report: under `ddp` every rank ran it in full (88 s a method instead
     of 34 s on two GPUs) for results the other ranks drop. The other ranks get None and wait at a barrier (a no-op
-    without a process group) until rank zero is done, so they do not run ahead into the next run's fit; nothing
-    in the report uses the process group."""
-    report = cli.model.explanation_report(cli.datamodule, settings) if cli.trainer.is_global_zero else None
+    without a process group) until rank zero is done, so they do not run ahead into the next run's fit.
+
+    The report runs inside `zoo.distributed.rank_local`: its scores are torchmetrics Metrics (DeletionAUC,
+    AttributionInMask, SensitivityMax, L2X's SelectionRecovery and AgreementAccuracy, ...), whose compute() gathers
+    from every rank whenever a process group exists, and under `ddp` the group outlives `fit`. Rank zero's gather
+    then met the other ranks' barrier (gloo "Connection closed by peer", or a hang); inside the block every metric
+    computes over rank zero's samples alone, the rows a single process gives."""
+    report = None
+    if cli.trainer.is_global_zero:
+        with rank_local():
+            report = cli.model.explanation_report(cli.datamodule, settings)
     cli.trainer.strategy.barrier("compare_explanations")
     return report
 

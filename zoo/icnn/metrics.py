@@ -17,36 +17,20 @@
   score is the mean over filters of max_k P_{f,k}. Higher is better. Parts are the ground-truth part types when
   given (so "filter 17 = red triangle"), else mask slots.
 
-Both keep per-image tensors in "cat" states; `zoo.distributed.gather_allowing_empty_ranks` syncs a process that saw
-no image (with an unrepeated evaluation sampler a rank may have none) instead of aborting the gather.
+Both keep per-image tensors in "cat" states (`zoo.distributed.CatStateMetric`), which sync a process that saw no
+image (with an unrepeated evaluation sampler a rank may have none) instead of aborting the gather.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from zoo.backbones import MapGeometry, cells_to_pixels
-from zoo.distributed import gather_allowing_empty_ranks
-
-
-class _PerImageMetric(Metric):
-    """A Metric of "cat" states that syncs when some ranks hold none: `gather_allowing_empty_ranks` for every sync,
-    `compute`'s and also an explicit `sync` / `sync_context` that names no gather function (torchmetrics would then
-    use plain `gather_all_tensors`)."""
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**{"dist_sync_fn": gather_allowing_empty_ranks, **kwargs})
-
-    def sync(self, dist_sync_fn: Callable | None = None, process_group: Any | None = None, should_sync: bool = True,
-             distributed_available: Callable | None = None) -> None:
-        super().sync(dist_sync_fn or self.dist_sync_fn, process_group, should_sync, distributed_available)
+from zoo.distributed import CatStateMetric
 
 
 def peak_positions(maps: torch.Tensor, image_size: tuple[int, int], stride: float | tuple[float, float] | None = None,
@@ -76,7 +60,7 @@ def _pair(value: float | tuple[float, float]) -> tuple[float, float]:
     return (value, value) if isinstance(value, (int, float)) else tuple(value)
 
 
-class LocationInstability(_PerImageMetric):
+class LocationInstability(CatStateMetric):
     """Mean over filters and landmarks of std(distance landmark -> filter peak) over each filter's top-N images
     where the landmark is visible (with every image whose peak ties the N-th), divided by the image diagonal.
     update(maps (B, F, h, w), landmarks (B, K, 2) xy, visible (B, K) or None, labels (B,) or None). `stride` and
@@ -143,7 +127,7 @@ class LocationInstability(_PerImageMetric):
         return self.per_filter().nanmean()
 
 
-class PartIoU(_PerImageMetric):
+class PartIoU(CatStateMetric):
     """Network-Dissection part interpretability: mean over filters of the best part's hit rate.
     update(maps (B, F, h, w), part_masks (B, P, H, W) bool, part_types (B, P) long or None).
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from zoo.distributed import updated_on_any_rank
 from zoo.engine import ZooSystem
 from zoo.icnn.metrics import LocationInstability, PartIoU
 
@@ -101,9 +102,10 @@ class ICNNSystem(ZooSystem):
 
     def filter_part_scores(self) -> torch.Tensor | None:
         """This validation epoch's per-filter part hit rates (F, K): which filter means what. A collective call
-        under DDP (every rank must make it); None without part metrics or before any validation batch."""
+        under DDP (every rank must make it, and each decides alike whether to gather: `updated_on_any_rank`); None
+        without part metrics or before any validation batch."""
         metric = self.metrics["val_part_iou"] if self.part_maps_key is not None else None
-        if metric is None or metric.update_count == 0:  # no part masks in the data: on every rank alike
+        if metric is None or not updated_on_any_rank([metric], self.device)[0]:  # no part masks, on any rank
             return None
         with metric.sync_context(should_sync=self.trainer.world_size > 1):
             return metric.part_scores()
