@@ -14,12 +14,13 @@ from datamodules.image_folder import image_transform, read_rgb
 
 CUB_LAYOUT = """\
 <root>/CUB_200_2011/ (or <root> itself)
-  images.txt               <image_id> <relative path under images/>
+  images.txt               <image_id> <relative path under images/>     (each id once; the other files
+                           are matched to it by <image_id>, in any line order)
   image_class_labels.txt   <image_id> <class_id 1..200>
   train_test_split.txt     <image_id> <is_training_image 0|1>
   bounding_boxes.txt       <image_id> <x> <y> <width> <height>
-  classes.txt              <class_id> <class name>           (optional)
-  parts/part_locs.txt      <image_id> <part_id 1..15> <x> <y> <visible 0|1>
+  classes.txt              <class_id> <class name>           (optional; ids 1..C, each once)
+  parts/part_locs.txt      <image_id> <part_id 1..15> <x> <y> <visible 0|1>   (all 15 parts of every image)
   attributes/image_attribute_labels.txt  <image_id> <attribute_id> <is_present 0|1> <certainty> <time>
                            (only with attributes=True; attribute names from attributes.txt beside or above)
   images/<class folder>/<image>.jpg"""
@@ -36,13 +37,52 @@ def find_cub_root(root: str | Path) -> Path:
     raise DatasetLayoutError(f"No CUB-200-2011 images.txt under {str(root)!r}.", CUB_LAYOUT)
 
 
+def read_lines(path: Path, layout: str = CUB_LAYOUT) -> list[str]:
+    """The lines of a UTF-8 text file (the release's files are ASCII); bytes that are not UTF-8 raise a
+    DatasetLayoutError naming the file and the line, not a bare UnicodeDecodeError from deep inside setup."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DatasetLayoutError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start}, "
+                                 f"{data[err.start:err.start + 1]!r}); save the file as UTF-8.", layout) from err
+
+
+def read_names(path: Path, what: str) -> list[str]:
+    """`<id> <name>` lines (classes.txt, attributes.txt) as names by id: entry k is id k + 1, whatever the line
+    order. Ids must be 1..N, each once: a gap or a repeat would shift every later name onto another class or
+    attribute; a line without a name, or without an integer id, raises naming the file and line."""
+    named: dict[int, tuple[str, int]] = {}  # id -> (name, line number)
+    for number, line in enumerate(read_lines(path), 1):
+        fields = line.split(maxsplit=1)
+        if not fields:
+            continue
+        if len(fields) != 2 or not fields[0].isdigit():
+            raise DatasetLayoutError(f"{path}:{number}: expected '<{what}_id> <{what} name>' with an integer id, got "
+                                     f"{line!r}.", CUB_LAYOUT)
+        key = int(fields[0])
+        if key in named:
+            raise DatasetLayoutError(f"{path}:{number}: {what} id {key} is listed again (first on line "
+                                     f"{named[key][1]}); each id once.", CUB_LAYOUT)
+        named[key] = (fields[1].strip(), number)
+    if not named:
+        raise DatasetLayoutError(f"CUB file {str(path)!r} lists no {what} names; remove it or list them.", CUB_LAYOUT)
+    expected = set(range(1, len(named) + 1))
+    if set(named) != expected:
+        raise DatasetLayoutError(f"{path}: its {len(named)} {what} ids must be 1..{len(named)}, without gaps; "
+                                 f"{sorted(expected - set(named))[:5]} are missing and "
+                                 f"{sorted(set(named) - expected)[:5]} listed instead.", CUB_LAYOUT)
+    return [named[key][0] for key in range(1, len(named) + 1)]
+
+
 def read_table(path: Path, columns: int, dtype: type = float, extra_fields: bool = False) -> np.ndarray:
     """Whitespace table with integer ids in column 0 and `dtype` (finite) numbers after; malformed lines raise with
     file and line number. `extra_fields`: lines may carry more fields than `columns`, which are ignored."""
     if not path.is_file():
         raise DatasetLayoutError(f"CUB file {str(path)!r} is missing.", CUB_LAYOUT)
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(read_lines(path), 1):
         fields = line.split()
         if not fields:
             continue
@@ -104,8 +144,11 @@ def read_cub_attributes(root: Path, labels: np.ndarray, is_train: np.ndarray, im
                                  "lower min_attribute_classes for a subset of the classes.", CUB_LAYOUT)
     names_file = next((f for f in (root / "attributes" / "attributes.txt", root / "attributes.txt",
                                    root.parent / "attributes.txt") if f.is_file()), None)
-    names = [ln.split(maxsplit=1)[1] for ln in names_file.read_text().splitlines() if ln.strip()] if names_file \
-        else [f"attribute {a + 1}" for a in range(num_attributes)]
+    names = read_names(names_file, "attribute") if names_file else [f"attribute {a + 1}" for a in range(num_attributes)]
+    if len(names) < num_attributes:
+        raise DatasetLayoutError(f"{names_file} names {len(names)} attributes but {path} uses attribute ids up to "
+                                 f"{num_attributes}; use the attributes.txt of the same release (312 names).",
+                                 CUB_LAYOUT)
     return votes[labels][:, kept].astype(np.float32), [names[a] for a in kept]
 
 
@@ -115,13 +158,21 @@ class CUBIndex:
     NUM_PARTS = 15
 
     def __init__(self, root: Path) -> None:
-        lines = []
-        for number, line in enumerate((root / "images.txt").read_text().splitlines(), 1):
+        lines, first_line = [], {}  # first_line: image id -> its images.txt line number
+        for number, line in enumerate(read_lines(root / "images.txt"), 1):
             fields = line.split(maxsplit=1)
             if fields and (len(fields) != 2 or not fields[0].isdigit()):
                 raise DatasetLayoutError(f"{root / 'images.txt'}:{number}: expected '<image_id> <path>' with an "
                                          f"integer id, got {line!r}.", CUB_LAYOUT)
-            lines += [fields] if fields else []
+            if fields and int(fields[0]) in first_line:  # the other tables would be blamed for it otherwise
+                raise DatasetLayoutError(f"{root / 'images.txt'}:{number}: image id {fields[0]} is listed again "
+                                         f"(first on line {first_line[int(fields[0])]}); each image id once.",
+                                         CUB_LAYOUT)
+            if fields:
+                lines.append(fields)
+                first_line[int(fields[0])] = number
+        if not lines:
+            raise DatasetLayoutError(f"CUB file {str(root / 'images.txt')!r} lists no image.", CUB_LAYOUT)
         ids = np.array([int(f[0]) for f in lines], dtype=np.int64)
         self.image_ids = ids
         self.paths = [root / "images" / f[1].strip() for f in lines]
@@ -146,21 +197,53 @@ class CUBIndex:
             return out
 
         self.labels = aligned(read_table(root / "image_class_labels.txt", 2, int), "image_class_labels.txt")[:, 0] - 1
-        self.is_train = aligned(read_table(root / "train_test_split.txt", 2, int), "train_test_split.txt")[:, 0] == 1
+        split = aligned(read_table(root / "train_test_split.txt", 2, int), "train_test_split.txt")[:, 0]  # (N,)
+        if not np.isin(split, (0, 1)).all():  # a 2 would silently be a test image
+            bad = ~np.isin(split, (0, 1))
+            raise DatasetLayoutError(f"{root / 'train_test_split.txt'}: <is_training_image> must be 1 (train) or 0 "
+                                     f"(test); image ids {ids[bad][:5].tolist()} have {split[bad][:5].tolist()}.",
+                                     CUB_LAYOUT)
+        self.is_train = split == 1
         self.boxes = aligned(read_table(root / "bounding_boxes.txt", 5), "bounding_boxes.txt")  # (N, 4) x y w h
-        locs = read_table(root / "parts" / "part_locs.txt", 5)  # image_id part_id x y visible
-        self.landmarks = np.zeros((len(ids), self.NUM_PARTS, 3))
-        rows = np.array([position.get(int(i), -1) for i in locs[:, 0]])
-        locs, rows = locs[rows >= 0], rows[rows >= 0]  # the images images.txt lists
-        parts = locs[:, 1].astype(int) - 1
-        if (parts < 0).any() or (parts >= self.NUM_PARTS).any():
-            raise DatasetLayoutError(f"{root / 'parts' / 'part_locs.txt'} names part ids outside 1..15.", CUB_LAYOUT)
-        self.landmarks[rows, parts] = locs[:, 2:]
+        self.landmarks = self._read_parts(root / "parts" / "part_locs.txt", ids, position)  # (N, 15, 3)
         self.captions: torch.Tensor | None = None  # (N, R, L) sentence ids, filled when sentences are present
         self.attributes: np.ndarray | None = None  # (N, A) class-level concepts, filled with attributes=True
-        classes_file = root / "classes.txt"
-        self.class_names = [ln.split(maxsplit=1)[1] for ln in classes_file.read_text().splitlines() if ln.strip()] \
-            if classes_file.is_file() else [str(c) for c in range(int(self.labels.max()) + 1)]
+        classes_file = root / "classes.txt"  # names by their <class_id>, not by line order
+        self.class_names = read_names(classes_file, "class") if classes_file.is_file() \
+            else [str(c) for c in range(int(self.labels.max()) + 1)]
+
+    def _read_parts(self, path: Path, ids: np.ndarray, position: dict[int, int]) -> np.ndarray:
+        """(N, 15, 3) x, y, visible per images.txt row and part. As the other index files, images.txt decides which
+        images there are (rows of other images are dropped) and each of them needs its rows: the release has all
+        15 parts of every image, <visible> 0 for a part not seen, so a missing (image, part) row is an error, not a
+        part silently not visible; a repeated one is an error too (which row would count?), and <visible> is 0 or 1."""
+        locs = read_table(path, 5)  # image_id part_id x y visible
+        rows = np.array([position.get(int(i), -1) for i in locs[:, 0]], dtype=np.int64)
+        locs, rows = locs[rows >= 0], rows[rows >= 0]  # the images images.txt lists
+        parts = locs[:, 1].astype(np.int64) - 1
+        if (parts < 0).any() or (parts >= self.NUM_PARTS).any():
+            raise DatasetLayoutError(f"{path} names part ids outside 1..15.", CUB_LAYOUT)
+        if not np.isin(locs[:, 4], (0, 1)).all():
+            bad = locs[~np.isin(locs[:, 4], (0, 1))][0]
+            raise DatasetLayoutError(f"{path}: <visible> must be 0 or 1; image id {int(bad[0])} part {int(bad[1])} has "
+                                     f"{bad[4]:g}.", CUB_LAYOUT)
+        seen = np.zeros((len(ids), self.NUM_PARTS), dtype=np.int64)  # (N, 15) rows per image and part
+        np.add.at(seen, (rows, parts), 1)
+        if (seen > 1).any():
+            row, part = np.argwhere(seen > 1)[0]
+            raise DatasetLayoutError(f"{path} lists (image id {int(ids[row])}, part {part + 1}) "
+                                     f"{int(seen[row, part])} times; each (image, part) once.", CUB_LAYOUT)
+        if (seen == 0).any():
+            lacking = ids[(seen == 0).all(1)]
+            partial = ids[(seen == 0).any(1) & (seen > 0).any(1)]
+            detail = (f"lacks image ids {lacking[:5].tolist()}" if len(lacking) else
+                      f"lacks some of the 15 parts of image ids {partial[:5].tolist()}")
+            raise DatasetLayoutError(f"{path} {detail} (of those in {path.parent.parent / 'images.txt'}); the release "
+                                     "has all 15 part rows of every image (<visible> 0 for a part not seen).",
+                                     CUB_LAYOUT)
+        landmarks = np.zeros((len(ids), self.NUM_PARTS, 3))
+        landmarks[rows, parts] = locs[:, 2:]
+        return landmarks
 
 
 class CUBDataset(Dataset):
@@ -222,7 +305,7 @@ def read_sentences(text_root: Path, image_paths: list[Path], images_root: Path) 
         text_file = text_root / path.relative_to(images_root).with_suffix(".txt")
         if not text_file.is_file():
             raise DatasetLayoutError(f"CUB sentence file {str(text_file)!r} does not exist.", SENTENCES_LAYOUT)
-        out.append([words for line in text_file.read_text(encoding="utf-8").splitlines() if (words := tokenize(line))])
+        out.append([words for line in read_lines(text_file, SENTENCES_LAYOUT) if (words := tokenize(line))])
     return out
 
 
@@ -256,7 +339,7 @@ class CUB200DataModule(DictDataModule):
             `read_cub_attributes`; voted over the training split, so without the `val_fraction` held out), named by
             `attribute_names`; min_attribute_classes: its filter (10 in the paper).
 
-    `class_names` come from classes.txt ("001.Black_footed_Albatross", ...; "0", "1", ... without it).
+    `class_names` come from classes.txt by <class_id> ("001.Black_footed_Albatross", ...; "0", "1", ... without it).
     """
 
     num_channels = 3
