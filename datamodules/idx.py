@@ -31,31 +31,37 @@ CLASS_NAMES = {
 IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
 
 
-def _open(root: Path, stem: str) -> bytes:
-    """The bytes of `<root>/<stem>` or `<root>/<stem>.gz`."""
+GZIP_MAGIC = b"\x1f\x8b"  # the first two bytes of every gzip stream
+
+
+def _open(root: Path, stem: str) -> tuple[Path, bytes]:
+    """The path and (decompressed) bytes of `<root>/<stem>` or `<root>/<stem>.gz`."""
     for path in (root / stem, root / f"{stem}.gz"):
         if path.is_file():
             try:
-                return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+                return path, gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
             except (OSError, EOFError) as err:
                 raise DatasetLayoutError(f"{str(path)!r} is not a readable gzip file ({err}).", LAYOUT) from err
     raise DatasetLayoutError(f"Neither {stem} nor {stem}.gz is in {str(root)!r}.", LAYOUT)
 
 
-def read_idx(root: Path, stem: str, magic: int) -> torch.Tensor:
-    """One IDX file as a uint8 tensor: (N, rows, cols) for images (magic 0x803), (N,) for labels (magic 0x801)."""
-    data = _open(root, stem)
+def read_idx(root: Path, stem: str, magic: int) -> tuple[Path, torch.Tensor]:
+    """One IDX file's path and its contents as a uint8 tensor: (N, rows, cols) for images (magic 0x803), (N,) for
+    labels (magic 0x801). Errors name the file's path (the stem alone does not say which root, nor .gz or not)."""
+    path, data = _open(root, stem)
     dims = magic & 0xFF
     header = 4 + 4 * dims
     if len(data) < header or struct.unpack(">I", data[:4])[0] != magic:
         found = f"0x{struct.unpack('>I', data[:4])[0]:08x}" if len(data) >= 4 else "a file shorter than 4 bytes"
-        raise DatasetLayoutError(f"{stem}: bad magic number {found}, expected 0x{magic:08x}.", LAYOUT)
+        hint = (f" It is gzip-compressed (it starts with 0x1f8b) but not named .gz: rename it {path.name}.gz (read "
+                f"as gzip) or decompress it." if data[:2] == GZIP_MAGIC else "")
+        raise DatasetLayoutError(f"{str(path)!r}: bad magic number {found}, expected 0x{magic:08x}.{hint}", LAYOUT)
     shape = struct.unpack(f">{dims}I", data[4:header])
     expected = header + int(torch.tensor(shape).prod())
     if len(data) != expected:
-        raise DatasetLayoutError(f"{stem}: the header announces {shape[0]} items of shape {shape[1:]} "
+        raise DatasetLayoutError(f"{str(path)!r}: the header announces {shape[0]} items of shape {shape[1:]} "
                                  f"({expected} bytes with the header) but the file holds {len(data)} bytes.", LAYOUT)
-    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
+    return path, torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
 
 
 class IDXImages(Dataset):
@@ -87,7 +93,7 @@ class IDXDataModule(DictDataModule):
             backbone's pretrained mean and std, e.g. ImageNet's for torchvision weights), or None: [0, 1] pixels.
         num_train: a seeded subset of the training images (after the validation images are set apart); None: all.
         num_val: training images set apart for validation (seeded).
-        num_test: the first `num_test` t10k images; None: all 10,000.
+        num_test: the first `num_test` t10k images (>= 1); None: all 10,000.
     """
 
     num_channels = 3
@@ -113,20 +119,22 @@ class IDXDataModule(DictDataModule):
             raise ValueError(f"Unknown dataset {dataset!r}: choose one of {sorted(CLASS_NAMES)} or give class_names.")
         self.class_names = list(class_names) if class_names is not None else CLASS_NAMES[dataset]
         self.set_normalization(mean, std)
-        if image_size < 1 or num_val < 1 or (num_train is not None and num_train < 1):
-            raise ValueError(f"image_size, num_val and num_train must be positive; got {image_size}, {num_val}, "
-                             f"{num_train}.")
+        # num_test=-1 dropped the last test image silently (a slice), 0 left the test split empty
+        if image_size < 1 or num_val < 1 or any(n is not None and n < 1 for n in (num_train, num_test)):
+            raise ValueError(f"image_size, num_val, num_train and num_test must be positive (num_train and num_test "
+                             f"may be None: all); got {image_size}, {num_val}, {num_train}, {num_test}.")
         self.root, self.num_classes, self.image_size = Path(root), len(self.class_names), image_size
         self.num_train, self.num_val, self.num_test, self.seed = num_train, num_val, num_test, seed
 
     def _read(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.root.is_dir():
             raise DatasetLayoutError(f"IDX root {str(self.root)!r} is not a folder.", LAYOUT)
-        images = read_idx(self.root, f"{split}-images-idx3-ubyte", IMAGES_MAGIC)
-        labels = read_idx(self.root, f"{split}-labels-idx1-ubyte", LABELS_MAGIC)
+        images_path, images = read_idx(self.root, f"{split}-images-idx3-ubyte", IMAGES_MAGIC)
+        labels_path, labels = read_idx(self.root, f"{split}-labels-idx1-ubyte", LABELS_MAGIC)
         if len(images) != len(labels):
-            raise DatasetLayoutError(f"{split}: {len(images)} images but {len(labels)} labels.", LAYOUT)
-        check_labels(labels.long(), self.num_classes, f"{self.root}/{split}-labels-idx1-ubyte")
+            raise DatasetLayoutError(f"{split}: {len(images)} images but {len(labels)} labels ({str(images_path)!r}, "
+                                     f"{str(labels_path)!r}).", LAYOUT)
+        check_labels(labels.long(), self.num_classes, str(labels_path))
         return images, labels
 
     def setup(self, stage: str | None = None) -> None:

@@ -21,6 +21,7 @@ rows by name, never by position.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules._base import DatasetLayoutError, DictDataModule, TensorDictDataset, check_labels
+from datamodules._base import DatasetLayoutError, DataSettingError, DictDataModule, TensorDictDataset, check_labels
 from datamodules.resumable import ResumableRandomSampler
 
 CLASS_NAMES = ["normal", "compensated", "interpolated", "bigeminy"]
@@ -213,7 +214,9 @@ SERIES_LAYOUT = """\
   pattern_names: (K,) str                    optional: the pattern of each row of `patterns` (or the datamodule's
                                              pattern_names argument; else pattern_0, pattern_1, ...); models match
                                              their patterns to these names
-or <path>.csv: one series per row, the label first, then T values (no header, no empty or NaN cells)
+or <path>.csv: one series per row, the label first, then T >= 1 values (no header, no empty or NaN cells);
+  ',' delimited, '#' starts a comment, blank lines are skipped (errors name the file's own line numbers)
+labels are class ids from 0 (a UCR file's 1..C: subtract 1)
 """
 
 
@@ -226,7 +229,11 @@ class SeriesFileDataModule(SeriesDataModule):
         subset_seed: the seed of the subset `train_fraction` keeps of the training rows; None (default): `seed + 99`
             (`seed` also draws the split). Unused at train_fraction 1.
 
-    `sample_names(split)` names each sample by its file row ("row 12", 0-based), for predictions.csv.
+    `sample_names(split)` names each sample by its file row ("row 12", 0-based; a CSV's "row 12 (line 15)": the
+    file's own line, counting the comment and blank lines the rows skip), for predictions.csv.
+
+    Raises ValueError for fractions out of range: val_fraction and test_fraction in (0, 1) with a sum < 1 (as
+    CSVTextDataModule), train_fraction in (0, 1] (as RuleSeriesDataModule).
     """
 
     def __init__(self, path: str | Path, num_classes: int, val_fraction: float = 0.15, test_fraction: float = 0.15,
@@ -234,7 +241,15 @@ class SeriesFileDataModule(SeriesDataModule):
                  pattern_names: list[str] | None = None, subset_seed: int | None = None) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
+        # a negative or zero fraction became one row silently (setup keeps one row per split at least)
+        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise ValueError(f"val_fraction and test_fraction must be in (0, 1) with a sum < 1 (the rest trains); "
+                             f"got {val_fraction}, {test_fraction}.")
+        if not 0 < train_fraction <= 1:
+            raise ValueError(f"train_fraction must be in (0, 1] (the share of the training rows kept); got "
+                             f"{train_fraction}.")
         self.path, self.num_classes = Path(path), num_classes
+        self.csv_lines: list[int] | None = None  # a CSV's file line (1-based) of each row; None for a .npz
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.train_fraction, self.seed = train_fraction, seed
         self.subset_seed = self._check_subset_seed(subset_seed)
@@ -252,10 +267,12 @@ class SeriesFileDataModule(SeriesDataModule):
                     arrays = {k: archive[k] for k in archive.files}
                 file_names = arrays.pop("pattern_names", None)
             elif self.path.suffix == ".csv":
-                table = np.loadtxt(self.path, delimiter=",", ndmin=2)
+                table = self._read_csv()
                 arrays, file_names = {"label": table[:, 0], "series": table[:, 1:]}, None
             else:
                 raise ValueError(f"unsupported suffix {self.path.suffix!r}")
+        except DatasetLayoutError:  # said already, naming the line
+            raise
         except ValueError as err:
             raise DatasetLayoutError(f"Could not read series from {str(self.path)!r} ({err}).", SERIES_LAYOUT) from err
         missing = {"series", "label"} - set(arrays)
@@ -263,13 +280,19 @@ class SeriesFileDataModule(SeriesDataModule):
             raise DatasetLayoutError(f"{str(self.path)!r} lacks {sorted(missing)}.", SERIES_LAYOUT)
         series = self._array(arrays, "series", (2, 3), "(N, T) or (N, C, T) numbers")
         series = series[:, None] if series.ndim == 2 else series
+        if 0 in series.shape:  # else a raw "cannot reshape tensor of 0 elements" in setup, or a model of length 0
+            problem = ("holds no series (N=0)" if len(series) == 0 else
+                       "has rows with a label but no values (T=0)" if self.csv_lines is not None else
+                       f"has series {tuple(series.shape)} (N, C, T) with no values")
+            raise DatasetLayoutError(f"{str(self.path)!r} {problem}; expected at least one series of T >= 1 values.",
+                                     SERIES_LAYOUT)
         self._check_finite(series, "series", " UCR-style files pad shorter series with NaN: pad (e.g. repeat the "
                                              "last value) or truncate every series to one length first.")
         label = self._array(arrays, "label", (1,), f"(N,) int in [0, {self.num_classes})", along="N")
         self._check_finite(label, "label", "")
         if label.is_floating_point():
             self._refuse_rows(label != label.round(), "label", "", "hold non-integer values (labels must be integers)")
-        check_labels(label.long(), self.num_classes, str(self.path))
+        self._check_labels(label.long())
         fields = {"series": series.float(), "label": label.long()}
         if "patterns" in arrays:
             patterns = self._array(arrays, "patterns", (3,), "(N, K, T) in [0, 1]", along="NT").float()
@@ -280,6 +303,55 @@ class SeriesFileDataModule(SeriesDataModule):
             fields["patterns"] = patterns
         self.pattern_names = self._pattern_names(file_names, fields.get("patterns"))
         return fields
+
+    def _read_csv(self) -> np.ndarray:
+        """The table (N, 1 + T) of a .csv: ',' delimited, '#' starting a comment, lines blank after that skipped (as
+        np.loadtxt reads them), keeping each row's line in the file (`csv_lines`): np.loadtxt's own numbers count
+        neither skipped lines nor, in its conversion errors, from 1, so errors and `sample_names` would name the
+        wrong line of a file with a comment header."""
+        where = repr(str(self.path))
+        try:
+            text = self.path.read_text(encoding="utf-8-sig")  # universal newlines: one "\n" per line; a BOM dropped
+        except UnicodeDecodeError as err:
+            raise DatasetLayoutError(f"{where} is not UTF-8 text ({err}).", SERIES_LAYOUT) from err
+        rows, lines = [], []
+        for number, line in enumerate(text.split("\n"), 1):
+            data = line.split("#", 1)[0]
+            if data.strip():
+                rows.append(data)
+                lines.append(number)
+        if not rows:
+            raise DatasetLayoutError(f"{where} holds no series: no data lines (blank lines and '#' comments are "
+                                     f"skipped).", SERIES_LAYOUT)
+        fields = [row.count(",") + 1 for row in rows]
+        ragged = [(n, f) for n, f in zip(lines, fields) if f != fields[0]]
+        if ragged:
+            shown = ", ".join(f"line {n}: {f}" for n, f in ragged[:5]) + (" ..." if len(ragged) > 5 else "")
+            raise DatasetLayoutError(f"{where}: line {lines[0]} holds {fields[0]} fields (the label and "
+                                     f"{fields[0] - 1} values) but {len(ragged)} other row(s) do not ({shown} "
+                                     f"fields). Every series needs one length: pad or truncate them first.",
+                                     SERIES_LAYOUT)
+        try:
+            table = np.loadtxt(rows, delimiter=",", ndmin=2, comments=None)
+        except ValueError as err:  # "could not convert string 'a' to float64 at row 1, column 2.": rows from 0
+            found = re.search(r"at row (\d+), column (\d+)", str(err))
+            if found is None or int(found[1]) >= len(lines):
+                raise
+            raise DatasetLayoutError(f"Could not read series from {where}: line {lines[int(found[1])]}, field "
+                                     f"{found[2]} is no number ({str(err)[: found.start()].strip()}).",
+                                     SERIES_LAYOUT) from err
+        self.csv_lines = lines
+        return table
+
+    def _check_labels(self, label: torch.Tensor) -> None:
+        """`check_labels`, with a hint where the labels span [1, C]: a UCR-style file numbers its classes from 1."""
+        try:
+            check_labels(label, self.num_classes, str(self.path))
+        except DataSettingError as err:
+            if label.min() == 1 and label.max() == self.num_classes:
+                raise DataSettingError(f"{err} They look 1-based (UCR files number classes from 1): subtract 1 from "
+                                       f"every label (0-based class ids, 0..{self.num_classes - 1}).") from err
+            raise
 
     def _pattern_names(self, file_names: np.ndarray | None, patterns: torch.Tensor | None) -> list[str]:
         """The name of each row of `patterns`: the `pattern_names` argument, the file's array, or pattern_<k>."""
@@ -309,10 +381,10 @@ class SeriesFileDataModule(SeriesDataModule):
 
     def _refuse_rows(self, bad_values: torch.Tensor, name: str, hint: str, what: str) -> None:
         """Refuse array `name` where `bad_values` (N, ...) marks a value, naming the file rows (0-based) and, for a
-        CSV, its lines (1-based), the first ten of each."""
+        CSV, their lines in the file (1-based, comment and blank lines counted), the first ten of each."""
         bad = bad_values.reshape(len(bad_values), -1).any(1).nonzero().flatten().tolist()  # (R,) the bad rows
         if bad:
-            lines = f"; CSV lines {[r + 1 for r in bad[:10]]}" if self.path.suffix == ".csv" else ""
+            lines = f"; CSV lines {[self.csv_lines[r] for r in bad[:10]]}" if self.csv_lines is not None else ""
             raise DatasetLayoutError(f"{str(self.path)!r}: {name} of {len(bad)} row(s) {what}: rows "
                                      f"{bad[:10]}{' ...' if len(bad) > 10 else ''} (0-based{lines}).{hint}",
                                      SERIES_LAYOUT)
@@ -350,7 +422,11 @@ class SeriesFileDataModule(SeriesDataModule):
         self._subset_train()
 
     def sample_names(self, split: str) -> list[str]:
-        """Each sample's file row ("row 12", 0-based; a CSV's line 13), by its "index" in `split`."""
+        """Each sample's file row ("row 12", 0-based; a CSV's "row 12 (line 15)", its line in the file, comment and
+        blank lines counted), by its "index" in `split`."""
         if split not in self.split_rows:
             self.setup()
-        return [f"row {r}" for r in self.split_rows[split].tolist()]
+        rows = self.split_rows[split].tolist()
+        if self.csv_lines is None:
+            return [f"row {r}" for r in rows]
+        return [f"row {r} (line {self.csv_lines[r]})" for r in rows]

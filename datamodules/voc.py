@@ -57,6 +57,19 @@ def read_ids(root: Path, split: str) -> list[str]:
     return ids
 
 
+def check_images(root: Path, ids: list[str], split: str, name: str) -> None:
+    """Refuse a split whose list names images JPEGImages/ lacks, at setup: one existence check per image (none is
+    opened), where the loader would otherwise fail only on reaching it, a missing val or test image after training.
+    The error names the split and its list, the first five missing files and how many are missing."""
+    missing = [path for path in (root / "JPEGImages" / f"{i}.jpg" for i in ids) if not path.is_file()]
+    if missing:
+        shown = ", ".join(repr(str(path)) for path in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        listed = root / "ImageSets" / "Main" / f"{name}.txt"
+        raise DatasetLayoutError(f"VOC split file {str(listed)!r} (the {split} split) lists {len(missing)} image(s) of "
+                                 f"{len(ids)} that do not exist: {shown}. Restore them (a partial extraction?) or "
+                                 f"list only the images there are.", VOC_LAYOUT)
+
+
 def read_annotation(path: Path) -> dict[str, torch.Tensor]:
     """boxes (n, 4) 0-based xyxy, labels (n,) in 1..20, difficult (n,) bool; errors name the file and object.
     Boxes reaching past the image's <size> are clipped to it, with a warning naming them (a box outside the image
@@ -176,7 +189,8 @@ class VOCDataModule(DetectionDataModule):
     def setup(self, stage: str | None = None) -> None:
         for split, name in self.split_names.items():
             if split not in self.splits:
+                ids = read_ids(self.root, name)
+                check_images(self.root, ids, split, name)  # every split at once, before training starts
                 # evaluation keeps difficult objects flagged, training drops them unless asked
                 keep = self.hparams.keep_difficult or split != "train"
-                self.splits[split] = VOCDataset(self.root, read_ids(self.root, name), keep,
-                                                flip=self.hparams.flip and split == "train")
+                self.splits[split] = VOCDataset(self.root, ids, keep, flip=self.hparams.flip and split == "train")

@@ -776,11 +776,13 @@ def test_voc_loader_errors_name_the_problem(voc_root: Path, tmp_path: Path) -> N
         "</bndbox></object></annotation>")
     with pytest.raises(ValueError, match="unicorn.*20 VOC classes"):
         VOCDataModule(root=str(voc_root), train_split="train", val_split="val", test_split="val").setup()
-    (base / "JPEGImages" / "000009.jpg").unlink()
     dm = VOCDataModule(root=str(voc_root), train_split="val", val_split="val", test_split="val")
     dm.setup()
+    (base / "JPEGImages" / "000009.jpg").unlink()  # gone after setup: loading it names the file
     with pytest.raises(DatasetLayoutError, match="000009.jpg"):
         dm.splits["train"][0]
+    with pytest.raises(DatasetLayoutError, match="000009.jpg"):  # gone before: setup refuses
+        VOCDataModule(root=str(voc_root), train_split="val", val_split="val", test_split="val").setup()
 
 
 def test_voc_truncated_image_names_the_file(voc_root: Path) -> None:
