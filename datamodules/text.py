@@ -199,6 +199,10 @@ class IMDBDataModule(TokenDataModule):
                  seed: int = 0, batch_size: int = 64, num_workers: int = 0) -> None:
         super().__init__(max_len, batch_size, num_workers)
         self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
+        # 0 or -0.5 held out one review, silently; 1 leaves no training review, which the empty split's error names
+        if isinstance(val_fraction, bool) or not 0 < val_fraction <= 1:
+            raise DataSettingError(f"IMDBDataModule: val_fraction must be in (0, 1] (the share of the release's train "
+                                   f"reviews held out for validation, e.g. 0.1); got {val_fraction!r}.")
         self.root, self.max_vocab, self.val_fraction, self.seed = Path(root), max_vocab, val_fraction, seed
         self.vocabulary = [PAD, UNK] + [""] * (max_vocab - 2)  # filled from the training reviews in setup
         self.names: dict[str, list[str]] = {}  # split -> each review's file, filled in setup
@@ -261,33 +265,133 @@ class IMDBDataModule(TokenDataModule):
 
 TABLE_LAYOUT = """\
 <path>                        one table, a header row naming the columns, one labelled text per row
-  <name>.csv  or  <name>.tsv  (comma- or tab-separated, quoted as Python's csv module reads it)
+  <name>.csv  or  <name>.tsv  (comma- or tab-separated, quoted as Python's csv module reads it: a text holding the
+                              delimiter or a line break, or opening with ", is quoted whole, "" for each " inside)
   optionally compressed: <name>.csv.gz, <name>.csv.bz2, <name>.tsv.gz, <name>.tsv.bz2
 """
 _OPENERS = {".gz": gzip.open, ".bz2": bz2.open}
+_SHOWN = 5  # bad lines listed in an error
 
 
-def read_table(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
-    """The rows of a CSV/TSV file (compressed or not) as dicts; a DatasetLayoutError names a missing file, an
-    unknown format or the columns the file has when one of `columns` is missing."""
+def _parse_table(path: Path) -> tuple[list[str], list[list[str]], list[int], str]:
+    """The header, each record's fields (blank lines skipped, as csv.DictReader does), the line each record starts on
+    (the header is line 1; a quoted field may run over several) and the delimiter of a CSV/TSV file, compressed or
+    not. A DatasetLayoutError names a missing file, an unknown format or a file that cannot be read."""
     if not path.is_file():
         raise DatasetLayoutError(f"Text table {str(path)!r} does not exist.", TABLE_LAYOUT)
     compression = path.suffix if path.suffix in _OPENERS else ""
     kind = Path(path.name.removesuffix(compression)).suffix
     if kind not in (".csv", ".tsv"):
         raise DatasetLayoutError(f"{str(path)!r} is neither .csv nor .tsv (optionally .gz / .bz2).", TABLE_LAYOUT)
-    opener = _OPENERS.get(compression, open)
+    opener, delimiter = _OPENERS.get(compression, open), "\t" if kind == ".tsv" else ","
+    records, first_lines = [], []
     try:
         # utf-8-sig: the byte-order mark Excel writes before the header would otherwise stick to the first column name
         with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
-            reader = csv.DictReader(handle, delimiter="\t" if kind == ".tsv" else ",")
-            header, rows = reader.fieldnames or [], list(reader)
+            reader = csv.reader(handle, delimiter=delimiter)
+            header = next(reader, [])
+            read = reader.line_num  # lines read so far
+            for fields in reader:
+                if fields:
+                    records.append(fields)
+                    first_lines.append(read + 1)
+                read = reader.line_num
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as err:
         raise DatasetLayoutError(f"Could not read {str(path)!r} ({type(err).__name__}: {err}).", TABLE_LAYOUT) from err
+    return header, records, first_lines, delimiter
+
+
+def _as_row(header: Sequence[str], fields: Sequence[str]) -> dict[str | None, Any]:
+    """One record as csv.DictReader gives it: fields past the header as a list under None, missing ones None."""
+    row: dict[str | None, Any] = dict(zip(header, fields))
+    if len(fields) > len(header):
+        row[None] = list(fields[len(header):])
+    for name in header[len(fields):]:
+        row[name] = None
+    return row
+
+
+def _check_columns(path: Path, header: Sequence[str], columns: Sequence[str]) -> None:
     missing = [c for c in columns if c not in header]
     if missing:
-        raise DatasetLayoutError(f"{str(path)!r} has no column {missing}; its columns are {header}.", TABLE_LAYOUT)
-    return rows
+        raise DatasetLayoutError(f"{str(path)!r} has no column {missing}; its columns are {list(header)}.",
+                                 TABLE_LAYOUT)
+
+
+def read_table(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
+    """The rows of a CSV/TSV file (compressed or not) as csv.DictReader gives them; a DatasetLayoutError names a
+    missing file, an unknown format or the columns the file has when one of `columns` is missing. The rows are not
+    checked (`read_text_table` checks those of a text table)."""
+    header, records, _, _ = _parse_table(path)
+    _check_columns(path, header, columns)
+    return [_as_row(header, fields) for fields in records]
+
+
+def _shown(lines: Sequence[int]) -> str:
+    return ", ".join(str(line) for line in lines[:_SHOWN]) + (", ..." if len(lines) > _SHOWN else "")
+
+
+def _row_inside(fields: Sequence[str], header: Sequence[str], label_column: str, known: set[str | None],
+                delimiter: str) -> tuple[int, int, str] | None:
+    """The first line inside a record's fields that reads as a row of its own (as many fields as the header, a known
+    label), as (the line its field opens on, that line, both counted from the record's first line; its text); None
+    where there is none. Only a quoted field holds a line break, so the record's lines are its fields' lines."""
+    offset = 0  # line breaks of the record before this field
+    for value in fields:
+        parts = value.split("\n")
+        for k, part in enumerate(parts[1:], 1):
+            alone = next(csv.reader([part.rstrip("\r")], delimiter=delimiter), [])
+            if len(alone) == len(header) and _as_row(header, alone)[label_column] in known:
+                return offset, offset + k, part.rstrip("\r")
+        offset += len(parts) - 1
+    return None
+
+
+def read_text_table(path: Path, text_column: str, label_column: str, labels: Sequence[str] = ()
+                    ) -> tuple[list[dict[str, str]], list[int]]:
+    """The rows of a labelled text table (`read_table`) and the line each starts on (the header is line 1), refusing
+    with a DatasetLayoutError naming the file and lines what would otherwise be read as other texts, silently:
+
+    - a quoted field running over lines that read as rows of their own (a stray opening " in a text swallows the
+      rows after it up to the next ", their labels lost): a continuation line with as many fields as the header and
+      a label of the file's (or of `labels`), refused naming the line the field opens on. A quoted text holding line
+      breaks and no such line is read as it is (csv's quoting, .tsv as .csv: the layout promises it);
+    - a record with more fields than the header (an unquoted delimiter in a text: "fresh,Dull, slow." kept the text
+      "Dull" and dropped the rest; in a text before the label, the label was a piece of the text); empty fields past
+      the header (a trailing delimiter) are taken.
+
+    A record with fewer fields has None for the missing ones, as csv.DictReader gives: a row without a label is
+    `every_label`'s to name, or dropped as other labels are; a kept row without a text is refused at setup.
+    """
+    header, records, first_lines, delimiter = _parse_table(path)
+    _check_columns(path, header, [text_column, label_column])
+    rows = [_as_row(header, fields) for fields in records]
+    shown_delimiter = "a tab" if delimiter == "\t" else "a comma"
+
+    known = {row[label_column] for row in rows} | set(labels)
+    swallowing = []  # (line the quoted field opens on, the first line inside it that reads as a row, that line)
+    for fields, first_line in zip(records, first_lines):
+        found = _row_inside(fields, header, label_column, known, delimiter)
+        if found is not None:
+            swallowing.append((first_line + found[0], first_line + found[1], found[2]))
+    if swallowing:
+        opens, inner, text = swallowing[0]
+        raise DatasetLayoutError(
+            f"{str(path)!r}: {len(swallowing)} quoted field(s) run on over lines that read as rows of their own, "
+            f"opening on lines {_shown([s[0] for s in swallowing])} (the header is line 1): the field opening on line "
+            f"{opens} holds line {inner}, {text!r}. A stray \" opening a text makes the rows after it, up to the next "
+            f'", part of that text. Quote such a text whole with "" for each " inside ("""Wonderful"", he said."), '
+            'or remove the stray ".', TABLE_LAYOUT)
+
+    overlong = [i for i, row in enumerate(rows) if any(row.get(None) or [])]  # empty fields past the header pass
+    if overlong:
+        first = overlong[0]
+        raise DatasetLayoutError(
+            f"{str(path)!r}: {len(overlong)} line(s) hold more fields than the header's {len(header)} {header}: "
+            f"lines {_shown([first_lines[i] for i in overlong])} (the header is line 1); line {first_lines[first]} "
+            f"reads as {records[first]}. A text holding {shown_delimiter} must be quoted whole (\"...\", with \"\" "
+            "for each \" inside), as Python's csv module writes it.", TABLE_LAYOUT)
+    return rows, first_lines
 
 
 def every_label(rows: Sequence[dict[str, str | None]], path: Path, column: str) -> set[str]:
@@ -328,7 +432,8 @@ class CSVTextDataModule(TokenDataModule):
                              f"{val_fraction}, {test_fraction}.")
         self.path, self.text_column, self.label_column = Path(path), text_column, label_column
         if labels is None:  # the classes must be known before setup (the CLI links num_classes into the model)
-            labels = sorted(every_label(read_table(self.path, [text_column, label_column]), self.path, label_column))
+            rows, _ = read_text_table(self.path, text_column, label_column)
+            labels = sorted(every_label(rows, self.path, label_column))
         if len(labels) < 2 or len(set(labels)) != len(labels):
             raise ValueError(f"labels must be at least two distinct values; got {list(labels)}.")
         self.class_names, self.num_classes = [str(label) for label in labels], len(labels)
@@ -344,16 +449,22 @@ class CSVTextDataModule(TokenDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        rows = read_table(self.path, [self.text_column, self.label_column])
+        rows, first_lines = read_text_table(self.path, self.text_column, self.label_column, self.class_names)
         class_of = {name: i for i, name in enumerate(self.class_names)}
         kept_rows = [i for i, row in enumerate(rows) if row[self.label_column] in class_of]  # rows of the file
         kept = [rows[i] for i in kept_rows]
+        empty = [first_lines[i] for i in kept_rows if not (rows[i][self.text_column] or "").strip()]
+        if empty:  # each would train as a sample of padding alone, keeping its label
+            raise DatasetLayoutError(
+                f"{str(self.path)!r}: {len(empty)} line(s) with a kept label have no text in column "
+                f"{self.text_column!r} (an empty field, or fewer fields than the header): lines {_shown(empty)} (the "
+                "header is line 1). Fill in or remove them.", TABLE_LAYOUT)
         absent = sorted(set(self.class_names) - {row[self.label_column] for row in kept})
         if absent:
             seen = sorted({row[self.label_column] for row in rows})
             raise ValueError(f"{str(self.path)!r}: no row has label {absent} in column {self.label_column!r}; its "
                              f"labels are {seen[:20]}.")
-        texts = [tokenize(row[self.text_column] or "", self.tokenizer) for row in kept]
+        texts = [tokenize(row[self.text_column], self.tokenizer) for row in kept]
         labels = torch.tensor([class_of[row[self.label_column]] for row in kept])
         order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(self.seed))
         num_val, num_test = (max(1, int(round(f * len(texts)))) for f in (self.val_fraction, self.test_fraction))
