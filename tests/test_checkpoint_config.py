@@ -205,7 +205,8 @@ def test_a_resumed_fit_with_other_model_settings_is_refused_and_resume_free_ones
     error = refused(capsys, [*resume, "--ckpt_path=last", *scheduler])
     assert "model.init_args.scheduler: None in the checkpoint" in error, error
     error = refused(capsys, [*resume, "--ckpt_path=last", "--model.init_args.model_kwargs.mu=centroid"])
-    assert "model_kwargs.mu: 'argmax' in the checkpoint, 'centroid' here" in error, error  # the model's default named
+    assert "model_kwargs.mu: not set (the model's default now: 'argmax') in the checkpoint, 'centroid' here" in error, \
+        error  # the model's default named as such, not as what the checkpoint set
     assert last.read_bytes() == before
 
     cli = main([*resume, f"--ckpt_path={last}", "--model.init_args.nonfinite_loss=skip",
@@ -255,7 +256,8 @@ def test_a_resumed_fit_with_a_null_model_kwargs_and_a_default_entry_builds_the_s
     main(["fit", *run])
     error = refused(capsys, ["fit", *run, "--trainer.max_epochs=2", "--ckpt_path=last",
                              "--model.init_args.model_kwargs.drop_rate=0.5"])
-    assert "model_kwargs.drop_rate: 0 in the checkpoint, 0.5 here" in error and "model_kwargs: " not in error, error
+    assert "model_kwargs.drop_rate: not set (the model's default now: 0) in the checkpoint, 0.5 here" in error and \
+        "model_kwargs: " not in error, error
     cli = main(["fit", *run, "--trainer.max_epochs=2", "--ckpt_path=last", "--model.init_args.model_kwargs.drop_rate=0"])
     assert cli.trainer.current_epoch == 2
 
@@ -283,3 +285,24 @@ def test_a_moved_helper_file_given_anew_applies_on_resume_through_a_checkpoint_f
     assert cli.trainer.current_epoch == 2 and cli.model.hparams.black_box_checkpoint == "bb2.pt"
     with checkpoint_replaces_weights():  # a file that is gone is not read when a checkpoint replaces the weights
         L2XSystem(data_inputs={"num_features": 10}, model_kwargs={"k": 2}, black_box_checkpoint="gone.pt")
+
+
+def test_a_resumed_fit_compares_no_setting_the_data_gives_the_model(in_tmp_dir: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """The System arguments the CLI links from the data (num_classes, in_chans, image_size, data_inputs,
+    class_names) are in a run's settings at their defaults, which the data replaces: a checkpoint written before
+    such a default changed (ReNN's in_chans, 3 then None) was refused with the config it was trained with. They are
+    the data check's: the same data resumes, another is refused by it."""
+    config = str(REPO / "configs/baselines/parts_world.yaml")
+    run = ["--config", config, *TINY_WORLD, *ONE_STEP, "--trainer.callbacks=[]", "--trainer.logger.init_args.name=run"]
+    main(["fit", *run])
+    last = in_tmp_dir / "checkpoints" / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    for key, old_default in (("in_chans", 1), ("num_classes", 10), ("image_size", 224), ("class_names", ["a"])):
+        checkpoint["zoo_model_settings"][f"model.init_args.{key}"] = old_default
+    torch.save(checkpoint, last)
+    error = refused(capsys, ["fit", *run, "--trainer.max_epochs=2", "--ckpt_path=last",
+                             "--data.init_args.num_classes=4"])  # other data: the data check names it
+    assert "num_classes" in error and "in_chans" not in error, error
+    cli = main(["fit", *run, "--trainer.max_epochs=2", "--ckpt_path=last"])
+    assert cli.trainer.current_epoch == 2

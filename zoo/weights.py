@@ -618,6 +618,11 @@ def check_resume_keys(system: type, saved: dict[str, Any], wanted: Any, source: 
 
 SETTINGS_KEY = "zoo_model_settings"  # a checkpoint's model settings (`model_settings`), written by a CLI fit
 RESUME_FREE = ("compile", "nonfinite_loss", "pretrained_path")  # a resumed fit may change these (and `*_checkpoint`)
+# The System arguments the CLI links from the datamodule (data attribute -> System argument): a config's value for
+# them is the argument's default, which the data replaces, so the model settings do not compare them (the data
+# check does: `check_data_fits_checkpoint`, `check_same_model`, `check_class_names`)
+DATA_LINKS = {"num_classes": "num_classes", "num_channels": "in_chans", "image_size": "image_size",
+              "model_inputs": "data_inputs", "class_names": "class_names"}
 
 
 def flat_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -673,22 +678,30 @@ def _empty_kwargs(key: str, settings: dict[str, Any]) -> bool:
 
 
 def check_settings_fit_checkpoint(held: dict[str, Any] | None, given: dict[str, Any] | None, source: str,
-                                  hint: str) -> None:
+                                  hint: str, defaulted: dict[str, dict[str, Any]] | None = None) -> None:
     """Refuse a resumed fit whose model settings (`model_settings`: the System's init arguments, loss, optimiser,
     scheduler) differ from those its checkpoint was trained with, naming each key and both values: Lightning puts
     the checkpoint's hyperparameters over the config where `--ckpt_path` names a file (not for `last`) and the
     optimiser's own state over its learning rate, so a changed setting would be ignored or mixed with the old ones,
-    silently. `resume_free` keys may change, and a key only one side knows of (`_settles`). A checkpoint written
-    before checkpoints kept their settings is not checked."""
+    silently. `resume_free` keys may change, and a key only one side knows of (`_settles`); the arguments the data
+    sets (`DATA_LINKS`) are the data check's: a config holds their defaults, and a changed default (ReNN's `in_chans`)
+    refused a run resumed with its own config. A checkpoint written before checkpoints kept their settings is not
+    checked. `defaulted` ({"held" / "given": {key: value}}) names the values filled in with the model's default
+    where that side did not set the key (`zoo.cli.lightning.with_model_defaults`): said as such, not as set."""
     if held is None or given is None:
         return
-    changed = [key for key in dict.fromkeys([*held, *given]) if not resume_free(key) and not (
+    linked = {f"model.init_args.{argument}" for argument in DATA_LINKS.values()}
+    changed = [key for key in dict.fromkeys([*held, *given]) if key not in linked and not resume_free(key) and not (
         _empty_kwargs(key, held) and _empty_kwargs(key, given)) and (
         held[key] != given[key] if key in held and key in given else _settles(key, held if key in given else given))]
     if not changed:
         return
+    defaulted = defaulted or {}
 
     def shown(settings: dict[str, Any], key: str) -> str:
+        side = "held" if settings is held else "given"
+        if key in defaulted.get(side, {}):
+            return f"not set (the model's default now: {_shown(settings[key])})"
         return _shown(settings[key]) if key in settings else "(not set)"
 
     lines = "; ".join(f"{key}: {shown(held, key)} in the checkpoint, {shown(given, key)} here" for key in changed[:6])

@@ -74,11 +74,25 @@ def check_own_options(parser: argparse.ArgumentParser, extra: list[str]) -> None
                 raise mark(ValueError(f"{parser.prog}: unknown option {option!r}; did you mean {close[0]!r}?"))
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler writing to whatever `sys.stderr` is when a message comes, not the one it was built with: a
+    handler built while stderr was redirected (pytest's capture, a notebook cell's) wrote to that closed stream ever
+    after ("--- Logging error --- ValueError: I/O operation on closed file", with a traceback, in every later run)."""
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ sets it: the property decides
+        pass
+
+
 def show_zoo_messages() -> None:
     """The zoo's INFO messages (e.g. the load report of a pretrained file) on stderr, as Lightning shows its own."""
     logger = logging.getLogger("zoo")
     if not logger.handlers:
-        logger.addHandler(logging.StreamHandler())
+        logger.addHandler(_StderrHandler())
         logger.setLevel(logging.INFO)
 
 

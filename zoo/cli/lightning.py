@@ -158,16 +158,20 @@ def saved_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 def with_model_defaults(held: dict[str, Any] | None, given: dict[str, Any] | None
-                        ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+                        ) -> tuple[dict[str, Any] | None, dict[str, Any] | None, dict[str, dict[str, Any]]]:
     """Two runs' model settings (`zoo.weights.model_settings`) with each `model_kwargs` entry that only one gives
     filled in on the other with the model's default (`zoo.registry.argument_default`), where it declares one: a run
-    resumed with `model_kwargs.masks: true`, ICNN's default, builds the same model as its run without it."""
+    resumed with `model_kwargs.masks: true`, ICNN's default, builds the same model as its run without it. Also
+    returns what was filled in, {"held" / "given": {key: default}}: the model's default today, which a checkpoint
+    written before the entry existed (or before its default changed) did not necessarily train with, so an error
+    says it as a default, not as the checkpoint's."""
     import inspect
 
     from zoo.registry import argument_default
 
+    filled: dict[str, dict[str, Any]] = {"held": {}, "given": {}}
     if held is None or given is None:
-        return held, given
+        return held, given, filled
     held, given = dict(held), dict(given)
     name = given.get("model.init_args.model_name") or held.get("model.init_args.model_name")
     prefix = "model.init_args.model_kwargs."
@@ -177,8 +181,9 @@ def with_model_defaults(held: dict[str, Any] | None, given: dict[str, Any] | Non
         except ValueError:  # an unknown model name: the settings check says what differs
             continue
         if default is not inspect.Parameter.empty:
-            (given if key in held else held)[key] = default
-    return held, given
+            side = "given" if key in held else "held"
+            (given if side == "given" else held)[key] = filled[side][key] = default
+    return held, given, filled
 
 
 def remember_model_settings(cli: LightningCLI) -> None:
@@ -250,11 +255,10 @@ class ZooCLI(LightningCLI):
             "checkpoint.filename": "best-epoch{epoch}-step{step}",
             "checkpoint.auto_insert_metric_name": False,
         })
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.num_channels", "model.init_args.in_chans", apply_on="instantiate")
-        parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
-        parser.link_arguments("data.model_inputs", "model.init_args.data_inputs", apply_on="instantiate")
-        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        from zoo.weights import DATA_LINKS
+
+        for source, target in DATA_LINKS.items():
+            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse with `*_kwargs` mappings from the command line merged into the config's (`merge_kwargs_options`)."""
@@ -388,8 +392,9 @@ class ZooCLI(LightningCLI):
         from zoo.weights import SETTINGS_KEY, check_settings_fit_checkpoint, read_checkpoint
 
         held = self.checkpoint_hparams if self.checkpoint_hparams is not None else saved_hparams(read_checkpoint(path))
-        saved, given = with_model_defaults(held.get(SETTINGS_KEY), self.given_model_settings)
-        check_settings_fit_checkpoint(saved, given, f"--ckpt_path {path!r}", run_config_hint(path, "model"))
+        saved, given, defaulted = with_model_defaults(held.get(SETTINGS_KEY), self.given_model_settings)
+        check_settings_fit_checkpoint(saved, given, f"--ckpt_path {path!r}", run_config_hint(path, "model"),
+                                      defaulted)
 
     def saved_data_settings(self, data: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
         """A checkpoint's datamodule hyperparameters with `mean: pretrained` resolved as training resolved it (the
