@@ -245,3 +245,21 @@ def test_a_checkpoint_inside_a_run_this_compare_trains_is_refused(in_tmp_dir: Pa
         check_checkpoints_outside_trained_runs(inside, built(inside, spec))
     elsewhere = {"a": {"config": BASELINE}, "c": {"config": BASELINE, "checkpoint": "kept/last.ckpt"}}
     check_checkpoints_outside_trained_runs(elsewhere, built(elsewhere, spec))
+
+
+def test_a_compare_named_as_a_fit_run_is_refused_before_any_run_trains(in_tmp_dir: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """configs/aog_rcnn's compare spec had its fit config's name: the compare wrote its report and runs inside the
+    fit's run folder, and the next fit moved half of them to stale/. A report folder holding a fit's config.yaml is
+    refused; no shipped spec shares a name with a shipped fit config."""
+    (in_tmp_dir / "checkpoints" / "taken").mkdir(parents=True)
+    (in_tmp_dir / "checkpoints" / "taken" / "config.yaml").write_text("trainer: {}\n")
+    spec = write_spec(in_tmp_dir, {"name": "taken", "runs": {"a": {"config": BASELINE}}})
+    error = said_once(capsys, ["compare", "--config", spec, "--no_explain", *FAST])
+    assert "checkpoints/taken is the run folder of a `train.py fit`" in error and "--name <name>" in error, error
+    assert sorted(p.name for p in (in_tmp_dir / "checkpoints" / "taken").iterdir()) == ["config.yaml"]
+    fit_names = {yaml.safe_load(path.read_text()).get("trainer", {}).get("logger", {}).get("init_args", {}).get("name")
+                 for path in (REPO / "configs").rglob("*.yaml") if "compare" not in yaml.safe_load(path.read_text())}
+    spec_names = {yaml.safe_load(path.read_text())["compare"].get("name") for path in (REPO / "configs").rglob("*.yaml")
+                  if "compare" in yaml.safe_load(path.read_text())}
+    assert not (fit_names & spec_names - {None}), fit_names & spec_names

@@ -533,6 +533,7 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
         check_same_setting({run_name: cli.config for run_name, cli in clis.items()})  # before any training starts
         runs = drop_twins_equal_to_the_model(runs, clis)
         check_checkpoints_outside_trained_runs(runs, clis)
+        check_not_a_fit_run(report_folder(next(iter(clis.values())), name))
         for note in checkpoint_budget_notes(runs, {run_name: clis[run_name].config.trainer.as_dict()
                                                    for run_name in runs}):
             print(note)  # a checkpoint run is evaluated, not trained: its budget is its run folder's
@@ -623,6 +624,17 @@ def report_folder(cli: ZooCLI, name: str) -> Path:
     first run's logger (checkpoints/ unless --trainer.logger.init_args.save_dir moves it), as ablate's table."""
     save_dir = getattr(cli.trainer.logger, "save_dir", None)
     return Path(save_dir or "checkpoints") / name
+
+
+def check_not_a_fit_run(folder: Path) -> None:
+    """Refuse a report folder that is a `train.py fit` run's (its config.yaml is there): the compare wrote its
+    report and runs inside that run, silently, and the fit's next run moved the run with the report to stale/ and
+    left the compare's runs behind, its results split in two places (configs/aog_rcnn's compare spec and fit
+    config shared a name)."""
+    if (folder / "config.yaml").is_file():
+        raise ValueError(f"compare: {folder} is the run folder of a `train.py fit` (its config.yaml is there); the "
+                         f"compare would write its report and runs inside that run. Give the compare another name: "
+                         f"--name <name>, or `name:` in its spec.")
 
 
 def explanation_notes(notes: dict[str, list[str]]) -> str:
