@@ -13,8 +13,11 @@
 - `step_profile`: where one train step's time goes, per row of the GPU issue's table: kernels, device time against
   wall time, the costliest kernels (`--rows`).
 - `textual_variants`: the five textual-explanation variants and an equal-budget control, chained by checkpoints.
+- `op_counts`: aten ops and host-device synchronisations per training step of every family, counted by the profiler
+  on the CPU (no `--device`).
 
-Every script takes `--device` (cpu by default; cuda where available) and has a `main(argv)` returning its rows.
+Every script but `op_counts` takes `--device` (cpu by default; cuda where available); each has a `main(argv)`
+returning its rows.
 Timings go through `benchmarks.timing` (warm-up, interleaved rounds, medians, ratios within one run, CUDA
 synchronised); `benchmarks.devices` parses `--device`; `CONFIGS` is the configs folder the training scripts read.
 """
