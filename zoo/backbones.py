@@ -221,8 +221,8 @@ class Backbone(nn.Module):
         return [maps[i] for i in self._stage_ids] if self._stage_ids is not None else maps
 
     def load_pretrained(self, path: str | Path) -> None:
-        """Load every backbone tensor of a local weight file strictly (missing or mis-shaped ones raise; a stem
-        convolution for other input channels is adapted); tensors of the whole architecture the backbone has no place
+        """Load every backbone tensor of a local weight file strictly (missing or mis-shaped ones raise; an RGB stem
+        convolution is adapted to other input channels); tensors of the whole architecture the backbone has no place
         for (an ImageNet classifier, stages after the last kept one) are skipped, and tensors of another network
         raise, naming it. What happened is `self.load_report`; `zoo.create_model` completes it with the model's new
         layers and logs it."""
@@ -459,6 +459,8 @@ def like(layer: M, weight: torch.Tensor) -> M:
 class PooledLinearHead(nn.Module):
     """Global average pool -> dropout -> linear: the classifier every family shares with its opaque twin."""
 
+    pool_type = "avg"  # timm's name of its global pool (`reset_classifier`'s global_pool)
+
     def __init__(self, in_features: int, num_classes: int, drop_rate: float = 0.0) -> None:
         super().__init__()
         self.in_features = in_features
@@ -474,14 +476,29 @@ class PooledLinearHead(nn.Module):
 
 
 class ClassifierHeadMixin:
-    """timm's `reset_classifier` for every model whose classifier is `self.head`: an `nn.Linear` or a
-    `PooledLinearHead` (the one reset_classifier of the zoo)."""
+    """timm's `reset_classifier` and `num_features` for every model whose classifier is `self.head`: an `nn.Linear`
+    or a `PooledLinearHead` (the one reset_classifier of the zoo). `pool_type` is timm's name of the pooling the
+    head reads the features through ("" where it pools nothing), what `reset_classifier`'s `global_pool` may
+    repeat."""
 
     head: nn.Module
     num_classes: int
+    pool_type: str = ""
 
-    def reset_classifier(self, num_classes: int) -> None:
-        check_new_head(self, num_classes)
+    @property
+    def num_features(self) -> int:
+        """timm's `num_features`: the width the classifier reads (its `in_features`), so that a new classifier is
+        ``nn.Linear(model.num_features, k)``."""
+        return self.head.in_features
+
+    def check_reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Refuse a `reset_classifier` before it changes anything (`zoo.checks.check_new_head`); a model with more
+        to reset (ICNN's filter statistics) checks that too."""
+        check_new_head(self, num_classes, global_pool, self.pool_type)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm's head swap: a new classifier for `num_classes`; `global_pool` None or the head's own `pool_type`."""
+        self.check_reset_classifier(num_classes, global_pool)
         self.num_classes = num_classes
         if isinstance(self.head, PooledLinearHead):
             self.head.reset(num_classes)
@@ -493,6 +510,7 @@ class PooledHeadMixin(ClassifierHeadMixin):
     """timm's head API for models whose classifier is `self.head`, a `PooledLinearHead`."""
 
     head: PooledLinearHead
+    pool_type = PooledLinearHead.pool_type
 
     def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(features, pre_logits=pre_logits)

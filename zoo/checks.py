@@ -121,12 +121,23 @@ def close_names(name: str, names: list[str] | tuple[str, ...], n: int = 5, cutof
     return [by_lower[m] for m in difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=cutoff)]
 
 
-def check_new_head(owner: nn.Module, num_classes: Any) -> None:
-    """`reset_classifier(num_classes)` takes a class count >= 1: the zoo's models are classifiers whose explanations
-    read their head, so timm's `reset_classifier(0)` (drop the head) is refused; `forward_features` gives features."""
+def check_new_head(owner: nn.Module, num_classes: Any, global_pool: str | None = None, pool_type: str = "") -> None:
+    """`reset_classifier(num_classes, global_pool=None)` takes a class count >= 1: the zoo's models are classifiers
+    whose explanations read their head, so timm's `reset_classifier(0)` (drop the head) is refused (pointing to
+    `forward_features` where the model has one). timm's `global_pool` may be None or the pool the head has,
+    `pool_type` ("avg", "max", "catavgmax", ...; "" where the head pools nothing): the pooling is part of what the
+    explanations read, so another one is refused by name. Called before the model changes anything: a refused
+    reset leaves the model as it was."""
+    name = type(owner).__name__
     if not positive_int(num_classes):
-        raise ValueError(f"{type(owner).__name__}.reset_classifier needs num_classes >= 1; got {num_classes!r} (the "
-                         f"zoo keeps a head to explain; use forward_features for features alone).")
+        features = ("; use forward_features for features alone" if callable(getattr(owner, "forward_features", None))
+                    else "")
+        raise ValueError(f"{name}.reset_classifier needs num_classes >= 1; got {num_classes!r} (the zoo keeps a head "
+                         f"to explain{features}).")
+    if global_pool is not None and global_pool != pool_type:
+        raise ValueError(f"{name}.reset_classifier(global_pool={global_pool!r}): its head pools with "
+                         f"{pool_type!r}" + (" (no global pool)" if not pool_type else "") + f" and keeps it; pass "
+                         f"global_pool=None or {pool_type!r}.")
 
 
 def positive_int(value: Any) -> bool:

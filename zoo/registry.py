@@ -65,17 +65,27 @@ def is_model(name: str) -> bool:
     return name in _model_factories
 
 
-def list_models(filter: str | list[str] | None = None, exclude_filters: str | list[str] | None = None,
-                pretrained: bool = False) -> list[str]:
-    """Sorted registered names, as timm's `list_models`: kept if they match any shell wildcard of `filter` (a
-    pattern or a list, e.g. ``"icnn_*"``) and none of `exclude_filters`. `pretrained=True` lists nothing: the zoo
-    ships no weights (a local file comes as `pretrained_path`)."""
+def list_models(filter: str | list[str] | None = None, module: str | list[str] | None = None, pretrained: bool = False,
+                exclude_filters: str | list[str] | None = None) -> list[str]:
+    """Sorted registered names, as timm's `list_models` (the same arguments, in its order): kept if they match any
+    shell wildcard of `filter` (a pattern or a list, e.g. ``"icnn_*"``), belong to `module` (a family or a list of
+    them: the package under zoo/ that registered the model, `model_family`, e.g. ``module="icnn"``; timm's
+    ``"zoo.icnn"`` form is taken too; an unknown one raises, naming the families) and match none of
+    `exclude_filters`. `pretrained=True` lists nothing: the zoo ships no weights (a local file comes as
+    `pretrained_path`)."""
     def patterns(value: str | list[str] | None) -> list[str]:
         return [] if not value else [value] if isinstance(value, str) else list(value)
 
     keep, drop = patterns(filter), patterns(exclude_filters)
+    families = {name.removeprefix("zoo.") for name in patterns(module)}
+    known = {model_family(n) for n in _model_factories}
+    unknown = sorted(families - known)
+    if unknown:
+        raise ValueError(f"list_models(module={module!r}): no family {', '.join(map(repr, unknown))}; the families "
+                         f"are {', '.join(sorted(known))}.")
     return [] if pretrained else [n for n in sorted(_model_factories)
                                   if (not keep or any(fnmatch.fnmatchcase(n, p) for p in keep))
+                                  and (not families or model_family(n) in families)
                                   and not any(fnmatch.fnmatchcase(n, p) for p in drop)]
 
 

@@ -280,36 +280,59 @@ class LoadReport:
                 f"{filled}.")
 
 
-def _adapt_first_conv(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
-    """Where only the input channels of the first convolution differ, adapt the file's kernel in `state` as timm
-    adapts its RGB pretrained weights to a model's `in_chans` (`adapt_input_conv`: summed over the colours for grey
-    images, repeated and rescaled for more channels; a file of other than 3 channels is not adapted); what was
-    adapted, for the load report."""
-    from timm.models import adapt_input_conv
-
+def _first_conv_channels(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> tuple[str, int, int] | None:
+    """(key, the file's input channels, the model's) where the file's first convolution differs from the model's in
+    its input channels alone; None otherwise."""
     first = next((k for k, v in own.items() if v.ndim == 4), None)  # (O, I, kh, kw): the stem's kernel
     if first is None or first not in state:
-        return []
+        return None
     weight, wanted = state[first], own[first].shape
     if weight.ndim != 4 or weight.shape == wanted or weight.shape[:1] + weight.shape[2:] != wanted[:1] + wanted[2:]:
+        return None
+    return first, weight.shape[1], wanted[1]
+
+
+def _adapt_first_conv(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """Where only the input channels of the first convolution differ and the file's are RGB (3), adapt the file's
+    kernel in `state` as timm adapts its RGB pretrained weights to a model's `in_chans` (`adapt_input_conv`: summed
+    over the colours for grey images, repeated and rescaled for more channels); what was adapted, for the load
+    report. A file of other than 3 channels is not adapted (timm's rule assumes RGB weights: it would sum a 2-channel
+    file into a grey one, silently): it stays a shape mismatch, which `_first_conv_hint` explains."""
+    from timm.models import adapt_input_conv
+
+    found = _first_conv_channels(own, state)
+    if found is None or found[1] != 3:
         return []
+    first, held, wanted = found
     try:
-        adapted = adapt_input_conv(wanted[1], weight)  # timm's rule: pretrained files are RGB (base_chans=3)
+        adapted = adapt_input_conv(wanted, state[first])  # timm's rule: pretrained files are RGB (base_chans=3)
     except (NotImplementedError, AssertionError, ValueError):
         return []
-    if adapted.shape != wanted:
+    if adapted.shape != own[first].shape:
         return []
     state[first] = adapted
-    return [f"{first}: {weight.shape[1]} -> {wanted[1]} input channels (timm adapt_input_conv)"]
+    return [f"{first}: {held} -> {wanted} input channels (timm adapt_input_conv)"]
+
+
+def _first_conv_hint(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str:
+    """What to do where the first convolution still differs in its input channels alone (a file that was not RGB,
+    `_adapt_first_conv`): build the model for the file's channels. "" where that is not the mismatch."""
+    found = _first_conv_channels(own, state)
+    if found is None:
+        return ""
+    _, held, wanted = found
+    return (f"; the file was trained on {held}-channel images: create the model with in_chans={held} (only RGB "
+            f"files are adapted to another channel count; this model has in_chans={wanted})")
 
 
 def load_backbone_weights(body: nn.Module, path: str | Path, what: str,
                           full_keys: Callable[[], Iterable[str]] | None = None,
                           identify: Callable[[dict[str, torch.Size]], str | None] | None = None) -> LoadReport:
     """Every tensor of `body` from a weight file, strictly: missing or mis-shaped tensors raise CheckpointError
-    naming them. A first convolution whose kernel differs only in its input channels is adapted (timm's
-    `adapt_input_conv`, e.g. ImageNet RGB weights for grey images) and reported, as are BatchNorm step counters the
-    file lacks (kept at the module's own, `_fill_batch_counts`: torchvision's detector files, older ImageNet ones).
+    naming them. An RGB first convolution whose kernel differs only in its input channels is adapted (timm's
+    `adapt_input_conv`, e.g. ImageNet weights for grey images; a file of other channels raises, naming the
+    `in_chans` it needs) and reported, as are BatchNorm step counters the file lacks (kept at the module's own,
+    `_fill_batch_counts`: torchvision's detector files, older ImageNet ones).
 
     The file's other tensors are skipped (and listed in the report) where they have a place in the whole
     architecture the backbone is cut from, `full_keys()` (the ImageNet classifier, stages after a truncated
@@ -357,7 +380,8 @@ def _load_backbone_state(body: nn.Module, source: dict[str, torch.Tensor], key: 
     if missing or bad_shapes:
         raise CheckpointError(
             f"{where} does not fit {what}: {_mismatch(missing, bad_shapes)}"
-            + (f" (its other tensors found under {match.prefix!r})" if match.prefix and state else "") + "."
+            + (f" (its other tensors found under {match.prefix!r})" if match.prefix and state else "")
+            + _first_conv_hint(own, state) + "."
         )
     inside = [k for k in match.unexpected if k.startswith(match.prefix)]  # where the file holds the backbone
     known = {_canonical(k) for k in (full_keys() if full_keys is not None and inside else ())}

@@ -54,14 +54,21 @@ class OpaqueClassifier(PooledHeadMixin, nn.Module):
 
 class MLPClassifier(ClassifierHeadMixin, nn.Module):
     """Dense-ReLU layers on (B, d) vectors; the black box explained by L2X and the post-hoc explainers on the
-    synthetic benchmarks. Each ReLU is its own module, so Captum's DeepLift hooks every nonlinearity."""
+    synthetic benchmarks. Each ReLU is its own module, so Captum's DeepLift hooks every nonlinearity.
+
+    `num_features` is d, the input vectors' size (the setting, as L2X's and INVASE's `num_features`), not timm's
+    `num_features` (the width the classifier reads, every other classifier's): that is `head.in_features` here."""
 
     def __init__(self, *, num_features: int = 10, num_classes: int = 2, hidden: tuple[int, ...] = (200, 200)) -> None:
         super().__init__()
-        self.num_features, self.num_classes = num_features, num_classes
+        self.in_features, self.num_classes = num_features, num_classes
         sizes = [num_features, *hidden]
         self.body = nn.Sequential(*[m for a, b in zip(sizes[:-1], sizes[1:]) for m in (nn.Linear(a, b), nn.ReLU())])
         self.head = nn.Linear(sizes[-1], num_classes)
+
+    @property
+    def num_features(self) -> int:  # the input's d, as the setting says (see the class docstring)
+        return self.in_features
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         check_input("MLPClassifier", x, ("B", self.num_features), "vectors", like=self)
@@ -71,7 +78,8 @@ class MLPClassifier(ClassifierHeadMixin, nn.Module):
 
 class SmallCNN(ClassifierHeadMixin, nn.Module):
     """The L2X paper's MNIST black box: Conv8-ReLU-pool-Conv16-ReLU-pool-Dense, the last pool adaptive (2x2) so
-    any input size works; separate ReLU modules so Captum's DeepLift hooks each."""
+    any input size works; separate ReLU modules so Captum's DeepLift hooks each. No global pool (`pool_type` ""):
+    the head reads the flattened 2x2 map."""
 
     def __init__(self, *, in_chans: int = 1, num_classes: int = 2, widths: tuple[int, int] = (8, 16)) -> None:
         super().__init__()
@@ -91,6 +99,8 @@ class SmallCNN(ClassifierHeadMixin, nn.Module):
 class SeriesCNN(ClassifierHeadMixin, nn.Module):
     """Opaque 1-D CNN for series: four dilated width-7 convolutions (receptive field 91 steps), max + mean over
     time, linear; ReNN's opaque twin on rule_series."""
+
+    pool_type = "catavgmax"  # max and mean over time, concatenated
 
     def __init__(self, *, in_chans: int = 1, num_classes: int = 4, width: int = 24, length: int | None = None) -> None:
         super().__init__()
@@ -112,6 +122,8 @@ class SeriesLSTM(ClassifierHeadMixin, nn.Module):
     """Opaque LSTM for series: a width-5 convolution (local features, stride 2), one LSTM layer, max + last hidden
     state, linear; the recurrent opaque baseline on rule_series."""
 
+    pool_type = "catmaxlast"  # max over time and the last state, concatenated (no timm pool)
+
     def __init__(self, *, in_chans: int = 1, num_classes: int = 4, hidden: int = 40, length: int | None = None
                  ) -> None:
         super().__init__()
@@ -130,6 +142,8 @@ class SeriesLSTM(ClassifierHeadMixin, nn.Module):
 class TokenCNN(ClassifierHeadMixin, nn.Module):
     """Text classifier on (B, L) token ids (pad id 0): embedding, width-3 convolution, global max pool, linear
     (the L2X paper's IMDB black box, smaller)."""
+
+    pool_type = "max"
 
     def __init__(self, *, vocab_size: int = 2000, num_classes: int = 2, max_len: int | None = None, embed_dim: int = 50,
                  width: int = 100) -> None:

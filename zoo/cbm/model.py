@@ -181,9 +181,17 @@ class ConceptBottleneckModel(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.task_head
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """A new f for `num_classes` (the concept layer, what transfers, is kept)."""
-        check_new_head(self, num_classes)
+    pool_type = "avg"  # timm's name of the pool before the concept head (`reset_classifier`'s global_pool)
+
+    @property
+    def num_features(self) -> int:
+        """timm's `num_features`: what f (`get_classifier`) reads, `forward_head(pre_logits=True)`'s width: K concept
+        probabilities (CBM), K * m mixed embeddings (CEM) or the pooled backbone features (the standard twin)."""
+        return self.task_inputs
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new f for `num_classes` (the concept layer, what transfers, is kept); `global_pool`: None or "avg"."""
+        check_new_head(self, num_classes, global_pool, self.pool_type)
         self.num_classes = num_classes
         self.task_head = like(nn.Linear(self.task_inputs, num_classes), self.task_head.weight)
 

@@ -1,11 +1,12 @@
 """Interpretable CNN (Zhang, Wu & Zhu, CVPR 2018; TPAMI version arXiv 1901.02413) on any timm CNN backbone.
 
-Faithful: every filter of the backbone's top conv stage and of an added 3x3 conv layer (same width, zero padding)
-is interpretable: its ReLU map is multiplied by the part mask around its peak (argmax mu by default, the
-activation-weighted centroid and a learned per-filter beta as in the authors' code) and carries the -MI(X; T)
-filter loss (`losses.icnn.FilterPartLoss`, on the pre-mask map). Each filter is assigned the category with the highest
-exponential moving average of its per-class mean peak activation (authors' code, momentum 0.9), updated only in
-training steps; single-category mode (class vs rest) assigns every filter to one class.
+Faithful: every filter of the backbone's top conv stage and of an added 3x3 conv layer (zero padding; as wide as
+the top stage, or `added_filters` >= 1 filters) is interpretable: its ReLU map is multiplied by the part mask around
+its peak (argmax mu by default, the activation-weighted centroid and a learned per-filter beta as in the authors'
+code) and carries the -MI(X; T) filter loss (`losses.icnn.FilterPartLoss`, on the pre-mask map). Each filter is
+assigned the category with the highest exponential moving average of its per-class mean peak activation (authors'
+code, momentum 0.9), updated only in training steps; single-category mode (class vs rest) assigns every filter to
+one class.
 Departs: the classifier after the interpretable layers is a pooled linear head (as for residual nets in the TPAMI
 version), not VGG's fully connected stack. The template bank and the running log Z_T are sized for the top map of
 an `image_size` input; another size raises a clear error. `tau_scale` multiplies the paper's tau = 0.5 / n^2
@@ -35,6 +36,7 @@ from zoo.icnn.ops import (MU_MODES, log_mean_exp_over_batch, part_mask, template
 from zoo.distributed import all_reduce_, global_log_mean_exp
 from zoo.registry import input_size_aware, register_model
 from zoo.backbones import TINY_CNN, Backbone, PooledHeadMixin, PooledLinearHead, top_conv_index
+from zoo.checks import positive_int
 
 
 CATEGORY_ASSIGNMENTS = ("argmax", "balanced")
@@ -217,10 +219,16 @@ class InterpretableFilters(nn.Module):
         self.filter_category.copy_(category, non_blocking=True)
         self._solved = True
 
+    def check_classes(self, num_classes: int) -> None:
+        """Refuse `num_classes` classes where single-category mode's class is none of them (`reset_classes` would)."""
+        if self.single_category is not None and not 0 <= self.single_category < num_classes:
+            raise ValueError(f"single_category {self.single_category} is no class id of a {num_classes}-class head; "
+                             f"give a head of more than {self.single_category} classes, or create the model anew "
+                             f"with a single_category in [0, {num_classes}).")
+
     def reset_classes(self, num_classes: int) -> None:
         """Start the category statistics afresh for `num_classes` classes (a new head: `reset_classifier`)."""
-        if self.single_category is not None and not 0 <= self.single_category < num_classes:
-            raise ValueError(f"single_category {self.single_category} is no class id of a {num_classes}-class head.")
+        self.check_classes(num_classes)
         filters, device = len(self.filter_category), self.filter_category.device
         self.class_activation = torch.zeros(filters, num_classes, device=device, dtype=self.class_activation.dtype)
         self.class_seen = torch.zeros(num_classes, dtype=torch.bool, device=device)
@@ -286,11 +294,14 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
         freeze_backbone: bool = False,
     ) -> None:
         super().__init__()
+        if added_filters is not None and not positive_int(added_filters):
+            raise ValueError(f"added_filters (the added conv layer's filters) must be an integer >= 1, or None for as "
+                             f"many as the backbone's top stage has; got {added_filters!r}.")
         self.num_classes = num_classes
         self.backbone = Backbone(backbone, in_chans=in_chans, out_indices=(top_conv_index(backbone),),
                                  pretrained_path=pretrained_path, frozen=freeze_backbone)
         top_filters = self.backbone.num_features
-        added = added_filters or top_filters
+        added = top_filters if added_filters is None else added_filters
         map_size = self._top_map_size(in_chans, image_size)
         kw = dict(beta=beta, tau_scale=tau_scale, learn_beta=learn_beta, mu=mu, single_category=single_category,
                   category_assignment=category_assignment,
@@ -309,9 +320,16 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
         self.backbone.train(was_training)
         return tuple(size)
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def check_reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """The head's checks and every layer's (single_category must be a class of the new head), all before any
+        change: a refused reset leaves head, class count and filter statistics as they were."""
+        super().check_reset_classifier(num_classes, global_pool)
+        for module in self.interpretable_layers():
+            module.check_classes(num_classes)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """timm's head swap; the filters' category statistics start afresh over the new classes too."""
-        super().reset_classifier(num_classes)
+        super().reset_classifier(num_classes, global_pool)  # checks everything first (`check_reset_classifier`)
         for module in self.interpretable_layers():
             module.reset_classes(num_classes)
 

@@ -275,6 +275,10 @@ class FeatureSelector(nn.Module):
     `mask_input(x, selection)` applies a hard selection in input space, the form in which the black box and the
     EVAL-X evaluator see an explanation; `feature_ids()` says which feature each input element belongs to
     ((1, 1, H, W) patch ids for images, None where features are the input's entries), as Captum's `feature_mask`.
+
+    `num_features` is d, how many features a selection chooses from (the input's entries, patches or token
+    positions: the setting `num_features` of the vector models), not timm's `num_features` of a classifier (the
+    width its classifier reads): a selector has no single classifier to replace.
     """
 
     def __init__(self, space: FeatureSpace, scorer: nn.Module, approximator: nn.Module, num_classes: int) -> None:

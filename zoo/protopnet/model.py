@@ -209,9 +209,23 @@ class ProtoPNet(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.last_layer
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """A new head for `num_classes`: new prototypes (m per class) and last layer; backbone and add-on kept."""
-        check_new_head(self, num_classes)
+    @property
+    def pool_type(self) -> str:
+        """timm's name of the pool the last layer reads through (`reset_classifier`'s global_pool): "max" for
+        ProtoPNet (each prototype's similarity map at its best position, its smallest distance), "avg" for the
+        twin (its pooled latent map)."""
+        return "max" if self.has_prototypes else "avg"
+
+    @property
+    def num_features(self) -> int:
+        """timm's `num_features`: what the last layer (`get_classifier`) reads, `forward_head(pre_logits=True)`'s
+        width: P prototype similarities, or the twin's D pooled channels (`num_units`)."""
+        return self.last_layer.in_features
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head for `num_classes`: new prototypes (m per class) and last layer; backbone and add-on kept.
+        `global_pool`: None or the model's `pool_type`."""
+        check_new_head(self, num_classes, global_pool, self.pool_type)
         weight = self.last_layer.weight  # the new layers take its device and dtype
         self.num_classes = num_classes
         if self.has_prototypes:

@@ -450,8 +450,17 @@ class ReNN(nn.Module):
         flags = torch.cat([fired, detected], 1).cpu()
         return [{name: row.nonzero().flatten().tolist() for name, row in zip(names, sample)} for sample in flags]
 
-    def reset_classifier(self, num_classes: int) -> None:
-        check_new_head(self, num_classes)
+    pool_type = "catavgmax"  # the head reads max and mean over time, concatenated (timm's name for that pool)
+
+    @property
+    def num_features(self) -> int:
+        """timm's `num_features`: the width the classifier (`head.fc`) reads: max and mean of the mixed maps."""
+        return self.head.fc.in_features
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm's head swap: a new last linear layer for `num_classes` (detectors, rules and mixing kept);
+        `global_pool`: None or "catavgmax"."""
+        check_new_head(self, num_classes, global_pool, self.pool_type)
         self.num_classes = num_classes
         self.head.fc = like(nn.Linear(self.head.fc.in_features, num_classes), self.head.fc.weight)
 

@@ -221,11 +221,16 @@ class SentenceClassifier(nn.Module):
     def __init__(self, vocab_size: int, num_classes: int, *, embed_dim: int = 128, hidden: int = 256,
                  dropout: float = 0.75, pad: int = 0) -> None:
         super().__init__()
-        self.pad = pad
+        self.pad, self.num_classes = pad, num_classes
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=pad)
         self.lstm = LSTM(embed_dim, hidden, batch_first=True)
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(hidden, num_classes)
+
+    @property
+    def num_features(self) -> int:
+        """timm's `num_features`: the width the classifier (`head`) reads, the LSTM's hidden size."""
+        return self.head.in_features
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         check_input("SentenceClassifier", tokens, ("B", "L"), "token ids", kind="long",
