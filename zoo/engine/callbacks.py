@@ -343,14 +343,20 @@ def covering_batch(loader: DataLoader, target_key: str, count: int, num_classes:
     sample of each class in loader order, then the second of each, ... (a sorted ImageFolder shows every class,
     not `count` images of its first). Batches are read only until every class (`num_classes`, else every class
     seen) has its share. Batches without one class id per sample (detection scenes) or a shuffled loader: the first
-    `count` samples of the first batch."""
+    `count` samples in loader order, read batch by batch until there are `count` (`first_samples`): a picture of
+    8 scenes from a loader of batch size 4 showed the first batch's 4 only. Fewer where the split holds fewer."""
     by_class: dict[int, list[int]] = {}
-    position, first = 0, None
+    position, read = 0, []  # read: the batches kept for `first_samples`
+    plain: bool | None = None  # take the first samples rather than cover the classes (the first batch decides)
     for batch in loader:
-        first = batch if first is None else first
         labels = batch.get(target_key) if isinstance(batch, dict) else None
-        if not isinstance(loader.sampler, SequentialSampler) or not torch.is_tensor(labels) or labels.ndim != 1:
-            return {k: v[:count] for k, v in first.items()}
+        if plain is None:
+            plain = not isinstance(loader.sampler, SequentialSampler) or not torch.is_tensor(labels) or labels.ndim != 1
+        if plain:
+            read.append(batch)
+            if sum(map(samples_in, read)) >= count:
+                break
+            continue
         share = math.ceil(count / num_classes) if num_classes else count
         for offset, label in enumerate(labels.tolist()):
             if len(by_class.setdefault(label, [])) < share:
@@ -358,8 +364,46 @@ def covering_batch(loader: DataLoader, target_key: str, count: int, num_classes:
         position += len(labels)
         if num_classes and len(by_class) >= num_classes and all(len(v) >= share for v in by_class.values()):
             break
-    if first is None:
+    if plain is None:
         raise ValueError("the validation loader is empty: no fixed batch to draw.")
+    if plain:  # tensors padded to each batch's own length (tokens) do not join: the first batch's samples
+        return first_samples(read if _joinable(read) else read[:1], count)
     chosen = [indices[rank] for rank in range(max(map(len, by_class.values())))
               for _, indices in sorted(by_class.items()) if rank < len(indices)][:count]  # round robin over classes
     return loader.collate_fn([loader.dataset[i] for i in chosen])
+
+
+def samples_in(batch: Any) -> int:
+    """How many samples a collated batch holds: the length of its first tensor or list (a dict's first value; a
+    detection batch's list of images), 1 for anything else."""
+    if isinstance(batch, dict):
+        return samples_in(next(iter(batch.values()))) if batch else 0
+    if torch.is_tensor(batch):
+        return len(batch) if batch.ndim else 1
+    return len(batch) if isinstance(batch, (list, tuple)) else 1
+
+
+def _joinable(batches: list[Any]) -> bool:
+    """Whether every tensor of collated `batches` has the first batch's shape after dimension 0 (tokens padded to
+    each batch's longest do not)."""
+    first = batches[0]
+    if isinstance(first, dict):
+        return all(_joinable([batch[key] for batch in batches]) for key in first)
+    if torch.is_tensor(first) and first.ndim:
+        return all(torch.is_tensor(b) and b.shape[1:] == first.shape[1:] for b in batches)
+    return True
+
+
+def first_samples(batches: list[Any], count: int) -> Any:
+    """The first `count` samples of collated `batches`, as one batch of their collate: per key, tensors
+    concatenated along their first dimension (N, ...), lists (a detection batch's images and targets,
+    `detection_collate`) joined, anything else (a 0-d tensor, a string) the first batch's. Joins what the loader
+    already gave, so nothing is read twice."""
+    first = batches[0]
+    if isinstance(first, dict):
+        return {key: first_samples([batch[key] for batch in batches], count) for key in first}
+    if torch.is_tensor(first) and first.ndim:
+        return torch.cat([batch[:count] for batch in batches])[:count]
+    if isinstance(first, list):
+        return [sample for batch in batches for sample in batch][:count]
+    return first

@@ -16,7 +16,9 @@ class SelectionCallback(FixedBatchCallback):
 
     Reads the selector's output dict (`zoo.l2x.model`): image selectors give ``pixel_selection`` (B, 1, H, W), drawn
     as the input with unselected patches dimmed (TensorBoard ``selection/images`` and, in the run folder,
-    ``selection/epoch<e>.png``); otherwise ``selection`` (B, d) is written as text (TensorBoard ``selection/text``,
+    ``selection/epoch<e>.png``), with the datamodule's normalisation undone (`FixedBatchCallback.displayable`:
+    normalised values drawn as they were clip most pixels to black or white, and kept patches could not be told
+    from dimmed ones); otherwise ``selection`` (B, d) is written as text (TensorBoard ``selection/text``,
     ``selection/epoch<e>.md``; outside fit the files are ``validate.*``, `record_name`): token ids through the
     datamodule's public `decode_selection(tokens, selection) -> str` (`datamodules.text.TokenDataModule`: selected
     words in **bold**), vectors as the selected feature indices, next to the true ones where the batch has ``relevant``.
@@ -33,9 +35,10 @@ class SelectionCallback(FixedBatchCallback):
         selection = out["selection"]  # (N, d) hard in eval mode
         folder = run_folder(trainer, "selection")
         if "pixel_selection" in out:
-            kept = out["pixel_selection"]  # (N, 1, H, W)
-            shown = x.float() * (0.25 + 0.75 * kept)  # unselected patches dimmed, not hidden
-            panels = torch.cat([x.float(), shown])  # originals above, selections below
+            kept = out["pixel_selection"].float().cpu()  # (N, 1, H, W)
+            images = self.displayable(trainer, x)  # (N, C, H, W) normalisation undone: as they look, in [0, 1]
+            shown = images * (0.25 + 0.75 * kept)  # unselected patches dimmed, not hidden
+            panels = torch.cat([images, shown])  # originals above, selections below
             scale = max(1, 64 // x.shape[-1])  # small images (digits are 8x8) are enlarged to be seen
             grid = make_grid(F.interpolate(panels, scale_factor=scale, mode="nearest"), nrow=len(x))
             if folder is not None:  # None: no run folder (fast_dev_run)
