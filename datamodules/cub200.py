@@ -38,11 +38,12 @@ def find_cub_root(root: str | Path) -> Path:
 
 
 def read_lines(path: Path, layout: str = CUB_LAYOUT) -> list[str]:
-    """The lines of a UTF-8 text file (the release's files are ASCII); bytes that are not UTF-8 raise a
-    DatasetLayoutError naming the file and the line, not a bare UnicodeDecodeError from deep inside setup."""
+    """The lines of a UTF-8 text file (the release's files are ASCII; a byte-order mark, as older Notepad saves,
+    is dropped); bytes that are not UTF-8 raise a DatasetLayoutError naming the file and the line, not a bare
+    UnicodeDecodeError from deep inside setup."""
     data = path.read_bytes()
     try:
-        return data.decode("utf-8").splitlines()
+        return data.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise DatasetLayoutError(f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start}, "

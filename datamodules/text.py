@@ -10,6 +10,7 @@ import csv
 import gzip
 import re
 import unicodedata
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -331,20 +332,20 @@ def _shown(lines: Sequence[int]) -> str:
     return ", ".join(str(line) for line in lines[:_SHOWN]) + (", ..." if len(lines) > _SHOWN else "")
 
 
-def _row_inside(fields: Sequence[str], header: Sequence[str], label_column: str, known: set[str | None],
-                delimiter: str) -> tuple[int, int, str] | None:
-    """The first line inside a record's fields that reads as a row of its own (as many fields as the header, a known
-    label), as (the line its field opens on, that line, both counted from the record's first line; its text); None
-    where there is none. Only a quoted field holds a line break, so the record's lines are its fields' lines."""
-    offset = 0  # line breaks of the record before this field
+def _rows_inside(fields: Sequence[str], header: Sequence[str], text_column: str, label_column: str,
+                 known: set[str], delimiter: str) -> list[tuple[int, int, str]]:
+    """The lines inside a record's fields that read as rows of their own (as many fields as the header, a text, a
+    label the file uses), each as (the line its field opens on, that line, both counted from the record's first line;
+    its text). Only a quoted field holds a line break, so the record's lines are its fields' lines."""
+    found, offset = [], 0  # offset: line breaks of the record before this field
     for value in fields:
         parts = value.split("\n")
         for k, part in enumerate(parts[1:], 1):
-            alone = next(csv.reader([part.rstrip("\r")], delimiter=delimiter), [])
-            if len(alone) == len(header) and _as_row(header, alone)[label_column] in known:
-                return offset, offset + k, part.rstrip("\r")
+            alone = _as_row(header, next(csv.reader([part.rstrip("\r")], delimiter=delimiter), []))
+            if len(alone) == len(header) and alone[label_column] in known and (alone[text_column] or "").strip():
+                found.append((offset, offset + k, part.rstrip("\r")))
         offset += len(parts) - 1
-    return None
+    return found
 
 
 def read_text_table(path: Path, text_column: str, label_column: str, labels: Sequence[str] = ()
@@ -353,8 +354,9 @@ def read_text_table(path: Path, text_column: str, label_column: str, labels: Seq
     with a DatasetLayoutError naming the file and lines what would otherwise be read as other texts, silently:
 
     - a quoted field running over lines that read as rows of their own (a stray opening " in a text swallows the
-      rows after it up to the next ", their labels lost): a continuation line with as many fields as the header and
-      a label of the file's (or of `labels`), refused naming the line the field opens on. A quoted text holding line
+      rows after it up to the next ", their labels lost): two or more continuation lines with as many fields as the
+      header, a text and a label of the file's (or of `labels`), refused naming the line the field opens on; one
+      such line (a text's own "1,500 miles for this?") is warned of and read as written. A quoted text holding line
       breaks and no such line is read as it is (csv's quoting, .tsv as .csv: the layout promises it);
     - a record with more fields than the header (an unquoted delimiter in a text: "fresh,Dull, slow." kept the text
       "Dull" and dropped the rest; in a text before the label, the label was a piece of the text); empty fields past
@@ -368,12 +370,19 @@ def read_text_table(path: Path, text_column: str, label_column: str, labels: Seq
     rows = [_as_row(header, fields) for fields in records]
     shown_delimiter = "a tab" if delimiter == "\t" else "a comma"
 
-    known = {row[label_column] for row in rows} | set(labels)
-    swallowing = []  # (line the quoted field opens on, the first line inside it that reads as a row, that line)
+    known = {row[label_column] for row in rows if row[label_column]} | set(labels)  # "": a row without a label
+    swallowing, lone = [], []  # (line the quoted field opens on, the first line inside it that reads as a row, it)
     for fields, first_line in zip(records, first_lines):
-        found = _row_inside(fields, header, label_column, known, delimiter)
-        if found is not None:
-            swallowing.append((first_line + found[0], first_line + found[1], found[2]))
+        found = _rows_inside(fields, header, text_column, label_column, known, delimiter)
+        if found:  # one such line may be a text's own ("1,500 miles"), two are rows swallowed
+            (swallowing if len(found) > 1 else lone).append((first_line + found[0][0], first_line + found[0][1],
+                                                              found[0][2]))
+    if lone:
+        opens, inner, text = lone[0]
+        warnings.warn(f"{str(path)!r}: {len(lone)} quoted text(s) hold a line that reads as a row of its own, "
+                      f"opening on lines {_shown([s[0] for s in lone])} (the header is line 1): the text opening on "
+                      f"line {opens} holds line {inner}, {text!r}. Read as written (one text); if a stray \" opened "
+                      f"it, the row after it is part of that text.", stacklevel=2)
     if swallowing:
         opens, inner, text = swallowing[0]
         raise DatasetLayoutError(

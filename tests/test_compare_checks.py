@@ -251,15 +251,25 @@ def test_a_compare_named_as_a_fit_run_is_refused_before_any_run_trains(in_tmp_di
                                                                          capsys: pytest.CaptureFixture) -> None:
     """configs/aog_rcnn's compare spec had its fit config's name: the compare wrote its report and runs inside the
     fit's run folder, and the next fit moved half of them to stale/. A report folder holding a fit's config.yaml is
-    refused; no shipped spec shares a name with a shipped fit config."""
+    refused; no shipped compare (a spec, or a fit config's twins) shares a name with a shipped fit config or with
+    another compare (the renamed specs first took their fit config's twin compare's name)."""
     (in_tmp_dir / "checkpoints" / "taken").mkdir(parents=True)
     (in_tmp_dir / "checkpoints" / "taken" / "config.yaml").write_text("trainer: {}\n")
     spec = write_spec(in_tmp_dir, {"name": "taken", "runs": {"a": {"config": BASELINE}}})
     error = said_once(capsys, ["compare", "--config", spec, "--no_explain", *FAST])
     assert "checkpoints/taken is the run folder of a `train.py fit`" in error and "--name <name>" in error, error
     assert sorted(p.name for p in (in_tmp_dir / "checkpoints" / "taken").iterdir()) == ["config.yaml"]
+    from zoo.cli.compare import read_compare_spec
+
+    configs = sorted((REPO / "configs").rglob("*.yaml"))
     fit_names = {yaml.safe_load(path.read_text()).get("trainer", {}).get("logger", {}).get("init_args", {}).get("name")
-                 for path in (REPO / "configs").rglob("*.yaml") if "compare" not in yaml.safe_load(path.read_text())}
-    spec_names = {yaml.safe_load(path.read_text())["compare"].get("name") for path in (REPO / "configs").rglob("*.yaml")
-                  if "compare" in yaml.safe_load(path.read_text())}
-    assert not (fit_names & spec_names - {None}), fit_names & spec_names
+                 for path in configs if "compare" not in yaml.safe_load(path.read_text())} - {None}
+    compare_names = []  # specs', and each fit config's twins' (a config without twins has none)
+    for path in configs:
+        try:
+            compare_names.append(read_compare_spec(path)["name"])
+        except ValueError as error:
+            assert "declares no twins" in str(error), error
+    assert not fit_names & set(compare_names), fit_names & set(compare_names)
+    repeated = {name for name in compare_names if compare_names.count(name) > 1}
+    assert not repeated, repeated  # two compares in one report folder: the second overwrote the first's report

@@ -61,6 +61,8 @@ def test_class_names_follow_the_id_column_and_ids_are_1_to_n(cub_root: Path) -> 
     classes.write_text("1 a\n2\n3 c\n")  # was: IndexError
     with pytest.raises(DatasetLayoutError, match=r"classes.txt:2: expected '<class_id> <class name>'"):
         CUB200DataModule(str(cub_root))
+    classes.write_bytes("\ufeff1 a\r\n2 b\r\n3 c\r\n".encode())  # a byte-order mark, Windows line ends: read
+    assert CUB200DataModule(str(cub_root)).class_names == ["a", "b", "c"]
 
 
 def write_attributes(cub_root: Path, names: str) -> None:

@@ -94,3 +94,23 @@ def test_imdb_val_fraction_out_of_range_is_refused(imdb_root: Path, val_fraction
     with pytest.raises(DataSettingError, match=rf"IMDBDataModule: val_fraction must be in \(0, 1\] .*; got "
                                                rf"{val_fraction}\."):
         IMDBDataModule(imdb_root, max_vocab=50, val_fraction=val_fraction)
+
+
+def test_a_quoted_text_with_one_line_that_reads_as_a_row_is_read_as_written(tmp_path: Path) -> None:
+    """Texts csv.writer writes: "Long trip.\n1,500 miles for this?" has a line that splits as label 1 and a text,
+    and an empty label (a row dropped with `labels` given) made "" a known label. One such line is warned of and
+    read as written, not refused as a stray quote (two or more are: see above)."""
+    import csv
+
+    path = tmp_path / "rows.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["category", "text"])
+        writer.writerows([(str(1 + i % 2), text) for i, (_, text) in enumerate(REVIEWS)])
+        writer.writerow(["2", "Long trip to see it.\n1,500 miles for this?\nNever again."])
+        writer.writerow(["", "this film was long,\nno label"])
+    with pytest.warns(UserWarning, match=r"1 quoted text\(s\) hold a line that reads as a row of its own, opening on "
+                                         r"lines 42 .* holds line 43, '1,500 miles for this\?'. Read as written"):
+        data = CSVTextDataModule(path, labels=["1", "2"], **SETTINGS, val_fraction=0.2, test_fraction=0.2)
+        data.setup()
+    assert sum(len(split) for split in data.splits.values()) == len(REVIEWS) + 1
