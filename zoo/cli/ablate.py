@@ -418,7 +418,22 @@ def point_cli(config: str, name: str, point: dict[str, Any], extra: list[str]) -
     """A grid point's CLI (seeded and instantiated as `train.py fit` of the same arguments); a configuration
     mistake is said once (`configuration_phase`)."""
     with configuration_phase():
-        return ZooCLI(args=point_args(config, name, point, extra), run=False)
+        cli = ZooCLI(args=point_args(config, name, point, extra), run=False)
+    without_hp_metric(cli.trainer)
+    return cli
+
+
+def without_hp_metric(trainer: Any) -> None:
+    """A point run's TensorBoardLogger writes no HPARAMS entry of its own (`default_hp_metric` off: Lightning then
+    records the hyperparameters in hparams.yaml only): ablate writes each point's entry, with the grid's values as
+    columns and the point's metrics (`write_hparams`). With Lightning's own entries beside them, TensorBoard took
+    its columns from one point run's (every Lightning hparam, hp_metric -1 as the one metric) and listed each
+    point twice."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger._default_hp_metric = False  # the logger's `default_hp_metric` argument
 
 
 @contextlib.contextmanager

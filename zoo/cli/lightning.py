@@ -186,6 +186,15 @@ def with_model_defaults(held: dict[str, Any] | None, given: dict[str, Any] | Non
     return held, given, filled
 
 
+def drop_instantiator(datamodule: Any) -> None:
+    """Leave LightningCLI's internal `_instantiator` out of what a datamodule's loggers record (its
+    `hparams_initial`: TensorBoard's HPARAMS showed it as a column); its checkpoint hyperparameters keep it. A
+    System leaves it out of its own (`ZooSystem.logged_hparams`)."""
+    logged = getattr(datamodule, "_hparams_initial", None)
+    if logged is not None and hasattr(logged, "pop"):
+        logged.pop("_instantiator", None)
+
+
 def remember_model_settings(cli: LightningCLI) -> None:
     """Give a CLI's System its model settings as given (`zoo.weights.model_settings`), which it writes into every
     checkpoint (`ZooSystem.on_save_checkpoint`) for a resumed fit to be held to."""
@@ -424,6 +433,7 @@ class ZooCLI(LightningCLI):
         with configuration_phase(), weights:
             super().instantiate_classes()
             self.resolve_pretrained_mean()
+        drop_instantiator(self.datamodule)
 
     def resolve_pretrained_mean(self) -> None:
         """A datamodule's `mean: pretrained` resolved with the model's backbone (a backbone without a timm config:

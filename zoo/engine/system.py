@@ -28,6 +28,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import Metric
 
@@ -101,6 +102,90 @@ def check_loadable_hparams(owner: str, hparams: dict[str, Any]) -> None:
             raise ValueError(f"{owner}: hyperparameter {key}={value!r} cannot be saved in a checkpoint that loads "
                              f"with weights_only=True ({type(err).__name__}: {err}); give plain values (numbers, "
                              f"strings, lists, dicts) or names the model resolves.") from err
+
+
+TRAINING_COMPONENTS = ("loss", "optimizer", "scheduler")  # System arguments that are not checkpoint hparams
+HP_METRIC = "hp_metric"  # the metric of the HPARAMS entry Lightning's TensorBoardLogger declares for a run
+HP_METRIC_KEY = "zoo_hp_metric"  # checkpoint entry: the run's last hp_metric, written again when a fit resumes
+
+
+def given_init_args(cls: type) -> dict[str, Any] | None:
+    """The init arguments LightningCLI is building a System of class `cls` from, as its config gives them (the
+    loss, optimiser and scheduler as {"class_path", "init_args"} with every default filled in); None outside the
+    CLI, or while the CLI builds another class (a System built inside another's constructor)."""
+    try:
+        from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # a Lightning without it: the settings are read off the objects (`component_settings`)
+        return None
+    given = _given_hyperparameters.get()
+    if not isinstance(given, dict) or not isinstance(given.get("_class_path"), str):
+        return None
+    return given if resolve_class(given["_class_path"]) is cls else None
+
+
+def _class_path(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _flat_setting(key: str, value: Any, out: dict[str, Any]) -> None:
+    """`value` into `out` under `key`: a class given as {"class_path", "init_args"} as its path under `key` and each
+    init argument under "<key>/<argument>"; a mapping entry by entry; anything else as a plain value."""
+    if isinstance(value, dict) and isinstance(value.get("class_path"), str):
+        out[key] = value["class_path"]
+        for name, item in {**(value.get("init_args") or {}), **(value.get("dict_kwargs") or {})}.items():
+            _flat_setting(f"{key}/{name}", item, out)
+    elif isinstance(value, dict) and value:
+        for name, item in value.items():
+            _flat_setting(f"{key}/{name}", item, out)
+    else:
+        out[key] = plain_value(value)
+
+
+def _object_init_args(component: Any) -> tuple[str | None, dict[str, Any]]:
+    """(class path, init arguments) read off a loss, optimiser or scheduler given as an object: a class or function
+    (its path, no arguments), a `functools.partial` (LightningCLI's optimiser callables: the class it builds and its
+    keyword arguments) or an instance (its class, and the arguments of its `__init__` it keeps as attributes of
+    the same name with plain values: numbers, strings, booleans, one-element tensors)."""
+    import functools
+    import inspect
+
+    if component is None:
+        return None, {}
+    if isinstance(component, functools.partial):
+        built = next((arg for arg in (component.func, *component.args) if isinstance(arg, type)), component.func)
+        return _class_path(built), dict(component.keywords)
+    if isinstance(component, type) or inspect.isroutine(component):
+        return _class_path(component), {}
+    args: dict[str, Any] = {}
+    try:
+        parameters = inspect.signature(type(component).__init__).parameters.values()
+    except (TypeError, ValueError):
+        parameters = []
+    for parameter in parameters:
+        if parameter.name == "self" or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        value = getattr(component, parameter.name, None)
+        if torch.is_tensor(value) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (bool, int, float, str)):
+            args[parameter.name] = value
+    return _class_path(type(component)), args
+
+
+def component_settings(name: str, component: Any, given: Any = None) -> dict[str, Any]:
+    """What TensorBoard's HPARAMS (and the logger's hparams.yaml) show of a System's loss, optimiser or scheduler,
+    which are not checkpoint hyperparameters (a checkpoint's loss is rebuilt by its config, not from them): flat
+    plain values, {name: class path, "<name>/<argument>": value, ...} ({name: None} without one). Taken from the
+    config the CLI built the System from (`given`: {"class_path", "init_args"}, every default filled in) where there
+    is one, else read off the object (`_object_init_args`). Why: a fit with another loss weight or learning rate
+    logged the same hparams as the default run, so HPARAMS could not tell them apart."""
+    out: dict[str, Any] = {}
+    if isinstance(given, dict) and isinstance(given.get("class_path"), str):
+        _flat_setting(name, given, out)
+        return out
+    path, args = _object_init_args(component)
+    _flat_setting(name, {"class_path": path, "init_args": args} if path is not None else None, out)
+    return out
 
 
 LOW_PRECISION_FLOATS = (torch.bfloat16, torch.float16)  # metric states in these are widened to float32
@@ -212,11 +297,11 @@ class ZooSystem(pl.LightningModule):
             raise ValueError(f"nonfinite_loss must be one of {NONFINITE_POLICIES}; got {nonfinite_loss!r}.")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names holds {len(class_names)} names for num_classes={num_classes}.")
-        self.save_hyperparameters(ignore=["loss", "optimizer", "scheduler"])
+        given = given_init_args(type(self))  # the CLI's config of this System: its loss, optimiser, scheduler
+        self.save_hyperparameters(ignore=list(TRAINING_COMPONENTS))
         # saved as plain values (a family puts its own objects as names into its kwargs before this: ReNN's rules)
         for key, value in self.hparams.items():
             self.hparams[key] = plain_value(value)
-        self._hparams_initial = copy.deepcopy(self._hparams)  # what loggers record: the same plain values
         check_loadable_hparams(type(self).__name__, self.hparams)
         self.model = self.build_model()
         if compile:
@@ -230,6 +315,9 @@ class ZooSystem(pl.LightningModule):
                              f"batch[{target_key!r}] (target_key={target_key!r}); give the loss the same field "
                              f"(loss.init_args.target_key: {target_key}).")
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self._hparams_initial = self.logged_hparams(given)  # what loggers record (TensorBoard's HPARAMS)
+        self._hp_metric_restored: float | None = None  # a resumed run's last hp_metric (`HP_METRIC_KEY`)
+        self._hp_metric_pending = False  # Lightning wrote its placeholder hp_metric -1 since the run's last value
         self.schedule = Schedule(stages, self.model)
         self.metrics = nn.ModuleDict()  # "<stage>_<name>": a ModuleDict key "train" would shadow nn.Module.train
         self._dict_metrics: dict[str, str] = {}  # metrics whose compute() returns a dict: key -> log prefix
@@ -240,6 +328,20 @@ class ZooSystem(pl.LightningModule):
         # the run's model settings as its CLI was given them (`zoo.weights.model_settings`), kept in checkpoints so
         # that a resumed fit with another learning rate or loss weight is refused; None outside the CLI
         self.model_settings: dict[str, Any] | None = None
+
+    def logged_hparams(self, given: dict[str, Any] | None = None) -> Any:
+        """What Lightning hands the loggers (`hparams_initial`: TensorBoard's HPARAMS columns, hparams.yaml): the
+        checkpoint's hyperparameters as plain values, less LightningCLI's internal `_instantiator`, plus the loss,
+        optimiser and scheduler settings (`component_settings`; `given`: the CLI's config of this System, from
+        `given_init_args`). The checkpoint's `hyper_parameters` stay as they are (`self.hparams`): loading and resume
+        checks read them, and the loss and optimiser are held by `model_settings` there."""
+        logged = copy.deepcopy(self._hparams)
+        logged.pop("_instantiator", None)
+        for name in TRAINING_COMPONENTS:
+            component = {"loss": self.loss, "optimizer": self.optimizer_factory,
+                         "scheduler": self.scheduler_factory}[name]
+            logged.update(component_settings(name, component, (given or {}).get(name)))
+        return logged
 
     # ------------------------------------------------------------------------------------------- family hooks
     def build_model(self) -> nn.Module:
@@ -405,7 +507,8 @@ class ZooSystem(pl.LightningModule):
         elif not terms:  # a model whose evaluation output has no loss (torchvision detectors): metrics only
             self.update_metrics(out, batch, stage)
             return None
-        stacked = torch.stack([t.float() for t in terms.values()])  # (terms,)
+        summed = terms if stage == "train" else self.objective_terms(terms)  # evaluation logs every term
+        stacked = torch.stack([t.float() for t in summed.values()])  # (summed terms,)
         loss = stacked.sum()
         if stage == "train":
             where = f"global step {self.global_step}, epoch {self.current_epoch}, batch {batch_idx}"
@@ -427,6 +530,22 @@ class ZooSystem(pl.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=on_step, **log_kw)
         self.update_metrics(out, batch, stage)
         return loss
+
+    def objective_terms(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loss terms an evaluation step sums into `<stage>/loss` (each term is logged under its own name too).
+
+        During fit, validation sums the current stage's terms (`Schedule.select`), as training does, so val/loss
+        and train/loss measure the same objective (ReNN's `local` stage: loss_local alone; ProtoPNet's warm-up:
+        without the loss_l1 it does not train); a staged run's val/loss changes meaning where its stage changes.
+        Outside fit (`validate`, `test`, and the validation after a fit, as compare and ablate run it) it sums the
+        terms of the stage the weights were last trained in (the epoch of their schedules: `enter_epoch` in fit,
+        `enter_schedules` where a checkpoint is loaded), so `validate` of a checkpoint logs the val/loss its fit
+        logged last; a System that has entered no epoch (built, not trained or loaded) sums every term."""
+        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            return self.schedule.select(terms)
+        if self._schedule_epoch is None:
+            return terms
+        return self.schedule.select(terms, self.schedule.stage_at(self._schedule_epoch))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         return self._step(batch, "train", batch_idx)
@@ -495,6 +614,10 @@ class ZooSystem(pl.LightningModule):
             checkpoint[SCHEDULE_EPOCH_KEY] = self._schedule_epoch
         if self.model_settings is not None:  # what a resumed fit is held to (`ZooCLI.check_settings_fit_checkpoint`)
             checkpoint[SETTINGS_KEY] = self.model_settings
+        hp_metric = self._monitored_value("val") if self._trainer is not None else None
+        hp_metric = hp_metric if hp_metric is not None else self._hp_metric_restored
+        if hp_metric is not None:  # what a resumed fit writes as hp_metric after Lightning's placeholder
+            checkpoint[HP_METRIC_KEY] = hp_metric
 
     def defer_check(self, ok: torch.Tensor, message: str) -> None:
         """A condition on the batch's device values (`ok`, a bool tensor) that must not make a step wait for the
@@ -533,6 +656,54 @@ class ZooSystem(pl.LightningModule):
         self.check_finite_losses()
         self._log_dict_metrics("test")
 
+    # ------------------------------------------------------------------------------------ TensorBoard's HPARAMS
+    # Lightning's TensorBoardLogger (default_hp_metric: true) writes each run's HPARAMS entry with one metric,
+    # hp_metric, logged as -1 when the run starts (and again at step 0 whenever a fit resumes or a validate runs).
+    # The System logs the checkpoint monitor's value (val/acc by default) as hp_metric after every validation, so
+    # the entry shows it; a resumed fit writes its checkpoint's last value straight after the placeholder. A logger
+    # with default_hp_metric: false (ablate's point runs: ablate writes their entries) gets no hp_metric.
+    def hp_metric_name(self, stage: str) -> str | None:
+        """The logged metric hp_metric carries after a `stage` ("val", "test") loop: the monitor of the first
+        ModelCheckpoint that has one (`checkpoint.monitor`), for a test its test/ counterpart (val/acc ->
+        test/acc); None without a monitor (or a test of a monitor that is not a val/ metric)."""
+        monitor = next((callback.monitor for callback in self.trainer.checkpoint_callbacks
+                        if getattr(callback, "monitor", None)), None)
+        if monitor is None or stage == "val":
+            return monitor
+        return f"{stage}/{monitor.removeprefix('val/')}" if monitor.startswith("val/") else None
+
+    def _monitored_value(self, stage: str) -> float | None:
+        name = self.hp_metric_name(stage)
+        value = self.trainer.callback_metrics.get(name) if name is not None else None
+        return float(value) if value is not None else None
+
+    def _write_hp_metric(self, value: float | None) -> None:
+        """Log `value` as hp_metric to every TensorBoardLogger that declares hp_metric (default_hp_metric: true),
+        rank zero only (the logger's `log_metrics`), at the step Lightning logs the epoch's metrics at (its count
+        of batches that stepped: the monitor's point and hp_metric's are one step); nothing for None."""
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        if value is None:
+            return
+        step = getattr(self.trainer.fit_loop.epoch_loop, "_batches_that_stepped", self.global_step)
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger) and getattr(logger, "_default_hp_metric", False):
+                logger.log_metrics({HP_METRIC: value}, step=step)
+        self._hp_metric_pending = False
+
+    def on_validation_end(self) -> None:
+        if not self.trainer.sanity_checking:  # Lightning drops a sanity check's metrics
+            self._write_hp_metric(self._monitored_value("val"))
+
+    def on_test_end(self) -> None:
+        self._write_hp_metric(self._monitored_value("test"))
+
+    def on_fit_end(self) -> None:
+        """A resumed fit with nothing left to train (no epoch, no validation) still writes its checkpoint's
+        hp_metric over Lightning's placeholder."""
+        if self._hp_metric_pending:
+            self._write_hp_metric(self._hp_metric_restored)
+
     def teardown(self, stage: str) -> None:
         """Lightning's last hook of a run: a spawned process's gloo group ends with it (`end_spawned_process_group`)."""
         if self._trainer is not None:
@@ -540,6 +711,7 @@ class ZooSystem(pl.LightningModule):
 
     # ------------------------------------------------------------------------------- schedules and auxiliaries
     def on_fit_start(self) -> None:
+        self._hp_metric_pending = True  # Lightning logs its placeholder hp_metric right after this hook
         unreached = self.schedule.unreached(self.trainer.max_epochs)
         if unreached and not self.trainer.fast_dev_run:  # a smoke test may stop anywhere
             trained = sorted({name for stage in self.schedule.stages if stage not in unreached
@@ -565,6 +737,8 @@ class ZooSystem(pl.LightningModule):
         loop = self.trainer.fit_loop
         if loop.restarted_mid_epoch or loop.restarted_on_epoch_end:
             self.enter_epoch()
+        if self._hp_metric_pending:  # a resumed fit: its checkpoint's hp_metric over Lightning's placeholder -1
+            self._write_hp_metric(self._hp_metric_restored)
 
     def on_train_epoch_start(self) -> None:
         for name, value in self.enter_epoch().items():
@@ -675,7 +849,7 @@ class ZooSystem(pl.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         config = {"scheduler": scheduler, "interval": "epoch"}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = "val/loss"
+            config["monitor"] = "val/loss"  # in a staged run, the current stage's objective (`objective_terms`)
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     @classmethod
@@ -706,6 +880,8 @@ class ZooSystem(pl.LightningModule):
         if datamodule is not None and type(datamodule).__qualname__ not in checkpoint:  # Lightning restores the rest
             restore_datamodule_state(datamodule, checkpoint)  # a checkpoint from before the datamodule saved a state
         self._drop_foreign_loss_state(checkpoint)
+        restored = checkpoint.get(HP_METRIC_KEY)
+        self._hp_metric_restored = float(restored) if isinstance(restored, (int, float)) else None
         epoch = schedule_epoch(checkpoint)
         if epoch is not None:
             self.enter_schedules(epoch)
