@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import io
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -250,7 +251,11 @@ class ZooSystem(pl.LightningModule):
             the same way. "raise" reads no device value inside a step: each step's terms are kept (detached) and
             checked together every `log_every_n_steps` steps, at the epoch's end and before any checkpoint is
             written; "skip" must decide on the host before the optimiser step, so it costs two host-device
-            synchronisations per step (the loss, the gradients) and a copy of the buffers.
+            synchronisations per step (the loss, the gradients) and a copy of the buffers. Under DDP every rank
+            decides alike (one all-reduce of a per-rank flag each step): a batch whose loss is NaN/inf on any rank
+            is skipped on every rank (each returns a zero loss that reaches every trainable parameter, so DDP's
+            gradient all-reduce still runs, and the gradients are dropped before the optimiser step), and the
+            rank that saw it warns, naming itself (rank 0 too, naming the rank(s)).
         compile: `torch.compile` the model (`nn.Module.compile`: same parameters and checkpoint keys); True uses
             torch's default backend (inductor), a string names another ("aot_eager", "cudagraphs", ...) or one of
             inductor's modes ("reduce-overhead": CUDA graphs on a GPU, "max-autotune", ...). Of a torchvision
@@ -323,6 +328,7 @@ class ZooSystem(pl.LightningModule):
         self._dict_metrics: dict[str, str] = {}  # metrics whose compute() returns a dict: key -> log prefix
         self._unchecked: list[tuple[torch.Tensor, torch.Tensor, tuple[str, ...], str]] = []  # steps not yet read
         self._buffers_before: list[tuple[nn.Module, str, torch.Tensor]] = []  # nonfinite_loss="skip": copies
+        self._skipped_step = False  # nonfinite_loss="skip" under DDP: this step's batch was skipped (drop gradients)
         self._deferred_checks: list[tuple[torch.Tensor, str]] = []  # `defer_check`: (device bool, message)
         self._schedule_epoch: int | None = None  # the epoch whose schedules are in force (None: never entered)
         # the run's model settings as its CLI was given them (`zoo.weights.model_settings`), kept in checkpoints so
@@ -496,6 +502,7 @@ class ZooSystem(pl.LightningModule):
     def _step(self, batch: Any, stage: str, batch_idx: int) -> torch.Tensor | None:
         skip = stage == "train" and self.hparams.nonfinite_loss == "skip"
         if skip:  # what the forward updates in place (BatchNorm statistics, family state), to undo a skipped batch
+            self._skipped_step = False
             self._buffers_before = [(module, name, buffer.detach().clone()) for module in self.modules()
                                     for name, buffer in module.named_buffers(recurse=False)]
         out = self.forward_batch(batch, stage)
@@ -513,12 +520,17 @@ class ZooSystem(pl.LightningModule):
         if stage == "train":
             where = f"global step {self.global_step}, epoch {self.current_epoch}, batch {batch_idx}"
             if skip:
-                if not torch.isfinite(loss):  # the one policy that reads the device every step
-                    rank_zero_warn(f"Non-finite training loss at {where}: {format_terms(tuple(terms), stacked)}"
-                                   "; batch skipped (nonfinite_loss='skip').")
+                ranks = self._nonfinite_ranks(loss)  # the one policy that reads the device every step
+                if ranks:
+                    self._warn_skipped(ranks, where, format_terms(tuple(terms), stacked))
                     self._restore_buffers()
                     self.on_skipped_batch()
-                    return None  # Lightning skips the optimiser step
+                    if not self._distributed():
+                        return None  # Lightning skips the optimiser step
+                    # Lightning refuses None under DDP and the other ranks would wait in the gradient all-reduce:
+                    # every rank backpropagates a zero, and `on_before_optimizer_step` drops the gradients
+                    self._skipped_step = True
+                    return self._zero_loss(loss)
             else:
                 self._unchecked.append((loss.detach(), stacked.detach(), tuple(terms), where))
         on_step = stage == "train"
@@ -530,6 +542,44 @@ class ZooSystem(pl.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=on_step, **log_kw)
         self.update_metrics(out, batch, stage)
         return loss
+
+    def _distributed(self) -> bool:
+        """Whether this run has more than one process, in an initialised process group (the trainer's)."""
+        return (self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_available()
+                and torch.distributed.is_initialized())
+
+    def _nonfinite_ranks(self, loss: torch.Tensor) -> list[int]:
+        """nonfinite_loss="skip": the ranks whose training loss is NaN/inf at this step ([] where none is), alike on
+        every rank, so that every rank skips the batch or none does (a rank alone leaving the step would leave the
+        others waiting in DDP's gradient all-reduce). One process reads its own loss; under DDP each rank sets its
+        own entry of a (world,) flag vector and one all-reduce (MAX) gives every rank the whole vector."""
+        if not self._distributed():
+            return [] if bool(torch.isfinite(loss)) else [self.global_rank]
+        dist = torch.distributed
+        flags = torch.zeros(dist.get_world_size(), device=loss.device)  # (world,) 1: that rank's loss is NaN/inf
+        flags[dist.get_rank()] = (~torch.isfinite(loss.detach())).float()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags.nonzero().flatten().tolist()
+
+    def _warn_skipped(self, ranks: list[int], where: str, terms: str) -> None:
+        """Say that a batch was skipped: the rank whose loss was NaN/inf names itself and its terms (a warning of
+        rank 0 alone never told of a NaN on rank 1), rank 0 names the rank(s) where it did not see one itself."""
+        if not self._distributed():
+            rank_zero_warn(f"Non-finite training loss at {where}: {terms}; batch skipped (nonfinite_loss='skip').")
+            return
+        rank = torch.distributed.get_rank()
+        if rank in ranks:
+            warnings.warn(f"Non-finite training loss on rank {rank} at {where}: {terms}; batch skipped on every rank "
+                          f"(nonfinite_loss='skip'; rank(s) {ranks} saw one).", stacklevel=3)
+        elif rank == 0:
+            warnings.warn(f"Non-finite training loss on rank(s) {ranks} at {where}; batch skipped on every rank "
+                          "(nonfinite_loss='skip').", stacklevel=3)
+
+    def _zero_loss(self, like: torch.Tensor) -> torch.Tensor:
+        """A finite zero whose backward gives every trainable parameter a zero gradient (a skipped batch under DDP):
+        the gradient all-reduce expects every parameter's gradient, and a NaN loss times 0 would still be NaN."""
+        zeros = [p.sum().float() * 0 for p in self.parameters() if p.requires_grad]
+        return torch.stack(zeros).sum() if zeros else like.detach().new_zeros(()).float()
 
     def objective_terms(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The loss terms an evaluation step sums into `<stage>/loss` (each term is logged under its own name too).
@@ -571,8 +621,14 @@ class ZooSystem(pl.LightningModule):
         """nonfinite_loss="skip": a finite loss whose gradients are not (an overflow in the backward) is skipped
         too. The gradients are dropped, so the optimiser leaves every parameter and its state as they were, as AMP's
         GradScaler does, and the buffers go back to where they were before the batch (the last batch of an
-        accumulation window)."""
+        accumulation window). Under DDP, the step of a batch whose loss was NaN/inf on any rank (`_step`: the
+        buffers are back and it said so) drops its gradients here on every rank; a skipped batch inside an
+        accumulation window adds zeros to the window's gradients, as a skipped batch adds nothing in one process."""
         if self.hparams.nonfinite_loss != "skip":
+            return
+        if self._skipped_step:
+            self._skipped_step = False
+            optimizer.zero_grad(set_to_none=True)  # no gradient: the optimiser leaves those parameters alone
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
@@ -605,8 +661,25 @@ class ZooSystem(pl.LightningModule):
         self.check_finite_losses()
         self._log_dict_metrics("train")
 
+    def reset_metrics(self, stage: str) -> None:
+        """Reset every metric of `stage` as its epoch starts, so that its result counts that epoch's batches alone,
+        whatever the states held before. Lightning resets the logged metrics at an epoch's end, but states can
+        come from elsewhere: under ddp_spawn on the CPU, torch.multiprocessing hands the spawned ranks the metric
+        states in memory shared with the main process (Lightning unshares parameters and buffers only; metric
+        states are neither), so the ranks' updates landed in the main process's states and a later `validate`
+        started from them (a fit then validate of L2X gave 0.543, then 0.5312, 0.5254, ... for one checkpoint).
+        `reset` gives each state a new tensor, which also ends that sharing. Nothing carries a metric's states
+        across epochs."""
+        for key, metric in self.metrics.items():
+            if key.startswith(f"{stage}_"):
+                metric.reset()
+
     def on_validation_epoch_start(self) -> None:
+        self.reset_metrics("val")
         self.check_finite_losses()
+
+    def on_test_epoch_start(self) -> None:
+        self.reset_metrics("test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_finite_losses()  # never write the state a non-finite step made
@@ -741,6 +814,7 @@ class ZooSystem(pl.LightningModule):
             self._write_hp_metric(self._hp_metric_restored)
 
     def on_train_epoch_start(self) -> None:
+        self.reset_metrics("train")
         for name, value in self.enter_epoch().items():
             self.log(f"schedule/{name}", value, on_step=False, on_epoch=True)
 

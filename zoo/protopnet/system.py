@@ -173,6 +173,7 @@ class ProtoPNetSystem(ZooSystem):
         self._noise = torch.Generator(device=self.device).manual_seed(0)  # no indices: the same noise every epoch
 
     def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
         self._noise = torch.Generator(device=self.device).manual_seed(0)
 
     @staticmethod
