@@ -504,14 +504,18 @@ def remove_if_empty(folder: Path, top: Path) -> None:
 def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[str], cli: ZooCLI | None = None
                    ) -> tuple[dict[str, float], dict[str, bool | None]]:
     """Fit one grid point (resuming from its last.ckpt), validate, and store result.json atomically; return its
-    metrics and their directions. The point's run folder is its logger's (`run_folder`). Its `resolved_settings`
-    (config, the files it names, the source files of its classes' modules) are hashed and stored (settings.sha256,
-    settings.json): a finished point with the same hash is reused (and said so); a point whose settings changed
-    since (another max_epochs, a changed config file or loss module, a refitted init_checkpoint, a changed data
-    folder) is moved to <ablation>/stale/ and run again from scratch, and the changed keys are said. A point
-    finished by an earlier ablate is kept when the settings it stored still hold: the old hash of the config alone
-    (`legacy_settings_hash`, no file named), or settings.json without "code" (before code fingerprints) with the
-    same config and files. `cli`: the point's CLI if already built (`point_cli`).
+    metrics and their directions. The point's run folder is its logger's (`run_folder`), set up by
+    `prepare_point_folder`: a finished point with the same settings is reused, one whose settings changed is moved
+    to <ablation>/stale/ and run again from scratch. `cli`: the point's CLI if already built (`point_cli`).
+
+    Under `ddp` every rank runs this (the launcher re-runs the whole command in its children), but only global rank
+    zero touches the point's files (its folder, settings, result.json, HPARAMS entry): two ranks moving the same
+    point to stale/ failed ("Directory not empty") or deleted the run the other had just moved. The other ranks wait
+    at the strategy's barrier (a no-op without a process group: before the first fit's launch only rank zero's
+    process exists, and the children start after it set the point up) and then read whether the point is finished,
+    and the last.ckpt to resume from, from what rank zero left: every rank decides alike, else one rank would fit
+    while another skipped the point and the fit's collectives would hang. After the point's results are written the
+    ranks meet again, so none reads the next point's folder before rank zero is done with this one.
 
     A configuration mistake found while training (a data folder that is not there, read at setup) is said once;
     the point's folder is removed if this call made it, so a point that never ran leaves nothing behind."""
@@ -519,12 +523,49 @@ def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[st
     with configuration_phase():
         folder = run_folder(cli.config_init, cli.config)
     save_dir = folder.parents[len(Path(name).parts)]  # folder is <save_dir>/<name>/<point>
+    result_path, hparams_path = folder / "result.json", folder.parent / "hparams" / folder.name
+    rank_zero = cli.trainer.is_global_zero
+    digest, new = prepare_point_folder(cli, point, folder) if rank_zero else (None, False)
+    cli.trainer.strategy.barrier("ablate_point_ready")  # no rank reads the folder before rank zero set it up
+    if result_path.is_file():  # finished (`prepare_point_folder` moved a stale result away): the same on every rank
+        return json.loads(result_path.read_text())["metrics"], metric_directions(cli.model, "val")
+    last = folder / "checkpoints" / "last.ckpt"
+    try:
+        fit(cli, ckpt_path=str(last) if last.is_file() else None)
+        metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    except Exception as error:
+        if new and is_configuration_error(error) and not last.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # it never trained: nothing to resume
+            remove_if_empty(folder.parent, save_dir)
+        raise
+    metrics = {k.removeprefix("val/"): float(v) for k, v in metrics.items() if not k.startswith("val/loss")}
+    if rank_zero:
+        write_hparams(hparams_path, point, metrics)
+        tmp = result_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"point": point, "settings_sha256": digest, "metrics": metrics}, indent=1))
+        os.replace(tmp, result_path)  # atomic: a killed run leaves no half-written result
+    cli.trainer.strategy.barrier("ablate_point_written")  # before any rank reads the next point's folder
+    return metrics, metric_directions(cli.model, "val")
+
+
+def prepare_point_folder(cli: ZooCLI, point: dict[str, Any], folder: Path) -> tuple[str, bool]:
+    """Set up grid point `point`'s run folder `folder` before it runs (global rank zero only, `run_grid_point`);
+    returns the hash of its settings and whether this call made the folder.
+
+    The point's `resolved_settings` (config, the files it names, the source files of its classes' modules) are
+    hashed and stored (settings.sha256, settings.json) before training, so an interrupted point resumes only with
+    these settings. A finished point (result.json) with the same hash is left as it is, said reused (its HPARAMS
+    entry written again where `keep_hparams_of` dropped it); a point whose settings changed since (another
+    max_epochs, a changed config file or loss module, a refitted init_checkpoint, a changed data folder) is moved to
+    <ablation>/stale/, result and all, and the changed keys are said. A point finished by an earlier ablate is kept
+    when the settings it stored still hold: the old hash of the config alone (`legacy_settings_hash`, no file
+    named), or settings.json without "code" (before code fingerprints) with the same config and files; a folder
+    named by an ablate before `GridLoader` (lr=1e-3) is renamed first."""
     legacy = folder.parent / legacy_point_name(point)
     if not folder.exists() and legacy != folder and legacy.is_dir():  # named by an earlier ablate: lr=1e-3
         os.replace(legacy, folder)
         print(f"ablate: point {point_name(point)}: its folder {legacy.name} renamed {folder.name}")
     result_path, hash_path, settings_path = folder / "result.json", folder / "settings.sha256", folder / "settings.json"
-    hparams_path = folder.parent / "hparams" / folder.name
     settings = resolved_settings(cli, folder)
     digest, label = settings_hash(settings), point_name(point)
     stored = hash_path.read_text().strip() if hash_path.is_file() else None
@@ -547,29 +588,15 @@ def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[st
               f"  changed: {settings_changes(old, settings)}")
     elif result_path.is_file():
         print(f"ablate: point {label}: finished with the same settings, reused")
-        metrics = json.loads(result_path.read_text())["metrics"]
+        hparams_path = folder.parent / "hparams" / folder.name
         if not hparams_path.is_dir():  # dropped from an earlier grid's HPARAMS entries (`keep_hparams_of`)
-            write_hparams(hparams_path, point, metrics)
-        return metrics, metric_directions(cli.model, "val")
+            write_hparams(hparams_path, point, json.loads(result_path.read_text())["metrics"])
+        return digest, False
     new = not folder.is_dir()
     folder.mkdir(parents=True, exist_ok=True)
     hash_path.write_text(digest + "\n")  # before training: an interrupted point resumes only with these settings
     settings_path.write_text(json.dumps(settings, indent=1, default=str))
-    last = folder / "checkpoints" / "last.ckpt"
-    try:
-        fit(cli, ckpt_path=str(last) if last.is_file() else None)
-        metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-    except Exception as error:
-        if new and is_configuration_error(error) and not last.is_file():
-            shutil.rmtree(folder, ignore_errors=True)  # it never trained: nothing to resume
-            remove_if_empty(folder.parent, save_dir)
-        raise
-    metrics = {k.removeprefix("val/"): float(v) for k, v in metrics.items() if not k.startswith("val/loss")}
-    write_hparams(hparams_path, point, metrics)
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"point": point, "settings_sha256": digest, "metrics": metrics}, indent=1))
-    os.replace(tmp, result_path)  # atomic: a killed run leaves no half-written result
-    return metrics, metric_directions(cli.model, "val")
+    return digest, new
 
 
 def summarise(results: list[tuple[dict[str, Any], dict[str, float]]], labels: dict[str, str] | None = None
@@ -606,7 +633,8 @@ def summarise(results: list[tuple[dict[str, Any], dict[str, float]]], labels: di
 
 def ablate(config: str, grid_items: list[str], name: str, extra: list[str]) -> list[dict[str, Any]]:
     """Run every grid point (reusing finished ones whose settings are unchanged), write the table; each point's
-    TensorBoard HPARAMS entry is written when the point finishes, and entries of points no longer in the grid go."""
+    TensorBoard HPARAMS entry is written when the point finishes, and entries of points no longer in the grid go.
+    Under `ddp` every rank runs this and gets the rows; only global rank zero writes files (`run_grid_point`)."""
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     with configuration_phase():  # the grid and the overrides; then every point's arguments, before any training
         grid = parse_grid(grid_items)
@@ -627,6 +655,8 @@ def ablate(config: str, grid_items: list[str], name: str, extra: list[str]) -> l
         directions |= point_directions
     labels = column_labels([key for key in grid if key != SEED_KEY])
     rows = summarise(results, labels)
+    if not cli.trainer.is_global_zero:  # `ddp` runs this on every rank: rank zero writes the table
+        return rows
     keep_hparams_of(folder / "hparams", {point_name(point) for point in points})
     write_report(folder, {"ablation": rows}, directions, stem="ablation", settings=[*labels.values(), "seeds"])
     return rows
