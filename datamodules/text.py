@@ -8,6 +8,7 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
+import io
 import re
 import unicodedata
 import warnings
@@ -348,6 +349,24 @@ def _rows_inside(fields: Sequence[str], header: Sequence[str], text_column: str,
     return found
 
 
+def _file_lines(path: Path) -> list[str]:
+    """A CSV/TSV file's lines as written (compressed or not), line ends kept."""
+    compression = path.suffix if path.suffix in _OPENERS else ""
+    with _OPENERS.get(compression, open)(path, "rt", encoding="utf-8-sig", newline="") as handle:
+        return handle.read().splitlines(keepends=True)
+
+
+def _quoted_as_csv_writes(record: str, delimiter: str) -> bool:
+    """Whether a record's text parses under csv's strict quoting: a quoted field closes before a delimiter or a line
+    end. A stray opening quote closes where the next " happens to be, mid-text ('Wonderful" acting.'), which strict
+    parsing refuses; csv.writer's own quoting passes."""
+    try:
+        list(csv.reader(io.StringIO(record), delimiter=delimiter, strict=True))
+    except csv.Error:
+        return False
+    return True
+
+
 def read_text_table(path: Path, text_column: str, label_column: str, labels: Sequence[str] = ()
                     ) -> tuple[list[dict[str, str]], list[int]]:
     """The rows of a labelled text table (`read_table`) and the line each starts on (the header is line 1), refusing
@@ -356,7 +375,8 @@ def read_text_table(path: Path, text_column: str, label_column: str, labels: Seq
     - a quoted field running over lines that read as rows of their own (a stray opening " in a text swallows the
       rows after it up to the next ", their labels lost): two or more continuation lines with as many fields as the
       header, a text and a label of the file's (or of `labels`), refused naming the line the field opens on; one
-      such line (a text's own "1,500 miles for this?") is warned of and read as written. A quoted text holding line
+      such line is refused too where the record is not quoted as csv quotes (a quote closing mid-text,
+      'Wonderful" acting.'), else (a text's own "1,500 miles for this?") warned of and read as written. A quoted text holding line
       breaks and no such line is read as it is (csv's quoting, .tsv as .csv: the layout promises it);
     - a record with more fields than the header (an unquoted delimiter in a text: "fresh,Dull, slow." kept the text
       "Dull" and dropped the rest; in a text before the label, the label was a piece of the text); empty fields past
@@ -372,11 +392,17 @@ def read_text_table(path: Path, text_column: str, label_column: str, labels: Seq
 
     known = {row[label_column] for row in rows if row[label_column]} | set(labels)  # "": a row without a label
     swallowing, lone = [], []  # (line the quoted field opens on, the first line inside it that reads as a row, it)
-    for fields, first_line in zip(records, first_lines):
+    lines: list[str] | None = None  # the file's lines, read again only where a record looks like swallowed rows
+    for index, (fields, first_line) in enumerate(zip(records, first_lines)):
         found = _rows_inside(fields, header, text_column, label_column, known, delimiter)
-        if found:  # one such line may be a text's own ("1,500 miles"), two are rows swallowed
-            (swallowing if len(found) > 1 else lone).append((first_line + found[0][0], first_line + found[0][1],
-                                                              found[0][2]))
+        if not found:
+            continue
+        if len(found) == 1:  # one such line may be a text's own ("1,500 miles"): quoted as csv quotes, it is
+            lines = lines if lines is not None else _file_lines(path)
+            end = first_lines[index + 1] - 1 if index + 1 < len(first_lines) else len(lines)
+            strict = _quoted_as_csv_writes("".join(lines[first_line - 1:end]), delimiter)
+        (swallowing if len(found) > 1 or not strict else lone).append(
+            (first_line + found[0][0], first_line + found[0][1], found[0][2]))
     if lone:
         opens, inner, text = lone[0]
         warnings.warn(f"{str(path)!r}: {len(lone)} quoted text(s) hold a line that reads as a row of its own, "

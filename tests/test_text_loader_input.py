@@ -114,3 +114,14 @@ def test_a_quoted_text_with_one_line_that_reads_as_a_row_is_read_as_written(tmp_
         data = CSVTextDataModule(path, labels=["1", "2"], **SETTINGS, val_fraction=0.2, test_fraction=0.2)
         data.setup()
     assert sum(len(split) for split in data.splits.values()) == len(REVIEWS) + 1
+
+
+def test_a_stray_quote_swallowing_one_row_is_refused(tmp_path: Path) -> None:
+    """A stray quote that swallowed one row of a label the file uses once ("synopsis") was only warned of, the two
+    rows read as one text: where the quoted field closes mid-text ('Wonderful" acting.'), as csv.writer never
+    writes, it is refused."""
+    path = table(tmp_path / "rt.csv", ['rotten,"Dull and tedious.', "synopsis,A man walks.",
+                                       'fresh,Wonderful" acting.', "rotten,Too long."], ",")
+    with pytest.raises(DatasetLayoutError, match=r"1 quoted field\(s\) run on .* opening on lines 42 .* holds line 44, "
+                                                 r"'fresh,Wonderful acting.'"):
+        CSVTextDataModule(path, labels=["rotten", "fresh"], **SETTINGS).setup()

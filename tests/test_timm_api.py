@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 
@@ -136,8 +137,8 @@ def test_only_rgb_first_convolutions_are_adapted(tmp_path: Path) -> None:
     """timm's adapt_input_conv assumes RGB files: a 2-channel file was summed into a grey model, silently. Only a
     3-channel file is adapted; another one is a shape mismatch that says which in_chans the file needs."""
     torch.save(Backbone("tinycnn", in_chans=2).body.state_dict(), tmp_path / "two.pth")
-    with pytest.raises(CheckpointError, match=r"shape mismatches .*the file was trained on 2-channel images: "
-                                              r"create the model with in_chans=2"):
+    with pytest.raises(CheckpointError, match=r"shape mismatches .*the file's first convolution takes 2 input "
+                                              r"channels where this model's takes 1: .*in_chans=2 for a plain stem"):
         zoo.create_model("baseline_tinycnn", in_chans=1, pretrained_path=str(tmp_path / "two.pth"))
     assert zoo.create_model("baseline_tinycnn", in_chans=2, pretrained_path=str(tmp_path / "two.pth"))
     torch.save(Backbone("tinycnn", in_chans=3).body.state_dict(), tmp_path / "rgb.pth")
@@ -145,10 +146,22 @@ def test_only_rgb_first_convolutions_are_adapted(tmp_path: Path) -> None:
     assert grey.backbone.load_report.adapted and "3 -> 1 input channels" in grey.backbone.load_report.adapted[0]
 
 
-def test_icnn_added_filters_0_is_refused() -> None:
-    """`added_filters or top_filters` built the top stage's width (128) for 0; None means that, 0 is refused."""
+def test_icnn_added_filters_0_is_said_and_read_as_none(tmp_path: Path) -> None:
+    """`added_filters or top_filters` built the top stage's width (128) for 0, silently; None means that. 0 is warned
+    of and read as None (refusing it refused every checkpoint written with it), other values below 1 are refused."""
+    from zoo.icnn.system import ICNNSystem
+
+    with pytest.warns(UserWarning, match=r"added_filters=0 builds as many added filters as the backbone's top stage"):
+        assert zoo.create_model("icnn_tinycnn", added_filters=0).added_conv.out_channels == 128
     with pytest.raises(ValueError, match=r"added_filters \(the added conv layer's filters\) must be an integer >= 1, "
-                                         r"or None .*; got 0"):
-        zoo.create_model("icnn_tinycnn", added_filters=0)
+                                         r"or None .*; got -2"):
+        zoo.create_model("icnn_tinycnn", added_filters=-2)
     assert zoo.create_model("icnn_tinycnn", added_filters=None).added_conv.out_channels == 128  # the top width
     assert zoo.create_model("icnn_tinycnn", added_filters=8).num_features == 8
+    with pytest.warns(UserWarning, match="added_filters=0"):  # a checkpoint written with 0 loads
+        system = ICNNSystem("icnn_tinycnn", num_classes=3, image_size=64, model_kwargs={"added_filters": 0})
+    checkpoint = {"state_dict": system.state_dict(), "hyper_parameters": dict(system.hparams),
+                  "pytorch-lightning_version": pl.__version__}
+    torch.save(checkpoint, tmp_path / "icnn.ckpt")
+    with pytest.warns(UserWarning, match="added_filters=0"):
+        ICNNSystem.load_from_checkpoint(tmp_path / "icnn.ckpt")

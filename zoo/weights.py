@@ -321,8 +321,9 @@ def _first_conv_hint(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor
     if found is None:
         return ""
     _, held, wanted = found
-    return (f"; the file was trained on {held}-channel images: create the model with in_chans={held} (only RGB "
-            f"files are adapted to another channel count; this model has in_chans={wanted})")
+    return (f"; the file's first convolution takes {held} input channels where this model's takes {wanted}: create "
+            f"the model with the in_chans of the images the file was trained on (in_chans={held} for a plain stem; "
+            f"only RGB files are adapted to another channel count)")
 
 
 def load_backbone_weights(body: nn.Module, path: str | Path, what: str,

@@ -139,15 +139,14 @@ class Schedule:
 
         return [m for n, m in model.named_children() if n not in trained or built_frozen(n, m)]
 
-    def select(self, terms: dict[str, torch.Tensor], index: int | None = None) -> dict[str, torch.Tensor]:
-        """The loss terms summed in the current stage (`index`: in stage `index` instead, without entering it)."""
-        stage = self.current if index is None else self.stages[index]
-        wanted = stage.losses
+    def select(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loss terms summed in the current stage."""
+        wanted = self.current.losses
         if wanted is None:
             return terms
         unknown = set(wanted) - set(terms)
         if unknown:
-            raise KeyError(f"stage {stage.name!r} sums {sorted(unknown)}, which the loss does not return; it "
+            raise KeyError(f"stage {self.current.name!r} sums {sorted(unknown)}, which the loss does not return; it "
                            f"returns {sorted(terms)}.")
         return {k: v for k, v in terms.items() if k in wanted}
 

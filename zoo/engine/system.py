@@ -29,7 +29,6 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
-from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import Metric
 
@@ -514,8 +513,9 @@ class ZooSystem(pl.LightningModule):
         elif not terms:  # a model whose evaluation output has no loss (torchvision detectors): metrics only
             self.update_metrics(out, batch, stage)
             return None
-        summed = terms if stage == "train" else self.objective_terms(terms)  # evaluation logs every term
-        stacked = torch.stack([t.float() for t in summed.values()])  # (summed terms,)
+        # evaluation sums every term, whatever the stage: a scheduler or early stop on val/loss compares like with
+        # like across stages (a stage's own sum fell from the local stage's 0.55 to the task's 1.39 and cut the lr)
+        stacked = torch.stack([t.float() for t in terms.values()])  # (terms,)
         loss = stacked.sum()
         if stage == "train":
             where = f"global step {self.global_step}, epoch {self.current_epoch}, batch {batch_idx}"
@@ -580,22 +580,6 @@ class ZooSystem(pl.LightningModule):
         the gradient all-reduce expects every parameter's gradient, and a NaN loss times 0 would still be NaN."""
         zeros = [p.sum().float() * 0 for p in self.parameters() if p.requires_grad]
         return torch.stack(zeros).sum() if zeros else like.detach().new_zeros(()).float()
-
-    def objective_terms(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The loss terms an evaluation step sums into `<stage>/loss` (each term is logged under its own name too).
-
-        During fit, validation sums the current stage's terms (`Schedule.select`), as training does, so val/loss
-        and train/loss measure the same objective (ReNN's `local` stage: loss_local alone; ProtoPNet's warm-up:
-        without the loss_l1 it does not train); a staged run's val/loss changes meaning where its stage changes.
-        Outside fit (`validate`, `test`, and the validation after a fit, as compare and ablate run it) it sums the
-        terms of the stage the weights were last trained in (the epoch of their schedules: `enter_epoch` in fit,
-        `enter_schedules` where a checkpoint is loaded), so `validate` of a checkpoint logs the val/loss its fit
-        logged last; a System that has entered no epoch (built, not trained or loaded) sums every term."""
-        if self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
-            return self.schedule.select(terms)
-        if self._schedule_epoch is None:
-            return terms
-        return self.schedule.select(terms, self.schedule.stage_at(self._schedule_epoch))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         return self._step(batch, "train", batch_idx)
@@ -785,6 +769,8 @@ class ZooSystem(pl.LightningModule):
     # ------------------------------------------------------------------------------- schedules and auxiliaries
     def on_fit_start(self) -> None:
         self._hp_metric_pending = True  # Lightning logs its placeholder hp_metric right after this hook
+        if self.trainer.ckpt_path is None:  # a new fit of loaded weights: their run's hp_metric is not this run's
+            self._hp_metric_restored = None
         unreached = self.schedule.unreached(self.trainer.max_epochs)
         if unreached and not self.trainer.fast_dev_run:  # a smoke test may stop anywhere
             trained = sorted({name for stage in self.schedule.stages if stage not in unreached
@@ -923,7 +909,7 @@ class ZooSystem(pl.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         config = {"scheduler": scheduler, "interval": "epoch"}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            config["monitor"] = "val/loss"  # in a staged run, the current stage's objective (`objective_terms`)
+            config["monitor"] = "val/loss"  # every term, in every stage (`_step`)
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     @classmethod

@@ -294,6 +294,10 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
         freeze_backbone: bool = False,
     ) -> None:
         super().__init__()
+        if added_filters == 0 and not isinstance(added_filters, bool):  # a checkpoint of before 0 was refused
+            warnings.warn("added_filters=0 builds as many added filters as the backbone's top stage has, as None does "
+                          "(how checkpoints written before 0 was refused were built); give None.", stacklevel=2)
+            added_filters = None
         if added_filters is not None and not positive_int(added_filters):
             raise ValueError(f"added_filters (the added conv layer's filters) must be an integer >= 1, or None for as "
                              f"many as the backbone's top stage has; got {added_filters!r}.")
