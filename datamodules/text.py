@@ -350,10 +350,12 @@ def _rows_inside(fields: Sequence[str], header: Sequence[str], text_column: str,
 
 
 def _file_lines(path: Path) -> list[str]:
-    """A CSV/TSV file's lines as written (compressed or not), line ends kept."""
+    """A CSV/TSV file's lines as written (compressed or not), line ends kept, split where csv counts a line: at \n,
+    \r and \r\n only (str.splitlines also splits at \x85, \u2028, \x0c, ..., which texts hold, and cut records
+    apart from csv's line numbers)."""
     compression = path.suffix if path.suffix in _OPENERS else ""
     with _OPENERS.get(compression, open)(path, "rt", encoding="utf-8-sig", newline="") as handle:
-        return handle.read().splitlines(keepends=True)
+        return list(handle)
 
 
 def _quoted_as_csv_writes(record: str, delimiter: str) -> bool:

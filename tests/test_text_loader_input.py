@@ -107,13 +107,14 @@ def test_a_quoted_text_with_one_line_that_reads_as_a_row_is_read_as_written(tmp_
         writer = csv.writer(handle)
         writer.writerow(["category", "text"])
         writer.writerows([(str(1 + i % 2), text) for i, (_, text) in enumerate(REVIEWS)])
+        writer.writerow(["1", "Good\u2028film\x85 said the critic."])  # line breaks csv does not count as lines
         writer.writerow(["2", "Long trip to see it.\n1,500 miles for this?\nNever again."])
         writer.writerow(["", "this film was long,\nno label"])
     with pytest.warns(UserWarning, match=r"1 quoted text\(s\) hold a line that reads as a row of its own, opening on "
-                                         r"lines 42 .* holds line 43, '1,500 miles for this\?'. Read as written"):
+                                         r"lines 43 .* holds line 44, '1,500 miles for this\?'. Read as written"):
         data = CSVTextDataModule(path, labels=["1", "2"], **SETTINGS, val_fraction=0.2, test_fraction=0.2)
         data.setup()
-    assert sum(len(split) for split in data.splits.values()) == len(REVIEWS) + 1
+    assert sum(len(split) for split in data.splits.values()) == len(REVIEWS) + 2
 
 
 def test_a_stray_quote_swallowing_one_row_is_refused(tmp_path: Path) -> None:

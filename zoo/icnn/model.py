@@ -296,7 +296,8 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
         super().__init__()
         if added_filters == 0 and not isinstance(added_filters, bool):  # a checkpoint of before 0 was refused
             warnings.warn("added_filters=0 builds as many added filters as the backbone's top stage has, as None does "
-                          "(how checkpoints written before 0 was refused were built); give None.", stacklevel=2)
+                          "(how checkpoints written with 0 were built): give None for a new run; a run resumed from a "
+                          "checkpoint that holds 0 keeps 0.", stacklevel=2)
             added_filters = None
         if added_filters is not None and not positive_int(added_filters):
             raise ValueError(f"added_filters (the added conv layer's filters) must be an integer >= 1, or None for as "
