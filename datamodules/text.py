@@ -285,11 +285,10 @@ def _parse_table(path: Path) -> tuple[list[str], list[list[str]], list[int], str
     kind = Path(path.name.removesuffix(compression)).suffix
     if kind not in (".csv", ".tsv"):
         raise DatasetLayoutError(f"{str(path)!r} is neither .csv nor .tsv (optionally .gz / .bz2).", TABLE_LAYOUT)
-    opener, delimiter = _OPENERS.get(compression, open), "\t" if kind == ".tsv" else ","
+    delimiter = "\t" if kind == ".tsv" else ","
     records, first_lines = [], []
     try:
-        # utf-8-sig: the byte-order mark Excel writes before the header would otherwise stick to the first column name
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
+        with _open_table(path) as handle:
             reader = csv.reader(handle, delimiter=delimiter)
             header = next(reader, [])
             read = reader.line_num  # lines read so far
@@ -349,12 +348,18 @@ def _rows_inside(fields: Sequence[str], header: Sequence[str], text_column: str,
     return found
 
 
+def _open_table(path: Path) -> Any:
+    """A CSV/TSV file (compressed or not) opened for csv: text, newline="" (csv splits the lines), utf-8-sig (the
+    byte-order mark Excel writes before the header would otherwise stick to the first column name)."""
+    compression = path.suffix if path.suffix in _OPENERS else ""
+    return _OPENERS.get(compression, open)(path, "rt", encoding="utf-8-sig", newline="")
+
+
 def _file_lines(path: Path) -> list[str]:
     """A CSV/TSV file's lines as written (compressed or not), line ends kept, split where csv counts a line: at \n,
     \r and \r\n only (str.splitlines also splits at \x85, \u2028, \x0c, ..., which texts hold, and cut records
     apart from csv's line numbers)."""
-    compression = path.suffix if path.suffix in _OPENERS else ""
-    with _OPENERS.get(compression, open)(path, "rt", encoding="utf-8-sig", newline="") as handle:
+    with _open_table(path) as handle:
         return list(handle)
 
 

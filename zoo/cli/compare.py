@@ -533,11 +533,11 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
         check_same_setting({run_name: cli.config for run_name, cli in clis.items()})  # before any training starts
         runs = drop_twins_equal_to_the_model(runs, clis)
         check_checkpoints_outside_trained_runs(runs, clis)
-        check_not_a_fit_run(report_folder(next(iter(clis.values())), name))
+        folder = report_folder(next(iter(clis.values())), name)
+        check_not_a_fit_run(folder)
         for note in checkpoint_budget_notes(runs, {run_name: clis[run_name].config.trainer.as_dict()
                                                    for run_name in runs}):
             print(note)  # a checkpoint run is evaluated, not trained: its budget is its run folder's
-    folder = report_folder(next(iter(clis.values())), name)
     rows: list[dict[str, Any]] = []
     explanation_rows: list[dict[str, Any]] = []
     explained_runs: list[ExplainedRun] = []

@@ -34,7 +34,7 @@ from torchmetrics import Metric
 
 from datamodules._base import DataSettingError
 from zoo.checks import batch_field, check_class_ids, check_on_host
-from zoo.distributed import end_spawned_process_group
+from zoo.distributed import all_reduce_, end_spawned_process_group, is_distributed
 from zoo.engine.auxiliary import Auxiliary, auxiliaries_pending, prepare_auxiliaries
 from zoo.engine.stages import Schedule, epoch_schedules
 from zoo.registry import check_same_model, create_model_for_data
@@ -545,8 +545,7 @@ class ZooSystem(pl.LightningModule):
 
     def _distributed(self) -> bool:
         """Whether this run has more than one process, in an initialised process group (the trainer's)."""
-        return (self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_available()
-                and torch.distributed.is_initialized())
+        return self._trainer is not None and self.trainer.world_size > 1 and is_distributed()
 
     def _nonfinite_ranks(self, loss: torch.Tensor) -> list[int]:
         """nonfinite_loss="skip": the ranks whose training loss is NaN/inf at this step ([] where none is), alike on
@@ -555,11 +554,9 @@ class ZooSystem(pl.LightningModule):
         own entry of a (world,) flag vector and one all-reduce (MAX) gives every rank the whole vector."""
         if not self._distributed():
             return [] if bool(torch.isfinite(loss)) else [self.global_rank]
-        dist = torch.distributed
-        flags = torch.zeros(dist.get_world_size(), device=loss.device)  # (world,) 1: that rank's loss is NaN/inf
-        flags[dist.get_rank()] = (~torch.isfinite(loss.detach())).float()
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return flags.nonzero().flatten().tolist()
+        flags = torch.zeros(self.trainer.world_size, device=loss.device)  # (world,) 1: that rank's loss is NaN/inf
+        flags[self.global_rank] = (~torch.isfinite(loss.detach())).float()
+        return all_reduce_(flags, "max").nonzero().flatten().tolist()
 
     def _warn_skipped(self, ranks: list[int], where: str, terms: str) -> None:
         """Say that a batch was skipped: the rank whose loss was NaN/inf names itself and its terms (a warning of
@@ -567,7 +564,7 @@ class ZooSystem(pl.LightningModule):
         if not self._distributed():
             rank_zero_warn(f"Non-finite training loss at {where}: {terms}; batch skipped (nonfinite_loss='skip').")
             return
-        rank = torch.distributed.get_rank()
+        rank = self.global_rank
         if rank in ranks:
             warnings.warn(f"Non-finite training loss on rank {rank} at {where}: {terms}; batch skipped on every rank "
                           f"(nonfinite_loss='skip'; rank(s) {ranks} saw one).", stacklevel=3)
