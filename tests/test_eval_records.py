@@ -44,7 +44,7 @@ def test_validate_and_test_of_a_checkpoint_leave_the_fits_pictures_and_curves(in
     fit_files = {path.name: digest(path) for path in filters.iterdir()}
     assert set(fit_files) == {"epoch0.png", "epoch0.md", "epoch1.png", "epoch1.md"}
     fit_curves = steps(run, "scalars", "val/acc"), steps(run, "images", "filters/maps")
-    assert fit_curves == ([1, 3], [2, 4])
+    assert fit_curves == ([1, 3], [1, 3])  # an epoch's pictures at its val/* points (were one step right)
     for command in ("validate", "test"):
         main([command, "--config", str(run / "config.yaml"), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
     assert {path.name: digest(path) for path in filters.iterdir() if path.stem.startswith("epoch")} == fit_files
@@ -94,3 +94,18 @@ def test_no_picture_callback_names_its_files_by_the_epoch_alone() -> None:
     named_by_epoch = [path.relative_to(REPO) for path in (REPO / "zoo").rglob("*.py")
                       if file_named_by_epoch.search(path.read_text())]
     assert not named_by_epoch, named_by_epoch
+
+
+def test_no_picture_callback_logs_at_the_optimizer_step() -> None:
+    """Pictures and texts logged at `trainer.global_step` (optimizer steps, raised before Lightning logs an epoch's
+    val/* scalars at its count of batches that stepped) sat one step right of those scalars in TensorBoard (the
+    first test: [2, 4] beside [1, 3]): every log_figure / log_image / log_text call passes `logged_step(trainer)`
+    (compare's explanation figure: at step 0 of the run's curves, not at the validation it explains)."""
+    inner = r"\((?:[^()]|\([^()]*\))*\)"  # a call's parentheses, two levels deep
+    logged_at = re.compile(rf"log_(?:figure|image|text)\((?:[^()]|{inner})*\)", re.S)
+    at_optimizer_step = [(path.relative_to(REPO), call) for path in (REPO / "zoo").rglob("*.py")
+                         for call in logged_at.findall(path.read_text()) if "global_step" in call]
+    assert not at_optimizer_step, at_optimizer_step
+    calls = [call for path in (REPO / "zoo").rglob("*.py") for call in logged_at.findall(path.read_text())
+             if "trainer" in call]
+    assert len(calls) >= 10 and all(re.search(r"logged_step\((?:cli\.)?trainer\)", call) for call in calls), calls

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 
-from zoo.engine.callbacks import FixedBatchCallback, record_name, run_folder
+from zoo.engine.callbacks import FixedBatchCallback, logged_step, record_name, run_folder
 from zoo.figures import class_name, log_image
 
 
@@ -61,4 +61,4 @@ class ParseTreeCallback(FixedBatchCallback):
         folder = run_folder(trainer, "parse_trees")
         if folder is not None:  # None: no run folder (fast_dev_run)
             save_image(grid, folder / f"{record_name(trainer)}.png")
-        log_image(trainer.logger, "detections/parse_trees", grid, trainer.global_step)
+        log_image(trainer.logger, "detections/parse_trees", grid, logged_step(trainer))

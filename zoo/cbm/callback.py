@@ -12,8 +12,8 @@ from pytorch_lightning.utilities.seed import isolate_rng
 
 from zoo.cbm.intervene import (VALUES, check_order, concept_groups, encode_data, intervention_curve,
                                 write_intervention_report)
-from zoo.engine.callbacks import (FixedBatchCallback, precision_context, precision_input, run_folder,
-                                  whole_split_loader)
+from zoo.engine.callbacks import (FixedBatchCallback, logged_step, precision_context, precision_input,
+                                  run_folder, whole_split_loader)
 from zoo.figures import class_name, log_figure, log_text, new_figure
 
 
@@ -189,5 +189,5 @@ class InterventionCallback(pl.Callback):
         if folder is None:  # no run folder (fast_dev_run): the curve is kept in `curves` only
             return
         markdown, figure = write_intervention_report(curve, folder, split, names)
-        log_figure(trainer.logger, f"intervention/{split}", figure, trainer.global_step)
-        log_text(trainer.logger, f"intervention/{split}", markdown, trainer.global_step)
+        log_figure(trainer.logger, f"intervention/{split}", figure, logged_step(trainer))
+        log_text(trainer.logger, f"intervention/{split}", markdown, logged_step(trainer))

@@ -21,7 +21,7 @@ from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.report import metric_directions, write_report
 from zoo.cli.runs import move_earlier_run
 from zoo.distributed import rank_local
-from zoo.engine.callbacks import logger_folder
+from zoo.engine.callbacks import logged_step, logger_folder
 from zoo.figures import log_figure, save_figure
 from zoo.explain.scores import (EXPLANATION_DIRECTIONS, ExplainedRun, check_explain_settings, explanation_figure,
                                 explanation_note, true_and_predicted)
@@ -572,8 +572,8 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
             if maps:  # no figure where the inputs are not images (vectors, tokens)
                 explained_runs.append(ExplainedRun(run_name, images, maps,
                                                    *true_and_predicted(cli.model, cli.datamodule, images)))
-                log_figure(cli.trainer.logger, "explanations",
-                           explanation_figure(explained_runs[-1:], cli.datamodule))
+                log_figure(cli.trainer.logger, "explanations",  # at the step of the validation's val/* points
+                           explanation_figure(explained_runs[-1:], cli.datamodule), logged_step(cli.trainer))
         rows.append({
             "run": run_name,
             "model": cli.model.hparams.get("model_name", type(cli.model).__name__),

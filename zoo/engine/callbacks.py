@@ -1,6 +1,7 @@
 """Callbacks every family shares: last.ckpt after every validation and at the end of fit, RNG state in checkpoints,
 the base of every picture callback (a fixed batch, rank zero, eval mode and no_grad, RNG isolated), the one place
-that says where a run's pictures go and what their files are named (`run_folder`, `record_name`), where validate /
+that says where a run's pictures go, what their files are named and at which step they are logged (`run_folder`,
+`record_name`, `logged_step`), where validate /
 test log apart from the fit (`log_evaluation_apart`) and the loader of a whole split that rank-zero reports read
 (`whole_split_loader`)."""
 
@@ -266,8 +267,15 @@ class FixedBatchCallback(pl.Callback):
         if folder is not None:
             save_figure(figure, folder / f"{record}.png")
             (folder / f"{record}.md").write_text(markdown)
-        log_figure(trainer.logger, f"{name}/{figure_tag}", figure, trainer.global_step)
-        log_text(trainer.logger, f"{name}/table", markdown, trainer.global_step)
+        log_figure(trainer.logger, f"{name}/{figure_tag}", figure, logged_step(trainer))
+        log_text(trainer.logger, f"{name}/table", markdown, logged_step(trainer))
+
+
+def logged_step(trainer: pl.Trainer) -> int:
+    """The step of the scalars Lightning logs now (its count of batches that stepped, which it raises after a
+    batch's validation), for pictures, texts and hp_metric: at `trainer.global_step` (optimizer steps, already
+    raised) an epoch's pictures sat one step right of its val/* points in TensorBoard."""
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
 
 
 def record_name(trainer: pl.Trainer) -> str:

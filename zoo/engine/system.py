@@ -36,6 +36,7 @@ from datamodules._base import DataSettingError
 from zoo.checks import batch_field, check_class_ids, check_on_host
 from zoo.distributed import all_reduce_, end_spawned_process_group, is_distributed
 from zoo.engine.auxiliary import Auxiliary, auxiliaries_pending, prepare_auxiliaries
+from zoo.engine.callbacks import logged_step
 from zoo.engine.stages import Schedule, epoch_schedules
 from zoo.registry import check_same_model, create_model_for_data
 from zoo.weights import (MODEL_KEYS, SETTINGS_KEY, CheckpointError, check_resume_keys, model_spec, resolve_class,
@@ -739,7 +740,7 @@ class ZooSystem(pl.LightningModule):
 
         if value is None:
             return
-        step = getattr(self.trainer.fit_loop.epoch_loop, "_batches_that_stepped", self.global_step)
+        step = logged_step(self.trainer)
         for logger in self.loggers:
             if isinstance(logger, TensorBoardLogger) and getattr(logger, "_default_hp_metric", False):
                 logger.log_metrics({HP_METRIC: value}, step=step)

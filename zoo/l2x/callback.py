@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
-from zoo.engine.callbacks import FixedBatchCallback, record_name, run_folder
+from zoo.engine.callbacks import FixedBatchCallback, logged_step, record_name, run_folder
 from zoo.figures import log_image, log_text
 
 
@@ -43,7 +43,7 @@ class SelectionCallback(FixedBatchCallback):
             grid = make_grid(F.interpolate(panels, scale_factor=scale, mode="nearest"), nrow=len(x))
             if folder is not None:  # None: no run folder (fast_dev_run)
                 save_image(grid, folder / f"{record_name(trainer)}.png")
-            log_image(trainer.logger, "selection/images", grid, trainer.global_step)
+            log_image(trainer.logger, "selection/images", grid, logged_step(trainer))
             return
         decode = getattr(trainer.datamodule, "decode_selection", None) or self._describe
         lines = [decode(x[i].cpu(), selection[i].cpu()) for i in range(len(x))]
@@ -53,7 +53,7 @@ class SelectionCallback(FixedBatchCallback):
         text = "\n\n".join(f"{i}. {line}" for i, line in enumerate(lines))
         if folder is not None:
             (folder / f"{record_name(trainer)}.md").write_text(text + "\n")
-        log_text(trainer.logger, "selection/text", text, trainer.global_step)
+        log_text(trainer.logger, "selection/text", text, logged_step(trainer))
 
     @staticmethod
     def _describe(x: torch.Tensor, selection: torch.Tensor) -> str:

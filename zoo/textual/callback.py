@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import torch
 from torchvision.utils import make_grid
 
-from zoo.engine.callbacks import FixedBatchCallback, record_name, run_folder
+from zoo.engine.callbacks import FixedBatchCallback, logged_step, record_name, run_folder
 from zoo.figures import class_name, log_image, log_text
 
 
@@ -40,6 +40,6 @@ class ExplanationTextCallback(FixedBatchCallback):
         folder = run_folder(trainer, "explanations")
         if folder is not None:  # None: no run folder (fast_dev_run)
             (folder / f"{record_name(trainer)}.md").write_text(text + "\n")
-        log_text(trainer.logger, "explanations/text", text, trainer.global_step)
+        log_text(trainer.logger, "explanations/text", text, logged_step(trainer))
         shown = self.displayable(trainer, images)  # normalisation undone: the images as they look, in [0, 1]
-        log_image(trainer.logger, "explanations/images", make_grid(shown, nrow=len(images)), trainer.global_step)
+        log_image(trainer.logger, "explanations/images", make_grid(shown, nrow=len(images)), logged_step(trainer))
