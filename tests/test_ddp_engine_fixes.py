@@ -132,3 +132,38 @@ def test_a_nan_on_one_rank_skips_the_batch_on_every_rank(tmp_path: Path) -> None
     assert "loss_bad=nan" in ranks[1]["warnings"][0]
     assert ranks[0]["warnings"] == ["Non-finite training loss on rank(s) [1] at global step 5, epoch 1, batch 0; "
                                     "batch skipped on every rank (nonfinite_loss='skip')."]
+
+
+def skip_inside_a_window(shard: list[int]) -> dict[str, Any]:
+    """An accumulation window of a finite batch, then one whose loss is NaN on rank 1, through DDP: whether the
+    optimiser steps on the finite batch's gradients (as one process does: the skipped batch adds nothing)."""
+    torch.manual_seed(0)
+    loss = NaNOnRankOne()
+    system = ClassifierSystem("baseline_tinycnn", num_classes=6, nonfinite_loss="skip", loss=loss)
+    system._trainer = types.SimpleNamespace(world_size=WORLD, global_rank=torch.distributed.get_rank(),
+                                            global_step=5, current_epoch=1)
+    system.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    ddp = nn.parallel.DistributedDataParallel(TrainingStep(system))
+    optimizer = torch.optim.SGD(system.parameters(), lr=0.1)
+    batch = {"image": torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
+             "label": torch.tensor(shard)}
+    before = [p.detach().clone() for p in system.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss.nan = False
+        ddp(batch).backward()  # the window's first batch: kept
+        kept = [p.grad.clone() for p in system.parameters()]
+        loss.nan = True
+        ddp(batch).backward()  # its last: skipped on every rank
+        system.on_before_optimizer_step(optimizer)
+        grads = [p.grad for p in system.parameters()]
+        optimizer.step()
+    return {"kept_gradients": all(g is not None and torch.equal(g, k) for g, k in zip(grads, kept)),
+            "moved": not all(torch.equal(p, b) for p, b in zip(system.parameters(), before))}
+
+
+def test_a_skipped_last_batch_keeps_its_windows_other_batches(tmp_path: Path) -> None:
+    """accumulate_grad_batches > 1 under DDP: a NaN on one rank in a window's last batch dropped the gradients of
+    the whole window on every rank (the parameters did not move), where one process steps on the batches it kept."""
+    ranks = gloo_ranks(tmp_path, skip_inside_a_window, [[0, 1, 2, 3], [4, 5, 0, 1]], deadline_s=DEADLINE_S)
+    assert all(result == {"kept_gradients": True, "moved": True} for result in ranks), ranks

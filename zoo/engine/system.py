@@ -329,6 +329,7 @@ class ZooSystem(pl.LightningModule):
         self._unchecked: list[tuple[torch.Tensor, torch.Tensor, tuple[str, ...], str]] = []  # steps not yet read
         self._buffers_before: list[tuple[nn.Module, str, torch.Tensor]] = []  # nonfinite_loss="skip": copies
         self._skipped_step = False  # nonfinite_loss="skip" under DDP: this step's batch was skipped (drop gradients)
+        self._window_kept = False  # nonfinite_loss="skip" under DDP: a batch of this accumulation window was kept
         self._deferred_checks: list[tuple[torch.Tensor, str]] = []  # `defer_check`: (device bool, message)
         self._schedule_epoch: int | None = None  # the epoch whose schedules are in force (None: never entered)
         # the run's model settings as its CLI was given them (`zoo.weights.model_settings`), kept in checkpoints so
@@ -529,9 +530,11 @@ class ZooSystem(pl.LightningModule):
                     if not self._distributed():
                         return None  # Lightning skips the optimiser step
                     # Lightning refuses None under DDP and the other ranks would wait in the gradient all-reduce:
-                    # every rank backpropagates a zero, and `on_before_optimizer_step` drops the gradients
+                    # every rank backpropagates a zero, and `on_before_optimizer_step` drops the gradients of a
+                    # window that kept no batch
                     self._skipped_step = True
                     return self._zero_loss(loss)
+                self._window_kept = True
             else:
                 self._unchecked.append((loss.detach(), stacked.detach(), tuple(terms), where))
         on_step = stage == "train"
@@ -605,11 +608,14 @@ class ZooSystem(pl.LightningModule):
         GradScaler does, and the buffers go back to where they were before the batch (the last batch of an
         accumulation window). Under DDP, the step of a batch whose loss was NaN/inf on any rank (`_step`: the
         buffers are back and it said so) drops its gradients here on every rank; a skipped batch inside an
-        accumulation window adds zeros to the window's gradients, as a skipped batch adds nothing in one process."""
+        accumulation window adds zeros to the window's gradients, as a skipped batch adds nothing in one process: only
+        a window whose every batch was skipped drops them (dropping them for a skipped last batch lost the batches
+        the window kept)."""
         if self.hparams.nonfinite_loss != "skip":
             return
-        if self._skipped_step:
-            self._skipped_step = False
+        skipped, kept = self._skipped_step, self._window_kept
+        self._skipped_step = self._window_kept = False  # the next window starts here
+        if skipped and not kept:
             optimizer.zero_grad(set_to_none=True)  # no gradient: the optimiser leaves those parameters alone
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
