@@ -341,8 +341,10 @@ def _rows_inside(fields: Sequence[str], header: Sequence[str], text_column: str,
     for value in fields:
         parts = value.split("\n")
         for k, part in enumerate(parts[1:], 1):
-            alone = _as_row(header, next(csv.reader([part.rstrip("\r")], delimiter=delimiter), []))
-            if len(alone) == len(header) and alone[label_column] in known and (alone[text_column] or "").strip():
+            fields_alone = next(csv.reader([part.rstrip("\r")], delimiter=delimiter), [])
+            alone = _as_row(header, fields_alone)  # (padded to the header: count the line's own fields)
+            if (len(fields_alone) == len(header) and alone[label_column] in known
+                    and (alone[text_column] or "").strip()):
                 found.append((offset, offset + k, part.rstrip("\r")))
         offset += len(parts) - 1
     return found
@@ -380,11 +382,12 @@ def read_text_table(path: Path, text_column: str, label_column: str, labels: Seq
     with a DatasetLayoutError naming the file and lines what would otherwise be read as other texts, silently:
 
     - a quoted field running over lines that read as rows of their own (a stray opening " in a text swallows the
-      rows after it up to the next ", their labels lost): two or more continuation lines with as many fields as the
-      header, a text and a label of the file's (or of `labels`), refused naming the line the field opens on; one
-      such line is refused too where the record is not quoted as csv quotes (a quote closing mid-text,
-      'Wonderful" acting.'), else (a text's own "1,500 miles for this?") warned of and read as written. A quoted text holding line
-      breaks and no such line is read as it is (csv's quoting, .tsv as .csv: the layout promises it);
+      rows after it up to the next ", their labels lost): continuation lines with as many fields as the header, a
+      text and a label of the file's (or of `labels`), refused naming the line the field opens on where the record
+      is not quoted as csv quotes (a stray quote closes at the next ", mid-text: 'Wonderful" acting.', '"Boring"
+      said'), else (a text's own "1,500 miles for this?", "Story,4") warned of and read as written: csv.writer's
+      files load, however many such lines a text holds. A quoted text holding line breaks and no such line is read
+      as it is (csv's quoting, .tsv as .csv: the layout promises it);
     - a record with more fields than the header (an unquoted delimiter in a text: "fresh,Dull, slow." kept the text
       "Dull" and dropped the rest; in a text before the label, the label was a piece of the text); empty fields past
       the header (a trailing delimiter) are taken.
@@ -404,11 +407,11 @@ def read_text_table(path: Path, text_column: str, label_column: str, labels: Seq
         found = _rows_inside(fields, header, text_column, label_column, known, delimiter)
         if not found:
             continue
-        if len(found) == 1:  # one such line may be a text's own ("1,500 miles"): quoted as csv quotes, it is
-            lines = lines if lines is not None else _file_lines(path)
-            end = first_lines[index + 1] - 1 if index + 1 < len(first_lines) else len(lines)
-            strict = _quoted_as_csv_writes("".join(lines[first_line - 1:end]), delimiter)
-        (swallowing if len(found) > 1 or not strict else lone).append(
+        # such lines may be a text's own ("1,500 miles", "Story,4"): quoted as csv quotes, it is
+        lines = lines if lines is not None else _file_lines(path)
+        end = first_lines[index + 1] - 1 if index + 1 < len(first_lines) else len(lines)
+        strict = _quoted_as_csv_writes("".join(lines[first_line - 1:end]), delimiter)
+        (lone if strict else swallowing).append(
             (first_line + found[0][0], first_line + found[0][1], found[0][2]))
     if lone:
         opens, inner, text = lone[0]

@@ -99,7 +99,7 @@ def test_imdb_val_fraction_out_of_range_is_refused(imdb_root: Path, val_fraction
 def test_a_quoted_text_with_one_line_that_reads_as_a_row_is_read_as_written(tmp_path: Path) -> None:
     """Texts csv.writer writes: "Long trip.\n1,500 miles for this?" has a line that splits as label 1 and a text,
     and an empty label (a row dropped with `labels` given) made "" a known label. One such line is warned of and
-    read as written, not refused as a stray quote (two or more are: see above)."""
+    read as written, not refused as a stray quote (see above, and the next test for two or more)."""
     import csv
 
     path = tmp_path / "rows.csv"
@@ -115,6 +115,30 @@ def test_a_quoted_text_with_one_line_that_reads_as_a_row_is_read_as_written(tmp_
         data = CSVTextDataModule(path, labels=["1", "2"], **SETTINGS, val_fraction=0.2, test_fraction=0.2)
         data.setup()
     assert sum(len(split) for split in data.splits.values()) == len(REVIEWS) + 2
+
+
+def test_a_quoted_text_with_several_lines_that_read_as_rows_is_read_as_written(tmp_path: Path) -> None:
+    """csv.writer quotes "Scores I gave:\nStory,4\nActing,5" whole, as csv quotes: it was refused as a stray quote
+    swallowing two rows (with no setting to read the file), and a line of fewer fields than the header ("Story,4"
+    under three columns) counted as a row once padded to the header's length."""
+    import csv
+
+    path = tmp_path / "reviews.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "rating", "source"])
+        writer.writerows([(text, str(1 + i % 5), "web") for i, (_, text) in enumerate(REVIEWS)])
+        writer.writerow(["Scores I gave:\nStory,4,web\nActing,5,web\nGood overall.", "4", "web"])
+        writer.writerow(["Short:\nStory,4\nActing,5", "3", "web"])  # two fields under three columns: no row
+    with pytest.warns(UserWarning, match=r"^(?!.*opening on lines \d+, \d+).*1 quoted text\(s\) hold a line that "
+                                         r"reads as a row of its own, opening on lines 42 .* holds line 43, "
+                                         r"'Story,4,web'"):
+        data = CSVTextDataModule(path, **{**SETTINGS, "label_column": "rating"}, val_fraction=0.2,
+                                 test_fraction=0.2)
+        data.setup()
+    assert sum(len(split) for split in data.splits.values()) == len(REVIEWS) + 2
+    assert [row["text"] for row in read_table(path, ["text"])][-2:] == [
+        "Scores I gave:\nStory,4,web\nActing,5,web\nGood overall.", "Short:\nStory,4\nActing,5"]
 
 
 def test_a_stray_quote_swallowing_one_row_is_refused(tmp_path: Path) -> None:
