@@ -167,3 +167,44 @@ def test_a_skipped_last_batch_keeps_its_windows_other_batches(tmp_path: Path) ->
     the whole window on every rank (the parameters did not move), where one process steps on the batches it kept."""
     ranks = gloo_ranks(tmp_path, skip_inside_a_window, [[0, 1, 2, 3], [4, 5, 0, 1]], deadline_s=DEADLINE_S)
     assert all(result == {"kept_gradients": True, "moved": True} for result in ranks), ranks
+
+
+class NaNGradientOnRankOne(NaNOnRankOne):
+    """NaNOnRankOne's NaN with a gradient: the logits times NaN, on rank 1 while `nan` is set."""
+
+    def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        terms = super().forward(out, batch)
+        return {**terms, "loss_bad": out["logits"].sum() * terms["loss_bad"]}
+
+
+def raise_on_one_rank(shard: list[int]) -> str | None:
+    """Two steps under nonfinite_loss="raise" whose first loss is NaN on rank 1, through DDP: each rank's error."""
+    torch.manual_seed(0)
+    system = ClassifierSystem("baseline_tinycnn", num_classes=6, loss=NaNGradientOnRankOne())
+    system._trainer = types.SimpleNamespace(world_size=WORLD, global_rank=torch.distributed.get_rank(),
+                                            global_step=5, current_epoch=1)
+    system.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    ddp = nn.parallel.DistributedDataParallel(TrainingStep(system))
+    optimizer = torch.optim.SGD(system.parameters(), lr=0.1)
+    batch = {"image": torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
+             "label": torch.tensor(shard)}
+    for _ in range(2):  # the NaN on rank 1 reaches rank 0's weights through the gradient all-reduce
+        ddp(batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        system.loss.nan = False
+    try:
+        system.check_finite_losses()
+    except FloatingPointError as error:
+        return str(error)
+    return None
+
+
+def test_a_nan_under_ddp_is_named_with_its_rank(tmp_path: Path) -> None:
+    """Under DDP, rank 0's error (what Lightning shows) named its own first NaN, a step after rank 1's, spread by
+    the gradient all-reduce, as if it were the first: each rank's error names its rank and says so."""
+    ranks = gloo_ranks(tmp_path, raise_on_one_rank, [[0, 1, 2, 3], [4, 5, 0, 1]], deadline_s=DEADLINE_S)
+    for rank, message in enumerate(ranks):
+        assert message is not None and f"Non-finite training loss on rank {rank} at" in message, (rank, message)
+        assert "the first may be another rank's" in message
+    assert "loss_bad=nan" in ranks[1] and "loss_task=nan" in ranks[0]  # rank 0's first: the NaN weights spread

@@ -706,8 +706,11 @@ class ZooSystem(pl.LightningModule):
         if all(finite):
             return
         _, stacked, names, where = unchecked[finite.index(False)]
-        raise FloatingPointError(f"Non-finite training loss at {where}: {format_terms(names, stacked)}. The last "
-                                 "checkpoint is the last good state.")
+        spread = (f" on rank {self.global_rank}", " Under DDP the gradient all-reduce spreads one rank's NaN/inf to "
+                  "every rank's weights: the first may be another rank's, steps earlier (each rank's error names its "
+                  "own first).") if self._distributed() else ("", "")
+        raise FloatingPointError(f"Non-finite training loss{spread[0]} at {where}: {format_terms(names, stacked)}. "
+                                 f"The last checkpoint is the last good state.{spread[1]}")
 
     def on_validation_epoch_end(self) -> None:
         self.check_finite_losses()  # the validation batches' deferred checks
