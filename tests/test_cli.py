@@ -655,6 +655,28 @@ def test_late_configuration_mistakes_keep_their_message(in_tmp_dir: Path, capsys
     assert create_model_for_data("baseline_tinycnn", 6, 3, None, None, {"num_classes": 10}).num_classes == 10
 
 
+def test_model_kwargs_set_to_null_are_checked_by_name(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """`{pretrained_path:w.pth, freeze_backbone:true}` (no space after the colons) is YAML for two keys set to null:
+    create_model dropped every None before any name was checked, so the fine-tune trained from random weights,
+    unfrozen, and exited 0; a mistyped name set to null passed too. Under a config with model_kwargs (ICNN's) the
+    key, split at its dot, reached the factory and its TypeError lost the did-you-mean."""
+    from train import command_line
+    from zoo.baselines.system import ClassifierSystem
+
+    for config in ("configs/baselines/parts_world.yaml", "configs/icnn/parts_world.yaml"):
+        with pytest.raises(SystemExit) as exit_info:
+            command_line(["fit", "--config", str(REPO / config), "--trainer.fast_dev_run=true", *SMALL_WORLD,
+                          "--model.init_args.model_kwargs={pretrained_path:w.pth, freeze_backbone:true}"])
+        error = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback" not in error, (config, error)
+        assert "is no argument name (model_kwargs). YAML reads `{a:b}` as one key" in error, (config, error)
+    with pytest.raises(ValueError, match="unknown argument 'freeze_bakbone' .*Did you mean 'freeze_backbone'"):
+        zoo.create_model("baseline_tinycnn", freeze_bakbone=None)
+    with pytest.raises(ValueError, match="unknown argument 'pretrained_pth' .*Did you mean 'pretrained_path'"):
+        ClassifierSystem("baseline_tinycnn", num_classes=6, model_kwargs={"pretrained_pth": None})
+    assert zoo.create_model("baseline_tinycnn", drop_rate=None, pretrained_path=None).num_classes > 0  # defaults
+
+
 def test_timm_habits_get_an_answer() -> None:
     """pretrained=False is what the zoo does anyway; pretrained=True and reset_classifier(0) are refused by name."""
     assert zoo.create_model("baseline_tinycnn", pretrained=False).num_classes > 0

@@ -136,6 +136,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         value = kwargs.get(key)
         if value is not None and not positive_int(value):
             raise ValueError(f"{name}: {key} must be a positive integer; got {value!r}.")
+    check_argument_names(name, kwargs)
     annotated = annotated_model_class(factory)
     check_argument_types(name, factory, kwargs, annotated)
     try:
@@ -143,7 +144,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     except Exception as error:
         if annotated is None:  # a value of the wrong type may be what failed: name it, as for an annotated factory
             check_argument_types(name, factory, kwargs, default_model_class(name))
-        unknown = re.search(r"(\w+)(?:\.__init__)?\(\) got an unexpected keyword argument '(\w+)'", str(error))
+        unknown = re.search(r"(\w+)(?:\.__init__)?\(\) got an unexpected keyword argument '([^']+)'", str(error))
         if not isinstance(error, TypeError) or unknown is None:
             raise
         accepted = _init_arguments(unknown.group(1), factory)
@@ -156,6 +157,39 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         check_argument_types(name, factory, kwargs, type(model))
     log_load_reports(model)  # what a pretrained_path gave: loaded / skipped / new tensors
     return model
+
+
+def check_argument_names(name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse a keyword argument `name` cannot take before `create_model` drops those set to None (None: the
+    model's default): `{pretrained_path:w.pth, freeze_backbone:true}` is YAML for two keys "pretrained_path:w.pth"
+    and "freeze_backbone:true" set to null, and both were dropped unread, so a fine-tune trained from random weights,
+    unfrozen, silently. A key that is no Python name is refused (with YAML's reason where it holds ":"); an unknown
+    name set to None gets the factory's did-you-mean (other unknown names reach the factory, which refuses them)."""
+    for key in kwargs:
+        if not key.isidentifier():
+            why = (" YAML reads `{a:b}` as one key 'a:b' set to null: write a space after each colon, `{a: b}`."
+                   if ":" in key else "")
+            raise UnknownModelArgument(f"{name}: {key!r} is no argument name (model_kwargs).{why}", name, key)
+    dropped = [key for key, value in kwargs.items() if value is None]
+    if not dropped or takes_any_keyword(name):
+        return
+    accepted = model_arguments(name)
+    for key in dropped:
+        if key not in accepted:
+            close = close_names(key, accepted, n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else f" It takes: {', '.join(accepted)}."
+            raise UnknownModelArgument(f"{name}: unknown argument {key!r} (model_kwargs).{hint}", name, key)
+
+
+def takes_any_keyword(name: str) -> bool:
+    """Whether `name` takes keyword arguments it does not name: its factory passes `**kwargs` on to a class that
+    takes them too, or to one the registry cannot find (a user's factory)."""
+    def open_ended(obj: Any) -> bool:
+        target = obj.__init__ if inspect.isclass(obj) else obj
+        return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(target).parameters.values())
+
+    built = default_model_class(name)
+    return open_ended(model_factory(name)) and (built is None or open_ended(built))
 
 
 PLAIN_TYPES = (bool, int, float, str)
@@ -253,6 +287,7 @@ def create_model_for_data(name: str, num_classes: int, in_chans: int | None, ima
     """`create_model` with what the data fixes (channels, size where the model is size-aware, `data_inputs` such as
     num_features / vocab_size) under the user's `model_kwargs`, which win. Systems and checkpoint loading use it."""
     kwargs = {"in_chans": in_chans, **(data_inputs or {})}
+    kwargs = {key: value for key, value in kwargs.items() if value is not None}  # None: the data fixes nothing
     if image_size is not None and needs_image_size(name):  # e.g. ICNN's template bank is sized for its top map
         kwargs["image_size"] = image_size
     try:
