@@ -111,10 +111,15 @@ def test_labels_out_of_range_are_caught_before_the_loss(image_folder_root: Path)
     batch = {"image": torch.rand(2, 3, 32, 32), "label": torch.tensor([0, 5])}
     with pytest.raises(ValueError, match="labels span \\[0, 5\\], outside \\[0, 2\\)"):
         module.training_step(batch, 0)
-    narrower = ClassifierSystem(num_classes=10, model_kwargs={"num_classes": 3})  # model_kwargs win: 3 outputs
-    with pytest.raises(ValueError, match=r"labels span \[0, 5\], outside \[0, 3\): the model has 3 classes "
-                                         r"\(model_kwargs num_classes=3 overrides the data's 10\)"):
-        narrower.training_step(batch, 0)
+    # a head of another size than the data's classes: refused as built, naming both (its metrics count 10 classes;
+    # a label past the 3-way head, or a 1000-way head on 6 classes, failed at the first batch, the latter inside
+    # torchmetrics: "preds.shape[1] should be equal to number of classes")
+    for head, data in ((3, 10), (1000, 6)):
+        with pytest.raises(ValueError, match=rf"ClassifierSystem: model_kwargs num_classes={head} but "
+                                             rf"num_classes={data} \(the data's classes.*Drop num_classes from "
+                                             rf"model_kwargs"):
+            ClassifierSystem(num_classes=data, model_kwargs={"num_classes": head})
+    assert ClassifierSystem(num_classes=6, model_kwargs={"num_classes": 6}).model.num_classes == 6
 
 
 def test_token_and_class_ids_out_of_range_are_named_before_an_embedding_reads_them() -> None:

@@ -4,6 +4,8 @@ and class names from the data to the checkpoint and the export."""
 
 from __future__ import annotations
 
+import warnings
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -233,3 +235,39 @@ def test_a_backbone_built_frozen_stays_frozen_in_a_stage_that_names_it(tmp_path:
     assert record.requires_grad == {0: False, 1: False} and record.bn_training == {0: False, 1: False}
     torch.testing.assert_close(record.weights[1], before)  # weights and BatchNorm running statistics untouched
     assert not torch.allclose(torch.cat([p.flatten() for p in head.parameters()]), head_before)  # the rest trains
+
+
+@pytest.mark.parametrize("scheduler", [
+    partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01, total_steps=8),
+    partial(torch.optim.lr_scheduler.CyclicLR, base_lr=0.001, max_lr=0.01, step_size_up=2),
+    partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=8),
+    partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=lambda step: 0.9 ** step),
+    lambda optimizer: torch.optim.lr_scheduler.SequentialLR(optimizer, [
+        torch.optim.lr_scheduler.LinearLR(optimizer, 0.5, total_iters=2),
+        torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=8)], milestones=[2])],
+    ids=["onecycle", "cyclic", "cosine", "lambda", "sequential"])
+def test_backbone_lr_scale_holds_under_every_scheduler(scheduler) -> None:
+    """OneCycleLR and CyclicLR set every group's rate from their one max_lr / base_lr as they are built: the
+    backbone's 0.1 scale was undone (both groups at one rate, every step), silently."""
+    system = fine_tuned_system(scheduler=scheduler)
+    config = system.configure_optimizers()
+    optimizer, built = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    ratios = []
+    for _ in range(5):
+        backbone, rest = (group["lr"] for group in optimizer.param_groups)
+        ratios.append(backbone / rest)
+        assert built.get_last_lr()[0] / built.get_last_lr()[1] == pytest.approx(0.1)
+        optimizer.step()
+        built.step()
+    assert ratios == pytest.approx([0.1] * 5)
+
+
+def test_an_unfreeze_epoch_the_fit_never_reaches_is_warned_of(tmp_path: Path) -> None:
+    """freeze_backbone with unfreeze_epoch=1 and max_epochs=1 kept the backbone frozen all run, silently (stages
+    the run never reaches are warned of)."""
+    with pytest.warns(UserWarning, match=r"max_epochs=1 ends before unfreeze_epoch=1 .*stays frozen for all of "
+                                         r"this fit"):
+        trainer(tmp_path, 1, RecordBackbone()).fit(fine_tuned_system(), datamodule=small_world())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*ends before unfreeze_epoch")
+        trainer(tmp_path, 2, RecordBackbone()).fit(fine_tuned_system(), datamodule=small_world())

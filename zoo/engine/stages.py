@@ -106,16 +106,8 @@ class Schedule:
             # the param group, so it is saved with the optimiser and a run resumed inside a scaled stage knows it
             scale, applied = float(stage.lr_scale), group.get("lr_scale", 1.0)
             if scale != applied:
-                for key in ("lr", "initial_lr", "max_lr", "min_lr"):
-                    if isinstance(group.get(key), (int, float)):
-                        group[key] = group[key] * scale / applied
+                scale_group_rates(optimizer, optimizer.param_groups.index(group), scale / applied, schedulers)
                 group["lr_scale"] = scale
-                index = optimizer.param_groups.index(group)
-                for scheduler in schedulers:
-                    for name in ("base_lrs", "max_lrs"):
-                        rates = getattr(scheduler, name, None)
-                        if getattr(scheduler, "optimizer", None) is optimizer and isinstance(rates, list):
-                            rates[index] = rates[index] * scale / applied
         return {"stage": float(self.index)} if len(self.stages) > 1 else {}
 
     def as_built(self, model: nn.Module) -> dict[str, bool]:
@@ -162,3 +154,24 @@ def epoch_schedules(modules: dict[str, nn.Module], epoch: int) -> dict[str, floa
                 seen.add(id(module))
                 logged |= {k: float(v) for k, v in (module.set_epoch(epoch) or {}).items()}
     return logged
+
+
+def scale_group_rates(optimizer: torch.optim.Optimizer, index: int, factor: float, schedulers: Any = ()) -> None:
+    """Multiply param group `index`'s learning rate by `factor`, with everything `schedulers` (of `optimizer`)
+    compute its rate from: the group's `initial_lr` / `max_lr` / `min_lr` and their `base_lrs` / `max_lrs` entry
+    (LambdaLR, OneCycleLR, CyclicLR, CosineAnnealingWarmRestarts recompute the rate from those every step, and
+    OneCycleLR / CyclicLR set every group's from one `max_lr` / `base_lr` as they are built: a scale of the rate
+    alone was undone). The schedulers a SequentialLR / ChainedScheduler holds are scaled too. A stage's `lr_scale`
+    and the System's `backbone_lr_scale` scale this way."""
+    group = optimizer.param_groups[index]
+    for key in ("lr", "initial_lr", "max_lr", "min_lr"):
+        if isinstance(group.get(key), (int, float)):
+            group[key] = group[key] * factor
+    scaled: set[int] = set()  # a SequentialLR shares its _last_lr list with the scheduler it runs: scale it once
+    for scheduler in schedulers:
+        for each in [scheduler, *getattr(scheduler, "_schedulers", [])]:
+            for name in ("base_lrs", "max_lrs", "_last_lr"):  # (_last_lr: what get_last_lr() says until a step)
+                rates = getattr(each, name, None)
+                if getattr(each, "optimizer", None) is optimizer and isinstance(rates, list) and id(rates) not in scaled:
+                    rates[index] = rates[index] * factor
+                    scaled.add(id(rates))

@@ -37,7 +37,7 @@ from zoo.checks import batch_field, check_class_ids, check_on_host
 from zoo.distributed import all_reduce_, end_spawned_process_group, is_distributed
 from zoo.engine.auxiliary import Auxiliary, auxiliaries_pending, prepare_auxiliaries
 from zoo.engine.callbacks import logged_step
-from zoo.engine.stages import Schedule, epoch_schedules
+from zoo.engine.stages import Schedule, epoch_schedules, scale_group_rates
 from zoo.registry import check_same_model, create_model_for_data
 from zoo.weights import (MODEL_KEYS, SETTINGS_KEY, CheckpointError, check_resume_keys, model_spec, resolve_class,
                          restore_datamodule_state)
@@ -308,6 +308,13 @@ class ZooSystem(pl.LightningModule):
         for key, value in self.hparams.items():
             self.hparams[key] = plain_value(value)
         check_loadable_hparams(type(self).__name__, self.hparams)
+        head = (self.hparams.get("model_kwargs") or {}).get("num_classes")
+        if head is not None and head != num_classes:  # the metrics and the loss count num_classes: a torchmetrics
+            # shape error at the first batch (1000-way head, 6 classes) or a label past the head (3 for 10)
+            raise ValueError(f"{type(self).__name__}: model_kwargs num_classes={head} but num_classes={num_classes} "
+                             f"(the data's classes; train.py links it from the datamodule): its metrics and loss "
+                             f"count {num_classes} classes. Drop num_classes from model_kwargs (the data sets it), "
+                             f"or train on data with {head} classes.")
         self.model = self.build_model()
         if compile:
             compile_model(self.model, "inductor" if compile is True else compile)
@@ -443,7 +450,8 @@ class ZooSystem(pl.LightningModule):
 
     @property
     def model_classes(self) -> int:
-        """The classes the model predicts: the data's `num_classes`, unless model_kwargs gave it another."""
+        """The classes the model predicts: its own `num_classes` where it has one (a model_kwargs num_classes other
+        than the System's is refused as it is built), else the data's."""
         return int(getattr(self.model, "num_classes", None) or self.hparams.num_classes)
 
     @property
@@ -788,6 +796,12 @@ class ZooSystem(pl.LightningModule):
                            f"{[(stage.name, stage.epochs) for stage in self.schedule.stages]})"
                            + (f"; {never} are never trained" if never else "")
                            + ". Give max_epochs at least the stages' sum, or shorten the stages.")
+        unfreeze, max_epochs = self.hparams.get("unfreeze_epoch"), self.trainer.max_epochs
+        if (self.hparams.get("freeze_backbone") and unfreeze is not None and max_epochs is not None
+                and 0 <= max_epochs <= unfreeze and not self.trainer.fast_dev_run):
+            rank_zero_warn(f"max_epochs={max_epochs} ends before unfreeze_epoch={unfreeze} (epochs count from 0): the "
+                           f"backbone stays frozen for all of this fit. Give max_epochs more than unfreeze_epoch to "
+                           f"fine-tune it, or an earlier unfreeze_epoch.")
         if auxiliaries_pending(self):
             if self.trainer.world_size > 1:
                 raise RuntimeError("Auxiliary models must be ready before a distributed fit: call "
@@ -909,11 +923,13 @@ class ZooSystem(pl.LightningModule):
             params = [{"params": backbone, "name": "backbone"},
                       {"params": [p for p in params if id(p) not in own], "name": "rest"}]
         optimizer = self.optimizer_factory(params)
-        if self.fine_tuning:  # the scaled rate lives in the param group: saved with the optimiser, kept on resume
-            optimizer.param_groups[0]["lr"] *= self.hparams.backbone_lr_scale
-        if self.scheduler_factory is None:
+        scheduler = self.scheduler_factory(optimizer) if self.scheduler_factory is not None else None
+        if self.fine_tuning:  # the scaled rate lives in the param group: saved with the optimiser, kept on resume;
+            # scaled after the scheduler is built, with what it computes rates from (OneCycleLR / CyclicLR set every
+            # group's rate from one max_lr / base_lr as they are built: a rate scaled before was undone)
+            scale_group_rates(optimizer, 0, self.hparams.backbone_lr_scale, [scheduler] if scheduler is not None else [])
+        if scheduler is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
         config = {"scheduler": scheduler, "interval": "epoch"}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = "val/loss"  # every term, in every stage (`_step`)
