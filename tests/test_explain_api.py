@@ -198,3 +198,14 @@ def test_predict_writes_predictions_with_class_names_and_explanation_pictures(im
     for row in rows:
         assert row["pred_name"] == ["cat", "dog"][int(row["pred"])] and 0.5 <= float(row["probability"]) <= 1
     assert sorted(p.name for p in (run / "predictions").glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
+
+
+@pytest.mark.parametrize("method", ["saliency", "integrated_gradients", "kernel_shap"])
+def test_a_bf16_token_model_is_explained_by_captum(method: str) -> None:
+    """The token presences Captum perturbs are float32: they made a bf16 model's embeddings float32 and its
+    convolution refused them ("Input type (float) and bias type (c10::BFloat16) should be the same")."""
+    torch.manual_seed(0)
+    model = zoo.create_model("baseline_textcnn", num_classes=2, vocab_size=50, max_len=12).eval()
+    tokens = torch.randint(2, 50, (2, 12))
+    maps = zoo.explain(model.to(torch.bfloat16), tokens, method, target=1)
+    check_convention(maps, (2, 12))

@@ -728,6 +728,21 @@ def test_compare_scores_captum_methods_on_tokens_too() -> None:
     assert all(row["num_selected"] == 3.0 for row in rows) and maps == {} and images is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_explanation_report_runs_in_the_models_dtype(dtype: torch.dtype) -> None:
+    """compare after a `--trainer.precision=64-true` (bf16-true) L2X fit: the report fed the float32 vectors to the
+    float64 model ("MLPClassifier expects vectors of dtype torch.float64"), after the runs had trained."""
+    from zoo.l2x.system import L2XSystem
+
+    torch.manual_seed(0)
+    data = L2XSyntheticDataModule(dataset="switch", num_train=16, num_val=8, num_test=8, batch_size=8)
+    data.setup()
+    system = L2XSystem(model_name="l2x_vector", data_inputs=data.model_inputs, black_box_epochs=0,
+                       evaluator_epochs=0).to(dtype)
+    rows, _, _ = system.explanation_report(data, {"num_images": 4, "methods": ["saliency"], "num_perturbed": 2})
+    assert [row["method"] for row in rows] == ["l2x", "saliency"]
+
+
 def test_a_nan_selection_entry_counts_as_dropped_in_the_selection_median_rank() -> None:
     """`selection > 0.5` is the selection everywhere (SelectionRecovery too): a NaN entry is not selected. The
     one-sort ranking tested `selection <= 0.5` for dropped, which counted a NaN entry as kept."""

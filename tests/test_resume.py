@@ -330,3 +330,20 @@ def test_a_run_with_loader_workers_resumes_bit_identically(tmp_path: Path) -> No
     assert resumed["global_step"] == whole["global_step"] == 12
     differ = differing_tensors(whole, resumed)
     assert not differ, f"{len(differ)} of {len(whole['state_dict'])} tensors differ: {differ[:8]}"
+
+
+def test_an_export_with_fewer_class_names_than_classes_is_refused(tmp_path: Path) -> None:
+    """An export's config.json renamed by hand to two names for six classes loaded, and `class_names[pred]` raised
+    IndexError later for classes 2-5."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model = zoo.create_model("baseline_tinycnn", num_classes=6)
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"))
+    spec = {"model_name": "baseline_tinycnn", "num_classes": 6, "class_names": ["a", "b"]}
+    (tmp_path / "config.json").write_text(json.dumps(spec))
+    with pytest.raises(CheckpointError, match=r"class_names holds 2 names \(\['a', 'b'\]\) for num_classes=6"):
+        zoo.load_exported(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**spec, "class_names": list("abcdef")}))
+    assert zoo.load_exported(tmp_path).class_names == list("abcdef")

@@ -38,8 +38,14 @@ def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str)
 
 
 def _with_class_names(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
-    """`model.class_names`: the names of its class ids as the data gave them ("0", "1", ... where none were saved)."""
-    model.class_names = list(spec.get("class_names") or [str(c) for c in range(int(spec["num_classes"]))])
+    """`model.class_names`: the names of its class ids as the data gave them ("0", "1", ... where none were saved).
+    As many names as classes, else refused: an export's config.json renamed by hand to fewer names gave an
+    IndexError at `class_names[pred]` for the classes past them."""
+    names = list(spec.get("class_names") or [str(c) for c in range(int(spec["num_classes"]))])
+    if len(names) != int(spec["num_classes"]):
+        raise CheckpointError(f"class_names holds {len(names)} names ({names[:5]}{' ...' if len(names) > 5 else ''}) "
+                              f"for num_classes={spec['num_classes']}: give one name per class id, in id order.")
+    model.class_names = names
     return model
 
 

@@ -103,7 +103,8 @@ class TokenPresence(nn.Module):
 
         def scale(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
             # (B', L, E) embeddings of the text: scaled; an embedding of something else (a class) passes
-            return out * presence.unsqueeze(-1) if out.shape[:2] == presence.shape else out
+            # (in the embeddings' dtype: float32 presences made a bf16 model's embeddings float32, refused by its conv)
+            return out * presence.unsqueeze(-1).to(out.dtype) if out.shape[:2] == presence.shape else out
 
         hooks = [embedding.register_forward_hook(scale) for embedding in self.embeddings]
         try:

@@ -189,11 +189,11 @@ class L2XSystem(ZooSystem):
         this System's black box on `num_images` validation samples (drawn once, class-stratified: the compare stage's
         `zoo.explain.scores.explained_batch`), scored alike (`zoo.l2x.scores`). Maps (kept pixels of each method's
         selection) and images for image inputs; none for vectors and tokens."""
-        from zoo.explain.scores import explained_batch
+        from zoo.explain.scores import explained_batch, model_input
         from zoo.l2x.scores import compare_explainers
 
         _, batch = explained_batch(self, datamodule, int(settings.get("num_images", 32)))
-        x = batch[self.input_key].to(self.device)
+        x = model_input(self, batch[self.input_key])  # in the model's dtype: float64 / bf16 under *-true precision
         relevant = batch.get(self.relevant_key)
         methods = [m for m in settings.get("methods", FEATURE_METHODS)  # "lime:5000" kept: a sample count
                    if perturbation_samples(m)[0] in FEATURE_METHODS]
