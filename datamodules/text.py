@@ -385,7 +385,7 @@ def read_text_table(path: Path, text_column: str, label_column: str, labels: Seq
       rows after it up to the next ", their labels lost): continuation lines with as many fields as the header, a
       text and a label of the file's (or of `labels`), refused naming the line the field opens on where the record
       is not quoted as csv quotes (a stray quote closes at the next ", mid-text: 'Wonderful" acting.', '"Boring"
-      said'), else (a text's own "1,500 miles for this?", "Story,4") warned of and read as written: csv.writer's
+      said') or lacks a field or a known label (a quote closing at a line's end: 'my 55 inch TV"'), else (a text's own "1,500 miles for this?", "Story,4") warned of and read as written: csv.writer's
       files load, however many such lines a text holds. A quoted text holding line breaks and no such line is read
       as it is (csv's quoting, .tsv as .csv: the layout promises it);
     - a record with more fields than the header (an unquoted delimiter in a text: "fresh,Dull, slow." kept the text
@@ -401,7 +401,8 @@ def read_text_table(path: Path, text_column: str, label_column: str, labels: Seq
     shown_delimiter = "a tab" if delimiter == "\t" else "a comma"
 
     known = {row[label_column] for row in rows if row[label_column]} | set(labels)  # "": a row without a label
-    swallowing, lone = [], []  # (line the quoted field opens on, the first line inside it that reads as a row, it)
+    swallowing, lone = [], []  # (line the quoted field opens on, the first line inside it that reads as a row, it,
+    # how many lines inside it read as rows)
     lines: list[str] | None = None  # the file's lines, read again only where a record looks like swallowed rows
     for index, (fields, first_line) in enumerate(zip(records, first_lines)):
         found = _rows_inside(fields, header, text_column, label_column, known, delimiter)
@@ -411,16 +412,19 @@ def read_text_table(path: Path, text_column: str, label_column: str, labels: Seq
         lines = lines if lines is not None else _file_lines(path)
         end = first_lines[index + 1] - 1 if index + 1 < len(first_lines) else len(lines)
         strict = _quoted_as_csv_writes("".join(lines[first_line - 1:end]), delimiter)
-        (lone if strict else swallowing).append(
-            (first_line + found[0][0], first_line + found[0][1], found[0][2]))
+        row = _as_row(header, fields)  # csv.writer writes every field, the label too: a swallowing quote may not
+        complete = len(fields) >= len(header) and row[label_column] in known
+        (lone if strict and complete else swallowing).append(
+            (first_line + found[0][0], first_line + found[0][1], found[0][2], len(found)))
     if lone:
-        opens, inner, text = lone[0]
+        opens, inner, text, count = lone[0]
+        more = f" (and {count - 1} more such line(s))" if count > 1 else ""
         warnings.warn(f"{str(path)!r}: {len(lone)} quoted text(s) hold a line that reads as a row of its own, "
                       f"opening on lines {_shown([s[0] for s in lone])} (the header is line 1): the text opening on "
-                      f"line {opens} holds line {inner}, {text!r}. Read as written (one text); if a stray \" opened "
-                      f"it, the row after it is part of that text.", stacklevel=2)
+                      f"line {opens} holds line {inner}, {text!r}{more}. Read as written (one text); if a stray \" "
+                      f"opened it, the rows after it up to the next \" are part of that text.", stacklevel=2)
     if swallowing:
-        opens, inner, text = swallowing[0]
+        opens, inner, text, _ = swallowing[0]
         raise DatasetLayoutError(
             f"{str(path)!r}: {len(swallowing)} quoted field(s) run on over lines that read as rows of their own, "
             f"opening on lines {_shown([s[0] for s in swallowing])} (the header is line 1): the field opening on line "

@@ -141,6 +141,20 @@ def test_a_quoted_text_with_several_lines_that_read_as_rows_is_read_as_written(t
         "Scores I gave:\nStory,4,web\nActing,5,web\nGood overall.", "Short:\nStory,4\nActing,5"]
 
 
+def test_a_stray_quote_closing_at_a_lines_end_is_refused(tmp_path: Path) -> None:
+    """A stray quote closing at a line's end ('my 55 inch TV"') parses under csv's strict quoting, but its record
+    lacks the label csv.writer writes: five reviews were merged into one label-less text (dropped with `labels`
+    given) with a mere warning once strict parsing decided alone."""
+    rows = [f'"{text}",{label}' for label, text in REVIEWS[:10]]
+    rows += ['"review ten bad dull,rotten', "Loved it,fresh", "Boring plot,rotten", "Great cast,fresh",
+             'my 55 inch TV"', *(f'"{text}",{label}' for label, text in REVIEWS[10:20])]
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DatasetLayoutError, match=r"1 quoted field\(s\) run on .* opening on lines 12 .* holds line 13, "
+                                                 r"'Loved it,fresh'"):
+        CSVTextDataModule(path, **{**SETTINGS, "label_column": "label"}, labels=["rotten", "fresh"]).setup()
+
+
 def test_a_stray_quote_swallowing_one_row_is_refused(tmp_path: Path) -> None:
     """A stray quote that swallowed one row of a label the file uses once ("synopsis") was only warned of, the two
     rows read as one text: where the quoted field closes mid-text ('Wonderful" acting.'), as csv.writer never
