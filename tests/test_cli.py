@@ -675,6 +675,27 @@ def test_model_kwargs_set_to_null_are_checked_by_name(in_tmp_dir: Path, capsys: 
     with pytest.raises(ValueError, match="unknown argument 'pretrained_pth' .*Did you mean 'pretrained_path'"):
         ClassifierSystem("baseline_tinycnn", num_classes=6, model_kwargs={"pretrained_pth": None})
     assert zoo.create_model("baseline_tinycnn", drop_rate=None, pretrained_path=None).num_classes > 0  # defaults
+    # None for what a family's helper takes beyond the factory and its class (textual's encoder settings): defaults
+    assert zoo.create_model("textual_explanation", encoder=None, encoder_kwargs=None, in_chans=None) is not None
+
+
+def test_a_checkpoint_trained_with_a_null_yaml_typo_still_loads(tmp_path: Path) -> None:
+    """A run trained before such keys were refused saved model_kwargs {'drop_rate:0.2': None} (its model built with
+    the defaults): load_checkpoint / export refused its valid weights with advice about a YAML file."""
+    import pytorch_lightning as pl
+
+    from zoo.baselines.system import ClassifierSystem
+
+    system = ClassifierSystem("baseline_tinycnn", num_classes=6)
+    hparams = {**system.hparams, "model_kwargs": {"drop_rate:0.2": None, "freeze_bakbone": None},
+               "_class_path": "zoo.baselines.system.ClassifierSystem"}
+    path = tmp_path / "old.ckpt"
+    torch.save({"state_dict": system.state_dict(), "hyper_parameters": hparams, "epoch": 0, "global_step": 0,
+                "pytorch-lightning_version": pl.__version__}, path)
+    with pytest.warns(UserWarning, match=r"saved model_kwargs hold \['drop_rate:0.2', 'freeze_bakbone'\] set to "
+                                         r"null.*rebuilt with its defaults"):
+        model = zoo.load_checkpoint(path)
+    assert torch.equal(model.state_dict()["head.fc.weight"], system.model.state_dict()["head.fc.weight"])
 
 
 def test_timm_habits_get_an_answer() -> None:

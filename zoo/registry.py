@@ -12,6 +12,7 @@ import re
 import sys
 import types
 import typing
+import warnings
 from pathlib import PurePath
 from typing import Any, Callable
 
@@ -164,21 +165,48 @@ def check_argument_names(name: str, kwargs: dict[str, Any]) -> None:
     model's default): `{pretrained_path:w.pth, freeze_backbone:true}` is YAML for two keys "pretrained_path:w.pth"
     and "freeze_backbone:true" set to null, and both were dropped unread, so a fine-tune trained from random weights,
     unfrozen, silently. A key that is no Python name is refused (with YAML's reason where it holds ":"); an unknown
-    name set to None gets the factory's did-you-mean (other unknown names reach the factory, which refuses them)."""
-    for key in kwargs:
-        if not key.isidentifier():
-            why = (" YAML reads `{a:b}` as one key 'a:b' set to null: write a space after each colon, `{a: b}`."
-                   if ":" in key else "")
-            raise UnknownModelArgument(f"{name}: {key!r} is no argument name (model_kwargs).{why}", name, key)
-    dropped = [key for key, value in kwargs.items() if value is None]
-    if not dropped or takes_any_keyword(name):
+    name set to None gets the factory's did-you-mean (other unknown names reach the factory, which refuses them).
+    Known: what the factory and its model class take, and what any function or class of the factory's module takes
+    (a factory passing `**kwargs` to its family's `_create_*` helper: the textual models' `encoder_kwargs`).
+    A saved model rebuilt for its weights (`zoo.weights.checkpoint_replaces_weights`: load_checkpoint, export,
+    --ckpt_path) was built with its defaults for such keys when it trained: it is rebuilt so, with a warning."""
+    from zoo.weights import weights_will_be_replaced
+
+    unknown = [key for key in kwargs if not key.isidentifier()]
+    dropped = [key for key, value in kwargs.items() if value is None and key not in unknown]
+    if dropped and not takes_any_keyword(name):
+        accepted = list(dict.fromkeys(model_arguments(name) + module_arguments(name)))
+        unknown += [key for key in dropped if key not in accepted]
+    if not unknown:
         return
+    key = unknown[0]
+    if weights_will_be_replaced() and all(kwargs[k] is None for k in unknown):
+        warnings.warn(f"{name}: the saved model_kwargs hold {unknown} set to null, which {name} does not take (a "
+                      f"YAML typo when it trained, such as {{a:b}} for {{a: b}}): rebuilt with its defaults for "
+                      f"them, as it was trained.", stacklevel=3)
+        return
+    if not key.isidentifier():
+        why = (" YAML reads `{a:b}` as one key 'a:b' set to null: write a space after each colon, `{a: b}`."
+               if ":" in key else "")
+        raise UnknownModelArgument(f"{name}: {key!r} is no argument name (model_kwargs).{why}", name, key)
     accepted = model_arguments(name)
-    for key in dropped:
-        if key not in accepted:
-            close = close_names(key, accepted, n=1, cutoff=0.6)
-            hint = f" Did you mean {close[0]!r}?" if close else f" It takes: {', '.join(accepted)}."
-            raise UnknownModelArgument(f"{name}: unknown argument {key!r} (model_kwargs).{hint}", name, key)
+    close = close_names(key, accepted, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else f" It takes: {', '.join(accepted)}."
+    raise UnknownModelArgument(f"{name}: unknown argument {key!r} (model_kwargs).{hint}", name, key)
+
+
+def module_arguments(name: str) -> list[str]:
+    """The keyword arguments of every function and class defined in the module of `name`'s factory: what a
+    factory's `**kwargs` may reach through a helper of its family (`_create_textual(..., encoder_kwargs=...)`)."""
+    module = sys.modules.get(model_factory(name).__module__)
+    found: list[str] = []
+    for obj in vars(module).values() if module is not None else []:
+        if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", None) == module.__name__:
+            try:
+                found += keyword_arguments(obj)
+            except (TypeError, ValueError):  # no signature to read
+                continue
+    return list(dict.fromkeys(found))
 
 
 def takes_any_keyword(name: str) -> bool:
