@@ -271,11 +271,13 @@ class FixedBatchCallback(pl.Callback):
         log_text(trainer.logger, f"{name}/table", markdown, logged_step(trainer))
 
 
-def logged_step(trainer: pl.Trainer) -> int:
+def logged_step(trainer: pl.Trainer, at_fit_end: bool = False) -> int:
     """The step of the scalars Lightning logs now (its count of batches that stepped, which it raises after a
     batch's validation), for pictures, texts and hp_metric: at `trainer.global_step` (optimizer steps, already
-    raised) an epoch's pictures sat one step right of its val/* points in TensorBoard."""
-    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+    raised) an epoch's pictures sat one step right of its val/* points in TensorBoard. `at_fit_end`: the step of
+    the fit's last validation, for what is drawn once the fit has ended (Lightning counted its last batch since)."""
+    step = int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+    return max(step - 1, 0) if at_fit_end else step
 
 
 def record_name(trainer: pl.Trainer) -> str:
