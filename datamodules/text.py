@@ -385,8 +385,9 @@ def read_text_table(path: Path, text_column: str, label_column: str, labels: Seq
       rows after it up to the next ", their labels lost): continuation lines with as many fields as the header, a
       text and a label of the file's (or of `labels`), refused naming the line the field opens on where the record
       is not quoted as csv quotes (a stray quote closes at the next ", mid-text: 'Wonderful" acting.', '"Boring"
-      said') or lacks a field or a known label (a quote closing at a line's end: 'my 55 inch TV"'), else (a text's own "1,500 miles for this?", "Story,4") warned of and read as written: csv.writer's
-      files load, however many such lines a text holds. A quoted text holding line breaks and no such line is read
+      said') or lacks a field or a known label (a quote closing at a line's end: 'my 55 inch TV"'), else (a
+      text's own "1,500 miles for this?", "Story,4") warned of and read as written: csv.writer's files load, however
+      many such lines a text holds. A quoted text holding line breaks and no such line is read
       as it is (csv's quoting, .tsv as .csv: the layout promises it);
     - a record with more fields than the header (an unquoted delimiter in a text: "fresh,Dull, slow." kept the text
       "Dull" and dropped the rest; in a text before the label, the label was a piece of the text); empty fields past

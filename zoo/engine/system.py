@@ -927,7 +927,8 @@ class ZooSystem(pl.LightningModule):
         if self.fine_tuning:  # the scaled rate lives in the param group: saved with the optimiser, kept on resume;
             # scaled after the scheduler is built, with what it computes rates from (OneCycleLR / CyclicLR set every
             # group's rate from one max_lr / base_lr as they are built: a rate scaled before was undone)
-            scale_group_rates(optimizer, 0, self.hparams.backbone_lr_scale, [scheduler] if scheduler is not None else [])
+            schedulers = [scheduler] if scheduler is not None else []
+            scale_group_rates(optimizer, 0, self.hparams.backbone_lr_scale, schedulers)
         if scheduler is None:
             return optimizer
         config = {"scheduler": scheduler, "interval": "epoch"}
