@@ -5,7 +5,8 @@ checkpoint of another model) surfaces in three places, each handled here:
 
 - the parser (`ZooArgumentParser.error`): jsonargparse's message without its union-type noise ("Expected a <class
   'NoneType'>", "Given value type ..."), the closest accepted names (`difflib.get_close_matches`) and the config file
-  that holds a mistyped key, then a one-line tip instead of LightningCLI's usage (hundreds of lines); exit status 2;
+  that holds a mistyped key (for a class_path that names no class: the setting and the class meant), then a one-line
+  tip instead of LightningCLI's usage (hundreds of lines); exit status 2;
 - instantiation (`ZooCLI.instantiate_classes`): jsonargparse wraps the error a class raised in a ValueError of its
   own (the message twice, an 80-line traceback); `root_cause` gives back the class's own error;
 - compare and ablate building their runs (`configuration_phase`).
@@ -31,7 +32,7 @@ import yaml
 from pytorch_lightning.cli import LightningArgumentParser
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from zoo.checks import keyword_arguments
+from zoo.checks import close_names, keyword_arguments
 
 MARK = "zoo_configuration_error"
 NOISE = [re.compile(pattern) for pattern in (
@@ -159,6 +160,119 @@ def nested_option(context: str, bad: str, args: list[str]) -> tuple[list[str], s
     return [f"{prefix}{close[0]}{dot}{rest}"], ""
 
 
+ALIASES = {"learning_rate": "lr", "learningrate": "lr", "lr_rate": "lr", "wd": "weight_decay",
+           "weightdecay": "weight_decay", "weight_decay_rate": "weight_decay", "decay": "weight_decay",
+           "beta": "betas", "epsilon": "eps"}  # other libraries' names (Keras, timm's flags) -> torch's
+CLASS_MODULES = ("datamodules", "torch.optim", "torch.optim.lr_scheduler")  # with losses.<family>, zoo.<family>.system
+CLASS_PATH_ERRORS = (re.compile(r"module '([\w.]+)' has no attribute '(\w+)'"),
+                     re.compile(r"No module named '([\w.]+)'"),
+                     re.compile(r"Expected a dot import path string: (\S+)"))
+
+
+def close_name(bad: str, candidates: list[str]) -> list[str]:
+    """The accepted name meant by `bad`: a known alias of it (`learning_rate` -> `lr`, `wd` -> `weight_decay`: too
+    far apart for difflib), else the closest ignoring case (`zoo.checks.close_names`: `Adamw` is AdamW, not the
+    closer Adam); [] when none is."""
+    alias = ALIASES.get(bad.lower().replace("-", "_"))
+    return [alias] if alias in candidates else close_names(bad, candidates, n=1, cutoff=0.6)
+
+
+def public_classes(module_name: str) -> list[str]:
+    """The public classes a module holds (its own and those it imports); none if it does not import."""
+    import importlib
+    import inspect
+
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # noqa: BLE001 - a module that fails to import offers no names
+        return []
+    return sorted(name for name, value in vars(module).items() if inspect.isclass(value) and not name.startswith("_"))
+
+
+def class_modules() -> list[str]:
+    """The modules a class_path of the zoo points into: the datamodules, each family's losses (`losses.<family>`)
+    and System (`zoo.<family>.system`), torch's optimisers and schedulers."""
+    import pkgutil
+
+    import losses
+    import zoo
+
+    families = [f"losses.{m.name}" for m in pkgutil.iter_modules(losses.__path__)]
+    systems = [f"zoo.{m.name}.system" for m in pkgutil.iter_modules(zoo.__path__)
+               if m.ispkg and (Path(zoo.__path__[0]) / m.name / "system.py").is_file()]
+    return [*CLASS_MODULES, *families, *systems]
+
+
+def class_named(name: str) -> list[str]:
+    """The full dotted path of the zoo's class meant by a bare or misplaced class name (`PartsWorldDatamodule` ->
+    `datamodules.PartsWorldDataModule`, `Adamw` -> `torch.optim.AdamW`): the same name up to case, else the closest
+    name, among the classes of `class_modules`; [] when none is close."""
+    paths: dict[str, str] = {}  # class name -> full path (a class imported elsewhere keeps its first module)
+    for module in class_modules():
+        for cls in public_classes(module):
+            paths.setdefault(cls, f"{module}.{cls}")
+    return [paths[close] for close in close_name(name, list(paths))]
+
+
+def submodule_meant(missing: str) -> list[str]:
+    """For "No module named 'a.b.c'": the module meant, its first missing part matched among the submodules of the
+    deepest package that imports (`pkgutil.iter_modules`: `zoo.icn` -> `zoo.icnn`), or among the zoo's top-level
+    packages when no part imports (`datamodule` -> `datamodules`); [] when none is close."""
+    import importlib
+    import pkgutil
+
+    parts = missing.split(".")
+    for depth in range(len(parts) - 1, 0, -1):
+        package = ".".join(parts[:depth])
+        try:
+            names = [m.name for m in pkgutil.iter_modules(importlib.import_module(package).__path__)]
+        except (ImportError, AttributeError):  # not there, or a module that is not a package
+            continue
+        close = difflib.get_close_matches(parts[depth], names, n=1, cutoff=0.6)
+        return [".".join([package, close[0], *parts[depth + 1:]])] if close else []
+    roots = sorted({module.split(".")[0] for module in class_modules()})
+    close = difflib.get_close_matches(parts[0], roots, n=1, cutoff=0.6)
+    return [".".join([close[0], *parts[1:]])] if close else []
+
+
+def given_path(message: str, prefix: str) -> str | None:
+    """The class_path the message quotes (`class_path 'x'`, `class_path='x'`, `Got value: x`; the innermost first)
+    that is `prefix` or starts with it (jsonargparse names only the part that failed to import); None when none is
+    (the import error of a module the class imports, not of the path given)."""
+    paths = re.findall(r"class_path[ =]'([^']+)'|Got value: ([\w.]+)", message)
+    return next((p for pair in reversed(paths) for p in pair if p == prefix or p.startswith(f"{prefix}.")), None)
+
+
+def class_path_suggestion(message: str) -> str:
+    """ "did you mean ...?" for a class_path that names no class (a data, model, loss, optimiser or scheduler
+    class): the setting (its parser keys, `model.init_args.loss.class_path`), the path given and the path meant.
+    Three messages of jsonargparse: "module 'm' has no attribute 'C'" (the class matched among m's classes, else
+    among the zoo's: `class_named`), "No module named 'm'" (`submodule_meant`) and "Expected a dot import path
+    string: C" (a bare class name: `class_named`). "" for any other message, or for an import error of a module
+    that is not the one given (a class whose own imports fail)."""
+    found = [(pattern, match) for pattern in CLASS_PATH_ERRORS for match in [pattern.search(message)] if match]
+    if not found:
+        return ""
+    pattern, match = found[0]
+    keys = re.findall(r'Parser key "([^"]+)"', message[: match.start()])
+    setting = ".init_args.".join(keys) + ".class_path" if keys else "class_path"
+    missing = ".".join(match.groups()) if pattern is not CLASS_PATH_ERRORS[2] else ""  # the part that is not there
+    given = given_path(message, missing) if missing else match.group(1)
+    if given is None:
+        return ""
+    if pattern is CLASS_PATH_ERRORS[0] and given == missing:  # the module is there, the class is not
+        module, name = match.groups()
+        close = [f"{module}.{c}" for c in close_name(name, public_classes(module))] or class_named(name)
+    elif missing:  # a module that is not there (`zoo.icn`, or the `datamodules.parts_wrld` of a longer path)
+        close = [f"{module}{given.removeprefix(missing)}" for module in submodule_meant(missing)]
+    else:
+        close = class_named(given)
+    meant = f"did you mean '{close[0]}'?" if close else (
+        "no close name among the datamodules, losses, Systems, optimisers and schedulers; give a module's dotted path "
+        "and a class name, as 'datamodules.PartsWorldDataModule'")
+    return f"{setting} '{given}' names no class: {meant}"
+
+
 def suggestion(message: str, parser: Any, args: list[str], cwd: Path | None = None) -> str:
     """ "did you mean ...?" for the option or key the message refuses, and the config file that holds it (`args`'
     relative paths read from `cwd`)."""
@@ -181,12 +295,12 @@ def suggestion(message: str, parser: Any, args: list[str], cwd: Path | None = No
         candidates = [a.dest for a in getattr(parser, "_actions", []) if isinstance(getattr(a, "dest", None), str)]
         where = ""
     else:
-        return ""
-    close = difflib.get_close_matches(bad, candidates, n=1, cutoff=0.6) if close is None else close
+        return class_path_suggestion(message)
+    close = close_name(bad, candidates) if close is None else close
     if not close and "." in bad:  # a mistyped last part of a dotted key: match it among the same group's keys
         group, _, last = bad.rpartition(".")
-        close = [f"{group}.{m}" for m in difflib.get_close_matches(
-            last, [c.removeprefix(f"{group}.") for c in candidates if c.startswith(f"{group}.")], n=1, cutoff=0.6)]
+        close = [f"{group}.{m}" for m in close_name(
+            last, [c.removeprefix(f"{group}.") for c in candidates if c.startswith(f"{group}.")])]
     on_command_line = unrecognized and not (subcommand or option)
     dashes = "--" if on_command_line else ""
     lines = [f"did you mean '{dashes}{close[0]}'?" if close else (where and f"({where})")]
