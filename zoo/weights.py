@@ -458,6 +458,17 @@ MISMATCH_HINTS = {
                    "new).",
     "image_size": " The model is built for the image size it was trained on: give the data that image_size.",
 }
+# The `source`s of `check_same_model` that a command reaches (`--ckpt_path ...`, a System loading a checkpoint under
+# Lightning): their MISMATCH_HINTS name command-line options
+COMMAND_LINE_SOURCES = ("--", "the checkpoint")
+# The same hints for a Python caller (`zoo.load_checkpoint(path, num_classes=...)`: "checkpoint '<path>'"), which has
+# no command-line option to give; {model_name} and {asked} are the checkpoint's model and the value asked for
+PYTHON_MISMATCH_HINTS = {
+    "num_classes": " To fine-tune its weights to other classes, build a new model from them instead: "
+                   "zoo.create_model({model_name!r}, num_classes={asked!r}, pretrained_path=<the checkpoint>) (the "
+                   "backbone loads, the head is new).",
+    "image_size": " The model is built for the image size it was trained on: ask for that image_size.",
+}
 
 
 def built_in_chans(spec: dict[str, Any]) -> Any:
@@ -482,14 +493,18 @@ def check_same_model(checkpoint_spec: dict[str, Any], wanted: dict[str, Any], so
     """Raise naming the difference when a checkpoint holds another model, class count or channel count than the one
     asked for, or, for a model sized by its input (`sized_by_image`: ICNN's templates, sized for its top map; the
     registry's `check_same_model` says which), another `image_size` (where `wanted` says). Channel counts are
-    compared as each model is built for them (`built_in_chans`), so a series' (given in `data_inputs`) is checked."""
+    compared as each model is built for them (`built_in_chans`), so a series' (given in `data_inputs`) is checked.
+    The hint names a command-line option for a `source` a command reaches (`COMMAND_LINE_SOURCES`), a Python call
+    for the others (`zoo.load_checkpoint`)."""
     sized = sized_by_image and checkpoint_spec.get("image_size") is not None
     for key in ("model_name", "num_classes", "in_chans") + (("image_size",) if sized else ()):
         held, asked = _spec_value(checkpoint_spec, key), _spec_value(wanted, key)
         if asked is not None and not (_same_size(held, asked) if key == "image_size" else held == asked):
+            hints = MISMATCH_HINTS if source.startswith(COMMAND_LINE_SOURCES) else PYTHON_MISMATCH_HINTS
             raise CheckpointError(f"{source} holds {describe(checkpoint_spec)} ({key}={held!r}); this run builds "
                                   f"{describe({**checkpoint_spec, **wanted})} ({key}={asked!r})."
-                                  + MISMATCH_HINTS.get(key, ""))
+                                  + hints.get(key, "").format(model_name=checkpoint_spec.get("model_name"),
+                                                              asked=asked))
 
 
 # Datamodule settings that decide what a model sees of the same samples (its normalisation, size, resizing, crop,
@@ -579,11 +594,14 @@ IDENTITY_KEYS = ("model_name", "variant")  # what names the model a System build
 
 
 def check_config_fits_checkpoint(model_config: Any, checkpoint: dict[str, Any], source: str,
-                                 resuming: bool = False) -> None:
+                                 resuming: bool = False, hint: str | None = None) -> None:
     """Refuse a checkpoint of another System class or model than a parsed CLI model config (a jsonargparse
     Namespace with class_path / init_args) builds, naming both; before anything is built or trained. `resuming`
     (fit): also one trained with other values of the System's `RESUME_KEYS` (test and predict take the
-    checkpoint's, as Lightning copies its hyperparameters over the config)."""
+    checkpoint's, as Lightning copies its hyperparameters over the config). `hint` says what to run instead (the
+    checkpoint's run config, where known); by default: resume with the run's own config or start afresh (fit), or
+    evaluate with the checkpoint's own run config (validate / test / predict, which without --ckpt_path would run
+    random weights)."""
     saved = checkpoint.get("hyper_parameters") or {}
     if model_config is None or not hasattr(model_config, "get"):
         return
@@ -596,9 +614,11 @@ def check_config_fits_checkpoint(model_config: Any, checkpoint: dict[str, Any], 
         if wanted[key] is not None and held[key] is not None and wanted[key] != held[key]:
             def name(values: dict[str, Any]) -> str:
                 return " ".join(str(values[k]) for k in IDENTITY_KEYS if values[k] is not None) or str(values["class"])
+            todo = hint or ("Resume a run with its own config, or start this one without --ckpt_path." if resuming
+                            else "Validate, test or predict a checkpoint with its own run's config: --config "
+                                 "<the run folder>/config.yaml.")
             raise CheckpointError(f"{source} holds {name(held)} ({key}={held[key]!r}); this config builds "
-                                  f"{name(wanted)} ({key}={wanted[key]!r}). Resume a run with its own config, or "
-                                  f"start this one without --ckpt_path.")
+                                  f"{name(wanted)} ({key}={wanted[key]!r}). {todo}")
     if resuming and wanted["class"] is not None:
         check_resume_keys(resolve_class(wanted["class"]), saved, init_args, source)
 
@@ -637,8 +657,9 @@ def check_resume_keys(system: type, saved: dict[str, Any], wanted: Any, source: 
     for key in getattr(system, "RESUME_KEYS", ()):
         if key in saved and key in wanted and saved[key] != wanted[key]:
             raise CheckpointError(f"{source} was trained with {key}={saved[key]!r}; this run has {key}="
-                                  f"{wanted[key]!r}. Resume a run with its own config, or start this one without "
-                                  "--ckpt_path.")
+                                  f"{wanted[key]!r}. Resume, validate, test or predict a checkpoint with its own "
+                                  f"run's config (<the run folder>/config.yaml); to train with {key}="
+                                  f"{wanted[key]!r}, start a new fit without --ckpt_path.")
 
 
 SETTINGS_KEY = "zoo_model_settings"  # a checkpoint's model settings (`model_settings`), written by a CLI fit

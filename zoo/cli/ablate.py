@@ -19,9 +19,10 @@ from typing import Any
 import torch
 import yaml
 
-from zoo.cli.compare import config_argument
+from zoo.cli.compare import check_not_a_fit_run, config_argument
 from zoo.cli.errors import configuration_phase, is_configuration_error, mark, root_cause
 from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
+from zoo.cli.preflight import check_no_print_config, cli_callbacks, preflight
 from zoo.cli.report import metric_directions, write_report
 from zoo.cli.runs import STALE, config_strings, existing_files, move_aside
 from zoo.fingerprints import (HASHED_FILE_LIMIT, file_fingerprint, folder_fingerprint,  # noqa: F401 (re-exported)
@@ -96,8 +97,11 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     for item in items:
         key, sep, values = item.partition("=")
         parsed = yaml.load(values, Loader=GridLoader) if sep else None  # noqa: S506 - a safe loader
-        if not sep or not isinstance(parsed, list) or not parsed:
+        if not sep:
             raise ValueError(f"--grid takes key=[v1,v2,...]; got {item!r}.\n{ABLATE_HELP}")
+        if not isinstance(parsed, list) or not parsed:  # a scalar or [] would give no point or a point of no list
+            example = f"[{values}]" if values.strip() and not isinstance(parsed, (list, dict)) else "[v1,v2]"
+            raise ValueError(f"--grid {item!r}: {key} needs a non-empty list of values, e.g. --grid {key}={example}.")
         if key == "seed":
             raise ValueError(f"--grid {item!r}: there is no key 'seed'; the run's seed is seed_everything "
                              f"(--grid {SEED_KEY}={values}).")
@@ -467,8 +471,9 @@ class PointCheck(ParsedCLI):
 def check_points(config: str, name: str, points: list[dict[str, Any]], extra: list[str], first: int = 1,
                  total: int | None = None) -> None:
     """Before the first point trains, parse every grid point's arguments and build its model, datamodule and
-    logger (`PointCheck`), so a grid value the config or a class refuses (a mistyped model name, a CBM mode without
-    its stages) is said with its point before any training, not hours later. `first`: the number of points[0] in
+    logger (`PointCheck`) and run its `preflight` (optimiser values, the stages' loss terms, monitors), so a grid
+    value the config, a class or torch refuses (a mistyped model name, a CBM mode without its stages, lr=-0.1) is
+    said with its point before any training, not hours later. `first`: the number of points[0] in
     the grid of `total` points.
 
     Everything runs under `isolate_rng` (building a model draws its initial weights from the global generator) and
@@ -485,6 +490,7 @@ def check_points(config: str, name: str, points: list[dict[str, Any]], extra: li
                 with naming_the_point(index, total, point):
                     check = PointCheck(args=point_args(config, name, point, extra), run=False)
                     run_folder(check.config_init, check.config)
+                    preflight(check.model, cli_callbacks(check))  # optimiser, stages' losses, monitors
                     del check
     finally:
         for key, value in seed_variables.items():
@@ -637,6 +643,7 @@ def ablate(config: str, grid_items: list[str], name: str, extra: list[str]) -> l
     Under `ddp` every rank runs this and gets the rows; only global rank zero writes files (`run_grid_point`)."""
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     with configuration_phase():  # the grid and the overrides; then every point's arguments, before any training
+        check_no_print_config("ablate", config, extra)
         grid = parse_grid(grid_items)
         points = grid_points(grid)
         check_extra(grid, extra)
@@ -646,6 +653,9 @@ def ablate(config: str, grid_items: list[str], name: str, extra: list[str]) -> l
     with naming_the_point(1, len(points), points[0]):
         cli = point_cli(config, name, points[0], extra)
         folder = run_folder(cli.config_init, cli.config).parent  # <save_dir>/<name>
+        preflight(cli.model, cli_callbacks(cli))  # optimiser, stages' losses, monitors: before any point trains
+    with configuration_phase():
+        check_not_a_fit_run(folder, "ablate")  # a fit's next run would move the table and leave the points
     check_points(config, name, points[1:], extra, first=2, total=len(points))
     results, directions = [], {}
     for index, point in enumerate(points, 1):

@@ -16,8 +16,9 @@ import yaml
 from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
 from zoo.checks import close_names
-from zoo.cli.errors import configuration_phase
+from zoo.cli.errors import configuration_phase, is_configuration_error, mark
 from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
+from zoo.cli.preflight import check_no_print_config, preflight
 from zoo.cli.report import metric_directions, write_report
 from zoo.cli.runs import move_earlier_run
 from zoo.distributed import rank_local
@@ -178,6 +179,13 @@ def read_compare_spec(path: str | Path) -> dict[str, Any]:
         runs |= {twin: {"config": str(path), "args": args, "twin": twin}
                  for twin, args in declared_twins(path, spec).items()}
         return {"name": f"{default_name(path)}_compare", "runs": runs}
+    if isinstance(spec.get("compare"), dict) and "runs" not in spec["compare"]:  # `run:`: say the key it lacks
+        typos = {key: close for key in spec["compare"] if key not in SPEC_KEYS
+                 for close in close_names(str(key), ("runs",), n=1, cutoff=0.6)}
+        meant = f" (did you mean 'runs' for {next(iter(typos))!r}?)" if typos else ""
+        raise ValueError(f"compare spec {path}: compare has no `runs`{meant}; it lists the runs to train, e.g. runs: "
+                         f"{{icnn: {{config: configs/icnn/parts_world.yaml}}}} (train.py compare --help shows a whole "
+                         f"spec).")
     if not isinstance(spec.get("compare"), dict) or not spec["compare"].get("runs"):
         raise ValueError(f"{path} is not a compare spec.\n{COMPARE_HELP}")
     check_compare_spec(spec["compare"], path)
@@ -514,6 +522,7 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
     report folder name."""
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # compare builds its own args
     with configuration_phase():  # a spec, config or run that does not hold: said once, before any training
+        check_no_print_config("compare", spec_path, extra)
         spec = read_compare_spec(spec_path)
         explain_settings = spec.get("explain") or {}
         if explain_images is not None and isinstance(explain_settings, dict):
@@ -530,6 +539,9 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
             random_states[run_name] = _collect_rng_states()  # where `train.py fit` starts its fit
             if run.get("checkpoint"):  # data that feeds its model other inputs than it learnt from: refused now
                 clis[run_name].check_data_fits_checkpoint(str(run["checkpoint"]))
+            else:  # its optimiser, stages' losses and monitors, before any run trains
+                with naming_the_run(run_name):
+                    preflight(clis[run_name].model, clis[run_name].trainer.callbacks)
         check_same_setting({run_name: cli.config for run_name, cli in clis.items()})  # before any training starts
         runs = drop_twins_equal_to_the_model(runs, clis)
         check_checkpoints_outside_trained_runs(runs, clis)
@@ -619,6 +631,17 @@ def explanation_on_rank_zero(cli: ZooCLI, settings: dict[str, Any]) -> tuple[lis
     return report
 
 
+@contextlib.contextmanager
+def naming_the_run(run_name: str) -> Iterator[None]:
+    """A configuration error raised inside, while a compare run is checked before any training, names the run."""
+    try:
+        yield
+    except Exception as error:
+        if not is_configuration_error(error):
+            raise
+        raise mark(ValueError(f"compare run {run_name!r}: {error}")) from None
+
+
 def report_folder(cli: ZooCLI, name: str) -> Path:
     """Where the report goes: <save_dir>/<name>, beside the runs (<save_dir>/<name>/<run>), the save_dir of the
     first run's logger (checkpoints/ unless --trainer.logger.init_args.save_dir moves it), as ablate's table."""
@@ -626,15 +649,20 @@ def report_folder(cli: ZooCLI, name: str) -> Path:
     return Path(save_dir or "checkpoints") / name
 
 
-def check_not_a_fit_run(folder: Path) -> None:
-    """Refuse a report folder that is a `train.py fit` run's (its config.yaml is there): the compare wrote its
-    report and runs inside that run, silently, and the fit's next run moved the run with the report to stale/ and
+def check_not_a_fit_run(folder: Path, command: str = "compare") -> None:
+    """Refuse a report folder that is a `train.py fit` run's (its config.yaml is there): the compare (ablate) wrote
+    its report and runs inside that run, silently, and the fit's next run moved the run with the report to stale/ and
     left the compare's runs behind, its results split in two places (configs/aog_rcnn's compare spec and fit
-    config shared a name)."""
+    config shared a name). A file of that name is refused too (its runs were built, then the first fit failed with
+    NotADirectoryError)."""
+    option = "--name <name>, or `name:` in its spec" if command == "compare" else "--name <name>"
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{command}: {folder} is a file, not a folder; the {command} writes its report and runs in "
+                         f"the folder <save_dir>/<name>. Give the {command} another name: {option}.")
     if (folder / "config.yaml").is_file():
-        raise ValueError(f"compare: {folder} is the run folder of a `train.py fit` (its config.yaml is there); the "
-                         f"compare would write its report and runs inside that run. Give the compare another name: "
-                         f"--name <name>, or `name:` in its spec.")
+        raise ValueError(f"{command}: {folder} is the run folder of a `train.py fit` (its config.yaml is there); the "
+                         f"{command} would write its report and runs inside that run. Give the {command} another "
+                         f"name: {option}.")
 
 
 def explanation_notes(notes: dict[str, list[str]]) -> str:

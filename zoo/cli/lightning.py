@@ -115,6 +115,11 @@ def warn_unnormalised_pretrained(system: Any, datamodule: Any) -> None:
 
 
 CKPT_PATH_KEYWORDS = ("last", "best", "hpc")  # Lightning's own --ckpt_path names, not files
+EVALUATIONS = ("validate", "test", "predict")  # the commands that evaluate a trained model
+EVALUATION_VERBS = {"validate": "validated", "test": "tested", "predict": "run"}
+# The model settings that give a model weights of its own (a backbone's or an export's file, a textual stage-1
+# checkpoint): with one, validate / test / predict may run the model as built, without a checkpoint
+STARTING_WEIGHTS = ("model.init_args.model_kwargs.pretrained_path", "model.init_args.init_checkpoint")
 
 
 def last_checkpoint(trainer: pl.Trainer, subcommand: str | None) -> str | None:
@@ -289,7 +294,10 @@ class ZooCLI(LightningCLI):
         checkpoint reader is `ReadableCheckpointIO`. Only training
         writes the run's config.yaml: validate, test and predict of a run leave the config that trained it, which
         every command then takes back (their own options, such as validate's `verbose`, would make fit refuse it).
-        validate and test log to TensorBoard in <run>/validate, <run>/test (`log_evaluation_apart`)."""
+        validate and test log to TensorBoard in <run>/validate, <run>/test (`log_evaluation_apart`). A run folder at
+        or below a file is refused here, before anything is written (`zoo.cli.runs.check_run_folders`)."""
+        from zoo.cli.runs import check_run_folders
+
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a plugin the config chose
             trainer.strategy.checkpoint_io = ReadableCheckpointIO()
@@ -308,6 +316,7 @@ class ZooCLI(LightningCLI):
             from zoo.cli.predict import PredictionWriter
 
             trainer.callbacks.append(PredictionWriter())
+        check_run_folders(trainer)  # a save_dir that is a file: said now, not as makedirs' traceback mid-run
         return trainer
 
     def instantiate_classes(self) -> None:
@@ -320,8 +329,13 @@ class ZooCLI(LightningCLI):
         restored into models built inside `checkpoint_replaces_weights`: the files that only give starting weights
         (a backbone's pretrained_path, a textual stage-1 init_checkpoint) are not read, so a run resumes after they
         have moved. Lightning resolves `last` with the Trainer, which is built after the model: the classes are built
-        as for a checkpoint, and built again, from the same random state, where `last` finds none (the run starts
-        afresh, from its starting weights)."""
+        as for a checkpoint, and built again, from the same random state, where `last` finds none (a fit starts
+        afresh, from its starting weights).
+
+        validate / test / predict restoring no checkpoint are refused (`refuse_untrained_evaluation`: they scored and
+        predicted with random weights, exit 0), but for a model that starts from weights of its own
+        (`starts_from_weights`: an exported or pretrained model evaluated as built); a `last` that finds none is
+        refused whatever the model."""
         from zoo.weights import checkpoint_replaces_weights
 
         _, ckpt_path = self._subcommand_and_ckpt_path()
@@ -334,11 +348,15 @@ class ZooCLI(LightningCLI):
             self._instantiate(checkpoint_replaces_weights())
             self.checkpoint_file = last_checkpoint(self.trainer, self.subcommand)
             self.restores_checkpoint = self.checkpoint_file is not None
+            if not self.restores_checkpoint and self.subcommand in EVALUATIONS:
+                self.refuse_untrained_evaluation("last")
             if not self.restores_checkpoint:
                 _set_rng_states(random_state)
                 self._instantiate(nullcontext())
-        if self.subcommand in ("validate", "test", "predict") and str(ckpt_path) == "best":
+        if self.subcommand in EVALUATIONS and str(ckpt_path) == "best":
             self.refuse_best_outside_fit()
+        if self.subcommand in EVALUATIONS and ckpt_path is None and not self.starts_from_weights():
+            self.refuse_untrained_evaluation(None)
         if self.subcommand in ("fit", "validate", "test", "predict") and self.checkpoint_file is not None:
             with configuration_phase():  # fit: a resumed run would go on learning from other inputs
                 self.check_data_fits_checkpoint(self.checkpoint_file)
@@ -353,17 +371,68 @@ class ZooCLI(LightningCLI):
         validate / test / predict found none ("ModelCheckpoint is not configured to save the best model", with a
         traceback, though it is)."""
         from zoo.cli.errors import mark
-        from zoo.engine.callbacks import logger_folder
 
-        dirpath = self.config[self.subcommand].get("checkpoint", {}).get("dirpath")
-        folder = logger_folder(self.trainer.logger)
-        checkpoints = Path(dirpath) if dirpath else folder / "checkpoints" if folder is not None else None
+        checkpoints = self.checkpoints_folder()
         found = sorted(checkpoints.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime) if checkpoints else []
         files = (f"this run's: {', '.join(str(p) for p in found)}" if found else
                  f"{checkpoints} holds no best-*.ckpt" if checkpoints is not None else "this run has no run folder")
         raise mark(ValueError(f"{self.subcommand} --ckpt_path best: `best` is the best checkpoint of a fit running "
                               f"in the same process, so it names none outside fit. Give the file, "
                               f"--ckpt_path <run>/checkpoints/best-*.ckpt ({files})."))
+
+    def checkpoints_folder(self) -> Path | None:
+        """Where this run's checkpoints are, as Lightning's ModelCheckpoint places them: the config's
+        `checkpoint.dirpath`, else <run folder>/checkpoints, else, without a logger, <default_root_dir>/checkpoints;
+        None with a logger of another kind (its folder is not known here)."""
+        from zoo.engine.callbacks import logger_folder
+
+        dirpath = self.config[self.subcommand].get("checkpoint", {}).get("dirpath")
+        if dirpath:
+            return Path(dirpath)
+        if self.trainer.logger is None:
+            return Path(self.trainer.default_root_dir) / "checkpoints"
+        folder = logger_folder(self.trainer.logger)
+        return folder / "checkpoints" if folder is not None else None
+
+    def starts_from_weights(self) -> bool:
+        """Whether the model as built holds weights of its own, which validate / test / predict may evaluate without
+        a checkpoint: a weight file it starts from (`STARTING_WEIGHTS`: a backbone's or an export's pretrained_path,
+        a textual stage-1 init_checkpoint), as the settings give it."""
+        settings = self.given_model_settings or {}
+        return any(settings.get(key) not in (None, "") for key in STARTING_WEIGHTS)
+
+    def refuse_untrained_evaluation(self, ckpt_path: str | None) -> None:
+        """validate / test / predict that restore no checkpoint (none given, or a `last` that finds none: a mistyped
+        run name), refused in one paragraph (a configuration error) before anything runs or is written: they ran the
+        model as built, its random weights, and wrote untrained metrics and predictions into the run folder, exit 0
+        (predict first removed the run's earlier predictions). Names the run's checkpoint files and how to give one;
+        a model given starting weights (`starts_from_weights`) is evaluated as built without a checkpoint."""
+        from zoo.cli.errors import mark
+
+        checkpoints = self.checkpoints_folder()
+        found = sorted(checkpoints.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if checkpoints else []
+        if found:
+            files = f"This run's checkpoints: {', '.join(str(p) for p in found)}."
+        elif checkpoints is not None and self.trainer.logger is None:
+            files = f"{checkpoints} (where the runs without a logger keep theirs) holds no checkpoint."
+        elif checkpoints is not None:
+            runs = checkpoints.parent.parent  # <save_dir>: the other runs' folders
+            others = sorted({p.parent.parent.name for p in runs.glob("*/checkpoints/*.ckpt")})
+            files = f"{checkpoints} holds no checkpoint: " + (
+                f"runs beside it that hold some: {', '.join(others[:8])}{' ...' if len(others) > 8 else ''} "
+                f"(--config {runs}/<run>/config.yaml)." if others else
+                "is the run's name right (--trainer.logger.init_args.name)?")
+        else:
+            files = "This run's logger names no run folder: give the checkpoint's file."
+        why, give = (("`last` finds no last.ckpt", "--ckpt_path <run>/checkpoints/FILE.ckpt of a run that holds one")
+                     if ckpt_path == "last" else
+                     ("no --ckpt_path is given", "--ckpt_path <run>/checkpoints/FILE.ckpt, or --ckpt_path last (the "
+                                                 "run's last.ckpt)"))
+        raise mark(ValueError(
+            f"{self.subcommand}: {why}, so the model would be {EVALUATION_VERBS[self.subcommand]} with untrained, "
+            f"random weights. Give the checkpoint to evaluate: {give}. {files} A model that starts from weights of "
+            f"its own (--model.init_args.model_kwargs.pretrained_path=FILE, a textual init_checkpoint) is evaluated "
+            f"as built without --ckpt_path."))
 
     def check_data_fits_checkpoint(self, path: str) -> None:
         """validate / test / predict of checkpoint `path`, or a fit resumed from it, with data that gives its model
@@ -450,9 +519,12 @@ class ZooCLI(LightningCLI):
         launched, so a distributed run trains them with its own strategy; a resumed fit takes them from its checkpoint
         (`prepare_fit_auxiliaries`). First, a fit that restores no checkpoint moves an earlier run out of its run
         folder (`zoo.cli.runs.move_earlier_run`: to <parent>/stale/, its auxiliary/ cache kept), so the folder holds
-        this run's checkpoints, curves and pictures only."""
+        this run's checkpoints, curves and pictures only. Before anything moves, `zoo.cli.preflight.preflight` checks
+        the optimiser's values, the stages' loss terms and the monitors (they failed epochs into the fit)."""
+        from zoo.cli.preflight import preflight
         from zoo.cli.runs import move_earlier_run
 
+        preflight(self.model, self.trainer.callbacks)  # before the earlier run moves to stale/
         move_earlier_run(self.trainer, "fit", self.restores_checkpoint, self.config["fit"].as_dict())
         prepare_fit_auxiliaries(self.model, self.trainer, self.datamodule, self.restores_checkpoint)
 
@@ -471,7 +543,8 @@ class ZooCLI(LightningCLI):
             with configuration_phase():  # a missing file or folder is named here, not by Lightning's traceback
                 checkpoint = read_checkpoint(ckpt_path)
                 check_config_fits_checkpoint(self.config[subcommand].get("model"), checkpoint,
-                                             f"--ckpt_path {ckpt_path!r}", resuming=subcommand == "fit")
+                                             f"--ckpt_path {ckpt_path!r}", resuming=subcommand == "fit",
+                                             hint=None if subcommand == "fit" else run_config_hint(ckpt_path, "model"))
             self.checkpoint_hparams = saved_hparams(checkpoint)  # for `check_data_fits_checkpoint`: read once
         super()._parse_ckpt_path()
         if subcommand == "fit" and self.checkpoint_hparams is not None and self.given_model_settings is not None:

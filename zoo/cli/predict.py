@@ -3,7 +3,9 @@
     python train.py predict --config <the run's config> --ckpt_path checkpoints/<run>/checkpoints/last.ckpt
 
 writes into the run folder (checkpoints/<run>/predictions/; an earlier predict's predictions.csv and pictures there
-are removed first, so the folder holds one predict's files):
+are removed first, once the checkpoint is restored, so the folder holds one predict's files). Without --ckpt_path
+(or with a `last` that finds none) predict is refused, as validate and test are: the model's weights would be
+random; a model given weights of its own (model_kwargs.pretrained_path) predicts as built. It writes:
 - predictions.csv: one row per sample: index, file (where the data names its samples), true label id and name
   (where the data has labels), predicted class id and name, its probability, then the System's own extra columns
   (L2X / INVASE: the prediction is the approximator's from the selected features alone, followed by the black box's
@@ -45,7 +47,10 @@ CSV_NAME = "predictions.csv"
 
 def clear_predictions(folder: Path) -> Path:
     """`folder` without an earlier predict's files (its predictions.csv and <index>.png pictures; nothing else),
-    so a predict of another checkpoint or with fewer samples leaves no picture of the earlier one beside its rows."""
+    so a predict of another checkpoint or with fewer samples leaves no picture of the earlier one beside its rows.
+    Called at predict start, once Lightning has restored the checkpoint: a predict refused before (no checkpoint,
+    `zoo.cli.lightning.ZooCLI.refuse_untrained_evaluation`; one that does not fit the run; a file it cannot read)
+    removes nothing."""
     for path in [folder / CSV_NAME, *folder.glob("[0-9][0-9][0-9][0-9][0-9]*.png")]:
         if path.is_file() and (path.name == CSV_NAME or path.stem.isdigit()):
             path.unlink()

@@ -55,6 +55,43 @@ def logger_run_folders(trainer: pl.Trainer) -> list[Path]:
     return list(dict.fromkeys(folder for folder in map(logger_folder, trainer.loggers) if folder is not None))
 
 
+def run_folder_settings(trainer: pl.Trainer) -> list[tuple[str, Path]]:
+    """The folders `trainer` will write into, each with the setting that places it: its TensorBoard / CSV loggers'
+    `save_dir` and run folders (`<save_dir>/<name>/<version>`, a TensorBoard `sub_dir` included), its checkpoint
+    callbacks' `dirpath` where the config gives one, and `default_root_dir`."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    found: list[tuple[str, Path]] = []
+    for logger in trainer.loggers:
+        folder = logger_folder(logger)
+        if folder is None:
+            continue
+        sub_dir = getattr(logger, "sub_dir", None)  # validate / test: <run>/<stage> (`log_evaluation_apart`)
+        save_dir = Path(os.path.expanduser(os.path.expandvars(str(logger.save_dir))))  # as `logger_folder` reads it
+        found += [("--trainer.logger.init_args.save_dir", save_dir),  # checked first, its parents too
+                  ("--trainer.logger.init_args.name (and version)",
+                   folder / sub_dir if isinstance(sub_dir, str) else folder)]
+    found += [("--checkpoint.dirpath", Path(callback.dirpath)) for callback in trainer.checkpoint_callbacks
+              if isinstance(callback, ModelCheckpoint) and callback.dirpath is not None]
+    return [*found, ("--trainer.default_root_dir", Path(trainer.default_root_dir))]
+
+
+def check_run_folders(trainer: pl.Trainer) -> None:
+    """Refuse, before anything is written, a run whose folders (`run_folder_settings`) lie at or below a FILE: the
+    logger's `makedirs` raised NotADirectoryError with a traceback at the first log line (a mistyped
+    `--trainer.logger.init_args.save_dir=config.yaml`). Names the setting, the folder and the file in the way, as a
+    configuration error. Called by ZooCLI once its Trainer is built; compare and ablate get it through ZooCLI."""
+    from zoo.cli.errors import mark
+
+    for setting, folder in run_folder_settings(trainer):
+        blocking = next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+        if blocking is not None:
+            inner = "" if blocking == folder else f" (the folder {str(folder)!r} would lie inside it)"
+            raise mark(NotADirectoryError(
+                f"{setting}: {str(blocking)!r} is a file, not a folder{inner}. Give a folder (one that does not exist "
+                f"yet is made), or move the file away; nothing was written."))
+
+
 def holds_run(folder: Path) -> bool:
     """Whether `folder` holds a run: a last.ckpt or best-*.ckpt in <folder>/checkpoints, TensorBoard event files
     in it or its validate / test sub-folders, or a CSVLogger's metrics.csv. A folder with only auxiliary/ (a run

@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from zoo.checks import close_names
 
 
 @dataclass
@@ -40,11 +42,24 @@ class Stage:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
+def stage_of(settings: dict[str, Any]) -> Stage:
+    """A `Stage` from a config's mapping; a key it does not take (`epoch:` for `epochs:`) is refused with the
+    closest key (`Stage(**settings)` said only "unexpected keyword argument 'epoch'")."""
+    keys = [f.name for f in fields(Stage)]
+    for key in settings:
+        if key not in keys:
+            close = close_names(str(key), keys, n=1, cutoff=0.6)
+            raise ValueError(f"stage {settings.get('name', '?')!r} has no key {key!r}"
+                             + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; a stage's keys are {', '.join(keys)} (model.init_args.stages).")
+    return Stage(**settings)
+
+
 class Schedule:
     """The stages of a run (an empty list is one stage that trains everything with every term)."""
 
     def __init__(self, stages: list[dict[str, Any] | Stage] | None, model: nn.Module) -> None:
-        self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in (stages or [])] or [Stage("all")]
+        self.stages = [s if isinstance(s, Stage) else stage_of(s) for s in (stages or [])] or [Stage("all")]
         children = [name for name, _ in model.named_children()]
         for stage in self.stages:
             unknown = set(stage.train or []) - set(children)
@@ -138,9 +153,23 @@ class Schedule:
             return terms
         unknown = set(wanted) - set(terms)
         if unknown:
-            raise KeyError(f"stage {self.current.name!r} sums {sorted(unknown)}, which the loss does not return; it "
-                           f"returns {sorted(terms)}.")
+            close = {name: close_names(name, sorted(terms), n=1, cutoff=0.6) for name in sorted(unknown)}
+            meant = [f"{name!r} -> {found[0]!r}" for name, found in close.items() if found]
+            raise StageLossError(f"stage {self.current.name!r} sums {sorted(unknown)}, which the loss does not return; "
+                                 f"it returns {sorted(terms)}" + (f" (did you mean {', '.join(meant)}?)" if meant
+                                                                  else "") + ". Fix the stage's losses.")
         return {k: v for k, v in terms.items() if k in wanted}
+
+
+class StageLossError(KeyError):
+    """A stage sums a loss term the loss does not return: a configuration error (printed once, without a traceback,
+    by train.py: it carries the mark of `zoo.cli.errors.mark`, set here by name since the engine imports nothing of
+    the CLI). Its message is shown as given (a KeyError's str() quotes it)."""
+
+    zoo_configuration_error = True
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def epoch_schedules(modules: dict[str, nn.Module], epoch: int) -> dict[str, float]:
@@ -172,6 +201,7 @@ def scale_group_rates(optimizer: torch.optim.Optimizer, index: int, factor: floa
         for each in [scheduler, *getattr(scheduler, "_schedulers", [])]:
             for name in ("base_lrs", "max_lrs", "_last_lr"):  # (_last_lr: what get_last_lr() says until a step)
                 rates = getattr(each, name, None)
-                if getattr(each, "optimizer", None) is optimizer and isinstance(rates, list) and id(rates) not in scaled:
+                ours = getattr(each, "optimizer", None) is optimizer and isinstance(rates, list)
+                if ours and id(rates) not in scaled:
                     rates[index] = rates[index] * factor
                     scaled.add(id(rates))

@@ -1,0 +1,201 @@
+"""Mistakes said before anything trains or moves (`zoo.cli.preflight` and the checks of compare's and ablate's own
+options): an optimiser value torch refuses, a stage summing a term the loss does not give, a checkpoint or
+EarlyStopping monitor the System does not log, an ablate or compare named as a fit run or a file, --print_config
+with compare or ablate, and the smaller spec, grid and stage-key typos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+
+from tests.conftest import REPO
+from tests.test_compare_ablate import said_once
+from zoo.cli.errors import is_configuration_error
+
+SMALL_WORLD = ["--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.num_test=32"]
+FAST = ["--trainer.fast_dev_run=true", *SMALL_WORLD]
+BASELINE = str(REPO / "configs/baselines/parts_world.yaml")
+RENN = str(REPO / "configs/renn/rule_series.yaml")
+LR = "model.init_args.optimizer.init_args.lr"
+TYPO_STAGES = ("--model.init_args.stages=[{name: local, epochs: 1, train: [detector], losses: [loss_local]}, "
+               "{name: joint, epochs: 1, losses: [loss_task, loss_locl]}]")
+EARLY_STOPPING = ("--trainer.callbacks=[{class_path: pytorch_lightning.callbacks.EarlyStopping, "
+                  "init_args: {monitor: val/acc_typo}}]")
+
+
+def write_spec(folder: Path, compare: dict) -> str:
+    (folder / "spec.yaml").write_text(yaml.safe_dump({"compare": compare}))
+    return str(folder / "spec.yaml")
+
+
+def folders(path: Path) -> list[str]:
+    """What a run folder holds (nothing where it was never made)."""
+    return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+
+
+def test_an_ablate_point_the_optimiser_refuses_is_said_before_the_first_point_trains(
+        in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """lr=[0.01,-0.1]: point 1 trained, then point 2 died in configure_optimizers with a traceback, its folder left
+    behind. Now torch's reason, naming the point, before any point trains; no point folder."""
+    error = said_once(capsys, ["ablate", "--config", BASELINE, "--name", "lr", "--grid", f"{LR}=[0.01,-0.1]", *FAST])
+    assert "Invalid learning rate: -0.1" in error and "ablate point 2/2" in error, error
+    assert "no point has trained" in error and folders(in_tmp_dir / "checkpoints" / "lr") == [], error
+
+
+def test_a_stage_summing_a_term_the_loss_does_not_give_is_said_before_training(
+        in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """ReNN's joint stage summing 'loss_locl' failed with a KeyError after the earlier stages trained and wrote
+    checkpoints; now every stage is checked against the loss's terms first, with the closest name."""
+    error = said_once(capsys, ["ablate", "--config", RENN, "--name", "stages", "--grid", "seed_everything=[0]",
+                               TYPO_STAGES, *FAST])
+    assert "stage 'joint' sums 'loss_locl' (did you mean 'loss_local'?)" in error, error
+    assert "neither ReNNLoss nor the model gives such a term" in error, error
+    assert folders(in_tmp_dir / "checkpoints" / "stages") == [], error
+
+
+@pytest.mark.parametrize("option, said", [
+    (f"--{LR}=-0.1", "Invalid learning rate: -0.1"),
+    ("--checkpoint.monitor=val/ac", "(did you mean 'val/acc'?)"),
+])
+def test_fit_says_it_before_the_earlier_run_is_moved(in_tmp_dir: Path, capsys: pytest.CaptureFixture, option: str,
+                                                     said: str) -> None:
+    """`fit` refused these only after `before_fit` had moved the earlier run to stale/ (a traceback, or a whole
+    epoch later); the earlier run stays where it was."""
+    run = in_tmp_dir / "checkpoints" / "baselines_parts_world"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("trainer: {}\n")
+    (run / "checkpoints" / "last.ckpt").write_text("earlier run\n")
+    error = said_once(capsys, ["fit", "--config", BASELINE, "--trainer.max_epochs=1", option, *SMALL_WORLD])
+    assert said in error, error
+    assert folders(run) == ["checkpoints", "config.yaml"] and not (run.parent / "stale").exists(), error
+
+
+def test_a_stage_loss_only_a_forward_can_refuse_is_a_configuration_error() -> None:
+    """Where the code cannot tell the terms beforehand, the first batch of the stage refuses it: marked (printed
+    without a traceback), its message unquoted, with the closest term."""
+    from zoo.engine.stages import Schedule
+
+    terms = {"loss_task": torch.tensor(1.0), "loss_local": torch.tensor(2.0)}
+    with pytest.raises(KeyError) as info:
+        Schedule([{"name": "joint", "losses": ["loss_task", "loss_locl"]}], torch.nn.Linear(1, 1)).select(terms)
+    assert is_configuration_error(info.value)
+    assert str(info.value).startswith("stage 'joint' sums ['loss_locl']") and "'loss_locl' -> 'loss_local'" in str(
+        info.value), str(info.value)
+
+
+def test_a_mistyped_stage_key_is_said_with_the_right_one() -> None:
+    from zoo.engine.stages import Schedule
+
+    with pytest.raises(ValueError, match="stage 'local' has no key 'epoch' \\(did you mean 'epochs'\\?\\)"):
+        Schedule([{"name": "local", "epoch": 2}], torch.nn.Linear(1, 1))
+
+
+@pytest.mark.parametrize("option, said", [
+    ("--checkpoint.monitor=val/ac", "the checkpoint's monitor (checkpoint.monitor) is 'val/ac', which "
+                                    "ClassifierSystem does not log (did you mean 'val/acc'?)"),
+    (EARLY_STOPPING, "EarlyStopping's monitor is 'val/acc_typo', which ClassifierSystem does not log (did you mean "
+                     "'val/acc'?)"),
+])
+def test_a_monitor_the_system_does_not_log_is_said_before_any_run_trains(
+        in_tmp_dir: Path, capsys: pytest.CaptureFixture, option: str, said: str) -> None:
+    """Lightning refused a mistyped monitor with a MisconfigurationException after a whole epoch."""
+    spec = write_spec(in_tmp_dir, {"name": "watched", "runs": {"a": {"config": BASELINE}}})
+    error = said_once(capsys, ["compare", "--config", spec, "--no_explain", option, *FAST])
+    assert said in error and "compare run 'a'" in error, error
+    assert folders(in_tmp_dir / "checkpoints" / "watched") == [], error
+    error = said_once(capsys, ["ablate", "--config", BASELINE, "--name", "w", "--grid", "seed_everything=[0]",
+                               option, *FAST])
+    assert said in error and folders(in_tmp_dir / "checkpoints" / "w") == [], error
+
+
+@pytest.mark.parametrize("config", ["l2x/xor.yaml", "aog_rcnn/parts_world_scenes.yaml", "renn/rule_series.yaml",
+                                    "textual/description.yaml", "protopnet/parts_world.yaml"])
+def test_the_shipped_monitors_and_stages_pass_and_the_system_is_left_as_it_was(config: str) -> None:
+    """Every shipped monitor (val/posthoc_acc, val/map_50 of a dict metric, val/acc) and stage passes; building the
+    optimiser and scheduler changes no weight and no requires_grad."""
+    from zoo.cli.lightning import ZooCLI
+    from zoo.cli.preflight import preflight
+
+    cli = ZooCLI(args=["--config", str(REPO / "configs" / config), "--trainer.logger=false"], run=False)
+    before = {k: v.clone() for k, v in cli.model.state_dict().items()}
+    trainable = [p.requires_grad for p in cli.model.parameters()]
+    preflight(cli.model, cli.trainer.callbacks)
+    assert [p.requires_grad for p in cli.model.parameters()] == trainable
+    after = cli.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_an_ablate_named_as_a_fit_run_or_a_file_is_refused(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """`ablate --name icnn_parts_world` wrote its table and points into the fit's run folder (the next fit moved
+    the table to stale/ and left the points); a file of that name failed with a traceback at mkdir. Compare too."""
+    (in_tmp_dir / "checkpoints" / "taken").mkdir(parents=True)
+    (in_tmp_dir / "checkpoints" / "taken" / "config.yaml").write_text("trainer: {}\n")
+    (in_tmp_dir / "checkpoints" / "cfile").write_text("not a folder\n")
+    error = said_once(capsys, ["ablate", "--config", BASELINE, "--name", "taken", "--grid", "seed_everything=[0]",
+                               *FAST])
+    assert "ablate: checkpoints/taken is the run folder of a `train.py fit`" in error and "--name <name>" in error
+    assert folders(in_tmp_dir / "checkpoints" / "taken") == ["config.yaml"]
+    error = said_once(capsys, ["ablate", "--config", BASELINE, "--name", "cfile", "--grid", "seed_everything=[0]",
+                               *FAST])
+    assert "ablate: checkpoints/cfile is a file, not a folder" in error, error
+    spec = write_spec(in_tmp_dir, {"name": "cfile", "runs": {"a": {"config": BASELINE}}})
+    error = said_once(capsys, ["compare", "--config", spec, "--no_explain", *FAST])
+    assert "compare: checkpoints/cfile is a file, not a folder" in error, error
+
+
+@pytest.mark.parametrize("command", ["compare", "ablate"])
+def test_print_config_is_refused_for_compare_and_ablate(in_tmp_dir: Path, capsys: pytest.CaptureFixture,
+                                                        command: str) -> None:
+    """It printed the first run's config only, exit 0."""
+    grid = ["--grid", "seed_everything=[0,1]"] if command == "ablate" else []
+    error = said_once(capsys, [command, "--config", BASELINE, *grid, "--print_config"])
+    assert f"{command}: --print_config prints one run's config" in error, error
+    assert f"python train.py fit --config {BASELINE} --print_config" in error, error
+
+
+def test_a_spec_without_runs_names_them(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`run:` for `runs:` said "is not a compare spec" and all of the help, with no hint."""
+    spec = write_spec(tmp_path, {"run": {"a": {"config": BASELINE}}})
+    error = said_once(capsys, ["compare", "--config", spec])
+    assert "compare has no `runs` (did you mean 'runs' for 'run'?)" in error, error
+    assert len(error.splitlines()) <= 3, error
+
+
+@pytest.mark.parametrize("grid", ["seed_everything=[]", "seed_everything=1"])
+def test_an_empty_or_scalar_grid_says_it_needs_a_list_in_one_line(capsys: pytest.CaptureFixture, grid: str) -> None:
+    error = said_once(capsys, ["ablate", "--config", BASELINE, "--grid", grid])
+    assert "seed_everything needs a non-empty list of values, e.g. --grid seed_everything=[" in error, error
+    assert len(error.splitlines()) <= 3, error
+
+
+class LogsMine(pl.Callback):
+    """A user's callback that logs a metric of its own, which a user's checkpoint may monitor."""
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.log("val/mine", 1.0)
+
+
+class LogsComputed(pl.Callback):
+    """A callback logging a name its code computes: what it logs cannot be read from its source."""
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        name = "val/" + "computed"
+        pl_module.log(name, 1.0)
+
+
+def test_a_monitor_a_users_callback_logs_is_not_refused() -> None:
+    """The check read only the System's code: a monitor on a metric the run's own callback logs was refused."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from zoo.baselines.system import ClassifierSystem
+    from zoo.cli.preflight import check_monitors
+
+    system = ClassifierSystem("baseline_tinycnn", num_classes=6)
+    check_monitors(system, [LogsMine(), ModelCheckpoint(monitor="val/mine")])
+    check_monitors(system, [LogsComputed(), ModelCheckpoint(monitor="val/computed")])  # unknowable: not checked
+    with pytest.raises(ValueError, match="'val/mien', which ClassifierSystem does not log"):
+        check_monitors(system, [LogsMine(), ModelCheckpoint(monitor="val/mien")])
