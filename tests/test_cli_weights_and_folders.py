@@ -11,7 +11,8 @@ import torch
 
 import zoo
 from tests.conftest import REPO
-from train import command_line, main
+from tests.test_checkpoint_config import refused
+from train import main
 from zoo.weights import CheckpointError
 
 ICNN = str(REPO / "configs/icnn/parts_world.yaml")
@@ -19,15 +20,6 @@ BASELINE = str(REPO / "configs/baselines/parts_world.yaml")
 TINY_WORLD = ["--data.init_args.num_train=16", "--data.init_args.num_val=8", "--data.init_args.num_test=8",
               "--data.init_args.batch_size=8", "--trainer.enable_progress_bar=false",
               "--trainer.enable_model_summary=false"]
-
-
-def refused(capsys: pytest.CaptureFixture, args: list[str]) -> str:
-    """The error `train.py <args>` exits with: status 2, said once, no traceback."""
-    with pytest.raises(SystemExit) as exit_info:
-        command_line(args)
-    error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "Traceback" not in error, error
-    return error
 
 
 def earlier_run(folder: Path) -> dict[Path, bytes]:

@@ -134,19 +134,26 @@ def test_a_nan_on_one_rank_skips_the_batch_on_every_rank(tmp_path: Path) -> None
                                     "batch skipped on every rank (nonfinite_loss='skip')."]
 
 
-def skip_inside_a_window(shard: list[int]) -> dict[str, Any]:
-    """An accumulation window of a finite batch, then one whose loss is NaN on rank 1, through DDP: whether the
-    optimiser steps on the finite batch's gradients (as one process does: the skipped batch adds nothing)."""
+def ddp_step_parts(loss: nn.Module, shard: list[int], **kwargs: Any) -> tuple[ClassifierSystem, nn.Module,
+                                                                           torch.optim.Optimizer, dict[str, Any]]:
+    """On a gloo rank: a tiny CNN System with `loss` behind a stub trainer, its DDP-wrapped training step, an SGD
+    optimiser and a batch of the rank's `shard` labels (the same images on every rank)."""
     torch.manual_seed(0)
-    loss = NaNOnRankOne()
-    system = ClassifierSystem("baseline_tinycnn", num_classes=6, nonfinite_loss="skip", loss=loss)
+    system = ClassifierSystem("baseline_tinycnn", num_classes=6, loss=loss, **kwargs)
     system._trainer = types.SimpleNamespace(world_size=WORLD, global_rank=torch.distributed.get_rank(),
                                             global_step=5, current_epoch=1)
     system.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
     ddp = nn.parallel.DistributedDataParallel(TrainingStep(system))
-    optimizer = torch.optim.SGD(system.parameters(), lr=0.1)
     batch = {"image": torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
              "label": torch.tensor(shard)}
+    return system, ddp, torch.optim.SGD(system.parameters(), lr=0.1), batch
+
+
+def skip_inside_a_window(shard: list[int]) -> dict[str, Any]:
+    """An accumulation window of a finite batch, then one whose loss is NaN on rank 1, through DDP: whether the
+    optimiser steps on the finite batch's gradients (as one process does: the skipped batch adds nothing)."""
+    loss = NaNOnRankOne()
+    system, ddp, optimizer, batch = ddp_step_parts(loss, shard, nonfinite_loss="skip")
     before = [p.detach().clone() for p in system.parameters()]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -179,15 +186,7 @@ class NaNGradientOnRankOne(NaNOnRankOne):
 
 def raise_on_one_rank(shard: list[int]) -> str | None:
     """Two steps under nonfinite_loss="raise" whose first loss is NaN on rank 1, through DDP: each rank's error."""
-    torch.manual_seed(0)
-    system = ClassifierSystem("baseline_tinycnn", num_classes=6, loss=NaNGradientOnRankOne())
-    system._trainer = types.SimpleNamespace(world_size=WORLD, global_rank=torch.distributed.get_rank(),
-                                            global_step=5, current_epoch=1)
-    system.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    ddp = nn.parallel.DistributedDataParallel(TrainingStep(system))
-    optimizer = torch.optim.SGD(system.parameters(), lr=0.1)
-    batch = {"image": torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)),
-             "label": torch.tensor(shard)}
+    system, ddp, optimizer, batch = ddp_step_parts(NaNGradientOnRankOne(), shard)
     for _ in range(2):  # the NaN on rank 1 reaches rank 0's weights through the gradient all-reduce
         ddp(batch).backward()
         optimizer.step()
