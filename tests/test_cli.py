@@ -220,7 +220,8 @@ def test_ablate_averages_over_seeds_and_resumes_without_redoing_finished_points(
     assert sorted(p.name for p in hparams.iterdir()) == sorted(p.parent.name for p in results)
     assert all(len(list((hparams / p.parent.name).glob("events.out.tfevents.*"))) == 1 for p in results)
     assert not list(hparams.glob("events.out.tfevents.*"))
-    with pytest.raises(ValueError, match="--grid takes key="):
+    with pytest.raises(ValueError, match=r"seed_everything needs a non-empty list of values, e\.g\. --grid "
+                                         r"seed_everything=\[0\]"):
         main(["ablate", "--config", str(REPO / "configs/icnn/parts_world.yaml"), "--grid", "seed_everything=0"])
 
 
