@@ -74,6 +74,25 @@ def test_a_model_with_starting_weights_of_its_own_is_evaluated_as_built(in_tmp_d
     assert "val/acc" in cli.trainer.callback_metrics
 
 
+@pytest.mark.filterwarnings("ignore:Backbone 'tinycnn' starts from pretrained weights")
+def test_a_run_trained_from_starting_weights_is_evaluated_from_its_checkpoints(
+        in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run fine-tuned from a pretrained_path: its config's validate / predict without --ckpt_path scored the
+    file's backbone with a random head and replaced the run's predictions, exit 0. Refused while the run holds
+    checkpoints; `fast_dev_run` (which resolves no `last`) is named as the reason, not a missing last.ckpt."""
+    weights = in_tmp_dir / "start.pth"
+    torch.save(zoo.create_model("baseline_tinycnn", num_classes=6).backbone.body.state_dict(), weights)
+    files = earlier_run(in_tmp_dir / "checkpoints" / "tuned")
+    starts = [f"--model.init_args.model_kwargs.pretrained_path={weights}", "--trainer.logger.init_args.name=tuned"]
+    for command in ("validate", "predict"):
+        error = refused(capsys, [command, "--config", BASELINE, *TINY_WORLD, *starts])
+        assert f"{command}: no --ckpt_path is given" in error and "tuned/checkpoints/last.ckpt" in error, error
+    error = refused(capsys, ["validate", "--config", BASELINE, *TINY_WORLD, *starts, "--ckpt_path=last",
+                             "--trainer.fast_dev_run=true"])
+    assert "fast_dev_run resolves no `--ckpt_path last`" in error and "finds no last.ckpt" not in error, error
+    assert all(path.read_bytes() == content for path, content in files.items())  # nothing removed
+
+
 def fake_checkpoint(path: Path, class_path: str, model_name: str, num_classes: int = 6) -> Path:
     """A System checkpoint's header (what the checks read before anything is built), without weights."""
     path.parent.mkdir(parents=True, exist_ok=True)

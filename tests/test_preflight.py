@@ -199,3 +199,45 @@ def test_a_monitor_a_users_callback_logs_is_not_refused() -> None:
     check_monitors(system, [LogsComputed(), ModelCheckpoint(monitor="val/computed")])  # unknowable: not checked
     with pytest.raises(ValueError, match="'val/mien', which ClassifierSystem does not log"):
         check_monitors(system, [LogsMine(), ModelCheckpoint(monitor="val/mien")])
+
+
+USER_MODULE = """
+import torch
+from torchmetrics.classification import MulticlassF1Score
+
+from zoo.baselines.system import ClassifierSystem
+
+
+class SparseLoss(torch.nn.Module):
+    def forward(self, out, batch):
+        task = torch.nn.functional.cross_entropy(out["logits"], batch["label"])
+        return dict(loss_task=task, loss_sparsity=out["logits"].abs().mean())
+
+
+class F1System(ClassifierSystem):
+    def setup(self, stage):
+        super().setup(stage)
+        self.add_metric("f1", MulticlassF1Score(6))
+"""
+
+
+def test_a_users_loss_or_system_is_not_judged_by_its_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage summing a user loss's term named by a keyword (no "loss_x" string in its code), and a monitor on a
+    metric a user System adds in `setup`, were refused (valid runs that trained before the preflight): a user's
+    code is left to the run itself."""
+    import importlib
+
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from zoo.baselines.system import ClassifierSystem
+    from zoo.cli.preflight import check_monitors, check_stage_losses
+
+    (tmp_path / "user_family.py").write_text(USER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    user = importlib.import_module("user_family")
+    stages = [{"name": "warm", "epochs": 1, "losses": ["loss_task"]},
+              {"name": "all", "epochs": 1, "losses": ["loss_task", "_".join(["loss", "sparsity"])]}]
+    check_stage_losses(ClassifierSystem("baseline_tinycnn", num_classes=6, loss=user.SparseLoss(), stages=stages))
+    check_monitors(user.F1System("baseline_tinycnn", num_classes=6), [ModelCheckpoint(monitor="val/f1")])
+    with pytest.raises(ValueError, match="'val/f1', which ClassifierSystem does not log"):  # the zoo's own: checked
+        check_monitors(ClassifierSystem("baseline_tinycnn", num_classes=6), [ModelCheckpoint(monitor="val/f1")])

@@ -397,9 +397,14 @@ class ZooCLI(LightningCLI):
     def starts_from_weights(self) -> bool:
         """Whether the model as built holds weights of its own, which validate / test / predict may evaluate without
         a checkpoint: a weight file it starts from (`STARTING_WEIGHTS`: a backbone's or an export's pretrained_path,
-        a textual stage-1 init_checkpoint), as the settings give it."""
+        a textual stage-1 init_checkpoint), as the settings give it, in a run that has trained no checkpoint of its
+        own. A run that holds checkpoints was trained from that file: its config evaluated the file's weights (a
+        backbone's, with a random head) in place of the run's, silently."""
         settings = self.given_model_settings or {}
-        return any(settings.get(key) not in (None, "") for key in STARTING_WEIGHTS)
+        if not any(settings.get(key) not in (None, "") for key in STARTING_WEIGHTS):
+            return False
+        checkpoints = self.checkpoints_folder()
+        return not (checkpoints is not None and any(checkpoints.glob("*.ckpt")))
 
     def refuse_untrained_evaluation(self, ckpt_path: str | None) -> None:
         """validate / test / predict that restore no checkpoint (none given, or a `last` that finds none: a mistyped
@@ -424,15 +429,20 @@ class ZooCLI(LightningCLI):
                 "is the run's name right (--trainer.logger.init_args.name)?")
         else:
             files = "This run's logger names no run folder: give the checkpoint's file."
-        why, give = (("`last` finds no last.ckpt", "--ckpt_path <run>/checkpoints/FILE.ckpt of a run that holds one")
-                     if ckpt_path == "last" else
-                     ("no --ckpt_path is given", "--ckpt_path <run>/checkpoints/FILE.ckpt, or --ckpt_path last (the "
-                                                 "run's last.ckpt)"))
+        if ckpt_path == "last" and self.trainer.fast_dev_run:  # Lightning resolves no `last` under fast_dev_run
+            why, give = ("fast_dev_run resolves no `--ckpt_path last`", "the file, --ckpt_path <run>/checkpoints/"
+                                                                         "last.ckpt")
+            files = ""
+        elif ckpt_path == "last":
+            why, give = ("`last` finds no last.ckpt", "--ckpt_path <run>/checkpoints/FILE.ckpt of a run that holds one")
+        else:
+            why, give = ("no --ckpt_path is given", "--ckpt_path <run>/checkpoints/FILE.ckpt, or --ckpt_path last (the "
+                                                    "run's last.ckpt)")
         raise mark(ValueError(
-            f"{self.subcommand}: {why}, so the model would be {EVALUATION_VERBS[self.subcommand]} with untrained, "
-            f"random weights. Give the checkpoint to evaluate: {give}. {files} A model that starts from weights of "
-            f"its own (--model.init_args.model_kwargs.pretrained_path=FILE, a textual init_checkpoint) is evaluated "
-            f"as built without --ckpt_path."))
+            f"{self.subcommand}: {why}, so the model would be {EVALUATION_VERBS[self.subcommand]} with untrained "
+            f"weights (random, or the file it started from). Give the checkpoint to evaluate: {give}. {files}{' ' if files else ''}A model that "
+            f"starts from weights of its own (--model.init_args.model_kwargs.pretrained_path=FILE, a textual "
+            f"init_checkpoint) is evaluated as built without --ckpt_path, unless its run holds checkpoints."))
 
     def check_data_fits_checkpoint(self, path: str) -> None:
         """validate / test / predict of checkpoint `path`, or a fit resumed from it, with data that gives its model

@@ -29,6 +29,8 @@ DYNAMIC_TERM = re.compile(r"""f["']loss_\{|["']loss_["']\s*\+""")  # a name the 
 LOGGED = re.compile(r"""\.log\(\s*(f?)["']([^"']+)["']""")  # self.log("push/distance", ...), f"{stage}/x"
 LOGGED_ANYHOW = re.compile(r"""\.log\(\s*(?!f?["'])""")  # self.log(name, ...): a name the code computes
 PREFIX = re.compile(r"""log_prefix=["']([^"']+)["']""")  # add_metric(..., log_prefix="rule_"), in setup too
+FRAMEWORK_PACKAGES = ("torch", "pytorch_lightning", "lightning", "lightning_fabric", "torchmetrics")  # no terms
+KNOWN_PACKAGES = ("zoo", "losses", "torchvision", "timm")  # whose code names its loss terms as "loss_<term>"
 OWN_LOGS = ("epoch", "step")  # what Lightning adds to the names a ModelCheckpoint may monitor
 
 
@@ -82,10 +84,13 @@ def _class_source(cls: type) -> str:
 def known_terms(system: nn.Module) -> set[str] | None:
     """The loss term names the System's loss and model can give: every "loss_<term>" the code of their classes
     writes (the loss's modules, the model's, torchvision's detectors, the System's own `compute_loss`). None where
-    that cannot be told: a source that cannot be read, or one that builds a term's name (f"loss_{name}")."""
+    that cannot be told: a class of the user's (outside `KNOWN_PACKAGES`), a source that cannot be read, or one that
+    builds a term's name (f"loss_{name}")."""
     names: set[str] = set()
     classes = {cls for module in system.modules() for cls in type(module).__mro__
-               if issubclass(cls, nn.Module) and cls.__module__.split(".")[0] != "torch"}
+               if issubclass(cls, nn.Module) and cls.__module__.split(".")[0] not in FRAMEWORK_PACKAGES}
+    if any(cls.__module__.split(".")[0] not in KNOWN_PACKAGES for cls in classes):
+        return None  # a user's loss or model may name its terms any way (a keyword, a constant, an argument)
     for cls in classes:
         source = _source(cls)
         if not source or DYNAMIC_TERM.search(source):
@@ -123,8 +128,8 @@ def logged_names(system: nn.Module, callbacks: Iterable[Any] = ()) -> tuple[set[
     (`metric_directions`; a dict metric's entries "<stage>/<prefix>*"), "<stage>/loss*" (the sum, each term, their
     _step / _epoch forms), "schedule/*", what its family's code and the run's own callbacks log
     (`self.log("push/distance")`, "train/reward", a user's `pl_module.log("val/mine")`), and Lightning's "epoch" /
-    "step". None where that cannot be told: code that logs a dict of names (`log_dict`) or a name it computes
-    (`self.log(name, ...)`), or a source that cannot be read."""
+    "step". None where that cannot be told: a System of the user's (metrics it adds in `setup`), code that logs a
+    dict of names (`log_dict`) or a name it computes (`self.log(name, ...)`), or a source that cannot be read."""
     exact, patterns = set(OWN_LOGS), [re.compile(r"(train|val|test)/loss.*"), re.compile(r"schedule/.*")]
     for stage in ("train", "val", "test"):
         for name in metric_directions(system, stage):
@@ -136,6 +141,8 @@ def logged_names(system: nn.Module, callbacks: Iterable[Any] = ()) -> tuple[set[
 
     own = [cls for cls in type(system).__mro__ if isinstance(cls, type) and issubclass(cls, ZooSystem)
            and cls is not ZooSystem]  # the engine's own logs are the ones above
+    if any(cls.__module__.split(".")[0] != "zoo" for cls in own):
+        return None  # a user's System may add metrics in `setup` or log names its code computes
     sources = [_source(cls) for cls in own]
     sources += [_class_source(cls) for callback in callbacks for cls in type(callback).__mro__
                 if cls.__module__.split(".")[0] not in ("pytorch_lightning", "lightning", "builtins")]
