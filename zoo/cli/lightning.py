@@ -440,9 +440,10 @@ class ZooCLI(LightningCLI):
                                                     "run's last.ckpt)")
         raise mark(ValueError(
             f"{self.subcommand}: {why}, so the model would be {EVALUATION_VERBS[self.subcommand]} with untrained "
-            f"weights (random, or the file it started from). Give the checkpoint to evaluate: {give}. {files}{' ' if files else ''}A model that "
-            f"starts from weights of its own (--model.init_args.model_kwargs.pretrained_path=FILE, a textual "
-            f"init_checkpoint) is evaluated as built without --ckpt_path, unless its run holds checkpoints."))
+            f"weights (random, or the file it started from). Give the checkpoint to evaluate: {give}. "
+            f"{files}{' ' if files else ''}A model that starts from weights of its own "
+            f"(--model.init_args.model_kwargs.pretrained_path=FILE, a textual init_checkpoint) is evaluated as built "
+            f"without --ckpt_path, unless its run holds checkpoints."))
 
     def check_data_fits_checkpoint(self, path: str) -> None:
         """validate / test / predict of checkpoint `path`, or a fit resumed from it, with data that gives its model
