@@ -276,7 +276,8 @@ def logged_step(trainer: pl.Trainer, at_fit_end: bool = False) -> int:
     batch's validation), for pictures, texts and hp_metric: at `trainer.global_step` (optimizer steps, already
     raised) an epoch's pictures sat one step right of its val/* points in TensorBoard. `at_fit_end`: the step of
     the fit's last validation, for what is drawn once the fit has ended (Lightning counted its last batch since)."""
-    step = int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+    epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)  # (a stand-in trainer has none)
+    step = int(getattr(epoch_loop, "_batches_that_stepped", trainer.global_step))
     return max(step - 1, 0) if at_fit_end else step
 
 
