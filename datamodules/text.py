@@ -413,8 +413,8 @@ def read_text_table(path: Path, text_column: str, label_column: str, labels: Seq
         lines = lines if lines is not None else _file_lines(path)
         end = first_lines[index + 1] - 1 if index + 1 < len(first_lines) else len(lines)
         strict = _quoted_as_csv_writes("".join(lines[first_line - 1:end]), delimiter)
-        row = _as_row(header, fields)  # csv.writer writes every field, the label too: a swallowing quote may not
-        complete = len(fields) >= len(header) and row[label_column] in known
+        # csv.writer writes every field, the label too: a swallowing quote may not
+        complete = len(fields) >= len(header) and rows[index][label_column] in known
         (lone if strict and complete else swallowing).append(
             (first_line + found[0][0], first_line + found[0][1], found[0][2], len(found)))
     if lone:

@@ -212,12 +212,14 @@ def module_arguments(name: str) -> list[str]:
 def takes_any_keyword(name: str) -> bool:
     """Whether `name` takes keyword arguments it does not name: its factory passes `**kwargs` on to a class that
     takes them too, or to one the registry cannot find (a user's factory)."""
-    def open_ended(obj: Any) -> bool:
-        target = obj.__init__ if inspect.isclass(obj) else obj
-        return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(target).parameters.values())
-
     built = default_model_class(name)
-    return open_ended(model_factory(name)) and (built is None or open_ended(built))
+    return _passes_kwargs(model_factory(name)) and (built is None or _passes_kwargs(built))
+
+
+def _passes_kwargs(obj: Any) -> bool:
+    """Whether a function (or a class's `__init__`) takes `**kwargs`."""
+    target = obj.__init__ if inspect.isclass(obj) else obj
+    return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(target).parameters.values())
 
 
 PLAIN_TYPES = (bool, int, float, str)
@@ -332,8 +334,7 @@ def accepted_arguments(name: str) -> list[str]:
     """The keyword arguments `name` takes: its factory's own, or where the factory passes `**kwargs` on, those of
     the class it builds too (`model_arguments`)."""
     factory = model_factory(name)
-    passes_on = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
-    return model_arguments(name) if passes_on else keyword_arguments(factory)
+    return model_arguments(name) if _passes_kwargs(factory) else keyword_arguments(factory)
 
 
 def data_mismatch_message(name: str, argument: str, from_data: dict[str, Any], most: int = 8) -> str:

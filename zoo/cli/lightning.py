@@ -373,7 +373,7 @@ class ZooCLI(LightningCLI):
         from zoo.cli.errors import mark
 
         checkpoints = self.checkpoints_folder()
-        found = sorted(checkpoints.glob("best-*.ckpt"), key=lambda p: p.stat().st_mtime) if checkpoints else []
+        found = self.run_checkpoints("best-*.ckpt")
         files = (f"this run's: {', '.join(str(p) for p in found)}" if found else
                  f"{checkpoints} holds no best-*.ckpt" if checkpoints is not None else "this run has no run folder")
         raise mark(ValueError(f"{self.subcommand} --ckpt_path best: `best` is the best checkpoint of a fit running "
@@ -394,6 +394,11 @@ class ZooCLI(LightningCLI):
         folder = logger_folder(self.trainer.logger)
         return folder / "checkpoints" if folder is not None else None
 
+    def run_checkpoints(self, pattern: str = "*.ckpt") -> list[Path]:
+        """This run's checkpoint files matching `pattern` (`checkpoints_folder`), oldest first; [] without one."""
+        checkpoints = self.checkpoints_folder()
+        return sorted(checkpoints.glob(pattern), key=lambda p: p.stat().st_mtime) if checkpoints else []
+
     def starts_from_weights(self) -> bool:
         """Whether the model as built holds weights of its own, which validate / test / predict may evaluate without
         a checkpoint: a weight file it starts from (`STARTING_WEIGHTS`: a backbone's or an export's pretrained_path,
@@ -401,10 +406,7 @@ class ZooCLI(LightningCLI):
         own. A run that holds checkpoints was trained from that file: its config evaluated the file's weights (a
         backbone's, with a random head) in place of the run's, silently."""
         settings = self.given_model_settings or {}
-        if not any(settings.get(key) not in (None, "") for key in STARTING_WEIGHTS):
-            return False
-        checkpoints = self.checkpoints_folder()
-        return not (checkpoints is not None and any(checkpoints.glob("*.ckpt")))
+        return any(settings.get(key) not in (None, "") for key in STARTING_WEIGHTS) and not self.run_checkpoints()
 
     def refuse_untrained_evaluation(self, ckpt_path: str | None) -> None:
         """validate / test / predict that restore no checkpoint (none given, or a `last` that finds none: a mistyped
@@ -414,9 +416,11 @@ class ZooCLI(LightningCLI):
         a model given starting weights (`starts_from_weights`) is evaluated as built without a checkpoint."""
         from zoo.cli.errors import mark
 
-        checkpoints = self.checkpoints_folder()
-        found = sorted(checkpoints.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if checkpoints else []
-        if found:
+        checkpoints, found = self.checkpoints_folder(), self.run_checkpoints()
+        ignored_last = ckpt_path == "last" and bool(self.trainer.fast_dev_run)  # Lightning resolves no `last` there
+        if ignored_last:  # the file may well be there
+            files = ""
+        elif found:
             files = f"This run's checkpoints: {', '.join(str(p) for p in found)}."
         elif checkpoints is not None and self.trainer.logger is None:
             files = f"{checkpoints} (where the runs without a logger keep theirs) holds no checkpoint."
@@ -429,10 +433,9 @@ class ZooCLI(LightningCLI):
                 "is the run's name right (--trainer.logger.init_args.name)?")
         else:
             files = "This run's logger names no run folder: give the checkpoint's file."
-        if ckpt_path == "last" and self.trainer.fast_dev_run:  # Lightning resolves no `last` under fast_dev_run
+        if ignored_last:
             why, give = ("fast_dev_run resolves no `--ckpt_path last`", "the file, --ckpt_path <run>/checkpoints/"
                                                                          "last.ckpt")
-            files = ""
         elif ckpt_path == "last":
             why, give = ("`last` finds no last.ckpt", "--ckpt_path <run>/checkpoints/FILE.ckpt of a run that holds one")
         else:
