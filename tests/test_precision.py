@@ -155,3 +155,36 @@ def test_protopnet_pushes_under_a_true_precision(precision: str, in_tmp_dir: Pat
     layer = cli.model.model.prototypes
     assert cli.trainer.callback_metrics["push/pushed"] == 1.0 and (layer.source_index >= 0).all()
     assert layer.vectors.dtype == DTYPES[precision]
+
+
+# the compare twins Lightning converts too: (model, its settings, its input)
+TWINS = {
+    # no add-on layers: z reached the bf16 last layer promoted to float32 ("mat1 and mat2 must have the same dtype")
+    "protopnet linear_head": ("protopnet_tinycnn", {"num_classes": 3, "head": "linear", "add_on": False}),
+    # torchvision's roi_align got bf16 features with float32 proposals ("input should have the same type as rois")
+    "aog_rcnn two_mlp_head": ("faster_rcnn_tinycnn", {"num_classes": 3, "image_size": 64}),
+}
+
+
+@pytest.mark.parametrize("twin", list(TWINS))
+def test_compare_twins_train_and_predict_in_bf16(twin: str) -> None:
+    """bf16-true (the model's parameters in bf16, no autocast) for the compare twins the fits above do not build:
+    one training step's loss is finite with bf16 gradients, and the twin predicts in eval mode."""
+    from zoo import create_model
+
+    name, kwargs = TWINS[twin]
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs).to(torch.bfloat16)
+    if name.startswith("faster_rcnn"):
+        images = [torch.rand(3, 64, 64, dtype=torch.bfloat16)]
+        targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([1])}]
+        loss = sum(model(images, targets).values())
+        model.eval()
+        assert len(model(images)) == 1
+    else:
+        out = model(torch.rand(2, 3, 64, 64, dtype=torch.bfloat16))
+        assert out["logits"].dtype == torch.bfloat16
+        loss = out["logits"].float().logsumexp(-1).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert {p.grad.dtype for p in model.parameters() if p.grad is not None} == {torch.bfloat16}

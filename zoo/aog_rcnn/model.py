@@ -457,6 +457,19 @@ def rois_with_batch_index(proposals: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([index, torch.cat(proposals)], 1)
 
 
+class Float32RoIAlign(MultiScaleRoIAlign):
+    """torchvision's MultiScaleRoIAlign (the `faster_rcnn_*` twin's pool) pooling in float32 and returning the
+    features' dtype: under bf16-true its roi_align got bf16 features with float32 proposals and refused them (and
+    has no bf16 CPU kernel); the precision of pooling as `PositionSensitivePool` keeps it."""
+
+    def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+                image_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        dtype = next(iter(x.values())).dtype
+        pooled = super().forward({name: feature.float() for name, feature in x.items()},
+                                 [box.float() for box in boxes], image_shapes)  # (K, C, 7, 7)
+        return pooled.to(dtype)
+
+
 class PositionSensitivePool(nn.Module):
     """The box_roi_pool replacement: 1x1 convs to position-sensitive maps, pooled per RoI.
 
@@ -823,7 +836,7 @@ class AOGRCNN(FasterRCNN):
         classes = num_classes + 1
         grammar = GridGrammar(*grid)
         if head == "mlp":
-            pool = MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2)
+            pool = Float32RoIAlign(["0"], output_size=7, sampling_ratio=2)
             box_head = TwoMLPHead(body.out_channels * 49, representation_size)
             predictor = FastRCNNPredictor(representation_size, classes)
         else:

@@ -162,7 +162,8 @@ class ProtoPNet(nn.Module):
         """The head on z (B, D, h, w): logits, the unit maps and (ProtoPNet) each prototype's smallest distance;
         "pre_logits" is what the last layer reads: the prototypes' similarities (B, P) or the pooled z (B, D)."""
         if not self.has_prototypes:
-            pooled = latent.mean(dim=(2, 3))  # (B, D)
+            # in the last layer's dtype: without add-on layers z is promoted to float32 (`in_weights_dtype`)
+            pooled = latent.mean(dim=(2, 3)).to(self.last_layer.weight.dtype)  # (B, D)
             return {"logits": self.last_layer(pooled), "pre_logits": pooled, "unit_maps": latent, "latent": latent}
         distances = self.prototypes(latent)  # (B, P, h, w)
         min_distances = distances.flatten(2).amin(-1)  # (B, P)
