@@ -471,3 +471,19 @@ def test_the_explain_stage_feeds_a_float64_or_bf16_model_its_own_dtype(dtype: to
     rows, _, series = explain_validation_images(series_system, Data(torch.rand(6, 1, 32), "series"), settings)
     assert series.dtype == torch.float32 and 0 <= rows[0]["deletion_auc"] <= 1
     assert "Series: deletion sets 16 time steps at a time" in explanation_note(rows)
+
+
+def test_scoring_restores_every_modules_train_flag_also_when_an_explainer_fails() -> None:
+    """score_explanations set the model's flag alone back (a submodule kept in eval mode came back training) and only
+    when every explainer ran (a failing one left the model in eval mode)."""
+    from zoo.explain.scores import score_explanations
+
+    model, images, target = OwnMapModel().train(), torch.rand(2, 3, 16, 16), torch.tensor([0, 1])
+    model.scale = torch.nn.BatchNorm1d(1).eval()  # a part kept in eval mode
+    modes = {name: module.training for name, module in model.named_modules()}
+    score_explanations(model, images, target, methods=("cam",), metrics=("deletion",))
+    assert {name: module.training for name, module in model.named_modules()} == modes
+    model.own_explanation = lambda inputs, target: 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        score_explanations(model, images, target, methods=("cam",), metrics=("deletion",))
+    assert {name: module.training for name, module in model.named_modules()} == modes

@@ -209,3 +209,66 @@ def test_a_bf16_token_model_is_explained_by_captum(method: str) -> None:
     tokens = torch.randint(2, 50, (2, 12))
     maps = zoo.explain(model.to(torch.bfloat16), tokens, method, target=1)
     check_convention(maps, (2, 12))
+
+
+def test_gradient_methods_explain_under_inference_mode_as_outside_it() -> None:
+    """Lightning validates, tests and predicts under `torch.inference_mode()`, which `torch.enable_grad()` does not
+    lift: a callback's zoo.explain(..., "saliency") crashed ("element 0 of tensors does not require grad"). The maps
+    are those of a call outside it, exactly."""
+    torch.manual_seed(0)
+    cases = [(zoo.create_model("baseline_tinycnn", num_classes=3).eval(), torch.rand(2, 3, 32, 32),
+              ("saliency", "integrated_gradients", "layer_gradcam")),
+             (zoo.create_model("baseline_cnn1d", num_classes=4, in_chans=2, length=16).eval(), torch.randn(2, 2, 16),
+              ("saliency", "deeplift")),
+             (zoo.create_model("l2x_vector", num_classes=2, num_features=10, k=4).eval(), torch.randn(2, 10),
+              ("input_x_gradient", "integrated_gradients"))]
+    for model, inputs, methods in cases:
+        for method in methods:
+            expected = zoo.explain(model, inputs, method, target=1)
+            with torch.inference_mode():
+                maps = zoo.explain(model, inputs.clone(), method, target=torch.tensor(1))  # an inference tensor
+            assert torch.equal(maps, expected), method
+
+
+def test_explain_restores_every_modules_train_flag_also_when_it_fails() -> None:
+    """A part kept in eval mode in a training model (a frozen detector's BatchNorm in ReNN's `global` stage) stays in
+    eval mode after zoo.explain: `net.train(was_training)` set it training again, and the next step updated its
+    running statistics. The flags are restored when the explanation fails too."""
+    model = zoo.create_model("baseline_tinycnn", num_classes=3).train()
+    model.backbone.eval()
+    modes = {name: module.training for name, module in model.named_modules()}
+    zoo.explain(model, torch.rand(2, 3, 32, 32), "saliency")
+    assert {name: module.training for name, module in model.named_modules()} == modes
+    model.own_explanation = lambda inputs, target: 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        zoo.explain(model, torch.rand(2, 3, 32, 32), target=0)
+    assert {name: module.training for name, module in model.named_modules()} == modes
+
+
+def test_a_sample_count_that_is_no_whole_number_of_at_least_one_is_refused_by_name() -> None:
+    """n_samples 0 or -1 failed inside Captum ("torch.cat(): expected a non-empty list"), True passed as 1."""
+    model = zoo.create_model("l2x_vector", num_classes=2, num_features=10, k=4).eval()
+    for bad in (0, -1, True, 2.5, "50"):
+        with pytest.raises(ValueError, match=rf"n_samples .* must be a whole number >= 1; got {bad!r}"):
+            zoo.explain(model, torch.randn(2, 10), "lime", target=1, n_samples=bad)
+
+
+def test_inputs_of_the_wrong_shape_are_named_by_what_is_wrong() -> None:
+    """An image without its batch dimension reads as a series: "occlusion" (an image method) said "Unknown explanation
+    method". A shape error names the dtype only when the dtype is wrong ("(dtype float expected)" under a float
+    tensor read as the mistake). The textual model's explain checks its images before the labels, whose expected
+    shape (B,) it read from an unbatched image's channels ("expects labels of shape (3)")."""
+    model = zoo.create_model("baseline_tinycnn", num_classes=3)
+    with pytest.raises(ValueError, match=r"'occlusion' explains images of shape \(B, C, H, W\); got shape "
+                                         r"\(3, 64, 64\).*batch dimension\? pass images\[None\]"):
+        zoo.explain(model, torch.rand(3, 64, 64), "occlusion")
+    with pytest.raises(ValueError, match=r"expects images of shape \(B, 3, H, W\); got \(2, 1, 32, 32\) "
+                                         r"torch.float32\.$"):
+        zoo.explain(model, torch.rand(2, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"got \(2, 3, 32, 32\) torch.int64 \(dtype float expected\)\.$"):
+        zoo.explain(model, torch.ones(2, 3, 32, 32, dtype=torch.long))
+    textual = zoo.create_model("textual_explanation", num_classes=6, image_size=32)
+    with pytest.raises(ValueError, match=r"expects images of shape \(B, C, H, W\); got \(3, 32, 32\)"):
+        textual.explain(torch.rand(3, 32, 32), torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"expects labels of shape \(2\); got \(1,\) torch.int64\.$"):
+        textual.explain(torch.rand(2, 3, 32, 32), torch.tensor([1]))

@@ -26,12 +26,15 @@ def check_input(owner: str, x: Any, shape: tuple[int | str | None, ...], what: s
     float inputs must also have the dtype of this module's parameters (float64 into a float32 model fails deep in a
     convolution otherwise), unless autocast casts them (any float dtype but float64). `ids_below`: integer ids
     (token ids, class ids) must lie in [0, ids_below), checked on CPU tensors only (no device read)."""
-    ok = (isinstance(x, torch.Tensor) and x.ndim == len(shape) and _KINDS[kind](x)
+    dtype_ok = isinstance(x, torch.Tensor) and _KINDS[kind](x)
+    ok = (dtype_ok and x.ndim == len(shape)
           and all(not isinstance(want, int) or got == want for got, want in zip(x.shape, shape)))
     if not ok:
         expected = ", ".join(str(d) if d is not None else "_" for d in shape)
         got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{owner} expects {what} of shape ({expected}); got {got} (dtype {kind} expected).")
+        # the dtype named only when it is what is wrong (a right dtype "expected" read as the mistake)
+        raise ValueError(f"{owner} expects {what} of shape ({expected}); got {got}"
+                         f"{'' if dtype_ok else f' (dtype {kind} expected)'}.")
     span = None if ids_below is None else ids_out_of_range(x, 0, ids_below - 1)
     if span is not None:
         raise ValueError(f"{owner} expects {what} in [0, {ids_below}); got ids from {span[0]} to {span[1]}.")

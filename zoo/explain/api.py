@@ -20,13 +20,30 @@ raises for them. Any other method is a Captum attribution (`zoo.explain.captum`)
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 OWN = "own"
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside the block, and every module's own `training` flag as it was after it, also when
+    the block raises. `model.train(was_training)` set every submodule to the top's flag: a part kept in eval mode (a
+    stage's frozen modules, `ZooSystem.frozen_modules`, e.g. ReNN's detectors in rule_series' `global` stage, or one
+    the user froze) came back training, and the next step updated its BatchNorm running statistics."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training  # the flag alone: `train()` would set the module's children too
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -99,14 +116,20 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
         target: one class id for the batch, (B,) ids, or None for each sample's predicted class. Ids are integers;
             whole-valued floats (2.0) are taken as the id they equal, while other floats (2.7, NaN) and bools are
             refused (truncating them would silently explain another class).
-        n_samples: perturbations per sample of KernelShap and Lime (default: Captum's, 25 / 50).
+        n_samples: perturbations per sample of KernelShap and Lime, a whole number >= 1 (default: Captum's,
+            25 / 50); the other methods draw no samples and ignore it.
         segment: series: time steps per feature KernelShap and Lime perturb together, each segment's attribution
             spread evenly over its steps (1: every step alone; with T features and Captum's 25 / 50 samples their
             surrogates are fit on fewer samples than features and score near a random map). Gradient methods
             attribute every step.
     Returns:
         (B, H, W) / (B, T) / (B, d) float, >= 0, higher = more important, at the input's resolution.
+
+    Gradient methods run with autograd on even under `torch.no_grad()` or `torch.inference_mode()` (Lightning's
+    validate, test and predict loops): the inputs and `target` are cloned out of inference mode, which changes no
+    value of the map.
     """
+    from zoo.checks import positive_int
     from zoo.explain.captum import FEATURE_METHODS, POSTHOC_METHODS, attribute_features
     from zoo.explain.captum import explain as captum_explain
 
@@ -116,6 +139,11 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
         raise ValueError(f"zoo.explain explains classifiers of (B, C, H, W) images, (B, C, T) series or (B, d) "
                          f"vectors and token ids; got {got} (detectors explain with boxes, generators with sentences, "
                          f"in their Systems' pictures).")
+    if images.ndim != 4 and method in POSTHOC_METHODS and method not in FEATURE_METHODS:
+        single = (" (one image without its batch dimension? pass images[None], shape "
+                  f"{(1, *images.shape)})" if images.ndim == 3 else "")
+        raise ValueError(f"{method!r} explains images of shape (B, C, H, W); got shape {tuple(images.shape)}, which "
+                         f"reads as {'series (B, C, T)' if images.ndim == 3 else 'vectors (B, d)'}{single}.")
     known = POSTHOC_METHODS if images.ndim == 4 else FEATURE_METHODS
     if method != OWN and method not in known:
         raise ValueError(f"Unknown explanation method {method!r} for inputs of shape {tuple(images.shape)}; "
@@ -123,6 +151,9 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
     if method == "layer_gradcam" and not can_explain(net, method):
         raise ValueError(f"{type(net).__name__} has no pooled head for layer_gradcam (it explains the head's input "
                          f"map); choose from {(OWN, *(m for m in known if m != method))}.")
+    if n_samples is not None and not positive_int(n_samples):
+        raise ValueError(f"n_samples (perturbations per sample of KernelShap and Lime) must be a whole number >= 1; "
+                         f"got {n_samples!r}; pass None for Captum's default.")
     if not _takes_one_input(net):
         raise ValueError(f"{type(net).__name__} takes more than the inputs (a generator's labels and captions): "
                          f"zoo.explain explains classifiers.")
@@ -130,9 +161,10 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
         raise ValueError(f"{type(net).__name__} is a detector: it explains with boxes (and, for aog_rcnn, parse trees "
                          f"over each box), drawn by its System's pictures; zoo.explain explains classifiers.")
     images = images.to(next(net.parameters()).device)
-    was_training = net.training
-    net.eval()
-    try:
+    # out of inference mode, so that gradient methods can record a graph; inference tensors are cloned to normal ones
+    # (autograd cannot save them for backward)
+    with eval_mode(net), torch.inference_mode(False):
+        images = images.clone() if images.is_inference() else images
         if target is None:
             with torch.no_grad():
                 out = net(images)
@@ -142,6 +174,7 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
             target = out["logits"].argmax(-1)
         else:
             target = _checked_target(target, len(images), getattr(net, "num_classes", None)).to(images.device)
+            target = target.clone() if target.is_inference() else target
         if method == OWN:
             maps = own_explanation(net, images, target)
         elif images.ndim == 4:
@@ -152,9 +185,7 @@ def explain(model: nn.Module, images: torch.Tensor, method: str = OWN,
         else:
             with torch.enable_grad():
                 maps = attribute_features(net, images, target, method, n_samples=n_samples)
-    finally:
-        net.train(was_training)
-    return maps.detach().float()
+        return maps.detach().float()
 
 
 def _series_attribution(net: nn.Module, series: torch.Tensor, target: torch.Tensor, method: str,
@@ -164,7 +195,9 @@ def _series_attribution(net: nn.Module, series: torch.Tensor, target: torch.Tens
     segment's attribution over the segment's length; gradient methods score every step."""
     from zoo.explain.captum import PERTURBATION_METHODS, attribute_features
 
-    if isinstance(segment, bool) or not isinstance(segment, int) or segment < 1:
+    from zoo.checks import positive_int
+
+    if not positive_int(segment):
         raise ValueError(f"segment must be a whole number of time steps >= 1; got {segment!r}.")
     steps = series.shape[-1]
     segment = segment if method in PERTURBATION_METHODS else 1

@@ -40,7 +40,7 @@ from torchmetrics import Metric
 from tqdm.auto import tqdm
 
 from zoo.figures import class_name, heatmap_overlay, new_figure
-from zoo.explain.api import OWN, can_explain, own_explanation
+from zoo.explain.api import OWN, can_explain, eval_mode, own_explanation
 from zoo.explain.api import explain as explain_features
 from zoo.explain.captum import (FEATURE_METHODS, POSTHOC_METHODS, SELF_EXPLANATION, LogitsOnly, explain,
                                 perturbation_samples)
@@ -152,37 +152,35 @@ def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Ten
     methods = [method for method, name in named if method != RANDOM_REFERENCE and (name in runnable or
                                                                                    name not in other)]
     keys = torch.arange(len(images), device=images.device) if keys is None else keys.to(images.device)
-    was_training = model.training
-    model.eval()
     logits_only = LogitsOnly(model)
     rows, maps, raw = [], {}, {}
     progress = tqdm([*methods, RANDOM_REFERENCE], desc=f"explaining {len(images)} images", unit="method",
                     leave=False)
-    for method in progress:
-        if method != RANDOM_REFERENCE and not can_explain(model, method):
-            continue
-        progress.set_postfix_str(method)
-        explainer = random_explainer(keys) if method == RANDOM_REFERENCE else method_explainer(model, method, step)
-        saliency, seconds = wall_time(partial(explainer, images, target), device=images.device,
-                                      warm_up=partial(explainer, images[:1], target[:1]))
-        row: dict[str, Any] = {"method": method, "ms_per_sample": 1e3 * seconds / len(images)}
-        raw[method] = {}
-        for name, metric in map_metrics(metrics, step).items():
-            metric.update(logits_only, images, saliency, target)
-            raw[method][name] = row[name] = metric.compute().item()
-        if "sensitivity" in metrics and method != RANDOM_REFERENCE:
-            metric = SensitivityMax()
-            metric.update(explainer, images, target)
-            row["sensitivity_max"] = metric.compute().item()
-        if part_masks is not None:
-            for kind in ("pointing", "mass"):
-                metric = AttributionInMask(kind, skip_empty=series)
-                metric.update(saliency, part_masks.to(saliency.device))
-                row[f"{kind}_in_{truth}"] = metric.compute().item()
-        rows.append(row)
-        if method != RANDOM_REFERENCE:
-            maps[method] = saliency
-    model.train(was_training)
+    with eval_mode(model):  # every module's train flag restored after, also when an explainer fails
+        for method in progress:
+            if method != RANDOM_REFERENCE and not can_explain(model, method):
+                continue
+            progress.set_postfix_str(method)
+            explainer = random_explainer(keys) if method == RANDOM_REFERENCE else method_explainer(model, method, step)
+            saliency, seconds = wall_time(partial(explainer, images, target), device=images.device,
+                                          warm_up=partial(explainer, images[:1], target[:1]))
+            row: dict[str, Any] = {"method": method, "ms_per_sample": 1e3 * seconds / len(images)}
+            raw[method] = {}
+            for name, metric in map_metrics(metrics, step).items():
+                metric.update(logits_only, images, saliency, target)
+                raw[method][name] = row[name] = metric.compute().item()
+            if "sensitivity" in metrics and method != RANDOM_REFERENCE:
+                metric = SensitivityMax()
+                metric.update(explainer, images, target)
+                row["sensitivity_max"] = metric.compute().item()
+            if part_masks is not None:
+                for kind in ("pointing", "mass"):
+                    metric = AttributionInMask(kind, skip_empty=series)
+                    metric.update(saliency, part_masks.to(saliency.device))
+                    row[f"{kind}_in_{truth}"] = metric.compute().item()
+            rows.append(row)
+            if method != RANDOM_REFERENCE:
+                maps[method] = saliency
     for row in rows:
         for column, score in VERSUS_RANDOM.items():
             if score in raw[RANDOM_REFERENCE]:

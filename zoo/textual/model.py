@@ -354,8 +354,11 @@ class ExplanationModel(nn.Module):
     def explain(self, images: torch.Tensor, labels: torch.Tensor, mode: str = "greedy", beam_size: int = 3,
                 early_stop: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Generated sentences (B, max_len) and their per-word log-probabilities (`decode`'s `early_stop`)."""
-        check_input(f"ExplanationModel({self.variant})", labels, (len(images),), "labels", kind="long",
-                    ids_below=self.num_classes)
+        name = f"ExplanationModel({self.variant})"
+        # the images first, as `forward` does: the labels' expected shape is (B,) of the images' batch, and an image
+        # without its batch dimension made the message ask for labels of its channel count
+        check_input(name, images, ("B", "C", "H", "W"), "images", like=self)
+        check_input(name, labels, (len(images),), "labels", kind="long", ids_below=self.num_classes)
         return self.generator.decode(self.features(images, labels), mode=mode, beam_size=beam_size,
                                      early_stop=early_stop)
 
