@@ -347,3 +347,29 @@ def test_an_export_with_fewer_class_names_than_classes_is_refused(tmp_path: Path
         zoo.load_exported(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**spec, "class_names": list("abcdef")}))
     assert zoo.load_exported(tmp_path).class_names == list("abcdef")
+
+
+# every epoch a plateau (no loss is below best * (1 - 1) = 0): the rate halves at each epoch's end
+PLATEAU = ("--model.init_args.scheduler={class_path: torch.optim.lr_scheduler.ReduceLROnPlateau, init_args: "
+           "{patience: 0, factor: 0.5, threshold: 1.0}}")
+
+
+def test_a_fit_resumed_from_an_epochs_end_takes_the_plateau_step_lightning_skips(in_tmp_dir: Path) -> None:
+    """ReduceLROnPlateau steps after the epoch's validation, so last.ckpt (written at validation end) holds it before
+    that epoch's step, and Lightning skips the step on resume (the monitored value is not in the checkpoint): the
+    resumed run trained on at twice the rate (`last_epoch` 1 of 2, every later tensor different). The checkpoint
+    now carries the owed step's value and the resumed fit takes it."""
+    from train import main
+
+    def fit(name: str, epochs: int, *extra: str) -> dict[str, Any]:
+        main(["fit", "--config", CONFIG, PLATEAU, "--data.init_args.num_train=16", "--data.init_args.num_val=8",
+              "--data.init_args.batch_size=8", f"--trainer.max_epochs={epochs}", "--trainer.enable_progress_bar=false",
+              f"--trainer.logger.init_args.name={name}", *extra])
+        return final_state(in_tmp_dir, name)
+
+    whole = fit("whole", 3)
+    assert fit("resumed", 1)["lr_schedulers"][0]["last_epoch"] == 0  # written before epoch 0's step
+    again = fit("resumed", 3, "--ckpt_path=last")
+    assert whole["lr_schedulers"][0]["last_epoch"] == 2 and whole["lr_schedulers"] == again["lr_schedulers"]
+    differ = differing_tensors(whole, again)
+    assert not differ, f"{len(differ)} of {len(whole['state_dict'])} tensors differ: {differ[:8]}"

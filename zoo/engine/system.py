@@ -37,6 +37,7 @@ from zoo.checks import batch_field, check_class_ids, check_on_host
 from zoo.distributed import all_reduce_, end_spawned_process_group, is_distributed
 from zoo.engine.auxiliary import Auxiliary, auxiliaries_pending, prepare_auxiliaries
 from zoo.engine.callbacks import logged_step
+from zoo.engine.plateau import PLATEAU_KEY, plateau_steps_owed, take_owed_plateau_steps
 from zoo.engine.stages import Schedule, epoch_schedules, scale_group_rates
 from zoo.registry import check_same_model, create_model_for_data
 from zoo.weights import (MODEL_KEYS, SETTINGS_KEY, CheckpointError, check_resume_keys, model_spec, resolve_class,
@@ -330,6 +331,8 @@ class ZooSystem(pl.LightningModule):
         self._hparams_initial = self.logged_hparams(given)  # what loggers record (TensorBoard's HPARAMS)
         self._hp_metric_restored: float | None = None  # a resumed run's last hp_metric (`HP_METRIC_KEY`)
         self._hp_metric_pending = False  # Lightning wrote its placeholder hp_metric -1 since the run's last value
+        self._plateau_stepped: dict[int, int] = {}  # plateau scheduler index -> the epoch it last stepped in
+        self._plateau_owed: dict[int, float] = {}  # a resumed checkpoint's owed plateau steps (`PLATEAU_KEY`)
         self.schedule = Schedule(stages, self.model)
         self.metrics = nn.ModuleDict()  # "<stage>_<name>": a ModuleDict key "train" would shadow nn.Module.train
         self._dict_metrics: dict[str, str] = {}  # metrics whose compute() returns a dict: key -> log prefix
@@ -687,6 +690,9 @@ class ZooSystem(pl.LightningModule):
         hp_metric = hp_metric if hp_metric is not None else self._hp_metric_restored
         if hp_metric is not None:  # what a resumed fit writes as hp_metric after Lightning's placeholder
             checkpoint[HP_METRIC_KEY] = hp_metric
+        owed = plateau_steps_owed(self.trainer, self._plateau_stepped) if self._trainer is not None else {}
+        if owed:  # the epoch-end ReduceLROnPlateau steps this checkpoint precedes, taken when a fit resumes from it
+            checkpoint[PLATEAU_KEY] = owed
 
     def defer_check(self, ok: torch.Tensor, message: str) -> None:
         """A condition on the batch's device values (`ok`, a bool tensor) that must not make a step wait for the
@@ -819,6 +825,16 @@ class ZooSystem(pl.LightningModule):
             self.enter_epoch()
         if self._hp_metric_pending:  # a resumed fit: its checkpoint's hp_metric over Lightning's placeholder -1
             self._write_hp_metric(self._hp_metric_restored)
+        if self.trainer.ckpt_path is not None:  # resumed: the plateau steps Lightning skips (`zoo.engine.plateau`)
+            take_owed_plateau_steps(self, self._plateau_owed)
+        self._plateau_owed = {}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Lightning's, noting the epoch each ReduceLROnPlateau stepped in (`plateau_steps_owed`)."""
+        super().lr_scheduler_step(scheduler, metric)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            index = next(i for i, c in enumerate(self.trainer.lr_scheduler_configs) if c.scheduler is scheduler)
+            self._plateau_stepped[index] = self.current_epoch
 
     def on_train_epoch_start(self) -> None:
         self.reset_metrics("train")
@@ -966,6 +982,7 @@ class ZooSystem(pl.LightningModule):
         self._drop_foreign_loss_state(checkpoint)
         restored = checkpoint.get(HP_METRIC_KEY)
         self._hp_metric_restored = float(restored) if isinstance(restored, (int, float)) else None
+        self._plateau_owed = dict(checkpoint.get(PLATEAU_KEY) or {})
         epoch = schedule_epoch(checkpoint)
         if epoch is not None:
             self.enter_schedules(epoch)
