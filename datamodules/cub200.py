@@ -210,8 +210,9 @@ class CUBIndex:
         self.captions: torch.Tensor | None = None  # (N, R, L) sentence ids, filled when sentences are present
         self.attributes: np.ndarray | None = None  # (N, A) class-level concepts, filled with attributes=True
         classes_file = root / "classes.txt"  # names by their <class_id>, not by line order
+        # without it, the 1-based <class_id> of image_class_labels.txt names label c (0-based): "1" is class id 1
         self.class_names = read_names(classes_file, "class") if classes_file.is_file() \
-            else [str(c) for c in range(int(self.labels.max()) + 1)]
+            else [str(c + 1) for c in range(int(self.labels.max()) + 1)]
 
     def _read_parts(self, path: Path, ids: np.ndarray, position: dict[int, int]) -> np.ndarray:
         """(N, 15, 3) x, y, visible per images.txt row and part. As the other index files, images.txt decides which
@@ -340,8 +341,8 @@ class CUB200DataModule(DictDataModule):
             `read_cub_attributes`; voted over the training split, so without the `val_fraction` held out), named by
             `attribute_names`; min_attribute_classes: its filter (10 in the paper).
 
-    `class_names` come from classes.txt by <class_id> ("001.Black_footed_Albatross", ...; "0", "1", ... without it).
-    """
+    `class_names` come from classes.txt by <class_id> ("001.Black_footed_Albatross", ...); without it they are the
+    <class_id>s "1", "2", ... as image_class_labels.txt writes them (label 0 is named "1", the release's class 1)."""
 
     num_channels = 3
 

@@ -34,15 +34,26 @@ IMAGES_MAGIC, LABELS_MAGIC = 0x00000803, 0x00000801
 GZIP_MAGIC = b"\x1f\x8b"  # the first two bytes of every gzip stream
 
 
-def _open(root: Path, stem: str) -> tuple[Path, bytes]:
-    """The path and (decompressed) bytes of `<root>/<stem>` or `<root>/<stem>.gz`."""
+# the four release files (`LAYOUT`), each <stem> or <stem>.gz
+STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _find(root: Path, stem: str) -> Path:
+    """The path of `<root>/<stem>` (extracted, looked up first) or `<root>/<stem>.gz`; a DatasetLayoutError where
+    neither is a file. Nothing is read (`IDXDataModule.__init__` checks the four files with it)."""
     for path in (root / stem, root / f"{stem}.gz"):
         if path.is_file():
-            try:
-                return path, gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-            except (OSError, EOFError) as err:
-                raise DatasetLayoutError(f"{str(path)!r} is not a readable gzip file ({err}).", LAYOUT) from err
+            return path
     raise DatasetLayoutError(f"Neither {stem} nor {stem}.gz is in {str(root)!r}.", LAYOUT)
+
+
+def _open(root: Path, stem: str) -> tuple[Path, bytes]:
+    """The path and (decompressed) bytes of `<root>/<stem>` or `<root>/<stem>.gz` (`_find`)."""
+    path = _find(root, stem)
+    try:
+        return path, gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as err:
+        raise DatasetLayoutError(f"{str(path)!r} is not a readable gzip file ({err}).", LAYOUT) from err
 
 
 def read_idx(root: Path, stem: str, magic: int) -> tuple[Path, torch.Tensor]:
@@ -86,7 +97,8 @@ class IDXDataModule(DictDataModule):
     """MNIST-layout IDX files under `root` as (3, S, S) images for pretrained backbones.
 
     Args:
-        root: folder holding the four release files (see `LAYOUT`), .gz or extracted.
+        root: folder holding the four release files (see `LAYOUT`), .gz or extracted; they are looked up when the
+            datamodule is built (a missing one is said before a fit moves an earlier run), read at setup.
         dataset: "fashion_mnist", "mnist" or "kmnist": names the classes; `class_names` overrides.
         image_size: side the 28x28 images are resized to (e.g. 64-96 for an ImageNet MobileNetV2).
         mean / std: per-channel normalisation applied after resizing (lists), "pretrained" (mean only: the model's
@@ -125,10 +137,14 @@ class IDXDataModule(DictDataModule):
                              f"may be None: all); got {image_size}, {num_val}, {num_train}, {num_test}.")
         self.root, self.num_classes, self.image_size = Path(root), len(self.class_names), image_size
         self.num_train, self.num_val, self.num_test, self.seed = num_train, num_val, num_test, seed
-
-    def _read(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        # a mistyped root fails here, as CUB's and VOC's do: at setup it failed after a fit had moved the earlier
+        # run to stale/ (files are only looked up: read, and checked, at setup)
         if not self.root.is_dir():
             raise DatasetLayoutError(f"IDX root {str(self.root)!r} is not a folder.", LAYOUT)
+        for stem in STEMS:
+            _find(self.root, stem)
+
+    def _read(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         images_path, images = read_idx(self.root, f"{split}-images-idx3-ubyte", IMAGES_MAGIC)
         labels_path, labels = read_idx(self.root, f"{split}-labels-idx1-ubyte", LABELS_MAGIC)
         if len(images) != len(labels):

@@ -275,17 +275,25 @@ _OPENERS = {".gz": gzip.open, ".bz2": bz2.open}
 _SHOWN = 5  # bad lines listed in an error
 
 
-def _parse_table(path: Path) -> tuple[list[str], list[list[str]], list[int], str]:
-    """The header, each record's fields (blank lines skipped, as csv.DictReader does), the line each record starts on
-    (the header is line 1; a quoted field may run over several) and the delimiter of a CSV/TSV file, compressed or
-    not. A DatasetLayoutError names a missing file, an unknown format or a file that cannot be read."""
+def _table_delimiter(path: Path) -> str:
+    """The delimiter of CSV/TSV file `path` ("," or a tab), from its name (.csv / .tsv, optionally .gz / .bz2),
+    without reading it; a DatasetLayoutError names a missing file or an unknown format (`CSVTextDataModule` checks
+    its path with it at construction, `_parse_table` before reading)."""
     if not path.is_file():
         raise DatasetLayoutError(f"Text table {str(path)!r} does not exist.", TABLE_LAYOUT)
     compression = path.suffix if path.suffix in _OPENERS else ""
     kind = Path(path.name.removesuffix(compression)).suffix
     if kind not in (".csv", ".tsv"):
         raise DatasetLayoutError(f"{str(path)!r} is neither .csv nor .tsv (optionally .gz / .bz2).", TABLE_LAYOUT)
-    delimiter = "\t" if kind == ".tsv" else ","
+    return "\t" if kind == ".tsv" else ","
+
+
+def _parse_table(path: Path) -> tuple[list[str], list[list[str]], list[int], str]:
+    """The header, each record's fields (blank lines skipped, as csv.DictReader does), the line each record starts on
+    (the header is line 1; a quoted field may run over several) and the delimiter of a CSV/TSV file, compressed or
+    not. A DatasetLayoutError names a missing file, an unknown format (`_table_delimiter`) or a file that cannot be
+    read."""
+    delimiter = _table_delimiter(path)
     records, first_lines = [], []
     try:
         with _open_table(path) as handle:
@@ -481,6 +489,8 @@ class CSVTextDataModule(TokenDataModule):
             raise ValueError(f"val_fraction and test_fraction must be in (0, 1) with a sum < 1; got "
                              f"{val_fraction}, {test_fraction}.")
         self.path, self.text_column, self.label_column = Path(path), text_column, label_column
+        # whatever `labels` is, a mistyped path fails here, not at setup after a fit moved the earlier run to stale/
+        _table_delimiter(self.path)
         if labels is None:  # the classes must be known before setup (the CLI links num_classes into the model)
             rows, _ = read_text_table(self.path, text_column, label_column)
             labels = sorted(every_label(rows, self.path, label_column))

@@ -65,6 +65,17 @@ def test_class_names_follow_the_id_column_and_ids_are_1_to_n(cub_root: Path) -> 
     assert CUB200DataModule(str(cub_root)).class_names == ["a", "b", "c"]
 
 
+def test_without_classes_txt_classes_are_named_by_their_1_based_ids(cub_root: Path) -> None:
+    """Named "0".."C-1", one below the ids image_class_labels.txt lists: predictions.csv's "0" meant CUB class 1.
+    The labels stay 0-based."""
+    (cub_root / "CUB_200_2011" / "classes.txt").unlink()
+    data = CUB200DataModule(str(cub_root))
+    assert data.class_names == ["1", "2", "3"]
+    ids = [int(line.split()[1]) for line in (cub_root / "CUB_200_2011" / "image_class_labels.txt").read_text()
+           .splitlines()]
+    assert [data.class_names[label] for label in data.index.labels.tolist()] == [str(i) for i in ids]
+
+
 def write_attributes(cub_root: Path, names: str) -> None:
     """Every image with attributes 1..3 present (certainty 4), and attributes.txt beside CUB_200_2011/."""
     ids = [ln.split()[0] for ln in (cub_root / "CUB_200_2011" / "images.txt").read_text().splitlines()]

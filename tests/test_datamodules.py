@@ -235,6 +235,31 @@ def test_cub_reads_labels_boxes_and_landmarks(cub_root: Path) -> None:
     assert torch.allclose(sample["landmarks"], expected)
 
 
+CUB_CONFIGS = sorted(path for path in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")
+                     if "datamodules.CUB200DataModule" in path.read_text())
+
+
+def test_cub_configs_validating_on_the_test_split_choose_no_checkpoint_by_it() -> None:
+    """With val_fraction 0 (the papers' protocol) validation is the release's test split; the CUB configs kept
+    `checkpoint.monitor: val/acc`, so their "best" checkpoint was picked on test images. As VOC's config: no monitor,
+    the last epoch's checkpoint. Parsed as `fit` parses them (no data needed), compare_cub200's runs too."""
+    from zoo.cli.compare import _fit_args, read_compare_spec
+    from zoo.cli.lightning import ParsedCLI
+
+    repo = Path(__file__).resolve().parents[1]
+    assert {"configs/baselines/cub200.yaml", "configs/icnn/cub200.yaml", "configs/protopnet/cub200.yaml"} <= {
+        path.relative_to(repo).as_posix() for path in CUB_CONFIGS}
+    spec = repo / "configs/icnn/compare_cub200.yaml"
+    parsed = {path.relative_to(repo).as_posix(): ParsedCLI(args=["--config", str(path)], run=False).config
+              for path in CUB_CONFIGS}
+    parsed |= {f"compare_cub200 {name}": ParsedCLI(args=_fit_args(name, run, spec, [], []), run=False).config
+               for name, run in read_compare_spec(spec)["runs"].items()}
+    for name, config in parsed.items():
+        if config.data.init_args.val_fraction == 0:  # validation is the test split
+            assert config.checkpoint.monitor is None, name
+            assert config.checkpoint.filename == "epoch{epoch}-step{step}", name  # not named best-*
+
+
 def test_cub_crop_to_box_moves_landmarks_into_the_crop(cub_root: Path) -> None:
     dm = CUB200DataModule(str(cub_root / "CUB_200_2011"), image_size=20, crop_to_box=True)
     dm.setup()

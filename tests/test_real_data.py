@@ -146,6 +146,42 @@ def test_idx_layout_errors_name_the_file_and_the_problem(tmp_path: Path) -> None
         IDXDataModule(tmp_path, num_val=4).setup()
 
 
+def test_a_missing_idx_root_or_release_file_is_refused_when_built(tmp_path: Path) -> None:
+    """Checked only at setup, a mistyped root failed after `fit` had moved the earlier run to stale/; now at
+    construction, as CUB's and VOC's roots are. The files are looked up there, not read (a broken one: at setup)."""
+    with pytest.raises(DatasetLayoutError, match=r"IDX root '.*fashion_mnst' is not a folder"):
+        IDXDataModule(tmp_path / "fashion_mnst")
+    write_idx_set(tmp_path, gz=True)
+    (tmp_path / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DatasetLayoutError, match=r"Neither train-labels-idx1-ubyte nor train-labels-idx1-ubyte.gz "
+                                                 r"is in '.*'"):
+        IDXDataModule(tmp_path, num_val=4)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"not read until setup")  # extracted: found, not read
+    data = IDXDataModule(tmp_path, num_val=4)
+    with pytest.raises(DatasetLayoutError, match="bad magic number"):
+        data.setup()
+
+
+def test_fit_with_a_mistyped_idx_root_leaves_the_earlier_run_in_place(in_tmp_dir: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """The README's Fashion-MNIST config with a one-letter typo in the root: the earlier run's checkpoints and
+    config.yaml were moved to stale/ before the data failed at setup, and `test --config <run>/config.yaml` found
+    nothing."""
+    from tests.conftest import REPO
+    from tests.test_compare_ablate import said_once
+
+    run = in_tmp_dir / "checkpoints" / "baselines_fashion_mnist_mobilenet"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("trainer: {}\n")
+    (run / "checkpoints" / "last.ckpt").write_text("earlier run\n")
+    error = said_once(capsys, ["fit", "--config", str(REPO / "configs/baselines/fashion_mnist_mobilenet.yaml"),
+                               "--model.init_args.model_kwargs.pretrained_path=null",
+                               "--data.init_args.root=data/fashion_mnst", "--trainer.max_epochs=1"])
+    assert "IDX root 'data/fashion_mnst' is not a folder" in error, error
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"], error
+    assert not (run.parent / "stale").exists(), error
+
+
 def test_a_data_setting_the_data_cannot_meet_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Found only when the data is read (at setup, inside the fit): still a configuration error, said once."""
     from datamodules import DataSettingError
@@ -212,6 +248,17 @@ def test_csv_text_datamodule_errors_name_columns_labels_and_format(tmp_path: Pat
     with pytest.raises(DatasetLayoutError, match="Could not read .*broken.csv.gz"):
         CSVTextDataModule(tmp_path / "broken.csv.gz", labels=["a", "b"]).setup()
 
+
+
+@pytest.mark.parametrize("labels", [["rotten", "fresh"], None])
+def test_a_missing_or_unknown_text_table_is_refused_when_built(tmp_path: Path, labels: list[str] | None) -> None:
+    """With `labels` listed the file was first looked at in setup: a mistyped path failed after `fit` had moved the
+    earlier run to stale/. Now, whatever `labels` is, at construction (as IMDB's root is)."""
+    with pytest.raises(DatasetLayoutError, match=r"Text table '.*nope.csv' does not exist"):
+        CSVTextDataModule(tmp_path / "nope.csv", labels=labels)
+    (tmp_path / "rt.json").write_text("{}")
+    with pytest.raises(DatasetLayoutError, match=r"rt.json' is neither .csv nor .tsv \(optionally .gz / .bz2\)"):
+        CSVTextDataModule(tmp_path / "rt.json", labels=labels)
 
 
 @pytest.mark.parametrize("name", ["excel.csv", "excel.csv.gz"])
