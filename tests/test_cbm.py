@@ -888,3 +888,36 @@ def test_the_readmes_intervention_call_corrects_the_named_concepts_only() -> Non
         model(images, concepts=true_concepts)  # silently ignored before
     with pytest.raises(ValueError, match="must be a bool"):
         model(images, concepts=true_concepts, intervene=fix.float())
+
+
+def test_a_model_with_another_concept_count_than_the_data_is_refused_at_setup(cub_root: Path) -> None:
+    """CUB with attributes=true gives as many concepts as its filter keeps (here 2); a CBM still at the parts
+    world's 36 is refused when the run is set up (a DataSettingError naming model_kwargs.num_concepts and both
+    counts: train.py says it in one line), not with a traceback at the first validation batch."""
+    from types import SimpleNamespace
+
+    from datamodules import CUB200DataModule, DataSettingError
+
+    lines = [f"{image_id} {a} 1 4 1.0" for image_id, _, _ in CUB_IMAGES for a in (1, 2)]
+    write_cub_attributes(cub_root, lines, ["has_wing_color::brown", "has_bill_shape::cone"])
+    data = CUB200DataModule(root=str(cub_root), image_size=32, batch_size=4, attributes=True, min_attribute_classes=1)
+    assert len(data.attribute_names) == 2
+    trainer = pl.Trainer(accelerator="cpu", limit_val_batches=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    with pytest.raises(DataSettingError, match=r"num_concepts=36 .*len\(attribute_names\).* is 2\. Set "
+                                               r"model_kwargs.num_concepts to 2"):
+        trainer.validate(CBMSystem(num_classes=3, image_size=32), datamodule=data, verbose=False)
+    matching = CBMSystem(num_classes=3, image_size=32, model_kwargs={"num_concepts": 2})
+    trainer.validate(matching, datamodule=data, verbose=False)  # the same data, the right count: runs
+    # a datamodule's num_concepts / concept_names count; attribute_names only for the `attributes` field
+    for told, concept_key, refused in [({"num_concepts": 5}, "attributes", True),
+                                       ({"concept_names": ["a", "b"]}, "attributes", True),
+                                       ({"attribute_names": ["a"]}, "parts", False),
+                                       ({"attribute_names": []}, "attributes", False)]:
+        cbm = CBMSystem(num_classes=3, concept_key=concept_key, model_kwargs={"num_concepts": 3},
+                        loss=ConceptBottleneckLoss(concept_key=concept_key))
+        if refused:
+            with pytest.raises(DataSettingError, match="model_kwargs.num_concepts"):
+                cbm.check_concept_count(SimpleNamespace(**told))
+        else:
+            cbm.check_concept_count(SimpleNamespace(**told))

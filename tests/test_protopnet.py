@@ -4,6 +4,7 @@ the same under 2-process DDP), what each stage trains, the part metrics, the CLI
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -106,16 +107,18 @@ def test_push_puts_every_prototype_on_a_training_patch_of_its_class_at_distance_
                                                              (row + 1) * cell], 1).float())
 
 
-def test_predictions_name_the_top_prototypes_of_the_predicted_class() -> None:
-    """predictions.csv's `top_prototypes` column: for each image the 3 prototypes of largest similarity x last-layer
-    weight for its predicted class, best first, as "p<id>:<class name>:<score>:<source index>" (the training image
-    push took it from); the twins add nothing."""
+@pytest.mark.parametrize("per_class", [PER_CLASS, 2])
+def test_predictions_name_the_top_prototypes_of_the_predicted_class(per_class: int) -> None:
+    """predictions.csv's `top_prototypes` column: for each image the predicted class's own prototypes of largest
+    similarity x last-layer weight for it (at most 3: with 2 prototypes per class both, and no other class's
+    prototype with its -0.5 connection fills the list), best first, as "p<id>:<class name>:<score>:<source index>"
+    (the training image push took it from); the twins add nothing."""
     from zoo.protopnet.model import similarity
 
     names = ["ant", "bee", "cat", "dog"]
     torch.manual_seed(0)
     system = ProtoPNetSystem("protopnet_tinycnn", num_classes=NUM_CLASSES, class_names=names,
-                             model_kwargs={"prototypes_per_class": PER_CLASS, "prototype_channels": 16}).eval()
+                             model_kwargs={"prototypes_per_class": per_class, "prototype_channels": 16}).eval()
     dataset, _ = small_train_set()
     loader, indices = push_loader(dataset, 8, None, world_size=1, rank=0)
     apply_push(system.model, nearest_patches(system.model, loader, indices, "image", "label", torch.device("cpu")),
@@ -128,15 +131,47 @@ def test_predictions_name_the_top_prototypes_of_the_predicted_class() -> None:
     for row, cell in enumerate(prediction["columns"]["top_prototypes"]):
         entries = [entry.split(":") for entry in cell.split("; ")]
         ids = [int(entry[0].removeprefix("p")) for entry in entries]
-        evidence = similarity(out["min_distances"][row]) * weight[int(prediction["pred"][row])]  # (P,)
-        assert ids == evidence.topk(3).indices.tolist() == prediction["top_prototypes"][row].tolist()
-        assert [entry[1] for entry in entries] == [names[c] for c in layer.prototype_class[ids].tolist()]
+        predicted = int(prediction["pred"][row])
+        own = (layer.prototype_class == predicted).nonzero().flatten()  # (m,) the predicted class's prototypes
+        evidence = similarity(out["min_distances"][row]) * weight[predicted]  # (P,)
+        assert ids == prediction["top_prototypes"][row].tolist() and set(ids) <= set(own.tolist())
+        # (two prototypes pushed onto one patch tie: compare the scores, not the order of tied ids)
+        assert evidence[ids].tolist() == evidence[own].topk(min(3, per_class)).values.tolist()
+        assert [entry[1] for entry in entries] == [names[predicted]] * min(3, per_class)
         assert [float(entry[2]) for entry in entries] == pytest.approx(evidence[ids].tolist(), rel=1e-3)
+        assert min(float(entry[2]) for entry in entries) > 0  # own prototypes: evidence for the class
         assert [int(entry[3]) for entry in entries] == layer.source_index[ids].tolist()
         assert min(layer.source_index[ids].tolist()) >= 0
     twin = ProtoPNetSystem("protopnet_tinycnn", num_classes=NUM_CLASSES, model_kwargs={"head": "linear"}).eval()
     with torch.no_grad():
         assert "columns" not in twin.predict_step(batch, 0)
+
+
+def test_prototype_picture_shows_the_predicted_classs_own_prototypes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`PrototypesCallback` ranks as predictions.csv (`top_class_prototypes`): with 2 prototypes per class and
+    top_k 3, each row shows the predicted class's 2 prototypes, none of another class."""
+    from types import SimpleNamespace
+
+    from zoo.protopnet.callback import PrototypesCallback
+
+    names = ["ant", "bee", "cat", "dog"]
+    torch.manual_seed(0)
+    system = ProtoPNetSystem("protopnet_tinycnn", num_classes=NUM_CLASSES, class_names=names,
+                             model_kwargs={"prototypes_per_class": 2, "prototype_channels": 16}).eval()
+    callback = PrototypesCallback(num_images=4, top_k=3)
+    callback.batch = {"image": torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(3)),
+                      "label": torch.arange(4)}
+    published = {}
+    monkeypatch.setattr(callback, "publish", lambda trainer, tag, figure, markdown, name: published.update(
+        markdown=markdown))
+    with torch.no_grad():
+        callback.draw(SimpleNamespace(datamodule=SimpleNamespace(class_names=names)), system, None)
+        predicted = system.model(callback.batch["image"])["logits"].argmax(-1).tolist()
+    rows = published["markdown"].splitlines()[2:]
+    assert len(rows) == 4
+    for row, predicted_class in zip(rows, predicted):
+        listed = row.split(" | ")[3].split("<br>")
+        assert len(listed) == 2 and all(f"({names[predicted_class]}, " in entry for entry in listed), row
 
 
 def gradients(system: ProtoPNetSystem, batch: dict[str, torch.Tensor]) -> set[str]:
@@ -604,3 +639,29 @@ def test_cub_config_follows_the_authors_schedule() -> None:
         if backbone_lr is not None:
             assert optimizer.param_groups[0]["lr"] == pytest.approx(backbone_lr, rel=2e-3), epoch
     assert init["push_stages"] == ["last_layer"]  # the push opens each last-layer stage
+
+
+@pytest.mark.parametrize("max_epochs, fast_dev_run, push_stages, warned", [
+    (1, False, None, True),  # warm_up only: the last_layer stage (the push) starts at epoch 1
+    (2, False, None, False),  # last_layer starts at epoch 1: it pushes
+    (1, True, None, False),  # a smoke test may stop anywhere (as the engine's own warning)
+    (1, False, ["warm_up", "last_layer"], False),  # warm_up pushes
+    (-1, False, None, False)])  # an open budget reaches every stage
+def test_protopnet_warns_when_max_epochs_ends_before_every_push_stage(max_epochs: int, fast_dev_run: bool,
+                                                                      push_stages: list[str] | None,
+                                                                      warned: bool) -> None:
+    """A fit whose push stages all start at or after max_epochs never pushes: ProtoPNet says so (the engine's own
+    warning said only that the stages are never trained), naming max_epochs and the push stages."""
+    from types import SimpleNamespace
+
+    system = ProtoPNetSystem("protopnet_tinycnn", num_classes=NUM_CLASSES, stages=STAGES, push_stages=push_stages,
+                             model_kwargs={"prototypes_per_class": 1, "prototype_channels": 8})
+    system._trainer = SimpleNamespace(max_epochs=max_epochs, fast_dev_run=fast_dev_run)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        system.warn_without_push()
+    messages = [str(w.message) for w in caught if "ProtoPNetSystem" in str(w.message)]
+    assert bool(messages) == warned, messages
+    if warned:
+        assert "max_epochs=1 ends before the push stage(s) ['last_layer']" in messages[0]
+        assert "no prototype is pushed" in messages[0] and "more than 1" in messages[0]

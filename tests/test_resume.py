@@ -373,3 +373,40 @@ def test_a_fit_resumed_from_an_epochs_end_takes_the_plateau_step_lightning_skips
     assert whole["lr_schedulers"][0]["last_epoch"] == 2 and whole["lr_schedulers"] == again["lr_schedulers"]
     differ = differing_tensors(whole, again)
     assert not differ, f"{len(differ)} of {len(whole['state_dict'])} tensors differ: {differ[:8]}"
+
+
+def test_an_exported_text_model_keeps_its_words_and_encodes_new_text(imdb_root: Path, in_tmp_dir: Path) -> None:
+    """An L2X checkpoint of IMDB reviews holds the datamodule's vocabulary and tokenizer; its export wrote neither,
+    so the exported model's token ids meant nothing. Now config.json has `text_encoding` (vocabulary, max_len,
+    tokenizer) and `load_checkpoint` / `load_exported` give it back: `encode_texts(texts, **model.text_encoding)`
+    gives new reviews the ids of training, and the exported model selects and predicts as the checkpoint's."""
+    import json
+
+    from datamodules import IMDBDataModule
+    from datamodules.text import encode_texts
+    from train import main
+
+    main(["fit", "--config", str(REPO / "configs/l2x/imdb.yaml"), f"--data.init_args.root={imdb_root}",
+          "--data.init_args.max_len=8", "--data.init_args.max_vocab=30", "--data.init_args.batch_size=4",
+          "--model.init_args.model_kwargs.k=2", "--model.init_args.black_box_epochs=1",
+          "--model.init_args.evaluator_epochs=1", "--trainer.max_epochs=1", "--trainer.logger.init_args.name=run",
+          "--progress_bar.refresh_rate=0"])
+    checkpoint = in_tmp_dir / "checkpoints" / "run" / "checkpoints" / "last.ckpt"
+    words = torch.load(checkpoint, weights_only=True)["IMDBDataModule"]["vocabulary"]
+    export = zoo.export_checkpoint(checkpoint, in_tmp_dir / "export")
+    config = json.loads((export / "config.json").read_text())
+    assert config["text_encoding"] == {"vocabulary": words, "max_len": 8, "tokenizer": 2}
+    data = IMDBDataModule(imdb_root, max_len=8, max_vocab=30)
+    data.setup()
+    reviews = [(imdb_root / name).read_text() for name in data.sample_names("test")]
+    loaded, exported = zoo.load_checkpoint(checkpoint), zoo.load_exported(export)
+    for model in (loaded, exported):
+        assert model.text_encoding == config["text_encoding"] and model.vocabulary == words
+    tokens = encode_texts(reviews, **exported.text_encoding)  # new text, as training encoded it
+    assert torch.equal(tokens, data.splits["test"].tensors["tokens"])
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens)["logits"], exported(tokens)["logits"])
+    config["text_encoding"] = {"vocabulary": words}  # edited by hand: no max_len, no tokenizer
+    (export / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="text_encoding must be .*Export it again"):
+        zoo.load_exported(export)

@@ -86,9 +86,40 @@ def _with_data_config(model: nn.Module, config: dict[str, Any] | None) -> nn.Mod
     return model
 
 
+def text_encoding(checkpoint: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any] | None:
+    """How the checkpoint's model reads raw text, `datamodules.text.encode_texts`'s settings: {"vocabulary": id ->
+    word, "max_len": ..., "tokenizer": version}, from the state a text datamodule (IMDB, CSV: `TokenDataModule`)
+    saved under its class name, with the datamodule's `max_len` (else the model's `data_inputs`). None where the
+    checkpoint holds no such state (image data; a text checkpoint written before the vocabulary was saved, whose
+    words were the data's own). Why: token ids mean nothing without the words, and a model loaded or exported from
+    the checkpoint must encode new text with the ones it learnt (`encode_texts(texts, **model.text_encoding)`)."""
+    state = next((value for key, value in checkpoint.items()  # (a textual System's hyperparameters hold words too)
+                  if isinstance(key, str) and not key.endswith("hyper_parameters") and isinstance(value, dict)
+                  and isinstance(value.get("vocabulary"), list) and "tokenizer" in value), None)
+    max_len = (checkpoint.get("datamodule_hyper_parameters") or {}).get("max_len",
+                                                                      (spec.get("data_inputs") or {}).get("max_len"))
+    if state is None or max_len is None:
+        return None
+    return {"vocabulary": [str(word) for word in state["vocabulary"]], "max_len": int(max_len),
+            "tokenizer": int(state["tokenizer"])}
+
+
+def _with_text_encoding(model: nn.Module, encoding: dict[str, Any] | None) -> nn.Module:
+    """`model.text_encoding` (`text_encoding`), and `model.vocabulary` (token id -> word, to decode ids) where the
+    model has none of its own (a textual model's comes from its model_kwargs), where known."""
+    if encoding:
+        model.text_encoding = {"vocabulary": list(encoding["vocabulary"]), "max_len": int(encoding["max_len"]),
+                               "tokenizer": int(encoding["tokenizer"])}
+        if getattr(model, "vocabulary", None) is None:
+            model.vocabulary = list(encoding["vocabulary"])
+    return model
+
+
 def load_checkpoint(path: str | Path, **expected: Any) -> nn.Module:
     """The trained model of a System checkpoint, in eval mode, with `class_names` and, where the checkpoint saved
-    its datamodule, `pretrained_cfg` (input size and normalisation, `data_config`): ``zoo.load_checkpoint(...)``.
+    its datamodule, `pretrained_cfg` (input size and normalisation, `data_config`) or, for text data, its
+    `text_encoding` (the words, max_len and tokenizer new text is encoded with, `text_encoding`):
+    ``zoo.load_checkpoint(...)``.
     A `pretrained_path` the run started from is not read (the checkpoint's weights replace it).
 
     Keyword arguments (`model_name`, `num_classes`, `in_chans`) state what the caller expects; a checkpoint
@@ -109,14 +140,16 @@ def _model_of(checkpoint: dict[str, Any], source: str, expected: dict[str, Any])
     check_same_model(spec, expected, source)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     model = _with_class_names(_load_weights(_build(spec), state, source), checkpoint["hyper_parameters"])
+    model = _with_text_encoding(model, text_encoding(checkpoint, spec))
     return _with_data_config(model, data_config(model, spec, checkpoint.get("datamodule_hyper_parameters")))
 
 
 def export_checkpoint(path: str | Path, folder: str | Path) -> Path:
     """Write `model.safetensors` and `config.json` for inference: registry name, constructor inputs (a
-    `pretrained_path` among them is kept, as what the model started from, but never read again), class_names, and
+    `pretrained_path` among them is kept, as what the model started from, but never read again), class_names,
     `pretrained_cfg` (input_size, mean, std: the images it was trained on, `data_config`) where the checkpoint
-    says."""
+    says, and for a model trained on a text datamodule (IMDB, CSV) its `text_encoding` (vocabulary, max_len,
+    tokenizer: `encode_texts(texts, **model.text_encoding)` encodes new text as in training)."""
     from safetensors.torch import save_file
 
     checkpoint = read_checkpoint(path)  # read once: the model and its spec come from the same file
@@ -124,6 +157,8 @@ def export_checkpoint(path: str | Path, folder: str | Path) -> Path:
     spec = {**model_spec(checkpoint["hyper_parameters"]), "class_names": model.class_names}
     if getattr(model, "pretrained_cfg", None):
         spec["pretrained_cfg"] = model.pretrained_cfg
+    if getattr(model, "text_encoding", None):
+        spec["text_encoding"] = model.text_encoding
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -136,8 +171,9 @@ def export_checkpoint(path: str | Path, folder: str | Path) -> Path:
 
 
 def load_exported(folder: str | Path) -> nn.Module:
-    """A model written by `export_checkpoint`, in eval mode, with its `class_names` and, where the export has it,
-    its `pretrained_cfg` (input size and normalisation, as timm models carry them)."""
+    """A model written by `export_checkpoint`, in eval mode, with its `class_names` and, where the export has them,
+    its `pretrained_cfg` (input size and normalisation, as timm models carry them) and `text_encoding` (with
+    `vocabulary` where the model has none of its own; `text_encoding`)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -154,4 +190,18 @@ def load_exported(folder: str | Path) -> nn.Module:
     if not isinstance(spec, dict) or "model_name" not in spec or "num_classes" not in spec:
         raise CheckpointError(f"{str(config)!r} names no model_name and num_classes; it is not an export's config.")
     model = _with_class_names(_load_weights(_build(spec), state, f"export {str(folder)!r}"), spec)
+    model = _with_text_encoding(model, _checked_text_encoding(spec.get("text_encoding"), config))
     return _with_data_config(model, spec.get("pretrained_cfg"))
+
+
+def _checked_text_encoding(encoding: Any, config: Path) -> dict[str, Any] | None:
+    """An export's `text_encoding`, refused by name unless it holds a list of words, max_len and tokenizer (a
+    config.json edited by hand)."""
+    if encoding is None:
+        return None
+    if not (isinstance(encoding, dict) and isinstance(encoding.get("vocabulary"), list)
+            and isinstance(encoding.get("max_len"), int) and isinstance(encoding.get("tokenizer"), int)):
+        raise CheckpointError(f"{str(config)!r}: text_encoding must be {{\"vocabulary\": [words], \"max_len\": int, "
+                              f"\"tokenizer\": int}}; got {str(encoding)[:200]}. Export it again with "
+                              f"export_checkpoint.")
+    return encoding

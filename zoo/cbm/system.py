@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from datamodules._base import DataSettingError
 from zoo.cbm.metrics import ConceptAccuracy, ConceptAUROC, ConceptF1
 from zoo.checks import batch_field, check_binary_concepts
 from zoo.distributed import updated_on_any_rank
@@ -101,6 +102,38 @@ class CBMSystem(ZooSystem):
         from losses.cbm import ConceptBottleneckLoss
 
         return ConceptBottleneckLoss(concept_key=self.concept_key, target_key=self.target_key)
+
+    def setup(self, stage: str) -> None:
+        """The data settings (`ZooSystem.setup`), then the model's concept count against the datamodule's
+        (`check_concept_count`): a mismatch was found only at the first batch, a traceback inside the fit."""
+        super().setup(stage)
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None:
+            self.check_concept_count(datamodule)
+
+    def check_concept_count(self, datamodule: Any) -> None:
+        """Refuse (`DataSettingError`: train.py says it in one line, exit status 2) a model that predicts another
+        number of concepts K than the datamodule gives: its `num_concepts`, else its `concept_names`, else (when
+        the System reads `attributes`, as for the parts world and CUB with `attributes=true`) its `attribute_names`.
+        A datamodule that tells none of them (or an empty list: CUB without attributes, whose batches then lack the
+        field, a named error of `concepts`) is left to the batch check. Why here: the model's K is fixed when it is
+        built (model_kwargs.num_concepts, the parts world's 36 by default), and CUB's attribute count depends on
+        `min_attribute_classes` and the split; the first batch's check came after the fit had started."""
+        count, source = getattr(datamodule, "num_concepts", None), "num_concepts"
+        named = ["concept_names", *(["attribute_names"] if self.concept_key == "attributes" else [])]
+        for attribute in named if count is None else []:
+            names = getattr(datamodule, attribute, None)
+            if names:  # (None or empty: not told)
+                count, source = len(names), f"len({attribute})"
+                break
+        mine = self.model.num_concepts
+        if count is None or int(count) == mine:
+            return
+        raise DataSettingError(
+            f"{type(self).__name__} ({self.hparams.get('model_name')}) predicts num_concepts={mine} concepts but the "
+            f"data's {source} ({type(datamodule).__name__}, batch[{self.concept_key!r}]) is {int(count)}. Set "
+            f"model_kwargs.num_concepts to {int(count)} (train.py: --model.init_args.model_kwargs.num_concepts="
+            f"{int(count)}).")
 
     def concepts(self, batch: dict[str, Any], stage: str = "train") -> torch.Tensor | None:
         """The batch's true concepts (B, K), checked against the model's K and to be 0 or 1; None where a predict

@@ -1,5 +1,5 @@
-"""ProtoPNet's picture: for each image of a fixed validation batch, the prototypes that weigh most in its predicted
-class, where each fires on the image, and the training image and patch push took it from."""
+"""ProtoPNet's picture: for each image of a fixed validation batch, the prototypes of its predicted class that weigh
+most in it, where each fires on the image, and the training image and patch push took it from."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ import torch
 from zoo.backbones import model_map_geometry
 from zoo.engine.callbacks import FixedBatchCallback
 from zoo.figures import class_name, heatmap_overlay, new_figure
-from zoo.protopnet.model import similarity
 from zoo.protopnet.push import push_source
+from zoo.protopnet.system import top_class_prototypes
 
 
 class PrototypesCallback(FixedBatchCallback):
     """After each validation epoch: one row per image of the fixed batch (one image of each class first): the image
-    with its true and predicted class, then for each of the `top_k` prototypes with the largest similarity x
-    last-layer weight for the predicted class, its similarity map over the image and its source (the training image
-    with the pushed latent cell's footprint boxed, `PrototypeLayer.source_box`; "not pushed yet" before the first
-    push). TensorBoard figure ``prototypes/top`` and text ``prototypes/table``; ``prototypes/epoch<e>.png`` and
-    ``.md`` in the run folder.
+    with its true and predicted class, then for each of the predicted class's own prototypes with the largest
+    similarity x last-layer weight for it (at most `top_k`, `top_class_prototypes`), its similarity map over the
+    image and its source (the training image with the pushed latent cell's footprint boxed,
+    `PrototypeLayer.source_box`; "not pushed yet" before the first push). TensorBoard figure ``prototypes/top``
+    and text ``prototypes/table``; ``prototypes/epoch<e>.png`` and ``.md`` in the run folder.
     Models without prototypes (the twins) draw nothing.
 
     Args:
@@ -38,10 +38,10 @@ class PrototypesCallback(FixedBatchCallback):
 
     def sources(self, trainer: pl.Trainer, pl_module: pl.LightningModule, indices: list[int]) -> dict[int, Any]:
         """The training images push took the prototypes from, by dataset index, as push read them (no augmentation)."""
-        dataset = push_source(trainer)[0]
         wanted = sorted({i for i in indices if i >= 0})
-        if not wanted:
+        if not wanted:  # nothing pushed yet: no training images to read
             return {}
+        dataset = push_source(trainer)[0]
         images = torch.stack([dataset[i][pl_module.input_key] for i in wanted])
         return dict(zip(wanted, self.shown(trainer, images)))
 
@@ -53,8 +53,7 @@ class PrototypesCallback(FixedBatchCallback):
         images = batch[pl_module.input_key].to(pl_module.device)
         out = model(images)
         predicted = out["logits"].argmax(-1)  # (N,)
-        evidence = similarity(out["min_distances"]) * out["last_layer_weight"][predicted]  # (N, P)
-        top = evidence.topk(min(self.top_k, evidence.shape[1]), dim=1)
+        top = top_class_prototypes(out, predicted, self.top_k)  # (N, k) the predicted class's own prototypes
         layer = model.prototypes
         source_index, boxes = layer.source_index.cpu(), layer.source_box.cpu()
         owner = layer.prototype_class.cpu()

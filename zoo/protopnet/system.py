@@ -19,6 +19,22 @@ from zoo.protopnet.model import similarity
 from zoo.protopnet.push import apply_push, keep_nearest, nearest_patches, push_loader, push_source
 
 
+def top_class_prototypes(out: dict[str, torch.Tensor], predicted: torch.Tensor,
+                         k: int) -> torch.return_types.topk:
+    """The evidence an image's prediction rests on, as predictions.csv (`ProtoPNetSystem.prediction_extras`) and the
+    prototype picture (`PrototypesCallback`) show it: for each image the predicted class's own prototypes
+    (`prototype_class == predicted`) ranked by similarity x last-layer weight for that class, best first, at most
+    `k` (min(k, m) for m prototypes per class: other classes' prototypes, with their negative -0.5 connections,
+    never fill the list). `out` is a ProtoPNet's output (`min_distances` (B, P), `last_layer_weight` (C, P),
+    `prototype_class` (P,)); `predicted` (B,). Returns topk's (values, indices), each (B, min(k, m)), in float32."""
+    owner = out["prototype_class"]  # (P,)
+    evidence = similarity(out["min_distances"]).float() * out["last_layer_weight"].float()[predicted]  # (B, P)
+    own = owner[None, :] == predicted[:, None]  # (B, P)
+    per_class = torch.bincount(owner, minlength=out["last_layer_weight"].shape[0])  # (C,) every class owns m
+    count = min(k, int(per_class.min()))  # (one host read)
+    return evidence.masked_fill(~own, float("-inf")).topk(count, dim=1)  # (B, count)
+
+
 class ProtoPNetSystem(ZooSystem):
     """Train ProtoPNet (`protopnet_*`) through the engine's stages, as the paper's schedule (configs/protopnet/):
 
@@ -105,17 +121,36 @@ class ProtoPNetSystem(ZooSystem):
         self.warn_without_push()
 
     def warn_without_push(self) -> None:
-        """Warn (once, rank zero) when a model with prototypes is fitted with no stage in `push_stages`: no
-        prototype would ever be pushed onto a training patch (a run without `stages:` has one stage, "all", and
-        `push_stages` defaults to ["last_layer"]), so its prototypes stay latent vectors that no image shows. An
-        explicit `push_stages=[]` (training without push on purpose) and the linear-head twins say nothing."""
+        """Warn (once, rank zero) when a model with prototypes is fitted with no push: no prototype would be pushed
+        onto a training patch, so its prototypes stay latent vectors that no image shows (predictions.csv and the
+        pictures say "not pushed", source -1). Either no stage of the run is in `push_stages` (a run without
+        `stages:` has one stage, "all", and `push_stages` defaults to ["last_layer"]), or every stage in it starts
+        at or after `trainer.max_epochs` (`Schedule.unreached`; the engine's own warning says only that those stages
+        never train; not under fast_dev_run, which may stop anywhere, as the engine's). An explicit
+        `push_stages=[]` (training without push on purpose) and the linear-head twins say nothing."""
         names = [stage.name for stage in self.schedule.stages]
-        if not self.push_stages or not self.model.has_prototypes or set(self.push_stages) & set(names):
+        if not self.push_stages or not self.model.has_prototypes:
             return
-        rank_zero_warn(f"ProtoPNetSystem: no stage of this run ({names}) is in push_stages={self.push_stages}, so no "
-                       f"prototype is ever pushed onto a training patch. Give the paper's stages (warm_up, joint, "
-                       f"last_layer, as configs/protopnet/parts_world.yaml) or name the stages that push in "
-                       f"push_stages; push_stages=[] trains without push on purpose (and says nothing).")
+        pushing = list(dict.fromkeys(name for name in names if name in self.push_stages))  # once each, in order
+        if not pushing:
+            rank_zero_warn(f"ProtoPNetSystem: no stage of this run ({names}) is in push_stages={self.push_stages}, so "
+                           f"no prototype is ever pushed onto a training patch. Give the paper's stages (warm_up, "
+                           f"joint, last_layer, as configs/protopnet/parts_world.yaml) or name the stages that push "
+                           f"in push_stages; push_stages=[] trains without push on purpose (and says nothing).")
+            return
+        max_epochs = self.trainer.max_epochs
+        unreached = {id(stage) for stage in self.schedule.unreached(max_epochs)}  # by identity: names can repeat
+        reached = [stage for stage in self.schedule.stages if id(stage) not in unreached]
+        if self.trainer.fast_dev_run or any(stage.name in self.push_stages for stage in reached):
+            return
+        stages = [(stage.name, stage.epochs) for stage in self.schedule.stages]
+        at = next(i for i, stage in enumerate(self.schedule.stages) if stage.name in self.push_stages)
+        first = sum(int(stage.epochs) for stage in self.schedule.stages[:at])  # the epoch of the first push
+        rank_zero_warn(f"ProtoPNetSystem: max_epochs={max_epochs} ends before the push stage(s) {pushing} start "
+                       f"(stages: {stages}, push_stages={self.push_stages}): no prototype is pushed onto a training "
+                       f"patch in this fit, so the prototypes stay latent vectors that no image shows (source -1 in "
+                       f"predictions.csv and the pictures). Give max_epochs more than {first} (the first push is at "
+                       f"epoch {first}, counting from 0), or resume this run with a larger max_epochs to push.")
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
@@ -151,16 +186,14 @@ class ProtoPNetSystem(ZooSystem):
     # ---------------------------------------------------------------------------------------------- predict
     def prediction_extras(self, out: dict[str, Any], batch: dict[str, Any]) -> dict[str, Any]:
         """Each image's evidence for its predicted class, the model's explanation: a predictions.csv column
-        `top_prototypes`, the `PREDICT_PROTOTYPES` prototypes of largest similarity x last-layer weight for the
-        predicted class (as `PrototypesCallback` ranks them), best first, "; "-separated, each
-        "p<id>:<class>:<score>:<source>": the prototype, the class that owns it (its name), its similarity x weight
-        (4 significant digits) and the index of the training image push took it from (-1 before any push); and
-        `top_prototypes` (B, k) their ids. The twins have no prototypes: nothing."""
+        `top_prototypes`, the predicted class's own prototypes of largest similarity x last-layer weight for it, at
+        most `PREDICT_PROTOTYPES` (`top_class_prototypes`, as `PrototypesCallback` ranks them), best first,
+        "; "-separated, each "p<id>:<class>:<score>:<source>": the prototype, the class that owns it (its name), its
+        similarity x weight (4 significant digits) and the index of the training image push took it from (-1 before
+        any push); and `top_prototypes` (B, k) their ids. The twins have no prototypes: nothing."""
         if not self.model.has_prototypes:
             return {}
-        predicted = out["logits"].argmax(-1)  # (B,)
-        evidence = similarity(out["min_distances"]).float() * out["last_layer_weight"].float()[predicted]  # (B, P)
-        top = evidence.topk(min(self.PREDICT_PROTOTYPES, evidence.shape[1]), dim=1)  # (B, k)
+        top = top_class_prototypes(out, out["logits"].argmax(-1), self.PREDICT_PROTOTYPES)  # (B, k)
         layer, names = self.model.prototypes, self.class_names
         owner, source = layer.prototype_class.tolist(), layer.source_index.tolist()  # predict only: host anyway
         cells = [[f"p{j}:{names[owner[j]]}:{score:.4g}:{source[j]}" for j, score in zip(ids, scores)]
