@@ -14,6 +14,7 @@ import yaml
 
 from tests.conftest import REPO
 from tests.test_compare_ablate import said_once
+from zoo.baselines.system import ClassifierSystem
 from zoo.cli.errors import is_configuration_error
 
 SMALL_WORLD = ["--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.num_test=32"]
@@ -241,3 +242,67 @@ def test_a_users_loss_or_system_is_not_judged_by_its_source(tmp_path: Path, monk
     check_monitors(user.F1System("baseline_tinycnn", num_classes=6), [ModelCheckpoint(monitor="val/f1")])
     with pytest.raises(ValueError, match="'val/f1', which ClassifierSystem does not log"):  # the zoo's own: checked
         check_monitors(ClassifierSystem("baseline_tinycnn", num_classes=6), [ModelCheckpoint(monitor="val/f1")])
+
+
+class WritesMetric(pl.Callback):
+    """A user's callback that sets a metric in trainer.callback_metrics itself, as LearningRateMonitor does."""
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.callback_metrics["val/other"] = torch.tensor(2.0)
+
+
+def test_a_monitor_a_learning_rate_monitor_or_a_callback_writes_is_not_refused() -> None:
+    """LearningRateMonitor writes "lr-Adam" (and "lr-Adam/<group>", "...-momentum") into trainer.callback_metrics,
+    and so may a user's callback: EarlyStopping on lr-Adam (stop once the rate has decayed), which trained before the
+    preflight, was refused with exit 2. A monitor nothing logs is still refused."""
+    from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+
+    from zoo.baselines.system import ClassifierSystem
+    from zoo.cli.preflight import check_monitors
+
+    system = ClassifierSystem("baseline_tinycnn", num_classes=6)
+    for monitor in ("lr-Adam", "lr-SGD-1", "lr-Adam/backbone", "lr-Adam/pg1-momentum", "lr-Adam-weight_decay"):
+        check_monitors(system, [LearningRateMonitor(), EarlyStopping(monitor=monitor, stopping_threshold=1e-4)])
+    check_monitors(system, [WritesMetric(), ModelCheckpoint(monitor="val/other")])  # unknowable: not checked
+    with pytest.raises(ValueError, match="'lr-Adam', which ClassifierSystem does not log"):
+        check_monitors(system, [EarlyStopping(monitor="lr-Adam")])  # no LearningRateMonitor writes it
+
+
+def test_early_stopping_on_the_learning_rate_monitors_name_trains_and_stops(in_tmp_dir: Path) -> None:
+    """The audit's run: EarlyStopping on lr-Adam with a threshold, StepLR dividing the rate by 100 each epoch; it
+    stops after 2 of 4 epochs, on the name Lightning's LearningRateMonitor gives."""
+    from train import main
+
+    callbacks = ("--trainer.callbacks=[{class_path: pytorch_lightning.callbacks.LearningRateMonitor, init_args: "
+                 "{logging_interval: epoch}}, {class_path: pytorch_lightning.callbacks.EarlyStopping, init_args: "
+                 "{monitor: lr-Adam, mode: min, stopping_threshold: 0.0001, patience: 100}}]")
+    cli = main(["fit", "--config", BASELINE, callbacks, "--model.init_args.scheduler={class_path: "
+                "torch.optim.lr_scheduler.StepLR, init_args: {step_size: 1, gamma: 0.01}}", "--trainer.max_epochs=4",
+                "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--data.init_args.batch_size=8",
+                "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", *SMALL_WORLD])
+    assert cli.trainer.current_epoch == 2 and "lr-Adam" in cli.trainer.callback_metrics
+
+
+class SetupSystem(ClassifierSystem):
+    """A user's System building a layer in `setup` (as Lightning documents) that its own optimiser reads."""
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if not hasattr(self, "extra"):
+            self.extra = torch.nn.Linear(4, 4)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([{"params": self.model.parameters()},
+                                {"params": self.extra.parameters(), "lr": 0.01}], lr=0.1)
+
+
+def test_a_users_optimiser_of_layers_built_in_setup_is_left_to_the_fit() -> None:
+    """The preflight called a user System's `configure_optimizers` before Lightning's `setup`: its layers did not
+    exist yet (AttributeError traceback, for a run that trained before). A user's optimiser is left to the fit; the
+    zoo's own (its optimizer and scheduler factories) is still checked."""
+    from zoo.cli.preflight import preflight
+
+    preflight(SetupSystem("baseline_tinycnn", num_classes=6))
+    bad = ClassifierSystem("baseline_tinycnn", num_classes=6, optimizer=lambda params: torch.optim.SGD(params, lr=-1))
+    with pytest.raises(ValueError, match="the optimizer or scheduler refuses its settings: Invalid learning rate"):
+        preflight(bad)

@@ -4,6 +4,7 @@ decoding (greedy and beam), loss masking, and the REINFORCE gradient's sign on a
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -570,9 +571,11 @@ def test_predict_writes_each_images_generated_sentence(tmp_path) -> None:
     system = TextualSystem(variant="explanation-label", hidden=16, encoder_epochs=1, sentence_classifier_epochs=1,
                            class_names=data.class_names)
     tiny_trainer(tmp_path, limit_val_batches=0).fit(system, datamodule=data)
-    with pytest.warns(UserWarning, match="no explanation pictures"):  # sentences: CSV only
+    with warnings.catch_warnings():  # sentences: CSV only, and nothing said of pictures (PREDICT_PICTURES)
+        warnings.filterwarnings("error", message="predict: no explanation pictures")
         tiny_trainer(tmp_path, callbacks=[PredictionWriter()]).predict(system, datamodule=data,
                                                                        return_predictions=False)
+    assert not list((tmp_path / "predictions").glob("*.png"))
     rows = list(csv.DictReader((tmp_path / "predictions" / "predictions.csv").open()))
     assert len(rows) == 12 and [int(r["index"]) for r in rows] == list(range(12))
     test = data.splits["test"]

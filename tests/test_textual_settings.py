@@ -3,6 +3,8 @@ errors for a too-small vocabulary and a missing stage-1 checkpoint (audit fixes)
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -44,9 +46,12 @@ def test_model_kwargs_size_the_model_and_win_over_the_linked_ones(tmp_path) -> N
         model = TextualSystem(variant="description", hidden=16, model_kwargs={"hidden": 32}).model
     assert model.generator.word_lstm.hidden_size == 16
     # a System argument at load overrides the linked copy the checkpoint recorded (it was refused: "model_kwargs
-    # gives max_len=18 but the System's max_len is 30", for model_kwargs the user never gave)
-    with pytest.warns(UserWarning, match="model_kwargs gives max_len"):
+    # gives max_len=18 but the System's max_len is 30", for model_kwargs the user never gave; then warned so)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="model_kwargs gives")
         assert TextualSystem.load_from_checkpoint(tmp_path / "s.ckpt", max_len=30).model.generator.max_len == 30
+    with pytest.warns(UserWarning, match="model_kwargs gives max_len=12 and the System's max_len is 30"):  # given
+        TextualSystem.load_from_checkpoint(tmp_path / "s.ckpt", max_len=30, model_kwargs={**sizes, "max_len": 12})
 
     # a checkpoint of other sizes than the run builds (a run written before sizes took effect, resumed with its
     # config.yaml, whose model_kwargs gave sizes the old code ignored): named, before torch's size-mismatch traceback

@@ -151,6 +151,24 @@ def prepare_fit_auxiliaries(system: Any, trainer: pl.Trainer, datamodule: Any, r
     prepare_auxiliaries(system, trainer, datamodule)
 
 
+def ckpt_path_reset_by_config(args: list[str]) -> tuple[str, list[str]] | None:
+    """(the value, the configs read after it) of the last `--ckpt_path` of `args` (the command line) that a later
+    `--config` may have reset: jsonargparse applies the options in order, so a run's config.yaml (which holds
+    `ckpt_path: null`) given after `--ckpt_path last` replaces it. None where no `--ckpt_path` with a value has a
+    `--config` after it."""
+    given: str | None = None
+    configs: list[str] = []
+    for i, arg in enumerate(args):
+        name, has_value, value = arg.partition("=")
+        if not has_value:
+            value = args[i + 1] if i + 1 < len(args) else ""
+        if name == "--ckpt_path":
+            given, configs = (value if value.lower() not in ("", "null", "none") else None), []
+        elif name == "--config" and given is not None:
+            configs.append(value)
+    return (given, configs) if given is not None and configs else None
+
+
 def saved_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The hyperparameters of a checkpoint's System and datamodule (empty where it saved none), and its model
     settings (`zoo.weights.SETTINGS_KEY`: None where it kept none)."""
@@ -247,6 +265,7 @@ class ZooCLI(LightningCLI):
     checkpoint_file: str | None = None  # the file it names (`last` resolved), where it is one
     checkpoint_hparams: dict[str, Any] | None = None  # its model's and datamodule's hyperparameters, once read
     given_model_settings: dict[str, Any] | None = None  # the model settings as given (`zoo.weights.model_settings`)
+    command_args: list[str] = []  # the arguments as given (sys.argv[1:] or `args`): `ckpt_path_reset_by_config`
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("subclass_mode_model", True)
@@ -276,6 +295,8 @@ class ZooCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse with `*_kwargs` mappings from the command line merged into the config's (`merge_kwargs_options`)."""
+        self.command_args = [str(arg) for arg in (sys.argv[1:] if args is None else args if isinstance(args, list)
+                                                  else [])]
         if args is None:  # from the command line (Lightning warns when given both argv and args)
             self.config = parser.parse_args(merge_kwargs_options(sys.argv[1:]))
         else:
@@ -438,6 +459,11 @@ class ZooCLI(LightningCLI):
                                                                          "last.ckpt")
         elif ckpt_path == "last":
             why, give = ("`last` finds no last.ckpt", "--ckpt_path <run>/checkpoints/FILE.ckpt of a run that holds one")
+        elif (reset := ckpt_path_reset_by_config(self.command_args)) is not None:  # the config's null, read after it
+            given, configs = reset
+            why = (f"--ckpt_path {given} is given before --config {' '.join(configs)}, whose `ckpt_path: null` (a "
+                   f"run's config.yaml holds one), read after it, replaced it")
+            give = f"--ckpt_path after --config: --config {configs[-1]} --ckpt_path {given}"
         else:
             why, give = ("no --ckpt_path is given", "--ckpt_path <run>/checkpoints/FILE.ckpt, or --ckpt_path last (the "
                                                     "run's last.ckpt)")
@@ -545,8 +571,12 @@ class ZooCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """Lightning copies a `--ckpt_path` checkpoint's hyperparameters over the config; refuse first, naming both,
         a checkpoint of another System or model (else the run would silently rebuild the checkpoint's model and
-        pair it with this config's loss)."""
-        from zoo.weights import model_settings
+        pair it with this config's loss). Then put back the settings as given that the command may change: a
+        resumed fit's `zoo.weights.resume_free` ones; validate / test / predict's those too and the System's
+        `EVALUATION_FREE` ones (decoding options: the textual `max_len`), as `load_from_checkpoint(path,
+        max_len=4)` honours them. Any other model setting given for validate / test / predict that the
+        checkpoint's replaced is warned about (`warn_ignored_settings`), where it was dropped silently."""
+        from zoo.weights import model_settings, resume_free
 
         subcommand, ckpt_path = self._subcommand_and_ckpt_path()
         parsed = self.config[subcommand] if subcommand else self.config
@@ -561,27 +591,79 @@ class ZooCLI(LightningCLI):
                                              hint=None if subcommand == "fit" else run_config_hint(ckpt_path, "model"))
             self.checkpoint_hparams = saved_hparams(checkpoint)  # for `check_data_fits_checkpoint`: read once
         super()._parse_ckpt_path()
-        if subcommand == "fit" and self.checkpoint_hparams is not None and self.given_model_settings is not None:
-            self.keep_given_resume_free_settings(self.config[subcommand].get("model"))
+        if self.checkpoint_hparams is None or self.given_model_settings is None:
+            return
+        model = self.config[subcommand].get("model")
+        if subcommand == "fit":
+            self.keep_given_settings(model, resume_free)
+        elif subcommand in EVALUATIONS:
+            free = evaluation_free(model)
+            self.keep_given_settings(model, free)
+            self.warn_ignored_settings(subcommand, model, free)
 
-    def keep_given_resume_free_settings(self, model: Any) -> None:
-        """The System options a resumed fit may change (`zoo.weights.resume_free`: torch.compile, the non-finite
-        loss policy, to skip the batch a run died on, and the files that only give starting weights or helpers, which
-        may have moved) as this run gives them, not as Lightning copied them from the `--ckpt_path` file's
-        hyperparameters (`--ckpt_path last` copies none)."""
-        from zoo.weights import resume_free
-
+    def keep_given_settings(self, model: Any, free: Callable[[str], bool]) -> None:
+        """The model settings the command may change (`free` of their dotted key: for a resumed fit
+        `zoo.weights.resume_free`, torch.compile, the non-finite loss policy, to skip the batch a run died on, and the
+        files that only give starting weights or helpers, which may have moved; for an evaluation `evaluation_free`)
+        as this run gives them, not as Lightning copied them from the `--ckpt_path` file's hyperparameters
+        (`--ckpt_path last` copies none). A `model_kwargs` entry that recorded the checkpoint's value of a System
+        argument put back (the textual model's `max_len`) follows it."""
         init_args = getattr(model, "init_args", None)
         prefix = "model.init_args."
         for key, value in self.given_model_settings.items():
-            if init_args is None or not key.startswith(prefix) or not resume_free(key):
+            if init_args is None or not key.startswith(prefix) or not free(key):
                 continue
             *parents, leaf = key.removeprefix(prefix).split(".")  # model_kwargs.pretrained_path: a dict entry
             holder = init_args
             for parent in parents:  # through Namespaces and plain dicts alike
                 holder = holder.get(parent) if hasattr(holder, "get") else None
-            if holder is not None and hasattr(holder, "__setitem__"):
-                holder[leaf] = value
+            if holder is None or not hasattr(holder, "__setitem__"):
+                continue
+            recorded = init_args.get("model_kwargs") if not parents else None
+            if hasattr(recorded, "__setitem__") and leaf in recorded and recorded[leaf] == holder.get(leaf):
+                recorded[leaf] = value  # the checkpoint's copy of the argument, not a size of the user's
+            holder[leaf] = value
+
+    def warn_ignored_settings(self, subcommand: str, model: Any, free: Callable[[str], bool]) -> None:
+        """One warning naming each model setting this validate / test / predict gives (the config's or the command
+        line's) whose value the `--ckpt_path` checkpoint's hyperparameters replaced: "--model.init_args.hidden=16 is
+        ignored: the checkpoint's 64 is used". Not said: `free` ones (kept as given), unset ones (None: the
+        checkpoint's fills them), the ones the data links (`zoo.weights.DATA_LINKS`: the data checks compare them)
+        and the model's name (`check_config_fits_checkpoint` refuses another)."""
+        from pytorch_lightning.utilities import rank_zero_warn
+
+        from zoo.weights import DATA_LINKS, IDENTITY_KEYS, model_settings, resolve_class
+
+        used = model_settings(model) or {}
+        skipped = {f"model.init_args.{key}" for key in (*DATA_LINKS.values(), *IDENTITY_KEYS)}
+        ignored = [f"--{key}={_as_option(given)} is ignored: the checkpoint's {_as_option(used[key])} is used"
+                   for key, given in self.given_model_settings.items()
+                   if key in used and given is not None and given != used[key] and key not in skipped
+                   and not free(key)]
+        if ignored:
+            system = resolve_class(str(model.get("class_path")))
+            kept = ", ".join(getattr(system, "EVALUATION_FREE", ()))
+            kept = f" ({system.__name__}'s {kept}, which change no weight, are taken as given)" if kept else ""
+            rank_zero_warn(f"{subcommand} --ckpt_path: {'; '.join(ignored)}. The model is built with the "
+                           f"checkpoint's hyperparameters, which its weights were trained with{kept}. Drop those "
+                           f"options, or train a run with them.")
+
+
+def evaluation_free(model: Any) -> Callable[[str], bool]:
+    """Whether validate / test / predict of a checkpoint may change model setting `key` (dotted) from the value the
+    checkpoint was trained with: what a resumed fit may (`zoo.weights.resume_free`: files that only give starting
+    weights, torch.compile, ...) and the System's own `EVALUATION_FREE` arguments (the textual `max_len`: a decoding
+    length, no weight's shape), for the System class of `model` (the parsed model config)."""
+    from zoo.weights import resolve_class, resume_free
+
+    system = resolve_class(str(model.get("class_path"))) if hasattr(model, "get") else None
+    own = {f"model.init_args.{key}" for key in getattr(system, "EVALUATION_FREE", ())}
+    return lambda key: key in own or resume_free(key)
+
+
+def _as_option(value: Any) -> str:
+    """A setting as the command line gives it: a list or mapping as YAML flow, anything else as it prints."""
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 class ParsedCLI(ZooCLI):

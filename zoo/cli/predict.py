@@ -13,7 +13,8 @@ random; a model given weights of its own (model_kwargs.pretrained_path) predicts
   bottlenecks: `concepts`, the names of the concepts predicted present);
 - <index>.png for the first `max_pictures` images: the image beside the model's own explanation (the System's
   `explanation` when predict_step gives one at the image's size, else `zoo.explain`, method "own") of the predicted
-  class, titled with the predicted (and true) class name. Inputs that are not images (vectors, tokens): CSV only.
+  class, titled with the predicted (and true) class name. Inputs that are not images (vectors, tokens), and Systems
+  whose explanations are no pictures (`PREDICT_PICTURES = False`: the textual sentences, in the CSV): CSV only.
 
 Models whose output is not one class per sample (detectors) give their own rows instead: predictions.csv then holds
 one row per entry of each sample (AOG R-CNN: per detection its class, score, box and parse-tree leaves, in the
@@ -168,9 +169,13 @@ class PredictionWriter(BasePredictionWriter):
     def _pictures(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, pred: torch.Tensor,
                   probs: torch.Tensor, index: torch.Tensor, labels: torch.Tensor | None,
                   class_names: list[str], explanation: torch.Tensor | None = None) -> None:
+        """The first images' pictures; none for a System that declares it has none (`PREDICT_PICTURES = False`:
+        the textual explanations are sentences, in the CSV) or whose model `zoo.explain` cannot explain (said)."""
         images = batch.get(getattr(pl_module, "input_key", "image")) if isinstance(batch, dict) else None
         count = min(self.quota - self.pictures, len(pred))
         if count <= 0 or not isinstance(images, torch.Tensor) or images.ndim != 4:
+            return
+        if not getattr(pl_module, "PREDICT_PICTURES", True):
             return
         if isinstance(explanation, torch.Tensor) and explanation.shape == (len(images), *images.shape[-2:]):
             maps = explanation[:count].float().cpu()  # the System's own explanation (L2X: the kept pixels)

@@ -32,6 +32,11 @@ PREFIX = re.compile(r"""log_prefix=["']([^"']+)["']""")  # add_metric(..., log_p
 FRAMEWORK_PACKAGES = ("torch", "pytorch_lightning", "lightning", "lightning_fabric", "torchmetrics")  # no terms
 KNOWN_PACKAGES = ("zoo", "losses", "torchvision", "timm")  # whose code names its loss terms as "loss_<term>"
 OWN_LOGS = ("epoch", "step")  # what Lightning adds to the names a ModelCheckpoint may monitor
+# What LearningRateMonitor writes into trainer.callback_metrics (its `_find_names_from_optimizers`): "lr-Adam",
+# "lr-Adam-1" (a second Adam), "lr-Adam/backbone" (a named parameter group), "lr-Adam/pg1-momentum", ...
+LR_MONITOR_LOGS = re.compile(r"(lr|momentum|weight_decay)-.+")
+# a callback that sets trainer.callback_metrics itself: trainer.callback_metrics["val/x"] = ..., .update({...})
+WRITES_METRICS = re.compile(r"""callback_metrics\s*(\[[^\]]*\]\s*=(?!=)|\.(update|setdefault)\()""")
 
 
 def preflight(system: nn.Module, callbacks: Iterable[Any] = ()) -> None:
@@ -43,13 +48,21 @@ def preflight(system: nn.Module, callbacks: Iterable[Any] = ()) -> None:
     check_monitors(system, callbacks)
 
 
+def is_users(cls: type) -> bool:
+    """Whether `cls` is a user's class (defined outside the zoo's packages): its code is left to the run itself."""
+    return cls.__module__.split(".")[0] != "zoo"
+
+
 def check_optimizer(system: nn.Module) -> None:
     """Build the System's optimiser and scheduler as the fit will (`configure_optimizers`, which reads the model's
     parameters and hyperparameters, no trainer) and drop them: torch's refusal of a value (a negative learning rate,
     a scheduler argument) is said now, naming the options. Nothing of the System changes (a new optimiser holds
-    the parameters, it does not change them)."""
+    the parameters, it does not change them). Only the zoo's own `configure_optimizers` (the optimizer and
+    scheduler factories) is checked: a user's System may build its optimiser from layers it makes in `setup` /
+    `configure_model`, which Lightning runs later (an AttributeError here, for a valid run)."""
     configure = getattr(system, "configure_optimizers", None)
-    if configure is None:
+    owner = next((cls for cls in type(system).__mro__ if "configure_optimizers" in vars(cls)), None)
+    if configure is None or owner is None or is_users(owner):
         return
     try:
         with warnings.catch_warnings():
@@ -127,9 +140,11 @@ def logged_names(system: nn.Module, callbacks: Iterable[Any] = ()) -> tuple[set[
     """What the System logs, as exact names and patterns: "<stage>/<metric>" for its metrics
     (`metric_directions`; a dict metric's entries "<stage>/<prefix>*"), "<stage>/loss*" (the sum, each term, their
     _step / _epoch forms), "schedule/*", what its family's code and the run's own callbacks log
-    (`self.log("push/distance")`, "train/reward", a user's `pl_module.log("val/mine")`), and Lightning's "epoch" /
-    "step". None where that cannot be told: a System of the user's (metrics it adds in `setup`), code that logs a
-    dict of names (`log_dict`) or a name it computes (`self.log(name, ...)`), or a source that cannot be read."""
+    (`self.log("push/distance")`, "train/reward", a user's `pl_module.log("val/mine")`), Lightning's "epoch" /
+    "step", and with a LearningRateMonitor its "lr-<Optimizer>..." names (`LR_MONITOR_LOGS`). None where that cannot
+    be told: a System of the user's (metrics it adds in `setup`), code that logs a dict of names (`log_dict`) or a
+    name it computes (`self.log(name, ...)`), a callback that writes `trainer.callback_metrics` itself, or a source
+    that cannot be read."""
     exact, patterns = set(OWN_LOGS), [re.compile(r"(train|val|test)/loss.*"), re.compile(r"schedule/.*")]
     for stage in ("train", "val", "test"):
         for name in metric_directions(system, stage):
@@ -141,13 +156,16 @@ def logged_names(system: nn.Module, callbacks: Iterable[Any] = ()) -> tuple[set[
 
     own = [cls for cls in type(system).__mro__ if isinstance(cls, type) and issubclass(cls, ZooSystem)
            and cls is not ZooSystem]  # the engine's own logs are the ones above
-    if any(cls.__module__.split(".")[0] != "zoo" for cls in own):
+    if any(is_users(cls) for cls in own):
         return None  # a user's System may add metrics in `setup` or log names its code computes
+    callbacks = list(callbacks)
+    if any(cls.__name__ == "LearningRateMonitor" for callback in callbacks for cls in type(callback).__mro__):
+        patterns.append(LR_MONITOR_LOGS)  # pytorch_lightning's or lightning's: EarlyStopping may watch "lr-Adam"
     sources = [_source(cls) for cls in own]
     sources += [_class_source(cls) for callback in callbacks for cls in type(callback).__mro__
                 if cls.__module__.split(".")[0] not in ("pytorch_lightning", "lightning", "builtins")]
     for source in sources:
-        if not source or "log_dict(" in source or LOGGED_ANYHOW.search(source):
+        if not source or "log_dict(" in source or LOGGED_ANYHOW.search(source) or WRITES_METRICS.search(source):
             return None
         for f_string, name in LOGGED.findall(source):
             if f_string:  # f"{stage}/{x}": a pattern, each {...} any text

@@ -276,6 +276,11 @@ class ZooSystem(pl.LightningModule):
     # hyperparameters a checkpoint must share with the run that loads it: what its weights were trained to mean
     # (CBM: the training mode). A mismatch is refused by name, on `--ckpt_path last` and in `fit --ckpt_path FILE`.
     RESUME_KEYS: ClassVar[tuple[str, ...]] = ()
+    # System arguments validate / test / predict of a checkpoint take as given, not as the checkpoint's (they change
+    # no weight: the textual max_len; `zoo.cli.lightning.evaluation_free`)
+    EVALUATION_FREE: ClassVar[tuple[str, ...]] = ()
+    # whether `train.py predict` draws the first images beside their explanation (`zoo.cli.predict.PredictionWriter`)
+    PREDICT_PICTURES: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -30,6 +31,9 @@ STAGE_ONE_CONFIGS = {"explanation": "explanation_label", "explanation-dis": "des
 SIZE_KEYS = ("feature_dim", "class_dim", "embed_dim")  # the generator's sizes a model_kwargs sets (`size_differences`)
 LINKED_ARGUMENTS = ("vocab_size", "encoder", "hidden", "max_len", "train_encoder", "class_features", "encoder_kwargs",
                     "vocabulary")
+# Set while `TextualSystem.load_from_checkpoint` builds a System from a checkpoint's model_kwargs (none given): their
+# linked entries are the checkpoint's record of its System arguments, which the arguments given at load override
+_RECORDED_MODEL_KWARGS: ContextVar[bool] = ContextVar("recorded_model_kwargs", default=False)
 
 
 SENTENCES_HELP = ("The textual models train on reference sentences, batch[captions_key] (B, R, L): R sentences per "
@@ -165,6 +169,11 @@ class TextualSystem(ZooSystem):
                               "--model.init_args.init_checkpoint=null"],
         "no_discriminative": ["--model.init_args.discriminative_weight=0"],
     }
+    # arguments validate / test / predict of a checkpoint take as given (`zoo.cli.lightning.evaluation_free`): the
+    # decoding length changes no weight, as `load_from_checkpoint(path, max_len=4)` honours it
+    EVALUATION_FREE: ClassVar[tuple[str, ...]] = ("max_len",)
+    # the explanations are sentences (predictions.csv's `explanation`): `train.py predict` draws no pictures
+    PREDICT_PICTURES: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -234,14 +243,16 @@ class TextualSystem(ZooSystem):
         the description model's hidden size for `class_features="description"`) under the user's `model_kwargs`,
         which win, as the base System documents: `{feature_dim: 1000, class_dim: 1000, embed_dim: 1000}` sizes the
         model (`ExplanationModel`); an unknown key is refused by name (`zoo.create_model`). A key that is also a
-        System argument (`hidden`, `max_len`, ...) takes the System's value (said where they differ): a checkpoint's
-        saved `model_kwargs` hold the linked values, which the System's arguments override at load."""
+        System argument (`hidden`, `max_len`, ...) takes the System's value (said where they differ, unless the
+        model_kwargs are a checkpoint's, `load_from_checkpoint` given none: they hold the linked values it was
+        trained with, which the System's arguments given at load override)."""
         hp = self.hparams
         given = dict(hp.get("model_kwargs") or {})
+        recorded = _RECORDED_MODEL_KWARGS.get()
         for key in LINKED_ARGUMENTS:  # both a System argument and a model one: the System's wins (a checkpoint's
             # model_kwargs record the linked values, which `load_from_checkpoint(path, max_len=30)` overrides)
             own = hp.get(key)
-            if key in given and given[key] != own and (given[key] or own):  # encoder_kwargs {} is None
+            if key in given and given[key] != own and (given[key] or own) and not recorded:  # {}: None
                 rank_zero_warn(f"model_kwargs gives {key}={given[key]!r} and the System's {key} is {own!r}: the "
                                f"System's is used (set it as --model.init_args.{key}, TextualSystem({key}=...)).")
             given.pop(key, None)
@@ -260,6 +271,17 @@ class TextualSystem(ZooSystem):
                       **({"vocabulary": list(vocabulary)} if vocabulary is not None else {}))
         hp.update(model_name=variant_model_name(hp.variant), model_kwargs={**linked, **given})  # the user's win
         return super().build_model()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """ZooSystem's, with the checkpoint's `model_kwargs` known as its record where none are given: a System
+        argument given here (`max_len=30`) overrides their linked copy without the warning `build_model` gives a
+        user's model_kwargs that disagree."""
+        token = _RECORDED_MODEL_KWARGS.set("model_kwargs" not in kwargs)
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        finally:
+            _RECORDED_MODEL_KWARGS.reset(token)
 
     def default_loss(self) -> nn.Module:
         from losses.textual import TextualLoss
