@@ -46,7 +46,7 @@ from datamodules import CSVTextDataModule, DigitsDataModule, L2XSyntheticDataMod
 from datamodules.l2x_synthetic import DATASETS, NUM_SELECTED
 from zoo.cli.report import write_report
 from zoo.explain.captum import FEATURE_METHODS, perturbation_samples
-from zoo.l2x.scores import RANDOM, compare_explainers
+from zoo.l2x.scores import EXPLANATION_DIRECTIONS, RANDOM, compare_explainers
 from zoo.l2x.system import L2XSystem
 
 SELECTORS = ("l2x", "invase")
@@ -208,7 +208,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         task_rows, ranks[task] = race_task(name, task, task_settings, methods)
         rows += task_rows
     folder = Path("checkpoints") / name
-    write_report(folder, {"race": rows, "speed": speed_rows(rows)}, stem="race")
+    # race.md's legend: the explanation columns' directions, and train_s a cost (seconds); speed's ratios none
+    directions = EXPLANATION_DIRECTIONS | {"train_s": False}
+    write_report(folder, {"race": rows, "speed": speed_rows(rows)}, directions, stem="race")
     optimum = {t: (NUM_SELECTED[t] + 1) / 2 for t in ranks if t in NUM_SELECTED}
     save_boxplot(folder / "median_rank_boxplot.png", ranks, optimum)
     return rows

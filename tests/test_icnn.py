@@ -279,6 +279,19 @@ def test_balanced_categories_reach_the_next_forward_and_every_checkpoint() -> No
     assert (fresh.added_filters.filter_category[:8] == 2).all()  # resumed past its first step: queued, not solved
 
 
+def test_a_filter_that_hits_no_part_is_labelled_none_not_part_type_zero() -> None:
+    """The filter table and figure labelled a filter whose part scores are all 0 "red circle (0.00)": part type 0,
+    the argmax of an all-zero row. It hits no part: "none". A filter with a hit keeps its best part and hit rate."""
+    from types import SimpleNamespace
+
+    from zoo.icnn.callback import FilterMapsCallback
+
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(attribute_names=["red circle", "green square", "blue bar"]))
+    scores = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.25, 0.5], [float("nan"), 0.0, 0.0], [float("nan"), 0.0, 0.75]])
+    rows = FilterMapsCallback._describe(trainer, {}, [0, 1, 2, 3], scores)  # (filter, category, part) per filter
+    assert [part for _, _, part in rows] == ["none", "blue bar (0.50)", "none", "blue bar (0.75)"]
+
+
 def test_filter_maps_callback_writes_tensorboard_and_run_folder(tmp_path, monkeypatch) -> None:
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger

@@ -392,6 +392,9 @@ def test_race_script_writes_table_speed_and_boxplot(in_tmp_dir: Path) -> None:
     assert all(1 <= r["median_rank"] <= 10 for r in rows if r["dataset"] == "switch")
     folder = in_tmp_dir / "checkpoints" / "race"
     assert (folder / "race.md").is_file() and (folder / "speed.csv").is_file()
+    legend = (folder / "race.md").read_text().split("## speed")[0].splitlines()[-2]  # race.md had no legend
+    assert legend == ("higher is better: tpr, posthoc_acc, evalx_acc, samples_per_s; lower is better: median_rank, "
+                      "median_rank_selection, mean_rank, fdr, ms_per_sample, train_s")
     assert (folder / "median_rank_boxplot.png").stat().st_size > 1000
 
 
@@ -428,7 +431,9 @@ def test_compare_reports_l2x_its_black_box_and_the_post_hoc_explainers(in_tmp_di
     report = in_tmp_dir / "checkpoints" / "l2x_xor_compare"
     with open(report / "explanations.csv") as f:
         explained = list(csv.DictReader(f))
-    assert [(r["run"], r["method"]) for r in explained] == [("l2x", m) for m in ("l2x", *FEATURE_METHODS)]
+    assert [(r["run"], r["method"]) for r in explained] == [("l2x", m) for m in ("l2x", *FEATURE_METHODS, "random")]
+    text = (report / "report.md").read_text()  # the explanation table's legend names every score, mean_rank too
+    assert "lower is better: median_rank, median_rank_selection, mean_rank, fdr, ms_per_sample" in text
     for row in explained:
         assert row["n"] == "8" and row["num_selected"] == "2.0"  # k = 2 features kept by every method
         assert 1.5 <= float(row["median_rank"]) <= 9.5  # between the optimum and the worst of d = 10
@@ -724,7 +729,7 @@ def test_compare_scores_captum_methods_on_tokens_too() -> None:
                        black_box="baseline_textcnn", black_box_epochs=0, evaluator_epochs=0, input_key="tokens")
     rows, maps, images = system.explanation_report(data, {"num_images": 4, "methods": ["saliency", "kernel_shap",
                                                                                        "lime:20"], "num_perturbed": 2})
-    assert [row["method"] for row in rows] == ["l2x", "saliency", "kernel_shap", "lime:20"]  # a count: kept
+    assert [row["method"] for row in rows] == ["l2x", "saliency", "kernel_shap", "lime:20", "random"]  # a count: kept
     assert all(row["num_selected"] == 3.0 for row in rows) and maps == {} and images is None
 
 
@@ -740,7 +745,54 @@ def test_the_explanation_report_runs_in_the_models_dtype(dtype: torch.dtype) -> 
     system = L2XSystem(model_name="l2x_vector", data_inputs=data.model_inputs, black_box_epochs=0,
                        evaluator_epochs=0).to(dtype)
     rows, _, _ = system.explanation_report(data, {"num_images": 4, "methods": ["saliency"], "num_perturbed": 2})
-    assert [row["method"] for row in rows] == ["l2x", "saliency"]
+    assert [row["method"] for row in rows] == ["l2x", "saliency", "random"]
+
+
+@pytest.mark.parametrize("methods", [None, ["saliency", "random"], ["saliency"]])
+def test_the_explanation_report_ends_with_the_random_floor_and_gives_every_score_a_direction(
+        methods: list[str] | None) -> None:
+    """The L2X table's note describes a `random` row and the README gives every model one, but the report kept only
+    Captum's methods: `random`, even listed, was silently dropped. It is the last row, listed or not, once. Its
+    `mean_rank` (lower is better, by the note) was in neither half of compare's legend: the rows carry the
+    directions of all their scores."""
+    from zoo.cli.report import legend
+    from zoo.l2x.system import L2XSystem
+
+    torch.manual_seed(0)
+    data = L2XSyntheticDataModule(dataset="switch", num_train=16, num_val=8, num_test=8, batch_size=8)
+    data.setup()
+    system = L2XSystem(model_name="l2x_vector", data_inputs=data.model_inputs, black_box_epochs=0,
+                       evaluator_epochs=0)
+    settings = {"num_images": 4, "num_perturbed": 2, **({"methods": methods} if methods else {})}
+    rows, _, _ = system.explanation_report(data, settings)
+    listed = [m for m in (methods or FEATURE_METHODS) if m != "random"]
+    assert [row["method"] for row in rows] == ["l2x", *listed, "random"]
+    assert rows[-1]["num_selected"] == rows[0]["num_selected"] and "ms_per_sample" not in rows[-1]  # k, not timed
+    from zoo.explain.scores import explanation_directions
+
+    directions = explanation_directions(rows)
+    scores = [c for c in dict.fromkeys(k for row in rows for k in row)
+              if c not in ("method", "n", "num_selected")]
+    assert {c for c in scores if directions.get(c) is None} == set()
+    lower = legend(scores, directions).split("lower is better: ")[1]
+    assert {"mean_rank", "median_rank", "median_rank_selection", "fdr", "ms_per_sample"} == set(lower.split(", "))
+
+
+def test_the_random_floor_of_an_image_selector_is_a_row_but_no_map() -> None:
+    """Images: the `random` row is scored, but as the image families' random reference it is no column of the
+    explanation figure (the maps)."""
+    from datamodules import DigitsDataModule
+    from zoo.l2x.system import L2XSystem
+
+    torch.manual_seed(0)
+    data = DigitsDataModule(classes=[3, 8], image_size=8, batch_size=16)
+    data.setup()
+    system = L2XSystem(model_name="l2x_patches", num_classes=2, in_chans=1, image_size=8,
+                       data_inputs=data.model_inputs, model_kwargs={"k": 4, "patch_size": 2},
+                       black_box="baseline_smallcnn", black_box_epochs=0, evaluator_epochs=0, input_key="image")
+    rows, maps, images = system.explanation_report(data, {"num_images": 4, "methods": ["saliency"]})
+    assert [row["method"] for row in rows] == ["l2x", "saliency", "random"] and list(maps) == ["l2x", "saliency"]
+    assert maps["l2x"].shape == (4, 8, 8) and images.shape == (4, 1, 8, 8)
 
 
 def test_a_nan_selection_entry_counts_as_dropped_in_the_selection_median_rank() -> None:

@@ -102,20 +102,31 @@ SERIES_NOTE = series_note()  # the note of the default step
 
 class ExplanationRows(list):
     """The rows of a System's `explanation_report` (a list of row dicts, one per method) with the `note` the report
-    prints under its explanation table: what the rows' columns mean and which class they explain. A family whose
-    explainers explain or score otherwise than `score_explanations` (L2X: the black box's predicted class,
-    `zoo.l2x.scores`) returns its rows with its own note; the engine holds no family's note. A plain list is taken
-    as rows of `EXPLANATION_NOTE` (`explanation_note`)."""
+    prints under its explanation table (what the rows' columns mean and which class they explain) and the
+    `directions` of its legend (column -> whether higher is better, None: neither). A family whose explainers
+    explain or score otherwise than `score_explanations` (L2X: the black box's predicted class and its own columns,
+    `zoo.l2x.scores`) returns its rows with its own note and directions; the engine holds no family's note or
+    columns. A plain list is taken as rows of `EXPLANATION_NOTE` and `EXPLANATION_DIRECTIONS` (`explanation_note`,
+    `explanation_directions`)."""
 
-    def __init__(self, rows: Sequence[dict[str, Any]] = (), note: str = EXPLANATION_NOTE) -> None:
+    def __init__(self, rows: Sequence[dict[str, Any]] = (), note: str = EXPLANATION_NOTE,
+                 directions: dict[str, bool | None] | None = None) -> None:
         super().__init__(rows)
         self.note = note
+        self.directions = dict(EXPLANATION_DIRECTIONS if directions is None else directions)
 
 
 def explanation_note(rows: Sequence[dict[str, Any]]) -> str:
     """The note under the explanation table of `rows` (an `explanation_report`'s rows): their own `note`
     (`ExplanationRows`), else `EXPLANATION_NOTE`, the note of `score_explanations`' columns."""
     return getattr(rows, "note", EXPLANATION_NOTE)
+
+
+def explanation_directions(rows: Sequence[dict[str, Any]]) -> dict[str, bool | None]:
+    """Which direction of each column of `rows` (an `explanation_report`'s rows) is better, for the report's legend:
+    their own `directions` (`ExplanationRows`: a family's columns, L2X's `mean_rank` had none), else
+    `EXPLANATION_DIRECTIONS`, the directions of `score_explanations`' columns."""
+    return getattr(rows, "directions", EXPLANATION_DIRECTIONS)
 
 
 def score_explanations(model: nn.Module, images: torch.Tensor, target: torch.Tensor,

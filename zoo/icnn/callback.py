@@ -16,8 +16,8 @@ class FilterMapsCallback(FixedBatchCallback):
 
     Each cell is drawn at its receptive-field centre (the backbone's measured geometry), where location instability
     and part IoU place it. One labelled figure, one row per filter named by its filter id, assigned category (class
-    name) and best-matching ground-truth part with its hit rate (from the System's part IoU), each image titled with
-    its true class:
+    name) and best-matching ground-truth part with its hit rate (from the System's part IoU; "none" for a filter
+    that hits no part), each image titled with its true class:
     TensorBoard figure ``filters/maps`` and text ``filters/table``; in the run folder ``filters/epoch<e>.png`` and
     ``filters/epoch<e>.md`` (the same labels as a table).
 
@@ -63,7 +63,9 @@ class FilterMapsCallback(FixedBatchCallback):
     @staticmethod
     def _describe(trainer: pl.Trainer, out: dict, filters: list[int],
                   scores: torch.Tensor | None) -> list[tuple[int, str, str]]:
-        """(filter id, category as a class name, best part with its hit rate) per shown filter."""
+        """(filter id, category as a class name, best part with its hit rate) per shown filter. A filter that hits no
+        part (every score 0 or NaN) is "none": the argmax of its all-zero row would name part type 0 ("red circle
+        (0.00)"), a part the filter does not match."""
         categories = out["filter_category"][-1].tolist() if "filter_category" in out else None
         names = getattr(trainer.datamodule, "attribute_names", None)
         rows = []
@@ -71,7 +73,9 @@ class FilterMapsCallback(FixedBatchCallback):
             category = class_name(trainer.datamodule, categories[f]) if categories is not None else "-"
             part = "-"
             if scores is not None and f < len(scores):
-                best = int(scores[f].argmax())
-                part = f"{names[best] if names and best < len(names) else best} ({scores[f, best]:.2f})"
+                row = scores[f].nan_to_num(0.0)  # (P,) hit rate per part type; NaN: a part type never seen
+                best = int(row.argmax())
+                name = names[best] if names and best < len(names) else best
+                part = f"{name} ({row[best]:.2f})" if row[best] > 0 else "none"  # all 0: argmax would say part 0
             rows.append((f, category, part))
         return rows

@@ -24,8 +24,10 @@ import torch
 import torch.nn as nn
 
 from zoo.explain.captum import PERTURBATION_METHODS, attribute_features, perturbation_samples
+from zoo.explain.scores import EXPLANATION_DIRECTIONS as IMAGE_DIRECTIONS
 from zoo.explain.scores import ExplanationRows, wall_time
-from zoo.l2x.metrics import AgreementAccuracy, SelectionRecovery, median_true_rank, selection_median_rank
+from zoo.l2x.metrics import (AgreementAccuracy, MedianRank, SelectionRecovery, median_true_rank,
+                             selection_median_rank)
 from zoo.l2x.ops import top_k_mask
 
 RANDOM = "random"  # the floor every explainer must clear: k features drawn uniformly (text: among the words)
@@ -45,11 +47,22 @@ EXPLANATION_NOTE = (
     "label. n: the samples explained (KernelShap and Lime at most num_perturbed, timed per sample); random: k "
     "features drawn uniformly, the floor, not timed.")
 
+# which direction of each column of `compare_explainers`' rows is better (a report's legend: `train.py compare`
+# through the rows' `directions`, the race's race.md), from the metrics themselves: every rank column is a median
+# rank of the true features (mean_rank: the mean of the same per-sample medians); tpr / fdr / num_selected as
+# SelectionRecovery's entries (num_selected a count: none); n: none
+EXPLANATION_DIRECTIONS: dict[str, bool | None] = {
+    "median_rank": MedianRank.higher_is_better, "median_rank_selection": MedianRank.higher_is_better,
+    "mean_rank": MedianRank.higher_is_better, **SelectionRecovery.entry_directions,
+    "posthoc_acc": AgreementAccuracy.higher_is_better, "evalx_acc": AgreementAccuracy.higher_is_better,
+    **{column: IMAGE_DIRECTIONS[column] for column in ("ms_per_sample", "samples_per_s")},
+}
+
 
 class Explained(NamedTuple):
     """What `compare_explainers` returns: one row per method (`ExplanationRows` noted `EXPLANATION_NOTE`, what a
-    report says under them), each method's per-sample median ranks of the true features (where known) and its hard
-    selections (N, d)."""
+    report says under them, with `EXPLANATION_DIRECTIONS`, its legend), each method's per-sample median ranks of
+    the true features (where known) and its hard selections (N, d)."""
 
     rows: ExplanationRows
     ranks: dict[str, torch.Tensor]
@@ -148,4 +161,4 @@ def compare_explainers(selectors: dict[str, nn.Module], black_box: nn.Module, ev
             row |= {"ms_per_sample": round(1000 * seconds, 5), "samples_per_s": round(1 / seconds, 1)}
         rows.append(row)
         selections[method] = selection
-    return Explained(ExplanationRows(rows, EXPLANATION_NOTE), ranks, selections)
+    return Explained(ExplanationRows(rows, EXPLANATION_NOTE, EXPLANATION_DIRECTIONS), ranks, selections)

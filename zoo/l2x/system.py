@@ -184,19 +184,21 @@ class L2XSystem(ZooSystem):
 
     def explanation_report(self, datamodule: Any, settings: dict[str, Any]
                            ) -> tuple[list[dict], dict[str, torch.Tensor], torch.Tensor | None]:
-        """The selector and every Captum feature method (`settings["methods"]`, default all of FEATURE_METHODS;
-        on token ids they attribute each position's presence, `zoo.explain.captum.attribute_features`) explaining
-        this System's black box on `num_images` validation samples (drawn once, class-stratified: the compare stage's
-        `zoo.explain.scores.explained_batch`), scored alike (`zoo.l2x.scores`). Maps (kept pixels of each method's
-        selection) and images for image inputs; none for vectors and tokens."""
+        """The selector, every Captum feature method (`settings["methods"]`, default all of FEATURE_METHODS;
+        on token ids they attribute each position's presence, `zoo.explain.captum.attribute_features`) and last the
+        `random` floor (k features drawn uniformly: the reference row every model gets, listed or not, as the image
+        families' `random` row) explaining this System's black box on `num_images` validation samples (drawn once,
+        class-stratified: the compare stage's `zoo.explain.scores.explained_batch`), scored alike (`zoo.l2x.scores`).
+        Maps (kept pixels of each method's selection) and images for image inputs; none for vectors and tokens."""
         from zoo.explain.scores import explained_batch, model_input
-        from zoo.l2x.scores import compare_explainers
+        from zoo.l2x.scores import RANDOM, compare_explainers
 
         _, batch = explained_batch(self, datamodule, int(settings.get("num_images", 32)))
         x = model_input(self, batch[self.input_key])  # in the model's dtype: float64 / bf16 under *-true precision
         relevant = batch.get(self.relevant_key)
         methods = [m for m in settings.get("methods", FEATURE_METHODS)  # "lime:5000" kept: a sample count
-                   if perturbation_samples(m)[0] in FEATURE_METHODS]
+                   if perturbation_samples(m)[0] in FEATURE_METHODS]  # the image families' methods skipped
+        methods = [*dict.fromkeys(methods), RANDOM]  # the floor: always, last, listed or not
         selector = type(self.model).__name__.lower()  # "l2x" or "invase"
         was_training = self.training
         self.eval()
@@ -215,7 +217,7 @@ class L2XSystem(ZooSystem):
             return explained.rows, {}, None
         ones = torch.ones_like(x[:, :1])  # (N, 1, H, W)
         maps = {method: self.model.mask_input(ones, selection)[:, 0] for method, selection in
-                explained.selections.items()}  # (N, H, W) kept pixels
+                explained.selections.items() if method != RANDOM}  # (N, H, W) kept pixels; the floor not drawn
         return explained.rows, maps, x
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
