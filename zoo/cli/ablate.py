@@ -24,7 +24,7 @@ from zoo.cli.errors import configuration_phase, is_configuration_error, mark, ro
 from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.preflight import check_no_print_config, cli_callbacks, preflight
 from zoo.cli.report import metric_directions, write_report
-from zoo.cli.runs import STALE, config_strings, existing_files, move_aside
+from zoo.cli.runs import STALE, config_strings, existing_files, move_aside, move_earlier_reports
 from zoo.fingerprints import (HASHED_FILE_LIMIT, file_fingerprint, folder_fingerprint,  # noqa: F401 (re-exported)
                               written_by_runs)
 from zoo.weights import flat_settings
@@ -42,7 +42,9 @@ config or mylosses.py, a refitted checkpoint, a file added to, removed from or r
 again and the changed keys are said, an interrupted one resumes from its last.ckpt. Settings that cannot
 change a result (the logger, log_every_n_steps, the progress bar, the model summary, pin_memory, picture callbacks)
 are left out of the hash. The table averages every metric over seed_everything (<metric>_mean, <metric>_std) and goes to
-<save_dir>/<name>/ablation.{md,csv}; the HPARAMS entries of the grid's points are in <save_dir>/<name>/hparams/.
+<save_dir>/<name>/ablation.{md,csv}, scored with each point's last weights (not its best-*.ckpt; said under the
+table); the HPARAMS entries of the grid's points are in <save_dir>/<name>/hparams/. A point that runs again goes to
+stale/ with its result; its HPARAMS entry is removed and the earlier table moved to stale/ablation-<time>/ then.
 Fit overrides reach every point; one that sets a --grid key is refused (the grid gives that key's values), and so
 is a key given to --grid twice. Every point's arguments are checked, and its model and datamodule built (no data is
 read), before the first point trains; a configuration mistake (a mistyped key, a model name or mode a class
@@ -62,6 +64,7 @@ IGNORED_SETTINGS = (  # keys that cannot change a point's result: left out of it
     "data.init_args.pin_memory",  # page-locked host memory: the same batches
 )
 OUTPUT_KEYS = ("default_root_dir", "dirpath", "save_dir")  # folders a run writes in: not fingerprinted
+REPORT_FILES = ("ablation.md", "ablation.csv")  # the table `ablate` writes in <save_dir>/<name>/ when it ends
 
 
 class GridNumber(float):
@@ -548,7 +551,8 @@ def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[st
     if rank_zero:
         write_hparams(hparams_path, point, metrics)
         tmp = result_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"point": point, "settings_sha256": digest, "metrics": metrics}, indent=1))
+        tmp.write_text(json.dumps({"point": point, "settings_sha256": digest, "metrics": metrics,
+                                   "weights": last_weights(cli.trainer)}, indent=1))
         os.replace(tmp, result_path)  # atomic: a killed run leaves no half-written result
     cli.trainer.strategy.barrier("ablate_point_written")  # before any rank reads the next point's folder
     return metrics, metric_directions(cli.model, "val")
@@ -592,6 +596,10 @@ def prepare_point_folder(cli: ZooCLI, point: dict[str, Any], folder: Path) -> tu
         stale = move_aside(folder, folder.parent / STALE / f"{label}-{(stored or 'unknown')[:8]}")
         print(f"ablate: point {label}: settings changed since its last run; run again (old run moved to {stale})\n"
               f"  changed: {settings_changes(old, settings)}")
+        # the moved run's HPARAMS entry and the table holding its numbers go too: a rerun stopped before its end
+        # left them describing a run no longer in the grid folder (its result.json went to stale/ with it)
+        shutil.rmtree(folder.parent / "hparams" / folder.name, ignore_errors=True)
+        move_earlier_reports(folder.parent, REPORT_FILES, "ablate")
     elif result_path.is_file():
         print(f"ablate: point {label}: finished with the same settings, reused")
         hparams_path = folder.parent / "hparams" / folder.name
@@ -669,4 +677,29 @@ def ablate(config: str, grid_items: list[str], name: str, extra: list[str]) -> l
         return rows
     keep_hparams_of(folder / "hparams", {point_name(point) for point in points})
     write_report(folder, {"ablation": rows}, directions, stem="ablation", settings=[*labels.values(), "seeds"])
+    note = weights_note([json.loads((folder / point_name(point) / "result.json").read_text()).get("weights")
+                         for point in points])
+    with open(folder / "ablation.md", "a") as report_file:
+        report_file.write(f"\n{note}\n")
+    print(f"\n{note}", flush=True)
     return rows
+
+
+def last_weights(trainer: Any) -> str:
+    """"last (epoch E, step S)": the weights a point's fit left, which its result scores: E the 0-based index of the
+    fit's last epoch (as best-*.ckpt and last.ckpt count it; the trainer's `current_epoch` is one past it once the
+    fit ended), S the global step."""
+    return f"last (epoch {max(trainer.current_epoch - 1, 0)}, step {trainer.global_step})"
+
+
+def weights_note(weights: list[str | None]) -> str:
+    """The line under the table saying which weights its numbers are of: each point's last weights (`last_weights`,
+    stored in its result.json; None for a point finished before ablate stored them), with how many points each
+    epoch and step holds, and not the best-*.ckpt its checkpoint callback kept."""
+    counts: dict[str, int] = {}
+    for value in weights:
+        key = value or "last (epoch and step not recorded: finished by an earlier ablate)"
+        counts[key] = counts.get(key, 0) + 1
+    held = "; ".join(f"{key}: {count} point{'s' if count != 1 else ''}" for key, count in counts.items())
+    return (f"Every point is scored with its last weights, as its fit left them ({held}), not with the best-*.ckpt "
+            f"its checkpoint callback kept.")

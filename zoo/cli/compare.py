@@ -20,12 +20,12 @@ from zoo.cli.errors import configuration_phase, is_configuration_error, mark
 from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.preflight import check_no_print_config, preflight
 from zoo.cli.report import metric_directions, write_report
-from zoo.cli.runs import move_earlier_run
+from zoo.cli.runs import move_earlier_reports, move_earlier_run
 from zoo.distributed import rank_local
 from zoo.engine.callbacks import logged_step, logger_folder
 from zoo.figures import log_figure, save_figure
 from zoo.explain.scores import (EXPLANATION_DIRECTIONS, ExplainedRun, check_explain_settings, explanation_figure,
-                                explanation_note, true_and_predicted)
+                                explanation_directions, explanation_note, true_and_predicted)
 from zoo.weights import checkpoint_replaces_weights, load_system_weights
 
 COMPARE_HELP = """\
@@ -71,7 +71,12 @@ A family config's report goes to checkpoints/<folder>_<stem>_compare/, named aft
 the parts_world.yaml of every family has its own; --name overrides it. Each run is seeded and built as `train.py
 fit` of its config.yaml would be and starts its fit from the random state it had when built, so a run is
 reproduced by `train.py fit --config checkpoints/<name>/<run>/config.yaml`, whatever ran before it (that fit, and
-a compare of the same name again, first move the run found in the folder to checkpoints/<name>/stale/<run>-<time>/).
+a compare of the same name again, first move the run found in the folder to checkpoints/<name>/stale/<run>-<time>/;
+a compare again moves the earlier report to checkpoints/<name>/stale/report-<time>/ before its first run trains).
+
+Every run is scored with its last weights, as its fit left them (the `weights` column), not its best-*.ckpt. The
+throughput columns time the run's own training / validation batches only (not helper models, validation inside
+fit, epoch-end pictures or checkpoints).
 """
 FIT_ONLY_KEYS = ("ckpt_path", "weights_only")  # `fit` arguments in a run's saved config.yaml; compare runs lack them
 SPEC_KEYS = ("name", "args", "runs", "explain")  # a compare spec's keys (under `compare:`)
@@ -81,6 +86,8 @@ CONFIG_FIRST_OPTIONS = ("--trainer.callbacks",)  # a twin's options on these go 
 BUDGET_KEYS = ("max_epochs", "max_steps", "min_epochs", "min_steps", "max_time", "limit_train_batches",
                "accumulate_grad_batches", "fast_dev_run")
 EARLY_STOPPING = "trainer.callbacks (EarlyStopping)"
+# what a compare writes in its report folder (`write_report`'s tables and the explanation figure)
+REPORT_FILES = ("report.md", "report.csv", "models.csv", "explanations.csv", "explanations.png")
 
 
 def declared_twins(config_path: str | Path, config: dict[str, Any], twin: str | None = None) -> dict[str, list[str]]:
@@ -459,56 +466,140 @@ def budget_text(budget: dict[str, Any], other: dict[str, Any]) -> str:
 
 class SampleCounter(pl.Callback):
     """Counts the samples a run's training or validation batches hold (the System's `batch_size` of each batch, on
-    every process): what the throughput columns divide by. Counting batches read, not optimiser steps, is right
-    under gradient accumulation, limit_*_batches, fast_dev_run, a short last batch and several devices.
+    every process) and times those batches: what the throughput columns divide (`samples_per_s`). Counting batches
+    read, not optimiser steps, is right under gradient accumulation, limit_*_batches, fast_dev_run, a short last
+    batch and several devices.
+
+    Only the batches themselves are timed, from their start hook to their end hook: a training batch's forward,
+    backward and optimiser step, a validation batch's forward and metric updates (the batch already on the device).
+    The rest of `fit` / `validate` is not: data loading, helper models trained at the fit's start (L2X's black box
+    and evaluator: the same run timed 685 samples/s with them and 3618 when the helper cache held them), the sanity
+    check, validation inside `fit`, epoch-end work (pushes, pictures, epoch metrics) and checkpoints; timing the whole
+    `fit` and `validate` made ProtoPNet infer at 40.6 samples/s against its twin's 596.7 where a plain forward
+    differs by 8 %. The counter goes first among the callbacks (`counting`), so other callbacks' batch-end work is
+    not timed either. On CUDA each batch gets a pair of timing events, read once when the loop ends (no host-device
+    sync per batch); elsewhere `time.perf_counter`. Under `ddp` the time is this rank's, the samples every rank's.
 
     A spawning strategy (`ddp_spawn`) runs the loops in worker processes on copies of this callback: rank zero's
-    count comes back to the main process through `trainer.callback_metrics`, as Lightning returns it (`samples`)."""
+    count, time and last epoch and step come back to the main process through `trainer.callback_metrics`, as
+    Lightning returns it (`samples`, `seconds`, `last_weights`)."""
 
     def __init__(self, stage: str) -> None:
-        self.stage, self._samples = stage, 0
-        self.key = f"compare/{stage}_samples"
+        self.stage, self._samples, self._seconds = stage, 0, 0.0
+        self._started: float | torch.cuda.Event | None = None  # the running batch's start
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # CUDA batches not read yet
+        self._progress: tuple[int, int] | None = None  # (epoch, global step) after the last training batch
+
+    def _returned(self, trainer: pl.Trainer, what: str) -> float | None:
+        value = trainer.callback_metrics.get(f"compare/{self.stage}_{what}")
+        return None if value is None else float(value)
 
     def samples(self, trainer: pl.Trainer) -> int:
         """The samples read: counted here, or by a spawned worker's copy and returned in `trainer`'s metrics."""
-        returned = trainer.callback_metrics.get(self.key)
-        return self._samples or (int(returned) if returned is not None else 0)
+        return self._samples or int(self._returned(trainer, "samples") or 0)
+
+    def seconds(self, trainer: pl.Trainer) -> float:
+        """The summed time of the counted batches (seconds), timed here or by a spawned worker's copy."""
+        self._read_events()
+        return self._seconds or (self._returned(trainer, "seconds") or 0.0)
+
+    def samples_per_s(self, trainer: pl.Trainer) -> float | str:
+        """Samples over the batches' summed time; "" where no batch was counted (a `checkpoint:` run's training)."""
+        samples, seconds = self.samples(trainer), self.seconds(trainer)
+        return samples / seconds if samples and seconds > 0 else ""
+
+    def last_weights(self, trainer: pl.Trainer) -> str:
+        """"last (epoch E, step S)": the weights the last training batch left (E the 0-based epoch, as best-*.ckpt
+        names count it, S the global step); "" where no batch trained."""
+        progress = self._progress
+        if progress is None and self._returned(trainer, "epoch") is not None:
+            progress = (int(self._returned(trainer, "epoch")), int(self._returned(trainer, "step")))
+        return f"last (epoch {progress[0]}, step {progress[1]})" if progress is not None else ""
+
+    def _read_events(self) -> None:
+        """Add the CUDA batches' times: one wait, for the last event (every earlier one is done by then)."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self._seconds += sum(start.elapsed_time(end) for start, end in self._events) / 1000  # ms -> s
+            self._events.clear()
 
     def _report(self, trainer: pl.Trainer) -> None:
-        trainer.callback_metrics[self.key] = torch.tensor(float(self._samples))  # what a spawned worker sends back
+        self._read_events()
+        sent = {"samples": self._samples, "seconds": self._seconds}  # what a spawned worker sends back
+        if self._progress is not None:
+            sent |= {"epoch": self._progress[0], "step": self._progress[1]}
+        for what, value in sent.items():
+            trainer.callback_metrics[f"compare/{self.stage}_{what}"] = torch.tensor(float(value), dtype=torch.float64)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stage == "train":
             self._report(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.stage == "val":
+        if self.stage == "val" and not trainer.sanity_checking:
             self._report(trainer)
 
-    def _count(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+    def _start(self, pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            self._started = torch.cuda.Event(enable_timing=True)
+            self._started.record(torch.cuda.current_stream(pl_module.device))
+        else:
+            self._started = time.perf_counter()
+
+    def _end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        started, self._started = self._started, None
+        if isinstance(started, torch.cuda.Event):
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record(torch.cuda.current_stream(pl_module.device))
+            self._events.append((started, ended))
+        elif started is not None:
+            self._seconds += time.perf_counter() - started
         size = pl_module.batch_size(batch) if hasattr(pl_module, "batch_size") else len(batch)
         self._samples += size * trainer.world_size  # a host-side length: no device read
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.stage == "train":
+            self._start(pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.stage == "train":
-            self._count(trainer, pl_module, batch)
+            self._end(trainer, pl_module, batch)
+            self._progress = (trainer.current_epoch, trainer.global_step)
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.stage == "val" and not trainer.sanity_checking:
+            self._start(pl_module)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         if self.stage == "val" and not trainer.sanity_checking:
-            self._count(trainer, pl_module, batch)
+            self._end(trainer, pl_module, batch)
 
 
 @contextlib.contextmanager
 def counting(cli: ZooCLI, stage: str) -> Iterator[SampleCounter]:
-    """A `SampleCounter` of `stage` among the run's callbacks for the duration of the block."""
+    """A `SampleCounter` of `stage` first among the run's callbacks for the duration of the block: its batch-end
+    hook, which stops the batch's clock, runs before the other callbacks' (a checkpoint saved every n steps, a
+    picture) and Lightning keeps a callback's place (it moves only checkpoint callbacks, to the end)."""
     counter = SampleCounter(stage)
-    cli.trainer.callbacks.append(counter)
+    cli.trainer.callbacks.insert(0, counter)
     try:
         yield counter
     finally:
         cli.trainer.callbacks.remove(counter)
+
+
+WEIGHTS_NOTE = ("Every run is scored with its last weights, as its fit left them (the `weights` column: the last "
+                "training batch's 0-based epoch and global step), not with the best-*.ckpt its checkpoint callback "
+                "kept; a `checkpoint:` run with that file's.")
+THROUGHPUT_NOTE = ("train_samples_per_s / infer_samples_per_s: the samples of the run's own training / validation "
+                   "batches over those batches' summed time (each batch from its start hook to its end hook: "
+                   "forward, backward and optimiser step / forward and metric updates; on CUDA by events). Data "
+                   "loading, helper models trained at the fit's start (L2X's black box and evaluator), the sanity "
+                   "check, validation inside fit, epoch-end work (pushes, pictures) and checkpoints are not timed.")
 
 
 def compare(spec_path: str, extra: list[str], explain_images: int | None = None, explain: bool = True,
@@ -550,6 +641,9 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
         for note in checkpoint_budget_notes(runs, {run_name: clis[run_name].config.trainer.as_dict()
                                                    for run_name in runs}):
             print(note)  # a checkpoint run is evaluated, not trained: its budget is its run folder's
+    if next(iter(clis.values())).trainer.is_global_zero:  # `ddp` runs this function on every rank
+        # an earlier compare's report describes the runs this one moves to stale/ as it reaches them: it goes first
+        move_earlier_reports(folder, REPORT_FILES, "compare")
     rows: list[dict[str, Any]] = []
     explanation_rows: list[dict[str, Any]] = []
     explained_runs: list[ExplainedRun] = []
@@ -559,7 +653,6 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
         cli = clis[run_name]
         where = logger_folder(cli.trainer.logger) or folder / run_name  # no run folder under fast_dev_run
         print(f"\n=== compare run {index}/{len(runs)}: {run_name} ({where}) ===", flush=True)
-        start = time.perf_counter()
         # a compare run again (or a fit) left a run in its folder: moved to <name>/stale/ first (`move_earlier_run`)
         move_earlier_run(cli.trainer, "compare", False, cli.config.as_dict(), run.get("checkpoint"))
         _set_rng_states(random_states[run_name])  # as right after it was built, whatever ran before it
@@ -570,17 +663,15 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
                 cli.datamodule.setup("validate")
             else:
                 fit(cli)
-        fit_seconds, train_samples = time.perf_counter() - start, trained.samples(cli.trainer)
-        start = time.perf_counter()
         with counting(cli, "val") as validated:
             metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-        val_seconds, val_samples = time.perf_counter() - start, validated.samples(cli.trainer)
         directions |= metric_directions(cli.model, "val")
         report = explanation_on_rank_zero(cli, explain_settings) if explain else None
         if report is not None:  # every explainer the System knows, scored on the same validation samples
             explained, maps, images = report
             explanation_rows += [{"run": run_name, **row} for row in explained]
             notes.setdefault(explanation_note(explained), []).append(run_name)  # the System's rows say their note
+            directions |= explanation_directions(explained)  # and their columns' directions (L2X: mean_rank, ...)
             if maps:  # no figure where the inputs are not images (vectors, tokens)
                 explained_runs.append(ExplainedRun(run_name, images, maps,
                                                    *true_and_predicted(cli.model, cli.datamodule, images)))
@@ -591,19 +682,23 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
             "model": cli.model.hparams.get("model_name", type(cli.model).__name__),
             **{k.removeprefix("val/"): float(v) for k, v in sorted(metrics.items())  # full precision: the CSV
                if not k.startswith("val/loss")},  # keeps it, the markdown rounds for reading (`report.cell`)
-            "train_samples_per_s": train_samples / fit_seconds if train_samples else "",
-            "infer_samples_per_s": val_samples / val_seconds,
+            "train_samples_per_s": trained.samples_per_s(cli.trainer),  # its own batches' time (SampleCounter)
+            "infer_samples_per_s": validated.samples_per_s(cli.trainer),
+            "weights": (f"{run['checkpoint']}{checkpoint_progress(str(run['checkpoint']))}" if run.get("checkpoint")
+                        else trained.last_weights(cli.trainer)),  # which weights the row scores
         })
     if not all(cli.trainer.is_global_zero for cli in clis.values()):  # `ddp` runs this function on every rank
         return rows
     if explained_runs:
         save_figure(explanation_figure(explained_runs, clis[explained_runs[0].name].datamodule),
                     folder / "explanations.png")
-    for stale, written in (("explanations.png", explained_runs), ("explanations.csv", explanation_rows)):
-        if not written:  # an earlier compare's, which would read as this one's
-            (folder / stale).unlink(missing_ok=True)
     tables = {"models": rows, **({"explanations": explanation_rows} if explanation_rows else {})}
     write_report(folder, tables, directions | EXPLANATION_DIRECTIONS)
+    models_note = f"{THROUGHPUT_NOTE}\n\n{WEIGHTS_NOTE}"  # what the models table's timings and scores are of
+    report_path = folder / "report.md"
+    models, heading, explanations = report_path.read_text().partition("\n## explanations")  # under its table
+    report_path.write_text(f"{models.rstrip()}\n\n{models_note}\n{heading}{explanations}")
+    print(f"\n{models_note}", flush=True)
     if explanation_rows:  # what the explanation table's columns compare
         note = explanation_notes(notes)
         with open(folder / "report.md", "a") as report_file:

@@ -6,7 +6,8 @@ into the earlier run's folder: best-*.ckpt beside best-*-v1.ckpt, two runs' even
 run's pictures and last.ckpt left for `--ckpt_path last` to resume. `move_earlier_run` moves such a run to
 <parent>/stale/<run>-<time>/ before the new one writes anything (the run's own entries, its helper models'
 curves included: other runs' folders, the helper cache and stale/ stay); ablate moves a whole point whose settings
-changed (`move_aside`).
+changed (`move_aside`). The report files of a compare or ablate folder that describe runs being moved go to
+<folder>/stale/ too (`move_earlier_reports`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +187,39 @@ def move_earlier_run(trainer: pl.Trainer, command: str, restores_checkpoint: boo
             entry.rename(stale / HELPERS / entry.name)
         kept = [name for name in KEPT if (folder / name).exists()]
         print(f"{command}: {folder} held an earlier run: moved to {stale}"
-              f"{' (' + ', '.join(f'the helper cache {name}/' for name in kept) + ' kept)' if kept else ''}; to "
-              f"continue a run instead, give --ckpt_path last.", flush=True)
+              f"{' (' + ', '.join(f'the helper cache {name}/' for name in kept) + ' kept)' if kept else ''}"
+              f"{instead_of_a_new_run(command, stale)}", flush=True)
         moved.append(stale)
     return moved
+
+
+def instead_of_a_new_run(command: str, stale: Path) -> str:
+    """How to use the earlier run just moved to `stale` instead of the new one, for `command`'s user: `fit` resumes
+    a run with --ckpt_path last; compare takes no --ckpt_path (it refuses the option), it scores trained weights
+    given as a spec run's `checkpoint:`. "." for another command."""
+    if command == "fit":
+        return "; to continue a run instead, give --ckpt_path last."
+    if command == "compare":
+        last = stale / "checkpoints" / "last.ckpt"
+        weights = last if last.is_file() else stale / "checkpoints" / "<file>.ckpt"
+        return (f"; to score that run instead of training it again, list it in a compare spec with "
+                f"`checkpoint: {weights}` (compare takes no --ckpt_path).")
+    return "."
+
+
+def move_earlier_reports(folder: Path, names: Iterable[str], command: str) -> Path | None:
+    """Move report folder `folder`'s files among `names` (an earlier compare's report.md, ablate's ablation.md, ...)
+    to <folder>/stale/<stem of the first name>-<time>/ (`stale_path`, where the earlier runs go), and say so in one
+    line: a report left in place while the runs it describes move to stale/ one by one described runs no longer
+    there once a rerun was interrupted. Returns where they went; None (nothing said) where there were none."""
+    names = list(names)
+    found = [folder / name for name in names if (folder / name).is_file()]
+    if not found:
+        return None
+    stale = stale_path(folder / Path(names[0]).stem)
+    stale.mkdir(parents=True)
+    for path in found:
+        path.rename(stale / path.name)
+    print(f"{command}: the earlier {', '.join(path.name for path in found)} of {folder} moved to {stale} (they "
+          f"describe the earlier runs; this {command} writes its own when it ends).", flush=True)
+    return stale
