@@ -306,3 +306,22 @@ def test_a_users_optimiser_of_layers_built_in_setup_is_left_to_the_fit() -> None
     bad = ClassifierSystem("baseline_tinycnn", num_classes=6, optimizer=lambda params: torch.optim.SGD(params, lr=-1))
     with pytest.raises(ValueError, match="the optimizer or scheduler refuses its settings: Invalid learning rate"):
         preflight(bad)
+
+
+def test_the_systems_data_settings_are_checked_before_anything_moves() -> None:
+    """A CBM predicting the parts world's 36 concepts fitted on data of 5 (CUB with attributes=true keeps as many as
+    its filter does) was refused at setup, inside the fit, after the earlier run had moved to stale/: preflight runs
+    the System's data checks on the datamodule as built (a configuration error, said in one line)."""
+    from types import SimpleNamespace
+
+    from datamodules import DataSettingError
+    from zoo.cbm.system import CBMSystem
+    from zoo.cli.preflight import preflight
+
+    cbm = CBMSystem(num_classes=3, image_size=32)
+    with pytest.raises(DataSettingError, match="model_kwargs.num_concepts") as raised:
+        preflight(cbm, [], SimpleNamespace(num_classes=3, num_concepts=5))
+    assert is_configuration_error(raised.value)
+    preflight(cbm, [], SimpleNamespace(num_classes=3, num_concepts=36))  # the same count: nothing said
+    with pytest.raises(DataSettingError, match="num_classes=3 but the data's num_classes is 4"):
+        preflight(cbm, [], SimpleNamespace(num_classes=4))  # every System's settings, the engine's check

@@ -103,13 +103,12 @@ class CBMSystem(ZooSystem):
 
         return ConceptBottleneckLoss(concept_key=self.concept_key, target_key=self.target_key)
 
-    def setup(self, stage: str) -> None:
-        """The data settings (`ZooSystem.setup`), then the model's concept count against the datamodule's
-        (`check_concept_count`): a mismatch was found only at the first batch, a traceback inside the fit."""
-        super().setup(stage)
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if datamodule is not None:
-            self.check_concept_count(datamodule)
+    def check_data_settings(self, datamodule: Any) -> None:
+        """The engine's data settings, then the model's concept count against the datamodule's
+        (`check_concept_count`): at setup, and in train.py before anything trains or moves (`zoo.cli.preflight`); a
+        mismatch was found only at the first batch, a traceback inside the fit."""
+        super().check_data_settings(datamodule)
+        self.check_concept_count(datamodule)
 
     def check_concept_count(self, datamodule: Any) -> None:
         """Refuse (`DataSettingError`: train.py says it in one line, exit status 2) a model that predicts another

@@ -493,7 +493,7 @@ def check_points(config: str, name: str, points: list[dict[str, Any]], extra: li
                 with naming_the_point(index, total, point):
                     check = PointCheck(args=point_args(config, name, point, extra), run=False)
                     run_folder(check.config_init, check.config)
-                    preflight(check.model, cli_callbacks(check))  # optimiser, stages' losses, monitors
+                    preflight(check.model, cli_callbacks(check), check.datamodule)  # data, optimiser, losses, ...
                     del check
     finally:
         for key, value in seed_variables.items():
@@ -661,7 +661,7 @@ def ablate(config: str, grid_items: list[str], name: str, extra: list[str]) -> l
     with naming_the_point(1, len(points), points[0]):
         cli = point_cli(config, name, points[0], extra)
         folder = run_folder(cli.config_init, cli.config).parent  # <save_dir>/<name>
-        preflight(cli.model, cli_callbacks(cli))  # optimiser, stages' losses, monitors: before any point trains
+        preflight(cli.model, cli_callbacks(cli), cli.datamodule)  # data, optimiser, losses, monitors: before any point
     with configuration_phase():
         check_not_a_fit_run(folder, "ablate")  # a fit's next run would move the table and leave the points
     check_points(config, name, points[1:], extra, first=2, total=len(points))

@@ -632,7 +632,7 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
                 clis[run_name].check_data_fits_checkpoint(str(run["checkpoint"]))
             else:  # its optimiser, stages' losses and monitors, before any run trains
                 with naming_the_run(run_name):
-                    preflight(clis[run_name].model, clis[run_name].trainer.callbacks)
+                    preflight(clis[run_name].model, clis[run_name].trainer.callbacks, clis[run_name].datamodule)
         check_same_setting({run_name: cli.config for run_name, cli in clis.items()})  # before any training starts
         runs = drop_twins_equal_to_the_model(runs, clis)
         check_checkpoints_outside_trained_runs(runs, clis)

@@ -564,7 +564,7 @@ class ZooCLI(LightningCLI):
         from zoo.cli.preflight import preflight
         from zoo.cli.runs import move_earlier_run
 
-        preflight(self.model, self.trainer.callbacks)  # before the earlier run moves to stale/
+        preflight(self.model, self.trainer.callbacks, self.datamodule)  # before the earlier run moves to stale/
         move_earlier_run(self.trainer, "fit", self.restores_checkpoint, self.config["fit"].as_dict())
         prepare_fit_auxiliaries(self.model, self.trainer, self.datamodule, self.restores_checkpoint)
 

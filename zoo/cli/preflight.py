@@ -39,10 +39,14 @@ LR_MONITOR_LOGS = re.compile(r"(lr|momentum|weight_decay)-.+")
 WRITES_METRICS = re.compile(r"""callback_metrics\s*(\[[^\]]*\]\s*=(?!=)|\.(update|setdefault)\()""")
 
 
-def preflight(system: nn.Module, callbacks: Iterable[Any] = ()) -> None:
-    """Check `system` (a ZooSystem, built) and the run's `callbacks` before anything trains: its optimiser and
-    scheduler are built once and dropped (`check_optimizer`), every stage's `losses` are terms its loss gives
-    (`check_stage_losses`), every checkpoint and EarlyStopping `monitor` a name it logs (`check_monitors`)."""
+def preflight(system: nn.Module, callbacks: Iterable[Any] = (), datamodule: Any = None) -> None:
+    """Check `system` (a ZooSystem, built), the run's `callbacks` and its `datamodule` before anything trains: the
+    System's settings against the data (`check_data_settings`, which its setup runs again: a CBM's concept count
+    against CUB's attributes failed after the fit had moved the earlier run to stale/), its optimiser and scheduler
+    built once and dropped (`check_optimizer`), every stage's `losses` terms its loss gives (`check_stage_losses`),
+    every checkpoint and EarlyStopping `monitor` a name it logs (`check_monitors`)."""
+    if datamodule is not None and hasattr(system, "check_data_settings"):  # what the datamodule tells when built
+        system.check_data_settings(datamodule)
     check_optimizer(system)
     check_stage_losses(system)
     check_monitors(system, callbacks)
