@@ -354,59 +354,37 @@ PLATEAU = ("--model.init_args.scheduler={class_path: torch.optim.lr_scheduler.Re
            "{patience: 0, factor: 0.5, threshold: 1.0}}")
 
 
-def test_a_fit_resumed_from_an_epochs_end_takes_the_plateau_step_lightning_skips(in_tmp_dir: Path) -> None:
-    """ReduceLROnPlateau steps after the epoch's validation, so last.ckpt (written at validation end) holds it before
-    that epoch's step, and Lightning skips the step on resume (the monitored value is not in the checkpoint): the
-    resumed run trained on at twice the rate (`last_epoch` 1 of 2, every later tensor different). The checkpoint
-    now carries the owed step's value and the resumed fit takes it."""
+# how the first fit stops before it is resumed to 3 epochs: at epoch 0's end (last.ckpt written at its validation,
+# before the epoch's plateau step), inside epoch 1 (max_steps 3 of 2 a epoch: the resumed epoch is the one
+# Lightning skips), and after fit (`trainer.save_checkpoint` once the epoch is completed: no step is owed)
+PLATEAU_STOPS = {"epoch_end": ["--trainer.max_epochs=1"], "inside_epoch": ["--trainer.max_steps=3"],
+                 "after_fit": ["--trainer.max_epochs=1"]}
+
+
+@pytest.mark.parametrize("stop", list(PLATEAU_STOPS))
+def test_a_resumed_fit_takes_the_plateau_steps_lightning_skips(stop: str, in_tmp_dir: Path) -> None:
+    """ReduceLROnPlateau steps after the epoch's validation, and Lightning skips every plateau step while its loop
+    is restarting: a fit resumed from last.ckpt (written at validation end, before that epoch's step) or inside an
+    epoch trained on at twice the rate (`last_epoch` 1 of 2, every later tensor different). Now the checkpoint
+    carries an owed step's value and the System takes the steps Lightning skips, each once: a checkpoint written
+    after the epoch's step owes none."""
     from train import main
 
-    def fit(name: str, epochs: int, *extra: str) -> dict[str, Any]:
-        main(["fit", "--config", CONFIG, PLATEAU, "--data.init_args.num_train=16", "--data.init_args.num_val=8",
-              "--data.init_args.batch_size=8", f"--trainer.max_epochs={epochs}", "--trainer.enable_progress_bar=false",
-              f"--trainer.logger.init_args.name={name}", *extra])
-        return final_state(in_tmp_dir, name)
+    def fit(name: str, *extra: str) -> Any:
+        return main(["fit", "--config", CONFIG, PLATEAU, "--data.init_args.num_train=16", "--data.init_args.num_val=8",
+                     "--data.init_args.batch_size=8", "--trainer.max_epochs=3", "--trainer.enable_progress_bar=false",
+                     f"--trainer.logger.init_args.name={name}", *extra])
 
-    whole = fit("whole", 3)
-    assert fit("resumed", 1)["lr_schedulers"][0]["last_epoch"] == 0  # written before epoch 0's step
-    again = fit("resumed", 3, "--ckpt_path=last")
+    fit("whole")
+    whole = final_state(in_tmp_dir, "whole")
+    first = fit("resumed", *PLATEAU_STOPS[stop])
+    ckpt = "--ckpt_path=last"
+    if stop == "after_fit":
+        first.trainer.save_checkpoint(in_tmp_dir / "after.ckpt")
+        assert torch.load(in_tmp_dir / "after.ckpt", weights_only=True)["lr_schedulers"][0]["last_epoch"] == 1
+        ckpt = f"--ckpt_path={in_tmp_dir / 'after.ckpt'}"
+    fit("resumed", ckpt)
+    again = final_state(in_tmp_dir, "resumed")
     assert whole["lr_schedulers"][0]["last_epoch"] == 2 and whole["lr_schedulers"] == again["lr_schedulers"]
     differ = differing_tensors(whole, again)
     assert not differ, f"{len(differ)} of {len(whole['state_dict'])} tensors differ: {differ[:8]}"
-
-
-def test_an_exported_text_model_keeps_its_words_and_encodes_new_text(imdb_root: Path, in_tmp_dir: Path) -> None:
-    """An L2X checkpoint of IMDB reviews holds the datamodule's vocabulary and tokenizer; its export wrote neither,
-    so the exported model's token ids meant nothing. Now config.json has `text_encoding` (vocabulary, max_len,
-    tokenizer) and `load_checkpoint` / `load_exported` give it back: `encode_texts(texts, **model.text_encoding)`
-    gives new reviews the ids of training, and the exported model selects and predicts as the checkpoint's."""
-    import json
-
-    from datamodules import IMDBDataModule
-    from datamodules.text import encode_texts
-    from train import main
-
-    main(["fit", "--config", str(REPO / "configs/l2x/imdb.yaml"), f"--data.init_args.root={imdb_root}",
-          "--data.init_args.max_len=8", "--data.init_args.max_vocab=30", "--data.init_args.batch_size=4",
-          "--model.init_args.model_kwargs.k=2", "--model.init_args.black_box_epochs=1",
-          "--model.init_args.evaluator_epochs=1", "--trainer.max_epochs=1", "--trainer.logger.init_args.name=run",
-          "--progress_bar.refresh_rate=0"])
-    checkpoint = in_tmp_dir / "checkpoints" / "run" / "checkpoints" / "last.ckpt"
-    words = torch.load(checkpoint, weights_only=True)["IMDBDataModule"]["vocabulary"]
-    export = zoo.export_checkpoint(checkpoint, in_tmp_dir / "export")
-    config = json.loads((export / "config.json").read_text())
-    assert config["text_encoding"] == {"vocabulary": words, "max_len": 8, "tokenizer": 2}
-    data = IMDBDataModule(imdb_root, max_len=8, max_vocab=30)
-    data.setup()
-    reviews = [(imdb_root / name).read_text() for name in data.sample_names("test")]
-    loaded, exported = zoo.load_checkpoint(checkpoint), zoo.load_exported(export)
-    for model in (loaded, exported):
-        assert model.text_encoding == config["text_encoding"] and model.vocabulary == words
-    tokens = encode_texts(reviews, **exported.text_encoding)  # new text, as training encoded it
-    assert torch.equal(tokens, data.splits["test"].tensors["tokens"])
-    with torch.no_grad():
-        assert torch.equal(loaded(tokens)["logits"], exported(tokens)["logits"])
-    config["text_encoding"] = {"vocabulary": words}  # edited by hand: no max_len, no tokenizer
-    (export / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="text_encoding must be .*Export it again"):
-        zoo.load_exported(export)

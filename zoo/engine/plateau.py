@@ -1,11 +1,17 @@
-"""ReduceLROnPlateau across a resume: the epoch-end step a checkpoint was written before is taken when the run resumes.
+"""ReduceLROnPlateau across a resume: the epoch-end steps Lightning skips after a resume are taken.
 
-Lightning steps a plateau scheduler after the epoch's validation and its `on_train_epoch_end` hooks, so every
-checkpoint written at an epoch's end (ModelCheckpoint at validation end or at train epoch end, last.ckpt) holds the
-scheduler before that epoch's step; and a resumed fit skips the step, since the monitored value is not in the
-checkpoint (Lightning #14699). A run resumed from such a checkpoint trained on with one reduction (one bad epoch) too
-few. The System writes the monitored values of the steps still owed into the checkpoint (`PLATEAU_KEY`) and takes
-those steps when the fit resumes, through `lr_scheduler_step` as Lightning would.
+Lightning steps an epoch-interval plateau scheduler in the fit loop's `on_advance_end`, after the epoch's validation
+and its `on_train_epoch_end` hooks, and never while the loop is restarting (the monitored value is not in the
+checkpoint, Lightning #14699), which covers the whole first epoch of a resumed fit. Two steps were lost:
+
+- the step of the epoch a checkpoint was written at the end of (ModelCheckpoint at validation end, last.ckpt): the
+  checkpoint holds the scheduler before it. The System writes the step's epoch and monitored value into the
+  checkpoint (`PLATEAU_KEY`) and takes it when a fit resumes from it (`ZooSystem.on_train_start`);
+- the step at the end of the epoch a fit resumed inside: the System takes it at that epoch's end
+  (`ZooSystem.on_train_epoch_end`, its validation's value in hand).
+
+A resumed run then trains at the rates of the run that never stopped (without them: one reduction, one bad epoch, too
+few, and every later tensor different).
 """
 
 from __future__ import annotations
@@ -16,33 +22,39 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.trainer.states import TrainerFn
 
-PLATEAU_KEY = "zoo_plateau_owed"  # checkpoint entry: {scheduler index: monitored value} of the steps still owed
+PLATEAU_KEY = "zoo_plateau_owed"  # checkpoint entry: {scheduler index: [epoch, monitored value]} of the steps owed
 
 
-def plateau_steps_owed(trainer: pl.Trainer, stepped: dict[int, int]) -> dict[int, float]:
-    """{index in `trainer.lr_scheduler_configs`: monitored value} of the epoch-interval plateau schedulers Lightning
-    will step at the end of this epoch and has not stepped yet (`stepped`: index -> the epoch it last stepped in);
-    empty outside a fit or before the epoch's last training batch. Reads the monitored values (a host read, at
-    checkpoint time only)."""
-    loop = trainer.fit_loop.epoch_loop
-    if trainer.state.fn != TrainerFn.FITTING or not loop._num_ready_batches_reached():
+def due_plateau_steps(trainer: pl.Trainer, taken: dict[int, int]) -> dict[int, list[float]]:
+    """{index in `trainer.lr_scheduler_configs`: [epoch, monitored value]} of the plateau steps due at the end of the
+    current epoch and not taken yet by the System (`taken`: index -> the epoch of its last step taken here); Lightning
+    takes them itself after the epoch's `on_train_epoch_end` hooks, unless the loop is restarting. Due, as Lightning's
+    `_update_learning_rates` has it: an epoch-interval ReduceLROnPlateau, every `frequency` epochs, its monitor
+    logged. Empty outside a fit, before the epoch's last training batch and once the epoch is completed (its steps
+    are behind it then: a last.ckpt written when fit ends, `trainer.save_checkpoint` after it). Reads the monitored
+    values on the host (at checkpoints and epoch ends only)."""
+    loop = trainer.fit_loop
+    progress = loop.epoch_progress.current
+    if (trainer.state.fn != TrainerFn.FITTING or progress.completed >= progress.started
+            or not loop.epoch_loop._num_ready_batches_reached()):
         return {}
-    epoch, owed = trainer.current_epoch, {}
+    epoch, due = trainer.current_epoch, {}
     for index, config in enumerate(trainer.lr_scheduler_configs):
         value = trainer.callback_metrics.get(config.monitor) if config.reduce_on_plateau else None
-        # Lightning's rule (`_update_learning_rates`): epoch interval, every `frequency` epochs, the monitor logged
         if (value is not None and config.interval == "epoch" and (epoch + 1) % config.frequency == 0
-                and stepped.get(index) != epoch):
-            owed[index] = float(value)
-    return owed
+                and taken.get(index) != epoch):
+            due[index] = [epoch, float(value)]
+    return due
 
 
-def take_owed_plateau_steps(module: pl.LightningModule, owed: dict[Any, float]) -> None:
-    """Step each scheduler of `owed` (what `plateau_steps_owed` wrote into the checkpoint) with its monitored value,
-    through the module's `lr_scheduler_step` and counted in the loop's scheduler progress, as Lightning steps it."""
+def take_plateau_steps(module: pl.LightningModule, steps: dict[Any, Any], taken: dict[int, int]) -> None:
+    """Step each scheduler of `steps` ({index: [epoch, monitored value]}, `due_plateau_steps` or a checkpoint's
+    `PLATEAU_KEY`) with its value, through the module's `lr_scheduler_step` and counted in the loop's scheduler
+    progress, as Lightning steps it; each noted in `taken` (index -> epoch), so that no step is taken twice."""
     trainer = module.trainer
     progress = trainer.fit_loop.epoch_loop.scheduler_progress
-    for index, value in owed.items():
+    for index, (epoch, value) in steps.items():
         progress.increment_ready()
         module.lr_scheduler_step(trainer.lr_scheduler_configs[int(index)].scheduler, torch.tensor(value))
         progress.increment_completed()
+        taken[int(index)] = int(epoch)

@@ -37,7 +37,7 @@ from zoo.checks import batch_field, check_class_ids, check_on_host
 from zoo.distributed import all_reduce_, end_spawned_process_group, is_distributed
 from zoo.engine.auxiliary import Auxiliary, auxiliaries_pending, prepare_auxiliaries
 from zoo.engine.callbacks import logged_step
-from zoo.engine.plateau import PLATEAU_KEY, plateau_steps_owed, take_owed_plateau_steps
+from zoo.engine.plateau import PLATEAU_KEY, due_plateau_steps, take_plateau_steps
 from zoo.engine.stages import Schedule, epoch_schedules, scale_group_rates
 from zoo.registry import check_same_model, create_model_for_data
 from zoo.weights import (MODEL_KEYS, SETTINGS_KEY, CheckpointError, check_resume_keys, model_spec, resolve_class,
@@ -336,8 +336,8 @@ class ZooSystem(pl.LightningModule):
         self._hparams_initial = self.logged_hparams(given)  # what loggers record (TensorBoard's HPARAMS)
         self._hp_metric_restored: float | None = None  # a resumed run's last hp_metric (`HP_METRIC_KEY`)
         self._hp_metric_pending = False  # Lightning wrote its placeholder hp_metric -1 since the run's last value
-        self._plateau_stepped: dict[int, int] = {}  # plateau scheduler index -> the epoch it last stepped in
-        self._plateau_owed: dict[int, float] = {}  # a resumed checkpoint's owed plateau steps (`PLATEAU_KEY`)
+        self._plateau_taken: dict[int, int] = {}  # plateau scheduler index -> the epoch of its last step taken here
+        self._plateau_owed: dict[int, list[float]] = {}  # a resumed checkpoint's owed plateau steps (`PLATEAU_KEY`)
         self.schedule = Schedule(stages, self.model)
         self.metrics = nn.ModuleDict()  # "<stage>_<name>": a ModuleDict key "train" would shadow nn.Module.train
         self._dict_metrics: dict[str, str] = {}  # metrics whose compute() returns a dict: key -> log prefix
@@ -664,6 +664,8 @@ class ZooSystem(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.check_finite_losses()
         self._log_dict_metrics("train")
+        if self.trainer.fit_loop.restarting:  # a resumed fit's first epoch: Lightning skips its plateau steps
+            take_plateau_steps(self, due_plateau_steps(self.trainer, self._plateau_taken), self._plateau_taken)
 
     def reset_metrics(self, stage: str) -> None:
         """Reset every metric of `stage` as its epoch starts, so that its result counts that epoch's batches alone,
@@ -695,7 +697,7 @@ class ZooSystem(pl.LightningModule):
         hp_metric = hp_metric if hp_metric is not None else self._hp_metric_restored
         if hp_metric is not None:  # what a resumed fit writes as hp_metric after Lightning's placeholder
             checkpoint[HP_METRIC_KEY] = hp_metric
-        owed = plateau_steps_owed(self.trainer, self._plateau_stepped) if self._trainer is not None else {}
+        owed = due_plateau_steps(self.trainer, self._plateau_taken) if self._trainer is not None else {}
         if owed:  # the epoch-end ReduceLROnPlateau steps this checkpoint precedes, taken when a fit resumes from it
             checkpoint[PLATEAU_KEY] = owed
 
@@ -831,15 +833,8 @@ class ZooSystem(pl.LightningModule):
         if self._hp_metric_pending:  # a resumed fit: its checkpoint's hp_metric over Lightning's placeholder -1
             self._write_hp_metric(self._hp_metric_restored)
         if self.trainer.ckpt_path is not None:  # resumed: the plateau steps Lightning skips (`zoo.engine.plateau`)
-            take_owed_plateau_steps(self, self._plateau_owed)
+            take_plateau_steps(self, self._plateau_owed, self._plateau_taken)
         self._plateau_owed = {}
-
-    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        """Lightning's, noting the epoch each ReduceLROnPlateau stepped in (`plateau_steps_owed`)."""
-        super().lr_scheduler_step(scheduler, metric)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            index = next(i for i, c in enumerate(self.trainer.lr_scheduler_configs) if c.scheduler is scheduler)
-            self._plateau_stepped[index] = self.current_epoch
 
     def on_train_epoch_start(self) -> None:
         self.reset_metrics("train")
