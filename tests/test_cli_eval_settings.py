@@ -1,7 +1,10 @@
 """What validate / test / predict of a checkpoint do with the settings they are given: a `--ckpt_path` a later
 `--config` reset is named as such; the settings that change no weight (the textual `max_len`) are taken as given,
 as `load_from_checkpoint(path, max_len=4)` takes them, and any other model setting the checkpoint's replaces is
-warned about; a textual predict draws no pictures and says nothing about them."""
+warned about; a textual predict draws no pictures and says nothing about them. A decoding length is taken as
+given only where the user gives it (a family config that sets none keeps the checkpoint's), and only settings that
+decide the model evaluated are warned about (not helper epochs nor the optimiser; {} and None are one empty
+model_kwargs; a model_kwargs entry the checkpoint lacks is said)."""
 
 from __future__ import annotations
 
@@ -43,23 +46,25 @@ def test_a_ckpt_path_a_later_config_resets_is_named_as_such(in_tmp_dir: Path, ca
 
 @pytest.fixture(scope="module")
 def textual_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny explanation-label run (hidden 16, max_len 18, one batch of one epoch): its folder."""
+    """A tiny explanation-label run (hidden 16, max_len 6, one batch of one epoch): its folder."""
     root = tmp_path_factory.mktemp("textual")
     main(["fit", "--config", str(REPO / "configs/textual/explanation_label.yaml"), *TINY,
           "--model.init_args.encoder_epochs=1", "--model.init_args.sentence_classifier_epochs=1",
-          "--model.init_args.hidden=16", "--data.init_args.image_size=32", "--trainer.max_epochs=1",
-          "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--trainer.callbacks=[]",
+          "--model.init_args.hidden=16", "--model.init_args.max_len=6", "--data.init_args.image_size=32",
+          "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1",
+          "--trainer.callbacks=[]",
           f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
           "--trainer.logger.init_args.name=words"])
     return root / "words"
 
 
-def evaluated(command: str, run: Path, *options: str) -> tuple[object, list[str]]:
-    """`train.py <command>` of the run's config and last checkpoint with `options`: the CLI and every warning."""
+def evaluated(command: str, run: Path, *options: str, config: Path | None = None) -> tuple[object, list[str]]:
+    """`train.py <command>` of the run's config (or `config`) and last checkpoint with `options`: the CLI and every
+    warning."""
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        cli = main([command, "--config", str(run / "config.yaml"), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
-                    *options])
+        cli = main([command, "--config", str(config or run / "config.yaml"),
+                    f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", *options])
     return cli, [str(w.message) for w in said]
 
 
@@ -90,3 +95,95 @@ def test_a_textual_predict_says_nothing_of_pictures_it_does_not_draw(textual_run
     assert not [m for m in messages if "explanation pictures" in m], messages
     assert (textual_run / "predictions" / "predictions.csv").is_file()
     assert not list((textual_run / "predictions").glob("*.png"))
+
+
+def family_validated(run: Path, *options: str) -> tuple[object, list[str]]:
+    """`validate` of the run's last checkpoint with the family config it was trained from (it sets no max_len nor
+    hidden) and the run's data: the CLI and every warning."""
+    return evaluated("validate", run, *TINY, "--data.init_args.image_size=32", "--trainer.limit_val_batches=1",
+                     "--trainer.callbacks=[]", f"--trainer.logger.init_args.save_dir={run.parent}",
+                     f"--trainer.logger.init_args.name={run.name}", *options,
+                     config=REPO / "configs/textual/explanation_label.yaml")
+
+
+def test_evaluation_with_the_family_config_keeps_the_checkpoints_decoding_length(textual_run: Path) -> None:
+    """The family config sets no max_len, so the parsed value is the class default 18, which was "taken as given"
+    over the checkpoint's 6, silently (val/cider_d 0.0588 where the run's own config gave 0.1318). Only a max_len
+    the user gives (command line, --config file) is taken; helper epochs (the family config's default 4, the
+    run's 1) are not warned about."""
+    cli, messages = family_validated(textual_run)
+    assert cli.model.hparams.max_len == 6 and cli.model.model.generator.max_len == 6
+    ignored = [m for m in messages if "is ignored" in m]
+    assert len(ignored) == 1 and "--model.init_args.hidden=256 is ignored: the checkpoint's 16 is used" in \
+        ignored[0], ignored
+    assert "max_len=" not in ignored[0] and "_epochs" not in ignored[0], ignored
+    for given in (["--model.init_args.max_len=3"], ["--model.init_args.max_len", "3"]):
+        cli, _ = family_validated(textual_run, *given)
+        assert cli.model.hparams.max_len == 3 and cli.model.model.generator.max_len == 3, given
+
+
+def test_given_explicitly_reads_the_options_and_the_config_files_as_given(tmp_path: Path) -> None:
+    """Where a setting counts as given: an option in any of jsonargparse's forms, a --model mapping, a --config
+    file that sets it; not a --config file that leaves it unset, nor another setting's option."""
+    from zoo.cli.lightning import given_explicitly
+
+    key = "model.init_args.max_len"
+    for args in (["--model.init_args.max_len=3"], ["--model.init_args.max_len", "3"], ["--model.max_len=3"],
+                 ["--model", "{init_args: {max_len: 3}}"]):
+        assert given_explicitly(key, ["validate", *args]), args
+    sets, unset = tmp_path / "sets.yaml", tmp_path / "unset.yaml"
+    sets.write_text(yaml.safe_dump({"model": {"init_args": {"max_len": 6}}}))
+    unset.write_text(yaml.safe_dump({"model": {"init_args": {"hidden": 6}}, "max_len": 6}))
+    assert given_explicitly(key, ["validate", "--config", str(unset), f"--config={sets}"])
+    assert given_explicitly(key, ["validate", "-c", str(sets)])
+    for args in (["--config", str(unset)], ["--config", str(REPO / "configs/textual/explanation_label.yaml")],
+                 ["--model.init_args.max_len_x=3"], ["--model.init_args.hidden=3"], ["--config", "missing.yaml"]):
+        assert not given_explicitly(key, ["validate", *args]), args
+
+
+def test_only_settings_of_the_model_evaluated_are_warned_about(textual_run: Path) -> None:
+    """"is ignored" named settings that only train (textual encoder_epochs / sentence_classifier_epochs, the
+    optimiser's lr), so it told the user to drop options for no reason; a model_kwargs entry the checkpoint lacks
+    was dropped silently. A size the model is built with is still said."""
+    _, messages = evaluated("validate", textual_run, "--trainer.limit_val_batches=1",
+                            "--model.init_args.encoder_epochs=7", "--model.init_args.sentence_classifier_epochs=7",
+                            "--model.init_args.optimizer.init_args.lr=0.5", "--model.init_args.aux_lr=0.5")
+    assert not [m for m in messages if "is ignored" in m], messages
+    cli, messages = evaluated("validate", textual_run, "--trainer.limit_val_batches=1",
+                              "--model.init_args.model_kwargs.class_dim=32",
+                              "--model.init_args.model_kwargs.embed_dim=8",
+                              "--model.init_args.model_kwargs.feature_dim=8")
+    ignored = [m for m in messages if "is ignored" in m]
+    assert len(ignored) == 1, messages
+    assert "--model.init_args.model_kwargs.class_dim=32 is ignored: the checkpoint's 64 is used" in ignored[0]
+    assert "--model.init_args.model_kwargs.embed_dim=8 is ignored: the checkpoint's model_kwargs give no " \
+           "embed_dim, so the model's default 128 is used" in ignored[0], ignored
+    assert "model_kwargs.feature_dim=8 is ignored" in ignored[0], ignored
+    kwargs = cli.model.hparams.model_kwargs  # the checkpoint's: the entries it lacks are dropped
+    assert kwargs["class_dim"] == 64 and "embed_dim" not in kwargs and "feature_dim" not in kwargs, kwargs
+
+
+def test_ignored_model_settings_of_l2x_and_a_classifier() -> None:
+    """The rule on other families, from settings as `zoo.weights.model_settings` gives them: L2X's helper epochs
+    are not said; `model_kwargs: {}` against a checkpoint's None is no difference; an entry the checkpoint's None
+    mapping lacks is said unless it is the model's default; a model_kwargs value is compared as written."""
+    from zoo.baselines.system import ClassifierSystem
+    from zoo.cli.lightning import ignored_model_settings
+    from zoo.l2x.system import L2XSystem
+    from zoo.weights import resume_free
+
+    p = "model.init_args."
+    used = {f"{p}model_name": "l2x_vector", f"{p}black_box_epochs": 1, f"{p}evaluator_epochs": 1,
+            f"{p}model_kwargs.k": 4, f"{p}optimizer.init_args.lr": 0.001}
+    given = {f"{p}model_name": "l2x_vector", f"{p}black_box_epochs": 10, f"{p}evaluator_epochs": 10,
+             f"{p}model_kwargs.k": 4.0, f"{p}optimizer.init_args.lr": 0.1}
+    assert ignored_model_settings(given, used, L2XSystem, resume_free) == []
+    assert ignored_model_settings({**given, f"{p}model_kwargs.k": 2}, used, L2XSystem, resume_free) == \
+        [f"--{p}model_kwargs.k=2 is ignored: the checkpoint's 4 is used"]
+    used = {f"{p}model_name": "baseline_tinycnn", f"{p}model_kwargs": None}
+    assert ignored_model_settings({f"{p}model_kwargs": {}}, used, ClassifierSystem, resume_free) == []
+    assert ignored_model_settings({f"{p}model_kwargs.drop_rate": 0.0}, used, ClassifierSystem, resume_free) == []
+    assert ignored_model_settings({f"{p}model_kwargs.drop_rate": 0.5, f"{p}model_kwargs.pretrained_path": "w.pt"},
+                                  used, ClassifierSystem, resume_free) == \
+        [f"--{p}model_kwargs.drop_rate=0.5 is ignored: the checkpoint's model_kwargs give no drop_rate, so the "
+         "model's default 0.0 is used"]

@@ -115,3 +115,20 @@ def test_sentence_file_not_utf8_names_the_file_and_line(cub_root: Path) -> None:
         text.write_bytes("a small bird with a white belly\nthis bird has a caf\xe9 color\n".encode("latin-1"))
     with pytest.raises(DatasetLayoutError, match=r"Black_footed_Albatross_0003_3.txt:2: not UTF-8 text"):
         CUB200DataModule(str(cub_root))
+
+
+def test_a_checkpoint_with_the_old_0_based_names_fits_the_same_classes_named_by_their_ids() -> None:
+    """A CUB checkpoint trained before the classes without classes.txt were named by their 1-based ids holds
+    "0".."C-1" for the same labels: validate / test / predict / resume refused it ("trained on classes ['0', '1',
+    '2']; this run's data has ['1', '2', '3']. Give it data of those classes"), though the data is the same. Only
+    that renumbering is accepted: other names, another order or another shift are still refused."""
+    from zoo.weights import CheckpointError, check_class_names
+
+    check_class_names(["0", "1", "2"], ["1", "2", "3"], "ckpt", "hint")
+    many = [str(i) for i in range(200)]
+    check_class_names(many, [str(i + 1) for i in range(200)], "ckpt", "hint")
+    for held, given in ((["1", "2", "3"], ["0", "1", "2"]),  # the other way round: not the old naming
+                        (["0", "1", "2"], ["2", "3", "4"]), (["0", "1", "2"], ["1", "3", "2"]),
+                        (["0", "1", "2"], ["a", "b", "c"]), (["a", "1", "2"], ["1", "2", "3"])):
+        with pytest.raises(CheckpointError, match="was trained on classes"):
+            check_class_names(held, given, "ckpt", "hint")

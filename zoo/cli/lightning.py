@@ -573,8 +573,10 @@ class ZooCLI(LightningCLI):
         a checkpoint of another System or model (else the run would silently rebuild the checkpoint's model and
         pair it with this config's loss). Then put back the settings as given that the command may change: a
         resumed fit's `zoo.weights.resume_free` ones; validate / test / predict's those too and the System's
-        `EVALUATION_FREE` ones (decoding options: the textual `max_len`), as `load_from_checkpoint(path,
-        max_len=4)` honours them. Any other model setting given for validate / test / predict that the
+        `EVALUATION_FREE` ones (decoding options: the textual `max_len`) where the user gives them
+        (`given_explicitly`: on the command line or in a --config file; a parser default, such as the family
+        config's unset max_len 18, replaced the checkpoint's 6 silently), as `load_from_checkpoint(path,
+        max_len=4)` honours them. Any other setting of the model given for validate / test / predict that the
         checkpoint's replaced is warned about (`warn_ignored_settings`), where it was dropped silently."""
         from zoo.weights import model_settings, resume_free
 
@@ -597,9 +599,8 @@ class ZooCLI(LightningCLI):
         if subcommand == "fit":
             self.keep_given_settings(model, resume_free)
         elif subcommand in EVALUATIONS:
-            free = evaluation_free(model)
-            self.keep_given_settings(model, free)
-            self.warn_ignored_settings(subcommand, model, free)
+            self.keep_given_settings(model, evaluation_free(model, self.command_args))
+            self.warn_ignored_settings(subcommand, model, evaluation_free(model))
 
     def keep_given_settings(self, model: Any, free: Callable[[str], bool]) -> None:
         """The model settings the command may change (`free` of their dotted key: for a resumed fit
@@ -625,40 +626,139 @@ class ZooCLI(LightningCLI):
             holder[leaf] = value
 
     def warn_ignored_settings(self, subcommand: str, model: Any, free: Callable[[str], bool]) -> None:
-        """One warning naming each model setting this validate / test / predict gives (the config's or the command
-        line's) whose value the `--ckpt_path` checkpoint's hyperparameters replaced: "--model.init_args.hidden=16 is
-        ignored: the checkpoint's 64 is used". Not said: `free` ones (kept as given), unset ones (None: the
-        checkpoint's fills them), the ones the data links (`zoo.weights.DATA_LINKS`: the data checks compare them)
-        and the model's name (`check_config_fits_checkpoint` refuses another)."""
+        """One warning naming each setting of the model this validate / test / predict gives (the config's or the
+        command line's) whose value the `--ckpt_path` checkpoint's hyperparameters replaced: "--model.init_args
+        .hidden=16 is ignored: the checkpoint's 64 is used", and each `model_kwargs` entry given that the
+        checkpoint's model_kwargs lack (Lightning's copy replaces the whole mapping), unless it is the model's
+        default. Only settings that decide the model evaluated are said (`ignored_model_settings` gives the rule):
+        the others (helper epochs, the optimiser, scheduler, loss, stages) change nothing in an evaluation. Not
+        said either: `free` ones (the System's `EVALUATION_FREE`: kept where given, else the checkpoint's), unset
+        ones (None: the checkpoint's fills them), the ones the data links (`zoo.weights.DATA_LINKS`: the data checks
+        compare them) and the model's name (`check_config_fits_checkpoint` refuses another)."""
         from pytorch_lightning.utilities import rank_zero_warn
 
-        from zoo.weights import DATA_LINKS, IDENTITY_KEYS, model_settings, resolve_class
+        from zoo.weights import model_settings, resolve_class
 
-        used = model_settings(model) or {}
-        skipped = {f"model.init_args.{key}" for key in (*DATA_LINKS.values(), *IDENTITY_KEYS)}
-        ignored = [f"--{key}={_as_option(given)} is ignored: the checkpoint's {_as_option(used[key])} is used"
-                   for key, given in self.given_model_settings.items()
-                   if key in used and given is not None and given != used[key] and key not in skipped
-                   and not free(key)]
+        system = resolve_class(str(model.get("class_path")))
+        ignored = ignored_model_settings(self.given_model_settings or {}, model_settings(model) or {}, system, free)
         if ignored:
-            system = resolve_class(str(model.get("class_path")))
             kept = ", ".join(getattr(system, "EVALUATION_FREE", ()))
-            kept = f" ({system.__name__}'s {kept}, which change no weight, are taken as given)" if kept else ""
+            kept = f" ({system.__name__}'s {kept}, which change no weight, are taken where given)" if kept else ""
             rank_zero_warn(f"{subcommand} --ckpt_path: {'; '.join(ignored)}. The model is built with the "
                            f"checkpoint's hyperparameters, which its weights were trained with{kept}. Drop those "
                            f"options, or train a run with them.")
 
 
-def evaluation_free(model: Any) -> Callable[[str], bool]:
+def ignored_model_settings(given: dict[str, Any], used: dict[str, Any], system: type | None,
+                           free: Callable[[str], bool]) -> list[str]:
+    """"--<key>=<given> is ignored: ..." for each setting of `given` (`zoo.weights.model_settings` as the command
+    gave them) that the checkpoint's hyperparameters replaced in `used` (the same after Lightning's copy) and that
+    decides the model evaluated (`system`: the System's class).
+
+    The rule, one for every family: a setting decides the model evaluated when it is one the model is built from
+    (`zoo.weights.MODEL_KEYS`, `model_spec`'s; `model_kwargs` entry by entry), a System argument the System passes
+    to its model (which `build_model` records in the model's `model_kwargs`, so `used` holds it there: the
+    textual `LINKED_ARGUMENTS`, hidden, max_len, ...), or one of the System's `RESUME_KEYS` (what its weights were
+    trained to mean: CBM's mode). Any other System argument (helper models' epochs: textual `encoder_epochs`, L2X
+    `black_box_epochs`; the optimiser, scheduler, loss and stages) only matters for training. Values are compared
+    as written (`_same_setting`: 1 and 1.0; `model_kwargs` {} and None are the same empty mapping). A `model_kwargs`
+    entry given that `used` lacks was dropped (Lightning's copy replaces the whole mapping): said unless it is the
+    model's default (`zoo.registry.argument_default`), as the model is then built the same."""
+    import inspect
+
+    from zoo.registry import argument_default
+    from zoo.weights import DATA_LINKS, IDENTITY_KEYS, MODEL_KEYS, _empty_kwargs, _same_setting
+
+    prefix, kwargs_prefix = "model.init_args.", "model.init_args.model_kwargs."
+    skipped = {f"{prefix}{key}" for key in (*DATA_LINKS.values(), *IDENTITY_KEYS)}
+    resume_keys = set(getattr(system, "RESUME_KEYS", ()))
+
+    def decides_model(key: str) -> bool:
+        top = key.removeprefix(prefix).split(".", 1)[0]
+        recorded = f"{kwargs_prefix}{top}"
+        return key.startswith(prefix) and (top in MODEL_KEYS or top in resume_keys or any(
+            other == recorded or other.startswith(recorded + ".") for other in used))
+
+    out = []
+    for key, value in given.items():
+        if value is None or key in skipped or free(key) or not decides_model(key):
+            continue
+        if _empty_kwargs(key, given) and _empty_kwargs(key, used):  # {} and None: no entry either way
+            continue
+        if key in used:
+            if not _same_setting(key, used[key], value):
+                out.append(f"--{key}={_as_option(value)} is ignored: the checkpoint's {_as_option(used[key])} is used")
+        elif key.startswith(kwargs_prefix):  # an entry the checkpoint's mapping lacks: dropped
+            entry = key.removeprefix(kwargs_prefix)
+            try:
+                default = argument_default(str(used.get(f"{prefix}model_name")), entry)
+            except ValueError:  # an unknown model name: its default is not known here
+                default = inspect.Parameter.empty
+            if default is inspect.Parameter.empty:
+                out.append(f"--{key}={_as_option(value)} is ignored: the checkpoint's model_kwargs give no {entry}, "
+                           f"so the model's default is used")
+            elif not _same_setting(key, default, value):
+                out.append(f"--{key}={_as_option(value)} is ignored: the checkpoint's model_kwargs give no {entry}, "
+                           f"so the model's default {_as_option(default)} is used")
+    return out
+
+
+def evaluation_free(model: Any, args: list[str] | None = None) -> Callable[[str], bool]:
     """Whether validate / test / predict of a checkpoint may change model setting `key` (dotted) from the value the
     checkpoint was trained with: what a resumed fit may (`zoo.weights.resume_free`: files that only give starting
     weights, torch.compile, ...) and the System's own `EVALUATION_FREE` arguments (the textual `max_len`: a decoding
-    length, no weight's shape), for the System class of `model` (the parsed model config)."""
+    length, no weight's shape), for the System class of `model` (the parsed model config). With `args` (the
+    arguments as given: `ZooCLI.command_args`) an `EVALUATION_FREE` argument only where they give it
+    (`given_explicitly`): else the parsed value is the parser's default (a family config that sets no max_len
+    holds the class default 18), and the checkpoint's (the trained 6) stands."""
     from zoo.weights import resolve_class, resume_free
 
     system = resolve_class(str(model.get("class_path"))) if hasattr(model, "get") else None
     own = {f"model.init_args.{key}" for key in getattr(system, "EVALUATION_FREE", ())}
+    if args is not None:
+        own = {key for key in own if given_explicitly(key, args)}
     return lambda key: key in own or resume_free(key)
+
+
+def given_explicitly(key: str, args: list[str]) -> bool:
+    """Whether the arguments as given (`ZooCLI.command_args`) set model setting `key` ("model.init_args.max_len"),
+    rather than leaving it at the parser's default: as an option (`--model.init_args.max_len=3`,
+    `--model.init_args.max_len 3`, jsonargparse's `--model.max_len 3`), in a `--model` mapping (YAML text or file)
+    or in a YAML file given with `--config` / `-c` that sets `model.init_args.max_len`. The files are read here for
+    this question only (yaml.safe_load; the parser has read them already). A run's own config.yaml sets every
+    setting: its values are the ones the run trained with."""
+    rest = key.removeprefix("model.init_args.").split(".")
+    options = {f"--{key}", f"--model.{'.'.join(rest)}"}
+    for i, arg in enumerate(args):
+        name, has_value, value = arg.partition("=")
+        if name in options:
+            return True
+        if name not in ("--config", "-c", "--model"):
+            continue
+        tree = _read_yaml(value if has_value else args[i + 1] if i + 1 < len(args) else "")
+        model = tree.get("model") if name != "--model" and isinstance(tree, dict) else tree
+        if isinstance(model, dict) and any(_sets(holder, rest) for holder in (model.get("init_args"), model)):
+            return True
+    return False
+
+
+def _read_yaml(value: str) -> Any:
+    """The YAML file `value` names, or `value` as YAML text (`--model '{init_args: {max_len: 3}}'`), parsed; None
+    where it is neither (the parser has said so already)."""
+    try:
+        path = Path(value)
+        return yaml.safe_load(path.read_text() if value and path.is_file() else value)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
+def _sets(tree: Any, keys: list[str]) -> bool:
+    """Whether nested mapping `tree` holds a value under the path `keys`."""
+    for part in keys:
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
 
 
 def _as_option(value: Any) -> str:
