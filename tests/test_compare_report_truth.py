@@ -199,3 +199,18 @@ def test_cuda_batches_are_timed_by_events_read_once_at_the_end(monkeypatch: pyte
     assert Event.waits == 1 and counter.seconds(trainer) == pytest.approx(0.03)
     assert counter.samples_per_s(trainer) == pytest.approx(12 / 0.03)
     assert counter.last_weights(trainer) == "last (epoch 0, step 3)"
+
+
+def test_a_smoke_compare_keeps_the_report_and_says_its_runs_stay(in_tmp_dir: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """A fast_dev_run compare (no run folders: no run moves) moved the real report to stale/ saying it "describes
+    the earlier runs", which were still in place; it now says that they stay and whose report replaces it."""
+    spec = write_spec(in_tmp_dir, "smoke", {"only": {"config": BASELINE}})
+    main(["compare", "--config", spec, "--no_explain"])
+    capsys.readouterr()
+    main(["compare", "--config", spec, "--no_explain", "--trainer.fast_dev_run=true"])
+    said = capsys.readouterr().out
+    folder = in_tmp_dir / "checkpoints" / "smoke"
+    assert "have no run folder (fast_dev_run, logger=false): the earlier runs stay in place" in said
+    assert (folder / "only" / "checkpoints" / "last.ckpt").is_file() and not list((folder / "stale").glob("only-*"))
+    assert len(list((folder / "stale").glob("report-*"))) == 1

@@ -121,14 +121,18 @@ def test_a_checkpoint_with_the_old_0_based_names_fits_the_same_classes_named_by_
     """A CUB checkpoint trained before the classes without classes.txt were named by their 1-based ids holds
     "0".."C-1" for the same labels: validate / test / predict / resume refused it ("trained on classes ['0', '1',
     '2']; this run's data has ['1', '2', '3']. Give it data of those classes"), though the data is the same. Only
-    that renumbering is accepted: other names, another order or another shift are still refused."""
+    that renumbering is accepted, and for CUB's data only (`renumbered`: an ImageFolder of folders 0, 1, 2 against
+    one of 1, 2, 3 holds other classes, and was accepted by the first version of this rule): other names, another
+    order or another shift are still refused."""
     from zoo.weights import CheckpointError, check_class_names
 
-    check_class_names(["0", "1", "2"], ["1", "2", "3"], "ckpt", "hint")
+    check_class_names(["0", "1", "2"], ["1", "2", "3"], "ckpt", "hint", renumbered=True)
     many = [str(i) for i in range(200)]
-    check_class_names(many, [str(i + 1) for i in range(200)], "ckpt", "hint")
+    check_class_names(many, [str(i + 1) for i in range(200)], "ckpt", "hint", renumbered=True)
+    with pytest.raises(CheckpointError, match="was trained on classes"):
+        check_class_names(["0", "1", "2"], ["1", "2", "3"], "ckpt", "hint")  # not CUB: folders 0..2 vs 1..3
     for held, given in ((["1", "2", "3"], ["0", "1", "2"]),  # the other way round: not the old naming
                         (["0", "1", "2"], ["2", "3", "4"]), (["0", "1", "2"], ["1", "3", "2"]),
                         (["0", "1", "2"], ["a", "b", "c"]), (["a", "1", "2"], ["1", "2", "3"])):
         with pytest.raises(CheckpointError, match="was trained on classes"):
-            check_class_names(held, given, "ckpt", "hint")
+            check_class_names(held, given, "ckpt", "hint", renumbered=True)

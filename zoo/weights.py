@@ -566,20 +566,21 @@ def check_data_fit_resumes(held: dict[str, Any], given: dict[str, Any], source: 
                               f"(the data's {', '.join(DATA_RESUME_FREE)} may change on resume).")
 
 
-def check_class_names(held: list[str] | None, given: list[str] | None, source: str, hint: str) -> None:
+def check_class_names(held: list[str] | None, given: list[str] | None, source: str, hint: str,
+                      renumbered: bool = False) -> None:
     """Refuse data whose class names (in class-id order) are not those a checkpoint was trained with: its class ids
     would be read as other classes (labels scored and predictions named wrongly). Skipped where either is unknown or
     the counts differ (`check_same_model` names another class count).
 
-    Also accepted: a checkpoint whose names are exactly "0".."C-1" for data named "1".."C". Before 11d9450 a CUB
-    folder without classes.txt named its classes by the 0-based label ("0" was CUB class id 1); it now names them
-    by their 1-based class id. The labels, and so the class ids a checkpoint learnt, did not change: those are the
-    same classes under the old numbering, and the checkpoints trained before evaluate and resume as they did. Any
-    other difference is refused."""
+    With `renumbered` (the data is CUB's: `CUB200DataModule`), also accepted: a checkpoint whose names are exactly
+    "0".."C-1" for data named "1".."C". Before 11d9450 a CUB folder without classes.txt named its classes by the
+    0-based label ("0" was CUB class id 1); it now names them by their 1-based class id. The labels, and so the class
+    ids a checkpoint learnt, did not change: those are the same classes under the old numbering. For any other data
+    (an ImageFolder of folders 0, 1, 2 against one of 1, 2, 3: other classes) and any other difference, refused."""
     if held is None or given is None or len(held) != len(given) or list(held) == list(given):
         return
     held, given = [str(n) for n in held], [str(n) for n in given]
-    if held == [str(i) for i in range(len(held))] and given == [str(i + 1) for i in range(len(given))]:
+    if renumbered and held == [str(i) for i in range(len(held))] and given == [str(i + 1) for i in range(len(given))]:
         return  # the old 0-based names of the same classes (CUB without classes.txt, before 11d9450)
     order = " (the same names in another order: class ids would mean other classes)" if sorted(held) == \
         sorted(given) else ""

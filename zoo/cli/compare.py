@@ -643,7 +643,9 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
             print(note)  # a checkpoint run is evaluated, not trained: its budget is its run folder's
     if next(iter(clis.values())).trainer.is_global_zero:  # `ddp` runs this function on every rank
         # an earlier compare's report describes the runs this one moves to stale/ as it reaches them: it goes first
-        move_earlier_reports(folder, REPORT_FILES, "compare")
+        # (also for runs without run folders, which move nothing: kept from the smoke run's report)
+        runs_stay = not any(logger_folder(cli.trainer.logger) for cli in clis.values())
+        move_earlier_reports(folder, REPORT_FILES, "compare", runs_stay)
     rows: list[dict[str, Any]] = []
     explanation_rows: list[dict[str, Any]] = []
     explained_runs: list[ExplainedRun] = []

@@ -498,7 +498,8 @@ class ZooCLI(LightningCLI):
             # every constructor input: a series' channel count is in data_inputs, not in_chans (`built_in_chans`)
             check_same_model(model_spec(saved), {k: hparams.get(k) for k in MODEL_KEYS}, source)
         check_class_names(saved.get("class_names"), hparams.get("class_names"), source,
-                          "Give it data of those classes, in that order (their class ids).")
+                          "Give it data of those classes, in that order (their class ids).",
+                          renumbered=type(self.datamodule).__name__ == "CUB200DataModule")  # CUB's old "0".."C-1"
         if data and self.subcommand == "fit":  # a resumed fit goes on with the same samples in the same batches
             check_data_fit_resumes(data, given, source, hint)
 

@@ -207,11 +207,14 @@ def instead_of_a_new_run(command: str, stale: Path) -> str:
     return "."
 
 
-def move_earlier_reports(folder: Path, names: Iterable[str], command: str) -> Path | None:
+def move_earlier_reports(folder: Path, names: Iterable[str], command: str, runs_stay: bool = False) -> Path | None:
     """Move report folder `folder`'s files among `names` (an earlier compare's report.md, ablate's ablation.md, ...)
     to <folder>/stale/<stem of the first name>-<time>/ (`stale_path`, where the earlier runs go), and say so in one
     line: a report left in place while the runs it describes move to stale/ one by one described runs no longer
-    there once a rerun was interrupted. Returns where they went; None (nothing said) where there were none."""
+    there once a rerun was interrupted. `runs_stay`: this command's runs have no run folder (fast_dev_run,
+    logger=false), so the earlier runs stay where they are and the message says so: the report is kept in stale/ all
+    the same, from the smoke run's that replaces it. Returns where they went; None (nothing said) where there were
+    none."""
     names = list(names)
     found = [folder / name for name in names if (folder / name).is_file()]
     if not found:
@@ -220,6 +223,9 @@ def move_earlier_reports(folder: Path, names: Iterable[str], command: str) -> Pa
     stale.mkdir(parents=True)
     for path in found:
         path.rename(stale / path.name)
-    print(f"{command}: the earlier {', '.join(path.name for path in found)} of {folder} moved to {stale} (they "
-          f"describe the earlier runs; this {command} writes its own when it ends).", flush=True)
+    why = (f"this {command}'s runs have no run folder (fast_dev_run, logger=false): the earlier runs stay in place, "
+           f"and the report this {command} writes when it ends describes its own runs only" if runs_stay else
+           f"they describe the earlier runs; this {command} writes its own when it ends")
+    print(f"{command}: the earlier {', '.join(path.name for path in found)} of {folder} moved to {stale} ({why}).",
+          flush=True)
     return stale

@@ -25,18 +25,23 @@ from pytorch_lightning.trainer.states import TrainerFn
 PLATEAU_KEY = "zoo_plateau_owed"  # checkpoint entry: {scheduler index: [epoch, monitored value]} of the steps owed
 
 
-def due_plateau_steps(trainer: pl.Trainer, taken: dict[int, int]) -> dict[int, list[float]]:
+def due_plateau_steps(trainer: pl.Trainer, taken: dict[int, int], at_epoch_end: bool = False
+                      ) -> dict[int, list[float]]:
     """{index in `trainer.lr_scheduler_configs`: [epoch, monitored value]} of the plateau steps due at the end of the
     current epoch and not taken yet by the System (`taken`: index -> the epoch of its last step taken here); Lightning
     takes them itself after the epoch's `on_train_epoch_end` hooks, unless the loop is restarting. Due, as Lightning's
     `_update_learning_rates` has it: an epoch-interval ReduceLROnPlateau, every `frequency` epochs, its monitor
-    logged. Empty outside a fit, before the epoch's last training batch and once the epoch is completed (its steps
-    are behind it then: a last.ckpt written when fit ends, `trainer.save_checkpoint` after it). Reads the monitored
-    values on the host (at checkpoints and epoch ends only)."""
+    logged. Empty outside a fit, before the epoch's last training batch and, for a checkpoint, once the epoch is
+    completed (its steps are behind it then: a last.ckpt written when fit ends, `trainer.save_checkpoint` after it).
+    `at_epoch_end` (`on_train_epoch_end`, before Lightning's step): the epoch's progress is not read, since the
+    epoch after a checkpoint written at an epoch's last batch runs with its progress counted as completed. Reads the
+    monitored values on the host (at checkpoints and epoch ends only). A checkpoint written at an epoch's last
+    training batch, before its validation, owes the step with the value logged before (Lightning's resume does not
+    run that validation again)."""
     loop = trainer.fit_loop
     progress = loop.epoch_progress.current
-    if (trainer.state.fn != TrainerFn.FITTING or progress.completed >= progress.started
-            or not loop.epoch_loop._num_ready_batches_reached()):
+    if (trainer.state.fn != TrainerFn.FITTING or not loop.epoch_loop._num_ready_batches_reached()
+            or (not at_epoch_end and progress.completed >= progress.started)):
         return {}
     epoch, due = trainer.current_epoch, {}
     for index, config in enumerate(trainer.lr_scheduler_configs):

@@ -665,7 +665,8 @@ class ZooSystem(pl.LightningModule):
         self.check_finite_losses()
         self._log_dict_metrics("train")
         if self.trainer.fit_loop.restarting:  # a resumed fit's first epoch: Lightning skips its plateau steps
-            take_plateau_steps(self, due_plateau_steps(self.trainer, self._plateau_taken), self._plateau_taken)
+            due = due_plateau_steps(self.trainer, self._plateau_taken, at_epoch_end=True)
+            take_plateau_steps(self, due, self._plateau_taken)
 
     def reset_metrics(self, stage: str) -> None:
         """Reset every metric of `stage` as its epoch starts, so that its result counts that epoch's batches alone,
