@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from zoo.cli.compare import check_not_a_fit_run, config_argument
+from zoo.cli.compare import check_not_a_fit_run, config_argument, counting
 from zoo.cli.errors import configuration_phase, is_configuration_error, mark, root_cause
 from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.preflight import check_no_print_config, cli_callbacks, preflight
@@ -540,7 +540,8 @@ def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[st
         return json.loads(result_path.read_text())["metrics"], metric_directions(cli.model, "val")
     last = folder / "checkpoints" / "last.ckpt"
     try:
-        fit(cli, ckpt_path=str(last) if last.is_file() else None)
+        with counting(cli, "train") as trained:  # which weights the result scores, also from a spawned fit
+            fit(cli, ckpt_path=str(last) if last.is_file() else None)
         metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     except Exception as error:
         if new and is_configuration_error(error) and not last.is_file():
@@ -552,7 +553,7 @@ def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[st
         write_hparams(hparams_path, point, metrics)
         tmp = result_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"point": point, "settings_sha256": digest, "metrics": metrics,
-                                   "weights": last_weights(cli.trainer)}, indent=1))
+                                   "weights": trained.last_weights(cli.trainer)}, indent=1))
         os.replace(tmp, result_path)  # atomic: a killed run leaves no half-written result
     cli.trainer.strategy.barrier("ablate_point_written")  # before any rank reads the next point's folder
     return metrics, metric_directions(cli.model, "val")
@@ -685,17 +686,10 @@ def ablate(config: str, grid_items: list[str], name: str, extra: list[str]) -> l
     return rows
 
 
-def last_weights(trainer: Any) -> str:
-    """"last (epoch E, step S)": the weights a point's fit left, which its result scores: E the 0-based index of the
-    fit's last epoch (as best-*.ckpt and last.ckpt count it; the trainer's `current_epoch` is one past it once the
-    fit ended), S the global step."""
-    return f"last (epoch {max(trainer.current_epoch - 1, 0)}, step {trainer.global_step})"
-
-
 def weights_note(weights: list[str | None]) -> str:
-    """The line under the table saying which weights its numbers are of: each point's last weights (`last_weights`,
-    stored in its result.json; None for a point finished before ablate stored them), with how many points each
-    epoch and step holds, and not the best-*.ckpt its checkpoint callback kept."""
+    """The line under the table saying which weights its numbers are of: each point's last weights
+    (`SampleCounter.last_weights`, stored in its result.json; None for a point finished before ablate stored them),
+    with how many points each epoch and step holds, and not the best-*.ckpt its checkpoint callback kept."""
     counts: dict[str, int] = {}
     for value in weights:
         key = value or "last (epoch and step not recorded: finished by an earlier ablate)"

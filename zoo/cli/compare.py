@@ -510,10 +510,14 @@ class SampleCounter(pl.Callback):
 
     def last_weights(self, trainer: pl.Trainer) -> str:
         """"last (epoch E, step S)": the weights the last training batch left (E the 0-based epoch, as best-*.ckpt
-        names count it, S the global step); "" where no batch trained."""
+        names count it, S the global step), counted here or by a spawned worker's copy (the main process's trainer
+        keeps no loop progress under ddp_spawn); for a resumed fit that trained no batch (an ablate point whose fit
+        had ended), the trainer's; "" where nothing trained."""
         progress = self._progress
         if progress is None and self._returned(trainer, "epoch") is not None:
             progress = (int(self._returned(trainer, "epoch")), int(self._returned(trainer, "step")))
+        if progress is None and trainer.global_step > 0:  # `current_epoch` is one past the last once fit ended
+            progress = (max(trainer.current_epoch - 1, 0), trainer.global_step)
         return f"last (epoch {progress[0]}, step {progress[1]})" if progress is not None else ""
 
     def _read_events(self) -> None:
