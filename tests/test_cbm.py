@@ -921,3 +921,20 @@ def test_a_model_with_another_concept_count_than_the_data_is_refused_at_setup(cu
                 cbm.check_concept_count(SimpleNamespace(**told))
         else:
             cbm.check_concept_count(SimpleNamespace(**told))
+
+
+def test_the_intervention_curve_leaves_a_frozen_concept_model_in_eval_mode(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sequential CBM ends its fit in the task stage, its concept model f frozen in eval mode. The curve at fit end
+    restored only the model's top flag (`model.train(was_training)`): f came back training, and a fit going on
+    (or a step run by hand) updated its BatchNorm statistics. Every module keeps its own mode (`eval_mode`)."""
+    from zoo.cbm import callback
+    from zoo.cbm.callback import InterventionCallback
+
+    monkeypatch.setattr(callback, "intervention_curve", SpyCurve())
+    stages = [{"name": "concepts", "epochs": 1, "train": ["backbone", "concept_head"], "losses": ["loss_concept"]},
+              {"name": "task", "epochs": 1, "train": ["task_head"], "losses": ["loss_task"]}]
+    cbm = system(mode="sequential", stages=stages)
+    fit_tiny(cbm, [InterventionCallback()], tmp_path, max_epochs=2)
+    assert cbm.model.training and cbm.model.task_head.training
+    assert not cbm.model.backbone.training and not cbm.model.concept_head.training

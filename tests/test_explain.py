@@ -487,3 +487,14 @@ def test_scoring_restores_every_modules_train_flag_also_when_an_explainer_fails(
     with pytest.raises(ZeroDivisionError):
         score_explanations(model, images, target, methods=("cam",), metrics=("deletion",))
     assert {name: module.training for name, module in model.named_modules()} == modes
+
+
+def test_tracing_a_backbones_map_geometry_keeps_every_modules_mode() -> None:
+    """The geometry's dry run (`trace_map_geometry`, first read by a picture or a push inside a fit) put the
+    backbone back with `train(was_training)`: a part frozen in eval mode under a training parent came back training."""
+    model = zoo.create_model("baseline_tinycnn", num_classes=3)
+    model.train()
+    frozen = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    frozen.eval()
+    model.backbone.map_geometry(32)
+    assert model.backbone.training and not frozen.training

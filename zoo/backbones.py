@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from zoo.checks import check_input, check_new_head, close_names
+from zoo.layers import eval_mode
 from zoo.weights import LoadReport, load_backbone_weights
 
 TINY_CNN = "tinycnn"
@@ -88,16 +89,14 @@ class TorchvisionFeatures(nn.Module):
         a `size` to a `size + step` input, exact for every stride that divides `step`. The map's size alone is not:
         unpadded layers lose border cells (AlexNet's maps are 15, 7, 3, 1 at 64 px, so `size // map` gave 4, 9, 21,
         64 for its strides 4, 8, 16, 32)."""
-        was_training = features.training
-        features.eval()
         runs = []
-        for side in (size, size + step):
-            x, shapes = torch.zeros(1, 3, side, side), []
-            for layer in features:
-                x = layer(x)
-                shapes.append(x.shape)
-            runs.append(shapes)
-        features.train(was_training)
+        with eval_mode(features):
+            for side in (size, size + step):
+                x, shapes = torch.zeros(1, 3, side, side), []
+                for layer in features:
+                    x = layer(x)
+                    shapes.append(x.shape)
+                runs.append(shapes)
         shapes, larger = runs
         ends = [i for i in range(len(shapes)) if i == len(shapes) - 1 or shapes[i + 1][-1] < shapes[i][-1]]
         growth = [larger[i][-1] - shapes[i][-1] for i in ends]  # a map that does not grow (global pooling): by size
@@ -435,15 +434,10 @@ def trace_map_geometry(module: nn.Module, image: torch.Tensor) -> list[MapGeomet
     geometry cannot be followed (see `_GeometryTracer`). The receptive-field centre depends on the padding and
     kernels, not only the stride: 2 x 2 max-pools (VGG, the tiny CNN) put cell i at (i + 0.5) x stride, padded
     strided convolutions (ResNet, MobileNet) at about i x stride + 0.5."""
-    was_training = module.training
-    module.eval()
     image = image.clone()
     setattr(image, _GEOMETRY_ATTR, (MapGeometry((1.0, 1.0), (0.5, 0.5)), tuple(image.shape[-2:])))  # pixel p: p + 0.5
-    try:
-        with _GeometryTracer():
-            out = module(image)
-    finally:
-        module.train(was_training)
+    with eval_mode(module), _GeometryTracer():  # every module's mode kept: a frozen part of a training model too
+        out = module(image)
     return [getattr(t, _GEOMETRY_ATTR, (None,))[0] for t in (out if isinstance(out, (list, tuple)) else [out])]
 
 

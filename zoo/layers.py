@@ -42,6 +42,23 @@ def cached_constant(build: Callable[..., Built]) -> Callable[..., Built]:
 
 
 @contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside the block, and every module's own `training` flag as it was after it, also when
+    the block raises. `model.train(was_training)` set every submodule to the top's flag: a part kept in eval mode (a
+    stage's frozen modules, `ZooSystem.frozen_modules`, e.g. ReNN's detectors in rule_series' `global` stage or a
+    sequential CBM's concept model in its task stage, or one the user froze) came back training, and the next step
+    updated its BatchNorm running statistics. For a bare model: a System's own `train()` restores its stages'
+    frozen modules itself."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training  # the flag alone: `train()` would set the module's children too
+
+
+@contextmanager
 def in_weights_dtype(module: nn.Module, x: torch.Tensor) -> Iterator[torch.Tensor]:
     """`x` in `module`'s weights' dtype, with autocast off inside the block: float32 under bf16 autocast (the weights
     stay float32), bf16 for a model whose weights are themselves bf16 (`model.bfloat16()`, Lightning's "bf16-true");

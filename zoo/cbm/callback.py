@@ -15,6 +15,7 @@ from zoo.cbm.intervene import (VALUES, check_order, concept_groups, encode_data,
 from zoo.engine.callbacks import (FixedBatchCallback, logged_step, precision_context, precision_input,
                                   run_folder, whole_split_loader)
 from zoo.figures import class_name, log_figure, log_text, new_figure
+from zoo.layers import eval_mode
 
 
 def concept_names(trainer: pl.Trainer, num_concepts: int) -> list[str]:
@@ -163,27 +164,22 @@ class InterventionCallback(pl.Callback):
                                     else trainer.datamodule.test_dataloader())
         if trainer.limit_val_batches == 0 or trainer.fast_dev_run:
             loader = [next(iter(loader))]  # a smoke run: one batch
-        was_training = model.training
-        model.eval()
-        try:
-            with isolate_rng(), torch.no_grad():
-                with precision_context(trainer):  # the model as the run computes it (bf16-true, 64-true weights)
-                    encoded, concepts, labels = encode_data(model, (precision_input(trainer, b) for b in loader),
-                                                            pl_module.concept_key, pl_module.input_key,
-                                                            pl_module.target_key, pl_module.device)
-                names = concept_names(trainer, concepts.shape[1])
-                groups, names = concept_groups(names) if self.by_groups else (None, names)  # names: what k counts
-                if self.by_groups and groups is not None and len(names) == len(groups) and not self._warned:
-                    self._warned = True
-                    rank_zero_warn("by_groups=True, but no concept name has a '<group>::<value>' prefix, so each "
-                                   "concept is its own group and k counts concepts (CUB: attributes.txt, next to "
-                                   "image_attribute_labels.txt, names the groups).")
-                steps = len(names)  # K concepts, or G groups
-                ks = torch.linspace(0, steps, min(self.num_points, steps + 1)).round().long().unique()
-                curve = intervention_curve(model, encoded, concepts, labels, ks.tolist(), self.seed, values,
-                                           order=self.order, trials=self.trials, groups=groups)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), isolate_rng(), torch.no_grad():  # every module's mode kept (a frozen f stays eval)
+            with precision_context(trainer):  # the model as the run computes it (bf16-true, 64-true weights)
+                encoded, concepts, labels = encode_data(model, (precision_input(trainer, b) for b in loader),
+                                                        pl_module.concept_key, pl_module.input_key,
+                                                        pl_module.target_key, pl_module.device)
+            names = concept_names(trainer, concepts.shape[1])
+            groups, names = concept_groups(names) if self.by_groups else (None, names)  # names: what k counts
+            if self.by_groups and groups is not None and len(names) == len(groups) and not self._warned:
+                self._warned = True
+                rank_zero_warn("by_groups=True, but no concept name has a '<group>::<value>' prefix, so each "
+                               "concept is its own group and k counts concepts (CUB: attributes.txt, next to "
+                               "image_attribute_labels.txt, names the groups).")
+            steps = len(names)  # K concepts, or G groups
+            ks = torch.linspace(0, steps, min(self.num_points, steps + 1)).round().long().unique()
+            curve = intervention_curve(model, encoded, concepts, labels, ks.tolist(), self.seed, values,
+                                       order=self.order, trials=self.trials, groups=groups)
         self.curves[split] = curve
         folder = run_folder(trainer, "intervention")
         if folder is None:  # no run folder (fast_dev_run): the curve is kept in `curves` only

@@ -20,30 +20,15 @@ raises for them. Any other method is a Captum attribution (`zoo.explain.captum`)
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from zoo.layers import eval_mode
+
 OWN = "own"
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """`model` in eval mode inside the block, and every module's own `training` flag as it was after it, also when
-    the block raises. `model.train(was_training)` set every submodule to the top's flag: a part kept in eval mode (a
-    stage's frozen modules, `ZooSystem.frozen_modules`, e.g. ReNN's detectors in rule_series' `global` stage, or one
-    the user froze) came back training, and the next step updated its BatchNorm running statistics."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training  # the flag alone: `train()` would set the module's children too
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -40,13 +40,14 @@ from torchmetrics import Metric
 from tqdm.auto import tqdm
 
 from zoo.figures import class_name, heatmap_overlay, new_figure
-from zoo.explain.api import OWN, can_explain, eval_mode, own_explanation
+from zoo.explain.api import OWN, can_explain, own_explanation
 from zoo.explain.api import explain as explain_features
 from zoo.explain.captum import (FEATURE_METHODS, POSTHOC_METHODS, SELF_EXPLANATION, LogitsOnly, explain,
                                 perturbation_samples)
 from zoo.explain.faithfulness import AttributionInMask, DeletionAUC, Infidelity, InsertionAUC, SensitivityMax
 from zoo.explain.road import RoadLeRF, RoadMoRF
 from zoo.hashing import keyed_normal
+from zoo.layers import eval_mode
 
 DEFAULT_METHODS = (SELF_EXPLANATION, *POSTHOC_METHODS)
 RANDOM_REFERENCE = "random"  # the reference row every model gets: a uniform random map per sample

@@ -37,6 +37,7 @@ from zoo.distributed import all_reduce_, global_log_mean_exp
 from zoo.registry import input_size_aware, register_model
 from zoo.backbones import TINY_CNN, Backbone, PooledHeadMixin, PooledLinearHead, top_conv_index
 from zoo.checks import positive_int
+from zoo.layers import eval_mode
 
 
 CATEGORY_ASSIGNMENTS = ("argmax", "balanced")
@@ -319,10 +320,8 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
 
     @torch.no_grad()
     def _top_map_size(self, in_chans: int, image_size: int) -> tuple[int, int]:
-        was_training = self.backbone.training
-        self.backbone.eval()
-        size = self.backbone(torch.zeros(1, in_chans, image_size, image_size))[-1].shape[-2:]
-        self.backbone.train(was_training)
+        with eval_mode(self.backbone):
+            size = self.backbone(torch.zeros(1, in_chans, image_size, image_size))[-1].shape[-2:]
         return tuple(size)
 
     def check_reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
