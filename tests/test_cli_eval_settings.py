@@ -58,13 +58,14 @@ def textual_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "words"
 
 
-def evaluated(command: str, run: Path, *options: str, config: Path | None = None) -> tuple[object, list[str]]:
-    """`train.py <command>` of the run's config (or `config`) and last checkpoint with `options`: the CLI and every
-    warning."""
+def evaluated(command: str, run: Path, *options: str, config: Path | None = None,
+              ckpt_path: str | None = None) -> tuple[object, list[str]]:
+    """`train.py <command>` of the run's config (or `config`) and last checkpoint (its file, or `ckpt_path`) with
+    `options`: the CLI and every warning."""
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         cli = main([command, "--config", str(config or run / "config.yaml"),
-                    f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", *options])
+                    f"--ckpt_path={ckpt_path or run / 'checkpoints' / 'last.ckpt'}", *options])
     return cli, [str(w.message) for w in said]
 
 
@@ -97,13 +98,13 @@ def test_a_textual_predict_says_nothing_of_pictures_it_does_not_draw(textual_run
     assert not list((textual_run / "predictions").glob("*.png"))
 
 
-def family_validated(run: Path, *options: str) -> tuple[object, list[str]]:
-    """`validate` of the run's last checkpoint with the family config it was trained from (it sets no max_len nor
-    hidden) and the run's data: the CLI and every warning."""
+def family_validated(run: Path, *options: str, ckpt_path: str | None = None) -> tuple[object, list[str]]:
+    """`validate` of the run's last checkpoint (its file, or `ckpt_path`) with the family config it was trained from
+    (it sets no max_len nor hidden) and the run's data: the CLI and every warning."""
     return evaluated("validate", run, *TINY, "--data.init_args.image_size=32", "--trainer.limit_val_batches=1",
                      "--trainer.callbacks=[]", f"--trainer.logger.init_args.save_dir={run.parent}",
                      f"--trainer.logger.init_args.name={run.name}", *options,
-                     config=REPO / "configs/textual/explanation_label.yaml")
+                     config=REPO / "configs/textual/explanation_label.yaml", ckpt_path=ckpt_path)
 
 
 def test_evaluation_with_the_family_config_keeps_the_checkpoints_decoding_length(textual_run: Path) -> None:
@@ -120,6 +121,40 @@ def test_evaluation_with_the_family_config_keeps_the_checkpoints_decoding_length
     for given in (["--model.init_args.max_len=3"], ["--model.init_args.max_len", "3"]):
         cli, _ = family_validated(textual_run, *given)
         assert cli.model.hparams.max_len == 3 and cli.model.model.generator.max_len == 3, given
+
+
+def test_evaluation_of_the_last_checkpoint_takes_its_settings_as_a_file_does(textual_run: Path) -> None:
+    """`--ckpt_path last` (the same file as the run's last.ckpt) took none of the checkpoint's settings: Lightning
+    copies them for a file only, so the family config's max_len 18 decoded a model trained at 6, silently, and a size
+    it sets (hidden 256 against the run's 16) ended in load_state_dict's size-mismatch traceback."""
+    cli, messages = family_validated(textual_run, ckpt_path="last")
+    assert cli.model.hparams.max_len == 6 and cli.model.model.generator.max_len == 6
+    assert cli.model.hparams.hidden == 16 and cli.checkpoint_file == str(textual_run / "checkpoints" / "last.ckpt")
+    assert cli.config["validate"]["ckpt_path"] == "last"
+    ignored = [m for m in messages if "is ignored" in m]
+    assert len(ignored) == 1 and "--model.init_args.hidden=256 is ignored: the checkpoint's 16 is used" in \
+        ignored[0], ignored
+    cli, _ = family_validated(textual_run, "--model.init_args.max_len=3", ckpt_path="last")
+    assert cli.model.hparams.max_len == 3 and cli.model.model.generator.max_len == 3
+
+
+def test_a_fit_whose_ckpt_path_a_later_config_resets_is_refused_before_the_run_moves(
+        in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """`fit --ckpt_path last --config <run>/config.yaml`: the run's config (read after it) holds `ckpt_path: null`,
+    so the fit moved the run asked for to stale/ and trained a new one from epoch 0, its message saying "to continue
+    a run instead, give --ckpt_path last" (as given)."""
+    run = in_tmp_dir / "checkpoints" / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"last")  # not read: the refusal comes first
+    config = yaml.safe_load(BASELINE.read_text()) | {"ckpt_path": None}
+    config["trainer"]["logger"]["init_args"]["name"] = "run"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    error = refused(capsys, ["fit", "--ckpt_path", "last", "--config", str(run / "config.yaml"), *TINY])
+    assert f"fit: --ckpt_path last is given before --config {run / 'config.yaml'}, whose `ckpt_path: null` (a " \
+           "run's config.yaml holds one), read after it, replaced it, so the fit would start afresh" in error, error
+    assert f"--ckpt_path after --config: --config {run / 'config.yaml'} --ckpt_path last" in error, error
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"last" and not (in_tmp_dir / "checkpoints" /
+                                                                                "stale").exists()
 
 
 def test_given_explicitly_reads_the_options_and_the_config_files_as_given(tmp_path: Path) -> None:

@@ -169,6 +169,13 @@ def ckpt_path_reset_by_config(args: list[str]) -> tuple[str, list[str]] | None:
     return (given, configs) if given is not None and configs else None
 
 
+def reset_ckpt_path_words(given: str, configs: list[str]) -> tuple[str, str]:
+    """(why, what to give) for a `--ckpt_path` that a later `--config` reset (`ckpt_path_reset_by_config`'s pair)."""
+    why = (f"--ckpt_path {given} is given before --config {' '.join(configs)}, whose `ckpt_path: null` (a run's "
+           f"config.yaml holds one), read after it, replaced it")
+    return why, f"--ckpt_path after --config: --config {configs[-1]} --ckpt_path {given}"
+
+
 def saved_hparams(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The hyperparameters of a checkpoint's System and datamodule (empty where it saved none), and its model
     settings (`zoo.weights.SETTINGS_KEY`: None where it kept none)."""
@@ -357,9 +364,14 @@ class ZooCLI(LightningCLI):
         predicted with random weights, exit 0), but for a model that starts from weights of its own
         (`starts_from_weights`: an exported or pretrained model evaluated as built); a `last` that finds none is
         refused whatever the model."""
+        from zoo.cli.errors import mark
         from zoo.weights import checkpoint_replaces_weights
 
         _, ckpt_path = self._subcommand_and_ckpt_path()
+        if self.subcommand == "fit" and ckpt_path is None and (reset := ckpt_path_reset_by_config(self.command_args)):
+            why, give = reset_ckpt_path_words(*reset)  # the run asked for would move to stale/, a new one start
+            raise mark(ValueError(f"fit: {why}, so the fit would start afresh and move the earlier run to stale/. To "
+                                  f"continue it, give {give}."))
         if str(ckpt_path) != "last":
             self.restores_checkpoint = bool(ckpt_path) and Path(str(ckpt_path)).is_file()
             self.checkpoint_file = str(ckpt_path) if self.restores_checkpoint else None
@@ -374,6 +386,10 @@ class ZooCLI(LightningCLI):
             if not self.restores_checkpoint:
                 _set_rng_states(random_state)
                 self._instantiate(nullcontext())
+            elif self.subcommand in EVALUATIONS:  # the checkpoint's settings, as for --ckpt_path FILE
+                self.take_settings_of(self.checkpoint_file)
+                _set_rng_states(random_state)
+                self._instantiate(checkpoint_replaces_weights())
         if self.subcommand in EVALUATIONS and str(ckpt_path) == "best":
             self.refuse_best_outside_fit()
         if self.subcommand in EVALUATIONS and ckpt_path is None and not self.starts_from_weights():
@@ -460,10 +476,7 @@ class ZooCLI(LightningCLI):
         elif ckpt_path == "last":
             why, give = ("`last` finds no last.ckpt", "--ckpt_path <run>/checkpoints/FILE.ckpt of a run that holds one")
         elif (reset := ckpt_path_reset_by_config(self.command_args)) is not None:  # the config's null, read after it
-            given, configs = reset
-            why = (f"--ckpt_path {given} is given before --config {' '.join(configs)}, whose `ckpt_path: null` (a "
-                   f"run's config.yaml holds one), read after it, replaced it")
-            give = f"--ckpt_path after --config: --config {configs[-1]} --ckpt_path {given}"
+            why, give = reset_ckpt_path_words(*reset)
         else:
             why, give = ("no --ckpt_path is given", "--ckpt_path <run>/checkpoints/FILE.ckpt, or --ckpt_path last (the "
                                                     "run's last.ckpt)")
@@ -473,6 +486,21 @@ class ZooCLI(LightningCLI):
             f"{files}{' ' if files else ''}A model that starts from weights of its own "
             f"(--model.init_args.model_kwargs.pretrained_path=FILE, a textual init_checkpoint) is evaluated as built "
             f"without --ckpt_path, unless its run holds checkpoints."))
+
+    def take_settings_of(self, path: str) -> None:
+        """validate / test / predict with `--ckpt_path last`, resolved to `path`: the model settings are taken from
+        the checkpoint's hyperparameters and checked as for `--ckpt_path FILE` (`_parse_ckpt_path`: another model
+        refused by name, the System's `EVALUATION_FREE` settings kept only where given, others given warned about),
+        where Lightning copies none for `last` (a textual run trained with max_len 6 decoded with the config's 18,
+        silently; a size left out of the config ended in load_state_dict's size mismatch). The command's ckpt_path
+        stays `last` (Lightning resolves it to the same file)."""
+        section = self.config[self.subcommand]
+        section["ckpt_path"] = path
+        try:
+            self._parse_ckpt_path()
+        finally:
+            self.config[self.subcommand]["ckpt_path"] = "last"  # _parse_ckpt_path may replace the section
+        vars(self).pop("config_dump", None)  # Lightning's instantiator gives the model hparams of its dump, once made
 
     def check_data_fits_checkpoint(self, path: str) -> None:
         """validate / test / predict of checkpoint `path`, or a fit resumed from it, with data that gives its model
