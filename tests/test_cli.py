@@ -743,3 +743,34 @@ def test_a_mistyped_first_part_of_a_nested_option_gets_the_full_option(in_tmp_di
             main(args)
         error = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in error, (args, error)
+
+
+def test_a_model_setting_the_data_replaces_is_refused_when_it_differs(in_tmp_dir: Path, capsys: pytest.CaptureFixture,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fit --model.init_args.num_classes=10` on 6-class data trained 6 classes, silently (the data's value replaces
+    a linked setting), and an ablate grid over it trained one setting as two rows. A value the data agrees with, or
+    none given (the System's default differs), goes on to the fit."""
+    from tests.test_checkpoint_config import refused
+    from zoo.cli.lightning import ZooCLI
+
+    args = ["fit", "--config", str(REPO / "configs/baselines/parts_world.yaml"), "--data.init_args.num_train=16",
+            "--data.init_args.num_val=8"]
+    error = refused(capsys, [*args, "--model.init_args.num_classes=10"])
+    assert "fit: --model.init_args.num_classes=10 would be ignored: the model's num_classes comes from the data " \
+           "(its datamodule's num_classes: 6)" in error and "--data.init_args.num_classes" in error, error
+    config = in_tmp_dir / "names.yaml"
+    config.write_text(yaml.safe_dump({"model": {"init_args": {"class_names": list("abcdef")}}}))
+    error = refused(capsys, [*args, "--config", str(config)])
+    assert "--model.init_args.class_names=" in error and "comes from the data" in error, error
+    assert not (in_tmp_dir / "checkpoints").exists()  # refused before any run folder is made
+
+    class Reached(Exception):
+        pass
+
+    def reached(self: ZooCLI) -> None:
+        raise Reached(self.model.hparams.num_classes)
+
+    monkeypatch.setattr(ZooCLI, "before_fit", reached)
+    for given in (["--model.init_args.num_classes=6"], []):
+        with pytest.raises(Reached, match="6"):
+            main([*args, *given])

@@ -390,6 +390,8 @@ class ZooCLI(LightningCLI):
                 self.take_settings_of(self.checkpoint_file)
                 _set_rng_states(random_state)
                 self._instantiate(checkpoint_replaces_weights())
+        if self.subcommand == "fit":
+            self.refuse_settings_the_data_replaces()
         if self.subcommand in EVALUATIONS and str(ckpt_path) == "best":
             self.refuse_best_outside_fit()
         if self.subcommand in EVALUATIONS and ckpt_path is None and not self.starts_from_weights():
@@ -486,6 +488,28 @@ class ZooCLI(LightningCLI):
             f"{files}{' ' if files else ''}A model that starts from weights of its own "
             f"(--model.init_args.model_kwargs.pretrained_path=FILE, a textual init_checkpoint) is evaluated as built "
             f"without --ckpt_path, unless its run holds checkpoints."))
+
+    def refuse_settings_the_data_replaces(self) -> None:
+        """A fit given a model setting that the data sets (`zoo.weights.DATA_LINKS`: num_classes, in_chans,
+        image_size, data_inputs, class_names) with another value than the data's is refused, naming both: the link
+        replaced it silently (`--model.init_args.num_classes=10` trained the data's 6 classes; an ablate grid over it
+        trained one setting as several rows). A value equal to the data's, or one not given (`given_explicitly`: the
+        parser's default), is not said."""
+        from zoo.cli.errors import mark
+        from zoo.weights import DATA_LINKS, _same_setting
+
+        init_args = self.config[self.subcommand]["model"].get("init_args") or {}
+        hparams = getattr(self.model, "hparams", {})
+        for source, target in DATA_LINKS.items():
+            key = f"model.init_args.{target}"
+            given = init_args.get(target)
+            if given is None or target not in hparams or not given_explicitly(key, self.command_args):
+                continue
+            if not _same_setting(key, hparams[target], given):
+                raise mark(ValueError(
+                    f"fit: --{key}={_as_option(given)} would be ignored: the model's {target} comes from the data "
+                    f"(its datamodule's {source}: {_as_option(hparams[target])}). Give the data setting that decides "
+                    f"it (such as --data.init_args.{source}, where the datamodule takes one), or drop the option."))
 
     def take_settings_of(self, path: str) -> None:
         """validate / test / predict with `--ckpt_path last`, resolved to `path`: the model settings are taken from
