@@ -21,7 +21,7 @@ from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.preflight import check_no_print_config, preflight
 from zoo.cli.report import metric_directions, write_report
 from zoo.cli.runs import move_earlier_reports, move_earlier_run
-from zoo.distributed import rank_local
+from zoo.distributed import all_reduce_, rank_local
 from zoo.engine.callbacks import logged_step, logger_folder
 from zoo.figures import log_figure, save_figure
 from zoo.explain.scores import (EXPLANATION_DIRECTIONS, ExplainedRun, check_explain_settings, explanation_figure,
@@ -478,14 +478,20 @@ class SampleCounter(pl.Callback):
     `fit` and `validate` made ProtoPNet infer at 40.6 samples/s against its twin's 596.7 where a plain forward
     differs by 8 %. The counter goes first among the callbacks (`counting`), so other callbacks' batch-end work is
     not timed either. On CUDA each batch gets a pair of timing events, read once when the loop ends (no host-device
-    sync per batch); elsewhere `time.perf_counter`. Under `ddp` the time is this rank's, the samples every rank's.
+    sync per batch); elsewhere `time.perf_counter`. Under `ddp` the time is this rank's, the samples every rank's:
+    each rank counts its own batches and the counts are summed once, when the loop ends (one all-reduce, no sync
+    inside a step). Multiplying rank zero's batches by the world size overcounted a validation whose samples do not
+    split evenly: the evaluation loaders do not repeat samples to even the ranks out (9 counted 10 on 2 ranks).
 
     A spawning strategy (`ddp_spawn`) runs the loops in worker processes on copies of this callback: rank zero's
     count, time and last epoch and step come back to the main process through `trainer.callback_metrics`, as
-    Lightning returns it (`samples`, `seconds`, `last_weights`)."""
+    Lightning returns it (`samples`, `seconds`, `last_weights`). A resumed fit whose loop had already ended trains
+    no batch and Lightning skips its `on_train_end`: the worker reports at `on_fit_end`, with its trainer's epoch and
+    step (the main process's trainer keeps no loop progress, so such an ablate point's `weights` was empty)."""
 
     def __init__(self, stage: str) -> None:
-        self.stage, self._samples, self._seconds = stage, 0, 0.0
+        self.stage, self._samples, self._seconds = stage, 0, 0.0  # every rank's samples, summed when the loop ends
+        self._own = 0  # this rank's samples so far
         self._started: float | torch.cuda.Event | None = None  # the running batch's start
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # CUDA batches not read yet
         self._progress: tuple[int, int] | None = None  # (epoch, global step) after the last training batch
@@ -516,9 +522,17 @@ class SampleCounter(pl.Callback):
         progress = self._progress
         if progress is None and self._returned(trainer, "epoch") is not None:
             progress = (int(self._returned(trainer, "epoch")), int(self._returned(trainer, "step")))
-        if progress is None and trainer.global_step > 0:  # `current_epoch` is one past the last once fit ended
-            progress = (max(trainer.current_epoch - 1, 0), trainer.global_step)
+        if progress is None:
+            progress = self._ended_progress(trainer)
         return f"last (epoch {progress[0]}, step {progress[1]})" if progress is not None else ""
+
+    @staticmethod
+    def _ended_progress(trainer: pl.Trainer) -> tuple[int, int] | None:
+        """(epoch, global step) of the last batch a fit that has ended trained, from `trainer`'s progress; None where
+        it trained none. `current_epoch` is one past the last epoch once fit ended."""
+        if trainer.global_step > 0:
+            return max(trainer.current_epoch - 1, 0), trainer.global_step
+        return None
 
     def _read_events(self) -> None:
         """Add the CUDA batches' times: one wait, for the last event (every earlier one is done by then)."""
@@ -526,6 +540,12 @@ class SampleCounter(pl.Callback):
             self._events[-1][1].synchronize()
             self._seconds += sum(start.elapsed_time(end) for start, end in self._events) / 1000  # ms -> s
             self._events.clear()
+
+    def _sum_ranks(self, pl_module: pl.LightningModule) -> None:
+        """Every rank's samples (`_samples`): this rank's summed over the ranks, one all-reduce when a loop ends
+        (every rank runs the loop-end hooks); this rank's alone without a process group."""
+        counted = torch.tensor(self._own, dtype=torch.int64, device=pl_module.device)  # device: NCCL's tensors too
+        self._samples = int(all_reduce_(counted, "sum").item())
 
     def _report(self, trainer: pl.Trainer) -> None:
         self._read_events()
@@ -537,10 +557,21 @@ class SampleCounter(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stage == "train":
+            self._sum_ranks(pl_module)
+            self._report(trainer)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Report again, with the trainer's progress where no batch was counted: a resumed fit whose loop had ended
+        skips the whole loop (`on_train_end` included), and a spawned worker otherwise sent nothing back. No
+        collective here: the samples were summed at `on_train_end`, and such a fit counted none."""
+        if self.stage == "train":
+            if self._progress is None:
+                self._progress = self._ended_progress(trainer)
             self._report(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stage == "val" and not trainer.sanity_checking:
+            self._sum_ranks(pl_module)
             self._report(trainer)
 
     def _start(self, pl_module: pl.LightningModule) -> None:
@@ -559,7 +590,7 @@ class SampleCounter(pl.Callback):
         elif started is not None:
             self._seconds += time.perf_counter() - started
         size = pl_module.batch_size(batch) if hasattr(pl_module, "batch_size") else len(batch)
-        self._samples += size * trainer.world_size  # a host-side length: no device read
+        self._own += size  # a host-side length: no device read; the ranks' are summed when the loop ends
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:

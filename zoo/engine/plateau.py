@@ -60,6 +60,9 @@ def take_plateau_steps(module: pl.LightningModule, steps: dict[Any, Any], taken:
     progress = trainer.fit_loop.epoch_loop.scheduler_progress
     for index, (epoch, value) in steps.items():
         progress.increment_ready()
-        module.lr_scheduler_step(trainer.lr_scheduler_configs[int(index)].scheduler, torch.tensor(value))
+        # float64: the value as the checkpoint holds it (a 64-true monitor's was rounded to float32 here, and the
+        # scheduler's `best` differed from the run that never stopped); a float32 monitor's converts exactly
+        value = torch.tensor(value, dtype=torch.float64)
+        module.lr_scheduler_step(trainer.lr_scheduler_configs[int(index)].scheduler, value)
         progress.increment_completed()
         taken[int(index)] = int(epoch)

@@ -29,6 +29,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.plugins.precision import DoublePrecision
 from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics import Metric
 
@@ -967,7 +968,8 @@ class ZooSystem(pl.LightningModule):
         Lightning's load_state_dict fails deep inside torch), then one of another System with the same model; then
         tell a datamodule of a checkpoint that holds no state of it (`zoo.weights.restore_datamodule_state`), drop the
         checkpoint's loss tensors the current loss does not hold (`_drop_foreign_loss_state`) and put back the loss
-        schedules the weights were trained under (`enter_schedules` at `schedule_epoch(checkpoint)`)."""
+        schedules the weights were trained under (`enter_schedules` at `schedule_epoch(checkpoint)`); under
+        `64-true`, convert the System to float64 before Lightning loads the weights (`_convert_before_load`)."""
         saved = checkpoint.get("hyper_parameters")
         if isinstance(saved, dict) and "model_name" in saved:
             # every constructor input: a series' channel count is in data_inputs (`zoo.weights.built_in_chans`)
@@ -987,6 +989,19 @@ class ZooSystem(pl.LightningModule):
         epoch = schedule_epoch(checkpoint)
         if epoch is not None:
             self.enter_schedules(epoch)
+        self._convert_before_load()
+
+    def _convert_before_load(self) -> None:
+        """Under `64-true`, convert the System to float64 as Lightning's precision plugin does, before Lightning
+        loads the checkpoint's weights into it (this hook runs just before `load_model_state_dict`). Lightning
+        restores a checkpoint (`--ckpt_path`) before its strategy's setup converts the module, so the float64
+        weights were copied into float32 parameters and converted back: every weight rounded to float32, and a
+        resumed 64-true fit was not bit-identical to the run that never stopped. Converting twice changes nothing.
+        bf16-true and 16-true need nothing: their values survive the float32 parameters exactly. Outside a trainer
+        (`load_from_checkpoint`) the System stays as built."""
+        plugin = self._trainer.precision_plugin if self._trainer is not None else None
+        if isinstance(plugin, DoublePrecision):
+            plugin.convert_module(self)
 
     def _drop_foreign_loss_state(self, checkpoint: dict[str, Any]) -> None:
         """Remove from `checkpoint["state_dict"]` the "loss.*" tensors this System's loss does not hold, so that
