@@ -74,6 +74,16 @@ def check_own_options(parser: argparse.ArgumentParser, extra: list[str]) -> None
                 raise mark(ValueError(f"{parser.prog}: unknown option {option!r}; did you mean {close[0]!r}?"))
 
 
+def check_one_config(configs: list[str]) -> None:
+    """compare takes one `--config` (a spec, or a family config it compares with its twins); argparse kept the last
+    of several and dropped the others without a word, so a base config and a tweak of it compared the tweak alone."""
+    if len(configs) > 1:
+        raise mark(ValueError(f"compare takes one --config (a compare spec or a family config), got "
+                              f"{len(configs)}: {', '.join(configs)}. Give the spec or config once and put fit "
+                              f"options on the command line after it (e.g. --trainer.max_epochs=3), or list "
+                              f"them under its runs' `args:` in a compare spec."))
+
+
 class _StderrHandler(logging.StreamHandler):
     """A StreamHandler writing to whatever `sys.stderr` is when a message comes, not the one it was built with: a
     handler built while stderr was redirected (pytest's capture, a notebook cell's) wrote to that closed stream ever
@@ -108,24 +118,27 @@ def main(args: list[str] | None = None) -> Any:
     if argv and argv[0] == "compare":
         parser = argparse.ArgumentParser(prog="train.py compare", epilog=COMPARE_HELP,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.add_argument("--config", required=True, help="compare spec YAML, a family config or a run's config.yaml")
+        parser.add_argument("--config", required=True, action="append",
+                            help="compare spec YAML, a family config or a run's config.yaml (one)")
         parser.add_argument("--name", help="report folder under checkpoints/ (default: the spec's name, else "
                                            "<config folder>_<stem>_compare)")
         parser.add_argument("--explain_images", type=int, help="override explain.num_images of the spec")
         parser.add_argument("--no_explain", action="store_true", help="skip the explainers")
         known, extra = parser.parse_known_args(argv[1:])
         check_own_options(parser, extra)
-        return compare(known.config, extra, explain_images=known.explain_images, explain=not known.no_explain,
+        check_one_config(known.config)
+        return compare(known.config[0], extra, explain_images=known.explain_images, explain=not known.no_explain,
                        name=known.name)
     if argv and argv[0] == "ablate":
         parser = argparse.ArgumentParser(prog="train.py ablate", epilog=ABLATE_HELP,
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
-        parser.add_argument("--config", required=True, help="a fit config")
+        parser.add_argument("--config", required=True, action="append",
+                            help="a fit config; repeat to layer configs in order, as fit does")
         parser.add_argument("--grid", action="append", required=True, help="key=[v1,v2,...]; repeat for axes")
         parser.add_argument("--name", help="folder under checkpoints/ (default: <config folder>_<stem>_ablation)")
         known, extra = parser.parse_known_args(argv[1:])
         check_own_options(parser, extra)
-        return ablate(known.config, known.grid, known.name or f"{default_name(known.config)}_ablation", extra)
+        return ablate(known.config, known.grid, known.name or f"{default_name(known.config[0])}_ablation", extra)
     return ZooCLI(args=args)
 
 

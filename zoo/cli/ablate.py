@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import importlib
 import json
@@ -24,7 +25,7 @@ from zoo.cli.errors import configuration_phase, is_configuration_error, mark, ro
 from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.preflight import check_no_print_config, cli_callbacks, preflight
 from zoo.cli.report import metric_directions, write_report
-from zoo.cli.runs import STALE, config_strings, existing_files, move_aside, move_earlier_reports
+from zoo.cli.runs import STALE, config_strings, existing_files, move_aside, move_earlier_reports, stale_path
 from zoo.fingerprints import (HASHED_FILE_LIMIT, file_fingerprint, folder_fingerprint,  # noqa: F401 (re-exported)
                               written_by_runs)
 from zoo.weights import flat_settings
@@ -43,13 +44,18 @@ again and the changed keys are said, an interrupted one resumes from its last.ck
 change a result (the logger, log_every_n_steps, the progress bar, the model summary, pin_memory, picture callbacks)
 are left out of the hash. The table averages every metric over seed_everything (<metric>_mean, <metric>_std) and goes to
 <save_dir>/<name>/ablation.{md,csv}, scored with each point's last weights (not its best-*.ckpt; said under the
-table); the HPARAMS entries of the grid's points are in <save_dir>/<name>/hparams/. A point that runs again goes to
-stale/ with its result; its HPARAMS entry is removed and the earlier table moved to stale/ablation-<time>/ then.
-Fit overrides reach every point; one that sets a --grid key is refused (the grid gives that key's values), and so
-is a key given to --grid twice. Every point's arguments are checked, and its model and datamodule built (no data is
-read), before the first point trains; a configuration mistake (a mistyped key, a model name or mode a class
-refuses, a data folder that is not there) is said once with the point, exit status 2, and leaves no folder of a
-point that did not run.
+table; setting columns as given, metrics rounded for reading, the CSV in full precision); the HPARAMS entries of
+the grid's points are in <save_dir>/<name>/hparams/. A point that runs again goes to stale/ with its result; its
+HPARAMS entry is removed and the earlier table moved to stale/ablation-<time>/ then. A grid over other axes than
+the table in <save_dir>/<name>/ is another study: that table moves to stale/ablation-<time>/ and its HPARAMS entries
+go (said; give each study its own --name). --config may be repeated: every point layers the configs in order, as
+`train.py fit` does (the default name comes from the first). Fit overrides reach every point; one that sets a
+--grid key is refused (the grid gives that key's values), and so is a key given to --grid twice, a value given twice
+in one axis, and two points that resolve to the same settings (a value that does not reach the run: a model
+argument the data sets, such as model.init_args.num_classes, whose grid key is data.init_args.num_classes). Every
+point's arguments are checked, and its model and datamodule built (no data is read), before the first point
+trains; a configuration mistake (a mistyped key, a model name or mode a class refuses, a data folder that is not
+there) is said once with the point, exit status 2, and leaves no folder of a point that did not run.
 """
 SEED_KEY = "seed_everything"
 VALUE_LIMIT = 48  # characters of one value in a point's name; a longer one is cut and ends in a hash of the value
@@ -94,14 +100,20 @@ yaml.SafeDumper.add_representer(GridNumber, yaml.SafeDumper.represent_float)  # 
 
 def parse_grid(items: list[str]) -> dict[str, list[Any]]:
     """["key=[v1,v2]", ...] -> {key: [v1, v2]} (values parsed as YAML, plain scalars in exponent form as numbers:
-    `GridLoader`, so 1e-3 is the number 0.001 and names the same point). A key given twice is refused (the last one
-    would silently win), and so is `seed` (the run's seed is `seed_everything`)."""
+    `GridLoader`, so 1e-3 is the number 0.001 and names the same point). Spaces around a key are dropped (a shell
+    line's ' key=[...]' gave "unrecognized arguments: -- key=0"). Refused: an empty key, a key given twice (the last
+    one would silently win), `seed` (the run's seed is `seed_everything`) and an axis whose values name one point
+    twice (`check_distinct_values`)."""
     grid: dict[str, list[Any]] = {}
     for item in items:
         key, sep, values = item.partition("=")
+        key = key.strip()
         parsed = yaml.load(values, Loader=GridLoader) if sep else None  # noqa: S506 - a safe loader
         if not sep:
             raise ValueError(f"--grid takes key=[v1,v2,...]; got {item!r}.\n{ABLATE_HELP}")
+        if not key:
+            raise ValueError(f"--grid {item!r} names no key: give the config key whose values to ablate before the "
+                             f"'=', e.g. --grid model.init_args.optimizer.init_args.lr={values.strip() or '[v1,v2]'}.")
         if not isinstance(parsed, list) or not parsed:  # a scalar or [] would give no point or a point of no list
             example = f"[{values}]" if values.strip() and not isinstance(parsed, (list, dict)) else "[v1,v2]"
             raise ValueError(f"--grid {item!r}: {key} needs a non-empty list of values, e.g. --grid {key}={example}.")
@@ -111,12 +123,40 @@ def parse_grid(items: list[str]) -> dict[str, list[Any]]:
         if key in grid:
             raise ValueError(f"--grid {key} is given twice ({grid[key]} and {parsed}); give all its values in one "
                              f"--grid {key}=[...].")
+        check_distinct_values(key, values, parsed)
         grid[key] = parsed
     return grid
 
 
+def check_distinct_values(key: str, text: str, values: list[Any]) -> None:
+    """Refuse two values of one --grid axis that would name the same point folder (`point_name`), saying why: the
+    same text twice ("the value 0 is given twice"), two texts YAML reads as one value (true and yes, 1e-3 and
+    0.001), or values that differ only in characters a point name replaces with "_". `text`: the axis's YAML list,
+    from which each value's own text is shown."""
+    node = yaml.compose(text, Loader=GridLoader)
+    texts = [text[item.start_mark.index:item.end_mark.index] for item in node.value] \
+        if isinstance(node, yaml.SequenceNode) and len(node.value) == len(values) else [str(v) for v in values]
+    seen: dict[str, int] = {}
+    for index, value in enumerate(values):
+        name = point_name({key: value})
+        if name not in seen:
+            seen[name] = index
+            continue
+        first, second = texts[seen[name]], texts[index]
+        other = values[seen[name]]
+        if first == second:
+            why = f"the value {first} is given twice"
+        elif other == value and isinstance(other, bool) == isinstance(value, bool):  # 1e-3 is a GridNumber
+            why = f"{first} and {second} are the same value once read as YAML ({json.dumps(value, default=str)})"
+        else:
+            why = f"{first} and {second} differ only in characters that point names replace with '_'"
+        raise ValueError(f"--grid {key}: {why}, so two grid points would share the folder {name!r}; give each "
+                         f"value once.")
+
+
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination of the grid's values; refuses two points that would share a folder (see point_name)."""
+    """Every combination of the grid's values; refuses two points that would share a folder (see point_name; one
+    axis's values are checked by `parse_grid`, by name)."""
     points: list[dict[str, Any]] = [{}]
     for key, values in grid.items():
         points = [{**point, key: value} for point in points for value in values]
@@ -322,14 +362,31 @@ def settings_changes(old: dict[str, Any] | None, new: dict[str, Any], limit: int
     return "; ".join(lines + more) or "none found"
 
 
-def write_hparams(folder: Path, point: dict[str, Any], metrics: dict[str, float]) -> None:
+def hparam_values(point: dict[str, Any], grid: dict[str, list[Any]] | None = None) -> dict[str, float | str]:
+    """A point's values as its HPARAMS entry's columns, each axis of one type at every point (TensorBoard takes a
+    column's type from one entry): numbers where every value of the axis (`grid`; else the point's own) is a number,
+    else every value as its YAML/JSON text ("true", "null", "[1, 2]"). torch's `hparams` stores a bool as the
+    number 1.0 and leaves None out, so a `[null, 0.1]` axis was a string at one point and a number at the other."""
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def text(value: Any) -> str:
+        return value if isinstance(value, str) else json.dumps(value, default=str)
+
+    return {key: value if all(number(v) for v in (grid or {}).get(key, [value])) else text(value)
+            for key, value in point.items()}
+
+
+def write_hparams(folder: Path, point: dict[str, Any], metrics: dict[str, float],
+                  grid: dict[str, list[Any]] | None = None) -> None:
     """The point's TensorBoard HPARAMS entry, once, in <ablation>/hparams/<point>/ (rewritten only when the point
-    is rerun), so TensorBoard's HPARAMS tab lists each point once however often the ablation runs."""
+    is rerun), so TensorBoard's HPARAMS tab lists each point once however often the ablation runs. Its columns are
+    `hparam_values` (of one type per axis of `grid`)."""
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
 
     shutil.rmtree(folder, ignore_errors=True)
-    values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in point.items()}
+    values = hparam_values(point, grid)
     scores = {f"hparam/{k}": v for k, v in metrics.items()}
     with SummaryWriter(str(folder)) as writer:
         for summary in hparams(values, scores):
@@ -338,13 +395,54 @@ def write_hparams(folder: Path, point: dict[str, Any], metrics: dict[str, float]
             writer.add_scalar(key, value)
 
 
-def keep_hparams_of(folder: Path, names: set[str]) -> None:
+def keep_hparams_of(folder: Path, names: set[str]) -> list[str]:
     """Remove the HPARAMS entries (<ablation>/hparams/<point>/) of points that are not in the grid that ran last,
-    so TensorBoard's HPARAMS tab shows the points of ablation.md; their runs and result.json stay."""
+    so TensorBoard's HPARAMS tab shows the points of ablation.md; their runs and result.json stay. Returns the
+    removed entries' names."""
+    removed = []
     if folder.is_dir():
-        for entry in folder.iterdir():
+        for entry in sorted(folder.iterdir()):
             if entry.is_dir() and entry.name not in names:
                 shutil.rmtree(entry)
+                removed.append(entry.name)
+    return removed
+
+
+def table_axes(path: Path) -> list[str] | None:
+    """The setting columns of an ablation.csv (those before `seeds`: the grid's axes but the seed); None where
+    there is no such table."""
+    try:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+    except OSError:
+        return None
+    return header[:header.index("seeds")] if "seeds" in header else None
+
+
+def move_other_study(folder: Path, axes: list[str], names: set[str]) -> Path | None:
+    """Before a grid whose axes (the table's setting columns, `axes`) differ from those of the table in `folder`
+    (an earlier ablate under the same --name, by default one per config) runs: that table describes another study,
+    which this grid's table would replace without a word and whose HPARAMS entries it would remove. Its ablation.md
+    and .csv move to <folder>/stale/ablation-<time>/ (as when a point reruns), its HPARAMS entries of points not in
+    this grid (`names`) are removed (their runs and result.json stay), and one line says so. A grid with the same
+    axes (values added or dropped) is the same study: its table replaces the earlier one. Returns where the table
+    went; None where nothing moved."""
+    earlier = table_axes(folder / "ablation.csv")
+    if earlier is None or set(earlier) == set(axes):
+        return None
+    stale = stale_path(folder / "ablation")
+    stale.mkdir(parents=True)
+    for file in REPORT_FILES:
+        if (folder / file).is_file():
+            (folder / file).rename(stale / file)
+    dropped = keep_hparams_of(folder / "hparams", names)
+    def shown(columns: list[str]) -> str:
+        return ", ".join(columns) or "seeds only"
+    print(f"ablate: {folder} held the table of another study (its axes: {shown(earlier)}; this grid's: "
+          f"{shown(axes)}): moved to {stale}, and its HPARAMS entries removed "
+          f"({', '.join(dropped) or 'none'}; their runs stay). Give each study a name of its own: --name <name>.",
+          flush=True)
+    return stale
 
 
 def option_name(arg: str) -> str | None:
@@ -363,22 +461,25 @@ def check_extra(grid: dict[str, list[Any]], extra: list[str]) -> None:
                              f"({grid[clash]}); drop the argument, or give the value in --grid.")
 
 
-def check_logger(config: str, extra: list[str]) -> None:
-    """Refuse a run without a logger class (`--trainer.logger=false`, or `logger: false` in the config) before
-    the parser does, in words: ablate names each point's logger (its run folder), which a bare bool cannot take."""
+def check_logger(config: str | list[str], extra: list[str]) -> None:
+    """Refuse a run without a logger class (`--trainer.logger=false`, or `logger: false` in a config: of several
+    configs, the last that sets it, as `fit` layers them) before the parser does, in words: ablate names each
+    point's logger (its run folder), which a bare bool cannot take."""
     given, where = None, None
     for index, arg in enumerate(extra):
         if option_name(arg) == "trainer.logger":
             value = arg.partition("=")[2] if "=" in arg else (extra[index + 1] if index + 1 < len(extra) else "")
             given, where = value, f"--trainer.logger={value}"
-    if where is None:
+    for path in reversed(config_list(config) if where is None else []):
         try:
-            trainer = (yaml.safe_load(Path(config).read_text()) or {}).get("trainer")
+            trainer = (yaml.safe_load(Path(path).read_text()) or {}).get("trainer")
         except (OSError, yaml.YAMLError, AttributeError):
-            return  # the parser says what is wrong with the file
-        if not isinstance(trainer, dict) or "logger" not in trainer:
-            return
-        given, where = trainer["logger"], f"{config} (trainer.logger: {trainer['logger']})"
+            continue  # the parser says what is wrong with the file
+        if isinstance(trainer, dict) and "logger" in trainer:
+            given, where = trainer["logger"], f"{path} (trainer.logger: {trainer['logger']})"
+            break
+    if where is None:
+        return
     try:
         value = yaml.safe_load(given) if isinstance(given, str) else given
     except yaml.YAMLError:
@@ -412,16 +513,24 @@ def run_folder(init: Any, config: Any) -> Path:
     return Path(logger.save_dir or config.get("trainer.default_root_dir") or "checkpoints") / str(logger.name)
 
 
-def point_args(config: str, name: str, point: dict[str, Any], extra: list[str]) -> list[str]:
-    """A grid point's fit arguments: the config (a path, or a YAML text: `ablate` passes a run's saved config.yaml
-    without fit's ckpt_path and weights_only, `config_argument`), the extra overrides, then the point's values (after
-    the extra ones, so the grid wins), then its logger name (its folder)."""
+def config_list(config: str | list[str]) -> list[str]:
+    """ablate's `--config` values as a list: one config (a path or a YAML text), or several that `train.py fit`
+    layers in order (a base config and a tweak of it)."""
+    return [config] if isinstance(config, str) else list(config)
+
+
+def point_args(config: str | list[str], name: str, point: dict[str, Any], extra: list[str]) -> list[str]:
+    """A grid point's fit arguments: every config in order, each as its own `--config` as `train.py fit` layers
+    them (a path, or a YAML text: `ablate` passes a run's saved config.yaml without fit's ckpt_path and
+    weights_only, `config_argument`), the extra overrides, then the point's values (after the extra ones, so the
+    grid wins), then its logger name (its folder)."""
     overrides = [f"--{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
                  for key, value in point.items()]
-    return ["--config", config, *extra, *overrides, f"--trainer.logger.init_args.name={name}/{point_name(point)}"]
+    configs = [arg for each in config_list(config) for arg in ("--config", each)]
+    return [*configs, *extra, *overrides, f"--trainer.logger.init_args.name={name}/{point_name(point)}"]
 
 
-def point_cli(config: str, name: str, point: dict[str, Any], extra: list[str]) -> ZooCLI:
+def point_cli(config: str | list[str], name: str, point: dict[str, Any], extra: list[str]) -> ZooCLI:
     """A grid point's CLI (seeded and instantiated as `train.py fit` of the same arguments); a configuration
     mistake is said once (`configuration_phase`)."""
     with configuration_phase():
@@ -471,13 +580,16 @@ class PointCheck(ParsedCLI):
             self.resolve_pretrained_mean()
 
 
-def check_points(config: str, name: str, points: list[dict[str, Any]], extra: list[str], first: int = 1,
-                 total: int | None = None) -> None:
+def check_points(config: str | list[str], name: str, points: list[dict[str, Any]], extra: list[str], first: int = 1,
+                 total: int | None = None, settings_of: dict[str, dict[str, Any]] | None = None) -> None:
     """Before the first point trains, parse every grid point's arguments and build its model, datamodule and
     logger (`PointCheck`) and run its `preflight` (optimiser values, the stages' loss terms, monitors), so a grid
     value the config, a class or torch refuses (a mistyped model name, a CBM mode without its stages, lr=-0.1) is
     said with its point before any training, not hours later. `first`: the number of points[0] in
-    the grid of `total` points.
+    the grid of `total` points. Two points whose settings hash alike (`settings_hash`: what settings.json holds)
+    are refused (`check_distinct_settings`): a grid value that does not reach the run would train one setting
+    twice, and the table would show it as two. `settings_of`: {settings hash: point} of points checked before
+    (the first point, built by `ablate`).
 
     Everything runs under `isolate_rng` (building a model draws its initial weights from the global generator) and
     Lightning's seed variables are put back: the first point's fit draws what `train.py fit` would. CUDA's states
@@ -487,20 +599,56 @@ def check_points(config: str, name: str, points: list[dict[str, Any]], extra: li
 
     total = total if total is not None else len(points) + first - 1
     seed_variables = {key: os.environ.get(key) for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS")}
+    seen = dict(settings_of or {})
     try:
         with isolate_rng(include_cuda=torch.cuda.is_initialized()):
             for index, point in enumerate(points, first):
                 with naming_the_point(index, total, point):
                     check = PointCheck(args=point_args(config, name, point, extra), run=False)
-                    run_folder(check.config_init, check.config)
+                    folder = run_folder(check.config_init, check.config)
                     preflight(check.model, cli_callbacks(check), check.datamodule)  # data, optimiser, losses, ...
+                    digest = settings_hash(resolved_settings(check, folder))
                     del check
+                check_distinct_settings(seen, digest, point)
     finally:
         for key, value in seed_variables.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def check_distinct_settings(seen: dict[str, dict[str, Any]], digest: str, point: dict[str, Any]) -> None:
+    """Refuse grid point `point` when a point in `seen` ({settings hash: point}, updated here) has its settings
+    hash `digest`: both would train the same run (the same settings.json) and the table would give each a row as if
+    they differed. Says the axes that differ and why each may not reach the run: a model argument the data sets
+    (`zoo.weights.DATA_LINKS`: the data's value replaces it), a setting that cannot change a result
+    (IGNORED_SETTINGS, picture callbacks), or a key another axis or a link sets after it (one key given as two axes
+    in two spellings: model.loss.init_args.weight and model.init_args.loss.init_args.weight)."""
+    from zoo.weights import DATA_LINKS
+
+    other = seen.setdefault(digest, point)
+    if other is point:
+        return
+    axes = [key for key in dict.fromkeys([*other, *point]) if other.get(key) != point.get(key)]
+    reasons = []
+    for key in axes:
+        source = next((source for source, target in DATA_LINKS.items() if key == f"model.init_args.{target}"), None)
+        if source is not None:
+            reasons.append(f"{key} comes from the data, whose value replaces the grid's: ablate "
+                           f"data.init_args.{source} instead")
+        elif any(key == ignored or key.startswith(f"{ignored}.") for ignored in IGNORED_SETTINGS) \
+                or key.startswith("trainer.callbacks"):
+            reasons.append(f"{key} cannot change a result (ablate leaves it out of a point's settings); drop the axis")
+        else:
+            reasons.append(f"{key} does not reach the run: another axis or a link sets the same setting after it "
+                           f"(one key given as two axes in two spellings?); give each setting one axis")
+    values = "; ".join(f"{key}: {json.dumps(other.get(key), default=str)} and {json.dumps(point.get(key), default=str)}"
+                       for key in axes)
+    raise mark(ValueError(f"ablate: grid points {point_name(other)} and {point_name(point)} resolve to the same "
+                          f"settings (one settings hash: they would train one run twice, and the table would show "
+                          f"it as two rows) although they differ in {values}. {'. '.join(reasons)}. No point has "
+                          f"trained."))
 
 
 def remove_if_empty(folder: Path, top: Path) -> None:
@@ -510,12 +658,14 @@ def remove_if_empty(folder: Path, top: Path) -> None:
         folder = folder.parent
 
 
-def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[str], cli: ZooCLI | None = None
+def run_grid_point(config: str | list[str], name: str, point: dict[str, Any], extra: list[str],
+                   cli: ZooCLI | None = None, grid: dict[str, list[Any]] | None = None
                    ) -> tuple[dict[str, float], dict[str, bool | None]]:
     """Fit one grid point (resuming from its last.ckpt), validate, and store result.json atomically; return its
     metrics and their directions. The point's run folder is its logger's (`run_folder`), set up by
     `prepare_point_folder`: a finished point with the same settings is reused, one whose settings changed is moved
-    to <ablation>/stale/ and run again from scratch. `cli`: the point's CLI if already built (`point_cli`).
+    to <ablation>/stale/ and run again from scratch. `cli`: the point's CLI if already built (`point_cli`); `grid`:
+    the grid's values, which give each HPARAMS column one type (`hparam_values`).
 
     Under `ddp` every rank runs this (the launcher re-runs the whole command in its children), but only global rank
     zero touches the point's files (its folder, settings, result.json, HPARAMS entry): two ranks moving the same
@@ -534,7 +684,7 @@ def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[st
     save_dir = folder.parents[len(Path(name).parts)]  # folder is <save_dir>/<name>/<point>
     result_path, hparams_path = folder / "result.json", folder.parent / "hparams" / folder.name
     rank_zero = cli.trainer.is_global_zero
-    digest, new = prepare_point_folder(cli, point, folder) if rank_zero else (None, False)
+    digest, new = prepare_point_folder(cli, point, folder, grid) if rank_zero else (None, False)
     cli.trainer.strategy.barrier("ablate_point_ready")  # no rank reads the folder before rank zero set it up
     if result_path.is_file():  # finished (`prepare_point_folder` moved a stale result away): the same on every rank
         return json.loads(result_path.read_text())["metrics"], metric_directions(cli.model, "val")
@@ -550,7 +700,7 @@ def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[st
         raise
     metrics = {k.removeprefix("val/"): float(v) for k, v in metrics.items() if not k.startswith("val/loss")}
     if rank_zero:
-        write_hparams(hparams_path, point, metrics)
+        write_hparams(hparams_path, point, metrics, grid)
         tmp = result_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"point": point, "settings_sha256": digest, "metrics": metrics,
                                    "weights": trained.last_weights(cli.trainer)}, indent=1))
@@ -559,7 +709,8 @@ def run_grid_point(config: str, name: str, point: dict[str, Any], extra: list[st
     return metrics, metric_directions(cli.model, "val")
 
 
-def prepare_point_folder(cli: ZooCLI, point: dict[str, Any], folder: Path) -> tuple[str, bool]:
+def prepare_point_folder(cli: ZooCLI, point: dict[str, Any], folder: Path, grid: dict[str, list[Any]] | None = None
+                         ) -> tuple[str, bool]:
     """Set up grid point `point`'s run folder `folder` before it runs (global rank zero only, `run_grid_point`);
     returns the hash of its settings and whether this call made the folder.
 
@@ -605,7 +756,7 @@ def prepare_point_folder(cli: ZooCLI, point: dict[str, Any], folder: Path) -> tu
         print(f"ablate: point {label}: finished with the same settings, reused")
         hparams_path = folder.parent / "hparams" / folder.name
         if not hparams_path.is_dir():  # dropped from an earlier grid's HPARAMS entries (`keep_hparams_of`)
-            write_hparams(hparams_path, point, json.loads(result_path.read_text())["metrics"])
+            write_hparams(hparams_path, point, json.loads(result_path.read_text())["metrics"], grid)
         return digest, False
     new = not folder.is_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -646,37 +797,46 @@ def summarise(results: list[tuple[dict[str, Any], dict[str, float]]], labels: di
     return rows
 
 
-def ablate(config: str, grid_items: list[str], name: str, extra: list[str]) -> list[dict[str, Any]]:
+def ablate(config: str | list[str], grid_items: list[str], name: str, extra: list[str]) -> list[dict[str, Any]]:
     """Run every grid point (reusing finished ones whose settings are unchanged), write the table; each point's
     TensorBoard HPARAMS entry is written when the point finishes, and entries of points no longer in the grid go.
     Under `ddp` every rank runs this and gets the rows; only global rank zero writes files (`run_grid_point`)."""
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
     with configuration_phase():  # the grid and the overrides; then every point's arguments, before any training
-        check_no_print_config("ablate", config, extra)
+        configs = config_list(config)
+        check_no_print_config("ablate", " --config ".join(configs), extra)
         grid = parse_grid(grid_items)
         points = grid_points(grid)
         check_extra(grid, extra)
-        check_logger(config, extra)
-        if os.path.isfile(config):  # a run's saved config.yaml: without fit's ckpt_path and weights_only
-            config = config_argument(Path(config), "ablate")
+        check_logger(configs, extra)
+        # a run's saved config.yaml: without fit's ckpt_path and weights_only
+        config = [config_argument(Path(each), "ablate") if os.path.isfile(each) else each for each in configs]
     with naming_the_point(1, len(points), points[0]):
         cli = point_cli(config, name, points[0], extra)
-        folder = run_folder(cli.config_init, cli.config).parent  # <save_dir>/<name>
+        first_folder = run_folder(cli.config_init, cli.config)
+        folder = first_folder.parent  # <save_dir>/<name>
         preflight(cli.model, cli_callbacks(cli), cli.datamodule)  # data, optimiser, losses, monitors: before any point
+        first_settings = {settings_hash(resolved_settings(cli, first_folder)): points[0]}
     with configuration_phase():
         check_not_a_fit_run(folder, "ablate")  # a fit's next run would move the table and leave the points
-    check_points(config, name, points[1:], extra, first=2, total=len(points))
+    check_points(config, name, points[1:], extra, first=2, total=len(points), settings_of=first_settings)
+    labels = column_labels([key for key in grid if key != SEED_KEY])
+    names = {point_name(point) for point in points}
+    if cli.trainer.is_global_zero:  # `ddp` runs this on every rank: rank zero moves files
+        move_other_study(folder, list(labels.values()), names)
     results, directions = [], {}
     for index, point in enumerate(points, 1):
         print(f"\n=== ablate point {index}/{len(points)}: {point_name(point)} ===", flush=True)
-        metrics, point_directions = run_grid_point(config, name, point, extra, cli if index == 1 else None)
+        metrics, point_directions = run_grid_point(config, name, point, extra, cli if index == 1 else None, grid)
         results.append((point, metrics))
         directions |= point_directions
-    labels = column_labels([key for key in grid if key != SEED_KEY])
     rows = summarise(results, labels)
     if not cli.trainer.is_global_zero:  # `ddp` runs this on every rank: rank zero writes the table
         return rows
-    keep_hparams_of(folder / "hparams", {point_name(point) for point in points})
+    dropped = keep_hparams_of(folder / "hparams", names)
+    if dropped:
+        print(f"ablate: HPARAMS entries of points not in this grid removed (their runs stay in {folder}): "
+              f"{', '.join(dropped)}", flush=True)
     write_report(folder, {"ablation": rows}, directions, stem="ablation", settings=[*labels.values(), "seeds"])
     note = weights_note([json.loads((folder / point_name(point) / "result.json").read_text()).get("weights")
                          for point in points])

@@ -4,6 +4,7 @@ when piped), figures saved as PNG and written to the run's TensorBoard."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import sys
 from collections.abc import Iterable
@@ -71,18 +72,29 @@ def cell(value: Any) -> str:
     return str(value)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
+def setting_cell(value: Any) -> str:
+    """A table cell of a setting (an ablation's grid value) as given, never rounded: `cell` rounds for reading
+    metrics, and ema_decay 0.99999 and 0.999999 both read 1.0. Lists and mappings as JSON, the rest as `str`
+    writes it (as a point's folder name does)."""
+    return json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]], settings: Iterable[str] = ()) -> str:
     """A markdown table of dict rows, columns in first-seen key order (reports and benchmark scripts); floats as
-    `cell` writes them."""
+    `cell` writes them, but the `settings` columns (what describes a run, not a metric) exactly (`setting_cell`)."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
+    exact = set(settings)
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows])
+    return "\n".join(lines + ["| " + " | ".join((setting_cell if c in exact else cell)(row.get(c, "")) for c in columns)
+                              + " |" for row in rows])
 
 
-def print_table(title: str, rows: list[dict[str, Any]], caption: str) -> None:
-    """A rich table on a terminal; plain markdown (never cut to 80 columns) when the output is piped or a file."""
+def print_table(title: str, rows: list[dict[str, Any]], caption: str, settings: Iterable[str] = ()) -> None:
+    """A rich table on a terminal; plain markdown (never cut to 80 columns) when the output is piped or a file.
+    `settings`: columns written exactly, not rounded (see `markdown_table`)."""
+    exact = set(settings)
     if not sys.stdout.isatty():
-        print(f"\n{title}\n\n{markdown_table(rows)}" + (f"\n\n{caption}" if caption else ""), flush=True)
+        print(f"\n{title}\n\n{markdown_table(rows, exact)}" + (f"\n\n{caption}" if caption else ""), flush=True)
         return
     from rich.console import Console
     from rich.table import Table
@@ -92,7 +104,7 @@ def print_table(title: str, rows: list[dict[str, Any]], caption: str) -> None:
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*(cell(row.get(c, "")) for c in columns))
+        table.add_row(*((setting_cell if c in exact else cell)(row.get(c, "")) for c in columns))
     Console().print(table)
 
 
@@ -101,7 +113,8 @@ def write_report(folder: Path, tables: dict[str, list[dict[str, Any]]],
                  settings: Iterable[str] = ()) -> None:
     """<stem>.md (one section per table, each with its higher/lower-is-better legend; numbers as `cell` writes
     them), <stem>.csv (the first table) and <table>.csv in full precision; tables printed. `settings`: columns that
-    are no metric and get no direction (see `legend`)."""
+    are no metric: they get no direction (see `legend`) and are written as given, not rounded (`setting_cell`)."""
+    settings = list(settings)
     folder.mkdir(parents=True, exist_ok=True)
     sections = []
     for index, (title, rows) in enumerate(tables.items()):
@@ -113,6 +126,6 @@ def write_report(folder: Path, tables: dict[str, list[dict[str, Any]]],
                 writer.writerows(rows)
         numeric = [c for c in columns if any(isinstance(row.get(c), (int, float)) for row in rows)]
         caption = legend(numeric, directions or {}, settings)  # a run's name is never "better", even under "*"
-        sections.append(f"## {title}\n\n{markdown_table(rows)}" + (f"\n\n{caption}" if caption else ""))
-        print_table(f"{folder}: {title}", rows, caption)
+        sections.append(f"## {title}\n\n{markdown_table(rows, settings)}" + (f"\n\n{caption}" if caption else ""))
+        print_table(f"{folder}: {title}", rows, caption, settings)
     (folder / f"{stem}.md").write_text("\n\n".join(sections) + "\n")
