@@ -56,6 +56,18 @@ TERMINAL_MAPS = ("terminals", "cells")
 ENUMERATED_TREES = 4096  # grids with at most this many parse trees (3x3: 1,241) score every partition in training
 
 
+def folded_parse_warning(owner: str) -> str:
+    """What a folding detector's parse trees are, said where they are reported (`AOGRCNN.forward` in eval mode,
+    `AOGRCNNSystem` at fit end): folding (OR = mean) scores a class by the mean over every parse tree, so the tree a
+    detection reports (each OR's best child under the folded scores) is not one that scored it. `owner` names the
+    model or run."""
+    return (f"{owner} is folding (or_mode='mean'): a class scores the mean over every parse tree, so a detection's "
+            f"parse_leaves (each OR-node's best child under the folded scores) are not the parse tree that scored it. "
+            f"Train it to unfold (OR = max, the best tree scores): AOGRCNNSystem's unfold_epoch (its default 'half' "
+            f"unfolds for the second half of max_epochs), or set the model's or_mode='max' "
+            f"(zoo.create_model(..., or_mode='max'), model.or_mode = 'max'), which changes a folded model's scores.")
+
+
 # ----------------------------------------------------------------------------------------------------- grammar
 @dataclass(frozen=True)
 class GridGrammar:
@@ -815,6 +827,9 @@ class AOGRCNN(FasterRCNN):
     (train: dict of losses; eval: per image {"boxes", "labels", "scores", "leaf_boxes"} and, for "aog",
     "parse_leaves": see `ParsingRoIHeads`; boxes and leaves in the input image's pixels, whatever its size).
     `or_mode` switches folding ("mean") and unfolding ("max"); it is saved with the weights (`AOGParsingHead`).
+    Only an unfolding model's "parse_leaves" are the parse tree that scored the detection: the first eval forward
+    while folding warns (`folded_parse_warning`; once per model, and not while `warn_folded` is False, which
+    `AOGRCNNSystem` sets during its fit, whose folding stage is the schedule's).
 
     `num_classes` counts object classes; the background class is added here (labels 1..num_classes).
 
@@ -866,6 +881,7 @@ class AOGRCNN(FasterRCNN):
         self.transform = LeafBoxTransform(base.min_size, base.max_size, base.image_mean, base.image_std,
                                           base.size_divisible, base.fixed_size, _skip_resize=base._skip_resize)
         self.num_classes, self.in_chans = num_classes, in_chans
+        self.warn_folded = True  # the next eval forward while folding warns (then not again: once per model)
 
     @property
     def parser(self) -> AOGParsing | None:
@@ -910,6 +926,11 @@ class AOGRCNN(FasterRCNN):
                 if span is not None:
                     raise ValueError(f"Target {i}: labels span [{span[0]}, {span[1]}], outside "
                                      f"[1, {self.num_classes}] (0 is the background).")
+        # getattr: a model pickled before `warn_folded` existed has no such attribute
+        if not self.training and getattr(self, "warn_folded", True) and self.or_mode == "mean":
+            self.warn_folded = False
+            # stacklevel: the caller of the module (forward <- _call_impl <- _wrapped_call_impl <- caller)
+            warnings.warn(folded_parse_warning(f"This {type(self).__name__}"), UserWarning, stacklevel=4)
         return super().forward(images, targets)
 
 
