@@ -6,9 +6,10 @@ ground-truth rule events (precision / recall).
         [--subset-per-seed] [--device cpu|cuda] [fit overrides, e.g. --trainer.max_epochs=2]
 
 Every point is a `train.py ablate` grid point (checkpoints/<name>/<model>/<point>/, resumable: finished points are
-skipped when the command runs again). Every model gets the same number of optimiser steps at every fraction (the
-datamodule draws a full-size epoch from the kept subset), so the curve measures data, not budget. Writes
-checkpoints/<name>/data_efficiency.{md,csv} and data_efficiency.png.
+skipped when the command runs again); every model's run is built and checked before the first trains, so an
+override one model's config refuses is said before any training. Every model gets the same number of optimiser steps
+at every fraction (the datamodule draws a full-size epoch from the kept subset), so the curve measures data, not
+budget. Writes checkpoints/<name>/data_efficiency.{md,csv} and data_efficiency.png.
 
 The training subset of a fraction is, by default, one draw (the datamodule's `subset_seed` None: seeded by its data
 `seed`), the same for every seed and model: "mean +- std over seeds" is then a spread over initialisation and batch
@@ -22,12 +23,14 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
 from benchmarks import CONFIGS
 from benchmarks.devices import add_device_argument, trainer_overrides
-from zoo.cli.ablate import grid_points, run_grid_point
+from zoo.cli.ablate import check_points, grid_points, run_grid_point
+from zoo.cli.errors import command_line, is_configuration_error, mark
 from zoo.cli.report import write_report
 
 MODELS = {
@@ -48,16 +51,43 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def model_points(fractions: list[float], seeds: list[int], subset_per_seed: bool = False) -> list[dict[str, Any]]:
+    """The grid points every model runs: each fraction with each seed (and, with `subset_per_seed`, below fraction 1
+    the seed's own training subset)."""
+    points = grid_points({FRACTION_KEY: fractions, "seed_everything": seeds})
+    return [{**point, SUBSET_KEY: point["seed_everything"]} if subset_per_seed and point[FRACTION_KEY] < 1 else point
+            for point in points]
+
+
+def check_every_model(name: str, point: dict[str, Any], extra: list[str]) -> None:
+    """Build and check each model's run at grid point `point` (`zoo.cli.ablate.check_points`: parse, build,
+    preflight) before any trains: the fit overrides go to every model, and one a baseline refuses (a ReNN `stages:`
+    schedule) was found only after ReNN's points had trained, with a traceback. One point per model is enough: the
+    points differ only in the benchmark's own fraction and seed (`main` checks the fractions). The error names the
+    model and its config."""
+    for model, config in MODELS.items():
+        try:
+            check_points(str(CONFIGS / config), f"{name}/{model}", [point], extra)
+        except SystemExit:  # the parser said the error: add which model's config it was
+            sys.stderr.write(f"({model}: {config}; the fit overrides go to every model)\n")
+            raise
+        except Exception as error:
+            if not is_configuration_error(error):
+                raise
+            raise mark(ValueError(f"{model} ({config}): {error}\nThe fit overrides go to every model "
+                                  f"({', '.join(MODELS)}); give only those each model's config takes.")) from None
+
+
 def measure(name: str, fractions: list[float], seeds: list[int], extra: list[str], subset_per_seed: bool = False
             ) -> dict[str, dict[float, list]]:
     """{model: {fraction: [metrics of each seed]}}. `subset_per_seed`: each seed trains on its own subset of the
-    training split (`subset_seed` = the seed, below fraction 1); else every seed on the data seed's one subset."""
+    training split (`subset_seed` = the seed, below fraction 1); else every seed on the data seed's one subset.
+    `main` checks every model (`check_every_model`) before this trains the first."""
+    points = model_points(fractions, seeds, subset_per_seed)
     results: dict[str, dict[float, list]] = {}
     for model, config in MODELS.items():
         results[model] = {}
-        for point in grid_points({FRACTION_KEY: fractions, "seed_everything": seeds}):
-            if subset_per_seed and point[FRACTION_KEY] < 1:
-                point = {**point, SUBSET_KEY: point["seed_everything"]}
+        for point in points:
             metrics, _ = run_grid_point(str(CONFIGS / config), f"{name}/{model}", point, extra)  # (metrics, directions)
             results[model].setdefault(point[FRACTION_KEY], []).append(metrics)
     return results
@@ -115,8 +145,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args, extra = parser.parse_known_args(argv)
     if any(arg.split("=", 1)[0] == f"--{SUBSET_KEY}" for arg in extra) and args.subset_per_seed:
         parser.error(f"--subset-per-seed sets --{SUBSET_KEY} to each seed; give one or the other.")
-    results = measure(args.name, args.fractions, args.seeds,
-                      ["--progress_bar.refresh_rate=0", *trainer_overrides(args.device), *extra], args.subset_per_seed)
+    if not all(0 < fraction <= 1 for fraction in args.fractions):
+        parser.error(f"--fractions are shares of the training split, in (0, 1]; got {args.fractions}.")
+    extra = ["--progress_bar.refresh_rate=0", *trainer_overrides(args.device), *extra]
+    check_every_model(args.name, model_points(args.fractions, args.seeds, args.subset_per_seed)[0], extra)
+    results = measure(args.name, args.fractions, args.seeds, extra, args.subset_per_seed)
     rows = table(results, args.fractions)
     folder = Path("checkpoints") / args.name
     write_report(folder, {"data_efficiency": rows}, stem="data_efficiency")
@@ -125,4 +158,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    command_line(main)  # a configuration error said once, without a traceback (exit status 2)

@@ -44,10 +44,17 @@ def find_voc_root(root: str | Path, year: str) -> Path:
     raise DatasetLayoutError(f"VOC root {str(base)!r} {problem}.", VOC_LAYOUT)
 
 
-def read_ids(root: Path, split: str) -> list[str]:
+def read_ids(root: Path, split: str, used_as: str | None = None) -> list[str]:
+    """The image ids ImageSets/Main/<split>.txt lists; `used_as`: the module's split that reads it ("val"), named
+    in the error with the option that picks the list and the lists there are."""
     path = root / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
-        raise DatasetLayoutError(f"VOC split file {str(path)!r} does not exist.", VOC_LAYOUT)
+        where = ""
+        if used_as is not None:
+            lists = sorted(p.stem for p in path.parent.glob("*.txt") if "_" not in p.stem)  # not the class lists
+            where = (f" (the {used_as} split's list): give data.init_args.{used_as}_split the name of a list in "
+                     f"{str(path.parent)!r} (there: {lists})")
+        raise DatasetLayoutError(f"VOC split file {str(path)!r} does not exist{where}.", VOC_LAYOUT)
     rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
     # a class list (`<class>_<set>.txt`: "<id> 1 | 0 | -1") names every image with a flag: -1 the class is absent
     # (0: only difficult instances of it); its images are those without -1
@@ -58,16 +65,19 @@ def read_ids(root: Path, split: str) -> list[str]:
 
 
 def check_images(root: Path, ids: list[str], split: str, name: str) -> None:
-    """Refuse a split whose list names images JPEGImages/ lacks, at setup: one existence check per image (none is
-    opened), where the loader would otherwise fail only on reaching it, a missing val or test image after training.
-    The error names the split and its list, the first five missing files and how many are missing."""
-    missing = [path for path in (root / "JPEGImages" / f"{i}.jpg" for i in ids) if not path.is_file()]
-    if missing:
-        shown = ", ".join(repr(str(path)) for path in missing[:5]) + (", ..." if len(missing) > 5 else "")
-        listed = root / "ImageSets" / "Main" / f"{name}.txt"
-        raise DatasetLayoutError(f"VOC split file {str(listed)!r} (the {split} split) lists {len(missing)} image(s) of "
-                                 f"{len(ids)} that do not exist: {shown}. Restore them (a partial extraction?) or "
-                                 f"list only the images there are.", VOC_LAYOUT)
+    """Refuse a split whose list names images JPEGImages/ lacks or images without their Annotations/<id>.xml: one
+    existence check per file (none is opened), where the loader would otherwise fail only on reaching it, a missing
+    val or test image after training. The error names the split and its list, the first five missing files and how
+    many are missing."""
+    listed = root / "ImageSets" / "Main" / f"{name}.txt"
+    for folder, suffix, what in (("JPEGImages", "jpg", "that do not exist"),
+                                 ("Annotations", "xml", "whose annotation does not exist")):
+        missing = [path for path in (root / folder / f"{i}.{suffix}" for i in ids) if not path.is_file()]
+        if missing:
+            shown = ", ".join(repr(str(path)) for path in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise DatasetLayoutError(f"VOC split file {str(listed)!r} (the {split} split) lists {len(missing)} "
+                                     f"image(s) of {len(ids)} {what}: {shown}. Restore them (a partial extraction?) "
+                                     f"or list only the images there are.", VOC_LAYOUT)
 
 
 def read_annotation(path: Path) -> dict[str, torch.Tensor]:
@@ -120,9 +130,13 @@ def read_annotation(path: Path) -> dict[str, torch.Tensor]:
 class VOCDataset(Dataset):
     """(image (3, H, W) float, target {"boxes", "labels", "difficult", "index"}) per listed image."""
 
-    def __init__(self, root: Path, ids: list[str], keep_difficult: bool, flip: bool) -> None:
+    def __init__(self, root: Path, ids: list[str], keep_difficult: bool, flip: bool,
+                 targets: list[dict[str, torch.Tensor]] | None = None) -> None:
         self.root, self.ids, self.keep_difficult, self.flip = root, ids, keep_difficult, flip
-        self.targets = [read_annotation(root / "Annotations" / f"{i}.xml") for i in ids]  # fail early, not mid-epoch
+        # `targets`: the ids' annotations read already (`VOCDataModule` reads them when built); else read here, all
+        # at once: fail early, not mid-epoch
+        self.targets = targets if targets is not None else [read_annotation(root / "Annotations" / f"{i}.xml")
+                                                            for i in ids]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -165,6 +179,10 @@ class VOCDataModule(DetectionDataModule):
         image_size: the detector's input size (linked into the model; images are resized by the detector).
         keep_difficult: keep "difficult" objects in training targets (VOC evaluation ignores them either way).
         flip: random horizontal flips in training.
+
+    The folder is checked when the module is built (`read_split`), as the CUB, IDX and series loaders are: the split
+    file of every split it uses, each listed image's JPEG and annotation, and each annotation's classes and boxes,
+    so `train.py fit` says a broken folder before it moves an earlier run to stale/.
     """
 
     num_channels = 3
@@ -181,16 +199,33 @@ class VOCDataModule(DetectionDataModule):
         defaults = YEAR_SPLITS.get(str(year), YEAR_SPLITS["2012"])
         given = {"train": train_split, "val": val_split, "test": test_split}
         self.split_names = {split: name or defaults[split] for split, name in given.items()}
+        self.listed: dict[str, tuple[list[str], list[dict[str, torch.Tensor]]]] = {}  # split file -> ids, targets
+        for split, name in self.split_names.items():
+            if name not in self.listed:
+                self.listed[name] = read_split(self.root, split, name)
 
     def sample_names(self, split: str) -> list[str]:
         """Each image's id (JPEGImages/<id>.jpg) by sample index, as the split file lists them."""
-        return read_ids(self.root, self.split_names[split])
+        return list(self.listed[self.split_names[split]][0])
 
     def setup(self, stage: str | None = None) -> None:
         for split, name in self.split_names.items():
             if split not in self.splits:
-                ids = read_ids(self.root, name)
-                check_images(self.root, ids, split, name)  # every split at once, before training starts
+                ids, targets = self.listed[name]
                 # evaluation keeps difficult objects flagged, training drops them unless asked
                 keep = self.hparams.keep_difficult or split != "train"
-                self.splits[split] = VOCDataset(self.root, ids, keep, flip=self.hparams.flip and split == "train")
+                self.splits[split] = VOCDataset(self.root, ids, keep, flip=self.hparams.flip and split == "train",
+                                                targets=targets)
+
+
+def read_split(root: Path, split: str, name: str) -> tuple[list[str], list[dict[str, torch.Tensor]]]:
+    """The ids split file `name` lists and their annotations (`read_annotation`), refusing a missing list, image or
+    annotation (`check_images`) and a malformed annotation (an unknown class, an empty box) by name.
+
+    Read when the datamodule is built, not at setup: `train.py fit` builds it before it moves an earlier run to
+    stale/, and a layout error found at setup came after that move (a good run's checkpoints gone to stale/ for a
+    missing test.txt). The cost is the one setup paid before (one existence check per file, every annotation parsed
+    once: about a second for VOC2007's 10k XML files); setup reuses what was read."""
+    ids = read_ids(root, name, split)
+    check_images(root, ids, split, name)  # every file of the list at once: a count and the first five
+    return ids, [read_annotation(root / "Annotations" / f"{i}.xml") for i in ids]

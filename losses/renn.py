@@ -151,6 +151,16 @@ class SemanticLoss(nn.Module):
         # (S, n), from the config: non-persistent, as `ReNNLoss.pos_weight` (checkpoints hold state, not settings)
         self.register_buffer("assignments", check_assignments(constraint), persistent=False)
 
+    def check_outputs(self, num_classes: int) -> None:
+        """Refuse a constraint whose rows are not one 0/1 entry per class of a model of `num_classes` outputs, by
+        name: the System calls this when built (`RuleLossSystem`), where `forward` found it only at the first batch,
+        inside the fit's sanity check."""
+        if not isinstance(self.constraint, str) and self.assignments.shape[1] != num_classes:
+            raise ValueError(f"SemanticLoss's constraint has rows of {self.assignments.shape[1]} entries, but the "
+                             f"model has num_classes={num_classes} outputs: give each satisfying assignment one 0/1 "
+                             f"entry per class (rows of {num_classes}; model.init_args.loss.init_args.constraint), "
+                             f"or constraint: exactly_one.")
+
     def forward(self, out: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         logits = out["logits"].float()
         if self.constraint == "exactly_one":
@@ -191,7 +201,8 @@ class PartsWorldColourRule(ClassRule):
     class's colours). Distractor parts only add colours, so the rule is (softly) true for the right class.
 
     The world (which colours each class's parts have) and the images' normalisation are the datamodule's:
-    `RuleLossSystem` calls `bind_data(datamodule)` at the start of fit / validate / test, which takes its world
+    `RuleLossSystem` calls `bind_data(datamodule)` in its data check (`check_data_settings`: before `train.py fit`
+    moves an earlier run to stale/, and at the start of fit / validate / test), which takes its world
     definition (refusing by name a `num_classes` / `parts_per_class` / `world_seed` / `shared_part_types` given here
     that differs from the data's) and its mean / std (normalised images are mapped back to [0, 1] pixel values before
     the colours are compared). The arguments left None take the data's; unbound (plain Python), they default to

@@ -378,6 +378,7 @@ def test_voc2012_defaults_to_its_released_splits(voc_root: Path) -> None:
     dm.setup()
     assert dm.split_names == {"train": "train", "val": "val", "test": "val"}
     assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [2, 1, 1]
+    (voc_root / "VOC2007" / "ImageSets" / "Main" / "trainval.txt").write_text("000005\n000007\n000009\n")
     assert VOCDataModule(str(voc_root)).split_names == {"train": "trainval", "val": "test", "test": "test"}
     assert VOCDataModule(str(voc_root), year="2012", val_split="trainval").split_names["val"] == "trainval"
 

@@ -139,7 +139,8 @@ def test_a_pretrained_backbone_fed_unnormalised_images_is_warned_about(image_fol
         ZooCLI(args=base, run=False)  # from scratch: nothing to say
         voc = ZooCLI(args=["--config", str(REPO / "configs/aog_rcnn/voc.yaml"), f"--data.init_args.root={voc_root}",
                            "--model.init_args.model_name=aog_rcnn_tinycnn", "--data.init_args.image_size=64",
-                           pretrained, "--trainer.logger=false"], run=False)  # the detector normalises itself
+                           "--data.init_args.train_split=train", pretrained, "--trainer.logger=false"],
+                    run=False)  # the detector normalises itself
     assert voc.model.model.backbone.body.load_report is not None
 
 

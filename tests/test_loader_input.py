@@ -119,18 +119,18 @@ def test_series_labels_from_one_get_a_hint_to_shift_them(tmp_path: Path) -> None
         SeriesFileDataModule(path, num_classes=2)
 
 
-def test_voc_refuses_missing_images_at_setup(voc_root: Path) -> None:
+def test_voc_refuses_missing_images_when_built(voc_root: Path) -> None:
     """Annotations were read at setup to fail early, but a missing JPEG failed only when the sample was loaded: a
-    missing val or test image after training."""
+    missing val or test image after training. Both are refused when the datamodule is built (before `fit` moves an
+    earlier run to stale/)."""
     base = voc_root / "VOC2007"
     (base / "JPEGImages" / "000009.jpg").unlink()
-    data = VOCDataModule(str(voc_root), train_split="train", val_split="val", test_split="test")
     where = re.escape(str(base))
     listed = rf"split file '{where}/ImageSets/Main/val.txt' \(the val split\)"
     with pytest.raises(DatasetLayoutError, match=rf"(?s){listed} lists 1 image\(s\) of 1 that do not exist: "
                                                  rf"'{where}/JPEGImages/000009.jpg'.*Expected layout"):
-        data.setup("fit")
+        VOCDataModule(str(voc_root), train_split="train", val_split="val", test_split="test")
     (base / "ImageSets" / "Main" / "many.txt").write_text("\n".join(f"{n:06d}" for n in range(20, 28)) + "\n000005\n")
     with pytest.raises(DatasetLayoutError, match=r"lists 8 image\(s\) of 9 that do not exist: '[^']*/000020.jpg', "
                                                  r"('[^']*', ){3}'[^']*/000024.jpg', \.\.\."):
-        VOCDataModule(str(voc_root), train_split="many", val_split="train", test_split="train").setup("fit")
+        VOCDataModule(str(voc_root), train_split="many", val_split="train", test_split="train")

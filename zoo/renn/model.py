@@ -123,6 +123,34 @@ class Rule:
         return Not(self)
 
 
+def rule_patterns(rule: Any) -> list[str]:
+    """The pattern names `rule` reads: those of every `Pattern` in its tree, found through the attributes of each rule
+    (And's `rules`, FollowedBy's `first` and `then`, a user's Rule subclass holding sub-rules in attributes, lists,
+    tuples or dicts), in order of appearance. A rule class that reads `patterns["name"]` in its own code without a
+    `Pattern` is not seen (its KeyError comes at the first forward, naming the pattern)."""
+    found: dict[str, None] = {}
+    seen: set[int] = set()
+
+    def walk(node: Any) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, Pattern):
+            found[node.pattern] = None
+        elif isinstance(node, Rule):
+            for value in getattr(node, "__dict__", {}).values():  # a class with __slots__: none seen
+                walk(value)
+        elif isinstance(node, (list, tuple)):
+            for value in node:
+                walk(value)
+        elif isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+
+    walk(rule)
+    return list(found)
+
+
 class Pattern(Rule):
     """The detector's probability of pattern `name` at each step."""
 
@@ -371,7 +399,24 @@ class RuleLayer(nn.Module):
         self.pattern_names = list(pattern_names)
         self.rules = [get_rule(r) if isinstance(r, str) else r for r in rules]
         self.rule_names = [r.name or repr(r) for r in self.rules]
+        self.check_patterns()
         self.register_buffer("definitions", _encode(self.rule_definitions()))
+
+    def check_patterns(self) -> None:
+        """Refuse a rule over a pattern the model does not detect (`rule_patterns` against `pattern_names`), naming
+        the rule, the pattern and the model's patterns: it raised a KeyError only at the first forward, inside the
+        fit's sanity check, after the run folder had moved."""
+        known = set(self.pattern_names)
+        missing = [(name, [p for p in rule_patterns(rule) if p not in known])
+                   for name, rule in zip(self.rule_names, self.rules)]
+        missing = [(name, patterns) for name, patterns in missing if patterns]
+        if missing:
+            said = "; ".join(f"rule {name!r} uses {patterns}" for name, patterns in missing)
+            raise ValueError(f"ReNN's rules read patterns the model does not detect: {said}; the model's "
+                             f"pattern_names are {self.pattern_names}. Add the pattern(s) to "
+                             f"model_kwargs.pattern_names (the data must annotate them for the local loss) or leave "
+                             f"the rule(s) out of "
+                             f"model_kwargs.rules (rules: [] trains the model on its patterns alone).")
 
     def rule_definitions(self) -> dict[str, str | None]:
         return {name: rule_definition(rule) for name, rule in zip(self.rule_names, self.rules)}
@@ -397,6 +442,10 @@ class RuleLayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, patterns: torch.Tensor) -> torch.Tensor:
+        """The rule map (B, R, T) of the pattern probabilities (B, K, T); (B, 0, T) for a layer without rules (the
+        ablation `rules: []`: the head then reads the patterns alone)."""
+        if not self.rules:
+            return patterns.new_zeros(patterns.shape[0], 0, patterns.shape[-1])
         named = {name: patterns[:, i] for i, name in enumerate(self.pattern_names)}
         return torch.stack([rule(named) for rule in self.rules], 1)
 
@@ -422,7 +471,10 @@ class ReNN(nn.Module):
     {"logits": (B, C), "pattern_logits": (B, K, T), "patterns": (B, K, T), "rule_map": (B, R, T)}.
 
     Public attributes: `pattern_names` (K, the order of the "patterns" channels) and `rule_names` (R, the order of
-    the "rule_map" channels; what the System's per-rule metrics and `explain` are named by)."""
+    the "rule_map" channels; what the System's per-rule metrics and `explain` are named by).
+
+    A rule over a pattern that is not in `pattern_names` is refused when the model is built (`RuleLayer`). `rules=[]`
+    is the ablation of the rule map: "rule_map" is (B, 0, T) and the head reads the patterns alone."""
 
     def __init__(self, *, in_chans: int = 1, num_classes: int = 4, pattern_names: Sequence[str] = RULE_SERIES_PATTERNS,
                  rules: Sequence[str | Rule] = RULE_SERIES_RULES, width: int = 32, hidden: int = 16,
@@ -449,6 +501,17 @@ class ReNN(nn.Module):
         names = self.rule_names + self.pattern_names
         flags = torch.cat([fired, detected], 1).cpu()
         return [{name: row.nonzero().flatten().tolist() for name, row in zip(names, sample)} for sample in flags]
+
+    def own_explanation(self, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """What `zoo.explain(model, series)` ("own") shows, (B, T) at the input's length: the strongest rule
+        activation at each step (max over rules of "rule_map"). A model without rules (`rules: []`, the ablation of
+        the rule map) has no rule activation; it shows its strongest pattern detection, the maps its head then reads
+        alone. The same map for every class (`target` unused)."""
+        with torch.no_grad():
+            out = self(inputs)
+            maps = out["rule_map"] if out["rule_map"].shape[1] else out["patterns"]  # (B, R or K, T')
+            strongest = maps.float().amax(1, keepdim=True)  # (B, 1, T')
+            return F.interpolate(strongest, size=inputs.shape[-1], mode="linear", align_corners=False)[:, 0]
 
     pool_type = "catavgmax"  # the head reads max and mean over time, concatenated (timm's name for that pool)
 

@@ -84,6 +84,15 @@ class ReNNSystem(ZooSystem):
         if data is not None and stage != "predict":
             self.match_data(data, fitting=stage == "fit")
 
+    def check_data_settings(self, datamodule: Any) -> None:
+        """The data settings (`ZooSystem.check_data_settings`) and, called without a trainer (`train.py fit`'s
+        preflight, before it moves an earlier run to stale/), the model's patterns against the data's (`match_data`
+        as for a fit: a pattern the data does not annotate, data without annotations for a `loss_local` stage), which
+        were refused only at setup, after that move. `setup` matches them again for its own stage."""
+        super().check_data_settings(datamodule)
+        if self._trainer is None:
+            self.match_data(datamodule, fitting=True)
+
     def match_data(self, data: Any, fitting: bool = False) -> None:
         """Select, by name, the data rows the local loss and the rule metrics read (see the class docstring).
         `fitting`: also refuse data without pattern annotations when a stage sums the local loss (a DataSettingError:
@@ -180,15 +189,21 @@ class RuleLossSystem(ZooSystem):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        check_outputs = getattr(self.loss, "check_outputs", None)
+        if callable(check_outputs):  # SemanticLoss: a constraint of other rows than the model's classes, said now
+            check_outputs(self.hparams.num_classes)
         self.add_metric("acc", MulticlassAccuracy(self.hparams.num_classes, average="micro"),
                         stages=("train", "val", "test"))
 
-    def setup(self, stage: str) -> None:
-        """Rules that read the data's definition (`bind_data(datamodule)`, e.g. `PartsWorldColourRule`'s world and
-        image normalisation) take it from the datamodule, which refuses a mismatch by name; after the data settings
-        (`ZooSystem.setup`)."""
-        super().setup(stage)
-        data = self.trainer.datamodule if self._trainer is not None else None
+    def check_data_settings(self, datamodule: Any) -> None:
+        """The data settings (`ZooSystem.check_data_settings`), then the rules that read the data's definition
+        (`bind_data(datamodule)`, e.g. `PartsWorldColourRule`'s world and image normalisation) take it from the
+        datamodule, a mismatch refused by name as a DataSettingError (said once, without a traceback). Here, not only
+        in `setup` (which runs this): `train.py fit`'s preflight runs it before it moves an earlier run to stale/."""
+        super().check_data_settings(datamodule)
         for rule in getattr(self.loss, "rules", []):
-            if data is not None and hasattr(rule, "bind_data"):
-                rule.bind_data(data)
+            if hasattr(rule, "bind_data"):
+                try:
+                    rule.bind_data(datamodule)
+                except ValueError as error:
+                    raise DataSettingError(str(error)) from error
