@@ -24,17 +24,24 @@ TINY = ["--data.init_args.num_train=16", "--data.init_args.num_val=8", "--data.i
         "--data.init_args.batch_size=8", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
+def placeholder_run(root: Path) -> Path:
+    """checkpoints/run under `root`: a run's config.yaml (which holds `ckpt_path: null`) and a last.ckpt that is
+    no checkpoint (the refusals come before it is read)."""
+    run = root / "checkpoints" / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"last")
+    config = yaml.safe_load(BASELINE.read_text()) | {"ckpt_path": None}
+    config["trainer"]["logger"]["init_args"]["name"] = "run"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
 @pytest.mark.parametrize("given", [["--ckpt_path", "last"], ["--ckpt_path=checkpoints/run/checkpoints/last.ckpt"]])
 def test_a_ckpt_path_a_later_config_resets_is_named_as_such(in_tmp_dir: Path, capsys: pytest.CaptureFixture,
                                                             given: list[str]) -> None:
     """`validate --ckpt_path last --config <run>/config.yaml`: the run's config (read after it) holds `ckpt_path:
     null`, so the refusal said "no --ckpt_path is given", though one was."""
-    run = in_tmp_dir / "checkpoints" / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"last")  # not read: the refusal comes first
-    config = yaml.safe_load(BASELINE.read_text()) | {"ckpt_path": None}
-    config["trainer"]["logger"]["init_args"]["name"] = "run"
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    run = placeholder_run(in_tmp_dir)
     error = refused(capsys, ["validate", *given, "--config", str(run / "config.yaml"), *TINY])
     value = given[-1].removeprefix("--ckpt_path=")
     assert f"validate: --ckpt_path {value} is given before --config {run / 'config.yaml'}, whose `ckpt_path: " \
@@ -143,12 +150,7 @@ def test_a_fit_whose_ckpt_path_a_later_config_resets_is_refused_before_the_run_m
     """`fit --ckpt_path last --config <run>/config.yaml`: the run's config (read after it) holds `ckpt_path: null`,
     so the fit moved the run asked for to stale/ and trained a new one from epoch 0, its message saying "to continue
     a run instead, give --ckpt_path last" (as given)."""
-    run = in_tmp_dir / "checkpoints" / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"last")  # not read: the refusal comes first
-    config = yaml.safe_load(BASELINE.read_text()) | {"ckpt_path": None}
-    config["trainer"]["logger"]["init_args"]["name"] = "run"
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    run = placeholder_run(in_tmp_dir)
     error = refused(capsys, ["fit", "--ckpt_path", "last", "--config", str(run / "config.yaml"), *TINY])
     assert f"fit: --ckpt_path last is given before --config {run / 'config.yaml'}, whose `ckpt_path: null` (a " \
            "run's config.yaml holds one), read after it, replaced it, so the fit would start afresh" in error, error
