@@ -27,6 +27,10 @@ def test_two_points_that_resolve_to_one_run_are_refused_before_any_trains(in_tmp
     assert "grid points num_classes=6 and num_classes=10 resolve to the same settings" in str(error.value)
     assert "ablate data.init_args.num_classes instead" in str(error.value)
     check_distinct_settings(seen, "other", {"model.init_args.num_classes": 12})  # another hash: accepted
+    lr = "model.init_args.optimizer.init_args.lr"  # two folders (lr=1, lr=1.0), one float: the axis was not named
+    with pytest.raises(ValueError, match=rf"differ in {lr}: 1 and 1.0\. {lr}: 1 and 1.0 are the same value once the "
+                                         r"setting reads them"):
+        check_distinct_settings({"d": {lr: 1}}, "d", {lr: 1.0})
 
     other_spelling = "model.loss.init_args.weight"  # jsonargparse takes it for WEIGHT, and it comes last
     with pytest.raises(ValueError, match=r"weight=0,weight=1 and weight=1,weight=1 resolve to the same settings") \

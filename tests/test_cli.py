@@ -763,6 +763,13 @@ def test_a_model_setting_the_data_replaces_is_refused_when_it_differs(in_tmp_dir
     error = refused(capsys, [*args, "--config", str(config)])
     assert "--model.init_args.class_names=" in error and "comes from the data" in error, error
     assert not (in_tmp_dir / "checkpoints").exists()  # refused before any run folder is made
+    # compare runs and ablate points are built without a subcommand: the same refusal, before anything trains
+    with pytest.raises(ValueError, match="--model.init_args.num_classes=10 would be ignored"):
+        ZooCLI(args=[*args[1:], "--model.init_args.num_classes=10"], run=False)
+    error = refused(capsys, ["ablate", *args[1:], "--model.init_args.num_classes=10", "--name", "a",
+                             "--grid", "model.init_args.optimizer.init_args.lr=[0.01,0.02]"])
+    assert "--model.init_args.num_classes=10 would be ignored" in error, error
+    assert not (in_tmp_dir / "checkpoints" / "a").exists()
 
     class Reached(Exception):
         pass

@@ -24,13 +24,13 @@ TINY = ["--data.init_args.num_train=16", "--data.init_args.num_val=8", "--data.i
         "--data.init_args.batch_size=8", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 
 
-def placeholder_run(root: Path) -> Path:
-    """checkpoints/run under `root`: a run's config.yaml (which holds `ckpt_path: null`) and a last.ckpt that is
-    no checkpoint (the refusals come before it is read)."""
+def placeholder_run(root: Path, ckpt_path: str | None = None) -> Path:
+    """checkpoints/run under `root`: a run's config.yaml (which holds `ckpt_path: null`, or a resumed run's
+    `ckpt_path`) and a last.ckpt that is no checkpoint (the refusals come before it is read)."""
     run = root / "checkpoints" / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"last")
-    config = yaml.safe_load(BASELINE.read_text()) | {"ckpt_path": None}
+    config = yaml.safe_load(BASELINE.read_text()) | {"ckpt_path": ckpt_path}
     config["trainer"]["logger"]["init_args"]["name"] = "run"
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     return run
@@ -118,11 +118,14 @@ def test_evaluation_with_the_family_config_keeps_the_checkpoints_decoding_length
     """The family config sets no max_len, so the parsed value is the class default 18, which was "taken as given"
     over the checkpoint's 6, silently (val/cider_d 0.0588 where the run's own config gave 0.1318). Only a max_len
     the user gives (command line, --config file) is taken; helper epochs (the family config's default 4, the
-    run's 1) are not warned about."""
+    run's 1) are not warned about, nor a size the config does not set (hidden: "--model.init_args.hidden=256 is
+    ignored ... Drop those options" named the parser's default, an option nobody gave); one given is."""
     cli, messages = family_validated(textual_run)
     assert cli.model.hparams.max_len == 6 and cli.model.model.generator.max_len == 6
+    assert not [m for m in messages if "is ignored" in m], messages  # hidden 256 is a default: not given, not said
+    cli, messages = family_validated(textual_run, "--model.init_args.hidden=32")
     ignored = [m for m in messages if "is ignored" in m]
-    assert len(ignored) == 1 and "--model.init_args.hidden=256 is ignored: the checkpoint's 16 is used" in \
+    assert len(ignored) == 1 and "--model.init_args.hidden=32 is ignored: the checkpoint's 16 is used" in \
         ignored[0], ignored
     assert "max_len=" not in ignored[0] and "_epochs" not in ignored[0], ignored
     for given in (["--model.init_args.max_len=3"], ["--model.init_args.max_len", "3"]):
@@ -133,8 +136,8 @@ def test_evaluation_with_the_family_config_keeps_the_checkpoints_decoding_length
 def test_evaluation_of_the_last_checkpoint_takes_its_settings_as_a_file_does(textual_run: Path) -> None:
     """`--ckpt_path last` (the same file as the run's last.ckpt) took none of the checkpoint's settings: Lightning
     copies them for a file only, so the family config's max_len 18 decoded a model trained at 6, silently, and a size
-    it sets (hidden 256 against the run's 16) ended in load_state_dict's size-mismatch traceback."""
-    cli, messages = family_validated(textual_run, ckpt_path="last")
+    given (hidden 256 against the run's 16) ended in load_state_dict's size-mismatch traceback."""
+    cli, messages = family_validated(textual_run, "--model.init_args.hidden=256", ckpt_path="last")
     assert cli.model.hparams.max_len == 6 and cli.model.model.generator.max_len == 6
     assert cli.model.hparams.hidden == 16 and cli.checkpoint_file == str(textual_run / "checkpoints" / "last.ckpt")
     assert cli.config["validate"]["ckpt_path"] == "last"
@@ -145,18 +148,34 @@ def test_evaluation_of_the_last_checkpoint_takes_its_settings_as_a_file_does(tex
     assert cli.model.hparams.max_len == 3 and cli.model.model.generator.max_len == 3
 
 
+@pytest.mark.parametrize("option", ["--config", "-c"])
 def test_a_fit_whose_ckpt_path_a_later_config_resets_is_refused_before_the_run_moves(
-        in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    """`fit --ckpt_path last --config <run>/config.yaml`: the run's config (read after it) holds `ckpt_path: null`,
-    so the fit moved the run asked for to stale/ and trained a new one from epoch 0, its message saying "to continue
-    a run instead, give --ckpt_path last" (as given)."""
+        in_tmp_dir: Path, capsys: pytest.CaptureFixture, option: str) -> None:
+    """`fit --ckpt_path last --config <run>/config.yaml` (or `-c`): the run's config (read after it) holds `ckpt_path:
+    null`, so the fit moved the run asked for to stale/ and trained a new one from epoch 0, its message saying "to
+    continue a run instead, give --ckpt_path last" (as given)."""
     run = placeholder_run(in_tmp_dir)
-    error = refused(capsys, ["fit", "--ckpt_path", "last", "--config", str(run / "config.yaml"), *TINY])
+    error = refused(capsys, ["fit", "--ckpt_path", "last", option, str(run / "config.yaml"), *TINY])
     assert f"fit: --ckpt_path last is given before --config {run / 'config.yaml'}, whose `ckpt_path: null` (a " \
            "run's config.yaml holds one), read after it, replaced it, so the fit would start afresh" in error, error
     assert f"--ckpt_path after --config: --config {run / 'config.yaml'} --ckpt_path last" in error, error
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"last" and not (in_tmp_dir / "checkpoints" /
                                                                                 "stale").exists()
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_a_ckpt_path_a_resumed_runs_config_replaces_is_refused(in_tmp_dir: Path, capsys: pytest.CaptureFixture,
+                                                               command: str) -> None:
+    """A resumed run's config.yaml holds the `ckpt_path` it resumed from (`last`), not null: `validate --ckpt_path
+    <run>/checkpoints/best-*.ckpt --config <run>/config.yaml` validated last.ckpt, and a fit resumed from the file
+    asked for restored last.ckpt, both without a word."""
+    run = placeholder_run(in_tmp_dir, ckpt_path="last")
+    best = run / "checkpoints" / "best-epoch0-step1.ckpt"
+    best.write_bytes(b"best")
+    error = refused(capsys, [command, f"--ckpt_path={best}", "--config", str(run / "config.yaml"), *TINY])
+    assert f"{command}: --ckpt_path {best} is given before --config {run / 'config.yaml'}, whose `ckpt_path: last` " \
+           f"(the config.yaml of a run resumed from it holds one), read after it, replaced it, so the {command} " \
+           f"would restore last instead. Give --ckpt_path after --config" in error, error
 
 
 def test_given_explicitly_reads_the_options_and_the_config_files_as_given(tmp_path: Path) -> None:

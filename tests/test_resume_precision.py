@@ -5,11 +5,14 @@ spawned fit that had nothing left to train, and counts every rank's validation s
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import torch
+import yaml
 
 from tests.conftest import REPO
 from tests.helpers import gloo_ranks
@@ -81,12 +84,15 @@ def test_the_owed_plateau_step_takes_the_value_unrounded() -> None:
     assert scheduler.best == value and taken == {0: 0}
 
 
-def test_a_64_true_resume_is_bit_identical(in_tmp_dir: Path) -> None:
+def test_a_64_true_resume_is_bit_identical(in_tmp_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Lightning loads a checkpoint's weights before its precision plugin converts the System: under 64-true the
     float64 weights went into float32 parameters, so a fit resumed from last.ckpt had every weight rounded (22 of 22
     parameter tensors differed by ~1e-8). Stopped at epoch 0's end and resumed to 2 epochs: the same weights and the
-    same scheduler state as the run that never stopped."""
+    same scheduler state as the run that never stopped. A compare `checkpoint:` run under 64-true (loaded before its
+    trainer converts the System) scores the weights as saved too."""
     from train import main
+
+    compare = importlib.import_module("zoo.cli.compare")  # the module: zoo.cli's `compare` is its function
 
     def fit(name: str, *extra: str) -> dict[str, Any]:
         main(["fit", "--config", CONFIG, PLATEAU, "--data.init_args.num_train=16", "--data.init_args.num_val=8",
@@ -102,3 +108,20 @@ def test_a_64_true_resume_is_bit_identical(in_tmp_dir: Path) -> None:
     differ = [key for key, tensor in whole["state_dict"].items() if not torch.equal(tensor, resumed["state_dict"][key])]
     assert not differ, f"{len(differ)} of {len(whole['state_dict'])} tensors differ: {differ[:8]}"
     assert whole["lr_schedulers"] == resumed["lr_schedulers"]
+
+    loaded: dict[str, torch.Tensor] = {}
+
+    def load(system: torch.nn.Module, *args: Any) -> None:
+        load_system_weights(system, *args)
+        loaded.update(system.state_dict())
+
+    load_system_weights = compare.load_system_weights
+    monkeypatch.setattr(compare, "load_system_weights", load)
+    spec = in_tmp_dir / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"compare": {"name": "scored", "runs": {"whole": {
+        "config": CONFIG, "checkpoint": str(in_tmp_dir / "checkpoints" / "whole" / "checkpoints" / "last.ckpt")}}}}))
+    main(["compare", "--config", str(spec), "--no_explain", "--data.init_args.num_train=16",
+          "--data.init_args.num_val=8", "--data.init_args.batch_size=8", "--trainer.accelerator=cpu",
+          "--trainer.precision=64-true", "--trainer.enable_progress_bar=false"])
+    differ = [key for key, tensor in whole["state_dict"].items() if not torch.equal(tensor, loaded[key])]
+    assert loaded and not differ, f"{len(differ)} of {len(whole['state_dict'])} tensors differ: {differ[:8]}"

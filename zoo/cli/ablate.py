@@ -578,6 +578,7 @@ class PointCheck(ParsedCLI):
             self.config_init = self.parser.instantiate_classes(self.config)
             self.datamodule, self.model = self._get(self.config_init, "data"), self._get(self.config_init, "model")
             self.resolve_pretrained_mean()
+            self.refuse_settings_the_data_replaces()  # a grid value the data's would replace, silently
 
 
 def check_points(config: str | list[str], name: str, points: list[dict[str, Any]], extra: list[str], first: int = 1,
@@ -630,11 +631,18 @@ def check_distinct_settings(seen: dict[str, dict[str, Any]], digest: str, point:
     other = seen.setdefault(digest, point)
     if other is point:
         return
-    axes = [key for key in dict.fromkeys([*other, *point]) if other.get(key) != point.get(key)]
+    def text(value: Any) -> str:
+        return json.dumps(value, default=str)
+
+    # as written: 1 and 1.0 are equal in Python, but two values of the grid (two folders)
+    axes = [key for key in dict.fromkeys([*other, *point]) if text(other.get(key)) != text(point.get(key))]
     reasons = []
     for key in axes:
         source = next((source for source, target in DATA_LINKS.items() if key == f"model.init_args.{target}"), None)
-        if source is not None:
+        if other.get(key) == point.get(key):  # 1 and 1.0 for a float setting
+            reasons.append(f"{key}: {text(other.get(key))} and {text(point.get(key))} are the same value once the "
+                           f"setting reads them; give it once")
+        elif source is not None:
             reasons.append(f"{key} comes from the data, whose value replaces the grid's: ablate "
                            f"data.init_args.{source} instead")
         elif any(key == ignored or key.startswith(f"{ignored}.") for ignored in IGNORED_SETTINGS) \
@@ -643,8 +651,7 @@ def check_distinct_settings(seen: dict[str, dict[str, Any]], digest: str, point:
         else:
             reasons.append(f"{key} does not reach the run: another axis or a link sets the same setting after it "
                            f"(one key given as two axes in two spellings?); give each setting one axis")
-    values = "; ".join(f"{key}: {json.dumps(other.get(key), default=str)} and {json.dumps(point.get(key), default=str)}"
-                       for key in axes)
+    values = "; ".join(f"{key}: {text(other.get(key))} and {text(point.get(key))}" for key in axes)
     raise mark(ValueError(f"ablate: grid points {point_name(other)} and {point_name(point)} resolve to the same "
                           f"settings (one settings hash: they would train one run twice, and the table would show "
                           f"it as two rows) although they differ in {values}. {'. '.join(reasons)}. No point has "

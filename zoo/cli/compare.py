@@ -23,6 +23,7 @@ from zoo.cli.report import metric_directions, write_report
 from zoo.cli.runs import move_earlier_reports, move_earlier_run
 from zoo.distributed import all_reduce_, rank_local
 from zoo.engine.callbacks import logged_step, logger_folder
+from zoo.engine.system import convert_for_precision
 from zoo.figures import log_figure, save_figure
 from zoo.explain.scores import (EXPLANATION_DIRECTIONS, ExplainedRun, check_explain_settings, explanation_figure,
                                 explanation_directions, explanation_note, true_and_predicted)
@@ -696,6 +697,8 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
         with counting(cli, "train") as trained:
             if run.get("checkpoint"):  # evaluate trained weights instead of training
                 with configuration_phase():
+                    # as the run's precision holds them (64-true: float64 weights were copied into float32 ones)
+                    convert_for_precision(cli.model, cli.trainer)
                     load_system_weights(cli.model, run["checkpoint"], cli.datamodule)
                 cli.datamodule.setup("validate")
             else:

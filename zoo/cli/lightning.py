@@ -153,9 +153,9 @@ def prepare_fit_auxiliaries(system: Any, trainer: pl.Trainer, datamodule: Any, r
 
 def ckpt_path_reset_by_config(args: list[str]) -> tuple[str, list[str]] | None:
     """(the value, the configs read after it) of the last `--ckpt_path` of `args` (the command line) that a later
-    `--config` may have reset: jsonargparse applies the options in order, so a run's config.yaml (which holds
-    `ckpt_path: null`) given after `--ckpt_path last` replaces it. None where no `--ckpt_path` with a value has a
-    `--config` after it."""
+    `--config` (`-c`) may have reset: jsonargparse applies the options in order, so a run's config.yaml (which holds
+    `ckpt_path: null`, or a resumed run's `last` or file) given after `--ckpt_path FILE` replaces it. None where no
+    `--ckpt_path` with a value has a config after it."""
     given: str | None = None
     configs: list[str] = []
     for i, arg in enumerate(args):
@@ -164,15 +164,18 @@ def ckpt_path_reset_by_config(args: list[str]) -> tuple[str, list[str]] | None:
             value = args[i + 1] if i + 1 < len(args) else ""
         if name == "--ckpt_path":
             given, configs = (value if value.lower() not in ("", "null", "none") else None), []
-        elif name == "--config" and given is not None:
+        elif name in ("--config", "-c") and given is not None:
             configs.append(value)
     return (given, configs) if given is not None and configs else None
 
 
-def reset_ckpt_path_words(given: str, configs: list[str]) -> tuple[str, str]:
-    """(why, what to give) for a `--ckpt_path` that a later `--config` reset (`ckpt_path_reset_by_config`'s pair)."""
-    why = (f"--ckpt_path {given} is given before --config {' '.join(configs)}, whose `ckpt_path: null` (a run's "
-           f"config.yaml holds one), read after it, replaced it")
+def reset_ckpt_path_words(given: str, configs: list[str], used: Any = None) -> tuple[str, str]:
+    """(why, what to give) for a `--ckpt_path` that a later `--config` reset (`ckpt_path_reset_by_config`'s pair) to
+    `used` (the parsed value: None, or a resumed run's `last` or file)."""
+    held = ("`ckpt_path: null` (a run's config.yaml holds one)" if used is None else
+            f"`ckpt_path: {used}` (the config.yaml of a run resumed from it holds one)")
+    why = (f"--ckpt_path {given} is given before --config {' '.join(configs)}, whose {held}, read after it, "
+           f"replaced it")
     return why, f"--ckpt_path after --config: --config {configs[-1]} --ckpt_path {given}"
 
 
@@ -368,10 +371,12 @@ class ZooCLI(LightningCLI):
         from zoo.weights import checkpoint_replaces_weights
 
         _, ckpt_path = self._subcommand_and_ckpt_path()
-        if self.subcommand == "fit" and ckpt_path is None and (reset := ckpt_path_reset_by_config(self.command_args)):
-            why, give = reset_ckpt_path_words(*reset)  # the run asked for would move to stale/, a new one start
-            raise mark(ValueError(f"fit: {why}, so the fit would start afresh and move the earlier run to stale/. To "
-                                  f"continue it, give {give}."))
+        reset = ckpt_path_reset_by_config(self.command_args)
+        if reset is not None and (self.subcommand == "fit" or ckpt_path is not None) and str(ckpt_path) != reset[0]:
+            why, give = reset_ckpt_path_words(*reset, ckpt_path)  # (an evaluation of none: refuse_untrained_evaluation)
+            happens = ("the fit would start afresh and move the earlier run to stale/" if ckpt_path is None else
+                       f"the {self.subcommand} would restore {ckpt_path} instead")
+            raise mark(ValueError(f"{self.subcommand}: {why}, so {happens}. Give {give}."))
         if str(ckpt_path) != "last":
             self.restores_checkpoint = bool(ckpt_path) and Path(str(ckpt_path)).is_file()
             self.checkpoint_file = str(ckpt_path) if self.restores_checkpoint else None
@@ -390,7 +395,7 @@ class ZooCLI(LightningCLI):
                 self.take_settings_of(self.checkpoint_file)
                 _set_rng_states(random_state)
                 self._instantiate(checkpoint_replaces_weights())
-        if self.subcommand == "fit":
+        if self.subcommand in ("fit", None):  # None: a compare run's or ablate point's CLI (run=False)
             self.refuse_settings_the_data_replaces()
         if self.subcommand in EVALUATIONS and str(ckpt_path) == "best":
             self.refuse_best_outside_fit()
@@ -490,15 +495,17 @@ class ZooCLI(LightningCLI):
             f"without --ckpt_path, unless its run holds checkpoints."))
 
     def refuse_settings_the_data_replaces(self) -> None:
-        """A fit given a model setting that the data sets (`zoo.weights.DATA_LINKS`: num_classes, in_chans,
-        image_size, data_inputs, class_names) with another value than the data's is refused, naming both: the link
+        """A fit (a compare run's, an ablate point's) given a model setting that the data sets
+        (`zoo.weights.DATA_LINKS`: num_classes, in_chans, image_size, data_inputs, class_names) with another value
+        than the data's is refused, naming both: the link
         replaced it silently (`--model.init_args.num_classes=10` trained the data's 6 classes; an ablate grid over it
         trained one setting as several rows). A value equal to the data's, or one not given (`given_explicitly`: the
         parser's default), is not said."""
         from zoo.cli.errors import mark
         from zoo.weights import DATA_LINKS, _same_setting
 
-        init_args = self.config[self.subcommand]["model"].get("init_args") or {}
+        parsed = self.config[self.subcommand] if self.subcommand else self.config
+        init_args = parsed["model"].get("init_args") or {}
         hparams = getattr(self.model, "hparams", {})
         for source, target in DATA_LINKS.items():
             key = f"model.init_args.{target}"
@@ -507,9 +514,10 @@ class ZooCLI(LightningCLI):
                 continue
             if not _same_setting(key, hparams[target], given):
                 raise mark(ValueError(
-                    f"fit: --{key}={_as_option(given)} would be ignored: the model's {target} comes from the data "
-                    f"(its datamodule's {source}: {_as_option(hparams[target])}). Give the data setting that decides "
-                    f"it (such as --data.init_args.{source}, where the datamodule takes one), or drop the option."))
+                    f"{self.subcommand or 'fit'}: --{key}={_as_option(given)} would be ignored: the model's {target} "
+                    f"comes from the data (its datamodule's {source}: {_as_option(hparams[target])}). Give the data "
+                    f"setting that decides it (such as --data.init_args.{source}, where the datamodule takes one), or "
+                    f"drop the option."))
 
     def take_settings_of(self, path: str) -> None:
         """validate / test / predict with `--ckpt_path last`, resolved to `path`: the model settings are taken from
@@ -680,7 +688,8 @@ class ZooCLI(LightningCLI):
 
     def warn_ignored_settings(self, subcommand: str, model: Any, free: Callable[[str], bool]) -> None:
         """One warning naming each setting of the model this validate / test / predict gives (the config's or the
-        command line's) whose value the `--ckpt_path` checkpoint's hyperparameters replaced: "--model.init_args
+        command line's, as `given_explicitly` tells: a family config's unset hidden, the parser's default 256, is
+        not said) whose value the `--ckpt_path` checkpoint's hyperparameters replaced: "--model.init_args
         .hidden=16 is ignored: the checkpoint's 64 is used", and each `model_kwargs` entry given that the
         checkpoint's model_kwargs lack (Lightning's copy replaces the whole mapping), unless it is the model's
         default. Only settings that decide the model evaluated are said (`ignored_model_settings` gives the rule):
@@ -693,7 +702,9 @@ class ZooCLI(LightningCLI):
         from zoo.weights import model_settings, resolve_class
 
         system = resolve_class(str(model.get("class_path")))
-        ignored = ignored_model_settings(self.given_model_settings or {}, model_settings(model) or {}, system, free)
+        given = {key: value for key, value in (self.given_model_settings or {}).items()
+                 if given_explicitly(key, self.command_args)}  # not a parser default the user never gave
+        ignored = ignored_model_settings(given, model_settings(model) or {}, system, free)
         if ignored:
             kept = ", ".join(getattr(system, "EVALUATION_FREE", ()))
             kept = f" ({system.__name__}'s {kept}, which change no weight, are taken where given)" if kept else ""
@@ -776,16 +787,24 @@ def evaluation_free(model: Any, args: list[str] | None = None) -> Callable[[str]
 def given_explicitly(key: str, args: list[str]) -> bool:
     """Whether the arguments as given (`ZooCLI.command_args`) set model setting `key` ("model.init_args.max_len"),
     rather than leaving it at the parser's default: as an option (`--model.init_args.max_len=3`,
-    `--model.init_args.max_len 3`, jsonargparse's `--model.max_len 3`), in a `--model` mapping (YAML text or file)
+    `--model.init_args.max_len 3`, jsonargparse's `--model.max_len 3`; an entry in a mapping option,
+    `--model.init_args.model_kwargs '{drop_rate: 0.1}'`), in a `--model` mapping (YAML text or file)
     or in a YAML file given with `--config` / `-c` that sets `model.init_args.max_len`. The files are read here for
     this question only (yaml.safe_load; the parser has read them already). A run's own config.yaml sets every
     setting: its values are the ones the run trained with."""
     rest = key.removeprefix("model.init_args.").split(".")
-    options = {f"--{key}", f"--model.{'.'.join(rest)}"}
+    # the option of the setting or of a mapping above it ({option: the keys below it}): --model.init_args.model_kwargs
+    # '{drop_rate: 0.1}' gives model_kwargs.drop_rate
+    options = {f"--model.{prefix}{'.'.join(rest[:k])}": rest[k:] for k in range(len(rest), 0, -1)
+               for prefix in ("init_args.", "")}
     for i, arg in enumerate(args):
         name, has_value, value = arg.partition("=")
         if name in options:
-            return True
+            below = options[name]
+            if not below or _sets(_read_yaml(value if has_value else args[i + 1] if i + 1 < len(args) else ""),
+                                  below):
+                return True
+            continue
         if name not in ("--config", "-c", "--model"):
             continue
         tree = _read_yaml(value if has_value else args[i + 1] if i + 1 < len(args) else "")

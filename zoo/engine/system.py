@@ -233,6 +233,16 @@ def backbone_of(model: nn.Module) -> nn.Module | None:
     return backbone if isinstance(backbone, nn.Module) else None
 
 
+def convert_for_precision(system: nn.Module, trainer: pl.Trainer) -> None:
+    """Convert `system` as `trainer`'s precision plugin will (64-true: to float64) before weights are loaded into
+    it: Lightning converts a module in its strategy's setup, after a checkpoint was restored, so float64 weights
+    copied into float32 parameters came back rounded. Other precisions need nothing (bf16 / fp16 values survive
+    float32 exactly); converting twice changes nothing."""
+    plugin = trainer.precision_plugin
+    if isinstance(plugin, DoublePrecision):
+        plugin.convert_module(system)
+
+
 class ZooSystem(pl.LightningModule):
     """A registered model trained with a named-terms loss (see the module docstring for the hooks).
 
@@ -969,7 +979,7 @@ class ZooSystem(pl.LightningModule):
         tell a datamodule of a checkpoint that holds no state of it (`zoo.weights.restore_datamodule_state`), drop the
         checkpoint's loss tensors the current loss does not hold (`_drop_foreign_loss_state`) and put back the loss
         schedules the weights were trained under (`enter_schedules` at `schedule_epoch(checkpoint)`); under
-        `64-true`, convert the System to float64 before Lightning loads the weights (`_convert_before_load`)."""
+        `64-true`, convert the System to float64 before Lightning loads the weights (`convert_for_precision`)."""
         saved = checkpoint.get("hyper_parameters")
         if isinstance(saved, dict) and "model_name" in saved:
             # every constructor input: a series' channel count is in data_inputs (`zoo.weights.built_in_chans`)
@@ -989,19 +999,8 @@ class ZooSystem(pl.LightningModule):
         epoch = schedule_epoch(checkpoint)
         if epoch is not None:
             self.enter_schedules(epoch)
-        self._convert_before_load()
-
-    def _convert_before_load(self) -> None:
-        """Under `64-true`, convert the System to float64 as Lightning's precision plugin does, before Lightning
-        loads the checkpoint's weights into it (this hook runs just before `load_model_state_dict`). Lightning
-        restores a checkpoint (`--ckpt_path`) before its strategy's setup converts the module, so the float64
-        weights were copied into float32 parameters and converted back: every weight rounded to float32, and a
-        resumed 64-true fit was not bit-identical to the run that never stopped. Converting twice changes nothing.
-        bf16-true and 16-true need nothing: their values survive the float32 parameters exactly. Outside a trainer
-        (`load_from_checkpoint`) the System stays as built."""
-        plugin = self._trainer.precision_plugin if self._trainer is not None else None
-        if isinstance(plugin, DoublePrecision):
-            plugin.convert_module(self)
+        if self._trainer is not None:  # before Lightning loads the weights (outside a trainer: as built)
+            convert_for_precision(self, self._trainer)
 
     def _drop_foreign_loss_state(self, checkpoint: dict[str, Any]) -> None:
         """Remove from `checkpoint["state_dict"]` the "loss.*" tensors this System's loss does not hold, so that
