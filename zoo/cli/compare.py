@@ -542,9 +542,13 @@ class SampleCounter(pl.Callback):
             self._seconds += sum(start.elapsed_time(end) for start, end in self._events) / 1000  # ms -> s
             self._events.clear()
 
-    def _sum_ranks(self, pl_module: pl.LightningModule) -> None:
+    def _sum_ranks(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Every rank's samples (`_samples`): this rank's summed over the ranks, one all-reduce when a loop ends
-        (every rank runs the loop-end hooks); this rank's alone without a process group."""
+        (every rank runs the loop-end hooks); this rank's alone in one process (no tensor made: nothing to wait
+        for on a GPU)."""
+        if trainer.world_size <= 1:
+            self._samples = self._own
+            return
         counted = torch.tensor(self._own, dtype=torch.int64, device=pl_module.device)  # device: NCCL's tensors too
         self._samples = int(all_reduce_(counted, "sum").item())
 
@@ -558,7 +562,7 @@ class SampleCounter(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stage == "train":
-            self._sum_ranks(pl_module)
+            self._sum_ranks(trainer, pl_module)
             self._report(trainer)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -572,7 +576,7 @@ class SampleCounter(pl.Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.stage == "val" and not trainer.sanity_checking:
-            self._sum_ranks(pl_module)
+            self._sum_ranks(trainer, pl_module)
             self._report(trainer)
 
     def _start(self, pl_module: pl.LightningModule) -> None:
