@@ -61,6 +61,11 @@ def test_the_default_system_folds_the_first_half_of_the_fit_then_unfolds(tmp_pat
 
     assert not AOGRCNNSystem("vote_rcnn_tinycnn", num_classes=dm.num_classes, image_size=96).default_unfolding
     assert not AOGRCNNSystem(num_classes=dm.num_classes, image_size=96, unfold_epoch=None).default_unfolding
+    for or_mode in ("max", "mean"):  # a mode the user gives is kept for the whole fit (it was folded, then unfolded)
+        given = AOGRCNNSystem(num_classes=dm.num_classes, image_size=96, model_kwargs={"or_mode": or_mode})
+        modes = RecordOrMode()
+        tiny_trainer(2, modes).fit(given, datamodule=dm)
+        assert not given.default_unfolding and modes.modes == [or_mode, or_mode], (or_mode, modes.modes)
 
 
 def test_a_fit_that_ends_folding_warns_and_so_does_its_model_where_it_reports_trees() -> None:

@@ -148,6 +148,23 @@ def test_evaluation_of_the_last_checkpoint_takes_its_settings_as_a_file_does(tex
     assert cli.model.hparams.max_len == 3 and cli.model.model.generator.max_len == 3
 
 
+def test_a_resumed_runs_config_naming_the_same_checkpoint_otherwise_is_not_refused(textual_run: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A resumed run's config.yaml holds the checkpoint it resumed from, written as it was given (absolute, `last`):
+    a --ckpt_path before it naming the same file otherwise (relative, `last`) restores that file: not refused."""
+    monkeypatch.chdir(textual_run.parent)
+    config = yaml.safe_load((textual_run / "config.yaml").read_text())
+    held = textual_run / "resumed.yaml"
+    for holds, given in ((str(textual_run / "checkpoints" / "last.ckpt"), "words/checkpoints/last.ckpt"),
+                         ("last", "./words/checkpoints/last.ckpt")):
+        held.write_text(yaml.safe_dump(config | {"ckpt_path": holds}))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cli = main(["validate", f"--ckpt_path={given}", "--config", str(held), "--trainer.limit_val_batches=1"])
+        assert Path(cli.checkpoint_file).resolve() == (textual_run / "checkpoints" / "last.ckpt").resolve()
+    held.unlink()
+
+
 @pytest.mark.parametrize("option", ["--config", "-c"])
 def test_a_fit_whose_ckpt_path_a_later_config_resets_is_refused_before_the_run_moves(
         in_tmp_dir: Path, capsys: pytest.CaptureFixture, option: str) -> None:
@@ -185,8 +202,12 @@ def test_given_explicitly_reads_the_options_and_the_config_files_as_given(tmp_pa
 
     key = "model.init_args.max_len"
     for args in (["--model.init_args.max_len=3"], ["--model.init_args.max_len", "3"], ["--model.max_len=3"],
-                 ["--model", "{init_args: {max_len: 3}}"]):
+                 ["--model", "{init_args: {max_len: 3}}"], ["--model.init_args={max_len: 3}"]):
         assert given_explicitly(key, ["validate", *args]), args
+    entry = "model.init_args.model_kwargs.drop_rate"  # an entry of a mapping option, in either mapping
+    for args in (["--model.init_args.model_kwargs={drop_rate: 0.5}"], ["--model.init_args",
+                                                                         "{model_kwargs: {drop_rate: 0.5}}"]):
+        assert given_explicitly(entry, args) and not given_explicitly(f"{entry}_x", args), args
     sets, unset = tmp_path / "sets.yaml", tmp_path / "unset.yaml"
     sets.write_text(yaml.safe_dump({"model": {"init_args": {"max_len": 6}}}))
     unset.write_text(yaml.safe_dump({"model": {"init_args": {"hidden": 6}}, "max_len": 6}))

@@ -83,8 +83,8 @@ class AOGRCNNSystem(ZooSystem):
             from mean to max. "half" (the default, for an AOG model given no `stages`): each fit unfolds at
             max_epochs // 2 (the shipped configs' 4 of 8, 6 of 12), read from the trainer when the fit starts and
             kept in the checkpoints, so a resumed fit keeps its run's epoch whatever its max_epochs; a fit with an
-            open budget (max_epochs -1: max_steps, max_time) unfolds from the start. None keeps the model's
-            `or_mode` (or the `stages` given). Only an unfolded model's parse trees are the trees that scored its
+            open budget (max_epochs -1: max_steps, max_time) unfolds from the start; a model given its `or_mode`
+            (`model_kwargs`) keeps it. None keeps the model's `or_mode` (or the `stages` given). Only an unfolded model's parse trees are the trees that scored its
             detections: a fit that ends folding warns, and so does a folding model's first evaluation outside a fit
             (`zoo.aog_rcnn.model.folded_parse_warning`). Other arguments as ZooSystem's; `loss` is not taken: the
             detector computes its own.
@@ -111,8 +111,10 @@ class AOGRCNNSystem(ZooSystem):
             kwargs["stages"] = stages
         super().__init__(model_name, num_classes, in_chans, image_size, **kwargs)
         # the default schedule, set for each fit by `setup` (its max_epochs) or a resumed checkpoint; not for given
-        # stages, nor for the twins, which have no OR-nodes
+        # stages, nor for a model given its or_mode (model_kwargs: the user's choice, kept for the whole fit), nor for
+        # the twins, which have no OR-nodes
         self.default_unfolding = (unfold_epoch == HALF and kwargs.get("stages") is None
+                                  and "or_mode" not in (kwargs.get("model_kwargs") or {})
                                   and self.model.parser is not None)
         self.unfold_at: int | None = None  # the epoch the default schedule unfolds at in this fit (None: not set)
         self.add_metric("map", DetectionAP(), log_prefix="")
@@ -139,7 +141,7 @@ class AOGRCNNSystem(ZooSystem):
                            f"max_epochs ({max_epochs}: it ends at max_steps or max_time): it unfolds from the start "
                            f"(OR = max, no folding stage). Give unfold_epoch an epoch to fold first.")
             epoch = 0
-        else:
+        elif self.trainer.ckpt_path is None:  # a resumed fit takes its checkpoint's epoch (`on_load_checkpoint`)
             folding = f"epochs 0-{epoch - 1}" if epoch > 1 else "epoch 0"
             rank_zero_info(f"AOGRCNNSystem: folding (OR = mean) for {folding}, unfolding (OR = max) from epoch "
                            f"{epoch} (unfold_epoch={HALF!r} of max_epochs={max_epochs})." if epoch else

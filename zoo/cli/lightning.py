@@ -372,20 +372,21 @@ class ZooCLI(LightningCLI):
 
         _, ckpt_path = self._subcommand_and_ckpt_path()
         reset = ckpt_path_reset_by_config(self.command_args)
-        if reset is not None and (self.subcommand == "fit" or ckpt_path is not None) and str(ckpt_path) != reset[0]:
+        if reset is not None and self.subcommand == "fit" and ckpt_path is None:
             why, give = reset_ckpt_path_words(*reset, ckpt_path)  # (an evaluation of none: refuse_untrained_evaluation)
-            happens = ("the fit would start afresh and move the earlier run to stale/" if ckpt_path is None else
-                       f"the {self.subcommand} would restore {ckpt_path} instead")
-            raise mark(ValueError(f"{self.subcommand}: {why}, so {happens}. Give {give}."))
+            raise mark(ValueError(f"fit: {why}, so the fit would start afresh and move the earlier run to stale/. "
+                                  f"Give {give}."))
         if str(ckpt_path) != "last":
             self.restores_checkpoint = bool(ckpt_path) and Path(str(ckpt_path)).is_file()
             self.checkpoint_file = str(ckpt_path) if self.restores_checkpoint else None
             self._instantiate(checkpoint_replaces_weights() if self.restores_checkpoint else nullcontext())
+            self.refuse_replaced_ckpt_path(reset)
         else:
             random_state = _collect_rng_states(include_cuda=torch.cuda.is_initialized())  # never starts CUDA
             self._instantiate(checkpoint_replaces_weights())
             self.checkpoint_file = last_checkpoint(self.trainer, self.subcommand)
             self.restores_checkpoint = self.checkpoint_file is not None
+            self.refuse_replaced_ckpt_path(reset)  # before the checkpoint is read
             if not self.restores_checkpoint and self.subcommand in EVALUATIONS:
                 self.refuse_untrained_evaluation("last")
             if not self.restores_checkpoint:
@@ -494,6 +495,35 @@ class ZooCLI(LightningCLI):
             f"(--model.init_args.model_kwargs.pretrained_path=FILE, a textual init_checkpoint) is evaluated as built "
             f"without --ckpt_path, unless its run holds checkpoints."))
 
+    def refuse_replaced_ckpt_path(self, reset: tuple[str, list[str]] | None) -> None:
+        """Refuse a command whose `--ckpt_path` a later config replaced (`reset`: `ckpt_path_reset_by_config`) with
+        another checkpoint than the one given (a resumed run's config.yaml holds the `last` or file it resumed from:
+        `validate --ckpt_path <run>/checkpoints/best-*.ckpt --config <run>/config.yaml` validated last.ckpt, a fit
+        resumed another file, silently). Replaced by null: the fit's refusal above, an evaluation's
+        `refuse_untrained_evaluation`."""
+        from zoo.cli.errors import mark
+
+        ckpt_path = self._subcommand_and_ckpt_path()[1]
+        if reset is None or ckpt_path is None or self.restores_same_checkpoint(reset[0]):
+            return
+        why, give = reset_ckpt_path_words(*reset, ckpt_path)
+        raise mark(ValueError(f"{self.subcommand}: {why}, so the {self.subcommand} would restore {ckpt_path} instead. "
+                              f"Give {give}."))
+
+    def restores_same_checkpoint(self, given: str) -> bool:
+        """Whether `given` (the `--ckpt_path` a later config replaced) names the checkpoint this command restores
+        (`checkpoint_file`, `last` resolved): a resumed run's config.yaml holds the `last` or file it resumed from,
+        which may name the same file otherwise written (relative, absolute, `last`). Keywords Lightning resolves
+        elsewhere (`best`, `hpc`, `registry:...`) are compared as written."""
+        parsed = str(self._subcommand_and_ckpt_path()[1])
+        if parsed == given:
+            return True
+        if any(text in ("best", "hpc") or text.startswith("registry") for text in (parsed, given)):
+            return False
+        file = last_checkpoint(self.trainer, self.subcommand) if given == "last" else given
+        return (file is not None and self.checkpoint_file is not None
+                and Path(file).resolve() == Path(self.checkpoint_file).resolve())
+
     def refuse_settings_the_data_replaces(self) -> None:
         """A fit (a compare run's, an ablate point's) given a model setting that the data sets
         (`zoo.weights.DATA_LINKS`: num_classes, in_chans, image_size, data_inputs, class_names) with another value
@@ -513,8 +543,9 @@ class ZooCLI(LightningCLI):
             if given is None or target not in hparams or not given_explicitly(key, self.command_args):
                 continue
             if not _same_setting(key, hparams[target], given):
+                command = f"{self.subcommand}: " if self.subcommand else ""  # compare / ablate name the run
                 raise mark(ValueError(
-                    f"{self.subcommand or 'fit'}: --{key}={_as_option(given)} would be ignored: the model's {target} "
+                    f"{command}--{key}={_as_option(given)} would be ignored: the model's {target} "
                     f"comes from the data (its datamodule's {source}: {_as_option(hparams[target])}). Give the data "
                     f"setting that decides it (such as --data.init_args.{source}, where the datamodule takes one), or "
                     f"drop the option."))
@@ -796,7 +827,7 @@ def given_explicitly(key: str, args: list[str]) -> bool:
     # the option of the setting or of a mapping above it ({option: the keys below it}): --model.init_args.model_kwargs
     # '{drop_rate: 0.1}' gives model_kwargs.drop_rate
     options = {f"--model.{prefix}{'.'.join(rest[:k])}": rest[k:] for k in range(len(rest), 0, -1)
-               for prefix in ("init_args.", "")}
+               for prefix in ("init_args.", "")} | {"--model.init_args": rest}
     for i, arg in enumerate(args):
         name, has_value, value = arg.partition("=")
         if name in options:
