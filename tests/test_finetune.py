@@ -271,3 +271,28 @@ def test_an_unfreeze_epoch_the_fit_never_reaches_is_warned_of(tmp_path: Path) ->
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*ends before unfreeze_epoch")
         trainer(tmp_path, 2, RecordBackbone()).fit(fine_tuned_system(), datamodule=small_world())
+
+
+def test_an_icnn_whose_top_filters_start_frozen_says_so() -> None:
+    """ICNN's first interpretable layer reads the backbone's top conv stage: with the backbone frozen (the README's
+    fine-tuning recipe) its filter loss trained no weight and its filter metrics scored the pretrained filters, with no
+    word. Said at fit start with how long it lasts; an unfrozen backbone or the lambda-0 twin say nothing."""
+    import warnings
+
+    from zoo.icnn.system import ICNNSystem
+
+    def said(**kwargs: object) -> list[str]:
+        system = ICNNSystem(num_classes=4, image_size=32, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False,
+                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                       num_sanity_val_steps=0).fit(system, datamodule=small_world())
+        return [str(w.message) for w in caught if "top_filters" in str(w.message)]
+
+    assert len(frozen := said(freeze_backbone=True)) == 1 and "frozen for the whole fit" in frozen[0], frozen
+    assert "until epoch 3 (unfreeze_epoch)" in said(freeze_backbone=True, unfreeze_epoch=3)[0]
+    assert "for the whole fit" in said(model_kwargs={"freeze_backbone": True})[0]  # the model built it frozen
+    from losses.icnn import FilterPartLoss
+
+    assert not said() and not said(freeze_backbone=True, loss=FilterPartLoss(weight=0))

@@ -26,6 +26,7 @@ from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
 from zoo.cli.preflight import check_no_print_config, cli_callbacks, preflight
 from zoo.cli.report import metric_directions, write_report
 from zoo.cli.runs import STALE, config_strings, existing_files, move_aside, move_earlier_reports, stale_path
+from zoo.engine.callbacks import scoring_logged_apart
 from zoo.fingerprints import (HASHED_FILE_LIMIT, file_fingerprint, folder_fingerprint,  # noqa: F401 (re-exported)
                               written_by_runs)
 from zoo.weights import flat_settings
@@ -699,7 +700,8 @@ def run_grid_point(config: str | list[str], name: str, point: dict[str, Any], ex
     try:
         with counting(cli, "train") as trained:  # which weights the result scores, also from a spawned fit
             fit(cli, ckpt_path=str(last) if last.is_file() else None)
-        metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+        with scoring_logged_apart(cli.trainer, "validate"):  # TensorBoard <point>/validate, not the fit's curves
+            metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
     except Exception as error:
         if new and is_configuration_error(error) and not last.is_file():
             shutil.rmtree(folder, ignore_errors=True)  # it never trained: nothing to resume

@@ -22,7 +22,7 @@ from zoo.cli.preflight import check_no_print_config, preflight
 from zoo.cli.report import metric_directions, write_report
 from zoo.cli.runs import move_earlier_reports, move_earlier_run
 from zoo.distributed import all_reduce_, rank_local
-from zoo.engine.callbacks import logged_step, logger_folder
+from zoo.engine.callbacks import logged_step, logger_folder, scoring_logged_apart
 from zoo.engine.system import convert_for_precision
 from zoo.figures import log_figure, save_figure
 from zoo.explain.scores import (EXPLANATION_DIRECTIONS, ExplainedRun, check_explain_settings, explanation_figure,
@@ -645,7 +645,8 @@ THROUGHPUT_NOTE = ("train_samples_per_s / infer_samples_per_s: the samples of th
 def compare(spec_path: str, extra: list[str], explain_images: int | None = None, explain: bool = True,
             name: str | None = None) -> list[dict[str, Any]]:
     """Train every run of a compare spec with the same data, seed and budget; evaluate; write report.md/.csv and one
-    explanation figure (every run in one figure, one image per column; each run's part also in its TensorBoard run).
+    explanation figure (every run in one figure, one image per column; each run's part also in TensorBoard, in the
+    run's validate run ``<run>/validate`` with the scoring validation's val/* points: `scoring_logged_apart`).
 
     Every run is seeded and built as `train.py fit` seeds and builds it (`seed_everything` before instantiating
     its classes), and its fit starts from the random state the run had right after it was built: the run is
@@ -707,20 +708,23 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
                 cli.datamodule.setup("validate")
             else:
                 fit(cli)
-        with counting(cli, "val") as validated:
-            metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-        directions |= metric_directions(cli.model, "val")
-        report = explanation_on_rank_zero(cli, explain_settings) if explain else None
-        if report is not None:  # every explainer the System knows, scored on the same validation samples
-            explained, maps, images = report
-            explanation_rows += [{"run": run_name, **row} for row in explained]
-            notes.setdefault(explanation_note(explained), []).append(run_name)  # the System's rows say their note
-            directions |= explanation_directions(explained)  # and their columns' directions (L2X: mean_rank, ...)
-            if maps:  # no figure where the inputs are not images (vectors, tokens)
-                explained_runs.append(ExplainedRun(run_name, images, maps,
-                                                   *true_and_predicted(cli.model, cli.datamodule, images)))
-                log_figure(cli.trainer.logger, "explanations",  # at the step of the validation's val/* points
-                           explanation_figure(explained_runs[-1:], cli.datamodule), logged_step(cli.trainer))
+        # the scoring validation and its explanations are TensorBoard run <run>/validate, as `train.py validate`'s:
+        # on the fit's logger they were points after the fit's last validation in its own curves
+        with scoring_logged_apart(cli.trainer, "validate"):
+            with counting(cli, "val") as validated:
+                metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+            directions |= metric_directions(cli.model, "val")
+            report = explanation_on_rank_zero(cli, explain_settings) if explain else None
+            if report is not None:  # every explainer the System knows, scored on the same validation samples
+                explained, maps, images = report
+                explanation_rows += [{"run": run_name, **row} for row in explained]
+                notes.setdefault(explanation_note(explained), []).append(run_name)  # the System's rows say its note
+                directions |= explanation_directions(explained)  # and its columns' directions (L2X: mean_rank, ...)
+                if maps:  # no figure where the inputs are not images (vectors, tokens)
+                    explained_runs.append(ExplainedRun(run_name, images, maps,
+                                                       *true_and_predicted(cli.model, cli.datamodule, images)))
+                    log_figure(cli.trainer.logger, "explanations",  # at the step of the validation's val/* points
+                               explanation_figure(explained_runs[-1:], cli.datamodule), logged_step(cli.trainer))
         rows.append({
             "run": run_name,
             "model": cli.model.hparams.get("model_name", type(cli.model).__name__),

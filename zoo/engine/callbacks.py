@@ -2,7 +2,8 @@
 the base of every picture callback (a fixed batch, rank zero, eval mode and no_grad, RNG isolated), the one place
 that says where a run's pictures go, what their files are named and at which step they are logged (`run_folder`,
 `record_name`, `logged_step`), where validate /
-test log apart from the fit (`log_evaluation_apart`) and the loader of a whole split that rank-zero reports read
+test log apart from the fit (`log_evaluation_apart`; compare's and ablate's scoring validation after a fit:
+`scoring_logged_apart`) and the loader of a whole split that rank-zero reports read
 (`whole_split_loader`)."""
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import math
 import os
 import random
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ContextManager
 
@@ -303,6 +305,44 @@ def log_evaluation_apart(trainer: pl.Trainer, stage: str) -> None:
     logger = trainer.logger
     if isinstance(logger, TensorBoardLogger) and logger.sub_dir is None and logger._experiment is None:
         logger._sub_dir = stage  # TensorBoardLogger's `sub_dir` argument, which the config does not give
+
+
+def evaluation_logger(logger: TensorBoardLogger, stage: str) -> TensorBoardLogger:
+    """A fresh TensorBoardLogger for run ``<run>/<stage>`` of `logger`'s run: its save_dir, name, version,
+    prefix, `default_hp_metric` (off for ablate's points: ablate writes their HPARAMS entries) and SummaryWriter
+    arguments, with `sub_dir` `stage`. The run folder (`logger_folder`: pictures, checkpoints) is the same."""
+    return TensorBoardLogger(save_dir=logger.save_dir, name=logger.name, version=logger.version,
+                             default_hp_metric=logger._default_hp_metric, prefix=logger._prefix, sub_dir=stage,
+                             **logger._kwargs)
+
+
+@contextmanager
+def scoring_logged_apart(trainer: pl.Trainer, stage: str = "validate") -> Iterator[None]:
+    """Within the block `trainer` logs to TensorBoard in ``<run>/<stage>`` (`evaluation_logger` of each of its
+    TensorBoardLoggers without a `sub_dir`), as `train.py validate` of the run does (`log_evaluation_apart`); its
+    fit's loggers are back afterwards. For the validation compare and ablate score a run's last weights with after
+    its fit (and a compare `checkpoint:` run's, which trains nothing): on the fit's logger it wrote a second val/*
+    point one step after the fit's last validation, an `epoch` point of an epoch that never ran, a picture more
+    and a second HPARAMS session into the fit's curves. `log_evaluation_apart` cannot be used after a fit: it
+    moves only a logger that has not written yet. Other loggers (CSV, fast_dev_run's dummy) are kept as they are.
+
+    The evaluation loggers are finalized at the block's end (Lightning finalized them at the validation's end
+    already; what the block logs after it, compare's explanations figure, reopens their writer)."""
+    if stage not in EVALUATION_LOGS:
+        raise ValueError(f"stage must be one of {EVALUATION_LOGS}; got {stage!r}.")
+    fit_loggers = list(trainer.loggers)
+    apart = [evaluation_logger(logger, stage) if isinstance(logger, TensorBoardLogger) and logger.sub_dir is None
+             else logger for logger in fit_loggers]
+    trainer.loggers = apart
+    status = "failed"
+    try:
+        yield
+        status = "success"
+    finally:
+        for logger in apart:
+            if not any(logger is kept for kept in fit_loggers):
+                logger.finalize(status)  # rank zero only (Lightning's `rank_zero_only`)
+        trainer.loggers = fit_loggers
 
 
 def logger_folder(logger: Any) -> Path | None:

@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+from pytorch_lightning.utilities import rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
 from zoo.distributed import updated_on_any_rank
@@ -51,6 +52,29 @@ class ICNNSystem(ZooSystem):
                                                                         offset=offset))
             self.add_metric("part_iou", PartIoU(image_size=self.hparams.image_size or None, stride=stride,
                                                 offset=offset))  # part masks: upsampled with the cells in place
+
+    def on_fit_start(self) -> None:
+        """Warn when the backbone starts frozen while ICNN's first interpretable layer reads its top conv stage: that
+        layer's filters are the stage's own, so its filter loss trains no weight while the backbone is frozen (only
+        the added conv layer's filters learn to be interpretable meanwhile), and its filter metrics score the
+        pretrained filters as they were."""
+        super().on_fit_start()
+        top = getattr(self.model, "top_filters", None)
+        backbone = getattr(self.model, "backbone", None)
+        if top is None or backbone is None or not getattr(self.loss, "weight", 0):
+            return
+        built_frozen = not any(p.requires_grad for p in backbone.parameters())
+        unfreeze = None if built_frozen else self.hparams.get("unfreeze_epoch")
+        if not (built_frozen or self.hparams.get("freeze_backbone")):
+            return
+        if unfreeze is not None and self.current_epoch >= unfreeze:
+            return
+        until = f"until epoch {unfreeze} (unfreeze_epoch)" if unfreeze is not None else "for the whole fit"
+        rank_zero_warn(f"ICNNSystem: the backbone is frozen {until}, and its top conv stage holds the filters of "
+                       f"ICNN's first interpretable layer (top_filters): their filter loss trains no weight while it "
+                       f"is frozen, so only the added conv layer's filters learn to be interpretable, and the top "
+                       f"layer's filter metrics score the pretrained filters. Give an earlier unfreeze_epoch, or "
+                       f"fine-tune the whole backbone at a smaller rate (backbone_lr_scale) instead of freezing it.")
 
     def _top_map_geometry(self) -> tuple[Any, Any]:
         """Stride and offset ((y, x) pixels) of the scored map's cells, for both part metrics: the backbone's top
