@@ -5,6 +5,7 @@ about), the textual encoder starts from a weight file, and `--trainer.enable_pro
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -204,3 +205,39 @@ def test_the_progress_bar_can_be_turned_off(in_tmp_dir: Path) -> None:
     assert not any(isinstance(c, RichProgressBar) for c in off.trainer.callbacks)
     on = ZooCLI(args=["--config", config, *SMALL_WORLD], run=False)
     assert isinstance(on.trainer.progress_bar_callback, RichProgressBar)
+
+
+def test_a_zoo_runs_weights_are_fed_the_normalisation_they_were_trained_with(image_folder_root: Path,
+                                                                             in_tmp_dir: Path) -> None:
+    """A backbone started from a zoo run's checkpoint or export (the README's "start from pretrained weights"
+    path) with `mean: pretrained` was fed ImageNet's normalisation, silently, though the run's own data were
+    normalised otherwise (its checkpoint and export say how); one trained on [0, 1] pixels and fed them was warned
+    about as if it were ImageNet's. Said with the values the run had; nothing when they agree."""
+    from zoo.checkpoints import trained_normalization
+
+    state = torch.load(tiny_weights(in_tmp_dir / "tiny.pth"), weights_only=True)
+    own = in_tmp_dir / "own.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": {}, "datamodule_hyper_parameters": {"mean": [0.5] * 3,
+                                                                                     "std": [0.25] * 3}}, own)
+    raw = in_tmp_dir / "raw.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": {}, "datamodule_hyper_parameters": {"mean": None,
+                                                                                     "std": None}}, raw)
+    export = in_tmp_dir / "export"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"pretrained_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3}}))
+    (export / "model.safetensors").write_bytes(b"")
+    assert trained_normalization(own) == ([0.5] * 3, [0.25] * 3) == trained_normalization(export / "model.safetensors")
+    assert trained_normalization(raw) == ([0.0], [1.0]) and trained_normalization(in_tmp_dir / "tiny.pth") is None
+
+    base = ["--config", str(REPO / "configs/baselines/image_folder.yaml"), f"--data.init_args.root={image_folder_root}",
+            "--model.init_args.model_name=baseline_tinycnn", "--trainer.logger=false"]
+    with pytest.warns(UserWarning, match=r"own.ckpt', a zoo run trained on images normalised with mean \[0.5, 0.5, "
+                                         r"0.5\], std \[0.25, 0.25, 0.25\]; this data's are mean \[0.4\], "
+                                         r"std \[0.2\]. Give --data.init_args.mean \[0.5, 0.5, 0.5\]"):
+        ZooCLI(args=[*base, f"--model.init_args.model_kwargs.pretrained_path={own}", "--data.init_args.mean=[0.4]",
+                     "--data.init_args.std=[0.2]"], run=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(are not normalised|a zoo run trained)")
+        ZooCLI(args=[*base, f"--model.init_args.model_kwargs.pretrained_path={own}", "--data.init_args.mean=[0.5]",
+                     "--data.init_args.std=[0.25]"], run=False)  # as it was trained
+        ZooCLI(args=[*base, f"--model.init_args.model_kwargs.pretrained_path={raw}"], run=False)  # [0, 1] pixels

@@ -78,6 +78,37 @@ def data_config(model: nn.Module, spec: dict[str, Any], data: dict[str, Any] | N
     return config
 
 
+def trained_normalization(path: str | Path) -> tuple[list[float], list[float]] | None:
+    """The per-channel mean and std the images of a zoo run were normalised with, where `path` (a backbone's
+    `pretrained_path`) is one of its files: a checkpoint (.ckpt: its datamodule's `mean` / `std`) or an export's
+    model.safetensors (config.json's `pretrained_cfg` beside it); ([0.0], [1.0]) for [0, 1] pixels. None for any
+    other weight file (timm's or torchvision's: their `pretrained_cfg` tells), for data that are no images, and for
+    a run of `mean: pretrained` (its backbone's timm values, what `mean: pretrained` gives here too). Why: a model
+    fine-tuned from a zoo run must see the images as that run did, not ImageNet's normalisation."""
+    path = Path(path)
+    config = path.parent / "config.json"
+    if path.suffix == ".safetensors" and config.is_file():
+        try:
+            cfg = json.loads(config.read_text()).get("pretrained_cfg") or {}
+        except (OSError, ValueError, AttributeError):
+            return None
+        mean, std = cfg.get("mean"), cfg.get("std")
+        return ([float(m) for m in mean], [float(s) for s in std]) if mean and std else None
+    if path.suffix != ".ckpt" or not path.is_file():
+        return None
+    try:
+        data = read_checkpoint(path).get("datamodule_hyper_parameters") or {}
+    except CheckpointError:
+        return None
+    if "mean" not in data or data["mean"] == "pretrained":
+        return None
+    mean, std = data.get("mean"), data.get("std")
+    if mean is None or std is None:
+        return [0.0], [1.0]
+    as_list = (lambda v: [float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)])  # noqa: E731
+    return as_list(mean), as_list(std)
+
+
 def _with_data_config(model: nn.Module, config: dict[str, Any] | None) -> nn.Module:
     """`model.pretrained_cfg` as timm models carry it (what `timm.data.resolve_data_config` reads: tuples for
     input_size, mean and std), where known."""

@@ -95,23 +95,56 @@ def backbone_name(system: Any) -> str:
 
 def warn_unnormalised_pretrained(system: Any, datamodule: Any) -> None:
     """Warn (once) when the System's image backbone starts from a weight file and the datamodule, which can
-    normalise its images (it takes `mean`), is left at [0, 1] pixels (mean None): ImageNet weights expect their
-    mean/std (`mean: pretrained`). A datamodule without `mean` (detection: the detector normalises) is not told."""
+    normalise its images (it takes `mean`), normalises them otherwise than the weights expect: left at [0, 1] pixels
+    (mean None) where ImageNet weights expect their mean/std (`mean: pretrained`), or, for a zoo run's checkpoint or
+    export (`zoo.checkpoints.trained_normalization`: the mean and std its own data had), normalised with other values
+    (`mean: pretrained` gives the backbone's timm values, not that run's). A datamodule without `mean` (detection: the
+    detector normalises) is not told; nor a run whose checkpoint replaces the starting weights (the file is not
+    read)."""
     import inspect
 
     from pytorch_lightning.utilities import rank_zero_warn
 
+    from zoo.checkpoints import trained_normalization
+
     backbone = image_backbone(system)
     report = getattr(backbone, "load_report", None)
-    if report is None or getattr(datamodule, "mean", "") is not None:
+    if report is None or not getattr(report, "read", True) or "mean" not in inspect.signature(
+            type(datamodule)).parameters:
         return
-    if "mean" not in inspect.signature(type(datamodule)).parameters:
-        return
-    rank_zero_warn(f"Backbone {backbone.name!r} starts from pretrained weights {report.path!r}, but the data's images "
-                   f"are not normalised ({type(datamodule).__name__} mean: None, pixels in [0, 1]). Weights trained "
-                   f"on ImageNet expect its mean and std: set --data.init_args.mean pretrained (the backbone's "
-                   f"pretrained mean/std), or the mean and std the weights were trained with (nothing to do for "
-                   f"weights trained on [0, 1] pixels, such as a zoo run on unnormalised data).")
+    mean, std = getattr(datamodule, "mean", ""), getattr(datamodule, "std", None)
+    trained = trained_normalization(report.path)
+    if mean is None:
+        if trained is not None and _same_normalization(trained, ([0.0], [1.0])):
+            return  # a zoo run on [0, 1] pixels: as it was trained
+        rank_zero_warn(f"Backbone {backbone.name!r} starts from pretrained weights {report.path!r}, but the data's "
+                       f"images are not normalised ({type(datamodule).__name__} mean: None, pixels in [0, 1]). "
+                       f"Weights trained on ImageNet expect its mean and std: set --data.init_args.mean pretrained (the "
+                       f"backbone's pretrained mean/std), or the mean and std the weights were trained with"
+                       + (f" (mean {trained[0]}, std {trained[1]})." if trained is not None else
+                          " (nothing to do for weights trained on [0, 1] pixels)."))
+    elif trained is not None and isinstance(mean, (list, tuple)) and not _same_normalization(trained, (mean, std)):
+        rank_zero_warn(f"Backbone {backbone.name!r} starts from {report.path!r}, a zoo run trained on images "
+                       f"normalised with mean {trained[0]}, std {trained[1]}; this data's are mean {list(mean)}, std "
+                       f"{list(std)}" + (" (`mean: pretrained`: the backbone's timm values, not that run's)"
+                                         if getattr(datamodule, "hparams", {}).get("mean") == "pretrained" else "")
+                       + f". Give --data.init_args.mean {trained[0]} --data.init_args.std {trained[1]} to feed it "
+                         f"what it learnt from" + (" (null, null: [0, 1] pixels)."
+                                                   if _same_normalization(trained, ([0.0], [1.0])) else "."))
+
+
+def _same_normalization(a: tuple[Any, Any], b: tuple[Any, Any]) -> bool:
+    """Two (mean, std) pairs alike, one value standing for every channel (grey data averaged as timm does)."""
+    import math
+
+    def values(v: Any, n: int) -> list[float]:
+        v = [float(x) for x in v]
+        return v * n if len(v) == 1 else v
+
+    n = max(len(a[0]), len(b[0]), len(a[1]), len(b[1]))
+    return all(len(values(x, n)) == len(values(y, n)) and all(math.isclose(p, q, rel_tol=1e-6, abs_tol=1e-9)
+                                                           for p, q in zip(values(x, n), values(y, n)))
+               for x, y in ((a[0], b[0]), (a[1], b[1])))
 
 
 CKPT_PATH_KEYWORDS = ("last", "best", "hpc")  # Lightning's own --ckpt_path names, not files
