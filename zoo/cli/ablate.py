@@ -437,8 +437,10 @@ def move_other_study(folder: Path, axes: list[str], names: set[str]) -> Path | N
         if (folder / file).is_file():
             (folder / file).rename(stale / file)
     dropped = keep_hparams_of(folder / "hparams", names)
+
     def shown(columns: list[str]) -> str:
         return ", ".join(columns) or "seeds only"
+
     print(f"ablate: {folder} held the table of another study (its axes: {shown(earlier)}; this grid's: "
           f"{shown(axes)}): moved to {stale}, and its HPARAMS entries removed "
           f"({', '.join(dropped) or 'none'}; their runs stay). Give each study a name of its own: --name <name>.",
@@ -632,6 +634,7 @@ def check_distinct_settings(seen: dict[str, dict[str, Any]], digest: str, point:
     other = seen.setdefault(digest, point)
     if other is point:
         return
+
     def text(value: Any) -> str:
         return json.dumps(value, default=str)
 
