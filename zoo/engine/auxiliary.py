@@ -190,15 +190,19 @@ def _trainer_like(trainer: pl.Trainer, folder: Path, name: str, epochs: int) -> 
     trains it once, on every rank's share of the data); one device for a single-process run (`on_fit_start`'s
     preparation), or inside a rank a spawning launcher already started (`inside_spawned_rank`: no second launch can
     happen there, each rank trains it alone; `ZooSystem.on_fit_start` refuses a distributed fit with helpers
-    pending, so only a direct call from inside a running `ddp_spawn` call gets there)."""
+    pending, so only a direct call from inside a running `ddp_spawn` call gets there). Its TensorBoard run
+    (``<run>/auxiliary/<name>``) holds the helper's curves and no HPARAMS entry: Lightning gave it one with the
+    datamodule's settings as its only columns and hp_metric -1 (a helper has no monitor), a row among the real
+    runs' in an ablation's or comparison's HPARAMS table."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
     strategy_name = registered_strategy_name(trainer.strategy)
     settings: dict[str, Any] = dict(
         accelerator=trainer.accelerator, precision=trainer.precision, max_epochs=epochs,
-        logger=TensorBoardLogger(save_dir=str(folder), name="auxiliary", version=name),
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, default_root_dir=str(folder))  # deterministic flags: the run's, left as they are
+        logger=TensorBoardLogger(save_dir=str(folder), name="auxiliary", version=name, default_hp_metric=False),
+        enable_autolog_hparams=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        default_root_dir=str(folder))  # deterministic flags: the run's, left as they are
     if trainer.world_size > 1 and not inside_spawned_rank(trainer):
         settings |= dict(strategy=strategy_name, devices=trainer.num_devices, num_nodes=trainer.num_nodes)
     else:

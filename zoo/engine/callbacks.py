@@ -309,11 +309,14 @@ def log_evaluation_apart(trainer: pl.Trainer, stage: str) -> None:
 
 def evaluation_logger(logger: TensorBoardLogger, stage: str) -> TensorBoardLogger:
     """A fresh TensorBoardLogger for run ``<run>/<stage>`` of `logger`'s run: its save_dir, name, version,
-    prefix, `default_hp_metric` (off for ablate's points: ablate writes their HPARAMS entries) and SummaryWriter
-    arguments, with `sub_dir` `stage`. The run folder (`logger_folder`: pictures, checkpoints) is the same."""
+    prefix, `default_hp_metric` (off for ablate's points: ablate writes their HPARAMS entries; on for one the
+    System took over to declare hp_metric, `zoo.engine.system.declare_hp_metric`) and SummaryWriter arguments, with
+    `sub_dir` `stage`. The run folder (`logger_folder`: pictures, checkpoints) is the same."""
+    from zoo.engine.system import declares_hp_metric  # the System's module imports this one
+
     return TensorBoardLogger(save_dir=logger.save_dir, name=logger.name, version=logger.version,
-                             default_hp_metric=logger._default_hp_metric, prefix=logger._prefix, sub_dir=stage,
-                             **logger._kwargs)
+                             default_hp_metric=logger._default_hp_metric or declares_hp_metric(logger),
+                             prefix=logger._prefix, sub_dir=stage, **logger._kwargs)
 
 
 @contextmanager

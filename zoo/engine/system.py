@@ -18,10 +18,12 @@ and declares its opaque twins in `TWINS`: name -> CLI overrides applied to the f
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import os
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -30,7 +32,7 @@ import torch
 import torch.nn as nn
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.plugins.precision import DoublePrecision
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 from torchmetrics import Metric
 
 from datamodules._base import DataSettingError
@@ -108,8 +110,10 @@ def check_loadable_hparams(owner: str, hparams: dict[str, Any]) -> None:
 
 
 TRAINING_COMPONENTS = ("loss", "optimizer", "scheduler")  # System arguments that are not checkpoint hparams
-HP_METRIC = "hp_metric"  # the metric of the HPARAMS entry Lightning's TensorBoardLogger declares for a run
-HP_METRIC_KEY = "zoo_hp_metric"  # checkpoint entry: the run's last hp_metric, written again when a fit resumes
+HP_METRIC = "hp_metric"  # the metric of a run's HPARAMS entry (`declare_hp_metric`; `ZooSystem.hp_metric_name`)
+HP_METRIC_KEY = "zoo_hp_metric"  # checkpoint entry: the run's last hp_metric (`ZooSystem.write_restored_hp_metric`)
+HP_METRIC_STEP_KEY = "zoo_hp_metric_step"  # checkpoint entry: the step that hp_metric was logged at
+HP_METRIC_DECLARED = "_zoo_declares_hp_metric"  # TensorBoardLogger attribute: `declare_hp_metric` took it over
 
 
 def given_init_args(cls: type) -> dict[str, Any] | None:
@@ -243,6 +247,56 @@ def convert_for_precision(system: nn.Module, trainer: pl.Trainer) -> None:
         plugin.convert_module(system)
 
 
+def declare_hp_metric(logger: Any) -> None:
+    """Make a TensorBoardLogger built with `default_hp_metric: true` declare hp_metric in the HPARAMS entry it writes
+    when a trainer starts (`log_hyperparams`, called by Lightning before every fit / validate / test / predict)
+    without logging Lightning's placeholder hp_metric -1 at step 0: the run's own values come after validations
+    (`ZooSystem._write_hp_metric`). Each resumed fit wrote the placeholder again at step 0, and TensorBoard, which
+    takes a step going back as a restart, dropped every hp_metric point before it (the curve read -1, then the last
+    session's points only). A logger with `default_hp_metric: false` (ablate's point runs, helper runs) is left as
+    it is: it declares no hp_metric. Idempotent."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    if (not isinstance(logger, TensorBoardLogger) or getattr(logger, HP_METRIC_DECLARED, False)
+            or getattr(logger, "_default_hp_metric", False) is not True):
+        return
+    logger._default_hp_metric = False  # Lightning's log_hyperparams then writes hparams.yaml's record, no summaries
+    setattr(logger, HP_METRIC_DECLARED, True)
+    logger.log_hyperparams = functools.partial(_log_hyperparams_declaring_hp_metric, logger)
+
+
+def declares_hp_metric(logger: Any) -> bool:
+    """Whether `logger` is a TensorBoardLogger whose HPARAMS entry has hp_metric (`declare_hp_metric`)."""
+    return bool(getattr(logger, HP_METRIC_DECLARED, False))
+
+
+def _log_hyperparams_declaring_hp_metric(logger: Any, params: Any, metrics: dict[str, Any] | None = None,
+                                         step: int | None = None) -> None:
+    """`logger.log_hyperparams` for a logger `declare_hp_metric` took over: Lightning's own (hparams.yaml's record;
+    with `metrics` its summaries and scalars too), then, for Lightning's call without metrics, the HPARAMS summaries
+    with hp_metric as the metric and no scalar."""
+    type(logger).log_hyperparams(logger, params, metrics, step)
+    if metrics is None:
+        _write_hparams_summaries(logger, params, step)
+
+
+@rank_zero_only
+def _write_hparams_summaries(logger: Any, params: Any, step: int | None) -> None:
+    """The HPARAMS summaries (experiment, session start and end) Lightning's `TensorBoardLogger.log_hyperparams`
+    writes for `params`, declaring hp_metric as the metric, without logging a value for it."""
+    from lightning_fabric.loggers.tensorboard import _TENSORBOARD_AVAILABLE
+    from lightning_fabric.utilities.logger import _convert_params, _flatten_dict
+
+    if _TENSORBOARD_AVAILABLE:  # the summary writer Lightning's logger writes with
+        from torch.utils.tensorboard.summary import hparams
+    else:
+        from tensorboardX.summary import hparams
+    flat = logger._sanitize_params(_flatten_dict(_convert_params(params)))  # as Lightning formats them
+    writer = logger.experiment._get_file_writer()
+    for summary in hparams(flat, {HP_METRIC: None}):  # (experiment, session start, session end); values unread
+        writer.add_summary(summary, step)
+
+
 class ZooSystem(pl.LightningModule):
     """A registered model trained with a named-terms loss (see the module docstring for the hooks).
 
@@ -346,7 +400,9 @@ class ZooSystem(pl.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self._hparams_initial = self.logged_hparams(given)  # what loggers record (TensorBoard's HPARAMS)
         self._hp_metric_restored: float | None = None  # a resumed run's last hp_metric (`HP_METRIC_KEY`)
-        self._hp_metric_pending = False  # Lightning wrote its placeholder hp_metric -1 since the run's last value
+        self._hp_metric_restored_step: int | None = None  # ... and its step (`HP_METRIC_STEP_KEY`)
+        self._hp_metric_pending = False  # a resumed fit has not yet written its restored hp_metric where needed
+        self._validated_step: int | None = None  # the step of the last validation's val/* points in this session
         self._plateau_taken: dict[int, int] = {}  # plateau scheduler index -> the epoch of its last step taken here
         self._plateau_owed: dict[int, list[float]] = {}  # a resumed checkpoint's owed plateau steps (`PLATEAU_KEY`)
         self.schedule = Schedule(stages, self.model)
@@ -385,7 +441,11 @@ class ZooSystem(pl.LightningModule):
     # ---------------------------------------------------------------------------------------------------- data
     def setup(self, stage: str) -> None:
         """Before every fit / validate / test / predict: the System's data settings against the trainer's datamodule
-        (`check_data_settings`), where there is one. Families that override `setup` call this first."""
+        (`check_data_settings`), where there is one, and the TensorBoard loggers' HPARAMS entry declaring hp_metric
+        without Lightning's placeholder (`declare_hp_metric`: Lightning logs the hyperparameters after this hook).
+        Families that override `setup` call this first."""
+        for logger in self.loggers if self._trainer is not None else []:
+            declare_hp_metric(logger)
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is not None:
             self.check_data_settings(datamodule)
@@ -706,9 +766,13 @@ class ZooSystem(pl.LightningModule):
         if self.model_settings is not None:  # what a resumed fit is held to (`ZooCLI.check_settings_fit_checkpoint`)
             checkpoint[SETTINGS_KEY] = self.model_settings
         hp_metric = self._monitored_value("val") if self._trainer is not None else None
-        hp_metric = hp_metric if hp_metric is not None else self._hp_metric_restored
-        if hp_metric is not None:  # what a resumed fit writes as hp_metric after Lightning's placeholder
+        step = self._validated_step
+        if hp_metric is None:
+            hp_metric, step = self._hp_metric_restored, self._hp_metric_restored_step
+        if hp_metric is not None:  # what a fit resumed into a folder without the run's events writes as hp_metric
             checkpoint[HP_METRIC_KEY] = hp_metric
+            if step is not None:
+                checkpoint[HP_METRIC_STEP_KEY] = step
         owed = due_plateau_steps(self.trainer, self._plateau_taken) if self._trainer is not None else {}
         if owed:  # the epoch-end ReduceLROnPlateau steps this checkpoint precedes, taken when a fit resumes from it
             checkpoint[PLATEAU_KEY] = owed
@@ -748,24 +812,33 @@ class ZooSystem(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.check_finite_losses()  # the validation batches' deferred checks
         self._log_dict_metrics("val")
+        if not self.trainer.sanity_checking:  # where this validation's val/* points and hp_metric go (checkpoints)
+            self._validated_step = logged_step(self.trainer)
 
     def on_test_epoch_end(self) -> None:
         self.check_finite_losses()
         self._log_dict_metrics("test")
 
     # ------------------------------------------------------------------------------------ TensorBoard's HPARAMS
-    # Lightning's TensorBoardLogger (default_hp_metric: true) writes each run's HPARAMS entry with one metric,
-    # hp_metric, logged as -1 when the run starts (and again at step 0 whenever a fit resumes or a validate runs).
-    # The System logs the checkpoint monitor's value (val/acc by default) as hp_metric after every validation, so
-    # the entry shows it; a resumed fit writes its checkpoint's last value straight after the placeholder. A logger
-    # with default_hp_metric: false (ablate's point runs: ablate writes their entries) gets no hp_metric.
+    # Each run's HPARAMS entry (one per TensorBoard run folder: a fit, <run>/validate, <run>/test) has one metric,
+    # hp_metric, for a TensorBoardLogger with default_hp_metric: true (`declare_hp_metric`, from `setup`: the entry
+    # declares it, and Lightning's placeholder -1 at step 0 is never logged). hp_metric is the checkpoint monitor's
+    # value after every validation (val/acc by default; in a test its test/ counterpart), or, with
+    # `checkpoint.monitor: null`, val/acc (test/acc) where the System logs it; at the step of the validation's val/*
+    # points. Before the first validation, or without such a metric, the entry shows no value (an empty cell, not a
+    # score of -1). A resumed fit adds nothing: its earlier sessions' points are in the run folder's events, at their
+    # steps (a checkpoint resumed into another folder writes its last value at its step). A logger with
+    # default_hp_metric: false (ablate's point runs: ablate writes their entries; helper runs) gets no hp_metric.
     def hp_metric_name(self, stage: str) -> str | None:
         """The logged metric hp_metric carries after a `stage` ("val", "test") loop: the monitor of the first
         ModelCheckpoint that has one (`checkpoint.monitor`), for a test its test/ counterpart (val/acc ->
-        test/acc); None without a monitor (or a test of a monitor that is not a val/ metric)."""
+        test/acc); without a monitor, `<stage>/acc` (`_monitored_value` gives None when it is not logged); None for
+        a test of a monitor that is not a val/ metric."""
         monitor = next((callback.monitor for callback in self.trainer.checkpoint_callbacks
                         if getattr(callback, "monitor", None)), None)
-        if monitor is None or stage == "val":
+        if monitor is None:
+            return f"{stage}/acc"
+        if stage == "val":
             return monitor
         return f"{stage}/{monitor.removeprefix('val/')}" if monitor.startswith("val/") else None
 
@@ -775,18 +848,31 @@ class ZooSystem(pl.LightningModule):
         return float(value) if value is not None else None
 
     def _write_hp_metric(self, value: float | None) -> None:
-        """Log `value` as hp_metric to every TensorBoardLogger that declares hp_metric (default_hp_metric: true),
-        rank zero only (the logger's `log_metrics`), at the step Lightning logs the epoch's metrics at (its count
-        of batches that stepped: the monitor's point and hp_metric's are one step); nothing for None."""
-        from pytorch_lightning.loggers import TensorBoardLogger
-
+        """Log `value` as hp_metric to every TensorBoardLogger that declares hp_metric (`declares_hp_metric`), rank
+        zero only (the logger's `log_metrics`), at the step Lightning logs the epoch's metrics at (its count of
+        batches that stepped: the monitor's point and hp_metric's are one step); nothing for None."""
         if value is None:
             return
         step = logged_step(self.trainer)
         for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger) and getattr(logger, "_default_hp_metric", False):
+            if declares_hp_metric(logger):
                 logger.log_metrics({HP_METRIC: value}, step=step)
+
+    def write_restored_hp_metric(self) -> None:
+        """Once per resumed fit (`on_train_start`, or `on_fit_end` when nothing was left to train): the checkpoint's
+        hp_metric, at the step it was logged at, to a declaring TensorBoardLogger whose folder holds no events of
+        an earlier session (a checkpoint resumed into another run folder). The run's own folder already holds the
+        point: written again, it came after Lightning's placeholder, one step after its validation."""
+        if not self._hp_metric_pending:
+            return
         self._hp_metric_pending = False
+        if self._hp_metric_restored is None or self.global_rank != 0:
+            return
+        step = self._hp_metric_restored_step
+        step = logged_step(self.trainer, at_fit_end=True) if step is None else step  # a checkpoint without it
+        for logger in self.loggers:
+            if declares_hp_metric(logger) and not _holds_earlier_events(logger):
+                logger.log_metrics({HP_METRIC: self._hp_metric_restored}, step=step)
 
     def on_validation_end(self) -> None:
         if not self.trainer.sanity_checking:  # Lightning drops a sanity check's metrics
@@ -797,9 +883,8 @@ class ZooSystem(pl.LightningModule):
 
     def on_fit_end(self) -> None:
         """A resumed fit with nothing left to train (no epoch, no validation) still writes its checkpoint's
-        hp_metric over Lightning's placeholder."""
-        if self._hp_metric_pending:
-            self._write_hp_metric(self._hp_metric_restored)
+        hp_metric where its folder lacks it (`write_restored_hp_metric`)."""
+        self.write_restored_hp_metric()
 
     def teardown(self, stage: str) -> None:
         """Lightning's last hook of a run: a spawned process's gloo group ends with it (`end_spawned_process_group`)."""
@@ -808,9 +893,10 @@ class ZooSystem(pl.LightningModule):
 
     # ------------------------------------------------------------------------------- schedules and auxiliaries
     def on_fit_start(self) -> None:
-        self._hp_metric_pending = True  # Lightning logs its placeholder hp_metric right after this hook
+        self._hp_metric_pending = self.trainer.ckpt_path is not None  # a resumed fit (`write_restored_hp_metric`)
+        self._validated_step = None
         if self.trainer.ckpt_path is None:  # a new fit of loaded weights: their run's hp_metric is not this run's
-            self._hp_metric_restored = None
+            self._hp_metric_restored = self._hp_metric_restored_step = None
         unreached = self.schedule.unreached(self.trainer.max_epochs)
         if unreached and not self.trainer.fast_dev_run:  # a smoke test may stop anywhere
             trained = sorted({name for stage in self.schedule.stages if stage not in unreached
@@ -842,8 +928,7 @@ class ZooSystem(pl.LightningModule):
         loop = self.trainer.fit_loop
         if loop.restarted_mid_epoch or loop.restarted_on_epoch_end:
             self.enter_epoch()
-        if self._hp_metric_pending:  # a resumed fit: its checkpoint's hp_metric over Lightning's placeholder -1
-            self._write_hp_metric(self._hp_metric_restored)
+        self.write_restored_hp_metric()  # a resumed fit into a folder without its run's events
         if self.trainer.ckpt_path is not None:  # resumed: the plateau steps Lightning skips (`zoo.engine.plateau`)
             take_plateau_steps(self, self._plateau_owed, self._plateau_taken)
         self._plateau_owed = {}
@@ -993,8 +1078,9 @@ class ZooSystem(pl.LightningModule):
         if datamodule is not None and type(datamodule).__qualname__ not in checkpoint:  # Lightning restores the rest
             restore_datamodule_state(datamodule, checkpoint)  # a checkpoint from before the datamodule saved a state
         self._drop_foreign_loss_state(checkpoint)
-        restored = checkpoint.get(HP_METRIC_KEY)
+        restored, step = checkpoint.get(HP_METRIC_KEY), checkpoint.get(HP_METRIC_STEP_KEY)
         self._hp_metric_restored = float(restored) if isinstance(restored, (int, float)) else None
+        self._hp_metric_restored_step = int(step) if isinstance(step, int) else None
         self._plateau_owed = dict(checkpoint.get(PLATEAU_KEY) or {})
         epoch = schedule_epoch(checkpoint)
         if epoch is not None:
@@ -1015,6 +1101,13 @@ class ZooSystem(pl.LightningModule):
         held = {f"loss.{key}" for key in self.loss.state_dict()}
         for key in [key for key in state if key.startswith("loss.") and key not in held]:
             del state[key]
+
+
+def _holds_earlier_events(logger: Any) -> bool:
+    """Whether a TensorBoardLogger's folder holds an event file besides the one its writer of this session writes
+    (made when the trainer started): a run folder an earlier session logged to."""
+    folder = logger.experiment.get_logdir()
+    return len(list(Path(folder).glob("events.out.tfevents.*"))) > 1
 
 
 def _same_value(mine: Any, theirs: Any) -> bool:
