@@ -273,7 +273,7 @@ def test_an_unfreeze_epoch_the_fit_never_reaches_is_warned_of(tmp_path: Path) ->
         trainer(tmp_path, 2, RecordBackbone()).fit(fine_tuned_system(), datamodule=small_world())
 
 
-def test_an_icnn_whose_top_filters_start_frozen_says_so() -> None:
+def test_an_icnn_whose_top_filters_start_frozen_says_so(tmp_path: Path) -> None:
     """ICNN's first interpretable layer reads the backbone's top conv stage: with the backbone frozen (the README's
     fine-tuning recipe) its filter loss trained no weight and its filter metrics scored the pretrained filters, with no
     word. Said at fit start with how long it lasts; an unfrozen backbone or the lambda-0 twin say nothing."""
@@ -281,17 +281,23 @@ def test_an_icnn_whose_top_filters_start_frozen_says_so() -> None:
 
     from zoo.icnn.system import ICNNSystem
 
-    def said(**kwargs: object) -> list[str]:
+    def said(epochs: int = 1, ckpt_path: Path | None = None, save: Path | None = None, **kwargs: object) -> list[str]:
         system = ICNNSystem(num_classes=4, image_size=32, **kwargs)
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, limit_train_batches=1, limit_val_batches=0,
+                             logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False, num_sanity_val_steps=0)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False,
-                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                       num_sanity_val_steps=0).fit(system, datamodule=small_world())
+            trainer.fit(system, datamodule=small_world(), ckpt_path=ckpt_path)
+        if save is not None:
+            trainer.save_checkpoint(save)
         return [str(w.message) for w in caught if "top_filters" in str(w.message)]
 
     assert len(frozen := said(freeze_backbone=True)) == 1 and "frozen for the whole fit" in frozen[0], frozen
-    assert "until epoch 3 (unfreeze_epoch)" in said(freeze_backbone=True, unfreeze_epoch=3)[0]
+    assert not said(freeze_backbone=True, unfreeze_epoch=0)  # trains from the start
+    assert "until epoch 1 (unfreeze_epoch)" in said(2, save=tmp_path / "e2.ckpt", freeze_backbone=True,
+                                                    unfreeze_epoch=1)[0]
+    assert not said(3, ckpt_path=tmp_path / "e2.ckpt", freeze_backbone=True, unfreeze_epoch=1)  # resumed past it
     assert "for the whole fit" in said(model_kwargs={"freeze_backbone": True})[0]  # the model built it frozen
     from losses.icnn import FilterPartLoss
 

@@ -217,17 +217,29 @@ def test_a_zoo_runs_weights_are_fed_the_normalisation_they_were_trained_with(ima
 
     state = torch.load(tiny_weights(in_tmp_dir / "tiny.pth"), weights_only=True)
     own = in_tmp_dir / "own.ckpt"
-    torch.save({"state_dict": state, "hyper_parameters": {}, "datamodule_hyper_parameters": {"mean": [0.5] * 3,
-                                                                                     "std": [0.25] * 3}}, own)
+    zoo_run = {"model_name": "baseline_tinycnn"}  # the hyperparameters of a zoo System's checkpoint
+    torch.save({"state_dict": state, "hyper_parameters": zoo_run, "datamodule_hyper_parameters": {
+        "mean": [0.5] * 3, "std": [0.25] * 3}}, own)
     raw = in_tmp_dir / "raw.ckpt"
-    torch.save({"state_dict": state, "hyper_parameters": {}, "datamodule_hyper_parameters": {"mean": None,
-                                                                                     "std": None}}, raw)
+    torch.save({"state_dict": state, "hyper_parameters": zoo_run, "datamodule_hyper_parameters": {
+        "mean": None, "std": None}}, raw)
+    other = in_tmp_dir / "other.ckpt"  # another library's Lightning checkpoint: its data settings mean nothing here
+    torch.save({"state_dict": state, "hyper_parameters": {}, "datamodule_hyper_parameters": {
+        "mean": "imagenet", "std": None}}, other)
     export = in_tmp_dir / "export"
     export.mkdir()
-    (export / "config.json").write_text(json.dumps({"pretrained_cfg": {"mean": [0.5] * 3, "std": [0.25] * 3}}))
+    (export / "config.json").write_text(json.dumps({**zoo_run, "pretrained_cfg": {"mean": [0.5] * 3,
+                                                                                "std": [0.25] * 3}}))
     (export / "model.safetensors").write_bytes(b"")
+    hub = in_tmp_dir / "hub"  # a timm / Hugging Face folder: config.json of its own, no zoo model_name
+    hub.mkdir()
+    (hub / "config.json").write_text(json.dumps({"architecture": "resnet18", "pretrained_cfg": {"mean": [0.5] * 3,
+                                                                                              "std": [0.25] * 3}}))
+    (hub / "model.safetensors").write_bytes(b"")
     assert trained_normalization(own) == ([0.5] * 3, [0.25] * 3) == trained_normalization(export / "model.safetensors")
+    assert trained_normalization(export) == trained_normalization(own)  # the export's folder, as pretrained_path
     assert trained_normalization(raw) == ([0.0], [1.0]) and trained_normalization(in_tmp_dir / "tiny.pth") is None
+    assert trained_normalization(other) is None and trained_normalization(hub / "model.safetensors") is None
 
     base = ["--config", str(REPO / "configs/baselines/image_folder.yaml"), f"--data.init_args.root={image_folder_root}",
             "--model.init_args.model_name=baseline_tinycnn", "--trainer.logger=false"]

@@ -94,3 +94,16 @@ def test_an_ablate_point_scores_in_its_validate_run_without_an_hparams_entry(in_
     assert_fit_curves_end_at_the_fit(point)
     assert len(scalars(point / "validate")["val/acc"]) == 1
     assert not has_hparams_session(point) and not has_hparams_session(point / "validate")
+
+
+def test_a_logger_with_a_sub_dir_of_its_own_scores_below_it(tmp_path: Path) -> None:
+    """A fit logger with its own `sub_dir` (<run>/fit) was left as it was: the scoring validation went into the
+    fit's curves. Its evaluation logger is <run>/fit/validate."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from zoo.engine.callbacks import evaluation_logger
+
+    fit = TensorBoardLogger(str(tmp_path), name="run", version="v", sub_dir="fit")
+    assert evaluation_logger(fit, "validate").log_dir == str(tmp_path / "run" / "v" / "fit" / "validate")
+    assert evaluation_logger(TensorBoardLogger(str(tmp_path), name="run", version="v"), "validate").log_dir == \
+        str(tmp_path / "run" / "v" / "validate")

@@ -86,27 +86,44 @@ def trained_normalization(path: str | Path) -> tuple[list[float], list[float]] |
     a run of `mean: pretrained` (its backbone's timm values, what `mean: pretrained` gives here too). Why: a model
     fine-tuned from a zoo run must see the images as that run did, not ImageNet's normalisation."""
     path = Path(path)
+    if path.is_dir():  # an export's folder (`pretrained_path` takes it)
+        path = path / "model.safetensors"
     config = path.parent / "config.json"
     if path.suffix == ".safetensors" and config.is_file():
         try:
-            cfg = json.loads(config.read_text()).get("pretrained_cfg") or {}
-        except (OSError, ValueError, AttributeError):
+            spec = json.loads(config.read_text())
+        except (OSError, ValueError):
             return None
-        mean, std = cfg.get("mean"), cfg.get("std")
-        return ([float(m) for m in mean], [float(s) for s in std]) if mean and std else None
+        cfg = spec.get("pretrained_cfg") if isinstance(spec, dict) and "model_name" in spec else None  # a zoo export
+        mean, std = (cfg or {}).get("mean"), (cfg or {}).get("std")
+        return _normalization(mean, std) if mean and std else None
     if path.suffix != ".ckpt" or not path.is_file():
         return None
     try:
-        data = read_checkpoint(path).get("datamodule_hyper_parameters") or {}
+        checkpoint = read_checkpoint(path)
     except CheckpointError:
         return None
-    if "mean" not in data or data["mean"] == "pretrained":
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    if "model_name" not in (checkpoint.get("hyper_parameters") or {}) or "mean" not in data:  # no zoo image run
         return None
     mean, std = data.get("mean"), data.get("std")
-    if mean is None or std is None:
+    if mean is None and std is None:
         return [0.0], [1.0]
-    as_list = (lambda v: [float(x) for x in v] if isinstance(v, (list, tuple)) else [float(v)])  # noqa: E731
-    return as_list(mean), as_list(std)
+    return _normalization(mean, std)
+
+
+def _normalization(mean: Any, std: Any) -> tuple[list[float], list[float]] | None:
+    """(mean, std) as lists of floats (one value, or one per channel); None for anything else (a `pretrained`
+    mean: its run's backbone's timm values; an unexpected value)."""
+    def values(v: Any) -> list[float] | None:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return [float(v)]
+        if isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) for x in v):
+            return [float(x) for x in v]
+        return None
+
+    mean, std = values(mean), values(std)
+    return (mean, std) if mean is not None and std is not None else None
 
 
 def _with_data_config(model: nn.Module, config: dict[str, Any] | None) -> nn.Module:

@@ -117,12 +117,13 @@ def warn_unnormalised_pretrained(system: Any, datamodule: Any) -> None:
     if mean is None:
         if trained is not None and _same_normalization(trained, ([0.0], [1.0])):
             return  # a zoo run on [0, 1] pixels: as it was trained
-        rank_zero_warn(f"Backbone {backbone.name!r} starts from pretrained weights {report.path!r}, but the data's "
-                       f"images are not normalised ({type(datamodule).__name__} mean: None, pixels in [0, 1]). "
-                       f"Weights trained on ImageNet expect its mean and std: set --data.init_args.mean pretrained (the "
-                       f"backbone's pretrained mean/std), or the mean and std the weights were trained with"
-                       + (f" (mean {trained[0]}, std {trained[1]})." if trained is not None else
-                          " (nothing to do for weights trained on [0, 1] pixels)."))
+        unnormalised = (f"Backbone {backbone.name!r} starts from pretrained weights {report.path!r}, but the "
+                        f"data's images are not normalised ({type(datamodule).__name__} mean: None, pixels in [0, 1])")
+        rank_zero_warn(f"{unnormalised}. Weights trained on ImageNet expect its mean and std: set --data.init_args.mean "
+                       f"pretrained (the backbone's pretrained mean/std), or the mean and std the weights were trained "
+                       f"with (nothing to do for weights trained on [0, 1] pixels)." if trained is None else
+                       f"{unnormalised}; they are a zoo run's, trained on images normalised with mean {trained[0]}, "
+                       f"std {trained[1]}: give --data.init_args.mean {trained[0]} --data.init_args.std {trained[1]}.")
     elif trained is not None and isinstance(mean, (list, tuple)) and not _same_normalization(trained, (mean, std)):
         rank_zero_warn(f"Backbone {backbone.name!r} starts from {report.path!r}, a zoo run trained on images "
                        f"normalised with mean {trained[0]}, std {trained[1]}; this data's are mean {list(mean)}, std "

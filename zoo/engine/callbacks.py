@@ -311,19 +311,22 @@ def evaluation_logger(logger: TensorBoardLogger, stage: str) -> TensorBoardLogge
     """A fresh TensorBoardLogger for run ``<run>/<stage>`` of `logger`'s run: its save_dir, name, version,
     prefix, `default_hp_metric` (off for ablate's points: ablate writes their HPARAMS entries; on for one the
     System took over to declare hp_metric, `zoo.engine.system.declare_hp_metric`) and SummaryWriter arguments, with
-    `sub_dir` `stage`. The run folder (`logger_folder`: pictures, checkpoints) is the same."""
+    `sub_dir` `stage` (below the logger's own `sub_dir` where it has one: ``<run>/<sub_dir>/<stage>``). The run
+    folder (`logger_folder`: pictures, checkpoints) is the same."""
     from zoo.engine.system import declares_hp_metric  # the System's module imports this one
 
+    sub_dir = stage if logger.sub_dir is None else os.path.join(logger.sub_dir, stage)
     return TensorBoardLogger(save_dir=logger.save_dir, name=logger.name, version=logger.version,
                              default_hp_metric=logger._default_hp_metric or declares_hp_metric(logger),
-                             prefix=logger._prefix, sub_dir=stage, **logger._kwargs)
+                             prefix=logger._prefix, sub_dir=sub_dir, **logger._kwargs)
 
 
 @contextmanager
 def scoring_logged_apart(trainer: pl.Trainer, stage: str = "validate") -> Iterator[None]:
     """Within the block `trainer` logs to TensorBoard in ``<run>/<stage>`` (`evaluation_logger` of each of its
     TensorBoardLoggers without a `sub_dir`), as `train.py validate` of the run does (`log_evaluation_apart`); its
-    fit's loggers are back afterwards. For the validation compare and ablate score a run's last weights with after
+    fit's loggers are back afterwards (a logger with a `sub_dir` of its own: ``<run>/<sub_dir>/<stage>``). For the
+    validation compare and ablate score a run's last weights with after
     its fit (and a compare `checkpoint:` run's, which trains nothing): on the fit's logger it wrote a second val/*
     point one step after the fit's last validation, an `epoch` point of an epoch that never ran, a picture more
     and a second HPARAMS session into the fit's curves. `log_evaluation_apart` cannot be used after a fit: it
@@ -333,10 +336,14 @@ def scoring_logged_apart(trainer: pl.Trainer, stage: str = "validate") -> Iterat
     already; what the block logs after it, compare's explanations figure, reopens their writer)."""
     if stage not in EVALUATION_LOGS:
         raise ValueError(f"stage must be one of {EVALUATION_LOGS}; got {stage!r}.")
-    fit_loggers = list(trainer.loggers)
-    apart = [evaluation_logger(logger, stage) if isinstance(logger, TensorBoardLogger) and logger.sub_dir is None
-             else logger for logger in fit_loggers]
+    from pytorch_lightning.cli import SaveConfigCallback
+
+    fit_loggers, fit_callbacks = list(trainer.loggers), list(trainer.callbacks)
+    apart = [evaluation_logger(logger, stage) if isinstance(logger, TensorBoardLogger) else logger
+             for logger in fit_loggers]
     trainer.loggers = apart
+    # the run's config.yaml is the fit's: a spawned validation's SaveConfigCallback wrote one into <run>/<stage>
+    trainer.callbacks = [callback for callback in fit_callbacks if not isinstance(callback, SaveConfigCallback)]
     status = "failed"
     try:
         yield
@@ -345,7 +352,7 @@ def scoring_logged_apart(trainer: pl.Trainer, stage: str = "validate") -> Iterat
         for logger in apart:
             if not any(logger is kept for kept in fit_loggers):
                 logger.finalize(status)  # rank zero only (Lightning's `rank_zero_only`)
-        trainer.loggers = fit_loggers
+        trainer.loggers, trainer.callbacks = fit_loggers, fit_callbacks
 
 
 def logger_folder(logger: Any) -> Path | None:

@@ -53,12 +53,13 @@ class ICNNSystem(ZooSystem):
             self.add_metric("part_iou", PartIoU(image_size=self.hparams.image_size or None, stride=stride,
                                                 offset=offset))  # part masks: upsampled with the cells in place
 
-    def on_fit_start(self) -> None:
+    def on_train_start(self) -> None:
         """Warn when the backbone starts frozen while ICNN's first interpretable layer reads its top conv stage: that
         layer's filters are the stage's own, so its filter loss trains no weight while the backbone is frozen (only
         the added conv layer's filters learn to be interpretable meanwhile), and its filter metrics score the
-        pretrained filters as they were."""
-        super().on_fit_start()
+        pretrained filters as they were. At train start: a resumed fit's epoch is restored by then (a fit resumed
+        past unfreeze_epoch is not told)."""
+        super().on_train_start()
         top = getattr(self.model, "top_filters", None)
         backbone = getattr(self.model, "backbone", None)
         if top is None or backbone is None or not getattr(self.loss, "weight", 0):
