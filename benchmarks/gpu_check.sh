@@ -33,6 +33,8 @@ DEVICE=${DEVICE:-cuda}
 SCALE=${SCALE:-1.0}
 LIMIT_FACTOR=${LIMIT_FACTOR:-1}
 STAGES=${STAGES:-sync triton realistic heads profile graphs suite balanced}
+# the profile stage's rows: those furthest from their targets (give fewer to profile them alone)
+PROFILE_ROWS=${PROFILE_ROWS:-aog3 aog7 aog7_triton textual renn l2x icnn_tinycnn aog_rcnn}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -68,8 +70,8 @@ grep -E "^\||^torch|Error" "$OUT/realistic.log" 2>/dev/null | tail -n 30
 stage heads 50 python3 -m benchmarks.family_speed --families --device "$DEVICE" --heads aog3 aog3_rank32 aog3_cells \
     mlp aog7 aog7_rank32 aog7_cells aog7_triton
 grep -E "^\||^torch|Error" "$OUT/heads.log" 2>/dev/null | tail -n 16
-stage profile 60 python3 -m benchmarks.step_profile --device "$DEVICE" --scale "$SCALE" --top 6 \
-    --rows aog3 aog7 aog7_triton textual renn l2x icnn_tinycnn aog_rcnn
+# shellcheck disable=SC2086  # PROFILE_ROWS: one word per row
+stage profile 60 python3 -m benchmarks.step_profile --device "$DEVICE" --scale "$SCALE" --top 6 --rows $PROFILE_ROWS
 grep -E "^[a-z0-9_]+ / |Error" "$OUT/profile.log" 2>/dev/null | tail -n 14
 stage graphs 120 python3 -m benchmarks.family_speed --realistic --device "$DEVICE" --scale "$SCALE" \
     --precisions bf16 --compile cudagraphs --rows l2x renn icnn_tinycnn textual

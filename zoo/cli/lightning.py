@@ -561,10 +561,9 @@ class ZooCLI(LightningCLI):
     def refuse_settings_the_data_replaces(self) -> None:
         """A fit (a compare run's, an ablate point's) given a model setting that the data sets
         (`zoo.weights.DATA_LINKS`: num_classes, in_chans, image_size, data_inputs, class_names) with another value
-        than the data's is refused, naming both: the link
-        replaced it silently (`--model.init_args.num_classes=10` trained the data's 6 classes; an ablate grid over it
-        trained one setting as several rows). A value equal to the data's, or one not given (`given_explicitly`: the
-        parser's default), is not said."""
+        than the data's is refused, naming both: the link replaced it silently (`--model.init_args.num_classes=10`
+        trained the data's 6 classes; an ablate grid over it trained one setting as several rows). A value equal to
+        the data's, or one not given (`given_explicitly`: the parser's default), is not said."""
         from zoo.cli.errors import mark
         from zoo.weights import DATA_LINKS, _same_setting
 
