@@ -307,14 +307,21 @@ def log_evaluation_apart(trainer: pl.Trainer, stage: str) -> None:
         logger._sub_dir = stage  # TensorBoardLogger's `sub_dir` argument, which the config does not give
 
 
+HP_METRIC_DECLARED = "_zoo_declares_hp_metric"  # TensorBoardLogger attribute: `zoo.engine.system.declare_hp_metric`
+
+
+def declares_hp_metric(logger: Any) -> bool:
+    """Whether `logger` is a TensorBoardLogger the System took over to declare hp_metric in its HPARAMS entry
+    (`zoo.engine.system.declare_hp_metric`, which marks it)."""
+    return bool(getattr(logger, HP_METRIC_DECLARED, False))
+
+
 def evaluation_logger(logger: TensorBoardLogger, stage: str) -> TensorBoardLogger:
     """A fresh TensorBoardLogger for run ``<run>/<stage>`` of `logger`'s run: its save_dir, name, version,
     prefix, `default_hp_metric` (off for ablate's points: ablate writes their HPARAMS entries; on for one the
-    System took over to declare hp_metric, `zoo.engine.system.declare_hp_metric`) and SummaryWriter arguments, with
+    System took over to declare hp_metric, `declares_hp_metric`) and SummaryWriter arguments, with
     `sub_dir` `stage` (below the logger's own `sub_dir` where it has one: ``<run>/<sub_dir>/<stage>``). The run
     folder (`logger_folder`: pictures, checkpoints) is the same."""
-    from zoo.engine.system import declares_hp_metric  # the System's module imports this one
-
     sub_dir = stage if logger.sub_dir is None else os.path.join(logger.sub_dir, stage)
     return TensorBoardLogger(save_dir=logger.save_dir, name=logger.name, version=logger.version,
                              default_hp_metric=logger._default_hp_metric or declares_hp_metric(logger),

@@ -39,7 +39,7 @@ from datamodules._base import DataSettingError
 from zoo.checks import batch_field, check_class_ids, check_on_host
 from zoo.distributed import all_reduce_, end_spawned_process_group, is_distributed
 from zoo.engine.auxiliary import Auxiliary, auxiliaries_pending, prepare_auxiliaries
-from zoo.engine.callbacks import logged_step
+from zoo.engine.callbacks import HP_METRIC_DECLARED, declares_hp_metric, logged_step
 from zoo.engine.plateau import PLATEAU_KEY, due_plateau_steps, take_plateau_steps
 from zoo.engine.stages import Schedule, epoch_schedules, scale_group_rates
 from zoo.registry import check_same_model, create_model_for_data
@@ -113,7 +113,6 @@ TRAINING_COMPONENTS = ("loss", "optimizer", "scheduler")  # System arguments tha
 HP_METRIC = "hp_metric"  # the metric of a run's HPARAMS entry (`declare_hp_metric`; `ZooSystem.hp_metric_name`)
 HP_METRIC_KEY = "zoo_hp_metric"  # checkpoint entry: the run's last hp_metric (`ZooSystem.write_restored_hp_metric`)
 HP_METRIC_STEP_KEY = "zoo_hp_metric_step"  # checkpoint entry: the step that hp_metric was logged at
-HP_METRIC_DECLARED = "_zoo_declares_hp_metric"  # TensorBoardLogger attribute: `declare_hp_metric` took it over
 
 
 def given_init_args(cls: type) -> dict[str, Any] | None:
@@ -263,11 +262,6 @@ def declare_hp_metric(logger: Any) -> None:
     logger._default_hp_metric = False  # Lightning's log_hyperparams then writes hparams.yaml's record, no summaries
     setattr(logger, HP_METRIC_DECLARED, True)
     logger.log_hyperparams = functools.partial(_log_hyperparams_declaring_hp_metric, logger)
-
-
-def declares_hp_metric(logger: Any) -> bool:
-    """Whether `logger` is a TensorBoardLogger whose HPARAMS entry has hp_metric (`declare_hp_metric`)."""
-    return bool(getattr(logger, HP_METRIC_DECLARED, False))
 
 
 def _log_hyperparams_declaring_hp_metric(logger: Any, params: Any, metrics: dict[str, Any] | None = None,
