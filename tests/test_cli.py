@@ -91,7 +91,7 @@ def test_every_config_runs_fast_dev_run(config: str, in_tmp_dir: Path, cub_root:
 
 def test_compare_writes_reports_with_part_metrics(in_tmp_dir: Path) -> None:
     rows = main(["compare", "--config", str(REPO / "configs/quickstart.yaml"), "--trainer.fast_dev_run=true",
-                 "--explain_images=2", *SMALL_WORLD])
+                 "--explain_images=2", "--data.init_args.image_size=32", *SMALL_WORLD])
     report = in_tmp_dir / "checkpoints" / "quickstart"
     assert (report / "report.csv").is_file() and "| run |" in (report / "report.md").read_text()
     assert {row["run"] for row in rows} == {"icnn", "opaque_twin", "plain_cnn"}

@@ -590,7 +590,9 @@ def test_a_run_killed_after_a_push_resumes_to_the_same_final_state(tmp_path: Pat
     from tests.test_resume import differing_tensors, kill_and_resume
 
     extra = ["--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.batch_size=16",
-             "--data.init_args.num_classes=4", f"--model.init_args.stages={STAGES}".replace("'", "")]
+             "--data.init_args.num_classes=4", "--data.init_args.image_size=32",  # small: the push is what matters
+             "--model.init_args.model_kwargs.prototypes_per_class=2",
+             f"--model.init_args.stages={STAGES}".replace("'", "")]
     whole_state, again, _ = kill_and_resume(tmp_path, CONFIG, extra, 6, None)
     assert again["global_step"] == whole_state["global_step"] == 12
     assert (whole_state["state_dict"]["model.prototypes.source_index"] >= 0).all()  # the push happened

@@ -20,7 +20,8 @@ from zoo import CheckpointError
 CONFIG = str(REPO / "configs/baselines/parts_world.yaml")
 COMMON = ["--trainer.accelerator=cpu", "--trainer.max_epochs=3", "--trainer.deterministic=true",
           "--progress_bar.refresh_rate=0"]
-WORLD = ["--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.batch_size=16"]
+WORLD = ["--data.init_args.num_train=64", "--data.init_args.num_val=32", "--data.init_args.batch_size=16",
+         "--data.init_args.image_size=32"]  # 4 steps an epoch; small images: the state kept matters, not the size
 # One small config per family, 4 training steps per epoch, each exercising what its family keeps across epochs.
 RESUME_CASES = {
     "baselines": ("configs/baselines/parts_world.yaml", WORLD),
