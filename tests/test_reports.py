@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from zoo.cli.report import direction, legend, metric_directions, write_report
 from zoo.engine.callbacks import covering_batch
-from zoo.figures import class_name, log_figure, log_image, log_text
+from zoo.figures import class_name, figure_pixels, log_figure, log_image, log_text, save_figure
 from zoo.explain.scores import ExplainedRun, explanation_figure
 
 
@@ -89,6 +90,34 @@ def test_figures_go_to_the_runs_tensorboard(tmp_path: Path) -> None:
     tags = EventAccumulator(str(tmp_path / "run")).Reload().Tags()
     assert sorted(tags["images"]) == ["explanations", "selection/images"]
     assert tags["tensors"] == ["selection/text/text_summary"]
+
+
+def test_a_figure_is_drawn_once_for_its_png_and_its_tensorboard_image(tmp_path: Path, monkeypatch) -> None:
+    """A picture callback writes each figure as PNG and to TensorBoard: drawn once for both (a labelled 8 x 8 grid
+    took a second a draw on a CPU, every epoch), the same pixels in both, drawn again once an artist has changed."""
+    from matplotlib.figure import Figure
+    from PIL import Image
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    draws = []
+    draw = Figure.draw
+    monkeypatch.setattr(Figure, "draw", lambda self, renderer: (draws.append(self), draw(self, renderer))[1])
+    run = ExplainedRun("icnn", torch.rand(2, 3, 16, 16), {"cam": torch.rand(2, 16, 16)}, [0, 1], [1, 1])
+    figure = explanation_figure([run])
+    logger = TensorBoardLogger(tmp_path, name="run", version="")
+    save_figure(figure, tmp_path / "figure.png")
+    log_figure(logger, "explanations", figure, step=1)
+    assert len(draws) == 1
+    pixels = figure_pixels(figure)
+    assert pixels.dtype.name == "uint8" and pixels.shape[-1] == 3
+    assert (torch.from_numpy(pixels) == torch.from_numpy(np.asarray(Image.open(tmp_path / "figure.png")))).all()
+    logger.experiment.flush()
+    logged = EventAccumulator(str(tmp_path / "run")).Reload().Images("explanations")[0]
+    assert (logged.height, logged.width) == pixels.shape[:2]
+    figure.axes[0].set_title("changed")  # an artist changed: the next picture shows it
+    log_figure(logger, "explanations", figure, step=2)
+    assert len(draws) == 2
 
 
 def test_fixed_batches_cover_every_class_of_a_sorted_set() -> None:
