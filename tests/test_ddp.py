@@ -256,9 +256,9 @@ def test_textual_explanations_share_frozen_modules_baseline_and_cider(tmp_path: 
     from zoo.textual.system import TextualSystem
 
     pl.seed_everything(0)
-    data = PartsWorldDataModule(num_train=64, num_val=32, num_test=16, batch_size=16)
+    data = PartsWorldDataModule(num_train=64, num_val=32, num_test=16, batch_size=16, image_size=32)
     system = TextualSystem(variant="explanation", num_classes=data.num_classes, discriminative_weight=0.2,
-                           encoder_epochs=1, sentence_classifier_epochs=1, hidden=64)
+                           encoder_epochs=1, sentence_classifier_epochs=1, hidden=64, image_size=32)
     trainer = two_process_trainer(tmp_path, SaveExplanations(tmp_path))
     prepare_auxiliaries(system, trainer, data)  # encoder and sentence classifier, trained with the run's strategy
     trainer.fit(system, datamodule=data)

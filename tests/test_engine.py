@@ -177,8 +177,9 @@ def test_bad_batches_name_the_problem(batch: dict[str, torch.Tensor]) -> None:
 
 def test_a_few_epochs_learn_the_world() -> None:
     pl.seed_everything(0)
-    dm = PartsWorldDataModule(num_train=512, num_val=128, num_test=16, batch_size=32)
-    system = ClassifierSystem("baseline_tinycnn", num_classes=6, optimizer=partial(torch.optim.Adam, lr=2e-3))
+    dm = PartsWorldDataModule(num_train=512, num_val=128, num_test=16, batch_size=32, image_size=32)  # 3x faster
+    system = ClassifierSystem("baseline_tinycnn", num_classes=6, optimizer=partial(torch.optim.Adam, lr=2e-3),
+                              image_size=32)
     trainer = pl.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(system, datamodule=dm)
