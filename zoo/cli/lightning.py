@@ -135,17 +135,11 @@ def warn_unnormalised_pretrained(system: Any, datamodule: Any) -> None:
 
 
 def _same_normalization(a: tuple[Any, Any], b: tuple[Any, Any]) -> bool:
-    """Two (mean, std) pairs alike, one value standing for every channel (grey data averaged as timm does)."""
-    import math
+    """Two (mean, std) pairs alike, one value standing for every channel, as a checkpoint's data settings are
+    compared (`zoo.weights._same_setting`)."""
+    from zoo.weights import _same_setting
 
-    def values(v: Any, n: int) -> list[float]:
-        v = [float(x) for x in v]
-        return v * n if len(v) == 1 else v
-
-    n = max(len(a[0]), len(b[0]), len(a[1]), len(b[1]))
-    return all(len(values(x, n)) == len(values(y, n)) and all(math.isclose(p, q, rel_tol=1e-6, abs_tol=1e-9)
-                                                           for p, q in zip(values(x, n), values(y, n)))
-               for x, y in ((a[0], b[0]), (a[1], b[1])))
+    return _same_setting("mean", a[0], b[0]) and _same_setting("std", a[1], b[1])
 
 
 CKPT_PATH_KEYWORDS = ("last", "best", "hpc")  # Lightning's own --ckpt_path names, not files
