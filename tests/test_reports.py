@@ -103,8 +103,12 @@ def test_a_figure_is_drawn_once_for_its_png_and_its_tensorboard_image(tmp_path: 
     draws = []
     draw = Figure.draw
     monkeypatch.setattr(Figure, "draw", lambda self, renderer: (draws.append(self), draw(self, renderer))[1])
-    run = ExplainedRun("icnn", torch.rand(2, 3, 16, 16), {"cam": torch.rand(2, 16, 16)}, [0, 1], [1, 1])
-    figure = explanation_figure([run])
+    from zoo.figures import new_figure
+
+    figure, axes = new_figure(2, 3)  # a labelled grid, its text inside the figure
+    for ax in axes.flat:
+        ax.imshow(torch.rand(8, 8, 3).numpy())
+        ax.set_title("true: owl", fontsize=8)
     logger = TensorBoardLogger(tmp_path, name="run", version="")
     save_figure(figure, tmp_path / "figure.png")
     log_figure(logger, "explanations", figure, step=1)
@@ -118,6 +122,27 @@ def test_a_figure_is_drawn_once_for_its_png_and_its_tensorboard_image(tmp_path: 
     figure.axes[0].set_title("changed")  # an artist changed: the next picture shows it
     log_figure(logger, "explanations", figure, step=2)
     assert len(draws) == 2
+    figure.axes[0].set_title("changed again")
+    figure.canvas.draw()  # drawn elsewhere, which clears `stale`: the kept pixels are no longer the figure's
+    assert not figure.stale and not np.array_equal(figure_pixels(figure), pixels)
+
+
+def test_a_figure_whose_text_runs_past_its_edges_is_saved_whole() -> None:
+    """A title wider than its column (CUB's "003.Sooty_Albatross" over the last image) or a wide suptitle ran past
+    the figure: its PNG and TensorBoard copies grow to hold it, as `savefig(bbox_inches="tight")` grew the PNG."""
+    from zoo.figures import new_figure
+
+    figure, axes = new_figure(1, 2)
+    for ax in axes.flat:
+        ax.imshow(np.zeros((4, 4, 3)))
+    width = round(figure.get_size_inches()[0] * figure.dpi)
+    assert figure_pixels(figure).shape[1] == width  # nothing past the edges: as drawn
+    axes[0, 1].set_title("true: 003.Sooty_Albatross_with_a_long_name", fontsize=8)
+    figure.suptitle("explanations " * 12)
+    pixels = figure_pixels(figure)
+    assert pixels.shape[1] > width + 100
+    dark = (pixels.astype(int).sum(-1) < 300).any(0)  # (W,) columns with text or image
+    assert dark.any() and not dark[0] and not dark[-1]  # the text ends inside the picture
 
 
 def test_fixed_batches_cover_every_class_of_a_sorted_set() -> None:

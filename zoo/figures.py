@@ -21,20 +21,37 @@ def class_name(datamodule: Any, index: int) -> str:
 
 
 def figure_pixels(figure: Any) -> Any:
-    """A matplotlib figure drawn to an (H, W, 3) uint8 array at its dpi, drawn once: kept on the figure and drawn
-    again only when an artist has changed since (`figure.stale`). Why: a picture callback writes each figure twice
-    (PNG, TensorBoard), and each draw of a labelled 8 x 8 grid under constrained layout took a second on a CPU,
-    every validation epoch (three draws with `bbox_inches="tight"` and `add_figure`'s own)."""
+    """A matplotlib figure drawn to an (H, W, 3) uint8 array at its dpi, grown as `savefig(bbox_inches="tight")`
+    grows it where text runs past its edges (a long class name over the last column, a wide suptitle), else as
+    drawn. Drawn once and kept on the figure until it is drawn again elsewhere or an artist changes
+    (`figure.stale`). Why: a picture callback writes each figure twice (PNG, TensorBoard), and each draw of a
+    labelled 8 x 8 grid under constrained layout took a second on a CPU, every validation epoch (three draws with
+    `savefig(bbox_inches="tight")` and `add_figure`'s own, whose copy cut such text off)."""
+    import io
+
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
 
     cached = getattr(figure, "_zoo_pixels", None)
-    if cached is None or figure.stale:
-        canvas = FigureCanvasAgg(figure)
-        canvas.draw()
-        cached = np.asarray(canvas.buffer_rgba())[..., :3].copy()
-        figure._zoo_pixels = cached
-    return cached
+    if cached is not None and not figure.stale:
+        return cached
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    box, (width, height) = figure.get_tightbbox(canvas.get_renderer()), figure.get_size_inches()
+    slack = 0.5 / figure.dpi  # half a pixel, in inches
+    if box.x0 < -slack or box.y0 < -slack or box.x1 > width + slack or box.y1 > height + slack:
+        buffer = io.BytesIO()  # text past the edges: the tight render holds it (one draw more)
+        figure.savefig(buffer, format="png", dpi=figure.dpi, bbox_inches="tight")
+        pixels = np.asarray(Image.open(buffer).convert("RGB")).copy()
+    else:
+        pixels = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    if not getattr(figure, "_zoo_pixels_watched", False):  # a draw elsewhere (`figure.canvas.draw()` after a
+        figure.canvas.mpl_connect("draw_event", lambda event: setattr(figure, "_zoo_pixels", None))  # change)
+        figure._zoo_pixels_watched = True  # clears `stale` without these pixels: drop them
+    figure.stale = False  # (a tight savefig leaves it stale)
+    figure._zoo_pixels = pixels
+    return pixels
 
 
 def save_figure(figure: Any, path: Path) -> None:
