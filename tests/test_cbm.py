@@ -800,6 +800,34 @@ def test_a_budget_that_ends_inside_an_earlier_stage_is_named() -> None:
                               mode="sequential", stages=stages), datamodule=data)
 
 
+def test_a_stage_equal_to_an_unreached_one_still_counts_as_trained() -> None:
+    """Two identical cycles (ProtoPNet's cub200.yaml repeats its push cycle) cut after the first: the budget skips
+    the second cycle's task stage, but the first one trained task_head, which must not be named as never trained
+    (stages compared by value counted the first as unreached too)."""
+    from datamodules import PartsWorldDataModule
+
+    data = PartsWorldDataModule(num_classes=12, num_train=16, num_val=8, num_test=8, batch_size=8)
+    stages = [{**stage, "epochs": 1} for stage in SEQUENTIAL_STAGES] * 2
+    cbm = CBMSystem(model_name="cbm_tinycnn", num_classes=data.num_classes, image_size=data.image_size,
+                    stages=stages)
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=1, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UserWarning, match=r"max_epochs=3 ends before stage\(s\) \['task'\]") as record:
+        trainer.fit(cbm, datamodule=data)
+    assert not any("never trained" in str(w.message) for w in record)
+
+
+def test_a_pos_weight_of_another_length_than_the_concepts_is_refused() -> None:
+    """`pos_weight` weighs each concept's positives: a length neither 1 nor the model's concept count crashed in
+    the sanity check with a broadcast error, after the run folder was written."""
+    from losses.cbm import ConceptBottleneckLoss
+
+    with pytest.raises(ValueError, match="pos_weight has 2 values but the model predicts 36 concepts"):
+        CBMSystem(model_name="cbm_tinycnn", num_classes=6, loss=ConceptBottleneckLoss(pos_weight=[2.0, 3.0]))
+    for pos_weight in ([2.0], [1.0] * 36):
+        CBMSystem(model_name="cbm_tinycnn", num_classes=6, loss=ConceptBottleneckLoss(pos_weight=pos_weight))
+
+
 def test_a_batch_without_the_concepts_names_the_field_and_the_cub_option(batch: dict[str, torch.Tensor]) -> None:
     without = {k: v for k, v in batch.items() if k != "attributes"}
     for stage in ("train", "val"):

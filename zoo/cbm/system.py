@@ -79,6 +79,10 @@ class CBMSystem(ZooSystem):
                              "reads every true concept in training. Use it with mode='joint' (RandInt, CEM).")
         self.mode, self.concept_key, self.train_intervention = mode, concept_key, train_intervention
         num_classes, num_concepts = self.hparams.num_classes, self.model.num_concepts
+        pos_weight = getattr(self.loss, "pos_weight", None)  # one weight for every concept, or one each
+        if torch.is_tensor(pos_weight) and pos_weight.numel() not in (1, num_concepts):
+            raise ValueError(f"The loss's pos_weight has {pos_weight.numel()} values but the model predicts "
+                             f"{num_concepts} concepts: give one weight per concept (or one for all).")
         self.add_metric("acc", MulticlassAccuracy(num_classes, average="micro"), stages=("train", "val", "test"))
         self.add_metric("concept_acc", ConceptAccuracy(), stages=("train", "val", "test"))
         self.add_metric("concept_f1", ConceptF1(num_concepts))

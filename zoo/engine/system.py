@@ -893,7 +893,10 @@ class ZooSystem(pl.LightningModule):
             self._hp_metric_restored = self._hp_metric_restored_step = None
         unreached = self.schedule.unreached(self.trainer.max_epochs)
         if unreached and not self.trainer.fast_dev_run:  # a smoke test may stop anywhere
-            trained = sorted({name for stage in self.schedule.stages if stage not in unreached
+            # the stages entered, by position (the unreached are the last): compared by value, a stage equal to an
+            # unreached one (a second, identical push cycle) counted as unreached, its modules as never trained
+            reached = self.schedule.stages[:len(self.schedule.stages) - len(unreached)]
+            trained = sorted({name for stage in reached
                               for name in stage.train or [n for n, _ in self.model.named_children()]})
             never = sorted({n for stage in unreached for n in stage.train or []} - set(trained))
             rank_zero_warn(f"max_epochs={self.trainer.max_epochs} ends before stage(s) "
