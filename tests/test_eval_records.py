@@ -86,6 +86,27 @@ def test_a_validation_after_fit_writes_no_picture_for_an_epoch_that_never_ran(tm
     assert (folder / "epoch0.md").read_text() == "fit\n" and (folder / "validate.md").read_text() == "validate\n"
 
 
+def test_pictures_reach_a_tensorboard_listed_after_another_logger(tmp_path: Path) -> None:
+    """`logger: [CSVLogger, TensorBoardLogger]`: the pictures and tables went to `trainer.logger`, the first one
+    only, so TensorBoard had the scalars and no picture, without a word. Every TensorBoard logger gets them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from datamodules import PartsWorldDataModule
+    from zoo.baselines.system import ClassifierSystem
+
+    pl.seed_everything(0)
+    data = PartsWorldDataModule(num_classes=4, num_train=16, num_val=8, num_test=8, batch_size=8, image_size=32)
+    loggers = [pl.loggers.CSVLogger(tmp_path, name="csv", version=""),
+               pl.loggers.TensorBoardLogger(tmp_path, name="run", version="")]
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0,
+                         logger=loggers, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[Recorder()])
+    trainer.fit(ClassifierSystem("baseline_tinycnn", num_classes=data.num_classes, image_size=32), datamodule=data)
+    loggers[1].experiment.flush()
+    tags = EventAccumulator(str(tmp_path / "run")).Reload().Tags()
+    assert "record/figure" in tags["images"] and "record/table/text_summary" in tags["tensors"]
+
+
 def test_no_picture_callback_names_its_files_by_the_epoch_alone() -> None:
     """The families whose callbacks write their own files (L2X selections, textual explanations, AOG parse trees)
     named them `epoch{trainer.current_epoch}` and still overwrote the fit's epoch-0 files at validate: every file

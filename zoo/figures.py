@@ -63,23 +63,32 @@ def save_figure(figure: Any, path: Path) -> None:
     Image.fromarray(figure_pixels(figure)).save(path, format="png", dpi=(dpi, dpi))
 
 
-def log_figure(logger: Any, tag: str, figure: Any, step: int = 0) -> None:
+def tensorboards(loggers: Any) -> list[TensorBoardLogger]:
+    """The TensorBoard loggers among `loggers`: one logger, a sequence of them (`trainer.loggers`: pass it, not
+    `trainer.logger`, which is the first one only, so a TensorBoardLogger listed after a CSVLogger got no picture),
+    or None."""
+    return [logger for logger in (loggers if isinstance(loggers, (list, tuple)) else [loggers])
+            if isinstance(logger, TensorBoardLogger)]
+
+
+def log_figure(loggers: Any, tag: str, figure: Any, step: int = 0) -> None:
     """A matplotlib figure in the run's TensorBoard (an image, as `add_figure` logs it, from the figure's one drawing:
-    `figure_pixels`) when the logger is a TensorBoardLogger."""
-    if isinstance(logger, TensorBoardLogger):
+    `figure_pixels`), for each TensorBoardLogger among `loggers` (`tensorboards`)."""
+    for logger in tensorboards(loggers):
         logger.experiment.add_image(tag, figure_pixels(figure), step, dataformats="HWC")
 
 
-def log_image(logger: Any, tag: str, image: torch.Tensor, step: int = 0) -> None:
-    """A (3, H, W) image in [0, 1] (a torchvision `make_grid`) in the run's TensorBoard (`add_image`) when the logger
-    is a TensorBoardLogger."""
-    if isinstance(logger, TensorBoardLogger):
+def log_image(loggers: Any, tag: str, image: torch.Tensor, step: int = 0) -> None:
+    """A (3, H, W) image in [0, 1] (a torchvision `make_grid`) in the run's TensorBoard (`add_image`), for each
+    TensorBoardLogger among `loggers` (`tensorboards`)."""
+    for logger in tensorboards(loggers):
         logger.experiment.add_image(tag, image, step)
 
 
-def log_text(logger: Any, tag: str, text: str, step: int = 0) -> None:
-    """Markdown text in the run's TensorBoard (`add_text`) when the logger is a TensorBoardLogger."""
-    if isinstance(logger, TensorBoardLogger):
+def log_text(loggers: Any, tag: str, text: str, step: int = 0) -> None:
+    """Markdown text in the run's TensorBoard (`add_text`), for each TensorBoardLogger among `loggers`
+    (`tensorboards`)."""
+    for logger in tensorboards(loggers):
         logger.experiment.add_text(tag, text, step)
 
 

@@ -61,4 +61,4 @@ class ParseTreeCallback(FixedBatchCallback):
         folder = run_folder(trainer, "parse_trees")
         if folder is not None:  # None: no run folder (fast_dev_run)
             save_image(grid, folder / f"{record_name(trainer)}.png")
-        log_image(trainer.logger, "detections/parse_trees", grid, logged_step(trainer))
+        log_image(trainer.loggers, "detections/parse_trees", grid, logged_step(trainer))

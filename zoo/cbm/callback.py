@@ -185,5 +185,5 @@ class InterventionCallback(pl.Callback):
         if folder is None:  # no run folder (fast_dev_run): the curve is kept in `curves` only
             return
         markdown, figure = write_intervention_report(curve, folder, split, names)
-        log_figure(trainer.logger, f"intervention/{split}", figure, logged_step(trainer, at_fit_end=split == "val"))
-        log_text(trainer.logger, f"intervention/{split}", markdown, logged_step(trainer, at_fit_end=split == "val"))
+        log_figure(trainer.loggers, f"intervention/{split}", figure, logged_step(trainer, at_fit_end=split == "val"))
+        log_text(trainer.loggers, f"intervention/{split}", markdown, logged_step(trainer, at_fit_end=split == "val"))

@@ -269,8 +269,8 @@ class FixedBatchCallback(pl.Callback):
         if folder is not None:
             save_figure(figure, folder / f"{record}.png")
             (folder / f"{record}.md").write_text(markdown)
-        log_figure(trainer.logger, f"{name}/{figure_tag}", figure, logged_step(trainer))
-        log_text(trainer.logger, f"{name}/table", markdown, logged_step(trainer))
+        log_figure(trainer.loggers, f"{name}/{figure_tag}", figure, logged_step(trainer))
+        log_text(trainer.loggers, f"{name}/table", markdown, logged_step(trainer))
 
 
 def logged_step(trainer: pl.Trainer, at_fit_end: bool = False) -> int:

@@ -40,6 +40,6 @@ class ExplanationTextCallback(FixedBatchCallback):
         folder = run_folder(trainer, "explanations")
         if folder is not None:  # None: no run folder (fast_dev_run)
             (folder / f"{record_name(trainer)}.md").write_text(text + "\n")
-        log_text(trainer.logger, "explanations/text", text, logged_step(trainer))
+        log_text(trainer.loggers, "explanations/text", text, logged_step(trainer))
         shown = self.displayable(trainer, images)  # normalisation undone: the images as they look, in [0, 1]
-        log_image(trainer.logger, "explanations/images", make_grid(shown, nrow=len(images)), logged_step(trainer))
+        log_image(trainer.loggers, "explanations/images", make_grid(shown, nrow=len(images)), logged_step(trainer))
