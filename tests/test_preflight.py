@@ -325,3 +325,21 @@ def test_the_systems_data_settings_are_checked_before_anything_moves() -> None:
     preflight(cbm, [], SimpleNamespace(num_classes=3, num_concepts=36))  # the same count: nothing said
     with pytest.raises(DataSettingError, match="num_classes=3 but the data's num_classes is 4"):
         preflight(cbm, [], SimpleNamespace(num_classes=4))  # every System's settings, the engine's check
+
+
+
+def test_a_fit_that_would_train_nothing_is_refused_before_the_earlier_run_moves(
+        in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """`fit --trainer.max_epochs=0` moved the run folder's trained run to stale/, trained nothing, wrote no checkpoint
+    and exited 0: refused by name, nothing moved (max_steps and limit_train_batches 0 alike)."""
+    from zoo.cli import main
+
+    small = [*SMALL_WORLD, "--data.init_args.image_size=32", "--trainer.max_epochs=1",
+             "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--progress_bar.refresh_rate=0"]
+    main(["fit", "--config", BASELINE, *small])
+    run = in_tmp_dir / "checkpoints" / "baselines_parts_world"
+    before = folders(run)
+    for budget in ("--trainer.max_epochs=0", "--trainer.max_steps=0", "--trainer.limit_train_batches=0"):
+        error = said_once(capsys, ["fit", "--config", BASELINE, *small, budget])
+        assert f"{budget.removeprefix('--')} trains nothing" in error and "nothing was moved" in error, error
+    assert folders(run) == before and "checkpoints" in before and not (in_tmp_dir / "checkpoints" / "stale").exists()

@@ -134,6 +134,23 @@ def warn_unnormalised_pretrained(system: Any, datamodule: Any) -> None:
                                                    if _same_normalization(trained, ([0.0], [1.0])) else "."))
 
 
+def refuse_empty_budget(trainer: pl.Trainer) -> None:
+    """Refuse a new fit that would train nothing (`max_epochs` 0, `max_steps` 0 or `limit_train_batches` 0): it moved
+    the run folder's trained run to stale/ and left a folder with a config.yaml and no checkpoint, exiting 0. A
+    resumed fit may end at once (its checkpoint already holds the budget): not refused."""
+    from zoo.cli.errors import mark
+
+    if trainer.fast_dev_run:
+        return
+    limit = trainer.limit_train_batches
+    empty = [f"{name}={value}" for name, value in (("max_epochs", trainer.max_epochs), ("max_steps", trainer.max_steps),
+                                                   ("limit_train_batches", limit)) if value == 0]
+    if empty:
+        raise mark(ValueError(f"fit: --trainer.{empty[0]} trains nothing (no step, no checkpoint); nothing was moved "
+                              f"or written. Give it a budget of at least one step, or evaluate a run with validate / "
+                              f"test --ckpt_path."))
+
+
 def _same_normalization(a: tuple[Any, Any], b: tuple[Any, Any]) -> bool:
     """Two (mean, std) pairs alike, one value standing for every channel, as a checkpoint's data settings are
     compared (`zoo.weights._same_setting`)."""
@@ -684,6 +701,8 @@ class ZooCLI(LightningCLI):
         from zoo.cli.runs import move_earlier_run
 
         preflight(self.model, self.trainer.callbacks, self.datamodule)  # before the earlier run moves to stale/
+        if not self.restores_checkpoint:
+            refuse_empty_budget(self.trainer)
         move_earlier_run(self.trainer, "fit", self.restores_checkpoint, self.config["fit"].as_dict())
         prepare_fit_auxiliaries(self.model, self.trainer, self.datamodule, self.restores_checkpoint)
 
