@@ -365,3 +365,17 @@ def test_mismatch_errors_name_only_what_is_wrong_and_a_file_as_pretrained_points
             zoo.create_model("baseline_tinycnn", pretrained=value)
     with pytest.raises(ValueError, match=r"pretrained_path='w.pth' is given too: keep one"):
         zoo.create_model("baseline_tinycnn", pretrained="w.pth", pretrained_path="w.pth")
+
+
+def test_a_checkpoint_that_pickles_objects_is_refused_without_torchs_unsafe_advice(tmp_path: Path) -> None:
+    """`zoo.load_checkpoint` / `--ckpt_path` of a .ckpt pickling objects passed on torch's text, which advises
+    `weights_only=False` or allow-listing the global: now named as the weight files' reader names it."""
+    import numpy as np
+
+    from zoo.weights import read_checkpoint
+
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "best": np.float64(0.7)}, tmp_path / "numpy.ckpt")
+    with pytest.raises(CheckpointError, match=r"Could not read checkpoint .*numpy.ckpt': it pickles numpy\.\S*"
+                                              r"scalar.*weights_only=True does not build") as refused:
+        read_checkpoint(tmp_path / "numpy.ckpt")
+    assert "weights_only=False" not in str(refused.value) and "add_safe_globals" not in str(refused.value)

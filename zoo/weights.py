@@ -426,7 +426,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - every reader error means the same thing to the user
-        raise CheckpointError(f"Could not read checkpoint {str(path)!r} ({type(err).__name__}: {err}); pickled "
+        refused = _refused_globals(path, err)  # torch's own text advises weights_only=False: not passed on
+        raise CheckpointError(f"Could not read checkpoint {str(path)!r}: {refused}." if refused else
+                              f"Could not read checkpoint {str(path)!r} ({type(err).__name__}: {err}); pickled "
                               f"objects are refused (weights_only=True).") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise CheckpointError(f"{str(path)!r} is not a Lightning checkpoint of a zoo System (no state_dict / "
