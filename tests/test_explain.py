@@ -498,3 +498,38 @@ def test_tracing_a_backbones_map_geometry_keeps_every_modules_mode() -> None:
     frozen.eval()
     model.backbone.map_geometry(32)
     assert model.backbone.training and not frozen.training
+
+
+def test_the_explanation_figure_says_which_class_each_models_maps_explain() -> None:
+    """compare's figure of an L2X run said "maps explain the true class" and showed the approximator's "pred:", but
+    L2X's maps explain its black box's predicted class: its first row now names that class ("black box pred: ...",
+    red where it is not the true class) and the title says which models' maps explain what. A model whose maps
+    explain the true class (the black box twin, every other family) keeps its "pred:" row and, alone, the title."""
+    from datamodules import DigitsDataModule
+    from zoo.explain.scores import ExplainedRun, explained_run, explanation_figure
+    from zoo.l2x.system import L2XSystem
+
+    torch.manual_seed(0)
+    data = DigitsDataModule(classes=[3, 8], image_size=8, batch_size=16)
+    data.setup()
+    system = L2XSystem(model_name="l2x_patches", num_classes=2, in_chans=1, image_size=8,
+                       data_inputs=data.model_inputs, model_kwargs={"k": 4, "patch_size": 2},
+                       black_box="baseline_smallcnn", black_box_epochs=1, evaluator_epochs=0, input_key="image")
+    _, maps, images = system.explanation_report(data, {"num_images": 4, "methods": ["saliency"]})
+    head = [m for m in system.black_box.modules() if isinstance(m, torch.nn.Linear)][-1]
+    head.weight.data.zero_()
+    head.bias.data.copy_(torch.tensor([5.0, -5.0]))  # the black box says "3" for every image
+    l2x = explained_run("l2x", system, data, images, maps)
+    assert l2x.explained == [0] * 4 and l2x.explains == "black box pred" and sorted(l2x.true) == [0, 0, 1, 1]
+    twin = ExplainedRun("black_box", images, {"saliency": maps["saliency"]}, l2x.true, [1, 1, 1, 1])
+    figure = explanation_figure([l2x, twin], data)
+    columns = len(images)
+    titles = [(ax.get_title(), ax.title.get_color()) for ax in figure.axes]
+    colours = ["green" if t == 0 else "red" for t in l2x.true]  # green where the black box is right
+    assert titles[columns: 2 * columns] == [("black box pred: 3", colour) for colour in colours]  # l2x's first row
+    assert list(maps) == ["l2x", "saliency"]  # rows: the images, l2x: l2x, l2x: saliency, black_box: saliency
+    assert [t for t, _ in titles[3 * columns:]] == ["pred: 8"] * columns  # the twin's row: its own prediction
+    assert figure.get_suptitle() == ("l2x: maps explain the black box pred (above its first row); black_box: maps "
+                                     "explain the true class (top row), pred: the model's prediction")
+    alone = explanation_figure([twin], data)  # every model explains the true class: the title as it was
+    assert alone.get_suptitle() == "maps explain the true class (top row); pred: the model's prediction"

@@ -486,7 +486,7 @@ def test_padding_is_never_reported_as_selected() -> None:
 
     torch.manual_seed(0)
     system = L2XSystem(model_name="l2x_tokens", data_inputs={"vocab_size": 50, "max_len": 8}, model_kwargs={"k": 5},
-                       black_box="baseline_textcnn", black_box_epochs=0, evaluator_epochs=0, input_key="tokens").eval()
+                       black_box="baseline_textcnn", black_box_epochs=1, evaluator_epochs=0, input_key="tokens").eval()
     tokens = torch.tensor([[5, 7, 9, 0, 0, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8]])
     selection = system.model(tokens)["selection"]
     assert torch.equal(selection[0], torch.tensor([1.0, 1, 1, 0, 0, 0, 0, 0])) and selection[1].sum() == 5
@@ -726,7 +726,7 @@ def test_compare_scores_captum_methods_on_tokens_too() -> None:
     data = SyntheticSentimentDataModule(num_train=16, num_val=8, num_test=8, max_len=12)
     data.setup()
     system = L2XSystem(model_name="l2x_tokens", data_inputs=data.model_inputs, model_kwargs={"k": 3},
-                       black_box="baseline_textcnn", black_box_epochs=0, evaluator_epochs=0, input_key="tokens")
+                       black_box="baseline_textcnn", black_box_epochs=1, evaluator_epochs=0, input_key="tokens")
     rows, maps, images = system.explanation_report(data, {"num_images": 4, "methods": ["saliency", "kernel_shap",
                                                                                        "lime:20"], "num_perturbed": 2})
     assert [row["method"] for row in rows] == ["l2x", "saliency", "kernel_shap", "lime:20", "random"]  # a count: kept
@@ -742,7 +742,7 @@ def test_the_explanation_report_runs_in_the_models_dtype(dtype: torch.dtype) -> 
     torch.manual_seed(0)
     data = L2XSyntheticDataModule(dataset="switch", num_train=16, num_val=8, num_test=8, batch_size=8)
     data.setup()
-    system = L2XSystem(model_name="l2x_vector", data_inputs=data.model_inputs, black_box_epochs=0,
+    system = L2XSystem(model_name="l2x_vector", data_inputs=data.model_inputs, black_box_epochs=1,
                        evaluator_epochs=0).to(dtype)
     rows, _, _ = system.explanation_report(data, {"num_images": 4, "methods": ["saliency"], "num_perturbed": 2})
     assert [row["method"] for row in rows] == ["l2x", "saliency", "random"]
@@ -761,7 +761,7 @@ def test_the_explanation_report_ends_with_the_random_floor_and_gives_every_score
     torch.manual_seed(0)
     data = L2XSyntheticDataModule(dataset="switch", num_train=16, num_val=8, num_test=8, batch_size=8)
     data.setup()
-    system = L2XSystem(model_name="l2x_vector", data_inputs=data.model_inputs, black_box_epochs=0,
+    system = L2XSystem(model_name="l2x_vector", data_inputs=data.model_inputs, black_box_epochs=1,
                        evaluator_epochs=0)
     settings = {"num_images": 4, "num_perturbed": 2, **({"methods": methods} if methods else {})}
     rows, _, _ = system.explanation_report(data, settings)
@@ -789,7 +789,7 @@ def test_the_random_floor_of_an_image_selector_is_a_row_but_no_map() -> None:
     data.setup()
     system = L2XSystem(model_name="l2x_patches", num_classes=2, in_chans=1, image_size=8,
                        data_inputs=data.model_inputs, model_kwargs={"k": 4, "patch_size": 2},
-                       black_box="baseline_smallcnn", black_box_epochs=0, evaluator_epochs=0, input_key="image")
+                       black_box="baseline_smallcnn", black_box_epochs=1, evaluator_epochs=0, input_key="image")
     rows, maps, images = system.explanation_report(data, {"num_images": 4, "methods": ["saliency"]})
     assert [row["method"] for row in rows] == ["l2x", "saliency", "random"] and list(maps) == ["l2x", "saliency"]
     assert maps["l2x"].shape == (4, 8, 8) and images.shape == (4, 1, 8, 8)
@@ -809,3 +809,120 @@ def test_a_nan_selection_entry_counts_as_dropped_in_the_selection_median_rank() 
     with_nan[:, 8] = float("nan")
     torch.testing.assert_close(selection_median_rank(with_nan, scores, relevant), selection_median_rank(
         selection, scores, relevant))
+
+
+# ------------------------------------------------------------------------------------------------ padding, helpers
+def padded_texts(n: int = 64, words: int = 6, max_len: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, max_len) token ids of `words` words each then padding, and (n, max_len) one true word per text."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.zeros(n, max_len, dtype=torch.long)
+    tokens[:, :words] = torch.randint(1, 50, (n, words), generator=generator)
+    relevant = torch.zeros(n, max_len, dtype=torch.bool)
+    relevant[torch.arange(n), torch.randint(0, words, (n,), generator=generator)] = True
+    return tokens, relevant
+
+
+def test_median_ranks_rank_the_words_of_a_text_and_padding_after_them() -> None:
+    """Padding was ranked as features: the random floor's padding scored -1.0, |score| 1 above every word, so all of
+    it ranked first (median_rank 20.0 for 14.0 among the words); the selection median rank put padding among the
+    dropped words (an unselected true word anywhere in k+1..max_len). Both now rank the words, padding after them.
+    Known answers: every word of a 4-word text true, one selected: ranks {1, 2, 3, 4} whatever the tie order, median
+    2.5; a padded position scored above every word does not push a word's rank past the word count."""
+    from zoo.l2x.metrics import selection_median_rank
+
+    selectable = torch.tensor([[True] * 4 + [False] * 4])
+    scores = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.9, 0.9, 0.9, 0.9]])  # padding's attribution above every word's
+    selection = torch.tensor([[1.0, 0, 0, 0, 0, 0, 0, 0]])
+    every_word = selectable.clone()
+    for seed in range(5):  # any tie order
+        assert selection_median_rank(selection, scores, every_word, seed, selectable).item() == 2.5
+        assert median_true_rank(scores, every_word, seed=seed, selectable=selectable).item() == 2.5
+    first = torch.tensor([[True] + [False] * 7])
+    assert median_true_rank(scores, first, seed=0, selectable=selectable).item() == 4.0  # the lowest of 4 words
+    assert median_true_rank(scores, first, seed=0).item() == 8.0  # every position a feature: as before
+    for rank_by, expected in (("scores", 4.0), ("selection", 1.0)):
+        metric = MedianRank(rank_by=rank_by)
+        metric.update(scores, first, selection, selectable)
+        assert metric.compute().item() == expected
+
+    from zoo.l2x.scores import compare_explainers, explain_features
+
+    tokens, relevant = padded_texts()  # 6 words of max_len 32, k = 2
+    selector = zoo.create_model("l2x_tokens", vocab_size=50, max_len=32, k=2).eval()
+    black_box = zoo.create_model("baseline_textcnn", vocab_size=50, max_len=32).eval()
+    scores, chosen, _ = explain_features("random", {"l2x": selector}, None, tokens, None, 2, 1, None)
+    assert (scores[tokens == 0] == 0).all() and not chosen[tokens == 0].any()  # padding: no score, never selected
+    explained = compare_explainers({"l2x": selector}, black_box, None, tokens, torch.zeros(64, dtype=torch.long),
+                                   relevant, 2, ["l2x", "random"])
+    for row in explained.rows:  # one true word among 6: every rank within the word count
+        assert 1 <= row["median_rank"] <= 6 and 1 <= row["median_rank_selection"] <= 6, row
+        assert 1 <= row["mean_rank"] <= 6, row
+    assert (explained.ranks["random"] <= 6).all()
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # no trainer: the metrics update alone
+def test_the_logged_median_ranks_rank_the_words_of_a_text() -> None:
+    """val/median_rank_selection (MedianRank, per-sample medians gathered by `cat` under DDP) ranked padding with
+    the dropped words: the System passes its model's selectable features (the words) to both median ranks."""
+    from zoo.l2x.system import L2XSystem
+
+    torch.manual_seed(0)
+    system = L2XSystem(model_name="l2x_tokens", data_inputs={"vocab_size": 50, "max_len": 32},
+                       model_kwargs={"k": 2}, black_box="baseline_textcnn", black_box_epochs=1, evaluator_epochs=0,
+                       input_key="tokens").eval()
+    tokens, relevant = padded_texts()
+    batch = {"tokens": tokens, "label": torch.zeros(64, dtype=torch.long), "relevant": relevant}
+    with torch.no_grad():
+        system.update_metrics(system.forward_batch(batch, "val"), batch, "val")  # no trainer: updated, not logged
+    for name in ("median_rank", "median_rank_selection"):
+        values = system.metrics[f"val_{name}"].values()
+        assert len(values) == 64 and (values <= 6).all(), (name, values.max())
+
+
+def test_black_box_epochs_are_checked_when_the_system_is_built(in_tmp_dir: Path) -> None:
+    """black_box_epochs 0 without black_box_checkpoint was refused by `require_black_box` at the fit's start, after
+    the EVAL-X evaluator had trained (minutes on text), with a traceback; negative epochs meant 0. Both are refused
+    when the System is built (one `train.py: error:` line), but where a checkpoint's weights replace the System's."""
+    from zoo.cli.errors import is_configuration_error
+    from zoo.l2x.system import L2XSystem
+    from zoo.weights import checkpoint_replaces_weights
+
+    inputs = {"data_inputs": {"num_features": 10}}
+    with pytest.raises(ValueError, match="black_box_epochs=0 and no black_box_checkpoint.*Set black_box_epochs"):
+        L2XSystem(**inputs, black_box_epochs=0)
+    for name in ("black_box_epochs", "evaluator_epochs"):
+        with pytest.raises(ValueError, match=rf"{name} \(epochs .*\) must be a whole number >= 0.*got -1"):
+            L2XSystem(**inputs, **{name: -1})
+    with checkpoint_replaces_weights():  # --ckpt_path, a resumed fit, load_from_checkpoint: the black box is in it
+        L2XSystem(**inputs, black_box_epochs=0)
+    L2XSystem(**inputs, black_box_epochs=1, evaluator_epochs=0)  # no evaluator: allowed
+
+    from train import main
+
+    with pytest.raises(ValueError, match="black_box_epochs=0 and no black_box_checkpoint") as refused:
+        main(["fit", "--config", str(REPO / "configs/l2x/switch.yaml"), "--model.init_args.black_box_epochs=0",
+              "--model.init_args.evaluator_epochs=1", "--data.init_args.num_train=64"])
+    assert is_configuration_error(refused.value)
+    assert not list(in_tmp_dir.rglob("evaluator*.ckpt"))  # refused before anything trained
+
+
+def test_selection_text_reads_the_systems_relevant_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SelectionCallback read batch["relevant"] whatever the System's `relevant_key`: the true features of data that
+    names them otherwise were never shown."""
+    from types import SimpleNamespace
+
+    import zoo.l2x.callback as callback_module
+    from zoo.l2x.callback import SelectionCallback
+    from zoo.l2x.system import L2XSystem
+
+    system = L2XSystem(data_inputs={"num_features": 10}, model_kwargs={"k": 2}, black_box_epochs=1,
+                       evaluator_epochs=0, relevant_key="truth").eval()
+    truth = torch.zeros(2, 10, dtype=torch.bool)
+    truth[:, [3, 7]] = True
+    callback = SelectionCallback(num_samples=2)
+    callback.fixed_batch = lambda trainer: {"features": torch.randn(2, 10), "truth": truth}
+    written: list[str] = []
+    monkeypatch.setattr(callback_module, "log_text", lambda logger, tag, text, step: written.append(text))
+    trainer = SimpleNamespace(loggers=[], logger=None, datamodule=None, global_step=0)
+    callback.draw(trainer, system, None)
+    assert written and written[0].count("(true: [3, 7])") == 2

@@ -25,8 +25,8 @@ from zoo.distributed import all_reduce_, rank_local
 from zoo.engine.callbacks import logged_step, logger_folder, scoring_logged_apart
 from zoo.engine.system import convert_for_precision
 from zoo.figures import log_figure, save_figure
-from zoo.explain.scores import (EXPLANATION_DIRECTIONS, ExplainedRun, check_explain_settings, explanation_figure,
-                                explanation_directions, explanation_note, true_and_predicted)
+from zoo.explain.scores import (EXPLANATION_DIRECTIONS, ExplainedRun, check_explain_settings, explained_run,
+                                explanation_figure, explanation_directions, explanation_note)
 from zoo.weights import checkpoint_replaces_weights, load_system_weights
 
 COMPARE_HELP = """\
@@ -721,8 +721,8 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
                 notes.setdefault(explanation_note(explained), []).append(run_name)  # the System's rows say its note
                 directions |= explanation_directions(explained)  # and its columns' directions (L2X: mean_rank, ...)
                 if maps:  # no figure where the inputs are not images (vectors, tokens)
-                    explained_runs.append(ExplainedRun(run_name, images, maps,
-                                                       *true_and_predicted(cli.model, cli.datamodule, images)))
+                    # with the class its maps explain: the true class, or the System's own (L2X: its black box's)
+                    explained_runs.append(explained_run(run_name, cli.model, cli.datamodule, images, maps))
                     log_figure(cli.trainer.logger, "explanations",  # at the step of the validation's val/* points
                                explanation_figure(explained_runs[-1:], cli.datamodule), logged_step(cli.trainer))
         rows.append({

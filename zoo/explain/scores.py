@@ -416,13 +416,31 @@ def rule_event_masks(events: torch.Tensor, tolerance: int = EVENT_TOLERANCE) -> 
 @dataclass
 class ExplainedRun:
     """One model's explanations of the compared images: `maps` method -> (N, H, W) saliency over `images`
-    (N, C, H, W); `true` / `predicted` class ids (N,) where known."""
+    (N, C, H, W); `true` / `predicted` class ids (N,) where known. `explained`: the class ids (N,) the maps explain
+    where that is not the true class, named by `explains` (L2X: its black box's prediction, "black box pred"); None:
+    the maps explain the true class (`score_explanations`)."""
 
     name: str
     images: torch.Tensor
     maps: dict[str, torch.Tensor]
     true: list[int] | None = None
     predicted: list[int] | None = None
+    explained: list[int] | None = None
+    explains: str = "true class"
+
+
+def explained_run(name: str, system: nn.Module, datamodule: Any, images: torch.Tensor,
+                  maps: dict[str, torch.Tensor]) -> ExplainedRun:
+    """The `ExplainedRun` of a System's `explanation_report` (`maps` of `images`): the true and predicted classes
+    (`true_and_predicted`) and, where the System's maps explain another class than the true one, that class, from
+    its `explained_classes(images) -> (what it is, class ids (N,))` (L2X: its black box's predicted class). The figure
+    wrote "maps explain the true class" and the approximator's "pred:" above maps of L2X's black box's prediction."""
+    true, predicted = true_and_predicted(system, datamodule, images)
+    explained_classes = getattr(system, "explained_classes", None)
+    if explained_classes is None:  # the maps explain the true class
+        return ExplainedRun(name, images, maps, true, predicted)
+    explains, explained = explained_classes(images)
+    return ExplainedRun(name, images, maps, true, predicted, explained, explains)
 
 
 def true_and_predicted(system: nn.Module, datamodule: Any, images: torch.Tensor
@@ -450,15 +468,16 @@ def true_and_predicted(system: nn.Module, datamodule: Any, images: torch.Tensor
 def explanation_figure(runs: list[ExplainedRun], datamodule: Any = None) -> Any:
     """Every explained image (columns) under every model's explainers (rows named "<model>: <method>", red =
     important), the models stacked in one figure so one image is compared down its column. The top row shows the
-    images (the datamodule's normalisation undone, `denormalize`) with their true class, the class every map
-    explains; each model's first row says its predicted class (green right, red wrong)."""
+    images (the datamodule's normalisation undone, `denormalize`) with their true class, the class the maps explain;
+    each model's first row says its predicted class (green right, red wrong). A model whose maps explain another class
+    (`ExplainedRun.explained`: L2X, its black box's prediction) says that class there instead, "<explains>: <class>"
+    (green where it is the true class), and the title says which models' maps explain what."""
     images = runs[0].images.float().cpu()
     images = getattr(datamodule, "denormalize", lambda x: x)(images).clamp(0, 1)  # pixels as they are, in [0, 1]
     rows = 1 + sum(len(run.maps) for run in runs)
     figure, axes = new_figure(rows, len(images))
     true = runs[0].true
-    figure.suptitle("maps explain the true class" + (" (top row); pred: the model's prediction" if true else ""),
-                    fontsize=9)
+    figure.suptitle(explained_title(runs, true is not None), fontsize=9)
     for column, image in enumerate(images):
         shown = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
         axes[0, column].imshow(shown.permute(1, 2, 0).numpy())
@@ -472,9 +491,24 @@ def explanation_figure(runs: list[ExplainedRun], datamodule: Any = None) -> Any:
             axes[row, 0].set_ylabel(f"{run.name}:\n{method}", fontsize=8, rotation=0, ha="right", va="center")
             for column, panel in enumerate(method_panels):
                 axes[row, column].imshow(panel.permute(1, 2, 0).numpy())
-                if method == next(iter(run.maps)) and run.predicted is not None:
-                    right = run.true is None or run.true[column] == run.predicted[column]
-                    axes[row, column].set_title(f"pred: {class_name(datamodule, run.predicted[column])}",
+                said = ("pred", run.predicted) if run.explained is None else (run.explains, run.explained)
+                if method == next(iter(run.maps)) and said[1] is not None:  # the model's first row
+                    right = run.true is None or run.true[column] == said[1][column]
+                    axes[row, column].set_title(f"{said[0]}: {class_name(datamodule, said[1][column])}",
                                                 fontsize=8, color="green" if right else "red")
             row += 1
     return figure
+
+
+def explained_title(runs: list[ExplainedRun], true_known: bool) -> str:
+    """The explanation figure's title: which class the maps explain. Where every model's maps explain the true class,
+    one sentence for all; else one for each group of models, in their order (L2X beside its black box twin:
+    "l2x: maps explain the black box pred (above its first row); black_box: maps explain the true class ...")."""
+    true_class = "maps explain the true class" + (" (top row); pred: the model's prediction" if true_known else "")
+    if all(run.explained is None for run in runs):
+        return true_class
+    groups: dict[str, list[str]] = {}  # what the maps explain -> the models whose maps explain it
+    for run in runs:
+        said = true_class if run.explained is None else f"maps explain the {run.explains} (above its first row)"
+        groups.setdefault(said, []).append(run.name)
+    return "; ".join(f"{', '.join(names)}: {said.replace('; ', ', ')}" for said, names in groups.items())

@@ -21,7 +21,8 @@ class SelectionCallback(FixedBatchCallback):
     from dimmed ones); otherwise ``selection`` (B, d) is written as text (TensorBoard ``selection/text``,
     ``selection/epoch<e>.md``; outside fit the files are ``validate.*``, `record_name`): token ids through the
     datamodule's public `decode_selection(tokens, selection) -> str` (`datamodules.text.TokenDataModule`: selected
-    words in **bold**), vectors as the selected feature indices, next to the true ones where the batch has ``relevant``.
+    words in **bold**), vectors as the selected feature indices, next to the true ones where the batch has them (the
+    System's ``relevant_key``, default ``relevant``).
     """
 
     def __init__(self, num_samples: int = 8) -> None:
@@ -47,9 +48,9 @@ class SelectionCallback(FixedBatchCallback):
             return
         decode = getattr(trainer.datamodule, "decode_selection", None) or self._describe
         lines = [decode(x[i].cpu(), selection[i].cpu()) for i in range(len(x))]
-        if "relevant" in batch:
-            lines = [f"{line}  (true: {batch['relevant'][i].nonzero().flatten().tolist()})"
-                     for i, line in enumerate(lines)]
+        relevant = batch.get(getattr(pl_module, "relevant_key", "relevant"))  # (N, d) the System's setting
+        if relevant is not None:
+            lines = [f"{line}  (true: {relevant[i].nonzero().flatten().tolist()})" for i, line in enumerate(lines)]
         text = "\n\n".join(f"{i}. {line}" for i, line in enumerate(lines))
         if folder is not None:
             (folder / f"{record_name(trainer)}.md").write_text(text + "\n")

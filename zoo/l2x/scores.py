@@ -6,9 +6,9 @@ Every method explains the same samples for the black box's predicted class: a se
 pass, a Captum method (`zoo.explain.captum.FEATURE_METHODS`) by attribution on the black box. Attributions become a
 top-k selection (k = the true set size; INVASE selects its own number; text: among the words, never padding);
 then every method gets the median rank of the true features (by its scores, and by its selection as the L2X
-authors rank, `zoo.l2x.metrics`) and TPR/FDR (where ground truth is known), post-hoc
-accuracy (the black box on the selection agrees with the black box) and EVAL-X accuracy (the random-mask evaluator
-on the selection vs the label).
+authors rank, `zoo.l2x.metrics`; text: among the words, padding ranked after them) and TPR/FDR (where ground truth
+is known), post-hoc accuracy (the black box on the selection agrees with the black box) and EVAL-X accuracy (the
+random-mask evaluator on the selection vs the label).
 Timing: batched methods are timed `repeats` times over all samples after one warm-up call (median); KernelShap and
 Lime explain one sample at a time (Captum fits one surrogate per sample), timed per sample (median).
 """
@@ -37,7 +37,8 @@ EXPLANATION_NOTE = (
     "Every method explains the black box's predicted class (not the label), on the same samples: a selector (L2X, "
     "INVASE) by its own selection, a Captum method by its k highest attributions on the black box (text: among the "
     "words); num_selected: the mean selection size. median_rank / mean_rank: the median / mean over samples of the "
-    "median rank of the true features in the method's scores (1 = ranked first; lower is better); "
+    "median rank of the true features in the method's scores (1 = ranked first; lower is better; text: ranked "
+    "among the words, padding after them); "
     "median_rank_selection: the same with features ranked by the method's selection, random order inside the "
     "selected and inside the rest (the L2X authors' protocol: a selector gains nothing from how it orders the "
     "features it keeps or drops); tpr / fdr: the "
@@ -84,8 +85,8 @@ def explain_features(method: str, selectors: dict[str, nn.Module], black_box: nn
     if method == RANDOM:  # seeded, not timed: a reference for the scores, not a method
         generator = torch.Generator().manual_seed(0)
         scores = torch.rand(len(x), selector.num_features, generator=generator).to(x.device)  # (N, d)
-        if selectable is not None:  # padding is never a word
-            scores = scores.masked_fill(~selectable, -1.0)
+        if selectable is not None:  # padding is never a word: no score (-1.0 was |score| 1, above every word)
+            scores = scores.masked_fill(~selectable, 0.0)
         return scores, top_k_mask(scores, k, selectable), float("nan")
     if method in selectors:
         selector = selectors[method]
@@ -131,6 +132,7 @@ def compare_explainers(selectors: dict[str, nn.Module], black_box: nn.Module, ev
     with torch.no_grad():
         target = black_box(x)["logits"].argmax(-1)  # explain the black box's decision
     rows, ranks, selections = [], {}, {}
+    selectable = next(iter(selectors.values())).selectable(x)  # (N, d) text: the words, ranked before padding
     for method in methods:
         name, n_samples = perturbation_samples(method)
         n = min(len(x), num_perturbed or len(x)) if name in PERTURBATION_METHODS else len(x)
@@ -139,11 +141,12 @@ def compare_explainers(selectors: dict[str, nn.Module], black_box: nn.Module, ev
         masked = mask_input(x[:n], selection)
         row = {"method": method, "n": n, "num_selected": round(selection.sum(-1).mean().item(), 2)}
         if relevant is not None:
-            medians = median_true_rank(scores, relevant[:n])
+            words = None if selectable is None else selectable[:n]  # padding ranked after the words, in both
+            medians = median_true_rank(scores, relevant[:n], selectable=words)
             recovery = SelectionRecovery()
             recovery.update(selection, relevant[:n])
             ranks[method] = medians.cpu()  # for plots
-            by_selection = selection_median_rank(selection, scores, relevant[:n])  # the authors' protocol
+            by_selection = selection_median_rank(selection, scores, relevant[:n], selectable=words)  # the authors'
             row |= {"median_rank": round(medians.quantile(0.5).item(), 2),
                     "median_rank_selection": round(by_selection.nanquantile(0.5).item(), 2),
                     "mean_rank": round(medians.mean().item(), 3),

@@ -46,7 +46,8 @@ class L2XSystem(ZooSystem):
         black_box: registered classifier to explain; built with the same data inputs (the evaluator too).
         black_box_kwargs: extra keyword arguments for the black box (and evaluator).
         black_box_checkpoint / evaluator_checkpoint: load from this file instead of training.
-        black_box_epochs / evaluator_epochs: training epochs (evaluator 0: no EVAL-X evaluator, no evalx_acc).
+        black_box_epochs / evaluator_epochs: training epochs, >= 0 (evaluator 0: no EVAL-X evaluator, no evalx_acc;
+            black box 0 only with black_box_checkpoint, or where a checkpoint restores the System).
         aux_lr: Adam learning rate for the black box and the evaluator.
         loss: default `L2XLoss` for L2X, `INVASELoss` for INVASE.
         relevant_key: batch field with the true features (B, d), where the data knows them.
@@ -94,6 +95,7 @@ class L2XSystem(ZooSystem):
                          nonfinite_loss=nonfinite_loss, compile=compile, class_names=class_names)
         self.relevant_key = relevant_key
         self.check_loss_fits_selector()  # before the helpers are built, let alone trained
+        self.check_helper_settings(black_box_epochs, black_box_checkpoint, evaluator_epochs)
         self.black_box = create_model_for_data(black_box, num_classes, in_chans, image_size, data_inputs,
                                                black_box_kwargs)
         self.evaluator = create_model_for_data(black_box, num_classes, in_chans, image_size, data_inputs,
@@ -139,6 +141,28 @@ class L2XSystem(ZooSystem):
                 raise ValueError(f"loss {loss} does not fit model_name={name!r} ({family}): {why}. Use "
                                  f"losses.l2x.{own} with {name} (or give no loss: {own} is its default), or {other}.")
 
+    @staticmethod
+    def check_helper_settings(black_box_epochs: int, black_box_checkpoint: str | None, evaluator_epochs: int
+                              ) -> None:
+        """Refuse, when the System is built, helper settings that no run can use: a negative number of epochs
+        (trained as 0, silently), and a black box that would be neither trained nor loaded (`black_box_epochs` 0
+        without `black_box_checkpoint`), which `require_black_box` refused only at the fit's start, after the EVAL-X
+        evaluator had trained (minutes on text), with a traceback. Allowed where a checkpoint's weights replace the
+        System's (`zoo.weights.weights_will_be_replaced`: `--ckpt_path`, a resumed fit, `load_from_checkpoint`):
+        its black box comes from there."""
+        from zoo.weights import weights_will_be_replaced
+
+        for name, epochs, zero in (("black_box_epochs", black_box_epochs, "with black_box_checkpoint: load it"),
+                                   ("evaluator_epochs", evaluator_epochs, "no EVAL-X evaluator, no evalx_acc")):
+            if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+                raise ValueError(f"{name} (epochs of training before the selector's) must be a whole number >= 0 "
+                                 f"(0: {zero}); got {epochs!r}.")
+        if black_box_epochs == 0 and black_box_checkpoint is None and not weights_will_be_replaced():
+            raise ValueError("black_box_epochs=0 and no black_box_checkpoint: the black box the selector explains "
+                             "would be neither trained nor loaded. Set black_box_epochs to a number of epochs > 0 "
+                             "(the configs in configs/l2x/ use 2 to 60), or give black_box_checkpoint (a classifier's "
+                             "weights, or an L2X run's checkpoint), or restore an L2X checkpoint (--ckpt_path).")
+
     def default_loss(self) -> nn.Module:
         from losses.l2x import INVASELoss, L2XLoss
         from zoo.l2x.model import L2X
@@ -178,9 +202,10 @@ class L2XSystem(ZooSystem):
             self.log_metric(stage, "evalx_acc", self.evaluator(masked)["logits"], y)
         relevant = batch.get(self.relevant_key)  # (B, d) true features, where the data knows them
         self.log_metric(stage, "recovery", out["selection"], relevant)  # num_selected always; tpr, fdr with truth
-        if relevant is not None:
-            self.log_metric(stage, "median_rank", out["scores"], relevant)
-            self.log_metric(stage, "median_rank_selection", out["scores"], relevant, out["selection"])
+        if relevant is not None:  # both rank the features a selection may keep (text: the words, padding after)
+            selectable = self.model.selectable(x)  # (B, d) bool, or None: every feature
+            self.log_metric(stage, "median_rank", out["scores"], relevant, None, selectable)
+            self.log_metric(stage, "median_rank_selection", out["scores"], relevant, out["selection"], selectable)
 
     def explanation_report(self, datamodule: Any, settings: dict[str, Any]
                            ) -> tuple[list[dict], dict[str, torch.Tensor], torch.Tensor | None]:
@@ -189,7 +214,8 @@ class L2XSystem(ZooSystem):
         `random` floor (k features drawn uniformly: the reference row every model gets, listed or not, as the image
         families' `random` row) explaining this System's black box on `num_images` validation samples (drawn once,
         class-stratified: the compare stage's `zoo.explain.scores.explained_batch`), scored alike (`zoo.l2x.scores`).
-        Maps (kept pixels of each method's selection) and images for image inputs; none for vectors and tokens."""
+        Maps (kept pixels of each method's selection) and images for image inputs; none for vectors and tokens. The
+        maps explain the black box's predicted class (`explained_classes`)."""
         from zoo.explain.scores import explained_batch, model_input
         from zoo.l2x.scores import RANDOM, compare_explainers
 
@@ -219,6 +245,17 @@ class L2XSystem(ZooSystem):
         maps = {method: self.model.mask_input(ones, selection)[:, 0] for method, selection in
                 explained.selections.items() if method != RANDOM}  # (N, H, W) kept pixels; the floor not drawn
         return explained.rows, maps, x
+
+    def explained_classes(self, images: torch.Tensor) -> tuple[str, list[int]]:
+        """What the maps of `explanation_report` explain for its `images` (N, ...): the black box's predicted class
+        (N,), as `compare_explainers` explains it (not the label, nor the approximator's class), for the compare
+        figure (`zoo.explain.scores.explained_run`), which titled them "maps explain the true class"."""
+        from zoo.explain.scores import model_input
+        from zoo.layers import eval_mode
+
+        with eval_mode(self.black_box), torch.no_grad():
+            logits = self.black_box(model_input(self, images))["logits"]  # (N, C)
+        return "black box pred", logits.argmax(-1).tolist()
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         """What `zoo.cli.predict.PredictionWriter` writes, plus each sample's feature `scores` and `selection`.
