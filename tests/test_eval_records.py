@@ -130,3 +130,5 @@ def test_no_picture_callback_logs_at_the_optimizer_step() -> None:
     calls = [call for path in (REPO / "zoo").rglob("*.py") for call in logged_at.findall(path.read_text())
              if "trainer" in call]
     assert len(calls) >= 10 and all(re.search(r"logged_step\((?:cli\.)?trainer[,)]", call) for call in calls), calls
+    first_logger_only = [call for call in calls if not re.search(r"log_\w+\((?:cli\.)?trainer\.loggers,", call)]
+    assert not first_logger_only, first_logger_only  # (`trainer.logger`: the first logger only)

@@ -723,7 +723,7 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
                 if maps:  # no figure where the inputs are not images (vectors, tokens)
                     # with the class its maps explain: the true class, or the System's own (L2X: its black box's)
                     explained_runs.append(explained_run(run_name, cli.model, cli.datamodule, images, maps))
-                    log_figure(cli.trainer.logger, "explanations",  # at the step of the validation's val/* points
+                    log_figure(cli.trainer.loggers, "explanations",  # at the step of the validation's val/* points
                                explanation_figure(explained_runs[-1:], cli.datamodule), logged_step(cli.trainer))
         rows.append({
             "run": run_name,

@@ -44,7 +44,7 @@ class SelectionCallback(FixedBatchCallback):
             grid = make_grid(F.interpolate(panels, scale_factor=scale, mode="nearest"), nrow=len(x))
             if folder is not None:  # None: no run folder (fast_dev_run)
                 save_image(grid, folder / f"{record_name(trainer)}.png")
-            log_image(trainer.logger, "selection/images", grid, logged_step(trainer))
+            log_image(trainer.loggers, "selection/images", grid, logged_step(trainer))
             return
         decode = getattr(trainer.datamodule, "decode_selection", None) or self._describe
         lines = [decode(x[i].cpu(), selection[i].cpu()) for i in range(len(x))]
@@ -54,7 +54,7 @@ class SelectionCallback(FixedBatchCallback):
         text = "\n\n".join(f"{i}. {line}" for i, line in enumerate(lines))
         if folder is not None:
             (folder / f"{record_name(trainer)}.md").write_text(text + "\n")
-        log_text(trainer.logger, "selection/text", text, logged_step(trainer))
+        log_text(trainer.loggers, "selection/text", text, logged_step(trainer))
 
     @staticmethod
     def _describe(x: torch.Tensor, selection: torch.Tensor) -> str:
