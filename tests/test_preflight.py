@@ -343,3 +343,17 @@ def test_a_fit_that_would_train_nothing_is_refused_before_the_earlier_run_moves(
         error = said_once(capsys, ["fit", "--config", BASELINE, *small, budget])
         assert f"{budget.removeprefix('--')} trains nothing" in error and "nothing was moved" in error, error
     assert folders(run) == before and "checkpoints" in before and not (in_tmp_dir / "checkpoints" / "stale").exists()
+
+
+@pytest.mark.parametrize("arg, said", [
+    ("--model.init_args.model_kwargs={drop_rat: 0.1}", "Did you mean 'drop_rate'?"),  # the model refuses it
+    ("--model.init_args.optimizer.init_args.momentum=0.9", "momentum"),  # the parser refuses it (Adam has none)
+])
+def test_arguments_of_one_compare_run_that_do_not_hold_name_the_run(
+        in_tmp_dir: Path, capsys: pytest.CaptureFixture, arg: str, said: str) -> None:
+    """Two runs of one config, the second given an argument that does not hold: the error named neither run."""
+    spec = write_spec(in_tmp_dir, {"name": "two", "runs": {"a": {"config": BASELINE},
+                                                           "b": {"config": BASELINE, "args": [arg]}}})
+    error = said_once(capsys, ["compare", "--config", spec, "--no_explain", *FAST])
+    assert said in error and "compare run 'b'" in error and "compare run 'a'" not in error, error
+    assert folders(in_tmp_dir / "checkpoints" / "two") == [], error

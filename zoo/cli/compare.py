@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -664,7 +665,8 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
         runs = spec["runs"]
         clis, random_states = {}, {}
         for run_name, run in runs.items():  # each seeded, then built, as `train.py fit` does
-            with checkpoint_replaces_weights() if run.get("checkpoint") else contextlib.nullcontext():
+            with (checkpoint_replaces_weights() if run.get("checkpoint") else contextlib.nullcontext(),
+                  naming_the_run(run_name)):  # its arguments or what they build, refused: the run named
                 logged = f"--trainer.logger.init_args.name={name}/{run_name}"
                 clis[run_name] = ZooCLI(args=_fit_args(run_name, run, Path(spec_path), common, [*extra, logged]),
                                         run=False)
@@ -776,9 +778,15 @@ def explanation_on_rank_zero(cli: ZooCLI, settings: dict[str, Any]) -> tuple[lis
 
 @contextlib.contextmanager
 def naming_the_run(run_name: str) -> Iterator[None]:
-    """A configuration error raised inside, while a compare run is checked before any training, names the run."""
+    """A configuration error raised inside, while a compare run is built and checked before any training, names the
+    run; the parser, which prints its own error and exits, gets the run's name in a line after its message (with
+    several runs of one config, "unknown argument 'drop_rat'" did not say whose arguments held it)."""
     try:
         yield
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            sys.stderr.write(f"(compare run {run_name!r}; no run has trained)\n")
+        raise
     except Exception as error:
         if not is_configuration_error(error):
             raise
