@@ -800,8 +800,15 @@ class ZooSystem(pl.LightningModule):
         spread = (f" on rank {self.global_rank}", " Under DDP the gradient all-reduce spreads one rank's NaN/inf to "
                   "every rank's weights: the first may be another rank's, steps earlier (each rank's error names its "
                   "own first).") if self._distributed() else ("", "")
+        trainer = self.trainer
+        saved = getattr(trainer, "ckpt_path", None) is not None or any(  # a checkpoint this run restored or wrote
+            getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+            for callback in getattr(trainer, "checkpoint_callbacks", []))
         raise FloatingPointError(f"Non-finite training loss{spread[0]} at {where}: {format_terms(names, stacked)}. "
-                                 f"The last checkpoint is the last good state.{spread[1]}")
+                                 + ("The last checkpoint is the last good state." if saved else
+                                    "No checkpoint was written yet.")
+                                 + " A lower learning rate may help, or --model.init_args.nonfinite_loss=skip, which "
+                                   f"skips such steps.{spread[1]}")
 
     def on_validation_epoch_end(self) -> None:
         self.check_finite_losses()  # the validation batches' deferred checks
