@@ -59,3 +59,23 @@ def test_a_class_path_with_no_close_class_says_what_a_class_path_is(in_tmp_dir: 
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and "data.class_path 'Xyzzy' names no class: no close name" in error, error
     assert "as 'datamodules.PartsWorldDataModule'" in error and "did you mean" not in error, error
+
+
+def test_a_word_for_a_number_is_not_taken_for_a_class_path(in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """Adam's `lr: float | Tensor` union: jsonargparse also tries 'abc' as a class, and the hint said the lr's
+    "class_path 'abc' names no class"; it is a number's option."""
+    with pytest.raises(SystemExit) as exit_info:
+        command_line(["fit", "--config", CONFIG, GUARD, "--model.init_args.optimizer.init_args.lr=abc"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "optimizer.init_args.lr expects a number (float); got 'abc'" in error, error
+    assert "names no class" not in error, error
+
+
+def test_yaml_that_does_not_parse_is_named_among_several_configs(in_tmp_dir: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """jsonargparse says where in "<unicode string>" the YAML breaks, not which --config file it is."""
+    (in_tmp_dir / "broken.yaml").write_text("trainer: {max_epochs: 1\n")
+    with pytest.raises(SystemExit) as exit_info:
+        command_line(["fit", "--config", CONFIG, "--config", "broken.yaml", GUARD])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "the YAML that does not parse is 'broken.yaml', line 2" in error, error

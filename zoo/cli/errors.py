@@ -255,6 +255,11 @@ def class_path_suggestion(message: str) -> str:
         return ""
     pattern, match = found[0]
     keys = re.findall(r'Parser key "([^"]+)"', message[: match.start()])
+    number = re.search(r"Expected a <class '(float|int)'>", message[message.rfind("Parser key", 0, match.start()):
+                                                                    match.start()])
+    if pattern is CLASS_PATH_ERRORS[2] and number and keys:  # a number's option (Adam's `lr: float | Tensor`, whose
+        return (f"{'.init_args.'.join(keys)} expects a number ({number.group(1)}); "  # union jsonargparse also tries
+                f"got {match.group(1)!r}")  # as a class): not a class_path
     setting = ".init_args.".join(keys) + ".class_path" if keys else "class_path"
     missing = ".".join(match.groups()) if pattern is not CLASS_PATH_ERRORS[2] else ""  # the part that is not there
     given = given_path(message, missing) if missing else match.group(1)
@@ -314,6 +319,23 @@ def suggestion(message: str, parser: Any, args: list[str], cwd: Path | None = No
     return "\n".join(line for line in lines if line)
 
 
+def unreadable_config(message: str, args: list[str], cwd: Path | None = None) -> str:
+    """For YAML that does not parse ("Problems parsing config ... in "<unicode string>", line 1"), the config file
+    of `args` it is in, with yaml's own line: with several --config files the message named none of them."""
+    if "Problems parsing config" not in message:
+        return ""
+    for path in config_files(args, cwd):
+        try:
+            yaml.safe_load(((cwd or Path()) / path).read_text())
+        except yaml.YAMLError as error:
+            mark_ = getattr(error, "problem_mark", None)
+            line = f", line {mark_.line + 1}, column {mark_.column + 1}" if mark_ is not None else ""
+            return f"the YAML that does not parse is {str(path)!r}{line}"
+        except OSError:
+            continue
+    return ""
+
+
 def clean(message: str) -> str:
     """jsonargparse's message without the union-type noise lines."""
     return "\n".join(line for line in message.splitlines() if not any(p.match(line) for p in NOISE))
@@ -339,7 +361,8 @@ class ZooArgumentParser(LightningArgumentParser):
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         prog = parser.prog.replace(" [options]", "")
-        hint = suggestion(message, parser, getattr(self, "zoo_args", sys.argv[1:]), getattr(self, "zoo_cwd", None))
+        args, cwd = getattr(self, "zoo_args", sys.argv[1:]), getattr(self, "zoo_cwd", None)
+        hint = suggestion(message, parser, args, cwd) or unreadable_config(message, args, cwd)
         sys.stderr.write(f"{prog}: error: {clean(message)}\n" + (f"{hint}\n" if hint else "")
                          + f"tip: {prog} --help lists every option\n")
         sys.exit(2)
