@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from losses import check_fraction, check_weight
+
 
 class ClassificationLoss(nn.Module):
     """Cross-entropy of ``out["logits"]`` against ``batch[target_key]`` (default "label"), returned as
@@ -13,6 +15,9 @@ class ClassificationLoss(nn.Module):
 
     def __init__(self, label_smoothing: float = 0.0, weight: float = 1.0, target_key: str = "label") -> None:
         super().__init__()
+        check_weight("ClassificationLoss", "weight", weight, "the task cross-entropy")
+        check_fraction("ClassificationLoss", "label_smoothing", label_smoothing, "the share of each target's mass "
+                       "spread uniformly over the classes (0: none)")
         self.label_smoothing = label_smoothing
         self.weight, self.target_key = weight, target_key
 

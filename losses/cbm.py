@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from losses import check_weight
+
 
 class ConceptBottleneckLoss(nn.Module):
     """``{"loss_task": CE(logits, label), "loss_concept": weight * mean_i BCE(concept_logits_i, c_i)}``.
@@ -25,6 +27,11 @@ class ConceptBottleneckLoss(nn.Module):
     def __init__(self, weight: float = 1.0, concept_key: str = "attributes",
                  pos_weight: list[float] | None = None, target_key: str = "label") -> None:
         super().__init__()
+        check_weight("ConceptBottleneckLoss", "weight", weight, "the concept BCE")
+        many = isinstance(pos_weight, (list, tuple))  # one per concept (or a single number, from Python)
+        for k, value in enumerate(pos_weight if many else [] if pos_weight is None else [pos_weight]):
+            check_weight("ConceptBottleneckLoss", f"pos_weight[{k}]" if many else "pos_weight", value,
+                         "the positives of its concept's BCE", zero_off=False)
         self.weight, self.concept_key, self.target_key = weight, concept_key, target_key
         self.register_buffer("pos_weight", torch.tensor(pos_weight) if pos_weight is not None else None,
                              persistent=False)

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn as nn
 
+from losses import check_weight
 from losses.baselines import ClassificationLoss
 from zoo.layers import cached_constant
 
@@ -107,6 +108,7 @@ class FilterPartLoss(nn.Module):
                              f"and the loss takes the log of both) must be strictly between 0 and 1; got "
                              f"alpha={alpha!r}. Leave it unset for the paper's n^2 / (1 + n^2), or give a value in "
                              f"(0, 1) such as 0.5.")
+        check_weight("FilterPartLoss", "weight", weight, "the filter loss -MI(X; T)")
         self.base_weight, self.schedule, self.alpha = weight, schedule, alpha
         self.weight = weight
         self._priors: dict[tuple[int, torch.device], torch.Tensor] = {}  # log p(T) per (templates, device)

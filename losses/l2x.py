@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from losses import check_weight
+
 
 def soft_target_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
     """Mean over samples of -sum_y p(y) log softmax(logits)_y."""
@@ -42,7 +44,7 @@ class INVASELoss(nn.Module):
 
     def __init__(self, sparsity: float = 0.1) -> None:
         super().__init__()
-        self.sparsity = sparsity
+        self.sparsity = check_weight("INVASELoss", "sparsity", sparsity, "the mean selection probability")
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         target = batch["teacher_probs"]

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from losses import check_weight
+
 
 def cluster_and_separation(min_distances: torch.Tensor, prototype_class: torch.Tensor, labels: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,6 +36,9 @@ class ProtoPNetLoss(nn.Module):
     def __init__(self, cluster: float = 0.8, separation: float = -0.08, l1: float = 1e-4,
                  target_key: str = "label") -> None:
         super().__init__()
+        check_weight("ProtoPNetLoss", "cluster", cluster, "the cluster cost Clst")
+        check_weight("ProtoPNetLoss", "separation", separation, "the separation cost Sep", sign=-1)
+        check_weight("ProtoPNetLoss", "l1", l1, "the L1 norm of the last layer's wrong-class weights")
         self.cluster, self.separation, self.l1, self.target_key = cluster, separation, l1, target_key
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from losses import check_fraction, check_weight
+
 Batch = dict[str, Any]
 
 
@@ -41,6 +43,8 @@ class ReNNLoss(nn.Module):
     def __init__(self, local_weight: float = 1.0, pos_weight: float = 10.0, patterns_key: str = "patterns",
                  target_key: str = "label") -> None:
         super().__init__()
+        check_weight("ReNNLoss", "local_weight", local_weight, "the pattern detectors' BCE")
+        check_weight("ReNNLoss", "pos_weight", pos_weight, "the annotated steps of the pattern BCE", zero_off=False)
         self.local_weight, self.patterns_key, self.target_key = local_weight, patterns_key, target_key
         # a constant of the config, not state: non-persistent, so checkpoints do not hold it (a System rebuilt by
         # `load_from_checkpoint` has its default loss, and a strict load would refuse an extra "loss.pos_weight")
@@ -87,6 +91,20 @@ class LogicRuleDistillation(nn.Module):
         self.rule_weights = list(rule_weights) if rule_weights is not None else [1.0] * len(self.rules)
         if len(self.rule_weights) != len(self.rules):
             raise ValueError(f"{len(self.rules)} rules but {len(self.rule_weights)} rule_weights.")
+        for index, value in enumerate(self.rule_weights):
+            check_weight("LogicRuleDistillation", f"rule_weights[{index}]", value, "the teacher's penalty for "
+                         "breaking that rule", zero_off=False)
+        check_weight("LogicRuleDistillation", "strength", strength, "the teacher's rule penalty (C)")
+        check_weight("LogicRuleDistillation", "weight", weight, "the distillation term (pi_t = weight * "
+                     "min(pi_max, 1 - decay^t))")
+        check_fraction("LogicRuleDistillation", "pi_max", pi_max, "the largest share pi_t of the distillation term "
+                       "(the task term gets 1 - pi_t)")
+        check_fraction("LogicRuleDistillation", "decay", decay, "the schedule's base (pi_t follows 1 - decay^t; "
+                       "above 1 it is negative)")
+        if weight * pi_max > 1:
+            raise ValueError(f"LogicRuleDistillation weight={weight!r} with pi_max={pi_max!r}: pi_t reaches "
+                             f"weight * pi_max = {weight * pi_max:g} > 1, and the task term, weighted 1 - pi_t, "
+                             f"would be maximised. Give weight * pi_max <= 1 (weight 1 is Hu et al.'s schedule).")
         self.strength, self.pi_max, self.decay, self.target_key = strength, pi_max, decay, target_key
         self.weight, self.pi = weight, 0.0
 
@@ -143,6 +161,7 @@ class SemanticLoss(nn.Module):
     def __init__(self, weight: float = 0.5, constraint: str | Sequence[Sequence[int]] = "exactly_one",
                  target_key: str = "label") -> None:
         super().__init__()
+        check_weight("SemanticLoss", "weight", weight, "the semantic loss")
         self.weight, self.constraint, self.target_key = weight, constraint, target_key
         if isinstance(constraint, str):
             if constraint != "exactly_one":

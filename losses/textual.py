@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from losses import check_fraction, check_weight
 from zoo.distributed import all_reduce_
 
 
@@ -26,6 +27,7 @@ class RelevanceLoss(nn.Module):
 
     def __init__(self, weight: float = 1.0, pad: int = 0, tokens_key: str = "tokens") -> None:
         super().__init__()
+        check_weight("RelevanceLoss", "weight", weight, "the word cross-entropy")
         self.weight, self.pad, self.tokens_key = weight, pad, tokens_key
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -43,6 +45,9 @@ class DiscriminativeLoss(nn.Module):
 
     def __init__(self, weight: float = 0.2, momentum: float = 0.9) -> None:
         super().__init__()
+        check_weight("DiscriminativeLoss", "weight", weight, "the REINFORCE term")
+        check_fraction("DiscriminativeLoss", "momentum", momentum, "the previous baseline's share in the moving "
+                       "average of the rewards (outside [0, 1] the baseline runs away from them)")
         self.weight, self.momentum = weight, momentum
         self.register_buffer("baseline", torch.tensor(0.0))
         self.register_buffer("seen", torch.tensor(False))
@@ -69,6 +74,8 @@ class TextualLoss(nn.Module):
     def __init__(self, relevance_weight: float = 1.0, discriminative_weight: float = 0.0, momentum: float = 0.9,
                  pad: int = 0) -> None:
         super().__init__()
+        check_weight("TextualLoss", "relevance_weight", relevance_weight, "the word cross-entropy")
+        check_weight("TextualLoss", "discriminative_weight", discriminative_weight, "the REINFORCE term")
         self.relevance = RelevanceLoss(relevance_weight, pad)
         self.discriminative = DiscriminativeLoss(discriminative_weight, momentum)
 
