@@ -15,34 +15,77 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from datamodules.resumable import ResumableDataLoader, ResumableRandomSampler
 
 
+def whole_number(value: Any, minimum: int = 1) -> bool:
+    """`value` is an integer >= `minimum` of any integer type (Python's, NumPy's: `operator.index`), not a bool, a
+    float or None (zoo.checks.positive_int, which datamodules do not import)."""
+    try:
+        return not isinstance(value, bool) and operator.index(value) >= minimum
+    except TypeError:
+        return False
+
+
 def check_batch_size(batch_size: Any, owner: str) -> None:
     """Refuse a batch size that is not a whole number >= 1 (a bool, a float, None) when the datamodule is built: a
     null reached the loaders (DataLoader's batch_size=None yields unbatched samples) and the first step failed with
     a traceback about an image's shape. Any integer type is taken (`operator.index`: NumPy's too)."""
-    try:
-        valid = not isinstance(batch_size, bool) and operator.index(batch_size) >= 1
-    except TypeError:
-        valid = False
-    if not valid:
+    if not whole_number(batch_size):
         raise ValueError(f"{owner}: batch_size must be a whole number >= 1; got {batch_size!r}.")
 
 
+def check_image_size(image_size: Any, owner: str) -> None:
+    """Refuse an image side that is not a whole number >= 1 when the datamodule is built: 0 or -8 was stored as
+    given and failed in PIL's resize ("height and width must be > 0") inside the first epoch, after `train.py fit`
+    had moved an earlier run to stale/."""
+    if not whole_number(image_size):
+        raise ValueError(f"{owner}: image_size must be a whole number of pixels >= 1; got {image_size!r}.")
+
+
+def check_max_vocab(max_vocab: Any, specials: Sequence[str], owner: str) -> None:
+    """Refuse a vocabulary size that leaves no room for a word beside the `specials` (padding, unknown, ...) when the
+    datamodule is built: `max_vocab` <= len(specials) built a vocabulary of the specials alone, every word read as
+    <unk>, and a model trained on constant inputs with no error."""
+    minimum = len(specials) + 1
+    if not whole_number(max_vocab, minimum):
+        raise DataSettingError(f"{owner}: max_vocab must be a whole number >= {minimum} ({', '.join(specials)} and at "
+                               f"least one word); got {max_vocab!r}. Give the vocabulary size to keep, e.g. 20000.")
+
+
+def check_split_sizes(owner: str, *, num_train: Any, num_val: Any, num_test: Any, test_optional: bool) -> None:
+    """Refuse split sizes of a generated (synthetic) datamodule that are not whole numbers >= 1 when it is built: 0
+    or a negative size failed only at setup (an IndexError, or torch.arange's "upper bound and lower bound
+    inconsistent"), inside a fit, after `train.py fit` moved an earlier run to stale/ and after earlier ablate points
+    trained. `test_optional`: num_test may be 0 where the datamodule generates an empty test split fine (fit never
+    reads it; test and predict then refuse the empty split, `DictDataModule.split_samples`)."""
+    for split, value in (("train", num_train), ("val", num_val), ("test", num_test)):
+        minimum = 0 if split == "test" and test_optional else 1
+        if not whole_number(value, minimum):
+            note = ("; 0: none, and test and predict have nothing to read" if minimum == 0 else
+                    "; setup generates the test split too" if split == "test" else "")
+            raise DataSettingError(f"{owner}: num_{split} (the samples generated for the {split!r} split{note}) must "
+                                   f"be a whole number >= {minimum}; got {value!r}.")
+
+
 class DatasetLayoutError(FileNotFoundError, ValueError):
-    """A dataset folder that is missing or not in the expected on-disk layout; the message shows the layout.
+    """A dataset folder that is missing or not in the expected on-disk layout; the message shows the layout. Without
+    `expected_layout`: a file that is where the layout puts it but cannot be read (a truncated image, `read_rgb`).
 
     Also a ValueError (as io.UnsupportedOperation is both an OSError and a ValueError): a file that is there but
     malformed (a bad line, an array of the wrong shape) is bad input as much as a missing one, and callers that
     catch ValueError for bad content keep working."""
 
-    def __init__(self, problem: str, expected_layout: str) -> None:
-        super().__init__(f"{problem}\nExpected layout:\n{expected_layout.rstrip()}")
+    def __init__(self, problem: str, expected_layout: str | None = None) -> None:
+        # no layout: a file that is where the layout puts it but cannot be read (a truncated image); the one-argument
+        # form is also how pickling and DataLoader workers build the error again from its message
+        super().__init__(problem if expected_layout is None else f"{problem}\nExpected layout:\n"
+                                                                 f"{expected_layout.rstrip()}")
         self.problem = problem  # what is wrong, without the layout (a caller that says it in its own words)
 
 
 class DataSettingError(ValueError):
     """Data that does not fit the datamodule's settings, found when the data is read (at setup, inside a fit): labels
-    outside `num_classes`, a split left empty, a held-out size larger than the data. The command line says it in one
-    line, as a configuration error, not with a traceback."""
+    outside `num_classes`, a split left empty, a held-out size larger than the data; or a split size no data could
+    fill, refused when the datamodule is built (`check_split_sizes`). The command line says it in one line, as a
+    configuration error, not with a traceback."""
 
 
 class TensorDictDataset(Dataset):

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from datamodules._base import DatasetLayoutError, DictDataModule, check_labels, decode_tokens
+from datamodules._base import (DatasetLayoutError, DictDataModule, check_image_size, check_labels, check_max_vocab,
+                               decode_tokens)
 from datamodules.image_folder import image_transform, read_rgb
 
 CUB_LAYOUT = """\
@@ -103,6 +104,7 @@ def read_table(path: Path, columns: int, dtype: type = float, extra_fields: bool
     return np.asarray(rows, dtype=np.float64 if dtype is float else np.int64).reshape(-1, columns)
 
 
+CAPTION_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]  # ids 0..3 of the captions' vocabulary, before its words
 NOT_VISIBLE = 1  # the release's certainty codes: 1 not visible, 2 guessing, 3 probably, 4 definitely
 
 
@@ -367,6 +369,8 @@ class CUB200DataModule(DictDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
         self.set_normalization(mean, std)
+        check_image_size(image_size, type(self).__name__)
+        check_max_vocab(max_vocab, CAPTION_SPECIALS, type(self).__name__)  # checked with or without sentences
         base = find_cub_root(root)
         missing = [f for f in REQUIRED if not (base / f).is_file()]
         if missing:
@@ -404,7 +408,8 @@ class CUB200DataModule(DictDataModule):
         sentences = read_sentences(self.sentences_root, self.index.paths, images_root)
         # the training split's words only (less a held-out val_fraction, as the attributes' votes)
         counts = Counter(w for i in self.split_rows()["train"] for s in sentences[i] for w in s)
-        self.vocabulary = ["<pad>", "<bos>", "<eos>", "<unk>", *[w for w, _ in counts.most_common(self.max_vocab - 4)]]
+        words = counts.most_common(self.max_vocab - len(CAPTION_SPECIALS))
+        self.vocabulary = [*CAPTION_SPECIALS, *[w for w, _ in words]]
         lookup = {w: i for i, w in enumerate(self.vocabulary)}
         self.index.captions = encode_captions(sentences, lookup, *self.sentence_shape)
 

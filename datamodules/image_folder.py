@@ -14,7 +14,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
-from datamodules._base import DatasetLayoutError, DictDataModule
+from datamodules._base import DatasetLayoutError, DictDataModule, check_image_size
 
 IMAGE_FOLDER_LAYOUT = """\
 <root>/
@@ -45,12 +45,15 @@ def to_8_bits(img: Image.Image) -> Image.Image:
 
 def read_rgb(path: str | Path) -> Image.Image:
     """Open an image fully (so truncated files fail here) with an error naming the file; 16-bit and float grey
-    images are scaled to 8 bits by their range (`to_8_bits`), not clipped."""
+    images are scaled to 8 bits by their range (`to_8_bits`), not clipped. A file that cannot be read (truncated,
+    not an image) raises a DatasetLayoutError, the error of bad dataset files, with no layout: the ImageFolder, CUB and
+    VOC loaders all read with this function, and the file is where their layouts put it."""
     try:
         with Image.open(path) as img:
             return to_8_bits(img).convert("RGB")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"Cannot read image {str(path)!r}: {err}") from err
+    except (OSError, ValueError) as err:  # DatasetLayoutError: the CLI says it in one line, without a traceback
+        advice = ". Replace or remove the file." if isinstance(err, OSError) else ""  # a ValueError gives its own
+        raise DatasetLayoutError(f"Cannot read image {str(path)!r}: {err}{advice}") from err
 
 
 def visible(path: str | Path, root: Path) -> bool:
@@ -139,12 +142,16 @@ class ImageFolderDataModule(DictDataModule):
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
         self.set_normalization(mean, std)
+        check_image_size(image_size, type(self).__name__)
         self.root = Path(root)
         if not self.root.is_dir():
             raise DatasetLayoutError(f"ImageFolder root {root!r} does not exist.", IMAGE_FOLDER_LAYOUT)
         self.split_dirs = {"train": train_dir, "val": val_dir, "test": test_dir or val_dir}
         self.folders = {split: scan_folder(self.root, d) for split, d in self.split_dirs.items()}
         self.classes = self.folders["train"].classes
+        if len(self.classes) < 2:  # else torchmetrics' "num_classes ... larger than 1", naming no folder
+            raise DatasetLayoutError(f"ImageFolder split folder {str(self.root / train_dir)!r} holds one class folder "
+                                     f"({self.classes}); classification needs two or more.", IMAGE_FOLDER_LAYOUT)
         for split, folder in self.folders.items():
             if folder.classes != self.classes:
                 raise DatasetLayoutError(

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from datamodules._base import DictDataModule, TensorDictDataset
+from datamodules._base import DictDataModule, TensorDictDataset, check_split_sizes
 
 
 def xor_logit(x: torch.Tensor) -> torch.Tensor:
@@ -94,6 +94,9 @@ class L2XSyntheticDataModule(DictDataModule):
         self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
         if dataset not in DATASETS:
             raise ValueError(f"Unknown L2X synthetic dataset {dataset!r}; choose one of {DATASETS}.")
+        # an empty test split generates fine (fit never reads it): num_test may be 0
+        check_split_sizes(type(self).__name__, num_train=num_train, num_val=num_val, num_test=num_test,
+                          test_optional=True)
         self.dataset, self.num_features, self.seed = dataset, num_features, seed
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.num_selected = NUM_SELECTED[dataset]  # the paper's k: size of the true feature set

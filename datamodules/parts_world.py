@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from datamodules._base import DetectionDataModule, DictDataModule, TensorDictDataset, decode_tokens
+from datamodules._base import DetectionDataModule, DictDataModule, TensorDictDataset, check_split_sizes, decode_tokens
 
 SHAPES = ("circle", "square", "triangle", "ring", "cross", "diamond")
 COLOURS = {
@@ -362,6 +362,9 @@ class PartsWorldDataModule(DictDataModule):
             raise ValueError(f"image_size must be at least 32 pixels for parts to be drawable; got {image_size}.")
         if not 0.0 <= clutter <= 1.0:
             raise ValueError(f"clutter is a probability in [0, 1]; got {clutter}.")
+        # setup renders every split, the test split too (`generate_split` cannot render none): num_test >= 1
+        check_split_sizes(type(self).__name__, num_train=num_train, num_val=num_val, num_test=num_test,
+                          test_optional=False)
         self.save_hyperparameters()
         self.world = make_world(num_classes, parts_per_class, world_seed, shared_part_types)
         self.num_classes, self.image_size = num_classes, image_size
@@ -507,6 +510,9 @@ class PartsWorldScenesDataModule(DetectionDataModule):
         if not 24 <= low <= high <= canvas_size:
             raise ValueError(f"object_sizes must satisfy 24 <= min <= max <= canvas_size ({canvas_size}); got "
                              f"{tuple(object_sizes)}.")
+        # setup renders every split, the test split too (`render_scenes` cannot render none): num_test >= 1
+        check_split_sizes(type(self).__name__, num_train=num_train, num_val=num_val, num_test=num_test,
+                          test_optional=False)
         self.save_hyperparameters()
         self.world = make_world(num_classes, parts_per_class, world_seed, shared_part_types)
         self.num_classes, self.image_size = num_classes, canvas_size

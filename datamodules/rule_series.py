@@ -22,6 +22,8 @@ rows by name, never by position.
 from __future__ import annotations
 
 import re
+import zipfile
+import zlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,7 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules._base import DatasetLayoutError, DataSettingError, DictDataModule, TensorDictDataset, check_labels
+from datamodules._base import (DatasetLayoutError, DataSettingError, DictDataModule, TensorDictDataset, check_labels,
+                               check_split_sizes)
 from datamodules.resumable import ResumableRandomSampler
 
 CLASS_NAMES = ["normal", "compensated", "interpolated", "bigeminy"]
@@ -192,6 +195,9 @@ class RuleSeriesDataModule(SeriesDataModule):
         self.subset_seed = self._check_subset_seed(subset_seed)
         if length < 128:
             raise ValueError(f"length must be >= 128 steps (several beats and a pause); got {length}.")
+        # an empty test split generates fine (fit never reads it): num_test may be 0
+        check_split_sizes(type(self).__name__, num_train=num_train, num_val=num_val, num_test=num_test,
+                          test_optional=True)
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.series_length, self.noise, self.wander, self.drop_rate = length, noise, wander, drop_rate
         self.train_fraction, self.seed = train_fraction, seed
@@ -273,7 +279,10 @@ class SeriesFileDataModule(SeriesDataModule):
                 raise ValueError(f"unsupported suffix {self.path.suffix!r}")
         except DatasetLayoutError:  # said already, naming the line
             raise
-        except ValueError as err:
+        # a truncated or non-zip .npz is a BadZipFile or an EOFError, a corrupt compressed one (savez_compressed) a
+        # zlib.error, an unreadable file an OSError: they escaped with the reader's words alone ("File is not a zip
+        # file"), naming no file
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
             raise DatasetLayoutError(f"Could not read series from {str(self.path)!r} ({err}).", SERIES_LAYOUT) from err
         missing = {"series", "label"} - set(arrays)
         if missing:

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 import torch
 
-from datamodules._base import DatasetLayoutError, DataSettingError, DictDataModule, TensorDictDataset, decode_tokens
+from datamodules._base import (DatasetLayoutError, DataSettingError, DictDataModule, TensorDictDataset, check_max_vocab,
+                               check_split_sizes, decode_tokens)
 
 PAD, UNK = "<pad>", "<unk>"
 IMDB_LAYOUT = """\
@@ -201,6 +202,7 @@ class IMDBDataModule(TokenDataModule):
                  seed: int = 0, batch_size: int = 64, num_workers: int = 0) -> None:
         super().__init__(max_len, batch_size, num_workers)
         self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
+        check_max_vocab(max_vocab, [PAD, UNK], type(self).__name__)
         # 0 or -0.5 held out one review, silently; 1 leaves no training review, which the empty split's error names
         if isinstance(val_fraction, bool) or not 0 < val_fraction <= 1:
             raise DataSettingError(f"IMDBDataModule: val_fraction must be in (0, 1] (the share of the release's train "
@@ -485,6 +487,7 @@ class CSVTextDataModule(TokenDataModule):
                  num_workers: int = 0) -> None:
         super().__init__(max_len, batch_size, num_workers)
         self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
+        check_max_vocab(max_vocab, [PAD, UNK], type(self).__name__)
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ValueError(f"val_fraction and test_fraction must be in (0, 1) with a sum < 1; got "
                              f"{val_fraction}, {test_fraction}.")
@@ -587,6 +590,9 @@ class SyntheticSentimentDataModule(TokenDataModule):
                  seed: int = 0, batch_size: int = 128, num_workers: int = 0) -> None:
         super().__init__(max_len, batch_size, num_workers)
         self.save_hyperparameters()  # the settings that key cached helpers (zoo.engine.auxiliary)
+        # an empty test split generates fine (fit never reads it): num_test may be 0
+        check_split_sizes(type(self).__name__, num_train=num_train, num_val=num_val, num_test=num_test,
+                          test_optional=True)
         self.sizes, self.seed = {"train": num_train, "val": num_val, "test": num_test}, seed
         self.vocabulary = SYNTHETIC_VOCABULARY
 

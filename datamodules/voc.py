@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import hflip, to_tensor
 
-from datamodules._base import DatasetLayoutError, DetectionDataModule
+from datamodules._base import DatasetLayoutError, DetectionDataModule, check_image_size
 from datamodules.image_folder import read_rgb
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
@@ -194,6 +194,7 @@ class VOCDataModule(DetectionDataModule):
                  keep_difficult: bool = False, flip: bool = True, batch_size: int = 4, num_workers: int = 0) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.save_hyperparameters()
+        check_image_size(image_size, type(self).__name__)  # the detector's input size, linked into the model
         self.image_size = image_size
         self.root = find_voc_root(root, year)
         defaults = YEAR_SPLITS.get(str(year), YEAR_SPLITS["2012"])

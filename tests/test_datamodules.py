@@ -11,9 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules import (CUB200DataModule, DatasetLayoutError, DigitsDataModule, IMDBDataModule,
-                         ImageFolderDataModule, PartsWorldDataModule, PartsWorldScenesDataModule, SeriesFileDataModule,
-                         VOCDataModule)
+from datamodules import (CUB200DataModule, DatasetLayoutError, DataSettingError, DigitsDataModule, IMDBDataModule,
+                         ImageFolderDataModule, L2XSyntheticDataModule, PartsWorldDataModule,
+                         PartsWorldScenesDataModule, RuleSeriesDataModule, SeriesFileDataModule,
+                         SyntheticSentimentDataModule, VOCDataModule)
 from datamodules.image_folder import read_rgb
 from datamodules.parts_world import COLOUR_VALUES, NUM_PART_TYPES, make_world
 from tests.conftest import voc_annotation, write_image
@@ -211,13 +212,86 @@ def test_image_folder_errors_name_the_layout(image_folder_root: Path, tmp_path: 
         ImageFolderDataModule(str(image_folder_root))
 
 
-def test_truncated_image_names_the_file(image_folder_root: Path) -> None:
+def test_truncated_image_names_the_file(image_folder_root: Path, cub_root: Path) -> None:
+    """A truncated image was a plain ValueError: train.py printed a traceback, in the first epoch, after the move of
+    an earlier run to stale/. It is a DatasetLayoutError (said in one line), naming the file, from a loader worker
+    too (which builds the error again from its message), and from the CUB and VOC readers (`read_rgb`)."""
+    from zoo.cli.errors import is_configuration_error
+
     victim = image_folder_root / "train" / "cat" / "0.png"
     victim.write_bytes(victim.read_bytes()[:60])
     dm = ImageFolderDataModule(str(image_folder_root))
     dm.setup()
-    with pytest.raises(ValueError, match=r"Cannot read image '.*cat/0.png'"):
+    with pytest.raises(DatasetLayoutError, match=r"Cannot read image '.*cat/0.png': .*truncated.*\. Replace or "
+                                                 r"remove the file\.") as caught:
         next(iter(dm.train_dataloader()))
+    assert is_configuration_error(caught.value) and "Expected layout" not in str(caught.value)
+    dm.num_workers = 1
+    with pytest.raises(DatasetLayoutError, match=r"Cannot read image '.*cat/0.png'"):
+        next(iter(dm.train_dataloader()))
+    bird = next((cub_root / "CUB_200_2011" / "images").rglob("*.jpg"))
+    bird.write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetLayoutError, match=rf"Cannot read image '.*{bird.name}': cannot identify image file"):
+        read_rgb(bird)
+
+
+def test_image_folder_with_one_class_is_refused_naming_the_folder(image_folder_root: Path) -> None:
+    """One class folder reached the model, and torchmetrics refused it ("num_classes ... larger than 1"), naming
+    neither the folder nor the cause."""
+    for split in ("train", "val"):
+        shutil.rmtree(image_folder_root / split / "dog")
+    with pytest.raises(DatasetLayoutError, match=r"split folder '.*imagefolder/train' holds one class folder "
+                                                 r"\(\['cat'\]\); classification needs two or more"):
+        ImageFolderDataModule(str(image_folder_root))
+
+
+@pytest.mark.parametrize("image_size", [0, -8, 2.5, None])
+def test_image_size_below_one_pixel_is_refused_when_built(image_folder_root: Path, cub_root: Path, voc_root: Path,
+                                                          image_size: object) -> None:
+    """ImageFolder, CUB and VOC stored any image_size; 0 failed in PIL's resize inside the first epoch, after the
+    move of an earlier run to stale/ (PartsWorld, Digits and IDX check theirs)."""
+    message = rf"image_size must be a whole number of pixels >= 1; got {image_size!r}\."
+    with pytest.raises(ValueError, match=rf"ImageFolderDataModule: {message}"):
+        ImageFolderDataModule(str(image_folder_root), image_size=image_size)
+    with pytest.raises(ValueError, match=rf"CUB200DataModule: {message}"):
+        CUB200DataModule(str(cub_root), image_size=image_size)
+    with pytest.raises(ValueError, match=rf"VOCDataModule: {message}"):
+        VOCDataModule(str(voc_root), image_size=image_size)
+
+
+def test_cub_caption_vocabulary_without_room_for_a_word_is_refused(cub_root: Path) -> None:
+    """max_vocab <= 4 kept <pad>, <bos>, <eos> and <unk> alone: every caption word read as <unk>."""
+    with pytest.raises(DataSettingError, match=r"CUB200DataModule: max_vocab must be a whole number >= 5 \(<pad>, "
+                                               r"<bos>, <eos>, <unk> and at least one word\); got 4\."):
+        CUB200DataModule(str(cub_root), max_vocab=4)
+
+
+SYNTHETIC = {  # each synthetic datamodule, and whether its test split may be empty (setup generates it all the same)
+    datamodule.__name__: (datamodule, test_optional) for datamodule, test_optional in (
+        (PartsWorldDataModule, False), (PartsWorldScenesDataModule, False), (RuleSeriesDataModule, True),
+        (L2XSyntheticDataModule, True), (SyntheticSentimentDataModule, True))}
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_synthetic_split_sizes_are_checked_when_built(name: str) -> None:
+    """num_train=0 (or num_val=0, or a negative size) failed only at setup, with an IndexError or torch.arange's
+    "upper bound and lower bound inconsistent" traceback, after `train.py fit` moved an earlier run to stale/ (and
+    after earlier ablate points trained). num_test may be 0 where an empty test split generates (fit never reads
+    it); PartsWorld's renderers cannot draw none."""
+    datamodule, test_optional = SYNTHETIC[name]
+    sizes = {"num_train": 8, "num_val": 4, "num_test": 4}
+    for setting, value in (("num_train", 0), ("num_val", 0), ("num_train", -5), ("num_val", 2.5), ("num_test", -1),
+                           ("num_test", None)):
+        minimum = 0 if setting == "num_test" and test_optional else 1
+        with pytest.raises(DataSettingError, match=rf"^{name}: {setting} \(the samples generated for the "
+                                                   rf"'{setting[4:]}' split.*\) must be a whole number >= "
+                                                   rf"{minimum}; got {value!r}\.$"):
+            datamodule(**sizes | {setting: value})
+    if test_optional:
+        datamodule(**sizes | {"num_test": 0})
+    else:
+        with pytest.raises(DataSettingError, match=r"num_test \(.*setup generates the test split too\).* >= 1; got 0"):
+            datamodule(**sizes | {"num_test": 0})
 
 
 def test_cub_reads_labels_boxes_and_landmarks(cub_root: Path) -> None:

@@ -134,3 +134,20 @@ def test_voc_refuses_missing_images_when_built(voc_root: Path) -> None:
     with pytest.raises(DatasetLayoutError, match=r"lists 8 image\(s\) of 9 that do not exist: '[^']*/000020.jpg', "
                                                  r"('[^']*', ){3}'[^']*/000024.jpg', \.\.\."):
         VOCDataModule(str(voc_root), train_split="many", val_split="train", test_split="train")
+
+
+def test_series_npz_that_is_truncated_or_corrupt_names_the_file(tmp_path: Path) -> None:
+    """A truncated .npz (zipfile.BadZipFile), an empty one (EOFError) and a corrupt compressed one (zlib.error)
+    escaped the reader's ValueError handling: "train.py: error: File is not a zip file", naming no file."""
+    rng = np.random.default_rng(0)
+    np.savez_compressed(tmp_path / "good.npz", series=rng.normal(size=(200, 64)), label=np.arange(200) % 2)
+    raw = (tmp_path / "good.npz").read_bytes()
+    corrupt = bytes(raw[:200]) + bytes(b ^ 0x55 for b in raw[200:2000]) + bytes(raw[2000:])  # the zip index kept
+    for name, content, problem in (("truncated", raw[: len(raw) // 2], "File is not a zip file"),
+                                   ("empty", b"", "No data left in file"),
+                                   ("corrupt", corrupt, "Error -3 while decompressing data")):
+        path = tmp_path / f"{name}.npz"
+        path.write_bytes(content)
+        with pytest.raises(DatasetLayoutError, match=rf"Could not read series from '{re.escape(str(path))}' "
+                                                     rf"\({problem}.*\)\.\nExpected layout"):
+            SeriesFileDataModule(path, num_classes=2)

@@ -268,3 +268,17 @@ def test_a_checkpoint_from_before_the_state_reads_texts_as_they_were_read(tmp_pa
     fresh = CSVTextDataModule(str(path), **settings)  # a new fit reads with the current tokenizer
     fresh.setup()
     assert fresh.tokenizer == 2 and "don't" in fresh.vocabulary
+
+
+@pytest.mark.parametrize("max_vocab", [0, 1, 2, -5, 2.5, True])
+def test_a_vocabulary_without_room_for_a_word_is_refused_when_built(imdb_root: Path, tmp_path: Path,
+                                                                    max_vocab: object) -> None:
+    """max_vocab <= 2 (or not a whole number) built a vocabulary of <pad> and <unk> alone: every word read as <unk>,
+    and an L2X model trained on constant inputs with no error. Refused when built, naming the value and the minimum."""
+    message = rf"max_vocab must be a whole number >= 3 \(<pad>, <unk> and at least one word\); got {max_vocab!r}"
+    with pytest.raises(DataSettingError, match=rf"IMDBDataModule: {message}"):
+        imdb(imdb_root, max_vocab=max_vocab)
+    with pytest.raises(DataSettingError, match=rf"CSVTextDataModule: {message}"):
+        CSVTextDataModule(write_sentences(tmp_path / "rt.csv", 12), text_column="text", label_column="category",
+                          max_vocab=max_vocab)
+    assert len(imdb(imdb_root, max_vocab=3).vocabulary) == 3  # the smallest: one word beside the two specials
