@@ -177,3 +177,28 @@ def test_unknown_names_suggest_close_ones() -> None:
         zoo.create_model("baseline_timm", backbone="torchvision:zzqqx")  # no unrelated names offered
     with pytest.raises(ValueError, match="Did you mean: frequent_premature"):
         get_rule("frequent_prematur")
+
+
+class UnreadableItems(torch.utils.data.Dataset):
+    """Every item an unreadable image, as `datamodules.image_folder.read_rgb` says it."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        raise DatasetLayoutError("Cannot read image 'train/b/3.png': image file is truncated. Replace or remove the "
+                                 "file.")
+
+
+def test_a_data_error_raised_in_a_loader_worker_is_said_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    """With num_workers > 0 torch builds the error again from the worker's whole traceback, which the one-line
+    configuration error printed in full: the line is the error's own message."""
+    from zoo.cli.errors import command_line
+
+    loader = torch.utils.data.DataLoader(UnreadableItems(), num_workers=1)
+    with pytest.raises(SystemExit) as exit_info:
+        command_line(lambda args: next(iter(loader)))
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.splitlines()[0] == (
+        "train.py: error: Cannot read image 'train/b/3.png': image file is truncated. Replace or remove the file."), error
+    assert "Traceback" not in error.splitlines()[0] and "worker process" not in error, error

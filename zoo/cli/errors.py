@@ -382,5 +382,17 @@ def command_line(main: Any, args: list[str] | None = None) -> Any:
     except Exception as error:
         if not is_configuration_error(error) or debug_requested():
             raise
-        sys.stderr.write(f"train.py: error: {error}\n(JSONARGPARSE_DEBUG=true shows the traceback)\n")
+        sys.stderr.write(f"train.py: error: {worker_message(str(error))}\n(JSONARGPARSE_DEBUG=true shows the "
+                         f"traceback)\n")
         sys.exit(2)
+
+
+def worker_message(message: str) -> str:
+    """The error's own message where a DataLoader worker raised it: torch builds the error again in the main process
+    from "Caught <Error> in DataLoader worker process <i>." and the worker's whole traceback, which the one-line
+    configuration error printed in full (an unreadable image, with num_workers > 0)."""
+    caught = re.match(r"Caught (\w+) in DataLoader worker process (\d+)\.\nOriginal Traceback", message)
+    if caught is None:
+        return message
+    last = re.search(rf"^(?:[\w.]+\.)?{caught.group(1)}: ", message, re.M)  # the traceback's last entry: the error
+    return message[last.end():].rstrip("\n") if last else message
