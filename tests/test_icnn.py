@@ -902,3 +902,22 @@ def test_a_plain_loop_without_update_statistics_is_warned_once() -> None:
         model = _plain_loop(update=True)
     assert not (model.added_filters.filter_category == 0).all()
     assert torch.isfinite(model.added_filters.log_mean_z).all()
+
+
+def test_icnn_settings_a_plain_classifier_cannot_give_are_refused_when_built() -> None:
+    """A plain classifier in an ICNN config (a twin built by hand, missing one of the plain_cnn twin's overrides):
+    the filter loss and the filter maps failed with a bare KeyError in the sanity check."""
+    from losses.icnn import FilterPartLoss
+
+    with pytest.raises(ValueError, match=r"baseline_tinycnn .*has no interpretable filters, so the filter loss "
+                                         r"\(FilterPartLoss weight=1.0\).*loss.init_args.weight=0"):
+        ICNNSystem("baseline_tinycnn", num_classes=6, loss=FilterPartLoss())
+    with pytest.raises(ValueError, match=r"gives no 'filter_maps' .*part_maps_key=features"):
+        ICNNSystem("baseline_tinycnn", num_classes=6, loss=FilterPartLoss(weight=0.0))
+    ICNNSystem("baseline_tinycnn", num_classes=6, loss=FilterPartLoss(weight=0.0), part_maps_key="features")
+
+
+def test_an_image_too_small_for_the_backbone_is_named() -> None:
+    """8-pixel digits on VGG-16: torch's "Output size is too small" named neither the image size nor the backbone."""
+    with pytest.raises(ValueError, match=r"image_size 4 is too small for backbone 'tinycnn'.*--data.init_args.image_size"):
+        zoo.create_model("icnn_tinycnn", num_classes=3, image_size=4)

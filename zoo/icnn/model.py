@@ -320,8 +320,18 @@ class InterpretableCNN(PooledHeadMixin, nn.Module):
 
     @torch.no_grad()
     def _top_map_size(self, in_chans: int, image_size: int) -> tuple[int, int]:
+        """The top conv map's (h, w) for `image_size` images, by a dry run; an image too small for the backbone (its
+        maps shrink below 1 x 1 before the top stage: torch's pooling error named neither) is refused by name."""
         with eval_mode(self.backbone):
-            size = self.backbone(torch.zeros(1, in_chans, image_size, image_size))[-1].shape[-2:]
+            try:
+                size = self.backbone(torch.zeros(1, in_chans, image_size, image_size))[-1].shape[-2:]
+            except RuntimeError as error:
+                if "too small" not in str(error):
+                    raise
+                stride = self.backbone.reductions[-1]  # the top map's cell, in input pixels
+                raise ValueError(f"image_size {image_size} is too small for backbone {self.backbone.name!r}: its "
+                                 f"maps shrink below 1 x 1 before the top conv stage, whose cells are {stride} pixels "
+                                 f"({error}). Give larger images (--data.init_args.image_size).") from error
         return tuple(size)
 
     def check_reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:

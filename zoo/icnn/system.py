@@ -43,6 +43,7 @@ class ICNNSystem(ZooSystem):
     def __init__(self, model_name: str = "icnn_tinycnn", *args: Any, part_maps_key: str | None = "filter_maps",
                  **kwargs: Any) -> None:
         super().__init__(model_name, *args, **kwargs)  # the family's own default model, not the engine's classifier
+        self.check_plain_model_settings(part_maps_key)
         self.part_maps_key = part_maps_key
         self.add_metric("acc", MulticlassAccuracy(self.hparams.num_classes, average="micro"),
                         stages=("train", "val", "test"))
@@ -52,6 +53,23 @@ class ICNNSystem(ZooSystem):
                                                                         offset=offset))
             self.add_metric("part_iou", PartIoU(image_size=self.hparams.image_size or None, stride=stride,
                                                 offset=offset))  # part masks: upsampled with the cells in place
+
+    def check_plain_model_settings(self, part_maps_key: str | None) -> None:
+        """Refuse, when built, ICNN settings a classifier without interpretable filters (a twin built by hand) cannot
+        give: the filter loss reads the filters' template scores, and `filter_maps` / `masked_filter_maps` are their
+        maps; both failed with a bare KeyError in the sanity check (in a compare, after the earlier runs trained)."""
+        if hasattr(self.model, "interpretable_layers"):
+            return
+        built = f"model {self.hparams.model_name} ({type(self.model).__name__}) has no interpretable filters"
+        weight = getattr(self.loss, "base_weight", 0)
+        if weight:
+            raise ValueError(f"ICNNSystem: {built}, so the filter loss ({type(self.loss).__name__} weight={weight}) "
+                             f"has no template scores to read. Give --model.init_args.loss.init_args.weight=0 (the "
+                             f"task term alone, as the plain_cnn twin), or an icnn_* model.")
+        if part_maps_key in ("filter_maps", "masked_filter_maps"):
+            raise ValueError(f"ICNNSystem: {built}, so it gives no {part_maps_key!r} for the part metrics. Give "
+                             f"--model.init_args.part_maps_key=features (its top map, as the plain_cnn twin scores "
+                             f"it), or null (no part metrics).")
 
     def on_train_start(self) -> None:
         """Warn when the backbone starts frozen while ICNN's first interpretable layer reads its top conv stage: that
