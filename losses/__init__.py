@@ -11,6 +11,8 @@ import math
 import numbers
 from typing import Any
 
+import torch
+
 
 def check_weight(owner: str, name: str, value: Any, term: str, *, sign: int = 1, zero_off: bool = True) -> Any:
     """`value` unchanged if it is a finite real number of the sign `sign` (+1: >= 0; -1: <= 0; 0 is valid either
@@ -29,11 +31,12 @@ def check_weight(owner: str, name: str, value: Any, term: str, *, sign: int = 1,
             positives, a rule's share of a penalty).
     """
     where, off = f"{owner} {name}={value!r}", ", or 0 to turn the term off" if zero_off else ""
-    if not _finite_real(value):
+    number = value.item() if isinstance(value, torch.Tensor) and value.ndim == 0 else value  # a 0-d tensor: its value
+    if not _finite_real(number):
         bound = "<= 0" if sign < 0 else ">= 0"
         raise ValueError(f"{where}: {name} weighs {term} and must be a finite real number {bound}; a NaN or infinite "
                          f"weight makes the loss non-finite at the first step. Give a finite number {bound}{off}.")
-    if sign * value < 0:
+    if sign * number < 0:
         if sign < 0:
             raise ValueError(f"{where}: {name} weighs {term} and must be <= 0 (the paper's value is negative: it "
                              f"pushes {term} up); a positive value pulls it down, the opposite objective. Give a "
@@ -41,6 +44,17 @@ def check_weight(owner: str, name: str, value: Any, term: str, *, sign: int = 1,
         raise ValueError(f"{where}: {name} weighs {term} and must be >= 0; a negative weight maximises {term}, "
                          f"training the opposite objective. Give a value >= 0{off}.")
     return value
+
+
+def check_weights(owner: str, name: str, values: Any, term: str, **kwargs: Any) -> Any:
+    """`values` unchanged if each entry passes `check_weight`: one number, or one per item (a list, a tensor or an
+    array: a weight per concept or pattern, often computed from the data's class balance), an entry named
+    `name[k]` in the message. None passes."""
+    if values is None or isinstance(values, numbers.Real) or (isinstance(values, torch.Tensor) and values.ndim == 0):
+        return values if values is None else check_weight(owner, name, values, term, **kwargs)
+    for k, value in enumerate(torch.as_tensor(values, dtype=torch.float64).flatten().tolist()):
+        check_weight(owner, f"{name}[{k}]", value, term, **kwargs)
+    return values
 
 
 def check_fraction(owner: str, name: str, value: Any, meaning: str) -> Any:

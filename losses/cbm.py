@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import check_weight
+from losses import check_weight, check_weights
 
 
 class ConceptBottleneckLoss(nn.Module):
@@ -28,13 +28,11 @@ class ConceptBottleneckLoss(nn.Module):
                  pos_weight: list[float] | None = None, target_key: str = "label") -> None:
         super().__init__()
         check_weight("ConceptBottleneckLoss", "weight", weight, "the concept BCE")
-        many = isinstance(pos_weight, (list, tuple))  # one per concept (or a single number, from Python)
-        for k, value in enumerate(pos_weight if many else [] if pos_weight is None else [pos_weight]):
-            check_weight("ConceptBottleneckLoss", f"pos_weight[{k}]" if many else "pos_weight", value,
-                         "the positives of its concept's BCE", zero_off=False)
+        check_weights("ConceptBottleneckLoss", "pos_weight", pos_weight, "the positives of its concept's BCE",
+                      zero_off=False)  # one per concept (a list, tensor or array), or one for all
         self.weight, self.concept_key, self.target_key = weight, concept_key, target_key
-        self.register_buffer("pos_weight", torch.tensor(pos_weight) if pos_weight is not None else None,
-                             persistent=False)
+        self.register_buffer("pos_weight", None if pos_weight is None else  # a copy: never the caller's tensor
+                             torch.as_tensor(pos_weight, dtype=torch.float32).clone(), persistent=False)
 
     def forward(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         terms = {"loss_task": F.cross_entropy(out["logits"], batch[self.target_key])}

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
 
 from losses.baselines import ClassificationLoss
 from losses.cbm import ConceptBottleneckLoss
@@ -109,3 +110,21 @@ def test_fit_refuses_a_negative_weight_before_the_earlier_run_is_moved(in_tmp_di
     assert "a negative weight maximises the concept BCE" in line, error
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"], error
     assert not (run.parent / "stale").exists(), error
+
+
+def test_per_item_weights_computed_as_tensors_or_arrays_are_taken() -> None:
+    """A per-concept pos_weight computed from the data's class balance is a tensor or an array: taken as a list is
+    (it was refused as one "non-finite" number), a bad entry named by its index; a 0-d tensor is a number."""
+    import numpy as np
+
+    ratio = (1 - torch.full((36,), 0.2)) / 0.2  # (K,) negatives per positive
+    for pos_weight in (ratio, ratio.numpy(), ratio.tolist()):
+        loss = ConceptBottleneckLoss(pos_weight=pos_weight)
+        assert torch.equal(loss.pos_weight, ratio) and loss.pos_weight.data_ptr() != ratio.data_ptr()
+    bad = ratio.clone()
+    bad[3] = -1.0
+    with pytest.raises(ValueError, match=r"ConceptBottleneckLoss pos_weight\[3\]=-1.0"):
+        ConceptBottleneckLoss(pos_weight=bad)
+    assert ReNNLoss(pos_weight=torch.tensor(4.0)).pos_weight.item() == 4.0
+    assert ReNNLoss(pos_weight=np.float64(4.0)).pos_weight.item() == 4.0
+    assert ConceptBottleneckLoss(weight=torch.tensor(0.5)).weight == torch.tensor(0.5)
