@@ -357,3 +357,17 @@ def test_arguments_of_one_compare_run_that_do_not_hold_name_the_run(
     error = said_once(capsys, ["compare", "--config", spec, "--no_explain", *FAST])
     assert said in error and "compare run 'b'" in error and "compare run 'a'" not in error, error
     assert folders(in_tmp_dir / "checkpoints" / "two") == [], error
+
+
+
+def test_a_compare_run_or_ablate_point_that_would_train_nothing_is_refused_before_any_trains(
+        in_tmp_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """compare --trainer.max_epochs=0 reported untrained weights with exit 0; an ablate point of 0 epochs alike."""
+    spec = write_spec(in_tmp_dir, {"name": "nothing", "runs": {"a": {"config": BASELINE}}})
+    error = said_once(capsys, ["compare", "--config", spec, "--no_explain", *SMALL_WORLD, "--trainer.max_epochs=0"])
+    assert "compare run 'a'" in error and "max_epochs=0 trains nothing" in error, error
+    assert folders(in_tmp_dir / "checkpoints" / "nothing") == [], error
+    error = said_once(capsys, ["ablate", "--config", BASELINE, "--name", "budget", *SMALL_WORLD,
+                               "--grid", "trainer.max_epochs=[1,0]"])
+    assert "ablate point 2/2" in error and "max_epochs=0 trains nothing" in error, error
+    assert folders(in_tmp_dir / "checkpoints" / "budget") == [], error

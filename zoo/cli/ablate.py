@@ -22,7 +22,7 @@ import yaml
 
 from zoo.cli.compare import check_not_a_fit_run, config_argument, counting
 from zoo.cli.errors import configuration_phase, is_configuration_error, mark, root_cause
-from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
+from zoo.cli.lightning import ParsedCLI, ZooCLI, fit, refuse_empty_budget
 from zoo.cli.preflight import check_no_print_config, cli_callbacks, preflight
 from zoo.cli.report import metric_directions, write_report
 from zoo.cli.runs import STALE, config_strings, existing_files, move_aside, move_earlier_reports, stale_path
@@ -611,6 +611,7 @@ def check_points(config: str | list[str], name: str, points: list[dict[str, Any]
                     check = PointCheck(args=point_args(config, name, point, extra), run=False)
                     folder = run_folder(check.config_init, check.config)
                     preflight(check.model, cli_callbacks(check), check.datamodule)  # data, optimiser, losses, ...
+                    refuse_empty_budget(check.config.get("trainer"))
                     digest = settings_hash(resolved_settings(check, folder))
                     del check
                 check_distinct_settings(seen, digest, point)
@@ -828,6 +829,7 @@ def ablate(config: str | list[str], grid_items: list[str], name: str, extra: lis
         first_folder = run_folder(cli.config_init, cli.config)
         folder = first_folder.parent  # <save_dir>/<name>
         preflight(cli.model, cli_callbacks(cli), cli.datamodule)  # data, optimiser, losses, monitors: before any point
+        refuse_empty_budget(cli.config.get("trainer"))
         first_settings = {settings_hash(resolved_settings(cli, first_folder)): points[0]}
     with configuration_phase():
         check_not_a_fit_run(folder, "ablate")  # a fit's next run would move the table and leave the points

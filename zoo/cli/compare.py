@@ -18,7 +18,7 @@ from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 
 from zoo.checks import close_names
 from zoo.cli.errors import configuration_phase, is_configuration_error, mark
-from zoo.cli.lightning import ParsedCLI, ZooCLI, fit
+from zoo.cli.lightning import ParsedCLI, ZooCLI, fit, refuse_empty_budget
 from zoo.cli.preflight import check_no_print_config, preflight
 from zoo.cli.report import metric_directions, write_report
 from zoo.cli.runs import move_earlier_reports, move_earlier_run
@@ -676,6 +676,7 @@ def compare(spec_path: str, extra: list[str], explain_images: int | None = None,
             else:  # its optimiser, stages' losses and monitors, before any run trains
                 with naming_the_run(run_name):
                     preflight(clis[run_name].model, clis[run_name].trainer.callbacks, clis[run_name].datamodule)
+                    refuse_empty_budget(clis[run_name].trainer)  # it reported untrained weights
         check_same_setting({run_name: cli.config for run_name, cli in clis.items()})  # before any training starts
         runs = drop_twins_equal_to_the_model(runs, clis)
         check_checkpoints_outside_trained_runs(runs, clis)

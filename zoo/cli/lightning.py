@@ -134,17 +134,20 @@ def warn_unnormalised_pretrained(system: Any, datamodule: Any) -> None:
                                                    if _same_normalization(trained, ([0.0], [1.0])) else "."))
 
 
-def refuse_empty_budget(trainer: pl.Trainer) -> None:
+def refuse_empty_budget(trainer: Any) -> None:
     """Refuse a new fit that would train nothing (`max_epochs` 0, `max_steps` 0 or `limit_train_batches` 0): it moved
-    the run folder's trained run to stale/ and left a folder with a config.yaml and no checkpoint, exiting 0. A
-    resumed fit may end at once (its checkpoint already holds the budget): not refused."""
+    the run folder's trained run to stale/ and left a folder with a config.yaml and no checkpoint, exiting 0 (a
+    compare reported untrained weights). `trainer`: a Trainer, or a config's trainer settings (an ablate point's,
+    which builds none). A resumed fit may end at once (its checkpoint already holds the budget): not asked."""
     from zoo.cli.errors import mark
 
-    if trainer.fast_dev_run:
+    def read(key: str) -> Any:
+        return trainer.get(key) if hasattr(trainer, "get") else getattr(trainer, key, None)
+
+    if read("fast_dev_run"):
         return
-    limit = trainer.limit_train_batches
-    empty = [f"{name}={value}" for name, value in (("max_epochs", trainer.max_epochs), ("max_steps", trainer.max_steps),
-                                                   ("limit_train_batches", limit)) if value == 0]
+    empty = [f"{key}={read(key)}" for key in ("max_epochs", "max_steps", "limit_train_batches")
+             if read(key) == 0 and not isinstance(read(key), bool)]
     if empty:
         raise mark(ValueError(f"fit: --trainer.{empty[0]} trains nothing (no step, no checkpoint); nothing was moved "
                               f"or written. Give it a budget of at least one step, or evaluate a run with validate / "
