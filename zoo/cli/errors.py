@@ -164,6 +164,8 @@ ALIASES = {"learning_rate": "lr", "learningrate": "lr", "lr_rate": "lr", "wd": "
            "weightdecay": "weight_decay", "weight_decay_rate": "weight_decay", "decay": "weight_decay",
            "beta": "betas", "epsilon": "eps"}  # other libraries' names (Keras, timm's flags) -> torch's
 CLASS_MODULES = ("datamodules", "torch.optim", "torch.optim.lr_scheduler")  # with losses.<family>, zoo.<family>.system
+NUMBER_GIVEN_AS_PATH = re.compile(r"Expected a <class '(float|int)'>\s*-\s*(?:Expected a dot import path string|"
+                                  r"Unexpected import path format): (\S+)")  # (jsonargparse's union of a number)
 CLASS_PATH_ERRORS = (re.compile(r"module '([\w.]+)' has no attribute '(\w+)'"),
                      re.compile(r"No module named '([\w.]+)'"),
                      re.compile(r"Expected a dot import path string: (\S+)"))
@@ -250,16 +252,15 @@ def class_path_suggestion(message: str) -> str:
     among the zoo's: `class_named`), "No module named 'm'" (`submodule_meant`) and "Expected a dot import path
     string: C" (a bare class name: `class_named`). "" for any other message, or for an import error of a module
     that is not the one given (a class whose own imports fail)."""
+    number = NUMBER_GIVEN_AS_PATH.search(message)  # a number's option (Adam's `lr: float | Tensor`, a union
+    keys = re.findall(r'Parser key "([^"]+)"', message[: number.start()]) if number else []  # jsonargparse also
+    if keys:  # tries as a class): not a class_path
+        return f"{'.init_args.'.join(keys)} expects a number ({number.group(1)}); got {number.group(2)!r}"
     found = [(pattern, match) for pattern in CLASS_PATH_ERRORS for match in [pattern.search(message)] if match]
     if not found:
         return ""
     pattern, match = found[0]
     keys = re.findall(r'Parser key "([^"]+)"', message[: match.start()])
-    number = re.search(r"Expected a <class '(float|int)'>", message[message.rfind("Parser key", 0, match.start()):
-                                                                    match.start()])
-    if pattern is CLASS_PATH_ERRORS[2] and number and keys:  # a number's option (Adam's `lr: float | Tensor`, whose
-        return (f"{'.init_args.'.join(keys)} expects a number ({number.group(1)}); "  # union jsonargparse also tries
-                f"got {match.group(1)!r}")  # as a class): not a class_path
     setting = ".init_args.".join(keys) + ".class_path" if keys else "class_path"
     missing = ".".join(match.groups()) if pattern is not CLASS_PATH_ERRORS[2] else ""  # the part that is not there
     given = given_path(message, missing) if missing else match.group(1)
