@@ -505,16 +505,10 @@ def test_the_explanation_figure_says_which_class_each_models_maps_explain() -> N
     L2X's maps explain its black box's predicted class: its first row now names that class ("black box pred: ...",
     red where it is not the true class) and the title says which models' maps explain what. A model whose maps
     explain the true class (the black box twin, every other family) keeps its "pred:" row and, alone, the title."""
-    from datamodules import DigitsDataModule
+    from tests.test_l2x import digits_patch_selector
     from zoo.explain.scores import ExplainedRun, explained_run, explanation_figure
-    from zoo.l2x.system import L2XSystem
 
-    torch.manual_seed(0)
-    data = DigitsDataModule(classes=[3, 8], image_size=8, batch_size=16)
-    data.setup()
-    system = L2XSystem(model_name="l2x_patches", num_classes=2, in_chans=1, image_size=8,
-                       data_inputs=data.model_inputs, model_kwargs={"k": 4, "patch_size": 2},
-                       black_box="baseline_smallcnn", black_box_epochs=1, evaluator_epochs=0, input_key="image")
+    data, system = digits_patch_selector()
     _, maps, images = system.explanation_report(data, {"num_images": 4, "methods": ["saliency"]})
     head = [m for m in system.black_box.modules() if isinstance(m, torch.nn.Linear)][-1]
     head.weight.data.zero_()

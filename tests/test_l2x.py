@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -778,9 +779,9 @@ def test_the_explanation_report_ends_with_the_random_floor_and_gives_every_score
     assert {"mean_rank", "median_rank", "median_rank_selection", "fdr", "ms_per_sample"} == set(lower.split(", "))
 
 
-def test_the_random_floor_of_an_image_selector_is_a_row_but_no_map() -> None:
-    """Images: the `random` row is scored, but as the image families' random reference it is no column of the
-    explanation figure (the maps)."""
+def digits_patch_selector() -> tuple[Any, Any]:
+    """8-pixel digits 3 and 8, set up, and an L2X patch selector (k 4 of 2x2 patches) whose black box trains one
+    epoch when its report first needs it: an image selector small enough for a unit test."""
     from datamodules import DigitsDataModule
     from zoo.l2x.system import L2XSystem
 
@@ -790,6 +791,13 @@ def test_the_random_floor_of_an_image_selector_is_a_row_but_no_map() -> None:
     system = L2XSystem(model_name="l2x_patches", num_classes=2, in_chans=1, image_size=8,
                        data_inputs=data.model_inputs, model_kwargs={"k": 4, "patch_size": 2},
                        black_box="baseline_smallcnn", black_box_epochs=1, evaluator_epochs=0, input_key="image")
+    return data, system
+
+
+def test_the_random_floor_of_an_image_selector_is_a_row_but_no_map() -> None:
+    """Images: the `random` row is scored, but as the image families' random reference it is no column of the
+    explanation figure (the maps)."""
+    data, system = digits_patch_selector()
     rows, maps, images = system.explanation_report(data, {"num_images": 4, "methods": ["saliency"]})
     assert [row["method"] for row in rows] == ["l2x", "saliency", "random"] and list(maps) == ["l2x", "saliency"]
     assert maps["l2x"].shape == (4, 8, 8) and images.shape == (4, 1, 8, 8)
