@@ -48,8 +48,9 @@ def check_weight(owner: str, name: str, value: Any, term: str, *, sign: int = 1,
 
 def check_weights(owner: str, name: str, values: Any, term: str, **kwargs: Any) -> Any:
     """`values` unchanged if each entry passes `check_weight`: one number, or one per item (a list, a tensor or an
-    array: a weight per concept or pattern, often computed from the data's class balance), an entry named
-    `name[k]` in the message. None passes."""
+    array: CBM's weight per concept, often computed from the data's class balance), an entry named `name[k]` in
+    the message. None passes. Only for a loss that applies one weight per item (a single-number weight takes
+    `check_weight`, which refuses a list)."""
     if values is None or isinstance(values, numbers.Real) or (isinstance(values, torch.Tensor) and values.ndim == 0):
         return values if values is None else check_weight(owner, name, values, term, **kwargs)
     for k, value in enumerate(torch.as_tensor(values, dtype=torch.float64).flatten().tolist()):

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from losses import check_fraction, check_weight, check_weights
+from losses import check_fraction, check_weight
 
 Batch = dict[str, Any]
 
@@ -44,7 +44,7 @@ class ReNNLoss(nn.Module):
                  target_key: str = "label") -> None:
         super().__init__()
         check_weight("ReNNLoss", "local_weight", local_weight, "the pattern detectors' BCE")
-        check_weights("ReNNLoss", "pos_weight", pos_weight, "the annotated steps of the pattern BCE", zero_off=False)
+        check_weight("ReNNLoss", "pos_weight", pos_weight, "the annotated steps of the pattern BCE", zero_off=False)
         self.local_weight, self.patterns_key, self.target_key = local_weight, patterns_key, target_key
         # a constant of the config, not state: non-persistent, so checkpoints do not hold it (a System rebuilt by
         # `load_from_checkpoint` has its default loss, and a strict load would refuse an extra "loss.pos_weight")

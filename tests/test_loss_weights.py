@@ -128,3 +128,10 @@ def test_per_item_weights_computed_as_tensors_or_arrays_are_taken() -> None:
     assert ReNNLoss(pos_weight=torch.tensor(4.0)).pos_weight.item() == 4.0
     assert ReNNLoss(pos_weight=np.float64(4.0)).pos_weight.item() == 4.0
     assert ConceptBottleneckLoss(weight=torch.tensor(0.5)).weight == torch.tensor(0.5)
+
+
+def test_a_per_pattern_list_is_refused_where_the_loss_takes_one_number() -> None:
+    """ReNNLoss's pos_weight is one number: a list of one per pattern broadcast over the time steps (a size error
+    at the first step, or, with as many steps as patterns, time steps weighted silently)."""
+    with pytest.raises(ValueError, match=r"ReNNLoss pos_weight=\[1.0, 10.0, 100.0\]"):
+        ReNNLoss(pos_weight=[1.0, 10.0, 100.0])
