@@ -371,3 +371,18 @@ def test_a_compare_run_or_ablate_point_that_would_train_nothing_is_refused_befor
                                "--grid", "trainer.max_epochs=[1,0]"])
     assert "ablate point 2/2" in error and "max_epochs=0 trains nothing" in error, error
     assert folders(in_tmp_dir / "checkpoints" / "budget") == [], error
+
+
+
+def test_overfit_batches_replace_the_train_batch_limit_as_lightning_reads_it() -> None:
+    """An ablate point's config (no Trainer built): `overfit_batches` 1 trains with `limit_train_batches` 0, as
+    `train.py fit` does; the budget was refused there."""
+    from jsonargparse import Namespace
+
+    from zoo.cli.lightning import refuse_empty_budget
+
+    refuse_empty_budget(Namespace(max_epochs=1, max_steps=-1, limit_train_batches=0, overfit_batches=1))
+    for empty in (Namespace(max_epochs=1, max_steps=-1, limit_train_batches=0, overfit_batches=0),
+                  Namespace(max_epochs=0, max_steps=-1, limit_train_batches=None, overfit_batches=1)):
+        with pytest.raises(ValueError, match="trains nothing"):
+            refuse_empty_budget(empty)

@@ -146,8 +146,9 @@ def refuse_empty_budget(trainer: Any) -> None:
 
     if read("fast_dev_run"):
         return
-    empty = [f"{key}={read(key)}" for key in ("max_epochs", "max_steps", "limit_train_batches")
-             if read(key) == 0 and not isinstance(read(key), bool)]
+    overfit = read("overfit_batches")  # Lightning trains these batches in place of limit_train_batches
+    budget = ("max_epochs", "max_steps", "overfit_batches" if overfit else "limit_train_batches")
+    empty = [f"{key}={read(key)}" for key in budget if read(key) == 0 and not isinstance(read(key), bool)]
     if empty:
         raise mark(ValueError(f"fit: --trainer.{empty[0]} trains nothing (no step, no checkpoint); nothing was moved "
                               f"or written. Give it a budget of at least one step, or evaluate a run with validate / "
