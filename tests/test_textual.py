@@ -321,7 +321,9 @@ def test_description_class_features_are_each_class_mean_description_state(in_tmp
                                         encoder_epochs=0, sentence_classifier_epochs=0), datamodule=data())
     system = TextualSystem(variant="explanation-label", class_features="description", hidden=16,
                                description_checkpoint=str(in_tmp_dir / "description.ckpt"), encoder_epochs=0,
-                               sentence_classifier_epochs=0)
+                               sentence_classifier_epochs=0,  # the helpers from the description run
+                               encoder_checkpoint=str(in_tmp_dir / "description.ckpt"),
+                               sentence_classifier_checkpoint=str(in_tmp_dir / "description.ckpt"))
     assert system.model.class_table.shape == (6, 32)  # the description model's hidden size
     trainer().fit(system, datamodule=data())
     assert bool(system.model.class_table_ready)

@@ -190,3 +190,80 @@ def test_a_stage_one_checkpoint_of_other_sizes_is_named_by_its_sizes(tmp_path) -
                          sentence_classifier_kwargs={"embed_dim": 10, "hidden": 14})
     assert same.model.image_proj.weight.shape[0] == 20
 
+
+
+def stage_one_checkpoint(path, data, **kwargs) -> str:
+    """A stage-1 (explanation-label) checkpoint file as Lightning writes it, with `data`'s hyperparameters as its
+    datamodule's; no training (the data checks read only the settings)."""
+    import pytorch_lightning as pl
+
+    from zoo.textual.system import TextualSystem
+
+    stage_one = TextualSystem(variant="explanation-label", hidden=16, **kwargs)
+    torch.save({"state_dict": stage_one.state_dict(), "hyper_parameters": dict(stage_one.hparams),
+                "datamodule_hyper_parameters": dict(data.hparams), "pytorch-lightning_version": pl.__version__},
+               path)
+    return str(path)
+
+
+def test_a_stage_two_run_on_data_of_other_classes_is_refused_by_setting(tmp_path) -> None:
+    """explanation.yaml from a stage trained on world_seed 0, run on world_seed 3 (other part types for every class),
+    kept the stage's image encoder and sentence classifier (its reward and val/acc at chance on the new world)
+    without a word. The class-defining settings are now compared; sample counts, batch size and split seed may
+    differ."""
+    from datamodules import PartsWorldDataModule
+    from zoo.textual.system import TextualSystem
+
+    tiny = dict(num_train=16, num_val=8, num_test=4, image_size=32)
+    path = stage_one_checkpoint(tmp_path / "stage1.ckpt", PartsWorldDataModule(batch_size=8, **tiny))
+    system = TextualSystem(variant="explanation", hidden=16, discriminative_weight=0.2, init_checkpoint=path)
+    with pytest.raises(ValueError, match=r"init_checkpoint '.*stage1.ckpt' \(an earlier stage\) was trained on other "
+                                         r"data than this run's \(world_seed: 0 in the stage, 3 here\)"):
+        system.check_data(PartsWorldDataModule(batch_size=8, world_seed=3, **tiny))
+    with pytest.raises(ValueError, match=r"image_size: 32 in the stage, 48 here"):
+        system.check_data(PartsWorldDataModule(batch_size=8, **{**tiny, "image_size": 48}))
+    system.check_data(PartsWorldDataModule(batch_size=4, seed=5, **{**tiny, "num_train": 24}))  # same world
+    described = TextualSystem(variant="explanation-label", class_features="description", hidden=16,
+                              description_checkpoint=path)  # the class table's description model: the same rule
+    with pytest.raises(ValueError, match=r"description_checkpoint .* \(world_seed: 0 in the stage, 3 here\)"):
+        described.check_data(PartsWorldDataModule(batch_size=8, world_seed=3, **tiny))
+
+
+def test_helpers_neither_trained_nor_loaded_are_refused_at_fit_start(tmp_path) -> None:
+    """sentence_classifier_epochs=0 with no checkpoint trained the generator against an untrained judge (rewards
+    about 1/6 for every sentence, val/acc at chance) without a word; encoder_epochs=0 froze a random encoder."""
+    from datamodules import PartsWorldDataModule
+    from zoo.textual.system import TextualSystem
+
+    data = PartsWorldDataModule(num_train=16, num_val=8, num_test=4, batch_size=8, image_size=32)
+    system = TextualSystem(variant="definition", hidden=16, encoder_epochs=0, sentence_classifier_epochs=0)
+    with pytest.raises(ValueError, match=r"sentence_classifier_epochs=0 and no sentence_classifier_checkpoint, nor an "
+                                         r"init_checkpoint .*neither trained nor loaded"):
+        tiny_trainer(tmp_path).fit(system, datamodule=data)
+    encoder = TextualSystem(variant="description", hidden=16, encoder_epochs=0)
+    encoder.sentence_classifier_ready.fill_(True)
+    with pytest.raises(ValueError, match=r"encoder_epochs=0, no encoder_checkpoint.*train_encoder=False"):
+        encoder.check_helpers_ready()
+    trained = TextualSystem(variant="description", hidden=16, encoder_epochs=0, train_encoder=True)
+    trained.sentence_classifier_ready.fill_(True)
+    trained.check_helpers_ready()  # an encoder trained with the generator
+    definition = TextualSystem(variant="definition", hidden=16, encoder_epochs=0)
+    definition.sentence_classifier_ready.fill_(True)
+    definition.check_helpers_ready()  # reads no image: no encoder
+
+
+def test_a_stage_one_checkpoint_of_another_hidden_size_or_vocabulary_is_named_by_setting(tmp_path) -> None:
+    """The stage-2 config's default hidden (256) after a stage trained with hidden=16 was told "missing or
+    mis-shaped [weights] (a stage must keep the image/class inputs ...)": neither the setting nor its values."""
+    from datamodules import PartsWorldDataModule
+    from zoo.textual.system import TextualSystem
+
+    path = stage_one_checkpoint(tmp_path / "stage1.ckpt", PartsWorldDataModule(num_train=8, num_val=8, num_test=4,
+                                                                               image_size=32))
+    with pytest.raises(CheckpointError, match=r"built with other settings than this run: hidden=16 in the stage, 24 "
+                                              r"here\. Give this run the stage's \(--model.init_args.hidden=16"):
+        TextualSystem(variant="explanation", hidden=24, discriminative_weight=0.2, init_checkpoint=path)
+    with pytest.raises(CheckpointError, match=r"vocab_size=25 in the stage, 30 here.*--model.init_args.vocab_size=25"):
+        TextualSystem(variant="explanation", hidden=16, vocab_size=30, discriminative_weight=0.2, init_checkpoint=path)
+    with pytest.raises(CheckpointError, match=r"num_classes=6 in the stage, 4 here.*--data.init_args.num_classes=6"):
+        TextualSystem(variant="explanation", hidden=16, num_classes=4, discriminative_weight=0.2, init_checkpoint=path)

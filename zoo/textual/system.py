@@ -21,12 +21,18 @@ from zoo.distributed import all_reduce_
 from zoo.engine import Auxiliary, ZooSystem
 from zoo.registry import create_model, create_model_for_data
 from zoo.textual.metrics import AttributeMention, CIDErD, ClassRelevance, RougeL, as_text, reference_texts
-from zoo.textual.model import variant_model_name
-from zoo.weights import CheckpointError, load_module_weights, read_checkpoint, weights_will_be_replaced
+from zoo.textual.model import VARIANTS, variant_model_name
+from zoo.weights import (DATA_RESUME_FREE, CheckpointError, _same_setting, _shown, check_class_names,
+                         load_module_weights, read_checkpoint, weights_will_be_replaced)
 
 COMPATIBLE_KEYS = ("variant", "num_classes", "vocab_size", "encoder", "class_features")
 # the stage-1 config (configs/textual/<name>.yaml) whose checkpoint a stage-2 variant's init_checkpoint names
 STAGE_ONE_CONFIGS = {"explanation": "explanation_label", "explanation-dis": "description"}
+# Datamodule settings a stage-2 run may give otherwise than the stage it starts from (`check_stage_data`): where the
+# files are and how they are loaded (`zoo.weights.DATA_RESUME_FREE`), how many samples are drawn and into which
+# split, the batch size. Every other one (the world and its classes, the image size, the normalisation, the
+# sentences' length and vocabulary, ...) decides what the stage's image encoder and sentence classifier learnt.
+STAGE_DATA_FREE = DATA_RESUME_FREE + ("num_train", "num_val", "val_fraction", "test_fraction", "batch_size", "seed")
 # TextualSystem arguments that `build_model` also passes to the model: a model_kwargs value must agree with them
 SIZE_KEYS = ("feature_dim", "class_dim", "embed_dim")  # the generator's sizes a model_kwargs sets (`size_differences`)
 LINKED_ARGUMENTS = ("vocab_size", "encoder", "hidden", "max_len", "train_encoder", "class_features", "encoder_kwargs",
@@ -225,6 +231,9 @@ class TextualSystem(ZooSystem):
                                                 **classifier_kwargs).requires_grad_(False)
         self.register_buffer("image_encoder_ready", torch.tensor(False))
         self.register_buffer("sentence_classifier_ready", torch.tensor(False))
+        # (setting, file, its datamodule's hyperparameters, its class names) of the stage read: `check_data`
+        # compares them with this run's data
+        self._stage_data: list[tuple[str, str, dict[str, Any] | None, list[str] | None]] = []
         if init_checkpoint is not None and not weights_will_be_replaced():  # else the restore replaces it
             self._load_stage(init_checkpoint)
         self.add_metric("cider_d", CIDErD(end_token=end_token, start_token=start_token))
@@ -410,17 +419,45 @@ class TextualSystem(ZooSystem):
         self.check_data(self.trainer.datamodule)
         super().on_fit_start()  # auxiliaries
         model = self.model
-        if model.uses_class and model.class_features == "description" and not model.class_table_ready:
-            if self.hparams.description_checkpoint is None:
-                raise ValueError("class_features='description' needs description_checkpoint (a trained description "
-                                 "model, configs/textual/description.yaml) or an init_checkpoint that has the table.")
+        table_wanted = model.uses_class and model.class_features == "description" and not model.class_table_ready
+        if table_wanted and self.hparams.description_checkpoint is None:
+            raise ValueError("class_features='description' needs description_checkpoint (a trained description "
+                             "model, configs/textual/description.yaml) or an init_checkpoint that has the table.")
+        self.check_helpers_ready()
+        if table_wanted:
             self._fill_class_table(self.hparams.description_checkpoint)
+
+    def check_helpers_ready(self) -> None:
+        """After the auxiliaries were loaded, taken from the stage or trained (and a resumed fit's restored): refuse,
+        by name, a sentence classifier that is none of these (its probability of the true class is the REINFORCE
+        reward and `val/acc`, the checkpoint monitor: an untrained one scores about 1/classes for every sentence),
+        and a frozen image encoder never trained (`train_encoder` off) that the variant reads. Not in __init__: an
+        `init_checkpoint` supplies both with 0 epochs. A CheckpointError (weights neither trained nor loaded):
+        train.py says it in one line."""
+        hp = self.hparams
+        if not bool(self.sentence_classifier_ready):
+            raise CheckpointError(
+                f"sentence_classifier_epochs={hp.sentence_classifier_epochs} and no sentence_classifier_checkpoint, "
+                f"nor an init_checkpoint that holds a trained one: the sentence classifier (the discriminative reward "
+                f"and val/acc) would be neither trained nor loaded. Set --model.init_args.sentence_classifier_epochs "
+                f"to a number of epochs > 0 (the configs use 4), or give "
+                f"--model.init_args.sentence_classifier_checkpoint (a textual run's checkpoint), or "
+                f"--model.init_args.init_checkpoint (a stage-1 run's).")
+        if self.model.uses_image and not bool(self.image_encoder_ready) and not hp.train_encoder:
+            raise CheckpointError(
+                f"encoder_epochs={hp.encoder_epochs}, no encoder_checkpoint, nor an init_checkpoint that holds a "
+                f"trained one, and train_encoder=False: variant {hp.variant!r} would read the image through a frozen, "
+                f"randomly initialised encoder. Set --model.init_args.encoder_epochs to a number of epochs > 0 (the "
+                f"configs use 4), or give --model.init_args.encoder_checkpoint (a classifier's or a textual run's "
+                f"checkpoint) or --model.init_args.init_checkpoint (a stage-1 run's), or train it with the generator "
+                f"(--model.init_args.train_encoder=true).")
 
     def check_data(self, datamodule: Any) -> None:
         """Before any training (the auxiliaries included), by name: data without reference sentences (where the
         datamodule looked for them, `describe_sentences`), a `vocab_size` below the datamodule's `vocabulary`, a
         vocabulary other than the one the weights were trained with. Records the vocabulary (`vocabulary`, in the
         hyperparameters and the model's `model_kwargs`) so that checkpoints and exports decode their sentences."""
+        self.check_stage_data(datamodule)
         samples = getattr(datamodule, "split_samples", None)
         if samples is not None and self.hparams.captions_key not in samples("train")[0]:
             where = getattr(datamodule, "describe_sentences", lambda: "")()
@@ -434,6 +471,42 @@ class TextualSystem(ZooSystem):
             raise ValueError(f"vocab_size={hp.vocab_size} is below the data's vocabulary of {len(vocabulary)} words: "
                              f"set --model.init_args.vocab_size={len(vocabulary)}.")
         self._settle_vocabulary(hp.get("vocabulary"), vocabulary)
+
+    def check_stage_data(self, datamodule: Any) -> None:
+        """Refuse, by name, a stage-2 run on data with other classes or inputs than the stage it starts from
+        (`init_checkpoint`, `description_checkpoint`): the stage's image encoder, sentence classifier (the reward
+        and `val/acc`) and class embedding would be kept for classes they never saw (another `world_seed` draws
+        other part types for every class), silently. Compared: the data settings both the stage's checkpoint and
+        this run's datamodule name, but `STAGE_DATA_FREE` (file places, loading, sample counts, batch size, split
+        seed); and the class names in class-id order. A stage saved without its datamodule is not compared."""
+        from zoo.engine.auxiliary import saved_settings
+
+        hp, model = self.hparams, self.model
+        stages = list(self._stage_data)
+        path = hp.get("description_checkpoint")
+        if (path is not None and model.uses_class and model.class_features == "description"
+                and not bool(model.class_table_ready) and Path(path).is_file()):
+            checkpoint = read_checkpoint(path)
+            stages.append(("description_checkpoint", path, checkpoint.get("datamodule_hyper_parameters"),
+                           (checkpoint.get("hyper_parameters") or {}).get("class_names")))
+        if not stages:
+            return
+        given = saved_settings(datamodule)
+        names = hp.get("class_names") or getattr(datamodule, "class_names", None)
+        for setting, path, held, class_names in stages:
+            source = f"{setting} {path!r} (an earlier stage)"
+            hint = (f"Give this run the stage's data settings (as in its run's config.yaml), or train the stage on "
+                    f"this data first (its image encoder and sentence classifier are kept). The data's "
+                    f"{', '.join(STAGE_DATA_FREE)} may differ.")
+            changed = [key for key in (held or {}) if key in given and key not in STAGE_DATA_FREE
+                       and not _same_setting(key, held[key], given[key])]
+            if changed:
+                lines = "; ".join(f"{key}: {_shown(held[key])} in the stage, {_shown(given[key])} here"
+                                  for key in changed)
+                raise CheckpointError(f"{source} was trained on other data than this run's ({lines}): its image "
+                                      f"encoder, sentence classifier and class features would be kept for other "
+                                      f"classes or inputs. {hint}")
+            check_class_names(class_names, names, source, hint)
 
     def _settle_vocabulary(self, trained: list[str] | None, data: list[Any] | None) -> None:
         """Record the words the weights were trained with (`trained`), else the data's; data whose words differ
@@ -467,6 +540,8 @@ class TextualSystem(ZooSystem):
                 f"with --model.init_args.init_checkpoint=null (the config's header shows the whole chain in one run "
                 f"with stages).")
         checkpoint = read_checkpoint(path)
+        self._stage_data.append(("init_checkpoint", path, checkpoint.get("datamodule_hyper_parameters"),
+                                 (checkpoint.get("hyper_parameters") or {}).get("class_names")))
         state = checkpoint["state_dict"]
         own = self.state_dict()
         hp = self.hparams
@@ -481,10 +556,19 @@ class TextualSystem(ZooSystem):
             raise CheckpointError(f"{path!r} (stage 1) was built with other sizes than this run: {sizes}. Give this "
                                   f"run the stage's sizes (--model.init_args.model_kwargs / "
                                   f"sentence_classifier_kwargs as in its config.yaml).")
+        settings = stage_setting_differences(checkpoint["hyper_parameters"], hp) if missing else []
+        if settings:
+            shown = "; ".join(f"{key}={saved!r} in the stage, {here!r} here" for key, saved, here in settings)
+            flags = " ".join(f"--{'data' if key == 'num_classes' else 'model'}.init_args.{key}={saved}"
+                             for key, saved, _ in settings)  # the CLI links num_classes from the data
+            raise CheckpointError(f"{path!r} (stage 1) was built with other settings than this run: {shown}. Give "
+                                  f"this run the stage's ({flags}, as in its run's config.yaml), or train the stage "
+                                  f"with this run's.")
         if missing:
+            inputs = VARIANTS.get(checkpoint["hyper_parameters"].get("variant")) != VARIANTS[hp.variant]
             raise CheckpointError(f"{path!r} does not fit variant {self.hparams.variant!r}: missing or mis-shaped "
-                                  f"{missing[:8]} (a stage must keep the image/class inputs of the one it starts "
-                                  f"from).")
+                                  f"{missing[:8]}" + (" (a stage must keep the image/class inputs of the one it "
+                                                      "starts from)." if inputs else "."))
         self.load_state_dict({k: state[k] for k in wanted}, strict=False)
         words = checkpoint["hyper_parameters"].get("vocabulary")
         if words is not None and hp.get("vocabulary") is None:  # the stage's words: `check_data` holds the data to them
@@ -547,6 +631,19 @@ class TextualSystem(ZooSystem):
         if saved.get("vocabulary") is not None:  # the weights' words, for decoding and later checkpoints
             datamodule = self.trainer.datamodule if self._trainer is not None else None
             self._settle_vocabulary(saved["vocabulary"], getattr(datamodule, "vocabulary", None))
+
+
+# System arguments that size or choose a stage's weights (`stage_setting_differences`)
+STAGE_SETTINGS = ("hidden", "vocab_size", "num_classes", "encoder")
+
+
+def stage_setting_differences(saved: dict[str, Any], hparams: Any) -> list[tuple[str, Any, Any]]:
+    """(key, the stage's value, this run's) for each `STAGE_SETTINGS` System argument a stage-1 checkpoint's
+    hyperparameters `saved` were built with that differs from `hparams` (a stage trained with hidden=16 read by the
+    stage-2 config's default 256: its weights do not fit, which the weight names alone did not say). Read only where
+    weights do not fit."""
+    return [(key, saved[key], hparams.get(key)) for key in STAGE_SETTINGS
+            if key in saved and saved[key] != hparams.get(key) and (saved[key] or hparams.get(key))]
 
 
 def size_differences(saved: dict[str, Any], hparams: Any, skip: tuple[str, ...] = ()) -> str:
