@@ -229,6 +229,27 @@ def test_a_stage_two_run_on_data_of_other_classes_is_refused_by_setting(tmp_path
         described.check_data(PartsWorldDataModule(batch_size=8, world_seed=3, **tiny))
 
 
+
+def test_a_stage_two_check_takes_the_same_data_written_otherwise_and_a_resume(tmp_path) -> None:
+    """False refusals the stage check's first version made: `mean: pretrained` in the stage against the same values
+    as lists here (compared unresolved); a resumed run whose description_checkpoint file now holds another run (the
+    class table is in the run's own checkpoint)."""
+    from datamodules import PartsWorldDataModule
+    from zoo.textual.system import TextualSystem
+    from zoo.weights import checkpoint_replaces_weights
+
+    tiny = dict(num_train=16, num_val=8, num_test=4, image_size=32, batch_size=8)
+    path = stage_one_checkpoint(tmp_path / "stage1.ckpt", PartsWorldDataModule(mean=[0.5], std=[0.25], **tiny))
+    system = TextualSystem(variant="explanation", hidden=16, discriminative_weight=0.2, init_checkpoint=path)
+    system.check_data(PartsWorldDataModule(mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25], **tiny))  # the same
+    with pytest.raises(ValueError, match=r"mean: \[0.5\] in the stage, \[0.4, 0.4, 0.4\] here"):
+        system.check_data(PartsWorldDataModule(mean=[0.4] * 3, std=[0.25] * 3, **tiny))
+    other = stage_one_checkpoint(tmp_path / "other.ckpt", PartsWorldDataModule(world_seed=3, **tiny))
+    with checkpoint_replaces_weights():  # a resumed fit: its checkpoint holds the class table
+        resumed = TextualSystem(variant="explanation-label", class_features="description", hidden=16,
+                                description_checkpoint=other)
+        resumed.check_data(PartsWorldDataModule(**tiny))
+
 def test_helpers_neither_trained_nor_loaded_are_refused_at_fit_start(tmp_path) -> None:
     """sentence_classifier_epochs=0 with no checkpoint trained the generator against an untrained judge (rewards
     about 1/6 for every sentence, val/acc at chance) without a word; encoder_epochs=0 froze a random encoder."""

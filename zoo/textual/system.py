@@ -32,7 +32,10 @@ STAGE_ONE_CONFIGS = {"explanation": "explanation_label", "explanation-dis": "des
 # files are and how they are loaded (`zoo.weights.DATA_RESUME_FREE`), how many samples are drawn and into which
 # split, the batch size. Every other one (the world and its classes, the image size, the normalisation, the
 # sentences' length and vocabulary, ...) decides what the stage's image encoder and sentence classifier learnt.
-STAGE_DATA_FREE = DATA_RESUME_FREE + ("num_train", "num_val", "val_fraction", "test_fraction", "batch_size", "seed")
+# CUB's sentence settings too: how many references an image carries and where they are cut change no class, image
+# or word (`max_vocab`: a vocabulary of other words is refused apart, `_settle_vocabulary`).
+STAGE_DATA_FREE = DATA_RESUME_FREE + ("num_train", "num_val", "val_fraction", "test_fraction", "batch_size", "seed",
+                                      "max_vocab", "sentences_per_image", "max_sentence_len")
 # TextualSystem arguments that `build_model` also passes to the model: a model_kwargs value must agree with them
 SIZE_KEYS = ("feature_dim", "class_dim", "embed_dim")  # the generator's sizes a model_kwargs sets (`size_differences`)
 LINKED_ARGUMENTS = ("vocab_size", "encoder", "hidden", "max_len", "train_encoder", "class_features", "encoder_kwargs",
@@ -485,15 +488,21 @@ class TextualSystem(ZooSystem):
         stages = list(self._stage_data)
         path = hp.get("description_checkpoint")
         if (path is not None and model.uses_class and model.class_features == "description"
-                and not bool(model.class_table_ready) and Path(path).is_file()):
+                and not bool(model.class_table_ready) and not weights_will_be_replaced() and Path(path).is_file()):
             checkpoint = read_checkpoint(path)
             stages.append(("description_checkpoint", path, checkpoint.get("datamodule_hyper_parameters"),
                            (checkpoint.get("hyper_parameters") or {}).get("class_names")))
         if not stages:
             return
         given = saved_settings(datamodule)
+        for key in ("mean", "std"):  # as it normalises (`mean: pretrained` resolved by then, or dropped)
+            given[key] = getattr(datamodule, key, given.get(key))
+        if given.get("mean") == "pretrained":
+            given = {k: v for k, v in given.items() if k not in ("mean", "std")}
         names = hp.get("class_names") or getattr(datamodule, "class_names", None)
+        renumbered = type(datamodule).__name__ == "CUB200DataModule"  # CUB's old "0".."C-1" class names
         for setting, path, held, class_names in stages:
+            held = self._resolved_normalization(held or {})
             source = f"{setting} {path!r} (an earlier stage)"
             hint = (f"Give this run the stage's data settings (as in its run's config.yaml), or train the stage on "
                     f"this data first (its image encoder and sentence classifier are kept). The data's "
@@ -506,7 +515,24 @@ class TextualSystem(ZooSystem):
                 raise CheckpointError(f"{source} was trained on other data than this run's ({lines}): its image "
                                       f"encoder, sentence classifier and class features would be kept for other "
                                       f"classes or inputs. {hint}")
-            check_class_names(class_names, names, source, hint)
+            check_class_names(class_names, names, source, hint, renumbered=renumbered)
+
+    def _resolved_normalization(self, held: dict[str, Any]) -> dict[str, Any]:
+        """A stage's data settings with `mean: pretrained` resolved as the stage resolved it (its image encoder's
+        backbone's pretrained mean and std: the same encoder as this run's), so that the same normalisation written
+        as lists here is not taken for another; mean and std left out where that cannot be told."""
+        if held.get("mean") != "pretrained":
+            return held
+        from datamodules._base import pretrained_normalization
+        from zoo.backbones import Backbone
+
+        held = {k: v for k, v in held.items() if k not in ("mean", "std")}
+        backbone = next((m for m in self.modules() if isinstance(m, Backbone)), None)
+        try:
+            held["mean"], held["std"] = pretrained_normalization(backbone.name, self.hparams.get("in_chans") or 3)
+        except (AttributeError, ValueError):  # no zoo Backbone, or one without a timm pretrained config
+            pass
+        return held
 
     def _settle_vocabulary(self, trained: list[str] | None, data: list[Any] | None) -> None:
         """Record the words the weights were trained with (`trained`), else the data's; data whose words differ
