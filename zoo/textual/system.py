@@ -496,7 +496,8 @@ class TextualSystem(ZooSystem):
             return
         given = saved_settings(datamodule)
         for key in ("mean", "std"):  # as it normalises (`mean: pretrained` resolved by then, or dropped)
-            given[key] = getattr(datamodule, key, given.get(key))
+            if hasattr(datamodule, key):
+                given[key] = getattr(datamodule, key)
         if given.get("mean") == "pretrained":
             given = {k: v for k, v in given.items() if k not in ("mean", "std")}
         names = hp.get("class_names") or getattr(datamodule, "class_names", None)
