@@ -517,6 +517,24 @@ INPUT_SETTINGS = ("mean", "std", "image_size", "canvas_size", "upsample_mode", "
 NO_NORMALISATION = {"mean": [0.0], "std": [1.0]}  # what mean / std None mean: [0, 1] pixels as they are
 
 
+def resolved_normalization(data: dict[str, Any], backbone: str | None, channels: int | None) -> dict[str, Any]:
+    """A checkpoint's datamodule settings with `mean: pretrained` resolved as its training resolved it (`backbone`'s
+    pretrained mean and std for `channels`), so that the same normalisation written as lists is not taken for
+    another; mean and std left out where that cannot be told (no backbone, or one without a timm pretrained
+    config). What `--ckpt_path`'s data check and a textual stage-2 run's both compare."""
+    from datamodules._base import PRETRAINED, pretrained_normalization
+
+    if data.get("mean") != PRETRAINED:
+        return dict(data)
+    data = {k: v for k, v in data.items() if k not in ("mean", "std")}
+    if backbone is not None:
+        try:
+            data["mean"], data["std"] = pretrained_normalization(backbone, channels)
+        except ValueError:  # a backbone without a timm pretrained config
+            pass
+    return data
+
+
 def _same_setting(key: str, held: Any, given: Any) -> bool:
     """Two values of the input setting `key` equal, however written: lists and tuples, ints and floats, one value or
     one per channel for a mean / std, None or the identity for a mean / std (`NO_NORMALISATION`)."""

@@ -655,19 +655,12 @@ class ZooCLI(LightningCLI):
                                       defaulted)
 
     def saved_data_settings(self, data: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
-        """A checkpoint's datamodule hyperparameters with `mean: pretrained` resolved as training resolved it (the
-        backbone's pretrained mean and std for the model's channels); left out where that cannot be told."""
-        from datamodules._base import PRETRAINED, pretrained_normalization
-        from zoo.weights import built_in_chans
+        """A checkpoint's datamodule hyperparameters with `mean: pretrained` resolved as training resolved it, with
+        the model's backbone (`zoo.weights.resolved_normalization`)."""
+        from zoo.weights import built_in_chans, resolved_normalization
 
-        if data.get("mean") != PRETRAINED:
-            return dict(data)
-        data = {k: v for k, v in data.items() if k not in ("mean", "std")}
-        try:
-            data["mean"], data["std"] = pretrained_normalization(backbone_name(self.model), built_in_chans(saved))
-        except ValueError:  # a model without a zoo Backbone, or one without a timm pretrained config
-            pass
-        return data
+        backbone = image_backbone(self.model)
+        return resolved_normalization(data, getattr(backbone, "name", None), built_in_chans(saved))
 
     def data_settings(self) -> dict[str, Any]:
         """This run's datamodule's settings (its saved init arguments), its mean and std as it normalises."""

@@ -519,21 +519,13 @@ class TextualSystem(ZooSystem):
             check_class_names(class_names, names, source, hint, renumbered=renumbered)
 
     def _resolved_normalization(self, held: dict[str, Any]) -> dict[str, Any]:
-        """A stage's data settings with `mean: pretrained` resolved as the stage resolved it (its image encoder's
-        backbone's pretrained mean and std: the same encoder as this run's), so that the same normalisation written
-        as lists here is not taken for another; mean and std left out where that cannot be told."""
-        if held.get("mean") != "pretrained":
-            return held
-        from datamodules._base import pretrained_normalization
+        """A stage's data settings with `mean: pretrained` resolved with this System's image encoder (the stage's
+        own: the stage check requires it), as `zoo.weights.resolved_normalization` resolves a checkpoint's."""
         from zoo.backbones import Backbone
+        from zoo.weights import resolved_normalization
 
-        held = {k: v for k, v in held.items() if k not in ("mean", "std")}
         backbone = next((m for m in self.modules() if isinstance(m, Backbone)), None)
-        try:
-            held["mean"], held["std"] = pretrained_normalization(backbone.name, self.hparams.get("in_chans") or 3)
-        except (AttributeError, ValueError):  # no zoo Backbone, or one without a timm pretrained config
-            pass
-        return held
+        return resolved_normalization(held, getattr(backbone, "name", None), self.hparams.get("in_chans") or 3)
 
     def _settle_vocabulary(self, trained: list[str] | None, data: list[Any] | None) -> None:
         """Record the words the weights were trained with (`trained`), else the data's; data whose words differ
